@@ -1,0 +1,65 @@
+# mergelab: notebooks, a tested package and a report book. `make help` lists what you can do.
+
+PYTHON ?= python3## interpreter that creates the virtual environment
+VENV ?= .venv## virtual environment folder
+PROFILE ?= tiny## parameter profile: smoke, tiny or clip
+REPORTS ?= reports## where executed notebooks, results and the book go
+DATA ?=## clip profile: folder with the datasets and weights (exported as MERGELAB_CLIP_DATA_ROOT)
+NOTEBOOKS ?=## run only these notebooks (names without .ipynb; empty = all)
+FORCE ?=## set to 1 to execute notebooks even when they are up to date
+PYTEST_ARGS ?=## extra pytest arguments, e.g. PYTEST_ARGS='-m "not e2e" -x'
+
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+# The kernel installed into the venv wins over a user-level kernel of the same name.
+export JUPYTER_PREFER_ENV_PATH := 1
+ifneq ($(strip $(DATA)),)
+export MERGELAB_CLIP_DATA_ROOT := $(abspath $(DATA))
+endif
+
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help env report test bench lab clean-report clean-cache
+
+help: ## show this help
+	@echo "Usage: make <target> [VARIABLE=value ...]"
+	@echo
+	@echo "Targets:"
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-zA-Z_-]+):.*## (.*)/  \1\t\2/' | expand -t 16
+	@echo
+	@echo "Variables:"
+	@grep -E '^[A-Z_]+ \?=.*## ' $(MAKEFILE_LIST) | sed -E 's/^([A-Z_]+) \?= *([^#]*)## (.*)/  \1\t\3 [\2]/' | expand -t 16
+
+env: $(STAMP) ## create the virtual environment, install the package and the "mergelab" Jupyter kernel
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev,lab]'
+	$(PY) -m ipykernel install --sys-prefix --name mergelab --display-name "Python (mergelab)"
+	touch $@
+
+report: env ## execute the notebooks that changed (PROFILE, NOTEBOOKS, FORCE) and render the book into REPORTS/_book
+	$(PY) -m mergelab.report --profile $(PROFILE) --reports $(REPORTS) \
+		$(if $(strip $(NOTEBOOKS)),--notebooks $(NOTEBOOKS)) $(if $(strip $(FORCE)),--force)
+
+test: env ## run the tests (PYTEST_ARGS passed through)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: env ## run every benchmarks/bench_*.py
+	@shopt -s nullglob; for script in benchmarks/bench_*.py; do \
+		echo "== $$script"; $(PY) "$$script" || exit 1; \
+	done
+
+lab: env ## open the notebooks in JupyterLab with the project's kernel
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-report: ## remove executed notebooks, the book, results, figures and stamps from REPORTS
+	$(if $(strip $(REPORTS)),,$(error REPORTS is empty))
+	rm -rf $(REPORTS)/_book $(REPORTS)/results $(REPORTS)/figures $(REPORTS)/.stamps $(REPORTS)/.quarto
+	rm -f $(REPORTS)/*.ipynb $(REPORTS)/.*.running.ipynb
+
+clean-cache: ## remove generated data, pretrained encoders and experts cached in data/ (keeps data/README.md)
+	find data -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -1,0 +1,280 @@
+"""The ``tiny`` benchmark: data, a pretrained encoder, frozen heads, cached experts, evaluation.
+
+A benchmark object gives every notebook the same small interface, which the ``clip`` size mirrors:
+
+* ``tasks``; ``split(task, split) -> (X, y)``;
+* ``pretrained_state()``; ``heads[task]``;
+* ``expert(task, FinetuneConfig)`` and ``multitask(FinetuneConfig)``, cached by configuration;
+* ``evaluate(state, split) -> {task: accuracy}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import paths
+from .models import ClassificationHead, TinyViTConfig, build_tiny_encoder, encode, load_encoder_state
+from .tinydata import SPLITS, TASK_CLASSES, TASKS, TinyDataConfig, check_task, load_pretext, load_task
+from .training import FinetuneConfig, PretrainConfig, finetune, pretrain_contrastive
+from .utils import (StateDict, atomic_save_safetensors, atomic_write_json, clone_state_dict, config_hash,
+                    load_safetensors, pick_device)
+
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
+
+
+def normalize_images(x: torch.Tensor) -> torch.Tensor:
+    """Map ``[0, 1]`` pixels to roughly zero mean, unit variance: ``(x - 0.5) / 0.25``."""
+    return (x - PIXEL_MEAN) / PIXEL_STD
+
+
+@dataclass(frozen=True)
+class TinyBenchmarkConfig:
+    """Everything that defines the tiny benchmark (its hash keys every cache derived from it).
+
+    Attributes:
+        data: sizes and seed of the generated tasks.
+        model: shape of the vision transformer.
+        pretrain: contrastive pretraining on the pretext pool.
+        head_shots: examples per class averaged into each frozen head's class prototype (the role
+            CLIP's text prompts play); few shots keep the heads imperfect, as zero-shot heads are.
+            Prototypes are centred (their mean over classes removed) before normalization, so
+            that class directions differ even where pretrained features are alike.
+        logit_scale: head temperature multiplier (CLIP's ``logit_scale.exp()`` is 100).
+        tasks: the tasks used, a subset of :data:`mergelab.tinydata.TASKS`.
+    """
+
+    data: TinyDataConfig = field(default_factory=TinyDataConfig)
+    model: TinyViTConfig = field(default_factory=TinyViTConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    head_shots: int = 8
+    logit_scale: float = 30.0
+    tasks: tuple[str, ...] = TASKS
+
+    def __post_init__(self) -> None:
+        for t in self.tasks:
+            check_task(t)
+        if len(set(self.tasks)) != len(self.tasks) or not self.tasks:
+            raise ValueError(f"tasks={self.tasks!r} must be a non-empty list of distinct tasks from {TASKS}.")
+        if self.head_shots < 1:
+            raise ValueError(f"head_shots={self.head_shots!r} is not valid; use a positive integer.")
+
+    @classmethod
+    def from_params(cls, data: dict | None = None, model: dict | None = None,
+                    pretrain: dict | None = None, **rest: Any) -> "TinyBenchmarkConfig":
+        """Build from plain dicts (as they come from a papermill parameter file)."""
+        if "tasks" in rest and rest["tasks"] is not None:
+            rest["tasks"] = tuple(rest["tasks"])
+        return cls(data=TinyDataConfig(**(data or {})), model=TinyViTConfig(**(model or {})),
+                   pretrain=PretrainConfig(**(pretrain or {})), **rest)
+
+
+class TinyBenchmark:
+    """The offline, laptop-sized twin of the 8-task ViT-B-32 benchmark.
+
+    Args:
+        config: the benchmark's definition.
+        device: ``"auto"`` (GPU when there is one), ``"cpu"``, ``"cuda"``...
+        progress: show progress bars for long steps.
+    """
+
+    def __init__(self, config: TinyBenchmarkConfig | None = None, device: str | None = "auto",
+                 progress: bool = True) -> None:
+        self.config = config or TinyBenchmarkConfig()
+        self.device = pick_device(device)
+        self.progress = progress
+        self.tasks: tuple[str, ...] = self.config.tasks
+        self._splits: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pretrained: StateDict | None = None
+        self._heads: dict[str, ClassificationHead] | None = None
+        self._encoder = build_tiny_encoder(self.config.model)
+
+    # ------------------------------------------------------------------ identity and caches
+    @property
+    def key(self) -> str:
+        """Hash of the benchmark's definition except the task list (heads are per task)."""
+        cfg = asdict(self.config)
+        cfg.pop("tasks")
+        return config_hash({"benchmark": "tiny", **cfg})
+
+    @property
+    def cache_dir(self) -> Path:
+        path = paths.data_dir() / "tiny" / f"benchmark-{self.key}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def experts_dir(self) -> Path:
+        path = paths.data_dir() / "experts"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def class_names(self, task: str) -> list[str]:
+        return TASK_CLASSES[check_task(task)]
+
+    # ------------------------------------------------------------------ data
+    def split(self, task: str, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized images ``(N, 3, 32, 32)`` float32 and labels ``(N,)`` int64 (CPU)."""
+        check_task(task)
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is not valid; use one of {', '.join(SPLITS)}.")
+        if (task, split) not in self._splits:
+            X, y = load_task(task, split, self.config.data)
+            self._splits[task, split] = (normalize_images(torch.from_numpy(X)), torch.from_numpy(y))
+        return self._splits[task, split]
+
+    def raw_images(self, task: str, split: str = "train") -> torch.Tensor:
+        """Images in ``[0, 1]`` for display, ``(N, 3, 32, 32)``."""
+        X, _ = self.split(task, split)
+        return X * PIXEL_STD + PIXEL_MEAN
+
+    # ------------------------------------------------------------------ the pretrained model
+    def new_encoder(self, state: StateDict | None = None) -> torch.nn.Module:
+        """A fresh encoder module, loaded with ``state`` when given."""
+        enc = build_tiny_encoder(self.config.model)
+        return load_encoder_state(enc, state) if state is not None else enc
+
+    def pretrained_state(self) -> StateDict:
+        """The encoder after contrastive pretraining on the pretext pool (cached; a copy)."""
+        if self._pretrained is None:
+            path = self.cache_dir / "pretrained.safetensors"
+            if not path.is_file():
+                torch.manual_seed(self.config.pretrain.seed)
+                enc = build_tiny_encoder(self.config.model)
+                images = torch.from_numpy(load_pretext(self.config.data))
+                start = time.perf_counter()
+                losses = pretrain_contrastive(enc, images, self.config.pretrain, normalize_images,
+                                              device=self.device, progress=self.progress)
+                atomic_write_json(path.with_suffix(".json"), {
+                    "config": asdict(self.config), "loss": losses,
+                    "wall_time_s": time.perf_counter() - start})
+                atomic_save_safetensors(path, enc.state_dict())
+            self._pretrained = load_safetensors(path)
+        return clone_state_dict(self._pretrained)
+
+    def pretraining_log(self) -> dict[str, Any]:
+        """Loss curve and wall time of the pretraining run."""
+        self.pretrained_state()
+        return json.loads((self.cache_dir / "pretrained.json").read_text())
+
+    @property
+    def heads(self) -> dict[str, ClassificationHead]:
+        """Frozen per-task heads: centred mean pretrained feature of ``head_shots`` examples per class."""
+        if self._heads is None:
+            path = self.cache_dir / f"heads-centred-shots{self.config.head_shots}.safetensors"
+            if not path.is_file():
+                enc = self.new_encoder(self.pretrained_state())
+                protos = {}
+                for task in TASKS:
+                    X, y = self.split(task, "train")
+                    g = torch.Generator().manual_seed(0)
+                    order = torch.randperm(len(y), generator=g)
+                    rows = []
+                    for c in range(len(TASK_CLASSES[task])):
+                        idx = order[y[order] == c][: self.config.head_shots]
+                        feats = F.normalize(encode(enc, X[idx], device=self.device), dim=-1)
+                        rows.append(feats.mean(0))
+                    rows = torch.stack(rows)
+                    protos[task] = rows - rows.mean(0, keepdim=True)
+                atomic_save_safetensors(path, protos)
+            weights = load_safetensors(path)
+            self._heads = {t: ClassificationHead(weights[t], self.config.logit_scale) for t in TASKS}
+        return self._heads
+
+    # ------------------------------------------------------------------ experts
+    def head_digest(self, task: str) -> str:
+        """Hash of a task's head weights and scale: part of every cache key that depends on the head."""
+        head = self.heads[task]
+        blob = head.weight.detach().cpu().contiguous().numpy().tobytes() + repr(head.logit_scale).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def _run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> str:
+        return config_hash({"benchmark": self.key, "kind": kind, "tasks": list(tasks),
+                            "heads": [self.head_digest(t) for t in tasks], "finetune": asdict(cfg)})
+
+    def _train_cached(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> StateDict:
+        key = self._run_key(kind, tasks, cfg)
+        path = self.experts_dir / f"{kind}-{key}.safetensors"
+        if path.is_file():
+            return load_safetensors(path)
+        enc = self.new_encoder(self.pretrained_state())
+        data = {t: self.split(t, "train") for t in tasks}
+        start = time.perf_counter()
+        history = finetune(enc, data, {t: self.heads[t] for t in tasks}, cfg, device=self.device,
+                           desc=f"{kind} {'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}",
+                           progress=self.progress)
+        state = {k: v.detach().cpu() for k, v in enc.state_dict().items()}
+        atomic_write_json(path.with_suffix(".json"), {
+            "kind": kind, "tasks": list(tasks), "benchmark": "tiny", "benchmark_key": self.key,
+            "finetune": asdict(cfg), "loss": history["loss"], "lr": history["lr"],
+            "wall_time_s": time.perf_counter() - start, "device": str(self.device)})
+        atomic_save_safetensors(path, state, metadata={"kind": kind, "tasks": ",".join(tasks)})
+        return state
+
+    def expert(self, task: str, cfg: FinetuneConfig | None = None) -> StateDict:
+        """The encoder fine-tuned on ``task`` with ``cfg`` (cached in ``data/experts``)."""
+        check_task(task)
+        return self._train_cached("expert", [task], cfg or FinetuneConfig())
+
+    def experts(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None
+                ) -> dict[str, StateDict]:
+        """One expert per task with the same hyperparameters, with a progress bar over tasks."""
+        tasks = list(tasks or self.tasks)
+        return {t: self.expert(t, cfg) for t in tqdm(tasks, desc="experts", disable=not self.progress)}
+
+    def expert_log(self, task: str, cfg: FinetuneConfig | None = None) -> dict[str, Any]:
+        """Metadata (config, loss curve, wall time) of a cached expert."""
+        self.expert(task, cfg)
+        key = self._run_key("expert", [task], cfg or FinetuneConfig())
+        return json.loads((self.experts_dir / f"expert-{key}.json").read_text())
+
+    def multitask(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None) -> StateDict:
+        """One encoder fine-tuned on all ``tasks`` jointly (sum of per-task losses each step)."""
+        return self._train_cached("multitask", sorted(tasks or self.tasks), cfg or FinetuneConfig())
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, state: StateDict, split: str = "test", tasks: Iterable[str] | None = None,
+                 batch_size: int = 1000) -> dict[str, float]:
+        """Top-1 accuracy (fraction 0..1) of the encoder ``state`` on each task with its own head."""
+        enc = load_encoder_state(self._encoder, state).to(self.device).eval()
+        out = {}
+        for task in tasks or self.tasks:
+            X, y = self.split(task, split)
+            head = self.heads[task].to(self.device)
+            correct = 0
+            for i in range(0, len(y), batch_size):
+                logits = head(enc(X[i:i + batch_size].to(self.device)))
+                correct += int((logits.argmax(-1).cpu() == y[i:i + batch_size]).sum())
+            out[task] = correct / len(y)
+        return out
+
+    @torch.no_grad()
+    def evaluate_loss(self, state: StateDict, split: str = "test", tasks: Iterable[str] | None = None,
+                      batch_size: int = 1000) -> dict[str, float]:
+        """Mean cross-entropy (nats) of the encoder ``state`` on each task with its own head."""
+        enc = load_encoder_state(self._encoder, state).to(self.device).eval()
+        out = {}
+        for task in tasks or self.tasks:
+            X, y = self.split(task, split)
+            head = self.heads[task].to(self.device)
+            total = 0.0
+            for i in range(0, len(y), batch_size):
+                logits = head(enc(X[i:i + batch_size].to(self.device)))
+                total += float(F.cross_entropy(logits, y[i:i + batch_size].to(self.device), reduction="sum"))
+            out[task] = total / len(y)
+        return out
+
+
+def with_tasks(config: TinyBenchmarkConfig, tasks: Sequence[str]) -> TinyBenchmarkConfig:
+    """The same benchmark restricted to ``tasks``."""
+    return replace(config, tasks=tuple(tasks))

@@ -1,0 +1,242 @@
+"""Merge methods as plain functions registered by name, and validation-based coefficient choice.
+
+A merge method maps ``(pretrained state dict, task vectors, options) -> merged state dict``. Methods
+work one parameter tensor at a time (so peak memory stays near one model plus one layer of every
+task) and run on whatever device the tensors are on.
+
+Registered here: ``weight_averaging``, ``task_arithmetic``, ``ties``, ``dare`` (DARE on task
+arithmetic). Other modules register more (e.g. TSV-M) with :func:`register_merge`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .task_vectors import TaskVector, check_compatible
+from .utils import StateDict
+
+MergeFn = Callable[..., StateDict]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    Attributes:
+        name: registry key, in the field's words (``"task_arithmetic"``).
+        fn: ``fn(pretrained, task_vectors, **options) -> merged state dict``.
+        coefficient_grid: values of ``coefficient`` swept on validation; empty when the method has
+            no coefficient to choose (e.g. weight averaging).
+        defaults: default options.
+    """
+
+    name: str
+    fn: MergeFn
+    coefficient_grid: tuple[float, ...] = ()
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def __call__(self, pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
+                 **options: Any) -> StateDict:
+        return self.fn(pretrained, task_vectors, **{**self.defaults, **options})
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {}
+
+
+def register_merge(name: str, coefficient_grid: Sequence[float] = (), **defaults: Any
+                   ) -> Callable[[MergeFn], MergeFn]:
+    """Decorator registering ``fn`` under ``name`` in :data:`MERGE_METHODS`."""
+
+    def wrap(fn: MergeFn) -> MergeFn:
+        MERGE_METHODS[name] = MergeMethod(name, fn, tuple(float(c) for c in coefficient_grid), dict(defaults))
+        return fn
+
+    return wrap
+
+
+def get_merge(name: str) -> MergeMethod:
+    """The registered method ``name``, or an error listing the valid names."""
+    if name not in MERGE_METHODS:
+        raise ValueError(f"merge method {name!r} is not registered; valid: {', '.join(sorted(MERGE_METHODS))}.")
+    return MERGE_METHODS[name]
+
+
+def merge(name: str, pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
+          **options: Any) -> StateDict:
+    """Run the registered merge method ``name``."""
+    return get_merge(name)(pretrained, task_vectors, **options)
+
+
+def _validate(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector]) -> list[str]:
+    """Check every task vector against the pretrained model; return the keys to merge."""
+    if len(task_vectors) == 0:
+        raise ValueError("task_vectors is empty; pass at least one TaskVector to merge.")
+    keys = list(task_vectors[0].keys())
+    float_pre = {k: v for k, v in pretrained.items() if k in task_vectors[0].vector}
+    if set(keys) - set(pretrained):
+        extra = sorted(set(keys) - set(pretrained))[0]
+        raise ValueError(f"task vector 0 has key {extra!r} that the pretrained state dict lacks: "
+                         "the models do not share an architecture.")
+    for i, tv in enumerate(task_vectors):
+        check_compatible(float_pre, tv.vector, f"task vector {i}")
+    return keys
+
+
+def _assemble(pretrained: Mapping[str, torch.Tensor], updates: Mapping[str, torch.Tensor]) -> StateDict:
+    out: StateDict = {}
+    for k, v in pretrained.items():
+        out[k] = (v.float() + updates[k].to(v.device)).to(v.dtype) if k in updates else v.clone()
+    return out
+
+
+# ----------------------------------------------------------------------------- baselines
+@register_merge("weight_averaging")
+def merge_weight_averaging(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector]
+                           ) -> StateDict:
+    """Mean of the fine-tuned models: ``theta_0 + (1/T) sum_t tau_t`` (model soup, uniform)."""
+    keys = _validate(pretrained, task_vectors)
+    n = len(task_vectors)
+    return _assemble(pretrained, {k: sum(tv[k] for tv in task_vectors) / n for k in keys})
+
+
+@register_merge("task_arithmetic", coefficient_grid=np.round(np.arange(0.1, 1.01, 0.1), 2), coefficient=0.3)
+def merge_task_arithmetic(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
+                          coefficient: float = 0.3) -> StateDict:
+    """Task arithmetic: ``theta_0 + coefficient * sum_t tau_t`` (Ilharco et al., 2023)."""
+    keys = _validate(pretrained, task_vectors)
+    return _assemble(pretrained, {k: coefficient * sum(tv[k] for tv in task_vectors) for k in keys})
+
+
+def ties_threshold(task_vector: TaskVector, density: float) -> float:
+    """Magnitude above which a task vector's entries are kept so that a ``density`` share survives.
+
+    The threshold is global over the whole task vector, as in TIES' official code.
+    """
+    if not 0 < density <= 1:
+        raise ValueError(f"density={density!r} is not valid; use a fraction in (0, 1] of entries to keep.")
+    if density == 1:
+        return -1.0
+    flat = torch.cat([v.reshape(-1).abs() for v in task_vector.vector.values()])
+    k = max(1, int(round((1 - density) * flat.numel())))
+    return float(torch.kthvalue(flat.float().cpu(), k).values)
+
+
+def ties_merge_tensor(stacked: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """TIES on one parameter: trim, elect sign, disjoint mean.
+
+    Args:
+        stacked: ``(T, *shape)`` updates of the T tasks for this parameter.
+        thresholds: ``(T,)`` per-task magnitude thresholds (entries with ``|x| <= thr`` are trimmed).
+
+    Returns:
+        ``(*shape)``: for each entry, the mean over tasks whose trimmed value is non-zero and has the
+        elected sign (the sign of the sum of trimmed values); zero where no task agrees.
+    """
+    thr = thresholds.reshape(-1, *([1] * (stacked.ndim - 1))).to(stacked)
+    trimmed = torch.where(stacked.abs() > thr, stacked, torch.zeros_like(stacked))
+    elected = torch.sign(trimmed.sum(0))
+    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    total = torch.where(agree, trimmed, torch.zeros_like(trimmed)).sum(0)
+    count = agree.sum(0)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+
+
+@register_merge("ties", coefficient_grid=np.round(np.arange(0.3, 2.01, 0.1), 2), coefficient=1.0, density=0.2)
+def merge_ties(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
+               coefficient: float = 1.0, density: float = 0.2) -> StateDict:
+    """TIES-Merging (Yadav et al., 2023): keep the top ``density`` share of each task vector by
+    magnitude, elect a sign per entry by total mass, average the agreeing entries, scale by
+    ``coefficient``."""
+    keys = _validate(pretrained, task_vectors)
+    thresholds = torch.tensor([ties_threshold(tv, density) for tv in task_vectors])
+    return _assemble(pretrained, {
+        k: coefficient * ties_merge_tensor(torch.stack([tv[k] for tv in task_vectors]), thresholds)
+        for k in keys})
+
+
+def dare(task_vector: TaskVector, drop_rate: float, seed: int = 0) -> TaskVector:
+    """DARE (Yu et al., 2024): drop each entry with probability ``drop_rate``, rescale survivors by
+    ``1 / (1 - drop_rate)``, so the task vector is preserved in expectation."""
+    if not 0 <= drop_rate < 1:
+        raise ValueError(f"drop_rate={drop_rate!r} is not valid; use a probability in [0, 1).")
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in task_vector.items():
+        keep = torch.rand(v.shape, generator=g) >= drop_rate
+        out[k] = torch.where(keep.to(v.device), v / (1 - drop_rate), torch.zeros_like(v))
+    return TaskVector(out)
+
+
+@register_merge("dare", coefficient_grid=np.round(np.arange(0.1, 1.01, 0.1), 2), coefficient=0.3,
+                drop_rate=0.5, seed=0)
+def merge_dare(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
+               coefficient: float = 0.3, drop_rate: float = 0.5, seed: int = 0) -> StateDict:
+    """DARE then task arithmetic: each task vector sparsified by :func:`dare` (seed ``seed + t``)."""
+    _validate(pretrained, task_vectors)
+    sparse = [dare(tv, drop_rate, seed + i) for i, tv in enumerate(task_vectors)]
+    return merge_task_arithmetic(pretrained, sparse, coefficient=coefficient)
+
+
+# ----------------------------------------------------------------------------- coefficient choice
+@dataclass
+class MergeResult:
+    """A merge with its coefficient chosen on validation.
+
+    Attributes:
+        method: registry name.
+        coefficient: chosen value (``None`` for methods without one).
+        state: the merged state dict at that coefficient.
+        sweep: ``{coefficient: validation score}`` for every value tried.
+    """
+
+    method: str
+    coefficient: float | None
+    state: StateDict
+    sweep: dict[float, float]
+
+
+def merge_with_validation(name: str, pretrained: Mapping[str, torch.Tensor],
+                          task_vectors: Sequence[TaskVector], score: Callable[[StateDict], float],
+                          grid: Sequence[float] | None = None, progress: bool = True,
+                          **options: Any) -> MergeResult:
+    """Merge with ``name``, choosing ``coefficient`` to maximize ``score`` (a validation metric).
+
+    ``score`` must evaluate on validation data, never test. Ties go to the smaller coefficient.
+    """
+    method = get_merge(name)
+    grid = tuple(method.coefficient_grid if grid is None else grid)
+    if not grid:
+        state = method(pretrained, task_vectors, **options)
+        return MergeResult(name, None, state, {})
+    sweep: dict[float, float] = {}
+    best: tuple[float, float, StateDict] | None = None
+    for c in tqdm(grid, desc=f"{name}: coefficient on validation", disable=not progress, leave=False):
+        state = method(pretrained, task_vectors, **{**options, "coefficient": float(c)})
+        s = float(score(state))
+        sweep[float(c)] = s
+        if best is None or s > best[0]:
+            best = (s, float(c), state)
+    assert best is not None
+    return MergeResult(name, best[1], best[2], sweep)
+
+
+# ----------------------------------------------------------------------------- metrics
+def absolute_accuracy(per_task: Mapping[str, float]) -> float:
+    """Unweighted mean over tasks of top-1 accuracy (fractions 0..1)."""
+    if not per_task:
+        raise ValueError("per_task accuracies are empty.")
+    return float(np.mean(list(per_task.values())))
+
+
+def normalized_accuracy(per_task: Mapping[str, float], expert_accuracy: Mapping[str, float]) -> float:
+    """Mean over tasks of ``merged accuracy on t / expert t's accuracy on t`` (a mean of ratios)."""
+    missing = [t for t in per_task if t not in expert_accuracy]
+    if missing:
+        raise ValueError(f"no expert accuracy for task {missing[0]!r}; have: {', '.join(expert_accuracy)}.")
+    return float(np.mean([per_task[t] / expert_accuracy[t] for t in per_task]))

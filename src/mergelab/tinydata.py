@@ -1,0 +1,328 @@
+"""The ``tiny`` benchmark's data: 8 image-classification tasks generated offline from a seed.
+
+Every image is ``(3, 32, 32)`` float32 in ``[0, 1]``. Tasks share one image family (objects on a noisy
+background) but ask for different features (identity, shape, colour, count, position, texture,
+orientation, size), so that experts fine-tuned on them interfere when merged. A separate pretext
+pool (random radial blobs and strokes, no task labels) is used to pretrain the encoder.
+
+Generation is deterministic: the same ``seed`` and sizes give byte-identical arrays, cached in
+``data/tiny/`` as ``.npz`` keyed by a hash of the generator's configuration.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import paths
+from .utils import atomic_save_npz, config_hash
+
+IMAGE_SIZE = 32
+GENERATOR_VERSION = 1  # bump when any generator below changes, so caches are rebuilt
+
+TASK_CLASSES: dict[str, list[str]] = {
+    "digits": [str(d) for d in range(10)],
+    "shapes": ["circle", "square", "triangle", "cross", "ring"],
+    "colours": ["red", "yellow", "green", "cyan", "blue", "magenta"],
+    "counting": ["one", "two", "three", "four", "five"],
+    "position": [f"{r}-{c}" for r in ("top", "middle", "bottom") for c in ("left", "centre", "right")],
+    "textures": ["horizontal", "vertical", "diagonal", "anti-diagonal", "checkerboard", "dots"],
+    "orientation": ["0 deg", "45 deg", "90 deg", "135 deg"],
+    "size": ["small", "medium", "large"],
+}
+TASKS: tuple[str, ...] = tuple(TASK_CLASSES)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class TinyDataConfig:
+    """Sizes and seed of the generated benchmark.
+
+    Attributes:
+        seed: master seed; each task and split derives its own stream from it.
+        n_train, n_val, n_test: images per task and split.
+        n_pretext: images in the unlabeled pretext pool used for pretraining.
+        noise: standard deviation of the per-pixel Gaussian noise, in intensity units (0..1).
+    """
+
+    seed: int = 0
+    n_train: int = 2000
+    n_val: int = 400
+    n_test: int = 1000
+    n_pretext: int = 8000
+    noise: float = 0.08
+
+    def __post_init__(self) -> None:
+        for name in ("n_train", "n_val", "n_test", "n_pretext"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is not valid; use a positive integer.")
+        if not 0.0 <= self.noise < 1.0:
+            raise ValueError(f"noise={self.noise!r} is not valid; use a value in [0, 1).")
+
+
+def check_task(task: str) -> str:
+    """Return ``task`` if it is a tiny task, else raise an error that lists the valid ones."""
+    if task not in TASK_CLASSES:
+        raise ValueError(f"task={task!r} is not a tiny task; valid: {', '.join(TASKS)}.")
+    return task
+
+
+# ----------------------------------------------------------------------------- drawing primitives
+_YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5
+
+
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32)
+
+
+def _random_colour(rng: np.random.Generator) -> np.ndarray:
+    return _hsv(rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0))
+
+
+def _background(rng: np.random.Generator) -> np.ndarray:
+    """A low-saturation background with a soft gradient, ``(32, 32, 3)``."""
+    base = _hsv(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.05, 0.45))
+    angle = rng.uniform(0, 2 * math.pi)
+    ramp = (np.cos(angle) * _XX + np.sin(angle) * _YY) / IMAGE_SIZE
+    img = base[None, None, :] + 0.15 * (ramp - ramp.mean())[..., None]
+    return img.astype(np.float32)
+
+
+def _shape_mask(kind: str, cx: float, cy: float, r: float) -> np.ndarray:
+    dx, dy = _XX - cx, _YY - cy
+    if kind == "circle":
+        return dx**2 + dy**2 <= r**2
+    if kind == "square":
+        side = r * 0.85
+        return (np.abs(dx) <= side) & (np.abs(dy) <= side)
+    if kind == "triangle":
+        return (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
+    if kind == "cross":
+        arm = max(r / 3.0, 1.0)
+        return ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
+    if kind == "ring":
+        d2 = dx**2 + dy**2
+        return (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
+    raise ValueError(f"unknown shape {kind!r}")
+
+
+def _paint(img: np.ndarray, mask: np.ndarray, colour: np.ndarray) -> None:
+    img[mask] = colour
+
+
+def _finish(img: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
+    img = img + rng.normal(0.0, noise, img.shape).astype(np.float32)
+    return np.clip(img, 0.0, 1.0).transpose(2, 0, 1).copy()
+
+
+def _distractors(img: np.ndarray, rng: np.random.Generator, n_max: int = 2) -> None:
+    """Faint random strokes: clutter that every task must ignore."""
+    for _ in range(rng.integers(0, n_max + 1)):
+        angle = rng.uniform(0, math.pi)
+        cx, cy = rng.uniform(0, IMAGE_SIZE, size=2)
+        dist = np.abs(np.cos(angle) * (_YY - cy) - np.sin(angle) * (_XX - cx))
+        colour = img.mean(axis=(0, 1)) + rng.uniform(-0.2, 0.2, size=3).astype(np.float32)
+        img[dist <= 0.6] = colour
+
+
+# ----------------------------------------------------------------------------- one generator per task
+_SHAPES = TASK_CLASSES["shapes"]
+
+
+def _draw_digits(rng, n, noise, split_index):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images, labels = digits.images.astype(np.float32) / 16.0, digits.target
+    # Disjoint base digits per split (60/15/25), so test digits were never seen in training.
+    order = np.random.default_rng(12345).permutation(len(labels))
+    cut1, cut2 = int(0.6 * len(order)), int(0.75 * len(order))
+    pool = (order[:cut1], order[cut1:cut2], order[cut2:])[split_index]
+    xs, ys = [], []
+    for _ in range(n):
+        i = pool[rng.integers(len(pool))]
+        scale = int(rng.integers(2, 4))  # 16x16 or 24x24 glyph
+        glyph = np.kron(images[i], np.ones((scale, scale), np.float32))
+        img = _background(rng)
+        size = glyph.shape[0]
+        oy, ox = rng.integers(0, IMAGE_SIZE - size + 1, size=2)
+        colour = _random_colour(rng)
+        region = img[oy:oy + size, ox:ox + size]
+        img[oy:oy + size, ox:ox + size] = region * (1 - glyph[..., None]) + colour * glyph[..., None]
+        _distractors(img, rng)
+        xs.append(_finish(img, rng, noise))
+        ys.append(labels[i])
+    return xs, ys
+
+
+def _draw_object_task(task):
+    def draw(rng, n, noise, split_index):
+        xs, ys = [], []
+        n_classes = len(TASK_CLASSES[task])
+        for _ in range(n):
+            y = int(rng.integers(n_classes))
+            img = _background(rng)
+            kind = _SHAPES[rng.integers(len(_SHAPES))]
+            r = rng.uniform(4.0, 9.0)
+            colour = _random_colour(rng)
+            cx, cy = rng.uniform(r + 1, IMAGE_SIZE - r - 1, size=2)
+            if task == "shapes":
+                kind = _SHAPES[y]
+            elif task == "colours":
+                hue = y / n_classes + rng.uniform(-0.04, 0.04)
+                colour = _hsv(hue, rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0))
+            elif task == "position":
+                row, col = divmod(y, 3)
+                cell = IMAGE_SIZE / 3
+                r = rng.uniform(3.0, 4.5)
+                cx = (col + rng.uniform(0.3, 0.7)) * cell
+                cy = (row + rng.uniform(0.3, 0.7)) * cell
+            elif task == "size":
+                r = (rng.uniform(2.5, 3.5), rng.uniform(5.5, 7.0), rng.uniform(10.0, 12.0))[y]
+                cx, cy = rng.uniform(r, IMAGE_SIZE - r, size=2)
+            _paint(img, _shape_mask(kind, cx, cy, r), colour)
+            _distractors(img, rng)
+            xs.append(_finish(img, rng, noise))
+            ys.append(y)
+        return xs, ys
+
+    return draw
+
+
+def _draw_counting(rng, n, noise, split_index):
+    xs, ys = [], []
+    for _ in range(n):
+        y = int(rng.integers(5))
+        img = _background(rng)
+        centres: list[tuple[float, float]] = []
+        while len(centres) < y + 1:
+            c = tuple(rng.uniform(4, IMAGE_SIZE - 4, size=2))
+            if all((c[0] - a) ** 2 + (c[1] - b) ** 2 > 49 for a, b in centres):
+                centres.append(c)
+        for cx, cy in centres:
+            kind = ("circle", "square")[rng.integers(2)]
+            _paint(img, _shape_mask(kind, cx, cy, rng.uniform(2.0, 3.0)), _random_colour(rng))
+        _distractors(img, rng, n_max=1)
+        xs.append(_finish(img, rng, noise))
+        ys.append(y)
+    return xs, ys
+
+
+def _draw_textures(rng, n, noise, split_index):
+    xs, ys = [], []
+    for _ in range(n):
+        y = int(rng.integers(6))
+        period = rng.uniform(3.0, 6.0)
+        phase = rng.uniform(0, period)
+        a, b = _random_colour(rng), _background(rng)[0, 0]
+        u = {0: _YY, 1: _XX, 2: _XX + _YY, 3: _XX - _YY}.get(y)
+        if u is not None:
+            step = period * (math.sqrt(2) if y >= 2 else 1.0)
+            mask = ((u + phase) % step) < step / 2
+        elif y == 4:
+            mask = (((_XX + phase) // (period / 1.4)) + ((_YY + phase) // (period / 1.4))) % 2 == 0
+        else:
+            fx, fy = (_XX + phase) % period - period / 2, (_YY + phase) % period - period / 2
+            mask = fx**2 + fy**2 <= (period / 3.5) ** 2
+        img = np.where(mask[..., None], a[None, None], b[None, None]).astype(np.float32)
+        xs.append(_finish(img, rng, noise))
+        ys.append(y)
+    return xs, ys
+
+
+def _draw_orientation(rng, n, noise, split_index):
+    xs, ys = [], []
+    for _ in range(n):
+        y = int(rng.integers(4))
+        angle = math.radians(45 * y + rng.uniform(-8, 8))
+        img = _background(rng)
+        cx, cy = rng.uniform(10, 22, size=2)
+        half, width = rng.uniform(6, 12), rng.uniform(1.0, 2.0)
+        along = math.cos(angle) * (_XX - cx) - math.sin(angle) * (_YY - cy)
+        across = math.sin(angle) * (_XX - cx) + math.cos(angle) * (_YY - cy)
+        _paint(img, (np.abs(along) <= half) & (np.abs(across) <= width), _random_colour(rng))
+        _distractors(img, rng, n_max=1)
+        xs.append(_finish(img, rng, noise))
+        ys.append(y)
+    return xs, ys
+
+
+_GENERATORS = {
+    "digits": _draw_digits,
+    "shapes": _draw_object_task("shapes"),
+    "colours": _draw_object_task("colours"),
+    "counting": _draw_counting,
+    "position": _draw_object_task("position"),
+    "textures": _draw_textures,
+    "orientation": _draw_orientation,
+    "size": _draw_object_task("size"),
+}
+
+
+def _draw_pretext(rng: np.random.Generator, n: int, noise: float) -> np.ndarray:
+    """Unlabeled scenes of radial blobs (r(theta) = r0 (1 + a sin(k theta + phi))) and strokes."""
+    xs = []
+    for _ in range(n):
+        img = _background(rng)
+        for _ in range(rng.integers(1, 4)):
+            cx, cy = rng.uniform(4, IMAGE_SIZE - 4, size=2)
+            r0, amp, k, phi = rng.uniform(2.5, 9), rng.uniform(0, 0.5), rng.integers(2, 7), rng.uniform(0, 6.3)
+            theta = np.arctan2(_YY - cy, _XX - cx)
+            radius = r0 * (1 + amp * np.sin(k * theta + phi))
+            _paint(img, (_XX - cx) ** 2 + (_YY - cy) ** 2 <= radius**2, _random_colour(rng))
+        _distractors(img, rng, n_max=3)
+        xs.append(_finish(img, rng, noise))
+    return np.stack(xs).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- public API
+def _cache_path(kind: str, cfg: TinyDataConfig) -> Path:
+    key = config_hash({"kind": kind, "version": GENERATOR_VERSION, **asdict(cfg)})
+    return paths.data_dir() / "tiny" / f"{kind}-{key}.npz"
+
+
+def generate_task(task: str, split: str, cfg: TinyDataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Generate one task's split without caching.
+
+    Returns:
+        ``X``: ``(n, 3, 32, 32)`` float32 in ``[0, 1]``; ``y``: ``(n,)`` int64 class indices.
+    """
+    check_task(task)
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not valid; use one of {', '.join(SPLITS)}.")
+    split_index = SPLITS.index(split)
+    n = (cfg.n_train, cfg.n_val, cfg.n_test)[split_index]
+    rng = np.random.default_rng([cfg.seed, TASKS.index(task), split_index])
+    xs, ys = _GENERATORS[task](rng, n, cfg.noise, split_index)
+    return np.stack(xs).astype(np.float32), np.asarray(ys, dtype=np.int64)
+
+
+def load_task(task: str, split: str, cfg: TinyDataConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One task's split, generated once and cached in ``data/tiny`` (see :func:`generate_task`)."""
+    cfg = cfg or TinyDataConfig()
+    check_task(task)
+    path = _cache_path(f"{task}-{split}", cfg)
+    if path.is_file():
+        with np.load(path) as f:
+            return f["X"], f["y"]
+    X, y = generate_task(task, split, cfg)
+    atomic_save_npz(path, X=X, y=y)
+    return X, y
+
+
+def load_pretext(cfg: TinyDataConfig | None = None) -> np.ndarray:
+    """The unlabeled pretext pool, ``(n_pretext, 3, 32, 32)`` float32, cached like the tasks."""
+    cfg = cfg or TinyDataConfig()
+    path = _cache_path("pretext", cfg)
+    if path.is_file():
+        with np.load(path) as f:
+            return f["X"]
+    rng = np.random.default_rng([cfg.seed, 999])
+    X = _draw_pretext(rng, cfg.n_pretext, cfg.noise)
+    atomic_save_npz(path, X=X)
+    return X

@@ -1,0 +1,244 @@
+"""Training loops: contrastive pretraining on the pretext pool and fine-tuning of experts.
+
+Fine-tuning changes the encoder only; heads stay frozen, as in the public task-vector benchmark.
+Every hyperparameter is explicit in :class:`FinetuneConfig`, whose hash keys the expert cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Hyperparameters of one fine-tuning run (all explicit: they key the expert cache).
+
+    Attributes:
+        optimizer: ``"sgd"`` (momentum ``momentum``), ``"adam"`` or ``"adamw"``.
+        lr: peak learning rate eta.
+        batch_size: examples per step b.
+        num_steps: optimizer steps T.
+        schedule: ``"constant"``, ``"cosine"`` (to 0) or ``"linear"`` (to 0), after ``warmup_steps``.
+        warmup_steps: linear warm-up steps from 0 to ``lr``.
+        weight_decay: decoupled for AdamW, L2 for SGD/Adam.
+        momentum: SGD momentum (ignored by Adam/AdamW).
+        grad_clip: max global gradient norm, ``0`` for none.
+        seed: seeds data order and any randomness of the run.
+        data_fraction: share of the task's training split used, in ``(0, 1]``; the subset is
+            drawn once from ``seed``.
+    """
+
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    batch_size: int = 64
+    num_steps: int = 120
+    schedule: str = "cosine"
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    grad_clip: float = 1.0
+    seed: int = 0
+    data_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} is not valid; use one of {', '.join(OPTIMIZERS)}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is not valid; use one of {', '.join(SCHEDULES)}.")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} is not valid; use a positive learning rate.")
+        for name in ("batch_size", "num_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; use a positive integer.")
+        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.num_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps!r} is not valid; use 0..num_steps={self.num_steps}.")
+        if not 0 < self.data_fraction <= 1:
+            raise ValueError(f"data_fraction={self.data_fraction!r} is not valid; use a value in (0, 1].")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip must be >= 0.")
+
+
+def lr_at(step: int, cfg: FinetuneConfig) -> float:
+    """Learning rate used at optimizer step ``step`` (0-based) under ``cfg``'s schedule."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.num_steps - cfg.warmup_steps)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (1 - progress)
+
+
+def make_optimizer(params: Sequence[nn.Parameter], cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.optimizer`` over ``params``."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def subset_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """The first ``ceil(fraction * n)`` of a seeded permutation of ``range(n)``."""
+    g = torch.Generator().manual_seed(seed)
+    keep = max(1, math.ceil(fraction * n))
+    return torch.randperm(n, generator=g)[:keep]
+
+
+def batch_stream(n: int, batch_size: int, seed: int) -> Callable[[], torch.Tensor]:
+    """Indices of successive mini-batches: epochs of seeded permutations, without replacement."""
+    g = torch.Generator().manual_seed(seed + 1)
+    state = {"perm": torch.randperm(n, generator=g), "pos": 0}
+
+    def next_batch() -> torch.Tensor:
+        if state["pos"] + batch_size > n and state["pos"] > 0:
+            state["perm"], state["pos"] = torch.randperm(n, generator=g), 0
+        idx = state["perm"][state["pos"]:state["pos"] + batch_size]
+        state["pos"] += batch_size
+        return idx
+
+    return next_batch
+
+
+def finetune(model: nn.Module, tasks: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+             heads: Mapping[str, nn.Module], cfg: FinetuneConfig,
+             device: torch.device | str = "cpu", desc: str = "fine-tune",
+             progress: bool = True) -> dict[str, list[float]]:
+    """Fine-tune ``model`` (the encoder, in place) on one or more tasks with frozen heads.
+
+    With several tasks (multi-task learning), every step sums the mean cross-entropy of one
+    mini-batch of ``cfg.batch_size`` from each task.
+
+    Args:
+        model: encoder mapping ``(B, 3, H, W)`` to ``(B, d)``.
+        tasks: task name to ``(X, y)`` with ``X`` ``(N, 3, H, W)`` and ``y`` ``(N,)`` int64 (CPU).
+        heads: task name to a frozen head mapping ``(B, d)`` features to logits.
+        cfg: hyperparameters; ``cfg.data_fraction`` subsamples each task's ``(X, y)``.
+        device: where to train.
+
+    Returns:
+        ``{"loss": [...], "lr": [...]}`` per step (loss summed over tasks).
+    """
+    torch.manual_seed(cfg.seed)
+    model.to(device).train()
+    heads = {t: h.to(device).eval() for t, h in heads.items()}
+    data, streams = {}, {}
+    for i, (task, (X, y)) in enumerate(sorted(tasks.items())):
+        keep = subset_indices(len(y), cfg.data_fraction, cfg.seed + 7919 * i)
+        data[task] = (X[keep], y[keep])
+        streams[task] = batch_stream(len(keep), min(cfg.batch_size, len(keep)), cfg.seed + 104729 * i)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg)
+    history: dict[str, list[float]] = {"loss": [], "lr": []}
+    bar = tqdm(range(cfg.num_steps), desc=desc, disable=not progress, leave=False, mininterval=0.5)
+    for step in bar:
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = torch.zeros((), device=device)
+        for task, (X, y) in data.items():
+            idx = streams[task]()
+            logits = heads[task](model(X[idx].to(device, non_blocking=True)))
+            loss = loss + F.cross_entropy(logits, y[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        history["loss"].append(float(loss.detach()))
+        history["lr"].append(lr)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
+    model.eval()
+    return history
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Contrastive (SimCLR-style, InfoNCE) pretraining of the tiny encoder on the pretext pool.
+
+    Attributes:
+        num_steps, batch_size, lr, weight_decay, warmup_steps: AdamW with cosine schedule.
+        temperature: InfoNCE temperature tau.
+        seed: initialization and augmentation seed.
+    """
+
+    num_steps: int = 400
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    temperature: float = 0.2
+    seed: int = 0
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random view of a batch ``(B, 3, H, W)`` in [0, 1]: shift-crop, flip, colour jitter, channel shuffle."""
+    b, _, h, w = x.shape
+    pad = h // 8
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g)
+    rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None].expand(b, 3, h, w + 2 * pad)
+    out = torch.gather(padded, 2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(b, 3, h, w)
+    out = torch.gather(out, 3, cols)
+    flip = torch.rand(b, generator=g) < 0.5
+    out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    perm = torch.stack([torch.randperm(3, generator=g) for _ in range(b)])
+    out = torch.gather(out, 1, perm[:, :, None, None].expand_as(out))
+    scale = 1 + 0.4 * (torch.rand(b, 3, 1, 1, generator=g) - 0.5)
+    shift = 0.2 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5)
+    return (out * scale + shift).clamp(0, 1)
+
+
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE over two views ``(B, d)``: positives are matching rows."""
+    z = F.normalize(torch.cat([z1, z2]), dim=-1)
+    sim = z @ z.T / temperature
+    sim.fill_diagonal_(float("-inf"))
+    n = z1.shape[0]
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def pretrain_contrastive(model: nn.Module, images: torch.Tensor, cfg: PretrainConfig,
+                         normalize: Callable[[torch.Tensor], torch.Tensor],
+                         device: torch.device | str = "cpu", progress: bool = True) -> list[float]:
+    """Pretrain ``model`` in place on unlabeled ``images`` ``(N, 3, H, W)`` in [0, 1]; returns losses."""
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = FinetuneConfig(lr=cfg.lr, num_steps=cfg.num_steps, warmup_steps=cfg.warmup_steps,
+                           schedule="cosine", batch_size=cfg.batch_size)
+    stream = batch_stream(len(images), min(cfg.batch_size, len(images)), cfg.seed)
+    losses = []
+    bar = tqdm(range(cfg.num_steps), desc="pretrain (contrastive)", disable=not progress, leave=False,
+               mininterval=0.5)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, sched)
+        x = images[stream()]
+        v1, v2 = normalize(augment(x, g)).to(device), normalize(augment(x, g)).to(device)
+        loss = info_nce(model(v1), model(v2), cfg.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses

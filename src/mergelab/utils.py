@@ -1,0 +1,130 @@
+"""Small shared helpers: seeding, device choice, configuration hashing and atomic writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+StateDict = dict[str, torch.Tensor]
+"""A model's parameters by name (``model.state_dict()``), e.g. ``"conv1.weight": (width, 3, p, p)``."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA) so that the same seed gives the same numbers."""
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} is not valid; use a non-negative integer.")
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def pick_device(device: str | None = "auto") -> torch.device:
+    """The device to merge and evaluate on.
+
+    Args:
+        device: ``"auto"`` (or ``None``) picks CUDA when available, else CPU; ``"cpu"``, ``"cuda"``,
+            ``"cuda:1"`` or ``"mps"`` force one.
+    """
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device={device!r} is not a device; valid: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'."
+        ) from err
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'.")
+    return chosen
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    return value
+
+
+def config_hash(config: Any, length: int = 16) -> str:
+    """A stable hex digest of a configuration (dataclass, mapping or JSON-able value).
+
+    Keys are sorted, so two configurations that are equal as mappings hash alike.
+    """
+    blob = json.dumps(_jsonable(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON atomically; dataclasses, arrays and tensors are converted."""
+    text = json.dumps(_jsonable(payload), indent=2, sort_keys=False)
+    return _atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n"))
+
+
+def atomic_save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
+                            metadata: Mapping[str, str] | None = None) -> Path:
+    """Save tensors with safetensors atomically (contiguous CPU copies)."""
+    from safetensors.torch import save_file
+
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return _atomic_write(Path(path), lambda tmp: save_file(flat, str(tmp), metadata=dict(metadata or {})))
+
+
+def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
+    """Save NumPy arrays as a compressed ``.npz`` atomically."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+    return _atomic_write(Path(path), write)
+
+
+def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> StateDict:
+    """Load a safetensors file into a state dict on ``device``."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device=str(device))
+
+
+def clone_state_dict(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """A detached copy of a state dict (same devices and dtypes)."""
+    return {k: v.detach().clone() for k, v in state.items()}

@@ -1,0 +1,42 @@
+"""End to end: `make report PROFILE=smoke` into a temporary folder builds the whole book."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mergelab import report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(1800)
+def test_make_report_smoke_builds_the_book(tmp_path: Path) -> None:
+    reports = tmp_path / "reports"
+    env = {k: v for k, v in os.environ.items() if k not in ("MERGELAB_RESULTS_DIR", "MERGELAB_REPORTS_DIR")}
+    completed = subprocess.run(
+        ["make", "report", "PROFILE=smoke", f"REPORTS={reports}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+
+    index = reports / "_book" / "index.html"
+    assert index.is_file()
+    text = index.read_text(encoding="utf-8")
+    for chapter in report.book_chapters(ROOT / "reports" / "_quarto.yml"):
+        page = Path(chapter).with_suffix(".html").as_posix()
+        assert page in text, f"the book's index does not link {page}"
+        assert (reports / "_book" / page).is_file()
+
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert notebooks, "no notebooks in notebooks/"
+    for notebook in notebooks:
+        result = reports / "results" / f"{notebook.stem}.json"
+        assert result.is_file(), f"{notebook.stem} wrote no results JSON"

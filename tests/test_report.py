@@ -1,0 +1,239 @@
+"""Tests of the report runner (`mergelab.report`) on a throwaway project in a temporary folder.
+
+The notebooks run for real, through papermill and the project's "mergelab" kernel, so these tests
+need `make env` (or the `ipykernel install` line of the Makefile) to have been run once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from mergelab import paths, report
+
+pytestmark = pytest.mark.timeout(120)
+
+PROFILE = "smoke"
+QUARTO_YML = """\
+project:
+  type: book
+  output-dir: _book
+book:
+  title: "A throwaway book"
+  chapters:
+    - index.qmd
+    - 00_alpha.ipynb
+bibliography: references.bib
+"""
+INDEX_QMD = """\
+---
+title: "A throwaway book"
+---
+
+# Preface {.unnumbered}
+
+Some *introduction*, as in @doe2020alpha and [@doe2020alpha].
+"""
+REFERENCES_BIB = """\
+@inproceedings{doe2020alpha,
+  title     = {{Alpha}: A Study of {R}odol{\\`a} Merging},
+  author    = {Doe, Jane and Roe, Richard},
+  booktitle = {A Conference},
+  year      = {2020}
+}
+"""
+
+
+def write_notebook(path: Path, title: str, body: str) -> None:
+    """A notebook with a title, a `parameters` cell (`value`) and a body cell."""
+    nb = new_notebook(
+        cells=[
+            new_markdown_cell(f"# {title}\n\nA throwaway notebook."),
+            new_code_cell("value = 1  # the number to write", metadata={"tags": ["parameters"]}),
+            new_code_cell(body),
+        ],
+        metadata={"kernelspec": {"name": paths.KERNEL_NAME, "display_name": "Python (mergelab)"}},
+    )
+    nbformat.write(nb, path)
+
+
+WRITE_RESULT = (
+    "import json\n"
+    "from mergelab.paths import results_dir\n"
+    "(results_dir() / '00_alpha.json').write_text(json.dumps({'value': value}))"
+)
+
+
+def make_project(root: Path) -> dict[str, Path]:
+    """notebooks/, params/smoke/, book/_quarto.yml (+ index.qmd), src/ and an output folder."""
+    (root / "notebooks").mkdir(parents=True)
+    write_notebook(root / "notebooks" / "00_alpha.ipynb", "Alpha chapter", WRITE_RESULT)
+    (root / "params" / PROFILE).mkdir(parents=True)
+    (root / "params" / PROFILE / "00_alpha.yaml").write_text("value: 2\n")
+    (root / "book").mkdir()
+    (root / "book" / "_quarto.yml").write_text(QUARTO_YML)
+    (root / "book" / "index.qmd").write_text(INDEX_QMD)
+    (root / "book" / "references.bib").write_text(REFERENCES_BIB)
+    (root / "src").mkdir()
+    (root / "src" / "module.py").write_text("X = 1\n")
+    return {"root": root, "out": root / "out"}
+
+
+def build(root: Path, **kwargs) -> report.ReportResult:
+    """`build_report` on the throwaway project, with the nbconvert renderer."""
+    options = dict(
+        profile=PROFILE,
+        reports=root / "out",
+        notebooks_dir=root / "notebooks",
+        params_dir=root / "params",
+        quarto_yml=root / "book" / "_quarto.yml",
+        source_dir=root / "src",
+        renderer="nbconvert",
+    )
+    options.update(kwargs)
+    return report.build_report(**options)
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, report.ReportResult]:
+    """The throwaway project after one run (executes the notebook once for the whole module)."""
+    root = tmp_path_factory.mktemp("project")
+    make_project(root)
+    return root, build(root)
+
+
+def test_first_run_executes_and_writes_results(executed: tuple[Path, report.ReportResult]) -> None:
+    root, result = executed
+    assert result.statuses == {"00_alpha": report.EXECUTED}
+    assert result.renderer == "nbconvert"
+    assert (root / "out" / "00_alpha.ipynb").is_file()
+    assert json.loads((root / "out" / "results" / "00_alpha.json").read_text()) == {"value": 2}
+    assert report.stamp_path(root / "out", "00_alpha", PROFILE).is_file()
+    assert not list((root / "out").glob("*.failed.ipynb"))
+    assert not list((root / "out").glob(".*.running.ipynb"))
+
+
+def test_book_index_links_every_chapter(executed: tuple[Path, report.ReportResult]) -> None:
+    root, result = executed
+    index = result.book
+    assert index == root / "out" / "_book" / "index.html"
+    text = index.read_text()
+    for chapter in report.book_chapters(root / "book" / "_quarto.yml"):
+        page = Path(chapter).with_suffix(".html").name
+        assert f'href="{page}"' in text
+        assert (index.parent / page).is_file()
+    assert "Alpha chapter" in text  # chapter title = first heading of the notebook
+    assert "<em>introduction</em>" in text  # index.qmd rendered from Markdown
+    assert "{.unnumbered}" not in text and "title:" not in text
+    # citations resolved from references.bib (Quarto would do this with citeproc)
+    assert '<a href="#ref-doe2020alpha">Doe and Roe (2020)</a>' in text
+    assert '(<a href="#ref-doe2020alpha">Doe and Roe 2020</a>)' in text
+    assert 'id="ref-doe2020alpha"' in text and "Alpha: A Study of Rodolà Merging" in text
+    chapter = (index.parent / "00_alpha.html").read_text()
+    assert '<a href="index.html">' in chapter  # navigation back to the contents
+
+
+def test_project_files_copied_next_to_the_book(executed: tuple[Path, report.ReportResult]) -> None:
+    root, _ = executed
+    for name in report.PROJECT_FILES:
+        assert (root / "out" / name).read_bytes() == (root / "book" / name).read_bytes()
+
+
+def test_second_run_is_up_to_date_and_params_change_reruns(
+    executed: tuple[Path, report.ReportResult], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(executed[0], tmp_path, dirs_exist_ok=True)
+    out = tmp_path / "out"
+    stamp = report.stamp_path(out, "00_alpha", PROFILE)
+    before = (stamp.stat().st_mtime_ns, (out / "00_alpha.ipynb").stat().st_mtime_ns)
+
+    again = build(tmp_path)
+    assert again.statuses == {"00_alpha": report.UP_TO_DATE}
+    assert "up to date: 00_alpha" in capsys.readouterr().out
+    assert (stamp.stat().st_mtime_ns, (out / "00_alpha.ipynb").stat().st_mtime_ns) == before
+
+    (tmp_path / "params" / PROFILE / "00_alpha.yaml").write_text("value: 3\n")
+    changed = build(tmp_path)
+    assert changed.statuses == {"00_alpha": report.EXECUTED}
+    assert json.loads((out / "results" / "00_alpha.json").read_text()) == {"value": 3}
+
+
+def test_content_hash_covers_notebook_params_profile_and_sources(tmp_path: Path) -> None:
+    make_project(tmp_path)
+    nb = tmp_path / "notebooks" / "00_alpha.ipynb"
+    params = tmp_path / "params" / PROFILE / "00_alpha.yaml"
+    src = tmp_path / "src"
+    base = report.content_hash(nb, params, PROFILE, src)
+    assert report.content_hash(nb, params, PROFILE, src) == base
+    assert report.content_hash(nb, params, "tiny", src) != base
+    (src / "module.py").write_text("X = 2\n")
+    assert report.content_hash(nb, params, PROFILE, src) != base
+    (src / "sub").mkdir()
+    (src / "sub" / "extra.py").write_text("")
+    changed = report.content_hash(nb, params, PROFILE, src)
+    params.write_text("value: 5\n")
+    assert report.content_hash(nb, params, PROFILE, src) != changed
+
+
+def test_missing_params_file_names_the_expected_path(tmp_path: Path) -> None:
+    make_project(tmp_path)
+    expected = tmp_path / "params" / PROFILE / "00_alpha.yaml"
+    expected.unlink()
+    with pytest.raises(report.ReportError) as err:
+        build(tmp_path)
+    message = str(err.value)
+    assert str(expected) in message and "00_alpha" in message and repr(PROFILE) in message
+    assert not (tmp_path / "out" / "00_alpha.ipynb").exists()
+
+
+def test_notebook_missing_from_chapters_is_refused(tmp_path: Path) -> None:
+    make_project(tmp_path)
+    write_notebook(tmp_path / "notebooks" / "01_beta.ipynb", "Beta", "pass")
+    with pytest.raises(report.ReportError, match=r"01_beta\.ipynb.*book\.chapters") as err:
+        build(tmp_path)
+    assert str(tmp_path / "book" / "_quarto.yml") in str(err.value)
+
+
+def test_failing_notebook_is_kept_and_leaves_no_stamp(tmp_path: Path) -> None:
+    make_project(tmp_path)
+    write_notebook(tmp_path / "notebooks" / "00_alpha.ipynb", "Alpha chapter", "raise ValueError('boom')")
+    with pytest.raises(report.ReportError, match=r"00_alpha\.ipynb.*ValueError.*boom"):
+        build(tmp_path)
+    out = tmp_path / "out"
+    assert (out / "00_alpha.failed.ipynb").is_file()
+    assert not (out / "00_alpha.ipynb").exists()
+    assert not report.stamp_path(out, "00_alpha", PROFILE).exists()
+    assert not list(out.glob(".*.running.ipynb"))
+
+
+def test_unknown_notebook_and_profile_are_clear_errors(tmp_path: Path) -> None:
+    make_project(tmp_path)
+    with pytest.raises(report.ReportError, match=r"no such notebook.*valid: 00_alpha"):
+        report.discover_notebooks(tmp_path / "notebooks", ["99_missing"])
+    with pytest.raises(report.ReportError, match="'huge' is not a parameter profile"):
+        build(tmp_path, profile="huge")
+
+
+def test_main_reports_errors_with_exit_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_project(tmp_path)
+    (tmp_path / "reports").mkdir()
+    shutil.copy(tmp_path / "book" / "_quarto.yml", tmp_path / "reports" / "_quarto.yml")
+    monkeypatch.setenv("MERGELAB_HOME", str(tmp_path))
+    assert report.main(["--profile", "huge", "--reports", str(tmp_path / "out")]) == 1
+    assert "huge" in capsys.readouterr().err
+
+
+def test_chapters_are_flattened_from_parts(tmp_path: Path) -> None:
+    quarto_yml = tmp_path / "_quarto.yml"
+    quarto_yml.write_text(
+        "book:\n  chapters:\n    - index.qmd\n    - part: Theory\n      chapters: [01_a.ipynb, 02_b.ipynb]\n"
+        "  appendices: [99_z.ipynb]\n"
+    )
+    assert report.book_chapters(quarto_yml) == ["index.qmd", "01_a.ipynb", "02_b.ipynb", "99_z.ipynb"]
