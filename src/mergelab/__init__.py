@@ -1,0 +1,41 @@
+"""mergelab: a small, tested package behind notebooks that reproduce the science of model merging.
+
+Entry points most notebooks need:
+
+* :func:`load_benchmark` - the ``tiny`` (offline) benchmark with the same interface the ``clip`` size has;
+* :class:`~mergelab.task_vectors.TaskVector`, :func:`~mergelab.merging.merge`,
+  :data:`~mergelab.merging.MERGE_METHODS`;
+* :mod:`mergelab.plotting` (one plotting helper) and :mod:`mergelab.notebook` (setup, results, provenance).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .merging import MERGE_METHODS, absolute_accuracy, get_merge, merge, normalized_accuracy, register_merge
+from .task_vectors import TaskVector, task_vectors_from
+from .training import FinetuneConfig, PretrainConfig
+
+__version__ = "0.1.0"
+
+BENCHMARKS = ("tiny",)
+
+
+def load_benchmark(name: str = "tiny", device: str | None = "auto", progress: bool = True,
+                   **params: Any):
+    """The benchmark ``name`` built from plain parameters (as a papermill parameter file gives them).
+
+    ``tiny`` takes ``tasks``, ``data``, ``model``, ``pretrain``, ``head_shots``, ``logit_scale``
+    (see :class:`mergelab.benchmark.TinyBenchmarkConfig`).
+    """
+    if name == "tiny":
+        from .benchmark import TinyBenchmark, TinyBenchmarkConfig
+
+        return TinyBenchmark(TinyBenchmarkConfig.from_params(**params), device=device, progress=progress)
+    raise ValueError(f"benchmark={name!r} is not available; valid: {', '.join(BENCHMARKS)}. "
+                     "The 'clip' size (open_clip ViT-B-32 on the 8 vision tasks) is not built yet.")
+
+
+__all__ = ["BENCHMARKS", "MERGE_METHODS", "FinetuneConfig", "PretrainConfig", "TaskVector", "absolute_accuracy",
+           "get_merge", "load_benchmark", "merge", "normalized_accuracy", "register_merge",
+           "task_vectors_from"]

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import paths
 from .models import ClassificationHead, TinyViTConfig, build_tiny_encoder, encode, load_encoder_state
-from .tinydata import SPLITS, TASK_CLASSES, TASKS, TinyDataConfig, check_task, load_pretext, load_task
+from .tinydata import GENERATOR_VERSION, SPLITS, TASK_CLASSES, TASKS, TinyDataConfig, check_task, load_pretext, load_task
 from .training import FinetuneConfig, PretrainConfig, finetune, pretrain_contrastive
 from .utils import (StateDict, atomic_save_safetensors, atomic_write_json, clone_state_dict, config_hash,
                     load_safetensors, pick_device)
@@ -104,7 +104,7 @@ class TinyBenchmark:
         """Hash of the benchmark's definition except the task list (heads are per task)."""
         cfg = asdict(self.config)
         cfg.pop("tasks")
-        return config_hash({"benchmark": "tiny", **cfg})
+        return config_hash({"benchmark": "tiny", "generator_version": GENERATOR_VERSION, **cfg})
 
     @property
     def cache_dir(self) -> Path:

@@ -22,7 +22,7 @@ from . import paths
 from .utils import atomic_save_npz, config_hash
 
 IMAGE_SIZE = 32
-GENERATOR_VERSION = 1  # bump when any generator below changes, so caches are rebuilt
+GENERATOR_VERSION = 2  # bump when any generator below changes, so caches are rebuilt
 
 TASK_CLASSES: dict[str, list[str]] = {
     "digits": [str(d) for d in range(10)],
@@ -146,15 +146,13 @@ def _draw_digits(rng, n, noise, split_index):
     xs, ys = [], []
     for _ in range(n):
         i = pool[rng.integers(len(pool))]
-        scale = int(rng.integers(2, 4))  # 16x16 or 24x24 glyph
-        glyph = np.kron(images[i], np.ones((scale, scale), np.float32))
-        img = _background(rng)
+        glyph = np.kron(images[i], np.ones((3, 3), np.float32))  # 24x24 glyph
+        img = _background(rng) * 0.6
         size = glyph.shape[0]
         oy, ox = rng.integers(0, IMAGE_SIZE - size + 1, size=2)
-        colour = _random_colour(rng)
+        colour = _hsv(rng.random(), rng.uniform(0.3, 1.0), rng.uniform(0.85, 1.0))
         region = img[oy:oy + size, ox:ox + size]
         img[oy:oy + size, ox:ox + size] = region * (1 - glyph[..., None]) + colour * glyph[..., None]
-        _distractors(img, rng)
         xs.append(_finish(img, rng, noise))
         ys.append(labels[i])
     return xs, ys
@@ -168,7 +166,7 @@ def _draw_object_task(task):
             y = int(rng.integers(n_classes))
             img = _background(rng)
             kind = _SHAPES[rng.integers(len(_SHAPES))]
-            r = rng.uniform(4.0, 9.0)
+            r = rng.uniform(5.0, 10.0)
             colour = _random_colour(rng)
             cx, cy = rng.uniform(r + 1, IMAGE_SIZE - r - 1, size=2)
             if task == "shapes":

@@ -182,6 +182,16 @@ class PretrainConfig:
     temperature: float = 0.2
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("num_steps", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"pretrain {name}={getattr(self, name)!r} is not valid; use a positive integer.")
+        if not 0 <= self.warmup_steps <= self.num_steps:
+            raise ValueError(f"pretrain warmup_steps={self.warmup_steps!r} is not valid; "
+                             f"use 0..num_steps={self.num_steps}.")
+        if not self.temperature > 0:
+            raise ValueError(f"pretrain temperature={self.temperature!r} is not valid; use a positive value.")
+
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Random view of a batch ``(B, 3, H, W)`` in [0, 1]: shift-crop, flip, colour jitter, channel shuffle."""

@@ -1,0 +1,95 @@
+"""One plotting helper for every figure: seaborn theme, colour-blind palette, same size and format.
+
+Notebooks call :func:`set_style` once (through :func:`mergelab.notebook.setup`), create figures with
+:func:`figure`, and save them with :func:`savefig`; colours come from :func:`palette`, never
+hard-coded. Quarto captions and labels live in the notebook cell (``#| fig-cap:``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg") if not matplotlib.get_backend().lower().startswith(("module://", "nbagg", "ipympl")) else None
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from . import paths  # noqa: E402
+
+PALETTE = "colorblind"
+FIGSIZE = (6.4, 3.6)
+
+
+def set_style(context: str = "notebook") -> None:
+    """Apply the house style: seaborn ``whitegrid`` theme with the colour-blind palette."""
+    sns.set_theme(context=context, style="whitegrid", palette=PALETTE)
+    plt.rcParams.update({"figure.figsize": FIGSIZE, "figure.dpi": 110, "savefig.bbox": "tight",
+                         "axes.titleweight": "bold", "legend.frameon": False})
+
+
+def palette(n: int) -> list[tuple[float, float, float]]:
+    """``n`` colour-blind safe colours (cycled when ``n`` exceeds the palette)."""
+    base = sns.color_palette(PALETTE)
+    return [base[i % len(base)] for i in range(n)]
+
+
+def figure(ncols: int = 1, nrows: int = 1, width: float | None = None, height: float | None = None,
+           **kwargs) -> tuple[plt.Figure, np.ndarray | plt.Axes]:
+    """A figure of the house size (``FIGSIZE`` per panel row, wider with more columns)."""
+    w = width or min(FIGSIZE[0] * max(1, ncols) * 0.75 + 1.6, 14.0)
+    h = height or FIGSIZE[1] * nrows
+    return plt.subplots(nrows, ncols, figsize=(w, h), **kwargs)
+
+
+def savefig(fig: plt.Figure, name: str, folder: str | Path | None = None) -> Path:
+    """Save ``fig`` as ``<reports>/figures/<name>.png`` (folder overridable) and return the path."""
+    folder = Path(folder) if folder else paths.reports_dir() / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{name}.png"
+    fig.savefig(out)
+    return out
+
+
+def bar_methods(df: pd.DataFrame, value: str, ax: plt.Axes | None = None, hue: str | None = None,
+                order: Sequence[str] | None = None, ylabel: str | None = None) -> plt.Axes:
+    """Bars of ``value`` per ``method`` (rows of ``df``), optionally split by ``hue``, labelled 0..1."""
+    if ax is None:
+        _, ax = figure()
+    sns.barplot(data=df, x="method", y=value, hue=hue, order=order, ax=ax,
+                palette=PALETTE if hue else None, color=None if hue else palette(1)[0])
+    ax.set_xlabel("")
+    ax.set_ylabel(ylabel or value.replace("_", " "))
+    ax.set_ylim(0, max(1.0, float(df[value].max()) * 1.05))
+    ax.tick_params(axis="x", rotation=30)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
+    return ax
+
+
+def image_grid(images: Mapping[str, np.ndarray], labels: Mapping[str, Sequence[str]] | None = None,
+               per_row: int = 8) -> plt.Figure:
+    """One row of example images per task.
+
+    Args:
+        images: task name to ``(n, 3, H, W)`` arrays in ``[0, 1]`` (first ``per_row`` shown).
+        labels: task name to ``n`` class names shown under the images.
+    """
+    tasks = list(images)
+    fig, axes = plt.subplots(len(tasks), per_row, figsize=(per_row * 0.9, len(tasks) * 1.05),
+                             squeeze=False)
+    for r, task in enumerate(tasks):
+        for c in range(per_row):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(images[task]):
+                ax.imshow(np.clip(np.transpose(images[task][c], (1, 2, 0)), 0, 1), interpolation="nearest")
+                if labels is not None:
+                    ax.set_title(str(labels[task][c]), fontsize=7, pad=2)
+        axes[r, 0].text(-0.15, 0.5, task, transform=axes[r, 0].transAxes, ha="right", va="center",
+                        fontsize=9)
+    fig.subplots_adjust(wspace=0.05, hspace=0.45, left=0.12)
+    return fig

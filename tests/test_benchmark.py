@@ -1,0 +1,94 @@
+"""The tiny benchmark end to end at a very small size: naming, caching, frozen heads, evaluation."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import mergelab
+from mergelab import training
+from mergelab.benchmark import TinyBenchmark, TinyBenchmarkConfig
+from mergelab.task_vectors import TaskVector
+
+SMALL = dict(tasks=["colours", "size"], data={"n_train": 64, "n_val": 32, "n_test": 32, "n_pretext": 64},
+             model={"width": 32, "layers": 2, "heads": 2}, pretrain={"num_steps": 2, "batch_size": 16, "warmup_steps": 1},
+             head_shots=2)
+FT = mergelab.FinetuneConfig(num_steps=3, batch_size=16, warmup_steps=1)
+
+
+@pytest.fixture
+def bench(data_dir) -> TinyBenchmark:
+    return mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
+
+
+def _layer_pattern(key: str) -> str:
+    return re.sub(r"resblocks\.\d+\.", "resblocks.N.", key)
+
+
+def test_tiny_encoder_uses_vit_b32_parameter_names_and_kinds(bench):
+    import open_clip
+
+    big = open_clip.create_model("ViT-B-32", pretrained=None).visual.state_dict()
+    tiny = bench.pretrained_state()
+    assert {_layer_pattern(k) for k in tiny} == {_layer_pattern(k) for k in big}
+    for k, v in tiny.items():
+        assert v.ndim == big[k].ndim, k
+
+
+def test_experts_are_cached_by_configuration(bench, data_dir, monkeypatch):
+    first = bench.expert("colours", FT)
+    files = sorted((data_dir / "experts").glob("expert-*"))
+    assert [f.suffix for f in files] == [".json", ".safetensors"]
+    calls = []
+    monkeypatch.setattr("mergelab.benchmark.finetune", lambda *a, **k: calls.append(1))
+    again = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL).expert("colours", FT)
+    assert not calls
+    for k in first:
+        torch.testing.assert_close(first[k], again[k], rtol=0, atol=0)
+    # another hyperparameter is another expert
+    monkeypatch.setattr("mergelab.benchmark.finetune", training.finetune)
+    bench.expert("colours", mergelab.FinetuneConfig(num_steps=3, batch_size=16, warmup_steps=1, lr=2e-3))
+    assert len(list((data_dir / "experts").glob("expert-*.safetensors"))) == 2
+
+
+def test_fine_tuning_changes_the_encoder_not_the_head(bench):
+    head_before = bench.heads["size"].weight.clone()
+    expert = bench.expert("size", FT)
+    tv = TaskVector.from_states(bench.pretrained_state(), expert)
+    assert tv.norm() > 0
+    assert torch.equal(bench.heads["size"].weight, head_before)
+
+
+def test_evaluate_returns_fractions_per_task_and_is_deterministic(bench):
+    state = bench.pretrained_state()
+    acc = bench.evaluate(state, "val")
+    assert set(acc) == {"colours", "size"} and all(0.0 <= a <= 1.0 for a in acc.values())
+    assert acc == bench.evaluate(state, "val")
+    loss = bench.evaluate_loss(state, "val", tasks=["size"])
+    assert loss["size"] > 0
+
+
+def test_same_seed_same_pretrained_weights(data_dir, tmp_path, monkeypatch):
+    a = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL).pretrained_state()
+    monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path / "other"))
+    b = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL).pretrained_state()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_bad_benchmark_parameters_get_clear_errors(data_dir):
+    with pytest.raises(ValueError, match="benchmark='huge' is not available; valid: tiny"):
+        mergelab.load_benchmark("huge")
+    with pytest.raises(ValueError, match="task='cats' is not a tiny task"):
+        TinyBenchmarkConfig.from_params(tasks=["cats"])
+    with pytest.raises(ValueError, match="patch_size=5 must divide image_size=32"):
+        TinyBenchmarkConfig.from_params(model={"patch_size": 5})
+
+
+def test_loading_a_checkpoint_of_another_architecture_is_refused(bench):
+    state = bench.pretrained_state()
+    state["proj"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"parameter 'proj' has shape \(3, 3\)"):
+        bench.evaluate(state)

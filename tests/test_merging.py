@@ -1,0 +1,133 @@
+"""Invariants of the baseline merge methods and of the accuracy metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_state
+from mergelab.merging import (MERGE_METHODS, absolute_accuracy, dare, get_merge, merge, merge_with_validation,
+                              normalized_accuracy, ties_merge_tensor, ties_threshold)
+from mergelab.task_vectors import TaskVector
+
+
+def test_task_arithmetic_one_task_coefficient_one_reproduces_the_expert(pretrained):
+    expert = make_state(7)
+    tv = TaskVector.from_states(pretrained, expert)
+    merged = merge("task_arithmetic", pretrained, [tv], coefficient=1.0)
+    for k in expert:
+        torch.testing.assert_close(merged[k], expert[k], rtol=0, atol=1e-6)
+
+
+def test_weight_averaging_is_the_mean_of_the_experts_and_ignores_task_order(pretrained, task_vectors):
+    a = merge("weight_averaging", pretrained, task_vectors)
+    b = merge("weight_averaging", pretrained, task_vectors[::-1])
+    experts = [tv.apply_to(pretrained) for tv in task_vectors]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+        torch.testing.assert_close(a[k], sum(e[k] for e in experts) / len(experts))
+
+
+def test_ties_on_hand_built_tensors():
+    # Three tasks, five entries. Thresholds trim |x| <= 0.5 for every task.
+    stacked = torch.tensor([
+        [1.0, -2.0, 0.3, 2.0, 0.0],
+        [3.0, 1.0, -0.4, -1.0, 0.0],
+        [-1.0, 0.2, 0.1, -2.0, 0.0],
+    ])
+    out = ties_merge_tensor(stacked, torch.tensor([0.5, 0.5, 0.5]))
+    # entry 0: trimmed [1, 3, -1], sum 3 > 0 -> mean of agreeing positives (1 + 3) / 2 = 2
+    # entry 1: trimmed [-2, 1, 0], sum -1 -> only -2 agrees -> -2
+    # entry 2: all trimmed -> 0
+    # entry 3: trimmed [2, -1, -2], sum -1 -> negatives -1, -2 -> -1.5
+    # entry 4: all zero -> 0
+    torch.testing.assert_close(out, torch.tensor([2.0, -2.0, 0.0, -1.5, 0.0]))
+
+
+def test_ties_threshold_keeps_the_requested_share():
+    tv = TaskVector({"a": torch.arange(1.0, 101.0)})
+    thr = ties_threshold(tv, density=0.2)
+    kept = (tv["a"].abs() > thr).sum().item()
+    assert kept == 20
+    with pytest.raises(ValueError, match="density"):
+        ties_threshold(tv, density=0.0)
+
+
+def test_ties_with_density_one_and_one_task_reproduces_the_expert(pretrained):
+    expert = make_state(5)
+    tv = TaskVector.from_states(pretrained, expert)
+    merged = merge("ties", pretrained, [tv], coefficient=1.0, density=1.0)
+    for k in expert:
+        torch.testing.assert_close(merged[k], expert[k], rtol=0, atol=1e-6)
+
+
+def test_dare_preserves_the_task_vector_in_expectation():
+    tv = TaskVector({"w": torch.linspace(-1, 1, 200).reshape(20, 10)})
+    p, n = 0.7, 2000
+    draws = torch.stack([dare(tv, drop_rate=p, seed=s)["w"] for s in range(n)])
+    # each draw is x / (1 - p) with probability 1 - p, else 0: mean x, std |x| sqrt(p / (1 - p))
+    standard_error = tv["w"].abs() * (p / (1 - p)) ** 0.5 / n**0.5
+    assert ((draws.mean(0) - tv["w"]).abs() <= 5 * standard_error + 1e-6).all()
+    # and the bound is not vacuous: it is far tighter than the entries themselves
+    assert (5 * standard_error).max() < 0.2 * tv["w"].abs().max()
+    one = dare(tv, drop_rate=0.7, seed=0)["w"]
+    kept = one != 0
+    torch.testing.assert_close(one[kept], tv["w"][kept] / 0.3)
+    assert 0.6 < 1 - kept.float().mean().item() < 0.8
+
+
+def test_dare_is_seeded():
+    tv = TaskVector({"w": torch.randn(30, 30)})
+    torch.testing.assert_close(dare(tv, 0.5, seed=3)["w"], dare(tv, 0.5, seed=3)["w"])
+    assert not torch.equal(dare(tv, 0.5, seed=3)["w"], dare(tv, 0.5, seed=4)["w"])
+    with pytest.raises(ValueError, match="drop_rate"):
+        dare(tv, 1.0)
+
+
+@pytest.mark.parametrize("method", ["weight_averaging", "task_arithmetic", "ties", "dare"])
+def test_merging_refuses_state_dicts_with_other_keys_or_shapes(method, pretrained, task_vectors):
+    other_shape = TaskVector.from_states(make_state(0, {"w": (4, 4), "b": (4,), "emb": (2, 3)}),
+                                         make_state(9, {"w": (4, 4), "b": (4,), "emb": (2, 3)}))
+    with pytest.raises(ValueError, match=r"'w'.*shape \(4, 4\).*expected \(4, 3\)"):
+        merge(method, pretrained, [task_vectors[0], other_shape])
+    other_keys = TaskVector({"w": torch.zeros(4, 3), "b": torch.zeros(4)})
+    with pytest.raises(ValueError, match="missing key 'emb'"):
+        merge(method, pretrained, [task_vectors[0], other_keys])
+    with pytest.raises(ValueError, match="empty"):
+        merge(method, pretrained, [])
+
+
+def test_task_vector_from_states_refuses_another_architecture(pretrained):
+    with pytest.raises(ValueError, match="unexpected key 'extra'"):
+        TaskVector.from_states(pretrained, {**make_state(1), "extra": torch.zeros(1)})
+
+
+def test_registry_lists_the_baselines_and_rejects_unknown_names():
+    assert {"weight_averaging", "task_arithmetic", "ties", "dare"} <= set(MERGE_METHODS)
+    with pytest.raises(ValueError, match="valid: .*task_arithmetic"):
+        get_merge("nonsense")
+
+
+def test_merge_with_validation_picks_the_best_coefficient(pretrained, task_vectors):
+    target = task_vectors[0].apply_to(pretrained, 0.4)
+
+    def score(state):  # highest when the merge is closest to theta_0 + 0.4 tau_0
+        return -float(sum(((state[k] - target[k]) ** 2).sum() for k in state))
+
+    result = merge_with_validation("task_arithmetic", pretrained, [task_vectors[0]], score,
+                                   grid=[0.1, 0.2, 0.4, 0.8], progress=False)
+    assert result.coefficient == pytest.approx(0.4)
+    assert set(result.sweep) == {0.1, 0.2, 0.4, 0.8}
+    assert max(result.sweep, key=result.sweep.get) == pytest.approx(0.4)
+    averaged = merge_with_validation("weight_averaging", pretrained, task_vectors, score, progress=False)
+    assert averaged.coefficient is None and averaged.sweep == {}
+
+
+def test_absolute_and_normalized_accuracy_follow_their_definitions():
+    merged = {"a": 0.5, "b": 0.9}
+    experts = {"a": 1.0, "b": 0.9}
+    assert absolute_accuracy(merged) == pytest.approx(0.7)
+    # mean of ratios (0.5 + 1.0) / 2, not ratio of means 0.7 / 0.95
+    assert normalized_accuracy(merged, experts) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="no expert accuracy for task 'c'"):
+        normalized_accuracy({"c": 0.1}, experts)

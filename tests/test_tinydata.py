@@ -1,0 +1,72 @@
+"""The tiny benchmark's generated data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mergelab import tinydata
+from mergelab.tinydata import TASK_CLASSES, TASKS, TinyDataConfig, generate_task, load_pretext, load_task
+
+SMALL = TinyDataConfig(n_train=40, n_val=20, n_test=20, n_pretext=16)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_has_images_in_range_and_valid_labels(task):
+    X, y = generate_task(task, "val", SMALL)
+    assert X.shape == (20, 3, 32, 32) and X.dtype == np.float32
+    assert 0.0 <= X.min() and X.max() <= 1.0
+    assert y.dtype == np.int64 and set(np.unique(y)) <= set(range(len(TASK_CLASSES[task])))
+
+
+def test_at_least_eight_tasks():
+    assert len(TASKS) >= 8
+
+
+def test_same_seed_same_bytes_other_seed_other_images():
+    a = generate_task("shapes", "train", SMALL)
+    b = generate_task("shapes", "train", SMALL)
+    c = generate_task("shapes", "train", TinyDataConfig(seed=1, n_train=40, n_val=20, n_test=20))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_splits_differ():
+    Xtr, _ = generate_task("colours", "train", SMALL)
+    Xva, _ = generate_task("colours", "val", SMALL)
+    assert not np.array_equal(Xtr[:20], Xva)
+
+
+def test_load_task_caches_atomically(data_dir):
+    X, y = load_task("digits", "test", SMALL)
+    files = list((data_dir / "tiny").glob("digits-test-*.npz"))
+    assert len(files) == 1 and not list((data_dir / "tiny").glob(".*tmp"))
+    X2, y2 = load_task("digits", "test", SMALL)
+    assert np.array_equal(X, X2) and np.array_equal(y, y2)
+    P = load_pretext(SMALL)
+    assert P.shape == (16, 3, 32, 32)
+
+
+def test_bad_input_names_the_parameter_and_valid_values():
+    with pytest.raises(ValueError, match=r"task='cats' is not a tiny task; valid: digits"):
+        generate_task("cats", "train", SMALL)
+    with pytest.raises(ValueError, match=r"split='holdout' is not valid"):
+        generate_task("digits", "holdout", SMALL)
+    with pytest.raises(ValueError, match=r"n_train=0 is not valid"):
+        TinyDataConfig(n_train=0)
+
+
+def test_digit_splits_use_disjoint_source_digits(monkeypatch):
+    seen = {}
+    real = np.kron
+
+    def spy(a, b):
+        seen.setdefault("glyphs", []).append(a.tobytes())
+        return real(a, b)
+
+    monkeypatch.setattr(tinydata.np, "kron", spy)
+    generate_task("digits", "train", SMALL)
+    train = set(seen.pop("glyphs"))
+    generate_task("digits", "test", SMALL)
+    test = set(seen.pop("glyphs"))
+    assert train and test and not (train & test)

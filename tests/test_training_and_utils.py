@@ -1,0 +1,104 @@
+"""Fine-tuning hyperparameters, schedules, and the small utilities every cache relies on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from mergelab.models import ClassificationHead
+from mergelab.training import FinetuneConfig, finetune, lr_at
+from mergelab.utils import atomic_write_json, config_hash, pick_device, seed_everything
+
+
+def test_lr_schedules():
+    cfg = FinetuneConfig(lr=1.0, num_steps=110, warmup_steps=10, schedule="cosine")
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.5)
+    const = FinetuneConfig(lr=0.3, num_steps=5, warmup_steps=0, schedule="constant")
+    assert [lr_at(s, const) for s in range(5)] == [0.3] * 5
+    lin = FinetuneConfig(lr=1.0, num_steps=10, warmup_steps=0, schedule="linear")
+    assert lr_at(5, lin) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"optimizer": "lion"}, "optimizer='lion' is not valid; use one of sgd, adam, adamw"),
+    ({"lr": 0.0}, "lr=0.0 is not valid"),
+    ({"batch_size": 0}, "batch_size=0 is not valid"),
+    ({"data_fraction": 1.5}, r"data_fraction=1.5 is not valid; use a value in \(0, 1\]"),
+    ({"schedule": "step"}, "schedule='step' is not valid"),
+    ({"warmup_steps": 500, "num_steps": 10}, "warmup_steps=500 is not valid"),
+])
+def test_bad_hyperparameters_get_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FinetuneConfig(**kwargs)
+
+
+def _toy_problem():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(128, 6, generator=g)
+    y = (X[:, 0] > 0).long()
+    head = ClassificationHead(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]]), logit_scale=10.0)
+    return X, y, head
+
+
+def test_finetune_lowers_the_loss_keeps_the_head_and_is_deterministic():
+    X, y, head = _toy_problem()
+    cfg = FinetuneConfig(optimizer="sgd", lr=0.1, batch_size=32, num_steps=40, warmup_steps=0, seed=3)
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = nn.Linear(6, 4)
+        head_before = head.weight.clone()
+        hist = finetune(model, {"toy": (X, y)}, {"toy": head}, cfg, progress=False)
+        assert torch.equal(head.weight, head_before)
+        weights.append(model.weight.detach().clone())
+    assert sum(hist["loss"][-5:]) < sum(hist["loss"][:5])
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
+
+
+def test_data_fraction_uses_a_subset():
+    X, y, head = _toy_problem()
+    seen = []
+
+    class Spy(nn.Linear):
+        def forward(self, x):
+            seen.append(x)
+            return super().forward(x)
+
+    finetune(Spy(6, 4), {"toy": (X, y)}, {"toy": head},
+             FinetuneConfig(batch_size=8, num_steps=30, warmup_steps=0, data_fraction=0.25), progress=False)
+    rows = {tuple(r.tolist()) for batch in seen for r in batch}
+    assert len(rows) == 32  # ceil(0.25 * 128) distinct examples
+
+
+def test_config_hash_is_stable_and_order_free():
+    assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
+    assert config_hash(FinetuneConfig()) == config_hash(FinetuneConfig())
+    assert config_hash(FinetuneConfig(lr=0.1)) != config_hash(FinetuneConfig(lr=0.2))
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "out.json"
+    atomic_write_json(path, {"x": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(path, {"x": object()})
+    assert json.loads(path.read_text()) == {"x": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_seed_and_device_helpers():
+    seed_everything(1)
+    a = torch.rand(3)
+    seed_everything(1)
+    torch.testing.assert_close(a, torch.rand(3))
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type in {"cpu", "cuda"}
+    with pytest.raises(ValueError, match="device='quantum' is not a device"):
+        pick_device("quantum")
+    with pytest.raises(ValueError, match="seed=-1"):
+        seed_everything(-1)
