@@ -40,3 +40,32 @@ def pretrained() -> dict[str, torch.Tensor]:
 @pytest.fixture
 def task_vectors(pretrained: dict[str, torch.Tensor]) -> list[TaskVector]:
     return [TaskVector.from_states(pretrained, make_state(s)) for s in (1, 2, 3)]
+
+
+NOTEBOOKS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.fixture(scope="session")
+def run_notebook(tmp_path_factory: pytest.TempPathFactory):
+    """Execute a notebook once per test session with ``params/smoke``; return its results JSON.
+
+    Usage: ``results = run_notebook("00_benchmark_and_baselines")``. The executed notebook lands in a
+    temporary reports folder, never in the user's ``reports/``.
+    """
+    import json
+
+    from mergelab import paths, report
+
+    done: dict[str, dict] = {}
+
+    def run(name: str) -> dict:
+        if name not in done:
+            reports = tmp_path_factory.mktemp(f"nb-{name}")
+            nb = paths.notebooks_dir() / f"{name}.ipynb"
+            params = report.load_params(report.params_path("smoke", name), "smoke", name)
+            report.execute_notebook(nb, params, reports)
+            done[name] = json.loads((reports / "results" / f"{name}.json").read_text())
+            done[name]["_executed_notebook"] = str(reports / f"{name}.ipynb")
+        return done[name]
+
+    return run

@@ -102,3 +102,16 @@ def test_seed_and_device_helpers():
         pick_device("quantum")
     with pytest.raises(ValueError, match="seed=-1"):
         seed_everything(-1)
+
+
+def test_on_step_sees_every_step_with_the_updated_model():
+    X, y, head = _toy_problem()
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4)
+    snapshots = {}
+    finetune(model, {"toy": (X, y)}, {"toy": head},
+             FinetuneConfig(optimizer="sgd", lr=0.1, batch_size=32, num_steps=5, warmup_steps=0),
+             progress=False, on_step=lambda step, m: snapshots.__setitem__(step, m.weight.detach().clone()))
+    assert list(snapshots) == [1, 2, 3, 4, 5]
+    torch.testing.assert_close(snapshots[5], model.weight.detach())
+    assert not torch.equal(snapshots[1], snapshots[5])

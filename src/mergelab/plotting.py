@@ -38,9 +38,12 @@ def palette(n: int) -> list[tuple[float, float, float]]:
 
 
 def figure(ncols: int = 1, nrows: int = 1, width: float | None = None, height: float | None = None,
-           **kwargs) -> tuple[plt.Figure, np.ndarray | plt.Axes]:
-    """A figure of the house size (``FIGSIZE`` per panel row, wider with more columns)."""
-    w = width or min(FIGSIZE[0] * max(1, ncols) * 0.75 + 1.6, 14.0)
+           wide: bool = False, **kwargs) -> tuple[plt.Figure, np.ndarray | plt.Axes]:
+    """A figure of the house size: ``FIGSIZE`` per panel, wider per column or when ``wide``.
+
+    Returns ``(fig, ax)`` for one panel, ``(fig, axes)`` (an array) for several.
+    """
+    w = width or min(FIGSIZE[0] * (max(1, ncols) + (1 if wide else 0)) * 0.75 + 1.6, 14.0)
     h = height or FIGSIZE[1] * nrows
     return plt.subplots(nrows, ncols, figsize=(w, h), **kwargs)
 

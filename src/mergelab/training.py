@@ -114,7 +114,8 @@ def batch_stream(n: int, batch_size: int, seed: int) -> Callable[[], torch.Tenso
 def finetune(model: nn.Module, tasks: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
              heads: Mapping[str, nn.Module], cfg: FinetuneConfig,
              device: torch.device | str = "cpu", desc: str = "fine-tune",
-             progress: bool = True) -> dict[str, list[float]]:
+             progress: bool = True,
+             on_step: Callable[[int, nn.Module], None] | None = None) -> dict[str, list[float]]:
     """Fine-tune ``model`` (the encoder, in place) on one or more tasks with frozen heads.
 
     With several tasks (multi-task learning), every step sums the mean cross-entropy of one
@@ -126,6 +127,8 @@ def finetune(model: nn.Module, tasks: Mapping[str, tuple[torch.Tensor, torch.Ten
         heads: task name to a frozen head mapping ``(B, d)`` features to logits.
         cfg: hyperparameters; ``cfg.data_fraction`` subsamples each task's ``(X, y)``.
         device: where to train.
+        on_step: called as ``on_step(step, model)`` after every optimizer step (``step`` counts from
+            1), e.g. to snapshot the weights along the trajectory or record gradient norms.
 
     Returns:
         ``{"loss": [...], "lr": [...]}`` per step (loss summed over tasks).
@@ -158,6 +161,8 @@ def finetune(model: nn.Module, tasks: Mapping[str, tuple[torch.Tensor, torch.Ten
         opt.step()
         history["loss"].append(float(loss.detach()))
         history["lr"].append(lr)
+        if on_step is not None:
+            on_step(step + 1, model)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
     model.eval()
