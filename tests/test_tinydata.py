@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mergelab import tinydata
-from mergelab.tinydata import TASK_CLASSES, TASKS, TinyDataConfig, generate_task, load_pretext, load_task
+from mergelab.tinydata import PRETEXT_ATTRIBUTES, TASK_CLASSES, TASKS, TinyDataConfig, generate_task, load_pretext, load_task
 
 SMALL = TinyDataConfig(n_train=40, n_val=20, n_test=20, n_pretext=16)
 
@@ -43,8 +43,11 @@ def test_load_task_caches_atomically(data_dir):
     assert len(files) == 1 and not list((data_dir / "tiny").glob(".*tmp"))
     X2, y2 = load_task("digits", "test", SMALL)
     assert np.array_equal(X, X2) and np.array_equal(y, y2)
-    P = load_pretext(SMALL)
+    P, attributes = load_pretext(SMALL)
     assert P.shape == (16, 3, 32, 32)
+    assert attributes.shape == (16, len(PRETEXT_ATTRIBUTES))
+    for j, n_classes in enumerate(PRETEXT_ATTRIBUTES.values()):
+        assert 0 <= attributes[:, j].min() and attributes[:, j].max() < n_classes
 
 
 def test_bad_input_names_the_parameter_and_valid_values():
@@ -70,3 +73,11 @@ def test_digit_splits_use_disjoint_source_digits(monkeypatch):
     generate_task("digits", "test", SMALL)
     test = set(seen.pop("glyphs"))
     assert train and test and not (train & test)
+
+
+def test_tasks_are_distinct_visual_domains():
+    # Like the 8 public datasets, each task has a look of its own: mean colours of the images differ.
+    means = {t: generate_task(t, "val", SMALL)[0].mean(axis=(0, 2, 3)) for t in TASKS}
+    names = list(means)
+    gaps = [np.abs(means[a] - means[b]).max() for i, a in enumerate(names) for b in names[i + 1:]]
+    assert min(gaps) > 0.02

@@ -115,3 +115,19 @@ def test_on_step_sees_every_step_with_the_updated_model():
     assert list(snapshots) == [1, 2, 3, 4, 5]
     torch.testing.assert_close(snapshots[5], model.weight.detach())
     assert not torch.equal(snapshots[1], snapshots[5])
+
+
+def test_pretrain_attributes_learns_the_pretext_labels():
+    from mergelab.training import PretrainConfig, pretrain_attributes
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(64, 4, generator=g)
+    attrs = torch.stack([(X[:, 0] > 0.5).long(), (X[:, 1] > 0.5).long()], dim=1)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 8)
+    losses = pretrain_attributes(model, X, attrs, [2, 2], PretrainConfig(num_steps=60, batch_size=32, lr=0.05,
+                                                                        warmup_steps=0), lambda x: x,
+                                 progress=False)
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+    with pytest.raises(ValueError, match="objective='mae' is not valid; use one of contrastive, attributes"):
+        PretrainConfig(objective="mae")

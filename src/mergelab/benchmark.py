@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from . import paths
 from .models import ClassificationHead, TinyViTConfig, build_tiny_encoder, encode, load_encoder_state
-from .tinydata import GENERATOR_VERSION, SPLITS, TASK_CLASSES, TASKS, TinyDataConfig, check_task, load_pretext, load_task
-from .training import FinetuneConfig, PretrainConfig, finetune, pretrain_contrastive
+from .tinydata import GENERATOR_VERSION, PRETEXT_ATTRIBUTES, SPLITS, TASK_CLASSES, TASKS, TinyDataConfig, check_task, load_pretext, load_task
+from .training import FinetuneConfig, PretrainConfig, finetune, pretrain_attributes, pretrain_contrastive
 from .utils import (StateDict, atomic_save_safetensors, atomic_write_json, clone_state_dict, config_hash,
                     load_safetensors, pick_device)
 
@@ -150,10 +150,15 @@ class TinyBenchmark:
             if not path.is_file():
                 torch.manual_seed(self.config.pretrain.seed)
                 enc = build_tiny_encoder(self.config.model)
-                images = torch.from_numpy(load_pretext(self.config.data))
+                images, attributes = (torch.from_numpy(a) for a in load_pretext(self.config.data))
                 start = time.perf_counter()
-                losses = pretrain_contrastive(enc, images, self.config.pretrain, normalize_images,
-                                              device=self.device, progress=self.progress)
+                if self.config.pretrain.objective == "attributes":
+                    losses = pretrain_attributes(enc, images, attributes, list(PRETEXT_ATTRIBUTES.values()),
+                                                 self.config.pretrain, normalize_images, device=self.device,
+                                                 progress=self.progress)
+                else:
+                    losses = pretrain_contrastive(enc, images, self.config.pretrain, normalize_images,
+                                                  device=self.device, progress=self.progress)
                 atomic_write_json(path.with_suffix(".json"), {
                     "config": asdict(self.config), "loss": losses,
                     "wall_time_s": time.perf_counter() - start})

@@ -3,7 +3,8 @@
 Every image is ``(3, 32, 32)`` float32 in ``[0, 1]``. Tasks share one image family (objects on a noisy
 background) but ask for different features (identity, shape, colour, count, position, texture,
 orientation, size), so that experts fine-tuned on them interfere when merged. A separate pretext
-pool (random radial blobs and strokes, no task labels) is used to pretrain the encoder.
+pool (random radial blobs and strokes, labelled only with their own generator attributes) is used to
+pretrain the encoder.
 
 Generation is deterministic: the same ``seed`` and sizes give byte-identical arrays, cached in
 ``data/tiny/`` as ``.npz`` keyed by a hash of the generator's configuration.
@@ -22,7 +23,7 @@ from . import paths
 from .utils import atomic_save_npz, config_hash
 
 IMAGE_SIZE = 32
-GENERATOR_VERSION = 2  # bump when any generator below changes, so caches are rebuilt
+GENERATOR_VERSION = 4  # bump when any generator below changes, so caches are rebuilt
 
 TASK_CLASSES: dict[str, list[str]] = {
     "digits": [str(d) for d in range(10)],
@@ -78,6 +79,27 @@ _YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32)
+
+
+def _plain(rng: np.random.Generator, hue: float | None, sat: tuple[float, float],
+           val: tuple[float, float]) -> np.ndarray:
+    """A domain's background: a colour drawn around ``hue`` (random when ``None``) with a soft gradient."""
+    h = rng.random() if hue is None else hue + rng.uniform(-0.04, 0.04)
+    base = _hsv(h, rng.uniform(*sat), rng.uniform(*val))
+    angle = rng.uniform(0, 2 * math.pi)
+    ramp = (np.cos(angle) * _XX + np.sin(angle) * _YY) / IMAGE_SIZE
+    return (base[None, None, :] + 0.08 * (ramp - ramp.mean())[..., None]).astype(np.float32)
+
+
+# Each task is its own visual domain, as each of the 8 public datasets is: a background style and an
+# object palette of its own. (With one shared image family, experts fight over identical inputs and
+# no merge beats zero-shot.)
+_DOMAINS = {
+    "shapes": dict(bg=(None, (0.0, 0.05), (0.65, 0.85)), grey_objects=True),
+    "colours": dict(bg=(None, (0.0, 0.05), (0.9, 1.0)), grey_objects=False),
+    "position": dict(bg=(0.62, (0.5, 0.8), (0.25, 0.45)), grey_objects=False),
+    "size": dict(bg=(0.08, (0.5, 0.8), (0.3, 0.5)), grey_objects=False),
+}
 
 
 def _random_colour(rng: np.random.Generator) -> np.ndarray:
@@ -147,7 +169,7 @@ def _draw_digits(rng, n, noise, split_index):
     for _ in range(n):
         i = pool[rng.integers(len(pool))]
         glyph = np.kron(images[i], np.ones((3, 3), np.float32))  # 24x24 glyph
-        img = _background(rng) * 0.6
+        img = _plain(rng, None, (0.0, 0.3), (0.0, 0.15))
         size = glyph.shape[0]
         oy, ox = rng.integers(0, IMAGE_SIZE - size + 1, size=2)
         colour = _hsv(rng.random(), rng.uniform(0.3, 1.0), rng.uniform(0.85, 1.0))
@@ -164,10 +186,11 @@ def _draw_object_task(task):
         n_classes = len(TASK_CLASSES[task])
         for _ in range(n):
             y = int(rng.integers(n_classes))
-            img = _background(rng)
+            domain = _DOMAINS[task]
+            img = _plain(rng, *domain["bg"])
             kind = _SHAPES[rng.integers(len(_SHAPES))]
             r = rng.uniform(5.0, 10.0)
-            colour = _random_colour(rng)
+            colour = _hsv(0, 0, rng.uniform(0.0, 0.35)) if domain["grey_objects"] else _random_colour(rng)
             cx, cy = rng.uniform(r + 1, IMAGE_SIZE - r - 1, size=2)
             if task == "shapes":
                 kind = _SHAPES[y]
@@ -196,7 +219,7 @@ def _draw_counting(rng, n, noise, split_index):
     xs, ys = [], []
     for _ in range(n):
         y = int(rng.integers(5))
-        img = _background(rng)
+        img = _plain(rng, None, (0.0, 0.1), (0.0, 0.08))
         centres: list[tuple[float, float]] = []
         while len(centres) < y + 1:
             c = tuple(rng.uniform(4, IMAGE_SIZE - 4, size=2))
@@ -238,7 +261,7 @@ def _draw_orientation(rng, n, noise, split_index):
     for _ in range(n):
         y = int(rng.integers(4))
         angle = math.radians(45 * y + rng.uniform(-8, 8))
-        img = _background(rng)
+        img = _plain(rng, 0.33, (0.4, 0.7), (0.25, 0.45))
         cx, cy = rng.uniform(10, 22, size=2)
         half, width = rng.uniform(6, 12), rng.uniform(1.0, 2.0)
         along = math.cos(angle) * (_XX - cx) - math.sin(angle) * (_YY - cy)
@@ -262,20 +285,41 @@ _GENERATORS = {
 }
 
 
-def _draw_pretext(rng: np.random.Generator, n: int, noise: float) -> np.ndarray:
-    """Unlabeled scenes of radial blobs (r(theta) = r0 (1 + a sin(k theta + phi))) and strokes."""
-    xs = []
+PRETEXT_ATTRIBUTES: dict[str, int] = {
+    "blob_count": 3,     # 1..3 blobs
+    "largest_hue": 6,    # hue of the largest blob, in six bins
+    "largest_lobes": 5,  # k = 2..6 lobes of the largest blob
+    "largest_size": 3,   # r0 of the largest blob in three bins
+    "largest_quadrant": 4,
+}
+"""Generator attributes of each pretext scene (name: number of classes), the labels of the optional
+supervised pretext objective. None of them is a label of the eight tasks."""
+
+
+def _draw_pretext(rng: np.random.Generator, n: int, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scenes of radial blobs (r(theta) = r0 (1 + a sin(k theta + phi))) and strokes.
+
+    Returns images ``(n, 3, 32, 32)`` and their generator attributes ``(n, len(PRETEXT_ATTRIBUTES))``.
+    """
+    xs, attrs = [], []
     for _ in range(n):
         img = _background(rng)
+        blobs = []
         for _ in range(rng.integers(1, 4)):
             cx, cy = rng.uniform(4, IMAGE_SIZE - 4, size=2)
             r0, amp, k, phi = rng.uniform(2.5, 9), rng.uniform(0, 0.5), rng.integers(2, 7), rng.uniform(0, 6.3)
             theta = np.arctan2(_YY - cy, _XX - cx)
             radius = r0 * (1 + amp * np.sin(k * theta + phi))
-            _paint(img, (_XX - cx) ** 2 + (_YY - cy) ** 2 <= radius**2, _random_colour(rng))
+            hue = rng.random()
+            colour = _hsv(hue, rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0))
+            _paint(img, (_XX - cx) ** 2 + (_YY - cy) ** 2 <= radius**2, colour)
+            blobs.append((r0, hue, k, cx, cy))
+        r0, hue, k, cx, cy = max(blobs)
+        attrs.append([len(blobs) - 1, min(int(hue * 6), 5), k - 2, int(np.digitize(r0, [4.6, 6.8])),
+                      2 * int(cy > IMAGE_SIZE / 2) + int(cx > IMAGE_SIZE / 2)])
         _distractors(img, rng, n_max=3)
         xs.append(_finish(img, rng, noise))
-    return np.stack(xs).astype(np.float32)
+    return np.stack(xs).astype(np.float32), np.asarray(attrs, dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -313,14 +357,15 @@ def load_task(task: str, split: str, cfg: TinyDataConfig | None = None) -> tuple
     return X, y
 
 
-def load_pretext(cfg: TinyDataConfig | None = None) -> np.ndarray:
-    """The unlabeled pretext pool, ``(n_pretext, 3, 32, 32)`` float32, cached like the tasks."""
+def load_pretext(cfg: TinyDataConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The pretext pool: images ``(n_pretext, 3, 32, 32)`` float32 and their generator attributes
+    ``(n_pretext, len(PRETEXT_ATTRIBUTES))`` int64, cached like the tasks."""
     cfg = cfg or TinyDataConfig()
     path = _cache_path("pretext", cfg)
     if path.is_file():
         with np.load(path) as f:
-            return f["X"]
+            return f["X"], f["attributes"]
     rng = np.random.default_rng([cfg.seed, 999])
-    X = _draw_pretext(rng, cfg.n_pretext, cfg.noise)
-    atomic_save_npz(path, X=X)
-    return X
+    X, attributes = _draw_pretext(rng, cfg.n_pretext, cfg.noise)
+    atomic_save_npz(path, X=X, attributes=attributes)
+    return X, attributes

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+PRETEXT_OBJECTIVES = ("contrastive", "attributes")
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -171,12 +172,15 @@ def finetune(model: nn.Module, tasks: Mapping[str, tuple[torch.Tensor, torch.Ten
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Contrastive (SimCLR-style, InfoNCE) pretraining of the tiny encoder on the pretext pool.
+    """Pretraining of the tiny encoder on the pretext pool.
 
     Attributes:
         num_steps, batch_size, lr, weight_decay, warmup_steps: AdamW with cosine schedule.
-        temperature: InfoNCE temperature tau.
+        temperature: InfoNCE temperature tau (contrastive objective only).
         seed: initialization and augmentation seed.
+        objective: ``"attributes"`` (default: predict each pretext scene's generator attributes,
+            :func:`pretrain_attributes`) or ``"contrastive"`` (SimCLR-style InfoNCE between two
+            augmented views, :func:`pretrain_contrastive`).
     """
 
     num_steps: int = 400
@@ -186,8 +190,12 @@ class PretrainConfig:
     warmup_steps: int = 30
     temperature: float = 0.2
     seed: int = 0
+    objective: str = "attributes"
 
     def __post_init__(self) -> None:
+        if self.objective not in PRETEXT_OBJECTIVES:
+            raise ValueError(f"pretrain objective={self.objective!r} is not valid; "
+                             f"use one of {', '.join(PRETEXT_OBJECTIVES)}.")
         for name in ("num_steps", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"pretrain {name}={getattr(self, name)!r} is not valid; use a positive integer.")
@@ -251,6 +259,48 @@ def pretrain_contrastive(model: nn.Module, images: torch.Tensor, cfg: PretrainCo
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+def pretrain_attributes(model: nn.Module, images: torch.Tensor, attributes: torch.Tensor,
+                        n_classes: Sequence[int], cfg: PretrainConfig,
+                        normalize: Callable[[torch.Tensor], torch.Tensor],
+                        device: torch.device | str = "cpu", progress: bool = True) -> list[float]:
+    """Supervised pretraining: predict each generator attribute of the pretext scenes with its own
+    linear probe on the embedding (summed cross-entropies); the probes are dropped afterwards.
+
+    Args:
+        images: ``(N, 3, H, W)`` in [0, 1]; attributes: ``(N, A)`` int64; n_classes: ``A`` class counts.
+    """
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    model.to(device).train()
+    with torch.no_grad():
+        dim = model(normalize(images[:2]).to(device)).shape[-1]
+    probes = nn.ModuleList([nn.Linear(dim, c) for c in n_classes]).to(device)
+    params = list(model.parameters()) + list(probes.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = FinetuneConfig(lr=cfg.lr, num_steps=cfg.num_steps, warmup_steps=cfg.warmup_steps,
+                           schedule="cosine", batch_size=cfg.batch_size)
+    stream = batch_stream(len(images), min(cfg.batch_size, len(images)), cfg.seed)
+    losses = []
+    bar = tqdm(range(cfg.num_steps), desc="pretrain (attributes)", disable=not progress, leave=False,
+               mininterval=0.5)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, sched)
+        idx = stream()
+        z = model(normalize(images[idx]).to(device))
+        target = attributes[idx].to(device)
+        loss = sum(F.cross_entropy(p(z), target[:, j]) for j, p in enumerate(probes))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(float(loss.detach()))
         if step % 10 == 0:
