@@ -5,6 +5,7 @@ VENV ?= .venv## virtual environment folder
 PROFILE ?= tiny## parameter profile: smoke, tiny or clip
 REPORTS ?= reports## where executed notebooks, results and the book go
 DATA ?=## clip profile: folder with the datasets and weights (exported as MERGELAB_CLIP_DATA_ROOT)
+WEIGHTS ?=## clip profile: folder for downloaded open_clip weights (exported as MERGELAB_CLIP_WEIGHTS_DIR)
 NOTEBOOKS ?=## run only these notebooks (names without .ipynb; empty = all)
 FORCE ?=## set to 1 to execute notebooks even when they are up to date
 PYTEST_ARGS ?=## extra pytest arguments, e.g. PYTEST_ARGS='-m "not e2e" -x'
@@ -16,6 +17,9 @@ SHELL := /bin/bash
 export JUPYTER_PREFER_ENV_PATH := 1
 ifneq ($(strip $(DATA)),)
 export MERGELAB_CLIP_DATA_ROOT := $(abspath $(DATA))
+endif
+ifneq ($(strip $(WEIGHTS)),)
+export MERGELAB_CLIP_WEIGHTS_DIR := $(abspath $(WEIGHTS))
 endif
 
 PY := $(VENV)/bin/python

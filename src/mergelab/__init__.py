@@ -18,7 +18,7 @@ from .training import FinetuneConfig, PretrainConfig
 
 __version__ = "0.1.0"
 
-BENCHMARKS = ("tiny",)
+BENCHMARKS = ("tiny", "clip")
 
 
 def load_benchmark(name: str = "tiny", device: str | None = "auto", progress: bool = True,
@@ -27,13 +27,18 @@ def load_benchmark(name: str = "tiny", device: str | None = "auto", progress: bo
 
     ``tiny`` takes ``tasks``, ``data``, ``model``, ``pretrain``, ``head_shots``, ``logit_scale``
     (see :class:`mergelab.benchmark.TinyBenchmarkConfig`).
+    ``clip`` takes ``tasks``, ``data``, ``model`` (``pretrain`` and ``head_shots`` must be empty) and
+    ``checkpoint_every`` (see :class:`mergelab.clip.ClipBenchmarkConfig`).
     """
     if name == "tiny":
         from .benchmark import TinyBenchmark, TinyBenchmarkConfig
 
         return TinyBenchmark(TinyBenchmarkConfig.from_params(**params), device=device, progress=progress)
-    raise ValueError(f"benchmark={name!r} is not available; valid: {', '.join(BENCHMARKS)}. "
-                     "The 'clip' size (open_clip ViT-B-32 on the 8 vision tasks) is not built yet.")
+    if name == "clip":
+        from .clip import load_clip_benchmark
+
+        return load_clip_benchmark(device=device, progress=progress, **params)
+    raise ValueError(f"benchmark={name!r} is not available; valid: {', '.join(BENCHMARKS)}.")
 
 
 __all__ = ["BENCHMARKS", "MERGE_METHODS", "FinetuneConfig", "PretrainConfig", "TaskVector", "absolute_accuracy",

@@ -105,7 +105,7 @@ def merge_weight_averaging(pretrained: Mapping[str, torch.Tensor], task_vectors:
     return _assemble(pretrained, {k: sum(tv[k] for tv in task_vectors) / n for k in keys})
 
 
-@register_merge("task_arithmetic", coefficient_grid=np.round(np.arange(0.1, 1.01, 0.1), 2), coefficient=0.3)
+@register_merge("task_arithmetic", coefficient_grid=np.round(np.arange(0.05, 1.001, 0.05), 2), coefficient=0.3)
 def merge_task_arithmetic(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
                           coefficient: float = 0.3) -> StateDict:
     """Task arithmetic: ``theta_0 + coefficient * sum_t tau_t`` (Ilharco et al., 2023)."""
@@ -116,15 +116,47 @@ def merge_task_arithmetic(pretrained: Mapping[str, torch.Tensor], task_vectors: 
 def ties_threshold(task_vector: TaskVector, density: float) -> float:
     """Magnitude above which a task vector's entries are kept so that a ``density`` share survives.
 
-    The threshold is global over the whole task vector, as in TIES' official code.
+    The threshold is global over the whole task vector, as in TIES' official code: the k-th smallest
+    ``|x|`` with ``k = round((1 - density) * n_params)``. It is found without concatenating the
+    task vector (see :func:`kth_smallest_magnitude`), so memory stays at one layer.
     """
     if not 0 < density <= 1:
         raise ValueError(f"density={density!r} is not valid; use a fraction in (0, 1] of entries to keep.")
     if density == 1:
         return -1.0
-    flat = torch.cat([v.reshape(-1).abs() for v in task_vector.vector.values()])
-    k = max(1, int(round((1 - density) * flat.numel())))
-    return float(torch.kthvalue(flat.float().cpu(), k).values)
+    n = sum(v.numel() for v in task_vector.vector.values())
+    k = max(1, int(round((1 - density) * n)))
+    return kth_smallest_magnitude(list(task_vector.vector.values()), k)
+
+
+def kth_smallest_magnitude(tensors: Sequence[torch.Tensor], k: int) -> float:
+    """The exact ``k``-th smallest (1-based) ``|x|`` over all entries of ``tensors``, in float32.
+
+    Streams the tensors twice (a radix select on the bits of float32 magnitudes, which order like
+    the integers they spell): a 65,536-bin histogram of the top 16 bits finds the bucket holding the
+    k-th value, a 32,768-bin histogram of the low 15 bits inside that bucket finds the value. Extra
+    memory is a few copies of the largest tensor, never the concatenation; the result equals
+    ``torch.cat([t.abs().flatten() for t in tensors]).kthvalue(k)``, in about the same time.
+    """
+    total = sum(t.numel() for t in tensors)
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k} is not valid for {total} entries; use 1..{total}.")
+
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().reshape(-1).to(device="cpu", dtype=torch.float32).abs().view(torch.int32)
+
+    high = torch.zeros(1 << 16, dtype=torch.int64)
+    for t in tensors:
+        high += torch.bincount(bits(t) >> 15, minlength=1 << 16)
+    cumulative = high.cumsum(0)
+    bucket = int(torch.searchsorted(cumulative, k))
+    rank = k - (int(cumulative[bucket - 1]) if bucket > 0 else 0)
+    low = torch.zeros(1 << 15, dtype=torch.int64)
+    for t in tensors:
+        b = bits(t)
+        low += torch.bincount(b[(b >> 15) == bucket] & 0x7FFF, minlength=1 << 15)
+    value = (bucket << 15) | int(torch.searchsorted(low.cumsum(0), rank))
+    return float(torch.tensor([value], dtype=torch.int32).view(torch.float32))
 
 
 def ties_merge_tensor(stacked: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -173,7 +205,7 @@ def dare(task_vector: TaskVector, drop_rate: float, seed: int = 0) -> TaskVector
     return TaskVector(out)
 
 
-@register_merge("dare", coefficient_grid=np.round(np.arange(0.1, 1.01, 0.1), 2), coefficient=0.3,
+@register_merge("dare", coefficient_grid=np.round(np.arange(0.05, 1.001, 0.05), 2), coefficient=0.3,
                 drop_rate=0.5, seed=0)
 def merge_dare(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
                coefficient: float = 0.3, drop_rate: float = 0.5, seed: int = 0) -> StateDict:

@@ -1,0 +1,680 @@
+"""The ``clip`` benchmark: open_clip image towers on the 8 vision tasks, with the ``tiny`` interface.
+
+:class:`ClipBenchmark` offers what notebooks use on :class:`mergelab.benchmark.TinyBenchmark`:
+
+* ``tasks``; ``split(task, split) -> (images, y)`` (``images`` is a lazy :class:`ImageView`),
+  ``raw_images``, ``class_names``, ``dataset``/``dataloader`` for streaming;
+* ``pretrained_state()``; ``heads[task]`` (zero-shot heads, cached per task);
+* ``expert(task, FinetuneConfig)`` fine-tuned with the given recipe (default: the public one,
+  :data:`PUBLIC_RECIPE`), resumable, cached; or imported from a folder of checkpoints
+  (``model.experts_dir``); ``experts``, ``multitask``, ``import_experts``;
+* ``evaluate(state, split, tasks) -> {task: accuracy}`` and ``evaluate_loss``: batched, DataLoader
+  workers, mixed precision on GPU, cached per (state hash, task, split).
+
+Caches live under ``<data>/clip/<model>-<tag>-<hash>/``: the pretrained image tower, heads, experts
+(``experts/``, with ``*.partial.pt`` checkpoints while training) and evaluations (``eval/``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from .. import paths
+from ..models import ClassificationHead, load_encoder_state
+from ..training import FinetuneConfig, lr_at, make_optimizer, subset_indices
+from ..utils import (StateDict, atomic_save_safetensors, atomic_write_json, clone_state_dict, config_hash,
+                     load_safetensors, pick_device)
+from . import datasets as ds
+from .checkpoints import find_expert_checkpoint, load_expert
+from .model import (ClipModelConfig, amp_dtype, autocast, check_model_name, create_clip, model_arch_options,
+                    zero_shot_weights)
+
+PUBLIC_RECIPE = FinetuneConfig(optimizer="adamw", lr=1e-5, batch_size=128, num_steps=2000, schedule="cosine",
+                               warmup_steps=500, weight_decay=0.1, grad_clip=1.0, seed=0)
+"""The fine-tuning recipe behind the public experts: AdamW, lr 1e-5, weight decay 0.1, batch 128,
+cosine schedule with 500 warm-up steps, gradient-norm clip 1.0, about 2,000 steps, head frozen."""
+
+
+@dataclass(frozen=True)
+class ClipDataConfig:
+    """Where the datasets are and how they are read.
+
+    Attributes:
+        root: the data root (layouts in ``docs/clip.md``); ``None``: ``$MERGELAB_CLIP_DATA_ROOT``.
+        synthetic: write (once) and use tiny synthetic datasets under ``<data>/clip/synthetic``
+            instead of real ones: for smoke runs and tests; numbers mean nothing.
+        max_train, max_val, max_test: cap each split at this many examples (a seeded subset);
+            ``None`` keeps them all (the benchmark as published).
+        num_workers: DataLoader worker processes (``0``: load in the main process).
+        eval_batch_size: images per evaluation batch.
+        eval_cache_gb: memory (GiB) for keeping ``val`` splits decoded in RAM as ``uint8`` between
+            evaluations (coefficient sweeps evaluate them many times); ``0`` disables it.
+    """
+
+    root: str | None = None
+    synthetic: bool = False
+    max_train: int | None = None
+    max_val: int | None = None
+    max_test: int | None = None
+    num_workers: int = 4
+    eval_batch_size: int = 256
+    eval_cache_gb: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_train", "max_val", "max_test"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"data {name}={v!r} is not valid; use a positive integer or null (all examples).")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"data num_workers={self.num_workers!r} is not valid; use an integer >= 0.")
+        if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
+            raise ValueError(f"data eval_batch_size={self.eval_batch_size!r} is not valid; use a positive integer.")
+        if not isinstance(self.eval_cache_gb, (int, float)) or self.eval_cache_gb < 0:
+            raise ValueError(f"data eval_cache_gb={self.eval_cache_gb!r} is not valid; use a number of GiB >= 0.")
+
+    def limit(self, split: str) -> int | None:
+        return {"train": self.max_train, "val": self.max_val, "test": self.max_test}[split]
+
+    def resolve_root(self) -> Path:
+        """The data root, or a clear error saying how to set it."""
+        if self.synthetic:
+            from .synthetic import write_synthetic_datasets
+
+            root = paths.data_dir() / "clip" / "synthetic"
+            if not (root / ".complete").is_file():
+                write_synthetic_datasets(root)
+                (root / ".complete").write_text("written by mergelab.clip.synthetic\n")
+            return root
+        value = self.root or os.environ.get("MERGELAB_CLIP_DATA_ROOT")
+        if not value:
+            raise ds.DatasetNotFoundError(
+                "no data root for the clip benchmark: set DATA=/path/to/datasets with make (exported as "
+                "MERGELAB_CLIP_DATA_ROOT), or data.root in the parameter file. The folder must hold the 8 "
+                "datasets in the layouts of docs/clip.md.")
+        return Path(value).expanduser().resolve()
+
+
+def _dataclass_from(cls: type, what: str, values: dict | None):
+    values = dict(values or {})
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"{what} parameter {unknown[0]!r} is not valid for the clip benchmark; valid: "
+                         f"{', '.join(valid)}.")
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class ClipBenchmarkConfig:
+    """Everything that defines a ``clip`` benchmark run.
+
+    Attributes:
+        tasks: a subset of :data:`mergelab.clip.datasets.TASKS` (default: all 8).
+        data: where the datasets are and how they are read.
+        model: the open_clip model and its files.
+        checkpoint_every: save a resumable checkpoint every this many fine-tuning steps.
+    """
+
+    tasks: tuple[str, ...] = ds.TASKS
+    data: ClipDataConfig = field(default_factory=ClipDataConfig)
+    model: ClipModelConfig = field(default_factory=ClipModelConfig)
+    checkpoint_every: int = 250
+
+    def __post_init__(self) -> None:
+        tasks = tuple(ds.check_task(t) for t in self.tasks)
+        if not tasks or len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks={list(self.tasks)!r} must be a non-empty list of distinct tasks from "
+                             f"{', '.join(ds.TASKS)}.")
+        object.__setattr__(self, "tasks", tasks)
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every!r} is not valid; use a positive integer.")
+
+    @classmethod
+    def from_params(cls, tasks: Sequence[str] | None = None, data: dict | None = None, model: dict | None = None,
+                    pretrain: dict | None = None, head_shots: int | None = None,
+                    checkpoint_every: int = 250) -> "ClipBenchmarkConfig":
+        """Build from plain values, as a papermill parameter file gives them.
+
+        ``pretrain`` and ``head_shots`` belong to the ``tiny`` size (its own pretraining and prototype
+        heads); the clip size starts from open_clip's pretrained weights and zero-shot text heads, so
+        they must be empty (``{}``/``null``) here.
+        """
+        if pretrain:
+            raise ValueError(f"pretrain={pretrain!r} does not apply to the clip benchmark (its encoder comes "
+                             "pretrained from open_clip); set pretrain: {} in the clip parameter file.")
+        if head_shots is not None:
+            raise ValueError(f"head_shots={head_shots!r} does not apply to the clip benchmark (its heads are "
+                             "zero-shot text heads); set head_shots: null in the clip parameter file.")
+        return cls(tasks=tuple(tasks) if tasks else ds.TASKS, data=_dataclass_from(ClipDataConfig, "data", data),
+                   model=_dataclass_from(ClipModelConfig, "model", model), checkpoint_every=checkpoint_every)
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Mini-batches for steps ``start..num_steps-1``: batch ``s`` is a function of ``(seed, s)`` only.
+
+    Epochs are seeded permutations of ``range(n)`` cut into ``n // batch_size`` full batches, so a
+    run resumed at step ``s`` sees the same batches as an uninterrupted one.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, num_steps: int) -> None:
+        self.n, self.b = n, min(batch_size, n)
+        self.seed, self.start, self.num_steps = seed, start, num_steps
+        self.per_epoch = max(1, n // self.b)
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def batch(self, step: int) -> list[int]:
+        epoch, pos = divmod(step, self.per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return self._perm[1][pos * self.b:(pos + 1) * self.b].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.num_steps):
+            yield self.batch(step)
+
+    def __len__(self) -> int:
+        return max(0, self.num_steps - self.start)
+
+
+class Compose8:
+    """``transform`` then ``[0, 1]`` floats to ``uint8`` (exact for 8-bit images); picklable for workers."""
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return (self.transform(image) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def state_digest(state: StateDict) -> str:
+    """SHA-256 (first 24 hex digits) of a state dict's names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+class ClipBenchmark:
+    """The 8-task open_clip benchmark, with the same interface as the ``tiny`` one.
+
+    Args:
+        config: the benchmark's definition.
+        device: ``"auto"`` (GPU when there is one), ``"cpu"``, ``"cuda"``...
+        progress: show progress bars for long steps.
+    """
+
+    def __init__(self, config: ClipBenchmarkConfig | None = None, device: str | None = "auto",
+                 progress: bool = True) -> None:
+        self.config = config or ClipBenchmarkConfig()
+        self.device = pick_device(device)
+        self.progress = progress
+        self.tasks: tuple[str, ...] = self.config.tasks
+        self.amp = amp_dtype(self.device, self.config.model.precision)
+        check_model_name(self.config.model.name)
+        model_arch_options(self.config.model)  # an unknown pretrained tag fails here, not later
+        self._root: Path | None = None
+        self._sources: dict[str, ds.TaskSource] = {}
+        self._splits: dict[tuple[str, str], ds.TaskSplit] = {}
+        self._loaders: dict[tuple[str, str], DataLoader] = {}
+        self._encoder: nn.Module | None = None  # the pretrained tower (never modified)
+        self._eval_encoder: nn.Module | None = None  # a copy on ``device`` that evaluation loads states into
+        self._pretrained: StateDict | None = None
+        self._heads: dict[str, ClassificationHead] = {}
+        self._preprocess: tuple[Any, Any] | None = None
+        self._imported: dict[str, StateDict] = {}
+        self._image_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache_bytes = 0
+
+    # ------------------------------------------------------------------ identity and caches
+    @property
+    def key(self) -> str:
+        """Hash of the pretrained model's identity (name, tag or init seed)."""
+        return config_hash({"benchmark": "clip", **self.config.model.identity()})
+
+    @property
+    def cache_dir(self) -> Path:
+        tag = self.config.model.pretrained or "random"
+        tag = Path(tag).stem if os.sep in tag else tag
+        path = paths.data_dir() / "clip" / f"{self.config.model.name}-{tag}-{self.key}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def experts_dir(self) -> Path:
+        path = self.cache_dir / "experts"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def data_root(self) -> Path:
+        if self._root is None:
+            self._root = self.config.data.resolve_root()
+        return self._root
+
+    # ------------------------------------------------------------------ data
+    def source(self, task: str) -> ds.TaskSource:
+        task = ds.check_task(task)
+        if task not in self._sources:
+            self._sources[task] = ds.load_source(task, self.data_root)
+        return self._sources[task]
+
+    def class_names(self, task: str) -> list[str]:
+        """Class names of ``task`` in label order (the words the zero-shot head was built from)."""
+        return list(self.source(task).class_names)
+
+    def dataset(self, task: str, split: str = "train", train_transform: bool = False) -> ds.TaskSplit:
+        """``split`` of ``task`` as a Dataset of ``(normalized image (3, S, S), label)``.
+
+        ``train_transform`` uses the model's training preprocessing (random resized crop), as the
+        public recipe does while fine-tuning; otherwise resize, centre crop, normalize.
+        """
+        task, split = ds.check_task(task), ds.check_split(split)
+        if (task, split) not in self._splits:
+            self._splits[task, split] = ds.make_split(self.source(task), split, self.config.data.limit(split))
+        pre_train, pre_val = self.preprocess
+        return self._splits[task, split].with_transform(pre_train if train_transform else pre_val)
+
+    def split(self, task: str, split: str = "train") -> tuple[ds.ImageView, torch.Tensor]:
+        """``(images, y)``: lazy normalized images (``images[i]``, ``images[a:b]``) and ``(N,)`` int64 labels."""
+        d = self.dataset(task, split)
+        return ds.ImageView(d), torch.from_numpy(d.labels.copy())
+
+    def raw_images(self, task: str, split: str = "train") -> ds.ImageView:
+        """Images in ``[0, 1]`` after resize and centre crop, for display: ``view[:8]`` is ``(8, 3, S, S)``."""
+        return ds.ImageView(self.dataset(task, split).with_transform(self._display_transform()))
+
+    def dataloader(self, task: str, split: str = "test", batch_size: int | None = None,
+                   train_transform: bool = False) -> DataLoader:
+        """A DataLoader over ``split`` in order (evaluation); workers and pinned memory as configured."""
+        workers = self.config.data.num_workers
+        return DataLoader(self.dataset(task, split, train_transform),
+                          batch_size=batch_size or self.config.data.eval_batch_size, shuffle=False,
+                          num_workers=workers, pin_memory=self.device.type == "cuda")
+
+    def _display_transform(self) -> Any:
+        from torchvision.transforms import Compose, Normalize
+
+        _, pre_val = self.preprocess
+        return Compose([t for t in pre_val.transforms if not isinstance(t, Normalize)])
+
+    def _normalization(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` of the evaluation transform, shaped ``(1, 3, 1, 1)``."""
+        from torchvision.transforms import Normalize
+
+        _, pre_val = self.preprocess
+        norm = next(t for t in pre_val.transforms if isinstance(t, Normalize))
+        return (torch.tensor(norm.mean, dtype=torch.float32).reshape(1, -1, 1, 1),
+                torch.tensor(norm.std, dtype=torch.float32).reshape(1, -1, 1, 1))
+
+    def _eval_batches(self, task: str, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalized evaluation batches on ``device``.
+
+        Workers decode, resize and crop to ``uint8`` (exactly what the evaluation transform
+        produces before normalizing: PIL images are 8-bit); normalization runs on ``device``. The
+        ``val`` split of a task is kept in memory as ``uint8`` when it fits in ``data.eval_cache_gb``,
+        so a coefficient sweep decodes its images once.
+        """
+        mean, std = (t.to(self.device) for t in self._normalization())
+        cached = self._image_cache.get((task, split))
+        if cached is None:
+            size = len(self.dataset(task, split)) * 3 * self._image_side() ** 2
+            keep = split == "val" and self._cache_bytes + size <= self.config.data.eval_cache_gb * 2**30
+            loader = self._loaders.get((task, split))
+            if loader is None:
+                workers = self.config.data.num_workers
+                # val loaders that cannot be cached keep their workers between the evaluations of a sweep
+                persistent = workers > 0 and split == "val" and not keep
+                loader = DataLoader(
+                    self.dataset(task, split).with_transform(Compose8(self._display_transform())),
+                    batch_size=self.config.data.eval_batch_size, shuffle=False, num_workers=workers,
+                    pin_memory=self.device.type == "cuda", persistent_workers=persistent)
+                if persistent:
+                    self._loaders[task, split] = loader
+            parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+            for X8, y in loader:
+                if keep:
+                    parts.append((X8, y))
+                yield (X8.to(self.device, non_blocking=True).float() / 255 - mean) / std, y.to(self.device)
+            if keep and parts:
+                self._image_cache[task, split] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+                self._cache_bytes += size
+            return
+        X8, y = cached
+        bs = self.config.data.eval_batch_size
+        for i in range(0, len(y), bs):
+            yield ((X8[i:i + bs].to(self.device, non_blocking=True).float() / 255 - mean) / std,
+                   y[i:i + bs].to(self.device))
+
+    def _image_side(self) -> int:
+        self.preprocess  # noqa: B018 - loads the model
+        size = getattr(self._encoder, "image_size", 224)
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    # ------------------------------------------------------------------ the pretrained model and heads
+    def _load(self, tasks: Iterable[str]) -> None:
+        """Load the pretrained tower, transforms and the heads of ``tasks``, building and caching what is missing.
+
+        The full model (with its text tower) is only created when the image tower or a head is not
+        cached yet; it is dropped once the heads are built.
+        """
+        tasks = [ds.check_task(t) for t in tasks]
+        visual_path = self.cache_dir / "pretrained_visual.safetensors"
+        missing = [t for t in tasks if t not in self._heads and not self._head_path(t).is_file()]
+        if self._encoder is not None and not missing:
+            for t in tasks:
+                self._heads.setdefault(t, self._read_head(t))
+            return
+        need_full = missing or not visual_path.is_file()
+        model, pre_train, pre_val, tokenizer = create_clip(self.config.model, load_weights=bool(need_full))
+        if need_full:
+            start = time.perf_counter()
+            for t in tqdm(missing, desc="zero-shot heads", disable=not self.progress, leave=False):
+                weight = zero_shot_weights(model, tokenizer, self.class_names(t), ds.TEMPLATES[t], self.device)
+                atomic_save_safetensors(self._head_path(t), {"weight": weight}, metadata={
+                    "logit_scale": repr(float(model.logit_scale.detach().exp())), "task": t,
+                    "class_names": json.dumps(self.class_names(t)), "templates": json.dumps(ds.TEMPLATES[t])})
+            if not visual_path.is_file():
+                atomic_save_safetensors(visual_path, model.visual.state_dict())
+                atomic_write_json(visual_path.with_suffix(".json"), {
+                    "model": self.config.model.identity(), "wall_time_s": time.perf_counter() - start})
+        encoder = model.visual
+        del model  # the text tower is not needed any more
+        self._pretrained = {k: v.float() if torch.is_floating_point(v) else v
+                            for k, v in load_safetensors(visual_path).items()}
+        self._encoder = load_encoder_state(encoder.float().cpu(), self._pretrained).eval()
+        self._preprocess = (pre_train, pre_val)
+        for t in tasks:
+            self._heads[t] = self._read_head(t)
+
+    def _head_key(self, task: str) -> str:
+        return config_hash({"task": task, "class_names": self.class_names(task), "templates": ds.TEMPLATES[task]})
+
+    def _head_path(self, task: str) -> Path:
+        return self.cache_dir / "heads" / f"{task}-{self._head_key(task)}.safetensors"
+
+    def _read_head(self, task: str) -> ClassificationHead:
+        from safetensors import safe_open
+
+        path = self._head_path(task)
+        with safe_open(str(path), framework="pt") as f:
+            scale = float(f.metadata()["logit_scale"])
+            weight = f.get_tensor("weight")
+        return ClassificationHead(weight, scale)
+
+    @property
+    def preprocess(self) -> tuple[Any, Any]:
+        """``(train transform, evaluation transform)`` of the model."""
+        if self._preprocess is None:
+            self._load(self.tasks)
+        assert self._preprocess is not None
+        return self._preprocess
+
+    def pretrained_state(self) -> StateDict:
+        """The pretrained image tower's state dict (a copy, fp32, CPU)."""
+        if self._pretrained is None:
+            self._load(self.tasks)
+        assert self._pretrained is not None
+        return clone_state_dict(self._pretrained)
+
+    def pretraining_log(self) -> dict[str, Any]:
+        """What the ``tiny`` benchmark's pretraining log gives; here no pretraining runs (empty loss curve)."""
+        cfg = self.config.model
+        return {"loss": [], "wall_time_s": 0.0,
+                "source": f"open_clip {cfg.name} pretrained={cfg.pretrained!r}"
+                          + (" (random initialization)" if cfg.pretrained is None else "")}
+
+    @property
+    def heads(self) -> dict[str, ClassificationHead]:
+        """Frozen zero-shot heads of the benchmark's tasks (cached per task)."""
+        if any(t not in self._heads for t in self.tasks):
+            self._load(self.tasks)
+        return {t: self._heads[t] for t in self.tasks}
+
+    def head(self, task: str) -> ClassificationHead:
+        """The zero-shot head of any of the 8 tasks (built on first use)."""
+        task = ds.check_task(task)
+        if task not in self._heads:
+            self._load([task])
+        return self._heads[task]
+
+    def head_digest(self, task: str) -> str:
+        head = self.head(task)
+        blob = head.weight.detach().cpu().contiguous().numpy().tobytes() + repr(head.logit_scale).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def new_encoder(self, state: StateDict | None = None) -> nn.Module:
+        """A fresh image tower on the CPU: the pretrained one, or loaded with ``state`` when given."""
+        if self._encoder is None:
+            self._load(self.tasks)
+        enc = copy.deepcopy(self._encoder)
+        return load_encoder_state(enc, state) if state is not None else enc
+
+    # ------------------------------------------------------------------ experts
+    def import_experts(self, folder: str | Path, tasks: Iterable[str] | None = None) -> dict[str, StateDict]:
+        """Image-tower state dicts of existing experts in ``folder``, one per task (see
+        :mod:`mergelab.clip.checkpoints` for the accepted files); checked against the pretrained tower."""
+        reference = self.pretrained_state()
+        out = {}
+        for t in tasks or self.tasks:
+            t = ds.check_task(t)
+            out[t] = load_expert(find_expert_checkpoint(folder, t), reference)
+        return out
+
+    def _run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> str:
+        return config_hash({"benchmark": self.key, "kind": kind, "tasks": list(tasks),
+                            "heads": [self.head_digest(t) for t in tasks],
+                            "data": [self._splits_fingerprint(t, "train") for t in tasks],
+                            "finetune": asdict(cfg)})
+
+    def _splits_fingerprint(self, task: str, split: str) -> str:
+        return self.dataset(task, split).fingerprint()
+
+    def _train_cached(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> StateDict:
+        key = self._run_key(kind, tasks, cfg)
+        path = self.experts_dir / f"{kind}-{key}.safetensors"
+        if path.is_file():
+            return load_safetensors(path)
+        partial = path.with_suffix(".partial.pt")
+        start = time.perf_counter()
+        enc, history = self._finetune(tasks, cfg, partial, desc=f"{kind} {'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}")
+        state = {k: v.detach().float().cpu() for k, v in enc.state_dict().items()}
+        atomic_write_json(path.with_suffix(".json"), {
+            "kind": kind, "tasks": list(tasks), "benchmark": "clip", "benchmark_key": self.key,
+            "model": self.config.model.identity(), "finetune": asdict(cfg), "loss": history["loss"],
+            "lr": history["lr"], "wall_time_s": time.perf_counter() - start + history.get("resumed_wall_s", 0.0),
+            "resumed_at_step": history.get("resumed_at_step", 0), "device": str(self.device),
+            "precision": str(self.amp), "train_examples": {t: len(self.dataset(t, "train")) for t in tasks}})
+        atomic_save_safetensors(path, state, metadata={"kind": kind, "tasks": ",".join(tasks)})
+        partial.unlink(missing_ok=True)
+        return state
+
+    def _finetune(self, tasks: Sequence[str], cfg: FinetuneConfig, partial: Path, desc: str
+                  ) -> tuple[nn.Module, dict[str, Any]]:
+        """Fine-tune the image tower on ``tasks`` (one batch of each per step, losses summed), heads frozen.
+
+        Saves ``partial`` every ``checkpoint_every`` steps and resumes from it when it exists: the
+        encoder, optimizer, loss scaler, step, history and the CPU random state. Batches are a function
+        of (seed, step) (:class:`StepBatchSampler`), so a resumed run sees the same batches; with
+        ``data.num_workers = 0`` its augmentations, hence its weights, are identical too (worker
+        processes draw their own augmentation seeds).
+        """
+        device = self.device
+        torch.manual_seed(cfg.seed)
+        enc = self.new_encoder(self.pretrained_state()).to(device).train()
+        heads = {t: self.head(t).to(device).eval() for t in tasks}
+        params = [p for p in enc.parameters() if p.requires_grad]
+        opt = make_optimizer(params, cfg)
+        scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+        history: dict[str, Any] = {"loss": [], "lr": []}
+        start = 0
+        if partial.is_file():
+            ck = torch.load(str(partial), map_location="cpu", weights_only=True)
+            enc.load_state_dict(ck["encoder"])
+            opt.load_state_dict(ck["optimizer"])
+            scaler.load_state_dict(ck["scaler"])
+            start = int(ck["step"])
+            history = {"loss": list(ck["loss"]), "lr": list(ck["lr"]), "resumed_at_step": start,
+                       "resumed_wall_s": float(ck["wall_time_s"])}
+        begun = time.perf_counter()
+        streams = []
+        for i, t in enumerate(sorted(tasks)):
+            data = self.dataset(t, "train", train_transform=True)
+            keep = subset_indices(len(data), cfg.data_fraction, cfg.seed + 7919 * i).tolist()
+            data = torch.utils.data.Subset(data, keep)
+            sampler = StepBatchSampler(len(keep), cfg.batch_size, cfg.seed + 104729 * i, start, cfg.num_steps)
+            loader = DataLoader(data, batch_sampler=sampler, num_workers=self.config.data.num_workers,
+                                pin_memory=device.type == "cuda")
+            streams.append((t, iter(loader)))
+        if start:  # after the loaders drew their seeds: augmentations continue as if never interrupted
+            torch.set_rng_state(ck["rng"])
+        bar = tqdm(range(start, cfg.num_steps), desc=desc, disable=not self.progress, leave=False,
+                   mininterval=1.0)
+        for step in bar:
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss = torch.zeros((), device=device)
+            for t, it in streams:
+                X, y = next(it)
+                with autocast(device, self.amp):
+                    features = enc(X.to(device, non_blocking=True))
+                loss = loss + F.cross_entropy(heads[t](features.float()), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            history["loss"].append(float(loss.detach()))
+            history["lr"].append(lr)
+            done = step + 1
+            if done % self.config.checkpoint_every == 0 and done < cfg.num_steps:
+                self._save_partial(partial, enc, opt, scaler, done, history,
+                                   history.get("resumed_wall_s", 0.0) + time.perf_counter() - begun)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
+        enc.eval()
+        return enc, history
+
+    @staticmethod
+    def _save_partial(path: Path, enc: nn.Module, opt: torch.optim.Optimizer, scaler: Any, step: int,
+                      history: dict[str, Any], wall_s: float) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"encoder": {k: v.detach().cpu() for k, v in enc.state_dict().items()},
+                    "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                    "loss": history["loss"], "lr": history["lr"], "wall_time_s": wall_s,
+                    "rng": torch.get_rng_state()}, str(tmp))
+        os.replace(tmp, path)
+
+    def expert(self, task: str, cfg: FinetuneConfig | None = None) -> StateDict:
+        """The image tower fine-tuned on ``task`` with ``cfg`` (default :data:`PUBLIC_RECIPE`; cached).
+
+        When ``model.experts_dir`` (or ``$MERGELAB_CLIP_EXPERTS_DIR``) is set, the expert is imported
+        from that folder instead and ``cfg`` is not used.
+        """
+        task = ds.check_task(task)
+        folder = self.config.model.experts_folder()
+        if folder is not None:
+            if task not in self._imported:
+                self._imported[task] = self.import_experts(folder, [task])[task]
+            return clone_state_dict(self._imported[task])
+        return self._train_cached("expert", [task], cfg or PUBLIC_RECIPE)
+
+    def experts(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None
+                ) -> dict[str, StateDict]:
+        """One expert per task with the same recipe, with a progress bar over tasks."""
+        tasks = list(tasks or self.tasks)
+        return {t: self.expert(t, cfg) for t in tqdm(tasks, desc="experts", disable=not self.progress)}
+
+    def expert_log(self, task: str, cfg: FinetuneConfig | None = None) -> dict[str, Any]:
+        """Metadata (recipe, loss curve, wall time) of a fine-tuned expert, or the source of an imported one."""
+        task = ds.check_task(task)
+        folder = self.config.model.experts_folder()
+        if folder is not None:
+            return {"kind": "imported", "task": task, "checkpoint": str(find_expert_checkpoint(folder, task))}
+        self.expert(task, cfg)
+        key = self._run_key("expert", [task], cfg or PUBLIC_RECIPE)
+        return json.loads((self.experts_dir / f"expert-{key}.json").read_text())
+
+    def multitask(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None) -> StateDict:
+        """One image tower fine-tuned on all ``tasks`` jointly (sum of one batch loss per task each step)."""
+        tasks = sorted(ds.check_task(t) for t in (tasks or self.tasks))
+        return self._train_cached("multitask", tasks, cfg or PUBLIC_RECIPE)
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_key(self, task: str, split: str) -> str:
+        return config_hash({"task": task, "split": split, "head": self.head_digest(task),
+                            "data": self._splits_fingerprint(task, split), "amp": str(self.amp)})
+
+    def _eval_path(self, digest: str) -> Path:
+        return self.cache_dir / "eval" / digest[:2] / f"{digest}.json"
+
+    @torch.no_grad()
+    def _evaluate(self, state: StateDict, split: str, tasks: Iterable[str] | None) -> dict[str, dict[str, float]]:
+        split = ds.check_split(split)
+        tasks = [ds.check_task(t) for t in (tasks or self.tasks)]
+        digest = state_digest(state)
+        path = self._eval_path(digest)
+        cache: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+        out, loaded = {}, False
+        for task in tasks:
+            key = self._eval_key(task, split)
+            if key not in cache:
+                if not loaded:
+                    if self._eval_encoder is None:
+                        self._eval_encoder = self.new_encoder().to(self.device).eval()
+                    enc = load_encoder_state(self._eval_encoder, {k: v.to(self.device) for k, v in state.items()})
+                    loaded = True
+                head = self.head(task).to(self.device)
+                correct, total_loss, n = 0, 0.0, 0
+                for X, y in self._eval_batches(task, split):
+                    with autocast(self.device, self.amp):
+                        features = enc(X)
+                    logits = head(features.float())
+                    correct += int((logits.argmax(-1) == y).sum())
+                    total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+                    n += len(y)
+                if n == 0:
+                    raise ValueError(f"task {task!r} split {split!r} has no examples under {self.data_root}.")
+                cache[key] = {"task": task, "split": split, "accuracy": correct / n, "loss": total_loss / n, "n": n}
+                atomic_write_json(path, cache)
+            out[task] = cache[key]
+        return out
+
+    def evaluate(self, state: StateDict, split: str = "test", tasks: Iterable[str] | None = None,
+                 batch_size: int | None = None) -> dict[str, float]:
+        """Top-1 accuracy (fraction 0..1) of the image tower ``state`` on each task with its own head.
+
+        Cached per (state hash, task, split): evaluating the same weights again reads the cache.
+        ``batch_size`` is accepted for interface parity; the batch size is ``data.eval_batch_size``.
+        """
+        return {t: r["accuracy"] for t, r in self._evaluate(state, split, tasks).items()}
+
+    def evaluate_loss(self, state: StateDict, split: str = "test", tasks: Iterable[str] | None = None,
+                      batch_size: int | None = None) -> dict[str, float]:
+        """Mean cross-entropy (nats) of the image tower ``state`` on each task with its own head (cached)."""
+        return {t: r["loss"] for t, r in self._evaluate(state, split, tasks).items()}
+
+
+def load_clip_benchmark(device: str | None = "auto", progress: bool = True, **params: Any) -> ClipBenchmark:
+    """:class:`ClipBenchmark` from plain parameters (``tasks``, ``data``, ``model``, ...), as
+    :func:`mergelab.load_benchmark` passes them."""
+    return ClipBenchmark(ClipBenchmarkConfig.from_params(**params), device=device, progress=progress)

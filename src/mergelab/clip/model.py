@@ -1,0 +1,225 @@
+"""open_clip models for the ``clip`` size: loading, zero-shot heads from the text tower, precision.
+
+Only the image tower (``model.visual``) is fine-tuned and merged; its state dict has the same names
+as the ``tiny`` encoder's. The text tower is used once, to build each task's zero-shot head (class
+names times prompt templates through the text encoder, normalized, averaged over templates,
+normalized again; logits scaled by ``logit_scale.exp()``), and then dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import paths
+
+TINY_MODEL = "mergelab-tiny-ViT-32"
+"""A laptop-sized CLIP (2-layer, width-64 towers, 224 px, patch 32) registered with open_clip for smoke
+tests; any open_clip name (``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``) works the same way."""
+
+_TINY_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Pretrained weights could not be loaded; the message says where they were looked for and how to get them."""
+
+
+@dataclass(frozen=True)
+class ClipModelConfig:
+    """Which open_clip model to start from, and where its files live.
+
+    Attributes:
+        name: open_clip architecture (``"ViT-B-32"``, ``"ViT-B-16"``, ``"ViT-L-14"``, ...).
+        pretrained: open_clip pretrained tag (``"openai"``), a local checkpoint file, or ``None`` for a
+            randomly initialized model (seeded by ``init_seed``; tests and smoke runs).
+        cache_dir: where open_clip downloads weights; ``None``: ``$MERGELAB_CLIP_WEIGHTS_DIR``, else
+            ``<data>/clip/weights``.
+        init_seed: seed of the random initialization when ``pretrained`` is ``None``.
+        experts_dir: a folder of existing expert checkpoints to import instead of fine-tuning
+            (``None``: ``$MERGELAB_CLIP_EXPERTS_DIR`` when set, else fine-tune); see
+            :func:`mergelab.clip.checkpoints.find_expert_checkpoint` for the accepted layouts.
+        precision: mixed precision on GPU: ``"auto"`` (bf16 where supported, else fp16), ``"fp32"``,
+            ``"bf16"``, ``"fp16"``. CPU always runs fp32.
+    """
+
+    name: str = "ViT-B-32"
+    pretrained: str | None = "openai"
+    cache_dir: str | None = None
+    init_seed: int = 0
+    experts_dir: str | None = None
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"model precision={self.precision!r} is not valid; use one of {', '.join(PRECISIONS)}.")
+        if self.pretrained is not None and not isinstance(self.pretrained, str):
+            raise ValueError(f"model pretrained={self.pretrained!r} is not valid; use an open_clip tag such as "
+                             "'openai', a checkpoint file, or null for a random initialization.")
+
+    def weights_dir(self) -> Path:
+        """The folder open_clip downloads pretrained weights into."""
+        value = self.cache_dir or os.environ.get("MERGELAB_CLIP_WEIGHTS_DIR")
+        path = Path(value).expanduser() if value else paths.data_dir() / "clip" / "weights"
+        path.mkdir(parents=True, exist_ok=True)
+        return path.resolve()
+
+    def experts_folder(self) -> Path | None:
+        """The folder of experts to import, or ``None`` to fine-tune them."""
+        value = self.experts_dir or os.environ.get("MERGELAB_CLIP_EXPERTS_DIR")
+        return Path(value).expanduser() if value else None
+
+    def identity(self) -> dict[str, Any]:
+        """What defines the pretrained weights (keys every cache derived from them)."""
+        out: dict[str, Any] = {"name": self.name, "pretrained": self.pretrained}
+        if self.pretrained is None:
+            out["init_seed"] = self.init_seed
+        elif os.path.isfile(os.path.expanduser(self.pretrained)):
+            stat = os.stat(os.path.expanduser(self.pretrained))
+            out["file"] = {"path": str(Path(self.pretrained).expanduser().resolve()), "size": stat.st_size,
+                           "mtime": int(stat.st_mtime)}
+        return out
+
+
+def register_tiny_config() -> None:
+    """Register :data:`TINY_MODEL` with open_clip (idempotent; the JSON lives in the data cache)."""
+    import open_clip
+
+    if TINY_MODEL in open_clip.list_models():
+        return
+    folder = paths.data_dir() / "clip" / "model_configs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{TINY_MODEL}.json"
+    text = json.dumps(_TINY_CONFIG, indent=2)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    open_clip.add_model_config(path)
+
+
+def check_model_name(name: str) -> str:
+    import open_clip
+
+    if name == TINY_MODEL:
+        register_tiny_config()
+    if name not in open_clip.list_models():
+        similar = [m for m in open_clip.list_models() if m.startswith("ViT-")][:12]
+        raise ValueError(f"model name={name!r} is not an open_clip architecture; valid include "
+                         f"{', '.join(similar)}, ... (open_clip.list_models()) and {TINY_MODEL!r} for smoke tests.")
+    return name
+
+
+def looks_like_path(value: str) -> bool:
+    return os.sep in value or "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def model_arch_options(cfg: ClipModelConfig) -> dict[str, Any]:
+    """Architecture and preprocessing options implied by a pretrained tag, without loading its weights."""
+    import open_clip
+
+    if cfg.pretrained is None or os.path.isfile(os.path.expanduser(cfg.pretrained)):
+        return {}
+    if looks_like_path(cfg.pretrained):
+        raise WeightsNotFoundError(
+            f"model pretrained={cfg.pretrained!r} looks like a checkpoint file but {Path(cfg.pretrained).expanduser()} "
+            f"does not exist. Put the open_clip checkpoint of {cfg.name} there, or use a pretrained tag such as "
+            "'openai' (downloaded into the weight cache on first use).")
+    tag = open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained)
+    if not tag:
+        tags = open_clip.list_pretrained_tags_by_model(cfg.name)
+        raise ValueError(f"model pretrained={cfg.pretrained!r} is not a tag of {cfg.name!r}; valid: "
+                         f"{', '.join(tags) or '(none)'}, a local checkpoint file, or null (random init).")
+    out: dict[str, Any] = {"force_quick_gelu": bool(tag.get("quick_gelu", False))}
+    for key, arg in (("mean", "image_mean"), ("std", "image_std"), ("interpolation", "image_interpolation"),
+                     ("resize_mode", "image_resize_mode")):
+        if tag.get(key) is not None:
+            out[arg] = tag[key]
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def create_clip(cfg: ClipModelConfig, load_weights: bool = True):
+    """``(model, preprocess_train, preprocess_val, tokenizer)`` for ``cfg`` on the CPU, in fp32.
+
+    With ``load_weights=False`` the architecture and preprocessing of ``cfg.pretrained`` are built
+    (QuickGELU, mean/std, interpolation) but no weights are read or downloaded: the caller loads a
+    cached state instead. A random initialization is seeded by ``cfg.init_seed``.
+    """
+    import open_clip
+
+    check_model_name(cfg.name)
+    arch = model_arch_options(cfg)
+    if cfg.pretrained is None or not load_weights:
+        torch.manual_seed(cfg.init_seed)
+        with _quiet_root_logger():  # open_clip warns that it initialized randomly: here that is the point
+            model, pre_train, pre_val = open_clip.create_model_and_transforms(cfg.name, pretrained=None, **arch)
+    else:
+        cache = cfg.weights_dir()
+        try:
+            model, pre_train, pre_val = open_clip.create_model_and_transforms(
+                cfg.name, pretrained=os.path.expanduser(cfg.pretrained), cache_dir=str(cache))
+        except Exception as err:  # noqa: BLE001 - network, hub and file errors all end here
+            source = open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained) or {}
+            where = source.get("hf_hub") or source.get("url") or cfg.pretrained
+            raise WeightsNotFoundError(
+                f"could not load model name={cfg.name!r} pretrained={cfg.pretrained!r}: looked in the weight "
+                f"cache {cache} (model.cache_dir, $MERGELAB_CLIP_WEIGHTS_DIR or WEIGHTS=/path with make). "
+                f"open_clip downloads the file there on first use from {where} (needs internet); on an "
+                "offline machine copy that cache folder from a machine that has it, or set model.pretrained "
+                f"to a local checkpoint file. Underlying error: {type(err).__name__}: {err}") from None
+    tokenizer = open_clip.get_tokenizer(cfg.name)
+    model.eval()
+    return model, pre_train, pre_val, tokenizer
+
+
+@torch.no_grad()
+def zero_shot_weights(model: nn.Module, tokenizer, class_names: list[str], templates: tuple[str, ...],
+                      device: torch.device | str = "cpu", batch_size: int = 256) -> torch.Tensor:
+    """Zero-shot class embeddings ``(n_classes, d)``: for each class, the normalized text embeddings of
+    ``template.format(name)`` averaged over templates, then normalized."""
+    model = model.to(device).eval()
+    texts = [t.format(c) for c in class_names for t in templates]
+    emb = []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenizer(texts[i:i + batch_size]).to(device)
+        emb.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    per_class = torch.cat(emb).reshape(len(class_names), len(templates), -1).mean(1)
+    return F.normalize(per_class, dim=-1)
+
+
+def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``device`` (``None``: full fp32)."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """A mixed-precision context on GPU (a no-op context when ``dtype`` is ``None``)."""
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)

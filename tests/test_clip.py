@@ -1,0 +1,407 @@
+"""The ``clip`` size on the CPU, offline: synthetic datasets in every documented layout, random models.
+
+A laptop-sized open_clip CLIP (``mergelab-tiny-ViT-32``) covers the interface quickly; one test runs
+the whole path (heads, fine-tuning, import, merge, evaluation) on a randomly initialized ViT-B-32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import mergelab
+from mergelab.clip import (PUBLIC_RECIPE, TASKS, TINY_MODEL, CheckpointError, ClipBenchmarkConfig,
+                           DatasetNotFoundError, WeightsNotFoundError)
+from mergelab.clip import benchmark as clip_benchmark
+from mergelab.clip import datasets as ds
+from mergelab.clip.checkpoints import load_expert, read_checkpoint
+from mergelab.clip.model import ClipModelConfig, create_clip
+from mergelab.clip.synthetic import CARS_SYNTHETIC, SUN397_SYNTHETIC, write_synthetic_datasets
+from mergelab.merging import kth_smallest_magnitude, ties_threshold
+from mergelab.task_vectors import TaskVector
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"name": TINY_MODEL, "pretrained": None}
+CLIP_ENV = ("MERGELAB_CLIP_DATA_ROOT", "MERGELAB_CLIP_EXPERTS_DIR", "MERGELAB_CLIP_WEIGHTS_DIR")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory):
+    """A private data cache for the module; no clip environment variables from the user's shell."""
+    mp = pytest.MonkeyPatch()
+    tmp = tmp_path_factory.mktemp("clip")
+    mp.setenv("MERGELAB_DATA_DIR", str(tmp / "data"))
+    for var in CLIP_ENV:
+        mp.delenv(var, raising=False)
+    yield tmp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def root(env: Path) -> Path:
+    """All 8 tasks, written as tiny synthetic datasets in their documented layouts."""
+    return write_synthetic_datasets(env / "datasets")
+
+
+def tiny_bench(root: Path, tasks=("MNIST", "EuroSAT"), **data):
+    return mergelab.load_benchmark(
+        "clip", device="cpu", progress=False, tasks=list(tasks), pretrain={}, head_shots=None, model=dict(TINY),
+        data={"root": str(root), "num_workers": 0, "eval_batch_size": 8, "max_val": 4, "max_test": 6, **data})
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_every_documented_layout_loads_with_the_split_rules(root):
+    authored = {"DTD": ds.DTD_CLASSES, "EuroSAT": ds.EUROSAT_CLASSES, "GTSRB": ds.GTSRB_CLASSES,
+                "MNIST": ds.DIGITS, "RESISC45": ds.RESISC45_FOLDERS, "SVHN": ds.DIGITS}
+    expected_classes = {t: len(v) for t, v in authored.items()} | {"Cars": len(CARS_SYNTHETIC),
+                                                                   "SUN397": len(SUN397_SYNTHETIC)}
+    # official pool sizes written by the synthetic writer (6 train + 4 test per class; DTD and RESISC45
+    # add 1 official val image per class to train; EuroSAT holds out 10 % of its 100 images)
+    expected_pools = {"Cars": (24, 16), "DTD": (28, 16), "EuroSAT": (90, 10), "GTSRB": (24, 16),
+                      "MNIST": (60, 40), "RESISC45": (28, 16), "SUN397": (30, 20), "SVHN": (60, 40)}
+    for task in TASKS:
+        source = ds.load_source(task, root)
+        assert len(source.class_names) == expected_classes[task], task
+        assert (len(source.train.indices), len(source.test.indices)) == expected_pools[task], task
+        n = len(source.train.indices)
+        sizes = {s: len(ds.make_split(source, s)) for s in ds.SPLITS}
+        assert sizes["val"] == min(int(0.1 * n), 5000) and sizes["train"] + sizes["val"] == n, task
+        for split in ds.SPLITS:
+            d = ds.make_split(source, split)
+            assert d.labels.min() >= 0 and d.labels.max() < len(source.class_names), (task, split)
+            image, label = d[0]
+            assert isinstance(image, Image.Image) and label == d.labels[0]
+    assert ds.load_source("SUN397", root).class_names[3] == "apartment building (outdoor)"
+    assert ds.load_source("Cars", root).class_names == CARS_SYNTHETIC
+    # GTSRB labels are the class ids of the folders, not their rank among the folders present
+    assert set(ds.load_source("GTSRB", root).train.labels.tolist()) == {0, 14, 28, 42}
+
+
+@pytest.mark.parametrize("n", [7, 27, 1000, 60_000])
+def test_validation_split_is_the_public_rule(n):
+    train, val = ds.train_val_split(n)
+    n_val = min(int(0.1 * n), 5000)
+    assert len(val) == n_val and len(train) == n - n_val
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(n))
+    ref_train, ref_val = torch.utils.data.random_split(range(n), [n - n_val, n_val],
+                                                       generator=torch.Generator().manual_seed(0))
+    assert train.tolist() == list(ref_train.indices) and val.tolist() == list(ref_val.indices)
+
+
+def test_missing_or_misplaced_data_gives_a_clear_error(tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for task in TASKS:
+        with pytest.raises(DatasetNotFoundError) as info:
+            ds.load_source(task, empty)
+        msg = str(info.value)
+        assert str(empty) in msg and "Expected layout" in msg and "How to get it" in msg, msg
+    with pytest.raises(DatasetNotFoundError, match="DATA=/path"):
+        ds.load_source("MNIST", tmp_path / "nowhere")
+    monkeypatch.delenv("MERGELAB_CLIP_DATA_ROOT", raising=False)
+    with pytest.raises(DatasetNotFoundError, match="MERGELAB_CLIP_DATA_ROOT"):
+        clip_benchmark.ClipDataConfig().resolve_root()
+    # a file torchvision cannot read: our message, no traceback from inside torchvision
+    (tmp_path / "svhn").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "svhn" / f"{split}_32x32.mat").write_bytes(b"not a mat file")
+    with pytest.raises(DatasetNotFoundError) as info:
+        ds.load_source("SVHN", tmp_path)
+    assert "torchvision could not read it" in str(info.value) and info.value.__suppress_context__
+    assert not any("torchvision" in frame.filename for frame in traceback.extract_tb(info.value.__traceback__))
+    # a class folder that is not one of the task's classes
+    for name in ("Forest", "Jungle"):
+        (tmp_path / "eurosat" / "2750" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "eurosat" / "2750" / name / "x.jpg")
+    with pytest.raises(DatasetNotFoundError, match="Jungle.*AnnualCrop"):
+        ds.load_source("EuroSAT", tmp_path)
+
+
+def test_bad_parameters_name_what_is_valid(env):
+    with pytest.raises(ValueError, match="valid: Cars, DTD"):
+        ClipBenchmarkConfig.from_params(tasks=["MNIST", "ImageNet"])
+    with pytest.raises(ValueError, match="'n_train' is not valid.*valid: root, synthetic"):
+        ClipBenchmarkConfig.from_params(data={"n_train": 5})
+    with pytest.raises(ValueError, match="pretrain"):
+        ClipBenchmarkConfig.from_params(pretrain={"num_steps": 4})
+    with pytest.raises(ValueError, match="head_shots"):
+        ClipBenchmarkConfig.from_params(head_shots=8)
+    with pytest.raises(ValueError, match="not an open_clip architecture"):
+        mergelab.load_benchmark("clip", model={"name": "ViT-Nope"})
+    with pytest.raises(ValueError, match="not a tag of 'ViT-B-32'.*openai"):
+        mergelab.load_benchmark("clip", model={"name": "ViT-B-32", "pretrained": "no-such-tag"})
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        mergelab.load_benchmark("clip", model={"pretrained": str(env / "missing" / "weights.pt")})
+    with pytest.raises(ValueError, match="valid: tiny, clip"):
+        mergelab.load_benchmark("imagenet")
+
+
+def test_unreachable_weights_name_the_cache_and_the_source(tmp_path, monkeypatch):
+    import open_clip.factory
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
+    with pytest.raises(WeightsNotFoundError) as info:
+        create_clip(ClipModelConfig(name="ViT-B-32", pretrained="openai", cache_dir=str(tmp_path / "w")))
+    msg = str(info.value)
+    assert str(tmp_path / "w") in msg and "openai" in msg and "vit_base_patch32_clip_224.openai" in msg
+    assert "internet" in msg and info.value.__suppress_context__
+
+
+def test_public_recipe_and_profiles_agree():
+    clip = yaml.safe_load((ROOT / "params/clip/00_benchmark_and_baselines.yaml").read_text())
+    smoke = yaml.safe_load((ROOT / "params/clip_smoke/00_benchmark_and_baselines.yaml").read_text())
+    assert set(clip) == set(smoke)
+    assert mergelab.FinetuneConfig(**clip["finetune"], seed=clip["seed"]) == PUBLIC_RECIPE
+    assert PUBLIC_RECIPE.lr == 1e-5 and PUBLIC_RECIPE.weight_decay == 0.1 and PUBLIC_RECIPE.batch_size == 128
+    cfg = ClipBenchmarkConfig.from_params(tasks=clip["tasks"], data=clip["data"], model=clip["model"],
+                                          pretrain=clip["pretrain"], head_shots=clip["head_shots"])
+    assert cfg.tasks == TASKS and cfg.model.name == "ViT-B-32" and cfg.model.pretrained == "openai"
+
+
+# ------------------------------------------------------------------------------------------ model
+def test_heads_splits_and_cached_evaluation(root, monkeypatch):
+    bench = tiny_bench(root)
+    heads = bench.heads
+    assert set(heads) == {"MNIST", "EuroSAT"}
+    assert tuple(heads["MNIST"].weight.shape) == (10, 64)
+    assert torch.allclose(heads["EuroSAT"].weight.norm(dim=-1), torch.ones(10), atol=1e-5)
+    assert heads["MNIST"].logit_scale == pytest.approx(1 / 0.07, rel=1e-4)  # exp(log(1/0.07)) of a fresh CLIP
+    images, y = bench.split("EuroSAT", "train")
+    assert len(images) == len(y) == 81 and images[:3].shape == (3, 3, 224, 224)
+    raw = bench.raw_images("MNIST", "test")[:2]
+    assert raw.shape == (2, 3, 224, 224) and 0 <= float(raw.min()) and float(raw.max()) <= 1
+    assert len(bench.split("MNIST", "test")[1]) == 6  # max_test
+    assert bench.class_names("EuroSAT")[0] == "annual cropland"
+
+    pretrained = bench.pretrained_state()
+    acc = bench.evaluate(pretrained, "val")
+    loss = bench.evaluate_loss(pretrained, "val")
+    assert set(acc) == {"MNIST", "EuroSAT"} and all(0 <= a <= 1 for a in acc.values())
+    assert all(math.isfinite(v) and v > 0 for v in loss.values())
+
+    # a second benchmark reads the pretrained tower, heads and evaluations from the cache
+    monkeypatch.setattr(clip_benchmark, "zero_shot_weights", lambda *a, **k: pytest.fail("heads rebuilt"))
+    again = tiny_bench(root)
+    assert torch.equal(again.heads["MNIST"].weight, heads["MNIST"].weight)
+    assert all(torch.equal(v, pretrained[k]) for k, v in again.pretrained_state().items())
+    monkeypatch.setattr(again, "_eval_batches", lambda *a, **k: pytest.fail("evaluated again"))
+    assert again.evaluate(pretrained, "val") == acc
+
+    # val images kept decoded in RAM give the same numbers as streaming them from disk
+    kept = tiny_bench(root, eval_cache_gb=1.0, eval_batch_size=3)
+    state = {k: v * 1.01 for k, v in pretrained.items()}
+    streamed = bench.evaluate_loss(state, "val")
+    shutil.rmtree(kept.cache_dir / "eval")
+    first = kept.evaluate_loss(state, "val")
+    assert set(kept._image_cache) == {("MNIST", "val"), ("EuroSAT", "val")}
+    shutil.rmtree(kept.cache_dir / "eval")
+    second = kept.evaluate_loss(state, "val")
+    for t in streamed:
+        assert first[t] == pytest.approx(streamed[t], rel=1e-5) and second[t] == pytest.approx(streamed[t], rel=1e-5)
+
+
+def test_finetuning_resumes_where_it_stopped(root, tmp_path, monkeypatch):
+    cfg = mergelab.FinetuneConfig(optimizer="adamw", lr=1e-3, batch_size=4, num_steps=4, warmup_steps=1,
+                                  weight_decay=0.1, seed=3)
+    monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path / "straight"))
+    straight = tiny_bench(root).expert("MNIST", cfg)
+
+    monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path / "resumed"))
+    bench = mergelab.load_benchmark("clip", device="cpu", progress=False, tasks=["MNIST"], model=dict(TINY),
+                                    data={"root": str(root), "num_workers": 0}, checkpoint_every=2)
+    real_lr_at = clip_benchmark.lr_at
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_at_step_3(step, c):
+        if step == 3:
+            raise Interrupted
+        return real_lr_at(step, c)
+
+    monkeypatch.setattr(clip_benchmark, "lr_at", interrupt_at_step_3)
+    with pytest.raises(Interrupted):
+        bench.expert("MNIST", cfg)
+    partial = list(bench.experts_dir.glob("*.partial.pt"))
+    assert len(partial) == 1 and torch.load(partial[0], weights_only=True)["step"] == 2
+    monkeypatch.setattr(clip_benchmark, "lr_at", real_lr_at)
+    resumed = bench.expert("MNIST", cfg)
+    log = bench.expert_log("MNIST", cfg)
+    assert log["resumed_at_step"] == 2 and len(log["loss"]) == 4
+    assert not list(bench.experts_dir.glob("*.partial.pt"))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert not torch.equal(resumed["proj"], bench.pretrained_state()["proj"])
+
+
+def _fake_release_module():
+    """A stand-in for the public code's ``src.modeling`` module, which is not installed here."""
+    mod = types.ModuleType("fake_release_modeling")
+
+    class ImageEncoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+    ImageEncoder.__module__ = mod.__name__
+    ImageEncoder.__qualname__ = "ImageEncoder"
+    mod.ImageEncoder = ImageEncoder
+    return mod
+
+
+def test_import_of_saved_experts_and_refusal_of_other_architectures(root, tmp_path, monkeypatch):
+    bench = tiny_bench(root, tasks=("MNIST", "EuroSAT", "GTSRB"))
+    pre = bench.pretrained_state()
+    fake = {t: {k: v + 0.01 * (i + 1) for k, v in pre.items()} for i, t in enumerate(bench.tasks)}
+    folder = tmp_path / "experts"
+    folder.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(fake["MNIST"], str(folder / "MNIST.safetensors"))  # a plain image-tower state dict
+    (folder / "EuroSATVal").mkdir()  # a whole-CLIP state dict, nested, in the released layout
+    torch.save({"state_dict": {**{f"model.visual.{k}": v for k, v in fake["EuroSAT"].items()},
+                               "model.text_projection": torch.zeros(64, 64)}},
+               folder / "EuroSATVal" / "nonlinear_finetuned.pt")
+    # a pickled whole module whose class this environment cannot import
+    mod = _fake_release_module()
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    clip_model = create_clip(ClipModelConfig(**TINY))[0]
+    clip_model.visual.load_state_dict(fake["GTSRB"])
+    (folder / "gtsrb").mkdir()
+    torch.save(mod.ImageEncoder(clip_model), folder / "gtsrb" / "finetuned.pt")
+    monkeypatch.delitem(sys.modules, mod.__name__)
+
+    imported = bench.import_experts(folder)
+    for t in bench.tasks:
+        assert all(torch.equal(imported[t][k], fake[t][k]) for k in pre), t
+
+    via_params = mergelab.load_benchmark("clip", device="cpu", progress=False, tasks=["MNIST"], model={
+        **TINY, "experts_dir": str(folder)}, data={"root": str(root), "num_workers": 0})
+    assert torch.equal(via_params.expert("MNIST")["proj"], fake["MNIST"]["proj"])
+    assert via_params.expert_log("MNIST")["kind"] == "imported"
+
+    wrong = dict(pre)
+    wrong["proj"] = torch.zeros(64, 32)
+    torch.save(wrong, tmp_path / "wrong.pt")
+    with pytest.raises(CheckpointError, match=r"'proj' has shape \(64, 32\), expected \(64, 64\)"):
+        load_expert(tmp_path / "wrong.pt", pre)
+    torch.save({"linear.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="no ViT image tower"):
+        load_expert(tmp_path / "other.pt", pre)
+    with pytest.raises(CheckpointError, match=r"no checkpoint for task 'SVHN'.*SVHN\.safetensors"):
+        bench.import_experts(folder, ["SVHN"])
+    with pytest.raises(CheckpointError, match="does not exist"):
+        bench.import_experts(tmp_path / "nowhere")
+    assert set(read_checkpoint(folder / "MNIST.safetensors")) == set(pre)
+
+
+@pytest.mark.timeout(600)
+def test_whole_path_on_a_random_vit_b32(root, tmp_path, capsys):
+    """Random ViT-B-32: zero-shot heads from its text tower, fine-tuning, import, merge, evaluation."""
+    times = {}
+    start = time.perf_counter()
+    bench = mergelab.load_benchmark(
+        "clip", device="cpu", progress=False, tasks=["MNIST", "EuroSAT"], pretrain={}, head_shots=None,
+        model={"name": "ViT-B-32", "pretrained": None},
+        data={"root": str(root), "max_train": 4, "max_val": 2, "max_test": 2, "num_workers": 0,
+              "eval_batch_size": 4})
+    pre = bench.pretrained_state()
+    heads = bench.heads
+    times["model and heads"] = time.perf_counter() - start
+    assert len(pre) == 152 and sum(v.numel() for v in pre.values()) == 87_849_216
+    assert tuple(pre["conv1.weight"].shape) == (768, 3, 32, 32)
+    assert tuple(heads["MNIST"].weight.shape) == (10, 512) and tuple(heads["EuroSAT"].weight.shape) == (10, 512)
+
+    start = time.perf_counter()
+    cfg = mergelab.FinetuneConfig(optimizer="adamw", lr=1e-5, batch_size=2, num_steps=1, warmup_steps=0,
+                                  weight_decay=0.1, grad_clip=1.0)
+    expert = bench.expert("MNIST", cfg)
+    times["1 fine-tuning step (batch 2)"] = time.perf_counter() - start
+    assert any(not torch.equal(expert[k], pre[k]) for k in pre)
+
+    start = time.perf_counter()
+    folder = tmp_path / "experts"
+    folder.mkdir()
+    torch.save({"state_dict": {f"visual.{k}": v for k, v in expert.items()}}, folder / "MNIST.pt")
+    imported = bench.import_experts(folder, ["MNIST"])["MNIST"]
+    assert all(torch.equal(imported[k], expert[k]) for k in pre)
+    times["save and import"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    merged = mergelab.merge("task_arithmetic", pre, [TaskVector.from_states(pre, imported)], coefficient=0.5)
+    times["merge"] = time.perf_counter() - start
+    start = time.perf_counter()
+    acc = bench.evaluate(merged, "val")
+    times["evaluate (2 tasks x 2 images)"] = time.perf_counter() - start
+    assert set(acc) == {"MNIST", "EuroSAT"} and all(0 <= a <= 1 for a in acc.values())
+    with capsys.disabled():
+        print("\nrandom ViT-B-32 on CPU: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+
+
+def test_kth_smallest_magnitude_is_exact():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(12):
+        tensors = [torch.randn(int(torch.randint(1, 300, (1,), generator=g)), generator=g)
+                   * 10.0 ** float(torch.randint(-6, 2, (1,), generator=g)) for _ in range(3)]
+        tensors[0][:4] = 0.0
+        tensors[1][:3] = tensors[1][3]
+        if trial % 4 == 0:
+            tensors[2].zero_()  # heavy ties
+        flat = torch.cat([t.abs() for t in tensors])
+        for k in (1, flat.numel(), int(torch.randint(1, flat.numel() + 1, (1,), generator=g))):
+            assert kth_smallest_magnitude(tensors, k) == float(flat.kthvalue(k).values), (trial, k)
+    tv = TaskVector({"a": torch.randn(50, 20, generator=g), "b": torch.randn(77, generator=g)})
+    kept = sum(int((v.abs() > ties_threshold(tv, 0.3)).sum()) for v in tv.vector.values())
+    assert kept == round(0.3 * tv.numel())
+
+
+def test_streaming_benchmark_agrees_with_the_naive_merge(env):
+    spec = importlib.util.spec_from_file_location("bench_streaming_merge", ROOT / "benchmarks/bench_streaming_merge.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pretrained, tvs = bench.build_inputs(TINY_MODEL, 3)
+    for method, options in (("task_arithmetic", {"coefficient": 0.3}), ("ties", {"coefficient": 1.0, "density": 0.2})):
+        streamed = mergelab.merge(method, pretrained, tvs, **options)
+        naive = bench.naive_merge(method, pretrained, tvs, **options)
+        assert all(torch.allclose(streamed[k], naive[k], atol=1e-6) for k in pretrained), method
+    row = bench.run_worker(TINY_MODEL, 2, "ties", "streaming")
+    assert row["seconds"] > 0 and row["peak_gb"] > 0 and row["n_params"] == sum(v.numel() for v in pretrained.values())
+
+
+# ------------------------------------------------------------------------------------------ notebook
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_notebook_00_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
+    from mergelab import paths, report
+
+    name = "00_benchmark_and_baselines"
+    params = report.load_params(report.params_path("clip_smoke", name), "clip_smoke", name)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    report.execute_notebook(paths.notebooks_dir() / f"{name}.ipynb", params, reports)
+    results = json.loads((reports / "results" / f"{name}.json").read_text())
+    assert results["benchmark"] == "clip" and results["tasks"] == ["MNIST", "EuroSAT"]
+    assert results["provenance"]["parameters"]["profile"] == "clip_smoke"
+    methods = results["methods"]
+    assert {"zero_shot", "experts", "multitask", "weight_averaging", "task_arithmetic", "ties", "dare"} <= set(methods)
+    for m in methods.values():
+        assert set(m["per_task_accuracy"]) == {"MNIST", "EuroSAT"}
+        assert all(0 <= a <= 1 for a in m["per_task_accuracy"].values())
+    assert methods["experts"]["normalized_accuracy"] == pytest.approx(1.0)
+    executed = json.loads((reports / f"{name}.ipynb").read_text())
+    assert not [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
