@@ -1,0 +1,331 @@
+"""Sweeps of fine-tuning runs: many experts, each cached, several checkpoints from one run, resumable.
+
+:func:`sweep` takes configurations x tasks and makes sure every requested expert exists in the expert
+cache of :class:`mergelab.benchmark.TinyBenchmark` (``data/experts/expert-<key>.safetensors`` with a
+JSON sidecar), so ``bench.expert(task, cfg)`` returns it without training. It
+
+* snapshots several step counts from **one** run: with a constant learning rate (after warm-up), the
+  first ``s`` steps of a run with ``num_steps = T`` are exactly the run with ``num_steps = s`` (same
+  seeds, same batches), so the weights after ``s`` steps are cached under the key of that shorter run;
+* writes every checkpoint atomically (safetensors, then JSON); a checkpoint counts as done only when
+  both exist, so an interrupted sweep resumes by skipping what exists and re-running the rest;
+* runs in a process pool of ``workers`` processes (each with ``torch.set_num_threads(1)``), or in
+  this process when ``workers == 1``, with a tqdm bar over runs;
+* probes the trajectory: the per-example gradient norms of the run's loss on a few of its own training
+  examples at ``theta_0`` and at every checkpoint (the constants of :mod:`mergelab.stability`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .training import FinetuneConfig, finetune, subset_indices
+from .utils import atomic_save_safetensors, atomic_write_json
+
+_CONFIG_FIELDS = tuple(f.name for f in fields(FinetuneConfig))
+
+
+# ----------------------------------------------------------------------------- grids of configurations
+def config_grid(base: FinetuneConfig, **axes: Sequence[Any]) -> list[FinetuneConfig]:
+    """Every combination of ``axes`` (full factorial) applied to ``base``.
+
+    Example: ``config_grid(base, lr=[0.01, 0.03], batch_size=[16, 32])`` gives 4 configurations.
+    """
+    _check_axes(axes)
+    names = list(axes)
+    return [replace(base, **dict(zip(names, values))) for values in itertools.product(*(axes[n] for n in names))]
+
+
+def one_at_a_time(base: FinetuneConfig, **axes: Sequence[Any]) -> list[FinetuneConfig]:
+    """``base`` plus every configuration that changes exactly one of ``axes`` from ``base``
+    (a one-factor-at-a-time design: ``1 + sum(len(levels) - 1)`` configurations when ``base``'s value
+    is among each axis' levels)."""
+    _check_axes(axes)
+    out = [base]
+    for name, levels in axes.items():
+        for value in levels:
+            cfg = replace(base, **{name: value})
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
+def _check_axes(axes: Mapping[str, Sequence[Any]]) -> None:
+    for name, levels in axes.items():
+        if name not in _CONFIG_FIELDS:
+            raise ValueError(f"axis {name!r} is not a FinetuneConfig field; valid: {', '.join(_CONFIG_FIELDS)}.")
+        if isinstance(levels, (str, bytes)) or not isinstance(levels, Iterable) or len(list(levels)) == 0:
+            raise ValueError(f"axis {name}={levels!r} is not valid; pass a non-empty list of values.")
+
+
+# ----------------------------------------------------------------------------- runs and checkpoints
+@dataclass(frozen=True)
+class Run:
+    """One fine-tuning run of ``task`` with ``config`` (``num_steps`` = the last checkpoint), saving
+    checkpoints after each step count in ``steps``."""
+
+    task: str
+    config: FinetuneConfig
+    steps: tuple[int, ...]
+
+    def checkpoint_config(self, step: int) -> FinetuneConfig:
+        """The configuration whose run *is* this run's checkpoint at ``step``."""
+        return replace(self.config, num_steps=step)
+
+
+def plan_runs(configs: Sequence[FinetuneConfig], tasks: Sequence[str], steps: Sequence[int] | None = None
+              ) -> list[Run]:
+    """The runs that produce every ``(task, config)`` checkpoint, sharing runs where possible.
+
+    Args:
+        configs: fine-tuning recipes.
+        tasks: tasks to fine-tune each recipe on.
+        steps: step counts to checkpoint for every config (replacing its ``num_steps``); ``None``: each
+            config's own ``num_steps``. Configurations that differ only in ``num_steps`` share one run
+            when their schedule is ``"constant"`` and every step count is at least ``warmup_steps``.
+    """
+    if not configs:
+        raise ValueError("configs is empty; pass at least one FinetuneConfig.")
+    if not tasks:
+        raise ValueError("tasks is empty; pass at least one task.")
+    if steps is not None:
+        bad = [s for s in steps if not isinstance(s, int) or s < 1]
+        if bad or not steps:
+            raise ValueError(f"steps={list(steps)!r} is not valid; use positive integers (optimizer steps).")
+    wanted: dict[tuple[str, FinetuneConfig], set[int]] = {}
+    for cfg in configs:
+        for s in (steps if steps is not None else [cfg.num_steps]):
+            shareable = cfg.schedule == "constant" and s >= cfg.warmup_steps
+            if not shareable and (steps is not None and len(set(steps)) > 1):
+                raise ValueError(f"steps={list(steps)} needs schedule='constant' (got {cfg.schedule!r}, "
+                                 f"warmup_steps={cfg.warmup_steps}): only then is the run stopped at step s "
+                                 "the same as a checkpoint of a longer run.")
+            base = replace(cfg, num_steps=max(1, cfg.warmup_steps)) if shareable else replace(cfg, num_steps=s)
+            for task in tasks:
+                wanted.setdefault((task, base), set()).add(s)
+    runs = []
+    for (task, base), ss in wanted.items():
+        top = max(ss)
+        runs.append(Run(task, replace(base, num_steps=top), tuple(sorted(ss))))
+    return runs
+
+
+def checkpoint_path(bench: Any, task: str, cfg: FinetuneConfig) -> Path:
+    """Where ``bench.expert(task, cfg)`` caches its weights (``.json`` beside it holds the log)."""
+    return bench.experts_dir / f"expert-{bench._run_key('expert', [task], cfg)}.safetensors"
+
+
+def is_cached(bench: Any, task: str, cfg: FinetuneConfig) -> bool:
+    """``True`` when both the weights and the log of ``(task, cfg)`` exist."""
+    path = checkpoint_path(bench, task, cfg)
+    return path.is_file() and path.with_suffix(".json").is_file()
+
+
+def checkpoint_log(bench: Any, task: str, cfg: FinetuneConfig) -> dict[str, Any]:
+    """The JSON log of a cached checkpoint (config, loss curve, gradient-norm probes, wall time)."""
+    path = checkpoint_path(bench, task, cfg).with_suffix(".json")
+    if not path.is_file():
+        raise FileNotFoundError(f"no cached expert for task={task!r}, cfg={cfg}: expected {path}; run sweep() first.")
+    return json.loads(path.read_text())
+
+
+def _probe(model: torch.nn.Module, head: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    from .stability import per_example_gradient_norms
+
+    norms = per_example_gradient_norms(model, head, X, y)
+    return {"mean": float(norms.mean()), "max": float(norms.max())}
+
+
+@contextlib.contextmanager
+def record_gradient_norms(out: list[float]) -> Iterator[None]:
+    """Record the mini-batch gradient norm *before clipping* of every step that clips.
+
+    :func:`mergelab.training.finetune` clips with ``torch.nn.utils.clip_grad_norm_``, which returns
+    the unclipped norm; inside this context that function is wrapped to append the norm to ``out``
+    (and otherwise behaves the same). Only the optimizer steps see clipping, so
+    ``out[t]`` is step ``t``'s norm. The bound needs it: clipping at ``c`` turns step ``t`` into an SGD
+    step with learning rate ``eta_t min(1, c / ||g_t||)``.
+    """
+    original = torch.nn.utils.clip_grad_norm_
+
+    def recording(parameters: Any, max_norm: float, *args: Any, **kwargs: Any) -> torch.Tensor:
+        total = original(parameters, max_norm, *args, **kwargs)
+        out.append(float(total))
+        return total
+
+    torch.nn.utils.clip_grad_norm_ = recording
+    try:
+        yield
+    finally:
+        torch.nn.utils.clip_grad_norm_ = original
+
+
+def execute_run(bench: Any, run: Run, probe_size: int = 8) -> dict[str, Any]:
+    """Fine-tune ``run.task`` once and cache every checkpoint in ``run.steps`` that is missing.
+
+    Returns ``{"task", "steps_saved", "wall_time_s"}``.
+    """
+    missing = [s for s in run.steps if not is_cached(bench, run.task, run.checkpoint_config(s))]
+    if not missing:
+        return {"task": run.task, "steps_saved": [], "wall_time_s": 0.0}
+    last = max(missing)
+    cfg = run.checkpoint_config(last)
+    X, y = bench.split(run.task, "train")
+    head = bench.heads[run.task]
+    enc = bench.new_encoder(bench.pretrained_state())
+    probe_idx = subset_indices(len(y), cfg.data_fraction, cfg.seed)[:probe_size]
+    Xp, yp = X[probe_idx].to(bench.device), y[probe_idx].to(bench.device)
+    probes: dict[str, list[float]] = {"steps": [], "mean": [], "max": []}
+
+    def probe(step: int, model: torch.nn.Module) -> None:
+        if probe_size > 0:
+            p = _probe(model, head.to(bench.device), Xp, yp)
+            probes["steps"].append(step)
+            probes["mean"].append(p["mean"])
+            probes["max"].append(p["max"])
+
+    probe(0, enc.to(bench.device))
+    start = time.perf_counter()
+    times: dict[int, float] = {}
+    want = set(missing)
+
+    def on_step(step: int, model: torch.nn.Module) -> None:
+        if step in run.steps:
+            probe(step, model)
+        if step in want:
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            atomic_save_safetensors(checkpoint_path(bench, run.task, run.checkpoint_config(step)), state,
+                                    metadata={"kind": "expert", "tasks": run.task})
+            times[step] = time.perf_counter() - start
+
+    grad_norms: list[float] = []
+    with record_gradient_norms(grad_norms):
+        history = finetune(enc, {run.task: (X, y)}, {run.task: head}, cfg, device=bench.device,
+                           desc=f"{run.task}", progress=False, on_step=on_step)
+    for s in missing:
+        keep = [i for i, st in enumerate(probes["steps"]) if st <= s]
+        atomic_write_json(checkpoint_path(bench, run.task, run.checkpoint_config(s)).with_suffix(".json"), {
+            "kind": "expert", "tasks": [run.task], "benchmark": "tiny", "benchmark_key": bench.key,
+            "finetune": asdict(run.checkpoint_config(s)), "loss": history["loss"][:s], "lr": history["lr"][:s],
+            "batch_gradient_norm": grad_norms[:s],
+            "wall_time_s": times[s], "device": str(bench.device),
+            "checkpoint_of": asdict(cfg), "probe_size": probe_size,
+            "gradient_norm_probe": {k: [v[i] for i in keep] for k, v in probes.items()}})
+    return {"task": run.task, "steps_saved": sorted(missing), "wall_time_s": time.perf_counter() - start}
+
+
+# ----------------------------------------------------------------------------- process pool
+_WORKER_BENCH: Any = None
+
+
+def _init_worker(bench_config: Any, environ: Mapping[str, str]) -> None:
+    global _WORKER_BENCH
+    os.environ.update(environ)
+    torch.set_num_threads(1)
+    from .benchmark import TinyBenchmark
+
+    _WORKER_BENCH = TinyBenchmark(bench_config, device="cpu", progress=False)
+
+
+def _worker_run(run: Run, probe_size: int) -> dict[str, Any]:
+    return execute_run(_WORKER_BENCH, run, probe_size)
+
+
+def sweep(bench: Any, configs: Sequence[FinetuneConfig], tasks: Sequence[str],
+          steps: Sequence[int] | None = None, workers: int = 1, probe_size: int = 8,
+          progress: bool = True, threads: int | None = 1) -> pd.DataFrame:
+    """Make sure every ``(task, config, step)`` expert exists in the cache; return a table of them.
+
+    Args:
+        bench: a :class:`~mergelab.benchmark.TinyBenchmark`.
+        configs: fine-tuning recipes (see :func:`config_grid`, :func:`one_at_a_time`).
+        tasks: tasks to fine-tune every recipe on.
+        steps: step counts to checkpoint (see :func:`plan_runs`); ``None``: each config's ``num_steps``.
+        workers: processes to train in (each single-threaded); ``1`` trains here.
+        probe_size: training examples whose per-example gradient norms are probed at ``theta_0`` and
+            at every checkpoint (``0``: none).
+        progress: show a progress bar over runs.
+        threads: torch threads while training here (``workers == 1``), restored afterwards; ``None``
+            keeps the current setting. One thread per run is fastest on a shared machine: several
+            threads per run oversubscribe the cores that other jobs are using.
+
+    Returns:
+        One row per checkpoint: ``task``, the config's fields, ``step``, ``path``, ``trained`` (``True``
+        when this call trained it, ``False`` when it came from the cache). ``df.attrs["wall_time_s"]``
+        and ``df.attrs["runs_trained"]`` say what this call cost.
+    """
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r} is not valid; use a positive integer (1 trains in this process).")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads={threads!r} is not valid; use a positive integer or None.")
+    if probe_size < 0:
+        raise ValueError(f"probe_size={probe_size!r} is not valid; use 0 (no probes) or more.")
+    unknown = [t for t in tasks if t not in bench.heads]
+    if unknown:
+        raise ValueError(f"task {unknown[0]!r} is not a task of this benchmark; valid: {', '.join(bench.heads)}.")
+    start = time.perf_counter()
+    runs = plan_runs(configs, tasks, steps)
+    todo = [r for r in runs if not all(is_cached(bench, r.task, r.checkpoint_config(s)) for s in r.steps)]
+    trained: set[tuple[str, FinetuneConfig]] = set()
+    if todo:
+        bench.pretrained_state()  # build the shared caches once, before any worker starts
+        for t in {r.task for r in todo}:
+            bench.split(t, "train")
+        bar = tqdm(total=len(todo), desc=f"sweep ({len(runs) - len(todo)} of {len(runs)} runs cached)",
+                   disable=not progress, mininterval=1.0)
+        if workers == 1:
+            previous = torch.get_num_threads()
+            if threads is not None:
+                torch.set_num_threads(threads)
+            try:
+                for run in todo:
+                    info = execute_run(bench, run, probe_size)
+                    trained.update((run.task, run.checkpoint_config(s)) for s in info["steps_saved"])
+                    bar.update(1)
+            finally:
+                torch.set_num_threads(previous)
+        else:
+            import multiprocessing as mp
+
+            env = {k: v for k, v in os.environ.items() if k.startswith("MERGELAB_")}
+            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                     initializer=_init_worker, initargs=(bench.config, env)) as pool:
+                futures = {pool.submit(_worker_run, run, probe_size): run for run in todo}
+                for fut in as_completed(futures):
+                    run = futures[fut]
+                    info = fut.result()
+                    trained.update((run.task, run.checkpoint_config(s)) for s in info["steps_saved"])
+                    bar.update(1)
+        bar.close()
+    rows = []
+    for run in runs:
+        for s in run.steps:
+            cfg = run.checkpoint_config(s)
+            rows.append({"task": run.task, **asdict(cfg), "step": s, "path": str(checkpoint_path(bench, run.task, cfg)),
+                         "trained": (run.task, cfg) in trained})
+    df = pd.DataFrame(rows)
+    df.attrs["wall_time_s"] = time.perf_counter() - start
+    df.attrs["runs_trained"] = len(todo)
+    df.attrs["runs_total"] = len(runs)
+    return df
+
+
+def row_config(row: Mapping[str, Any]) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` of one row of :func:`sweep`'s table (``num_steps`` = its ``step``)."""
+    ints = {"batch_size", "num_steps", "warmup_steps", "seed"}
+    values = {k: row["step"] if k == "num_steps" and "step" in row else row[k] for k in _CONFIG_FIELDS}
+    return FinetuneConfig(**{k: int(v) if k in ints else (v if isinstance(v, str) else float(v))
+                             for k, v in values.items()})

@@ -1,0 +1,87 @@
+"""What the stability-bound notebook promises in its results JSON (smoke parameters)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from conftest import NOTEBOOKS  # noqa: F401  (the notebook must exist to be collected there too)
+from mergelab import report
+
+NAME = "01_stability_bound"
+HYPERPARAMETERS = ("lr", "batch_size", "data_fraction", "num_steps")
+
+
+@pytest.fixture(scope="module")
+def params():
+    return report.load_params(report.params_path("smoke", NAME), "smoke", NAME)
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_grid_merges_and_correlations_are_recorded(run_notebook, params):
+    results = run_notebook(NAME)
+    # the grid: one run per recipe and task, every checkpoint cached
+    n_recipes = 1 + sum(len(v) - 1 for k, v in params["levels"].items() if k != "num_steps")
+    assert results["experts"]["runs"] == n_recipes * len(params["task_pool"])
+    assert results["experts"]["checkpoints"] == results["experts"]["runs"] * len(params["checkpoints"])
+
+    # the merges: per draw, homogeneous (recipes x checkpoints), heterogeneous (one per hyperparameter),
+    # and the centre + heterogeneous merges again per sparsifying method
+    per_draw = n_recipes * len(params["checkpoints"]) + 4 + len(params["sparsify"]) * (1 + 4)
+    merges = results["merges"]
+    assert len(merges) == params["num_draws"] * per_draw
+    for m in merges:
+        assert m["generalization_gap"] == pytest.approx(m["test_loss"] - m["train_loss"])
+        assert len(m["tasks"].split("+")) == params["merge_size"]
+        if m["method"] == "weight_averaging":
+            for regime in ("quadratic", "smooth"):
+                assert m[f"bound_{regime}"] > 0
+                assert m[f"sampling_{regime}"] >= 0 and m[f"drift_{regime}"] >= 0
+        else:
+            assert m["bound_quadratic"] is None  # the bound is derived for plain averaging only
+    hetero = [m for m in merges if m["kind"] == "heterogeneous" and m["method"] == "weight_averaging"]
+    centre = params["centre"]
+    for m in hetero:  # equal mean hyperparameters to the centre merge
+        for h in HYPERPARAMETERS:
+            assert m[f"mean_{h}"] == pytest.approx(centre[h])
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_constants_and_rank_correlations(run_notebook, params):
+    results = run_notebook(NAME)
+    consts = results["constants"]
+    assert {r["task"] for r in consts["curvature"]} == set(params["curvature_tasks"])
+    assert all(b > 0 for b in consts["beta_schedule"]["beta"])
+    assert all(p["gradient_norm_mean"] > 0 for p in consts["gradient_norm_probes"])
+    assert consts["lipschitz_mean"] > 0
+    for regime in ("quadratic", "smooth"):
+        corr = results["rank_correlation"][regime]
+        assert set(corr) == {"overall", *HYPERPARAMETERS}
+        n_avg = sum(m["method"] == "weight_averaging" for m in results["merges"])
+        assert corr["overall"]["n"] == n_avg
+        rho = corr["overall"]["spearman"]
+        assert rho is None or (isinstance(rho, float) and (math.isnan(rho) or -1 <= rho <= 1))
+    machine = results["machine"]
+    assert machine["cpu_count"] >= 1 and len(machine["load_average_start"]) == 3
+
+
+def test_parameter_files_match_the_notebook_defaults():
+    """params/tiny is the notebook's parameters cell; tiny_full reuses the tiny benchmark's caches."""
+    import json
+
+    from mergelab import paths
+
+    nb = json.loads((paths.notebooks_dir() / f"{NAME}.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    defaults: dict = {}
+    exec("".join(cell["source"]), {}, defaults)  # literals only
+    tiny = yaml.safe_load(report.params_path("tiny", NAME).read_text())
+    assert defaults == tiny
+    full = yaml.safe_load(report.params_path("tiny_full", NAME).read_text())
+    for key in ("data", "model", "pretrain", "head_shots", "tasks"):
+        assert full[key] == tiny[key], key
+    assert full["workers"] == tiny["workers"] == 1

@@ -1,0 +1,118 @@
+"""What the task-vectors-as-gradients notebook promises in its results JSON (smoke parameters)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mergelab import report
+
+NAME = "02_task_vectors_as_gradients"
+
+
+@pytest.fixture(scope="module")
+def results(run_notebook):
+    return run_notebook(NAME)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return report.load_params(report.params_path("smoke", NAME), "smoke", NAME)
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_one_step_identity_holds_to_float_precision(results, params):
+    one = results["one_step_exactness"]
+    assert set(one) == set(params["one_step_dtypes"])
+    for dtype, res in one.items():
+        eps = res["gradient_step"]["machine_epsilon"]
+        assert set(res["per_task"]) == set(results["tasks"])
+        for task, r in res["per_task"].items():
+            # rounding only: at most a few thousand epsilons relative to the update
+            assert 0 <= r["relative_error"] < 5000 * eps, (dtype, task)
+            assert r["update_norm"] > 0
+        assert res["task_arithmetic"]["relative_error"] < 5000 * eps
+        assert res["gradient_step"]["relative_error"] < 5000 * eps
+    if {"float32", "float64"} <= set(one):
+        worst = {dt: max(r["relative_error"] for r in one[dt]["per_task"].values()) for dt in ("float32", "float64")}
+        assert worst["float64"] < 1e-6 * worst["float32"]
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_per_epoch_cosines_cover_every_run_and_small_sgd_steps_follow_the_gradient(results, params):
+    rows = results["per_epoch_cosines"]
+    expected = {(opt, float(lr), task, e) for opt, lrs in params["learning_rates"].items() for lr in lrs
+                for task in results["tasks"] for e in range(1, params["epochs"] + 1)}
+    assert {(r["optimizer"], r["lr"], r["task"], r["epoch"]) for r in rows} == expected
+    for r in rows:
+        assert -1 - 1e-9 <= r["cosine"] <= 1 + 1e-9
+        assert r["norm_ratio"] > 0
+        if r["epoch"] == 1:
+            assert r["first_epoch_share"] == pytest.approx(1.0)
+    # the smallest SGD learning rate, first epoch: one pass of small steps is -eta k grad L(theta_0)
+    lr0 = min(params["learning_rates"]["sgd"])
+    first = [r for r in rows if r["optimizer"] == "sgd" and r["lr"] == lr0 and r["epoch"] == 1]
+    assert all(r["cosine"] > 0.95 for r in first)
+    assert all(r["norm_ratio"] == pytest.approx(1.0, abs=0.05) for r in first)
+    means = results["per_epoch_cosine_mean"]
+    assert set(means) == set(params["learning_rates"])
+    assert all(len(v) == params["epochs"] for by_lr in means.values() for v in by_lr.values())
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_second_order_term_explains_most_of_the_gap_at_small_learning_rate(results, params):
+    rows = [r for r in results["taylor_gap"] if r["steps"] > 1]
+    assert {r["lr"] for r in rows} == {float(x) for x in params["gd_learning_rates"]}
+    lr0 = min(params["gd_learning_rates"])
+    small = [r for r in rows if r["lr"] == lr0]
+    assert all(r["relative_residual"] < 0.5 * r["relative_gap"] for r in small)
+    assert all(r["gap_cosine"] > 0.8 for r in small)
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_merged_accuracy_per_number_of_epochs_and_references(results, params):
+    epochs = [str(e) for e in params["merge_epochs"]]
+    methods = results["merge_methods"]
+    assert "task_arithmetic" in methods
+    assert set(methods) | set(results["merge_methods_skipped"]) == set(params["merge_methods"])
+    assert set(results["merged_accuracy_by_epochs"]) == set(params["merge_learning_rates"])
+    rows = [r for by_method in results["merged_accuracy_by_epochs"].values() for m in methods
+            for r in by_method[m].values()]
+    assert len(rows) == len(params["merge_learning_rates"]) * len(methods) * len(epochs)
+    assert all(set(by_method[m]) == set(epochs) for by_method in results["merged_accuracy_by_epochs"].values()
+               for m in methods)
+    rows += [results["merged_converged"][m] for m in methods]
+    for r in rows:
+        assert set(r["per_task_accuracy"]) == set(results["tasks"])
+        assert r["absolute_accuracy"] == pytest.approx(sum(r["per_task_accuracy"].values()) / len(results["tasks"]))
+        assert r["coefficient"] in [float(c) for c in params["coefficient_grid"]]
+        assert r["validation_sweep"][str(r["coefficient"])] == max(r["validation_sweep"].values())
+    for opt in params["merge_learning_rates"]:
+        mt = results["multitask_same_budget"][opt]
+        assert [mt[e]["num_steps"] for e in epochs] == [int(e) * results["steps_per_epoch"] for e in epochs]
+        assert set(results["experts_by_epochs"][opt]) == set(epochs)
+        for e in epochs:
+            cmp = results["sum_vs_multitask"][opt][e]
+            assert cmp["relative_distance"] >= 0 and -1 - 1e-9 <= cmp["cosine"] <= 1 + 1e-9
+            assert 0 <= cmp["sum_accuracy"] <= 1
+    # normalized accuracy is relative to the converged experts
+    conv = results["converged_expert_accuracy"]
+    r = results["merged_converged"]["task_arithmetic"]
+    assert r["normalized_accuracy"] == pytest.approx(
+        sum(r["per_task_accuracy"][t] / conv[t] for t in conv) / len(conv))
+    assert results["trajectory_seconds_per_step"] > 0
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_layer_cosines_are_per_layer_group_and_task(results):
+    tables = results["layer_cosines_last_epoch"]
+    assert len(tables) == len(results["merge_learning_rates"])
+    for table in tables.values():
+        assert set(table) == set(results["tasks"])
+        for by_group in table.values():
+            assert {"embedding", "block0.attn", "block0.mlp", "output"} <= set(by_group)
+            assert all(-1 - 1e-9 <= v <= 1 + 1e-9 for v in by_group.values())

@@ -1,0 +1,257 @@
+"""The stability bound: exact on quadratics, HRS's closed forms, monotone in every hyperparameter."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mergelab.stability import (REGIMES, Curvature, ExpertHyperparameters, amplification, averaged_stability,
+                                expert_stability, generalization_bound, gradient_norm_schedule,
+                                hessian_extreme_eigenvalues, per_example_gradient_norms, smooth_generalization_bound)
+from mergelab.training import FinetuneConfig
+
+
+def two_runs_on_quadratic(lam: float, eta: float, T: int, n: int, G: float, mu: float = 0.0) -> float:
+    """|x_T - x'_T| of full-batch heavy-ball GD on f(x; z) = lam x^2 / 2 - z x, data z = +G everywhere,
+    one example replaced by -G (so the replaced example's gradients differ by exactly 2G)."""
+    x = xp = v = vp = 0.0
+    for _ in range(T):
+        v = mu * v + (lam * x - G)
+        vp = mu * vp + (lam * xp - (G * (n - 1) - G) / n)
+        x, xp = x - eta * v, xp - eta * vp
+    return abs(x - xp)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_full_batch_gd_on_a_quadratic_matches_the_closed_form(regime):
+    lam, eta, T, n, G = 0.5, 0.1, 50, 10, 1.0
+    exact = two_runs_on_quadratic(lam, eta, T, n, G)
+    closed_form = 2 * G / (n * lam) * (1 - (1 - eta * lam) ** T)  # (2 eta G / n) sum_k (1 - eta lam)^k
+    assert exact == pytest.approx(closed_form, rel=1e-12)
+    hp = ExpertHyperparameters.constant(eta, T, batch_size=n, n_train=n)  # full batch: p = 1
+    terms = expert_stability(hp, G, Curvature(beta=lam, rho=-lam), regime)  # spectrum {lam}
+    assert terms.sampling == pytest.approx(0.0, abs=1e-15)
+    assert terms.epsilon == pytest.approx(closed_form, rel=1e-9)
+
+
+def test_nonconvex_expansion_is_hardt_recht_singer():
+    lam, eta, T, n, G = -0.3, 0.1, 40, 10, 1.0  # concave direction: expansion 1 + eta |lam| per step
+    exact = two_runs_on_quadratic(lam, eta, T, n, G)
+    hp = ExpertHyperparameters.constant(eta, T, batch_size=n, n_train=n)
+    smooth = expert_stability(hp, G, Curvature(beta=0.3), "smooth")  # rho unknown: rho = beta
+    hrs = (2 * G * eta / n) * sum((1 + eta * 0.3) ** k for k in range(T))
+    assert smooth.epsilon == pytest.approx(hrs, rel=1e-9)
+    assert smooth.epsilon == pytest.approx(exact, rel=1e-9)  # the worst case is attained by this quadratic
+    a = amplification(hp, Curvature(beta=0.3), "smooth")
+    assert np.allclose(a, eta * (1 + eta * 0.3) ** np.arange(T - 1, -1, -1))
+
+
+def test_heavy_ball_on_a_quadratic_is_exact_and_the_norm_recursion_only_bounds_it():
+    lam, eta, T, n, G, mu = 0.5, 0.1, 60, 10, 1.0, 0.5
+    exact = two_runs_on_quadratic(lam, eta, T, n, G, mu)
+    hp = ExpertHyperparameters.constant(eta, T, batch_size=n, n_train=n, momentum=mu)
+    quad = expert_stability(hp, G, Curvature(beta=lam, rho=-lam), "quadratic")
+    smooth = expert_stability(hp, G, Curvature(beta=lam, rho=-lam), "smooth")
+    assert quad.epsilon == pytest.approx(exact, rel=1e-9)
+    assert smooth.epsilon > exact  # norms lose the sign structure momentum relies on
+
+
+def test_minibatch_sgd_on_a_quadratic_matches_monte_carlo():
+    """E||x_T - x'_T||^2 of real mini-batch SGD runs equals sampling + drift (independent batches)."""
+    lam, eta, T, n, b, G, sims = 0.4, 0.2, 25, 12, 3, 1.0, 40000
+    rng = np.random.default_rng(0)
+    z = rng.uniform(-G, G, size=n)
+    z[0] = G
+    zp = z.copy()
+    zp[0] = -G
+    x = np.zeros(sims)
+    xp = np.zeros(sims)
+    for _ in range(T):
+        batch = np.argsort(rng.random((sims, n)), axis=1)[:, :b]  # b distinct examples, fresh each step
+        x = x - eta * (lam * x - z[batch].mean(1))
+        xp = xp - eta * (lam * xp - zp[batch].mean(1))
+    measured = float(np.mean((x - xp) ** 2))
+    hp = ExpertHyperparameters.constant(eta, T, batch_size=b, n_train=n)
+    terms = expert_stability(hp, G, Curvature(beta=lam, rho=-lam), "quadratic")
+    assert terms.l2 == pytest.approx(measured, rel=0.03)
+    assert terms.sampling > 0 and terms.drift > 0
+
+
+def test_linear_model_sgd_stays_below_the_bound():
+    """Least squares on a 5-d linear model with SGD: measured on-average L2 stability <= the bound."""
+    torch.manual_seed(0)
+    n, d, b, T, eta = 16, 5, 4, 30, 0.05
+    X = torch.randn(n, d) / math.sqrt(d)
+    y = torch.randn(n)
+    H = X.T @ X / n
+    eig = torch.linalg.eigvalsh(H)
+    sims, diffs, gmax, beta = 300, [], 0.0, float((X ** 2).sum(1).max())
+    g = torch.Generator().manual_seed(1)
+    for _ in range(sims):
+        Xp, yp = X.clone(), y.clone()
+        Xp[0], yp[0] = torch.randn(d, generator=g) / math.sqrt(d), torch.randn((), generator=g)
+        beta = max(beta, float((Xp[0] ** 2).sum()))
+        w, wp = torch.zeros(d), torch.zeros(d)
+        for _ in range(T):
+            idx = torch.randperm(n, generator=g)[:b]
+            r, rp = X[idx] @ w - y[idx], Xp[idx] @ wp - yp[idx]
+            per = (X[idx] * r[:, None]).norm(dim=1).max().item()
+            gmax = max(gmax, per, (Xp[idx] * rp[:, None]).norm(dim=1).max().item())
+            w, wp = w - eta * X[idx].T @ r / b, wp - eta * Xp[idx].T @ rp / b
+        diffs.append(((w - wp) ** 2).sum().item())
+    measured = float(np.mean(diffs))
+    # per-example Hessians x x^T differ here, so use the norm recursion (convex: rho = 0) with the
+    # largest per-example curvature and the largest per-example gradient norm met on any run
+    hp = ExpertHyperparameters.constant(eta, T, batch_size=b, n_train=n)
+    bound = expert_stability(hp, gmax, Curvature(beta=beta, rho=0.0), "smooth").l2
+    assert measured <= bound
+    assert eig.min() > 0
+
+
+HP = dict(lr=0.01, num_steps=50, batch_size=16, n_train=500)
+
+
+def _eps(regime: str, **change) -> float:
+    p = {**HP, **change}
+    hp = ExpertHyperparameters.constant(p["lr"], p["num_steps"], p["batch_size"], p["n_train"], momentum=0.9)
+    return expert_stability(hp, 2.0, Curvature(beta=50.0, rho=0.5), regime).epsilon
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_the_bound_is_monotone_in_every_hyperparameter(regime):
+    lrs = [_eps(regime, lr=v) for v in (0.002, 0.005, 0.01, 0.02)]
+    steps = [_eps(regime, num_steps=v) for v in (10, 20, 50, 100)]
+    sizes = [_eps(regime, n_train=v) for v in (100, 200, 500, 1000)]
+    batches = [_eps(regime, batch_size=v) for v in (4, 8, 16, 64)]
+    assert all(np.diff(lrs) > 0) and all(np.diff(steps) > 0)
+    assert all(np.diff(sizes) < 0)
+    assert all(np.diff(batches) <= 1e-12)  # at a fixed number of steps, only the sampling term depends on b
+
+
+def test_drift_is_independent_of_batch_size_and_sampling_shrinks_with_it():
+    def terms(b):
+        return expert_stability(ExpertHyperparameters.constant(0.01, 40, b, 400), 1.0, Curvature(10.0, 0.0))
+    t8, t32 = terms(8), terms(32)
+    assert t8.drift == pytest.approx(t32.drift, rel=1e-12)
+    assert t32.sampling < t8.sampling
+
+
+def test_averaging_k_identical_experts_divides_stability_by_k():
+    t = expert_stability(ExpertHyperparameters.constant(0.01, 40, 8, 400), 1.0, Curvature(10.0, 0.0))
+    for K in (1, 2, 5):
+        avg = averaged_stability([t] * K)
+        assert avg.l2 == pytest.approx(t.l2 / K ** 2, rel=1e-12)
+        assert generalization_bound([t] * K, 3.0) == pytest.approx(3.0 * t.epsilon / K, rel=1e-12)
+
+
+def test_heterogeneous_data_sizes_are_worse_than_homogeneous_at_equal_mean():
+    """Jensen: eps is convex in 1/n's argument n, so spreading n around its mean raises the average."""
+    def term(n):
+        return expert_stability(ExpertHyperparameters.constant(0.01, 40, 8, n), 1.0, Curvature(10.0, 0.0))
+    homo = generalization_bound([term(500)] * 3, 1.0)
+    hetero = generalization_bound([term(n) for n in (250, 500, 750)], 1.0)
+    assert hetero > homo
+
+
+def test_clipping_turns_into_smaller_learning_rates():
+    cfg = FinetuneConfig(optimizer="sgd", lr=0.1, batch_size=8, num_steps=4, schedule="constant", warmup_steps=0,
+                         grad_clip=1.0, data_fraction=0.5)
+    hp = ExpertHyperparameters.from_config(cfg, 100, batch_gradient_norms=[10.0, 2.0, 0.5, 1.0])
+    assert hp.lrs == pytest.approx((0.01, 0.05, 0.1, 0.1))
+    assert hp.n_train == 50 and hp.batch_size == 8
+    assert ExpertHyperparameters.from_config(cfg, 100).lrs == (0.1,) * 4
+    assert ExpertHyperparameters.from_config(cfg, 100, num_steps=2).num_steps == 2
+
+
+def test_curvature_schedule_interpolates_and_weight_decay_shifts_it():
+    c = Curvature(beta=(1000.0, 10.0), rho=(1.0, 0.0), steps=(0, 10))
+    lo, hi = c.spectrum(21, weight_decay=0.5)
+    assert hi[0] == pytest.approx(1000.5) and hi[5] == pytest.approx(100.5) and hi[20] == pytest.approx(10.5)
+    assert lo[0] == pytest.approx(-0.5) and lo[20] == pytest.approx(0.5)
+    lo, hi = Curvature(beta=4.0).spectrum(3)
+    assert np.all(lo == -4.0) and np.all(hi == 4.0)
+
+
+def test_gradient_norm_schedule_interpolates_between_probes():
+    G = gradient_norm_schedule([0, 10, 20], [100.0, 10.0, 1.0], 25)
+    assert G.shape == (25,) and G[0] == 100.0 and G[5] == pytest.approx(55.0) and G[24] == 1.0
+
+
+def test_smooth_form_of_lei_and_ying():
+    assert smooth_generalization_bound(0.0, 10.0, 1.0) == 0.0
+    assert smooth_generalization_bound(0.04, 10.0, 0.5) == pytest.approx(math.sqrt(2 * 10 * 0.5 * 0.04) + 10 * 0.04 / 2)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(lrs=(0.1,), batch_size=20, n_train=10), "batch_size"),
+    (dict(lrs=(), batch_size=1, n_train=10), "lrs"),
+    (dict(lrs=(0.1,), batch_size=1, n_train=10, momentum=1.0), "momentum"),
+])
+def test_bad_hyperparameters_are_named(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ExpertHyperparameters(**kwargs)
+
+
+def test_bad_curvature_and_regime_are_named():
+    with pytest.raises(ValueError, match="beta"):
+        Curvature(beta=0.0)
+    with pytest.raises(ValueError, match="rho"):
+        Curvature(beta=1.0, rho=-2.0)
+    with pytest.raises(ValueError, match="regime"):
+        amplification(ExpertHyperparameters.constant(0.1, 3, 1, 10), Curvature(1.0), regime="convex")
+    with pytest.raises(ValueError, match="gradient_norm"):
+        expert_stability(ExpertHyperparameters.constant(0.1, 3, 1, 10), [1.0, 2.0], Curvature(1.0))
+
+
+class _Identity(nn.Module):
+    def forward(self, x):
+        return x
+
+
+def test_hessian_power_iteration_finds_the_extreme_eigenvalues_of_a_linear_softmax_model():
+    torch.manual_seed(0)
+    enc = nn.Linear(4, 3, bias=False)
+    X, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    lam_max, lam_min = hessian_extreme_eigenvalues(enc, _Identity(), X, y, iters=200)
+
+    def loss(w):
+        return nn.functional.cross_entropy(X @ w.reshape(3, 4).T, y)
+
+    H = torch.autograd.functional.hessian(loss, enc.weight.detach().reshape(-1))
+    eig = torch.linalg.eigvalsh(H)
+    assert lam_max == pytest.approx(float(eig.max()), rel=1e-3)
+    assert lam_min == pytest.approx(float(eig.min()), abs=1e-3 * float(eig.max()))  # softmax CE: min ~ 0
+
+
+def test_per_example_gradient_norms_match_a_loop():
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    X, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    norms = per_example_gradient_norms(enc, _Identity(), X, y, chunk=4)
+    loop = []
+    for i in range(6):
+        grads = torch.autograd.grad(nn.functional.cross_entropy(enc(X[i:i + 1]), y[i:i + 1]), list(enc.parameters()))
+        loop.append(torch.sqrt(sum((g ** 2).sum() for g in grads)))
+    assert torch.allclose(norms, torch.stack(loop), rtol=1e-5)
+
+
+def test_control_variate_gap_removes_the_noise_shared_with_the_reference():
+    """Per-example losses = reference losses (heavy noise, same on both models) + a true shift on test."""
+    from mergelab.stability import control_variate_gap
+
+    g = torch.Generator().manual_seed(0)
+    raw, adjusted = [], []
+    for _ in range(200):
+        ref_tr, ref_te = 10 * torch.rand(500, generator=g) ** 3 * 5, 10 * torch.rand(500, generator=g) ** 3 * 5
+        tr = 0.5 * ref_tr + 0.05 * torch.randn(500, generator=g)
+        te = 0.5 * ref_te + 0.05 * torch.randn(500, generator=g) + 0.1  # true gap 0.1
+        gap, c = control_variate_gap(tr, te, ref_tr, ref_te)
+        adjusted.append(gap)
+        raw.append(float(te.mean() - tr.mean()))
+        assert c == pytest.approx(0.5, abs=0.02)
+    assert np.mean(adjusted) == pytest.approx(0.1, abs=0.01)
+    assert np.std(adjusted) < 0.1 * np.std(raw)
