@@ -1,0 +1,295 @@
+"""Benchmark TSV-M: the fast merge in ``mergelab.tsv`` against a plain per-task, per-layer reference.
+
+Task vectors are synthetic and shaped like open_clip ViT-B-32's image tower (every parameter of
+``open_clip.create_model("ViT-B-32").visual``). Each 2-D task matrix is *random low-rank plus noise*:
+a rank ``min(m, n) / 4`` part with random Gaussian factors and singular values decaying like
+``1 / i`` (the smooth decay fine-tuning updates show), plus i.i.d. Gaussian noise holding 10 % of the
+Frobenius norm; other tensors are small Gaussian updates.
+
+Two measurements per number of tasks ``T``:
+
+1. **Per layer, interleaved.** For the 2-D matrices of the first ``--blocks`` residual blocks plus
+   ``positional_embedding`` and ``proj``, each layer is merged by the reference
+   (:func:`mergelab.tsv.tsv_merge_matrix_reference`: one ``torch.linalg.svd`` per task, polar factors
+   by SVD, torch's default threads), by the same reference restricted to one thread, and by the fast
+   variants, one after the other, so that changes in the machine's load hit all of them alike.
+   Relative difference: ``||fast - reference||_F / ||reference||_F`` over all those layers.
+   The 12 residual blocks of ViT-B-32 have identical shapes, so the ratio on a few blocks is the
+   ratio on the model.
+2. **End to end.** :func:`mergelab.tsv.tsv_merge` on the whole model (all 12 blocks and every other
+   tensor): wall time, CPU time and peak memory.
+
+Memory: peak resident set size (``VmHWM`` from ``/proc/self/status``, reset before each measurement
+by writing ``5`` to ``/proc/self/clear_refs``; where that is not allowed, the peak of ``psutil``
+samples every 10 ms), reported as the increase over the resident size before the call. On a GPU:
+``torch.cuda.max_memory_allocated``.
+
+Run ``python benchmarks/bench_tsv.py`` (``make bench``); ``--help`` lists the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from mergelab import tsv
+from mergelab.task_vectors import TaskVector
+
+
+# ----------------------------------------------------------------------------- memory
+def _rss_kib() -> int:
+    return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+
+def _hwm_kib() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+
+def _can_reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak memory of a block of code, in MiB above the level at its start (RSS, or CUDA memory)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.method = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+                       else "VmHWM (reset via /proc/self/clear_refs)" if _can_reset_peak()
+                       else "psutil RSS sampled every 10 ms")
+        self.peak_mib = 0.0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._base = _rss_kib() * 1024
+            if self.method.startswith("VmHWM"):
+                _can_reset_peak()
+            else:
+                import psutil
+
+                self._stop = threading.Event()
+                self._samples = [self._base]
+                proc = psutil.Process()
+
+                def sample() -> None:
+                    while not self._stop.is_set():
+                        self._samples.append(proc.memory_info().rss)
+                        time.sleep(0.01)
+
+                self._thread = threading.Thread(target=sample, daemon=True)
+                self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        elif self.method.startswith("VmHWM"):
+            peak = _hwm_kib() * 1024
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._samples)
+        self.peak_mib = max(0.0, (peak - self._base) / 2**20)
+
+
+# ----------------------------------------------------------------------------- synthetic task vectors
+def vit_b32_shapes() -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of open_clip ViT-B-32's image tower (built once, without weights)."""
+    import open_clip
+
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    shapes = {k: tuple(v.shape) for k, v in model.visual.state_dict().items() if torch.is_floating_point(v)}
+    del model
+    return shapes
+
+
+def synthetic_task_matrix(m: int, n: int, g: torch.Generator, noise: float = 0.1, scale: float = 1e-3
+                          ) -> torch.Tensor:
+    """Random low-rank plus noise: rank ``min(m, n) // 4`` with singular values ``~ 1 / i`` and
+    Gaussian noise holding ``noise`` of the Frobenius norm; entries of size about ``scale``."""
+    r = max(1, min(m, n) // 4)
+    s = 1.0 / torch.arange(1, r + 1, dtype=torch.float32)
+    left = torch.randn(m, r, generator=g) / m ** 0.5
+    right = torch.randn(n, r, generator=g) / n ** 0.5
+    low_rank = (left * s) @ right.T
+    low_rank *= (1 - noise ** 2) ** 0.5 / low_rank.norm()
+    rand = torch.randn(m, n, generator=g)
+    out = low_rank + rand * (noise / rand.norm())
+    return out * (scale * (m * n) ** 0.5)
+
+
+def synthetic_task_vectors(shapes: dict[str, tuple[int, ...]], num_tasks: int, seed: int) -> list[TaskVector]:
+    out = []
+    for t in range(num_tasks):
+        g = torch.Generator().manual_seed(seed * 1000 + t)
+        vec = {}
+        for k, shape in shapes.items():
+            if len(shape) == 2 and "text_projection" not in k:
+                vec[k] = synthetic_task_matrix(shape[0], shape[1], g)
+            else:
+                vec[k] = 1e-3 * torch.randn(shape, generator=g)
+        out.append(TaskVector(vec))
+    return out
+
+
+# ----------------------------------------------------------------------------- timing
+@dataclass
+class Timing:
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    diff_sq: float = 0.0
+    ref_sq: float = 0.0
+    layers: int = 0
+    per_kind: dict[str, float] = field(default_factory=dict)
+
+    def rel_diff(self) -> float:
+        return (self.diff_sq / self.ref_sq) ** 0.5 if self.ref_sq > 0 else float("nan")
+
+
+def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    c, w = time.process_time(), time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+class single_thread:
+    """Run torch with one intra-op thread inside the block."""
+
+    def __enter__(self) -> None:
+        self._n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self._n)
+
+
+def per_layer(task_vectors: list[TaskVector], keys: list[str], device: torch.device, variants: dict,
+              single_thread_reference: bool) -> dict[str, Timing]:
+    timings = {"reference": Timing()}
+    if single_thread_reference:
+        timings["reference, 1 thread"] = Timing()
+    timings.update({name: Timing() for name in variants})
+    for key in keys:
+        stack = torch.stack([tv[key] for tv in task_vectors]).to(device)
+        mats = list(stack)
+        kind = tsv.layer_kind(key, stack.shape[1:])
+        ref, w, c = timed(lambda: tsv.tsv_merge_matrix_reference(mats), device)
+        runs = {"reference": (ref, w, c)}
+        if single_thread_reference:
+            with single_thread():
+                runs["reference, 1 thread"] = timed(lambda: tsv.tsv_merge_matrix_reference(mats), device)
+        for name, options in variants.items():
+            with single_thread() if "1 thread" in name else contextlib.nullcontext():
+                runs[name] = timed(lambda: tsv.tsv_merge_matrices(stack, **options), device)
+        ref_sq = float(ref.double().pow(2).sum())
+        for name, (out, w, c) in runs.items():
+            tm = timings[name]
+            tm.wall_s += w
+            tm.cpu_s += c
+            tm.diff_sq += float((out.double() - ref.double()).pow(2).sum())
+            tm.ref_sq += ref_sq
+            tm.layers += 1
+            tm.per_kind[kind] = tm.per_kind.get(kind, 0.0) + w
+    return timings
+
+
+def end_to_end(task_vectors: list[TaskVector], device: torch.device) -> dict[str, float]:
+    pretrained = {k: torch.zeros_like(v) for k, v in task_vectors[0].items()}
+    with PeakMemory(device) as mem:
+        _, w, c = timed(lambda: tsv.tsv_merge(pretrained, task_vectors, device=device), device)
+    return {"wall_s": w, "cpu_s": c, "peak_mib": mem.peak_mib, "memory_method": mem.method}
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--tasks", type=int, nargs="+", default=[8, 20], help="numbers of task vectors T")
+    parser.add_argument("--blocks", type=int, default=1,
+                        help="residual blocks (of 12) whose matrices are compared with the reference layer by layer")
+    parser.add_argument("--no-single-thread-reference", action="store_true",
+                        help="skip the reference restricted to one thread")
+    parser.add_argument("--no-end-to-end", action="store_true", help="skip the whole-model tsv_merge run")
+    parser.add_argument("--device", default="auto", help="'auto' (the GPU when there is one), 'cpu' or 'cuda'")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not 1 <= args.blocks <= 12:
+        parser.error(f"--blocks={args.blocks} is not valid; use 1..12 (ViT-B-32 has 12 residual blocks).")
+    if any(t < 1 for t in args.tasks):
+        parser.error(f"--tasks={args.tasks} is not valid; use positive numbers of tasks.")
+    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
+                          ("cpu" if args.device == "auto" else args.device))
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"TSV-M benchmark | {platform.processor() or platform.machine()} | {os.cpu_count()} CPUs | "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads | device {device} | "
+          f"load average at start {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    shapes = vit_b32_shapes()
+    keys = [k for k, s in shapes.items() if len(s) == 2 and "text_projection" not in k
+            and (not k.startswith("transformer.resblocks.") or int(k.split(".")[2]) < args.blocks)]
+    n_params = sum(torch.Size(s).numel() for s in shapes.values())
+    print(f"ViT-B-32 image tower: {len(shapes)} tensors, {n_params / 1e6:.1f} M parameters; "
+          f"layer-by-layer comparison on {len(keys)} matrices (blocks 0..{args.blocks - 1}, "
+          "positional_embedding, proj)")
+    variants = {
+        "fast: gram float64 (default)": {},
+        "fast: gram float32": {"gram_dtype": "float32"},
+        "randomized, 1 thread": {"svd": "randomized", "n_iter": 4},
+    }
+    rows = []
+    for T in args.tasks:
+        start = time.perf_counter()
+        tvs = synthetic_task_vectors(shapes, T, args.seed)
+        print(f"\nT = {T}: built {T} task vectors ({T * n_params * 4 / 2**30:.1f} GiB) in "
+              f"{time.perf_counter() - start:.0f} s; merging layer by layer ...", flush=True)
+        timings = per_layer(tvs, keys, device, variants, not args.no_single_thread_reference)
+        ref = timings["reference"]
+        ref1 = timings.get("reference, 1 thread")
+        print(f"{'method':34s} {'wall s':>8s} {'CPU s':>8s} {'x ref':>7s} {'x ref 1t':>9s} {'rel. diff':>10s}")
+        for name, tm in timings.items():
+            print(f"{name:34s} {tm.wall_s:8.2f} {tm.cpu_s:8.2f} {ref.wall_s / tm.wall_s:7.2f} "
+                  f"{(ref1.wall_s / tm.wall_s if ref1 else float('nan')):9.2f} {tm.rel_diff():10.2e}")
+            rows.append((T, name, tm))
+        fast = timings["fast: gram float64 (default)"]
+        kinds = sorted(fast.per_kind)
+        print("wall s per layer kind: " + "; ".join(
+            f"{k}: ref {ref.per_kind[k]:.1f} / fast {fast.per_kind[k]:.1f}" for k in kinds))
+        if not args.no_end_to_end:
+            e2e = end_to_end(tvs, device)
+            print(f"end to end, tsv_merge on the whole model (T = {T}): wall {e2e['wall_s']:.1f} s, "
+                  f"CPU {e2e['cpu_s']:.1f} s, peak memory +{e2e['peak_mib']:.0f} MiB ({e2e['memory_method']})",
+                  flush=True)
+        del tvs
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"\nload average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
+          f"(on {os.cpu_count()} CPUs: above {os.cpu_count()} means other processes competed for the cores)")
+    print("x ref: reference wall time / this wall time (torch's default threads); x ref 1t: against the "
+          "reference run on one thread. rel. diff: ||merged - reference||_F / ||reference||_F over the layers.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
