@@ -15,6 +15,7 @@ from typing import Any
 from .merging import MERGE_METHODS, absolute_accuracy, get_merge, merge, normalized_accuracy, register_merge
 from .task_vectors import TaskVector, task_vectors_from
 from .training import FinetuneConfig, PretrainConfig
+from . import tsv  # noqa: F401  (registers tsv_merge)
 
 __version__ = "0.1.0"
 
