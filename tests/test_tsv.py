@@ -16,11 +16,15 @@ from mergelab.task_vectors import TaskVector
 SOLVERS = [dict(svd="gram"), dict(svd="gram", gram_dtype="float32"), dict(svd="exact")]
 
 
-@pytest.fixture(params=["cpu-kernels", "torch-kernels"])
+@pytest.fixture(params=["cpu-kernels-serial", "cpu-kernels-parallel", "torch-kernels"])
 def kernels(request, monkeypatch):
-    """Run a test through both implementations: the per-task NumPy/SciPy kernels the CPU uses for
-    large matrices, and the batched torch kernels used on GPUs and for small matrices."""
-    monkeypatch.setattr(tsv, "SMALL", 0 if request.param == "cpu-kernels" else 10**9)
+    """Run a test through every implementation: the per-task NumPy/SciPy kernels the CPU uses for
+    large matrices, one task at a time (LAPACK ``syevr``, top ``k`` only) or two side by side
+    (``syevd``, which releases the GIL), and the batched torch kernels used on GPUs and for small
+    matrices."""
+    monkeypatch.setattr(tsv, "SMALL", 10**9 if request.param == "torch-kernels" else 0)
+    workers = 2 if request.param == "cpu-kernels-parallel" else 1
+    monkeypatch.setattr(tsv, "_cpu_workers", lambda n: max(1, min(n, workers)))
     return request.param
 
 
@@ -372,3 +376,11 @@ def test_pairwise_interference_matches_the_two_task_sti_per_layer():
     k = tsv.default_rank((32, 24), 4)
     pair = torch.stack([tvs["t1"]["w"], tvs["t2"]["w"]])
     assert M.loc["t1", "t2"] == pytest.approx(tsv.singular_task_interference(pair, k=k), rel=1e-5)
+
+
+def test_layer_order_runs_from_input_to_output():
+    names = ["proj", "transformer.resblocks.10.mlp.c_fc.weight", "positional_embedding",
+             "transformer.resblocks.2.attn.in_proj_weight", "transformer.resblocks.2.mlp.c_fc.weight", "ln_post.weight"]
+    assert tsv.layer_order(names) == ["positional_embedding", "transformer.resblocks.2.attn.in_proj_weight",
+                                      "transformer.resblocks.2.mlp.c_fc.weight",
+                                      "transformer.resblocks.10.mlp.c_fc.weight", "proj", "ln_post.weight"]

@@ -35,12 +35,13 @@ per-task top-``k`` SVD (``svd=``):
 
 * ``"gram"`` (the default, exact up to rounding): the top ``k`` eigenvectors of each task's
   ``(n, n)`` Gram matrix ``Delta^T Delta`` (``n`` the short side) in float64, then
-  ``U = Delta V / s``. LAPACK's ``syevr`` computes only the ``k`` eigenvectors asked for, and the
-  Gram matrix costs half a matrix product, so this is several times cheaper than a full SVD. The
-  polar factors of tall stacks come from their ``(T k, T k)`` Gram matrices, ``X (X^T X)^{-1/2}``,
-  near-square or ill-conditioned stacks use the SVD. On the CPU every task runs single-threaded and
-  tasks run side by side (see :func:`_cpu_map` for why); on a GPU the steps are batched torch calls.
-  ``gram_dtype="float32"`` is faster still, but loses accuracy where the spectrum is flat at ``k``.
+  ``U = Delta V / s``: a symmetric eigenproblem of the short side instead of an SVD of the whole
+  matrix (LAPACK's ``syevr`` even computes only the ``k`` eigenvectors asked for). The polar factors
+  of tall, well-conditioned stacks come from their ``(T k, T k)`` Gram matrices,
+  ``X (X^T X)^{-1/2}``; near-square or ill-conditioned stacks use the SVD. On the CPU every task runs
+  single-threaded and tasks run side by side (see :func:`_cpu_map` for why); on a GPU the steps are
+  batched torch calls. ``gram_dtype="float32"`` is a little faster, but loses accuracy where the
+  spectrum is flat at ``k``.
 * ``"exact"``: batched ``torch.linalg.svd`` of the ``(T, m, n)`` stack, truncated;
 * ``"randomized"``: subspace iteration (Halko et al., 2011) with ``oversample`` extra columns and
   ``n_iter`` power iterations; approximate where the spectrum decays slowly, as task matrices'
@@ -95,9 +96,8 @@ def layer_kind(name: str, shape: Sequence[int] | torch.Size | None = None) -> st
     Returns one of :data:`LAYER_KINDS`: ``attn_in_proj`` (``(3 d, d)``), ``attn_out_proj`` (``(d, d)``),
     ``mlp_c_fc`` (``(4 d, d)``), ``mlp_c_proj`` (``(d, 4 d)``), ``positional_embedding``
     (``(tokens, d)``), ``proj`` (the visual projection ``(d, d_embed)``), ``conv1`` (the 4-D patch
-    stem), ``text_projection``, or ``other`` (biases, LayerNorm, class embedding, anything else).
-    A 2-D tensor with an unknown name is ``other`` unless its shape says otherwise (it is still
-    decomposed: see :func:`is_decomposed`).
+    stem), ``text_projection``, or ``other`` (biases, LayerNorm, class embedding, anything else; a
+    2-D tensor of another name is ``other`` but still decomposed, see :func:`is_decomposed`).
     """
     leaf = name.split(".")
     if "text_projection" in name:
@@ -117,6 +117,23 @@ def layer_kind(name: str, shape: Sequence[int] | torch.Size | None = None) -> st
     if name.endswith("conv1.weight"):
         return "conv1"
     return "other"
+
+
+def layer_order(names: Iterable[str]) -> list[str]:
+    """Parameter names from input to output: stem and ``positional_embedding``, then the residual
+    blocks in depth order (their own order kept within a block), then ``ln_post`` and ``proj``."""
+    names = list(names)
+
+    def depth(item: tuple[int, str]) -> tuple[float, int]:
+        i, name = item
+        parts = name.split(".")
+        if "resblocks" in parts:
+            return float(parts[parts.index("resblocks") + 1]), i
+        if parts[0] in ("ln_post", "proj", "text_projection"):
+            return math.inf, i
+        return -1.0, i
+
+    return [name for _, name in sorted(enumerate(names), key=depth)]
 
 
 def is_decomposed(name: str, tensor: torch.Tensor) -> bool:
@@ -177,9 +194,11 @@ def _cpu_map(fn, items: Sequence) -> list:
     are oversubscribed a multi-threaded solver can run several times slower than a single-threaded
     one (its threads spin at barriers while their partners wait for a core). So on the CPU each
     task's work is single-threaded NumPy/SciPy, and tasks run side by side on
-    ``torch.get_num_threads()`` threads (NumPy and SciPy release the GIL in BLAS and LAPACK).
+    ``torch.get_num_threads()`` threads: NumPy's products and decompositions release the GIL and run
+    in parallel; SciPy's ``syevr`` holds it, so those calls take turns (while other tasks' products
+    go on).
     """
-    workers = max(1, min(len(items), torch.get_num_threads()))
+    workers = _cpu_workers(len(items))
     with _blas_controller().limit(limits=1, user_api="blas"):
         if workers == 1:
             return [fn(x) for x in items]
@@ -187,6 +206,11 @@ def _cpu_map(fn, items: Sequence) -> list:
 
         with ThreadPoolExecutor(workers) as pool:
             return list(pool.map(fn, items))
+
+
+def _cpu_workers(n_items: int) -> int:
+    """Threads :func:`_cpu_map` uses for ``n_items`` independent calls."""
+    return max(1, min(n_items, torch.get_num_threads()))
 
 
 @functools.lru_cache(maxsize=1)
@@ -212,37 +236,42 @@ def _to_numpy(X: torch.Tensor) -> list[np.ndarray]:
 
 
 def _np_gram(a: np.ndarray) -> np.ndarray:
-    """``a^T a`` (upper triangle filled) with a BLAS ``syrk``: half the flops of a matrix product."""
-    from scipy.linalg import blas
-
-    syrk = blas.dsyrk if a.dtype == np.float64 else blas.ssyrk
-    return syrk(1.0, a.T)  # a.T is Fortran-ordered (n, m): syrk computes A A^T = a^T a without a copy
+    """``a^T a``. A NumPy product rather than SciPy's ``syrk`` (half the flops) because NumPy
+    releases the GIL, so that the tasks' Gram matrices are formed in parallel."""
+    return a.T @ a
 
 
-def _np_eigh_top(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` eigenpairs (decreasing) of a symmetric matrix given by its upper triangle."""
+def _np_eigh_top(g: np.ndarray, k: int, parallel: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` eigenpairs (decreasing) of a symmetric matrix.
+
+    LAPACK ``syevr`` through SciPy computes only the ``k`` eigenvectors asked for, but SciPy holds
+    the GIL meanwhile, so such calls cannot run side by side; NumPy's ``syevd`` computes all of them
+    and releases the GIL. So: ``syevr`` when ``k < n`` and the call is not one of several running
+    in ``parallel``, else ``syevd``.
+    """
     import scipy.linalg
 
     n = g.shape[0]
-    if k < n:  # syevr computes only the eigenvectors asked for
+    if k < n and not parallel:
         w, v = scipy.linalg.eigh(g, lower=False, subset_by_index=[n - k, n - 1], driver="evr",
                                  check_finite=False, overwrite_a=True)
     else:
-        w, v = scipy.linalg.eigh(g, lower=False, driver="evd", check_finite=False, overwrite_a=True)
-    return w[::-1], v[:, ::-1]
+        w, v = np.linalg.eigh(g)
+    return w[::-1][:k], v[:, ::-1][:, :k]
 
 
-def _np_task_svd(a: np.ndarray, k: int, f64: bool, rtol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _np_task_svd(a: np.ndarray, k: int, f64: bool, rtol: float, parallel: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-``k`` SVD of one tall ``(m, n)`` matrix from its Gram matrix (float64 results; see
     :func:`_gram_svd`)."""
     n = a.shape[1]
     a64 = a.astype(np.float64, copy=False)
     if f64:
-        w, v = _np_eigh_top(_np_gram(a64), k)
+        w, v = _np_eigh_top(_np_gram(a64), k, parallel)
         b = a64 @ v
     else:
         p = min(n - k, max(8, k // 4))
-        _, v32 = _np_eigh_top(_np_gram(a.astype(np.float32, copy=False)), k + p)
+        _, v32 = _np_eigh_top(_np_gram(a.astype(np.float32, copy=False)), k + p, parallel)
         v64 = v32.astype(np.float64)
         b = a64 @ v64
         w, rot = _np_eigh_top(_np_gram(b), k)
@@ -254,14 +283,14 @@ def _np_task_svd(a: np.ndarray, k: int, f64: bool, rtol: float) -> tuple[np.ndar
 
 def _np_polar(x: np.ndarray, rtol: float, gram: bool, f64: bool) -> np.ndarray:
     """Polar factor of one ``(m, r)`` matrix, ``m >= r``, in its dtype (see :func:`polar_factor`)."""
-    import scipy.linalg
-
     if gram and x.shape[0] >= POLAR_GRAM_MIN_ASPECT * x.shape[1]:
-        xg = x.astype(np.float64 if f64 else np.float32, copy=False)
-        w, q = _np_eigh_top(_np_gram(xg), xg.shape[1])
-        if w[-1] >= POLAR_GRAM_MIN_RATIO[torch.float64 if f64 else torch.float32] * w[0] > 0:
-            return (xg @ ((q / np.sqrt(w)) @ q.T)).astype(x.dtype, copy=False)
-    p, sv, qh = scipy.linalg.svd(x, full_matrices=False, check_finite=False, lapack_driver="gesdd")
+        # float32 first: enough where the stack is well conditioned (the usual case for tall stacks)
+        for dtype in (np.float32, np.float64) if f64 else (np.float32,):
+            xg = x.astype(dtype, copy=False)
+            w, q = _np_eigh_top(_np_gram(xg), xg.shape[1])
+            if w[-1] >= POLAR_GRAM_MIN_RATIO[torch.float64 if dtype == np.float64 else torch.float32] * w[0] > 0:
+                return (xg @ ((q / np.sqrt(w)) @ q.T)).astype(x.dtype, copy=False)
+    p, sv, qh = np.linalg.svd(x, full_matrices=False)  # gesdd; NumPy releases the GIL
     keep = (sv > rtol * max(float(sv[0]), 1e-300)).astype(p.dtype)
     return (p * keep) @ qh
 
@@ -296,11 +325,10 @@ def _torch_task_svd(A: torch.Tensor, k: int, f64: bool, rtol: float
 
 def _torch_polar(X: torch.Tensor, rtol: float, gram: bool, f64: bool) -> torch.Tensor:
     """:func:`_np_polar` for ``(..., m, r)`` with torch (used on GPUs)."""
-    if gram:
-        Xg = X.to(torch.float64 if f64 else torch.float32)
+    for dtype in ((torch.float32, torch.float64) if f64 else (torch.float32,)) if gram else ():
+        Xg = X.to(dtype)
         w, Q = torch.linalg.eigh(Xg.transpose(-2, -1) @ Xg)
-        ratio = POLAR_GRAM_MIN_RATIO[Xg.dtype]
-        if bool(((w[..., 0] >= ratio * w[..., -1]) & (w[..., -1] > 0)).all()):
+        if bool(((w[..., 0] >= POLAR_GRAM_MIN_RATIO[dtype] * w[..., -1]) & (w[..., -1] > 0)).all()):
             return (Xg @ ((Q * w.rsqrt().unsqueeze(-2)) @ Q.transpose(-2, -1))).to(X.dtype)
     P, S, Qh = torch.linalg.svd(X, full_matrices=False)
     keep = (S > rtol * S[..., :1].clamp_min(torch.finfo(S.dtype).tiny)).to(P.dtype).unsqueeze(-2)
@@ -374,8 +402,8 @@ def truncated_svd(matrices: torch.Tensor, k: int, svd: str = "gram", gram_dtype:
 def _gram_svd(A: torch.Tensor, k: int, f64: bool, rtol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` SVD of tall ``(T, m, n)`` matrices from their Gram matrices ``A^T A`` ``(T, n, n)``.
 
-    float64: the top ``k`` eigenvectors ``V`` of the float64 Gram matrix (LAPACK ``syevr`` computes
-    only those), ``s = sqrt(eigenvalues)``, ``U = A V / s``. float32: the float32 Gram matrix's
+    float64: the top ``k`` eigenvectors ``V`` of the float64 Gram matrix (see :func:`_np_eigh_top`),
+    ``s = sqrt(eigenvalues)``, ``U = A V / s``. float32: the float32 Gram matrix's
     rounding (``~1e-6 * s_max^2``) mixes the ``k``-th singular vector with its neighbours where the
     spectrum is flat, so we take ``k + p`` eigenvectors (``p = max(8, k // 4)``) and split that
     subspace with a float64 Rayleigh-Ritz step (``B = A V_{k+p}``, eigenvectors of ``B^T B``); where
@@ -386,7 +414,8 @@ def _gram_svd(A: torch.Tensor, k: int, f64: bool, rtol: float) -> tuple[torch.Te
     with torch. Returns float64 ``U, s, V``.
     """
     if A.device.type == "cpu" and A.shape[-1] >= SMALL:
-        out = _cpu_map(lambda a: _np_task_svd(a, k, f64, rtol), _to_numpy(A))
+        parallel = _cpu_workers(A.shape[0]) > 1
+        out = _cpu_map(lambda a: _np_task_svd(a, k, f64, rtol, parallel), _to_numpy(A))
         return tuple(torch.from_numpy(np.stack([o[i] for o in out])) for i in range(3))  # type: ignore[return-value]
     return _torch_task_svd(A, k, f64, rtol)
 
@@ -413,8 +442,10 @@ def _randomized_svd(A: torch.Tensor, k: int, oversample: int, n_iter: int, seed:
 # ----------------------------------------------------------------------------- polar factor
 POLAR_GRAM_MIN_RATIO = {torch.float32: 1e-2, torch.float64: 1e-9}
 """``"gram"`` polar factors are used only when the Gram matrix's eigenvalues satisfy
-``lambda_min >= ratio * lambda_max`` (its rounding error divided by ``lambda_min`` stays small);
-otherwise (nearly dependent columns: identical tasks) the SVD is used."""
+``lambda_min >= ratio * lambda_max`` (its rounding error divided by ``lambda_min`` stays small):
+a float32 Gram matrix is tried first (relative error about ``1e-6`` when the ratio is above
+``1e-2``), then, if ``gram_dtype`` is float64, a float64 one; otherwise (nearly dependent columns,
+e.g. identical tasks) the SVD is used."""
 
 POLAR_GRAM_MIN_ASPECT = 2.0
 """On the CPU the Gram route is tried only for stacks with ``m >= 2 r``: for near-square stacks it
@@ -552,6 +583,7 @@ def tsv_merge_matrix_reference(task_matrices: Sequence[torch.Tensor], k: int | N
         U_stack[:, t * k:(t + 1) * k] = U[:, :k] * keep
         V_stack[:, t * k:(t + 1) * k] = Vh[:k].T * keep
         s_stack[t * k:(t + 1) * k] = s[:k] * keep
+
     def polar(X: torch.Tensor) -> torch.Tensor:
         P, S, Qh = torch.linalg.svd(X, full_matrices=False)
         return (P * (S > rtol * S[0]).to(P.dtype)) @ Qh

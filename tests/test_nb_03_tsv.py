@@ -1,0 +1,106 @@
+"""What the task-singular-vectors notebook promises in its results JSON (smoke profile)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from mergelab import paths, tsv
+
+NAME = "03_task_singular_vectors"
+pytestmark = [pytest.mark.notebook, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def results(run_notebook):
+    return run_notebook(NAME)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return yaml.safe_load(paths.params_file("smoke", NAME).read_text())
+
+
+def test_every_method_has_absolute_and_normalized_accuracy(results):
+    methods = results["methods"]
+    expected = {"zero_shot", "experts", "weight_averaging", "task_arithmetic", "ties", "tsv_merge",
+                "tsv_merge_validated", "tsv_compress"}
+    assert expected <= set(methods)
+    for name, m in methods.items():
+        assert set(m["per_task_accuracy"]) == set(results["tasks"]), name
+        assert m["absolute_accuracy"] == pytest.approx(sum(m["per_task_accuracy"].values()) / len(results["tasks"]))
+        assert 0 <= m["normalized_accuracy"], name
+    assert methods["experts"]["normalized_accuracy"] == pytest.approx(1.0)
+
+
+def test_tsv_m_coefficients_alpha_one_and_chosen_on_validation(results, params):
+    methods = results["methods"]
+    assert methods["tsv_merge"]["coefficient"] == 1.0
+    validated = methods["tsv_merge_validated"]
+    sweep = {float(k): v for k, v in validated["validation_sweep"].items()}
+    assert sorted(sweep) == sorted(float(a) for a in params["alpha_grid"])
+    best = max(sweep.values())
+    assert validated["coefficient"] == min(a for a, v in sweep.items() if v == best)
+    for name in ("task_arithmetic", "ties"):
+        assert methods[name]["coefficient"] in [float(k) for k in methods[name]["validation_sweep"]]
+
+
+def test_tsv_c_compression_and_sweep(results):
+    c = results["tsv_compress"]
+    assert c["normalized_accuracy"] == pytest.approx(results["methods"]["tsv_compress"]["normalized_accuracy"])
+    assert c["compression_ratio"] == pytest.approx(c["dense_bytes"] / c["compressed_bytes"])
+    assert c["storage_fraction"] == pytest.approx(1 / c["compression_ratio"])
+    assert c["compression_ratio"] > 1
+    sweep = sorted(c["sweep"], key=lambda r: r["rank_fraction"])
+    storage = [r["storage_fraction"] for r in sweep]
+    assert storage == sorted(storage)
+    full = [r for r in sweep if r["rank_fraction"] == 1.0]
+    assert full, "the smoke sweep keeps the full rank once"
+    # keeping every singular triplet rebuilds the experts exactly, and costs more than the dense matrices
+    assert full[0]["normalized_accuracy"] == pytest.approx(1.0, abs=1e-9)
+    assert full[0]["storage_fraction"] > 1
+
+
+def test_energy_of_the_top_k_triplets_per_layer_kind(results):
+    energy, random = results["energy_top_k"], results["energy_top_k_random"]
+    assert set(energy) <= set(tsv.DECOMPOSED_KINDS) and {"attn_in_proj", "mlp_c_fc"} <= set(energy)
+    for kind, value in energy.items():
+        assert 0 < value <= 1 + 1e-9, kind
+        assert value > random[kind], kind  # fine-tuning updates are lower-rank than random matrices
+
+
+def test_interference_is_a_symmetric_matrix_in_the_unit_interval(results):
+    sti = results["interference"]
+    matrix = sti["pairwise_mean_over_layers"]
+    tasks = results["tasks"]
+    for a in tasks:
+        assert matrix[a][a] == pytest.approx(1.0, abs=1e-6)
+        for b in tasks:
+            assert matrix[a][b] == pytest.approx(matrix[b][a], abs=1e-9)
+            assert -1e-6 <= matrix[a][b] <= 1 + 1e-6
+    assert len(sti["pairs"]) == len(tasks) * (len(tasks) - 1) // 2
+    for pair in sti["pairs"]:
+        assert pair["normalized_loss"] == pytest.approx(1 - pair["normalized_accuracy"])
+    rho = sti["spearman_sti_vs_task_arithmetic_loss"]["rho"]
+    assert math.isnan(rho) or -1 <= rho <= 1
+    assert set(sti["mean_by_kind"]) == set(results["energy_top_k"])
+
+
+def test_task_count_study_covers_every_count_and_method(results, params):
+    rows = results["task_count"]
+    assert {r["num_tasks"] for r in rows} == set(params["task_counts"])
+    assert {r["method"] for r in rows} == {"tsv_merge", "task_arithmetic", "weight_averaging"}
+    for r in rows:
+        assert len(r["tasks"].split(",")) == r["num_tasks"]
+        if r["method"] == "task_arithmetic":
+            assert r["coefficient"] in params["subset_ta_grid"]
+    full = [r for r in rows if r["num_tasks"] == len(results["tasks"]) and r["method"] == "tsv_merge"]
+    assert len(full) == 1  # all tasks: one subset only
+    assert full[0]["absolute_accuracy"] == pytest.approx(results["methods"]["tsv_merge"]["absolute_accuracy"])
+
+
+def test_fast_tsv_m_matches_the_plain_reference_on_the_experts(results):
+    assert results["speed"]["relative_difference"] < 1e-4
+    assert results["speed"]["reference_s"] > 0 and results["speed"]["fast_s"] > 0
