@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -202,12 +202,14 @@ class TinyBenchmark:
         blob = head.weight.detach().cpu().contiguous().numpy().tobytes() + repr(head.logit_scale).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    def _run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> str:
+    def run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> str:
+        """Cache key (16 hex digits) of a fine-tuning run: ``kind`` (``"expert"`` or ``"multitask"``),
+        its tasks, the benchmark, the tasks' head digests and every hyperparameter of ``cfg``."""
         return config_hash({"benchmark": self.key, "kind": kind, "tasks": list(tasks),
                             "heads": [self.head_digest(t) for t in tasks], "finetune": asdict(cfg)})
 
     def _train_cached(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> StateDict:
-        key = self._run_key(kind, tasks, cfg)
+        key = self.run_key(kind, tasks, cfg)
         path = self.experts_dir / f"{kind}-{key}.safetensors"
         if path.is_file():
             return load_safetensors(path)
@@ -239,7 +241,7 @@ class TinyBenchmark:
     def expert_log(self, task: str, cfg: FinetuneConfig | None = None) -> dict[str, Any]:
         """Metadata (config, loss curve, wall time) of a cached expert."""
         self.expert(task, cfg)
-        key = self._run_key("expert", [task], cfg or FinetuneConfig())
+        key = self.run_key("expert", [task], cfg or FinetuneConfig())
         return json.loads((self.experts_dir / f"expert-{key}.json").read_text())
 
     def multitask(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None) -> StateDict:
@@ -248,36 +250,31 @@ class TinyBenchmark:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, state: StateDict, split: str = "test", tasks: Iterable[str] | None = None,
-                 batch_size: int = 1000) -> dict[str, float]:
-        """Top-1 accuracy (fraction 0..1) of the encoder ``state`` on each task with its own head."""
+    def _task_logits(self, state: StateDict, split: str, tasks: Iterable[str] | None, batch_size: int
+                     ) -> Iterator[tuple[str, int, Iterator[tuple[torch.Tensor, torch.Tensor]]]]:
+        """Per task: ``(task, n_examples, batches)``, the batches being ``(logits (B, C), labels (B,))``
+        on ``self.device`` for the encoder ``state`` with the task's own head, in split order."""
         enc = load_encoder_state(self._encoder, state).to(self.device).eval()
-        out = {}
         for task in tasks or self.tasks:
             X, y = self.split(task, split)
             head = self.heads[task].to(self.device)
-            correct = 0
-            for i in range(0, len(y), batch_size):
-                logits = head(enc(X[i:i + batch_size].to(self.device)))
-                correct += int((logits.argmax(-1).cpu() == y[i:i + batch_size]).sum())
-            out[task] = correct / len(y)
-        return out
+            batches = ((head(enc(X[i:i + batch_size].to(self.device))), y[i:i + batch_size].to(self.device))
+                       for i in range(0, len(y), batch_size))
+            yield task, len(y), batches
+
+    @torch.no_grad()
+    def evaluate(self, state: StateDict, split: str = "test", tasks: Iterable[str] | None = None,
+                 batch_size: int = 1000) -> dict[str, float]:
+        """Top-1 accuracy (fraction 0..1) of the encoder ``state`` on each task with its own head."""
+        return {task: sum(int((logits.argmax(-1) == y).sum()) for logits, y in batches) / n
+                for task, n, batches in self._task_logits(state, split, tasks, batch_size)}
 
     @torch.no_grad()
     def evaluate_loss(self, state: StateDict, split: str = "test", tasks: Iterable[str] | None = None,
                       batch_size: int = 1000) -> dict[str, float]:
         """Mean cross-entropy (nats) of the encoder ``state`` on each task with its own head."""
-        enc = load_encoder_state(self._encoder, state).to(self.device).eval()
-        out = {}
-        for task in tasks or self.tasks:
-            X, y = self.split(task, split)
-            head = self.heads[task].to(self.device)
-            total = 0.0
-            for i in range(0, len(y), batch_size):
-                logits = head(enc(X[i:i + batch_size].to(self.device)))
-                total += float(F.cross_entropy(logits, y[i:i + batch_size].to(self.device), reduction="sum"))
-            out[task] = total / len(y)
-        return out
+        return {task: sum(float(F.cross_entropy(logits, y, reduction="sum")) for logits, y in batches) / n
+                for task, n, batches in self._task_logits(state, split, tasks, batch_size)}
 
 
 def with_tasks(config: TinyBenchmarkConfig, tasks: Sequence[str]) -> TinyBenchmarkConfig:

@@ -125,7 +125,7 @@ def plan_runs(configs: Sequence[FinetuneConfig], tasks: Sequence[str], steps: Se
 
 def checkpoint_path(bench: Any, task: str, cfg: FinetuneConfig) -> Path:
     """Where ``bench.expert(task, cfg)`` caches its weights (``.json`` beside it holds the log)."""
-    return bench.experts_dir / f"expert-{bench._run_key('expert', [task], cfg)}.safetensors"
+    return bench.experts_dir / f"expert-{bench.run_key('expert', [task], cfg)}.safetensors"
 
 
 def is_cached(bench: Any, task: str, cfg: FinetuneConfig) -> bool:

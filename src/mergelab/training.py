@@ -236,35 +236,49 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Te
     return F.cross_entropy(sim, target)
 
 
-def pretrain_contrastive(model: nn.Module, images: torch.Tensor, cfg: PretrainConfig,
-                         normalize: Callable[[torch.Tensor], torch.Tensor],
-                         device: torch.device | str = "cpu", progress: bool = True) -> list[float]:
-    """Pretrain ``model`` in place on unlabeled ``images`` ``(N, 3, H, W)`` in [0, 1]; returns losses."""
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+def _pretrain_loop(model: nn.Module, params: list[nn.Parameter], cfg: PretrainConfig, n: int,
+                   step_loss: Callable[[torch.Tensor], torch.Tensor], desc: str, progress: bool) -> list[float]:
+    """The loop both pretraining objectives share: AdamW over ``params``, cosine schedule with
+    warm-up, ``cfg.num_steps`` steps over mini-batches of indices into ``n`` examples (seeded by
+    ``cfg.seed``), gradient norm clipped at 1. ``step_loss(idx)`` maps a batch of indices ``(B,)`` to
+    the scalar loss. Leaves ``model`` in eval mode; returns the loss per step."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = FinetuneConfig(lr=cfg.lr, num_steps=cfg.num_steps, warmup_steps=cfg.warmup_steps,
                            schedule="cosine", batch_size=cfg.batch_size)
-    stream = batch_stream(len(images), min(cfg.batch_size, len(images)), cfg.seed)
+    stream = batch_stream(n, min(cfg.batch_size, n), cfg.seed)
     losses = []
-    bar = tqdm(range(cfg.num_steps), desc="pretrain (contrastive)", disable=not progress, leave=False,
-               mininterval=0.5)
+    bar = tqdm(range(cfg.num_steps), desc=desc, disable=not progress, leave=False, mininterval=0.5)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, sched)
-        x = images[stream()]
-        v1, v2 = normalize(augment(x, g)).to(device), normalize(augment(x, g)).to(device)
-        loss = info_nce(model(v1), model(v2), cfg.temperature)
+        loss = step_loss(stream())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(float(loss.detach()))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
+
+
+def pretrain_contrastive(model: nn.Module, images: torch.Tensor, cfg: PretrainConfig,
+                         normalize: Callable[[torch.Tensor], torch.Tensor],
+                         device: torch.device | str = "cpu", progress: bool = True) -> list[float]:
+    """Pretrain ``model`` in place on unlabeled ``images`` ``(N, 3, H, W)`` in [0, 1] with a symmetric
+    InfoNCE loss between two augmented views; returns the loss per step."""
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    model.to(device).train()
+
+    def step_loss(idx: torch.Tensor) -> torch.Tensor:
+        x = images[idx]
+        v1, v2 = normalize(augment(x, g)).to(device), normalize(augment(x, g)).to(device)
+        return info_nce(model(v1), model(v2), cfg.temperature)
+
+    return _pretrain_loop(model, list(model.parameters()), cfg, len(images), step_loss,
+                          "pretrain (contrastive)", progress)
 
 
 def pretrain_attributes(model: nn.Module, images: torch.Tensor, attributes: torch.Tensor,
@@ -276,34 +290,19 @@ def pretrain_attributes(model: nn.Module, images: torch.Tensor, attributes: torc
 
     Args:
         images: ``(N, 3, H, W)`` in [0, 1]; attributes: ``(N, A)`` int64; n_classes: ``A`` class counts.
+    Returns:
+        The loss per step.
     """
     torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
     model.to(device).train()
     with torch.no_grad():
         dim = model(normalize(images[:2]).to(device)).shape[-1]
     probes = nn.ModuleList([nn.Linear(dim, c) for c in n_classes]).to(device)
-    params = list(model.parameters()) + list(probes.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = FinetuneConfig(lr=cfg.lr, num_steps=cfg.num_steps, warmup_steps=cfg.warmup_steps,
-                           schedule="cosine", batch_size=cfg.batch_size)
-    stream = batch_stream(len(images), min(cfg.batch_size, len(images)), cfg.seed)
-    losses = []
-    bar = tqdm(range(cfg.num_steps), desc="pretrain (attributes)", disable=not progress, leave=False,
-               mininterval=0.5)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, sched)
-        idx = stream()
+
+    def step_loss(idx: torch.Tensor) -> torch.Tensor:
         z = model(normalize(images[idx]).to(device))
         target = attributes[idx].to(device)
-        loss = sum(F.cross_entropy(p(z), target[:, j]) for j, p in enumerate(probes))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.eval()
-    return losses
+        return sum(F.cross_entropy(p(z), target[:, j]) for j, p in enumerate(probes))  # type: ignore[return-value]
+
+    return _pretrain_loop(model, list(model.parameters()) + list(probes.parameters()), cfg, len(images),
+                          step_loss, "pretrain (attributes)", progress)

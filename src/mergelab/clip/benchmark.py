@@ -477,7 +477,9 @@ class ClipBenchmark:
             out[t] = load_expert(find_expert_checkpoint(folder, t), reference)
         return out
 
-    def _run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> str:
+    def run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> str:
+        """Cache key (16 hex digits) of a fine-tuning run: ``kind`` (``"expert"`` or ``"multitask"``),
+        its tasks, the benchmark, the tasks' head digests and the training data's fingerprint and every hyperparameter of ``cfg``."""
         return config_hash({"benchmark": self.key, "kind": kind, "tasks": list(tasks),
                             "heads": [self.head_digest(t) for t in tasks],
                             "data": [self._splits_fingerprint(t, "train") for t in tasks],
@@ -487,7 +489,7 @@ class ClipBenchmark:
         return self.dataset(task, split).fingerprint()
 
     def _train_cached(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> StateDict:
-        key = self._run_key(kind, tasks, cfg)
+        key = self.run_key(kind, tasks, cfg)
         path = self.experts_dir / f"{kind}-{key}.safetensors"
         if path.is_file():
             return load_safetensors(path)
@@ -611,7 +613,7 @@ class ClipBenchmark:
         if folder is not None:
             return {"kind": "imported", "task": task, "checkpoint": str(find_expert_checkpoint(folder, task))}
         self.expert(task, cfg)
-        key = self._run_key("expert", [task], cfg or PUBLIC_RECIPE)
+        key = self.run_key("expert", [task], cfg or PUBLIC_RECIPE)
         return json.loads((self.experts_dir / f"expert-{key}.json").read_text())
 
     def multitask(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None) -> StateDict:
