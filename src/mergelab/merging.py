@@ -10,7 +10,7 @@ arithmetic). Other modules register more (e.g. TSV-M) with :func:`register_merge
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,10 +88,16 @@ def _validate(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[Tas
     return keys
 
 
-def _assemble(pretrained: Mapping[str, torch.Tensor], updates: Mapping[str, torch.Tensor]) -> StateDict:
+def _assemble(pretrained: Mapping[str, torch.Tensor], keys: Iterable[str],
+              update: Callable[[str], torch.Tensor]) -> StateDict:
+    """``pretrained + update(k)`` for every ``k`` in ``keys`` (in float32, cast back to the
+    parameter's dtype), a copy of ``pretrained[k]`` elsewhere. ``update`` is called one key at a time
+    and its result dropped once added, so besides its inputs a merge holds the merged model and one
+    layer's update (streaming), never a second full model of updates."""
+    keys = set(keys)
     out: StateDict = {}
     for k, v in pretrained.items():
-        out[k] = (v.float() + updates[k].to(v.device)).to(v.dtype) if k in updates else v.clone()
+        out[k] = (v.float() + update(k).to(v.device)).to(v.dtype) if k in keys else v.clone()
     return out
 
 
@@ -102,7 +108,7 @@ def merge_weight_averaging(pretrained: Mapping[str, torch.Tensor], task_vectors:
     """Mean of the fine-tuned models: ``theta_0 + (1/T) sum_t tau_t`` (model soup, uniform)."""
     keys = _validate(pretrained, task_vectors)
     n = len(task_vectors)
-    return _assemble(pretrained, {k: sum(tv[k] for tv in task_vectors) / n for k in keys})
+    return _assemble(pretrained, keys, lambda k: sum(tv[k] for tv in task_vectors) / n)
 
 
 @register_merge("task_arithmetic", coefficient_grid=np.round(np.arange(0.05, 1.001, 0.05), 2), coefficient=0.3)
@@ -110,7 +116,7 @@ def merge_task_arithmetic(pretrained: Mapping[str, torch.Tensor], task_vectors: 
                           coefficient: float = 0.3) -> StateDict:
     """Task arithmetic: ``theta_0 + coefficient * sum_t tau_t`` (Ilharco et al., 2023)."""
     keys = _validate(pretrained, task_vectors)
-    return _assemble(pretrained, {k: coefficient * sum(tv[k] for tv in task_vectors) for k in keys})
+    return _assemble(pretrained, keys, lambda k: coefficient * sum(tv[k] for tv in task_vectors))
 
 
 def ties_threshold(task_vector: TaskVector, density: float) -> float:
@@ -187,9 +193,8 @@ def merge_ties(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[Ta
     ``coefficient``."""
     keys = _validate(pretrained, task_vectors)
     thresholds = torch.tensor([ties_threshold(tv, density) for tv in task_vectors])
-    return _assemble(pretrained, {
-        k: coefficient * ties_merge_tensor(torch.stack([tv[k] for tv in task_vectors]), thresholds)
-        for k in keys})
+    return _assemble(pretrained, keys, lambda k: coefficient * ties_merge_tensor(
+        torch.stack([tv[k] for tv in task_vectors]), thresholds))
 
 
 def dare(task_vector: TaskVector, drop_rate: float, seed: int = 0) -> TaskVector:

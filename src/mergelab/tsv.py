@@ -641,7 +641,7 @@ def tsv_merge(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[Tas
     _validate(pretrained, task_vectors)
     update = tsv_update(task_vectors, rank_fraction=rank_fraction, svd=svd, polar=polar, device=device,
                         **svd_options)
-    return _assemble(pretrained, {k: coefficient * v for k, v in update.items()})
+    return _assemble(pretrained, update, lambda k: coefficient * update[k])
 
 
 # ----------------------------------------------------------------------------- TSV-C
