@@ -237,3 +237,21 @@ def test_chapters_are_flattened_from_parts(tmp_path: Path) -> None:
         "  appendices: [99_z.ipynb]\n"
     )
     assert report.book_chapters(quarto_yml) == ["index.qmd", "01_a.ipynb", "02_b.ipynb", "99_z.ipynb"]
+
+
+def test_one_notebook_into_a_fresh_folder_runs_it_and_waits_for_the_others_to_render(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_project(tmp_path)
+    write_notebook(tmp_path / "notebooks" / "01_beta.ipynb", "Beta chapter", "pass")
+    (tmp_path / "params" / PROFILE / "01_beta.yaml").write_text("value: 3\n")
+    quarto_yml = tmp_path / "book" / "_quarto.yml"
+    quarto_yml.write_text(QUARTO_YML.replace("    - 00_alpha.ipynb\n", "    - 00_alpha.ipynb\n    - 01_beta.ipynb\n"))
+    result = build(tmp_path, names=["00_alpha"])
+    assert result.statuses == {"00_alpha": report.EXECUTED}
+    assert (result.book, result.renderer, result.missing) == (None, None, ["01_beta.ipynb"])
+    assert "book not rendered" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "_book").exists()
+    full = build(tmp_path)  # every chapter: 00_alpha is up to date, 01_beta runs, the book renders
+    assert full.statuses == {"00_alpha": report.UP_TO_DATE, "01_beta": report.EXECUTED}
+    assert full.book is not None and 'href="01_beta.html"' in full.book.read_text()

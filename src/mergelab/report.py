@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +64,16 @@ class ReportResult:
 
     Attributes:
         statuses: notebook name (without ``.ipynb``) -> ``"executed"`` or ``"up to date"``.
-        book: the book's ``index.html``.
-        renderer: ``"quarto"`` or ``"nbconvert"``.
+        book: the book's ``index.html``; ``None`` when only some notebooks were asked for and the
+            folder lacks other chapters, so no book was rendered.
+        renderer: ``"quarto"`` or ``"nbconvert"``; ``None`` when no book was rendered.
+        missing: chapters (file names) missing from the folder when the book was not rendered.
     """
 
     statuses: dict[str, str]
-    book: Path
-    renderer: str
+    book: Path | None
+    renderer: str | None
+    missing: list[str] = field(default_factory=list)
 
 
 # --- what to run -------------------------------------------------------------------------------
@@ -699,6 +702,12 @@ def build_report(
     check_chapters(discover_notebooks(notebooks_dir), chapters, quarto_yml)
     selected = discover_notebooks(notebooks_dir, names)
     statuses = run_notebooks(selected, profile, reports, params_dir, source_dir, force)
+    missing = [c for c in missing_chapters(reports, chapters) if c.endswith(".ipynb")]
+    if names and missing:
+        # A subset was asked for: its notebooks ran; the book needs every chapter, so it waits.
+        print(f"book not rendered: chapter(s) {', '.join(missing)} not executed yet in {reports}; "
+              "run `make report` without NOTEBOOKS to execute them (up-to-date ones are skipped) and render the book.")
+        return ReportResult(statuses=statuses, book=None, renderer=None, missing=missing)
     index, used = render_book(reports, quarto_yml, renderer)
     print(f"renderer: {NBCONVERT_NOTE if used == 'nbconvert' else used}")
     print(f"book: {index}")
