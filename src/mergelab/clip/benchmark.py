@@ -61,7 +61,8 @@ class ClipDataConfig:
         max_train, max_val, max_test: cap each split at this many examples (a seeded subset);
             ``None`` keeps them all (the benchmark as published).
         num_workers: DataLoader worker processes (``0``: load in the main process).
-        eval_batch_size: images per evaluation batch.
+        eval_batch_size: images per evaluation batch; also the most images a training loop that takes
+            whole splits in one batch forwards at once (:attr:`ClipBenchmark.micro_batch_size`).
         eval_cache_gb: memory (GiB) for keeping ``val`` splits decoded in RAM as ``uint8`` between
             evaluations (coefficient sweeps evaluate them many times); ``0`` disables it.
     """
