@@ -463,7 +463,7 @@ def hessian_extreme_eigenvalues(encoder: nn.Module, head: nn.Module, X: torch.Te
         return [x / norm for x in v]
 
     def power(shift: float) -> float:
-        v = normalize([torch.randn(p.shape, generator=g) for p in params])
+        v = normalize([torch.randn(p.shape, generator=g).to(p.device, p.dtype) for p in params])  # CPU draws: same on any device
         lam = 0.0
         for _ in range(iters):
             hv = [h - shift * x for h, x in zip(_hvp(encoder, head, X, y, params, v), v)]
