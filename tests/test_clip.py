@@ -1,11 +1,13 @@
 """The ``clip`` size on the CPU, offline: synthetic datasets in every documented layout, random models.
 
 A laptop-sized open_clip CLIP (``mergelab-tiny-ViT-32``) covers the interface quickly; one test runs
-the whole path (heads, fine-tuning, import, merge, evaluation) on a randomly initialized ViT-B-32.
+the whole path (heads, fine-tuning, import, merge, evaluation) on a randomly initialized ViT-B-32, and
+every notebook runs unchanged at the ``clip_smoke`` profile.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import math
@@ -14,6 +16,7 @@ import sys
 import time
 import traceback
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +33,16 @@ from mergelab.clip import datasets as ds
 from mergelab.clip.checkpoints import load_expert, read_checkpoint
 from mergelab.clip.model import ClipModelConfig, create_clip
 from mergelab.clip.synthetic import CARS_SYNTHETIC, SUN397_SYNTHETIC, write_synthetic_datasets
+from mergelab import gradients as G
+from mergelab import sweep as sw
 from mergelab.merging import kth_smallest_magnitude, ties_threshold
+from mergelab.notebook import for_size, stand_in_note
+from mergelab.stability import HYPERPARAMETERS, ExpertGrid, ExpertHyperparameters
 from mergelab.task_vectors import TaskVector
+from mergelab.training import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
 TINY = {"name": TINY_MODEL, "pretrained": None}
 CLIP_ENV = ("MERGELAB_CLIP_DATA_ROOT", "MERGELAB_CLIP_EXPERTS_DIR", "MERGELAB_CLIP_WEIGHTS_DIR")
 
@@ -383,25 +392,211 @@ def test_streaming_benchmark_agrees_with_the_naive_merge(env):
     assert row["seconds"] > 0 and row["peak_gb"] > 0 and row["n_params"] == sum(v.numel() for v in pretrained.values())
 
 
-# ------------------------------------------------------------------------------------------ notebook
-@pytest.mark.notebook
-@pytest.mark.timeout(900)
-def test_notebook_00_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
+# ------------------------------------------------------------------------------------------ shared interface
+def test_sweep_checkpoints_are_the_shorter_runs_and_win_over_imported_experts(root, tmp_path, monkeypatch):
+    """A sweep trains through the benchmark's own loop: its checkpoint after s steps is the s-step run."""
+    monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path / "data"))
+    bench = tiny_bench(root, tasks=("MNIST",))
+    cfg = mergelab.FinetuneConfig(optimizer="sgd", lr=0.01, batch_size=4, num_steps=3, schedule="constant",
+                                  warmup_steps=0, momentum=0.9, grad_clip=1.0, data_fraction=0.5)
+    # threads=None: the thread count of this process (another test may have raised it), as for `alone` below
+    table = sw.sweep(bench, [cfg], ["MNIST"], steps=[2, 3], probe_size=2, progress=False, threads=None)
+    assert len(table) == 2 and table["trained"].all()
+    short = replace(cfg, num_steps=2)
+    log = sw.checkpoint_log(bench, "MNIST", short)
+    assert log["benchmark"] == "clip" and len(log["batch_gradient_norm"]) == 2
+    assert log["gradient_norm_probe"]["steps"] == [0, 2]  # at theta_0 and at the checkpoints up to this one
+    alone = bench.new_encoder(bench.pretrained_state())
+    bench.finetune_encoder(alone, ["MNIST"], short)
+    swept = sw.checkpoint_state(bench, "MNIST", short)
+    assert all(torch.equal(swept[k], v) for k, v in alone.state_dict().items())
+    assert all(torch.equal(bench.expert("MNIST", short)[k], swept[k]) for k in swept)
+    # with experts imported from a folder, bench.expert returns the import whatever the recipe; the sweep's own stays
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "experts"
+    folder.mkdir()
+    save_file({k: v + 1.0 for k, v in bench.pretrained_state().items()}, str(folder / "MNIST.safetensors"))
+    importing = mergelab.load_benchmark("clip", device="cpu", progress=False, tasks=["MNIST"], model={
+        **TINY, "experts_dir": str(folder)}, data={"root": str(root), "num_workers": 0, "eval_batch_size": 8,
+                                                   "max_val": 4, "max_test": 6})
+    assert not torch.equal(importing.expert("MNIST", short)["proj"], swept["proj"])
+    assert torch.equal(sw.checkpoint_state(importing, "MNIST", short)["proj"], swept["proj"])
+
+
+def test_micro_batches_give_the_same_step_and_unequal_subsets_get_a_spread_multitask_epoch(root):
+    bench = tiny_bench(root)  # MNIST has 54 training images, EuroSAT 81: 6 and 9 batches of 9
+    X, y = bench.split("MNIST", "train")
+    cfg = G.gradient_descent_config(0.05, batch_size=40, seed=1)
+    states = []
+    for micro in (None, 16):
+        enc = bench.new_encoder(bench.pretrained_state())
+        finetune(enc, {"MNIST": (X, y)}, {"MNIST": bench.heads["MNIST"]}, cfg, progress=False, micro_batch_size=micro)
+        states.append(enc.state_dict())
+    for k in states[0]:
+        torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-5, atol=1e-7)
+    assert bench.micro_batch_size == 8
+
+    K, active = G._spread_schedule({"a": 6, "b": 10, "c": 10})
+    assert K == 10 and [sum(active(t, s) for s in range(20)) for t in "abc"] == [12, 20, 20]
+    assert G._spread_schedule({"a": 5, "b": 5}) == (5, None)
+    # small SGD steps: the experts' summed task vectors ~ the multi-task displacement, as with equal subsets
+    pre = bench.pretrained_state()
+    sgd = G.trajectory_config("sgd", 1e-5, batch_size=9)
+    experts = {t: G.epoch_trajectory(bench, t, sgd, 1) for t in ("MNIST", "EuroSAT")}
+    assert [experts[t].steps_per_epoch for t in ("MNIST", "EuroSAT")] == [6, 9]
+    mt = G.multitask_epoch_trajectory(bench, ["MNIST", "EuroSAT"], sgd, 1)
+    assert mt.steps_per_epoch == 9 and mt.n_train == 81 and len(mt.loss) == 9
+    summed = sum(tr.task_vector(pre, 1) for tr in experts.values())
+    tau_mt = mt.task_vector(pre, 1)
+    assert (summed - tau_mt).norm() < 0.02 * tau_mt.norm()
+    # MNIST at every one of the 9 steps would have added about half again its expert's update
+    every_step = summed + 0.5 * experts["MNIST"].task_vector(pre, 1)
+    assert (every_step - tau_mt).norm() > 0.1 * tau_mt.norm()
+
+
+# ------------------------------------------------------------------------------------------ parameters
+def parameter_names(name: str) -> list[str]:
+    """Names assigned in the notebook's ``parameters`` cell."""
+    nb = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    return [t.id for node in ast.parse("".join(cell["source"])).body for t in node.targets]
+
+
+@pytest.mark.parametrize("profile", ["clip", "clip_smoke"])
+def test_every_notebook_has_parameters_at_the_clip_profiles(profile):
+    """What ``make report PROFILE=clip|clip_smoke`` reads before running anything: a valid file per notebook."""
+    from mergelab import report
+
+    names = [nb.stem for nb in report.discover_notebooks()]
+    assert names == NOTEBOOKS and len(names) >= 4
+    params = {n: report.load_params(report.params_path(profile, n), profile, n) for n in names}
+    first = params[names[0]]
+    for name, values in params.items():
+        assert set(values) == set(parameter_names(name)), name  # no unknown name papermill would inject silently
+        assert values["profile"] == profile and values["benchmark"] == "clip", name
+        # same data and model as chapter 0, so the tower, heads, evaluations and experts are shared
+        assert values["data"] == first["data"] and values["model"] == first["model"], name
+        assert set(values["tasks"]) <= set(first["tasks"] if profile == "clip" else TASKS), name
+        ClipBenchmarkConfig.from_params(tasks=values["tasks"], data=values["data"], model=values["model"],
+                                        pretrain=values["pretrain"], head_shots=values["head_shots"])
+        if "finetune" in values and name != "01_stability_bound":
+            assert values["finetune"] == first["finetune"], name  # chapter 0's experts
+    stab = params["01_stability_bound"]
+    assert set(stab["task_pool"]) <= set(stab["tasks"]) and stab["merge_size"] <= len(stab["task_pool"])
+    centre = mergelab.FinetuneConfig(**stab["finetune"], **stab["centre"], seed=stab["seeds"][0])
+    grid = ExpertGrid(centre, {k: tuple(v) for k, v in stab["levels"].items()}, checkpoints=tuple(stab["checkpoints"]))
+    for h in HYPERPARAMETERS:  # levels whose mean is the centre: heterogeneous vs homogeneous at equal means
+        assert np.mean(stab["levels"][h]) == pytest.approx(stab["centre"][h])
+        assert len(stab["levels"][h]) == 3 or (profile == "clip_smoke" and h == "num_steps")
+    assert ExpertHyperparameters.from_config(grid.at(max(grid.steps)), 1000).momentum == 0.9  # the bound needs SGD
+    grads = params["02_task_vectors_as_gradients"]
+    assert set(grads["merge_learning_rates"]) <= set(grads["learning_rates"])
+    assert all(grads["merge_learning_rates"][o] in grads["learning_rates"][o] for o in grads["merge_learning_rates"])
+    assert max(grads["merge_epochs"]) <= grads["epochs"]
+
+
+def test_prose_for_each_size():
+    assert for_size("clip", tiny="a", clip="\n    b\n      c\n").data == "b\n  c"
+    with pytest.raises(ValueError, match="benchmark='imagenet' is not valid; use one of tiny, clip"):
+        for_size("imagenet", tiny="a", clip="b")
+    with pytest.raises(ValueError, match="one text per size"):
+        for_size("tiny", tiny="a")
+    assert stand_in_note("tiny", {}, {}) == "" and stand_in_note("clip", {"max_train": None}, {"pretrained": "openai"}) == ""
+    smoke = yaml.safe_load((ROOT / "params/clip_smoke/00_benchmark_and_baselines.yaml").read_text())
+    note = stand_in_note("clip", smoke["data"], smoke["model"])
+    assert "synthetic" in note and "randomly initialized" in note and "`max_train: 32`" in note
+
+
+# ------------------------------------------------------------------------------------------ notebooks
+def run_at_clip_smoke(name: str, tmp_path: Path) -> tuple[dict, str]:
+    """Execute a notebook with ``params/clip_smoke``; return its results JSON and the Markdown it displayed."""
     from mergelab import paths, report
 
-    name = "00_benchmark_and_baselines"
     params = report.load_params(report.params_path("clip_smoke", name), "clip_smoke", name)
     reports = tmp_path / "reports"
     reports.mkdir()
     report.execute_notebook(paths.notebooks_dir() / f"{name}.ipynb", params, reports)
+    executed = json.loads((reports / f"{name}.ipynb").read_text())
+    outputs = [o for c in executed["cells"] for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
     results = json.loads((reports / "results" / f"{name}.json").read_text())
-    assert results["benchmark"] == "clip" and results["tasks"] == ["MNIST", "EuroSAT"]
-    assert results["provenance"]["parameters"]["profile"] == "clip_smoke"
+    assert results["benchmark"] == "clip" and results["provenance"]["parameters"]["profile"] == "clip_smoke"
+    shown = "\n".join("".join(o["data"]["text/markdown"]) for o in outputs if "text/markdown" in o.get("data", {}))
+    return results, shown
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_notebook_00_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
+    results, shown = run_at_clip_smoke("00_benchmark_and_baselines", tmp_path)
+    assert results["tasks"] == ["MNIST", "EuroSAT"]
     methods = results["methods"]
     assert {"zero_shot", "experts", "multitask", "weight_averaging", "task_arithmetic", "ties", "dare"} <= set(methods)
     for m in methods.values():
         assert set(m["per_task_accuracy"]) == {"MNIST", "EuroSAT"}
         assert all(0 <= a <= 1 for a in m["per_task_accuracy"].values())
     assert methods["experts"]["normalized_accuracy"] == pytest.approx(1.0)
-    executed = json.loads((reports / f"{name}.ipynb").read_text())
-    assert not [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    # the prose describes the clip size, and says that this run's numbers mean nothing
+    assert "CLIP's zero-shot head" in shown and "Stanford Cars" in shown and "mean nothing" in shown
+    assert "generated from the seed" not in shown and "pretext task" not in shown
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_notebook_01_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
+    results, shown = run_at_clip_smoke("01_stability_bound", tmp_path)
+    assert results["tasks"] == ["MNIST", "EuroSAT", "GTSRB"]
+    assert results["experts"]["runs"] == 21 and results["experts"]["checkpoints"] == 21  # 7 recipes x 3 tasks, 1 step count
+    merges = results["merges"]
+    assert {m["method"] for m in merges} == {"weight_averaging", "ties", "dare"}
+    assert {m["kind"] for m in merges} == {"homogeneous", "heterogeneous"}
+    for m in merges:
+        assert 0 <= m["test_accuracy"] <= 1 and 0 <= m["train_accuracy"] <= 1 and m["test_loss"] > 0
+        if m["method"] == "weight_averaging":  # the bound is computed for plain averaging only
+            assert m["bound_quadratic"] > 0 and m["bound_smooth"] > 0 and m["lipschitz"] > 0
+    assert set(results["rank_correlation"]["quadratic"]) == {"overall", *HYPERPARAMETERS}
+    curvature = results["constants"]["curvature"]
+    assert [r["step"] for r in curvature] == [0, 2]
+    assert all(math.isfinite(r["lambda_max"]) and r["lambda_max"] >= r["lambda_min"] for r in curvature)
+    assert "SGD runs, not the public recipe's AdamW" in shown and "heads start confidently wrong" not in shown
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_notebook_02_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
+    results, _ = run_at_clip_smoke("02_task_vectors_as_gradients", tmp_path)
+    assert results["tasks"] == ["MNIST", "EuroSAT"]
+    # the one-step identity holds at this size too, with full batches forwarded in chunks of 16
+    one = results["one_step_exactness"]
+    assert one["float32"]["n_train"] == {"MNIST": 32, "EuroSAT": 32}
+    for dtype, bound in (("float32", 1e-4), ("float64", 1e-12)):
+        assert all(r["relative_error"] < bound for r in one[dtype]["per_task"].values()), dtype
+        assert one[dtype]["task_arithmetic"]["relative_error"] < bound, dtype
+    assert all(-1 - 1e-9 <= r["cosine"] <= 1 + 1e-9 for r in results["per_epoch_cosines"])
+    assert results["merge_methods"] == ["task_arithmetic", "tsv_merge"] and not results["merge_methods_skipped"]
+    for by_method in results["merged_accuracy_by_epochs"].values():
+        for by_epoch in by_method.values():
+            assert set(by_epoch) == {"1", "2"}
+            assert all(0 <= r["absolute_accuracy"] <= 1 for r in by_epoch.values())
+    assert set(results["multitask_same_budget"]) == {"sgd", "adamw"}
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_notebook_03_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
+    results, _ = run_at_clip_smoke("03_task_singular_vectors", tmp_path)
+    tasks = ["MNIST", "EuroSAT", "GTSRB"]
+    assert results["tasks"] == tasks
+    methods = results["methods"]
+    assert set(methods) == {"zero_shot", "weight_averaging", "task_arithmetic", "ties", "tsv_merge",
+                            "tsv_merge_validated", "tsv_compress", "experts"}
+    for m in methods.values():
+        assert set(m["per_task_accuracy"]) == set(tasks) and 0 <= m["absolute_accuracy"] <= 1
+    assert methods["experts"]["normalized_accuracy"] == pytest.approx(1.0)
+    compress = results["tsv_compress"]
+    assert 0 < compress["storage_fraction"] and {r["rank_fraction"] for r in compress["sweep"]} == {0.25, 1.0}
+    assert next(r for r in compress["sweep"] if r["rank_fraction"] == 1.0)["normalized_accuracy"] == pytest.approx(1.0)
+    assert all(0 <= e <= 1 for e in results["energy_top_k"].values())
+    assert len(results["interference"]["pairs"]) == 3  # every pair of the 3 tasks
+    assert results["speed"]["relative_difference"] < 1e-3

@@ -5,6 +5,7 @@ A benchmark object gives every notebook the same small interface, which the ``cl
 * ``tasks``; ``split(task, split) -> (X, y)``;
 * ``pretrained_state()``; ``heads[task]``;
 * ``expert(task, FinetuneConfig)`` and ``multitask(FinetuneConfig)``, cached by configuration;
+  ``finetune_encoder(encoder, tasks, cfg, on_step)``, the loop behind them, for sweeps;
 * ``evaluate(state, split) -> {task: accuracy}``.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,12 @@ class TinyBenchmark:
         device: ``"auto"`` (GPU when there is one), ``"cpu"``, ``"cuda"``...
         progress: show progress bars for long steps.
     """
+
+    name = "tiny"
+    """The benchmark's size, as ``mergelab.load_benchmark`` names it."""
+    micro_batch_size: int | None = None
+    """Training loops that take whole splits in one batch (full-batch gradient descent) may forward
+    at most this many examples at once; ``None``: no limit (the tiny images are small)."""
 
     def __init__(self, config: TinyBenchmarkConfig | None = None, device: str | None = "auto",
                  progress: bool = True) -> None:
@@ -196,6 +203,19 @@ class TinyBenchmark:
         return self._heads
 
     # ------------------------------------------------------------------ experts
+    def finetune_encoder(self, encoder: torch.nn.Module, tasks: Sequence[str], cfg: FinetuneConfig,
+                         on_step: Callable[[int, torch.nn.Module], None] | None = None,
+                         desc: str = "fine-tune", progress: bool | None = None) -> dict[str, list[float]]:
+        """Fine-tune ``encoder`` in place on the training split of ``tasks`` with their frozen heads.
+
+        The loop behind :meth:`expert` and :meth:`multitask` (:func:`mergelab.training.finetune`), for
+        callers that watch the run: ``on_step(step, model)`` after every optimizer step (sweeps save
+        checkpoints and probe gradients there). Returns ``{"loss": [...], "lr": [...]}`` per step.
+        """
+        return finetune(encoder, {t: self.split(t, "train") for t in tasks}, {t: self.heads[t] for t in tasks},
+                        cfg, device=self.device, desc=desc,
+                        progress=self.progress if progress is None else progress, on_step=on_step)
+
     def head_digest(self, task: str) -> str:
         """Hash of a task's head weights and scale: part of every cache key that depends on the head."""
         head = self.heads[task]
@@ -214,11 +234,9 @@ class TinyBenchmark:
         if path.is_file():
             return load_safetensors(path)
         enc = self.new_encoder(self.pretrained_state())
-        data = {t: self.split(t, "train") for t in tasks}
         start = time.perf_counter()
-        history = finetune(enc, data, {t: self.heads[t] for t in tasks}, cfg, device=self.device,
-                           desc=f"{kind} {'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}",
-                           progress=self.progress)
+        history = self.finetune_encoder(enc, tasks, cfg,
+                                        desc=f"{kind} {'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}")
         state = {k: v.detach().cpu() for k, v in enc.state_dict().items()}
         atomic_write_json(path.with_suffix(".json"), {
             "kind": kind, "tasks": list(tasks), "benchmark": "tiny", "benchmark_key": self.key,

@@ -39,7 +39,7 @@ from torch import nn
 from . import paths
 from .task_vectors import TaskVector, check_compatible
 from .training import FinetuneConfig, finetune, subset_indices
-from .utils import StateDict, atomic_save_safetensors, atomic_write_json, config_hash, load_safetensors
+from .utils import StateDict, atomic_save_safetensors, atomic_write_json, config_hash
 
 TensorMap = Mapping[str, torch.Tensor] | TaskVector
 """Anything keyed by parameter name: a state dict, a task vector or a gradient."""
@@ -142,6 +142,18 @@ def _as_taskvector(encoder: nn.Module, tensors: Mapping[str, torch.Tensor]) -> T
             t = tensors.get(k)
             out[k] = t.detach().cpu() if t is not None else torch.zeros(v.shape, dtype=v.dtype)
     return TaskVector(out)
+
+
+@contextmanager
+def _full_precision():
+    """No TensorFloat-32 on CUDA (matmuls and cuDNN convolutions), so that float32 means float32; a
+    no-op on the CPU."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 @contextmanager
@@ -430,8 +442,9 @@ def one_step_identity(bench: Any, tasks: Sequence[str], lr: float, data_fraction
 
     Each task's expert takes one step of plain SGD (:func:`gradient_descent_config`) on the whole
     training subset of that task (``data_fraction`` of the split, the same rows for the expert, the
-    gradient and the multi-task run) through :func:`mergelab.training.finetune`; the gradient comes
-    from :func:`loss_and_gradient`. Then a multi-task run (the sum of the tasks' mean losses, one
+    gradient and the multi-task run) through :func:`mergelab.training.finetune` (in chunks of the
+    benchmark's ``micro_batch_size`` when it has one, gradients accumulated); the gradient comes
+    from :func:`loss_and_gradient`. On a GPU, TensorFloat-32 is switched off for the check. Then a multi-task run (the sum of the tasks' mean losses, one
     full batch of every task) takes one step, and ``theta_0 + sum_t tau_t`` is compared with it.
     Not cached: a step costs a few full passes.
 
@@ -463,19 +476,22 @@ def one_step_identity(bench: Any, tasks: Sequence[str], lr: float, data_fraction
     n_max = max(len(y) for _, y in data.values())
     cfg = gradient_descent_config(lr, batch_size=n_max, seed=seed)  # full batch for every task
 
+    options = {"micro_batch_size": bench.micro_batch_size} if getattr(bench, "micro_batch_size", None) else {}
+
     def one_step(subsets: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> StateDict:
         enc = bench.new_encoder(pre).to(dt)
-        finetune(enc, subsets, {t: heads[t] for t in subsets}, cfg, device=bench.device, progress=False)
+        finetune(enc, subsets, {t: heads[t] for t in subsets}, cfg, device=bench.device, progress=False, **options)
         return {k: v.detach().cpu() for k, v in enc.state_dict().items()}
 
     per_task, grads, taus = {}, {}, {}
-    for t in tasks:
-        state = one_step({t: data[t]})
-        grads[t] = loss_and_gradient(bench.new_encoder().to(dt), heads[t], *data[t], state=pre,
-                                     batch_size=batch_size, device=bench.device).gradient
-        per_task[t] = one_step_exactness(pre, state, grads[t], lr)
-        taus[t] = TaskVector({k: state[k] - pre[k] for k in grads[t].keys()})
-    multitask = one_step(data)
+    with _full_precision():
+        for t in tasks:
+            state = one_step({t: data[t]})
+            grads[t] = loss_and_gradient(bench.new_encoder().to(dt), heads[t], *data[t], state=pre,
+                                         batch_size=batch_size, device=bench.device).gradient
+            per_task[t] = one_step_exactness(pre, state, grads[t], lr)
+            taus[t] = TaskVector({k: state[k] - pre[k] for k in grads[t].keys()})
+        multitask = one_step(data)
     summed = sum(taus.values())
     diff = TaskVector({k: pre[k] + summed[k] - multitask[k] for k in summed.keys()})
     mt_tau = TaskVector({k: multitask[k] - pre[k] for k in summed.keys()})
@@ -511,7 +527,8 @@ class EpochTrajectory:
         task: the task fine-tuned on (``"multitask"`` for a multi-task run).
         config: the run's hyperparameters (``num_steps = epochs * steps_per_epoch``).
         epochs: number of passes E; steps_per_epoch: optimizer steps per pass; n_train: examples.
-        states: ``states[e - 1]`` is the encoder after ``e`` epochs (CPU state dicts).
+        states: ``states[e - 1]`` is the encoder after ``e`` epochs (CPU state dicts; a cached
+            trajectory reads each from its file when asked for).
         loss: training loss per step; wall_time_s: training time (of the run that filled the cache).
         tasks: the tasks trained on.
     """
@@ -521,7 +538,7 @@ class EpochTrajectory:
     epochs: int
     steps_per_epoch: int
     n_train: int
-    states: list[StateDict]
+    states: Sequence[StateDict]
     loss: list[float]
     wall_time_s: float
     tasks: tuple[str, ...] = ()
@@ -541,8 +558,10 @@ class EpochTrajectory:
         return self.wall_time_s / max(1, self.config.num_steps)
 
 
-def _trajectory_key(bench: Any, kind: str, tasks: Sequence[str], cfg: FinetuneConfig, epochs: int) -> str:
-    ident: dict[str, Any] = {"benchmark": bench.key, "kind": kind, "finetune": asdict(cfg), "epochs": epochs}
+def _trajectory_key(bench: Any, kind: str, tasks: Sequence[str], cfg: FinetuneConfig, epochs: int,
+                    extra: Mapping[str, Any] | None = None) -> str:
+    ident: dict[str, Any] = {"benchmark": bench.key, "kind": kind, "finetune": asdict(cfg), "epochs": epochs,
+                             **(extra or {})}
     if kind == "epoch_trajectory":  # the single-task key of the first version, kept so caches stay valid
         ident.update(task=tasks[0], head=bench.head_digest(tasks[0]))
     else:
@@ -557,17 +576,66 @@ def trajectories_dir() -> Path:
     return path
 
 
+class _EpochStates(Sequence):
+    """The per-epoch state dicts of a cached trajectory, read from its file when asked for, so that
+    many trajectories of a large model (350 MB per ViT-B-32 snapshot) need not sit in memory."""
+
+    def __init__(self, path: Path, epochs: int) -> None:
+        self.path, self.epochs = path, epochs
+
+    def __len__(self) -> int:
+        return self.epochs
+
+    def __getitem__(self, index: int) -> StateDict:  # type: ignore[override]
+        from safetensors import safe_open
+
+        if not isinstance(index, int):
+            raise TypeError("epoch states are indexed by one integer")
+        if index < 0:
+            index += self.epochs
+        if not 0 <= index < self.epochs:
+            raise IndexError(index)
+        prefix = f"epoch{index + 1}/"
+        with safe_open(str(self.path), framework="pt") as f:
+            return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+def _spread_schedule(steps_per_epoch: Mapping[str, int]) -> tuple[int, Callable[[str, int], bool] | None]:
+    """An epoch of a multi-task run over tasks with different numbers of steps per epoch.
+
+    The epoch lasts ``K = max_t s_t`` steps and task ``t`` contributes a mini-batch at ``s_t`` of them,
+    spread evenly (at step ``j`` of the epoch when ``floor((j + 1) s_t / K) > floor(j s_t / K)``), so
+    that after ``e`` epochs the run has taken as many batches of every task as that task's expert.
+    Returns ``(K, active)``; ``active`` is ``None`` when every task has ``K`` steps (every task at
+    every step).
+    """
+    K = max(steps_per_epoch.values())
+    if all(s == K for s in steps_per_epoch.values()):
+        return K, None
+
+    def active(task: str, step: int) -> bool:
+        j, s = step % K, steps_per_epoch[task]
+        return (j + 1) * s // K > j * s // K
+
+    return K, active
+
+
 def _run_trajectory(bench: Any, kind: str, tasks: Sequence[str],
                     data: Mapping[str, tuple[torch.Tensor, torch.Tensor]], train_cfg: FinetuneConfig,
                     run_cfg: FinetuneConfig, epochs: int, spe: int, n_train: int, progress: bool | None,
-                    train: Callable[..., dict[str, list[float]]] | None) -> EpochTrajectory:
+                    train: Callable[..., dict[str, list[float]]] | None,
+                    active: Callable[[str, int], bool] | None = None,
+                    extra: Mapping[str, Any] | None = None) -> EpochTrajectory:
     """Train (or load from the cache) one run and return its per-epoch snapshots.
 
     ``train_cfg`` is what the training loop gets; ``run_cfg`` (which keys the cache and is reported)
-    differs from it only where the rows were chosen beforehand.
+    differs from it only where the rows were chosen beforehand. ``active`` is the loop's task
+    schedule (see :func:`mergelab.training.finetune`); ``extra`` is added to the cache key and the log.
+    Batches larger than the benchmark's ``micro_batch_size`` accumulate gradients over chunks
+    (memory only).
     """
     name = tasks[0] if kind == "epoch_trajectory" else "multitask"
-    key = _trajectory_key(bench, kind, tasks, run_cfg, epochs)
+    key = _trajectory_key(bench, kind, tasks, run_cfg, epochs, extra)
     path = trajectories_dir() / f"{'trajectory' if kind == 'epoch_trajectory' else 'multitask-trajectory'}-{key}.safetensors"
     meta_path = path.with_suffix(".json")
     if not path.is_file():
@@ -580,9 +648,14 @@ def _run_trajectory(bench: Any, kind: str, tasks: Sequence[str],
 
         start = time.perf_counter()
         desc = f"trajectory {name} ({run_cfg.optimizer}, lr {run_cfg.lr:g})"
+        options: dict[str, Any] = {}
+        if getattr(bench, "micro_batch_size", None) is not None:
+            options["micro_batch_size"] = bench.micro_batch_size
+        if active is not None:
+            options["active"] = active
         history = (train or finetune)(enc, dict(data), {t: bench.heads[t] for t in tasks}, train_cfg, device=bench.device,
                                       desc=desc, progress=bench.progress if progress is None else progress,
-                                      on_step=snapshot)
+                                      on_step=snapshot, **options)
         wall = time.perf_counter() - start
         if sorted(snapshots) != list(range(1, epochs + 1)):
             raise RuntimeError(f"the training loop reported epochs {sorted(snapshots)}, expected 1..{epochs}: "
@@ -590,17 +663,13 @@ def _run_trajectory(bench: Any, kind: str, tasks: Sequence[str],
         atomic_write_json(meta_path, {
             "kind": kind, "task": name, "tasks": list(tasks), "benchmark_key": bench.key,
             "finetune": asdict(run_cfg), "epochs": epochs, "steps_per_epoch": spe, "n_train": n_train,
-            "loss": history["loss"], "wall_time_s": wall, "device": str(bench.device)})
+            "loss": history["loss"], "wall_time_s": wall, "device": str(bench.device), **(extra or {})})
         atomic_save_safetensors(path, {f"epoch{e}/{k}": v for e, s in snapshots.items() for k, v in s.items()},
                                 metadata={"kind": kind, "task": name, "epochs": str(epochs)})
+        del snapshots
     meta = json.loads(meta_path.read_text())
-    flat = load_safetensors(path)
-    states: list[StateDict] = [{} for _ in range(epochs)]
-    for entry, t in flat.items():
-        ep, k = entry.split("/", 1)
-        states[int(ep[5:]) - 1][k] = t
-    return EpochTrajectory(name, run_cfg, epochs, spe, n_train, states, meta["loss"], meta["wall_time_s"],
-                           tuple(tasks))
+    return EpochTrajectory(name, run_cfg, epochs, spe, n_train, _EpochStates(path, epochs), meta["loss"],
+                           meta["wall_time_s"], tuple(tasks))
 
 
 def epoch_trajectory(bench: Any, task: str, cfg: FinetuneConfig, epochs: int,
@@ -625,7 +694,7 @@ def epoch_trajectory(bench: Any, task: str, cfg: FinetuneConfig, epochs: int,
         train: the training loop (default :func:`mergelab.training.finetune`; tests substitute it).
     """
     X, y = bench.split(task, "train")
-    n = len(training_subset(X, y, cfg)[1])
+    n = len(subset_indices(len(y), cfg.data_fraction, cfg.seed))  # the rows training_subset keeps
     run_cfg = epoch_config(cfg, n, epochs)
     return _run_trajectory(bench, "epoch_trajectory", [task], {task: (X, y)}, run_cfg, run_cfg, epochs,
                            steps_per_epoch(n, cfg.batch_size), n, progress, train)
@@ -641,20 +710,32 @@ def multitask_epoch_trajectory(bench: Any, tasks: Sequence[str], cfg: FinetuneCo
     many examples as the ``T`` experts together. Each task's rows are its expert's training subset
     (``bench.multitask`` would draw a different subset per task); the order of the batches differs.
     Snapshotted every epoch and cached like :func:`epoch_trajectory`.
+
+    When the subsets differ in size (the datasets of the clip size do), the experts' epochs have
+    different numbers of steps ``s_t``: an epoch of the multi-task run then lasts ``max_t s_t`` steps,
+    and task ``t`` contributes a batch at ``s_t`` of them, spread evenly, so that after ``e`` epochs
+    every task has contributed as many batches as its expert took (same examples, same budget, and
+    to first order in the learning rate the same summed update). ``steps_per_epoch`` is then
+    ``max_t s_t`` and ``n_train`` the largest subset.
     """
     tasks = sorted(tasks)
     if not tasks:
         raise ValueError("tasks is empty; pass the tasks of the multi-task run.")
     data = {t: training_subset(*bench.split(t, "train"), cfg) for t in tasks}
     sizes = {t: len(y) for t, (_, y) in data.items()}
-    if len(set(sizes.values())) != 1:
-        raise ValueError(f"the tasks' training subsets differ in size ({sizes}); an epoch of a multi-task run "
-                         "needs equal sizes: use the same n_train for every task.")
-    n = next(iter(sizes.values()))
-    run_cfg = epoch_config(cfg, n, epochs)
-    # the rows are chosen above, so the loop must not subsample again
+    n = max(sizes.values())
+    if len(set(sizes.values())) == 1:
+        run_cfg = epoch_config(cfg, n, epochs)
+        # the rows are chosen above, so the loop must not subsample again
+        return _run_trajectory(bench, "multitask_epoch_trajectory", tasks, data, replace(run_cfg, data_fraction=1.0),
+                               run_cfg, epochs, steps_per_epoch(n, cfg.batch_size), n, progress, train)
+    # subsets of different sizes (the clip datasets): each task takes as many batches as its expert
+    spe = {t: steps_per_epoch(m, cfg.batch_size) for t, m in sizes.items()}
+    K, active = _spread_schedule(spe)
+    run_cfg = replace(cfg, num_steps=epochs * K)
     return _run_trajectory(bench, "multitask_epoch_trajectory", tasks, data, replace(run_cfg, data_fraction=1.0),
-                           run_cfg, epochs, steps_per_epoch(n, cfg.batch_size), n, progress, train)
+                           run_cfg, epochs, K, n, progress, train, active,
+                           extra={"schedule": "spread", "steps_per_epoch_per_task": spe})
 
 
 # ----------------------------------------------------------------------------- analysis along a trajectory

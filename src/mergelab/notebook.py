@@ -100,6 +100,50 @@ def read_results(notebook: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+SIZES = ("tiny", "clip")
+"""Benchmark sizes a notebook's prose can differ for (``benchmark`` parameter of every notebook)."""
+
+
+def for_size(benchmark: str, **texts: str) -> Any:
+    """The paragraph that applies to the running benchmark size, as Markdown to ``display``.
+
+    ``for_size(benchmark, tiny="...", clip="...")``: notebooks run unchanged at every size, and a
+    statement that holds for one size only (how its data are made, where its encoder comes from) is
+    written once per size and chosen here. Texts are dedented and stripped.
+    """
+    import textwrap
+
+    from IPython.display import Markdown
+
+    missing = [s for s in SIZES if s not in texts]
+    if missing or set(texts) - set(SIZES):
+        raise ValueError(f"for_size needs one text per size: {', '.join(SIZES)}; got {', '.join(texts)}.")
+    if benchmark not in texts:
+        raise ValueError(f"benchmark={benchmark!r} is not valid; use one of {', '.join(SIZES)}.")
+    return Markdown(textwrap.dedent(texts[benchmark]).strip())
+
+
+def stand_in_note(benchmark: str, data: dict[str, Any], model: dict[str, Any]) -> str:
+    """What a clip-size run is not, in a sentence or two: stand-ins (synthetic datasets or a randomly
+    initialized model, as the ``clip_smoke`` profile uses) and capped splits; ``""`` for the
+    benchmark as published and for the other sizes."""
+    if benchmark != "clip":
+        return ""
+    notes, parts = [], []
+    if data.get("synthetic"):
+        parts.append("synthetic stand-ins for the datasets (`data.synthetic`)")
+    if model.get("pretrained", "openai") is None:
+        parts.append(f"a randomly initialized `{model.get('name', 'ViT-B-32')}` (`model.pretrained: null`)")
+    if parts:
+        notes.append(f"**This run uses {' and '.join(parts)}**, as the `clip_smoke` profile does: it checks the "
+                     "code path, and its numbers mean nothing.")
+    caps = {k: data[k] for k in ("max_train", "max_val", "max_test") if data.get(k)}
+    if caps:
+        notes.append("Its splits are capped (" + ", ".join(f"`{k}: {v}`" for k, v in caps.items())
+                     + "): seeded subsets, not the benchmark as published.")
+    return " ".join(notes)
+
+
 def print_provenance(session: Session) -> None:
     """The closing provenance cell: print what :func:`provenance` records."""
     print(json.dumps(provenance(session), indent=2, default=str))

@@ -463,7 +463,7 @@ def hessian_extreme_eigenvalues(encoder: nn.Module, head: nn.Module, X: torch.Te
         return [x / norm for x in v]
 
     def power(shift: float) -> float:
-        v = normalize([torch.randn(p.shape, generator=g) for p in params])
+        v = normalize([torch.randn(p.shape, generator=g).to(p.device, p.dtype) for p in params])  # CPU draws: same on any device
         lam = 0.0
         for _ in range(iters):
             hv = [h - shift * x for h, x in zip(_hvp(encoder, head, X, y, params, v), v)]
@@ -827,10 +827,33 @@ def plan_merges(grid: ExpertGrid, tasks: Sequence[str], merge_size: int = 3, num
     return specs
 
 
+class _StateCache:
+    """Expert state dicts loaded on demand, the least recently used dropped beyond ``max_bytes``
+    (tiny experts all fit; a grid of ViT-B-32 experts, 350 MB each, would not)."""
+
+    def __init__(self, load: Any, max_bytes: float) -> None:
+        self.load, self.max_bytes = load, max_bytes
+        self.items: dict[Any, StateDict] = {}
+
+    def __getitem__(self, key: Any) -> StateDict:
+        if key in self.items:
+            self.items[key] = self.items.pop(key)  # most recently used last
+            return self.items[key]
+        state = self.load(key)
+        self.items[key] = state
+        size = lambda st: sum(v.numel() * v.element_size() for v in st.values())  # noqa: E731
+        while len(self.items) > 1 and sum(size(v) for v in self.items.values()) > self.max_bytes:
+            self.items.pop(next(iter(self.items)))
+        return state
+
+
 def run_merges(bench: Any, specs: Sequence[MergeSpec], curvature: Curvature,
                regimes: Sequence[str] = REGIMES, max_examples: int | None = 500, probe_size: int = 4,
-               progress: bool = True) -> "Any":
+               progress: bool = True, state_cache_gb: float = 8.0) -> "Any":
     """Merge, measure and bound every spec; one row per merge (a pandas DataFrame).
+
+    Experts are the sweep's checkpoints (:func:`mergelab.sweep.checkpoint_state`), kept in memory up to
+    ``state_cache_gb`` GiB between merges.
 
     Measured (:func:`measure_merge`): ``train_loss``, ``test_loss``, ``generalization_gap``,
     ``gap_vs_pretrained`` (the gap with the pretrained model on the same examples as a control
@@ -844,18 +867,17 @@ def run_merges(bench: Any, specs: Sequence[MergeSpec], curvature: Curvature,
     from tqdm.auto import tqdm
 
     from .merging import merge
+    from .sweep import checkpoint_state
     from .task_vectors import TaskVector
 
     pre = bench.pretrained_state()
     reference_cache: dict = {}
-    states: dict[tuple[str, FinetuneConfig], StateDict] = {}
+    states = _StateCache(lambda key: checkpoint_state(bench, *key), max_bytes=state_cache_gb * 2**30)
     terms_cache: dict[tuple[str, FinetuneConfig, str], StabilityTerms] = {}
     rows = []
     for spec in tqdm(specs, desc="merges", disable=not progress, mininterval=1.0):
         tvs = []
         for task, cfg in spec.experts:
-            if (task, cfg) not in states:
-                states[task, cfg] = bench.expert(task, cfg)
             tvs.append(TaskVector.from_states(pre, states[task, cfg]))
         merged = merge(spec.method, pre, tvs, **dict(spec.options))
         configs = dict(spec.experts)
@@ -1010,6 +1032,8 @@ def expert_table(bench: Any, grid: ExpertGrid, tasks: Sequence[str], hyperparame
     ``gap_vs_pretrained``, ``test_accuracy``."""
     import pandas as pd
 
+    from .sweep import checkpoint_state
+
     if hyperparameter not in grid.levels or hyperparameter == "num_steps":
         raise ValueError(f"hyperparameter={hyperparameter!r} is not valid; use one of "
                          f"{[h for h in grid.levels if h != 'num_steps']}.")
@@ -1020,7 +1044,7 @@ def expert_table(bench: Any, grid: ExpertGrid, tasks: Sequence[str], hyperparame
         for level in grid.levels[hyperparameter]:
             for step in grid.steps:
                 cfg = replace(base, **{hyperparameter: level, "num_steps": step})
-                m = measure_merge(bench, bench.expert(task, cfg), {task: cfg}, max_examples=max_examples,
+                m = measure_merge(bench, checkpoint_state(bench, task, cfg), {task: cfg}, max_examples=max_examples,
                                   reference=pre, reference_cache=cache)
                 rows.append({"task": task, "level": level, "step": step,
                              **{k: m[k] for k in ("train_loss", "test_loss", "generalization_gap", "test_accuracy")},

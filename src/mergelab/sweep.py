@@ -1,8 +1,10 @@
 """Sweeps of fine-tuning runs: many experts, each cached, several checkpoints from one run, resumable.
 
-:func:`sweep` takes configurations x tasks and makes sure every requested expert exists in the expert
-cache of :class:`mergelab.benchmark.TinyBenchmark` (``data/experts/expert-<key>.safetensors`` with a
-JSON sidecar), so ``bench.expert(task, cfg)`` returns it without training. It
+:func:`sweep` takes configurations x tasks and makes sure every requested expert exists in the
+benchmark's expert cache (``<bench.experts_dir>/expert-<key>.safetensors`` with a JSON sidecar), so
+``bench.expert(task, cfg)`` (or :func:`checkpoint_state`) returns it without training. Every run goes
+through the benchmark's own training loop (``bench.finetune_encoder``), so a swept expert is the one
+``bench.expert`` would train. It
 
 * snapshots several step counts from **one** run: with a constant learning rate (after warm-up), the
   first ``s`` steps of a run with ``num_steps = T`` are exactly the run with ``num_steps = s`` (same
@@ -32,8 +34,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .training import FinetuneConfig, finetune, subset_indices
-from .utils import atomic_save_safetensors, atomic_write_json
+from .training import FinetuneConfig, subset_indices
+from .utils import StateDict, atomic_save_safetensors, atomic_write_json, load_safetensors
 
 _CONFIG_FIELDS = tuple(f.name for f in fields(FinetuneConfig))
 
@@ -134,6 +136,20 @@ def is_cached(bench: Any, task: str, cfg: FinetuneConfig) -> bool:
     return path.is_file() and path.with_suffix(".json").is_file()
 
 
+def checkpoint_state(bench: Any, task: str, cfg: FinetuneConfig) -> StateDict:
+    """The weights of the expert ``(task, cfg)``: the sweep's checkpoint when it is cached, else
+    ``bench.expert(task, cfg)`` (which trains it with the benchmark's own loop).
+
+    Prefer this to ``bench.expert`` for sweep experts: a benchmark that imports experts from a
+    folder (the clip size's ``model.experts_dir``) returns the imported expert from ``bench.expert``
+    whatever the configuration, while a sweep's checkpoint is the one it trained with ``cfg``.
+    """
+    path = checkpoint_path(bench, task, cfg)
+    if path.is_file():
+        return load_safetensors(path)
+    return bench.expert(task, cfg)
+
+
 def checkpoint_log(bench: Any, task: str, cfg: FinetuneConfig) -> dict[str, Any]:
     """The JSON log of a cached checkpoint (config, loss curve, gradient-norm probes, wall time)."""
     path = checkpoint_path(bench, task, cfg).with_suffix(".json")
@@ -188,6 +204,7 @@ def execute_run(bench: Any, run: Run, probe_size: int = 8) -> dict[str, Any]:
     enc = bench.new_encoder(bench.pretrained_state())
     probe_idx = subset_indices(len(y), cfg.data_fraction, cfg.seed)[:probe_size]
     Xp, yp = X[probe_idx].to(bench.device), y[probe_idx].to(bench.device)
+    del X  # the benchmark's loop reads the training data itself
     probes: dict[str, list[float]] = {"steps": [], "mean": [], "max": []}
 
     def probe(step: int, model: torch.nn.Module) -> None:
@@ -213,12 +230,11 @@ def execute_run(bench: Any, run: Run, probe_size: int = 8) -> dict[str, Any]:
 
     grad_norms: list[float] = []
     with record_gradient_norms(grad_norms):
-        history = finetune(enc, {run.task: (X, y)}, {run.task: head}, cfg, device=bench.device,
-                           desc=f"{run.task}", progress=False, on_step=on_step)
+        history = bench.finetune_encoder(enc, [run.task], cfg, on_step=on_step, desc=f"{run.task}", progress=False)
     for s in missing:
         keep = [i for i, st in enumerate(probes["steps"]) if st <= s]
         atomic_write_json(checkpoint_path(bench, run.task, run.checkpoint_config(s)).with_suffix(".json"), {
-            "kind": "expert", "tasks": [run.task], "benchmark": "tiny", "benchmark_key": bench.key,
+            "kind": "expert", "tasks": [run.task], "benchmark": getattr(bench, "name", "tiny"), "benchmark_key": bench.key,
             "finetune": asdict(run.checkpoint_config(s)), "loss": history["loss"][:s], "lr": history["lr"][:s],
             "batch_gradient_norm": grad_norms[:s],
             "wall_time_s": times[s], "device": str(bench.device),
@@ -231,13 +247,11 @@ def execute_run(bench: Any, run: Run, probe_size: int = 8) -> dict[str, Any]:
 _WORKER_BENCH: Any = None
 
 
-def _init_worker(bench_config: Any, environ: Mapping[str, str]) -> None:
+def _init_worker(bench_class: type, bench_config: Any, environ: Mapping[str, str]) -> None:
     global _WORKER_BENCH
     os.environ.update(environ)
     torch.set_num_threads(1)
-    from .benchmark import TinyBenchmark
-
-    _WORKER_BENCH = TinyBenchmark(bench_config, device="cpu", progress=False)
+    _WORKER_BENCH = bench_class(bench_config, device="cpu", progress=False)
 
 
 def _worker_run(run: Run, probe_size: int) -> dict[str, Any]:
@@ -250,7 +264,8 @@ def sweep(bench: Any, configs: Sequence[FinetuneConfig], tasks: Sequence[str],
     """Make sure every ``(task, config, step)`` expert exists in the cache; return a table of them.
 
     Args:
-        bench: a :class:`~mergelab.benchmark.TinyBenchmark`.
+        bench: a benchmark (:class:`~mergelab.benchmark.TinyBenchmark` or
+            :class:`~mergelab.clip.ClipBenchmark`): its ``finetune_encoder`` trains every run.
         configs: fine-tuning recipes (see :func:`config_grid`, :func:`one_at_a_time`).
         tasks: tasks to fine-tune every recipe on.
         steps: step counts to checkpoint (see :func:`plan_runs`); ``None``: each config's ``num_steps``.
@@ -302,7 +317,7 @@ def sweep(bench: Any, configs: Sequence[FinetuneConfig], tasks: Sequence[str],
 
             env = {k: v for k, v in os.environ.items() if k.startswith("MERGELAB_")}
             with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                     initializer=_init_worker, initargs=(bench.config, env)) as pool:
+                                     initializer=_init_worker, initargs=(type(bench), bench.config, env)) as pool:
                 futures = {pool.submit(_worker_run, run, probe_size): run for run in todo}
                 for fut in as_completed(futures):
                     run = futures[fut]

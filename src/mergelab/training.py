@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -112,11 +113,13 @@ def batch_stream(n: int, batch_size: int, seed: int) -> Callable[[], torch.Tenso
     return next_batch
 
 
-def finetune(model: nn.Module, tasks: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+def finetune(model: nn.Module, tasks: Mapping[str, tuple[Any, torch.Tensor]],
              heads: Mapping[str, nn.Module], cfg: FinetuneConfig,
              device: torch.device | str = "cpu", desc: str = "fine-tune",
              progress: bool = True,
-             on_step: Callable[[int, nn.Module], None] | None = None) -> dict[str, list[float]]:
+             on_step: Callable[[int, nn.Module], None] | None = None,
+             micro_batch_size: int | None = None,
+             active: Callable[[str, int], bool] | None = None) -> dict[str, list[float]]:
     """Fine-tune ``model`` (the encoder, in place) on one or more tasks with frozen heads.
 
     With several tasks (multi-task learning), every step sums the mean cross-entropy of one
@@ -124,16 +127,28 @@ def finetune(model: nn.Module, tasks: Mapping[str, tuple[torch.Tensor, torch.Ten
 
     Args:
         model: encoder mapping ``(B, 3, H, W)`` to ``(B, d)``.
-        tasks: task name to ``(X, y)`` with ``X`` ``(N, 3, H, W)`` and ``y`` ``(N,)`` int64 (CPU).
+        tasks: task name to ``(X, y)`` with ``X`` ``(N, 3, H, W)`` and ``y`` ``(N,)`` int64 (CPU). ``X``
+            may be any indexable of images whose ``X[index tensor]`` is a stacked tensor (the clip
+            benchmark's lazy :class:`~mergelab.clip.datasets.ImageView`); the ``data_fraction``
+            subset is stacked once, before the first step.
         heads: task name to a frozen head mapping ``(B, d)`` features to logits.
         cfg: hyperparameters; ``cfg.data_fraction`` subsamples each task's ``(X, y)``.
         device: where to train.
         on_step: called as ``on_step(step, model)`` after every optimizer step (``step`` counts from
             1), e.g. to snapshot the weights along the trajectory or record gradient norms.
+        micro_batch_size: forward at most this many examples at once; a larger batch accumulates the
+            gradients of its chunks (each weighted by its share of the batch), which gives the same
+            step up to float rounding with bounded memory. ``None`` (or batches no larger than it): the
+            whole batch at once.
+        active: ``active(task, step)`` says whether ``task`` contributes a mini-batch at ``step``
+            (0-based); ``None``: every task at every step. A task's batches are drawn only at the
+            steps where it is active, so it walks its own data in the same order as without it.
 
     Returns:
         ``{"loss": [...], "lr": [...]}`` per step (loss summed over tasks).
     """
+    if micro_batch_size is not None and (not isinstance(micro_batch_size, int) or micro_batch_size < 1):
+        raise ValueError(f"micro_batch_size={micro_batch_size!r} is not valid; use a positive integer or None.")
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     heads = {t: h.to(device).eval() for t, h in heads.items()}
@@ -145,18 +160,35 @@ def finetune(model: nn.Module, tasks: Mapping[str, tuple[torch.Tensor, torch.Ten
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
     history: dict[str, list[float]] = {"loss": [], "lr": []}
+    whole_batches = micro_batch_size is None or all(min(cfg.batch_size, len(y)) <= micro_batch_size
+                                                    for _, y in data.values())
     bar = tqdm(range(cfg.num_steps), desc=desc, disable=not progress, leave=False, mininterval=0.5)
     for step in bar:
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = torch.zeros((), device=device)
-        for task, (X, y) in data.items():
-            idx = streams[task]()
-            logits = heads[task](model(X[idx].to(device, non_blocking=True)))
-            loss = loss + F.cross_entropy(logits, y[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if whole_batches and active is None:
+            loss = torch.zeros((), device=device)
+            for task, (X, y) in data.items():
+                idx = streams[task]()
+                logits = heads[task](model(X[idx].to(device, non_blocking=True)))
+                loss = loss + F.cross_entropy(logits, y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss = torch.zeros((), device=device)
+            for task, (X, y) in data.items():
+                if active is not None and not active(task, step):
+                    continue
+                idx = streams[task]()
+                chunk = len(idx) if micro_batch_size is None else micro_batch_size
+                for i in range(0, len(idx), chunk):
+                    part = idx[i:i + chunk]
+                    logits = heads[task](model(X[part].to(device, non_blocking=True)))
+                    part_loss = F.cross_entropy(logits, y[part].to(device), reduction="sum") / len(idx)
+                    part_loss.backward()
+                    loss = loss + part_loss.detach()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()

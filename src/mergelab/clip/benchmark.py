@@ -7,7 +7,8 @@
 * ``pretrained_state()``; ``heads[task]`` (zero-shot heads, cached per task);
 * ``expert(task, FinetuneConfig)`` fine-tuned with the given recipe (default: the public one,
   :data:`PUBLIC_RECIPE`), resumable, cached; or imported from a folder of checkpoints
-  (``model.experts_dir``); ``experts``, ``multitask``, ``import_experts``;
+  (``model.experts_dir``); ``experts``, ``multitask``, ``import_experts``; ``finetune_encoder``,
+  the training loop behind them, for sweeps that watch a run step by step;
 * ``evaluate(state, split, tasks) -> {task: accuracy}`` and ``evaluate_loss``: batched, DataLoader
   workers, mixed precision on GPU, cached per (state hash, task, split).
 
@@ -22,7 +23,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,8 @@ class ClipDataConfig:
         max_train, max_val, max_test: cap each split at this many examples (a seeded subset);
             ``None`` keeps them all (the benchmark as published).
         num_workers: DataLoader worker processes (``0``: load in the main process).
-        eval_batch_size: images per evaluation batch.
+        eval_batch_size: images per evaluation batch; also the most images a training loop that takes
+            whole splits in one batch forwards at once (:attr:`ClipBenchmark.micro_batch_size`).
         eval_cache_gb: memory (GiB) for keeping ``val`` splits decoded in RAM as ``uint8`` between
             evaluations (coefficient sweeps evaluate them many times); ``0`` disables it.
     """
@@ -220,6 +222,9 @@ class ClipBenchmark:
         progress: show progress bars for long steps.
     """
 
+    name = "clip"
+    """The benchmark's size, as ``mergelab.load_benchmark`` names it."""
+
     def __init__(self, config: ClipBenchmarkConfig | None = None, device: str | None = "auto",
                  progress: bool = True) -> None:
         self.config = config or ClipBenchmarkConfig()
@@ -261,6 +266,12 @@ class ClipBenchmark:
         path = self.cache_dir / "experts"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Training loops that take whole splits in one batch (full-batch gradient descent) forward at
+        most this many images at once and accumulate gradients: ``data.eval_batch_size``."""
+        return self.config.data.eval_batch_size
 
     @property
     def data_root(self) -> Path:
@@ -495,7 +506,9 @@ class ClipBenchmark:
             return load_safetensors(path)
         partial = path.with_suffix(".partial.pt")
         start = time.perf_counter()
-        enc, history = self._finetune(tasks, cfg, partial, desc=f"{kind} {'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}")
+        enc = self.new_encoder(self.pretrained_state())
+        history = self.finetune_encoder(enc, tasks, cfg, partial=partial,
+                                        desc=f"{kind} {'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}")
         state = {k: v.detach().float().cpu() for k, v in enc.state_dict().items()}
         atomic_write_json(path.with_suffix(".json"), {
             "kind": kind, "tasks": list(tasks), "benchmark": "clip", "benchmark_key": self.key,
@@ -507,26 +520,34 @@ class ClipBenchmark:
         partial.unlink(missing_ok=True)
         return state
 
-    def _finetune(self, tasks: Sequence[str], cfg: FinetuneConfig, partial: Path, desc: str
-                  ) -> tuple[nn.Module, dict[str, Any]]:
-        """Fine-tune the image tower on ``tasks`` (one batch of each per step, losses summed), heads frozen.
+    def finetune_encoder(self, encoder: nn.Module, tasks: Sequence[str], cfg: FinetuneConfig,
+                         on_step: Callable[[int, nn.Module], None] | None = None, desc: str = "fine-tune",
+                         progress: bool | None = None, partial: Path | None = None) -> dict[str, Any]:
+        """Fine-tune ``encoder`` (an image tower, in place) on ``tasks`` (one batch of each per step,
+        losses summed), heads frozen: the loop behind :meth:`expert` and :meth:`multitask`.
 
-        Saves ``partial`` every ``checkpoint_every`` steps and resumes from it when it exists: the
-        encoder, optimizer, loss scaler, step, history and the CPU random state. Batches are a function
-        of (seed, step) (:class:`StepBatchSampler`), so a resumed run sees the same batches; with
-        ``data.num_workers = 0`` its augmentations, hence its weights, are identical too (worker
-        processes draw their own augmentation seeds).
+        Training images go through the model's training transform (random resized crop), batches
+        through DataLoader workers, the forward pass under mixed precision on GPU (``model.precision``).
+        ``on_step(step, model)`` is called after every optimizer step (``step`` counts from 1; sweeps
+        save checkpoints and probe gradients there). With ``partial``, a resumable checkpoint is saved
+        every ``checkpoint_every`` steps and the run resumes from it when it exists: the encoder,
+        optimizer, loss scaler, step, history and the CPU random state. Batches are a function of
+        (seed, step) (:class:`StepBatchSampler`), so a resumed run sees the same batches, and with a
+        constant learning rate the first ``s`` steps of a run are the run of ``s`` steps; with
+        ``data.num_workers = 0`` augmentations, hence weights, are identical too (worker processes
+        draw their own augmentation seeds). Returns ``{"loss": [...], "lr": [...]}`` per step (and
+        ``resumed_at_step``, ``resumed_wall_s`` after a resume); leaves ``encoder`` in eval mode.
         """
         device = self.device
         torch.manual_seed(cfg.seed)
-        enc = self.new_encoder(self.pretrained_state()).to(device).train()
+        enc = encoder.to(device).train()
         heads = {t: self.head(t).to(device).eval() for t in tasks}
         params = [p for p in enc.parameters() if p.requires_grad]
         opt = make_optimizer(params, cfg)
         scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         history: dict[str, Any] = {"loss": [], "lr": []}
         start = 0
-        if partial.is_file():
+        if partial is not None and partial.is_file():
             ck = torch.load(str(partial), map_location="cpu", weights_only=True)
             enc.load_state_dict(ck["encoder"])
             opt.load_state_dict(ck["optimizer"])
@@ -546,8 +567,8 @@ class ClipBenchmark:
             streams.append((t, iter(loader)))
         if start:  # after the loaders drew their seeds: augmentations continue as if never interrupted
             torch.set_rng_state(ck["rng"])
-        bar = tqdm(range(start, cfg.num_steps), desc=desc, disable=not self.progress, leave=False,
-                   mininterval=1.0)
+        show = self.progress if progress is None else progress
+        bar = tqdm(range(start, cfg.num_steps), desc=desc, disable=not show, leave=False, mininterval=1.0)
         for step in bar:
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
@@ -568,13 +589,15 @@ class ClipBenchmark:
             history["loss"].append(float(loss.detach()))
             history["lr"].append(lr)
             done = step + 1
-            if done % self.config.checkpoint_every == 0 and done < cfg.num_steps:
+            if on_step is not None:
+                on_step(done, enc)
+            if partial is not None and done % self.config.checkpoint_every == 0 and done < cfg.num_steps:
                 self._save_partial(partial, enc, opt, scaler, done, history,
                                    history.get("resumed_wall_s", 0.0) + time.perf_counter() - begun)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
         enc.eval()
-        return enc, history
+        return history
 
     @staticmethod
     def _save_partial(path: Path, enc: nn.Module, opt: torch.optim.Optimizer, scaler: Any, step: int,
