@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -42,30 +43,43 @@ def task_vectors(pretrained: dict[str, torch.Tensor]) -> list[TaskVector]:
     return [TaskVector.from_states(pretrained, make_state(s)) for s in (1, 2, 3)]
 
 
-NOTEBOOKS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
 
 
 @pytest.fixture(scope="session")
-def run_notebook(tmp_path_factory: pytest.TempPathFactory):
-    """Execute a notebook once per test session with ``params/smoke``; return its results JSON.
+def smoke_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``make report PROFILE=smoke`` into a temporary folder, once per test session.
 
-    Usage: ``results = run_notebook("00_benchmark_and_baselines")``. The executed notebook lands in a
-    temporary reports folder, never in the user's ``reports/``.
+    Every notebook is executed with ``params/smoke`` through the command users run, and the book is
+    rendered; notebook tests read the results JSON it wrote, the end-to-end test checks the book.
+    Returns the reports folder and the finished ``make`` process (check its ``returncode``).
+    """
+    reports = tmp_path_factory.mktemp("smoke-report")
+    env = {k: v for k, v in os.environ.items() if k not in ("MERGELAB_RESULTS_DIR", "MERGELAB_REPORTS_DIR")}
+    completed = subprocess.run(["make", "report", "PROFILE=smoke", f"REPORTS={reports}"], cwd=ROOT, env=env,
+                               capture_output=True, text=True)
+    return reports, completed
+
+
+@pytest.fixture(scope="session")
+def run_notebook(smoke_report: tuple[Path, subprocess.CompletedProcess]):
+    """The results JSON of a notebook executed with ``params/smoke`` (by :func:`smoke_report`).
+
+    Usage: ``results = run_notebook("00_benchmark_and_baselines")``; ``results["_executed_notebook"]``
+    is the executed notebook's path. The run lands in a temporary folder, never in ``reports/``.
     """
     import json
 
-    from mergelab import paths, report
-
-    done: dict[str, dict] = {}
+    reports, completed = smoke_report
 
     def run(name: str) -> dict:
-        if name not in done:
-            reports = tmp_path_factory.mktemp(f"nb-{name}")
-            nb = paths.notebooks_dir() / f"{name}.ipynb"
-            params = report.load_params(report.params_path("smoke", name), "smoke", name)
-            report.execute_notebook(nb, params, reports)
-            done[name] = json.loads((reports / "results" / f"{name}.json").read_text())
-            done[name]["_executed_notebook"] = str(reports / f"{name}.ipynb")
-        return done[name]
+        path = reports / "results" / f"{name}.json"
+        if not path.is_file():
+            pytest.fail(f"`make report PROFILE=smoke` wrote no {path.name} (exit {completed.returncode}):\n"
+                        + completed.stdout[-3000:] + completed.stderr[-3000:])
+        results = json.loads(path.read_text())
+        results["_executed_notebook"] = str(reports / f"{name}.ipynb")
+        return results
 
     return run

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,16 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.e2e
 @pytest.mark.timeout(1800)
-def test_make_report_smoke_builds_the_book(tmp_path: Path) -> None:
-    reports = tmp_path / "reports"
-    env = {k: v for k, v in os.environ.items() if k not in ("MERGELAB_RESULTS_DIR", "MERGELAB_REPORTS_DIR")}
-    completed = subprocess.run(
-        ["make", "report", "PROFILE=smoke", f"REPORTS={reports}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+def test_make_report_smoke_builds_the_book(smoke_report) -> None:
+    reports, completed = smoke_report  # `make report PROFILE=smoke REPORTS=<tmp>`, see conftest.py
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
 
     index = reports / "_book" / "index.html"

@@ -84,4 +84,5 @@ def test_parameter_files_match_the_notebook_defaults():
     full = yaml.safe_load(report.params_path("tiny_full", NAME).read_text())
     for key in ("data", "model", "pretrain", "head_shots", "tasks"):
         assert full[key] == tiny[key], key
-    assert full["workers"] == tiny["workers"] == 1
+    for profile in (tiny, full):  # fine-tuning processes x torch threads fit the 2-core reference machine
+        assert profile["workers"] * profile["threads"] <= 2
