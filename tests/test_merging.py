@@ -131,3 +131,18 @@ def test_absolute_and_normalized_accuracy_follow_their_definitions():
     assert normalized_accuracy(merged, experts) == pytest.approx(0.75)
     with pytest.raises(ValueError, match="no expert accuracy for task 'c'"):
         normalized_accuracy({"c": 0.1}, experts)
+
+
+def test_ties_merged_in_chunks_equals_one_stacked_merge(monkeypatch):
+    from mergelab import merging
+
+    shapes = {"w": (7, 5), "b": (7,)}
+    pre = make_state(0, shapes)
+    tvs = [TaskVector.from_states(pre, make_state(s, shapes)) for s in (1, 2, 3)]
+    thresholds = torch.tensor([merging.ties_threshold(tv, 0.5) for tv in tvs])
+    expected = {k: pre[k] + 0.7 * merging.ties_merge_tensor(torch.stack([tv[k] for tv in tvs]), thresholds)
+                for k in shapes}
+    monkeypatch.setattr(merging, "TIES_CHUNK", 4)  # 35 entries: 9 chunks, the last one partial
+    merged = merging.merge_ties(pre, tvs, coefficient=0.7, density=0.5)
+    for k in shapes:
+        torch.testing.assert_close(merged[k], expected[k], rtol=0, atol=0)

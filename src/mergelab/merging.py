@@ -193,8 +193,23 @@ def merge_ties(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[Ta
     ``coefficient``."""
     keys = _validate(pretrained, task_vectors)
     thresholds = torch.tensor([ties_threshold(tv, density) for tv in task_vectors])
-    return _assemble(pretrained, keys, lambda k: coefficient * ties_merge_tensor(
-        torch.stack([tv[k] for tv in task_vectors]), thresholds))
+    return _assemble(pretrained, keys, lambda k: coefficient * _ties_merge_chunked(
+        [tv[k] for tv in task_vectors], thresholds))
+
+
+TIES_CHUNK = 1 << 18
+"""Entries of one parameter that :func:`merge_ties` merges at a time (memory only: TIES works entry by
+entry, so chunking does not change the result)."""
+
+
+def _ties_merge_chunked(tensors: Sequence[torch.Tensor], thresholds: torch.Tensor) -> torch.Tensor:
+    """:func:`ties_merge_tensor` of ``T`` same-shaped tensors, ``TIES_CHUNK`` entries at a time, so the
+    temporaries are ``T x TIES_CHUNK`` rather than ``T x numel`` (a few of them per call)."""
+    flats = [t.reshape(-1) for t in tensors]
+    out = torch.empty_like(flats[0])
+    for i in range(0, out.numel(), TIES_CHUNK):
+        out[i:i + TIES_CHUNK] = ties_merge_tensor(torch.stack([f[i:i + TIES_CHUNK] for f in flats]), thresholds)
+    return out.reshape(tensors[0].shape)
 
 
 def dare(task_vector: TaskVector, drop_rate: float, seed: int = 0) -> TaskVector:
