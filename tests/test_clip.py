@@ -470,7 +470,7 @@ def test_every_notebook_has_parameters_at_the_clip_profiles(profile):
 
     names = [nb.stem for nb in report.discover_notebooks()]
     assert names == NOTEBOOKS and len(names) >= 4
-    params = {n: report.load_params(report.params_path(profile, n), profile, n) for n in names}
+    params = {n: report.profile_params(profile, n) for n in names}
     first = params[names[0]]
     for name, values in params.items():
         assert set(values) == set(parameter_names(name)), name  # no unknown name papermill would inject silently
@@ -513,7 +513,7 @@ def run_at_clip_smoke(name: str, tmp_path: Path) -> tuple[dict, str]:
     """Execute a notebook with ``params/clip_smoke``; return its results JSON and the Markdown it displayed."""
     from mergelab import paths, report
 
-    params = report.load_params(report.params_path("clip_smoke", name), "clip_smoke", name)
+    params = report.profile_params("clip_smoke", name)
     reports = tmp_path / "reports"
     reports.mkdir()
     report.execute_notebook(paths.notebooks_dir() / f"{name}.ipynb", params, reports)

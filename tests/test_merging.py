@@ -146,3 +146,27 @@ def test_ties_merged_in_chunks_equals_one_stacked_merge(monkeypatch):
     merged = merging.merge_ties(pre, tvs, coefficient=0.7, density=0.5)
     for k in shapes:
         torch.testing.assert_close(merged[k], expected[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare", "tsv_merge"])
+def test_sweep_computes_the_update_once_and_equals_merging_at_each_coefficient(name, monkeypatch):
+    from mergelab import merging
+
+    shapes = {"w": (6, 5), "b": (6,)}
+    pre = make_state(0, shapes)
+    tvs = [TaskVector.from_states(pre, make_state(s, shapes)) for s in (1, 2, 3)]
+    method = get_merge(name)
+    calls = []
+    counted = merging.MergeMethod(name, method.fn, method.coefficient_grid, method.defaults,
+                                  lambda *a, **o: calls.append(1) or method.update(*a, **o))
+    monkeypatch.setitem(merging.MERGE_METHODS, name, counted)
+    grid = (0.3, 0.7, 1.2)
+    states = {}
+    result = merge_with_validation(name, pre, tvs, lambda st: states.setdefault(len(states), st)["w"].sum().item(),
+                                   grid=grid, progress=False)
+    assert len(calls) == 1
+    for i, c in enumerate(grid):
+        direct = method(pre, tvs, coefficient=c)
+        for k in shapes:
+            torch.testing.assert_close(states[i][k], direct[k], rtol=0, atol=0)
+    assert result.coefficient in grid

@@ -16,7 +16,7 @@ HYPERPARAMETERS = ("lr", "batch_size", "data_fraction", "num_steps")
 
 @pytest.fixture(scope="module")
 def params():
-    return report.load_params(report.params_path("smoke", NAME), "smoke", NAME)
+    return report.profile_params("smoke", NAME)
 
 
 @pytest.mark.notebook

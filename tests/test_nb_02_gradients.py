@@ -16,7 +16,7 @@ def results(run_notebook):
 
 @pytest.fixture(scope="module")
 def params():
-    return report.load_params(report.params_path("smoke", NAME), "smoke", NAME)
+    return report.profile_params("smoke", NAME)
 
 
 @pytest.mark.notebook

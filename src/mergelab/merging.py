@@ -22,6 +22,8 @@ from .task_vectors import TaskVector, check_compatible
 from .utils import StateDict
 
 MergeFn = Callable[..., StateDict]
+LayerUpdate = tuple[list[str], Callable[[str], torch.Tensor]]
+"""``(keys, U_k)``: the parameters a linear merge changes, and its update ``U`` for one of them."""
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,17 @@ class MergeMethod:
         coefficient_grid: values of ``coefficient`` swept on validation; empty when the method has
             no coefficient to choose (e.g. weight averaging).
         defaults: default options.
+        update: for methods of the form ``theta_0 + coefficient * U``:
+            ``update(pretrained, task_vectors, **options) -> (keys, U_k)``, the parameters it changes
+            and a function computing ``U`` for one of them; :func:`merge_with_validation` then
+            computes ``U`` once for the whole coefficient sweep. ``None`` for other methods.
     """
 
     name: str
     fn: MergeFn
     coefficient_grid: tuple[float, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    update: Callable[..., LayerUpdate] | None = None
 
     def __call__(self, pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
                  **options: Any) -> StateDict:
@@ -49,12 +56,15 @@ class MergeMethod:
 MERGE_METHODS: dict[str, MergeMethod] = {}
 
 
-def register_merge(name: str, coefficient_grid: Sequence[float] = (), **defaults: Any
+def register_merge(name: str, coefficient_grid: Sequence[float] = (),
+                   update: Callable[..., LayerUpdate] | None = None, **defaults: Any
                    ) -> Callable[[MergeFn], MergeFn]:
-    """Decorator registering ``fn`` under ``name`` in :data:`MERGE_METHODS`."""
+    """Decorator registering ``fn`` under ``name`` in :data:`MERGE_METHODS` (``update``: see
+    :class:`MergeMethod`)."""
 
     def wrap(fn: MergeFn) -> MergeFn:
-        MERGE_METHODS[name] = MergeMethod(name, fn, tuple(float(c) for c in coefficient_grid), dict(defaults))
+        MERGE_METHODS[name] = MergeMethod(name, fn, tuple(float(c) for c in coefficient_grid), dict(defaults),
+                                          update)
         return fn
 
     return wrap
@@ -111,12 +121,25 @@ def merge_weight_averaging(pretrained: Mapping[str, torch.Tensor], task_vectors:
     return _assemble(pretrained, keys, lambda k: sum(tv[k] for tv in task_vectors) / n)
 
 
-@register_merge("task_arithmetic", coefficient_grid=np.round(np.arange(0.05, 1.001, 0.05), 2), coefficient=0.3)
+def _scaled(pretrained: Mapping[str, torch.Tensor], update: LayerUpdate, coefficient: float) -> StateDict:
+    """``theta_0 + coefficient * U``, one parameter at a time."""
+    keys, layer = update
+    return _assemble(pretrained, keys, lambda k: coefficient * layer(k))
+
+
+def task_arithmetic_update(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector]
+                           ) -> LayerUpdate:
+    """Task arithmetic's update ``sum_t tau_t``, per parameter."""
+    keys = _validate(pretrained, task_vectors)
+    return keys, lambda k: sum(tv[k] for tv in task_vectors)
+
+
+@register_merge("task_arithmetic", coefficient_grid=np.round(np.arange(0.05, 1.001, 0.05), 2),
+                update=task_arithmetic_update, coefficient=0.3)
 def merge_task_arithmetic(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
                           coefficient: float = 0.3) -> StateDict:
     """Task arithmetic: ``theta_0 + coefficient * sum_t tau_t`` (Ilharco et al., 2023)."""
-    keys = _validate(pretrained, task_vectors)
-    return _assemble(pretrained, keys, lambda k: coefficient * sum(tv[k] for tv in task_vectors))
+    return _scaled(pretrained, task_arithmetic_update(pretrained, task_vectors), coefficient)
 
 
 def ties_threshold(task_vector: TaskVector, density: float) -> float:
@@ -185,16 +208,22 @@ def ties_merge_tensor(stacked: torch.Tensor, thresholds: torch.Tensor) -> torch.
     return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
 
 
-@register_merge("ties", coefficient_grid=np.round(np.arange(0.3, 2.01, 0.1), 2), coefficient=1.0, density=0.2)
+def ties_update(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
+                density: float = 0.2) -> LayerUpdate:
+    """TIES' update (trim to ``density``, elect signs, disjoint mean), per parameter."""
+    keys = _validate(pretrained, task_vectors)
+    thresholds = torch.tensor([ties_threshold(tv, density) for tv in task_vectors])
+    return keys, lambda k: _ties_merge_chunked([tv[k] for tv in task_vectors], thresholds)
+
+
+@register_merge("ties", coefficient_grid=np.round(np.arange(0.3, 2.01, 0.1), 2), update=ties_update,
+                coefficient=1.0, density=0.2)
 def merge_ties(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
                coefficient: float = 1.0, density: float = 0.2) -> StateDict:
     """TIES-Merging (Yadav et al., 2023): keep the top ``density`` share of each task vector by
     magnitude, elect a sign per entry by total mass, average the agreeing entries, scale by
     ``coefficient``."""
-    keys = _validate(pretrained, task_vectors)
-    thresholds = torch.tensor([ties_threshold(tv, density) for tv in task_vectors])
-    return _assemble(pretrained, keys, lambda k: coefficient * _ties_merge_chunked(
-        [tv[k] for tv in task_vectors], thresholds))
+    return _scaled(pretrained, ties_update(pretrained, task_vectors, density), coefficient)
 
 
 TIES_CHUNK = 1 << 18
@@ -225,14 +254,20 @@ def dare(task_vector: TaskVector, drop_rate: float, seed: int = 0) -> TaskVector
     return TaskVector(out)
 
 
-@register_merge("dare", coefficient_grid=np.round(np.arange(0.05, 1.001, 0.05), 2), coefficient=0.3,
-                drop_rate=0.5, seed=0)
+def dare_update(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
+                drop_rate: float = 0.5, seed: int = 0) -> LayerUpdate:
+    """DARE's update: the sum of the task vectors sparsified by :func:`dare` (seed ``seed + t``)."""
+    _validate(pretrained, task_vectors)
+    sparse = [dare(tv, drop_rate, seed + i) for i, tv in enumerate(task_vectors)]
+    return task_arithmetic_update(pretrained, sparse)
+
+
+@register_merge("dare", coefficient_grid=np.round(np.arange(0.05, 1.001, 0.05), 2), update=dare_update,
+                coefficient=0.3, drop_rate=0.5, seed=0)
 def merge_dare(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
                coefficient: float = 0.3, drop_rate: float = 0.5, seed: int = 0) -> StateDict:
     """DARE then task arithmetic: each task vector sparsified by :func:`dare` (seed ``seed + t``)."""
-    _validate(pretrained, task_vectors)
-    sparse = [dare(tv, drop_rate, seed + i) for i, tv in enumerate(task_vectors)]
-    return merge_task_arithmetic(pretrained, sparse, coefficient=coefficient)
+    return _scaled(pretrained, dare_update(pretrained, task_vectors, drop_rate, seed), coefficient)
 
 
 # ----------------------------------------------------------------------------- coefficient choice
@@ -266,10 +301,17 @@ def merge_with_validation(name: str, pretrained: Mapping[str, torch.Tensor],
     if not grid:
         state = method(pretrained, task_vectors, **options)
         return MergeResult(name, None, state, {})
+    if method.update is not None:  # theta_0 + c * U: compute U once for the whole sweep
+        settings = {k: v for k, v in {**method.defaults, **options}.items() if k != "coefficient"}
+        keys, layer = method.update(pretrained, task_vectors, **settings)
+        update = {k: layer(k) for k in keys}
+        build = lambda c: _scaled(pretrained, (list(update), update.__getitem__), c)  # noqa: E731
+    else:
+        build = lambda c: method(pretrained, task_vectors, **{**options, "coefficient": c})  # noqa: E731
     sweep: dict[float, float] = {}
     best: tuple[float, float, StateDict] | None = None
     for c in tqdm(grid, desc=f"{name}: coefficient on validation", disable=not progress, leave=False):
-        state = method(pretrained, task_vectors, **{**options, "coefficient": float(c)})
+        state = build(float(c))
         s = float(score(state))
         sweep[float(c)] = s
         if best is None or s > best[0]:

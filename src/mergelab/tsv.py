@@ -63,8 +63,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .merging import (_assemble, _validate, absolute_accuracy, merge, merge_with_validation, normalized_accuracy,
-                      register_merge)
+from .merging import (LayerUpdate, _scaled, _validate, absolute_accuracy, merge, merge_with_validation,
+                      normalized_accuracy, register_merge)
 from .task_vectors import TaskVector
 from .utils import StateDict, pick_device
 
@@ -283,15 +283,17 @@ def _np_task_svd(a: np.ndarray, k: int, f64: bool, rtol: float, parallel: bool =
 
 def _np_polar(x: np.ndarray, rtol: float, gram: bool, f64: bool) -> np.ndarray:
     """Polar factor of one ``(m, r)`` matrix, ``m >= r``, in its dtype (see :func:`polar_factor`)."""
-    if gram:
-        # Tall stacks are usually well conditioned: float32 first, then float64. Near-square stacks
-        # rarely pass the float32 test, so they try the float64 Gram matrix only.
-        tall = x.shape[0] >= POLAR_GRAM_MIN_ASPECT * x.shape[1]
-        for dtype in ((np.float32, np.float64) if f64 else (np.float32,)) if tall else ((np.float64,) if f64 else ()):
-            xg = x.astype(dtype, copy=False)
-            w, q = _np_eigh_top(_np_gram(xg), xg.shape[1])
-            if w[-1] >= POLAR_GRAM_MIN_RATIO[torch.float64 if dtype == np.float64 else torch.float32] * w[0] > 0:
-                return (xg @ ((q / np.sqrt(w)) @ q.T)).astype(x.dtype, copy=False)
+    # Tall stacks are usually well conditioned: float32 first, then float64. Near-square stacks
+    # rarely pass the float32 test, so they try the float64 Gram matrix only.
+    tall = x.shape[0] >= POLAR_GRAM_MIN_ASPECT * x.shape[1]
+    dtypes = [np.float32] if gram and tall else []
+    if gram and f64:
+        dtypes.append(np.float64)
+    for dtype in dtypes:
+        xg = x.astype(dtype, copy=False)
+        w, q = _np_eigh_top(_np_gram(xg), xg.shape[1])
+        if w[-1] >= POLAR_GRAM_MIN_RATIO[torch.float64 if dtype == np.float64 else torch.float32] * w[0] > 0:
+            return (xg @ ((q / np.sqrt(w)) @ q.T)).astype(x.dtype, copy=False)
     p, sv, qh = np.linalg.svd(x, full_matrices=False)  # gesdd; NumPy releases the GIL
     keep = (sv > rtol * max(float(sv[0]), 1e-300)).astype(p.dtype)
     return (p * keep) @ qh
@@ -623,7 +625,16 @@ def tsv_update(task_vectors: Sequence[TaskVector], rank_fraction: float | None =
     return out
 
 
-@register_merge("tsv_merge", coefficient_grid=np.round(np.arange(0.1, 3.01, 0.1), 2), coefficient=1.0)
+def _tsv_layer_update(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
+                      **options) -> LayerUpdate:
+    """:func:`tsv_update` in the registry's ``(keys, U_k)`` form (see :class:`mergelab.merging.MergeMethod`)."""
+    _validate(pretrained, task_vectors)
+    update = tsv_update(task_vectors, **options)
+    return list(update), update.__getitem__
+
+
+@register_merge("tsv_merge", coefficient_grid=np.round(np.arange(0.1, 3.01, 0.1), 2), update=_tsv_layer_update,
+                coefficient=1.0)
 def tsv_merge(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
               coefficient: float = 1.0, rank_fraction: float | None = None, svd: str = "gram",
               polar: str | None = None, device: str | torch.device | None = "auto", **svd_options
@@ -641,10 +652,8 @@ def tsv_merge(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[Tas
         device: where the SVDs run (``"auto"``: the GPU when there is one; ``None``: where the
             tensors are).
     """
-    _validate(pretrained, task_vectors)
-    update = tsv_update(task_vectors, rank_fraction=rank_fraction, svd=svd, polar=polar, device=device,
-                        **svd_options)
-    return _assemble(pretrained, update, lambda k: coefficient * update[k])
+    return _scaled(pretrained, _tsv_layer_update(pretrained, task_vectors, rank_fraction=rank_fraction, svd=svd,
+                                                 polar=polar, device=device, **svd_options), coefficient)
 
 
 # ----------------------------------------------------------------------------- TSV-C
