@@ -259,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
         "fast: gram float32": {"gram_dtype": "float32"},
         "randomized, 1 thread": {"svd": "randomized", "n_iter": 4},
     }
-    rows = []
     for T in args.tasks:
         start = time.perf_counter()
         tvs = synthetic_task_vectors(shapes, T, args.seed)
@@ -272,7 +271,6 @@ def main(argv: list[str] | None = None) -> int:
         for name, tm in timings.items():
             print(f"{name:34s} {tm.wall_s:8.2f} {tm.cpu_s:8.2f} {ref.wall_s / tm.wall_s:7.2f} "
                   f"{(ref1.wall_s / tm.wall_s if ref1 else float('nan')):9.2f} {tm.rel_diff():10.2e}")
-            rows.append((T, name, tm))
         fast = timings["fast: gram float64 (default)"]
         kinds = sorted(fast.per_kind)
         print("wall s per layer kind: " + "; ".join(

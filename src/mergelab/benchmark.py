@@ -11,7 +11,6 @@ A benchmark object gives every notebook the same small interface, which the ``cl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -218,9 +217,7 @@ class TinyBenchmark:
 
     def head_digest(self, task: str) -> str:
         """Hash of a task's head weights and scale: part of every cache key that depends on the head."""
-        head = self.heads[task]
-        blob = head.weight.detach().cpu().contiguous().numpy().tobytes() + repr(head.logit_scale).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return self.heads[task].digest()
 
     def run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> str:
         """Cache key (16 hex digits) of a fine-tuning run: ``kind`` (``"expert"`` or ``"multitask"``),

@@ -38,7 +38,7 @@ from torch import nn
 
 from . import paths
 from .task_vectors import TaskVector, check_compatible
-from .training import FinetuneConfig, finetune, subset_indices
+from .training import FinetuneConfig, finetune, training_indices
 from .utils import StateDict, atomic_save_safetensors, atomic_write_json, config_hash
 
 TensorMap = Mapping[str, torch.Tensor] | TaskVector
@@ -55,7 +55,7 @@ def training_subset(X: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, task_
     ``task_index`` is the task's position in the sorted task list of the run (0 for an expert; a
     multi-task run draws each task's subset from ``cfg.seed + 7919 * task_index``).
     """
-    keep = subset_indices(len(y), cfg.data_fraction, cfg.seed + 7919 * task_index)
+    keep = training_indices(len(y), cfg, task_index)
     return X[keep], y[keep]
 
 
@@ -694,7 +694,7 @@ def epoch_trajectory(bench: Any, task: str, cfg: FinetuneConfig, epochs: int,
         train: the training loop (default :func:`mergelab.training.finetune`; tests substitute it).
     """
     X, y = bench.split(task, "train")
-    n = len(subset_indices(len(y), cfg.data_fraction, cfg.seed))  # the rows training_subset keeps
+    n = len(training_indices(len(y), cfg))  # the rows training_subset keeps
     run_cfg = epoch_config(cfg, n, epochs)
     return _run_trajectory(bench, "epoch_trajectory", [task], {task: (X, y)}, run_cfg, run_cfg, epochs,
                            steps_per_epoch(n, cfg.batch_size), n, progress, train)

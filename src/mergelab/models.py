@@ -8,6 +8,7 @@ kinds (``conv1.weight``, ``positional_embedding``, ``transformer.resblocks.{i}.a
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,12 @@ class ClassificationHead(nn.Module):
     @property
     def n_classes(self) -> int:
         return int(self.weight.shape[0])
+
+    def digest(self) -> str:
+        """SHA-256 (first 16 hex digits) of the weights and scale: part of every cache key that
+        depends on the head."""
+        blob = self.weight.detach().cpu().contiguous().numpy().tobytes() + repr(self.logit_scale).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``(B, d)`` features to ``(B, n_classes)`` logits."""

@@ -107,7 +107,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .training import FinetuneConfig, lr_at, subset_indices
+from .training import FinetuneConfig, lr_at, training_indices
 from .utils import StateDict
 
 REGIMES = ("smooth", "quadratic")
@@ -326,11 +326,6 @@ class StabilityTerms:
         """``eps = sqrt(eps^2)`` (parameter-space units)."""
         return math.sqrt(self.l2)
 
-    @property
-    def l1(self) -> float:
-        """``E ||A(S^(i)) - A(S)|| <= sqrt(drift)``: the L1 on-average model stability bound."""
-        return math.sqrt(self.drift)
-
 
 def expert_stability(hp: ExpertHyperparameters, gradient_norm: float | Sequence[float],
                      curvature: Curvature, regime: str = "quadratic") -> StabilityTerms:
@@ -510,8 +505,8 @@ def head_example_indices(bench: Any, task: str) -> torch.Tensor:
 
 def seen_indices(n_task_train: int, cfg: FinetuneConfig) -> torch.Tensor:
     """Indices of the training examples a single-task expert fine-tuned with ``cfg`` saw: the rule of
-    :func:`mergelab.training.finetune` for task index 0, ``subset_indices(n, data_fraction, seed)``."""
-    return subset_indices(n_task_train, cfg.data_fraction, cfg.seed)
+    :func:`mergelab.training.training_indices` for task index 0."""
+    return training_indices(n_task_train, cfg)
 
 
 def _eval_subset(n: int, max_examples: int | None, seed: int) -> torch.Tensor:
@@ -547,14 +542,6 @@ def per_example_losses(bench: Any, state: StateDict, task: str, X: torch.Tensor,
         losses.append(F.cross_entropy(logits, yy, reduction="none").cpu())
         correct.append((logits.argmax(-1) == yy).cpu())
     return torch.cat(losses), torch.cat(correct)
-
-
-def loss_and_accuracy(bench: Any, state: StateDict, task: str, X: torch.Tensor, y: torch.Tensor,
-                      batch_size: int = 1000) -> tuple[float, float]:
-    """Mean cross-entropy (nats) and top-1 accuracy (fraction) of encoder ``state`` on ``(X, y)`` with
-    ``task``'s frozen head."""
-    losses, correct = per_example_losses(bench, state, task, X, y, batch_size)
-    return float(losses.mean()), float(correct.float().mean())
 
 
 def control_variate_gap(train: torch.Tensor, test: torch.Tensor, ref_train: torch.Tensor, ref_test: torch.Tensor

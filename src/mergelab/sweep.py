@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .training import FinetuneConfig, subset_indices
+from .training import FinetuneConfig, training_indices
 from .utils import StateDict, atomic_save_safetensors, atomic_write_json, load_safetensors
 
 _CONFIG_FIELDS = tuple(f.name for f in fields(FinetuneConfig))
@@ -202,7 +202,7 @@ def execute_run(bench: Any, run: Run, probe_size: int = 8) -> dict[str, Any]:
     X, y = bench.split(run.task, "train")
     head = bench.heads[run.task]
     enc = bench.new_encoder(bench.pretrained_state())
-    probe_idx = subset_indices(len(y), cfg.data_fraction, cfg.seed)[:probe_size]
+    probe_idx = training_indices(len(y), cfg)[:probe_size]
     Xp, yp = X[probe_idx].to(bench.device), y[probe_idx].to(bench.device)
     del X  # the benchmark's loop reads the training data itself
     probes: dict[str, list[float]] = {"steps": [], "mean": [], "max": []}

@@ -98,6 +98,13 @@ def subset_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)[:keep]
 
 
+def training_indices(n: int, cfg: "FinetuneConfig", task_index: int = 0) -> torch.Tensor:
+    """The rows of a task's training split (``n`` examples) that a run under ``cfg`` trains on: the
+    ``data_fraction`` subset drawn from ``cfg.seed + 7919 * task_index`` (``task_index``: the task's
+    position in the run's sorted task list, 0 for an expert). Every loop and analysis uses this rule."""
+    return subset_indices(n, cfg.data_fraction, cfg.seed + 7919 * task_index)
+
+
 def batch_stream(n: int, batch_size: int, seed: int) -> Callable[[], torch.Tensor]:
     """Indices of successive mini-batches: epochs of seeded permutations, without replacement."""
     g = torch.Generator().manual_seed(seed + 1)
@@ -154,7 +161,7 @@ def finetune(model: nn.Module, tasks: Mapping[str, tuple[Any, torch.Tensor]],
     heads = {t: h.to(device).eval() for t, h in heads.items()}
     data, streams = {}, {}
     for i, (task, (X, y)) in enumerate(sorted(tasks.items())):
-        keep = subset_indices(len(y), cfg.data_fraction, cfg.seed + 7919 * i)
+        keep = training_indices(len(y), cfg, i)
         data[task] = (X[keep], y[keep])
         streams[task] = batch_stream(len(keep), min(cfg.batch_size, len(keep)), cfg.seed + 104729 * i)
     params = [p for p in model.parameters() if p.requires_grad]

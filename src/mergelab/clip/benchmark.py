@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .. import paths
 from ..models import ClassificationHead, load_encoder_state
-from ..training import FinetuneConfig, lr_at, make_optimizer, subset_indices
+from ..training import FinetuneConfig, lr_at, make_optimizer, training_indices
 from ..utils import (StateDict, atomic_save_safetensors, atomic_write_json, clone_state_dict, config_hash,
                      load_safetensors, pick_device)
 from . import datasets as ds
@@ -311,14 +311,6 @@ class ClipBenchmark:
         """Images in ``[0, 1]`` after resize and centre crop, for display: ``view[:8]`` is ``(8, 3, S, S)``."""
         return ds.ImageView(self.dataset(task, split).with_transform(self._display_transform()))
 
-    def dataloader(self, task: str, split: str = "test", batch_size: int | None = None,
-                   train_transform: bool = False) -> DataLoader:
-        """A DataLoader over ``split`` in order (evaluation); workers and pinned memory as configured."""
-        workers = self.config.data.num_workers
-        return DataLoader(self.dataset(task, split, train_transform),
-                          batch_size=batch_size or self.config.data.eval_batch_size, shuffle=False,
-                          num_workers=workers, pin_memory=self.device.type == "cuda")
-
     def _display_transform(self) -> Any:
         from torchvision.transforms import Compose, Normalize
 
@@ -466,9 +458,8 @@ class ClipBenchmark:
         return self._heads[task]
 
     def head_digest(self, task: str) -> str:
-        head = self.head(task)
-        blob = head.weight.detach().cpu().contiguous().numpy().tobytes() + repr(head.logit_scale).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        """Hash of a task's head (:meth:`ClassificationHead.digest`): part of the cache keys."""
+        return self.head(task).digest()
 
     def new_encoder(self, state: StateDict | None = None) -> nn.Module:
         """A fresh image tower on the CPU: the pretrained one, or loaded with ``state`` when given."""
@@ -559,7 +550,7 @@ class ClipBenchmark:
         streams = []
         for i, t in enumerate(sorted(tasks)):
             data = self.dataset(t, "train", train_transform=True)
-            keep = subset_indices(len(data), cfg.data_fraction, cfg.seed + 7919 * i).tolist()
+            keep = training_indices(len(data), cfg, i).tolist()
             data = torch.utils.data.Subset(data, keep)
             sampler = StepBatchSampler(len(keep), cfg.batch_size, cfg.seed + 104729 * i, start, cfg.num_steps)
             loader = DataLoader(data, batch_sampler=sampler, num_workers=self.config.data.num_workers,
