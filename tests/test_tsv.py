@@ -19,9 +19,8 @@ SOLVERS = [dict(svd="gram"), dict(svd="gram", gram_dtype="float32"), dict(svd="e
 @pytest.fixture(params=["cpu-kernels-serial", "cpu-kernels-parallel", "torch-kernels"])
 def kernels(request, monkeypatch):
     """Run a test through every implementation: the per-task NumPy/SciPy kernels the CPU uses for
-    large matrices, one task at a time (LAPACK ``syevr``, top ``k`` only) or two side by side
-    (``syevd``, which releases the GIL), and the batched torch kernels used on GPUs and for small
-    matrices."""
+    large matrices, one task at a time or two side by side (LAPACK ``syevr`` without the GIL), and
+    the batched torch kernels used on GPUs and for small matrices."""
     monkeypatch.setattr(tsv, "SMALL", 10**9 if request.param == "torch-kernels" else 0)
     workers = 2 if request.param == "cpu-kernels-parallel" else 1
     monkeypatch.setattr(tsv, "_cpu_workers", lambda n: max(1, min(n, workers)))
@@ -116,7 +115,7 @@ def test_the_batched_torch_path_used_on_gpus_matches_the_cpu_path():
                                    atol=1e-5, rtol=0)
     X = torch.randn(50, 12, generator=g)
     for gram in (True, False):
-        torch.testing.assert_close(tsv._torch_polar(X, tsv.RTOL, gram, True), tsv.polar_factor(X), atol=1e-5, rtol=0)
+        torch.testing.assert_close(tsv._torch_polar(X, tsv.RTOL, gram), tsv.polar_factor(X), atol=1e-5, rtol=0)
 
 
 def test_randomized_svd_is_accurate_on_a_steep_spectrum_and_not_on_a_flat_one():
@@ -269,6 +268,29 @@ def test_tsv_merge_with_one_task_and_coefficient_one_reproduces_the_expert():
     merged = merge("tsv_merge", pretrained, tvs, coefficient=1.0)
     for k in expert:
         torch.testing.assert_close(merged[k], expert[k], atol=1e-5, rtol=0)
+
+
+def test_layers_merged_side_by_side_equal_layers_merged_one_at_a_time(monkeypatch):
+    monkeypatch.setattr(tsv, "SMALL", 0)  # the NumPy/LAPACK kernels the CPU uses for real layers
+    g = torch.Generator().manual_seed(7)
+    shapes = {f"resblocks.{i}.weight": (40 + 8 * i, 24) for i in range(5)} | {"bias": (24,)}
+    tvs = [TaskVector({k: torch.randn(s, generator=g) for k, s in shapes.items()}) for _ in range(3)]
+    used = []
+    side_by_side = tsv._layers_side_by_side
+    monkeypatch.setattr(tsv, "_layers_side_by_side", lambda fn, keys: used.append(list(keys)) or side_by_side(fn, keys))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        parallel = tsv.tsv_update(tvs, device="cpu")
+        assert torch.get_num_threads() == 2, "the thread count is restored"
+        torch.set_num_threads(1)
+        serial = tsv.tsv_update(tvs, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert used == [[k for k in shapes if k != "bias"]], "two threads: the 2-D layers go side by side; one: not"
+    assert list(parallel) == list(serial) == list(shapes)
+    for k in shapes:
+        assert torch.equal(parallel[k], serial[k]), k
 
 
 def test_tsv_merge_rejects_incompatible_task_vectors():

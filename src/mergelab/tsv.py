@@ -36,12 +36,15 @@ per-task top-``k`` SVD (``svd=``):
 * ``"gram"`` (the default, exact up to rounding): the top ``k`` eigenvectors of each task's
   ``(n, n)`` Gram matrix ``Delta^T Delta`` (``n`` the short side) in float64, then
   ``U = Delta V / s``: a symmetric eigenproblem of the short side instead of an SVD of the whole
-  matrix (LAPACK's ``syevr`` even computes only the ``k`` eigenvectors asked for). The polar factors
-  of tall, well-conditioned stacks come from their ``(T k, T k)`` Gram matrices,
-  ``X (X^T X)^{-1/2}``; near-square or ill-conditioned stacks use the SVD. On the CPU every task runs
-  single-threaded and tasks run side by side (see :func:`_cpu_map` for why); on a GPU the steps are
-  batched torch calls. ``gram_dtype="float32"`` is a little faster, but loses accuracy where the
-  spectrum is flat at ``k``.
+  matrix. LAPACK's ``syevr`` computes only the ``k`` eigenvectors asked for; it is called without
+  holding the GIL (:mod:`mergelab.lapack`) so that tasks overlap. The polar factors come from the
+  stacks' ``(T k, T k)`` Gram matrices, ``X (X^T X)^{-1/2}``, where those are well conditioned
+  (float32 for tall stacks, else float64), and from the float64 SVD otherwise. On the CPU every
+  task runs single-threaded and tasks run side by side (see :func:`_cpu_map` for why); on a GPU the
+  steps are batched torch calls. ``gram_dtype="float32"`` is faster on a CPU but less accurate: a
+  float32 Gram matrix resolves the ``k``-th singular vector only to about
+  ``1e-7 (s_1 / s_k)^2``, which the float64 Rayleigh-Ritz step cannot repair (relative error about
+  ``1e-4`` on ViT-B-32-shaped task vectors; ``make bench``).
 * ``"exact"``: batched ``torch.linalg.svd`` of the ``(T, m, n)`` stack, truncated;
 * ``"randomized"``: subspace iteration (Halko et al., 2011) with ``oversample`` extra columns and
   ``n_iter`` power iterations; approximate where the spectrum decays slowly, as task matrices'
@@ -63,6 +66,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import lapack
 from .merging import (LayerUpdate, _scaled, _validate, absolute_accuracy, merge, merge_with_validation,
                       normalized_accuracy, register_merge)
 from .task_vectors import TaskVector
@@ -194,9 +198,8 @@ def _cpu_map(fn, items: Sequence) -> list:
     are oversubscribed a multi-threaded solver can run several times slower than a single-threaded
     one (its threads spin at barriers while their partners wait for a core). So on the CPU each
     task's work is single-threaded NumPy/SciPy, and tasks run side by side on
-    ``torch.get_num_threads()`` threads: NumPy's products and decompositions release the GIL and run
-    in parallel; SciPy's ``syevr`` holds it, so those calls take turns (while other tasks' products
-    go on).
+    ``torch.get_num_threads()`` threads: NumPy's products and decompositions, and ``syevr`` called
+    through :mod:`mergelab.lapack`, release the GIL and run in parallel.
     """
     workers = _cpu_workers(len(items))
     with _blas_controller().limit(limits=1, user_api="blas"):
@@ -241,37 +244,31 @@ def _np_gram(a: np.ndarray) -> np.ndarray:
     return a.T @ a
 
 
-def _np_eigh_top(g: np.ndarray, k: int, parallel: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` eigenpairs (decreasing) of a symmetric matrix.
+def _np_eigh_top(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` eigenpairs (decreasing) of a symmetric matrix, destroying ``g``.
 
-    LAPACK ``syevr`` through SciPy computes only the ``k`` eigenvectors asked for, but SciPy holds
-    the GIL meanwhile, so such calls cannot run side by side; NumPy's ``syevd`` computes all of them
-    and releases the GIL. So: ``syevr`` when ``k < n`` and the call is not one of several running
-    in ``parallel``, else ``syevd``.
+    ``k < n``: LAPACK ``syevr``, which computes only the ``k`` eigenvectors asked for, called without
+    holding the GIL so that the tasks' calls run side by side (:func:`mergelab.lapack.eigh_top`).
+    ``k = n``: NumPy's ``syevd`` (which also releases the GIL), as fast as ``syevr`` for the whole
+    spectrum.
     """
-    import scipy.linalg
-
-    n = g.shape[0]
-    if k < n and not parallel:
-        w, v = scipy.linalg.eigh(g, lower=False, subset_by_index=[n - k, n - 1], driver="evr",
-                                 check_finite=False, overwrite_a=True)
-    else:
-        w, v = np.linalg.eigh(g)
-    return w[::-1][:k], v[:, ::-1][:, :k]
+    if k < g.shape[0]:
+        return lapack.eigh_top(g, k, overwrite=True)
+    w, v = np.linalg.eigh(g)
+    return w[::-1], v[:, ::-1]
 
 
-def _np_task_svd(a: np.ndarray, k: int, f64: bool, rtol: float, parallel: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _np_task_svd(a: np.ndarray, k: int, f64: bool, rtol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-``k`` SVD of one tall ``(m, n)`` matrix from its Gram matrix (float64 results; see
     :func:`_gram_svd`)."""
     n = a.shape[1]
     a64 = a.astype(np.float64, copy=False)
     if f64:
-        w, v = _np_eigh_top(_np_gram(a64), k, parallel)
+        w, v = _np_eigh_top(_np_gram(a64), k)
         b = a64 @ v
     else:
         p = min(n - k, max(8, k // 4))
-        _, v32 = _np_eigh_top(_np_gram(a.astype(np.float32, copy=False)), k + p, parallel)
+        _, v32 = _np_eigh_top(_np_gram(a.astype(np.float32, copy=False)), k + p)
         v64 = v32.astype(np.float64)
         b = a64 @ v64
         w, rot = _np_eigh_top(_np_gram(b), k)
@@ -281,22 +278,21 @@ def _np_task_svd(a: np.ndarray, k: int, f64: bool, rtol: float, parallel: bool =
     return b / np.where(good, s, 1.0), s, v
 
 
-def _np_polar(x: np.ndarray, rtol: float, gram: bool, f64: bool) -> np.ndarray:
+def _np_polar(x: np.ndarray, rtol: float, gram: bool) -> np.ndarray:
     """Polar factor of one ``(m, r)`` matrix, ``m >= r``, in its dtype (see :func:`polar_factor`)."""
     # Tall stacks are usually well conditioned: float32 first, then float64. Near-square stacks
     # rarely pass the float32 test, so they try the float64 Gram matrix only.
     tall = x.shape[0] >= POLAR_GRAM_MIN_ASPECT * x.shape[1]
-    dtypes = [np.float32] if gram and tall else []
-    if gram and f64:
-        dtypes.append(np.float64)
+    dtypes = (([np.float32] if tall else []) + [np.float64]) if gram else []
     for dtype in dtypes:
         xg = x.astype(dtype, copy=False)
         w, q = _np_eigh_top(_np_gram(xg), xg.shape[1])
         if w[-1] >= POLAR_GRAM_MIN_RATIO[torch.float64 if dtype == np.float64 else torch.float32] * w[0] > 0:
             return (xg @ ((q / np.sqrt(w)) @ q.T)).astype(x.dtype, copy=False)
-    p, sv, qh = np.linalg.svd(x, full_matrices=False)  # gesdd; NumPy releases the GIL
+    x64 = x.astype(np.float64, copy=False)
+    p, sv, qh = np.linalg.svd(x64, full_matrices=False)  # gesdd; NumPy releases the GIL
     keep = (sv > rtol * max(float(sv[0]), 1e-300)).astype(p.dtype)
-    return (p * keep) @ qh
+    return ((p * keep) @ qh).astype(x.dtype, copy=False)
 
 
 # ----------------------------------------------------------------------------- torch kernels (GPU)
@@ -327,16 +323,16 @@ def _torch_task_svd(A: torch.Tensor, k: int, f64: bool, rtol: float
     return B / torch.where(good, s, torch.ones_like(s)).unsqueeze(-2), s, V
 
 
-def _torch_polar(X: torch.Tensor, rtol: float, gram: bool, f64: bool) -> torch.Tensor:
+def _torch_polar(X: torch.Tensor, rtol: float, gram: bool) -> torch.Tensor:
     """:func:`_np_polar` for ``(..., m, r)`` with torch (used on GPUs)."""
-    for dtype in ((torch.float32, torch.float64) if f64 else (torch.float32,)) if gram else ():
+    for dtype in (torch.float32, torch.float64) if gram else ():
         Xg = X.to(dtype)
         w, Q = torch.linalg.eigh(Xg.transpose(-2, -1) @ Xg)
         if bool(((w[..., 0] >= POLAR_GRAM_MIN_RATIO[dtype] * w[..., -1]) & (w[..., -1] > 0)).all()):
             return (Xg @ ((Q * w.rsqrt().unsqueeze(-2)) @ Q.transpose(-2, -1))).to(X.dtype)
-    P, S, Qh = torch.linalg.svd(X, full_matrices=False)
+    P, S, Qh = torch.linalg.svd(X.double(), full_matrices=False)
     keep = (S > rtol * S[..., :1].clamp_min(torch.finfo(S.dtype).tiny)).to(P.dtype).unsqueeze(-2)
-    return (P * keep) @ Qh
+    return ((P * keep) @ Qh).to(X.dtype)
 
 
 # ----------------------------------------------------------------------------- truncated SVD
@@ -362,8 +358,8 @@ def truncated_svd(matrices: torch.Tensor, k: int, svd: str = "gram", gram_dtype:
             ``torch.linalg.svd``) or ``"randomized"`` (subspace iteration; approximate where the
             spectrum decays slowly).
         gram_dtype: precision of the Gram matrix: ``"float64"`` (exact to rounding) or ``"float32"``
-            (faster on a CPU, with relative errors up to about ``1e-3`` where the spectrum is flat
-            around the ``k``-th singular value).
+            (faster on a CPU, with errors of about ``1e-7 (s_1 / s_k)^2`` in the ``k``-th singular
+            vectors, around ``1e-4`` relative on ViT-B-32-shaped task vectors).
         rtol: singular values ``<= rtol * s_max`` count as zero and their triplets are zeroed
             (default :data:`RTOL`, or :data:`RTOL_GRAM32` for a float32 Gram matrix).
         oversample: extra columns of the randomized range finder (default ``max(10, k // 2)``).
@@ -410,16 +406,16 @@ def _gram_svd(A: torch.Tensor, k: int, f64: bool, rtol: float) -> tuple[torch.Te
     ``s = sqrt(eigenvalues)``, ``U = A V / s``. float32: the float32 Gram matrix's
     rounding (``~1e-6 * s_max^2``) mixes the ``k``-th singular vector with its neighbours where the
     spectrum is flat, so we take ``k + p`` eigenvectors (``p = max(8, k // 4)``) and split that
-    subspace with a float64 Rayleigh-Ritz step (``B = A V_{k+p}``, eigenvectors of ``B^T B``); where
-    the spectrum is flat right at the cut this still leaves errors up to about ``1e-3``.
+    subspace with a float64 Rayleigh-Ritz step (``B = A V_{k+p}``, eigenvectors of ``B^T B``). That
+    repairs the mixing at the cut but not the float32 eigenvectors' own error, about
+    ``1e-7 (s_1 / s_k)^2`` (measured: the error does not fall as ``p`` grows from ``k / 4`` to ``k``).
 
     On the CPU each task is single-threaded and tasks run in parallel (:func:`_cpu_map`); on a GPU,
     and for small matrices (short side below :data:`SMALL`), the same steps run batched over tasks
     with torch. Returns float64 ``U, s, V``.
     """
     if A.device.type == "cpu" and A.shape[-1] >= SMALL:
-        parallel = _cpu_workers(A.shape[0]) > 1
-        out = _cpu_map(lambda a: _np_task_svd(a, k, f64, rtol, parallel), _to_numpy(A))
+        out = _cpu_map(lambda a: _np_task_svd(a, k, f64, rtol), _to_numpy(A))
         return tuple(torch.from_numpy(np.stack([o[i] for o in out])) for i in range(3))  # type: ignore[return-value]
     return _torch_task_svd(A, k, f64, rtol)
 
@@ -448,8 +444,8 @@ POLAR_GRAM_MIN_RATIO = {torch.float32: 1e-2, torch.float64: 1e-9}
 """``"gram"`` polar factors are used only when the Gram matrix's eigenvalues satisfy
 ``lambda_min >= ratio * lambda_max`` (its rounding error divided by ``lambda_min`` stays small):
 a float32 Gram matrix is tried first (relative error about ``1e-6`` when the ratio is above
-``1e-2``), then, if ``gram_dtype`` is float64, a float64 one; otherwise (nearly dependent columns,
-e.g. identical tasks) the SVD is used."""
+``1e-2``), then a float64 one; otherwise (nearly dependent columns, e.g. identical tasks) the
+float64 SVD is used."""
 
 POLAR_GRAM_MIN_ASPECT = 2.0
 """On the CPU a float32 Gram matrix is tried only for stacks with ``m >= 2 r``; near-square stacks are
@@ -457,8 +453,7 @@ rarely conditioned well enough for it, so they try the float64 one only (still a
 cheaper than the SVD for ``768 x 768``), and the SVD where even that fails the test."""
 
 
-def polar_factor(X: torch.Tensor, method: str = "svd", rtol: float = RTOL,
-                 gram_dtype: torch.dtype | str = "float64") -> torch.Tensor:
+def polar_factor(X: torch.Tensor, method: str = "svd", rtol: float = RTOL) -> torch.Tensor:
     """The polar factor of ``X (..., m, r)``, ``m >= r``: with ``X = P S Q^T`` (thin SVD), ``P Q^T``.
 
     The closest matrix to ``X`` with orthonormal columns (in Frobenius norm). Directions with
@@ -472,27 +467,27 @@ def polar_factor(X: torch.Tensor, method: str = "svd", rtol: float = RTOL,
             Gram matrix is well conditioned (:data:`POLAR_GRAM_MIN_RATIO`, and on the CPU
             :data:`POLAR_GRAM_MIN_ASPECT`), else the SVD.
         rtol: relative cut-off on the singular values of ``X``.
-        gram_dtype: precision of the Gram matrix (``"gram"`` only).
+
+    The SVD (and the Gram matrices' final fallback) run in float64; the result has ``X``'s dtype.
     """
-    return polar_factors([X], method, rtol, gram_dtype)[0]
+    return polar_factors([X], method, rtol)[0]
 
 
-def polar_factors(Xs: Sequence[torch.Tensor], method: str = "svd", rtol: float = RTOL,
-                  gram_dtype: torch.dtype | str = "float64") -> list[torch.Tensor]:
+def polar_factors(Xs: Sequence[torch.Tensor], method: str = "svd", rtol: float = RTOL) -> list[torch.Tensor]:
     """:func:`polar_factor` of several matrices; on the CPU they are computed side by side."""
     _check_choice("method", method, POLAR_METHODS)
-    gram, f64 = method == "gram", _gram_dtype(gram_dtype) == torch.float64
+    gram = method == "gram"
     out: list[torch.Tensor | None] = [None] * len(Xs)
     cpu = [i for i, X in enumerate(Xs) if X.device.type == "cpu" and X.shape[-1] >= SMALL]
     if cpu:
         items = [(i, x) for i in cpu for x in _to_numpy(Xs[i])]
-        polars = _cpu_map(lambda item: _np_polar(item[1], rtol, gram, f64), items)
+        polars = _cpu_map(lambda item: _np_polar(item[1], rtol, gram), items)
         for i in cpu:
             mats = [P for (j, _), P in zip(items, polars) if j == i]
             out[i] = torch.from_numpy(np.stack(mats)).reshape(Xs[i].shape).to(Xs[i].dtype)
     for i, X in enumerate(Xs):
         if out[i] is None:
-            out[i] = _torch_polar(X, rtol, gram, f64)
+            out[i] = _torch_polar(X, rtol, gram)
     return out  # type: ignore[return-value]
 
 
@@ -551,7 +546,7 @@ def tsv_merge_factors(task_matrices: torch.Tensor | Sequence[torch.Tensor], k: i
     polar = polar or ("svd" if svd == "exact" else "gram")
     U, s, V = truncated_svd(stack, k, svd=svd, gram_dtype=gram_dtype, **svd_options)
     U, s, V = _stack_kept(U, s, V)
-    U_perp, V_perp = polar_factors([U, V], polar, gram_dtype=gram_dtype)
+    U_perp, V_perp = polar_factors([U, V], polar)
     return MergedFactors(U_perp, s, V_perp, k)
 
 
@@ -605,24 +600,58 @@ def tsv_update(task_vectors: Sequence[TaskVector], rank_fraction: float | None =
     2-D tensors (except ``text_projection``) go through :func:`tsv_merge_matrices` with
     ``k = floor(min(m, n) / T)`` (or ``floor(min(m, n) * rank_fraction)``); every other tensor is the
     mean over tasks. Work runs on ``device`` (``"auto"``: the GPU when there is one); results are
-    returned on the task vectors' device.
+    returned on the task vectors' device. On the CPU the 2-D layers are merged side by side, one
+    single-threaded layer per thread (:func:`_layers_side_by_side`); the result is the same.
     """
     if len(task_vectors) == 0:
         raise ValueError("task_vectors is empty; pass at least one TaskVector to merge.")
     dev = pick_device(device) if device is not None else None
     T = len(task_vectors)
-    out: dict[str, torch.Tensor] = {}
-    for key, ref in task_vectors[0].items():
+    first = task_vectors[0]
+
+    def stacked(key: str) -> tuple[torch.Tensor, torch.device]:
         stack = torch.stack([tv[key] for tv in task_vectors])
-        home = stack.device
-        work = stack.to(dev) if dev is not None else stack
-        if is_decomposed(key, ref):
-            k = default_rank(ref.shape, T, rank_fraction)
-            merged = tsv_merge_matrices(work.float(), k, svd=svd, polar=polar, **svd_options)
+        return (stack.to(dev) if dev is not None else stack), stack.device
+
+    def merge_layer(key: str) -> torch.Tensor:
+        work, home = stacked(key)
+        k = default_rank(first[key].shape, T, rank_fraction)
+        return tsv_merge_matrices(work.float(), k, svd=svd, polar=polar, **svd_options).to(home)
+
+    decomposed = [key for key, ref in first.items() if is_decomposed(key, ref)]
+    where = dev if dev is not None else (first[decomposed[0]].device if decomposed else None)
+    if where is not None and where.type == "cpu" and _cpu_workers(len(decomposed)) > 1:
+        merged = _layers_side_by_side(merge_layer, decomposed)
+    else:
+        merged = {key: merge_layer(key) for key in decomposed}
+    out: dict[str, torch.Tensor] = {}
+    for key in first:
+        if key in merged:
+            out[key] = merged[key]
         else:
-            merged = work.float().mean(0)
-        out[key] = merged.to(home)
+            work, home = stacked(key)
+            out[key] = work.float().mean(0).to(home)
     return out
+
+
+def _layers_side_by_side(fn, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``{key: fn(key)}`` with the keys spread over ``torch.get_num_threads()`` threads, each call
+    single-threaded (torch and BLAS limited to one thread meanwhile, then restored).
+
+    Within one layer the tasks already run side by side (:func:`_cpu_map`), but every layer ends in
+    steps that leave a core idle: two polar factors of unequal cost, then one product. Whole layers
+    side by side keep both cores busy (about 12 % faster on ViT-B-32 with 8 tasks on 2 cores).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = _cpu_workers(len(keys))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # also makes _cpu_workers() 1 inside fn
+    try:
+        with _blas_controller().limit(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+            return dict(zip(keys, pool.map(fn, keys)))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _tsv_layer_update(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
