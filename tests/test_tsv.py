@@ -406,3 +406,50 @@ def test_layer_order_runs_from_input_to_output():
     assert tsv.layer_order(names) == ["positional_embedding", "transformer.resblocks.2.attn.in_proj_weight",
                                       "transformer.resblocks.2.mlp.c_fc.weight",
                                       "transformer.resblocks.10.mlp.c_fc.weight", "proj", "ln_post.weight"]
+
+
+# ----------------------------------------------------------------------------- experiments
+class ScoreByDistance:
+    """A stand-in benchmark: a task's accuracy falls with the distance of ``w`` from a target,
+    ``theta_0 + 3 tau_t`` on validation and ``theta_0`` on test (so the two splits prefer the
+    largest and the smallest coefficient)."""
+
+    def __init__(self, pretrained, task_vectors):
+        self.targets = {t: pretrained["w"] + 3 * tv["w"] for t, tv in task_vectors.items()}
+        self.pretrained = pretrained["w"]
+        self.tasks = tuple(task_vectors)
+
+    def evaluate(self, state, split="test", tasks=None):
+        target = (lambda t: self.targets[t]) if split == "val" else (lambda t: self.pretrained)
+        return {t: float(1 / (1 + (state["w"] - target(t)).norm())) for t in (tasks or self.tasks)}
+
+
+def test_task_count_study_merges_each_subset_once_per_method_and_validates_only_on_validation():
+    pretrained, tvs = _states(4, seed=3)
+    task_vectors = dict(zip("abcd", tvs))
+    bench = ScoreByDistance(pretrained, task_vectors)
+    experts = {t: 1.0 for t in task_vectors}
+    grid = (0.1, 0.5, 1.0)
+    study = tsv.task_count_study(bench, pretrained, task_vectors, experts,
+                                 {"task_arithmetic": {"grid": grid}, "tsv_merge": {"coefficient": 1.0}},
+                                 task_counts=[2, 4], subsets=2, seed=0)
+    assert len(study) == (2 + 1) * 2, "two subsets of 2 tasks, one of all 4, two methods each"
+    assert set(study["num_tasks"]) == {2, 4}
+    ta = study[study["method"] == "task_arithmetic"]
+    assert set(ta["coefficient"]) <= set(grid)
+    assert (study.loc[study["method"] == "tsv_merge", "coefficient"] == 1.0).all()
+    # the chosen coefficient is the best on validation (test prefers another one) and is reported on test
+    for _, row in ta.iterrows():
+        chosen = row["tasks"].split(",")
+        subset = [task_vectors[t] for t in chosen]
+        states = {c: merge("task_arithmetic", pretrained, subset, coefficient=c) for c in grid}
+        val = {c: np.mean(list(bench.evaluate(states[c], "val", chosen).values())) for c in grid}
+        test = {c: np.mean(list(bench.evaluate(states[c], "test", chosen).values())) for c in grid}
+        assert max(val, key=val.get) != max(test, key=test.get)
+        assert row["coefficient"] == max(val, key=val.get)
+        assert row["absolute_accuracy"] == pytest.approx(test[row["coefficient"]])
+    row = study[(study["method"] == "tsv_merge") & (study["num_tasks"] == 4)].iloc[0]
+    direct = bench.evaluate(merge("tsv_merge", pretrained, tvs, coefficient=1.0), "test", list("abcd"))
+    assert row["absolute_accuracy"] == pytest.approx(np.mean(list(direct.values())))
+    with pytest.raises(ValueError, match="task_counts"):
+        tsv.task_count_study(bench, pretrained, task_vectors, experts, {"tsv_merge": {}}, task_counts=[5])

@@ -39,13 +39,14 @@ def expert_accuracy(benchmark: Benchmark, experts: Mapping[str, StateDict], spli
 
 
 def merge_baselines(benchmark: Benchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
-                    methods: Sequence[str], expert_val_accuracy: Mapping[str, float],
-                    options: Mapping[str, Mapping[str, Any]] | None = None,
+                    methods: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None,
                     progress: bool = True) -> dict[str, MergeResult]:
     """Merge the task vectors with each method, its coefficient chosen on *validation*.
 
     The validation score is the absolute accuracy over the merged tasks on the validation split
-    (the public protocol); ``expert_val_accuracy`` is accepted so the score can be normalized too.
+    (the public protocol). ``options[method]`` goes to :func:`mergelab.merging.merge_with_validation`:
+    ``grid`` (coefficients tried; default the method's registered grid; ``()`` merges once with the
+    given options) and the method's own options.
     """
     tasks = list(task_vectors)
     tvs = [task_vectors[t] for t in tasks]

@@ -852,7 +852,7 @@ def merge_along_epochs(bench: Any, pretrained: StateDict, task_vectors: Mapping[
                if grid is not None else None)
     out: dict[str, dict[Any, dict]] = {m: {} for m in methods}
     for label, tvs in task_vectors.items():
-        merged = merge_baselines(bench, pretrained, dict(tvs), methods, {}, options=options, progress=progress)
+        merged = merge_baselines(bench, pretrained, dict(tvs), methods, options=options, progress=progress)
         for m, r in merged.items():
             out[m][label] = {**summarize(bench.evaluate(r.state, "test", list(tvs)), expert_test_accuracy),
                              "coefficient": r.coefficient, "validation_sweep": r.sweep}

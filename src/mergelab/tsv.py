@@ -67,8 +67,9 @@ import pandas as pd
 import torch
 
 from . import lapack
-from .merging import (LayerUpdate, _scaled, _validate, absolute_accuracy, merge, merge_with_validation,
-                      normalized_accuracy, register_merge)
+from .evaluation import merge_baselines
+from .merging import (LayerUpdate, _scaled, _validate, absolute_accuracy, merge, normalized_accuracy,
+                      register_merge)
 from .task_vectors import TaskVector
 from .utils import StateDict, pick_device
 
@@ -992,7 +993,8 @@ def task_count_study(benchmark, pretrained: StateDict, task_vectors: Mapping[str
 
     Args:
         methods: registered method name to its options; a ``"grid"`` entry makes the coefficient
-            be chosen on the validation split of the merged tasks (:func:`merge_with_validation`).
+            be chosen on the validation split of the merged tasks
+            (:func:`mergelab.evaluation.merge_baselines`), otherwise the method merges once.
         task_counts: numbers of tasks, each in ``1..len(task_vectors)``.
         subsets: random subsets of tasks drawn (seeded) per count (one when ``n`` is all tasks).
 
@@ -1005,25 +1007,17 @@ def task_count_study(benchmark, pretrained: StateDict, task_vectors: Mapping[str
     if bad:
         raise ValueError(f"task_counts contains {bad[0]!r}; use numbers of tasks in 1..{len(names)}.")
     rng = np.random.default_rng(seed)
+    options = {m: {"grid": (), **o} for m, o in methods.items()}  # no "grid": one merge with the options
     rows = []
     for n in task_counts:
         draws = 1 if n == len(names) else subsets
         for _ in range(draws):
             chosen = [names[i] for i in sorted(rng.choice(len(names), size=int(n), replace=False))]
-            tvs = [task_vectors[t] for t in chosen]
-
-            def score(state: StateDict, chosen: list[str] = chosen) -> float:
-                return absolute_accuracy(benchmark.evaluate(state, split="val", tasks=chosen))
-
-            for method, options in methods.items():
-                options = dict(options)
-                grid = options.pop("grid", None)
-                if grid is not None:
-                    result = merge_with_validation(method, pretrained, tvs, score, grid=grid, progress=False, **options)
-                    state, coefficient = result.state, result.coefficient
-                else:
-                    state, coefficient = merge(method, pretrained, tvs, **options), options.get("coefficient")
-                acc = benchmark.evaluate(state, split="test", tasks=chosen)
+            merged = merge_baselines(benchmark, pretrained, {t: task_vectors[t] for t in chosen}, list(methods),
+                                     options=options, progress=False)
+            for method, result in merged.items():
+                acc = benchmark.evaluate(result.state, split="test", tasks=chosen)
+                coefficient = result.coefficient if result.sweep else methods[method].get("coefficient")
                 rows.append({"num_tasks": int(n), "tasks": ",".join(chosen), "method": method,
                              "coefficient": coefficient, "absolute_accuracy": absolute_accuracy(acc),
                              "normalized_accuracy": normalized_accuracy(acc, expert_accuracy)})
