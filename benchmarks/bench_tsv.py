@@ -166,20 +166,24 @@ class Timing:
     ref_sq: float = 0.0
     layers: int = 0
     model_s: float = 0.0
+    peak_mib: float = 0.0
     per_kind: dict[str, float] = field(default_factory=dict)
 
     def rel_diff(self) -> float:
         return (self.diff_sq / self.ref_sq) ** 0.5 if self.ref_sq > 0 else float("nan")
 
 
-def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    c, w = time.process_time(), time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - w, time.process_time() - c
+def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float, float, float]:
+    """``fn()`` with its wall time, CPU time (seconds) and peak memory above the start (MiB)."""
+    with PeakMemory(device) as mem:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        c, w = time.process_time(), time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter() - w, time.process_time() - c
+    return out, wall, cpu, mem.peak_mib
 
 
 class single_thread:
@@ -221,10 +225,10 @@ def per_layer(task_vectors: list[TaskVector], keys: list[str], device: torch.dev
         stack = torch.stack([tv[key] for tv in task_vectors]).to(device)
         mats = list(stack)
         kind = tsv.layer_kind(key, stack.shape[1:])
-        ref, w, c = timed(lambda: tsv.tsv_merge_matrix_reference(mats), device)
+        ref, w, c, peak = timed(lambda: tsv.tsv_merge_matrix_reference(mats), device)
         if references is not None:
             references[key] = ref.cpu()
-        runs = {"reference": (ref, w, c)}
+        runs = {"reference": (ref, w, c, peak)}
         if single_thread_reference:
             with single_thread():
                 runs["reference, 1 thread"] = timed(lambda: tsv.tsv_merge_matrix_reference(mats), device)
@@ -232,8 +236,9 @@ def per_layer(task_vectors: list[TaskVector], keys: list[str], device: torch.dev
             with single_thread() if "1 thread" in name else contextlib.nullcontext():
                 runs[name] = timed(lambda: tsv.tsv_merge_matrices(stack, **options), device)
         ref_sq = float(ref.double().pow(2).sum())
-        for name, (out, w, c) in runs.items():
+        for name, (out, w, c, peak) in runs.items():
             tm = timings[name]
+            tm.peak_mib = max(tm.peak_mib, peak)
             tm.wall_s += w
             tm.model_s += w * block_multiplicity(key, blocks)
             tm.cpu_s += c
@@ -248,11 +253,10 @@ def end_to_end(task_vectors: list[TaskVector], device: torch.device, references:
                ) -> dict[str, float]:
     """Whole-model ``tsv_merge`` (zero pretrained weights, so the merged state is the update)."""
     pretrained = {k: torch.zeros_like(v) for k, v in task_vectors[0].items()}
-    with PeakMemory(device) as mem:
-        merged, w, c = timed(lambda: tsv.tsv_merge(pretrained, task_vectors, device=device), device)
+    merged, w, c, peak = timed(lambda: tsv.tsv_merge(pretrained, task_vectors, device=device), device)
     diff_sq = sum(float((merged[k].double().cpu() - r.double()).pow(2).sum()) for k, r in references.items())
     ref_sq = sum(float(r.double().pow(2).sum()) for r in references.values())
-    return {"wall_s": w, "cpu_s": c, "peak_mib": mem.peak_mib, "memory_method": mem.method,
+    return {"wall_s": w, "cpu_s": c, "peak_mib": peak, "memory_method": PeakMemory(device).method,
             "rel_diff": (diff_sq / ref_sq) ** 0.5}
 
 
@@ -303,12 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         ref = timings["reference"]
         ref1 = timings.get("reference, 1 thread")
         print(f"{'method':34s} {'wall s':>8s} {'CPU s':>8s} {'x ref':>7s} {'x ref 1t':>9s} | "
-              f"{'model s':>8s} {'x ref':>7s} {'x ref 1t':>9s} | {'rel. diff':>10s}")
+              f"{'model s':>8s} {'x ref':>7s} {'x ref 1t':>9s} | {'rel. diff':>10s} {'peak MiB':>9s}")
         for name, tm in timings.items():
             print(f"{name:34s} {tm.wall_s:8.2f} {tm.cpu_s:8.2f} {ref.wall_s / tm.wall_s:7.2f} "
                   f"{(ref1.wall_s / tm.wall_s if ref1 else float('nan')):9.2f} | {tm.model_s:8.1f} "
                   f"{ref.model_s / tm.model_s:7.2f} {(ref1.model_s / tm.model_s if ref1 else float('nan')):9.2f} | "
-                  f"{tm.rel_diff():10.2e}")
+                  f"{tm.rel_diff():10.2e} {tm.peak_mib:9.0f}")
         fast = timings["fast: gram float64 (default)"]
         kinds = sorted(fast.per_kind)
         print("wall s per layer kind: " + "; ".join(
@@ -327,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     print("wall s / CPU s: the layers measured. model s: the whole model's 2-D layers, estimated from them "
           f"(each block layer counted 12 / {args.blocks} times). x ref: reference wall time / this wall time "
           "(torch's default threads); x ref 1t: against the reference run on one thread. "
-          "rel. diff: ||merged - reference||_F / ||reference||_F over the layers measured.")
+          "rel. diff: ||merged - reference||_F / ||reference||_F over the layers measured. peak MiB: the "
+          f"largest peak memory of one layer's merge above its start ({PeakMemory(torch.device('cpu')).method} "
+          "on the CPU).")
     return 0
 
 
