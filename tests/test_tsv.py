@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -240,6 +241,21 @@ def _states(T: int, seed: int = 0):
     return pretrained, tvs
 
 
+class ScoreByDistance:
+    """A stand-in benchmark: a task's accuracy falls with the distance of ``w`` from a target,
+    ``theta_0 + 3 tau_t`` on validation and ``theta_0`` on test (so the two splits prefer the
+    largest and the smallest coefficient)."""
+
+    def __init__(self, pretrained, task_vectors):
+        self.targets = {t: pretrained["w"] + 3 * tv["w"] for t, tv in task_vectors.items()}
+        self.pretrained = pretrained["w"]
+        self.tasks = tuple(task_vectors)
+
+    def evaluate(self, state, split="test", tasks=None):
+        target = (lambda t: self.targets[t]) if split == "val" else (lambda t: self.pretrained)
+        return {t: float(1 / (1 + (state["w"] - target(t)).norm())) for t in (tasks or self.tasks)}
+
+
 def test_tsv_merge_is_registered_with_a_coefficient_grid_and_scales_linearly():
     method = MERGE_METHODS["tsv_merge"]
     assert method.coefficient_grid[0] == pytest.approx(0.1) and method.coefficient_grid[-1] == pytest.approx(3.0)
@@ -332,6 +348,39 @@ def test_tsv_compress_needs_exactly_one_rank_choice():
         tsv.tsv_compress(tvs[0], k=0)
 
 
+def test_truncating_a_compressed_task_vector_equals_compressing_with_fewer_triplets(kernels):
+    g = torch.Generator().manual_seed(11)
+    tv = TaskVector({"w": decaying(40, 30, g), "pos": decaying(12, 30, g), "b": torch.randn(30, generator=g)})
+    wide = tsv.tsv_compress(tv, rank_fraction=1.0)
+    for choice in ({"k": 3}, {"num_tasks": 4}, {"rank_fraction": 0.5}):
+        cut, direct = wide.truncated(**choice), tsv.tsv_compress(tv, **choice)
+        assert cut.ranks() == direct.ranks() and cut.nbytes() == direct.nbytes()
+        for name in tv.keys():
+            torch.testing.assert_close(tsv.tsv_reconstruct(cut)[name], tsv.tsv_reconstruct(direct)[name],
+                                       atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="stores 3 triplets"):
+        tsv.tsv_compress(tv, k=3).truncated(k=5)
+    with pytest.raises(ValueError, match="exactly one"):
+        wide.truncated()
+
+
+def test_compression_sweep_equals_compressing_at_each_fraction():
+    pretrained, tvs = _states(3, seed=5)
+    task_vectors = dict(zip("abc", tvs))
+    bench = ScoreByDistance(pretrained, task_vectors)
+    experts = {t: 0.5 for t in task_vectors}
+    fractions = [0.25, 1.0, 0.5]
+    sweep = tsv.compression_sweep(bench, pretrained, task_vectors, experts, fractions)
+    assert list(sweep["rank_fraction"]) == fractions
+    for _, row in sweep.iterrows():
+        direct = tsv.compressed_accuracy(bench, pretrained, task_vectors, "test", rank_fraction=row["rank_fraction"])
+        acc = direct["per_task_accuracy"]
+        assert row["absolute_accuracy"] == pytest.approx(np.mean(list(acc.values())), abs=1e-6)
+        assert row["normalized_accuracy"] == pytest.approx(np.mean([a / 0.5 for a in acc.values()]), abs=1e-6)
+        assert row["storage_fraction"] == pytest.approx(direct["compressed_bytes"] / direct["dense_bytes"])
+    assert sweep.set_index("rank_fraction")["storage_fraction"].sort_index().is_monotonic_increasing
+
+
 # ----------------------------------------------------------------------------- spectra
 def test_cumulative_energy_and_random_baseline():
     s = torch.tensor([3.0, 2.0, 1.0])
@@ -356,6 +405,10 @@ def test_energy_table_and_spectrum_curves_report_low_rank_task_matrices_above_ra
     ends = curves[curves["rank_fraction"] == 1.0]["energy"]
     np.testing.assert_allclose(ends, 1.0, atol=1e-6)
     assert (curves[curves["rank_fraction"] == 0.0]["energy"] == 0).all()
+    # the same spectra computed once serve both analyses, with the same results
+    spec = tsv.spectra(tvs)
+    pd.testing.assert_frame_equal(tsv.energy_table(tvs, precomputed=spec), table)
+    pd.testing.assert_frame_equal(tsv.spectrum_curves(tvs, rank_fractions=[0.0, 0.5, 1.0], precomputed=spec), curves)
 
 
 # ----------------------------------------------------------------------------- interference
@@ -398,6 +451,12 @@ def test_pairwise_interference_matches_the_two_task_sti_per_layer():
     k = tsv.default_rank((32, 24), 4)
     pair = torch.stack([tvs["t1"]["w"], tvs["t2"]["w"]])
     assert M.loc["t1", "t2"] == pytest.approx(tsv.singular_task_interference(pair, k=k), rel=1e-5)
+    # both analyses from one SVD per task and layer give the same numbers
+    both = tsv.interference(tvs)
+    pd.testing.assert_frame_equal(both.pairwise["w"], M)
+    pd.testing.assert_series_equal(both.all_tasks, tsv.layer_interference(tvs))
+    with pytest.raises(ValueError, match="at least 2"):
+        tsv.interference({"t0": tvs["t0"]})
 
 
 def test_layer_order_runs_from_input_to_output():
@@ -409,21 +468,6 @@ def test_layer_order_runs_from_input_to_output():
 
 
 # ----------------------------------------------------------------------------- experiments
-class ScoreByDistance:
-    """A stand-in benchmark: a task's accuracy falls with the distance of ``w`` from a target,
-    ``theta_0 + 3 tau_t`` on validation and ``theta_0`` on test (so the two splits prefer the
-    largest and the smallest coefficient)."""
-
-    def __init__(self, pretrained, task_vectors):
-        self.targets = {t: pretrained["w"] + 3 * tv["w"] for t, tv in task_vectors.items()}
-        self.pretrained = pretrained["w"]
-        self.tasks = tuple(task_vectors)
-
-    def evaluate(self, state, split="test", tasks=None):
-        target = (lambda t: self.targets[t]) if split == "val" else (lambda t: self.pretrained)
-        return {t: float(1 / (1 + (state["w"] - target(t)).norm())) for t in (tasks or self.tasks)}
-
-
 def test_task_count_study_merges_each_subset_once_per_method_and_validates_only_on_validation():
     pretrained, tvs = _states(4, seed=3)
     task_vectors = dict(zip("abcd", tvs))

@@ -710,6 +710,29 @@ class CompressedTaskVector:
         """Triplets kept per decomposed parameter."""
         return {k: int(f[1].numel()) for k, f in self.factors.items()}
 
+    def truncated(self, k: int | None = None, num_tasks: int | None = None,
+                  rank_fraction: float | None = None) -> "CompressedTaskVector":
+        """The same task vector keeping fewer triplets (the top ones of those stored), chosen as in
+        :func:`tsv_compress`; no SVD is recomputed. Asking for more triplets than stored is an error."""
+        _check_rank_choice(k, num_tasks, rank_fraction)
+        factors = {}
+        for name, (U, s, V) in self.factors.items():
+            shape = self.shapes[name]
+            kk = min(k, min(shape)) if k is not None else default_rank(shape, num_tasks, rank_fraction)
+            if kk > s.numel():
+                raise ValueError(f"{name!r} stores {s.numel()} triplets; {kk} were asked for. Compress with "
+                                 "more triplets first.")
+            factors[name] = (U[:, :kk].contiguous(), s[:kk].contiguous(), V[:, :kk].contiguous())
+        return CompressedTaskVector(factors, dict(self.dense), dict(self.shapes))
+
+
+def _check_rank_choice(k: int | None, num_tasks: int | None, rank_fraction: float | None) -> None:
+    given = [x is not None for x in (k, num_tasks, rank_fraction)]
+    if sum(given) != 1:
+        raise ValueError(f"give exactly one of k={k!r}, num_tasks={num_tasks!r}, rank_fraction={rank_fraction!r}.")
+    if k is not None and (not isinstance(k, (int, np.integer)) or k < 1):
+        raise ValueError(f"k={k!r} is not valid; use a positive number of triplets per matrix.")
+
 
 def tsv_compress(task_vector: TaskVector, k: int | None = None, num_tasks: int | None = None,
                  rank_fraction: float | None = None, svd: str = "gram", **svd_options) -> CompressedTaskVector:
@@ -720,11 +743,7 @@ def tsv_compress(task_vector: TaskVector, k: int | None = None, num_tasks: int |
     ``rank_fraction`` (``k = floor(min(m, n) * f)``). ``svd`` picks the solver
     (:func:`truncated_svd`).
     """
-    given = [x is not None for x in (k, num_tasks, rank_fraction)]
-    if sum(given) != 1:
-        raise ValueError(f"give exactly one of k={k!r}, num_tasks={num_tasks!r}, rank_fraction={rank_fraction!r}.")
-    if k is not None and (not isinstance(k, (int, np.integer)) or k < 1):
-        raise ValueError(f"k={k!r} is not valid; use a positive number of triplets per matrix.")
+    _check_rank_choice(k, num_tasks, rank_fraction)
     factors, dense, shapes = {}, {}, {}
     for name, v in task_vector.items():
         shapes[name] = tuple(v.shape)
@@ -781,15 +800,40 @@ def random_like(matrix: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return R * (matrix.float().norm() / R.norm().clamp_min(1e-30))
 
 
+@dataclass
+class Spectra:
+    """Singular values of every decomposed matrix, computed once for the spectrum analyses.
+
+    Attributes:
+        tasks: task name to ``{layer: s}`` (non-increasing, ``(min(m, n),)``).
+        random: ``{layer: s}`` of a Gaussian matrix with that layer's shape and the first task's
+            norm (:func:`random_like`, seeded ``seed + i`` for the ``i``-th decomposed layer).
+    """
+
+    tasks: dict[str, dict[str, torch.Tensor]]
+    random: dict[str, torch.Tensor]
+
+
+def spectra(task_vectors: Mapping[str, TaskVector], seed: int = 0) -> Spectra:
+    """:class:`Spectra` of the task vectors (one full set of singular values per task and layer)."""
+    first = next(iter(task_vectors.values()))
+    random = {layer: torch.linalg.svdvals(random_like(v, seed + i))
+              for i, (layer, v) in enumerate((k, v) for k, v in first.items() if is_decomposed(k, v))}
+    return Spectra({task: singular_values(tv) for task, tv in task_vectors.items()}, random)
+
+
 def spectrum_curves(task_vectors: Mapping[str, TaskVector], rank_fractions: Sequence[float] | None = None,
-                    seed: int = 0) -> pd.DataFrame:
+                    seed: int = 0, precomputed: Spectra | None = None) -> pd.DataFrame:
     """Normalized cumulative energy against rank fraction, per task and decomposed layer.
 
     Returns a tidy frame ``(task, layer, kind, source, rank_fraction, energy)`` where ``source`` is
     ``"task matrix"`` or ``"random"`` (a Gaussian matrix of the same shape and norm, one per layer).
     Rank fraction ``r / min(m, n)``; energy interpolated on ``rank_fractions`` (default 40 points).
+    ``precomputed``: the :func:`spectra` of these task vectors, to avoid computing them again
+    (``seed`` is then the one they were computed with).
     """
     grid = np.asarray(rank_fractions if rank_fractions is not None else np.linspace(0, 1, 41))
+    spec = precomputed if precomputed is not None else spectra(task_vectors, seed)
     rows = []
 
     def add(task: str, layer: str, source: str, s: torch.Tensor) -> None:
@@ -799,35 +843,34 @@ def spectrum_curves(task_vectors: Mapping[str, TaskVector], rank_fractions: Sequ
             rows.append({"task": task, "layer": layer, "kind": layer_kind(layer, None), "source": source,
                          "rank_fraction": float(f), "energy": float(val)})
 
-    first = next(iter(task_vectors.values()))
-    for i, (layer, v) in enumerate((k, v) for k, v in first.items() if is_decomposed(k, v)):
-        add("random", layer, "random", torch.linalg.svdvals(random_like(v, seed + i)))
-    for task, tv in task_vectors.items():
-        for layer, s in singular_values(tv).items():
+    for layer, s in spec.random.items():
+        add("random", layer, "random", s)
+    for task, by_layer in spec.tasks.items():
+        for layer, s in by_layer.items():
             add(task, layer, "task matrix", s)
     return pd.DataFrame(rows)
 
 
 def energy_table(task_vectors: Mapping[str, TaskVector], num_tasks: int | None = None,
-                 rank_fraction: float | None = None) -> pd.DataFrame:
+                 rank_fraction: float | None = None, precomputed: Spectra | None = None) -> pd.DataFrame:
     """Energy captured by the kept triplets, one row per (task, decomposed layer).
 
     Columns: ``task, layer, kind, shape, k, rank_fraction (k / min(m, n)), energy, stable_rank``
     (``||Delta||_F^2 / s_1^2``) and ``random_energy`` (same ``k`` on a random matrix of the same shape
     and norm). ``k`` as in :func:`default_rank` (default ``num_tasks = len(task_vectors)``).
+    ``precomputed``: the :func:`spectra` of these task vectors, to avoid computing them again.
     """
     num_tasks = num_tasks if (num_tasks is not None or rank_fraction is not None) else len(task_vectors)
-    first = next(iter(task_vectors.values()))
-    random_s = {layer: torch.linalg.svdvals(random_like(v, i))
-                for i, (layer, v) in enumerate((k, v) for k, v in first.items() if is_decomposed(k, v))}
+    spec = precomputed if precomputed is not None else spectra(task_vectors)
     rows = []
     for task, tv in task_vectors.items():
-        for layer, s in singular_values(tv).items():
+        for layer, s in spec.tasks[task].items():
             shape = tuple(tv[layer].shape)
             k = default_rank(shape, num_tasks, rank_fraction)
             rows.append({"task": task, "layer": layer, "kind": layer_kind(layer, shape), "shape": shape, "k": k,
                          "rank_fraction": k / min(shape), "energy": energy_at(s, k),
-                         "stable_rank": float((s ** 2).sum() / s[0] ** 2), "random_energy": energy_at(random_s[layer], k)})
+                         "stable_rank": float((s ** 2).sum() / s[0] ** 2),
+                         "random_energy": energy_at(spec.random[layer], k)})
     return pd.DataFrame(rows)
 
 
@@ -860,8 +903,13 @@ def singular_task_interference(task_matrices: torch.Tensor | Sequence[torch.Tens
     if T < 2:
         raise ValueError(f"singular_task_interference needs at least 2 task matrices; got {T}.")
     k = default_rank(stack.shape[1:], T) if k is None else _check_rank(k, stack.shape)
-    U, s, V = _stack_kept(*truncated_svd(stack.float(), k, svd=svd))
-    U, s, V = U.double(), s.double(), V.double()
+    return _sti_of_factors(*truncated_svd(stack.float(), k, svd=svd), normalized=normalized)
+
+
+def _sti_of_factors(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, normalized: bool = True) -> float:
+    """:func:`singular_task_interference` from the tasks' truncated SVDs ``(T, m, k), (T, k), (T, n, k)``."""
+    T = U.shape[0]
+    U, s, V = (x.double() for x in _stack_kept(U, s, V))
     eye = torch.eye(U.shape[1], dtype=U.dtype, device=U.device)
     M = (U.T @ U - eye) @ torch.diag(s) @ (V.T @ V - eye)
     sti = float(torch.linalg.svdvals(M).sum())
@@ -890,16 +938,22 @@ def pairwise_interference(task_vectors: Mapping[str, TaskVector], num_tasks: int
     for layer in layers:
         stack = torch.stack([task_vectors[t][layer].float() for t in names])
         k = default_rank(stack.shape[1:], num_tasks)
-        U, s, V = (x.double() for x in truncated_svd(stack, k, svd=svd))
-        # X[i, j] = U_i^T Delta_j V_i: task j's kept update in task i's singular bases (T, T, k, k)
-        UU = torch.einsum("imk,jml->ijkl", U, U)
-        VV = torch.einsum("jnl,inp->ijlp", V, V)
-        X = UU * s[None, :, None, :] @ VV
-        nuc = torch.linalg.svdvals(X).sum(-1)  # (T, T)
-        norms = s.sum(-1)
-        sti = (nuc + nuc.T) / (norms[:, None] + norms[None, :]).clamp_min(1e-300)
+        sti = _pairwise_sti_of_factors(*truncated_svd(stack, k, svd=svd))
         out[layer] = pd.DataFrame(sti.numpy(), index=names, columns=names)
     return out
+
+
+def _pairwise_sti_of_factors(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """Normalized two-task STI of every pair ``(T, T)`` from the tasks' truncated SVDs
+    ``(T, m, k), (T, k), (T, n, k)`` (see :func:`pairwise_interference`)."""
+    U, s, V = U.double(), s.double(), V.double()
+    # X[i, j] = U_i^T Delta_j V_i: task j's kept update in task i's singular bases (T, T, k, k)
+    UU = torch.einsum("imk,jml->ijkl", U, U)
+    VV = torch.einsum("jnl,inp->ijlp", V, V)
+    X = UU * s[None, :, None, :] @ VV
+    nuc = torch.linalg.svdvals(X).sum(-1)  # (T, T)
+    norms = s.sum(-1)
+    return (nuc + nuc.T) / (norms[:, None] + norms[None, :]).clamp_min(1e-300)
 
 
 def interference_long(pairwise: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -922,9 +976,39 @@ def layer_interference(task_vectors: Mapping[str, TaskVector], svd: str = "gram"
                       for k, v in first.items() if is_decomposed(k, v)}, name="sti")
 
 
+@dataclass
+class Interference:
+    """Singular Task Interference per decomposed layer, with ``k = floor(min(m, n) / T)``.
+
+    Attributes:
+        pairwise: ``{layer: (T, T) frame}`` of normalized two-task STI (as :func:`pairwise_interference`).
+        all_tasks: normalized STI of all the tasks together per layer (as :func:`layer_interference`).
+    """
+
+    pairwise: dict[str, pd.DataFrame]
+    all_tasks: pd.Series
+
+
+def interference(task_vectors: Mapping[str, TaskVector], svd: str = "gram") -> Interference:
+    """:func:`pairwise_interference` and :func:`layer_interference` together, from one truncated SVD
+    per task and layer instead of two."""
+    names = list(task_vectors)
+    if len(names) < 2:
+        raise ValueError(f"interference needs at least 2 task vectors; got {len(names)}.")
+    first = task_vectors[names[0]]
+    pairwise, all_tasks = {}, {}
+    for layer in (k for k, v in first.items() if is_decomposed(k, v)):
+        stack = torch.stack([task_vectors[t][layer].float() for t in names])
+        factors = truncated_svd(stack, default_rank(stack.shape[1:], len(names)), svd=svd)
+        pairwise[layer] = pd.DataFrame(_pairwise_sti_of_factors(*factors).numpy(), index=names, columns=names)
+        all_tasks[layer] = _sti_of_factors(*factors)
+    return Interference(pairwise, pd.Series(all_tasks, name="sti"))
+
+
 # ----------------------------------------------------------------------------- experiments
 def compressed_accuracy(benchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
-                        split: str = "test", **compress_options) -> dict[str, object]:
+                        split: str = "test", compressed: Mapping[str, CompressedTaskVector] | None = None,
+                        **compress_options) -> dict[str, object]:
     """TSV-C with the task known: each task's compressed task vector is added to ``theta_0`` and the
     model is evaluated on that task only.
 
@@ -933,33 +1017,41 @@ def compressed_accuracy(benchmark, pretrained: StateDict, task_vectors: Mapping[
         pretrained: ``theta_0``.
         task_vectors: task name to task vector.
         split: evaluation split.
+        compressed: task name to an already compressed task vector (then ``compress_options`` is unused).
         compress_options: passed to :func:`tsv_compress` (``num_tasks``, ``rank_fraction`` or ``k``).
 
     Returns:
         ``{"per_task_accuracy", "compressed_bytes", "dense_bytes"}`` (bytes summed over tasks).
     """
-    per_task, compressed, dense = {}, 0, 0
+    per_task, compressed_bytes, dense = {}, 0, 0
     for task, tv in task_vectors.items():
-        c = tsv_compress(tv, **compress_options)
-        compressed += c.nbytes()
+        c = compressed[task] if compressed is not None else tsv_compress(tv, **compress_options)
+        compressed_bytes += c.nbytes()
         dense += storage_bytes(tv)
         state = tsv_reconstruct(c).apply_to(pretrained)
         per_task[task] = benchmark.evaluate(state, split=split, tasks=[task])[task]
-    return {"per_task_accuracy": per_task, "compressed_bytes": compressed, "dense_bytes": dense}
+    return {"per_task_accuracy": per_task, "compressed_bytes": compressed_bytes, "dense_bytes": dense}
 
 
 def compression_sweep(benchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
                       expert_accuracy: Mapping[str, float], rank_fractions: Sequence[float],
-                      split: str = "test") -> pd.DataFrame:
+                      split: str = "test", svd: str = "gram") -> pd.DataFrame:
     """TSV-C accuracy (task known) and storage for each kept fraction of ``min(m, n)``.
 
-    One row per fraction: ``rank_fraction, storage_fraction`` (compressed / dense bytes),
-    ``compression_ratio`` (dense / compressed), ``absolute_accuracy``, ``normalized_accuracy``
-    (mean over tasks of accuracy / expert accuracy).
+    Each task vector is decomposed once, at the largest fraction, and truncated for the others
+    (:meth:`CompressedTaskVector.truncated`). One row per fraction: ``rank_fraction,
+    storage_fraction`` (compressed / dense bytes), ``compression_ratio`` (dense / compressed),
+    ``absolute_accuracy``, ``normalized_accuracy`` (mean over tasks of accuracy / expert accuracy).
     """
+    if len(rank_fractions) == 0:
+        return pd.DataFrame(columns=["rank_fraction", "storage_fraction", "compression_ratio",
+                                     "absolute_accuracy", "normalized_accuracy"])
+    widest = {t: tsv_compress(tv, rank_fraction=float(max(rank_fractions)), svd=svd)
+              for t, tv in task_vectors.items()}
     rows = []
     for f in rank_fractions:
-        r = compressed_accuracy(benchmark, pretrained, task_vectors, split, rank_fraction=float(f))
+        kept = {t: c.truncated(rank_fraction=float(f)) for t, c in widest.items()}
+        r = compressed_accuracy(benchmark, pretrained, task_vectors, split, compressed=kept)
         acc = r["per_task_accuracy"]
         rows.append({"rank_fraction": float(f), "storage_fraction": r["compressed_bytes"] / r["dense_bytes"],
                      "compression_ratio": r["dense_bytes"] / r["compressed_bytes"],
