@@ -172,6 +172,19 @@ def test_unreachable_weights_name_the_cache_and_the_source(tmp_path, monkeypatch
     assert "internet" in msg and info.value.__suppress_context__
 
 
+def test_a_random_clip_is_seeded_by_its_config_and_leaves_the_global_random_stream_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = create_clip(ClipModelConfig(**TINY, init_seed=4))[0].state_dict()
+    after = torch.rand(3)
+    assert torch.equal(after, expected), "create_clip must not reseed the caller's random stream"
+    again = create_clip(ClipModelConfig(**TINY, init_seed=4))[0].state_dict()
+    other = create_clip(ClipModelConfig(**TINY, init_seed=5))[0].state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
+
+
 def test_public_recipe_and_profiles_agree():
     clip = yaml.safe_load((ROOT / "params/clip/00_benchmark_and_baselines.yaml").read_text())
     smoke = yaml.safe_load((ROOT / "params/clip_smoke/00_benchmark_and_baselines.yaml").read_text())

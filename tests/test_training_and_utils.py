@@ -91,6 +91,25 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
+def test_strict_json_writes_non_finite_numbers_as_null(tmp_path):
+    import json
+
+    import numpy as np
+    import torch
+
+    payload = {"nan": float("nan"), "inf": np.float32("inf"), "ok": 0.5, "rows": [{"x": float("-inf")}, {"x": 2}],
+               "tensor": torch.tensor([1.0, float("nan")])}
+    loose = atomic_write_json(tmp_path / "loose.json", payload)
+    assert "NaN" in loose.read_text()
+    strict = atomic_write_json(tmp_path / "strict.json", payload, strict=True)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in strict JSON")
+
+    data = json.loads(strict.read_text(), parse_constant=refuse)
+    assert data == {"nan": None, "inf": None, "ok": 0.5, "rows": [{"x": None}, {"x": 2}], "tensor": [1.0, None]}
+
+
 def test_seed_and_device_helpers():
     seed_everything(1)
     a = torch.rand(3)

@@ -85,9 +85,12 @@ def provenance(session: Session) -> dict[str, Any]:
 
 
 def write_results(session: Session, results: dict[str, Any]) -> Path:
-    """Write ``results`` plus provenance to ``<results>/<notebook>.json`` atomically; return the path."""
+    """Write ``results`` plus provenance to ``<results>/<notebook>.json`` atomically; return the path.
+
+    The file is strict JSON: a number that is not finite (a NaN from an undefined statistic, say) is
+    written as ``null``."""
     path = paths.results_dir() / f"{session.notebook}.json"
-    atomic_write_json(path, {**results, "provenance": provenance(session)})
+    atomic_write_json(path, {**results, "provenance": provenance(session)}, strict=True)
     return path
 
 

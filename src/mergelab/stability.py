@@ -108,7 +108,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .training import FinetuneConfig, lr_at, training_indices
-from .utils import StateDict
+from .utils import StateDict, finite_or_none
 
 REGIMES = ("smooth", "quadratic")
 """``"smooth"``: worst case over beta-smooth losses with curvature in ``[-rho, beta]`` (HRS-style
@@ -1041,20 +1041,6 @@ def expert_table(bench: Any, grid: ExpertGrid, tasks: Sequence[str], hyperparame
 
 def records(df: Any) -> list[dict[str, Any]]:
     """Rows of a table as JSON-ready dicts, NaN as ``None`` (strict JSON has no NaN)."""
-    out = []
-    for row in df.to_dict(orient="records"):
-        out.append({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
-    return out
+    return finite_or_none(df.to_dict(orient="records"))
 
 
-def finite_or_none(value: Any) -> Any:
-    """``value`` with every non-finite float (NaN, inf) replaced by ``None``, recursively, for strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    if isinstance(value, np.floating):
-        return finite_or_none(float(value))
-    return value

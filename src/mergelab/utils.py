@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -93,9 +94,26 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def atomic_write_json(path: str | Path, payload: Any) -> Path:
-    """Write ``payload`` as indented JSON atomically; dataclasses, arrays and tensors are converted."""
-    text = json.dumps(_jsonable(payload), indent=2, sort_keys=False)
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by ``None``, recursively, for strict JSON."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def atomic_write_json(path: str | Path, payload: Any, strict: bool = False) -> Path:
+    """Write ``payload`` as indented JSON atomically; dataclasses, arrays and tensors are converted.
+
+    ``strict``: write standard JSON, every NaN or infinity as ``null`` (Python's default writes the
+    non-standard ``NaN``, which browsers and most other languages refuse)."""
+    data = _jsonable(payload)
+    if strict:
+        data = finite_or_none(data)
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=not strict)
     return _atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n"))
 
 

@@ -167,15 +167,18 @@ def create_clip(cfg: ClipModelConfig, load_weights: bool = True):
 
     With ``load_weights=False`` the architecture and preprocessing of ``cfg.pretrained`` are built
     (QuickGELU, mean/std, interpolation) but no weights are read or downloaded: the caller loads a
-    cached state instead. A random initialization is seeded by ``cfg.init_seed``.
+    cached state instead. A random initialization is seeded by ``cfg.init_seed``; the global random
+    state is left as it was.
     """
     import open_clip
 
     check_model_name(cfg.name)
     arch = model_arch_options(cfg)
     if cfg.pretrained is None or not load_weights:
-        torch.manual_seed(cfg.init_seed)
-        with _quiet_root_logger():  # open_clip warns that it initialized randomly: here that is the point
+        # Seeded from cfg.init_seed without touching the caller's random stream (fork_rng restores it).
+        # open_clip warns that it initialized randomly: here that is the point.
+        with torch.random.fork_rng(devices=[]), _quiet_root_logger():
+            torch.manual_seed(cfg.init_seed)
             model, pre_train, pre_val = open_clip.create_model_and_transforms(cfg.name, pretrained=None, **arch)
     else:
         cache = cfg.weights_dir()
