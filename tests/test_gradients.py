@@ -318,3 +318,35 @@ def test_multitask_trajectory_trains_on_the_experts_rows_and_matches_the_sum_of_
     assert (summed - tau_mt).norm() < 0.05 * tau_mt.norm()
     with pytest.raises(ValueError, match="tasks is empty"):
         G.multitask_epoch_trajectory(bench, [], sgd, 1)
+
+
+class CountingImages:
+    """Training images that count how often they are indexed (decoded, at the clip size)."""
+
+    def __init__(self, X: torch.Tensor, reads: list) -> None:
+        self.X, self.reads = X, reads
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def __getitem__(self, item):
+        self.reads.append(item)
+        return self.X[item]
+
+
+def test_cached_trajectories_do_not_read_the_training_images(data_dir, monkeypatch):
+    bench = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
+    reads: list = []
+    split = bench.split
+    monkeypatch.setattr(bench, "split", lambda t, s="train": (lambda X, y: (CountingImages(X, reads), y))(*split(t, s)))
+    cfg = G.trajectory_config("sgd", 1e-5, batch_size=16, data_fraction=0.5, seed=3)
+    first = G.multitask_epoch_trajectory(bench, ["colours", "size"], cfg, 1)
+    expert = G.epoch_trajectory(bench, "colours", cfg, 1)
+    assert reads, "training reads the images"
+    reads.clear()
+    again = G.multitask_epoch_trajectory(bench, ["colours", "size"], cfg, 1)
+    assert G.epoch_trajectory(bench, "colours", cfg, 1).n_train == expert.n_train
+    assert reads == [], "a cached run must not decode its training images"
+    assert again.n_train == first.n_train and again.steps_per_epoch == first.steps_per_epoch
+    pre = bench.pretrained_state()
+    assert torch.equal(again.task_vector(pre, 1).flatten(), first.task_vector(pre, 1).flatten())

@@ -621,15 +621,16 @@ def _spread_schedule(steps_per_epoch: Mapping[str, int]) -> tuple[int, Callable[
 
 
 def _run_trajectory(bench: Any, kind: str, tasks: Sequence[str],
-                    data: Mapping[str, tuple[torch.Tensor, torch.Tensor]], train_cfg: FinetuneConfig,
+                    data: Callable[[], Mapping[str, tuple[Any, torch.Tensor]]], train_cfg: FinetuneConfig,
                     run_cfg: FinetuneConfig, epochs: int, spe: int, n_train: int, progress: bool | None,
                     train: Callable[..., dict[str, list[float]]] | None,
                     active: Callable[[str, int], bool] | None = None,
                     extra: Mapping[str, Any] | None = None) -> EpochTrajectory:
     """Train (or load from the cache) one run and return its per-epoch snapshots.
 
-    ``train_cfg`` is what the training loop gets; ``run_cfg`` (which keys the cache and is reported)
-    differs from it only where the rows were chosen beforehand. ``active`` is the loop's task
+    ``data()`` gives the training rows per task; it is called only when the run is not cached (at
+    the clip size it decodes images). ``train_cfg`` is what the training loop gets; ``run_cfg`` (which
+    keys the cache and is reported) differs from it only where the rows were chosen beforehand. ``active`` is the loop's task
     schedule (see :func:`mergelab.training.finetune`); ``extra`` is added to the cache key and the log.
     Batches larger than the benchmark's ``micro_batch_size`` accumulate gradients over chunks
     (memory only).
@@ -653,7 +654,7 @@ def _run_trajectory(bench: Any, kind: str, tasks: Sequence[str],
             options["micro_batch_size"] = bench.micro_batch_size
         if active is not None:
             options["active"] = active
-        history = (train or finetune)(enc, dict(data), {t: bench.heads[t] for t in tasks}, train_cfg, device=bench.device,
+        history = (train or finetune)(enc, dict(data()), {t: bench.heads[t] for t in tasks}, train_cfg, device=bench.device,
                                       desc=desc, progress=bench.progress if progress is None else progress,
                                       on_step=snapshot, **options)
         wall = time.perf_counter() - start
@@ -696,7 +697,7 @@ def epoch_trajectory(bench: Any, task: str, cfg: FinetuneConfig, epochs: int,
     X, y = bench.split(task, "train")
     n = len(training_indices(len(y), cfg))  # the rows training_subset keeps
     run_cfg = epoch_config(cfg, n, epochs)
-    return _run_trajectory(bench, "epoch_trajectory", [task], {task: (X, y)}, run_cfg, run_cfg, epochs,
+    return _run_trajectory(bench, "epoch_trajectory", [task], lambda: {task: (X, y)}, run_cfg, run_cfg, epochs,
                            steps_per_epoch(n, cfg.batch_size), n, progress, train)
 
 
@@ -721,8 +722,13 @@ def multitask_epoch_trajectory(bench: Any, tasks: Sequence[str], cfg: FinetuneCo
     tasks = sorted(tasks)
     if not tasks:
         raise ValueError("tasks is empty; pass the tasks of the multi-task run.")
-    data = {t: training_subset(*bench.split(t, "train"), cfg) for t in tasks}
-    sizes = {t: len(y) for t, (_, y) in data.items()}
+    splits = {t: bench.split(t, "train") for t in tasks}  # lazy images at the clip size
+    rows = {t: training_indices(len(y), cfg) for t, (_, y) in splits.items()}  # each expert's rows
+
+    def data() -> dict[str, tuple[Any, torch.Tensor]]:  # decoded only if the run is not cached
+        return {t: (X[rows[t]], y[rows[t]]) for t, (X, y) in splits.items()}
+
+    sizes = {t: len(r) for t, r in rows.items()}
     n = max(sizes.values())
     if len(set(sizes.values())) == 1:
         run_cfg = epoch_config(cfg, n, epochs)
