@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -59,6 +60,27 @@ def test_finetune_lowers_the_loss_keeps_the_head_and_is_deterministic():
         weights.append(model.weight.detach().clone())
     assert sum(hist["loss"][-5:]) < sum(hist["loss"][:5])
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
+
+
+def test_finetune_records_the_gradient_norm_before_clipping(monkeypatch):
+    X, y, head = _toy_problem()
+    seen: list[float] = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        norm = clip(params, max_norm, *args, **kwargs)
+        seen.append(float(norm))
+        assert float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]))) <= max_norm * 1.001
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    cfg = FinetuneConfig(optimizer="sgd", lr=0.1, batch_size=32, num_steps=6, warmup_steps=0, seed=3, grad_clip=1e-3)
+    hist = finetune(nn.Linear(6, 4), {"toy": (X, y)}, {"toy": head}, cfg, progress=False)
+    assert len(hist["grad_norm"]) == 6 and hist["grad_norm"] == seen
+    assert min(hist["grad_norm"]) > 1e-3, "the norms are those before clipping"
+    plain = finetune(nn.Linear(6, 4), {"toy": (X, y)}, {"toy": head}, replace(cfg, grad_clip=0.0), progress=False)
+    assert plain["grad_norm"] == []
 
 
 def test_data_fraction_uses_a_subset():

@@ -19,12 +19,11 @@ through the benchmark's own training loop (``bench.finetune_encoder``), so a swe
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -165,30 +164,6 @@ def _probe(model: torch.nn.Module, head: torch.nn.Module, X: torch.Tensor, y: to
     return {"mean": float(norms.mean()), "max": float(norms.max())}
 
 
-@contextlib.contextmanager
-def record_gradient_norms(out: list[float]) -> Iterator[None]:
-    """Record the mini-batch gradient norm *before clipping* of every step that clips.
-
-    :func:`mergelab.training.finetune` clips with ``torch.nn.utils.clip_grad_norm_``, which returns
-    the unclipped norm; inside this context that function is wrapped to append the norm to ``out``
-    (and otherwise behaves the same). Only the optimizer steps see clipping, so
-    ``out[t]`` is step ``t``'s norm. The bound needs it: clipping at ``c`` turns step ``t`` into an SGD
-    step with learning rate ``eta_t min(1, c / ||g_t||)``.
-    """
-    original = torch.nn.utils.clip_grad_norm_
-
-    def recording(parameters: Any, max_norm: float, *args: Any, **kwargs: Any) -> torch.Tensor:
-        total = original(parameters, max_norm, *args, **kwargs)
-        out.append(float(total))
-        return total
-
-    torch.nn.utils.clip_grad_norm_ = recording
-    try:
-        yield
-    finally:
-        torch.nn.utils.clip_grad_norm_ = original
-
-
 def execute_run(bench: Any, run: Run, probe_size: int = 8) -> dict[str, Any]:
     """Fine-tune ``run.task`` once and cache every checkpoint in ``run.steps`` that is missing.
 
@@ -228,9 +203,8 @@ def execute_run(bench: Any, run: Run, probe_size: int = 8) -> dict[str, Any]:
                                     metadata={"kind": "expert", "tasks": run.task})
             times[step] = time.perf_counter() - start
 
-    grad_norms: list[float] = []
-    with record_gradient_norms(grad_norms):
-        history = bench.finetune_encoder(enc, [run.task], cfg, on_step=on_step, desc=f"{run.task}", progress=False)
+    history = bench.finetune_encoder(enc, [run.task], cfg, on_step=on_step, desc=f"{run.task}", progress=False)
+    grad_norms = history.get("grad_norm", [])  # before clipping, every step (when the run clips)
     for s in missing:
         keep = [i for i, st in enumerate(probes["steps"]) if st <= s]
         atomic_write_json(checkpoint_path(bench, run.task, run.checkpoint_config(s)).with_suffix(".json"), {

@@ -152,7 +152,9 @@ def finetune(model: nn.Module, tasks: Mapping[str, tuple[Any, torch.Tensor]],
             steps where it is active, so it walks its own data in the same order as without it.
 
     Returns:
-        ``{"loss": [...], "lr": [...]}`` per step (loss summed over tasks).
+        ``{"loss": [...], "lr": [...], "grad_norm": [...]}`` per step (loss summed over tasks;
+        ``grad_norm``: the mini-batch gradient's norm before clipping, recorded when ``cfg.grad_clip
+        > 0``, else empty).
     """
     if micro_batch_size is not None and (not isinstance(micro_batch_size, int) or micro_batch_size < 1):
         raise ValueError(f"micro_batch_size={micro_batch_size!r} is not valid; use a positive integer or None.")
@@ -166,7 +168,7 @@ def finetune(model: nn.Module, tasks: Mapping[str, tuple[Any, torch.Tensor]],
         streams[task] = batch_stream(len(keep), min(cfg.batch_size, len(keep)), cfg.seed + 104729 * i)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
-    history: dict[str, list[float]] = {"loss": [], "lr": []}
+    history: dict[str, list[float]] = {"loss": [], "lr": [], "grad_norm": []}
     whole_batches = micro_batch_size is None or all(min(cfg.batch_size, len(y)) <= micro_batch_size
                                                     for _, y in data.values())
     bar = tqdm(range(cfg.num_steps), desc=desc, disable=not progress, leave=False, mininterval=0.5)
@@ -197,7 +199,7 @@ def finetune(model: nn.Module, tasks: Mapping[str, tuple[Any, torch.Tensor]],
                     part_loss.backward()
                     loss = loss + part_loss.detach()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            history["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
         opt.step()
         history["loss"].append(float(loss.detach()))
         history["lr"].append(lr)

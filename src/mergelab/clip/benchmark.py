@@ -526,7 +526,8 @@ class ClipBenchmark:
         (seed, step) (:class:`StepBatchSampler`), so a resumed run sees the same batches, and with a
         constant learning rate the first ``s`` steps of a run are the run of ``s`` steps; with
         ``data.num_workers = 0`` augmentations, hence weights, are identical too (worker processes
-        draw their own augmentation seeds). Returns ``{"loss": [...], "lr": [...]}`` per step (and
+        draw their own augmentation seeds). Returns ``{"loss": [...], "lr": [...], "grad_norm": [...]}``
+        per step (``grad_norm``: the gradient's norm before clipping, when ``cfg.grad_clip > 0``; and
         ``resumed_at_step``, ``resumed_wall_s`` after a resume); leaves ``encoder`` in eval mode.
         """
         device = self.device
@@ -536,7 +537,7 @@ class ClipBenchmark:
         params = [p for p in enc.parameters() if p.requires_grad]
         opt = make_optimizer(params, cfg)
         scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
-        history: dict[str, Any] = {"loss": [], "lr": []}
+        history: dict[str, Any] = {"loss": [], "lr": [], "grad_norm": []}
         start = 0
         if partial is not None and partial.is_file():
             ck = torch.load(str(partial), map_location="cpu", weights_only=True)
@@ -544,8 +545,8 @@ class ClipBenchmark:
             opt.load_state_dict(ck["optimizer"])
             scaler.load_state_dict(ck["scaler"])
             start = int(ck["step"])
-            history = {"loss": list(ck["loss"]), "lr": list(ck["lr"]), "resumed_at_step": start,
-                       "resumed_wall_s": float(ck["wall_time_s"])}
+            history = {"loss": list(ck["loss"]), "lr": list(ck["lr"]), "grad_norm": list(ck.get("grad_norm", [])),
+                       "resumed_at_step": start, "resumed_wall_s": float(ck["wall_time_s"])}
         begun = time.perf_counter()
         streams = []
         for i, t in enumerate(sorted(tasks)):
@@ -574,7 +575,7 @@ class ClipBenchmark:
             scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
                 scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                history["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
             scaler.step(opt)
             scaler.update()
             history["loss"].append(float(loss.detach()))
@@ -596,7 +597,8 @@ class ClipBenchmark:
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save({"encoder": {k: v.detach().cpu() for k, v in enc.state_dict().items()},
                     "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                    "loss": history["loss"], "lr": history["lr"], "wall_time_s": wall_s,
+                    "loss": history["loss"], "lr": history["lr"], "grad_norm": history["grad_norm"],
+                    "wall_time_s": wall_s,
                     "rng": torch.get_rng_state()}, str(tmp))
         os.replace(tmp, path)
 
