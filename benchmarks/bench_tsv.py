@@ -51,6 +51,12 @@ from mergelab import tsv
 from mergelab.task_vectors import TaskVector
 
 
+TARGET_SPEEDUP = 3.0
+"""The issue's target: TSV-M at least this many times faster than the reference (2-core CPU) ..."""
+TARGET_REL_DIFF = 1e-3
+"""... with a relative difference from the reference below this."""
+
+
 # ----------------------------------------------------------------------------- memory
 def _rss_kib() -> int:
     return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1))
@@ -324,6 +330,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{ref.model_s / e2e['wall_s']:.2f}x the reference's whole-model estimate ({ref.model_s:.0f} s)"
                   + (f", {ref1.model_s / e2e['wall_s']:.2f}x its 1-thread one" if ref1 else "")
                   + f"; rel. diff on the layers measured {e2e['rel_diff']:.2e}", flush=True)
+        speedups = [ref.model_s / fast.model_s] + ([ref.model_s / e2e["wall_s"]] if not args.no_end_to_end else [])
+        met = min(speedups) >= TARGET_SPEEDUP and fast.rel_diff() < TARGET_REL_DIFF
+        print(f"target (>= {TARGET_SPEEDUP:g}x the reference on the whole model, rel. diff < {TARGET_REL_DIFF:g}), "
+              f"default solver, T = {T}: {'met' if met else 'NOT met'} ({' / '.join(f'{x:.2f}x' for x in speedups)}"
+              f"{' (layers / end to end)' if len(speedups) > 1 else ' (layers)'}, rel. diff {fast.rel_diff():.1e})",
+              flush=True)
         del tvs
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"\nload average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
