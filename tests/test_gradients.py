@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -298,6 +299,14 @@ def test_alignment_rows_for_small_sgd_steps_point_along_the_gradient(data_dir):
     hg = G.task_hessian_vector_product(bench, "colours", pre, grad, cfg)
     gap = G.taylor_gap(pre, traj, grad, hg)
     assert [r["steps"] for r in gap] == [4, 8]
+    # the grid tables are these rows, one trajectory after another, each with its own task's gradient
+    grid = {("sgd", 1e-6, "colours"): traj, ("sgd", 1e-6, "size"): G.epoch_trajectory(bench, "size", cfg, 2)}
+    grad_size = G.task_loss_and_gradient(bench, "size", pre, cfg).gradient
+    table = G.alignment_table(pre, grid, {"colours": grad, "size": grad_size})
+    expected = rows + G.trajectory_alignment(pre, grid[("sgd", 1e-6, "size")], grad_size)
+    pd.testing.assert_frame_equal(table, pd.DataFrame(expected))
+    taylor = G.taylor_table(pre, {("sgd", 1e-6, "colours"): traj}, {"colours": grad}, {"colours": hg})
+    pd.testing.assert_frame_equal(taylor, pd.DataFrame(gap))  # NaN (gap_cosine at k = 1) compares equal here
 
 
 def test_multitask_trajectory_trains_on_the_experts_rows_and_matches_the_sum_of_task_vectors(data_dir):

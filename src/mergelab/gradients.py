@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -763,12 +764,13 @@ def trajectory_alignment(pretrained: Mapping[str, torch.Tensor], trajectory: Epo
     groups = layer_groups(keys, groups) if isinstance(groups, str) else dict(groups)
     groups = {**groups, "total": keys}
     tau1 = trajectory.task_vector(pretrained, 1)
+    grad_norms = {g: norm(gradient, ks) for g, ks in groups.items()}
     rows = []
     for e in range(1, trajectory.epochs + 1):
         tau = trajectory.task_vector(pretrained, e)
         steps = e * trajectory.steps_per_epoch
         for g, ks in groups.items():
-            gn = norm(gradient, ks)
+            gn = grad_norms[g]
             rows.append({
                 "task": trajectory.task, "optimizer": cfg.optimizer, "lr": cfg.lr, "batch_size": cfg.batch_size,
                 "epoch": e, "steps": steps, "group": g,
@@ -806,6 +808,23 @@ def taylor_gap(pretrained: Mapping[str, torch.Tensor], trajectory: EpochTrajecto
             "relative_second_order": second.norm() / scale, "relative_residual": residual.norm() / scale,
             "gap_cosine": cosine(gap, second) if k > 1 else float("nan")})
     return rows
+
+
+def alignment_table(pretrained: Mapping[str, torch.Tensor],
+                    trajectories: Mapping[tuple[str, float, str], EpochTrajectory],
+                    gradients: Mapping[str, TaskVector], groups: Mapping[str, Sequence[str]] | str = "block"
+                    ) -> pd.DataFrame:
+    """:func:`trajectory_alignment` rows of every trajectory of a grid (:func:`trajectory_grid`'s
+    ``{(optimizer, lr, task): trajectory}``), each against its task's gradient ``gradients[task]``."""
+    return pd.DataFrame([row for (_, _, task), traj in trajectories.items()
+                         for row in trajectory_alignment(pretrained, traj, gradients[task], groups)])
+
+
+def taylor_table(pretrained: Mapping[str, torch.Tensor], trajectories: Mapping[tuple[str, float, str], EpochTrajectory],
+                 gradients: Mapping[str, TaskVector], hessian_gradients: Mapping[str, TaskVector]) -> pd.DataFrame:
+    """:func:`taylor_gap` rows of every trajectory of a grid, with its task's gradient ``g`` and ``H g``."""
+    return pd.DataFrame([row for (_, _, task), traj in trajectories.items()
+                         for row in taylor_gap(pretrained, traj, gradients[task], hessian_gradients[task])])
 
 
 def task_gradients(bench: Any, tasks: Sequence[str], state: Mapping[str, torch.Tensor],
@@ -1012,10 +1031,10 @@ def summary_markdown(results: Mapping[str, Any], epochs: int) -> str:
     return "\n".join(points)
 
 
-__all__ = ["EpochTrajectory", "HVP_METHODS", "LossGradient", "cosine", "dataset_gradient", "epoch_config",
+__all__ = ["EpochTrajectory", "HVP_METHODS", "LossGradient", "alignment_table", "cosine", "dataset_gradient", "epoch_config",
            "epoch_trajectory", "gd_taylor_terms", "gradient_descent_config", "hessian_vector_product",
            "layer_cosines", "layer_groups", "layer_norm_ratios", "layer_norms", "loss_and_gradient",
            "merge_along_epochs", "merging_by_epochs", "multitask_epoch_trajectory", "norm", "one_step_exactness",
            "one_step_identity", "projection_share", "steps_per_epoch", "summary_markdown", "task_gradients",
-           "task_hessian_vector_product", "task_loss_and_gradient", "taylor_gap", "training_subset",
+           "task_hessian_vector_product", "task_loss_and_gradient", "taylor_gap", "taylor_table", "training_subset",
            "trajectories_dir", "trajectory_alignment", "trajectory_config", "trajectory_grid"]
