@@ -255,3 +255,30 @@ def test_control_variate_gap_removes_the_noise_shared_with_the_reference():
         assert c == pytest.approx(0.5, abs=0.02)
     assert np.mean(adjusted) == pytest.approx(0.1, abs=0.01)
     assert np.std(adjusted) < 0.1 * np.std(raw)
+
+
+class SpareEncoderBench:
+    """A stand-in benchmark whose encoders are linear maps of a given width; counts the ones it builds."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, width: int) -> None:
+        self.width, self.built = width, 0
+
+    def new_encoder(self) -> nn.Module:
+        self.built += 1
+        return nn.Linear(self.width, 2)
+
+
+def test_the_spare_encoder_is_reused_for_one_benchmark_and_rebuilt_for_another():
+    from mergelab import stability
+
+    first, second = SpareEncoderBench(3), SpareEncoderBench(5)
+    state = nn.Linear(3, 2).state_dict()
+    enc = stability._encoder(first, state)
+    assert stability._encoder(first, nn.Linear(3, 2).state_dict()) is enc and first.built == 1
+    assert torch.equal(stability._encoder(first, state).weight, state["weight"])
+    other = stability._encoder(second, nn.Linear(5, 2).state_dict())
+    assert other.weight.shape == (2, 5) and second.built == 1
+    stability._encoder(first, state)  # back to the first benchmark: its own architecture again
+    assert first.built == 2

@@ -98,6 +98,7 @@ A7. Example ``i`` is met at step ``t`` with probability ``b/n``, with ``E[I_s I_
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -515,17 +516,19 @@ def _eval_subset(n: int, max_examples: int | None, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_examples].sort().values
 
 
-_ENCODERS: dict[int, nn.Module] = {}
+_SPARE: tuple[weakref.ReferenceType, nn.Module] | None = None
+"""The spare encoder of the benchmark last measured, with a weak reference to that benchmark (not
+its ``id``, which a later benchmark may reuse once the first is gone)."""
 
 
 def _encoder(bench: Any, state: StateDict) -> nn.Module:
-    """One reusable encoder module per benchmark, loaded with ``state`` (building a ViT per call is slow)."""
+    """One reusable encoder module for the benchmark, loaded with ``state`` (building a ViT per call is slow)."""
     from .models import load_encoder_state
 
-    if id(bench) not in _ENCODERS:
-        _ENCODERS.clear()
-        _ENCODERS[id(bench)] = bench.new_encoder()
-    return load_encoder_state(_ENCODERS[id(bench)], state).to(bench.device)
+    global _SPARE
+    if _SPARE is None or _SPARE[0]() is not bench:
+        _SPARE = (weakref.ref(bench), bench.new_encoder())
+    return load_encoder_state(_SPARE[1], state).to(bench.device)
 
 
 @torch.no_grad()
