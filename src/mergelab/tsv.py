@@ -40,8 +40,9 @@ per-task top-``k`` SVD (``svd=``):
   holding the GIL (:mod:`mergelab.lapack`) so that tasks overlap. The polar factors come from the
   stacks' ``(T k, T k)`` Gram matrices, ``X (X^T X)^{-1/2}``, where those are well conditioned
   (float32 for tall stacks, else float64), and from the float64 SVD otherwise. On the CPU every
-  task runs single-threaded and tasks run side by side (see :func:`_cpu_map` for why); on a GPU the
-  steps are batched torch calls. ``gram_dtype="float32"`` is faster on a CPU but less accurate: a
+  task runs single-threaded and tasks run side by side (see :func:`_cpu_map` for why), and a whole
+  model's layers run side by side (:func:`_layers_side_by_side`); on a GPU the steps are batched
+  torch calls. ``gram_dtype="float32"`` is faster on a CPU but less accurate: a
   float32 Gram matrix resolves the ``k``-th singular vector only to about
   ``1e-7 (s_1 / s_k)^2``, which the float64 Rayleigh-Ritz step cannot repair (relative error about
   ``1e-4`` at ``T = 8`` and ``2e-5`` at ``T = 20`` on ViT-B-32-shaped task vectors, but ``2e-3`` to
@@ -247,7 +248,7 @@ def _np_gram(a: np.ndarray) -> np.ndarray:
 
 
 def _np_eigh_top(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` eigenpairs (decreasing) of a symmetric matrix, destroying ``g``.
+    """Top-``k`` eigenpairs (decreasing) of a symmetric matrix; ``g`` may be overwritten.
 
     ``k < n``: LAPACK ``syevr``, which computes only the ``k`` eigenvectors asked for, called without
     holding the GIL so that the tasks' calls run side by side (:func:`mergelab.lapack.eigh_top`).
