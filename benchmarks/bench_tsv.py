@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import platform
 import re
@@ -75,14 +76,20 @@ def _can_reset_peak() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def memory_method(device_type: str) -> str:
+    """How :class:`PeakMemory` measures on a device of this type."""
+    return ("torch.cuda.max_memory_allocated" if device_type == "cuda"
+            else "VmHWM (reset via /proc/self/clear_refs)" if _can_reset_peak()
+            else "psutil RSS sampled every 10 ms")
+
+
 class PeakMemory:
     """Peak memory of a block of code, in MiB above the level at its start (RSS, or CUDA memory)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.method = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
-                       else "VmHWM (reset via /proc/self/clear_refs)" if _can_reset_peak()
-                       else "psutil RSS sampled every 10 ms")
+        self.method = memory_method(device.type)
         self.peak_mib = 0.0
 
     def __enter__(self) -> "PeakMemory":
@@ -262,7 +269,7 @@ def end_to_end(task_vectors: list[TaskVector], device: torch.device, references:
     merged, w, c, peak = timed(lambda: tsv.tsv_merge(pretrained, task_vectors, device=device), device)
     diff_sq = sum(float((merged[k].double().cpu() - r.double()).pow(2).sum()) for k, r in references.items())
     ref_sq = sum(float(r.double().pow(2).sum()) for r in references.values())
-    return {"wall_s": w, "cpu_s": c, "peak_mib": peak, "memory_method": PeakMemory(device).method,
+    return {"wall_s": w, "cpu_s": c, "peak_mib": peak, "memory_method": memory_method(device.type),
             "rel_diff": (diff_sq / ref_sq) ** 0.5}
 
 
@@ -344,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(each block layer counted 12 / {args.blocks} times). x ref: reference wall time / this wall time "
           "(torch's default threads); x ref 1t: against the reference run on one thread. "
           "rel. diff: ||merged - reference||_F / ||reference||_F over the layers measured. peak MiB: the "
-          f"largest peak memory of one layer's merge above its start ({PeakMemory(torch.device('cpu')).method} "
+          f"largest peak memory of one layer's merge above its start ({memory_method('cpu')} "
           "on the CPU).")
     return 0
 

@@ -631,8 +631,9 @@ def _run_trajectory(bench: Any, kind: str, tasks: Sequence[str],
 
     ``data()`` gives the training rows per task; it is called only when the run is not cached (at
     the clip size it decodes images). ``train_cfg`` is what the training loop gets; ``run_cfg`` (which
-    keys the cache and is reported) differs from it only where the rows were chosen beforehand. ``active`` is the loop's task
-    schedule (see :func:`mergelab.training.finetune`); ``extra`` is added to the cache key and the log.
+    keys the cache and is reported) differs from it only where the rows were chosen beforehand.
+    ``active`` is the loop's task schedule (see :func:`mergelab.training.finetune`); ``extra`` is added
+    to the cache key and the log.
     Batches larger than the benchmark's ``micro_batch_size`` accumulate gradients over chunks
     (memory only).
     """
@@ -655,8 +656,9 @@ def _run_trajectory(bench: Any, kind: str, tasks: Sequence[str],
             options["micro_batch_size"] = bench.micro_batch_size
         if active is not None:
             options["active"] = active
-        history = (train or finetune)(enc, dict(data()), {t: bench.heads[t] for t in tasks}, train_cfg, device=bench.device,
-                                      desc=desc, progress=bench.progress if progress is None else progress,
+        history = (train or finetune)(enc, dict(data()), {t: bench.heads[t] for t in tasks}, train_cfg,
+                                      device=bench.device, desc=desc,
+                                      progress=bench.progress if progress is None else progress,
                                       on_step=snapshot, **options)
         wall = time.perf_counter() - start
         if sorted(snapshots) != list(range(1, epochs + 1)):
@@ -1031,10 +1033,10 @@ def summary_markdown(results: Mapping[str, Any], epochs: int) -> str:
     return "\n".join(points)
 
 
-__all__ = ["EpochTrajectory", "HVP_METHODS", "LossGradient", "alignment_table", "cosine", "dataset_gradient", "epoch_config",
-           "epoch_trajectory", "gd_taylor_terms", "gradient_descent_config", "hessian_vector_product",
-           "layer_cosines", "layer_groups", "layer_norm_ratios", "layer_norms", "loss_and_gradient",
-           "merge_along_epochs", "merging_by_epochs", "multitask_epoch_trajectory", "norm", "one_step_exactness",
-           "one_step_identity", "projection_share", "steps_per_epoch", "summary_markdown", "task_gradients",
-           "task_hessian_vector_product", "task_loss_and_gradient", "taylor_gap", "taylor_table", "training_subset",
-           "trajectories_dir", "trajectory_alignment", "trajectory_config", "trajectory_grid"]
+__all__ = ["EpochTrajectory", "HVP_METHODS", "LossGradient", "alignment_table", "cosine", "dataset_gradient",
+           "epoch_config", "epoch_trajectory", "gd_taylor_terms", "gradient_descent_config",
+           "hessian_vector_product", "layer_cosines", "layer_groups", "layer_norm_ratios", "layer_norms",
+           "loss_and_gradient", "merge_along_epochs", "merging_by_epochs", "multitask_epoch_trajectory", "norm",
+           "one_step_exactness", "one_step_identity", "projection_share", "steps_per_epoch", "summary_markdown",
+           "task_gradients", "task_hessian_vector_product", "task_loss_and_gradient", "taylor_gap", "taylor_table",
+           "training_subset", "trajectories_dir", "trajectory_alignment", "trajectory_config", "trajectory_grid"]

@@ -191,10 +191,11 @@ def load_params(path: Path, profile: str, notebook: str) -> dict[str, Any]:
     return values
 
 
-
 def profile_params(profile: str, notebook: str, params_dir: Path | None = None) -> dict[str, Any]:
     """The parameters of ``notebook`` for ``profile``: :func:`load_params` of :func:`params_path`."""
-    return load_params(params_path(profile, notebook, params_dir), profile, Path(notebook).name.removesuffix(".ipynb"))
+    return load_params(params_path(profile, notebook, params_dir), profile,
+                       Path(notebook).name.removesuffix(".ipynb"))
+
 
 # --- when to run -------------------------------------------------------------------------------
 

@@ -109,7 +109,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .training import FinetuneConfig, lr_at, training_indices
-from .utils import StateDict, finite_or_none
+from .utils import StateDict
 
 REGIMES = ("smooth", "quadratic")
 """``"smooth"``: worst case over beta-smooth losses with curvature in ``[-rho, beta]`` (HRS-style
@@ -459,7 +459,8 @@ def hessian_extreme_eigenvalues(encoder: nn.Module, head: nn.Module, X: torch.Te
         return [x / norm for x in v]
 
     def power(shift: float) -> float:
-        v = normalize([torch.randn(p.shape, generator=g).to(p.device, p.dtype) for p in params])  # CPU draws: same on any device
+        # drawn on the CPU, so the start vectors are the same on any device
+        v = normalize([torch.randn(p.shape, generator=g).to(p.device, p.dtype) for p in params])
         lam = 0.0
         for _ in range(iters):
             hv = [h - shift * x for h, x in zip(_hvp(encoder, head, X, y, params, v), v)]
@@ -502,12 +503,6 @@ def head_example_indices(bench: Any, task: str) -> torch.Tensor:
     shots = getattr(getattr(bench, "config", None), "head_shots", 0)
     picked = [order[y[order] == c][:shots] for c in range(int(y.max()) + 1)] if shots else []
     return torch.cat(picked) if picked else torch.empty(0, dtype=torch.long)
-
-
-def seen_indices(n_task_train: int, cfg: FinetuneConfig) -> torch.Tensor:
-    """Indices of the training examples a single-task expert fine-tuned with ``cfg`` saw: the rule of
-    :func:`mergelab.training.training_indices` for task index 0."""
-    return training_indices(n_task_train, cfg)
 
 
 def _eval_subset(n: int, max_examples: int | None, seed: int) -> torch.Tensor:
@@ -601,7 +596,7 @@ def measure_merge(bench: Any, state: StateDict, experts: Mapping[str, FinetuneCo
     lipschitz: dict[str, float] = {}
     for task, cfg in experts.items():
         X, y = bench.split(task, "train")
-        seen = seen_indices(len(y), cfg)
+        seen = training_indices(len(y), cfg)  # the rows the task's expert trained on
         seen = seen[~torch.isin(seen, head_example_indices(bench, task))]
         seen = seen[_eval_subset(len(seen), max_examples, seed)]
         Xt, yt = bench.split(task, "test")
@@ -1040,10 +1035,5 @@ def expert_table(bench: Any, grid: ExpertGrid, tasks: Sequence[str], hyperparame
                              **{k: m[k] for k in ("train_loss", "test_loss", "generalization_gap", "test_accuracy")},
                              "gap_vs_pretrained": m["gap_vs_reference"]})
     return pd.DataFrame(rows)
-
-
-def records(df: Any) -> list[dict[str, Any]]:
-    """Rows of a table as JSON-ready dicts, NaN as ``None`` (strict JSON has no NaN)."""
-    return finite_or_none(df.to_dict(orient="records"))
 
 

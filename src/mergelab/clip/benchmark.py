@@ -481,7 +481,8 @@ class ClipBenchmark:
 
     def run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> str:
         """Cache key (16 hex digits) of a fine-tuning run: ``kind`` (``"expert"`` or ``"multitask"``),
-        its tasks, the benchmark, the tasks' head digests and the training data's fingerprint and every hyperparameter of ``cfg``."""
+        its tasks, the benchmark, the tasks' head digests, the training data's fingerprint and every
+        hyperparameter of ``cfg``."""
         return config_hash({"benchmark": self.key, "kind": kind, "tasks": list(tasks),
                             "heads": [self.head_digest(t) for t in tasks],
                             "data": [self._splits_fingerprint(t, "train") for t in tasks],
