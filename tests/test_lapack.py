@@ -75,3 +75,36 @@ def test_the_gil_free_path_is_available_with_this_scipy():
 def test_bad_input_names_the_parameter(bad, match):
     with pytest.raises(ValueError, match=match):
         lapack.eigh_top(*bad)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_eigh_all_equals_scipys_syevd(dtype):
+    g = symmetric(50, dtype)
+    w, v = lapack.eigh_all(g)
+    w0, v0 = scipy.linalg.eigh(g, driver="evd")
+    assert w.dtype == dtype and v.dtype == dtype and v.shape == (50, 50)
+    np.testing.assert_array_equal(w, w0[::-1])
+    np.testing.assert_array_equal(v, v0[:, ::-1])
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(g.astype(np.float64) @ v, v * w, atol=tol * w[0])
+    np.testing.assert_allclose(v.T @ v, np.eye(50), atol=50 * tol)
+
+
+def test_eigh_all_overwrites_only_when_allowed_and_runs_from_threads():
+    mats = [symmetric(48, np.float64, seed) for seed in range(4)]
+    before = [g.copy() for g in mats]
+    alone = [lapack.eigh_all(g) for g in mats]
+    for g, b in zip(mats, before):
+        np.testing.assert_array_equal(g, b)
+    out: dict[int, tuple] = {}
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, lapack.eigh_all(mats[i], overwrite=True)))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (w, v) in enumerate(alone):
+        np.testing.assert_array_equal(out[i][0], w)
+        np.testing.assert_array_equal(out[i][1], v)
+    with pytest.raises(ValueError, match="square"):
+        lapack.eigh_all(np.zeros((3, 4)))

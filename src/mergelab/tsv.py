@@ -250,15 +250,13 @@ def _np_gram(a: np.ndarray) -> np.ndarray:
 def _np_eigh_top(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` eigenpairs (decreasing) of a symmetric matrix; ``g`` may be overwritten.
 
-    ``k < n``: LAPACK ``syevr``, which computes only the ``k`` eigenvectors asked for, called without
-    holding the GIL so that the tasks' calls run side by side (:func:`mergelab.lapack.eigh_top`).
-    ``k = n``: NumPy's ``syevd`` (which also releases the GIL), as fast as ``syevr`` for the whole
-    spectrum.
+    ``k < n``: LAPACK ``syevr``, which computes only the ``k`` eigenvectors asked for; ``k = n``:
+    ``syevd``, faster than ``syevr`` for the whole spectrum. Both are SciPy's, called without holding
+    the GIL so that calls from several threads run side by side (:mod:`mergelab.lapack`).
     """
     if k < g.shape[0]:
         return lapack.eigh_top(g, k, overwrite=True)
-    w, v = np.linalg.eigh(g)
-    return w[::-1], v[:, ::-1]
+    return lapack.eigh_all(g, overwrite=True)
 
 
 def _np_task_svd(a: np.ndarray, k: int, f64: bool, rtol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
