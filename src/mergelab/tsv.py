@@ -235,10 +235,13 @@ them the thread pool's overhead outweighs its gain."""
 
 
 def _to_numpy(X: torch.Tensor) -> list[np.ndarray]:
-    """``(..., m, n)`` tensor to a list of C-ordered float32/float64 ``(m, n)`` arrays."""
+    """``(..., m, n)`` tensor to a list of float32/float64 ``(m, n)`` arrays, views where possible.
+
+    Not copied to C order: the transposed view of a wide stack is Fortran-ordered, which BLAS takes as
+    it is (copying a ``(8, 3072, 768)`` stack took 70 ms of a 0.5 s layer)."""
     X = X.detach().cpu()
     X = X if X.dtype in (torch.float32, torch.float64) else X.float()
-    return list(X.reshape(-1, *X.shape[-2:]).contiguous().numpy())
+    return list(X.reshape(-1, *X.shape[-2:]).numpy())
 
 
 def _np_gram(a: np.ndarray) -> np.ndarray:
