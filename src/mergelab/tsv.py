@@ -201,8 +201,8 @@ def _cpu_map(fn, items: Sequence) -> list:
     are oversubscribed a multi-threaded solver can run several times slower than a single-threaded
     one (its threads spin at barriers while their partners wait for a core). So on the CPU each
     task's work is single-threaded NumPy/SciPy, and tasks run side by side on
-    ``torch.get_num_threads()`` threads: NumPy's products and decompositions, and ``syevr`` called
-    through :mod:`mergelab.lapack`, release the GIL and run in parallel.
+    ``torch.get_num_threads()`` threads: NumPy's products and SVD, and SciPy's ``syevr`` and ``syevd``
+    called through :mod:`mergelab.lapack`, release the GIL and run in parallel.
     """
     workers = _cpu_workers(len(items))
     with _blas_controller().limit(limits=1, user_api="blas"):
