@@ -292,7 +292,8 @@ def _np_polar(x: np.ndarray, rtol: float, gram: bool) -> np.ndarray:
         xg = x.astype(dtype, copy=False)
         w, q = _np_eigh_top(_np_gram(xg), xg.shape[1])
         if w[-1] >= POLAR_GRAM_MIN_RATIO[torch.float64 if dtype == np.float64 else torch.float32] * w[0] > 0:
-            return (xg @ ((q / np.sqrt(w)) @ q.T)).astype(x.dtype, copy=False)
+            h = q / np.sqrt(np.sqrt(w))  # (X^T X)^{-1/2} = h h^T, a syrk: half the flops of q diag q^T
+            return (xg @ (h @ h.T)).astype(x.dtype, copy=False)
     x64 = x.astype(np.float64, copy=False)
     p, sv, qh = np.linalg.svd(x64, full_matrices=False)  # gesdd; NumPy releases the GIL
     keep = (sv > rtol * max(float(sv[0]), 1e-300)).astype(p.dtype)
