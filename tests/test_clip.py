@@ -238,6 +238,27 @@ def test_heads_splits_and_cached_evaluation(root, monkeypatch):
         assert first[t] == pytest.approx(streamed[t], rel=1e-5) and second[t] == pytest.approx(streamed[t], rel=1e-5)
 
 
+def test_image_subsets_are_decoded_once_and_equal_the_lazy_view(root, monkeypatch):
+    from mergelab import stability
+
+    bench = tiny_bench(root, eval_cache_gb=1.0, eval_batch_size=3)
+    view, _ = bench.split("MNIST", "train")
+    idx = torch.tensor([7, 0, 3, 11])
+    first = bench.images("MNIST", "train", idx)
+    assert first.shape == (4, 3, 224, 224) and torch.equal(first, view[idx])  # the evaluation transform's values
+    cfg = mergelab.FinetuneConfig(data_fraction=0.5, num_steps=1, warmup_steps=0)
+    state = bench.pretrained_state()
+    measured = stability.measure_merge(bench, state, {"MNIST": cfg}, max_examples=5, probe_size=2)
+    with monkeypatch.context() as mp:  # what was decoded once is not decoded again
+        mp.setattr(ds.TaskSplit, "__getitem__", lambda *a, **k: pytest.fail("an image decoded again"))
+        assert torch.equal(bench.images("MNIST", "train", idx), first)
+        assert stability.measure_merge(bench, state, {"MNIST": cfg}, max_examples=5, probe_size=2) == measured
+    # without room in the cache nothing is kept, and the images are still right
+    small = tiny_bench(root, eval_cache_gb=0.0)
+    assert torch.equal(small.images("EuroSAT", "test", [2, 1]), small.split("EuroSAT", "test")[0][[2, 1]])
+    assert small._subset_cache == {} and small.images("MNIST", "train", []).shape == (0, 3, 224, 224)
+
+
 def test_finetuning_resumes_where_it_stopped(root, tmp_path, monkeypatch):
     cfg = mergelab.FinetuneConfig(optimizer="adamw", lr=1e-3, batch_size=4, num_steps=4, warmup_steps=1,
                                   weight_decay=0.1, seed=3)

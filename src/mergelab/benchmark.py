@@ -138,6 +138,12 @@ class TinyBenchmark:
             self._splits[task, split] = (normalize_images(torch.from_numpy(X)), torch.from_numpy(y))
         return self._splits[task, split]
 
+    def images(self, task: str, split: str, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Normalized images ``(len(indices), 3, 32, 32)``: rows ``indices`` of ``split`` (the same
+        interface as the clip benchmark's, which decodes them)."""
+        X, _ = self.split(task, split)
+        return X[torch.as_tensor(indices, dtype=torch.long)]
+
     def raw_images(self, task: str, split: str = "train") -> torch.Tensor:
         """Images in ``[0, 1]`` for display, ``(N, 3, 32, 32)``."""
         X, _ = self.split(task, split)

@@ -568,7 +568,7 @@ def measure_merge(bench: Any, state: StateDict, experts: Mapping[str, FinetuneCo
     """Generalization of a merged model on the union of the merged tasks.
 
     Args:
-        bench: the benchmark (``split``, ``heads``, ``new_encoder``, ``device``).
+        bench: the benchmark (``split``, ``images``, ``heads``, ``new_encoder``, ``device``).
         state: the merged encoder.
         experts: task -> the config of the expert merged for it (gives the examples it saw).
         max_examples: evaluate on at most this many seen-train and test examples per task (a fixed
@@ -595,22 +595,25 @@ def measure_merge(bench: Any, state: StateDict, experts: Mapping[str, FinetuneCo
     per_task: dict[str, dict[str, float]] = {}
     lipschitz: dict[str, float] = {}
     for task, cfg in experts.items():
-        X, y = bench.split(task, "train")
+        _, y = bench.split(task, "train")
         seen = training_indices(len(y), cfg)  # the rows the task's expert trained on
         seen = seen[~torch.isin(seen, head_example_indices(bench, task))]
         seen = seen[_eval_subset(len(seen), max_examples, seed)]
-        Xt, yt = bench.split(task, "test")
+        _, yt = bench.split(task, "test")
         test = _eval_subset(len(yt), max_examples, seed + 1)
-        tr, tr_ok = per_example_losses(bench, state, task, X[seen], y[seen])
-        te, te_ok = per_example_losses(bench, state, task, Xt[test], yt[test])
+        # bench.images: the clip benchmark decodes each subset once and keeps it (a sweep measures
+        # hundreds of merges on the same subsets); images of the tiny benchmark are in memory
+        X_seen, X_test = bench.images(task, "train", seen), bench.images(task, "test", test)
+        tr, tr_ok = per_example_losses(bench, state, task, X_seen, y[seen])
+        te, te_ok = per_example_losses(bench, state, task, X_test, yt[test])
         tr_loss, te_loss = float(tr.mean()), float(te.mean())
         per_task[task] = {"train_loss": tr_loss, "test_loss": te_loss, "generalization_gap": te_loss - tr_loss,
                           "train_accuracy": float(tr_ok.float().mean()), "test_accuracy": float(te_ok.float().mean())}
         if reference is not None:
             key = (task, cfg.data_fraction, cfg.seed, max_examples, seed)
             if key not in cache:
-                cache[key] = (per_example_losses(bench, reference, task, X[seen], y[seen])[0],
-                              per_example_losses(bench, reference, task, Xt[test], yt[test])[0])
+                cache[key] = (per_example_losses(bench, reference, task, X_seen, y[seen])[0],
+                              per_example_losses(bench, reference, task, X_test, yt[test])[0])
             gap_cv, c = control_variate_gap(tr, te, *cache[key])
             per_task[task]["gap_vs_reference"] = gap_cv
             per_task[task]["control_coefficient"] = c
@@ -618,7 +621,7 @@ def measure_merge(bench: Any, state: StateDict, experts: Mapping[str, FinetuneCo
             probe = seen[:probe_size]
             enc = _encoder(bench, state)
             lipschitz[task] = float(per_example_gradient_norms(
-                enc, bench.heads[task].to(bench.device), X[probe].to(bench.device),
+                enc, bench.heads[task].to(bench.device), X_seen[:probe_size].to(bench.device),
                 y[probe].to(bench.device)).mean())
     keys = ["train_loss", "test_loss", "generalization_gap", "train_accuracy", "test_accuracy"]
     keys += ["gap_vs_reference"] if reference is not None else []

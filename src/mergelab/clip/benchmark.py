@@ -245,6 +245,7 @@ class ClipBenchmark:
         self._preprocess: tuple[Any, Any] | None = None
         self._imported: dict[str, StateDict] = {}
         self._image_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._subset_cache: dict[tuple[str, str, str], torch.Tensor] = {}
         self._cache_bytes = 0
 
     # ------------------------------------------------------------------ identity and caches
@@ -306,6 +307,33 @@ class ClipBenchmark:
         """``(images, y)``: lazy normalized images (``images[i]``, ``images[a:b]``) and ``(N,)`` int64 labels."""
         d = self.dataset(task, split)
         return ds.ImageView(d), torch.from_numpy(d.labels.copy())
+
+    def images(self, task: str, split: str, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Normalized images ``(len(indices), 3, S, S)`` float32 on the CPU: rows ``indices`` of
+        ``split``, the same values as ``self.split(task, split)[0][indices]``.
+
+        Decoded by the loader's workers to ``uint8`` (as in evaluation) and kept in memory within
+        ``data.eval_cache_gb`` (shared with the cached ``val`` splits), so that measurements that come
+        back to the same examples (every merge of the stability sweep measures its tasks on the same
+        subsets) decode them once. ``uint8`` holds them in a quarter of the memory of the floats.
+        """
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        task, split = ds.check_task(task), ds.check_split(split)
+        key = (task, split, hashlib.sha256(idx.numpy().tobytes()).hexdigest()[:24])
+        X8 = self._subset_cache.get(key)
+        if X8 is None:
+            data = self.dataset(task, split).with_transform(Compose8(self._display_transform()))
+            side = self._image_side()
+            loader = DataLoader(torch.utils.data.Subset(data, idx.tolist()), shuffle=False,
+                                batch_size=self.config.data.eval_batch_size,
+                                num_workers=self.config.data.num_workers if len(idx) else 0)
+            parts = [x for x, _ in loader]
+            X8 = torch.cat(parts) if parts else torch.empty(0, 3, side, side, dtype=torch.uint8)
+            if self._cache_bytes + X8.numel() <= self.config.data.eval_cache_gb * 2**30:
+                self._subset_cache[key] = X8
+                self._cache_bytes += X8.numel()
+        mean, std = self._normalization()
+        return (X8.float() / 255 - mean) / std
 
     def raw_images(self, task: str, split: str = "train") -> ds.ImageView:
         """Images in ``[0, 1]`` after resize and centre crop, for display: ``view[:8]`` is ``(8, 3, S, S)``."""
