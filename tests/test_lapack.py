@@ -50,18 +50,27 @@ def test_eigh_top_converts_other_dtypes_and_non_contiguous_input():
     np.testing.assert_allclose(w2, np.linalg.eigvalsh(g)[::-1][:3], rtol=1e-12)
 
 
-def test_calls_from_threads_give_the_same_results():
-    mats = [symmetric(64, np.float64, seed) for seed in range(6)]
-    alone = [lapack.eigh_top(g, 8) for g in mats]
-    out: dict[int, tuple] = {}
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, lapack.eigh_top(mats[i], 8))) for i in range(6)]
+SOLVERS = {"eigh_top": lambda g, **kw: lapack.eigh_top(g, 8, **kw), "eigh_all": lapack.eigh_all}
+
+
+def in_threads(fn, items: list) -> list:
+    """``[fn(x) for x in items]``, every call in its own thread, all at once."""
+    out: dict[int, object] = {}
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(items[i]))) for i in range(len(items))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    for i, (w, v) in enumerate(alone):
-        np.testing.assert_array_equal(out[i][0], w)
-        np.testing.assert_array_equal(out[i][1], v)
+    return [out[i] for i in range(len(items))]
+
+
+@pytest.mark.parametrize("solver", SOLVERS.values(), ids=SOLVERS.keys())
+def test_calls_from_threads_give_the_same_results(solver):
+    mats = [symmetric(64, np.float64, seed) for seed in range(6)]
+    alone = [solver(g) for g in mats]
+    for (w, v), (w2, v2) in zip(alone, in_threads(lambda g: solver(g, overwrite=True), mats)):
+        np.testing.assert_array_equal(w2, w)
+        np.testing.assert_array_equal(v2, v)
 
 
 def test_the_gil_free_path_is_available_with_this_scipy():
@@ -90,21 +99,12 @@ def test_eigh_all_equals_scipys_syevd(dtype):
     np.testing.assert_allclose(v.T @ v, np.eye(50), atol=50 * tol)
 
 
-def test_eigh_all_overwrites_only_when_allowed_and_runs_from_threads():
-    mats = [symmetric(48, np.float64, seed) for seed in range(4)]
-    before = [g.copy() for g in mats]
-    alone = [lapack.eigh_all(g) for g in mats]
-    for g, b in zip(mats, before):
-        np.testing.assert_array_equal(g, b)
-    out: dict[int, tuple] = {}
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, lapack.eigh_all(mats[i], overwrite=True)))
-               for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i, (w, v) in enumerate(alone):
-        np.testing.assert_array_equal(out[i][0], w)
-        np.testing.assert_array_equal(out[i][1], v)
+def test_eigh_all_leaves_its_input_alone_unless_allowed():
+    g = symmetric(48, np.float64)
+    before = g.copy()
+    w, _ = lapack.eigh_all(g)
+    np.testing.assert_array_equal(g, before)
+    w2, _ = lapack.eigh_all(g, overwrite=True)
+    np.testing.assert_array_equal(w2, w)
     with pytest.raises(ValueError, match="square"):
         lapack.eigh_all(np.zeros((3, 4)))
