@@ -83,6 +83,17 @@ def _working_copy(g: np.ndarray, overwrite: bool) -> np.ndarray:
     return g if (overwrite and contiguous and g.dtype == dtype) else np.array(g, dtype=dtype, order="C")
 
 
+def _with_workspace(call, dtype: np.dtype) -> None:
+    """Run a LAPACK ``call(work, lwork, iwork, liwork)`` (ctypes arguments) twice: a workspace query
+    (``lwork = liwork = -1``), then the real call with workspaces of the sizes LAPACK asked for."""
+    by = ctypes.byref
+    work_size, iwork_size = (ctypes.c_float if dtype == np.float32 else ctypes.c_double)(0), ctypes.c_int(0)
+    call(by(work_size), ctypes.c_int(-1), by(iwork_size), ctypes.c_int(-1))
+    work = np.empty(max(1, int(work_size.value)), dtype=dtype)
+    iwork = np.empty(max(1, iwork_size.value), dtype=np.intc)
+    call(work.ctypes.data, ctypes.c_int(work.size), iwork.ctypes.data, ctypes.c_int(iwork.size))
+
+
 def eigh_top(g: np.ndarray, k: int, overwrite: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` largest eigenvalues (decreasing) and their eigenvectors of a symmetric matrix.
 
@@ -100,15 +111,14 @@ def eigh_top(g: np.ndarray, k: int, overwrite: bool = False) -> tuple[np.ndarray
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
         raise ValueError(f"k={k!r} is not valid for a {n} x {n} matrix; use an integer in 1..{n}.")
     k = int(k)
-    dtype = g.dtype if g.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    a = _working_copy(g, overwrite)
+    dtype = a.dtype
     fn = _syevr("s" if dtype == np.float32 else "d")
     if fn is None:  # pragma: no cover - depends on the SciPy build
         import scipy.linalg
 
-        w, v = scipy.linalg.eigh(g.astype(dtype, copy=False), subset_by_index=[n - k, n - 1], driver="evr",
-                                 check_finite=False)
+        w, v = scipy.linalg.eigh(a, subset_by_index=[n - k, n - 1], driver="evr", check_finite=False)
         return w[::-1].copy(), v[:, ::-1].copy()
-    a = _working_copy(g, overwrite)
     real = ctypes.c_float if dtype == np.float32 else ctypes.c_double
     jobz, rng, uplo = ctypes.c_char(b"V"), ctypes.c_char(b"I"), ctypes.c_char(b"L")
     n_, lda, ldz = ctypes.c_int(n), ctypes.c_int(n), ctypes.c_int(n)
@@ -124,11 +134,7 @@ def eigh_top(g: np.ndarray, k: int, overwrite: bool = False) -> tuple[np.ndarray
            by(abstol), by(found), w.ctypes.data, z.ctypes.data, by(ldz), isuppz.ctypes.data, work, by(lwork),
            iwork, by(liwork), by(info))
 
-    work_size, iwork_size = real(0), ctypes.c_int(0)
-    call(by(work_size), ctypes.c_int(-1), by(iwork_size), ctypes.c_int(-1))  # workspace query
-    work = np.empty(max(1, int(work_size.value)), dtype=dtype)
-    iwork = np.empty(max(1, iwork_size.value), dtype=np.intc)
-    call(work.ctypes.data, ctypes.c_int(work.size), iwork.ctypes.data, ctypes.c_int(iwork.size))
+    _with_workspace(call, dtype)
     if info.value != 0 or found.value != k:
         raise np.linalg.LinAlgError(f"LAPACK {'s' if dtype == np.float32 else 'd'}syevr failed "
                                     f"(info={info.value}, {found.value} of {k} eigenpairs found).")
@@ -155,7 +161,6 @@ def eigh_all(g: np.ndarray, overwrite: bool = False) -> tuple[np.ndarray, np.nda
 
         w, v = scipy.linalg.eigh(a, driver="evd", check_finite=False)
         return w[::-1].copy(), v[:, ::-1]
-    real = ctypes.c_float if dtype == np.float32 else ctypes.c_double
     jobz, uplo = ctypes.c_char(b"V"), ctypes.c_char(b"L")
     n_, lda, info = ctypes.c_int(n), ctypes.c_int(n), ctypes.c_int(0)
     w = np.empty(n, dtype=dtype)
@@ -165,11 +170,7 @@ def eigh_all(g: np.ndarray, overwrite: bool = False) -> tuple[np.ndarray, np.nda
         fn(by(jobz), by(uplo), by(n_), a.ctypes.data, by(lda), w.ctypes.data, work, by(lwork), iwork,
            by(liwork), by(info))
 
-    work_size, iwork_size = real(0), ctypes.c_int(0)
-    call(by(work_size), ctypes.c_int(-1), by(iwork_size), ctypes.c_int(-1))  # workspace query
-    work = np.empty(max(1, int(work_size.value)), dtype=dtype)
-    iwork = np.empty(max(1, iwork_size.value), dtype=np.intc)
-    call(work.ctypes.data, ctypes.c_int(work.size), iwork.ctypes.data, ctypes.c_int(iwork.size))
+    _with_workspace(call, dtype)
     if info.value != 0:
         raise np.linalg.LinAlgError(f"LAPACK {'s' if dtype == np.float32 else 'd'}syevd failed (info={info.value}).")
     # ``a`` now holds the eigenvectors in Fortran order: row j of the C array is eigenvector j.

@@ -64,7 +64,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -211,8 +212,6 @@ def _cpu_map(fn, items: Sequence) -> list:
     with _blas_controller().limit(limits=1, user_api="blas"):
         if workers == 1:
             return [fn(x) for x in items]
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(workers) as pool:
             return list(pool.map(fn, items))
 
@@ -651,8 +650,6 @@ def _layers_side_by_side(fn, keys: Sequence[str]) -> dict[str, torch.Tensor]:
     steps that leave a core idle: two polar factors of unequal cost, then one product. Whole layers
     side by side keep both cores busy (about 12 % faster on ViT-B-32 with 8 tasks on 2 cores).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     workers = _cpu_workers(len(keys))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # also makes _cpu_workers() 1 inside fn
@@ -927,6 +924,21 @@ def _sti_of_factors(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, normalize
     return sti / ((T - 1) * total) if total > 0 else 0.0
 
 
+def _layer_factors(task_vectors: Mapping[str, TaskVector], num_tasks: int | None, layers: Iterable[str] | None,
+                   svd: str, caller: str) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """``(layer, truncated SVDs of the tasks' matrices)`` per decomposed layer (or per layer in
+    ``layers``), each task keeping ``k = floor(min(m, n) / num_tasks)`` triplets (default: all the
+    tasks given). The shared loop of the interference analyses."""
+    names = list(task_vectors)
+    if len(names) < 2:
+        raise ValueError(f"{caller} needs at least 2 task vectors; got {len(names)}.")
+    first = task_vectors[names[0]]
+    layers = list(layers) if layers is not None else [k for k, v in first.items() if is_decomposed(k, v)]
+    for layer in layers:
+        stack = torch.stack([task_vectors[t][layer].float() for t in names])
+        yield layer, truncated_svd(stack, default_rank(stack.shape[1:], num_tasks or len(names)), svd=svd)
+
+
 def pairwise_interference(task_vectors: Mapping[str, TaskVector], num_tasks: int | None = None,
                           layers: Iterable[str] | None = None, svd: str = "gram") -> dict[str, pd.DataFrame]:
     """Normalized two-task STI between every pair of tasks, per decomposed layer.
@@ -936,19 +948,8 @@ def pairwise_interference(task_vectors: Mapping[str, TaskVector], num_tasks: int
     (diagonal 1: a task with itself). Each task's truncated SVD is computed once per layer.
     """
     names = list(task_vectors)
-    T = len(names)
-    if T < 2:
-        raise ValueError(f"pairwise_interference needs at least 2 task vectors; got {T}.")
-    num_tasks = num_tasks or T
-    first = task_vectors[names[0]]
-    layers = list(layers) if layers is not None else [k for k, v in first.items() if is_decomposed(k, v)]
-    out = {}
-    for layer in layers:
-        stack = torch.stack([task_vectors[t][layer].float() for t in names])
-        k = default_rank(stack.shape[1:], num_tasks)
-        sti = _pairwise_sti_of_factors(*truncated_svd(stack, k, svd=svd))
-        out[layer] = pd.DataFrame(sti.numpy(), index=names, columns=names)
-    return out
+    return {layer: pd.DataFrame(_pairwise_sti_of_factors(*factors).numpy(), index=names, columns=names)
+            for layer, factors in _layer_factors(task_vectors, num_tasks, layers, svd, "pairwise_interference")}
 
 
 def _pairwise_sti_of_factors(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -978,10 +979,9 @@ def interference_long(pairwise: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 
 def layer_interference(task_vectors: Mapping[str, TaskVector], svd: str = "gram") -> pd.Series:
     """Normalized STI of all the tasks together (:func:`singular_task_interference`), per decomposed layer."""
-    tvs = list(task_vectors.values())
-    first = tvs[0]
-    return pd.Series({k: singular_task_interference(torch.stack([tv[k].float() for tv in tvs]), svd=svd)
-                      for k, v in first.items() if is_decomposed(k, v)}, name="sti")
+    return pd.Series({layer: _sti_of_factors(*factors)
+                      for layer, factors in _layer_factors(task_vectors, None, None, svd, "layer_interference")},
+                     name="sti")
 
 
 @dataclass
@@ -1001,13 +1001,8 @@ def interference(task_vectors: Mapping[str, TaskVector], svd: str = "gram") -> I
     """:func:`pairwise_interference` and :func:`layer_interference` together, from one truncated SVD
     per task and layer instead of two."""
     names = list(task_vectors)
-    if len(names) < 2:
-        raise ValueError(f"interference needs at least 2 task vectors; got {len(names)}.")
-    first = task_vectors[names[0]]
     pairwise, all_tasks = {}, {}
-    for layer in (k for k, v in first.items() if is_decomposed(k, v)):
-        stack = torch.stack([task_vectors[t][layer].float() for t in names])
-        factors = truncated_svd(stack, default_rank(stack.shape[1:], len(names)), svd=svd)
+    for layer, factors in _layer_factors(task_vectors, None, None, svd, "interference"):
         pairwise[layer] = pd.DataFrame(_pairwise_sti_of_factors(*factors).numpy(), index=names, columns=names)
         all_tasks[layer] = _sti_of_factors(*factors)
     return Interference(pairwise, pd.Series(all_tasks, name="sti"))
