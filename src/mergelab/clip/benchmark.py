@@ -322,18 +322,16 @@ class ClipBenchmark:
         key = (task, split, hashlib.sha256(idx.numpy().tobytes()).hexdigest()[:24])
         X8 = self._subset_cache.get(key)
         if X8 is None:
-            data = self.dataset(task, split).with_transform(Compose8(self._display_transform()))
             side = self._image_side()
-            loader = DataLoader(torch.utils.data.Subset(data, idx.tolist()), shuffle=False,
-                                batch_size=self.config.data.eval_batch_size,
+            loader = DataLoader(torch.utils.data.Subset(self._uint8_dataset(task, split), idx.tolist()),
+                                shuffle=False, batch_size=self.config.data.eval_batch_size,
                                 num_workers=self.config.data.num_workers if len(idx) else 0)
             parts = [x for x, _ in loader]
             X8 = torch.cat(parts) if parts else torch.empty(0, 3, side, side, dtype=torch.uint8)
-            if self._cache_bytes + X8.numel() <= self.config.data.eval_cache_gb * 2**30:
+            if self._fits_in_cache(X8.numel()):
                 self._subset_cache[key] = X8
                 self._cache_bytes += X8.numel()
-        mean, std = self._normalization()
-        return (X8.float() / 255 - mean) / std
+        return self._normalized(X8, *self._normalization())
 
     def raw_images(self, task: str, split: str = "train") -> ds.ImageView:
         """Images in ``[0, 1]`` after resize and centre crop, for display: ``view[:8]`` is ``(8, 3, S, S)``."""
@@ -354,6 +352,20 @@ class ClipBenchmark:
         return (torch.tensor(norm.mean, dtype=torch.float32).reshape(1, -1, 1, 1),
                 torch.tensor(norm.std, dtype=torch.float32).reshape(1, -1, 1, 1))
 
+    def _uint8_dataset(self, task: str, split: str) -> ds.TaskSplit:
+        """``split`` of ``task`` decoded, resized and cropped to ``uint8`` ``(3, S, S)`` images (exactly
+        what the evaluation transform produces before normalizing: PIL images are 8-bit)."""
+        return self.dataset(task, split).with_transform(Compose8(self._display_transform()))
+
+    @staticmethod
+    def _normalized(X8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """``uint8`` images to the evaluation transform's normalized floats, on ``mean``'s device."""
+        return (X8.to(mean.device, non_blocking=True).float() / 255 - mean) / std
+
+    def _fits_in_cache(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more decoded images stay within ``data.eval_cache_gb``."""
+        return self._cache_bytes + nbytes <= self.config.data.eval_cache_gb * 2**30
+
     def _eval_batches(self, task: str, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Normalized evaluation batches on ``device``.
 
@@ -366,14 +378,14 @@ class ClipBenchmark:
         cached = self._image_cache.get((task, split))
         if cached is None:
             size = len(self.dataset(task, split)) * 3 * self._image_side() ** 2
-            keep = split == "val" and self._cache_bytes + size <= self.config.data.eval_cache_gb * 2**30
+            keep = split == "val" and self._fits_in_cache(size)
             loader = self._loaders.get((task, split))
             if loader is None:
                 workers = self.config.data.num_workers
                 # val loaders that cannot be cached keep their workers between the evaluations of a sweep
                 persistent = workers > 0 and split == "val" and not keep
                 loader = DataLoader(
-                    self.dataset(task, split).with_transform(Compose8(self._display_transform())),
+                    self._uint8_dataset(task, split),
                     batch_size=self.config.data.eval_batch_size, shuffle=False, num_workers=workers,
                     pin_memory=self.device.type == "cuda", persistent_workers=persistent)
                 if persistent:
@@ -382,7 +394,7 @@ class ClipBenchmark:
             for X8, y in loader:
                 if keep:
                     parts.append((X8, y))
-                yield (X8.to(self.device, non_blocking=True).float() / 255 - mean) / std, y.to(self.device)
+                yield self._normalized(X8, mean, std), y.to(self.device)
             if keep and parts:
                 self._image_cache[task, split] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
                 self._cache_bytes += size
@@ -390,8 +402,7 @@ class ClipBenchmark:
         X8, y = cached
         bs = self.config.data.eval_batch_size
         for i in range(0, len(y), bs):
-            yield ((X8[i:i + bs].to(self.device, non_blocking=True).float() / 255 - mean) / std,
-                   y[i:i + bs].to(self.device))
+            yield self._normalized(X8[i:i + bs], mean, std), y[i:i + bs].to(self.device)
 
     def _image_side(self) -> int:
         self.preprocess  # noqa: B018 - loads the model
