@@ -123,6 +123,27 @@ def test_merge_with_validation_picks_the_best_coefficient(pretrained, task_vecto
     assert averaged.coefficient is None and averaged.sweep == {}
 
 
+def test_states_at_other_coefficients_come_from_the_same_update(pretrained, task_vectors, monkeypatch):
+    from dataclasses import replace
+
+    from mergelab import merging
+
+    calls = []
+    method = merging.get_merge("task_arithmetic")
+    counted = replace(method, update=lambda *a, **k: calls.append(1) or method.update(*a, **k))
+    monkeypatch.setitem(merging.MERGE_METHODS, "task_arithmetic", counted)
+    result = merge_with_validation("task_arithmetic", pretrained, task_vectors, lambda st: 0.0,
+                                   grid=[0.2, 1.0], also_at=[1.0, 0.5], progress=False)
+    assert len(calls) == 1  # the update is computed once for the sweep and the extra states
+    assert set(result.also) == {1.0, 0.5}
+    for c in (1.0, 0.5):
+        expected = merge("task_arithmetic", pretrained, task_vectors, coefficient=c)
+        assert all(torch.allclose(result.also[c][k], expected[k]) for k in expected)
+    with pytest.raises(ValueError, match="also_at"):
+        merge_with_validation("task_arithmetic", pretrained, task_vectors, lambda st: 0.0, grid=(),
+                              also_at=[1.0], progress=False)
+
+
 def test_absolute_and_normalized_accuracy_follow_their_definitions():
     merged = {"a": 0.5, "b": 0.9}
     experts = {"a": 1.0, "b": 0.9}

@@ -46,7 +46,7 @@ def merge_baselines(benchmark: Benchmark, pretrained: StateDict, task_vectors: M
     The validation score is the absolute accuracy over the merged tasks on the validation split
     (the public protocol). ``options[method]`` goes to :func:`mergelab.merging.merge_with_validation`:
     ``grid`` (coefficients tried; default the method's registered grid; ``()`` merges once with the
-    given options) and the method's own options.
+    given options), ``also_at`` (other coefficients whose states to keep) and the method's own options.
     """
     tasks = list(task_vectors)
     tvs = [task_vectors[t] for t in tasks]
