@@ -24,10 +24,11 @@ Two measurements per number of tasks ``T``:
    estimate (the figure the target is about). Every solver runs once on a small stack first, so
    that one-time set-up (thread pools, library look-ups) is not charged to the first layer.
 2. **End to end.** :func:`mergelab.tsv.tsv_merge` on the whole model (all 12 blocks and every other
-   tensor; on the CPU it merges whole layers side by side): wall time, CPU time and peak memory, its
-   speed-up over the reference's whole-model estimate (conservative: the end-to-end time also
-   includes averaging the other tensors and adding the update to the pretrained weights), and its
-   relative difference from the reference on the layers measured in 1.
+   tensor; on the CPU it merges whole layers side by side), run ``--repeat`` times: median wall time,
+   median CPU time and the largest peak memory, its speed-up over the reference's whole-model
+   estimate (conservative: the end-to-end time also includes averaging the other tensors and adding
+   the update to the pretrained weights), and its relative difference from the reference on the
+   layers measured in 1.
 
 Memory: peak resident set size (``VmHWM`` from ``/proc/self/status``, reset before each measurement
 by writing ``5`` to ``/proc/self/clear_refs``; where that is not allowed, the peak of ``psutil``
@@ -307,15 +308,25 @@ def per_layer(task_vectors: list[TaskVector], keys: list[str], device: torch.dev
     return timings
 
 
-def end_to_end(task_vectors: list[TaskVector], device: torch.device, references: dict[str, torch.Tensor]
-               ) -> dict[str, float]:
-    """Whole-model ``tsv_merge`` (zero pretrained weights, so the merged state is the update)."""
+def end_to_end(task_vectors: list[TaskVector], device: torch.device, references: dict[str, torch.Tensor],
+               repeat: int = 1) -> dict:
+    """Whole-model ``tsv_merge`` (zero pretrained weights, so the merged state is the update), run
+    ``repeat`` times: median wall and CPU time, every run's wall time, the largest peak memory, and
+    the relative difference of the first run's result from ``references``."""
     pretrained = {k: torch.zeros_like(v) for k, v in task_vectors[0].items()}
-    merged, w, c, peak = timed(lambda: tsv.tsv_merge(pretrained, task_vectors, device=device), device)
-    diff_sq = sum(float((merged[k].double().cpu() - r.double()).pow(2).sum()) for k, r in references.items())
-    ref_sq = sum(float(r.double().pow(2).sum()) for r in references.values())
-    return {"wall_s": w, "cpu_s": c, "peak_mib": peak, "memory_method": memory_method(device.type),
-            "rel_diff": (diff_sq / ref_sq) ** 0.5}
+    walls, cpus, peaks = [], [], []
+    for r in range(repeat):
+        merged, w, c, peak = timed(lambda: tsv.tsv_merge(pretrained, task_vectors, device=device), device)
+        walls.append(w)
+        cpus.append(c)
+        peaks.append(peak)
+        if r == 0:
+            diff_sq = sum(float((merged[k].double().cpu() - ref.double()).pow(2).sum())
+                          for k, ref in references.items())
+        del merged
+    ref_sq = sum(float(ref.double().pow(2).sum()) for ref in references.values())
+    return {"wall_s": statistics.median(walls), "walls": walls, "cpu_s": statistics.median(cpus),
+            "peak_mib": max(peaks), "memory_method": memory_method(device.type), "rel_diff": (diff_sq / ref_sq) ** 0.5}
 
 
 # ----------------------------------------------------------------------------- main
@@ -329,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the reference restricted to one thread")
     parser.add_argument("--no-end-to-end", action="store_true", help="skip the whole-model tsv_merge run")
     parser.add_argument("--repeat", type=int, default=3,
-                        help="rounds of the layer-by-layer timing of the reference and the default solver "
-                             "(per-layer medians are reported)")
+                        help="rounds of the layer-by-layer timing of the reference and the default solver, "
+                             "and runs of the end-to-end merge (medians are reported)")
     parser.add_argument("--device", default="auto", help="'auto' (the GPU when there is one), 'cpu' or 'cuda'")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -386,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{x:.2f}x" for x in per_round)
                   + f" (range {min(per_round):.2f}x to {max(per_round):.2f}x; the table uses per-layer medians)")
         if not args.no_end_to_end:
-            e2e = end_to_end(tvs, device, references)
-            print(f"end to end, tsv_merge on the whole model (T = {T}): wall {e2e['wall_s']:.1f} s, "
+            e2e = end_to_end(tvs, device, references, repeat=args.repeat)
+            runs = (f" (median of {len(e2e['walls'])} runs: " + ", ".join(f"{w:.1f}" for w in e2e["walls"]) + " s)"
+                    if len(e2e["walls"]) > 1 else "")
+            print(f"end to end, tsv_merge on the whole model (T = {T}): wall {e2e['wall_s']:.1f} s{runs}, "
                   f"CPU {e2e['cpu_s']:.1f} s, peak memory +{e2e['peak_mib']:.0f} MiB ({e2e['memory_method']}); "
                   f"{ref.model_s / e2e['wall_s']:.2f}x the reference's whole-model estimate ({ref.model_s:.0f} s)"
                   + (f", {ref1.model_s / e2e['wall_s']:.2f}x its 1-thread one" if ref1 else "")

@@ -61,8 +61,10 @@ def test_benchmark_runs_end_to_end_and_reports_ratios_and_differences(bench, mon
     assert rows["fast: gram float64 (default)"][7] < bench.TARGET_REL_DIFF
     rounds = re.search(r"whole-model estimate in each of the 2 rounds: ([\d.]+)x, ([\d.]+)x", out)
     assert rounds and all(float(x) > 0 for x in rounds.groups())
-    assert re.search(r"end to end, tsv_merge on the whole model \(T = 3\).*rel\. diff on the layers measured "
-                     r"([\d.e+-]+)", out)
+    e2e = re.search(r"end to end, tsv_merge on the whole model \(T = 3\): wall ([\d.]+) s \(median of 2 runs: "
+                    r"([\d.]+), ([\d.]+) s\).*rel\. diff on the layers measured ([\d.e+-]+)", out)
+    assert e2e is not None and float(e2e.group(4)) < bench.TARGET_REL_DIFF
+    assert float(e2e.group(1)) == pytest.approx((float(e2e.group(2)) + float(e2e.group(3))) / 2, abs=0.06)
     verdict = re.search(r"default solver, T = 3: (met|NOT met) \(([\d.]+)x / ([\d.]+)x", out)
     assert verdict is not None
 
