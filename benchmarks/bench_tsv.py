@@ -196,9 +196,13 @@ class Timing:
         self.peak_mib = max(self.peak_mib, peak)
 
     @property
+    def medians(self) -> dict[str, float]:
+        """Each layer's median wall time over the rounds."""
+        return {key: statistics.median(w) for key, w in self.walls.items()}
+
+    @property
     def wall_s(self) -> float:
-        """Sum over the layers measured of each layer's median wall time over the rounds."""
-        return sum(statistics.median(w) for w in self.walls.values())
+        return sum(self.medians.values())
 
     @property
     def cpu_s(self) -> float:
@@ -207,7 +211,7 @@ class Timing:
     @property
     def model_s(self) -> float:
         """The whole model's estimate: each layer's median wall time times the layers it stands for."""
-        return sum(statistics.median(w) * self.multiplicity[k] for k, w in self.walls.items())
+        return sum(w * self.multiplicity[key] for key, w in self.medians.items())
 
     @property
     def rounds(self) -> int:
@@ -220,8 +224,8 @@ class Timing:
     @property
     def per_kind(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        for key, w in self.walls.items():
-            out[self.kinds[key]] = out.get(self.kinds[key], 0.0) + statistics.median(w)
+        for key, w in self.medians.items():
+            out[self.kinds[key]] = out.get(self.kinds[key], 0.0) + w
         return out
 
     def rel_diff(self) -> float:
@@ -295,16 +299,16 @@ def per_layer(task_vectors: list[TaskVector], keys: list[str], device: torch.dev
                 if r == 0 or name == default:
                     with single_thread() if "1 thread" in name else contextlib.nullcontext():
                         runs[name] = timed(lambda: tsv.tsv_merge_matrices(stack, **options), device)
-            ref = runs["reference"][0]
-            if r == 0 and references is not None:
-                references[key] = ref.cpu()
-            ref_sq = float(ref.double().pow(2).sum())
-            for name, (out, w, c, peak) in runs.items():
-                tm = timings[name]
-                tm.add(key, kind, block_multiplicity(key, blocks), w, c, peak)
-                if r == 0:
-                    tm.diff_sq += float((out.double() - ref.double()).pow(2).sum())
-                    tm.ref_sq += ref_sq
+            for name, (_, w, c, peak) in runs.items():
+                timings[name].add(key, kind, block_multiplicity(key, blocks), w, c, peak)
+            if r == 0:  # every round merges the same way: differences from the first
+                ref = runs["reference"][0].double()
+                if references is not None:
+                    references[key] = runs["reference"][0].cpu()
+                ref_sq = float(ref.pow(2).sum())
+                for name, (out, *_) in runs.items():
+                    timings[name].diff_sq += float((out.double() - ref).pow(2).sum())
+                    timings[name].ref_sq += ref_sq
     return timings
 
 

@@ -1038,5 +1038,3 @@ def expert_table(bench: Any, grid: ExpertGrid, tasks: Sequence[str], hyperparame
                              **{k: m[k] for k in ("train_loss", "test_loss", "generalization_gap", "test_accuracy")},
                              "gap_vs_pretrained": m["gap_vs_reference"]})
     return pd.DataFrame(rows)
-
-

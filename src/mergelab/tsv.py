@@ -292,7 +292,7 @@ def _np_polar(x: np.ndarray, rtol: float, gram: bool) -> np.ndarray:
     dtypes = (([np.float32] if tall else []) + [np.float64]) if gram else []
     for dtype in dtypes:
         xg = x.astype(dtype, copy=False)
-        w, q = _np_eigh_top(_np_gram(xg), xg.shape[1])
+        w, q = lapack.eigh_all(_np_gram(xg), overwrite=True)
         if w[-1] >= POLAR_GRAM_MIN_RATIO[torch.float64 if dtype == np.float64 else torch.float32] * w[0] > 0:
             h = q / np.sqrt(np.sqrt(w))  # (X^T X)^{-1/2} = h h^T, a syrk: half the flops of q diag q^T
             return (xg @ (h @ h.T)).astype(x.dtype, copy=False)
