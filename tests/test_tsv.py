@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -13,19 +14,37 @@ from mergelab import tsv
 from mergelab.merging import MERGE_METHODS, merge
 from mergelab.models import TinyViTConfig, build_tiny_encoder
 from mergelab.task_vectors import TaskVector
+from mergelab.utils import pick_device
 
 SOLVERS = [dict(svd="gram"), dict(svd="gram", gram_dtype="float32"), dict(svd="exact")]
 
 
+TORCH_DEVICE = pick_device("auto")
+"""Where the ``torch-kernels`` runs put their inputs: the GPU on a machine that has one (so that
+``make test`` there checks the path TSV-M takes on it), else the CPU."""
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Which implementation a test runs through, and where its inputs go (:meth:`put`)."""
+
+    name: str
+    device: torch.device
+
+    def put(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device)
+
+
 @pytest.fixture(params=["cpu-kernels-serial", "cpu-kernels-parallel", "torch-kernels"])
-def kernels(request, monkeypatch):
+def kernels(request, monkeypatch) -> Kernels:
     """Run a test through every implementation: the per-task NumPy/SciPy kernels the CPU uses for
     large matrices, one task at a time or two side by side (LAPACK ``syevr`` without the GIL), and
-    the batched torch kernels used on GPUs and for small matrices."""
-    monkeypatch.setattr(tsv, "SMALL", 10**9 if request.param == "torch-kernels" else 0)
+    the batched torch kernels used on GPUs and for small matrices, on :data:`TORCH_DEVICE`."""
+    torch_kernels = request.param == "torch-kernels"
+    monkeypatch.setattr(tsv, "SMALL", 10**9 if torch_kernels else 0)
     workers = 2 if request.param == "cpu-kernels-parallel" else 1
     monkeypatch.setattr(tsv, "_cpu_workers", lambda n: max(1, min(n, workers)))
-    return request.param
+    return Kernels(request.param, TORCH_DEVICE if torch_kernels else torch.device("cpu"))
 
 
 def orthonormal(n: int, r: int, g: torch.Generator) -> torch.Tensor:
@@ -92,7 +111,9 @@ def test_default_rank_is_floor_of_min_dimension_over_tasks():
 def test_truncated_svd_matches_the_full_svd(options, shape, kernels):
     g = torch.Generator().manual_seed(1)
     A = torch.stack([decaying(*shape, g) for _ in range(3)])
-    U, s, V = tsv.truncated_svd(A, 5, **options)
+    U, s, V = tsv.truncated_svd(kernels.put(A), 5, **options)
+    assert {U.device, s.device, V.device} == {kernels.device}  # results stay where the input is
+    U, s, V = U.cpu(), s.cpu(), V.cpu()
     assert U.shape == (3, shape[0], 5) and s.shape == (3, 5) and V.shape == (3, shape[1], 5)
     for t in range(3):
         U0, s0, Vh0 = torch.linalg.svd(A[t].double(), full_matrices=False)
@@ -101,8 +122,8 @@ def test_truncated_svd_matches_the_full_svd(options, shape, kernels):
                                    rtol=0, atol=1e-5)
         torch.testing.assert_close(U[t].T @ U[t], torch.eye(5), rtol=0, atol=1e-5)
         torch.testing.assert_close(V[t].T @ V[t], torch.eye(5), rtol=0, atol=1e-5)
-    single = tsv.truncated_svd(A[0], 5, **options)
-    torch.testing.assert_close(single[1], s[0])
+    single = tsv.truncated_svd(kernels.put(A[0]), 5, **options)
+    torch.testing.assert_close(single[1].cpu(), s[0])
 
 
 def test_the_batched_torch_path_used_on_gpus_matches_the_cpu_path():
@@ -134,7 +155,7 @@ def test_zero_singular_values_are_dropped_not_given_arbitrary_directions(kernels
     g = torch.Generator().manual_seed(4)
     A = (orthonormal(30, 2, g) * torch.tensor([2.0, 1.0])) @ orthonormal(20, 2, g).T  # rank 2
     for options in SOLVERS:
-        U, s, V = tsv.truncated_svd(A, 5, **options)
+        U, s, V = (x.cpu() for x in tsv.truncated_svd(kernels.put(A), 5, **options))
         assert torch.all(s[2:] == 0) and torch.all(U[:, 2:] == 0) and torch.all(V[:, 2:] == 0), options
         torch.testing.assert_close((U * s) @ V.T, A, atol=1e-5, rtol=0)
 
@@ -159,7 +180,7 @@ def test_truncated_svd_rejects_bad_arguments_naming_them():
 def test_polar_factor_is_the_nearest_orthonormal_matrix(method, shape, kernels):
     g = torch.Generator().manual_seed(5)
     X = torch.randn(*shape, generator=g)
-    P = tsv.polar_factor(X, method)
+    P = tsv.polar_factor(kernels.put(X), method).cpu()
     torch.testing.assert_close(P.T @ P, torch.eye(shape[1]), atol=1e-5, rtol=0)
     U, S, Vh = torch.linalg.svd(X.double(), full_matrices=False)
     torch.testing.assert_close(P.double(), U @ Vh, atol=1e-5, rtol=0)
@@ -173,7 +194,7 @@ def test_polar_factor_of_a_rank_deficient_stack_is_the_partial_isometry(kernels)
     U = orthonormal(30, 4, g)
     X = torch.cat([U, U, torch.zeros(30, 2)], dim=1)  # duplicated columns and zero columns
     for method in tsv.POLAR_METHODS:
-        P = tsv.polar_factor(X, method)
+        P = tsv.polar_factor(kernels.put(X), method).cpu()
         torch.testing.assert_close(P, torch.cat([U, U, torch.zeros(30, 2)], dim=1) / math.sqrt(2) *
                                    torch.tensor([1.0] * 8 + [0.0] * 2), atol=1e-5, rtol=0)
 
@@ -182,10 +203,10 @@ def test_polar_factor_of_a_rank_deficient_stack_is_the_partial_isometry(kernels)
 @pytest.mark.parametrize("options", SOLVERS + [dict(svd="randomized")], ids=lambda o: "-".join(o.values()))
 def test_tsv_m_of_mutually_orthogonal_tasks_is_task_arithmetic_and_sti_is_zero(options, kernels):
     tasks = orthogonal_tasks(T=4, m=48, n=32, rank=3)  # k = 32 // 4 = 8 >= rank
-    merged = tsv.tsv_merge_matrices(tasks, **options)
+    merged = tsv.tsv_merge_matrices(kernels.put(tasks), **options).cpu()
     torch.testing.assert_close(merged, tasks.sum(0), atol=1e-5, rtol=0)
-    assert tsv.singular_task_interference(tasks) == pytest.approx(0.0, abs=1e-6)
-    assert tsv.singular_task_interference(tasks, normalized=False) == pytest.approx(0.0, abs=1e-6)
+    assert tsv.singular_task_interference(kernels.put(tasks)) == pytest.approx(0.0, abs=1e-6)
+    assert tsv.singular_task_interference(kernels.put(tasks), normalized=False) == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("options", SOLVERS, ids=lambda o: "-".join(o.values()))
@@ -195,14 +216,16 @@ def test_fast_tsv_m_agrees_with_the_plain_reference(options, kernels):
                          for _ in range(6)])
     ref = tsv.tsv_merge_matrix_reference(list(tasks))
     tol = 1e-3 if options.get("gram_dtype") == "float32" else 1e-4
-    assert rel(tsv.tsv_merge_matrices(tasks, **options), ref) < tol
-    assert rel(tsv.tsv_merge_matrices(tasks.transpose(1, 2), **options), ref.T) < tol  # wide matrices
+    assert rel(tsv.tsv_merge_matrices(kernels.put(tasks), **options).cpu(), ref) < tol
+    assert rel(tsv.tsv_merge_matrices(kernels.put(tasks.transpose(1, 2)), **options).cpu(), ref.T) < tol  # wide
 
 
 def test_merged_update_has_orthonormal_singular_vectors_and_the_kept_singular_values(kernels):
     g = torch.Generator().manual_seed(8)
     tasks = torch.stack([decaying(64, 40, g) for _ in range(5)])
-    f = tsv.tsv_merge_factors(tasks)
+    f = tsv.tsv_merge_factors(kernels.put(tasks))
+    assert f.U.device == kernels.device
+    f = tsv.MergedFactors(f.U.cpu(), f.s.cpu(), f.V.cpu(), f.k)
     assert f.k == 8 and f.U.shape == (64, 40) and f.V.shape == (40, 40)
     torch.testing.assert_close(f.U.T @ f.U, torch.eye(40), atol=1e-4, rtol=0)
     torch.testing.assert_close(f.V.T @ f.V, torch.eye(40), atol=1e-4, rtol=0)
@@ -219,7 +242,8 @@ def test_tsv_m_with_one_task_reproduces_the_task_matrix(kernels):
     for shape in ((30, 20), (20, 30)):
         A = torch.randn(*shape, generator=g)
         for options in SOLVERS:
-            torch.testing.assert_close(tsv.tsv_merge_matrices(A[None], **options), A, atol=1e-4, rtol=0)
+            torch.testing.assert_close(tsv.tsv_merge_matrices(kernels.put(A[None]), **options).cpu(), A,
+                                       atol=1e-4, rtol=0)
 
 
 def test_tsv_m_of_two_identical_tasks_is_the_tasks_own_truncation(kernels):
@@ -228,7 +252,8 @@ def test_tsv_m_of_two_identical_tasks_is_the_tasks_own_truncation(kernels):
     U, s, Vh = torch.linalg.svd(A)
     top = (U[:, :15] * s[:15]) @ Vh[:15]
     for options in SOLVERS:
-        torch.testing.assert_close(tsv.tsv_merge_matrices(torch.stack([A, A]), **options), top, atol=1e-4, rtol=0)
+        torch.testing.assert_close(tsv.tsv_merge_matrices(kernels.put(torch.stack([A, A])), **options).cpu(), top,
+                                   atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------- TSV-M on state dicts
@@ -351,6 +376,7 @@ def test_tsv_compress_needs_exactly_one_rank_choice():
 def test_truncating_a_compressed_task_vector_equals_compressing_with_fewer_triplets(kernels):
     g = torch.Generator().manual_seed(11)
     tv = TaskVector({"w": decaying(40, 30, g), "pos": decaying(12, 30, g), "b": torch.randn(30, generator=g)})
+    tv = TaskVector({k: kernels.put(v) for k, v in tv.items()})
     wide = tsv.tsv_compress(tv, rank_fraction=1.0)
     for choice in ({"k": 3}, {"num_tasks": 4}, {"rank_fraction": 0.5}):
         cut, direct = wide.truncated(**choice), tsv.tsv_compress(tv, **choice)
