@@ -6,11 +6,13 @@ flattened task vectors into a ``(T, n_params)`` matrix first. This script measur
 
 How it is measured: every (method, implementation) runs in a fresh Python process, which builds
 the pretrained state dict and T task vectors with the shapes of the open_clip image tower (random
-values, seeded), then reads its resident set size (``VmRSS`` in ``/proc/self/status``), resets the
-kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs``), runs the merge once, and reads the
-peak (``VmHWM``). *Extra peak* = peak - resident before the merge: the memory the merge itself
-needs on top of its inputs. Time is wall-clock time of the merge call (``time.perf_counter``).
-Where the peak counter cannot be reset, the whole-process peak is reported and marked ``*``.
+values, seeded), then runs the merge once inside :class:`mergelab.memory.PeakMemory`: memory the C
+allocator holds unused (temporaries of building the inputs) is handed back to the system, the
+resident set size is read (``VmRSS`` in ``/proc/self/status``), the kernel's peak-RSS counter is
+reset (``echo 5 > /proc/self/clear_refs``), and after the merge the peak (``VmHWM``) is read.
+*Extra peak* = peak - resident before the merge: the memory the merge itself needs on top of its
+inputs. Time is wall-clock time of the merge call (``time.perf_counter``). Where the peak counter
+cannot be reset, the peak of RSS samples every 10 ms is reported and marked ``*``.
 
 Usage: ``python benchmarks/bench_streaming_merge.py [--model ViT-B-32] [--tasks 8] [--json out.json]``.
 A naive run is skipped (and says so) when the machine lacks the memory it would need.
@@ -32,24 +34,6 @@ IMPLEMENTATIONS = ("streaming", "naive")
 
 
 # ------------------------------------------------------------------------------------------ worker
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def tower_shapes(model: str) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of open_clip ``model``'s image tower, without allocating its weights."""
     import open_clip
@@ -120,28 +104,27 @@ def run_worker(model: str, n_tasks: int, method: str, implementation: str) -> di
     import torch
 
     import mergelab
+    from mergelab.memory import PeakMemory
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     pretrained, tvs = build_inputs(model, n_tasks)
     inputs_bytes = sum(v.numel() * v.element_size() for v in pretrained.values())
     inputs_bytes += sum(v.numel() * v.element_size() for tv in tvs for v in tv.vector.values())
-    before = _status_kb("VmRSS")
-    reset = _reset_peak()
     options = {"coefficient": 0.3} if method == "task_arithmetic" else {"coefficient": 1.0, "density": 0.2}
-    start = time.perf_counter()
-    if implementation == "streaming":
-        merged = mergelab.merge(method, pretrained, tvs, **options)
-    else:
-        merged = naive_merge(method, pretrained, tvs, **options)
-    seconds = time.perf_counter() - start
-    peak = _status_kb("VmHWM")
+    with PeakMemory("cpu") as mem:
+        start = time.perf_counter()
+        if implementation == "streaming":
+            merged = mergelab.merge(method, pretrained, tvs, **options)
+        else:
+            merged = naive_merge(method, pretrained, tvs, **options)
+        seconds = time.perf_counter() - start
     checksum = float(sum(torch.sum((merged[k].double() - pretrained[k].double()) ** 2) for k in pretrained))
     n_params = sum(v.numel() for v in pretrained.values())
     return {"model": model, "tasks": n_tasks, "method": method, "implementation": implementation,
             "n_params": n_params, "model_gb": n_params * 4 / GB, "inputs_gb": inputs_bytes / GB,
-            "seconds": seconds, "rss_before_gb": (before or 0) / 2**20, "peak_gb": (peak or 0) / 2**20,
-            "extra_peak_gb": ((peak or 0) - (before or 0)) / 2**20 if reset else None,
-            "peak_reset": reset, "update_sq_norm": checksum}
+            "seconds": seconds, "rss_before_gb": mem.base_bytes / GB, "extra_peak_gb": mem.peak_mib * 2**20 / GB,
+            "peak_gb": (mem.base_bytes + mem.peak_mib * 2**20) / GB,
+            "memory_method": mem.method, "peak_exact": mem.exact, "update_sq_norm": checksum}
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -199,8 +182,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row)
-            extra = row["extra_peak_gb"] if row["extra_peak_gb"] is not None else row["peak_gb"]
-            mark = "" if row["peak_reset"] else "*"
+            extra = row["extra_peak_gb"]
+            mark = "" if row["peak_exact"] else "*"
             print(f"{method:<16} {impl:<14} {row['seconds']:>9.2f} {extra:>15.2f}{mark or ' '} "
                   f"{extra / model_gb:>8.1f} {row['inputs_gb']:>12.2f}")
     done = {(r["method"], r["implementation"]): r for r in rows if "seconds" in r}

@@ -25,15 +25,19 @@ Two measurements per number of tasks ``T``:
    that one-time set-up (thread pools, library look-ups) is not charged to the first layer.
 2. **End to end.** :func:`mergelab.tsv.tsv_merge` on the whole model (all 12 blocks and every other
    tensor; on the CPU it merges whole layers side by side), run ``--repeat`` times: median wall time,
-   median CPU time and the largest peak memory, its speed-up over the reference's whole-model
+   median CPU time, peak memory (from one more run), its speed-up over the reference's whole-model
    estimate (conservative: the end-to-end time also includes averaging the other tensors and adding
    the update to the pretrained weights), and its relative difference from the reference on the
    layers measured in 1.
 
-Memory: peak resident set size (``VmHWM`` from ``/proc/self/status``, reset before each measurement
-by writing ``5`` to ``/proc/self/clear_refs``; where that is not allowed, the peak of ``psutil``
-samples every 10 ms), reported as the increase over the resident size before the call. On a GPU:
-``torch.cuda.max_memory_allocated``.
+Memory: :class:`mergelab.memory.PeakMemory`: the peak resident set size above the resident size
+before the call (``VmHWM`` from ``/proc/self/status``, reset before each measurement by writing ``5``
+to ``/proc/self/clear_refs``, after the C allocator has handed unused memory back to the system;
+where that is not allowed, the peak of ``psutil`` samples every 10 ms). On a GPU:
+``torch.cuda.max_memory_allocated``. Memory is measured in one more, untimed call per layer and solver
+(and one more whole-model run), not in the timed ones: handing freed memory back makes the next call
+pay for fresh pages, and without it a call that reuses memory freed by an earlier one looks free
+(the per-layer peaks at ``T = 20`` read 0 MiB before this was separated).
 
 Run ``python benchmarks/bench_tsv.py`` (``make bench``); ``--help`` lists the options.
 """
@@ -45,9 +49,7 @@ import contextlib
 import functools
 import os
 import platform
-import re
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +57,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mergelab import tsv
+from mergelab.memory import PeakMemory, memory_method
 from mergelab.task_vectors import TaskVector
 
 
@@ -62,78 +65,6 @@ TARGET_SPEEDUP = 3.0
 """The issue's target: TSV-M at least this many times faster than the reference (2-core CPU) ..."""
 TARGET_REL_DIFF = 1e-3
 """... with a relative difference from the reference below this."""
-
-
-# ----------------------------------------------------------------------------- memory
-def _rss_kib() -> int:
-    return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1))
-
-
-def _hwm_kib() -> int:
-    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
-
-
-def _can_reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-@functools.lru_cache(maxsize=None)
-def memory_method(device_type: str) -> str:
-    """How :class:`PeakMemory` measures on a device of this type."""
-    return ("torch.cuda.max_memory_allocated" if device_type == "cuda"
-            else "VmHWM (reset via /proc/self/clear_refs)" if _can_reset_peak()
-            else "psutil RSS sampled every 10 ms")
-
-
-class PeakMemory:
-    """Peak memory of a block of code, in MiB above the level at its start (RSS, or CUDA memory)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.method = memory_method(device.type)
-        self.peak_mib = 0.0
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-        else:
-            self._base = _rss_kib() * 1024
-            if self.method.startswith("VmHWM"):
-                _can_reset_peak()
-            else:
-                import psutil
-
-                self._stop = threading.Event()
-                self._samples = [self._base]
-                proc = psutil.Process()
-
-                def sample() -> None:
-                    while not self._stop.is_set():
-                        self._samples.append(proc.memory_info().rss)
-                        time.sleep(0.01)
-
-                self._thread = threading.Thread(target=sample, daemon=True)
-                self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        elif self.method.startswith("VmHWM"):
-            peak = _hwm_kib() * 1024
-        else:
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._samples)
-        self.peak_mib = max(0.0, (peak - self._base) / 2**20)
 
 
 # ----------------------------------------------------------------------------- synthetic task vectors
@@ -189,11 +120,10 @@ class Timing:
     ref_sq: float = 0.0
     peak_mib: float = 0.0
 
-    def add(self, key: str, kind: str, multiplicity: float, wall: float, cpu: float, peak: float) -> None:
+    def add(self, key: str, kind: str, multiplicity: float, wall: float, cpu: float) -> None:
         self.walls.setdefault(key, []).append(wall)
         self.cpus.setdefault(key, []).append(cpu)
         self.multiplicity[key], self.kinds[key] = multiplicity, kind
-        self.peak_mib = max(self.peak_mib, peak)
 
     @property
     def medians(self) -> dict[str, float]:
@@ -232,17 +162,26 @@ class Timing:
         return (self.diff_sq / self.ref_sq) ** 0.5 if self.ref_sq > 0 else float("nan")
 
 
-def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float, float, float]:
-    """``fn()`` with its wall time, CPU time (seconds) and peak memory above the start (MiB)."""
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float, float]:
+    """``fn()`` with its wall time and CPU time (seconds)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    c, w = time.process_time(), time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory of one untimed ``fn()`` above the level at its start, MiB (:class:`PeakMemory`).
+
+    Separate from :func:`timed`: an exact measurement first hands memory freed earlier back to the
+    system, so the call measured pays for fresh pages (about 2 % of a fast layer's time here)."""
     with PeakMemory(device) as mem:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        c, w = time.process_time(), time.perf_counter()
         out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        wall, cpu = time.perf_counter() - w, time.process_time() - c
-    return out, wall, cpu, mem.peak_mib
+    del out
+    return mem.peak_mib
 
 
 class single_thread:
@@ -279,28 +218,31 @@ def per_layer(task_vectors: list[TaskVector], keys: list[str], device: torch.dev
     Each layer is merged ``repeat`` times, one round after the other, by the reference and by the
     first (default) variant; the others, and the 1-thread reference, run in the first round only.
     Times are per-layer medians over the rounds; the relative differences come from the first round.
+    Then every solver merges the layer once more, untimed, for its peak memory (:func:`peak_memory`).
     """
     warm_up(len(task_vectors), device, variants)
-    timings = {"reference": Timing()}
-    if single_thread_reference:
-        timings["reference, 1 thread"] = Timing()
-    timings.update({name: Timing() for name in variants})
     default = next(iter(variants))
+    names = ["reference"] + (["reference, 1 thread"] if single_thread_reference else []) + list(variants)
+    timings = {name: Timing() for name in names}
     for key in keys:
         stack = torch.stack([tv[key] for tv in task_vectors]).to(device)
         mats = list(stack)
         kind = tsv.layer_kind(key, stack.shape[1:])
+        # name -> (merge this layer, run on one thread)
+        runners: dict[str, tuple[Callable[[], torch.Tensor], bool]] = {
+            "reference": (lambda: tsv.tsv_merge_matrix_reference(mats), False)}
+        if single_thread_reference:
+            runners["reference, 1 thread"] = (lambda: tsv.tsv_merge_matrix_reference(mats), True)
+        for name, options in variants.items():
+            runners[name] = (functools.partial(tsv.tsv_merge_matrices, stack, **options), "1 thread" in name)
         for r in range(repeat):
-            runs = {"reference": timed(lambda: tsv.tsv_merge_matrix_reference(mats), device)}
-            if r == 0 and single_thread_reference:
-                with single_thread():
-                    runs["reference, 1 thread"] = timed(lambda: tsv.tsv_merge_matrix_reference(mats), device)
-            for name, options in variants.items():
-                if r == 0 or name == default:
-                    with single_thread() if "1 thread" in name else contextlib.nullcontext():
-                        runs[name] = timed(lambda: tsv.tsv_merge_matrices(stack, **options), device)
-            for name, (_, w, c, peak) in runs.items():
-                timings[name].add(key, kind, block_multiplicity(key, blocks), w, c, peak)
+            runs = {}
+            for name, (fn, one_thread) in runners.items():
+                if r == 0 or name in ("reference", default):
+                    with single_thread() if one_thread else contextlib.nullcontext():
+                        runs[name] = timed(fn, device)
+            for name, (_, w, c) in runs.items():
+                timings[name].add(key, kind, block_multiplicity(key, blocks), w, c)
             if r == 0:  # every round merges the same way: differences from the first
                 ref = runs["reference"][0].double()
                 if references is not None:
@@ -309,28 +251,36 @@ def per_layer(task_vectors: list[TaskVector], keys: list[str], device: torch.dev
                 for name, (out, *_) in runs.items():
                     timings[name].diff_sq += float((out.double() - ref).pow(2).sum())
                     timings[name].ref_sq += ref_sq
+                del runs, ref
+        for name, (fn, one_thread) in runners.items():
+            with single_thread() if one_thread else contextlib.nullcontext():
+                timings[name].peak_mib = max(timings[name].peak_mib, peak_memory(fn, device))
     return timings
 
 
 def end_to_end(task_vectors: list[TaskVector], device: torch.device, references: dict[str, torch.Tensor],
                repeat: int = 1) -> dict:
     """Whole-model ``tsv_merge`` (zero pretrained weights, so the merged state is the update), run
-    ``repeat`` times: median wall and CPU time, every run's wall time, the largest peak memory, and
-    the relative difference of the first run's result from ``references``."""
+    ``repeat`` times: median wall and CPU time, every run's wall time, and the relative difference of
+    the first run's result from ``references``; then once more, untimed, for the peak memory."""
     pretrained = {k: torch.zeros_like(v) for k, v in task_vectors[0].items()}
-    walls, cpus, peaks = [], [], []
+
+    def merge() -> dict[str, torch.Tensor]:
+        return tsv.tsv_merge(pretrained, task_vectors, device=device)
+
+    walls, cpus = [], []
     for r in range(repeat):
-        merged, w, c, peak = timed(lambda: tsv.tsv_merge(pretrained, task_vectors, device=device), device)
+        merged, w, c = timed(merge, device)
         walls.append(w)
         cpus.append(c)
-        peaks.append(peak)
         if r == 0:
             diff_sq = sum(float((merged[k].double().cpu() - ref.double()).pow(2).sum())
                           for k, ref in references.items())
         del merged
     ref_sq = sum(float(ref.double().pow(2).sum()) for ref in references.values())
     return {"wall_s": statistics.median(walls), "walls": walls, "cpu_s": statistics.median(cpus),
-            "peak_mib": max(peaks), "memory_method": memory_method(device.type), "rel_diff": (diff_sq / ref_sq) ** 0.5}
+            "peak_mib": peak_memory(merge, device), "memory_method": memory_method(device.type),
+            "rel_diff": (diff_sq / ref_sq) ** 0.5}
 
 
 # ----------------------------------------------------------------------------- main
@@ -425,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(each block layer counted 12 / {args.blocks} times). x ref: reference wall time / this wall time "
           "(torch's default threads); x ref 1t: against the reference run on one thread. "
           "rel. diff: ||merged - reference||_F / ||reference||_F over the layers measured. peak MiB: the "
-          f"largest peak memory of one layer's merge above its start ({memory_method('cpu')} "
-          "on the CPU).")
+          f"largest peak memory of one layer's merge above its start, from one more untimed merge per layer "
+          f"({memory_method('cpu')} on the CPU).")
     return 0
 
 

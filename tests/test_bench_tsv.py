@@ -35,9 +35,9 @@ def test_timing_takes_per_layer_medians_over_rounds_and_weights_block_layers(ben
     tm = bench.Timing()
     for wall in (3.0, 1.0, 2.0):
         tm.add("transformer.resblocks.0.mlp.c_fc.weight", "mlp_c_fc", bench.block_multiplicity(
-            "transformer.resblocks.0.mlp.c_fc.weight", blocks=2), wall, wall / 2, peak=wall)
+            "transformer.resblocks.0.mlp.c_fc.weight", blocks=2), wall, wall / 2)
     for wall in (0.5, 0.7, 0.1):
-        tm.add("proj", "proj", bench.block_multiplicity("proj", blocks=2), wall, wall, peak=0.0)
+        tm.add("proj", "proj", bench.block_multiplicity("proj", blocks=2), wall, wall)
     assert tm.rounds == 3
     assert tm.wall_s == pytest.approx(2.0 + 0.5)
     assert tm.cpu_s == pytest.approx(1.0 + 0.5)
@@ -45,7 +45,6 @@ def test_timing_takes_per_layer_medians_over_rounds_and_weights_block_layers(ben
     assert tm.round_model_s(0) == pytest.approx(3.0 * 6 + 0.5)
     assert tm.round_model_s(2) == pytest.approx(2.0 * 6 + 0.1)
     assert tm.per_kind == pytest.approx({"mlp_c_fc": 2.0, "proj": 0.5})
-    assert tm.peak_mib == 3.0
 
 
 def test_benchmark_runs_end_to_end_and_reports_ratios_and_differences(bench, monkeypatch, capsys):
