@@ -45,7 +45,6 @@ Run ``python benchmarks/bench_tsv.py`` (``make bench``); ``--help`` lists the op
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import platform
@@ -195,6 +194,28 @@ class single_thread:
         torch.set_num_threads(self._n)
 
 
+def runners(stack: torch.Tensor, variants: dict, single_thread_reference: bool
+            ) -> dict[str, Callable[[], torch.Tensor]]:
+    """Every solver's merge of one layer ``(T, m, n)``, by name: the reference, its 1-thread run
+    (if asked for), then ``variants`` (name to ``tsv_merge_matrices`` options); a name containing
+    ``"1 thread"`` runs with one torch thread."""
+
+    def on_one_thread(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with single_thread():
+                return fn()
+        return run
+
+    mats = list(stack)
+    out = {"reference": lambda: tsv.tsv_merge_matrix_reference(mats)}
+    if single_thread_reference:
+        out["reference, 1 thread"] = on_one_thread(out["reference"])
+    for name, options in variants.items():
+        fn = functools.partial(tsv.tsv_merge_matrices, stack, **options)
+        out[name] = on_one_thread(fn) if "1 thread" in name else fn
+    return out
+
+
 def block_multiplicity(key: str, blocks: int) -> float:
     """How many layers of ViT-B-32 a measured layer stands for: ``12 / blocks`` for a residual
     block's matrix, 1 for the others."""
@@ -204,10 +225,8 @@ def block_multiplicity(key: str, blocks: int) -> float:
 def warm_up(num_tasks: int, device: torch.device, variants: dict) -> None:
     """Run every solver once on a small stack, so one-time set-up is not timed."""
     stack = torch.randn(num_tasks, 256, 192, generator=torch.Generator().manual_seed(0)).to(device)
-    tsv.tsv_merge_matrix_reference(list(stack))
-    for name, options in variants.items():
-        with single_thread() if "1 thread" in name else contextlib.nullcontext():
-            tsv.tsv_merge_matrices(stack, **options)
+    for fn in runners(stack, variants, single_thread_reference=False).values():
+        fn()
 
 
 def per_layer(task_vectors: list[TaskVector], keys: list[str], device: torch.device, variants: dict,
@@ -222,27 +241,16 @@ def per_layer(task_vectors: list[TaskVector], keys: list[str], device: torch.dev
     """
     warm_up(len(task_vectors), device, variants)
     default = next(iter(variants))
-    names = ["reference"] + (["reference, 1 thread"] if single_thread_reference else []) + list(variants)
-    timings = {name: Timing() for name in names}
+    timings: dict[str, Timing] = {}  # filled in the order of runners(): reference first
     for key in keys:
         stack = torch.stack([tv[key] for tv in task_vectors]).to(device)
-        mats = list(stack)
         kind = tsv.layer_kind(key, stack.shape[1:])
-        # name -> (merge this layer, run on one thread)
-        runners: dict[str, tuple[Callable[[], torch.Tensor], bool]] = {
-            "reference": (lambda: tsv.tsv_merge_matrix_reference(mats), False)}
-        if single_thread_reference:
-            runners["reference, 1 thread"] = (lambda: tsv.tsv_merge_matrix_reference(mats), True)
-        for name, options in variants.items():
-            runners[name] = (functools.partial(tsv.tsv_merge_matrices, stack, **options), "1 thread" in name)
+        merges = runners(stack, variants, single_thread_reference)
         for r in range(repeat):
-            runs = {}
-            for name, (fn, one_thread) in runners.items():
-                if r == 0 or name in ("reference", default):
-                    with single_thread() if one_thread else contextlib.nullcontext():
-                        runs[name] = timed(fn, device)
+            runs = {name: timed(fn, device) for name, fn in merges.items()
+                    if r == 0 or name in ("reference", default)}
             for name, (_, w, c) in runs.items():
-                timings[name].add(key, kind, block_multiplicity(key, blocks), w, c)
+                timings.setdefault(name, Timing()).add(key, kind, block_multiplicity(key, blocks), w, c)
             if r == 0:  # every round merges the same way: differences from the first
                 ref = runs["reference"][0].double()
                 if references is not None:
@@ -252,9 +260,8 @@ def per_layer(task_vectors: list[TaskVector], keys: list[str], device: torch.dev
                     timings[name].diff_sq += float((out.double() - ref).pow(2).sum())
                     timings[name].ref_sq += ref_sq
                 del runs, ref
-        for name, (fn, one_thread) in runners.items():
-            with single_thread() if one_thread else contextlib.nullcontext():
-                timings[name].peak_mib = max(timings[name].peak_mib, peak_memory(fn, device))
+        for name, fn in merges.items():
+            timings[name].peak_mib = max(timings[name].peak_mib, peak_memory(fn, device))
     return timings
 
 

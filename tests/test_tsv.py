@@ -26,9 +26,8 @@ TORCH_DEVICE = pick_device("auto")
 
 @dataclass(frozen=True)
 class Kernels:
-    """Which implementation a test runs through, and where its inputs go (:meth:`put`)."""
+    """Where a test's inputs go (:meth:`put`) for the implementation it runs through."""
 
-    name: str
     device: torch.device
 
     def put(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +43,7 @@ def kernels(request, monkeypatch) -> Kernels:
     monkeypatch.setattr(tsv, "SMALL", 10**9 if torch_kernels else 0)
     workers = 2 if request.param == "cpu-kernels-parallel" else 1
     monkeypatch.setattr(tsv, "_cpu_workers", lambda n: max(1, min(n, workers)))
-    return Kernels(request.param, TORCH_DEVICE if torch_kernels else torch.device("cpu"))
+    return Kernels(TORCH_DEVICE if torch_kernels else torch.device("cpu"))
 
 
 def orthonormal(n: int, r: int, g: torch.Generator) -> torch.Tensor:

@@ -11,7 +11,7 @@ system allows:
 Before the level at the start is read, memory that the C allocator holds but no longer uses is
 handed back to the system (glibc's ``malloc_trim``). Without that, blocks that reuse memory freed
 before them look free: at 20 task vectors, where earlier layers' buffers stayed resident, the TSV-M
-benchmark reported a peak of 0 MiB for merges that allocate hundreds.
+benchmark read 0 MiB for layer merges that need about 100 MiB.
 
 On a GPU the peak is ``torch.cuda.max_memory_allocated`` (tensors only, not the caching allocator's
 reserve), reset at the start of the block.
