@@ -7,6 +7,7 @@ need `make env` (or the `ipykernel install` line of the Makefile) to have been r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -255,3 +256,33 @@ def test_one_notebook_into_a_fresh_folder_runs_it_and_waits_for_the_others_to_re
     full = build(tmp_path)  # every chapter: 00_alpha is up to date, 01_beta runs, the book renders
     assert full.statuses == {"00_alpha": report.UP_TO_DATE, "01_beta": report.EXECUTED}
     assert full.book is not None and 'href="01_beta.html"' in full.book.read_text()
+
+
+def test_kernel_talks_over_unix_sockets_and_removes_them(tmp_path: Path) -> None:
+    """On POSIX the notebook's kernel uses the ``ipc`` transport (no unencrypted TCP port), and its
+    socket files are gone once the run ends; elsewhere it keeps jupyter_client's default TCP."""
+    notebook = tmp_path / "00_alpha.ipynb"
+    write_notebook(notebook, "Alpha chapter", (
+        "import json\n"
+        "from ipykernel import get_connection_file, get_connection_info\n"
+        "print(json.dumps({'transport': json.loads(get_connection_info())['transport'],\n"
+        "                  'connection_file': get_connection_file()}))"))
+    reports = tmp_path / "out"
+    reports.mkdir()
+    report.execute_notebook(notebook, {}, reports)
+    printed = nbformat.read(reports / "00_alpha.ipynb", as_version=4).cells[-1].outputs[0]["text"]
+    info = json.loads(printed)
+    assert info["transport"] == ("ipc" if os.name == "posix" else "tcp")
+    prefix = Path(info["connection_file"]).with_suffix("")
+    assert not list(prefix.parent.glob(f"{prefix.name}-ipc-*"))
+
+
+def test_ipc_transport_only_where_socket_paths_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import jupyter_core.paths
+
+    monkeypatch.setattr(jupyter_core.paths, "jupyter_runtime_dir", lambda: "/run/user/1000/jupyter")
+    manager = report.kernel_manager_class()
+    assert (manager().transport if manager is not None else None) == ("ipc" if os.name == "posix" else None)
+    long_dir = "/home/" + "x" * (report.UNIX_SOCKET_PATH_MAX - 50)
+    monkeypatch.setattr(jupyter_core.paths, "jupyter_runtime_dir", lambda: long_dir)
+    assert report.kernel_manager_class() is None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import html
 import os
@@ -288,6 +289,47 @@ def check_kernel(kernel_name: str = paths.KERNEL_NAME) -> None:
         ) from err
 
 
+UNIX_SOCKET_PATH_MAX = 100
+"""Longest socket path we hand the kernel (Linux allows 107 bytes, macOS 103)."""
+
+
+def kernel_manager_class() -> type | None:
+    """The kernel manager papermill starts each notebook's kernel with (``None``: nbclient's default).
+
+    By default jupyter_client talks to a kernel over TCP on ``127.0.0.1``, unencrypted, so any
+    local user could connect to it, and ipykernel warns about it at every start ("Kernel is running
+    over TCP without encryption"). On POSIX systems the kernel's sockets are made Unix domain sockets
+    instead (jupyter_client's ``ipc`` transport), created next to the connection file in Jupyter's
+    runtime directory, which only the user can enter; they are removed when the kernel shuts down.
+    Where that is not possible (Windows, or a runtime directory whose path is too long for a socket
+    name, see :data:`UNIX_SOCKET_PATH_MAX`) it is ``None`` and the default TCP transport is used.
+    """
+    if os.name != "posix":
+        return None
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    # jupyter_client names the sockets "<runtime dir>/kernel-<uuid4>-ipc-<n>" (n: a small integer).
+    longest = os.path.join(jupyter_runtime_dir(), f"kernel-{'0' * 36}-ipc-99")
+    if len(os.fsencode(longest)) > UNIX_SOCKET_PATH_MAX:
+        return None
+    return _ipc_kernel_manager()
+
+
+@functools.lru_cache(maxsize=1)
+def _ipc_kernel_manager() -> type:
+    from jupyter_client.manager import AsyncKernelManager  # nbclient's default kernel manager
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        """nbclient's kernel manager with the ``ipc`` transport (Unix domain sockets)."""
+
+        @default("transport")
+        def _transport_default(self) -> str:
+            return "ipc"
+
+    return IPCKernelManager
+
+
 def execute_notebook(
     notebook: Path, parameters: dict[str, Any], reports: Path, kernel_name: str = paths.KERNEL_NAME
 ) -> float:
@@ -303,6 +345,8 @@ def execute_notebook(
     reports = Path(reports)
     running = reports / f".{notebook.stem}.running.ipynb"
     failed = reports / f"{notebook.stem}.failed.ipynb"
+    manager = kernel_manager_class()
+    kernel_options = {"kernel_manager_class": manager} if manager is not None else {}
     start = time.perf_counter()
     with kernel_environment(reports):
         check_kernel(kernel_name)
@@ -315,6 +359,7 @@ def execute_notebook(
                 language="python",  # the project's kernel; notebooks without language_info still run
                 cwd=str(notebook.parent),
                 progress_bar=True,
+                **kernel_options,
             )
         except PapermillExecutionError as err:
             _keep_failed(running, failed)
