@@ -259,22 +259,31 @@ def test_one_notebook_into_a_fresh_folder_runs_it_and_waits_for_the_others_to_re
 
 
 def test_kernel_talks_over_unix_sockets_and_removes_them(tmp_path: Path) -> None:
-    """On POSIX the notebook's kernel uses the ``ipc`` transport (no unencrypted TCP port), and its
-    socket files are gone once the run ends; elsewhere it keeps jupyter_client's default TCP."""
-    notebook = tmp_path / "00_alpha.ipynb"
-    write_notebook(notebook, "Alpha chapter", (
-        "import json\n"
-        "from ipykernel import get_connection_file, get_connection_info\n"
-        "print(json.dumps({'transport': json.loads(get_connection_info())['transport'],\n"
-        "                  'connection_file': get_connection_file()}))"))
-    reports = tmp_path / "out"
+    """On POSIX the notebook's kernel uses the ``ipc`` transport (no unencrypted TCP port) with its
+    sockets in Jupyter's runtime directory, not next to the notebook, and they are gone once the run
+    ends; elsewhere it keeps jupyter_client's default TCP."""
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    notebooks, reports = tmp_path / "notebooks", tmp_path / "out"
+    notebooks.mkdir()
     reports.mkdir()
-    report.execute_notebook(notebook, {}, reports)
+    write_notebook(notebooks / "00_alpha.ipynb", "Alpha chapter", (
+        "import json, os\n"
+        "from ipykernel import get_connection_info\n"
+        "info = json.loads(get_connection_info())\n"
+        "print(json.dumps({'transport': info['transport'], 'ip': info['ip'], 'cwd': os.listdir('.')}))"))
+    report.execute_notebook(notebooks / "00_alpha.ipynb", {}, reports)
     printed = nbformat.read(reports / "00_alpha.ipynb", as_version=4).cells[-1].outputs[0]["text"]
     info = json.loads(printed)
-    assert info["transport"] == ("ipc" if os.name == "posix" else "tcp")
-    prefix = Path(info["connection_file"]).with_suffix("")
-    assert not list(prefix.parent.glob(f"{prefix.name}-ipc-*"))
+    if os.name != "posix":
+        assert info["transport"] == "tcp"
+        return
+    assert info["transport"] == "ipc"
+    sockets = Path(info["ip"])  # the sockets are "<ip>-<n>"
+    assert sockets.parent == Path(jupyter_runtime_dir())
+    assert info["cwd"] == ["00_alpha.ipynb"]  # nothing of the kernel's next to the notebook
+    assert not list(sockets.parent.glob(f"{sockets.name}-*"))
+    assert not sockets.with_name(sockets.name.removesuffix("-ipc") + ".json").exists()  # the connection file
 
 
 def test_ipc_transport_only_where_socket_paths_fit(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,17 +300,17 @@ def kernel_manager_class() -> type | None:
     By default jupyter_client talks to a kernel over TCP on ``127.0.0.1``, unencrypted, so any
     local user could connect to it, and ipykernel warns about it at every start ("Kernel is running
     over TCP without encryption"). On POSIX systems the kernel's sockets are made Unix domain sockets
-    instead (jupyter_client's ``ipc`` transport), created next to the connection file in Jupyter's
-    runtime directory, which only the user can enter; they are removed when the kernel shuts down.
-    Where that is not possible (Windows, or a runtime directory whose path is too long for a socket
-    name, see :data:`UNIX_SOCKET_PATH_MAX`) it is ``None`` and the default TCP transport is used.
+    instead (jupyter_client's ``ipc`` transport), named after the kernel's connection file in
+    Jupyter's runtime directory, which only the user can enter (``kernel-<uuid>-ipc-<n>``); they are
+    removed when the kernel shuts down. Where that is not possible (Windows, or a runtime directory
+    whose path is too long for a socket name, see :data:`UNIX_SOCKET_PATH_MAX`) it is ``None`` and
+    the default TCP transport is used.
     """
     if os.name != "posix":
         return None
     from jupyter_core.paths import jupyter_runtime_dir
 
-    # jupyter_client names the sockets "<runtime dir>/kernel-<uuid4>-ipc-<n>" (n: a small integer).
-    longest = os.path.join(jupyter_runtime_dir(), f"kernel-{'0' * 36}-ipc-99")
+    longest = os.path.join(jupyter_runtime_dir(), f"kernel-{uuid.UUID(int=0)}-ipc-99")
     if len(os.fsencode(longest)) > UNIX_SOCKET_PATH_MAX:
         return None
     return _ipc_kernel_manager()
@@ -318,14 +319,25 @@ def kernel_manager_class() -> type | None:
 @functools.lru_cache(maxsize=1)
 def _ipc_kernel_manager() -> type:
     from jupyter_client.manager import AsyncKernelManager  # nbclient's default kernel manager
+    from jupyter_core.paths import jupyter_runtime_dir
+    from jupyter_core.utils import ensure_dir_exists
     from traitlets import default
 
     class IPCKernelManager(AsyncKernelManager):
-        """nbclient's kernel manager with the ``ipc`` transport (Unix domain sockets)."""
+        """nbclient's kernel manager with the ``ipc`` transport (Unix domain sockets).
+
+        Its connection file, and so its sockets, are in Jupyter's runtime directory (jupyter_client
+        would otherwise put the sockets in the working directory, i.e. next to the notebooks)."""
 
         @default("transport")
         def _transport_default(self) -> str:
             return "ipc"
+
+        @default("connection_file")
+        def _connection_file_default(self) -> str:
+            runtime = jupyter_runtime_dir()
+            ensure_dir_exists(runtime, 0o700)
+            return os.path.join(runtime, f"kernel-{uuid.uuid4()}.json")
 
     return IPCKernelManager
 
