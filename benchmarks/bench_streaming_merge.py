@@ -122,8 +122,8 @@ def run_worker(model: str, n_tasks: int, method: str, implementation: str) -> di
     n_params = sum(v.numel() for v in pretrained.values())
     return {"model": model, "tasks": n_tasks, "method": method, "implementation": implementation,
             "n_params": n_params, "model_gb": n_params * 4 / GB, "inputs_gb": inputs_bytes / GB,
-            "seconds": seconds, "rss_before_gb": mem.base_bytes / GB, "extra_peak_gb": mem.peak_mib * 2**20 / GB,
-            "peak_gb": (mem.base_bytes + mem.peak_mib * 2**20) / GB,
+            "seconds": seconds, "rss_before_gb": mem.base_bytes / GB, "extra_peak_gb": mem.extra_bytes / GB,
+            "peak_gb": (mem.base_bytes + mem.extra_bytes) / GB,
             "memory_method": mem.method, "peak_exact": mem.exact, "update_sq_norm": checksum}
 
 

@@ -58,6 +58,7 @@ import torch
 from mergelab import tsv
 from mergelab.memory import PeakMemory, memory_method
 from mergelab.task_vectors import TaskVector
+from mergelab.utils import torch_threads
 
 
 TARGET_SPEEDUP = 3.0
@@ -178,20 +179,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> float:
     Separate from :func:`timed`: an exact measurement first hands memory freed earlier back to the
     system, so the call measured pays for fresh pages (about 2 % of a fast layer's time here)."""
     with PeakMemory(device) as mem:
-        out = fn()
-    del out
+        fn()
     return mem.peak_mib
-
-
-class single_thread:
-    """Run torch with one intra-op thread inside the block."""
-
-    def __enter__(self) -> None:
-        self._n = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc) -> None:
-        torch.set_num_threads(self._n)
 
 
 def runners(stack: torch.Tensor, variants: dict, single_thread_reference: bool
@@ -202,7 +191,7 @@ def runners(stack: torch.Tensor, variants: dict, single_thread_reference: bool
 
     def on_one_thread(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
-            with single_thread():
+            with torch_threads(1):
                 return fn()
         return run
 

@@ -172,3 +172,17 @@ def test_pretrain_attributes_learns_the_pretext_labels():
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
     with pytest.raises(ValueError, match="objective='mae' is not valid; use one of contrastive, attributes"):
         PretrainConfig(objective="mae")
+
+
+def test_torch_threads_sets_the_number_for_the_block_and_restores_it_even_on_error():
+    from mergelab.utils import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="boom"), torch_threads(1):
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before

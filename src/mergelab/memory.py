@@ -81,6 +81,10 @@ def reset_peak_rss() -> bool:
     return _status_bytes("VmHWM") is not None
 
 
+SAMPLED = "psutil RSS sampled every 10 ms"
+"""The :func:`memory_method` that can miss short peaks."""
+
+
 @functools.lru_cache(maxsize=None)
 def memory_method(device_type: str) -> str:
     """How :class:`PeakMemory` measures on a device of this type (``"cpu"``, ``"cuda"``), in words."""
@@ -88,14 +92,14 @@ def memory_method(device_type: str) -> str:
         return "torch.cuda.max_memory_allocated"
     if reset_peak_rss():
         return "VmHWM (reset via /proc/self/clear_refs)"
-    return "psutil RSS sampled every 10 ms"
+    return SAMPLED
 
 
 class PeakMemory:
     """Context manager: the peak memory of its block above the level at its start.
 
     Attributes (after the block):
-        peak_mib: peak minus the level at the start, in MiB (at least 0).
+        extra_bytes: peak minus the level at the start, in bytes (at least 0); ``peak_mib`` in MiB.
         base_bytes: the level at the start (resident set size, or CUDA memory allocated), bytes.
         method: how it was measured (:func:`memory_method`).
         exact: whether the peak is the system's own counter (``False``: sampled, may miss peaks).
@@ -107,9 +111,13 @@ class PeakMemory:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.method = memory_method(self.device.type)
-        self.exact = not self.method.startswith("psutil")
-        self.peak_mib = 0.0
+        self.exact = self.method != SAMPLED
+        self.extra_bytes = 0
         self.base_bytes = 0
+
+    @property
+    def peak_mib(self) -> float:
+        return self.extra_bytes / MIB
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
@@ -147,4 +155,4 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             peak = max(self._samples + [rss_bytes()])
-        self.peak_mib = max(0.0, (peak - self.base_bytes) / MIB)
+        self.extra_bytes = max(0, peak - self.base_bytes)

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .training import FinetuneConfig, training_indices
-from .utils import StateDict, atomic_save_safetensors, atomic_write_json, load_safetensors
+from .utils import StateDict, atomic_save_safetensors, atomic_write_json, load_safetensors, torch_threads
 
 _CONFIG_FIELDS = tuple(f.name for f in fields(FinetuneConfig))
 
@@ -276,16 +276,11 @@ def sweep(bench: Any, configs: Sequence[FinetuneConfig], tasks: Sequence[str],
         bar = tqdm(total=len(todo), desc=f"sweep ({len(runs) - len(todo)} of {len(runs)} runs cached)",
                    disable=not progress, mininterval=1.0)
         if workers == 1:
-            previous = torch.get_num_threads()
-            if threads is not None:
-                torch.set_num_threads(threads)
-            try:
+            with torch_threads(threads):
                 for run in todo:
                     info = execute_run(bench, run, probe_size)
                     trained.update((run.task, run.checkpoint_config(s)) for s in info["steps_saved"])
                     bar.update(1)
-            finally:
-                torch.set_num_threads(previous)
         else:
             import multiprocessing as mp
 
