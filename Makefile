@@ -52,8 +52,8 @@ report: env ## execute the notebooks that changed (PROFILE, NOTEBOOKS, FORCE) an
 test: env ## run the tests (PYTEST_ARGS passed through)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: env ## run every benchmarks/bench_*.py
-	@shopt -s nullglob; for script in benchmarks/bench_*.py; do \
+bench: env ## run every perf/bench_*.py
+	@shopt -s nullglob; for script in perf/bench_*.py; do \
 		echo "== $$script"; $(PY) "$$script" || exit 1; \
 	done
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))  # the speed and memory tools live outside the package
+
 import importlib.util
 import re
 import sys
@@ -23,7 +28,7 @@ SMALL_SHAPES = {
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_tsv", ROOT / "benchmarks/bench_tsv.py")
+    spec = importlib.util.spec_from_file_location("bench_tsv", ROOT / "perf/bench_tsv.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_tsv"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)

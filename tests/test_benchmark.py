@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import mergelab
-from mergelab import training
-from mergelab.benchmark import TinyBenchmark, TinyBenchmarkConfig
+from mergelab.benchmarks.tiny.benchmark import TinyBenchmark, TinyBenchmarkConfig
 from mergelab.task_vectors import TaskVector
+from mergelab.training import finetune
 
 SMALL = dict(tasks=["colours", "size"], data={"n_train": 64, "n_val": 32, "n_test": 32, "n_pretext": 64},
              model={"width": 32, "layers": 2, "heads": 2}, pretrain={"num_steps": 2, "batch_size": 16, "warmup_steps": 1},
@@ -42,13 +42,13 @@ def test_experts_are_cached_by_configuration(bench, data_dir, monkeypatch):
     files = sorted((data_dir / "experts").glob("expert-*"))
     assert [f.suffix for f in files] == [".json", ".safetensors"]
     calls = []
-    monkeypatch.setattr("mergelab.benchmark.finetune", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr("mergelab.benchmarks.tiny.benchmark.finetune", lambda *a, **k: calls.append(1))
     again = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL).expert("colours", FT)
     assert not calls
     for k in first:
         torch.testing.assert_close(first[k], again[k], rtol=0, atol=0)
     # another hyperparameter is another expert
-    monkeypatch.setattr("mergelab.benchmark.finetune", training.finetune)
+    monkeypatch.setattr("mergelab.benchmarks.tiny.benchmark.finetune", finetune)
     bench.expert("colours", mergelab.FinetuneConfig(num_steps=3, batch_size=16, warmup_steps=1, lr=2e-3))
     assert len(list((data_dir / "experts").glob("expert-*.safetensors"))) == 2
 

@@ -33,13 +33,15 @@ from mergelab.clip import datasets as ds
 from mergelab.clip.checkpoints import load_expert, read_checkpoint
 from mergelab.clip.model import ClipModelConfig, create_clip
 from mergelab.clip.synthetic import CARS_SYNTHETIC, SUN397_SYNTHETIC, write_synthetic_datasets
-from mergelab import gradients as G
-from mergelab import sweep as sw
-from mergelab.merging import kth_smallest_magnitude, ties_threshold
-from mergelab.notebook import for_size, stand_in_note
-from mergelab.stability import HYPERPARAMETERS, ExpertGrid, ExpertHyperparameters
+from mergelab.analysis.generalization import measure_merge
+from mergelab.analysis.stability import ExpertHyperparameters
+from mergelab.experiments.ch01_stability import ExpertGrid, HYPERPARAMETERS
+from mergelab.merging.sparsify import kth_smallest_magnitude, ties_threshold
 from mergelab.task_vectors import TaskVector
 from mergelab.training import finetune
+from mergelab.training.sweep import checkpoint_log, checkpoint_state, sweep
+from mergelab.training.trajectories import _spread_schedule, epoch_trajectory, gradient_descent_config, multitask_epoch_trajectory, trajectory_config
+from mergelab.notebook import for_size, stand_in_note
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
@@ -239,8 +241,7 @@ def test_heads_splits_and_cached_evaluation(root, monkeypatch):
 
 
 def test_image_subsets_are_decoded_once_and_equal_the_lazy_view(root, monkeypatch):
-    from mergelab import stability
-
+    
     bench = tiny_bench(root, eval_cache_gb=1.0, eval_batch_size=3)
     view, _ = bench.split("MNIST", "train")
     idx = torch.tensor([7, 0, 3, 11])
@@ -248,11 +249,11 @@ def test_image_subsets_are_decoded_once_and_equal_the_lazy_view(root, monkeypatc
     assert first.shape == (4, 3, 224, 224) and torch.equal(first, view[idx])  # the evaluation transform's values
     cfg = mergelab.FinetuneConfig(data_fraction=0.5, num_steps=1, warmup_steps=0)
     state = bench.pretrained_state()
-    measured = stability.measure_merge(bench, state, {"MNIST": cfg}, max_examples=5, probe_size=2)
+    measured = measure_merge(bench, state, {"MNIST": cfg}, max_examples=5, probe_size=2)
     with monkeypatch.context() as mp:  # what was decoded once is not decoded again
         mp.setattr(ds.TaskSplit, "__getitem__", lambda *a, **k: pytest.fail("an image decoded again"))
         assert torch.equal(bench.images("MNIST", "train", idx), first)
-        assert stability.measure_merge(bench, state, {"MNIST": cfg}, max_examples=5, probe_size=2) == measured
+        assert measure_merge(bench, state, {"MNIST": cfg}, max_examples=5, probe_size=2) == measured
     # without room in the cache nothing is kept, and the images are still right
     small = tiny_bench(root, eval_cache_gb=0.0)
     assert torch.equal(small.images("EuroSAT", "test", [2, 1]), small.split("EuroSAT", "test")[0][[2, 1]])
@@ -413,8 +414,9 @@ def test_kth_smallest_magnitude_is_exact():
     assert kept == round(0.3 * tv.numel())
 
 
-def test_streaming_benchmark_agrees_with_the_naive_merge(env):
-    spec = importlib.util.spec_from_file_location("bench_streaming_merge", ROOT / "benchmarks/bench_streaming_merge.py")
+def test_streaming_benchmark_agrees_with_the_naive_merge(env, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "perf"))  # the memory tool lives beside the benchmarks
+    spec = importlib.util.spec_from_file_location("bench_streaming_merge", ROOT / "perf/bench_streaming_merge.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     pretrained, tvs = bench.build_inputs(TINY_MODEL, 3)
@@ -434,15 +436,15 @@ def test_sweep_checkpoints_are_the_shorter_runs_and_win_over_imported_experts(ro
     cfg = mergelab.FinetuneConfig(optimizer="sgd", lr=0.01, batch_size=4, num_steps=3, schedule="constant",
                                   warmup_steps=0, momentum=0.9, grad_clip=1.0, data_fraction=0.5)
     # threads=None: the thread count of this process (another test may have raised it), as for `alone` below
-    table = sw.sweep(bench, [cfg], ["MNIST"], steps=[2, 3], probe_size=2, progress=False, threads=None)
+    table = sweep(bench, [cfg], ["MNIST"], steps=[2, 3], probe_size=2, progress=False, threads=None)
     assert len(table) == 2 and table["trained"].all()
     short = replace(cfg, num_steps=2)
-    log = sw.checkpoint_log(bench, "MNIST", short)
+    log = checkpoint_log(bench, "MNIST", short)
     assert log["benchmark"] == "clip" and len(log["batch_gradient_norm"]) == 2
     assert log["gradient_norm_probe"]["steps"] == [0, 2]  # at theta_0 and at the checkpoints up to this one
     alone = bench.new_encoder(bench.pretrained_state())
     bench.finetune_encoder(alone, ["MNIST"], short)
-    swept = sw.checkpoint_state(bench, "MNIST", short)
+    swept = checkpoint_state(bench, "MNIST", short)
     assert all(torch.equal(swept[k], v) for k, v in alone.state_dict().items())
     assert all(torch.equal(bench.expert("MNIST", short)[k], swept[k]) for k in swept)
     # with experts imported from a folder, bench.expert returns the import whatever the recipe; the sweep's own stays
@@ -455,13 +457,13 @@ def test_sweep_checkpoints_are_the_shorter_runs_and_win_over_imported_experts(ro
         **TINY, "experts_dir": str(folder)}, data={"root": str(root), "num_workers": 0, "eval_batch_size": 8,
                                                    "max_val": 4, "max_test": 6})
     assert not torch.equal(importing.expert("MNIST", short)["proj"], swept["proj"])
-    assert torch.equal(sw.checkpoint_state(importing, "MNIST", short)["proj"], swept["proj"])
+    assert torch.equal(checkpoint_state(importing, "MNIST", short)["proj"], swept["proj"])
 
 
 def test_micro_batches_give_the_same_step_and_unequal_subsets_get_a_spread_multitask_epoch(root):
     bench = tiny_bench(root)  # MNIST has 54 training images, EuroSAT 81: 6 and 9 batches of 9
     X, y = bench.split("MNIST", "train")
-    cfg = G.gradient_descent_config(0.05, batch_size=40, seed=1)
+    cfg = gradient_descent_config(0.05, batch_size=40, seed=1)
     states = []
     for micro in (None, 16):
         enc = bench.new_encoder(bench.pretrained_state())
@@ -471,15 +473,15 @@ def test_micro_batches_give_the_same_step_and_unequal_subsets_get_a_spread_multi
         torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-5, atol=1e-7)
     assert bench.micro_batch_size == 8
 
-    K, active = G._spread_schedule({"a": 6, "b": 10, "c": 10})
+    K, active = _spread_schedule({"a": 6, "b": 10, "c": 10})
     assert K == 10 and [sum(active(t, s) for s in range(20)) for t in "abc"] == [12, 20, 20]
-    assert G._spread_schedule({"a": 5, "b": 5}) == (5, None)
+    assert _spread_schedule({"a": 5, "b": 5}) == (5, None)
     # small SGD steps: the experts' summed task vectors ~ the multi-task displacement, as with equal subsets
     pre = bench.pretrained_state()
-    sgd = G.trajectory_config("sgd", 1e-5, batch_size=9)
-    experts = {t: G.epoch_trajectory(bench, t, sgd, 1) for t in ("MNIST", "EuroSAT")}
+    sgd = trajectory_config("sgd", 1e-5, batch_size=9)
+    experts = {t: epoch_trajectory(bench, t, sgd, 1) for t in ("MNIST", "EuroSAT")}
     assert [experts[t].steps_per_epoch for t in ("MNIST", "EuroSAT")] == [6, 9]
-    mt = G.multitask_epoch_trajectory(bench, ["MNIST", "EuroSAT"], sgd, 1)
+    mt = multitask_epoch_trajectory(bench, ["MNIST", "EuroSAT"], sgd, 1)
     assert mt.steps_per_epoch == 9 and mt.n_train == 81 and len(mt.loss) == 9
     summed = sum(tr.task_vector(pre, 1) for tr in experts.values())
     tau_mt = mt.task_vector(pre, 1)

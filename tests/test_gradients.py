@@ -11,9 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import mergelab
-from mergelab import gradients as G
-from mergelab.task_vectors import TaskVector
+from mergelab.analysis.alignment import alignment_table, gd_taylor_terms, one_step_exactness, task_hessian_vector_product, task_loss_and_gradient, taylor_gap, taylor_table, trajectory_alignment
+from mergelab.autodiff import HVP_METHODS, dataset_gradient, hessian_vector_product, loss_and_gradient
+from mergelab.experiments.ch02_gradients import one_step_identity
+from mergelab.layers import layer_groups
+from mergelab.task_vectors import TaskVector, cosine, group_norms, layer_cosines, layer_norm_ratios, norm, projection_share
 from mergelab.training import finetune
+from mergelab.training.trajectories import epoch_config, epoch_trajectory, gradient_descent_config, multitask_epoch_trajectory, steps_per_epoch, trajectory_config
 
 SMALL = dict(tasks=["colours", "size"], data={"n_train": 64, "n_val": 32, "n_test": 32, "n_pretext": 64},
              model={"width": 32, "layers": 2, "heads": 2}, pretrain={"num_steps": 2, "batch_size": 16, "warmup_steps": 1},
@@ -52,7 +56,7 @@ def analytic_gradient(encoder: nn.Linear, head: FrozenLinearHead, X: torch.Tenso
 
 def test_gradient_over_dataset_matches_the_analytic_gradient():
     encoder, head, X, y = linear_problem()
-    result = G.loss_and_gradient(encoder, head, X, y, batch_size=5)
+    result = loss_and_gradient(encoder, head, X, y, batch_size=5)
     expected = analytic_gradient(encoder, head, X, y)
     for k, v in expected.items():
         torch.testing.assert_close(result.gradient[k], v, rtol=1e-12, atol=1e-14)
@@ -63,32 +67,32 @@ def test_gradient_over_dataset_matches_the_analytic_gradient():
 def test_one_full_batch_step_on_a_linear_model_is_minus_lr_times_the_gradient():
     encoder, head, X, y = linear_problem()
     theta0 = {k: v.clone() for k, v in encoder.state_dict().items()}
-    grad = G.dataset_gradient(encoder, head, X, y, batch_size=7)
+    grad = dataset_gradient(encoder, head, X, y, batch_size=7)
     lr = 0.3
-    finetune(encoder, {"task": (X, y)}, {"task": head}, G.gradient_descent_config(lr, batch_size=len(y)),
+    finetune(encoder, {"task": (X, y)}, {"task": head}, gradient_descent_config(lr, batch_size=len(y)),
              progress=False)
-    report = G.one_step_exactness(theta0, encoder.state_dict(), grad, lr)
+    report = one_step_exactness(theta0, encoder.state_dict(), grad, lr)
     assert report["relative_error"] < 1e-13
     assert report["max_abs_error"] < 1e-14
     assert report["machine_epsilon"] == torch.finfo(torch.float64).eps
     # and not by accident: a second step, or another learning rate, breaks it
-    assert G.one_step_exactness(theta0, encoder.state_dict(), grad, 1.1 * lr)["relative_error"] > 0.05
+    assert one_step_exactness(theta0, encoder.state_dict(), grad, 1.1 * lr)["relative_error"] > 0.05
 
 
 def test_dataset_gradient_is_the_batch_size_weighted_mean_of_batch_gradients():
     encoder, head, X, y = linear_problem(n=23)
-    full = G.dataset_gradient(encoder, head, X, y, batch_size=23)
+    full = dataset_gradient(encoder, head, X, y, batch_size=23)
     chunks = [(0, 8), (8, 16), (16, 23)]  # uneven last batch
-    weighted = sum((hi - lo) / len(y) * G.dataset_gradient(encoder, head, X[lo:hi], y[lo:hi], batch_size=100)
+    weighted = sum((hi - lo) / len(y) * dataset_gradient(encoder, head, X[lo:hi], y[lo:hi], batch_size=100)
                    for lo, hi in chunks)
     for k in full:
         torch.testing.assert_close(full[k], weighted[k], rtol=1e-12, atol=1e-14)
     # the plain (unweighted) mean of batch gradients differs when batches are uneven
-    plain = sum(G.dataset_gradient(encoder, head, X[lo:hi], y[lo:hi]) for lo, hi in chunks) / 3
+    plain = sum(dataset_gradient(encoder, head, X[lo:hi], y[lo:hi]) for lo, hi in chunks) / 3
     assert (plain - full).norm() > 1e-6 * full.norm()
     # and the batch size used to sum is a memory knob, not part of the result
     for bs in (1, 4, 22):
-        other = G.dataset_gradient(encoder, head, X, y, batch_size=bs)
+        other = dataset_gradient(encoder, head, X, y, batch_size=bs)
         assert (other - full).norm() <= 1e-12 * full.norm()
 
 
@@ -96,7 +100,7 @@ def test_gradient_leaves_the_head_frozen_and_the_encoder_weights_unchanged():
     encoder, _, X, y = linear_problem()
     head = nn.Linear(4, 3, bias=False).double()
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    G.loss_and_gradient(encoder, head, X, y)
+    loss_and_gradient(encoder, head, X, y)
     assert head.weight.grad is None and head.weight.requires_grad
     assert all(p.grad is None for p in encoder.parameters())
     for k, v in encoder.state_dict().items():
@@ -118,46 +122,46 @@ def test_hessian_vector_product_matches_the_explicit_hessian_for_both_methods():
     v_flat = torch.randn(flat0.numel(), generator=torch.Generator().manual_seed(3), dtype=flat0.dtype)
     v = TaskVector({n: t.reshape(s) for n, t, s in zip(names, v_flat.split(sizes), shapes)})
     expected = H @ v_flat
-    for method in G.HVP_METHODS:
-        hv = G.hessian_vector_product(encoder, head, X, y, v, batch_size=4, method=method)
+    for method in HVP_METHODS:
+        hv = hessian_vector_product(encoder, head, X, y, v, batch_size=4, method=method)
         torch.testing.assert_close(hv.flatten(names), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_hessian_vector_product_on_the_vit_matches_finite_differences(data_dir):
     bench = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
     pre = bench.pretrained_state()
-    g = G.task_loss_and_gradient(bench, "colours", pre, batch_size=40).gradient
+    g = task_loss_and_gradient(bench, "colours", pre, batch_size=40).gradient
     v = g / g.norm()
-    hv = G.task_hessian_vector_product(bench, "colours", pre, v, batch_size=40)
-    hv2 = G.task_hessian_vector_product(bench, "colours", pre, v, batch_size=64, method="forward_over_reverse")
+    hv = task_hessian_vector_product(bench, "colours", pre, v, batch_size=40)
+    hv2 = task_hessian_vector_product(bench, "colours", pre, v, batch_size=64, method="forward_over_reverse")
     assert (hv - hv2).norm() <= 1e-4 * hv.norm()
     eps = 1e-2
-    plus = G.task_loss_and_gradient(bench, "colours", v.apply_to(pre, eps)).gradient
-    minus = G.task_loss_and_gradient(bench, "colours", v.apply_to(pre, -eps)).gradient
+    plus = task_loss_and_gradient(bench, "colours", v.apply_to(pre, eps)).gradient
+    minus = task_loss_and_gradient(bench, "colours", v.apply_to(pre, -eps)).gradient
     fd = (plus - minus) / (2 * eps)
-    assert G.cosine(fd, hv) > 0.99
+    assert cosine(fd, hv) > 0.99
     assert fd.norm() == pytest.approx(hv.norm(), rel=0.05)
 
 
 def test_second_order_term_explains_the_gap_and_leaves_a_third_order_rest():
     encoder, head, X, y = linear_problem(n=30)
     theta0 = {k: v.clone() for k, v in encoder.state_dict().items()}
-    g = G.dataset_gradient(encoder, head, X, y)
-    hg = G.hessian_vector_product(encoder, head, X, y, g)
+    g = dataset_gradient(encoder, head, X, y)
+    hg = hessian_vector_product(encoder, head, X, y, g)
     rests, gaps = [], []
     for lr in (1e-2, 1e-3):
         enc = nn.Linear(6, 4).double()
         enc.load_state_dict(theta0)
-        cfg = G.gradient_descent_config(lr, batch_size=len(y), num_steps=5)
+        cfg = gradient_descent_config(lr, batch_size=len(y), num_steps=5)
         finetune(enc, {"t": (X, y)}, {"t": head}, cfg, progress=False)
         tau = TaskVector({k: enc.state_dict()[k] - theta0[k] for k in theta0})  # float64
-        first, second = G.gd_taylor_terms(g, hg, lr, 5)
+        first, second = gd_taylor_terms(g, hg, lr, 5)
         gaps.append((tau - first).norm())
         rests.append((tau - first - second).norm())
     assert gaps[0] / gaps[1] == pytest.approx(100, rel=0.1)  # gap ~ lr^2 (relative to lr k g: ~ lr)
     assert rests[0] / rests[1] == pytest.approx(1000, rel=0.2)  # rest ~ lr^3
     with pytest.raises(ValueError, match="num_steps"):
-        G.gd_taylor_terms(g, hg, 0.1, 0)
+        gd_taylor_terms(g, hg, 0.1, 0)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -165,19 +169,19 @@ def test_cosine_and_norm_utilities_on_known_vectors():
     a = {"w": torch.tensor([[1.0, 0.0]]), "b": torch.tensor([0.0])}
     b = {"w": torch.tensor([[1.0, 1.0]]), "b": torch.tensor([0.0])}
     c = {"w": torch.tensor([[0.0, 2.0]]), "b": torch.tensor([3.0])}
-    assert G.cosine(a, b) == pytest.approx(1 / math.sqrt(2))
-    assert G.cosine(a, c) == pytest.approx(0.0)
-    assert G.cosine(a, {k: -2 * v for k, v in a.items()}) == pytest.approx(-1.0)
-    assert G.cosine(a, {k: torch.zeros_like(v) for k, v in a.items()}) == 0.0
-    assert G.norm(c) == pytest.approx(math.sqrt(13))
-    per = G.layer_cosines(a, c, {"weights": ["w"], "biases": ["b"]})
+    assert cosine(a, b) == pytest.approx(1 / math.sqrt(2))
+    assert cosine(a, c) == pytest.approx(0.0)
+    assert cosine(a, {k: -2 * v for k, v in a.items()}) == pytest.approx(-1.0)
+    assert cosine(a, {k: torch.zeros_like(v) for k, v in a.items()}) == 0.0
+    assert norm(c) == pytest.approx(math.sqrt(13))
+    per = layer_cosines(a, c, {"weights": ["w"], "biases": ["b"]})
     assert per == {"weights": pytest.approx(0.0), "biases": 0.0, "total": pytest.approx(0.0)}
-    assert G.layer_norms(c, "parameter") == {"w": pytest.approx(2.0), "b": pytest.approx(3.0),
+    assert group_norms(c, "parameter") == {"w": pytest.approx(2.0), "b": pytest.approx(3.0),
                                              "total": pytest.approx(math.sqrt(13))}
-    ratios = G.layer_norm_ratios(c, b, "parameter")
+    ratios = layer_norm_ratios(c, b, "parameter")
     assert ratios["w"] == pytest.approx(2 / math.sqrt(2)) and math.isnan(ratios["b"])
     # TaskVectors work the same as state dicts
-    assert G.cosine(TaskVector(a), TaskVector(b)) == pytest.approx(1 / math.sqrt(2))
+    assert cosine(TaskVector(a), TaskVector(b)) == pytest.approx(1 / math.sqrt(2))
 
 
 def test_projection_shares_of_parts_add_up_to_one():
@@ -185,60 +189,60 @@ def test_projection_shares_of_parts_add_up_to_one():
     part = TaskVector({"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g)})
     rest = TaskVector({"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g)})
     whole = part + rest
-    assert G.projection_share(part, whole) + G.projection_share(rest, whole) == pytest.approx(1.0)
-    assert G.projection_share(whole, whole) == pytest.approx(1.0)
-    assert G.projection_share(part, 2 * part) == pytest.approx(0.5)
+    assert projection_share(part, whole) + projection_share(rest, whole) == pytest.approx(1.0)
+    assert projection_share(whole, whole) == pytest.approx(1.0)
+    assert projection_share(part, 2 * part) == pytest.approx(0.5)
 
 
 def test_layer_groups_follow_the_vit_blocks_in_model_order():
     from mergelab.models import TinyViTConfig, build_tiny_encoder
 
     keys = list(build_tiny_encoder(TinyViTConfig(width=32, layers=2, heads=2)).state_dict())
-    groups = G.layer_groups(keys)
+    groups = layer_groups(keys)
     assert list(groups) == ["embedding", "block0.attn", "block0.mlp", "block0.norm", "block1.attn", "block1.mlp",
                             "block1.norm", "output"]
     assert sorted(k for ks in groups.values() for k in ks) == sorted(keys)
     assert groups["output"] == ["proj", "ln_post.weight", "ln_post.bias"] or set(groups["output"]) == {
         "proj", "ln_post.weight", "ln_post.bias"}
-    assert G.layer_groups(keys, "all") == {"total": keys}
+    assert layer_groups(keys, "all") == {"total": keys}
     with pytest.raises(ValueError, match="by='layers'"):
-        G.layer_groups(keys, "layers")
+        layer_groups(keys, "layers")
 
 
 def test_mismatched_vectors_and_bad_arguments_are_rejected_with_the_parameter_named():
     with pytest.raises(ValueError, match="missing key 'b'"):
-        G.cosine({"w": torch.ones(2), "b": torch.ones(1)}, {"w": torch.ones(2)})
+        cosine({"w": torch.ones(2), "b": torch.ones(1)}, {"w": torch.ones(2)})
     with pytest.raises(ValueError, match="batch_size=0"):
-        G.steps_per_epoch(10, 0)
+        steps_per_epoch(10, 0)
     with pytest.raises(ValueError, match="epochs=0"):
-        G.epoch_config(mergelab.FinetuneConfig(), 10, 0)
+        epoch_config(mergelab.FinetuneConfig(), 10, 0)
     encoder, head, X, y = linear_problem()
     with pytest.raises(ValueError, match="method='hessian'"):
-        G.hessian_vector_product(encoder, head, X, y, {"weight": encoder.weight, "bias": encoder.bias},
+        hessian_vector_product(encoder, head, X, y, {"weight": encoder.weight, "bias": encoder.bias},
                                  method="hessian")
     with pytest.raises(ValueError, match="no entry for parameter 'bias'"):
-        G.hessian_vector_product(encoder, head, X, y, {"weight": encoder.weight})
+        hessian_vector_product(encoder, head, X, y, {"weight": encoder.weight})
     with pytest.raises(ValueError, match="X has 24 rows and y has 3"):
-        G.loss_and_gradient(encoder, head, X, y[:3])
+        loss_and_gradient(encoder, head, X, y[:3])
 
 
 def test_epochs_follow_the_data_stream():
-    assert G.steps_per_epoch(500, 64) == 7  # the remainder of each shuffled pass is dropped
-    assert G.steps_per_epoch(500, 10**9) == 1  # full batch
-    assert G.epoch_config(mergelab.FinetuneConfig(batch_size=64, warmup_steps=0), 500, 3).num_steps == 21
+    assert steps_per_epoch(500, 64) == 7  # the remainder of each shuffled pass is dropped
+    assert steps_per_epoch(500, 10**9) == 1  # full batch
+    assert epoch_config(mergelab.FinetuneConfig(batch_size=64, warmup_steps=0), 500, 3).num_steps == 21
 
 
 # ----------------------------------------------------------------------------- trajectories on a benchmark
 def test_epoch_trajectory_snapshots_equal_shorter_runs_and_are_cached(data_dir, monkeypatch):
     bench = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
     pre = bench.pretrained_state()
-    cfg = G.trajectory_config("sgd", 1e-3, batch_size=16, data_fraction=0.5)
-    traj = G.epoch_trajectory(bench, "size", cfg, 3)
+    cfg = trajectory_config("sgd", 1e-3, batch_size=16, data_fraction=0.5)
+    traj = epoch_trajectory(bench, "size", cfg, 3)
     assert (traj.n_train, traj.steps_per_epoch, traj.config.num_steps) == (32, 2, 6)
     assert len(traj.loss) == 6 and traj.seconds_per_step > 0
     files = sorted(p.suffix for p in (data_dir / "trajectories").iterdir())
     assert files == [".json", ".safetensors"]
-    short = G.epoch_trajectory(bench, "size", cfg, 2)
+    short = epoch_trajectory(bench, "size", cfg, 2)
     for k in pre:
         torch.testing.assert_close(short.state(2)[k], traj.state(2)[k], rtol=0, atol=0)
     assert traj.task_vector(pre, 1).norm() > 0
@@ -248,7 +252,7 @@ def test_epoch_trajectory_snapshots_equal_shorter_runs_and_are_cached(data_dir, 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached trajectory must not train again")
 
-    again = G.epoch_trajectory(mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL), "size", cfg, 3,
+    again = epoch_trajectory(mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL), "size", cfg, 3,
                                train=no_training)
     for e in (1, 2, 3):
         for k in pre:
@@ -260,52 +264,52 @@ def test_full_batch_step_on_the_vit_subset_is_minus_lr_times_the_task_gradient(d
     """The gradient sees exactly the rows fine-tuning trains on (data_fraction < 1)."""
     bench = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
     pre = bench.pretrained_state()
-    cfg = G.gradient_descent_config(0.01, batch_size=10**6, data_fraction=0.5, seed=3)
-    traj = G.epoch_trajectory(bench, "colours", cfg, 1)
+    cfg = gradient_descent_config(0.01, batch_size=10**6, data_fraction=0.5, seed=3)
+    traj = epoch_trajectory(bench, "colours", cfg, 1)
     assert traj.steps_per_epoch == 1 and traj.n_train == 32
-    grad = G.task_loss_and_gradient(bench, "colours", pre, cfg, batch_size=10).gradient
-    report = G.one_step_exactness(pre, traj.state(1), grad, 0.01)
+    grad = task_loss_and_gradient(bench, "colours", pre, cfg, batch_size=10).gradient
+    report = one_step_exactness(pre, traj.state(1), grad, 0.01)
     assert report["relative_error"] < 1e-4
     # the whole split is another gradient: the identity fails
-    whole = G.task_loss_and_gradient(bench, "colours", pre).gradient
-    assert G.one_step_exactness(pre, traj.state(1), whole, 0.01)["relative_error"] > 1e-2
+    whole = task_loss_and_gradient(bench, "colours", pre).gradient
+    assert one_step_exactness(pre, traj.state(1), whole, 0.01)["relative_error"] > 1e-2
 
 
 def test_one_step_identity_in_float64_and_task_arithmetic_is_the_multitask_step(data_dir):
     bench = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
-    res = G.one_step_identity(bench, ["colours", "size"], 0.05, data_fraction=0.5, dtype="float64", batch_size=7)
+    res = one_step_identity(bench, ["colours", "size"], 0.05, data_fraction=0.5, dtype="float64", batch_size=7)
     assert res["n_train"] == {"colours": 32, "size": 32}
     for r in res["per_task"].values():
         assert r["relative_error"] < 1e-12 and r["machine_epsilon"] < 1e-15
     assert res["task_arithmetic"]["relative_error"] < 1e-12
     assert res["gradient_step"]["relative_error"] < 1e-12
     with pytest.raises(ValueError, match="dtype='float16'"):
-        G.one_step_identity(bench, ["colours"], 0.05, dtype="float16")
+        one_step_identity(bench, ["colours"], 0.05, dtype="float16")
 
 
 def test_alignment_rows_for_small_sgd_steps_point_along_the_gradient(data_dir):
     bench = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
     pre = bench.pretrained_state()
-    cfg = G.trajectory_config("sgd", 1e-6, batch_size=16)  # eta k lambda << 1: first order
-    traj = G.epoch_trajectory(bench, "colours", cfg, 2)
-    grad = G.task_loss_and_gradient(bench, "colours", pre, cfg).gradient
-    rows = G.trajectory_alignment(pre, traj, grad)
+    cfg = trajectory_config("sgd", 1e-6, batch_size=16)  # eta k lambda << 1: first order
+    traj = epoch_trajectory(bench, "colours", cfg, 2)
+    grad = task_loss_and_gradient(bench, "colours", pre, cfg).gradient
+    rows = trajectory_alignment(pre, traj, grad)
     total = {r["epoch"]: r for r in rows if r["group"] == "total"}
     # 64 examples in 4 batches of 16: an epoch's batch gradients at theta_0 sum to 4 * grad
     assert total[1]["cosine"] > 0.999 and total[1]["norm_ratio"] == pytest.approx(1.0, abs=0.01)
     assert total[1]["first_epoch_share"] == pytest.approx(1.0)
     assert total[2]["first_epoch_share"] == pytest.approx(0.5, abs=0.01)
     assert {r["group"] for r in rows} >= {"embedding", "block0.attn", "output", "total"}
-    hg = G.task_hessian_vector_product(bench, "colours", pre, grad, cfg)
-    gap = G.taylor_gap(pre, traj, grad, hg)
+    hg = task_hessian_vector_product(bench, "colours", pre, grad, cfg)
+    gap = taylor_gap(pre, traj, grad, hg)
     assert [r["steps"] for r in gap] == [4, 8]
     # the grid tables are these rows, one trajectory after another, each with its own task's gradient
-    grid = {("sgd", 1e-6, "colours"): traj, ("sgd", 1e-6, "size"): G.epoch_trajectory(bench, "size", cfg, 2)}
-    grad_size = G.task_loss_and_gradient(bench, "size", pre, cfg).gradient
-    table = G.alignment_table(pre, grid, {"colours": grad, "size": grad_size})
-    expected = rows + G.trajectory_alignment(pre, grid[("sgd", 1e-6, "size")], grad_size)
+    grid = {("sgd", 1e-6, "colours"): traj, ("sgd", 1e-6, "size"): epoch_trajectory(bench, "size", cfg, 2)}
+    grad_size = task_loss_and_gradient(bench, "size", pre, cfg).gradient
+    table = alignment_table(pre, grid, {"colours": grad, "size": grad_size})
+    expected = rows + trajectory_alignment(pre, grid[("sgd", 1e-6, "size")], grad_size)
     pd.testing.assert_frame_equal(table, pd.DataFrame(expected))
-    taylor = G.taylor_table(pre, {("sgd", 1e-6, "colours"): traj}, {"colours": grad}, {"colours": hg})
+    taylor = taylor_table(pre, {("sgd", 1e-6, "colours"): traj}, {"colours": grad}, {"colours": hg})
     pd.testing.assert_frame_equal(taylor, pd.DataFrame(gap))  # NaN (gap_cosine at k = 1) compares equal here
 
 
@@ -313,20 +317,20 @@ def test_multitask_trajectory_trains_on_the_experts_rows_and_matches_the_sum_of_
     bench = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
     pre = bench.pretrained_state()
     # one full-batch step: the multi-task step is -lr * (g_colours + g_size) on the experts' subsets
-    gd = G.gradient_descent_config(0.01, batch_size=10**6, data_fraction=0.5, seed=1)
-    mt = G.multitask_epoch_trajectory(bench, ["size", "colours"], gd, 1)
+    gd = gradient_descent_config(0.01, batch_size=10**6, data_fraction=0.5, seed=1)
+    mt = multitask_epoch_trajectory(bench, ["size", "colours"], gd, 1)
     assert mt.tasks == ("colours", "size") and mt.task == "multitask" and mt.n_train == 32
-    grads = [G.task_loss_and_gradient(bench, t, pre, gd).gradient for t in ("colours", "size")]
-    assert G.one_step_exactness(pre, mt.state(1), grads[0] + grads[1], 0.01)["relative_error"] < 1e-4
+    grads = [task_loss_and_gradient(bench, t, pre, gd).gradient for t in ("colours", "size")]
+    assert one_step_exactness(pre, mt.state(1), grads[0] + grads[1], 0.01)["relative_error"] < 1e-4
     # small SGD steps over a whole epoch: sum of the experts' task vectors ~ the multi-task displacement
-    sgd = G.trajectory_config("sgd", 1e-5, batch_size=16, data_fraction=0.5)
-    experts = {t: G.epoch_trajectory(bench, t, sgd, 1) for t in ("colours", "size")}
-    runs = G.multitask_epoch_trajectory(bench, ["colours", "size"], sgd, 1)
+    sgd = trajectory_config("sgd", 1e-5, batch_size=16, data_fraction=0.5)
+    experts = {t: epoch_trajectory(bench, t, sgd, 1) for t in ("colours", "size")}
+    runs = multitask_epoch_trajectory(bench, ["colours", "size"], sgd, 1)
     summed = sum(tr.task_vector(pre, 1) for tr in experts.values())
     tau_mt = runs.task_vector(pre, 1)
     assert (summed - tau_mt).norm() < 0.05 * tau_mt.norm()
     with pytest.raises(ValueError, match="tasks is empty"):
-        G.multitask_epoch_trajectory(bench, [], sgd, 1)
+        multitask_epoch_trajectory(bench, [], sgd, 1)
 
 
 class CountingImages:
@@ -348,13 +352,13 @@ def test_cached_trajectories_do_not_read_the_training_images(data_dir, monkeypat
     reads: list = []
     split = bench.split
     monkeypatch.setattr(bench, "split", lambda t, s="train": (lambda X, y: (CountingImages(X, reads), y))(*split(t, s)))
-    cfg = G.trajectory_config("sgd", 1e-5, batch_size=16, data_fraction=0.5, seed=3)
-    first = G.multitask_epoch_trajectory(bench, ["colours", "size"], cfg, 1)
-    expert = G.epoch_trajectory(bench, "colours", cfg, 1)
+    cfg = trajectory_config("sgd", 1e-5, batch_size=16, data_fraction=0.5, seed=3)
+    first = multitask_epoch_trajectory(bench, ["colours", "size"], cfg, 1)
+    expert = epoch_trajectory(bench, "colours", cfg, 1)
     assert reads, "training reads the images"
     reads.clear()
-    again = G.multitask_epoch_trajectory(bench, ["colours", "size"], cfg, 1)
-    assert G.epoch_trajectory(bench, "colours", cfg, 1).n_train == expert.n_train
+    again = multitask_epoch_trajectory(bench, ["colours", "size"], cfg, 1)
+    assert epoch_trajectory(bench, "colours", cfg, 1).n_train == expert.n_train
     assert reads == [], "a cached run must not decode its training images"
     assert again.n_train == first.n_train and again.steps_per_epoch == first.steps_per_epoch
     pre = bench.pretrained_state()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from mergelab import lapack
+from mergelab.linalg._lapack import available, eigh_all, eigh_top
 
 
 def symmetric(n: int, dtype, seed: int = 0) -> np.ndarray:
@@ -20,7 +20,7 @@ def symmetric(n: int, dtype, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("k", [1, 7, 40])
 def test_eigh_top_equals_scipys_syevr(dtype, k):
     g = symmetric(40, dtype)
-    w, v = lapack.eigh_top(g, k)
+    w, v = eigh_top(g, k)
     w0, v0 = scipy.linalg.eigh(g, subset_by_index=[40 - k, 39], driver="evr")
     assert w.dtype == dtype and v.dtype == dtype and v.shape == (40, k)
     np.testing.assert_array_equal(w, w0[::-1])
@@ -34,23 +34,23 @@ def test_eigh_top_equals_scipys_syevr(dtype, k):
 def test_eigh_top_leaves_its_input_alone_unless_allowed():
     g = symmetric(30, np.float64)
     before = g.copy()
-    lapack.eigh_top(g, 5)
+    eigh_top(g, 5)
     np.testing.assert_array_equal(g, before)
-    w, _ = lapack.eigh_top(g, 5, overwrite=True)
+    w, _ = eigh_top(g, 5, overwrite=True)
     np.testing.assert_allclose(w, np.linalg.eigvalsh(before)[::-1][:5], rtol=1e-12)
 
 
 def test_eigh_top_converts_other_dtypes_and_non_contiguous_input():
     g = symmetric(20, np.float64)
-    w, v = lapack.eigh_top(np.asfortranarray(g)[:, :].astype(np.float16).astype(np.int64), 3)
+    w, v = eigh_top(np.asfortranarray(g)[:, :].astype(np.float16).astype(np.int64), 3)
     assert w.dtype == np.float64
     view = np.zeros((40, 40))
     view[::2, ::2] = g
-    w2, _ = lapack.eigh_top(view[::2, ::2], 3)
+    w2, _ = eigh_top(view[::2, ::2], 3)
     np.testing.assert_allclose(w2, np.linalg.eigvalsh(g)[::-1][:3], rtol=1e-12)
 
 
-SOLVERS = {"eigh_top": lambda g, **kw: lapack.eigh_top(g, 8, **kw), "eigh_all": lapack.eigh_all}
+SOLVERS = {"eigh_top": lambda g, **kw: eigh_top(g, 8, **kw), "eigh_all": eigh_all}
 
 
 def in_threads(fn, items: list) -> list:
@@ -76,20 +76,20 @@ def test_calls_from_threads_give_the_same_results(solver):
 def test_the_gil_free_path_is_available_with_this_scipy():
     # SciPy >= 1.11 (the declared minimum) publishes cython_lapack's pointers; without them the
     # fallback still gives the same results, only without overlap.
-    assert lapack.available()
+    assert available()
 
 
 @pytest.mark.parametrize("bad, match", [((np.zeros((3, 4)), 1), "square"), ((np.eye(3), 0), "k=0"),
                                         ((np.eye(3), 4), "1..3")])
 def test_bad_input_names_the_parameter(bad, match):
     with pytest.raises(ValueError, match=match):
-        lapack.eigh_top(*bad)
+        eigh_top(*bad)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_eigh_all_equals_scipys_syevd(dtype):
     g = symmetric(50, dtype)
-    w, v = lapack.eigh_all(g)
+    w, v = eigh_all(g)
     w0, v0 = scipy.linalg.eigh(g, driver="evd")
     assert w.dtype == dtype and v.dtype == dtype and v.shape == (50, 50)
     np.testing.assert_array_equal(w, w0[::-1])
@@ -102,9 +102,9 @@ def test_eigh_all_equals_scipys_syevd(dtype):
 def test_eigh_all_leaves_its_input_alone_unless_allowed():
     g = symmetric(48, np.float64)
     before = g.copy()
-    w, _ = lapack.eigh_all(g)
+    w, _ = eigh_all(g)
     np.testing.assert_array_equal(g, before)
-    w2, _ = lapack.eigh_all(g, overwrite=True)
+    w2, _ = eigh_all(g, overwrite=True)
     np.testing.assert_array_equal(w2, w)
     with pytest.raises(ValueError, match="square"):
-        lapack.eigh_all(np.zeros((3, 4)))
+        eigh_all(np.zeros((3, 4)))

@@ -7,7 +7,8 @@ import math
 import pytest
 import yaml
 
-from mergelab import paths, tsv
+from mergelab import paths
+from mergelab.layers import DECOMPOSED_KINDS
 
 NAME = "03_task_singular_vectors"
 pytestmark = [pytest.mark.notebook, pytest.mark.timeout(900)]
@@ -65,7 +66,7 @@ def test_tsv_c_compression_and_sweep(results):
 
 def test_energy_of_the_top_k_triplets_per_layer_kind(results):
     energy, random = results["energy_top_k"], results["energy_top_k_random"]
-    assert set(energy) <= set(tsv.DECOMPOSED_KINDS) and {"attn_in_proj", "mlp_c_fc"} <= set(energy)
+    assert set(energy) <= set(DECOMPOSED_KINDS) and {"attn_in_proj", "mlp_c_fc"} <= set(energy)
     for kind, value in energy.items():
         assert 0 < value <= 1 + 1e-9, kind
         assert value > random[kind], kind  # fine-tuning updates are lower-rank than random matrices

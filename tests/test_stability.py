@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from mergelab.stability import (REGIMES, Curvature, ExpertHyperparameters, amplification, averaged_stability,
-                                expert_stability, generalization_bound, gradient_norm_schedule,
-                                hessian_extreme_eigenvalues, per_example_gradient_norms, smooth_generalization_bound)
+from mergelab.analysis.generalization import _encoder, control_variate_gap
+from mergelab.analysis.stability import Curvature, ExpertHyperparameters, REGIMES, amplification, averaged_stability, expert_stability, generalization_bound, gradient_norm_schedule, smooth_generalization_bound
+from mergelab.autodiff import hessian_extreme_eigenvalues, per_example_gradient_norms
 from mergelab.training import FinetuneConfig
 
 
@@ -241,8 +241,7 @@ def test_per_example_gradient_norms_match_a_loop():
 
 def test_control_variate_gap_removes_the_noise_shared_with_the_reference():
     """Per-example losses = reference losses (heavy noise, same on both models) + a true shift on test."""
-    from mergelab.stability import control_variate_gap
-
+    
     g = torch.Generator().manual_seed(0)
     raw, adjusted = [], []
     for _ in range(200):
@@ -271,14 +270,13 @@ class SpareEncoderBench:
 
 
 def test_the_spare_encoder_is_reused_for_one_benchmark_and_rebuilt_for_another():
-    from mergelab import stability
-
+    
     first, second = SpareEncoderBench(3), SpareEncoderBench(5)
     state = nn.Linear(3, 2).state_dict()
-    enc = stability._encoder(first, state)
-    assert stability._encoder(first, nn.Linear(3, 2).state_dict()) is enc and first.built == 1
-    assert torch.equal(stability._encoder(first, state).weight, state["weight"])
-    other = stability._encoder(second, nn.Linear(5, 2).state_dict())
+    enc = _encoder(first, state)
+    assert _encoder(first, nn.Linear(3, 2).state_dict()) is enc and first.built == 1
+    assert torch.equal(_encoder(first, state).weight, state["weight"])
+    other = _encoder(second, nn.Linear(5, 2).state_dict())
     assert other.weight.shape == (2, 5) and second.built == 1
-    stability._encoder(first, state)  # back to the first benchmark: its own architecture again
+    _encoder(first, state)  # back to the first benchmark: its own architecture again
     assert first.built == 2

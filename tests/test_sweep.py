@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import mergelab
-from mergelab import sweep as sw
 from mergelab.training import FinetuneConfig, finetune
+from mergelab.training.sweep import checkpoint_log, checkpoint_path, config_grid, one_at_a_time, plan_runs, sweep
 from mergelab.utils import load_safetensors
 
 SMOKE = dict(tasks=["colours", "position"], data={"n_train": 64, "n_val": 16, "n_test": 32, "n_pretext": 64},
@@ -34,45 +34,45 @@ def bench(tmp_path_factory):
 
 
 def test_grids_of_configurations():
-    assert len(sw.config_grid(CFG, lr=[0.01, 0.02], batch_size=[4, 8, 16])) == 6
-    ofat = sw.one_at_a_time(CFG, lr=[0.01, 0.02, 0.03], batch_size=[4, 8])
+    assert len(config_grid(CFG, lr=[0.01, 0.02], batch_size=[4, 8, 16])) == 6
+    ofat = one_at_a_time(CFG, lr=[0.01, 0.02, 0.03], batch_size=[4, 8])
     assert len(ofat) == 1 + 2 + 1 and ofat[0] == CFG
     with pytest.raises(ValueError, match="learning_rate"):
-        sw.config_grid(CFG, learning_rate=[0.1])
+        config_grid(CFG, learning_rate=[0.1])
 
 
 def test_plan_shares_one_run_per_constant_schedule_trajectory():
-    runs = sw.plan_runs([CFG, replace(CFG, lr=0.03)], ["colours", "position"], steps=[2, 4, 6])
+    runs = plan_runs([CFG, replace(CFG, lr=0.03)], ["colours", "position"], steps=[2, 4, 6])
     assert len(runs) == 4 and all(r.steps == (2, 4, 6) and r.config.num_steps == 6 for r in runs)
     # configs that differ only in num_steps share a run
-    runs = sw.plan_runs([replace(CFG, num_steps=s) for s in (2, 5)], ["colours"])
+    runs = plan_runs([replace(CFG, num_steps=s) for s in (2, 5)], ["colours"])
     assert len(runs) == 1 and runs[0].steps == (2, 5)
     cosine = replace(CFG, schedule="cosine")
     with pytest.raises(ValueError, match="constant"):
-        sw.plan_runs([cosine], ["colours"], steps=[2, 4])
-    assert len(sw.plan_runs([replace(cosine, num_steps=s) for s in (2, 4)], ["colours"])) == 2
+        plan_runs([cosine], ["colours"], steps=[2, 4])
+    assert len(plan_runs([replace(cosine, num_steps=s) for s in (2, 4)], ["colours"])) == 2
 
 
 def test_sweep_caches_every_checkpoint_and_resumes(bench):
     cfg = replace(CFG, seed=11)  # not trained by any other test of this module
-    table = sw.sweep(bench, [cfg], ["colours"], steps=[2, 4], probe_size=2, progress=False)
+    table = sweep(bench, [cfg], ["colours"], steps=[2, 4], probe_size=2, progress=False)
     assert table.attrs["runs_trained"] == 1 and list(table["step"]) == [2, 4] and table["trained"].all()
-    paths = [sw.checkpoint_path(bench, "colours", replace(cfg, num_steps=s)) for s in (2, 4)]
+    paths = [checkpoint_path(bench, "colours", replace(cfg, num_steps=s)) for s in (2, 4)]
     assert all(p.is_file() and p.with_suffix(".json").is_file() for p in paths)
     for p, s in zip(paths, (2, 4)):  # the bound's clipping factors need every step's unclipped norm
         log = json.loads(p.with_suffix(".json").read_text())
         assert len(log["batch_gradient_norm"]) == s and all(n > 0 for n in log["batch_gradient_norm"])
-    log = sw.checkpoint_log(bench, "colours", replace(cfg, num_steps=4))
+    log = checkpoint_log(bench, "colours", replace(cfg, num_steps=4))
     assert log["gradient_norm_probe"]["steps"] == [0, 2, 4] and len(log["batch_gradient_norm"]) == 4
     assert len(log["loss"]) == 4
 
-    again = sw.sweep(bench, [cfg], ["colours"], steps=[2, 4], probe_size=2, progress=False)
+    again = sweep(bench, [cfg], ["colours"], steps=[2, 4], probe_size=2, progress=False)
     assert again.attrs["runs_trained"] == 0 and not again["trained"].any()
 
     # an interruption after the first checkpoint: the second one is missing its log
     paths[1].with_suffix(".json").unlink()
     before = paths[0].stat().st_mtime_ns
-    resumed = sw.sweep(bench, [cfg], ["colours"], steps=[2, 4], probe_size=2, progress=False)
+    resumed = sweep(bench, [cfg], ["colours"], steps=[2, 4], probe_size=2, progress=False)
     assert resumed.attrs["runs_trained"] == 1
     assert list(resumed["trained"]) == [False, True]
     assert paths[0].stat().st_mtime_ns == before  # what existed is not rewritten
@@ -81,7 +81,7 @@ def test_sweep_caches_every_checkpoint_and_resumes(bench):
 
 def test_a_checkpoint_is_the_shorter_run_and_bench_expert_finds_it(bench):
     cfg = replace(CFG, seed=12)
-    sw.sweep(bench, [cfg], ["colours"], steps=[2, 4], probe_size=0, progress=False)
+    sweep(bench, [cfg], ["colours"], steps=[2, 4], probe_size=0, progress=False)
     short = replace(cfg, num_steps=2)
     files = set(os.listdir(bench.experts_dir))
     cached = bench.expert("colours", short)  # no training: the sweep's checkpoint has this key
@@ -100,13 +100,13 @@ def test_a_checkpoint_is_the_shorter_run_and_bench_expert_finds_it(bench):
 
 def test_sweep_in_two_worker_processes_matches_training_here(bench):
     cfgs = [replace(CFG, seed=13), replace(CFG, lr=0.03, seed=13)]
-    table = sw.sweep(bench, cfgs, ["colours"], steps=[3], workers=2, probe_size=0, progress=False)
+    table = sweep(bench, cfgs, ["colours"], steps=[3], workers=2, probe_size=0, progress=False)
     assert table.attrs["runs_trained"] == 2
     pooled = {p: load_safetensors(p) for p in table["path"]}
     for p in table["path"]:
         os.remove(p)
         os.remove(p.replace(".safetensors", ".json"))
-    here = sw.sweep(bench, cfgs, ["colours"], steps=[3], workers=1, probe_size=0, progress=False)
+    here = sweep(bench, cfgs, ["colours"], steps=[3], workers=1, probe_size=0, progress=False)
     assert here.attrs["runs_trained"] == 2
     for p in here["path"]:
         mine = load_safetensors(p)
@@ -115,8 +115,8 @@ def test_sweep_in_two_worker_processes_matches_training_here(bench):
 
 def test_bad_sweep_arguments_are_named(bench):
     with pytest.raises(ValueError, match="workers"):
-        sw.sweep(bench, [CFG], ["colours"], workers=0)
+        sweep(bench, [CFG], ["colours"], workers=0)
     with pytest.raises(ValueError, match="nonsense"):
-        sw.sweep(bench, [CFG], ["nonsense"])
+        sweep(bench, [CFG], ["nonsense"])
     with pytest.raises(ValueError, match="steps"):
-        sw.plan_runs([CFG], ["colours"], steps=[0])
+        plan_runs([CFG], ["colours"], steps=[0])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mergelab import tinydata
-from mergelab.tinydata import PRETEXT_ATTRIBUTES, TASK_CLASSES, TASKS, TinyDataConfig, generate_task, load_pretext, load_task
+from mergelab.benchmarks.tiny import data as tinydata
+from mergelab.benchmarks.tiny.data import PRETEXT_ATTRIBUTES, TASK_CLASSES, TASKS, TinyDataConfig, generate_task, load_pretext, load_task
 
 SMALL = TinyDataConfig(n_train=40, n_val=20, n_test=20, n_pretext=16)
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mergelab.models import ClassificationHead
-from mergelab.training import FinetuneConfig, finetune, lr_at
+from mergelab.training import FinetuneConfig, PretrainConfig, finetune, lr_at, pretrain_attributes
 from mergelab.utils import atomic_write_json, config_hash, pick_device, seed_everything
 
 
@@ -159,8 +159,7 @@ def test_on_step_sees_every_step_with_the_updated_model():
 
 
 def test_pretrain_attributes_learns_the_pretext_labels():
-    from mergelab.training import PretrainConfig, pretrain_attributes
-
+    
     g = torch.Generator().manual_seed(0)
     X = torch.rand(64, 4, generator=g)
     attrs = torch.stack([(X[:, 0] > 0.5).long(), (X[:, 1] > 0.5).long()], dim=1)

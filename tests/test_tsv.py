@@ -10,11 +10,21 @@ import pandas as pd
 import pytest
 import torch
 
-from mergelab import tsv
+from mergelab.analysis.interference import interference, layer_interference, pairwise_interference, singular_task_interference
+from mergelab.analysis.spectra import cumulative_energy, energy_at, energy_table, random_like, spectra, spectrum_curves
+from mergelab.experiments.ch03_tsv import compressed_accuracy, compression_sweep, task_count_study
+from mergelab.layers import DECOMPOSED_KINDS, LAYER_KINDS, is_decomposed, layer_kind, layer_order
+from mergelab.linalg import POLAR_METHODS, RTOL, default_rank, polar_factor, truncated_svd
+from mergelab.linalg._kernels import _torch_polar, _torch_task_svd
+from mergelab.linalg.svd import _gram_svd
 from mergelab.merging import MERGE_METHODS, merge
-from mergelab.models import TinyViTConfig, build_tiny_encoder
+from mergelab.merging.tsv import MergedFactors, storage_bytes, tsv_compress, tsv_merge_factors, tsv_merge_matrices, tsv_merge_matrix_reference, tsv_reconstruct, tsv_update
+from mergelab.merging.tsv.merge import _layers_side_by_side
 from mergelab.task_vectors import TaskVector
+from mergelab.models import TinyViTConfig, build_tiny_encoder
 from mergelab.utils import pick_device
+from mergelab.linalg import _kernels as linalg_kernels
+from mergelab.merging.tsv import merge as tsvm
 
 SOLVERS = [dict(svd="gram"), dict(svd="gram", gram_dtype="float32"), dict(svd="exact")]
 
@@ -40,9 +50,9 @@ def kernels(request, monkeypatch) -> Kernels:
     large matrices, one task at a time or two side by side (LAPACK ``syevr`` without the GIL), and
     the batched torch kernels used on GPUs and for small matrices, on :data:`TORCH_DEVICE`."""
     torch_kernels = request.param == "torch-kernels"
-    monkeypatch.setattr(tsv, "SMALL", 10**9 if torch_kernels else 0)
+    monkeypatch.setattr(linalg_kernels, "SMALL", 10**9 if torch_kernels else 0)
     workers = 2 if request.param == "cpu-kernels-parallel" else 1
-    monkeypatch.setattr(tsv, "_cpu_workers", lambda n: max(1, min(n, workers)))
+    monkeypatch.setattr(linalg_kernels, "_cpu_workers", lambda n: max(1, min(n, workers)))
     return Kernels(TORCH_DEVICE if torch_kernels else torch.device("cpu"))
 
 
@@ -74,7 +84,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- which tensors
 def test_layer_kinds_of_the_open_clip_vit_and_which_are_decomposed():
     state = build_tiny_encoder(TinyViTConfig(width=32, layers=2, heads=2, patch_size=8)).state_dict()
-    kinds = {k: tsv.layer_kind(k, v.shape) for k, v in state.items()}
+    kinds = {k: layer_kind(k, v.shape) for k, v in state.items()}
     assert kinds["transformer.resblocks.0.attn.in_proj_weight"] == "attn_in_proj"
     assert kinds["transformer.resblocks.1.attn.out_proj.weight"] == "attn_out_proj"
     assert kinds["transformer.resblocks.0.mlp.c_fc.weight"] == "mlp_c_fc"
@@ -84,24 +94,24 @@ def test_layer_kinds_of_the_open_clip_vit_and_which_are_decomposed():
     assert kinds["conv1.weight"] == "conv1"
     assert kinds["transformer.resblocks.0.mlp.c_fc.bias"] == "other"
     assert kinds["class_embedding"] == "other"
-    assert set(kinds.values()) <= set(tsv.LAYER_KINDS)
-    decomposed = {k for k, v in state.items() if tsv.is_decomposed(k, v)}
-    assert decomposed == {k for k, kind in kinds.items() if kind in tsv.DECOMPOSED_KINDS}
-    assert tsv.layer_kind("text_projection", (512, 512)) == "text_projection"
-    assert not tsv.is_decomposed("text_projection", torch.zeros(4, 4))
+    assert set(kinds.values()) <= set(LAYER_KINDS)
+    decomposed = {k for k, v in state.items() if is_decomposed(k, v)}
+    assert decomposed == {k for k, kind in kinds.items() if kind in DECOMPOSED_KINDS}
+    assert layer_kind("text_projection", (512, 512)) == "text_projection"
+    assert not is_decomposed("text_projection", torch.zeros(4, 4))
 
 
 def test_default_rank_is_floor_of_min_dimension_over_tasks():
-    assert tsv.default_rank((3072, 768), 8) == 96
-    assert tsv.default_rank((768, 3072), 20) == 38
-    assert tsv.default_rank((50, 768), 20) == 2
-    assert tsv.default_rank((17, 64), 40) == 1  # at least one triplet
-    assert tsv.default_rank((64, 64), 1) == 64
-    assert tsv.default_rank((64, 32), rank_fraction=0.25) == 8
+    assert default_rank((3072, 768), 8) == 96
+    assert default_rank((768, 3072), 20) == 38
+    assert default_rank((50, 768), 20) == 2
+    assert default_rank((17, 64), 40) == 1  # at least one triplet
+    assert default_rank((64, 64), 1) == 64
+    assert default_rank((64, 32), rank_fraction=0.25) == 8
     with pytest.raises(ValueError, match="rank_fraction=1.5"):
-        tsv.default_rank((4, 4), rank_fraction=1.5)
+        default_rank((4, 4), rank_fraction=1.5)
     with pytest.raises(ValueError, match="num_tasks=0"):
-        tsv.default_rank((4, 4), 0)
+        default_rank((4, 4), 0)
 
 
 # ----------------------------------------------------------------------------- truncated SVD
@@ -110,7 +120,7 @@ def test_default_rank_is_floor_of_min_dimension_over_tasks():
 def test_truncated_svd_matches_the_full_svd(options, shape, kernels):
     g = torch.Generator().manual_seed(1)
     A = torch.stack([decaying(*shape, g) for _ in range(3)])
-    U, s, V = tsv.truncated_svd(kernels.put(A), 5, **options)
+    U, s, V = truncated_svd(kernels.put(A), 5, **options)
     assert {U.device, s.device, V.device} == {kernels.device}  # results stay where the input is
     U, s, V = U.cpu(), s.cpu(), V.cpu()
     assert U.shape == (3, shape[0], 5) and s.shape == (3, 5) and V.shape == (3, shape[1], 5)
@@ -121,7 +131,7 @@ def test_truncated_svd_matches_the_full_svd(options, shape, kernels):
                                    rtol=0, atol=1e-5)
         torch.testing.assert_close(U[t].T @ U[t], torch.eye(5), rtol=0, atol=1e-5)
         torch.testing.assert_close(V[t].T @ V[t], torch.eye(5), rtol=0, atol=1e-5)
-    single = tsv.truncated_svd(kernels.put(A[0]), 5, **options)
+    single = truncated_svd(kernels.put(A[0]), 5, **options)
     torch.testing.assert_close(single[1].cpu(), s[0])
 
 
@@ -129,14 +139,14 @@ def test_the_batched_torch_path_used_on_gpus_matches_the_cpu_path():
     g = torch.Generator().manual_seed(2)
     A = torch.stack([decaying(40, 16, g) for _ in range(3)])
     for f64 in (True, False):
-        cpu = tsv._gram_svd(A, 4, f64, tsv.RTOL)
-        batched = tsv._torch_task_svd(A, 4, f64, tsv.RTOL)
+        cpu = _gram_svd(A, 4, f64, RTOL)
+        batched = _torch_task_svd(A, 4, f64, RTOL)
         torch.testing.assert_close((cpu[0] * cpu[1].unsqueeze(-2)) @ cpu[2].transpose(-2, -1),
                                    (batched[0] * batched[1].unsqueeze(-2)) @ batched[2].transpose(-2, -1),
                                    atol=1e-5, rtol=0)
     X = torch.randn(50, 12, generator=g)
     for gram in (True, False):
-        torch.testing.assert_close(tsv._torch_polar(X, tsv.RTOL, gram), tsv.polar_factor(X), atol=1e-5, rtol=0)
+        torch.testing.assert_close(_torch_polar(X, RTOL, gram), polar_factor(X), atol=1e-5, rtol=0)
 
 
 def test_randomized_svd_is_accurate_on_a_steep_spectrum_and_not_on_a_flat_one():
@@ -144,8 +154,8 @@ def test_randomized_svd_is_accurate_on_a_steep_spectrum_and_not_on_a_flat_one():
     steep = decaying(200, 100, g, power=3.0)
     flat = torch.randn(200, 100, generator=g)
     for A, good in ((steep, True), (flat, False)):
-        U, s, V = tsv.truncated_svd(A, 10, svd="randomized", n_iter=2)
-        exact = tsv.truncated_svd(A, 10, svd="exact")
+        U, s, V = truncated_svd(A, 10, svd="randomized", n_iter=2)
+        exact = truncated_svd(A, 10, svd="exact")
         err = rel((U * s) @ V.T, (exact[0] * exact[1]) @ exact[2].T)
         assert (err < 1e-4) if good else (err > 1e-3), err
 
@@ -154,7 +164,7 @@ def test_zero_singular_values_are_dropped_not_given_arbitrary_directions(kernels
     g = torch.Generator().manual_seed(4)
     A = (orthonormal(30, 2, g) * torch.tensor([2.0, 1.0])) @ orthonormal(20, 2, g).T  # rank 2
     for options in SOLVERS:
-        U, s, V = (x.cpu() for x in tsv.truncated_svd(kernels.put(A), 5, **options))
+        U, s, V = (x.cpu() for x in truncated_svd(kernels.put(A), 5, **options))
         assert torch.all(s[2:] == 0) and torch.all(U[:, 2:] == 0) and torch.all(V[:, 2:] == 0), options
         torch.testing.assert_close((U * s) @ V.T, A, atol=1e-5, rtol=0)
 
@@ -162,24 +172,24 @@ def test_zero_singular_values_are_dropped_not_given_arbitrary_directions(kernels
 def test_truncated_svd_rejects_bad_arguments_naming_them():
     A = torch.randn(6, 4)
     with pytest.raises(ValueError, match="svd='lanczos'"):
-        tsv.truncated_svd(A, 2, svd="lanczos")
+        truncated_svd(A, 2, svd="lanczos")
     with pytest.raises(ValueError, match="k=5"):
-        tsv.truncated_svd(A, 5)
+        truncated_svd(A, 5)
     with pytest.raises(ValueError, match="k=0"):
-        tsv.truncated_svd(A, 0)
+        truncated_svd(A, 0)
     with pytest.raises(ValueError, match="gram_dtype='float16'"):
-        tsv.truncated_svd(A, 2, gram_dtype="float16")
+        truncated_svd(A, 2, gram_dtype="float16")
     with pytest.raises(ValueError, match="shape"):
-        tsv.truncated_svd(torch.randn(2, 3, 4, 5), 2)
+        truncated_svd(torch.randn(2, 3, 4, 5), 2)
 
 
 # ----------------------------------------------------------------------------- polar factor
-@pytest.mark.parametrize("method", tsv.POLAR_METHODS)
+@pytest.mark.parametrize("method", POLAR_METHODS)
 @pytest.mark.parametrize("shape", [(40, 10), (12, 10)])
 def test_polar_factor_is_the_nearest_orthonormal_matrix(method, shape, kernels):
     g = torch.Generator().manual_seed(5)
     X = torch.randn(*shape, generator=g)
-    P = tsv.polar_factor(kernels.put(X), method).cpu()
+    P = polar_factor(kernels.put(X), method).cpu()
     torch.testing.assert_close(P.T @ P, torch.eye(shape[1]), atol=1e-5, rtol=0)
     U, S, Vh = torch.linalg.svd(X.double(), full_matrices=False)
     torch.testing.assert_close(P.double(), U @ Vh, atol=1e-5, rtol=0)
@@ -192,8 +202,8 @@ def test_polar_factor_of_a_rank_deficient_stack_is_the_partial_isometry(kernels)
     g = torch.Generator().manual_seed(6)
     U = orthonormal(30, 4, g)
     X = torch.cat([U, U, torch.zeros(30, 2)], dim=1)  # duplicated columns and zero columns
-    for method in tsv.POLAR_METHODS:
-        P = tsv.polar_factor(kernels.put(X), method).cpu()
+    for method in POLAR_METHODS:
+        P = polar_factor(kernels.put(X), method).cpu()
         torch.testing.assert_close(P, torch.cat([U, U, torch.zeros(30, 2)], dim=1) / math.sqrt(2) *
                                    torch.tensor([1.0] * 8 + [0.0] * 2), atol=1e-5, rtol=0)
 
@@ -202,10 +212,10 @@ def test_polar_factor_of_a_rank_deficient_stack_is_the_partial_isometry(kernels)
 @pytest.mark.parametrize("options", SOLVERS + [dict(svd="randomized")], ids=lambda o: "-".join(o.values()))
 def test_tsv_m_of_mutually_orthogonal_tasks_is_task_arithmetic_and_sti_is_zero(options, kernels):
     tasks = orthogonal_tasks(T=4, m=48, n=32, rank=3)  # k = 32 // 4 = 8 >= rank
-    merged = tsv.tsv_merge_matrices(kernels.put(tasks), **options).cpu()
+    merged = tsv_merge_matrices(kernels.put(tasks), **options).cpu()
     torch.testing.assert_close(merged, tasks.sum(0), atol=1e-5, rtol=0)
-    assert tsv.singular_task_interference(kernels.put(tasks)) == pytest.approx(0.0, abs=1e-6)
-    assert tsv.singular_task_interference(kernels.put(tasks), normalized=False) == pytest.approx(0.0, abs=1e-6)
+    assert singular_task_interference(kernels.put(tasks)) == pytest.approx(0.0, abs=1e-6)
+    assert singular_task_interference(kernels.put(tasks), normalized=False) == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("options", SOLVERS, ids=lambda o: "-".join(o.values()))
@@ -213,23 +223,23 @@ def test_fast_tsv_m_agrees_with_the_plain_reference(options, kernels):
     g = torch.Generator().manual_seed(7)
     tasks = torch.stack([decaying(96, 48, g, power=0.7) + 0.01 * torch.randn(96, 48, generator=g)
                          for _ in range(6)])
-    ref = tsv.tsv_merge_matrix_reference(list(tasks))
+    ref = tsv_merge_matrix_reference(list(tasks))
     tol = 1e-3 if options.get("gram_dtype") == "float32" else 1e-4
-    assert rel(tsv.tsv_merge_matrices(kernels.put(tasks), **options).cpu(), ref) < tol
-    assert rel(tsv.tsv_merge_matrices(kernels.put(tasks.transpose(1, 2)), **options).cpu(), ref.T) < tol  # wide
+    assert rel(tsv_merge_matrices(kernels.put(tasks), **options).cpu(), ref) < tol
+    assert rel(tsv_merge_matrices(kernels.put(tasks.transpose(1, 2)), **options).cpu(), ref.T) < tol  # wide
 
 
 def test_merged_update_has_orthonormal_singular_vectors_and_the_kept_singular_values(kernels):
     g = torch.Generator().manual_seed(8)
     tasks = torch.stack([decaying(64, 40, g) for _ in range(5)])
-    f = tsv.tsv_merge_factors(kernels.put(tasks))
+    f = tsv_merge_factors(kernels.put(tasks))
     assert f.U.device == kernels.device
-    f = tsv.MergedFactors(f.U.cpu(), f.s.cpu(), f.V.cpu(), f.k)
+    f = MergedFactors(f.U.cpu(), f.s.cpu(), f.V.cpu(), f.k)
     assert f.k == 8 and f.U.shape == (64, 40) and f.V.shape == (40, 40)
     torch.testing.assert_close(f.U.T @ f.U, torch.eye(40), atol=1e-4, rtol=0)
     torch.testing.assert_close(f.V.T @ f.V, torch.eye(40), atol=1e-4, rtol=0)
     update = f.update()
-    torch.testing.assert_close(update, tsv.tsv_merge_matrices(tasks))
+    torch.testing.assert_close(update, tsv_merge_matrices(tasks))
     # with orthonormal factors, the update's singular values are exactly the kept ones
     torch.testing.assert_close(torch.linalg.svdvals(update), f.s.sort(descending=True).values, atol=1e-4, rtol=1e-4)
     kept = torch.stack([torch.linalg.svdvals(t)[:8] for t in tasks]).flatten()
@@ -241,7 +251,7 @@ def test_tsv_m_with_one_task_reproduces_the_task_matrix(kernels):
     for shape in ((30, 20), (20, 30)):
         A = torch.randn(*shape, generator=g)
         for options in SOLVERS:
-            torch.testing.assert_close(tsv.tsv_merge_matrices(kernels.put(A[None]), **options).cpu(), A,
+            torch.testing.assert_close(tsv_merge_matrices(kernels.put(A[None]), **options).cpu(), A,
                                        atol=1e-4, rtol=0)
 
 
@@ -251,7 +261,7 @@ def test_tsv_m_of_two_identical_tasks_is_the_tasks_own_truncation(kernels):
     U, s, Vh = torch.linalg.svd(A)
     top = (U[:, :15] * s[:15]) @ Vh[:15]
     for options in SOLVERS:
-        torch.testing.assert_close(tsv.tsv_merge_matrices(kernels.put(torch.stack([A, A])), **options).cpu(), top,
+        torch.testing.assert_close(tsv_merge_matrices(kernels.put(torch.stack([A, A])), **options).cpu(), top,
                                    atol=1e-4, rtol=0)
 
 
@@ -285,7 +295,7 @@ def test_tsv_merge_is_registered_with_a_coefficient_grid_and_scales_linearly():
     assert method.coefficient_grid[0] == pytest.approx(0.1) and method.coefficient_grid[-1] == pytest.approx(3.0)
     assert method.defaults["coefficient"] == 1.0
     pretrained, tvs = _states(3)
-    update = tsv.tsv_update(tvs)
+    update = tsv_update(tvs)
     for alpha in (0.5, 2.0):
         merged = merge("tsv_merge", pretrained, tvs, coefficient=alpha)
         for k, v in update.items():
@@ -295,10 +305,10 @@ def test_tsv_merge_is_registered_with_a_coefficient_grid_and_scales_linearly():
 
 def test_non_matrices_and_text_projection_are_averaged_matrices_are_decomposed():
     pretrained, tvs = _states(3)
-    update = tsv.tsv_update(tvs)
+    update = tsv_update(tvs)
     for k in ("conv1.weight", "b", "text_projection"):
         torch.testing.assert_close(update[k], sum(tv[k] for tv in tvs) / 3)
-    torch.testing.assert_close(update["w"], tsv.tsv_merge_matrices(torch.stack([tv["w"] for tv in tvs])))
+    torch.testing.assert_close(update["w"], tsv_merge_matrices(torch.stack([tv["w"] for tv in tvs])))
     assert rel(update["w"], sum(tv["w"] for tv in tvs) / 3) > 1e-2
 
 
@@ -311,20 +321,20 @@ def test_tsv_merge_with_one_task_and_coefficient_one_reproduces_the_expert():
 
 
 def test_layers_merged_side_by_side_equal_layers_merged_one_at_a_time(monkeypatch):
-    monkeypatch.setattr(tsv, "SMALL", 0)  # the NumPy/LAPACK kernels the CPU uses for real layers
+    monkeypatch.setattr(linalg_kernels, "SMALL", 0)  # the NumPy/LAPACK kernels the CPU uses for real layers
     g = torch.Generator().manual_seed(7)
     shapes = {f"resblocks.{i}.weight": (40 + 8 * i, 24) for i in range(5)} | {"bias": (24,)}
     tvs = [TaskVector({k: torch.randn(s, generator=g) for k, s in shapes.items()}) for _ in range(3)]
     used = []
-    side_by_side = tsv._layers_side_by_side
-    monkeypatch.setattr(tsv, "_layers_side_by_side", lambda fn, keys: used.append(list(keys)) or side_by_side(fn, keys))
+    side_by_side = _layers_side_by_side
+    monkeypatch.setattr(tsvm, "_layers_side_by_side", lambda fn, keys: used.append(list(keys)) or side_by_side(fn, keys))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        parallel = tsv.tsv_update(tvs, device="cpu")
+        parallel = tsv_update(tvs, device="cpu")
         assert torch.get_num_threads() == 2, "the thread count is restored"
         torch.set_num_threads(1)
-        serial = tsv.tsv_update(tvs, device="cpu")
+        serial = tsv_update(tvs, device="cpu")
     finally:
         torch.set_num_threads(threads)
     assert used == [[k for k in shapes if k != "bias"]], "two threads: the 2-D layers go side by side; one: not"
@@ -339,52 +349,52 @@ def test_tsv_merge_rejects_incompatible_task_vectors():
     with pytest.raises(ValueError, match="'w'"):
         merge("tsv_merge", pretrained, [tvs[0], bad])
     with pytest.raises(ValueError, match="empty"):
-        tsv.tsv_update([])
+        tsv_update([])
 
 
 # ----------------------------------------------------------------------------- TSV-C
 def test_tsv_c_with_full_rank_reproduces_the_task_vector_and_stores_less_with_fewer_triplets():
     _, tvs = _states(1)
     tv = tvs[0]
-    full = tsv.tsv_compress(tv, k=100)  # capped at min(m, n) per matrix
+    full = tsv_compress(tv, k=100)  # capped at min(m, n) per matrix
     assert full.ranks() == {"w": 8, "pos": 5}
-    rebuilt = tsv.tsv_reconstruct(full)
+    rebuilt = tsv_reconstruct(full)
     assert list(rebuilt.keys()) == list(tv.keys())
     for k in tv.keys():
         torch.testing.assert_close(rebuilt[k], tv[k], atol=1e-5, rtol=0)
-    small = tsv.tsv_compress(tv, num_tasks=4)  # k = 2 and 1
+    small = tsv_compress(tv, num_tasks=4)  # k = 2 and 1
     assert small.ranks() == {"w": 2, "pos": 1}
     dense_bytes = 4 * (4 * 3 * 2 * 2 + 12 + 6 * 6)
     assert small.nbytes() == 4 * (2 * (12 + 8 + 1) + 1 * (5 + 8 + 1)) + dense_bytes
-    assert tsv.storage_bytes(tv) == 4 * tv.numel()
-    errors = [rel(tsv.tsv_reconstruct(tsv.tsv_compress(tv, k=k)).vector["w"], tv["w"]) for k in (1, 4, 8)]
+    assert storage_bytes(tv) == 4 * tv.numel()
+    errors = [rel(tsv_reconstruct(tsv_compress(tv, k=k)).vector["w"], tv["w"]) for k in (1, 4, 8)]
     assert errors[0] > errors[1] > errors[2]
-    torch.testing.assert_close(tsv.tsv_reconstruct(small)["b"], tv["b"])
+    torch.testing.assert_close(tsv_reconstruct(small)["b"], tv["b"])
 
 
 def test_tsv_compress_needs_exactly_one_rank_choice():
     _, tvs = _states(1)
     with pytest.raises(ValueError, match="exactly one"):
-        tsv.tsv_compress(tvs[0])
+        tsv_compress(tvs[0])
     with pytest.raises(ValueError, match="exactly one"):
-        tsv.tsv_compress(tvs[0], k=2, num_tasks=4)
+        tsv_compress(tvs[0], k=2, num_tasks=4)
     with pytest.raises(ValueError, match="k=0"):
-        tsv.tsv_compress(tvs[0], k=0)
+        tsv_compress(tvs[0], k=0)
 
 
 def test_truncating_a_compressed_task_vector_equals_compressing_with_fewer_triplets(kernels):
     g = torch.Generator().manual_seed(11)
     tv = TaskVector({"w": decaying(40, 30, g), "pos": decaying(12, 30, g), "b": torch.randn(30, generator=g)})
     tv = TaskVector({k: kernels.put(v) for k, v in tv.items()})
-    wide = tsv.tsv_compress(tv, rank_fraction=1.0)
+    wide = tsv_compress(tv, rank_fraction=1.0)
     for choice in ({"k": 3}, {"num_tasks": 4}, {"rank_fraction": 0.5}):
-        cut, direct = wide.truncated(**choice), tsv.tsv_compress(tv, **choice)
+        cut, direct = wide.truncated(**choice), tsv_compress(tv, **choice)
         assert cut.ranks() == direct.ranks() and cut.nbytes() == direct.nbytes()
         for name in tv.keys():
-            torch.testing.assert_close(tsv.tsv_reconstruct(cut)[name], tsv.tsv_reconstruct(direct)[name],
+            torch.testing.assert_close(tsv_reconstruct(cut)[name], tsv_reconstruct(direct)[name],
                                        atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="stores 3 triplets"):
-        tsv.tsv_compress(tv, k=3).truncated(k=5)
+        tsv_compress(tv, k=3).truncated(k=5)
     with pytest.raises(ValueError, match="exactly one"):
         wide.truncated()
 
@@ -395,10 +405,10 @@ def test_compression_sweep_equals_compressing_at_each_fraction():
     bench = ScoreByDistance(pretrained, task_vectors)
     experts = {t: 0.5 for t in task_vectors}
     fractions = [0.25, 1.0, 0.5]
-    sweep = tsv.compression_sweep(bench, pretrained, task_vectors, experts, fractions)
+    sweep = compression_sweep(bench, pretrained, task_vectors, experts, fractions)
     assert list(sweep["rank_fraction"]) == fractions
     for _, row in sweep.iterrows():
-        direct = tsv.compressed_accuracy(bench, pretrained, task_vectors, "test", rank_fraction=row["rank_fraction"])
+        direct = compressed_accuracy(bench, pretrained, task_vectors, "test", rank_fraction=row["rank_fraction"])
         acc = direct["per_task_accuracy"]
         assert row["absolute_accuracy"] == pytest.approx(np.mean(list(acc.values())), abs=1e-6)
         assert row["normalized_accuracy"] == pytest.approx(np.mean([a / 0.5 for a in acc.values()]), abs=1e-6)
@@ -409,10 +419,10 @@ def test_compression_sweep_equals_compressing_at_each_fraction():
 # ----------------------------------------------------------------------------- spectra
 def test_cumulative_energy_and_random_baseline():
     s = torch.tensor([3.0, 2.0, 1.0])
-    torch.testing.assert_close(tsv.cumulative_energy(s), torch.tensor([9 / 14, 13 / 14, 1.0]))
-    assert tsv.energy_at(s, 2) == pytest.approx(13 / 14)
+    torch.testing.assert_close(cumulative_energy(s), torch.tensor([9 / 14, 13 / 14, 1.0]))
+    assert energy_at(s, 2) == pytest.approx(13 / 14)
     A = torch.randn(30, 20)
-    R = tsv.random_like(A, seed=1)
+    R = random_like(A, seed=1)
     assert R.shape == A.shape and float(R.norm()) == pytest.approx(float(A.norm()), rel=1e-5)
 
 
@@ -420,74 +430,74 @@ def test_energy_table_and_spectrum_curves_report_low_rank_task_matrices_above_ra
     g = torch.Generator().manual_seed(11)
     tvs = {f"t{i}": TaskVector({"w": decaying(64, 32, g, power=1.5), "b": torch.randn(64, generator=g)})
            for i in range(4)}
-    table = tsv.energy_table(tvs)
+    table = energy_table(tvs)
     assert set(table["task"]) == set(tvs) and set(table["layer"]) == {"w"}
     assert (table["k"] == 8).all()
     assert (table["energy"] > table["random_energy"]).all()
     assert (table["energy"] <= 1).all() and (table["random_energy"] > 0).all()
-    curves = tsv.spectrum_curves(tvs, rank_fractions=[0.0, 0.5, 1.0])
+    curves = spectrum_curves(tvs, rank_fractions=[0.0, 0.5, 1.0])
     assert set(curves["source"]) == {"task matrix", "random"}
     ends = curves[curves["rank_fraction"] == 1.0]["energy"]
     np.testing.assert_allclose(ends, 1.0, atol=1e-6)
     assert (curves[curves["rank_fraction"] == 0.0]["energy"] == 0).all()
     # the same spectra computed once serve both analyses, with the same results
-    spec = tsv.spectra(tvs)
-    pd.testing.assert_frame_equal(tsv.energy_table(tvs, precomputed=spec), table)
-    pd.testing.assert_frame_equal(tsv.spectrum_curves(tvs, rank_fractions=[0.0, 0.5, 1.0], precomputed=spec), curves)
+    spec = spectra(tvs)
+    pd.testing.assert_frame_equal(energy_table(tvs, precomputed=spec), table)
+    pd.testing.assert_frame_equal(spectrum_curves(tvs, rank_fractions=[0.0, 0.5, 1.0], precomputed=spec), curves)
 
 
 # ----------------------------------------------------------------------------- interference
 def test_sti_is_maximal_for_identical_tasks_and_in_between_otherwise():
     g = torch.Generator().manual_seed(12)
     A, B = decaying(40, 24, g), decaying(40, 24, g)
-    assert tsv.singular_task_interference(torch.stack([A, A])) == pytest.approx(1.0, abs=1e-5)
+    assert singular_task_interference(torch.stack([A, A])) == pytest.approx(1.0, abs=1e-5)
     k = 12
     nuclear = float(torch.linalg.svdvals(A)[:k].sum())
-    assert tsv.singular_task_interference(torch.stack([A, A]), normalized=False) == pytest.approx(2 * nuclear, rel=1e-4)
+    assert singular_task_interference(torch.stack([A, A]), normalized=False) == pytest.approx(2 * nuclear, rel=1e-4)
     three = torch.stack([A, A, A])  # T identical tasks: (T - 1) ||Sigma||_*, normalized 1
-    assert tsv.singular_task_interference(three) == pytest.approx(1.0, abs=1e-5)
+    assert singular_task_interference(three) == pytest.approx(1.0, abs=1e-5)
     for seed in range(5):
         g = torch.Generator().manual_seed(100 + seed)
         pair = torch.stack([decaying(40, 24, g), decaying(40, 24, g)])
-        value = tsv.singular_task_interference(pair)
+        value = singular_task_interference(pair)
         assert 0.0 < value < 1.0
     # scale-free, symmetric in the tasks, and larger when tasks share directions
-    assert tsv.singular_task_interference(torch.stack([3 * A, 3 * B])) == pytest.approx(
-        tsv.singular_task_interference(torch.stack([A, B])), rel=1e-4)
-    assert tsv.singular_task_interference(torch.stack([B, A])) == pytest.approx(
-        tsv.singular_task_interference(torch.stack([A, B])), rel=1e-4)
-    assert (tsv.singular_task_interference(torch.stack([A, A + 0.3 * B]))
-            > tsv.singular_task_interference(torch.stack([A, B])))
+    assert singular_task_interference(torch.stack([3 * A, 3 * B])) == pytest.approx(
+        singular_task_interference(torch.stack([A, B])), rel=1e-4)
+    assert singular_task_interference(torch.stack([B, A])) == pytest.approx(
+        singular_task_interference(torch.stack([A, B])), rel=1e-4)
+    assert (singular_task_interference(torch.stack([A, A + 0.3 * B]))
+            > singular_task_interference(torch.stack([A, B])))
     with pytest.raises(ValueError, match="at least 2"):
-        tsv.singular_task_interference(A[None])
+        singular_task_interference(A[None])
 
 
 def test_pairwise_interference_matches_the_two_task_sti_per_layer():
     g = torch.Generator().manual_seed(13)
     tvs = {f"t{i}": TaskVector({"w": decaying(32, 24, g), "b": torch.randn(3, generator=g)}) for i in range(3)}
     tvs["copy"] = tvs["t0"]
-    out = tsv.pairwise_interference(tvs)
+    out = pairwise_interference(tvs)
     assert set(out) == {"w"}
     M = out["w"]
     assert list(M.index) == list(tvs)
     np.testing.assert_allclose(np.diag(M.values), 1.0, atol=1e-6)
     np.testing.assert_allclose(M.values, M.values.T, atol=1e-8)
     assert M.loc["t0", "copy"] == pytest.approx(1.0, abs=1e-5)
-    k = tsv.default_rank((32, 24), 4)
+    k = default_rank((32, 24), 4)
     pair = torch.stack([tvs["t1"]["w"], tvs["t2"]["w"]])
-    assert M.loc["t1", "t2"] == pytest.approx(tsv.singular_task_interference(pair, k=k), rel=1e-5)
+    assert M.loc["t1", "t2"] == pytest.approx(singular_task_interference(pair, k=k), rel=1e-5)
     # both analyses from one SVD per task and layer give the same numbers
-    both = tsv.interference(tvs)
+    both = interference(tvs)
     pd.testing.assert_frame_equal(both.pairwise["w"], M)
-    pd.testing.assert_series_equal(both.all_tasks, tsv.layer_interference(tvs))
+    pd.testing.assert_series_equal(both.all_tasks, layer_interference(tvs))
     with pytest.raises(ValueError, match="at least 2"):
-        tsv.interference({"t0": tvs["t0"]})
+        interference({"t0": tvs["t0"]})
 
 
 def test_layer_order_runs_from_input_to_output():
     names = ["proj", "transformer.resblocks.10.mlp.c_fc.weight", "positional_embedding",
              "transformer.resblocks.2.attn.in_proj_weight", "transformer.resblocks.2.mlp.c_fc.weight", "ln_post.weight"]
-    assert tsv.layer_order(names) == ["positional_embedding", "transformer.resblocks.2.attn.in_proj_weight",
+    assert layer_order(names) == ["positional_embedding", "transformer.resblocks.2.attn.in_proj_weight",
                                       "transformer.resblocks.2.mlp.c_fc.weight",
                                       "transformer.resblocks.10.mlp.c_fc.weight", "proj", "ln_post.weight"]
 
@@ -499,7 +509,7 @@ def test_task_count_study_merges_each_subset_once_per_method_and_validates_only_
     bench = ScoreByDistance(pretrained, task_vectors)
     experts = {t: 1.0 for t in task_vectors}
     grid = (0.1, 0.5, 1.0)
-    study = tsv.task_count_study(bench, pretrained, task_vectors, experts,
+    study = task_count_study(bench, pretrained, task_vectors, experts,
                                  {"task_arithmetic": {"grid": grid}, "tsv_merge": {"coefficient": 1.0}},
                                  task_counts=[2, 4], subsets=2, seed=0)
     assert len(study) == (2 + 1) * 2, "two subsets of 2 tasks, one of all 4, two methods each"
@@ -521,4 +531,4 @@ def test_task_count_study_merges_each_subset_once_per_method_and_validates_only_
     direct = bench.evaluate(merge("tsv_merge", pretrained, tvs, coefficient=1.0), "test", list("abcd"))
     assert row["absolute_accuracy"] == pytest.approx(np.mean(list(direct.values())))
     with pytest.raises(ValueError, match="task_counts"):
-        tsv.task_count_study(bench, pretrained, task_vectors, experts, {"tsv_merge": {}}, task_counts=[5])
+        task_count_study(bench, pretrained, task_vectors, experts, {"tsv_merge": {}}, task_counts=[5])

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .merging import MERGE_METHODS, absolute_accuracy, get_merge, merge, normalized_accuracy, register_merge
+from .evaluation import absolute_accuracy, normalized_accuracy
+from .merging import MERGE_METHODS, get_merge, merge, register_merge
 from .task_vectors import TaskVector, task_vectors_from
 from .training import FinetuneConfig, PretrainConfig
-from . import tsv  # noqa: F401  (registers tsv_merge)
 
 __version__ = "0.1.0"
 
@@ -27,12 +27,12 @@ def load_benchmark(name: str = "tiny", device: str | None = "auto", progress: bo
     """The benchmark ``name`` built from plain parameters (as a papermill parameter file gives them).
 
     ``tiny`` takes ``tasks``, ``data``, ``model``, ``pretrain``, ``head_shots``, ``logit_scale``
-    (see :class:`mergelab.benchmark.TinyBenchmarkConfig`).
+    (see :class:`mergelab.benchmarks.tiny.TinyBenchmarkConfig`).
     ``clip`` takes ``tasks``, ``data``, ``model`` (``pretrain`` and ``head_shots`` must be empty) and
     ``checkpoint_every`` (see :class:`mergelab.clip.ClipBenchmarkConfig`).
     """
     if name == "tiny":
-        from .benchmark import TinyBenchmark, TinyBenchmarkConfig
+        from .benchmarks.tiny import TinyBenchmark, TinyBenchmarkConfig
 
         return TinyBenchmark(TinyBenchmarkConfig.from_params(**params), device=device, progress=progress)
     if name == "clip":

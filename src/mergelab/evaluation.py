@@ -1,28 +1,39 @@
 """Evaluation of merged models: per-task accuracy, absolute and normalized accuracy, tidy tables.
 
-A *benchmark* here is any object with ``tasks``, ``evaluate(state, split, tasks) -> {task: acc}``
-(:class:`mergelab.benchmark.TinyBenchmark`, and the ``clip`` size's benchmark).
+Only ``tasks`` and ``evaluate(state, split, tasks) -> {task: acc}`` of a benchmark are used here
+(:class:`mergelab.benchmarks.Benchmark`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from .merging import MergeResult, absolute_accuracy, merge_with_validation, normalized_accuracy
+from .merging import MergeResult, merge_with_validation
 from .task_vectors import TaskVector
 from .utils import StateDict
 
+if TYPE_CHECKING:
+    from .benchmarks.base import Benchmark
 
-class Benchmark(Protocol):
-    tasks: tuple[str, ...]
 
-    def evaluate(self, state: StateDict, split: str = "test", tasks: Sequence[str] | None = None
-                 ) -> dict[str, float]: ...
+def absolute_accuracy(per_task: Mapping[str, float]) -> float:
+    """Unweighted mean over tasks of top-1 accuracy (fractions 0..1)."""
+    if not per_task:
+        raise ValueError("per_task accuracies are empty.")
+    return float(np.mean(list(per_task.values())))
+
+
+def normalized_accuracy(per_task: Mapping[str, float], expert_accuracy: Mapping[str, float]) -> float:
+    """Mean over tasks of ``merged accuracy on t / expert t's accuracy on t`` (a mean of ratios)."""
+    missing = [t for t in per_task if t not in expert_accuracy]
+    if missing:
+        raise ValueError(f"no expert accuracy for task {missing[0]!r}; have: {', '.join(expert_accuracy)}.")
+    return float(np.mean([per_task[t] / expert_accuracy[t] for t in per_task]))
 
 
 def summarize(per_task: Mapping[str, float], expert_accuracy: Mapping[str, float]) -> dict[str, Any]:
@@ -32,13 +43,13 @@ def summarize(per_task: Mapping[str, float], expert_accuracy: Mapping[str, float
             "per_task_accuracy": dict(per_task)}
 
 
-def expert_accuracy(benchmark: Benchmark, experts: Mapping[str, StateDict], split: str = "test"
+def expert_accuracy(benchmark: "Benchmark", experts: Mapping[str, StateDict], split: str = "test"
                     ) -> dict[str, float]:
     """Each expert's accuracy on its own task: the denominators of normalized accuracy."""
     return {t: benchmark.evaluate(experts[t], split=split, tasks=[t])[t] for t in experts}
 
 
-def merge_baselines(benchmark: Benchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
+def merge_baselines(benchmark: "Benchmark", pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
                     methods: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None,
                     progress: bool = True) -> dict[str, MergeResult]:
     """Merge the task vectors with each method, its coefficient chosen on *validation*.
@@ -75,8 +86,3 @@ def long_table(rows: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame([{"method": m, "task": t, "accuracy": a}
                          for m, r in rows.items() for t, a in r["per_task_accuracy"].items()])
 
-
-def interpolate(pretrained: StateDict, state: StateDict, alpha: float) -> StateDict:
-    """``(1 - alpha) * pretrained + alpha * state`` for floating-point entries."""
-    return {k: (v + alpha * (state[k] - v)) if torch.is_floating_point(v) else v.clone()
-            for k, v in pretrained.items()}

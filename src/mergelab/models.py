@@ -100,21 +100,6 @@ class ClassificationHead(nn.Module):
         return self.logit_scale * F.normalize(features, dim=-1) @ self.weight.T
 
 
-class ImageClassifier(nn.Module):
-    """An image encoder followed by a frozen head; only the encoder is trained and merged."""
-
-    def __init__(self, encoder: nn.Module, head: ClassificationHead) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = head
-        for p in self.head.parameters():
-            p.requires_grad_(False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` images to ``(B, n_classes)`` logits."""
-        return self.head(self.encoder(images))
-
-
 def load_encoder_state(encoder: nn.Module, state: StateDict) -> nn.Module:
     """Load ``state`` into ``encoder`` strictly, with an error naming the first mismatch."""
     own = encoder.state_dict()

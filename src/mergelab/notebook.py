@@ -94,15 +94,6 @@ def write_results(session: Session, results: dict[str, Any]) -> Path:
     return path
 
 
-def read_results(notebook: str) -> dict[str, Any]:
-    """The numbers an executed notebook wrote (clear error if it has not run)."""
-    path = paths.results_dir() / f"{notebook}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no results for {notebook!r} at {path}; run `make report` "
-                                f"(or `make report NOTEBOOKS={notebook}`) first.")
-    return json.loads(path.read_text())
-
-
 SIZES = ("tiny", "clip")
 """Benchmark sizes a notebook's prose can differ for (``benchmark`` parameter of every notebook)."""
 

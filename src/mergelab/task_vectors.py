@@ -7,11 +7,12 @@ flattens per layer, and applies itself to a pretrained state dict.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .layers import layer_groups
 from .utils import StateDict
 
 
@@ -142,3 +143,76 @@ def cosine_similarity_matrix(task_vectors: Mapping[str, TaskVector]) -> tuple[li
     flat = torch.stack([task_vectors[n].flatten() for n in names])
     flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return names, flat @ flat.T
+
+
+TensorMap = Mapping[str, torch.Tensor] | TaskVector
+"""Anything keyed by parameter name: a state dict, a task vector or a gradient."""
+
+
+# ----------------------------------------------------------------------------- geometry of parameter maps
+def _flat(t: TensorMap, keys: Sequence[str]) -> torch.Tensor:
+    return torch.cat([t[k].detach().reshape(-1).double().cpu() for k in keys])
+
+
+def _common_keys(a: TensorMap, b: TensorMap) -> list[str]:
+    check_compatible({k: a[k] for k in a.keys()}, {k: b[k] for k in b.keys()}, "second argument")
+    return list(a.keys())
+
+
+def cosine(a: TensorMap, b: TensorMap, keys: Sequence[str] | None = None) -> float:
+    """Cosine similarity of two parameter-keyed vectors over ``keys`` (default: all), in float64.
+
+    Zero when either vector is zero over those keys.
+    """
+    keys = list(keys) if keys is not None else _common_keys(a, b)
+    fa, fb = _flat(a, keys), _flat(b, keys)
+    denom = float(fa.norm() * fb.norm())
+    return float(fa @ fb) / denom if denom > 0 else 0.0
+
+
+def norm(a: TensorMap, keys: Sequence[str] | None = None) -> float:
+    """L2 norm over ``keys`` (default: all entries), in float64."""
+    return float(_flat(a, list(keys) if keys is not None else list(a.keys())).norm())
+
+
+def layer_cosines(a: TensorMap, b: TensorMap, groups: Mapping[str, Sequence[str]] | str = "block"
+                  ) -> dict[str, float]:
+    """Cosine of ``a`` and ``b`` per layer group (see :func:`layer_groups`), plus ``"total"``."""
+    keys = _common_keys(a, b)
+    groups = layer_groups(keys, groups) if isinstance(groups, str) else groups
+    out = {g: cosine(a, b, ks) for g, ks in groups.items()}
+    out["total"] = cosine(a, b, keys)
+    return out
+
+
+def group_norms(a: TensorMap, groups: Mapping[str, Sequence[str]] | str = "block") -> dict[str, float]:
+    """L2 norm of ``a`` per layer group, plus ``"total"``."""
+    keys = list(a.keys())
+    groups = layer_groups(keys, groups) if isinstance(groups, str) else groups
+    out = {g: norm(a, ks) for g, ks in groups.items()}
+    out["total"] = norm(a, keys)
+    return out
+
+
+def layer_norm_ratios(a: TensorMap, b: TensorMap, groups: Mapping[str, Sequence[str]] | str = "block"
+                      ) -> dict[str, float]:
+    """``||a_l|| / ||b_l||`` per layer group, plus ``"total"`` (``nan`` where ``b_l`` is zero)."""
+    keys = _common_keys(a, b)
+    groups = layer_groups(keys, groups) if isinstance(groups, str) else groups
+    out = {}
+    for g, ks in [*groups.items(), ("total", keys)]:
+        nb = norm(b, ks)
+        out[g] = norm(a, ks) / nb if nb > 0 else float("nan")
+    return out
+
+
+def projection_share(part: TensorMap, whole: TensorMap, keys: Sequence[str] | None = None) -> float:
+    """``<part, whole> / ||whole||^2``: the share of ``whole`` that ``part`` accounts for along it.
+
+    With ``whole = part + rest`` the shares of ``part`` and ``rest`` add up to 1; a share above 1
+    means the rest points partly back.
+    """
+    keys = list(keys) if keys is not None else _common_keys(part, whole)
+    fp, fw = _flat(part, keys), _flat(whole, keys)
+    denom = float(fw @ fw)
+    return float(fp @ fw) / denom if denom > 0 else float("nan")

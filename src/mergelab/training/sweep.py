@@ -14,7 +14,7 @@ through the benchmark's own training loop (``bench.finetune_encoder``), so a swe
 * runs in a process pool of ``workers`` processes (each with ``torch.set_num_threads(1)``), or in
   this process when ``workers == 1``, with a tqdm bar over runs;
 * probes the trajectory: the per-example gradient norms of the run's loss on a few of its own training
-  examples at ``theta_0`` and at every checkpoint (the constants of :mod:`mergelab.stability`).
+  examples at ``theta_0`` and at every checkpoint (the constants of :mod:`mergelab.analysis.stability`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .training import FinetuneConfig, training_indices
-from .utils import StateDict, atomic_save_safetensors, atomic_write_json, load_safetensors, torch_threads
+from ..autodiff import per_example_gradient_norms
+from .finetune import FinetuneConfig, training_indices
+from ..utils import (
+    StateDict,
+    atomic_save_safetensors,
+    atomic_write_json,
+    load_safetensors,
+    torch_threads,
+)
 
 _CONFIG_FIELDS = tuple(f.name for f in fields(FinetuneConfig))
 
@@ -158,7 +165,6 @@ def checkpoint_log(bench: Any, task: str, cfg: FinetuneConfig) -> dict[str, Any]
 
 
 def _probe(model: torch.nn.Module, head: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    from .stability import per_example_gradient_norms
 
     norms = per_example_gradient_norms(model, head, X, y)
     return {"mean": float(norms.mean()), "max": float(norms.max())}
@@ -238,7 +244,7 @@ def sweep(bench: Any, configs: Sequence[FinetuneConfig], tasks: Sequence[str],
     """Make sure every ``(task, config, step)`` expert exists in the cache; return a table of them.
 
     Args:
-        bench: a benchmark (:class:`~mergelab.benchmark.TinyBenchmark` or
+        bench: a benchmark (:class:`~mergelab.benchmarks.tiny.TinyBenchmark` or
             :class:`~mergelab.clip.ClipBenchmark`): its ``finetune_encoder`` trains every run.
         configs: fine-tuning recipes (see :func:`config_grid`, :func:`one_at_a_time`).
         tasks: tasks to fine-tune every recipe on.

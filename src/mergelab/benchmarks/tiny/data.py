@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import paths
-from .utils import atomic_save_npz, config_hash
+from ... import paths
+from ...utils import atomic_save_npz, config_hash
 
 IMAGE_SIZE = 32
 GENERATOR_VERSION = 4  # bump when any generator below changes, so caches are rebuilt

@@ -1,4 +1,4 @@
-"""Benchmark TSV-M: the fast merge in ``mergelab.tsv`` against a plain per-task, per-layer reference.
+"""Benchmark TSV-M: the fast merge in ``mergelab.merging.tsv`` against a plain per-task, per-layer reference.
 
 Task vectors are synthetic and shaped like open_clip ViT-B-32's image tower (every parameter of
 ``open_clip.create_model("ViT-B-32").visual``). Each 2-D task matrix is *random low-rank plus noise*:
@@ -10,7 +10,7 @@ Two measurements per number of tasks ``T``:
 
 1. **Per layer, interleaved.** For the 2-D matrices of the first ``--blocks`` residual blocks plus
    ``positional_embedding`` and ``proj``, each layer is merged by the reference
-   (:func:`mergelab.tsv.tsv_merge_matrix_reference`: one ``torch.linalg.svd`` per task, polar factors
+   (:func:`mergelab.merging.tsv.tsv_merge_matrix_reference`: one ``torch.linalg.svd`` per task, polar factors
    by SVD, torch's default threads), by the same reference restricted to one thread, and by the fast
    variants, one after the other, so that changes in the machine's load hit all of them alike.
    The reference and the default solver merge each layer ``--repeat`` times (default 3), in turns,
@@ -23,14 +23,14 @@ Two measurements per number of tasks ``T``:
    ``proj`` once; the speed-up is reported both on the layers measured and on that whole-model
    estimate (the figure the target is about). Every solver runs once on a small stack first, so
    that one-time set-up (thread pools, library look-ups) is not charged to the first layer.
-2. **End to end.** :func:`mergelab.tsv.tsv_merge` on the whole model (all 12 blocks and every other
+2. **End to end.** :func:`mergelab.merging.tsv.tsv_merge` on the whole model (all 12 blocks and every other
    tensor; on the CPU it merges whole layers side by side), run ``--repeat`` times: median wall time,
    median CPU time, peak memory (from one more run), its speed-up over the reference's whole-model
    estimate (conservative: the end-to-end time also includes averaging the other tensors and adding
    the update to the pretrained weights), and its relative difference from the reference on the
    layers measured in 1.
 
-Memory: :class:`mergelab.memory.PeakMemory`: the peak resident set size above the resident size
+Memory: :class:```memory.PeakMemory`` (``perf/memory.py``)`: the peak resident set size above the resident size
 before the call (``VmHWM`` from ``/proc/self/status``, reset before each measurement by writing ``5``
 to ``/proc/self/clear_refs``, after the C allocator has handed unused memory back to the system;
 where that is not allowed, the peak of ``psutil`` samples every 10 ms). On a GPU:
@@ -39,7 +39,7 @@ where that is not allowed, the peak of ``psutil`` samples every 10 ms). On a GPU
 pay for fresh pages, and without it a call that reuses memory freed by an earlier one looks free
 (the per-layer peaks at ``T = 20`` read 0 MiB before this was separated).
 
-Run ``python benchmarks/bench_tsv.py`` (``make bench``); ``--help`` lists the options.
+Run ``python perf/bench_tsv.py`` (``make bench``); ``--help`` lists the options.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mergelab import tsv
-from mergelab.memory import PeakMemory, memory_method
+from memory import PeakMemory, memory_method
+from mergelab.layers import layer_kind
+from mergelab.merging.tsv import tsv_merge, tsv_merge_matrices, tsv_merge_matrix_reference
 from mergelab.task_vectors import TaskVector
 from mergelab.utils import torch_threads
 
@@ -196,11 +197,11 @@ def runners(stack: torch.Tensor, variants: dict, single_thread_reference: bool
         return run
 
     mats = list(stack)
-    out = {"reference": lambda: tsv.tsv_merge_matrix_reference(mats)}
+    out = {"reference": lambda: tsv_merge_matrix_reference(mats)}
     if single_thread_reference:
         out["reference, 1 thread"] = on_one_thread(out["reference"])
     for name, options in variants.items():
-        fn = functools.partial(tsv.tsv_merge_matrices, stack, **options)
+        fn = functools.partial(tsv_merge_matrices, stack, **options)
         out[name] = on_one_thread(fn) if "1 thread" in name else fn
     return out
 
@@ -233,7 +234,7 @@ def per_layer(task_vectors: list[TaskVector], keys: list[str], device: torch.dev
     timings: dict[str, Timing] = {}  # filled in the order of runners(): reference first
     for key in keys:
         stack = torch.stack([tv[key] for tv in task_vectors]).to(device)
-        kind = tsv.layer_kind(key, stack.shape[1:])
+        kind = layer_kind(key, stack.shape[1:])
         merges = runners(stack, variants, single_thread_reference)
         for r in range(repeat):
             runs = {name: timed(fn, device) for name, fn in merges.items()
@@ -262,7 +263,7 @@ def end_to_end(task_vectors: list[TaskVector], device: torch.device, references:
     pretrained = {k: torch.zeros_like(v) for k, v in task_vectors[0].items()}
 
     def merge() -> dict[str, torch.Tensor]:
-        return tsv.tsv_merge(pretrained, task_vectors, device=device)
+        return tsv_merge(pretrained, task_vectors, device=device)
 
     walls, cpus = [], []
     for r in range(repeat):

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import paths
-from .models import ClassificationHead, TinyViTConfig, build_tiny_encoder, encode, load_encoder_state
-from .tinydata import GENERATOR_VERSION, PRETEXT_ATTRIBUTES, SPLITS, TASK_CLASSES, TASKS, TinyDataConfig, check_task, load_pretext, load_task
-from .training import FinetuneConfig, PretrainConfig, finetune, pretrain_attributes, pretrain_contrastive
-from .utils import (StateDict, atomic_save_safetensors, atomic_write_json, clone_state_dict, config_hash,
+from ... import paths
+from ...models import ClassificationHead, TinyViTConfig, build_tiny_encoder, encode, load_encoder_state
+from .data import GENERATOR_VERSION, PRETEXT_ATTRIBUTES, SPLITS, TASK_CLASSES, TASKS, TinyDataConfig, check_task, load_pretext, load_task
+from ...training import FinetuneConfig, PretrainConfig, finetune, pretrain_attributes, pretrain_contrastive
+from ...utils import (StateDict, atomic_save_safetensors, atomic_write_json, clone_state_dict, config_hash,
                     load_safetensors, pick_device)
 
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25

@@ -6,7 +6,7 @@ flattened task vectors into a ``(T, n_params)`` matrix first. This script measur
 
 How it is measured: every (method, implementation) runs in a fresh Python process, which builds
 the pretrained state dict and T task vectors with the shapes of the open_clip image tower (random
-values, seeded), then runs the merge once inside :class:`mergelab.memory.PeakMemory`: memory the C
+values, seeded), then runs the merge once inside :class:`perf/memory.py's PeakMemory`: memory the C
 allocator holds unused (temporaries of building the inputs) is handed back to the system, the
 resident set size is read (``VmRSS`` in ``/proc/self/status``), the kernel's peak-RSS counter is
 reset (``echo 5 > /proc/self/clear_refs``), and after the merge the peak (``VmHWM``) is read.
@@ -14,7 +14,7 @@ reset (``echo 5 > /proc/self/clear_refs``), and after the merge the peak (``VmHW
 inputs. Time is wall-clock time of the merge call (``time.perf_counter``). Where the peak counter
 cannot be reset, the peak of RSS samples every 10 ms is reported and marked ``*``.
 
-Usage: ``python benchmarks/bench_streaming_merge.py [--model ViT-B-32] [--tasks 8] [--json out.json]``.
+Usage: ``python perf/bench_streaming_merge.py [--model ViT-B-32] [--tasks 8] [--json out.json]``.
 A naive run is skipped (and says so) when the machine lacks the memory it would need.
 """
 
@@ -104,8 +104,7 @@ def run_worker(model: str, n_tasks: int, method: str, implementation: str) -> di
     import torch
 
     import mergelab
-    from mergelab.memory import PeakMemory
-
+    from memory import PeakMemory
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     pretrained, tvs = build_inputs(model, n_tasks)
     inputs_bytes = sum(v.numel() * v.element_size() for v in pretrained.values())

@@ -1,0 +1,158 @@
+"""Measured generalization of a merged model: per-example losses, control-variate gaps against the
+pretrained model, and the measurement of one merge on its tasks' training and test data.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import load_encoder_state
+from ..autodiff import per_example_gradient_norms
+from ..training import FinetuneConfig, training_indices
+from ..utils import StateDict
+
+
+# ----------------------------------------------------------------------------- measurement
+def head_example_indices(bench: Any, task: str) -> torch.Tensor:
+    """Training examples the frozen head of ``task`` was built from (``head_shots`` per class), by the
+    rule of :attr:`mergelab.benchmarks.tiny.TinyBenchmark.heads`: the first of each class in a permutation
+    seeded with 0. They are excluded from the measured training loss: the head fits them, so on them
+    every model (the pretrained one included) looks better than on fresh data (assumption A3)."""
+    _, y = bench.split(task, "train")
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    shots = getattr(getattr(bench, "config", None), "head_shots", 0)
+    picked = [order[y[order] == c][:shots] for c in range(int(y.max()) + 1)] if shots else []
+    return torch.cat(picked) if picked else torch.empty(0, dtype=torch.long)
+
+
+def _eval_subset(n: int, max_examples: int | None, seed: int) -> torch.Tensor:
+    if max_examples is None or n <= max_examples:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_examples].sort().values
+
+
+_SPARE: tuple[weakref.ReferenceType, nn.Module] | None = None
+"""The spare encoder of the benchmark last measured, with a weak reference to that benchmark (not
+its ``id``, which a later benchmark may reuse once the first is gone)."""
+
+
+def _encoder(bench: Any, state: StateDict) -> nn.Module:
+    """One reusable encoder module for the benchmark, loaded with ``state`` (building a ViT per call is slow)."""
+
+    global _SPARE
+    if _SPARE is None or _SPARE[0]() is not bench:
+        _SPARE = (weakref.ref(bench), bench.new_encoder())
+    return load_encoder_state(_SPARE[1], state).to(bench.device)
+
+
+@torch.no_grad()
+def per_example_losses(bench: Any, state: StateDict, task: str, X: torch.Tensor, y: torch.Tensor,
+                       batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy (nats) and correctness of encoder ``state`` on every example of ``(X, y)`` with
+    ``task``'s frozen head: two ``(N,)`` tensors (float, bool)."""
+    enc = _encoder(bench, state).eval()
+    head = bench.heads[task].to(bench.device)
+    losses, correct = [], []
+    for i in range(0, len(y), batch_size):
+        logits = head(enc(X[i:i + batch_size].to(bench.device)))
+        yy = y[i:i + batch_size].to(bench.device)
+        losses.append(F.cross_entropy(logits, yy, reduction="none").cpu())
+        correct.append((logits.argmax(-1) == yy).cpu())
+    return torch.cat(losses), torch.cat(correct)
+
+
+def control_variate_gap(train: torch.Tensor, test: torch.Tensor, ref_train: torch.Tensor, ref_test: torch.Tensor
+                        ) -> tuple[float, float]:
+    """Generalization gap ``mean(test) - mean(train)`` with a control variate: a reference model measured
+    on the same examples, independent of the training data, so that its gap has expectation zero.
+
+    Returns ``(gap - c * ref_gap, c)`` with ``c = cov(loss, ref_loss) / var(ref_loss)`` over the pooled
+    examples (train and test together, so that ``c`` does not depend on the split): the
+    variance-minimizing coefficient. With losses of several nats per example, the raw gap's sampling
+    noise (tenths of a nat for a thousand examples) is larger than the gap; the reference removes the
+    part of it that the two models share.
+    """
+    loss = torch.cat([train, test]).double()
+    ref = torch.cat([ref_train, ref_test]).double()
+    var = float(ref.var())
+    c = float(((loss - loss.mean()) * (ref - ref.mean())).mean() / var) if var > 0 else 0.0
+    gap = float(test.double().mean() - train.double().mean())
+    ref_gap = float(ref_test.double().mean() - ref_train.double().mean())
+    return gap - c * ref_gap, c
+
+
+def measure_merge(bench: Any, state: StateDict, experts: Mapping[str, FinetuneConfig],
+                  max_examples: int | None = None, probe_size: int = 0, seed: int = 0,
+                  reference: StateDict | None = None, reference_cache: dict | None = None) -> dict[str, Any]:
+    """Generalization of a merged model on the union of the merged tasks.
+
+    Args:
+        bench: the benchmark (``split``, ``images``, ``heads``, ``new_encoder``, ``device``).
+        state: the merged encoder.
+        experts: task -> the config of the expert merged for it (gives the examples it saw).
+        max_examples: evaluate on at most this many seen-train and test examples per task (a fixed
+            random subset; ``None``: all).
+        probe_size: also measure ``L_k``, the mean per-example gradient norm of task ``k`` at the merged
+            model on this many seen training examples (``0``: skip).
+        seed: seed of the evaluation subsets.
+        reference: a model independent of the fine-tuning data (the pretrained encoder), measured on
+            the *same* examples: its gap has expectation zero, so subtracting it times the
+            variance-minimizing coefficient (:func:`control_variate_gap`) estimates the same expected
+            gap with much of the sampling noise removed (``gap_vs_reference``).
+        reference_cache: a dict reused across calls to keep the reference's per-example losses.
+
+    Returns:
+        ``train_loss`` (on the examples the experts saw, except the head's, see
+        :func:`head_example_indices`), ``test_loss``, ``generalization_gap``
+        (test minus train), ``train_accuracy``, ``test_accuracy``: unweighted means over tasks;
+        ``gap_vs_reference`` with a reference; ``per_task`` with the same keys; ``lipschitz`` per task
+        when ``probe_size > 0``.
+    """
+    if not experts:
+        raise ValueError("experts is empty; pass task -> FinetuneConfig for every merged task.")
+    cache = {} if reference_cache is None else reference_cache
+    per_task: dict[str, dict[str, float]] = {}
+    lipschitz: dict[str, float] = {}
+    for task, cfg in experts.items():
+        _, y = bench.split(task, "train")
+        seen = training_indices(len(y), cfg)  # the rows the task's expert trained on
+        seen = seen[~torch.isin(seen, head_example_indices(bench, task))]
+        seen = seen[_eval_subset(len(seen), max_examples, seed)]
+        _, yt = bench.split(task, "test")
+        test = _eval_subset(len(yt), max_examples, seed + 1)
+        # bench.images: the clip benchmark decodes each subset once and keeps it (a sweep measures
+        # hundreds of merges on the same subsets); images of the tiny benchmark are in memory
+        X_seen, X_test = bench.images(task, "train", seen), bench.images(task, "test", test)
+        tr, tr_ok = per_example_losses(bench, state, task, X_seen, y[seen])
+        te, te_ok = per_example_losses(bench, state, task, X_test, yt[test])
+        tr_loss, te_loss = float(tr.mean()), float(te.mean())
+        per_task[task] = {"train_loss": tr_loss, "test_loss": te_loss, "generalization_gap": te_loss - tr_loss,
+                          "train_accuracy": float(tr_ok.float().mean()), "test_accuracy": float(te_ok.float().mean())}
+        if reference is not None:
+            key = (task, cfg.data_fraction, cfg.seed, max_examples, seed)
+            if key not in cache:
+                cache[key] = (per_example_losses(bench, reference, task, X_seen, y[seen])[0],
+                              per_example_losses(bench, reference, task, X_test, yt[test])[0])
+            gap_cv, c = control_variate_gap(tr, te, *cache[key])
+            per_task[task]["gap_vs_reference"] = gap_cv
+            per_task[task]["control_coefficient"] = c
+        if probe_size > 0:
+            probe = seen[:probe_size]
+            enc = _encoder(bench, state)
+            lipschitz[task] = float(per_example_gradient_norms(
+                enc, bench.heads[task].to(bench.device), X_seen[:probe_size].to(bench.device),
+                y[probe].to(bench.device)).mean())
+    keys = ["train_loss", "test_loss", "generalization_gap", "train_accuracy", "test_accuracy"]
+    keys += ["gap_vs_reference"] if reference is not None else []
+    out: dict[str, Any] = {k: float(np.mean([v[k] for v in per_task.values()])) for k in keys}
+    out["per_task"] = per_task
+    if probe_size > 0:
+        out["lipschitz"] = lipschitz
+    return out

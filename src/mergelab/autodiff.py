@@ -1,0 +1,271 @@
+"""Derivatives of a model's loss: full-dataset gradients, Hessian-vector products, per-example
+gradient norms and extreme Hessian eigenvalues.
+
+The loss is the cross-entropy of ``head(encoder(X))``; gradients are taken with respect to the
+encoder's trainable parameters and returned keyed by parameter name (as
+:class:`~mergelab.task_vectors.TaskVector` values), so ``-lr * gradient`` compares directly with a
+task vector. Every double backward runs attention through PyTorch's math kernel (the fused CPU
+kernel has none): :func:`differentiable_attention`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .task_vectors import TaskVector, TensorMap, check_compatible
+
+HVP_METHODS = ("double_backward", "forward_over_reverse")
+
+# ----------------------------------------------------------------------------- gradients and HVPs
+class LossGradient(NamedTuple):
+    """Mean loss over a dataset and its gradient.
+
+    Attributes:
+        loss: mean cross-entropy over all examples (nats).
+        gradient: ``d loss / d theta`` per state-dict entry, same shapes as the parameters (zeros for
+            floating-point entries that are not trainable parameters).
+        n_examples: number of examples averaged.
+    """
+
+    loss: float
+    gradient: TaskVector
+    n_examples: int
+
+
+def _check_data(X: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
+    if len(X) != len(y) or len(y) == 0:
+        raise ValueError(f"X has {len(X)} rows and y has {len(y)}: pass the same, non-zero number of "
+                         "examples and labels.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is not valid; use a positive integer.")
+
+
+def _load(encoder: nn.Module, state: Mapping[str, torch.Tensor] | None, device: torch.device | str
+          ) -> nn.Module:
+    if state is not None:
+        own = encoder.state_dict()
+        check_compatible(own, state, "state dict")
+        with torch.no_grad():
+            encoder.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+    return encoder.to(device)
+
+
+def _as_taskvector(encoder: nn.Module, tensors: Mapping[str, torch.Tensor]) -> TaskVector:
+    """Full state-dict key set (floating entries only, dtype kept), zeros where ``tensors`` has none."""
+    out = {}
+    for k, v in encoder.state_dict().items():
+        if torch.is_floating_point(v):
+            t = tensors.get(k)
+            out[k] = t.detach().cpu() if t is not None else torch.zeros(v.shape, dtype=v.dtype)
+    return TaskVector(out)
+
+
+@contextmanager
+def _full_precision():
+    """No TensorFloat-32 on CUDA (matmuls and cuDNN convolutions), so that float32 means float32; a
+    no-op on the CPU."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@contextmanager
+def _differentiable_attention():
+    """Attention through the plain-math kernel: fused CPU kernels have no double backward or
+    forward-mode derivative."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def loss_and_gradient(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor,
+                      state: Mapping[str, torch.Tensor] | None = None, batch_size: int = 500,
+                      device: torch.device | str = "cpu") -> LossGradient:
+    """Mean cross-entropy of ``head(encoder(X))`` over the *whole* dataset and its gradient.
+
+    The loss is ``(1/N) sum_i CE_i``, exactly the objective a full-batch fine-tuning step with
+    mean reduction descends; the data are visited in order in batches of ``batch_size`` (each
+    batch contributes ``sum CE / N``), so the result is deterministic and independent of the
+    batch size up to float rounding. The head is frozen (its gradient is never formed).
+
+    Args:
+        encoder: maps ``(B, 3, H, W)`` to ``(B, d)``; loaded with ``state`` when given (a copy of
+            the weights is written into it; it is left in eval mode).
+        head: frozen head, ``(B, d)`` features to ``(B, C)`` logits.
+        X: ``(N, 3, H, W)`` inputs; y: ``(N,)`` int64 labels.
+        state: encoder weights to evaluate the gradient at (default: the encoder's own).
+        batch_size: examples per forward/backward pass (memory only, not the result).
+        device: where to compute.
+    """
+    _check_data(X, y, batch_size)
+    encoder = _load(encoder, state, device).eval()
+    head = head.to(device).eval()
+    params = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
+    grads = {n: torch.zeros_like(p) for n, p in params.items()}
+    head_grad = [p.requires_grad for p in head.parameters()]
+    for p in head.parameters():
+        p.requires_grad_(False)
+    n, total = len(y), 0.0
+    try:
+        for i in range(0, n, batch_size):
+            xb, yb = X[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            loss = F.cross_entropy(head(encoder(xb)), yb, reduction="sum") / n
+            batch_grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            with torch.no_grad():
+                for (name, _), g in zip(params.items(), batch_grads):
+                    if g is not None:
+                        grads[name] += g
+            total += float(loss.detach())
+    finally:
+        for p, flag in zip(head.parameters(), head_grad):
+            p.requires_grad_(flag)
+    return LossGradient(total, _as_taskvector(encoder, grads), n)
+
+
+def dataset_gradient(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor,
+                     state: Mapping[str, torch.Tensor] | None = None, batch_size: int = 500,
+                     device: torch.device | str = "cpu") -> TaskVector:
+    """The gradient part of :func:`loss_and_gradient`: ``grad (1/N) sum_i CE_i`` at ``state``."""
+    return loss_and_gradient(encoder, head, X, y, state, batch_size, device).gradient
+
+
+def hessian_vector_product(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor,
+                           vector: TensorMap, state: Mapping[str, torch.Tensor] | None = None,
+                           batch_size: int = 500, device: torch.device | str = "cpu",
+                           method: str = "double_backward") -> TaskVector:
+    """``H v``: the Hessian of the dataset's mean cross-entropy at ``state`` times ``vector``.
+
+    Batched like :func:`loss_and_gradient` (each batch's Hessian weighted by its share of
+    examples), without ever forming ``H``.
+
+    Args:
+        vector: a direction keyed like the encoder's parameters (e.g. the gradient itself).
+        method: ``"double_backward"`` (reverse over reverse: the gradient of ``<grad L, v>``) or
+            ``"forward_over_reverse"`` (``torch.func.jvp`` of ``torch.func.grad``); both give the
+            same numbers, the second one through :mod:`torch.func`.
+    """
+    if method not in HVP_METHODS:
+        raise ValueError(f"method={method!r} is not valid; use one of {', '.join(HVP_METHODS)}.")
+    _check_data(X, y, batch_size)
+    encoder = _load(encoder, state, device).eval()
+    head = head.to(device).eval()
+    names = [n for n, p in encoder.named_parameters() if p.requires_grad]
+    missing = [k for k in names if k not in vector.keys()]
+    if missing:
+        raise ValueError(f"vector has no entry for parameter {missing[0]!r}; pass a direction keyed like "
+                         "the encoder's parameters (a TaskVector or gradient of the same model).")
+    base = {k: v.detach() for k, v in encoder.named_parameters() if k in names}
+    v = {k: vector[k].to(device, base[k].dtype).reshape(base[k].shape) for k in names}
+    buffers = dict(encoder.named_buffers())
+    frozen = {k: p.detach() for k, p in encoder.named_parameters() if k not in names}
+    out = {k: torch.zeros_like(p) for k, p in base.items()}
+    n = len(y)
+    with _differentiable_attention():
+        for i in range(0, n, batch_size):
+            xb, yb = X[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+
+            def loss_of(p: dict[str, torch.Tensor], xb=xb, yb=yb) -> torch.Tensor:
+                feats = torch.func.functional_call(encoder, {**p, **frozen, **buffers}, (xb,))
+                return F.cross_entropy(head(feats), yb, reduction="sum") / n
+
+            if method == "forward_over_reverse":
+                _, hv = torch.func.jvp(torch.func.grad(loss_of), (base,), (v,))
+            else:
+                p = {k: t.clone().requires_grad_(True) for k, t in base.items()}
+                g = torch.autograd.grad(loss_of(p), list(p.values()), create_graph=True)
+                dot = sum((gi * v[k]).sum() for gi, k in zip(g, p))
+                hv = dict(zip(p, torch.autograd.grad(dot, list(p.values()))))
+            with torch.no_grad():
+                for k in out:
+                    out[k] += hv[k].detach()
+    return _as_taskvector(encoder, out)
+
+# ----------------------------------------------------------------------------- constants from runs
+def _loss_fn(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(encoder(X)), y)
+
+
+def per_example_gradient_norms(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor,
+                               chunk: int = 32) -> torch.Tensor:
+    """``||grad_theta CE(head(encoder(x_j)), y_j)||`` for every example, over the encoder's trainable
+    parameters, shape ``(N,)``. Uses ``torch.func.vmap`` in chunks; the model is not modified."""
+    from torch.func import functional_call, grad, vmap
+
+    if len(X) != len(y) or len(X) == 0:
+        raise ValueError(f"X has {len(X)} examples and y {len(y)}; pass the same, non-zero number.")
+    was_training = encoder.training
+    encoder.eval()
+    params = {k: v.detach() for k, v in encoder.named_parameters() if v.requires_grad}
+    buffers = {k: v.detach() for k, v in encoder.named_buffers()}
+
+    def loss_one(p: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = functional_call(encoder, {**p, **buffers}, (x[None],))
+        return F.cross_entropy(head(out), t[None])
+
+    per_grad = vmap(grad(loss_one), in_dims=(None, 0, 0))
+    norms = []
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        for i in range(0, len(X), chunk):
+            g = per_grad(params, X[i:i + chunk], y[i:i + chunk])
+            norms.append(torch.sqrt(sum((v.reshape(v.shape[0], -1).float() ** 2).sum(1) for v in g.values())))
+    encoder.train(was_training)
+    return torch.cat(norms).detach()
+
+
+def _hvp(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor,
+         params: list[torch.Tensor], vec: list[torch.Tensor]) -> list[torch.Tensor]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernel has no double backward
+        loss = _loss_fn(encoder, head, X, y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        return [h.detach() for h in torch.autograd.grad(grads, params, grad_outputs=vec)]
+
+
+def hessian_extreme_eigenvalues(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor,
+                                iters: int = 10, seed: int = 0) -> tuple[float, float]:
+    """``(lam_max, lam_min)`` of the Hessian of the mean cross-entropy on ``(X, y)`` w.r.t. the encoder's
+    trainable parameters, by power iteration on Hessian-vector products (double backward).
+
+    ``lam_max`` is the eigenvalue of largest magnitude (the top one for losses whose negative
+    curvature is small, as here); ``lam_min`` comes from power iteration on ``H - lam_max I``.
+    ``iters`` products each: a few iterations give the order of magnitude, which is what A4 needs.
+    """
+    if iters < 1:
+        raise ValueError(f"iters={iters!r} is not valid; use a positive number of power iterations.")
+    was_training = encoder.training
+    encoder.eval()
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(seed)
+
+    def normalize(v: list[torch.Tensor]) -> list[torch.Tensor]:
+        norm = torch.sqrt(sum((x ** 2).sum() for x in v))
+        return [x / norm for x in v]
+
+    def power(shift: float) -> float:
+        # drawn on the CPU, so the start vectors are the same on any device
+        v = normalize([torch.randn(p.shape, generator=g).to(p.device, p.dtype) for p in params])
+        lam = 0.0
+        for _ in range(iters):
+            hv = [h - shift * x for h, x in zip(_hvp(encoder, head, X, y, params, v), v)]
+            lam = float(sum((h * x).sum() for h, x in zip(hv, v)))
+            v = normalize(hv)
+        return lam + shift
+
+    lam_max = power(0.0)
+    lam_min = power(lam_max)
+    encoder.train(was_training)
+    return (max(lam_max, lam_min), min(lam_max, lam_min))

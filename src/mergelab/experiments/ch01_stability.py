@@ -1,0 +1,425 @@
+"""Chapter 01 (the stability bound): expert grids, merge plans, the merge experiment, correlations
+and the tables behind the chapter's figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..merging import merge
+from ..task_vectors import TaskVector
+from ..training.sweep import checkpoint_log, checkpoint_state, config_grid, one_at_a_time, row_config
+from ..analysis.generalization import measure_merge
+from ..analysis.stability import (
+    REGIMES,
+    Curvature,
+    ExpertHyperparameters,
+    StabilityTerms,
+    averaged_stability,
+    expert_stability,
+    generalization_bound,
+    gradient_norm_schedule,
+)
+from ..autodiff import hessian_extreme_eigenvalues
+from ..training import FinetuneConfig
+from ..utils import StateDict
+
+
+# ----------------------------------------------------------------------------- constants of a sweep
+def expert_terms(bench: Any, task: str, cfg: FinetuneConfig, curvature: Curvature, regime: str = "quadratic",
+                 statistic: str = "mean") -> StabilityTerms:
+    """:func:`expert_stability` of a cached sweep checkpoint, with ``G_t`` interpolated from the
+    gradient-norm probes in its log (``statistic``: ``"mean"`` or ``"max"`` per-example norm)."""
+
+    if statistic not in ("mean", "max"):
+        raise ValueError(f"statistic={statistic!r} is not valid; use 'mean' or 'max'.")
+    log = checkpoint_log(bench, task, cfg)
+    probe = log.get("gradient_norm_probe") or {}
+    if not probe.get("steps"):
+        raise ValueError(f"the checkpoint of task={task!r}, cfg={cfg} has no gradient-norm probes; "
+                         "run sweep(..., probe_size=8) to record them.")
+    G = gradient_norm_schedule(probe["steps"], probe[statistic], cfg.num_steps)
+    hp = ExpertHyperparameters.from_config(cfg, len(bench.split(task, "train")[1]),
+                                           batch_gradient_norms=log.get("batch_gradient_norm") or None)
+    return expert_stability(hp, G, curvature, regime)
+
+
+def estimate_curvature(bench: Any, points: Sequence[tuple[str, int, StateDict]], batch_size: int = 32,
+                       iters: int = 8, seed: int = 0) -> tuple[Curvature, list[dict[str, Any]]]:
+    """The curvature schedule of assumption A4 from Hessian power iteration at several points.
+
+    Args:
+        points: ``(task, step, encoder state)`` triples, e.g. ``theta_0`` at step 0 and a run's
+            checkpoints; each is evaluated on the first ``batch_size`` training examples of ``task``
+            with its head.
+
+    Returns:
+        ``Curvature`` with, at every measured step, ``beta = max lam_max`` and ``rho = -min lam_min``
+        over the points of that step (a constant when all points are at one step), and one row per
+        point.
+    """
+    if not points:
+        raise ValueError("points is empty; pass (task, step, state) triples, e.g. [('colours', 0, pretrained)].")
+    rows = []
+    for i, (task, step, state) in enumerate(points):
+        X, y = bench.split(task, "train")
+        enc = bench.new_encoder(state).to(bench.device)
+        lam_max, lam_min = hessian_extreme_eigenvalues(enc, bench.heads[task].to(bench.device),
+                                                       X[:batch_size].to(bench.device),
+                                                       y[:batch_size].to(bench.device), iters, seed + i)
+        rows.append({"task": task, "step": int(step), "lambda_max": lam_max, "lambda_min": lam_min})
+    steps = sorted({r["step"] for r in rows})
+    beta = tuple(max(r["lambda_max"] for r in rows if r["step"] == s) for s in steps)
+    rho = tuple(-min(r["lambda_min"] for r in rows if r["step"] == s) for s in steps)
+    if len(steps) == 1:
+        return Curvature(beta=beta[0], rho=rho[0]), rows
+    return Curvature(beta=beta, rho=rho, steps=tuple(steps)), rows
+
+
+# ----------------------------------------------------------------------------- the merge experiment
+HYPERPARAMETERS = ("lr", "batch_size", "data_fraction", "num_steps")
+"""The fine-tuning hyperparameters whose effect on ``x_avg`` the experiment measures."""
+
+
+@dataclass(frozen=True)
+class ExpertGrid:
+    """The grid of experts: a centre recipe and levels of each hyperparameter around it.
+
+    Attributes:
+        base: the centre recipe; its ``num_steps`` is the centre step count.
+        levels: hyperparameter (one of :data:`HYPERPARAMETERS`) -> levels, each including the centre
+            value. Levels whose mean is the centre (e.g. arithmetic) let heterogeneous merges be
+            compared with homogeneous ones at equal average hyperparameters.
+        checkpoints: step counts checkpointed from every run (``num_steps`` levels are added).
+        seeds: fine-tuning seeds; merge draw ``d`` uses ``seeds[d % len(seeds)]``.
+        factorial: every combination of lr x batch size x data fraction; else one at a time.
+    """
+
+    base: FinetuneConfig
+    levels: Mapping[str, tuple[Any, ...]]
+    checkpoints: tuple[int, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    factorial: bool = False
+
+    def __post_init__(self) -> None:
+        for name, values in self.levels.items():
+            if name not in HYPERPARAMETERS:
+                raise ValueError(f"levels has {name!r}; valid hyperparameters: {', '.join(HYPERPARAMETERS)}.")
+            if self.centre(name) not in values:
+                raise ValueError(f"levels[{name!r}]={list(values)} must include the centre value "
+                                 f"{self.centre(name)!r} (from base).")
+        if not self.seeds:
+            raise ValueError("seeds is empty; pass at least one fine-tuning seed.")
+
+    def centre(self, name: str) -> Any:
+        return getattr(self.base, name)
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        """Every checkpointed step count."""
+        return tuple(sorted(set(self.checkpoints) | set(self.levels.get("num_steps", ())) | {self.base.num_steps}))
+
+    def recipes(self, seed: int | None = None) -> list[FinetuneConfig]:
+        """Configurations at the centre step count (lr x batch x fraction, factorial or one at a time)."""
+        base = self.base if seed is None else replace(self.base, seed=seed)
+        axes = {k: v for k, v in self.levels.items() if k != "num_steps"}
+        if self.factorial:
+
+            return config_grid(base, **axes)
+
+        return one_at_a_time(base, **axes)
+
+    def at(self, step: int, seed: int | None = None) -> FinetuneConfig:
+        """The centre recipe's checkpoint at ``step`` (``seed``: default the base's)."""
+        return replace(self.base, num_steps=step, **({} if seed is None else {"seed": seed}))
+
+    def configs(self) -> list[FinetuneConfig]:
+        """Every recipe for every seed, with ``num_steps`` = the last checkpoint (for :func:`sweep`)."""
+        top = max(self.steps)
+        return [replace(c, num_steps=top) for s in self.seeds for c in self.recipes(s)]
+
+    def varied(self, cfg: FinetuneConfig) -> tuple[str, ...]:
+        """The hyperparameters in which ``cfg`` differs from the centre."""
+        return tuple(h for h in HYPERPARAMETERS if getattr(cfg, h) != self.centre(h))
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """One merge of the experiment.
+
+    Attributes:
+        draw: index of the random task subset.
+        experts: ``(task, config)`` per merged expert (``config.num_steps`` = its checkpoint).
+        kind: ``"homogeneous"`` (one recipe for all) or ``"heterogeneous"`` (one hyperparameter's levels
+            spread over the tasks, the others at the centre).
+        varied: for homogeneous merges, the hyperparameters off the centre (``()`` at the centre); for
+            heterogeneous ones, the spread hyperparameter.
+        method: merge method (``"weight_averaging"``, ``"ties"``, ``"dare"``...).
+        options: the method's options as sorted ``(name, value)`` pairs.
+    """
+
+    draw: int
+    experts: tuple[tuple[str, FinetuneConfig], ...]
+    kind: str
+    varied: tuple[str, ...]
+    method: str = "weight_averaging"
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+def plan_merges(grid: ExpertGrid, tasks: Sequence[str], merge_size: int = 3, num_draws: int = 4, seed: int = 0,
+                sparsify: Mapping[str, Mapping[str, Any]] | None = None) -> list[MergeSpec]:
+    """The merges of the experiment, for ``num_draws`` random subsets of ``merge_size`` tasks.
+
+    Per draw: a homogeneous merge for every recipe and checkpoint; a heterogeneous merge per
+    hyperparameter whose levels can be spread evenly over the tasks (``merge_size`` a multiple of the
+    number of levels), in a random order; and, for each method in ``sparsify`` (name -> options), the
+    centre homogeneous and the heterogeneous merges again with that method.
+    """
+    if not 1 <= merge_size <= len(tasks):
+        raise ValueError(f"merge_size={merge_size!r} is not valid; use 1..{len(tasks)} (the tasks available).")
+    if num_draws < 1:
+        raise ValueError(f"num_draws={num_draws!r} is not valid; use a positive integer.")
+    rng = np.random.default_rng(seed)
+    specs: list[MergeSpec] = []
+    for d in range(num_draws):
+        chosen = sorted(rng.choice(list(tasks), size=merge_size, replace=False).tolist())
+        run_seed = grid.seeds[d % len(grid.seeds)]
+        centre = replace(grid.base, seed=run_seed)
+        homo = []
+        for cfg in grid.recipes(run_seed):
+            for s in grid.steps:
+                c = replace(cfg, num_steps=s)
+                homo.append(MergeSpec(d, tuple((t, c) for t in chosen), "homogeneous", grid.varied(c)))
+        hetero = []
+        for h, levels in grid.levels.items():
+            if merge_size % len(levels):
+                continue
+            order = np.tile(np.asarray(levels, dtype=object), merge_size // len(levels))[rng.permutation(merge_size)]
+            experts = tuple((t, replace(centre, **{h: type(grid.centre(h))(v)})) for t, v in zip(chosen, order))
+            hetero.append(MergeSpec(d, experts, "heterogeneous", (h,)))
+        specs += homo + hetero
+        base_specs = [s for s in homo if s.varied == ()] + hetero
+        for method, options in (sparsify or {}).items():
+            opts = tuple(sorted(dict(options).items()))
+            specs += [replace(s, method=method, options=opts) for s in base_specs]
+    return specs
+
+
+class _StateCache:
+    """Expert state dicts loaded on demand, the least recently used dropped beyond ``max_bytes``
+    (tiny experts all fit; a grid of ViT-B-32 experts, 350 MB each, would not)."""
+
+    def __init__(self, load: Any, max_bytes: float) -> None:
+        self.load, self.max_bytes = load, max_bytes
+        self.items: dict[Any, StateDict] = {}
+
+    def __getitem__(self, key: Any) -> StateDict:
+        if key in self.items:
+            self.items[key] = self.items.pop(key)  # most recently used last
+            return self.items[key]
+        state = self.load(key)
+        self.items[key] = state
+        size = lambda st: sum(v.numel() * v.element_size() for v in st.values())  # noqa: E731
+        while len(self.items) > 1 and sum(size(v) for v in self.items.values()) > self.max_bytes:
+            self.items.pop(next(iter(self.items)))
+        return state
+
+
+def run_merges(bench: Any, specs: Sequence[MergeSpec], curvature: Curvature,
+               regimes: Sequence[str] = REGIMES, max_examples: int | None = 500, probe_size: int = 4,
+               progress: bool = True, state_cache_gb: float = 8.0) -> "Any":
+    """Merge, measure and bound every spec; one row per merge (a pandas DataFrame).
+
+    Experts are the sweep's checkpoints (:func:`mergelab.training.sweep.checkpoint_state`), kept in memory up to
+    ``state_cache_gb`` GiB between merges.
+
+    Measured (:func:`measure_merge`): ``train_loss``, ``test_loss``, ``generalization_gap``,
+    ``gap_vs_pretrained`` (the gap with the pretrained model on the same examples as a control
+    variate, :func:`control_variate_gap`: a lower-variance estimate of the same expectation),
+    ``train_accuracy``, ``test_accuracy``;
+    ``lipschitz`` (mean ``L_k``). Predicted, for simple averaging
+    only (the bound says nothing about sparsified merges): ``bound_<regime>`` and the averaged
+    stability's ``sampling_<regime>`` and ``drift_<regime>`` (:func:`averaged_stability`).
+    """
+    from tqdm.auto import tqdm
+
+
+    pre = bench.pretrained_state()
+    reference_cache: dict = {}
+    states = _StateCache(lambda key: checkpoint_state(bench, *key), max_bytes=state_cache_gb * 2**30)
+    terms_cache: dict[tuple[str, FinetuneConfig, str], StabilityTerms] = {}
+    rows = []
+    for spec in tqdm(specs, desc="merges", disable=not progress, mininterval=1.0):
+        tvs = []
+        for task, cfg in spec.experts:
+            tvs.append(TaskVector.from_states(pre, states[task, cfg]))
+        merged = merge(spec.method, pre, tvs, **dict(spec.options))
+        configs = dict(spec.experts)
+        m = measure_merge(bench, merged, configs, max_examples=max_examples, probe_size=probe_size,
+                          seed=spec.draw, reference=pre, reference_cache=reference_cache)
+        row: dict[str, Any] = {
+            "draw": spec.draw, "tasks": "+".join(t for t, _ in spec.experts), "kind": spec.kind,
+            "varied": "+".join(spec.varied) if spec.varied else "centre", "method": spec.method,
+            **{f"mean_{h}": float(np.mean([getattr(c, h) for _, c in spec.experts])) for h in HYPERPARAMETERS},
+            **{h: ",".join(str(getattr(c, h)) for _, c in spec.experts) for h in HYPERPARAMETERS},
+            "seed": spec.experts[0][1].seed,
+            **{k: m[k] for k in ("train_loss", "test_loss", "generalization_gap", "train_accuracy",
+                                 "test_accuracy")},
+            "gap_vs_pretrained": m["gap_vs_reference"],
+            "lipschitz": float(np.mean(list(m["lipschitz"].values()))) if probe_size > 0 else float("nan"),
+        }
+        for regime in regimes:
+            if spec.method != "weight_averaging" or probe_size == 0:
+                row.update({f"bound_{regime}": float("nan"), f"sampling_{regime}": float("nan"),
+                            f"drift_{regime}": float("nan")})
+                continue
+            terms = []
+            for task, cfg in spec.experts:
+                if (task, cfg, regime) not in terms_cache:
+                    terms_cache[task, cfg, regime] = expert_terms(bench, task, cfg, curvature, regime)
+                terms.append(terms_cache[task, cfg, regime])
+            avg = averaged_stability(terms)
+            row.update({f"bound_{regime}": generalization_bound(terms, [m["lipschitz"][t] for t, _ in spec.experts]),
+                        f"sampling_{regime}": avg.sampling, f"drift_{regime}": avg.drift})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def rank_correlations(df: Any, predicted: str, measured: str = "gap_vs_pretrained") -> dict[str, dict[str, float]]:
+    """Spearman rank correlation between a predicted and a measured column of :func:`run_merges`' table.
+
+    Computed over every simple-averaging merge (``"overall"``), and per hyperparameter over the
+    homogeneous merges that differ from the centre in that hyperparameter only (the centre included).
+    Each entry: ``spearman``, ``p_value``, ``n``, and ``spearman_within_draw``: the same after
+    subtracting each draw's centre merge from the measured value and from the log of the predicted
+    one, so that differences between task subsets do not count. NaN with fewer than 3 merges or a
+    constant column.
+    """
+    from scipy.stats import spearmanr
+
+    if predicted not in df or measured not in df:
+        raise ValueError(f"columns {predicted!r} and {measured!r} must be in the table; have: {', '.join(df.columns)}.")
+    avg = df[(df["method"] == "weight_averaging") & np.isfinite(df[predicted].astype(float))].copy()
+    centre = avg[(avg["kind"] == "homogeneous") & (avg["varied"] == "centre")].set_index("draw")
+    with np.errstate(divide="ignore"):
+        avg["_pred_w"] = np.log(avg[predicted].astype(float)) - np.log(avg["draw"].map(centre[predicted]).astype(float))
+    avg["_meas_w"] = avg[measured] - avg["draw"].map(centre[measured])
+
+    def rho(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        ok = np.isfinite(x) & np.isfinite(y)
+        x, y = x[ok], y[ok]
+        if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+            return float("nan"), float("nan")
+        res = spearmanr(x, y)
+        return float(res.statistic), float(res.pvalue)
+
+    def corr(part: Any) -> dict[str, float]:
+        r, p = rho(part[predicted].to_numpy(float), part[measured].to_numpy(float))
+        rw, _ = rho(part["_pred_w"].to_numpy(float), part["_meas_w"].to_numpy(float))
+        return {"spearman": r, "p_value": p, "n": int(len(part)), "spearman_within_draw": rw}
+
+    out = {"overall": corr(avg)}
+    homo = avg[avg["kind"] == "homogeneous"]
+    for h in HYPERPARAMETERS:
+        out[h] = corr(homo[homo["varied"].isin(["centre", h])])
+    return out
+
+
+# ----------------------------------------------------------------------------- tables for the figures
+def trajectory_table(bench: Any, table: Any) -> Any:
+    """Gradient-norm probes along every run of a :func:`mergelab.training.sweep.sweep` table (long format).
+
+    One row per run and probe: the run's ``task``, ``lr``, ``batch_size``, ``data_fraction``, ``seed``,
+    the ``step``, ``gradient_norm_mean`` and ``gradient_norm_max`` (per-example, over the probe), and
+    ``batch_gradient_norm`` (unclipped mini-batch norm at that step, mean of the 5 steps before it).
+    """
+
+
+    rows = []
+    last = table.sort_values("step").groupby(["task", "lr", "batch_size", "data_fraction", "seed"]).tail(1)
+    for _, r in last.iterrows():
+        log = checkpoint_log(bench, r["task"], row_config(r))
+        probe, norms = log.get("gradient_norm_probe") or {}, log.get("batch_gradient_norm") or []
+        for i, step in enumerate(probe.get("steps", [])):
+            window = norms[max(0, step - 5):step] if step > 0 else norms[:1]
+            rows.append({"task": r["task"], "lr": r["lr"], "batch_size": r["batch_size"],
+                         "data_fraction": r["data_fraction"], "seed": r["seed"], "step": step,
+                         "gradient_norm_mean": probe["mean"][i], "gradient_norm_max": probe["max"][i],
+                         "batch_gradient_norm": float(np.mean(window)) if window else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def hyperparameter_effects(df: Any, grid: ExpertGrid, predicted: str) -> Any:
+    """Homogeneous simple-averaging merges along each hyperparameter's slice (others at the centre).
+
+    Long format: ``hyperparameter``, ``level``, ``draw``, ``generalization_gap``, ``test_accuracy``,
+    ``predicted`` (the ``predicted`` column) and ``predicted_relative`` (divided by the same draw's
+    centre merge, so that draws with different tasks are comparable).
+    """
+
+    homo = df[(df["kind"] == "homogeneous") & (df["method"] == "weight_averaging")]
+    centre = homo[homo["varied"] == "centre"].set_index("draw")
+    rows = []
+    for h in grid.levels:
+        part = homo[homo["varied"].isin(["centre", h])]
+        for _, r in part.iterrows():
+            rows.append({"hyperparameter": h, "level": r[f"mean_{h}"], "draw": r["draw"],
+                         "generalization_gap": r["generalization_gap"], "gap_vs_pretrained": r["gap_vs_pretrained"],
+                         "test_accuracy": r["test_accuracy"],
+                         "train_loss": r["train_loss"], "predicted": r[predicted],
+                         "predicted_relative": r[predicted] / centre.loc[r["draw"], predicted]})
+    return pd.DataFrame(rows)
+
+
+def heterogeneity_table(df: Any, predicted: str) -> Any:
+    """Heterogeneous merges against the homogeneous centre merge of the same draw and method (equal
+    average hyperparameters when the levels' mean is the centre).
+
+    One row per draw, method and spread hyperparameter: ``gap_homogeneous``, ``gap_heterogeneous`` (both
+    ``gap_vs_pretrained``),
+    ``test_acc_homogeneous``, ``test_acc_heterogeneous``, ``predicted_homogeneous``,
+    ``predicted_heterogeneous``.
+    """
+
+    rows = []
+    for (draw, method), part in df.groupby(["draw", "method"]):
+        homo = part[(part["kind"] == "homogeneous") & (part["varied"] == "centre")]
+        if homo.empty:
+            continue
+        h0 = homo.iloc[0]
+        for _, r in part[part["kind"] == "heterogeneous"].iterrows():
+            rows.append({"draw": draw, "method": method, "hyperparameter": r["varied"],
+                         "gap_homogeneous": h0["gap_vs_pretrained"], "gap_heterogeneous": r["gap_vs_pretrained"],
+                         "test_acc_homogeneous": h0["test_accuracy"], "test_acc_heterogeneous": r["test_accuracy"],
+                         "predicted_homogeneous": h0[predicted], "predicted_heterogeneous": r[predicted]})
+    return pd.DataFrame(rows)
+
+
+def expert_table(bench: Any, grid: ExpertGrid, tasks: Sequence[str], hyperparameter: str = "lr",
+                 max_examples: int | None = 500, seed: int | None = None) -> Any:
+    """Each expert measured on its own task (``K = 1``) along one hyperparameter's levels and every
+    checkpoint: ``task``, ``level``, ``step``, ``train_loss``, ``test_loss``, ``generalization_gap``,
+    ``gap_vs_pretrained``, ``test_accuracy``."""
+
+
+    if hyperparameter not in grid.levels or hyperparameter == "num_steps":
+        raise ValueError(f"hyperparameter={hyperparameter!r} is not valid; use one of "
+                         f"{[h for h in grid.levels if h != 'num_steps']}.")
+    base = grid.base if seed is None else replace(grid.base, seed=seed)
+    pre, cache = bench.pretrained_state(), {}
+    rows = []
+    for task in tasks:
+        for level in grid.levels[hyperparameter]:
+            for step in grid.steps:
+                cfg = replace(base, **{hyperparameter: level, "num_steps": step})
+                m = measure_merge(bench, checkpoint_state(bench, task, cfg), {task: cfg}, max_examples=max_examples,
+                                  reference=pre, reference_cache=cache)
+                rows.append({"task": task, "level": level, "step": step,
+                             **{k: m[k] for k in ("train_loss", "test_loss", "generalization_gap", "test_accuracy")},
+                             "gap_vs_pretrained": m["gap_vs_reference"]})
+    return pd.DataFrame(rows)

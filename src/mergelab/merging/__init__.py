@@ -1,0 +1,26 @@
+"""Merge methods as plain functions registered by name, and validation-based coefficient choice.
+
+A merge method maps ``(pretrained state dict, task vectors, options) -> merged state dict``; one module
+per method, each registering itself with :func:`~mergelab.merging.registry.register_merge`. Importing
+this package imports every method module below, so :data:`MERGE_METHODS` is complete.
+
+Adding a method: write ``merging/<method>.py`` (a decorated function, using the kit in
+:mod:`mergelab.merging.base` and the shared pieces in :mod:`mergelab.merging.sparsify`), add one
+import line here; the contract tests (``tests/test_merge_contract.py``) then test it.
+"""
+
+from __future__ import annotations
+
+from . import (  # noqa: F401  (each registers its method)
+           dare,
+           task_arithmetic,
+           ties,
+           tsv,  # noqa: F401  (registers tsv_merge)
+           weight_averaging,
+)
+from .base import LayerUpdate, assemble, scaled, validate
+from .registry import MERGE_METHODS, MergeMethod, get_merge, merge, register_merge
+from .select import MergeResult, merge_with_validation
+
+__all__ = ["LayerUpdate", "MERGE_METHODS", "MergeMethod", "MergeResult", "assemble", "get_merge", "merge",
+           "merge_with_validation", "register_merge", "scaled", "validate"]

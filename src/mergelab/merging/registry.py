@@ -1,0 +1,120 @@
+"""The registry of merge methods: one :class:`MergeMethod` per name, filled by :func:`register_merge`.
+
+A merge method is a plain function ``fn(pretrained, task_vectors, **options) -> merged state dict``.
+Its signature is the single source of its options: the defaults the registry records are read from
+it (:func:`register_merge`), never written a second time.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..task_vectors import TaskVector
+from ..utils import StateDict
+from .base import LayerUpdate
+
+MergeFn = Callable[..., StateDict]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    Attributes:
+        name: registry key, in the field's words (``"task_arithmetic"``).
+        fn: ``fn(pretrained, task_vectors, **options) -> merged state dict``.
+        coefficient_grid: values of ``coefficient`` swept on validation; empty when the method has
+            no coefficient to choose (e.g. weight averaging).
+        defaults: default options, read from ``fn``'s signature (every keyword with a default).
+        update: for methods of the form ``theta_0 + coefficient * U``:
+            ``update(pretrained, task_vectors, **options) -> (keys, U_k)``, the parameters it changes
+            and a function computing ``U`` for one of them; :func:`mergelab.merging.merge_with_validation`
+            then computes ``U`` once for the whole coefficient sweep. ``None`` for other methods.
+        pretty_name: the name the book prints (``"Task arithmetic"``).
+        reference: the BibTeX key of the method's paper in ``reports/references.bib``.
+        identity: options under which merging a single task vector returns that expert exactly
+            (``theta_0 + tau``), e.g. ``{"coefficient": 1.0}`` for task arithmetic; ``None`` where
+            no setting does. The contract tests check it.
+        streams: whether the merge holds only the merged model and about one layer per task besides
+            its inputs (``False`` for methods that need every layer's update before assembling).
+    """
+
+    name: str
+    fn: MergeFn
+    coefficient_grid: tuple[float, ...] = ()
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    update: Callable[..., LayerUpdate] | None = None
+    pretty_name: str = ""
+    reference: str = ""
+    identity: Mapping[str, Any] | None = None
+    streams: bool = True
+
+    def __call__(self, pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
+                 **options: Any) -> StateDict:
+        return self.fn(pretrained, task_vectors, **{**self.defaults, **options})
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """Names of the options ``fn`` accepts (its keyword parameters)."""
+        return tuple(self.defaults)
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {}
+"""Every registered method by name; complete once :mod:`mergelab.merging` is imported."""
+
+
+def signature_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    """``{option: default}`` for every parameter of ``fn`` after ``(pretrained, task_vectors)`` that has
+    a default (``**kwargs`` is not an option)."""
+    params = list(inspect.signature(fn).parameters.values())[2:]
+    return {p.name: p.default for p in params
+            if p.default is not inspect.Parameter.empty
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def register_merge(name: str, coefficient_grid: Sequence[float] = (),
+                   update: Callable[..., LayerUpdate] | None = None, pretty_name: str = "",
+                   reference: str = "", identity: Mapping[str, Any] | None = None, streams: bool = True
+                   ) -> Callable[[MergeFn], MergeFn]:
+    """Decorator registering ``fn`` under ``name`` in :data:`MERGE_METHODS`.
+
+    The method's defaults are those of ``fn``'s signature. ``update``: see :class:`MergeMethod`.
+    Registering a name twice is an error (two modules would silently disagree on the method).
+    """
+
+    def wrap(fn: MergeFn) -> MergeFn:
+        if name in MERGE_METHODS and MERGE_METHODS[name].fn is not fn:
+            raise ValueError(f"merge method {name!r} is already registered by "
+                             f"{MERGE_METHODS[name].fn.__module__}; choose another name.")
+        MERGE_METHODS[name] = MergeMethod(name, fn, tuple(float(c) for c in coefficient_grid),
+                                          signature_defaults(fn), update,
+                                          pretty_name or name.replace("_", " ").capitalize(), reference,
+                                          None if identity is None else dict(identity), streams)
+        return fn
+
+    return wrap
+
+
+def get_merge(name: str) -> MergeMethod:
+    """The registered method ``name``, or an error listing the valid names."""
+    if name not in MERGE_METHODS:
+        raise ValueError(f"merge method {name!r} is not registered; valid: {', '.join(sorted(MERGE_METHODS))}.")
+    return MERGE_METHODS[name]
+
+
+def merge(name: str, pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
+          **options: Any) -> StateDict:
+    """Run the registered merge method ``name``; an unknown option is refused with the valid ones."""
+    method = get_merge(name)
+    fn_params = inspect.signature(method.fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in fn_params.values())
+    unknown = [k for k in options if k not in method.defaults and not takes_any]
+    if unknown:
+        raise ValueError(f"merge method {name!r} has no option {unknown[0]!r}; valid: "
+                         f"{', '.join(method.options) or 'none'}.")
+    return method(pretrained, task_vectors, **options)

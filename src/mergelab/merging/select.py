@@ -1,0 +1,77 @@
+"""Coefficient choice on validation: sweep a method's coefficient grid and keep the best merge."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..task_vectors import TaskVector
+from ..utils import StateDict
+from .base import scaled
+from .registry import get_merge
+
+
+@dataclass
+class MergeResult:
+    """A merge with its coefficient chosen on validation.
+
+    Attributes:
+        method: registry name.
+        coefficient: chosen value (``None`` for methods without one).
+        state: the merged state dict at that coefficient.
+        sweep: ``{coefficient: validation score}`` for every value tried.
+        also: merged states at the other coefficients asked for (``also_at`` of
+            :func:`merge_with_validation`), e.g. a method's data-free default.
+    """
+
+    method: str
+    coefficient: float | None
+    state: StateDict
+    sweep: dict[float, float]
+    also: dict[float, StateDict] = field(default_factory=dict)
+
+
+def merge_with_validation(name: str, pretrained: Mapping[str, torch.Tensor],
+                          task_vectors: Sequence[TaskVector], score: Callable[[StateDict], float],
+                          grid: Sequence[float] | None = None, progress: bool = True,
+                          also_at: Sequence[float] = (), **options: Any) -> MergeResult:
+    """Merge with ``name``, choosing ``coefficient`` to maximize ``score`` (a validation metric).
+
+    ``score`` must evaluate on validation data, never test. Ties go to the smaller coefficient.
+    ``also_at``: coefficients whose merged states are kept as well (:attr:`MergeResult.also`), taken
+    from the sweep when they are in ``grid`` and otherwise built from the same update, so that, say,
+    TSV-M at ``alpha = 1`` does not compute its SVDs a second time.
+    """
+    method = get_merge(name)
+    grid = tuple(method.coefficient_grid if grid is None else grid)
+    if not grid:
+        if also_at:
+            raise ValueError(f"also_at={list(also_at)!r} needs a coefficient sweep; {name!r} got grid=().")
+        state = method(pretrained, task_vectors, **options)
+        return MergeResult(name, None, state, {})
+    if method.update is not None:  # theta_0 + c * U: compute U once for the whole sweep
+        settings = {k: v for k, v in {**method.defaults, **options}.items() if k != "coefficient"}
+        keys, layer = method.update(pretrained, task_vectors, **settings)
+        update = {k: layer(k) for k in keys}
+        build = lambda c: scaled(pretrained, (list(update), update.__getitem__), c)  # noqa: E731
+    else:
+        build = lambda c: method(pretrained, task_vectors, **{**options, "coefficient": c})  # noqa: E731
+    wanted = {float(c) for c in also_at}
+    sweep: dict[float, float] = {}
+    also: dict[float, StateDict] = {}
+    best: tuple[float, float, StateDict] | None = None
+    for c in tqdm(grid, desc=f"{name}: coefficient on validation", disable=not progress, leave=False):
+        state = build(float(c))
+        s = float(score(state))
+        sweep[float(c)] = s
+        if float(c) in wanted:
+            also[float(c)] = state
+        if best is None or s > best[0]:
+            best = (s, float(c), state)
+    assert best is not None
+    also.update({c: build(c) for c in wanted - set(also)})
+    return MergeResult(name, best[1], best[2], sweep, also)

@@ -1,0 +1,132 @@
+"""The contract every registered merge method keeps, tested for each entry of ``MERGE_METHODS``.
+
+Adding a method (one module under ``mergelab/merging/`` and one import line) gets these tests for
+free; method-specific properties live in ``test_merging.py`` and ``test_tsv.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_state
+
+from mergelab.merging import MERGE_METHODS, MergeMethod, get_merge, merge, merge_with_validation
+from mergelab.merging.registry import signature_defaults
+from mergelab.task_vectors import TaskVector
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))  # the memory tool lives outside the package
+
+METHODS = sorted(MERGE_METHODS)
+SHAPES = {"w": (6, 5), "b": (6,), "emb": (3, 5)}
+
+
+def _inputs(n_tasks: int = 3, shapes: dict | None = None) -> tuple[dict, list[TaskVector]]:
+    shapes = shapes or SHAPES
+    pre = make_state(0, shapes)
+    return pre, [TaskVector.from_states(pre, make_state(s, shapes)) for s in range(1, n_tasks + 1)]
+
+
+def test_every_module_in_the_merging_package_that_defines_a_method_registers_it():
+    assert {"weight_averaging", "task_arithmetic", "ties", "dare", "tsv_merge"} <= set(MERGE_METHODS)
+    for name, method in MERGE_METHODS.items():
+        assert method.fn.__module__.startswith("mergelab.merging."), name
+        assert method.pretty_name and method.reference, f"{name}: give a pretty_name and a BibTeX reference"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_defaults_are_the_signature_s_and_every_one_is_accepted(name):
+    method = get_merge(name)
+    assert dict(method.defaults) == signature_defaults(method.fn)
+    if method.coefficient_grid:
+        assert "coefficient" in method.defaults, f"{name} sweeps a coefficient its signature lacks"
+    pre, tvs = _inputs()
+    merged = merge(name, pre, tvs, **method.defaults)  # the defaults, passed explicitly, change nothing
+    for k, v in method(pre, tvs).items():
+        torch.testing.assert_close(merged[k], v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_refusals_name_the_bad_option_key_or_shape(name):
+    pre, tvs = _inputs()
+    with pytest.raises(ValueError, match=r"no option 'not_an_option'.*valid"):
+        merge(name, pre, tvs, not_an_option=1)
+    other_shape = TaskVector.from_states(make_state(0, {**SHAPES, "w": (6, 6)}), make_state(9, {**SHAPES, "w": (6, 6)}))
+    with pytest.raises(ValueError, match=r"'w'.*shape \(6, 6\).*expected \(6, 5\)"):
+        merge(name, pre, [tvs[0], other_shape])
+    missing = TaskVector({"w": torch.zeros(6, 5), "b": torch.zeros(6)})
+    with pytest.raises(ValueError, match="missing key 'emb'"):
+        merge(name, pre, [tvs[0], missing])
+    foreign = TaskVector({**tvs[0].vector, "extra": torch.zeros(2)})
+    with pytest.raises(ValueError, match="'extra'"):
+        merge(name, pre, [foreign])
+    with pytest.raises(ValueError, match="empty"):
+        merge(name, pre, [])
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if MERGE_METHODS[n].identity is not None])
+def test_one_task_under_the_identity_options_returns_the_expert(name):
+    pre, tvs = _inputs(1)
+    expert = tvs[0].apply_to(pre)
+    merged = merge(name, pre, tvs, **get_merge(name).identity)
+    for k in pre:
+        torch.testing.assert_close(merged[k], expert[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_merging_is_deterministic_and_keeps_keys_shapes_and_dtypes(name):
+    shapes = {"w": (6, 5), "b": (6,)}
+    pre = {k: v.to(torch.bfloat16) if k == "b" else v for k, v in make_state(0, shapes).items()}
+    tvs = [TaskVector.from_states(pre, {k: (v + make_state(s, shapes)[k].to(v.dtype)) for k, v in pre.items()})
+           for s in (1, 2)]
+    a, b = merge(name, pre, tvs), merge(name, pre, tvs)
+    assert list(a) == list(pre)
+    for k in pre:
+        assert a[k].shape == pre[k].shape and a[k].dtype == pre[k].dtype, k
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if MERGE_METHODS[n].coefficient_grid])
+def test_a_validation_sweep_equals_merging_directly_at_each_coefficient(name, monkeypatch):
+    pre, tvs = _inputs()
+    method = get_merge(name)
+    calls = []
+    counted = MergeMethod(name, method.fn, method.coefficient_grid, method.defaults,
+                          None if method.update is None else
+                          (lambda *a, **o: calls.append(1) or method.update(*a, **o)))
+    monkeypatch.setitem(MERGE_METHODS, name, counted)
+    grid = (0.3, 0.7, 1.2)
+    states = []
+    result = merge_with_validation(name, pre, tvs, lambda st: states.append(st) or float(st["w"].sum()),
+                                   grid=grid, progress=False)
+    if method.update is not None:
+        assert len(calls) == 1, "a linear method computes its update once per sweep"
+    for state, c in zip(states, grid):
+        direct = method(pre, tvs, coefficient=c)
+        for k in pre:
+            torch.testing.assert_close(state[k], direct[k], rtol=0, atol=0)
+    assert result.coefficient in grid
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if MERGE_METHODS[n].streams])
+def test_streaming_methods_hold_one_layer_at_a_time(name):
+    """Besides its inputs a streaming merge holds the merged model and the layers in flight: its extra
+    peak stays under ``(1 + T/2)`` models, where materializing the T updates first needs ``1 + T``."""
+    from memory import PeakMemory
+
+    n_tasks = 4
+    shapes = {f"layer{i}.weight": (1024, 512) for i in range(12)}  # 12 layers of 2 MiB: 24 MiB a model
+    pre, tvs = _inputs(n_tasks, shapes)
+    model_bytes = sum(v.numel() * v.element_size() for v in pre.values())
+    with torch.no_grad(), PeakMemory("cpu") as mem:
+        merged = merge(name, pre, tvs)
+    del merged
+    assert mem.extra_bytes < (1 + n_tasks / 2) * model_bytes, f"{name}: {mem.extra_bytes / 2**20:.0f} MiB extra"
+
+
+def test_methods_that_do_not_stream_say_why_in_their_docstring():
+    for name, method in MERGE_METHODS.items():
+        if not method.streams:
+            assert "not streaming" in (method.fn.__doc__ or ""), name
