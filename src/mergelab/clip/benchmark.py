@@ -251,8 +251,19 @@ class ClipBenchmark:
     # ------------------------------------------------------------------ identity and caches
     @property
     def key(self) -> str:
-        """Hash of the pretrained model's identity (name, tag or init seed)."""
+        """Hash of the pretrained model's identity (name, tag or init seed, MLP activation)."""
         return config_hash({"benchmark": "clip", **self.config.model.identity()})
+
+    @property
+    def activation(self) -> str:
+        """The MLP activation of the model (``"QuickGELU"`` for OpenAI's weights): part of every cache key."""
+        return self.config.model.identity()["activation"]
+
+    @property
+    def precision(self) -> str:
+        """The arithmetic of fine-tuning and evaluation on this device: ``"fp32"``, ``"bf16"`` or ``"fp16"``
+        (``model.precision`` resolved; ``"auto"`` depends on the GPU): part of expert and evaluation keys."""
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp]
 
     @property
     def cache_dir(self) -> Path:
@@ -446,7 +457,9 @@ class ClipBenchmark:
             self._heads[t] = self._read_head(t)
 
     def _head_key(self, task: str) -> str:
-        return config_hash({"task": task, "class_names": self.class_names(task), "templates": ds.TEMPLATES[task]})
+        """Cache key of a zero-shot head: task, class names, templates and the text tower's activation."""
+        return config_hash({"task": task, "class_names": self.class_names(task), "templates": ds.TEMPLATES[task],
+                            "activation": self.activation})
 
     def _head_path(self, task: str) -> Path:
         return self.cache_dir / "heads" / f"{task}-{self._head_key(task)}.safetensors"
@@ -520,9 +533,10 @@ class ClipBenchmark:
 
     def run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> str:
         """Cache key (16 hex digits) of a fine-tuning run: ``kind`` (``"expert"`` or ``"multitask"``),
-        its tasks, the benchmark, the tasks' head digests, the training data's fingerprint and every
-        hyperparameter of ``cfg``."""
+        its tasks, the benchmark (model, weights, activation), the precision it trains in, the tasks'
+        head digests, the training data's fingerprint and every hyperparameter of ``cfg``."""
         return config_hash({"benchmark": self.key, "kind": kind, "tasks": list(tasks),
+                            "activation": self.activation, "precision": self.precision,
                             "heads": [self.head_digest(t) for t in tasks],
                             "data": [self._splits_fingerprint(t, "train") for t in tasks],
                             "finetune": asdict(cfg)})
@@ -581,9 +595,16 @@ class ClipBenchmark:
         start = 0
         if partial is not None and partial.is_file():
             ck = torch.load(str(partial), map_location="cpu", weights_only=True)
+            saved = ck.get("precision", self.precision)
+            if saved != self.precision:
+                raise ValueError(
+                    f"the partial checkpoint {partial} was trained in {saved}, this run uses model.precision="
+                    f"{self.config.model.precision!r} ({self.precision}) on {device}: resuming would mix "
+                    f"them. Delete it to start over, or set model.precision: {saved} to resume it.")
             enc.load_state_dict(ck["encoder"])
             opt.load_state_dict(ck["optimizer"])
-            scaler.load_state_dict(ck["scaler"])
+            if ck["scaler"]:  # a disabled scaler (fp32, bf16) saves an empty state
+                scaler.load_state_dict(ck["scaler"])
             start = int(ck["step"])
             history = {"loss": list(ck["loss"]), "lr": list(ck["lr"]), "grad_norm": list(ck.get("grad_norm", [])),
                        "resumed_at_step": start, "resumed_wall_s": float(ck["wall_time_s"])}
@@ -625,7 +646,7 @@ class ClipBenchmark:
                 on_step(done, enc)
             if partial is not None and done % self.config.checkpoint_every == 0 and done < cfg.num_steps:
                 self._save_partial(partial, enc, opt, scaler, done, history,
-                                   history.get("resumed_wall_s", 0.0) + time.perf_counter() - begun)
+                                   history.get("resumed_wall_s", 0.0) + time.perf_counter() - begun, self.precision)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
         enc.eval()
@@ -633,10 +654,11 @@ class ClipBenchmark:
 
     @staticmethod
     def _save_partial(path: Path, enc: nn.Module, opt: torch.optim.Optimizer, scaler: Any, step: int,
-                      history: dict[str, Any], wall_s: float) -> None:
+                      history: dict[str, Any], wall_s: float, precision: str = "fp32") -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save({"encoder": {k: v.detach().cpu() for k, v in enc.state_dict().items()},
                     "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                    "precision": precision,
                     "loss": history["loss"], "lr": history["lr"], "grad_norm": history["grad_norm"],
                     "wall_time_s": wall_s,
                     "rng": torch.get_rng_state()}, str(tmp))
@@ -680,7 +702,8 @@ class ClipBenchmark:
     # ------------------------------------------------------------------ evaluation
     def _eval_key(self, task: str, split: str) -> str:
         return config_hash({"task": task, "split": split, "head": self.head_digest(task),
-                            "data": self._splits_fingerprint(task, split), "amp": str(self.amp)})
+                            "activation": self.activation, "data": self._splits_fingerprint(task, split),
+                            "amp": str(self.amp)})
 
     def _eval_path(self, digest: str) -> Path:
         return self.cache_dir / "eval" / digest[:2] / f"{digest}.json"
