@@ -329,7 +329,11 @@ def test_import_of_saved_experts_and_refusal_of_other_architectures(root, tmp_pa
     torch.save(mod.ImageEncoder(clip_model), folder / "gtsrb" / "finetuned.pt")
     monkeypatch.delitem(sys.modules, mod.__name__)
 
-    imported = bench.import_experts(folder)
+    with pytest.raises(CheckpointError, match="gtsrb.*allow_pickle: true"):
+        bench.import_experts(folder)  # the pickle is not unpickled unless asked
+    trusting = mergelab.load_benchmark("clip", device="cpu", progress=False, tasks=list(bench.tasks), model={
+        **TINY, "allow_pickle": True}, data={"root": str(root), "num_workers": 0})
+    imported = trusting.import_experts(folder)
     for t in bench.tasks:
         assert all(torch.equal(imported[t][k], fake[t][k]) for k in pre), t
 

@@ -114,3 +114,108 @@ def test_torch_lower_bound_has_the_amp_grad_scaler():
     torch_dep = next(d for d in deps if d.replace(" ", "").startswith("torch>="))
     major, minor = (int(x) for x in torch_dep.split(">=")[1].split(".")[:2])
     assert (major, minor) >= (2, 3), f"{torch_dep}: torch.amp.GradScaler(device_type) needs torch 2.3"
+
+
+# ------------------------------------------------------------------------------------------ 2. pickles
+class _RunsCode:
+    """Unpickling this calls ``os.system``: what a malicious checkpoint does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_runs_code_is_refused_without_allow_pickle(tmp_path):
+    from mergelab.clip.checkpoints import CheckpointError, read_checkpoint
+
+    marker = tmp_path / "command-ran"
+    path = tmp_path / "Evil.pt"
+    torch.save({"x": _RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError, match=r"allow_pickle: true") as info:
+        read_checkpoint(path)
+    assert str(path) in str(info.value)
+    assert not marker.exists(), "the pickle's code ran although allow_pickle was not given"
+    with pytest.raises(ValueError, match="allow_pickle='yes' is not valid"):
+        ClipModelConfig(allow_pickle="yes")
+
+
+def test_a_release_style_pickle_loads_with_allow_pickle(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from mergelab.clip.checkpoints import CheckpointError, load_expert
+
+    mod = types.ModuleType("src_release_modeling")
+
+    class ImageEncoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+    ImageEncoder.__module__, ImageEncoder.__qualname__ = mod.__name__, "ImageEncoder"
+    mod.ImageEncoder = ImageEncoder
+    clip = create_clip(ClipModelConfig(**TINY))[0]
+    reference = {k: v.clone() for k, v in clip.visual.state_dict().items()}
+    with torch.no_grad():
+        for p in clip.visual.parameters():
+            p.add_(0.5)
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    torch.save(ImageEncoder(clip), tmp_path / "finetuned.pt")
+    monkeypatch.delitem(sys.modules, mod.__name__)  # as on a machine without the public code
+    with pytest.raises(CheckpointError, match="allow_pickle"):
+        load_expert(tmp_path / "finetuned.pt", reference)
+    loaded = load_expert(tmp_path / "finetuned.pt", reference, allow_pickle=True)
+    assert all(torch.equal(loaded[k], v) for k, v in clip.visual.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------ 7. HF experts
+def _to_hf_names(visual: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An open_clip image tower under transformers' CLIPVisionModel names (written out here, independently
+    of the package's mapping): separate q/k/v projections, no visual projection."""
+    top = {"class_embedding": "embeddings.class_embedding", "conv1.weight": "embeddings.patch_embedding.weight",
+           "positional_embedding": "embeddings.position_embedding.weight", "ln_pre.weight": "pre_layrnorm.weight",
+           "ln_pre.bias": "pre_layrnorm.bias", "ln_post.weight": "post_layernorm.weight",
+           "ln_post.bias": "post_layernorm.bias"}
+    block = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    out = {"vision_model.embeddings.position_ids": torch.arange(visual["positional_embedding"].shape[0])[None]}
+    for k, v in visual.items():
+        if k in top:
+            out["vision_model." + top[k]] = v
+        elif k.startswith("transformer.resblocks."):
+            i, rest = k.split(".")[2], ".".join(k.split(".")[3:])
+            dst = f"vision_model.encoder.layers.{i}."
+            if rest.startswith("attn.in_proj_"):
+                kind = rest.rsplit("_", 1)[1]
+                for name, part in zip("qkv", v.chunk(3, dim=0)):
+                    out[f"{dst}self_attn.{name}_proj.{kind}"] = part.clone()
+            else:
+                module, kind = rest.rsplit(".", 1)
+                out[f"{dst}{block[module]}.{kind}"] = v
+        else:
+            assert k == "proj", k
+    return out
+
+
+def test_fusionbench_hf_experts_are_mapped_to_open_clip_names(tmp_path):
+    from safetensors.torch import save_file
+
+    from mergelab.clip.checkpoints import find_expert_checkpoint, load_expert
+
+    clip = create_clip(ClipModelConfig(**TINY))[0]
+    reference = {k: v.clone() for k, v in clip.visual.state_dict().items()}
+    expert = {k: v + 0.25 * torch.randn_like(v) for k, v in reference.items()}
+    (tmp_path / "SVHN").mkdir()
+    save_file({k: v.contiguous() for k, v in _to_hf_names(expert).items()}, str(tmp_path / "SVHN" / "model.safetensors"))
+    path = find_expert_checkpoint(tmp_path, "SVHN")
+    loaded = load_expert(path, reference)
+    assert set(loaded) == set(reference)
+    for k in reference:
+        want = reference[k] if k == "proj" else expert[k]  # a CLIPVisionModel has no projection: the pretrained one
+        assert torch.equal(loaded[k], want), k
+    # a CLIPModel-style file carries visual_projection (embed_dim, width): it is used, transposed
+    with_projection = {**_to_hf_names(expert), "visual_projection.weight": expert["proj"].t().contiguous()}
+    torch.save(with_projection, tmp_path / "SVHN.pt")
+    assert torch.equal(load_expert(tmp_path / "SVHN.pt", reference)["proj"], expert["proj"])

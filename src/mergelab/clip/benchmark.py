@@ -523,12 +523,13 @@ class ClipBenchmark:
     # ------------------------------------------------------------------ experts
     def import_experts(self, folder: str | Path, tasks: Iterable[str] | None = None) -> dict[str, StateDict]:
         """Image-tower state dicts of existing experts in ``folder``, one per task (see
-        :mod:`mergelab.clip.checkpoints` for the accepted files); checked against the pretrained tower."""
+        :mod:`mergelab.clip.checkpoints` for the accepted files); checked against the pretrained tower.
+        Pickled modules are read only with ``model.allow_pickle: true``."""
         reference = self.pretrained_state()
         out = {}
         for t in tasks or self.tasks:
             t = ds.check_task(t)
-            out[t] = load_expert(find_expert_checkpoint(folder, t), reference)
+            out[t] = load_expert(find_expert_checkpoint(folder, t), reference, self.config.model.allow_pickle)
         return out
 
     def run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> str:
