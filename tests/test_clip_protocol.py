@@ -219,3 +219,107 @@ def test_fusionbench_hf_experts_are_mapped_to_open_clip_names(tmp_path):
     with_projection = {**_to_hf_names(expert), "visual_projection.weight": expert["proj"].t().contiguous()}
     torch.save(with_projection, tmp_path / "SVHN.pt")
     assert torch.equal(load_expert(tmp_path / "SVHN.pt", reference)["proj"], expert["proj"])
+
+
+# ------------------------------------------------------------------------------------------ 4. names, templates
+def test_class_names_and_templates_are_the_public_ones():
+    from mergelab.clip import datasets as ds
+
+    # counts and entries of the public lists (task_vectors src/datasets/templates.py and classnames)
+    counts = {"Cars": 8, "DTD": 8, "EuroSAT": 3, "GTSRB": 3, "MNIST": 1, "RESISC45": 18, "SUN397": 2, "SVHN": 1}
+    assert {t: len(v) for t, v in ds.TEMPLATES.items()} == counts
+    assert ds.TEMPLATES["MNIST"] == ds.TEMPLATES["SVHN"] == ('a photo of the number: "{}".',)
+    assert ds.TEMPLATES["SUN397"] == ("a photo of a {}.", "a photo of the {}.")
+    assert ds.TEMPLATES["EuroSAT"] == ("a centered satellite photo of {}.", "a centered satellite photo of a {}.",
+                                       "a centered satellite photo of the {}.")
+    assert ds.TEMPLATES["GTSRB"][0] == 'a zoomed in photo of a "{}" traffic sign.'
+    assert ds.TEMPLATES["Cars"][3] == "i love my {}!" and ds.TEMPLATES["DTD"][-1] == "a photo of the {} object."
+    assert ds.TEMPLATES["RESISC45"][0] == "satellite imagery of {}." and ds.TEMPLATES["RESISC45"][-1] == "aerial view of the {}."
+    assert [ds.EUROSAT_CLASSES[c] for c in sorted(ds.EUROSAT_CLASSES)] == [
+        "annual crop land", "forest", "brushland or shrubland", "highway or road",
+        "industrial buildings or commercial buildings", "pasture land", "permanent crop land",
+        "residential buildings or homes or apartments", "river", "lake or sea"]
+    assert len(ds.GTSRB_CLASSES) == 43 and ds.GTSRB_CLASSES[0] == "red and white circle 20 kph speed limit"
+    assert ds.GTSRB_CLASSES[14] == "stop" and ds.GTSRB_CLASSES[-1].endswith("no passing for trucks has ended")
+    names, label_of_entry = ds.sun397_public_classes(["/a/abbey", "/b/bakery/shop", "/b/bakery_x",
+                                                      "/a/apartment_building/outdoor"])
+    assert names == ["abbey", "apartment building outdoor", "bakery shop", "bakery x"]
+    assert label_of_entry.tolist() == [0, 2, 3, 1]
+
+
+# ------------------------------------------------------------------------------------------ 5. splits
+def _touch(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (folder / n).touch()
+
+
+def test_public_split_sizes_on_folders_laid_out_like_the_real_datasets(tmp_path):
+    """Empty image files in the real layouts and numbers (labels are read without decoding images)."""
+    from mergelab.clip import datasets as ds
+
+    root = tmp_path / "root"
+    # RESISC45: 45 x 700 images, the public 60/20/20 split files
+    rows: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for c in ds.RESISC45_FOLDERS:
+        files = [f"{c}_{i:03d}.jpg" for i in range(1, 701)]
+        _touch(root / "resisc45" / "NWPU-RESISC45" / c, files)
+        rows["train"] += files[:420]
+        rows["val"] += files[420:560]
+        rows["test"] += files[560:]
+    for split, names in rows.items():
+        (root / "resisc45" / f"resisc45-{split}.txt").write_text("\n".join(names[::-1]) + "\n")
+    # EuroSAT RGB: 27,000 images in its 10 class folders
+    eurosat = {"AnnualCrop": 3000, "Forest": 3000, "HerbaceousVegetation": 3000, "Highway": 2500,
+               "Industrial": 2500, "Pasture": 2000, "PermanentCrop": 2500, "Residential": 3000, "River": 2500,
+               "SeaLake": 3000}
+    for c, n in eurosat.items():
+        _touch(root / "eurosat" / "2750" / c, [f"{c}_{i}.jpg" for i in range(1, n + 1)])
+    # SUN397: 397 categories, partition 1 lists 50 training and 50 testing images of each
+    entries = [f"/{chr(97 + i % 26)}/scene_{i:03d}" + ("/indoor" if i % 7 == 0 else "") for i in range(397)]
+    (root / "SUN397").mkdir(parents=True)
+    (root / "SUN397" / "ClassName.txt").write_text("\n".join(entries) + "\n")
+    lists: dict[str, list[str]] = {"Training_01": [], "Testing_01": []}
+    for k, e in enumerate(entries):
+        files = [f"sun_{k:03d}{i:03d}.jpg" for i in range(100)]
+        _touch(root / "SUN397" / e.lstrip("/"), files)
+        lists["Training_01"] += [f"{e}/{f}" for f in files[:50]]
+        lists["Testing_01"] += [f"{e}/{f}" for f in files[50:]]
+    for name, names in lists.items():
+        (root / "SUN397" / f"{name}.txt").write_text("\n".join(names) + "\n")
+
+    def sizes(task: str) -> tuple[int, int, int]:
+        source = ds.load_source(task, root)
+        return tuple(len(ds.make_split(source, s)) for s in ("train", "val", "test"))
+
+    assert sizes("RESISC45") == (17_010, 1_890, 6_300)  # public: RESISC45Val carved from the 18,900 of train
+    assert sizes("EuroSAT") == (21_600, 2_700, 2_700)  # public: EuroSAT_splits
+    assert sizes("SUN397") == (17_865, 1_985, 19_850)  # public: SUN397Val carved from 19,850
+    # RESISC45's training pool is in ImageFolder's order whatever the order of the split file
+    source = ds.load_source("RESISC45", root)
+    names = [Path(source.train.base.files[i]).name for i in source.train.indices]
+    assert names == sorted(rows["train"], key=lambda n: (n.rsplit("_", 1)[0], n))
+    # the EuroSAT rule is deterministic and stratified (10 % of each class as test, 10 % as val)
+    again = ds.load_source("EuroSAT", root)
+    assert np.array_equal(again.test.indices, ds.load_source("EuroSAT", root).test.indices)
+    assert np.bincount(again.test.labels).tolist() == [n // 10 for n in eurosat.values()]
+    # the public prepared EuroSAT split is read as it is when present
+    for split, n in (("train", 8), ("val", 1), ("test", 1)):
+        for c in eurosat:
+            _touch(root / "EuroSAT_splits" / split / c, [f"{c}_{split}_{i}.jpg" for i in range(n)])
+    assert sizes("EuroSAT") == (80, 10, 10)
+
+
+def test_missing_split_files_are_refused_with_where_to_get_them(tmp_path):
+    from mergelab.clip import datasets as ds
+
+    root = tmp_path / "root"
+    for c in ds.RESISC45_FOLDERS[:2]:
+        _touch(root / "resisc45" / "NWPU-RESISC45" / c, [f"{c}_001.jpg"])
+    with pytest.raises(ds.DatasetNotFoundError, match=r"resisc45-train\.txt.*required.*remote_sensing_representations"):
+        ds.load_source("RESISC45", root)
+    (root / "SUN397").mkdir()
+    (root / "SUN397" / "ClassName.txt").write_text("/a/abbey\n")
+    _touch(root / "SUN397" / "a" / "abbey", ["sun_001.jpg"])
+    with pytest.raises(ds.DatasetNotFoundError, match=r"Training_01\.txt.*required.*Partitions\.zip"):
+        ds.load_source("SUN397", root)
