@@ -323,3 +323,32 @@ def test_missing_split_files_are_refused_with_where_to_get_them(tmp_path):
     _touch(root / "SUN397" / "a" / "abbey", ["sun_001.jpg"])
     with pytest.raises(ds.DatasetNotFoundError, match=r"Training_01\.txt.*required.*Partitions\.zip"):
         ds.load_source("SUN397", root)
+
+
+# ------------------------------------------------------------------------------------------ 6. recipe
+def test_public_recipe_is_the_clip_default_with_the_public_epochs():
+    import yaml
+
+    from mergelab.clip.benchmark import PUBLIC_EPOCHS, PUBLIC_RECIPE, ClipDataConfig
+
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "params" / "clip").glob("*.yaml")):
+        params = yaml.safe_load(path.read_text())
+        assert params["model"]["precision"] == "fp32", path.name
+        assert params["model"]["allow_pickle"] is False, path.name
+    chapter0 = yaml.safe_load((root / "params/clip/00_benchmark_and_baselines.yaml").read_text())
+    assert chapter0["data"]["train_epochs"] == "public"
+    assert PUBLIC_EPOCHS == {"Cars": 35, "DTD": 76, "EuroSAT": 12, "GTSRB": 11, "MNIST": 5, "RESISC45": 15,
+                             "SUN397": 14, "SVHN": 4}
+    bench = mergelab.load_benchmark("clip", device="cpu", progress=False, model=dict(TINY), tasks=["MNIST"],
+                                    data={"synthetic": True, "num_workers": 0, "train_epochs": "public"})
+    n = len(bench.dataset("MNIST", "train"))
+    recipe = bench.expert_recipe("MNIST")
+    assert recipe.num_steps == 5 * -(-n // PUBLIC_RECIPE.batch_size) and recipe.lr == PUBLIC_RECIPE.lr
+    # the public MNIST run: 55,000 training images, 430 batches of 128 (the last partial), 5 epochs
+    assert 5 * -(-55_000 // 128) == 2150
+    with pytest.raises(ValueError, match="train_epochs=7 is not valid"):
+        ClipDataConfig(train_epochs=7)
+    # other recipes (a sweep's, chapter 1's SGD grid) keep their own number of steps
+    sgd = mergelab.FinetuneConfig(optimizer="sgd", lr=0.005, num_steps=250, warmup_steps=0, schedule="constant")
+    assert bench.expert_recipe("MNIST", sgd) == sgd

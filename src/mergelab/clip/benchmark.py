@@ -24,7 +24,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,14 @@ from .model import (ClipModelConfig, amp_dtype, autocast, check_model_name, crea
 PUBLIC_RECIPE = FinetuneConfig(optimizer="adamw", lr=1e-5, batch_size=128, num_steps=2000, schedule="cosine",
                                warmup_steps=500, weight_decay=0.1, grad_clip=1.0, seed=0)
 """The fine-tuning recipe behind the public experts: AdamW, lr 1e-5, weight decay 0.1, batch 128,
-cosine schedule with 500 warm-up steps, gradient-norm clip 1.0, about 2,000 steps, head frozen."""
+cosine schedule with 500 warm-up steps, gradient-norm clip 1.0, about 2,000 steps, head frozen, fp32.
+With ``data.train_epochs: public`` an expert's number of steps is the public one (:data:`PUBLIC_EPOCHS`)."""
+
+PUBLIC_EPOCHS: dict[str, int] = {"Cars": 35, "DTD": 76, "EuroSAT": 12, "GTSRB": 11, "MNIST": 5, "RESISC45": 15,
+                                 "SUN397": 14, "SVHN": 4}
+"""Epochs per task of the public fine-tuning (source: the official TSV code, finetune.py; the task-vector
+release used the same): a run of ``epochs * ceil(n_train / batch_size)`` steps, 1,960 (SUN397) to
+2,150 (MNIST) at batch 128."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,9 @@ class ClipDataConfig:
             whole splits in one batch forwards at once (:attr:`ClipBenchmark.micro_batch_size`).
         eval_cache_gb: memory (GiB) for keeping ``val`` splits decoded in RAM as ``uint8`` between
             evaluations (coefficient sweeps evaluate them many times); ``0`` disables it.
+        train_epochs: how long an expert trains: ``None`` for ``num_steps`` of its recipe; ``"public"``
+            for the public number of epochs of each task (:data:`PUBLIC_EPOCHS`), i.e.
+            ``epochs * ceil(n_train / batch_size)`` steps; or a ``{task: epochs}`` mapping.
     """
 
     root: str | None = None
@@ -75,8 +85,14 @@ class ClipDataConfig:
     num_workers: int = 4
     eval_batch_size: int = 256
     eval_cache_gb: float = 0.0
+    train_epochs: str | dict[str, int] | None = None
 
     def __post_init__(self) -> None:
+        epochs = self.train_epochs
+        if not (epochs is None or epochs == "public" or (
+                isinstance(epochs, dict) and all(isinstance(v, int) and v >= 1 for v in epochs.values()))):
+            raise ValueError(f"data train_epochs={epochs!r} is not valid; use null (the recipe's num_steps), "
+                             "'public' (the public epochs per task) or a mapping task: positive integer.")
         for name in ("max_train", "max_val", "max_test"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -87,6 +103,16 @@ class ClipDataConfig:
             raise ValueError(f"data eval_batch_size={self.eval_batch_size!r} is not valid; use a positive integer.")
         if not isinstance(self.eval_cache_gb, (int, float)) or self.eval_cache_gb < 0:
             raise ValueError(f"data eval_cache_gb={self.eval_cache_gb!r} is not valid; use a number of GiB >= 0.")
+
+    def epochs(self, task: str) -> int | None:
+        """Epochs an expert on ``task`` trains for, or ``None`` when the recipe's ``num_steps`` decides."""
+        if self.train_epochs is None:
+            return None
+        table = PUBLIC_EPOCHS if self.train_epochs == "public" else self.train_epochs
+        if task not in table:
+            raise ValueError(f"data train_epochs has no entry for task {task!r}; give one (valid tasks: "
+                             f"{', '.join(ds.TASKS)}) or use 'public'.")
+        return int(table[task])
 
     def limit(self, split: str) -> int | None:
         return {"train": self.max_train, "val": self.max_val, "test": self.max_test}[split]
@@ -677,7 +703,20 @@ class ClipBenchmark:
             if task not in self._imported:
                 self._imported[task] = self.import_experts(folder, [task])[task]
             return clone_state_dict(self._imported[task])
-        return self._train_cached("expert", [task], cfg or PUBLIC_RECIPE)
+        return self._train_cached("expert", [task], self.expert_recipe(task, cfg))
+
+    def expert_recipe(self, task: str, cfg: FinetuneConfig | None = None) -> FinetuneConfig:
+        """The recipe an expert on ``task`` trains with: ``cfg`` (default :data:`PUBLIC_RECIPE`), with
+        ``num_steps = epochs * ceil(n_train / batch_size)`` when ``data.train_epochs`` sets the epochs
+        and ``cfg`` is the public recipe (any ``num_steps`` and ``seed``); other recipes, such as a
+        sweep's, keep their ``num_steps``. ``n_train``: the examples the run trains on."""
+        cfg = cfg or PUBLIC_RECIPE
+        epochs = self.config.data.epochs(ds.check_task(task))
+        if epochs is None or replace(cfg, num_steps=PUBLIC_RECIPE.num_steps, seed=PUBLIC_RECIPE.seed) != PUBLIC_RECIPE:
+            return cfg  # the public epochs belong to the public recipe; other recipes (sweeps) keep num_steps
+        n = len(training_indices(len(self.dataset(task, "train")), cfg))
+        steps = epochs * -(-n // cfg.batch_size)
+        return replace(cfg, num_steps=steps, warmup_steps=min(cfg.warmup_steps, steps))
 
     def experts(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None
                 ) -> dict[str, StateDict]:
@@ -692,7 +731,7 @@ class ClipBenchmark:
         if folder is not None:
             return {"kind": "imported", "task": task, "checkpoint": str(find_expert_checkpoint(folder, task))}
         self.expert(task, cfg)
-        key = self.run_key("expert", [task], cfg or PUBLIC_RECIPE)
+        key = self.run_key("expert", [task], self.expert_recipe(task, cfg))
         return json.loads((self.experts_dir / f"expert-{key}.json").read_text())
 
     def multitask(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None) -> StateDict:
