@@ -209,11 +209,11 @@ def test_heads_splits_and_cached_evaluation(root, monkeypatch):
     assert torch.allclose(heads["EuroSAT"].weight.norm(dim=-1), torch.ones(10), atol=1e-5)
     assert heads["MNIST"].logit_scale == pytest.approx(1 / 0.07, rel=1e-4)  # exp(log(1/0.07)) of a fresh CLIP
     images, y = bench.split("EuroSAT", "train")
-    assert len(images) == len(y) == 81 and images[:3].shape == (3, 3, 224, 224)
+    assert len(images) == len(y) == 80 and images[:3].shape == (3, 3, 224, 224)  # EuroSAT's fixed train split
     raw = bench.raw_images("MNIST", "test")[:2]
     assert raw.shape == (2, 3, 224, 224) and 0 <= float(raw.min()) and float(raw.max()) <= 1
     assert len(bench.split("MNIST", "test")[1]) == 6  # max_test
-    assert bench.class_names("EuroSAT")[0] == "annual cropland"
+    assert bench.class_names("EuroSAT")[0] == "annual crop land"  # the public name
 
     pretrained = bench.pretrained_state()
     acc = bench.evaluate(pretrained, "val")
@@ -467,7 +467,7 @@ def test_sweep_checkpoints_are_the_shorter_runs_and_win_over_imported_experts(ro
 
 
 def test_micro_batches_give_the_same_step_and_unequal_subsets_get_a_spread_multitask_epoch(root):
-    bench = tiny_bench(root)  # MNIST has 54 training images, EuroSAT 81: 6 and 9 batches of 9
+    bench = tiny_bench(root)  # MNIST has 54 training images, EuroSAT 80
     X, y = bench.split("MNIST", "train")
     cfg = G.gradient_descent_config(0.05, batch_size=40, seed=1)
     states = []
@@ -484,15 +484,16 @@ def test_micro_batches_give_the_same_step_and_unequal_subsets_get_a_spread_multi
     assert G._spread_schedule({"a": 5, "b": 5}) == (5, None)
     # small SGD steps: the experts' summed task vectors ~ the multi-task displacement, as with equal subsets
     pre = bench.pretrained_state()
-    sgd = G.trajectory_config("sgd", 1e-5, batch_size=9)
+    # batch 2 divides both training splits (54 and 80 images), so no example is left out of an epoch
+    sgd = G.trajectory_config("sgd", 1e-5, batch_size=2)
     experts = {t: G.epoch_trajectory(bench, t, sgd, 1) for t in ("MNIST", "EuroSAT")}
-    assert [experts[t].steps_per_epoch for t in ("MNIST", "EuroSAT")] == [6, 9]
+    assert [experts[t].steps_per_epoch for t in ("MNIST", "EuroSAT")] == [27, 40]
     mt = G.multitask_epoch_trajectory(bench, ["MNIST", "EuroSAT"], sgd, 1)
-    assert mt.steps_per_epoch == 9 and mt.n_train == 81 and len(mt.loss) == 9
+    assert mt.steps_per_epoch == 40 and mt.n_train == 80 and len(mt.loss) == 40
     summed = sum(tr.task_vector(pre, 1) for tr in experts.values())
     tau_mt = mt.task_vector(pre, 1)
-    assert (summed - tau_mt).norm() < 0.02 * tau_mt.norm()
-    # MNIST at every one of the 9 steps would have added about half again its expert's update
+    assert (summed - tau_mt).norm() < 0.05 * tau_mt.norm()  # second-order drift over 40 small steps: ~3 %
+    # MNIST at every one of the 40 steps would have added about half again its expert's update
     every_step = summed + 0.5 * experts["MNIST"].task_vector(pre, 1)
     assert (every_step - tau_mt).norm() > 0.1 * tau_mt.norm()
 
