@@ -24,7 +24,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,14 @@ from .model import (ClipModelConfig, amp_dtype, autocast, check_model_name, crea
 PUBLIC_RECIPE = FinetuneConfig(optimizer="adamw", lr=1e-5, batch_size=128, num_steps=2000, schedule="cosine",
                                warmup_steps=500, weight_decay=0.1, grad_clip=1.0, seed=0)
 """The fine-tuning recipe behind the public experts: AdamW, lr 1e-5, weight decay 0.1, batch 128,
-cosine schedule with 500 warm-up steps, gradient-norm clip 1.0, about 2,000 steps, head frozen."""
+cosine schedule with 500 warm-up steps, gradient-norm clip 1.0, about 2,000 steps, head frozen, fp32.
+With ``data.train_epochs: public`` an expert's number of steps is the public one (:data:`PUBLIC_EPOCHS`)."""
+
+PUBLIC_EPOCHS: dict[str, int] = {"Cars": 35, "DTD": 76, "EuroSAT": 12, "GTSRB": 11, "MNIST": 5, "RESISC45": 15,
+                                 "SUN397": 14, "SVHN": 4}
+"""Epochs per task of the public fine-tuning (source: the official TSV code, finetune.py; the task-vector
+release used the same): a run of ``epochs * ceil(n_train / batch_size)`` steps, 1,960 (SUN397) to
+2,150 (MNIST) at batch 128."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,9 @@ class ClipDataConfig:
             whole splits in one batch forwards at once (:attr:`ClipBenchmark.micro_batch_size`).
         eval_cache_gb: memory (GiB) for keeping ``val`` splits decoded in RAM as ``uint8`` between
             evaluations (coefficient sweeps evaluate them many times); ``0`` disables it.
+        train_epochs: how long an expert trains: ``None`` for ``num_steps`` of its recipe; ``"public"``
+            for the public number of epochs of each task (:data:`PUBLIC_EPOCHS`), i.e.
+            ``epochs * ceil(n_train / batch_size)`` steps; or a ``{task: epochs}`` mapping.
     """
 
     root: str | None = None
@@ -75,8 +85,14 @@ class ClipDataConfig:
     num_workers: int = 4
     eval_batch_size: int = 256
     eval_cache_gb: float = 0.0
+    train_epochs: str | dict[str, int] | None = None
 
     def __post_init__(self) -> None:
+        epochs = self.train_epochs
+        if not (epochs is None or epochs == "public" or (
+                isinstance(epochs, dict) and all(isinstance(v, int) and v >= 1 for v in epochs.values()))):
+            raise ValueError(f"data train_epochs={epochs!r} is not valid; use null (the recipe's num_steps), "
+                             "'public' (the public epochs per task) or a mapping task: positive integer.")
         for name in ("max_train", "max_val", "max_test"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -87,6 +103,16 @@ class ClipDataConfig:
             raise ValueError(f"data eval_batch_size={self.eval_batch_size!r} is not valid; use a positive integer.")
         if not isinstance(self.eval_cache_gb, (int, float)) or self.eval_cache_gb < 0:
             raise ValueError(f"data eval_cache_gb={self.eval_cache_gb!r} is not valid; use a number of GiB >= 0.")
+
+    def epochs(self, task: str) -> int | None:
+        """Epochs an expert on ``task`` trains for, or ``None`` when the recipe's ``num_steps`` decides."""
+        if self.train_epochs is None:
+            return None
+        table = PUBLIC_EPOCHS if self.train_epochs == "public" else self.train_epochs
+        if task not in table:
+            raise ValueError(f"data train_epochs has no entry for task {task!r}; give one (valid tasks: "
+                             f"{', '.join(ds.TASKS)}) or use 'public'.")
+        return int(table[task])
 
     def limit(self, split: str) -> int | None:
         return {"train": self.max_train, "val": self.max_val, "test": self.max_test}[split]
@@ -251,8 +277,19 @@ class ClipBenchmark:
     # ------------------------------------------------------------------ identity and caches
     @property
     def key(self) -> str:
-        """Hash of the pretrained model's identity (name, tag or init seed)."""
+        """Hash of the pretrained model's identity (name, tag or init seed, MLP activation)."""
         return config_hash({"benchmark": "clip", **self.config.model.identity()})
+
+    @property
+    def activation(self) -> str:
+        """The MLP activation of the model (``"QuickGELU"`` for OpenAI's weights): part of every cache key."""
+        return self.config.model.identity()["activation"]
+
+    @property
+    def precision(self) -> str:
+        """The arithmetic of fine-tuning and evaluation on this device: ``"fp32"``, ``"bf16"`` or ``"fp16"``
+        (``model.precision`` resolved; ``"auto"`` depends on the GPU): part of expert and evaluation keys."""
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp]
 
     @property
     def cache_dir(self) -> Path:
@@ -446,7 +483,9 @@ class ClipBenchmark:
             self._heads[t] = self._read_head(t)
 
     def _head_key(self, task: str) -> str:
-        return config_hash({"task": task, "class_names": self.class_names(task), "templates": ds.TEMPLATES[task]})
+        """Cache key of a zero-shot head: task, class names, templates and the text tower's activation."""
+        return config_hash({"task": task, "class_names": self.class_names(task), "templates": ds.TEMPLATES[task],
+                            "activation": self.activation})
 
     def _head_path(self, task: str) -> Path:
         return self.cache_dir / "heads" / f"{task}-{self._head_key(task)}.safetensors"
@@ -510,19 +549,21 @@ class ClipBenchmark:
     # ------------------------------------------------------------------ experts
     def import_experts(self, folder: str | Path, tasks: Iterable[str] | None = None) -> dict[str, StateDict]:
         """Image-tower state dicts of existing experts in ``folder``, one per task (see
-        :mod:`mergelab.clip.checkpoints` for the accepted files); checked against the pretrained tower."""
+        :mod:`mergelab.clip.checkpoints` for the accepted files); checked against the pretrained tower.
+        Pickled modules are read only with ``model.allow_pickle: true``."""
         reference = self.pretrained_state()
         out = {}
         for t in tasks or self.tasks:
             t = ds.check_task(t)
-            out[t] = load_expert(find_expert_checkpoint(folder, t), reference)
+            out[t] = load_expert(find_expert_checkpoint(folder, t), reference, self.config.model.allow_pickle)
         return out
 
     def run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> str:
         """Cache key (16 hex digits) of a fine-tuning run: ``kind`` (``"expert"`` or ``"multitask"``),
-        its tasks, the benchmark, the tasks' head digests, the training data's fingerprint and every
-        hyperparameter of ``cfg``."""
+        its tasks, the benchmark (model, weights, activation), the precision it trains in, the tasks'
+        head digests, the training data's fingerprint and every hyperparameter of ``cfg``."""
         return config_hash({"benchmark": self.key, "kind": kind, "tasks": list(tasks),
+                            "activation": self.activation, "precision": self.precision,
                             "heads": [self.head_digest(t) for t in tasks],
                             "data": [self._splits_fingerprint(t, "train") for t in tasks],
                             "finetune": asdict(cfg)})
@@ -581,9 +622,16 @@ class ClipBenchmark:
         start = 0
         if partial is not None and partial.is_file():
             ck = torch.load(str(partial), map_location="cpu", weights_only=True)
+            saved = ck.get("precision", self.precision)
+            if saved != self.precision:
+                raise ValueError(
+                    f"the partial checkpoint {partial} was trained in {saved}, this run uses model.precision="
+                    f"{self.config.model.precision!r} ({self.precision}) on {device}: resuming would mix "
+                    f"them. Delete it to start over, or set model.precision: {saved} to resume it.")
             enc.load_state_dict(ck["encoder"])
             opt.load_state_dict(ck["optimizer"])
-            scaler.load_state_dict(ck["scaler"])
+            if ck["scaler"]:  # a disabled scaler (fp32, bf16) saves an empty state
+                scaler.load_state_dict(ck["scaler"])
             start = int(ck["step"])
             history = {"loss": list(ck["loss"]), "lr": list(ck["lr"]), "grad_norm": list(ck.get("grad_norm", [])),
                        "resumed_at_step": start, "resumed_wall_s": float(ck["wall_time_s"])}
@@ -625,7 +673,7 @@ class ClipBenchmark:
                 on_step(done, enc)
             if partial is not None and done % self.config.checkpoint_every == 0 and done < cfg.num_steps:
                 self._save_partial(partial, enc, opt, scaler, done, history,
-                                   history.get("resumed_wall_s", 0.0) + time.perf_counter() - begun)
+                                   history.get("resumed_wall_s", 0.0) + time.perf_counter() - begun, self.precision)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
         enc.eval()
@@ -633,10 +681,11 @@ class ClipBenchmark:
 
     @staticmethod
     def _save_partial(path: Path, enc: nn.Module, opt: torch.optim.Optimizer, scaler: Any, step: int,
-                      history: dict[str, Any], wall_s: float) -> None:
+                      history: dict[str, Any], wall_s: float, precision: str = "fp32") -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save({"encoder": {k: v.detach().cpu() for k, v in enc.state_dict().items()},
                     "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                    "precision": precision,
                     "loss": history["loss"], "lr": history["lr"], "grad_norm": history["grad_norm"],
                     "wall_time_s": wall_s,
                     "rng": torch.get_rng_state()}, str(tmp))
@@ -654,7 +703,20 @@ class ClipBenchmark:
             if task not in self._imported:
                 self._imported[task] = self.import_experts(folder, [task])[task]
             return clone_state_dict(self._imported[task])
-        return self._train_cached("expert", [task], cfg or PUBLIC_RECIPE)
+        return self._train_cached("expert", [task], self.expert_recipe(task, cfg))
+
+    def expert_recipe(self, task: str, cfg: FinetuneConfig | None = None) -> FinetuneConfig:
+        """The recipe an expert on ``task`` trains with: ``cfg`` (default :data:`PUBLIC_RECIPE`), with
+        ``num_steps = epochs * ceil(n_train / batch_size)`` when ``data.train_epochs`` sets the epochs
+        and ``cfg`` is the public recipe (any ``num_steps`` and ``seed``); other recipes, such as a
+        sweep's, keep their ``num_steps``. ``n_train``: the examples the run trains on."""
+        cfg = cfg or PUBLIC_RECIPE
+        epochs = self.config.data.epochs(ds.check_task(task))
+        if epochs is None or replace(cfg, num_steps=PUBLIC_RECIPE.num_steps, seed=PUBLIC_RECIPE.seed) != PUBLIC_RECIPE:
+            return cfg  # the public epochs belong to the public recipe; other recipes (sweeps) keep num_steps
+        n = len(training_indices(len(self.dataset(task, "train")), cfg))
+        steps = epochs * -(-n // cfg.batch_size)
+        return replace(cfg, num_steps=steps, warmup_steps=min(cfg.warmup_steps, steps))
 
     def experts(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None
                 ) -> dict[str, StateDict]:
@@ -669,7 +731,7 @@ class ClipBenchmark:
         if folder is not None:
             return {"kind": "imported", "task": task, "checkpoint": str(find_expert_checkpoint(folder, task))}
         self.expert(task, cfg)
-        key = self.run_key("expert", [task], cfg or PUBLIC_RECIPE)
+        key = self.run_key("expert", [task], self.expert_recipe(task, cfg))
         return json.loads((self.experts_dir / f"expert-{key}.json").read_text())
 
     def multitask(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None) -> StateDict:
@@ -680,7 +742,8 @@ class ClipBenchmark:
     # ------------------------------------------------------------------ evaluation
     def _eval_key(self, task: str, split: str) -> str:
         return config_hash({"task": task, "split": split, "head": self.head_digest(task),
-                            "data": self._splits_fingerprint(task, split), "amp": str(self.amp)})
+                            "activation": self.activation, "data": self._splits_fingerprint(task, split),
+                            "amp": str(self.amp)})
 
     def _eval_path(self, digest: str) -> Path:
         return self.cache_dir / "eval" / digest[:2] / f"{digest}.json"

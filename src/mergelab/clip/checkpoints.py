@@ -4,15 +4,21 @@ Accepted files, per task (first match wins, names compared case-insensitively):
 
 * ``<folder>/<Task>.safetensors``, ``<Task>.pt``, ``<Task>.pth``, ``<Task>.bin``;
 * ``<folder>/<Task>/finetuned.{pt,safetensors}`` and ``<folder>/<Task>Val/finetuned.pt`` or
-  ``nonlinear_finetuned.pt`` (the layouts the public task-vector experts were released in).
+  ``nonlinear_finetuned.pt`` (the layouts the public task-vector experts were released in);
+* ``<folder>/<Task>/model.safetensors`` or ``pytorch_model.bin``: a Hugging Face ``CLIPVisionModel``
+  saved with ``save_pretrained`` (FusionBench's ``tanganke/clip-vit-base-patch32_<task>`` experts),
+  whose parameter names are mapped to open_clip's (:func:`hf_vision_to_open_clip`).
 
 A file may hold a state dict (of the image tower, of the whole CLIP model, or nested under
 ``"state_dict"``/``"model"``), or a whole pickled module. The image tower is found by its
 ``conv1.weight`` key, whatever prefix it has (``visual.``, ``model.visual.``, ...).
 
-Pickled modules execute code when loaded: only import checkpoints you trust. Classes the pickle names
-but this environment lacks (e.g. the public code's ``src.modeling.ImageEncoder``) are replaced by
-empty ``nn.Module`` stand-ins, which is enough to read their parameters.
+Unpickling runs whatever code the file names (a checkpoint can call ``os.system``), so a file that
+is not a plain state dict (``torch.load(weights_only=True)`` fails) is refused unless the caller opts
+in with ``allow_pickle=True`` (``model.allow_pickle: true``): only for checkpoints you trust, such as
+the task-vector release's ``finetuned.pt`` modules. Classes the pickle names but this environment
+lacks (e.g. the public code's ``src.modeling.ImageEncoder``) are then replaced by empty ``nn.Module``
+stand-ins, which is enough to read their parameters.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ def checkpoint_candidates(folder: Path, task: str) -> list[Path]:
     """Paths (existing or not) looked at for ``task`` in ``folder``, in order."""
     names = [f"{task}{s}" for s in CHECKPOINT_SUFFIXES]
     names += [f"{task}/finetuned{s}" for s in CHECKPOINT_SUFFIXES]
+    names += [f"{task}/model.safetensors", f"{task}/pytorch_model.bin"]  # a saved Hugging Face model folder
     names += [f"{task}Val/finetuned.pt", f"{task}Val/nonlinear_finetuned.pt", f"{task}Val/finetuned.safetensors"]
     return [folder / n for n in names]
 
@@ -111,8 +118,15 @@ def _state_from_object(obj: Any, path: Path) -> Mapping[str, Any]:
     raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict or a module.")
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint file (state dict or pickled module), on the CPU."""
+def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint file (state dict, or pickled module with ``allow_pickle``), on the CPU.
+
+    Args:
+        path: a ``.safetensors`` file or a ``torch.save`` file.
+        allow_pickle: unpickle a file that is not a plain state dict (runs the code it names: only for
+            trusted files). Without it such a file is refused with a :class:`CheckpointError` that
+            names the option.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist.")
@@ -122,7 +136,15 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - not a plain state dict: try the pickled module
+    except Exception as safe_err:  # noqa: BLE001 - not a plain state dict: a pickle, only when asked
+        if not allow_pickle:
+            reason = str(safe_err).strip().splitlines()[0][:200] if str(safe_err).strip() else type(safe_err).__name__
+            raise CheckpointError(
+                f"checkpoint {path} is not a plain state dict (torch.load(weights_only=True) refused it: "
+                f"{reason}). It is a pickle, and unpickling runs whatever code it names. If you trust the "
+                "file (e.g. the task-vector release's finetuned.pt), set allow_pickle: true under model in "
+                "the parameters (ClipModelConfig(allow_pickle=True)); or convert it once to a state dict "
+                "(safetensors) on a machine where loading it is safe.") from None
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle)
         except Exception as err:  # noqa: BLE001
@@ -132,24 +154,86 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def image_tower_state(state: Mapping[str, torch.Tensor], path: str | Path = "checkpoint") -> StateDict:
-    """The image tower's entries of ``state`` with their prefix (``visual.``, ``model.visual.``, ...) removed."""
+HF_ANCHOR = "embeddings.patch_embedding.weight"
+"""Key that marks a Hugging Face ``transformers`` CLIP vision tower (FusionBench's experts)."""
+
+_HF_BLOCK = {"self_attn.out_proj.weight": "attn.out_proj.weight", "self_attn.out_proj.bias": "attn.out_proj.bias",
+             "layer_norm1.weight": "ln_1.weight", "layer_norm1.bias": "ln_1.bias",
+             "layer_norm2.weight": "ln_2.weight", "layer_norm2.bias": "ln_2.bias",
+             "mlp.fc1.weight": "mlp.c_fc.weight", "mlp.fc1.bias": "mlp.c_fc.bias",
+             "mlp.fc2.weight": "mlp.c_proj.weight", "mlp.fc2.bias": "mlp.c_proj.bias"}
+_HF_TOP = {"embeddings.class_embedding": "class_embedding", "embeddings.patch_embedding.weight": "conv1.weight",
+           "embeddings.position_embedding.weight": "positional_embedding",
+           "pre_layrnorm.weight": "ln_pre.weight", "pre_layrnorm.bias": "ln_pre.bias",
+           "post_layernorm.weight": "ln_post.weight", "post_layernorm.bias": "ln_post.bias"}
+
+
+def hf_vision_to_open_clip(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor] | None = None,
+                           path: str | Path = "checkpoint") -> StateDict:
+    """An open_clip image tower's state dict from a Hugging Face ``CLIPVisionModel`` (or ``CLIPModel``) one.
+
+    The same architecture under other names: ``embeddings.patch_embedding`` is ``conv1``,
+    ``pre_layrnorm``/``post_layernorm`` are ``ln_pre``/``ln_post``, block ``i``'s separate ``q_proj``,
+    ``k_proj``, ``v_proj`` are stacked (in that order) into ``attn.in_proj_weight``/``in_proj_bias``,
+    ``layer_norm1/2`` are ``ln_1/2``, ``mlp.fc1/fc2`` are ``mlp.c_fc/c_proj``. The projection ``proj``
+    ``(width, embed_dim)`` is ``visual_projection.weight`` transposed when the file has it (a
+    ``CLIPModel``); a ``CLIPVisionModel`` has none, and then ``reference['proj']`` (the pretrained
+    model's, which fine-tuning with a frozen projection leaves unchanged) is used.
+    """
+    anchors = sorted((k for k in state if k.endswith(HF_ANCHOR)), key=len)
+    if not anchors:
+        raise CheckpointError(f"checkpoint {path} has no Hugging Face CLIP vision tower (no key ends in {HF_ANCHOR!r}).")
+    prefix = anchors[0][: -len(HF_ANCHOR)]
+    inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    out: StateDict = {}
+    for hf, oc in _HF_TOP.items():
+        if hf in inner:
+            out[oc] = inner[hf]
+    blocks = sorted({int(k.split(".")[2]) for k in inner if k.startswith("encoder.layers.")})
+    for i in blocks:
+        src = f"encoder.layers.{i}."
+        dst = f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            parts = [inner.get(f"{src}self_attn.{n}_proj.{kind}") for n in ("q", "k", "v")]
+            if any(p is None for p in parts):
+                raise CheckpointError(f"checkpoint {path}: block {i} lacks one of self_attn.q/k/v_proj.{kind}.")
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(parts, dim=0)
+        for hf, oc in _HF_BLOCK.items():
+            if src + hf in inner:
+                out[dst + oc] = inner[src + hf]
+    projection = [k for k in state if k.endswith("visual_projection.weight")]
+    if projection:
+        out["proj"] = state[projection[0]].t().contiguous()
+    elif reference is not None and "proj" in reference:
+        out["proj"] = reference["proj"].clone()
+    return out
+
+
+def image_tower_state(state: Mapping[str, torch.Tensor], path: str | Path = "checkpoint",
+                      reference: Mapping[str, torch.Tensor] | None = None) -> StateDict:
+    """The image tower's entries of ``state`` in open_clip's names, prefix (``visual.``, ``model.visual.``,
+    ...) removed; a Hugging Face CLIP vision tower is renamed by :func:`hf_vision_to_open_clip` (which
+    takes the projection from ``reference`` when the file has none)."""
     anchors = sorted((k for k in state if k == ANCHOR or k.endswith("." + ANCHOR)), key=len)
     if not anchors:
+        if any(k.endswith(HF_ANCHOR) for k in state):
+            return hf_vision_to_open_clip(state, reference, path)
         first = ", ".join(list(state)[:3]) or "(no tensors)"
-        raise CheckpointError(f"checkpoint {path} has no ViT image tower: no key ends in {ANCHOR!r} "
-                              f"(first keys: {first}); it is of a different architecture.")
+        raise CheckpointError(f"checkpoint {path} has no ViT image tower: no key ends in {ANCHOR!r} (open_clip) or "
+                              f"{HF_ANCHOR!r} (Hugging Face CLIP) (first keys: {first}); it is not an open_clip or "
+                              "transformers CLIP state dict.")
     prefix = anchors[0][: -len(ANCHOR)]
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_expert(path: str | Path, reference: Mapping[str, torch.Tensor]) -> StateDict:
+def load_expert(path: str | Path, reference: Mapping[str, torch.Tensor], allow_pickle: bool = False) -> StateDict:
     """The image-tower state dict in ``path``, checked against ``reference`` (the pretrained tower).
 
     Floating-point entries are converted to ``reference``'s dtype. A checkpoint of another
-    architecture is refused with the first key or shape that differs.
+    architecture is refused with the first key or shape that differs. ``allow_pickle``: see
+    :func:`read_checkpoint`.
     """
-    visual = image_tower_state(read_checkpoint(path), path)
+    visual = image_tower_state(read_checkpoint(path, allow_pickle), path, reference)
     try:
         check_compatible(reference, visual, f"checkpoint {path}")
     except ValueError as err:

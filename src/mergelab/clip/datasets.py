@@ -4,13 +4,18 @@ Every task is read from a *data root* (``DATA=/path`` in ``make``, i.e. ``MERGEL
 in one documented folder layout (``docs/clip.md``), with torchvision's dataset class where one
 exists (Cars, DTD, EuroSAT, GTSRB, MNIST, SUN397, SVHN) and a plain folder of images for RESISC45.
 
-Splits:
+Splits (the public benchmark's, mlfoundations/task_vectors and the official TSV code):
 
-* ``test``: the dataset's official test split; for datasets without one in torchvision, the
-  official split files when they are in the data root (RESISC45, SUN397), else a seeded hold-out
-  (:data:`HOLDOUT_TEST_FRACTION`, seed 0) of all images.
+* ``test``: the dataset's official test split; RESISC45 and SUN397 need their official split files
+  (``resisc45-test.txt``, ``Testing_01.txt``) and are refused without them; EuroSAT has none: the
+  public ``EuroSAT_splits/test`` folder when present, else :func:`eurosat_split` (a documented,
+  deterministic rule of the same sizes).
 * ``train`` / ``val``: the public benchmark's rule: ``val`` is 10 % of the training split, at most
   5,000 examples, drawn with a permutation seeded by 0; ``train`` is the rest (:func:`train_val_split`).
+  EuroSAT is the exception, as in the public code: its ``val`` is a fixed split of its own.
+
+Training pools are in the order the public code's ``ImageFolder`` lists them (class folder, then file
+name, sorted) wherever it reads folders, so that the permutation picks the same ``val`` images.
 
 Labels are always read without decoding a single image, so counting a split is instant.
 Everything is lazy: a task's files are listed only when it is first used.
@@ -39,16 +44,21 @@ VAL_FRACTION = 0.1
 MAX_VAL_EXAMPLES = 5000
 VAL_SEED = 0
 HOLDOUT_SEED = 0
-HOLDOUT_TEST_FRACTION = {"EuroSAT": 0.1, "RESISC45": 0.2, "SUN397": 0.5}
-"""Share of all images held out as ``test`` when a dataset has no official test split at hand."""
+EUROSAT_HOLDOUT_FRACTION = 0.1
+"""Share of each EuroSAT class held out as ``test``, and again as ``val``, by :func:`eurosat_split`
+(21,600 / 2,700 / 2,700 images: the public split's sizes)."""
 
-SPLIT_RULE_VERSION = 1
+SPLIT_RULE_VERSION = 2
 """Bump when a split rule changes, so that cached experts and evaluations keyed by it are not reused."""
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
 
 # ----------------------------------------------------------------------------------------------
-# class names and prompt templates (authored here; Cars and SUN397 read theirs from the dataset)
+# class names and prompt templates: the public ones, as data. Source: mlfoundations/task_vectors
+# (src/datasets/templates.py and each dataset's ``classnames``), identical in the official TSV code
+# (AntoAndGar/task_singular_vectors, src/datasets/). GTSRB's names are CLIP's (openai/CLIP,
+# data/prompts.md). Cars reads its names from the dataset (cars_meta.mat); SUN397 derives them
+# from ClassName.txt by the public rule (:func:`sun397_public_classes`).
 # ----------------------------------------------------------------------------------------------
 DIGITS = [str(d) for d in range(10)]
 
@@ -60,35 +70,52 @@ DTD_CLASSES = [
     "sprinkled", "stained", "stratified", "striped", "studded", "swirly", "veined", "waffled", "woven",
     "wrinkled", "zigzagged",
 ]
-"""DTD's 47 texture folders (sorted); the class name is the folder name."""
+"""DTD's 47 texture folders (sorted); the class name is the folder name (public: the same)."""
 
 EUROSAT_CLASSES = {
-    "AnnualCrop": "annual cropland",
+    "AnnualCrop": "annual crop land",
     "Forest": "forest",
-    "HerbaceousVegetation": "herbaceous vegetation or shrubland",
+    "HerbaceousVegetation": "brushland or shrubland",
     "Highway": "highway or road",
-    "Industrial": "industrial or commercial buildings",
-    "Pasture": "pasture",
-    "PermanentCrop": "permanent cropland such as orchards",
-    "Residential": "residential buildings",
+    "Industrial": "industrial buildings or commercial buildings",
+    "Pasture": "pasture land",
+    "PermanentCrop": "permanent crop land",
+    "Residential": "residential buildings or homes or apartments",
     "River": "river",
-    "SeaLake": "sea or lake",
+    "SeaLake": "lake or sea",
 }
-"""EuroSAT RGB folder name -> the words given to the text encoder (folders sorted = label order)."""
+"""EuroSAT RGB folder name -> the public class name (task_vectors' ``ours_to_open_ai``); folders sorted =
+label order."""
 
 GTSRB_CLASSES = [
-    "speed limit 20 km/h", "speed limit 30 km/h", "speed limit 50 km/h", "speed limit 60 km/h",
-    "speed limit 70 km/h", "speed limit 80 km/h", "end of speed limit 80 km/h", "speed limit 100 km/h",
-    "speed limit 120 km/h", "no overtaking", "no overtaking by trucks", "right of way at the next intersection",
-    "priority road", "yield", "stop", "no vehicles", "no trucks", "no entry", "general caution",
-    "dangerous curve to the left", "dangerous curve to the right", "double curve", "bumpy road",
-    "slippery road", "road narrows on the right", "road work", "traffic signals", "pedestrians",
-    "children crossing", "bicycles crossing", "beware of ice or snow", "wild animals crossing",
-    "end of all speed and passing limits", "turn right ahead", "turn left ahead", "ahead only",
-    "go straight or right", "go straight or left", "keep right", "keep left", "roundabout",
-    "end of no overtaking", "end of no overtaking by trucks",
+    "red and white circle 20 kph speed limit", "red and white circle 30 kph speed limit",
+    "red and white circle 50 kph speed limit", "red and white circle 60 kph speed limit",
+    "red and white circle 70 kph speed limit", "red and white circle 80 kph speed limit",
+    "end / de-restriction of 80 kph speed limit", "red and white circle 100 kph speed limit",
+    "red and white circle 120 kph speed limit", "red and white circle red car and black car no passing",
+    "red and white circle red truck and black car no passing", "red and white triangle road intersection warning",
+    "white and yellow diamond priority road", "red and white upside down triangle yield right-of-way", "stop",
+    "empty red and white circle", "red and white circle no truck entry",
+    "red circle with white horizonal stripe no entry", "red and white triangle with exclamation mark warning",
+    "red and white triangle with black left curve approaching warning",
+    "red and white triangle with black right curve approaching warning",
+    "red and white triangle with black double curve approaching warning",
+    "red and white triangle rough / bumpy road warning", "red and white triangle car skidding / slipping warning",
+    "red and white triangle with merging / narrow lanes warning",
+    "red and white triangle with person digging / construction / road work warning",
+    "red and white triangle with traffic light approaching warning",
+    "red and white triangle with person walking warning", "red and white triangle with child and person walking warning",
+    "red and white triangle with bicyle warning", "red and white triangle with snowflake / ice warning",
+    "red and white triangle with deer warning", "white circle with gray strike bar no speed limit",
+    "blue circle with white right turn arrow mandatory", "blue circle with white left turn arrow mandatory",
+    "blue circle with white forward arrow mandatory", "blue circle with white forward or right turn arrow mandatory",
+    "blue circle with white forward or left turn arrow mandatory", "blue circle with white keep right arrow mandatory",
+    "blue circle with white keep left arrow mandatory", "blue circle with white arrows indicating a traffic circle",
+    "white circle with gray strike bar indicating no passing for cars has ended",
+    "white circle with gray strike bar indicating no passing for trucks has ended",
 ]
-"""GTSRB's 43 sign classes, indexed by the numeric class id (folder ``000NN`` / ``ClassId``)."""
+"""GTSRB's 43 public class names (CLIP's descriptions, spelling kept), indexed by the class id (folder
+``000NN`` / ``ClassId``)."""
 
 RESISC45_FOLDERS = [
     "airplane", "airport", "baseball_diamond", "basketball_court", "beach", "bridge", "chaparral", "church",
@@ -99,21 +126,27 @@ RESISC45_FOLDERS = [
     "snowberg", "sparse_residential", "stadium", "storage_tank", "tennis_court", "terrace",
     "thermal_power_station", "wetland",
 ]
-"""NWPU-RESISC45's 45 scene folders (sorted); the class name is the folder with spaces."""
+"""NWPU-RESISC45's 45 scene folders (sorted); the class name is the folder with spaces (public: the same)."""
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
-    "Cars": ("a photo of a {}.", "a photo of the {}, a car.", "a close-up photo of a {} on the road."),
-    "DTD": ("a photo of a {} texture.", "a close-up of a {} surface.", "a {} pattern.",
-            "a photo of a {} material."),
-    "EuroSAT": ("a satellite photo of {}.", "an aerial image showing {}.", "a remote sensing image of {}."),
-    "GTSRB": ('a photo of a "{}" traffic sign.', "a road sign that means {}.", "a German traffic sign: {}."),
-    "MNIST": ('a photo of the handwritten digit "{}".', "the number {} written by hand."),
-    "RESISC45": ("a satellite photo of {}.", "an aerial photograph of {}.", "a remote sensing image of {}.",
-                 "a top-down view of {} from above."),
-    "SUN397": ("a photo of a {}.", "a photo taken in a {}.", "a scene showing a {}."),
-    "SVHN": ('a photo of the house number digit "{}".', "a street number plate showing the digit {}."),
+    "Cars": ("a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!",
+             "a photo of my dirty {}.", "a photo of my clean {}.", "a photo of my new {}.", "a photo of my old {}."),
+    "DTD": ("a photo of a {} texture.", "a photo of a {} pattern.", "a photo of a {} thing.",
+            "a photo of a {} object.", "a photo of the {} texture.", "a photo of the {} pattern.",
+            "a photo of the {} thing.", "a photo of the {} object."),
+    "EuroSAT": ("a centered satellite photo of {}.", "a centered satellite photo of a {}.",
+                "a centered satellite photo of the {}."),
+    "GTSRB": ('a zoomed in photo of a "{}" traffic sign.', 'a centered photo of a "{}" traffic sign.',
+              'a close up photo of a "{}" traffic sign.'),
+    "MNIST": ('a photo of the number: "{}".',),
+    "RESISC45": tuple(f"{view} of {article}{{}}." for article in ("", "a ", "the ")
+                      for view in ("satellite imagery", "aerial imagery", "satellite photo", "aerial photo",
+                                   "satellite view", "aerial view")),
+    "SUN397": ("a photo of a {}.", "a photo of the {}."),
+    "SVHN": ('a photo of the number: "{}".',),
 }
-"""Prompt templates per task: each class embedding is the mean over templates of the text embedding."""
+"""The public prompt templates per task (8, 8, 3, 3, 1, 18, 2, 1 of them, in the public order): each class
+embedding is the mean over templates of the normalized text embedding."""
 
 OBTAIN = {
     "Cars": "Stanford Cars is no longer downloadable from its original site; torchvision documents the "
@@ -127,10 +160,12 @@ OBTAIN = {
     "MNIST": "torchvision.datasets.MNIST(root=<data root>, train=True|False, download=True) writes it.",
     "RESISC45": "download NWPU-RESISC45 (e.g. from https://www.tensorflow.org/datasets/catalog/resisc45 or its "
                 "mirrors) and extract it so that <data root>/resisc45/NWPU-RESISC45/<class>/<class>_NNN.jpg "
-                "exist; optionally add the split files resisc45-{train,val,test}.txt next to it.",
+                "exist, and put the public split files resisc45-{train,val,test}.txt (from 'In-domain "
+                "representation learning for remote sensing', google-research/remote_sensing_representations; "
+                "torchgeo's RESISC45 dataset downloads the same files) in <data root>/resisc45/.",
     "SUN397": "torchvision.datasets.SUN397(root=<data root>, download=True) writes it; add Training_01.txt and "
-              "Testing_01.txt from https://vision.princeton.edu/projects/2010/SUN/download/Partitions.zip to "
-              "<data root>/SUN397/ for the official split.",
+              "Testing_01.txt (the official partition 1) from "
+              "https://vision.princeton.edu/projects/2010/SUN/download/Partitions.zip to <data root>/SUN397/.",
     "SVHN": "torchvision.datasets.SVHN(root=<data root>/svhn, split='train'|'test', download=True) writes it.",
 }
 
@@ -138,13 +173,14 @@ LAYOUT = {
     "Cars": "<root>/stanford_cars/{devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/, "
             "cars_test/, cars_test_annos_withlabels.mat}",
     "DTD": "<root>/dtd/dtd/images/<class>/*.jpg and <root>/dtd/dtd/labels/{train1,val1,test1}.txt",
-    "EuroSAT": "<root>/eurosat/2750/<Class>/*.jpg (10 class folders: AnnualCrop ... SeaLake)",
+    "EuroSAT": "<root>/eurosat/2750/<Class>/*.jpg (10 class folders: AnnualCrop ... SeaLake), or the public "
+               "benchmark's prepared split <root>/EuroSAT_splits/{train,val,test}/<Class>/*.jpg",
     "GTSRB": "<root>/gtsrb/GTSRB/Training/000NN/*.ppm, <root>/gtsrb/GTSRB/Final_Test/Images/*.ppm and "
              "<root>/gtsrb/GT-final_test.csv",
     "MNIST": "<root>/MNIST/raw/{train,t10k}-images-idx3-ubyte and <root>/MNIST/raw/{train,t10k}-labels-idx1-ubyte",
-    "RESISC45": "<root>/resisc45/NWPU-RESISC45/<class>/*.jpg (45 class folders), optional "
+    "RESISC45": "<root>/resisc45/NWPU-RESISC45/<class>/*.jpg (45 class folders) and "
                 "<root>/resisc45/resisc45-{train,val,test}.txt",
-    "SUN397": "<root>/SUN397/ClassName.txt, <root>/SUN397/<letter>/<class>[/<sub>]/sun_*.jpg, optional "
+    "SUN397": "<root>/SUN397/ClassName.txt, <root>/SUN397/<letter>/<class>[/<sub>]/sun_*.jpg and "
               "<root>/SUN397/{Training_01,Testing_01}.txt",
     "SVHN": "<root>/svhn/{train,test}_32x32.mat",
 }
@@ -199,12 +235,29 @@ def train_val_split(n: int, val_fraction: float = VAL_FRACTION, max_val: int = M
     return perm[: n - n_val], perm[n - n_val:]
 
 
-def holdout_split(n: int, test_fraction: float, seed: int = HOLDOUT_SEED) -> tuple[np.ndarray, np.ndarray]:
-    """Positions ``(train, test)`` of a seeded hold-out: ``floor(test_fraction * n)`` test examples
-    drawn by a permutation seeded by ``seed``; both lists sorted."""
-    n_test = int(n * test_fraction)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
-    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+def eurosat_split(labels: Sequence[int], fraction: float = EUROSAT_HOLDOUT_FRACTION,
+                  seed: int = HOLDOUT_SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions ``(train, val, test)`` of EuroSAT without the public split folders: a documented,
+    deterministic stand-in for the public random split of the same sizes.
+
+    ``labels`` are in the order of the sorted class folders and, within a class, sorted file names
+    (torchvision's order). Per class of ``n_c`` images, a permutation of ``range(n_c)`` drawn by
+    ``torch.randperm`` seeded by ``seed`` gives ``floor(fraction * n_c)`` test images (its first
+    entries), as many val images (the next) and the rest train; each list is sorted. On the 27,000
+    images this is 21,600 / 2,700 / 2,700, the public sizes (the public images themselves were drawn
+    without a published seed).
+    """
+    labels = np.asarray(labels)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        k = int(len(where) * fraction)
+        perm = torch.randperm(len(where), generator=torch.Generator().manual_seed(seed)).numpy()
+        parts["test"].append(where[perm[:k]])
+        parts["val"].append(where[perm[k:2 * k]])
+        parts["train"].append(where[perm[2 * k:]])
+    return tuple(np.sort(np.concatenate(parts[s])) if parts[s] else np.zeros(0, np.int64)
+                 for s in ("train", "val", "test"))  # type: ignore[return-value]
 
 
 def capped(indices: np.ndarray, limit: int | None, seed: int = 1) -> np.ndarray:
@@ -244,12 +297,14 @@ class Pool:
 
 @dataclass
 class TaskSource:
-    """A task's official train and test pools and its class names."""
+    """A task's official train and test pools and its class names; ``val`` when the public benchmark
+    fixes it (EuroSAT), else ``None`` and ``val`` is carved from ``train`` (:func:`train_val_split`)."""
 
     task: str
     class_names: list[str]
     train: Pool
     test: Pool
+    val: Pool | None = None
 
 
 def _pool(base: Dataset, labels: Sequence[int], indices: np.ndarray | None = None) -> Pool:
@@ -330,7 +385,6 @@ def _named_labels(task: str, root: Path, where: Path, names: Sequence[str], orde
 
 
 def _load_dtd(root: Path) -> TaskSource:
-    from torch.utils.data import ConcatDataset
     from torchvision.datasets import DTD
 
     data = root / "dtd" / "dtd"
@@ -338,25 +392,43 @@ def _load_dtd(root: Path) -> TaskSource:
     _require("DTD", root, data / "images", *(labels_dir / f"{s}1.txt" for s in ("train", "val", "test")))
     parts = {s: _torchvision("DTD", root, data, lambda s=s: DTD(str(root), split=s, partition=1))
              for s in ("train", "val", "test")}
-    names = {s: [Path(f).parent.name for f in d._image_files] for s, d in parts.items()}
-    train_base = ConcatDataset([parts["train"], parts["val"]])  # train1 + val1; val is carved by the rule
-    train_labels = _named_labels("DTD", root, labels_dir, names["train"] + names["val"], DTD_CLASSES)
-    test_labels = _named_labels("DTD", root, labels_dir, names["test"], DTD_CLASSES)
-    return TaskSource("DTD", list(DTD_CLASSES), _pool(train_base, train_labels),
+    # train1 + val1 form the training pool (val is carved by the rule), in the order of the public
+    # code's ImageFolder over the merged folder: class folder, then file name
+    merged = sorted((Path(f) for s in ("train", "val") for f in parts[s]._image_files),
+                    key=lambda f: (f.parent.name, f.name))
+    train_labels = _named_labels("DTD", root, labels_dir, [f.parent.name for f in merged], DTD_CLASSES)
+    test_labels = _named_labels("DTD", root, labels_dir, [Path(f).parent.name for f in parts["test"]._image_files],
+                                DTD_CLASSES)
+    return TaskSource("DTD", list(DTD_CLASSES), _pool(ImageFiles(merged, train_labels), train_labels),
                       _pool(parts["test"], test_labels))
 
 
 def _load_eurosat(root: Path) -> TaskSource:
+    order = sorted(EUROSAT_CLASSES)
+    names = [EUROSAT_CLASSES[c] for c in order]
+    prepared = root / "EuroSAT_splits"
+    if all((prepared / s).is_dir() for s in SPLITS):
+        # the public benchmark's split, as its code reads it: three ImageFolders (train, val, test)
+        pools = {}
+        for split in SPLITS:
+            folder = prepared / split
+            present = sorted(p.name for p in folder.iterdir() if p.is_dir())
+            _named_labels("EuroSAT", root, folder, present, order)
+            files = [f for c in present for f in _list_images(folder / c)]
+            if not files:
+                raise _missing("EuroSAT", root, folder, "no images in the class folders")
+            labels = _named_labels("EuroSAT", root, folder, [f.parent.name for f in files], order)
+            pools[split] = _pool(ImageFiles(files, labels), labels)
+        return TaskSource("EuroSAT", names, pools["train"], pools["test"], pools["val"])
     from torchvision.datasets import EuroSAT
 
     folder = root / "eurosat" / "2750"
-    _require("EuroSAT", root, folder)
+    if not folder.exists():
+        raise _missing("EuroSAT", root, prepared, f"nor {folder}")
     ds = _torchvision("EuroSAT", root, folder, lambda: EuroSAT(str(root)))
-    order = sorted(EUROSAT_CLASSES)
     labels = _named_labels("EuroSAT", root, folder, [Path(p).parent.name for p, _ in ds.samples], order)
-    tr, te = holdout_split(len(labels), HOLDOUT_TEST_FRACTION["EuroSAT"])
-    return TaskSource("EuroSAT", [EUROSAT_CLASSES[c] for c in order], _pool(ds, labels, tr),
-                      _pool(ds, labels, te))
+    tr, va, te = eurosat_split(labels)
+    return TaskSource("EuroSAT", names, _pool(ds, labels, tr), _pool(ds, labels, te), _pool(ds, labels, va))
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -374,32 +446,43 @@ def _load_resisc45(root: Path) -> TaskSource:
         raise _missing("RESISC45", root, folder, "no images in the class folders")
     labels = _named_labels("RESISC45", root, folder, [f.parent.name for f in files], RESISC45_FOLDERS)
     ds = ImageFiles(files, labels)
-    split_files = {s: base / f"resisc45-{s}.txt" for s in ("train", "val", "test")}
-    if all(p.is_file() for p in split_files.values()):
-        position = {f.name: i for i, f in enumerate(files)}
+    split_files = {s: base / f"resisc45-{s}.txt" for s in ("train", "test")}
+    for path in split_files.values():
+        if not path.is_file():
+            raise _missing("RESISC45", root, path, "the public split files are required: the public benchmark "
+                           "trains on resisc45-train.txt only and tests on resisc45-test.txt")
+    position = {f.name: i for i, f in enumerate(files)}
 
-        def read(path: Path) -> list[int]:
-            names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-            missing = [n for n in names if n not in position]
-            if missing:
-                raise _missing("RESISC45", root, folder / missing[0], f"listed in {path.name}")
-            return [position[n] for n in names]
+    def read(path: Path) -> np.ndarray:
+        names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        missing = [n for n in names if n not in position]
+        if missing:
+            raise _missing("RESISC45", root, folder / missing[0], f"listed in {path.name}")
+        return np.sort(np.array([position[n] for n in names], dtype=np.int64))  # ImageFolder's order
 
-        tr = np.array(read(split_files["train"]) + read(split_files["val"]), dtype=np.int64)
-        te = np.array(read(split_files["test"]), dtype=np.int64)
-    else:
-        tr, te = holdout_split(len(files), HOLDOUT_TEST_FRACTION["RESISC45"])
+    # the public training split is resisc45-train.txt alone (18,900 images); resisc45-val.txt is unused
+    tr, te = read(split_files["train"]), read(split_files["test"])
     return TaskSource("RESISC45", [c.replace("_", " ") for c in RESISC45_FOLDERS], _pool(ds, labels, tr),
                       _pool(ds, labels, te))
 
 
-def sun397_class_name(entry: str) -> str:
-    """Words for a SUN397 category path: ``"/a/apartment_building/outdoor"`` -> ``"apartment building (outdoor)"``."""
-    parts = [p for p in entry.strip().strip("/").split("/") if p]
-    if len(parts) > 1 and len(parts[0]) == 1:  # drop the leading letter folder
-        parts = parts[1:]
-    words = [p.replace("_", " ") for p in parts]
-    return words[0] + "".join(f" ({w})" for w in words[1:])
+def sun397_public_classes(entries: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """The public class names and label order of SUN397 from ``ClassName.txt``'s entries.
+
+    The public code reads SUN397 prepared as one folder per class named after the entry without its
+    leading slash, ``/`` replaced by ``_`` (``/a/apartment_building/outdoor`` ->
+    ``a_apartment_building_outdoor``); its ``ImageFolder`` sorts these folders, and the class name is
+    the folder without its letter prefix, ``_`` as spaces (``apartment building outdoor``).
+
+    Returns:
+        ``(names, label_of_entry)``: public names in public label order, and for entry ``i`` of
+        ``ClassName.txt`` its public label.
+    """
+    folders = [e.strip().lstrip("/").replace("/", "_") for e in entries]
+    order = sorted(range(len(folders)), key=lambda i: folders[i])
+    label_of_entry = np.empty(len(folders), dtype=np.int64)
+    label_of_entry[order] = np.arange(len(folders))
+    return [folders[i][2:].replace("_", " ") for i in order], label_of_entry
 
 
 def _load_sun397(root: Path) -> TaskSource:
@@ -407,27 +490,29 @@ def _load_sun397(root: Path) -> TaskSource:
 
     data = root / "SUN397"
     _require("SUN397", root, data / "ClassName.txt")
+    train_file, test_file = data / "Training_01.txt", data / "Testing_01.txt"
+    for path in (train_file, test_file):
+        if not path.is_file():
+            raise _missing("SUN397", root, path, "the official partition files are required: without them the "
+                           "split is neither the public one nor the same on two machines")
     ds = _torchvision("SUN397", root, data, lambda: SUN397(str(root)))
     entries = [ln.strip() for ln in (data / "ClassName.txt").read_text().splitlines() if ln.strip()]
-    names = [sun397_class_name(e) for e in entries]
-    labels = np.asarray(ds._labels, dtype=np.int64)
+    names, label_of_entry = sun397_public_classes(entries)
+    labels = label_of_entry[np.asarray(ds._labels, dtype=np.int64)] if len(ds._labels) else np.zeros(0, np.int64)
     if not len(labels):
         raise _missing("SUN397", root, data, "no sun_*.jpg images below it")
-    train_file, test_file = data / "Training_01.txt", data / "Testing_01.txt"
-    if train_file.is_file() and test_file.is_file():
-        position = {"/" + p.relative_to(data).as_posix(): i for i, p in enumerate(ds._image_files)}
+    position = {"/" + p.relative_to(data).as_posix(): i for i, p in enumerate(ds._image_files)}
 
-        def read(path: Path) -> np.ndarray:
-            rows = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-            missing = [r for r in rows if r not in position]
-            if missing:
-                raise _missing("SUN397", root, data / missing[0].lstrip("/"), f"listed in {path.name}")
-            return np.array([position[r] for r in rows], dtype=np.int64)
+    def read(path: Path) -> np.ndarray:
+        rows = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        missing = [r for r in rows if r not in position]
+        if missing:
+            raise _missing("SUN397", root, data / missing[0].lstrip("/"), f"listed in {path.name}")
+        idx = np.array([position[r] for r in rows], dtype=np.int64)
+        # the public ImageFolder's order: class folder (public label), then file name
+        return idx[np.lexsort(([Path(r).name for r in rows], labels[idx]))]
 
-        tr, te = read(train_file), read(test_file)
-    else:
-        tr, te = holdout_split(len(labels), HOLDOUT_TEST_FRACTION["SUN397"])
-    return TaskSource("SUN397", names, _pool(ds, labels, tr), _pool(ds, labels, te))
+    return TaskSource("SUN397", names, _pool(ds, labels, read(train_file)), _pool(ds, labels, read(test_file)))
 
 
 def _load_cars(root: Path) -> TaskSource:
@@ -510,6 +595,10 @@ def make_split(source: TaskSource, split: str, limit: int | None = None) -> Task
     if split == "test":
         positions = np.arange(len(source.test.indices))
         return TaskSplit(source.task, split, source.test, capped(positions, limit))
+    if source.val is not None:  # a fixed public val split (EuroSAT): train is the whole training pool
+        if split == "val":
+            return TaskSplit(source.task, split, source.val, capped(np.arange(len(source.val.indices)), limit))
+        return TaskSplit(source.task, split, source.train, capped(np.arange(len(source.train.indices)), limit))
     train, val = train_val_split(len(source.train.indices))
     return TaskSplit(source.task, split, source.train, capped(train if split == "train" else val, limit))
 

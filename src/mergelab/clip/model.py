@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +55,12 @@ class ClipModelConfig:
         experts_dir: a folder of existing expert checkpoints to import instead of fine-tuning
             (``None``: ``$MERGELAB_CLIP_EXPERTS_DIR`` when set, else fine-tune); see
             :func:`mergelab.clip.checkpoints.find_expert_checkpoint` for the accepted layouts.
-        precision: mixed precision on GPU: ``"auto"`` (bf16 where supported, else fp16), ``"fp32"``,
-            ``"bf16"``, ``"fp16"``. CPU always runs fp32.
+        precision: arithmetic of fine-tuning and evaluation on GPU: ``"fp32"`` (the public recipe, the
+            default), or mixed precision: ``"auto"`` (bf16 on GPUs with native bf16, compute capability
+            >= 8.0, else fp16), ``"bf16"``, ``"fp16"``. CPU always runs fp32.
+        allow_pickle: let expert and head checkpoints that are pickled modules (the task-vector release's
+            ``finetuned.pt`` and ``head_<Task>.pt``) be unpickled. Unpickling runs code the file names, so
+            it is off by default: such files are refused with a message naming this option.
     """
 
     name: str = "ViT-B-32"
@@ -63,11 +68,15 @@ class ClipModelConfig:
     cache_dir: str | None = None
     init_seed: int = 0
     experts_dir: str | None = None
-    precision: str = "auto"
+    precision: str = "fp32"
+    allow_pickle: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"model precision={self.precision!r} is not valid; use one of {', '.join(PRECISIONS)}.")
+        if not isinstance(self.allow_pickle, bool):
+            raise ValueError(f"model allow_pickle={self.allow_pickle!r} is not valid; use true (unpickle trusted "
+                             "checkpoints) or false.")
         if self.pretrained is not None and not isinstance(self.pretrained, str):
             raise ValueError(f"model pretrained={self.pretrained!r} is not valid; use an open_clip tag such as "
                              "'openai', a checkpoint file, or null for a random initialization.")
@@ -85,8 +94,10 @@ class ClipModelConfig:
         return Path(value).expanduser() if value else None
 
     def identity(self) -> dict[str, Any]:
-        """What defines the pretrained weights (keys every cache derived from them)."""
-        out: dict[str, Any] = {"name": self.name, "pretrained": self.pretrained}
+        """What defines the pretrained model (keys every cache derived from it): name, weights and the
+        activation of its MLPs (:func:`activation_of_config`), which the weights do not carry."""
+        out: dict[str, Any] = {"name": self.name, "pretrained": self.pretrained,
+                               "activation": activation_of_config(self)}
         if self.pretrained is None:
             out["init_seed"] = self.init_seed
         elif os.path.isfile(os.path.expanduser(self.pretrained)):
@@ -151,6 +162,53 @@ def model_arch_options(cfg: ClipModelConfig) -> dict[str, Any]:
     return out
 
 
+def activation_of_config(cfg: ClipModelConfig) -> str:
+    """``"QuickGELU"`` or ``"GELU"``: the MLP activation :func:`create_clip` builds for ``cfg``.
+
+    QuickGELU when the architecture says so (``*-quickgelu`` names) or when the pretrained tag was
+    trained with it (OpenAI's weights); read from open_clip's configs, without building anything.
+    """
+    import open_clip
+
+    check_model_name(cfg.name)
+    model_cfg = open_clip.get_model_config(cfg.name) or {}
+    quick = bool(model_cfg.get("quick_gelu", False)) or bool(model_arch_options(cfg).get("force_quick_gelu", False))
+    return "QuickGELU" if quick else "GELU"
+
+
+def activation_of_model(model: nn.Module) -> str:
+    """``"QuickGELU"`` or ``"GELU"``: the activation the MLPs of ``model`` (a CLIP or its image tower)
+    actually run; an error when it has both or neither."""
+    import open_clip.transformer as oct
+
+    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, (oct.QuickGELU, nn.GELU))}
+    if len(kinds) != 1:
+        raise ValueError(f"the model's MLPs use activations {sorted(kinds) or 'none'}; expected exactly one of "
+                         "QuickGELU, GELU.")
+    return kinds.pop()
+
+
+QUICKGELU_MISMATCH = "QuickGELU mismatch"
+"""Start of open_clip's warning when a model is built with another activation than its weights'."""
+
+
+@contextlib.contextmanager
+def _fail_on_activation_mismatch(cfg: ClipModelConfig) -> Iterator[None]:
+    """Turn open_clip's QuickGELU mismatch warning into an error: weights run with the wrong activation
+    give wrong numbers without any other sign."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        if QUICKGELU_MISMATCH in str(w.message):
+            raise ValueError(
+                f"model name={cfg.name!r} pretrained={cfg.pretrained!r}: open_clip built the model with another "
+                f"MLP activation than the weights were trained with ({w.message}). Running them so silently "
+                "changes every number. Use an architecture whose activation matches (e.g. ViT-B-32-quickgelu "
+                "for OpenAI's weights) or report this as a bug.")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 @contextlib.contextmanager
 def _quiet_root_logger() -> Iterator[None]:
     root = logging.getLogger()
@@ -165,10 +223,12 @@ def _quiet_root_logger() -> Iterator[None]:
 def create_clip(cfg: ClipModelConfig, load_weights: bool = True):
     """``(model, preprocess_train, preprocess_val, tokenizer)`` for ``cfg`` on the CPU, in fp32.
 
-    With ``load_weights=False`` the architecture and preprocessing of ``cfg.pretrained`` are built
-    (QuickGELU, mean/std, interpolation) but no weights are read or downloaded: the caller loads a
-    cached state instead. A random initialization is seeded by ``cfg.init_seed``; the global random
-    state is left as it was.
+    Both branches build the architecture and preprocessing of ``cfg.pretrained`` (QuickGELU for
+    OpenAI's weights, mean/std, interpolation: :func:`model_arch_options`). With ``load_weights=False``
+    no weights are read or downloaded: the caller loads a cached state instead. open_clip's warning
+    that the activation differs from the weights' is an error, and the activation built is checked
+    against :func:`activation_of_config`. A random initialization is seeded by ``cfg.init_seed``;
+    the global random state is left as it was.
     """
     import open_clip
 
@@ -183,20 +243,36 @@ def create_clip(cfg: ClipModelConfig, load_weights: bool = True):
     else:
         cache = cfg.weights_dir()
         try:
-            model, pre_train, pre_val = open_clip.create_model_and_transforms(
-                cfg.name, pretrained=os.path.expanduser(cfg.pretrained), cache_dir=str(cache))
+            with _fail_on_activation_mismatch(cfg):
+                model, pre_train, pre_val = open_clip.create_model_and_transforms(
+                    cfg.name, pretrained=os.path.expanduser(cfg.pretrained), cache_dir=str(cache), **arch)
+        except ValueError as err:
+            if QUICKGELU_MISMATCH in str(err):
+                raise
+            raise _weights_error(cfg, cache, err) from None
         except Exception as err:  # noqa: BLE001 - network, hub and file errors all end here
-            source = open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained) or {}
-            where = source.get("hf_hub") or source.get("url") or cfg.pretrained
-            raise WeightsNotFoundError(
-                f"could not load model name={cfg.name!r} pretrained={cfg.pretrained!r}: looked in the weight "
-                f"cache {cache} (model.cache_dir, $MERGELAB_CLIP_WEIGHTS_DIR or WEIGHTS=/path with make). "
-                f"open_clip downloads the file there on first use from {where} (needs internet); on an "
-                "offline machine copy that cache folder from a machine that has it, or set model.pretrained "
-                f"to a local checkpoint file. Underlying error: {type(err).__name__}: {err}") from None
+            raise _weights_error(cfg, cache, err) from None
+    built, expected = activation_of_model(model), activation_of_config(cfg)
+    if built != expected:
+        raise ValueError(f"model name={cfg.name!r} pretrained={cfg.pretrained!r} was built with {built} where its "
+                         f"weights need {expected}; the numbers would be wrong. Report this as a bug.")
     tokenizer = open_clip.get_tokenizer(cfg.name)
     model.eval()
     return model, pre_train, pre_val, tokenizer
+
+
+def _weights_error(cfg: ClipModelConfig, cache: Path, err: Exception) -> WeightsNotFoundError:
+    """The error for weights that could not be loaded: where they were looked for and how to get them."""
+    import open_clip
+
+    source = open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained) or {}
+    where = source.get("hf_hub") or source.get("url") or cfg.pretrained
+    return WeightsNotFoundError(
+        f"could not load model name={cfg.name!r} pretrained={cfg.pretrained!r}: looked in the weight "
+        f"cache {cache} (model.cache_dir, $MERGELAB_CLIP_WEIGHTS_DIR or WEIGHTS=/path with make). "
+        f"open_clip downloads the file there on first use from {where} (needs internet); on an "
+        "offline machine copy that cache folder from a machine that has it, or set model.pretrained "
+        f"to a local checkpoint file. Underlying error: {type(err).__name__}: {err}")
 
 
 @torch.no_grad()
@@ -214,12 +290,28 @@ def zero_shot_weights(model: nn.Module, tokenizer, class_names: list[str], templ
     return F.normalize(per_class, dim=-1)
 
 
-def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for ``device`` (``None``: full fp32)."""
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU ``device`` computes in bf16 natively: compute capability 8.0 or more (Ampere on).
+
+    ``torch.cuda.is_bf16_supported()`` is not used: it also counts bf16 emulated on older GPUs (V100,
+    T4), which is much slower than their native fp16.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, _ = torch.cuda.get_device_capability(index)
+    return major >= 8
+
+
+def amp_dtype(device: torch.device, precision: str = "fp32") -> torch.dtype | None:
+    """The autocast dtype for ``device`` under ``precision`` (``None``: full fp32, the public recipe).
+
+    ``"auto"`` is bf16 on GPUs with native bf16 (:func:`native_bf16`), else fp16 (with a loss scaler).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"model precision={precision!r} is not valid; use one of {', '.join(PRECISIONS)}.")
     if device.type != "cuda" or precision == "fp32":
         return None
     if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

@@ -1,0 +1,354 @@
+"""The clip size runs the public protocol (issue 27): activation, pickle safety, precision, heads,
+class names and templates, splits, recipe, third-party experts. CPU only, no downloads: random
+weights stand in for OpenAI's, and empty files laid out like the real datasets stand in for them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mergelab
+from mergelab.clip import model as clip_model
+from mergelab.clip.model import ClipModelConfig, create_clip
+
+TINY = {"name": clip_model.TINY_MODEL, "pretrained": None}
+CLIP_ENV = ("MERGELAB_CLIP_DATA_ROOT", "MERGELAB_CLIP_EXPERTS_DIR", "MERGELAB_CLIP_WEIGHTS_DIR")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path / "data"))
+    for var in CLIP_ENV:
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def offline_openai(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """open_clip's download and checkpoint loading replaced: the ``openai`` tag "loads" by leaving the
+    random initialization in place. Returns the list of checkpoints it was asked to load."""
+    import open_clip.factory
+
+    loaded: list[str] = []
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, cache_dir=None: "/stand-in/openai.pt")
+    monkeypatch.setattr(open_clip.factory, "load_checkpoint",
+                        lambda model, path, *a, **k: loaded.append(path))
+    return loaded
+
+
+def activation_of_model(model: torch.nn.Module) -> str:
+    """The MLP activation a built model runs, read from its modules (independent of the package's helper)."""
+    from open_clip.transformer import QuickGELU
+
+    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, (QuickGELU, torch.nn.GELU))}
+    assert len(kinds) == 1, kinds
+    return kinds.pop()
+
+
+# ------------------------------------------------------------------------------------------ 1. activation
+def test_openai_weights_run_with_quickgelu_in_every_construction_path(tmp_path, offline_openai):
+    cfg = ClipModelConfig(name="ViT-B-32", pretrained="openai", cache_dir=str(tmp_path / "w"))
+    with_weights = create_clip(cfg, load_weights=True)[0]
+    assert offline_openai == ["/stand-in/openai.pt"], "the tag's weights were not loaded"
+    from_cache = create_clip(cfg, load_weights=False)[0]
+    assert activation_of_model(with_weights) == "QuickGELU"
+    assert activation_of_model(from_cache) == "QuickGELU"
+    assert clip_model.activation_of_config(cfg) == "QuickGELU"
+    assert clip_model.activation_of_model(with_weights.visual) == "QuickGELU"
+
+
+def test_an_activation_mismatch_fails_loudly(tmp_path, offline_openai, monkeypatch):
+    cfg = ClipModelConfig(name="ViT-B-32", pretrained="openai", cache_dir=str(tmp_path / "w"))
+    # the construction of open_clip >= 3 without the tag's options: GELU with OpenAI's weights
+    monkeypatch.setattr(clip_model, "model_arch_options", lambda c: {})
+    with pytest.raises(ValueError, match="QuickGELU mismatch.*ViT-B-32-quickgelu"):
+        create_clip(cfg, load_weights=True)
+
+
+def test_the_activation_keys_every_cache(monkeypatch):
+    openai = ClipModelConfig(name="ViT-B-32", pretrained="openai")
+    laion = ClipModelConfig(name="ViT-B-32", pretrained="laion2b_s34b_b79k")
+    assert openai.identity()["activation"] == "QuickGELU" and laion.identity()["activation"] == "GELU"
+    assert ClipModelConfig(**TINY).identity()["activation"] == "GELU"
+    bench = mergelab.load_benchmark("clip", device="cpu", progress=False, model=dict(TINY),
+                                    data={"synthetic": True, "num_workers": 0}, tasks=["MNIST"])
+    before = (bench.key, bench.cache_dir, bench._head_key("MNIST"), bench._eval_key("MNIST", "test"),
+              bench.run_key("expert", ["MNIST"], mergelab.FinetuneConfig()))
+    monkeypatch.setattr(clip_model, "activation_of_config", lambda cfg: "QuickGELU")
+    after = (bench.key, bench.cache_dir, bench._head_key("MNIST"), bench._eval_key("MNIST", "test"),
+             bench.run_key("expert", ["MNIST"], mergelab.FinetuneConfig()))
+    assert all(a != b for a, b in zip(before, after)), list(zip(before, after))
+
+
+# ------------------------------------------------------------------------------------------ 3. precision
+@pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_precision_is_fp16_without_native_bf16(monkeypatch, capability, expected):
+    # recent torch says bf16 is "supported" on a V100 or T4 because it counts emulation
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert clip_model.amp_dtype(torch.device("cuda", 0), "auto") == expected
+    assert clip_model.amp_dtype(torch.device("cuda", 0), "fp32") is None
+    assert clip_model.amp_dtype(torch.device("cpu"), "auto") is None
+
+
+def test_the_public_recipe_runs_in_fp32_and_the_precision_keys_experts(monkeypatch):
+    assert ClipModelConfig().precision == "fp32"
+    bench = mergelab.load_benchmark("clip", device="cpu", progress=False, model=dict(TINY),
+                                    data={"synthetic": True, "num_workers": 0}, tasks=["MNIST"])
+    assert bench.precision == "fp32"
+    cfg = mergelab.FinetuneConfig()
+    fp32 = bench.run_key("expert", ["MNIST"], cfg)
+    bench.amp = torch.bfloat16
+    assert bench.precision == "bf16" and bench.run_key("expert", ["MNIST"], cfg) != fp32
+
+
+def test_torch_lower_bound_has_the_amp_grad_scaler():
+    import tomllib
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    deps = tomllib.loads(text)["project"]["dependencies"]
+    torch_dep = next(d for d in deps if d.replace(" ", "").startswith("torch>="))
+    major, minor = (int(x) for x in torch_dep.split(">=")[1].split(".")[:2])
+    assert (major, minor) >= (2, 3), f"{torch_dep}: torch.amp.GradScaler(device_type) needs torch 2.3"
+
+
+# ------------------------------------------------------------------------------------------ 2. pickles
+class _RunsCode:
+    """Unpickling this calls ``os.system``: what a malicious checkpoint does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_runs_code_is_refused_without_allow_pickle(tmp_path):
+    from mergelab.clip.checkpoints import CheckpointError, read_checkpoint
+
+    marker = tmp_path / "command-ran"
+    path = tmp_path / "Evil.pt"
+    torch.save({"x": _RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError, match=r"allow_pickle: true") as info:
+        read_checkpoint(path)
+    assert str(path) in str(info.value)
+    assert not marker.exists(), "the pickle's code ran although allow_pickle was not given"
+    with pytest.raises(ValueError, match="allow_pickle='yes' is not valid"):
+        ClipModelConfig(allow_pickle="yes")
+
+
+def test_a_release_style_pickle_loads_with_allow_pickle(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from mergelab.clip.checkpoints import CheckpointError, load_expert
+
+    mod = types.ModuleType("src_release_modeling")
+
+    class ImageEncoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+    ImageEncoder.__module__, ImageEncoder.__qualname__ = mod.__name__, "ImageEncoder"
+    mod.ImageEncoder = ImageEncoder
+    clip = create_clip(ClipModelConfig(**TINY))[0]
+    reference = {k: v.clone() for k, v in clip.visual.state_dict().items()}
+    with torch.no_grad():
+        for p in clip.visual.parameters():
+            p.add_(0.5)
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    torch.save(ImageEncoder(clip), tmp_path / "finetuned.pt")
+    monkeypatch.delitem(sys.modules, mod.__name__)  # as on a machine without the public code
+    with pytest.raises(CheckpointError, match="allow_pickle"):
+        load_expert(tmp_path / "finetuned.pt", reference)
+    loaded = load_expert(tmp_path / "finetuned.pt", reference, allow_pickle=True)
+    assert all(torch.equal(loaded[k], v) for k, v in clip.visual.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------ 7. HF experts
+def _to_hf_names(visual: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An open_clip image tower under transformers' CLIPVisionModel names (written out here, independently
+    of the package's mapping): separate q/k/v projections, no visual projection."""
+    top = {"class_embedding": "embeddings.class_embedding", "conv1.weight": "embeddings.patch_embedding.weight",
+           "positional_embedding": "embeddings.position_embedding.weight", "ln_pre.weight": "pre_layrnorm.weight",
+           "ln_pre.bias": "pre_layrnorm.bias", "ln_post.weight": "post_layernorm.weight",
+           "ln_post.bias": "post_layernorm.bias"}
+    block = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    out = {"vision_model.embeddings.position_ids": torch.arange(visual["positional_embedding"].shape[0])[None]}
+    for k, v in visual.items():
+        if k in top:
+            out["vision_model." + top[k]] = v
+        elif k.startswith("transformer.resblocks."):
+            i, rest = k.split(".")[2], ".".join(k.split(".")[3:])
+            dst = f"vision_model.encoder.layers.{i}."
+            if rest.startswith("attn.in_proj_"):
+                kind = rest.rsplit("_", 1)[1]
+                for name, part in zip("qkv", v.chunk(3, dim=0)):
+                    out[f"{dst}self_attn.{name}_proj.{kind}"] = part.clone()
+            else:
+                module, kind = rest.rsplit(".", 1)
+                out[f"{dst}{block[module]}.{kind}"] = v
+        else:
+            assert k == "proj", k
+    return out
+
+
+def test_fusionbench_hf_experts_are_mapped_to_open_clip_names(tmp_path):
+    from safetensors.torch import save_file
+
+    from mergelab.clip.checkpoints import find_expert_checkpoint, load_expert
+
+    clip = create_clip(ClipModelConfig(**TINY))[0]
+    reference = {k: v.clone() for k, v in clip.visual.state_dict().items()}
+    expert = {k: v + 0.25 * torch.randn_like(v) for k, v in reference.items()}
+    (tmp_path / "SVHN").mkdir()
+    save_file({k: v.contiguous() for k, v in _to_hf_names(expert).items()}, str(tmp_path / "SVHN" / "model.safetensors"))
+    path = find_expert_checkpoint(tmp_path, "SVHN")
+    loaded = load_expert(path, reference)
+    assert set(loaded) == set(reference)
+    for k in reference:
+        want = reference[k] if k == "proj" else expert[k]  # a CLIPVisionModel has no projection: the pretrained one
+        assert torch.equal(loaded[k], want), k
+    # a CLIPModel-style file carries visual_projection (embed_dim, width): it is used, transposed
+    with_projection = {**_to_hf_names(expert), "visual_projection.weight": expert["proj"].t().contiguous()}
+    torch.save(with_projection, tmp_path / "SVHN.pt")
+    assert torch.equal(load_expert(tmp_path / "SVHN.pt", reference)["proj"], expert["proj"])
+
+
+# ------------------------------------------------------------------------------------------ 4. names, templates
+def test_class_names_and_templates_are_the_public_ones():
+    from mergelab.clip import datasets as ds
+
+    # counts and entries of the public lists (task_vectors src/datasets/templates.py and classnames)
+    counts = {"Cars": 8, "DTD": 8, "EuroSAT": 3, "GTSRB": 3, "MNIST": 1, "RESISC45": 18, "SUN397": 2, "SVHN": 1}
+    assert {t: len(v) for t, v in ds.TEMPLATES.items()} == counts
+    assert ds.TEMPLATES["MNIST"] == ds.TEMPLATES["SVHN"] == ('a photo of the number: "{}".',)
+    assert ds.TEMPLATES["SUN397"] == ("a photo of a {}.", "a photo of the {}.")
+    assert ds.TEMPLATES["EuroSAT"] == ("a centered satellite photo of {}.", "a centered satellite photo of a {}.",
+                                       "a centered satellite photo of the {}.")
+    assert ds.TEMPLATES["GTSRB"][0] == 'a zoomed in photo of a "{}" traffic sign.'
+    assert ds.TEMPLATES["Cars"][3] == "i love my {}!" and ds.TEMPLATES["DTD"][-1] == "a photo of the {} object."
+    assert ds.TEMPLATES["RESISC45"][0] == "satellite imagery of {}." and ds.TEMPLATES["RESISC45"][-1] == "aerial view of the {}."
+    assert [ds.EUROSAT_CLASSES[c] for c in sorted(ds.EUROSAT_CLASSES)] == [
+        "annual crop land", "forest", "brushland or shrubland", "highway or road",
+        "industrial buildings or commercial buildings", "pasture land", "permanent crop land",
+        "residential buildings or homes or apartments", "river", "lake or sea"]
+    assert len(ds.GTSRB_CLASSES) == 43 and ds.GTSRB_CLASSES[0] == "red and white circle 20 kph speed limit"
+    assert ds.GTSRB_CLASSES[14] == "stop" and ds.GTSRB_CLASSES[-1].endswith("no passing for trucks has ended")
+    names, label_of_entry = ds.sun397_public_classes(["/a/abbey", "/b/bakery/shop", "/b/bakery_x",
+                                                      "/a/apartment_building/outdoor"])
+    assert names == ["abbey", "apartment building outdoor", "bakery shop", "bakery x"]
+    assert label_of_entry.tolist() == [0, 2, 3, 1]
+
+
+# ------------------------------------------------------------------------------------------ 5. splits
+def _touch(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (folder / n).touch()
+
+
+def test_public_split_sizes_on_folders_laid_out_like_the_real_datasets(tmp_path):
+    """Empty image files in the real layouts and numbers (labels are read without decoding images)."""
+    from mergelab.clip import datasets as ds
+
+    root = tmp_path / "root"
+    # RESISC45: 45 x 700 images, the public 60/20/20 split files
+    rows: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for c in ds.RESISC45_FOLDERS:
+        files = [f"{c}_{i:03d}.jpg" for i in range(1, 701)]
+        _touch(root / "resisc45" / "NWPU-RESISC45" / c, files)
+        rows["train"] += files[:420]
+        rows["val"] += files[420:560]
+        rows["test"] += files[560:]
+    for split, names in rows.items():
+        (root / "resisc45" / f"resisc45-{split}.txt").write_text("\n".join(names[::-1]) + "\n")
+    # EuroSAT RGB: 27,000 images in its 10 class folders
+    eurosat = {"AnnualCrop": 3000, "Forest": 3000, "HerbaceousVegetation": 3000, "Highway": 2500,
+               "Industrial": 2500, "Pasture": 2000, "PermanentCrop": 2500, "Residential": 3000, "River": 2500,
+               "SeaLake": 3000}
+    for c, n in eurosat.items():
+        _touch(root / "eurosat" / "2750" / c, [f"{c}_{i}.jpg" for i in range(1, n + 1)])
+    # SUN397: 397 categories, partition 1 lists 50 training and 50 testing images of each
+    entries = [f"/{chr(97 + i % 26)}/scene_{i:03d}" + ("/indoor" if i % 7 == 0 else "") for i in range(397)]
+    (root / "SUN397").mkdir(parents=True)
+    (root / "SUN397" / "ClassName.txt").write_text("\n".join(entries) + "\n")
+    lists: dict[str, list[str]] = {"Training_01": [], "Testing_01": []}
+    for k, e in enumerate(entries):
+        files = [f"sun_{k:03d}{i:03d}.jpg" for i in range(100)]
+        _touch(root / "SUN397" / e.lstrip("/"), files)
+        lists["Training_01"] += [f"{e}/{f}" for f in files[:50]]
+        lists["Testing_01"] += [f"{e}/{f}" for f in files[50:]]
+    for name, names in lists.items():
+        (root / "SUN397" / f"{name}.txt").write_text("\n".join(names) + "\n")
+
+    def sizes(task: str) -> tuple[int, int, int]:
+        source = ds.load_source(task, root)
+        return tuple(len(ds.make_split(source, s)) for s in ("train", "val", "test"))
+
+    assert sizes("RESISC45") == (17_010, 1_890, 6_300)  # public: RESISC45Val carved from the 18,900 of train
+    assert sizes("EuroSAT") == (21_600, 2_700, 2_700)  # public: EuroSAT_splits
+    assert sizes("SUN397") == (17_865, 1_985, 19_850)  # public: SUN397Val carved from 19,850
+    # RESISC45's training pool is in ImageFolder's order whatever the order of the split file
+    source = ds.load_source("RESISC45", root)
+    names = [Path(source.train.base.files[i]).name for i in source.train.indices]
+    assert names == sorted(rows["train"], key=lambda n: (n.rsplit("_", 1)[0], n))
+    # the EuroSAT rule is deterministic and stratified (10 % of each class as test, 10 % as val)
+    again = ds.load_source("EuroSAT", root)
+    assert np.array_equal(again.test.indices, ds.load_source("EuroSAT", root).test.indices)
+    assert np.bincount(again.test.labels).tolist() == [n // 10 for n in eurosat.values()]
+    # the public prepared EuroSAT split is read as it is when present
+    for split, n in (("train", 8), ("val", 1), ("test", 1)):
+        for c in eurosat:
+            _touch(root / "EuroSAT_splits" / split / c, [f"{c}_{split}_{i}.jpg" for i in range(n)])
+    assert sizes("EuroSAT") == (80, 10, 10)
+
+
+def test_missing_split_files_are_refused_with_where_to_get_them(tmp_path):
+    from mergelab.clip import datasets as ds
+
+    root = tmp_path / "root"
+    for c in ds.RESISC45_FOLDERS[:2]:
+        _touch(root / "resisc45" / "NWPU-RESISC45" / c, [f"{c}_001.jpg"])
+    with pytest.raises(ds.DatasetNotFoundError, match=r"resisc45-train\.txt.*required.*remote_sensing_representations"):
+        ds.load_source("RESISC45", root)
+    (root / "SUN397").mkdir()
+    (root / "SUN397" / "ClassName.txt").write_text("/a/abbey\n")
+    _touch(root / "SUN397" / "a" / "abbey", ["sun_001.jpg"])
+    with pytest.raises(ds.DatasetNotFoundError, match=r"Training_01\.txt.*required.*Partitions\.zip"):
+        ds.load_source("SUN397", root)
+
+
+# ------------------------------------------------------------------------------------------ 6. recipe
+def test_public_recipe_is_the_clip_default_with_the_public_epochs():
+    import yaml
+
+    from mergelab.clip.benchmark import PUBLIC_EPOCHS, PUBLIC_RECIPE, ClipDataConfig
+
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "params" / "clip").glob("*.yaml")):
+        params = yaml.safe_load(path.read_text())
+        assert params["model"]["precision"] == "fp32", path.name
+        assert params["model"]["allow_pickle"] is False, path.name
+    chapter0 = yaml.safe_load((root / "params/clip/00_benchmark_and_baselines.yaml").read_text())
+    assert chapter0["data"]["train_epochs"] == "public"
+    assert PUBLIC_EPOCHS == {"Cars": 35, "DTD": 76, "EuroSAT": 12, "GTSRB": 11, "MNIST": 5, "RESISC45": 15,
+                             "SUN397": 14, "SVHN": 4}
+    bench = mergelab.load_benchmark("clip", device="cpu", progress=False, model=dict(TINY), tasks=["MNIST"],
+                                    data={"synthetic": True, "num_workers": 0, "train_epochs": "public"})
+    n = len(bench.dataset("MNIST", "train"))
+    recipe = bench.expert_recipe("MNIST")
+    assert recipe.num_steps == 5 * -(-n // PUBLIC_RECIPE.batch_size) and recipe.lr == PUBLIC_RECIPE.lr
+    # the public MNIST run: 55,000 training images, 430 batches of 128 (the last partial), 5 epochs
+    assert 5 * -(-55_000 // 128) == 2150
+    with pytest.raises(ValueError, match="train_epochs=7 is not valid"):
+        ClipDataConfig(train_epochs=7)
+    # other recipes (a sweep's, chapter 1's SGD grid) keep their own number of steps
+    sgd = mergelab.FinetuneConfig(optimizer="sgd", lr=0.005, num_steps=250, warmup_steps=0, schedule="constant")
+    assert bench.expert_recipe("MNIST", sgd) == sgd
