@@ -39,7 +39,7 @@ def tower_shapes(model: str) -> dict[str, tuple[int, ...]]:
     import open_clip
     import torch
 
-    from mergelab.clip.model import check_model_name
+    from mergelab.benchmarks.clip.model import check_model_name
 
     check_model_name(model)
     cfg = open_clip.get_model_config(model)

@@ -26,13 +26,13 @@ import yaml
 from PIL import Image
 
 import mergelab
-from mergelab.clip import (PUBLIC_RECIPE, TASKS, TINY_MODEL, CheckpointError, ClipBenchmarkConfig,
+from mergelab.benchmarks.clip import (PUBLIC_RECIPE, TASKS, TINY_MODEL, CheckpointError, ClipBenchmarkConfig,
                            DatasetNotFoundError, WeightsNotFoundError)
-from mergelab.clip import benchmark as clip_benchmark
-from mergelab.clip import datasets as ds
-from mergelab.clip.checkpoints import load_expert, read_checkpoint
-from mergelab.clip.model import ClipModelConfig, create_clip
-from mergelab.clip.synthetic import CARS_SYNTHETIC, SUN397_SYNTHETIC, write_synthetic_datasets
+from mergelab.benchmarks.clip import benchmark as clip_benchmark
+from mergelab.benchmarks.clip import datasets as ds
+from mergelab.benchmarks.clip.checkpoints import load_expert, read_checkpoint
+from mergelab.benchmarks.clip.model import ClipModelConfig, create_clip
+from mergelab.benchmarks.clip.synthetic import CARS_SYNTHETIC, SUN397_SYNTHETIC, write_synthetic_datasets
 from mergelab.analysis.generalization import measure_merge
 from mergelab.analysis.stability import ExpertHyperparameters
 from mergelab.experiments.ch01_stability import ExpertGrid, HYPERPARAMETERS

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import mergelab
-from mergelab.clip import model as clip_model
-from mergelab.clip.model import ClipModelConfig, create_clip
+from mergelab.benchmarks.clip import model as clip_model
+from mergelab.benchmarks.clip.model import ClipModelConfig, create_clip
 
 TINY = {"name": clip_model.TINY_MODEL, "pretrained": None}
 CLIP_ENV = ("MERGELAB_CLIP_DATA_ROOT", "MERGELAB_CLIP_EXPERTS_DIR", "MERGELAB_CLIP_WEIGHTS_DIR")
@@ -128,7 +128,7 @@ class _RunsCode:
 
 
 def test_a_pickle_that_runs_code_is_refused_without_allow_pickle(tmp_path):
-    from mergelab.clip.checkpoints import CheckpointError, read_checkpoint
+    from mergelab.benchmarks.clip.checkpoints import CheckpointError, read_checkpoint
 
     marker = tmp_path / "command-ran"
     path = tmp_path / "Evil.pt"
@@ -145,7 +145,7 @@ def test_a_release_style_pickle_loads_with_allow_pickle(tmp_path, monkeypatch):
     import sys
     import types
 
-    from mergelab.clip.checkpoints import CheckpointError, load_expert
+    from mergelab.benchmarks.clip.checkpoints import CheckpointError, load_expert
 
     mod = types.ModuleType("src_release_modeling")
 
@@ -202,7 +202,7 @@ def _to_hf_names(visual: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_fusionbench_hf_experts_are_mapped_to_open_clip_names(tmp_path):
     from safetensors.torch import save_file
 
-    from mergelab.clip.checkpoints import find_expert_checkpoint, load_expert
+    from mergelab.benchmarks.clip.checkpoints import find_expert_checkpoint, load_expert
 
     clip = create_clip(ClipModelConfig(**TINY))[0]
     reference = {k: v.clone() for k, v in clip.visual.state_dict().items()}
@@ -223,7 +223,7 @@ def test_fusionbench_hf_experts_are_mapped_to_open_clip_names(tmp_path):
 
 # ------------------------------------------------------------------------------------------ 4. names, templates
 def test_class_names_and_templates_are_the_public_ones():
-    from mergelab.clip import datasets as ds
+    from mergelab.benchmarks.clip import datasets as ds
 
     # counts and entries of the public lists (task_vectors src/datasets/templates.py and classnames)
     counts = {"Cars": 8, "DTD": 8, "EuroSAT": 3, "GTSRB": 3, "MNIST": 1, "RESISC45": 18, "SUN397": 2, "SVHN": 1}
@@ -256,7 +256,7 @@ def _touch(folder: Path, names: list[str]) -> None:
 
 def test_public_split_sizes_on_folders_laid_out_like_the_real_datasets(tmp_path):
     """Empty image files in the real layouts and numbers (labels are read without decoding images)."""
-    from mergelab.clip import datasets as ds
+    from mergelab.benchmarks.clip import datasets as ds
 
     root = tmp_path / "root"
     # RESISC45: 45 x 700 images, the public 60/20/20 split files
@@ -311,7 +311,7 @@ def test_public_split_sizes_on_folders_laid_out_like_the_real_datasets(tmp_path)
 
 
 def test_missing_split_files_are_refused_with_where_to_get_them(tmp_path):
-    from mergelab.clip import datasets as ds
+    from mergelab.benchmarks.clip import datasets as ds
 
     root = tmp_path / "root"
     for c in ds.RESISC45_FOLDERS[:2]:
@@ -329,7 +329,7 @@ def test_missing_split_files_are_refused_with_where_to_get_them(tmp_path):
 def test_public_recipe_is_the_clip_default_with_the_public_epochs():
     import yaml
 
-    from mergelab.clip.benchmark import PUBLIC_EPOCHS, PUBLIC_RECIPE, ClipDataConfig
+    from mergelab.benchmarks.clip.benchmark import PUBLIC_EPOCHS, PUBLIC_RECIPE, ClipDataConfig
 
     root = Path(__file__).resolve().parents[1]
     for path in sorted((root / "params" / "clip").glob("*.yaml")):

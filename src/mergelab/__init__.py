@@ -29,14 +29,14 @@ def load_benchmark(name: str = "tiny", device: str | None = "auto", progress: bo
     ``tiny`` takes ``tasks``, ``data``, ``model``, ``pretrain``, ``head_shots``, ``logit_scale``
     (see :class:`mergelab.benchmarks.tiny.TinyBenchmarkConfig`).
     ``clip`` takes ``tasks``, ``data``, ``model`` (``pretrain`` and ``head_shots`` must be empty) and
-    ``checkpoint_every`` (see :class:`mergelab.clip.ClipBenchmarkConfig`).
+    ``checkpoint_every`` (see :class:`mergelab.benchmarks.clip.ClipBenchmarkConfig`).
     """
     if name == "tiny":
         from .benchmarks.tiny import TinyBenchmark, TinyBenchmarkConfig
 
         return TinyBenchmark(TinyBenchmarkConfig.from_params(**params), device=device, progress=progress)
     if name == "clip":
-        from .clip import load_clip_benchmark
+        from .benchmarks.clip import load_clip_benchmark
 
         return load_clip_benchmark(device=device, progress=progress, **params)
     raise ValueError(f"benchmark={name!r} is not available; valid: {', '.join(BENCHMARKS)}.")

@@ -134,7 +134,7 @@ def finetune(model: nn.Module, tasks: Mapping[str, tuple[Any, torch.Tensor]],
         model: encoder mapping ``(B, 3, H, W)`` to ``(B, d)``.
         tasks: task name to ``(X, y)`` with ``X`` ``(N, 3, H, W)`` and ``y`` ``(N,)`` int64 (CPU). ``X``
             may be any indexable of images whose ``X[index tensor]`` is a stacked tensor (the clip
-            benchmark's lazy :class:`~mergelab.clip.datasets.ImageView`); the ``data_fraction``
+            benchmark's lazy :class:`~mergelab.benchmarks.clip.datasets.ImageView`); the ``data_fraction``
             subset is stacked once, before the first step.
         heads: task name to a frozen head mapping ``(B, d)`` features to logits.
         cfg: hyperparameters; ``cfg.data_fraction`` subsamples each task's ``(X, y)``.

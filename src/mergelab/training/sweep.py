@@ -20,7 +20,6 @@ through the benchmark's own training loop (``bench.finetune_encoder``), so a swe
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,11 +34,11 @@ from tqdm.auto import tqdm
 
 from ..autodiff import per_example_gradient_norms
 from .finetune import FinetuneConfig, training_indices
+from ..cache import Artifact
 from ..utils import (
     StateDict,
     atomic_save_safetensors,
     atomic_write_json,
-    load_safetensors,
     torch_threads,
 )
 
@@ -131,15 +130,20 @@ def plan_runs(configs: Sequence[FinetuneConfig], tasks: Sequence[str], steps: Se
     return runs
 
 
+def checkpoint(bench: Any, task: str, cfg: FinetuneConfig) -> Artifact:
+    """The cache entry of the expert ``(task, cfg)``: where ``bench.expert(task, cfg)`` caches its
+    weights, with the run's log as its sidecar."""
+    return Artifact.at(bench.experts_dir, "expert", bench.run_key("expert", [task], cfg))
+
+
 def checkpoint_path(bench: Any, task: str, cfg: FinetuneConfig) -> Path:
     """Where ``bench.expert(task, cfg)`` caches its weights (``.json`` beside it holds the log)."""
-    return bench.experts_dir / f"expert-{bench.run_key('expert', [task], cfg)}.safetensors"
+    return checkpoint(bench, task, cfg).path
 
 
 def is_cached(bench: Any, task: str, cfg: FinetuneConfig) -> bool:
     """``True`` when both the weights and the log of ``(task, cfg)`` exist."""
-    path = checkpoint_path(bench, task, cfg)
-    return path.is_file() and path.with_suffix(".json").is_file()
+    return checkpoint(bench, task, cfg).exists()
 
 
 def checkpoint_state(bench: Any, task: str, cfg: FinetuneConfig) -> StateDict:
@@ -150,18 +154,19 @@ def checkpoint_state(bench: Any, task: str, cfg: FinetuneConfig) -> StateDict:
     folder (the clip size's ``model.experts_dir``) returns the imported expert from ``bench.expert``
     whatever the configuration, while a sweep's checkpoint is the one it trained with ``cfg``.
     """
-    path = checkpoint_path(bench, task, cfg)
-    if path.is_file():
-        return load_safetensors(path)
+    entry = checkpoint(bench, task, cfg)
+    if entry.path.is_file():
+        return entry.load()
     return bench.expert(task, cfg)
 
 
 def checkpoint_log(bench: Any, task: str, cfg: FinetuneConfig) -> dict[str, Any]:
     """The JSON log of a cached checkpoint (config, loss curve, gradient-norm probes, wall time)."""
-    path = checkpoint_path(bench, task, cfg).with_suffix(".json")
-    if not path.is_file():
-        raise FileNotFoundError(f"no cached expert for task={task!r}, cfg={cfg}: expected {path}; run sweep() first.")
-    return json.loads(path.read_text())
+    entry = checkpoint(bench, task, cfg)
+    if not entry.sidecar.is_file():
+        raise FileNotFoundError(f"no cached expert for task={task!r}, cfg={cfg}: expected {entry.sidecar}; "
+                                "run sweep() first.")
+    return entry.meta()
 
 
 def _probe(model: torch.nn.Module, head: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -205,15 +210,15 @@ def execute_run(bench: Any, run: Run, probe_size: int = 8) -> dict[str, Any]:
             probe(step, model)
         if step in want:
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            atomic_save_safetensors(checkpoint_path(bench, run.task, run.checkpoint_config(step)), state,
-                                    metadata={"kind": "expert", "tasks": run.task})
+            atomic_save_safetensors(checkpoint(bench, run.task, run.checkpoint_config(step)).path, state,
+                                    metadata={"kind": "expert", "tasks": run.task})  # the sidecar comes at the end
             times[step] = time.perf_counter() - start
 
     history = bench.finetune_encoder(enc, [run.task], cfg, on_step=on_step, desc=f"{run.task}", progress=False)
     grad_norms = history.get("grad_norm", [])  # before clipping, every step (when the run clips)
     for s in missing:
         keep = [i for i, st in enumerate(probes["steps"]) if st <= s]
-        atomic_write_json(checkpoint_path(bench, run.task, run.checkpoint_config(s)).with_suffix(".json"), {
+        atomic_write_json(checkpoint(bench, run.task, run.checkpoint_config(s)).sidecar, {
             "kind": "expert", "tasks": [run.task], "benchmark": getattr(bench, "name", "tiny"), "benchmark_key": bench.key,
             "finetune": asdict(run.checkpoint_config(s)), "loss": history["loss"][:s], "lr": history["lr"][:s],
             "batch_gradient_norm": grad_norms[:s],
@@ -245,7 +250,7 @@ def sweep(bench: Any, configs: Sequence[FinetuneConfig], tasks: Sequence[str],
 
     Args:
         bench: a benchmark (:class:`~mergelab.benchmarks.tiny.TinyBenchmark` or
-            :class:`~mergelab.clip.ClipBenchmark`): its ``finetune_encoder`` trains every run.
+            :class:`~mergelab.benchmarks.clip.ClipBenchmark`): its ``finetune_encoder`` trains every run.
         configs: fine-tuning recipes (see :func:`config_grid`, :func:`one_at_a_time`).
         tasks: tasks to fine-tune every recipe on.
         steps: step counts to checkpoint (see :func:`plan_runs`); ``None``: each config's ``num_steps``.

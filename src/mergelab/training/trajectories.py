@@ -8,7 +8,6 @@ an epoch is one full-batch step.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -19,8 +18,9 @@ import torch
 from torch import nn
 
 from .. import paths
+from ..cache import Artifact
 from ..task_vectors import TaskVector
-from ..utils import StateDict, atomic_save_safetensors, atomic_write_json, config_hash
+from ..utils import StateDict, config_hash
 from .finetune import FinetuneConfig, finetune, training_indices
 
 
@@ -196,9 +196,9 @@ def _run_trajectory(bench: Any, kind: str, tasks: Sequence[str],
     """
     name = tasks[0] if kind == "epoch_trajectory" else "multitask"
     key = _trajectory_key(bench, kind, tasks, run_cfg, epochs, extra)
-    path = trajectories_dir() / f"{'trajectory' if kind == 'epoch_trajectory' else 'multitask-trajectory'}-{key}.safetensors"
-    meta_path = path.with_suffix(".json")
-    if not path.is_file():
+    entry = Artifact.at(trajectories_dir(), "trajectory" if kind == "epoch_trajectory" else "multitask-trajectory", key)
+    path = entry.path
+    if not entry.exists():
         enc = bench.new_encoder(bench.pretrained_state())
         snapshots: dict[int, StateDict] = {}
 
@@ -221,14 +221,13 @@ def _run_trajectory(bench: Any, kind: str, tasks: Sequence[str],
         if sorted(snapshots) != list(range(1, epochs + 1)):
             raise RuntimeError(f"the training loop reported epochs {sorted(snapshots)}, expected 1..{epochs}: "
                                "it must call on_step(step, model) after every optimizer step.")
-        atomic_write_json(meta_path, {
+        entry.save({f"epoch{e}/{k}": v for e, s in snapshots.items() for k, v in s.items()}, {
             "kind": kind, "task": name, "tasks": list(tasks), "benchmark_key": bench.key,
             "finetune": asdict(run_cfg), "epochs": epochs, "steps_per_epoch": spe, "n_train": n_train,
-            "loss": history["loss"], "wall_time_s": wall, "device": str(bench.device), **(extra or {})})
-        atomic_save_safetensors(path, {f"epoch{e}/{k}": v for e, s in snapshots.items() for k, v in s.items()},
-                                metadata={"kind": kind, "task": name, "epochs": str(epochs)})
+            "loss": history["loss"], "wall_time_s": wall, "device": str(bench.device), **(extra or {})},
+            metadata={"kind": kind, "task": name, "epochs": str(epochs)})
         del snapshots
-    meta = json.loads(meta_path.read_text())
+    meta = entry.meta()
     return EpochTrajectory(name, run_cfg, epochs, spe, n_train, _EpochStates(path, epochs), meta["loss"],
                            meta["wall_time_s"], tuple(tasks))
 

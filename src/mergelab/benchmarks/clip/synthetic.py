@@ -1,7 +1,7 @@
 """Small synthetic stand-ins for the 8 clip datasets, written in each dataset's documented layout.
 
 For tests and the ``clip_smoke`` profile: a few tiny images per class, in exactly the files and
-folders the loaders of :mod:`mergelab.clip.datasets` read (idx files for MNIST, ``.mat`` files for
+folders the loaders of :mod:`mergelab.benchmarks.clip.datasets` read (idx files for MNIST, ``.mat`` files for
 SVHN and Cars, ``.ppm`` and a CSV for GTSRB, split lists for DTD, RESISC45 and SUN397). The images
 are a class-dependent colour plus noise, so the numbers measured on them mean nothing; what they
 exercise is every loader, split rule and label mapping.

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..task_vectors import check_compatible
-from ..utils import StateDict
+from ...task_vectors import check_compatible
+from ...utils import StateDict
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 ANCHOR = "conv1.weight"

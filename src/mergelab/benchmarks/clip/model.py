@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import paths
+from ... import paths
 
 TINY_MODEL = "mergelab-tiny-ViT-32"
 """A laptop-sized CLIP (2-layer, width-64 towers, 224 px, patch 32) registered with open_clip for smoke
@@ -54,7 +54,7 @@ class ClipModelConfig:
         init_seed: seed of the random initialization when ``pretrained`` is ``None``.
         experts_dir: a folder of existing expert checkpoints to import instead of fine-tuning
             (``None``: ``$MERGELAB_CLIP_EXPERTS_DIR`` when set, else fine-tune); see
-            :func:`mergelab.clip.checkpoints.find_expert_checkpoint` for the accepted layouts.
+            :func:`mergelab.benchmarks.clip.checkpoints.find_expert_checkpoint` for the accepted layouts.
         precision: arithmetic of fine-tuning and evaluation on GPU: ``"fp32"`` (the public recipe, the
             default), or mixed precision: ``"auto"`` (bf16 on GPUs with native bf16, compute capability
             >= 8.0, else fp16), ``"bf16"``, ``"fp16"``. CPU always runs fp32.

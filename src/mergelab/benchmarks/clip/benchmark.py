@@ -34,10 +34,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from .. import paths
-from ..models import ClassificationHead, load_encoder_state
-from ..training import FinetuneConfig, lr_at, make_optimizer, training_indices
-from ..utils import (StateDict, atomic_save_safetensors, atomic_write_json, clone_state_dict, config_hash,
+from ... import paths
+from ...cache import Artifact
+from ...models import ClassificationHead, load_encoder_state
+from ...training import FinetuneConfig, lr_at, make_optimizer, training_indices
+from ...utils import (StateDict, atomic_save_safetensors, atomic_write_json, clone_state_dict, config_hash,
                      load_safetensors, pick_device)
 from . import datasets as ds
 from .checkpoints import find_expert_checkpoint, load_expert
@@ -125,7 +126,7 @@ class ClipDataConfig:
             root = paths.data_dir() / "clip" / "synthetic"
             if not (root / ".complete").is_file():
                 write_synthetic_datasets(root)
-                (root / ".complete").write_text("written by mergelab.clip.synthetic\n")
+                (root / ".complete").write_text("written by mergelab.benchmarks.clip.synthetic\n")
             return root
         value = self.root or os.environ.get("MERGELAB_CLIP_DATA_ROOT")
         if not value:
@@ -151,7 +152,7 @@ class ClipBenchmarkConfig:
     """Everything that defines a ``clip`` benchmark run.
 
     Attributes:
-        tasks: a subset of :data:`mergelab.clip.datasets.TASKS` (default: all 8).
+        tasks: a subset of :data:`mergelab.benchmarks.clip.datasets.TASKS` (default: all 8).
         data: where the datasets are and how they are read.
         model: the open_clip model and its files.
         checkpoint_every: save a resumable checkpoint every this many fine-tuning steps.
@@ -549,7 +550,7 @@ class ClipBenchmark:
     # ------------------------------------------------------------------ experts
     def import_experts(self, folder: str | Path, tasks: Iterable[str] | None = None) -> dict[str, StateDict]:
         """Image-tower state dicts of existing experts in ``folder``, one per task (see
-        :mod:`mergelab.clip.checkpoints` for the accepted files); checked against the pretrained tower.
+        :mod:`mergelab.benchmarks.clip.checkpoints` for the accepted files); checked against the pretrained tower.
         Pickled modules are read only with ``model.allow_pickle: true``."""
         reference = self.pretrained_state()
         out = {}
@@ -572,23 +573,23 @@ class ClipBenchmark:
         return self.dataset(task, split).fingerprint()
 
     def _train_cached(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> StateDict:
-        key = self.run_key(kind, tasks, cfg)
-        path = self.experts_dir / f"{kind}-{key}.safetensors"
-        if path.is_file():
-            return load_safetensors(path)
-        partial = path.with_suffix(".partial.pt")
-        start = time.perf_counter()
-        enc = self.new_encoder(self.pretrained_state())
-        history = self.finetune_encoder(enc, tasks, cfg, partial=partial,
-                                        desc=f"{kind} {'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}")
-        state = {k: v.detach().float().cpu() for k, v in enc.state_dict().items()}
-        atomic_write_json(path.with_suffix(".json"), {
-            "kind": kind, "tasks": list(tasks), "benchmark": "clip", "benchmark_key": self.key,
-            "model": self.config.model.identity(), "finetune": asdict(cfg), "loss": history["loss"],
-            "lr": history["lr"], "wall_time_s": time.perf_counter() - start + history.get("resumed_wall_s", 0.0),
-            "resumed_at_step": history.get("resumed_at_step", 0), "device": str(self.device),
-            "precision": str(self.amp), "train_examples": {t: len(self.dataset(t, "train")) for t in tasks}})
-        atomic_save_safetensors(path, state, metadata={"kind": kind, "tasks": ",".join(tasks)})
+        entry = Artifact.at(self.experts_dir, kind, self.run_key(kind, tasks, cfg))
+        partial = entry.path.with_suffix(".partial.pt")
+
+        def train() -> tuple[StateDict, dict[str, Any]]:
+            start = time.perf_counter()
+            enc = self.new_encoder(self.pretrained_state())
+            history = self.finetune_encoder(enc, tasks, cfg, partial=partial,
+                                            desc=f"{kind} {'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}")
+            state = {k: v.detach().float().cpu() for k, v in enc.state_dict().items()}
+            return state, {
+                "kind": kind, "tasks": list(tasks), "benchmark": "clip", "benchmark_key": self.key,
+                "model": self.config.model.identity(), "finetune": asdict(cfg), "loss": history["loss"],
+                "lr": history["lr"], "wall_time_s": time.perf_counter() - start + history.get("resumed_wall_s", 0.0),
+                "resumed_at_step": history.get("resumed_at_step", 0), "device": str(self.device),
+                "precision": str(self.amp), "train_examples": {t: len(self.dataset(t, "train")) for t in tasks}}
+
+        state = entry.get_or_build(train, metadata={"kind": kind, "tasks": ",".join(tasks)})
         partial.unlink(missing_ok=True)
         return state
 

@@ -1,0 +1,70 @@
+"""Artifacts cached on disk: a state dict (safetensors) and its JSON sidecar, keyed by a configuration.
+
+Every cache of the package (pretrained encoders, heads, experts, sweep checkpoints, trajectories)
+follows one pattern, written here once:
+
+* the name is ``<prefix>-<key>.safetensors`` in a folder, ``key`` a hash of everything that made the
+  artifact (:func:`mergelab.utils.config_hash`), so a changed configuration is a new file;
+* writes are atomic (temporary file, then rename), the weights first and the sidecar last, so an
+  artifact counts as complete only when both exist, and an interrupted run never leaves a half
+  artifact that is read back;
+* :meth:`Artifact.get_or_build` builds and saves what is missing, otherwise loads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .utils import StateDict, atomic_save_safetensors, atomic_write_json, load_safetensors
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One cached state dict ``path`` (``.safetensors``) with its sidecar ``path.with_suffix('.json')``."""
+
+    path: Path
+
+    @classmethod
+    def at(cls, folder: str | Path, prefix: str, key: str) -> Artifact:
+        """``<folder>/<prefix>-<key>.safetensors``."""
+        return cls(Path(folder) / f"{prefix}-{key}.safetensors")
+
+    @property
+    def sidecar(self) -> Path:
+        """The JSON file beside the weights: what made them (configuration, log, timings)."""
+        return self.path.with_suffix(".json")
+
+    def exists(self) -> bool:
+        """Both the weights and the sidecar are there (the sidecar is written last)."""
+        return self.path.is_file() and self.sidecar.is_file()
+
+    def load(self, device: str | torch.device = "cpu") -> StateDict:
+        """The cached tensors, on ``device``."""
+        return load_safetensors(self.path, device)
+
+    def meta(self) -> dict[str, Any]:
+        """The sidecar's contents; a clear error when the artifact is not cached."""
+        if not self.sidecar.is_file():
+            raise FileNotFoundError(f"no cached artifact at {self.sidecar}: build it first (the notebook or "
+                                    "function that makes it writes it there).")
+        return json.loads(self.sidecar.read_text())
+
+    def save(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+             metadata: Mapping[str, str] | None = None) -> None:
+        """Write the tensors, then the sidecar, each atomically (``metadata``: safetensors' own strings)."""
+        atomic_save_safetensors(self.path, dict(tensors), metadata=dict(metadata) if metadata else None)
+        atomic_write_json(self.sidecar, dict(meta))
+
+    def get_or_build(self, build: Callable[[], tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]],
+                     metadata: Mapping[str, str] | None = None) -> StateDict:
+        """The cached tensors; when they are missing, ``build() -> (tensors, meta)`` makes them first."""
+        if not self.exists():
+            tensors, meta = build()
+            self.save(tensors, meta, metadata)
+        return self.load()
