@@ -79,9 +79,9 @@ def test_parameter_files_match_the_notebook_defaults():
     cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
     defaults: dict = {}
     exec("".join(cell["source"]), {}, defaults)  # literals only
-    tiny = yaml.safe_load(report.params_path("tiny", NAME).read_text())
+    tiny = report.profile_params("tiny", NAME)
     assert defaults == tiny
-    full = yaml.safe_load(report.params_path("tiny_full", NAME).read_text())
+    full = report.profile_params("tiny_full", NAME)
     for key in ("data", "model", "pretrain", "head_shots", "tasks"):
         assert full[key] == tiny[key], key
     for profile in (tiny, full):  # fine-tuning processes x torch threads fit the 2-core reference machine

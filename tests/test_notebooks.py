@@ -60,3 +60,34 @@ def test_notebook_runs_at_smoke_size_and_writes_results(name, run_notebook):
             assert value >= 0.0, where
         else:
             assert 0.0 <= value <= 1.0, where
+
+
+def _parameters_cell(name: str) -> dict:
+    nb = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    defaults: dict = {}
+    exec("".join(cell["source"]), {}, defaults)  # literals only
+    return defaults
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_parameters_cell_holds_the_tiny_profile_and_every_profile_names_only_its_keys(name):
+    """Opening a chapter in JupyterLab runs ``tiny``: the parameters cell equals ``params/tiny`` (the
+    benchmark block of ``_benchmark.yaml`` merged with the chapter's file); every other profile sets
+    only parameters the notebook has."""
+    defaults = _parameters_cell(name)
+    assert defaults == report.profile_params("tiny", name)
+    for profile in sorted(p.name for p in (ROOT / "params").iterdir() if (p / f"{name}.yaml").is_file()):
+        unknown = set(report.profile_params(profile, name)) - set(defaults)
+        assert not unknown, f"params/{profile} sets {sorted(unknown)}, which {name} does not have"
+
+
+def test_a_chapter_file_repeating_the_benchmark_block_is_refused(tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "_benchmark.yaml").write_text("seed: 0\nbenchmark: tiny\n")
+    (tmp_path / "p" / "00_x.yaml").write_text("seed: 1\ntasks: [digits]\n")
+    with pytest.raises(report.ReportError, match=r"sets seed, which .*_benchmark.yaml sets for every chapter"):
+        report.load_params(tmp_path / "p" / "00_x.yaml", "p", "00_x")
+    (tmp_path / "p" / "00_x.yaml").write_text("tasks: [digits]\n")
+    assert report.load_params(tmp_path / "p" / "00_x.yaml", "p", "00_x") == {"seed": 0, "benchmark": "tiny",
+                                                                               "tasks": ["digits"]}

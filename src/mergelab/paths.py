@@ -18,7 +18,7 @@ KERNEL_NAME = "mergelab"
 """Name of the Jupyter kernel the Makefile installs into the project's environment; papermill is
 always called with it."""
 
-PROFILES = ("smoke", "tiny", "clip")
+PROFILES = ("smoke", "tiny", "tiny_full", "clip", "clip_smoke")
 """Papermill parameter profiles: ``params/<profile>/<notebook>.yaml``."""
 
 

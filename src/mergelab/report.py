@@ -175,14 +175,13 @@ def params_path(profile: str, notebook: str | Path, params_dir: Path | None = No
     return params_dir / profile / f"{stem}.yaml"
 
 
-def load_params(path: Path, profile: str, notebook: str) -> dict[str, Any]:
-    """Papermill parameters from a YAML mapping; a clear error when the file is missing or not a mapping."""
-    if not path.is_file():
-        raise ReportError(
-            f"notebook {notebook} has no parameters for profile {profile!r}: expected {path}. "
-            f"Create it with the values for this profile (a YAML mapping; `{{}}` keeps the notebook's "
-            f"defaults)."
-        )
+BENCHMARK_PARAMS = "_benchmark.yaml"
+"""The file in each profile folder holding the benchmark block every chapter of that profile reads
+(``profile``, ``seed``, ``device``, ``benchmark``, ``data``, ``model``, ``pretrain``, ``head_shots``,
+``progress``). An ``extends: <profile>`` key in it starts from that profile's block."""
+
+
+def _yaml_mapping(path: Path) -> dict[str, Any]:
     values = yaml.safe_load(path.read_text(encoding="utf-8"))
     if values is None:
         return {}
@@ -191,6 +190,48 @@ def load_params(path: Path, profile: str, notebook: str) -> dict[str, Any]:
             f"{path} must be a YAML mapping of parameter names to values, got {type(values).__name__}."
         )
     return values
+
+
+def benchmark_param_files(profile_dir: Path) -> list[Path]:
+    """The ``_benchmark.yaml`` files a profile folder's chapters read, the extended profile's first."""
+    files: list[Path] = []
+    folder = Path(profile_dir)
+    while (folder / BENCHMARK_PARAMS).is_file():
+        path = folder / BENCHMARK_PARAMS
+        if path in files:
+            raise ReportError(f"{path}: 'extends' goes round in a circle ({' -> '.join(map(str, files))}).")
+        files.insert(0, path)
+        parent = _yaml_mapping(path).get("extends")
+        if parent is None:
+            break
+        folder = folder.parent / str(parent)
+        if not folder.is_dir():
+            raise ReportError(f"{path}: extends={parent!r} is not a profile folder beside it.")
+    return files
+
+
+def load_params(path: Path, profile: str, notebook: str) -> dict[str, Any]:
+    """Papermill parameters: the profile's benchmark block (:data:`BENCHMARK_PARAMS`) and the chapter's
+    own YAML mapping; a clear error when the file is missing, not a mapping, or repeats a key of the
+    benchmark block (one home per value)."""
+    if not path.is_file():
+        raise ReportError(
+            f"notebook {notebook} has no parameters for profile {profile!r}: expected {path}. "
+            f"Create it with the values for this profile (a YAML mapping; `{{}}` keeps the notebook's "
+            f"defaults)."
+        )
+    shared: dict[str, Any] = {}
+    files = benchmark_param_files(path.parent)
+    for f in files:
+        shared.update({k: v for k, v in _yaml_mapping(f).items() if k != "extends"})
+    values = _yaml_mapping(path)
+    repeated = sorted(set(values) & set(shared))
+    if repeated:
+        raise ReportError(
+            f"{path} sets {', '.join(repeated)}, which {files[-1]} sets for every chapter of the profile: "
+            "keep each value in one place (remove it from the chapter's file)."
+        )
+    return {**shared, **values}
 
 
 def profile_params(profile: str, notebook: str, params_dir: Path | None = None) -> dict[str, Any]:
@@ -208,7 +249,8 @@ def package_dir() -> Path:
 
 
 def content_hash(notebook: Path, params: Path, profile: str, source_dir: Path | None = None) -> str:
-    """SHA-256 of the notebook, its parameter file, the profile and every ``*.py`` under ``source_dir``.
+    """SHA-256 of the notebook, its parameter files (the chapter's and the profile's benchmark block),
+    the profile and every ``*.py`` under ``source_dir``.
 
     ``source_dir`` defaults to the installed package (``src/mergelab``); files are hashed in sorted
     order with their relative paths, so renaming a module changes the hash too.
@@ -218,6 +260,7 @@ def content_hash(notebook: Path, params: Path, profile: str, source_dir: Path | 
     for label, data in (
         ("notebook", Path(notebook).read_bytes()),
         ("params", Path(params).read_bytes()),
+        *(("benchmark params", f.read_bytes()) for f in benchmark_param_files(Path(params).parent)),
         ("profile", profile.encode()),
     ):
         digest.update(f"{label}\0{len(data)}\0".encode() + data)
