@@ -155,3 +155,4 @@ def test_ties_merged_in_chunks_equals_one_stacked_merge(monkeypatch):
     merged = merge_ties(pre, tvs, coefficient=0.7, density=0.5)
     for k in shapes:
         torch.testing.assert_close(merged[k], expected[k], rtol=0, atol=0)
+

@@ -185,3 +185,17 @@ def test_torch_threads_sets_the_number_for_the_block_and_restores_it_even_on_err
     assert torch.get_num_threads() == before
     with torch_threads(None):
         assert torch.get_num_threads() == before
+
+
+def test_setup_takes_the_chapter_s_parameters_from_the_namespace_and_builds_its_benchmark_once():
+    from mergelab import report
+    from mergelab.notebook import setup
+
+    names = report.profile_params("tiny", "00_benchmark_and_baselines")
+    namespace = {**report.profile_params("smoke", "00_benchmark_and_baselines"), "unrelated": 1}
+    session = setup("00_benchmark_and_baselines", namespace)
+    assert set(session.parameters) == set(names) and "unrelated" not in session.parameters
+    assert session.seed == namespace["seed"] and session.parameters["tasks"] == namespace["tasks"]
+    assert session.bench is session.bench and session.bench.tasks == tuple(namespace["tasks"])
+    with pytest.raises(ValueError, match="needs the parameters .*merge_methods.*run the parameters cell"):
+        setup("00_benchmark_and_baselines", {k: v for k, v in namespace.items() if k != "merge_methods"})

@@ -70,6 +70,23 @@ def merge_baselines(benchmark: "Benchmark", pretrained: StateDict, task_vectors:
             for m in tqdm(methods, desc="merge methods", disable=not progress)}
 
 
+def merge_row(benchmark: "Benchmark", result: MergeResult, expert_accuracy: Mapping[str, float],
+              split: str = "test", state: StateDict | None = None, coefficient: float | None = None) -> dict[str, Any]:
+    """The results row of one merge: :func:`summarize` of its accuracy on ``split``, its coefficient and
+    its validation sweep. ``state``/``coefficient``: another state of the same merge (e.g. a
+    data-free default kept with ``also_at``) instead of the validated one; the sweep is then omitted."""
+    if state is None:
+        return {**summarize(benchmark.evaluate(result.state, split), expert_accuracy),
+                "coefficient": result.coefficient, "validation_sweep": result.sweep}
+    return {**summarize(benchmark.evaluate(state, split), expert_accuracy), "coefficient": coefficient}
+
+
+def merge_rows(benchmark: "Benchmark", results: Mapping[str, MergeResult], expert_accuracy: Mapping[str, float],
+               split: str = "test") -> dict[str, dict[str, Any]]:
+    """:func:`merge_row` of every merge, by method name (in the order given)."""
+    return {name: merge_row(benchmark, result, expert_accuracy, split) for name, result in results.items()}
+
+
 def results_table(rows: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """One row per method: absolute and normalized accuracy, then one column per task."""
     records = []

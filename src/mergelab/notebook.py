@@ -7,6 +7,7 @@ parameters, device, git commit, wall time) that ``provenance`` also prints in th
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import subprocess
@@ -14,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,13 +24,17 @@ from . import paths
 from .plotting import set_style
 from .utils import atomic_write_json, pick_device, seed_everything
 
+if TYPE_CHECKING:
+    from .benchmarks import Benchmark
+
 _PACKAGES = ("torch", "torchvision", "open_clip_torch", "numpy", "scipy", "scikit-learn", "pandas",
              "seaborn", "matplotlib", "safetensors", "papermill", "mergelab")
 
 
 @dataclass
 class Session:
-    """State of one notebook run: name, parameters, device, seed and start time."""
+    """State of one notebook run: name, parameters, device, seed and start time; :attr:`bench` is the
+    benchmark the parameters describe, built on first use."""
 
     notebook: str
     parameters: dict[str, Any]
@@ -39,15 +45,40 @@ class Session:
     def wall_time_s(self) -> float:
         return time.perf_counter() - self.started
 
+    @functools.cached_property
+    def bench(self) -> Benchmark:
+        """The benchmark of ``parameters`` (``benchmark``, ``tasks``, ``data``, ``model``, ``pretrain``,
+        ``head_shots``, ``progress``) on :attr:`device`."""
+        from . import load_benchmark
 
-def setup(notebook: str, parameters: dict[str, Any], seed: int = 0, device: str | None = "auto") -> Session:
-    """Seed everything, pick the device, set the plot style, print them; return the session."""
+        p = self.parameters
+        return load_benchmark(p["benchmark"], device=str(self.device), progress=p.get("progress", True),
+                              tasks=p["tasks"], data=p["data"], model=p["model"], pretrain=p["pretrain"],
+                              head_shots=p["head_shots"])
+
+
+def setup(notebook: str, namespace: Mapping[str, Any]) -> Session:
+    """Start a chapter: take its parameters from ``namespace`` (the notebook's ``globals()``), seed
+    everything, pick the device, set the plot style and print them; return the session.
+
+    The chapter's parameters are the names its ``tiny`` profile sets (``params/tiny``, which its
+    parameters cell holds; a test keeps the two equal), so the list is written once.
+    """
+    from .params import profile_params
+
+    names = list(profile_params("tiny", notebook))
+    missing = [n for n in names if n not in namespace]
+    if missing:
+        raise ValueError(f"setup({notebook!r}) needs the parameters {', '.join(missing)}: run the parameters cell "
+                         "first (they are the keys of params/tiny for this chapter).")
+    parameters = {n: namespace[n] for n in names}
+    seed, device = int(parameters["seed"]), parameters["device"]
     seed_everything(seed)
     dev = pick_device(device)
     set_style()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"notebook: {notebook} | device: {dev} | seed: {seed} | torch {torch.__version__}")
-    return Session(notebook, dict(parameters), dev, seed)
+    print(f"notebook: {notebook} | profile: {parameters.get('profile')} | device: {dev} | seed: {seed} | "
+          f"torch {torch.__version__}")
+    return Session(notebook, parameters, dev, seed)
 
 
 def git_commit() -> str:

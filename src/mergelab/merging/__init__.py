@@ -11,13 +11,12 @@ import line here; the contract tests (``tests/test_merge_contract.py``) then tes
 
 from __future__ import annotations
 
-from . import (  # noqa: F401  (each registers its method)
-           dare,
-           task_arithmetic,
-           ties,
-           tsv,  # noqa: F401  (registers tsv_merge)
-           weight_averaging,
-)
+# One import per method module; each registers its method (this order is the registry's order).
+from . import weight_averaging  # noqa: F401  # isort: skip
+from . import task_arithmetic  # noqa: F401  # isort: skip
+from . import ties  # noqa: F401  # isort: skip
+from . import dare  # noqa: F401  # isort: skip
+from . import tsv  # noqa: F401  # isort: skip
 from .base import LayerUpdate, assemble, scaled, validate
 from .registry import MERGE_METHODS, MergeMethod, get_merge, merge, register_merge
 from .select import MergeResult, merge_with_validation
