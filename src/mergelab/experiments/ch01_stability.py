@@ -423,3 +423,48 @@ def expert_table(bench: Any, grid: ExpertGrid, tasks: Sequence[str], hyperparame
                              **{k: m[k] for k in ("train_loss", "test_loss", "generalization_gap", "test_accuracy")},
                              "gap_vs_pretrained": m["gap_vs_reference"]})
     return pd.DataFrame(rows)
+
+
+def recommendations_markdown(effects: Any, hetero: Any, sparse: Any, lr_slice: Any, experts_lr: Any,
+                             correlations: Mapping[str, Any], grid: ExpertGrid, levels: Mapping[str, Sequence[float]]
+                             ) -> str:
+    """The chapter's "recommendations" section, one Markdown bullet per finding, each computed from the
+    tables of the figures it names (``effects``: :func:`hyperparameter_effects`; ``hetero``:
+    :func:`heterogeneity_table` with its change columns; ``sparse``: the averaging/TIES/DARE merges;
+    ``lr_slice``: merges along lr and steps; ``experts_lr``: :func:`expert_table`)."""
+    eff = effects.groupby(["hyperparameter", "level"])["gap_vs_pretrained"].mean()
+    het = hetero.groupby("hyperparameter")[["change in gap", "change in test acc"]].mean()
+    sp = sparse.groupby("method")[["gap_vs_pretrained", "test_accuracy"]].mean()
+    col = lr_slice.groupby(["mean_lr", "mean_num_steps"])["test_accuracy"].mean()
+    rq_overall = correlations["quadratic"]["overall"]["spearman"]
+    lines = []
+    for h in HYPERPARAMETERS:
+        e = eff[h]
+        best = e.idxmin()
+        rho_h = correlations["quadratic"][h]["spearman"]
+        lines.append(f"* **{h}**: the smallest measured merged gap came at {h} = {best:g} ({e.min():+.3f} nats, against "
+                     f"{e.max():+.3f} at {e.idxmax():g}); the bound's ranking of this slice has Spearman rho = {rho_h:.2f} "
+                     "(@fig-effects).")
+    worst = het["change in gap"].abs().idxmax()
+    lines.append(f"* **Matching recipes**: spreading {worst} across experts moved the merged gap most "
+                 f"({het.loc[worst, 'change in gap']:+.3f} nats, test accuracy {het.loc[worst, 'change in test acc']:+.3f}) "
+                 f"against the homogeneous merge at the same mean; the mean change over all spread hyperparameters was "
+                 f"{het['change in gap'].mean():+.3f} nats (@fig-heterogeneity).")
+    best_lr = col.groupby(level=0).max().idxmax()
+    steps_best = col.loc[best_lr].idxmax()
+    last = max(grid.steps)
+    lines.append(f"* **Steps**: merged accuracy peaked at {col.loc[best_lr].max():.1%} (lr = {best_lr:g}, {steps_best:g} steps); "
+                 f"after {last} steps it was " + ", ".join(f"{col.loc[lr, last]:.1%} at lr = {lr:g}" for lr in levels["lr"])
+                 + f", while the experts on their own tasks reached {experts_lr[experts_lr['step'] == last]['test_accuracy'].mean():.1%} "
+                 "(@fig-collapse).")
+    best_method = sp["test_accuracy"].idxmax()
+    lines.append(f"* **Sparsify?** Among averaging, TIES and DARE, {best_method} gave the best accuracy "
+                 f"({sp.loc[best_method, 'test_accuracy']:.1%}); the measured gap was smallest with "
+                 f"{sp['gap_vs_pretrained'].idxmin()} (@fig-sparsify).")
+    sign = ("with" if rq_overall > 0.3 else "against" if rq_overall < -0.3 else "almost independently of") \
+        if np.isfinite(rq_overall) else "(too few merges to say) relative to"
+    lines.append(f"* **Trusting the bound**: on this run it orders merges {sign} the measured gap (Spearman "
+                 f"{rq_overall:.2f} overall, {correlations['quadratic']['overall']['spearman_within_draw']:.2f} within draws): "
+                 + ("use it to rank recipes." if rq_overall > 0.3 else
+                    "do not use it to choose recipes here; the measured effects above are the guide (@fig-bound-vs-gap)."))
+    return "\n".join(lines)

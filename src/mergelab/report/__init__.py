@@ -1,0 +1,98 @@
+"""Execute the notebooks with papermill and build the report book.
+
+``python -m mergelab.report [--profile smoke|tiny|clip] [--reports DIR] [--notebooks NAME ...]
+[--force]`` runs every ``notebooks/NN_topic.ipynb`` (or the named ones) with the parameters in
+``params/<profile>/<notebook>.yaml``, writes the executed copies to ``<reports>/``, and renders the
+book into ``<reports>/_book/``: with Quarto when it is on ``PATH``, else a plain HTML book made with
+nbconvert.
+
+A notebook is executed again only when its content hash changed: the notebook, its parameter file,
+the profile and every ``src/mergelab/**/*.py``. The hash of the last successful run is kept in
+``<reports>/.stamps/<notebook>.<profile>.sha256``; ``--force`` ignores it.
+
+The book's chapters come from ``book.chapters`` in ``reports/_quarto.yml``, for both renderers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mergelab import paths
+from mergelab.params import (BENCHMARK_PARAMS, ReportError, benchmark_param_files, load_params,  # noqa: F401
+                             params_path, profile_params)
+
+from .book import missing_chapters, read_bibtex, render_book  # noqa: F401
+from .runner import (EXECUTED, NBCONVERT_NOTE, PROJECT_FILES, RENDERERS, UNIX_SOCKET_PATH_MAX,  # noqa: F401
+                     UP_TO_DATE, ReportResult, book_chapters, check_chapters, check_kernel, content_hash,
+                     default_quarto_yml, discover_notebooks, execute_notebook, is_up_to_date,
+                     kernel_environment, kernel_manager_class, run_notebooks, stamp_path, write_stamp)
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def build_report(
+    profile: str = "tiny",
+    reports: Path | None = None,
+    names: Sequence[str] | None = None,
+    force: bool = False,
+    notebooks_dir: Path | None = None,
+    params_dir: Path | None = None,
+    quarto_yml: Path | None = None,
+    source_dir: Path | None = None,
+    renderer: str = "auto",
+) -> ReportResult:
+    """Execute the notebooks that changed, then render the book; see the module docstring.
+
+    Every location defaults to the project's (:mod:`mergelab.paths`); tests pass their own.
+    """
+    reports = (Path(reports) if reports is not None else paths.reports_dir()).resolve()
+    reports.mkdir(parents=True, exist_ok=True)
+    quarto_yml = Path(quarto_yml) if quarto_yml is not None else default_quarto_yml()
+    chapters = book_chapters(quarto_yml)
+    check_chapters(discover_notebooks(notebooks_dir), chapters, quarto_yml)
+    selected = discover_notebooks(notebooks_dir, names)
+    statuses = run_notebooks(selected, profile, reports, params_dir, source_dir, force)
+    missing = [c for c in missing_chapters(reports, chapters) if c.endswith(".ipynb")]
+    if names and missing:
+        # A subset was asked for: its notebooks ran; the book needs every chapter, so it waits.
+        print(f"book not rendered: chapter(s) {', '.join(missing)} not executed yet in {reports}; "
+              "run `make report` without NOTEBOOKS to execute them (up-to-date ones are skipped) and render the book.")
+        return ReportResult(statuses=statuses, book=None, renderer=None, missing=missing)
+    index, used = render_book(reports, quarto_yml, renderer)
+    print(f"renderer: {NBCONVERT_NOTE if used == 'nbconvert' else used}")
+    print(f"book: {index}")
+    return ReportResult(statuses=statuses, book=index, renderer=used)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options of ``python -m mergelab.report``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mergelab.report",
+        description="Execute the notebooks that changed (papermill) and render the report book.",
+    )
+    parser.add_argument(
+        "--profile", default="tiny", help=f"parameter profile: {', '.join(paths.PROFILES)} (default: tiny)"
+    )
+    parser.add_argument("--reports", type=Path, default=None, help="output folder (default: reports/)")
+    parser.add_argument(
+        "--notebooks", nargs="+", metavar="NAME", default=None, help="run only these notebooks"
+    )
+    parser.add_argument("--force", action="store_true", help="execute even the notebooks that are up to date")
+    parser.add_argument("--renderer", choices=RENDERERS, default="auto", help="book renderer (default: auto)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code (1 with a message on a :class:`ReportError`)."""
+    args = parse_args(argv)
+    try:
+        build_report(args.profile, args.reports, args.notebooks, args.force, renderer=args.renderer)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+

@@ -1,0 +1,374 @@
+"""The report runner: which notebooks to run, whether they are up to date (content hashes and stamps),
+and executing them with papermill on the project's kernel."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import re
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergelab import paths
+from mergelab.params import ReportError, benchmark_param_files, load_params, params_path
+
+
+RENDERERS = ("auto", "quarto", "nbconvert")
+"""``auto``: Quarto when it is on ``PATH``, else nbconvert."""
+
+BOOK_DIR = "_book"
+STAMPS_DIR = ".stamps"
+PROJECT_FILES = ("_quarto.yml", "index.qmd", "references.bib")
+"""Files of the Quarto project copied next to the executed notebooks when ``--reports`` is elsewhere."""
+
+NBCONVERT_NOTE = (
+    "nbconvert (quarto not found on PATH; install it from conda-forge or `pip install quarto-cli` "
+    "for the full Quarto book)"
+)
+EXECUTED = "executed"
+UP_TO_DATE = "up to date"
+
+_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(?P<title>.+?)\s*(?:\{[^}]*\})?\s*#*\s*$", re.MULTILINE)
+_HEADING_ATTRIBUTES = re.compile(r"^(\s{0,3}#{1,6}\s.*?)\s*\{[^}]*\}\s*$", re.MULTILINE)
+_FRONT_MATTER = re.compile(r"\A---\s*\n(?P<yaml>.*?)\n(?:---|\.\.\.)\s*(?:\n|\Z)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """What :func:`build_report` did.
+
+    Attributes:
+        statuses: notebook name (without ``.ipynb``) -> ``"executed"`` or ``"up to date"``.
+        book: the book's ``index.html``; ``None`` when only some notebooks were asked for and the
+            folder lacks other chapters, so no book was rendered.
+        renderer: ``"quarto"`` or ``"nbconvert"``; ``None`` when no book was rendered.
+        missing: chapters (file names) missing from the folder when the book was not rendered.
+    """
+
+    statuses: dict[str, str]
+    book: Path | None
+    renderer: str | None
+    missing: list[str] = field(default_factory=list)
+
+
+# --- what to run -------------------------------------------------------------------------------
+
+
+def discover_notebooks(notebooks_dir: Path | None = None, names: Sequence[str] | None = None) -> list[Path]:
+    """The notebooks to run, in sorted order.
+
+    Args:
+        notebooks_dir: folder of ``NN_topic.ipynb`` files (default :func:`mergelab.paths.notebooks_dir`).
+        names: run only these; ``"00_x"``, ``"00_x.ipynb"`` and ``"notebooks/00_x.ipynb"`` all work.
+    """
+    folder = Path(notebooks_dir) if notebooks_dir is not None else paths.notebooks_dir()
+    found = sorted(p for p in folder.glob("*.ipynb") if not p.name.startswith("."))
+    if not found:
+        raise ReportError(f"no notebooks found in {folder}: expected files like 00_topic.ipynb.")
+    if not names:
+        return found
+    by_stem = {p.stem: p for p in found}
+    wanted = {Path(name).name.removesuffix(".ipynb") for name in names}
+    unknown = sorted(wanted - by_stem.keys())
+    if unknown:
+        raise ReportError(
+            f"--notebooks {' '.join(unknown)}: no such notebook in {folder}; valid: {', '.join(by_stem)}."
+        )
+    return [p for p in found if p.stem in wanted]
+
+
+def default_quarto_yml() -> Path:
+    """The book's project file, ``<root>/reports/_quarto.yml``: the single source of the chapter list."""
+    return paths.project_root() / "reports" / "_quarto.yml"
+
+
+def book_chapters(quarto_yml: Path | None = None) -> list[str]:
+    """Chapter files of the book, in order, from ``book.chapters`` (and ``book.appendices``).
+
+    Parts (``- part: ...`` with nested ``chapters``) are flattened.
+    """
+    quarto_yml = Path(quarto_yml) if quarto_yml is not None else default_quarto_yml()
+    if not quarto_yml.is_file():
+        raise ReportError(f"the book's project file {quarto_yml} does not exist.")
+    config = yaml.safe_load(quarto_yml.read_text(encoding="utf-8")) or {}
+    book = config.get("book") or {}
+    chapters = _flatten_chapters(book.get("chapters") or []) + _flatten_chapters(book.get("appendices") or [])
+    if not chapters:
+        raise ReportError(f"{quarto_yml} lists no chapters: add them under book.chapters.")
+    return chapters
+
+
+def _flatten_chapters(entries: Sequence[Any]) -> list[str]:
+    flat: list[str] = []
+    for entry in entries:
+        if isinstance(entry, str):
+            flat.append(entry)
+        elif isinstance(entry, dict):
+            if isinstance(entry.get("part"), str) and entry["part"].endswith((".qmd", ".md", ".ipynb")):
+                flat.append(entry["part"])
+            if entry.get("href") or entry.get("file"):
+                flat.append(entry.get("href") or entry["file"])
+            flat.extend(_flatten_chapters(entry.get("chapters") or []))
+    return flat
+
+
+def check_chapters(notebooks: Sequence[Path], chapters: Sequence[str], quarto_yml: Path) -> None:
+    """Refuse a notebook that is not a chapter, and a notebook chapter that has no notebook."""
+    names = {nb.name for nb in notebooks}
+    missing = [name for name in sorted(names) if name not in chapters]
+    if missing:
+        lines = "\n".join(f"    - {name}" for name in missing)
+        raise ReportError(
+            f"notebook(s) {', '.join(missing)} are not chapters of the book: add them to book.chapters "
+            f"in {quarto_yml}:\n{lines}"
+        )
+    orphans = [c for c in chapters if c.endswith(".ipynb") and c not in names]
+    if orphans:
+        folder = notebooks[0].parent if notebooks else "notebooks/"
+        raise ReportError(
+            f"{quarto_yml} lists chapter(s) {', '.join(orphans)} but there is no such notebook in "
+            f"{folder}: remove them from book.chapters or add the notebook."
+        )
+
+
+# --- when to run -------------------------------------------------------------------------------
+
+
+def package_dir() -> Path:
+    """The ``mergelab`` package's source folder, whose ``*.py`` files are part of every content hash."""
+    return Path(paths.__file__).resolve().parent
+
+
+def content_hash(notebook: Path, params: Path, profile: str, source_dir: Path | None = None) -> str:
+    """SHA-256 of the notebook, its parameter files (the chapter's and the profile's benchmark block),
+    the profile and every ``*.py`` under ``source_dir``.
+
+    ``source_dir`` defaults to the installed package (``src/mergelab``); files are hashed in sorted
+    order with their relative paths, so renaming a module changes the hash too.
+    """
+    source_dir = Path(source_dir) if source_dir is not None else package_dir()
+    digest = hashlib.sha256()
+    for label, data in (
+        ("notebook", Path(notebook).read_bytes()),
+        ("params", Path(params).read_bytes()),
+        *(("benchmark params", f.read_bytes()) for f in benchmark_param_files(Path(params).parent)),
+        ("profile", profile.encode()),
+    ):
+        digest.update(f"{label}\0{len(data)}\0".encode() + data)
+    for source in sorted(source_dir.rglob("*.py")):
+        data = source.read_bytes()
+        digest.update(f"src\0{source.relative_to(source_dir).as_posix()}\0{len(data)}\0".encode() + data)
+    return digest.hexdigest()
+
+
+def stamp_path(reports: Path, notebook: str, profile: str) -> Path:
+    """``<reports>/.stamps/<notebook>.<profile>.sha256``."""
+    return Path(reports) / STAMPS_DIR / f"{notebook}.{profile}.sha256"
+
+
+def is_up_to_date(reports: Path, notebook: str, profile: str, digest: str) -> bool:
+    """True when the executed notebook exists and the stamp of its last run holds ``digest``."""
+    stamp = stamp_path(reports, notebook, profile)
+    if not (Path(reports) / f"{notebook}.ipynb").is_file() or not stamp.is_file():
+        return False
+    return stamp.read_text(encoding="utf-8").strip() == digest
+
+
+def write_stamp(reports: Path, notebook: str, profile: str, digest: str) -> Path:
+    """Record a successful run; stamps of other profiles go, since the executed copy is now this one."""
+    stamp = stamp_path(reports, notebook, profile)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    for old in stamp.parent.glob(f"{notebook}.*.sha256"):
+        if "." not in old.name[len(notebook) + 1 : -len(".sha256")]:
+            old.unlink()
+    tmp = stamp.with_name(f".{stamp.name}.tmp")
+    tmp.write_text(digest + "\n", encoding="utf-8")
+    os.replace(tmp, stamp)
+    return stamp
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def kernel_environment(reports: Path) -> Iterator[None]:
+    """Point the kernel's ``mergelab.paths`` at ``reports`` (the kernel inherits ``os.environ``)."""
+    values = {
+        "MERGELAB_REPORTS_DIR": str(reports),
+        "MERGELAB_RESULTS_DIR": str(Path(reports) / "results"),
+        "JUPYTER_PREFER_ENV_PATH": os.environ.get("JUPYTER_PREFER_ENV_PATH", "1"),
+    }
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def check_kernel(kernel_name: str = paths.KERNEL_NAME) -> None:
+    """Fail early, with the fix, when the project's Jupyter kernel is not installed."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(kernel_name)
+    except NoSuchKernel as err:
+        raise ReportError(
+            f"the Jupyter kernel {kernel_name!r} is not installed: run `make env`, or "
+            f"`{sys.executable} -m ipykernel install --sys-prefix --name {kernel_name} "
+            f'--display-name "Python (mergelab)"`.'
+        ) from err
+
+
+UNIX_SOCKET_PATH_MAX = 100
+"""Longest socket path we hand the kernel (Linux allows 107 bytes, macOS 103)."""
+
+
+def kernel_manager_class() -> type | None:
+    """The kernel manager papermill starts each notebook's kernel with (``None``: nbclient's default).
+
+    By default jupyter_client talks to a kernel over TCP on ``127.0.0.1``, unencrypted, so any
+    local user could connect to it, and ipykernel warns about it at every start ("Kernel is running
+    over TCP without encryption"). On POSIX systems the kernel's sockets are made Unix domain sockets
+    instead (jupyter_client's ``ipc`` transport), named after the kernel's connection file in
+    Jupyter's runtime directory, which only the user can enter (``kernel-<uuid>-ipc-<n>``); they are
+    removed when the kernel shuts down. Where that is not possible (Windows, or a runtime directory
+    whose path is too long for a socket name, see :data:`UNIX_SOCKET_PATH_MAX`) it is ``None`` and
+    the default TCP transport is used.
+    """
+    if os.name != "posix":
+        return None
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    longest = os.path.join(jupyter_runtime_dir(), f"kernel-{uuid.UUID(int=0)}-ipc-99")
+    if len(os.fsencode(longest)) > UNIX_SOCKET_PATH_MAX:
+        return None
+    return _ipc_kernel_manager()
+
+
+@functools.lru_cache(maxsize=1)
+def _ipc_kernel_manager() -> type:
+    from jupyter_client.manager import AsyncKernelManager  # nbclient's default kernel manager
+    from jupyter_core.paths import jupyter_runtime_dir
+    from jupyter_core.utils import ensure_dir_exists
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        """nbclient's kernel manager with the ``ipc`` transport (Unix domain sockets).
+
+        Its connection file, and so its sockets, are in Jupyter's runtime directory (jupyter_client
+        would otherwise put the sockets in the working directory, i.e. next to the notebooks)."""
+
+        @default("transport")
+        def _transport_default(self) -> str:
+            return "ipc"
+
+        @default("connection_file")
+        def _connection_file_default(self) -> str:
+            runtime = jupyter_runtime_dir()
+            ensure_dir_exists(runtime, 0o700)
+            return os.path.join(runtime, f"kernel-{uuid.uuid4()}.json")
+
+    return IPCKernelManager
+
+
+def execute_notebook(
+    notebook: Path, parameters: dict[str, Any], reports: Path, kernel_name: str = paths.KERNEL_NAME
+) -> float:
+    """Execute ``notebook`` with papermill into ``<reports>/<name>.ipynb``; return the wall time in s.
+
+    The run writes a hidden temporary file in ``reports`` and moves it into place only on success.
+    On failure the partly executed notebook is kept as ``<reports>/<name>.failed.ipynb`` and a
+    :class:`ReportError` names the notebook.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    reports = Path(reports)
+    running = reports / f".{notebook.stem}.running.ipynb"
+    failed = reports / f"{notebook.stem}.failed.ipynb"
+    manager = kernel_manager_class()
+    kernel_options = {"kernel_manager_class": manager} if manager is not None else {}
+    start = time.perf_counter()
+    with kernel_environment(reports):
+        check_kernel(kernel_name)
+        try:
+            papermill.execute_notebook(
+                str(notebook),
+                str(running),
+                parameters=parameters,
+                kernel_name=kernel_name,
+                language="python",  # the project's kernel; notebooks without language_info still run
+                cwd=str(notebook.parent),
+                progress_bar=True,
+                **kernel_options,
+            )
+        except PapermillExecutionError as err:
+            _keep_failed(running, failed)
+            raise ReportError(
+                f"notebook {notebook.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+                f"The partly executed notebook is kept at {failed} for inspection."
+            ) from err
+        except Exception as err:
+            _keep_failed(running, failed)
+            raise ReportError(f"notebook {notebook.name} could not be executed: {err}") from err
+        except BaseException:  # interrupted: leave nothing half written behind
+            running.unlink(missing_ok=True)
+            raise
+    os.replace(running, reports / notebook.name)
+    failed.unlink(missing_ok=True)
+    return time.perf_counter() - start
+
+
+def _keep_failed(running: Path, failed: Path) -> None:
+    if running.exists():
+        os.replace(running, failed)
+
+
+def run_notebooks(
+    notebooks: Sequence[Path],
+    profile: str,
+    reports: Path,
+    params_dir: Path | None = None,
+    source_dir: Path | None = None,
+    force: bool = False,
+) -> dict[str, str]:
+    """Execute each notebook whose content hash changed (all of them with ``force``).
+
+    Every parameter file is read before anything runs, so a missing one fails fast.
+    Returns notebook name -> ``"executed"`` or ``"up to date"``.
+    """
+    reports = Path(reports)
+    reports.mkdir(parents=True, exist_ok=True)
+    plan = []
+    for notebook in notebooks:
+        params = params_path(profile, notebook.stem, params_dir)
+        plan.append((notebook, params, load_params(params, profile, notebook.stem)))
+    statuses: dict[str, str] = {}
+    for notebook, params, parameters in plan:
+        digest = content_hash(notebook, params, profile, source_dir)
+        if not force and is_up_to_date(reports, notebook.stem, profile, digest):
+            print(f"up to date: {notebook.stem}")
+            statuses[notebook.stem] = UP_TO_DATE
+            continue
+        print(f"executing: {notebook.stem} (profile {profile})")
+        seconds = execute_notebook(notebook, parameters, reports)
+        write_stamp(reports, notebook.stem, profile, digest)
+        print(f"executed: {notebook.stem} in {seconds:.1f} s")
+        statuses[notebook.stem] = EXECUTED
+    return statuses
+
+
