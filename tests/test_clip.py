@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 import mergelab
+from mergelab.params import profile_params
 from mergelab.benchmarks.clip import (PUBLIC_RECIPE, TASKS, TINY_MODEL, CheckpointError, ClipBenchmarkConfig,
                            DatasetNotFoundError, WeightsNotFoundError)
 from mergelab.benchmarks.clip import benchmark as clip_benchmark
@@ -192,8 +192,8 @@ def test_a_random_clip_is_seeded_by_its_config_and_leaves_the_global_random_stre
 
 
 def test_public_recipe_and_profiles_agree():
-    clip = yaml.safe_load((ROOT / "params/clip/00_benchmark_and_baselines.yaml").read_text())
-    smoke = yaml.safe_load((ROOT / "params/clip_smoke/00_benchmark_and_baselines.yaml").read_text())
+    clip = profile_params("clip", "00_benchmark_and_baselines")
+    smoke = profile_params("clip_smoke", "00_benchmark_and_baselines")
     assert set(clip) == set(smoke)
     assert mergelab.FinetuneConfig(**clip["finetune"], seed=clip["seed"]) == PUBLIC_RECIPE
     assert PUBLIC_RECIPE.lr == 1e-5 and PUBLIC_RECIPE.weight_decay == 0.1 and PUBLIC_RECIPE.batch_size == 128
@@ -548,7 +548,7 @@ def test_prose_for_each_size():
     with pytest.raises(ValueError, match="one text per size"):
         for_size("tiny", tiny="a")
     assert stand_in_note("tiny", {}, {}) == "" and stand_in_note("clip", {"max_train": None}, {"pretrained": "openai"}) == ""
-    smoke = yaml.safe_load((ROOT / "params/clip_smoke/00_benchmark_and_baselines.yaml").read_text())
+    smoke = profile_params("clip_smoke", "00_benchmark_and_baselines")
     note = stand_in_note("clip", smoke["data"], smoke["model"])
     assert "synthetic" in note and "randomly initialized" in note and "`max_train: 32`" in note
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import mergelab
+from mergelab.params import profile_params
 from mergelab.benchmarks.clip import model as clip_model
 from mergelab.benchmarks.clip.model import ClipModelConfig, create_clip
 
@@ -327,16 +328,14 @@ def test_missing_split_files_are_refused_with_where_to_get_them(tmp_path):
 
 # ------------------------------------------------------------------------------------------ 6. recipe
 def test_public_recipe_is_the_clip_default_with_the_public_epochs():
-    import yaml
-
     from mergelab.benchmarks.clip.benchmark import PUBLIC_EPOCHS, PUBLIC_RECIPE, ClipDataConfig
 
     root = Path(__file__).resolve().parents[1]
-    for path in sorted((root / "params" / "clip").glob("*.yaml")):
-        params = yaml.safe_load(path.read_text())
+    for path in sorted((root / "params" / "clip").glob("[0-9]*.yaml")):
+        params = profile_params("clip", path.stem)
         assert params["model"]["precision"] == "fp32", path.name
         assert params["model"]["allow_pickle"] is False, path.name
-    chapter0 = yaml.safe_load((root / "params/clip/00_benchmark_and_baselines.yaml").read_text())
+    chapter0 = profile_params("clip", "00_benchmark_and_baselines")
     assert chapter0["data"]["train_epochs"] == "public"
     assert PUBLIC_EPOCHS == {"Cars": 35, "DTD": 76, "EuroSAT": 12, "GTSRB": 11, "MNIST": 5, "RESISC45": 15,
                              "SUN397": 14, "SVHN": 4}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import yaml
 
 from conftest import NOTEBOOKS  # noqa: F401  (the notebook must exist to be collected there too)
 from mergelab import report

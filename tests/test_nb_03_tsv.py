@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import yaml
 
-from mergelab import paths
 from mergelab.layers import DECOMPOSED_KINDS
+from mergelab.params import profile_params
 
 NAME = "03_task_singular_vectors"
 pytestmark = [pytest.mark.notebook, pytest.mark.timeout(900)]
@@ -21,7 +20,7 @@ def results(run_notebook):
 
 @pytest.fixture(scope="module")
 def params():
-    return yaml.safe_load(paths.params_file("smoke", NAME).read_text())
+    return profile_params("smoke", NAME)
 
 
 def test_every_method_has_absolute_and_normalized_accuracy(results):

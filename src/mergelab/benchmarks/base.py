@@ -1,20 +1,24 @@
 """The benchmark interface every size implements (``tiny``, ``clip``), declared in full.
 
 A benchmark owns the tasks' data, the pretrained encoder, one frozen classification head per task,
-the cached experts and the evaluation. Everything above it (training sweeps, trajectories, analyses,
+the cached experts and the evaluation. :class:`BenchmarkBase` holds what every size does the same way
+(cached experts and multi-task models, run keys, logs). Everything above it (training sweeps, trajectories, analyses,
 chapters) talks to it through this protocol only, so a new size is one class that satisfies it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from tqdm.auto import tqdm
 
+from ..cache import Artifact
 from ..training import FinetuneConfig
-from ..utils import StateDict
+from ..utils import StateDict, config_hash
 
 
 @runtime_checkable
@@ -80,3 +84,102 @@ class Benchmark(Protocol):
     def evaluate(self, state: StateDict, split: str = "test", tasks: Iterable[str] | None = None
                  ) -> dict[str, float]:
         """Top-1 accuracy (fraction 0..1) of the encoder ``state`` on each task, with the task's own head."""
+
+
+class BenchmarkBase:
+    """Cached fine-tuning every size shares: experts, the multi-task model, their logs and cache keys.
+
+    A size subclasses it and provides :attr:`key`, :attr:`experts_dir`, :meth:`head_digest`,
+    :meth:`check_task`, :meth:`new_encoder`, :meth:`pretrained_state` and :meth:`_train_run` (its
+    training loop, returning the weights and the run's log); it may add parts to the run key
+    (:meth:`_run_key_parts`), map a recipe per task (:meth:`expert_recipe`) and import experts instead
+    of training them (:meth:`_imported_expert`). Experts are cached through
+    :class:`mergelab.cache.Artifact` as ``<experts_dir>/<kind>-<run key>.safetensors`` + JSON.
+    """
+
+    tasks: tuple[str, ...]
+    progress: bool
+    default_recipe: FinetuneConfig = FinetuneConfig()
+    """The recipe of :meth:`expert` and :meth:`multitask` when none is given."""
+
+    # ------------------------------------------------------------------ what a size provides
+    key: str
+    experts_dir: Path
+
+    def head_digest(self, task: str) -> str:  # pragma: no cover - every size implements it
+        raise NotImplementedError
+
+    def check_task(self, task: str) -> str:  # pragma: no cover - every size implements it
+        raise NotImplementedError
+
+    def _train_run(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig, artifact: Artifact
+                   ) -> tuple[StateDict, dict[str, Any]]:  # pragma: no cover - every size implements it
+        """Fine-tune a fresh copy of the pretrained encoder on ``tasks``; ``(weights, log)``."""
+        raise NotImplementedError
+
+    def _run_key_parts(self, tasks: Sequence[str]) -> dict[str, Any]:
+        """What else identifies a run of this size besides the benchmark, tasks, heads and recipe."""
+        return {}
+
+    def _imported_expert(self, task: str) -> StateDict | None:
+        """An expert imported from elsewhere instead of trained (``None``: train it)."""
+        return None
+
+    def _imported_log(self, task: str) -> dict[str, Any] | None:
+        return None
+
+    def _after_run(self, artifact: Artifact) -> None:
+        """Clean up after a run is cached (e.g. a resume point)."""
+
+    # ------------------------------------------------------------------ shared
+    def expert_recipe(self, task: str, cfg: FinetuneConfig | None = None) -> FinetuneConfig:
+        """The recipe an expert on ``task`` trains with (default :attr:`default_recipe`)."""
+        return cfg or self.default_recipe
+
+    def run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> str:
+        """Cache key (16 hex digits) of a fine-tuning run: ``kind`` (``"expert"`` or ``"multitask"``),
+        its tasks, the benchmark, the tasks' head digests, every hyperparameter of ``cfg`` and the
+        size's own parts (:meth:`_run_key_parts`)."""
+        return config_hash({"benchmark": self.key, "kind": kind, "tasks": list(tasks),
+                            "heads": [self.head_digest(t) for t in tasks], "finetune": asdict(cfg),
+                            **self._run_key_parts(tasks)})
+
+    def run_artifact(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> Artifact:
+        """Where the run ``(kind, tasks, cfg)`` is cached."""
+        return Artifact.at(self.experts_dir, kind, self.run_key(kind, tasks, cfg))
+
+    def _train_cached(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> StateDict:
+        artifact = self.run_artifact(kind, tasks, cfg)
+        state = artifact.get_or_build(lambda: self._train_run(kind, tasks, cfg, artifact),
+                                      metadata={"kind": kind, "tasks": ",".join(tasks)})
+        self._after_run(artifact)
+        return state
+
+    def expert(self, task: str, cfg: FinetuneConfig | None = None) -> StateDict:
+        """The encoder fine-tuned on ``task`` with ``cfg`` (:meth:`expert_recipe`; cached), or the
+        imported expert where the size imports them."""
+        task = self.check_task(task)
+        imported = self._imported_expert(task)
+        if imported is not None:
+            return imported
+        return self._train_cached("expert", [task], self.expert_recipe(task, cfg))
+
+    def experts(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None
+                ) -> dict[str, StateDict]:
+        """One expert per task with the same recipe, with a progress bar over tasks."""
+        tasks = list(tasks or self.tasks)
+        return {t: self.expert(t, cfg) for t in tqdm(tasks, desc="experts", disable=not self.progress)}
+
+    def expert_log(self, task: str, cfg: FinetuneConfig | None = None) -> dict[str, Any]:
+        """The log (recipe, loss curve, wall time) of an expert, or where an imported one came from."""
+        task = self.check_task(task)
+        imported = self._imported_log(task)
+        if imported is not None:
+            return imported
+        self.expert(task, cfg)
+        return self.run_artifact("expert", [task], self.expert_recipe(task, cfg)).meta()
+
+    def multitask(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None) -> StateDict:
+        """One encoder fine-tuned on all ``tasks`` jointly (one batch loss per task each step)."""
+        tasks = sorted(self.check_task(t) for t in (tasks or self.tasks))
+        return self._train_cached("multitask", tasks, cfg or self.default_recipe)

@@ -239,8 +239,11 @@ def epoch_trajectory(bench: Any, task: str, cfg: FinetuneConfig, epochs: int,
 
     One run gives the task vectors after 1, 2, ..., E epochs. ``cfg.num_steps`` is replaced by
     ``epochs * steps_per_epoch`` (:func:`epoch_config`); everything else is used as given, through
-    :func:`mergelab.training.finetune`, so the last snapshot is the expert
-    ``bench.expert(task, run config)`` would train. With a ``constant`` schedule, the snapshot after
+    :func:`mergelab.training.finetune` on the images of ``bench.split``. At the ``tiny`` size that is the
+    benchmark's own loop, so the last snapshot is the expert ``bench.expert(task, run config)`` would
+    train; at the ``clip`` size experts train through the clip loop (training augmentation, data
+    loaders, mixed precision where asked), so a trajectory's last snapshot is a close relative of the
+    expert, not the same weights. With a ``constant`` schedule, the snapshot after
     ``e`` epochs is the model a run of exactly ``e`` epochs gives; with a decaying schedule it is
     not (the schedule spans the whole run). Cached in ``<data>/trajectories`` by benchmark, task,
     head and configuration, written atomically, so a re-run trains nothing.

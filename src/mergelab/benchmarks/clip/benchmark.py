@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ... import paths
 from ...cache import Artifact
+from ..base import BenchmarkBase
 from ...models import ClassificationHead, load_encoder_state
 from ...training import FinetuneConfig, lr_at, make_optimizer, training_indices
 from ...utils import (StateDict, atomic_save_safetensors, atomic_write_json, clone_state_dict, config_hash,
@@ -240,7 +241,7 @@ def state_digest(state: StateDict) -> str:
     return h.hexdigest()[:24]
 
 
-class ClipBenchmark:
+class ClipBenchmark(BenchmarkBase):
     """The 8-task open_clip benchmark, with the same interface as the ``tiny`` one.
 
     Args:
@@ -248,6 +249,9 @@ class ClipBenchmark:
         device: ``"auto"`` (GPU when there is one), ``"cpu"``, ``"cuda"``...
         progress: show progress bars for long steps.
     """
+
+    default_recipe = PUBLIC_RECIPE
+    """Experts and the multi-task model train with the public recipe unless told otherwise."""
 
     name = "clip"
     """The benchmark's size, as ``mergelab.load_benchmark`` names it."""
@@ -559,39 +563,40 @@ class ClipBenchmark:
             out[t] = load_expert(find_expert_checkpoint(folder, t), reference, self.config.model.allow_pickle)
         return out
 
-    def run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> str:
-        """Cache key (16 hex digits) of a fine-tuning run: ``kind`` (``"expert"`` or ``"multitask"``),
-        its tasks, the benchmark (model, weights, activation), the precision it trains in, the tasks'
-        head digests, the training data's fingerprint and every hyperparameter of ``cfg``."""
-        return config_hash({"benchmark": self.key, "kind": kind, "tasks": list(tasks),
-                            "activation": self.activation, "precision": self.precision,
-                            "heads": [self.head_digest(t) for t in tasks],
-                            "data": [self._splits_fingerprint(t, "train") for t in tasks],
-                            "finetune": asdict(cfg)})
+    def _run_key_parts(self, tasks: Sequence[str]) -> dict[str, Any]:
+        """Besides the benchmark, tasks, heads and recipe, a clip run is keyed by the model's activation,
+        the precision it trains in and the training data's fingerprint."""
+        return {"activation": self.activation, "precision": self.precision,
+                "data": [self._splits_fingerprint(t, "train") for t in tasks]}
+
+    def check_task(self, task: str) -> str:
+        """``task`` if the clip size has it, else an error listing the tasks."""
+        return ds.check_task(task)
 
     def _splits_fingerprint(self, task: str, split: str) -> str:
         return self.dataset(task, split).fingerprint()
 
-    def _train_cached(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> StateDict:
-        entry = Artifact.at(self.experts_dir, kind, self.run_key(kind, tasks, cfg))
-        partial = entry.path.with_suffix(".partial.pt")
+    def _train_run(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig, artifact: Artifact
+                   ) -> tuple[StateDict, dict[str, Any]]:
+        start = time.perf_counter()
+        enc = self.new_encoder(self.pretrained_state())
+        history = self.finetune_encoder(enc, tasks, cfg, partial=self._resume_point(artifact),
+                                        desc=f"{kind} {'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}")
+        state = {k: v.detach().float().cpu() for k, v in enc.state_dict().items()}
+        return state, {
+            "kind": kind, "tasks": list(tasks), "benchmark": "clip", "benchmark_key": self.key,
+            "model": self.config.model.identity(), "finetune": asdict(cfg), "loss": history["loss"],
+            "lr": history["lr"], "wall_time_s": time.perf_counter() - start + history.get("resumed_wall_s", 0.0),
+            "resumed_at_step": history.get("resumed_at_step", 0), "device": str(self.device),
+            "precision": str(self.amp), "train_examples": {t: len(self.dataset(t, "train")) for t in tasks}}
 
-        def train() -> tuple[StateDict, dict[str, Any]]:
-            start = time.perf_counter()
-            enc = self.new_encoder(self.pretrained_state())
-            history = self.finetune_encoder(enc, tasks, cfg, partial=partial,
-                                            desc=f"{kind} {'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}")
-            state = {k: v.detach().float().cpu() for k, v in enc.state_dict().items()}
-            return state, {
-                "kind": kind, "tasks": list(tasks), "benchmark": "clip", "benchmark_key": self.key,
-                "model": self.config.model.identity(), "finetune": asdict(cfg), "loss": history["loss"],
-                "lr": history["lr"], "wall_time_s": time.perf_counter() - start + history.get("resumed_wall_s", 0.0),
-                "resumed_at_step": history.get("resumed_at_step", 0), "device": str(self.device),
-                "precision": str(self.amp), "train_examples": {t: len(self.dataset(t, "train")) for t in tasks}}
+    @staticmethod
+    def _resume_point(artifact: Artifact) -> Path:
+        """Where an interrupted run of ``artifact`` keeps its resume point."""
+        return artifact.path.with_suffix(".partial.pt")
 
-        state = entry.get_or_build(train, metadata={"kind": kind, "tasks": ",".join(tasks)})
-        partial.unlink(missing_ok=True)
-        return state
+    def _after_run(self, artifact: Artifact) -> None:
+        self._resume_point(artifact).unlink(missing_ok=True)
 
     def finetune_encoder(self, encoder: nn.Module, tasks: Sequence[str], cfg: FinetuneConfig,
                          on_step: Callable[[int, nn.Module], None] | None = None, desc: str = "fine-tune",
@@ -692,53 +697,34 @@ class ClipBenchmark:
                     "rng": torch.get_rng_state()}, str(tmp))
         os.replace(tmp, path)
 
-    def expert(self, task: str, cfg: FinetuneConfig | None = None) -> StateDict:
-        """The image tower fine-tuned on ``task`` with ``cfg`` (default :data:`PUBLIC_RECIPE`; cached).
-
-        When ``model.experts_dir`` (or ``$MERGELAB_CLIP_EXPERTS_DIR``) is set, the expert is imported
-        from that folder instead and ``cfg`` is not used.
-        """
-        task = ds.check_task(task)
+    def _imported_expert(self, task: str) -> StateDict | None:
+        """With ``model.experts_dir`` (or ``$MERGELAB_CLIP_EXPERTS_DIR``) set, experts are imported from
+        that folder instead of trained, whatever the recipe."""
         folder = self.config.model.experts_folder()
-        if folder is not None:
-            if task not in self._imported:
-                self._imported[task] = self.import_experts(folder, [task])[task]
-            return clone_state_dict(self._imported[task])
-        return self._train_cached("expert", [task], self.expert_recipe(task, cfg))
+        if folder is None:
+            return None
+        if task not in self._imported:
+            self._imported[task] = self.import_experts(folder, [task])[task]
+        return clone_state_dict(self._imported[task])
+
+    def _imported_log(self, task: str) -> dict[str, Any] | None:
+        folder = self.config.model.experts_folder()
+        if folder is None:
+            return None
+        return {"kind": "imported", "task": task, "checkpoint": str(find_expert_checkpoint(folder, task))}
 
     def expert_recipe(self, task: str, cfg: FinetuneConfig | None = None) -> FinetuneConfig:
         """The recipe an expert on ``task`` trains with: ``cfg`` (default :data:`PUBLIC_RECIPE`), with
         ``num_steps = epochs * ceil(n_train / batch_size)`` when ``data.train_epochs`` sets the epochs
         and ``cfg`` is the public recipe (any ``num_steps`` and ``seed``); other recipes, such as a
         sweep's, keep their ``num_steps``. ``n_train``: the examples the run trains on."""
-        cfg = cfg or PUBLIC_RECIPE
+        cfg = cfg or self.default_recipe
         epochs = self.config.data.epochs(ds.check_task(task))
         if epochs is None or replace(cfg, num_steps=PUBLIC_RECIPE.num_steps, seed=PUBLIC_RECIPE.seed) != PUBLIC_RECIPE:
             return cfg  # the public epochs belong to the public recipe; other recipes (sweeps) keep num_steps
         n = len(training_indices(len(self.dataset(task, "train")), cfg))
         steps = epochs * -(-n // cfg.batch_size)
         return replace(cfg, num_steps=steps, warmup_steps=min(cfg.warmup_steps, steps))
-
-    def experts(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None
-                ) -> dict[str, StateDict]:
-        """One expert per task with the same recipe, with a progress bar over tasks."""
-        tasks = list(tasks or self.tasks)
-        return {t: self.expert(t, cfg) for t in tqdm(tasks, desc="experts", disable=not self.progress)}
-
-    def expert_log(self, task: str, cfg: FinetuneConfig | None = None) -> dict[str, Any]:
-        """Metadata (recipe, loss curve, wall time) of a fine-tuned expert, or the source of an imported one."""
-        task = ds.check_task(task)
-        folder = self.config.model.experts_folder()
-        if folder is not None:
-            return {"kind": "imported", "task": task, "checkpoint": str(find_expert_checkpoint(folder, task))}
-        self.expert(task, cfg)
-        key = self.run_key("expert", [task], self.expert_recipe(task, cfg))
-        return json.loads((self.experts_dir / f"expert-{key}.json").read_text())
-
-    def multitask(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None) -> StateDict:
-        """One image tower fine-tuned on all ``tasks`` jointly (sum of one batch loss per task each step)."""
-        tasks = sorted(ds.check_task(t) for t in (tasks or self.tasks))
-        return self._train_cached("multitask", tasks, cfg or PUBLIC_RECIPE)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_key(self, task: str, split: str) -> str:

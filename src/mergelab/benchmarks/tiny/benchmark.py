@@ -14,17 +14,19 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ... import paths
+from ...cache import Artifact
+from ..base import BenchmarkBase
 from ...models import ClassificationHead, TinyViTConfig, build_tiny_encoder, encode, load_encoder_state
-from .data import GENERATOR_VERSION, PRETEXT_ATTRIBUTES, SPLITS, TASK_CLASSES, TASKS, TinyDataConfig, check_task, load_pretext, load_task
+from .data import GENERATOR_VERSION, PRETEXT_ATTRIBUTES, SPLITS, TASK_CLASSES, TASKS, TinyDataConfig, load_pretext, load_task
+from .data import check_task as check_tiny_task
 from ...training import FinetuneConfig, PretrainConfig, finetune, pretrain_attributes, pretrain_contrastive
 from ...utils import (StateDict, atomic_save_safetensors, atomic_write_json, clone_state_dict, config_hash,
                     load_safetensors, pick_device)
@@ -62,7 +64,7 @@ class TinyBenchmarkConfig:
 
     def __post_init__(self) -> None:
         for t in self.tasks:
-            check_task(t)
+            check_tiny_task(t)
         if len(set(self.tasks)) != len(self.tasks) or not self.tasks:
             raise ValueError(f"tasks={self.tasks!r} must be a non-empty list of distinct tasks from {TASKS}.")
         if self.head_shots < 1:
@@ -78,7 +80,7 @@ class TinyBenchmarkConfig:
                    pretrain=PretrainConfig(**(pretrain or {})), **rest)
 
 
-class TinyBenchmark:
+class TinyBenchmark(BenchmarkBase):
     """The offline, laptop-sized twin of the 8-task ViT-B-32 benchmark.
 
     Args:
@@ -125,12 +127,12 @@ class TinyBenchmark:
         return path
 
     def class_names(self, task: str) -> list[str]:
-        return TASK_CLASSES[check_task(task)]
+        return TASK_CLASSES[check_tiny_task(task)]
 
     # ------------------------------------------------------------------ data
     def split(self, task: str, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized images ``(N, 3, 32, 32)`` float32 and labels ``(N,)`` int64 (CPU)."""
-        check_task(task)
+        check_tiny_task(task)
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not valid; use one of {', '.join(SPLITS)}.")
         if (task, split) not in self._splits:
@@ -225,49 +227,20 @@ class TinyBenchmark:
         """Hash of a task's head weights and scale: part of every cache key that depends on the head."""
         return self.heads[task].digest()
 
-    def run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> str:
-        """Cache key (16 hex digits) of a fine-tuning run: ``kind`` (``"expert"`` or ``"multitask"``),
-        its tasks, the benchmark, the tasks' head digests and every hyperparameter of ``cfg``."""
-        return config_hash({"benchmark": self.key, "kind": kind, "tasks": list(tasks),
-                            "heads": [self.head_digest(t) for t in tasks], "finetune": asdict(cfg)})
+    def check_task(self, task: str) -> str:
+        """``task`` if the tiny benchmark has it, else an error listing the tasks."""
+        return check_tiny_task(task)
 
-    def _train_cached(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> StateDict:
-        key = self.run_key(kind, tasks, cfg)
-        path = self.experts_dir / f"{kind}-{key}.safetensors"
-        if path.is_file():
-            return load_safetensors(path)
+    def _train_run(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig, artifact: Artifact
+                   ) -> tuple[StateDict, dict[str, Any]]:
         enc = self.new_encoder(self.pretrained_state())
         start = time.perf_counter()
         history = self.finetune_encoder(enc, tasks, cfg,
                                         desc=f"{kind} {'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}")
         state = {k: v.detach().cpu() for k, v in enc.state_dict().items()}
-        atomic_write_json(path.with_suffix(".json"), {
-            "kind": kind, "tasks": list(tasks), "benchmark": "tiny", "benchmark_key": self.key,
-            "finetune": asdict(cfg), "loss": history["loss"], "lr": history["lr"],
-            "wall_time_s": time.perf_counter() - start, "device": str(self.device)})
-        atomic_save_safetensors(path, state, metadata={"kind": kind, "tasks": ",".join(tasks)})
-        return state
-
-    def expert(self, task: str, cfg: FinetuneConfig | None = None) -> StateDict:
-        """The encoder fine-tuned on ``task`` with ``cfg`` (cached in ``data/experts``)."""
-        check_task(task)
-        return self._train_cached("expert", [task], cfg or FinetuneConfig())
-
-    def experts(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None
-                ) -> dict[str, StateDict]:
-        """One expert per task with the same hyperparameters, with a progress bar over tasks."""
-        tasks = list(tasks or self.tasks)
-        return {t: self.expert(t, cfg) for t in tqdm(tasks, desc="experts", disable=not self.progress)}
-
-    def expert_log(self, task: str, cfg: FinetuneConfig | None = None) -> dict[str, Any]:
-        """Metadata (config, loss curve, wall time) of a cached expert."""
-        self.expert(task, cfg)
-        key = self.run_key("expert", [task], cfg or FinetuneConfig())
-        return json.loads((self.experts_dir / f"expert-{key}.json").read_text())
-
-    def multitask(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None) -> StateDict:
-        """One encoder fine-tuned on all ``tasks`` jointly (sum of per-task losses each step)."""
-        return self._train_cached("multitask", sorted(tasks or self.tasks), cfg or FinetuneConfig())
+        return state, {"kind": kind, "tasks": list(tasks), "benchmark": "tiny", "benchmark_key": self.key,
+                       "finetune": asdict(cfg), "loss": history["loss"], "lr": history["lr"],
+                       "wall_time_s": time.perf_counter() - start, "device": str(self.device)}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -297,7 +270,3 @@ class TinyBenchmark:
         return {task: sum(float(F.cross_entropy(logits, y, reduction="sum")) for logits, y in batches) / n
                 for task, n, batches in self._task_logits(state, split, tasks, batch_size)}
 
-
-def with_tasks(config: TinyBenchmarkConfig, tasks: Sequence[str]) -> TinyBenchmarkConfig:
-    """The same benchmark restricted to ``tasks``."""
-    return replace(config, tasks=tuple(tasks))
