@@ -351,3 +351,42 @@ def test_public_recipe_is_the_clip_default_with_the_public_epochs():
     # other recipes (a sweep's, chapter 1's SGD grid) keep their own number of steps
     sgd = mergelab.FinetuneConfig(optimizer="sgd", lr=0.005, num_steps=250, warmup_steps=0, schedule="constant")
     assert bench.expert_recipe("MNIST", sgd) == sgd
+
+
+def test_a_release_head_beside_imported_experts_scores_them(tmp_path, monkeypatch):
+    """Imported public experts are scored with the head they were trained against (``head_<Task>.pt``,
+    a pickled linear layer whose rows are logit_scale x normalized class embeddings), not a rebuilt one."""
+    from mergelab.benchmarks.clip.checkpoints import CheckpointError
+    from mergelab.benchmarks.clip.synthetic import write_synthetic_datasets
+
+    monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path / "data"))
+    root = write_synthetic_datasets(tmp_path / "datasets")
+    plain = mergelab.load_benchmark("clip", device="cpu", progress=False, model=dict(TINY), tasks=["MNIST"],
+                                    data={"root": str(root), "num_workers": 0})
+    folder = tmp_path / "release"
+    folder.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(plain.pretrained_state(), str(folder / "MNIST.safetensors"))
+    rows = torch.nn.functional.normalize(torch.randn(10, plain.heads["MNIST"].weight.shape[1]), dim=-1)
+    head = torch.nn.Linear(rows.shape[1], 10)
+    with torch.no_grad():
+        head.weight.copy_(100.0 * rows)
+        head.bias.zero_()
+    torch.save(head, folder / "head_MNIST.pt")  # a pickle, as the release ships it
+
+    def imported(allow_pickle: bool):
+        return mergelab.load_benchmark("clip", device="cpu", progress=False, tasks=["MNIST"],
+                                       model={**TINY, "experts_dir": str(folder), "allow_pickle": allow_pickle},
+                                       data={"root": str(root), "num_workers": 0})
+
+    with pytest.raises(CheckpointError, match="allow_pickle: true"):
+        imported(False).heads["MNIST"]
+    bench = imported(True)
+    got = bench.heads["MNIST"]
+    torch.testing.assert_close(got.weight, rows)
+    assert got.logit_scale == pytest.approx(100.0, rel=1e-5)
+    assert got.digest() != plain.heads["MNIST"].digest()
+    torch.save(torch.nn.Linear(rows.shape[1], 7), folder / "head_MNIST.pt")  # another task's head
+    with pytest.raises(CheckpointError, match="7 rows; the task has 10 classes"):
+        imported(True).heads["MNIST"]

@@ -42,7 +42,7 @@ from ...training import FinetuneConfig, lr_at, make_optimizer, training_indices
 from ...utils import (StateDict, atomic_save_safetensors, atomic_write_json, clone_state_dict, config_hash,
                      load_safetensors, pick_device)
 from . import datasets as ds
-from .checkpoints import find_expert_checkpoint, load_expert
+from .checkpoints import find_expert_checkpoint, find_release_head, load_expert, read_release_head
 from .model import (ClipModelConfig, amp_dtype, autocast, check_model_name, create_clip, model_arch_options,
                     zero_shot_weights)
 
@@ -465,8 +465,13 @@ class ClipBenchmark(BenchmarkBase):
             for t in tasks:
                 self._heads.setdefault(t, self._read_head(t))
             return
-        need_full = missing or not visual_path.is_file()
+        need_full = bool([t for t in missing if t not in self._release_head_tasks(missing)]) or not visual_path.is_file()
         model, pre_train, pre_val, tokenizer = create_clip(self.config.model, load_weights=bool(need_full))
+        released = self._release_heads(missing)
+        missing = [t for t in missing if t not in released]
+        for t, (weight, scale, source) in released.items():
+            atomic_save_safetensors(self._head_path(t), {"weight": weight}, metadata={
+                "logit_scale": repr(scale), "task": t, "source": str(source)})
         if need_full:
             start = time.perf_counter()
             for t in tqdm(missing, desc="zero-shot heads", disable=not self.progress, leave=False):
@@ -487,8 +492,28 @@ class ClipBenchmark(BenchmarkBase):
         for t in tasks:
             self._heads[t] = self._read_head(t)
 
+    def _release_head_tasks(self, tasks: Sequence[str]) -> list[str]:
+        folder = self.config.model.experts_folder()
+        return [t for t in tasks if folder is not None and find_release_head(folder, t) is not None]
+
+    def _release_heads(self, tasks: Sequence[str]) -> dict[str, tuple[torch.Tensor, float, Path]]:
+        """Heads shipped with imported experts (a task-vector release's ``head_<Task>.pt`` beside them):
+        the experts were fine-tuned against those heads, so they are scored with them."""
+        folder = self.config.model.experts_folder()
+        out = {}
+        for t in self._release_head_tasks(tasks):
+            path = find_release_head(folder, t)
+            weight, scale = read_release_head(path, len(self.class_names(t)), self.config.model.allow_pickle)
+            out[t] = (weight, scale, path)
+        return out
+
     def _head_key(self, task: str) -> str:
-        """Cache key of a zero-shot head: task, class names, templates and the text tower's activation."""
+        """Cache key of a head: task, class names, templates and the text tower's activation; for a head
+        shipped with imported experts, the digest of that file instead."""
+        folder = self.config.model.experts_folder()
+        release = find_release_head(folder, task) if folder is not None else None
+        if release is not None:
+            return config_hash({"task": task, "release_head": hashlib.sha256(release.read_bytes()).hexdigest()})
         return config_hash({"task": task, "class_names": self.class_names(task), "templates": ds.TEMPLATES[task],
                             "activation": self.activation})
 

@@ -240,3 +240,28 @@ def load_expert(path: str | Path, reference: Mapping[str, torch.Tensor], allow_p
         raise CheckpointError(str(err)) from None
     return {k: (visual[k].to(v.dtype) if torch.is_floating_point(v) else visual[k]).contiguous()
             for k, v in reference.items()}
+
+
+def find_release_head(folder: str | Path, task: str) -> Path | None:
+    """A task-vector release's head of ``task`` in ``folder`` (``head_<Task>.pt``), or ``None``."""
+    path = Path(folder) / f"head_{task}.pt"
+    return path if path.is_file() else None
+
+
+def read_release_head(path: str | Path, n_classes: int, allow_pickle: bool = False) -> tuple[torch.Tensor, float]:
+    """``(weight (n_classes, d), logit_scale)`` of a release's ``head_<Task>.pt``.
+
+    The release pickles its ``ClassificationHead``: a linear layer whose rows are ``logit_scale`` times
+    the normalized class embeddings (zero bias, inputs normalized), so the rows' common norm is the
+    logit scale. Unpickling needs ``allow_pickle`` (see :func:`read_checkpoint`). A head whose row count
+    is not the task's number of classes is refused (it belongs to another label order or task).
+    """
+    tensors = read_checkpoint(path, allow_pickle=allow_pickle)
+    weights = [v for k, v in tensors.items() if k.endswith("weight") and v.ndim == 2]
+    if len(weights) != 1:
+        raise CheckpointError(f"{path} holds {len(weights)} 2-D weights; a release head holds one (n_classes, d).")
+    weight = weights[0].float()
+    if weight.shape[0] != n_classes:
+        raise CheckpointError(f"{path} has {weight.shape[0]} rows; the task has {n_classes} classes, so it is "
+                              "another task's head or another label order.")
+    return weight, float(weight.norm(dim=1).mean())
