@@ -57,11 +57,15 @@ bench: env ## run every perf/bench_*.py
 		echo "== $$script"; $(PY) "$$script" || exit 1; \
 	done
 
-lab: env ## open the notebooks in JupyterLab with the project's kernel
-	$(VENV)/bin/jupyter lab notebooks/
+LAB_ARGS ?=## extra JupyterLab options, e.g. LAB_ARGS='--port 8890 --no-browser'
+
+lab: env ## open the notebooks in JupyterLab with the project's kernel (LAB_ARGS passed through)
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 clean-report: ## remove executed notebooks, the book, results, figures and stamps from REPORTS
 	$(if $(strip $(REPORTS)),,$(error REPORTS is empty))
+	@if git ls-files --error-unmatch $(REPORTS)/'*.ipynb' >/dev/null 2>&1; then \
+		echo "clean-report: $(REPORTS) holds notebooks committed to git; refusing to delete them (REPORTS must be a report folder, e.g. reports)."; exit 1; fi
 	rm -rf $(REPORTS)/_book $(REPORTS)/results $(REPORTS)/figures $(REPORTS)/.stamps $(REPORTS)/.quarto
 	rm -f $(REPORTS)/*.ipynb $(REPORTS)/.*.running.ipynb
 

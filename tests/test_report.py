@@ -295,3 +295,31 @@ def test_ipc_transport_only_where_socket_paths_fit(monkeypatch: pytest.MonkeyPat
     long_dir = "/home/" + "x" * (report.UNIX_SOCKET_PATH_MAX - 50)
     monkeypatch.setattr(jupyter_core.paths, "jupyter_runtime_dir", lambda: long_dir)
     assert report.kernel_manager_class() is None
+
+
+def test_parameters_are_checked_before_a_chapter_runs(tmp_path):
+    from mergelab.params import ReportError, check_parameters
+
+    nb = paths.notebooks_dir() / "00_benchmark_and_baselines.ipynb"
+    good = report.profile_params("smoke", "00_benchmark_and_baselines")
+    check_parameters(nb, good, "params/smoke")
+    with pytest.raises(ReportError, match=r"params/smoke: 00_benchmark_and_baselines has no parameter 'head_shot'\. "
+                                          r"Did you mean head_shots\?"):
+        check_parameters(nb, {**good, "head_shot": 4}, "params/smoke")
+    with pytest.raises(ReportError, match=r"parameter seed='abc' is a string; .* expects a number"):
+        check_parameters(nb, {**good, "seed": "abc"}, "params/smoke")
+    bad = tmp_path / "p"
+    bad.mkdir()
+    (bad / "00_x.yaml").write_text("tasks: [digits\nseed: 1\n")
+    with pytest.raises(ReportError, match=r"00_x.yaml is not valid YAML at line \d+"):
+        report.load_params(bad / "00_x.yaml", "p", "00_x")
+
+
+def test_clean_report_refuses_a_folder_of_committed_notebooks():
+    import subprocess
+
+    root = paths.project_root()
+    before = sorted(p.name for p in (root / "notebooks").glob("*.ipynb"))
+    run = subprocess.run(["make", "clean-report", "REPORTS=notebooks"], cwd=root, capture_output=True, text=True)
+    assert run.returncode != 0 and "refusing to delete them" in run.stdout
+    assert sorted(p.name for p in (root / "notebooks").glob("*.ipynb")) == before

@@ -199,3 +199,17 @@ def test_setup_takes_the_chapter_s_parameters_from_the_namespace_and_builds_its_
     assert session.bench is session.bench and session.bench.tasks == tuple(namespace["tasks"])
     with pytest.raises(ValueError, match="needs the parameters .*merge_methods.*run the parameters cell"):
         setup("00_benchmark_and_baselines", {k: v for k, v in namespace.items() if k != "merge_methods"})
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    import os
+
+    from mergelab.utils import atomic_save_safetensors
+
+    previous = os.umask(0o002)
+    try:
+        a = atomic_write_json(tmp_path / "a.json", {"x": 1})
+        b = atomic_save_safetensors(tmp_path / "b.safetensors", {"w": torch.zeros(2)})
+    finally:
+        os.umask(previous)
+    assert oct(a.stat().st_mode & 0o777) == oct(0o664) and oct(b.stat().st_mode & 0o777) == oct(0o664)

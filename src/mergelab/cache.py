@@ -8,11 +8,14 @@ follows one pattern, written here once:
 * writes are atomic (temporary file, then rename), the weights first and the sidecar last, so an
   artifact counts as complete only when both exist, and an interrupted run never leaves a half
   artifact that is read back;
+* the sidecar records the SHA-256 of the weights file, checked on every load: a corrupt or truncated
+  file is reported with its path and rebuilt by :meth:`Artifact.get_or_build`, never silently used;
 * :meth:`Artifact.get_or_build` builds and saves what is missing, otherwise loads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +25,24 @@ from typing import Any
 import torch
 
 from .utils import StateDict, atomic_save_safetensors, atomic_write_json, load_safetensors
+
+
+class CorruptArtifactError(RuntimeError):
+    """A cached file that does not hold what was written: names the file and how to rebuild it."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"cached file {path} is corrupt: {why}. Delete it (and its .json sidecar) to have it "
+                         "rebuilt, or run `make clean-cache`.")
+        self.path = path
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -45,8 +66,15 @@ class Artifact:
         return self.path.is_file() and self.sidecar.is_file()
 
     def load(self, device: str | torch.device = "cpu") -> StateDict:
-        """The cached tensors, on ``device``."""
-        return load_safetensors(self.path, device)
+        """The cached tensors, on ``device``, after checking the file against the sidecar's checksum
+        (:class:`CorruptArtifactError` when it does not match or cannot be read)."""
+        expected = self.meta().get("sha256") if self.sidecar.is_file() else None
+        if expected is not None and file_sha256(self.path) != expected:
+            raise CorruptArtifactError(self.path, "its SHA-256 differs from the one recorded when it was written")
+        try:
+            return load_safetensors(self.path, device)
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise CorruptArtifactError(self.path, f"it cannot be read ({type(err).__name__}: {err})") from None
 
     def meta(self) -> dict[str, Any]:
         """The sidecar's contents; a clear error when the artifact is not cached."""
@@ -59,12 +87,17 @@ class Artifact:
              metadata: Mapping[str, str] | None = None) -> None:
         """Write the tensors, then the sidecar, each atomically (``metadata``: safetensors' own strings)."""
         atomic_save_safetensors(self.path, dict(tensors), metadata=dict(metadata) if metadata else None)
-        atomic_write_json(self.sidecar, dict(meta))
+        atomic_write_json(self.sidecar, {**dict(meta), "sha256": file_sha256(self.path)})
 
     def get_or_build(self, build: Callable[[], tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]],
                      metadata: Mapping[str, str] | None = None) -> StateDict:
-        """The cached tensors; when they are missing, ``build() -> (tensors, meta)`` makes them first."""
-        if not self.exists():
-            tensors, meta = build()
-            self.save(tensors, meta, metadata)
+        """The cached tensors; when they are missing or corrupt, ``build() -> (tensors, meta)`` makes them
+        (again) first, saying so for a corrupt file."""
+        if self.exists():
+            try:
+                return self.load()
+            except CorruptArtifactError as err:
+                print(f"{err} Rebuilding it.")
+        tensors, meta = build()
+        self.save(tensors, meta, metadata)
         return self.load()

@@ -7,6 +7,8 @@ chapter has from the ``tiny`` profile, which its parameters cell holds.
 
 from __future__ import annotations
 
+import ast
+import json
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,13 @@ BENCHMARK_PARAMS = "_benchmark.yaml"
 
 
 def _yaml_mapping(path: Path) -> dict[str, Any]:
-    values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ReportError(f"{path} is not valid YAML{where}: {problem}. Fix that line.") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -99,3 +107,53 @@ def profile_params(profile: str, notebook: str, params_dir: Path | None = None) 
     """The parameters of ``notebook`` for ``profile``: :func:`load_params` of :func:`params_path`."""
     return load_params(params_path(profile, notebook, params_dir), profile,
                        Path(notebook).name.removesuffix(".ipynb"))
+
+
+def notebook_parameters(notebook: Path) -> dict[str, str]:
+    """``{name: default's source}`` of the assignments in a notebook's cell tagged ``parameters``
+    (empty when it has none)."""
+    nb = json.loads(Path(notebook).read_text(encoding="utf-8"))
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
+            source = "".join(cell["source"])
+            return {t.id: ast.get_source_segment(source, node.value) or "" for node in ast.parse(source).body
+                    if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    return {}
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "mapping"
+    return type(value).__name__
+
+
+def check_parameters(notebook: Path, parameters: dict[str, Any], where: str) -> None:
+    """Refuse parameters the notebook does not have (naming close matches) and values whose kind
+    differs from the default in its parameters cell (a number for a number, a list for a list...;
+    a default of ``None`` accepts anything). ``where``: the files the values came from, for the message."""
+    import difflib
+
+    declared = notebook_parameters(notebook)
+    for key, value in parameters.items():
+        if key not in declared:
+            close = difflib.get_close_matches(key, list(declared), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ReportError(f"{where}: {Path(notebook).stem} has no parameter {key!r}.{hint} Valid: "
+                              f"{', '.join(declared)}.")
+        try:
+            default = ast.literal_eval(declared[key])
+        except (ValueError, SyntaxError):
+            continue
+        if default is None or value is None:
+            continue
+        if _kind(value) != _kind(default):
+            raise ReportError(f"{where}: parameter {key}={value!r} is a {_kind(value)}; {Path(notebook).stem} "
+                              f"expects a {_kind(default)} (its default is {declared[key]}).")

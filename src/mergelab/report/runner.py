@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from mergelab import paths
-from mergelab.params import ReportError, benchmark_param_files, load_params, params_path
+from mergelab.params import ReportError, benchmark_param_files, check_parameters, load_params, params_path
 
 
 RENDERERS = ("auto", "quarto", "nbconvert")
@@ -356,7 +356,10 @@ def run_notebooks(
     plan = []
     for notebook in notebooks:
         params = params_path(profile, notebook.stem, params_dir)
-        plan.append((notebook, params, load_params(params, profile, notebook.stem)))
+        values = load_params(params, profile, notebook.stem)
+        sources = " + ".join(str(f) for f in [*benchmark_param_files(params.parent), params])
+        check_parameters(notebook, values, sources)
+        plan.append((notebook, params, values))
     statuses: dict[str, str] = {}
     for notebook, params, parameters in plan:
         digest = content_hash(notebook, params, profile, source_dir)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..autodiff import per_example_gradient_norms
 from .finetune import FinetuneConfig, training_indices
-from ..cache import Artifact
+from ..cache import Artifact, file_sha256
 from ..utils import (
     StateDict,
     atomic_save_safetensors,
@@ -218,7 +218,8 @@ def execute_run(bench: Any, run: Run, probe_size: int = 8) -> dict[str, Any]:
     grad_norms = history.get("grad_norm", [])  # before clipping, every step (when the run clips)
     for s in missing:
         keep = [i for i, st in enumerate(probes["steps"]) if st <= s]
-        atomic_write_json(checkpoint(bench, run.task, run.checkpoint_config(s)).sidecar, {
+        entry = checkpoint(bench, run.task, run.checkpoint_config(s))
+        atomic_write_json(entry.sidecar, {"sha256": file_sha256(entry.path),
             "kind": "expert", "tasks": [run.task], "benchmark": getattr(bench, "name", "tiny"), "benchmark_key": bench.key,
             "finetune": asdict(run.checkpoint_config(s)), "loss": history["loss"][:s], "lr": history["lr"][:s],
             "batch_gradient_norm": grad_norms[:s],
