@@ -144,3 +144,8 @@ def test_methods_that_do_not_stream_say_why_in_their_docstring():
     for name, method in MERGE_METHODS.items():
         if not method.streams:
             assert "not streaming" in (method.fn.__doc__ or ""), name
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if MERGE_METHODS[n].coefficient_grid])
+def test_every_registered_grid_includes_zero_the_pretrained_model(name):
+    assert 0.0 in get_merge(name).coefficient_grid

@@ -156,3 +156,19 @@ def test_ties_merged_in_chunks_equals_one_stacked_merge(monkeypatch):
     for k in shapes:
         torch.testing.assert_close(merged[k], expected[k], rtol=0, atol=0)
 
+
+
+def test_validation_ties_go_to_the_smaller_coefficient_whatever_the_grid_order_and_nan_is_refused(pretrained,
+                                                                                                task_vectors):
+    flat = lambda state: 1.0  # noqa: E731 - every coefficient scores the same
+    for grid in ((0.2, 0.5, 0.9), (0.9, 0.5, 0.2)):
+        result = merge_with_validation("task_arithmetic", pretrained, task_vectors, flat, grid=grid, progress=False)
+        assert result.coefficient == 0.2 and result.at_grid_edge
+    peaked = lambda state: -abs(float(state["w"].sum() - task_vectors[0].apply_to(pretrained, 0.5)["w"].sum()))  # noqa: E731
+    inner = merge_with_validation("task_arithmetic", pretrained, task_vectors[:1], peaked, grid=(0.0, 0.5, 1.0),
+                                  progress=False)
+    assert inner.coefficient == 0.5 and not inner.at_grid_edge
+    with pytest.raises(ValueError, match=r"score at coefficient 0.5 is nan.*finite"):
+        merge_with_validation("task_arithmetic", pretrained, task_vectors,
+                              lambda state: float("nan") if abs(float(state["w"].sum())) >= 0 else 0.0,
+                              grid=(0.5,), progress=False)

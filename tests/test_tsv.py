@@ -292,7 +292,7 @@ class ScoreByDistance:
 
 def test_tsv_merge_is_registered_with_a_coefficient_grid_and_scales_linearly():
     method = MERGE_METHODS["tsv_merge"]
-    assert method.coefficient_grid[0] == pytest.approx(0.1) and method.coefficient_grid[-1] == pytest.approx(3.0)
+    assert method.coefficient_grid[0] == 0.0 and method.coefficient_grid[1] == pytest.approx(0.1) and method.coefficient_grid[-1] == pytest.approx(3.0)
     assert method.defaults["coefficient"] == 1.0
     pretrained, tvs = _states(3)
     update = tsv_update(tvs)

@@ -49,21 +49,37 @@ def expert_accuracy(benchmark: "Benchmark", experts: Mapping[str, StateDict], sp
     return {t: benchmark.evaluate(experts[t], split=split, tasks=[t])[t] for t in experts}
 
 
+VALIDATION_METRICS = ("normalized", "absolute")
+"""How :func:`merge_baselines` scores a merge on validation."""
+
+
 def merge_baselines(benchmark: "Benchmark", pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
                     methods: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None,
-                    progress: bool = True) -> dict[str, MergeResult]:
+                    progress: bool = True, metric: str = "normalized",
+                    expert_val: Mapping[str, float] | None = None) -> dict[str, MergeResult]:
     """Merge the task vectors with each method, its coefficient chosen on *validation*.
 
-    The validation score is the absolute accuracy over the merged tasks on the validation split
-    (the public protocol). ``options[method]`` goes to :func:`mergelab.merging.merge_with_validation`:
-    ``grid`` (coefficients tried; default the method's registered grid; ``()`` merges once with the
-    given options), ``also_at`` (other coefficients whose states to keep) and the method's own options.
+    The validation score is the normalized accuracy over the merged tasks on the validation split
+    (each task's accuracy divided by its expert's validation accuracy ``expert_val``), as the official
+    TSV code chooses; ``metric="absolute"`` uses the plain mean accuracy instead. ``options[method]``
+    goes to :func:`mergelab.merging.merge_with_validation`: ``grid`` (coefficients tried; default the
+    method's registered grid, which includes 0; ``()`` merges once with the given options),
+    ``also_at`` (other coefficients whose states to keep) and the method's own options.
     """
+    if metric not in VALIDATION_METRICS:
+        raise ValueError(f"metric={metric!r} is not valid; use one of {', '.join(VALIDATION_METRICS)}.")
     tasks = list(task_vectors)
+    if metric == "normalized":
+        missing = [t for t in tasks if expert_val is None or t not in expert_val]
+        if missing:
+            raise ValueError(f"metric='normalized' needs expert_val, the experts' validation accuracy, for every "
+                             f"task; missing: {', '.join(missing)}. Pass expert_accuracy(bench, experts, 'val'), "
+                             "or metric='absolute'.")
     tvs = [task_vectors[t] for t in tasks]
 
     def score(state: StateDict) -> float:
-        return absolute_accuracy(benchmark.evaluate(state, split="val", tasks=tasks))
+        per_task = benchmark.evaluate(state, split="val", tasks=tasks)
+        return normalized_accuracy(per_task, expert_val) if metric == "normalized" else absolute_accuracy(per_task)
 
     options = options or {}
     return {m: merge_with_validation(m, pretrained, tvs, score, progress=progress, **options.get(m, {}))
@@ -77,7 +93,8 @@ def merge_row(benchmark: "Benchmark", result: MergeResult, expert_accuracy: Mapp
     data-free default kept with ``also_at``) instead of the validated one; the sweep is then omitted."""
     if state is None:
         return {**summarize(benchmark.evaluate(result.state, split), expert_accuracy),
-                "coefficient": result.coefficient, "validation_sweep": result.sweep}
+                "coefficient": result.coefficient, "at_grid_edge": result.at_grid_edge,
+                "validation_sweep": result.sweep}
     return {**summarize(benchmark.evaluate(state, split), expert_accuracy), "coefficient": coefficient}
 
 

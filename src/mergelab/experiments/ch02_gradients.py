@@ -119,13 +119,15 @@ def trajectory_grid(bench: Any, tasks: Sequence[str], learning_rates: Mapping[st
 
 def merge_along_epochs(bench: Any, pretrained: StateDict, task_vectors: Mapping[Any, Mapping[str, TaskVector]],
                        methods: Sequence[str], expert_test_accuracy: Mapping[str, float],
-                       grid: Sequence[float] | None = None, progress: bool = True) -> dict[str, dict[Any, dict]]:
+                       expert_val_accuracy: Mapping[str, float], grid: Sequence[float] | None = None,
+                       progress: bool = True) -> dict[str, dict[Any, dict]]:
     """Merge each set of task vectors with each method (coefficient chosen on validation).
 
     Args:
         task_vectors: a label (e.g. the number of epochs, or ``"converged"``) to ``{task: TaskVector}``.
         methods: registered merge methods.
         expert_test_accuracy: the denominators of normalized accuracy.
+        expert_val_accuracy: the same on validation, for choosing coefficients by normalized accuracy.
         grid: coefficients to sweep (default: each method's own grid).
 
     Returns:
@@ -137,17 +139,20 @@ def merge_along_epochs(bench: Any, pretrained: StateDict, task_vectors: Mapping[
                if grid is not None else None)
     out: dict[str, dict[Any, dict]] = {m: {} for m in methods}
     for label, tvs in task_vectors.items():
-        merged = merge_baselines(bench, pretrained, dict(tvs), methods, options=options, progress=progress)
+        merged = merge_baselines(bench, pretrained, dict(tvs), methods, options=options, progress=progress,
+                                 expert_val=expert_val_accuracy)
         for m, r in merged.items():
             out[m][label] = {**summarize(bench.evaluate(r.state, "test", list(tvs)), expert_test_accuracy),
-                             "coefficient": r.coefficient, "validation_sweep": r.sweep}
+                             "coefficient": r.coefficient, "at_grid_edge": r.at_grid_edge,
+                             "validation_sweep": r.sweep}
     return out
 
 
 def merging_by_epochs(bench: Any, pretrained: StateDict, trajectories: Mapping[tuple[str, float, str], EpochTrajectory],
                       merge_learning_rates: Mapping[str, float], methods: Sequence[str],
-                      expert_test_accuracy: Mapping[str, float], grid: Sequence[float] | None = None,
-                      epochs: Sequence[int] | None = None, progress: bool = True) -> dict[str, dict]:
+                      expert_test_accuracy: Mapping[str, float], expert_val_accuracy: Mapping[str, float],
+                      grid: Sequence[float] | None = None, epochs: Sequence[int] | None = None,
+                      progress: bool = True) -> dict[str, dict]:
     """Merge the experts after each epoch, and compare with multi-task training of the same budget.
 
     For every ``optimizer -> lr`` in ``merge_learning_rates``, the trajectories of that run (one per
@@ -180,7 +185,8 @@ def merging_by_epochs(bench: Any, pretrained: StateDict, trajectories: Mapping[t
             raise ValueError(f"epochs contains {bad[0]!r}; the trajectories have epochs 1..{first.epochs}.")
         tasks = list(runs)
         tvs = {e: {t: traj.task_vector(pretrained, e) for t, traj in runs.items()} for e in chosen}
-        out["merged"][opt] = merge_along_epochs(bench, pretrained, tvs, methods, expert_test_accuracy, grid, progress)
+        out["merged"][opt] = merge_along_epochs(bench, pretrained, tvs, methods, expert_test_accuracy,
+                                                expert_val_accuracy, grid, progress)
         out["experts"][opt] = {e: summarize({t: bench.evaluate(traj.state(e), "test", [t])[t]
                                              for t, traj in runs.items()}, expert_test_accuracy) for e in chosen}
         mt = multitask_epoch_trajectory(bench, tasks, first.config, max(chosen), progress=progress)

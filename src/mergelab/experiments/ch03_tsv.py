@@ -100,7 +100,8 @@ def pairwise_merge_accuracy(benchmark, pretrained: StateDict, task_vectors: Mapp
 
 def task_count_study(benchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
                      expert_accuracy: Mapping[str, float], methods: Mapping[str, Mapping[str, object]],
-                     task_counts: Sequence[int], subsets: int = 1, seed: int = 0) -> pd.DataFrame:
+                     task_counts: Sequence[int], subsets: int = 1, seed: int = 0,
+                     expert_val: Mapping[str, float] | None = None) -> pd.DataFrame:
     """Accuracy of merging ``n`` tasks, for each ``n`` in ``task_counts`` and each method.
 
     Args:
@@ -109,6 +110,8 @@ def task_count_study(benchmark, pretrained: StateDict, task_vectors: Mapping[str
             (:func:`mergelab.evaluation.merge_baselines`), otherwise the method merges once.
         task_counts: numbers of tasks, each in ``1..len(task_vectors)``.
         subsets: random subsets of tasks drawn (seeded) per count (one when ``n`` is all tasks).
+        expert_val: the experts' validation accuracy, for choosing coefficients by normalized accuracy
+            (needed when a method has a ``"grid"``).
 
     Returns:
         One row per (count, subset, method): ``num_tasks, tasks, method, coefficient,
@@ -126,7 +129,8 @@ def task_count_study(benchmark, pretrained: StateDict, task_vectors: Mapping[str
         for _ in range(draws):
             chosen = [names[i] for i in sorted(rng.choice(len(names), size=int(n), replace=False))]
             merged = merge_baselines(benchmark, pretrained, {t: task_vectors[t] for t in chosen}, list(methods),
-                                     options=options, progress=False)
+                                     options=options, progress=False, expert_val=expert_val,
+                                     metric="normalized" if expert_val is not None else "absolute")
             for method, result in merged.items():
                 acc = benchmark.evaluate(result.state, split="test", tasks=chosen)
                 coefficient = result.coefficient if result.sweep else methods[method].get("coefficient")

@@ -23,7 +23,7 @@ def dare_update(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[T
     return keys, lambda k: sum(d[k] for d in drops)
 
 
-@register_merge("dare", coefficient_grid=np.round(np.arange(0.05, 1.001, 0.05), 2), update=dare_update,
+@register_merge("dare", coefficient_grid=np.round(np.arange(0.0, 1.001, 0.05), 2), update=dare_update,
                 pretty_name="DARE", reference="yu2024dare", identity={"coefficient": 1.0, "drop_rate": 0.0})
 def merge_dare(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
                coefficient: float = 0.3, drop_rate: float = 0.5, seed: int = 0) -> StateDict:

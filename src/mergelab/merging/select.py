@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +36,14 @@ class MergeResult:
     sweep: dict[float, float]
     also: dict[float, StateDict] = field(default_factory=dict)
 
+    @property
+    def at_grid_edge(self) -> bool:
+        """The chosen coefficient is the smallest or the largest of a grid of two or more values: the
+        optimum may lie beyond the grid (or, at 0, no merge beats the pretrained model)."""
+        if self.coefficient is None or len(self.sweep) < 2:
+            return False
+        return self.coefficient in (min(self.sweep), max(self.sweep))
+
 
 def merge_with_validation(name: str, pretrained: Mapping[str, torch.Tensor],
                           task_vectors: Sequence[TaskVector], score: Callable[[StateDict], float],
@@ -41,7 +51,9 @@ def merge_with_validation(name: str, pretrained: Mapping[str, torch.Tensor],
                           also_at: Sequence[float] = (), **options: Any) -> MergeResult:
     """Merge with ``name``, choosing ``coefficient`` to maximize ``score`` (a validation metric).
 
-    ``score`` must evaluate on validation data, never test. Ties go to the smaller coefficient.
+    ``score`` must evaluate on validation data, never test, and return a finite number (anything else
+    is an error naming the coefficient). Ties go to the smaller coefficient, whatever the grid's order.
+    :attr:`MergeResult.at_grid_edge` says whether the choice is at an end of the grid.
     ``also_at``: coefficients whose merged states are kept as well (:attr:`MergeResult.also`), taken
     from the sweep when they are in ``grid`` and otherwise built from the same update, so that, say,
     TSV-M at ``alpha = 1`` does not compute its SVDs a second time.
@@ -67,10 +79,14 @@ def merge_with_validation(name: str, pretrained: Mapping[str, torch.Tensor],
     for c in tqdm(grid, desc=f"{name}: coefficient on validation", disable=not progress, leave=False):
         state = build(float(c))
         s = float(score(state))
+        if not math.isfinite(s):
+            raise ValueError(f"{name}: the validation score at coefficient {float(c):g} is {s}; the score function "
+                             "must return a finite number (check the evaluation of that merge).")
         sweep[float(c)] = s
         if float(c) in wanted:
             also[float(c)] = state
-        if best is None or s > best[0]:
+        # the best score wins; among equal scores the smaller coefficient, whatever the grid's order
+        if best is None or s > best[0] or (s == best[0] and float(c) < best[1]):
             best = (s, float(c), state)
     assert best is not None
     also.update({c: build(c) for c in wanted - set(also)})

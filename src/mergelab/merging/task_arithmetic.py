@@ -20,7 +20,7 @@ def task_arithmetic_update(pretrained: Mapping[str, torch.Tensor], task_vectors:
     return keys, lambda k: sum(tv[k] for tv in task_vectors)
 
 
-@register_merge("task_arithmetic", coefficient_grid=np.round(np.arange(0.05, 1.001, 0.05), 2),
+@register_merge("task_arithmetic", coefficient_grid=np.round(np.arange(0.0, 1.001, 0.05), 2),
                 update=task_arithmetic_update, pretty_name="Task arithmetic", reference="ilharco2023task", identity={"coefficient": 1.0})
 def merge_task_arithmetic(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
                           coefficient: float = 0.3) -> StateDict:

@@ -23,7 +23,7 @@ def ties_update(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[T
     return keys, lambda k: ties_merge_chunked([tv[k] for tv in task_vectors], thresholds)
 
 
-@register_merge("ties", coefficient_grid=np.round(np.arange(0.3, 2.01, 0.1), 2), update=ties_update,
+@register_merge("ties", coefficient_grid=np.round(np.arange(0.0, 2.01, 0.1), 2), update=ties_update,
                 pretty_name="TIES", reference="yadav2023ties", identity={"coefficient": 1.0, "density": 1.0})
 def merge_ties(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
                coefficient: float = 1.0, density: float = 0.2) -> StateDict:

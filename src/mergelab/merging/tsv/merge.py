@@ -248,7 +248,7 @@ def _tsv_layer_update(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequ
     return list(update), update.__getitem__
 
 
-@register_merge("tsv_merge", coefficient_grid=np.round(np.arange(0.1, 3.01, 0.1), 2), update=_tsv_layer_update,
+@register_merge("tsv_merge", coefficient_grid=np.round(np.arange(0.0, 3.01, 0.1), 2), update=_tsv_layer_update,
                 pretty_name="TSV-M", reference="gargiulo2025tsv",
                 identity={"coefficient": 1.0}, streams=False)
 def tsv_merge(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
@@ -260,7 +260,7 @@ def tsv_merge(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[Tas
     Args:
         pretrained: the pretrained state dict ``theta_0``.
         task_vectors: ``T`` task vectors of the same architecture.
-        coefficient: ``alpha``; 1 is the data-free default, the registered grid ``0.1..3.0`` is
+        coefficient: ``alpha``; 1 is the data-free default, the registered grid ``0..3.0`` (0: the pretrained model) is
             swept on validation by :func:`mergelab.merging.merge_with_validation`.
         rank_fraction: keep ``floor(min(m, n) * rank_fraction)`` triplets per task instead of
             ``floor(min(m, n) / T)``.
