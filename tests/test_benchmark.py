@@ -92,3 +92,25 @@ def test_loading_a_checkpoint_of_another_architecture_is_refused(bench):
     state["proj"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match=r"parameter 'proj' has shape \(3, 3\)"):
         bench.evaluate(state)
+
+
+def test_canonical_heads_are_built_from_clean_renderings_before_fine_tuning(bench, data_dir):
+    from mergelab.benchmarks.tiny.benchmark import TINY_RECIPE
+    from mergelab.models import encode
+    from mergelab.benchmarks.tiny.data import canonical_images
+
+    assert bench.config.heads == "canonical" and bench.config.pretrain.objective == "factors"
+    head = bench.heads["size"]
+    assert head.weight.shape == (3, bench.config.model.output_dim)
+    # the prototype of class c is the normalized mean feature of class c's canonical renderings
+    enc = bench.new_encoder(bench.pretrained_state())
+    imgs = torch.from_numpy(canonical_images("size"))
+    feats = torch.nn.functional.normalize(encode(enc, (imgs.flatten(0, 1) - 0.5) / 0.25), dim=-1)
+    expected = torch.nn.functional.normalize(feats.reshape(3, imgs.shape[1], -1).mean(1), dim=-1)
+    assert torch.allclose(head.weight, expected, atol=1e-5)
+    shots = mergelab.load_benchmark("tiny", device="cpu", progress=False, **{**SMALL, "heads": "shots"})
+    assert not torch.allclose(shots.heads["size"].weight, head.weight)
+    assert shots.head_digest("size") != bench.head_digest("size")  # experts of the two are cached apart
+    with pytest.raises(ValueError, match="heads='prompts' is not valid; use one of canonical, shots"):
+        TinyBenchmarkConfig(heads="prompts")
+    assert TINY_RECIPE.lr <= bench.config.pretrain.lr / 4 and TINY_RECIPE.weight_decay > 0 and TINY_RECIPE.warmup_steps > 0

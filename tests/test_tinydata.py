@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mergelab.benchmarks.tiny import data as tinydata
-from mergelab.benchmarks.tiny.data import PRETEXT_ATTRIBUTES, TASK_CLASSES, TASKS, TinyDataConfig, generate_task, load_pretext, load_task
+from mergelab.benchmarks.tiny.data import (PRETEXT_KINDS, PRETEXT_REGRESSION, PRETEXT_STROKES, PRETEXT_TEXTURES, TASK_CLASSES,
+                                           TASKS, TinyDataConfig, canonical_images, generate_task, load_pretext, load_task)
 
 SMALL = TinyDataConfig(n_train=40, n_val=20, n_test=20, n_pretext=16)
 
@@ -43,11 +44,43 @@ def test_load_task_caches_atomically(data_dir):
     assert len(files) == 1 and not list((data_dir / "tiny").glob(".*tmp"))
     X2, y2 = load_task("digits", "test", SMALL)
     assert np.array_equal(X, X2) and np.array_equal(y, y2)
-    P, attributes = load_pretext(SMALL)
+    P, targets = load_pretext(SMALL)
     assert P.shape == (16, 3, 32, 32)
-    assert attributes.shape == (16, len(PRETEXT_ATTRIBUTES))
-    for j, n_classes in enumerate(PRETEXT_ATTRIBUTES.values()):
-        assert 0 <= attributes[:, j].min() and attributes[:, j].max() < n_classes
+    P2, targets2 = load_pretext(SMALL)  # from the cache
+    assert np.array_equal(P, P2) and all(np.array_equal(targets[k], targets2[k], equal_nan=True) for k in targets)
+
+
+def test_pretext_targets_are_consistent():
+    P, t = tinydata._draw_pretext(np.random.default_rng(0), 200, 0.08)
+    assert P.shape == (200, 3, 32, 32) and 0 <= P.min() and P.max() <= 1
+    kind, texture, reg, strokes = t["kind"], t["texture"], t["regression"], t["strokes"]
+    assert reg.shape == (200, len(PRETEXT_REGRESSION)) and strokes.shape == (200, PRETEXT_STROKES)
+    count = reg[:, PRETEXT_REGRESSION.index("count")]
+    no_object = kind == -100
+    assert np.array_equal(no_object, count == 0)  # the largest object's attributes exist iff there is one
+    assert np.isnan(reg[no_object, 1:11]).all() and not np.isnan(reg[~no_object]).any()
+    assert set(np.unique(kind[~no_object])) <= set(range(len(PRETEXT_KINDS)))
+    assert set(np.unique(texture)) <= set(range(len(PRETEXT_TEXTURES)))
+    glyph = kind == PRETEXT_KINDS.index("glyph")
+    assert glyph.any() and (strokes[glyph].sum(1) >= 2).all()
+    assert (strokes[~glyph & ~no_object] == 0).all()
+    bars = kind == PRETEXT_KINDS.index("bar")  # a bar's elongation is 1: cos^2 + sin^2 = 1
+    e = reg[bars][:, [PRETEXT_REGRESSION.index("elongation_cos2"), PRETEXT_REGRESSION.index("elongation_sin2")]]
+    assert np.allclose((e ** 2).sum(1), 1, atol=1e-5)
+    plain = texture == PRETEXT_TEXTURES.index("plain")
+    assert (reg[plain, PRETEXT_REGRESSION.index("texture_period")] == 0).all()
+    assert (reg[~plain, PRETEXT_REGRESSION.index("texture_period")] >= 3).all()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_canonical_images_one_clean_exemplar_set_per_class(task):
+    C = canonical_images(task)
+    n = len(TASK_CLASSES[task])
+    assert C.ndim == 5 and C.shape[0] == n and C.shape[2:] == (3, 32, 32) and C.dtype == np.float32
+    assert 0 <= C.min() and C.max() <= 1
+    flat = C.reshape(n, -1)
+    assert len({row.tobytes() for row in flat}) == n  # classes differ
+    assert np.array_equal(C, canonical_images(task))  # deterministic
 
 
 def test_bad_input_names_the_parameter_and_valid_values():

@@ -21,8 +21,9 @@ from .pretrain import (
                        info_nce,
                        pretrain_attributes,
                        pretrain_contrastive,
+                       pretrain_factors,
 )
 
 __all__ = ["OPTIMIZERS", "PRETEXT_OBJECTIVES", "SCHEDULES", "FinetuneConfig", "PretrainConfig", "augment",
            "batch_stream", "finetune", "info_nce", "lr_at", "make_optimizer", "pretrain_attributes",
-           "pretrain_contrastive", "subset_indices", "training_indices"]
+           "pretrain_contrastive", "pretrain_factors", "subset_indices", "training_indices"]

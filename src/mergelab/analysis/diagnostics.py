@@ -1,0 +1,168 @@
+"""Diagnostics that explain why merging works or fails on a benchmark.
+
+Each function takes plain tensors, state dicts or a benchmark object with the common interface
+(``tasks``, ``split``, ``heads``, ``new_encoder``, ``evaluate``), so it runs at every size:
+
+* :func:`linear_probe` - do the pretrained features already hold each task (logistic regression on
+  the frozen, L2-normalized features, train split -> test split)?
+* :func:`zero_shot_calibration` - are the frozen heads calibrated: cross-entropy, mean confidence,
+  accuracy and the share of the most predicted class, per task?
+* :func:`relative_norms` - ``||tau_t|| / ||theta_0||`` in total and per layer kind: how far
+  fine-tuning moved from the pretrained weights.
+* :func:`own_task_curve` - ``acc_t(theta_0 + alpha tau_t)`` over ``alpha``: is a task vector's effect
+  on its own task gradual (near-linear) or all-or-nothing?
+* :func:`cross_task_matrix` - ``acc_t(theta_0 + c tau_s) - acc_t(theta_0)``: weight disentanglement;
+  orthogonal task vectors can still destroy each other's tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from ..layers import layer_kind
+from ..task_vectors import TaskVector
+from ..utils import StateDict
+
+
+class DiagnosableBenchmark(Protocol):
+    tasks: tuple[str, ...]
+    heads: Mapping[str, torch.nn.Module]
+
+    def split(self, task: str, split: str = "train") -> tuple[Any, torch.Tensor]: ...
+
+    def new_encoder(self, state: StateDict | None = None) -> torch.nn.Module: ...
+
+    def evaluate(self, state: StateDict, split: str = "test", tasks: Sequence[str] | None = None
+                 ) -> dict[str, float]: ...
+
+
+@torch.no_grad()
+def _features(encoder: torch.nn.Module, X: Any, batch_size: int = 500) -> torch.Tensor:
+    """L2-normalized features ``(N, d)`` float32 of images ``X`` ``(N, 3, H, W)`` (any indexable whose
+    slices stack to a tensor)."""
+    encoder.eval()
+    out = [F.normalize(encoder(torch.as_tensor(X[i:i + batch_size])).float(), dim=-1)
+           for i in range(0, len(X), batch_size)]
+    return torch.cat(out)
+
+
+def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
+                          test_features: torch.Tensor, test_labels: torch.Tensor,
+                          C: float = 10.0, max_iter: int = 3000) -> float:
+    """Test accuracy (fraction 0..1) of a multinomial logistic regression fitted on ``train_features``
+    ``(N, d)`` / ``train_labels`` ``(N,)`` int and scored on ``test_features`` ``(M, d)`` / ``test_labels``
+    ``(M,)``. ``C``: inverse L2 strength (scikit-learn's convention)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"features must be (N, d) and (M, d); got {tuple(train_features.shape)} and "
+                         f"{tuple(test_features.shape)}.")
+    clf = LogisticRegression(max_iter=max_iter, C=C)
+    clf.fit(train_features.double().numpy(), train_labels.numpy())
+    return float(clf.score(test_features.double().numpy(), test_labels.numpy()))
+
+
+def linear_probe(benchmark: DiagnosableBenchmark, state: StateDict, tasks: Sequence[str] | None = None,
+                 train_split: str = "train", test_split: str = "test", C: float = 10.0) -> dict[str, float]:
+    """Per task, the accuracy (0..1) of a linear probe on the frozen, L2-normalized features of the
+    encoder ``state``: fitted on ``train_split``, scored on ``test_split``. A probe near the experts'
+    accuracy means the pretrained features already hold the task (the situation of CLIP)."""
+    encoder = benchmark.new_encoder(state)
+    out = {}
+    for task in tasks or benchmark.tasks:
+        Xtr, ytr = benchmark.split(task, train_split)
+        Xte, yte = benchmark.split(task, test_split)
+        out[task] = linear_probe_accuracy(_features(encoder, Xtr), ytr, _features(encoder, Xte), yte, C=C)
+    return out
+
+
+def calibration_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy, mean cross-entropy (nats), mean confidence (max softmax probability) and the share
+    of the most predicted class (fraction 0..1) of ``logits`` ``(N, C)`` against ``labels`` ``(N,)``."""
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be (N, C) and labels (N,); got {tuple(logits.shape)} and {tuple(labels.shape)}.")
+    logits = logits.double()
+    pred = logits.argmax(-1)
+    return {"accuracy": float((pred == labels).double().mean()),
+            "cross_entropy": float(F.cross_entropy(logits, labels)),
+            "confidence": float(logits.softmax(-1).max(-1).values.mean()),
+            "top_class_share": float(torch.bincount(pred, minlength=logits.shape[1]).max() / len(labels))}
+
+
+@torch.no_grad()
+def zero_shot_calibration(benchmark: DiagnosableBenchmark, state: StateDict, split: str = "val",
+                          tasks: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    """Per task, :func:`calibration_from_logits` of the encoder ``state`` with the task's frozen head on
+    ``split``. Calibrated heads have a cross-entropy near ``-log`` of their accuracy level and a
+    confidence near their accuracy; confidently wrong heads have a confidence far above it."""
+    encoder = benchmark.new_encoder(state).eval()
+    out = {}
+    for task in tasks or benchmark.tasks:
+        X, y = benchmark.split(task, split)
+        head = benchmark.heads[task]
+        logits = torch.cat([head(encoder(torch.as_tensor(X[i:i + 500]))) for i in range(0, len(y), 500)])
+        out[task] = calibration_from_logits(logits, y)
+    return out
+
+
+def relative_norms(pretrained: Mapping[str, torch.Tensor], task_vector: TaskVector | Mapping[str, torch.Tensor]
+                   ) -> dict[str, float]:
+    """``||tau|| / ||theta_0||`` (dimensionless) over all floating tensors (key ``"total"``) and per layer
+    kind (``||tau restricted to the kind|| / ||theta_0 restricted to the kind||``). The public
+    benchmark's task vectors are a few per cent of ``||theta_0||``."""
+    sums: dict[str, list[float]] = {}
+    for key, ref in pretrained.items():
+        if not torch.is_floating_point(ref) or key not in task_vector:
+            continue
+        d = float((task_vector[key].double() ** 2).sum())
+        p = float((ref.double() ** 2).sum())
+        for k in ("total", layer_kind(key, ref.shape)):
+            acc = sums.setdefault(k, [0.0, 0.0])
+            acc[0] += d
+            acc[1] += p
+    return {k: math.sqrt(d) / math.sqrt(p) if p > 0 else float("nan") for k, (d, p) in sums.items()}
+
+
+def own_task_curve(benchmark: DiagnosableBenchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
+                   alphas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), split: str = "val"
+                   ) -> dict[str, dict[float, float]]:
+    """``{task: {alpha: acc_task(theta_0 + alpha tau_task)}}`` on ``split`` (accuracy 0..1). A curve
+    that rises steadily from alpha 0 (zero-shot) to 1 (the expert) means the task vector acts
+    near-linearly, which is what lets a merge at alpha ~ 0.3 keep much of each task."""
+    return {t: {float(a): benchmark.evaluate(tv.apply_to(pretrained, a), split, [t])[t] for a in alphas}
+            for t, tv in task_vectors.items()}
+
+
+def gain_fraction(curve: Mapping[float, float], alpha: float) -> float:
+    """Share of the expert's gain over zero-shot reached at ``alpha`` on an :func:`own_task_curve` row:
+    ``(acc(alpha) - acc(0)) / (acc(1) - acc(0))`` (nan when the expert gains nothing)."""
+    gain = curve[1.0] - curve[0.0]
+    return (curve[alpha] - curve[0.0]) / gain if abs(gain) > 1e-12 else float("nan")
+
+
+def cross_task_matrix(benchmark: DiagnosableBenchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
+                      coefficient: float = 0.3, split: str = "val", tasks: Sequence[str] | None = None
+                      ) -> tuple[list[str], list[str], torch.Tensor]:
+    """Weight disentanglement: ``M[s, t] = acc_t(theta_0 + c tau_s) - acc_t(theta_0)`` (accuracy points
+    as fractions), for every source task vector ``s`` (rows) and evaluated task ``t`` (columns). The
+    diagonal is each vector's own gain; off-diagonal entries near 0 mean adding ``tau_s`` leaves task
+    ``t`` alone. Returns ``(sources, targets, M (S, T) float64)``."""
+    sources = list(task_vectors)
+    targets = list(tasks or benchmark.tasks)
+    base = benchmark.evaluate(pretrained, split, targets)
+    M = torch.zeros(len(sources), len(targets), dtype=torch.float64)
+    for i, s in enumerate(sources):
+        acc = benchmark.evaluate(task_vectors[s].apply_to(pretrained, coefficient), split, targets)
+        M[i] = torch.tensor([acc[t] - base[t] for t in targets], dtype=torch.float64)
+    return sources, targets, M
+
+
+def off_diagonal(sources: Sequence[str], targets: Sequence[str], M: torch.Tensor) -> torch.Tensor:
+    """The entries of a :func:`cross_task_matrix` whose source and target tasks differ, flat."""
+    keep = torch.tensor([[s != t for t in targets] for s in sources], dtype=torch.bool)
+    return M[keep]

@@ -1,0 +1,155 @@
+"""Chapter 00 (the benchmark and the baselines): the diagnostics tables, the study over fine-tuning
+seeds, and the chapter's claims with their evidence."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..analysis.diagnostics import (cross_task_matrix, gain_fraction, linear_probe, off_diagonal, own_task_curve,
+                                    relative_norms, zero_shot_calibration)
+from ..evaluation import expert_accuracy, merge_baselines, merge_row, summarize
+from ..task_vectors import TaskVector, task_vectors_from
+from ..training import FinetuneConfig
+from ..utils import StateDict
+from .ch03_tsv import compressed_accuracy
+
+
+def diagnostics(bench: Any, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
+                expert_test: Mapping[str, float], alphas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
+                cross_coefficient: float = 0.3) -> dict[str, Any]:
+    """What explains merging's success or failure on this benchmark (accuracies as fractions 0..1).
+
+    Returns ``{"linear_probe": {task: acc}, "linear_probe_mean", "probe_over_experts"`` (mean probe /
+    mean expert accuracy), ``"zero_shot_calibration": {task: {accuracy, cross_entropy, confidence,
+    top_class_share}}`` (validation), ``"relative_norms": {task: {total, <layer kind>...}}``,
+    ``"own_task_curve": {task: {alpha: acc}}`` (validation), ``"gain_at_0.3"``: per task the share of
+    the expert's gain reached at alpha 0.3, ``"cross_task": {"sources", "targets", "delta"}`` (the
+    change of task t's validation accuracy when ``cross_coefficient`` times task s's vector is added)
+    and ``"cross_task_off_diagonal": {mean, min}``}``.
+    """
+    probe = linear_probe(bench, pretrained)
+    calibration = zero_shot_calibration(bench, pretrained, "val")
+    curve = own_task_curve(bench, pretrained, task_vectors, alphas)
+    sources, targets, delta = cross_task_matrix(bench, pretrained, task_vectors, cross_coefficient, "val")
+    off = off_diagonal(sources, targets, delta)
+    gains = {t: gain_fraction(c, 0.3) for t, c in curve.items()} if 0.3 in alphas else {}
+    return {
+        "linear_probe": probe,
+        "linear_probe_mean": float(np.mean(list(probe.values()))),
+        "probe_over_experts": float(np.mean(list(probe.values())) / np.mean([expert_test[t] for t in probe])),
+        "zero_shot_calibration": calibration,
+        "relative_norms": {t: relative_norms(pretrained, tv) for t, tv in task_vectors.items()},
+        "own_task_curve": {t: {str(a): v for a, v in c.items()} for t, c in curve.items()},
+        "gain_at_0.3": gains,
+        "cross_task": {"sources": sources, "targets": targets, "coefficient": cross_coefficient,
+                       "delta": delta.tolist()},
+        "cross_task_off_diagonal": {"mean": float(off.mean()) if off.numel() else float("nan"),
+                                    "min": float(off.min()) if off.numel() else float("nan")},
+    }
+
+
+def seed_study(bench: Any, pretrained: StateDict, recipe: FinetuneConfig, seeds: Sequence[int],
+               merge_methods: Sequence[str], tsv_grid: Sequence[float] | None = None,
+               progress: bool = True) -> dict[str, Any]:
+    """Every model of the chapter for each fine-tuning seed (test split; coefficients on validation).
+
+    Per seed: experts trained with ``recipe`` at that seed, zero-shot, every method of
+    ``merge_methods`` validated by normalized accuracy, TSV-M validated (``tsv_grid``) and at its
+    data-free ``alpha = 1``, and TSV-C with the task known. Returns ``{"seeds": [...], "per_seed":
+    {seed: {method: row}}, "summary": {method: {metric: {"mean", "sd", "min", "max"}}}}`` where a row
+    is :func:`mergelab.evaluation.summarize` plus ``coefficient`` and ``at_grid_edge`` for merges; the
+    spread is the standard deviation over seeds (ddof 1).
+    """
+    if len(seeds) == 0:
+        raise ValueError("seeds is empty; give at least one fine-tuning seed.")
+    per_seed: dict[str, dict[str, dict[str, Any]]] = {}
+    zero_shot_test = bench.evaluate(pretrained, "test")
+    for seed in tqdm(list(seeds), desc="fine-tuning seeds", disable=not progress):
+        experts = bench.experts(replace(recipe, seed=int(seed)))
+        test = expert_accuracy(bench, experts, "test")
+        val = expert_accuracy(bench, experts, "val")
+        tvs = task_vectors_from(pretrained, experts)
+        rows: dict[str, dict[str, Any]] = {"zero_shot": summarize(zero_shot_test, test),
+                                           "experts": summarize(test, test)}
+        options = {"tsv_merge": {"also_at": [1.0], **({"grid": list(tsv_grid)} if tsv_grid is not None else {})}}
+        merged = merge_baselines(bench, pretrained, tvs, [*merge_methods, "tsv_merge"], options=options,
+                                 progress=False, expert_val=val)
+        for name, result in merged.items():
+            key = "tsv_merge_validated" if name == "tsv_merge" else name
+            rows[key] = {k: v for k, v in merge_row(bench, result, test).items() if k != "validation_sweep"}
+        tsv = merged["tsv_merge"]
+        alpha_one = tsv.also.get(1.0)
+        if alpha_one is not None:
+            rows["tsv_merge"] = merge_row(bench, tsv, test, state=alpha_one, coefficient=1.0)
+        compressed = compressed_accuracy(bench, pretrained, tvs, "test", num_tasks=len(tvs))
+        rows["tsv_compress"] = summarize(compressed["per_task_accuracy"], test)
+        per_seed[str(seed)] = rows
+    return {"seeds": [int(s) for s in seeds], "per_seed": per_seed, "summary": summarize_seeds(per_seed)}
+
+
+def summarize_seeds(per_seed: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                    metrics: Sequence[str] = ("absolute_accuracy", "normalized_accuracy")) -> dict[str, Any]:
+    """``{method: {metric: {"mean", "sd", "min", "max", "n"}}}`` over seeds (``sd``: ddof 1, 0 for one seed)."""
+    methods = list(next(iter(per_seed.values())))
+    out: dict[str, Any] = {}
+    for m in methods:
+        out[m] = {}
+        for metric in metrics:
+            values = np.array([rows[m][metric] for rows in per_seed.values() if m in rows], dtype=float)
+            out[m][metric] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                              "min": float(values.min()), "max": float(values.max()), "n": int(len(values))}
+    return out
+
+
+def claims(summary: Mapping[str, Any], diag: Mapping[str, Any], size: str) -> list[dict[str, Any]]:
+    """The chapter's claims, each ``{claim, source, status, evidence}``, from the seed summary and the
+    diagnostics. A direction counts as reproduced when it holds for the mean over seeds and the gap
+    exceeds the seeds' spread (two standard deviations of the difference's parts); with one seed, at
+    the mean only."""
+    def m(method: str, metric: str = "absolute_accuracy") -> dict[str, float]:
+        return summary[method][metric]
+
+    def above(a: dict[str, float], b: dict[str, float], margin: float = 0.0) -> bool:
+        return a["mean"] - b["mean"] > margin + 2 * float(np.hypot(a["sd"], b["sd"]))
+
+    out = []
+
+    def add(claim: str, source: str, holds: bool, evidence: dict[str, Any]) -> None:
+        out.append({"claim": claim, "source": source, "status": "reproduced" if holds else "not_reproduced",
+                    "evidence": {**evidence, "size": size}})
+
+    zs, ta, wa = m("zero_shot"), m("task_arithmetic"), m("weight_averaging")
+    add("Task arithmetic beats zero-shot by a wide margin (public ViT-B-32: +22 points).", "ilharco2023task",
+        above(ta, zs, 0.10), {"task_arithmetic": ta, "zero_shot": zs, "required_gain": 0.10})
+    add("Weight averaging lies between zero-shot and task arithmetic.", "ilharco2023task",
+        above(wa, zs) and above(ta, wa), {"weight_averaging": wa, "zero_shot": zs, "task_arithmetic": ta})
+    if "tsv_merge_validated" in summary:
+        tsv = m("tsv_merge_validated")
+        add("TSV-M beats task arithmetic (public ViT-B-32: 85.9 against 70.8).", "gargiulo2025tsv",
+            above(tsv, ta, 0.03), {"tsv_merge_validated": tsv, "task_arithmetic": ta, "required_gain": 0.03})
+    if "tsv_compress" in summary:
+        tsvc = m("tsv_compress", "normalized_accuracy")
+        add("TSV-C with the task known keeps at least 97 % of the experts' accuracy.", "gargiulo2025tsv",
+            tsvc["mean"] >= 0.97, {"tsv_compress_normalized": tsvc})
+    add("Every merge stays below the experts.", "ilharco2023task",
+        all(summary[k]["absolute_accuracy"]["mean"] < summary["experts"]["absolute_accuracy"]["mean"]
+            for k in summary if k not in ("experts", "tsv_compress")),
+        {k: summary[k]["absolute_accuracy"]["mean"] for k in summary})
+    off = diag["cross_task_off_diagonal"]
+    add("Fine-tuned task vectors are weight-disentangled: adding 0.3 of another task's vector leaves a task's "
+        "accuracy within 3 points on average.", "ortizjimenez2023tangent", off["mean"] > -0.03,
+        {"mean_off_diagonal_change": off["mean"], "worst": off["min"]})
+    return out
+
+
+def seed_table(summary: Mapping[str, Any], metric: str = "absolute_accuracy") -> Any:
+    """The seed summary as a table: one row per model, ``mean``, ``sd``, ``min``, ``max`` of ``metric``."""
+    import pandas as pd
+
+    return pd.DataFrame({m: v[metric] for m, v in summary.items()}).T[["mean", "sd", "min", "max", "n"]]
+

@@ -1,0 +1,68 @@
+"""Tests of mergelab.diagnostics on tiny synthetic inputs (each can fail)."""
+
+import math
+
+import pytest
+import torch
+
+from mergelab.analysis import diagnostics as D
+from mergelab.task_vectors import TaskVector
+
+
+def test_linear_probe_accuracy_separable_and_random():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 2
+    X = torch.randn(200, 5, generator=g)
+    X[:, 0] += 4 * (2 * y - 1)  # class carried by feature 0
+    assert D.linear_probe_accuracy(X[:100], y[:100], X[100:], y[100:]) > 0.95
+    noise = torch.randn(200, 5, generator=g)  # no information: near chance
+    assert D.linear_probe_accuracy(noise[:100], y[:100], noise[100:], y[100:]) < 0.75
+    with pytest.raises(ValueError, match="features must be"):
+        D.linear_probe_accuracy(X[:, :3], y, X, y)
+
+
+def test_calibration_from_logits_values():
+    labels = torch.tensor([0, 1, 1, 1])
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]])
+    c = D.calibration_from_logits(logits, labels)
+    p = 1 / (1 + math.exp(-2))
+    assert c["accuracy"] == pytest.approx(0.5)
+    assert c["confidence"] == pytest.approx(p)
+    assert c["top_class_share"] == pytest.approx(0.75)
+    assert c["cross_entropy"] == pytest.approx((2 * -math.log(p) + 2 * -math.log(1 - p)) / 4)
+    with pytest.raises(ValueError):
+        D.calibration_from_logits(logits, labels[:3])
+
+
+def test_relative_norms_total_and_kinds():
+    pre = {"conv1.weight": torch.ones(2, 3, 1, 1), "proj": torch.full((2, 2), 2.0), "count": torch.tensor(3)}
+    tau = TaskVector({"conv1.weight": torch.full((2, 3, 1, 1), 0.1), "proj": torch.zeros(2, 2)})
+    r = D.relative_norms(pre, tau)
+    assert r["conv1"] == pytest.approx(0.1)
+    assert r["proj"] == 0.0
+    assert r["total"] == pytest.approx(math.sqrt(6 * 0.01) / math.sqrt(6 + 16))
+
+
+class _ToyBench:
+    """Accuracy of task t is the clamp of weight t: an exactly known benchmark."""
+
+    tasks = ("a", "b")
+    heads: dict = {}
+
+    def evaluate(self, state, split="test", tasks=None):
+        return {t: float(state[t].clamp(0, 1)) for t in (tasks or self.tasks)}
+
+
+def test_own_task_curve_and_cross_matrix_on_a_known_benchmark():
+    bench = _ToyBench()
+    pre = {"a": torch.tensor(0.2), "b": torch.tensor(0.5)}
+    tvs = {"a": TaskVector({"a": torch.tensor(0.6), "b": torch.tensor(-0.5)}),
+           "b": TaskVector({"a": torch.tensor(0.0), "b": torch.tensor(0.4)})}
+    curve = D.own_task_curve(bench, pre, tvs, alphas=(0.0, 0.5, 1.0))
+    assert curve["a"] == pytest.approx({0.0: 0.2, 0.5: 0.5, 1.0: 0.8})
+    assert D.gain_fraction(curve["a"], 0.5) == pytest.approx(0.5)
+    sources, targets, M = D.cross_task_matrix(bench, pre, tvs, coefficient=0.5)
+    assert sources == ["a", "b"] and targets == ["a", "b"]
+    assert M[0, 1] == pytest.approx(-0.25)  # tau_a hurts task b
+    assert M[1, 0] == pytest.approx(0.0)
+    assert D.off_diagonal(sources, targets, M).tolist() == pytest.approx([-0.25, 0.0])
