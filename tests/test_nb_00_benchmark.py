@@ -24,3 +24,42 @@ def test_results_have_every_method_with_absolute_normalized_and_per_task(run_not
     assert ta["coefficient"] in [float(k) for k in ta["validation_sweep"]]
     assert float(max(ta["validation_sweep"], key=ta["validation_sweep"].get)) == ta["coefficient"]
     assert methods["weight_averaging"]["coefficient"] is None
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_grids_start_at_zero_and_edges_are_flagged(run_notebook):
+    methods = run_notebook(NAME)["methods"]
+    for name in ("task_arithmetic", "ties", "dare"):
+        sweep = {float(k): v for k, v in methods[name]["validation_sweep"].items()}
+        assert 0.0 in sweep, name
+        assert methods[name]["at_grid_edge"] == (methods[name]["coefficient"] in (min(sweep), max(sweep))), name
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_seed_study_summary_is_the_per_seed_numbers_and_claims_rest_on_them(run_notebook):
+    import numpy as np
+
+    results = run_notebook(NAME)
+    study = results["seeds"]
+    assert len(study["seeds"]) >= 2 and set(study["per_seed"]) == {str(s) for s in study["seeds"]}
+    for method in ("zero_shot", "experts", "task_arithmetic", "weight_averaging", "tsv_merge_validated",
+                   "tsv_merge", "tsv_compress"):
+        values = [rows[method]["absolute_accuracy"] for rows in study["per_seed"].values()]
+        summary = study["summary"][method]["absolute_accuracy"]
+        assert summary["mean"] == pytest.approx(np.mean(values)) and summary["sd"] == pytest.approx(np.std(values, ddof=1))
+    # seed 0 of the study is the chapter's own run
+    first = study["per_seed"][str(study["seeds"][0])]
+    assert first["task_arithmetic"]["absolute_accuracy"] == pytest.approx(
+        results["methods"]["task_arithmetic"]["absolute_accuracy"])
+    claims = results["claims"]
+    assert claims and all(c["status"] in ("reproduced", "not_reproduced", "not_testable") for c in claims)
+    by_claim = {c["claim"].split(" (")[0]: c for c in claims}
+    ta_claim = next(c for c in claims if c["claim"].startswith("Task arithmetic beats zero-shot"))
+    ta, zs = ta_claim["evidence"]["task_arithmetic"], ta_claim["evidence"]["zero_shot"]
+    holds = ta["mean"] - zs["mean"] > 0.10 + 2 * float(np.hypot(ta["sd"], zs["sd"]))
+    assert (ta_claim["status"] == "reproduced") == holds, by_claim
+    diag = results["diagnostics"]
+    assert set(diag["linear_probe"]) == set(results["tasks"]) and 0 <= diag["linear_probe_mean"] <= 1
+    assert len(diag["cross_task"]["delta"]) == len(results["tasks"])

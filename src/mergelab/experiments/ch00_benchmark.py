@@ -53,8 +53,12 @@ def diagnostics(bench: Any, pretrained: StateDict, task_vectors: Mapping[str, Ta
     }
 
 
+SEED_STUDY_METHODS = ("weight_averaging", "task_arithmetic")
+"""Baselines the seed study rebuilds per seed (with TSV-M and TSV-C): those the chapter's claims name."""
+
+
 def seed_study(bench: Any, pretrained: StateDict, recipe: FinetuneConfig, seeds: Sequence[int],
-               merge_methods: Sequence[str], tsv_grid: Sequence[float] | None = None,
+               merge_methods: Sequence[str] = SEED_STUDY_METHODS, tsv_grid: Sequence[float] | None = None,
                progress: bool = True) -> dict[str, Any]:
     """Every model of the chapter for each fine-tuning seed (test split; coefficients on validation).
 
