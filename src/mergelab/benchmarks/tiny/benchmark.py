@@ -11,7 +11,6 @@ A benchmark object gives every notebook the same small interface, which the ``cl
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,8 +28,8 @@ from ..base import BenchmarkBase
 from .data import (GENERATOR_VERSION, PRETEXT_KINDS, PRETEXT_TEXTURES, SPLITS, TASK_CLASSES, TASKS, TinyDataConfig,
                    canonical_images, load_pretext, load_task)
 from .data import check_task as check_tiny_task
-from ...utils import (StateDict, atomic_save_safetensors, atomic_write_json, clone_state_dict, config_hash,
-                    load_safetensors, pick_device)
+from ...utils import (StateDict, clone_state_dict, config_hash,
+                    pick_device)
 
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
 HEAD_KINDS = ("canonical", "shots")
@@ -179,42 +178,45 @@ class TinyBenchmark(BenchmarkBase):
         enc = build_tiny_encoder(self.config.model)
         return load_encoder_state(enc, state) if state is not None else enc
 
+    @property
+    def _pretrained_artifact(self) -> Artifact:
+        return Artifact(self.cache_dir / "pretrained.safetensors")
+
     def pretrained_state(self) -> StateDict:
         """The encoder after pretraining on the pretext pool (cached; a copy)."""
         if self._pretrained is None:
-            path = self.cache_dir / "pretrained.safetensors"
-            if not path.is_file():
-                torch.manual_seed(self.config.pretrain.seed)
-                enc = build_tiny_encoder(self.config.model)
-                X, targets = load_pretext(self.config.data)
-                images = torch.from_numpy(X)
-                targets = {k: torch.from_numpy(v) for k, v in targets.items()}
-                classes = {"kind": len(PRETEXT_KINDS), "texture": len(PRETEXT_TEXTURES)}
-                start = time.perf_counter()
-                objective = self.config.pretrain.objective
-                if objective == "factors":
-                    losses = pretrain_factors(enc, images, targets, classes, self.config.pretrain, normalize_images,
-                                              device=self.device, progress=self.progress)
-                elif objective == "attributes":
-                    kind = targets["kind"].clamp_min(0)  # scenes without objects: kind 0 stands for "none"
-                    kind = torch.where(targets["kind"] < 0, len(PRETEXT_KINDS), kind)
-                    losses = pretrain_attributes(enc, images, torch.stack([kind, targets["texture"]], 1),
-                                                 [len(PRETEXT_KINDS) + 1, len(PRETEXT_TEXTURES)], self.config.pretrain,
-                                                 normalize_images, device=self.device, progress=self.progress)
-                else:
-                    losses = pretrain_contrastive(enc, images, self.config.pretrain, normalize_images,
-                                                  device=self.device, progress=self.progress)
-                atomic_write_json(path.with_suffix(".json"), {
-                    "config": asdict(self.config), "loss": losses,
-                    "wall_time_s": time.perf_counter() - start})
-                atomic_save_safetensors(path, enc.state_dict())
-            self._pretrained = load_safetensors(path)
+            self._pretrained = self._pretrained_artifact.get_or_build(self._pretrain)
         return clone_state_dict(self._pretrained)
+
+    def _pretrain(self) -> tuple[StateDict, dict[str, Any]]:
+        """Pretrain a fresh encoder on the pretext pool with ``config.pretrain``; ``(weights, log)``."""
+        torch.manual_seed(self.config.pretrain.seed)
+        enc = build_tiny_encoder(self.config.model)
+        X, targets = load_pretext(self.config.data)
+        images = torch.from_numpy(X)
+        targets = {k: torch.from_numpy(v) for k, v in targets.items()}
+        classes = {"kind": len(PRETEXT_KINDS), "texture": len(PRETEXT_TEXTURES)}
+        start = time.perf_counter()
+        objective = self.config.pretrain.objective
+        if objective == "factors":
+            losses = pretrain_factors(enc, images, targets, classes, self.config.pretrain, normalize_images,
+                                      device=self.device, progress=self.progress)
+        elif objective == "attributes":
+            kind = targets["kind"].clamp_min(0)  # scenes without objects: kind 0 stands for "none"
+            kind = torch.where(targets["kind"] < 0, len(PRETEXT_KINDS), kind)
+            losses = pretrain_attributes(enc, images, torch.stack([kind, targets["texture"]], 1),
+                                         [len(PRETEXT_KINDS) + 1, len(PRETEXT_TEXTURES)], self.config.pretrain,
+                                         normalize_images, device=self.device, progress=self.progress)
+        else:
+            losses = pretrain_contrastive(enc, images, self.config.pretrain, normalize_images,
+                                          device=self.device, progress=self.progress)
+        return enc.state_dict(), {"config": asdict(self.config), "loss": losses,
+                                  "wall_time_s": time.perf_counter() - start}
 
     def pretraining_log(self) -> dict[str, Any]:
         """Loss curve and wall time of the pretraining run."""
         self.pretrained_state()
-        return json.loads((self.cache_dir / "pretrained.json").read_text())
+        return self._pretrained_artifact.meta()
 
     def head_prototypes(self, task: str, encoder: torch.nn.Module | None = None) -> torch.Tensor:
         """Class prototypes ``(n_classes, output_dim)`` of ``task``'s frozen head from the pretrained
@@ -239,11 +241,13 @@ class TinyBenchmark(BenchmarkBase):
         """Frozen per-task heads, built from the pretrained encoder before any fine-tuning (cached)."""
         if self._heads is None:
             tag = "canonical" if self.config.heads == "canonical" else f"shots{self.config.head_shots}"
-            path = self.cache_dir / f"heads-{tag}.safetensors"
-            if not path.is_file():
+
+            def build() -> tuple[StateDict, dict[str, Any]]:
                 enc = self.new_encoder(self.pretrained_state())
-                atomic_save_safetensors(path, {task: self.head_prototypes(task, enc) for task in TASKS})
-            weights = load_safetensors(path)
+                return ({task: self.head_prototypes(task, enc) for task in TASKS},
+                        {"heads": self.config.heads, "head_shots": self.config.head_shots})
+
+            weights = Artifact(self.cache_dir / f"heads-{tag}.safetensors").get_or_build(build)
             self._heads = {t: ClassificationHead(weights[t], self.config.logit_scale) for t in TASKS}
         return self._heads
 
