@@ -57,8 +57,10 @@ def test_seed_study_summary_is_the_per_seed_numbers_and_claims_rest_on_them(run_
     assert claims and all(c["status"] in ("reproduced", "not_reproduced", "not_testable") for c in claims)
     by_claim = {c["claim"].split(" (")[0]: c for c in claims}
     ta_claim = next(c for c in claims if c["claim"].startswith("Task arithmetic beats zero-shot"))
-    ta, zs = ta_claim["evidence"]["task_arithmetic"], ta_claim["evidence"]["zero_shot"]
-    holds = ta["mean"] - zs["mean"] > 0.10 + 2 * float(np.hypot(ta["sd"], zs["sd"]))
+    d = np.array([rows["task_arithmetic"]["absolute_accuracy"] - rows["zero_shot"]["absolute_accuracy"]
+                  for rows in study["per_seed"].values()])
+    assert ta_claim["evidence"]["mean_difference"] == pytest.approx(d.mean())
+    holds = d.mean() - 0.10 > 2 * d.std(ddof=1)
     assert (ta_claim["status"] == "reproduced") == holds, by_claim
     diag = results["diagnostics"]
     assert set(diag["linear_probe"]) == set(results["tasks"]) and 0 <= diag["linear_probe_mean"] <= 1
