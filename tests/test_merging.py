@@ -172,3 +172,25 @@ def test_validation_ties_go_to_the_smaller_coefficient_whatever_the_grid_order_a
         merge_with_validation("task_arithmetic", pretrained, task_vectors,
                               lambda state: float("nan") if abs(float(state["w"].sum())) >= 0 else 0.0,
                               grid=(0.5,), progress=False)
+
+
+def test_merge_baselines_chooses_by_normalized_validation_accuracy(pretrained, task_vectors, capsys):
+    from mergelab.evaluation import merge_baselines
+
+    class Bench:  # task "a" is easy, task "b" hard: normalizing by the experts changes the choice
+        tasks = ("a", "b")
+
+        def evaluate(self, state, split="test", tasks=None):
+            c = float(state["w"].sum() - pretrained["w"].sum()) / float(sum(tv["w"].sum() for tv in task_vectors[:2]))
+            return {"a": 0.9 - 0.5 * c, "b": 0.1 + 0.4 * c}
+
+    tvs = {"a": task_vectors[0], "b": task_vectors[1]}
+    grid = {"task_arithmetic": {"grid": (0.0, 0.5, 1.0)}}
+    absolute = merge_baselines(Bench(), pretrained, tvs, ["task_arithmetic"], grid, False, metric="absolute")
+    normalized = merge_baselines(Bench(), pretrained, tvs, ["task_arithmetic"], grid, False,
+                                 expert_val={"a": 0.9, "b": 0.5})
+    assert absolute["task_arithmetic"].coefficient == 0.0 and normalized["task_arithmetic"].coefficient == 1.0
+    with pytest.raises(ValueError, match="needs expert_val.*missing: b"):
+        merge_baselines(Bench(), pretrained, tvs, ["task_arithmetic"], grid, False, expert_val={"a": 0.9})
+    zero = merge_baselines(Bench(), pretrained, tvs, ["task_arithmetic"], grid, False, expert_val={"a": 0.9, "b": 0.0})
+    assert zero["task_arithmetic"].coefficient == 0.0 and "scores 0 on validation" in capsys.readouterr().out

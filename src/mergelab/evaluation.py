@@ -75,6 +75,11 @@ def merge_baselines(benchmark: "Benchmark", pretrained: StateDict, task_vectors:
             raise ValueError(f"metric='normalized' needs expert_val, the experts' validation accuracy, for every "
                              f"task; missing: {', '.join(missing)}. Pass expert_accuracy(bench, experts, 'val'), "
                              "or metric='absolute'.")
+        undefined = [t for t in tasks if not expert_val[t] > 0]
+        if undefined:  # an expert at 0 on validation (tiny smoke-test splits): normalizing is undefined there
+            print(f"merge_baselines: the expert of {', '.join(undefined)} scores 0 on validation, so normalized "
+                  "accuracy is undefined; coefficients are chosen by absolute accuracy instead.")
+            metric = "absolute"
     tvs = [task_vectors[t] for t in tasks]
 
     def score(state: StateDict) -> float:
