@@ -112,6 +112,7 @@ def test_a_validation_sweep_equals_merging_directly_at_each_coefficient(name, mo
 
 _PEAK_SCRIPT = """
 import sys, torch
+torch.set_num_threads(1)  # one thread: the allocator's reuse, and so the peak, does not depend on scheduling
 from memory import PeakMemory
 from conftest import make_state
 from mergelab.merging import merge
