@@ -136,7 +136,16 @@ def _np_task_svd(a: np.ndarray, k: int, f64: bool, rtol: float) -> tuple[np.ndar
     return b / np.where(good, s, 1.0), s, v
 
 
-def _np_polar(x: np.ndarray, rtol: float, gram: bool) -> np.ndarray:
+def polar_null_tol(shape: tuple[int, ...], rtol: float | None) -> float:
+    """Relative cut-off below which a singular value of an ``(m, r)`` stack counts as zero in a polar
+    factor: ``rtol`` when given, else rounding level, ``max(m, r) * eps(float64)`` (NumPy's
+    ``matrix_rank`` convention; the SVD runs in float64)."""
+    if rtol is not None:
+        return float(rtol)
+    return max(int(shape[-2]), int(shape[-1])) * float(np.finfo(np.float64).eps)
+
+
+def _np_polar(x: np.ndarray, rtol: float | None, gram: bool) -> np.ndarray:
     """Polar factor of one ``(m, r)`` matrix, ``m >= r``, in its dtype (see :func:`polar_factor`)."""
     # Tall stacks are usually well conditioned: float32 first, then float64. Near-square stacks
     # rarely pass the float32 test, so they try the float64 Gram matrix only.
@@ -150,7 +159,7 @@ def _np_polar(x: np.ndarray, rtol: float, gram: bool) -> np.ndarray:
             return (xg @ (h @ h.T)).astype(x.dtype, copy=False)
     x64 = x.astype(np.float64, copy=False)
     p, sv, qh = np.linalg.svd(x64, full_matrices=False)  # gesdd; NumPy releases the GIL
-    keep = (sv > rtol * max(float(sv[0]), 1e-300)).astype(p.dtype)
+    keep = (sv > polar_null_tol(x.shape, rtol) * max(float(sv[0]), 1e-300)).astype(p.dtype)
     return ((p * keep) @ qh).astype(x.dtype, copy=False)
 
 
@@ -182,7 +191,7 @@ def _torch_task_svd(A: torch.Tensor, k: int, f64: bool, rtol: float
     return B / torch.where(good, s, torch.ones_like(s)).unsqueeze(-2), s, V
 
 
-def _torch_polar(X: torch.Tensor, rtol: float, gram: bool) -> torch.Tensor:
+def _torch_polar(X: torch.Tensor, rtol: float | None, gram: bool) -> torch.Tensor:
     """:func:`_np_polar` for ``(..., m, r)`` with torch (used on GPUs)."""
     for dtype in (torch.float32, torch.float64) if gram else ():
         Xg = X.to(dtype)
@@ -190,5 +199,6 @@ def _torch_polar(X: torch.Tensor, rtol: float, gram: bool) -> torch.Tensor:
         if bool(((w[..., 0] >= POLAR_GRAM_MIN_RATIO[dtype] * w[..., -1]) & (w[..., -1] > 0)).all()):
             return (Xg @ ((Q * w.rsqrt().unsqueeze(-2)) @ Q.transpose(-2, -1))).to(X.dtype)
     P, S, Qh = torch.linalg.svd(X.double(), full_matrices=False)
-    keep = (S > rtol * S[..., :1].clamp_min(torch.finfo(S.dtype).tiny)).to(P.dtype).unsqueeze(-2)
+    tol = polar_null_tol(tuple(X.shape), rtol)
+    keep = (S > tol * S[..., :1].clamp_min(torch.finfo(S.dtype).tiny)).to(P.dtype).unsqueeze(-2)
     return ((P * keep) @ Qh).to(X.dtype)
