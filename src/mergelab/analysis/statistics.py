@@ -1,0 +1,166 @@
+"""Uncertainty of the chapters' figures, and the claims tables built from it.
+
+Every chapter ends with a table of the seed papers' claims, each ``reproduced``, ``not_reproduced``
+or ``not_testable`` at the size that ran. A claim's status follows from a confidence interval, never
+from a point estimate alone: :func:`directional_status` turns an interval for "how much the
+predicted direction holds" into a status. Intervals come from SciPy's bootstrap
+(:func:`scipy.stats.bootstrap`, percentile method, seeded) or, for a mean of a few paired
+differences (seeds), from Student's t.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+STATUSES = ("reproduced", "not_reproduced", "not_testable")
+"""The statuses a claim can have (``results["claims"][i]["status"]``)."""
+
+
+def _interval(estimate: float, lo: float, hi: float, n: int, level: float, method: str) -> dict[str, Any]:
+    return {"estimate": float(estimate), "ci_low": float(lo), "ci_high": float(hi), "n": int(n),
+            "level": float(level), "method": method}
+
+
+def _check_level(level: float) -> None:
+    if not 0 < level < 1:
+        raise ValueError(f"level={level!r} is not valid; use a confidence level in (0, 1), e.g. 0.95.")
+
+
+def bootstrap_ci(statistic: Callable[..., float], *samples: Sequence[float], n_resamples: int = 2000,
+                 level: float = 0.95, seed: int = 0, vectorized: bool = False) -> dict[str, Any]:
+    """Percentile bootstrap interval of ``statistic(*samples)``, resampling rows jointly (paired).
+
+    Args:
+        statistic: function of as many 1-D arrays as ``samples``, returning a float (with
+            ``vectorized=True``: of ``(..., n)`` arrays with an ``axis`` keyword, as SciPy passes them).
+        samples: equal-length 1-D sequences (one row per unit: a merge, a pair of tasks, a seed).
+        n_resamples: bootstrap resamples.
+        level: confidence level.
+        seed: seeds the resampling (same seed, same interval).
+
+    Returns:
+        ``{"estimate", "ci_low", "ci_high", "n", "level", "method"}``; the bounds are NaN when fewer
+        than 3 rows or when the statistic is undefined on the data (e.g. a constant column).
+    """
+    _check_level(level)
+    arrays = [np.asarray(s, dtype=float) for s in samples]
+    if not arrays or any(a.ndim != 1 for a in arrays) or len({len(a) for a in arrays}) != 1:
+        raise ValueError("samples must be one or more 1-D sequences of equal length (one row per unit).")
+    n = len(arrays[0])
+    estimate = (float(statistic(*arrays, axis=-1) if vectorized else statistic(*arrays)) if n else float("nan"))
+    if n < 3 or not np.isfinite(estimate):
+        return _interval(estimate, float("nan"), float("nan"), n, level, "bootstrap (percentile)")
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)  # NaN bounds say it
+        res = stats.bootstrap(tuple(arrays), statistic, paired=True, vectorized=vectorized, n_resamples=n_resamples,
+                              confidence_level=level, method="percentile", random_state=np.random.default_rng(seed))
+    lo, hi = res.confidence_interval
+    return _interval(estimate, lo, hi, n, level, "bootstrap (percentile)")
+
+
+def _spearman(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Spearman's rho along ``axis`` (Pearson correlation of average ranks); NaN for a constant row."""
+    rx = stats.rankdata(x, axis=axis)
+    ry = stats.rankdata(y, axis=axis)
+    rx = rx - rx.mean(axis=axis, keepdims=True)
+    ry = ry - ry.mean(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (rx * ry).sum(axis) / np.sqrt((rx * rx).sum(axis) * (ry * ry).sum(axis))
+
+
+def spearman_ci(x: Sequence[float], y: Sequence[float], n_resamples: int = 2000, level: float = 0.95,
+                seed: int = 0) -> dict[str, Any]:
+    """Spearman's rank correlation of paired values with a bootstrap interval (rows resampled jointly);
+    rows with a non-finite value are left out first. See :func:`bootstrap_ci` for the fields."""
+    x_, y_ = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x_.shape != y_.shape or x_.ndim != 1:
+        raise ValueError(f"x and y must be 1-D of the same length; got shapes {x_.shape} and {y_.shape}.")
+    ok = np.isfinite(x_) & np.isfinite(y_)
+    out = bootstrap_ci(_spearman, x_[ok], y_[ok], n_resamples=n_resamples, level=level, seed=seed, vectorized=True)
+    out["method"] = "Spearman, bootstrap (percentile)"
+    return out
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Mean of a few values (e.g. paired per-seed differences) with Student's t interval.
+
+    With one value the bounds are NaN (no spread is known). See :func:`bootstrap_ci` for the fields."""
+    _check_level(level)
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    n = len(v)
+    if n == 0:
+        return _interval(float("nan"), float("nan"), float("nan"), 0, level, "t")
+    m = float(v.mean())
+    if n < 2:
+        return _interval(m, float("nan"), float("nan"), n, level, "t")
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * v.std(ddof=1) / np.sqrt(n))
+    return _interval(m, m - half, m + half, n, level, "t")
+
+
+def accuracy_difference_ci(accuracy_a: Mapping[str, float], accuracy_b: Mapping[str, float],
+                           n_examples: Mapping[str, int] | int, level: float = 0.95) -> dict[str, Any]:
+    """Difference of two models' mean per-task accuracies on the same test sets, with the normal
+    interval of its sampling error (binomial per task, the models treated as independent: a
+    conservative bound for paired predictions). Seed-to-seed variation is not included.
+
+    Args:
+        accuracy_a, accuracy_b: task to accuracy (fraction 0..1), same tasks.
+        n_examples: test examples per task (one number for all).
+    """
+    _check_level(level)
+    if set(accuracy_a) != set(accuracy_b) or not accuracy_a:
+        raise ValueError(f"accuracy_a and accuracy_b must cover the same tasks; got {sorted(accuracy_a)} and "
+                         f"{sorted(accuracy_b)}.")
+    tasks = sorted(accuracy_a)
+    n = {t: int(n_examples if isinstance(n_examples, (int, np.integer)) else n_examples[t]) for t in tasks}
+    if any(v < 1 for v in n.values()):
+        raise ValueError(f"n_examples={n_examples!r} is not valid; every task needs at least one test example.")
+    diff = float(np.mean([accuracy_a[t] - accuracy_b[t] for t in tasks]))
+    var = sum((accuracy_a[t] * (1 - accuracy_a[t]) + accuracy_b[t] * (1 - accuracy_b[t])) / n[t]
+              for t in tasks) / len(tasks) ** 2
+    half = float(stats.norm.ppf(0.5 + level / 2) * np.sqrt(var))
+    return _interval(diff, diff - half, diff + half, sum(n.values()), level, "normal (binomial per task)")
+
+
+def directional_status(interval: Mapping[str, Any], predicted: str = "positive", margin: float = 0.0) -> str:
+    """The status of a claim that a quantity is above ``margin`` (``predicted="positive"``) or below
+    ``-margin`` (``"negative"``), from its confidence interval:
+
+    * ``reproduced``: the whole interval lies on the predicted side;
+    * ``not_reproduced``: the whole interval lies on the other side of 0 (the data contradict it);
+    * ``not_testable``: otherwise (the interval is too wide, or undefined, to decide at this size).
+    """
+    if predicted not in ("positive", "negative"):
+        raise ValueError(f"predicted={predicted!r} is not valid; use 'positive' or 'negative'.")
+    lo, hi = float(interval["ci_low"]), float(interval["ci_high"])
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "not_testable"
+    if predicted == "negative":
+        lo, hi = -hi, -lo
+    if lo > margin:
+        return "reproduced"
+    if hi < 0:
+        return "not_reproduced"
+    return "not_testable"
+
+
+def claim(text: str, source: str, status: str, evidence: Mapping[str, Any]) -> dict[str, Any]:
+    """One row of a chapter's ``claims`` list, checked: ``{claim, source, status, evidence}``."""
+    if status not in STATUSES:
+        raise ValueError(f"status={status!r} is not valid; use one of {', '.join(STATUSES)}.")
+    if not text or not source:
+        raise ValueError("a claim needs its text and its source (a key of reports/references.bib).")
+    return {"claim": text, "source": source, "status": status, "evidence": dict(evidence)}
+
+
+def claims_table(claims: Sequence[Mapping[str, Any]]) -> Any:
+    """The claims as a table for the notebook: claim, source, status (evidence left to the JSON)."""
+    import pandas as pd
+
+    return pd.DataFrame([{"claim": c["claim"], "source": c["source"], "status": c["status"]} for c in claims])

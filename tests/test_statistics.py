@@ -1,0 +1,101 @@
+"""Confidence intervals and claim statuses (mergelab.analysis.statistics)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mergelab.analysis.statistics import (
+    accuracy_difference_ci,
+    bootstrap_ci,
+    claim,
+    directional_status,
+    mean_ci,
+    spearman_ci,
+)
+
+
+def test_spearman_interval_contains_the_estimate_and_separates_a_strong_relation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=60)
+    strong = spearman_ci(x, x + 0.3 * rng.normal(size=60))
+    assert strong["ci_low"] <= strong["estimate"] <= strong["ci_high"]
+    assert strong["ci_low"] > 0.7 and directional_status(strong) == "reproduced"
+    unrelated = spearman_ci(x, rng.normal(size=60))
+    assert unrelated["ci_low"] < 0 < unrelated["ci_high"]
+    assert directional_status(unrelated) == "not_testable"
+    reversed_ = spearman_ci(x, -x + 0.3 * rng.normal(size=60))
+    assert directional_status(reversed_) == "not_reproduced"
+    assert directional_status(reversed_, predicted="negative") == "reproduced"
+
+
+def test_intervals_are_seeded_and_narrow_with_more_data():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=400)
+    y = x + rng.normal(size=400)
+    assert spearman_ci(x, y, seed=3) == spearman_ci(x, y, seed=3)
+    small = spearman_ci(x[:30], y[:30])
+    large = spearman_ci(x, y)
+    assert large["ci_high"] - large["ci_low"] < small["ci_high"] - small["ci_low"]
+
+
+def test_too_few_rows_or_constant_columns_give_undefined_bounds_and_not_testable():
+    few = spearman_ci([1.0, 2.0], [2.0, 1.0])
+    assert np.isnan(few["ci_low"]) and directional_status(few) == "not_testable"
+    constant = spearman_ci([1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 3.0, 4.0])
+    assert np.isnan(constant["estimate"]) and directional_status(constant) == "not_testable"
+    nan_rows = spearman_ci([1.0, np.nan, 3.0, 4.0, 5.0], [1.0, 2.0, 3.0, 4.0, 5.0])
+    assert nan_rows["n"] == 4
+
+
+def test_mean_interval_is_students_t():
+    v = [0.10, 0.12, 0.14]
+    ci = mean_ci(v)
+    half = 4.302652729911275 * np.std(v, ddof=1) / np.sqrt(3)  # t_{0.975, 2}
+    assert ci["estimate"] == pytest.approx(0.12)
+    assert ci["ci_low"] == pytest.approx(0.12 - half) and ci["ci_high"] == pytest.approx(0.12 + half)
+    assert directional_status(ci, margin=0.05) == "reproduced"
+    assert directional_status(ci, margin=0.2) == "not_testable"
+    assert np.isnan(mean_ci([0.3])["ci_low"])
+
+
+def test_bootstrap_of_a_mean_agrees_with_the_normal_interval():
+    rng = np.random.default_rng(2)
+    v = rng.normal(1.0, 2.0, size=500)
+    ci = bootstrap_ci(np.mean, v)
+    half = 1.96 * v.std(ddof=1) / np.sqrt(len(v))
+    assert ci["ci_low"] == pytest.approx(v.mean() - half, abs=0.05)
+    assert ci["ci_high"] == pytest.approx(v.mean() + half, abs=0.05)
+
+
+def test_accuracy_difference_interval_from_binomial_errors():
+    a, b = {"x": 0.8, "y": 0.6}, {"x": 0.7, "y": 0.6}
+    ci = accuracy_difference_ci(a, b, 1000)
+    se = np.sqrt((0.8 * 0.2 + 0.7 * 0.3 + 2 * 0.6 * 0.4) / 1000) / 2
+    assert ci["estimate"] == pytest.approx(0.05)
+    assert ci["ci_high"] - ci["estimate"] == pytest.approx(1.959963984540054 * se)
+    assert directional_status(ci) == "reproduced"
+    assert directional_status(accuracy_difference_ci(a, b, 20)) == "not_testable"
+
+
+def test_bad_inputs_name_the_parameter():
+    with pytest.raises(ValueError, match="level"):
+        mean_ci([1.0, 2.0], level=95)
+    with pytest.raises(ValueError, match="same tasks"):
+        accuracy_difference_ci({"x": 0.5}, {"y": 0.5}, 10)
+    with pytest.raises(ValueError, match="n_examples"):
+        accuracy_difference_ci({"x": 0.5}, {"x": 0.5}, 0)
+    with pytest.raises(ValueError, match="equal length"):
+        bootstrap_ci(np.mean, [1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="status"):
+        claim("c", "src", "maybe", {})
+    with pytest.raises(ValueError, match="predicted"):
+        directional_status({"ci_low": 0.1, "ci_high": 0.2}, predicted="up")
+
+
+def test_vectorized_spearman_equals_scipys():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(4)
+    x, y = rng.integers(0, 5, size=40).astype(float), rng.normal(size=40)  # ties in x
+    assert spearman_ci(x, y)["estimate"] == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
