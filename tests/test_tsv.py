@@ -564,9 +564,15 @@ def test_task_count_study_merges_each_subset_once_per_method_and_validates_only_
     experts = {t: 1.0 for t in task_vectors}
     grid = (0.1, 0.5, 1.0)
     study = task_count_study(bench, pretrained, task_vectors, experts,
-                                 {"task_arithmetic": {"grid": grid}, "tsv_merge": {"coefficient": 1.0}},
+                                 {"task_arithmetic": {"grid": grid}, "tsv_merge": {"coefficient": 1.0},
+                                  "ta_default": {"method": "task_arithmetic", "coefficient": 0.3}},
                                  task_counts=[2, 4], subsets=2, seed=0)
-    assert len(study) == (2 + 1) * 2, "two subsets of 2 tasks, one of all 4, two methods each"
+    assert len(study) == (2 + 1) * 3, "two subsets of 2 tasks, one of all 4, three variants each"
+    for _, row in study[study["method"] == "ta_default"].iterrows():  # a labelled variant at its own options
+        chosen = row["tasks"].split(",")
+        acc = bench.evaluate(merge("task_arithmetic", pretrained, [task_vectors[t] for t in chosen], coefficient=0.3),
+                             "test", chosen)
+        assert row["coefficient"] == 0.3 and row["per_task_accuracy"] == pytest.approx(acc)
     assert set(study["num_tasks"]) == {2, 4}
     ta = study[study["method"] == "task_arithmetic"]
     assert set(ta["coefficient"]) <= set(grid)
