@@ -323,3 +323,43 @@ def test_clean_report_refuses_a_folder_of_committed_notebooks():
     run = subprocess.run(["make", "clean-report", "REPORTS=notebooks"], cwd=root, capture_output=True, text=True)
     assert run.returncode != 0 and "refusing to delete them" in run.stdout
     assert sorted(p.name for p in (root / "notebooks").glob("*.ipynb")) == before
+
+
+WRITE_CLAIMS = (
+    "import json\n"
+    "from mergelab.paths import results_dir\n"
+    "claims = [{'claim': 'Alpha beats beta | by far.', 'source': 'doe2020alpha', 'status': 'reproduced', 'evidence': {}},\n"
+    "          {'claim': 'Gamma helps.', 'source': 'doe2020alpha', 'status': 'not_testable', 'evidence': {}}]\n"
+    "(results_dir() / '00_alpha.json').write_text(json.dumps({'value': value, 'claims': claims,\n"
+    "    'provenance': {'parameters': {'profile': 'smoke'}}}))"
+)
+
+
+def test_claims_page_is_generated_from_this_runs_results(tmp_path: Path) -> None:
+    root = tmp_path
+    make_project(root)
+    write_notebook(root / "notebooks" / "00_alpha.ipynb", "Alpha chapter", WRITE_CLAIMS)
+    yml = root / "book" / "_quarto.yml"
+    yml.write_text(QUARTO_YML.replace("    - index.qmd\n", "    - index.qmd\n    - claims.qmd\n"))
+    (root / "book" / "claims.qmd").write_text("---\ntitle: stale\n---\nA stale page typed by hand.\n")
+    result = build(root)
+    page = (root / "out" / "claims.qmd").read_text()
+    assert "stale" not in page
+    assert "At the `smoke` size: 1 of 2 claims reproduced, 0 not reproduced, 1 not testable." in page
+    assert "| Alpha chapter | `smoke` | Alpha beats beta \\| by far. | [@doe2020alpha] | reproduced |" in page
+    html = (result.book.parent / "claims.html").read_text()
+    assert "<table>" in html and "Gamma helps." in html and "not testable" in html
+    assert 'href="#ref-doe2020alpha"' in html
+    assert 'href="claims.html"' in result.book.read_text()
+
+
+def test_claims_page_without_claims_says_so(tmp_path: Path) -> None:
+    from mergelab.report.claims import claims_markdown, gather_claims
+
+    assert "No chapter of this run recorded claims." in claims_markdown([])
+    (tmp_path / "00_a.json").write_text(json.dumps({"claims": [{"claim": "c", "source": "s", "status": "not_reproduced",
+                                                                "evidence": {}}]}))
+    claims = gather_claims(tmp_path, ["index.qmd", "00_a.ipynb", "01_missing.ipynb"])
+    assert claims == [{"chapter": "00_a", "profile": "?", "claim": "c", "source": "s", "status": "not_reproduced",
+                       "evidence": {}}]
+    assert "**not reproduced**" in claims_markdown(claims)

@@ -18,6 +18,7 @@ from mergelab.params import ReportError
 
 from .runner import (_FRONT_MATTER, _HEADING, _HEADING_ATTRIBUTES, BOOK_DIR, PROJECT_FILES, RENDERERS, book_chapters,
                      default_quarto_yml)
+from .claims import CLAIMS_PAGE, write_claims_page
 
 # --- the book ----------------------------------------------------------------------------------
 
@@ -30,7 +31,7 @@ def sync_project_files(quarto_yml: Path, reports: Path, chapters: Sequence[str] 
     if source == reports:
         return
     shutil.copy2(quarto_yml, reports / "_quarto.yml")
-    extra = [c for c in chapters if not c.endswith(".ipynb")]
+    extra = [c for c in chapters if not c.endswith(".ipynb") and c != CLAIMS_PAGE]
     for name in dict.fromkeys([*PROJECT_FILES[1:], *extra]):
         if (source / name).is_file():
             (reports / name).parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +90,9 @@ def render_book(reports: Path, quarto_yml: Path | None = None, renderer: str = "
     quarto_yml = Path(quarto_yml) if quarto_yml is not None else default_quarto_yml()
     chapters = book_chapters(quarto_yml)
     sync_project_files(quarto_yml, reports, chapters)
+    if CLAIMS_PAGE in chapters:  # generated from this run's results, never copied
+        write_claims_page(reports, chapters, {Path(c).stem: chapter_title(reports / c)
+                                              for c in chapters if c.endswith(".ipynb") and (reports / c).is_file()})
     missing = missing_chapters(reports, chapters)
     if missing:
         raise ReportError(
