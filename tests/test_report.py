@@ -363,3 +363,28 @@ def test_claims_page_without_claims_says_so(tmp_path: Path) -> None:
     assert claims == [{"chapter": "00_a", "profile": "?", "claim": "c", "source": "s", "status": "not_reproduced",
                        "evidence": {}}]
     assert "**not reproduced**" in claims_markdown(claims)
+
+
+def test_force_reruns_an_up_to_date_notebook_and_profiles_share_a_folder(
+    executed: tuple[Path, report.ReportResult], tmp_path: Path
+) -> None:
+    shutil.copytree(executed[0], tmp_path, dirs_exist_ok=True)
+    out = tmp_path / "out"
+    forced = build(tmp_path, force=True)
+    assert forced.statuses == {"00_alpha": report.EXECUTED}  # FORCE=1 executes even when up to date
+    # another profile in the same reports folder: its own stamp, results of the profile that ran last
+    (tmp_path / "params" / "other").mkdir()
+    (tmp_path / "params" / "other" / "00_alpha.yaml").write_text("value: 7\n")
+    other = build(tmp_path, profile="other")
+    assert other.statuses == {"00_alpha": report.EXECUTED}
+    assert json.loads((out / "results" / "00_alpha.json").read_text()) == {"value": 7}
+    assert report.stamp_path(out, "00_alpha", "other").is_file()
+    # back to the first profile: the folder now holds the other profile's notebook, so it runs again
+    back = build(tmp_path)
+    assert back.statuses == {"00_alpha": report.EXECUTED}
+    assert json.loads((out / "results" / "00_alpha.json").read_text()) == {"value": 2}
+
+
+def test_a_missing_kernel_is_a_clear_error_before_anything_runs(tmp_path: Path) -> None:
+    with pytest.raises(report.ReportError, match="kernel 'no-such-mergelab-kernel' is not installed: run `make env`"):
+        report.check_kernel("no-such-mergelab-kernel")
