@@ -388,3 +388,30 @@ def test_force_reruns_an_up_to_date_notebook_and_profiles_share_a_folder(
 def test_a_missing_kernel_is_a_clear_error_before_anything_runs(tmp_path: Path) -> None:
     with pytest.raises(report.ReportError, match="kernel 'no-such-mergelab-kernel' is not installed: run `make env`"):
         report.check_kernel("no-such-mergelab-kernel")
+
+
+@pytest.mark.timeout(600)  # two runs one after the other, each starting a kernel
+def test_two_concurrent_runs_on_one_folder_execute_each_chapter_once(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    make_project(tmp_path)
+    code = (
+        "import sys, json\n"
+        "from pathlib import Path\n"
+        "from mergelab import report\n"
+        "root = Path(sys.argv[1])\n"
+        "r = report.build_report(profile='smoke', reports=root / 'out', notebooks_dir=root / 'notebooks',\n"
+        "    params_dir=root / 'params', quarto_yml=root / 'book' / '_quarto.yml', source_dir=root / 'src',\n"
+        "    renderer='nbconvert')\n"
+        "print('STATUSES', json.dumps(r.statuses))\n"
+    )
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in runs]
+    assert all(p.returncode == 0 for p in runs), outputs
+    statuses = sorted(json.loads(o.split("STATUSES ", 1)[1])["00_alpha"] for o in outputs)
+    assert statuses == sorted([report.EXECUTED, report.UP_TO_DATE])
+    waited = next(o for o in outputs if report.UP_TO_DATE in o.split("STATUSES ", 1)[1])
+    assert "is being built by another `make report` run" in waited and "waiting for it to finish" in waited
+    assert not (tmp_path / "out" / (report.LOCK_FILE + ".holder")).exists()

@@ -16,8 +16,11 @@ The book's chapters come from ``book.chapters`` in ``reports/_quarto.yml``, for 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from mergelab import paths
@@ -51,6 +54,45 @@ def build_report(
     """
     reports = (Path(reports) if reports is not None else paths.reports_dir()).resolve()
     reports.mkdir(parents=True, exist_ok=True)
+    with reports_lock(reports):
+        return _build_report(profile, reports, names, force, notebooks_dir, params_dir, quarto_yml, source_dir,
+                             renderer)
+
+
+LOCK_FILE = ".report.lock"
+"""The lock of a reports folder (``filelock``): one ``make report`` at a time per folder."""
+
+
+@contextlib.contextmanager
+def reports_lock(reports: Path) -> Iterator[None]:
+    """Hold the reports folder's lock; a second run on the same folder says who holds it and waits, then
+    finds the chapters the first one executed up to date instead of executing them again."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(reports / LOCK_FILE))
+    holder = reports / (LOCK_FILE + ".holder")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        for _ in range(20):  # the holder writes who it is right after taking the lock
+            if holder.is_file():
+                break
+            time.sleep(0.1)
+        who = f" ({holder.read_text(encoding='utf-8').strip()})" if holder.is_file() else ""
+        print(f"{reports} is being built by another `make report` run{who}; waiting for it to finish "
+              "(Ctrl-C to stop waiting).", flush=True)
+        lock.acquire()
+    try:
+        holder.write_text(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n", encoding="utf-8")
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
+def _build_report(profile: str, reports: Path, names: Sequence[str] | None, force: bool, notebooks_dir: Path | None,
+                  params_dir: Path | None, quarto_yml: Path | None, source_dir: Path | None, renderer: str
+                  ) -> ReportResult:
     quarto_yml = Path(quarto_yml) if quarto_yml is not None else default_quarto_yml()
     chapters = book_chapters(quarto_yml)
     check_chapters(discover_notebooks(notebooks_dir), chapters, quarto_yml)
