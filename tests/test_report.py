@@ -415,3 +415,45 @@ def test_two_concurrent_runs_on_one_folder_execute_each_chapter_once(tmp_path: P
     waited = next(o for o in outputs if report.UP_TO_DATE in o.split("STATUSES ", 1)[1])
     assert "is being built by another `make report` run" in waited and "waiting for it to finish" in waited
     assert not (tmp_path / "out" / (report.LOCK_FILE + ".holder")).exists()
+
+
+@pytest.mark.timeout(600)
+def test_ctrl_c_ends_with_one_line_and_leaves_no_kernel_files(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    make_project(tmp_path)
+    write_notebook(tmp_path / "notebooks" / "00_alpha.ipynb", "Alpha chapter", "import time\ntime.sleep(120)")
+    import tempfile
+
+    # a short runtime folder, as users have (~/.local/share/jupyter/runtime): the kernel's sockets fit there
+    runtime = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime)}
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import mergelab.report as r\n"
+        "root = Path(sys.argv[1])\n"
+        "orig = r.build_report  # the command's own handling, on the throwaway project\n"
+        "r.build_report = lambda profile, reports, names, force, renderer: orig(profile, root / 'out', names, force,\n"
+        "    root / 'notebooks', root / 'params', root / 'book' / '_quarto.yml', root / 'src', renderer)\n"
+        "sys.exit(r.main(['--profile', 'smoke', '--renderer', 'nbconvert']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not list(runtime.glob("kernel-*.json")) and time.monotonic() < deadline:  # the kernel is up
+        time.sleep(0.5)
+    assert list(runtime.glob("kernel-*.json")), "the kernel never started"
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("interrupted: chapters already executed are kept")
+    left = sorted(p.name for p in runtime.iterdir())
+    runtime.rmdir() if not left else None
+    assert not left, f"left behind: {left}"
+    assert not list((tmp_path / "out").glob(".*.running.ipynb"))

@@ -136,5 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: chapters already executed are kept, the one running left nothing behind; "
+              "run the same command again to continue.", file=sys.stderr)
+        return 130
     return 0
 
