@@ -94,3 +94,43 @@ def test_a_chapter_file_repeating_the_benchmark_block_is_refused(tmp_path):
     (tmp_path / "p" / "00_x.yaml").write_text("tasks: [digits]\n")
     assert report.load_params(tmp_path / "p" / "00_x.yaml", "p", "00_x") == {"seed": 0, "benchmark": "tiny",
                                                                                "tasks": ["digits"]}
+
+
+@pytest.mark.timeout(120)
+def test_a_notebook_saved_by_jupyterlab_leaves_the_checkout_clean(tmp_path):
+    """`make env` installs nbstripout as a git filter: outputs, execution counts and the kernel metadata
+    JupyterLab adds are stripped on the way into git, so a chapter run and saved in place is unchanged."""
+    import shutil
+    import subprocess
+
+    import nbformat
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.org")
+    git("config", "user.name", "t")
+    subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path), "git-filter",
+                    f"VENV={ROOT / '.venv'}"], check=True, capture_output=True)
+    name = "00_benchmark_and_baselines.ipynb"
+    shutil.copy(ROOT / "notebooks" / name, tmp_path / name)
+    git("add", name)
+    git("commit", "-qm", "chapter")
+    assert git("status", "--porcelain") == ""
+    nb = nbformat.read(tmp_path / name, as_version=4)  # what a run in JupyterLab leaves, saved in place
+    nb.metadata["language_info"] = {"name": "python", "version": "3.11.2", "codemirror_mode": {"name": "ipython"}}
+    for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        cell.execution_count = i + 1
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"output {i}\n")]
+        cell.metadata["execution"] = {"iopub.status.busy": "2026-12-03T10:00:00Z"}
+    nbformat.write(nb, tmp_path / name)
+    # nothing of it reaches git: no difference, and staging it stages nothing (git status may list the file
+    # until then, because git takes a changed file size as a change without running the filter)
+    assert subprocess.run(["git", "diff", "--quiet"], cwd=tmp_path).returncode == 0
+    git("add", "-A")
+    assert git("status", "--porcelain") == "", "the saved notebook changed what git holds"
+    nb.cells[0].source += "\nA real edit."
+    nbformat.write(nb, tmp_path / name)
+    git("add", "-A")
+    assert git("status", "--porcelain").strip() == f"M  {name}".strip()  # real edits still reach git
