@@ -25,7 +25,7 @@ endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help env report test bench lab clean-report clean-cache
+.PHONY: help env quarto report test bench lab clean-report clean-cache
 
 help: ## show this help
 	@echo "Usage: make <target> [VARIABLE=value ...]"
@@ -45,7 +45,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name mergelab --display-name "Python (mergelab)"
 	touch $@
 
-report: env ## execute the notebooks that changed (PROFILE, NOTEBOOKS, FORCE) and render the book into REPORTS/_book
+quarto: env ## try to install Quarto into the venv (pip install quarto-cli; it downloads Quarto from the web)
+	@$(PY) -m pip install -e '.[quarto]' && $(VENV)/bin/quarto --version || { \
+		echo "quarto: could not install Quarto with pip (quarto-cli downloads it from the web)."; \
+		echo "Install it from https://quarto.org or conda-forge (conda install -c conda-forge quarto); until then"; \
+		echo "make report renders the book with pandoc."; exit 1; }
+
+report: env ## execute the notebooks that changed (PROFILE, NOTEBOOKS, FORCE) and render the book into REPORTS/_book (Quarto if found, else pandoc; it says which)
 	$(PY) -m mergelab.report --profile $(PROFILE) --reports $(REPORTS) \
 		$(if $(strip $(NOTEBOOKS)),--notebooks $(NOTEBOOKS)) $(if $(strip $(FORCE)),--force)
 
