@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -134,7 +135,9 @@ def test_book_index_links_every_chapter(executed: tuple[Path, report.ReportResul
     # citations resolved from references.bib by pandoc's citeproc, linked to a reference list
     assert "[@" not in text and "@doe2020alpha" not in text
     assert text.count('href="#ref-doe2020alpha"') == 2
-    assert 'id="ref-doe2020alpha"' in text and "Alpha: A Study of Rodolà Merging" in text
+    plain = " ".join(re.sub(r"<[^>]+>", "", text).split())  # the text a reader sees
+    assert 'id="ref-doe2020alpha"' in text and "Alpha: A Study of Rodolà Merging" in plain
+    assert "Doe and Roe (2020)" in plain and "(Doe and Roe 2020)" in plain
     chapter = (index.parent / "00_alpha.html").read_text()
     assert 'href="index.html"' in chapter  # navigation back to the contents
     assert '<span class="chapter-number">1</span>' in chapter  # chapter numbers as Quarto counts them
