@@ -109,3 +109,12 @@ def test_prepare_notebook_turns_markdown_outputs_into_text() -> None:
     assert kinds == [("markdown", True), ("raw", True), ("code", False), ("markdown", True), ("code", True)]
     assert nb.cells[3].source.startswith("Prose from the run")
     assert nb.cells[4].metadata["label"] == "fig-alpha" and nb.cells[4].source == "shown_code_marker = 1"
+
+
+def test_savefig_returns_nothing_printable(tmp_path: Path) -> None:
+    """A cell ending with ``plotting.savefig(...)`` prints no ``PosixPath(...)`` under its figure."""
+    from mergelab import plotting
+
+    fig, _ = plotting.figure()
+    assert plotting.savefig(fig, "x", tmp_path) is None
+    assert plotting.figure_path("x", tmp_path).is_file() and plotting.figure_path("x", tmp_path) == tmp_path / "x.png"

@@ -183,7 +183,7 @@ def test_jupyterlab_runs_chapter_00_at_smoke(browser, tmp_path: Path) -> None:
 
         start = time.monotonic()
         page.get_by_role("menuitem", name="Run", exact=True).click()
-        page.get_by_role("menuitem", name="Run All Cells").click()
+        page.locator("li.lm-Menu-item[data-command='runmenu:run-all']").click()  # Run > Run All Cells
         page.wait_for_function(  # every code cell has run: an execution count and no [*]
             """() => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent);
                        return p.length > 0 && p.every(t => /\\[\\d+\\]/.test(t)); }""", timeout=840_000)

@@ -45,6 +45,7 @@ nav.book a{color:#343a40;text-decoration:none}nav.book a.current{font-weight:600
 nav.book .title{font-weight:600;margin-bottom:1em;display:block}
 nav.pager{display:flex;justify-content:space-between;gap:1em;margin-top:3em;padding-top:1em;
   border-top:1px solid #ddd}
+header#title-block-header{text-align:left}h1.title{font-size:2em}
 a{color:#2780e3}figure{margin:1.5em 0}figcaption{font-size:.92em;color:#495057;text-align:left}
 .figure-number,.chapter-number{font-weight:600}.chapter-number{margin-right:.3em}
 details.code-fold>summary,details.parameters>summary{cursor:pointer;color:#6c757d;font-size:.9em}
