@@ -3,6 +3,7 @@
 -- Reads a chapter (an executed notebook read with `-f ipynb`, or a .qmd read as Markdown) and does
 -- what Quarto's book does with the cell options that pandoc_book.py moved into cell metadata:
 --   * the chapter number (metadata `chapter-number`) before the title;
+--   * links to other chapters' sources (`claims.qmd`, `01_x.ipynb#sec`) point at their pages;
 --   * code cells: the source is hidden for `echo: false`, folded in a <details> block otherwise;
 --   * `label: fig-...` + `fig-cap`: the cell's first image becomes a numbered figure with that id,
 --     and every `@fig-...` reference becomes a link "Figure N.k" to it (before --citeproc runs,
@@ -91,6 +92,12 @@ function Pandoc(doc)
           .. h.content
       end
       return h
+    end,
+    Link = function(link)  -- links between chapters name their sources, as Quarto allows
+      if not link.target:match("^%a[%w+.-]*:") then
+        link.target = link.target:gsub("^([^#]-)%.qmd(#?)", "%1.html%2"):gsub("^([^#]-)%.ipynb(#?)", "%1.html%2")
+      end
+      return link
     end,
     Cite = function(cite)
       local id = cite.citations[1].id
