@@ -38,6 +38,7 @@ def executed_notebook() -> nbformat.NotebookNode:
         new_code_cell('#| label: fig-alpha\n#| fig-cap: "A *small* figure."\nshown_code_marker = 1', outputs=[
             new_output("display_data", data={"image/png": PNG, "text/plain": "<Figure size 10x10>"}),
             new_output("stream", name="stderr", text="a warning on stderr\n")]),
+        new_code_cell("print_provenance()", outputs=[new_output("stream", name="stdout", text="line\n" * 40)]),
     ], metadata={"kernelspec": {"name": "mergelab", "display_name": "Python (mergelab)", "language": "python"},
                  "papermill": {"parameters": {"value": 2, "profile": "smoke"}}})
 
@@ -65,6 +66,7 @@ def test_echo_false_hides_code_and_other_code_is_folded(book: Path) -> None:
     fold = page.index('<details class="code-fold">')
     assert fold < page.index("shown_code_marker") < page.index("</details>", fold)
     assert "#|" not in page and "a warning on stderr" not in page
+    assert '<details class="long-output"><summary>Printed output (40 lines)</summary>' in page  # the provenance, folded
 
 
 def test_parameters_cells_are_hidden_and_their_values_shown_once(book: Path) -> None:
@@ -106,7 +108,7 @@ def test_every_page_links_every_chapter_and_its_neighbours(book: Path) -> None:
 def test_prepare_notebook_turns_markdown_outputs_into_text() -> None:
     nb = prepare_notebook(executed_notebook())
     kinds = [(c.cell_type, c.metadata.get("echo", True)) for c in nb.cells]
-    assert kinds == [("markdown", True), ("raw", True), ("code", False), ("markdown", True), ("code", True)]
+    assert kinds == [("markdown", True), ("raw", True), ("code", False), ("markdown", True), ("code", True), ("code", True)]
     assert nb.cells[3].source.startswith("Prose from the run")
     assert nb.cells[4].metadata["label"] == "fig-alpha" and nb.cells[4].source == "shown_code_marker = 1"
 

@@ -5,11 +5,13 @@
 --   * the chapter number (metadata `chapter-number`) before the title;
 --   * links to other chapters' sources (`claims.qmd`, `01_x.ipynb#sec`) point at their pages;
 --   * code cells: the source is hidden for `echo: false`, folded in a <details> block otherwise;
+--   * long printed output (more than LONG_OUTPUT lines, e.g. the provenance) folded in a <details> block;
 --   * `label: fig-...` + `fig-cap`: the cell's first image becomes a numbered figure with that id,
 --     and every `@fig-...` reference becomes a link "Figure N.k" to it (before --citeproc runs,
 --     which would take `@fig-...` for a citation).
 
 local stringify = pandoc.utils.stringify
+local LONG_OUTPUT = 25  -- printed output longer than this many lines (the provenance record) is folded
 
 local function caption_inlines(text)
   local doc = pandoc.read(text or "", "markdown-implicit_figures")
@@ -49,6 +51,11 @@ local function code_cell(div, chapter, figures, count)
   for _, block in ipairs(div.content) do
     if block.t == "CodeBlock" and block.classes:includes("python") then
       if echo and block.text:match("%S") then content:extend(fold(block)) end
+    elseif block.t == "Div" and block.classes:includes("stream") and #block.content == 1
+        and block.content[1].t == "CodeBlock" and select(2, block.content[1].text:gsub("\n", "")) > LONG_OUTPUT then
+      local lines = select(2, block.content[1].text:gsub("\n", ""))
+      content:extend({ pandoc.RawBlock("html", '<details class="long-output"><summary>Printed output (' .. lines
+                       .. " lines)</summary>"), block, pandoc.RawBlock("html", "</details>") })
     elseif block.t == "Div" and label:match("^fig%-") and figures[label] == nil and first_image(block.content) then
       count = count + 1
       local number = number_of(chapter, count)

@@ -48,7 +48,7 @@ nav.pager{display:flex;justify-content:space-between;gap:1em;margin-top:3em;padd
 header#title-block-header{text-align:left}h1.title{font-size:2em}
 a{color:#2780e3}figure{margin:1.5em 0}figcaption{font-size:.92em;color:#495057;text-align:left}
 .figure-number,.chapter-number{font-weight:600}.chapter-number{margin-right:.3em}
-details.code-fold>summary,details.parameters>summary{cursor:pointer;color:#6c757d;font-size:.9em}
+details.code-fold>summary,details.parameters>summary,details.long-output>summary{cursor:pointer;color:#6c757d;font-size:.9em}
 div.output pre{background:none;border-left:3px solid #e3e3e3;padding-left:.8em}
 div.cell{margin:1em 0}table{font-size:.9em;margin:1em 0}
 div.output table{border-collapse:collapse}div.output th,div.output td{padding:.2em .6em;text-align:right}
