@@ -25,7 +25,7 @@ endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help env git-filter report test bench lab clean-report clean-cache
+.PHONY: help env git-filter quarto report test bench lab clean-report clean-cache
 
 help: ## show this help
 	@echo "Usage: make <target> [VARIABLE=value ...]"
@@ -53,7 +53,13 @@ git-filter: ## strip outputs and kernel metadata from notebooks on their way int
 		echo "git filter: notebooks are stripped of outputs and kernel metadata when staged (nbstripout)"; \
 	else echo "git filter: not a git checkout, nothing to install"; fi
 
-report: env ## execute the notebooks that changed (PROFILE, NOTEBOOKS, FORCE) and render the book into REPORTS/_book
+quarto: env ## try to install Quarto into the venv (pip install quarto-cli; it downloads Quarto from the web)
+	@$(PY) -m pip install -e '.[quarto]' && $(VENV)/bin/quarto --version || { \
+		echo "quarto: could not install Quarto with pip (quarto-cli downloads it from the web)."; \
+		echo "Install it from https://quarto.org or conda-forge (conda install -c conda-forge quarto); until then"; \
+		echo "make report renders the book with pandoc."; exit 1; }
+
+report: env ## execute the notebooks that changed (PROFILE, NOTEBOOKS, FORCE) and render the book into REPORTS/_book (Quarto if found, else pandoc; it says which)
 	$(PY) -m mergelab.report --profile $(PROFILE) --reports $(REPORTS) \
 		$(if $(strip $(NOTEBOOKS)),--notebooks $(NOTEBOOKS)) $(if $(strip $(FORCE)),--force)
 

@@ -55,6 +55,10 @@ def test_notebook_runs_at_smoke_size_and_writes_results(name, run_notebook):
     prov = results["provenance"]
     assert prov["notebook"] == name and prov["parameters"]["profile"] == "smoke"
     assert {"versions", "device", "git_commit", "wall_time_s"} <= set(prov)
+    executed = json.loads(Path(results["_executed_notebook"]).read_text())
+    stray = [o["data"]["text/plain"] for c in executed["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+             if o.get("output_type") == "execute_result" and "PosixPath(" in "".join(o["data"].get("text/plain", ""))]
+    assert not stray, f"a cell ends with a value whose repr the reader sees: {stray[:2]}"
     accs = list(_accuracies(results))
     assert accs, "the results hold no accuracy at all"
     for where, value in accs:

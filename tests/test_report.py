@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def make_project(root: Path) -> dict[str, Path]:
 
 
 def build(root: Path, **kwargs) -> report.ReportResult:
-    """`build_report` on the throwaway project, with the nbconvert renderer."""
+    """`build_report` on the throwaway project, with the pandoc renderer (Quarto is never required)."""
     options = dict(
         profile=PROFILE,
         reports=root / "out",
@@ -94,7 +95,7 @@ def build(root: Path, **kwargs) -> report.ReportResult:
         params_dir=root / "params",
         quarto_yml=root / "book" / "_quarto.yml",
         source_dir=root / "src",
-        renderer="nbconvert",
+        renderer="pandoc",
     )
     options.update(kwargs)
     return report.build_report(**options)
@@ -111,7 +112,7 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, report.Rep
 def test_first_run_executes_and_writes_results(executed: tuple[Path, report.ReportResult]) -> None:
     root, result = executed
     assert result.statuses == {"00_alpha": report.EXECUTED}
-    assert result.renderer == "nbconvert"
+    assert result.renderer == "pandoc"
     assert (root / "out" / "00_alpha.ipynb").is_file()
     assert json.loads((root / "out" / "results" / "00_alpha.json").read_text()) == {"value": 2}
     assert report.stamp_path(root / "out", "00_alpha", PROFILE).is_file()
@@ -131,12 +132,18 @@ def test_book_index_links_every_chapter(executed: tuple[Path, report.ReportResul
     assert "Alpha chapter" in text  # chapter title = first heading of the notebook
     assert "<em>introduction</em>" in text  # index.qmd rendered from Markdown
     assert "{.unnumbered}" not in text and "title:" not in text
-    # citations resolved from references.bib (Quarto would do this with citeproc)
-    assert '<a href="#ref-doe2020alpha">Doe and Roe (2020)</a>' in text
-    assert '(<a href="#ref-doe2020alpha">Doe and Roe 2020</a>)' in text
-    assert 'id="ref-doe2020alpha"' in text and "Alpha: A Study of Rodolà Merging" in text
+    # citations resolved from references.bib by pandoc's citeproc, linked to a reference list
+    assert "[@" not in text and "@doe2020alpha" not in text
+    assert text.count('href="#ref-doe2020alpha"') == 2
+    plain = " ".join(re.sub(r"<[^>]+>", "", text).split())  # the text a reader sees
+    assert 'id="ref-doe2020alpha"' in text and "Alpha: A Study of Rodolà Merging" in plain
+    assert "Doe and Roe (2020)" in plain and "(Doe and Roe 2020)" in plain
     chapter = (index.parent / "00_alpha.html").read_text()
-    assert '<a href="index.html">' in chapter  # navigation back to the contents
+    assert 'href="index.html"' in chapter  # navigation back to the contents
+    assert '<span class="chapter-number">1</span>' in chapter  # chapter numbers as Quarto counts them
+    # the parameters cells are hidden; the values the run used are shown once, folded
+    assert "value = 1" not in chapter and "injected" not in chapter.lower()
+    assert '<details class="parameters">' in chapter and "<td><code>value</code></td><td><code>2</code></td>" in chapter
 
 
 def test_project_files_copied_next_to_the_book(executed: tuple[Path, report.ReportResult]) -> None:
@@ -349,7 +356,7 @@ def test_claims_page_is_generated_from_this_runs_results(tmp_path: Path) -> None
     assert "| Alpha chapter | `smoke` | Alpha beats beta \\| by far. | [@doe2020alpha] | reproduced |" in page
     html = (result.book.parent / "claims.html").read_text()
     assert "<table>" in html and "Gamma helps." in html and "not testable" in html
-    assert 'href="#ref-doe2020alpha"' in html
+    assert 'href="#ref-doe2020alpha"' in html and 'id="ref-doe2020alpha"' in html and "[@" not in html
     assert 'href="claims.html"' in result.book.read_text()
 
 

@@ -3,8 +3,8 @@
 ``python -m mergelab.report [--profile smoke|tiny|clip] [--reports DIR] [--notebooks NAME ...]
 [--force]`` runs every ``notebooks/NN_topic.ipynb`` (or the named ones) with the parameters in
 ``params/<profile>/<notebook>.yaml``, writes the executed copies to ``<reports>/``, and renders the
-book into ``<reports>/_book/``: with Quarto when it is on ``PATH``, else a plain HTML book made with
-nbconvert.
+book into ``<reports>/_book/``: with Quarto when it is on ``PATH``, else an HTML book made with pandoc
+(from the ``pypandoc-binary`` wheel; :mod:`mergelab.report.pandoc_book`).
 
 A notebook is executed again only when its content hash changed: the notebook, its parameter file,
 the profile and every ``src/mergelab/**/*.py``. The hash of the last successful run is kept in
@@ -27,8 +27,8 @@ from mergelab import paths
 from mergelab.params import (BENCHMARK_PARAMS, ReportError, benchmark_param_files, load_params,  # noqa: F401
                              params_path, profile_params)
 
-from .book import missing_chapters, read_bibtex, render_book  # noqa: F401
-from .runner import (EXECUTED, NBCONVERT_NOTE, PROJECT_FILES, RENDERERS, UNIX_SOCKET_PATH_MAX,  # noqa: F401
+from .book import missing_chapters, quarto_executable, render_book  # noqa: F401
+from .runner import (EXECUTED, PANDOC_NOTE, PROJECT_FILES, RENDERERS, UNIX_SOCKET_PATH_MAX,  # noqa: F401
                      UP_TO_DATE, ReportResult, book_chapters, check_chapters, check_kernel, content_hash,
                      default_quarto_yml, discover_notebooks, execute_notebook, is_up_to_date,
                      kernel_environment, kernel_manager_class, run_notebooks, stamp_path, write_stamp)
@@ -105,7 +105,7 @@ def _build_report(profile: str, reports: Path, names: Sequence[str] | None, forc
               "run `make report` without NOTEBOOKS to execute them (up-to-date ones are skipped) and render the book.")
         return ReportResult(statuses=statuses, book=None, renderer=None, missing=missing)
     index, used = render_book(reports, quarto_yml, renderer)
-    print(f"renderer: {NBCONVERT_NOTE if used == 'nbconvert' else used}")
+    print(f"renderer: {PANDOC_NOTE if used == 'pandoc' else used}")
     print(f"book: {index}")
     return ReportResult(statuses=statuses, book=index, renderer=used)
 

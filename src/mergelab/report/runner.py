@@ -23,23 +23,23 @@ from mergelab import paths
 from mergelab.params import ReportError, benchmark_param_files, check_parameters, load_params, params_path
 
 
-RENDERERS = ("auto", "quarto", "nbconvert")
-"""``auto``: Quarto when it is on ``PATH``, else nbconvert."""
+RENDERERS = ("auto", "quarto", "pandoc")
+"""``auto``: Quarto when it is on ``PATH``, else pandoc (from the ``pypandoc-binary`` wheel)."""
 
 BOOK_DIR = "_book"
 STAMPS_DIR = ".stamps"
 PROJECT_FILES = ("_quarto.yml", "index.qmd", "references.bib")
 """Files of the Quarto project copied next to the executed notebooks when ``--reports`` is elsewhere."""
 
-NBCONVERT_NOTE = (
-    "nbconvert (quarto not found on PATH; install it from conda-forge or `pip install quarto-cli` "
-    "for the full Quarto book)"
+PANDOC_NOTE = (
+    "pandoc (Quarto not found on PATH; for the Quarto book run `make quarto`, which tries "
+    "`pip install quarto-cli` into the venv (it downloads Quarto from the web), or install Quarto from "
+    "https://quarto.org or conda-forge (`conda install -c conda-forge quarto`))"
 )
 EXECUTED = "executed"
 UP_TO_DATE = "up to date"
 
 _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(?P<title>.+?)\s*(?:\{[^}]*\})?\s*#*\s*$", re.MULTILINE)
-_HEADING_ATTRIBUTES = re.compile(r"^(\s{0,3}#{1,6}\s.*?)\s*\{[^}]*\}\s*$", re.MULTILINE)
 _FRONT_MATTER = re.compile(r"\A---\s*\n(?P<yaml>.*?)\n(?:---|\.\.\.)\s*(?:\n|\Z)", re.DOTALL)
 
 
@@ -51,7 +51,7 @@ class ReportResult:
         statuses: notebook name (without ``.ipynb``) -> ``"executed"`` or ``"up to date"``.
         book: the book's ``index.html``; ``None`` when only some notebooks were asked for and the
             folder lacks other chapters, so no book was rendered.
-        renderer: ``"quarto"`` or ``"nbconvert"``; ``None`` when no book was rendered.
+        renderer: ``"quarto"`` or ``"pandoc"``; ``None`` when no book was rendered.
         missing: chapters (file names) missing from the folder when the book was not rendered.
     """
 
