@@ -410,7 +410,7 @@ def test_two_concurrent_runs_on_one_folder_execute_each_chapter_once(tmp_path: P
         "root = Path(sys.argv[1])\n"
         "r = report.build_report(profile='smoke', reports=root / 'out', notebooks_dir=root / 'notebooks',\n"
         "    params_dir=root / 'params', quarto_yml=root / 'book' / '_quarto.yml', source_dir=root / 'src',\n"
-        "    renderer='nbconvert')\n"
+        "    renderer='pandoc')\n"
         "print('STATUSES', json.dumps(r.statuses))\n"
     )
     runs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
@@ -446,7 +446,7 @@ def test_ctrl_c_ends_with_one_line_and_leaves_no_kernel_files(tmp_path: Path) ->
         "orig = r.build_report  # the command's own handling, on the throwaway project\n"
         "r.build_report = lambda profile, reports, names, force, renderer: orig(profile, root / 'out', names, force,\n"
         "    root / 'notebooks', root / 'params', root / 'book' / '_quarto.yml', root / 'src', renderer)\n"
-        "sys.exit(r.main(['--profile', 'smoke', '--renderer', 'nbconvert']))\n"
+        "sys.exit(r.main(['--profile', 'smoke', '--renderer', 'pandoc']))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -463,4 +463,4 @@ def test_ctrl_c_ends_with_one_line_and_leaves_no_kernel_files(tmp_path: Path) ->
     left = sorted(p.name for p in runtime.iterdir())
     runtime.rmdir() if not left else None
     assert not left, f"left behind: {left}"
-    assert not list((tmp_path / "out").glob(".*.running.ipynb"))
+    assert not list((tmp_path / "out").glob(".*.running.ipynb")) and not list((tmp_path / "out").glob(".*.log"))

@@ -201,12 +201,14 @@ def write_stamp(reports: Path, notebook: str, profile: str, digest: str) -> Path
 
 
 @contextlib.contextmanager
-def kernel_environment(reports: Path) -> Iterator[None]:
-    """Point the kernel's ``mergelab.paths`` at ``reports`` (the kernel inherits ``os.environ``)."""
+def kernel_environment(reports: Path, extra: dict[str, str] | None = None) -> Iterator[None]:
+    """Point the kernel's ``mergelab.paths`` at ``reports`` (the kernel inherits ``os.environ``), with
+    ``extra`` variables set too."""
     values = {
         "MERGELAB_REPORTS_DIR": str(reports),
         "MERGELAB_RESULTS_DIR": str(Path(reports) / "results"),
         "JUPYTER_PREFER_ENV_PATH": os.environ.get("JUPYTER_PREFER_ENV_PATH", "1"),
+        **(extra or {}),
     }
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
@@ -260,6 +262,9 @@ def kernel_manager_class() -> type | None:
     return _ipc_kernel_manager()
 
 
+KERNEL_LOG_ENV = "MERGELAB_KERNEL_LOG"
+"""Where a notebook run's kernel writes its stderr (set by :func:`execute_notebook`)."""
+
 _KERNEL_MANAGERS: weakref.WeakSet = weakref.WeakSet()
 """Kernel managers of this process's notebook runs (see :func:`_stop_kernels`)."""
 
@@ -297,6 +302,14 @@ def _ipc_kernel_manager() -> type:
             super().__init__(*args, **kwargs)
             _KERNEL_MANAGERS.add(self)
 
+        async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+            # The kernel's own stderr (its log: warnings, and the tracebacks it logs when a run is
+            # interrupted) goes to a file next to the executed notebook, not into the terminal.
+            log = os.environ.get(KERNEL_LOG_ENV)
+            if log and "stderr" not in kw:
+                kw["stderr"] = open(log, "ab")  # noqa: SIM115 - the kernel process holds it
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+
         @default("transport")
         def _transport_default(self) -> str:
             return "ipc"
@@ -328,7 +341,9 @@ def execute_notebook(
     manager = kernel_manager_class()
     kernel_options = {"kernel_manager_class": manager} if manager is not None else {}
     start = time.perf_counter()
-    with kernel_environment(reports):
+    kernel_log = reports / f".{notebook.stem}.kernel.log"
+    kernel_log.unlink(missing_ok=True)
+    with kernel_environment(reports, {KERNEL_LOG_ENV: str(kernel_log)}):
         check_kernel(kernel_name)
         try:
             papermill.execute_notebook(
@@ -345,18 +360,25 @@ def execute_notebook(
             _keep_failed(running, failed)
             raise ReportError(
                 f"notebook {notebook.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
-                f"The partly executed notebook is kept at {failed} for inspection."
+                f"The partly executed notebook is kept at {failed} for inspection{_log_note(kernel_log)}."
             ) from err
         except Exception as err:
             _keep_failed(running, failed)
-            raise ReportError(f"notebook {notebook.name} could not be executed: {err}") from err
+            raise ReportError(f"notebook {notebook.name} could not be executed: {err}{_log_note(kernel_log)}") from err
         except BaseException:  # interrupted: leave nothing half written behind, and no kernel
             running.unlink(missing_ok=True)
             _stop_kernels()
+            kernel_log.unlink(missing_ok=True)
             raise
     os.replace(running, reports / notebook.name)
     failed.unlink(missing_ok=True)
+    kernel_log.unlink(missing_ok=True)
     return time.perf_counter() - start
+
+
+def _log_note(kernel_log: Path) -> str:
+    """Where the kernel's log is, when it wrote one."""
+    return f"; the kernel's log is {kernel_log}" if kernel_log.is_file() and kernel_log.stat().st_size else ""
 
 
 def _keep_failed(running: Path, failed: Path) -> None:
