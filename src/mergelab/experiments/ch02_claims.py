@@ -36,8 +36,9 @@ def _ratio(num: np.ndarray, den: np.ndarray, base: np.ndarray, axis: int = -1) -
 def gain_over_zero_shot(per_task: Mapping[str, float], converged: Mapping[str, float], zero_shot: Mapping[str, float],
                         n_resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
     """``(mean(per_task) - mean(zero_shot)) / (mean(converged) - mean(zero_shot))`` over the same tasks
-    (test accuracies, fractions), with a 95 % bootstrap interval over tasks, and the two gains in
-    accuracy (``gain``, ``converged_gain``).
+    (test accuracies, fractions), with a 95 % bootstrap interval over tasks (NaN bounds when a
+    resample's converged gain is 0: the ratio is then undefined), and the two gains in accuracy
+    (``gain``, ``converged_gain``).
 
     Args:
         per_task: task to the accuracy of the model compared (e.g. the merge of one-epoch experts).
@@ -51,6 +52,8 @@ def gain_over_zero_shot(per_task: Mapping[str, float], converged: Mapping[str, f
     a, c, z = (np.array([d[t] for t in tasks], dtype=float) for d in (per_task, converged, zero_shot))
     out = bootstrap_ci(_ratio, a, c, z, n_resamples=n_resamples, seed=seed, vectorized=True)
     out["method"] = "gain ratio, bootstrap over tasks (percentile)"
+    if not (np.isfinite(out["ci_low"]) and np.isfinite(out["ci_high"])):  # a resampled converged gain of 0
+        out["ci_low"] = out["ci_high"] = float("nan")  # the interval is undefined, not infinite
     return {**out, "gain": float(a.mean() - z.mean()), "converged_gain": float(c.mean() - z.mean())}
 
 
