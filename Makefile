@@ -25,7 +25,7 @@ endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help env report test bench lab clean-report clean-cache
+.PHONY: help env git-filter quarto report test bench lab clean-report clean-cache
 
 help: ## show this help
 	@echo "Usage: make <target> [VARIABLE=value ...]"
@@ -43,9 +43,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[dev,lab]'
 	$(PY) -m ipykernel install --sys-prefix --name mergelab --display-name "Python (mergelab)"
+	$(MAKE) --no-print-directory git-filter
 	touch $@
 
-report: env ## execute the notebooks that changed (PROFILE, NOTEBOOKS, FORCE) and render the book into REPORTS/_book
+git-filter: ## strip outputs and kernel metadata from notebooks on their way into git (nbstripout; run by env)
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+		$(VENV)/bin/nbstripout --install && \
+		git config filter.nbstripout.extrakeys "metadata.language_info metadata.widgets cell.metadata.execution" && \
+		echo "git filter: notebooks are stripped of outputs and kernel metadata when staged (nbstripout)"; \
+	else echo "git filter: not a git checkout, nothing to install"; fi
+
+quarto: env ## try to install Quarto into the venv (pip install quarto-cli; it downloads Quarto from the web)
+	@$(PY) -m pip install -e '.[quarto]' && $(VENV)/bin/quarto --version || { \
+		echo "quarto: could not install Quarto with pip (quarto-cli downloads it from the web)."; \
+		echo "Install it from https://quarto.org or conda-forge (conda install -c conda-forge quarto); until then"; \
+		echo "make report renders the book with pandoc."; exit 1; }
+
+report: env ## execute the notebooks that changed (PROFILE, NOTEBOOKS, FORCE) and render the book into REPORTS/_book (Quarto if found, else pandoc; it says which)
 	$(PY) -m mergelab.report --profile $(PROFILE) --reports $(REPORTS) \
 		$(if $(strip $(NOTEBOOKS)),--notebooks $(NOTEBOOKS)) $(if $(strip $(FORCE)),--force)
 

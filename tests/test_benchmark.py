@@ -114,3 +114,24 @@ def test_canonical_heads_are_built_from_clean_renderings_before_fine_tuning(benc
     with pytest.raises(ValueError, match="heads='prompts' is not valid; use one of canonical, shots"):
         TinyBenchmarkConfig(heads="prompts")
     assert TINY_RECIPE.lr <= bench.config.pretrain.lr / 4 and TINY_RECIPE.weight_decay > 0 and TINY_RECIPE.warmup_steps > 0
+
+
+def test_evaluate_equals_a_hand_computed_accuracy_with_each_tasks_head_and_split(bench):
+    """A model whose answer is known: ``ln_post`` with zero gain and a chosen bias makes every image's
+    feature one constant, chosen as one class embedding of the task's own head, so the model answers
+    that class for every image; its accuracy is the share of that label in the requested split."""
+    pretrained = bench.pretrained_state()
+    proj = pretrained["proj"].double()  # (width, output_dim): features = ln_post(x) @ proj
+    for task in bench.tasks:
+        head = bench.heads[task]
+        answer = head.n_classes - 1  # not class 0, which a broken argmax over zeros would give
+        target = head.weight[answer].double()
+        bias = torch.linalg.lstsq(proj.T, target[:, None]).solution[:, 0]  # bias @ proj = target
+        state = {k: v.clone() for k, v in pretrained.items()}
+        state["ln_post.weight"] = torch.zeros_like(state["ln_post.weight"])
+        state["ln_post.bias"] = bias.float()
+        for split in ("val", "test"):
+            _, y = bench.split(task, split)
+            expected = float((torch.as_tensor(y) == answer).double().mean())
+            assert bench.evaluate(state, split, [task]) == {task: pytest.approx(expected)}
+    assert set(bench.evaluate(pretrained, "test")) == set(bench.tasks)

@@ -17,6 +17,7 @@ def test_make_report_smoke_builds_the_book(smoke_report) -> None:
     reports, completed = smoke_report  # `make report PROFILE=smoke REPORTS=<tmp>`, see conftest.py
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
 
+    assert "renderer: " in completed.stdout  # make report says which renderer it used
     index = reports / "_book" / "index.html"
     assert index.is_file()
     text = index.read_text(encoding="utf-8")

@@ -83,7 +83,7 @@ def test_interference_is_a_symmetric_matrix_in_the_unit_interval(results):
     assert len(sti["pairs"]) == len(tasks) * (len(tasks) - 1) // 2
     for pair in sti["pairs"]:
         assert pair["normalized_loss"] == pytest.approx(1 - pair["normalized_accuracy"])
-    rho = sti["spearman_sti_vs_task_arithmetic_loss"]["rho"]
+    rho = sti["spearman_sti_vs_task_arithmetic_loss"]["estimate"]
     assert math.isnan(rho) or -1 <= rho <= 1
     assert set(sti["mean_by_kind"]) == set(results["energy_top_k"])
 
@@ -91,14 +91,41 @@ def test_interference_is_a_symmetric_matrix_in_the_unit_interval(results):
 def test_task_count_study_covers_every_count_and_method(results, params):
     rows = results["task_count"]
     assert {r["num_tasks"] for r in rows} == set(params["task_counts"])
-    assert {r["method"] for r in rows} == {"tsv_merge", "task_arithmetic", "weight_averaging"}
+    assert {r["method"] for r in rows} == {"tsv_merge", "tsv_merge_validated", "task_arithmetic",
+                                           "task_arithmetic_validated", "weight_averaging"}
     for r in rows:
         assert len(r["tasks"].split(",")) == r["num_tasks"]
-        if r["method"] == "task_arithmetic":
+        assert set(r["per_task_accuracy"]) == set(r["tasks"].split(","))
+        if r["method"] == "task_arithmetic_validated":
             assert r["coefficient"] in params["subset_ta_grid"]
+        if r["method"] == "tsv_merge_validated":
+            assert r["coefficient"] in params["subset_tsv_grid"]
+    # like with like: each method validated, and each at its data-free default
+    assert {r["coefficient"] for r in rows if r["method"] == "tsv_merge"} == {1.0}
+    assert {r["coefficient"] for r in rows if r["method"] == "task_arithmetic"} == {0.3}
     full = [r for r in rows if r["num_tasks"] == len(results["tasks"]) and r["method"] == "tsv_merge"]
     assert len(full) == 1  # all tasks: one subset only
     assert full[0]["absolute_accuracy"] == pytest.approx(results["methods"]["tsv_merge"]["absolute_accuracy"])
+
+
+def test_claims_table_has_statuses_from_intervals(results):
+    claims = results["claims"]
+    assert len(claims) >= 6
+    for c in claims:
+        assert set(c) == {"claim", "source", "status", "evidence"}
+        assert c["status"] in ("reproduced", "not_reproduced", "not_testable")
+        assert c["evidence"]["size"] == results["benchmark"]
+    sti = next(c for c in claims if "Singular Task Interference" in c["claim"])["evidence"]["spearman"]
+    assert sti == results["interference"]["spearman_sti_vs_task_arithmetic_loss"]
+    assert math.isnan(sti["estimate"]) or sti["ci_low"] <= sti["estimate"] <= sti["ci_high"]
+    exact = next(c for c in claims if "fast TSV-M" in c["claim"])
+    assert exact["status"] == ("reproduced" if results["speed"]["relative_difference"] < 1e-4 else "not_reproduced")
+    validated = next(c for c in claims if c["claim"].startswith("TSV-M with alpha chosen on validation"))
+    d = validated["evidence"]["difference"]
+    m = results["methods"]
+    assert d["estimate"] == pytest.approx(m["tsv_merge_validated"]["absolute_accuracy"]
+                                          - m["task_arithmetic"]["absolute_accuracy"])
+    assert d["ci_low"] < d["estimate"] < d["ci_high"]
 
 
 def test_fast_tsv_m_matches_the_plain_reference_on_the_experts(results):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,11 @@ def _accuracies(node, path=""):
     """Yield (path, value) for every key that names an accuracy, anywhere in the results."""
     if isinstance(node, dict):
         for k, v in node.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and "accuracy" in k:
-                yield f"{path}/{k}", float(v)
+            if (v is None or isinstance(v, (int, float))) and not isinstance(v, bool) and "accuracy" in k:
+                yield f"{path}/{k}", v  # None (a JSON null) is yielded too, so that it fails below
             elif k.endswith("per_task_accuracy") and isinstance(v, dict):
                 for t, a in v.items():
-                    yield f"{path}/{k}/{t}", float(a)
+                    yield f"{path}/{k}/{t}", a
             else:
                 yield from _accuracies(v, f"{path}/{k}")
     elif isinstance(node, list):
@@ -54,8 +55,14 @@ def test_notebook_runs_at_smoke_size_and_writes_results(name, run_notebook):
     prov = results["provenance"]
     assert prov["notebook"] == name and prov["parameters"]["profile"] == "smoke"
     assert {"versions", "device", "git_commit", "wall_time_s"} <= set(prov)
+    executed = json.loads(Path(results["_executed_notebook"]).read_text())
+    stray = [o["data"]["text/plain"] for c in executed["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+             if o.get("output_type") == "execute_result" and "PosixPath(" in "".join(o["data"].get("text/plain", ""))]
+    assert not stray, f"a cell ends with a value whose repr the reader sees: {stray[:2]}"
     accs = list(_accuracies(results))
+    assert accs, "the results hold no accuracy at all"
     for where, value in accs:
+        assert isinstance(value, (int, float)) and math.isfinite(value), f"{where} = {value!r} is not a number"
         if "normalized" in where:
             assert value >= 0.0, where
         else:
@@ -91,3 +98,43 @@ def test_a_chapter_file_repeating_the_benchmark_block_is_refused(tmp_path):
     (tmp_path / "p" / "00_x.yaml").write_text("tasks: [digits]\n")
     assert report.load_params(tmp_path / "p" / "00_x.yaml", "p", "00_x") == {"seed": 0, "benchmark": "tiny",
                                                                                "tasks": ["digits"]}
+
+
+@pytest.mark.timeout(120)
+def test_a_notebook_saved_by_jupyterlab_leaves_the_checkout_clean(tmp_path):
+    """`make env` installs nbstripout as a git filter: outputs, execution counts and the kernel metadata
+    JupyterLab adds are stripped on the way into git, so a chapter run and saved in place is unchanged."""
+    import shutil
+    import subprocess
+
+    import nbformat
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.org")
+    git("config", "user.name", "t")
+    subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path), "git-filter",
+                    f"VENV={ROOT / '.venv'}"], check=True, capture_output=True)
+    name = "00_benchmark_and_baselines.ipynb"
+    shutil.copy(ROOT / "notebooks" / name, tmp_path / name)
+    git("add", name)
+    git("commit", "-qm", "chapter")
+    assert git("status", "--porcelain") == ""
+    nb = nbformat.read(tmp_path / name, as_version=4)  # what a run in JupyterLab leaves, saved in place
+    nb.metadata["language_info"] = {"name": "python", "version": "3.11.2", "codemirror_mode": {"name": "ipython"}}
+    for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        cell.execution_count = i + 1
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"output {i}\n")]
+        cell.metadata["execution"] = {"iopub.status.busy": "2026-12-03T10:00:00Z"}
+    nbformat.write(nb, tmp_path / name)
+    # nothing of it reaches git: no difference, and staging it stages nothing (git status may list the file
+    # until then, because git takes a changed file size as a change without running the filter)
+    assert subprocess.run(["git", "diff", "--quiet"], cwd=tmp_path).returncode == 0
+    git("add", "-A")
+    assert git("status", "--porcelain") == "", "the saved notebook changed what git holds"
+    nb.cells[0].source += "\nA real edit."
+    nbformat.write(nb, tmp_path / name)
+    git("add", "-A")
+    assert git("status", "--porcelain").strip() == f"M  {name}".strip()  # real edits still reach git

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def make_project(root: Path) -> dict[str, Path]:
 
 
 def build(root: Path, **kwargs) -> report.ReportResult:
-    """`build_report` on the throwaway project, with the nbconvert renderer."""
+    """`build_report` on the throwaway project, with the pandoc renderer (Quarto is never required)."""
     options = dict(
         profile=PROFILE,
         reports=root / "out",
@@ -94,7 +95,7 @@ def build(root: Path, **kwargs) -> report.ReportResult:
         params_dir=root / "params",
         quarto_yml=root / "book" / "_quarto.yml",
         source_dir=root / "src",
-        renderer="nbconvert",
+        renderer="pandoc",
     )
     options.update(kwargs)
     return report.build_report(**options)
@@ -111,7 +112,7 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, report.Rep
 def test_first_run_executes_and_writes_results(executed: tuple[Path, report.ReportResult]) -> None:
     root, result = executed
     assert result.statuses == {"00_alpha": report.EXECUTED}
-    assert result.renderer == "nbconvert"
+    assert result.renderer == "pandoc"
     assert (root / "out" / "00_alpha.ipynb").is_file()
     assert json.loads((root / "out" / "results" / "00_alpha.json").read_text()) == {"value": 2}
     assert report.stamp_path(root / "out", "00_alpha", PROFILE).is_file()
@@ -131,12 +132,18 @@ def test_book_index_links_every_chapter(executed: tuple[Path, report.ReportResul
     assert "Alpha chapter" in text  # chapter title = first heading of the notebook
     assert "<em>introduction</em>" in text  # index.qmd rendered from Markdown
     assert "{.unnumbered}" not in text and "title:" not in text
-    # citations resolved from references.bib (Quarto would do this with citeproc)
-    assert '<a href="#ref-doe2020alpha">Doe and Roe (2020)</a>' in text
-    assert '(<a href="#ref-doe2020alpha">Doe and Roe 2020</a>)' in text
-    assert 'id="ref-doe2020alpha"' in text and "Alpha: A Study of Rodolà Merging" in text
+    # citations resolved from references.bib by pandoc's citeproc, linked to a reference list
+    assert "[@" not in text and "@doe2020alpha" not in text
+    assert text.count('href="#ref-doe2020alpha"') == 2
+    plain = " ".join(re.sub(r"<[^>]+>", "", text).split())  # the text a reader sees
+    assert 'id="ref-doe2020alpha"' in text and "Alpha: A Study of Rodolà Merging" in plain
+    assert "Doe and Roe (2020)" in plain and "(Doe and Roe 2020)" in plain
     chapter = (index.parent / "00_alpha.html").read_text()
-    assert '<a href="index.html">' in chapter  # navigation back to the contents
+    assert 'href="index.html"' in chapter  # navigation back to the contents
+    assert '<span class="chapter-number">1</span>' in chapter  # chapter numbers as Quarto counts them
+    # the parameters cells are hidden; the values the run used are shown once, folded
+    assert "value = 1" not in chapter and "injected" not in chapter.lower()
+    assert '<details class="parameters">' in chapter and "<td><code>value</code></td><td><code>2</code></td>" in chapter
 
 
 def test_project_files_copied_next_to_the_book(executed: tuple[Path, report.ReportResult]) -> None:
@@ -323,3 +330,137 @@ def test_clean_report_refuses_a_folder_of_committed_notebooks():
     run = subprocess.run(["make", "clean-report", "REPORTS=notebooks"], cwd=root, capture_output=True, text=True)
     assert run.returncode != 0 and "refusing to delete them" in run.stdout
     assert sorted(p.name for p in (root / "notebooks").glob("*.ipynb")) == before
+
+
+WRITE_CLAIMS = (
+    "import json\n"
+    "from mergelab.paths import results_dir\n"
+    "claims = [{'claim': 'Alpha beats beta | by far.', 'source': 'doe2020alpha', 'status': 'reproduced', 'evidence': {}},\n"
+    "          {'claim': 'Gamma helps.', 'source': 'doe2020alpha', 'status': 'not_testable', 'evidence': {}}]\n"
+    "(results_dir() / '00_alpha.json').write_text(json.dumps({'value': value, 'claims': claims,\n"
+    "    'provenance': {'parameters': {'profile': 'smoke'}}}))"
+)
+
+
+def test_claims_page_is_generated_from_this_runs_results(tmp_path: Path) -> None:
+    root = tmp_path
+    make_project(root)
+    write_notebook(root / "notebooks" / "00_alpha.ipynb", "Alpha chapter", WRITE_CLAIMS)
+    yml = root / "book" / "_quarto.yml"
+    yml.write_text(QUARTO_YML.replace("    - index.qmd\n", "    - index.qmd\n    - claims.qmd\n"))
+    (root / "book" / "claims.qmd").write_text("---\ntitle: stale\n---\nA stale page typed by hand.\n")
+    result = build(root)
+    page = (root / "out" / "claims.qmd").read_text()
+    assert "stale" not in page
+    assert "At the `smoke` size: 1 of 2 claims reproduced, 0 not reproduced, 1 not testable." in page
+    assert "| Alpha chapter | `smoke` | Alpha beats beta \\| by far. | [@doe2020alpha] | reproduced |" in page
+    html = (result.book.parent / "claims.html").read_text()
+    assert "<table>" in html and "Gamma helps." in html and "not testable" in html
+    assert 'href="#ref-doe2020alpha"' in html and 'id="ref-doe2020alpha"' in html and "[@" not in html
+    assert 'href="claims.html"' in result.book.read_text()
+
+
+def test_claims_page_without_claims_says_so(tmp_path: Path) -> None:
+    from mergelab.report.claims import claims_markdown, gather_claims
+
+    assert "No chapter of this run recorded claims." in claims_markdown([])
+    (tmp_path / "00_a.json").write_text(json.dumps({"claims": [{"claim": "c", "source": "s", "status": "not_reproduced",
+                                                                "evidence": {}}]}))
+    claims = gather_claims(tmp_path, ["index.qmd", "00_a.ipynb", "01_missing.ipynb"])
+    assert claims == [{"chapter": "00_a", "profile": "?", "claim": "c", "source": "s", "status": "not_reproduced",
+                       "evidence": {}}]
+    assert "**not reproduced**" in claims_markdown(claims)
+
+
+def test_force_reruns_an_up_to_date_notebook_and_profiles_share_a_folder(
+    executed: tuple[Path, report.ReportResult], tmp_path: Path
+) -> None:
+    shutil.copytree(executed[0], tmp_path, dirs_exist_ok=True)
+    out = tmp_path / "out"
+    forced = build(tmp_path, force=True)
+    assert forced.statuses == {"00_alpha": report.EXECUTED}  # FORCE=1 executes even when up to date
+    # another profile in the same reports folder: its own stamp, results of the profile that ran last
+    (tmp_path / "params" / "other").mkdir()
+    (tmp_path / "params" / "other" / "00_alpha.yaml").write_text("value: 7\n")
+    other = build(tmp_path, profile="other")
+    assert other.statuses == {"00_alpha": report.EXECUTED}
+    assert json.loads((out / "results" / "00_alpha.json").read_text()) == {"value": 7}
+    assert report.stamp_path(out, "00_alpha", "other").is_file()
+    # back to the first profile: the folder now holds the other profile's notebook, so it runs again
+    back = build(tmp_path)
+    assert back.statuses == {"00_alpha": report.EXECUTED}
+    assert json.loads((out / "results" / "00_alpha.json").read_text()) == {"value": 2}
+
+
+def test_a_missing_kernel_is_a_clear_error_before_anything_runs(tmp_path: Path) -> None:
+    with pytest.raises(report.ReportError, match="kernel 'no-such-mergelab-kernel' is not installed: run `make env`"):
+        report.check_kernel("no-such-mergelab-kernel")
+
+
+@pytest.mark.timeout(600)  # two runs one after the other, each starting a kernel
+def test_two_concurrent_runs_on_one_folder_execute_each_chapter_once(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    make_project(tmp_path)
+    code = (
+        "import sys, json\n"
+        "from pathlib import Path\n"
+        "from mergelab import report\n"
+        "root = Path(sys.argv[1])\n"
+        "r = report.build_report(profile='smoke', reports=root / 'out', notebooks_dir=root / 'notebooks',\n"
+        "    params_dir=root / 'params', quarto_yml=root / 'book' / '_quarto.yml', source_dir=root / 'src',\n"
+        "    renderer='nbconvert')\n"
+        "print('STATUSES', json.dumps(r.statuses))\n"
+    )
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in runs]
+    assert all(p.returncode == 0 for p in runs), outputs
+    statuses = sorted(json.loads(o.split("STATUSES ", 1)[1])["00_alpha"] for o in outputs)
+    assert statuses == sorted([report.EXECUTED, report.UP_TO_DATE])
+    waited = next(o for o in outputs if report.UP_TO_DATE in o.split("STATUSES ", 1)[1])
+    assert "is being built by another `make report` run" in waited and "waiting for it to finish" in waited
+    assert not (tmp_path / "out" / (report.LOCK_FILE + ".holder")).exists()
+
+
+@pytest.mark.timeout(600)
+def test_ctrl_c_ends_with_one_line_and_leaves_no_kernel_files(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    make_project(tmp_path)
+    write_notebook(tmp_path / "notebooks" / "00_alpha.ipynb", "Alpha chapter", "import time\ntime.sleep(120)")
+    import tempfile
+
+    # a short runtime folder, as users have (~/.local/share/jupyter/runtime): the kernel's sockets fit there
+    runtime = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime)}
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import mergelab.report as r\n"
+        "root = Path(sys.argv[1])\n"
+        "orig = r.build_report  # the command's own handling, on the throwaway project\n"
+        "r.build_report = lambda profile, reports, names, force, renderer: orig(profile, root / 'out', names, force,\n"
+        "    root / 'notebooks', root / 'params', root / 'book' / '_quarto.yml', root / 'src', renderer)\n"
+        "sys.exit(r.main(['--profile', 'smoke', '--renderer', 'nbconvert']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not list(runtime.glob("kernel-*.json")) and time.monotonic() < deadline:  # the kernel is up
+        time.sleep(0.5)
+    assert list(runtime.glob("kernel-*.json")), "the kernel never started"
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("interrupted: chapters already executed are kept")
+    left = sorted(p.name for p in runtime.iterdir())
+    runtime.rmdir() if not left else None
+    assert not left, f"left behind: {left}"
+    assert not list((tmp_path / "out").glob(".*.running.ipynb"))

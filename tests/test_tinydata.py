@@ -18,6 +18,9 @@ def test_every_task_has_images_in_range_and_valid_labels(task):
     assert X.shape == (20, 3, 32, 32) and X.dtype == np.float32
     assert 0.0 <= X.min() and X.max() <= 1.0
     assert y.dtype == np.int64 and set(np.unique(y)) <= set(range(len(TASK_CLASSES[task])))
+    # every class is drawn (labels are not stuck on a few values)
+    _, y_large = generate_task(task, "val", TinyDataConfig(n_train=8, n_val=400, n_test=8, n_pretext=16))
+    assert set(np.unique(y_large)) == set(range(len(TASK_CLASSES[task])))
 
 
 def test_at_least_eight_tasks():

@@ -138,7 +138,7 @@ def test_seed_and_device_helpers():
     seed_everything(1)
     torch.testing.assert_close(a, torch.rand(3))
     assert pick_device("cpu").type == "cpu"
-    assert pick_device("auto").type in {"cpu", "cuda"}
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="device='quantum' is not a device"):
         pick_device("quantum")
     with pytest.raises(ValueError, match="seed=-1"):
@@ -213,3 +213,17 @@ def test_atomic_writes_honour_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert oct(a.stat().st_mode & 0o777) == oct(0o664) and oct(b.stat().st_mode & 0o777) == oct(0o664)
+
+
+def test_interactive_runs_write_to_the_lab_folder_and_runner_runs_where_told(monkeypatch, tmp_path):
+    from mergelab import notebook, paths
+
+    monkeypatch.delenv("MERGELAB_REPORTS_DIR", raising=False)
+    monkeypatch.delenv("MERGELAB_RESULTS_DIR", raising=False)
+    monkeypatch.setattr(paths, "project_root", lambda: tmp_path)
+    assert notebook.use_lab_folder()
+    assert paths.reports_dir() == (tmp_path / "reports" / "lab").resolve()
+    assert paths.results_dir() == (tmp_path / "reports" / "lab" / "results").resolve()
+    monkeypatch.setenv("MERGELAB_REPORTS_DIR", str(tmp_path / "book"))  # what make report sets for its kernels
+    assert not notebook.use_lab_folder()
+    assert paths.reports_dir() == (tmp_path / "book").resolve()

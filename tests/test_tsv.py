@@ -18,7 +18,7 @@ from mergelab.linalg import POLAR_METHODS, RTOL, default_rank, polar_factor, tru
 from mergelab.linalg._kernels import _torch_polar, _torch_task_svd
 from mergelab.linalg.svd import _gram_svd
 from mergelab.merging import MERGE_METHODS, merge
-from mergelab.merging.tsv import MergedFactors, storage_bytes, tsv_compress, tsv_merge_factors, tsv_merge_matrices, tsv_merge_matrix_reference, tsv_reconstruct, tsv_update
+from mergelab.merging.tsv import MergedFactors, storage_bytes, tsv_compress, tsv_merge, tsv_merge_factors, tsv_merge_matrices, tsv_merge_matrix_reference, tsv_reconstruct, tsv_update
 from mergelab.merging.tsv.merge import _layers_side_by_side
 from mergelab.task_vectors import TaskVector
 from mergelab.models import TinyViTConfig, build_tiny_encoder
@@ -564,9 +564,15 @@ def test_task_count_study_merges_each_subset_once_per_method_and_validates_only_
     experts = {t: 1.0 for t in task_vectors}
     grid = (0.1, 0.5, 1.0)
     study = task_count_study(bench, pretrained, task_vectors, experts,
-                                 {"task_arithmetic": {"grid": grid}, "tsv_merge": {"coefficient": 1.0}},
+                                 {"task_arithmetic": {"grid": grid}, "tsv_merge": {"coefficient": 1.0},
+                                  "ta_default": {"method": "task_arithmetic", "coefficient": 0.3}},
                                  task_counts=[2, 4], subsets=2, seed=0)
-    assert len(study) == (2 + 1) * 2, "two subsets of 2 tasks, one of all 4, two methods each"
+    assert len(study) == (2 + 1) * 3, "two subsets of 2 tasks, one of all 4, three variants each"
+    for _, row in study[study["method"] == "ta_default"].iterrows():  # a labelled variant at its own options
+        chosen = row["tasks"].split(",")
+        acc = bench.evaluate(merge("task_arithmetic", pretrained, [task_vectors[t] for t in chosen], coefficient=0.3),
+                             "test", chosen)
+        assert row["coefficient"] == 0.3 and row["per_task_accuracy"] == pytest.approx(acc)
     assert set(study["num_tasks"]) == {2, 4}
     ta = study[study["method"] == "task_arithmetic"]
     assert set(ta["coefficient"]) <= set(grid)
@@ -586,3 +592,18 @@ def test_task_count_study_merges_each_subset_once_per_method_and_validates_only_
     assert row["absolute_accuracy"] == pytest.approx(np.mean(list(direct.values())))
     with pytest.raises(ValueError, match="task_counts"):
         task_count_study(bench, pretrained, task_vectors, experts, {"tsv_merge": {}}, task_counts=[5])
+
+
+def test_tsv_merge_with_a_rank_fraction_on_state_dicts_keeps_that_fraction_per_matrix():
+    pretrained, tvs = _states(3)
+    merged = tsv_merge(pretrained, tvs, coefficient=1.0, rank_fraction=0.5)
+    for key in ("w", "pos"):  # 2-D: k = floor(min(m, n) * 0.5) triplets per task
+        k = default_rank(tuple(pretrained[key].shape), rank_fraction=0.5)
+        expected = tsv_merge_matrices(torch.stack([tv[key] for tv in tvs]), k)
+        torch.testing.assert_close(merged[key] - pretrained[key], expected, atol=1e-5, rtol=0)
+        default = tsv_merge(pretrained, tvs, coefficient=1.0)[key] - pretrained[key]  # k = min(m, n) // 3
+        assert not torch.allclose(default, expected, atol=1e-4)
+    for key in ("b", "conv1.weight", "text_projection"):  # averaged
+        torch.testing.assert_close(merged[key] - pretrained[key], sum(tv[key] for tv in tvs) / 3, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="rank_fraction=0"):
+        tsv_merge(pretrained, tvs, rank_fraction=0)

@@ -72,13 +72,38 @@ def setup(notebook: str, namespace: Mapping[str, Any]) -> Session:
         raise ValueError(f"setup({notebook!r}) needs the parameters {', '.join(missing)}: run the parameters cell "
                          "first (they are the keys of params/tiny for this chapter).")
     parameters = {n: namespace[n] for n in names}
+    interactive = use_lab_folder()
     seed, device = int(parameters["seed"]), parameters["device"]
     seed_everything(seed)
     dev = pick_device(device)
     set_style()
     print(f"notebook: {notebook} | profile: {parameters.get('profile')} | device: {dev} | seed: {seed} | "
           f"torch {torch.__version__}")
+    if interactive:
+        print(f"interactive run: figures and results go to {paths.reports_dir()}, not to the book's folder "
+              "(`make report` writes the book's numbers).")
     return Session(notebook, parameters, dev, seed)
+
+
+LAB_FOLDER = "lab"
+"""Sub-folder of ``reports/`` where interactive runs (JupyterLab) write their figures and results."""
+
+
+def use_lab_folder() -> bool:
+    """Send this kernel's figures and results to ``reports/lab/`` unless a runner chose a folder.
+
+    ``make report`` (and the tests) set ``MERGELAB_REPORTS_DIR`` for the kernels they start. A notebook
+    run by hand, in JupyterLab, has no such variable: without this its figures and results would
+    overwrite the book's, which would then no longer match its executed notebooks. Returns whether
+    the lab folder is used."""
+    import os
+
+    if os.environ.get("MERGELAB_REPORTS_DIR"):
+        return False
+    lab = paths.project_root() / "reports" / LAB_FOLDER
+    os.environ["MERGELAB_REPORTS_DIR"] = str(lab)
+    os.environ.setdefault("MERGELAB_RESULTS_DIR", str(lab / "results"))
+    return True
 
 
 def git_commit() -> str:

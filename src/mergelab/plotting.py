@@ -48,13 +48,19 @@ def figure(ncols: int = 1, nrows: int = 1, width: float | None = None, height: f
     return plt.subplots(nrows, ncols, figsize=(w, h), **kwargs)
 
 
-def savefig(fig: plt.Figure, name: str, folder: str | Path | None = None) -> Path:
-    """Save ``fig`` as ``<reports>/figures/<name>.png`` (folder overridable) and return the path."""
+def savefig(fig: plt.Figure, name: str, folder: str | Path | None = None) -> None:
+    """Save ``fig`` as ``<reports>/figures/<name>.png`` (folder overridable).
+
+    Returns nothing, so that a notebook cell ending with this call prints no stray ``PosixPath(...)``
+    under its figure; the file is :func:`figure_path` ``(name, folder)``."""
     folder = Path(folder) if folder else paths.reports_dir() / "figures"
     folder.mkdir(parents=True, exist_ok=True)
-    out = folder / f"{name}.png"
-    fig.savefig(out)
-    return out
+    fig.savefig(figure_path(name, folder))
+
+
+def figure_path(name: str, folder: str | Path | None = None) -> Path:
+    """Where :func:`savefig` writes the figure ``name``: ``<reports>/figures/<name>.png`` by default."""
+    return (Path(folder) if folder else paths.reports_dir() / "figures") / f"{name}.png"
 
 
 def bar_methods(df: pd.DataFrame, value: str, ax: plt.Axes | None = None, hue: str | None = None,

@@ -136,6 +136,11 @@ def finite_or_none(value: Any) -> Any:
     return value
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) atomically."""
+    return _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def atomic_write_json(path: str | Path, payload: Any, strict: bool = False) -> Path:
     """Write ``payload`` as indented JSON atomically; dataclasses, arrays and tensors are converted.
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from tqdm.auto import tqdm
 
+from .. import codeversion
 from ..cache import Artifact
 from ..training import FinetuneConfig
 from ..utils import StateDict, config_hash
@@ -142,7 +143,7 @@ class BenchmarkBase:
         size's own parts (:meth:`_run_key_parts`)."""
         return config_hash({"benchmark": self.key, "kind": kind, "tasks": list(tasks),
                             "heads": [self.head_digest(t) for t in tasks], "finetune": asdict(cfg),
-                            **self._run_key_parts(tasks)})
+                            **self._run_key_parts(tasks), **codeversion.key_part("finetune")})
 
     def run_artifact(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> Artifact:
         """Where the run ``(kind, tasks, cfg)`` is cached."""

@@ -3,8 +3,8 @@
 ``python -m mergelab.report [--profile smoke|tiny|clip] [--reports DIR] [--notebooks NAME ...]
 [--force]`` runs every ``notebooks/NN_topic.ipynb`` (or the named ones) with the parameters in
 ``params/<profile>/<notebook>.yaml``, writes the executed copies to ``<reports>/``, and renders the
-book into ``<reports>/_book/``: with Quarto when it is on ``PATH``, else a plain HTML book made with
-nbconvert.
+book into ``<reports>/_book/``: with Quarto when it is on ``PATH``, else an HTML book made with pandoc
+(from the ``pypandoc-binary`` wheel; :mod:`mergelab.report.pandoc_book`).
 
 A notebook is executed again only when its content hash changed: the notebook, its parameter file,
 the profile and every ``src/mergelab/**/*.py``. The hash of the last successful run is kept in
@@ -16,16 +16,19 @@ The book's chapters come from ``book.chapters`` in ``reports/_quarto.yml``, for 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from mergelab import paths
 from mergelab.params import (BENCHMARK_PARAMS, ReportError, benchmark_param_files, load_params,  # noqa: F401
                              params_path, profile_params)
 
-from .book import missing_chapters, read_bibtex, render_book  # noqa: F401
-from .runner import (EXECUTED, NBCONVERT_NOTE, PROJECT_FILES, RENDERERS, UNIX_SOCKET_PATH_MAX,  # noqa: F401
+from .book import missing_chapters, quarto_executable, render_book  # noqa: F401
+from .runner import (EXECUTED, PANDOC_NOTE, PROJECT_FILES, RENDERERS, UNIX_SOCKET_PATH_MAX,  # noqa: F401
                      UP_TO_DATE, ReportResult, book_chapters, check_chapters, check_kernel, content_hash,
                      default_quarto_yml, discover_notebooks, execute_notebook, is_up_to_date,
                      kernel_environment, kernel_manager_class, run_notebooks, stamp_path, write_stamp)
@@ -51,6 +54,45 @@ def build_report(
     """
     reports = (Path(reports) if reports is not None else paths.reports_dir()).resolve()
     reports.mkdir(parents=True, exist_ok=True)
+    with reports_lock(reports):
+        return _build_report(profile, reports, names, force, notebooks_dir, params_dir, quarto_yml, source_dir,
+                             renderer)
+
+
+LOCK_FILE = ".report.lock"
+"""The lock of a reports folder (``filelock``): one ``make report`` at a time per folder."""
+
+
+@contextlib.contextmanager
+def reports_lock(reports: Path) -> Iterator[None]:
+    """Hold the reports folder's lock; a second run on the same folder says who holds it and waits, then
+    finds the chapters the first one executed up to date instead of executing them again."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(reports / LOCK_FILE))
+    holder = reports / (LOCK_FILE + ".holder")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        for _ in range(20):  # the holder writes who it is right after taking the lock
+            if holder.is_file():
+                break
+            time.sleep(0.1)
+        who = f" ({holder.read_text(encoding='utf-8').strip()})" if holder.is_file() else ""
+        print(f"{reports} is being built by another `make report` run{who}; waiting for it to finish "
+              "(Ctrl-C to stop waiting).", flush=True)
+        lock.acquire()
+    try:
+        holder.write_text(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n", encoding="utf-8")
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
+def _build_report(profile: str, reports: Path, names: Sequence[str] | None, force: bool, notebooks_dir: Path | None,
+                  params_dir: Path | None, quarto_yml: Path | None, source_dir: Path | None, renderer: str
+                  ) -> ReportResult:
     quarto_yml = Path(quarto_yml) if quarto_yml is not None else default_quarto_yml()
     chapters = book_chapters(quarto_yml)
     check_chapters(discover_notebooks(notebooks_dir), chapters, quarto_yml)
@@ -63,7 +105,7 @@ def build_report(
               "run `make report` without NOTEBOOKS to execute them (up-to-date ones are skipped) and render the book.")
         return ReportResult(statuses=statuses, book=None, renderer=None, missing=missing)
     index, used = render_book(reports, quarto_yml, renderer)
-    print(f"renderer: {NBCONVERT_NOTE if used == 'nbconvert' else used}")
+    print(f"renderer: {PANDOC_NOTE if used == 'pandoc' else used}")
     print(f"book: {index}")
     return ReportResult(statuses=statuses, book=index, renderer=used)
 
@@ -94,5 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: chapters already executed are kept, the one running left nothing behind; "
+              "run the same command again to continue.", file=sys.stderr)
+        return 130
     return 0
 

@@ -11,6 +11,7 @@ import re
 import sys
 import time
 import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,23 +23,23 @@ from mergelab import paths
 from mergelab.params import ReportError, benchmark_param_files, check_parameters, load_params, params_path
 
 
-RENDERERS = ("auto", "quarto", "nbconvert")
-"""``auto``: Quarto when it is on ``PATH``, else nbconvert."""
+RENDERERS = ("auto", "quarto", "pandoc")
+"""``auto``: Quarto when it is on ``PATH``, else pandoc (from the ``pypandoc-binary`` wheel)."""
 
 BOOK_DIR = "_book"
 STAMPS_DIR = ".stamps"
 PROJECT_FILES = ("_quarto.yml", "index.qmd", "references.bib")
 """Files of the Quarto project copied next to the executed notebooks when ``--reports`` is elsewhere."""
 
-NBCONVERT_NOTE = (
-    "nbconvert (quarto not found on PATH; install it from conda-forge or `pip install quarto-cli` "
-    "for the full Quarto book)"
+PANDOC_NOTE = (
+    "pandoc (Quarto not found on PATH; for the Quarto book run `make quarto`, which tries "
+    "`pip install quarto-cli` into the venv (it downloads Quarto from the web), or install Quarto from "
+    "https://quarto.org or conda-forge (`conda install -c conda-forge quarto`))"
 )
 EXECUTED = "executed"
 UP_TO_DATE = "up to date"
 
 _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(?P<title>.+?)\s*(?:\{[^}]*\})?\s*#*\s*$", re.MULTILINE)
-_HEADING_ATTRIBUTES = re.compile(r"^(\s{0,3}#{1,6}\s.*?)\s*\{[^}]*\}\s*$", re.MULTILINE)
 _FRONT_MATTER = re.compile(r"\A---\s*\n(?P<yaml>.*?)\n(?:---|\.\.\.)\s*(?:\n|\Z)", re.DOTALL)
 
 
@@ -50,7 +51,7 @@ class ReportResult:
         statuses: notebook name (without ``.ipynb``) -> ``"executed"`` or ``"up to date"``.
         book: the book's ``index.html``; ``None`` when only some notebooks were asked for and the
             folder lacks other chapters, so no book was rendered.
-        renderer: ``"quarto"`` or ``"nbconvert"``; ``None`` when no book was rendered.
+        renderer: ``"quarto"`` or ``"pandoc"``; ``None`` when no book was rendered.
         missing: chapters (file names) missing from the folder when the book was not rendered.
     """
 
@@ -259,6 +260,24 @@ def kernel_manager_class() -> type | None:
     return _ipc_kernel_manager()
 
 
+_KERNEL_MANAGERS: weakref.WeakSet = weakref.WeakSet()
+"""Kernel managers of this process's notebook runs (see :func:`_stop_kernels`)."""
+
+
+def _stop_kernels() -> None:
+    """Kill the kernels this process started and remove their connection files and sockets (after
+    Ctrl-C, when papermill had no chance to shut them down)."""
+    for km in list(_KERNEL_MANAGERS):
+        process = getattr(getattr(km, "provisioner", None), "process", None)
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(OSError):
+                process.kill()
+                process.wait(timeout=10)
+        for cleanup in (km.cleanup_connection_file, km.cleanup_ipc_files):
+            with contextlib.suppress(Exception):
+                cleanup()
+
+
 @functools.lru_cache(maxsize=1)
 def _ipc_kernel_manager() -> type:
     from jupyter_client.manager import AsyncKernelManager  # nbclient's default kernel manager
@@ -270,7 +289,13 @@ def _ipc_kernel_manager() -> type:
         """nbclient's kernel manager with the ``ipc`` transport (Unix domain sockets).
 
         Its connection file, and so its sockets, are in Jupyter's runtime directory (jupyter_client
-        would otherwise put the sockets in the working directory, i.e. next to the notebooks)."""
+        would otherwise put the sockets in the working directory, i.e. next to the notebooks).
+        Each instance is remembered (weakly) so that an interrupted run can stop its kernel and
+        remove its files (:func:`_stop_kernels`)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            _KERNEL_MANAGERS.add(self)
 
         @default("transport")
         def _transport_default(self) -> str:
@@ -325,8 +350,9 @@ def execute_notebook(
         except Exception as err:
             _keep_failed(running, failed)
             raise ReportError(f"notebook {notebook.name} could not be executed: {err}") from err
-        except BaseException:  # interrupted: leave nothing half written behind
+        except BaseException:  # interrupted: leave nothing half written behind, and no kernel
             running.unlink(missing_ok=True)
+            _stop_kernels()
             raise
     os.replace(running, reports / notebook.name)
     failed.unlink(missing_ok=True)

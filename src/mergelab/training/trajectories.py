@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import paths
+from .. import codeversion, paths
 from ..cache import Artifact
 from ..task_vectors import TaskVector
 from ..utils import StateDict, config_hash
@@ -119,7 +119,7 @@ class EpochTrajectory:
 def _trajectory_key(bench: Any, kind: str, tasks: Sequence[str], cfg: FinetuneConfig, epochs: int,
                     extra: Mapping[str, Any] | None = None) -> str:
     ident: dict[str, Any] = {"benchmark": bench.key, "kind": kind, "finetune": asdict(cfg), "epochs": epochs,
-                             **(extra or {})}
+                             **(extra or {}), **codeversion.key_part("trajectory")}
     if kind == "epoch_trajectory":  # the single-task key of the first version, kept so caches stay valid
         ident.update(task=tasks[0], head=bench.head_digest(tasks[0]))
     else:

@@ -25,6 +25,7 @@ from ...cache import Artifact
 from ...models import ClassificationHead, TinyViTConfig, build_tiny_encoder, encode, load_encoder_state
 from ...training import FinetuneConfig, PretrainConfig, finetune, pretrain_attributes, pretrain_contrastive, pretrain_factors
 from ..base import BenchmarkBase
+from ... import codeversion
 from .data import (GENERATOR_VERSION, PRETEXT_KINDS, PRETEXT_TEXTURES, SPLITS, TASK_CLASSES, TASKS, TinyDataConfig,
                    canonical_images, load_pretext, load_task)
 from .data import check_task as check_tiny_task
@@ -133,7 +134,8 @@ class TinyBenchmark(BenchmarkBase):
         """Hash of the benchmark's definition except the task list (heads are per task)."""
         cfg = asdict(self.config)
         cfg.pop("tasks")
-        return config_hash({"benchmark": "tiny", "generator_version": GENERATOR_VERSION, **cfg})
+        return config_hash({"benchmark": "tiny", "generator_version": GENERATOR_VERSION, **cfg,
+                            **codeversion.key_part("pretrain")})
 
     @property
     def cache_dir(self) -> Path:

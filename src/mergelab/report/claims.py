@@ -1,0 +1,87 @@
+"""The book's table of claims: every chapter's ``claims`` gathered from the results of the run.
+
+Each executed chapter writes ``<reports>/results/<chapter>.json`` with a ``claims`` list
+(``{claim, source, status, evidence}``). :func:`write_claims_page` turns them into one page of the
+book, ``claims.qmd``, regenerated at every render, so that what the book says a size reproduces is
+what the run measured, never typed in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..utils import atomic_write_text
+
+CLAIMS_PAGE = "claims.qmd"
+"""The generated page, listed in ``book.chapters`` of ``reports/_quarto.yml`` after the index."""
+
+STATUS_LABELS = {"reproduced": "reproduced", "not_reproduced": "**not reproduced**", "not_testable": "not testable"}
+
+
+def gather_claims(results_dir: Path, chapters: Sequence[str]) -> list[dict[str, Any]]:
+    """The claims of each chapter in book order: ``{chapter, profile, claim, source, status, evidence}``.
+
+    Args:
+        results_dir: ``<reports>/results``.
+        chapters: the book's chapters (``NN_topic.ipynb``); a chapter without a results file or without
+            claims contributes nothing.
+    """
+    out: list[dict[str, Any]] = []
+    for chapter in chapters:
+        if not chapter.endswith(".ipynb"):
+            continue
+        path = Path(results_dir) / (Path(chapter).stem + ".json")
+        if not path.is_file():
+            continue
+        results = json.loads(path.read_text(encoding="utf-8"))
+        profile = ((results.get("provenance") or {}).get("parameters") or {}).get("profile", "?")
+        for c in results.get("claims") or []:
+            out.append({"chapter": Path(chapter).stem, "profile": profile, **c})
+    return out
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def claims_markdown(claims: Sequence[Mapping[str, Any]], titles: Mapping[str, str] | None = None) -> str:
+    """The claims page in Markdown: a count per status and profile, then one table row per claim."""
+    titles = titles or {}
+    lines = ["---", 'title: "What the runs reproduce"', "---", "",
+             "Every chapter checks the claims of its paper that its experiment can test, and records each as "
+             "*reproduced* (the 95 % interval lies on the predicted side), *not reproduced* (it lies on the "
+             "other side) or *not testable* at the size that ran (too wide to decide, or the size cannot "
+             "show it). This page gathers them from the results of the run that built this book; the "
+             "evidence (estimates and intervals) is in each chapter's results JSON.", ""]
+    if not claims:
+        lines.append("No chapter of this run recorded claims.")
+        return "\n".join(lines) + "\n"
+    for profile, group in _by_profile(claims).items():
+        counts = Counter(c["status"] for c in group)
+        lines.append(f"At the `{profile}` size: {counts.get('reproduced', 0)} of {len(group)} claims reproduced, "
+                     f"{counts.get('not_reproduced', 0)} not reproduced, {counts.get('not_testable', 0)} not "
+                     "testable.")
+    lines += ["", "| Chapter | Size | Claim | Source | Status |", "|---|---|---|---|---|"]
+    for c in claims:
+        chapter = titles.get(c["chapter"], c["chapter"])
+        lines.append(f"| {_cell(chapter)} | `{c['profile']}` | {_cell(c['claim'])} | [@{c['source']}] | "
+                     f"{STATUS_LABELS.get(c['status'], _cell(c['status']))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _by_profile(claims: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    out: dict[str, list[Mapping[str, Any]]] = {}
+    for c in claims:
+        out.setdefault(str(c["profile"]), []).append(c)
+    return out
+
+
+def write_claims_page(reports: Path, chapters: Sequence[str], titles: Mapping[str, str] | None = None) -> Path:
+    """Write ``<reports>/claims.qmd`` from ``<reports>/results`` (atomically); return its path."""
+    path = Path(reports) / CLAIMS_PAGE
+    atomic_write_text(path, claims_markdown(gather_claims(Path(reports) / "results", chapters), titles))
+    return path

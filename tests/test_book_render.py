@@ -1,0 +1,122 @@
+"""The book without Quarto (pandoc): cell options, figures, references, citations, math and parameters
+are honoured, on a hand-made executed notebook (no kernel needed)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+from mergelab import report
+from mergelab.report.pandoc_book import cell_options, prepare_notebook
+
+pytestmark = pytest.mark.timeout(120)
+
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+QUARTO_YML = """\
+book:
+  title: "A throwaway book"
+  chapters: [index.qmd, 00_alpha.ipynb]
+bibliography: references.bib
+"""
+BIB = "@article{doe2020alpha, title={Alpha}, author={Doe, Jane}, journal={J}, year={2020}}\n"
+
+
+def executed_notebook() -> nbformat.NotebookNode:
+    """What papermill leaves: a tagged parameters cell, the injected one after it, outputs."""
+    return new_notebook(cells=[
+        new_markdown_cell("# Alpha chapter\n\nAs @fig-alpha shows [@doe2020alpha], $\\tau_t = \\theta_t - \\theta_0$.\n\n"
+                          "$$\\sum_t \\tau_t$$"),
+        new_code_cell("value = 1  # the default", metadata={"tags": ["parameters"]}),
+        new_code_cell("# Parameters\nvalue = 2\n", metadata={"tags": ["injected-parameters"]}),
+        new_code_cell("#| echo: false\nhidden_switch_marker = 1\ndisplay(Markdown(text))", outputs=[
+            new_output("display_data", data={"text/markdown": "Prose from the run, see @fig-alpha and [@doe2020alpha].",
+                                             "text/plain": "<IPython.core.display.Markdown object>"})]),
+        new_code_cell('#| label: fig-alpha\n#| fig-cap: "A *small* figure."\nshown_code_marker = 1', outputs=[
+            new_output("display_data", data={"image/png": PNG, "text/plain": "<Figure size 10x10>"}),
+            new_output("stream", name="stderr", text="a warning on stderr\n")]),
+        new_code_cell("print_provenance()", outputs=[new_output("stream", name="stdout", text="line\n" * 40)]),
+    ], metadata={"kernelspec": {"name": "mergelab", "display_name": "Python (mergelab)", "language": "python"},
+                 "papermill": {"parameters": {"value": 2, "profile": "smoke"}}})
+
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    reports = tmp_path_factory.mktemp("book")
+    (reports / "_quarto.yml").write_text(QUARTO_YML)
+    (reports / "index.qmd").write_text("---\ntitle: A throwaway book\n---\n\n# Preface {.unnumbered}\n\nHi [@doe2020alpha].\n")
+    (reports / "references.bib").write_text(BIB)
+    nbformat.write(executed_notebook(), reports / "00_alpha.ipynb")
+    index, used = report.render_book(reports, reports / "_quarto.yml", "pandoc")
+    assert used == "pandoc" and index == reports / "_book" / "index.html"
+    return index.parent
+
+
+def test_cell_options_are_read_and_removed() -> None:
+    assert cell_options('#| label: fig-x\n#| fig-cap: "A: b"\ncode()') == ({"label": "fig-x", "fig-cap": "A: b"}, "code()")
+    assert cell_options("code()  #| not an option") == ({}, "code()  #| not an option")
+
+
+def test_echo_false_hides_code_and_other_code_is_folded(book: Path) -> None:
+    page = (book / "00_alpha.html").read_text()
+    assert "hidden_switch_marker" not in page
+    fold = page.index('<details class="code-fold">')
+    assert fold < page.index("shown_code_marker") < page.index("</details>", fold)
+    assert "#|" not in page and "a warning on stderr" not in page
+    assert '<details class="long-output"><summary>Printed output (40 lines)</summary>' in page  # the provenance, folded
+
+
+def test_parameters_cells_are_hidden_and_their_values_shown_once(book: Path) -> None:
+    page = (book / "00_alpha.html").read_text()
+    assert "value = 1" not in page and "value = 2" not in page and "# Parameters" not in page
+    assert page.count('<details class="parameters">') == 1
+    assert "<td><code>value</code></td><td><code>2</code></td>" in page and "profile <code>smoke</code>" in page
+
+
+def test_figures_are_numbered_and_referenced_by_links(book: Path) -> None:
+    page = (book / "00_alpha.html").read_text()
+    figure = re.search(r'<figure id="fig-alpha">(.*?)</figure>', page, re.DOTALL)
+    assert figure, "the labelled cell's image is not a figure with the label as id"
+    assert re.search(r"<figcaption>.*Figure 1\.1:.*A\s+<em>small</em>\s+figure\.", figure.group(1), re.DOTALL)
+    img = re.search(r'<img src="([^"]+)"', figure.group(1)).group(1)
+    assert (book / img).is_file()
+    links = re.findall(r'<a href="#fig-alpha" class="fig-ref">Figure\s+1\.1</a>', page)
+    assert len(links) == 2  # in the text and in the prose printed by a cell
+    assert "@fig-" not in page
+
+
+def test_citations_and_math_are_rendered_offline(book: Path) -> None:
+    page = (book / "00_alpha.html").read_text()
+    assert "[@" not in page and "$\\" not in page and "IPython.core.display.Markdown" not in page
+    assert page.count('href="#ref-doe2020alpha"') == 2 and 'id="ref-doe2020alpha"' in page  # a reference list per chapter
+    assert '<math display="inline"' in page and '<math display="block"' in page
+    assert not re.search(r'<(script|link|img)[^>]+(src|href)="https?:', page)  # nothing fetched from the web
+    assert '<span class="chapter-number">1</span>' in page
+
+
+def test_every_page_links_every_chapter_and_its_neighbours(book: Path) -> None:
+    index, chapter = (book / "index.html").read_text(), (book / "00_alpha.html").read_text()
+    for page in (index, chapter):
+        assert 'href="index.html"' in page and 'href="00_alpha.html"' in page
+    assert '<a rel="next" href="00_alpha.html">' in index and '<a rel="prev" href="index.html">' in chapter
+    assert "Preface" in index and "{.unnumbered}" not in index
+
+
+def test_prepare_notebook_turns_markdown_outputs_into_text() -> None:
+    nb = prepare_notebook(executed_notebook())
+    kinds = [(c.cell_type, c.metadata.get("echo", True)) for c in nb.cells]
+    assert kinds == [("markdown", True), ("raw", True), ("code", False), ("markdown", True), ("code", True), ("code", True)]
+    assert nb.cells[3].source.startswith("Prose from the run")
+    assert nb.cells[4].metadata["label"] == "fig-alpha" and nb.cells[4].source == "shown_code_marker = 1"
+
+
+def test_savefig_returns_nothing_printable(tmp_path: Path) -> None:
+    """A cell ending with ``plotting.savefig(...)`` prints no ``PosixPath(...)`` under its figure."""
+    from mergelab import plotting
+
+    fig, _ = plotting.figure()
+    assert plotting.savefig(fig, "x", tmp_path) is None
+    assert plotting.figure_path("x", tmp_path).is_file() and plotting.figure_path("x", tmp_path) == tmp_path / "x.png"

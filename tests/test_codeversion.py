@@ -1,0 +1,52 @@
+"""Cached artifacts cannot outlive the code that made them (mergelab.codeversion)."""
+
+from __future__ import annotations
+
+import pytest
+
+import mergelab
+from mergelab import codeversion
+from mergelab.benchmarks.tiny.benchmark import TinyBenchmark
+from mergelab.training.trajectories import _trajectory_key as trajectory_key
+
+
+def test_the_code_behind_each_cached_artifact_is_as_recorded():
+    stale = codeversion.stale_kinds()
+    assert not stale, (
+        f"the code that makes the cached {', '.join(stale)} artifacts changed since it was recorded. If the change "
+        "can change what is trained, bump its entry in mergelab.codeversion.CODE_VERSIONS (caches are rebuilt); "
+        "then record the fingerprints: python -m mergelab.codeversion --update")
+
+
+def test_fingerprints_ignore_docstrings_and_comments_but_not_code(tmp_path, monkeypatch):
+    (tmp_path / "m.py").write_text('"""Doc."""\n\ndef f(x):\n    """Doc."""\n    return x + 1  # one\n')
+    monkeypatch.setattr(codeversion, "PACKAGE", tmp_path)
+    monkeypatch.setitem(codeversion.SOURCES, "finetune", ("m.py",))
+    before = codeversion.source_fingerprint("finetune")
+    (tmp_path / "m.py").write_text('"""Other doc."""\n\ndef f(x):\n    return x + 1\n')
+    assert codeversion.source_fingerprint("finetune") == before
+    (tmp_path / "m.py").write_text('def f(x):\n    return x + 2\n')
+    assert codeversion.source_fingerprint("finetune") != before
+
+
+@pytest.mark.parametrize("kind", list(codeversion.CODE_VERSIONS))
+def test_a_version_bump_changes_the_cache_keys_of_its_kind(kind, monkeypatch):
+    bench = TinyBenchmark.__new__(TinyBenchmark)  # keys only: nothing is built
+    from mergelab.benchmarks.tiny.benchmark import TinyBenchmarkConfig
+
+    bench.config = TinyBenchmarkConfig.from_params(tasks=["colours"])
+    monkeypatch.setattr(bench, "head_digest", lambda task: "h", raising=False)
+    cfg = mergelab.FinetuneConfig()
+
+    def keys() -> tuple[str, str, str]:
+        return (bench.key, bench.run_key("expert", ["colours"], cfg),
+                trajectory_key(bench, "epoch_trajectory", ["colours"], cfg, 2))
+
+    before = keys()
+    monkeypatch.setitem(codeversion.CODE_VERSIONS, kind, codeversion.CODE_VERSIONS[kind] + 1)
+    after = keys()
+    changed = {name for name, a, b in zip(("pretrain", "finetune", "trajectory"), before, after) if a != b}
+    expected = {kind, "finetune", "trajectory"} if kind == "pretrain" else {kind}  # the benchmark key is in both
+    assert changed == expected
+    with pytest.raises(ValueError, match="kind='weights'"):
+        codeversion.key_part("weights")
