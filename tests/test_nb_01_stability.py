@@ -68,6 +68,51 @@ def test_constants_and_rank_correlations(run_notebook, params):
     assert machine["cpu_count"] >= 1 and len(machine["load_average_start"]) == 3
 
 
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_every_gap_and_correlation_has_an_interval_and_claims_follow_from_them(run_notebook, params):
+    results = run_notebook(NAME)
+
+    def inside(est, lo, hi):
+        return lo <= est + 1e-12 and est - 1e-12 <= hi
+
+    # every measured gap (merges and single experts) with a sampling interval around it
+    for row in results["merges"] + results["experts_by_lr"]:
+        assert inside(row["gap_vs_pretrained"], row["gap_vs_pretrained_ci_low"], row["gap_vs_pretrained_ci_high"])
+        assert row["gap_vs_pretrained_ci_high"] > row["gap_vs_pretrained_ci_low"]
+    for row in results["merges"]:
+        assert inside(row["generalization_gap"], row["generalization_gap_ci_low"], row["generalization_gap_ci_high"])
+    for row in results["experts_by_lr"]:  # the bound on single experts (K = 1)
+        assert row["bound"] > 0 and row["lipschitz"] > 0
+    # rank correlations overall and within draws, each with a bootstrap interval
+    for regime in ("quadratic", "smooth"):
+        for part in results["rank_correlation"][regime].values():
+            for est, lo, hi in ((part["spearman"], part["ci_low"], part["ci_high"]),
+                                (part["spearman_within_draw"], part["within_draw_ci_low"], part["within_draw_ci_high"])):
+                if lo is not None and not math.isnan(lo):
+                    assert -1 <= lo <= hi <= 1 and inside(est, lo, hi)
+    # effects: t intervals over draws, undefined with a single draw
+    for name, eff in results["effects"].items():
+        assert eff["n"] == len(eff["per_draw"]) <= params["num_draws"]
+        if eff["n"] >= 2:
+            assert inside(eff["estimate"], eff["ci_low"], eff["ci_high"]), name
+        else:
+            assert eff["ci_low"] is None or math.isnan(eff["ci_low"])
+    # the claims: one per direction (gap and accuracy) per hyperparameter, the optimization term, each
+    # sparsifying method, the bound's ranking (merges, K = 1) and its validity (merges, K = 1)
+    claims = results["claims"]
+    assert len(claims) == 2 * len(HYPERPARAMETERS) + 1 + len(params["sparsify"]) + 4
+    for c in claims:
+        assert set(c) == {"claim", "source", "status", "evidence"}
+        assert c["status"] in ("reproduced", "not_reproduced", "not_testable")
+        assert c["source"] == "li2026generalization" and c["evidence"]["size"] == params["benchmark"]
+        ci = c["evidence"]
+        if "ci_low" in ci and (ci["ci_low"] is None or math.isnan(ci["ci_low"])):
+            assert c["status"] == "not_testable"  # no status from a point estimate
+    for method in params["sparsify"]:
+        assert any(method in c["claim"] for c in claims)
+
+
 def test_parameter_files_match_the_notebook_defaults():
     """params/tiny is the notebook's parameters cell; tiny_full reuses the tiny benchmark's caches."""
     import json

@@ -6,10 +6,14 @@ import numpy as np
 import pytest
 
 from mergelab.analysis.statistics import (
+    band_status,
     accuracy_difference_ci,
     bootstrap_ci,
     claim,
+    decimals_for,
     directional_status,
+    format_ci,
+    mean_gap_ci,
     mean_ci,
     spearman_ci,
 )
@@ -99,3 +103,44 @@ def test_vectorized_spearman_equals_scipys():
     rng = np.random.default_rng(4)
     x, y = rng.integers(0, 5, size=40).astype(float), rng.normal(size=40)  # ties in x
     assert spearman_ci(x, y)["estimate"] == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+
+
+def test_gap_interval_covers_the_true_gap_at_its_level():
+    """The normal interval of a mean-over-tasks gap from per-example losses has its nominal coverage."""
+    rng = np.random.default_rng(4)
+    hits, runs = 0, 400
+    for _ in range(runs):
+        train = {"a": rng.exponential(2.0, 80), "b": rng.exponential(1.0, 50)}
+        test = {"a": rng.exponential(2.5, 60), "b": rng.exponential(1.0, 70)}  # true gap (0.5 + 0) / 2
+        ci = mean_gap_ci(train, test)
+        assert ci["ci_low"] <= ci["estimate"] <= ci["ci_high"]
+        hits += ci["ci_low"] <= 0.25 <= ci["ci_high"]
+    assert 0.91 <= hits / runs <= 0.98
+    exact = mean_gap_ci({"a": [1.0, 3.0]}, {"a": [2.0, 6.0]})
+    assert exact["estimate"] == pytest.approx(2.0)
+    half = 1.959964 * np.sqrt(8.0 / 2 + 2.0 / 2)  # var(test) = 8, var(train) = 2, two examples each
+    assert exact["ci_high"] - exact["estimate"] == pytest.approx(half, rel=1e-5)
+    with pytest.raises(ValueError, match="same tasks"):
+        mean_gap_ci({"a": [1, 2]}, {"b": [1, 2]})
+    with pytest.raises(ValueError, match="fewer than 2"):
+        mean_gap_ci({"a": [1.0]}, {"a": [1.0, 2.0]})
+
+
+def test_numbers_are_rounded_to_what_their_interval_supports():
+    assert decimals_for(0.034) == 3 and decimals_for(2.6) == 1 and decimals_for(140.0) == 0
+    assert decimals_for(float("nan")) == 3
+    text = format_ci({"estimate": 0.01234, "ci_low": -0.02, "ci_high": 0.045}, 100, " points")
+    assert text == "+1.2 [-2.0, +4.5] points"
+    assert "no interval" in format_ci({"estimate": 0.5, "ci_low": float("nan"), "ci_high": float("nan")})
+
+
+def test_band_status_needs_the_whole_interval_inside_or_outside():
+    def iv(lo, hi):
+        return {"estimate": (lo + hi) / 2, "ci_low": lo, "ci_high": hi}
+
+    assert band_status(iv(0.9, 1.1), 0.7, 1.3) == "reproduced"
+    assert band_status(iv(0.5, 1.1), 0.7, 1.3) == "not_testable"
+    assert band_status(iv(1.5, 2.1), 0.7, 1.3) == "not_reproduced"
+    assert band_status(iv(float("nan"), float("nan")), 0.7, 1.3) == "not_testable"
+    with pytest.raises(ValueError, match="low <= high"):
+        band_status(iv(0, 1), 2, 1)

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..models import load_encoder_state
 from ..autodiff import per_example_gradient_norms
+from .statistics import mean_gap_ci
 from ..training import FinetuneConfig, training_indices
 from ..utils import StateDict
 
@@ -112,7 +113,10 @@ def measure_merge(bench: Any, state: StateDict, experts: Mapping[str, FinetuneCo
         ``train_loss`` (on the examples the experts saw, except the head's, see
         :func:`head_example_indices`), ``test_loss``, ``generalization_gap``
         (test minus train), ``train_accuracy``, ``test_accuracy``: unweighted means over tasks;
-        ``gap_vs_reference`` with a reference; ``per_task`` with the same keys; ``lipschitz`` per task
+        ``gap_vs_reference`` with a reference; ``generalization_gap_ci`` and (with a reference)
+        ``gap_vs_reference_ci``: :func:`mergelab.analysis.statistics.mean_gap_ci` of the per-example
+        losses (the controlled ones minus ``c`` times the reference's), when every split has 2+
+        examples; ``per_task`` with the same keys; ``lipschitz`` per task
         when ``probe_size > 0``.
     """
     if not experts:
@@ -120,6 +124,8 @@ def measure_merge(bench: Any, state: StateDict, experts: Mapping[str, FinetuneCo
     cache = {} if reference_cache is None else reference_cache
     per_task: dict[str, dict[str, float]] = {}
     lipschitz: dict[str, float] = {}
+    raw_losses: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    controlled: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for task, cfg in experts.items():
         _, y = bench.split(task, "train")
         seen = training_indices(len(y), cfg)  # the rows the task's expert trained on
@@ -135,6 +141,7 @@ def measure_merge(bench: Any, state: StateDict, experts: Mapping[str, FinetuneCo
         tr_loss, te_loss = float(tr.mean()), float(te.mean())
         per_task[task] = {"train_loss": tr_loss, "test_loss": te_loss, "generalization_gap": te_loss - tr_loss,
                           "train_accuracy": float(tr_ok.float().mean()), "test_accuracy": float(te_ok.float().mean())}
+        raw_losses[task] = (tr.double().numpy(), te.double().numpy())
         if reference is not None:
             key = (task, cfg.data_fraction, cfg.seed, max_examples, seed)
             if key not in cache:
@@ -143,6 +150,8 @@ def measure_merge(bench: Any, state: StateDict, experts: Mapping[str, FinetuneCo
             gap_cv, c = control_variate_gap(tr, te, *cache[key])
             per_task[task]["gap_vs_reference"] = gap_cv
             per_task[task]["control_coefficient"] = c
+            ref_tr, ref_te = (r.double().numpy() for r in cache[key])
+            controlled[task] = (raw_losses[task][0] - c * ref_tr, raw_losses[task][1] - c * ref_te)
         if probe_size > 0:
             probe = seen[:probe_size]
             enc = _encoder(bench, state)
@@ -152,6 +161,12 @@ def measure_merge(bench: Any, state: StateDict, experts: Mapping[str, FinetuneCo
     keys = ["train_loss", "test_loss", "generalization_gap", "train_accuracy", "test_accuracy"]
     keys += ["gap_vs_reference"] if reference is not None else []
     out: dict[str, Any] = {k: float(np.mean([v[k] for v in per_task.values()])) for k in keys}
+    if all(len(a) > 1 and len(b) > 1 for a, b in raw_losses.values()):  # intervals need 2+ examples per split
+        out["generalization_gap_ci"] = mean_gap_ci({t: v[0] for t, v in raw_losses.items()},
+                                                   {t: v[1] for t, v in raw_losses.items()})
+        if reference is not None:
+            out["gap_vs_reference_ci"] = mean_gap_ci({t: v[0] for t, v in controlled.items()},
+                                                     {t: v[1] for t, v in controlled.items()})
     out["per_task"] = per_task
     if probe_size > 0:
         out["lipschitz"] = lipschitz

@@ -128,6 +128,36 @@ def accuracy_difference_ci(accuracy_a: Mapping[str, float], accuracy_b: Mapping[
     return _interval(diff, diff - half, diff + half, sum(n.values()), level, "normal (binomial per task)")
 
 
+def mean_gap_ci(train: Mapping[str, Sequence[float]], test: Mapping[str, Sequence[float]],
+                level: float = 0.95) -> dict[str, Any]:
+    """A generalization gap with the normal interval of its sampling error, from per-example values.
+
+    The gap is the unweighted mean over tasks of ``mean(test[t]) - mean(train[t])``; the train and
+    test examples of a task are independent samples, so its variance is
+    ``sum_t (var(test[t]) / n_test + var(train[t]) / n_train) / T**2`` (``ddof=1``). Pass
+    per-example losses (nats) for the raw gap, or losses minus ``c`` times a reference model's
+    (a control variate) for the controlled gap; the interval then treats ``c`` as known.
+
+    Args:
+        train, test: task to the per-example values of its training and test examples (each at
+            least 2), the same tasks in both.
+    """
+    _check_level(level)
+    if set(train) != set(test) or not train:
+        raise ValueError(f"train and test must cover the same tasks; got {sorted(train)} and {sorted(test)}.")
+    tasks = sorted(train)
+    tr = {t: np.asarray(train[t], dtype=float) for t in tasks}
+    te = {t: np.asarray(test[t], dtype=float) for t in tasks}
+    short = [t for t in tasks if len(tr[t]) < 2 or len(te[t]) < 2]
+    if short:
+        raise ValueError(f"task {short[0]!r} has fewer than 2 train or test values; a variance needs at least 2.")
+    gap = float(np.mean([te[t].mean() - tr[t].mean() for t in tasks]))
+    var = sum(te[t].var(ddof=1) / len(te[t]) + tr[t].var(ddof=1) / len(tr[t]) for t in tasks) / len(tasks) ** 2
+    half = float(stats.norm.ppf(0.5 + level / 2) * np.sqrt(var))
+    n = sum(len(tr[t]) + len(te[t]) for t in tasks)
+    return _interval(gap, gap - half, gap + half, n, level, "normal (per-example variances)")
+
+
 def directional_status(interval: Mapping[str, Any], predicted: str = "positive", margin: float = 0.0) -> str:
     """The status of a claim that a quantity is above ``margin`` (``predicted="positive"``) or below
     ``-margin`` (``"negative"``), from its confidence interval:
@@ -148,6 +178,42 @@ def directional_status(interval: Mapping[str, Any], predicted: str = "positive",
     if hi < 0:
         return "not_reproduced"
     return "not_testable"
+
+
+def band_status(interval: Mapping[str, Any], low: float, high: float) -> str:
+    """The status of a claim that a quantity lies in ``[low, high]`` (e.g. a slope of 1 within a
+    stated tolerance), from its confidence interval: ``reproduced`` when the whole interval lies inside
+    the band, ``not_reproduced`` when it lies wholly outside, ``not_testable`` otherwise (too wide, or
+    undefined)."""
+    if not low <= high:
+        raise ValueError(f"low={low!r} and high={high!r} are not valid; the band needs low <= high.")
+    lo, hi = float(interval["ci_low"]), float(interval["ci_high"])
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "not_testable"
+    if low <= lo and hi <= high:
+        return "reproduced"
+    if hi < low or lo > high:
+        return "not_reproduced"
+    return "not_testable"
+
+
+def decimals_for(half_width: float) -> int:
+    """Decimal places that a value with this interval half-width supports: two significant digits
+    of the half-width (e.g. 0.034 -> 3 places, 2.6 -> 1, 140 -> 0); 3 when the width is unknown."""
+    if not np.isfinite(half_width) or half_width <= 0:
+        return 3
+    return int(max(0, 1 - np.floor(np.log10(half_width))))
+
+
+def format_ci(interval: Mapping[str, Any], scale: float = 1.0, unit: str = "") -> str:
+    """``"estimate [low, high]unit"`` with the values times ``scale`` (e.g. 100 for points), each
+    rounded by :func:`decimals_for` of the interval's half-width; ``"estimate (no interval)unit"``
+    when the bounds are undefined."""
+    est, lo, hi = (float(interval[k]) * scale for k in ("estimate", "ci_low", "ci_high"))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{est:.3g} (no interval){unit}"
+    d = decimals_for((hi - lo) / 2)
+    return f"{est:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]{unit}"
 
 
 def claim(text: str, source: str, status: str, evidence: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from ..analysis.stability import (
     gradient_norm_schedule,
 )
 from ..autodiff import hessian_extreme_eigenvalues
+from ..analysis.statistics import spearman_ci
 from ..training import FinetuneConfig
 from ..utils import StateDict
 
@@ -49,8 +50,13 @@ def expert_terms(bench: Any, task: str, cfg: FinetuneConfig, curvature: Curvatur
     return expert_stability(hp, G, curvature, regime)
 
 
+CURVATURE_AGGREGATES = ("max", "median")
+"""How :func:`estimate_curvature` combines the tasks measured at one step: the worst case, or the
+median (robust to one task's outlier, e.g. a head that is confidently wrong at ``theta_0``)."""
+
+
 def estimate_curvature(bench: Any, points: Sequence[tuple[str, int, StateDict]], batch_size: int = 32,
-                       iters: int = 8, seed: int = 0) -> tuple[Curvature, list[dict[str, Any]]]:
+                       iters: int = 8, seed: int = 0, aggregate: str = "max") -> tuple[Curvature, list[dict[str, Any]]]:
     """The curvature schedule of assumption A4 from Hessian power iteration at several points.
 
     Args:
@@ -58,11 +64,15 @@ def estimate_curvature(bench: Any, points: Sequence[tuple[str, int, StateDict]],
             checkpoints; each is evaluated on the first ``batch_size`` training examples of ``task``
             with its head.
 
+        aggregate: ``"max"``: at every step ``beta = max lam_max`` and ``rho = -min lam_min`` over the
+            points of that step (the worst case); ``"median"``: their medians (robust to an outlier).
+
     Returns:
-        ``Curvature`` with, at every measured step, ``beta = max lam_max`` and ``rho = -min lam_min``
-        over the points of that step (a constant when all points are at one step), and one row per
-        point.
+        ``Curvature`` with, at every measured step, ``beta`` and ``rho`` aggregated over the points
+        of that step (a constant when all points are at one step), and one row per point.
     """
+    if aggregate not in CURVATURE_AGGREGATES:
+        raise ValueError(f"aggregate={aggregate!r} is not valid; use one of {', '.join(CURVATURE_AGGREGATES)}.")
     if not points:
         raise ValueError("points is empty; pass (task, step, state) triples, e.g. [('colours', 0, pretrained)].")
     rows = []
@@ -74,8 +84,9 @@ def estimate_curvature(bench: Any, points: Sequence[tuple[str, int, StateDict]],
                                                        y[:batch_size].to(bench.device), iters, seed + i)
         rows.append({"task": task, "step": int(step), "lambda_max": lam_max, "lambda_min": lam_min})
     steps = sorted({r["step"] for r in rows})
-    beta = tuple(max(r["lambda_max"] for r in rows if r["step"] == s) for s in steps)
-    rho = tuple(-min(r["lambda_min"] for r in rows if r["step"] == s) for s in steps)
+    pick = (lambda v: float(np.max(v))) if aggregate == "max" else (lambda v: float(np.median(v)))
+    beta = tuple(pick([r["lambda_max"] for r in rows if r["step"] == s]) for s in steps)
+    rho = tuple(pick([-r["lambda_min"] for r in rows if r["step"] == s]) for s in steps)
     if len(steps) == 1:
         return Curvature(beta=beta[0], rho=rho[0]), rows
     return Curvature(beta=beta, rho=rho, steps=tuple(steps)), rows
@@ -241,7 +252,9 @@ def run_merges(bench: Any, specs: Sequence[MergeSpec], curvature: Curvature,
     Measured (:func:`measure_merge`): ``train_loss``, ``test_loss``, ``generalization_gap``,
     ``gap_vs_pretrained`` (the gap with the pretrained model on the same examples as a control
     variate, :func:`control_variate_gap`: a lower-variance estimate of the same expectation),
-    ``train_accuracy``, ``test_accuracy``;
+    ``train_accuracy``, ``test_accuracy``; ``generalization_gap_ci_low/high`` and
+    ``gap_vs_pretrained_ci_low/high`` (95 % sampling intervals from the per-example losses,
+    :func:`mergelab.analysis.statistics.mean_gap_ci`);
     ``lipschitz`` (mean ``L_k``). Predicted, for simple averaging
     only (the bound says nothing about sparsified merges): ``bound_<regime>`` and the averaged
     stability's ``sampling_<regime>`` and ``drift_<regime>`` (:func:`averaged_stability`).
@@ -271,6 +284,7 @@ def run_merges(bench: Any, specs: Sequence[MergeSpec], curvature: Curvature,
             **{k: m[k] for k in ("train_loss", "test_loss", "generalization_gap", "train_accuracy",
                                  "test_accuracy")},
             "gap_vs_pretrained": m["gap_vs_reference"],
+            **_ci_columns(m),
             "lipschitz": float(np.mean(list(m["lipschitz"].values()))) if probe_size > 0 else float("nan"),
         }
         for regime in regimes:
@@ -290,12 +304,25 @@ def run_merges(bench: Any, specs: Sequence[MergeSpec], curvature: Curvature,
     return pd.DataFrame(rows)
 
 
-def rank_correlations(df: Any, predicted: str, measured: str = "gap_vs_pretrained") -> dict[str, dict[str, float]]:
-    """Spearman rank correlation between a predicted and a measured column of :func:`run_merges`' table.
+def _ci_columns(m: Mapping[str, Any]) -> dict[str, float]:
+    """The sampling intervals of a :func:`measure_merge` result as flat columns (NaN when absent)."""
+    out = {}
+    for key, name in (("generalization_gap_ci", "generalization_gap"), ("gap_vs_reference_ci", "gap_vs_pretrained")):
+        ci = m.get(key) or {}
+        out[f"{name}_ci_low"] = float(ci.get("ci_low", float("nan")))
+        out[f"{name}_ci_high"] = float(ci.get("ci_high", float("nan")))
+    return out
+
+
+def rank_correlations(df: Any, predicted: str, measured: str = "gap_vs_pretrained", n_resamples: int = 2000,
+                      seed: int = 0) -> dict[str, dict[str, float]]:
+    """Spearman rank correlation between a predicted and a measured column of :func:`run_merges`' table,
+    with 95 % bootstrap intervals (merges resampled, :func:`mergelab.analysis.statistics.spearman_ci`).
 
     Computed over every simple-averaging merge (``"overall"``), and per hyperparameter over the
     homogeneous merges that differ from the centre in that hyperparameter only (the centre included).
-    Each entry: ``spearman``, ``p_value``, ``n``, and ``spearman_within_draw``: the same after
+    Each entry: ``spearman`` with ``ci_low``, ``ci_high``, ``p_value``, ``n``, and
+    ``spearman_within_draw`` with ``within_draw_ci_low``, ``within_draw_ci_high``: the same after
     subtracting each draw's centre merge from the measured value and from the log of the predicted
     one, so that differences between task subsets do not count. NaN with fewer than 3 merges or a
     constant column.
@@ -310,18 +337,19 @@ def rank_correlations(df: Any, predicted: str, measured: str = "gap_vs_pretraine
         avg["_pred_w"] = np.log(avg[predicted].astype(float)) - np.log(avg["draw"].map(centre[predicted]).astype(float))
     avg["_meas_w"] = avg[measured] - avg["draw"].map(centre[measured])
 
-    def rho(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    def rho(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], float]:
         ok = np.isfinite(x) & np.isfinite(y)
         x, y = x[ok], y[ok]
         if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-            return float("nan"), float("nan")
-        res = spearmanr(x, y)
-        return float(res.statistic), float(res.pvalue)
+            return {"estimate": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}, float("nan")
+        return spearman_ci(x, y, n_resamples=n_resamples, seed=seed), float(spearmanr(x, y).pvalue)
 
     def corr(part: Any) -> dict[str, float]:
         r, p = rho(part[predicted].to_numpy(float), part[measured].to_numpy(float))
         rw, _ = rho(part["_pred_w"].to_numpy(float), part["_meas_w"].to_numpy(float))
-        return {"spearman": r, "p_value": p, "n": int(len(part)), "spearman_within_draw": rw}
+        return {"spearman": r["estimate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "p_value": p,
+                "n": int(len(part)), "spearman_within_draw": rw["estimate"], "within_draw_ci_low": rw["ci_low"],
+                "within_draw_ci_high": rw["ci_high"]}
 
     out = {"overall": corr(avg)}
     homo = avg[avg["kind"] == "homogeneous"]
@@ -401,10 +429,14 @@ def heterogeneity_table(df: Any, predicted: str) -> Any:
 
 
 def expert_table(bench: Any, grid: ExpertGrid, tasks: Sequence[str], hyperparameter: str = "lr",
-                 max_examples: int | None = 500, seed: int | None = None) -> Any:
+                 max_examples: int | None = 500, seed: int | None = None, curvature: Curvature | None = None,
+                 regime: str = "quadratic", probe_size: int = 4) -> Any:
     """Each expert measured on its own task (``K = 1``) along one hyperparameter's levels and every
     checkpoint: ``task``, ``level``, ``step``, ``train_loss``, ``test_loss``, ``generalization_gap``,
-    ``gap_vs_pretrained``, ``test_accuracy``."""
+    ``gap_vs_pretrained`` with ``gap_vs_pretrained_ci_low/high`` (as in :func:`run_merges`),
+    ``test_accuracy``; with a ``curvature``, also ``lipschitz`` (mean per-example gradient norm over
+    ``probe_size`` seen examples) and ``bound`` (:func:`generalization_bound` of the one expert,
+    ``K = 1``, in ``regime``)."""
 
 
     if hyperparameter not in grid.levels or hyperparameter == "num_steps":
@@ -417,54 +449,15 @@ def expert_table(bench: Any, grid: ExpertGrid, tasks: Sequence[str], hyperparame
         for level in grid.levels[hyperparameter]:
             for step in grid.steps:
                 cfg = replace(base, **{hyperparameter: level, "num_steps": step})
+                probe = probe_size if curvature is not None else 0
                 m = measure_merge(bench, checkpoint_state(bench, task, cfg), {task: cfg}, max_examples=max_examples,
-                                  reference=pre, reference_cache=cache)
-                rows.append({"task": task, "level": level, "step": step,
-                             **{k: m[k] for k in ("train_loss", "test_loss", "generalization_gap", "test_accuracy")},
-                             "gap_vs_pretrained": m["gap_vs_reference"]})
+                                  reference=pre, reference_cache=cache, probe_size=probe)
+                row = {"task": task, "level": level, "step": step,
+                       **{k: m[k] for k in ("train_loss", "test_loss", "generalization_gap", "test_accuracy")},
+                       "gap_vs_pretrained": m["gap_vs_reference"], **_ci_columns(m)}
+                if curvature is not None:
+                    row["lipschitz"] = m["lipschitz"][task]
+                    row["bound"] = generalization_bound([expert_terms(bench, task, cfg, curvature, regime)],
+                                                        [m["lipschitz"][task]])
+                rows.append(row)
     return pd.DataFrame(rows)
-
-
-def recommendations_markdown(effects: Any, hetero: Any, sparse: Any, lr_slice: Any, experts_lr: Any,
-                             correlations: Mapping[str, Any], grid: ExpertGrid, levels: Mapping[str, Sequence[float]]
-                             ) -> str:
-    """The chapter's "recommendations" section, one Markdown bullet per finding, each computed from the
-    tables of the figures it names (``effects``: :func:`hyperparameter_effects`; ``hetero``:
-    :func:`heterogeneity_table` with its change columns; ``sparse``: the averaging/TIES/DARE merges;
-    ``lr_slice``: merges along lr and steps; ``experts_lr``: :func:`expert_table`)."""
-    eff = effects.groupby(["hyperparameter", "level"])["gap_vs_pretrained"].mean()
-    het = hetero.groupby("hyperparameter")[["change in gap", "change in test acc"]].mean()
-    sp = sparse.groupby("method")[["gap_vs_pretrained", "test_accuracy"]].mean()
-    col = lr_slice.groupby(["mean_lr", "mean_num_steps"])["test_accuracy"].mean()
-    rq_overall = correlations["quadratic"]["overall"]["spearman"]
-    lines = []
-    for h in HYPERPARAMETERS:
-        e = eff[h]
-        best = e.idxmin()
-        rho_h = correlations["quadratic"][h]["spearman"]
-        lines.append(f"* **{h}**: the smallest measured merged gap came at {h} = {best:g} ({e.min():+.3f} nats, against "
-                     f"{e.max():+.3f} at {e.idxmax():g}); the bound's ranking of this slice has Spearman rho = {rho_h:.2f} "
-                     "(@fig-effects).")
-    worst = het["change in gap"].abs().idxmax()
-    lines.append(f"* **Matching recipes**: spreading {worst} across experts moved the merged gap most "
-                 f"({het.loc[worst, 'change in gap']:+.3f} nats, test accuracy {het.loc[worst, 'change in test acc']:+.3f}) "
-                 f"against the homogeneous merge at the same mean; the mean change over all spread hyperparameters was "
-                 f"{het['change in gap'].mean():+.3f} nats (@fig-heterogeneity).")
-    best_lr = col.groupby(level=0).max().idxmax()
-    steps_best = col.loc[best_lr].idxmax()
-    last = max(grid.steps)
-    lines.append(f"* **Steps**: merged accuracy peaked at {col.loc[best_lr].max():.1%} (lr = {best_lr:g}, {steps_best:g} steps); "
-                 f"after {last} steps it was " + ", ".join(f"{col.loc[lr, last]:.1%} at lr = {lr:g}" for lr in levels["lr"])
-                 + f", while the experts on their own tasks reached {experts_lr[experts_lr['step'] == last]['test_accuracy'].mean():.1%} "
-                 "(@fig-collapse).")
-    best_method = sp["test_accuracy"].idxmax()
-    lines.append(f"* **Sparsify?** Among averaging, TIES and DARE, {best_method} gave the best accuracy "
-                 f"({sp.loc[best_method, 'test_accuracy']:.1%}); the measured gap was smallest with "
-                 f"{sp['gap_vs_pretrained'].idxmin()} (@fig-sparsify).")
-    sign = ("with" if rq_overall > 0.3 else "against" if rq_overall < -0.3 else "almost independently of") \
-        if np.isfinite(rq_overall) else "(too few merges to say) relative to"
-    lines.append(f"* **Trusting the bound**: on this run it orders merges {sign} the measured gap (Spearman "
-                 f"{rq_overall:.2f} overall, {correlations['quadratic']['overall']['spearman_within_draw']:.2f} within draws): "
-                 + ("use it to rank recipes." if rq_overall > 0.3 else
-                    "do not use it to choose recipes here; the measured effects above are the guide (@fig-bound-vs-gap)."))
-    return "\n".join(lines)

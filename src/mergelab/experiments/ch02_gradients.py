@@ -202,21 +202,13 @@ def merging_by_epochs(bench: Any, pretrained: StateDict, trajectories: Mapping[t
     return out
 
 
-def _slope(x: Sequence[float], y: Sequence[float]) -> float:
-    """Least-squares slope of ``log y`` against ``log x`` (nan with fewer than two positive points)."""
-
-    pts = [(a, b) for a, b in zip(x, y) if a > 0 and b > 0]
-    if len(pts) < 2:
-        return float("nan")
-    lx, ly = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
-    return float(np.polyfit(lx, ly, 1)[0])
-
-
 def summary_markdown(results: Mapping[str, Any], epochs: int) -> str:
     """The closing summary of the task-vectors-as-gradients notebook, from its results dict.
 
     Five numbered points mirroring the notebook's goals: one-step exactness, alignment over epochs,
-    the second-order term, merging by number of epochs, and the best- and worst-aligned layers.
+    the second-order term with its regime and slopes (``taylor_regime``, ``taylor_slopes``), merging by
+    number of epochs as gains over zero-shot (``gain_over_zero_shot``, ``merge_steps_per_epoch``), and
+    the best- and worst-aligned layers.
     """
 
     one = results["one_step_exactness"]
@@ -250,36 +242,57 @@ def summary_markdown(results: Mapping[str, Any], epochs: int) -> str:
     k = int(tay.steps.max())
     last = tay[tay.steps == k].groupby("lr")[["relative_gap", "relative_second_order", "relative_residual",
                                               "gap_cosine"]].mean()
-    rows = [f"lr {lr:g}: gap {r.relative_gap:.2%}, predicted {r.relative_second_order:.2%} (cosine with the gap "
-            f"{r.gap_cosine:.2f}), residual {r.relative_residual:.2%}" for lr, r in last.iterrows()]
+    regime = pd.DataFrame(results["taylor_regime"]).groupby("lr")["eta_lambda_k"].median()
+    rows = [f"lr {lr:g} ($\\eta\\lambda_{{\\max}}k$ = {regime.loc[lr]:.2g}): gap {r.relative_gap:.2%}, predicted "
+            f"{r.relative_second_order:.2%} (cosine with the gap {r.gap_cosine:.2f}), residual {r.relative_residual:.2%}"
+            for lr, r in last.iterrows()]
+    slopes = results["taylor_slopes"]
+    inside = slopes["in_regime"]
+
+    def slope(iv: Mapping[str, Any]) -> str:
+        return (f"{iv['estimate']:.2f} [{iv['ci_low']:.2f}, {iv['ci_high']:.2f}]" if np.isfinite(iv["ci_low"])
+                else f"{iv['estimate']:.2f} (no interval)")
+
+    regime_text = (f"inside the regime ($\\eta\\lambda_{{\\max}}k$ < {slopes['limit']:g}: lr "
+                   + ", ".join(f"{v:g}" for v in inside["learning_rates"]) + f") the gap's slope is {slope(inside['gap'])} "
+                   f"(predicted 1) and the residual's {slope(inside['residual'])} (predicted 2)"
+                   if len(inside["learning_rates"]) >= 2 else
+                   f"fewer than two learning rates lie inside the regime $\\eta\\lambda_{{\\max}}k$ < {slopes['limit']:g}, "
+                   "so the predicted slopes cannot be tested here")
     points.append(f"3. **Second-order term** (full-batch GD, {k} steps, sizes relative to "
-                  "$\\lVert\\eta k \\nabla L\\rVert$). " + "; ".join(rows) + f". Log-log slope against lr: gap "
-                  f"{_slope(last.index, last.relative_gap):.2f} (first order predicts 1), residual "
-                  f"{_slope(last.index, last.relative_residual):.2f} (2 while the expansion holds).")
+                  "$\\lVert\\eta k \\nabla L\\rVert$, means over tasks). " + "; ".join(rows) + ". Log-log slopes "
+                  f"against lr (per task, 95 % t interval over tasks): {regime_text}; over all learning rates "
+                  f"{slope(slopes['all']['gap'])} and {slope(slopes['all']['residual'])}.")
 
     merged, mt = results["merged_accuracy_by_epochs"], results["multitask_same_budget"]
     conv = results["merged_converged"]
-
+    gains = results["gain_over_zero_shot"]
     merge_epochs = [int(e) for e in next(iter(mt.values()))]
 
     def series(by: Mapping[str, Any]) -> str:
         return ", ".join(f"{by[str(e)]['absolute_accuracy']:.3f}" for e in merge_epochs)
 
+    def gain(iv: Mapping[str, Any]) -> str:
+        return (f"{iv['estimate']:.2f} [{iv['ci_low']:.2f}, {iv['ci_high']:.2f}]" if np.isfinite(iv["ci_low"])
+                else f"{iv['estimate']:.2f}")
+
     lines = []
     for opt, by_method in merged.items():
         lr = results["merge_learning_rates"][opt]
-        lines.append(f"{opt} experts (lr {lr:g}): " + "; ".join(
-            f"{m} {series(by)} (after {merge_epochs[0]} epoch{'s' if merge_epochs[0] > 1 else ''}: "
-            f"{by[str(merge_epochs[0])]['absolute_accuracy'] / conv[m]['absolute_accuracy']:.0%} of the converged merge)"
-            for m, by in by_method.items())
-            + f"; multi-task with the same budget {series(mt[opt])}; the experts on their own tasks "
-            f"{series(results['experts_by_epochs'][opt])}; distance from the sum of the task vectors "
-            "(coefficient 1) to the multi-task displacement, relative to the latter, "
-            + ", ".join(f"{results['sum_vs_multitask'][opt][str(e)]['relative_distance']:.2f}" for e in merge_epochs)
-            + " (cosine " + ", ".join(f"{results['sum_vs_multitask'][opt][str(e)]['cosine']:.2f}" for e in merge_epochs)
-            + ")")
-    points.append(f"4. **Merging** (mean test accuracy after {', '.join(map(str, merge_epochs))} epochs). "
-                  + ". ".join(lines)
+        e1 = str(merge_epochs[0])
+        lines.append(f"{opt} experts (lr {lr:g}, {results['merge_steps_per_epoch']} steps per epoch): the experts after "
+                     f"{e1} epoch reach {gain(gains['experts'][opt][e1])} of the converged experts' gain over zero-shot "
+                     "on their own tasks; merged, " + "; ".join(
+                         f"{m} {series(by)} (gain over zero-shot as a share of the converged merge's: "
+                         + ", ".join(gain(gains['merged'][opt][m][str(e)]) for e in merge_epochs) + ")"
+                         for m, by in by_method.items())
+                     + f"; multi-task with the same budget {series(mt[opt])}; distance from the sum of the task vectors "
+                     "(coefficient 1) to the multi-task displacement, relative to the latter, "
+                     + ", ".join(f"{results['sum_vs_multitask'][opt][str(e)]['relative_distance']:.2f}" for e in merge_epochs)
+                     + " (mini-batch order differs between the experts and the multi-task run, so the two agree only to "
+                     "first order and in expectation)")
+    points.append(f"4. **Merging** (mean test accuracy after {', '.join(map(str, merge_epochs))} epochs; brackets: 95 % "
+                  "bootstrap intervals over tasks). " + ". ".join(lines)
                   + ". Merging the converged experts: " + ", ".join(f"{m} {r['absolute_accuracy']:.3f}"
                                                                     for m, r in conv.items())
                   + f"; zero-shot {results['zero_shot']['absolute_accuracy']:.3f}.")

@@ -1,0 +1,212 @@
+"""Chapter 01 (the stability bound): the seed paper's directional predictions tested one
+hyperparameter at a time with confidence intervals, the chapter's claims list, and its
+recommendations (stated only where the intervals separate).
+
+The unit of replication is the draw (a random subset of tasks with its own fine-tuning seed): each
+effect is a per-draw difference between two merges of the same tasks, and its interval is Student's t
+over draws (:func:`mergelab.analysis.statistics.mean_ci`), which holds both the sampling noise of
+each merge's measurement and the variation between task subsets and seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..analysis.statistics import claim, directional_status, format_ci, mean_ci, spearman_ci
+from .ch01_stability import ExpertGrid
+
+SOURCE = "li2026generalization"
+"""Bibliography key of the seed paper (reports/references.bib)."""
+
+PREDICTIONS = {
+    # hyperparameter: (what "more" means, predicted sign of the change in gap when it grows)
+    "lr": ("a larger learning rate", "positive"),
+    "batch_size": ("a larger batch", "negative"),
+    "num_steps": ("more steps past the centre", "positive"),
+    "data_fraction": ("more data", "negative"),
+}
+"""The seed's directional predictions for the merged model's generalization gap; accuracy is
+predicted to move the other way (worse generalization, lower test accuracy)."""
+
+_OTHER = {"positive": "negative", "negative": "positive"}
+
+
+def slice_differences(merges: Any, grid: ExpertGrid, hyperparameter: str, column: str) -> pd.DataFrame:
+    """Per draw, ``column`` of the homogeneous simple-averaging merge at the hyperparameter's top level
+    minus the one at its bottom level (for ``num_steps``: the last checkpoint minus the centre step
+    count, "past a point"), the other hyperparameters at the centre.
+
+    Returns:
+        one row per draw: ``draw``, ``low``, ``high`` (the two levels), ``value_low``, ``value_high``,
+        ``difference``.
+    """
+    if hyperparameter not in grid.levels:
+        raise ValueError(f"hyperparameter={hyperparameter!r} is not valid; the grid varies {', '.join(grid.levels)}.")
+    avg = merges[(merges["method"] == "weight_averaging") & (merges["kind"] == "homogeneous")]
+    part = avg[avg["varied"].isin(["centre", hyperparameter])]
+    if hyperparameter != "num_steps":
+        part = part[part["mean_num_steps"] == grid.centre("num_steps")]
+    levels = sorted(grid.levels[hyperparameter])
+    low = grid.centre("num_steps") if hyperparameter == "num_steps" else levels[0]
+    high = levels[-1]
+    rows = []
+    for draw, d in part.groupby("draw"):
+        at = d.set_index(f"mean_{hyperparameter}")[column]
+        if low in at.index and high in at.index:
+            rows.append({"draw": int(draw), "low": low, "high": high, "value_low": float(at.loc[low]),
+                         "value_high": float(at.loc[high]), "difference": float(at.loc[high] - at.loc[low])})
+    return pd.DataFrame(rows, columns=["draw", "low", "high", "value_low", "value_high", "difference"])
+
+
+def sparsification_differences(merges: Any, grid: ExpertGrid, method: str, column: str) -> pd.DataFrame:
+    """Per draw, the mean over the draw's centre and heterogeneous merges of ``column`` with ``method``
+    (e.g. TIES) minus the same merge by simple averaging (the same experts).
+
+    Returns:
+        one row per draw: ``draw``, ``pairs`` (merges compared), ``difference``.
+    """
+    base = merges[(merges["kind"] == "heterogeneous")
+                  | ((merges["varied"] == "centre") & (merges["mean_num_steps"] == grid.centre("num_steps")))]
+    key = ["draw", "kind", "varied"]
+    avg = base[base["method"] == "weight_averaging"].set_index(key)[column]
+    other = base[base["method"] == method].set_index(key)[column]
+    if other.empty:
+        raise ValueError(f"method={method!r} has no merges in the table; have: {', '.join(sorted(set(merges['method'])))}.")
+    diff = (other - avg.reindex(other.index)).dropna().reset_index()
+    return diff.groupby("draw")[column].agg(["size", "mean"]).reset_index().rename(
+        columns={"size": "pairs", "mean": "difference"})
+
+
+def _effect(table: pd.DataFrame) -> dict[str, Any]:
+    return {**mean_ci(table["difference"]), "per_draw": table.to_dict("records")}
+
+
+def effects(merges: Any, grid: ExpertGrid, sparsify: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """Every effect the claims test, each a :func:`mean_ci` over draws plus its ``per_draw`` rows.
+
+    Keys ``"<hyperparameter>:<column>"`` for the gap (``gap_vs_pretrained``), ``test_accuracy`` and
+    ``train_loss`` along each hyperparameter of the grid, and ``"<method>:<column>"`` for each
+    sparsifying method against simple averaging (gap and accuracy).
+    """
+    out = {}
+    for h in PREDICTIONS:
+        if h in grid.levels:
+            for col in ("gap_vs_pretrained", "test_accuracy", "train_loss"):
+                out[f"{h}:{col}"] = _effect(slice_differences(merges, grid, h, col))
+    for method in sparsify:
+        for col in ("gap_vs_pretrained", "test_accuracy"):
+            out[f"{method}:{col}"] = _effect(sparsification_differences(merges, grid, method, col))
+    return out
+
+
+def bound_validity(table: Any, bound: str, high: str = "gap_vs_pretrained_ci_high",
+                   low: str = "gap_vs_pretrained_ci_low") -> dict[str, Any]:
+    """Whether a bound lies above the measured gaps: ``reproduced`` when it is above every gap's
+    interval, ``not_reproduced`` when it is below some gap's whole interval, else ``not_testable``."""
+    b = table[bound].to_numpy(float)
+    ok = np.isfinite(b)
+    above = int((b[ok] >= table[high].to_numpy(float)[ok]).sum())
+    below = int((b[ok] < table[low].to_numpy(float)[ok]).sum())
+    status = "not_reproduced" if below else "reproduced" if above == ok.sum() and ok.any() else "not_testable"
+    return {"status": status, "n": int(ok.sum()), "above_interval": above, "below_interval": below,
+            "median_bound": float(np.median(b[ok])) if ok.any() else float("nan"),
+            "max_gap_ci_high": float(np.nanmax(table[high].to_numpy(float))) if len(table) else float("nan")}
+
+
+def claims(merges: Any, experts: Any, correlations: Mapping[str, Any], grid: ExpertGrid, size: str,
+           sparsify: Sequence[str] = (), regime: str = "quadratic") -> list[dict[str, Any]]:
+    """The chapter's claims, ``{claim, source, status, evidence}`` each, status from intervals.
+
+    Args:
+        merges: :func:`mergelab.experiments.ch01_stability.run_merges`' table.
+        experts: :func:`mergelab.experiments.ch01_stability.expert_table` with a ``bound`` column (K = 1).
+        correlations: :func:`mergelab.experiments.ch01_stability.rank_correlations` per regime.
+        size: the benchmark size (recorded in every claim's evidence).
+        sparsify: the sparsifying methods merged besides simple averaging.
+    """
+    eff = effects(merges, grid, sparsify)
+    out = []
+
+    def add(text: str, status: str, evidence: Mapping[str, Any]) -> None:
+        out.append(claim(text, SOURCE, status, {**evidence, "size": size}))
+
+    for h, (more, sign) in PREDICTIONS.items():
+        if h not in grid.levels:
+            continue
+        gap, acc = eff[f"{h}:gap_vs_pretrained"], eff[f"{h}:test_accuracy"]
+        worse = "worse" if sign == "positive" else "better"
+        add(f"Merging experts trained with {more} gives a {worse} generalization gap (gap of the merged model, "
+            "controlled for the pretrained model's).", directional_status(gap, sign),
+            {"effect": "gap(high) - gap(low), nats, per draw", **gap})
+        add(f"Merging experts trained with {more} gives {'lower' if sign == 'positive' else 'higher'} merged test "
+            "accuracy.", directional_status(acc, _OTHER[sign]), {"effect": "accuracy(high) - accuracy(low)", **acc})
+    if "lr" in grid.levels:
+        opt = eff["lr:train_loss"]
+        add("The optimization term grows with the experts' learning rate: the merged model's training loss rises "
+            "(task vectors interfere; the other half of the seed's trade-off, behind merging collapse).",
+            directional_status(opt, "positive"), {"effect": "train_loss(high lr) - train_loss(low lr), nats", **opt})
+    for method in sparsify:
+        gap, acc = eff[f"{method}:gap_vs_pretrained"], eff[f"{method}:test_accuracy"]
+        add(f"Sparsifying before merging ({method}) tightens generalization: a smaller merged gap than simple "
+            "averaging of the same experts.", directional_status(gap, "negative"),
+            {"effect": f"gap({method}) - gap(averaging), nats", **gap,
+             "accuracy_difference": {k: v for k, v in acc.items() if k != "per_draw"}})
+    rq = correlations[regime]["overall"]
+    within = {"estimate": rq["spearman_within_draw"], "ci_low": rq["within_draw_ci_low"],
+              "ci_high": rq["within_draw_ci_high"]}
+    add("The bound ranks merges by their measured gap (Spearman within draws, so that task subsets do not count).",
+        directional_status(within, "positive"), {"regime": regime, "within_draw": within, "overall": rq})
+    k1 = spearman_ci(experts["bound"], experts["gap_vs_pretrained"])
+    add("For single experts (K = 1) the bound ranks them by their measured gap.", directional_status(k1, "positive"),
+        {"regime": regime, **k1})
+    avg = merges[merges["method"] == "weight_averaging"]
+    for name, table, col in (("merges (simple averaging)", avg, f"bound_{regime}"), ("single experts (K = 1)", experts, "bound")):
+        v = bound_validity(table, col)
+        add(f"The bound holds for {name}: it lies above every measured gap's 95 % interval.", v.pop("status"),
+            {"regime": regime, **v})
+    return out
+
+
+def recommendations_markdown(eff: Mapping[str, Mapping[str, Any]], correlations: Mapping[str, Any],
+                             regime: str = "quadratic") -> str:
+    """The chapter's recommendations, one Markdown bullet per hyperparameter and per sparsifying
+    method: a recommendation only where the 95 % interval of the merged accuracy's change (or, failing
+    that, of the gap's) excludes zero; otherwise the bullet says this size supports none.
+
+    Args:
+        eff: :func:`effects`.
+    """
+    lines, supported = [], 0
+    names = {"lr": "learning rate", "batch_size": "batch size", "num_steps": "steps", "data_fraction": "data fraction"}
+    for key in [k for k in eff if k.endswith(":test_accuracy")]:
+        what = key.split(":")[0]
+        acc, gap = eff[key], eff[f"{what}:gap_vs_pretrained"]
+        rows = acc["per_draw"]
+        label = (f"**{names[what]}** ({rows[0]['low']:g} → {rows[0]['high']:g})" if what in names and rows
+                 else f"**{what}** (against simple averaging)")
+        text = (f"{label}: merged accuracy {format_ci(acc, 100, ' points')}, gap {format_ci(gap, 1, ' nats')}")
+        if np.isfinite(acc["ci_low"]) and (acc["ci_low"] > 0 or acc["ci_high"] < 0):
+            supported += 1
+            lines.append(f"* {text}: {'prefer the higher' if acc['ci_low'] > 0 else 'prefer the lower'} "
+                         f"{'setting' if what in names else 'method over simple averaging'}"
+                         f"{'' if what in names else ' (it ' + ('wins' if acc['ci_low'] > 0 else 'loses') + ')'}.")
+        elif np.isfinite(gap["ci_low"]) and (gap["ci_low"] > 0 or gap["ci_high"] < 0):
+            supported += 1
+            lines.append(f"* {text}: the gap separates ({'larger' if gap['ci_low'] > 0 else 'smaller'} at the higher "
+                         "setting) but accuracy does not; a weak preference only.")
+        elif not (np.isfinite(acc["ci_low"]) and np.isfinite(gap["ci_low"])):
+            lines.append(f"* {text}: no interval (fewer than two draws), so this size supports no recommendation.")
+        else:
+            lines.append(f"* {text}: both intervals include zero, so this size supports no recommendation.")
+    rq = correlations[regime]["overall"]
+    lo, hi = rq["within_draw_ci_low"], rq["within_draw_ci_high"]
+    trust = ("it orders merges like the measured gap: usable to rank recipes" if np.isfinite(lo) and lo > 0 else
+             "its ordering of merges is not supported here; do not use it to choose recipes")
+    lines.append(f"* **The bound**: Spearman within draws {rq['spearman_within_draw']:.2f} [{lo:.2f}, {hi:.2f}]: {trust}.")
+    head = ("No hyperparameter's effect separates from zero at this size: **this size supports no recommendation**; "
+            "the intervals below say how large an effect it could have missed.\n\n" if supported == 0 else "")
+    return head + "\n".join(lines)

@@ -1,0 +1,97 @@
+"""The claims logic of chapters 01 and 02 on hand-made tables (mergelab.experiments.ch01_claims, ch02_claims)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mergelab.experiments.ch01_claims import bound_validity, effects, slice_differences, sparsification_differences
+from mergelab.experiments.ch01_stability import ExpertGrid
+from mergelab.experiments.ch02_claims import gain_over_zero_shot, taylor_regime, taylor_slopes
+from mergelab.training import FinetuneConfig
+
+
+def _grid() -> ExpertGrid:
+    base = FinetuneConfig(lr=0.02, batch_size=32, data_fraction=0.5, num_steps=40)
+    return ExpertGrid(base, {"lr": (0.01, 0.02, 0.03), "num_steps": (20, 40, 60)}, checkpoints=(20, 40, 60))
+
+
+def _merges(lr_effect: float, draws: int = 4) -> pd.DataFrame:
+    """Homogeneous averaging merges along lr (at 40 steps) and steps (centre lr), plus TIES copies of the
+    centre merge whose gap is 0.1 lower; the gap grows by ``lr_effect`` per 0.01 of lr."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for d in range(draws):
+        offset = rng.normal()
+        for lr in (0.01, 0.02, 0.03):
+            gap = offset + lr_effect * (lr - 0.01) / 0.01 + 0.01 * rng.normal()
+            rows.append({"draw": d, "kind": "homogeneous", "method": "weight_averaging",
+                         "varied": "centre" if lr == 0.02 else "lr", "mean_lr": lr, "mean_num_steps": 40,
+                         "gap_vs_pretrained": gap, "test_accuracy": 0.5 - gap / 10, "train_loss": 1.0 + lr})
+        for steps in (20, 60):
+            rows.append({"draw": d, "kind": "homogeneous", "method": "weight_averaging", "varied": "num_steps",
+                         "mean_lr": 0.02, "mean_num_steps": steps, "gap_vs_pretrained": offset + steps / 100,
+                         "test_accuracy": 0.5, "train_loss": 1.0})
+        centre = [r for r in rows if r["draw"] == d and r["varied"] == "centre"][0]
+        rows.append({**centre, "method": "ties", "gap_vs_pretrained": centre["gap_vs_pretrained"] - 0.1})
+    return pd.DataFrame(rows)
+
+
+def test_slice_differences_pair_the_top_and_bottom_levels_within_each_draw():
+    grid = _grid()
+    merges = _merges(lr_effect=0.5)
+    lr = slice_differences(merges, grid, "lr", "gap_vs_pretrained")
+    assert list(lr["draw"]) == [0, 1, 2, 3] and set(lr["low"]) == {0.01} and set(lr["high"]) == {0.03}
+    assert np.allclose(lr["difference"], 1.0, atol=0.05)  # 2 x 0.5, the draw offsets cancel
+    steps = slice_differences(merges, grid, "num_steps", "gap_vs_pretrained")  # past the centre: 60 - 40
+    assert set(steps["low"]) == {40} and set(steps["high"]) == {60}
+    with pytest.raises(ValueError, match="hyperparameter='batch_size'"):
+        slice_differences(merges, grid, "batch_size", "gap_vs_pretrained")
+
+
+def test_effects_give_intervals_over_draws_and_sparsification_is_paired():
+    grid = _grid()
+    eff = effects(_merges(lr_effect=0.5), grid, ["ties"])
+    gap = eff["lr:gap_vs_pretrained"]
+    assert gap["n"] == 4 and 0 < gap["ci_low"] <= gap["estimate"] <= gap["ci_high"]
+    null = effects(_merges(lr_effect=0.0), grid)["lr:gap_vs_pretrained"]
+    assert null["ci_low"] < 0 < null["ci_high"]
+    ties = sparsification_differences(_merges(0.5), grid, "ties", "gap_vs_pretrained")
+    assert np.allclose(ties["difference"], -0.1) and set(ties["pairs"]) == {1}
+    with pytest.raises(ValueError, match="method='dare'"):
+        sparsification_differences(_merges(0.5), grid, "dare", "gap_vs_pretrained")
+
+
+def test_bound_validity_reads_the_gap_intervals():
+    table = pd.DataFrame({"bound": [1.0, 2.0], "gap_vs_pretrained_ci_low": [0.1, 0.2], "gap_vs_pretrained_ci_high": [0.5, 0.6]})
+    assert bound_validity(table, "bound")["status"] == "reproduced"
+    assert bound_validity(table.assign(bound=[0.3, 2.0]), "bound")["status"] == "not_testable"
+    assert bound_validity(table.assign(bound=[0.05, 2.0]), "bound")["status"] == "not_reproduced"
+
+
+def test_gain_over_zero_shot_is_a_share_of_the_converged_gain():
+    zs = {"a": 0.2, "b": 0.4, "c": 0.3, "d": 0.5}
+    conv = {"a": 0.8, "b": 0.9, "c": 0.7, "d": 0.9}
+    half = {t: zs[t] + (conv[t] - zs[t]) / 2 for t in zs}
+    g = gain_over_zero_shot(half, conv, zs)
+    assert g["estimate"] == pytest.approx(0.5) and g["ci_low"] <= 0.5 <= g["ci_high"]
+    assert g["converged_gain"] == pytest.approx(np.mean([0.6, 0.5, 0.4, 0.4]))
+    assert gain_over_zero_shot(zs, conv, zs)["estimate"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="same tasks"):
+        gain_over_zero_shot({"a": 0.5}, conv, zs)
+
+
+def test_taylor_slopes_use_only_the_learning_rates_inside_the_regime():
+    rows = []
+    for task, lam in (("a", 10.0), ("b", 20.0), ("c", 15.0)):
+        for lr in (1e-3, 3e-3, 1e-2, 3e-1):
+            rows.append({"task": task, "lr": lr, "steps": 4, "relative_gap": 5 * lr * (1.0 + 0.01 * lam),
+                         "relative_residual": 30 * lr**2 if lr < 0.1 else 1.0})
+    regime = taylor_regime(pd.DataFrame(rows), {"a": 10.0, "b": 20.0, "c": 15.0})
+    assert regime["eta_lambda_k"].iloc[0] == pytest.approx(1e-3 * 10 * 4)
+    slopes = taylor_slopes(regime)
+    assert slopes["in_regime"]["learning_rates"] == [1e-3, 3e-3, 1e-2]
+    assert slopes["in_regime"]["gap"]["estimate"] == pytest.approx(1.0)
+    assert slopes["in_regime"]["residual"]["estimate"] == pytest.approx(2.0)
+    assert slopes["all"]["residual"]["estimate"] < 1.9  # the run outside the regime bends the slope
