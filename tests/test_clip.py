@@ -645,3 +645,19 @@ def test_notebook_03_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
     assert all(0 <= e <= 1 for e in results["energy_top_k"].values())
     assert len(results["interference"]["pairs"]) == 3  # every pair of the 3 tasks
     assert results["speed"]["relative_difference"] < 1e-3
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_notebook_05_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
+    results, _ = run_at_clip_smoke("05_merge3_irt", tmp_path)
+    assert results["tasks"] == ["MNIST", "EuroSAT"]
+    N = results["num_items"]
+    assert N == 8  # max_val 4 images per task
+    assert {"evolved_full", "evolved_irt", "task_arithmetic_grid"} <= set(results["methods"])
+    for m in results["methods"].values():
+        assert set(m["per_task_accuracy"]) == {"MNIST", "EuroSAT"}
+    at_all = [r for r in results["estimator_errors"] if r["fraction"] == 1.0]
+    assert at_all and all(r["mae"] == pytest.approx(0.0, abs=1e-12) for r in at_all)
+    irt = results["methods"]["evolved_irt"]
+    assert irt["fitness_forward_passes"] == irt["evaluations"] * results["evolution"]["fitness_items"]

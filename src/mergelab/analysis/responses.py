@@ -1,0 +1,105 @@
+"""Per-image correctness of models on a benchmark split: the response matrices Item Response Theory
+is fitted on, and the cheap fitness of evolutionary merging (only the subset's images are run).
+
+Items are the images of ``tasks`` on ``split``, concatenated in task order (item ``i`` is image
+``i - offset[t]`` of task ``t``). Full response vectors are cached per (benchmark, heads, split, tasks,
+weights), keyed by a SHA-256 of the weights, under ``<data>/responses/`` (atomic writes); subsets are
+not cached (they are the cheap case). Every image run through the encoder is counted in
+:attr:`ResponseEvaluator.forward_passes` (cache hits cost none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import paths
+from ..models import load_encoder_state
+from ..utils import StateDict, atomic_save_npz, config_hash
+
+
+def state_digest(state: StateDict) -> str:
+    """SHA-256 (hex, 24 digits) of a state dict's names, shapes, dtypes and bytes, in key order."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:24]
+
+
+class ResponseEvaluator:
+    """0/1 correctness of encoder states on the items of ``tasks`` x ``split``.
+
+    Args:
+        bench: a :class:`mergelab.benchmarks.Benchmark`.
+        tasks: the tasks whose images are the items (default all).
+        split: ``"val"`` for fitness (the test split stays for the final report).
+        cache: cache full response vectors on disk.
+        batch_size: images per forward pass batch.
+    """
+
+    def __init__(self, bench: Any, tasks: Sequence[str] | None = None, split: str = "val", cache: bool = True,
+                 batch_size: int = 1000) -> None:
+        self.bench, self.split, self.cache, self.batch_size = bench, split, cache, int(batch_size)
+        self.tasks = list(tasks or bench.tasks)
+        self.labels = {t: bench.split(t, split)[1] for t in self.tasks}
+        sizes = [len(self.labels[t]) for t in self.tasks]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.num_items = int(self.offsets[-1])
+        self.item_task = np.repeat(np.arange(len(self.tasks)), sizes)
+        self.forward_passes = 0
+        self._encoder: torch.nn.Module | None = None
+        self._key = config_hash({"benchmark": bench.key, "split": split, "tasks": self.tasks,
+                                 "heads": [bench.head_digest(t) for t in self.tasks]})
+
+    def _cache_path(self, state: StateDict) -> Path:
+        return paths.data_dir() / "responses" / f"responses-{self._key}-{state_digest(state)}.npz"
+
+    @torch.no_grad()
+    def _run(self, state: StateDict, items: np.ndarray) -> np.ndarray:
+        if self._encoder is None:
+            self._encoder = self.bench.new_encoder()
+        enc = load_encoder_state(self._encoder, state).to(self.bench.device).eval()
+        out = np.zeros(items.size, dtype=bool)
+        for j, task in enumerate(self.tasks):
+            where = np.flatnonzero(self.item_task[items] == j)
+            if where.size == 0:
+                continue
+            local = items[where] - self.offsets[j]
+            head = self.bench.heads[task].to(self.bench.device)
+            for s in range(0, local.size, self.batch_size):
+                idx = local[s:s + self.batch_size]
+                X = self.bench.images(task, self.split, idx).to(self.bench.device)
+                pred = head(enc(X).float()).argmax(-1).cpu()
+                out[where[s:s + self.batch_size]] = (pred == self.labels[task][idx]).numpy()
+                self.forward_passes += idx.size
+        return out
+
+    def full(self, state: StateDict) -> np.ndarray:
+        """Correctness ``(N,)`` bool on every item (cached)."""
+        path = self._cache_path(state) if self.cache else None
+        if path is not None and path.is_file():
+            with np.load(path) as f:
+                return np.unpackbits(f["bits"], count=self.num_items).astype(bool)
+        out = self._run(state, np.arange(self.num_items))
+        if path is not None:
+            atomic_save_npz(path, bits=np.packbits(out))
+        return out
+
+    def subset(self, state: StateDict, items: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Correctness ``(n,)`` bool on ``items`` only: ``n`` forward passes (not cached)."""
+        idx = np.asarray(items, dtype=np.int64).reshape(-1)
+        if idx.size == 0 or idx.min() < 0 or idx.max() >= self.num_items:
+            raise ValueError(f"items must be a non-empty set of indices in 0..{self.num_items - 1}.")
+        return self._run(state, idx)
+
+    def per_task_accuracy(self, responses: np.ndarray) -> dict[str, float]:
+        """Accuracy per task (fractions 0..1) from a full response vector ``(N,)``."""
+        r = np.asarray(responses, dtype=float)
+        return {t: float(r[self.offsets[j]:self.offsets[j + 1]].mean()) for j, t in enumerate(self.tasks)}

@@ -1,0 +1,120 @@
+"""Item Response Theory (mergelab.analysis.irt): recovery of known parameters, the estimators'
+boundary cases and the errors a user gets for bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mergelab.analysis.irt import (IRTModel, estimate_accuracy, fit_ability, fit_irt, fit_merge_weights,
+                                   log_likelihood, p_irt, select_anchors, subset_mean)
+
+
+def synthetic(M: int = 200, N: int = 200, D: int = 2, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0, 1.0, (N, D)) + 0.5
+    b = rng.normal(0, 1.0, N)
+    theta = rng.normal(0, 1.0, (M, D))
+    truth = IRTModel(a, b)
+    return truth, theta, (rng.random((M, N)) < truth.prob(theta)).astype(float)
+
+
+def r2_up_to_linear_map(fitted: np.ndarray, true: np.ndarray) -> float:
+    """Share of the variance of ``true`` explained by a linear map of ``fitted`` (the model's
+    rotation/sign/scale freedom)."""
+    X = np.column_stack([fitted, np.ones(len(fitted))])
+    coef, *_ = np.linalg.lstsq(X, true, rcond=None)
+    resid = true - X @ coef
+    return 1 - float((resid ** 2).sum() / ((true - true.mean(0)) ** 2).sum())
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    truth, theta, responses = synthetic()
+    model, theta_hat = fit_irt(responses, dim=2, seed=0)
+    return truth, theta, responses, model, theta_hat
+
+
+def test_recovers_known_items_and_abilities(fitted):
+    truth, theta, _, model, theta_hat = fitted
+    # difficulty is identified only up to the shift a . mean(theta); abilities are N(0, I) in both
+    assert np.corrcoef(model.difficulty, truth.difficulty)[0, 1] > 0.9
+    assert r2_up_to_linear_map(model.discrimination, truth.discrimination) > 0.7
+    assert r2_up_to_linear_map(theta_hat, theta) > 0.8
+
+
+def test_fit_beats_a_one_dimensional_fit_on_held_out_models():
+    truth, theta, responses = synthetic(M=260, seed=1)
+    train, held = responses[:200], responses[200:]
+    scores = {}
+    for D in (1, 2):
+        model, _ = fit_irt(train, dim=D)
+        th = np.stack([fit_ability(model, np.arange(model.num_items), r) for r in held])
+        scores[D] = log_likelihood(model, th, held)
+    assert scores[2] > scores[1]
+
+
+def test_estimators_equal_the_subset_mean_on_all_items(fitted):
+    _, _, responses, model, theta_hat = fitted
+    y, everything = responses[5], np.arange(model.num_items)
+    est = estimate_accuracy(model, everything, y, theta_hat[:3])
+    for value in est.as_dict().values():
+        assert value == pytest.approx(y.mean(), abs=1e-12)
+
+
+def test_all_right_or_all_wrong_subsets_give_finite_estimates(fitted):
+    _, _, _, model, theta_hat = fitted
+    items = np.arange(10)
+    for y in (np.ones(10), np.zeros(10)):
+        theta = fit_ability(model, items, y)
+        lam = fit_merge_weights(model, theta_hat[:4], items, y)
+        assert np.isfinite(theta).all() and np.isfinite(lam).all()
+        est = estimate_accuracy(model, items, y, theta_hat[:4])
+        assert all(np.isfinite(v) and 0 <= v <= 1 for v in est.as_dict().values())
+    high = estimate_accuracy(model, items, np.ones(10), theta_hat[:4]).p_irt
+    low = estimate_accuracy(model, items, np.zeros(10), theta_hat[:4]).p_irt
+    assert high > low
+
+
+def test_irt_estimates_beat_the_subset_mean_on_small_subsets(fitted):
+    """On data the model generated, p-IRT from 25 items is closer to the full mean than the
+    25-item mean, on average over models."""
+    truth, theta, responses, model, _ = fitted
+    rng = np.random.default_rng(3)
+    err_mean, err_pirt = [], []
+    for m in range(40):
+        items = np.sort(rng.choice(model.num_items, 25, replace=False))
+        y = responses[m, items]
+        full = responses[m].mean()
+        err_mean.append(abs(subset_mean(y) - full))
+        err_pirt.append(abs(p_irt(model, items, y, fit_ability(model, items, y)) - full))
+    assert np.mean(err_pirt) < np.mean(err_mean)
+
+
+def test_anchors_random_and_clustered(fitted):
+    model = fitted[3]
+    for scheme in ("random", "clustered"):
+        items, weights = select_anchors(model, 20, scheme, seed=0)
+        assert len(np.unique(items)) == 20 and items.min() >= 0 and items.max() < model.num_items
+        assert weights.sum() == pytest.approx(1.0)
+        again, _ = select_anchors(model, 20, scheme, seed=0)
+        assert (again == items).all()
+    _, w = select_anchors(model, 20, "clustered")
+    assert w.std() > 0  # clusters of different sizes weigh differently
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m, t: estimate_accuracy(m, [], [], t), "empty"),
+    (lambda m, t: select_anchors(m, m.num_items + 1), "1..200"),
+    (lambda m, t: fit_ability(m, np.arange(m.num_items + 1), np.ones(m.num_items + 1)), "n <= N"),
+    (lambda m, t: fit_ability(m, [0, 1, 2], [0, 2, 1]), "only 0"),
+    (lambda m, t: fit_ability(m, [0, 1, 2], [0, 1]), "one answer per item"),
+    (lambda m, t: fit_ability(m, [0, 1, 1], [0, 1, 1]), "repeats"),
+    (lambda m, t: fit_merge_weights(m, t[:, :1], [0, 1], [1, 0]), "endpoint_theta"),
+    (lambda m, t: fit_irt(np.array([[0, 0.5]]), 1), "only 0"),
+    (lambda m, t: fit_irt(np.ones((3, 4)), 0), "dim=0"),
+    (lambda m, t: select_anchors(m, 5, "kmeans"), "scheme='kmeans'"),
+])
+def test_bad_inputs_get_clear_errors(fitted, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(fitted[3], fitted[4])

@@ -1,0 +1,87 @@
+"""What the MERGE3 notebook promises in its results JSON (smoke profile)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mergelab.analysis.irt import ESTIMATORS
+from mergelab.experiments.ch05_merge3 import subset_size
+from mergelab.params import profile_params
+
+NAME = "05_merge3_irt"
+pytestmark = [pytest.mark.notebook, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def results(run_notebook):
+    return run_notebook(NAME)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return profile_params("smoke", NAME)
+
+
+def test_every_row_has_absolute_and_normalized_accuracy(results):
+    methods = results["methods"]
+    assert set(methods) == {"zero_shot", "experts", "task_arithmetic_grid", "evolved_full", "evolved_irt"}
+    for name, m in methods.items():
+        assert set(m["per_task_accuracy"]) == set(results["tasks"]), name
+        assert m["absolute_accuracy"] == pytest.approx(sum(m["per_task_accuracy"].values()) / len(results["tasks"]))
+    assert methods["experts"]["normalized_accuracy"] == pytest.approx(1.0)
+
+
+def test_population_roles_and_irt_dimension(results, params):
+    roles = [m["role"] for m in results["population"]]
+    assert roles.count("dim_validation") + roles.count("held_out") == params["num_held_out"]
+    tasks = len(params["tasks"])
+    assert roles.count("calibration") == 1 + tasks + len(params["ta_grid"]) + len(params["ties_grid"]) + params["num_random"]
+    assert results["irt"]["dim"] in params["irt_dims"]
+    assert [r["dim"] for r in results["irt"]["dim_selection"]] == params["irt_dims"]
+    best = max(results["irt"]["dim_selection"], key=lambda r: r["held_out_log_likelihood"])
+    assert best["dim"] == results["irt"]["dim"]
+
+
+def test_estimator_errors_cover_every_size_scheme_and_estimator_and_vanish_at_all_items(results, params):
+    N = results["num_items"]
+    rows = results["estimator_errors"]
+    got = {(r["scheme"], r["fraction"], r["estimator"]) for r in rows}
+    assert got == {(s, f, e) for s in params["anchor_schemes"] for f in params["subset_fractions"] for e in ESTIMATORS}
+    for r in rows:
+        assert r["n"] == subset_size(r["fraction"], N)
+        assert 0 <= r["mae"] <= 1 and -1 <= r["spearman"] <= 1
+        if r["fraction"] == 1.0:  # n = N: every estimator is the full fitness
+            assert r["mae"] == pytest.approx(0.0, abs=1e-12)
+    assert len(results["estimator_draws"]) == len(rows) * params["subset_draws"]
+    assert {r["n"] for r in results["ga_population_rank_correlation"]} == {subset_size(f, N) for f in params["subset_fractions"]}
+
+
+def test_searches_count_their_forward_passes(results, params):
+    N = results["num_items"]
+    full, irt = results["methods"]["evolved_full"], results["methods"]["evolved_irt"]
+    n = subset_size(params["fitness_fraction"], N)
+    assert results["evolution"]["fitness_items"] == n
+    assert full["fitness_forward_passes"] == full["evaluations"] * N
+    assert irt["fitness_forward_passes"] == irt["evaluations"] * n
+    assert irt["endpoint_forward_passes"] == (1 + len(params["tasks"])) * N
+    for name in ("full", "irt"):
+        history = results["evolution"][name]
+        assert [h["generation"] for h in history] == list(range(1, params["n_gen"] + 1))
+        assert history[-1]["evaluations"] <= params["pop_size"] * params["n_gen"]
+        assert all(0 <= c <= params["coefficient_max"] for c in results["methods"][f"evolved_{name}"]["coefficients"].values())
+    assert full["validation_fitness"] == pytest.approx(full["estimated_fitness"])  # full fitness is exact
+    ta = results["methods"]["task_arithmetic_grid"]
+    assert ta["coefficient"] in params["ta_validation_grid"]
+    assert ta["fitness_forward_passes"] == len(params["ta_validation_grid"]) * N
+
+
+def test_claims_follow_their_evidence(results):
+    claims = results["claims"]
+    assert len(claims) == 5
+    for c in claims:
+        assert c["status"] in {"reproduced", "not_reproduced", "not_testable"} and c["source"]
+    cost = next(c for c in claims if "fewer fitness forward passes" in c["claim"])
+    e = cost["evidence"]
+    assert (cost["status"] == "reproduced") == (e["gap"] <= 0.01 and e["forward_pass_ratio"] >= 20)
+    m = results["methods"]
+    assert e["gap"] == pytest.approx(m["evolved_full"]["absolute_accuracy"] - m["evolved_irt"]["absolute_accuracy"])

@@ -1,0 +1,60 @@
+"""Per-image responses (mergelab.analysis.responses): subsets agree with the full vector, full vectors
+are cached per weights, forward passes are counted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mergelab.analysis.responses import ResponseEvaluator, state_digest
+
+
+class FakeBench:
+    """Two tasks of 5 and 7 'images' (vectors), a linear encoder and identity heads."""
+
+    tasks = ("a", "b")
+    device = torch.device("cpu")
+    key = "fake"
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.data = {t: (torch.randn(n, 3, generator=g), torch.randint(0, 3, (n,), generator=g))
+                     for t, n in (("a", 5), ("b", 7))}
+        self.heads = {t: torch.nn.Identity() for t in self.tasks}
+
+    def split(self, task, split="val"):
+        return self.data[task]
+
+    def images(self, task, split, indices):
+        return self.data[task][0][torch.as_tensor(indices, dtype=torch.long)]
+
+    def new_encoder(self, state=None):
+        enc = torch.nn.Linear(3, 3)
+        if state is not None:
+            enc.load_state_dict(state)
+        return enc
+
+    def head_digest(self, task):
+        return task
+
+
+def test_subset_matches_full_and_full_is_cached(data_dir):
+    bench = FakeBench()
+    ev = ResponseEvaluator(bench, split="val")
+    assert ev.num_items == 12 and list(ev.offsets) == [0, 5, 12]
+    state = {k: v.clone() for k, v in torch.nn.Linear(3, 3).state_dict().items()}
+    full = ev.full(state)
+    truth = np.concatenate([(bench.data[t][0] @ state["weight"].T + state["bias"]).argmax(-1).numpy()
+                            == bench.data[t][1].numpy() for t in bench.tasks])
+    assert (full == truth).all() and ev.forward_passes == 12
+    assert (ev.full(state) == full).all() and ev.forward_passes == 12  # read from the cache
+    assert len(list((data_dir / "responses").glob("*.npz"))) == 1
+    items = np.array([11, 0, 6])
+    assert (ev.subset(state, items) == full[items]).all() and ev.forward_passes == 15
+    acc = ev.per_task_accuracy(full)
+    assert acc["a"] == pytest.approx(full[:5].mean()) and acc["b"] == pytest.approx(full[5:].mean())
+    other = {k: v + 1 for k, v in state.items()}
+    assert state_digest(other) != state_digest(state)
+    with pytest.raises(ValueError, match="0..11"):
+        ev.subset(state, [12])
