@@ -322,6 +322,29 @@ class MassRouter:
         self._models: OrderedDict[tuple[str, ...], nn.Module] = OrderedDict()
         self.hits = self.misses = 0
 
+    def with_options(self, **changes) -> "MassRouter":
+        """A router with other routing options (``depth``/``block``, ``routing_matrix``, ``threshold``,
+        ``top_k``, ``first_pass``) that shares this one's second-pass cache (and its first-pass model
+        when ``first_pass`` is unchanged): the second-pass models depend on the selected set only."""
+        allowed = {"depth", "block", "routing_matrix", "threshold", "top_k", "first_pass"}
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise ValueError(f"with_options has no option {unknown[0]!r}; valid: {', '.join(sorted(allowed))}.")
+        new = copy.copy(self)
+        threshold, top_k = changes.get("threshold", self.threshold), changes.get("top_k", self.top_k)
+        check_selection(threshold, top_k)
+        new.threshold, new.top_k = float(threshold), int(top_k)
+        first_pass = changes.get("first_pass", self.first_pass)
+        if first_pass not in FIRST_PASSES:
+            raise ValueError(f"first_pass={first_pass!r} is not valid; use one of {', '.join(FIRST_PASSES)}.")
+        if first_pass != self.first_pass:
+            new.first_pass, new._first = first_pass, None
+        if {"depth", "block", "routing_matrix"} & set(changes):
+            new.block = routing_block(self.num_blocks, changes.get("depth", DEFAULT_DEPTH), changes.get("block"))
+            new.routing_matrix = changes.get("routing_matrix", self.routing_matrix)
+            new.bases = routing_bases(self.compressed, new.block, new.routing_matrix).to(self.device)
+        return new
+
     # -------------------------------------------------------------- models
     def merged_update(self, tasks: Sequence[str]) -> TaskVector:
         """TSV-M (coefficient 1) of ``tasks``' stored factors, rank as stored."""
