@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mergelab.merging import merge
-from mergelab.merging.mass import (MassRouter, block_features, cache_key, choose_head, class_token, routing_block,
+from mergelab.merging.mass import (MassRouter, block_features, cache_key, choose_head, class_token, routing_bases, routing_block,
                                    routing_weights, select_tasks, storage_bytes, subspace_residuals)
 from mergelab.merging.tsv import tsv_compress, tsv_merge_compressed, tsv_reconstruct
 from mergelab.models import ClassificationHead, TinyViTConfig, build_tiny_encoder
@@ -218,3 +218,18 @@ def test_storage_counts_the_model_the_factors_and_the_dense_tensors():
     assert s["total_bytes"] == s["model_bytes"] + s["factor_bytes"] + s["dense_bytes"]
     assert s["total_bytes"] == s["model_bytes"] + sum(c.nbytes() for c in compressed.values())
     assert s["storage_multiple"] == pytest.approx(s["total_bytes"] / s["model_bytes"])
+
+
+def test_other_routing_options_share_the_second_pass_cache():
+    r, s = router()
+    model = r.model_for(["a", "c"])
+    other = r.with_options(block=0, routing_matrix="attn.in_proj", threshold=0.3, top_k=1, first_pass="pretrained")
+    assert other.model_for(["c", "a"]) is model
+    assert (other.block, other.routing_matrix, other.threshold, other.top_k) == (0, "attn.in_proj", 0.3, 1)
+    assert torch.equal(other.bases, routing_bases(s["compressed"], 0, "attn.in_proj"))
+    assert not torch.equal(other.bases, r.bases)
+    assert (r.block, r.routing_matrix, r.first_pass) == (1, "mlp.c_fc", "tsv_merge")  # the original is unchanged
+    with pytest.raises(ValueError, match="with_options has no option 'polar'"):
+        r.with_options(polar="svd")
+    with pytest.raises(ValueError, match="top_k=0 is not valid"):
+        r.with_options(top_k=0)
