@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..task_vectors import TaskVector
-from ..utils import StateDict, pick_device
+from ..utils import StateDict, pick_device, torch_threads
 from .tsv import CompressedTaskVector, tsv_merge_compressed
 
 ROUTING_MATRICES = ("mlp.c_fc", "attn.in_proj", "mlp.c_proj")
@@ -351,8 +351,12 @@ class MassRouter:
         unknown = [t for t in tasks if t not in self.compressed]
         if unknown or not tasks:
             raise ValueError(f"tasks={list(tasks)!r} must be a non-empty subset of {', '.join(self.tasks)}.")
-        work = self.device if self.device.type == "cuda" else None
-        return tsv_merge_compressed([self.compressed[t] for t in cache_key(tasks)], polar=self.polar, device=work)
+        factors = [self.compressed[t] for t in cache_key(tasks)]
+        if self.device.type == "cuda":
+            return tsv_merge_compressed(factors, polar=self.polar, device=self.device)
+        # one thread: these polar factors are small, and on a shared CPU a second thread made them 50x slower
+        with torch_threads(1):
+            return tsv_merge_compressed(factors, polar=self.polar)
 
     def _module(self, state: StateDict) -> nn.Module:
         module = copy.deepcopy(self._template)
