@@ -145,10 +145,15 @@ def ablation(router: MassRouter, bench: Any, configs: Sequence[Mapping[str, Any]
         rows.append({"study": cfg.get("study", ""), "first_pass": r.first_pass, "routing_matrix": r.routing_matrix,
                      "block": r.block, "threshold": r.threshold, "top_k": r.top_k,
                      "absolute_accuracy": float(np.mean(list(acc.values()))),
-                     "normalized_accuracy": normalized_accuracy(acc, expert_accuracy),
-                     "oracle_head_normalized": normalized_accuracy(res["oracle_head_accuracy"], expert_accuracy),
+                     "normalized_accuracy": _normalized(acc, expert_accuracy),
+                     "oracle_head_normalized": _normalized(res["oracle_head_accuracy"], expert_accuracy),
                      **{k: res["routing"][k] for k in ("contains_true", "argmax_true", "head_is_true", "mean_selected")}})
     return pd.DataFrame(rows)
+
+
+def _normalized(acc: Mapping[str, float], expert_accuracy: Mapping[str, float]) -> float:
+    """Normalized accuracy, or NaN where an expert scores 0 (tiny smoke-test splits): undefined there."""
+    return normalized_accuracy(acc, expert_accuracy) if all(expert_accuracy[t] > 0 for t in acc) else float("nan")
 
 
 def ablation_configs(num_blocks: int, matrices: Sequence[str], thresholds: Sequence[float], top_ks: Sequence[int],
