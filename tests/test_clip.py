@@ -649,6 +649,23 @@ def test_notebook_03_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
 
 @pytest.mark.notebook
 @pytest.mark.timeout(900)
+def test_notebook_04_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
+    results, _ = run_at_clip_smoke("04_mass_routing", tmp_path)
+    tasks = ["MNIST", "EuroSAT", "GTSRB"]
+    assert results["tasks"] == tasks
+    methods = results["methods"]
+    assert {"mass", "mass_oracle_head", "tsv_merge", "tsv_merge_validated", "tsv_compress", "experts"} <= set(methods)
+    for m in methods.values():
+        assert set(m["per_task_accuracy"]) == set(tasks) and 0 <= m["absolute_accuracy"] <= 1
+    # the open_clip tower's layout was read per image, and routing ran over all three tasks
+    assert results["routing_block"] == 1 and results["num_blocks"] == 2
+    assert 0 <= results["routing"]["argmax_true"] <= results["routing_accuracy"] <= 1
+    assert results["storage_multiple"] > 1 and results["time_per_image_ratio"] > 0
+    assert {r["study"] for r in results["ablations"]} == {"layer", "selection", "first_pass"}
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
 def test_notebook_05_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
     results, _ = run_at_clip_smoke("05_merge3_irt", tmp_path)
     assert results["tasks"] == ["MNIST", "EuroSAT"]

@@ -14,11 +14,12 @@ from .compress import CompressedTaskVector, storage_bytes, tsv_compress, tsv_rec
 from .merge import (
                     MergedFactors,
                     tsv_merge,
+                    tsv_merge_compressed,
                     tsv_merge_factors,
                     tsv_merge_matrices,
                     tsv_merge_matrix_reference,
                     tsv_update,
 )
 
-__all__ = ["CompressedTaskVector", "MergedFactors", "storage_bytes", "tsv_compress", "tsv_merge", "tsv_merge_factors",
+__all__ = ["CompressedTaskVector", "MergedFactors", "storage_bytes", "tsv_compress", "tsv_merge", "tsv_merge_compressed", "tsv_merge_factors",
            "tsv_merge_matrices", "tsv_merge_matrix_reference", "tsv_reconstruct", "tsv_update"]

@@ -79,6 +79,7 @@ from ...task_vectors import TaskVector
 from ...utils import StateDict, pick_device, torch_threads
 from ..base import LayerUpdate, scaled, validate
 from ..registry import register_merge
+from .compress import CompressedTaskVector
 
 
 # ----------------------------------------------------------------------------- TSV-M on one layer
@@ -243,6 +244,45 @@ def _layers_side_by_side(fn, keys: Sequence[str]) -> dict[str, torch.Tensor]:
     # one torch thread also makes _cpu_workers() 1 inside fn
     with torch_threads(1), _blas_controller().limit(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
         return dict(zip(keys, pool.map(fn, keys)))
+
+
+def tsv_merge_compressed(compressed: Sequence[CompressedTaskVector], polar: str = "gram",
+                         device: str | torch.device | None = None) -> TaskVector:
+    """TSV-M (coefficient 1) from stored TSV-C factors, with the rank as stored (no SVD recomputed).
+
+    What MASS does for its first pass (all ``T`` tasks) and for every second pass (the selected
+    tasks, each keeping the ``floor(min(m, n) / T)`` triplets it was stored with, not the rank a
+    merge of fewer tasks would pick). Per decomposed matrix the tasks' ``U (m, k)``, ``s (k,)`` and
+    ``V (n, k)`` are stacked side by side and ``U``, ``V`` replaced by their polar factors (the same
+    steps as :func:`tsv_merge_factors` after its SVDs); every other tensor is the mean over tasks.
+    With one task the result is that task's TSV-C reconstruction (its vectors are already orthonormal).
+
+    Args:
+        compressed: the tasks' :class:`CompressedTaskVector` (same architecture, same ranks).
+        polar: ``"gram"`` or ``"svd"`` (see :func:`mergelab.linalg.polar_factor`).
+        device: where the polar factors are computed (``None``: where the factors are); the result
+            is returned on the factors' device.
+    """
+    if len(compressed) == 0:
+        raise ValueError("compressed is empty; pass at least one CompressedTaskVector to merge.")
+    first = compressed[0]
+    out: dict[str, torch.Tensor] = {}
+    for name in first.shapes:
+        if name in first.factors:
+            ranks = {c.factors[name][1].numel() for c in compressed}
+            if len(ranks) != 1:
+                raise ValueError(f"{name!r} is stored with different ranks {sorted(ranks)} across tasks; compress "
+                                 "every task with the same num_tasks (or k) to merge their factors.")
+            home = first.factors[name][0].device
+            U, s, V = (torch.stack([c.factors[name][i] for c in compressed]).float() for i in range(3))
+            if device is not None:
+                U, s, V = U.to(device), s.to(device), V.to(device)
+            U, s, V = stack_kept(U, s, V)
+            U_perp, V_perp = polar_factors([U, V], polar)
+            out[name] = ((U_perp * s) @ V_perp.T).to(home)
+        else:
+            out[name] = torch.stack([c.dense[name].float() for c in compressed]).mean(0)
+    return TaskVector(out)
 
 
 def _tsv_layer_update(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],

@@ -1,0 +1,479 @@
+"""MASS (MoErging through Adaptive Subspace Selection, ICLR 2026): data-free routing over TSV-C factors.
+
+Each task is stored as its TSV-C factors (:func:`mergelab.merging.tsv.tsv_compress` with
+``num_tasks=T``: the top ``floor(min(m, n) / T)`` triplets of every 2-D task matrix, every other
+tensor in full). An input goes through two forward passes:
+
+1. **Routing.** The *first-pass* model (``theta_0`` + TSV-M of all ``T`` tasks at coefficient 1, from
+   the stored factors) runs up to block ``L``; the input of that block's MLP (the output of ``ln_2``),
+   class token, is ``x`` ``(d,)``. For each task ``t``, ``V_t`` ``(d, k)`` holds the stored right
+   singular vectors of block ``L``'s ``mlp.c_fc`` task matrix; the residual ``r_t = ||x - V_t V_t^T x||``
+   says how far ``x`` lies from the subspace task ``t`` reads. Logits ``-r`` are z-scored across tasks
+   (unbiased std + 1e-6) and soft-maxed; the tasks with weight above ``threshold`` (at most ``top_k``,
+   largest first) are selected, else the argmax alone.
+2. **Prediction.** The *second-pass* model is ``theta_0`` + TSV-M of the selected tasks' stored
+   factors (rank as stored, coefficient 1, other tensors averaged; one task gives its own TSV-C
+   reconstruction), cached by the *sorted* set of selected tasks in a bounded LRU cache. Among the
+   selected tasks' heads, the one with the largest maximum logit predicts; a prediction made with
+   another task's head has the wrong classes.
+
+The class token is read on the axis the encoder's layout puts the batch on: open_clip's
+``Transformer`` runs batch-first ``(N, L, D)`` by default and sequence-first ``(L, N, D)`` when
+``batch_first`` is false (open_clip <= 2.0 always did); the official code's ``x[0]`` assumes the latter.
+Both the ``tiny`` and the ``clip`` encoders are open_clip ``VisionTransformer`` s, so one hook serves both.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..task_vectors import TaskVector
+from ..utils import StateDict, pick_device, torch_threads
+from .tsv import CompressedTaskVector, tsv_merge_compressed
+
+ROUTING_MATRICES = ("mlp.c_fc", "attn.in_proj", "mlp.c_proj")
+"""Task matrices a router can project onto; each is read at its own input (see :data:`_READ_AT`)."""
+
+_READ_AT = {"mlp.c_fc": ("mlp", "input"), "attn.in_proj": ("ln_1", "output"), "mlp.c_proj": ("mlp.c_proj", "input")}
+"""Where the features a routing matrix multiplies are taken in a block: ``mlp.c_fc`` reads the MLP's
+input (``ln_2``'s output), ``attn.in_proj`` reads ``ln_1``'s output, ``mlp.c_proj`` the MLP's hidden
+activations. (``attn.out_proj`` is applied inside ``nn.MultiheadAttention`` without a module call, so
+no hook sees its input.)"""
+
+FIRST_PASSES = ("tsv_merge", "pretrained")
+"""Models the routing features can come from: TSV-M of all tasks (MASS) or ``theta_0`` (ablation)."""
+
+DEFAULT_DEPTH = 0.75
+"""Relative depth of the routing block: block ``floor(0.75 * 12) = 9`` of ViT-B's 12 (the official
+config's block 9, taken as a 0-based index of ``transformer.resblocks``), block 3 of ``tiny``'s 4."""
+
+
+# ----------------------------------------------------------------------------- parameters
+def routing_block(num_blocks: int, depth: float = DEFAULT_DEPTH, block: int | None = None) -> int:
+    """The 0-based index of the routing block: ``block`` when given, else ``floor(depth * num_blocks)``."""
+    if block is not None:
+        if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < num_blocks:
+            raise ValueError(f"block={block!r} does not exist; the encoder has {num_blocks} blocks, valid: "
+                             f"0..{num_blocks - 1} (or leave block unset and give depth in [0, 1)).")
+        return block
+    if not isinstance(depth, (int, float)) or isinstance(depth, bool) or not 0 <= depth < 1:
+        raise ValueError(f"depth={depth!r} is not valid; use a relative depth in [0, 1) (block floor(depth * "
+                         f"{num_blocks}) of {num_blocks}; the official ViT-B default is 0.75, block 9 of 12).")
+    return min(int(math.floor(depth * num_blocks + 1e-9)), num_blocks - 1)
+
+
+def check_selection(threshold: float, top_k: int) -> None:
+    """Refuse a threshold outside (0, 1) or a top-k below 1, naming the valid range."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        raise ValueError(f"threshold={threshold!r} is not valid; use a routing weight in the open interval (0, 1) "
+                         "(the official default is 0.2).")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k={top_k!r} is not valid; use an integer >= 1 (the most tasks one input may "
+                         "select; the official default is 3).")
+
+
+# ----------------------------------------------------------------------------- routing maths
+def subspace_residuals(x: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+    """``r[i, t] = ||x_i - V_t V_t^T x_i||_2``: distance of each input to each task's subspace.
+
+    Args:
+        x: ``(N, d)`` features (not normalized, as in the official code).
+        bases: ``(T, d, k)``, each ``V_t`` with orthonormal (or zero) columns.
+
+    Returns:
+        ``(N, T)`` residual norms.
+    """
+    coords = torch.einsum("nd,tdk->ntk", x, bases)
+    return (x.unsqueeze(1) - torch.einsum("ntk,tdk->ntd", coords, bases)).norm(dim=-1)
+
+
+def routing_weights(residuals: torch.Tensor) -> torch.Tensor:
+    """Softmax over tasks of the z-scored logits ``-r`` (unbiased std + 1e-6, temperature 1), ``(N, T)``.
+
+    With one task the weight is 1."""
+    logits = -residuals
+    if residuals.shape[1] == 1:
+        return torch.ones_like(residuals)
+    z = (logits - logits.mean(1, keepdim=True)) / (logits.std(1, unbiased=True, keepdim=True) + 1e-6)
+    return z.softmax(1)
+
+
+def select_tasks(weights: torch.Tensor, threshold: float, top_k: int) -> list[tuple[int, ...]]:
+    """Per input, the task indices with weight above ``threshold`` (at most ``top_k``, largest weight
+    first), or the argmax alone when none passes."""
+    check_selection(threshold, top_k)
+    order = weights.argsort(1, descending=True)
+    out = []
+    for w, idx in zip(weights.tolist(), order.tolist()):
+        kept = tuple(i for i in idx[:top_k] if w[i] > threshold)
+        out.append(kept or (idx[0],))
+    return out
+
+
+@dataclass
+class Routing:
+    """Where a batch was routed.
+
+    Attributes:
+        tasks: the router's task names (columns of the tensors).
+        residuals: ``(N, T)`` subspace residuals.
+        weights: ``(N, T)`` routing weights (rows sum to 1).
+        selected: per input, the selected task names, largest weight first.
+    """
+
+    tasks: tuple[str, ...]
+    residuals: torch.Tensor
+    weights: torch.Tensor
+    selected: list[tuple[str, ...]]
+
+    @property
+    def argmax(self) -> list[str]:
+        """Per input, the task with the largest weight."""
+        return [self.tasks[i] for i in self.weights.argmax(1).tolist()]
+
+    @property
+    def keys(self) -> list[tuple[str, ...]]:
+        """Per input, the cache key of its second-pass model: the selected set, sorted."""
+        return [cache_key(s) for s in self.selected]
+
+
+def cache_key(selected: Sequence[str]) -> tuple[str, ...]:
+    """The second-pass model's key: the selected tasks, sorted (the official key depends on order)."""
+    return tuple(sorted(set(selected)))
+
+
+# ----------------------------------------------------------------------------- features from a hook
+class _Captured(Exception):
+    """Raised by a hook once every feature asked for is captured: the rest of the forward is skipped."""
+
+
+def _tokens_layout(encoder: nn.Module) -> tuple[bool | None, int | None]:
+    """``(batch_first, tokens)``: the transformer's declared layout (``None`` when it does not say) and
+    the number of tokens (rows of ``positional_embedding``)."""
+    transformer = getattr(encoder, "transformer", None)
+    batch_first = getattr(transformer, "batch_first", None)
+    pos = getattr(encoder, "positional_embedding", None)
+    return (None if batch_first is None else bool(batch_first)), (int(pos.shape[0]) if pos is not None else None)
+
+
+def class_token(x: torch.Tensor, batch_size: int, batch_first: bool | None, tokens: int | None = None) -> torch.Tensor:
+    """The class token ``(N, D)`` of a block's activations ``(N, L, D)`` (batch-first) or ``(L, N, D)``.
+
+    ``batch_first=None`` infers the layout from the shape (the batch axis has ``batch_size`` entries,
+    the token axis ``tokens``). A shape that contradicts the layout is an error, not a silent read of
+    the first image's tokens.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"expected block activations (N, L, D) or (L, N, D); got shape {tuple(x.shape)}.")
+    if batch_first is None:
+        fits = [bf for bf in (True, False) if x.shape[0 if bf else 1] == batch_size
+                and (tokens is None or x.shape[1 if bf else 0] == tokens)]
+        if len(fits) != 1:
+            raise ValueError(f"cannot tell the token layout of activations {tuple(x.shape)} for a batch of "
+                             f"{batch_size} images with {tokens} tokens; set the encoder's transformer.batch_first.")
+        batch_first = fits[0]
+    axis = 0 if batch_first else 1
+    if x.shape[axis] != batch_size or (tokens is not None and x.shape[1 - axis] != tokens):
+        raise ValueError(f"activations of shape {tuple(x.shape)} do not fit the {'batch' if batch_first else 'sequence'}"
+                         f"-first layout for a batch of {batch_size} images with {tokens} tokens: the class token "
+                         "would be read on the wrong axis.")
+    return x[:, 0] if batch_first else x[0]
+
+
+@torch.no_grad()
+def block_features(encoder: nn.Module, images: torch.Tensor, points: Sequence[tuple[int, str]]
+                   ) -> dict[tuple[int, str], torch.Tensor]:
+    """Class-token features ``(N, d)`` where each ``(block, routing matrix)`` of ``points`` reads its input.
+
+    The forward stops once the deepest point is captured. ``encoder`` is an open_clip
+    ``VisionTransformer`` (``transformer.resblocks``), already on the images' device and in eval mode.
+    """
+    if not points:
+        return {}
+    for _, matrix in points:
+        if matrix not in _READ_AT:
+            raise ValueError(f"routing_matrix={matrix!r} is not valid; use one of {', '.join(ROUTING_MATRICES)}.")
+    batch_first, tokens = _tokens_layout(encoder)
+    n = images.shape[0]
+    captured: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+
+    def hook_for(point: tuple[int, str], kind: str):
+        def take(x: torch.Tensor) -> None:
+            captured[point] = class_token(x, n, batch_first, tokens).float()
+            if len(captured) == len(set(points)):
+                raise _Captured
+
+        if kind == "input":
+            return lambda module, args: take(args[0])
+        return lambda module, args, output: take(output)
+
+    try:
+        for point in set(points):
+            block, matrix = point
+            name, kind = _READ_AT[matrix]
+            module = encoder.get_submodule(f"transformer.resblocks.{block}.{name}")
+            hook = hook_for(point, kind)
+            handles.append(module.register_forward_pre_hook(hook) if kind == "input" else module.register_forward_hook(hook))
+        try:
+            encoder(images)
+        except _Captured:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def routing_bases(compressed: Mapping[str, CompressedTaskVector], block: int, matrix: str = "mlp.c_fc"
+                  ) -> torch.Tensor:
+    """``(T, d_in, k)``: each task's stored right singular vectors of block ``block``'s ``matrix``."""
+    if matrix not in _READ_AT:
+        raise ValueError(f"routing_matrix={matrix!r} is not valid; use one of {', '.join(ROUTING_MATRICES)}.")
+    suffix = "attn.in_proj_weight" if matrix == "attn.in_proj" else f"{matrix}.weight"
+    name = f"transformer.resblocks.{block}.{suffix}"
+    missing = [t for t, c in compressed.items() if name not in c.factors]
+    if missing:
+        raise ValueError(f"task {missing[0]!r} stores no factors for {name!r}; compress the task vectors with "
+                         "tsv_compress(..., num_tasks=T) on an open_clip VisionTransformer.")
+    return torch.stack([c.factors[name][2].float() for c in compressed.values()])
+
+
+# ----------------------------------------------------------------------------- the router
+@dataclass
+class MassPrediction:
+    """MASS predictions for a batch.
+
+    Attributes:
+        routing: :class:`Routing` of the batch.
+        head_task: per input, the task whose head predicted (largest maximum logit among the selected).
+        label: ``(N,)`` the class index in that head.
+        oracle_label: ``(N,)`` the class index in the true task's head (when the true tasks were given).
+    """
+
+    routing: Routing
+    head_task: list[str]
+    label: torch.Tensor
+    oracle_label: torch.Tensor | None = None
+
+
+class MassRouter:
+    """MASS as a model wrapper over stored TSV-C factors.
+
+    Args:
+        pretrained: ``theta_0``.
+        compressed: task name to its :class:`CompressedTaskVector` (``tsv_compress(tau_t, num_tasks=T)``).
+        encoder: an encoder module of the architecture (open_clip ``VisionTransformer``); copies of it
+            hold the first- and second-pass weights.
+        heads: task name to its frozen head (features ``(N, d)`` to logits ``(N, C_t)``); heads must be
+            comparable (same scale, normalized features) for the max-logit choice to mean anything.
+        depth: relative depth of the routing block in ``[0, 1)`` (block ``floor(depth * blocks)``).
+        block: the routing block's 0-based index instead of ``depth``.
+        routing_matrix: which stored task matrix of that block defines the subspaces
+            (:data:`ROUTING_MATRICES`; MASS: ``"mlp.c_fc"``).
+        threshold: routing weight a task needs to be selected, in ``(0, 1)``.
+        top_k: most tasks selected per input, ``>= 1``.
+        first_pass: ``"tsv_merge"`` (MASS) or ``"pretrained"`` (ablation).
+        cache_size: second-pass models kept (least recently used dropped), ``>= 1``.
+        device: where models run (``"auto"``: the GPU when there is one).
+        polar: polar-factor method of the TSV-M merges.
+    """
+
+    def __init__(self, pretrained: StateDict, compressed: Mapping[str, CompressedTaskVector], encoder: nn.Module,
+                 heads: Mapping[str, nn.Module], depth: float = DEFAULT_DEPTH, block: int | None = None,
+                 routing_matrix: str = "mlp.c_fc", threshold: float = 0.2, top_k: int = 3,
+                 first_pass: str = "tsv_merge", cache_size: int = 16, device: str | torch.device | None = "auto",
+                 polar: str = "gram") -> None:
+        if not compressed:
+            raise ValueError("compressed is empty; pass one CompressedTaskVector per task.")
+        missing = [t for t in compressed if t not in heads]
+        if missing:
+            raise ValueError(f"no head for task {missing[0]!r}; heads has: {', '.join(heads)}.")
+        check_selection(threshold, top_k)
+        if first_pass not in FIRST_PASSES:
+            raise ValueError(f"first_pass={first_pass!r} is not valid; use one of {', '.join(FIRST_PASSES)}.")
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+            raise ValueError(f"cache_size={cache_size!r} is not valid; use an integer >= 1 (second-pass models kept).")
+        if routing_matrix not in _READ_AT:
+            raise ValueError(f"routing_matrix={routing_matrix!r} is not valid; use one of {', '.join(ROUTING_MATRICES)}.")
+        blocks = getattr(getattr(encoder, "transformer", None), "resblocks", None)
+        if blocks is None:
+            raise ValueError("encoder has no transformer.resblocks; MASS routes open_clip VisionTransformer encoders.")
+        self.tasks: tuple[str, ...] = tuple(compressed)
+        self.num_blocks = len(blocks)
+        self.block = routing_block(self.num_blocks, depth, block)
+        self.routing_matrix = routing_matrix
+        self.threshold, self.top_k = float(threshold), int(top_k)
+        self.first_pass, self.cache_size, self.polar = first_pass, cache_size, polar
+        self.device = pick_device(device) if isinstance(device, str) or device is None else torch.device(device)
+        self.pretrained = {k: v.detach() for k, v in pretrained.items()}
+        self.compressed = dict(compressed)
+        self.heads = {t: heads[t].to(self.device).eval() for t in self.tasks}
+        self._template = copy.deepcopy(encoder).cpu()
+        self.bases = routing_bases(self.compressed, self.block, routing_matrix).to(self.device)
+        self._first: nn.Module | None = None
+        self._models: OrderedDict[tuple[str, ...], nn.Module] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def with_options(self, **changes) -> "MassRouter":
+        """A router with other routing options (``depth``/``block``, ``routing_matrix``, ``threshold``,
+        ``top_k``, ``first_pass``) that shares this one's second-pass cache (and its first-pass model
+        when ``first_pass`` is unchanged): the second-pass models depend on the selected set only."""
+        allowed = {"depth", "block", "routing_matrix", "threshold", "top_k", "first_pass"}
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise ValueError(f"with_options has no option {unknown[0]!r}; valid: {', '.join(sorted(allowed))}.")
+        new = copy.copy(self)
+        threshold, top_k = changes.get("threshold", self.threshold), changes.get("top_k", self.top_k)
+        check_selection(threshold, top_k)
+        new.threshold, new.top_k = float(threshold), int(top_k)
+        first_pass = changes.get("first_pass", self.first_pass)
+        if first_pass not in FIRST_PASSES:
+            raise ValueError(f"first_pass={first_pass!r} is not valid; use one of {', '.join(FIRST_PASSES)}.")
+        if first_pass != self.first_pass:
+            new.first_pass, new._first = first_pass, None
+        if {"depth", "block", "routing_matrix"} & set(changes):
+            new.block = routing_block(self.num_blocks, changes.get("depth", DEFAULT_DEPTH), changes.get("block"))
+            new.routing_matrix = changes.get("routing_matrix", self.routing_matrix)
+            new.bases = routing_bases(self.compressed, new.block, new.routing_matrix).to(self.device)
+        return new
+
+    # -------------------------------------------------------------- models
+    def merged_update(self, tasks: Sequence[str]) -> TaskVector:
+        """TSV-M (coefficient 1) of ``tasks``' stored factors, rank as stored."""
+        unknown = [t for t in tasks if t not in self.compressed]
+        if unknown or not tasks:
+            raise ValueError(f"tasks={list(tasks)!r} must be a non-empty subset of {', '.join(self.tasks)}.")
+        factors = [self.compressed[t] for t in cache_key(tasks)]
+        if self.device.type == "cuda":
+            return tsv_merge_compressed(factors, polar=self.polar, device=self.device)
+        # one thread: these polar factors are small, and on a shared CPU a second thread made them 50x slower
+        with torch_threads(1):
+            return tsv_merge_compressed(factors, polar=self.polar)
+
+    def _module(self, state: StateDict) -> nn.Module:
+        module = copy.deepcopy(self._template)
+        module.load_state_dict(state, strict=True)
+        return module.to(self.device).eval()
+
+    @property
+    def first_pass_model(self) -> nn.Module:
+        """The routing model: ``theta_0`` + TSV-M of all tasks (or ``theta_0`` alone)."""
+        if self._first is None:
+            state = (self.merged_update(self.tasks).apply_to(self.pretrained) if self.first_pass == "tsv_merge"
+                     else self.pretrained)
+            self._first = self._module(state)
+        return self._first
+
+    def model_for(self, selected: Sequence[str]) -> nn.Module:
+        """The second-pass model of a selected set (cached by the sorted set; LRU, ``cache_size`` models)."""
+        key = cache_key(selected)
+        if key in self._models:
+            self.hits += 1
+            self._models.move_to_end(key)
+            return self._models[key]
+        self.misses += 1
+        model = self._module(self.merged_update(key).apply_to(self.pretrained))
+        self._models[key] = model
+        while len(self._models) > self.cache_size:
+            self._models.popitem(last=False)
+        return model
+
+    @property
+    def cached_keys(self) -> list[tuple[str, ...]]:
+        """Keys of the second-pass models in the cache, least recently used first."""
+        return list(self._models)
+
+    # -------------------------------------------------------------- routing and prediction
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, d)`` routing features: class token at the routing matrix's input in the first pass."""
+        point = (self.block, self.routing_matrix)
+        return block_features(self.first_pass_model, images.to(self.device), [point])[point]
+
+    @torch.no_grad()
+    def route_features(self, x: torch.Tensor) -> Routing:
+        """:class:`Routing` of features ``(N, d)`` already taken at the routing point."""
+        residuals = subspace_residuals(x.to(self.device).float(), self.bases)
+        weights = routing_weights(residuals)
+        chosen = select_tasks(weights, self.threshold, self.top_k)
+        return Routing(self.tasks, residuals.cpu(), weights.cpu(), [tuple(self.tasks[i] for i in s) for s in chosen])
+
+    def route(self, images: torch.Tensor) -> Routing:
+        """Route a batch ``(N, 3, H, W)`` of images of any mix of tasks."""
+        return self.route_features(self.features(images))
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, true_tasks: Sequence[str] | None = None) -> MassPrediction:
+        """Route ``images`` ``(N, 3, H, W)``, run each through its selected set's second-pass model and
+        predict with the selected head of largest maximum logit. With ``true_tasks`` (one per image),
+        also the prediction of the true task's head on the same features (the oracle-head ablation)."""
+        if true_tasks is not None and len(true_tasks) != len(images):
+            raise ValueError(f"true_tasks has {len(true_tasks)} entries for {len(images)} images; give one per image.")
+        images = images.to(self.device)
+        routing = self.route(images)
+        n = len(images)
+        label = torch.zeros(n, dtype=torch.long)
+        oracle = torch.zeros(n, dtype=torch.long) if true_tasks is not None else None
+        head_task: list[str] = [""] * n
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, (key, sel) in enumerate(zip(routing.keys, routing.selected)):
+            groups.setdefault(key, []).append(i)
+        for key, rows in groups.items():
+            idx = torch.tensor(rows, device=self.device)
+            feats = self.model_for(key)(images[idx]).float()
+            chosen, labels = choose_head({t: self.heads[t](feats) for t in key})
+            label[rows] = labels.cpu()
+            for r, t in zip(rows, chosen):
+                head_task[r] = t
+            if true_tasks is not None:
+                for t in {true_tasks[r] for r in rows}:
+                    sub = [j for j, r in enumerate(rows) if true_tasks[r] == t]
+                    oracle[[rows[j] for j in sub]] = self.heads[t](feats[sub]).argmax(-1).cpu()  # type: ignore[index]
+        return MassPrediction(routing, head_task, label, oracle)
+
+
+def choose_head(logits: Mapping[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
+    """Per input, the head (task) whose largest logit is largest, and its predicted class.
+
+    Args:
+        logits: task name to ``(N, C_t)`` logits of the same ``N`` inputs.
+
+    Returns:
+        ``(task per input, class index (N,) in that task's head)``; ties go to the first task given.
+    """
+    if not logits:
+        raise ValueError("logits is empty; give at least one head's logits.")
+    names = list(logits)
+    best = torch.stack([logits[t].max(-1).values for t in names], 1)  # (N, heads)
+    which = best.argmax(1)
+    labels = torch.stack([logits[names[int(w)]][i].argmax() for i, w in enumerate(which.tolist())]) \
+        if len(which) else torch.zeros(0, dtype=torch.long)
+    return [names[int(w)] for w in which.tolist()], labels
+
+
+def storage_bytes(pretrained: StateDict, compressed: Mapping[str, CompressedTaskVector]) -> dict[str, float]:
+    """What MASS stores: ``theta_0`` plus every task's factors and dense tensors, in bytes and as a
+    multiple of one model (``theta_0``'s floating-point tensors).
+
+    Returns ``{"model_bytes", "factor_bytes", "dense_bytes", "total_bytes", "storage_multiple"}``.
+    """
+    model = sum(v.numel() * v.element_size() for v in pretrained.values() if v.is_floating_point())
+    factors = sum(t.numel() * t.element_size() for c in compressed.values() for f in c.factors.values() for t in f)
+    dense = sum(t.numel() * t.element_size() for c in compressed.values() for t in c.dense.values())
+    total = model + factors + dense
+    return {"model_bytes": model, "factor_bytes": factors, "dense_bytes": dense, "total_bytes": total,
+            "storage_multiple": total / model}
+
+
+__all__ = ["DEFAULT_DEPTH", "FIRST_PASSES", "ROUTING_MATRICES", "MassPrediction", "MassRouter", "Routing",
+           "block_features", "cache_key", "check_selection", "choose_head", "class_token",
+           "routing_bases", "routing_block", "routing_weights", "select_tasks", "storage_bytes",
+           "subspace_residuals"]

@@ -1,0 +1,235 @@
+"""MASS: routing by subspace residuals, second-pass models from stored TSV-C factors, head choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergelab.merging import merge
+from mergelab.merging.mass import (MassRouter, block_features, cache_key, choose_head, class_token, routing_bases, routing_block,
+                                   routing_weights, select_tasks, storage_bytes, subspace_residuals)
+from mergelab.merging.tsv import tsv_compress, tsv_merge_compressed, tsv_reconstruct
+from mergelab.models import ClassificationHead, TinyViTConfig, build_tiny_encoder
+from mergelab.task_vectors import TaskVector
+
+CFG = TinyViTConfig(image_size=16, patch_size=8, width=16, layers=2, heads=2, output_dim=8)
+TASKS = ("a", "b", "c", "d")
+ROUTE = "transformer.resblocks.1.mlp.c_fc.weight"  # (64, 16): k = 16 // 4 = 4 triplets per task
+
+
+def encoder() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_tiny_encoder(CFG).eval()
+
+
+def orthogonal_setup(seed: int = 0):
+    """Four task vectors whose block-1 ``c_fc`` matrices read mutually orthogonal 4-dim subspaces of R^16
+    (and write mutually orthogonal ones of R^64)."""
+    enc = encoder()
+    pre = {k: v.detach().clone() for k, v in enc.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
+    left, _ = torch.linalg.qr(torch.randn(64, 16, generator=g, dtype=torch.float64))
+    tvs, subspaces = {}, {}
+    for i, t in enumerate(TASKS):
+        P = basis[:, 4 * i:4 * i + 4].float()
+        subspaces[t] = P
+        vec = {k: 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()}
+        scale = torch.tensor([4.0, 3.0, 2.0, 1.0]) * (1 + i)
+        vec[ROUTE] = (left[:, 4 * i:4 * i + 4].float() * scale) @ P.T  # rank 4, row space span(P), columns orthogonal
+        tvs[t] = TaskVector(vec)
+    compressed = {t: tsv_compress(tv, num_tasks=len(TASKS)) for t, tv in tvs.items()}
+    heads = {t: ClassificationHead(torch.randn(3 + i, CFG.output_dim, generator=g), 30.0)
+             for i, t in enumerate(TASKS)}
+    return enc, pre, tvs, compressed, heads, subspaces
+
+
+def router(**options) -> tuple[MassRouter, dict]:
+    enc, pre, tvs, compressed, heads, subspaces = orthogonal_setup()
+    r = MassRouter(pre, compressed, enc, heads, device="cpu", **{"block": 1, **options})
+    return r, {"pre": pre, "tvs": tvs, "compressed": compressed, "subspaces": subspaces, "heads": heads}
+
+
+def test_inputs_inside_one_task_subspace_are_routed_to_that_task():
+    r, s = router()
+    g = torch.Generator().manual_seed(1)
+    for t in TASKS:
+        x = torch.randn(5, 4, generator=g) @ s["subspaces"][t].T  # (5, 16) inside task t's subspace
+        routing = r.route_features(x)
+        assert routing.residuals[:, TASKS.index(t)].abs().max() < 1e-4
+        assert (routing.residuals[:, [i for i, u in enumerate(TASKS) if u != t]] > 0.1).all()
+        assert routing.argmax == [t] * 5 and routing.selected == [(t,)] * 5
+        assert torch.allclose(routing.weights.sum(1), torch.ones(5))
+
+
+def test_routing_maths_z_scores_softmax_threshold_and_top_k():
+    residuals = torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 2.0]])
+    w = routing_weights(residuals)
+    # row 1: logits (0, -1, -1, -1), mean -0.75, unbiased std 0.5: z = (1.5, -0.5, -0.5, -0.5)
+    z = torch.tensor([1.5, -0.5, -0.5, -0.5]) / (1 + 2e-6)
+    assert torch.allclose(w[0], z.softmax(0), atol=1e-5)
+    assert select_tasks(w, 0.2, 3)[0] == (0,)
+    # several above the threshold: largest first, capped at top_k; none above: the argmax alone
+    w2 = torch.tensor([[0.3, 0.1, 0.35, 0.25], [0.26, 0.24, 0.25, 0.25]])
+    assert select_tasks(w2, 0.2, 3) == [(2, 0, 3), (0, 2, 3)]
+    assert select_tasks(w2, 0.2, 2) == [(2, 0), (0, 2)]
+    assert select_tasks(w2, 0.9, 3) == [(2,), (0,)]
+    assert torch.equal(routing_weights(torch.tensor([[3.0]])), torch.ones(1, 1))  # one task: weight 1
+    x = torch.tensor([[3.0, 4.0]])
+    bases = torch.tensor([[[1.0], [0.0]], [[0.0], [0.0]]])  # task 0 reads e1, task 1 stores no direction
+    assert torch.allclose(subspace_residuals(x, bases), torch.tensor([[4.0, 5.0]]))
+
+
+def test_one_selected_task_gives_its_tsv_c_reconstruction():
+    r, s = router()
+    for t in ("a", "c"):
+        expected = tsv_reconstruct(s["compressed"][t]).apply_to(s["pre"])
+        got = r.model_for([t]).state_dict()
+        for k, v in expected.items():
+            assert torch.allclose(got[k], v, atol=1e-5), k
+    # and all tasks give TSV-M at coefficient 1 (the first pass): the stored ranks are TSV-M's
+    merged = merge("tsv_merge", s["pre"], list(s["tvs"].values()), coefficient=1.0, device=None)
+    first = r.first_pass_model.state_dict()
+    for k, v in merged.items():
+        assert torch.allclose(first[k], v, atol=1e-4), k
+
+
+def test_tsv_merge_of_stored_factors_keeps_the_stored_rank_and_refuses_mixed_ranks():
+    _, pre, tvs, compressed, *_ = orthogonal_setup()
+    two = tsv_merge_compressed([compressed["a"], compressed["b"]])
+    # a's and b's block-1 c_fc read orthogonal subspaces: TSV-M of the two is their sum
+    summed = tsv_reconstruct(compressed["a"])[ROUTE] + tsv_reconstruct(compressed["b"])[ROUTE]
+    assert torch.allclose(two[ROUTE], summed, atol=1e-5)
+    assert torch.linalg.matrix_rank(two[ROUTE]) == 8  # 2 x the stored 4, not 16 // 2 = 8 recomputed per task
+    assert torch.allclose(two["conv1.weight"], (tvs["a"]["conv1.weight"] + tvs["b"]["conv1.weight"]) / 2)
+    wider = tsv_compress(tvs["c"], num_tasks=2)
+    with pytest.raises(ValueError, match="different ranks"):
+        tsv_merge_compressed([compressed["a"], wider])
+
+
+def test_head_with_the_largest_max_logit_predicts():
+    logits = {"a": torch.tensor([[1.0, 5.0], [0.0, 0.5], [2.0, 2.0]]),
+              "b": torch.tensor([[4.0, 0.0, 1.0], [3.0, 0.0, 1.0], [1.0, 2.0, 0.0]])}
+    tasks, labels = choose_head(logits)
+    assert tasks == ["a", "b", "a"]  # ties go to the first head given
+    assert labels.tolist() == [1, 0, 0]
+    with pytest.raises(ValueError, match="logits is empty"):
+        choose_head({})
+
+
+def test_predict_on_a_mixed_batch_uses_the_selected_heads_and_the_oracle_on_the_same_features():
+    r, s = router(top_k=2, threshold=0.2)
+    torch.manual_seed(3)
+    images = torch.randn(6, 3, 16, 16)
+    truth = ["a", "b", "c", "d", "a", "b"]
+    out = r.predict(images, true_tasks=truth)
+    assert len(out.head_task) == 6 and out.label.shape == (6,) and out.oracle_label.shape == (6,)
+    for i, (sel, head) in enumerate(zip(out.routing.selected, out.head_task)):
+        assert head in sel and 1 <= len(sel) <= 2
+        with torch.no_grad():
+            feats = r.model_for(sel)(images[i:i + 1])
+        best = max(sel, key=lambda t: float(s["heads"][t](feats).max()))
+        assert head == best and int(out.label[i]) == int(s["heads"][head](feats).argmax())
+        assert int(out.oracle_label[i]) == int(s["heads"][truth[i]](feats).argmax())
+    with pytest.raises(ValueError, match="true_tasks has 2 entries for 6 images"):
+        r.predict(images, true_tasks=["a", "b"])
+
+
+def test_cache_keys_do_not_depend_on_selection_order_and_the_cache_is_bounded():
+    assert cache_key(("c", "a", "b")) == cache_key(("b", "c", "a")) == ("a", "b", "c")
+    r, _ = router(cache_size=2)
+    first = r.model_for(["b", "a"])
+    assert r.model_for(["a", "b"]) is first and (r.hits, r.misses) == (1, 1)
+    r.model_for(["c"])
+    r.model_for(["d", "a"])  # a third set: the least recently used, (a, b), goes
+    assert r.cached_keys == [("c",), ("a", "d")]
+    assert r.model_for(["a", "b"]) is not first and r.misses == 4
+
+
+def seq_first(enc: torch.nn.Module) -> torch.nn.Module:
+    """The same weights run sequence-first, as open_clip <= 2.0 did: (L, N, D) between blocks."""
+    import copy
+
+    out = copy.deepcopy(enc)
+    out.transformer.batch_first = False
+    for block in out.transformer.resblocks:
+        block.attn.batch_first = False
+    return out
+
+
+@pytest.mark.parametrize("layout", ["batch_first", "seq_first"])
+def test_class_token_is_read_per_image_whatever_the_layout(layout):
+    enc = encoder()
+    model = enc if layout == "batch_first" else seq_first(enc)
+    torch.manual_seed(4)
+    images = torch.randn(5, 3, 16, 16) * 0.1
+    images[0] = torch.randn(3, 16, 16) * 3  # the first image differs from the others
+    with torch.no_grad():
+        assert torch.allclose(model(images), enc(images), atol=1e-5)  # the two layouts compute the same
+    points = [(1, "mlp.c_fc"), (0, "attn.in_proj"), (1, "mlp.c_proj")]
+    batch = block_features(model, images, points)
+    for i in range(5):
+        alone = block_features(model, images[i:i + 1], points)
+        for p in points:
+            assert torch.allclose(batch[p][i], alone[p][0], atol=1e-5), (p, i)
+    assert batch[(1, "mlp.c_proj")].shape == (5, 64)
+    # the official x[0] on a batch-first tensor reads the first image's tokens, not each image's class token
+    tokens = torch.randn(5, 5, 16)  # (N, L, D) with N = L: shapes alone cannot tell
+    assert torch.equal(class_token(tokens, 5, True), tokens[:, 0])
+    assert not torch.equal(class_token(tokens, 5, False), tokens[:, 0])
+
+
+def test_activations_on_the_wrong_axis_are_refused():
+    x = torch.randn(5, 3, 16)  # (L=5 tokens, N=3 images, D)
+    with pytest.raises(ValueError, match="wrong axis"):
+        class_token(x, 3, batch_first=True, tokens=5)
+    assert torch.equal(class_token(x, 3, batch_first=None, tokens=5), x[0])  # inferred: sequence-first
+    with pytest.raises(ValueError, match="cannot tell the token layout"):
+        class_token(torch.randn(4, 4, 16), 4, batch_first=None, tokens=4)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"threshold": 0.0}, r"threshold=0.0 is not valid; use a routing weight in the open interval \(0, 1\)"),
+    ({"threshold": 1.0}, r"threshold=1.0 is not valid"),
+    ({"threshold": -0.2}, r"threshold=-0.2 is not valid"),
+    ({"top_k": 0}, r"top_k=0 is not valid; use an integer >= 1"),
+    ({"top_k": 1.5}, r"top_k=1.5 is not valid"),
+    ({"block": 2}, r"block=2 does not exist; the encoder has 2 blocks, valid: 0..1"),
+    ({"block": -1}, r"block=-1 does not exist"),
+    ({"block": None, "depth": 1.0}, r"depth=1.0 is not valid; use a relative depth in \[0, 1\)"),
+    ({"routing_matrix": "attn.out_proj"}, r"routing_matrix='attn.out_proj' is not valid; use one of mlp.c_fc"),
+    ({"first_pass": "ties"}, r"first_pass='ties' is not valid; use one of tsv_merge, pretrained"),
+    ({"cache_size": 0}, r"cache_size=0 is not valid"),
+])
+def test_bad_parameters_name_the_parameter_and_the_valid_range(options, message):
+    with pytest.raises(ValueError, match=message):
+        router(**options)
+
+
+def test_routing_block_is_relative_to_depth():
+    assert routing_block(12) == 9  # the official ViT-B block
+    assert routing_block(4) == 3 and routing_block(2) == 1 and routing_block(24) == 18
+    assert routing_block(12, depth=0.0) == 0 and routing_block(12, block=11) == 11
+
+
+def test_storage_counts_the_model_the_factors_and_the_dense_tensors():
+    _, pre, _, compressed, *_ = orthogonal_setup()
+    s = storage_bytes(pre, compressed)
+    assert s["total_bytes"] == s["model_bytes"] + s["factor_bytes"] + s["dense_bytes"]
+    assert s["total_bytes"] == s["model_bytes"] + sum(c.nbytes() for c in compressed.values())
+    assert s["storage_multiple"] == pytest.approx(s["total_bytes"] / s["model_bytes"])
+
+
+def test_other_routing_options_share_the_second_pass_cache():
+    r, s = router()
+    model = r.model_for(["a", "c"])
+    other = r.with_options(block=0, routing_matrix="attn.in_proj", threshold=0.3, top_k=1, first_pass="pretrained")
+    assert other.model_for(["c", "a"]) is model
+    assert (other.block, other.routing_matrix, other.threshold, other.top_k) == (0, "attn.in_proj", 0.3, 1)
+    assert torch.equal(other.bases, routing_bases(s["compressed"], 0, "attn.in_proj"))
+    assert not torch.equal(other.bases, r.bases)
+    assert (r.block, r.routing_matrix, r.first_pass) == (1, "mlp.c_fc", "tsv_merge")  # the original is unchanged
+    with pytest.raises(ValueError, match="with_options has no option 'polar'"):
+        r.with_options(polar="svd")
+    with pytest.raises(ValueError, match="top_k=0 is not valid"):
+        r.with_options(top_k=0)

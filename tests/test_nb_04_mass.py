@@ -1,0 +1,96 @@
+"""What the MASS routing notebook promises in its results JSON (smoke profile)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mergelab.params import profile_params
+
+NAME = "04_mass_routing"
+pytestmark = [pytest.mark.notebook, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def results(run_notebook):
+    return run_notebook(NAME)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return profile_params("smoke", NAME)
+
+
+def test_every_method_has_absolute_and_normalized_accuracy(results):
+    methods = results["methods"]
+    assert set(methods) == {"zero_shot", "task_arithmetic", "tsv_merge", "tsv_merge_validated", "mass",
+                            "mass_oracle_head", "tsv_compress", "experts"}
+    for name, m in methods.items():
+        assert set(m["per_task_accuracy"]) == set(results["tasks"]), name
+        assert all(0 <= a <= 1 for a in m["per_task_accuracy"].values()), name
+        assert m["absolute_accuracy"] == pytest.approx(sum(m["per_task_accuracy"].values()) / len(results["tasks"]))
+    assert methods["experts"]["normalized_accuracy"] == pytest.approx(1.0)
+    assert methods["tsv_merge"]["coefficient"] == 1.0
+
+
+def test_a_wrong_head_never_scores_better_than_the_true_head(results):
+    """MASS counts a prediction with another task's head as wrong, so its accuracy is at most the
+    oracle head's on the same second-pass features, task by task."""
+    mass, oracle = results["methods"]["mass"], results["methods"]["mass_oracle_head"]
+    share_true_head = results["routing"]["head_is_true"]
+    for t in results["tasks"]:
+        assert mass["per_task_accuracy"][t] <= oracle["per_task_accuracy"][t] + 1e-12, t
+    assert mass["absolute_accuracy"] <= share_true_head + 1e-12
+
+
+def test_routing_accuracy_confusion_and_selected_sets(results, params):
+    routing, tasks = results["routing"], results["tasks"]
+    assert results["routing_accuracy"] == routing["contains_true"]
+    assert 0 <= routing["argmax_true"] <= routing["contains_true"] <= 1  # the argmax is always selected
+    assert 1 <= routing["mean_selected"] <= params["top_k"]
+    assert sum(routing["selected_size_share"].values()) == pytest.approx(1.0)
+    assert {int(k) for k in routing["selected_size_share"]} <= set(range(1, params["top_k"] + 1))
+    conf = results["confusion"]
+    assert conf["tasks"] == tasks
+    for i, t in enumerate(tasks):
+        assert sum(conf["argmax"][i]) == pytest.approx(1.0)
+        assert conf["selected"][i][i] == pytest.approx(routing["per_task_contains_true"][t])
+        assert 1 - 1e-9 <= sum(conf["selected"][i]) <= params["top_k"] + 1e-9
+    for e in results["examples"]:
+        assert set(e["residuals"]) == set(tasks) and sum(e["weights"].values()) == pytest.approx(1.0)
+        assert e["head"] in e["selected"]
+
+
+def test_storage_timing_and_cache(results, params):
+    s = results["storage"]
+    assert results["storage_multiple"] == pytest.approx(s["total_bytes"] / s["model_bytes"])
+    assert results["storage_multiple"] > 1
+    assert s["total_bytes"] == s["model_bytes"] + s["factor_bytes"] + s["dense_bytes"]
+    t = results["timing"]
+    assert results["time_per_image_ratio"] == pytest.approx(t["mass_s"] / t["forward_s"])
+    assert t["mass_s"] > 0 and t["mass_cold_s"] > 0
+    assert t["batch"] == params["batch_size"]
+    assert results["second_pass_models_built"] >= 1
+    assert results["routing_block"] == 1 and results["num_blocks"] == 2  # depth 0.75 of 2 blocks
+
+
+def test_ablations_cover_every_block_matrix_threshold_and_top_k(results, params):
+    rows = results["ablations"]
+    layer = [r for r in rows if r["study"] == "layer"]
+    assert {(r["block"], r["routing_matrix"]) for r in layer} == {(b, m) for b in range(2) for m in params["ablation_matrices"]}
+    sel = [r for r in rows if r["study"] == "selection"]
+    assert {(r["threshold"], r["top_k"]) for r in sel} == {(th, k) for th in params["ablation_thresholds"]
+                                                           for k in params["ablation_top_k"]}
+    assert all(r["mean_selected"] == 1 for r in sel if r["top_k"] == 1)
+    first = [r for r in rows if r["study"] == "first_pass"]
+    assert {r["first_pass"] for r in first} == {"pretrained"} and len(first) == 2
+    for r in rows:
+        assert 0 <= r["absolute_accuracy"] <= 1 and 0 <= r["argmax_true"] <= r["contains_true"] <= 1
+
+
+def test_claims_table(results):
+    claims = results["claims"]
+    assert len(claims) >= 5
+    for c in claims:
+        assert set(c) == {"claim", "source", "status", "evidence"}
+        assert c["status"] in {"reproduced", "not_reproduced", "not_testable"}
+        assert c["source"] == "mass2026"
