@@ -25,7 +25,7 @@ endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help env git-filter quarto report test bench lab clean-report clean-cache
+.PHONY: help env lock git-filter quarto report test bench lab clean-report clean-cache
 
 help: ## show this help
 	@echo "Usage: make <target> [VARIABLE=value ...]"
@@ -41,10 +41,18 @@ env: $(STAMP) ## create the virtual environment, install the package and the "me
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
+	@if [ -f requirements.lock ] && [ "$$(uname -sm)" = "$(LOCK_PLATFORM)" ]; then \
+		echo "installing the exact versions of requirements.lock"; $(PY) -m pip install -r requirements.lock; \
+	else echo "no lock for $$(uname -sm): installing the newest versions pyproject.toml allows"; fi
 	$(PY) -m pip install -e '.[dev,lab]'
 	$(PY) -m ipykernel install --sys-prefix --name mergelab --display-name "Python (mergelab)"
 	$(MAKE) --no-print-directory git-filter
 	touch $@
+
+LOCK_PLATFORM := Linux x86_64
+
+lock: env ## record the exact versions of this environment's requirements in requirements.lock (used by env on Linux x86_64)
+	$(PY) scripts/lock.py
 
 git-filter: ## strip outputs and kernel metadata from notebooks on their way into git (nbstripout; run by env)
 	@if git rev-parse --git-dir >/dev/null 2>&1; then \
