@@ -47,7 +47,7 @@ def channel_stats(model: nn.Module, module_name: str, X: torch.Tensor, batch_siz
 @torch.no_grad()
 def repair(merged: nn.Module, endpoints: Sequence[nn.Module], X: torch.Tensor,
            modules: tuple[type[nn.Module], ...] = (nn.Conv2d,), eps: float = 1e-8, batch_size: int = 512,
-           ) -> dict[str, dict[str, float]]:
+           names: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Correct ``merged`` in place so every chosen layer's output channels have the endpoints' mean
     statistics on ``X`` (training inputs); return, per layer, how much it changed
     (``{"max_scale_change": max |a - 1|, "max_shift": max |shift|}``).
@@ -59,10 +59,17 @@ def repair(merged: nn.Module, endpoints: Sequence[nn.Module], X: torch.Tensor,
         X: inputs, ``(N, ...)``.
         modules: layer types to correct; each needs a bias.
         eps: floor on the merged standard deviation.
+        names: the layers to correct, by module name, in network order (overrides ``modules``; e.g. an
+            MLP's hidden layers without its classifier).
     """
     if not endpoints:
         raise ValueError("repair needs at least one endpoint model.")
-    names = [n for n, m in merged.named_modules() if isinstance(m, modules)]
+    if names is None:
+        names = [n for n, m in merged.named_modules() if isinstance(m, modules)]
+    unknown = [n for n in names if n not in dict(merged.named_modules())]
+    if unknown:
+        raise ValueError(f"repair names={unknown} are not modules of the model; it has "
+                         f"{[n for n, _ in merged.named_modules() if n][:8]}...")
     report = {}
     for name in names:
         layer = dict(merged.named_modules())[name]

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import paths
-from ..alignment.architectures import build_model
+from ..alignment.architectures import build_model, no_onednn
 from ..alignment.specs import PermutationSpec
 from ..cache import Artifact
 from ..utils import config_hash
@@ -81,6 +81,8 @@ class ScratchConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        for name in ("lr", "weight_decay", "momentum"):  # 0 and 0.0 from a YAML file hash alike
+            object.__setattr__(self, name, float(getattr(self, name)))
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={self.optimizer!r} is not valid; use one of {', '.join(OPTIMIZERS)}.")
         for name in ("epochs", "batch_size", "blocks"):
@@ -120,9 +122,10 @@ def train_from_scratch(cfg: ScratchConfig, data: DigitsSplit, progress: bool = F
             for group in opt.param_groups:
                 group["lr"] = lr
             idx = order[i:i + cfg.batch_size]
-            loss = F.cross_entropy(model(data.X_train[idx]), data.y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with no_onednn():
+                loss = F.cross_entropy(model(data.X_train[idx]), data.y_train[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             opt.step()
             step, last = step + 1, float(loss.detach())
         bar.set_postfix(loss=f"{last:.3f}")
@@ -142,14 +145,16 @@ def cached_from_scratch(cfg: ScratchConfig, data: DigitsSplit, data_key: dict, p
 
 @torch.no_grad()
 def evaluate_state(model: nn.Module, state: dict[str, torch.Tensor], X: torch.Tensor, y: torch.Tensor,
-                   batch_size: int = 1024) -> dict[str, float]:
+                   batch_size: int = 1024, return_correct: bool = False) -> dict:
     """``{"accuracy": fraction correct, "loss": mean cross-entropy in nats}`` of ``model`` with
-    ``state`` loaded, on ``(X, y)``."""
+    ``state`` loaded, on ``(X, y)``; with ``return_correct``, also ``"correct"``: a bool tensor ``(N,)``."""
     model.load_state_dict(state)
     model.eval()
-    correct, loss = 0, 0.0
+    hits, loss = [], 0.0
     for i in range(0, len(X), batch_size):
         logits = model(X[i:i + batch_size])
         loss += float(F.cross_entropy(logits.double(), y[i:i + batch_size], reduction="sum"))
-        correct += int((logits.argmax(1) == y[i:i + batch_size]).sum())
-    return {"accuracy": correct / len(X), "loss": loss / len(X)}
+        hits.append(logits.argmax(1) == y[i:i + batch_size])
+    correct = torch.cat(hits)
+    out = {"accuracy": float(correct.float().mean()), "loss": loss / len(X)}
+    return {**out, "correct": correct} if return_correct else out
