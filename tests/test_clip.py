@@ -645,3 +645,16 @@ def test_notebook_03_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
     assert all(0 <= e <= 1 for e in results["energy_top_k"].values())
     assert len(results["interference"]["pairs"]) == 3  # every pair of the 3 tasks
     assert results["speed"]["relative_difference"] < 1e-3
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_notebook_06_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
+    results, shown = run_at_clip_smoke("06_cycle_consistent_merging", tmp_path)
+    assert set(results["architectures"]) == {"mlp", "resnet"}
+    for r in results["architectures"].values():
+        assert all(0 <= m["accuracy"] <= 1 for m in r["methods"].values())
+        assert r["cycle_errors"]["c2m3"]["mean"] == 0
+    # the prose says the chapter does not apply to the 8-task benchmark and what a user would load
+    assert "does not apply to the 8-task CLIP benchmark" in shown and "different initializations" in shown
+    assert "ships with scikit-learn" not in shown
