@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -106,12 +108,16 @@ class ResNet(nn.Module):
             return self.head(x.mean(dim=(2, 3)))
 
 
-def no_onednn():
+@contextlib.contextmanager
+def no_onednn() -> Iterator[None]:
     """Convolutions without oneDNN (mkldnn): with ``OMP_NUM_THREADS=1``, torch 2.14's oneDNN convolutions
     of these few-channel 8x8 inputs corrupted the heap (``malloc(): smallbin double linked list
     corrupted``, reproduced 2 of 2 times with widths (4, 8); 0 of 3 without oneDNN). Use it around the
     backward pass too."""
-    return torch.backends.mkldnn.flags(enabled=False)
+    with warnings.catch_warnings():  # setting the flags warns about Intel GPUs' TF32 on every call
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
 
 
 def resnet_spec(num_stages: int, blocks: int) -> PermutationSpec:
