@@ -678,3 +678,16 @@ def test_notebook_05_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
     assert at_all and all(r["mae"] == pytest.approx(0.0, abs=1e-12) for r in at_all)
     irt = results["methods"]["evolved_irt"]
     assert irt["fitness_forward_passes"] == irt["evaluations"] * results["evolution"]["fitness_items"]
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+def test_notebook_06_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
+    results, shown = run_at_clip_smoke("06_cycle_consistent_merging", tmp_path)
+    assert set(results["architectures"]) == {"mlp", "resnet"}
+    for r in results["architectures"].values():
+        assert all(0 <= m["accuracy"] <= 1 for m in r["methods"].values())
+        assert r["cycle_errors"]["c2m3"]["mean"] == 0
+    # the prose says the chapter does not apply to the 8-task benchmark and what a user would load
+    assert "does not apply to the 8-task CLIP benchmark" in shown and "different initializations" in shown
+    assert "ships with scikit-learn" not in shown

@@ -1,0 +1,198 @@
+"""C2M3: cycle-consistent matching of many models by Frank-Wolfe over doubly stochastic matrices.
+
+Every model ``p`` gets one matrix ``P_p,g`` (``(n, n)``, rows: the model's units, columns: the
+universe's) per permutation group ``g``; model ``p`` in the universe is ``T_p(W) = W`` multiplied by
+``P_p,g^T`` along every axis group ``g`` acts on. The objective, maximized, is
+
+    f(P) = sum_W sum_{p < q} <T_p(W_p), T_q(W_q)>
+         = sum_W (||sum_p T_p||^2 - sum_p ||T_p||^2) / 2,
+
+(for permutations the official ``tr(W_p^T P_p,l P_q,l^T W_q (P_p,l' P_q,l'^T)^T)``, summed over pairs
+and tensors; conv kernels are contracted over their spatial axes). Its gradient for ``P_p,g`` sums,
+over every tensor with an axis ``a`` in ``g``, ``unfold(X, a) unfold(S - T_p, a)^T`` with ``X`` the
+tensor transformed on its other axes and ``S = sum_q T_q``. Frank-Wolfe: the linear step ``S_p,g``
+maximizes ``<G_p,g, S>`` over permutations (Hungarian); one step size ``t`` in ``[0, 1]`` shared by all
+matrices comes from a bounded scalar search (``f`` along the segment is a polynomial of degree at
+most twice the number of permuted axes of a tensor, so it is fitted exactly from that many + 1
+evaluations and the search runs on the polynomial); ``P <- (1 - t) P + t S``. It stops when the gain stays
+below ``tol`` for ``patience`` consecutive iterations or after ``max_iter``; every ``P`` is then rounded
+to a permutation by the Hungarian algorithm. Pairwise maps ``P_p P_q^T`` compose to the identity
+around any cycle by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment, minimize_scalar
+from tqdm.auto import tqdm
+
+from .matching import _check_pair, unfold
+from .specs import Permutations, PermutationSpec
+
+Matrices = list[dict[str, torch.Tensor]]
+"""Per model, group name to an ``(n, n)`` (doubly stochastic) matrix, float64."""
+
+
+@dataclass
+class FrankWolfeResult:
+    """What :func:`c2m3_frank_wolfe` found.
+
+    Attributes:
+        perms: per model, ``{group: perm (n,)}``: ``W.index_select(axis, perm)`` is the model in the
+            universe.
+        objective: ``f`` at the start and after every iteration (soft matrices).
+        step_sizes: ``t`` of every iteration.
+        objective_rounded: ``f`` at the rounded permutations.
+        iterations: iterations run; ``converged``: stopped by the gain rule rather than ``max_iter``.
+    """
+
+    perms: list[Permutations]
+    objective: list[float] = field(default_factory=list)
+    step_sizes: list[float] = field(default_factory=list)
+    objective_rounded: float = float("nan")
+    iterations: int = 0
+    converged: bool = False
+
+
+def _along(w: torch.Tensor, axis: int, m: torch.Tensor) -> torch.Tensor:
+    """``m^T`` applied along ``axis`` of ``w``: result index ``u`` is ``sum_i m[i, u] w[i]``."""
+    moved = w.movedim(axis, 0)
+    out = (m.T @ moved.reshape(moved.shape[0], -1)).reshape(m.shape[1], *moved.shape[1:])
+    return out.movedim(0, axis)
+
+
+def _to_universe(spec: PermutationSpec, mats: Mapping[str, torch.Tensor], name: str, w: torch.Tensor,
+                 skip_axis: int | None = None) -> torch.Tensor:
+    for axis, g in enumerate(spec.axes[name]):
+        if g is not None and axis != skip_axis:
+            w = _along(w, axis, mats[g])
+    return w
+
+
+def c2m3_objective(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]], mats: Matrices) -> float:
+    """``f(P)``: the sum over tensors and pairs ``p < q`` of ``<T_p(W_p), T_q(W_q)>``."""
+    total = 0.0
+    for name in spec.axes:
+        ts = [_to_universe(spec, m, name, s[name]) for m, s in zip(mats, states)]
+        summed = torch.stack(ts).sum(0)
+        total += 0.5 * (float((summed * summed).sum()) - sum(float((t * t).sum()) for t in ts))
+    return total
+
+
+def c2m3_gradient(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]], mats: Matrices) -> Matrices:
+    """``df/dP_p,g`` for every model and group, ``(n, n)`` each, summed over every pair and tensor."""
+    grads = [{g: torch.zeros_like(m) for g, m in mm.items()} for mm in mats]
+    for name in spec.axes:
+        if all(g is None for g in spec.axes[name]):
+            continue
+        ts = [_to_universe(spec, m, name, s[name]) for m, s in zip(mats, states)]
+        summed = torch.stack(ts).sum(0)
+        for p, (m, s) in enumerate(zip(mats, states)):
+            rest = summed - ts[p]
+            for axis, g in enumerate(spec.axes[name]):
+                if g is not None:
+                    x = _to_universe(spec, m, name, s[name], skip_axis=axis)
+                    grads[p][g] += unfold(x, axis) @ unfold(rest, axis).T
+    return grads
+
+
+def sinkhorn(m: torch.Tensor, iters: int = 100) -> torch.Tensor:
+    """Alternate row and column normalization of a positive matrix: a doubly stochastic matrix."""
+    for _ in range(iters):
+        m = m / m.sum(1, keepdim=True)
+        m = m / m.sum(0, keepdim=True)
+    return m
+
+
+def hungarian(score: torch.Tensor) -> torch.Tensor:
+    """The permutation matrix (float64) maximizing ``<score, P>``: exact, by ``linear_sum_assignment``."""
+    rows, cols = linear_sum_assignment(score.detach().cpu().numpy(), maximize=True)
+    out = torch.zeros_like(score, dtype=torch.float64)
+    out[torch.as_tensor(rows), torch.as_tensor(cols)] = 1.0
+    return out
+
+
+def round_to_permutation(m: torch.Tensor) -> torch.Tensor:
+    """The index permutation (``W.index_select(axis, perm)`` maps to the universe) closest to ``m``
+    (``(n_model, n_universe)``): the Hungarian algorithm on ``m``."""
+    _, cols = linear_sum_assignment(m.detach().cpu().numpy(), maximize=True)
+    return torch.argsort(torch.as_tensor(cols, dtype=torch.long))
+
+
+def permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
+    """``P`` with ``P[perm[u], u] = 1`` (float64), the matrix form of an index permutation."""
+    return torch.eye(perm.numel(), dtype=torch.float64)[:, perm]
+
+
+def c2m3_frank_wolfe(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]], max_iter: int = 200,
+                     tol: float = 1e-6, patience: int = 5, noise: float = 0.01, seed: int = 0,
+                     progress: bool = False) -> FrankWolfeResult:
+    """C2M3's maps of every model into one universe (see the module docstring).
+
+    Args:
+        spec: the models' permutation spec.
+        states: state dicts of one architecture (two or more).
+        max_iter: Frank-Wolfe iterations at most.
+        tol: a gain ``f(new) - f(old)`` below ``tol`` counts towards stopping (relative to ``|f(old)|``
+            when that exceeds 1, so the rule does not depend on the weights' scale).
+        patience: stop after this many consecutive small gains.
+        noise: relative noise added to the uniform start before Sinkhorn normalization.
+        seed: the start's noise.
+        progress: a tqdm bar over iterations.
+    """
+    if len(states) < 2:
+        raise ValueError(f"c2m3_frank_wolfe needs at least two models; got {len(states)}.")
+    for name, value, ok in (("max_iter", max_iter, max_iter >= 1), ("patience", patience, patience >= 1),
+                            ("tol", tol, tol >= 0), ("noise", noise, noise >= 0)):
+        if not ok:
+            raise ValueError(f"{name}={value!r} is not valid; use a {'positive integer' if 'i' in name else 'number >= 0'}.")
+    sizes = _check_pair(spec, states)
+    s64 = [{k: v.detach().double().cpu() for k, v in s.items()} for s in states]
+    rng = torch.Generator().manual_seed(seed)
+    mats = [{g: sinkhorn((1 + noise * torch.rand(n, n, generator=rng, dtype=torch.float64)) / n)
+             for g, n in sorted(sizes.items())} for _ in states]
+    degree = 2 * max(sum(g is not None for g in axes) for axes in spec.axes.values())
+    res = FrankWolfeResult(perms=[])
+    f = c2m3_objective(spec, s64, mats)
+    res.objective.append(f)
+    small = 0
+    bar = tqdm(range(max_iter), desc="C2M3 Frank-Wolfe", disable=not progress, leave=False, mininterval=0.5)
+    for _ in bar:
+        grads = c2m3_gradient(spec, s64, mats)
+        targets = [{g: hungarian(gr) for g, gr in gg.items()} for gg in grads]
+
+        def step(t: float) -> Matrices:
+            return [{g: (1 - t) * m[g] + t * s[g] for g in m} for m, s in zip(mats, targets)]
+
+        # f along the segment is a polynomial of degree <= `degree` in t: fitted exactly from
+        # degree + 1 evaluations, then searched as the official code does (bounded, xtol 1e-3, 20 evaluations)
+        nodes = np.linspace(0.0, 1.0, degree + 1)
+        values = [f] + [c2m3_objective(spec, s64, step(float(t))) for t in nodes[1:]]
+        along = np.polynomial.Polynomial.fit(nodes, values, degree)
+        search = minimize_scalar(lambda t: -along(t), bounds=(0.0, 1.0), method="bounded",
+                                 options={"xatol": 1e-3, "maxiter": 20})
+        t = float(search.x)
+        new_f = values[-1] if t == 1.0 else c2m3_objective(spec, s64, step(t))
+        if values[-1] > new_f:  # the bounded search never evaluates the end points themselves
+            t, new_f = 1.0, values[-1]
+        if new_f < f:  # the bounded search brackets [0, 1] but never evaluates 0 itself
+            t, new_f = 0.0, f
+        mats = step(t)
+        gain = new_f - f
+        f = new_f
+        res.objective.append(f)
+        res.step_sizes.append(t)
+        res.iterations += 1
+        bar.set_postfix(objective=f"{f:.4g}", t=f"{t:.3f}")
+        small = small + 1 if gain < tol * max(1.0, abs(res.objective[-2])) else 0
+        if small >= patience:
+            res.converged = True
+            break
+    res.perms = [{g: round_to_permutation(m) for g, m in mm.items()} for mm in mats]
+    res.objective_rounded = c2m3_objective(
+        spec, s64, [{g: permutation_matrix(p) for g, p in pp.items()} for pp in res.perms])
+    return res

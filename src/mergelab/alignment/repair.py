@@ -1,0 +1,89 @@
+"""REPAIR (Jordan et al., 2023): reset a merged model's channel statistics to the endpoints'.
+
+Averaging aligned models shrinks the variance of hidden activations ("variance collapse"). REPAIR
+measures, on training inputs, the per-channel mean and standard deviation of every conv output in
+each endpoint and in the merged model, and rescales the merged conv so that its output has the mean
+of the endpoints' means and the mean of their standard deviations:
+``W' = W * (sigma_goal / sigma)``, ``b' = (b - mu) * sigma_goal / sigma + mu_goal`` (per output channel).
+Convs are corrected in network order, each measured after the ones before it were corrected. As in
+the official code only conv layers are touched (``modules=(nn.Conv2d,)``): for an MLP it changes
+nothing unless ``nn.Linear`` is asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def channel_stats(model: nn.Module, module_name: str, X: torch.Tensor, batch_size: int = 512,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation ``(C,)`` of ``module_name``'s output over ``X``
+    (channels: axis 1; every other axis pooled)."""
+    module = dict(model.named_modules())[module_name]
+    total, total_sq, count = None, None, 0
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().double()))
+    model.eval()
+    try:
+        for i in range(0, len(X), batch_size):
+            captured.clear()
+            model(X[i:i + batch_size])
+            out = captured[0].movedim(1, -1).reshape(-1, captured[0].shape[1])
+            s, sq = out.sum(0), (out * out).sum(0)
+            total = s if total is None else total + s
+            total_sq = sq if total_sq is None else total_sq + sq
+            count += out.shape[0]
+    finally:
+        handle.remove()
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_min(0)
+    return mean, var.sqrt()
+
+
+@torch.no_grad()
+def repair(merged: nn.Module, endpoints: Sequence[nn.Module], X: torch.Tensor,
+           modules: tuple[type[nn.Module], ...] = (nn.Conv2d,), eps: float = 1e-8, batch_size: int = 512,
+           names: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Correct ``merged`` in place so every chosen layer's output channels have the endpoints' mean
+    statistics on ``X`` (training inputs); return, per layer, how much it changed
+    (``{"max_scale_change": max |a - 1|, "max_shift": max |shift|}``).
+
+    Args:
+        merged: the merged model (modified in place).
+        endpoints: the models that were merged, in any frame (channel statistics are matched by
+            position, so they must be in the merged model's frame: pass the aligned endpoints).
+        X: inputs, ``(N, ...)``.
+        modules: layer types to correct; each needs a bias.
+        eps: floor on the merged standard deviation.
+        names: the layers to correct, by module name, in network order (overrides ``modules``; e.g. an
+            MLP's hidden layers without its classifier).
+    """
+    if not endpoints:
+        raise ValueError("repair needs at least one endpoint model.")
+    if names is None:
+        names = [n for n, m in merged.named_modules() if isinstance(m, modules)]
+    unknown = [n for n in names if n not in dict(merged.named_modules())]
+    if unknown:
+        raise ValueError(f"repair names={unknown} are not modules of the model; it has "
+                         f"{[n for n, _ in merged.named_modules() if n][:8]}...")
+    report = {}
+    for name in names:
+        layer = dict(merged.named_modules())[name]
+        if getattr(layer, "bias", None) is None:
+            raise ValueError(f"layer {name!r} has no bias; REPAIR folds its correction into a bias.")
+        goal = [channel_stats(e, name, X, batch_size) for e in endpoints]
+        mu_goal = torch.stack([g[0] for g in goal]).mean(0)
+        sd_goal = torch.stack([g[1] for g in goal]).mean(0)
+        mu, sd = channel_stats(merged, name, X, batch_size)
+        a = sd_goal / sd.clamp_min(eps)
+        shift = mu_goal - a * mu
+        w = layer.weight
+        layer.weight.copy_((w.double() * a.view(-1, *([1] * (w.ndim - 1)))).to(w.dtype))
+        layer.bias.copy_((layer.bias.double() * a + shift).to(w.dtype))
+        report[name] = {"max_scale_change": float((a - 1).abs().max()),
+                        "max_shift": float(shift.abs().max())}
+    return report

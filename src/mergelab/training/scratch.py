@@ -1,0 +1,160 @@
+"""Models of one task trained from scratch from different initializations (the setting of model
+alignment): scikit-learn's digits, an MLP or a small ResNet, cached by configuration.
+
+The digits (1,797 images of 8x8 pixels, 16 grey levels, 10 classes) ship with scikit-learn, so this
+runs offline. The split is fixed by ``split_seed`` and stratified; models differ only in ``seed``
+(initialization and data order).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import paths
+from ..alignment.architectures import build_model, no_onednn
+from ..alignment.specs import PermutationSpec
+from ..cache import Artifact
+from ..utils import config_hash
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class DigitsSplit:
+    """Digits images ``(N, 1, 8, 8)`` in [0, 1] and labels ``(N,)``, per split."""
+
+    X_train: torch.Tensor
+    y_train: torch.Tensor
+    X_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int = 10
+
+
+def load_digits_split(test_fraction: float = 0.25, split_seed: int = 0) -> DigitsSplit:
+    """scikit-learn's digits, split stratified into train and test by ``split_seed``."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction={test_fraction!r} is not valid; use a number in (0, 1).")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    X = (d.images / 16.0).astype(np.float32)[:, None]
+    Xtr, Xte, ytr, yte = train_test_split(X, d.target, test_size=test_fraction, random_state=split_seed,
+                                          stratify=d.target)
+    t = torch.from_numpy
+    return DigitsSplit(t(Xtr), t(ytr).long(), t(Xte), t(yte).long())
+
+
+@dataclass(frozen=True)
+class ScratchConfig:
+    """One model trained from scratch.
+
+    Attributes:
+        arch: ``"mlp"`` or ``"resnet"``.
+        widths: hidden widths (MLP) or channels per stage (ResNet).
+        blocks: basic blocks per stage (ResNet).
+        epochs, batch_size, lr, weight_decay: the recipe; the learning rate follows a cosine schedule
+            after ``warmup_epochs`` of linear warm-up.
+        optimizer: ``"adam"`` (Adam) or ``"sgd"`` (SGD with momentum ``momentum``).
+        seed: initialization and data order: the only thing that differs between models of a set.
+    """
+
+    arch: str = "mlp"
+    widths: tuple[int, ...] = (128, 128, 128)
+    blocks: int = 1
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_epochs: int = 0
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        for name in ("lr", "weight_decay", "momentum"):  # 0 and 0.0 from a YAML file hash alike
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} is not valid; use one of {', '.join(OPTIMIZERS)}.")
+        for name in ("epochs", "batch_size", "blocks"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; use a positive integer.")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} is not valid; use a positive learning rate.")
+
+
+def new_model(cfg: ScratchConfig, data: DigitsSplit) -> tuple[nn.Module, PermutationSpec]:
+    """A freshly initialized model of ``cfg`` for ``data`` (initialized from ``cfg.seed``) and its spec."""
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.arch, tuple(data.X_train.shape[1:]), data.num_classes, cfg.widths, cfg.blocks)
+
+
+def train_from_scratch(cfg: ScratchConfig, data: DigitsSplit, progress: bool = False,
+                       ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train a model of ``cfg`` on ``data``'s training split; return its state dict and a log
+    (final training loss, seconds)."""
+    model, _ = new_model(cfg, data)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    n = len(data.X_train)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    if cfg.optimizer == "adam":
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    start, step, last = time.perf_counter(), 0, float("nan")
+    model.train()
+    bar = tqdm(range(cfg.epochs), desc=f"{cfg.arch} seed {cfg.seed}", disable=not progress, leave=False)
+    for _ in bar:
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, cfg.batch_size):
+            lr = cfg.lr * ((step + 1) / warm if step < warm else
+                           0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm))))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = order[i:i + cfg.batch_size]
+            with no_onednn():
+                loss = F.cross_entropy(model(data.X_train[idx]), data.y_train[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+            step, last = step + 1, float(loss.detach())
+        bar.set_postfix(loss=f"{last:.3f}")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state, {"final_batch_loss": last, "seconds": time.perf_counter() - start, "steps": step}
+
+
+def cached_from_scratch(cfg: ScratchConfig, data: DigitsSplit, data_key: dict, progress: bool = False,
+                        ) -> dict[str, torch.Tensor]:
+    """:func:`train_from_scratch`, cached in ``<data>/scratch/<arch>-<hash>.safetensors`` by the
+    configuration and ``data_key`` (what made ``data``)."""
+    key = config_hash({"config": asdict(cfg), "data": data_key})
+    art = Artifact.at(paths.data_dir() / "scratch", cfg.arch, key)
+    return art.get_or_build(lambda: (lambda s, log: (s, {"config": asdict(cfg), "data": data_key, **log}))(
+        *train_from_scratch(cfg, data, progress)))
+
+
+@torch.no_grad()
+def evaluate_state(model: nn.Module, state: dict[str, torch.Tensor], X: torch.Tensor, y: torch.Tensor,
+                   batch_size: int = 1024, return_correct: bool = False) -> dict:
+    """``{"accuracy": fraction correct, "loss": mean cross-entropy in nats}`` of ``model`` with
+    ``state`` loaded, on ``(X, y)``; with ``return_correct``, also ``"correct"``: a bool tensor ``(N,)``."""
+    model.load_state_dict(state)
+    model.eval()
+    hits, loss = [], 0.0
+    for i in range(0, len(X), batch_size):
+        logits = model(X[i:i + batch_size])
+        loss += float(F.cross_entropy(logits.double(), y[i:i + batch_size], reduction="sum"))
+        hits.append(logits.argmax(1) == y[i:i + batch_size])
+    correct = torch.cat(hits)
+    out = {"accuracy": float(correct.float().mean()), "loss": loss / len(X)}
+    return {**out, "correct": correct} if return_correct else out

@@ -1,0 +1,65 @@
+"""What the cycle-consistent merging notebook promises in its results JSON (smoke profile)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mergelab.experiments.ch06_c2m3 import METHODS
+from mergelab.params import profile_params
+
+NAME = "06_cycle_consistent_merging"
+pytestmark = [pytest.mark.notebook, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def results(run_notebook):
+    return run_notebook(NAME)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return profile_params("smoke", NAME)
+
+
+def test_every_method_and_architecture_has_accuracy_and_loss(results, params):
+    archs = results["architectures"]
+    assert set(archs) == set(params["architectures"]) == {"mlp", "resnet"}
+    for arch, r in archs.items():
+        methods = r["methods"]
+        assert {"endpoints", *METHODS} <= set(methods), arch
+        for name, m in methods.items():
+            assert 0 <= m["accuracy"] <= 1 and m["loss"] > 0, (arch, name)
+        ends = [methods[f"endpoint_{i}"]["accuracy"] for i in range(params["merge_models"])]
+        assert methods["endpoints"]["accuracy"] == pytest.approx(sum(ends) / len(ends))
+        assert methods["c2m3"]["normalized_accuracy"] == pytest.approx(
+            methods["c2m3"]["accuracy"] / methods["endpoints"]["accuracy"])
+
+
+def test_c2m3_maps_are_cycle_consistent_and_permutations_keep_the_function(results):
+    for arch, r in results["architectures"].items():
+        cyc = r["cycle_errors"]
+        assert cyc["c2m3"]["mean"] == 0 and cyc["merge_many"]["mean"] == 0, arch
+        assert 0 <= cyc["pairwise"]["mean"] <= 1
+        sym = r["permutation_symmetry"]
+        assert sym["max_weight_change"] > 0 and sym["max_logit_change"] < 1e-4, arch
+        assert sym["accuracy"] == sym["accuracy_permuted"]
+
+
+def test_frank_wolfe_trace_and_stopping(results, params):
+    for arch, r in results["architectures"].items():
+        fw = r["frank_wolfe"]
+        obj = fw["objective"]
+        assert len(obj) == fw["iterations"] + 1 <= params["frank_wolfe"]["max_iter"] + 1
+        assert all(b >= a - 1e-9 * abs(a) for a, b in zip(obj, obj[1:])), arch
+        assert all(0 <= t <= 1 for t in fw["step_sizes"])
+
+
+def test_model_count_study_and_claims(results, params):
+    counts = {(r["num_models"], r["method"]) for r in results["model_count"]}
+    assert {k for k, _ in counts} == set(params["model_counts"])
+    assert {m for _, m in counts} == {"endpoints", *METHODS}
+    claims = results["claims"]
+    assert claims and all(c["status"] in {"reproduced", "not_reproduced", "not_testable"} for c in claims)
+    assert all(c["claim"] and c["source"] and isinstance(c["evidence"], dict) for c in claims)
+    cyc = [c for c in claims if "cycle-consistent" in c["claim"]]
+    assert len(cyc) == 2
