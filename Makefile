@@ -55,10 +55,7 @@ lock: env ## record the exact versions of this environment's requirements in req
 	$(PY) scripts/lock.py
 
 git-filter: ## strip outputs and kernel metadata from notebooks on their way into git (nbstripout; run by env)
-	@if git rev-parse --git-dir >/dev/null 2>&1; then \
-		$(VENV)/bin/nbstripout --install && \
-		git config filter.nbstripout.extrakeys "metadata.language_info metadata.widgets cell.metadata.execution" && \
-		echo "git filter: notebooks are stripped of outputs and kernel metadata when staged (nbstripout)"; \
+	@if git rev-parse --git-dir >/dev/null 2>&1; then $(PY) -m mergelab.lab --install-git-filter; \
 	else echo "git filter: not a git checkout, nothing to install"; fi
 
 quarto: env ## try to install Quarto into the venv (pip install quarto-cli; it downloads Quarto from the web)
@@ -81,8 +78,9 @@ bench: env ## run every perf/bench_*.py
 
 LAB_ARGS ?=## extra JupyterLab options, e.g. LAB_ARGS='--port 8890 --no-browser'
 
-lab: env ## open the notebooks in JupyterLab with the project's kernel (LAB_ARGS passed through)
-	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+lab: env ## open the notebooks in JupyterLab with the project's kernel; chapters are saved without outputs (LAB_ARGS passed through)
+	$(VENV)/bin/jupyter lab notebooks/ --FileContentsManager.pre_save_hook=mergelab.lab.strip_on_save \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 clean-report: ## remove executed notebooks, the book, results, figures and stamps from REPORTS
 	$(if $(strip $(REPORTS)),,$(error REPORTS is empty))

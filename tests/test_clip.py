@@ -522,6 +522,9 @@ def test_every_notebook_has_parameters_at_the_clip_profiles(profile):
         assert values["profile"] == profile and values["benchmark"] == "clip", name
         # same data and model as chapter 0, so the tower, heads, evaluations and experts are shared
         assert values["data"] == first["data"] and values["model"] == first["model"], name
+        if "tasks" not in values:  # chapter 06 trains its own single-task models; the 8 tasks do not apply
+            assert name == "06_cycle_consistent_merging", name
+            continue
         assert set(values["tasks"]) <= set(first["tasks"] if profile == "clip" else TASKS), name
         ClipBenchmarkConfig.from_params(tasks=values["tasks"], data=values["data"], model=values["model"],
                                         pretrain=values["pretrain"], head_shots=values["head_shots"])

@@ -138,3 +138,47 @@ def test_a_notebook_saved_by_jupyterlab_leaves_the_checkout_clean(tmp_path):
     nbformat.write(nb, tmp_path / name)
     git("add", "-A")
     assert git("status", "--porcelain").strip() == f"M  {name}".strip()  # real edits still reach git
+
+
+@pytest.mark.timeout(120)
+def test_jupyterlab_saves_a_run_chapter_exactly_as_committed(tmp_path, monkeypatch):
+    """`make lab` gives JupyterLab's contents manager mergelab.lab.strip_on_save as pre-save hook: a
+    chapter run and saved there is written as committed, so `git status` shows it unchanged."""
+    import shutil
+    import subprocess
+
+    import nbformat
+    from jupyter_server.services.contents.filemanager import FileContentsManager
+
+    from mergelab import lab, paths
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.org")
+    git("config", "user.name", "t")
+    subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path), "git-filter",
+                    f"VENV={ROOT / '.venv'}"], check=True, capture_output=True)
+    (tmp_path / "notebooks").mkdir()
+    name = "notebooks/00_benchmark_and_baselines.ipynb"
+    shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copy(ROOT / ".gitignore", tmp_path / ".gitignore")  # ignores .ipynb_checkpoints/
+    git("add", "-A")
+    git("commit", "-qm", "chapter")
+    (tmp_path / name).unlink()
+    git("checkout", "--", ".")  # the working copy as a fresh clone has it
+    assert git("status", "--porcelain") == ""
+    monkeypatch.setattr(paths, "notebooks_dir", lambda: tmp_path / "notebooks")
+    cm = FileContentsManager(root_dir=str(tmp_path), pre_save_hook=lab.strip_on_save)
+    model = cm.get(name)
+    nb = model["content"]  # run in JupyterLab: outputs, counts, kernel metadata
+    nb.metadata["language_info"] = {"name": "python", "version": "3.11.2", "codemirror_mode": {"name": "ipython"}}
+    for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        cell.execution_count = i + 1
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"output {i}\n")]
+    cm.save({"type": "notebook", "format": "json", "content": nb}, name)
+    assert git("status", "--porcelain") == "", "git status shows the chapter changed"
+    # elsewhere (a student's copy) notebooks are saved as they are, outputs included
+    cm.save({"type": "notebook", "format": "json", "content": nb}, "copy.ipynb")
+    assert nbformat.read(tmp_path / "copy.ipynb", as_version=4).cells[1].outputs
