@@ -59,6 +59,13 @@ def test_notebook_runs_at_smoke_size_and_writes_results(name, run_notebook):
     stray = [o["data"]["text/plain"] for c in executed["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
              if o.get("output_type") == "execute_result" and "PosixPath(" in "".join(o["data"].get("text/plain", ""))]
     assert not stray, f"a cell ends with a value whose repr the reader sees: {stray[:2]}"
+    # every claim names its source by its key in the book's bibliography (the claims page cites it)
+    import re
+
+    keys = set(re.findall(r"@\w+\{([^,\s]+),", (ROOT / "reports" / "references.bib").read_text()))
+    for c in results.get("claims", []):
+        assert c["source"] in keys, f"claim source {c['source']!r} is not a key of reports/references.bib"
+        assert c["status"] in ("reproduced", "not_reproduced", "not_testable"), c
     accs = list(_accuracies(results))
     assert accs, "the results hold no accuracy at all"
     for where, value in accs:

@@ -39,7 +39,7 @@ from ..training.scratch import DigitsSplit, ScratchConfig, cached_from_scratch, 
 METHODS = ("naive", "naive_repair", "merge_many", "merge_many_repair", "c2m3", "c2m3_repair")
 """Merges compared: uniform average without alignment, MergeMany, C2M3; each without and with REPAIR."""
 
-SOURCE = "Crisostomi et al., NeurIPS 2024 (C2M3), arXiv 2405.17897"
+SOURCE = "crisostomi2024c2m3"  # key of reports/references.bib (Crisostomi et al., NeurIPS 2024)
 
 
 def digits_data(digits: Mapping[str, Any]) -> tuple[DigitsSplit, dict[str, Any]]:
