@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -137,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # papermill's cell task may still hold the kernel's death (its kernel was stopped on purpose);
+        # asyncio would log it as "Task exception was never retrieved" with a traceback at exit
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         print("\ninterrupted: chapters already executed are kept, the one running left nothing behind; "
               "run the same command again to continue.", file=sys.stderr)
         return 130
