@@ -83,3 +83,17 @@ def run_notebook(smoke_report: tuple[Path, subprocess.CompletedProcess]):
         return results
 
     return run
+
+
+@pytest.fixture(scope="module")
+def results(request: pytest.FixtureRequest, run_notebook) -> dict:
+    """The smoke results JSON of the chapter a notebook-test module names in its ``NAME``."""
+    return run_notebook(request.module.NAME)
+
+
+@pytest.fixture(scope="module")
+def params(request: pytest.FixtureRequest) -> dict:
+    """``params/smoke`` of the chapter a notebook-test module names in its ``NAME``."""
+    from mergelab.params import profile_params
+
+    return profile_params("smoke", request.module.NAME)

@@ -7,20 +7,9 @@ import math
 import pytest
 
 from mergelab.layers import DECOMPOSED_KINDS
-from mergelab.params import profile_params
 
 NAME = "03_task_singular_vectors"
 pytestmark = [pytest.mark.notebook, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(scope="module")
-def results(run_notebook):
-    return run_notebook(NAME)
-
-
-@pytest.fixture(scope="module")
-def params():
-    return profile_params("smoke", NAME)
 
 
 def test_every_method_has_absolute_and_normalized_accuracy(results):

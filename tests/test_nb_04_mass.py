@@ -4,20 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mergelab.params import profile_params
-
 NAME = "04_mass_routing"
 pytestmark = [pytest.mark.notebook, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(scope="module")
-def results(run_notebook):
-    return run_notebook(NAME)
-
-
-@pytest.fixture(scope="module")
-def params():
-    return profile_params("smoke", NAME)
 
 
 def test_every_method_has_absolute_and_normalized_accuracy(results):

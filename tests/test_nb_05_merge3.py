@@ -6,20 +6,9 @@ import pytest
 
 from mergelab.analysis.irt import ESTIMATORS
 from mergelab.experiments.ch05_merge3 import subset_size
-from mergelab.params import profile_params
 
 NAME = "05_merge3_irt"
 pytestmark = [pytest.mark.notebook, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(scope="module")
-def results(run_notebook):
-    return run_notebook(NAME)
-
-
-@pytest.fixture(scope="module")
-def params():
-    return profile_params("smoke", NAME)
 
 
 def test_every_row_has_absolute_and_normalized_accuracy(results):

@@ -5,20 +5,9 @@ from __future__ import annotations
 import pytest
 
 from mergelab.experiments.ch06_c2m3 import METHODS
-from mergelab.params import profile_params
 
 NAME = "06_cycle_consistent_merging"
 pytestmark = [pytest.mark.notebook, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(scope="module")
-def results(run_notebook):
-    return run_notebook(NAME)
-
-
-@pytest.fixture(scope="module")
-def params():
-    return profile_params("smoke", NAME)
 
 
 def test_every_method_and_architecture_has_accuracy_and_loss(results, params):
