@@ -1,0 +1,160 @@
+"""Configuration of the ``clip`` benchmark: datasets (:class:`ClipDataConfig`), the whole benchmark
+(:class:`ClipBenchmarkConfig`) and the public fine-tuning recipe the released experts were trained with."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ... import paths
+from ...training import FinetuneConfig
+from . import datasets as ds
+from .model import ClipModelConfig
+
+PUBLIC_RECIPE = FinetuneConfig(optimizer="adamw", lr=1e-5, batch_size=128, num_steps=2000, schedule="cosine",
+                               warmup_steps=500, weight_decay=0.1, grad_clip=1.0, seed=0)
+"""The fine-tuning recipe behind the public experts: AdamW, lr 1e-5, weight decay 0.1, batch 128,
+cosine schedule with 500 warm-up steps, gradient-norm clip 1.0, about 2,000 steps, head frozen, fp32.
+With ``data.train_epochs: public`` an expert's number of steps is the public one (:data:`PUBLIC_EPOCHS`)."""
+
+PUBLIC_EPOCHS: dict[str, int] = {"Cars": 35, "DTD": 76, "EuroSAT": 12, "GTSRB": 11, "MNIST": 5, "RESISC45": 15,
+                                 "SUN397": 14, "SVHN": 4}
+"""Epochs per task of the public fine-tuning (source: the official TSV code, finetune.py; the task-vector
+release used the same): a run of ``epochs * ceil(n_train / batch_size)`` steps, 1,960 (SUN397) to
+2,150 (MNIST) at batch 128."""
+
+
+@dataclass(frozen=True)
+class ClipDataConfig:
+    """Where the datasets are and how they are read.
+
+    Attributes:
+        root: the data root (layouts in ``docs/clip.md``); ``None``: ``$MERGELAB_CLIP_DATA_ROOT``.
+        synthetic: write (once) and use tiny synthetic datasets under ``<data>/clip/synthetic``
+            instead of real ones: for smoke runs and tests; numbers mean nothing.
+        max_train, max_val, max_test: cap each split at this many examples (a seeded subset);
+            ``None`` keeps them all (the benchmark as published).
+        num_workers: DataLoader worker processes (``0``: load in the main process).
+        eval_batch_size: images per evaluation batch; also the most images a training loop that takes
+            whole splits in one batch forwards at once (:attr:`ClipBenchmark.micro_batch_size`).
+        eval_cache_gb: memory (GiB) for keeping ``val`` splits decoded in RAM as ``uint8`` between
+            evaluations (coefficient sweeps evaluate them many times); ``0`` disables it.
+        train_epochs: how long an expert trains: ``None`` for ``num_steps`` of its recipe; ``"public"``
+            for the public number of epochs of each task (:data:`PUBLIC_EPOCHS`), i.e.
+            ``epochs * ceil(n_train / batch_size)`` steps; or a ``{task: epochs}`` mapping.
+    """
+
+    root: str | None = None
+    synthetic: bool = False
+    max_train: int | None = None
+    max_val: int | None = None
+    max_test: int | None = None
+    num_workers: int = 4
+    eval_batch_size: int = 256
+    eval_cache_gb: float = 0.0
+    train_epochs: str | dict[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        epochs = self.train_epochs
+        if not (epochs is None or epochs == "public" or (
+                isinstance(epochs, dict) and all(isinstance(v, int) and v >= 1 for v in epochs.values()))):
+            raise ValueError(f"data train_epochs={epochs!r} is not valid; use null (the recipe's num_steps), "
+                             "'public' (the public epochs per task) or a mapping task: positive integer.")
+        for name in ("max_train", "max_val", "max_test"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"data {name}={v!r} is not valid; use a positive integer or null (all examples).")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"data num_workers={self.num_workers!r} is not valid; use an integer >= 0.")
+        if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
+            raise ValueError(f"data eval_batch_size={self.eval_batch_size!r} is not valid; use a positive integer.")
+        if not isinstance(self.eval_cache_gb, (int, float)) or self.eval_cache_gb < 0:
+            raise ValueError(f"data eval_cache_gb={self.eval_cache_gb!r} is not valid; use a number of GiB >= 0.")
+
+    def epochs(self, task: str) -> int | None:
+        """Epochs an expert on ``task`` trains for, or ``None`` when the recipe's ``num_steps`` decides."""
+        if self.train_epochs is None:
+            return None
+        table = PUBLIC_EPOCHS if self.train_epochs == "public" else self.train_epochs
+        if task not in table:
+            raise ValueError(f"data train_epochs has no entry for task {task!r}; give one (valid tasks: "
+                             f"{', '.join(ds.TASKS)}) or use 'public'.")
+        return int(table[task])
+
+    def limit(self, split: str) -> int | None:
+        return {"train": self.max_train, "val": self.max_val, "test": self.max_test}[split]
+
+    def resolve_root(self) -> Path:
+        """The data root, or a clear error saying how to set it."""
+        if self.synthetic:
+            from .synthetic import write_synthetic_datasets
+
+            root = paths.data_dir() / "clip" / "synthetic"
+            if not (root / ".complete").is_file():
+                write_synthetic_datasets(root)
+                (root / ".complete").write_text("written by mergelab.benchmarks.clip.synthetic\n")
+            return root
+        value = self.root or os.environ.get("MERGELAB_CLIP_DATA_ROOT")
+        if not value:
+            raise ds.DatasetNotFoundError(
+                "no data root for the clip benchmark: set DATA=/path/to/datasets with make (exported as "
+                "MERGELAB_CLIP_DATA_ROOT), or data.root in the parameter file. The folder must hold the 8 "
+                "datasets in the layouts of docs/clip.md.")
+        return Path(value).expanduser().resolve()
+
+
+def _dataclass_from(cls: type, what: str, values: dict | None):
+    values = dict(values or {})
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"{what} parameter {unknown[0]!r} is not valid for the clip benchmark; valid: "
+                         f"{', '.join(valid)}.")
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class ClipBenchmarkConfig:
+    """Everything that defines a ``clip`` benchmark run.
+
+    Attributes:
+        tasks: a subset of :data:`mergelab.benchmarks.clip.datasets.TASKS` (default: all 8).
+        data: where the datasets are and how they are read.
+        model: the open_clip model and its files.
+        checkpoint_every: save a resumable checkpoint every this many fine-tuning steps.
+    """
+
+    tasks: tuple[str, ...] = ds.TASKS
+    data: ClipDataConfig = field(default_factory=ClipDataConfig)
+    model: ClipModelConfig = field(default_factory=ClipModelConfig)
+    checkpoint_every: int = 250
+
+    def __post_init__(self) -> None:
+        tasks = tuple(ds.check_task(t) for t in self.tasks)
+        if not tasks or len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks={list(self.tasks)!r} must be a non-empty list of distinct tasks from "
+                             f"{', '.join(ds.TASKS)}.")
+        object.__setattr__(self, "tasks", tasks)
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every!r} is not valid; use a positive integer.")
+
+    @classmethod
+    def from_params(cls, tasks: Sequence[str] | None = None, data: dict | None = None, model: dict | None = None,
+                    pretrain: dict | None = None, head_shots: int | None = None,
+                    checkpoint_every: int = 250) -> "ClipBenchmarkConfig":
+        """Build from plain values, as a papermill parameter file gives them.
+
+        ``pretrain`` and ``head_shots`` belong to the ``tiny`` size (its own pretraining and prototype
+        heads); the clip size starts from open_clip's pretrained weights and zero-shot text heads, so
+        they must be empty (``{}``/``null``) here.
+        """
+        if pretrain:
+            raise ValueError(f"pretrain={pretrain!r} does not apply to the clip benchmark (its encoder comes "
+                             "pretrained from open_clip); set pretrain: {} in the clip parameter file.")
+        if head_shots is not None:
+            raise ValueError(f"head_shots={head_shots!r} does not apply to the clip benchmark (its heads are "
+                             "zero-shot text heads); set head_shots: null in the clip parameter file.")
+        return cls(tasks=tuple(tasks) if tasks else ds.TASKS, data=_dataclass_from(ClipDataConfig, "data", data),
+                   model=_dataclass_from(ClipModelConfig, "model", model), checkpoint_every=checkpoint_every)
