@@ -18,30 +18,68 @@ import torch
 from torch import nn
 
 
+class _Enough(Exception):
+    """Raised by a forward hook once every requested output of a batch is captured."""
+
+
 @torch.no_grad()
-def channel_stats(model: nn.Module, module_name: str, X: torch.Tensor, batch_size: int = 512,
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and standard deviation ``(C,)`` of ``module_name``'s output over ``X``
-    (channels: axis 1; every other axis pooled)."""
-    module = dict(model.named_modules())[module_name]
-    total, total_sq, count = None, None, 0
-    captured: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().double()))
+def layer_stats(model: nn.Module, module_names: Sequence[str], X: torch.Tensor, batch_size: int = 512,
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel mean and standard deviation ``(C,)`` of each named module's output over ``X``,
+    from one pass over ``X`` (channels: axis 1; every other axis pooled; sums in float64).
+
+    The forward pass of a batch stops as soon as the last requested output is captured, so the
+    statistics of an early layer cost only the layers before it.
+    """
+    modules = dict(model.named_modules())
+    unknown = [n for n in module_names if n not in modules]
+    if unknown:
+        raise ValueError(f"module names {unknown} are not modules of the model; it has "
+                         f"{[n for n in modules if n][:8]}...")
+    wanted = list(dict.fromkeys(module_names))
+    sums: dict[str, list] = {n: [None, None, 0] for n in wanted}
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def capture(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
+            captured[name] = out.detach().double()
+            if len(captured) == len(wanted):
+                raise _Enough
+        return capture
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in wanted]
+    was_training = model.training
     model.eval()
     try:
         for i in range(0, len(X), batch_size):
             captured.clear()
-            model(X[i:i + batch_size])
-            out = captured[0].movedim(1, -1).reshape(-1, captured[0].shape[1])
-            s, sq = out.sum(0), (out * out).sum(0)
-            total = s if total is None else total + s
-            total_sq = sq if total_sq is None else total_sq + sq
-            count += out.shape[0]
+            try:
+                model(X[i:i + batch_size])
+            except _Enough:
+                pass
+            for name in wanted:
+                out = captured[name].movedim(1, -1).reshape(-1, captured[name].shape[1])
+                acc = sums[name]
+                s, sq = out.sum(0), (out * out).sum(0)
+                acc[0] = s if acc[0] is None else acc[0] + s
+                acc[1] = sq if acc[1] is None else acc[1] + sq
+                acc[2] += out.shape[0]
     finally:
-        handle.remove()
-    mean = total / count
-    var = (total_sq / count - mean * mean).clamp_min(0)
-    return mean, var.sqrt()
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    stats = {}
+    for name, (total, total_sq, count) in sums.items():
+        mean = total / count
+        stats[name] = (mean, (total_sq / count - mean * mean).clamp_min(0).sqrt())
+    return stats
+
+
+def channel_stats(model: nn.Module, module_name: str, X: torch.Tensor, batch_size: int = 512,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation ``(C,)`` of ``module_name``'s output over ``X``
+    (channels: axis 1; every other axis pooled); see :func:`layer_stats`."""
+    return layer_stats(model, [module_name], X, batch_size)[module_name]
 
 
 @torch.no_grad()
@@ -70,12 +108,13 @@ def repair(merged: nn.Module, endpoints: Sequence[nn.Module], X: torch.Tensor,
     if unknown:
         raise ValueError(f"repair names={unknown} are not modules of the model; it has "
                          f"{[n for n, _ in merged.named_modules() if n][:8]}...")
+    goals = [layer_stats(e, names, X, batch_size) for e in endpoints]  # endpoints never change: one pass each
     report = {}
     for name in names:
         layer = dict(merged.named_modules())[name]
         if getattr(layer, "bias", None) is None:
             raise ValueError(f"layer {name!r} has no bias; REPAIR folds its correction into a bias.")
-        goal = [channel_stats(e, name, X, batch_size) for e in endpoints]
+        goal = [g[name] for g in goals]
         mu_goal = torch.stack([g[0] for g in goal]).mean(0)
         sd_goal = torch.stack([g[1] for g in goal]).mean(0)
         mu, sd = channel_stats(merged, name, X, batch_size)
