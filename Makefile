@@ -9,6 +9,7 @@ WEIGHTS ?=## clip profile: folder for downloaded open_clip weights (exported as 
 NOTEBOOKS ?=## run only these notebooks (names without .ipynb; empty = all)
 FORCE ?=## set to 1 to execute notebooks even when they are up to date
 PYTEST_ARGS ?=## extra pytest arguments, e.g. PYTEST_ARGS='-m "not e2e" -x'
+TEST_WORKERS ?= auto## test processes (pytest-xdist; auto: one per CPU core; 0: all tests in one process)
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
@@ -68,8 +69,8 @@ report: env ## execute the notebooks that changed (PROFILE, NOTEBOOKS, FORCE) an
 	$(PY) -m mergelab.report --profile $(PROFILE) --reports $(REPORTS) \
 		$(if $(strip $(NOTEBOOKS)),--notebooks $(NOTEBOOKS)) $(if $(strip $(FORCE)),--force)
 
-test: env ## run the tests (PYTEST_ARGS passed through)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: env ## run the tests, one process per core (TEST_WORKERS, PYTEST_ARGS passed through)
+	$(PY) -m pytest $(if $(filter-out 0,$(strip $(TEST_WORKERS))),-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 bench: env ## run every perf/bench_*.py
 	@shopt -s nullglob; for script in perf/bench_*.py; do \

@@ -11,6 +11,24 @@ import torch
 
 from mergelab.task_vectors import TaskVector
 
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # `make test` runs one test process per core: each process, and the kernels and workers it starts
+    # (they inherit the environment), computes on one thread, so no process oversubscribes the cores.
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_var] = "1"
+    torch.set_num_threads(1)
+
+
+SMOKE_BOOK_GROUP = "smoke-book"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that read the smoke book run in one test process (``--dist loadgroup``), so that
+    ``make report PROFILE=smoke`` (:func:`smoke_report`) runs once per session, not once per process."""
+    for item in items:
+        if "smoke_report" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(SMOKE_BOOK_GROUP))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _results_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
