@@ -20,14 +20,19 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 
 
 SMOKE_BOOK_GROUP = "smoke-book"
+CLIP_GROUP = "clip-smoke"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that read the smoke book run in one test process (``--dist loadgroup``), so that
-    ``make report PROFILE=smoke`` (:func:`smoke_report`) runs once per session, not once per process."""
+    """Tests that share an expensive session or module fixture run in one test process
+    (``--dist loadgroup``): the smoke book (:func:`smoke_report`, ``make report PROFILE=smoke``) is
+    built once per session, and ``tests/test_clip.py``'s synthetic datasets and experts once per
+    module, not once per process."""
     for item in items:
         if "smoke_report" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group(SMOKE_BOOK_GROUP))
+        elif item.path.name == "test_clip.py":
+            item.add_marker(pytest.mark.xdist_group(CLIP_GROUP))
 
 
 @pytest.fixture(autouse=True, scope="session")
