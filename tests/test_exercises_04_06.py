@@ -128,6 +128,7 @@ def test_the_package_cycle_error_passes_its_contract_and_typical_mistakes_do_not
         return cycle_error({"g": ab}, {"g": bc}, {"g": ca})["g"]
 
     ch06.check_cycle_error(package)
+    ch06.check_cycle_error(lambda ab, bc, ca: float((ca[bc[ab]] != torch.arange(len(ab))).float().mean()))  # float32
 
     def count(ab, bc, ca):
         return float((ca[bc[ab]] != torch.arange(len(ab))).sum())

@@ -324,11 +324,11 @@ def check_cycle_error(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], f
     swap = ident.clone()
     swap[[0, 1]] = swap[[1, 0]]
     got = call(swap, ident, ident)
-    assert abs(got - 2 / n) < 1e-12, (f"one swapped pair of {n} units sends 2 units elsewhere: the error is the "
+    assert abs(got - 2 / n) < 1e-6, (f"one swapped pair of {n} units sends 2 units elsewhere: the error is the "
                                       f"fraction 2/{n} = {2 / n:.4f}, not a count; got {got}.")
     for _ in range(5):
         ab, bc, ca = (torch.randperm(n, generator=g) for _ in range(3))
         want = cycle_error({"g": ab}, {"g": bc}, {"g": ca})["g"]
         got = call(ab, bc, ca)
-        assert abs(got - want) < 1e-12, (
+        assert abs(got - want) < 1e-6, (
             f"for random maps the error should be {want:.4f}, got {got:.4f}: " + order)
