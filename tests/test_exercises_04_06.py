@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_mass import CFG, TASKS, orthogonal_setup
 
 from mergelab.alignment import build_model, cycle_error
 from mergelab.analysis.irt import IRTModel, p_irt
@@ -15,8 +16,6 @@ from mergelab.experiments import ch05_merge3 as ch05
 from mergelab.experiments import ch06_c2m3 as ch06
 from mergelab.merging.mass import MassRouter, routing_weights, subspace_residuals
 from mergelab.training.scratch import ScratchConfig, load_digits_split
-
-from test_mass import CFG, TASKS, orthogonal_setup
 
 
 # ------------------------------------------------------------------------------ chapter 04

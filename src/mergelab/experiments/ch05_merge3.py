@@ -15,8 +15,16 @@ import pandas as pd
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
-from ..analysis.irt import (ESTIMATORS, IRTModel, estimate_accuracy, fit_ability, fit_irt, log_likelihood, p_irt,
-                            select_anchors)
+from ..analysis.irt import (
+    ESTIMATORS,
+    IRTModel,
+    estimate_accuracy,
+    fit_ability,
+    fit_irt,
+    log_likelihood,
+    p_irt,
+    select_anchors,
+)
 from ..analysis.responses import ResponseEvaluator
 from ..analysis.statistics import claim
 from ..evaluation import merge_baselines, summarize
