@@ -5,7 +5,7 @@ batches of a benchmark's tasks, its ablations, timing, and the chapter's claims.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..evaluation import normalized_accuracy
-from ..merging.mass import MassRouter
+from ..merging.mass import MassRouter, routing_weights, select_tasks, subspace_residuals
 from ..merging.tsv import CompressedTaskVector, tsv_compress
 from ..task_vectors import TaskVector
 from ..utils import StateDict
@@ -127,6 +127,72 @@ def evaluate_mass(router: MassRouter, bench: Any, split: str = "test", batch_siz
         "confusion": {"tasks": tasks, "selected": (selected / rows).tolist(), "argmax": (argmax / rows).tolist()},
         "n": n, "examples": shown, "second_pass_models_built": router.misses - misses,
     }
+
+
+RoutingScore = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A routing score: features ``x`` ``(N, d)`` and stored bases ``(T, d, k)`` to residuals ``(N, T)``."""
+
+
+def routing_study(router: MassRouter, bench: Any, split: str = "val", temperatures: Sequence[float] = (1.0,),
+                  score: RoutingScore = subspace_residuals, batch_size: int = 256, seed: int = 0,
+                  max_per_task: int | None = None, progress: bool = False) -> pd.DataFrame:
+    """Routing alone (no second pass) of every router task's ``split`` with the residuals of ``score``
+    and the weights at each of ``temperatures`` (the router's threshold and top-k).
+
+    The features are computed once per mixed batch (:func:`mixed_batches`, same order as
+    :func:`evaluate_mass`). One row per temperature: ``temperature``, ``contains_true`` (true task in
+    the selected set), ``argmax_true``, ``mean_selected`` (fractions 0..1 but the last, in tasks)."""
+    if not temperatures:
+        raise ValueError("temperatures is empty; give at least one positive temperature (MASS uses 1).")
+    tasks = list(router.tasks)
+    hits = {float(tau): [0, 0, 0] for tau in temperatures}
+    total = 0
+    for images, _, truth in tqdm(mixed_batches(bench, split, tasks, batch_size, seed, max_per_task),
+                                 desc=f"routing on {split}", disable=not progress):
+        residuals = score(router.features(images), router.bases).detach().cpu()
+        if residuals.shape != (len(images), len(tasks)):
+            raise ValueError(f"score returned shape {tuple(residuals.shape)}; expected (inputs, tasks) = "
+                             f"{(len(images), len(tasks))}.")
+        true = torch.tensor([tasks.index(t) for t in truth])
+        total += len(truth)
+        for tau, h in hits.items():
+            w = routing_weights(residuals.float(), tau)
+            chosen = select_tasks(w, router.threshold, router.top_k)
+            h[0] += sum(int(t in s) for t, s in zip(true.tolist(), chosen))
+            h[1] += int((w.argmax(1) == true).sum())
+            h[2] += sum(len(s) for s in chosen)
+    return pd.DataFrame([{"temperature": tau, "contains_true": h[0] / total, "argmax_true": h[1] / total,
+                          "mean_selected": h[2] / total} for tau, h in hits.items()])
+
+
+def check_routing_score(score: RoutingScore) -> None:
+    """The contract of a routing score, which :func:`~mergelab.merging.mass.subspace_residuals` meets:
+    ``score(x (N, d), bases (T, d, k))`` returns ``(N, T)`` distances ``||x_i - V_t V_t^T x_i||``, 0 for
+    a feature inside a task's subspace, ``||x||`` for one orthogonal to it, zero columns (no stored
+    direction) allowed, the inputs left unchanged. Raises ``AssertionError`` saying what is wrong."""
+    g = torch.Generator().manual_seed(0)
+    d, k, T, N = 6, 2, 3, 5
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    bases = torch.stack([q[:, 2 * t:2 * t + 2] for t in range(T)])  # (3, 6, 2): orthogonal subspaces
+    x = torch.randn(N, d, generator=g)
+    x0, b0 = x.clone(), bases.clone()
+    out = score(x, bases)
+    assert isinstance(out, torch.Tensor), f"the score returned a {type(out).__name__}; return a torch tensor (N, T)."
+    assert tuple(out.shape) == (N, T), (f"the score returned shape {tuple(out.shape)} for {N} features and {T} "
+                                        f"tasks; expected (N, T) = {(N, T)}: one residual per feature and task.")
+    assert torch.equal(x, x0) and torch.equal(bases, b0), "the score changed its inputs in place; leave x and bases as given."
+    assert torch.allclose(out.float(), subspace_residuals(x, bases), atol=1e-4), (
+        "the residuals differ from ||x - V_t V_t^T x||_2 (the norm, not its square, of the part of x outside "
+        f"task t's subspace): got {out[0].tolist()} for the first feature, expected "
+        f"{subspace_residuals(x, bases)[0].tolist()}.")
+    inside = torch.randn(N, k, generator=g) @ bases[1].T  # in task 1's subspace, orthogonal to the others
+    r = score(inside, bases)
+    assert r[:, 1].abs().max() < 1e-4, f"a feature inside task 1's subspace must have residual 0 there; got {r[:, 1].tolist()}."
+    assert torch.allclose(r[:, [0, 2]], inside.norm(dim=1, keepdim=True).expand(N, 2), atol=1e-4), (
+        "a feature orthogonal to a task's subspace must have residual ||x|| for that task.")
+    padded = torch.cat([bases, torch.zeros(T, d, 1)], dim=2)  # a zero column stores no direction
+    assert torch.allclose(score(x, padded).float(), subspace_residuals(x, bases), atol=1e-4), (
+        "a zero column of V_t (no stored direction) must not change the residual.")
 
 
 def ablation(router: MassRouter, bench: Any, configs: Sequence[Mapping[str, Any]], expert_accuracy: Mapping[str, float],

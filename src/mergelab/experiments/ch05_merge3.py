@@ -7,7 +7,7 @@ equal split sizes it is the absolute accuracy); the test split is used only for 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,8 +15,16 @@ import pandas as pd
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
-from ..analysis.irt import (ESTIMATORS, IRTModel, estimate_accuracy, fit_ability, fit_irt, log_likelihood,
-                            select_anchors)
+from ..analysis.irt import (
+    ESTIMATORS,
+    IRTModel,
+    estimate_accuracy,
+    fit_ability,
+    fit_irt,
+    log_likelihood,
+    p_irt,
+    select_anchors,
+)
 from ..analysis.responses import ResponseEvaluator
 from ..analysis.statistics import claim
 from ..evaluation import merge_baselines, summarize
@@ -260,3 +268,35 @@ def claims(errors: pd.DataFrame, ranks: pd.DataFrame, rows: Mapping[str, Mapping
                      {"evolved_irt": irt_row["absolute_accuracy"], "task_arithmetic": ta["absolute_accuracy"],
                       "size": size}))
     return out
+
+
+def check_p_irt(estimator: Callable[[IRTModel, np.ndarray, np.ndarray, np.ndarray], float]) -> None:
+    """The contract of a p-IRT estimator, which :func:`~mergelab.analysis.irt.p_irt` meets:
+    ``estimator(model, items (n,), answers (n,) 0/1, theta (D,))`` returns
+    ``(n/N) mean(answers) + (1 - n/N) mean_{i not in items} P_i(theta)`` as a float in [0, 1]; with
+    every item answered it is the plain mean. Raises ``AssertionError`` saying what is wrong."""
+    rng = np.random.default_rng(0)
+    N, D = 40, 2
+    model = IRTModel(rng.normal(size=(N, D)), rng.normal(size=N))
+    theta = rng.normal(size=D)
+    items = np.sort(rng.choice(N, 10, replace=False))
+    answers = (rng.random(10) < 0.5).astype(float)
+    items0, answers0 = items.copy(), answers.copy()
+    got = estimator(model, items, answers, theta)
+    assert isinstance(got, (float, np.floating)), f"the estimator returned a {type(got).__name__}; return a float."
+    assert np.array_equal(items, items0) and np.array_equal(answers, answers0), (
+        "the estimator changed items or answers in place; leave them as given.")
+    want = p_irt(model, items, answers, theta)
+    everything = float(0.25 * answers.mean() + 0.75 * model.prob(theta).mean())
+    assert abs(got - want) < 1e-9, (
+        f"p-IRT of 10 answered items out of N = 40 should be {want:.6f}, got {float(got):.6f}" +
+        (": the model's probabilities must cover only the items NOT answered." if abs(got - everything) < 1e-9
+         else ": weight the answered items' mean by n/N and the unanswered items' mean probability by 1 - n/N."))
+    assert 0.0 <= got <= 1.0, f"an accuracy estimate lies in [0, 1]; got {float(got)}."
+    full = (rng.random(N) < 0.5).astype(float)
+    got_full = estimator(model, np.arange(N), full, theta)
+    assert abs(got_full - full.mean()) < 1e-9, (
+        f"with every item answered the estimate is the plain mean {full.mean():.4f}; got {float(got_full):.4f}.")
+    one = estimator(model, items[:1], np.ones(1), theta)
+    assert abs(one - p_irt(model, items[:1], np.ones(1), theta)) < 1e-9, (
+        "with a single answered item the estimate differs from p-IRT's; check the n/N weights.")

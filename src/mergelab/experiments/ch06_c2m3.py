@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +26,7 @@ from ..alignment import (
     c2m3_frank_wolfe,
     cycle_error,
     identity_permutations,
+    invert,
     merge_aligned,
     merge_many,
     pairwise_from_universe,
@@ -275,3 +276,59 @@ def claims(arch_results: Mapping[str, Mapping[str, Any]], mlp_fraction: float = 
         add("REPAIR matters for conv nets, not for MLPs: its gain on the C2M3 merge is larger for the ResNet",
             gain["resnet"] > gain["mlp"], {"gain_mlp": gain["mlp"], "gain_resnet": gain["resnet"]})
     return out
+
+
+def permuted_copy_merge(t: Trained, data: DigitsSplit, seed: int) -> dict[str, float]:
+    """The first model averaged with a copy of itself whose every group is randomly permuted (the same
+    function, other weights): test accuracy of the model, of the copy, of their naive average and of
+    their average after weight-matching the copy back, and the largest weight difference between the
+    matched copy and the model (0 when matching undoes the permutation exactly)."""
+    a = t.states[0]
+    g = torch.Generator().manual_seed(seed)
+    b = apply_permutation(t.spec, random_permutations(t.spec.group_sizes(a), g), a)
+    matched = apply_permutation(t.spec, weight_matching(t.spec, a, b, seed=seed), b)
+
+    def accuracy(state: Mapping[str, torch.Tensor]) -> float:
+        return evaluate_state(t.model, dict(state), data.X_test, data.y_test)["accuracy"]
+
+    return {"model": accuracy(a), "permuted_copy": accuracy(b), "naive_average": accuracy(average_states([a, b])),
+            "matched_average": accuracy(average_states([a, matched])),
+            "matched_max_weight_difference": max(float((a[k] - matched[k]).abs().max()) for k in a)}
+
+
+def check_cycle_error(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], float]) -> None:
+    """The contract of a cycle error for one permutation group, which
+    :func:`~mergelab.alignment.specs.cycle_error` meets: ``fn(perm_ab, perm_bc, perm_ca)`` (index
+    tensors ``(n,)``; unit ``i`` of A is matched with unit ``perm_ab[i]`` of B) returns the fraction of
+    units ``i`` of A that the maps A -> B -> C -> A do not send back to ``i``, as a float in [0, 1].
+    Raises ``AssertionError`` saying what is wrong."""
+    n = 12
+    g = torch.Generator().manual_seed(0)
+    ident = torch.arange(n)
+
+    def call(ab: torch.Tensor, bc: torch.Tensor, ca: torch.Tensor) -> float:
+        copies = [p.clone() for p in (ab, bc, ca)]
+        out = fn(ab, bc, ca)
+        assert all(torch.equal(p, c) for p, c in zip((ab, bc, ca), copies)), (
+            "the cycle error changed a permutation in place; leave its inputs as given.")
+        assert isinstance(out, (float, int)) and not isinstance(out, bool), (
+            f"the cycle error returned a {type(out).__name__}; return a Python float (use float(...)).")
+        return float(out)
+
+    assert call(ident, ident, ident) == 0.0, "identity maps send every unit back to itself: the error must be 0."
+    ab, bc = torch.randperm(n, generator=g), torch.randperm(n, generator=g)
+    order = ("follow unit i from A to B (perm_ab[i]), then to C (perm_bc[...]), then back to A (perm_ca[...]), "
+             "in that order.")
+    assert call(ab, bc, invert(bc[ab])) == 0.0, (
+        "maps that compose to the identity around the cycle (perm_ca[perm_bc[perm_ab[i]]] == i) must give 0: " + order)
+    swap = ident.clone()
+    swap[[0, 1]] = swap[[1, 0]]
+    got = call(swap, ident, ident)
+    assert abs(got - 2 / n) < 1e-6, (f"one swapped pair of {n} units sends 2 units elsewhere: the error is the "
+                                      f"fraction 2/{n} = {2 / n:.4f}, not a count; got {got}.")
+    for _ in range(5):
+        ab, bc, ca = (torch.randperm(n, generator=g) for _ in range(3))
+        want = cycle_error({"g": ab}, {"g": bc}, {"g": ca})["g"]
+        got = call(ab, bc, ca)
+        assert abs(got - want) < 1e-6, (
+            f"for random maps the error should be {want:.4f}, got {got:.4f}: " + order)

@@ -94,15 +94,16 @@ def subspace_residuals(x: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
     return (x.unsqueeze(1) - torch.einsum("ntk,tdk->ntd", coords, bases)).norm(dim=-1)
 
 
-def routing_weights(residuals: torch.Tensor) -> torch.Tensor:
-    """Softmax over tasks of the z-scored logits ``-r`` (unbiased std + 1e-6, temperature 1), ``(N, T)``.
-
-    With one task the weight is 1."""
+def routing_weights(residuals: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Softmax over tasks of the z-scored logits ``-r`` (unbiased std + 1e-6) divided by ``temperature``
+    (> 0; MASS: 1), ``(N, T)``. With one task the weight is 1."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} is not valid; use a positive number (MASS uses 1).")
     logits = -residuals
     if residuals.shape[1] == 1:
         return torch.ones_like(residuals)
     z = (logits - logits.mean(1, keepdim=True)) / (logits.std(1, unbiased=True, keepdim=True) + 1e-6)
-    return z.softmax(1)
+    return (z / temperature).softmax(1)
 
 
 def select_tasks(weights: torch.Tensor, threshold: float, top_k: int) -> list[tuple[int, ...]]:
