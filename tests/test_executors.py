@@ -47,9 +47,15 @@ def ray_cluster():
     """One local Ray cluster of 2 CPUs for the module, shut down at its end."""
     import ray
 
+    previous = os.environ.get("RAY_raylet_start_wait_time_s")
+    os.environ["RAY_raylet_start_wait_time_s"] = "300"  # a loaded machine starts the raylet slowly (default 60 s)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+    if previous is None:
+        os.environ.pop("RAY_raylet_start_wait_time_s")
+    else:
+        os.environ["RAY_raylet_start_wait_time_s"] = previous
 
 
 def _files(table) -> dict[str, dict[str, torch.Tensor]]:
@@ -148,6 +154,25 @@ def test_fitness_of_a_population_on_ray_equals_the_fitness_here(bench, ray_clust
     here = Fitness(evaluator, pre, tvs)(X)
     there = Fitness(evaluator, pre, tvs, executor=RayExecutor({"cpus": 1}))(X)
     assert here.shape == (3,) and np.array_equal(here, there)
+
+
+def test_epoch_trajectories_on_ray_equal_the_ones_trained_here(bench, ray_cluster):
+    from mergelab.training.trajectories import epoch_trajectories, is_trajectory_cached, trajectory_config
+
+    runs = [("colours", trajectory_config("sgd", 0.01, 32, 0.5, seed=41)),
+            ("colours", trajectory_config("adamw", 0.001, 32, 0.5, seed=41))]
+    here = epoch_trajectories(bench, runs, 2, progress=False)
+    states = [[t.state(e) for e in (1, 2)] for t in here]
+    for t in here:
+        os.remove(t.states.path)
+        os.remove(t.states.path.with_suffix(".json"))
+    assert not any(is_trajectory_cached(bench, task, cfg, 2) for task, cfg in runs)
+    there = epoch_trajectories(bench, runs, 2, executor=RayExecutor({"cpus": 1}), progress=False)
+    assert all(is_trajectory_cached(bench, task, cfg, 2) for task, cfg in runs)
+    for t, mine in zip(there, states):
+        assert t.loss == here[states.index(mine)].loss
+        for e, s in zip((1, 2), mine):
+            assert all(torch.equal(t.state(e)[k], s[k]) for k in s)
 
 
 def test_without_ray_executor_ray_says_how_to_install_it(monkeypatch):

@@ -352,6 +352,7 @@ class RayExecutor(Executor):
                              "an address such as 'auto' or '10.0.0.1:6379'.")
         self.address = address
         self._ray = import_ray()
+        self._shipped: OrderedDict[str, Any] = OrderedDict()  # context key -> its ObjectRef (sent once)
 
     def __repr__(self) -> str:
         return f"RayExecutor(resources={self.resources}, address={self.address!r})"
@@ -371,13 +372,21 @@ class RayExecutor(Executor):
         else:
             ray.init(address=self.address)
 
+    def _ship(self, context: WorkerContext) -> Any:
+        """The context in the object store, put there once per key (a GA's generations share it)."""
+        if context.key not in self._shipped:
+            self._shipped[context.key] = self._ray.put(WorkerContext(context.build, context.key))
+            while len(self._shipped) > _KEEP_CONTEXTS:
+                self._shipped.popitem(last=False)
+        return self._shipped[context.key]
+
     def _run(self, fn: Callable[[Any, Any], Any], items: list[Any], context: WorkerContext | None,
              done: Callable[[int, str, Any, str], None]) -> None:
         if not items:
             return
         ray = self._ray
         self.connect()
-        boxed = [] if context is None else [ray.put(WorkerContext(context.build, context.key))]
+        boxed = [] if context is None else [self._ship(context)]
         key = None if context is None else context.key
         task = ray.remote(_ray_call).options(num_cpus=self.resources.cpus, num_gpus=self.resources.gpus)
         threads = max(1, int(self.resources.cpus))
