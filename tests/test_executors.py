@@ -47,15 +47,11 @@ def ray_cluster():
     """One local Ray cluster of 2 CPUs for the module, shut down at its end."""
     import ray
 
-    previous = os.environ.get("RAY_raylet_start_wait_time_s")
-    os.environ["RAY_raylet_start_wait_time_s"] = "300"  # a loaded machine starts the raylet slowly (default 60 s)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from mergelab.executors import start_local_cluster
+
+    start_local_cluster(ray, num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-    if previous is None:
-        os.environ.pop("RAY_raylet_start_wait_time_s")
-    else:
-        os.environ["RAY_raylet_start_wait_time_s"] = previous
 
 
 def _files(table) -> dict[str, dict[str, torch.Tensor]]:

@@ -130,8 +130,8 @@ class WorkerContext:
         build: a picklable callable (a module-level function or a :func:`functools.partial` of one)
             that returns the context in a worker.
         key: identifies what ``build`` returns: a worker that already built a context of this key
-            (in an earlier batch) reuses it. Default: ``build``'s pickle digest is not stable across
-            processes, so pass a key that names the configuration when contexts should be reused.
+            (in an earlier batch) reuses it, so it must name everything ``build`` depends on.
+            Default: a key of this object alone (reused only by the batches given this object).
         local: the object itself, used when the jobs run in this process (never pickled).
     """
 
@@ -334,6 +334,20 @@ def _ray_call(fn: Callable[[Any, Any], Any], boxed_context: list[Any], key: str 
     return _call(fn, context, item)
 
 
+def start_local_cluster(ray: Any, attempts: int = 3, **options: Any) -> None:
+    """``ray.init(**options)`` for a new local cluster, tried ``attempts`` times: Ray gives its raylet
+    a fixed 30 s to register, which a machine busy with other work can miss (the error says "timed out
+    during startup")."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**options)
+            return
+        except Exception as err:
+            if "timed out during startup" not in str(err) or attempt == attempts:
+                raise
+            ray.shutdown()
+
+
 class RayExecutor(Executor):
     """One Ray task per job, asking ``resources`` per task.
 
@@ -368,7 +382,7 @@ class RayExecutor(Executor):
         if ray.is_initialized():
             return
         if self.address is None and not os.environ.get("RAY_ADDRESS"):
-            ray.init(include_dashboard=False)  # a local cluster of this machine's cores
+            start_local_cluster(ray, include_dashboard=False)  # a local cluster of this machine's cores
         else:
             ray.init(address=self.address)
 
