@@ -8,6 +8,7 @@ DATA ?=## clip profile: folder with the datasets and weights (exported as MERGEL
 WEIGHTS ?=## clip profile: folder for downloaded open_clip weights (exported as MERGELAB_CLIP_WEIGHTS_DIR)
 NOTEBOOKS ?=## run only these notebooks (names without .ipynb; empty = all)
 FORCE ?=## set to 1 to execute notebooks even when they are up to date
+EXECUTOR ?=## where the chapters' sweeps run: local or ray (a Ray cluster, docs/distributed.md); empty = each parameter file's executor
 PYTEST_ARGS ?=## extra pytest arguments, e.g. PYTEST_ARGS='-m "not e2e" -x'
 TEST_WORKERS ?= auto## test processes (pytest-xdist; auto: one per CPU core; 0: all tests in one process)
 
@@ -65,9 +66,10 @@ quarto: env ## try to install Quarto into the venv (pip install quarto-cli; it d
 		echo "Install it from https://quarto.org or conda-forge (conda install -c conda-forge quarto); until then"; \
 		echo "make report renders the book with pandoc."; exit 1; }
 
-report: env ## execute the notebooks that changed (PROFILE, NOTEBOOKS, FORCE) and render the book into REPORTS/_book (Quarto if found, else pandoc; it says which)
+report: env ## execute the notebooks that changed (PROFILE, NOTEBOOKS, FORCE, EXECUTOR) and render the book into REPORTS/_book (Quarto if found, else pandoc; it says which)
 	$(PY) -m mergelab.report --profile $(PROFILE) --reports $(REPORTS) \
-		$(if $(strip $(NOTEBOOKS)),--notebooks $(NOTEBOOKS)) $(if $(strip $(FORCE)),--force)
+		$(if $(strip $(NOTEBOOKS)),--notebooks $(NOTEBOOKS)) $(if $(strip $(FORCE)),--force) \
+		$(if $(strip $(EXECUTOR)),--executor $(EXECUTOR))
 
 test: env ## run the tests, one process per core (TEST_WORKERS, PYTEST_ARGS passed through)
 	$(PY) -m pytest $(if $(filter-out 0,$(strip $(TEST_WORKERS))),-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)

@@ -26,6 +26,7 @@ from .utils import atomic_write_json, pick_device, seed_everything
 
 if TYPE_CHECKING:
     from .benchmarks import Benchmark
+    from .executors import Executor
 
 _PACKAGES = ("torch", "torchvision", "open_clip_torch", "numpy", "scipy", "scikit-learn", "pandas",
              "seaborn", "matplotlib", "safetensors", "papermill", "mergelab")
@@ -55,6 +56,18 @@ class Session:
         return load_benchmark(p["benchmark"], device=str(self.device), progress=p.get("progress", True),
                               tasks=p["tasks"], data=p["data"], model=p["model"], pretrain=p["pretrain"],
                               head_shots=p["head_shots"])
+
+
+    @functools.cached_property
+    def executor(self) -> Executor:
+        """Where the chapter's sweeps run (:func:`mergelab.executors.make_executor` of the parameters
+        ``executor``, ``workers``, ``threads``, ``resources`` and ``ray_address``; local, in this
+        process, for a chapter without them)."""
+        from .executors import make_executor
+
+        p = self.parameters
+        return make_executor(p.get("executor", "local"), workers=p.get("workers", 1), threads=p.get("threads", 1),
+                             resources=p.get("resources"), ray_address=p.get("ray_address"))
 
 
 def setup(notebook: str, namespace: Mapping[str, Any]) -> Session:

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from ..evaluation import merge_baselines, summarize
+from ..executors import Executor
 from ..merging import get_merge
 from ..analysis.alignment import one_step_exactness
 from ..autodiff import _full_precision, loss_and_gradient
@@ -19,7 +20,7 @@ from ..task_vectors import TaskVector, cosine
 from ..training import FinetuneConfig, finetune
 from ..training.trajectories import (
     EpochTrajectory,
-    epoch_trajectory,
+    epoch_trajectories,
     gradient_descent_config,
     multitask_epoch_trajectory,
     training_subset,
@@ -97,24 +98,23 @@ def one_step_identity(bench: Any, tasks: Sequence[str], lr: float, data_fraction
 
 def trajectory_grid(bench: Any, tasks: Sequence[str], learning_rates: Mapping[str, Sequence[float]],
                     epochs: int, batch_size: int, data_fraction: float = 1.0, seed: int = 0,
-                    weight_decay: float = 0.0, progress: bool | None = None
+                    weight_decay: float = 0.0, progress: bool | None = None, executor: Executor | None = None
                     ) -> dict[tuple[str, float, str], EpochTrajectory]:
     """Epoch trajectories for every optimizer, learning rate and task (each cached).
 
     Args:
         learning_rates: optimizer name (``"sgd"``, ``"adam"``, ``"adamw"``) to the learning rates to run.
         epochs, batch_size, data_fraction, seed, weight_decay: as in :func:`trajectory_config`.
+        executor: where the missing runs train (:func:`mergelab.training.trajectories.epoch_trajectories`);
+            ``None``: here, one after the other.
 
     Returns:
         ``{(optimizer, lr, task): EpochTrajectory}``.
     """
-    from tqdm.auto import tqdm
-
     runs = [(opt, float(lr), t) for opt, lrs in learning_rates.items() for lr in lrs for t in tasks]
-    show = bench.progress if progress is None else progress
-    return {(opt, lr, t): epoch_trajectory(bench, t, trajectory_config(opt, lr, batch_size, data_fraction, seed,
-                                                                       weight_decay), epochs, progress=False)
-            for opt, lr, t in tqdm(runs, desc="epoch trajectories", disable=not show)}
+    configs = [(t, trajectory_config(opt, lr, batch_size, data_fraction, seed, weight_decay)) for opt, lr, t in runs]
+    found = epoch_trajectories(bench, configs, epochs, executor=executor, progress=progress)
+    return dict(zip(runs, found))
 
 
 def merge_along_epochs(bench: Any, pretrained: StateDict, task_vectors: Mapping[Any, Mapping[str, TaskVector]],

@@ -7,6 +7,7 @@ equal split sizes it is the absolute accuracy); the test split is used only for 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from ..analysis.irt import (
 from ..analysis.responses import ResponseEvaluator
 from ..analysis.statistics import claim
 from ..evaluation import merge_baselines, summarize
+from ..executors import Executor, LocalExecutor, WorkerContext, benchmark_context
 from ..merging import merge
 from ..merging.evolve import EvolutionResult, evolve, task_arithmetic_per_task
 from ..task_vectors import TaskVector
@@ -144,33 +146,71 @@ def summarize_estimators(study: pd.DataFrame) -> pd.DataFrame:
 class Fitness:
     """Fitness of per-task task-arithmetic genomes: the full validation accuracy (``items=None``), or an
     IRT estimate (``estimator``) from a fixed subset ``items`` (the same for every candidate: common
-    random numbers; ``n`` forward passes per candidate)."""
+    random numbers; ``n`` forward passes per candidate).
+
+    A batch of genomes (a GA population) is scored by ``executor`` (:mod:`mergelab.executors`; ``None``:
+    here, one genome after the other): each worker rebuilds the benchmark and the evaluator once, gets
+    the weights once, and scores its genomes; a genome whose evaluation fails is reported with its
+    coefficients (:class:`mergelab.executors.RunsFailed`) after the others are scored.
+    """
 
     def __init__(self, evaluator: ResponseEvaluator, pretrained: StateDict, task_vectors: Sequence[TaskVector],
                  model: IRTModel | None = None, endpoint_theta: np.ndarray | None = None,
-                 items: np.ndarray | None = None, estimator: str = "gmp_irt") -> None:
+                 items: np.ndarray | None = None, estimator: str = "gmp_irt", executor: Executor | None = None,
+                 progress: bool = False) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator={estimator!r} is not valid; use one of {', '.join(ESTIMATORS)}.")
         if items is not None and (model is None or endpoint_theta is None):
             raise ValueError("an IRT fitness (items given) needs the fitted model and the endpoints' abilities.")
         self.evaluator, self.pretrained, self.tvs = evaluator, pretrained, list(task_vectors)
         self.model, self.endpoint_theta, self.items, self.estimator = model, endpoint_theta, items, estimator
+        self.executor = executor if executor is not None else LocalExecutor(1)
+        self.progress = progress
+        self._context: WorkerContext | None = None
 
     @property
     def passes_per_evaluation(self) -> int:
         """Images run through the encoder to score one candidate."""
         return self.evaluator.num_items if self.items is None else int(len(self.items))
 
+    def score(self, x: np.ndarray) -> float:
+        """The fitness of one genome ``(n_var,)``."""
+        state = task_arithmetic_per_task(self.pretrained, self.tvs, x)
+        if self.items is None:
+            return float(self.evaluator.full(state).mean())
+        y = self.evaluator.subset(state, self.items)
+        return float(getattr(estimate_accuracy(self.model, self.items, y, self.endpoint_theta), self.estimator))
+
+    def worker_context(self) -> WorkerContext:
+        """This fitness as its workers rebuild it: the benchmark from its configuration, the same
+        evaluator settings, weights and IRT model (shipped once per batch)."""
+        if self._context is None:
+            ev = self.evaluator
+            bench = benchmark_context(ev.bench, getattr(self.executor, "device", "cpu"))
+            build = functools.partial(_rebuild_fitness, bench, (ev.tasks, ev.split, ev.cache, ev.batch_size),
+                                      self.pretrained, self.tvs, self.model, self.endpoint_theta, self.items,
+                                      self.estimator)
+            self._context = WorkerContext(build, local=self)
+        return self._context
+
     def __call__(self, X: np.ndarray) -> np.ndarray:
-        out = []
-        for x in X:
-            state = task_arithmetic_per_task(self.pretrained, self.tvs, x)
-            if self.items is None:
-                out.append(float(self.evaluator.full(state).mean()))
-            else:
-                y = self.evaluator.subset(state, self.items)
-                out.append(getattr(estimate_accuracy(self.model, self.items, y, self.endpoint_theta), self.estimator))
-        return np.array(out)
+        outcome = self.executor.map(_score_genome, list(np.asarray(X)), self.worker_context(),
+                                    describe=lambda x: {"coefficients": np.round(x, 6).tolist()},
+                                    progress=self.progress, desc="fitness")
+        outcome.raise_failures("fitness evaluations")
+        return np.array(outcome.results)
+
+
+def _rebuild_fitness(bench: WorkerContext, evaluator: tuple[Any, ...], pretrained: StateDict,
+                     tvs: Sequence[TaskVector], model: IRTModel | None, endpoint_theta: np.ndarray | None,
+                     items: np.ndarray | None, estimator: str) -> Fitness:
+    tasks, split, cache, batch_size = evaluator
+    ev = ResponseEvaluator(bench.get(), tasks, split=split, cache=cache, batch_size=batch_size)
+    return Fitness(ev, pretrained, tvs, model, endpoint_theta, items, estimator)
+
+
+def _score_genome(fitness: Fitness, x: np.ndarray) -> float:
+    return fitness.score(x)
 
 
 def population_rank_study(model: IRTModel, endpoint_theta: np.ndarray, responses: np.ndarray,

@@ -1,7 +1,7 @@
 """Execute the notebooks with papermill and build the report book.
 
 ``python -m mergelab.report [--profile smoke|tiny|clip] [--reports DIR] [--notebooks NAME ...]
-[--force]`` runs every ``notebooks/NN_topic.ipynb`` (or the named ones) with the parameters in
+[--force] [--executor local|ray]`` runs every ``notebooks/NN_topic.ipynb`` (or the named ones) with the parameters in
 ``params/<profile>/<notebook>.yaml``, writes the executed copies to ``<reports>/``, and renders the
 book into ``<reports>/_book/``: with Quarto when it is on ``PATH``, else an HTML book made with pandoc
 (from the ``pypandoc-binary`` wheel; :mod:`mergelab.report.pandoc_book`).
@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from mergelab import paths
+from mergelab.executors import EXECUTORS
 from mergelab.params import (BENCHMARK_PARAMS, ReportError, benchmark_param_files, load_params,  # noqa: F401
                              params_path, profile_params)
 
@@ -48,16 +49,19 @@ def build_report(
     quarto_yml: Path | None = None,
     source_dir: Path | None = None,
     renderer: str = "auto",
+    executor: str | None = None,
 ) -> ReportResult:
     """Execute the notebooks that changed, then render the book; see the module docstring.
 
     Every location defaults to the project's (:mod:`mergelab.paths`); tests pass their own.
+    ``executor`` (``"local"`` or ``"ray"``) overrides the ``executor`` parameter of every chapter
+    that has one (where its sweeps run; ``None``: each parameter file's value).
     """
     reports = (Path(reports) if reports is not None else paths.reports_dir()).resolve()
     reports.mkdir(parents=True, exist_ok=True)
     with reports_lock(reports):
         return _build_report(profile, reports, names, force, notebooks_dir, params_dir, quarto_yml, source_dir,
-                             renderer)
+                             renderer, executor)
 
 
 LOCK_FILE = ".report.lock"
@@ -92,13 +96,13 @@ def reports_lock(reports: Path) -> Iterator[None]:
 
 
 def _build_report(profile: str, reports: Path, names: Sequence[str] | None, force: bool, notebooks_dir: Path | None,
-                  params_dir: Path | None, quarto_yml: Path | None, source_dir: Path | None, renderer: str
-                  ) -> ReportResult:
+                  params_dir: Path | None, quarto_yml: Path | None, source_dir: Path | None, renderer: str,
+                  executor: str | None = None) -> ReportResult:
     quarto_yml = Path(quarto_yml) if quarto_yml is not None else default_quarto_yml()
     chapters = book_chapters(quarto_yml)
     check_chapters(discover_notebooks(notebooks_dir), chapters, quarto_yml)
     selected = discover_notebooks(notebooks_dir, names)
-    statuses = run_notebooks(selected, profile, reports, params_dir, source_dir, force)
+    statuses = run_notebooks(selected, profile, reports, params_dir, source_dir, force, executor)
     missing = [c for c in missing_chapters(reports, chapters) if c.endswith(".ipynb")]
     if names and missing:
         # A subset was asked for: its notebooks ran; the book needs every chapter, so it waits.
@@ -126,6 +130,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--force", action="store_true", help="execute even the notebooks that are up to date")
     parser.add_argument("--renderer", choices=RENDERERS, default="auto", help="book renderer (default: auto)")
+    parser.add_argument("--executor", choices=EXECUTORS, default=None,
+                        help="where the chapters' sweeps run, for every chapter that sweeps: local (this machine) or "
+                             "ray (a Ray cluster; docs/distributed.md); default: each parameter file's `executor`")
     return parser.parse_args(argv)
 
 
@@ -133,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (1 with a message on a :class:`ReportError`)."""
     args = parse_args(argv)
     try:
-        build_report(args.profile, args.reports, args.notebooks, args.force, renderer=args.renderer)
+        build_report(args.profile, args.reports, args.notebooks, args.force, renderer=args.renderer,
+                     executor=args.executor)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -20,7 +20,9 @@ from typing import Any
 import yaml
 
 from mergelab import paths
-from mergelab.params import ReportError, benchmark_param_files, check_parameters, load_params, params_path
+from mergelab.executors import EXECUTORS
+from mergelab.params import (ReportError, benchmark_param_files, check_parameters, load_params, notebook_parameters,
+                             params_path)
 
 
 RENDERERS = ("auto", "quarto", "pandoc")
@@ -393,10 +395,13 @@ def run_notebooks(
     params_dir: Path | None = None,
     source_dir: Path | None = None,
     force: bool = False,
+    executor: str | None = None,
 ) -> dict[str, str]:
     """Execute each notebook whose content hash changed (all of them with ``force``).
 
-    Every parameter file is read before anything runs, so a missing one fails fast.
+    Every parameter file is read before anything runs, so a missing one fails fast. ``executor``
+    (``"local"`` or ``"ray"``) replaces the ``executor`` parameter of the notebooks that have one; it
+    does not enter the content hash (an executor changes where runs train, not their results).
     Returns notebook name -> ``"executed"`` or ``"up to date"``.
     """
     reports = Path(reports)
@@ -405,6 +410,10 @@ def run_notebooks(
     for notebook in notebooks:
         params = params_path(profile, notebook.stem, params_dir)
         values = load_params(params, profile, notebook.stem)
+        if executor is not None and "executor" in notebook_parameters(notebook):
+            if executor not in EXECUTORS:
+                raise ReportError(f"executor={executor!r} is not valid; use one of {', '.join(EXECUTORS)}.")
+            values = {**values, "executor": executor}
         sources = " + ".join(str(f) for f in [*benchmark_param_files(params.parent), params])
         check_parameters(notebook, values, sources)
         plan.append((notebook, params, values))

@@ -11,8 +11,10 @@ through the benchmark's own training loop (``bench.finetune_encoder``), so a swe
   seeds, same batches), so the weights after ``s`` steps are cached under the key of that shorter run;
 * writes every checkpoint atomically (safetensors, then JSON); a checkpoint counts as done only when
   both exist, so an interrupted sweep resumes by skipping what exists and re-running the rest;
-* runs in a process pool of ``workers`` processes (each with ``torch.set_num_threads(1)``), or in
-  this process when ``workers == 1``, with a tqdm bar over runs;
+* runs through an executor (:mod:`mergelab.executors`): a process pool of ``workers`` processes
+  (each with ``torch.set_num_threads(1)``), this process when ``workers == 1``, or a Ray cluster;
+  with a tqdm bar over runs (done / total, failures); a failed run is reported with its
+  configuration while the others finish and are cached;
 * probes the trajectory: the per-example gradient norms of the run's loss on a few of its own training
   examples at ``theta_0`` and at every checkpoint (the constants of :mod:`mergelab.analysis.stability`).
 """
@@ -20,21 +22,19 @@ through the benchmark's own training loop (``bench.finetune_encoder``), so a swe
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ..autodiff import per_example_gradient_norms
 from .finetune import FinetuneConfig, training_indices
 from ..cache import Artifact, file_sha256
+from ..executors import Executor, LocalExecutor, benchmark_context
 from ..utils import (
     StateDict,
     atomic_save_safetensors,
@@ -229,24 +229,20 @@ def execute_run(bench: Any, run: Run, probe_size: int = 8) -> dict[str, Any]:
     return {"task": run.task, "steps_saved": sorted(missing), "wall_time_s": time.perf_counter() - start}
 
 
-# ----------------------------------------------------------------------------- process pool
-_WORKER_BENCH: Any = None
+# ----------------------------------------------------------------------------- executors
+def _sweep_job(bench: Any, job: tuple[Run, int]) -> dict[str, Any]:
+    run, probe_size = job
+    return execute_run(bench, run, probe_size)
 
 
-def _init_worker(bench_class: type, bench_config: Any, environ: Mapping[str, str]) -> None:
-    global _WORKER_BENCH
-    os.environ.update(environ)
-    torch.set_num_threads(1)
-    _WORKER_BENCH = bench_class(bench_config, device="cpu", progress=False)
-
-
-def _worker_run(run: Run, probe_size: int) -> dict[str, Any]:
-    return execute_run(_WORKER_BENCH, run, probe_size)
+def _describe_job(job: tuple[Run, int]) -> dict[str, Any]:
+    run = job[0]
+    return {"task": run.task, **asdict(run.config), "steps": list(run.steps)}
 
 
 def sweep(bench: Any, configs: Sequence[FinetuneConfig], tasks: Sequence[str],
           steps: Sequence[int] | None = None, workers: int = 1, probe_size: int = 8,
-          progress: bool = True, threads: int | None = 1) -> pd.DataFrame:
+          progress: bool = True, threads: int | None = 1, executor: Executor | None = None) -> pd.DataFrame:
     """Make sure every ``(task, config, step)`` expert exists in the cache; return a table of them.
 
     Args:
@@ -255,13 +251,22 @@ def sweep(bench: Any, configs: Sequence[FinetuneConfig], tasks: Sequence[str],
         configs: fine-tuning recipes (see :func:`config_grid`, :func:`one_at_a_time`).
         tasks: tasks to fine-tune every recipe on.
         steps: step counts to checkpoint (see :func:`plan_runs`); ``None``: each config's ``num_steps``.
-        workers: processes to train in (each single-threaded); ``1`` trains here.
+        workers: processes to train in (each single-threaded); ``1`` trains here. Used when ``executor``
+            is ``None`` (the local executor); an executor brings its own.
         probe_size: training examples whose per-example gradient norms are probed at ``theta_0`` and
             at every checkpoint (``0``: none).
         progress: show a progress bar over runs.
         threads: torch threads while training here (``workers == 1``), restored afterwards; ``None``
             keeps the current setting. One thread per run is fastest on a shared machine: several
             threads per run oversubscribe the cores that other jobs are using.
+        executor: where the runs train (:mod:`mergelab.executors`); ``None``: ``LocalExecutor(workers)``,
+            the process pool (or this process) of this machine. On Ray every worker rebuilds the
+            benchmark from its configuration and writes into the same cache (a shared
+            ``MERGELAB_DATA_DIR`` on a cluster).
+
+    Raises:
+        mergelab.executors.RunsFailed: when runs failed; it lists each one's configuration and error.
+            The other runs finished and are cached, so calling again retries only the failed ones.
 
     Returns:
         One row per checkpoint: ``task``, the config's fields, ``step``, ``path``, ``trained`` (``True``
@@ -285,27 +290,17 @@ def sweep(bench: Any, configs: Sequence[FinetuneConfig], tasks: Sequence[str],
         bench.pretrained_state()  # build the shared caches once, before any worker starts
         for t in {r.task for r in todo}:
             bench.split(t, "train")
-        bar = tqdm(total=len(todo), desc=f"sweep ({len(runs) - len(todo)} of {len(runs)} runs cached)",
-                   disable=not progress, mininterval=1.0)
-        if workers == 1:
-            with torch_threads(threads):
-                for run in todo:
-                    info = execute_run(bench, run, probe_size)
-                    trained.update((run.task, run.checkpoint_config(s)) for s in info["steps_saved"])
-                    bar.update(1)
-        else:
-            import multiprocessing as mp
-
-            env = {k: v for k, v in os.environ.items() if k.startswith("MERGELAB_")}
-            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                     initializer=_init_worker, initargs=(type(bench), bench.config, env)) as pool:
-                futures = {pool.submit(_worker_run, run, probe_size): run for run in todo}
-                for fut in as_completed(futures):
-                    run = futures[fut]
-                    info = fut.result()
-                    trained.update((run.task, run.checkpoint_config(s)) for s in info["steps_saved"])
-                    bar.update(1)
-        bar.close()
+        if executor is None:
+            executor = LocalExecutor(workers, threads=1)
+        device = getattr(executor, "device", "cpu")
+        with torch_threads(threads if executor.inline else None):
+            outcome = executor.map(_sweep_job, [(run, probe_size) for run in todo], benchmark_context(bench, device),
+                                   describe=_describe_job, progress=progress,
+                                   desc=f"sweep ({len(runs) - len(todo)} of {len(runs)} runs cached)")
+        for run, info in zip(todo, outcome.results):
+            if info is not None:
+                trained.update((run.task, run.checkpoint_config(s)) for s in info["steps_saved"])
+        outcome.raise_failures("runs of the sweep")
     rows = []
     for run in runs:
         for s in run.steps:

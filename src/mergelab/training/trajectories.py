@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import codeversion, paths
 from ..cache import Artifact
+from ..executors import Executor, LocalExecutor, benchmark_context
 from ..task_vectors import TaskVector
 from ..utils import StateDict, config_hash
 from .finetune import FinetuneConfig, finetune, training_indices
@@ -256,11 +257,61 @@ def epoch_trajectory(bench: Any, task: str, cfg: FinetuneConfig, epochs: int,
         progress: progress bar (default: the benchmark's setting).
         train: the training loop (default :func:`mergelab.training.finetune`; tests substitute it).
     """
-    X, y = bench.split(task, "train")
-    n = len(training_indices(len(y), cfg))  # the rows training_subset keeps
-    run_cfg = epoch_config(cfg, n, epochs)
+    X, y, run_cfg, n = _epoch_run(bench, task, cfg, epochs)
     return _run_trajectory(bench, "epoch_trajectory", [task], lambda: {task: (X, y)}, run_cfg, run_cfg, epochs,
                            steps_per_epoch(n, cfg.batch_size), n, progress, train)
+
+
+def _epoch_run(bench: Any, task: str, cfg: FinetuneConfig, epochs: int
+               ) -> tuple[Any, torch.Tensor, FinetuneConfig, int]:
+    """The training split of ``task``, the run's configuration and its training examples."""
+    X, y = bench.split(task, "train")
+    n = len(training_indices(len(y), cfg))  # the rows training_subset keeps
+    return X, y, epoch_config(cfg, n, epochs), n
+
+
+def is_trajectory_cached(bench: Any, task: str, cfg: FinetuneConfig, epochs: int) -> bool:
+    """``True`` when :func:`epoch_trajectory` ``(bench, task, cfg, epochs)`` would train nothing."""
+    _, _, run_cfg, _ = _epoch_run(bench, task, cfg, epochs)
+    key = _trajectory_key(bench, "epoch_trajectory", [task], run_cfg, epochs)
+    return Artifact.at(trajectories_dir(), "trajectory", key).exists()
+
+
+def _trajectory_job(bench: Any, job: tuple[str, FinetuneConfig, int]) -> None:
+    task, cfg, epochs = job
+    epoch_trajectory(bench, task, cfg, epochs, progress=False)
+
+
+def _describe_trajectory(job: tuple[str, FinetuneConfig, int]) -> dict[str, Any]:
+    task, cfg, epochs = job
+    return {"task": task, **asdict(cfg), "epochs": epochs}
+
+
+def epoch_trajectories(bench: Any, runs: Sequence[tuple[str, FinetuneConfig]], epochs: int,
+                       executor: Executor | None = None, progress: bool | None = None,
+                       desc: str = "epoch trajectories") -> list[EpochTrajectory]:
+    """:func:`epoch_trajectory` of every ``(task, cfg)`` in ``runs``, the missing ones trained by ``executor``.
+
+    The runs are independent: those not cached are handed to ``executor`` (:mod:`mergelab.executors`;
+    ``None``: one after the other in this process, as a loop over :func:`epoch_trajectory` would),
+    each worker writing its trajectory into the cache; then every trajectory is read from the cache.
+    A progress bar counts the runs trained (done / total, failures).
+
+    Raises:
+        mergelab.executors.RunsFailed: listing the runs that failed (configuration and error); the
+            others are cached, so calling again trains only the failed ones.
+    """
+    runs = [(t, c) for t, c in runs]
+    show = bench.progress if progress is None else progress
+    todo = [(t, c, epochs) for t, c in runs if not is_trajectory_cached(bench, t, c, epochs)]
+    executor = executor if executor is not None else LocalExecutor(1)
+    if todo:
+        bench.pretrained_state()  # shared caches built once, before any worker starts
+        outcome = executor.map(_trajectory_job, todo, benchmark_context(bench, getattr(executor, "device", "cpu")),
+                               describe=_describe_trajectory, progress=show,
+                               desc=f"{desc} ({len(runs) - len(todo)} of {len(runs)} cached)")
+        outcome.raise_failures("trajectories")
+    return [epoch_trajectory(bench, t, c, epochs, progress=False) for t, c in runs]
 
 
 def multitask_epoch_trajectory(bench: Any, tasks: Sequence[str], cfg: FinetuneConfig, epochs: int,
