@@ -25,7 +25,7 @@ endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help env lock git-filter quarto report test bench lab clean-report clean-cache
+.PHONY: help env lock git-filter quarto report student test bench lab clean-report clean-cache
 
 help: ## show this help
 	@echo "Usage: make <target> [VARIABLE=value ...]"
@@ -67,6 +67,9 @@ quarto: env ## try to install Quarto into the venv (pip install quarto-cli; it d
 report: env ## execute the notebooks that changed (PROFILE, NOTEBOOKS, FORCE) and render the book into REPORTS/_book (Quarto if found, else pandoc; it says which)
 	$(PY) -m mergelab.report --profile $(PROFILE) --reports $(REPORTS) \
 		$(if $(strip $(NOTEBOOKS)),--notebooks $(NOTEBOOKS)) $(if $(strip $(FORCE)),--force)
+
+student: env ## write the student notebooks students/<chapter>.ipynb from the chapters (solutions removed; NOTEBOOKS)
+	$(PY) -m mergelab.course --out students $(if $(strip $(NOTEBOOKS)),--notebooks $(NOTEBOOKS))
 
 test: env ## run the tests (PYTEST_ARGS passed through)
 	$(PY) -m pytest $(PYTEST_ARGS)
