@@ -89,7 +89,7 @@ clean-report: ## remove executed notebooks, the book, results, figures and stamp
 	$(if $(strip $(REPORTS)),,$(error REPORTS is empty))
 	@if git ls-files --error-unmatch $(REPORTS)/'*.ipynb' >/dev/null 2>&1; then \
 		echo "clean-report: $(REPORTS) holds notebooks committed to git; refusing to delete them (REPORTS must be a report folder, e.g. reports)."; exit 1; fi
-	rm -rf $(REPORTS)/_book $(REPORTS)/results $(REPORTS)/figures $(REPORTS)/.stamps $(REPORTS)/.quarto
+	rm -rf $(REPORTS)/_book $(REPORTS)/results $(REPORTS)/figures $(REPORTS)/.stamps $(REPORTS)/.quarto $(REPORTS)/timings
 	rm -f $(REPORTS)/*.ipynb $(REPORTS)/.*.running.ipynb
 
 clean-cache: ## remove generated data, pretrained encoders and experts cached in data/ (keeps data/README.md)
