@@ -6,7 +6,7 @@ nbgrader can still run ``nbgrader generate_assignment`` on the chapters:
 
 * an exercise is a Markdown cell tagged ``exercise`` that starts ``### Exercise <chapter>.<k>: <title>``
   (``<chapter>`` is the notebook's number, ``0`` for ``00_...``; ``k`` counts from 1) and states its
-  kind: *Predict, then run*, *Implement* or *Interpret*;
+  kind in italics: ``*Predict, then run.*``, ``*Implement.*`` or ``*Interpret.*`` (the period optional);
 * solution code is a code cell tagged ``solution``: the lines between ``### BEGIN SOLUTION`` and
   ``### END SOLUTION`` are the student's to write; the student version replaces each such block by
   ``raise NotImplementedError("Exercise 0.1: write your solution here")`` at the block's indentation;
@@ -131,7 +131,7 @@ def exercises(nb: Any, name: str) -> list[Exercise]:
             if f"{match['chapter']}.{match['k']}" != number or match["chapter"] != str(chapter):
                 raise MarkupError(f"{where}: exercise numbered {match['chapter']}.{match['k']}, expected {number} "
                                   f"(chapter {chapter}, exercises counted from 1 in order)")
-            stated = [k for k in KINDS if f"*{k}*" in cell.source]
+            stated = [k for k in KINDS if re.search(rf"\*{re.escape(k)}\.?\*", cell.source)]
             if len(stated) != 1:
                 raise MarkupError(f"{where}: exercise {number} must state exactly one kind in italics, one of "
                                   f"{', '.join(f'*{k}*' for k in KINDS)}; found {stated or 'none'}")
