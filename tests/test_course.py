@@ -170,10 +170,22 @@ def test_a_student_notebook_runs_at_smoke_up_to_its_first_stub(tmp_path):
                                                  "solution here"):
         report.execute_notebook(path, report.profile_params("smoke", STUDENT_CHAPTER), tmp_path)
     failed = nbformat.read(tmp_path / f"{STUDENT_CHAPTER}.failed.ipynb", as_version=4)
-    errors = [i for i, c in enumerate(failed.cells) if c.cell_type == "code"
-              for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert errors == [first], f"the run failed at cells {errors}, expected only at the first stub (cell {first})"
-    assert all(c.get("execution_count") for c in failed.cells[:first] if c.cell_type == "code" and c.source.strip())
+    check_stopped_at_first_stub(failed, student.cells[first].source, number)
+
+
+def check_stopped_at_first_stub(failed: nbformat.NotebookNode, stub_source: str, number: str) -> None:
+    """Papermill's failed notebook (it adds cells of its own): one error, with the first stub's message, raised
+    in the stub's cell or in the first cell after it that calls the stubbed function (an exercise check);
+    every code cell before it executed."""
+    errors = [(c, o) for c in failed.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert len(errors) == 1, f"{len(errors)} cells failed, expected only the first stub"
+    cell, error = errors[0]
+    stub = next(i for i, c in enumerate(failed.cells) if c.source == stub_source)
+    assert failed.cells.index(cell) >= stub, "the run failed before reaching the first stub"
+    assert (error["ename"], error["evalue"]) == ("NotImplementedError", f"Exercise {number}: write your solution here")
+    before = [c for c in failed.cells[:failed.cells.index(cell)] if c.cell_type == "code" and c.source.strip()]
+    assert before and all(c.get("execution_count") for c in before), "a cell before the stub did not run"
 
 
 # --- the book ---------------------------------------------------------------------------------------
