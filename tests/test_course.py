@@ -241,3 +241,15 @@ def test_session_table_says_when_nothing_was_measured():
     text = sessions_markdown(one, ["00_a.ipynb"], {"00_a": "Alpha"}, {})
     assert "| 1 | Alpha (`00`) | 2.1 min | warm | 3.5 |" in text and "CPU X (2 cores" in text and "2026-12-03" in text
     assert json.dumps(one)  # the record is plain JSON
+
+
+def test_quarto_rewrite_happens_in_place_once_before_quarto_renders(tmp_path):
+    from mergelab.report.book import quarto_exercises
+
+    nbformat.write(_markup_notebook(), tmp_path / "03_x.ipynb")
+    assert quarto_exercises(tmp_path, ["index.qmd", "03_x.ipynb", "04_missing.ipynb"]) == [tmp_path / "03_x.ipynb"]
+    once = (tmp_path / "03_x.ipynb").read_text()
+    quarto_exercises(tmp_path, ["03_x.ipynb"])
+    assert (tmp_path / "03_x.ipynb").read_text() == once and "callout-note" in once
+    nb = nbformat.read(tmp_path / "03_x.ipynb", as_version=4)
+    assert [c.source for c in restore(nb).cells] == [c.source for c in _markup_notebook().cells]
