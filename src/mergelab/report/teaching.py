@@ -60,7 +60,7 @@ def sessions_markdown(record: Mapping[str, Any] | None, chapters: Sequence[str],
         count = len(found.get(stem, []))
         if t:
             total += t["wall_s"]
-            load = (t.get("load_average_start") or ["?"])[0]
+            load = (t.get("load_average_start") or ["not recorded"])[0]
             lines.append(f"| {session} | {titles.get(stem, stem)} (`{stem[:2]}`) | {_minutes(t['wall_s'])} | {t['cache']} | "
                          f"{load} | {count} ({listed}) |")
         else:
@@ -71,15 +71,21 @@ def sessions_markdown(record: Mapping[str, Any] | None, chapters: Sequence[str],
     machine = runs[0]["machine"]
     dates = sorted(r["started_utc"][:10] for r in runs)
     loads = [r["load_average_start"][0] for r in runs if r.get("load_average_start")]
+    imported = [r for r in runs if r.get("source")]
     text = [
         "\n".join(lines), "",
-        f"Measured with `make report` at the `{record.get('profile', 'tiny')}` size on {machine['cpu_model']} "
+        f"Measured at the `{record.get('profile', 'tiny')}` size on {machine['cpu_model']} "
         f"({machine['cores']} cores, {machine['system']}), {dates[0]}"
         + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")
-        + f"; {_minutes(total)} for the {len(runs)} chapters measured. The load average at the start of the runs was "
-        + (f"{min(loads)} to {max(loads)}" if loads else "not recorded")
-        + f" on {machine['cores']} cores: other work shared the machine, so an idle machine of this kind is faster.",
+        + f"; {_minutes(total)} for the {len(runs)} chapters measured. "
+        + (f"The load average at the start of the runs was {min(loads)} to {max(loads)} on {machine['cores']} cores: "
+           "other work shared the machine, so an idle machine of this kind is faster." if loads else
+           "The load average of these runs was not recorded; the machine was shared with other work."),
     ]
+    if imported:
+        text += ["", f"{len(imported)} of the times are the papermill durations of notebooks executed before the runner "
+                 "recorded load and cache state (cache *unknown*, load *not recorded*): "
+                 + "; ".join(f"`{r['notebook'][:2]}` on {r['started_utc'][:16].replace('T', ' ')} UTC" for r in imported) + "."]
     if record.get("note"):
         text += ["", str(record["note"])]
     return "\n".join(text) + "\n"

@@ -8,7 +8,9 @@ cache: pretraining, experts, sweeps computed for the first time) or *warm* (it o
 
 ``python -m mergelab.report.timings --reports DIR [--profile tiny] [--out reports/timings-tiny.json]``
 gathers the records of a run into the committed record (:data:`RECORD`), which the teacher's page
-(:mod:`mergelab.report.teaching`) turns into its table of session times.
+(:mod:`mergelab.report.teaching`) turns into its table of session times; ``--executed NB.ipynb ...``
+adds notebooks executed before timing records existed, from their papermill duration (load and cache
+state unknown, and said so).
 """
 
 from __future__ import annotations
@@ -114,10 +116,30 @@ def read_record(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def write_record(reports: Path, out: Path, profile: str = "tiny", note: str = "") -> Path:
-    """Gather the timing records of a run in ``reports`` into ``out`` (the committed record); refuse an
-    empty run. Chapters already in ``out`` and not in this run are kept."""
-    records = collect(reports, profile)
+def from_executed(notebook: Path) -> dict[str, Any]:
+    """A timing record made from an executed notebook's papermill metadata (its ``duration`` and
+    ``start_time``), for runs made before the runner kept timing records: the machine is this one (the
+    notebook does not say), the load average and the cache state were not recorded (``None``, ``"unknown"``)."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    meta = nb.metadata.get("papermill") or {}
+    if meta.get("duration") is None or not meta.get("start_time"):
+        raise ValueError(f"{notebook} has no papermill duration: it was not executed by papermill to the end")
+    profile = (meta.get("parameters") or {}).get("profile", "?")
+    return {"notebook": Path(notebook).stem, "profile": profile, "wall_s": round(float(meta["duration"]), 1),
+            "started_utc": str(meta["start_time"])[:19] + "Z", "machine": machine(), "load_average_start": None,
+            "load_average_end": None, "cache": "unknown", "cache_files_written": None,
+            "source": f"papermill duration of {notebook} (executed before timing records existed)"}
+
+
+def write_record(reports: Path | None, out: Path, profile: str = "tiny", note: str = "",
+                 executed: Sequence[Path] = ()) -> Path:
+    """Gather the timing records of a run in ``reports`` (and of ``executed`` notebooks, see
+    :func:`from_executed`) into ``out`` (the committed record); refuse an empty run. Chapters already in
+    ``out`` and not in this run are kept; the runner's records win over executed notebooks'."""
+    records = [r for r in (from_executed(p) for p in executed) if r["profile"] == profile]
+    records += collect(reports, profile) if reports is not None else []
     if not records:
         raise ValueError(f"no timing records of profile {profile!r} in {Path(reports) / TIMINGS_DIR}: run "
                          f"`make report PROFILE={profile} REPORTS={reports} FORCE=1` first")
@@ -132,12 +154,14 @@ def write_record(reports: Path, out: Path, profile: str = "tiny", note: str = ""
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mergelab.report.timings", description=__doc__.splitlines()[0])
-    parser.add_argument("--reports", type=Path, required=True, help="the reports folder of a run")
+    parser.add_argument("--reports", type=Path, default=None, help="the reports folder of a run")
+    parser.add_argument("--executed", type=Path, nargs="+", default=[], metavar="NOTEBOOK",
+                        help="executed notebooks whose papermill duration to use where no timing record exists")
     parser.add_argument("--profile", default="tiny")
     parser.add_argument("--out", type=Path, default=paths.project_root() / "reports" / RECORD)
     parser.add_argument("--note", default="", help="a sentence on the conditions of the run")
     args = parser.parse_args(argv)
-    print(f"wrote {write_record(args.reports, args.out, args.profile, args.note)}")
+    print(f"wrote {write_record(args.reports, args.out, args.profile, args.note, args.executed)}")
     return 0
 
 
