@@ -27,7 +27,7 @@ endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help env lock git-filter quarto report test bench lab clean-report clean-cache
+.PHONY: help env lock git-filter quarto report student test bench lab clean-report clean-cache
 
 help: ## show this help
 	@echo "Usage: make <target> [VARIABLE=value ...]"
@@ -71,6 +71,9 @@ report: env ## execute the notebooks that changed (PROFILE, NOTEBOOKS, FORCE, EX
 		$(if $(strip $(NOTEBOOKS)),--notebooks $(NOTEBOOKS)) $(if $(strip $(FORCE)),--force) \
 		$(if $(strip $(EXECUTOR)),--executor $(EXECUTOR))
 
+student: env ## write the student notebooks students/<chapter>.ipynb from the chapters (solutions removed; NOTEBOOKS)
+	$(PY) -m mergelab.course --out students $(if $(strip $(NOTEBOOKS)),--notebooks $(NOTEBOOKS))
+
 test: env ## run the tests, one process per core (TEST_WORKERS, PYTEST_ARGS passed through)
 	$(PY) -m pytest $(if $(filter-out 0,$(strip $(TEST_WORKERS))),-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
@@ -89,7 +92,7 @@ clean-report: ## remove executed notebooks, the book, results, figures and stamp
 	$(if $(strip $(REPORTS)),,$(error REPORTS is empty))
 	@if git ls-files --error-unmatch $(REPORTS)/'*.ipynb' >/dev/null 2>&1; then \
 		echo "clean-report: $(REPORTS) holds notebooks committed to git; refusing to delete them (REPORTS must be a report folder, e.g. reports)."; exit 1; fi
-	rm -rf $(REPORTS)/_book $(REPORTS)/results $(REPORTS)/figures $(REPORTS)/.stamps $(REPORTS)/.quarto
+	rm -rf $(REPORTS)/_book $(REPORTS)/results $(REPORTS)/figures $(REPORTS)/.stamps $(REPORTS)/.quarto $(REPORTS)/timings
 	rm -f $(REPORTS)/*.ipynb $(REPORTS)/.*.running.ipynb
 
 clean-cache: ## remove generated data, pretrained encoders and experts cached in data/ (keeps data/README.md)

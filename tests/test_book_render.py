@@ -39,6 +39,13 @@ def executed_notebook() -> nbformat.NotebookNode:
             new_output("display_data", data={"image/png": PNG, "text/plain": "<Figure size 10x10>"}),
             new_output("stream", name="stderr", text="a warning on stderr\n")]),
         new_code_cell("print_provenance()", outputs=[new_output("stream", name="stdout", text="line\n" * 40)]),
+        new_markdown_cell("## Exercises"),
+        new_markdown_cell("### Exercise 0.1: write a rule\n\n*Implement.* Write it.", metadata={"tags": ["exercise"]}),
+        new_code_cell("kept_line = 1\n### BEGIN SOLUTION\nsolution_code_marker = 2\n### END SOLUTION",
+                      metadata={"tags": ["solution"]}, outputs=[new_output("stream", name="stdout", text="solved\n")]),
+        new_code_cell("check_marker()", metadata={"tags": ["exercise-check"]}),
+        new_markdown_cell("### Exercise 0.2: read a figure\n\n*Interpret.* Read it.", metadata={"tags": ["exercise"]}),
+        new_markdown_cell("Solution prose marker.", metadata={"tags": ["solution"]}),
     ], metadata={"kernelspec": {"name": "mergelab", "display_name": "Python (mergelab)", "language": "python"},
                  "papermill": {"parameters": {"value": 2, "profile": "smoke"}}})
 
@@ -108,7 +115,7 @@ def test_every_page_links_every_chapter_and_its_neighbours(book: Path) -> None:
 def test_prepare_notebook_turns_markdown_outputs_into_text() -> None:
     nb = prepare_notebook(executed_notebook())
     kinds = [(c.cell_type, c.metadata.get("echo", True)) for c in nb.cells]
-    assert kinds == [("markdown", True), ("raw", True), ("code", False), ("markdown", True), ("code", True), ("code", True)]
+    assert kinds[:6] == [("markdown", True), ("raw", True), ("code", False), ("markdown", True), ("code", True), ("code", True)]
     assert nb.cells[3].source.startswith("Prose from the run")
     assert nb.cells[4].metadata["label"] == "fig-alpha" and nb.cells[4].source == "shown_code_marker = 1"
 
@@ -120,3 +127,18 @@ def test_savefig_returns_nothing_printable(tmp_path: Path) -> None:
     fig, _ = plotting.figure()
     assert plotting.savefig(fig, "x", tmp_path) is None
     assert plotting.figure_path("x", tmp_path).is_file() and plotting.figure_path("x", tmp_path) == tmp_path / "x.png"
+
+
+def test_exercises_are_numbered_callouts_with_their_solutions_folded_under_them(book: Path) -> None:
+    page = (book / "00_alpha.html").read_text()
+    callouts = re.findall(r'<div id="(exercise-[\d-]+)" class="callout callout-exercise" role="note">\s*<section[^>]*>\s*'
+                          r"<h3>(Exercise [\d.]+: [^<]+)</h3>", page)
+    assert callouts == [("exercise-0-1", "Exercise 0.1: write a rule"), ("exercise-0-2", "Exercise 0.2: read a figure")]
+    folds = re.findall(r'<details class="solution"><summary>Solution to exercise ([\d.]+)</summary>(.*?)</details>\s*(?=<|$)',
+                       page, re.DOTALL)
+    assert [n for n, _ in folds] == ["0.1", "0.2"]
+    assert "solution_code_marker" in folds[0][1] and "solved" in folds[0][1] and "code-fold" not in folds[0][1]
+    assert "Solution prose marker." in folds[1][1]
+    assert "BEGIN SOLUTION" not in page and "END SOLUTION" not in page and "kept_line" in folds[0][1]
+    check = page.index("check_marker")
+    assert page.index("</details>", page.index("solution_code_marker")) < check < page.index("exercise-0-2")  # not folded with the solution

@@ -23,7 +23,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from mergelab import report
+from mergelab import course, report
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTER = "00_benchmark_and_baselines"
@@ -107,6 +107,22 @@ def test_smoke_book_reads_like_a_book(smoke_report, browser, tmp_path: Path) -> 
                 assert all(b and b.get("width", 0) > 0 and b.get("height", 0) > 0 for b in boxes[:20]), \
                     f"{name}: math not laid out"
             assert page.query_selector('details.parameters'), f"{name}: no folded parameters table"
+            exercises = course.exercises(source, Path(name).stem)  # the exercises: numbered callouts, solutions folded
+            titles = [c.inner_text().strip() for c in page.query_selector_all("div.callout-exercise h3")]
+            assert titles == [f"Exercise {e.number}: {e.title}" for e in exercises], f"{name}: exercise callouts {titles}"
+            folds = page.query_selector_all("details.solution")
+            assert len(folds) >= len(exercises) and (not exercises or folds), f"{name}: solutions not folded"
+            for fold in folds:
+                assert re.fullmatch(r"Solution to exercise \d+\.\d+", fold.query_selector("summary").inner_text().strip())
+                body = fold.query_selector(":scope > :not(summary)")
+                assert body and not body.is_visible(), f"{name}: a solution is shown before it is unfolded"
+                fold.query_selector("summary").click()
+                assert body.is_visible(), f"{name}: a solution does not unfold"
+        if name == "teaching.html":  # the teacher's page, with its session table from the timing record
+            assert "make student" in text and "make report" in text and "docs/clip.md" in text
+            header = [th.inner_text().strip() for th in page.query_selector_all("table th")]
+            assert header[:3] == ["Session", "Chapter", "Run time at tiny"], header
+            assert len(page.query_selector_all("table tbody tr")) == sum(c.endswith(".ipynb") for c in chapters)
 
         for href in page.eval_on_selector_all("a[href]", "links => links.map(a => a.getAttribute('href'))"):
             if re.match(r"[a-z]+:", href):

@@ -154,3 +154,63 @@ def test_methods_that_do_not_stream_say_why_in_their_docstring():
 @pytest.mark.parametrize("name", [n for n in METHODS if MERGE_METHODS[n].coefficient_grid])
 def test_every_registered_grid_includes_zero_the_pretrained_model(name):
     assert 0.0 in get_merge(name).coefficient_grid
+
+
+# --- the contract as one function: what a student's rule (exercise 0.1) is checked with ---------------
+
+from mergelab.merging import check_merge_rule, validate, assemble  # noqa: E402
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_check_merge_rule_accepts_every_registered_method(name):
+    check_merge_rule(get_merge(name), identity=get_merge(name).identity)
+
+
+def _sum_rule(pretrained, task_vectors, coefficient=1.0):
+    keys = validate(pretrained, task_vectors)
+    return assemble(pretrained, keys, lambda k: coefficient * sum(tv[k] for tv in task_vectors))
+
+
+def _in_place(pretrained, task_vectors, coefficient=1.0):
+    for tv in task_vectors:
+        tv.vector["w"].mul_(1.0)  # touches nothing numerically...
+    task_vectors[0].vector["b"].add_(1.0)  # ...but this edits an input
+    return _sum_rule(pretrained, task_vectors, coefficient)
+
+
+_calls = []
+
+
+def _random(pretrained, task_vectors, coefficient=1.0):
+    _calls.append(1)
+    merged = _sum_rule(pretrained, task_vectors, coefficient)
+    return {k: v + 1e-3 * len(_calls) * torch.ones_like(v) for k, v in merged.items()}
+
+
+@pytest.mark.parametrize("rule, options, message", [
+    (lambda pre, tvs: {k: v for k, v in list(_sum_rule(pre, tvs).items())[:-1]}, {}, r"returns the keys .* expected"),
+    (lambda pre, tvs: {k: v.double() for k, v in _sum_rule(pre, tvs).items()}, {}, r"'w' has shape .* dtype torch.float64"),
+    (_in_place, {}, r"changed task vector 0's 'b' in place"),
+    (_random, {}, r"two calls on the same inputs differ"),
+    (lambda pre, tvs: {k: v + 1.0 for k, v in _sum_rule(pre, tvs).items()}, {}, r"all zero must give back the pretrained"),
+    (_sum_rule, {"coefficient": 0.5}, None),  # fine without identity
+    (lambda pre, tvs, coefficient=1.0: _sum_rule(pre, tvs, coefficient / 2), {}, None),
+    (lambda pre, tvs: {k: v.clone() for k, v in pre.items()} if tvs else {}, {}, r"returns the keys|ValueError"),
+])
+def test_check_merge_rule_rejects_a_broken_rule_saying_which_promise_it_broke(rule, options, message):
+    if message is None:  # a correct rule: accepted; under a wrong identity claim, rejected
+        check_merge_rule(rule, **options)
+        if not options:
+            with pytest.raises(AssertionError, match=r"one task vector under the options \{'coefficient': 1.0\}"):
+                check_merge_rule(rule, identity={"coefficient": 1.0})
+        return
+    with pytest.raises(AssertionError, match=message):
+        check_merge_rule(rule, **options)
+
+
+def test_check_merge_rule_wants_a_value_error_for_bad_inputs():
+    def no_validation(pretrained, task_vectors):
+        return {k: v + sum((tv[k] for tv in task_vectors), torch.zeros_like(v)) for k, v in pretrained.items()}
+
+    with pytest.raises(AssertionError, match=r"given an empty list of task vectors it returned a merge; expected a ValueError"):
+        check_merge_rule(no_validation)

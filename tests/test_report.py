@@ -120,6 +120,38 @@ def test_first_run_executes_and_writes_results(executed: tuple[Path, report.Repo
     assert not list((root / "out").glob(".*.running.ipynb"))
 
 
+def test_each_execution_leaves_a_timing_record(executed: tuple[Path, report.ReportResult]) -> None:
+    root, _ = executed
+    timing = json.loads((root / "out" / "timings" / f"00_alpha.{PROFILE}.json").read_text())
+    assert timing["notebook"] == "00_alpha" and timing["profile"] == PROFILE and timing["wall_s"] > 0
+    assert timing["machine"]["cores"] == os.cpu_count() and timing["machine"]["cpu_model"]
+    assert timing["cache"] in ("cold", "warm") and len(timing["load_average_start"]) == 3
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", timing["started_utc"])
+
+
+def test_a_run_that_writes_into_the_data_cache_is_cold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergelab.report.timings import Stopwatch, write_record
+
+    monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "old.bin").write_bytes(b"x")
+    with Stopwatch() as watch:
+        (tmp_path / "data" / "old.bin").read_bytes()
+    assert watch.record("a", "tiny")["cache"] == "warm"
+    with Stopwatch() as watch:
+        (tmp_path / "data" / "experts").mkdir()
+        (tmp_path / "data" / "experts" / "new.bin").write_bytes(b"y")
+    record = watch.record("00_a", "tiny")
+    assert record["cache"] == "cold" and record["cache_files_written"] == 1
+    from mergelab.report.timings import write_timing
+
+    write_timing(tmp_path / "rep", record)
+    out = write_record(tmp_path / "rep", tmp_path / "record.json", note="a test")
+    assert json.loads(out.read_text())["chapters"] == [record]
+    with pytest.raises(ValueError, match="no timing records of profile 'smoke'"):
+        write_record(tmp_path / "rep", tmp_path / "record.json", profile="smoke")
+
+
 def test_book_index_links_every_chapter(executed: tuple[Path, report.ReportResult]) -> None:
     root, result = executed
     index = result.book

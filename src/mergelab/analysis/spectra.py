@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,3 +113,27 @@ def energy_table(task_vectors: Mapping[str, TaskVector], num_tasks: int | None =
                          "stable_rank": float((s ** 2).sum() / s[0] ** 2),
                          "random_energy": energy_at(spec.random[layer], k)})
     return pd.DataFrame(rows)
+
+
+def check_energy_function(fn: Callable[[torch.Tensor, int], float]) -> None:
+    """Check a student's ``fn(matrix, k) -> float``, the share of ``matrix``'s squared Frobenius norm held by
+    its top ``k`` singular triplets, against :func:`energy_at` (exercise 3.1); raise ``AssertionError``
+    naming the case where it differs.
+
+    Cases: a random 12 x 7 matrix at every ``k``; an exactly rank-2 matrix (all the energy in 2 triplets);
+    a wide 5 x 9 matrix (the short side counts); a zero matrix is not asked for.
+    """
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(12, 2, generator=g) @ torch.randn(2, 7, generator=g)
+    cases = [("a random 12 x 7 matrix", torch.randn(12, 7, generator=g), range(1, 8)),
+             ("a rank-2 12 x 7 matrix", low, (1, 2, 3)),
+             ("a wide 5 x 9 matrix", torch.randn(5, 9, generator=g), (1, 3, 5))]
+    for what, matrix, ks in cases:
+        s = torch.linalg.svdvals(matrix)
+        for k in ks:
+            got, expected = fn(matrix.clone(), k), energy_at(s, k)
+            assert isinstance(got, (float, int)) or (torch.is_tensor(got) and got.numel() == 1), (
+                f"energy function on {what}, k = {k}: returned {type(got).__name__}, expected a number")
+            assert abs(float(got) - expected) < 1e-4, (
+                f"energy function on {what}, k = {k}: returned {float(got):.6f}, expected {expected:.6f} (the share "
+                "of the squared Frobenius norm, sum of the top k squared singular values over the sum of all)")

@@ -8,7 +8,11 @@
 --   * long printed output (more than LONG_OUTPUT lines, e.g. the provenance) folded in a <details> block;
 --   * `label: fig-...` + `fig-cap`: the cell's first image becomes a numbered figure with that id,
 --     and every `@fig-...` reference becomes a link "Figure N.k" to it (before --citeproc runs,
---     which would take `@fig-...` for a citation).
+--     which would take `@fig-...` for a citation);
+--   * exercises (cells tagged `exercise`, see mergelab/course.py): a callout `div.callout.callout-exercise`
+--     with the id `exercise-<chapter>-<k>`, titled by its `### Exercise <chapter>.<k>: ...` heading; each
+--     run of cells tagged `solution` after it folded in `<details class="solution">` ("Solution to
+--     exercise 0.1"), its code shown unfolded inside.
 
 local stringify = pandoc.utils.stringify
 local LONG_OUTPUT = 25  -- printed output longer than this many lines (the provenance record) is folded
@@ -43,14 +47,16 @@ local function fold(code)
 end
 
 -- A code cell: hide or fold its source; turn a labelled figure's image into a numbered figure.
-local function code_cell(div, chapter, figures, count)
+local function code_cell(div, chapter, figures, count, fold_code)
   local label = div.attributes["label"] or ""
   local cap = div.attributes["fig-cap"]
   local echo = div.attributes["echo"] ~= "false"
   local content = pandoc.Blocks({})
   for _, block in ipairs(div.content) do
     if block.t == "CodeBlock" and block.classes:includes("python") then
-      if echo and block.text:match("%S") then content:extend(fold(block)) end
+      if echo and block.text:match("%S") then
+        if fold_code then content:extend(fold(block)) else content:insert(block) end
+      end
     elseif block.t == "Div" and block.classes:includes("stream") and #block.content == 1
         and block.content[1].t == "CodeBlock" and select(2, block.content[1].text:gsub("\n", "")) > LONG_OUTPUT then
       local lines = select(2, block.content[1].text:gsub("\n", ""))
@@ -76,6 +82,20 @@ local function code_cell(div, chapter, figures, count)
   return div, count
 end
 
+local function tags_of(div)
+  local found = {}
+  for tag in (div.attributes["tags"] or ""):gmatch('"([^"]+)"') do found[tag] = true end
+  return found
+end
+
+-- An exercise statement: a callout titled by its heading, with an id made of its number.
+local function exercise_callout(div)
+  local number = stringify(div.content):match("^Exercise (%d+%.%d+):") or ""
+  div.attributes["tags"] = nil
+  local id = number ~= "" and ("exercise-" .. number:gsub("%.", "-")) or ""
+  return pandoc.Div(div.content, pandoc.Attr(id, { "callout", "callout-exercise" }, { role = "note" })), number
+end
+
 function Pandoc(doc)
   local chapter = doc.meta["chapter-number"] and stringify(doc.meta["chapter-number"]) or ""
   local figures, count, titled = {}, 0, false
@@ -85,12 +105,38 @@ function Pandoc(doc)
     titled = true
   end
   local blocks = pandoc.Blocks({})
-  for _, block in ipairs(doc.blocks) do
-    if block.t == "Div" and block.classes:includes("cell") and block.classes:includes("code") then
-      block, count = code_cell(block, chapter, figures, count)
-    end
-    blocks:insert(block)
+  local solution, exercise = nil, "?"
+  local function flush()  -- the pending run of solution cells, folded
+    if solution == nil then return end
+    blocks:insert(pandoc.RawBlock("html", '<details class="solution"><summary>Solution to exercise ' .. exercise
+                                  .. "</summary>"))
+    blocks:extend(solution)
+    blocks:insert(pandoc.RawBlock("html", "</details>"))
+    solution = nil
   end
+  for _, block in ipairs(doc.blocks) do
+    local tags = (block.t == "Div" and block.classes:includes("cell")) and tags_of(block) or {}
+    if block.t == "Div" and block.classes:includes("cell") and block.classes:includes("code") then
+      block, count = code_cell(block, chapter, figures, count, not tags["solution"])
+    end
+    if tags["solution"] then
+      if block.attributes then block.attributes["tags"] = nil end
+      solution = solution or pandoc.Blocks({})
+      solution:insert(block)
+    else
+      flush()
+      if tags["exercise"] then
+        local number
+        block, number = exercise_callout(block)
+        if number ~= "" then exercise = number end
+      elseif tags["exercise-check"] and block.attributes then
+        block.attributes["tags"] = nil
+        block.classes:insert("exercise-check")
+      end
+      blocks:insert(block)
+    end
+  end
+  flush()
   blocks = blocks:walk({
     Header = function(h)
       if chapter ~= "" and not titled and h.level == 1 and not h.classes:includes("unnumbered") then

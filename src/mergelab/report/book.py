@@ -17,7 +17,10 @@ from mergelab.params import ReportError
 from .pandoc_book import build_pandoc_book
 from .runner import (_FRONT_MATTER, _HEADING, BOOK_DIR, PROJECT_FILES, RENDERERS, book_chapters,
                      default_quarto_yml)
+from ..utils import atomic_write_text
 from .claims import CLAIMS_PAGE, write_claims_page
+from .exercises import for_quarto
+from .teaching import TEACHING_PAGE, write_teaching_page
 
 # --- the book ----------------------------------------------------------------------------------
 
@@ -30,7 +33,7 @@ def sync_project_files(quarto_yml: Path, reports: Path, chapters: Sequence[str] 
     if source == reports:
         return
     shutil.copy2(quarto_yml, reports / "_quarto.yml")
-    extra = [c for c in chapters if not c.endswith(".ipynb") and c != CLAIMS_PAGE]
+    extra = [c for c in chapters if not c.endswith(".ipynb") and c not in (CLAIMS_PAGE, TEACHING_PAGE)]
     for name in dict.fromkeys([*PROJECT_FILES[1:], *extra]):
         if (source / name).is_file():
             (reports / name).parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +95,10 @@ def render_book(reports: Path, quarto_yml: Path | None = None, renderer: str = "
     if CLAIMS_PAGE in chapters:  # generated from this run's results, never copied
         write_claims_page(reports, chapters, {Path(c).stem: chapter_title(reports / c)
                                               for c in chapters if c.endswith(".ipynb") and (reports / c).is_file()})
+    if TEACHING_PAGE in chapters:  # generated from the template, the timing record and the chapters' exercises
+        write_teaching_page(reports, quarto_yml.resolve().parent, chapters,
+                            {Path(c).stem: chapter_title(reports / c)
+                             for c in chapters if c.endswith(".ipynb") and (reports / c).is_file()})
     missing = missing_chapters(reports, chapters)
     if missing:
         raise ReportError(
@@ -105,6 +112,7 @@ def render_book(reports: Path, quarto_yml: Path | None = None, renderer: str = "
             "`pip install quarto-cli`, or install it from https://quarto.org or conda-forge; or use 'auto'."
         )
     if renderer != "pandoc" and quarto is not None:
+        quarto_exercises(reports, chapters)
         completed = subprocess.run([quarto, "render", str(reports)], check=False)
         if completed.returncode != 0:
             raise ReportError(
@@ -116,6 +124,22 @@ def render_book(reports: Path, quarto_yml: Path | None = None, renderer: str = "
     files = config.get("bibliography") or []
     titles = {c: chapter_title(reports / c) for c in chapters}
     return build_pandoc_book(reports, chapters, titles, title, [files] if isinstance(files, str) else files), "pandoc"
+
+
+def quarto_exercises(reports: Path, chapters: Sequence[str]) -> list[Path]:
+    """Rewrite the exercises of the executed notebooks in ``reports`` into Quarto callouts, in place
+    (:func:`mergelab.report.exercises.for_quarto`); return the notebooks changed."""
+    import nbformat
+
+    changed = []
+    for chapter in chapters:
+        path = Path(reports) / chapter
+        if chapter.endswith(".ipynb") and path.is_file():
+            nb = nbformat.read(path, as_version=4)
+            if for_quarto(nb):
+                atomic_write_text(path, nbformat.writes(nb))
+                changed.append(path)
+    return changed
 
 
 def quarto_executable() -> str | None:

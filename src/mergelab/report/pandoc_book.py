@@ -26,10 +26,13 @@ import yaml
 
 from mergelab.params import ReportError
 
+from .exercises import restore, strip_markers
 from .runner import BOOK_DIR
 
 LUA_FILTER = Path(__file__).with_name("book.lua")
 PARAMETER_TAGS = ("parameters", "injected-parameters")
+EXERCISE_TAGS = ("exercise", "solution", "exercise-check")
+"""Tags of :mod:`mergelab.course` that ``book.lua`` reads (callouts, folded solutions)."""
 """Cells that papermill reads or writes: hidden in the book, their values shown once in a table."""
 
 MARKDOWN = "markdown-implicit_figures"
@@ -52,6 +55,10 @@ details.code-fold>summary,details.parameters>summary,details.long-output>summary
 div.output pre{background:none;border-left:3px solid #e3e3e3;padding-left:.8em}
 div.cell{margin:1em 0}table{font-size:.9em;margin:1em 0}
 div.output table{border-collapse:collapse}div.output th,div.output td{padding:.2em .6em;text-align:right}
+div.callout-exercise{border-left:4px solid #2780e3;background:#f3f8fe;padding:.2em 1em;margin:1.5em 0 .5em}
+div.callout-exercise h3{margin-top:.6em}
+details.solution{border-left:4px solid #3fb618;background:#f4fbf2;padding:.4em 1em;margin:.5em 0 1.5em}
+details.solution>summary{cursor:pointer;font-weight:600;color:#2d7a1f}
 @media (max-width:60em){body{padding:1em}nav.book{position:static;width:auto;border:0}}
 </style>
 """
@@ -136,13 +143,16 @@ def prepare_notebook(nb: Any) -> Any:
     * Markdown outputs (``IPython.display.Markdown``) become Markdown cells, so that their citations,
       math and ``@fig-`` references are read like the rest of the text (pandoc would show their
       ``text/plain`` form);
-    * widget outputs (progress bars) and stderr streams go.
+    * widget outputs (progress bars) and stderr streams go;
+    * exercise cells keep their tags (``book.lua`` makes callouts and folded solutions of them), solution
+      code loses its ``### BEGIN/END SOLUTION`` marker lines, and a Quarto rewrite of the exercises
+      (:func:`mergelab.report.exercises.for_quarto`) is undone first.
     """
     import copy
 
     from nbformat.v4 import new_code_cell, new_markdown_cell, new_raw_cell
 
-    nb = copy.deepcopy(nb)
+    nb = restore(copy.deepcopy(nb))
     cells: list[Any] = []
     params = parameter_values(nb)
     for cell in nb.cells:
@@ -156,6 +166,10 @@ def prepare_notebook(nb: Any) -> Any:
             continue
         options, source = cell_options(cell.source)
         meta = {k: options[k] for k in ("echo", "label", "fig-cap") if k in options}
+        book_tags = [t for t in cell.metadata.get("tags", []) if t in EXERCISE_TAGS]
+        if book_tags:
+            meta["tags"] = book_tags
+            source = strip_markers(source) if "solution" in book_tags else source
         segment = new_code_cell(source, metadata=dict(meta))
         for output in cell.get("outputs", []):
             data = output.get("data", {})

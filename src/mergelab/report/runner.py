@@ -24,6 +24,8 @@ from mergelab.executors import EXECUTORS
 from mergelab.params import (ReportError, benchmark_param_files, check_parameters, load_params, notebook_parameters,
                              params_path)
 
+from .timings import Stopwatch, write_timing
+
 
 RENDERERS = ("auto", "quarto", "pandoc")
 """``auto``: Quarto when it is on ``PATH``, else pandoc (from the ``pypandoc-binary`` wheel)."""
@@ -425,9 +427,13 @@ def run_notebooks(
             statuses[notebook.stem] = UP_TO_DATE
             continue
         print(f"executing: {notebook.stem} (profile {profile})")
-        seconds = execute_notebook(notebook, parameters, reports)
+        with Stopwatch() as watch:
+            execute_notebook(notebook, parameters, reports)
         write_stamp(reports, notebook.stem, profile, digest)
-        print(f"executed: {notebook.stem} in {seconds:.1f} s")
+        timing = watch.record(notebook.stem, profile)
+        write_timing(reports, timing)
+        print(f"executed: {notebook.stem} in {timing['wall_s']:.1f} s ({timing['cache']} data cache, load "
+              f"{timing['load_average_start'][0] if timing['load_average_start'] else '?'})")
         statuses[notebook.stem] = EXECUTED
     return statuses
 

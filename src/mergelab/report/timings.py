@@ -1,0 +1,169 @@
+"""How long each chapter took, where: a timing record per executed notebook, and the committed record of
+the ``tiny`` timings that the teacher's page reads.
+
+Every notebook the runner executes leaves ``<reports>/timings/<notebook>.<profile>.json``: its wall time,
+the profile, the machine (CPU model, cores), the load average before and after (other work on the
+machine slows a run down) and whether the data cache was *cold* (the run wrote something into the data
+cache: pretraining, experts, sweeps computed for the first time) or *warm* (it only read it).
+
+``python -m mergelab.report.timings --reports DIR [--profile tiny] [--out reports/timings-tiny.json]``
+gathers the records of a run into the committed record (:data:`RECORD`), which the teacher's page
+(:mod:`mergelab.report.teaching`) turns into its table of session times; ``--executed NB.ipynb ...``
+adds notebooks executed before timing records existed, from their papermill duration (load and cache
+state unknown, and said so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mergelab import paths
+
+from ..utils import atomic_write_text
+
+TIMINGS_DIR = "timings"
+RECORD = "timings-tiny.json"
+"""The committed record of the ``tiny`` timings, next to ``reports/_quarto.yml``."""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """``{cpu_model, cores, cores_usable, system}``: what a timing was measured on."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "cores_usable": usable,
+            "system": f"{platform.system()} {platform.machine()}"}
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, or ``None`` where the system has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def cache_snapshot(data_dir: Path | None = None) -> dict[str, tuple[int, int]]:
+    """``{relative path: (size in bytes, mtime in ns)}`` of every file in the data cache."""
+    root = Path(data_dir) if data_dir is not None else paths.data_dir()
+    out: dict[str, tuple[int, int]] = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                stat = os.stat(os.path.join(folder, name))
+            except OSError:  # removed meanwhile (an atomic write's temporary file)
+                continue
+            out[os.path.relpath(os.path.join(folder, name), root)] = (stat.st_size, stat.st_mtime_ns)
+    return out
+
+
+class Stopwatch:
+    """Measure one notebook's run: ``with Stopwatch() as watch: ...`` then :meth:`record`."""
+
+    def __enter__(self) -> "Stopwatch":
+        self.before = cache_snapshot()
+        self.load_start = load_average()
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.wall_s = time.perf_counter() - self.start
+        self.load_end = load_average()
+        after = cache_snapshot()
+        self.written = sorted(k for k, v in after.items() if self.before.get(k) != v)
+
+    def record(self, notebook: str, profile: str) -> dict[str, Any]:
+        """The timing record of the run (see the module docstring)."""
+        return {"notebook": notebook, "profile": profile, "wall_s": round(self.wall_s, 1), "started_utc": self.started,
+                "machine": machine(), "load_average_start": self.load_start, "load_average_end": self.load_end,
+                "cache": "cold" if self.written else "warm", "cache_files_written": len(self.written)}
+
+
+def write_timing(reports: Path, record: dict[str, Any]) -> Path:
+    """Write ``<reports>/timings/<notebook>.<profile>.json`` (atomically); return its path."""
+    path = Path(reports) / TIMINGS_DIR / f"{record['notebook']}.{record['profile']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def collect(reports: Path, profile: str = "tiny") -> list[dict[str, Any]]:
+    """Every timing record of ``profile`` in ``<reports>/timings``, by notebook name."""
+    folder = Path(reports) / TIMINGS_DIR
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob(f"*.{profile}.json"))]
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The committed record (``{"profile", "chapters": [...]}``), or ``None`` when there is none."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def from_executed(notebook: Path) -> dict[str, Any]:
+    """A timing record made from an executed notebook's papermill metadata (its ``duration`` and
+    ``start_time``), for runs made before the runner kept timing records: the machine is this one (the
+    notebook does not say), the load average and the cache state were not recorded (``None``, ``"unknown"``)."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    meta = nb.metadata.get("papermill") or {}
+    if meta.get("duration") is None or not meta.get("start_time"):
+        raise ValueError(f"{notebook} has no papermill duration: it was not executed by papermill to the end")
+    profile = (meta.get("parameters") or {}).get("profile", "?")
+    return {"notebook": Path(notebook).stem, "profile": profile, "wall_s": round(float(meta["duration"]), 1),
+            "started_utc": str(meta["start_time"])[:19] + "Z", "machine": machine(), "load_average_start": None,
+            "load_average_end": None, "cache": "unknown", "cache_files_written": None,
+            "source": f"papermill duration of {notebook} (executed before timing records existed)"}
+
+
+def write_record(reports: Path | None, out: Path, profile: str = "tiny", note: str = "",
+                 executed: Sequence[Path] = ()) -> Path:
+    """Gather the timing records of a run in ``reports`` (and of ``executed`` notebooks, see
+    :func:`from_executed`) into ``out`` (the committed record); refuse an empty run. Chapters already in
+    ``out`` and not in this run are kept; the runner's records win over executed notebooks'."""
+    records = [r for r in (from_executed(p) for p in executed) if r["profile"] == profile]
+    records += collect(reports, profile) if reports is not None else []
+    if not records:
+        raise ValueError(f"no timing records of profile {profile!r} in {Path(reports) / TIMINGS_DIR}: run "
+                         f"`make report PROFILE={profile} REPORTS={reports} FORCE=1` first")
+    old = read_record(out) or {}
+    chapters = {c["notebook"]: c for c in old.get("chapters", [])}
+    chapters.update({r["notebook"]: r for r in records})
+    body = {"profile": profile, "note": note or old.get("note", ""),
+            "chapters": [chapters[k] for k in sorted(chapters)]}
+    atomic_write_text(Path(out), json.dumps(body, indent=2) + "\n")
+    return Path(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mergelab.report.timings", description=__doc__.splitlines()[0])
+    parser.add_argument("--reports", type=Path, default=None, help="the reports folder of a run")
+    parser.add_argument("--executed", type=Path, nargs="+", default=[], metavar="NOTEBOOK",
+                        help="executed notebooks whose papermill duration to use where no timing record exists")
+    parser.add_argument("--profile", default="tiny")
+    parser.add_argument("--out", type=Path, default=paths.project_root() / "reports" / RECORD)
+    parser.add_argument("--note", default="", help="a sentence on the conditions of the run")
+    args = parser.parse_args(argv)
+    print(f"wrote {write_record(args.reports, args.out, args.profile, args.note, args.executed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
