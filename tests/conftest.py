@@ -120,3 +120,15 @@ def params(request: pytest.FixtureRequest) -> dict:
     from mergelab.params import profile_params
 
     return profile_params("smoke", request.module.NAME)
+
+
+@pytest.fixture(scope="session")
+def accuracies():
+    """``accuracies(methods)``: the one-line ``name value`` summary of a results JSON's ``methods`` (or
+    of one seed's rows) that the notebook tests print when a scientific direction fails."""
+
+    def line(methods: dict, metric: str = "absolute_accuracy") -> str:
+        return f"{metric}: " + ", ".join(f"{name} {row[metric]:.3f}" for name, row in methods.items()
+                                         if metric in row)
+
+    return line

@@ -120,3 +120,29 @@ def test_claims_table_has_statuses_from_intervals(results):
 def test_fast_tsv_m_matches_the_plain_reference_on_the_experts(results):
     assert results["speed"]["relative_difference"] < 1e-4
     assert results["speed"]["reference_s"] > 0 and results["speed"]["fast_s"] > 0
+
+
+# The science the smoke benchmark must show (issue 26). Margins are absolute accuracy, well inside the
+# gaps measured at smoke for seeds 0, 1 and 2 (docs/smoke-benchmark.md).
+MARGIN = 0.05
+MERGES = ("weight_averaging", "task_arithmetic", "ties", "tsv_merge", "tsv_merge_validated")
+
+
+def test_experts_beat_every_merge_and_every_merge_beats_zero_shot(results, accuracies):
+    m = results["methods"]
+    a = {name: row["absolute_accuracy"] for name, row in m.items()}
+    assert a["experts"] - a["task_arithmetic"] >= MARGIN, accuracies(m)
+    assert a["task_arithmetic"] - a["zero_shot"] >= MARGIN, accuracies(m)
+    for name in MERGES:
+        assert a[name] - a["zero_shot"] >= MARGIN, (name, accuracies(m))
+        assert a["experts"] - a[name] >= MARGIN, (name, accuracies(m))
+
+
+def test_tsv_m_validated_at_least_task_arithmetic_validated(results, accuracies):
+    m = results["methods"]
+    assert m["tsv_merge_validated"]["absolute_accuracy"] >= m["task_arithmetic"]["absolute_accuracy"], accuracies(m)
+
+
+def test_tsv_c_keeps_nine_tenths_of_the_experts(results, accuracies):
+    m = results["methods"]
+    assert m["tsv_compress"]["normalized_accuracy"] >= 0.9, accuracies(m, "normalized_accuracy")
