@@ -165,8 +165,8 @@ def test_epoch_trajectories_on_ray_equal_the_ones_trained_here(bench, ray_cluste
     assert not any(is_trajectory_cached(bench, task, cfg, 2) for task, cfg in runs)
     there = epoch_trajectories(bench, runs, 2, executor=RayExecutor({"cpus": 1}), progress=False)
     assert all(is_trajectory_cached(bench, task, cfg, 2) for task, cfg in runs)
-    for t, mine in zip(there, states):
-        assert t.loss == here[states.index(mine)].loss
+    for i, (t, mine) in enumerate(zip(there, states)):
+        assert t.loss == here[i].loss
         for e, s in zip((1, 2), mine):
             assert all(torch.equal(t.state(e)[k], s[k]) for k in s)
 

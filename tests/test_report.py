@@ -476,16 +476,17 @@ def test_ctrl_c_ends_with_one_line_and_leaves_no_kernel_files(tmp_path: Path) ->
         "import mergelab.report as r\n"
         "root = Path(sys.argv[1])\n"
         "orig = r.build_report  # the command's own handling, on the throwaway project\n"
-        "r.build_report = lambda profile, reports, names, force, renderer: orig(profile, root / 'out', names, force,\n"
-        "    root / 'notebooks', root / 'params', root / 'book' / '_quarto.yml', root / 'src', renderer)\n"
+        "r.build_report = lambda profile, reports, names, force, renderer, **options: orig(profile, root / 'out', names,\n"
+        "    force, root / 'notebooks', root / 'params', root / 'book' / '_quarto.yml', root / 'src', renderer, **options)\n"
         "sys.exit(r.main(['--profile', 'smoke', '--renderer', 'pandoc']))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 240
-    while not list(runtime.glob("kernel-*.json")) and time.monotonic() < deadline:  # the kernel is up
-        time.sleep(0.5)
-    assert list(runtime.glob("kernel-*.json")), "the kernel never started"
+    while not list(runtime.glob("kernel-*.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)  # until the kernel is up
+    assert list(runtime.glob("kernel-*.json")), "the kernel never started:\n" + (
+        proc.communicate()[1] if proc.poll() is not None else "still waiting after 240 s")
     time.sleep(3)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
