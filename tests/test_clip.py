@@ -29,6 +29,7 @@ from mergelab.params import profile_params
 from mergelab.benchmarks.clip import (PUBLIC_RECIPE, TASKS, TINY_MODEL, CheckpointError, ClipBenchmarkConfig,
                            DatasetNotFoundError, WeightsNotFoundError)
 from mergelab.benchmarks.clip import benchmark as clip_benchmark
+from mergelab.benchmarks.clip import training as clip_training
 from mergelab.benchmarks.clip import datasets as ds
 from mergelab.benchmarks.clip.checkpoints import load_expert, read_checkpoint
 from mergelab.benchmarks.clip.model import ClipModelConfig, create_clip
@@ -273,7 +274,7 @@ def test_finetuning_resumes_where_it_stopped(root, tmp_path, monkeypatch):
     monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path / "resumed"))
     bench = mergelab.load_benchmark("clip", device="cpu", progress=False, tasks=["MNIST"], model=dict(TINY),
                                     data={"root": str(root), "num_workers": 0}, checkpoint_every=2)
-    real_lr_at = clip_benchmark.lr_at
+    real_lr_at = clip_training.lr_at
 
     class Interrupted(Exception):
         pass
@@ -283,12 +284,12 @@ def test_finetuning_resumes_where_it_stopped(root, tmp_path, monkeypatch):
             raise Interrupted
         return real_lr_at(step, c)
 
-    monkeypatch.setattr(clip_benchmark, "lr_at", interrupt_at_step_3)
+    monkeypatch.setattr(clip_training, "lr_at", interrupt_at_step_3)
     with pytest.raises(Interrupted):
         bench.expert("MNIST", cfg)
     partial = list(bench.experts_dir.glob("*.partial.pt"))
     assert len(partial) == 1 and torch.load(partial[0], weights_only=True)["step"] == 2
-    monkeypatch.setattr(clip_benchmark, "lr_at", real_lr_at)
+    monkeypatch.setattr(clip_training, "lr_at", real_lr_at)
     resumed = bench.expert("MNIST", cfg)
     log = bench.expert_log("MNIST", cfg)
     assert log["resumed_at_step"] == 2 and len(log["loss"]) == 4

@@ -32,7 +32,7 @@ CODE_VERSIONS: dict[str, int] = {"pretrain": 1, "finetune": 1, "trajectory": 1}
 SOURCES: dict[str, tuple[str, ...]] = {
     "pretrain": ("training/pretrain.py", "models.py", "benchmarks/tiny/data.py"),
     "finetune": ("training/finetune.py", "models.py", "benchmarks/base.py", "benchmarks/tiny/benchmark.py",
-                 "benchmarks/clip/benchmark.py"),
+                 "benchmarks/clip/benchmark.py", "benchmarks/clip/training.py"),
     "trajectory": ("training/trajectories.py", "training/finetune.py", "models.py"),
 }
 """The package files (relative to ``src/mergelab``) whose code makes each kind of artifact."""

@@ -92,6 +92,17 @@ def config_hash(config: Any, length: int = 16) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (hex, 24 digits) of a state dict's names, shapes, dtypes and bytes, in key order: the key
+    under which evaluations of a model are cached."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:24]
+
+
 def _umask() -> int:
     """The process's file-creation mask: from ``/proc/self/status`` on Linux (no change to the process),
     else by setting and restoring it."""

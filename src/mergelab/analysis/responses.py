@@ -10,7 +10,6 @@ not cached (they are the cheap case). Every image run through the encoder is cou
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,17 +19,7 @@ import torch
 
 from .. import paths
 from ..models import load_encoder_state
-from ..utils import StateDict, atomic_save_npz, config_hash
-
-
-def state_digest(state: StateDict) -> str:
-    """SHA-256 (hex, 24 digits) of a state dict's names, shapes, dtypes and bytes, in key order."""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        t = state[k].detach().cpu().contiguous()
-        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:24]
+from ..utils import StateDict, atomic_save_npz, config_hash, state_digest
 
 
 class ResponseEvaluator:

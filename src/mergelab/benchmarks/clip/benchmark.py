@@ -31,17 +31,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ... import paths
 from ...cache import Artifact
 from ..base import BenchmarkBase
 from ...models import ClassificationHead, load_encoder_state
-from ...training import FinetuneConfig, lr_at, make_optimizer, training_indices
+from ...training import FinetuneConfig, training_indices
 from ...utils import (StateDict, atomic_save_safetensors, atomic_write_json, clone_state_dict, config_hash,
-                     load_safetensors, pick_device)
+                     load_safetensors, pick_device, state_digest)
 from . import datasets as ds
+from .training import finetune_encoder
 from .checkpoints import find_expert_checkpoint, find_release_head, load_expert, read_release_head
 from .model import (amp_dtype, autocast, check_model_name, create_clip, model_arch_options,
                     zero_shot_weights)
@@ -54,34 +55,6 @@ from .config import (  # noqa: F401  (the configuration, re-exported here)
 )
 
 
-class StepBatchSampler(Sampler[list[int]]):
-    """Mini-batches for steps ``start..num_steps-1``: batch ``s`` is a function of ``(seed, s)`` only.
-
-    Epochs are seeded permutations of ``range(n)`` cut into ``n // batch_size`` full batches, so a
-    run resumed at step ``s`` sees the same batches as an uninterrupted one.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, num_steps: int) -> None:
-        self.n, self.b = n, min(batch_size, n)
-        self.seed, self.start, self.num_steps = seed, start, num_steps
-        self.per_epoch = max(1, n // self.b)
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    def batch(self, step: int) -> list[int]:
-        epoch, pos = divmod(step, self.per_epoch)
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.n, generator=g))
-        return self._perm[1][pos * self.b:(pos + 1) * self.b].tolist()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start, self.num_steps):
-            yield self.batch(step)
-
-    def __len__(self) -> int:
-        return max(0, self.num_steps - self.start)
-
-
 class Compose8:
     """``transform`` then ``[0, 1]`` floats to ``uint8`` (exact for 8-bit images); picklable for workers."""
 
@@ -90,16 +63,6 @@ class Compose8:
 
     def __call__(self, image: Any) -> torch.Tensor:
         return (self.transform(image) * 255).round().clamp(0, 255).to(torch.uint8)
-
-
-def state_digest(state: StateDict) -> str:
-    """SHA-256 (first 24 hex digits) of a state dict's names, dtypes, shapes and bytes."""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        t = state[k].detach().to("cpu").contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:24]
 
 
 class ClipBenchmark(BenchmarkBase):
@@ -496,92 +459,15 @@ class ClipBenchmark(BenchmarkBase):
         save checkpoints and probe gradients there). With ``partial``, a resumable checkpoint is saved
         every ``checkpoint_every`` steps and the run resumes from it when it exists: the encoder,
         optimizer, loss scaler, step, history and the CPU random state. Batches are a function of
-        (seed, step) (:class:`StepBatchSampler`), so a resumed run sees the same batches, and with a
-        constant learning rate the first ``s`` steps of a run are the run of ``s`` steps; with
+        (seed, step) (:class:`~mergelab.benchmarks.clip.training.StepBatchSampler`), so a resumed run
+        sees the same batches, and with a constant learning rate the first ``s`` steps of a run are the run of ``s`` steps; with
         ``data.num_workers = 0`` augmentations, hence weights, are identical too (worker processes
         draw their own augmentation seeds). Returns ``{"loss": [...], "lr": [...], "grad_norm": [...]}``
         per step (``grad_norm``: the gradient's norm before clipping, when ``cfg.grad_clip > 0``; and
         ``resumed_at_step``, ``resumed_wall_s`` after a resume); leaves ``encoder`` in eval mode.
         """
-        device = self.device
-        torch.manual_seed(cfg.seed)
-        enc = encoder.to(device).train()
-        heads = {t: self.head(t).to(device).eval() for t in tasks}
-        params = [p for p in enc.parameters() if p.requires_grad]
-        opt = make_optimizer(params, cfg)
-        scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
-        history: dict[str, Any] = {"loss": [], "lr": [], "grad_norm": []}
-        start = 0
-        if partial is not None and partial.is_file():
-            ck = torch.load(str(partial), map_location="cpu", weights_only=True)
-            saved = ck.get("precision", self.precision)
-            if saved != self.precision:
-                raise ValueError(
-                    f"the partial checkpoint {partial} was trained in {saved}, this run uses model.precision="
-                    f"{self.config.model.precision!r} ({self.precision}) on {device}: resuming would mix "
-                    f"them. Delete it to start over, or set model.precision: {saved} to resume it.")
-            enc.load_state_dict(ck["encoder"])
-            opt.load_state_dict(ck["optimizer"])
-            if ck["scaler"]:  # a disabled scaler (fp32, bf16) saves an empty state
-                scaler.load_state_dict(ck["scaler"])
-            start = int(ck["step"])
-            history = {"loss": list(ck["loss"]), "lr": list(ck["lr"]), "grad_norm": list(ck.get("grad_norm", [])),
-                       "resumed_at_step": start, "resumed_wall_s": float(ck["wall_time_s"])}
-        begun = time.perf_counter()
-        streams = []
-        for i, t in enumerate(sorted(tasks)):
-            data = self.dataset(t, "train", train_transform=True)
-            keep = training_indices(len(data), cfg, i).tolist()
-            data = torch.utils.data.Subset(data, keep)
-            sampler = StepBatchSampler(len(keep), cfg.batch_size, cfg.seed + 104729 * i, start, cfg.num_steps)
-            loader = DataLoader(data, batch_sampler=sampler, num_workers=self.config.data.num_workers,
-                                pin_memory=device.type == "cuda")
-            streams.append((t, iter(loader)))
-        if start:  # after the loaders drew their seeds: augmentations continue as if never interrupted
-            torch.set_rng_state(ck["rng"])
-        show = self.progress if progress is None else progress
-        bar = tqdm(range(start, cfg.num_steps), desc=desc, disable=not show, leave=False, mininterval=1.0)
-        for step in bar:
-            lr = lr_at(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss = torch.zeros((), device=device)
-            for t, it in streams:
-                X, y = next(it)
-                with autocast(device, self.amp):
-                    features = enc(X.to(device, non_blocking=True))
-                loss = loss + F.cross_entropy(heads[t](features.float()), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                history["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
-            scaler.step(opt)
-            scaler.update()
-            history["loss"].append(float(loss.detach()))
-            history["lr"].append(lr)
-            done = step + 1
-            if on_step is not None:
-                on_step(done, enc)
-            if partial is not None and done % self.config.checkpoint_every == 0 and done < cfg.num_steps:
-                self._save_partial(partial, enc, opt, scaler, done, history,
-                                   history.get("resumed_wall_s", 0.0) + time.perf_counter() - begun, self.precision)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
-        enc.eval()
-        return history
-
-    @staticmethod
-    def _save_partial(path: Path, enc: nn.Module, opt: torch.optim.Optimizer, scaler: Any, step: int,
-                      history: dict[str, Any], wall_s: float, precision: str = "fp32") -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"encoder": {k: v.detach().cpu() for k, v in enc.state_dict().items()},
-                    "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                    "precision": precision,
-                    "loss": history["loss"], "lr": history["lr"], "grad_norm": history["grad_norm"],
-                    "wall_time_s": wall_s,
-                    "rng": torch.get_rng_state()}, str(tmp))
-        os.replace(tmp, path)
+        return finetune_encoder(self, encoder, tasks, cfg, on_step=on_step, desc=desc, progress=progress,
+                                partial=partial)
 
     def _imported_expert(self, task: str) -> StateDict | None:
         """With ``model.experts_dir`` (or ``$MERGELAB_CLIP_EXPERTS_DIR``) set, experts are imported from
