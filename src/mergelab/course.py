@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paths
+from .utils import atomic_write_text
 
 EXERCISE_TAG, SOLUTION_TAG, CHECK_TAG = "exercise", "solution", "exercise-check"
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
@@ -223,8 +224,7 @@ def write_students(out_dir: Path | None = None, names: Sequence[str] | None = No
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for file, nb in students.items():
-        nbformat.validate(nb)
-        nbformat.write(nb, out_dir / file)
+        atomic_write_text(out_dir / file, nbformat.writes(nb))  # writes validates the notebook
         written.append(out_dir / file)
     return written
 

@@ -199,6 +199,11 @@ class Executor:
 
     name = "executor"
 
+    @property
+    def device(self) -> str:
+        """Where a job's model lives (``cpu``; :class:`RayExecutor` says ``cuda`` for jobs with a GPU)."""
+        return "cpu"
+
     def map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], context: WorkerContext | None = None,
             describe: Callable[[Any], Mapping[str, Any]] | None = None, progress: bool = True,
             desc: str = "runs") -> Outcome:

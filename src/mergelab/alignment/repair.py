@@ -104,14 +104,15 @@ def repair(merged: nn.Module, endpoints: Sequence[nn.Module], X: torch.Tensor,
         raise ValueError("repair needs at least one endpoint model.")
     if names is None:
         names = [n for n, m in merged.named_modules() if isinstance(m, modules)]
-    unknown = [n for n in names if n not in dict(merged.named_modules())]
+    modules = dict(merged.named_modules())
+    unknown = [n for n in names if n not in modules]
     if unknown:
         raise ValueError(f"repair names={unknown} are not modules of the model; it has "
-                         f"{[n for n, _ in merged.named_modules() if n][:8]}...")
+                         f"{[n for n in modules if n][:8]}...")
     goals = [layer_stats(e, names, X, batch_size) for e in endpoints]  # endpoints never change: one pass each
     report = {}
     for name in names:
-        layer = dict(merged.named_modules())[name]
+        layer = modules[name]
         if getattr(layer, "bias", None) is None:
             raise ValueError(f"layer {name!r} has no bias; REPAIR folds its correction into a bias.")
         goal = [g[name] for g in goals]

@@ -186,7 +186,7 @@ class Fitness:
         evaluator settings, weights and IRT model (shipped once per batch)."""
         if self._context is None:
             ev = self.evaluator
-            bench = benchmark_context(ev.bench, getattr(self.executor, "device", "cpu"))
+            bench = benchmark_context(ev.bench, self.executor.device)
             build = functools.partial(_rebuild_fitness, bench, (ev.tasks, ev.split, ev.cache, ev.batch_size),
                                       self.pretrained, self.tvs, self.model, self.endpoint_theta, self.items,
                                       self.estimator)

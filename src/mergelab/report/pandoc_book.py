@@ -26,14 +26,15 @@ import yaml
 
 from mergelab.params import ReportError
 
+from ..course import CHECK_TAG, EXERCISE_TAG, SOLUTION_TAG, tags
 from .exercises import restore, strip_markers
 from .runner import BOOK_DIR
 
 LUA_FILTER = Path(__file__).with_name("book.lua")
 PARAMETER_TAGS = ("parameters", "injected-parameters")
-EXERCISE_TAGS = ("exercise", "solution", "exercise-check")
-"""Tags of :mod:`mergelab.course` that ``book.lua`` reads (callouts, folded solutions)."""
 """Cells that papermill reads or writes: hidden in the book, their values shown once in a table."""
+EXERCISE_TAGS = (EXERCISE_TAG, SOLUTION_TAG, CHECK_TAG)
+"""Tags of :mod:`mergelab.course` that ``book.lua`` reads (callouts, folded solutions)."""
 
 MARKDOWN = "markdown-implicit_figures"
 IPYNB = "ipynb+citations+footnotes+header_attributes+fenced_divs+bracketed_spans"
@@ -162,14 +163,14 @@ def prepare_notebook(nb: Any) -> Any:
                 cells.append(new_raw_cell(parameters_html(params), metadata={"format": "text/html"}))
                 params = {}
             continue
-        if set(cell.metadata.get("tags", [])) & set(PARAMETER_TAGS):
+        if set(tags(cell)) & set(PARAMETER_TAGS):
             continue
         options, source = cell_options(cell.source)
         meta = {k: options[k] for k in ("echo", "label", "fig-cap") if k in options}
-        book_tags = [t for t in cell.metadata.get("tags", []) if t in EXERCISE_TAGS]
+        book_tags = [t for t in tags(cell) if t in EXERCISE_TAGS]
         if book_tags:
             meta["tags"] = book_tags
-            source = strip_markers(source) if "solution" in book_tags else source
+            source = strip_markers(source) if SOLUTION_TAG in book_tags else source
         segment = new_code_cell(source, metadata=dict(meta))
         for output in cell.get("outputs", []):
             data = output.get("data", {})

@@ -292,7 +292,7 @@ def sweep(bench: Any, configs: Sequence[FinetuneConfig], tasks: Sequence[str],
             bench.split(t, "train")
         if executor is None:
             executor = LocalExecutor(workers, threads=1)
-        device = getattr(executor, "device", "cpu")
+        device = executor.device
         with torch_threads(threads if executor.inline else None):
             outcome = executor.map(_sweep_job, [(run, probe_size) for run in todo], benchmark_context(bench, device),
                                    describe=_describe_job, progress=progress,

@@ -301,13 +301,13 @@ def epoch_trajectories(bench: Any, runs: Sequence[tuple[str, FinetuneConfig]], e
         mergelab.executors.RunsFailed: listing the runs that failed (configuration and error); the
             others are cached, so calling again trains only the failed ones.
     """
-    runs = [(t, c) for t, c in runs]
+    runs = list(runs)
     show = bench.progress if progress is None else progress
     todo = [(t, c, epochs) for t, c in runs if not is_trajectory_cached(bench, t, c, epochs)]
     executor = executor if executor is not None else LocalExecutor(1)
     if todo:
         bench.pretrained_state()  # shared caches built once, before any worker starts
-        outcome = executor.map(_trajectory_job, todo, benchmark_context(bench, getattr(executor, "device", "cpu")),
+        outcome = executor.map(_trajectory_job, todo, benchmark_context(bench, executor.device),
                                describe=_describe_trajectory, progress=show,
                                desc=f"{desc} ({len(runs) - len(todo)} of {len(runs)} cached)")
         outcome.raise_failures("trajectories")
