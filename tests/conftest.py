@@ -23,6 +23,7 @@ SMOKE_BOOK_GROUP = "smoke-book"
 CLIP_GROUP = "clip-smoke"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the tests' ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that share an expensive session or module fixture run in one test process
     (``--dist loadgroup``): the smoke book (:func:`smoke_report`, ``make report PROFILE=smoke``) is
