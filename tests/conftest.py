@@ -21,19 +21,22 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 
 SMOKE_BOOK_GROUP = "smoke-book"
 CLIP_GROUP = "clip-smoke"
+RAY_GROUP = "ray-cluster"
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the tests' ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that share an expensive session or module fixture run in one test process
     (``--dist loadgroup``): the smoke book (:func:`smoke_report`, ``make report PROFILE=smoke``) is
-    built once per session, and ``tests/test_clip.py``'s synthetic datasets and experts once per
-    module, not once per process."""
+    built once per session, ``tests/test_clip.py``'s synthetic datasets and experts once per module, and
+    ``tests/test_executors.py``'s local Ray cluster once, not once per process."""
     for item in items:
         if "smoke_report" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group(SMOKE_BOOK_GROUP))
         elif item.path.name == "test_clip.py":
             item.add_marker(pytest.mark.xdist_group(CLIP_GROUP))
+        elif item.path.name == "test_executors.py":
+            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
 
 
 @pytest.fixture(autouse=True, scope="session")

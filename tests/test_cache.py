@@ -48,3 +48,31 @@ def test_a_flipped_byte_or_a_truncated_file_is_reported_with_its_path_and_rebuil
     art.path.write_bytes(art.path.read_bytes()[:20])
     with pytest.raises(CorruptArtifactError, match="corrupt"):
         art.load()
+
+
+BUILD_IN_A_PROCESS = """
+import sys, time
+import torch
+from mergelab.cache import Artifact
+path, log = sys.argv[1], sys.argv[2]
+def build():
+    with open(log, "a") as f:
+        f.write("built\\n")
+    time.sleep(1.0)  # long enough for the other process to find the artifact missing and wait
+    return {"w": torch.arange(4.0)}, {"by": "first"}
+from pathlib import Path
+print(Artifact(Path(path)).get_or_build(build)["w"].tolist())
+"""
+
+
+def test_two_processes_sharing_a_folder_build_an_artifact_once(tmp_path):
+    import subprocess
+    import sys
+
+    path, log = tmp_path / "a.safetensors", tmp_path / "builds.log"
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_IN_A_PROCESS, str(path), str(log)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert [out.strip() for out, _ in outputs] == ["[0.0, 1.0, 2.0, 3.0]"] * 2
+    assert log.read_text() == "built\n"  # the second process waited for the first and loaded its file

@@ -92,12 +92,26 @@ class Artifact:
     def get_or_build(self, build: Callable[[], tuple[Mapping[str, torch.Tensor], Mapping[str, Any]]],
                      metadata: Mapping[str, str] | None = None) -> StateDict:
         """The cached tensors; when they are missing or corrupt, ``build() -> (tensors, meta)`` makes them
-        (again) first, saying so for a corrupt file."""
+        (again) first, saying so for a corrupt file.
+
+        The build holds a lock file beside the artifact (``.locks/<name>.safetensors.lock``, :mod:`filelock`), so
+        processes sharing a data folder (a report and JupyterLab, the test processes, the workers of a
+        sweep) build it once: the others wait, then load what the first one saved."""
+        from filelock import FileLock
+
         if self.exists():
             try:
                 return self.load()
             except CorruptArtifactError as err:
                 print(f"{err} Rebuilding it.")
-        tensors, meta = build()
-        self.save(tensors, meta, metadata)
+        locks = self.path.parent / ".locks"  # out of the way of anything that lists the cache folder
+        locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(locks / f"{self.path.name}.lock")):
+            if self.exists():  # built by another process while this one waited
+                try:
+                    return self.load()
+                except CorruptArtifactError as err:
+                    print(f"{err} Rebuilding it.")
+            tensors, meta = build()
+            self.save(tensors, meta, metadata)
         return self.load()
