@@ -251,8 +251,9 @@ def test_class_names_and_templates_are_the_public_ones():
 # ------------------------------------------------------------------------------------------ 5. splits
 def _touch(folder: Path, names: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        (folder / n).touch()
+    base = str(folder)
+    for n in names:  # ~100,000 files per test: plain os calls, not a Path and a touch() each
+        os.close(os.open(os.path.join(base, n), os.O_CREAT | os.O_WRONLY, 0o644))
 
 
 def test_public_split_sizes_on_folders_laid_out_like_the_real_datasets(tmp_path):
