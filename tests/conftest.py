@@ -21,7 +21,6 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 
 SMOKE_BOOK_GROUP = "smoke-book"
 CLIP_GROUP = "clip-smoke"
-CLIP_NOTEBOOKS_GROUP = "clip-smoke-chapters"
 RAY_GROUP = "ray-cluster"
 
 
@@ -29,16 +28,13 @@ RAY_GROUP = "ray-cluster"
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that share an expensive session or module fixture run in one test process
     (``--dist loadgroup``): the smoke book (:func:`smoke_report`, ``make report PROFILE=smoke``) is
-    built once per session, ``tests/test_clip.py``'s synthetic datasets and experts once per module and
-    process (its chapters, which share their clip_smoke caches, run in one process, its other tests in
-    another: the two halves take ~2 min each), and
+    built once per session, ``tests/test_clip.py``'s synthetic datasets and experts once per module, and
     ``tests/test_executors.py``'s local Ray cluster once, not once per process."""
     for item in items:
         if "smoke_report" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group(SMOKE_BOOK_GROUP))
-        elif item.path.name == "test_clip.py":  # its chapters in one process, its other tests in another
-            notebook = item.get_closest_marker("notebook") is not None
-            item.add_marker(pytest.mark.xdist_group(CLIP_NOTEBOOKS_GROUP if notebook else CLIP_GROUP))
+        elif item.path.name == "test_clip.py":
+            item.add_marker(pytest.mark.xdist_group(CLIP_GROUP))
         elif item.path.name == "test_executors.py":
             item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
 
