@@ -205,3 +205,26 @@ def test_make_report_executor_overrides_the_chapters_that_sweep(tmp_path, monkey
     dry = subprocess.run(["make", "-n", "report", "EXECUTOR=ray", f"VENV={Path(sys.executable).parents[1]}"],
                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     assert "--executor ray" in dry.stdout, dry.stdout + dry.stderr
+
+
+def _pid(context, item):
+    """A job that says which process ran it (and the context it got)."""
+    return os.getpid(), context
+
+
+def test_local_worker_processes_are_kept_between_batches_of_one_context():
+    from functools import partial
+
+    from mergelab.executors import WorkerContext
+
+    first, second = WorkerContext(partial(str, "a"), key="ctx-a"), WorkerContext(partial(str, "b"), key="ctx-b")
+    with LocalExecutor(workers=2) as ex:
+        one = ex.map(_pid, range(4), first, progress=False).results
+        again = ex.map(_pid, range(4), first, progress=False).results  # a GA's next generation
+        assert {c for _, c in one} == {c for _, c in again} == {"a"}
+        assert {p for p, _ in again} <= {p for p, _ in one} and os.getpid() not in {p for p, _ in one}
+        other = ex.map(_pid, [0], second, progress=False).results  # another context: a new process
+        assert {c for _, c in other} == {"b"} and not {p for p, _ in other} & {p for p, _ in one}
+    for pid in {p for p, _ in one + other}:  # leaving the block stopped (and reaped) every worker
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

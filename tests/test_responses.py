@@ -58,3 +58,13 @@ def test_subset_matches_full_and_full_is_cached(data_dir):
     assert state_digest(other) != state_digest(state)
     with pytest.raises(ValueError, match="0..11"):
         ev.subset(state, [12])
+
+
+def test_settings_rebuild_an_equal_evaluator(data_dir):
+    """Workers rebuild the driver's evaluator from its settings: same items, same responses."""
+    bench = FakeBench()
+    ev = ResponseEvaluator(bench, ["b"], split="test", cache=False, batch_size=3)
+    again = ResponseEvaluator(bench, **ev.settings())
+    assert again.settings() == ev.settings() == {"tasks": ["b"], "split": "test", "cache": False, "batch_size": 3}
+    state = {k: v.clone() for k, v in torch.nn.Linear(3, 3).state_dict().items()}
+    assert again.num_items == ev.num_items == 7 and (again.full(state) == ev.full(state)).all()

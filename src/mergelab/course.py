@@ -41,6 +41,8 @@ EXERCISE_TAG, SOLUTION_TAG, CHECK_TAG = "exercise", "solution", "exercise-check"
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 ANSWER = "*Your answer here.*"
 STUB = 'raise NotImplementedError("Exercise {number}: write your solution here")'
+STUB_PATTERN = re.compile(re.escape(STUB).replace(re.escape("{number}"), r"(\d+\.\d+)"))
+""":data:`STUB` as a regular expression; group 1 is the exercise number."""
 KINDS = ("Predict, then run", "Implement", "Interpret")
 SECTION = "## Exercises"
 RESULTS_CALL = "write_results("
@@ -199,7 +201,7 @@ def paste_solutions(student: Any, solution: Any, name: str) -> Any:
         blocks = iter(solution_blocks(answer.source, f"notebook {name}, cell {i}"))
         lines: list[str] = []
         for line in cell.source.splitlines():
-            if line.strip().startswith("raise NotImplementedError(") and "write your solution here" in line:
+            if STUB_PATTERN.fullmatch(line.strip()):
                 begin, end = next(blocks)
                 lines += source[begin : end + 1]
             else:

@@ -265,7 +265,11 @@ def _local_worker_call(fn: Callable[[Any, Any], Any], item: Any) -> tuple[str, A
 
 class LocalExecutor(Executor):
     """Jobs here (``workers == 1``, one after the other) or in ``workers`` ``spawn`` processes of this
-    machine, each with ``threads`` torch threads (the context is sent to each process once)."""
+    machine, each with ``threads`` torch threads (the context is sent to each process once).
+
+    The processes are kept between calls of :meth:`map` with the same context (a GA's generations,
+    a sweep's batches), so each imports torch and builds its context once; :meth:`close` (or leaving a
+    ``with`` block, or the executor's garbage collection) stops them."""
 
     name = "local"
 
@@ -275,10 +279,45 @@ class LocalExecutor(Executor):
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads={threads!r} is not valid; use a positive integer or None.")
         self.workers, self.threads = workers, threads
+        self._pool: Any = None
+        self._pool_key: tuple[Any, ...] | None = None
+        self._finalizer: Any = None
 
     @property
     def inline(self) -> bool:
         return self.workers == 1
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the worker processes, if any (``wait``: let running jobs finish first)."""
+        if self._pool is not None:
+            self._finalizer.detach()
+            self._pool.shutdown(wait=wait, cancel_futures=True)
+        self._pool, self._pool_key, self._finalizer = None, None, None
+
+    def _pool_for(self, context: WorkerContext | None) -> Any:
+        """The process pool for jobs of ``context``: the running one when it was started for the same
+        context key, environment and threads, else a new one (the old one stopped)."""
+        import multiprocessing as mp
+        import weakref
+        from concurrent.futures import ProcessPoolExecutor
+
+        environ = _environment()
+        key = (None if context is None else context.key, tuple(sorted(environ.items())), self.threads)
+        if self._pool is not None and self._pool_key == key:
+            return self._pool
+        self.close()
+        shipped = None if context is None else WorkerContext(context.build, context.key)
+        pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
+                                   initializer=_init_local_worker, initargs=(environ, self.threads, shipped))
+        self._pool, self._pool_key = pool, key
+        self._finalizer = weakref.finalize(self, pool.shutdown, wait=False, cancel_futures=True)
+        return pool
 
     def __repr__(self) -> str:
         return f"LocalExecutor(workers={self.workers}, threads={self.threads})"
@@ -291,24 +330,24 @@ class LocalExecutor(Executor):
             for i, item in enumerate(items):
                 done(i, *_call(fn, context, item))
             return
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import as_completed
+        from concurrent.futures.process import BrokenProcessPool
 
-        shipped = None if context is None else WorkerContext(context.build, context.key)
-        with ProcessPoolExecutor(max_workers=min(self.workers, len(items)), mp_context=mp.get_context("spawn"),
-                                 initializer=_init_local_worker,
-                                 initargs=(_environment(), self.threads, shipped)) as pool:
-            futures = {pool.submit(_local_worker_call, fn, item): i for i, item in enumerate(items)}
-            try:
-                for fut in as_completed(futures):
-                    try:
-                        done(futures[fut], *fut.result())
-                    except Exception as err:  # the worker process died (killed, out of memory)
-                        done(futures[fut], "error", f"{type(err).__name__}: {err}", traceback.format_exc())
-            except BaseException:
-                for fut in futures:
-                    fut.cancel()
-                raise
+        pool = self._pool_for(context)
+        futures = {pool.submit(_local_worker_call, fn, item): i for i, item in enumerate(items)}
+        broken = False
+        try:
+            for fut in as_completed(futures):
+                try:
+                    done(futures[fut], *fut.result())
+                except Exception as err:  # the worker process died (killed, out of memory)
+                    broken = broken or isinstance(err, BrokenProcessPool)
+                    done(futures[fut], "error", f"{type(err).__name__}: {err}", traceback.format_exc())
+        except BaseException:  # interrupted: drop the queued jobs and the processes
+            self.close(wait=False)
+            raise
+        if broken:  # a pool whose process died takes no more jobs: the next call starts a new one
+            self.close(wait=False)
 
 
 def import_ray() -> Any:

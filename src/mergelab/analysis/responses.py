@@ -47,6 +47,11 @@ class ResponseEvaluator:
         self._key = config_hash({"benchmark": bench.key, "split": split, "tasks": self.tasks,
                                  "heads": [bench.head_digest(t) for t in self.tasks]})
 
+    def settings(self) -> dict[str, Any]:
+        """The constructor's arguments but the benchmark: ``ResponseEvaluator(bench, **ev.settings())``
+        is an equal evaluator (how workers rebuild one next to their copy of the benchmark)."""
+        return {"tasks": list(self.tasks), "split": self.split, "cache": self.cache, "batch_size": self.batch_size}
+
     def _cache_path(self, state: StateDict) -> Path:
         return paths.data_dir() / "responses" / f"responses-{self._key}-{state_digest(state)}.npz"
 

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..evaluation import normalized_accuracy
-from ..merging.mass import MassRouter, routing_weights, select_tasks, subspace_residuals
+from ..merging.mass import MassRouter, subspace_residuals
 from ..merging.tsv import CompressedTaskVector, tsv_compress
 from ..task_vectors import TaskVector
 from ..utils import StateDict
@@ -156,11 +156,10 @@ def routing_study(router: MassRouter, bench: Any, split: str = "val", temperatur
         true = torch.tensor([tasks.index(t) for t in truth])
         total += len(truth)
         for tau, h in hits.items():
-            w = routing_weights(residuals.float(), tau)
-            chosen = select_tasks(w, router.threshold, router.top_k)
-            h[0] += sum(int(t in s) for t, s in zip(true.tolist(), chosen))
-            h[1] += int((w.argmax(1) == true).sum())
-            h[2] += sum(len(s) for s in chosen)
+            routed = router.route_residuals(residuals.float(), tau)
+            h[0] += sum(int(t in s) for t, s in zip(truth, routed.selected))
+            h[1] += int((routed.weights.argmax(1) == true).sum())
+            h[2] += sum(len(s) for s in routed.selected)
     return pd.DataFrame([{"temperature": tau, "contains_true": h[0] / total, "argmax_true": h[1] / total,
                           "mean_selected": h[2] / total} for tau, h in hits.items()])
 

@@ -187,9 +187,8 @@ class Fitness:
         if self._context is None:
             ev = self.evaluator
             bench = benchmark_context(ev.bench, self.executor.device)
-            build = functools.partial(_rebuild_fitness, bench, (ev.tasks, ev.split, ev.cache, ev.batch_size),
-                                      self.pretrained, self.tvs, self.model, self.endpoint_theta, self.items,
-                                      self.estimator)
+            build = functools.partial(_rebuild_fitness, bench, ev.settings(), self.pretrained, self.tvs, self.model,
+                                      self.endpoint_theta, self.items, self.estimator)
             self._context = WorkerContext(build, local=self)
         return self._context
 
@@ -201,11 +200,10 @@ class Fitness:
         return np.array(outcome.results)
 
 
-def _rebuild_fitness(bench: WorkerContext, evaluator: tuple[Any, ...], pretrained: StateDict,
+def _rebuild_fitness(bench: WorkerContext, evaluator: Mapping[str, Any], pretrained: StateDict,
                      tvs: Sequence[TaskVector], model: IRTModel | None, endpoint_theta: np.ndarray | None,
                      items: np.ndarray | None, estimator: str) -> Fitness:
-    tasks, split, cache, batch_size = evaluator
-    ev = ResponseEvaluator(bench.get(), tasks, split=split, cache=cache, batch_size=batch_size)
+    ev = ResponseEvaluator(bench.get(), **evaluator)  # the driver's evaluator.settings()
     return Fitness(ev, pretrained, tvs, model, endpoint_theta, items, estimator)
 
 

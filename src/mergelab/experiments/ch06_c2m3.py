@@ -193,26 +193,34 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     return {"difference": diff, "standard_error": math.sqrt(max(n10 + n01 - (n10 - n01) ** 2 / n, 0.0)) / n}
 
 
-def cycle_errors(t: Trained, states: Sequence[Mapping[str, torch.Tensor]], fw: FrankWolfeResult,
-                 mm: Sequence[Mapping[str, torch.Tensor]], seed: int) -> dict[str, Any]:
-    """Cycle error A -> B -> C -> A of the first three models, per group and in the mean over groups
-    (size-weighted): pairwise weight matching (each pair matched on its own), MergeMany's and C2M3's
-    maps (pairwise maps derived from the shared frame)."""
+CycleMaps = dict[str, list[dict[str, torch.Tensor]]]
+"""Per method (``pairwise``, ``merge_many``, ``c2m3``), the maps A -> B, B -> C, C -> A of three models:
+per permutation group, an index tensor ``(n,)`` (unit ``i`` of the first model is unit ``p[i]`` of the
+second)."""
+
+
+def cycle_maps(t: Trained, states: Sequence[Mapping[str, torch.Tensor]], fw: FrankWolfeResult,
+               mm: Sequence[Mapping[str, torch.Tensor]], seed: int) -> CycleMaps:
+    """The maps A -> B -> C -> A of the first three models: pairwise weight matching (each pair matched on
+    its own), and MergeMany's and C2M3's (pairwise maps derived from the shared frame)."""
     a, b, c = states[:3]
-    sizes = t.spec.group_sizes(a)
+    maps: CycleMaps = {"pairwise": [weight_matching(t.spec, x, y, seed=seed) for x, y in ((a, b), (b, c), (c, a))]}
+    for name, perms in (("merge_many", mm), ("c2m3", fw.perms)):
+        pa, pb, pc = perms[:3]
+        maps[name] = [pairwise_from_universe(x, y) for x, y in ((pa, pb), (pb, pc), (pc, pa))]
+    return maps
+
+
+def cycle_errors(t: Trained, maps: CycleMaps) -> dict[str, Any]:
+    """Cycle error of each method's :func:`cycle_maps`, per group and in the mean over groups
+    (weighted by the groups' sizes, in units)."""
+    sizes = t.spec.group_sizes(t.states[0])
     total = sum(sizes.values())
 
     def summary(per_group: Mapping[str, float]) -> dict[str, Any]:
         return {"per_group": dict(per_group), "mean": sum(per_group[g] * sizes[g] for g in sizes) / total}
 
-    pairwise = cycle_error(weight_matching(t.spec, a, b, seed=seed), weight_matching(t.spec, b, c, seed=seed),
-                           weight_matching(t.spec, c, a, seed=seed))
-    shared = {}
-    for name, perms in (("merge_many", mm), ("c2m3", fw.perms)):
-        pa, pb, pc = perms[:3]
-        shared[name] = summary(cycle_error(pairwise_from_universe(pa, pb), pairwise_from_universe(pb, pc),
-                                           pairwise_from_universe(pc, pa)))
-    return {"pairwise": summary(pairwise), **shared,
+    return {**{name: summary(cycle_error(*m)) for name, m in maps.items()},
             "definition": "fraction of units i with P_CA(P_BC(P_AB(i))) != i, size-weighted mean over groups"}
 
 

@@ -402,8 +402,13 @@ class MassRouter:
     @torch.no_grad()
     def route_features(self, x: torch.Tensor) -> Routing:
         """:class:`Routing` of features ``(N, d)`` already taken at the routing point."""
-        residuals = subspace_residuals(x.to(self.device).float(), self.bases)
-        weights = routing_weights(residuals)
+        return self.route_residuals(subspace_residuals(x.to(self.device).float(), self.bases))
+
+    @torch.no_grad()
+    def route_residuals(self, residuals: torch.Tensor, temperature: float = 1.0) -> Routing:
+        """:class:`Routing` of ``(N, T)`` residuals (one column per router task, in :attr:`tasks` order):
+        the weights at ``temperature`` (MASS: 1) and the router's threshold and top-k."""
+        weights = routing_weights(residuals, temperature)
         chosen = select_tasks(weights, self.threshold, self.top_k)
         return Routing(self.tasks, residuals.cpu(), weights.cpu(), [tuple(self.tasks[i] for i in s) for s in chosen])
 

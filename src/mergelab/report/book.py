@@ -92,13 +92,13 @@ def render_book(reports: Path, quarto_yml: Path | None = None, renderer: str = "
     quarto_yml = Path(quarto_yml) if quarto_yml is not None else default_quarto_yml()
     chapters = book_chapters(quarto_yml)
     sync_project_files(quarto_yml, reports, chapters)
+    # each executed notebook is read once for its title (they are large: their figures are inline)
+    notebook_titles = {c: chapter_title(reports / c) for c in chapters if c.endswith(".ipynb") and (reports / c).is_file()}
+    by_stem = {Path(c).stem: t for c, t in notebook_titles.items()}
     if CLAIMS_PAGE in chapters:  # generated from this run's results, never copied
-        write_claims_page(reports, chapters, {Path(c).stem: chapter_title(reports / c)
-                                              for c in chapters if c.endswith(".ipynb") and (reports / c).is_file()})
+        write_claims_page(reports, chapters, by_stem)
     if TEACHING_PAGE in chapters:  # generated from the template, the timing record and the chapters' exercises
-        write_teaching_page(reports, quarto_yml.resolve().parent, chapters,
-                            {Path(c).stem: chapter_title(reports / c)
-                             for c in chapters if c.endswith(".ipynb") and (reports / c).is_file()})
+        write_teaching_page(reports, quarto_yml.resolve().parent, chapters, by_stem)
     missing = missing_chapters(reports, chapters)
     if missing:
         raise ReportError(
@@ -122,7 +122,7 @@ def render_book(reports: Path, quarto_yml: Path | None = None, renderer: str = "
     config = yaml.safe_load(quarto_yml.read_text(encoding="utf-8")) or {}
     title = str((config.get("book") or {}).get("title") or "Report")
     files = config.get("bibliography") or []
-    titles = {c: chapter_title(reports / c) for c in chapters}
+    titles = {c: notebook_titles[c] if c in notebook_titles else chapter_title(reports / c) for c in chapters}
     return build_pandoc_book(reports, chapters, titles, title, [files] if isinstance(files, str) else files), "pandoc"
 
 

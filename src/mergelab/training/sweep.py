@@ -290,13 +290,18 @@ def sweep(bench: Any, configs: Sequence[FinetuneConfig], tasks: Sequence[str],
         bench.pretrained_state()  # build the shared caches once, before any worker starts
         for t in {r.task for r in todo}:
             bench.split(t, "train")
+        own = executor is None  # made here: its worker processes stop when the sweep ends
         if executor is None:
             executor = LocalExecutor(workers, threads=1)
         device = executor.device
-        with torch_threads(threads if executor.inline else None):
-            outcome = executor.map(_sweep_job, [(run, probe_size) for run in todo], benchmark_context(bench, device),
-                                   describe=_describe_job, progress=progress,
-                                   desc=f"sweep ({len(runs) - len(todo)} of {len(runs)} runs cached)")
+        try:
+            with torch_threads(threads if executor.inline else None):
+                outcome = executor.map(_sweep_job, [(run, probe_size) for run in todo],
+                                       benchmark_context(bench, device), describe=_describe_job, progress=progress,
+                                       desc=f"sweep ({len(runs) - len(todo)} of {len(runs)} runs cached)")
+        finally:
+            if own:
+                executor.close()
         for run, info in zip(todo, outcome.results):
             if info is not None:
                 trained.update((run.task, run.checkpoint_config(s)) for s in info["steps_saved"])
