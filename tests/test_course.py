@@ -240,6 +240,10 @@ def test_session_table_says_when_nothing_was_measured():
                                                                                            "system": "Linux"}}]}
     text = sessions_markdown(one, ["00_a.ipynb"], {"00_a": "Alpha"}, {})
     assert "| 1 | Alpha (`00`) | 2.1 min | warm | 3.5 |" in text and "CPU X (2 cores" in text and "2026-12-03" in text
+    assert "above the number of cores, so other work shared the machine" in text  # 3.5 on 2 cores
+    one["chapters"][0]["load_average_start"] = [1.9, 1.5, 1.0]  # the previous chapter's kernel on both cores
+    text = sessions_markdown(one, ["00_a.ipynb"], {"00_a": "Alpha"}, {})
+    assert "other work" not in text and "the machine did nothing else of note" in text
     assert json.dumps(one)  # the record is plain JSON
 
 

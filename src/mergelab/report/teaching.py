@@ -25,6 +25,16 @@ TEMPLATE = "_teaching.qmd"
 MARKER = "<!-- session-times -->"
 
 
+def _load_sentence(loads: list[float], cores: int) -> str:
+    """What the 1-minute load averages at the start of the runs say about the machine: the chapters run
+    one after the other, each on every core, so the previous chapter alone accounts for a load up to
+    the number of cores; only more than that means other work."""
+    said = f"The 1-minute load average at the start of the runs was {min(loads)} to {max(loads)} on {cores} cores"
+    if max(loads) > cores + 0.5:
+        return said + ": above the number of cores, so other work shared the machine and an idle machine of this kind is faster."
+    return said + (", no more than the previous chapter's run on every core accounts for: the machine did "
+                   "nothing else of note.")
+
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
@@ -78,8 +88,7 @@ def sessions_markdown(record: Mapping[str, Any] | None, chapters: Sequence[str],
         f"({machine['cores']} cores, {machine['system']}), {dates[0]}"
         + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")
         + f"; {_minutes(total)} for the {len(runs)} chapters measured. "
-        + (f"The load average at the start of the runs was {min(loads)} to {max(loads)} on {machine['cores']} cores: "
-           "other work shared the machine, so an idle machine of this kind is faster." if loads else
+        + (_load_sentence(loads, machine["cores"]) if loads else
            "The load average of these runs was not recorded; the machine was shared with other work."),
     ]
     if imported:
