@@ -33,7 +33,7 @@ import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from tqdm.auto import tqdm
 
@@ -287,7 +287,7 @@ class LocalExecutor(Executor):
     def inline(self) -> bool:
         return self.workers == 1
 
-    def __enter__(self) -> LocalExecutor:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

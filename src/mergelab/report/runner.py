@@ -24,9 +24,6 @@ from mergelab.executors import EXECUTORS
 from mergelab.params import (ReportError, benchmark_param_files, check_parameters, load_params, notebook_parameters,
                              params_path)
 
-from .timings import Stopwatch, write_timing
-
-
 RENDERERS = ("auto", "quarto", "pandoc")
 """``auto``: Quarto when it is on ``PATH``, else pandoc (from the ``pypandoc-binary`` wheel)."""
 
@@ -419,6 +416,9 @@ def run_notebooks(
         sources = " + ".join(str(f) for f in [*benchmark_param_files(params.parent), params])
         check_parameters(notebook, values, sources)
         plan.append((notebook, params, values))
+    # imported here, not with the module: `python -m mergelab.report.timings` runs that module as a script
+    from .timings import Stopwatch, write_timing
+
     statuses: dict[str, str] = {}
     for notebook, params, parameters in plan:
         digest = content_hash(notebook, params, profile, source_dir)

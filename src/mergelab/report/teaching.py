@@ -17,7 +17,6 @@ from typing import Any
 
 from ..course import MarkupError, exercises
 from ..utils import atomic_write_text
-from .timings import RECORD, read_record
 
 TEACHING_PAGE = "teaching.qmd"
 """The generated page, listed in ``book.chapters`` of ``reports/_quarto.yml``."""
@@ -76,6 +75,8 @@ def sessions_markdown(record: Mapping[str, Any] | None, chapters: Sequence[str],
         else:
             lines.append(f"| {session} | {titles.get(stem, stem)} (`{stem[:2]}`) | not measured | | | {count} ({listed}) |")
     if not timed:
+        from .timings import RECORD
+
         return "\n".join(lines) + "\n\nNo timing record is committed yet (`reports/" + RECORD + "`).\n"
     runs = list(timed.values())
     machine = runs[0]["machine"]
@@ -119,6 +120,8 @@ def write_teaching_page(reports: Path, source: Path, chapters: Sequence[str], ti
                 found[Path(chapter).stem] = chapter_exercises(Path(reports) / chapter)
             except MarkupError:
                 found[Path(chapter).stem] = []  # the student-notebook tests name the fault; the page renders
+    from .timings import RECORD, read_record
+
     template = (Path(source) / TEMPLATE).read_text(encoding="utf-8")
     page = teaching_markdown(template, read_record(Path(source) / RECORD), chapters, titles, found)
     path = Path(reports) / TEACHING_PAGE
