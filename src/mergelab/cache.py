@@ -99,19 +99,25 @@ class Artifact:
         sweep) build it once: the others wait, then load what the first one saved."""
         from filelock import FileLock
 
-        if self.exists():
-            try:
-                return self.load()
-            except CorruptArtifactError as err:
-                print(f"{err} Rebuilding it.")
+        state = self._load_complete()
+        if state is not None:
+            return state
         locks = self.path.parent / ".locks"  # out of the way of anything that lists the cache folder
         locks.mkdir(parents=True, exist_ok=True)
         with FileLock(str(locks / f"{self.path.name}.lock")):
-            if self.exists():  # built by another process while this one waited
-                try:
-                    return self.load()
-                except CorruptArtifactError as err:
-                    print(f"{err} Rebuilding it.")
-            tensors, meta = build()
-            self.save(tensors, meta, metadata)
-        return self.load()
+            state = self._load_complete()  # built by another process while this one waited?
+            if state is None:
+                tensors, meta = build()
+                self.save(tensors, meta, metadata)
+                state = self.load()
+        return state
+
+    def _load_complete(self) -> StateDict | None:
+        """The cached tensors, or ``None`` when the artifact is missing or corrupt (saying so)."""
+        if not self.exists():
+            return None
+        try:
+            return self.load()
+        except CorruptArtifactError as err:
+            print(f"{err} Rebuilding it.")
+            return None

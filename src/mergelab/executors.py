@@ -302,19 +302,19 @@ class LocalExecutor(Executor):
 
     def _pool_for(self, context: WorkerContext | None) -> Any:
         """The process pool for jobs of ``context``: the running one when it was started for the same
-        context key, environment and threads, else a new one (the old one stopped)."""
+        context key and environment, else a new one (the old one stopped)."""
         import multiprocessing as mp
         import weakref
         from concurrent.futures import ProcessPoolExecutor
 
         environ = _environment()
-        key = (None if context is None else context.key, tuple(sorted(environ.items())), self.threads)
+        key = (None if context is None else context.key, tuple(sorted(environ.items())))
         if self._pool is not None and self._pool_key == key:
             return self._pool
         self.close()
-        shipped = None if context is None else WorkerContext(context.build, context.key)
+        # the context travels pickled, which leaves its local object behind (WorkerContext.__getstate__)
         pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
-                                   initializer=_init_local_worker, initargs=(environ, self.threads, shipped))
+                                   initializer=_init_local_worker, initargs=(environ, self.threads, context))
         self._pool, self._pool_key = pool, key
         self._finalizer = weakref.finalize(self, pool.shutdown, wait=False, cancel_futures=True)
         return pool
@@ -433,7 +433,7 @@ class RayExecutor(Executor):
     def _ship(self, context: WorkerContext) -> Any:
         """The context in the object store, put there once per key (a GA's generations share it)."""
         if context.key not in self._shipped:
-            self._shipped[context.key] = self._ray.put(WorkerContext(context.build, context.key))
+            self._shipped[context.key] = self._ray.put(context)  # pickled without its local object
             while len(self._shipped) > _KEEP_CONTEXTS:
                 self._shipped.popitem(last=False)
         return self._shipped[context.key]
