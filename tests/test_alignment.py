@@ -23,7 +23,13 @@ from mergelab.alignment import (
     repair,
     weight_matching,
 )
-from mergelab.alignment.frank_wolfe import permutation_matrix, sinkhorn
+from mergelab.alignment.frank_wolfe import (
+    _along_segment,
+    _gradient_and_terms,
+    _segment_terms,
+    permutation_matrix,
+    sinkhorn,
+)
 from mergelab.training.scratch import ScratchConfig, evaluate_state, load_digits_split, train_from_scratch
 
 ARCHS = {"mlp": dict(widths=(16, 12, 10)), "resnet": dict(widths=(6, 8), blocks=2)}
@@ -160,6 +166,34 @@ def test_c2m3_gradient_matches_finite_differences():
     minus[1]["P_res1"] = mats[1]["P_res1"] - eps * direction
     numeric = (c2m3_objective(spec, states, plus) - c2m3_objective(spec, states, minus)) / (2 * eps)
     assert numeric == pytest.approx(float((grads[1]["P_res1"] * direction).sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("case", ["mlp", "resnet", "three_axes"])
+def test_line_search_values_equal_the_objective_along_the_segment(case):
+    """The Frank-Wolfe line search evaluates f((1 - t) P + t S) from segment terms built out of the
+    gradient's transforms and index selections; it must equal the objective computed directly."""
+    g = torch.Generator().manual_seed(5)
+    if case == "three_axes":  # no architecture here has a tensor permuted on 3 axes: the generic path
+        spec = PermutationSpec({"w": ("A", "B", "C"), "v": ("A", None), "u": (None,)})
+        states = [{"w": torch.randn(3, 4, 5, generator=g, dtype=torch.float64),
+                   "v": torch.randn(3, 2, generator=g, dtype=torch.float64),
+                   "u": torch.randn(6, generator=g, dtype=torch.float64)} for _ in range(3)]
+    else:
+        torch.manual_seed(4)
+        spec = _model(case)[1]
+        states = [{k: v.double() for k, v in _model(case, seed)[0].state_dict().items()} for seed in range(3)]
+    sizes = spec.group_sizes(states[0])
+    mats = [{k: sinkhorn(torch.rand(n, n, generator=g, dtype=torch.float64) + 0.1) for k, n in sizes.items()}
+            for _ in states]
+    targets = [{k: permutation_matrix(torch.randperm(n, generator=g)) for k, n in sizes.items()} for _ in states]
+    _, transforms = _gradient_and_terms(spec, states, mats)
+    terms = {name: [_segment_terms(spec, name, s[name], m, tg, *tr[p])
+                    for p, (m, s, tg) in enumerate(zip(mats, states, targets))] for name, tr in transforms.items()}
+    constant = _along_segment({n: [[s[n]] for s in states] for n, axes in spec.axes.items()
+                               if all(a is None for a in axes)}, 0.0, 0.0)
+    for t in (0.0, 0.3, 0.71, 1.0):
+        mixed = [{k: (1 - t) * m[k] + t * tg[k] for k in m} for m, tg in zip(mats, targets)]
+        assert _along_segment(terms, constant, t) == pytest.approx(c2m3_objective(spec, states, mixed), rel=1e-10)
 
 
 def test_repair_leaves_a_model_whose_statistics_already_match_unchanged():

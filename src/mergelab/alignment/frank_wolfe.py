@@ -14,7 +14,9 @@ tensor transformed on its other axes and ``S = sum_q T_q``. Frank-Wolfe: the lin
 maximizes ``<G_p,g, S>`` over permutations (Hungarian); one step size ``t`` in ``[0, 1]`` shared by all
 matrices comes from a bounded scalar search (``f`` along the segment is a polynomial of degree at
 most twice the number of permuted axes of a tensor, so it is fitted exactly from that many + 1
-evaluations and the search runs on the polynomial); ``P <- (1 - t) P + t S``. It stops when the gain stays
+evaluations and the search runs on the polynomial; each tensor mapped by ``(1 - t) P + t S`` is
+``sum_k (1 - t)^(n - k) t^k Y_k``, whose terms come from the gradient's own transforms and index
+selections by ``S``, so an evaluation costs no matrix product); ``P <- (1 - t) P + t S``. It stops when the gain stays
 below ``tol`` for ``patience`` consecutive iterations or after ``max_iter``; every ``P`` is then rounded
 to a permutation by the Hungarian algorithm. Pairwise maps ``P_p P_q^T`` compose to the identity
 around any cycle by construction.
@@ -83,21 +85,78 @@ def c2m3_objective(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Te
     return total
 
 
-def c2m3_gradient(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]], mats: Matrices) -> Matrices:
-    """``df/dP_p,g`` for every model and group, ``(n, n)`` each, summed over every pair and tensor."""
+def _transforms(spec: PermutationSpec, mats: Mapping[str, torch.Tensor], name: str, w: torch.Tensor,
+                ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """``w`` mapped into the universe on every permuted axis (``full``), and on every permuted axis but
+    ``a`` (``partial[a]``, one per permuted axis ``a``); the last partial is reused for ``full``."""
+    axes = [a for a, g in enumerate(spec.axes[name]) if g is not None]
+    partial = {a: _to_universe(spec, mats, name, w, skip_axis=a) for a in axes}
+    full = _along(partial[axes[-1]], axes[-1], mats[spec.axes[name][axes[-1]]]) if axes else w
+    return full, partial
+
+
+def _gradient_and_terms(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]], mats: Matrices,
+                        ) -> tuple[Matrices, dict[str, list[tuple[torch.Tensor, dict[int, torch.Tensor]]]]]:
+    """:func:`c2m3_gradient`, and per permuted tensor and model the transforms it computed on the way
+    (:func:`_transforms`), which the line search reuses."""
     grads = [{g: torch.zeros_like(m) for g, m in mm.items()} for mm in mats]
+    transforms = {}
     for name in spec.axes:
         if all(g is None for g in spec.axes[name]):
             continue
-        ts = [_to_universe(spec, m, name, s[name]) for m, s in zip(mats, states)]
+        tr = [_transforms(spec, m, name, s[name]) for m, s in zip(mats, states)]
+        summed = torch.stack([full for full, _ in tr]).sum(0)
+        for p, (full, partial) in enumerate(tr):
+            rest = summed - full
+            for axis, x in partial.items():
+                grads[p][spec.axes[name][axis]] += unfold(x, axis) @ unfold(rest, axis).T
+        transforms[name] = tr
+    return grads, transforms
+
+
+def c2m3_gradient(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]], mats: Matrices) -> Matrices:
+    """``df/dP_p,g`` for every model and group, ``(n, n)`` each, summed over every pair and tensor."""
+    return _gradient_and_terms(spec, states, mats)[0]
+
+
+def _segment_terms(spec: PermutationSpec, name: str, w: torch.Tensor, mats: Mapping[str, torch.Tensor],
+                   targets: Mapping[str, torch.Tensor], full: torch.Tensor, partial: Mapping[int, torch.Tensor],
+                   ) -> list[torch.Tensor]:
+    """``[Y_0, ..., Y_n]`` with ``T(t) = sum_k (1 - t)^(n - k) t^k Y_k`` the tensor ``w`` mapped by
+    ``(1 - t) P + t S`` on its ``n`` permuted axes (``mats``: ``P``; ``targets``: the permutation
+    matrices ``S``, applied as index selections). With ``n <= 2`` every term comes from the
+    transforms the gradient already computed (``full``, ``partial``) without a matrix product."""
+    axes = [a for a, g in enumerate(spec.axes[name]) if g is not None]
+    index = {a: targets[spec.axes[name][a]].argmax(0) for a in axes}  # S^T along a: entry u is w[index[u]]
+    if len(axes) == 1:
+        (a,) = axes
+        return [full, w.index_select(a, index[a])]
+    if len(axes) == 2:
+        a, b = axes
+        return [full, partial[a].index_select(a, index[a]) + partial[b].index_select(b, index[b]),
+                w.index_select(a, index[a]).index_select(b, index[b])]
+    terms = [w]  # more permuted axes: expand axis by axis (Y_k of the axes so far)
+    for a in axes:
+        m = mats[spec.axes[name][a]]
+        new = [_along(y, a, m) for y in terms] + [torch.zeros(())]
+        for k, y in enumerate(terms):
+            new[k + 1] = new[k + 1] + y.index_select(a, index[a])
+        terms = new
+    return terms
+
+
+def _along_segment(terms: Mapping[str, list[list[torch.Tensor]]], constant: float, t: float) -> float:
+    """``f((1 - t) P + t S)`` from every tensor's :func:`_segment_terms` per model, plus ``constant``
+    (the tensors no group permutes)."""
+    total = constant
+    for per_model in terms.values():
+        ts = []
+        for ys in per_model:
+            n = len(ys) - 1
+            ts.append(sum(((1 - t) ** (n - k)) * (t ** k) * y for k, y in enumerate(ys)))
         summed = torch.stack(ts).sum(0)
-        for p, (m, s) in enumerate(zip(mats, states)):
-            rest = summed - ts[p]
-            for axis, g in enumerate(spec.axes[name]):
-                if g is not None:
-                    x = _to_universe(spec, m, name, s[name], skip_axis=axis)
-                    grads[p][g] += unfold(x, axis) @ unfold(rest, axis).T
-    return grads
+        total += 0.5 * (float((summed * summed).sum()) - sum(float((x * x).sum()) for x in ts))
+    return total
 
 
 def sinkhorn(m: torch.Tensor, iters: int = 100) -> torch.Tensor:
@@ -158,25 +217,31 @@ def c2m3_frank_wolfe(spec: PermutationSpec, states: Sequence[Mapping[str, torch.
     degree = 2 * max(sum(g is not None for g in axes) for axes in spec.axes.values())
     res = FrankWolfeResult(perms=[])
     f = c2m3_objective(spec, s64, mats)
+    constant = _along_segment({name: [[s[name]] for s in s64] for name, axes in spec.axes.items()
+                               if all(g is None for g in axes)}, 0.0, 0.0)  # tensors no group permutes
     res.objective.append(f)
     small = 0
     bar = tqdm(range(max_iter), desc="C2M3 Frank-Wolfe", disable=not progress, leave=False, mininterval=0.5)
     for _ in bar:
-        grads = c2m3_gradient(spec, s64, mats)
+        grads, transforms = _gradient_and_terms(spec, s64, mats)
         targets = [{g: hungarian(gr) for g, gr in gg.items()} for gg in grads]
 
         def step(t: float) -> Matrices:
             return [{g: (1 - t) * m[g] + t * s[g] for g in m} for m, s in zip(mats, targets)]
 
-        # f along the segment is a polynomial of degree <= `degree` in t: fitted exactly from
-        # degree + 1 evaluations, then searched as the official code does (bounded, xtol 1e-3, 20 evaluations)
+        # f along the segment is a polynomial of degree <= `degree` in t, evaluated cheaply from each
+        # tensor's segment terms: fitted exactly from degree + 1 evaluations, then searched as the
+        # official code does (bounded, xtol 1e-3, 20 evaluations)
+        terms = {name: [_segment_terms(spec, name, s[name], m, tg, *tr[p])
+                        for p, (m, s, tg) in enumerate(zip(mats, s64, targets))]
+                 for name, tr in transforms.items()}
         nodes = np.linspace(0.0, 1.0, degree + 1)
-        values = [f] + [c2m3_objective(spec, s64, step(float(t))) for t in nodes[1:]]
+        values = [f] + [_along_segment(terms, constant, float(t)) for t in nodes[1:]]
         along = np.polynomial.Polynomial.fit(nodes, values, degree)
         search = minimize_scalar(lambda t: -along(t), bounds=(0.0, 1.0), method="bounded",
                                  options={"xatol": 1e-3, "maxiter": 20})
         t = float(search.x)
-        new_f = values[-1] if t == 1.0 else c2m3_objective(spec, s64, step(t))
+        new_f = values[-1] if t == 1.0 else _along_segment(terms, constant, t)
         if values[-1] > new_f:  # the bounded search never evaluates the end points themselves
             t, new_f = 1.0, values[-1]
         if new_f < f:  # the bounded search brackets [0, 1] but never evaluates 0 itself
