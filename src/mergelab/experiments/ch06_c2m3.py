@@ -9,6 +9,8 @@ times, from seeds ``seed, seed + 1, ...`` (cached by configuration); the merges 
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +37,17 @@ from ..alignment import (
     weight_matching,
 )
 from ..alignment.frank_wolfe import FrankWolfeResult
-from ..training.scratch import DigitsSplit, ScratchConfig, cached_from_scratch, evaluate_state, load_digits_split, new_model
+from ..executors import Executor, LocalExecutor, WorkerContext
+from ..training.scratch import (
+    DigitsSplit,
+    ScratchConfig,
+    cached_from_scratch,
+    evaluate_state,
+    load_digits_split,
+    new_model,
+    scratch_artifact,
+)
+from ..utils import config_hash
 
 METHODS = ("naive", "naive_repair", "merge_many", "merge_many_repair", "c2m3", "c2m3_repair")
 """Merges compared: uniform average without alignment, MergeMany, C2M3; each without and with REPAIR."""
@@ -63,17 +75,57 @@ class Trained:
     cfg: ScratchConfig
 
 
+def digits_context(digits: Mapping[str, Any]) -> WorkerContext:
+    """What every job of this chapter gets (built once per worker process): :func:`digits_data` of
+    ``digits``, keyed by it, so training and merging jobs share one pool of workers."""
+    split_and_key = digits_data(digits)
+    key = "ch06-" + config_hash({"digits": split_and_key[1]})
+    return WorkerContext(functools.partial(digits_data, dict(digits)), key=key, local=split_and_key)
+
+
+def _train_job(context: tuple[DigitsSplit, dict[str, Any]], item: tuple[str, dict[str, Any], int]) -> str:
+    """One model of :func:`train_models` into the cache; returns where it lies."""
+    data, data_key = context
+    arch, recipe, seed = item
+    cached_from_scratch(ScratchConfig(arch=arch, **recipe, seed=seed), data, dict(data_key))
+    return f"{arch} seed {seed}"
+
+
 def train_models(arch: str, recipe: Mapping[str, Any], num_models: int, seed: int, data: DigitsSplit,
                  data_key: Mapping[str, Any], progress: bool = False) -> Trained:
     """``num_models`` models of ``arch`` trained from seeds ``seed .. seed + num_models - 1`` (cached)."""
     if num_models < 2:
         raise ValueError(f"num_models={num_models!r} is not valid; merging needs at least 2 models.")
-    cfg = ScratchConfig(arch=arch, **recipe, seed=seed)
-    states = [cached_from_scratch(replace(cfg, seed=seed + i), data, dict(data_key), progress)
+    return _trained(ScratchConfig(arch=arch, **recipe, seed=seed), num_models, data, data_key, progress)
+
+
+def _trained(cfg: ScratchConfig, num_models: int, data: DigitsSplit, data_key: Mapping[str, Any],
+             progress: bool = False) -> Trained:
+    states = [cached_from_scratch(replace(cfg, seed=cfg.seed + i), data, dict(data_key), progress)
               for i in range(num_models)]
     model, spec = new_model(cfg, data)
     spec.validate(states[0])
-    return Trained(arch, model, spec, states, cfg)
+    return Trained(cfg.arch, model, spec, states, cfg)
+
+
+def train_all(architectures: Mapping[str, Mapping[str, Any]], num_models: int, seed: int,
+              digits: Mapping[str, Any], executor: Executor | None = None, progress: bool = False,
+              ) -> dict[str, Trained]:
+    """:func:`train_models` of every architecture; the models not cached yet are trained first by
+    ``executor`` (one job per model, the slowest architecture's first; default: here, one after the other)."""
+    data, data_key = digits_data(digits)
+    if num_models < 2:
+        raise ValueError(f"num_models={num_models!r} is not valid; merging needs at least 2 models.")
+    executor = executor if executor is not None else LocalExecutor(1)
+    jobs = [(arch, dict(recipe), seed + i) for arch, recipe in sorted(architectures.items(),
+                                                                     key=lambda kv: kv[0] != "resnet")
+            for i in range(num_models)
+            if not scratch_artifact(ScratchConfig(arch=arch, **recipe, seed=seed + i), data_key).exists()]
+    if jobs and not executor.inline:
+        executor.map(_train_job, jobs, digits_context(digits), progress=progress,
+                     describe=lambda j: {"architecture": j[0], "seed": j[2]}, desc="training").raise_failures("training runs")
+    return {arch: train_models(arch, recipe, num_models, seed, data, data_key, progress)
+            for arch, recipe in architectures.items()}
 
 
 def permutation_invariance(t: Trained, data: DigitsSplit, seed: int) -> dict[str, float]:
@@ -224,27 +276,116 @@ def cycle_errors(t: Trained, maps: CycleMaps) -> dict[str, Any]:
             "definition": "fraction of units i with P_CA(P_BC(P_AB(i))) != i, size-weighted mean over groups"}
 
 
-def model_count_study(t: Trained, counts: Sequence[int], data: DigitsSplit, frank_wolfe: Mapping[str, Any],
-                      seed: int, progress: bool = False) -> pd.DataFrame:
-    """Test accuracy of every method when merging the first ``k`` models, for ``k`` in ``counts``.
-    Columns: ``num_models, method, accuracy, loss`` (``method == "endpoints"``: their mean)."""
-    bad = [k for k in counts if not 2 <= k <= len(t.states)]
-    if bad:
-        raise ValueError(f"model_counts={list(counts)} has {bad}: each count must be in 2..num_models={len(t.states)}.")
-    rows = []
-    for k in counts:
-        states = t.states[:k]
-        outcome = merge_methods(t, states, data, frank_wolfe, seed, progress)
-        metrics, _ = evaluate_methods(t, outcome, states, data)
-        for m in ("endpoints", *METHODS):
-            rows.append({"num_models": k, "method": m, "accuracy": metrics[m]["accuracy"],
-                         "loss": metrics[m]["loss"]})
-    return pd.DataFrame(rows)
+@dataclass
+class MergeStudy:
+    """Every merge of the chapter, per architecture: the full outcome, metrics and per-example
+    correctness of the main comparison (the first ``merge_models`` models), the model-count table and
+    the paired comparison over several sets of ``merge_models`` models.
+
+    Attributes:
+        outcomes: architecture to :class:`MergeOutcome` of the first ``merge_models`` models.
+        metrics, correct: architecture to :func:`evaluate_methods` of that outcome.
+        counts: columns ``architecture, num_models, method, accuracy, loss`` (``method == "endpoints"``:
+            the models' mean), one row per architecture, count and method.
+        sets: one row per architecture and merged set: ``architecture, models`` (their indices, e.g.
+            ``"0,2,4"``), the test accuracy of ``endpoints`` and every method, and the paired
+            ``difference`` of C2M3 with REPAIR minus MergeMany with REPAIR and its ``standard_error``
+            (over the set's test examples).
+    """
+
+    outcomes: dict[str, MergeOutcome]
+    metrics: dict[str, dict[str, dict[str, float]]]
+    correct: dict[str, dict[str, torch.Tensor]]
+    counts: pd.DataFrame
+    sets: pd.DataFrame
+
+
+def _merge_job(context: tuple[DigitsSplit, dict[str, Any]], item: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Merge the models ``members`` of one architecture with every method and evaluate them; the
+    outcome travels back only for the main comparison (``keep``)."""
+    data, data_key = context
+    cfg, num_models, members, frank_wolfe, keep = item
+    t = _trained(cfg, num_models, data, data_key)  # cached: loaded, not trained
+    states = [t.states[i] for i in members]
+    outcome = merge_methods(t, states, data, frank_wolfe, cfg.seed)
+    metrics, correct = evaluate_methods(t, outcome, states, data)
+    return (outcome if keep else None), metrics, correct
+
+
+def merge_sets_of(num_models: int, merge_models: int, n: int) -> list[tuple[int, ...]]:
+    """The first ``n`` sets of ``merge_models`` of the ``num_models`` models in lexicographic order (the
+    first is ``0 .. merge_models - 1``, the main comparison)."""
+    sets = list(itertools.combinations(range(num_models), merge_models))
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(sets):
+        raise ValueError(f"merge_sets={n!r} is not valid; use 1..{len(sets)} (the sets of {merge_models} of "
+                         f"{num_models} models).")
+    return sets[:n]
+
+
+def merge_study(trained: Mapping[str, Trained], merge_models: int, counts: Sequence[int],
+                digits: Mapping[str, Any], frank_wolfe: Mapping[str, Any], seed: int,
+                merge_sets: Mapping[str, int] | None = None, executor: Executor | None = None,
+                progress: bool = False) -> MergeStudy:
+    """:func:`merge_methods` and :func:`evaluate_methods` on the first ``k`` models of every
+    architecture for ``k`` in ``counts`` and ``merge_models``, and on the first ``merge_sets[arch]``
+    sets of ``merge_models`` models (:func:`merge_sets_of`; default 1: the main comparison only), each
+    distinct set merged once, as independent jobs of ``executor`` (default: here, one after the other)."""
+    for t in trained.values():
+        bad = [k for k in [*counts, merge_models] if not 2 <= k <= len(t.states)]
+        if bad:
+            raise ValueError(f"model_counts={list(counts)} or merge_models={merge_models} has {bad}: each count "
+                             f"must be in 2..num_models={len(t.states)}.")
+        if t.cfg.seed != seed:
+            raise ValueError(f"seed={seed!r} is not the seed the {t.arch} models were trained from ({t.cfg.seed}).")
+    unknown = sorted(set(merge_sets or {}) - set(trained))
+    if unknown:
+        raise ValueError(f"merge_sets names {unknown}, which are not architectures here; use {sorted(trained)}.")
+    executor = executor if executor is not None else LocalExecutor(1)
+    main = tuple(range(merge_models))
+    members: dict[str, list[tuple[int, ...]]] = {}
+    for arch, t in trained.items():
+        sets = merge_sets_of(len(t.states), merge_models, (merge_sets or {}).get(arch, 1))
+        by_count = [tuple(range(k)) for k in sorted(set(counts), reverse=True)]
+        members[arch] = sorted(dict.fromkeys([*by_count, *sets]), key=len, reverse=True)  # the largest first
+    jobs = [(trained[arch].cfg, len(trained[arch].states), m, dict(frank_wolfe), m == main)
+            for arch in trained for m in members[arch]]
+    done = executor.map(_merge_job, jobs, digits_context(digits), progress=progress,
+                        describe=lambda j: {"architecture": j[0].arch, "models": list(j[2])}, desc="merges")
+    done.raise_failures("merges")
+    outcomes, metrics, correct, rows, set_rows = {}, {}, {}, [], []
+    for (cfg, n_models, m_set, _fw, keep), (outcome, met, cor) in zip(jobs, done.results):
+        arch = cfg.arch
+        if keep:
+            outcomes[arch], metrics[arch], correct[arch] = outcome, met, cor
+        if m_set == tuple(range(len(m_set))) and len(m_set) in counts:
+            rows += [{"architecture": arch, "num_models": len(m_set), "method": name,
+                      "accuracy": met[name]["accuracy"], "loss": met[name]["loss"]} for name in ("endpoints", *METHODS)]
+        if m_set in merge_sets_of(n_models, merge_models, (merge_sets or {}).get(arch, 1)):
+            set_rows.append({"architecture": arch, "models": ",".join(map(str, m_set)),
+                             **{name: met[name]["accuracy"] for name in ("endpoints", *METHODS)},
+                             **paired_difference(cor["c2m3_repair"], cor["merge_many_repair"])})
+    table = pd.DataFrame(rows).sort_values(["architecture", "num_models"], kind="stable", ignore_index=True)
+    sets_table = pd.DataFrame(set_rows).sort_values(["architecture", "models"], kind="stable", ignore_index=True)
+    return MergeStudy(outcomes, metrics, correct, table, sets_table)
+
+
+def across_sets(sets: pd.DataFrame, arch: str) -> dict[str, Any]:
+    """C2M3 with REPAIR minus MergeMany with REPAIR over the merged sets of ``arch`` (rows of
+    :attr:`MergeStudy.sets`): ``n`` sets, the ``mean`` difference, its ``standard_error`` across sets
+    (sample SD / sqrt(n); ``None`` below 3 sets), how many sets are ``positive``, and ``per_set``."""
+    part = sets[sets.architecture == arch]
+    d = part["difference"].astype(float)
+    n = len(d)
+    return {"n": n, "mean": float(d.mean()) if n else None,
+            "standard_error": float(d.std(ddof=1) / math.sqrt(n)) if n >= 3 else None,
+            "positive": int((d > 0).sum()), "negative": int((d < 0).sum()),
+            "per_set": {row.models: float(row.difference) for row in part.itertuples()}}
 
 
 def claims(arch_results: Mapping[str, Mapping[str, Any]], mlp_fraction: float = 0.9) -> list[dict[str, Any]]:
     """The chapter's claims, each ``{claim, source, status, evidence}``, from the per-architecture
-    results (``methods``, ``cycle_errors``, ``paired``) that the notebook writes."""
+    results (``methods``, ``cycle_errors``, ``paired``, and ``merge_sets`` of :func:`across_sets` where
+    several sets of models were merged) that the notebook writes."""
     out: list[dict[str, Any]] = []
 
     def add(claim: str, holds: bool | None, evidence: dict[str, Any]) -> None:
@@ -270,11 +411,21 @@ def claims(arch_results: Mapping[str, Mapping[str, Any]], mlp_fraction: float = 
     if "resnet" in arch_results:
         r = arch_results["resnet"]
         m, paired = r["methods"], r["paired"]["c2m3_repair_vs_merge_many_repair"]
-        add("resnet: C2M3 with REPAIR is above MergeMany with REPAIR (paired difference over two standard "
-            "errors; CIFAR-10 ResNet-20x2 in the paper: .69 vs .50)",
-            paired["difference"] > 2 * paired["standard_error"],
-            {"c2m3_repair": m["c2m3_repair"]["accuracy"], "merge_many_repair": m["merge_many_repair"]["accuracy"],
-             **paired})
+        sets = r.get("merge_sets") or {}
+        if sets.get("standard_error") is not None:  # several sets of models: the spread between sets counts
+            add(f"resnet: C2M3 with REPAIR is above MergeMany with REPAIR (mean paired difference over "
+                f"{sets['n']} sets of models above two standard errors across sets; CIFAR-10 ResNet-20x2 in the "
+                "paper: .69 vs .50)", sets["mean"] > 2 * sets["standard_error"],
+                {"c2m3_repair": m["c2m3_repair"]["accuracy"], "merge_many_repair": m["merge_many_repair"]["accuracy"],
+                 "mean_difference": sets["mean"], "standard_error_across_sets": sets["standard_error"],
+                 "sets": sets["n"], "sets_positive": sets["positive"], "sets_negative": sets["negative"],
+                 "first_set": paired})
+        else:
+            add("resnet: C2M3 with REPAIR is above MergeMany with REPAIR (paired difference over two standard "
+                "errors; CIFAR-10 ResNet-20x2 in the paper: .69 vs .50)",
+                paired["difference"] > 2 * paired["standard_error"],
+                {"c2m3_repair": m["c2m3_repair"]["accuracy"], "merge_many_repair": m["merge_many_repair"]["accuracy"],
+                 **paired})
         add("resnet: C2M3 with REPAIR is above naive averaging by a wide margin (over .3)",
             m["c2m3_repair"]["accuracy"] - m["naive"]["accuracy"] > 0.3,
             {"c2m3_repair": m["c2m3_repair"]["accuracy"], "naive": m["naive"]["accuracy"]})

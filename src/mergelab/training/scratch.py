@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,13 +135,17 @@ def train_from_scratch(cfg: ScratchConfig, data: DigitsSplit, progress: bool = F
     return state, {"final_batch_loss": last, "seconds": time.perf_counter() - start, "steps": step}
 
 
+def scratch_artifact(cfg: ScratchConfig, data_key: Mapping[str, Any]) -> Artifact:
+    """Where :func:`cached_from_scratch` keeps the model of ``cfg`` trained on the data ``data_key`` names:
+    ``<data>/scratch/<arch>-<hash>.safetensors``."""
+    return Artifact.at(paths.data_dir() / "scratch", cfg.arch, config_hash({"config": asdict(cfg), "data": dict(data_key)}))
+
+
 def cached_from_scratch(cfg: ScratchConfig, data: DigitsSplit, data_key: dict, progress: bool = False,
                         ) -> dict[str, torch.Tensor]:
     """:func:`train_from_scratch`, cached in ``<data>/scratch/<arch>-<hash>.safetensors`` by the
     configuration and ``data_key`` (what made ``data``)."""
-    key = config_hash({"config": asdict(cfg), "data": data_key})
-    art = Artifact.at(paths.data_dir() / "scratch", cfg.arch, key)
-    return art.get_or_build(lambda: (lambda s, log: (s, {"config": asdict(cfg), "data": data_key, **log}))(
+    return scratch_artifact(cfg, data_key).get_or_build(lambda: (lambda s, log: (s, {"config": asdict(cfg), "data": data_key, **log}))(
         *train_from_scratch(cfg, data, progress)))
 
 

@@ -1,0 +1,101 @@
+"""Chapter 06's experiment functions: training every architecture, the merge study (the main comparison,
+the model-count study and the comparison across sets of models) and the claim that reads it."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from mergelab.experiments import ch06_c2m3 as ch
+from mergelab.training.scratch import ScratchConfig, scratch_artifact
+
+DIGITS = {"test_fraction": 0.25, "split_seed": 0}
+ARCHS = {"mlp": {"widths": [8, 8], "epochs": 1, "batch_size": 128, "lr": 3e-3, "optimizer": "adam"},
+         "resnet": {"widths": [4, 4], "blocks": 1, "epochs": 1, "batch_size": 128, "lr": 0.05, "optimizer": "sgd"}}
+FW = {"max_iter": 4, "tol": 1e-6, "patience": 2}
+
+
+def test_merge_sets_start_with_the_main_comparison_and_refuse_bad_counts():
+    sets = ch.merge_sets_of(5, 3, 10)
+    assert sets[0] == (0, 1, 2) and len(set(sets)) == 10 and all(len(s) == 3 for s in sets)
+    assert ch.merge_sets_of(5, 3, 2) == sets[:2]
+    for bad in (0, 11, 2.0, True):
+        with pytest.raises(ValueError, match=r"merge_sets=.* is not valid; use 1\.\.10"):
+            ch.merge_sets_of(5, 3, bad)
+
+
+def test_across_sets_summarizes_the_paired_differences_between_sets():
+    diffs = [0.02, -0.01, 0.03, 0.0]
+    sets = pd.DataFrame({"architecture": ["resnet"] * 4 + ["mlp"], "models": ["0,1,2", "0,1,3", "0,1,4", "0,2,3", "0,1,2"],
+                         "difference": [*diffs, 0.5]})
+    a = ch.across_sets(sets, "resnet")
+    mean = sum(diffs) / 4
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3)
+    assert a["n"] == 4 and a["mean"] == pytest.approx(mean) and a["standard_error"] == pytest.approx(sd / 2)
+    assert (a["positive"], a["negative"]) == (2, 1) and a["per_set"]["0,1,3"] == pytest.approx(-0.01)
+    assert ch.across_sets(sets, "mlp")["standard_error"] is None  # one set: no spread between sets
+
+
+def _resnet_results(sets: dict | None) -> dict:
+    methods = {m: {"accuracy": acc} for m, acc in (("endpoints", .98), ("naive", .2), ("merge_many", .8),
+                                                  ("merge_many_repair", .93), ("c2m3", .8), ("c2m3_repair", .95))}
+    return {"resnet": {"methods": methods, "cycle_errors": {"c2m3": {"mean": 0.0}, "pairwise": {"mean": .9}},
+                       "paired": {"c2m3_repair_vs_merge_many_repair": {"difference": .02, "standard_error": .005}},
+                       "merge_sets": sets}}
+
+
+def _repair_claim(arch_results: dict) -> dict:
+    (claim,) = [c for c in ch.claims(arch_results) if "above MergeMany with REPAIR" in c["claim"]]
+    return claim
+
+
+def test_the_repair_claim_uses_the_spread_across_sets_when_there_are_several():
+    # one set: the first set's paired test (.02 > 2 x .005)
+    assert _repair_claim(_resnet_results(None))["status"] == "reproduced"
+    # several sets: a mean difference inside two standard errors across sets is not reproduced, whatever the first set says
+    noisy = {"n": 10, "mean": .001, "standard_error": .003, "positive": 5, "negative": 4, "per_set": {}}
+    claim = _repair_claim(_resnet_results(noisy))
+    assert claim["status"] == "not_reproduced" and "10 sets" in claim["claim"]
+    assert claim["evidence"]["mean_difference"] == .001 and claim["evidence"]["first_set"]["difference"] == .02
+    clear = {**noisy, "mean": .02, "standard_error": .004}
+    assert _repair_claim(_resnet_results(clear))["status"] == "reproduced"
+
+
+def test_train_all_and_merge_study_agree_with_merging_by_hand(data_dir):
+    trained = ch.train_all(ARCHS, 3, 0, DIGITS)
+    split, key = ch.digits_data(DIGITS)
+    for arch, recipe in ARCHS.items():  # every model is in the cache, under the key train_models reads
+        assert all(scratch_artifact(ScratchConfig(arch=arch, **recipe, seed=s), key).exists() for s in range(3))
+        assert trained[arch].states[0].keys() == ch.train_models(arch, recipe, 3, 0, split, key).states[0].keys()
+    study = ch.merge_study(trained, 3, [2, 3], DIGITS, FW, 0, merge_sets={"resnet": 1})
+    assert set(study.outcomes) == set(study.metrics) == set(ARCHS)
+    assert sorted(set(zip(study.counts.architecture, study.counts.num_models))) == [
+        ("mlp", 2), ("mlp", 3), ("resnet", 2), ("resnet", 3)]
+    assert list(study.sets.models) == ["0,1,2", "0,1,2"]
+    t = trained["resnet"]
+    outcome = ch.merge_methods(t, t.states[:2], split, FW, 0)
+    by_hand, _ = ch.evaluate_methods(t, outcome, t.states[:2], split)
+    two = study.counts[(study.counts.architecture == "resnet") & (study.counts.num_models == 2)].set_index("method")
+    for m in ("endpoints", *ch.METHODS):
+        assert two.loc[m, "accuracy"] == pytest.approx(by_hand[m]["accuracy"]), m
+    main = study.metrics["resnet"]
+    row = study.sets[study.sets.architecture == "resnet"].iloc[0]
+    diff = ch.paired_difference(study.correct["resnet"]["c2m3_repair"], study.correct["resnet"]["merge_many_repair"])
+    assert row["difference"] == pytest.approx(diff["difference"])
+    assert row["c2m3_repair"] == pytest.approx(main["c2m3_repair"]["accuracy"])
+    assert isinstance(study.correct["resnet"]["c2m3"], torch.Tensor)
+
+
+def test_merge_study_refuses_bad_parameters_by_name(data_dir):
+    trained = ch.train_all(ARCHS, 3, 0, DIGITS)
+    with pytest.raises(ValueError, match=r"model_counts=\[2, 4\].*\[4\].*2\.\.num_models=3"):
+        ch.merge_study(trained, 3, [2, 4], DIGITS, FW, 0)
+    with pytest.raises(ValueError, match=r"merge_sets names \['vit'\]"):
+        ch.merge_study(trained, 3, [2], DIGITS, FW, 0, merge_sets={"vit": 2})
+    with pytest.raises(ValueError, match=r"merge_sets=2 is not valid; use 1\.\.1"):
+        ch.merge_study(trained, 3, [2], DIGITS, FW, 0, merge_sets={"resnet": 2})
+    with pytest.raises(ValueError, match=r"seed=1 is not the seed"):
+        ch.merge_study(trained, 3, [2], DIGITS, FW, 1)
