@@ -7,6 +7,7 @@ import pytest
 import mergelab
 from mergelab import codeversion
 from mergelab.benchmarks.tiny.benchmark import TinyBenchmark
+from mergelab.training.scratch import ScratchConfig, scratch_artifact
 from mergelab.training.trajectories import _trajectory_key as trajectory_key
 
 
@@ -38,14 +39,15 @@ def test_a_version_bump_changes_the_cache_keys_of_its_kind(kind, monkeypatch):
     monkeypatch.setattr(bench, "head_digest", lambda task: "h", raising=False)
     cfg = mergelab.FinetuneConfig()
 
-    def keys() -> tuple[str, str, str]:
+    def keys() -> tuple[str, str, str, str]:
         return (bench.key, bench.run_key("expert", ["colours"], cfg),
-                trajectory_key(bench, "epoch_trajectory", ["colours"], cfg, 2))
+                trajectory_key(bench, "epoch_trajectory", ["colours"], cfg, 2),
+                str(scratch_artifact(ScratchConfig(), {"dataset": "sklearn-digits"}).path))
 
     before = keys()
     monkeypatch.setitem(codeversion.CODE_VERSIONS, kind, codeversion.CODE_VERSIONS[kind] + 1)
     after = keys()
-    changed = {name for name, a, b in zip(("pretrain", "finetune", "trajectory"), before, after) if a != b}
+    changed = {name for name, a, b in zip(("pretrain", "finetune", "trajectory", "scratch"), before, after) if a != b}
     expected = {kind, "finetune", "trajectory"} if kind == "pretrain" else {kind}  # the benchmark key is in both
     assert changed == expected
     with pytest.raises(ValueError, match="kind='weights'"):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import paths
+from .. import codeversion, paths
 from ..alignment.architectures import build_model, no_onednn
 from ..alignment.specs import PermutationSpec
 from ..cache import Artifact
@@ -138,7 +138,8 @@ def train_from_scratch(cfg: ScratchConfig, data: DigitsSplit, progress: bool = F
 def scratch_artifact(cfg: ScratchConfig, data_key: Mapping[str, Any]) -> Artifact:
     """Where :func:`cached_from_scratch` keeps the model of ``cfg`` trained on the data ``data_key`` names:
     ``<data>/scratch/<arch>-<hash>.safetensors``."""
-    return Artifact.at(paths.data_dir() / "scratch", cfg.arch, config_hash({"config": asdict(cfg), "data": dict(data_key)}))
+    key = config_hash({"config": asdict(cfg), "data": dict(data_key), **codeversion.key_part("scratch")})
+    return Artifact.at(paths.data_dir() / "scratch", cfg.arch, key)
 
 
 def cached_from_scratch(cfg: ScratchConfig, data: DigitsSplit, data_key: dict, progress: bool = False,
