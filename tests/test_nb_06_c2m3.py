@@ -52,3 +52,15 @@ def test_model_count_study_and_claims(results, params):
     assert all(c["claim"] and c["source"] and isinstance(c["evidence"], dict) for c in claims)
     cyc = [c for c in claims if "cycle-consistent" in c["claim"]]
     assert len(cyc) == 2
+
+
+def test_merge_sets_table_matches_the_main_comparison(results, params):
+    rows = results["merge_sets"]
+    for arch, r in results["architectures"].items():
+        mine = [row for row in rows if row["architecture"] == arch]
+        assert len(mine) == params["merge_sets"][arch] == r["merge_sets"]["n"], arch
+        first = next(row for row in mine if row["models"] == ",".join(map(str, range(params["merge_models"]))))
+        paired = r["paired"]["c2m3_repair_vs_merge_many_repair"]
+        assert first["difference"] == pytest.approx(paired["difference"]), arch
+        assert first["c2m3_repair"] == pytest.approx(r["methods"]["c2m3_repair"]["accuracy"]), arch
+        assert (r["merge_sets"]["standard_error"] is None) == (len(mine) < 3), arch
