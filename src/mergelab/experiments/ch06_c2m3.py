@@ -84,7 +84,7 @@ def digits_context(digits: Mapping[str, Any]) -> WorkerContext:
 
 
 def _train_job(context: tuple[DigitsSplit, dict[str, Any]], item: tuple[str, dict[str, Any], int]) -> str:
-    """One model of :func:`train_models` into the cache; returns where it lies."""
+    """Train one model of :func:`train_models` into the cache (nothing if it is there); returns which one."""
     data, data_key = context
     arch, recipe, seed = item
     cached_from_scratch(ScratchConfig(arch=arch, **recipe, seed=seed), data, dict(data_key))
