@@ -10,6 +10,7 @@ Levers:
              (position of every object, not only the largest one's), learnt with the strokes' BCE
   lr3e-3     pretraining learning rate 3e-3 instead of 2e-3 (the loss is still falling at the end)
   strokes8   strokes (and occupancy) BCE weight 8 instead of 4
+  width96    the encoder's width and output dimension 96 instead of 64 (heads 4; 1.6x the step cost)
   kinds      8 more binary targets: is an object of each generator in the scene (every object's kind,
              not only the largest one's), learnt with the strokes' BCE
 Levers combine with "+", e.g. occupancy+lr3e-3.
@@ -39,10 +40,12 @@ from mergelab.training import pretrain_factors  # noqa: E402
 
 lever, out = sys.argv[1], sys.argv[2]
 levers = set(lever.split("+"))
-unknown = levers - {"base", "occupancy", "lr3e-3", "strokes8", "kinds"}
+unknown = levers - {"base", "occupancy", "lr3e-3", "strokes8", "kinds", "width96"}
 if unknown:
     raise SystemExit(f"unknown lever(s) {sorted(unknown)}")
 cfg = TinyBenchmarkConfig()
+if "width96" in levers:
+    cfg = replace(cfg, model=replace(cfg.model, width=96, output_dim=96))
 if "lr3e-3" in levers:
     cfg = replace(cfg, pretrain=replace(cfg.pretrain, lr=3e-3))
 
