@@ -99,3 +99,31 @@ def test_merge_study_refuses_bad_parameters_by_name(data_dir):
         ch.merge_study(trained, 3, [2], DIGITS, FW, 0, merge_sets={"resnet": 2})
     with pytest.raises(ValueError, match=r"seed=1 is not the seed"):
         ch.merge_study(trained, 3, [2], DIGITS, FW, 1)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_repair_from_shared_endpoint_statistics_equals_repair_against_the_permuted_endpoints(arch, data_dir):
+    """merge_methods measures each endpoint once and permutes its statistics into every merge's frame;
+    that must give what running REPAIR against the permuted endpoints themselves gives."""
+    import copy
+
+    from mergelab.alignment import apply_permutation, merge_aligned, merge_many, random_permutations, repair
+
+    t = ch.train_all({arch: ARCHS[arch]}, 3, 0, DIGITS)[arch]
+    split, _ = ch.digits_data(DIGITS)
+    g = torch.Generator().manual_seed(1)
+    for perms in (merge_many(t.spec, t.states, seed=0),
+                  [random_permutations(t.spec.group_sizes(t.states[0]), g) for _ in t.states]):
+        merged = merge_aligned(t.spec, t.states, perms)
+        shared = ch.repaired(t, merged, t.states, perms, split.X_train, ch.endpoint_stats(t, t.states, split.X_train))
+        model = copy.deepcopy(t.model)
+        model.load_state_dict(merged)
+        ends = []
+        for p, s in zip(perms, t.states):
+            e = copy.deepcopy(t.model)
+            e.load_state_dict(apply_permutation(t.spec, p, s))
+            ends.append(e)
+        repair(model, ends, split.X_train, names=ch.repair_layers(t))
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(shared[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        assert any(not torch.equal(shared[k], merged[k]) for k in merged), "REPAIR changed nothing"

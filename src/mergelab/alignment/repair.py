@@ -12,7 +12,7 @@ nothing unless ``nn.Linear`` is asked for.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -85,7 +85,9 @@ def channel_stats(model: nn.Module, module_name: str, X: torch.Tensor, batch_siz
 @torch.no_grad()
 def repair(merged: nn.Module, endpoints: Sequence[nn.Module], X: torch.Tensor,
            modules: tuple[type[nn.Module], ...] = (nn.Conv2d,), eps: float = 1e-8, batch_size: int = 512,
-           names: list[str] | None = None) -> dict[str, dict[str, float]]:
+           names: list[str] | None = None,
+           goal_stats: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
+           ) -> dict[str, dict[str, float]]:
     """Correct ``merged`` in place so every chosen layer's output channels have the endpoints' mean
     statistics on ``X`` (training inputs); return, per layer, how much it changed
     (``{"max_scale_change": max |a - 1|, "max_shift": max |shift|}``).
@@ -99,9 +101,13 @@ def repair(merged: nn.Module, endpoints: Sequence[nn.Module], X: torch.Tensor,
         eps: floor on the merged standard deviation.
         names: the layers to correct, by module name, in network order (overrides ``modules``; e.g. an
             MLP's hidden layers without its classifier).
+        goal_stats: the endpoints' :func:`layer_stats` of every corrected layer, already in the merged
+            model's frame (one mapping per endpoint); when given, ``endpoints`` are not run (they may be
+            empty). Several merges of the same endpoints can share one pass over each of them this way
+            (:func:`permute_stats`).
     """
-    if not endpoints:
-        raise ValueError("repair needs at least one endpoint model.")
+    if not endpoints and not goal_stats:
+        raise ValueError("repair needs at least one endpoint model (or their goal_stats).")
     if names is None:
         names = [n for n, m in merged.named_modules() if isinstance(m, modules)]
     modules = dict(merged.named_modules())
@@ -109,7 +115,13 @@ def repair(merged: nn.Module, endpoints: Sequence[nn.Module], X: torch.Tensor,
     if unknown:
         raise ValueError(f"repair names={unknown} are not modules of the model; it has "
                          f"{[n for n in modules if n][:8]}...")
-    goals = [layer_stats(e, names, X, batch_size) for e in endpoints]  # endpoints never change: one pass each
+    if goal_stats is not None:
+        missing = sorted({n for n in names for g in goal_stats if n not in g})
+        if missing:
+            raise ValueError(f"goal_stats lacks the layers {missing}; give the statistics of every corrected layer.")
+        goals = list(goal_stats)
+    else:
+        goals = [layer_stats(e, names, X, batch_size) for e in endpoints]  # endpoints never change: one pass each
     report = {}
     for name in names:
         layer = modules[name]
@@ -127,3 +139,21 @@ def repair(merged: nn.Module, endpoints: Sequence[nn.Module], X: torch.Tensor,
         report[name] = {"max_scale_change": float((a - 1).abs().max()),
                         "max_shift": float(shift.abs().max())}
     return report
+
+
+def permute_stats(stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]], groups: Mapping[str, str | None],
+                  perms: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Channel statistics of a model permuted by ``perms``, from those of the model itself: channel ``c``
+    of layer ``name`` becomes channel ``perms[groups[name]][c]`` of the original (the convention of
+    :func:`mergelab.alignment.apply_permutation`); a layer whose group is ``None`` keeps its order.
+
+    Args:
+        stats: ``{layer: (mean (C,), std (C,))}`` (:func:`layer_stats`).
+        groups: ``{layer: the permutation group of its output channels}``.
+        perms: ``{group: index tensor (C,)}``.
+    """
+    out = {}
+    for name, (mean, std) in stats.items():
+        g = groups[name]
+        out[name] = (mean, std) if g is None else (mean[perms[g]], std[perms[g]])
+    return out

@@ -36,6 +36,7 @@ from ..alignment import (
     repair,
     weight_matching,
 )
+from ..alignment.repair import layer_stats, permute_stats
 from ..alignment.frank_wolfe import FrankWolfeResult
 from ..executors import Executor, LocalExecutor, WorkerContext
 from ..training.scratch import (
@@ -175,17 +176,32 @@ def repair_layers(t: Trained) -> list[str]:
     return [n for n, m in t.model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
+def _endpoint_module(t: Trained, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    module = copy.deepcopy(t.model)
+    module.load_state_dict(dict(state))
+    return module
+
+
+def endpoint_stats(t: Trained, states: Sequence[Mapping[str, torch.Tensor]], X: torch.Tensor,
+                   ) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Each model's channel statistics at the layers REPAIR corrects (:func:`repair_layers`), on inputs
+    ``X``, in its own frame: one pass over ``X`` per model, shared by every merge of these models."""
+    return [layer_stats(_endpoint_module(t, s), repair_layers(t), X) for s in states]
+
+
 def repaired(t: Trained, merged: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]],
-             perms: Sequence[Mapping[str, torch.Tensor]], X: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``merged`` after REPAIR against the endpoints mapped by ``perms`` into its frame, on inputs ``X``."""
-    model = copy.deepcopy(t.model)
-    model.load_state_dict(dict(merged))
-    ends = []
-    for p, s in zip(perms, states):
-        e = copy.deepcopy(t.model)
-        e.load_state_dict(apply_permutation(t.spec, p, s))
-        ends.append(e)
-    repair(model, ends, X, names=repair_layers(t))
+             perms: Sequence[Mapping[str, torch.Tensor]], X: torch.Tensor,
+             stats: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
+             ) -> dict[str, torch.Tensor]:
+    """``merged`` after REPAIR against the endpoints mapped by ``perms`` into its frame, on inputs ``X``;
+    ``stats``: the endpoints' :func:`endpoint_stats` (computed here when ``None``), permuted into that
+    frame instead of running the permuted endpoints again."""
+    model = _endpoint_module(t, merged)
+    names = repair_layers(t)
+    stats = stats if stats is not None else endpoint_stats(t, states, X)
+    groups = {n: t.spec.axes[f"{n}.weight"][0] for n in names}  # the group of each layer's output channels
+    goals = [permute_stats(st, groups, p) for st, p in zip(stats, perms)]
+    repair(model, [], X, names=names, goal_stats=goals)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -210,11 +226,14 @@ def merge_methods(t: Trained, states: Sequence[Mapping[str, torch.Tensor]], data
     start = time.perf_counter()
     fw = c2m3_frank_wolfe(t.spec, states, seed=seed, progress=progress, **frank_wolfe)
     secs["c2m3"] = time.perf_counter() - start
+    start = time.perf_counter()
+    stats = endpoint_stats(t, states, data.X_train)  # one pass per endpoint, shared by the three merges
+    secs["endpoint_stats"] = time.perf_counter() - start
     for name, perms in (("naive", [identity_permutations(sizes)] * len(states)), ("merge_many", mm),
                         ("c2m3", fw.perms)):
         out[name] = merge_aligned(t.spec, states, perms)
         start = time.perf_counter()
-        out[f"{name}_repair"] = repaired(t, out[name], states, perms, data.X_train)
+        out[f"{name}_repair"] = repaired(t, out[name], states, perms, data.X_train, stats)
         secs[f"{name}_repair"] = time.perf_counter() - start
     return MergeOutcome(out, fw, mm, secs)
 
