@@ -2,19 +2,18 @@
 experiments the notebook runs, its tables and its claims.
 
 Every architecture of the chapter is trained from scratch on scikit-learn's digits ``num_models``
-times, from seeds ``seed, seed + 1, ...`` (cached by configuration); the merges use the first
-``merge_models`` of them.
+times, from seeds ``seed, seed + 1, ...`` (cached by configuration; :mod:`.ch06_models`, whose names
+this module re-exports); the merges use the first ``merge_models`` of them.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -22,7 +21,6 @@ import torch
 from torch import nn
 
 from ..alignment import (
-    PermutationSpec,
     apply_permutation,
     average_states,
     c2m3_frank_wolfe,
@@ -36,97 +34,23 @@ from ..alignment import (
     repair,
     weight_matching,
 )
-from ..alignment.repair import layer_stats, permute_stats
 from ..alignment.frank_wolfe import FrankWolfeResult
-from ..executors import Executor, LocalExecutor, WorkerContext
-from ..training.scratch import (
-    DigitsSplit,
-    ScratchConfig,
-    cached_from_scratch,
-    evaluate_state,
-    load_digits_split,
-    new_model,
-    scratch_artifact,
+from ..alignment.repair import layer_stats, permute_stats
+from ..executors import Executor, LocalExecutor
+from ..training.scratch import DigitsSplit, evaluate_state
+from .ch06_models import (  # noqa: F401 (the chapter's API)
+    Trained,
+    _trained,
+    digits_context,
+    digits_data,
+    train_all,
+    train_models,
 )
-from ..utils import config_hash
 
 METHODS = ("naive", "naive_repair", "merge_many", "merge_many_repair", "c2m3", "c2m3_repair")
 """Merges compared: uniform average without alignment, MergeMany, C2M3; each without and with REPAIR."""
 
 SOURCE = "crisostomi2024c2m3"  # key of reports/references.bib (Crisostomi et al., NeurIPS 2024)
-
-
-def digits_data(digits: Mapping[str, Any]) -> tuple[DigitsSplit, dict[str, Any]]:
-    """The digits split of the ``digits`` parameter (``test_fraction``, ``split_seed``) and the key
-    that identifies it in the cache."""
-    key = {"dataset": "sklearn-digits", "test_fraction": float(digits["test_fraction"]),
-           "split_seed": int(digits["split_seed"])}
-    return load_digits_split(key["test_fraction"], key["split_seed"]), key
-
-
-@dataclass
-class Trained:
-    """Models of one architecture from different seeds: a module to evaluate states with, the spec,
-    the state dicts and the recipe (``cfg.seed`` is the first model's seed)."""
-
-    arch: str
-    model: nn.Module
-    spec: PermutationSpec
-    states: list[dict[str, torch.Tensor]]
-    cfg: ScratchConfig
-
-
-def digits_context(digits: Mapping[str, Any]) -> WorkerContext:
-    """What every job of this chapter gets (built once per worker process): :func:`digits_data` of
-    ``digits``, keyed by it, so training and merging jobs share one pool of workers."""
-    split_and_key = digits_data(digits)
-    key = "ch06-" + config_hash({"digits": split_and_key[1]})
-    return WorkerContext(functools.partial(digits_data, dict(digits)), key=key, local=split_and_key)
-
-
-def _train_job(context: tuple[DigitsSplit, dict[str, Any]], item: tuple[str, dict[str, Any], int]) -> str:
-    """Train one model of :func:`train_models` into the cache (nothing if it is there); returns which one."""
-    data, data_key = context
-    arch, recipe, seed = item
-    cached_from_scratch(ScratchConfig(arch=arch, **recipe, seed=seed), data, dict(data_key))
-    return f"{arch} seed {seed}"
-
-
-def train_models(arch: str, recipe: Mapping[str, Any], num_models: int, seed: int, data: DigitsSplit,
-                 data_key: Mapping[str, Any], progress: bool = False) -> Trained:
-    """``num_models`` models of ``arch`` trained from seeds ``seed .. seed + num_models - 1`` (cached)."""
-    if num_models < 2:
-        raise ValueError(f"num_models={num_models!r} is not valid; merging needs at least 2 models.")
-    return _trained(ScratchConfig(arch=arch, **recipe, seed=seed), num_models, data, data_key, progress)
-
-
-def _trained(cfg: ScratchConfig, num_models: int, data: DigitsSplit, data_key: Mapping[str, Any],
-             progress: bool = False) -> Trained:
-    states = [cached_from_scratch(replace(cfg, seed=cfg.seed + i), data, dict(data_key), progress)
-              for i in range(num_models)]
-    model, spec = new_model(cfg, data)
-    spec.validate(states[0])
-    return Trained(cfg.arch, model, spec, states, cfg)
-
-
-def train_all(architectures: Mapping[str, Mapping[str, Any]], num_models: int, seed: int,
-              digits: Mapping[str, Any], executor: Executor | None = None, progress: bool = False,
-              ) -> dict[str, Trained]:
-    """:func:`train_models` of every architecture; the models not cached yet are trained first by
-    ``executor`` (one job per model, the slowest architecture's first; default: here, one after the other)."""
-    data, data_key = digits_data(digits)
-    if num_models < 2:
-        raise ValueError(f"num_models={num_models!r} is not valid; merging needs at least 2 models.")
-    executor = executor if executor is not None else LocalExecutor(1)
-    jobs = [(arch, dict(recipe), seed + i) for arch, recipe in sorted(architectures.items(),
-                                                                     key=lambda kv: kv[0] != "resnet")
-            for i in range(num_models)
-            if not scratch_artifact(ScratchConfig(arch=arch, **recipe, seed=seed + i), data_key).exists()]
-    if jobs and not executor.inline:
-        executor.map(_train_job, jobs, digits_context(digits), progress=progress,
-                     describe=lambda j: {"architecture": j[0], "seed": j[2]}, desc="training").raise_failures("training runs")
-    return {arch: train_models(arch, recipe, num_models, seed, data, data_key, progress)
-            for arch, recipe in architectures.items()}
 
 
 def permutation_invariance(t: Trained, data: DigitsSplit, seed: int) -> dict[str, float]:
