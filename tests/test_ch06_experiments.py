@@ -37,6 +37,9 @@ def test_across_sets_summarizes_the_paired_differences_between_sets():
     assert a["n"] == 4 and a["mean"] == pytest.approx(mean) and a["standard_error"] == pytest.approx(sd / 2)
     assert (a["positive"], a["negative"]) == (2, 1) and a["per_set"]["0,1,3"] == pytest.approx(-0.01)
     assert ch.across_sets(sets, "mlp")["standard_error"] is None  # one set: no spread between sets
+    assert a["separated"] is False and ch.sets_separated(a) is False  # mean .01 inside 2 x .0091
+    assert ch.across_sets(sets, "mlp")["separated"] is None
+    assert ch.sets_separated({**a, "mean": 0.02}) is True
 
 
 def _resnet_results(sets: dict | None) -> dict:

@@ -286,24 +286,25 @@ def merge_study(trained: Mapping[str, Trained], merge_models: int, counts: Seque
     executor = executor if executor is not None else LocalExecutor(1)
     main = tuple(range(merge_models))
     members: dict[str, list[tuple[int, ...]]] = {}
+    sets: dict[str, list[tuple[int, ...]]] = {}
+    by_count = [tuple(range(k)) for k in sorted(set(counts), reverse=True)]
     for arch, t in trained.items():
-        sets = merge_sets_of(len(t.states), merge_models, (merge_sets or {}).get(arch, 1))
-        by_count = [tuple(range(k)) for k in sorted(set(counts), reverse=True)]
-        members[arch] = sorted(dict.fromkeys([*by_count, *sets]), key=len, reverse=True)  # the largest first
+        sets[arch] = merge_sets_of(len(t.states), merge_models, (merge_sets or {}).get(arch, 1))
+        members[arch] = sorted(dict.fromkeys([*by_count, *sets[arch]]), key=len, reverse=True)  # the largest first
     jobs = [(trained[arch].cfg, len(trained[arch].states), m, dict(frank_wolfe), m == main)
             for arch in trained for m in members[arch]]
     done = executor.map(_merge_job, jobs, digits_context(digits), progress=progress,
                         describe=lambda j: {"architecture": j[0].arch, "models": list(j[2])}, desc="merges")
     done.raise_failures("merges")
     outcomes, metrics, correct, rows, set_rows = {}, {}, {}, [], []
-    for (cfg, n_models, m_set, _fw, keep), (outcome, met, cor) in zip(jobs, done.results):
+    for (cfg, _n, m_set, _fw, keep), (outcome, met, cor) in zip(jobs, done.results):
         arch = cfg.arch
         if keep:
             outcomes[arch], metrics[arch], correct[arch] = outcome, met, cor
         if m_set == tuple(range(len(m_set))) and len(m_set) in counts:
             rows += [{"architecture": arch, "num_models": len(m_set), "method": name,
                       "accuracy": met[name]["accuracy"], "loss": met[name]["loss"]} for name in ("endpoints", *METHODS)]
-        if m_set in merge_sets_of(n_models, merge_models, (merge_sets or {}).get(arch, 1)):
+        if m_set in sets[arch]:
             set_rows.append({"architecture": arch, "models": ",".join(map(str, m_set)),
                              **{name: met[name]["accuracy"] for name in ("endpoints", *METHODS)},
                              **paired_difference(cor["c2m3_repair"], cor["merge_many_repair"])})
@@ -315,14 +316,24 @@ def merge_study(trained: Mapping[str, Trained], merge_models: int, counts: Seque
 def across_sets(sets: pd.DataFrame, arch: str) -> dict[str, Any]:
     """C2M3 with REPAIR minus MergeMany with REPAIR over the merged sets of ``arch`` (rows of
     :attr:`MergeStudy.sets`): ``n`` sets, the ``mean`` difference, its ``standard_error`` across sets
-    (sample SD / sqrt(n); ``None`` below 3 sets), how many sets are ``positive``, and ``per_set``."""
+    (sample SD / sqrt(n); ``None`` below 3 sets), how many sets are ``positive``, ``per_set``, and
+    whether the difference is ``separated`` from 0 (:func:`sets_separated`)."""
     part = sets[sets.architecture == arch]
     d = part["difference"].astype(float)
     n = len(d)
-    return {"n": n, "mean": float(d.mean()) if n else None,
-            "standard_error": float(d.std(ddof=1) / math.sqrt(n)) if n >= 3 else None,
-            "positive": int((d > 0).sum()), "negative": int((d < 0).sum()),
-            "per_set": {row.models: float(row.difference) for row in part.itertuples()}}
+    out = {"n": n, "mean": float(d.mean()) if n else None,
+           "standard_error": float(d.std(ddof=1) / math.sqrt(n)) if n >= 3 else None,
+           "positive": int((d > 0).sum()), "negative": int((d < 0).sum()),
+           "per_set": {row.models: float(row.difference) for row in part.itertuples()}}
+    return {**out, "separated": sets_separated(out)}
+
+
+def sets_separated(summary: Mapping[str, Any]) -> bool | None:
+    """The chapter's rule for a difference across sets of models (:func:`across_sets`): ``True`` when
+    its mean exceeds two standard errors across sets, ``None`` when there are too few sets for one."""
+    if summary.get("standard_error") is None:
+        return None
+    return bool(summary["mean"] > 2 * summary["standard_error"])
 
 
 def claims(arch_results: Mapping[str, Mapping[str, Any]], mlp_fraction: float = 0.9) -> list[dict[str, Any]]:
@@ -355,10 +366,10 @@ def claims(arch_results: Mapping[str, Mapping[str, Any]], mlp_fraction: float = 
         r = arch_results["resnet"]
         m, paired = r["methods"], r["paired"]["c2m3_repair_vs_merge_many_repair"]
         sets = r.get("merge_sets") or {}
-        if sets.get("standard_error") is not None:  # several sets of models: the spread between sets counts
+        if sets_separated(sets) is not None:  # several sets of models: the spread between sets counts
             add(f"resnet: C2M3 with REPAIR is above MergeMany with REPAIR (mean paired difference over "
                 f"{sets['n']} sets of models above two standard errors across sets; CIFAR-10 ResNet-20x2 in the "
-                "paper: .69 vs .50)", sets["mean"] > 2 * sets["standard_error"],
+                "paper: .69 vs .50)", sets_separated(sets),
                 {"c2m3_repair": m["c2m3_repair"]["accuracy"], "merge_many_repair": m["merge_many_repair"]["accuracy"],
                  "mean_difference": sets["mean"], "standard_error_across_sets": sets["standard_error"],
                  "sets": sets["n"], "sets_positive": sets["positive"], "sets_negative": sets["negative"],

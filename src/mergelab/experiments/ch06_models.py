@@ -31,7 +31,19 @@ def digits_data(digits: Mapping[str, Any]) -> tuple[DigitsSplit, dict[str, Any]]
     that identifies it in the cache."""
     key = {"dataset": "sklearn-digits", "test_fraction": float(digits["test_fraction"]),
            "split_seed": int(digits["split_seed"])}
-    return load_digits_split(key["test_fraction"], key["split_seed"]), key
+    return _split(key["test_fraction"], key["split_seed"]), key
+
+
+@functools.lru_cache(maxsize=4)
+def _split(test_fraction: float, split_seed: int) -> DigitsSplit:
+    """:func:`load_digits_split`, loaded once per process (the notebook, the training and the merge
+    jobs all ask for it; nothing writes to its tensors)."""
+    return load_digits_split(test_fraction, split_seed)
+
+
+def _check_num_models(num_models: int) -> None:
+    if num_models < 2:
+        raise ValueError(f"num_models={num_models!r} is not valid; merging needs at least 2 models.")
 
 
 @dataclass
@@ -65,8 +77,7 @@ def _train_job(context: tuple[DigitsSplit, dict[str, Any]], item: tuple[str, dic
 def train_models(arch: str, recipe: Mapping[str, Any], num_models: int, seed: int, data: DigitsSplit,
                  data_key: Mapping[str, Any], progress: bool = False) -> Trained:
     """``num_models`` models of ``arch`` trained from seeds ``seed .. seed + num_models - 1`` (cached)."""
-    if num_models < 2:
-        raise ValueError(f"num_models={num_models!r} is not valid; merging needs at least 2 models.")
+    _check_num_models(num_models)
     return _trained(ScratchConfig(arch=arch, **recipe, seed=seed), num_models, data, data_key, progress)
 
 
@@ -84,9 +95,8 @@ def train_all(architectures: Mapping[str, Mapping[str, Any]], num_models: int, s
               ) -> dict[str, Trained]:
     """:func:`train_models` of every architecture; the models not cached yet are trained first by
     ``executor`` (one job per model, the slowest architecture's first; default: here, one after the other)."""
+    _check_num_models(num_models)
     data, data_key = digits_data(digits)
-    if num_models < 2:
-        raise ValueError(f"num_models={num_models!r} is not valid; merging needs at least 2 models.")
     executor = executor if executor is not None else LocalExecutor(1)
     jobs = [(arch, dict(recipe), seed + i) for arch, recipe in sorted(architectures.items(),
                                                                      key=lambda kv: kv[0] != "resnet")
