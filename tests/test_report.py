@@ -497,3 +497,70 @@ def test_ctrl_c_ends_with_one_line_and_leaves_no_kernel_files(tmp_path: Path) ->
     runtime.rmdir() if not left else None
     assert not left, f"left behind: {left}"
     assert not list((tmp_path / "out").glob(".*.running.ipynb")) and not list((tmp_path / "out").glob(".*.log"))
+
+
+FAKE_QUARTO = """\
+#!{python}
+# A stand-in for Quarto (it cannot be installed on these machines): records how it was called and checks
+# the project it was handed the way `quarto render` would need it, then writes the book's index page.
+import json, pathlib, sys, yaml
+args = sys.argv[1:]
+project = pathlib.Path(args[1])
+config = yaml.safe_load((project / "_quarto.yml").read_text())
+chapters = config["book"]["chapters"]
+missing = [c for c in chapters + [config["bibliography"]] if not (project / c).is_file()]
+pathlib.Path({record!r}).write_text(json.dumps({{"args": args, "chapters": chapters, "missing": missing}}))
+if missing:
+    sys.exit(2)
+book = project / config["project"]["output-dir"]
+book.mkdir(exist_ok=True)
+(book / "index.html").write_text("<html>rendered by the stand-in</html>")
+sys.exit({exit_code})
+"""
+
+
+def fake_quarto(bin_dir: Path, record: Path, exit_code: int = 0) -> None:
+    """Put an executable ``quarto`` stand-in into ``bin_dir`` (see ``FAKE_QUARTO``)."""
+    import sys
+
+    bin_dir.mkdir()
+    script = bin_dir / "quarto"
+    script.write_text(FAKE_QUARTO.format(python=sys.executable, record=str(record), exit_code=exit_code))
+    script.chmod(0o755)
+
+
+def test_with_quarto_on_path_the_book_is_handed_to_quarto_render(
+    executed: tuple[Path, report.ReportResult], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Quarto path, with a stand-in executable: ``auto`` prefers Quarto, calls ``quarto render
+    <reports>`` once on a project whose chapters and bibliography are all in place, and returns the index
+    Quarto wrote; a failing Quarto is an error that names the command and its exit code."""
+    shutil.copytree(executed[0], tmp_path / "project")
+    root, out = tmp_path / "project", tmp_path / "project" / "out"
+    shutil.rmtree(out / report.runner.BOOK_DIR, ignore_errors=True)
+    record = tmp_path / "quarto-call.json"
+    fake_quarto(tmp_path / "bin", record)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    assert report.quarto_executable() == str(tmp_path / "bin" / "quarto")
+
+    index, used = report.render_book(out, root / "book" / "_quarto.yml", "auto")
+    assert used == "quarto" and index == out.resolve() / report.runner.BOOK_DIR / "index.html"
+    assert index.read_text() == "<html>rendered by the stand-in</html>"  # Quarto's page, not pandoc's
+    call = json.loads(record.read_text())
+    assert call == {"args": ["render", str(out.resolve())], "chapters": ["index.qmd", "00_alpha.ipynb"], "missing": []}
+
+    record.unlink()
+    shutil.rmtree(tmp_path / "bin")
+    fake_quarto(tmp_path / "bin", record, exit_code=3)
+    with pytest.raises(report.ReportError, match=r"`quarto render .*` failed \(exit code 3\)"):
+        report.render_book(out, root / "book" / "_quarto.yml", "quarto")
+    assert record.is_file()
+
+
+def test_asking_for_quarto_without_it_says_how_to_get_it(
+    executed: tuple[Path, report.ReportResult], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(executed[0], tmp_path / "project")
+    monkeypatch.setattr(report.book, "quarto_executable", lambda: None)
+    with pytest.raises(report.ReportError, match=r"quarto is not on PATH; `make quarto`.*conda-forge"):
+        report.render_book(tmp_path / "project" / "out", tmp_path / "project" / "book" / "_quarto.yml", "quarto")
