@@ -33,3 +33,16 @@ def test_no_module_is_over_500_lines_without_a_reason():
         if lines > 500 and rel not in allowed:
             over[rel] = lines
     assert not over, f"modules over 500 lines: {over}; split them or say why in this test"
+
+
+def test_the_report_runner_and_course_tools_start_without_torch():
+    """`make report`, its kernels' `mergelab.paths` and `make student` load no torch, open_clip or
+    torchvision (3-4 s of CPU per process, paid by every command and every throwaway test notebook);
+    the package's entry points stay importable from `mergelab` on first use."""
+    code = ("import sys, mergelab.paths, mergelab.params, mergelab.report, mergelab.course\n"
+            "heavy = sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules)\n"
+            "import mergelab\n"
+            "assert callable(mergelab.merge) and mergelab.TaskVector.__name__ == 'TaskVector'\n"
+            "print(','.join(heavy))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "", f"imported at start: {done.stdout.strip()}"

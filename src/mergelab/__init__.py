@@ -10,14 +10,31 @@ Entry points most notebooks need:
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .evaluation import absolute_accuracy, normalized_accuracy
-from .merging import MERGE_METHODS, get_merge, merge, register_merge
-from .task_vectors import TaskVector, task_vectors_from
-from .training import FinetuneConfig, PretrainConfig
+if TYPE_CHECKING:  # imported on first use (below), so `import mergelab.paths` does not load torch
+    from .evaluation import absolute_accuracy, normalized_accuracy
+    from .merging import MERGE_METHODS, get_merge, merge, register_merge
+    from .task_vectors import TaskVector, task_vectors_from
+    from .training import FinetuneConfig, PretrainConfig
 
 __version__ = "0.1.0"
+
+_LAZY = {"absolute_accuracy": "evaluation", "normalized_accuracy": "evaluation", "MERGE_METHODS": "merging",
+         "get_merge": "merging", "merge": "merging", "register_merge": "merging", "TaskVector": "task_vectors",
+         "task_vectors_from": "task_vectors", "FinetuneConfig": "training", "PretrainConfig": "training"}
+
+
+def __getattr__(name: str) -> Any:
+    """The package's entry points, imported when first used: the report runner, the kernels of the
+    report's tests and ``mergelab.paths`` need none of torch, open_clip or torchvision (3-4 s of CPU per
+    process)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 BENCHMARKS = ("tiny", "clip")
 

@@ -9,15 +9,18 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-StateDict = dict[str, torch.Tensor]
+if TYPE_CHECKING:  # imported where used: the report runner and the course tools need these helpers, not torch
+    import torch
+
+StateDict = dict[str, "torch.Tensor"]
 """A model's parameters by name (``model.state_dict()``), e.g. ``"conv1.weight": (width, 3, p, p)``."""
 
 
@@ -25,6 +28,8 @@ def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and PyTorch (CPU and CUDA) so that the same seed gives the same numbers."""
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed={seed!r} is not valid; use a non-negative integer.")
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -38,6 +43,8 @@ def pick_device(device: str | None = "auto") -> torch.device:
         device: ``"auto"`` (or ``None``) picks CUDA when available, else CPU; ``"cpu"``, ``"cuda"``,
             ``"cuda:1"`` or ``"mps"`` force one.
     """
+    import torch
+
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -54,6 +61,8 @@ def pick_device(device: str | None = "auto") -> torch.device:
 @contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run the block with ``n`` torch intra-op threads (``None``: unchanged), then restore the number."""
+    import torch
+
     previous = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)
@@ -78,7 +87,8 @@ def _jsonable(value: Any) -> Any:
         return float(value)
     if isinstance(value, np.ndarray):
         return value.tolist()
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    if torch is not None and isinstance(value, torch.Tensor):
         return value.detach().cpu().tolist()
     return value
 
@@ -95,6 +105,8 @@ def config_hash(config: Any, length: int = 16) -> str:
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 (hex, 24 digits) of a state dict's names, shapes, dtypes and bytes, in key order: the key
     under which evaluations of a model are cached."""
+    import torch
+
     h = hashlib.sha256()
     for k in sorted(state):
         t = state[k].detach().cpu().contiguous()
