@@ -13,6 +13,11 @@ Levers:
   width96    the encoder's width and output dimension 96 instead of 64 (heads 4; 1.6x the step cost)
   kinds      8 more binary targets: is an object of each generator in the scene (every object's kind,
              not only the largest one's), learnt with the strokes' BCE
+  inkmap     (session 4) 4,000 more pretext scenes: a handwritten glyph of scikit-learn's digits drawn
+             as the digits task draws it, from the training split's base digits only (the labels are
+             never read), whose target is the glyph's own 4x4 ink map (its 8x8 image average-pooled 2x2,
+             in the glyph's frame, so independent of where it is drawn), 16 soft targets learnt with
+             the strokes' BCE; every other target of these scenes is unknown (ignored)
 Levers combine with "+", e.g. occupancy+lr3e-3.
 
 usage (its own data folder per lever, one torch thread):
@@ -40,7 +45,7 @@ from mergelab.training import pretrain_factors  # noqa: E402
 
 lever, out = sys.argv[1], sys.argv[2]
 levers = set(lever.split("+"))
-unknown = levers - {"base", "occupancy", "lr3e-3", "strokes8", "kinds", "width96"}
+unknown = levers - {"base", "occupancy", "lr3e-3", "strokes8", "kinds", "width96", "inkmap"}
 if unknown:
     raise SystemExit(f"unknown lever(s) {sorted(unknown)}")
 cfg = TinyBenchmarkConfig()
@@ -77,6 +82,35 @@ if levers & {"occupancy", "kinds"}:
             present[i, tinydata.PRETEXT_KINDS.index(kind)] = 1
     extra = [m for name, m in (("occupancy", occ), ("kinds", present)) if name in levers]
     targets["strokes"] = torch.cat([targets["strokes"], *map(torch.from_numpy, extra)], 1)  # BCE, NaN entries ignored
+if "inkmap" in levers:
+    from sklearn.datasets import load_digits
+
+    glyphs = load_digits().images.astype(np.float32) / 16.0
+    order = np.random.default_rng(12345).permutation(len(glyphs))  # the digits task's split of base digits
+    pool = order[: int(0.6 * len(order))]  # its training split only
+    rng = np.random.default_rng([cfg.data.seed, 4242])
+    n_ink = 4000
+    xs, inks = [], []
+    for _ in range(n_ink):
+        i = pool[rng.integers(len(pool))]
+        glyph = np.kron(glyphs[i], np.ones((3, 3), np.float32))
+        img = tinydata._plain(rng, None, (0.0, 0.3), (0.0, 0.15))
+        oy, ox = rng.integers(0, tinydata.IMAGE_SIZE - 24 + 1, size=2)
+        colour = tinydata._hsv(rng.random(), rng.uniform(0.3, 1.0), rng.uniform(0.85, 1.0))
+        region = img[oy:oy + 24, ox:ox + 24]
+        img[oy:oy + 24, ox:ox + 24] = region * (1 - glyph[..., None]) + colour * glyph[..., None]
+        xs.append(tinydata._finish(img, rng, cfg.data.noise))
+        inks.append(glyphs[i].reshape(4, 2, 4, 2).mean(axis=(1, 3)).reshape(16))
+    n0 = len(X)
+    X = np.concatenate([X, np.stack(xs).astype(np.float32)])
+    nan = torch.full((n_ink,), float("nan"))
+    targets["kind"] = torch.cat([targets["kind"], torch.full((n_ink,), -100, dtype=torch.int64)])
+    targets["texture"] = torch.cat([targets["texture"], torch.full((n_ink,), -100, dtype=torch.int64)])
+    targets["regression"] = torch.cat([targets["regression"], torch.full((n_ink, targets["regression"].shape[1]), float("nan"))])
+    ink = torch.cat([torch.full((n0, 16), float("nan")), torch.from_numpy(np.stack(inks))])
+    strokes = torch.cat([targets["strokes"], torch.full((n_ink, targets["strokes"].shape[1]), float("nan"))])
+    targets["strokes"] = torch.cat([strokes, ink], 1)
+    print("ink scenes", n_ink, "pool", len(X), flush=True)
 torch.manual_seed(cfg.pretrain.seed)
 enc = build_tiny_encoder(cfg.model)
 classes = {"kind": len(tinydata.PRETEXT_KINDS), "texture": len(tinydata.PRETEXT_TEXTURES)}
