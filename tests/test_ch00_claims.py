@@ -1,0 +1,55 @@
+"""Chapter 00's claims: each judged on the per-seed values with the three statuses chapters 01-03 use."""
+
+from __future__ import annotations
+
+import pytest
+
+from mergelab.experiments.ch00_benchmark import both, claims, seed_status, summarize_seeds
+
+
+@pytest.mark.parametrize("values, margin, status", [
+    ([0.50, 0.51, 0.49], 0.40, "reproduced"),      # mean .10 above, SD .01: clear
+    ([0.30, 0.31, 0.29], 0.40, "not_reproduced"),  # mean .10 below: clear
+    ([0.971, 0.963, 0.971], 0.97, "not_testable"),  # mean .968, SD .0046: the spread straddles .97
+    ([0.98], 0.97, "reproduced"),                   # one seed: the value alone decides
+    ([0.96], 0.97, "not_reproduced"),
+])
+def test_seed_status_weighs_the_mean_against_twice_the_spread(values, margin, status):
+    assert seed_status(values, margin) == status
+
+
+def test_seed_status_refuses_no_values_and_nan():
+    for bad in ([], [0.5, float("nan")]):
+        with pytest.raises(ValueError, match="values=.*one finite value per seed"):
+            seed_status(bad)
+
+
+def test_a_claim_of_two_parts_is_as_weak_as_its_weakest_part():
+    assert both("reproduced", "reproduced") == "reproduced"
+    assert both("reproduced", "not_testable") == "not_testable"
+    assert both("not_testable", "not_reproduced") == "not_reproduced"
+
+
+def _rows(zs, wa, ta, tsvm, tsvc, experts=0.8):
+    row = lambda a, n=None: {"absolute_accuracy": a, "normalized_accuracy": a / experts if n is None else n}
+    return {"zero_shot": row(zs), "weight_averaging": row(wa), "task_arithmetic": row(ta),
+            "tsv_merge_validated": row(tsvm), "tsv_compress": row(experts * tsvc, tsvc), "experts": row(experts)}
+
+
+def test_chapter_claims_on_a_seed_study_where_tsv_c_straddles_its_threshold():
+    per_seed = {"0": _rows(.32, .42, .47, .54, .971), "1": _rows(.32, .42, .48, .53, .963),
+                "2": _rows(.32, .43, .47, .54, .971)}
+    study = {"per_seed": per_seed, "summary": summarize_seeds(per_seed)}
+    out = {c["claim"].split(" (")[0].rstrip("."): c for c in claims(study, {"cross_task_off_diagonal": {"mean": 0.0, "min": -0.05}}, "tiny")}
+    assert out["Task arithmetic beats zero-shot by a wide margin"]["status"] == "reproduced"
+    assert out["Weight averaging lies between zero-shot and task arithmetic"]["status"] == "reproduced"
+    assert out["TSV-M beats task arithmetic"]["status"] == "reproduced"
+    tsvc = out["TSV-C with the task known keeps at least 97 % of the experts' accuracy"]
+    assert tsvc["status"] == "not_testable" and tsvc["evidence"]["threshold"] == 0.97
+    assert out["Every merge stays below the experts"]["status"] == "reproduced"
+    # a seed that moves TSV-C clearly below .97 makes the claim not reproduced, clearly above reproduced
+    for value, status in ((0.90, "not_reproduced"), (0.995, "reproduced")):
+        moved = {s: _rows(.32, .42, .47, .54, value) for s in "012"}
+        got = claims({"per_seed": moved, "summary": summarize_seeds(moved)},
+                     {"cross_task_off_diagonal": {"mean": 0.0, "min": -0.05}}, "tiny")
+        assert next(c for c in got if c["claim"].startswith("TSV-C"))["status"] == status
