@@ -20,7 +20,7 @@ def test_seed_status_weighs_the_mean_against_twice_the_spread(values, margin, st
 
 def test_seed_status_refuses_no_values_and_nan():
     for bad in ([], [0.5, float("nan")]):
-        with pytest.raises(ValueError, match="values=.*one finite value per seed"):
+        with pytest.raises(ValueError, match="values=.*one finite value per draw"):
             seed_status(bad)
 
 

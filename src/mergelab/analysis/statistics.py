@@ -158,6 +158,36 @@ def mean_gap_ci(train: Mapping[str, Sequence[float]], test: Mapping[str, Sequenc
     return _interval(gap, gap - half, gap + half, n, level, "normal (per-example variances)")
 
 
+def sample_sd(values: Sequence[float] | np.ndarray) -> float:
+    """Standard deviation (ddof 1) of ``values``; 0 for a single value."""
+    v = np.asarray(values, dtype=float)
+    return float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def seed_status(values: Sequence[float] | np.ndarray, margin: float = 0.0) -> str:
+    """The status of "the ``values`` exceed ``margin``", one value per independent draw (fine-tuning seed,
+    subset of items, ...): ``reproduced`` when their mean is above it by more than twice their standard
+    deviation over draws (ddof 1), ``not_reproduced`` when below by more than that, else ``not_testable``;
+    with one value, the value alone decides (no spread to weigh)."""
+    v = np.asarray(values, dtype=float)
+    if v.size == 0 or not np.isfinite(v).all():
+        raise ValueError(f"values={v.tolist()!r} is not valid; use one finite value per draw (at least one).")
+    gap, spread = float(v.mean()) - margin, 2 * sample_sd(v)
+    if gap > spread or (v.size == 1 and gap > 0):
+        return "reproduced"
+    if gap < -spread or (v.size == 1 and gap <= 0):
+        return "not_reproduced"
+    return "not_testable"
+
+
+def both(*statuses: str) -> str:
+    """The status of a claim that needs every part: ``not_reproduced`` if any part is, ``reproduced`` if all
+    are, else ``not_testable``."""
+    if "not_reproduced" in statuses:
+        return "not_reproduced"
+    return "reproduced" if all(s == "reproduced" for s in statuses) else "not_testable"
+
+
 def directional_status(interval: Mapping[str, Any], predicted: str = "positive", margin: float = 0.0) -> str:
     """The status of a claim that a quantity is above ``margin`` (``predicted="positive"``) or below
     ``-margin`` (``"negative"``), from its confidence interval:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..analysis.statistics import both, sample_sd, seed_status  # noqa: F401 (re-exported: the chapter's claim rules)
 from ..analysis.diagnostics import (cross_task_matrix, gain_fraction, linear_probe, off_diagonal, own_task_curve,
                                     relative_norms, zero_shot_calibration)
 from ..evaluation import expert_accuracy, merge_baselines, merge_row, summarize
@@ -127,7 +128,7 @@ def claims(study: Mapping[str, Any], diag: Mapping[str, Any], size: str) -> list
 
     def paired(a: str, b: str, margin: float = 0.0) -> tuple[str, dict[str, float]]:
         d = np.array([rows[a]["absolute_accuracy"] - rows[b]["absolute_accuracy"] for rows in per_seed.values()])
-        return seed_status(d, margin), {"mean_difference": float(d.mean()), "sd_difference": _sd(d),
+        return seed_status(d, margin), {"mean_difference": float(d.mean()), "sd_difference": sample_sd(d),
                                         "margin": margin, "seeds": int(len(d))}
 
     out = []
@@ -163,33 +164,6 @@ def claims(study: Mapping[str, Any], diag: Mapping[str, Any], size: str) -> list
         "accuracy within 3 points on average.", "ortizjimenez2023tangent", off["mean"] > -0.03,
         {"mean_off_diagonal_change": off["mean"], "worst": off["min"]})
     return out
-
-
-def _sd(values: np.ndarray) -> float:
-    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
-def seed_status(values: Sequence[float] | np.ndarray, margin: float = 0.0) -> str:
-    """The status of "the per-seed ``values`` exceed ``margin``": ``reproduced`` when their mean is above
-    it by more than twice their standard deviation over seeds (ddof 1), ``not_reproduced`` when below by
-    more than that, else ``not_testable``; with one value, the value alone decides (no spread to weigh)."""
-    v = np.asarray(values, dtype=float)
-    if v.size == 0 or not np.isfinite(v).all():
-        raise ValueError(f"values={v.tolist()!r} is not valid; use one finite value per seed (at least one).")
-    gap, spread = float(v.mean()) - margin, 2 * _sd(v)
-    if gap > spread or (v.size == 1 and gap > 0):
-        return "reproduced"
-    if gap < -spread or (v.size == 1 and gap <= 0):
-        return "not_reproduced"
-    return "not_testable"
-
-
-def both(*statuses: str) -> str:
-    """The status of a claim that needs every part: ``not_reproduced`` if any part is, ``reproduced`` if all
-    are, else ``not_testable``."""
-    if "not_reproduced" in statuses:
-        return "not_reproduced"
-    return "reproduced" if all(s == "reproduced" for s in statuses) else "not_testable"
 
 
 def seed_table(summary: Mapping[str, Any], metric: str = "absolute_accuracy") -> Any:

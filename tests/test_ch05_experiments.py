@@ -1,0 +1,92 @@
+"""Chapter 05's rank study and its claim rule (mergelab.experiments.ch05_merge3), on synthetic responses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mergelab.analysis.irt import ESTIMATORS, IRTModel
+from mergelab.experiments import ch05_merge3 as ch05
+
+
+def population(P: int = 12, N: int = 300, D: int = 2, seed: int = 0):
+    """A known IRT model, 3 endpoints' abilities and ``(P, N)`` responses of candidates mixed from them."""
+    rng = np.random.default_rng(seed)
+    model = IRTModel(rng.normal(0, 1.0, (N, D)) + 0.5, rng.normal(0, 1.0, N))
+    endpoints = rng.normal(0, 1.0, (3, D))
+    weights = rng.dirichlet(np.ones(3), size=P)
+    theta = weights @ endpoints
+    return model, endpoints, (rng.random((P, N)) < model.prob(theta)).astype(float)
+
+
+@pytest.fixture(scope="module")
+def study():
+    model, endpoints, responses = population()
+    return model, endpoints, responses, ch05.population_rank_study(model, endpoints, responses, [0.1, 1.0], draws=3)
+
+
+def test_rank_study_has_one_row_per_size_draw_and_estimator(study):
+    model, endpoints, responses, ranks = study
+    assert len(ranks) == 2 * 3 * len(ESTIMATORS)
+    assert set(ranks["draw"]) == {0, 1, 2} and set(ranks["n"]) == {30, 300}
+    one = ch05.population_rank_study(model, endpoints, responses, [0.1], draws=1)
+    first = ranks[(ranks["n"] == 30) & (ranks["draw"] == 0)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(one, first)  # draw 0 is the subset a single-draw study uses
+    small = ranks[ranks["n"] == 30]
+    assert small.groupby("draw")["spearman"].mean().nunique() > 1  # the draws are different subsets
+
+
+def test_at_every_item_each_estimator_ranks_exactly_and_spread_and_error_are_as_defined(study):
+    _, _, responses, ranks = study
+    full = ranks[ranks["n"] == 300]
+    assert full["spearman"].to_numpy() == pytest.approx(1.0)
+    assert full["mae"].to_numpy() == pytest.approx(0.0, abs=1e-12)
+    f = responses.mean(1)
+    assert ranks["fitness_sd"].to_numpy() == pytest.approx(f.std(ddof=1))
+    assert ranks[ranks["n"] == 30]["subset_se"].to_numpy() == pytest.approx(np.sqrt(np.mean(f * (1 - f)) / 30))
+
+
+def test_summary_is_the_mean_spread_and_minimum_over_draws(study):
+    ranks = study[3]
+    summary = ch05.summarize_ranks(ranks)
+    assert len(summary) == 2 * len(ESTIMATORS)
+    for _, row in summary.iterrows():
+        values = ranks[(ranks["n"] == row["n"]) & (ranks["estimator"] == row["estimator"])]["spearman"].to_numpy()
+        assert row["spearman"] == pytest.approx(values.mean())
+        assert row["spearman_sd"] == pytest.approx(values.std(ddof=1))
+        assert row["spearman_min"] == pytest.approx(values.min()) and row["draws"] == 3
+
+
+def test_bad_draws_get_a_clear_error(study):
+    model, endpoints, responses, _ = study
+    with pytest.raises(ValueError, match="draws=0 is not valid; use a positive integer"):
+        ch05.population_rank_study(model, endpoints, responses, [0.1], draws=0)
+
+
+def rank_claim(per_draw: list[float]) -> dict:
+    """The rank claim of :func:`ch05.claims` when the best estimator's Spearman over draws is ``per_draw``
+    (every other estimator ranks worse)."""
+    ranks = pd.DataFrame([{"fraction": 0.05, "n": 160, "draw": d, "estimator": e, "mae": 0.02,
+                           "spearman": v - (0.0 if e == "gmp_irt" else 0.2), "fitness_sd": 0.03, "subset_se": 0.03}
+                          for d, v in enumerate(per_draw) for e in ESTIMATORS])
+    errors = pd.DataFrame([{"scheme": "random", "fraction": 0.05, "n": 160, "estimator": e,
+                            "mae": 0.03 if e == "subset_mean" else 0.02} for e in ESTIMATORS])
+    row = {"absolute_accuracy": 0.5, "fitness_forward_passes": 100}
+    rows = {"evolved_irt": row, "evolved_full": {**row, "fitness_forward_passes": 2000}, "task_arithmetic_grid": row}
+    out = ch05.claims(errors, ranks, rows, "tiny")
+    return next(c for c in out if "ranks a GA population" in c["claim"])
+
+
+@pytest.mark.parametrize("per_draw, status", [
+    ([0.95, 0.96, 0.94], "reproduced"),      # mean .95, clears .9 by more than twice the SD
+    ([0.80, 0.85, 0.82], "not_reproduced"),  # misses by more than twice the SD
+    ([0.80, 0.95, 0.99], "not_testable"),    # mean above .9, but the draws straddle it
+    ([0.95], "reproduced"),                  # one draw: the value alone decides
+])
+def test_rank_claim_weighs_the_mean_over_draws_against_their_spread(per_draw, status):
+    c = rank_claim(per_draw)
+    assert c["status"] == status
+    e = c["evidence"]
+    assert e["estimator"] == "gmp_irt" and e["spearman"] == pytest.approx(np.mean(per_draw))
+    assert e["spearman_per_draw"] == pytest.approx(per_draw) and e["n"] == 160
