@@ -90,3 +90,33 @@ def test_rank_claim_weighs_the_mean_over_draws_against_their_spread(per_draw, st
     e = c["evidence"]
     assert e["estimator"] == "gmp_irt" and e["spearman"] == pytest.approx(np.mean(per_draw))
     assert e["spearman_per_draw"] == pytest.approx(per_draw) and e["n"] == 160
+
+
+def search_claims(gaps: list[float], irt: list[float], ratio_passes: int = 30) -> tuple[dict, dict]:
+    """The two search claims of :func:`ch05.claims` for per-seed gaps and IRT-evolved accuracies (task
+    arithmetic by grid at .50), with a full search ``ratio_passes`` times the IRT search's passes."""
+    errors = pd.DataFrame([{"scheme": "random", "fraction": 0.05, "n": 160, "estimator": e, "mae": 0.02}
+                           for e in ESTIMATORS])
+    ranks = pd.DataFrame([{"fraction": 0.05, "n": 160, "draw": 0, "estimator": e, "mae": 0.02, "spearman": 0.5,
+                           "fitness_sd": 0.03, "subset_se": 0.03} for e in ESTIMATORS])
+    seeds = pd.DataFrame({"seed": range(len(gaps)), "gap": gaps, "irt_absolute": irt,
+                          "full_absolute": np.add(irt, gaps)})
+    first = {"absolute_accuracy": irt[0], "fitness_forward_passes": 100}
+    rows = {"evolved_irt": first, "task_arithmetic_grid": {"absolute_accuracy": 0.5},
+            "evolved_full": {"absolute_accuracy": irt[0] + gaps[0], "fitness_forward_passes": 100 * ratio_passes}}
+    out = ch05.claims(errors, ranks, rows, "tiny", seeds=seeds)
+    return (next(c for c in out if "fewer fitness forward passes" in c["claim"]),
+            next(c for c in out if "beats task arithmetic" in c["claim"]))
+
+
+def test_search_claims_are_judged_over_ga_seeds_not_the_first_one():
+    # the first seed alone would pass (gap .000, +.02 over task arithmetic); the seeds do not agree
+    gap, beats = search_claims([0.0, 0.03, 0.025], [0.52, 0.49, 0.50])
+    assert gap["status"] == "not_testable" and gap["evidence"]["gap_per_seed"] == pytest.approx([0.0, 0.03, 0.025])
+    assert beats["status"] == "not_testable"
+    gap, beats = search_claims([0.03, 0.032, 0.031], [0.47, 0.48, 0.475])  # every seed misses
+    assert gap["status"] == "not_reproduced" and beats["status"] == "not_reproduced"
+    gap, beats = search_claims([0.001, -0.002, 0.0], [0.52, 0.53, 0.525])
+    assert gap["status"] == "reproduced" and beats["status"] == "reproduced"
+    gap, _ = search_claims([0.001, -0.002, 0.0], [0.52, 0.53, 0.525], ratio_passes=10)
+    assert gap["status"] == "not_reproduced"  # within .01, but only 10x fewer passes
