@@ -460,8 +460,7 @@ def choose_head(logits: Mapping[str, torch.Tensor]) -> tuple[list[str], torch.Te
     names = list(logits)
     best = torch.stack([logits[t].max(-1).values for t in names], 1)  # (N, heads)
     which = best.argmax(1)
-    labels = torch.stack([logits[names[int(w)]][i].argmax() for i, w in enumerate(which.tolist())]) \
-        if len(which) else torch.zeros(0, dtype=torch.long)
+    labels = torch.stack([logits[t].argmax(-1) for t in names], 1).gather(1, which[:, None]).squeeze(1)
     return [names[int(w)] for w in which.tolist()], labels
 
 
