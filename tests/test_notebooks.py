@@ -55,6 +55,13 @@ def test_notebook_runs_at_smoke_size_and_writes_results(name, run_notebook):
     prov = results["provenance"]
     assert prov["notebook"] == name and prov["parameters"]["profile"] == "smoke"
     assert {"versions", "device", "git_commit", "wall_time_s"} <= set(prov)
+    if name != "06_cycle_consistent_merging":  # every chapter on the tiny benchmark says which pretrained weights it used
+        from mergelab import paths
+        from mergelab.cache import file_sha256
+
+        sha = prov["pretrained_sha256"]
+        found = [f for f in paths.data_dir().rglob("pretrained.safetensors") if file_sha256(f) == sha]
+        assert found, f"pretrained_sha256 {sha} is not the hash of any cached encoder under {paths.data_dir()}"
     executed = json.loads(Path(results["_executed_notebook"]).read_text())
     stray = [o["data"]["text/plain"] for c in executed["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
              if o.get("output_type") == "execute_result" and "PosixPath(" in "".join(o["data"].get("text/plain", ""))]

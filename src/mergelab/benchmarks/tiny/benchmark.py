@@ -215,6 +215,13 @@ class TinyBenchmark(BenchmarkBase):
         return enc.state_dict(), {"config": asdict(self.config), "loss": losses,
                                   "wall_time_s": time.perf_counter() - start}
 
+    @property
+    def pretrained_sha256(self) -> str | None:
+        """SHA-256 of the cached pretrained weights file (``None`` before pretraining has run or been loaded)."""
+        if self._pretrained is None:
+            return None
+        return self._pretrained_artifact.meta().get("sha256")
+
     def pretraining_log(self) -> dict[str, Any]:
         """Loss curve and wall time of the pretraining run."""
         self.pretrained_state()
