@@ -227,3 +227,16 @@ def test_interactive_runs_write_to_the_lab_folder_and_runner_runs_where_told(mon
     monkeypatch.setenv("MERGELAB_REPORTS_DIR", str(tmp_path / "book"))  # what make report sets for its kernels
     assert not notebook.use_lab_folder()
     assert paths.reports_dir() == (tmp_path / "book").resolve()
+
+
+def test_main_result_states_the_headline_and_every_claim_not_reproduced_or_undecided():
+    from mergelab.notebook import main_result
+
+    claims = [{"claim": "A holds.", "status": "reproduced"}, {"claim": "B holds.", "status": "not_reproduced"},
+              {"claim": "C holds (paper: 1)", "status": "not_testable"}]
+    text = main_result("X reaches .9", claims, "07_x", undecided="not decided")
+    assert text.startswith("**Main result of this run**: X reaches .9; 1 of 3 claims reproduced")
+    assert "; not reproduced: B holds; not decided: C holds (paper: 1). The numbers" in text  # one period, at the end
+    assert text.endswith("The numbers behind every figure are in `reports/results/07_x.json`.")
+    assert main_result("Y", claims[:1], "07_x") == ("**Main result of this run**: Y; 1 of 1 claims reproduced. "
+                                                    "The numbers behind every figure are in `reports/results/07_x.json`.")

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -216,3 +216,20 @@ def stand_in_note(benchmark: str, data: dict[str, Any], model: dict[str, Any]) -
 def print_provenance(session: Session) -> None:
     """The closing provenance cell: print what :func:`provenance` records."""
     print(json.dumps(provenance(session), indent=2, default=str))
+
+
+def main_result(headline: str, claims: Sequence[Mapping[str, Any]], notebook: str,
+                undecided: str = "not decided at this size") -> str:
+    """Markdown of a chapter's closing "Main result of this run": ``headline`` (the run's main numbers,
+    formatted by the chapter from its results), how many of ``claims`` (``{claim, status, ...}``) were
+    reproduced, the claims not reproduced and those ``undecided`` (``not_testable``), and where the
+    numbers are (``reports/results/<notebook>.json``)."""
+    by = {s: [c["claim"].strip().rstrip(".") for c in claims if c["status"] == s]
+          for s in ("reproduced", "not_reproduced", "not_testable")}
+    text = f"**Main result of this run**: {headline}; {len(by['reproduced'])} of {len(claims)} claims reproduced"
+    if by["not_reproduced"]:
+        text += f"; not reproduced: {'; '.join(by['not_reproduced'])}"
+    if by["not_testable"]:
+        text += f"; {undecided}: {'; '.join(by['not_testable'])}"
+    text += "."
+    return text + f" The numbers behind every figure are in `reports/results/{notebook}.json`."
