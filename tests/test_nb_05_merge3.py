@@ -93,7 +93,7 @@ def test_searches_repeat_over_the_ga_seeds_and_the_first_is_the_chapter_search(r
         assert r["gap"] == pytest.approx(r["full_absolute"] - r["irt_absolute"])
         assert r["full_passes"] % N == 0 and r["irt_passes"] % n == 0
     m = results["methods"]
-    first = next(r for r in seeds if r["seed"] == params["seed"])  # resumed from the chapter's own searches
+    first = next(r for r in seeds if r["seed"] == params["seed"])  # the chapter's own searches, reused
     assert first["full_absolute"] == pytest.approx(m["evolved_full"]["absolute_accuracy"])
     assert first["irt_absolute"] == pytest.approx(m["evolved_irt"]["absolute_accuracy"])
     assert len({(r["full_absolute"], r["irt_absolute"]) for r in seeds}) > 1 or len(seeds) == 1

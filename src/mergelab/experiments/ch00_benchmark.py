@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..analysis.statistics import both, sample_sd, seed_status  # noqa: F401 (re-exported: the chapter's claim rules)
+from ..analysis.statistics import both, sample_sd, seed_status
 from ..analysis.diagnostics import (cross_task_matrix, gain_fraction, linear_probe, off_diagonal, own_task_curve,
                                     relative_norms, zero_shot_calibration)
 from ..evaluation import expert_accuracy, merge_baselines, merge_row, summarize

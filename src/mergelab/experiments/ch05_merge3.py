@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from ..executors import Executor, LocalExecutor, WorkerContext, benchmark_contex
 from ..merging import merge
 from ..merging.evolve import EvolutionResult, evolve, task_arithmetic_per_task
 from ..task_vectors import TaskVector
-from ..utils import StateDict
+from ..utils import StateDict, config_hash
 
 
 def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Mapping[str, StateDict],
@@ -215,11 +216,10 @@ def population_rank_study(model: IRTModel, endpoint_theta: np.ndarray, responses
                           fractions: Sequence[float], draws: int = 1, seed: int = 0) -> pd.DataFrame:
     """Estimates of a GA population's fitness (``responses`` ``(P, N)`` of the full-fitness search's
     candidates) from ``draws`` random subsets per size, each shared by every candidate as a search's
-    subset is (draw ``d`` of size ``n`` is the random subset :func:`estimator_study` draws with the
-    same seed).
+    subset is: :func:`estimator_study` with random anchors (the same subsets it draws for the same seed).
 
     Returns:
-        One row per (fraction, draw, estimator): ``fraction, n, draw, estimator, spearman, mae``, and
+        One row per (fraction, draw, estimator): ``fraction, n, draw, estimator, mae, spearman``, and
         per size the population's spread ``fitness_sd`` (SD of the full fitness over the ``P``
         candidates) against ``subset_se``, the binomial standard error of one candidate's ``n``-item mean
         (root mean of ``f (1 - f) / n``): a subset whose error is not well below the spread cannot rank.
@@ -227,20 +227,11 @@ def population_rank_study(model: IRTModel, endpoint_theta: np.ndarray, responses
     if not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws={draws!r} is not valid; use a positive integer (subsets per size).")
     truth = responses.mean(1)
-    rows = []
-    for fraction in fractions:
-        n = subset_size(fraction, model.num_items)
-        se = float(np.sqrt(np.mean(truth * (1 - truth)) / n))
-        for draw in range(draws):
-            items, _ = select_anchors(model, n, "random", seed=seed + 1000 * draw + n)
-            est = np.array([[getattr(estimate_accuracy(model, items, r[items], endpoint_theta), e)
-                             for e in ESTIMATORS] for r in responses])
-            for j, e in enumerate(ESTIMATORS):
-                rho = float(spearmanr(est[:, j], truth).statistic) if np.ptp(est[:, j]) > 0 else 0.0
-                rows.append({"fraction": float(fraction), "n": n, "draw": draw, "estimator": e, "spearman": rho,
-                             "mae": float(np.abs(est[:, j] - truth).mean()),
-                             "fitness_sd": float(truth.std(ddof=1)), "subset_se": se})
-    return pd.DataFrame(rows)
+    study = estimator_study(model, endpoint_theta, responses, fractions, draws, schemes=("random",), seed=seed,
+                            progress=False).drop(columns="scheme")
+    study["fitness_sd"] = sample_sd(truth)
+    study["subset_se"] = np.sqrt(np.mean(truth * (1 - truth)) / study["n"])
+    return study
 
 
 def summarize_ranks(ranks: pd.DataFrame) -> pd.DataFrame:
@@ -253,6 +244,13 @@ def summarize_ranks(ranks: pd.DataFrame) -> pd.DataFrame:
     out["fitness_sd"] = g["fitness_sd"].first().to_numpy()
     out["subset_se"] = g["subset_se"].first().to_numpy()
     return out
+
+
+def best_rank_at(summary: pd.DataFrame, fraction: float) -> pd.Series:
+    """The row of :func:`summarize_ranks` with the highest mean Spearman at the size nearest ``fraction``."""
+    nearest = summary["fraction"].iloc[(summary["fraction"] - fraction).abs().argmin()]
+    at = summary[summary["fraction"] == nearest]
+    return at.loc[at["spearman"].idxmax()]
 
 
 def search(bench: Any, evaluator: ResponseEvaluator, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
@@ -277,49 +275,64 @@ def search(bench: Any, evaluator: ResponseEvaluator, pretrained: StateDict, task
     return row, result
 
 
+def search_checkpoint(checkpoint_dir: str | Path, key: Mapping[str, Any], items: np.ndarray | None = None,
+                      estimator: str | None = None, dim: int | None = None) -> Path:
+    """Where a search is saved: ``full-<hash of key>.json`` for full fitness, ``irt-<hash>.json`` of ``key``
+    with the subset ``items``, the ``estimator`` and the IRT ``dim`` for IRT fitness (``key`` holds what
+    else makes the search: benchmark, tasks, recipe, GA seed, population, coefficient range)."""
+    if items is None:
+        return Path(checkpoint_dir) / f"full-{config_hash(dict(key))}.json"
+    return Path(checkpoint_dir) / f"irt-{config_hash({**key, 'items': items, 'est': estimator, 'dim': dim})}.json"
+
+
+def seed_row(seed: int, full: Mapping[str, Any], irt: Mapping[str, Any]) -> dict[str, Any]:
+    """One row of :func:`seed_searches` from the two search rows (:func:`search`) of one GA seed."""
+    return {"seed": int(seed), "full_absolute": full["absolute_accuracy"], "irt_absolute": irt["absolute_accuracy"],
+            "full_normalized": full["normalized_accuracy"], "irt_normalized": irt["normalized_accuracy"],
+            "gap": full["absolute_accuracy"] - irt["absolute_accuracy"],
+            "full_passes": full["fitness_forward_passes"], "irt_passes": irt["fitness_forward_passes"]}
+
+
 def seed_searches(bench: Any, evaluator: ResponseEvaluator, pretrained: StateDict,
                   task_vectors: Mapping[str, TaskVector], expert_test: Mapping[str, float], model: IRTModel,
                   endpoint_theta: np.ndarray, estimator: str, fraction: float, coefficient_max: float,
                   pop_size: int, n_gen: int, seeds: Sequence[int], checkpoint_dir: Any = None,
-                  key: Mapping[str, Any] | None = None, executor: Executor | None = None, progress: bool = True
-                  ) -> pd.DataFrame:
+                  key: Mapping[str, Any] | None = None, executor: Executor | None = None, progress: bool = True,
+                  done: Mapping[int, tuple[Mapping[str, Any], Mapping[str, Any]]] | None = None) -> pd.DataFrame:
     """The chapter's two searches once per GA seed: with full fitness, and with ``estimator`` from a random
     subset of ``fraction`` of the items drawn with the same seed (one subset per search, as MERGE3 does).
 
-    With ``checkpoint_dir``, each search is saved as ``full-<hash>.json`` / ``irt-<hash>.json`` of ``key``
-    with the seed (and, for IRT, the items, estimator and IRT dimension) put in, the names the notebook's
-    first search uses, so that search is resumed, not run again.
+    With ``checkpoint_dir``, each search is saved where :func:`search_checkpoint` says for ``key`` with the
+    seed put in. ``done`` maps a seed to its two search rows already computed (``(full, irt)``, e.g. the
+    chapter's first searches): those seeds are not searched or evaluated again.
 
     Returns:
-        One row per seed: ``seed``, test ``full_absolute``, ``irt_absolute``, ``full_normalized``,
-        ``irt_normalized``, ``gap`` (full minus IRT, absolute), ``full_passes`` and ``irt_passes`` (the
-        candidates' fitness forward passes; the endpoints' full answers are not included).
+        One row per seed (:func:`seed_row`): ``seed``, test ``full_absolute``, ``irt_absolute``,
+        ``full_normalized``, ``irt_normalized``, ``gap`` (full minus IRT, absolute), ``full_passes`` and
+        ``irt_passes`` (the candidates' fitness forward passes; the endpoints' full answers are not included).
     """
-    from pathlib import Path
-
-    from ..utils import config_hash
-
     if not seeds:
         raise ValueError("seeds=[] is not valid; give at least one GA seed.")
+    done = dict(done or {})
     tvs = list(task_vectors.values())
     full = Fitness(evaluator, pretrained, tvs, executor=executor)
     n = subset_size(fraction, model.num_items)
     rows = []
-    for s in seeds:
-        items = select_anchors(model, n, "random", seed=int(s))[0]
+    for s in map(int, seeds):
+        if s in done:
+            rows.append(seed_row(s, *done[s]))
+            continue
+        items = select_anchors(model, n, "random", seed=s)[0]
         irt_fit = Fitness(evaluator, pretrained, tvs, model, endpoint_theta, items, estimator, executor=executor)
-        k = {**(key or {}), "seed": int(s)}
-        paths = ((None, None) if checkpoint_dir is None else
-                 (Path(checkpoint_dir) / f"full-{config_hash(k)}.json",
-                  Path(checkpoint_dir) / f"irt-{config_hash({**k, 'items': items, 'est': estimator, 'dim': model.dim})}.json"))
+        k = {**(key or {}), "seed": s}
+        f_ckpt, i_ckpt = ((None, None) if checkpoint_dir is None else
+                          (search_checkpoint(checkpoint_dir, k),
+                           search_checkpoint(checkpoint_dir, k, items, estimator, model.dim)))
         f_row, _ = search(bench, evaluator, pretrained, task_vectors, expert_test, full, coefficient_max, pop_size,
-                          n_gen, int(s), checkpoint=paths[0], progress=progress, desc=f"GA seed {s}, full fitness")
+                          n_gen, s, checkpoint=f_ckpt, progress=progress, desc=f"GA seed {s}, full fitness")
         i_row, _ = search(bench, evaluator, pretrained, task_vectors, expert_test, irt_fit, coefficient_max, pop_size,
-                          n_gen, int(s), checkpoint=paths[1], progress=progress, desc=f"GA seed {s}, IRT fitness")
-        rows.append({"seed": int(s), "full_absolute": f_row["absolute_accuracy"], "irt_absolute": i_row["absolute_accuracy"],
-                     "full_normalized": f_row["normalized_accuracy"], "irt_normalized": i_row["normalized_accuracy"],
-                     "gap": f_row["absolute_accuracy"] - i_row["absolute_accuracy"],
-                     "full_passes": f_row["fitness_forward_passes"], "irt_passes": i_row["fitness_forward_passes"]})
+                          n_gen, s, checkpoint=i_ckpt, progress=progress, desc=f"GA seed {s}, IRT fitness")
+        rows.append(seed_row(s, f_row, i_row))
     return pd.DataFrame(rows)
 
 
@@ -355,11 +368,8 @@ def claims(errors: pd.DataFrame, ranks: pd.DataFrame, rows: Mapping[str, Mapping
     out.append(claim(f"IRT estimators beat the plain subset mean at {f5:.0%} of the items.", "mencattini2025merge3",
                      "reproduced" if best5["mae"] < mean5 else "not_reproduced",
                      {"best_irt_mae": float(best5["mae"]), "subset_mean_mae": float(mean5), "size": size}))
-    summary = summarize_ranks(ranks)
-    f5r = summary["fraction"].iloc[(summary["fraction"] - 0.05).abs().argmin()]
-    r5 = summary[summary["fraction"] == f5r]
-    best_rank = r5.loc[r5["spearman"].idxmax()]
-    values = ranks[(ranks["fraction"] == f5r) & (ranks["estimator"] == best_rank["estimator"])]["spearman"]
+    best_rank = best_rank_at(summarize_ranks(ranks), 0.05)
+    values = ranks[(ranks["n"] == best_rank["n"]) & (ranks["estimator"] == best_rank["estimator"])]["spearman"]
     out.append(claim("Estimated fitness ranks a GA population as the full fitness does (Spearman >= .9 at 5 % of "
                      "the items).", "mencattini2025merge3", seed_status(values.to_numpy(), 0.9),
                      {"estimator": best_rank["estimator"], "spearman": float(best_rank["spearman"]),
