@@ -78,6 +78,34 @@ def test_same_seed_same_pretrained_weights(data_dir, tmp_path, monkeypatch):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+def test_other_heads_reuse_the_pretrained_encoder_and_keep_their_experts_apart(bench, monkeypatch):
+    pretrained = bench.pretrained_state()
+    other = mergelab.load_benchmark("tiny", device="cpu", progress=False, **{**SMALL, "logit_scale": 10.0})
+    shots = mergelab.load_benchmark("tiny", device="cpu", progress=False, **{**SMALL, "heads": "shots"})
+    reseeded = mergelab.load_benchmark("tiny", device="cpu", progress=False, **{**SMALL, "pretrain": {**SMALL["pretrain"], "seed": 1}})
+
+    def refuse(self):
+        raise AssertionError(f"pretrained again for {self.config}")
+
+    monkeypatch.setattr(TinyBenchmark, "_pretrain", refuse)
+    for b in (other, shots):
+        assert b.cache_dir == bench.cache_dir and b.key != bench.key
+        for k, v in b.pretrained_state().items():
+            torch.testing.assert_close(v, pretrained[k], rtol=0, atol=0)
+    assert other.head_digest("size") != bench.head_digest("size")  # experts of the two are cached apart
+    torch.testing.assert_close(other.heads["size"].weight, bench.heads["size"].weight, rtol=0, atol=0)
+    assert other.heads["size"].logit_scale == 10.0
+    assert run_key_differs(bench, other) and run_key_differs(bench, shots)
+    # another pretraining (seed, data, model or pretraining settings) is another encoder
+    assert reseeded.cache_dir != bench.cache_dir
+    with pytest.raises(AssertionError, match="pretrained again"):
+        reseeded.pretrained_state()
+
+
+def run_key_differs(a: TinyBenchmark, b: TinyBenchmark) -> bool:
+    return a.run_key("expert", ["size"], FT) != b.run_key("expert", ["size"], FT)
+
+
 def test_bad_benchmark_parameters_get_clear_errors(data_dir):
     with pytest.raises(ValueError, match="benchmark='huge' is not available; valid: tiny"):
         mergelab.load_benchmark("huge")

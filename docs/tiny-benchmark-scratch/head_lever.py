@@ -10,14 +10,14 @@ object of `TinyBenchmarkConfig` fields after pretraining (`logit_scale`, `heads`
 a JSON object of `FinetuneConfig` fields. A `model` key in HEADS (a JSON object of `TinyViTConfig`
 fields) changes the encoder itself, so that run pretrains its own encoder.
 
-The encoder does not depend on the heads, so it is pretrained once per pretraining seed (in the cache
-of the package's heads) and copied into the other heads' caches, unchanged (same sha256).
+The encoder does not depend on the heads, so it is pretrained once per pretraining seed and shared by
+every heads' setting (`TinyBenchmark.encoder_key`; session 6 ran before that key existed and copied the
+weights between caches, unchanged: same sha256).
 
 usage: python docs/tiny-benchmark-scratch/head_lever.py PRETRAIN_SEED HEADS RECIPE OUT.json [SEEDS, default 0,1,2]
 e.g.   python docs/tiny-benchmark-scratch/head_lever.py 0 '{"logit_scale": 10}' '{}' out.json
 """
 import json
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -43,11 +43,7 @@ base = TinyBenchmark(base_cfg, device="cpu", progress=False)
 start = time.perf_counter()
 base.pretrained_state()
 pretrain_s = time.perf_counter() - start
-bench = TinyBenchmark(replace(base_cfg, **heads), device="cpu", progress=False)
-if bench.cache_dir != base.cache_dir:
-    for name in ("pretrained.safetensors", "pretrained.json"):
-        if not (bench.cache_dir / name).exists():
-            shutil.copy2(base.cache_dir / name, bench.cache_dir / name)
+bench = TinyBenchmark(replace(base_cfg, **heads), device="cpu", progress=False)  # same encoder cache (encoder_key)
 pre = bench.pretrained_state()
 res = {"pretrain_seed": pre_seed, "model": model, "heads": heads, "recipe": recipe, "seeds": seeds, "pretrained_sha256": bench.pretrained_sha256,
        "pretrain_wall_s": round(pretrain_s, 1)}

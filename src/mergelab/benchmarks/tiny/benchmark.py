@@ -138,8 +138,19 @@ class TinyBenchmark(BenchmarkBase):
                             **codeversion.key_part("pretrain")})
 
     @property
+    def encoder_key(self) -> str:
+        """Hash of what the pretrained encoder depends on: the data, the model, the pretraining (and their
+        code's version), not the heads (``heads``, ``head_shots``, ``logit_scale``): trying other heads
+        reuses the pretrained encoder, while :attr:`key` (the experts' caches) still tells them apart."""
+        cfg = asdict(self.config)
+        return config_hash({"benchmark": "tiny", "generator_version": GENERATOR_VERSION, "data": cfg["data"],
+                            "model": cfg["model"], "pretrain": cfg["pretrain"], **codeversion.key_part("pretrain")})
+
+    @property
     def cache_dir(self) -> Path:
-        path = paths.data_dir() / "tiny" / f"benchmark-{self.key}"
+        """Folder of the pretrained encoder and of its heads' prototypes (``heads-<kind>.safetensors``),
+        keyed by :attr:`encoder_key`."""
+        path = paths.data_dir() / "tiny" / f"encoder-{self.encoder_key}"
         path.mkdir(parents=True, exist_ok=True)
         return path
 
