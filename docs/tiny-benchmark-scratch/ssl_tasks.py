@@ -11,7 +11,9 @@ The encoder is stored where the package's TinyBenchmark looks for it in MERGELAB
 folder of its own), then `head_lever.py` runs chapter 00's seed study on it (probe, zero-shot calibration,
 three fine-tuning seeds).
 
-usage: MERGELAB_DATA_DIR=... python docs/tiny-benchmark-scratch/ssl_tasks.py PRETRAIN_SEED OUT.json
+usage: MERGELAB_DATA_DIR=... python docs/tiny-benchmark-scratch/ssl_tasks.py PRETRAIN_SEED OUT.json [SHIFT [NOISE]]
+SHIFT (default 3) is the largest shift in pixels (0: none); NOISE (default 0) the SD of Gaussian pixel noise
+added to each view (the variant that keeps position: SHIFT 0, NOISE .05).
 """
 import runpy
 import sys
@@ -30,6 +32,8 @@ from mergelab.models import build_tiny_encoder  # noqa: E402
 from mergelab.training import pretrain as P  # noqa: E402
 
 pre_seed, out = int(sys.argv[1]), sys.argv[2]
+max_shift = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+noise = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
 p = yaml.safe_load(open("params/tiny/_benchmark.yaml"))
 cfg = TinyBenchmarkConfig.from_params(data=p["data"], model=p["model"], pretrain={**p["pretrain"], "seed": pre_seed},
                                       head_shots=p["head_shots"])
@@ -40,7 +44,10 @@ if not bench._pretrained_artifact.path.exists():
 
     def view(x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        pad = 3
+        pad = max_shift
+        if pad == 0:
+            x = x * (1 + 0.2 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5))
+            return (x + noise * torch.randn(x.shape, generator=g)).clamp(0, 1)
         padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
         dy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
         dx = torch.randint(0, 2 * pad + 1, (b,), generator=g)
@@ -48,7 +55,8 @@ if not bench._pretrained_artifact.path.exists():
         x = torch.gather(padded, 2, rows)
         cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(b, 3, h, w)
         x = torch.gather(x, 3, cols)
-        return (x * (1 + 0.2 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5))).clamp(0, 1)
+        x = x * (1 + 0.2 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5))
+        return (x + noise * torch.randn(x.shape, generator=g) if noise else x).clamp(0, 1)
 
     original = P.pretrain_factors
     head = nn.Sequential(nn.Linear(cfg.model.output_dim, 64), nn.ReLU(), nn.Linear(64, 64))
