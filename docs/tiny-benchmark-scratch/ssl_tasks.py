@@ -11,9 +11,10 @@ The encoder is stored where the package's TinyBenchmark looks for it in MERGELAB
 folder of its own), then `head_lever.py` runs chapter 00's seed study on it (probe, zero-shot calibration,
 three fine-tuning seeds).
 
-usage: MERGELAB_DATA_DIR=... python docs/tiny-benchmark-scratch/ssl_tasks.py PRETRAIN_SEED OUT.json [SHIFT [NOISE]]
+usage: MERGELAB_DATA_DIR=... python docs/tiny-benchmark-scratch/ssl_tasks.py PRETRAIN_SEED OUT.json [SHIFT [NOISE [WEIGHT]]]
 SHIFT (default 3) is the largest shift in pixels (0: none); NOISE (default 0) the SD of Gaussian pixel noise
-added to each view (the variant that keeps position: SHIFT 0, NOISE .05).
+added to each view (the variant that keeps position: SHIFT 0, NOISE .05); WEIGHT (default 1) that of the
+contrastive term.
 """
 import runpy
 import sys
@@ -34,6 +35,7 @@ from mergelab.training import pretrain as P  # noqa: E402
 pre_seed, out = int(sys.argv[1]), sys.argv[2]
 max_shift = int(sys.argv[3]) if len(sys.argv) > 3 else 3
 noise = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+weight = float(sys.argv[5]) if len(sys.argv) > 5 else 1.0
 p = yaml.safe_load(open("params/tiny/_benchmark.yaml"))
 cfg = TinyBenchmarkConfig.from_params(data=p["data"], model=p["model"], pretrain={**p["pretrain"], "seed": pre_seed},
                                       head_shots=p["head_shots"])
@@ -65,7 +67,7 @@ if not bench._pretrained_artifact.path.exists():
         def both(idx):
             x = unlabelled[torch.randint(0, len(unlabelled), (64,), generator=g)]
             z1, z2 = head(model(normalize_images(view(x)))), head(model(normalize_images(view(x))))
-            return step_loss(idx) + P.info_nce(z1, z2, 0.2)
+            return step_loss(idx) + weight * P.info_nce(z1, z2, 0.2)
         return original_loop(model, params + list(head.parameters()), pcfg, n, both, desc + " + ssl", progress)
 
     original_loop = P._pretrain_loop
