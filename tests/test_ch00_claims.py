@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mergelab.experiments.ch00_benchmark import both, claims, seed_status, summarize_seeds
+from mergelab.analysis.statistics import both, seed_status
+from mergelab.experiments.ch00_benchmark import claims, summarize_seeds
 
 
 @pytest.mark.parametrize("values, margin, status", [

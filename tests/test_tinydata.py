@@ -117,3 +117,15 @@ def test_tasks_are_distinct_visual_domains():
     names = list(means)
     gaps = [np.abs(means[a] - means[b]).max() for i, a in enumerate(names) for b in names[i + 1:]]
     assert min(gaps) > 0.02
+
+
+def test_canonical_texture_masks_are_the_six_patterns_and_shift_by_whole_periods():
+    masks = [tinydata.canonical_texture_mask(c) for c in range(len(TASK_CLASSES["textures"]))]
+    assert all(m.shape == (32, 32) and m.dtype == bool and 0 < m.mean() < 1 for m in masks)
+    assert len({m.tobytes() for m in masks}) == len(masks)  # six different patterns
+    horizontal, vertical = masks[0], masks[1]
+    assert (horizontal == horizontal[:, :1]).all() and (vertical == vertical[:1, :]).all()  # stripes along one axis
+    np.testing.assert_array_equal(tinydata.canonical_texture_mask(0, 4.0, dy=4.0), tinydata.canonical_texture_mask(0, 4.0))
+    assert not np.array_equal(tinydata.canonical_texture_mask(0, 4.0, dy=2.0), tinydata.canonical_texture_mask(0, 4.0))
+    c = TASK_CLASSES["textures"].index("horizontal")
+    np.testing.assert_array_equal(tinydata.canonical_images("textures")[c, 0, 0] > 0, masks[c])  # the heads' rendering

@@ -240,3 +240,16 @@ def test_main_result_states_the_headline_and_every_claim_not_reproduced_or_undec
     assert text.endswith("The numbers behind every figure are in `reports/results/07_x.json`.")
     assert main_result("Y", claims[:1], "07_x") == ("**Main result of this run**: Y; 1 of 1 claims reproduced. "
                                                     "The numbers behind every figure are in `reports/results/07_x.json`.")
+
+
+def test_shift_crop_moves_each_image_by_at_most_pad_pixels_and_pad_zero_keeps_it():
+    from mergelab.training.pretrain import shift_crop
+
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert shift_crop(x, 0, torch.Generator().manual_seed(1)) is x
+    out = shift_crop(x, 2, torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    for i in range(len(x)):  # every view is one crop of its own padded image
+        crops = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], padded[i, :, dy:dy + 16, dx:dx + 16])]
+        assert crops, f"image {i} is not a shifted crop"
+    assert not all(torch.equal(out[i], x[i]) for i in range(len(x)))  # some images moved

@@ -66,18 +66,7 @@ def ensemble_images(task: str) -> np.ndarray:
                 row, col = divmod(c, 3)
                 img[td._shape_mask(kind, (col + 0.5) * 32 / 3 + dx / 2, (row + 0.5) * 32 / 3 + dy / 2, 3.75 * scale)] = obj
             elif task == "textures":
-                period = 4.5 * scale
-                XX, YY = td._XX + dx, td._YY + dy
-                u = {0: YY, 1: XX, 2: XX + YY, 3: XX - YY}.get(c)
-                if u is not None:
-                    step = period * (math.sqrt(2) if c >= 2 else 1.0)
-                    mask = (u % step) < step / 2
-                elif c == 4:
-                    mask = ((XX // (period / 1.4)) + (YY // (period / 1.4))) % 2 == 0
-                else:
-                    fx, fy = XX % period - period / 2, YY % period - period / 2
-                    mask = fx**2 + fy**2 <= (period / 3.5) ** 2
-                img[mask] = obj
+                img[td.canonical_texture_mask(c, 4.5 * scale, dx, dy)] = obj
             elif task == "orientation":
                 a = math.radians(45 * c)
                 along = math.cos(a) * (td._XX - 16 - dx) - math.sin(a) * (td._YY - 16 - dy)

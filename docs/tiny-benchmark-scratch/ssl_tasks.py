@@ -21,7 +21,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -45,19 +44,8 @@ if not bench._pretrained_artifact.path.exists():
     g = torch.Generator().manual_seed(10_000 + pre_seed)
 
     def view(x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        pad = max_shift
-        if pad == 0:
-            x = x * (1 + 0.2 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5))
-            return (x + noise * torch.randn(x.shape, generator=g)).clamp(0, 1)
-        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-        dy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
-        dx = torch.randint(0, 2 * pad + 1, (b,), generator=g)
-        rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None].expand(b, 3, h, w + 2 * pad)
-        x = torch.gather(padded, 2, rows)
-        cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(b, 3, h, w)
-        x = torch.gather(x, 3, cols)
-        x = x * (1 + 0.2 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5))
+        x = P.shift_crop(x, max_shift, g)
+        x = x * (1 + 0.2 * (torch.rand(x.shape[0], 1, 1, 1, generator=g) - 0.5))
         return (x + noise * torch.randn(x.shape, generator=g) if noise else x).clamp(0, 1)
 
     original = P.pretrain_factors

@@ -56,17 +56,25 @@ class PretrainConfig:
             raise ValueError(f"pretrain temperature={self.temperature!r} is not valid; use a positive value.")
 
 
-def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random view of a batch ``(B, 3, H, W)`` in [0, 1]: shift-crop, flip, colour jitter, channel shuffle."""
+def shift_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
+    """Each image of ``x`` ``(B, 3, H, W)`` shifted by its own random offset of at most ``pad`` pixels
+    per axis: a crop of the reflect-padded batch (``pad = 0``: unchanged)."""
+    if pad == 0:
+        return x
     b, _, h, w = x.shape
-    pad = h // 8
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=g)
     rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None].expand(b, 3, h, w + 2 * pad)
     out = torch.gather(padded, 2, rows)
     cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(b, 3, h, w)
-    out = torch.gather(out, 3, cols)
+    return torch.gather(out, 3, cols)
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random view of a batch ``(B, 3, H, W)`` in [0, 1]: shift-crop, flip, colour jitter, channel shuffle."""
+    b = x.shape[0]
+    out = shift_crop(x, x.shape[2] // 8, g)
     flip = torch.rand(b, generator=g) < 0.5
     out = torch.where(flip[:, None, None, None], out.flip(-1), out)
     perm = torch.stack([torch.randperm(3, generator=g) for _ in range(b)])

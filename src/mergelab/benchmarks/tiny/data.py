@@ -461,6 +461,20 @@ def _rgb_hue(rgb):
 
 
 # ----------------------------------------------------------------------------- canonical class renderings
+def canonical_texture_mask(c: int, period: float = 4.5, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
+    """``(32, 32)`` boolean mask of texture class ``c`` (stripes: horizontal, vertical, diagonal,
+    anti-diagonal; checkerboard; dots) with ``period`` pixels, shifted by ``(dx, dy)`` pixels."""
+    xx, yy = _XX + dx, _YY + dy
+    u = {0: yy, 1: xx, 2: xx + yy, 3: xx - yy}.get(c)
+    if u is not None:
+        step = period * (math.sqrt(2) if c >= 2 else 1.0)
+        return (u % step) < step / 2
+    if c == 4:
+        return ((xx // (period / 1.4)) + (yy // (period / 1.4))) % 2 == 0
+    fx, fy = xx % period - period / 2, yy % period - period / 2
+    return fx**2 + fy**2 <= (period / 3.5) ** 2
+
+
 def canonical_images(task: str) -> np.ndarray:
     """(C, V, 3, 32, 32) clean exemplars of each class: white (or the class colour) on black, centred, no noise."""
     C = len(TASK_CLASSES[task])
@@ -493,17 +507,7 @@ def canonical_images(task: str) -> np.ndarray:
                 row, col = divmod(c, 3)
                 img[_shape_mask("circle", (col + 0.5) * 32 / 3, (row + 0.5) * 32 / 3, 3.75)] = white
             elif task == "textures":
-                period = 4.5
-                u = {0: _YY, 1: _XX, 2: _XX + _YY, 3: _XX - _YY}.get(c)
-                if u is not None:
-                    step = period * (math.sqrt(2) if c >= 2 else 1.0)
-                    mask = (u % step) < step / 2
-                elif c == 4:
-                    mask = ((_XX // (period / 1.4)) + (_YY // (period / 1.4))) % 2 == 0
-                else:
-                    fx, fy = _XX % period - period / 2, _YY % period - period / 2
-                    mask = fx**2 + fy**2 <= (period / 3.5) ** 2
-                img[mask] = white
+                img[canonical_texture_mask(c)] = white
             elif task == "orientation":
                 a = math.radians(45 * c)
                 along = math.cos(a) * (_XX - 16) - math.sin(a) * (_YY - 16)
