@@ -17,6 +17,7 @@ Each function takes plain tensors, state dicts or a benchmark object with the co
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -32,6 +33,7 @@ from ..utils import StateDict
 class DiagnosableBenchmark(Protocol):
     tasks: tuple[str, ...]
     heads: Mapping[str, torch.nn.Module]
+    device: torch.device
 
     def split(self, task: str, split: str = "train") -> tuple[Any, torch.Tensor]: ...
 
@@ -43,12 +45,19 @@ class DiagnosableBenchmark(Protocol):
 
 @torch.no_grad()
 def _features(encoder: torch.nn.Module, X: Any, batch_size: int = 500) -> torch.Tensor:
-    """L2-normalized features ``(N, d)`` float32 of images ``X`` ``(N, 3, H, W)`` (any indexable whose
-    slices stack to a tensor)."""
+    """L2-normalized features ``(N, d)`` float32, on the CPU, of images ``X`` ``(N, 3, H, W)`` (any
+    indexable whose slices stack to a tensor), computed on the encoder's device."""
     encoder.eval()
-    out = [F.normalize(encoder(torch.as_tensor(X[i:i + batch_size])).float(), dim=-1)
+    device = next(encoder.parameters()).device
+    out = [F.normalize(encoder(torch.as_tensor(X[i:i + batch_size]).to(device)).float(), dim=-1).cpu()
            for i in range(0, len(X), batch_size)]
     return torch.cat(out)
+
+
+def _on_device(benchmark: DiagnosableBenchmark, state: StateDict) -> torch.nn.Module:
+    """A fresh encoder loaded with ``state``, on the benchmark's device (the clip size builds it on the
+    CPU), in eval mode."""
+    return benchmark.new_encoder(state).to(benchmark.device).eval()
 
 
 def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
@@ -72,7 +81,7 @@ def linear_probe(benchmark: DiagnosableBenchmark, state: StateDict, tasks: Seque
     """Per task, the accuracy (0..1) of a linear probe on the frozen, L2-normalized features of the
     encoder ``state``: fitted on ``train_split``, scored on ``test_split``. A probe near the experts'
     accuracy means the pretrained features already hold the task (the situation of CLIP)."""
-    encoder = benchmark.new_encoder(state)
+    encoder = _on_device(benchmark, state)
     out = {}
     for task in tasks or benchmark.tasks:
         Xtr, ytr = benchmark.split(task, train_split)
@@ -100,12 +109,13 @@ def zero_shot_calibration(benchmark: DiagnosableBenchmark, state: StateDict, spl
     """Per task, :func:`calibration_from_logits` of the encoder ``state`` with the task's frozen head on
     ``split``. Calibrated heads have a cross-entropy near ``-log`` of their accuracy level and a
     confidence near their accuracy; confidently wrong heads have a confidence far above it."""
-    encoder = benchmark.new_encoder(state).eval()
+    encoder = _on_device(benchmark, state)
     out = {}
     for task in tasks or benchmark.tasks:
         X, y = benchmark.split(task, split)
-        head = benchmark.heads[task]
-        logits = torch.cat([head(encoder(torch.as_tensor(X[i:i + 500]))) for i in range(0, len(y), 500)])
+        head = copy.deepcopy(benchmark.heads[task]).to(benchmark.device)  # the shared head stays where it is
+        logits = torch.cat([head(encoder(torch.as_tensor(X[i:i + 500]).to(benchmark.device)).float()).cpu()
+                            for i in range(0, len(y), 500)])
         out[task] = calibration_from_logits(logits, y)
     return out
 
