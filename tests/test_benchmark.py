@@ -163,3 +163,31 @@ def test_evaluate_equals_a_hand_computed_accuracy_with_each_tasks_head_and_split
             expected = float((torch.as_tensor(y) == answer).double().mean())
             assert bench.evaluate(state, split, [task]) == {task: pytest.approx(expected)}
     assert set(bench.evaluate(pretrained, "test")) == set(bench.tasks)
+
+
+def test_pretraining_with_the_tasks_unlabelled_images_never_reads_their_labels(data_dir, tmp_path, monkeypatch):
+    """The tiny size's contrastive term (pretrain.unlabelled_weight > 0) draws the eight tasks' training
+    images: the encoder is another one (its own cache), reproducible, and the same whatever the labels."""
+    from mergelab.benchmarks.tiny import benchmark as tb
+
+    params = {**SMALL, "pretrain": {**SMALL["pretrain"], "num_steps": 3, "unlabelled_weight": 0.5, "unlabelled_batch": 8}}
+    plain = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
+    with_term = mergelab.load_benchmark("tiny", device="cpu", progress=False, **params)
+    assert with_term.cache_dir != plain.cache_dir
+    a = with_term.pretrained_state()
+    assert any(not torch.equal(a[k], v) for k, v in plain.pretrained_state().items())
+
+    read = []
+    real = tb.load_task
+
+    def shuffled_labels(task, split, cfg=None):
+        X, y = real(task, split, cfg)
+        read.append((task, split))
+        return X, y[::-1].copy() * 0 - 1  # labels replaced by garbage: the term must not care
+
+    monkeypatch.setattr(tb, "load_task", shuffled_labels)
+    monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path / "other"))
+    b = mergelab.load_benchmark("tiny", device="cpu", progress=False, **params).pretrained_state()
+    assert {t for t, _ in read} == set(mergelab.benchmarks.tiny.data.TASKS) and {s for _, s in read} == {"train"}
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)

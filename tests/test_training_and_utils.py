@@ -253,3 +253,60 @@ def test_shift_crop_moves_each_image_by_at_most_pad_pixels_and_pad_zero_keeps_it
         crops = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], padded[i, :, dy:dy + 16, dx:dx + 16])]
         assert crops, f"image {i} is not a shifted crop"
     assert not all(torch.equal(out[i], x[i]) for i in range(len(x)))  # some images moved
+
+
+def test_task_view_keeps_position_and_colour_and_scales_each_images_brightness_within_its_range():
+    from mergelab.training.pretrain import task_view
+
+    x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.05
+    out = task_view(x, torch.Generator().manual_seed(1), shift=0, brightness=0.1, noise=0.0)
+    factor = out / x  # no shift, no noise, nothing clamped (pixels <= .85 * 1.1): one factor per image
+    per_image = factor.flatten(1)
+    torch.testing.assert_close(per_image, per_image[:, :1].expand_as(per_image))
+    assert per_image.min() >= 0.9 - 1e-6 and per_image.max() <= 1.1 + 1e-6
+    assert per_image[:, 0].std() > 0.01  # images get their own factors
+    noisy = task_view(x, torch.Generator().manual_seed(1), noise=0.05)
+    assert noisy.min() >= 0 and noisy.max() <= 1 and 0.02 < float((noisy - out).std()) < 0.08
+    torch.testing.assert_close(task_view(x, torch.Generator().manual_seed(1)), noisy)  # same seed, same view
+
+
+def _factor_problem():
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(48, 3, 8, 8, generator=g)
+    targets = {"kind": (X[:, 0].mean((1, 2)) > 0.5).long(), "regression": X[:, 1].mean((1, 2))[:, None],
+               "strokes": (X[:, 2, :2, :2].flatten(1) > 0.5).float()}
+    return X, targets, torch.rand(40, 3, 8, 8, generator=g)
+
+
+def test_pretrain_factors_adds_the_contrastive_term_on_unlabelled_images_reproducibly():
+    from mergelab.training.pretrain import pretrain_factors
+
+    X, targets, unlabelled = _factor_problem()
+    cfg = dict(num_steps=6, batch_size=16, lr=0.01, warmup_steps=0, unlabelled_batch=8)
+
+    def run(weight: float, images=unlabelled):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16))
+        losses = pretrain_factors(model, X, targets, {"kind": 2}, PretrainConfig(**cfg, unlabelled_weight=weight),
+                                  lambda x: x, progress=False, unlabelled=images)
+        return losses, model[1].weight.detach().clone()
+
+    plain, with_term = run(0.0), run(0.5)
+    assert with_term[0][0] > plain[0][0] + 0.1  # the first step's loss adds .5 x InfoNCE (about .5 log 15)
+    assert not torch.equal(plain[1], with_term[1])
+    again = run(0.5)
+    assert again[0] == with_term[0] and torch.equal(again[1], with_term[1])  # same seed, same weights
+    assert run(0.0, images=None)[0] == plain[0]  # off: the images are not even needed
+    with pytest.raises(ValueError, match="unlabelled_weight=0.5 needs unlabelled images, at least unlabelled_batch=8; got none"):
+        run(0.5, images=None)
+
+
+def test_pretrain_config_refuses_bad_contrastive_settings_naming_them():
+    with pytest.raises(ValueError, match="unlabelled_weight=-1 is not valid; use a number >= 0"):
+        PretrainConfig(unlabelled_weight=-1)
+    with pytest.raises(ValueError, match="unlabelled_batch=1 is not valid"):
+        PretrainConfig(unlabelled_batch=1)
+    with pytest.raises(ValueError, match="view_shift=-2 is not valid"):
+        PretrainConfig(view_shift=-2)
+    with pytest.raises(ValueError, match="only used by objective 'factors', not 'contrastive'"):
+        PretrainConfig(objective="contrastive", unlabelled_weight=0.5)

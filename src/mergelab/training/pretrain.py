@@ -26,6 +26,17 @@ class PretrainConfig:
             lower factor loss (3.23 vs 3.32); the loss is still falling at the end (docs/tiny-benchmark.md).
         temperature: InfoNCE temperature tau (contrastive objective only).
         seed: initialization and augmentation seed.
+        unlabelled_weight: weight of a contrastive term on the eight tasks' *unlabelled* training images
+            (``factors`` objective only; 0, the default, turns it off), as web pretraining sees images of
+            the downstream domains without their labels: each step draws ``unlabelled_batch`` of them,
+            makes two views of each (:func:`task_view`) and adds ``unlabelled_weight`` times the
+            symmetric InfoNCE loss (``temperature``) of their embeddings through a 2-layer projection head
+            (dropped afterwards). The tiny size uses 0.5 (docs/tiny-benchmark.md, session 6).
+        unlabelled_batch: images of that term per step.
+        view_shift, view_brightness, view_noise: the views of that term: a shift of at most
+            ``view_shift`` pixels, a brightness factor in ``1 +- view_brightness`` and Gaussian pixel
+            noise of SD ``view_noise`` (pixel values in [0, 1]). The tiny size keeps position (shift 0):
+            several tasks are about where things are.
         objective: ``"factors"`` (default: predict each pretext scene's generator factors, kind and
             pattern classes, 17 continuous attributes and glyph strokes, :func:`pretrain_factors`),
             ``"attributes"`` (only the two class targets, :func:`pretrain_attributes`) or
@@ -41,6 +52,11 @@ class PretrainConfig:
     temperature: float = 0.2
     seed: int = 0
     objective: str = "factors"
+    unlabelled_weight: float = 0.0
+    unlabelled_batch: int = 64
+    view_shift: int = 0
+    view_brightness: float = 0.1
+    view_noise: float = 0.05
 
     def __post_init__(self) -> None:
         if self.objective not in PRETEXT_OBJECTIVES:
@@ -54,6 +70,17 @@ class PretrainConfig:
                              f"use 0..num_steps={self.num_steps}.")
         if not self.temperature > 0:
             raise ValueError(f"pretrain temperature={self.temperature!r} is not valid; use a positive value.")
+        for name in ("unlabelled_weight", "view_brightness", "view_noise"):
+            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) >= 0:
+                raise ValueError(f"pretrain {name}={getattr(self, name)!r} is not valid; use a number >= 0.")
+        if not isinstance(self.unlabelled_batch, int) or self.unlabelled_batch < 2:
+            raise ValueError(f"pretrain unlabelled_batch={self.unlabelled_batch!r} is not valid; use an integer "
+                             ">= 2 (InfoNCE needs negatives).")
+        if not isinstance(self.view_shift, int) or self.view_shift < 0:
+            raise ValueError(f"pretrain view_shift={self.view_shift!r} is not valid; use an integer >= 0 (pixels).")
+        if self.unlabelled_weight > 0 and self.objective != "factors":
+            raise ValueError(f"pretrain unlabelled_weight={self.unlabelled_weight!r} is only used by objective "
+                             f"'factors', not {self.objective!r}; set it to 0 or use objective 'factors'.")
 
 
 def shift_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
@@ -82,6 +109,19 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     scale = 1 + 0.4 * (torch.rand(b, 3, 1, 1, generator=g) - 0.5)
     shift = 0.2 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5)
     return (out * scale + shift).clamp(0, 1)
+
+
+def task_view(x: torch.Tensor, g: torch.Generator, shift: int = 0, brightness: float = 0.1,
+              noise: float = 0.05) -> torch.Tensor:
+    """A random view of a batch ``(B, 3, H, W)`` in [0, 1] that keeps what the tiny tasks ask for (no
+    flip: orientation; no channel shuffle: colour): :func:`shift_crop` by at most ``shift`` pixels, each
+    image's brightness scaled by a factor uniform in ``1 +- brightness``, Gaussian pixel noise of SD
+    ``noise``, clamped to [0, 1]."""
+    out = shift_crop(x, shift, g)
+    out = out * (1 + 2 * brightness * (torch.rand(x.shape[0], 1, 1, 1, generator=g) - 0.5))
+    if noise:
+        out = out + noise * torch.randn(out.shape, generator=g)
+    return out.clamp(0, 1)
 
 
 def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -170,19 +210,24 @@ def pretrain_factors(model: nn.Module, images: torch.Tensor, targets: Mapping[st
                      n_classes: Mapping[str, int], cfg: PretrainConfig,
                      normalize: Callable[[torch.Tensor], torch.Tensor],
                      device: torch.device | str = "cpu", progress: bool = True,
-                     regression_weight: float = 2.0, strokes_weight: float = 4.0) -> list[float]:
+                     regression_weight: float = 2.0, strokes_weight: float = 4.0,
+                     unlabelled: torch.Tensor | None = None) -> list[float]:
     """Supervised pretraining on the generator factors of the pretext scenes, through one linear map
     of the embedding (dropped afterwards).
 
     The loss per step is the sum of: a cross-entropy per class target (``n_classes`` names them, with
     their class counts; label -100 is ignored); ``regression_weight`` times the mean squared error of
     the standardized ``targets["regression"]`` ``(N, R)`` (NaN entries are ignored); ``strokes_weight``
-    times the binary cross-entropy of ``targets["strokes"]`` ``(N, S)`` in {0, 1} (NaN ignored).
+    times the binary cross-entropy of ``targets["strokes"]`` ``(N, S)`` in {0, 1} (NaN ignored); with
+    ``cfg.unlabelled_weight`` > 0, that weight times the contrastive term on ``unlabelled`` images
+    (:class:`PretrainConfig`).
 
     Args:
         images: ``(N, 3, H, W)`` in [0, 1].
         targets: class targets ``(N,)`` int64 named as in ``n_classes``, plus ``"regression"`` and
             ``"strokes"`` (see :func:`mergelab.tinydata.load_pretext`).
+        unlabelled: ``(M, 3, H, W)`` in [0, 1], images for the contrastive term (``cfg.unlabelled_weight``
+            > 0; their labels are never read).
     Returns:
         The loss per step.
     """
@@ -197,6 +242,15 @@ def pretrain_factors(model: nn.Module, images: torch.Tensor, targets: Mapping[st
         dim = model(normalize(images[:2]).to(device)).shape[-1]
     sizes = list(n_classes.values()) + [reg.shape[1], strokes.shape[1]]
     probe = nn.Linear(dim, sum(sizes)).to(device)
+    extra: list[nn.Parameter] = list(probe.parameters())
+    contrast: Callable[[], torch.Tensor] | None = None
+    if cfg.unlabelled_weight > 0:
+        if unlabelled is None or len(unlabelled) < cfg.unlabelled_batch:
+            raise ValueError(f"pretrain unlabelled_weight={cfg.unlabelled_weight!r} needs unlabelled images, at "
+                             f"least unlabelled_batch={cfg.unlabelled_batch}; got "
+                             f"{'none' if unlabelled is None else len(unlabelled)}.")
+        contrast = _contrastive_term(model, unlabelled, cfg, normalize, dim, device)
+        extra += list(contrast.projection.parameters())  # type: ignore[attr-defined]
 
     def step_loss(idx: torch.Tensor) -> torch.Tensor:
         out = probe(model(normalize(images[idx]).to(device))).split(sizes, dim=-1)
@@ -208,7 +262,30 @@ def pretrain_factors(model: nn.Module, images: torch.Tensor, targets: Mapping[st
         s = strokes[idx].to(device)
         known = ~torch.isnan(s)
         bce = F.binary_cross_entropy_with_logits(out[-1], s.nan_to_num(), reduction="none")
-        return loss + strokes_weight * (bce * known).sum() / known.sum().clamp_min(1)  # type: ignore[return-value]
+        loss = loss + strokes_weight * (bce * known).sum() / known.sum().clamp_min(1)
+        return loss if contrast is None else loss + cfg.unlabelled_weight * contrast()  # type: ignore[return-value]
 
-    return _pretrain_loop(model, list(model.parameters()) + list(probe.parameters()), cfg, len(images),
-                          step_loss, "pretrain (factors)", progress)
+    desc = "pretrain (factors" + (" + unlabelled task images)" if contrast is not None else ")")
+    return _pretrain_loop(model, list(model.parameters()) + extra, cfg, len(images), step_loss, desc, progress)
+
+
+def _contrastive_term(model: nn.Module, unlabelled: torch.Tensor, cfg: PretrainConfig,
+                      normalize: Callable[[torch.Tensor], torch.Tensor], dim: int,
+                      device: torch.device | str) -> Callable[[], torch.Tensor]:
+    """The unlabelled images' term of :func:`pretrain_factors`: a function of no argument that draws
+    ``cfg.unlabelled_batch`` of ``unlabelled`` ``(M, 3, H, W)``, makes two :func:`task_view` of each and
+    returns the symmetric InfoNCE loss of their projected embeddings. Its projection head
+    (``dim -> 64 -> 64``, attribute ``projection``) is built here, its draws come from a generator seeded
+    by ``cfg.seed`` (apart from the pretext batches')."""
+    projection = nn.Sequential(nn.Linear(dim, 64), nn.ReLU(), nn.Linear(64, 64)).to(device)
+    g = torch.Generator().manual_seed(10_000 + cfg.seed)
+
+    def view(x: torch.Tensor) -> torch.Tensor:
+        return normalize(task_view(x, g, cfg.view_shift, cfg.view_brightness, cfg.view_noise)).to(device)
+
+    def term() -> torch.Tensor:
+        x = unlabelled[torch.randint(0, len(unlabelled), (cfg.unlabelled_batch,), generator=g)]
+        return info_nce(projection(model(view(x))), projection(model(view(x))), cfg.temperature)
+
+    term.projection = projection  # type: ignore[attr-defined]
+    return term

@@ -212,8 +212,11 @@ class TinyBenchmark(BenchmarkBase):
         start = time.perf_counter()
         objective = self.config.pretrain.objective
         if objective == "factors":
+            unlabelled = None
+            if self.config.pretrain.unlabelled_weight > 0:  # every task's training images, never their labels
+                unlabelled = torch.cat([torch.from_numpy(load_task(t, "train", self.config.data)[0]) for t in TASKS])
             losses = pretrain_factors(enc, images, targets, classes, self.config.pretrain, normalize_images,
-                                      device=self.device, progress=self.progress)
+                                      device=self.device, progress=self.progress, unlabelled=unlabelled)
         elif objective == "attributes":
             kind = targets["kind"].clamp_min(0)  # scenes without objects: kind 0 stands for "none"
             kind = torch.where(targets["kind"] < 0, len(PRETEXT_KINDS), kind)
