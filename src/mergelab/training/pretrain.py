@@ -31,7 +31,7 @@ class PretrainConfig:
             the downstream domains without their labels: each step draws ``unlabelled_batch`` of them,
             makes two views of each (:func:`task_view`) and adds ``unlabelled_weight`` times the
             symmetric InfoNCE loss (``temperature``) of their embeddings through a 2-layer projection head
-            (dropped afterwards). The tiny size uses 0.5 (docs/tiny-benchmark.md, session 6).
+            (dropped afterwards). The tiny size uses 0.5 (docs/tiny-benchmark.md, sessions 6 and 7).
         unlabelled_batch: images of that term per step.
         view_shift, view_brightness, view_noise: the views of that term: a shift of at most
             ``view_shift`` pixels, a brightness factor in ``1 +- view_brightness`` and Gaussian pixel
@@ -249,8 +249,8 @@ def pretrain_factors(model: nn.Module, images: torch.Tensor, targets: Mapping[st
             raise ValueError(f"pretrain unlabelled_weight={cfg.unlabelled_weight!r} needs unlabelled images, at "
                              f"least unlabelled_batch={cfg.unlabelled_batch}; got "
                              f"{'none' if unlabelled is None else len(unlabelled)}.")
-        contrast = _contrastive_term(model, unlabelled, cfg, normalize, dim, device)
-        extra += list(contrast.projection.parameters())  # type: ignore[attr-defined]
+        projection, contrast = _contrastive_term(model, unlabelled, cfg, normalize, dim, device)
+        extra += list(projection.parameters())
 
     def step_loss(idx: torch.Tensor) -> torch.Tensor:
         out = probe(model(normalize(images[idx]).to(device))).split(sizes, dim=-1)
@@ -271,12 +271,12 @@ def pretrain_factors(model: nn.Module, images: torch.Tensor, targets: Mapping[st
 
 def _contrastive_term(model: nn.Module, unlabelled: torch.Tensor, cfg: PretrainConfig,
                       normalize: Callable[[torch.Tensor], torch.Tensor], dim: int,
-                      device: torch.device | str) -> Callable[[], torch.Tensor]:
-    """The unlabelled images' term of :func:`pretrain_factors`: a function of no argument that draws
-    ``cfg.unlabelled_batch`` of ``unlabelled`` ``(M, 3, H, W)``, makes two :func:`task_view` of each and
-    returns the symmetric InfoNCE loss of their projected embeddings. Its projection head
-    (``dim -> 64 -> 64``, attribute ``projection``) is built here, its draws come from a generator seeded
-    by ``cfg.seed`` (apart from the pretext batches')."""
+                      device: torch.device | str) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+    """The unlabelled images' term of :func:`pretrain_factors`: ``(projection head, term)``, where ``term()``
+    draws ``cfg.unlabelled_batch`` of ``unlabelled`` ``(M, 3, H, W)``, makes two :func:`task_view` of each
+    and returns the symmetric InfoNCE loss of their embeddings through the projection head
+    (``dim -> 64 -> 64``, trained with the encoder, dropped afterwards). Its draws come from a generator
+    seeded by ``cfg.seed``, apart from the pretext batches'."""
     projection = nn.Sequential(nn.Linear(dim, 64), nn.ReLU(), nn.Linear(64, 64)).to(device)
     g = torch.Generator().manual_seed(10_000 + cfg.seed)
 
@@ -287,5 +287,4 @@ def _contrastive_term(model: nn.Module, unlabelled: torch.Tensor, cfg: PretrainC
         x = unlabelled[torch.randint(0, len(unlabelled), (cfg.unlabelled_batch,), generator=g)]
         return info_nce(projection(model(view(x))), projection(model(view(x))), cfg.temperature)
 
-    term.projection = projection  # type: ignore[attr-defined]
-    return term
+    return projection, term
