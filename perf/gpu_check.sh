@@ -11,8 +11,10 @@
 set -uo pipefail
 out=${1:?usage: perf/gpu_check.sh OUT_DIR [PARTS]}
 parts=${2:-clip,bench,tests}
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)
 exec > >(tee "$out/gpu_check.log") 2>&1
+fail=0  # the exit status: 1 when any check failed
+trap 'rm -rf params/clip_smoke_cuda' EXIT  # the made-up profile never outlives the run
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -32,28 +34,34 @@ $py -m ipykernel install --prefix /tmp/jupyter --name mergelab --display-name "P
 
 if [[ $parts == *clip* ]]; then
 echo "== 1. clip_smoke on the GPU"
-rm -rf params/clip_smoke_cuda && cp -r params/clip_smoke params/clip_smoke_cuda
+rm -rf params/clip_smoke_cuda /tmp/r_cuda && cp -r params/clip_smoke params/clip_smoke_cuda
 sed -i 's/^device: cpu$/device: cuda/; s/^profile: clip_smoke$/profile: clip_smoke_cuda/' params/clip_smoke_cuda/_benchmark.yaml
 grep -E '^(device|profile):' params/clip_smoke_cuda/_benchmark.yaml
 start=$(date +%s)
 for nb in notebooks/0*.ipynb; do  # one chapter at a time, so that one failure does not hide the next
     name=$(basename "$nb" .ipynb)
     timeout 200 $py -m mergelab.report --profile clip_smoke_cuda --reports /tmp/r_cuda --force --renderer pandoc \
-        --notebooks "$name" 2>&1 | grep -v '^Executing:' | grep -v $'\r'
-    echo "clip_smoke_cuda $name: rc ${PIPESTATUS[0]}"
+        --notebooks "$name" 2>&1 | tr '\r' '\n' | grep -v '^Executing:'
+    rc=${PIPESTATUS[0]}
+    echo "clip_smoke_cuda $name: rc $rc"
+    [[ $rc == 0 ]] || fail=1
 done
 timeout 100 $py -m mergelab.report --profile clip_smoke_cuda --reports /tmp/r_cuda --renderer pandoc 2>&1 | tail -3
+[[ ${PIPESTATUS[0]} == 0 ]] || { echo "the book did not render"; fail=1; }
 echo "clip_smoke_cuda: all chapters and the book in $(( $(date +%s) - start )) s"
-(cd /tmp/r_cuda && tar -czf "$out/clip_smoke_cuda.tgz" results timings $(ls *.failed.ipynb 2>/dev/null))
+(cd /tmp/r_cuda && tar -czf "$out/clip_smoke_cuda.tgz" $(ls -d results timings *.failed.ipynb 2>/dev/null))
 rm -rf params/clip_smoke_cuda
 fi
 
 if [[ $parts == *bench* ]]; then
 echo "== 2. TSV-M benchmark on the GPU"
 (cd perf && timeout 200 $py bench_tsv.py --device cuda --tasks 8 20 --repeat 3) 2>&1 | tee "$out/bench_tsv.log"
+[[ ${PIPESTATUS[0]} == 0 ]] || fail=1
 fi
 
 if [[ $parts == *tests* ]]; then
 echo "== 3. CUDA branches of the unit tests"
 timeout 90 $py -m pytest -q -p no:cacheprovider tests/test_clip_protocol.py tests/test_training_and_utils.py -k "device or amp or cuda" 2>&1 | tail -5
+[[ ${PIPESTATUS[0]} == 0 ]] || fail=1
 fi
+exit $fail

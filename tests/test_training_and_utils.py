@@ -308,5 +308,47 @@ def test_pretrain_config_refuses_bad_contrastive_settings_naming_them():
         PretrainConfig(unlabelled_batch=1)
     with pytest.raises(ValueError, match="view_shift=-2 is not valid"):
         PretrainConfig(view_shift=-2)
+    with pytest.raises(ValueError, match="view_brightness=1.5 is not valid; use 0 <= value < 1"):
+        PretrainConfig(view_brightness=1.5)
+    with pytest.raises(ValueError, match="unlabelled_batch=True is not valid"):
+        PretrainConfig(unlabelled_batch=True)
     with pytest.raises(ValueError, match="only used by objective 'factors', not 'contrastive'"):
         PretrainConfig(objective="contrastive", unlabelled_weight=0.5)
+
+
+def test_the_contrastive_term_contrasts_two_views_of_the_same_images_and_trains_its_projection(monkeypatch):
+    from mergelab.training import pretrain as P
+
+    X, targets, unlabelled = _factor_problem()
+    seen = []
+    real_view = P.task_view
+
+    def recording_view(x, g, *args):
+        seen.append(x.clone())
+        return real_view(x, g, *args)
+
+    monkeypatch.setattr(P, "task_view", recording_view)
+    captured = {}
+    real_loop = P._pretrain_loop
+
+    def capturing_loop(model, params, cfg, n, step_loss, desc, progress):
+        captured["params"], captured["desc"] = params, desc
+        before = [p.detach().clone() for p in params]
+        losses = real_loop(model, params, cfg, n, step_loss, desc, progress)
+        captured["moved"] = [not torch.equal(b, p.detach()) for b, p in zip(before, params)]
+        return losses
+
+    monkeypatch.setattr(P, "_pretrain_loop", capturing_loop)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16))
+    cfg = PretrainConfig(num_steps=3, batch_size=16, lr=0.01, warmup_steps=0, unlabelled_weight=0.5, unlabelled_batch=8)
+    P.pretrain_factors(model, X, targets, {"kind": 2}, cfg, lambda x: x, progress=False, unlabelled=unlabelled)
+    assert len(seen) == 2 * cfg.num_steps  # two views a step ...
+    for a, b in zip(seen[::2], seen[1::2]):  # ... of the same images
+        assert torch.equal(a, b) and a.shape == (8, 3, 8, 8)
+    assert "unlabelled task images" in captured["desc"]
+    # the encoder (2 tensors), the factor probe (2) and the projection head (2 linear layers: 4) all train
+    assert len(captured["params"]) == 8 and all(captured["moved"])
+    with pytest.raises(ValueError, match="view_shift=8 is not valid for images of \\(8, 8\\) pixels; use 0..7"):
+        P.pretrain_factors(model, X, targets, {"kind": 2}, PretrainConfig(**{**cfg.__dict__, "view_shift": 8}),
+                           lambda x: x, progress=False, unlabelled=unlabelled)

@@ -1,5 +1,10 @@
 """Session 6 lever (issue 16): the tasks' unlabelled training images in pretraining, with a contrastive term.
 
+Superseded since session 7 by the package's own term (`PretrainConfig.unlabelled_weight`, `view_*`;
+`training.pretrain.task_view`), which `params/tiny` uses at weight .5; to try other settings, pass a `pretrain`
+key to `head_lever.py`. Kept to reproduce session 6's runs: it patches the package's pretraining loop and builds
+its projection head from another random state than the package does, so its encoders differ from the package's.
+
 Web pretraining sees images of the downstream domains without their labels. This lever keeps the package's
 `factors` pretraining (same pool, targets, PretrainConfig, steps) and adds, at every step, a symmetric InfoNCE
 term (weight 1, temperature .2, a 2-layer projection head dropped afterwards) on 64 *unlabelled* images drawn
@@ -16,6 +21,7 @@ SHIFT (default 3) is the largest shift in pixels (0: none); NOISE (default 0) th
 added to each view (the variant that keeps position: SHIFT 0, NOISE .05); WEIGHT (default 1) that of the
 contrastive term.
 """
+import json
 import runpy
 import sys
 import time
@@ -36,7 +42,8 @@ max_shift = int(sys.argv[3]) if len(sys.argv) > 3 else 3
 noise = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
 weight = float(sys.argv[5]) if len(sys.argv) > 5 else 1.0
 p = yaml.safe_load(open("params/tiny/_benchmark.yaml"))
-cfg = TinyBenchmarkConfig.from_params(data=p["data"], model=p["model"], pretrain={**p["pretrain"], "seed": pre_seed},
+OFF = {"unlabelled_weight": 0.0}  # the package's own term off: this script adds its own (and head_lever.py reads the same key)
+cfg = TinyBenchmarkConfig.from_params(data=p["data"], model=p["model"], pretrain={**p["pretrain"], "seed": pre_seed, **OFF},
                                       head_shots=p["head_shots"])
 bench = TinyBenchmark(cfg, device="cpu", progress=False)
 if not bench._pretrained_artifact.path.exists():
@@ -71,5 +78,5 @@ if not bench._pretrained_artifact.path.exists():
     bench._pretrained_artifact.save(enc.state_dict(), {"lever": "ssl_tasks", "loss": losses,
                                                        "wall_time_s": time.perf_counter() - start})
     print("pretrained", round(time.perf_counter() - start, 1), "s; loss last 100", sum(losses[-100:]) / 100, flush=True)
-sys.argv = ["head_lever.py", str(pre_seed), "{}", "{}", out]
+sys.argv = ["head_lever.py", str(pre_seed), json.dumps({"pretrain": OFF}), "{}", out]
 runpy.run_path("docs/tiny-benchmark-scratch/head_lever.py", run_name="__main__")

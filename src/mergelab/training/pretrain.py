@@ -24,7 +24,7 @@ class PretrainConfig:
             default (3000 steps of 64 from a pool of 20,000 scenes, warm-up 200) costs about 3.5 min
             on one unloaded CPU thread (0.07 s per step), the same as 1500 steps of 128, and reaches a
             lower factor loss (3.23 vs 3.32); the loss is still falling at the end (docs/tiny-benchmark.md).
-        temperature: InfoNCE temperature tau (contrastive objective only).
+        temperature: InfoNCE temperature tau (the contrastive objective, and the ``unlabelled_weight`` term).
         seed: initialization and augmentation seed.
         unlabelled_weight: weight of a contrastive term on the eight tasks' *unlabelled* training images
             (``factors`` objective only; 0, the default, turns it off), as web pretraining sees images of
@@ -71,12 +71,16 @@ class PretrainConfig:
         if not self.temperature > 0:
             raise ValueError(f"pretrain temperature={self.temperature!r} is not valid; use a positive value.")
         for name in ("unlabelled_weight", "view_brightness", "view_noise"):
-            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) >= 0:
-                raise ValueError(f"pretrain {name}={getattr(self, name)!r} is not valid; use a number >= 0.")
-        if not isinstance(self.unlabelled_batch, int) or self.unlabelled_batch < 2:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"pretrain {name}={value!r} is not valid; use a number >= 0.")
+        if not self.view_brightness < 1:
+            raise ValueError(f"pretrain view_brightness={self.view_brightness!r} is not valid; use 0 <= value < 1 "
+                             "(the brightness factor is drawn from 1 +- view_brightness and must stay positive).")
+        if isinstance(self.unlabelled_batch, bool) or not isinstance(self.unlabelled_batch, int) or self.unlabelled_batch < 2:
             raise ValueError(f"pretrain unlabelled_batch={self.unlabelled_batch!r} is not valid; use an integer "
                              ">= 2 (InfoNCE needs negatives).")
-        if not isinstance(self.view_shift, int) or self.view_shift < 0:
+        if isinstance(self.view_shift, bool) or not isinstance(self.view_shift, int) or self.view_shift < 0:
             raise ValueError(f"pretrain view_shift={self.view_shift!r} is not valid; use an integer >= 0 (pixels).")
         if self.unlabelled_weight > 0 and self.objective != "factors":
             raise ValueError(f"pretrain unlabelled_weight={self.unlabelled_weight!r} is only used by objective "
@@ -249,6 +253,9 @@ def pretrain_factors(model: nn.Module, images: torch.Tensor, targets: Mapping[st
             raise ValueError(f"pretrain unlabelled_weight={cfg.unlabelled_weight!r} needs unlabelled images, at "
                              f"least unlabelled_batch={cfg.unlabelled_batch}; got "
                              f"{'none' if unlabelled is None else len(unlabelled)}.")
+        if cfg.view_shift >= min(unlabelled.shape[-2:]):
+            raise ValueError(f"pretrain view_shift={cfg.view_shift!r} is not valid for images of "
+                             f"{tuple(unlabelled.shape[-2:])} pixels; use 0..{min(unlabelled.shape[-2:]) - 1}.")
         projection, contrast = _contrastive_term(model, unlabelled, cfg, normalize, dim, device)
         extra += list(projection.parameters())
 
