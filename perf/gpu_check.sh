@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, for a machine with an NVIDIA GPU and a PyTorch that sees it:
-#   1. the `clip_smoke` profile's seven chapters with `device: cuda` (a profile made from params/clip_smoke
-#      into params/clip_smoke_cuda, removed afterwards), timed per chapter by mergelab.report;
+#   1. the `clip_smoke` profile's seven chapters with `device: cuda` (params/clip_smoke_cuda, a profile that
+#      extends clip_smoke's benchmark block, made here and removed afterwards), timed per chapter by mergelab.report;
 #   2. the TSV-M benchmark (perf/bench_tsv.py --device cuda);
 #   3. the unit tests that branch on CUDA (device choice, mixed precision).
 # Usage: perf/gpu_check.sh OUT_DIR [PARTS]   PARTS: any of clip, bench, tests (default: all three)
@@ -34,9 +34,9 @@ $py -m ipykernel install --prefix /tmp/jupyter --name mergelab --display-name "P
 
 if [[ $parts == *clip* ]]; then
 echo "== 1. clip_smoke on the GPU"
-rm -rf params/clip_smoke_cuda /tmp/r_cuda && cp -r params/clip_smoke params/clip_smoke_cuda
-sed -i 's/^device: cpu$/device: cuda/; s/^profile: clip_smoke$/profile: clip_smoke_cuda/' params/clip_smoke_cuda/_benchmark.yaml
-grep -E '^(device|profile):' params/clip_smoke_cuda/_benchmark.yaml
+rm -rf params/clip_smoke_cuda /tmp/r_cuda && mkdir params/clip_smoke_cuda
+cp params/clip_smoke/0*.yaml params/clip_smoke_cuda/  # the chapters' own keys; the benchmark block extends clip_smoke's
+printf 'extends: clip_smoke\nprofile: clip_smoke_cuda\ndevice: cuda\n' > params/clip_smoke_cuda/_benchmark.yaml
 start=$(date +%s)
 for nb in notebooks/0*.ipynb; do  # one chapter at a time, so that one failure does not hide the next
     name=$(basename "$nb" .ipynb)

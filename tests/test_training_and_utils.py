@@ -350,5 +350,5 @@ def test_the_contrastive_term_contrasts_two_views_of_the_same_images_and_trains_
     # the encoder (2 tensors), the factor probe (2) and the projection head (2 linear layers: 4) all train
     assert len(captured["params"]) == 8 and all(captured["moved"])
     with pytest.raises(ValueError, match="view_shift=8 is not valid for images of \\(8, 8\\) pixels; use 0..7"):
-        P.pretrain_factors(model, X, targets, {"kind": 2}, PretrainConfig(**{**cfg.__dict__, "view_shift": 8}),
+        P.pretrain_factors(model, X, targets, {"kind": 2}, replace(cfg, view_shift=8),
                            lambda x: x, progress=False, unlabelled=unlabelled)

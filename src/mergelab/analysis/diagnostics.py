@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers import layer_kind
+from ..models import encode
 from ..task_vectors import TaskVector
 from ..utils import StateDict
 
@@ -43,21 +44,10 @@ class DiagnosableBenchmark(Protocol):
                  ) -> dict[str, float]: ...
 
 
-@torch.no_grad()
-def _features(encoder: torch.nn.Module, X: Any, batch_size: int = 500) -> torch.Tensor:
-    """L2-normalized features ``(N, d)`` float32, on the CPU, of images ``X`` ``(N, 3, H, W)`` (any
-    indexable whose slices stack to a tensor), computed on the encoder's device."""
-    encoder.eval()
-    device = next(encoder.parameters()).device
-    out = [F.normalize(encoder(torch.as_tensor(X[i:i + batch_size]).to(device)).float(), dim=-1).cpu()
-           for i in range(0, len(X), batch_size)]
-    return torch.cat(out)
-
-
-def _on_device(benchmark: DiagnosableBenchmark, state: StateDict) -> torch.nn.Module:
-    """A fresh encoder loaded with ``state``, on the benchmark's device (the clip size builds it on the
-    CPU), in eval mode."""
-    return benchmark.new_encoder(state).to(benchmark.device).eval()
+def _features(benchmark: DiagnosableBenchmark, encoder: torch.nn.Module, X: Any) -> torch.Tensor:
+    """L2-normalized features ``(N, d)`` float32 on the CPU of images ``X`` ``(N, 3, H, W)`` (any
+    indexable whose slices are tensors), computed on the benchmark's device (:func:`mergelab.models.encode`)."""
+    return F.normalize(encode(encoder, X, batch_size=500, device=benchmark.device), dim=-1)
 
 
 def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
@@ -81,12 +71,13 @@ def linear_probe(benchmark: DiagnosableBenchmark, state: StateDict, tasks: Seque
     """Per task, the accuracy (0..1) of a linear probe on the frozen, L2-normalized features of the
     encoder ``state``: fitted on ``train_split``, scored on ``test_split``. A probe near the experts'
     accuracy means the pretrained features already hold the task (the situation of CLIP)."""
-    encoder = _on_device(benchmark, state)
+    encoder = benchmark.new_encoder(state)
     out = {}
     for task in tasks or benchmark.tasks:
         Xtr, ytr = benchmark.split(task, train_split)
         Xte, yte = benchmark.split(task, test_split)
-        out[task] = linear_probe_accuracy(_features(encoder, Xtr), ytr, _features(encoder, Xte), yte, C=C)
+        out[task] = linear_probe_accuracy(_features(benchmark, encoder, Xtr), ytr, _features(benchmark, encoder, Xte),
+                                          yte, C=C)
     return out
 
 
@@ -109,13 +100,12 @@ def zero_shot_calibration(benchmark: DiagnosableBenchmark, state: StateDict, spl
     """Per task, :func:`calibration_from_logits` of the encoder ``state`` with the task's frozen head on
     ``split``. Calibrated heads have a cross-entropy near ``-log`` of their accuracy level and a
     confidence near their accuracy; confidently wrong heads have a confidence far above it."""
-    encoder = _on_device(benchmark, state)
+    encoder = benchmark.new_encoder(state)
     out = {}
     for task in tasks or benchmark.tasks:
         X, y = benchmark.split(task, split)
-        head = copy.deepcopy(benchmark.heads[task]).to(benchmark.device)  # the shared head stays where it is
-        logits = torch.cat([head(encoder(torch.as_tensor(X[i:i + 500]).to(benchmark.device)).float()).cpu()
-                            for i in range(0, len(y), 500)])
+        head = copy.deepcopy(benchmark.heads[task]).cpu()  # the shared head may live on the GPU; it stays there
+        logits = head(encode(encoder, X, batch_size=500, device=benchmark.device))
         out[task] = calibration_from_logits(logits, y)
     return out
 
