@@ -7,7 +7,8 @@
 # Usage: perf/gpu_check.sh OUT_DIR [PARTS]   PARTS: any of clip, bench, tests (default: all three)
 #   (OUT_DIR receives gpu_check.log, clip_smoke_cuda.tgz with results, timings and any failed notebook,
 #   bench_tsv.log)
-# Python packages the machine lacks can come as wheels in .whl/ (installed into /tmp/site, PYTHONPATH).
+# CHAPTERS=notebooks/00_benchmark_and_baselines.ipynb (say) runs only those chapters of part 1 (the book then stays
+# unrendered). Python packages the machine lacks can come as wheels in .whl/ (installed into /tmp/site, PYTHONPATH).
 set -uo pipefail
 out=${1:?usage: perf/gpu_check.sh OUT_DIR [PARTS]}
 parts=${2:-clip,bench,tests}
@@ -38,7 +39,7 @@ rm -rf params/clip_smoke_cuda /tmp/r_cuda && mkdir params/clip_smoke_cuda
 cp params/clip_smoke/0*.yaml params/clip_smoke_cuda/  # the chapters' own keys; the benchmark block extends clip_smoke's
 printf 'extends: clip_smoke\nprofile: clip_smoke_cuda\ndevice: cuda\n' > params/clip_smoke_cuda/_benchmark.yaml
 start=$(date +%s)
-for nb in notebooks/0*.ipynb; do  # one chapter at a time, so that one failure does not hide the next
+for nb in ${CHAPTERS:-notebooks/0*.ipynb}; do  # one chapter at a time, so that one failure does not hide the next
     name=$(basename "$nb" .ipynb)
     timeout 200 $py -m mergelab.report --profile clip_smoke_cuda --reports /tmp/r_cuda --force --renderer pandoc \
         --notebooks "$name" 2>&1 | tr '\r' '\n' | grep -v '^Executing:'
