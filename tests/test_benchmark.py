@@ -61,13 +61,39 @@ def test_fine_tuning_changes_the_encoder_not_the_head(bench):
     assert torch.equal(bench.heads["size"].weight, head_before)
 
 
-def test_evaluate_returns_fractions_per_task_and_is_deterministic(bench):
+def test_evaluations_are_cached_per_weights_and_equal_a_fresh_pass(bench, monkeypatch):
+    """Chapters evaluate the same weights many times (every grid's 0 is the pretrained model, experts
+    recur across chapters): the second time reads the result cached under the weights' digest."""
+    from mergelab.utils import state_digest
+
     state = bench.pretrained_state()
-    acc = bench.evaluate(state, "val")
-    assert set(acc) == {"colours", "size"} and all(0.0 <= a <= 1.0 for a in acc.values())
-    assert acc == bench.evaluate(state, "val")
-    loss = bench.evaluate_loss(state, "val", tasks=["size"])
-    assert loss["size"] > 0
+    passes: list[tuple[str, str]] = []
+    real = bench._evaluate_task
+    monkeypatch.setattr(bench, "_evaluate_task", lambda enc, t, s: passes.append((t, s)) or real(enc, t, s))
+    first = bench.evaluations(state, "val")
+    assert passes == [("colours", "val"), ("size", "val")]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["loss"] > 0 and r["n"] == 32 for r in first.values())
+    assert bench.evaluate(state, "val") == {t: r["accuracy"] for t, r in first.items()}
+    assert bench.evaluate_loss(state, "val", ["size"]) == {"size": first["size"]["loss"]}
+    # equal weights in another dict are the same model: read, not run again
+    assert bench.evaluations({k: v.clone() for k, v in state.items()}, "val") == first and len(passes) == 2
+    bench.evaluate(state, "test", ["size"])  # another split runs
+    other = {**state, "ln_post.bias": state["ln_post.bias"] + 1.0}
+    bench.evaluate(other, "val", ["size"])  # other weights run
+    assert passes[2:] == [("size", "test"), ("size", "val")]
+    # what the cache returns is what a fresh pass computes, bit for bit, on a new benchmark object
+    fresh = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
+    path = fresh._eval_path(state_digest(state))
+    assert path.is_file()
+    path.unlink()
+    assert fresh.evaluations(state, "val") == first
+    path.write_text("{")  # an unreadable cache file (an interrupted write elsewhere) is evaluated again
+    assert fresh.evaluations(state, "val") == first
+    # the head is part of the key: other heads never read these results
+    shots = mergelab.load_benchmark("tiny", device="cpu", progress=False, **{**SMALL, "heads": "shots"})
+    assert shots._eval_key("size", "val") != bench._eval_key("size", "val")
+    with pytest.raises(ValueError, match="split='train2' is not valid; use one of"):
+        bench.evaluate(state, "train2")
 
 
 def test_same_seed_same_pretrained_weights(data_dir, tmp_path, monkeypatch):

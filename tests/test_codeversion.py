@@ -39,16 +39,18 @@ def test_a_version_bump_changes_the_cache_keys_of_its_kind(kind, monkeypatch):
     monkeypatch.setattr(bench, "head_digest", lambda task: "h", raising=False)
     cfg = mergelab.FinetuneConfig()
 
-    def keys() -> tuple[str, str, str, str]:
+    def keys() -> tuple[str, str, str, str, str]:
         return (bench.key, bench.run_key("expert", ["colours"], cfg),
                 trajectory_key(bench, "epoch_trajectory", ["colours"], cfg, 2),
-                str(scratch_artifact(ScratchConfig(), {"dataset": "sklearn-digits"}).path))
+                str(scratch_artifact(ScratchConfig(), {"dataset": "sklearn-digits"}).path),
+                bench._eval_key("colours", "val"))
 
     before = keys()
     monkeypatch.setitem(codeversion.CODE_VERSIONS, kind, codeversion.CODE_VERSIONS[kind] + 1)
     after = keys()
-    changed = {name for name, a, b in zip(("pretrain", "finetune", "trajectory", "scratch"), before, after) if a != b}
-    expected = {kind, "finetune", "trajectory"} if kind == "pretrain" else {kind}  # the benchmark key is in both
+    changed = {name for name, a, b in zip(("pretrain", "finetune", "trajectory", "scratch", "evaluation"), before, after) if a != b}
+    # the benchmark key is in the experts', the trajectories' and the evaluations' keys
+    expected = {kind, "finetune", "trajectory", "evaluation"} if kind == "pretrain" else {kind}
     assert changed == expected
     with pytest.raises(ValueError, match="kind='weights'"):
         codeversion.key_part("weights")

@@ -26,7 +26,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent
 FINGERPRINTS_FILE = PACKAGE / "code_fingerprints.json"
 
-CODE_VERSIONS: dict[str, int] = {"pretrain": 1, "finetune": 1, "trajectory": 1, "scratch": 1}
+CODE_VERSIONS: dict[str, int] = {"pretrain": 1, "finetune": 1, "trajectory": 1, "scratch": 1, "evaluation": 1}
 """Version of the code that makes each kind of cached artifact (bump to rebuild its caches)."""
 
 SOURCES: dict[str, tuple[str, ...]] = {
@@ -35,6 +35,8 @@ SOURCES: dict[str, tuple[str, ...]] = {
                  "benchmarks/clip/benchmark.py", "benchmarks/clip/training.py"),
     "trajectory": ("training/trajectories.py", "training/finetune.py", "models.py"),
     "scratch": ("training/scratch.py", "alignment/architectures.py"),  # chapter 06's models from different seeds
+    "evaluation": ("benchmarks/base.py", "benchmarks/tiny/benchmark.py", "benchmarks/clip/benchmark.py",
+                   "benchmarks/clip/datasets.py", "models.py"),  # cached accuracies and losses per weights
 }
 """The package files (relative to ``src/mergelab``) whose code makes each kind of artifact."""
 

@@ -8,6 +8,7 @@ chapters) talks to it through this protocol only, so a new size is one class tha
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from .. import codeversion
 from ..cache import Artifact
 from ..training import FinetuneConfig
-from ..utils import StateDict, config_hash
+from ..utils import StateDict, atomic_write_json, config_hash, state_digest
 
 
 @runtime_checkable
@@ -96,6 +97,11 @@ class BenchmarkBase:
     (:meth:`_run_key_parts`), map a recipe per task (:meth:`expert_recipe`) and import experts instead
     of training them (:meth:`_imported_expert`). Experts are cached through
     :class:`mergelab.cache.Artifact` as ``<experts_dir>/<kind>-<run key>.safetensors`` + JSON.
+
+    Evaluation is shared too: a size provides :meth:`check_split`, :attr:`cache_dir`,
+    :meth:`_eval_key` (what decides a result besides the weights), :meth:`_eval_encoder_for` (the
+    weights loaded on the device) and :meth:`_evaluate_task` (one task's pass); :meth:`evaluations`
+    caches each result by the weights' digest, so evaluating the same weights again reads it.
     """
 
     tasks: tuple[str, ...]
@@ -184,3 +190,72 @@ class BenchmarkBase:
         """One encoder fine-tuned on all ``tasks`` jointly (one batch loss per task each step)."""
         tasks = sorted(self.check_task(t) for t in (tasks or self.tasks))
         return self._train_cached("multitask", tasks, cfg or self.default_recipe)
+
+    # ------------------------------------------------------------------ evaluation, cached per weights
+    cache_dir: Path
+
+    def check_split(self, split: str) -> str:  # pragma: no cover - every size implements it
+        raise NotImplementedError
+
+    def _eval_key(self, task: str, split: str) -> str:  # pragma: no cover - every size implements it
+        """What decides one task's result on ``split`` besides the weights (head, data, arithmetic)."""
+        raise NotImplementedError
+
+    def _eval_encoder_for(self, state: StateDict) -> torch.nn.Module:  # pragma: no cover
+        """An encoder on :attr:`device` in eval mode holding ``state``."""
+        raise NotImplementedError
+
+    def _evaluate_task(self, encoder: torch.nn.Module, task: str, split: str
+                       ) -> tuple[int, float, int]:  # pragma: no cover - every size implements it
+        """``(correct, summed cross-entropy in nats, examples)`` of ``encoder`` on ``task``'s ``split``."""
+        raise NotImplementedError
+
+    def _eval_path(self, digest: str) -> Path:
+        return self.cache_dir / "eval" / digest[:2] / f"{digest}.json"
+
+    @torch.no_grad()
+    def evaluations(self, state: StateDict, split: str = "test", tasks: Iterable[str] | None = None
+                    ) -> dict[str, dict[str, Any]]:
+        """Per task ``{"task", "split", "accuracy" (0..1), "loss" (mean nats), "n"}`` of the encoder
+        ``state`` with the task's own head.
+
+        Cached on disk per weights: ``<cache_dir>/eval/<digest[:2]>/<digest>.json`` (the digest is
+        :func:`mergelab.utils.state_digest`, the entry :meth:`_eval_key`), so the same weights evaluated
+        again (a coefficient grid's 0, an expert in several chapters, a re-run) are not run again.
+        Results are those of the pass that first computed them: the pass is deterministic.
+        """
+        split = self.check_split(split)
+        tasks = [self.check_task(t) for t in (tasks or self.tasks)]
+        digest = state_digest(state)
+        path = self._eval_path(digest)
+        cache: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                cache = json.loads(path.read_text())
+            except (OSError, ValueError):  # unreadable: evaluate again and rewrite it
+                cache = {}
+        out: dict[str, dict[str, Any]] = {}
+        encoder: torch.nn.Module | None = None
+        for task in tasks:
+            key = self._eval_key(task, split)
+            if key not in cache:
+                if encoder is None:
+                    encoder = self._eval_encoder_for(state)
+                correct, loss, n = self._evaluate_task(encoder, task, split)
+                if n == 0:
+                    raise ValueError(f"task {task!r} split {split!r} has no examples.")
+                cache[key] = {"task": task, "split": split, "accuracy": correct / n, "loss": loss / n, "n": n}
+                atomic_write_json(path, cache)
+            out[task] = cache[key]
+        return out
+
+    def evaluate(self, state: StateDict, split: str = "test", tasks: Iterable[str] | None = None
+                 ) -> dict[str, float]:
+        """Top-1 accuracy (fraction 0..1) of the encoder ``state`` on each task with its own head (cached:
+        :meth:`evaluations`)."""
+        return {t: r["accuracy"] for t, r in self.evaluations(state, split, tasks).items()}
+
+    def evaluate_loss(self, state: StateDict, split: str = "test", tasks: Iterable[str] | None = None
+                      ) -> dict[str, float]:
+        """Mean cross-entropy (nats) of the encoder ``state`` on each task with its own head (cached)."""
+        return {t: r["loss"] for t, r in self.evaluations(state, split, tasks).items()}

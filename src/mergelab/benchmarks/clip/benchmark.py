@@ -34,13 +34,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ... import paths
+from ... import codeversion, paths
 from ...cache import Artifact
 from ..base import BenchmarkBase
 from ...models import ClassificationHead, load_encoder_state
 from ...training import FinetuneConfig, training_indices
 from ...utils import (StateDict, atomic_save_safetensors, atomic_write_json, clone_state_dict, config_hash,
-                     load_safetensors, pick_device, state_digest)
+                     load_safetensors, pick_device)
 from . import datasets as ds
 from .training import finetune_encoder
 from .checkpoints import find_expert_checkpoint, find_release_head, load_expert, read_release_head
@@ -502,56 +502,29 @@ class ClipBenchmark(BenchmarkBase):
     def _eval_key(self, task: str, split: str) -> str:
         return config_hash({"task": task, "split": split, "head": self.head_digest(task),
                             "activation": self.activation, "data": self._splits_fingerprint(task, split),
-                            "amp": str(self.amp)})
+                            "amp": str(self.amp), **codeversion.key_part("evaluation")})
 
-    def _eval_path(self, digest: str) -> Path:
-        return self.cache_dir / "eval" / digest[:2] / f"{digest}.json"
+    def check_split(self, split: str) -> str:
+        return ds.check_split(split)
 
-    @torch.no_grad()
-    def _evaluate(self, state: StateDict, split: str, tasks: Iterable[str] | None) -> dict[str, dict[str, float]]:
-        split = ds.check_split(split)
-        tasks = [ds.check_task(t) for t in (tasks or self.tasks)]
-        digest = state_digest(state)
-        path = self._eval_path(digest)
-        cache: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-        out, loaded = {}, False
-        for task in tasks:
-            key = self._eval_key(task, split)
-            if key not in cache:
-                if not loaded:
-                    if self._eval_encoder is None:
-                        self._eval_encoder = self.new_encoder().to(self.device).eval()
-                    enc = load_encoder_state(self._eval_encoder, {k: v.to(self.device) for k, v in state.items()})
-                    loaded = True
-                head = self.head(task).to(self.device)
-                correct, total_loss, n = 0, 0.0, 0
-                for X, y in self._eval_batches(task, split):
-                    with autocast(self.device, self.amp):
-                        features = enc(X)
-                    logits = head(features.float())
-                    correct += int((logits.argmax(-1) == y).sum())
-                    total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
-                    n += len(y)
-                if n == 0:
-                    raise ValueError(f"task {task!r} split {split!r} has no examples under {self.data_root}.")
-                cache[key] = {"task": task, "split": split, "accuracy": correct / n, "loss": total_loss / n, "n": n}
-                atomic_write_json(path, cache)
-            out[task] = cache[key]
-        return out
+    def _eval_encoder_for(self, state: StateDict) -> nn.Module:
+        if self._eval_encoder is None:
+            self._eval_encoder = self.new_encoder().to(self.device).eval()
+        return load_encoder_state(self._eval_encoder, {k: v.to(self.device) for k, v in state.items()})
 
-    def evaluate(self, state: StateDict, split: str = "test", tasks: Iterable[str] | None = None,
-                 batch_size: int | None = None) -> dict[str, float]:
-        """Top-1 accuracy (fraction 0..1) of the image tower ``state`` on each task with its own head.
-
-        Cached per (state hash, task, split): evaluating the same weights again reads the cache.
-        ``batch_size`` is accepted for interface parity; the batch size is ``data.eval_batch_size``.
-        """
-        return {t: r["accuracy"] for t, r in self._evaluate(state, split, tasks).items()}
-
-    def evaluate_loss(self, state: StateDict, split: str = "test", tasks: Iterable[str] | None = None,
-                      batch_size: int | None = None) -> dict[str, float]:
-        """Mean cross-entropy (nats) of the image tower ``state`` on each task with its own head (cached)."""
-        return {t: r["loss"] for t, r in self._evaluate(state, split, tasks).items()}
+    def _evaluate_task(self, encoder: nn.Module, task: str, split: str) -> tuple[int, float, int]:
+        head = self.head(task).to(self.device)
+        correct, total_loss, n = 0, 0.0, 0
+        for X, y in self._eval_batches(task, split):
+            with autocast(self.device, self.amp):
+                features = encoder(X)
+            logits = head(features.float())
+            correct += int((logits.argmax(-1) == y).sum())
+            total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            n += len(y)
+        if n == 0:
+            raise ValueError(f"task {task!r} split {split!r} has no examples under {self.data_root}.")
+        return correct, total_loss, n
 
 
 def load_clip_benchmark(device: str | None = "auto", progress: bool = True, **params: Any) -> ClipBenchmark:

@@ -12,7 +12,7 @@ A benchmark object gives every notebook the same small interface, which the ``cl
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,8 +167,7 @@ class TinyBenchmark(BenchmarkBase):
     def split(self, task: str, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized images ``(N, 3, 32, 32)`` float32 and labels ``(N,)`` int64 (CPU)."""
         check_tiny_task(task)
-        if split not in SPLITS:
-            raise ValueError(f"split={split!r} is not valid; use one of {', '.join(SPLITS)}.")
+        self.check_split(split)
         if (task, split) not in self._splits:
             X, y = load_task(task, split, self.config.data)
             self._splits[task, split] = (normalize_images(torch.from_numpy(X)), torch.from_numpy(y))
@@ -307,31 +306,28 @@ class TinyBenchmark(BenchmarkBase):
                        "finetune": asdict(cfg), "loss": history["loss"], "lr": history["lr"],
                        "wall_time_s": time.perf_counter() - start, "device": str(self.device)}
 
-    # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def _task_logits(self, state: StateDict, split: str, tasks: Iterable[str] | None, batch_size: int
-                     ) -> Iterator[tuple[str, int, Iterator[tuple[torch.Tensor, torch.Tensor]]]]:
-        """Per task: ``(task, n_examples, batches)``, the batches being ``(logits (B, C), labels (B,))``
-        on ``self.device`` for the encoder ``state`` with the task's own head, in split order."""
-        enc = load_encoder_state(self._encoder, state).to(self.device).eval()
-        for task in tasks or self.tasks:
-            X, y = self.split(task, split)
-            head = self.heads[task].to(self.device)
-            batches = ((head(enc(X[i:i + batch_size].to(self.device))), y[i:i + batch_size].to(self.device))
-                       for i in range(0, len(y), batch_size))
-            yield task, len(y), batches
+    # ------------------------------------------------------------------ evaluation (cached: BenchmarkBase.evaluations)
+    EVAL_BATCH_SIZE = 1000
+    """Images per forward pass when evaluating."""
 
-    @torch.no_grad()
-    def evaluate(self, state: StateDict, split: str = "test", tasks: Iterable[str] | None = None,
-                 batch_size: int = 1000) -> dict[str, float]:
-        """Top-1 accuracy (fraction 0..1) of the encoder ``state`` on each task with its own head."""
-        return {task: sum(int((logits.argmax(-1) == y).sum()) for logits, y in batches) / n
-                for task, n, batches in self._task_logits(state, split, tasks, batch_size)}
+    def check_split(self, split: str) -> str:
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is not valid; use one of {', '.join(SPLITS)}.")
+        return split
 
-    @torch.no_grad()
-    def evaluate_loss(self, state: StateDict, split: str = "test", tasks: Iterable[str] | None = None,
-                      batch_size: int = 1000) -> dict[str, float]:
-        """Mean cross-entropy (nats) of the encoder ``state`` on each task with its own head."""
-        return {task: sum(float(F.cross_entropy(logits, y, reduction="sum")) for logits, y in batches) / n
-                for task, n, batches in self._task_logits(state, split, tasks, batch_size)}
+    def _eval_key(self, task: str, split: str) -> str:
+        return config_hash({"task": task, "split": split, "benchmark": self.key, "head": self.head_digest(task),
+                            "batch_size": self.EVAL_BATCH_SIZE, **codeversion.key_part("evaluation")})
 
+    def _eval_encoder_for(self, state: StateDict) -> torch.nn.Module:
+        return load_encoder_state(self._encoder, state).to(self.device).eval()
+
+    def _evaluate_task(self, encoder: torch.nn.Module, task: str, split: str) -> tuple[int, float, int]:
+        X, y = self.split(task, split)
+        head = self.heads[task].to(self.device)
+        correct, loss, bs = 0, 0.0, self.EVAL_BATCH_SIZE
+        for i in range(0, len(y), bs):
+            logits, labels = head(encoder(X[i:i + bs].to(self.device))), y[i:i + bs].to(self.device)
+            correct += int((logits.argmax(-1) == labels).sum())
+            loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        return correct, loss, len(y)
