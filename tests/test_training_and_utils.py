@@ -341,11 +341,16 @@ def test_the_contrastive_term_contrasts_two_views_of_the_same_images_and_trains_
     monkeypatch.setattr(P, "_pretrain_loop", capturing_loop)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16))
-    cfg = PretrainConfig(num_steps=3, batch_size=16, lr=0.01, warmup_steps=0, unlabelled_weight=0.5, unlabelled_batch=8)
+    cfg = PretrainConfig(num_steps=5, batch_size=16, lr=0.01, warmup_steps=0, unlabelled_weight=0.5, unlabelled_batch=8)
     P.pretrain_factors(model, X, targets, {"kind": 2}, cfg, lambda x: x, progress=False, unlabelled=unlabelled)
     assert len(seen) == 2 * cfg.num_steps  # two views a step ...
     for a, b in zip(seen[::2], seen[1::2]):  # ... of the same images
         assert torch.equal(a, b) and a.shape == (8, 3, 8, 8)
+    # drawn without replacement: 5 steps of 8 are one pass over the 40 images, each once (a repeated
+    # image in a batch would be its own negative in InfoNCE)
+    drawn = torch.cat(seen[::2])
+    match = (drawn.flatten(1)[:, None] == unlabelled.flatten(1)[None]).all(-1)  # (40 drawn, 40 images)
+    assert torch.equal(match.sum(0), torch.ones(40, dtype=torch.long))
     assert "unlabelled task images" in captured["desc"]
     # the encoder (2 tensors), the factor probe (2) and the projection head (2 linear layers: 4) all train
     assert len(captured["params"]) == 8 and all(captured["moved"])

@@ -28,7 +28,8 @@ class PretrainConfig:
         seed: initialization and augmentation seed.
         unlabelled_weight: weight of a contrastive term on the eight tasks' *unlabelled* training images
             (``factors`` objective only; 0, the default, turns it off), as web pretraining sees images of
-            the downstream domains without their labels: each step draws ``unlabelled_batch`` of them,
+            the downstream domains without their labels: each step takes the next ``unlabelled_batch`` of
+            them (passes in random order, no image twice in a batch),
             makes two views of each (:func:`task_view`) and adds ``unlabelled_weight`` times the
             symmetric InfoNCE loss (``temperature``) of their embeddings through a 2-layer projection head
             (dropped afterwards). The tiny size uses 0.5 (docs/tiny-benchmark.md, sessions 6 and 7).
@@ -280,18 +281,20 @@ def _contrastive_term(model: nn.Module, unlabelled: torch.Tensor, cfg: PretrainC
                       normalize: Callable[[torch.Tensor], torch.Tensor], dim: int,
                       device: torch.device | str) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
     """The unlabelled images' term of :func:`pretrain_factors`: ``(projection head, term)``, where ``term()``
-    draws ``cfg.unlabelled_batch`` of ``unlabelled`` ``(M, 3, H, W)``, makes two :func:`task_view` of each
-    and returns the symmetric InfoNCE loss of their embeddings through the projection head
-    (``dim -> 64 -> 64``, trained with the encoder, dropped afterwards). Its draws come from a generator
-    seeded by ``cfg.seed``, apart from the pretext batches'."""
+    takes the next ``cfg.unlabelled_batch`` of ``unlabelled`` ``(M, 3, H, W)`` (passes over them in seeded
+    random order, without replacement: no image is its own negative), makes two :func:`task_view` of
+    each and returns the symmetric InfoNCE loss of their embeddings through the projection head
+    (``dim -> 64 -> 64``, trained with the encoder, dropped afterwards). Its order and views come from
+    generators seeded by ``cfg.seed``, apart from the pretext batches'."""
     projection = nn.Sequential(nn.Linear(dim, 64), nn.ReLU(), nn.Linear(64, 64)).to(device)
-    g = torch.Generator().manual_seed(10_000 + cfg.seed)
+    g = torch.Generator().manual_seed(10_000 + cfg.seed)  # the views
+    batches = batch_stream(len(unlabelled), cfg.unlabelled_batch, 20_000 + cfg.seed)  # which images
 
     def view(x: torch.Tensor) -> torch.Tensor:
         return normalize(task_view(x, g, cfg.view_shift, cfg.view_brightness, cfg.view_noise)).to(device)
 
     def term() -> torch.Tensor:
-        x = unlabelled[torch.randint(0, len(unlabelled), (cfg.unlabelled_batch,), generator=g)]
+        x = unlabelled[batches()]
         return info_nce(projection(model(view(x))), projection(model(view(x))), cfg.temperature)
 
     return projection, term
