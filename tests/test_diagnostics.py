@@ -46,7 +46,7 @@ def test_relative_norms_total_and_kinds():
 class _ToyBench:
     """Accuracy of task t is the clamp of weight t: an exactly known benchmark."""
 
-    tasks = ("a", "b")
+    tasks: tuple[str, ...] = ("a", "b")
     heads: dict = {}
 
     def evaluate(self, state, split="test", tasks=None):
@@ -66,3 +66,22 @@ def test_own_task_curve_and_cross_matrix_on_a_known_benchmark():
     assert M[0, 1] == pytest.approx(-0.25)  # tau_a hurts task b
     assert M[1, 0] == pytest.approx(0.0)
     assert D.off_diagonal(sources, targets, M).tolist() == pytest.approx([-0.25, 0.0])
+
+
+def test_alone_and_merged_shows_a_collective_loss_the_pairwise_matrix_splits():
+    """Task c is hurt by 0.1 by each of the two other vectors at lambda .5 (the pairwise matrix) and by
+    0.2 by both together: ``others`` is the sum, ``alone`` the own vector's share at lambda."""
+    bench = _ToyBench()
+    bench.tasks = ("a", "b", "c")
+    pre = {"a": torch.tensor(0.2), "b": torch.tensor(0.5), "c": torch.tensor(0.3)}
+    tvs = {"a": TaskVector({"a": torch.tensor(0.6), "b": torch.tensor(0.0), "c": torch.tensor(-0.2)}),
+           "b": TaskVector({"a": torch.tensor(-0.2), "b": torch.tensor(0.4), "c": torch.tensor(-0.2)}),
+           "c": TaskVector({"a": torch.tensor(0.0), "b": torch.tensor(0.0), "c": torch.tensor(0.4)})}
+    r = D.alone_and_merged(bench, pre, tvs, coefficient=0.5)
+    assert r["c"] == pytest.approx({"zero_shot": 0.3, "alone": 0.5, "merged": 0.3, "others": -0.2})
+    assert r["a"] == pytest.approx({"zero_shot": 0.2, "alone": 0.5, "merged": 0.4, "others": -0.1})
+    assert r["b"]["others"] == pytest.approx(0.0)
+    _, _, M = D.cross_task_matrix(bench, pre, tvs, coefficient=0.5)
+    assert M[0, 2] == pytest.approx(-0.1) and M[1, 2] == pytest.approx(-0.1)  # each alone costs c 0.1
+    with pytest.raises(ValueError, match="task_vectors is empty"):
+        D.alone_and_merged(bench, pre, {}, coefficient=0.5)

@@ -65,6 +65,15 @@ def test_seed_study_summary_is_the_per_seed_numbers_and_claims_rest_on_them(run_
     diag = results["diagnostics"]
     assert set(diag["linear_probe"]) == set(results["tasks"]) and 0 <= diag["linear_probe_mean"] <= 1
     assert len(diag["cross_task"]["delta"]) == len(results["tasks"])
+    # the per-task decomposition of task arithmetic's loss, at the chapter's validated coefficient
+    split = diag["alone_and_merged"]
+    assert split["coefficient"] == results["methods"]["task_arithmetic"]["coefficient"]
+    assert set(split["per_task"]) == set(results["tasks"])
+    for task, r in split["per_task"].items():
+        assert r["others"] == pytest.approx(r["merged"] - r["alone"])
+        alpha = str(float(split["coefficient"]))
+        if alpha in diag["own_task_curve"][task]:  # the own vector alone at lambda is a point of its curve
+            assert r["alone"] == pytest.approx(diag["own_task_curve"][task][alpha])
 
 
 # The science the smoke benchmark must show (issue 26), on the chapter's own run (seed 0) and on every

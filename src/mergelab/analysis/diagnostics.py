@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers import layer_kind
+from ..merging import merge
 from ..models import encode
 from ..task_vectors import TaskVector
 from ..utils import StateDict
@@ -143,6 +144,30 @@ def gain_fraction(curve: Mapping[float, float], alpha: float) -> float:
     ``(acc(alpha) - acc(0)) / (acc(1) - acc(0))`` (nan when the expert gains nothing)."""
     gain = curve[1.0] - curve[0.0]
     return (curve[alpha] - curve[0.0]) / gain if abs(gain) > 1e-12 else float("nan")
+
+
+def alone_and_merged(benchmark: DiagnosableBenchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
+                     coefficient: float, split: str = "val") -> dict[str, dict[str, float]]:
+    """Where task arithmetic at ``coefficient`` (lambda) loses each task, on ``split`` (fractions 0..1).
+
+    Per task t: ``{"zero_shot": acc_t(theta_0), "alone": acc_t(theta_0 + lambda tau_t), "merged":
+    acc_t(theta_0 + lambda sum_s tau_s), "others": merged - alone}``. ``alone`` below the expert is the
+    price of a small coefficient on a vector that acts near-linearly (:func:`own_task_curve`); ``others``
+    is what the other T - 1 vectors cost (or give) the task *together*, which :func:`cross_task_matrix`
+    shows one vector at a time: small pairwise entries can add up to a large collective loss. The merge is
+    :func:`mergelab.merging.merge` ``("task_arithmetic")``, the one the chapters validate.
+    """
+    if not task_vectors:
+        raise ValueError("task_vectors is empty; give at least one task vector.")
+    tasks = list(task_vectors)
+    zero_shot = benchmark.evaluate(pretrained, split, tasks)
+    merged = benchmark.evaluate(merge("task_arithmetic", pretrained, list(task_vectors.values()),
+                                      coefficient=coefficient), split, tasks)
+    out = {}
+    for t, tv in task_vectors.items():
+        alone = benchmark.evaluate(tv.apply_to(pretrained, coefficient), split, [t])[t]
+        out[t] = {"zero_shot": zero_shot[t], "alone": alone, "merged": merged[t], "others": merged[t] - alone}
+    return out
 
 
 def cross_task_matrix(benchmark: DiagnosableBenchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
