@@ -92,6 +92,10 @@ def test_evaluations_are_cached_per_weights_and_equal_a_fresh_pass(bench, monkey
     # the head is part of the key: other heads never read these results
     shots = mergelab.load_benchmark("tiny", device="cpu", progress=False, **{**SMALL, "heads": "shots"})
     assert shots._eval_key("size", "val") != bench._eval_key("size", "val")
+    import copy  # and so is the device (a GPU's last bits may differ from the CPU's, and flip an argmax)
+    on_gpu = copy.copy(bench)
+    on_gpu.device = torch.device("cuda")
+    assert on_gpu._eval_key("size", "val") != bench._eval_key("size", "val")
     with pytest.raises(ValueError, match="split='train2' is not valid; use one of"):
         bench.evaluate(state, "train2")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import mergelab
 from mergelab import codeversion
@@ -36,6 +37,7 @@ def test_a_version_bump_changes_the_cache_keys_of_its_kind(kind, monkeypatch):
     from mergelab.benchmarks.tiny.benchmark import TinyBenchmarkConfig
 
     bench.config = TinyBenchmarkConfig.from_params(tasks=["colours"])
+    bench.device = torch.device("cpu")
     monkeypatch.setattr(bench, "head_digest", lambda task: "h", raising=False)
     cfg = mergelab.FinetuneConfig()
 

@@ -36,7 +36,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "trajectory": ("training/trajectories.py", "training/finetune.py", "models.py"),
     "scratch": ("training/scratch.py", "alignment/architectures.py"),  # chapter 06's models from different seeds
     "evaluation": ("benchmarks/base.py", "benchmarks/tiny/benchmark.py", "benchmarks/clip/benchmark.py",
-                   "benchmarks/clip/datasets.py", "models.py"),  # cached accuracies and losses per weights
+                   "benchmarks/clip/datasets.py", "benchmarks/clip/model.py", "models.py"),  # cached accuracies and losses per weights
 }
 """The package files (relative to ``src/mergelab``) whose code makes each kind of artifact."""
 

@@ -148,7 +148,8 @@ def gain_fraction(curve: Mapping[float, float], alpha: float) -> float:
 
 def alone_and_merged(benchmark: DiagnosableBenchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
                      coefficient: float, split: str = "val") -> dict[str, dict[str, float]]:
-    """Where task arithmetic at ``coefficient`` (lambda) loses each task, on ``split`` (fractions 0..1).
+    """Where task arithmetic at ``coefficient`` (lambda) loses each task, on ``split`` (accuracies as
+    fractions 0..1; ``others`` a difference of two, in -1..1).
 
     Per task t: ``{"zero_shot": acc_t(theta_0), "alone": acc_t(theta_0 + lambda tau_t), "merged":
     acc_t(theta_0 + lambda sum_s tau_s), "others": merged - alone}``. ``alone`` below the expert is the

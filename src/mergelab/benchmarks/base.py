@@ -220,9 +220,11 @@ class BenchmarkBase:
         ``state`` with the task's own head.
 
         Cached on disk per weights: ``<cache_dir>/eval/<digest[:2]>/<digest>.json`` (the digest is
-        :func:`mergelab.utils.state_digest`, the entry :meth:`_eval_key`), so the same weights evaluated
-        again (a coefficient grid's 0, an expert in several chapters, a re-run) are not run again.
-        Results are those of the pass that first computed them: the pass is deterministic.
+        :func:`mergelab.utils.state_digest`, the entry :meth:`_eval_key`: head, data, batch size, device
+        type, precision), so the same weights evaluated again (a coefficient grid's 0, an expert in several
+        chapters, a re-run) are not run again. A result is the one its first pass computed. Two processes
+        that evaluate the same weights at once may each rewrite the file without the other's new entries
+        (the rename is atomic, so the file is never corrupt): the lost entries are evaluated again.
         """
         split = self.check_split(split)
         tasks = [self.check_task(t) for t in (tasks or self.tasks)]

@@ -502,7 +502,8 @@ class ClipBenchmark(BenchmarkBase):
     def _eval_key(self, task: str, split: str) -> str:
         return config_hash({"task": task, "split": split, "head": self.head_digest(task),
                             "activation": self.activation, "data": self._splits_fingerprint(task, split),
-                            "amp": str(self.amp), **codeversion.key_part("evaluation")})
+                            "amp": str(self.amp), "device": self.device.type,
+                            "batch_size": self.config.data.eval_batch_size, **codeversion.key_part("evaluation")})
 
     def check_split(self, split: str) -> str:
         return ds.check_split(split)

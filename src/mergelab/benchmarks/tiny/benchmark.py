@@ -317,7 +317,8 @@ class TinyBenchmark(BenchmarkBase):
 
     def _eval_key(self, task: str, split: str) -> str:
         return config_hash({"task": task, "split": split, "benchmark": self.key, "head": self.head_digest(task),
-                            "batch_size": self.EVAL_BATCH_SIZE, **codeversion.key_part("evaluation")})
+                            "batch_size": self.EVAL_BATCH_SIZE, "device": self.device.type,
+                            **codeversion.key_part("evaluation")})
 
     def _eval_encoder_for(self, state: StateDict) -> torch.nn.Module:
         return load_encoder_state(self._encoder, state).to(self.device).eval()
