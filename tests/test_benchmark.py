@@ -100,6 +100,15 @@ def test_evaluations_are_cached_per_weights_and_equal_a_fresh_pass(bench, monkey
         bench.evaluate(state, "train2")
 
 
+def test_an_evaluation_of_no_examples_is_refused_by_name(bench, monkeypatch):
+    X, y = bench.split("size", "val")
+    monkeypatch.setattr(bench, "split", lambda task, split="train": (X[:0], y[:0]))
+    state = bench.pretrained_state()
+    state["ln_post.bias"] = state["ln_post.bias"] + 0.123  # weights no other test has evaluated (not cached)
+    with pytest.raises(ValueError, match="task 'size' split 'val' has no examples in TinyBenchmark's data"):
+        bench.evaluate(state, "val", ["size"])
+
+
 def test_same_seed_same_pretrained_weights(data_dir, tmp_path, monkeypatch):
     a = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL).pretrained_state()
     monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path / "other"))

@@ -244,8 +244,9 @@ class BenchmarkBase:
                 if encoder is None:
                     encoder = self._eval_encoder_for(state)
                 correct, loss, n = self._evaluate_task(encoder, task, split)
-                if n == 0:
-                    raise ValueError(f"task {task!r} split {split!r} has no examples.")
+                if n == 0:  # every size's one check: an accuracy of no examples is undefined
+                    raise ValueError(f"task {task!r} split {split!r} has no examples in {type(self).__name__}'s "
+                                     "data; check the task's data folder or the split's size.")
                 cache[key] = {"task": task, "split": split, "accuracy": correct / n, "loss": loss / n, "n": n}
                 atomic_write_json(path, cache)
             out[task] = cache[key]
