@@ -280,3 +280,40 @@ def test_the_spare_encoder_is_reused_for_one_benchmark_and_rebuilt_for_another()
     assert other.weight.shape == (2, 5) and second.built == 1
     _encoder(first, state)  # back to the first benchmark: its own architecture again
     assert first.built == 2
+
+
+class ProbeBench:
+    """A stand-in benchmark for :func:`measure_merge`: a linear encoder; every training and test example is
+    the zero image of class 0, every validation example the image of fives of class 2."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.heads = {"t": _Identity()}
+        zero, five = torch.zeros(40, 4), torch.full((10, 4), 5.0)
+        self.data = {"train": (zero, torch.zeros(40, dtype=torch.long)), "test": (zero[:20], torch.zeros(20, dtype=torch.long)),
+                     "val": (five, torch.full((10,), 2, dtype=torch.long))}
+
+    def new_encoder(self) -> nn.Module:
+        return nn.Linear(4, 3)
+
+    def split(self, task: str, split: str = "train"):
+        return self.data[split]
+
+    def images(self, task: str, split: str, indices) -> torch.Tensor:
+        return self.data[split][0][torch.as_tensor(indices, dtype=torch.long)]
+
+
+def test_the_lipschitz_probe_weighs_seen_and_unseen_examples_alike():
+    """L_k is the mean per-example gradient norm over ``probe_size`` examples the expert saw and as many
+    validation examples: seen examples alone (fitted, few) understate the norm over the task's data."""
+    from mergelab.analysis.generalization import measure_merge
+
+    torch.manual_seed(0)
+    bench, enc = ProbeBench(), nn.Linear(4, 3)
+    seen_norm = float(per_example_gradient_norms(enc, _Identity(), torch.zeros(1, 4), torch.tensor([0]))[0])
+    val_norm = float(per_example_gradient_norms(enc, _Identity(), torch.full((1, 4), 5.0), torch.tensor([2]))[0])
+    assert val_norm > 5 * seen_norm
+    m = measure_merge(bench, enc.state_dict(), {"t": FinetuneConfig(data_fraction=0.5, num_steps=1, warmup_steps=0)}, probe_size=4)
+    assert m["lipschitz"]["t"] == pytest.approx((seen_norm + val_norm) / 2, rel=1e-5)
+    assert "lipschitz" not in measure_merge(bench, enc.state_dict(), {"t": FinetuneConfig(data_fraction=0.5, num_steps=1, warmup_steps=0)})

@@ -129,3 +129,18 @@ def test_canonical_texture_masks_are_the_six_patterns_and_shift_by_whole_periods
     assert not np.array_equal(tinydata.canonical_texture_mask(0, 4.0, dy=2.0), tinydata.canonical_texture_mask(0, 4.0))
     c = TASK_CLASSES["textures"].index("horizontal")
     np.testing.assert_array_equal(tinydata.canonical_images("textures")[c, 0, 0] > 0, masks[c])  # the heads' rendering
+
+
+def test_object_hue_bands_narrow_a_task_and_leave_the_random_stream_as_it_was(monkeypatch):
+    """``OBJECT_HUES`` (empty in the package; the design record's palette lever sets it) draws a task's
+    object hues from a band of width .08 around its centre, with the same draws, so the rest of the
+    image is unchanged."""
+    rng_free, rng_band = np.random.default_rng(1), np.random.default_rng(1)
+    free = np.array([tinydata._object_hue(rng_free, "counting") for _ in range(500)])
+    monkeypatch.setitem(tinydata.OBJECT_HUES, "counting", 0.98)
+    band = np.array([tinydata._object_hue(rng_band, "counting") for _ in range(500)])
+    assert free.max() - free.min() > 0.9  # uniform hues without a band
+    distance = np.minimum(np.abs(band - 0.98), 1 - np.abs(band - 0.98))  # on the hue circle
+    assert distance.max() <= 0.04 and (band >= 0).all() and (band < 1).all()
+    assert rng_free.random() == rng_band.random()
+    assert tinydata._object_hue(np.random.default_rng(2), "shapes") == np.random.default_rng(2).random()

@@ -255,7 +255,8 @@ def run_merges(bench: Any, specs: Sequence[MergeSpec], curvature: Curvature,
     ``train_accuracy``, ``test_accuracy``; ``generalization_gap_ci_low/high`` and
     ``gap_vs_pretrained_ci_low/high`` (95 % sampling intervals from the per-example losses,
     :func:`mergelab.analysis.statistics.mean_gap_ci`);
-    ``lipschitz`` (mean ``L_k``). Predicted, for simple averaging
+    ``lipschitz`` (mean ``L_k`` over ``probe_size`` seen and as many validation examples per task, see
+    :func:`measure_merge`; simple averaging only). Predicted, for simple averaging
     only (the bound says nothing about sparsified merges): ``bound_<regime>`` and the averaged
     stability's ``sampling_<regime>`` and ``drift_<regime>`` (:func:`averaged_stability`).
     """
@@ -273,7 +274,8 @@ def run_merges(bench: Any, specs: Sequence[MergeSpec], curvature: Curvature,
             tvs.append(TaskVector.from_states(pre, states[task, cfg]))
         merged = merge(spec.method, pre, tvs, **dict(spec.options))
         configs = dict(spec.experts)
-        m = measure_merge(bench, merged, configs, max_examples=max_examples, probe_size=probe_size,
+        probe = probe_size if spec.method == "weight_averaging" else 0  # L_k enters the bound only
+        m = measure_merge(bench, merged, configs, max_examples=max_examples, probe_size=probe,
                           seed=spec.draw, reference=pre, reference_cache=reference_cache)
         row: dict[str, Any] = {
             "draw": spec.draw, "tasks": "+".join(t for t, _ in spec.experts), "kind": spec.kind,
@@ -285,7 +287,7 @@ def run_merges(bench: Any, specs: Sequence[MergeSpec], curvature: Curvature,
                                  "test_accuracy")},
             "gap_vs_pretrained": m["gap_vs_reference"],
             **_ci_columns(m),
-            "lipschitz": float(np.mean(list(m["lipschitz"].values()))) if probe_size > 0 else float("nan"),
+            "lipschitz": float(np.mean(list(m["lipschitz"].values()))) if probe > 0 else float("nan"),
         }
         for regime in regimes:
             if spec.method != "weight_averaging" or probe_size == 0:
@@ -435,7 +437,7 @@ def expert_table(bench: Any, grid: ExpertGrid, tasks: Sequence[str], hyperparame
     checkpoint: ``task``, ``level``, ``step``, ``train_loss``, ``test_loss``, ``generalization_gap``,
     ``gap_vs_pretrained`` with ``gap_vs_pretrained_ci_low/high`` (as in :func:`run_merges`),
     ``test_accuracy``; with a ``curvature``, also ``lipschitz`` (mean per-example gradient norm over
-    ``probe_size`` seen examples) and ``bound`` (:func:`generalization_bound` of the one expert,
+    ``probe_size`` seen and as many validation examples, :func:`measure_merge`) and ``bound`` (:func:`generalization_bound` of the one expert,
     ``K = 1``, in ``regime``)."""
 
 

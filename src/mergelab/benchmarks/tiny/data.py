@@ -102,8 +102,20 @@ _DOMAINS = {
 }
 
 
-def _random_colour(rng: np.random.Generator) -> np.ndarray:
-    return _hsv(rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0))
+OBJECT_HUES: dict[str, float] = {}
+"""Per task, the centre of a narrow hue band (width .08) its objects are drawn from; a task not listed
+draws its objects' hue uniformly. Empty: every task draws any hue."""
+
+
+def _object_hue(rng: np.random.Generator, task: str) -> float:
+    """A hue in ``[0, 1)`` for one of ``task``'s objects (one uniform draw whatever the palette)."""
+    u = rng.random()
+    centre = OBJECT_HUES.get(task)
+    return u if centre is None else (centre + 0.08 * (u - 0.5)) % 1.0
+
+
+def _random_colour(rng: np.random.Generator, task: str) -> np.ndarray:
+    return _hsv(_object_hue(rng, task), rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0))
 
 
 def _background(rng: np.random.Generator) -> np.ndarray:
@@ -172,7 +184,7 @@ def _draw_digits(rng, n, noise, split_index):
         img = _plain(rng, None, (0.0, 0.3), (0.0, 0.15))
         size = glyph.shape[0]
         oy, ox = rng.integers(0, IMAGE_SIZE - size + 1, size=2)
-        colour = _hsv(rng.random(), rng.uniform(0.3, 1.0), rng.uniform(0.85, 1.0))
+        colour = _hsv(_object_hue(rng, "digits"), rng.uniform(0.3, 1.0), rng.uniform(0.85, 1.0))
         region = img[oy:oy + size, ox:ox + size]
         img[oy:oy + size, ox:ox + size] = region * (1 - glyph[..., None]) + colour * glyph[..., None]
         xs.append(_finish(img, rng, noise))
@@ -190,7 +202,7 @@ def _draw_object_task(task):
             img = _plain(rng, *domain["bg"])
             kind = _SHAPES[rng.integers(len(_SHAPES))]
             r = rng.uniform(5.0, 10.0)
-            colour = _hsv(0, 0, rng.uniform(0.0, 0.35)) if domain["grey_objects"] else _random_colour(rng)
+            colour = _hsv(0, 0, rng.uniform(0.0, 0.35)) if domain["grey_objects"] else _random_colour(rng, task)
             cx, cy = rng.uniform(r + 1, IMAGE_SIZE - r - 1, size=2)
             if task == "shapes":
                 kind = _SHAPES[y]
@@ -227,7 +239,7 @@ def _draw_counting(rng, n, noise, split_index):
                 centres.append(c)
         for cx, cy in centres:
             kind = ("circle", "square")[rng.integers(2)]
-            _paint(img, _shape_mask(kind, cx, cy, rng.uniform(2.0, 3.0)), _random_colour(rng))
+            _paint(img, _shape_mask(kind, cx, cy, rng.uniform(2.0, 3.0)), _random_colour(rng, "counting"))
         _distractors(img, rng, n_max=1)
         xs.append(_finish(img, rng, noise))
         ys.append(y)
@@ -240,7 +252,7 @@ def _draw_textures(rng, n, noise, split_index):
         y = int(rng.integers(6))
         period = rng.uniform(3.0, 6.0)
         phase = rng.uniform(0, period)
-        a, b = _random_colour(rng), _background(rng)[0, 0]
+        a, b = _random_colour(rng, "textures"), _background(rng)[0, 0]
         u = {0: _YY, 1: _XX, 2: _XX + _YY, 3: _XX - _YY}.get(y)
         if u is not None:
             step = period * (math.sqrt(2) if y >= 2 else 1.0)
@@ -266,7 +278,7 @@ def _draw_orientation(rng, n, noise, split_index):
         half, width = rng.uniform(6, 12), rng.uniform(1.0, 2.0)
         along = math.cos(angle) * (_XX - cx) - math.sin(angle) * (_YY - cy)
         across = math.sin(angle) * (_XX - cx) + math.cos(angle) * (_YY - cy)
-        _paint(img, (np.abs(along) <= half) & (np.abs(across) <= width), _random_colour(rng))
+        _paint(img, (np.abs(along) <= half) & (np.abs(across) <= width), _random_colour(rng, "orientation"))
         _distractors(img, rng, n_max=1)
         xs.append(_finish(img, rng, noise))
         ys.append(y)
