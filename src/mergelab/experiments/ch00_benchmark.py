@@ -54,6 +54,32 @@ def diagnostics(bench: Any, pretrained: StateDict, task_vectors: Mapping[str, Ta
     }
 
 
+def train_experts(bench: Any, recipe: FinetuneConfig, seeds: Sequence[int], tasks: Sequence[str] | None = None,
+                  workers: int = 1, progress: bool = True) -> int:
+    """Make sure the expert of every task exists for ``recipe`` at each fine-tuning seed (cached).
+
+    With ``workers > 1`` the runs train side by side in that many single-threaded processes
+    (:func:`mergelab.training.sweep.sweep`), each the run :meth:`bench.expert` would train (same key,
+    same bits where the size trains single-threaded, as the tiny one does); with ``workers == 1`` they
+    train here, one after another. Returns the number of runs trained by this call (0: all cached).
+    """
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r} is not valid; use a positive integer (1 trains in this process).")
+    if len(seeds) == 0:
+        raise ValueError("seeds is empty; give at least one fine-tuning seed.")
+    tasks = list(tasks or bench.tasks)
+    recipes = [replace(recipe, seed=int(s)) for s in dict.fromkeys(seeds)]
+    if workers == 1:
+        missing = [(t, r) for r in recipes for t in tasks if not bench.run_artifact("expert", [t], r).exists()]
+        for task, r in missing:
+            bench.expert(task, r)  # an expert the size imports is returned, never cached as trained
+        return sum(bench.run_artifact("expert", [t], r).exists() for t, r in missing)
+    from ..training.sweep import sweep
+
+    table = sweep(bench, recipes, tasks, workers=workers, probe_size=0, progress=progress)
+    return int(table.attrs.get("runs_trained", 0))
+
+
 SEED_STUDY_METHODS = ("weight_averaging", "task_arithmetic")
 """Baselines the seed study rebuilds per seed (with TSV-M and TSV-C): those the chapter's claims name."""
 

@@ -29,7 +29,7 @@ from ... import codeversion
 from .data import (GENERATOR_VERSION, PRETEXT_KINDS, PRETEXT_TEXTURES, SPLITS, TASK_CLASSES, TASKS, TinyDataConfig,
                    canonical_images, load_pretext, load_task)
 from .data import check_task as check_tiny_task
-from ...utils import (StateDict, clone_state_dict, config_hash,
+from ...utils import (StateDict, clone_state_dict, config_hash, torch_threads,
                     pick_device)
 
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
@@ -116,6 +116,13 @@ class TinyBenchmark(BenchmarkBase):
     micro_batch_size: int | None = None
     """Training loops that take whole splits in one batch (full-batch gradient descent) may forward
     at most this many examples at once; ``None``: no limit (the tiny images are small)."""
+    train_threads: int = 1
+    """Torch threads every fine-tuning run of :meth:`expert` and :meth:`multitask` trains with, whatever
+    the machine, so that a run's weights do not depend on the number of cores (threads split the
+    reductions differently) and a run trained here equals one trained by a sweep's single-threaded worker
+    (:func:`mergelab.training.sweep.sweep`). One thread is also the fastest for one 64-image run of this
+    encoder (on the 2-core development machine 100 steps took 3.35 s at one thread, 3.65 s at two); the
+    cores are used by training runs side by side (``workers``)."""
 
     def __init__(self, config: TinyBenchmarkConfig | None = None, device: str | None = "auto",
                  progress: bool = True) -> None:
@@ -201,7 +208,14 @@ class TinyBenchmark(BenchmarkBase):
         return clone_state_dict(self._pretrained)
 
     def _pretrain(self) -> tuple[StateDict, dict[str, Any]]:
-        """Pretrain a fresh encoder on the pretext pool with ``config.pretrain``; ``(weights, log)``."""
+        """Pretrain a fresh encoder on the pretext pool with ``config.pretrain``; ``(weights, log)``. Where
+        mergelab ships the encoder of this :attr:`encoder_key` (:mod:`mergelab.benchmarks.tiny.ship`), that
+        encoder and its pretraining log, marked ``"shipped": True``, instead."""
+        from .ship import environment, shipped_artifact  # here: `python -m ...tiny.ship` imports this module first
+
+        shipped = shipped_artifact(self.encoder_key)
+        if shipped is not None:
+            return shipped.load(), {**shipped.meta(), "shipped": True}
         torch.manual_seed(self.config.pretrain.seed)
         enc = build_tiny_encoder(self.config.model)
         X, targets = load_pretext(self.config.data)
@@ -226,7 +240,7 @@ class TinyBenchmark(BenchmarkBase):
             losses = pretrain_contrastive(enc, images, self.config.pretrain, normalize_images,
                                           device=self.device, progress=self.progress)
         return enc.state_dict(), {"config": asdict(self.config), "loss": losses,
-                                  "wall_time_s": time.perf_counter() - start}
+                                  "wall_time_s": time.perf_counter() - start, "environment": environment()}
 
     @property
     def pretrained_sha256(self) -> str | None:
@@ -295,12 +309,17 @@ class TinyBenchmark(BenchmarkBase):
         """``task`` if the tiny benchmark has it, else an error listing the tasks."""
         return check_tiny_task(task)
 
+    def _run_key_parts(self, tasks: Sequence[str]) -> dict[str, Any]:
+        """The training threads (:attr:`train_threads`): another count trains other bits."""
+        return {"train_threads": self.train_threads}
+
     def _train_run(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig, artifact: Artifact
                    ) -> tuple[StateDict, dict[str, Any]]:
         enc = self.new_encoder(self.pretrained_state())
         start = time.perf_counter()
-        history = self.finetune_encoder(enc, tasks, cfg,
-                                        desc=f"{kind} {'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}")
+        with torch_threads(self.train_threads):
+            history = self.finetune_encoder(enc, tasks, cfg,
+                                            desc=f"{kind} {'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}")
         state = {k: v.detach().cpu() for k, v in enc.state_dict().items()}
         return state, {"kind": kind, "tasks": list(tasks), "benchmark": "tiny", "benchmark_key": self.key,
                        "finetune": asdict(cfg), "loss": history["loss"], "lr": history["lr"],

@@ -1,0 +1,52 @@
+"""The pretrained `tiny` encoder shipped with mergelab, as open_clip ships CLIP's weights.
+
+Pretraining the default `tiny` encoder takes about 4 minutes on a 2-core laptop, a third of a cold
+`make report`, and its bits depend on the torch build and thread count. The encoder the package's
+pretraining code made for the default configuration (``params/tiny/_benchmark.yaml``) is therefore kept
+in ``weights/encoder-<encoder key>.safetensors`` with its log (loss curve, wall time, environment) in
+the JSON beside it. :meth:`mergelab.benchmarks.tiny.TinyBenchmark.pretrained_state` takes it instead of
+pretraining when the encoder key matches, that is when the data, model, pretraining configuration and
+the pretraining code's version (:mod:`mergelab.codeversion`) are the ones it was made with; any other
+configuration pretrains as before. ``MERGELAB_PRETRAIN=1`` ignores the shipped encoder.
+
+``python -m mergelab.report.shipped_encoder --check`` pretrains the default encoder in a temporary cache
+and compares it with the shipped one (bit-identical in the environment of ``requirements.lock`` at the
+thread count recorded in its log); ``--update`` replaces the shipped encoder with the default one of
+this checkout's cache (pretraining it if needed), after a change to the pretraining code or data.
+``tests/test_tiny_shipped.py`` fails while the shipped key differs from the default configuration's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...cache import Artifact
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+"""Folder of the shipped encoders (package data)."""
+
+ENV_PRETRAIN = "MERGELAB_PRETRAIN"
+"""Set to ``1`` to pretrain even where a shipped encoder matches."""
+
+
+def shipped_artifact(encoder_key: str) -> Artifact | None:
+    """The shipped encoder for ``encoder_key`` (:attr:`TinyBenchmark.encoder_key`), or ``None`` when there
+    is none or ``MERGELAB_PRETRAIN=1``."""
+    if os.environ.get(ENV_PRETRAIN, "") == "1":
+        return None
+    artifact = Artifact(WEIGHTS_DIR / f"encoder-{encoder_key}.safetensors")
+    return artifact if artifact.exists() else None
+
+
+def shipped_keys() -> list[str]:
+    """Encoder keys of every shipped encoder."""
+    return sorted(p.stem.removeprefix("encoder-") for p in WEIGHTS_DIR.glob("encoder-*.safetensors"))
+
+
+def environment() -> dict[str, Any]:
+    """What a pretraining's bits depend on besides the code: torch build and thread count."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads()}
