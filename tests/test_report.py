@@ -572,3 +572,64 @@ def test_asking_for_quarto_without_it_says_how_to_get_it(
     monkeypatch.setattr(report.book, "quarto_executable", lambda: None)
     with pytest.raises(report.ReportError, match=r"quarto is not on PATH; `make quarto`.*conda-forge"):
         report.render_book(tmp_path / "project" / "out", tmp_path / "project" / "book" / "_quarto.yml", "quarto")
+
+
+LANE_BODY = (
+    "import json, os, time\n"
+    "from mergelab.paths import results_dir\n"
+    "start = time.time(); time.sleep(value)\n"
+    "(results_dir() / '{name}.json').write_text(json.dumps({{'start': start, 'end': time.time(), "
+    "'threads': os.environ.get('OMP_NUM_THREADS'), 'pid': os.getppid()}}))"
+)
+
+
+def make_three_chapters(root: Path, failing: str | None = None) -> None:
+    """The throwaway project with chapters 01_beta and 02_gamma after 00_alpha, each sleeping ``value`` s."""
+    make_project(root)
+    for name in ("01_beta", "02_gamma"):
+        body = "raise ValueError('boom in ' + str(value))" if name == failing else LANE_BODY.format(name=name)
+        write_notebook(root / "notebooks" / f"{name}.ipynb", name, body)
+        (root / "params" / PROFILE / f"{name}.yaml").write_text("value: 3\n")
+    (root / "book" / "_quarto.yml").write_text(QUARTO_YML.replace(
+        "    - 00_alpha.ipynb\n", "    - 00_alpha.ipynb\n    - 01_beta.ipynb\n    - 02_gamma.ipynb\n"))
+
+
+@pytest.mark.timeout(240)
+def test_chapters_after_the_first_run_side_by_side_in_lanes(tmp_path: Path) -> None:
+    from mergelab.report.lanes import lane_threads
+
+    make_three_chapters(tmp_path)
+    result = build(tmp_path, jobs=2)
+    assert result.statuses == {"00_alpha": report.EXECUTED, "01_beta": report.EXECUTED, "02_gamma": report.EXECUTED}
+    out = tmp_path / "out"
+    beta, gamma = (json.loads((out / "results" / f"{n}.json").read_text()) for n in ("01_beta", "02_gamma"))
+    assert beta["start"] < gamma["end"] and gamma["start"] < beta["end"]  # they overlapped: side by side
+    assert beta["threads"] == gamma["threads"] == str(lane_threads(2))
+    for name in ("01_beta", "02_gamma"):
+        assert report.stamp_path(out, name, PROFILE).is_file() and (out / f"{name}.ipynb").is_file()
+        assert json.loads((out / "timings" / f"{name}.{PROFILE}.json").read_text())["wall_s"] >= 3
+    assert not list(out.glob(".*.lane.*")) and result.book is not None
+    assert build(tmp_path, jobs=2).statuses["02_gamma"] == report.UP_TO_DATE
+
+
+@pytest.mark.timeout(240)
+def test_a_failing_lane_names_its_notebook_and_keeps_the_others_results(tmp_path: Path) -> None:
+    make_three_chapters(tmp_path, failing="01_beta")
+    with pytest.raises(report.ReportError, match=r"01_beta\.ipynb failed in its lane(.|\n)*boom in 3"):
+        build(tmp_path, jobs=2)
+    out = tmp_path / "out"
+    assert (out / "results" / "02_gamma.json").is_file() and report.stamp_path(out, "02_gamma", PROFILE).is_file()
+    assert (out / "01_beta.failed.ipynb").is_file() and (out / ".01_beta.lane.log").is_file()
+    assert not report.stamp_path(out, "01_beta", PROFILE).exists()
+
+
+def test_bad_jobs_are_named() -> None:
+    from mergelab.report.lanes import resolve_jobs
+
+    assert resolve_jobs(1, 7) == 1 and resolve_jobs(8, 3) == 2 and resolve_jobs(3, 1) == 1
+    assert 1 <= resolve_jobs("auto", 7) <= 4
+    for bad in (0, -1, "two", 1.5):
+        with pytest.raises(report.ReportError, match="jobs="):
+            resolve_jobs(bad, 7)
+    with pytest.raises(SystemExit):
+        report.parse_args(["--jobs", "two"])

@@ -1,7 +1,7 @@
 """Execute the notebooks with papermill and build the report book.
 
 ``python -m mergelab.report [--profile smoke|tiny|clip] [--reports DIR] [--notebooks NAME ...]
-[--force] [--executor local|ray]`` runs every ``notebooks/NN_topic.ipynb`` (or the named ones) with the parameters in
+[--force] [--executor local|ray] [--jobs N|auto]`` runs every ``notebooks/NN_topic.ipynb`` (or the named ones) with the parameters in
 ``params/<profile>/<notebook>.yaml``, writes the executed copies to ``<reports>/``, and renders the
 book into ``<reports>/_book/``: with Quarto when it is on ``PATH``, else an HTML book made with pandoc
 (from the ``pypandoc-binary`` wheel; :mod:`mergelab.report.pandoc_book`).
@@ -50,18 +50,20 @@ def build_report(
     source_dir: Path | None = None,
     renderer: str = "auto",
     executor: str | None = None,
+    jobs: int | str | None = "auto",
 ) -> ReportResult:
     """Execute the notebooks that changed, then render the book; see the module docstring.
 
     Every location defaults to the project's (:mod:`mergelab.paths`); tests pass their own.
     ``executor`` (``"local"`` or ``"ray"``) overrides the ``executor`` parameter of every chapter
-    that has one (where its sweeps run; ``None``: each parameter file's value).
+    that has one (where its sweeps run; ``None``: each parameter file's value). ``jobs``: chapters
+    executed at a time after the first (:mod:`mergelab.report.lanes`; ``"auto"``: one per core, at most 4).
     """
     reports = (Path(reports) if reports is not None else paths.reports_dir()).resolve()
     reports.mkdir(parents=True, exist_ok=True)
     with reports_lock(reports):
         return _build_report(profile, reports, names, force, notebooks_dir, params_dir, quarto_yml, source_dir,
-                             renderer, executor)
+                             renderer, executor, jobs)
 
 
 LOCK_FILE = ".report.lock"
@@ -97,12 +99,12 @@ def reports_lock(reports: Path) -> Iterator[None]:
 
 def _build_report(profile: str, reports: Path, names: Sequence[str] | None, force: bool, notebooks_dir: Path | None,
                   params_dir: Path | None, quarto_yml: Path | None, source_dir: Path | None, renderer: str,
-                  executor: str | None = None) -> ReportResult:
+                  executor: str | None = None, jobs: int | str | None = "auto") -> ReportResult:
     quarto_yml = Path(quarto_yml) if quarto_yml is not None else default_quarto_yml()
     chapters = book_chapters(quarto_yml)
     check_chapters(discover_notebooks(notebooks_dir), chapters, quarto_yml)
     selected = discover_notebooks(notebooks_dir, names)
-    statuses = run_notebooks(selected, profile, reports, params_dir, source_dir, force, executor)
+    statuses = run_notebooks(selected, profile, reports, params_dir, source_dir, force, executor, jobs)
     missing = [c for c in missing_chapters(reports, chapters) if c.endswith(".ipynb")]
     if names and missing:
         # A subset was asked for: its notebooks ran; the book needs every chapter, so it waits.
@@ -133,7 +135,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--executor", choices=EXECUTORS, default=None,
                         help="where the chapters' sweeps run, for every chapter that sweeps: local (this machine) or "
                              "ray (a Ray cluster; docs/distributed.md); default: each parameter file's `executor`")
+    parser.add_argument("--jobs", type=_jobs, default="auto",
+                        help="chapters executed at a time after the first, which runs alone: a number or auto "
+                             "(one per core, at most 4; default)")
     return parser.parse_args(argv)
+
+
+def _jobs(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"jobs={value!r} is not valid; use a positive integer or auto.") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -141,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         build_report(args.profile, args.reports, args.notebooks, args.force, renderer=args.renderer,
-                     executor=args.executor)
+                     executor=args.executor, jobs=args.jobs)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -395,8 +395,10 @@ def run_notebooks(
     source_dir: Path | None = None,
     force: bool = False,
     executor: str | None = None,
+    jobs: int | str | None = 1,
 ) -> dict[str, str]:
-    """Execute each notebook whose content hash changed (all of them with ``force``).
+    """Execute each notebook whose content hash changed (all of them with ``force``); with ``jobs`` above
+    1 (or ``"auto"``), the first one alone and the others that many at a time (:mod:`mergelab.report.lanes`).
 
     Every parameter file is read before anything runs, so a missing one fails fast. ``executor``
     (``"local"`` or ``"ray"``) replaces the ``executor`` parameter of the notebooks that have one; it
@@ -416,25 +418,41 @@ def run_notebooks(
         sources = " + ".join(str(f) for f in [*benchmark_param_files(params.parent), params])
         check_parameters(notebook, values, sources)
         plan.append((notebook, params, values))
-    # imported here, not with the module: `python -m mergelab.report.timings` runs that module as a script
-    from .timings import Stopwatch, write_timing
-
     statuses: dict[str, str] = {}
+    todo = []
     for notebook, params, parameters in plan:
         digest = content_hash(notebook, params, profile, source_dir)
         if not force and is_up_to_date(reports, notebook.stem, profile, digest):
             print(f"up to date: {notebook.stem}")
             statuses[notebook.stem] = UP_TO_DATE
-            continue
+        else:
+            todo.append((notebook, parameters, digest))
+    from .lanes import resolve_jobs, run_in_lanes
+
+    lanes = resolve_jobs(jobs, len(todo)) if todo else 1
+    alone = todo if lanes == 1 else todo[:1]  # the first chapter builds what the others read
+    for notebook, parameters, digest in alone:
         print(f"executing: {notebook.stem} (profile {profile})")
-        with Stopwatch() as watch:
-            execute_notebook(notebook, parameters, reports)
-        write_stamp(reports, notebook.stem, profile, digest)
-        timing = watch.record(notebook.stem, profile)
-        write_timing(reports, timing)
+        timing = execute_and_record(notebook, parameters, profile, reports, digest)
         print(f"executed: {notebook.stem} in {timing['wall_s']:.1f} s ({timing['cache']} data cache, load "
               f"{timing['load_average_start'][0] if timing['load_average_start'] else '?'})")
         statuses[notebook.stem] = EXECUTED
+    if lanes > 1:
+        run_in_lanes(todo[1:], profile, reports, lanes)
+        statuses.update({notebook.stem: EXECUTED for notebook, _, _ in todo[1:]})
     return statuses
+
+
+def execute_and_record(notebook: Path, parameters: dict[str, Any], profile: str, reports: Path, digest: str
+                       ) -> dict[str, Any]:
+    """Execute one notebook (:func:`execute_notebook`), then write its stamp and timing record; return the record."""
+    from .timings import Stopwatch, write_timing
+
+    with Stopwatch() as watch:
+        execute_notebook(notebook, parameters, reports)
+    write_stamp(reports, notebook.stem, profile, digest)
+    timing = watch.record(notebook.stem, profile)
+    write_timing(reports, timing)
+    return timing
 
 

@@ -21,7 +21,7 @@ from .. import codeversion, paths
 from ..cache import Artifact
 from ..executors import Executor, LocalExecutor, benchmark_context
 from ..task_vectors import TaskVector
-from ..utils import StateDict, config_hash
+from ..utils import StateDict, config_hash, torch_threads
 from .finetune import FinetuneConfig, finetune, training_indices
 
 
@@ -121,6 +121,8 @@ def _trajectory_key(bench: Any, kind: str, tasks: Sequence[str], cfg: FinetuneCo
                     extra: Mapping[str, Any] | None = None) -> str:
     ident: dict[str, Any] = {"benchmark": bench.key, "kind": kind, "finetune": asdict(cfg), "epochs": epochs,
                              **(extra or {}), **codeversion.key_part("trajectory")}
+    if getattr(bench, "train_threads", None) is not None:  # a size that trains on fixed threads (tiny)
+        ident["train_threads"] = bench.train_threads
     if kind == "epoch_trajectory":  # the single-task key of the first version, kept so caches stay valid
         ident.update(task=tasks[0], head=bench.head_digest(tasks[0]))
     else:
@@ -214,10 +216,11 @@ def _run_trajectory(bench: Any, kind: str, tasks: Sequence[str],
             options["micro_batch_size"] = bench.micro_batch_size
         if active is not None:
             options["active"] = active
-        history = (train or finetune)(enc, dict(data()), {t: bench.heads[t] for t in tasks}, train_cfg,
-                                      device=bench.device, desc=desc,
-                                      progress=bench.progress if progress is None else progress,
-                                      on_step=snapshot, **options)
+        with torch_threads(getattr(bench, "train_threads", None)):  # as the size's experts (None: as set)
+            history = (train or finetune)(enc, dict(data()), {t: bench.heads[t] for t in tasks}, train_cfg,
+                                          device=bench.device, desc=desc,
+                                          progress=bench.progress if progress is None else progress,
+                                          on_step=snapshot, **options)
         wall = time.perf_counter() - start
         if sorted(snapshots) != list(range(1, epochs + 1)):
             raise RuntimeError(f"the training loop reported epochs {sorted(snapshots)}, expected 1..{epochs}: "
