@@ -45,6 +45,7 @@ def lane_threads(jobs: int) -> int:
 
 def _run_lane(notebook: Path, parameters: dict[str, Any], profile: str, reports: Path, digest: str,
               threads: int) -> dict[str, Any]:
+    print(f"executing: {notebook.stem} (profile {profile}, in a lane)", flush=True)
     reports = Path(reports)
     spec = reports / f".{notebook.stem}.lane.json"
     log = reports / f".{notebook.stem}.lane.log"
@@ -75,7 +76,6 @@ def run_in_lanes(plan: Sequence[tuple[Path, dict[str, Any], str]], profile: str,
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {}
         for notebook, parameters, digest in plan:
-            print(f"executing: {notebook.stem} (profile {profile}, in a lane)", flush=True)
             futures[pool.submit(_run_lane, notebook, parameters, profile, reports, digest, threads)] = notebook
         for future in as_completed(futures):
             notebook = futures[future]
