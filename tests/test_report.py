@@ -579,7 +579,7 @@ LANE_BODY = (
     "from mergelab.paths import results_dir\n"
     "start = time.time(); time.sleep(value)\n"
     "(results_dir() / '{name}.json').write_text(json.dumps({{'start': start, 'end': time.time(), "
-    "'threads': os.environ.get('OMP_NUM_THREADS'), 'pid': os.getppid()}}))"
+    "'threads': os.environ.get('OMP_NUM_THREADS')}}))"
 )
 
 
@@ -631,5 +631,7 @@ def test_bad_jobs_are_named() -> None:
     for bad in (0, -1, "two", 1.5):
         with pytest.raises(report.ReportError, match="jobs="):
             resolve_jobs(bad, 7)
-    with pytest.raises(SystemExit):
-        report.parse_args(["--jobs", "two"])
+    for bad in ("two", "0"):
+        with pytest.raises(SystemExit):
+            report.parse_args(["--jobs", bad])
+    assert report.parse_args(["--jobs", "3"]).jobs == 3 and report.parse_args([]).jobs == "auto"

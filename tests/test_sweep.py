@@ -148,3 +148,16 @@ def test_chapter_00_experts_trained_side_by_side_are_bit_identical_to_those_trai
         assert all(torch.equal(here[k], weights[k]) for k in weights), (task, seed)
     with pytest.raises(ValueError, match="workers"):
         train_experts(bench, recipe, [21], workers=0)
+
+
+def test_side_by_side_experts_are_refused_where_the_size_changes_the_recipe(bench, monkeypatch):
+    """A size that trains each task with a recipe of its own (the clip size's public epochs) cannot train
+    the given recipe in a pool: the pooled runs would not be the experts ``bench.expert`` uses."""
+    from mergelab.experiments.ch00_benchmark import train_experts
+
+    recipe = replace(CFG, seed=23)
+    monkeypatch.setattr(bench, "expert_recipe", lambda task, cfg=None: replace(cfg, num_steps=cfg.num_steps + 1))
+    with pytest.raises(ValueError, match=r"workers=2 .*colours.*expert_recipe.*workers: 1"):
+        train_experts(bench, recipe, [23], ["colours"], workers=2, progress=False)
+    assert train_experts(bench, recipe, [23], ["colours"], workers=1, progress=False) == 1
+    assert bench.run_artifact("expert", ["colours"], replace(recipe, num_steps=CFG.num_steps + 1)).exists()

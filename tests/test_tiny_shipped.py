@@ -34,6 +34,9 @@ def test_a_fresh_cache_takes_the_shipped_encoder_instead_of_pretraining(tmp_path
     log = bench.pretraining_log()
     assert log["shipped"] is True and bench.pretrained_sha256 == shipped.meta()["sha256"]
     assert not (tmp_path / "tiny" / "pretext").exists() and not list(tmp_path.glob("tiny/pretext-*"))  # no pool made
+    monkeypatch.setenv(ship.ENV_PRETRAIN, "1")  # asking to pretrain where the shipped copy is cached: told what to do
+    with pytest.raises(ValueError, match=r"MERGELAB_PRETRAIN=1 .* shipped one.*clean-cache"):
+        default_benchmark().pretrained_state()
 
 
 def test_the_shipped_encoder_is_ignored_on_request_and_for_other_configurations(monkeypatch):

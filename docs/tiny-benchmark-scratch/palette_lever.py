@@ -3,8 +3,8 @@
 Five tasks (counting, position, textures, orientation, size) and digits' glyphs drew their objects'
 hue uniformly, so each of their experts may learn to ignore the factor the colours task reads, and the
 domains overlap in colour where the 8 public datasets differ. This sets
-`mergelab.benchmarks.tiny.data.OBJECT_HUES` (empty in the package) to PALETTE, gives the generator a
-scratch version so every cache that depends on the data is rebuilt, runs `head_lever.py` (chapter 00's
+`mergelab.benchmarks.tiny.data.OBJECT_HUES` (empty in the package) to PALETTE, which enters every key that
+depends on the data (`data.generator_key`; session 9 ran before it did, with a scratch generator version), runs `head_lever.py` (chapter 00's
 seed study at one pretraining seed) and adds chapter 00's per-task decomposition (own vector alone
 against the merge, validation, fine-tuning seed 0, at task arithmetic's validated lambda).
 
@@ -13,7 +13,6 @@ PALETTE: a JSON object task -> hue centre, or a name of PRESETS.
 """
 import json
 import runpy
-import zlib
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -30,8 +29,6 @@ palette = PRESETS[palette] if palette in PRESETS else json.loads(palette)
 from mergelab.benchmarks.tiny import benchmark as tb, data as td  # noqa: E402
 
 td.OBJECT_HUES.update(palette)
-version = 1000 + td.GENERATOR_VERSION + zlib.crc32(json.dumps(palette, sort_keys=True).encode()) % 997
-td.GENERATOR_VERSION = tb.GENERATOR_VERSION = version
 here = Path(__file__).parent
 sys.argv = [str(here / "head_lever.py"), pre_seed, "{}", "{}", out]
 g = runpy.run_path(str(here / "head_lever.py"), run_name="__main__")
@@ -42,7 +39,7 @@ from mergelab.task_vectors import task_vectors_from  # noqa: E402
 bench, pre, res = g["bench"], g["pre"], g["res"]
 experts = bench.experts(replace(tb.TINY_RECIPE, seed=0))
 lam = res["seeds_study"]["per_seed"]["0"]["task_arithmetic"]["coefficient"]
-res["palette"], res["generator_version"] = palette, version
+res["palette"] = palette
 res["alone_and_merged_seed0"] = {"coefficient": lam,
                                  "per_task": alone_and_merged(bench, pre, task_vectors_from(pre, experts), lam, "val")}
 print(json.dumps(res["alone_and_merged_seed0"]), flush=True)

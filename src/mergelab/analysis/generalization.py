@@ -103,10 +103,9 @@ def measure_merge(bench: Any, state: StateDict, experts: Mapping[str, FinetuneCo
         probe_size: also measure ``L_k``, the mean per-example gradient norm of task ``k`` at the merged
             model, over this many of the examples its expert saw *and* as many validation examples, which
             no expert saw (``0``: skip). Per-example norms are heavy-tailed, and the seen examples are the
-            ones the expert fitted: a few seen examples alone underestimate the norm the loss has over
-            the task's distribution, which the bound's Lipschitz constant stands for (chapter 01 measured
-            that 4 seen examples put two single experts' bounds below their measured gaps, while 32 + 32
-            put none, and lowered the median bound).
+            ones the expert fitted: a few seen examples alone give an erratic, low value of the norm the
+            loss has over the task's distribution, which the bound's Lipschitz constant stands for
+            (docs/ch01-scratch/lipschitz_probe.py measures both probes on chapter 01's experts).
         seed: seed of the evaluation subsets.
         reference: a model independent of the fine-tuning data (the pretrained encoder), measured on
             the *same* examples: its gap has expectation zero, so subtracting it times the

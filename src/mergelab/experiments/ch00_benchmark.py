@@ -60,20 +60,34 @@ def train_experts(bench: Any, recipe: FinetuneConfig, seeds: Sequence[int], task
 
     With ``workers > 1`` the runs train side by side in that many single-threaded processes
     (:func:`mergelab.training.sweep.sweep`), each the run :meth:`bench.expert` would train (same key,
-    same bits where the size trains single-threaded, as the tiny one does); with ``workers == 1`` they
-    train here, one after another. Returns the number of runs trained by this call (0: all cached).
+    same bits where the size trains on fixed threads, as the tiny one does); that needs a size that trains
+    every task with ``recipe`` itself and imports no experts. With ``workers == 1`` they train here, one
+    after another, each with the size's recipe for its task (:meth:`bench.expert_recipe`); imported experts
+    are taken as they are. Returns the number of runs trained by this call (0: all cached or imported).
     """
-    if not isinstance(workers, int) or workers < 1:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r} is not valid; use a positive integer (1 trains in this process).")
     if len(seeds) == 0:
         raise ValueError("seeds is empty; give at least one fine-tuning seed.")
     tasks = list(tasks or bench.tasks)
     recipes = [replace(recipe, seed=int(s)) for s in dict.fromkeys(seeds)]
+    imported = [t for t in tasks if bench._imported_log(t) is not None]
+
+    def missing() -> list[tuple[str, FinetuneConfig]]:
+        return [(t, r) for r in recipes for t in tasks if t not in imported
+                and not bench.run_artifact("expert", [t], bench.expert_recipe(t, r)).exists()]
+
     if workers == 1:
-        missing = [(t, r) for r in recipes for t in tasks if not bench.run_artifact("expert", [t], r).exists()]
-        for task, r in missing:
-            bench.expert(task, r)  # an expert the size imports is returned, never cached as trained
-        return sum(bench.run_artifact("expert", [t], r).exists() for t, r in missing)
+        todo = missing()
+        for task, r in todo:
+            bench.expert(task, r)
+        return len(todo)
+    converted = sorted({t for r in recipes for t in tasks if bench.expert_recipe(t, r) != r})
+    if imported or converted:
+        raise ValueError(f"workers={workers} trains every expert with the recipe as given, but this benchmark "
+                         + (f"imports the experts of {', '.join(imported)}" if imported else
+                            f"trains {', '.join(converted)} with a recipe of its own (expert_recipe)")
+                         + "; use workers: 1, which trains each expert as the benchmark says.")
     from ..training.sweep import sweep
 
     table = sweep(bench, recipes, tasks, workers=workers, probe_size=0, progress=progress)

@@ -145,9 +145,12 @@ def _jobs(value: str) -> int | str:
     if value == "auto":
         return value
     try:
-        return int(value)
+        jobs = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"jobs={value!r} is not valid; use a positive integer or auto.") from None
+        jobs = 0
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"jobs={value!r} is not valid; use a positive integer or auto.")
+    return jobs
 
 
 def main(argv: Sequence[str] | None = None) -> int:

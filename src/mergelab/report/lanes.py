@@ -1,13 +1,15 @@
 """Chapters side by side: after the first chapter, a report's notebooks run ``jobs`` at a time.
 
 Chapter 00 builds what the others read (the data, the pretrained encoder, the experts), so it runs
-first, alone; the chapters after it do not read one another, and each trains or evaluates a small model
-whose single run gains little from a second thread (on the 2-core development machine one fine-tuning
-run of the tiny encoder took 3.35 s per 100 steps at one thread and 3.65 s at two). They run in ``jobs``
-processes (``python -m mergelab.report.lanes``), each with ``cores // jobs`` torch threads (the kernel
-inherits ``OMP_NUM_THREADS``), each writing its own executed notebook, stamp and timing record; a lane's
-output goes to ``<reports>/.<notebook>.lane.log``, shown when it fails. Every trained artifact is built
-under a file lock (:class:`mergelab.cache.Artifact`), so two chapters that need the same one build it once.
+first, alone; the chapters after it do not read one another, and each trains or evaluates small models
+whose single run gains little from a second thread (the design record, docs/tiny-benchmark.md, has the
+step times). They run in ``jobs`` processes (``python -m mergelab.report.lanes``), each with
+``cores // jobs`` torch threads (the kernel inherits ``OMP_NUM_THREADS``; cores as this process's CPU
+affinity allows), each writing its own executed notebook, stamp and timing record; a lane's output goes
+to ``<reports>/.<notebook>.lane.log``, shown when it fails. The chapters after 00 train runs of their
+own (other recipes, other keys); what two of them share is built through :class:`mergelab.cache.Artifact`,
+under a file lock, so once. A chapter's own ``workers`` are not scaled down: chapters 01 and 02 at
+``workers: 2`` side by side briefly run four training processes on two cores.
 The trained models do not depend on ``jobs``: the tiny size trains every run on one thread whatever the
 process's setting (:attr:`mergelab.benchmarks.tiny.TinyBenchmark.train_threads`), and its evaluations gave
 bit-identical logits at one and two threads; computations that reduce across threads (Hessian-vector
@@ -27,12 +29,14 @@ from typing import Any
 
 from mergelab.params import ReportError
 
+from .timings import TIMINGS_DIR, usable_cores
+
 
 def resolve_jobs(jobs: int | str | None, notebooks: int) -> int:
     """The number of lanes: ``"auto"`` (or ``None``) one per core, at most 4; never more than the
     chapters after the first (``notebooks - 1``), never below 1."""
     if jobs in (None, "auto"):
-        jobs = min(os.cpu_count() or 1, 4)
+        jobs = min(usable_cores(), 4)
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise ReportError(f"jobs={jobs!r} is not valid; use a positive integer or 'auto'.")
     return max(1, min(jobs, notebooks - 1))
@@ -40,7 +44,7 @@ def resolve_jobs(jobs: int | str | None, notebooks: int) -> int:
 
 def lane_threads(jobs: int) -> int:
     """Torch threads per lane: the cores shared out, at least one."""
-    return max(1, (os.cpu_count() or 1) // max(1, jobs))
+    return max(1, usable_cores() // max(1, jobs))
 
 
 def _run_lane(notebook: Path, parameters: dict[str, Any], profile: str, reports: Path, digest: str,
@@ -56,11 +60,15 @@ def _run_lane(notebook: Path, parameters: dict[str, Any], profile: str, reports:
         done = subprocess.run([sys.executable, "-m", "mergelab.report.lanes", str(spec)], env=env, stdout=out,
                               stderr=subprocess.STDOUT)
     spec.unlink(missing_ok=True)
-    if done.returncode != 0:
+    record = reports / TIMINGS_DIR / f"{notebook.stem}.{profile}.json"  # written by the lane once it succeeded
+    try:
+        timing = json.loads(record.read_text()) if done.returncode == 0 else None
+    except (OSError, ValueError):
+        timing = None
+    if timing is None or timing.get("started_utc") is None:
         tail = log.read_text(errors="replace")[-3000:]
         raise ReportError(f"notebook {notebook.name} failed in its lane (exit {done.returncode}); its output, "
                           f"kept in {log}, ends with:\n{tail}")
-    timing = json.loads(log.read_text(errors="replace").strip().splitlines()[-1])
     log.unlink(missing_ok=True)
     return timing
 
@@ -93,14 +101,13 @@ def run_in_lanes(plan: Sequence[tuple[Path, dict[str, Any], str]], profile: str,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """One lane: execute the notebook a spec file names, stamp it, record its timing (printed last, as JSON)."""
+    """One lane: execute the notebook a spec file names, stamp it and write its timing record."""
     from .runner import execute_and_record
 
     args = list(sys.argv[1:] if argv is None else argv)
     spec = json.loads(Path(args[0]).read_text())
-    timing = execute_and_record(Path(spec["notebook"]), spec["parameters"], spec["profile"], Path(spec["reports"]),
-                                spec["digest"])
-    print(json.dumps(timing))
+    execute_and_record(Path(spec["notebook"]), spec["parameters"], spec["profile"], Path(spec["reports"]),
+                       spec["digest"])
     return 0
 
 

@@ -429,7 +429,7 @@ def run_notebooks(
             todo.append((notebook, parameters, digest))
     from .lanes import resolve_jobs, run_in_lanes
 
-    lanes = resolve_jobs(jobs, len(todo)) if todo else 1
+    lanes = resolve_jobs(jobs, max(1, len(todo)))  # checked even when nothing runs
     alone = todo if lanes == 1 else todo[:1]  # the first chapter builds what the others read
     for notebook, parameters, digest in alone:
         print(f"executing: {notebook.stem} (profile {profile})")

@@ -8,9 +8,11 @@ checkout's cache (pretraining it if needed), after a change to the pretraining c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +31,35 @@ def default_benchmark(progress: bool = False) -> Any:
     return TinyBenchmark(cfg, device="cpu", progress=progress)
 
 
+@contextlib.contextmanager
+def _environ(**values: str | None) -> Iterator[None]:
+    """Set (or, with ``None``, unset) environment variables for the block, then restore them."""
+    def put(variables: dict[str, str | None]) -> None:
+        for k, v in variables.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    saved = {k: os.environ.get(k) for k in values}
+    put(values)
+    try:
+        yield
+    finally:
+        put(saved)
+
+
 def update() -> Path:
     """Ship the default encoder of this checkout's cache (pretrained here if missing); remove others."""
     bench = default_benchmark(progress=True)
-    os.environ.pop(ENV_PRETRAIN, None)
     cached = Artifact(bench.cache_dir / "pretrained.safetensors")
     if not cached.exists():
-        os.environ[ENV_PRETRAIN] = "1"
-        try:
+        with _environ(**{ENV_PRETRAIN: "1"}):
             bench.pretrained_state()
-        finally:
-            os.environ.pop(ENV_PRETRAIN)
+    if "environment" not in cached.meta():
+        raise SystemExit(f"the cached encoder {cached.path} does not record the torch build and threads that made it "
+                         f"(it predates that record): pretrain it again with {ENV_PRETRAIN}=1 and an empty "
+                         "MERGELAB_DATA_DIR, then run --update there.")
     WEIGHTS_DIR.mkdir(exist_ok=True)
     for old in WEIGHTS_DIR.glob("encoder-*"):
         old.unlink()
@@ -50,27 +70,27 @@ def update() -> Path:
 
 
 def check() -> bool:
-    """Pretrain the default encoder in a temporary cache and say whether it equals the shipped one."""
-    from ..utils import load_safetensors
+    """Pretrain the default encoder in a temporary cache, at the thread count the shipped one records, and
+    say whether it equals the shipped one."""
+    from ..utils import load_safetensors, torch_threads
 
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["MERGELAB_DATA_DIR"], os.environ[ENV_PRETRAIN] = tmp, "1"
+    key = default_benchmark().encoder_key
+    shipped = shipped_artifact(key)
+    if shipped is None:
+        print(f"no shipped encoder has this configuration's key {key} (shipped: {shipped_keys()}); run --update")
+        return False
+    theirs = shipped.meta().get("environment", {})
+    with tempfile.TemporaryDirectory() as tmp, _environ(MERGELAB_DATA_DIR=tmp, **{ENV_PRETRAIN: "1"}), \
+            torch_threads(theirs.get("threads")):
         bench = default_benchmark(progress=True)
         made = bench.pretrained_state()
-        os.environ.pop(ENV_PRETRAIN)
-        shipped = shipped_artifact(bench.encoder_key)
-        if shipped is None:
-            print(f"no shipped encoder has this configuration's key {bench.encoder_key} "
-                  f"(shipped: {shipped_keys()}); run --update")
-            return False
-        ref = load_safetensors(str(shipped.path))
-        diff = max(float((made[k].float() - ref[k].float()).abs().max()) for k in ref)
-        same = file_sha256(Path(tmp) / "tiny" / f"encoder-{bench.encoder_key}" / "pretrained.safetensors") \
-            == file_sha256(shipped.path)
-        theirs = shipped.meta().get("environment", "environment not recorded")
-        verdict = "bit-identical" if same else f"differ, largest weight difference {diff:.3g}"
-        print(f"pretrained here ({environment()}) vs shipped ({theirs}): {verdict}")
-        return same
+        here = environment()
+        same = file_sha256(Path(tmp) / "tiny" / f"encoder-{key}" / "pretrained.safetensors") == file_sha256(shipped.path)
+    ref = load_safetensors(str(shipped.path))
+    diff = max(float((made[k].float() - ref[k].float()).abs().max()) for k in ref)
+    verdict = "bit-identical" if same else f"differ, largest weight difference {diff:.3g}"
+    print(f"pretrained here ({here}) vs shipped ({theirs or 'environment not recorded'}): {verdict}")
+    return same
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,10 +44,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers restrict), at least 1."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, usable or 1)
+
+
 def machine() -> dict[str, Any]:
     """``{cpu_model, cores, cores_usable, system}``: what a timing was measured on."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "cores_usable": usable,
+    return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "cores_usable": usable_cores(),
             "system": f"{platform.system()} {platform.machine()}"}
 
 

@@ -11,6 +11,7 @@ A benchmark object gives every notebook the same small interface, which the ``cl
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,8 +27,8 @@ from ...models import ClassificationHead, TinyViTConfig, build_tiny_encoder, enc
 from ...training import FinetuneConfig, PretrainConfig, finetune, pretrain_attributes, pretrain_contrastive, pretrain_factors
 from ..base import BenchmarkBase
 from ... import codeversion
-from .data import (GENERATOR_VERSION, PRETEXT_KINDS, PRETEXT_TEXTURES, SPLITS, TASK_CLASSES, TASKS, TinyDataConfig,
-                   canonical_images, load_pretext, load_task)
+from .data import (PRETEXT_KINDS, PRETEXT_TEXTURES, SPLITS, TASK_CLASSES, TASKS, TinyDataConfig,
+                   canonical_images, generator_key, load_pretext, load_task)
 from .data import check_task as check_tiny_task
 from ...utils import (StateDict, clone_state_dict, config_hash, torch_threads,
                     pick_device)
@@ -117,12 +118,11 @@ class TinyBenchmark(BenchmarkBase):
     """Training loops that take whole splits in one batch (full-batch gradient descent) may forward
     at most this many examples at once; ``None``: no limit (the tiny images are small)."""
     train_threads: int = 1
-    """Torch threads every fine-tuning run of :meth:`expert` and :meth:`multitask` trains with, whatever
-    the machine, so that a run's weights do not depend on the number of cores (threads split the
-    reductions differently) and a run trained here equals one trained by a sweep's single-threaded worker
-    (:func:`mergelab.training.sweep.sweep`). One thread is also the fastest for one 64-image run of this
-    encoder (on the 2-core development machine 100 steps took 3.35 s at one thread, 3.65 s at two); the
-    cores are used by training runs side by side (``workers``)."""
+    """Torch threads every fine-tuning run trains with (:meth:`expert`, :meth:`multitask`, a sweep's runs
+    and the trajectories), whatever the machine or executor, so that a run's weights do not depend on the
+    number of cores (threads split the reductions differently). One thread is also about the fastest for
+    one 64-image run of this encoder (docs/tiny-benchmark.md, session 9); the cores are used by training
+    runs side by side (``workers``)."""
 
     def __init__(self, config: TinyBenchmarkConfig | None = None, device: str | None = "auto",
                  progress: bool = True) -> None:
@@ -141,7 +141,7 @@ class TinyBenchmark(BenchmarkBase):
         """Hash of the benchmark's definition except the task list (heads are per task)."""
         cfg = asdict(self.config)
         cfg.pop("tasks")
-        return config_hash({"benchmark": "tiny", "generator_version": GENERATOR_VERSION, **cfg,
+        return config_hash({"benchmark": "tiny", **generator_key(), **cfg,
                             **codeversion.key_part("pretrain")})
 
     @property
@@ -150,7 +150,7 @@ class TinyBenchmark(BenchmarkBase):
         code's version), not the heads (``heads``, ``head_shots``, ``logit_scale``): trying other heads
         reuses the pretrained encoder, while :attr:`key` (the experts' caches) still tells them apart."""
         cfg = asdict(self.config)
-        return config_hash({"benchmark": "tiny", "generator_version": GENERATOR_VERSION, "data": cfg["data"],
+        return config_hash({"benchmark": "tiny", **generator_key(), "data": cfg["data"],
                             "model": cfg["model"], "pretrain": cfg["pretrain"], **codeversion.key_part("pretrain")})
 
     @property
@@ -204,14 +204,22 @@ class TinyBenchmark(BenchmarkBase):
     def pretrained_state(self) -> StateDict:
         """The encoder after pretraining on the pretext pool (cached; a copy)."""
         if self._pretrained is None:
-            self._pretrained = self._pretrained_artifact.get_or_build(self._pretrain)
+            from .ship import ENV_PRETRAIN
+
+            artifact = self._pretrained_artifact
+            if os.environ.get(ENV_PRETRAIN, "") == "1" and artifact.exists() and artifact.meta().get("shipped"):
+                raise ValueError(f"{ENV_PRETRAIN}=1 asks to pretrain the encoder here, but {artifact.path.parent} "
+                                 "holds the shipped one, and experts and evaluations may have been made from it: "
+                                 "remove the caches (`make clean-cache`, or point MERGELAB_DATA_DIR at an empty "
+                                 "folder), then run again.")
+            self._pretrained = artifact.get_or_build(self._pretrain)
         return clone_state_dict(self._pretrained)
 
     def _pretrain(self) -> tuple[StateDict, dict[str, Any]]:
         """Pretrain a fresh encoder on the pretext pool with ``config.pretrain``; ``(weights, log)``. Where
         mergelab ships the encoder of this :attr:`encoder_key` (:mod:`mergelab.benchmarks.tiny.ship`), that
         encoder and its pretraining log, marked ``"shipped": True``, instead."""
-        from .ship import environment, shipped_artifact  # here: `python -m ...tiny.ship` imports this module first
+        from .ship import environment, shipped_artifact
 
         shipped = shipped_artifact(self.encoder_key)
         if shipped is not None:

@@ -16,6 +16,7 @@ import colorsys
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -104,7 +105,16 @@ _DOMAINS = {
 
 OBJECT_HUES: dict[str, float] = {}
 """Per task, the centre of a narrow hue band (width .08) its objects are drawn from; a task not listed
-draws its objects' hue uniformly. Empty: every task draws any hue."""
+draws its objects' hue uniformly. Empty: every task draws any hue (the package). Set it in the process
+that generates the data (worker processes do not inherit it); when set it enters every key that depends on
+the data (:func:`generator_key`)."""
+
+
+def generator_key() -> dict[str, Any]:
+    """What the generated images depend on besides a :class:`TinyDataConfig`: the generators' version and,
+    when set, :data:`OBJECT_HUES` (part of the data caches' and the benchmark's keys)."""
+    hues = {"object_hues": sorted(OBJECT_HUES.items())} if OBJECT_HUES else {}
+    return {"generator_version": GENERATOR_VERSION, **hues}
 
 
 def _object_hue(rng: np.random.Generator, task: str) -> float:
@@ -535,7 +545,8 @@ def canonical_images(task: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- public API
 def _cache_path(kind: str, cfg: TinyDataConfig) -> Path:
-    key = config_hash({"kind": kind, "version": GENERATOR_VERSION, **asdict(cfg)})
+    generator = generator_key()
+    key = config_hash({"kind": kind, "version": generator.pop("generator_version"), **generator, **asdict(cfg)})
     return paths.data_dir() / "tiny" / f"{kind}-{key}.npz"
 
 

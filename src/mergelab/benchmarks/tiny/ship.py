@@ -7,7 +7,8 @@ in ``weights/encoder-<encoder key>.safetensors`` with its log (loss curve, wall 
 the JSON beside it. :meth:`mergelab.benchmarks.tiny.TinyBenchmark.pretrained_state` takes it instead of
 pretraining when the encoder key matches, that is when the data, model, pretraining configuration and
 the pretraining code's version (:mod:`mergelab.codeversion`) are the ones it was made with; any other
-configuration pretrains as before. ``MERGELAB_PRETRAIN=1`` ignores the shipped encoder.
+configuration pretrains as before. ``MERGELAB_PRETRAIN=1`` ignores the shipped encoder, in a data folder that
+does not hold its copy yet (an error says so otherwise: the experts made from the copy would not match).
 
 ``python -m mergelab.report.shipped_encoder --check`` pretrains the default encoder in a temporary cache
 and compares it with the shipped one (bit-identical in the environment of ``requirements.lock`` at the
