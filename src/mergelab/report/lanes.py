@@ -47,9 +47,15 @@ def lane_threads(jobs: int) -> int:
     return max(1, usable_cores() // max(1, jobs))
 
 
+def _say(line: str) -> None:
+    """One line to stdout in one write, so lines of lanes starting and ending together do not interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _run_lane(notebook: Path, parameters: dict[str, Any], profile: str, reports: Path, digest: str,
               threads: int) -> dict[str, Any]:
-    print(f"executing: {notebook.stem} (profile {profile}, in a lane)", flush=True)
+    _say(f"executing: {notebook.stem} (profile {profile}, in a lane)")
     reports = Path(reports)
     spec = reports / f".{notebook.stem}.lane.json"
     log = reports / f".{notebook.stem}.lane.log"
@@ -78,7 +84,7 @@ def run_in_lanes(plan: Sequence[tuple[Path, dict[str, Any], str]], profile: str,
     """Execute ``plan`` (``(notebook, parameters, digest)`` each) in ``jobs`` processes; return each
     notebook's timing record. A failure stops nothing already running; the first is raised at the end."""
     threads = lane_threads(jobs)
-    print(f"running {len(plan)} chapters {jobs} at a time ({threads} torch thread(s) each)")
+    _say(f"running {len(plan)} chapters {jobs} at a time ({threads} torch thread(s) each)")
     timings: dict[str, dict[str, Any]] = {}
     errors: list[ReportError] = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -93,8 +99,7 @@ def run_in_lanes(plan: Sequence[tuple[Path, dict[str, Any], str]], profile: str,
                 errors.append(err)
                 continue
             timings[notebook.stem] = timing
-            print(f"executed: {notebook.stem} in {timing['wall_s']:.1f} s (in a lane, {timing['cache']} data cache)",
-                  flush=True)
+            _say(f"executed: {notebook.stem} in {timing['wall_s']:.1f} s (in a lane, {timing['cache']} data cache)")
     if errors:
         raise errors[0]
     return timings
