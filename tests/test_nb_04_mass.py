@@ -56,7 +56,7 @@ def test_storage_timing_and_cache(results, params):
     t = results["timing"]
     assert results["time_per_image_ratio"] == pytest.approx(t["mass_s"] / t["forward_s"])
     assert t["mass_s"] > 0 and t["mass_cold_s"] > 0
-    assert t["batch"] == params["batch_size"]
+    assert t["batch"] == params["batch_size"] and t["threads"] >= 1
     assert results["second_pass_models_built"] >= 1
     assert results["routing_block"] == 1 and results["num_blocks"] == 2  # depth 0.75 of 2 blocks
 

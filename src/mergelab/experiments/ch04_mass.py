@@ -237,7 +237,9 @@ def time_per_image(router: MassRouter, merged: torch.nn.Module, images: torch.Te
     """Seconds per image of MASS (routing + second pass + head choice) and of one forward pass of
     ``merged`` on the same mixed batch; MASS warm (its second-pass models built by a first call) and
     cold (an empty cache). Median over ``repeats``; ``{"mass_s", "mass_cold_s", "forward_s", "ratio",
-    "ratio_cold", "batch"}``."""
+    "ratio_cold", "batch", "threads"}`` (``threads``: torch's intra-op threads during the measurement; on a
+    CPU the ratio depends on it, since a second thread speeds the plain batch up more than MASS's per-set
+    batches, so read it with the thread count)."""
     merged = merged.to(router.device).eval()
     images = images.to(router.device)
 
@@ -267,7 +269,7 @@ def time_per_image(router: MassRouter, merged: torch.nn.Module, images: torch.Te
     router.predict(images)
     mass = clock(lambda: router.predict(images))
     return {"mass_s": mass, "mass_cold_s": mass_cold, "forward_s": forward, "ratio": mass / forward,
-            "ratio_cold": mass_cold / forward, "batch": int(len(images))}
+            "ratio_cold": mass_cold / forward, "batch": int(len(images)), "threads": torch.get_num_threads()}
 
 
 def summary_rows(per_task: Mapping[str, float], expert_accuracy: Mapping[str, float]) -> dict[str, Any]:
