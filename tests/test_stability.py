@@ -317,3 +317,44 @@ def test_the_lipschitz_probe_weighs_seen_and_unseen_examples_alike():
     m = measure_merge(bench, enc.state_dict(), {"t": FinetuneConfig(data_fraction=0.5, num_steps=1, warmup_steps=0)}, probe_size=4)
     assert m["lipschitz"]["t"] == pytest.approx((seen_norm + val_norm) / 2, rel=1e-5)
     assert "lipschitz" not in measure_merge(bench, enc.state_dict(), {"t": FinetuneConfig(data_fraction=0.5, num_steps=1, warmup_steps=0)})
+
+
+class StoreBench(ProbeBench):
+    """:class:`ProbeBench` with evaluation keys and a cache folder, as the benchmarks have."""
+
+    def __init__(self, folder) -> None:
+        super().__init__()
+        self.folder, self.key_suffix = folder, ""
+
+    def _eval_key(self, task: str, split: str) -> str:
+        return f"{task}-{split}{self.key_suffix}"
+
+    def _eval_path(self, digest: str):
+        return self.folder / "eval" / digest[:2] / f"{digest}.json"
+
+
+def test_a_merge_measured_again_reads_its_per_example_results_and_they_are_the_same(tmp_path, monkeypatch):
+    """Chapter 01 measures hundreds of merges; a re-run reads each one's per-example losses and Lipschitz
+    probe from disk (keyed by the weights, the evaluation key and the rows) instead of computing them."""
+    from mergelab.analysis import generalization
+    from mergelab.analysis.generalization import measure_merge
+
+    torch.manual_seed(0)
+    bench, enc = StoreBench(tmp_path), nn.Linear(4, 3)
+    cfg = {"t": FinetuneConfig(data_fraction=0.5, num_steps=1, warmup_steps=0)}
+    first = measure_merge(bench, enc.state_dict(), cfg, probe_size=4)
+    calls = []
+    real = generalization.per_example_losses
+    monkeypatch.setattr(generalization, "per_example_losses", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(generalization, "per_example_gradient_norms", lambda *a, **k: calls.append(1) / 0)
+    again = measure_merge(bench, enc.state_dict(), cfg, probe_size=4)
+    assert calls == [] and again == first  # nothing computed, the very same figures
+    bench.key_suffix = "-other-head"  # another evaluation key (head, data, device, code): measured anew
+    assert measure_merge(bench, enc.state_dict(), cfg)["train_loss"] == first["train_loss"] and len(calls) == 2
+    other = nn.Linear(4, 3)
+    measure_merge(bench, other.state_dict(), cfg)  # other weights: measured
+    assert len(calls) == 4
+    for f in tmp_path.rglob("*.examples.json"):
+        f.write_text("{not json")
+    measure_merge(bench, other.state_dict(), cfg)  # an unreadable file is measured again, not an error
+    assert len(calls) == 6

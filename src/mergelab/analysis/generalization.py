@@ -4,8 +4,10 @@ pretrained model, and the measurement of one merge on its tasks' training and te
 
 from __future__ import annotations
 
+import hashlib
+import json
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,8 @@ from ..models import load_encoder_state
 from ..autodiff import per_example_gradient_norms
 from .statistics import mean_gap_ci
 from ..training import FinetuneConfig, training_indices
-from ..utils import StateDict
+from .. import codeversion
+from ..utils import StateDict, atomic_write_json, config_hash, state_digest
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -67,6 +70,49 @@ def per_example_losses(bench: Any, state: StateDict, task: str, X: torch.Tensor,
         losses.append(F.cross_entropy(logits, yy, reduction="none").cpu())
         correct.append((logits.argmax(-1) == yy).cpu())
     return torch.cat(losses), torch.cat(correct)
+
+
+class ExampleStore:
+    """Per-example measurements of one model (losses and correctness on a subset of a split, the
+    Lipschitz probe), cached on disk beside its evaluations: ``<cache_dir>/eval/<digest[:2]>/<digest>.examples.json``
+    (the digest is :func:`mergelab.utils.state_digest` of the weights). An entry's key holds what the
+    benchmark's evaluations are keyed by (:meth:`_eval_key`: head, data, device, the evaluation code's
+    version), the kind of measurement and a digest of the example indices, so a re-run of chapter 01
+    measures no merge twice. A benchmark without evaluation keys (a test's stand-in) caches nothing.
+    Values are float32 and bool as computed, so a cached result equals a computed one exactly."""
+
+    def __init__(self, bench: Any, state: StateDict) -> None:
+        self.bench, self.path, self.entries = bench, None, {}
+        if hasattr(bench, "_eval_key") and hasattr(bench, "_eval_path"):
+            self.path = bench._eval_path(state_digest(state)).with_suffix(".examples.json")
+            if self.path.is_file():
+                try:
+                    self.entries = json.loads(self.path.read_text())
+                except (OSError, ValueError):  # unreadable: measure again and rewrite it
+                    self.entries = {}
+
+    def _get(self, kind: str, task: str, split: str, indices: torch.Tensor, compute: Callable[[], Any],
+             encode: Callable[[Any], Any], decode: Callable[[Any], Any]) -> Any:
+        if self.path is None:
+            return compute()
+        digest = hashlib.sha256(torch.as_tensor(indices, dtype=torch.long).numpy().tobytes()).hexdigest()[:24]
+        key = config_hash({"kind": kind, "eval": self.bench._eval_key(task, split), "indices": digest,
+                           **codeversion.key_part("evaluation")})
+        if key not in self.entries:
+            self.entries[key] = encode(compute())
+            atomic_write_json(self.path, self.entries)
+        return decode(self.entries[key])
+
+    def losses(self, task: str, split: str, indices: torch.Tensor,
+               compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`per_example_losses` on rows ``indices`` of ``split`` (``compute`` runs it when not cached)."""
+        return self._get("losses", task, split, indices, compute,
+                         lambda r: {"loss": r[0].tolist(), "correct": r[1].tolist()},
+                         lambda e: (torch.tensor(e["loss"], dtype=torch.float32), torch.tensor(e["correct"], dtype=torch.bool)))
+
+    def value(self, kind: str, task: str, split: str, indices: torch.Tensor, compute: Callable[[], float]) -> float:
+        """One number measured on rows ``indices`` of ``split`` (e.g. the Lipschitz probe)."""
+        return self._get(kind, task, split, indices, compute, float, float)
 
 
 def control_variate_gap(train: torch.Tensor, test: torch.Tensor, ref_train: torch.Tensor, ref_test: torch.Tensor
@@ -126,6 +172,7 @@ def measure_merge(bench: Any, state: StateDict, experts: Mapping[str, FinetuneCo
     if not experts:
         raise ValueError("experts is empty; pass task -> FinetuneConfig for every merged task.")
     cache = {} if reference_cache is None else reference_cache
+    store = ExampleStore(bench, state)
     per_task: dict[str, dict[str, float]] = {}
     lipschitz: dict[str, float] = {}
     raw_losses: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -138,10 +185,19 @@ def measure_merge(bench: Any, state: StateDict, experts: Mapping[str, FinetuneCo
         _, yt = bench.split(task, "test")
         test = _eval_subset(len(yt), max_examples, seed + 1)
         # bench.images: the clip benchmark decodes each subset once and keeps it (a sweep measures
-        # hundreds of merges on the same subsets); images of the tiny benchmark are in memory
-        X_seen, X_test = bench.images(task, "train", seen), bench.images(task, "test", test)
-        tr, tr_ok = per_example_losses(bench, state, task, X_seen, y[seen])
-        te, te_ok = per_example_losses(bench, state, task, X_test, yt[test])
+        # hundreds of merges on the same subsets); images of the tiny benchmark are in memory. Read only
+        # when something is measured: a re-run finds the merge's losses in its ExampleStore.
+        loaded: dict[str, torch.Tensor] = {}
+
+        def images(split: str, rows: torch.Tensor, task: str = task) -> torch.Tensor:
+            if split not in loaded:
+                loaded[split] = bench.images(task, split, rows)
+            return loaded[split]
+
+        tr, tr_ok = store.losses(task, "train", seen,
+                                 lambda: per_example_losses(bench, state, task, images("train", seen), y[seen]))
+        te, te_ok = store.losses(task, "test", test,
+                                 lambda: per_example_losses(bench, state, task, images("test", test), yt[test]))
         tr_loss, te_loss = float(tr.mean()), float(te.mean())
         per_task[task] = {"train_loss": tr_loss, "test_loss": te_loss, "generalization_gap": te_loss - tr_loss,
                           "train_accuracy": float(tr_ok.float().mean()), "test_accuracy": float(te_ok.float().mean())}
@@ -149,8 +205,8 @@ def measure_merge(bench: Any, state: StateDict, experts: Mapping[str, FinetuneCo
         if reference is not None:
             key = (task, cfg.data_fraction, cfg.seed, max_examples, seed)
             if key not in cache:
-                cache[key] = (per_example_losses(bench, reference, task, X_seen, y[seen])[0],
-                              per_example_losses(bench, reference, task, X_test, yt[test])[0])
+                cache[key] = (per_example_losses(bench, reference, task, images("train", seen), y[seen])[0],
+                              per_example_losses(bench, reference, task, images("test", test), yt[test])[0])
             gap_cv, c = control_variate_gap(tr, te, *cache[key])
             per_task[task]["gap_vs_reference"] = gap_cv
             per_task[task]["control_coefficient"] = c
@@ -159,11 +215,16 @@ def measure_merge(bench: Any, state: StateDict, experts: Mapping[str, FinetuneCo
         if probe_size > 0:
             _, yv = bench.split(task, "val")
             unseen = _eval_subset(len(yv), probe_size, seed + 2)
-            X_probe = torch.cat([X_seen[:probe_size], bench.images(task, "val", unseen)])
-            y_probe = torch.cat([y[seen[:probe_size]], yv[unseen]])
-            enc = _encoder(bench, state)
-            lipschitz[task] = float(per_example_gradient_norms(
-                enc, bench.heads[task].to(bench.device), X_probe.to(bench.device), y_probe.to(bench.device)).mean())
+
+            def probe(task: str = task, unseen: torch.Tensor = unseen, yv: torch.Tensor = yv,
+                      seen: torch.Tensor = seen, y: torch.Tensor = y) -> float:
+                X_probe = torch.cat([bench.images(task, "train", seen[:probe_size]), bench.images(task, "val", unseen)])
+                y_probe = torch.cat([y[seen[:probe_size]], yv[unseen]])
+                return float(per_example_gradient_norms(_encoder(bench, state), bench.heads[task].to(bench.device),
+                                                        X_probe.to(bench.device), y_probe.to(bench.device)).mean())
+
+            lipschitz[task] = store.value("lipschitz", task, "train",
+                                          torch.cat([seen[:probe_size], -1 - unseen]), probe)
     keys = ["train_loss", "test_loss", "generalization_gap", "train_accuracy", "test_accuracy"]
     keys += ["gap_vs_reference"] if reference is not None else []
     out: dict[str, Any] = {k: float(np.mean([v[k] for v in per_task.values()])) for k in keys}
