@@ -623,6 +623,17 @@ def test_a_failing_lane_names_its_notebook_and_keeps_the_others_results(tmp_path
     assert not report.stamp_path(out, "01_beta", PROFILE).exists()
 
 
+@pytest.mark.timeout(240)
+def test_every_failing_lane_is_named(tmp_path: Path) -> None:
+    make_three_chapters(tmp_path, failing="01_beta")
+    write_notebook(tmp_path / "notebooks" / "02_gamma.ipynb", "02_gamma", "raise ValueError('gamma too')")
+    with pytest.raises(report.ReportError, match=r"2 chapters failed in their lanes \(01_beta.ipynb, 02_gamma.ipynb\)"
+                                                 r"|2 chapters failed in their lanes \(02_gamma.ipynb, 01_beta.ipynb\)"):
+        build(tmp_path, jobs=2)
+    out = tmp_path / "out"
+    assert (out / ".01_beta.lane.log").is_file() and (out / ".02_gamma.lane.log").is_file()
+
+
 def test_bad_jobs_are_named() -> None:
     from mergelab.report.lanes import resolve_jobs
 

@@ -82,7 +82,8 @@ def _run_lane(notebook: Path, parameters: dict[str, Any], profile: str, reports:
 def run_in_lanes(plan: Sequence[tuple[Path, dict[str, Any], str]], profile: str, reports: Path,
                  jobs: int) -> dict[str, dict[str, Any]]:
     """Execute ``plan`` (``(notebook, parameters, digest)`` each) in ``jobs`` processes; return each
-    notebook's timing record. A failure stops nothing already running; the first is raised at the end."""
+    notebook's timing record. A failure stops nothing already running; at the end one error names every
+    failed chapter and shows the first one's output (each keeps its log)."""
     threads = lane_threads(jobs)
     _say(f"running {len(plan)} chapters {jobs} at a time ({threads} torch thread(s) each)")
     timings: dict[str, dict[str, Any]] = {}
@@ -100,8 +101,11 @@ def run_in_lanes(plan: Sequence[tuple[Path, dict[str, Any], str]], profile: str,
                 continue
             timings[notebook.stem] = timing
             _say(f"executed: {notebook.stem} in {timing['wall_s']:.1f} s (in a lane, {timing['cache']} data cache)")
-    if errors:
+    if len(errors) == 1:
         raise errors[0]
+    if errors:  # every failing chapter named, the first one's output shown
+        names = ", ".join(str(e).split(" failed", 1)[0].removeprefix("notebook ") for e in errors)
+        raise ReportError(f"{len(errors)} chapters failed in their lanes ({names}); the first:\n{errors[0]}")
     return timings
 
 
