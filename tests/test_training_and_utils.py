@@ -357,3 +357,13 @@ def test_the_contrastive_term_contrasts_two_views_of_the_same_images_and_trains_
     with pytest.raises(ValueError, match="view_shift=8 is not valid for images of \\(8, 8\\) pixels; use 0..7"):
         P.pretrain_factors(model, X, targets, {"kind": 2}, replace(cfg, view_shift=8),
                            lambda x: x, progress=False, unlabelled=unlabelled)
+
+
+def test_pretraining_line_says_where_the_encoder_came_from():
+    from mergelab.notebook import pretraining_line
+
+    shipped = pretraining_line({"loss": [1.0] * 3000, "wall_time_s": 250.0, "shipped": True})
+    assert shipped.startswith("pretraining: shipped with mergelab (3000 steps") and "250 s" in shipped
+    assert "MERGELAB_PRETRAIN=1" in shipped
+    assert pretraining_line({"loss": [1.0] * 40, "wall_time_s": 12.4}) == "pretraining: 40 steps in 12 s (cached after the first run)"
+    assert pretraining_line({"loss": [], "source": "open_clip openai"}) == "no pretraining run here: open_clip openai"

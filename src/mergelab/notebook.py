@@ -213,6 +213,18 @@ def stand_in_note(benchmark: str, data: dict[str, Any], model: dict[str, Any]) -
     return " ".join(notes)
 
 
+def pretraining_line(log: Mapping[str, Any]) -> str:
+    """One line on where the pretrained encoder came from, from its log (``bench.pretraining_log()``):
+    shipped with mergelab, pretrained here (steps and seconds), or no pretraining run (the clip size)."""
+    steps = len(log.get("loss", []))
+    if log.get("shipped"):
+        return (f"pretraining: shipped with mergelab ({steps} steps, made by this code in {log['wall_time_s']:.0f} s; "
+                "MERGELAB_PRETRAIN=1 with an empty data folder pretrains it here)")
+    if steps:
+        return f"pretraining: {steps} steps in {log['wall_time_s']:.0f} s (cached after the first run)"
+    return f"no pretraining run here: {log.get('source', 'pretrained weights')}"
+
+
 def print_provenance(session: Session) -> None:
     """The closing provenance cell: print what :func:`provenance` records."""
     print(json.dumps(provenance(session), indent=2, default=str))

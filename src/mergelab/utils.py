@@ -72,6 +72,34 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def environment(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Run the block with the environment variables ``values`` set (``None``: unset), then restore each
+    to what it was (unset again if it was unset)."""
+    def put(variables: Mapping[str, str | None]) -> None:
+        for key, value in variables.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    saved = {key: os.environ.get(key) for key in values}
+    put(values)
+    try:
+        yield
+    finally:
+        put(saved)
+
+
+def read_json(path: str | Path, default: Any = None) -> Any:
+    """The JSON in ``path``, or ``default`` when the file is missing or unreadable (a cache that is read
+    this way is rebuilt, not trusted, when a write was cut short or the file was damaged)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _jsonable(dataclasses.asdict(value))

@@ -5,7 +5,6 @@ pretrained model, and the measurement of one merge on its tasks' training and te
 from __future__ import annotations
 
 import hashlib
-import json
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,7 +19,7 @@ from ..autodiff import per_example_gradient_norms
 from .statistics import mean_gap_ci
 from ..training import FinetuneConfig, training_indices
 from .. import codeversion
-from ..utils import StateDict, atomic_write_json, config_hash, state_digest
+from ..utils import StateDict, atomic_write_json, config_hash, read_json, state_digest
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -85,11 +84,7 @@ class ExampleStore:
         self.bench, self.path, self.entries = bench, None, {}
         if hasattr(bench, "_eval_key") and hasattr(bench, "_eval_path"):
             self.path = bench._eval_path(state_digest(state)).with_suffix(".examples.json")
-            if self.path.is_file():
-                try:
-                    self.entries = json.loads(self.path.read_text())
-                except (OSError, ValueError):  # unreadable: measure again and rewrite it
-                    self.entries = {}
+            self.entries = read_json(self.path, {})  # missing or unreadable: measure again and rewrite it
 
     def _get(self, kind: str, task: str, split: str, indices: torch.Tensor, compute: Callable[[], Any],
              encode: Callable[[Any], Any], decode: Callable[[Any], Any]) -> Any:

@@ -8,7 +8,6 @@ chapters) talks to it through this protocol only, so a new size is one class tha
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 from .. import codeversion
 from ..cache import Artifact
 from ..training import FinetuneConfig
-from ..utils import StateDict, atomic_write_json, config_hash, state_digest
+from ..utils import StateDict, atomic_write_json, config_hash, read_json, state_digest
 
 
 @runtime_checkable
@@ -107,6 +106,9 @@ class BenchmarkBase:
     tasks: tuple[str, ...]
     progress: bool
     default_recipe: FinetuneConfig = FinetuneConfig()
+    train_threads: int | None = None
+    """Torch threads every fine-tuning run of this size trains with, whatever the process's setting
+    (part of every run key when set); ``None``: as the process is set (the clip size, on a GPU)."""
     """The recipe of :meth:`expert` and :meth:`multitask` when none is given."""
 
     # ------------------------------------------------------------------ what a size provides
@@ -149,6 +151,7 @@ class BenchmarkBase:
         size's own parts (:meth:`_run_key_parts`)."""
         return config_hash({"benchmark": self.key, "kind": kind, "tasks": list(tasks),
                             "heads": [self.head_digest(t) for t in tasks], "finetune": asdict(cfg),
+                            **({"train_threads": self.train_threads} if self.train_threads is not None else {}),
                             **self._run_key_parts(tasks), **codeversion.key_part("finetune")})
 
     def run_artifact(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> Artifact:
@@ -230,12 +233,7 @@ class BenchmarkBase:
         tasks = [self.check_task(t) for t in (tasks or self.tasks)]
         digest = state_digest(state)
         path = self._eval_path(digest)
-        cache: dict[str, Any] = {}
-        if path.is_file():
-            try:
-                cache = json.loads(path.read_text())
-            except (OSError, ValueError):  # unreadable: evaluate again and rewrite it
-                cache = {}
+        cache: dict[str, Any] = read_json(path, {})  # missing or unreadable: evaluate again and rewrite it
         out: dict[str, dict[str, Any]] = {}
         encoder: torch.nn.Module | None = None
         for task in tasks:

@@ -29,6 +29,8 @@ from typing import Any
 
 from mergelab.params import ReportError
 
+from mergelab.utils import read_json
+
 from .timings import TIMINGS_DIR, usable_cores
 
 
@@ -67,11 +69,8 @@ def _run_lane(notebook: Path, parameters: dict[str, Any], profile: str, reports:
                               stderr=subprocess.STDOUT)
     spec.unlink(missing_ok=True)
     record = reports / TIMINGS_DIR / f"{notebook.stem}.{profile}.json"  # written by the lane once it succeeded
-    try:
-        timing = json.loads(record.read_text()) if done.returncode == 0 else None
-    except (OSError, ValueError):
-        timing = None
-    if timing is None or timing.get("started_utc") is None:
+    timing = read_json(record) if done.returncode == 0 else None
+    if timing is None:
         tail = log.read_text(errors="replace")[-3000:]
         raise ReportError(f"notebook {notebook.name} failed in its lane (exit {done.returncode}); its output, "
                           f"kept in {log}, ends with:\n{tail}")

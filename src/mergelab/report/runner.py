@@ -21,6 +21,7 @@ import yaml
 
 from mergelab import paths
 from mergelab.executors import EXECUTORS
+from mergelab.utils import environment
 from mergelab.params import (ReportError, benchmark_param_files, check_parameters, load_params, notebook_parameters,
                              params_path)
 
@@ -211,16 +212,8 @@ def kernel_environment(reports: Path, extra: dict[str, str] | None = None) -> It
         "JUPYTER_PREFER_ENV_PATH": os.environ.get("JUPYTER_PREFER_ENV_PATH", "1"),
         **(extra or {}),
     }
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
+    with environment(values):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def check_kernel(kernel_name: str = paths.KERNEL_NAME) -> None:

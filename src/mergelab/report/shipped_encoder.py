@@ -8,45 +8,26 @@ checkout's cache (pretraining it if needed), after a change to the pretraining c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..benchmarks.tiny.ship import ENV_PRETRAIN, WEIGHTS_DIR, environment, shipped_artifact, shipped_keys
+from ..benchmarks.tiny.ship import ENV_PRETRAIN, WEIGHTS_DIR, shipped_artifact, shipped_keys
+from ..benchmarks.tiny.ship import environment as torch_environment
 from ..cache import Artifact, file_sha256
+from ..utils import environment
 
 
 def default_benchmark(progress: bool = False) -> Any:
     """The `tiny` benchmark of ``params/tiny/_benchmark.yaml`` (what `make report` runs), on the CPU."""
-    from ..benchmarks.tiny import TinyBenchmark, TinyBenchmarkConfig
+    from .. import load_benchmark
     from ..params import profile_params
 
     p = profile_params("tiny", "00_benchmark_and_baselines")
-    cfg = TinyBenchmarkConfig.from_params(data=p["data"], model=p["model"], pretrain=p["pretrain"],
-                                          head_shots=p["head_shots"])
-    return TinyBenchmark(cfg, device="cpu", progress=progress)
-
-
-@contextlib.contextmanager
-def _environ(**values: str | None) -> Iterator[None]:
-    """Set (or, with ``None``, unset) environment variables for the block, then restore them."""
-    def put(variables: dict[str, str | None]) -> None:
-        for k, v in variables.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-    saved = {k: os.environ.get(k) for k in values}
-    put(values)
-    try:
-        yield
-    finally:
-        put(saved)
+    return load_benchmark("tiny", device="cpu", progress=progress,
+                          **{k: p[k] for k in ("tasks", "data", "model", "pretrain", "head_shots")})
 
 
 def update() -> Path:
@@ -54,7 +35,7 @@ def update() -> Path:
     bench = default_benchmark(progress=True)
     cached = Artifact(bench.cache_dir / "pretrained.safetensors")
     if not cached.exists():
-        with _environ(**{ENV_PRETRAIN: "1"}):
+        with environment({ENV_PRETRAIN: "1"}):
             bench.pretrained_state()
     if "environment" not in cached.meta():
         raise SystemExit(f"the cached encoder {cached.path} does not record the torch build and threads that made it "
@@ -80,11 +61,11 @@ def check() -> bool:
         print(f"no shipped encoder has this configuration's key {key} (shipped: {shipped_keys()}); run --update")
         return False
     theirs = shipped.meta().get("environment", {})
-    with tempfile.TemporaryDirectory() as tmp, _environ(MERGELAB_DATA_DIR=tmp, **{ENV_PRETRAIN: "1"}), \
+    with tempfile.TemporaryDirectory() as tmp, environment({"MERGELAB_DATA_DIR": tmp, ENV_PRETRAIN: "1"}), \
             torch_threads(theirs.get("threads")):
         bench = default_benchmark(progress=True)
         made = bench.pretrained_state()
-        here = environment()
+        here = torch_environment()
         same = file_sha256(Path(tmp) / "tiny" / f"encoder-{key}" / "pretrained.safetensors") == file_sha256(shipped.path)
     ref = load_safetensors(str(shipped.path))
     diff = max(float((made[k].float() - ref[k].float()).abs().max()) for k in ref)

@@ -317,10 +317,6 @@ class TinyBenchmark(BenchmarkBase):
         """``task`` if the tiny benchmark has it, else an error listing the tasks."""
         return check_tiny_task(task)
 
-    def _run_key_parts(self, tasks: Sequence[str]) -> dict[str, Any]:
-        """The training threads (:attr:`train_threads`): another count trains other bits."""
-        return {"train_threads": self.train_threads}
-
     def _train_run(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig, artifact: Artifact
                    ) -> tuple[StateDict, dict[str, Any]]:
         enc = self.new_encoder(self.pretrained_state())
