@@ -9,7 +9,7 @@ WEIGHTS ?=## clip profile: folder for downloaded open_clip weights (exported as 
 NOTEBOOKS ?=## run only these notebooks (names without .ipynb; empty = all)
 FORCE ?=## set to 1 to execute notebooks even when they are up to date
 EXECUTOR ?=## where the chapters' sweeps run: local or ray (a Ray cluster, docs/distributed.md); empty = each parameter file's executor
-JOBS ?=## chapters executed at a time after chapter 00 (auto: one per core, at most 4; empty = auto; 1 = one after another)
+JOBS ?=## chapters executed at a time, chapter 00 included (auto: one per core, at most 4; empty = auto; 1 = one after another)
 PYTEST_ARGS ?=## extra pytest arguments, e.g. PYTEST_ARGS='-m "not e2e" -x'
 TEST_WORKERS ?= auto## test processes (pytest-xdist; auto: one per CPU core; 0: all tests in one process)
 

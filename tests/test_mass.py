@@ -233,3 +233,28 @@ def test_other_routing_options_share_the_second_pass_cache():
         r.with_options(polar="svd")
     with pytest.raises(ValueError, match="top_k=0 is not valid"):
         r.with_options(top_k=0)
+
+
+def test_routers_sharing_a_memo_predict_what_each_predicts_alone():
+    """An ablation's routers (other blocks, matrices, selection, first pass) on one batch with one memo give
+    the predictions each gives alone, while the memo holds one entry per first pass and routing point and
+    computes an image's features under a selected set once for all of them."""
+    r, _ = router(top_k=2, threshold=0.2)
+    torch.manual_seed(5)
+    images = torch.randn(8, 3, 16, 16)
+    truth = ["a", "b", "c", "d"] * 2
+    options = [{}, {"top_k": 1}, {"threshold": 0.05, "top_k": 3}, {"block": 0}, {"routing_matrix": "attn.in_proj"},
+               {"first_pass": "pretrained"}]
+    routers = [r.with_options(**o) for o in options]
+    memo: dict = {}
+    shared = [x.predict(images, true_tasks=truth, memo=memo) for x in routers]
+    alone = [x.predict(images, true_tasks=truth) for x in routers]
+    for a, b in zip(shared, alone):
+        assert a.routing.selected == b.routing.selected and a.head_task == b.head_task
+        assert torch.equal(a.label, b.label) and torch.equal(a.oracle_label, b.oracle_label)
+        assert torch.allclose(a.routing.residuals, b.routing.residuals)
+    points = [k for k in memo if k[0] == "first pass"]
+    assert sorted(points) == sorted({("first pass", x.first_pass, x.block, x.routing_matrix) for x in routers})
+    for key, store in memo.items():
+        if key[0] == "second pass":  # every image routed to the set by some router, once
+            assert set(store) == {i for p in shared for i, k in enumerate(p.routing.keys) if k == key[1]}

@@ -579,7 +579,8 @@ LANE_BODY = (
     "from mergelab.paths import results_dir\n"
     "start = time.time(); time.sleep(value)\n"
     "(results_dir() / '{name}.json').write_text(json.dumps({{'start': start, 'end': time.time(), "
-    "'threads': os.environ.get('OMP_NUM_THREADS')}}))"
+    "'threads': os.environ.get('OMP_NUM_THREADS'), 'nice': os.nice(0), 'autogroup': "
+    "open('/proc/self/autogroup').read().split()[-1] if os.path.exists('/proc/self/autogroup') else None}}))"
 )
 
 
@@ -632,6 +633,94 @@ def test_every_failing_lane_is_named(tmp_path: Path) -> None:
         build(tmp_path, jobs=2)
     out = tmp_path / "out"
     assert (out / ".01_beta.lane.log").is_file() and (out / ".02_gamma.lane.log").is_file()
+
+
+def mark_independent(notebook: Path) -> None:
+    """Say in ``notebook``'s metadata that it needs nothing the first chapter builds."""
+    nb = nbformat.read(notebook, as_version=4)
+    nb.metadata["mergelab"] = {"waits_for_first_chapter": False}
+    nbformat.write(nb, notebook)
+
+
+@pytest.mark.timeout(240)
+def test_a_chapter_that_needs_nothing_from_the_first_starts_beside_it(tmp_path: Path) -> None:
+    """Chapter 00 runs here while 02_gamma (marked independent) runs in the other lane; 01_beta (which
+    waits, the default) starts only once chapter 00 is done."""
+    from mergelab.report.lanes import BESIDE_FIRST_NICE, lane_threads
+
+    make_three_chapters(tmp_path)
+    write_notebook(tmp_path / "notebooks" / "00_alpha.ipynb", "Alpha", LANE_BODY.format(name="00_alpha"))
+    (tmp_path / "params" / PROFILE / "00_alpha.yaml").write_text("value: 6\n")
+    mark_independent(tmp_path / "notebooks" / "02_gamma.ipynb")
+    build(tmp_path, jobs=2)
+    alpha, beta, gamma = (json.loads((tmp_path / "out" / "results" / f"{n}.json").read_text())
+                          for n in ("00_alpha", "01_beta", "02_gamma"))
+    assert gamma["start"] < alpha["end"] and alpha["start"] < gamma["end"]  # beside chapter 00
+    assert beta["start"] >= alpha["end"]  # after it
+    assert alpha["threads"] == beta["threads"] == gamma["threads"] == str(lane_threads(2))  # no oversubscription
+    here = os.nice(0)
+    assert alpha["nice"] == beta["nice"] == here  # the critical path at this process's priority
+    assert gamma["nice"] == min(19, here + BESIDE_FIRST_NICE)  # beside it: the CPU time it leaves
+    if gamma["autogroup"] is not None:  # Linux schedules the kernel's session as a group: niced too
+        assert int(gamma["autogroup"]) == gamma["nice"] and int(alpha["autogroup"]) == 0
+
+
+def test_a_kernel_keeps_the_niceness_of_the_process_that_launched_it() -> None:
+    """A new session (as a Jupyter kernel starts) gets an autogroup at nice 0 where Linux has them;
+    :func:`keep_niceness` gives it the launcher's niceness, and does nothing for a process at nice 0."""
+    import subprocess
+    import sys
+
+    from mergelab.report.runner import keep_niceness
+
+    code = ("import os, subprocess, sys\n"
+            "from mergelab.report.runner import keep_niceness\n"
+            "os.nice(3)\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(5)'], start_new_session=True)\n"
+            "group = f'/proc/{p.pid}/autogroup'\n"
+            "print(keep_niceness(p.pid), open(group).read().split()[-1] if os.path.exists(group) else None)\n"
+            "p.kill()\n")
+    done, value = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if Path("/proc/self/autogroup").exists():
+        assert (done, value) == ("True", str(os.nice(0) + 3))
+    else:
+        assert (done, value) == ("False", "None")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"], start_new_session=True)
+    try:
+        assert keep_niceness(sleeper.pid) is (os.nice(0) > 0 and Path("/proc/self/autogroup").exists())
+    finally:
+        sleeper.kill()
+
+
+@pytest.mark.timeout(240)
+def test_when_the_first_chapter_fails_the_chapters_waiting_for_it_do_not_run(tmp_path: Path) -> None:
+    make_three_chapters(tmp_path)
+    write_notebook(tmp_path / "notebooks" / "00_alpha.ipynb", "Alpha", "raise ValueError('alpha broke')")
+    mark_independent(tmp_path / "notebooks" / "02_gamma.ipynb")
+    with pytest.raises(report.ReportError, match=r"00_alpha\.ipynb failed(.|\n)*alpha broke"):
+        build(tmp_path, jobs=2)
+    out = tmp_path / "out"
+    assert (out / "results" / "02_gamma.json").is_file()  # independent: it ran to the end
+    assert not (out / "results" / "01_beta.json").exists() and not report.stamp_path(out, "01_beta", PROFILE).exists()
+
+
+def test_lanes_read_which_chapters_wait_and_start_the_longest_first(tmp_path: Path) -> None:
+    from mergelab.report.lanes import expected_seconds, waits_for_first
+
+    write_notebook(tmp_path / "a.ipynb", "A", "pass")
+    assert waits_for_first(tmp_path / "a.ipynb") is True
+    mark_independent(tmp_path / "a.ipynb")
+    assert waits_for_first(tmp_path / "a.ipynb") is False
+    nb = nbformat.read(tmp_path / "a.ipynb", as_version=4)
+    nb.metadata["mergelab"] = {"waits_for_first_chapter": "no"}
+    nbformat.write(nb, tmp_path / "a.ipynb")
+    with pytest.raises(report.ReportError, match=r"waits_for_first_chapter='no' is not valid; use true or false"):
+        waits_for_first(tmp_path / "a.ipynb")
+    (tmp_path / "timings").mkdir()
+    (tmp_path / "timings" / f"b.{PROFILE}.json").write_text(json.dumps({"notebook": "b", "wall_s": 5.0}))
+    assert expected_seconds(tmp_path, PROFILE) == {"b": 5.0}  # this folder's last records
+    (tmp_path / f"timings-{PROFILE}.json").write_text(json.dumps({"chapters": [{"notebook": "c", "wall_s": 9.0}]}))
+    assert expected_seconds(tmp_path, PROFILE) == {"c": 9.0}  # the committed cold run wins
 
 
 def test_bad_jobs_are_named() -> None:

@@ -122,29 +122,35 @@ def test_bad_sweep_arguments_are_named(bench):
         plan_runs([CFG], ["colours"], steps=[0])
 
 
-def test_chapter_00_experts_trained_side_by_side_are_bit_identical_to_those_trained_here(bench):
-    """``train_experts`` with two worker processes caches the very weights ``bench.expert`` trains in this
-    process, even at another thread count here: the tiny size trains every run on ``train_threads`` (1)."""
+def test_chapter_00_runs_trained_side_by_side_are_bit_identical_to_those_trained_here(bench):
+    """``train_experts`` with two worker processes caches the very weights ``bench.expert`` and
+    ``bench.multitask`` train in this process, even at another thread count here: the tiny size trains every
+    run on ``train_threads`` (1). The multi-task model trains in the same pool, and counts as a run."""
     from mergelab.experiments.ch00_benchmark import train_experts
 
     recipe = replace(CFG, schedule="cosine", warmup_steps=1, seed=21)
-    assert train_experts(bench, recipe, [21, 22], ["colours", "position"], workers=2, progress=False) == 4
-    assert train_experts(bench, recipe, [21, 22], ["colours", "position"], workers=2, progress=False) == 0
+    joint = replace(recipe, num_steps=2)
+    tasks = ["position", "colours"]
+    assert train_experts(bench, recipe, [21, 22], tasks, workers=2, progress=False, multitask=joint) == 5
+    assert train_experts(bench, recipe, [21, 22], tasks, workers=2, progress=False, multitask=joint) == 0
+    runs = {(task, seed): bench.run_artifact("expert", [task], replace(recipe, seed=seed))
+            for seed in (21, 22) for task in tasks}
+    runs["multitask", 21] = bench.run_artifact("multitask", sorted(tasks), joint)
+    assert runs["multitask", 21].meta()["tasks"] == ["colours", "position"]
     pooled = {}
-    for seed in (21, 22):
-        for task in ("colours", "position"):
-            artifact = bench.run_artifact("expert", [task], replace(recipe, seed=seed))
-            pooled[task, seed] = load_safetensors(str(artifact.path))
-            os.remove(artifact.path)
-            os.remove(artifact.sidecar)
+    for name, artifact in runs.items():
+        pooled[name] = load_safetensors(str(artifact.path))
+        os.remove(artifact.path)
+        os.remove(artifact.sidecar)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert train_experts(bench, recipe, [21, 22], ["colours", "position"], workers=1, progress=False) == 4
+        assert train_experts(bench, recipe, [21, 22], tasks, workers=1, progress=False, multitask=joint) == 5
     finally:
         torch.set_num_threads(threads)
     for (task, seed), weights in pooled.items():
-        here = bench.expert(task, replace(recipe, seed=seed))
+        here = (bench.multitask(joint, tasks) if task == "multitask"
+                else bench.expert(task, replace(recipe, seed=seed)))
         assert all(torch.equal(here[k], weights[k]) for k in weights), (task, seed)
     with pytest.raises(ValueError, match="workers"):
         train_experts(bench, recipe, [21], workers=0)

@@ -45,6 +45,19 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def build_lock(path: Path) -> Any:
+    """An inter-process lock (:mod:`filelock`) for building the cache file ``path``: processes sharing a
+    data folder (a report's chapters side by side, JupyterLab, a sweep's workers) build it once, the others
+    wait and then read it. The lock file is ``<path's folder>/.locks/<name>.lock``, out of the way of
+    anything that lists the cache folder. Use as ``with build_lock(path): ...``, checking again inside
+    whether another process built the file meanwhile."""
+    from filelock import FileLock
+
+    locks = Path(path).parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(locks / f"{Path(path).name}.lock"))
+
+
 @dataclass(frozen=True)
 class Artifact:
     """One cached state dict ``path`` (``.safetensors``) with its sidecar ``path.with_suffix('.json')``."""
@@ -97,14 +110,10 @@ class Artifact:
         The build holds a lock file beside the artifact (``.locks/<name>.safetensors.lock``, :mod:`filelock`), so
         processes sharing a data folder (a report and JupyterLab, the test processes, the workers of a
         sweep) build it once: the others wait, then load what the first one saved."""
-        from filelock import FileLock
-
         state = self._load_complete()
         if state is not None:
             return state
-        locks = self.path.parent / ".locks"  # out of the way of anything that lists the cache folder
-        locks.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(locks / f"{self.path.name}.lock")):
+        with build_lock(self.path):
             state = self._load_complete()  # built by another process while this one waited?
             if state is None:
                 tensors, meta = build()

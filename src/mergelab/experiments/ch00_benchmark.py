@@ -4,7 +4,7 @@ seeds, and the chapter's claims with their evidence."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -54,16 +54,35 @@ def diagnostics(bench: Any, pretrained: StateDict, task_vectors: Mapping[str, Ta
     }
 
 
+def _train_job(bench: Any, job: tuple[str, tuple[str, ...], FinetuneConfig]) -> str:
+    """One fine-tuning run of :func:`train_experts` in a worker: ``(kind, tasks, recipe)``, cached by the
+    benchmark exactly as :meth:`bench.expert` or :meth:`bench.multitask` caches it here."""
+    kind, tasks, cfg = job
+    if kind == "multitask":
+        bench.multitask(cfg, tasks)
+    else:
+        bench.expert(tasks[0], cfg)
+    return kind
+
+
+def _describe_train_job(job: tuple[str, tuple[str, ...], FinetuneConfig]) -> dict[str, Any]:
+    kind, tasks, cfg = job
+    return {"kind": kind, "tasks": list(tasks), **asdict(cfg)}
+
+
 def train_experts(bench: Any, recipe: FinetuneConfig, seeds: Sequence[int], tasks: Sequence[str] | None = None,
-                  workers: int = 1, progress: bool = True) -> int:
-    """Make sure the expert of every task exists for ``recipe`` at each fine-tuning seed (cached).
+                  workers: int = 1, progress: bool = True, multitask: FinetuneConfig | None = None) -> int:
+    """Make sure the expert of every task exists for ``recipe`` at each fine-tuning seed (cached), and
+    the multi-task model of ``multitask`` (its recipe; ``None``: none) on the same tasks.
 
     With ``workers > 1`` the runs train side by side in that many single-threaded processes
-    (:func:`mergelab.training.sweep.sweep`), each the run :meth:`bench.expert` would train (same key,
-    same bits where the size trains on fixed threads, as the tiny one does); that needs a size that trains
-    every task with ``recipe`` itself and imports no experts. With ``workers == 1`` they train here, one
-    after another, each with the size's recipe for its task (:meth:`bench.expert_recipe`); imported experts
-    are taken as they are. Returns the number of runs trained by this call (0: all cached or imported).
+    (:class:`mergelab.executors.LocalExecutor`), each the very run :meth:`bench.expert` or
+    :meth:`bench.multitask` trains here (same key, same bits where the size trains on fixed threads, as
+    the tiny one does). The multi-task model, the longest run, starts first, so that no core waits for it
+    at the end. That needs a size that trains every task with ``recipe`` itself and imports no experts.
+    With ``workers == 1`` they train here, one after another, each expert with the size's recipe for its
+    task (:meth:`bench.expert_recipe`); imported experts are taken as they are. Returns the number of
+    runs trained by this call (0: all cached or imported).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r} is not valid; use a positive integer (1 trains in this process).")
@@ -72,26 +91,36 @@ def train_experts(bench: Any, recipe: FinetuneConfig, seeds: Sequence[int], task
     tasks = list(tasks or bench.tasks)
     recipes = [replace(recipe, seed=int(s)) for s in dict.fromkeys(seeds)]
     imported = [t for t in tasks if bench._imported_log(t) is not None]
-
-    def missing() -> list[tuple[str, FinetuneConfig]]:
-        return [(t, r) for r in recipes for t in tasks if t not in imported
-                and not bench.run_artifact("expert", [t], bench.expert_recipe(t, r)).exists()]
-
+    joint = tuple(sorted(tasks))
+    jobs: list[tuple[str, tuple[str, ...], FinetuneConfig]] = []
+    if multitask is not None and not bench.run_artifact("multitask", joint, multitask).exists():
+        jobs.append(("multitask", joint, multitask))
+    jobs += [("expert", (t,), r) for r in recipes for t in tasks if t not in imported
+             and not bench.run_artifact("expert", [t], bench.expert_recipe(t, r)).exists()]
     if workers == 1:
-        todo = missing()
-        for task, r in todo:
-            bench.expert(task, r)
-        return len(todo)
+        for job in jobs:
+            _train_job(bench, job)
+        return len(jobs)
     converted = sorted({t for r in recipes for t in tasks if bench.expert_recipe(t, r) != r})
     if imported or converted:
         raise ValueError(f"workers={workers} trains every expert with the recipe as given, but this benchmark "
                          + (f"imports the experts of {', '.join(imported)}" if imported else
                             f"trains {', '.join(converted)} with a recipe of its own (expert_recipe)")
                          + "; use workers: 1, which trains each expert as the benchmark says.")
-    from ..training.sweep import sweep
+    if not jobs:
+        return 0
+    from ..executors import LocalExecutor, benchmark_context
 
-    table = sweep(bench, recipes, tasks, workers=workers, probe_size=0, progress=progress)
-    return int(table.attrs.get("runs_trained", 0))
+    bench.pretrained_state()  # the shared caches, built once before any worker starts
+    for t in tasks:
+        bench.head_digest(t)
+        bench.split(t, "train")
+    with LocalExecutor(workers, threads=1) as executor:
+        outcome = executor.map(_train_job, jobs, benchmark_context(bench, executor.device),
+                               describe=_describe_train_job, progress=progress,
+                               desc=f"fine-tuning {len(jobs)} runs, {workers} at a time")
+    outcome.raise_failures("fine-tuning runs")
+    return len(jobs)
 
 
 SEED_STUDY_METHODS = ("weight_averaging", "task_arithmetic")

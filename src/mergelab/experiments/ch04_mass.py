@@ -80,53 +80,75 @@ def evaluate_mass(router: MassRouter, bench: Any, split: str = "test", batch_siz
          "n": {task: inputs}, "examples": [...the first ``examples`` inputs' residuals...],
          "second_pass_models_built": cache misses during the run}
     """
-    tasks = list(router.tasks)
-    T = len(tasks)
-    pos = {t: i for i, t in enumerate(tasks)}
-    correct = dict.fromkeys(tasks, 0)
-    oracle = dict.fromkeys(tasks, 0)
-    n = dict.fromkeys(tasks, 0)
-    contains = dict.fromkeys(tasks, 0)
-    argmax_hits = head_hits = 0
-    sizes: dict[int, int] = {}
-    selected = np.zeros((T, T))
-    argmax = np.zeros((T, T))
-    shown: list[dict[str, Any]] = []
-    misses = router.misses
-    batches = mixed_batches(bench, split, tasks, batch_size, seed, max_per_task)
-    for images, labels, truth in tqdm(batches, desc=f"MASS on {split}", disable=not progress):
-        out = router.predict(images, true_tasks=truth)
+    return evaluate_routers([router], bench, split, batch_size, seed, max_per_task, progress, examples)[0]
+
+
+def evaluate_routers(routers: Sequence[MassRouter], bench: Any, split: str = "test", batch_size: int = 256,
+                     seed: int = 0, max_per_task: int | None = None, progress: bool = False,
+                     examples: int = 0) -> list[dict[str, Any]]:
+    """:func:`evaluate_mass` of each of ``routers`` (routers of one task set, e.g. :meth:`MassRouter.with_options`
+    of one), on the same mixed batches read once: on each batch they share one memo (``predict(memo=)``), so
+    a first pass's routing features and an image's features under a selected set are computed once for
+    all routers that need them."""
+    tallies = [_Tally(list(r.tasks), examples) for r in routers]
+    misses = [r.misses for r in routers]
+    for images, labels, truth in tqdm(mixed_batches(bench, split, list(routers[0].tasks), batch_size, seed,
+                                                    max_per_task), desc=f"MASS on {split}", disable=not progress):
+        memo: dict | None = {} if len(routers) > 1 else None
+        for router, tally in zip(routers, tallies):
+            tally.add(router.predict(images, true_tasks=truth, memo=memo), labels, truth)
+    return [tally.result(router.misses - m) for tally, router, m in zip(tallies, routers, misses)]
+
+
+class _Tally:
+    """What :func:`evaluate_mass` counts over the batches of one router."""
+
+    def __init__(self, tasks: list[str], examples: int) -> None:
+        self.tasks, self.examples = tasks, examples
+        self.pos = {t: i for i, t in enumerate(tasks)}
+        self.correct, self.oracle, self.n, self.contains = ({t: 0 for t in tasks} for _ in range(4))
+        self.argmax_hits = self.head_hits = 0
+        self.sizes: dict[int, int] = {}
+        self.selected = np.zeros((len(tasks), len(tasks)))
+        self.argmax = np.zeros((len(tasks), len(tasks)))
+        self.shown: list[dict[str, Any]] = []
+
+    def add(self, out: Any, labels: torch.Tensor, truth: Sequence[str]) -> None:
         r = out.routing
         for i, t in enumerate(truth):
-            n[t] += 1
+            self.n[t] += 1
             sel = r.selected[i]
-            correct[t] += int(out.head_task[i] == t and int(out.label[i]) == int(labels[i]))
-            oracle[t] += int(int(out.oracle_label[i]) == int(labels[i]))  # type: ignore[index]
-            contains[t] += int(t in sel)
-            argmax_hits += int(r.argmax[i] == t)
-            head_hits += int(out.head_task[i] == t)
-            sizes[len(sel)] = sizes.get(len(sel), 0) + 1
+            right = out.head_task[i] == t and int(out.label[i]) == int(labels[i])
+            self.correct[t] += int(right)
+            self.oracle[t] += int(int(out.oracle_label[i]) == int(labels[i]))
+            self.contains[t] += int(t in sel)
+            self.argmax_hits += int(r.argmax[i] == t)
+            self.head_hits += int(out.head_task[i] == t)
+            self.sizes[len(sel)] = self.sizes.get(len(sel), 0) + 1
             for u in sel:
-                selected[pos[t], pos[u]] += 1
-            argmax[pos[t], pos[r.argmax[i]]] += 1
-            if len(shown) < examples:
-                shown.append({"task": t, "residuals": dict(zip(tasks, r.residuals[i].tolist())),
-                              "weights": dict(zip(tasks, r.weights[i].tolist())), "selected": list(sel),
-                              "head": out.head_task[i], "correct": bool(out.head_task[i] == t
-                                                                        and int(out.label[i]) == int(labels[i]))})
-    total = sum(n.values())
-    rows = np.array([max(n[t], 1) for t in tasks])[:, None]
-    return {
-        "per_task_accuracy": {t: correct[t] / n[t] for t in tasks},
-        "oracle_head_accuracy": {t: oracle[t] / n[t] for t in tasks},
-        "routing": {"contains_true": sum(contains.values()) / total, "argmax_true": argmax_hits / total,
-                    "head_is_true": head_hits / total,
-                    "mean_selected": sum(k * v for k, v in sizes.items()) / total,
-                    "per_task_contains_true": {t: contains[t] / n[t] for t in tasks},
-                    "selected_size_share": {str(k): v / total for k, v in sorted(sizes.items())}},
-        "confusion": {"tasks": tasks, "selected": (selected / rows).tolist(), "argmax": (argmax / rows).tolist()},
-        "n": n, "examples": shown, "second_pass_models_built": router.misses - misses,
-    }
+                self.selected[self.pos[t], self.pos[u]] += 1
+            self.argmax[self.pos[t], self.pos[r.argmax[i]]] += 1
+            if len(self.shown) < self.examples:
+                self.shown.append({"task": t, "residuals": dict(zip(self.tasks, r.residuals[i].tolist())),
+                                   "weights": dict(zip(self.tasks, r.weights[i].tolist())), "selected": list(sel),
+                                   "head": out.head_task[i], "correct": bool(right)})
+
+    def result(self, built: int) -> dict[str, Any]:
+        tasks, n = self.tasks, self.n
+        total = sum(n.values())
+        rows = np.array([max(n[t], 1) for t in tasks])[:, None]
+        return {
+            "per_task_accuracy": {t: self.correct[t] / n[t] for t in tasks},
+            "oracle_head_accuracy": {t: self.oracle[t] / n[t] for t in tasks},
+            "routing": {"contains_true": sum(self.contains.values()) / total, "argmax_true": self.argmax_hits / total,
+                        "head_is_true": self.head_hits / total,
+                        "mean_selected": sum(k * v for k, v in self.sizes.items()) / total,
+                        "per_task_contains_true": {t: self.contains[t] / n[t] for t in tasks},
+                        "selected_size_share": {str(k): v / total for k, v in sorted(self.sizes.items())}},
+            "confusion": {"tasks": tasks, "selected": (self.selected / rows).tolist(),
+                          "argmax": (self.argmax / rows).tolist()},
+            "n": n, "examples": self.shown, "second_pass_models_built": built,
+        }
 
 
 RoutingScore = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -198,14 +220,14 @@ def ablation(router: MassRouter, bench: Any, configs: Sequence[Mapping[str, Any]
              split: str = "val", batch_size: int = 256, seed: int = 0, max_per_task: int | None = None,
              progress: bool = False) -> pd.DataFrame:
     """MASS with each routing configuration of ``configs`` (options of :meth:`MassRouter.with_options`,
-    plus a ``"study"`` name), all sharing one second-pass cache. One row per config: its options,
+    plus a ``"study"`` name), all sharing one second-pass cache and, batch by batch, one memo of features
+    (:func:`evaluate_routers`). One row per config: its options,
     ``block``, ``absolute_accuracy``, ``normalized_accuracy`` (against ``expert_accuracy`` on the same
     split), ``oracle_head_normalized``, ``contains_true``, ``argmax_true``, ``mean_selected``."""
+    routers = [router.with_options(**{k: v for k, v in cfg.items() if k != "study"}) for cfg in configs]
+    results = evaluate_routers(routers, bench, split, batch_size, seed, max_per_task, progress)
     rows = []
-    for cfg in tqdm(list(configs), desc="MASS ablations", disable=not progress):
-        options = {k: v for k, v in cfg.items() if k != "study"}
-        r = router.with_options(**options)
-        res = evaluate_mass(r, bench, split, batch_size, seed, max_per_task)
+    for cfg, r, res in zip(configs, routers, results):
         acc = res["per_task_accuracy"]
         rows.append({"study": cfg.get("study", ""), "first_pass": r.first_pass, "routing_matrix": r.routing_matrix,
                      "block": r.block, "threshold": r.threshold, "top_k": r.top_k,

@@ -417,14 +417,24 @@ class MassRouter:
         return self.route_features(self.features(images))
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, true_tasks: Sequence[str] | None = None) -> MassPrediction:
+    def predict(self, images: torch.Tensor, true_tasks: Sequence[str] | None = None,
+                memo: dict | None = None) -> MassPrediction:
         """Route ``images`` ``(N, 3, H, W)``, run each through its selected set's second-pass model and
         predict with the selected head of largest maximum logit. With ``true_tasks`` (one per image),
-        also the prediction of the true task's head on the same features (the oracle-head ablation)."""
+        also the prediction of the true task's head on the same features (the oracle-head ablation).
+        ``memo``: a dict kept by the caller for this batch and passed to every router of an ablation
+        (:meth:`with_options`) on it: the routing features of each first pass and routing point, and each
+        image's features under each selected set, are then computed once for all of them."""
         if true_tasks is not None and len(true_tasks) != len(images):
             raise ValueError(f"true_tasks has {len(true_tasks)} entries for {len(images)} images; give one per image.")
         images = images.to(self.device)
-        routing = self.route(images)
+        if memo is None:
+            routing = self.route(images)
+        else:
+            point = ("first pass", self.first_pass, self.block, self.routing_matrix)
+            if point not in memo:
+                memo[point] = self.features(images)
+            routing = self.route_features(memo[point])
         n = len(images)
         label = torch.zeros(n, dtype=torch.long)
         oracle = torch.zeros(n, dtype=torch.long) if true_tasks is not None else None
@@ -433,8 +443,11 @@ class MassRouter:
         for i, (key, sel) in enumerate(zip(routing.keys, routing.selected)):
             groups.setdefault(key, []).append(i)
         for key, rows in groups.items():
-            idx = torch.tensor(rows, device=self.device)
-            feats = self.model_for(key)(images[idx]).float()
+            store = {} if memo is None else memo.setdefault(("second pass", key), {})
+            todo = [r for r in rows if r not in store]
+            if todo:
+                store.update(zip(todo, self.model_for(key)(images[torch.tensor(todo, device=self.device)]).float()))
+            feats = torch.stack([store[r] for r in rows])
             chosen, labels = choose_head({t: self.heads[t](feats) for t in key})
             label[rows] = labels.cpu()
             for r, t in zip(rows, chosen):

@@ -57,7 +57,8 @@ def build_report(
     Every location defaults to the project's (:mod:`mergelab.paths`); tests pass their own.
     ``executor`` (``"local"`` or ``"ray"``) overrides the ``executor`` parameter of every chapter
     that has one (where its sweeps run; ``None``: each parameter file's value). ``jobs``: chapters
-    executed at a time after the first (:mod:`mergelab.report.lanes`; ``"auto"``: one per core, at most 4).
+    executed at a time, the first included, with the chapters that need nothing from it beside it
+    (:mod:`mergelab.report.lanes`; ``"auto"``: one per core, at most 4).
     """
     reports = (Path(reports) if reports is not None else paths.reports_dir()).resolve()
     reports.mkdir(parents=True, exist_ok=True)
@@ -136,8 +137,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="where the chapters' sweeps run, for every chapter that sweeps: local (this machine) or "
                              "ray (a Ray cluster; docs/distributed.md); default: each parameter file's `executor`")
     parser.add_argument("--jobs", type=_jobs, default="auto",
-                        help="chapters executed at a time after the first, which runs alone: a number or auto "
-                             "(one per core, at most 4; default)")
+                        help="chapters executed at a time: a number or auto (one per core, at most 4; default); "
+                             "chapter 00 first, beside it those that need nothing from it")
     return parser.parse_args(argv)
 
 

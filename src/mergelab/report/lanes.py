@@ -1,15 +1,19 @@
-"""Chapters side by side: after the first chapter, a report's notebooks run ``jobs`` at a time.
+"""Chapters side by side: a report's notebooks run ``jobs`` at a time.
 
-Chapter 00 builds what the others read (the data, the pretrained encoder, the experts), so it runs
-first, alone; the chapters after it do not read one another, and each trains or evaluates small models
-whose single run gains little from a second thread (the design record, docs/tiny-benchmark.md, has the
-step times). They run in ``jobs`` processes (``python -m mergelab.report.lanes``), each with
-``cores // jobs`` torch threads (the kernel inherits ``OMP_NUM_THREADS``; cores as this process's CPU
-affinity allows), each writing its own executed notebook, stamp and timing record; a lane's output goes
-to ``<reports>/.<notebook>.lane.log``, shown when it fails. The chapters after 00 train runs of their
-own (other recipes, other keys); what two of them share is built through :class:`mergelab.cache.Artifact`,
-under a file lock, so once. A chapter's own ``workers`` are not scaled down: chapters 01 and 02 at
-``workers: 2`` side by side briefly run four training processes on two cores.
+Chapter 00 builds what most others read (the data, the pretrained encoder, the experts), so it runs
+first, here, in the report's own process, with its progress on the console. It holds one of the ``jobs``
+lanes; the chapters whose notebook says they need none of it (``metadata.mergelab.waits_for_first_chapter:
+false``: chapters 01, 02 and 06, which train runs of their own from the pretrained encoder or from scratch)
+start beside it in the other lanes, and the rest once it is done, the longest first by the last measured
+times. The chapters after 00 do not read one another, and each trains or evaluates small models whose
+single run gains little from a second thread (the design record, docs/tiny-benchmark.md, has the step
+times). They run in processes (``python -m mergelab.report.lanes``), each with ``cores // jobs`` torch
+threads (the kernel inherits ``OMP_NUM_THREADS``; cores as this process's CPU affinity allows), each
+writing its own executed notebook, stamp and timing record; a lane's output goes to
+``<reports>/.<notebook>.lane.log``, shown when it fails. What two chapters share (the generated data, the
+pretrained encoder, the heads, an expert) is built through :func:`mergelab.cache.build_lock`, under a file
+lock, so once. A chapter's own ``workers`` are not scaled down: chapters with ``workers: 2`` side by side
+briefly run four training processes on two cores.
 The trained models do not depend on ``jobs``: the tiny size trains every run on one thread whatever the
 process's setting (:attr:`mergelab.benchmarks.tiny.TinyBenchmark.train_threads`), and its evaluations gave
 bit-identical logits at one and two threads; computations that reduce across threads (Hessian-vector
@@ -22,14 +26,14 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from mergelab.params import ReportError
 
-from mergelab.utils import read_json
+from mergelab.utils import environment, read_json
 
 from .timings import TIMINGS_DIR, usable_cores
 
@@ -55,15 +59,26 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
+BESIDE_FIRST_NICE = 19
+"""Niceness of a lane started while the first chapter runs: it takes the CPU time the first chapter leaves
+(its single-threaded stretches), not the time it needs, since the chapters waiting for it are the book's
+critical path. Such a lane keeps it to its end; alone on the machine it runs at full speed."""
+
+
+def lane_thread_environment(threads: int) -> dict[str, str]:
+    """The variables that give a chapter's kernel ``threads`` torch (OpenMP, MKL) threads."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def _run_lane(notebook: Path, parameters: dict[str, Any], profile: str, reports: Path, digest: str,
-              threads: int) -> dict[str, Any]:
+              threads: int, nice: int = 0, environ: dict[str, str] | None = None) -> dict[str, Any]:
     _say(f"executing: {notebook.stem} (profile {profile}, in a lane)")
     reports = Path(reports)
     spec = reports / f".{notebook.stem}.lane.json"
     log = reports / f".{notebook.stem}.lane.log"
     spec.write_text(json.dumps({"notebook": str(notebook), "parameters": parameters, "profile": profile,
-                                "reports": str(reports), "digest": digest}, default=str))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+                                "reports": str(reports), "digest": digest, "nice": nice}, default=str))
+    env = {**(os.environ if environ is None else environ), **lane_thread_environment(threads)}
     with open(log, "w") as out:
         done = subprocess.run([sys.executable, "-m", "mergelab.report.lanes", str(spec)], env=env, stdout=out,
                               stderr=subprocess.STDOUT)
@@ -78,28 +93,106 @@ def _run_lane(notebook: Path, parameters: dict[str, Any], profile: str, reports:
     return timing
 
 
+WAITS_KEY = "waits_for_first_chapter"
+"""Notebook metadata (``metadata.mergelab.waits_for_first_chapter``): ``false`` for a chapter that reads
+nothing the first chapter builds (it trains its own models, or only needs the pretrained encoder, which the
+cache builds once under a lock whoever asks first), so it may start beside it. Absent: it waits."""
+
+
+def waits_for_first(notebook: Path) -> bool:
+    """Whether ``notebook`` must wait for the first chapter (see :data:`WAITS_KEY`)."""
+    meta = json.loads(Path(notebook).read_text(encoding="utf-8")).get("metadata", {}).get("mergelab", {})
+    value = meta.get(WAITS_KEY, True)
+    if not isinstance(value, bool):
+        raise ReportError(f"{notebook}: metadata.mergelab.{WAITS_KEY}={value!r} is not valid; use true or false.")
+    return value
+
+
+def expected_seconds(reports: Path, profile: str) -> dict[str, float]:
+    """Each chapter's wall time in the last measured run, to start the longest first: the committed record
+    of a cold run (``<reports>/timings-<profile>.json``) where there is one, else this folder's last records."""
+    from .timings import collect, read_record
+
+    committed = read_record(Path(reports) / f"timings-{profile}.json") or {}
+    records = committed.get("chapters") or collect(reports, profile)
+    return {r["notebook"]: float(r["wall_s"]) for r in records if r.get("wall_s") is not None}
+
+
 def run_in_lanes(plan: Sequence[tuple[Path, dict[str, Any], str]], profile: str, reports: Path,
-                 jobs: int) -> dict[str, dict[str, Any]]:
-    """Execute ``plan`` (``(notebook, parameters, digest)`` each) in ``jobs`` processes; return each
-    notebook's timing record. A failure stops nothing already running; at the end one error names every
-    failed chapter and shows the first one's output (each keeps its log)."""
+                 jobs: int, first: Callable[[], Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Execute ``plan`` (``(notebook, parameters, digest)`` each) in ``jobs`` lanes; return each notebook's
+    timing record.
+
+    ``first`` (the first chapter, run here, in this process, with its progress on the console, at the
+    lanes' thread count) holds one lane: while it runs, the chapters that do not wait for it
+    (:func:`waits_for_first`) start in the other ``jobs - 1`` lanes, at niceness
+    :data:`BESIDE_FIRST_NICE`: they live on the CPU time the first chapter leaves, and keep their low
+    priority to their end. Once it is done the others start. Among the chapters free to start, the longest
+    (:func:`expected_seconds`; unmeasured ones first, in plan order) goes first, so that no lane is left
+    alone at the end with a long chapter. A failure stops nothing already running; at the end one error
+    names every failed chapter and shows the first one's output (each keeps its log). If ``first`` fails,
+    the chapters waiting for it do not run, and its error is raised once the running lanes are done.
+    """
     threads = lane_threads(jobs)
-    _say(f"running {len(plan)} chapters {jobs} at a time ({threads} torch thread(s) each)")
+    _say(f"running {len(plan)} chapters {jobs} at a time ({threads} torch thread(s) each)"
+         + (", those that need nothing from the first beside it" if first is not None else ""))
+    environ = dict(os.environ)  # read once, here: the first chapter sets its kernel's variables meanwhile
+    expected = expected_seconds(reports, profile)
+    pending = sorted(plan, key=lambda item: -expected.get(item[0].stem, float("inf")))
+    waits = {item[0]: waits_for_first(item[0]) for item in plan}
+    state = {"first_running": first is not None, "first_failed": False}
+    cond = threading.Condition()
     timings: dict[str, dict[str, Any]] = {}
     errors: list[ReportError] = []
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {}
-        for notebook, parameters, digest in plan:
-            futures[pool.submit(_run_lane, notebook, parameters, profile, reports, digest, threads)] = notebook
-        for future in as_completed(futures):
-            notebook = futures[future]
+
+    def take() -> tuple[tuple[Path, dict[str, Any], str], int] | None:
+        """The next chapter free to start, and the niceness to start it with."""
+        with cond:
+            while True:
+                if state["first_failed"]:
+                    pending[:] = [item for item in pending if not waits[item[0]]]
+                free = [item for item in pending if not (state["first_running"] and waits[item[0]])]
+                if free:
+                    pending.remove(free[0])
+                    return free[0], BESIDE_FIRST_NICE if state["first_running"] else 0
+                if not pending:
+                    return None
+                cond.wait()
+
+    def lane() -> None:
+        while (taken := take()) is not None:
+            (notebook, parameters, digest), nice = taken
             try:
-                timing = future.result()
+                timing = _run_lane(notebook, parameters, profile, reports, digest, threads, nice, environ)
             except ReportError as err:
-                errors.append(err)
+                with cond:
+                    errors.append(err)
                 continue
-            timings[notebook.stem] = timing
+            with cond:
+                timings[notebook.stem] = timing
             _say(f"executed: {notebook.stem} in {timing['wall_s']:.1f} s (in a lane, {timing['cache']} data cache)")
+
+    others = [threading.Thread(target=lane, daemon=True) for _ in range(jobs - 1 if first is not None else jobs)]
+    for thread in others:
+        thread.start()
+    first_error: ReportError | None = None
+    if first is not None:
+        succeeded = False
+        try:
+            with environment(lane_thread_environment(threads)):  # no chapter oversubscribes the cores
+                first()
+            succeeded = True
+        except ReportError as err:
+            first_error = err
+        finally:  # interrupted or failed: the chapters waiting for it never start
+            with cond:
+                state["first_running"], state["first_failed"] = False, not succeeded
+                cond.notify_all()
+        lane()  # this thread becomes the last lane
+    for thread in others:
+        thread.join()
+    if first_error is not None:
+        raise first_error
     if len(errors) == 1:
         raise errors[0]
     if errors:  # every failing chapter named, the first one's output shown
@@ -114,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     spec = json.loads(Path(args[0]).read_text())
+    if spec.get("nice"):
+        os.nice(int(spec["nice"]))  # the kernel it starts gets it too (runner.keep_niceness)
     execute_and_record(Path(spec["notebook"]), spec["parameters"], spec["profile"], Path(spec["reports"]),
                        spec["digest"])
     return 0

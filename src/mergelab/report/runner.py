@@ -277,6 +277,23 @@ def _stop_kernels() -> None:
                 cleanup()
 
 
+def keep_niceness(pid: int) -> bool:
+    """Give the process ``pid`` (a kernel this process launched) this process's niceness where Linux
+    would drop it. A kernel starts a session of its own, and with autogroups (``sched_autogroup_enabled``)
+    a session is scheduled as one group at nice 0 against the others, whatever its processes' niceness:
+    a chapter started at low priority (:data:`mergelab.report.lanes.BESIDE_FIRST_NICE`) would otherwise
+    take half the cores from the chapter it should leave them to. Returns whether a niceness was set."""
+    nice = os.nice(0)
+    autogroup = Path(f"/proc/{pid}/autogroup")
+    if nice <= 0 or not autogroup.exists():
+        return False
+    try:
+        autogroup.write_text(str(nice))
+    except OSError:  # not Linux's autogroups, or not allowed: the process keeps its own niceness
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=1)
 def _ipc_kernel_manager() -> type:
     from jupyter_client.manager import AsyncKernelManager  # nbclient's default kernel manager
@@ -302,7 +319,11 @@ def _ipc_kernel_manager() -> type:
             log = os.environ.get(KERNEL_LOG_ENV)
             if log and "stderr" not in kw:
                 kw["stderr"] = open(log, "ab")  # noqa: SIM115 - the kernel process holds it
-            return await super()._async_launch_kernel(kernel_cmd, **kw)
+            launched = await super()._async_launch_kernel(kernel_cmd, **kw)
+            process = getattr(getattr(self, "provisioner", None), "process", None)
+            if process is not None:
+                keep_niceness(process.pid)
+            return launched
 
         @default("transport")
         def _transport_default(self) -> str:
@@ -391,7 +412,8 @@ def run_notebooks(
     jobs: int | str | None = 1,
 ) -> dict[str, str]:
     """Execute each notebook whose content hash changed (all of them with ``force``); with ``jobs`` above
-    1 (or ``"auto"``), the first one alone and the others that many at a time (:mod:`mergelab.report.lanes`).
+    1 (or ``"auto"``), that many at a time: the first one here, those that need nothing from it beside it,
+    the others once it is done (:mod:`mergelab.report.lanes`).
 
     Every parameter file is read before anything runs, so a missing one fails fast. ``executor``
     (``"local"`` or ``"ray"``) replaces the ``executor`` parameter of the notebooks that have one; it
@@ -423,15 +445,19 @@ def run_notebooks(
     from .lanes import resolve_jobs, run_in_lanes
 
     lanes = resolve_jobs(jobs, max(1, len(todo)))  # checked even when nothing runs
-    alone = todo if lanes == 1 else todo[:1]  # the first chapter builds what the others read
-    for notebook, parameters, digest in alone:
+
+    def here(notebook: Path, parameters: dict[str, Any], digest: str) -> None:
         print(f"executing: {notebook.stem} (profile {profile})")
         timing = execute_and_record(notebook, parameters, profile, reports, digest)
         print(f"executed: {notebook.stem} in {timing['wall_s']:.1f} s ({timing['cache']} data cache, load "
               f"{timing['load_average_start'][0] if timing['load_average_start'] else '?'})")
         statuses[notebook.stem] = EXECUTED
-    if lanes > 1:
-        run_in_lanes(todo[1:], profile, reports, lanes)
+
+    if lanes == 1:
+        for item in todo:
+            here(*item)
+    elif todo:  # the first chapter here, building what the others read; beside it those that need none of it
+        run_in_lanes(todo[1:], profile, reports, lanes, first=lambda: here(*todo[0]))
         statuses.update({notebook.stem: EXECUTED for notebook, _, _ in todo[1:]})
     return statuses
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ... import paths
+from ...cache import build_lock
 from ...utils import atomic_save_npz, config_hash
 
 IMAGE_SIZE = 32
@@ -571,12 +572,14 @@ def load_task(task: str, split: str, cfg: TinyDataConfig | None = None) -> tuple
     cfg = cfg or TinyDataConfig()
     check_task(task)
     path = _cache_path(f"{task}-{split}", cfg)
-    if path.is_file():
-        with np.load(path) as f:
-            return f["X"], f["y"]
-    X, y = generate_task(task, split, cfg)
-    atomic_save_npz(path, X=X, y=y)
-    return X, y
+    if not path.is_file():
+        with build_lock(path):  # chapters side by side generate it once
+            if not path.is_file():
+                X, y = generate_task(task, split, cfg)
+                atomic_save_npz(path, X=X, y=y)
+                return X, y
+    with np.load(path) as f:
+        return f["X"], f["y"]
 
 
 def load_pretext(cfg: TinyDataConfig | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -585,10 +588,12 @@ def load_pretext(cfg: TinyDataConfig | None = None) -> tuple[np.ndarray, dict[st
     None of the targets is a label of the eight tasks."""
     cfg = cfg or TinyDataConfig()
     path = _cache_path("pretext", cfg)
-    if path.is_file():
-        with np.load(path) as f:
-            return f["X"], {k: f[k] for k in ("kind", "texture", "regression", "strokes")}
-    rng = np.random.default_rng([cfg.seed, 999])
-    X, targets = _draw_pretext(rng, cfg.n_pretext, cfg.noise)
-    atomic_save_npz(path, X=X, **targets)
-    return X, targets
+    if not path.is_file():
+        with build_lock(path):
+            if not path.is_file():
+                rng = np.random.default_rng([cfg.seed, 999])
+                X, targets = _draw_pretext(rng, cfg.n_pretext, cfg.noise)
+                atomic_save_npz(path, X=X, **targets)
+                return X, targets
+    with np.load(path) as f:
+        return f["X"], {k: f[k] for k in ("kind", "texture", "regression", "strokes")}
