@@ -726,7 +726,7 @@ def test_lanes_read_which_chapters_wait_and_start_the_longest_first(tmp_path: Pa
 def test_bad_jobs_are_named() -> None:
     from mergelab.report.lanes import resolve_jobs
 
-    assert resolve_jobs(1, 7) == 1 and resolve_jobs(8, 3) == 2 and resolve_jobs(3, 1) == 1
+    assert resolve_jobs(1, 7) == 1 and resolve_jobs(8, 3) == 3 and resolve_jobs(3, 1) == 1
     assert 1 <= resolve_jobs("auto", 7) <= 4
     for bad in (0, -1, "two", 1.5):
         with pytest.raises(report.ReportError, match="jobs="):

@@ -40,12 +40,12 @@ from .timings import TIMINGS_DIR, usable_cores
 
 def resolve_jobs(jobs: int | str | None, notebooks: int) -> int:
     """The number of lanes: ``"auto"`` (or ``None``) one per core, at most 4; never more than the
-    chapters after the first (``notebooks - 1``), never below 1."""
+    chapters to run (the first holds a lane too), never below 1."""
     if jobs in (None, "auto"):
         jobs = min(usable_cores(), 4)
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise ReportError(f"jobs={jobs!r} is not valid; use a positive integer or 'auto'.")
-    return max(1, min(jobs, notebooks - 1))
+    return max(1, min(jobs, notebooks))
 
 
 def lane_threads(jobs: int) -> int:
