@@ -106,10 +106,10 @@ class BenchmarkBase:
     tasks: tuple[str, ...]
     progress: bool
     default_recipe: FinetuneConfig = FinetuneConfig()
+    """The recipe of :meth:`expert` and :meth:`multitask` when none is given."""
     train_threads: int | None = None
     """Torch threads every fine-tuning run of this size trains with, whatever the process's setting
     (part of every run key when set); ``None``: as the process is set (the clip size, on a GPU)."""
-    """The recipe of :meth:`expert` and :meth:`multitask` when none is given."""
 
     # ------------------------------------------------------------------ what a size provides
     key: str

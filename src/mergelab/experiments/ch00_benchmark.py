@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..analysis.statistics import both, sample_sd, seed_status
 from ..analysis.diagnostics import (cross_task_matrix, gain_fraction, linear_probe, off_diagonal, own_task_curve,
                                     relative_norms, zero_shot_calibration)
+from ..executors import LocalExecutor, benchmark_context
 from ..evaluation import expert_accuracy, merge_baselines, merge_row, summarize
 from ..task_vectors import TaskVector, task_vectors_from
 from ..training import FinetuneConfig
@@ -109,8 +110,6 @@ def train_experts(bench: Any, recipe: FinetuneConfig, seeds: Sequence[int], task
                          + "; use workers: 1, which trains each expert as the benchmark says.")
     if not jobs:
         return 0
-    from ..executors import LocalExecutor, benchmark_context
-
     bench.pretrained_state()  # the shared caches, built once before any worker starts
     for t in tasks:
         bench.head_digest(t)

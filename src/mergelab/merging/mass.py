@@ -428,13 +428,11 @@ class MassRouter:
         if true_tasks is not None and len(true_tasks) != len(images):
             raise ValueError(f"true_tasks has {len(true_tasks)} entries for {len(images)} images; give one per image.")
         images = images.to(self.device)
-        if memo is None:
-            routing = self.route(images)
-        else:
-            point = ("first pass", self.first_pass, self.block, self.routing_matrix)
-            if point not in memo:
-                memo[point] = self.features(images)
-            routing = self.route_features(memo[point])
+        memo = {} if memo is None else memo
+        point = ("first pass", self.first_pass, self.block, self.routing_matrix)
+        if point not in memo:
+            memo[point] = self.features(images)
+        routing = self.route_features(memo[point])
         n = len(images)
         label = torch.zeros(n, dtype=torch.long)
         oracle = torch.zeros(n, dtype=torch.long) if true_tasks is not None else None
@@ -443,11 +441,12 @@ class MassRouter:
         for i, (key, sel) in enumerate(zip(routing.keys, routing.selected)):
             groups.setdefault(key, []).append(i)
         for key, rows in groups.items():
-            store = {} if memo is None else memo.setdefault(("second pass", key), {})
+            store = memo.setdefault(("second pass", key), {})
             todo = [r for r in rows if r not in store]
             if todo:
-                store.update(zip(todo, self.model_for(key)(images[torch.tensor(todo, device=self.device)]).float()))
-            feats = torch.stack([store[r] for r in rows])
+                fresh = self.model_for(key)(images[torch.tensor(todo, device=self.device)]).float()
+                store.update(zip(todo, fresh))
+            feats = fresh if len(todo) == len(rows) else torch.stack([store[r] for r in rows])  # nothing memoized: as run
             chosen, labels = choose_head({t: self.heads[t](feats) for t in key})
             label[rows] = labels.cpu()
             for r, t in zip(rows, chosen):

@@ -35,7 +35,7 @@ from mergelab.params import ReportError
 
 from mergelab.utils import environment, read_json
 
-from .timings import TIMINGS_DIR, usable_cores
+from .timings import TIMINGS_DIR, collect, read_record, usable_cores
 
 
 def resolve_jobs(jobs: int | str | None, notebooks: int) -> int:
@@ -111,8 +111,6 @@ def waits_for_first(notebook: Path) -> bool:
 def expected_seconds(reports: Path, profile: str) -> dict[str, float]:
     """Each chapter's wall time in the last measured run, to start the longest first: the committed record
     of a cold run (``<reports>/timings-<profile>.json``) where there is one, else this folder's last records."""
-    from .timings import collect, read_record
-
     committed = read_record(Path(reports) / f"timings-{profile}.json") or {}
     records = committed.get("chapters") or collect(reports, profile)
     return {r["notebook"]: float(r["wall_s"]) for r in records if r.get("wall_s") is not None}

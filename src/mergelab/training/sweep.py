@@ -214,8 +214,8 @@ def execute_run(bench: Any, run: Run, probe_size: int = 8) -> dict[str, Any]:
                                     metadata={"kind": "expert", "tasks": run.task})  # the sidecar comes at the end
             times[step] = time.perf_counter() - start
 
-    with torch_threads(getattr(bench, "train_threads", None)):  # fixed threads where the size has them (tiny)
-        history = bench.finetune_encoder(enc, [run.task], cfg, on_step=on_step, desc=f"{run.task}", progress=False)
+    # on the size's training threads (bench.finetune_encoder holds them where the size fixes them: tiny)
+    history = bench.finetune_encoder(enc, [run.task], cfg, on_step=on_step, desc=f"{run.task}", progress=False)
     grad_norms = history.get("grad_norm", [])  # before clipping, every step (when the run clips)
     for s in missing:
         keep = [i for i, st in enumerate(probes["steps"]) if st <= s]

@@ -303,11 +303,13 @@ class TinyBenchmark(BenchmarkBase):
 
         The loop behind :meth:`expert` and :meth:`multitask` (:func:`mergelab.training.finetune`), for
         callers that watch the run: ``on_step(step, model)`` after every optimizer step (sweeps save
-        checkpoints and probe gradients there). Returns ``{"loss": [...], "lr": [...]}`` per step.
+        checkpoints and probe gradients there). Trains on :attr:`train_threads` torch threads, whoever calls.
+        Returns ``{"loss": [...], "lr": [...]}`` per step.
         """
-        return finetune(encoder, {t: self.split(t, "train") for t in tasks}, {t: self.heads[t] for t in tasks},
-                        cfg, device=self.device, desc=desc,
-                        progress=self.progress if progress is None else progress, on_step=on_step)
+        with torch_threads(self.train_threads):
+            return finetune(encoder, {t: self.split(t, "train") for t in tasks}, {t: self.heads[t] for t in tasks},
+                            cfg, device=self.device, desc=desc,
+                            progress=self.progress if progress is None else progress, on_step=on_step)
 
     def head_digest(self, task: str) -> str:
         """Hash of a task's head weights and scale: part of every cache key that depends on the head."""
@@ -321,9 +323,8 @@ class TinyBenchmark(BenchmarkBase):
                    ) -> tuple[StateDict, dict[str, Any]]:
         enc = self.new_encoder(self.pretrained_state())
         start = time.perf_counter()
-        with torch_threads(self.train_threads):
-            history = self.finetune_encoder(enc, tasks, cfg,
-                                            desc=f"{kind} {'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}")
+        history = self.finetune_encoder(enc, tasks, cfg,
+                                        desc=f"{kind} {'+'.join(tasks) if len(tasks) < 3 else f'{len(tasks)} tasks'}")
         state = {k: v.detach().cpu() for k, v in enc.state_dict().items()}
         return state, {"kind": kind, "tasks": list(tasks), "benchmark": "tiny", "benchmark_key": self.key,
                        "finetune": asdict(cfg), "loss": history["loss"], "lr": history["lr"],

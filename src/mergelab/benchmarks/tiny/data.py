@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import colorsys
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -551,6 +552,19 @@ def _cache_path(kind: str, cfg: TinyDataConfig) -> Path:
     return paths.data_dir() / "tiny" / f"{kind}-{key}.npz"
 
 
+def _cached_arrays(path: Path, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays saved in ``path`` (``.npz``), made by ``make`` and saved atomically the first time, under
+    :func:`mergelab.cache.build_lock`, so processes side by side (a report's chapters) generate them once."""
+    if not path.is_file():
+        with build_lock(path):
+            if not path.is_file():
+                arrays = make()
+                atomic_save_npz(path, **arrays)
+                return arrays
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
 def generate_task(task: str, split: str, cfg: TinyDataConfig) -> tuple[np.ndarray, np.ndarray]:
     """Generate one task's split without caching.
 
@@ -571,15 +585,9 @@ def load_task(task: str, split: str, cfg: TinyDataConfig | None = None) -> tuple
     """One task's split, generated once and cached in ``data/tiny`` (see :func:`generate_task`)."""
     cfg = cfg or TinyDataConfig()
     check_task(task)
-    path = _cache_path(f"{task}-{split}", cfg)
-    if not path.is_file():
-        with build_lock(path):  # chapters side by side generate it once
-            if not path.is_file():
-                X, y = generate_task(task, split, cfg)
-                atomic_save_npz(path, X=X, y=y)
-                return X, y
-    with np.load(path) as f:
-        return f["X"], f["y"]
+    arrays = _cached_arrays(_cache_path(f"{task}-{split}", cfg),
+                            lambda: dict(zip(("X", "y"), generate_task(task, split, cfg))))
+    return arrays["X"], arrays["y"]
 
 
 def load_pretext(cfg: TinyDataConfig | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -587,13 +595,9 @@ def load_pretext(cfg: TinyDataConfig | None = None) -> tuple[np.ndarray, dict[st
     :func:`_draw_pretext`: ``kind``, ``texture``, ``regression``, ``strokes``), cached like the tasks.
     None of the targets is a label of the eight tasks."""
     cfg = cfg or TinyDataConfig()
-    path = _cache_path("pretext", cfg)
-    if not path.is_file():
-        with build_lock(path):
-            if not path.is_file():
-                rng = np.random.default_rng([cfg.seed, 999])
-                X, targets = _draw_pretext(rng, cfg.n_pretext, cfg.noise)
-                atomic_save_npz(path, X=X, **targets)
-                return X, targets
-    with np.load(path) as f:
-        return f["X"], {k: f[k] for k in ("kind", "texture", "regression", "strokes")}
+    def draw() -> dict[str, np.ndarray]:
+        X, targets = _draw_pretext(np.random.default_rng([cfg.seed, 999]), cfg.n_pretext, cfg.noise)
+        return {"X": X, **targets}
+
+    arrays = _cached_arrays(_cache_path("pretext", cfg), draw)
+    return arrays["X"], {k: arrays[k] for k in ("kind", "texture", "regression", "strokes")}
