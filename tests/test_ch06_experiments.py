@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from mergelab.executors import RunsFailed
 from mergelab.experiments import ch06_c2m3 as ch
 from mergelab.training.scratch import ScratchConfig, scratch_artifact
 
@@ -130,3 +131,36 @@ def test_repair_from_shared_endpoint_statistics_equals_repair_against_the_permut
         for k, v in model.state_dict().items():
             torch.testing.assert_close(shared[k], v, rtol=1e-5, atol=1e-6, msg=k)
         assert any(not torch.equal(shared[k], merged[k]) for k in merged), "REPAIR changed nothing"
+
+
+def test_merge_jobs_are_cached_by_configuration_and_load_bit_for_bit(data_dir, monkeypatch):
+    """A second merge study loads every job from <data>/merges: nothing is merged again, and the numbers,
+    the per-example correctness, the merged states and the permutations are the computed ones exactly."""
+    trained = ch.train_all(ARCHS, 3, 0, DIGITS)
+    first = ch.merge_study(trained, 3, [2, 3], DIGITS, FW, 0, merge_sets={"resnet": 1})
+    assert len(list((data_dir / "merges").glob("*.safetensors"))) == 4  # mlp and resnet, 2 and 3 models
+
+    def no_merging(*args, **kwargs):
+        raise AssertionError("a cached merge job was merged again")
+
+    monkeypatch.setattr(ch, "merge_methods", no_merging)
+    again = ch.merge_study(trained, 3, [2, 3], DIGITS, FW, 0, merge_sets={"resnet": 1})
+    pd.testing.assert_frame_equal(first.counts, again.counts)
+    pd.testing.assert_frame_equal(first.sets, again.sets)
+    assert first.metrics == again.metrics
+    for arch in ARCHS:
+        a, b = first.outcomes[arch], again.outcomes[arch]
+        assert list(a.states) == list(b.states) == list(ch.METHODS)
+        for m in ch.METHODS:
+            assert list(a.states[m]) == list(b.states[m])
+            assert all(torch.equal(a.states[m][k], b.states[m][k]) for k in a.states[m]), m
+            assert torch.equal(first.correct[arch][m], again.correct[arch][m])
+        for x, y in ((a.frank_wolfe.perms, b.frank_wolfe.perms), (a.merge_many, b.merge_many)):
+            assert [list(p) for p in x] == [list(p) for p in y]
+            assert all(torch.equal(p[g], q[g]) for p, q in zip(x, y) for g in p)
+        assert (a.frank_wolfe.objective, a.frank_wolfe.step_sizes, a.frank_wolfe.iterations, a.frank_wolfe.converged,
+                a.seconds) == (b.frank_wolfe.objective, b.frank_wolfe.step_sizes, b.frank_wolfe.iterations,
+                               b.frank_wolfe.converged, b.seconds)
+    # another Frank-Wolfe setting is another job: merged again
+    with pytest.raises(RunsFailed, match="(?s)4 of 4 merges failed.*merged again"):
+        ch.merge_study(trained, 3, [2, 3], DIGITS, {**FW, "max_iter": 5}, 0, merge_sets={"resnet": 1})

@@ -8,6 +8,7 @@ import torch
 import mergelab
 from mergelab import codeversion
 from mergelab.benchmarks.tiny.benchmark import TinyBenchmark
+from mergelab.experiments.ch06_store import merge_artifact
 from mergelab.training.scratch import ScratchConfig, scratch_artifact
 from mergelab.training.trajectories import _trajectory_key as trajectory_key
 
@@ -41,18 +42,20 @@ def test_a_version_bump_changes_the_cache_keys_of_its_kind(kind, monkeypatch):
     monkeypatch.setattr(bench, "head_digest", lambda task: "h", raising=False)
     cfg = mergelab.FinetuneConfig()
 
-    def keys() -> tuple[str, str, str, str, str]:
+    def keys() -> tuple[str, ...]:
         return (bench.key, bench.run_key("expert", ["colours"], cfg),
                 trajectory_key(bench, "epoch_trajectory", ["colours"], cfg, 2),
                 str(scratch_artifact(ScratchConfig(), {"dataset": "sklearn-digits"}).path),
-                bench._eval_key("colours", "val"))
+                bench._eval_key("colours", "val"),
+                str(merge_artifact(ScratchConfig(), (0, 1), {"max_iter": 3}, True, {"dataset": "sklearn-digits"}).path))
 
     before = keys()
     monkeypatch.setitem(codeversion.CODE_VERSIONS, kind, codeversion.CODE_VERSIONS[kind] + 1)
     after = keys()
-    changed = {name for name, a, b in zip(("pretrain", "finetune", "trajectory", "scratch", "evaluation"), before, after) if a != b}
+    changed = {name for name, a, b in zip(("pretrain", "finetune", "trajectory", "scratch", "evaluation", "merge"), before, after) if a != b}
     # the benchmark key is in the experts', the trajectories' and the evaluations' keys
-    expected = {kind, "finetune", "trajectory", "evaluation"} if kind == "pretrain" else {kind}
+    # and the models' code in the merges' keys
+    expected = {"pretrain": {kind, "finetune", "trajectory", "evaluation"}, "scratch": {kind, "merge"}}.get(kind, {kind})
     assert changed == expected
     with pytest.raises(ValueError, match="kind='weights'"):
         codeversion.key_part("weights")

@@ -26,7 +26,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent
 FINGERPRINTS_FILE = PACKAGE / "code_fingerprints.json"
 
-CODE_VERSIONS: dict[str, int] = {"pretrain": 2, "finetune": 1, "trajectory": 1, "scratch": 1, "evaluation": 1}
+CODE_VERSIONS: dict[str, int] = {"pretrain": 2, "finetune": 1, "trajectory": 1, "scratch": 1, "evaluation": 1, "merge": 1}
 """Version of the code that makes each kind of cached artifact (bump to rebuild its caches)."""
 
 SOURCES: dict[str, tuple[str, ...]] = {
@@ -37,6 +37,9 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "scratch": ("training/scratch.py", "alignment/architectures.py"),  # chapter 06's models from different seeds
     "evaluation": ("benchmarks/base.py", "benchmarks/tiny/benchmark.py", "benchmarks/clip/benchmark.py",
                    "benchmarks/clip/datasets.py", "benchmarks/clip/model.py", "models.py"),  # cached accuracies and losses per weights
+    "merge": ("experiments/ch06_c2m3.py", "experiments/ch06_store.py", "alignment/frank_wolfe.py",
+              "alignment/matching.py", "alignment/repair.py", "alignment/specs.py", "alignment/architectures.py",
+              "training/scratch.py"),  # chapter 06's merge jobs: alignments, merges, REPAIR, their evaluation
 }
 """The package files (relative to ``src/mergelab``) whose code makes each kind of artifact."""
 

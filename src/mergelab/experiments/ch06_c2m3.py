@@ -46,6 +46,7 @@ from .ch06_models import (  # noqa: F401 (the chapter's API)
     train_all,
     train_models,
 )
+from .ch06_store import MergeOutcome, build_job, load_job, merge_artifact  # noqa: F401 (MergeOutcome: the chapter's API)
 
 METHODS = ("naive", "naive_repair", "merge_many", "merge_many_repair", "c2m3", "c2m3_repair")
 """Merges compared: uniform average without alignment, MergeMany, C2M3; each without and with REPAIR."""
@@ -127,16 +128,6 @@ def repaired(t: Trained, merged: Mapping[str, torch.Tensor], states: Sequence[Ma
     goals = [permute_stats(st, groups, p) for st, p in zip(stats, perms)]
     repair(model, [], X, names=names, goal_stats=goals)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-@dataclass
-class MergeOutcome:
-    """Merged states by method, C2M3's Frank-Wolfe result, MergeMany's permutations and seconds per method."""
-
-    states: dict[str, dict[str, torch.Tensor]]
-    frank_wolfe: FrankWolfeResult
-    merge_many: list[dict[str, torch.Tensor]]
-    seconds: dict[str, float]
 
 
 def merge_methods(t: Trained, states: Sequence[Mapping[str, torch.Tensor]], data: DigitsSplit,
@@ -243,16 +234,22 @@ class MergeStudy:
     sets: pd.DataFrame
 
 
-def _merge_job(context: tuple[DigitsSplit, dict[str, Any]], item: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Merge the models ``members`` of one architecture with every method and evaluate them; the
-    outcome travels back only for the main comparison (``keep``)."""
+def _merge_job(context: tuple[DigitsSplit, dict[str, Any]], item: tuple[Any, ...]) -> str:
+    """Merge the models ``members`` of one architecture with every method and evaluate them, into the cache
+    (:mod:`.ch06_store`; nothing to do when it is there); the merged states and permutations are kept only
+    for the main comparison (``keep``). Returns which job it was."""
     data, data_key = context
     cfg, num_models, members, frank_wolfe, keep = item
-    t = _trained(cfg, num_models, data, data_key)  # cached: loaded, not trained
-    states = [t.states[i] for i in members]
-    outcome = merge_methods(t, states, data, frank_wolfe, cfg.seed)
-    metrics, correct = evaluate_methods(t, outcome, states, data)
-    return (outcome if keep else None), metrics, correct
+
+    def build() -> tuple[MergeOutcome | None, dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+        t = _trained(cfg, num_models, data, data_key)  # cached: loaded, not trained
+        states = [t.states[i] for i in members]
+        outcome = merge_methods(t, states, data, frank_wolfe, cfg.seed)
+        metrics, correct = evaluate_methods(t, outcome, states, data)
+        return (outcome if keep else None), metrics, correct
+
+    build_job(merge_artifact(cfg, members, frank_wolfe, keep, data_key), build)
+    return f"{cfg.arch} models {list(members)}"
 
 
 def merge_sets_of(num_models: int, merge_models: int, n: int) -> list[tuple[int, ...]]:
@@ -272,7 +269,8 @@ def merge_study(trained: Mapping[str, Trained], merge_models: int, counts: Seque
     """:func:`merge_methods` and :func:`evaluate_methods` on the first ``k`` models of every
     architecture for ``k`` in ``counts`` and ``merge_models``, and on the first ``merge_sets[arch]``
     sets of ``merge_models`` models (:func:`merge_sets_of`; default 1: the main comparison only), each
-    distinct set merged once, as independent jobs of ``executor`` (default: here, one after the other)."""
+    distinct set merged once, as independent jobs of ``executor`` (default: here, one after the other)
+    that write into the cache (:mod:`.ch06_store`): a re-run merges only the sets not cached yet."""
     for t in trained.values():
         bad = [k for k in [*counts, merge_models] if not 2 <= k <= len(t.states)]
         if bad:
@@ -293,11 +291,15 @@ def merge_study(trained: Mapping[str, Trained], merge_models: int, counts: Seque
         members[arch] = sorted(dict.fromkeys([*by_count, *sets[arch]]), key=len, reverse=True)  # the largest first
     jobs = [(trained[arch].cfg, len(trained[arch].states), m, dict(frank_wolfe), m == main)
             for arch in trained for m in members[arch]]
-    done = executor.map(_merge_job, jobs, digits_context(digits), progress=progress,
-                        describe=lambda j: {"architecture": j[0].arch, "models": list(j[2])}, desc="merges")
-    done.raise_failures("merges")
+    data_key = digits_data(digits)[1]
+    missing = [j for j in jobs if not merge_artifact(j[0], j[2], j[3], j[4], data_key).exists()]
+    if missing:  # the others are loaded from the cache
+        executor.map(_merge_job, missing, digits_context(digits), progress=progress,
+                     describe=lambda j: {"architecture": j[0].arch, "models": list(j[2])},
+                     desc="merges").raise_failures("merges")
     outcomes, metrics, correct, rows, set_rows = {}, {}, {}, [], []
-    for (cfg, _n, m_set, _fw, keep), (outcome, met, cor) in zip(jobs, done.results):
+    for cfg, _n, m_set, fw, keep in jobs:
+        outcome, met, cor = load_job(merge_artifact(cfg, m_set, fw, keep, data_key))
         arch = cfg.arch
         if keep:
             outcomes[arch], metrics[arch], correct[arch] = outcome, met, cor
