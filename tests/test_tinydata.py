@@ -53,6 +53,20 @@ def test_load_task_caches_atomically(data_dir):
     assert np.array_equal(P, P2) and all(np.array_equal(targets[k], targets2[k], equal_nan=True) for k in targets)
 
 
+def test_the_data_cache_is_stored_uncompressed_and_still_reads_compressed_files(data_dir):
+    """Every kernel and worker reads every task: the cache is stored uncompressed (zip entries stored, not
+    deflated), and a compressed file of an earlier version is read back unchanged."""
+    import zipfile
+
+    X, y = load_task("shapes", "val", SMALL)
+    (path,) = (data_dir / "tiny").glob("shapes-val-*.npz")
+    with zipfile.ZipFile(path) as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_STORED}
+    np.savez_compressed(path, X=X + 1, y=y)  # an earlier version's compressed file (other values, to tell)
+    X2, y2 = load_task("shapes", "val", SMALL)
+    assert np.array_equal(X2, X + 1) and np.array_equal(y2, y)
+
+
 def test_pretext_targets_are_consistent():
     P, t = tinydata._draw_pretext(np.random.default_rng(0), 200, 0.08)
     assert P.shape == (200, 3, 32, 32) and 0 <= P.min() and P.max() <= 1
