@@ -57,9 +57,10 @@ def _encoder(bench: Any, state: StateDict) -> nn.Module:
 
 @torch.no_grad()
 def per_example_losses(bench: Any, state: StateDict, task: str, X: torch.Tensor, y: torch.Tensor,
-                       batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+                       batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy (nats) and correctness of encoder ``state`` on every example of ``(X, y)`` with
     ``task``'s frozen head: two ``(N,)`` tensors (float, bool)."""
+    batch_size = batch_size or getattr(bench, "eval_batch_size", 256)  # the benchmark's evaluation batch
     enc = _encoder(bench, state).eval()
     head = bench.heads[task].to(bench.device)
     losses, correct = [], []

@@ -30,11 +30,12 @@ class ResponseEvaluator:
         tasks: the tasks whose images are the items (default all).
         split: ``"val"`` for fitness (the test split stays for the final report).
         cache: cache full response vectors on disk.
-        batch_size: images per forward pass batch.
+        batch_size: images per forward pass batch (default: the benchmark's evaluation batch).
     """
 
     def __init__(self, bench: Any, tasks: Sequence[str] | None = None, split: str = "val", cache: bool = True,
-                 batch_size: int = 1000) -> None:
+                 batch_size: int | None = None) -> None:
+        batch_size = batch_size or getattr(bench, "eval_batch_size", 256)
         self.bench, self.split, self.cache, self.batch_size = bench, split, cache, int(batch_size)
         self.tasks = list(tasks or bench.tasks)
         self.labels = {t: bench.split(t, split)[1] for t in self.tasks}

@@ -135,6 +135,11 @@ class ClipBenchmark(BenchmarkBase):
         return path
 
     @property
+    def eval_batch_size(self) -> int:
+        """Images per forward pass of every evaluation: ``data.eval_batch_size``."""
+        return self.config.data.eval_batch_size
+
+    @property
     def micro_batch_size(self) -> int:
         """Training loops that take whole splits in one batch (full-batch gradient descent) forward at
         most this many images at once and accumulate gradients: ``data.eval_batch_size``."""
