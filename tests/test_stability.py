@@ -358,3 +358,26 @@ def test_a_merge_measured_again_reads_its_per_example_results_and_they_are_the_s
         f.write_text("{not json")
     measure_merge(bench, other.state_dict(), cfg)  # an unreadable file is measured again, not an error
     assert len(calls) == 6
+
+
+def test_a_merge_writes_its_per_example_results_once_and_keeps_them_when_a_later_task_fails(tmp_path, monkeypatch):
+    """Each merge's measurements go to disk in one write (encoding the growing file after each of them cost a
+    third of chapter 01's time); what was measured before a failure is written all the same."""
+    from mergelab.analysis import generalization
+    from mergelab.analysis.generalization import measure_merge
+
+    torch.manual_seed(0)
+    bench, enc = StoreBench(tmp_path), nn.Linear(4, 3)
+    bench.heads["u"] = _Identity()
+    cfg = FinetuneConfig(data_fraction=0.5, num_steps=1, warmup_steps=0)
+    writes = []
+    real = generalization.atomic_write_json
+    monkeypatch.setattr(generalization, "atomic_write_json", lambda *a, **k: writes.append(a[0]) or real(*a, **k))
+    measure_merge(bench, enc.state_dict(), {"t": cfg, "u": cfg}, probe_size=4)
+    assert len(writes) == 1 and len(generalization.read_json(writes[0], {})) == 6  # 2 tasks x (train, test, probe)
+    measure_merge(bench, enc.state_dict(), {"t": cfg, "u": cfg}, probe_size=4)
+    assert len(writes) == 1  # all cached: nothing to write
+    other = nn.Linear(4, 3)
+    with pytest.raises(KeyError):  # no head for the second task
+        measure_merge(bench, other.state_dict(), {"t": cfg, "no such task": cfg})
+    assert len(writes) == 2 and len(generalization.read_json(writes[1], {})) == 2  # task t's losses kept

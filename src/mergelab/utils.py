@@ -100,12 +100,18 @@ def read_json(path: str | Path, default: Any = None) -> Any:
         return default
 
 
+_PLAIN = frozenset({int, float, bool, str, type(None)})
+"""Types JSON writes as they are."""
+
+
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _jsonable(dataclasses.asdict(value))
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, (list, tuple)):
+        if all(type(v) in _PLAIN for v in value):  # a list of numbers (per-example losses): nothing to convert
+            return list(value)
         return [_jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
