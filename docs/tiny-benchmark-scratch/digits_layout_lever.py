@@ -10,7 +10,9 @@ holds exactly 2x2 of the digit's pixels, at one phase; background, colour and no
 The canonical heads render the same layout. It replaces the generator of the digits task and the canonical
 digits images in this process, moves `GENERATOR_VERSION` (so every key that depends on the data differs
 from the package's), and runs `head_lever.py` (chapter 00's seed study at one pretraining seed, pretraining
-on the new data), adding the per-task decomposition and MASS-style routing is left to the package run.
+on the new data); `mass_check.py` then measures MASS on the same folder. Session 11 adopted it: from
+generator version 6 the package draws digits this way, so this script now reproduces the package's data
+under another key.
 
 usage: MERGELAB_DATA_DIR=<empty dir> MERGELAB_PRETRAIN=1 python docs/tiny-benchmark-scratch/digits_layout_lever.py PRETRAIN_SEED OUT.json
 """
