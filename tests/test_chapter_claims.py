@@ -82,16 +82,26 @@ def test_gain_over_zero_shot_is_a_share_of_the_converged_gain():
         gain_over_zero_shot({"a": 0.5}, conv, zs)
 
 
-def test_taylor_slopes_use_only_the_learning_rates_inside_the_regime():
+def test_taylor_slopes_use_only_the_learning_rates_inside_the_regime_and_above_rounding():
     rows = []
-    for task, lam in (("a", 10.0), ("b", 20.0), ("c", 15.0)):
+    for task, lam in (("a", 10.0), ("b", 20.0), ("c", 15.0), ("d", 12.0)):
         for lr in (1e-3, 3e-3, 1e-2, 3e-1):
-            rows.append({"task": task, "lr": lr, "steps": 4, "relative_gap": 5 * lr * (1.0 + 0.01 * lam),
-                         "relative_residual": 30 * lr**2 if lr < 0.1 else 1.0})
-    regime = taylor_regime(pd.DataFrame(rows), {"a": 10.0, "b": 20.0, "c": 15.0})
-    assert regime["eta_lambda_k"].iloc[0] == pytest.approx(1e-3 * 10 * 4)
+            gap, res = 5 * lr * (1.0 + 0.01 * lam), (30 * lr**2 if lr < 0.1 else 1.0)
+            if task == "d":  # a gradient so small that four steps leave only rounding: any slope would do
+                gap, res = 0.02 / lr**0.5, 0.02 / lr**0.5
+            rows.append({"task": task, "lr": lr, "steps": 1, "relative_gap": 0.0, "relative_residual": 0.0,
+                         "gap_norm": 1e-6, "residual_norm": 1e-6})  # one step: the gap is rounding alone
+            rows.append({"task": task, "lr": lr, "steps": 4, "relative_gap": gap, "relative_residual": res,
+                         "gap_norm": 2e-6 if task == "d" else gap, "residual_norm": 2e-6 if task == "d" else res})
+    regime = taylor_regime(pd.DataFrame(rows), {"a": 10.0, "b": 20.0, "c": 15.0, "d": 12.0})
+    assert regime["eta_lambda_k"].iloc[0] == pytest.approx(1e-3 * 10 * 4) and set(regime["steps"]) == {4}
+    assert regime["floor"].tolist() == [1e-6] * 16
+    assert regime.loc[regime.task == "d", "gap_above_floor"].tolist() == [False] * 4
     slopes = taylor_slopes(regime)
     assert slopes["in_regime"]["learning_rates"] == [1e-3, 3e-3, 1e-2]
-    assert slopes["in_regime"]["gap"]["estimate"] == pytest.approx(1.0)
+    assert slopes["in_regime"]["gap"]["estimate"] == pytest.approx(1.0) and slopes["in_regime"]["gap"]["n"] == 3
     assert slopes["in_regime"]["residual"]["estimate"] == pytest.approx(2.0)
+    assert slopes["in_regime"]["at_rounding_floor"]["gap"] == [["d", 1e-3], ["d", 3e-3], ["d", 1e-2]]
     assert slopes["all"]["residual"]["estimate"] < 1.9  # the run outside the regime bends the slope
+    with_d = taylor_slopes(regime.assign(gap_above_floor=True))  # counted, task d would pull the slope to 1/2
+    assert with_d["in_regime"]["gap"]["estimate"] == pytest.approx((3 * 1.0 - 0.5) / 4)

@@ -9,6 +9,7 @@ gain's bootstrap over tasks; Student's t over tasks for per-task alignment measu
 
 from __future__ import annotations
 
+
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -57,18 +58,34 @@ def gain_over_zero_shot(per_task: Mapping[str, float], converged: Mapping[str, f
     return {**out, "gain": float(a.mean() - z.mean()), "converged_gain": float(c.mean() - z.mean())}
 
 
+ROUNDING_MARGIN = 10.0
+"""A gap counts towards a slope only when it is this many times its run's rounding floor (below)."""
+
+
 def taylor_regime(taylor: Any, lambda_max: Mapping[str, float]) -> pd.DataFrame:
     """The expansion parameter ``eta * lambda_max * k`` of each full-batch run (``k`` steps) at its
     last snapshot, per task and learning rate: columns ``task``, ``lr``, ``steps``, ``lambda_max``,
-    ``eta_lambda_k``, ``relative_gap``, ``relative_residual``. The second-order expansion holds
-    while it is below 1.
+    ``eta_lambda_k``, ``relative_gap``, ``relative_residual``, and the run's rounding floor. The
+    second-order expansion holds while ``eta_lambda_k`` is below 1.
+
+    After one step of full-batch gradient descent the task vector *is* ``-eta g``, so the gap measured
+    there is rounding alone (``floor``: the norm of the weights times the precision's epsilon, about
+    1e-6 for this size's float32 weights). ``gap_above_floor`` and ``residual_above_floor`` say
+    whether the last snapshot's gap and residual exceed :data:`ROUNDING_MARGIN` times it: a task whose
+    gradient at ``theta_0`` is tiny (a frozen head already right on most examples) has a gap made of
+    rounding, whose slope against the learning rate says nothing about the expansion.
 
     Args:
-        taylor: :func:`mergelab.analysis.alignment.taylor_table`.
+        taylor: :func:`mergelab.analysis.alignment.taylor_table` (with its one-step rows).
         lambda_max: task to the largest Hessian eigenvalue of its loss at ``theta_0``.
     """
     k = int(taylor["steps"].max())
-    last = taylor[taylor["steps"] == k][["task", "lr", "steps", "relative_gap", "relative_residual"]].copy()
+    cols = ["task", "lr", "steps", "relative_gap", "relative_residual", "gap_norm", "residual_norm"]
+    last = taylor[taylor["steps"] == k][cols].copy()
+    floor = taylor[taylor["steps"] == 1].set_index(["task", "lr"])["gap_norm"]
+    last["floor"] = [float(floor.get((t, lr), float("nan"))) for t, lr in zip(last["task"], last["lr"])]
+    for q in ("gap", "residual"):
+        last[f"{q}_above_floor"] = last[f"{q}_norm"] > ROUNDING_MARGIN * last["floor"]
     last["lambda_max"] = last["task"].map(lambda_max).astype(float)
     last["eta_lambda_k"] = last["lr"] * last["lambda_max"] * last["steps"]
     return last.reset_index(drop=True)
@@ -84,17 +101,24 @@ def _log_slope(x: Sequence[float], y: Sequence[float]) -> float:
 def taylor_slopes(regime: pd.DataFrame, limit: float = 1.0) -> dict[str, Any]:
     """Log-log slopes against the learning rate of the relative gap (predicted 1) and of the residual
     after the second-order term (predicted 2), per task over the learning rates inside the regime
-    (``eta_lambda_k < limit``), and their Student-t intervals over tasks; also over all learning rates.
+    (``eta_lambda_k < limit``) whose gap (residual) is above the rounding floor (:func:`taylor_regime`),
+    and their Student-t intervals over the tasks with two such learning rates or more; also over all
+    learning rates.
 
     Returns:
-        ``{"in_regime": {"gap": mean_ci, "residual": mean_ci, "learning_rates": [...]}, "all": {...}}``.
+        ``{"in_regime": {"gap": mean_ci, "residual": mean_ci, "learning_rates": [...],
+        "at_rounding_floor": {"gap": [[task, lr], ...], "residual": [...]}}, "all": {...}, "limit"}``.
     """
     out = {}
     for name, part in (("in_regime", regime[regime["eta_lambda_k"] < limit]), ("all", regime)):
-        per_task = {q: [_log_slope(d["lr"], d[f"relative_{q}"]) for _, d in part.groupby("task")]
-                    for q in ("gap", "residual")}
-        out[name] = {"gap": mean_ci(per_task["gap"]), "residual": mean_ci(per_task["residual"]),
-                     "learning_rates": sorted({float(v) for v in part["lr"]})}
+        slopes, floored = {}, {}
+        for q in ("gap", "residual"):
+            above = part[f"{q}_above_floor"] if f"{q}_above_floor" in part else pd.Series(True, index=part.index)
+            above = above.astype(bool)
+            slopes[q] = [_log_slope(d["lr"], d[f"relative_{q}"]) for _, d in part[above].groupby("task")]
+            floored[q] = [[t, float(lr)] for t, lr in zip(part["task"][~above], part["lr"][~above])]
+        out[name] = {"gap": mean_ci(slopes["gap"]), "residual": mean_ci(slopes["residual"]),
+                     "learning_rates": sorted({float(v) for v in part["lr"]}), "at_rounding_floor": floored}
     out["limit"] = limit
     return out
 
@@ -168,8 +192,9 @@ def claims(results: Mapping[str, Any], alignment: Any, slopes: Mapping[str, Any]
         iv = reg[q]
         add(f"Inside the regime eta * lambda_max * k < {slopes['limit']:g}, tau + eta k grad L(theta_0) grows like "
             + ("eta (log-log slope 1: the second-order term)" if q == "gap" else
-               "eta^2 after subtracting the second-order term (slope 2)") + f", within {tol:g} (over tasks).",
+               "eta^2 after subtracting the second-order term (slope 2)") + f", within {tol:g} (over tasks; "
+            f"runs whose {q} is within {ROUNDING_MARGIN:g}x float rounding left out).",
             band_status(iv, pred - tol, pred + tol) if len(reg["learning_rates"]) >= 2 else "not_testable",
             {**iv, "predicted": pred, "learning_rates_in_regime": reg["learning_rates"],
-             "all_learning_rates": slopes["all"][q]})
+             "at_rounding_floor": reg.get("at_rounding_floor", {}).get(q, []), "all_learning_rates": slopes["all"][q]})
     return out
