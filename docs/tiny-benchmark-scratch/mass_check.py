@@ -1,7 +1,9 @@
 """Session 11 (issue 16/19): MASS routing and accuracy (chapter 04's defaults, test split) on a lever's encoder and
 fine-tuning seed 0's experts, in the data folder the lever ran in (its encoder and experts are cached there).
 
-usage: MERGELAB_DATA_DIR=<the lever's folder> python docs/tiny-benchmark-scratch/mass_check.py aligned|package PRETRAIN_SEED
+usage: MERGELAB_DATA_DIR=<the lever's folder> python docs/tiny-benchmark-scratch/mass_check.py aligned|offset|package PRETRAIN_SEED
+(since session 11 the package draws digits aligned: `package` on a folder of `head_lever.py`, `offset` on one of
+`digits_offset_lever.py`)
 Session 11's figures (aligned digits): draw 0 routing .977 (digits 1.0), MASS normalized .792, oracle head .863;
 draw 1 routing .950 (digits .988), .757, .843. The package's draw 0 before it: routing .873 (digits .221), .708, .812.
 """
@@ -10,9 +12,9 @@ from dataclasses import replace
 import torch
 torch.set_num_threads(1)
 lever = sys.argv[1]; pre_seed = int(sys.argv[2])
-if lever == "aligned":
-    src = open(__file__.replace("mass_check.py", "digits_layout_lever.py")).read().split("pre_seed, out =")[0]
-    exec(src)
+if lever in ("aligned", "offset"):  # the lever's data in this process (package: the package's own)
+    script = {"aligned": "digits_layout_lever.py", "offset": "digits_offset_lever.py"}[lever]
+    exec(open(__file__.replace("mass_check.py", script)).read().split("pre_seed, out =")[0])
 import yaml
 from mergelab.benchmarks.tiny.benchmark import TINY_RECIPE, TinyBenchmark, TinyBenchmarkConfig
 from mergelab.experiments import ch04_mass as ch04
