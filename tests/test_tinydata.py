@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mergelab.benchmarks.tiny import data as tinydata
-from mergelab.benchmarks.tiny.data import (PRETEXT_KINDS, PRETEXT_REGRESSION, PRETEXT_STROKES, PRETEXT_TEXTURES, TASK_CLASSES,
-                                           TASKS, TinyDataConfig, canonical_images, generate_task, load_pretext, load_task)
+from mergelab.benchmarks.tiny import data as tinydata, pretext
+from mergelab.benchmarks.tiny.data import TASK_CLASSES, TASKS, TinyDataConfig, canonical_images, generate_task, load_task
+from mergelab.benchmarks.tiny.pretext import (PRETEXT_KINDS, PRETEXT_REGRESSION, PRETEXT_STROKES, PRETEXT_TEXTURES,
+                                              load_pretext)
 
 SMALL = TinyDataConfig(n_train=40, n_val=20, n_test=20, n_pretext=16)
 
@@ -68,7 +69,7 @@ def test_the_data_cache_is_stored_uncompressed_and_still_reads_compressed_files(
 
 
 def test_pretext_targets_are_consistent():
-    P, t = tinydata._draw_pretext(np.random.default_rng(0), 200, 0.08)
+    P, t = pretext._draw_pretext(np.random.default_rng(0), 200, 0.08)
     assert P.shape == (200, 3, 32, 32) and 0 <= P.min() and P.max() <= 1
     kind, texture, reg, strokes = t["kind"], t["texture"], t["regression"], t["strokes"]
     assert reg.shape == (200, len(PRETEXT_REGRESSION)) and strokes.shape == (200, PRETEXT_STROKES)

@@ -18,13 +18,8 @@ from mergelab.benchmarks.tiny import benchmark as tb, data as td
 
 
 def draw_digits_offset(rng, n, noise, split_index):
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images, labels = digits.images.astype(np.float32) / 16.0, digits.target
-    order = np.random.default_rng(12345).permutation(len(labels))
-    cut1, cut2 = int(0.6 * len(order)), int(0.75 * len(order))
-    pool = (order[:cut1], order[cut1:cut2], order[cut2:])[split_index]
+    images, labels, pools = td._digit_pools()  # the package's disjoint base digits per split
+    images, pool = images.astype(np.float32) / 16.0, pools[split_index]
     xs, ys = [], []
     for _ in range(n):
         i = pool[rng.integers(len(pool))]
@@ -46,17 +41,13 @@ _canonical = td.canonical_images
 def canonical_offset(task):
     if task != "digits":
         return _canonical(task)
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    order = np.random.default_rng(12345).permutation(len(d.target))
-    pool = order[: int(0.6 * len(order))]
+    images, labels, (train, _, _) = td._digit_pools()
     out = []
     for c in range(10):
         vs = []
-        for i in [i for i in pool if d.target[i] == c][:4]:
+        for i in [i for i in train if labels[i] == c][:4]:
             img = np.zeros((3, 32, 32), np.float32)
-            img[:, 4:28, 4:28] = np.kron(d.images[i].astype(np.float32) / 16, np.ones((3, 3), np.float32))[None]
+            img[:, 4:28, 4:28] = np.kron(images[i].astype(np.float32) / 16, np.ones((3, 3), np.float32))[None]
             vs.append(img)
         out.append(np.stack(vs))
     return np.stack(out).astype(np.float32)

@@ -37,7 +37,7 @@ import torch
 torch.set_num_threads(1)
 
 from mergelab.analysis import diagnostics as D  # noqa: E402
-from mergelab.benchmarks.tiny import data as tinydata  # noqa: E402
+from mergelab.benchmarks.tiny import data as tinydata, pretext  # noqa: E402
 from mergelab.benchmarks.tiny.benchmark import TinyBenchmark, TinyBenchmarkConfig  # noqa: E402
 from mergelab.models import build_tiny_encoder  # noqa: E402
 from mergelab.benchmarks.tiny.benchmark import normalize_images  # noqa: E402
@@ -56,7 +56,7 @@ if "lr3e-3" in levers:
 
 centres: list[list[tuple[float, float]]] = []
 if levers & {"occupancy", "kinds"}:  # record every object's centre and kind, scene by scene (one _background call per scene)
-    _bg, _obj = tinydata._background, tinydata._draw_object
+    _bg, _obj = pretext._background, pretext._draw_object
 
     def background(rng):
         centres.append([])
@@ -66,20 +66,20 @@ if levers & {"occupancy", "kinds"}:  # record every object's centre and kind, sc
         centres[-1].append((cx, cy, kind))
         return _obj(rng, img, kind, cx, cy, r, colour)
 
-    tinydata._background, tinydata._draw_object = background, draw_object
+    pretext._background, pretext._draw_object = background, draw_object
 
 start = time.perf_counter()
-X, targets = tinydata._draw_pretext(np.random.default_rng([cfg.data.seed, 999]), cfg.data.n_pretext, cfg.data.noise)
+X, targets = pretext._draw_pretext(np.random.default_rng([cfg.data.seed, 999]), cfg.data.n_pretext, cfg.data.noise)
 print("scenes", X.shape, round(time.perf_counter() - start, 1), "s", flush=True)
 targets = {k: torch.from_numpy(v) for k, v in targets.items()}
 if levers & {"occupancy", "kinds"}:
     assert len(centres) == len(X)
     occ = np.zeros((len(X), 16), np.float32)
-    present = np.zeros((len(X), len(tinydata.PRETEXT_KINDS)), np.float32)
+    present = np.zeros((len(X), len(pretext.PRETEXT_KINDS)), np.float32)
     for i, cs in enumerate(centres):
         for cx, cy, kind in cs:
             occ[i, 4 * min(int(cy // 8), 3) + min(int(cx // 8), 3)] = 1
-            present[i, tinydata.PRETEXT_KINDS.index(kind)] = 1
+            present[i, pretext.PRETEXT_KINDS.index(kind)] = 1
     extra = [m for name, m in (("occupancy", occ), ("kinds", present)) if name in levers]
     targets["strokes"] = torch.cat([targets["strokes"], *map(torch.from_numpy, extra)], 1)  # BCE, NaN entries ignored
 if "inkmap" in levers:
@@ -113,7 +113,7 @@ if "inkmap" in levers:
     print("ink scenes", n_ink, "pool", len(X), flush=True)
 torch.manual_seed(cfg.pretrain.seed)
 enc = build_tiny_encoder(cfg.model)
-classes = {"kind": len(tinydata.PRETEXT_KINDS), "texture": len(tinydata.PRETEXT_TEXTURES)}
+classes = {"kind": len(pretext.PRETEXT_KINDS), "texture": len(pretext.PRETEXT_TEXTURES)}
 start = time.perf_counter()
 losses = pretrain_factors(enc, torch.from_numpy(X), targets, classes, cfg.pretrain, normalize_images, progress=False,
                           strokes_weight=8.0 if "strokes8" in levers else 4.0)

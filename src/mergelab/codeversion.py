@@ -30,7 +30,7 @@ CODE_VERSIONS: dict[str, int] = {"pretrain": 2, "finetune": 1, "trajectory": 1, 
 """Version of the code that makes each kind of cached artifact (bump to rebuild its caches)."""
 
 SOURCES: dict[str, tuple[str, ...]] = {
-    "pretrain": ("training/pretrain.py", "models.py", "benchmarks/tiny/data.py"),
+    "pretrain": ("training/pretrain.py", "models.py", "benchmarks/tiny/data.py", "benchmarks/tiny/pretext.py"),
     "finetune": ("training/finetune.py", "models.py", "benchmarks/base.py", "benchmarks/tiny/benchmark.py",
                  "benchmarks/clip/benchmark.py", "benchmarks/clip/training.py"),
     "trajectory": ("training/trajectories.py", "training/finetune.py", "models.py"),

@@ -230,7 +230,7 @@ def pretrain_factors(model: nn.Module, images: torch.Tensor, targets: Mapping[st
     Args:
         images: ``(N, 3, H, W)`` in [0, 1].
         targets: class targets ``(N,)`` int64 named as in ``n_classes``, plus ``"regression"`` and
-            ``"strokes"`` (see :func:`mergelab.tinydata.load_pretext`).
+            ``"strokes"`` (see :func:`mergelab.benchmarks.tiny.pretext.load_pretext`).
         unlabelled: ``(M, 3, H, W)`` in [0, 1], images for the contrastive term (``cfg.unlabelled_weight``
             > 0; their labels are never read).
     Returns:

@@ -27,8 +27,8 @@ from ...models import ClassificationHead, TinyViTConfig, build_tiny_encoder, enc
 from ...training import FinetuneConfig, PretrainConfig, finetune, pretrain_attributes, pretrain_contrastive, pretrain_factors
 from ..base import BenchmarkBase
 from ... import codeversion
-from .data import (PRETEXT_KINDS, PRETEXT_TEXTURES, SPLITS, TASK_CLASSES, TASKS, TinyDataConfig,
-                   canonical_images, generator_key, load_pretext, load_task)
+from .data import SPLITS, TASK_CLASSES, TASKS, TinyDataConfig, canonical_images, generator_key, load_task
+from .pretext import PRETEXT_KINDS, PRETEXT_TEXTURES, load_pretext
 from .data import check_task as check_tiny_task
 from ...utils import (StateDict, clone_state_dict, config_hash, torch_threads,
                     pick_device)
