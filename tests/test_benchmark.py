@@ -183,6 +183,37 @@ def test_canonical_heads_are_built_from_clean_renderings_before_fine_tuning(benc
     assert TINY_RECIPE.lr <= bench.config.pretrain.lr / 4 and TINY_RECIPE.weight_decay > 0 and TINY_RECIPE.warmup_steps > 0
 
 
+def test_heads_and_diagnostic_features_are_computed_on_the_training_threads_whoever_calls(bench, monkeypatch):
+    """The heads' digests are in every expert's cache key, and their prototypes' forward pass (autograd
+    on) gives other last bits on two threads than on one: built on the caller's threads, a chapter run
+    alone (two threads) trained other experts than the book (one). Heads and the diagnostics' features
+    run on ``train_threads``, and the caller's setting comes back."""
+    import mergelab.analysis.diagnostics as diagnostics
+    import mergelab.benchmarks.tiny.benchmark as tiny
+    from mergelab.models import encode
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(tiny, "encode", recording)
+    monkeypatch.setattr(diagnostics, "encode", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        bench.heads
+        X, _ = bench.split("size", "val")
+        diagnostics._features(bench, bench.new_encoder(bench.pretrained_state()), X)
+        diagnostics.zero_shot_calibration(bench, bench.pretrained_state(), "val")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {bench.train_threads} == {1}
+    assert (bench.cache_dir / "heads-canonical-threads1.safetensors").is_file()
+
+
 def test_evaluate_equals_a_hand_computed_accuracy_with_each_tasks_head_and_split(bench):
     """A model whose answer is known: ``ln_post`` with zero gain and a chosen bias makes every image's
     feature one constant, chosen as one class embedding of the task's own head, so the model answers

@@ -29,7 +29,7 @@ from ..layers import layer_kind
 from ..merging import merge
 from ..models import encode
 from ..task_vectors import TaskVector
-from ..utils import StateDict
+from ..utils import StateDict, torch_threads
 
 
 class DiagnosableBenchmark(Protocol):
@@ -45,10 +45,18 @@ class DiagnosableBenchmark(Protocol):
                  ) -> dict[str, float]: ...
 
 
+def _encode(benchmark: DiagnosableBenchmark, encoder: torch.nn.Module, X: Any) -> torch.Tensor:
+    """Features ``(N, d)`` float32 on the CPU of images ``X`` ``(N, 3, H, W)`` on the benchmark's device
+    (:func:`mergelab.models.encode`), on the threads the size trains with (its ``train_threads``, if it
+    fixes them), so that a diagnostic reads the same numbers in a notebook on every core count."""
+    with torch_threads(getattr(benchmark, "train_threads", None)):
+        return encode(encoder, X, batch_size=500, device=benchmark.device)
+
+
 def _features(benchmark: DiagnosableBenchmark, encoder: torch.nn.Module, X: Any) -> torch.Tensor:
     """L2-normalized features ``(N, d)`` float32 on the CPU of images ``X`` ``(N, 3, H, W)`` (any
-    indexable whose slices are tensors), computed on the benchmark's device (:func:`mergelab.models.encode`)."""
-    return F.normalize(encode(encoder, X, batch_size=500, device=benchmark.device), dim=-1)
+    indexable whose slices are tensors), computed on the benchmark's device (:func:`_encode`)."""
+    return F.normalize(_encode(benchmark, encoder, X), dim=-1)
 
 
 def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
@@ -106,7 +114,7 @@ def zero_shot_calibration(benchmark: DiagnosableBenchmark, state: StateDict, spl
     for task in tasks or benchmark.tasks:
         X, y = benchmark.split(task, split)
         head = copy.deepcopy(benchmark.heads[task]).cpu()  # the shared head may live on the GPU; it stays there
-        logits = head(encode(encoder, X, batch_size=500, device=benchmark.device))
+        logits = head(_encode(benchmark, encoder, X))
         out[task] = calibration_from_logits(logits, y)
     return out
 

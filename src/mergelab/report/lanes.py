@@ -14,10 +14,11 @@ writing its own executed notebook, stamp and timing record; a lane's output goes
 pretrained encoder, the heads, an expert) is built through :func:`mergelab.cache.build_lock`, under a file
 lock, so once. A chapter's own ``workers`` are not scaled down: chapters with ``workers: 2`` side by side
 briefly run four training processes on two cores.
-The trained models do not depend on ``jobs``: the tiny size trains every run on one thread whatever the
-process's setting (:attr:`mergelab.benchmarks.tiny.TinyBenchmark.train_threads`), and its evaluations gave
-bit-identical logits at one and two threads; computations that reduce across threads (Hessian-vector
-products, decompositions) may differ in their last bits.
+The trained models do not depend on ``jobs``: the tiny size trains every run, and builds its heads (whose
+digests key every run), on one thread whatever the process's setting
+(:attr:`mergelab.benchmarks.tiny.TinyBenchmark.train_threads`), and its evaluations gave bit-identical logits
+at one and two threads; computations that reduce across threads (Hessian-vector products, decompositions)
+may differ in their last bits.
 """
 
 from __future__ import annotations

@@ -155,8 +155,8 @@ class TinyBenchmark(BenchmarkBase):
 
     @property
     def cache_dir(self) -> Path:
-        """Folder of the pretrained encoder and of its heads' prototypes (``heads-<kind>.safetensors``),
-        keyed by :attr:`encoder_key`."""
+        """Folder of the pretrained encoder and of its heads' prototypes
+        (``heads-<kind>-threads<n>.safetensors``), keyed by :attr:`encoder_key`."""
         path = paths.data_dir() / "tiny" / f"encoder-{self.encoder_key}"
         path.mkdir(parents=True, exist_ok=True)
         return path
@@ -282,16 +282,27 @@ class TinyBenchmark(BenchmarkBase):
 
     @property
     def heads(self) -> dict[str, ClassificationHead]:
-        """Frozen per-task heads, built from the pretrained encoder before any fine-tuning (cached)."""
+        """Frozen per-task heads, built from the pretrained encoder before any fine-tuning (cached).
+
+        Built on :attr:`train_threads` threads whoever calls: the prototypes' forward pass runs with
+        autograd on, whose attention path splits its reductions by thread, and two threads give other last
+        bits on some tasks (measured: counting and shapes). The heads' digests are in every run's cache
+        key, so heads that followed the first process's threads made a chapter run alone (two threads)
+        train other experts than the same chapter in the book (one)."""
         if self._heads is None:
             tag = "canonical" if self.config.heads == "canonical" else f"shots{self.config.head_shots}"
 
             def build() -> tuple[StateDict, dict[str, Any]]:
                 enc = self.new_encoder(self.pretrained_state())
-                return ({task: self.head_prototypes(task, enc) for task in TASKS},
-                        {"heads": self.config.heads, "head_shots": self.config.head_shots})
+                with torch_threads(self.train_threads):  # the same prototypes in every process
+                    protos = {task: self.head_prototypes(task, enc) for task in TASKS}
+                return protos, {"heads": self.config.heads, "head_shots": self.config.head_shots,
+                                "threads": self.train_threads}
 
-            weights = Artifact(self.cache_dir / f"heads-{tag}.safetensors").get_or_build(build)
+            # The file names the threads it was built on: a cache made before the heads were pinned to them
+            # (built on whatever the first process had: two threads give other last bits) is rebuilt once.
+            name = f"heads-{tag}-threads{self.train_threads}.safetensors"
+            weights = Artifact(self.cache_dir / name).get_or_build(build)
             self._heads = {t: ClassificationHead(weights[t], self.config.logit_scale) for t in TASKS}
         return self._heads
 
