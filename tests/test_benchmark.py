@@ -183,6 +183,31 @@ def test_canonical_heads_are_built_from_clean_renderings_before_fine_tuning(benc
     assert TINY_RECIPE.lr <= bench.config.pretrain.lr / 4 and TINY_RECIPE.weight_decay > 0 and TINY_RECIPE.warmup_steps > 0
 
 
+def test_the_rows_excluded_from_measured_training_loss_are_the_rows_the_heads_were_built_from(bench):
+    """Chapter 01 measures training loss on the examples the experts saw, except those the frozen head
+    was built from (:func:`mergelab.analysis.generalization.head_example_indices`). The rule is the
+    benchmark's: canonical heads come from clean renderings and exclude nothing (a copy of the shots rule
+    once dropped ``head_shots`` per class from the measurement); prototypes of shots heads are the
+    normalized mean features of exactly the excluded rows, ``head_shots`` of each class."""
+    from mergelab.analysis.generalization import head_example_indices
+    from mergelab.models import encode
+
+    assert bench.config.heads == "canonical"
+    assert head_example_indices(bench, "size").numel() == 0
+    shots = mergelab.load_benchmark("tiny", device="cpu", progress=False, **{**SMALL, "heads": "shots"})
+    X, y = shots.split("size", "train")
+    rows = head_example_indices(shots, "size")
+    assert rows.dtype == torch.long and torch.equal(rows, shots.head_example_rows("size"))
+    assert torch.bincount(y[rows], minlength=3).tolist() == [SMALL["head_shots"]] * 3
+    assert len(set(rows.tolist())) == len(rows)
+    enc = shots.new_encoder(shots.pretrained_state())
+    feats = torch.nn.functional.normalize(encode(enc, X[rows]), dim=-1)
+    expected = torch.stack([feats[y[rows] == c].mean(0) for c in range(3)])
+    torch.testing.assert_close(shots.head_prototypes("size", enc), expected, rtol=0, atol=1e-6)
+    # a benchmark without the rule (clip's text heads) excludes nothing
+    assert head_example_indices(object(), "size").numel() == 0
+
+
 def test_heads_and_diagnostic_features_are_computed_on_the_training_threads_whoever_calls(bench, monkeypatch):
     """The heads' digests are in every expert's cache key, and their prototypes' forward pass (autograd
     on) gives other last bits on two threads than on one: built on the caller's threads, a chapter run

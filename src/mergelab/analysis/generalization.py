@@ -24,15 +24,14 @@ from ..utils import StateDict, atomic_write_json, config_hash, read_json, state_
 
 # ----------------------------------------------------------------------------- measurement
 def head_example_indices(bench: Any, task: str) -> torch.Tensor:
-    """Training examples the frozen head of ``task`` was built from (``head_shots`` per class), by the
-    rule of :attr:`mergelab.benchmarks.tiny.TinyBenchmark.heads`: the first of each class in a permutation
-    seeded with 0. They are excluded from the measured training loss: the head fits them, so on them
-    every model (the pretrained one included) looks better than on fresh data (assumption A3)."""
-    _, y = bench.split(task, "train")
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    shots = getattr(getattr(bench, "config", None), "head_shots", 0)
-    picked = [order[y[order] == c][:shots] for c in range(int(y.max()) + 1)] if shots else []
-    return torch.cat(picked) if picked else torch.empty(0, dtype=torch.long)
+    """Rows ``(n,)`` int64 of ``task``'s training split that its frozen head was built from, by the
+    benchmark's own rule (``bench.head_example_rows``, e.g.
+    :meth:`mergelab.benchmarks.tiny.TinyBenchmark.head_example_rows`; none for canonical heads and for a
+    benchmark without the method, such as clip's text heads). They are excluded from the measured
+    training loss: the head fits them, so on them every model (the pretrained one included) looks
+    better than on fresh data (assumption A3)."""
+    rows = getattr(bench, "head_example_rows", None)
+    return rows(task) if rows is not None else torch.empty(0, dtype=torch.long)
 
 
 def _eval_subset(n: int, max_examples: int | None, seed: int) -> torch.Tensor:

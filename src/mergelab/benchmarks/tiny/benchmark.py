@@ -273,12 +273,21 @@ class TinyBenchmark(BenchmarkBase):
             feats = F.normalize(encode(enc, normalize_images(images.flatten(0, 1)), device=self.device), dim=-1)
             return feats.reshape(n_classes, variants, -1).mean(1)
         X, y = self.split(task, "train")
+        rows = self.head_example_rows(task)
+        return torch.stack([F.normalize(encode(enc, X[rows[y[rows] == c]], device=self.device), dim=-1).mean(0)
+                            for c in range(len(TASK_CLASSES[task]))])
+
+    def head_example_rows(self, task: str) -> torch.Tensor:
+        """Rows ``(n,)`` int64 of ``task``'s training split that its frozen head was built from: none for
+        canonical heads (they come from clean renderings); with ``heads="shots"``, the first
+        ``head_shots`` of each class in a permutation seeded with 0, grouped by class. The one rule that
+        :meth:`head_prototypes` builds from and that measurements on training data exclude
+        (:func:`mergelab.analysis.generalization.head_example_indices`)."""
+        if self.config.heads == "canonical":
+            return torch.empty(0, dtype=torch.long)
+        _, y = self.split(task, "train")
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-        rows = []
-        for c in range(len(TASK_CLASSES[task])):
-            idx = order[y[order] == c][: self.config.head_shots]
-            rows.append(F.normalize(encode(enc, X[idx], device=self.device), dim=-1).mean(0))
-        return torch.stack(rows)
+        return torch.cat([order[y[order] == c][: self.config.head_shots] for c in range(len(TASK_CLASSES[task]))])
 
     @property
     def heads(self) -> dict[str, ClassificationHead]:
