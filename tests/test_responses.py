@@ -39,6 +39,17 @@ class FakeBench:
         return task
 
 
+def test_an_evaluation_code_bump_gives_responses_a_new_cache_key(data_dir, monkeypatch):
+    """Cached responses are evaluations: a bump of the evaluation code's version must not read those that
+    older code wrote."""
+    from mergelab import codeversion
+
+    state = {k: v.clone() for k, v in torch.nn.Linear(3, 3).state_dict().items()}
+    before = ResponseEvaluator(FakeBench(), split="val")._cache_path(state)
+    monkeypatch.setitem(codeversion.CODE_VERSIONS, "evaluation", codeversion.CODE_VERSIONS["evaluation"] + 1)
+    assert ResponseEvaluator(FakeBench(), split="val")._cache_path(state) != before
+
+
 def test_subset_matches_full_and_full_is_cached(data_dir):
     bench = FakeBench()
     ev = ResponseEvaluator(bench, split="val")

@@ -32,11 +32,13 @@ CODE_VERSIONS: dict[str, int] = {"pretrain": 2, "finetune": 1, "trajectory": 1, 
 SOURCES: dict[str, tuple[str, ...]] = {
     "pretrain": ("training/pretrain.py", "models.py", "benchmarks/tiny/data.py", "benchmarks/tiny/pretext.py"),
     "finetune": ("training/finetune.py", "models.py", "benchmarks/base.py", "benchmarks/tiny/benchmark.py",
-                 "benchmarks/clip/benchmark.py", "benchmarks/clip/training.py"),
+                 "benchmarks/clip/benchmark.py", "benchmarks/clip/training.py",
+                 "training/sweep.py"),  # the sweep's loop writes experts under the same keys
     "trajectory": ("training/trajectories.py", "training/finetune.py", "models.py"),
     "scratch": ("training/scratch.py", "alignment/architectures.py"),  # chapter 06's models from different seeds
     "evaluation": ("benchmarks/base.py", "benchmarks/tiny/benchmark.py", "benchmarks/clip/benchmark.py",
-                   "benchmarks/clip/datasets.py", "benchmarks/clip/model.py", "models.py"),  # cached accuracies and losses per weights
+                   "benchmarks/clip/datasets.py", "benchmarks/clip/model.py", "models.py",
+                   "analysis/generalization.py", "analysis/responses.py"),  # cached accuracies, losses and responses per weights
     "merge": ("experiments/ch06_c2m3.py", "experiments/ch06_store.py", "alignment/frank_wolfe.py",
               "alignment/matching.py", "alignment/repair.py", "alignment/specs.py", "alignment/architectures.py",
               "training/scratch.py"),  # chapter 06's merge jobs: alignments, merges, REPAIR, their evaluation

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import paths
+from .. import codeversion, paths
 from ..models import load_encoder_state
 from ..utils import StateDict, atomic_save_npz, config_hash, state_digest
 
@@ -46,7 +46,8 @@ class ResponseEvaluator:
         self.forward_passes = 0
         self._encoder: torch.nn.Module | None = None
         self._key = config_hash({"benchmark": bench.key, "split": split, "tasks": self.tasks,
-                                 "heads": [bench.head_digest(t) for t in self.tasks]})
+                                 "heads": [bench.head_digest(t) for t in self.tasks],
+                                 **codeversion.key_part("evaluation")})
 
     def settings(self) -> dict[str, Any]:
         """The constructor's arguments but the benchmark: ``ResponseEvaluator(bench, **ev.settings())``
