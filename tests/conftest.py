@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -74,16 +75,34 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
 
 
+def smoke_data_dir() -> Path:
+    """The smoke book's cache folder, ``<data dir>/tests/smoke-<package fingerprint>``
+    (:func:`mergelab.codeversion.package_fingerprint`): any change to the package's code or shipped data
+    starts an empty one, and the folders of other code are removed (they can never be read again)."""
+    from mergelab import codeversion, paths
+
+    root = paths.data_dir() / "tests"
+    mine = root / f"smoke-{codeversion.package_fingerprint()}"
+    for old in root.glob("smoke-*"):
+        if old != mine and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    mine.mkdir(parents=True, exist_ok=True)
+    return mine
+
+
 @pytest.fixture(scope="session")
 def smoke_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     """``make report PROFILE=smoke`` into a temporary folder, once per test session.
 
     Every notebook is executed with ``params/smoke`` through the command users run, and the book is
     rendered; notebook tests read the results JSON it wrote, the end-to-end test checks the book.
+    Its caches (pretrained encoder, experts, evaluations) live in :func:`smoke_data_dir`, named by the
+    package's fingerprint, so the notebook tests never reuse an artifact that other code made.
     Returns the reports folder and the finished ``make`` process (check its ``returncode``).
     """
     reports = tmp_path_factory.mktemp("smoke-report")
     env = {k: v for k, v in os.environ.items() if k not in ("MERGELAB_RESULTS_DIR", "MERGELAB_REPORTS_DIR")}
+    env["MERGELAB_DATA_DIR"] = str(smoke_data_dir())
     completed = subprocess.run(["make", "report", "PROFILE=smoke", f"REPORTS={reports}"], cwd=ROOT, env=env,
                                capture_output=True, text=True)
     return reports, completed

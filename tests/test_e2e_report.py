@@ -31,3 +31,17 @@ def test_make_report_smoke_builds_the_book(smoke_report) -> None:
     for notebook in notebooks:
         result = reports / "results" / f"{notebook.stem}.json"
         assert result.is_file(), f"{notebook.stem} wrote no results JSON"
+
+
+@pytest.mark.e2e
+def test_the_smoke_book_caches_its_artifacts_under_the_fingerprint_of_the_code_that_made_them(smoke_report) -> None:
+    """The notebook tests read results whose experts and encoder the current code made: the smoke book's
+    cache folder is named by the package's fingerprint (a fresh one after any code change), and holds
+    what the book trained; no other code's folder is left beside it."""
+    from conftest import smoke_data_dir
+    from mergelab import codeversion
+
+    folder = smoke_data_dir()
+    assert folder.name == f"smoke-{codeversion.package_fingerprint()}"
+    assert list(folder.rglob("expert-*.safetensors")), f"the smoke book trained no expert into {folder}"
+    assert [p.name for p in folder.parent.glob("smoke-*")] == [folder.name]
