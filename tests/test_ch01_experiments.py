@@ -1,0 +1,247 @@
+"""Chapter 01's experiment code (mergelab.experiments.ch01_stability): the merge plan, the merges
+measured and bounded, the curvature estimate, the per-expert table, and the correlations and tables the
+chapter's claims are read from. Pure functions are checked on tables whose answers are known; the
+ones that train and measure run on a benchmark small enough for seconds."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mergelab
+from mergelab.analysis.generalization import measure_merge
+from mergelab.analysis.stability import REGIMES, Curvature
+from mergelab.experiments.ch01_stability import (
+    ExpertGrid,
+    estimate_curvature,
+    expert_table,
+    heterogeneity_table,
+    hyperparameter_effects,
+    plan_merges,
+    rank_correlations,
+    run_merges,
+)
+from mergelab.merging import merge
+from mergelab.task_vectors import TaskVector
+from mergelab.training import FinetuneConfig
+from mergelab.training.sweep import checkpoint_state, sweep
+
+BASE = FinetuneConfig(optimizer="sgd", lr=0.02, batch_size=8, num_steps=4, schedule="constant", warmup_steps=0,
+                      weight_decay=1e-4, momentum=0.9, grad_clip=1.0, seed=0)
+SMALL = dict(tasks=["colours", "position", "size"], data={"n_train": 48, "n_val": 16, "n_test": 24, "n_pretext": 64},
+             model={"width": 16, "layers": 1, "heads": 2, "patch_size": 8},
+             pretrain={"num_steps": 2, "batch_size": 16, "warmup_steps": 1})
+
+
+# ----------------------------------------------------------------------------- the plan
+def grid(**kw) -> ExpertGrid:
+    return ExpertGrid(**{"base": BASE, "levels": {"lr": (0.01, 0.02, 0.03), "batch_size": (4, 8, 12)},
+                         "checkpoints": (2,), "seeds": (0, 1), **kw})
+
+
+def test_the_plan_has_every_recipe_and_checkpoint_per_draw_and_spreads_each_hyperparameter_once():
+    g = grid()
+    specs = plan_merges(g, ["colours", "position", "size", "shapes"], merge_size=3, num_draws=3, seed=5,
+                        sparsify={"ties": {"density": 0.2}})
+    assert [s.draw for s in specs] == sorted(s.draw for s in specs)
+    for d in range(3):
+        mine = [s for s in specs if s.draw == d]
+        tasks = {tuple(t for t, _ in s.experts) for s in mine}
+        assert len(tasks) == 1 and len(next(iter(tasks))) == 3  # one subset of three tasks per draw
+        seed = g.seeds[d % 2]
+        assert all(c.seed == seed for s in mine for _, c in s.experts)
+        homo = [s for s in mine if s.kind == "homogeneous" and s.method == "weight_averaging"]
+        # one at a time: the centre, two other learning rates and two other batch sizes, at steps 2 and 4
+        assert len(homo) == 5 * 2
+        assert all(len({c for _, c in s.experts}) == 1 for s in homo)
+        # varied: what differs from the centre recipe, the earlier checkpoint's step count included
+        assert sorted(s.varied for s in homo) == sorted([(), ("lr",), ("lr",), ("batch_size",), ("batch_size",)]
+                                                        + [v + ("num_steps",) for v in ((), ("lr",), ("lr",),
+                                                                                         ("batch_size",), ("batch_size",))])
+        hetero = [s for s in mine if s.kind == "heterogeneous" and s.method == "weight_averaging"]
+        assert sorted(s.varied for s in hetero) == [("batch_size",), ("lr",)]
+        for s in hetero:  # each level once, the other hyperparameters at the centre, the centre's step count
+            h = s.varied[0]
+            assert sorted(getattr(c, h) for _, c in s.experts) == sorted(g.levels[h])
+            assert all(replace(c, **{h: g.centre(h)}) == replace(BASE, seed=seed) for _, c in s.experts)
+        ties = [s for s in mine if s.method == "ties"]
+        assert len(ties) == 1 + 2 and all(s.options == (("density", 0.2),) for s in ties)
+        assert sorted(s.varied for s in ties) == [(), ("batch_size",), ("lr",)]
+        assert all(c.num_steps == BASE.num_steps for s in ties for _, c in s.experts)
+    assert plan_merges(g, ["colours", "position", "size", "shapes"], 3, 3, seed=5,
+                       sparsify={"ties": {"density": 0.2}}) == specs  # same seed, same plan
+    assert plan_merges(g, ["colours", "position", "size", "shapes"], 3, 3, seed=6,
+                       sparsify={"ties": {"density": 0.2}}) != specs  # another seed, other subsets or orders
+
+
+def test_levels_that_cannot_be_spread_evenly_get_no_heterogeneous_merge_and_bad_sizes_are_named():
+    specs = plan_merges(grid(), ["colours", "position", "size", "shapes"], merge_size=2, num_draws=1)
+    assert not [s for s in specs if s.kind == "heterogeneous"]  # three levels over two tasks
+    with pytest.raises(ValueError, match=r"merge_size=5 is not valid; use 1..4"):
+        plan_merges(grid(), ["colours", "position", "size", "shapes"], merge_size=5)
+    with pytest.raises(ValueError, match=r"num_draws=0 is not valid"):
+        plan_merges(grid(), ["colours", "position", "size"], num_draws=0)
+    with pytest.raises(ValueError, match=r"must include the centre value 0.02"):
+        ExpertGrid(base=BASE, levels={"lr": (0.01, 0.03)})
+
+
+# ----------------------------------------------------------------------------- correlations and tables
+def merges_table(rng: np.random.Generator, sign: float = 1.0) -> pd.DataFrame:
+    """Two draws of homogeneous merges along lr and batch size plus heterogeneous ones; the measured gap
+    is a strictly increasing function of the predicted bound within each draw (``sign`` -1: decreasing),
+    and draw 1 sits higher; no two merges share a value."""
+    rows = []
+    for draw, offset in ((0, 0.0), (1, 5.0)):
+        for varied, level, pred in (("centre", 0, 1.0), ("lr", 1, 2.0), ("lr", 2, 4.0), ("batch_size", 1, 0.5),
+                                    ("batch_size", 2, 0.25)):
+            rows.append({"draw": draw, "kind": "homogeneous", "varied": varied, "method": "weight_averaging",
+                         "bound": pred ** (1 + draw / 2), "gap_vs_pretrained": offset + sign * np.log(pred ** (1 + draw / 2)),
+                         "test_accuracy": 0.5 - 0.1 * np.log(pred), "mean_lr": level, "mean_batch_size": level,
+                         "generalization_gap": 0.0, "train_loss": 1.0})
+        for varied, pred in (("lr", 3.0), ("batch_size", 0.7)):
+            rows.append({"draw": draw, "kind": "heterogeneous", "varied": varied, "method": "weight_averaging",
+                         "bound": pred ** (1 + draw / 2), "gap_vs_pretrained": offset + sign * np.log(pred ** (1 + draw / 2)),
+                         "test_accuracy": 0.4, "mean_lr": 1, "mean_batch_size": 1,
+                         "generalization_gap": 0.0, "train_loss": 1.0})
+    table = pd.DataFrame(rows)
+    ties = table.copy()  # sparsified merges have no bound and must not enter the correlations
+    ties["method"], ties["bound"], ties["gap_vs_pretrained"] = "ties", np.nan, -ties["gap_vs_pretrained"]
+    return pd.concat([table, ties], ignore_index=True)
+
+
+def test_rank_correlations_read_simple_averaging_merges_overall_within_draws_and_per_hyperparameter():
+    table = merges_table(np.random.default_rng(0))
+    out = rank_correlations(table, "bound", n_resamples=200)
+    assert out["overall"]["n"] == 14  # the 14 simple-averaging merges, not the sparsified ones
+    assert out["overall"]["spearman_within_draw"] == pytest.approx(1.0)  # draws' offsets removed
+    assert out["overall"]["spearman"] < 1.0  # across draws the offset breaks the order
+    for h in ("lr", "batch_size"):  # the centre and the two other levels, in both draws
+        assert out[h]["n"] == 6 and out[h]["spearman_within_draw"] == pytest.approx(1.0)
+        assert out[h]["spearman"] < 1.0 and out[h]["ci_low"] <= out[h]["spearman"] <= out[h]["ci_high"]
+    assert out["num_steps"]["n"] == 2 and np.isnan(out["num_steps"]["spearman"])  # too few merges: NaN
+    reversed_ = rank_correlations(merges_table(np.random.default_rng(0), sign=-1.0), "bound", n_resamples=200)
+    assert reversed_["lr"]["spearman_within_draw"] == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="'nonsense'"):
+        rank_correlations(table, "nonsense")
+
+
+def test_a_constant_measured_column_gives_no_correlation_rather_than_a_number():
+    table = merges_table(np.random.default_rng(0))
+    table["gap_vs_pretrained"] = 0.25
+    out = rank_correlations(table, "bound", n_resamples=50)
+    assert np.isnan(out["overall"]["spearman"]) and np.isnan(out["overall"]["p_value"])
+
+
+def test_heterogeneity_table_pairs_each_spread_merge_with_its_draws_centre():
+    table = merges_table(np.random.default_rng(0))
+    het = heterogeneity_table(table, "bound")
+    assert len(het) == 2 * 2 * 2  # draws x methods x spread hyperparameters
+    for _, r in het.iterrows():
+        centre = table[(table["draw"] == r["draw"]) & (table["method"] == r["method"])
+                       & (table["kind"] == "homogeneous") & (table["varied"] == "centre")].iloc[0]
+        spread = table[(table["draw"] == r["draw"]) & (table["method"] == r["method"])
+                       & (table["kind"] == "heterogeneous") & (table["varied"] == r["hyperparameter"])].iloc[0]
+        assert r["gap_homogeneous"] == centre["gap_vs_pretrained"]
+        assert r["gap_heterogeneous"] == spread["gap_vs_pretrained"]
+        assert r["test_acc_heterogeneous"] == spread["test_accuracy"]
+    no_centre = table[~((table["draw"] == 1) & (table["varied"] == "centre"))]
+    assert set(heterogeneity_table(no_centre, "bound")["draw"]) == {0}  # a draw without its centre is left out
+
+
+def test_hyperparameter_effects_are_relative_to_the_same_draws_centre():
+    table = merges_table(np.random.default_rng(0))
+    effects = hyperparameter_effects(table, grid(), "bound")
+    assert len(effects) == 2 * 2 * 3  # hyperparameters x draws x (centre and two levels)
+    assert (effects[effects["level"] == 0]["predicted_relative"] == 1.0).all()
+    lr = effects[(effects["hyperparameter"] == "lr") & (effects["level"] == 2)]
+    assert list(lr["predicted_relative"]) == pytest.approx([4.0, 8.0])  # 4 / 1 in draw 0, 4 ** 1.5 / 1 in draw 1
+
+
+# ----------------------------------------------------------------------------- measured on a small benchmark
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    previous = os.environ.get("MERGELAB_DATA_DIR")
+    os.environ["MERGELAB_DATA_DIR"] = str(tmp_path_factory.mktemp("ch01-data"))
+    yield mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
+    if previous is None:
+        os.environ.pop("MERGELAB_DATA_DIR")
+    else:
+        os.environ["MERGELAB_DATA_DIR"] = previous
+
+
+@pytest.fixture(scope="module")
+def small_grid(bench) -> ExpertGrid:
+    g = ExpertGrid(base=BASE, levels={"lr": (0.01, 0.02, 0.03)}, checkpoints=(2,), seeds=(0,))
+    sweep(bench, g.configs(), ["colours", "position", "size"], steps=list(g.steps), probe_size=2, progress=False)
+    return g
+
+
+def test_estimate_curvature_aggregates_the_points_of_each_step(bench, small_grid):
+    pre = bench.pretrained_state()
+    late = checkpoint_state(bench, "colours", small_grid.at(4))
+    points = [("colours", 0, pre), ("position", 0, pre), ("size", 0, pre), ("colours", 4, late)]
+    worst, rows = estimate_curvature(bench, points, batch_size=8, iters=3)
+    assert [(r["task"], r["step"]) for r in rows] == [(t, s) for t, s, _ in points]
+    assert worst.steps == (0, 4)
+    at0 = [r for r in rows if r["step"] == 0]
+    assert worst.beta[0] == pytest.approx(max(r["lambda_max"] for r in at0))
+    assert worst.rho[0] == pytest.approx(max(-r["lambda_min"] for r in at0))
+    assert worst.beta[1] == pytest.approx(rows[3]["lambda_max"])
+    median, again = estimate_curvature(bench, points, batch_size=8, iters=3, aggregate="median")
+    assert [r["lambda_max"] for r in again] == [r["lambda_max"] for r in rows]  # same seeds, same iterations
+    assert median.beta[0] == pytest.approx(float(np.median([r["lambda_max"] for r in at0])))
+    assert median.beta[0] <= worst.beta[0]
+    constant, _ = estimate_curvature(bench, points[:1], batch_size=8, iters=3)
+    assert constant.steps is None and constant.beta == pytest.approx(rows[0]["lambda_max"])
+    with pytest.raises(ValueError, match="aggregate='mean' is not valid; use one of max, median"):
+        estimate_curvature(bench, points, aggregate="mean")
+    with pytest.raises(ValueError, match="points is empty"):
+        estimate_curvature(bench, [])
+
+
+def test_run_merges_measures_each_planned_merge_and_bounds_only_simple_averaging(bench, small_grid):
+    specs = plan_merges(small_grid, ["colours", "position", "size"], merge_size=3, num_draws=1, seed=0,
+                        sparsify={"ties": {"density": 0.5}})
+    specs = [s for s in specs if s.varied in ((), ("lr",)) and s.experts[0][1].num_steps == 4]
+    curvature = Curvature(beta=2.0, rho=1.0)
+    table = run_merges(bench, specs, curvature, max_examples=16, probe_size=2, progress=False)
+    assert len(table) == len(specs) and set(table["method"]) == {"weight_averaging", "ties"}
+    averaging, ties = table[table["method"] == "weight_averaging"], table[table["method"] == "ties"]
+    for regime in REGIMES:
+        assert (averaging[f"bound_{regime}"] > 0).all() and np.isfinite(averaging[f"bound_{regime}"]).all()
+        assert ties[f"bound_{regime}"].isna().all()  # the bound says nothing about sparsified merges
+    assert np.isfinite(averaging["lipschitz"]).all() and ties["lipschitz"].isna().all()
+    # a row is the merge measured: the centre's simple average measured directly gives the same numbers
+    centre = next(s for s in specs if s.kind == "homogeneous" and s.method == "weight_averaging")
+    row = table.iloc[specs.index(centre)]
+    pre = bench.pretrained_state()
+    tvs = [TaskVector.from_states(pre, checkpoint_state(bench, t, c)) for t, c in centre.experts]
+    direct = measure_merge(bench, merge("weight_averaging", pre, tvs), dict(centre.experts), max_examples=16,
+                           seed=centre.draw, reference=pre)
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        assert row[key] == pytest.approx(direct[key], abs=1e-6), key
+    assert row["gap_vs_pretrained"] == pytest.approx(direct["gap_vs_reference"], abs=1e-6)
+    assert row["tasks"] == "colours+position+size" and row["mean_lr"] == pytest.approx(BASE.lr)
+    spread = table[(table["kind"] == "heterogeneous") & (table["method"] == "weight_averaging")].iloc[0]
+    assert sorted(float(v) for v in spread["lr"].split(",")) == [0.01, 0.02, 0.03]
+    assert spread["mean_lr"] == pytest.approx(0.02)
+
+
+def test_expert_table_measures_each_expert_on_its_own_task_at_every_level_and_step(bench, small_grid):
+    table = expert_table(bench, small_grid, ["colours"], "lr", max_examples=16,
+                         curvature=Curvature(beta=2.0, rho=1.0), probe_size=2)
+    assert len(table) == 3 * 2 and sorted(set(table["step"])) == [2, 4]
+    assert sorted(set(table["level"])) == [0.01, 0.02, 0.03]
+    assert (table["bound"] > 0).all() and np.isfinite(table["lipschitz"]).all()
+    cfg = small_grid.at(4)
+    direct = measure_merge(bench, checkpoint_state(bench, "colours", cfg), {"colours": cfg}, max_examples=16,
+                           reference=bench.pretrained_state())
+    row = table[(table["level"] == 0.02) & (table["step"] == 4)].iloc[0]
+    assert row["test_loss"] == pytest.approx(direct["test_loss"], abs=1e-6)
+    assert row["gap_vs_pretrained"] == pytest.approx(direct["gap_vs_reference"], abs=1e-6)
+    with pytest.raises(ValueError, match="hyperparameter='num_steps' is not valid"):
+        expert_table(bench, small_grid, ["colours"], "num_steps")
