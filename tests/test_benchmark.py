@@ -117,6 +117,17 @@ def test_same_seed_same_pretrained_weights(data_dir, tmp_path, monkeypatch):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+def test_a_change_to_the_data_settings_is_another_encoder_other_experts_and_other_evaluations(bench):
+    """The data settings (sizes of the splits and of the pretext pool) are in every cache key of the tiny
+    size: other data never read an encoder, an expert or an evaluation made on these."""
+    for change in ({"n_train": 48}, {"n_test": 24}, {"n_pretext": 48}):
+        other = mergelab.load_benchmark("tiny", device="cpu", progress=False, **{**SMALL, "data": {**SMALL["data"], **change}})
+        assert other.encoder_key != bench.encoder_key and other.cache_dir != bench.cache_dir, change
+        assert other.key != bench.key, change
+        assert other.run_key("expert", ["size"], FT) != bench.run_key("expert", ["size"], FT), change
+        assert other._eval_key("size", "val") != bench._eval_key("size", "val"), change
+
+
 def test_other_heads_reuse_the_pretrained_encoder_and_keep_their_experts_apart(bench, monkeypatch):
     pretrained = bench.pretrained_state()
     other = mergelab.load_benchmark("tiny", device="cpu", progress=False, **{**SMALL, "logit_scale": 10.0})

@@ -424,6 +424,25 @@ def test_force_reruns_an_up_to_date_notebook_and_profiles_share_a_folder(
     assert json.loads((out / "results" / "00_alpha.json").read_text()) == {"value": 2}
 
 
+@pytest.mark.parametrize("force", ["1", ""])
+def test_make_report_force_reaches_the_runner_as_force(force: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``make report FORCE=1`` (the README's way to re-run everything) is the command line's ``--force``,
+    and that is ``build_report(force=True)``, the path the test above runs; without it, ``False``."""
+    import shlex
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "report", f"FORCE={force}", "PROFILE=smoke",
+                          "REPORTS=/nonexistent/reports"], cwd=root, capture_output=True, text=True, check=True)
+    line = [x for x in dry.stdout.replace("\\\n", " ").splitlines() if "-m mergelab.report" in x][-1]
+    words = shlex.split(line)
+    argv = words[words.index("mergelab.report") + 1:]
+    seen: dict = {}
+    monkeypatch.setattr(report, "build_report", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
+    assert report.main(argv) == 0
+    assert seen["args"][:4] == ("smoke", Path("/nonexistent/reports"), None, bool(force))
+
+
 def test_a_missing_kernel_is_a_clear_error_before_anything_runs(tmp_path: Path) -> None:
     with pytest.raises(report.ReportError, match="kernel 'no-such-mergelab-kernel' is not installed: run `make env`"):
         report.check_kernel("no-such-mergelab-kernel")
