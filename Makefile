@@ -84,9 +84,10 @@ bench: env ## run every perf/bench_*.py
 	done
 
 LAB_ARGS ?=## extra JupyterLab options, e.g. LAB_ARGS='--port 8890 --no-browser'
+LAB_DIR ?= notebooks## the folder JupyterLab opens (the browser test opens a copy of the chapters)
 
 lab: env ## open the notebooks in JupyterLab with the project's kernel; chapters are saved without outputs (LAB_ARGS passed through)
-	$(VENV)/bin/jupyter lab notebooks/ --FileContentsManager.pre_save_hook=mergelab.lab.strip_on_save \
+	$(VENV)/bin/jupyter lab $(LAB_DIR) --FileContentsManager.pre_save_hook=mergelab.lab.strip_on_save \
 		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 clean-report: ## remove executed notebooks, the book, results, figures and stamps from REPORTS

@@ -159,26 +159,42 @@ def smoke_copy_of_notebooks(folder: Path) -> Path:
 
 
 def start_lab(folder: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """JupyterLab as ``make lab`` starts it, on 127.0.0.1, a free port and a token; returns it and its URL."""
+    """JupyterLab started by ``make lab`` itself (its kernel, its strip-on-save hook), on ``folder``
+    (``LAB_DIR``), 127.0.0.1, a free port and a token; returns the ``make`` process (the leader of its
+    own process group, so that :func:`stop_lab` stops the server too) and the notebook's URL."""
     port, token = free_port(), secrets.token_hex(16)
-    command = [str(Path(sys.executable).with_name("jupyter")), "lab", str(folder), "--no-browser", "--ip=127.0.0.1",
-               f"--port={port}", f"--IdentityProvider.token={token}", "--ServerApp.port_retries=0"]
-    if hasattr(os, "getuid") and os.getuid() == 0:
-        command.append("--allow-root")
+    lab_args = f"--no-browser --ip=127.0.0.1 --port={port} --IdentityProvider.token={token} --ServerApp.port_retries=0"
+    command = ["make", "--no-print-directory", "lab", f"LAB_DIR={folder}", f"LAB_ARGS={lab_args}",
+               f"VENV={Path(sys.executable).parents[1]}"]
     log = open(folder.parent / "jupyterlab.log", "w")
-    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise AssertionError("JupyterLab exited: " + (folder.parent / "jupyterlab.log").read_text()[-3000:])
+            raise AssertionError("make lab exited: " + (folder.parent / "jupyterlab.log").read_text()[-3000:])
         try:
             with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2):
                 return server, f"{url}/lab/tree/{CHAPTER}.ipynb?token={token}"
         except OSError:
             time.sleep(0.5)
-    server.terminate()
-    raise AssertionError("JupyterLab did not answer within 90 s")
+    stop_lab(server)
+    raise AssertionError("JupyterLab did not answer within 120 s: " + (folder.parent / "jupyterlab.log").read_text()[-3000:])
+
+
+def stop_lab(server: subprocess.Popen) -> None:
+    """Stop ``make lab`` and the JupyterLab server it started (their process group)."""
+    import signal
+
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
 
 
 @pytest.mark.timeout(1800)  # chapter 00 at smoke: 721 s on 2 shared cores at load ~20; far less on an idle machine
@@ -190,6 +206,7 @@ def test_jupyterlab_runs_chapter_00_at_smoke(browser, tmp_path: Path) -> None:
            "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "lab-workspaces")}
     server, url = start_lab(notebook.parent, env)
     console: list[str] = []
+    page = None
     try:
         page = open_page(browser, url, console)
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
@@ -200,9 +217,12 @@ def test_jupyterlab_runs_chapter_00_at_smoke(browser, tmp_path: Path) -> None:
         start = time.monotonic()
         page.get_by_role("menuitem", name="Run", exact=True).click()
         page.locator("li.lm-Menu-item[data-command='runmenu:run-all']").click()  # Run > Run All Cells
-        page.wait_for_function(  # every code cell has run: an execution count and no [*]
+        page.wait_for_function(  # every code cell has run (an execution count, no [*]), or one failed:
+            # Run All stops at an error, and the cells after it would never get a count
             """() => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent);
-                       return p.length > 0 && p.every(t => /\\[\\d+\\]/.test(t)); }""", timeout=1_500_000)
+                       const failed = [...document.querySelectorAll('.jp-OutputArea-output')]
+                           .some(o => o.innerText.includes('Traceback (most recent call last)'));
+                       return failed || (p.length > 0 && p.every(t => /\\[\\d+\\]/.test(t))); }""", timeout=1_500_000)
         page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
         seconds = time.monotonic() - start
         print(f"JupyterLab ran {CHAPTER} at smoke in {seconds:.0f} s")
@@ -213,14 +233,11 @@ def test_jupyterlab_runs_chapter_00_at_smoke(browser, tmp_path: Path) -> None:
         image = page.locator(".jp-OutputArea-output img").first
         image.scroll_into_view_if_needed()
         assert image.evaluate("i => i.complete && i.naturalWidth > 0 && i.naturalHeight > 0"), "the first figure did not render"
-        page.screenshot(path=str(tmp_path / "jupyterlab.png"))
         results = tmp_path / "reports" / "results" / f"{CHAPTER}.json"
         assert json.loads(results.read_text())["provenance"]["parameters"]["profile"] == "smoke"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        if page is not None:  # what the page showed, passed or failed
+            page.screenshot(path=str(tmp_path / "jupyterlab.png"))
+        stop_lab(server)
     assert server.returncode is not None
     assert not console, console
