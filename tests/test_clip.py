@@ -592,6 +592,9 @@ def run_at_clip_smoke(name: str, tmp_path: Path) -> tuple[dict, str]:
     assert not [o for o in outputs if o.get("output_type") == "error"]
     results = json.loads((reports / "results" / f"{name}.json").read_text())
     assert results["benchmark"] == "clip" and results["provenance"]["parameters"]["profile"] == "clip_smoke"
+    from mergelab.report.claims import check_claims
+
+    check_claims(name, results)  # the claims stored follow from the numbers stored (where the JSON holds them all)
     shown = "\n".join("".join(o["data"]["text/markdown"]) for o in outputs if "text/markdown" in o.get("data", {}))
     return results, shown
 

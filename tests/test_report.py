@@ -424,6 +424,36 @@ def test_force_reruns_an_up_to_date_notebook_and_profiles_share_a_folder(
     assert json.loads((out / "results" / "00_alpha.json").read_text()) == {"value": 2}
 
 
+def test_the_claims_page_refuses_claims_that_do_not_follow_from_their_chapters_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chapter of ``RECOMPUTED`` has its claims computed again from its results JSON when the book
+    gathers them: consistent results pass; a status edited by hand (or written by an older rule) stops
+    the book with a message naming the chapter, the claim and the command that re-runs it."""
+    import sys
+    import types
+
+    from mergelab.report import claims as claims_module
+
+    rule = types.ModuleType("fake_chapter_rule")
+    rule.claims_from_results = lambda r: [{"claim": "A beats B", "source": "x", "evidence": {"gap": r["gap"]},
+                                          "status": "reproduced" if r["gap"] > 0 else "not_reproduced"}]
+    monkeypatch.setitem(sys.modules, "fake_chapter_rule", rule)
+    monkeypatch.setitem(claims_module.RECOMPUTED, "00_a", "fake_chapter_rule")
+    results = {"gap": 0.2, "claims": rule.claims_from_results({"gap": 0.2})}
+    (tmp_path / "00_a.json").write_text(json.dumps(results))
+    assert [c["status"] for c in claims_module.gather_claims(tmp_path, ["00_a.ipynb"])] == ["reproduced"]
+    results["gap"] = -0.1  # the numbers say otherwise: the stored word is refused
+    (tmp_path / "00_a.json").write_text(json.dumps(results))
+    with pytest.raises(report.ReportError, match=r"00_a: the claims in its results do not follow from its numbers. "
+                                                  r"Claim 1 is stored as .*reproduced.*make report NOTEBOOKS=00_a FORCE=1"):
+        claims_module.gather_claims(tmp_path, ["00_a.ipynb"])
+    del results["gap"]
+    (tmp_path / "00_a.json").write_text(json.dumps(results))
+    with pytest.raises(report.ReportError, match=r"00_a: its claims cannot be computed again from its results \(KeyError"):
+        claims_module.gather_claims(tmp_path, ["00_a.ipynb"])
+
+
 @pytest.mark.parametrize("force", ["1", ""])
 def test_make_report_force_reaches_the_runner_as_force(force: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``make report FORCE=1`` (the README's way to re-run everything) is the command line's ``--force``,

@@ -240,3 +240,9 @@ def seed_table(summary: Mapping[str, Any], metric: str = "absolute_accuracy") ->
 
     return pd.DataFrame({m: v[metric] for m, v in summary.items()}).T[["mean", "sd", "min", "max", "n"]]
 
+
+def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """:func:`claims` computed again from the chapter's results JSON (its ``seeds``, ``diagnostics`` and
+    ``benchmark``): equal to the ``claims`` stored there when they follow from its numbers
+    (:func:`mergelab.report.claims.check_claims`)."""
+    return claims(results["seeds"], results["diagnostics"], results["benchmark"])

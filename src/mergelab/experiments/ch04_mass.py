@@ -340,3 +340,11 @@ def claims(methods: Mapping[str, Mapping[str, Any]], routing: Mapping[str, float
             "top-k 1 / 2 / 3); validation split, threshold 0.2.", "mass2026",
             bool(max(at.drop(1)) > at[1]), {f"top_k_{k}": float(v) for k, v in at.items()})
     return out
+
+
+def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """:func:`claims` computed again from the chapter's results JSON (methods, routing, storage, timing,
+    ablations, routing block, size): equal to the ``claims`` stored there when they follow from its
+    numbers (:func:`mergelab.report.claims.check_claims`)."""
+    return claims(results["methods"], results["routing"], results["storage_multiple"], results["timing"],
+                  pd.DataFrame(results["ablations"]), results["routing_block"], results["benchmark"])

@@ -432,3 +432,12 @@ def check_p_irt(estimator: Callable[[IRTModel, np.ndarray, np.ndarray, np.ndarra
     one = estimator(model, items[:1], np.ones(1), theta)
     assert abs(one - p_irt(model, items[:1], np.ones(1), theta)) < 1e-9, (
         "with a single answered item the estimate differs from p-IRT's; check the n/N weights.")
+
+
+def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """:func:`claims` computed again from the chapter's results JSON (estimator errors, the GA-population
+    rank study, the methods' rows and the searches per GA seed): equal to the ``claims`` stored there when
+    they follow from its numbers (:func:`mergelab.report.claims.check_claims`)."""
+    return claims(pd.DataFrame(results["estimator_errors"]), pd.DataFrame(results["ga_population_rank_correlation"]),
+                  results["methods"], results["benchmark"],
+                  seeds=None if results.get("search_seeds") is None else pd.DataFrame(results["search_seeds"]))

@@ -447,3 +447,9 @@ def check_cycle_error(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], f
         got = call(ab, bc, ca)
         assert abs(got - want) < 1e-6, (
             f"for random maps the error should be {want:.4f}, got {got:.4f}: " + order)
+
+
+def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """:func:`claims` computed again from the chapter's results JSON (its ``architectures``): equal to the
+    ``claims`` stored there when they follow from its numbers (:func:`mergelab.report.claims.check_claims`)."""
+    return claims(results["architectures"])

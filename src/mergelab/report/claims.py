@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..utils import atomic_write_text
+from ..params import ReportError
+from ..utils import _jsonable, atomic_write_text, finite_or_none
 
 CLAIMS_PAGE = "claims.qmd"
 """The generated page, listed in ``book.chapters`` of ``reports/_quarto.yml`` after the index."""
@@ -22,8 +23,55 @@ CLAIMS_PAGE = "claims.qmd"
 STATUS_LABELS = {"reproduced": "reproduced", "not_reproduced": "**not reproduced**", "not_testable": "not testable"}
 
 
+RECOMPUTED = {
+    "00_benchmark_and_baselines": "mergelab.experiments.ch00_benchmark",
+    "04_mass_routing": "mergelab.experiments.ch04_mass",
+    "05_merge3_irt": "mergelab.experiments.ch05_merge3",
+    "06_cycle_consistent_merging": "mergelab.experiments.ch06_c2m3",
+}
+"""Chapters whose results JSON holds everything their claims are judged on: their module's
+``claims_from_results`` gives the claims again from the stored numbers. (Chapters 01-03 judge theirs on
+tables the JSON keeps only in part; their rules are unit-tested and recomputed in their notebook tests.)"""
+
+
+def check_claims(chapter: str, results: Mapping[str, Any]) -> None:
+    """Check that the claims stored in a chapter's results are what the chapter's rule gives on the
+    numbers stored beside them (chapters of :data:`RECOMPUTED`; others pass).
+
+    A claim marked ``reproduced`` is then backed by evidence that was computed again, not only by a word
+    in a file: results edited by hand, or written by an older rule than the package's, are refused.
+
+    Raises:
+        ReportError: naming the chapter, the first claim that differs, what is stored and what the rule
+            gives, and how to run the chapter again.
+    """
+    module = RECOMPUTED.get(chapter)
+    if module is None:
+        return
+    import importlib
+
+    rule = importlib.import_module(module).claims_from_results
+    try:
+        again = finite_or_none(_jsonable(rule(results)))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ReportError(f"{chapter}: its claims cannot be computed again from its results ({type(err).__name__}: "
+                          f"{err}); run it again: make report NOTEBOOKS={chapter} FORCE=1") from err
+    stored = finite_or_none(list(results.get("claims") or []))
+    if again == stored:
+        return
+    for i in range(max(len(again), len(stored))):
+        mine = stored[i] if i < len(stored) else None
+        theirs = again[i] if i < len(again) else None
+        if mine != theirs:
+            raise ReportError(
+                f"{chapter}: the claims in its results do not follow from its numbers. Claim {i + 1} is stored as "
+                f"{json.dumps(mine)[:600]}; the chapter's rule gives {json.dumps(theirs)[:600]}. Run it again: "
+                f"make report NOTEBOOKS={chapter} FORCE=1")
+
+
 def gather_claims(results_dir: Path, chapters: Sequence[str]) -> list[dict[str, Any]]:
-    """The claims of each chapter in book order: ``{chapter, profile, claim, source, status, evidence}``.
+    """The claims of each chapter in book order: ``{chapter, profile, claim, source, status, evidence}``,
+    each chapter's checked against its own numbers first (:func:`check_claims`).
 
     Args:
         results_dir: ``<reports>/results``.
@@ -38,6 +86,7 @@ def gather_claims(results_dir: Path, chapters: Sequence[str]) -> list[dict[str, 
         if not path.is_file():
             continue
         results = json.loads(path.read_text(encoding="utf-8"))
+        check_claims(Path(chapter).stem, results)
         profile = ((results.get("provenance") or {}).get("parameters") or {}).get("profile", "?")
         for c in results.get("claims") or []:
             out.append({"chapter": Path(chapter).stem, "profile": profile, **c})
