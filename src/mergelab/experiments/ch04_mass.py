@@ -346,5 +346,12 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """:func:`claims` computed again from the chapter's results JSON (methods, routing, storage, timing,
     ablations, routing block, size): equal to the ``claims`` stored there when they follow from its
     numbers (:func:`mergelab.report.claims.check_claims`)."""
-    return claims(results["methods"], results["routing"], results["storage_multiple"], results["timing"],
-                  pd.DataFrame(results["ablations"]), results["routing_block"], results["benchmark"])
+    def nan(value: Any) -> Any:  # the JSON is strict: a NaN the chapter measured (an empty split) was written as null
+        if isinstance(value, Mapping):
+            return {k: nan(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [nan(v) for v in value]
+        return float("nan") if value is None else value
+
+    return claims(nan(results["methods"]), nan(results["routing"]), results["storage_multiple"], nan(results["timing"]),
+                  pd.DataFrame(nan(results["ablations"])), results["routing_block"], results["benchmark"])
