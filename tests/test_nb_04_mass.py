@@ -82,3 +82,13 @@ def test_claims_table(results):
         assert set(c) == {"claim", "source", "status", "evidence"}
         assert c["status"] in {"reproduced", "not_reproduced", "not_testable"}
         assert c["source"] == "mass2026"
+
+
+def test_routing_finds_the_task_far_more_often_than_chance(results):
+    """The science the chapter rests on, at a size where it holds (smoke: routing .85 with about two tasks
+    selected of four, argmax .51): the selected set holds the true task far more often than a random set
+    of the same size would (``mean_selected / T``), and the argmax is the true task far above ``1 / T``.
+    A router that reads the wrong token, the wrong matrix or random residuals falls to chance."""
+    routing, T = results["routing"], len(results["tasks"])
+    assert results["routing_accuracy"] >= routing["mean_selected"] / T + 0.2, routing
+    assert routing["argmax_true"] >= 1 / T + 0.15, routing
