@@ -193,6 +193,16 @@ def finite_or_none(value: Any) -> Any:
     return value
 
 
+def nan_for_none(value: Any) -> Any:
+    """``value`` with every ``None`` inside it replaced by NaN, recursively: the inverse of
+    :func:`finite_or_none` for numbers read back from strict JSON (a measured NaN was written as null)."""
+    if isinstance(value, Mapping):
+        return {k: nan_for_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [nan_for_none(v) for v in value]
+    return float("nan") if value is None else value
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) atomically."""
     return _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))

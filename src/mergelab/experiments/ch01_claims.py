@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis.statistics import claim, directional_status, format_ci, mean_ci, spearman_ci
+from ..utils import nan_for_none
 from .ch01_stability import ExpertGrid
 
 SOURCE = "li2026generalization"
@@ -210,3 +211,20 @@ def recommendations_markdown(eff: Mapping[str, Mapping[str, Any]], correlations:
     head = ("No hyperparameter's effect separates from zero at this size: **this size supports no recommendation**; "
             "the intervals below say how large an effect it could have missed.\n\n" if supported == 0 else "")
     return head + "\n".join(lines)
+
+
+def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """:func:`claims` computed again from the chapter's results JSON: the merges table, the experts along
+    the learning rate, the rank correlations per regime, the grid (centre, fine-tuning recipe, levels,
+    step counts, seeds) and the sparsifying methods in the order they were merged. Equal to the
+    ``claims`` stored there when they follow from its numbers (:func:`mergelab.report.claims.check_claims`)."""
+    from ..training import FinetuneConfig
+
+    g = results["grid"]
+    grid = ExpertGrid(FinetuneConfig(**g["finetune"], **g["centre"], seed=g["seeds"][0]),
+                      {k: tuple(v) for k, v in g["levels"].items()}, checkpoints=tuple(g["checkpoints"]),
+                      seeds=tuple(g["seeds"]), factorial=g["factorial"])
+    merges = pd.DataFrame(nan_for_none(results["merges"]))  # strict JSON: NaN (no bound for sparsified merges) was null
+    sparsify = [m for m in dict.fromkeys(merges["method"]) if m != "weight_averaging"]
+    return claims(merges, pd.DataFrame(nan_for_none(results["experts_by_lr"])), nan_for_none(results["rank_correlation"]),
+                  grid, results["benchmark"], sparsify=sparsify)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis.statistics import band_status, bootstrap_ci, claim, directional_status, mean_ci
+from ..utils import nan_for_none
 
 SOURCE = "zhou2025gradients"
 """Bibliography key of the seed paper (reports/references.bib)."""
@@ -198,3 +199,13 @@ def claims(results: Mapping[str, Any], alignment: Any, slopes: Mapping[str, Any]
             {**iv, "predicted": pred, "learning_rates_in_regime": reg["learning_rates"],
              "at_rounding_floor": reg.get("at_rounding_floor", {}).get(q, []), "all_learning_rates": slopes["all"][q]})
     return out
+
+
+def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """:func:`claims` computed again from the chapter's results JSON (the per-epoch alignment rows, the
+    Taylor slopes, E, the experts' gain over zero-shot and the learning rates the alignment claims read):
+    equal to the ``claims`` stored there when they follow from its numbers
+    (:func:`mergelab.report.claims.check_claims`)."""
+    r = nan_for_none(results)  # strict JSON: NaN was null
+    return claims(r, pd.DataFrame(r["per_epoch_cosines"]), r["taylor_slopes"], results["epochs"], results["benchmark"],
+                  r["gain_over_zero_shot"]["experts"], results["alignment_learning_rates"])

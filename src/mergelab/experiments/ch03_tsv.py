@@ -25,7 +25,7 @@ from ..merging.tsv import (
     tsv_reconstruct,
 )
 from ..task_vectors import TaskVector
-from ..utils import StateDict
+from ..utils import StateDict, nan_for_none
 
 
 def compressed_accuracy(benchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
@@ -249,3 +249,13 @@ def claims(energy: pd.DataFrame, rows: Mapping[str, Mapping[str, Any]], pairs: p
         "reproduced" if ok else "not_reproduced", {"relative_difference": float(speed["relative_difference"]),
                                                     "speedup": float(speed["speedup"])})
     return out
+
+
+def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """:func:`claims` computed again from the chapter's results JSON (the energy table, the methods' rows,
+    the interference pairs, the task-count study, the speed check and the test sizes): equal to the
+    ``claims`` stored there when they follow from its numbers (:func:`mergelab.report.claims.check_claims`)."""
+    frame = lambda key: pd.DataFrame(nan_for_none(key))  # noqa: E731  (strict JSON: NaN was null)
+    return claims(frame(results["energy_table"]), nan_for_none(results["methods"]),
+                  frame(results["interference"]["pairs"]), frame(results["task_count"]), nan_for_none(results["speed"]),
+                  results["test_sizes"], results["benchmark"])

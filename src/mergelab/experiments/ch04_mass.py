@@ -17,7 +17,7 @@ from ..evaluation import normalized_accuracy
 from ..merging.mass import MassRouter, subspace_residuals
 from ..merging.tsv import CompressedTaskVector, tsv_compress
 from ..task_vectors import TaskVector
-from ..utils import StateDict
+from ..utils import StateDict, nan_for_none
 
 
 def compress_tasks(task_vectors: Mapping[str, TaskVector], svd: str = "gram") -> dict[str, CompressedTaskVector]:
@@ -346,12 +346,6 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """:func:`claims` computed again from the chapter's results JSON (methods, routing, storage, timing,
     ablations, routing block, size): equal to the ``claims`` stored there when they follow from its
     numbers (:func:`mergelab.report.claims.check_claims`)."""
-    def nan(value: Any) -> Any:  # the JSON is strict: a NaN the chapter measured (an empty split) was written as null
-        if isinstance(value, Mapping):
-            return {k: nan(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [nan(v) for v in value]
-        return float("nan") if value is None else value
-
+    nan = nan_for_none  # the JSON is strict: a NaN the chapter measured (an empty split) was written as null
     return claims(nan(results["methods"]), nan(results["routing"]), results["storage_multiple"], nan(results["timing"]),
                   pd.DataFrame(nan(results["ablations"])), results["routing_block"], results["benchmark"])

@@ -25,13 +25,15 @@ STATUS_LABELS = {"reproduced": "reproduced", "not_reproduced": "**not reproduced
 
 RECOMPUTED = {
     "00_benchmark_and_baselines": "mergelab.experiments.ch00_benchmark",
+    "01_stability_bound": "mergelab.experiments.ch01_claims",
+    "02_task_vectors_as_gradients": "mergelab.experiments.ch02_claims",
+    "03_task_singular_vectors": "mergelab.experiments.ch03_tsv",
     "04_mass_routing": "mergelab.experiments.ch04_mass",
     "05_merge3_irt": "mergelab.experiments.ch05_merge3",
     "06_cycle_consistent_merging": "mergelab.experiments.ch06_c2m3",
 }
-"""Chapters whose results JSON holds everything their claims are judged on: their module's
-``claims_from_results`` gives the claims again from the stored numbers. (Chapters 01-03 judge theirs on
-tables the JSON keeps only in part; their rules are unit-tested and recomputed in their notebook tests.)"""
+"""Each chapter's module, whose ``claims_from_results`` gives the chapter's claims again from the numbers
+its results JSON stores (every chapter keeps there what its claims are judged on)."""
 
 
 def check_claims(chapter: str, results: Mapping[str, Any]) -> None:
@@ -42,8 +44,8 @@ def check_claims(chapter: str, results: Mapping[str, Any]) -> None:
     in a file: results edited by hand, or written by an older rule than the package's, are refused.
 
     Raises:
-        ReportError: naming the chapter, the first claim that differs, what is stored and what the rule
-            gives, and how to run the chapter again.
+        ReportError: naming the chapter, the first claim that differs (claims compared in any order),
+            what is stored and what the rule gives, and how to run the chapter again.
     """
     module = RECOMPUTED.get(chapter)
     if module is None:
@@ -57,16 +59,22 @@ def check_claims(chapter: str, results: Mapping[str, Any]) -> None:
         raise ReportError(f"{chapter}: its claims cannot be computed again from its results ({type(err).__name__}: "
                           f"{err}); run it again: make report NOTEBOOKS={chapter} FORCE=1") from err
     stored = finite_or_none(list(results.get("claims") or []))
-    if again == stored:
+    # in any order: a results file keeps its mappings' keys sorted, and some rules list claims in a mapping's order
+    canonical = lambda c: json.dumps(c, sort_keys=True)  # noqa: E731
+    mine, theirs = sorted(map(canonical, stored)), sorted(map(canonical, again))
+    if mine == theirs:
         return
-    for i in range(max(len(again), len(stored))):
-        mine = stored[i] if i < len(stored) else None
-        theirs = again[i] if i < len(again) else None
-        if mine != theirs:
+    by_text = {c["claim"]: c for c in again}
+    for c in stored:
+        if canonical(c) not in theirs:
             raise ReportError(
-                f"{chapter}: the claims in its results do not follow from its numbers. Claim {i + 1} is stored as "
-                f"{json.dumps(mine)[:600]}; the chapter's rule gives {json.dumps(theirs)[:600]}. Run it again: "
+                f"{chapter}: the claims in its results do not follow from its numbers. The claim "
+                f"{json.dumps(c)[:600]} is stored; the chapter's rule gives "
+                f"{json.dumps(by_text.get(c.get('claim'), 'no such claim'))[:600]}. Run it again: "
                 f"make report NOTEBOOKS={chapter} FORCE=1")
+    missing = [c["claim"] for c in again if canonical(c) not in mine]
+    raise ReportError(f"{chapter}: the chapter's rule gives claims its results do not store: {missing[:3]}. Run it "
+                      f"again: make report NOTEBOOKS={chapter} FORCE=1")
 
 
 def gather_claims(results_dir: Path, chapters: Sequence[str]) -> list[dict[str, Any]]:
