@@ -9,6 +9,7 @@ WEIGHTS ?=## clip profile: folder for downloaded open_clip weights (exported as 
 NOTEBOOKS ?=## run only these notebooks (names without .ipynb; empty = all)
 FORCE ?=## set to 1 to execute notebooks even when they are up to date
 EXECUTOR ?=## where the chapters' sweeps run: local or ray (a Ray cluster, docs/distributed.md); empty = each parameter file's executor
+RENDERER ?=## the book's renderer: auto (Quarto if found, else pandoc; empty = auto), quarto or pandoc
 JOBS ?=## chapters executed at a time, chapter 00 included (auto: one per core, at most 4; empty = auto; 1 = one after another)
 PYTEST_ARGS ?=## extra pytest arguments, e.g. PYTEST_ARGS='-m "not e2e" -x'
 TEST_WORKERS ?= auto## test processes (pytest-xdist; auto: one per CPU core; 0: all tests in one process)
@@ -70,7 +71,8 @@ quarto: env ## try to install Quarto into the venv (pip install quarto-cli; it d
 report: env ## execute the notebooks that changed (PROFILE, NOTEBOOKS, FORCE, EXECUTOR, JOBS) and render the book into REPORTS/_book (Quarto if found, else pandoc; it says which)
 	$(PY) -m mergelab.report --profile $(PROFILE) --reports $(REPORTS) \
 		$(if $(strip $(NOTEBOOKS)),--notebooks $(NOTEBOOKS)) $(if $(strip $(FORCE)),--force) \
-		$(if $(strip $(EXECUTOR)),--executor $(EXECUTOR)) $(if $(strip $(JOBS)),--jobs $(JOBS))
+		$(if $(strip $(EXECUTOR)),--executor $(EXECUTOR)) $(if $(strip $(JOBS)),--jobs $(JOBS)) \
+		$(if $(strip $(RENDERER)),--renderer $(RENDERER))
 
 student: env ## write the student notebooks students/<chapter>.ipynb from the chapters (solutions removed; NOTEBOOKS)
 	$(PY) -m mergelab.course --out students $(if $(strip $(NOTEBOOKS)),--notebooks $(NOTEBOOKS))

@@ -92,7 +92,7 @@ def smoke_data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    """``make report PROFILE=smoke`` into a temporary folder, once per test session.
+    """``make report PROFILE=smoke RENDERER=pandoc`` into a temporary folder, once per test session.
 
     Every notebook is executed with ``params/smoke`` through the command users run, and the book is
     rendered; notebook tests read the results JSON it wrote, the end-to-end test checks the book.
@@ -103,7 +103,8 @@ def smoke_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subpro
     reports = tmp_path_factory.mktemp("smoke-report")
     env = {k: v for k, v in os.environ.items() if k not in ("MERGELAB_RESULTS_DIR", "MERGELAB_REPORTS_DIR")}
     env["MERGELAB_DATA_DIR"] = str(smoke_data_dir())
-    completed = subprocess.run(["make", "report", "PROFILE=smoke", f"REPORTS={reports}"], cwd=ROOT, env=env,
+    # the pandoc book, whose pages the browser test reads, whether or not Quarto is installed (make quarto)
+    completed = subprocess.run(["make", "report", "PROFILE=smoke", f"REPORTS={reports}", "RENDERER=pandoc"], cwd=ROOT, env=env,
                                capture_output=True, text=True)
     return reports, completed
 
