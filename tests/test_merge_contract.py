@@ -77,8 +77,9 @@ def test_one_task_under_the_identity_options_returns_the_expert(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_merging_is_deterministic_and_keeps_keys_shapes_and_dtypes(name):
-    shapes = {"w": (6, 5), "b": (6,), "h": (6, 5)}
-    half = {"b": torch.bfloat16, "h": torch.float16}  # a bf16 vector and an fp16 matrix keep their dtypes
+    shapes = {"w": (6, 5), "b": (6,), "h": (6, 5), "g": (5, 6)}
+    # a bf16 vector, an fp16 matrix and a bf16 matrix (TSV decomposes it) keep their dtypes
+    half = {"b": torch.bfloat16, "h": torch.float16, "g": torch.bfloat16}
     pre = {k: v.to(half.get(k, v.dtype)) for k, v in make_state(0, shapes).items()}
     tvs = [TaskVector.from_states(pre, {k: (v + make_state(s, shapes)[k].to(v.dtype)) for k, v in pre.items()})
            for s in (1, 2)]
