@@ -446,7 +446,8 @@ def test_the_claims_page_refuses_claims_that_do_not_follow_from_their_chapters_n
     results["gap"] = -0.1  # the numbers say otherwise: the stored word is refused
     (tmp_path / "00_a.json").write_text(json.dumps(results))
     with pytest.raises(report.ReportError, match=r"00_a: the claims in its results do not follow from its numbers. "
-                                                  r"The claim .*reproduced.* is stored; the chapter's rule gives .*not_reproduced.*make report NOTEBOOKS=00_a FORCE=1"):
+                                                  r"The claim .*reproduced.* is stored; the chapter's rule gives "
+                                                  r".*not_reproduced.*make report NOTEBOOKS=00_a FORCE=1"):
         claims_module.gather_claims(tmp_path, ["00_a.ipynb"])
     del results["gap"]
     (tmp_path / "00_a.json").write_text(json.dumps(results))
