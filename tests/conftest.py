@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -75,16 +77,25 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
 
 
+@functools.lru_cache(maxsize=None)
+def smoke_data_name() -> str:
+    """``smoke-<package fingerprint>`` (:func:`mergelab.codeversion.package_fingerprint`), computed once per
+    test session: the name of the smoke book's cache folder for the code under test."""
+    from mergelab import codeversion
+
+    return f"smoke-{codeversion.package_fingerprint()}"
+
+
 def smoke_data_dir() -> Path:
-    """The smoke book's cache folder, ``<data dir>/tests/smoke-<package fingerprint>``
-    (:func:`mergelab.codeversion.package_fingerprint`): any change to the package's code or shipped data
-    starts an empty one, and the folders of other code are removed (they can never be read again)."""
-    from mergelab import codeversion, paths
+    """The smoke book's cache folder, ``<data dir>/tests/<smoke_data_name()>``: any change to the package's
+    code or shipped data starts an empty one. Folders of other code unused for a day are removed (they
+    can never be read again); younger ones are left to a test session that may still be using them."""
+    from mergelab import paths
 
     root = paths.data_dir() / "tests"
-    mine = root / f"smoke-{codeversion.package_fingerprint()}"
+    mine = root / smoke_data_name()
     for old in root.glob("smoke-*"):
-        if old != mine and old.is_dir():
+        if old != mine and old.is_dir() and time.time() - old.stat().st_mtime > 86400:
             shutil.rmtree(old, ignore_errors=True)
     mine.mkdir(parents=True, exist_ok=True)
     return mine

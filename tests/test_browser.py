@@ -236,8 +236,10 @@ def test_jupyterlab_runs_chapter_00_at_smoke(browser, tmp_path: Path) -> None:
         results = tmp_path / "reports" / "results" / f"{CHAPTER}.json"
         assert json.loads(results.read_text())["provenance"]["parameters"]["profile"] == "smoke"
     finally:
-        if page is not None:  # what the page showed, passed or failed
-            page.screenshot(path=str(tmp_path / "jupyterlab.png"))
-        stop_lab(server)
+        try:
+            if page is not None:  # what the page showed, passed or failed
+                page.screenshot(path=str(tmp_path / "jupyterlab.png"))
+        finally:
+            stop_lab(server)
     assert server.returncode is not None
     assert not console, console

@@ -594,7 +594,7 @@ def run_at_clip_smoke(name: str, tmp_path: Path) -> tuple[dict, str]:
     assert results["benchmark"] == "clip" and results["provenance"]["parameters"]["profile"] == "clip_smoke"
     from mergelab.report.claims import check_claims
 
-    check_claims(name, results)  # the claims stored follow from the numbers stored (where the JSON holds them all)
+    assert check_claims(name, results) is None  # checked: the claims stored follow from the numbers stored
     shown = "\n".join("".join(o["data"]["text/markdown"]) for o in outputs if "text/markdown" in o.get("data", {}))
     return results, shown
 

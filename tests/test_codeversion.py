@@ -32,17 +32,18 @@ def test_fingerprints_ignore_docstrings_and_comments_but_not_code(tmp_path, monk
     assert codeversion.source_fingerprint("finetune") != before
 
 
-def test_the_package_fingerprint_follows_code_and_shipped_data_not_docstrings(tmp_path, monkeypatch):
+def test_the_package_fingerprint_follows_code_and_shipped_data_not_docstrings_or_other_files(tmp_path, monkeypatch):
     (tmp_path / "m.py").write_text('"""Doc."""\n\ndef f(x):\n    return x + 1  # one\n')
     (tmp_path / "weights").mkdir()
-    (tmp_path / "weights" / "w.bin").write_bytes(b"\x00\x01")
+    (tmp_path / "weights" / "w.safetensors").write_bytes(b"\x00\x01")
     monkeypatch.setattr(codeversion, "PACKAGE", tmp_path)
     before = codeversion.package_fingerprint()
     (tmp_path / "__pycache__").mkdir()
     (tmp_path / "__pycache__" / "m.cpython.pyc").write_bytes(b"compiled")
     (tmp_path / "m.py").write_text('"""Other doc."""\n\ndef f(x):\n    return x + 1\n')
+    (tmp_path / ".m.py.swp").write_bytes(b"an editor's swap file")
     assert codeversion.package_fingerprint() == before
-    (tmp_path / "weights" / "w.bin").write_bytes(b"\x00\x02")
+    (tmp_path / "weights" / "w.safetensors").write_bytes(b"\x00\x02")
     shipped = codeversion.package_fingerprint()
     assert shipped != before
     (tmp_path / "n.py").write_text("X = 1\n")  # a new module anywhere counts

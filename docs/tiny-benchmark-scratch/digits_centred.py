@@ -52,7 +52,7 @@ for placement in ("random offset 0-8 (package)", f"centred +-{JITTER}"):
     bench = TinyBenchmark(TinyBenchmarkConfig(), device="cpu", progress=False)
     target = bench.cache_dir
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("pretrained.safetensors", "pretrained.json", "heads-canonical.safetensors", "heads-canonical.json"):
+    for name in ("pretrained.safetensors", "pretrained.json", "heads-canonical-threads1.safetensors", "heads-canonical-threads1.json"):
         if not (target / name).exists():
             shutil.copy(source / "tiny" / target.name / name, target / name)
     pre = bench.pretrained_state()

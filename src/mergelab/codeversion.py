@@ -78,15 +78,19 @@ def source_fingerprint(kind: str) -> str:
     return digest.hexdigest()[:16]
 
 
+PACKAGE_FILES = (".py", ".json", ".safetensors", ".lua")
+"""What the package is made of: modules and the data it ships (the tiny encoder's weights and their
+record, the book's Lua filter); anything else in the folder (an editor's swap file) is not."""
+
+
 def package_fingerprint() -> str:
     """SHA-256 (first 16 hex digits) of the whole package: every module's syntax tree with docstrings
-    removed, and the bytes of every other file it ships (the tiny encoder's weights, parameter data),
-    caches and compiled files aside. Equal for two checkouts only when all their code and shipped data
+    removed, and the bytes of the data files it ships (:data:`PACKAGE_FILES`). Equal for two checkouts only when all their code and shipped data
     are; the test session names its smoke book's cache folder by it (``tests/conftest.py``), so the
     notebook tests never read an artifact that other code made, whatever the versions say."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in PACKAGE.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-                       and p.suffix not in (".pyc", ".pyo") and p != FINGERPRINTS_FILE):
+    for path in sorted(p for p in PACKAGE.rglob("*") if p.is_file() and p.suffix in PACKAGE_FILES
+                       and "__pycache__" not in p.parts and p != FINGERPRINTS_FILE):
         name = path.relative_to(PACKAGE).as_posix()
         if path.suffix == ".py":
             body = ast.dump(_strip_docstrings(ast.parse(path.read_text(encoding="utf-8"))),

@@ -194,8 +194,8 @@ def finite_or_none(value: Any) -> Any:
 
 
 def nan_for_none(value: Any) -> Any:
-    """``value`` with every ``None`` inside it replaced by NaN, recursively: the inverse of
-    :func:`finite_or_none` for numbers read back from strict JSON (a measured NaN was written as null)."""
+    """``value`` with every ``None`` inside it replaced by NaN, recursively: numbers read back from strict
+    JSON, where :func:`finite_or_none` wrote a measured NaN (or an infinity, which comes back as NaN) as null."""
     if isinstance(value, Mapping):
         return {k: nan_for_none(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

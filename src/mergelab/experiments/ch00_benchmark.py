@@ -17,7 +17,7 @@ from ..executors import LocalExecutor, benchmark_context
 from ..evaluation import expert_accuracy, merge_baselines, merge_row, summarize
 from ..task_vectors import TaskVector, task_vectors_from
 from ..training import FinetuneConfig
-from ..utils import StateDict
+from ..utils import StateDict, nan_for_none
 from .ch03_tsv import compressed_accuracy
 
 
@@ -189,7 +189,9 @@ def claims(study: Mapping[str, Any], diag: Mapping[str, Any], size: str) -> list
     is below by more than that, and ``not_testable`` when the spread straddles the margin (this size's
     seeds cannot decide, as chapters 01-03 label an interval that contains the margin); with one seed
     there is no spread, and the value alone decides."""
-    summary, per_seed = study["summary"], study["per_seed"]
+    summary = study["summary"]
+    # in seed order whatever the mapping's order (a results file's keys are strings): sums in one order
+    per_seed = dict(sorted(study["per_seed"].items(), key=lambda kv: int(kv[0])))
 
     def m(method: str, metric: str = "absolute_accuracy") -> dict[str, float]:
         return summary[method][metric]
@@ -245,4 +247,4 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """:func:`claims` computed again from the chapter's results JSON (its ``seeds``, ``diagnostics`` and
     ``benchmark``): equal to the ``claims`` stored there when they follow from its numbers
     (:func:`mergelab.report.claims.check_claims`)."""
-    return claims(results["seeds"], results["diagnostics"], results["benchmark"])
+    return claims(nan_for_none(results["seeds"]), nan_for_none(results["diagnostics"]), results["benchmark"])

@@ -34,7 +34,7 @@ from ..executors import Executor, LocalExecutor, WorkerContext, benchmark_contex
 from ..merging import merge
 from ..merging.evolve import EvolutionResult, evolve, task_arithmetic_per_task
 from ..task_vectors import TaskVector
-from ..utils import StateDict, config_hash
+from ..utils import StateDict, config_hash, nan_for_none
 
 
 def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Mapping[str, StateDict],
@@ -438,6 +438,7 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """:func:`claims` computed again from the chapter's results JSON (estimator errors, the GA-population
     rank study, the methods' rows and the searches per GA seed): equal to the ``claims`` stored there when
     they follow from its numbers (:func:`mergelab.report.claims.check_claims`)."""
-    return claims(pd.DataFrame(results["estimator_errors"]), pd.DataFrame(results["ga_population_rank_correlation"]),
-                  results["methods"], results["benchmark"],
-                  seeds=None if results.get("search_seeds") is None else pd.DataFrame(results["search_seeds"]))
+    nan = nan_for_none  # strict JSON: a measured NaN was written as null
+    return claims(pd.DataFrame(nan(results["estimator_errors"])), pd.DataFrame(nan(results["ga_population_rank_correlation"])),
+                  nan(results["methods"]), results["benchmark"],
+                  seeds=None if results.get("search_seeds") is None else pd.DataFrame(nan(results["search_seeds"])))

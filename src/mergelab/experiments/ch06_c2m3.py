@@ -38,6 +38,7 @@ from ..alignment.frank_wolfe import FrankWolfeResult
 from ..alignment.repair import layer_stats, permute_stats
 from ..executors import Executor, LocalExecutor
 from ..training.scratch import DigitsSplit, evaluate_state
+from ..utils import nan_for_none
 from .ch06_models import (  # noqa: F401 (the chapter's API)
     Trained,
     _trained,
@@ -452,4 +453,6 @@ def check_cycle_error(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], f
 def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """:func:`claims` computed again from the chapter's results JSON (its ``architectures``): equal to the
     ``claims`` stored there when they follow from its numbers (:func:`mergelab.report.claims.check_claims`)."""
-    return claims(results["architectures"])
+    arch = {name: {k: (v if k == "merge_sets" else nan_for_none(v)) for k, v in r.items()}  # strict JSON: NaN was null
+            for name, r in results["architectures"].items()}
+    return claims(arch)
