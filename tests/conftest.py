@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,27 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private, empty data cache for tests that check caching."""
     monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path / "data"))
     return tmp_path / "data"
+
+
+@pytest.fixture(scope="module")
+def module_data_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private, initially empty data cache (``MERGELAB_DATA_DIR``) shared by one module's tests, the
+    user's setting restored at the module's end."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1] + "-data")
+        mp.setenv("MERGELAB_DATA_DIR", str(path))
+        yield path
+
+
+def answer_state(pretrained: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A vision tower whose answer is known: ``pretrained`` with ``ln_post`` at zero gain and the bias
+    whose projection (``bias @ proj``) is ``target`` ``(output_dim,)``, so every image's feature is
+    ``target``: with ``target`` a head's class embedding, the model answers that class for every image."""
+    bias = torch.linalg.lstsq(pretrained["proj"].double().T, target.double()[:, None]).solution[:, 0]
+    state = {k: v.clone() for k, v in pretrained.items()}
+    state["ln_post.weight"] = torch.zeros_like(state["ln_post.weight"])
+    state["ln_post.bias"] = bias.to(state["ln_post.bias"].dtype)
+    return state
 
 
 def make_state(seed: int, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -184,8 +185,6 @@ def start_lab(folder: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]
 
 def stop_lab(server: subprocess.Popen) -> None:
     """Stop ``make lab`` and the JupyterLab server it started (their process group)."""
-    import signal
-
     try:
         os.killpg(server.pid, signal.SIGTERM)
     except ProcessLookupError:

@@ -5,7 +5,6 @@ ones that train and measure run on a benchmark small enough for seconds."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import numpy as np
@@ -90,7 +89,7 @@ def test_levels_that_cannot_be_spread_evenly_get_no_heterogeneous_merge_and_bad_
 
 
 # ----------------------------------------------------------------------------- correlations and tables
-def merges_table(rng: np.random.Generator, sign: float = 1.0) -> pd.DataFrame:
+def merges_table(sign: float = 1.0) -> pd.DataFrame:
     """Two draws of homogeneous merges along lr and batch size plus heterogeneous ones; the measured gap
     is a strictly increasing function of the predicted bound within each draw (``sign`` -1: decreasing),
     and draw 1 sits higher; no two merges share a value."""
@@ -114,7 +113,7 @@ def merges_table(rng: np.random.Generator, sign: float = 1.0) -> pd.DataFrame:
 
 
 def test_rank_correlations_read_simple_averaging_merges_overall_within_draws_and_per_hyperparameter():
-    table = merges_table(np.random.default_rng(0))
+    table = merges_table()
     out = rank_correlations(table, "bound", n_resamples=200)
     assert out["overall"]["n"] == 14  # the 14 simple-averaging merges, not the sparsified ones
     assert out["overall"]["spearman_within_draw"] == pytest.approx(1.0)  # draws' offsets removed
@@ -123,21 +122,21 @@ def test_rank_correlations_read_simple_averaging_merges_overall_within_draws_and
         assert out[h]["n"] == 6 and out[h]["spearman_within_draw"] == pytest.approx(1.0)
         assert out[h]["spearman"] < 1.0 and out[h]["ci_low"] <= out[h]["spearman"] <= out[h]["ci_high"]
     assert out["num_steps"]["n"] == 2 and np.isnan(out["num_steps"]["spearman"])  # too few merges: NaN
-    reversed_ = rank_correlations(merges_table(np.random.default_rng(0), sign=-1.0), "bound", n_resamples=200)
+    reversed_ = rank_correlations(merges_table(sign=-1.0), "bound", n_resamples=200)
     assert reversed_["lr"]["spearman_within_draw"] == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="'nonsense'"):
         rank_correlations(table, "nonsense")
 
 
 def test_a_constant_measured_column_gives_no_correlation_rather_than_a_number():
-    table = merges_table(np.random.default_rng(0))
+    table = merges_table()
     table["gap_vs_pretrained"] = 0.25
     out = rank_correlations(table, "bound", n_resamples=50)
     assert np.isnan(out["overall"]["spearman"]) and np.isnan(out["overall"]["p_value"])
 
 
 def test_heterogeneity_table_pairs_each_spread_merge_with_its_draws_centre():
-    table = merges_table(np.random.default_rng(0))
+    table = merges_table()
     het = heterogeneity_table(table, "bound")
     assert len(het) == 2 * 2 * 2  # draws x methods x spread hyperparameters
     for _, r in het.iterrows():
@@ -153,7 +152,7 @@ def test_heterogeneity_table_pairs_each_spread_merge_with_its_draws_centre():
 
 
 def test_hyperparameter_effects_are_relative_to_the_same_draws_centre():
-    table = merges_table(np.random.default_rng(0))
+    table = merges_table()
     effects = hyperparameter_effects(table, grid(), "bound")
     assert len(effects) == 2 * 2 * 3  # hyperparameters x draws x (centre and two levels)
     assert (effects[effects["level"] == 0]["predicted_relative"] == 1.0).all()
@@ -163,14 +162,8 @@ def test_hyperparameter_effects_are_relative_to_the_same_draws_centre():
 
 # ----------------------------------------------------------------------------- measured on a small benchmark
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    previous = os.environ.get("MERGELAB_DATA_DIR")
-    os.environ["MERGELAB_DATA_DIR"] = str(tmp_path_factory.mktemp("ch01-data"))
-    yield mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
-    if previous is None:
-        os.environ.pop("MERGELAB_DATA_DIR")
-    else:
-        os.environ["MERGELAB_DATA_DIR"] = previous
+def bench(module_data_dir):
+    return mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
 
 
 @pytest.fixture(scope="module")

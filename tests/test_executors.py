@@ -32,17 +32,11 @@ CENTRE = FinetuneConfig(**SMOKE["finetune"], **SMOKE["centre"], seed=0)  # the s
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory: pytest.TempPathFactory):
+def bench(module_data_dir):
     """The smoke benchmark (two of its tasks) in a private data cache for the module (one build)."""
-    previous = os.environ.get("MERGELAB_DATA_DIR")
-    os.environ["MERGELAB_DATA_DIR"] = str(tmp_path_factory.mktemp("executor-data"))
     b = mergelab.load_benchmark("tiny", device="cpu", progress=False, **BENCH)
     b.pretrained_state()
-    yield b
-    if previous is None:
-        os.environ.pop("MERGELAB_DATA_DIR")
-    else:
-        os.environ["MERGELAB_DATA_DIR"] = previous
+    return b
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,9 @@ CFG = FinetuneConfig(optimizer="sgd", lr=0.02, batch_size=8, num_steps=4, schedu
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
+def bench(module_data_dir):
     """One small benchmark in a private, initially empty cache for this module's tests."""
-    previous = os.environ.get("MERGELAB_DATA_DIR")
-    os.environ["MERGELAB_DATA_DIR"] = str(tmp_path_factory.mktemp("sweep-data"))
-    yield mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMOKE)
-    if previous is None:
-        os.environ.pop("MERGELAB_DATA_DIR")
-    else:
-        os.environ["MERGELAB_DATA_DIR"] = previous
+    return mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMOKE)
 
 
 def test_grids_of_configurations():

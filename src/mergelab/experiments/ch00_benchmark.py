@@ -247,4 +247,5 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """:func:`claims` computed again from the chapter's results JSON (its ``seeds``, ``diagnostics`` and
     ``benchmark``): equal to the ``claims`` stored there when they follow from its numbers
     (:func:`mergelab.report.claims.check_claims`)."""
-    return claims(nan_for_none(results["seeds"]), nan_for_none(results["diagnostics"]), results["benchmark"])
+    r = nan_for_none(results)  # strict JSON: a measured NaN was written as null
+    return claims(r["seeds"], r["diagnostics"], results["benchmark"])

@@ -224,7 +224,8 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     grid = ExpertGrid(FinetuneConfig(**g["finetune"], **g["centre"], seed=g["seeds"][0]),
                       {k: tuple(v) for k, v in g["levels"].items()}, checkpoints=tuple(g["checkpoints"]),
                       seeds=tuple(g["seeds"]), factorial=g["factorial"])
-    merges = pd.DataFrame(nan_for_none(results["merges"]))  # strict JSON: NaN (no bound for sparsified merges) was null
+    r = nan_for_none(results)  # strict JSON: NaN (no bound for sparsified merges) was null
+    merges = pd.DataFrame(r["merges"])
     sparsify = [m for m in dict.fromkeys(merges["method"]) if m != "weight_averaging"]
-    return claims(merges, pd.DataFrame(nan_for_none(results["experts_by_lr"])), nan_for_none(results["rank_correlation"]),
-                  grid, results["benchmark"], sparsify=sparsify)
+    return claims(merges, pd.DataFrame(r["experts_by_lr"]), r["rank_correlation"], grid, results["benchmark"],
+                  sparsify=sparsify)

@@ -255,7 +255,6 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """:func:`claims` computed again from the chapter's results JSON (the energy table, the methods' rows,
     the interference pairs, the task-count study, the speed check and the test sizes): equal to the
     ``claims`` stored there when they follow from its numbers (:func:`mergelab.report.claims.check_claims`)."""
-    frame = lambda key: pd.DataFrame(nan_for_none(key))  # noqa: E731  (strict JSON: NaN was null)
-    return claims(frame(results["energy_table"]), nan_for_none(results["methods"]),
-                  frame(results["interference"]["pairs"]), frame(results["task_count"]), nan_for_none(results["speed"]),
-                  results["test_sizes"], results["benchmark"])
+    r = nan_for_none(results)  # strict JSON: a measured NaN was written as null
+    return claims(pd.DataFrame(r["energy_table"]), r["methods"], pd.DataFrame(r["interference"]["pairs"]),
+                  pd.DataFrame(r["task_count"]), r["speed"], results["test_sizes"], results["benchmark"])

@@ -346,6 +346,6 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """:func:`claims` computed again from the chapter's results JSON (methods, routing, storage, timing,
     ablations, routing block, size): equal to the ``claims`` stored there when they follow from its
     numbers (:func:`mergelab.report.claims.check_claims`)."""
-    nan = nan_for_none  # the JSON is strict: a NaN the chapter measured (an empty split) was written as null
-    return claims(nan(results["methods"]), nan(results["routing"]), results["storage_multiple"], nan(results["timing"]),
-                  pd.DataFrame(nan(results["ablations"])), results["routing_block"], results["benchmark"])
+    r = nan_for_none(results)  # the JSON is strict: a NaN the chapter measured (an empty split) was written as null
+    return claims(r["methods"], r["routing"], r["storage_multiple"], r["timing"], pd.DataFrame(r["ablations"]),
+                  results["routing_block"], results["benchmark"])

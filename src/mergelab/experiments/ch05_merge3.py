@@ -438,7 +438,6 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """:func:`claims` computed again from the chapter's results JSON (estimator errors, the GA-population
     rank study, the methods' rows and the searches per GA seed): equal to the ``claims`` stored there when
     they follow from its numbers (:func:`mergelab.report.claims.check_claims`)."""
-    nan = nan_for_none  # strict JSON: a measured NaN was written as null
-    return claims(pd.DataFrame(nan(results["estimator_errors"])), pd.DataFrame(nan(results["ga_population_rank_correlation"])),
-                  nan(results["methods"]), results["benchmark"],
-                  seeds=None if results.get("search_seeds") is None else pd.DataFrame(nan(results["search_seeds"])))
+    r = nan_for_none(results)  # strict JSON: a measured NaN was written as null
+    return claims(pd.DataFrame(r["estimator_errors"]), pd.DataFrame(r["ga_population_rank_correlation"]), r["methods"],
+                  results["benchmark"], seeds=None if results.get("search_seeds") is None else pd.DataFrame(r["search_seeds"]))
