@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import statistics
+
 import pytest
 import torch
 
@@ -258,3 +261,41 @@ def test_routers_sharing_a_memo_predict_what_each_predicts_alone():
     for key, store in memo.items():
         if key[0] == "second pass":  # every image routed to the set by some router, once
             assert set(store) == {i for p in shared for i, k in enumerate(p.routing.keys) if k == key[1]}
+
+
+def test_time_per_image_pairs_rounds_and_gives_the_median_ratio_an_interval():
+    from mergelab.experiments import ch04_mass as ch04
+
+    r, s = router()
+    merged = r._module(merge("tsv_merge", s["pre"], list(s["tvs"].values()), coefficient=1.0, device=None))
+    images = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = ch04.time_per_image(r, merged, images, repeats=4)
+    assert len(t["ratios"]) == 4 and t["repeats"] == 4 and t["batch"] == 12
+    assert t["ratio"] == pytest.approx(statistics.median(t["ratios"]))
+    ci = t["ratio_interval"]
+    assert ci["n"] == 4 and ci["ci_low"] <= t["ratio"] <= ci["ci_high"]
+    assert min(t["ratios"]) <= ci["ci_low"] and ci["ci_high"] <= max(t["ratios"])
+    assert all(v > 0 for v in (t["forward_s"], t["mass_s"], t["mass_cold_s"]))
+    assert r.cached_keys  # the warm rounds ran on the router's own cache; the cold ones on a copy
+    one = ch04.time_per_image(r, merged, images, repeats=1)
+    assert len(one["ratios"]) == 1 and one["ratio"] == one["ratios"][0]
+    assert math.isnan(one["ratio_interval"]["ci_low"]) and math.isnan(one["ratio_interval"]["ci_high"])  # one round: no interval
+    with pytest.raises(ValueError, match="timing_repeats=0 is not valid"):
+        ch04.time_per_image(r, merged, images, repeats=0)
+
+
+@pytest.mark.parametrize("low, high, status", [(2.0, 2.6, "reproduced"), (3.1, 3.6, "not_reproduced"),
+                                               (2.7, 3.3, "not_testable"), (float("nan"), float("nan"), "not_testable")])
+def test_the_time_claim_is_judged_by_the_interval_of_the_median_ratio(low, high, status):
+    import pandas as pd
+
+    from mergelab.experiments import ch04_mass as ch04
+
+    methods = {m: {"normalized_accuracy": 0.8} for m in ("mass", "tsv_merge_validated")}
+    timing = {"ratio": (low + high) / 2, "ratios": [low, high], "ratio_interval": {"estimate": (low + high) / 2,
+              "ci_low": low, "ci_high": high, "n": 15, "level": 0.95, "method": "bootstrap (percentile)"}}
+    out = ch04.claims(methods, {"contains_true": 0.9, "argmax_true": 0.8}, 2.0, timing, pd.DataFrame(columns=["study"]),
+                      1, "tiny")
+    row = next(c for c in out if c["claim"].startswith("Two forward passes"))
+    assert row["status"] == status
+    assert row["evidence"]["ratio_ci_high"] == high or math.isnan(high)
