@@ -21,6 +21,38 @@ def test_linear_probe_accuracy_separable_and_random():
         D.linear_probe_accuracy(X[:, :3], y, X, y)
 
 
+def _blobs(n: int, d: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    X = noise * torch.randn(n, d, generator=g)
+    X[:, :3] += torch.nn.functional.one_hot(y, 3).float()
+    return X, y
+
+
+def test_validated_probe_chooses_c_on_validation_and_scores_test_once():
+    train, val, test = _blobs(60, 40, 1.0, 0), _blobs(300, 40, 1.0, 1), _blobs(300, 40, 1.0, 2)
+    grid = (0.01, 1.0, 100.0)
+    out = D.validated_probe(train, val, test, grid=grid)
+    by_c = {c: D.linear_probe_accuracy(*train, *val, C=c) for c in grid}
+    assert out["val_accuracy"] == pytest.approx(max(by_c.values()))
+    assert out["C"] == min(c for c in grid if by_c[c] == max(by_c.values()))  # ties: the stronger penalty
+    assert out["accuracy"] == pytest.approx(D.linear_probe_accuracy(*train, *test, C=out["C"]))
+    assert out["at_grid_edge"] == (out["C"] in (grid[0], grid[-1]))
+    assert len(set(by_c.values())) > 1  # the grid matters on these data, so the choice is tested
+
+
+def test_validated_probe_flags_an_edge_and_refuses_bad_grids():
+    train, val, test = _blobs(90, 4, 0.05, 0), _blobs(90, 4, 0.05, 1), _blobs(90, 4, 0.05, 2)  # separable
+    out = D.validated_probe(train, val, test, grid=(10.0, 100.0))
+    assert out == {"accuracy": 1.0, "C": 10.0, "val_accuracy": 1.0, "at_grid_edge": True}
+    for bad in ((), (1.0, 0.1), (0.0, 1.0), (1.0, math.inf)):
+        with pytest.raises(ValueError, match="grid=.* is not valid|C=inf is not valid"):
+            D.validated_probe(train, val, test, grid=bad)
+    with pytest.raises(ValueError, match="C=0 is not valid"):
+        D.linear_probe_accuracy(*train, *test, C=0)
+    assert D.PROBE_C_GRID[0] < 1 < 1e5 < D.PROBE_C_GRID[-1] and list(D.PROBE_C_GRID) == sorted(D.PROBE_C_GRID)
+
+
 def test_calibration_from_logits_values():
     labels = torch.tensor([0, 1, 1, 1])
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]])

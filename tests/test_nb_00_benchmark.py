@@ -64,6 +64,11 @@ def test_seed_study_summary_is_the_per_seed_numbers_and_claims_rest_on_them(run_
     assert (ta_claim["status"] == "reproduced") == holds, by_claim
     diag = results["diagnostics"]
     assert set(diag["linear_probe"]) == set(results["tasks"]) and 0 <= diag["linear_probe_mean"] <= 1
+    # the probe's L2 strength is chosen per task on validation from the package's grid; its ends are flagged
+    from mergelab.analysis.diagnostics import PROBE_C_GRID
+    assert set(diag["linear_probe_C"]) == set(results["tasks"]) and set(diag["linear_probe_C"].values()) <= set(PROBE_C_GRID)
+    assert diag["linear_probe_at_grid_edge"] == [t for t, c in diag["linear_probe_C"].items()
+                                                 if c in (PROBE_C_GRID[0], PROBE_C_GRID[-1])]
     assert len(diag["cross_task"]["delta"]) == len(results["tasks"])
     # the per-task decomposition of task arithmetic's loss, at the chapter's validated coefficient
     split = diag["alone_and_merged"]

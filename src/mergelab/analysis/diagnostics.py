@@ -4,7 +4,8 @@ Each function takes plain tensors, state dicts or a benchmark object with the co
 (``tasks``, ``split``, ``heads``, ``new_encoder``, ``evaluate``), so it runs at every size:
 
 * :func:`linear_probe` - do the pretrained features already hold each task (logistic regression on
-  the frozen, L2-normalized features, train split -> test split)?
+  the frozen, L2-normalized features, fitted on the train split, its L2 strength chosen on the
+  validation split as CLIP's linear probes choose it, scored on the test split)?
 * :func:`zero_shot_calibration` - are the frozen heads calibrated: cross-entropy, mean confidence,
   accuracy and the share of the most predicted class, per task?
 * :func:`relative_norms` - ``||tau_t|| / ||theta_0||`` in total and per layer kind: how far
@@ -59,35 +60,93 @@ def _features(benchmark: DiagnosableBenchmark, encoder: torch.nn.Module, X: Any)
     return F.normalize(_encode(benchmark, encoder, X), dim=-1)
 
 
-def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
-                          test_features: torch.Tensor, test_labels: torch.Tensor,
-                          C: float = 10.0, max_iter: int = 3000) -> float:
-    """Test accuracy (fraction 0..1) of a multinomial logistic regression fitted on ``train_features``
-    ``(N, d)`` / ``train_labels`` ``(N,)`` int and scored on ``test_features`` ``(M, d)`` / ``test_labels``
-    ``(M,)``. ``C``: inverse L2 strength (scikit-learn's convention)."""
-    from sklearn.linear_model import LogisticRegression
+PROBE_C_GRID: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
+"""Inverse L2 strengths ``C`` (scikit-learn's convention) the linear probe chooses from on validation,
+strongest penalty first, a decade apart. CLIP's linear probes sweep the same range on validation
+(1e-6..1e6); on unit-norm features 1e6 is as good as unpenalized, and a fit without any penalty is
+ill-conditioned where a task is nearly separable."""
 
+
+def _check_features(train_features: torch.Tensor, test_features: torch.Tensor) -> None:
     if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
         raise ValueError(f"features must be (N, d) and (M, d); got {tuple(train_features.shape)} and "
                          f"{tuple(test_features.shape)}.")
-    clf = LogisticRegression(max_iter=max_iter, C=C)
-    clf.fit(train_features.double().numpy(), train_labels.numpy())
+
+
+def _fit_probe(features: torch.Tensor, labels: torch.Tensor, C: float, max_iter: int) -> Any:
+    from sklearn.linear_model import LogisticRegression
+
+    if not (isinstance(C, (int, float)) and math.isfinite(C) and C > 0):
+        raise ValueError(f"C={C!r} is not valid; use a positive, finite inverse L2 strength (e.g. one of "
+                         f"{PROBE_C_GRID}).")
+    # Newton-Cholesky: a handful of exact Newton steps on these few hundred parameters, where L-BFGS needs
+    # hundreds of iterations once the penalty is weak
+    clf = LogisticRegression(C=C, solver="newton-cholesky", max_iter=max_iter)
+    return clf.fit(features.double().numpy(), labels.numpy())
+
+
+def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
+                          test_features: torch.Tensor, test_labels: torch.Tensor,
+                          C: float = 10.0, max_iter: int = 300) -> float:
+    """Test accuracy (fraction 0..1) of a multinomial logistic regression fitted on ``train_features``
+    ``(N, d)`` / ``train_labels`` ``(N,)`` int and scored on ``test_features`` ``(M, d)`` / ``test_labels``
+    ``(M,)``. ``C``: inverse L2 strength (scikit-learn's convention)."""
+    _check_features(train_features, test_features)
+    clf = _fit_probe(train_features, train_labels, C, max_iter)
     return float(clf.score(test_features.double().numpy(), test_labels.numpy()))
 
 
-def linear_probe(benchmark: DiagnosableBenchmark, state: StateDict, tasks: Sequence[str] | None = None,
-                 train_split: str = "train", test_split: str = "test", C: float = 10.0) -> dict[str, float]:
-    """Per task, the accuracy (0..1) of a linear probe on the frozen, L2-normalized features of the
-    encoder ``state``: fitted on ``train_split``, scored on ``test_split``. A probe near the experts'
-    accuracy means the pretrained features already hold the task (the situation of CLIP)."""
+def validated_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+                    test: tuple[torch.Tensor, torch.Tensor], grid: Sequence[float] = PROBE_C_GRID,
+                    max_iter: int = 300) -> dict[str, Any]:
+    """A linear probe whose L2 strength is chosen on validation: one multinomial logistic regression per
+    ``C`` of ``grid`` (ascending) fitted on ``train``, the ``C`` of the best ``val`` accuracy kept (ties: the
+    smaller ``C``, the stronger penalty), scored once on ``test``. Each split is ``(features (N, d),
+    labels (N,) int)``.
+
+    Returns ``{"accuracy"`` (test, 0..1), ``"C"``, ``"val_accuracy"``, ``"at_grid_edge"`` (the chosen ``C``
+    is the grid's first or last value: the best may lie beyond it)``}``.
+    """
+    grid = [float(c) for c in grid]
+    if not grid or any(not c > 0 for c in grid) or grid != sorted(grid):
+        raise ValueError(f"grid={grid!r} is not valid; give positive inverse L2 strengths in ascending order "
+                         f"(e.g. {PROBE_C_GRID}).")
+    _check_features(train[0], val[0])
+    _check_features(train[0], test[0])
+    best, best_val, best_clf = grid[0], -1.0, None
+    for C in grid:
+        clf = _fit_probe(train[0], train[1], C, max_iter)
+        acc = float(clf.score(val[0].double().numpy(), val[1].numpy()))
+        if acc > best_val:
+            best, best_val, best_clf = C, acc, clf
+    edge = best in (grid[0], grid[-1])
+    return {"accuracy": float(best_clf.score(test[0].double().numpy(), test[1].numpy())), "C": best,
+            "val_accuracy": best_val, "at_grid_edge": bool(len(grid) > 1 and edge)}
+
+
+def linear_probe_fits(benchmark: DiagnosableBenchmark, state: StateDict, tasks: Sequence[str] | None = None,
+                      train_split: str = "train", val_split: str = "val", test_split: str = "test",
+                      grid: Sequence[float] = PROBE_C_GRID) -> dict[str, dict[str, Any]]:
+    """Per task, :func:`validated_probe` on the frozen, L2-normalized features of the encoder ``state``:
+    fitted on ``train_split``, its ``C`` chosen on ``val_split``, scored on ``test_split``."""
     encoder = benchmark.new_encoder(state)
     out = {}
     for task in tasks or benchmark.tasks:
-        Xtr, ytr = benchmark.split(task, train_split)
-        Xte, yte = benchmark.split(task, test_split)
-        out[task] = linear_probe_accuracy(_features(benchmark, encoder, Xtr), ytr, _features(benchmark, encoder, Xte),
-                                          yte, C=C)
+        splits = []
+        for split in (train_split, val_split, test_split):
+            X, y = benchmark.split(task, split)
+            splits.append((_features(benchmark, encoder, X), y))
+        out[task] = validated_probe(*splits, grid=grid)
     return out
+
+
+def linear_probe(benchmark: DiagnosableBenchmark, state: StateDict, tasks: Sequence[str] | None = None,
+                 train_split: str = "train", val_split: str = "val", test_split: str = "test",
+                 grid: Sequence[float] = PROBE_C_GRID) -> dict[str, float]:
+    """Per task, the test accuracy (0..1) of :func:`linear_probe_fits`. A probe near the experts'
+    accuracy means the pretrained features already hold the task (the situation of CLIP)."""
+    fits = linear_probe_fits(benchmark, state, tasks, train_split, val_split, test_split, grid)
+    return {t: f["accuracy"] for t, f in fits.items()}
 
 
 def calibration_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

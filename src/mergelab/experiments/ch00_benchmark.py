@@ -11,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..analysis.statistics import both, sample_sd, seed_status
-from ..analysis.diagnostics import (cross_task_matrix, gain_fraction, linear_probe, off_diagonal, own_task_curve,
+from ..analysis.diagnostics import (cross_task_matrix, gain_fraction, linear_probe_fits, off_diagonal, own_task_curve,
                                     relative_norms, zero_shot_calibration)
 from ..executors import LocalExecutor, benchmark_context
 from ..evaluation import expert_accuracy, merge_baselines, merge_row, summarize
@@ -27,14 +27,17 @@ def diagnostics(bench: Any, pretrained: StateDict, task_vectors: Mapping[str, Ta
     """What explains merging's success or failure on this benchmark (accuracies as fractions 0..1).
 
     Returns ``{"linear_probe": {task: acc}, "linear_probe_mean", "probe_over_experts"`` (mean probe /
-    mean expert accuracy), ``"zero_shot_calibration": {task: {accuracy, cross_entropy, confidence,
+    mean expert accuracy), ``"linear_probe_C": {task: C}`` (the probe's inverse L2 strength, chosen on
+    validation), ``"linear_probe_at_grid_edge": [task, ...]`` (tasks whose C is at an end of its grid),
+    ``"zero_shot_calibration": {task: {accuracy, cross_entropy, confidence,
     top_class_share}}`` (validation), ``"relative_norms": {task: {total, <layer kind>...}}``,
     ``"own_task_curve": {task: {alpha: acc}}`` (validation), ``"gain_at_0.3"``: per task the share of
     the expert's gain reached at alpha 0.3, ``"cross_task": {"sources", "targets", "delta"}`` (the
     change of task t's validation accuracy when ``cross_coefficient`` times task s's vector is added)
     and ``"cross_task_off_diagonal": {mean, min}``}``.
     """
-    probe = linear_probe(bench, pretrained)
+    fits = linear_probe_fits(bench, pretrained)
+    probe = {t: f["accuracy"] for t, f in fits.items()}
     calibration = zero_shot_calibration(bench, pretrained, "val")
     curve = own_task_curve(bench, pretrained, task_vectors, alphas)
     sources, targets, delta = cross_task_matrix(bench, pretrained, task_vectors, cross_coefficient, "val")
@@ -44,6 +47,8 @@ def diagnostics(bench: Any, pretrained: StateDict, task_vectors: Mapping[str, Ta
         "linear_probe": probe,
         "linear_probe_mean": float(np.mean(list(probe.values()))),
         "probe_over_experts": float(np.mean(list(probe.values())) / np.mean([expert_test[t] for t in probe])),
+        "linear_probe_C": {t: f["C"] for t, f in fits.items()},
+        "linear_probe_at_grid_edge": [t for t, f in fits.items() if f["at_grid_edge"]],
         "zero_shot_calibration": calibration,
         "relative_norms": {t: relative_norms(pretrained, tv) for t, tv in task_vectors.items()},
         "own_task_curve": {t: {str(a): v for a, v in c.items()} for t, c in curve.items()},
