@@ -4,7 +4,7 @@ PYTHON ?= python3## interpreter that creates the virtual environment
 VENV ?= .venv## virtual environment folder
 PROFILE ?= tiny## parameter profile: smoke, tiny, clip or clip_smoke (any folder under params/)
 REPORTS ?= reports## where executed notebooks, results and the book go
-DATA ?=## clip profile: folder with the datasets and weights (exported as MERGELAB_CLIP_DATA_ROOT)
+DATA ?=## clip profile: folder with the datasets (exported as MERGELAB_CLIP_DATA_ROOT; weights: WEIGHTS)
 WEIGHTS ?=## clip profile: folder for downloaded open_clip weights (exported as MERGELAB_CLIP_WEIGHTS_DIR)
 NOTEBOOKS ?=## run only these notebooks (names without .ipynb; empty = all)
 FORCE ?=## set to 1 to execute notebooks even when they are up to date
