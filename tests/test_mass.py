@@ -291,11 +291,38 @@ def test_the_time_claim_is_judged_by_the_interval_of_the_median_ratio(low, high,
 
     from mergelab.experiments import ch04_mass as ch04
 
-    methods = {m: {"normalized_accuracy": 0.8} for m in ("mass", "tsv_merge_validated")}
+    methods = {m: {"normalized_accuracy": 0.8, "per_task_accuracy": {"a": 0.8}} for m in ("mass", "tsv_merge_validated")}
+    methods["experts"] = {"normalized_accuracy": 1.0, "per_task_accuracy": {"a": 1.0}}
     timing = {"ratio": (low + high) / 2, "ratios": [low, high], "ratio_interval": {"estimate": (low + high) / 2,
               "ci_low": low, "ci_high": high, "n": 15, "level": 0.95, "method": "bootstrap (percentile)"}}
     out = ch04.claims(methods, {"contains_true": 0.9, "argmax_true": 0.8}, 2.0, timing, pd.DataFrame(columns=["study"]),
-                      1, "tiny")
+                      1, "tiny", {"a": 100}, {"a": 1.0})
     row = next(c for c in out if c["claim"].startswith("Two forward passes"))
     assert row["status"] == status
     assert row["evidence"]["ratio_ci_high"] == high or math.isnan(high)
+
+
+@pytest.mark.parametrize("mass, tsv, n, status", [
+    ({"a": 0.96, "b": 0.95}, {"a": 0.85, "b": 0.85}, 5000, ("reproduced", "reproduced")),
+    ({"a": 0.91, "b": 0.92}, {"a": 0.85, "b": 0.85}, 50, ("not_testable", "not_testable")),
+    ({"a": 0.70, "b": 0.72}, {"a": 0.70, "b": 0.70}, 5000, ("not_reproduced", "not_reproduced")),
+])
+def test_the_accuracy_claims_are_judged_by_the_test_sets_sampling_error(mass, tsv, n, status):
+    """MASS >= .90 normalized and MASS >= TSV-M + .05: reproduced only when the whole binomial interval clears
+    the bar, not reproduced when it lies wholly below, else not testable (few test images)."""
+    import pandas as pd
+
+    from mergelab.experiments import ch04_mass as ch04
+
+    experts = {"a": 1.0, "b": 1.0}
+    methods = {"mass": {"normalized_accuracy": sum(mass.values()) / 2, "per_task_accuracy": mass},
+               "tsv_merge_validated": {"normalized_accuracy": sum(tsv.values()) / 2, "per_task_accuracy": tsv},
+               "experts": {"normalized_accuracy": 1.0, "per_task_accuracy": experts}}
+    ci = {"estimate": 2.0, "ci_low": 1.9, "ci_high": 2.1, "n": 15, "level": 0.95, "method": "bootstrap (percentile)"}
+    out = ch04.claims(methods, {"contains_true": 0.95, "argmax_true": 0.9}, 2.0, {"ratio": 2.0, "ratio_interval": ci},
+                      pd.DataFrame(columns=["study"]), 1, "tiny", {"a": n, "b": n}, experts)
+    keeps, beats = out[0], out[1]
+    assert (keeps["status"], beats["status"]) == status
+    assert keeps["evidence"]["mass_normalized_ci"]["ci_low"] < methods["mass"]["normalized_accuracy"]
+    routing = out[2]
+    assert routing["evidence"]["contains_true_ci"]["n"] == 2 * n

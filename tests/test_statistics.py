@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -144,3 +146,39 @@ def test_band_status_needs_the_whole_interval_inside_or_outside():
     assert band_status(iv(float("nan"), float("nan")), 0.7, 1.3) == "not_testable"
     with pytest.raises(ValueError, match="low <= high"):
         band_status(iv(0, 1), 2, 1)
+
+
+def test_normalized_difference_ci_estimate_and_binomial_width():
+    from mergelab.analysis.statistics import normalized_difference_ci
+
+    experts = {"a": 0.8, "b": 0.5}
+    acc, other = {"a": 0.6, "b": 0.4}, {"a": 0.4, "b": 0.4}
+    one = normalized_difference_ci(acc, None, experts, 100)
+    assert one["estimate"] == pytest.approx((0.6 / 0.8 + 0.4 / 0.5) / 2)
+    var = (0.6 * 0.4 / 100 / 0.8 ** 2 + 0.4 * 0.6 / 100 / 0.5 ** 2) / 4
+    assert one["ci_high"] - one["estimate"] == pytest.approx(1.959964 * math.sqrt(var), rel=1e-5)
+    two = normalized_difference_ci(acc, other, experts, {"a": 100, "b": 400})
+    assert two["estimate"] == pytest.approx((0.2 / 0.8) / 2) and two["n"] == 500
+    wide, narrow = (normalized_difference_ci(acc, other, experts, n) for n in (50, 5000))
+    assert wide["ci_high"] - wide["ci_low"] > 9 * (narrow["ci_high"] - narrow["ci_low"])  # 1 / sqrt(n)
+    undefined = normalized_difference_ci(acc, other, {"a": 0.8, "b": 0.0}, 100)
+    assert math.isnan(undefined["ci_low"]) and math.isnan(undefined["estimate"])
+    with pytest.raises(ValueError, match="must cover the same tasks"):
+        normalized_difference_ci(acc, {"a": 0.5}, experts, 100)
+    with pytest.raises(ValueError, match="n_examples=0 is not valid"):
+        normalized_difference_ci(acc, None, experts, 0)
+
+
+def test_proportion_ci_is_wilsons_interval():
+    from mergelab.analysis.statistics import proportion_ci
+
+    ci = proportion_ci(932, 1000)
+    assert ci["estimate"] == pytest.approx(0.932) and ci["ci_low"] < 0.932 < ci["ci_high"]
+    z = 1.959963985
+    centre = (0.932 + z * z / 2000) / (1 + z * z / 1000)
+    half = z / (1 + z * z / 1000) * math.sqrt(0.932 * 0.068 / 1000 + z * z / 4e6)
+    assert (ci["ci_low"], ci["ci_high"]) == pytest.approx((centre - half, centre + half), rel=1e-6)
+    assert proportion_ci(10, 10)["ci_high"] == pytest.approx(1.0) and proportion_ci(0, 10)["ci_low"] == pytest.approx(0.0)
+    for bad in ((11, 10), (-1, 10), (1, 0), (0.5, 10)):
+        with pytest.raises(ValueError, match="is not valid"):
+            proportion_ci(*bad)

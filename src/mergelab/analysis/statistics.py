@@ -128,6 +128,57 @@ def accuracy_difference_ci(accuracy_a: Mapping[str, float], accuracy_b: Mapping[
     return _interval(diff, diff - half, diff + half, sum(n.values()), level, "normal (binomial per task)")
 
 
+def _normal_interval(estimate: float, variance: float, n: int, level: float, method: str) -> dict[str, Any]:
+    half = float(stats.norm.ppf(0.5 + level / 2) * np.sqrt(variance))
+    return _interval(estimate, estimate - half, estimate + half, n, level, method)
+
+
+def _per_task_sizes(tasks: Sequence[str], n_examples: Mapping[str, int] | int) -> dict[str, int]:
+    n = {t: int(n_examples if isinstance(n_examples, (int, np.integer)) else n_examples[t]) for t in tasks}
+    if any(v < 1 for v in n.values()):
+        raise ValueError(f"n_examples={n_examples!r} is not valid; every task needs at least one example.")
+    return n
+
+
+def normalized_difference_ci(accuracy_a: Mapping[str, float], accuracy_b: Mapping[str, float] | None,
+                             expert_accuracy: Mapping[str, float], n_examples: Mapping[str, int] | int,
+                             level: float = 0.95) -> dict[str, Any]:
+    """Normalized accuracy ``mean_t a_t / e_t`` of model a (``accuracy_b=None``), or the difference of two
+    models' normalized accuracies ``mean_t (a_t - b_t) / e_t``, with the normal interval of the test sets'
+    sampling error: binomial per task, the models treated as independent (conservative for paired
+    predictions), the experts' accuracies ``e_t`` taken as fixed. Seed-to-seed variation is not included.
+    The bounds are NaN when an expert's accuracy is 0 (normalized accuracy is undefined there).
+
+    Args:
+        accuracy_a, accuracy_b: task to accuracy (fraction 0..1), same tasks as ``expert_accuracy``.
+        expert_accuracy: task to the expert's accuracy on the same split.
+        n_examples: examples per task (one number for all).
+    """
+    _check_level(level)
+    tasks = sorted(accuracy_a)
+    if not tasks or set(expert_accuracy) < set(tasks) or (accuracy_b is not None and set(accuracy_b) != set(tasks)):
+        raise ValueError(f"accuracy_a, accuracy_b and expert_accuracy must cover the same tasks; got {tasks}, "
+                         f"{None if accuracy_b is None else sorted(accuracy_b)} and {sorted(expert_accuracy)}.")
+    n = _per_task_sizes(tasks, n_examples)
+    b = {t: 0.0 for t in tasks} if accuracy_b is None else accuracy_b
+    method = "normal (binomial per task, experts fixed)"
+    if any(not expert_accuracy[t] > 0 for t in tasks):
+        return _interval(float("nan"), float("nan"), float("nan"), sum(n.values()), level, method)
+    estimate = float(np.mean([(accuracy_a[t] - b[t]) / expert_accuracy[t] for t in tasks]))
+    variance = sum((accuracy_a[t] * (1 - accuracy_a[t]) + b[t] * (1 - b[t])) / n[t] / expert_accuracy[t] ** 2
+                   for t in tasks) / len(tasks) ** 2
+    return _normal_interval(estimate, variance, sum(n.values()), level, method)
+
+
+def proportion_ci(successes: int, n: int, level: float = 0.95) -> dict[str, Any]:
+    """A proportion ``successes / n`` (e.g. inputs routed to their task) with Wilson's score interval."""
+    _check_level(level)
+    if isinstance(n, bool) or int(n) != n or n < 1 or not 0 <= successes <= n or int(successes) != successes:
+        raise ValueError(f"successes={successes!r} of n={n!r} is not valid; use integers 0 <= successes <= n, n >= 1.")
+    ci = stats.binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return _interval(successes / n, ci.low, ci.high, int(n), level, "Wilson score")
+
+
 def mean_gap_ci(train: Mapping[str, Sequence[float]], test: Mapping[str, Sequence[float]],
                 level: float = 0.95) -> dict[str, Any]:
     """A generalization gap with the normal interval of its sampling error, from per-example values.
