@@ -326,3 +326,21 @@ def test_the_accuracy_claims_are_judged_by_the_test_sets_sampling_error(mass, ts
     assert keeps["evidence"]["mass_normalized_ci"]["ci_low"] < methods["mass"]["normalized_accuracy"]
     routing = out[2]
     assert routing["evidence"]["contains_true_ci"]["n"] == 2 * n
+
+
+def test_the_top_k_claim_is_not_testable_where_normalized_accuracy_is_undefined():
+    """Tiny smoke splits can leave an expert at 0 on validation: normalized accuracy is NaN there, and the
+    top-k claim says not testable instead of failing the chapter."""
+    import pandas as pd
+
+    from mergelab.experiments import ch04_mass as ch04
+
+    rows = [{"study": "selection", "block": 1, "threshold": 0.2, "top_k": k, "normalized_accuracy": float("nan"),
+             "per_task_accuracy": {"a": 0.5}, "examples": {"a": 10}} for k in (1, 2, 3)]
+    methods = {m: {"normalized_accuracy": 0.5, "per_task_accuracy": {"a": 0.5}}
+               for m in ("mass", "tsv_merge_validated", "experts")}
+    ci = {"estimate": 2.0, "ci_low": 1.9, "ci_high": 2.1, "n": 3, "level": 0.95, "method": "bootstrap (percentile)"}
+    out = ch04.claims(methods, {"contains_true": 0.5, "argmax_true": 0.5}, 2.0, {"ratio": 2.0, "ratio_interval": ci},
+                      pd.DataFrame(rows), 1, "smoke", {"a": 10}, {"a": 0.0})
+    top_k = next(c for c in out if c["claim"].startswith("Selecting up to 2 or 3"))
+    assert top_k["status"] == "not_testable" and top_k["evidence"]["best_top_k"] == 2
