@@ -117,3 +117,18 @@ def test_alone_and_merged_shows_a_collective_loss_the_pairwise_matrix_splits():
     assert M[0, 2] == pytest.approx(-0.1) and M[1, 2] == pytest.approx(-0.1)  # each alone costs c 0.1
     with pytest.raises(ValueError, match="task_vectors is empty"):
         D.alone_and_merged(bench, pre, {}, coefficient=0.5)
+
+
+def test_large_probes_use_lbfgs_so_no_hessian_is_formed():
+    """CLIP's 512-d features on SUN397's 397 classes would give Newton-Cholesky a Hessian of 4e10 entries;
+    past NEWTON_MAX_COEFFICIENTS the probe uses L-BFGS (no Hessian) and still fits."""
+    assert D.probe_solver(64, 10) == "newton-cholesky"  # the tiny encoder: 650 coefficients
+    assert D.probe_solver(512, 397) == D.probe_solver(512, 10) == "lbfgs"
+    assert D.probe_solver(D.NEWTON_MAX_COEFFICIENTS - 1, 2) == "newton-cholesky"  # binary: one coefficient vector
+    g = torch.Generator().manual_seed(0)
+    classes, d = 60, 100  # 6060 coefficients: over the limit
+    centres = 3 * torch.randn(classes, d, generator=g)
+    y = torch.arange(1200) % classes
+    X = centres[y] + torch.randn(1200, d, generator=g)
+    assert D.probe_solver(d, classes) == "lbfgs"
+    assert D.linear_probe_accuracy(X[:600], y[:600], X[600:], y[600:], C=1.0) > 0.9

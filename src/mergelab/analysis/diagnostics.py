@@ -73,24 +73,39 @@ def _check_features(train_features: torch.Tensor, test_features: torch.Tensor) -
                          f"{tuple(test_features.shape)}.")
 
 
-def _fit_probe(features: torch.Tensor, labels: torch.Tensor, C: float, max_iter: int) -> Any:
+NEWTON_MAX_COEFFICIENTS = 5000
+"""Largest probe (``(d + 1) x classes`` coefficients) fitted by Newton-Cholesky, whose Hessian has the
+square of that many entries (5000: 200 MB); larger ones (CLIP's 512-d features on 10 to 397 classes) use
+L-BFGS, which needs no Hessian."""
+
+
+def probe_solver(num_features: int, num_classes: int) -> str:
+    """scikit-learn's solver for a probe on ``num_features`` features and ``num_classes`` classes:
+    ``"newton-cholesky"`` (a handful of exact Newton steps, where L-BFGS needs hundreds of iterations once
+    the penalty is weak) while its Hessian is small (:data:`NEWTON_MAX_COEFFICIENTS`), else ``"lbfgs"``."""
+    coefficients = (num_features + 1) * (num_classes if num_classes > 2 else 1)
+    return "newton-cholesky" if coefficients <= NEWTON_MAX_COEFFICIENTS else "lbfgs"
+
+
+def _fit_probe(features: torch.Tensor, labels: torch.Tensor, C: float, max_iter: int | None = None) -> Any:
     from sklearn.linear_model import LogisticRegression
 
     if not (isinstance(C, (int, float)) and math.isfinite(C) and C > 0):
         raise ValueError(f"C={C!r} is not valid; use a positive, finite inverse L2 strength (e.g. one of "
                          f"{PROBE_C_GRID}).")
-    # Newton-Cholesky: a handful of exact Newton steps on these few hundred parameters, where L-BFGS needs
-    # hundreds of iterations once the penalty is weak
-    clf = LogisticRegression(C=C, solver="newton-cholesky", max_iter=max_iter)
+    solver = probe_solver(features.shape[1], int(torch.unique(labels).numel()))
+    iterations = max_iter if max_iter is not None else (300 if solver == "newton-cholesky" else 3000)
+    clf = LogisticRegression(C=C, solver=solver, max_iter=iterations)
     return clf.fit(features.double().numpy(), labels.numpy())
 
 
 def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
                           test_features: torch.Tensor, test_labels: torch.Tensor,
-                          C: float = 10.0, max_iter: int = 300) -> float:
+                          C: float = 10.0, max_iter: int | None = None) -> float:
     """Test accuracy (fraction 0..1) of a multinomial logistic regression fitted on ``train_features``
     ``(N, d)`` / ``train_labels`` ``(N,)`` int and scored on ``test_features`` ``(M, d)`` / ``test_labels``
-    ``(M,)``. ``C``: inverse L2 strength (scikit-learn's convention)."""
+    ``(M,)``. ``C``: inverse L2 strength (scikit-learn's convention); ``max_iter``: the solver's
+    iterations (``None``: 300 for Newton-Cholesky, 3000 for L-BFGS, :func:`probe_solver`)."""
     _check_features(train_features, test_features)
     clf = _fit_probe(train_features, train_labels, C, max_iter)
     return float(clf.score(test_features.double().numpy(), test_labels.numpy()))
@@ -98,7 +113,7 @@ def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tens
 
 def validated_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
                     test: tuple[torch.Tensor, torch.Tensor], grid: Sequence[float] = PROBE_C_GRID,
-                    max_iter: int = 300) -> dict[str, Any]:
+                    max_iter: int | None = None) -> dict[str, Any]:
     """A linear probe whose L2 strength is chosen on validation: one multinomial logistic regression per
     ``C`` of ``grid`` (ascending) fitted on ``train``, the ``C`` of the best ``val`` accuracy kept (ties: the
     smaller ``C``, the stronger penalty), scored once on ``test``. Each split is ``(features (N, d),
