@@ -271,6 +271,7 @@ def test_time_per_image_pairs_rounds_and_gives_the_median_ratio_an_interval():
     images = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     t = ch04.time_per_image(r, merged, images, repeats=4)
     assert len(t["ratios"]) == 4 and t["repeats"] == 4 and t["batch"] == 12
+    assert t["cold_repeats"] == ch04.COLD_REPEATS == 3  # cold rounds build every second-pass model: at most three
     assert t["ratio"] == pytest.approx(statistics.median(t["ratios"]))
     ci = t["ratio_interval"]
     assert ci["n"] == 4 and ci["ci_low"] <= t["ratio"] <= ci["ci_high"]
