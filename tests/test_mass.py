@@ -345,3 +345,19 @@ def test_the_top_k_claim_is_not_testable_where_normalized_accuracy_is_undefined(
                       pd.DataFrame(rows), 1, "smoke", {"a": 10}, {"a": 0.0})
     top_k = next(c for c in out if c["claim"].startswith("Selecting up to 2 or 3"))
     assert top_k["status"] == "not_testable" and top_k["evidence"]["best_top_k"] == 2
+
+
+def test_timings_adds_the_all_threads_figure_only_on_a_cpu_with_more_threads():
+    from mergelab.experiments import ch04_mass as ch04
+    from mergelab.utils import torch_threads
+
+    r, s = router()
+    merged = r._module(merge("tsv_merge", s["pre"], list(s["tvs"].values()), coefficient=1.0, device=None))
+    images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch_threads(1):
+        one, every = ch04.timings(r, merged, images, repeats=3)
+        assert one["threads"] == 1 and every is None
+    with torch_threads(2):
+        one, every = ch04.timings(r, merged, images, repeats=3)
+        assert one["threads"] == 1 and every["threads"] == 2 and len(every["ratios"]) == 3
+        assert torch.get_num_threads() == 2  # the caller's setting is restored

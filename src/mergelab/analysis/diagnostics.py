@@ -87,16 +87,22 @@ def probe_solver(num_features: int, num_classes: int) -> str:
     return "newton-cholesky" if coefficients <= NEWTON_MAX_COEFFICIENTS else "lbfgs"
 
 
-def _fit_probe(features: torch.Tensor, labels: torch.Tensor, C: float, max_iter: int | None = None) -> Any:
+def _as_arrays(features: torch.Tensor, labels: torch.Tensor) -> tuple[Any, Any]:
+    """``(features as float64, labels)`` as NumPy arrays, what scikit-learn fits and scores."""
+    return features.double().numpy(), labels.numpy()
+
+
+def _fit_probe(X: Any, y: Any, C: float, max_iter: int | None = None) -> Any:
+    """A multinomial logistic regression at inverse L2 strength ``C`` fitted on ``X`` ``(N, d)`` float64 and
+    ``y`` ``(N,)`` int (NumPy), with :func:`probe_solver`'s solver."""
     from sklearn.linear_model import LogisticRegression
 
     if not (isinstance(C, (int, float)) and math.isfinite(C) and C > 0):
         raise ValueError(f"C={C!r} is not valid; use a positive, finite inverse L2 strength (e.g. one of "
                          f"{PROBE_C_GRID}).")
-    solver = probe_solver(features.shape[1], int(torch.unique(labels).numel()))
+    solver = probe_solver(X.shape[1], len(set(y.tolist())))
     iterations = max_iter if max_iter is not None else (300 if solver == "newton-cholesky" else 3000)
-    clf = LogisticRegression(C=C, solver=solver, max_iter=iterations)
-    return clf.fit(features.double().numpy(), labels.numpy())
+    return LogisticRegression(C=C, solver=solver, max_iter=iterations).fit(X, y)
 
 
 def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
@@ -107,8 +113,8 @@ def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tens
     ``(M,)``. ``C``: inverse L2 strength (scikit-learn's convention); ``max_iter``: the solver's
     iterations (``None``: 300 for Newton-Cholesky, 3000 for L-BFGS, :func:`probe_solver`)."""
     _check_features(train_features, test_features)
-    clf = _fit_probe(train_features, train_labels, C, max_iter)
-    return float(clf.score(test_features.double().numpy(), test_labels.numpy()))
+    clf = _fit_probe(*_as_arrays(train_features, train_labels), C, max_iter)
+    return float(clf.score(*_as_arrays(test_features, test_labels)))
 
 
 def validated_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
@@ -128,15 +134,15 @@ def validated_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.T
                          f"(e.g. {PROBE_C_GRID}).")
     _check_features(train[0], val[0])
     _check_features(train[0], test[0])
+    train_xy, val_xy = _as_arrays(*train), _as_arrays(*val)  # converted once for the whole grid
     best, best_val, best_clf = grid[0], -1.0, None
     for C in grid:
-        clf = _fit_probe(train[0], train[1], C, max_iter)
-        acc = float(clf.score(val[0].double().numpy(), val[1].numpy()))
+        clf = _fit_probe(*train_xy, C, max_iter)
+        acc = float(clf.score(*val_xy))
         if acc > best_val:
             best, best_val, best_clf = C, acc, clf
-    edge = best in (grid[0], grid[-1])
-    return {"accuracy": float(best_clf.score(test[0].double().numpy(), test[1].numpy())), "C": best,
-            "val_accuracy": best_val, "at_grid_edge": bool(len(grid) > 1 and edge)}
+    return {"accuracy": float(best_clf.score(*_as_arrays(*test))), "C": best, "val_accuracy": best_val,
+            "at_grid_edge": len(grid) > 1 and best in (grid[0], grid[-1])}
 
 
 def linear_probe_fits(benchmark: DiagnosableBenchmark, state: StateDict, tasks: Sequence[str] | None = None,

@@ -113,31 +113,11 @@ def accuracy_difference_ci(accuracy_a: Mapping[str, float], accuracy_b: Mapping[
         accuracy_a, accuracy_b: task to accuracy (fraction 0..1), same tasks.
         n_examples: test examples per task (one number for all).
     """
-    _check_level(level)
     if set(accuracy_a) != set(accuracy_b) or not accuracy_a:
         raise ValueError(f"accuracy_a and accuracy_b must cover the same tasks; got {sorted(accuracy_a)} and "
                          f"{sorted(accuracy_b)}.")
-    tasks = sorted(accuracy_a)
-    n = {t: int(n_examples if isinstance(n_examples, (int, np.integer)) else n_examples[t]) for t in tasks}
-    if any(v < 1 for v in n.values()):
-        raise ValueError(f"n_examples={n_examples!r} is not valid; every task needs at least one test example.")
-    diff = float(np.mean([accuracy_a[t] - accuracy_b[t] for t in tasks]))
-    var = sum((accuracy_a[t] * (1 - accuracy_a[t]) + accuracy_b[t] * (1 - accuracy_b[t])) / n[t]
-              for t in tasks) / len(tasks) ** 2
-    half = float(stats.norm.ppf(0.5 + level / 2) * np.sqrt(var))
-    return _interval(diff, diff - half, diff + half, sum(n.values()), level, "normal (binomial per task)")
-
-
-def _normal_interval(estimate: float, variance: float, n: int, level: float, method: str) -> dict[str, Any]:
-    half = float(stats.norm.ppf(0.5 + level / 2) * np.sqrt(variance))
-    return _interval(estimate, estimate - half, estimate + half, n, level, method)
-
-
-def _per_task_sizes(tasks: Sequence[str], n_examples: Mapping[str, int] | int) -> dict[str, int]:
-    n = {t: int(n_examples if isinstance(n_examples, (int, np.integer)) else n_examples[t]) for t in tasks}
-    if any(v < 1 for v in n.values()):
-        raise ValueError(f"n_examples={n_examples!r} is not valid; every task needs at least one example.")
-    return n
+    out = normalized_difference_ci(accuracy_a, accuracy_b, {t: 1.0 for t in accuracy_a}, n_examples, level)
+    return {**out, "method": "normal (binomial per task)"}  # normalized by experts at 1: the plain difference
 
 
 def normalized_difference_ci(accuracy_a: Mapping[str, float], accuracy_b: Mapping[str, float] | None,
@@ -159,7 +139,9 @@ def normalized_difference_ci(accuracy_a: Mapping[str, float], accuracy_b: Mappin
     if not tasks or set(expert_accuracy) < set(tasks) or (accuracy_b is not None and set(accuracy_b) != set(tasks)):
         raise ValueError(f"accuracy_a, accuracy_b and expert_accuracy must cover the same tasks; got {tasks}, "
                          f"{None if accuracy_b is None else sorted(accuracy_b)} and {sorted(expert_accuracy)}.")
-    n = _per_task_sizes(tasks, n_examples)
+    n = {t: int(n_examples if isinstance(n_examples, (int, np.integer)) else n_examples[t]) for t in tasks}
+    if any(v < 1 for v in n.values()):
+        raise ValueError(f"n_examples={n_examples!r} is not valid; every task needs at least one example.")
     b = {t: 0.0 for t in tasks} if accuracy_b is None else accuracy_b
     method = "normal (binomial per task, experts fixed)"
     if any(not expert_accuracy[t] > 0 for t in tasks):
@@ -167,7 +149,8 @@ def normalized_difference_ci(accuracy_a: Mapping[str, float], accuracy_b: Mappin
     estimate = float(np.mean([(accuracy_a[t] - b[t]) / expert_accuracy[t] for t in tasks]))
     variance = sum((accuracy_a[t] * (1 - accuracy_a[t]) + b[t] * (1 - b[t])) / n[t] / expert_accuracy[t] ** 2
                    for t in tasks) / len(tasks) ** 2
-    return _normal_interval(estimate, variance, sum(n.values()), level, method)
+    half = float(stats.norm.ppf(0.5 + level / 2) * np.sqrt(variance))
+    return _interval(estimate, estimate - half, estimate + half, sum(n.values()), level, method)
 
 
 def proportion_ci(successes: int, n: int, level: float = 0.95) -> dict[str, Any]:

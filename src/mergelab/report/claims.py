@@ -66,8 +66,8 @@ def check_claims(chapter: str, results: Mapping[str, Any]) -> str | None:
         return (f"{chapter}: its claims were not checked against its numbers ({type(err).__name__}: {err}); "
                 f"results written before the chapter stored every input of its claims? Run it again: {rerun}")
     stored = finite_or_none(list(results.get("claims") or []))
-    # in any order: a results file may list a mapping's keys in another order, and some rules follow it
-    canonical = lambda c: json.dumps(c, sort_keys=True)  # noqa: E731
+    def canonical(c: Mapping[str, Any]) -> str:  # compared in any order: a results file may list a mapping's keys
+        return json.dumps(c, sort_keys=True)  # in another order, and some rules follow it
     mine, theirs = sorted(map(canonical, stored)), sorted(map(canonical, again))
     if mine == theirs:
         return None
