@@ -104,15 +104,18 @@ _PLAIN = frozenset({int, float, bool, str, type(None)})
 """Types JSON writes as they are."""
 
 
-def _jsonable(value: Any) -> Any:
+def to_jsonable(value: Any) -> Any:
+    """``value`` as JSON can write it, recursively: dataclasses as mappings (keys sorted, as strings), tuples
+    as lists, paths as strings, NumPy scalars and arrays and torch tensors as numbers and lists; anything else
+    unchanged. What :func:`atomic_write_json` writes and :func:`config_hash` hashes."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(dataclasses.asdict(value))
+        return to_jsonable(dataclasses.asdict(value))
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        return {str(k): to_jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, (list, tuple)):
         if all(type(v) in _PLAIN for v in value):  # a list of numbers (per-example losses): nothing to convert
             return list(value)
-        return [_jsonable(v) for v in value]
+        return [to_jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, (np.integer,)):
@@ -132,7 +135,7 @@ def config_hash(config: Any, length: int = 16) -> str:
 
     Keys are sorted, so two configurations that are equal as mappings hash alike.
     """
-    blob = json.dumps(_jsonable(config), sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(to_jsonable(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
@@ -213,7 +216,7 @@ def atomic_write_json(path: str | Path, payload: Any, strict: bool = False) -> P
 
     ``strict``: write standard JSON, every NaN or infinity as ``null`` (Python's default writes the
     non-standard ``NaN``, which browsers and most other languages refuse)."""
-    data = _jsonable(payload)
+    data = to_jsonable(payload)
     if strict:
         data = finite_or_none(data)
     text = json.dumps(data, indent=2, sort_keys=False, allow_nan=not strict)

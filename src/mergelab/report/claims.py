@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..params import ReportError
-from ..utils import _jsonable, atomic_write_text, finite_or_none
+from ..utils import atomic_write_text, finite_or_none, to_jsonable
 
 CLAIMS_PAGE = "claims.qmd"
 """The generated page, listed in ``book.chapters`` of ``reports/_quarto.yml`` after the index."""
@@ -61,7 +61,7 @@ def check_claims(chapter: str, results: Mapping[str, Any]) -> str | None:
     rule = importlib.import_module(module).claims_from_results
     rerun = f"make report NOTEBOOKS={chapter} FORCE=1"
     try:
-        again = finite_or_none(_jsonable(rule(results)))
+        again = finite_or_none(to_jsonable(rule(results)))
     except Exception as err:  # noqa: BLE001  (any failure of the rule on these results: not checked, said why)
         return (f"{chapter}: its claims were not checked against its numbers ({type(err).__name__}: {err}); "
                 f"results written before the chapter stored every input of its claims? Run it again: {rerun}")
