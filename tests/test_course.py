@@ -239,7 +239,11 @@ def test_session_table_says_when_nothing_was_measured():
                                             "load_average_start": [3.5, 3, 2], "machine": {"cpu_model": "CPU X", "cores": 2,
                                                                                            "system": "Linux"}}]}
     text = sessions_markdown(one, ["00_a.ipynb"], {"00_a": "Alpha"}, {})
-    assert "| 1 | Alpha (`00`) | 2.1 min | warm | 3.5 |" in text and "CPU X (2 cores" in text and "2026-12-03" in text
+    assert "| 1 | Alpha (`00`) | 2.1 min | warm | 3.5 | not recorded |" in text and "CPU X (2 cores" in text
+    assert "2026-12-03" in text and "of CPU time" not in text  # records made before CPU time was measured
+    one["chapters"][0]["cpu_s"] = 230.0
+    text = sessions_markdown(one, ["00_a.ipynb"], {"00_a": "Alpha"}, {})
+    assert "| 1 | Alpha (`00`) | 2.1 min | warm | 3.5 | 3.8 min |" in text and "3.8 min of CPU time" in text
     assert "above the number of cores, so other work shared the machine" in text  # 3.5 on 2 cores
     one["chapters"][0]["load_average_start"] = [1.9, 1.5, 1.0]  # the previous chapter's kernel on both cores
     text = sessions_markdown(one, ["00_a.ipynb"], {"00_a": "Alpha"}, {})

@@ -124,6 +124,7 @@ def test_each_execution_leaves_a_timing_record(executed: tuple[Path, report.Repo
     root, _ = executed
     timing = json.loads((root / "out" / "timings" / f"00_alpha.{PROFILE}.json").read_text())
     assert timing["notebook"] == "00_alpha" and timing["profile"] == PROFILE and timing["wall_s"] > 0
+    assert timing["cpu_s"] > 0  # at least the kernel's start
     assert timing["machine"]["cores"] == os.cpu_count() and timing["machine"]["cpu_model"]
     assert timing["cache"] in ("cold", "warm") and len(timing["load_average_start"]) == 3
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", timing["started_utc"])
@@ -150,6 +151,33 @@ def test_a_run_that_writes_into_the_data_cache_is_cold(tmp_path: Path, monkeypat
     assert json.loads(out.read_text())["chapters"] == [record]
     with pytest.raises(ValueError, match="no timing records of profile 'smoke'"):
         write_record(tmp_path / "rep", tmp_path / "record.json", profile="smoke")
+
+
+BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
+"""A child that spends ``s`` seconds of CPU time."""
+
+
+def test_stopwatch_counts_the_cpu_of_children_and_not_of_lanes_reaped_meanwhile(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    from mergelab.report.timings import Stopwatch, run_child
+
+    monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "data").mkdir()
+    with Stopwatch() as watch:  # a notebook's kernel: a child that burns 0.6 CPU s and is waited for
+        subprocess.run([sys.executable, "-c", BURN.format(s=0.6)], check=True)
+    first = watch.record("00_a", "tiny")["cpu_s"]
+    assert 0.6 <= first < 3.0  # the burn, and the interpreter's start
+    with Stopwatch() as watch:  # the same beside a lane of 1.2 CPU s that ends meanwhile
+        code, lane_cpu = run_child([sys.executable, "-c", BURN.format(s=1.2)])
+        subprocess.run([sys.executable, "-c", BURN.format(s=0.6)], check=True)
+    beside = watch.record("00_a", "tiny")["cpu_s"]
+    assert code == 0 and 1.2 <= lane_cpu < 3.6
+    assert abs(beside - first) < 0.5  # the lane's 1.2 CPU s are not the chapter's
+    code, _ = run_child([sys.executable, "-c", "raise SystemExit(3)"])
+    assert code == 3  # the exit status as subprocess.run gives it
 
 
 def test_book_index_links_every_chapter(executed: tuple[Path, report.ReportResult]) -> None:

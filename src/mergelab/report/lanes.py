@@ -36,7 +36,7 @@ from mergelab.params import ReportError
 
 from mergelab.utils import environment, read_json
 
-from .timings import TIMINGS_DIR, collect, read_record, usable_cores
+from .timings import TIMINGS_DIR, collect, cpu_text, read_record, run_child, usable_cores
 
 
 def resolve_jobs(jobs: int | str | None, notebooks: int) -> int:
@@ -80,15 +80,15 @@ def _run_lane(notebook: Path, parameters: dict[str, Any], profile: str, reports:
     spec.write_text(json.dumps({"notebook": str(notebook), "parameters": parameters, "profile": profile,
                                 "reports": str(reports), "digest": digest, "nice": nice}, default=str))
     env = {**(os.environ if environ is None else environ), **lane_thread_environment(threads)}
-    with open(log, "w") as out:
-        done = subprocess.run([sys.executable, "-m", "mergelab.report.lanes", str(spec)], env=env, stdout=out,
-                              stderr=subprocess.STDOUT)
+    with open(log, "w") as out:  # reaped through run_child: the first chapter's CPU time does not count it
+        code, _ = run_child([sys.executable, "-m", "mergelab.report.lanes", str(spec)], env=env, stdout=out,
+                            stderr=subprocess.STDOUT)
     spec.unlink(missing_ok=True)
     record = reports / TIMINGS_DIR / f"{notebook.stem}.{profile}.json"  # written by the lane once it succeeded
-    timing = read_json(record) if done.returncode == 0 else None
+    timing = read_json(record) if code == 0 else None
     if timing is None:
         tail = log.read_text(errors="replace")[-3000:]
-        raise ReportError(f"notebook {notebook.name} failed in its lane (exit {done.returncode}); its output, "
+        raise ReportError(f"notebook {notebook.name} failed in its lane (exit {code}); its output, "
                           f"kept in {log}, ends with:\n{tail}")
     log.unlink(missing_ok=True)
     return timing
@@ -169,7 +169,8 @@ def run_in_lanes(plan: Sequence[tuple[Path, dict[str, Any], str]], profile: str,
                 continue
             with cond:
                 timings[notebook.stem] = timing
-            _say(f"executed: {notebook.stem} in {timing['wall_s']:.1f} s (in a lane, {timing['cache']} data cache)")
+            _say(f"executed: {notebook.stem} in {timing['wall_s']:.1f} s{cpu_text(timing)} (in a lane, "
+                 f"{timing['cache']} data cache)")
 
     others = [threading.Thread(target=lane, daemon=True) for _ in range(jobs - 1 if first is not None else jobs)]
     for thread in others:

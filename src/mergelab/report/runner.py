@@ -447,9 +447,11 @@ def run_notebooks(
     lanes = resolve_jobs(jobs, max(1, len(todo)))  # checked even when nothing runs
 
     def here(notebook: Path, parameters: dict[str, Any], digest: str) -> None:
+        from .timings import cpu_text
+
         print(f"executing: {notebook.stem} (profile {profile})")
         timing = execute_and_record(notebook, parameters, profile, reports, digest)
-        print(f"executed: {notebook.stem} in {timing['wall_s']:.1f} s ({timing['cache']} data cache, load "
+        print(f"executed: {notebook.stem} in {timing['wall_s']:.1f} s{cpu_text(timing)} ({timing['cache']} data cache, load "
               f"{timing['load_average_start'][0] if timing['load_average_start'] else '?'})")
         statuses[notebook.stem] = EXECUTED
 

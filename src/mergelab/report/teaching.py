@@ -58,9 +58,9 @@ def sessions_markdown(record: Mapping[str, Any] | None, chapters: Sequence[str],
         found: notebook stem -> its exercises (:class:`mergelab.course.Exercise`).
     """
     timed = {c["notebook"]: c for c in (record or {}).get("chapters", [])}
-    lines = ["| Session | Chapter | Run time at `tiny` | Cache | Load (1 min) | Exercises |",
-             "|---|---|---|---|---|---|"]
-    total = 0.0
+    lines = ["| Session | Chapter | Run time at `tiny` | Cache | Load (1 min) | CPU time | Exercises |",
+             "|---|---|---|---|---|---|---|"]
+    total, cpu_total, cpu_all = 0.0, 0.0, True
     for session, chapter in enumerate(chapters, start=1):
         stem = Path(chapter).stem
         t = timed.get(stem)
@@ -70,10 +70,13 @@ def sessions_markdown(record: Mapping[str, Any] | None, chapters: Sequence[str],
         if t:
             total += t["wall_s"]
             load = (t.get("load_average_start") or ["not recorded"])[0]
+            cpu = t.get("cpu_s")
+            cpu_total += cpu or 0.0
+            cpu_all = cpu_all and cpu is not None
             lines.append(f"| {session} | {titles.get(stem, stem)} (`{stem[:2]}`) | {_minutes(t['wall_s'])} | {t['cache']} | "
-                         f"{load} | {count} ({listed}) |")
+                         f"{load} | {'not recorded' if cpu is None else _minutes(cpu)} | {count} ({listed}) |")
         else:
-            lines.append(f"| {session} | {titles.get(stem, stem)} (`{stem[:2]}`) | not measured | | | {count} ({listed}) |")
+            lines.append(f"| {session} | {titles.get(stem, stem)} (`{stem[:2]}`) | not measured | | | | {count} ({listed}) |")
     if not timed:
         from .timings import RECORD
 
@@ -88,7 +91,9 @@ def sessions_markdown(record: Mapping[str, Any] | None, chapters: Sequence[str],
         f"Measured at the `{record.get('profile', 'tiny')}` size on {machine['cpu_model']} "
         f"({machine['cores']} cores, {machine['system']}), {dates[0]}"
         + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")
-        + f"; {_minutes(total)} for the {len(runs)} chapters measured. "
+        + f"; {_minutes(total)} for the {len(runs)} chapters measured"
+        + (f", {_minutes(cpu_total)} of CPU time (every process of a chapter: its kernel and its workers; with k "
+           f"cores free for it, a chapter takes at least its CPU time / k). " if cpu_all else ". ")
         + (_load_sentence(loads, machine["cores"]) if loads else
            "The load average of these runs was not recorded; the machine was shared with other work."),
     ]

@@ -2,7 +2,8 @@
 the ``tiny`` timings that the teacher's page reads.
 
 Every notebook the runner executes leaves ``<reports>/timings/<notebook>.<profile>.json``: its wall time,
-the profile, the machine (CPU model, cores), the load average before and after (other work on the
+its CPU time (``cpu_s``: user plus system seconds of the kernel and every process it started and waited for,
+such as its worker pools; ``None`` where the system cannot say, see :class:`Stopwatch`), the profile, the machine (CPU model, cores), the load average before and after (other work on the
 machine slows a run down) and whether the data cache was *cold* (the run wrote something into the data
 cache: pretraining, experts, sweeps computed for the first time) or *warm* (it only read it).
 
@@ -19,6 +20,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,27 +81,96 @@ def cache_snapshot(data_dir: Path | None = None) -> dict[str, tuple[int, int]]:
     return out
 
 
+_REAPED = threading.Lock()
+"""Held while a child is reaped through :func:`run_child` and while a :class:`Stopwatch` reads the CPU time of
+this process's children, so that a chapter beside the lanes never counts a lane that ended meanwhile."""
+_reaped = {"cpu_s": 0.0, "unmeasured": 0}
+"""CPU seconds of the children :func:`run_child` reaped (and how many it reaped without measuring them)."""
+
+
+def _children_cpu() -> float | None:
+    """User plus system CPU seconds of this process's children that ended and were waited for (``None``
+    where the system has no ``resource`` module)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_reading() -> tuple[float | None, float, int]:
+    with _REAPED:
+        return _children_cpu(), _reaped["cpu_s"], _reaped["unmeasured"]
+
+
+def run_child(args: Sequence[str], **popen: Any) -> tuple[int, float | None]:
+    """Run ``args`` like :func:`subprocess.run` (keyword arguments go to :class:`subprocess.Popen`); return its
+    exit status and its CPU time (user plus system seconds, with every process it waited for: a lane and its
+    kernel), or ``None`` where the system cannot say (no ``os.waitid``/``os.wait4``).
+
+    The child is waited for without being reaped (``WNOWAIT``), then reaped under :data:`_REAPED`, so that a
+    :class:`Stopwatch` of this process subtracts exactly the children reaped here while it ran. Interrupted
+    (Ctrl-C), the child is killed and reaped, as :func:`subprocess.run` does."""
+    proc = subprocess.Popen(list(args), **popen)
+    measurable = hasattr(os, "waitid") and hasattr(os, "wait4")
+    try:
+        if not measurable:
+            code = proc.wait()
+            with _REAPED:
+                _reaped["unmeasured"] += 1
+            return code, None
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # blocks until it ends; leaves it to reap
+        with _REAPED:
+            _, status, usage = os.wait4(proc.pid, 0)
+            cpu = usage.ru_utime + usage.ru_stime
+            _reaped["cpu_s"] += cpu
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        return proc.returncode, cpu
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+        raise
+
+
 class Stopwatch:
-    """Measure one notebook's run: ``with Stopwatch() as watch: ...`` then :meth:`record`."""
+    """Measure one notebook's run: ``with Stopwatch() as watch: ...`` then :meth:`record`.
+
+    Its CPU time is what this process's children that ended meanwhile used (the notebook's kernel, and
+    through it every worker process the kernel waited for), less the children :func:`run_child` reaped
+    meanwhile (the lanes beside the first chapter). It is ``None`` where the system cannot say (no
+    ``resource`` module, or a lane reaped unmeasured meanwhile). Processes a kernel leaves running, or that
+    are killed rather than waited for, are not counted."""
 
     def __enter__(self) -> "Stopwatch":
         self.before = cache_snapshot()
         self.load_start = load_average()
         self.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.cpu_start = _cpu_reading()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.wall_s = time.perf_counter() - self.start
+        (c0, r0, u0), (c1, r1, u1) = self.cpu_start, _cpu_reading()
+        self.cpu_s = None if c0 is None or c1 is None or u1 != u0 else max(0.0, (c1 - c0) - (r1 - r0))
         self.load_end = load_average()
         after = cache_snapshot()
         self.written = sorted(k for k, v in after.items() if self.before.get(k) != v)
 
     def record(self, notebook: str, profile: str) -> dict[str, Any]:
         """The timing record of the run (see the module docstring)."""
-        return {"notebook": notebook, "profile": profile, "wall_s": round(self.wall_s, 1), "started_utc": self.started,
+        return {"notebook": notebook, "profile": profile, "wall_s": round(self.wall_s, 1),
+                "cpu_s": None if self.cpu_s is None else round(self.cpu_s, 1), "started_utc": self.started,
                 "machine": machine(), "load_average_start": self.load_start, "load_average_end": self.load_end,
                 "cache": "cold" if self.written else "warm", "cache_files_written": len(self.written)}
+
+
+def cpu_text(record: dict[str, Any]) -> str:
+    """``", 123 CPU s"`` for a record that has its CPU time, else ``""``: for the lines that report a run."""
+    cpu = record.get("cpu_s")
+    return "" if cpu is None else f", {cpu:.0f} CPU s"
 
 
 def write_timing(reports: Path, record: dict[str, Any]) -> Path:
