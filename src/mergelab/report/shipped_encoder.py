@@ -8,7 +8,6 @@ checkout's cache (pretraining it if needed), after a change to the pretraining c
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 from pathlib import Path
