@@ -10,7 +10,8 @@ import torch
 
 from mergelab.merging import merge
 from mergelab.merging.mass import (MassRouter, block_features, cache_key, choose_head, class_token, routing_bases, routing_block,
-                                   routing_weights, select_tasks, storage_bytes, subspace_residuals)
+                                   routing_weights, select_tasks, storage_bytes, storage_of_shapes,
+                                   subspace_residuals)
 from mergelab.merging.tsv import tsv_compress, tsv_merge_compressed, tsv_reconstruct
 from mergelab.models import ClassificationHead, TinyViTConfig, build_tiny_encoder
 from mergelab.task_vectors import TaskVector
@@ -223,6 +224,25 @@ def test_storage_counts_the_model_the_factors_and_the_dense_tensors():
     assert s["storage_multiple"] == pytest.approx(s["total_bytes"] / s["model_bytes"])
 
 
+def test_storage_from_shapes_equals_the_bytes_of_compressed_task_vectors():
+    # a tiny open_clip ViT (4-D conv stem, matrices, biases and norms) and three tasks compressed at TSV-C's rank
+    torch.manual_seed(0)
+    pre = build_tiny_encoder(TinyViTConfig(width=16, layers=2, heads=2, patch_size=8, output_dim=8)).state_dict()
+    compressed = {t: tsv_compress(TaskVector({k: torch.randn_like(v) for k, v in pre.items() if v.is_floating_point()}),
+                                  num_tasks=3) for t in "abc"}
+    shapes = {k: tuple(v.shape) for k, v in pre.items() if v.is_floating_point()}
+    computed, counted = storage_of_shapes(shapes, 3), storage_bytes(pre, compressed)
+    for key in ("model_bytes", "factor_bytes", "dense_bytes", "total_bytes"):
+        assert computed[key] == counted[key], key
+    assert computed["storage_multiple"] == pytest.approx(counted["storage_multiple"])
+    assert computed["largest_dense"] == "conv1.weight"  # the patch stem: 16 x 3 x 8 x 8 weights
+    assert computed["largest_dense_share"] == pytest.approx(16 * 3 * 8 * 8 / sum(math.prod(s) for s in shapes.values()))
+    with pytest.raises(ValueError, match="num_tasks=0 is not valid"):
+        storage_of_shapes(shapes, 0)
+    with pytest.raises(ValueError, match="shapes is empty"):
+        storage_of_shapes({}, 3)
+
+
 def test_other_routing_options_share_the_second_pass_cache():
     r, s = router()
     model = r.model_for(["a", "c"])
@@ -361,3 +381,29 @@ def test_timings_adds_the_all_threads_figure_only_on_a_cpu_with_more_threads():
         one, every = ch04.timings(r, merged, images, repeats=3)
         assert one["threads"] == 1 and every["threads"] == 2 and len(every["ratios"]) == 3
         assert torch.get_num_threads() == 2  # the caller's setting is restored
+
+
+def test_reference_storage_reads_vit_b32_shapes_and_goes_beside_the_storage_claim():
+    """The public encoder's storage from its shapes alone (built on the meta device): its patch stem is the
+    largest tensor kept in full, the multiple grows with the number of tasks, and the storage claim carries it
+    as evidence while its status reads the benchmark's own figure."""
+    import pandas as pd
+
+    from mergelab.experiments import ch04_mass as ch04
+
+    at8, at20 = ch04.reference_storage(8), ch04.reference_storage(20)
+    assert at8["model"] == "ViT-B-32" and at8["largest_dense"] == "conv1.weight"
+    assert at8["model_bytes"] == 4 * 87_849_216  # ViT-B-32's image encoder, float32
+    assert at8["largest_dense_share"] == pytest.approx(768 * 3 * 32 * 32 / 87_849_216)
+    assert 2.0 < at8["storage_multiple"] < at20["storage_multiple"] < 3.0
+    with pytest.raises(ValueError, match="model='ViT-Z' is not valid"):
+        ch04.reference_storage(8, "ViT-Z")
+    experts = {"a": 1.0}
+    methods = {m: {"normalized_accuracy": 1.0, "per_task_accuracy": experts} for m in ("mass", "tsv_merge_validated", "experts")}
+    ci = {"estimate": 2.0, "ci_low": 1.9, "ci_high": 2.1, "n": 3, "level": 0.95, "method": "bootstrap (percentile)"}
+    out = ch04.claims(methods, {"contains_true": 1.0, "argmax_true": 1.0}, 2.8, {"ratio": 2.0, "ratio_interval": ci},
+                      pd.DataFrame(columns=["study"]), 1, "tiny", {"a": 100}, experts, storage_reference=at8)
+    storage = next(c for c in out if c["claim"].startswith("MASS stores"))
+    assert storage["status"] == "not_reproduced"  # 2.8 > 2.5 whatever the reference
+    assert storage["evidence"]["reference_storage_multiple"] == at8["storage_multiple"]
+    assert storage["evidence"]["reference_largest_dense"] == "conv1.weight"

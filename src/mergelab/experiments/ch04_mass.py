@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..analysis.statistics import (accuracy_difference_ci, band_status, bootstrap_ci, claim, directional_status,
                                    normalized_difference_ci, proportion_ci)
 from ..evaluation import normalized_accuracy
-from ..merging.mass import MassRouter, subspace_residuals
+from ..merging.mass import MassRouter, storage_of_shapes, subspace_residuals
 from ..merging.tsv import CompressedTaskVector, tsv_compress
 from ..task_vectors import TaskVector
 from ..utils import StateDict, nan_for_none, torch_threads
@@ -341,16 +341,43 @@ def summary_rows(per_task: Mapping[str, float], expert_accuracy: Mapping[str, fl
             "normalized_accuracy": normalized_accuracy(per_task, expert_accuracy), "per_task_accuracy": dict(per_task)}
 
 
+REFERENCE_MODEL = "ViT-B-32"
+"""The public benchmark's image encoder, whose storage the chapter sets beside the benchmark's own."""
+
+
+def model_shapes(state: StateDict) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every floating-point tensor of a state dict (what :func:`storage_of_shapes` reads)."""
+    return {k: tuple(v.shape) for k, v in state.items() if v.is_floating_point()}
+
+
+def reference_storage(num_tasks: int, model: str = REFERENCE_MODEL) -> dict[str, Any]:
+    """MASS's storage (:func:`~mergelab.merging.mass.storage_of_shapes`) for open_clip's ``model`` image
+    encoder with ``num_tasks`` tasks, from its shapes alone: the model is built on PyTorch's ``meta`` device
+    (no weights, no download, milliseconds). Adds ``model``. An unknown name is an error listing open_clip's."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise ValueError(f"model={model!r} is not valid; use one of open_clip's model names, e.g. "
+                         f"{', '.join(open_clip.list_models()[:8])}, ...")
+    with torch.device("meta"):
+        visual = open_clip.CLIP(**cfg).visual
+    return {"model": model, **storage_of_shapes(model_shapes(visual.state_dict()), num_tasks)}
+
+
 def claims(methods: Mapping[str, Mapping[str, Any]], routing: Mapping[str, float], storage_multiple: float,
            timing: Mapping[str, Any], ablations: pd.DataFrame, block: int, size: str,
-           test_sizes: Mapping[str, int], expert_validation: Mapping[str, float]) -> list[dict[str, Any]]:
+           test_sizes: Mapping[str, int], expert_validation: Mapping[str, float],
+           storage_reference: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """The chapter's claims, each ``{claim, source, status, evidence}``.
 
     Accuracy and routing claims are judged by the sampling error of the evaluated images (binomial per task,
     :func:`~mergelab.analysis.statistics.normalized_difference_ci`, Wilson's interval for routing): a claim
     is ``reproduced`` when its whole 95 % interval lies on the claimed side, ``not_reproduced`` when it lies
     wholly on the other, else ``not_testable``. ``test_sizes``: test inputs per task; ``expert_validation``:
-    the experts' validation accuracy (the ablations' normalizer). The variation between fine-tuning seeds is
+    the experts' validation accuracy (the ablations' normalizer); ``storage_reference``: the same storage
+    accounting on the public benchmark's encoder (:func:`reference_storage`), evidence beside the storage
+    claim (its status reads this benchmark's figure only). The variation between fine-tuning seeds is
     not included (chapter 00 measures it)."""
     out = []
 
@@ -377,7 +404,13 @@ def claims(methods: Mapping[str, Mapping[str, Any]], routing: Mapping[str, float
         "inputs.", "mass2026", band_status(ci, 0.90, 1.0),
         {"contains_true": routing["contains_true"], "argmax_true": routing["argmax_true"], "contains_true_ci": ci})
     add("MASS stores about two models whatever the number of tasks (here at most 2.5x one model).", "mass2026",
-        "reproduced" if storage_multiple <= 2.5 else "not_reproduced", {"storage_multiple": storage_multiple})
+        "reproduced" if storage_multiple <= 2.5 else "not_reproduced",
+        {"storage_multiple": storage_multiple,
+         **({} if storage_reference is None else
+            {"reference_model": storage_reference["model"],
+             "reference_storage_multiple": storage_reference["storage_multiple"],
+             "reference_largest_dense": storage_reference["largest_dense"],
+             "reference_largest_dense_share": storage_reference["largest_dense_share"]})})
     interval = timing["ratio_interval"]
     add("Two forward passes: MASS costs at most 3x one forward pass of a merged model per image (mixed batch, "
         "second-pass models cached, one torch thread on a CPU; the median ratio over paired timing rounds, judged "
@@ -418,4 +451,4 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     r = nan_for_none(results)  # the JSON is strict: a NaN the chapter measured (an empty split) was written as null
     return claims(r["methods"], r["routing"], r["storage_multiple"], r["timing"], pd.DataFrame(r["ablations"]),
                   results["routing_block"], results["benchmark"], results["test_sizes"],
-                  r["expert_validation_accuracy"])
+                  r["expert_validation_accuracy"], r.get("storage_reference"))
