@@ -142,3 +142,15 @@ def test_exercises_are_numbered_callouts_with_their_solutions_folded_under_them(
     assert "BEGIN SOLUTION" not in page and "END SOLUTION" not in page and "kept_line" in folds[0][1]
     check = page.index("check_marker")
     assert page.index("</details>", page.index("solution_code_marker")) < check < page.index("exercise-0-2")  # not folded with the solution
+
+
+def test_every_reference_of_the_book_names_its_authors() -> None:
+    """An entry without ``author`` is cited by its venue ("(International Conference on ... 2026)") instead of
+    its authors, in the pandoc book and in Quarto's alike."""
+    bib = (Path(__file__).resolve().parents[1] / "reports" / "references.bib").read_text(encoding="utf-8")
+    entries = re.split(r"\n(?=@)", bib.strip())
+    assert len(entries) >= 10
+    for entry in entries:
+        key = re.match(r"@\w+\{([^,\s]+),", entry)
+        assert key, entry[:80]
+        assert re.search(r"^\s*author\s*=\s*\{\s*\S", entry, re.MULTILINE), f"{key.group(1)} has no author"
