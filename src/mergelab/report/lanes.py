@@ -3,7 +3,7 @@
 Chapter 00 builds what most others read (the data, the pretrained encoder, the experts), so it runs
 first, here, in the report's own process, with its progress on the console. It holds one of the ``jobs``
 lanes; the chapters whose notebook says they need none of it (``metadata.mergelab.waits_for_first_chapter:
-false``: chapters 01, 02 and 06, which train runs of their own from the pretrained encoder or from scratch)
+false``: chapters 01 and 06, which train runs of their own from the pretrained encoder or from scratch)
 start beside it in the other lanes, and the rest once it is done, the longest first by the last measured
 times. The chapters after 00 do not read one another, and each trains or evaluates small models whose
 single run gains little from a second thread (the design record, docs/tiny-benchmark.md, has the step
