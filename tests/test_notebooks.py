@@ -119,6 +119,19 @@ def test_parameters_cell_holds_the_tiny_profile_and_every_profile_names_only_its
         assert not unknown, f"params/{profile} sets {sorted(unknown)}, which {name} does not have"
 
 
+@pytest.mark.parametrize("profile", ["smoke", "tiny"])
+def test_chapters_that_read_the_experts_use_chapter_00s_recipe(profile):
+    """Chapters 02-05 merge, compress or route chapter 0's experts: their ``finetune`` is chapter 0's, so they
+    read its cache and their text ("chapter 0's experts") stays true (chapter 01 trains its own SGD grid;
+    06 trains from scratch). The clip profiles are checked in test_clip.py."""
+    first = report.profile_params(profile, NOTEBOOKS[0])["finetune"]
+    readers = [n for n in NOTEBOOKS[1:] if "finetune" in report.profile_params(profile, n)
+               and not n.startswith("01_")]
+    assert len(readers) >= 4
+    for name in readers:
+        assert report.profile_params(profile, name)["finetune"] == first, f"params/{profile}/{name}.yaml"
+
+
 def test_a_chapter_file_repeating_the_benchmark_block_is_refused(tmp_path):
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "_benchmark.yaml").write_text("seed: 0\nbenchmark: tiny\n")
