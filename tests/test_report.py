@@ -200,7 +200,7 @@ def test_book_index_links_every_chapter(executed: tuple[Path, report.ReportResul
     assert "Doe and Roe (2020)" in plain and "(Doe and Roe 2020)" in plain
     chapter = (index.parent / "00_alpha.html").read_text()
     assert 'href="index.html"' in chapter  # navigation back to the contents
-    assert '<span class="chapter-number">1</span>' in chapter  # chapter numbers as Quarto counts them
+    assert '<span class="chapter-number">0</span>' in chapter  # the notebook's own number, as its text uses it
     # the parameters cells are hidden; the values the run used are shown once, folded
     assert "value = 1" not in chapter and "injected" not in chapter.lower()
     assert '<details class="parameters">' in chapter and "<td><code>value</code></td><td><code>2</code></td>" in chapter

@@ -15,6 +15,7 @@ import ast
 import html
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -200,8 +201,17 @@ def _text(value: str | list[str]) -> str:
 
 
 def chapter_numbers(chapters: Sequence[str]) -> dict[str, str]:
-    """Chapter file -> its number in the book, as Quarto counts: the first page (``index``) has none."""
-    return {c: str(i) for i, c in enumerate(chapters[1:], start=1)}
+    """Chapter file -> its number in the book: a notebook's own number (``04_mass_routing.ipynb`` -> ``4``),
+    the one its text ("TSV-C (chapter 3)"), its exercises ("Exercise 4.1") and the course tools use, so the
+    side bar, the title and the figures ("Figure 4.1") agree with them. Pages that are not numbered notebooks
+    (``index``, the claims and teaching pages) have none. (Quarto numbers a book's chapters 1, 2, ... in
+    order, so a Quarto book's numbers are not the notebooks'.)"""
+    numbers = {}
+    for chapter in chapters[1:]:
+        found = re.match(r"(\d+)_", Path(chapter).name)
+        if found and chapter.endswith(".ipynb"):
+            numbers[chapter] = str(int(found.group(1)))
+    return numbers
 
 
 def page_name(chapter: str) -> str:
