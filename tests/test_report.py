@@ -803,6 +803,12 @@ def test_lanes_read_which_chapters_wait_and_start_the_longest_first(tmp_path: Pa
     assert expected_seconds(tmp_path, PROFILE) == {"b": 5.0}  # this folder's last records
     (tmp_path / f"timings-{PROFILE}.json").write_text(json.dumps({"chapters": [{"notebook": "c", "wall_s": 9.0}]}))
     assert expected_seconds(tmp_path, PROFILE) == {"c": 9.0}  # the committed cold run wins
+    both = [{"notebook": "c", "wall_s": 9.0, "cpu_s": 2.0}, {"notebook": "d", "wall_s": 3.0, "cpu_s": 6.0}]
+    (tmp_path / f"timings-{PROFILE}.json").write_text(json.dumps({"chapters": both}))
+    assert expected_seconds(tmp_path, PROFILE) == {"c": 2.0, "d": 6.0}  # the work, not the waiting beside chapter 00
+    both[1]["cpu_s"] = None  # a record from before CPU times: wall times for all, comparable with each other
+    (tmp_path / f"timings-{PROFILE}.json").write_text(json.dumps({"chapters": both}))
+    assert expected_seconds(tmp_path, PROFILE) == {"c": 9.0, "d": 3.0}
 
 
 def test_bad_jobs_are_named() -> None:

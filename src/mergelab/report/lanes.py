@@ -5,7 +5,7 @@ first, here, in the report's own process, with its progress on the console. It h
 lanes; the chapters whose notebook says they need none of it (``metadata.mergelab.waits_for_first_chapter:
 false``: chapters 01 and 06, which train runs of their own from the pretrained encoder or from scratch)
 start beside it in the other lanes, and the rest once it is done, the longest first by the last measured
-times. The chapters after 00 do not read one another, and each trains or evaluates small models whose
+CPU times (wall times for records that have none). The chapters after 00 do not read one another, and each trains or evaluates small models whose
 single run gains little from a second thread (the design record, docs/tiny-benchmark.md, has the step
 times). They run in processes (``python -m mergelab.report.lanes``), each with ``cores // jobs`` torch
 threads (the kernel inherits ``OMP_NUM_THREADS``; cores as this process's CPU affinity allows), each
@@ -110,11 +110,15 @@ def waits_for_first(notebook: Path) -> bool:
 
 
 def expected_seconds(reports: Path, profile: str) -> dict[str, float]:
-    """Each chapter's wall time in the last measured run, to start the longest first: the committed record
-    of a cold run (``<reports>/timings-<profile>.json``) where there is one, else this folder's last records."""
+    """Each chapter's work in the last measured run, to start the longest first: its CPU time where every
+    record has one (a wall time includes the waiting of a chapter that ran beside chapter 00 at low priority,
+    so it says more about the schedule of that run than about the chapter), else its wall time. From the
+    committed record of a cold run (``<reports>/timings-<profile>.json``) where there is one, else this
+    folder's last records."""
     committed = read_record(Path(reports) / f"timings-{profile}.json") or {}
     records = committed.get("chapters") or collect(reports, profile)
-    return {r["notebook"]: float(r["wall_s"]) for r in records if r.get("wall_s") is not None}
+    key = "cpu_s" if records and all(r.get("cpu_s") is not None for r in records) else "wall_s"
+    return {r["notebook"]: float(r[key]) for r in records if r.get(key) is not None}
 
 
 def run_in_lanes(plan: Sequence[tuple[Path, dict[str, Any], str]], profile: str, reports: Path,
