@@ -30,13 +30,13 @@ import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..task_vectors import TaskVector
 from ..utils import StateDict, pick_device, torch_threads
+from .mass_storage import storage_bytes, storage_of_shapes
 from .tsv import CompressedTaskVector, tsv_merge_compressed
 
 ROUTING_MATRICES = ("mlp.c_fc", "attn.in_proj", "mlp.c_proj")
@@ -475,62 +475,6 @@ def choose_head(logits: Mapping[str, torch.Tensor]) -> tuple[list[str], torch.Te
     which = best.argmax(1)
     labels = torch.stack([logits[t].argmax(-1) for t in names], 1).gather(1, which[:, None]).squeeze(1)
     return [names[int(w)] for w in which.tolist()], labels
-
-
-def storage_bytes(pretrained: StateDict, compressed: Mapping[str, CompressedTaskVector]) -> dict[str, float]:
-    """What MASS stores: ``theta_0`` plus every task's factors and dense tensors, in bytes and as a
-    multiple of one model (``theta_0``'s floating-point tensors).
-
-    Returns ``{"model_bytes", "factor_bytes", "dense_bytes", "total_bytes", "storage_multiple"}``.
-    """
-    model = sum(v.numel() * v.element_size() for v in pretrained.values() if v.is_floating_point())
-    factors = sum(t.numel() * t.element_size() for c in compressed.values() for f in c.factors.values() for t in f)
-    dense = sum(t.numel() * t.element_size() for c in compressed.values() for t in c.dense.values())
-    total = model + factors + dense
-    return {"model_bytes": model, "factor_bytes": factors, "dense_bytes": dense, "total_bytes": total,
-            "storage_multiple": total / model}
-
-
-def storage_of_shapes(shapes: Mapping[str, Sequence[int]], num_tasks: int, bytes_per_value: int = 4
-                      ) -> dict[str, Any]:
-    """What MASS stores for a model whose floating-point parameters have these ``shapes``, with
-    ``num_tasks`` tasks and TSV-C's default rank, computed from the shapes alone (no weights, no SVD): the
-    accounting of :func:`storage_bytes`, for an architecture a user has not fine-tuned (e.g. ViT-B-32's shapes
-    read from a model built on PyTorch's ``meta`` device).
-
-    Per task: ``(U (m, k), s (k,), V (n, k))`` for every matrix TSV decomposes (:func:`mergelab.layers.is_decomposed`,
-    ``k = floor(min(m, n) / num_tasks)``, :func:`mergelab.linalg.svd.default_rank`), every other tensor in full;
-    plus the model once. Every value takes ``bytes_per_value`` bytes (4: float32).
-
-    Returns:
-        The keys of :func:`storage_bytes` (bytes, and ``storage_multiple`` in models), plus ``largest_dense``
-        (the name of the largest tensor stored in full) and ``largest_dense_share`` (its size as a share of one
-        model: what each task adds for it).
-    """
-    from ..layers import is_decomposed
-    from ..linalg.svd import default_rank
-
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(f"num_tasks={num_tasks!r} is not valid; use a positive integer (the tasks MASS stores).")
-    if not shapes:
-        raise ValueError("shapes is empty; pass every floating-point parameter's name and shape.")
-    model = factors = dense = 0
-    largest, largest_size = "", -1
-    for name, shape in shapes.items():
-        size = math.prod(int(d) for d in shape)
-        model += size
-        if is_decomposed(name, torch.empty(tuple(shape), device="meta")):
-            k = default_rank(shape, num_tasks)
-            factors += num_tasks * k * (int(shape[0]) + int(shape[1]) + 1)
-        else:
-            dense += num_tasks * size
-            if size > largest_size:
-                largest, largest_size = name, size
-    total = model + factors + dense
-    return {"model_bytes": model * bytes_per_value, "factor_bytes": factors * bytes_per_value,
-            "dense_bytes": dense * bytes_per_value, "total_bytes": total * bytes_per_value,
-            "storage_multiple": total / model, "largest_dense": largest,
-            "largest_dense_share": max(largest_size, 0) / model}
 
 
 __all__ = ["DEFAULT_DEPTH", "FIRST_PASSES", "ROUTING_MATRICES", "MassPrediction", "MassRouter", "Routing",
