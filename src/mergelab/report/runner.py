@@ -451,8 +451,8 @@ def run_notebooks(
 
         print(f"executing: {notebook.stem} (profile {profile})")
         timing = execute_and_record(notebook, parameters, profile, reports, digest)
-        print(f"executed: {notebook.stem} in {timing['wall_s']:.1f} s{cpu_text(timing)} ({timing['cache']} data cache, load "
-              f"{timing['load_average_start'][0] if timing['load_average_start'] else '?'})")
+        print(f"executed: {notebook.stem} in {timing['wall_s']:.1f} s{cpu_text(timing)} ({timing['cache']} data "
+              f"cache, load {timing['load_average_start'][0] if timing['load_average_start'] else '?'})")
         statuses[notebook.stem] = EXECUTED
 
     if lanes == 1:

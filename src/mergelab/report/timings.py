@@ -3,8 +3,9 @@ the ``tiny`` timings that the teacher's page reads.
 
 Every notebook the runner executes leaves ``<reports>/timings/<notebook>.<profile>.json``: its wall time,
 its CPU time (``cpu_s``: user plus system seconds of the kernel and every process it started and waited for,
-such as its worker pools; ``None`` where the system cannot say, see :class:`Stopwatch`), the profile, the machine (CPU model, cores), the load average before and after (other work on the
-machine slows a run down) and whether the data cache was *cold* (the run wrote something into the data
+such as its worker pools; ``None`` where the system cannot say, see :class:`Stopwatch`), the profile, the
+machine (CPU model, cores), the load average before and after (other work on the machine slows a run down)
+and whether the data cache was *cold* (the run wrote something into the data
 cache: pretraining, experts, sweeps computed for the first time) or *warm* (it only read it).
 
 ``python -m mergelab.report.timings --reports DIR [--profile tiny] [--out reports/timings-tiny.json]``
