@@ -194,3 +194,12 @@ def test_merge_baselines_chooses_by_normalized_validation_accuracy(pretrained, t
         merge_baselines(Bench(), pretrained, tvs, ["task_arithmetic"], grid, False, expert_val={"a": 0.9})
     zero = merge_baselines(Bench(), pretrained, tvs, ["task_arithmetic"], grid, False, expert_val={"a": 0.9, "b": 0.0})
     assert zero["task_arithmetic"].coefficient == 0.0 and "scores 0 on validation" in capsys.readouterr().out
+
+
+def test_a_choice_at_either_end_of_its_grid_is_at_the_edge():
+    from mergelab.merging.select import at_grid_edge
+
+    assert at_grid_edge(0.0, [0.0, 0.3, 1.0]) and at_grid_edge(1.0, [1.0, 0.0, 0.3])  # whatever the grid's order
+    assert not at_grid_edge(0.3, [0.0, 0.3, 1.0])
+    assert not at_grid_edge(0.3, [0.3]) and not at_grid_edge(0.3, [0.3, 0.3])  # one value: no edge to flag
+    assert not at_grid_edge(None, [0.0, 1.0])  # a method without a coefficient

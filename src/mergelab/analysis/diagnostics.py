@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..layers import layer_kind
 from ..merging import merge
+from ..merging.select import at_grid_edge
 from ..models import encode
 from ..task_vectors import TaskVector
 from ..utils import StateDict, torch_threads
@@ -142,7 +143,7 @@ def validated_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.T
         if acc > best_val:
             best, best_val, best_clf = C, acc, clf
     return {"accuracy": float(best_clf.score(*_as_arrays(*test))), "C": best, "val_accuracy": best_val,
-            "at_grid_edge": len(grid) > 1 and best in (grid[0], grid[-1])}
+            "at_grid_edge": at_grid_edge(best, grid)}
 
 
 def linear_probe_fits(benchmark: DiagnosableBenchmark, state: StateDict, tasks: Sequence[str] | None = None,

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from ..analysis.statistics import (accuracy_difference_ci, band_status, bootstrap_ci, claim, directional_status,
                                    normalized_difference_ci, proportion_ci)
 from ..evaluation import normalized_accuracy
-from ..merging.mass import MassRouter, storage_of_shapes, subspace_residuals
+from ..merging.mass import MassRouter, subspace_residuals
+from ..merging.mass_storage import model_shapes, storage_of_shapes
 from ..merging.tsv import CompressedTaskVector, tsv_compress
 from ..task_vectors import TaskVector
 from ..utils import StateDict, nan_for_none, torch_threads
@@ -343,11 +344,8 @@ def summary_rows(per_task: Mapping[str, float], expert_accuracy: Mapping[str, fl
 
 REFERENCE_MODEL = "ViT-B-32"
 """The public benchmark's image encoder, whose storage the chapter sets beside the benchmark's own."""
-
-
-def model_shapes(state: StateDict) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every floating-point tensor of a state dict (what :func:`storage_of_shapes` reads)."""
-    return {k: tuple(v.shape) for k, v in state.items() if v.is_floating_point()}
+REFERENCE_EVIDENCE = ("model", "storage_multiple", "largest_dense", "largest_dense_share")
+"""What the storage claim's evidence keeps of :func:`reference_storage` (as ``reference_<key>``)."""
 
 
 def reference_storage(num_tasks: int, model: str = REFERENCE_MODEL) -> dict[str, Any]:
@@ -406,11 +404,7 @@ def claims(methods: Mapping[str, Mapping[str, Any]], routing: Mapping[str, float
     add("MASS stores about two models whatever the number of tasks (here at most 2.5x one model).", "mass2026",
         "reproduced" if storage_multiple <= 2.5 else "not_reproduced",
         {"storage_multiple": storage_multiple,
-         **({} if storage_reference is None else
-            {"reference_model": storage_reference["model"],
-             "reference_storage_multiple": storage_reference["storage_multiple"],
-             "reference_largest_dense": storage_reference["largest_dense"],
-             "reference_largest_dense_share": storage_reference["largest_dense_share"]})})
+         **{f"reference_{k}": storage_reference[k] for k in REFERENCE_EVIDENCE if storage_reference is not None}})
     interval = timing["ratio_interval"]
     add("Two forward passes: MASS costs at most 3x one forward pass of a merged model per image (mixed batch, "
         "second-pass models cached, one torch thread on a CPU; the median ratio over paired timing rounds, judged "

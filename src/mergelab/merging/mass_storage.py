@@ -15,18 +15,35 @@ from ..utils import StateDict
 from .tsv import CompressedTaskVector
 
 
-def storage_bytes(pretrained: StateDict, compressed: Mapping[str, CompressedTaskVector]) -> dict[str, float]:
+def model_shapes(state: StateDict) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every floating-point tensor of a state dict (what :func:`storage_of_shapes` reads)."""
+    return {k: tuple(v.shape) for k, v in state.items() if v.is_floating_point()}
+
+
+def _largest_dense(dense_sizes: Mapping[str, int], model_size: int) -> dict[str, Any]:
+    """``largest_dense`` (the name of the largest of one task's tensors stored in full, ``""`` when none) and
+    ``largest_dense_share`` (its number of values over the model's)."""
+    name = max(dense_sizes, key=dense_sizes.__getitem__, default="")
+    return {"largest_dense": name, "largest_dense_share": dense_sizes.get(name, 0) / model_size}
+
+
+def storage_bytes(pretrained: StateDict, compressed: Mapping[str, CompressedTaskVector]) -> dict[str, Any]:
     """What MASS stores: ``theta_0`` plus every task's factors and dense tensors, in bytes and as a
     multiple of one model (``theta_0``'s floating-point tensors).
 
-    Returns ``{"model_bytes", "factor_bytes", "dense_bytes", "total_bytes", "storage_multiple"}``.
+    Returns ``{"model_bytes", "factor_bytes", "dense_bytes", "total_bytes", "storage_multiple"}``, plus
+    ``largest_dense`` and ``largest_dense_share`` (the largest tensor one task stores in full, and its size as a
+    share of the model: what each task adds for it).
     """
     model = sum(v.numel() * v.element_size() for v in pretrained.values() if v.is_floating_point())
     factors = sum(t.numel() * t.element_size() for c in compressed.values() for f in c.factors.values() for t in f)
     dense = sum(t.numel() * t.element_size() for c in compressed.values() for t in c.dense.values())
     total = model + factors + dense
+    one_task = next(iter(compressed.values()), None)
+    sizes = {} if one_task is None else {k: t.numel() for k, t in one_task.dense.items()}
     return {"model_bytes": model, "factor_bytes": factors, "dense_bytes": dense, "total_bytes": total,
-            "storage_multiple": total / model}
+            "storage_multiple": total / model,
+            **_largest_dense(sizes, sum(v.numel() for v in pretrained.values() if v.is_floating_point()))}
 
 
 def storage_of_shapes(shapes: Mapping[str, Sequence[int]], num_tasks: int, bytes_per_value: int = 4
@@ -41,9 +58,8 @@ def storage_of_shapes(shapes: Mapping[str, Sequence[int]], num_tasks: int, bytes
     plus the model once. Every value takes ``bytes_per_value`` bytes (4: float32).
 
     Returns:
-        The keys of :func:`storage_bytes` (bytes, and ``storage_multiple`` in models), plus ``largest_dense``
-        (the name of the largest tensor stored in full) and ``largest_dense_share`` (its size as a share of one
-        model: what each task adds for it).
+        The keys of :func:`storage_bytes` (bytes, ``storage_multiple`` in models, the largest tensor kept in
+        full and its share of the model).
     """
     from ..layers import is_decomposed
     from ..linalg.svd import default_rank
@@ -53,7 +69,7 @@ def storage_of_shapes(shapes: Mapping[str, Sequence[int]], num_tasks: int, bytes
     if not shapes:
         raise ValueError("shapes is empty; pass every floating-point parameter's name and shape.")
     model = factors = dense = 0
-    largest, largest_size = "", -1
+    dense_sizes = {}
     for name, shape in shapes.items():
         size = math.prod(int(d) for d in shape)
         model += size
@@ -62,13 +78,10 @@ def storage_of_shapes(shapes: Mapping[str, Sequence[int]], num_tasks: int, bytes
             factors += num_tasks * k * (int(shape[0]) + int(shape[1]) + 1)
         else:
             dense += num_tasks * size
-            if size > largest_size:
-                largest, largest_size = name, size
+            dense_sizes[name] = size
     total = model + factors + dense
     return {"model_bytes": model * bytes_per_value, "factor_bytes": factors * bytes_per_value,
             "dense_bytes": dense * bytes_per_value, "total_bytes": total * bytes_per_value,
-            "storage_multiple": total / model, "largest_dense": largest,
-            "largest_dense_share": max(largest_size, 0) / model}
+            "storage_multiple": total / model, **_largest_dense(dense_sizes, model)}
 
-
-__all__ = ["storage_bytes", "storage_of_shapes"]
+__all__ = ["model_shapes", "storage_bytes", "storage_of_shapes"]

@@ -17,6 +17,15 @@ from .base import scaled
 from .registry import get_merge
 
 
+def at_grid_edge(chosen: float | None, grid: Sequence[float]) -> bool:
+    """Whether ``chosen`` is the smallest or the largest value of a ``grid`` of two or more values: a choice
+    made on validation there may have its optimum beyond the grid (or, at 0, no merge beats the pretrained
+    model). ``None`` (a method without a coefficient) is never at an edge."""
+    if chosen is None or len(set(grid)) < 2:
+        return False
+    return chosen in (min(grid), max(grid))
+
+
 @dataclass
 class MergeResult:
     """A merge with its coefficient chosen on validation.
@@ -39,10 +48,8 @@ class MergeResult:
     @property
     def at_grid_edge(self) -> bool:
         """The chosen coefficient is the smallest or the largest of a grid of two or more values: the
-        optimum may lie beyond the grid (or, at 0, no merge beats the pretrained model)."""
-        if self.coefficient is None or len(self.sweep) < 2:
-            return False
-        return self.coefficient in (min(self.sweep), max(self.sweep))
+        optimum may lie beyond the grid (or, at 0, no merge beats the pretrained model): :func:`at_grid_edge`."""
+        return at_grid_edge(self.coefficient, list(self.sweep))
 
 
 def merge_with_validation(name: str, pretrained: Mapping[str, torch.Tensor],

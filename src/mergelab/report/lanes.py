@@ -7,8 +7,9 @@ false``: chapters 01 and 06, which train runs of their own from the pretrained e
 start beside it in the other lanes, and the rest once it is done, the longest first by the last measured
 CPU times (wall times for records that have none). The chapters after 00 do not read one another, and
 each trains or evaluates small models whose single run gains little from a second thread (the design
-record, docs/tiny-benchmark.md, has the step times). They run in processes (``python -m mergelab.report.lanes``), each with ``cores // jobs`` torch
-threads (the kernel inherits ``OMP_NUM_THREADS``; cores as this process's CPU affinity allows), each
+record, docs/tiny-benchmark.md, has the step times). They run in processes
+(``python -m mergelab.report.lanes``), each with ``cores // jobs`` torch threads (the kernel inherits
+``OMP_NUM_THREADS``; cores as this process's CPU affinity allows), each
 writing its own executed notebook, stamp and timing record; a lane's output goes to
 ``<reports>/.<notebook>.lane.log``, shown when it fails. What two chapters share (the generated data, the
 pretrained encoder, the heads, an expert) is built through :func:`mergelab.cache.build_lock`, under a file

@@ -15,7 +15,6 @@ import ast
 import html
 import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -206,11 +205,15 @@ def chapter_numbers(chapters: Sequence[str]) -> dict[str, str]:
     side bar, the title and the figures ("Figure 4.1") agree with them. Pages that are not numbered notebooks
     (``index``, the claims and teaching pages) have none. (Quarto numbers a book's chapters 1, 2, ... in
     order, so a Quarto book's numbers are not the notebooks'.)"""
+    from ..course import MarkupError, chapter_number
+
     numbers = {}
     for chapter in chapters[1:]:
-        found = re.match(r"(\d+)_", Path(chapter).name)
-        if found and chapter.endswith(".ipynb"):
-            numbers[chapter] = str(int(found.group(1)))
+        if chapter.endswith(".ipynb"):
+            try:
+                numbers[chapter] = str(chapter_number(chapter))
+            except MarkupError:  # a notebook whose name has no number: unnumbered
+                pass
     return numbers
 
 

@@ -60,7 +60,7 @@ def sessions_markdown(record: Mapping[str, Any] | None, chapters: Sequence[str],
     timed = {c["notebook"]: c for c in (record or {}).get("chapters", [])}
     lines = ["| Session | Chapter | Run time at `tiny` | Cache | Load (1 min) | CPU time | Exercises |",
              "|---|---|---|---|---|---|---|"]
-    total, cpu_total, cpu_all = 0.0, 0.0, True
+    total = 0.0
     for session, chapter in enumerate(chapters, start=1):
         stem = Path(chapter).stem
         t = timed.get(stem)
@@ -71,8 +71,6 @@ def sessions_markdown(record: Mapping[str, Any] | None, chapters: Sequence[str],
             total += t["wall_s"]
             load = (t.get("load_average_start") or ["not recorded"])[0]
             cpu = t.get("cpu_s")
-            cpu_total += cpu or 0.0
-            cpu_all = cpu_all and cpu is not None
             lines.append(f"| {session} | {titles.get(stem, stem)} (`{stem[:2]}`) | {_minutes(t['wall_s'])} | {t['cache']} | "
                          f"{load} | {'not recorded' if cpu is None else _minutes(cpu)} | {count} ({listed}) |")
         else:
@@ -82,6 +80,7 @@ def sessions_markdown(record: Mapping[str, Any] | None, chapters: Sequence[str],
 
         return "\n".join(lines) + "\n\nNo timing record is committed yet (`reports/" + RECORD + "`).\n"
     runs = list(timed.values())
+    cpu = [r.get("cpu_s") for r in runs]
     machine = runs[0]["machine"]
     dates = sorted(r["started_utc"][:10] for r in runs)
     loads = [r["load_average_start"][0] for r in runs if r.get("load_average_start")]
@@ -92,8 +91,8 @@ def sessions_markdown(record: Mapping[str, Any] | None, chapters: Sequence[str],
         f"({machine['cores']} cores, {machine['system']}), {dates[0]}"
         + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")
         + f"; {_minutes(total)} for the {len(runs)} chapters measured"
-        + (f", {_minutes(cpu_total)} of CPU time (every process of a chapter: its kernel and its workers; with k "
-           f"cores free for it, a chapter takes at least its CPU time / k). " if cpu_all else ". ")
+        + (f", {_minutes(sum(cpu))} of CPU time (every process of a chapter: its kernel and its workers; with k "
+           f"cores free for it, a chapter takes at least its CPU time / k). " if None not in cpu else ". ")
         + (_load_sentence(loads, machine["cores"]) if loads else
            "The load average of these runs was not recorded; the machine was shared with other work."),
     ]
