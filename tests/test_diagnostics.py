@@ -41,6 +41,18 @@ def test_validated_probe_chooses_c_on_validation_and_scores_test_once():
     assert len(set(by_c.values())) > 1  # the grid matters on these data, so the choice is tested
 
 
+def test_a_probe_started_from_another_c_reaches_the_same_optimum_in_fewer_iterations():
+    X, y = (a.double().numpy() if a.is_floating_point() else a.numpy() for a in _blobs(300, 40, 1.0, 3))
+    warm, cold_its, warm_its = None, 0, 0
+    for C in (0.1, 10.0, 1e3, 1e5):
+        cold = D._fit_probe(X, y, C)
+        warm = D._fit_probe(X, y, C, start=warm)
+        assert warm.coef_ == pytest.approx(cold.coef_, rel=1e-3, abs=1e-3 * abs(cold.coef_).max())
+        assert (warm.predict(X) == cold.predict(X)).all()
+        cold_its, warm_its = cold_its + int(cold.n_iter_[0]), warm_its + int(warm.n_iter_[0])
+    assert warm_its < cold_its  # what validated_probe's path along its grid saves
+
+
 def test_validated_probe_flags_an_edge_and_refuses_bad_grids():
     train, val, test = _blobs(90, 4, 0.05, 0), _blobs(90, 4, 0.05, 1), _blobs(90, 4, 0.05, 2)  # separable
     out = D.validated_probe(train, val, test, grid=(10.0, 100.0))

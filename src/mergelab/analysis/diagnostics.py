@@ -93,9 +93,11 @@ def _as_arrays(features: torch.Tensor, labels: torch.Tensor) -> tuple[Any, Any]:
     return features.double().numpy(), labels.numpy()
 
 
-def _fit_probe(X: Any, y: Any, C: float, max_iter: int | None = None) -> Any:
+def _fit_probe(X: Any, y: Any, C: float, max_iter: int | None = None, start: Any = None) -> Any:
     """A multinomial logistic regression at inverse L2 strength ``C`` fitted on ``X`` ``(N, d)`` float64 and
-    ``y`` ``(N,)`` int (NumPy), with :func:`probe_solver`'s solver."""
+    ``y`` ``(N,)`` int (NumPy), with :func:`probe_solver`'s solver. ``start``: a probe fitted on the same data
+    (at another ``C``) whose coefficients the solver starts from instead of zero: the same optimum to the
+    solver's tolerance in fewer iterations (along a grid of ``C``, about half the CPU time)."""
     from sklearn.linear_model import LogisticRegression
 
     if not (isinstance(C, (int, float)) and math.isfinite(C) and C > 0):
@@ -103,7 +105,10 @@ def _fit_probe(X: Any, y: Any, C: float, max_iter: int | None = None) -> Any:
                          f"{PROBE_C_GRID}).")
     solver = probe_solver(X.shape[1], len(set(y.tolist())))
     iterations = max_iter if max_iter is not None else (300 if solver == "newton-cholesky" else 3000)
-    return LogisticRegression(C=C, solver=solver, max_iter=iterations).fit(X, y)
+    clf = LogisticRegression(C=C, solver=solver, max_iter=iterations, warm_start=start is not None)
+    if start is not None:  # scikit-learn's warm start reads the estimator's own coefficients
+        clf.coef_, clf.intercept_ = start.coef_.copy(), start.intercept_.copy()
+    return clf.fit(X, y)
 
 
 def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
@@ -122,8 +127,9 @@ def validated_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.T
                     test: tuple[torch.Tensor, torch.Tensor], grid: Sequence[float] = PROBE_C_GRID,
                     max_iter: int | None = None) -> dict[str, Any]:
     """A linear probe whose L2 strength is chosen on validation: one multinomial logistic regression per
-    ``C`` of ``grid`` (ascending) fitted on ``train``, the ``C`` of the best ``val`` accuracy kept (ties: the
-    smaller ``C``, the stronger penalty), scored once on ``test``. Each split is ``(features (N, d),
+    ``C`` of ``grid`` (ascending) fitted on ``train``, each started from the previous ``C``'s solution, the
+    ``C`` of the best ``val`` accuracy kept (ties: the smaller ``C``, the stronger penalty), scored once on
+    ``test``. Each split is ``(features (N, d),
     labels (N,) int)``.
 
     Returns ``{"accuracy"`` (test, 0..1), ``"C"``, ``"val_accuracy"``, ``"at_grid_edge"`` (the chosen ``C``
@@ -136,9 +142,9 @@ def validated_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.T
     _check_features(train[0], val[0])
     _check_features(train[0], test[0])
     train_xy, val_xy = _as_arrays(*train), _as_arrays(*val)  # converted once for the whole grid
-    best, best_val, best_clf = grid[0], -1.0, None
-    for C in grid:
-        clf = _fit_probe(*train_xy, C, max_iter)
+    best, best_val, best_clf, clf = grid[0], -1.0, None, None
+    for C in grid:  # each fit starts from the previous C's solution (a regularization path)
+        clf = _fit_probe(*train_xy, C, max_iter, start=clf)
         acc = float(clf.score(*val_xy))
         if acc > best_val:
             best, best_val, best_clf = C, acc, clf
