@@ -562,6 +562,8 @@ def test_every_notebook_has_parameters_at_the_clip_profiles(profile):
     assert set(grads["merge_learning_rates"]) <= set(grads["learning_rates"])
     assert all(grads["merge_learning_rates"][o] in grads["learning_rates"][o] for o in grads["merge_learning_rates"])
     assert max(grads["merge_epochs"]) <= grads["epochs"]
+    # section 4's converged experts are chapter 00's: its merge tasks must be among chapter 00's tasks
+    assert grads["merge_tasks"] and set(grads["merge_tasks"]) <= set(params["00_benchmark_and_baselines"]["tasks"])
 
 
 def test_prose_for_each_size():

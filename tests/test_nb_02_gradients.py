@@ -78,6 +78,8 @@ def test_merged_accuracy_per_number_of_epochs_and_references(results, params):
     methods = results["merge_methods"]
     assert "task_arithmetic" in methods
     assert set(methods) | set(results["merge_methods_skipped"]) == set(params["merge_methods"])
+    merged_tasks = results["merge_tasks"]  # section 4 merges these tasks' experts, not necessarily sections 1-3's
+    assert merged_tasks == params["merge_tasks"] and set(results["converged_expert_accuracy"]) == set(merged_tasks)
     assert set(results["merged_accuracy_by_epochs"]) == set(params["merge_learning_rates"])
     rows = [r for by_method in results["merged_accuracy_by_epochs"].values() for m in methods
             for r in by_method[m].values()]
@@ -86,8 +88,8 @@ def test_merged_accuracy_per_number_of_epochs_and_references(results, params):
                for m in methods)
     rows += [results["merged_converged"][m] for m in methods]
     for r in rows:
-        assert set(r["per_task_accuracy"]) == set(results["tasks"])
-        assert r["absolute_accuracy"] == pytest.approx(sum(r["per_task_accuracy"].values()) / len(results["tasks"]))
+        assert set(r["per_task_accuracy"]) == set(merged_tasks)
+        assert r["absolute_accuracy"] == pytest.approx(sum(r["per_task_accuracy"].values()) / len(merged_tasks))
         assert r["coefficient"] in [float(c) for c in params["coefficient_grid"]]
         assert r["validation_sweep"][str(r["coefficient"])] == max(r["validation_sweep"].values())
     for opt in params["merge_learning_rates"]:
@@ -172,3 +174,11 @@ def test_gains_over_zero_shot_regime_and_claims(results, params):
     for c in claims:
         if c["claim"].startswith("Merging experts after") and not c["evidence"]["experts_ready"]:
             assert c["status"] == "not_testable"
+
+
+def test_at_tiny_section_4_merges_chapter_00s_experts_of_every_task():
+    """The merging claims are judged over tasks, so tiny merges all eight (over four their intervals straddle
+    the threshold, session 25); the converged experts are chapter 00's, read from its cache."""
+    tiny, first = report.profile_params("tiny", NAME), report.profile_params("tiny", "00_benchmark_and_baselines")
+    assert sorted(tiny["merge_tasks"]) == sorted(first["tasks"]) and len(tiny["merge_tasks"]) == 8
+    assert tiny["finetune"] == first["finetune"]

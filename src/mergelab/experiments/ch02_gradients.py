@@ -291,7 +291,8 @@ def summary_markdown(results: Mapping[str, Any], epochs: int) -> str:
                      + ", ".join(f"{results['sum_vs_multitask'][opt][str(e)]['relative_distance']:.2f}" for e in merge_epochs)
                      + " (mini-batch order differs between the experts and the multi-task run, so the two agree only to "
                      "first order and in expectation)")
-    points.append(f"4. **Merging** (mean test accuracy after {', '.join(map(str, merge_epochs))} epochs; brackets: 95 % "
+    after = f"{', '.join(map(str, merge_epochs))} epoch{'s' if list(merge_epochs) != [1] else ''}"
+    points.append(f"4. **Merging** (mean test accuracy after {after}; brackets: 95 % "
                   "bootstrap intervals over tasks). " + ". ".join(lines)
                   + ". Merging the converged experts: " + ", ".join(f"{m} {r['absolute_accuracy']:.3f}"
                                                                     for m, r in conv.items())
