@@ -80,6 +80,7 @@ def test_merged_accuracy_per_number_of_epochs_and_references(results, params):
     assert set(methods) | set(results["merge_methods_skipped"]) == set(params["merge_methods"])
     merged_tasks = results["merge_tasks"]  # section 4 merges these tasks' experts, not necessarily sections 1-3's
     assert merged_tasks == params["merge_tasks"] and set(results["converged_expert_accuracy"]) == set(merged_tasks)
+    assert set(merged_tasks) != set(results["tasks"])  # the smoke profile runs section 4 on a list of its own
     assert set(results["merged_accuracy_by_epochs"]) == set(params["merge_learning_rates"])
     rows = [r for by_method in results["merged_accuracy_by_epochs"].values() for m in methods
             for r in by_method[m].values()]

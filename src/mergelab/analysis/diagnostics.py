@@ -129,8 +129,7 @@ def validated_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.T
     """A linear probe whose L2 strength is chosen on validation: one multinomial logistic regression per
     ``C`` of ``grid`` (ascending) fitted on ``train``, each started from the previous ``C``'s solution, the
     ``C`` of the best ``val`` accuracy kept (ties: the smaller ``C``, the stronger penalty), scored once on
-    ``test``. Each split is ``(features (N, d),
-    labels (N,) int)``.
+    ``test``. Each split is ``(features (N, d), labels (N,) int)``.
 
     Returns ``{"accuracy"`` (test, 0..1), ``"C"``, ``"val_accuracy"``, ``"at_grid_edge"`` (the chosen ``C``
     is the grid's first or last value: the best may lie beyond it)``}``.
