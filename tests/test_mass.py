@@ -12,6 +12,7 @@ from mergelab.merging import merge
 from mergelab.merging.mass import (MassRouter, block_features, cache_key, choose_head, class_token, routing_bases, routing_block,
                                    routing_weights, select_tasks, storage_bytes, storage_of_shapes,
                                    subspace_residuals)
+from mergelab.merging.mass_storage import model_shapes
 from mergelab.merging.tsv import tsv_compress, tsv_merge_compressed, tsv_reconstruct
 from mergelab.models import ClassificationHead, TinyViTConfig, build_tiny_encoder
 from mergelab.task_vectors import TaskVector
@@ -230,7 +231,7 @@ def test_storage_from_shapes_equals_the_bytes_of_compressed_task_vectors():
     pre = build_tiny_encoder(TinyViTConfig(width=16, layers=2, heads=2, patch_size=8, output_dim=8)).state_dict()
     compressed = {t: tsv_compress(TaskVector({k: torch.randn_like(v) for k, v in pre.items() if v.is_floating_point()}),
                                   num_tasks=3) for t in "abc"}
-    shapes = {k: tuple(v.shape) for k, v in pre.items() if v.is_floating_point()}
+    shapes = model_shapes(pre)
     computed, counted = storage_of_shapes(shapes, 3), storage_bytes(pre, compressed)
     for key in ("model_bytes", "factor_bytes", "dense_bytes", "total_bytes"):
         assert computed[key] == counted[key], key

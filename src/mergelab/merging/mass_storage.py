@@ -35,15 +35,15 @@ def storage_bytes(pretrained: StateDict, compressed: Mapping[str, CompressedTask
     ``largest_dense`` and ``largest_dense_share`` (the largest tensor one task stores in full, and its size as a
     share of the model: what each task adds for it).
     """
-    model = sum(v.numel() * v.element_size() for v in pretrained.values() if v.is_floating_point())
+    weights = [v for v in pretrained.values() if v.is_floating_point()]
+    model = sum(v.numel() * v.element_size() for v in weights)
     factors = sum(t.numel() * t.element_size() for c in compressed.values() for f in c.factors.values() for t in f)
     dense = sum(t.numel() * t.element_size() for c in compressed.values() for t in c.dense.values())
     total = model + factors + dense
     one_task = next(iter(compressed.values()), None)
     sizes = {} if one_task is None else {k: t.numel() for k, t in one_task.dense.items()}
     return {"model_bytes": model, "factor_bytes": factors, "dense_bytes": dense, "total_bytes": total,
-            "storage_multiple": total / model,
-            **_largest_dense(sizes, sum(v.numel() for v in pretrained.values() if v.is_floating_point()))}
+            "storage_multiple": total / model, **_largest_dense(sizes, sum(v.numel() for v in weights))}
 
 
 def storage_of_shapes(shapes: Mapping[str, Sequence[int]], num_tasks: int, bytes_per_value: int = 4
