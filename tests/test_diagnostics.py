@@ -144,3 +144,64 @@ def test_large_probes_use_lbfgs_so_no_hessian_is_formed():
     X = centres[y] + torch.randn(1200, d, generator=g)
     assert D.probe_solver(d, classes) == "lbfgs"
     assert D.linear_probe_accuracy(X[:600], y[:600], X[600:], y[600:], C=1.0) > 0.9
+
+
+def test_margins_from_logits_are_the_distance_to_the_decision_boundary():
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [1.0, 1.0, -5.0]])
+    m = D.margins_from_logits(logits, torch.tensor([0, 0, 1]))
+    assert m.dtype == torch.float64 and m.tolist() == pytest.approx([1.0, -3.0, 0.0])  # a tie is on the boundary
+    assert ((m > 0) == (logits.argmax(-1) == torch.tensor([0, 0, 1]))).all()
+    for logits_, labels in ((logits, torch.tensor([0, 1])), (logits[:, :1], torch.tensor([0, 0, 0]))):
+        with pytest.raises(ValueError, match="logits must be"):
+            D.margins_from_logits(logits_, labels)
+
+
+class _BiasBench:
+    """One two-class task whose encoder adds a bias (or, ``power=2``, the bias squared) to 2-d inputs and
+    whose head reads the features as logits: the margin of an example along theta_0 + alpha tau is known."""
+
+    tasks = ("a",)
+    device = torch.device("cpu")
+
+    def __init__(self, X: torch.Tensor, power: int = 1) -> None:
+        self.X, self.power = X, power
+        self.heads = {"a": torch.nn.Identity()}
+
+    def split(self, task, split="val"):
+        return self.X, torch.zeros(len(self.X), dtype=torch.long)
+
+    def evaluate(self, state, split="val", tasks=None):
+        return {"a": float((D.example_margins(self, state, "a", split) > 0).double().mean())}
+
+    def new_encoder(self, state=None):
+        bias, power = state["bias"], self.power
+
+        class Encoder(torch.nn.Module):
+            def forward(self, x):
+                return x + bias ** power
+        return Encoder()
+
+
+def test_margin_linearity_is_exact_on_a_linear_network_and_places_each_crossing():
+    # label 0 everywhere; margin(alpha) = (x0 - x1) + alpha * 1 for the bias vector tau = (1, 0)
+    start = torch.tensor([-0.2, -0.5, -0.9, 0.5, -2.0])  # three gained (crossing at .2, .5, .9), one right, one lost
+    X = torch.stack([start, torch.zeros(5)], 1)
+    pre, tau = {"bias": torch.zeros(2)}, {"a": TaskVector({"bias": torch.tensor([1.0, 0.0])})}
+    alphas = (0.0, 0.3, 0.6, 1.0)
+    r = D.margin_linearity(_BiasBench(X), pre, tau, alphas)["a"]
+    assert r["accuracy"] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and r["linearized_accuracy"] == r["accuracy"]
+    assert r["max_gap"] == 0.0 and r["gained"] == pytest.approx(0.6)
+    assert r["crossing_median"] == pytest.approx(0.5) and r["crossing_quartiles"] == pytest.approx([0.35, 0.7])
+    assert r["mean_margin"] == pytest.approx([float(start.mean()), float(start.mean()) + 1], abs=1e-6)
+    given = {"a": dict(zip(alphas, [0.0, 1.0, 1.0, 0.0]))}  # a measured curve passed in is the one compared
+    assert D.margin_linearity(_BiasBench(X), pre, tau, alphas, curve=given)["a"]["accuracy"] == [0.0, 1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="curve lacks the points"):
+        D.margin_linearity(_BiasBench(X), pre, tau, alphas, curve={"a": {0.0: 0.2, 1.0: 0.8}})
+    # a network that is not linear along tau (the margin grows with alpha squared) departs from its linearization
+    bent = D.margin_linearity(_BiasBench(X, power=2), pre, tau, alphas)["a"]
+    assert bent["accuracy"] == pytest.approx([0.2, 0.2, 0.4, 0.8]) and bent["max_gap"] == pytest.approx(0.2)
+    for bad in ((0.0, 0.5), (0.5, 1.0), (0.0, 1.0, 1.0)):
+        with pytest.raises(ValueError, match="alphas=.* is not valid"):
+            D.margin_linearity(_BiasBench(X), pre, tau, bad)
+    with pytest.raises(ValueError, match="task_vectors is empty"):
+        D.margin_linearity(_BiasBench(X), pre, {}, alphas)

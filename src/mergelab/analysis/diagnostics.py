@@ -12,6 +12,8 @@ Each function takes plain tensors, state dicts or a benchmark object with the co
   fine-tuning moved from the pretrained weights.
 * :func:`own_task_curve` - ``acc_t(theta_0 + alpha tau_t)`` over ``alpha``: is a task vector's effect
   on its own task gradual (near-linear) or all-or-nothing?
+* :func:`margin_linearity` - the own-task curve against its linearization, per example: is the network
+  linear along ``tau_t``, and where along the segment do the examples the expert gains turn right?
 * :func:`cross_task_matrix` - ``acc_t(theta_0 + c tau_s) - acc_t(theta_0)``: weight disentanglement;
   orthogonal task vectors can still destroy each other's tasks.
 """
@@ -23,6 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -238,6 +241,85 @@ def gain_fraction(curve: Mapping[float, float], alpha: float) -> float:
     ``(acc(alpha) - acc(0)) / (acc(1) - acc(0))`` (nan when the expert gains nothing)."""
     gain = curve[1.0] - curve[0.0]
     return (curve[alpha] - curve[0.0]) / gain if abs(gain) > 1e-12 else float("nan")
+
+
+def margins_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example margin ``(N,)`` float64 of ``logits`` ``(N, C)`` against ``labels`` ``(N,)``: the true
+    class's logit minus the largest other class's, in the head's logit units (nats). Positive where the
+    prediction is right, negative where it is wrong; its size is how far the example is from the
+    decision boundary."""
+    if logits.ndim != 2 or logits.shape[1] < 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be (N, C) with C >= 2 and labels (N,); got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}.")
+    logits = logits.double()
+    true = logits.gather(1, labels.long()[:, None])[:, 0]
+    others = logits.scatter(1, labels.long()[:, None], -math.inf)
+    return true - others.max(-1).values
+
+
+@torch.no_grad()
+def example_margins(benchmark: DiagnosableBenchmark, state: StateDict, task: str, split: str = "val"
+                    ) -> torch.Tensor:
+    """:func:`margins_from_logits` ``(N,)`` of the encoder ``state`` with ``task``'s frozen head on every
+    example of ``split``, in the split's order."""
+    X, y = benchmark.split(task, split)
+    head = copy.deepcopy(benchmark.heads[task]).cpu()  # the shared head may live on the GPU; it stays there
+    return margins_from_logits(head(_encode(benchmark, benchmark.new_encoder(state), X)), y)
+
+
+def margin_linearity(benchmark: DiagnosableBenchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
+                     alphas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), split: str = "val",
+                     curve: Mapping[str, Mapping[float, float]] | None = None) -> dict[str, dict[str, Any]]:
+    """Why an :func:`own_task_curve` has its shape: the curve against its linearization, per example.
+
+    Each example of task t has a margin (:func:`margins_from_logits`) at the pretrained model, ``m0``, and
+    at the expert, ``m1``. If the network were linear along ``tau_t``, its margin at ``theta_0 + alpha
+    tau_t`` would be ``m0 + alpha (m1 - m0)``, and an example the expert gains (wrong at 0, right at 1)
+    would turn right at ``alpha* = -m0 / (m1 - m0)``, in (0, 1]. Where the measured curve follows the
+    linearized one, the network is close to linear along the vector and the curve's shape is the
+    distribution of ``alpha*``: concave when gained examples cross early (the expert's margins far
+    beyond the zero-shot errors), straight when they cross all along the segment. Two forward passes
+    per task (the pretrained model and the expert) besides the curve's own.
+
+    Args:
+        alphas: coefficients, which must include 0 (the pretrained model) and 1 (the expert).
+        split: the split evaluated (every example of it).
+        curve: the measured own-task curve ``{task: {alpha: accuracy}}`` on ``split`` at ``alphas``
+            (:func:`own_task_curve`'s result); measured here when not given.
+
+    Returns:
+        ``{task: {"alphas": [...], "accuracy": [...] (the measured curve), "linearized_accuracy": [...]
+        (fraction of examples with a positive linearized margin), "max_gap": max over alphas of
+        |accuracy - linearized_accuracy|, "mean_margin": [at 0, at 1] (nats), "gained": fraction of examples
+        wrong at 0 and right at 1, "crossing_median" and "crossing_quartiles": [q25, q75] of ``alpha*`` over
+        the gained examples (nan if none)}}``; accuracies as fractions 0..1.
+    """
+    grid = [float(a) for a in alphas]
+    if 0.0 not in grid or 1.0 not in grid or len(set(grid)) != len(grid):
+        raise ValueError(f"alphas={list(alphas)!r} is not valid; give distinct coefficients that include 0 (the "
+                         "pretrained model) and 1 (the expert).")
+    if not task_vectors:
+        raise ValueError("task_vectors is empty; give at least one task vector.")
+    if curve is None:
+        curve = own_task_curve(benchmark, pretrained, task_vectors, grid, split)
+    missing = sorted(f"{t}@{a}" for t in task_vectors for a in grid if a not in curve.get(t, {}))
+    if missing:
+        raise ValueError(f"curve lacks the points {missing}; give the own-task curve of every task at every alpha.")
+    out = {}
+    for task, tv in task_vectors.items():
+        m0 = example_margins(benchmark, pretrained, task, split)
+        m1 = example_margins(benchmark, tv.apply_to(pretrained, 1.0), task, split)
+        accuracy = [float(curve[task][a]) for a in grid]
+        linearized = [float(((m0 + a * (m1 - m0)) > 0).double().mean()) for a in grid]
+        gained = (m0 <= 0) & (m1 > 0)
+        crossing = (-m0[gained] / (m1[gained] - m0[gained])).numpy()
+        quartiles = [float(q) for q in np.quantile(crossing, [0.25, 0.5, 0.75])] if crossing.size else [math.nan] * 3
+        out[task] = {"alphas": grid, "accuracy": accuracy, "linearized_accuracy": linearized,
+                     "max_gap": max(abs(a - b) for a, b in zip(accuracy, linearized)),
+                     "mean_margin": [float(m0.mean()), float(m1.mean())],
+                     "gained": float(gained.double().mean()), "crossing_median": quartiles[1],
+                     "crossing_quartiles": [quartiles[0], quartiles[2]]}
+    return out
 
 
 def alone_and_merged(benchmark: DiagnosableBenchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],

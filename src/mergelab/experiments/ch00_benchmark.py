@@ -11,8 +11,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..analysis.statistics import both, sample_sd, seed_status
-from ..analysis.diagnostics import (cross_task_matrix, gain_fraction, linear_probe_fits, off_diagonal, own_task_curve,
-                                    relative_norms, zero_shot_calibration)
+from ..analysis.diagnostics import (cross_task_matrix, gain_fraction, linear_probe_fits, margin_linearity, off_diagonal,
+                                    own_task_curve, relative_norms, zero_shot_calibration)
 from ..executors import LocalExecutor, benchmark_context
 from ..evaluation import expert_accuracy, merge_baselines, merge_row, summarize
 from ..task_vectors import TaskVector, task_vectors_from
@@ -40,6 +40,7 @@ def diagnostics(bench: Any, pretrained: StateDict, task_vectors: Mapping[str, Ta
     probe = {t: f["accuracy"] for t, f in fits.items()}
     calibration = zero_shot_calibration(bench, pretrained, "val")
     curve = own_task_curve(bench, pretrained, task_vectors, alphas)
+    margins = margin_linearity(bench, pretrained, task_vectors, alphas, curve=curve)
     sources, targets, delta = cross_task_matrix(bench, pretrained, task_vectors, cross_coefficient, "val")
     off = off_diagonal(sources, targets, delta)
     gains = {t: gain_fraction(c, 0.3) for t, c in curve.items()} if 0.3 in alphas else {}
@@ -53,6 +54,7 @@ def diagnostics(bench: Any, pretrained: StateDict, task_vectors: Mapping[str, Ta
         "relative_norms": {t: relative_norms(pretrained, tv) for t, tv in task_vectors.items()},
         "own_task_curve": {t: {str(a): v for a, v in c.items()} for t, c in curve.items()},
         "gain_at_0.3": gains,
+        "margin_linearity": margins,
         "cross_task": {"sources": sources, "targets": targets, "coefficient": cross_coefficient,
                        "delta": delta.tolist()},
         "cross_task_off_diagonal": {"mean": float(off.mean()) if off.numel() else float("nan"),
