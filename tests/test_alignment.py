@@ -18,6 +18,7 @@ from mergelab.alignment import (
     invert,
     merge_aligned,
     merge_many,
+    objective_at,
     pairwise_from_universe,
     random_permutations,
     repair,
@@ -131,6 +132,28 @@ def test_c2m3_maps_are_cycle_consistent_and_pairwise_matching_need_not_be():
     pairwise = cycle_error(weight_matching(spec, states[0], states[1]), weight_matching(spec, states[1], states[2]),
                            weight_matching(spec, states[2], states[0]))
     assert sum(pairwise.values()) > 0  # independent random models: pairwise maps do not compose to the identity
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_objective_at_scores_any_maps_by_the_aligned_weights_inner_products(arch):
+    _, spec, state, copies = _permuted_copies(arch, 3)
+
+    def by_hand(perms):  # sum over permuted tensors and pairs of models of the aligned weights' inner products
+        aligned = [apply_permutation(spec, p, s) for p, s in zip(perms, copies)]
+        return sum(float((aligned[i][n].double() * aligned[j][n].double()).sum())
+                   for n in spec.axes for i in range(3) for j in range(i + 1, 3))
+
+    sizes = spec.group_sizes(state)
+    identity = [{g: torch.arange(n) for g, n in sizes.items()}] * 3
+    fw, mm = c2m3_frank_wolfe(spec, copies, seed=0), merge_many(spec, copies, seed=0)
+    assert objective_at(spec, copies, identity) == pytest.approx(by_hand(identity), rel=1e-9)
+    assert objective_at(spec, copies, fw.perms) == fw.objective_rounded == pytest.approx(by_hand(fw.perms), rel=1e-9)
+    # permuted copies of one model: both methods find the alignment that undoes the permutations, the best score
+    best = objective_at(spec, [state] * 3, identity)
+    assert objective_at(spec, copies, mm) == pytest.approx(best, rel=1e-9) and fw.objective_rounded == pytest.approx(best, rel=1e-9)
+    assert objective_at(spec, copies, identity) < best
+    with pytest.raises(ValueError, match="perms has 2 entries for 3 models"):
+        objective_at(spec, copies, identity[:2])
 
 
 def test_frank_wolfe_objective_never_decreases_and_steps_are_in_unit_interval():

@@ -41,6 +41,14 @@ def test_across_sets_summarizes_the_paired_differences_between_sets():
     assert a["separated"] is False and ch.sets_separated(a) is False  # mean .01 inside 2 x .0091
     assert ch.across_sets(sets, "mlp")["separated"] is None
     assert ch.sets_separated({**a, "mean": 0.02}) is True
+    assert "objective" not in a  # sets without the alignment objectives: nothing to compare
+    # the alignments compared by C2M3's own objective, and whether the better score goes with the better merge
+    scored = sets.assign(objective_merge_many=[100.0, 100.0, 200.0, 50.0, 1.0],
+                         objective_c2m3=[101.0, 99.0, 204.0, 50.25, 1.0])
+    o = ch.across_sets(scored, "resnet")["objective"]
+    assert (o["c2m3_higher"], o["merge_many_higher"]) == (3, 1)
+    assert o["relative_min"] == pytest.approx(-0.01) and o["relative_max"] == pytest.approx(0.02)
+    assert o["spearman_with_difference"] == pytest.approx(1.0)  # relative .01, -.01, .02, .005: the diffs' order
 
 
 def _resnet_results(sets: dict | None) -> dict:
@@ -90,6 +98,12 @@ def test_train_all_and_merge_study_agree_with_merging_by_hand(data_dir):
     diff = ch.paired_difference(study.correct["resnet"]["c2m3_repair"], study.correct["resnet"]["merge_many_repair"])
     assert row["difference"] == pytest.approx(diff["difference"])
     assert row["c2m3_repair"] == pytest.approx(main["c2m3_repair"]["accuracy"])
+    # each set's alignment objectives are C2M3's objective at the two methods' maps, the main set's kept ones
+    kept = study.outcomes["resnet"]
+    assert row["objective_c2m3"] == main["c2m3"]["alignment_objective"] == kept.frank_wolfe.objective_rounded
+    assert row["objective_merge_many"] == pytest.approx(ch.objective_at(t.spec, t.states[:3], kept.merge_many))
+    assert main["naive"]["alignment_objective"] == pytest.approx(
+        ch.objective_at(t.spec, t.states[:3], [ch.identity_permutations(t.spec.group_sizes(t.states[0]))] * 3))
     assert isinstance(study.correct["resnet"]["c2m3"], torch.Tensor)
 
 

@@ -187,6 +187,18 @@ def permutation_matrix(perm: torch.Tensor) -> torch.Tensor:
     return torch.eye(perm.numel(), dtype=torch.float64)[:, perm]
 
 
+def objective_at(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]],
+                 perms: Sequence[Permutations]) -> float:
+    """:func:`c2m3_objective` at permutations: ``f`` of the maps ``perms[p]`` of model ``p`` into one frame
+    (``W.index_select(axis, perm)``, the convention of :class:`FrankWolfeResult` and of
+    :func:`mergelab.alignment.matching.merge_many`), computed in float64. Any method that maps every model
+    into one frame can be scored by C2M3's objective this way: MergeMany's maps, the identity (no alignment)."""
+    if len(perms) != len(states):
+        raise ValueError(f"perms has {len(perms)} entries for {len(states)} models; give one mapping per model.")
+    s64 = [{k: v.detach().double().cpu() for k, v in s.items()} for s in states]
+    return c2m3_objective(spec, s64, [{g: permutation_matrix(p) for g, p in pp.items()} for pp in perms])
+
+
 def c2m3_frank_wolfe(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]], max_iter: int = 200,
                      tol: float = 1e-6, patience: int = 5, noise: float = 0.01, seed: int = 0,
                      progress: bool = False) -> FrankWolfeResult:
@@ -258,6 +270,5 @@ def c2m3_frank_wolfe(spec: PermutationSpec, states: Sequence[Mapping[str, torch.
             res.converged = True
             break
     res.perms = [{g: round_to_permutation(m) for g, m in mm.items()} for mm in mats]
-    res.objective_rounded = c2m3_objective(
-        spec, s64, [{g: permutation_matrix(p) for g, p in pp.items()} for pp in res.perms])
+    res.objective_rounded = objective_at(spec, s64, res.perms)
     return res

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from scipy.stats import spearmanr
 from torch import nn
 
 from ..alignment import (
@@ -29,6 +30,7 @@ from ..alignment import (
     invert,
     merge_aligned,
     merge_many,
+    objective_at,
     pairwise_from_universe,
     random_permutations,
     repair,
@@ -157,8 +159,14 @@ def merge_methods(t: Trained, states: Sequence[Mapping[str, torch.Tensor]], data
 def evaluate_methods(t: Trained, outcome: MergeOutcome, states: Sequence[Mapping[str, torch.Tensor]],
                      data: DigitsSplit) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
     """Test ``accuracy`` and ``loss`` per method and for the endpoints (their mean, ``endpoints``, and
-    each, ``endpoint_<i>``); also each method's per-example correctness (for paired comparisons)."""
+    each, ``endpoint_<i>``); also each method's per-example correctness (for paired comparisons). The
+    aligning methods (``naive``: no alignment, ``merge_many``, ``c2m3``) also get ``alignment_objective``,
+    C2M3's objective at their maps (:func:`mergelab.alignment.objective_at`; the sum over tensors and pairs
+    of models of the aligned weights' inner products): how well each aligns the models by C2M3's own score."""
     rows, correct = {}, {}
+    sizes = t.spec.group_sizes(states[0])
+    maps = {"naive": [identity_permutations(sizes)] * len(states), "merge_many": outcome.merge_many,
+            "c2m3": outcome.frank_wolfe.perms}
     ends = [evaluate_state(t.model, s, data.X_test, data.y_test) for s in states]
     for i, e in enumerate(ends):
         rows[f"endpoint_{i}"] = e
@@ -168,6 +176,8 @@ def evaluate_methods(t: Trained, outcome: MergeOutcome, states: Sequence[Mapping
         r = evaluate_state(t.model, outcome.states[m], data.X_test, data.y_test, return_correct=True)
         correct[m] = r.pop("correct")
         rows[m] = {**r, "relative_to_endpoints": r["accuracy"] / rows["endpoints"]["accuracy"]}
+        if m in maps:
+            rows[m]["alignment_objective"] = objective_at(t.spec, states, maps[m])
     return rows, correct
 
 
@@ -223,9 +233,10 @@ class MergeStudy:
         counts: columns ``architecture, num_models, method, accuracy, loss`` (``method == "endpoints"``:
             the models' mean), one row per architecture, count and method.
         sets: one row per architecture and merged set: ``architecture, models`` (their indices, e.g.
-            ``"0,2,4"``), the test accuracy of ``endpoints`` and every method, and the paired
+            ``"0,2,4"``), the test accuracy of ``endpoints`` and every method, the paired
             ``difference`` of C2M3 with REPAIR minus MergeMany with REPAIR and its ``standard_error``
-            (over the set's test examples).
+            (over the set's test examples), and ``objective_merge_many``, ``objective_c2m3``: C2M3's
+            objective at each method's maps (``alignment_objective`` of :func:`evaluate_methods`).
     """
 
     outcomes: dict[str, MergeOutcome]
@@ -310,7 +321,8 @@ def merge_study(trained: Mapping[str, Trained], merge_models: int, counts: Seque
         if m_set in sets[arch]:
             set_rows.append({"architecture": arch, "models": ",".join(map(str, m_set)),
                              **{name: met[name]["accuracy"] for name in ("endpoints", *METHODS)},
-                             **paired_difference(cor["c2m3_repair"], cor["merge_many_repair"])})
+                             **paired_difference(cor["c2m3_repair"], cor["merge_many_repair"]),
+                             **{f"objective_{name}": met[name]["alignment_objective"] for name in ("merge_many", "c2m3")}})
     table = pd.DataFrame(rows).sort_values(["architecture", "num_models"], kind="stable", ignore_index=True)
     sets_table = pd.DataFrame(set_rows).sort_values(["architecture", "models"], kind="stable", ignore_index=True)
     return MergeStudy(outcomes, metrics, correct, table, sets_table)
@@ -320,7 +332,13 @@ def across_sets(sets: pd.DataFrame, arch: str) -> dict[str, Any]:
     """C2M3 with REPAIR minus MergeMany with REPAIR over the merged sets of ``arch`` (rows of
     :attr:`MergeStudy.sets`): ``n`` sets, the ``mean`` difference, its ``standard_error`` across sets
     (sample SD / sqrt(n); ``None`` below 3 sets), how many sets are ``positive``, ``per_set``, and
-    whether the difference is ``separated`` from 0 (:func:`sets_separated`)."""
+    whether the difference is ``separated`` from 0 (:func:`sets_separated`).
+
+    ``objective`` compares the two alignments by C2M3's own objective: in how many sets Frank-Wolfe's maps
+    score higher than MergeMany's (``c2m3_higher``) or lower, the relative difference
+    ``(f_c2m3 - f_merge_many) / |f_merge_many|`` (``relative_min``, ``relative_max``) and the Spearman
+    correlation across sets between that difference and the accuracy ``difference`` (``None`` below 3
+    sets or without spread): whether the better-scoring alignment is the one that classifies better."""
     part = sets[sets.architecture == arch]
     d = part["difference"].astype(float)
     n = len(d)
@@ -328,6 +346,12 @@ def across_sets(sets: pd.DataFrame, arch: str) -> dict[str, Any]:
            "standard_error": float(d.std(ddof=1) / math.sqrt(n)) if n >= 3 else None,
            "positive": int((d > 0).sum()), "negative": int((d < 0).sum()),
            "per_set": {row.models: float(row.difference) for row in part.itertuples()}}
+    if n and {"objective_c2m3", "objective_merge_many"} <= set(part.columns):
+        rel = ((part["objective_c2m3"] - part["objective_merge_many"]) / part["objective_merge_many"].abs()).astype(float)
+        rho = float(spearmanr(rel, d).statistic) if n >= 3 and rel.nunique() > 1 and d.nunique() > 1 else None
+        out["objective"] = {"c2m3_higher": int((rel > 0).sum()), "merge_many_higher": int((rel < 0).sum()),
+                            "relative_min": float(rel.min()), "relative_max": float(rel.max()),
+                            "spearman_with_difference": rho}
     return {**out, "separated": sets_separated(out)}
 
 
@@ -376,7 +400,7 @@ def claims(arch_results: Mapping[str, Mapping[str, Any]], mlp_fraction: float = 
                 {"c2m3_repair": m["c2m3_repair"]["accuracy"], "merge_many_repair": m["merge_many_repair"]["accuracy"],
                  "mean_difference": sets["mean"], "standard_error_across_sets": sets["standard_error"],
                  "sets": sets["n"], "sets_positive": sets["positive"], "sets_negative": sets["negative"],
-                 "first_set": paired})
+                 "first_set": paired, **({"alignment_objective": sets["objective"]} if "objective" in sets else {})})
         else:
             add("resnet: C2M3 with REPAIR is above MergeMany with REPAIR (paired difference over two standard "
                 "errors; CIFAR-10 ResNet-20x2 in the paper: .69 vs .50)",
