@@ -49,6 +49,8 @@ def test_across_sets_summarizes_the_paired_differences_between_sets():
     assert (o["c2m3_higher"], o["merge_many_higher"]) == (3, 1)
     assert o["relative_min"] == pytest.approx(-0.01) and o["relative_max"] == pytest.approx(0.02)
     assert o["spearman_with_difference"] == pytest.approx(1.0)  # relative .01, -.01, .02, .005: the diffs' order
+    one = ch.across_sets(scored, "mlp")["objective"]  # one set: counted, but no correlation across sets
+    assert (one["c2m3_higher"], one["merge_many_higher"], one["spearman_with_difference"]) == (0, 0, None)
 
 
 def _resnet_results(sets: dict | None) -> dict:

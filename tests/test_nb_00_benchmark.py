@@ -70,13 +70,15 @@ def test_seed_study_summary_is_the_per_seed_numbers_and_claims_rest_on_them(run_
     assert diag["linear_probe_at_grid_edge"] == [t for t, c in diag["linear_probe_C"].items()
                                                  if c in (PROBE_C_GRID[0], PROBE_C_GRID[-1])]
     assert len(diag["cross_task"]["delta"]) == len(results["tasks"])
-    # the margins' accuracy is the own-task curve (the same models on the same examples), and the linearization
-    # meets it at the pretrained model and at the expert, where it is measured
+    # the margins, measured apart from the curve, agree with it where the linearization is exact (the pretrained
+    # model and the expert), and the examples the expert gains are at least its net gain and at most what zero-shot
+    # got wrong
     assert set(diag["margin_linearity"]) == set(diag["own_task_curve"])
     for task, r in diag["margin_linearity"].items():
-        assert r["accuracy"] == pytest.approx([diag["own_task_curve"][task][str(a)] for a in r["alphas"]])
-        assert [r["linearized_accuracy"][i] for i in (0, -1)] == pytest.approx([r["accuracy"][i] for i in (0, -1)])
-        assert r["max_gap"] == pytest.approx(max(abs(a - b) for a, b in zip(r["accuracy"], r["linearized_accuracy"])))
+        curve = diag["own_task_curve"][task]
+        acc0, acc1 = curve[str(0.0)], curve[str(1.0)]
+        assert [r["linearized_accuracy"][r["alphas"].index(a)] for a in (0.0, 1.0)] == pytest.approx([acc0, acc1])
+        assert acc1 - acc0 - 1e-9 <= r["gained"] <= 1 - acc0 + 1e-9, task
     # the per-task decomposition of task arithmetic's loss, at the chapter's validated coefficient
     split = diag["alone_and_merged"]
     assert split["coefficient"] == results["methods"]["task_arithmetic"]["coefficient"]

@@ -193,6 +193,16 @@ def calibration_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[
 
 
 @torch.no_grad()
+def _task_logits(benchmark: DiagnosableBenchmark, encoder: torch.nn.Module, task: str, split: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits (N, C), labels (N,))`` of ``encoder`` with ``task``'s frozen head on every example of
+    ``split``, in the split's order, on the CPU."""
+    X, y = benchmark.split(task, split)
+    head = copy.deepcopy(benchmark.heads[task]).cpu()  # the shared head may live on the GPU; it stays there
+    return head(_encode(benchmark, encoder, X)), y
+
+
+@torch.no_grad()
 def zero_shot_calibration(benchmark: DiagnosableBenchmark, state: StateDict, split: str = "val",
                           tasks: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Per task, :func:`calibration_from_logits` of the encoder ``state`` with the task's frozen head on
@@ -201,10 +211,7 @@ def zero_shot_calibration(benchmark: DiagnosableBenchmark, state: StateDict, spl
     encoder = benchmark.new_encoder(state)
     out = {}
     for task in tasks or benchmark.tasks:
-        X, y = benchmark.split(task, split)
-        head = copy.deepcopy(benchmark.heads[task]).cpu()  # the shared head may live on the GPU; it stays there
-        logits = head(_encode(benchmark, encoder, X))
-        out[task] = calibration_from_logits(logits, y)
+        out[task] = calibration_from_logits(*_task_logits(benchmark, encoder, task, split))
     return out
 
 
@@ -247,7 +254,8 @@ def margins_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     """Per-example margin ``(N,)`` float64 of ``logits`` ``(N, C)`` against ``labels`` ``(N,)``: the true
     class's logit minus the largest other class's, in the head's logit units (nats). Positive where the
     prediction is right, negative where it is wrong; its size is how far the example is from the
-    decision boundary."""
+    decision boundary. A tie (margin 0) counts as wrong here, where an ``argmax`` accuracy counts it
+    right when the true class has the lower index."""
     if logits.ndim != 2 or logits.shape[1] < 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"logits must be (N, C) with C >= 2 and labels (N,); got {tuple(logits.shape)} and "
                          f"{tuple(labels.shape)}.")
@@ -262,9 +270,7 @@ def example_margins(benchmark: DiagnosableBenchmark, state: StateDict, task: str
                     ) -> torch.Tensor:
     """:func:`margins_from_logits` ``(N,)`` of the encoder ``state`` with ``task``'s frozen head on every
     example of ``split``, in the split's order."""
-    X, y = benchmark.split(task, split)
-    head = copy.deepcopy(benchmark.heads[task]).cpu()  # the shared head may live on the GPU; it stays there
-    return margins_from_logits(head(_encode(benchmark, benchmark.new_encoder(state), X)), y)
+    return margins_from_logits(*_task_logits(benchmark, benchmark.new_encoder(state), task, split))
 
 
 def margin_linearity(benchmark: DiagnosableBenchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
@@ -275,11 +281,13 @@ def margin_linearity(benchmark: DiagnosableBenchmark, pretrained: StateDict, tas
     Each example of task t has a margin (:func:`margins_from_logits`) at the pretrained model, ``m0``, and
     at the expert, ``m1``. If the network were linear along ``tau_t``, its margin at ``theta_0 + alpha
     tau_t`` would be ``m0 + alpha (m1 - m0)``, and an example the expert gains (wrong at 0, right at 1)
-    would turn right at ``alpha* = -m0 / (m1 - m0)``, in (0, 1]. Where the measured curve follows the
+    would turn right at ``alpha* = -m0 / (m1 - m0)``, in [0, 1). Where the measured curve follows the
     linearized one, the network is close to linear along the vector and the curve's shape is the
     distribution of ``alpha*``: concave when gained examples cross early (the expert's margins far
     beyond the zero-shot errors), straight when they cross all along the segment. Two forward passes
-    per task (the pretrained model and the expert) besides the curve's own.
+    per task (the pretrained model and the expert) besides the curve's own, in float32 without
+    autocast: where a benchmark evaluates its curve in lower precision (clip on a GPU), the gap at 0 and 1
+    includes that precision's differences.
 
     Args:
         alphas: coefficients, which must include 0 (the pretrained model) and 1 (the expert).
@@ -290,7 +298,9 @@ def margin_linearity(benchmark: DiagnosableBenchmark, pretrained: StateDict, tas
     Returns:
         ``{task: {"alphas": [...], "accuracy": [...] (the measured curve), "linearized_accuracy": [...]
         (fraction of examples with a positive linearized margin), "max_gap": max over alphas of
-        |accuracy - linearized_accuracy|, "mean_margin": [at 0, at 1] (nats), "gained": fraction of examples
+        |accuracy - linearized_accuracy|, "largest_gap": that difference with its sign (positive: the
+        measured curve above its linearization), "mean_margin": [at 0, at 1] over every example (nats),
+        "gained": fraction of examples
         wrong at 0 and right at 1, "crossing_median" and "crossing_quartiles": [q25, q75] of ``alpha*`` over
         the gained examples (nan if none)}}``; accuracies as fractions 0..1.
     """
@@ -314,8 +324,10 @@ def margin_linearity(benchmark: DiagnosableBenchmark, pretrained: StateDict, tas
         gained = (m0 <= 0) & (m1 > 0)
         crossing = (-m0[gained] / (m1[gained] - m0[gained])).numpy()
         quartiles = [float(q) for q in np.quantile(crossing, [0.25, 0.5, 0.75])] if crossing.size else [math.nan] * 3
+        gaps = [a - b for a, b in zip(accuracy, linearized)]
+        largest = max(gaps, key=abs)
         out[task] = {"alphas": grid, "accuracy": accuracy, "linearized_accuracy": linearized,
-                     "max_gap": max(abs(a - b) for a, b in zip(accuracy, linearized)),
+                     "max_gap": abs(largest), "largest_gap": largest,
                      "mean_margin": [float(m0.mean()), float(m1.mean())],
                      "gained": float(gained.double().mean()), "crossing_median": quartiles[1],
                      "crossing_quartiles": [quartiles[0], quartiles[2]]}

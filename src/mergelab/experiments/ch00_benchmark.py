@@ -32,7 +32,10 @@ def diagnostics(bench: Any, pretrained: StateDict, task_vectors: Mapping[str, Ta
     ``"zero_shot_calibration": {task: {accuracy, cross_entropy, confidence,
     top_class_share}}`` (validation), ``"relative_norms": {task: {total, <layer kind>...}}``,
     ``"own_task_curve": {task: {alpha: acc}}`` (validation), ``"gain_at_0.3"``: per task the share of
-    the expert's gain reached at alpha 0.3, ``"cross_task": {"sources", "targets", "delta"}`` (the
+    the expert's gain reached at alpha 0.3, ``"margin_linearity": {task: ...}`` (that curve against its
+    per-example linearization and where the examples the expert gains cross the decision boundary,
+    :func:`mergelab.analysis.diagnostics.margin_linearity`, validation), ``"cross_task": {"sources",
+    "targets", "delta"}`` (the
     change of task t's validation accuracy when ``cross_coefficient`` times task s's vector is added)
     and ``"cross_task_off_diagonal": {mean, min}``}``.
     """

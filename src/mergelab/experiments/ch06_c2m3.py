@@ -38,6 +38,7 @@ from ..alignment import (
 )
 from ..alignment.frank_wolfe import FrankWolfeResult
 from ..alignment.repair import layer_stats, permute_stats
+from ..alignment.specs import Permutations
 from ..executors import Executor, LocalExecutor
 from ..training.scratch import DigitsSplit, evaluate_state
 from ..utils import nan_for_none
@@ -133,6 +134,14 @@ def repaired(t: Trained, merged: Mapping[str, torch.Tensor], states: Sequence[Ma
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def alignment_maps(sizes: Mapping[str, int], num_models: int, merge_many_perms: Sequence[Permutations],
+                   c2m3_perms: Sequence[Permutations]) -> dict[str, list[Permutations]]:
+    """Each aligning method's maps of the models into one frame: ``naive`` the identity (no alignment),
+    ``merge_many`` and ``c2m3`` their permutations (``W.index_select(axis, perm)``)."""
+    return {"naive": [identity_permutations(sizes)] * num_models, "merge_many": list(merge_many_perms),
+            "c2m3": list(c2m3_perms)}
+
+
 def merge_methods(t: Trained, states: Sequence[Mapping[str, torch.Tensor]], data: DigitsSplit,
                   frank_wolfe: Mapping[str, Any], seed: int, progress: bool = False) -> MergeOutcome:
     """Every method of :data:`METHODS` on ``states`` (REPAIR statistics on the training inputs)."""
@@ -147,8 +156,7 @@ def merge_methods(t: Trained, states: Sequence[Mapping[str, torch.Tensor]], data
     start = time.perf_counter()
     stats = endpoint_stats(t, states, data.X_train)  # one pass per endpoint, shared by the three merges
     secs["endpoint_stats"] = time.perf_counter() - start
-    for name, perms in (("naive", [identity_permutations(sizes)] * len(states)), ("merge_many", mm),
-                        ("c2m3", fw.perms)):
+    for name, perms in alignment_maps(sizes, len(states), mm, fw.perms).items():
         out[name] = merge_aligned(t.spec, states, perms)
         start = time.perf_counter()
         out[f"{name}_repair"] = repaired(t, out[name], states, perms, data.X_train, stats)
@@ -164,9 +172,7 @@ def evaluate_methods(t: Trained, outcome: MergeOutcome, states: Sequence[Mapping
     C2M3's objective at their maps (:func:`mergelab.alignment.objective_at`; the sum over tensors and pairs
     of models of the aligned weights' inner products): how well each aligns the models by C2M3's own score."""
     rows, correct = {}, {}
-    sizes = t.spec.group_sizes(states[0])
-    maps = {"naive": [identity_permutations(sizes)] * len(states), "merge_many": outcome.merge_many,
-            "c2m3": outcome.frank_wolfe.perms}
+    maps = alignment_maps(t.spec.group_sizes(states[0]), len(states), outcome.merge_many, outcome.frank_wolfe.perms)
     ends = [evaluate_state(t.model, s, data.X_test, data.y_test) for s in states]
     for i, e in enumerate(ends):
         rows[f"endpoint_{i}"] = e
@@ -347,7 +353,8 @@ def across_sets(sets: pd.DataFrame, arch: str) -> dict[str, Any]:
            "positive": int((d > 0).sum()), "negative": int((d < 0).sum()),
            "per_set": {row.models: float(row.difference) for row in part.itertuples()}}
     if n and {"objective_c2m3", "objective_merge_many"} <= set(part.columns):
-        rel = ((part["objective_c2m3"] - part["objective_merge_many"]) / part["objective_merge_many"].abs()).astype(float)
+        scale = part["objective_merge_many"].abs().astype(float).replace(0.0, math.nan)  # 0: no relative difference
+        rel = ((part["objective_c2m3"] - part["objective_merge_many"]) / scale).astype(float)
         rho = float(spearmanr(rel, d).statistic) if n >= 3 and rel.nunique() > 1 and d.nunique() > 1 else None
         out["objective"] = {"c2m3_higher": int((rel > 0).sum()), "merge_many_higher": int((rel < 0).sum()),
                             "relative_min": float(rel.min()), "relative_max": float(rel.max()),
