@@ -36,13 +36,16 @@ def test_routing_accuracy_confusion_and_selected_sets(results, params):
     routing, tasks = results["routing"], results["tasks"]
     assert results["routing_accuracy"] == routing["contains_true"]
     assert 0 <= routing["argmax_true"] <= routing["contains_true"] <= 1  # the argmax is always selected
+    # the true head needs the true task selected: its share of all inputs is its share when selected times that
+    assert routing["head_is_true"] == pytest.approx(routing["head_is_true_when_selected"] * routing["contains_true"])
     assert 1 <= routing["mean_selected"] <= params["top_k"]
     assert sum(routing["selected_size_share"].values()) == pytest.approx(1.0)
     assert {int(k) for k in routing["selected_size_share"]} <= set(range(1, params["top_k"] + 1))
     conf = results["confusion"]
     assert conf["tasks"] == tasks
     for i, t in enumerate(tasks):
-        assert sum(conf["argmax"][i]) == pytest.approx(1.0)
+        assert sum(conf["argmax"][i]) == pytest.approx(1.0) and sum(conf["head"][i]) == pytest.approx(1.0)
+        assert all(h <= s + 1e-9 for h, s in zip(conf["head"][i], conf["selected"][i]))  # the head is a selected task's
         assert conf["selected"][i][i] == pytest.approx(routing["per_task_contains_true"][t])
         assert 1 - 1e-9 <= sum(conf["selected"][i]) <= params["top_k"] + 1e-9
     for e in results["examples"]:
