@@ -38,6 +38,8 @@ def test_routing_accuracy_confusion_and_selected_sets(results, params):
     assert 0 <= routing["argmax_true"] <= routing["contains_true"] <= 1  # the argmax is always selected
     # the true head needs the true task selected: its share of all inputs is its share when selected times that
     assert routing["head_is_true"] == pytest.approx(routing["head_is_true_when_selected"] * routing["contains_true"])
+    assert set(routing["other_head_share"]) == set(tasks)  # every input read with a wrong head is counted once
+    assert sum(routing["other_head_share"].values()) == pytest.approx(1 - routing["head_is_true"])
     assert 1 <= routing["mean_selected"] <= params["top_k"]
     assert sum(routing["selected_size_share"].values()) == pytest.approx(1.0)
     assert {int(k) for k in routing["selected_size_share"]} <= set(range(1, params["top_k"] + 1))

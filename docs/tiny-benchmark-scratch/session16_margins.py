@@ -11,6 +11,7 @@ torch.set_num_threads(2)
 from dataclasses import replace
 from mergelab.benchmarks.tiny.benchmark import TINY_RECIPE, TinyBenchmark, TinyBenchmarkConfig
 from mergelab.task_vectors import task_vectors_from
+from mergelab.analysis.diagnostics import example_margins
 recipe = replace(TINY_RECIPE, **json.loads(sys.argv[1]))
 p = yaml.safe_load(open("params/tiny/_benchmark.yaml"))
 cfg = TinyBenchmarkConfig.from_params(data=p["data"], model=p["model"], pretrain=p["pretrain"], head_shots=p["head_shots"])
@@ -21,17 +22,7 @@ tvs = task_vectors_from(pre, experts)
 alphas = [0, .1, .2, .3, .5, .7, 1.0]
 out = {}
 for t, tv in tvs.items():
-    X, y = bench.split(t, "val")
-    head = bench.heads[t]
-    M = []
-    for a in alphas:
-        enc = bench._eval_encoder_for(tv.apply_to(pre, a))
-        with torch.no_grad():
-            lg = torch.cat([head(enc(X[i:i+256])) for i in range(0, len(y), 256)])
-        true = lg.gather(1, y[:, None])[:, 0]
-        other = lg.clone(); other.scatter_(1, y[:, None], -1e9)
-        M.append((true - other.max(1).values).numpy())
-    M = np.array(M)
+    M = np.array([example_margins(bench, tv.apply_to(pre, a), t, "val").numpy() for a in alphas])
     acc = (M > 0).mean(1)
     lin = np.array([((M[0] + a * (M[-1] - M[0])) > 0).mean() for a in alphas])
     midlin = M[0] + 0.3 * (M[-1] - M[0])

@@ -316,8 +316,9 @@ def margin_linearity(benchmark: DiagnosableBenchmark, pretrained: StateDict, tas
     if missing:
         raise ValueError(f"curve lacks the points {missing}; give the own-task curve of every task at every alpha.")
     out = {}
+    zero_shot = benchmark.new_encoder(pretrained)  # built once, read by every task's head
     for task, tv in task_vectors.items():
-        m0 = example_margins(benchmark, pretrained, task, split)
+        m0 = margins_from_logits(*_task_logits(benchmark, zero_shot, task, split))
         m1 = example_margins(benchmark, tv.apply_to(pretrained, 1.0), task, split)
         accuracy = [float(curve[task][a]) for a in grid]
         linearized = [float(((m0 + a * (m1 - m0)) > 0).double().mean()) for a in grid]

@@ -79,7 +79,8 @@ def evaluate_mass(router: MassRouter, bench: Any, split: str = "test", batch_siz
         {"per_task_accuracy", "oracle_head_accuracy" (the true task's head on the same second-pass
          features), "routing": {"contains_true", "argmax_true", "head_is_true",
          "head_is_true_when_selected" (among the inputs whose selected set contains their task: the share
-         whose head, the largest logit's, is their task's), "mean_selected", "per_task_contains_true",
+         whose head, the largest logit's, is their task's), "other_head_share" {task: share of all inputs
+         read with that task's head although they are another task's}, "mean_selected", "per_task_contains_true",
          "selected_size_share" {size: share}},
          "confusion": {"tasks", "selected" (T x T: share of task i's inputs whose selected set
          contains task j), "argmax" (T x T: share routed to j by the argmax), "head" (T x T: share of
@@ -114,7 +115,7 @@ class _Tally:
         self.tasks, self.examples = tasks, examples
         self.pos = {t: i for i, t in enumerate(tasks)}
         self.correct, self.oracle, self.n, self.contains = ({t: 0 for t in tasks} for _ in range(4))
-        self.argmax_hits = self.head_hits = self.head_hits_selected = 0
+        self.argmax_hits = self.head_hits = 0
         self.sizes: dict[int, int] = {}
         self.selected = np.zeros((len(tasks), len(tasks)))
         self.argmax = np.zeros((len(tasks), len(tasks)))
@@ -132,7 +133,6 @@ class _Tally:
             self.contains[t] += int(t in sel)
             self.argmax_hits += int(r.argmax[i] == t)
             self.head_hits += int(out.head_task[i] == t)
-            self.head_hits_selected += int(out.head_task[i] == t and t in sel)
             self.head[self.pos[t], self.pos[out.head_task[i]]] += 1
             self.sizes[len(sel)] = self.sizes.get(len(sel), 0) + 1
             for u in sel:
@@ -152,7 +152,10 @@ class _Tally:
             "oracle_head_accuracy": {t: self.oracle[t] / n[t] for t in tasks},
             "routing": {"contains_true": sum(self.contains.values()) / total, "argmax_true": self.argmax_hits / total,
                         "head_is_true": self.head_hits / total,
-                        "head_is_true_when_selected": self.head_hits_selected / max(sum(self.contains.values()), 1),
+                        # the head is always a selected task's, so a true head implies a selected true task
+                        "head_is_true_when_selected": self.head_hits / max(sum(self.contains.values()), 1),
+                        "other_head_share": {t: float(self.head[:, j].sum() - self.head[j, j]) / total
+                                             for j, t in enumerate(tasks)},
                         "mean_selected": sum(k * v for k, v in self.sizes.items()) / total,
                         "per_task_contains_true": {t: self.contains[t] / n[t] for t in tasks},
                         "selected_size_share": {str(k): v / total for k, v in sorted(self.sizes.items())}},
