@@ -46,3 +46,76 @@ def test_the_shipped_encoder_is_ignored_on_request_and_for_other_configurations(
     assert ship.shipped_artifact(key) is None
     monkeypatch.delenv(ship.ENV_PRETRAIN)
     assert ship.shipped_artifact("0" * 16) is None
+
+
+# ---------------------------------------------------------------- the default experts and multi-task model
+def _default_runs_trained(bench):
+    from mergelab.experiments.ch00_benchmark import train_experts
+    from mergelab.report.shipped_encoder import default_runs
+
+    runs = default_runs()
+    seeds = sorted({cfg.seed for _, _, cfg in runs[1:]})
+    return runs, train_experts(bench, runs[1][2], seeds, workers=2, progress=False, multitask=runs[0][2])
+
+
+def test_the_shipped_runs_are_the_default_configurations_and_intact():
+    from mergelab.report.shipped_encoder import default_run_names, default_runs
+
+    bench = default_benchmark()
+    assert ship.shipped_runs() == default_run_names(bench), (
+        "the shipped tiny experts no longer match chapter 00's default runs (the encoder, heads, recipe, seeds or "
+        "fine-tuning code version changed): run `python -m mergelab.report.shipped_encoder --update-runs` in an "
+        "empty MERGELAB_DATA_DIR (trains them, about 5 minutes) and commit src/mergelab/benchmarks/tiny/weights/")
+    encoder_sha = ship.shipped_artifact(bench.encoder_key).meta()["sha256"]
+    runs = default_runs()
+    assert [k for k, _, _ in runs].count("multitask") == 1 and len(runs) == 1 + 3 * len(bench.tasks)
+    for kind, tasks, cfg in runs:
+        shipped = ship.shipped_run(kind, bench.run_key(kind, tasks, cfg))
+        meta = shipped.meta()
+        assert file_sha256(shipped.path) == meta["sha256"] and meta["pretrained_sha256"] == encoder_sha
+        assert meta["kind"] == kind and meta["tasks"] == list(tasks) and meta["finetune"]["seed"] == cfg.seed
+        assert len(meta["loss"]) == cfg.num_steps and not meta.get("shipped")
+
+
+def test_a_fresh_cache_takes_the_shipped_runs_instead_of_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path))
+    bench = default_benchmark()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a shipped run was trained")
+
+    monkeypatch.setattr(bench, "finetune_encoder", no_training)
+    runs, trained = _default_runs_trained(bench)
+    assert trained == 0
+    for kind, tasks, cfg in (runs[0], runs[1], runs[-1]):
+        state = bench.multitask(cfg, tasks) if kind == "multitask" else bench.expert(tasks[0], cfg)
+        reference = load_safetensors(str(ship.shipped_run(kind, bench.run_key(kind, tasks, cfg)).path))
+        assert set(state) == set(reference) and all(torch.equal(state[k], reference[k]) for k in state)
+        assert bench.run_artifact(kind, tasks, cfg).meta()["shipped"] is True
+    kind, tasks, cfg = runs[1]
+    assert bench.expert_log(tasks[0], cfg)["shipped"] is True
+    monkeypatch.setenv(ship.ENV_FINETUNE, "1")  # asking to fine-tune where the shipped copies are cached: told what to do
+    with pytest.raises(ValueError, match=r"MERGELAB_FINETUNE=1 .* shipped expert .*clean-cache"):
+        default_benchmark().expert(tasks[0], cfg)
+
+
+def test_shipped_runs_are_ignored_on_request_and_for_other_runs_or_encoders(monkeypatch):
+    from dataclasses import replace
+
+    from mergelab.report.shipped_encoder import default_runs
+
+    bench = default_benchmark()
+    kind, tasks, cfg = default_runs()[1]
+    key = bench.run_key(kind, tasks, cfg)
+    assert ship.shipped_run(kind, key) is not None and bench.shipped_run(kind, tasks, cfg) is not None
+    for variable in (ship.ENV_FINETUNE, ship.ENV_PRETRAIN):
+        monkeypatch.setenv(variable, "1")
+        assert ship.shipped_run(kind, key) is None
+        monkeypatch.delenv(variable)
+    assert bench.shipped_run(kind, tasks, replace(cfg, seed=99)) is None  # another recipe: trained
+    assert ship.shipped_run("multitask", key) is None  # the key of another kind
+    with pytest.raises(ValueError, match=r"kind='probe' is not valid; use one of expert, multitask"):
+        ship.shipped_run("probe", key)
+    # a data folder whose encoder is not the one the runs were made from (MERGELAB_PRETRAIN=1 made it)
+    monkeypatch.setattr(type(bench), "pretrained_sha256", property(lambda self: "0" * 64))
+    assert bench.shipped_run(kind, tasks, cfg) is None

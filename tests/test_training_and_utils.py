@@ -367,3 +367,17 @@ def test_pretraining_line_says_where_the_encoder_came_from():
     assert "MERGELAB_PRETRAIN=1" in shipped
     assert pretraining_line({"loss": [1.0] * 40, "wall_time_s": 12.4}) == "pretraining: 40 steps in 12 s (cached after the first run)"
     assert pretraining_line({"loss": [], "source": "open_clip openai"}) == "no pretraining run here: open_clip openai"
+
+
+def test_finetuning_line_counts_shipped_trained_and_cached_runs():
+    from mergelab.notebook import finetuning_line
+
+    shipped = [{"wall_time_s": 10.4, "shipped": True}, {"wall_time_s": 9.8, "shipped": True}]
+    made = [{"wall_time_s": 7.0}]
+    line = finetuning_line(shipped, 0)
+    assert line.startswith("fine-tuning runs: 2: 2 shipped with mergelab (made by this code in 20 s")
+    assert "MERGELAB_FINETUNE=1" in line and "trained here" not in line and "cache" not in line
+    assert finetuning_line(made * 3, 3) == "fine-tuning runs: 3: 3 trained here"
+    assert finetuning_line(shipped + made * 2, 1) == (
+        "fine-tuning runs: 4: 2 shipped with mergelab (made by this code in 20 s of one thread each, together; "
+        "MERGELAB_FINETUNE=1 with an empty data folder trains them here), 1 trained here, 1 from the cache or imported")

@@ -225,6 +225,24 @@ def pretraining_line(log: Mapping[str, Any]) -> str:
     return f"no pretraining run here: {log.get('source', 'pretrained weights')}"
 
 
+def finetuning_line(logs: Sequence[Mapping[str, Any]], trained: int) -> str:
+    """One line on where a chapter's fine-tuning runs came from: ``logs`` their training logs (the
+    artifacts' sidecars, ``bench.expert_log``), ``trained`` how many of them this run trained. Runs shipped
+    with mergelab (:mod:`mergelab.benchmarks.tiny.ship`) are counted with the seconds it took to make them."""
+    shipped = [log for log in logs if log.get("shipped")]
+    seconds = sum(float(log.get("wall_time_s", 0.0)) for log in shipped)
+    parts = []
+    if shipped:
+        parts.append(f"{len(shipped)} shipped with mergelab (made by this code in {seconds:.0f} s of one thread each, "
+                     "together; MERGELAB_FINETUNE=1 with an empty data folder trains them here)")
+    if trained:
+        parts.append(f"{trained} trained here")
+    cached = len(logs) - len(shipped) - trained
+    if cached > 0:
+        parts.append(f"{cached} from the cache or imported")
+    return f"fine-tuning runs: {len(logs)}: " + ", ".join(parts)
+
+
 def print_provenance(session: Session) -> None:
     """The closing provenance cell: print what :func:`provenance` records."""
     print(json.dumps(provenance(session), indent=2, default=str))

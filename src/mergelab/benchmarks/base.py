@@ -137,6 +137,11 @@ class BenchmarkBase:
     def _imported_log(self, task: str) -> dict[str, Any] | None:
         return None
 
+    def shipped_run(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> Artifact | None:
+        """The run ``(kind, tasks, cfg)`` as mergelab ships it, to be taken instead of training, or
+        ``None`` (train it). Only the tiny size ships runs (:mod:`mergelab.benchmarks.tiny.ship`)."""
+        return None
+
     def _after_run(self, artifact: Artifact) -> None:
         """Clean up after a run is cached (e.g. a resume point)."""
 

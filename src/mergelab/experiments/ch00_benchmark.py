@@ -92,8 +92,9 @@ def train_experts(bench: Any, recipe: FinetuneConfig, seeds: Sequence[int], task
     the tiny one does). The multi-task model, the longest run, starts first, so that no core waits for it
     at the end. That needs a size that trains every task with ``recipe`` itself and imports no experts.
     With ``workers == 1`` they train here, one after another, each expert with the size's recipe for its
-    task (:meth:`bench.expert_recipe`); imported experts are taken as they are. Returns the number of
-    runs trained by this call (0: all cached or imported).
+    task (:meth:`bench.expert_recipe`); imported experts are taken as they are, and so are the runs the
+    size ships (:meth:`bench.shipped_run`: the tiny size's defaults), copied into the cache here. Returns
+    the number of runs trained by this call (0: all cached, shipped or imported).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r} is not valid; use a positive integer (1 trains in this process).")
@@ -108,6 +109,10 @@ def train_experts(bench: Any, recipe: FinetuneConfig, seeds: Sequence[int], task
         jobs.append(("multitask", joint, multitask))
     jobs += [("expert", (t,), r) for r in recipes for t in tasks if t not in imported
              and not bench.run_artifact("expert", [t], bench.expert_recipe(t, r)).exists()]
+    shipped = [job for job in jobs if bench.shipped_run(*job) is not None]
+    for kind, job_tasks, cfg in shipped:  # copied into the cache here: nothing to train
+        _train_job(bench, (kind, job_tasks, cfg))
+    jobs = [job for job in jobs if job not in shipped]
     if workers == 1:
         for job in jobs:
             _train_job(bench, job)
@@ -130,6 +135,19 @@ def train_experts(bench: Any, recipe: FinetuneConfig, seeds: Sequence[int], task
                                desc=f"fine-tuning {len(jobs)} runs, {workers} at a time")
     outcome.raise_failures("fine-tuning runs")
     return len(jobs)
+
+
+def run_logs(bench: Any, recipe: FinetuneConfig, seeds: Sequence[int], tasks: Sequence[str] | None = None,
+             multitask: FinetuneConfig | None = None) -> list[dict[str, Any]]:
+    """The training logs of the runs :func:`train_experts` makes (same arguments): the multi-task model's
+    (when asked for), then every seed's experts; each the artifact's sidecar (``"shipped": True`` for a run
+    shipped with mergelab) or an imported expert's record."""
+    tasks = list(tasks or bench.tasks)
+    logs = []
+    if multitask is not None:
+        bench.multitask(multitask, tasks)
+        logs.append(bench.run_artifact("multitask", tuple(sorted(tasks)), multitask).meta())
+    return logs + [bench.expert_log(t, replace(recipe, seed=int(s))) for s in dict.fromkeys(seeds) for t in tasks]
 
 
 SEED_STUDY_METHODS = ("weight_averaging", "task_arithmetic")

@@ -1,8 +1,12 @@
-"""Developer tool for the pretrained `tiny` encoder shipped with mergelab (:mod:`mergelab.benchmarks.tiny.ship`).
+"""Developer tool for the pretrained `tiny` encoder and default experts shipped with mergelab
+(:mod:`mergelab.benchmarks.tiny.ship`).
 
 ``python -m mergelab.report.shipped_encoder --check`` pretrains the default encoder (``params/tiny``) in a
 temporary cache and compares it with the shipped one; ``--update`` ships the default encoder of this
 checkout's cache (pretraining it if needed), after a change to the pretraining code, data or configuration.
+``--check-runs`` and ``--update-runs`` do the same for the default fine-tuning runs (:func:`default_runs`:
+chapter 00's experts of every seed and its multi-task model), after a change to the encoder, the heads,
+the recipe or the fine-tuning code's version.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..benchmarks.tiny.ship import ENV_PRETRAIN, WEIGHTS_DIR, shipped_artifact, shipped_keys
+from ..benchmarks.tiny.ship import (ENV_FINETUNE, ENV_PRETRAIN, RUN_KINDS, WEIGHTS_DIR, shipped_artifact,
+                                   shipped_keys, shipped_run, shipped_runs)
 from ..benchmarks.tiny.ship import environment as torch_environment
 from ..cache import Artifact, file_sha256
-from ..utils import environment
+from ..utils import atomic_write_json, environment
 
 
 def default_benchmark(progress: bool = False) -> Any:
@@ -73,15 +78,118 @@ def check() -> bool:
     return same
 
 
+CHAPTER = "00_benchmark_and_baselines"
+"""The chapter whose runs ship: its parameters say which they are."""
+
+
+def default_runs() -> list[tuple[str, tuple[str, ...], Any]]:
+    """``(kind, tasks, recipe)`` of every run chapter 00 makes at tiny (``params/tiny``): the multi-task
+    model of the chapter's seed, then the experts of every task at each fine-tuning seed of its seed study
+    (the runs :func:`mergelab.experiments.ch00_benchmark.train_experts` is asked for)."""
+    from ..params import profile_params
+    from ..training import FinetuneConfig
+
+    p = profile_params("tiny", CHAPTER)
+    seeds = list(dict.fromkeys([int(p["seed"]), *map(int, p["seeds"])]))
+    runs: list[tuple[str, tuple[str, ...], Any]] = [
+        ("multitask", tuple(sorted(p["tasks"])),
+         FinetuneConfig(**{**p["finetune"], "num_steps": p["multitask_steps"]}, seed=int(p["seed"])))]
+    runs += [("expert", (t,), FinetuneConfig(**p["finetune"], seed=s)) for s in seeds for t in p["tasks"]]
+    return runs
+
+
+def default_run_names(bench: Any) -> list[str]:
+    """``<kind>-<run key>`` of :func:`default_runs` on ``bench`` (what :func:`shipped_runs` should list)."""
+    return sorted(f"{kind}-{bench.run_key(kind, tasks, cfg)}" for kind, tasks, cfg in default_runs())
+
+
+def _train_default_runs(bench: Any, workers: int) -> None:
+    from ..experiments.ch00_benchmark import train_experts
+    from ..params import profile_params
+
+    runs = default_runs()
+    multitask = runs[0][2]
+    recipes = sorted({cfg.seed for _, _, cfg in runs[1:]})
+    p = profile_params("tiny", CHAPTER)
+    with environment({ENV_FINETUNE: "1"}):
+        train_experts(bench, runs[1][2], recipes, list(p["tasks"]), workers=workers, multitask=multitask)
+
+
+def update_runs(workers: int = 2) -> list[Path]:
+    """Ship the default runs (:func:`default_runs`) of this checkout's cache, training those missing; remove
+    any other shipped run. Each shipped log gains the SHA-256 of the encoder the run was made from."""
+    bench = default_benchmark(progress=True)
+    bench.pretrained_state()
+    if not Artifact(bench.cache_dir / "pretrained.safetensors").meta().get("shipped"):
+        raise SystemExit(f"the encoder in {bench.cache_dir} is not the shipped one: runs made from it cannot ship "
+                         "(readers start from the shipped encoder); use a data folder whose encoder is the shipped one.")
+    _train_default_runs(bench, workers)
+    targets = []
+    for kind, tasks, cfg in default_runs():
+        cached = bench.run_artifact(kind, tasks, cfg)
+        meta = cached.meta()
+        if meta.get("shipped"):
+            raise SystemExit(f"{cached.path} is a copy of a shipped run, not a run trained here: use an empty "
+                             "MERGELAB_DATA_DIR (the runs are trained there) and run --update-runs again.")
+        target = WEIGHTS_DIR / cached.path.name
+        shutil.copyfile(cached.path, target)
+        atomic_write_json(target.with_suffix(".json"), {**meta, "pretrained_sha256": bench.pretrained_sha256})
+        targets.append(target)
+    keep = {t.stem for t in targets}
+    for kind in RUN_KINDS:
+        for old in WEIGHTS_DIR.glob(f"{kind}-*"):
+            if old.stem not in keep:
+                old.unlink()
+    return targets
+
+
+def check_runs(workers: int = 2) -> bool:
+    """Train the default runs in a temporary cache (from the shipped encoder, one thread per run) and say
+    whether each equals the shipped one, tensor by tensor."""
+    from ..utils import load_safetensors
+
+    names = set(shipped_runs())
+    with tempfile.TemporaryDirectory() as tmp, environment({"MERGELAB_DATA_DIR": tmp}):
+        bench = default_benchmark(progress=True)
+        missing = sorted(set(default_run_names(bench)) - names)
+        if missing:
+            print(f"no shipped run for {missing} (shipped: {len(names)} runs); run --update-runs")
+            return False
+        _train_default_runs(bench, workers)
+        differ = []
+        for kind, tasks, cfg in default_runs():
+            made = bench.run_artifact(kind, tasks, cfg).load()
+            with environment({ENV_FINETUNE: None}):
+                ref = load_safetensors(str(shipped_run(kind, bench.run_key(kind, tasks, cfg)).path))
+            if set(made) != set(ref) or not all(bool((made[k] == ref[k]).all()) for k in ref):
+                diff = max(float((made[k].float() - ref[k].float()).abs().max()) for k in ref)
+                differ.append(f"{kind} {'+'.join(tasks) if len(tasks) < 3 else 'all tasks'} seed {cfg.seed}: "
+                              f"largest weight difference {diff:.3g}")
+    print(f"{len(default_runs()) - len(differ)} of {len(default_runs())} default runs trained here "
+          f"(torch {torch_environment()['torch']}, one thread per run) are bit-identical to the shipped ones" + "".join(f"\n  {d}" for d in differ))
+    return not differ
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mergelab.report.shipped_encoder", description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--check", action="store_true", help="pretrain here and compare with the shipped encoder")
     group.add_argument("--update", action="store_true", help="ship this checkout's default encoder")
+    group.add_argument("--check-runs", action="store_true",
+                       help="train the default experts and multi-task model here and compare with the shipped ones")
+    group.add_argument("--update-runs", action="store_true",
+                       help="ship this checkout's default experts and multi-task model (trained if missing)")
+    parser.add_argument("--workers", type=int, default=2, help="processes that train runs side by side (one thread each)")
     args = parser.parse_args(argv)
     if args.update:
         print(f"shipped {update()}")
         return 0
+    if args.update_runs:
+        targets = update_runs(args.workers)
+        print(f"shipped {len(targets)} runs in {WEIGHTS_DIR}")
+        return 0
+    if args.check_runs:
+        return 0 if check_runs(args.workers) else 1
     return 0 if check() else 1
 
 

@@ -339,8 +339,38 @@ class TinyBenchmark(BenchmarkBase):
         """``task`` if the tiny benchmark has it, else an error listing the tasks."""
         return check_tiny_task(task)
 
+    def shipped_run(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> Artifact | None:
+        """The run ``(kind, tasks, cfg)`` shipped with mergelab (:mod:`mergelab.benchmarks.tiny.ship`), if one
+        has this run key and was made from the encoder this data folder holds (the shipped one, by its
+        SHA-256); else ``None``: the run is trained here."""
+        from .ship import shipped_run
+
+        shipped = shipped_run(kind, self.run_key(kind, tasks, cfg))
+        if shipped is None:
+            return None
+        self.pretrained_state()
+        return shipped if shipped.meta().get("pretrained_sha256") == self.pretrained_sha256 else None
+
+    def _train_cached(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> StateDict:
+        from .ship import ENV_FINETUNE
+
+        if os.environ.get(ENV_FINETUNE, "") == "1":
+            artifact = self.run_artifact(kind, tasks, cfg)
+            if artifact.exists() and artifact.meta().get("shipped"):
+                raise ValueError(f"{ENV_FINETUNE}=1 asks to fine-tune here, but {artifact.path.parent} holds the shipped "
+                                 f"{kind} {artifact.path.stem}, and evaluations may have been made from it: remove the "
+                                 "caches (`make clean-cache`, or point MERGELAB_DATA_DIR at an empty folder), then run "
+                                 "again.")
+        return super()._train_cached(kind, tasks, cfg)
+
     def _train_run(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig, artifact: Artifact
                    ) -> tuple[StateDict, dict[str, Any]]:
+        """Fine-tune a fresh copy of the pretrained encoder on ``tasks``; ``(weights, log)``. Where mergelab
+        ships this run (:meth:`shipped_run`), its weights and training log, marked ``"shipped": True``,
+        instead."""
+        shipped = self.shipped_run(kind, tasks, cfg)
+        if shipped is not None:
+            return shipped.load(), {**shipped.meta(), "shipped": True}
         enc = self.new_encoder(self.pretrained_state())
         start = time.perf_counter()
         history = self.finetune_encoder(enc, tasks, cfg,

@@ -15,6 +15,18 @@ and compares it with the shipped one (bit-identical in the environment of ``requ
 thread count recorded in its log); ``--update`` replaces the shipped encoder with the default one of
 this checkout's cache (pretraining it if needed), after a change to the pretraining code or data.
 ``tests/test_tiny_shipped.py`` fails while the shipped key differs from the default configuration's.
+
+The default experts ship the same way, as the public benchmark's fine-tuned ViT-B-32 checkpoints are
+downloaded rather than trained by each reader: the experts of every fine-tuning seed of chapter 00's
+seed study and its multi-task model (``params/tiny/00_benchmark_and_baselines.yaml``), each in
+``weights/<kind>-<run key>.safetensors`` with its training log (loss curve, wall time) beside it. A
+run is taken instead of fine-tuning when its cache key matches (the benchmark, tasks, heads, recipe,
+thread count and fine-tuning code's version, :meth:`~mergelab.benchmarks.base.BenchmarkBase.run_key`)
+*and* the data folder's encoder is the shipped one they were made from (its SHA-256, recorded with
+each run). Every other run (other recipes, chapter 01's sweep, chapter 02's trajectories, the smoke
+size) is trained as before. ``MERGELAB_FINETUNE=1`` (or ``MERGELAB_PRETRAIN=1``) trains them here too.
+``python -m mergelab.report.shipped_encoder --check-runs`` trains the default runs in a temporary cache
+and compares them with the shipped ones; ``--update-runs`` ships this checkout's.
 """
 
 from __future__ import annotations
@@ -41,6 +53,32 @@ def shipped_artifact(encoder_key: str) -> Artifact | None:
         return None
     artifact = Artifact(WEIGHTS_DIR / f"encoder-{encoder_key}.safetensors")
     return artifact if artifact.exists() else None
+
+
+ENV_FINETUNE = "MERGELAB_FINETUNE"
+"""Set to ``1`` to fine-tune even where a shipped run matches."""
+
+RUN_KINDS = ("expert", "multitask")
+"""Kinds of fine-tuning run that can ship (:meth:`~mergelab.benchmarks.base.BenchmarkBase.run_key`)."""
+
+
+def shipped_run(kind: str, run_key: str) -> Artifact | None:
+    """The shipped fine-tuning run of ``kind`` (``"expert"`` or ``"multitask"``) whose cache key is
+    ``run_key``, or ``None`` when none ships, or ``MERGELAB_FINETUNE=1`` or ``MERGELAB_PRETRAIN=1``.
+
+    Whether it may be used also depends on the encoder it was made from
+    (:meth:`mergelab.benchmarks.tiny.TinyBenchmark.shipped_run` checks that)."""
+    if kind not in RUN_KINDS:
+        raise ValueError(f"kind={kind!r} is not valid; use one of {', '.join(RUN_KINDS)}.")
+    if "1" in (os.environ.get(ENV_FINETUNE, ""), os.environ.get(ENV_PRETRAIN, "")):
+        return None
+    artifact = Artifact.at(WEIGHTS_DIR, kind, run_key)
+    return artifact if artifact.exists() else None
+
+
+def shipped_runs() -> list[str]:
+    """``<kind>-<run key>`` of every shipped fine-tuning run."""
+    return sorted(p.stem for kind in RUN_KINDS for p in WEIGHTS_DIR.glob(f"{kind}-*.safetensors"))
 
 
 def shipped_keys() -> list[str]:
