@@ -375,9 +375,9 @@ def test_finetuning_line_counts_shipped_trained_and_cached_runs():
     shipped = [{"wall_time_s": 10.4, "shipped": True}, {"wall_time_s": 9.8, "shipped": True}]
     made = [{"wall_time_s": 7.0}]
     line = finetuning_line(shipped, 0)
-    assert line.startswith("fine-tuning runs: 2: 2 shipped with mergelab (made by this code in 20 s")
+    assert line.startswith("fine-tuning runs: 2: 2 shipped with mergelab (made by this code: 20 s of training")
     assert "MERGELAB_FINETUNE=1" in line and "trained here" not in line and "cache" not in line
     assert finetuning_line(made * 3, 3) == "fine-tuning runs: 3: 3 trained here"
     assert finetuning_line(shipped + made * 2, 1) == (
-        "fine-tuning runs: 4: 2 shipped with mergelab (made by this code in 20 s of one thread each, together; "
+        "fine-tuning runs: 4: 2 shipped with mergelab (made by this code: 20 s of training, one thread per run; "
         "MERGELAB_FINETUNE=1 with an empty data folder trains them here), 1 trained here, 1 from the cache or imported")

@@ -233,8 +233,8 @@ def finetuning_line(logs: Sequence[Mapping[str, Any]], trained: int) -> str:
     seconds = sum(float(log.get("wall_time_s", 0.0)) for log in shipped)
     parts = []
     if shipped:
-        parts.append(f"{len(shipped)} shipped with mergelab (made by this code in {seconds:.0f} s of one thread each, "
-                     "together; MERGELAB_FINETUNE=1 with an empty data folder trains them here)")
+        parts.append(f"{len(shipped)} shipped with mergelab (made by this code: {seconds:.0f} s of training, one thread "
+                     "per run; MERGELAB_FINETUNE=1 with an empty data folder trains them here)")
     if trained:
         parts.append(f"{trained} trained here")
     cached = len(logs) - len(shipped) - trained
