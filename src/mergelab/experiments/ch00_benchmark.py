@@ -109,7 +109,8 @@ def train_experts(bench: Any, recipe: FinetuneConfig, seeds: Sequence[int], task
         jobs.append(("multitask", joint, multitask))
     jobs += [("expert", (t,), r) for r in recipes for t in tasks if t not in imported
              and not bench.run_artifact("expert", [t], bench.expert_recipe(t, r)).exists()]
-    shipped = [job for job in jobs if bench.shipped_run(*job) is not None]
+    shipped = [(kind, job_tasks, cfg) for kind, job_tasks, cfg in jobs if bench.shipped_run(
+        kind, job_tasks, cfg if kind == "multitask" else bench.expert_recipe(job_tasks[0], cfg)) is not None]
     for kind, job_tasks, cfg in shipped:  # copied into the cache here: nothing to train
         _train_job(bench, (kind, job_tasks, cfg))
     jobs = [job for job in jobs if job not in shipped]
