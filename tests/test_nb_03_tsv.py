@@ -50,6 +50,24 @@ def test_tsv_c_compression_and_sweep(results):
     assert full[0]["storage_fraction"] > 1
 
 
+def test_tsv_c_is_compared_with_each_expert_image_by_image(results):
+    methods = results["methods"]
+    tables = methods["tsv_compress"]["paired_with_experts"]
+    assert set(tables) == set(results["tasks"])
+    for task, table in tables.items():  # the paired counts are the two models' accuracies on the same images
+        n = sum(table.values())
+        assert n == results["test_sizes"][task]
+        assert (table["both"] + table["a_only"]) / n == pytest.approx(methods["tsv_compress"]["per_task_accuracy"][task])
+        assert (table["both"] + table["b_only"]) / n == pytest.approx(methods["experts"]["per_task_accuracy"][task])
+    claim = next(c for c in results["claims"] if c["claim"].startswith("TSV-C"))
+    interval = claim["evidence"]["normalized"]
+    assert interval["estimate"] == pytest.approx(methods["tsv_compress"]["normalized_accuracy"])
+    assert interval["ci_low"] <= interval["estimate"] <= interval["ci_high"]
+    assert claim["evidence"]["normalized_minus_0.97"]["ci_low"] == pytest.approx(interval["ci_low"] - 0.97)
+    below, above = interval["ci_high"] < 0.97, interval["ci_low"] > 0.97  # the whole interval on one side decides
+    assert claim["status"] == ("not_reproduced" if below else "reproduced" if above else "not_testable")
+
+
 def test_energy_of_the_top_k_triplets_per_layer_kind(results):
     energy, random = results["energy_top_k"], results["energy_top_k_random"]
     assert set(energy) <= set(DECOMPOSED_KINDS) and {"attn_in_proj", "mlp_c_fc"} <= set(energy)

@@ -182,3 +182,56 @@ def test_proportion_ci_is_wilsons_interval():
     for bad in ((11, 10), (-1, 10), (1, 0), (0.5, 10)):
         with pytest.raises(ValueError, match="is not valid"):
             proportion_ci(*bad)
+
+
+def test_paired_table_counts_agreement_and_refuses_bad_inputs():
+    from mergelab.analysis.statistics import paired_table
+
+    a = np.array([True, True, False, False, True])
+    b = np.array([True, False, True, False, True])
+    assert paired_table(a, b) == {"both": 2, "a_only": 1, "b_only": 1, "neither": 1}
+    with pytest.raises(ValueError, match=r"correct_a and correct_b must be non-empty 1-D boolean arrays of one length"):
+        paired_table(a, b[:3])
+    with pytest.raises(ValueError, match=r"boolean"):
+        paired_table(a.astype(int), b)
+
+
+def test_paired_normalized_interval_matches_a_paired_bootstrap_and_is_narrower_than_the_unpaired_one():
+    from mergelab.analysis.statistics import normalized_difference_ci, paired_normalized_ci, paired_table
+
+    rng = np.random.default_rng(3)
+    expert, model, tables = {}, {}, {}
+    for t in range(6):
+        e = rng.random(800) < 0.6 + 0.05 * t
+        c = np.where(rng.random(800) < 0.93, e, rng.random(800) < 0.5)  # agrees with the expert on most images
+        expert[t], model[t], tables[t] = e, c, paired_table(c, e)
+    ci = paired_normalized_ci(tables)
+    ratios = [model[t].mean() / expert[t].mean() for t in tables]
+    assert ci["estimate"] == pytest.approx(np.mean(ratios)) and ci["n"] == 6 * 800
+    boots = []
+    for _ in range(2000):  # resample each task's images, the same ones for both models
+        idx = {t: rng.integers(0, 800, 800) for t in tables}
+        boots.append(np.mean([model[t][idx[t]].mean() / expert[t][idx[t]].mean() for t in tables]))
+    half = (ci["ci_high"] - ci["ci_low"]) / 2
+    assert half / 1.96 == pytest.approx(np.std(boots), rel=0.1)
+    unpaired = normalized_difference_ci({t: model[t].mean() for t in tables}, None,
+                                        {t: expert[t].mean() for t in tables}, 800)
+    assert half < 0.6 * (unpaired["ci_high"] - unpaired["ci_low"]) / 2
+    assert paired_normalized_ci(dict(reversed(tables.items()))) == ci  # to the bit, whatever order a file lists tasks in
+    same = paired_normalized_ci({t: paired_table(expert[t], expert[t]) for t in tables})  # the expert against itself
+    assert same["estimate"] == pytest.approx(1.0) and same["ci_low"] == pytest.approx(1.0)
+    assert same["ci_high"] == pytest.approx(1.0)
+
+
+def test_paired_normalized_interval_is_undefined_without_a_right_expert_and_refuses_bad_tables():
+    from mergelab.analysis.statistics import paired_normalized_ci
+
+    zero = paired_normalized_ci({"a": {"both": 0, "a_only": 3, "b_only": 0, "neither": 7},
+                                 "b": {"both": 5, "a_only": 0, "b_only": 1, "neither": 4}})
+    assert np.isnan(zero["ci_low"]) and np.isnan(zero["ci_high"])
+    with pytest.raises(ValueError, match=r"tables\['a'\]=.* is not valid; use a paired_table"):
+        paired_normalized_ci({"a": {"both": 1, "a_only": 2}})
+    with pytest.raises(ValueError, match=r"tables\['a'\]=.* is not valid"):
+        paired_normalized_ci({"a": {"both": -1, "a_only": 2, "b_only": 0, "neither": 1}})
+    with pytest.raises(ValueError, match="tables is empty"):
+        paired_normalized_ci({})

@@ -153,6 +153,62 @@ def normalized_difference_ci(accuracy_a: Mapping[str, float], accuracy_b: Mappin
     return _interval(estimate, estimate - half, estimate + half, sum(n.values()), level, method)
 
 
+PAIRED_CELLS = ("both", "a_only", "b_only", "neither")
+"""The cells of :func:`paired_table`: which of two models gets an example right."""
+
+
+def paired_table(correct_a: Sequence[bool] | np.ndarray, correct_b: Sequence[bool] | np.ndarray) -> dict[str, int]:
+    """How two models' predictions on the same examples agree: the number of examples both get right,
+    only ``a``, only ``b``, and neither (:data:`PAIRED_CELLS`).
+
+    Args:
+        correct_a, correct_b: ``(n,)`` booleans, whether each model is right on each example (same order).
+    """
+    a, b = np.asarray(correct_a), np.asarray(correct_b)
+    if a.ndim != 1 or a.shape != b.shape or a.size == 0 or a.dtype != bool or b.dtype != bool:
+        raise ValueError(f"correct_a and correct_b must be non-empty 1-D boolean arrays of one length; got shapes "
+                         f"{a.shape} ({a.dtype}) and {b.shape} ({b.dtype}).")
+    return {"both": int((a & b).sum()), "a_only": int((a & ~b).sum()), "b_only": int((~a & b).sum()),
+            "neither": int((~a & ~b).sum())}
+
+
+def paired_normalized_ci(tables: Mapping[str, Mapping[str, int]], level: float = 0.95) -> dict[str, Any]:
+    """Normalized accuracy ``mean_t a_t / e_t`` of a model ``a`` against the experts ``e`` on the same test
+    examples, from one :func:`paired_table` per task (``a`` the model, ``b`` the task's expert), with the
+    normal interval of the test sets' sampling error *for paired predictions*.
+
+    Per task the ratio's variance is the delta method's, ``Var_i(a_i - r_t e_i) / (n_t * mean(e)^2)`` over
+    the task's examples (``r_t = a_t / e_t``; ddof 1), so examples both models get right or wrong add
+    nothing: narrower than :func:`normalized_difference_ci`, which treats the two as independent. Tasks are
+    independent test sets; seed-to-seed variation is not included. The bounds are NaN when an expert's
+    accuracy is 0 or a task has a single example.
+    """
+    _check_level(level)
+    if not tables:
+        raise ValueError("tables is empty; give one paired_table per task.")
+    ratios, variances, total = [], [], 0
+    for task, table in sorted(tables.items()):  # in task order: the same figures whatever order a file lists them
+        if set(table) != set(PAIRED_CELLS) or any(int(table[c]) != table[c] or table[c] < 0 for c in PAIRED_CELLS):
+            raise ValueError(f"tables[{task!r}]={dict(table)!r} is not valid; use a paired_table: non-negative "
+                             f"counts for exactly {', '.join(PAIRED_CELLS)}.")
+        both, a_only, b_only = (int(table[c]) for c in PAIRED_CELLS[:3])
+        n = sum(int(table[c]) for c in PAIRED_CELLS)
+        total += n
+        a, e = (both + a_only) / n, (both + b_only) / n
+        if e == 0 or n < 2:
+            ratios.append(float("nan")), variances.append(float("nan"))
+            continue
+        r = a / e  # the per-example values a_i - r e_i: 1 - r (both), 1 (a only), -r (b only), 0; mean 0
+        ratios.append(r)
+        variances.append((both * (1 - r) ** 2 + a_only + b_only * r * r) / (n - 1) / (n * e * e))
+    method = "normal (paired, delta method per task, experts' test sets)"
+    estimate = float(np.mean(ratios))
+    if not np.isfinite(estimate) or not np.isfinite(variances).all():
+        return _interval(estimate, float("nan"), float("nan"), total, level, method)
+    half = float(stats.norm.ppf(0.5 + level / 2) * np.sqrt(sum(variances)) / len(ratios))
+    return _interval(estimate, estimate - half, estimate + half, total, level, method)
+
+
 def proportion_ci(successes: int, n: int, level: float = 0.95) -> dict[str, Any]:
     """A proportion ``successes / n`` (e.g. inputs routed to their task) with Wilson's score interval."""
     _check_level(level)
