@@ -235,3 +235,5 @@ def test_paired_normalized_interval_is_undefined_without_a_right_expert_and_refu
         paired_normalized_ci({"a": {"both": -1, "a_only": 2, "b_only": 0, "neither": 1}})
     with pytest.raises(ValueError, match="tables is empty"):
         paired_normalized_ci({})
+    with pytest.raises(ValueError, match=r"tables\['a'\]=.* counts no examples"):
+        paired_normalized_ci({"a": {"both": 0, "a_only": 0, "b_only": 0, "neither": 0}})

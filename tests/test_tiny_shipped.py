@@ -48,17 +48,17 @@ def test_the_shipped_encoder_is_ignored_on_request_and_for_other_configurations(
     assert ship.shipped_artifact("0" * 16) is None
 
 
-# ---------------------------------------------------------------- the default experts and multi-task model
-def _default_runs_trained(bench):
-    from mergelab.experiments.ch00_benchmark import train_experts
-    from mergelab.report.shipped_encoder import default_runs
+# ---------------------------------------------------------------- the default experts, multi-task model and heads
+@pytest.fixture
+def shipped_env(module_data_dir, monkeypatch):
+    """A data folder of this module's own (the user's may hold an encoder pretrained there) and neither
+    MERGELAB_FINETUNE nor MERGELAB_PRETRAIN set, whatever the shell exported."""
+    for variable in (ship.ENV_FINETUNE, ship.ENV_PRETRAIN):
+        monkeypatch.delenv(variable, raising=False)
+    return module_data_dir
 
-    runs = default_runs()
-    seeds = sorted({cfg.seed for _, _, cfg in runs[1:]})
-    return runs, train_experts(bench, runs[1][2], seeds, workers=2, progress=False, multitask=runs[0][2])
 
-
-def test_the_shipped_runs_are_the_default_configurations_and_intact():
+def test_the_shipped_runs_and_heads_are_the_default_configurations_and_intact(shipped_env):
     from mergelab.report.shipped_encoder import default_run_names, default_runs
 
     bench = default_benchmark()
@@ -67,6 +67,9 @@ def test_the_shipped_runs_are_the_default_configurations_and_intact():
         "fine-tuning code version changed): run `python -m mergelab.report.shipped_encoder --update-runs` in an "
         "empty MERGELAB_DATA_DIR (trains them, about 5 minutes) and commit src/mergelab/benchmarks/tiny/weights/")
     encoder_sha = ship.shipped_artifact(bench.encoder_key).meta()["sha256"]
+    heads = ship.shipped_heads(bench.encoder_key, f"heads-canonical-threads{bench.train_threads}")
+    assert file_sha256(heads.path) == heads.meta()["sha256"] and heads.meta()["pretrained_sha256"] == encoder_sha
+    assert bench.heads["digits"].digest() and bench.pretraining_log()["shipped"] is True
     runs = default_runs()
     assert [k for k, _, _ in runs].count("multitask") == 1 and len(runs) == 1 + 3 * len(bench.tasks)
     for kind, tasks, cfg in runs:
@@ -77,16 +80,28 @@ def test_the_shipped_runs_are_the_default_configurations_and_intact():
         assert len(meta["loss"]) == cfg.num_steps and not meta.get("shipped")
 
 
-def test_a_fresh_cache_takes_the_shipped_runs_instead_of_training(tmp_path, monkeypatch):
+def test_a_fresh_cache_takes_the_shipped_heads_and_runs_instead_of_building_them(tmp_path, monkeypatch):
+    from mergelab.experiments.ch00_benchmark import train_experts
+    from mergelab.report.shipped_encoder import default_runs
+
+    for variable in (ship.ENV_FINETUNE, ship.ENV_PRETRAIN):
+        monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path))
     bench = default_benchmark()
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("a shipped run was trained")
+    def never(*args, **kwargs):
+        raise AssertionError("a shipped head or run was built here")
 
-    monkeypatch.setattr(bench, "finetune_encoder", no_training)
-    runs, trained = _default_runs_trained(bench)
-    assert trained == 0
+    monkeypatch.setattr(bench, "head_prototypes", never)
+    monkeypatch.setattr(bench, "finetune_encoder", never)
+    runs = default_runs()
+    seeds = sorted({cfg.seed for _, _, cfg in runs[1:]})
+    assert train_experts(bench, runs[1][2], seeds, workers=1, progress=False, multitask=runs[0][2]) == 0
+    name = f"heads-canonical-threads{bench.train_threads}"
+    heads = load_safetensors(str(ship.shipped_heads(bench.encoder_key, name).path))
+    bench.heads  # noqa: B018 - the heads every run key holds
+    cached = load_safetensors(str(bench.cache_dir / f"{name}.safetensors"))
+    assert set(cached) == set(heads) and all(torch.equal(cached[t], heads[t]) for t in heads)
     for kind, tasks, cfg in (runs[0], runs[1], runs[-1]):
         state = bench.multitask(cfg, tasks) if kind == "multitask" else bench.expert(tasks[0], cfg)
         reference = load_safetensors(str(ship.shipped_run(kind, bench.run_key(kind, tasks, cfg)).path))
@@ -99,23 +114,28 @@ def test_a_fresh_cache_takes_the_shipped_runs_instead_of_training(tmp_path, monk
         default_benchmark().expert(tasks[0], cfg)
 
 
-def test_shipped_runs_are_ignored_on_request_and_for_other_runs_or_encoders(monkeypatch):
+def test_shipped_heads_and_runs_are_ignored_on_request_and_for_other_runs_or_encoders(shipped_env, monkeypatch):
     from dataclasses import replace
 
     from mergelab.report.shipped_encoder import default_runs
 
     bench = default_benchmark()
     kind, tasks, cfg = default_runs()[1]
-    key = bench.run_key(kind, tasks, cfg)
+    key, name = bench.run_key(kind, tasks, cfg), f"heads-canonical-threads{bench.train_threads}"
     assert ship.shipped_run(kind, key) is not None and bench.shipped_run(kind, tasks, cfg) is not None
+    assert bench._shipped_heads(name) is not None
     for variable in (ship.ENV_FINETUNE, ship.ENV_PRETRAIN):
         monkeypatch.setenv(variable, "1")
         assert ship.shipped_run(kind, key) is None
         monkeypatch.delenv(variable)
+    monkeypatch.setenv(ship.ENV_PRETRAIN, "1")
+    assert ship.shipped_heads(bench.encoder_key, name) is None
+    monkeypatch.delenv(ship.ENV_PRETRAIN)
+    assert ship.shipped_heads("0" * 16, name) is None and ship.shipped_heads(bench.encoder_key, "heads-shots8-threads1") is None
     assert bench.shipped_run(kind, tasks, replace(cfg, seed=99)) is None  # another recipe: trained
     assert ship.shipped_run("multitask", key) is None  # the key of another kind
     with pytest.raises(ValueError, match=r"kind='probe' is not valid; use one of expert, multitask"):
         ship.shipped_run("probe", key)
-    # a data folder whose encoder is not the one the runs were made from (MERGELAB_PRETRAIN=1 made it)
+    # a data folder whose encoder is not the one they were made from (MERGELAB_PRETRAIN=1 made it)
     monkeypatch.setattr(type(bench), "pretrained_sha256", property(lambda self: "0" * 64))
-    assert bench.shipped_run(kind, tasks, cfg) is None
+    assert bench.shipped_run(kind, tasks, cfg) is None and bench._shipped_heads(name) is None

@@ -607,3 +607,11 @@ def test_tsv_merge_with_a_rank_fraction_on_state_dicts_keeps_that_fraction_per_m
         torch.testing.assert_close(merged[key] - pretrained[key], sum(tv[key] for tv in tvs) / 3, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="rank_fraction=0"):
         tsv_merge(pretrained, tvs, rank_fraction=0)
+
+
+def test_compressed_accuracy_names_the_tasks_whose_expert_is_missing():
+    pretrained, tvs = _states(2, seed=5)
+    task_vectors = dict(zip("ab", tvs))
+    with pytest.raises(ValueError, match=r"experts lacks the tasks \['b'\]; give the expert of every task"):
+        compressed_accuracy(ScoreByDistance(pretrained, task_vectors), pretrained, task_vectors, "test",
+                            experts={"a": pretrained}, num_tasks=2)

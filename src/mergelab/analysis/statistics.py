@@ -178,10 +178,12 @@ def paired_normalized_ci(tables: Mapping[str, Mapping[str, int]], level: float =
     normal interval of the test sets' sampling error *for paired predictions*.
 
     Per task the ratio's variance is the delta method's, ``Var_i(a_i - r_t e_i) / (n_t * mean(e)^2)`` over
-    the task's examples (``r_t = a_t / e_t``; ddof 1), so examples both models get right or wrong add
-    nothing: narrower than :func:`normalized_difference_ci`, which treats the two as independent. Tasks are
-    independent test sets; seed-to-seed variation is not included. The bounds are NaN when an expert's
-    accuracy is 0 or a task has a single example.
+    the task's examples (``r_t = a_t / e_t``; ddof 1): an example both models get wrong adds nothing, one
+    both get right adds ``(1 - r_t)^2`` (nothing at ``r_t = 1``), and the disagreements carry the rest. When
+    the two mostly agree this is narrower than :func:`normalized_difference_ci`, which holds the experts
+    fixed and reads the model's accuracy as a lone binomial. Tasks are independent test sets; seed-to-seed
+    variation is not included. The estimate and bounds are NaN when an expert's accuracy is 0 or a task
+    has a single example.
     """
     _check_level(level)
     if not tables:
@@ -193,6 +195,8 @@ def paired_normalized_ci(tables: Mapping[str, Mapping[str, int]], level: float =
                              f"counts for exactly {', '.join(PAIRED_CELLS)}.")
         both, a_only, b_only = (int(table[c]) for c in PAIRED_CELLS[:3])
         n = sum(int(table[c]) for c in PAIRED_CELLS)
+        if n == 0:
+            raise ValueError(f"tables[{task!r}]={dict(table)!r} counts no examples; give each task's test set.")
         total += n
         a, e = (both + a_only) / n, (both + b_only) / n
         if e == 0 or n < 2:

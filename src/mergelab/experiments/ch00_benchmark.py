@@ -92,9 +92,9 @@ def train_experts(bench: Any, recipe: FinetuneConfig, seeds: Sequence[int], task
     the tiny one does). The multi-task model, the longest run, starts first, so that no core waits for it
     at the end. That needs a size that trains every task with ``recipe`` itself and imports no experts.
     With ``workers == 1`` they train here, one after another, each expert with the size's recipe for its
-    task (:meth:`bench.expert_recipe`); imported experts are taken as they are, and so are the runs the
-    size ships (:meth:`bench.shipped_run`: the tiny size's defaults), copied into the cache here. Returns
-    the number of runs trained by this call (0: all cached, shipped or imported).
+    task (:meth:`bench.expert_recipe`); imported experts are taken as they are. Whatever ``workers``, the
+    runs the size ships (:meth:`bench.shipped_run`: the tiny size's defaults) are copied into the cache
+    here, not trained. Returns the number of runs trained by this call (0: all cached, shipped or imported).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r} is not valid; use a positive integer (1 trains in this process).")

@@ -53,6 +53,10 @@ def compressed_accuracy(benchmark, pretrained: StateDict, task_vectors: Mapping[
         ``experts`` ``"paired_with_experts"``: task to :func:`~mergelab.analysis.statistics.paired_table`
         (``a``: the compressed model, ``b``: the expert) on ``split``.
     """
+    missing = sorted(set(task_vectors) - set(experts)) if experts is not None else []
+    if missing:
+        raise ValueError(f"experts lacks the tasks {missing}; give the expert of every task in task_vectors "
+                         f"({', '.join(task_vectors)}).")
     per_task, compressed_bytes, dense, paired = {}, 0, 0, {}
     for task, tv in task_vectors.items():
         c = compressed[task] if compressed is not None else tsv_compress(tv, **compress_options)

@@ -302,6 +302,9 @@ class TinyBenchmark(BenchmarkBase):
             tag = "canonical" if self.config.heads == "canonical" else f"shots{self.config.head_shots}"
 
             def build() -> tuple[StateDict, dict[str, Any]]:
+                shipped = self._shipped_heads(name)
+                if shipped is not None:  # the shipped encoder's heads as the shipped runs were trained with
+                    return shipped.load(), {**shipped.meta(), "shipped": True}
                 enc = self.new_encoder(self.pretrained_state())
                 with torch_threads(self.train_threads):  # the same prototypes in every process
                     protos = {task: self.head_prototypes(task, enc) for task in TASKS}
@@ -310,10 +313,21 @@ class TinyBenchmark(BenchmarkBase):
 
             # The file names the threads it was built on: a cache made before the heads were pinned to them
             # (built on whatever the first process had: two threads give other last bits) is rebuilt once.
-            name = f"heads-{tag}-threads{self.train_threads}.safetensors"
-            weights = Artifact(self.cache_dir / name).get_or_build(build)
+            name = f"heads-{tag}-threads{self.train_threads}"
+            weights = Artifact(self.cache_dir / f"{name}.safetensors").get_or_build(build)
             self._heads = {t: ClassificationHead(weights[t], self.config.logit_scale) for t in TASKS}
         return self._heads
+
+    def _shipped_heads(self, name: str) -> Artifact | None:
+        """The heads ``name`` shipped with the encoder (:func:`mergelab.benchmarks.tiny.ship.shipped_heads`),
+        when this data folder's encoder is the shipped one they were built from; else ``None``."""
+        from .ship import shipped_heads
+
+        heads = shipped_heads(self.encoder_key, name)
+        if heads is None:
+            return None
+        self.pretrained_state()
+        return heads if heads.meta().get("pretrained_sha256") == self.pretrained_sha256 else None
 
     # ------------------------------------------------------------------ experts
     def finetune_encoder(self, encoder: torch.nn.Module, tasks: Sequence[str], cfg: FinetuneConfig,

@@ -81,6 +81,19 @@ def shipped_runs() -> list[str]:
     return sorted(p.stem for kind in RUN_KINDS for p in WEIGHTS_DIR.glob(f"{kind}-*.safetensors"))
 
 
+def shipped_heads(encoder_key: str, name: str) -> Artifact | None:
+    """The frozen heads' class prototypes shipped with the encoder of ``encoder_key``, as the cache names
+    them (``name``, e.g. ``heads-canonical-threads1``), or ``None`` when none ships or ``MERGELAB_PRETRAIN=1``.
+
+    They are what the shipped encoder's heads are built as on the machine that made the shipped runs; the
+    run keys hold the heads' digests, so a reader whose BLAS gave other last bits would otherwise key, and
+    train, every default run again (the public task-vector release ships its heads beside its experts too)."""
+    if os.environ.get(ENV_PRETRAIN, "") == "1":
+        return None
+    artifact = Artifact(WEIGHTS_DIR / f"{name}-{encoder_key}.safetensors")
+    return artifact if artifact.exists() else None
+
+
 def shipped_keys() -> list[str]:
     """Encoder keys of every shipped encoder."""
     return sorted(p.stem.removeprefix("encoder-") for p in WEIGHTS_DIR.glob("encoder-*.safetensors"))
