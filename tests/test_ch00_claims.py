@@ -54,3 +54,25 @@ def test_chapter_claims_on_a_seed_study_where_tsv_c_straddles_its_threshold():
         got = claims({"per_seed": moved, "summary": summarize_seeds(moved)},
                      {"cross_task_off_diagonal": {"mean": 0.0, "min": -0.05}}, "tiny")
         assert next(c for c in got if c["claim"].startswith("TSV-C"))["status"] == status
+
+
+def test_margin_paragraph_says_which_curves_are_straight_and_where_gains_cross():
+    from mergelab.experiments.ch00_benchmark import margin_paragraph, value_span
+
+    def row(gap, median, gained=0.5):
+        return {"max_gap": abs(gap), "largest_gap": gap, "crossing_median": median, "gained": gained}
+
+    straight = {"a": row(0.04, 0.2), "b": row(-0.06, 0.6)}
+    text = margin_paragraph(straight, {"a": 0.5, "b": 0.2})
+    assert text.startswith("Along its own vector every task's network is close to linear on this run: the measured "
+                           "curve stays within 6 accuracy points")
+    assert "by alpha = 0.3 on a; on b their median lies at 0.60." in text
+    assert text.endswith("the curves keep 20% to 50% of the experts' gains over zero-shot at alpha = 0.3 (least: b).")
+    bent = margin_paragraph({"a": row(0.04, 0.2), "b": row(-0.25, 0.8), "c": row(0.0, float("nan"), gained=0.0)},
+                            {"a": 0.5, "b": float("nan"), "c": float("nan")})
+    assert "close to linear for a, c on this run" in bent and "but not for b (up to 25 points below it)" in bent
+    assert "on b their median lies at 0.80" in bent and bent.endswith("keep 50% of the experts' gains over zero-shot "
+                                                                      "at alpha = 0.3.")
+    none = margin_paragraph({"a": row(0.0, float("nan"), gained=0.0)}, {"a": float("nan")})
+    assert "No expert gains an example" in none and "Measured" not in none
+    assert value_span([0.123, 0.1234], ".2f") == "0.12" and value_span([0.1, 0.3], ".1f") == "0.1 to 0.3"

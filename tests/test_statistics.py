@@ -133,6 +133,8 @@ def test_numbers_are_rounded_to_what_their_interval_supports():
     assert decimals_for(float("nan")) == 3
     text = format_ci({"estimate": 0.01234, "ci_low": -0.02, "ci_high": 0.045}, 100, " points")
     assert text == "+1.2 [-2.0, +4.5] points"
+    level = format_ci({"estimate": 0.96256, "ci_low": 0.95669, "ci_high": 0.96842}, 100, " %", signed=False)
+    assert level == "96.26 [95.67, 96.84] %"  # a level, not a difference: no signs
     assert "no interval" in format_ci({"estimate": 0.5, "ci_low": float("nan"), "ci_high": float("nan")})
 
 

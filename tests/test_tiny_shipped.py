@@ -123,7 +123,7 @@ def test_shipped_heads_and_runs_are_ignored_on_request_and_for_other_runs_or_enc
     kind, tasks, cfg = default_runs()[1]
     key, name = bench.run_key(kind, tasks, cfg), f"heads-canonical-threads{bench.train_threads}"
     assert ship.shipped_run(kind, key) is not None and bench.shipped_run(kind, tasks, cfg) is not None
-    assert bench._shipped_heads(name) is not None
+    assert bench._made_from_this_encoder(ship.shipped_heads(bench.encoder_key, name)) is not None
     for variable in (ship.ENV_FINETUNE, ship.ENV_PRETRAIN):
         monkeypatch.setenv(variable, "1")
         assert ship.shipped_run(kind, key) is None
@@ -138,4 +138,4 @@ def test_shipped_heads_and_runs_are_ignored_on_request_and_for_other_runs_or_enc
         ship.shipped_run("probe", key)
     # a data folder whose encoder is not the one they were made from (MERGELAB_PRETRAIN=1 made it)
     monkeypatch.setattr(type(bench), "pretrained_sha256", property(lambda self: "0" * 64))
-    assert bench.shipped_run(kind, tasks, cfg) is None and bench._shipped_heads(name) is None
+    assert bench.shipped_run(kind, tasks, cfg) is None and bench._made_from_this_encoder(ship.shipped_heads(bench.encoder_key, name)) is None

@@ -329,15 +329,16 @@ def decimals_for(half_width: float) -> int:
     return int(max(0, 1 - np.floor(np.log10(half_width))))
 
 
-def format_ci(interval: Mapping[str, Any], scale: float = 1.0, unit: str = "") -> str:
+def format_ci(interval: Mapping[str, Any], scale: float = 1.0, unit: str = "", signed: bool = True) -> str:
     """``"estimate [low, high]unit"`` with the values times ``scale`` (e.g. 100 for points), each
-    rounded by :func:`decimals_for` of the interval's half-width; ``"estimate (no interval)unit"``
-    when the bounds are undefined."""
+    rounded by :func:`decimals_for` of the interval's half-width, with their signs (a difference) or,
+    ``signed=False``, without (a level such as an accuracy); ``"estimate (no interval)unit"`` when the
+    bounds are undefined."""
     est, lo, hi = (float(interval[k]) * scale for k in ("estimate", "ci_low", "ci_high"))
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return f"{est:.3g} (no interval){unit}"
-    d = decimals_for((hi - lo) / 2)
-    return f"{est:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]{unit}"
+    d, sign = decimals_for((hi - lo) / 2), "+" if signed else ""
+    return f"{est:{sign}.{d}f} [{lo:{sign}.{d}f}, {hi:{sign}.{d}f}]{unit}"
 
 
 def claim(text: str, source: str, status: str, evidence: Mapping[str, Any]) -> dict[str, Any]:

@@ -65,6 +65,47 @@ def diagnostics(bench: Any, pretrained: StateDict, task_vectors: Mapping[str, Ta
     }
 
 
+def value_span(values: Sequence[float], fmt: str) -> str:
+    """``"lo to hi"`` of ``values`` formatted with ``fmt`` (e.g. ``".2f"``), or one value where both read alike."""
+    lo, hi = min(values), max(values)
+    return format(lo, fmt) if f"{lo:{fmt}}" == f"{hi:{fmt}}" else f"{lo:{fmt}} to {hi:{fmt}}"
+
+
+def margin_paragraph(linearity: Mapping[str, Mapping[str, Any]], gain_at_03: Mapping[str, float],
+                     bent_above: float = 0.10, early_by: float = 0.3) -> str:
+    """The chapter's sentences on :func:`~mergelab.analysis.diagnostics.margin_linearity` (``linearity``)
+    and the own-task curves' share of each expert's gain at alpha = 0.3 (``gain_at_03``; NaN where an
+    expert gains nothing): which tasks' networks are close to linear along their own vector (the
+    measured curve within ``bent_above`` of its linearization), where the gained examples turn right
+    (median alpha* by ``early_by`` or later), and how much of the gains the curves keep at 0.3."""
+    gap = max(r["max_gap"] for r in linearity.values())
+    medians = {t: r["crossing_median"] for t, r in linearity.items() if r["gained"] > 0}
+    early = [t for t, m in medians.items() if m <= early_by]
+    late = {t: m for t, m in medians.items() if m > early_by}
+    gains = {t: g for t, g in gain_at_03.items() if g == g}  # nan where an expert gains nothing
+    bent = {t: r for t, r in linearity.items() if r["max_gap"] > bent_above}
+    if not bent:
+        text = (f"Along its own vector every task's network is close to linear on this run: the measured curve stays "
+                f"within {100 * gap:.0f} accuracy points of its linearization. ")
+    else:
+        straight = ", ".join(t for t in linearity if t not in bent) or "no task"
+        departures = ", ".join(f"{t} (up to {100 * r['max_gap']:.0f} points "
+                               f"{'above' if r['largest_gap'] > 0 else 'below'} it)" for t, r in bent.items())
+        text = (f"Along its own vector the network is close to linear for {straight} on this run (the measured curve "
+                f"within {100 * bent_above:.0f} accuracy points of its linearization) but not for {departures}. ")
+    if medians:
+        text += (f"In the linearization, half of the examples an expert gains have turned right by alpha = {early_by:g} "
+                 f"on {', '.join(early) if early else 'no task'}"
+                 + (f"; on {', '.join(late)} their median lies at {value_span(list(late.values()), '.2f')}" if late else "")
+                 + ". ")
+    else:
+        text += "No expert gains an example on this run's validation split. "
+    if gains:
+        text += (f"Measured, the curves keep {value_span(list(gains.values()), '.0%')} of the experts' gains over "
+                 "zero-shot at alpha = 0.3" + (f" (least: {min(gains, key=gains.get)})" if len(gains) > 1 else "") + ".")
+    return text
+
+
 def _train_job(bench: Any, job: tuple[str, tuple[str, ...], FinetuneConfig]) -> str:
     """One fine-tuning run of :func:`train_experts` in a worker: ``(kind, tasks, recipe)``, cached by the
     benchmark exactly as :meth:`bench.expert` or :meth:`bench.multitask` caches it here."""
@@ -140,13 +181,12 @@ def train_experts(bench: Any, recipe: FinetuneConfig, seeds: Sequence[int], task
 
 def run_logs(bench: Any, recipe: FinetuneConfig, seeds: Sequence[int], tasks: Sequence[str] | None = None,
              multitask: FinetuneConfig | None = None) -> list[dict[str, Any]]:
-    """The training logs of the runs :func:`train_experts` makes (same arguments): the multi-task model's
-    (when asked for), then every seed's experts; each the artifact's sidecar (``"shipped": True`` for a run
-    shipped with mergelab) or an imported expert's record."""
+    """The training logs of the runs :func:`train_experts` made (same arguments; call it after): the
+    multi-task model's (when asked for), then every seed's experts; each the artifact's sidecar
+    (``"shipped": True`` for a run shipped with mergelab) or an imported expert's record."""
     tasks = list(tasks or bench.tasks)
     logs = []
     if multitask is not None:
-        bench.multitask(multitask, tasks)
         logs.append(bench.run_artifact("multitask", tuple(sorted(tasks)), multitask).meta())
     return logs + [bench.expert_log(t, replace(recipe, seed=int(s))) for s in dict.fromkeys(seeds) for t in tasks]
 

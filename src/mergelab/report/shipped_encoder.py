@@ -48,9 +48,13 @@ def update() -> Path:
     WEIGHTS_DIR.mkdir(exist_ok=True)
     for old in WEIGHTS_DIR.glob("encoder-*"):
         old.unlink()
-    target = WEIGHTS_DIR / f"encoder-{bench.encoder_key}.safetensors"
+    return _ship(cached, WEIGHTS_DIR / f"encoder-{bench.encoder_key}.safetensors")
+
+
+def _ship(cached: Artifact, target: Path, **extra: Any) -> Path:
+    """Copy a cached artifact's weights into the package as ``target``, its log beside them with ``extra``."""
     shutil.copyfile(cached.path, target)
-    shutil.copyfile(cached.sidecar, target.with_suffix(".json"))
+    atomic_write_json(target.with_suffix(".json"), {**cached.meta(), **extra})
     return target
 
 
@@ -104,15 +108,14 @@ def default_run_names(bench: Any) -> list[str]:
 
 
 def _train_default_runs(bench: Any, workers: int) -> None:
+    """Make sure :func:`default_runs` are in ``bench``'s cache, training (never copying) those missing."""
     from ..experiments.ch00_benchmark import train_experts
-    from ..params import profile_params
 
-    runs = default_runs()
-    multitask = runs[0][2]
-    recipes = sorted({cfg.seed for _, _, cfg in runs[1:]})
-    p = profile_params("tiny", CHAPTER)
+    (_, _, multitask), *experts = default_runs()
+    seeds = list(dict.fromkeys(cfg.seed for _, _, cfg in experts))
+    tasks = list(dict.fromkeys(t for _, (t,), _ in experts))
     with environment({ENV_FINETUNE: "1"}):
-        train_experts(bench, runs[1][2], recipes, list(p["tasks"]), workers=workers, multitask=multitask)
+        train_experts(bench, experts[0][2], seeds, tasks, workers=workers, multitask=multitask)
 
 
 def update_runs(workers: int = 2) -> list[Path]:
@@ -132,19 +135,14 @@ def update_runs(workers: int = 2) -> list[Path]:
     if not heads.meta().get("shipped"):
         for old in WEIGHTS_DIR.glob("heads-*"):
             old.unlink()
-        shutil.copyfile(heads.path, target)
-        atomic_write_json(target.with_suffix(".json"), {**heads.meta(), "pretrained_sha256": bench.pretrained_sha256})
+        _ship(heads, target, pretrained_sha256=bench.pretrained_sha256)
     targets = [target]
     for kind, tasks, cfg in default_runs():
         cached = bench.run_artifact(kind, tasks, cfg)
-        meta = cached.meta()
-        if meta.get("shipped"):
+        if cached.meta().get("shipped"):
             raise SystemExit(f"{cached.path} is a copy of a shipped run, not a run trained here: use an empty "
                              "MERGELAB_DATA_DIR (the runs are trained there) and run --update-runs again.")
-        target = WEIGHTS_DIR / cached.path.name
-        shutil.copyfile(cached.path, target)
-        atomic_write_json(target.with_suffix(".json"), {**meta, "pretrained_sha256": bench.pretrained_sha256})
-        targets.append(target)
+        targets.append(_ship(cached, WEIGHTS_DIR / cached.path.name, pretrained_sha256=bench.pretrained_sha256))
     keep = {t.stem for t in targets[1:]}
     for kind in RUN_KINDS:
         for old in WEIGHTS_DIR.glob(f"{kind}-*"):

@@ -204,10 +204,10 @@ class TinyBenchmark(BenchmarkBase):
     def pretrained_state(self) -> StateDict:
         """The encoder after pretraining on the pretext pool (cached; a copy)."""
         if self._pretrained is None:
-            from .ship import ENV_PRETRAIN
+            from .ship import ENV_PRETRAIN, requested
 
             artifact = self._pretrained_artifact
-            if os.environ.get(ENV_PRETRAIN, "") == "1" and artifact.exists() and artifact.meta().get("shipped"):
+            if requested(ENV_PRETRAIN) and artifact.exists() and artifact.meta().get("shipped"):
                 raise ValueError(f"{ENV_PRETRAIN}=1 asks to pretrain the encoder here, but {artifact.path.parent} "
                                  "holds the shipped one, and experts and evaluations may have been made from it: "
                                  "remove the caches (`make clean-cache`, or point MERGELAB_DATA_DIR at an empty "
@@ -219,11 +219,11 @@ class TinyBenchmark(BenchmarkBase):
         """Pretrain a fresh encoder on the pretext pool with ``config.pretrain``; ``(weights, log)``. Where
         mergelab ships the encoder of this :attr:`encoder_key` (:mod:`mergelab.benchmarks.tiny.ship`), that
         encoder and its pretraining log, marked ``"shipped": True``, instead."""
-        from .ship import environment, shipped_artifact
+        from .ship import environment, shipped_artifact, taken
 
         shipped = shipped_artifact(self.encoder_key)
         if shipped is not None:
-            return shipped.load(), {**shipped.meta(), "shipped": True}
+            return taken(shipped)
         torch.manual_seed(self.config.pretrain.seed)
         enc = build_tiny_encoder(self.config.model)
         X, targets = load_pretext(self.config.data)
@@ -299,12 +299,14 @@ class TinyBenchmark(BenchmarkBase):
         key, so heads that followed the first process's threads made a chapter run alone (two threads)
         train other experts than the same chapter in the book (one)."""
         if self._heads is None:
+            from .ship import shipped_heads, taken
+
             tag = "canonical" if self.config.heads == "canonical" else f"shots{self.config.head_shots}"
 
             def build() -> tuple[StateDict, dict[str, Any]]:
-                shipped = self._shipped_heads(name)
+                shipped = self._made_from_this_encoder(shipped_heads(self.encoder_key, name))
                 if shipped is not None:  # the shipped encoder's heads as the shipped runs were trained with
-                    return shipped.load(), {**shipped.meta(), "shipped": True}
+                    return taken(shipped)
                 enc = self.new_encoder(self.pretrained_state())
                 with torch_threads(self.train_threads):  # the same prototypes in every process
                     protos = {task: self.head_prototypes(task, enc) for task in TASKS}
@@ -318,16 +320,13 @@ class TinyBenchmark(BenchmarkBase):
             self._heads = {t: ClassificationHead(weights[t], self.config.logit_scale) for t in TASKS}
         return self._heads
 
-    def _shipped_heads(self, name: str) -> Artifact | None:
-        """The heads ``name`` shipped with the encoder (:func:`mergelab.benchmarks.tiny.ship.shipped_heads`),
-        when this data folder's encoder is the shipped one they were built from; else ``None``."""
-        from .ship import shipped_heads
-
-        heads = shipped_heads(self.encoder_key, name)
-        if heads is None:
+    def _made_from_this_encoder(self, shipped: Artifact | None) -> Artifact | None:
+        """``shipped`` (heads or a run of :mod:`mergelab.benchmarks.tiny.ship`) when it was made from the encoder
+        this data folder holds (the SHA-256 its log records), else ``None``: it is then made here."""
+        if shipped is None:
             return None
         self.pretrained_state()
-        return heads if heads.meta().get("pretrained_sha256") == self.pretrained_sha256 else None
+        return shipped if shipped.meta().get("pretrained_sha256") == self.pretrained_sha256 else None
 
     # ------------------------------------------------------------------ experts
     def finetune_encoder(self, encoder: torch.nn.Module, tasks: Sequence[str], cfg: FinetuneConfig,
@@ -359,16 +358,12 @@ class TinyBenchmark(BenchmarkBase):
         SHA-256); else ``None``: the run is trained here."""
         from .ship import shipped_run
 
-        shipped = shipped_run(kind, self.run_key(kind, tasks, cfg))
-        if shipped is None:
-            return None
-        self.pretrained_state()
-        return shipped if shipped.meta().get("pretrained_sha256") == self.pretrained_sha256 else None
+        return self._made_from_this_encoder(shipped_run(kind, self.run_key(kind, tasks, cfg)))
 
     def _train_cached(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> StateDict:
-        from .ship import ENV_FINETUNE
+        from .ship import ENV_FINETUNE, requested
 
-        if os.environ.get(ENV_FINETUNE, "") == "1":
+        if requested(ENV_FINETUNE):
             artifact = self.run_artifact(kind, tasks, cfg)
             if artifact.exists() and artifact.meta().get("shipped"):
                 raise ValueError(f"{ENV_FINETUNE}=1 asks to fine-tune here, but {artifact.path.parent} holds the shipped "
@@ -382,9 +377,11 @@ class TinyBenchmark(BenchmarkBase):
         """Fine-tune a fresh copy of the pretrained encoder on ``tasks``; ``(weights, log)``. Where mergelab
         ships this run (:meth:`shipped_run`), its weights and training log, marked ``"shipped": True``,
         instead."""
+        from .ship import taken
+
         shipped = self.shipped_run(kind, tasks, cfg)
         if shipped is not None:
-            return shipped.load(), {**shipped.meta(), "shipped": True}
+            return taken(shipped)
         enc = self.new_encoder(self.pretrained_state())
         start = time.perf_counter()
         history = self.finetune_encoder(enc, tasks, cfg,

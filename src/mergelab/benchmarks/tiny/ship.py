@@ -46,17 +46,33 @@ ENV_PRETRAIN = "MERGELAB_PRETRAIN"
 """Set to ``1`` to pretrain even where a shipped encoder matches."""
 
 
-def shipped_artifact(encoder_key: str) -> Artifact | None:
-    """The shipped encoder for ``encoder_key`` (:attr:`TinyBenchmark.encoder_key`), or ``None`` when there
-    is none or ``MERGELAB_PRETRAIN=1``."""
-    if os.environ.get(ENV_PRETRAIN, "") == "1":
+ENV_FINETUNE = "MERGELAB_FINETUNE"
+"""Set to ``1`` to fine-tune even where a shipped run matches."""
+
+
+def requested(variable: str) -> bool:
+    """Whether the environment variable ``variable`` (:data:`ENV_PRETRAIN`, :data:`ENV_FINETUNE`) is ``1``."""
+    return os.environ.get(variable, "") == "1"
+
+
+def _shipped(name: str, *ignored_if: str) -> Artifact | None:
+    """``weights/<name>.safetensors`` with its sidecar, or ``None`` when it is not there or one of the
+    ``ignored_if`` variables is set to ``1``."""
+    if any(requested(v) for v in ignored_if):
         return None
-    artifact = Artifact(WEIGHTS_DIR / f"encoder-{encoder_key}.safetensors")
+    artifact = Artifact(WEIGHTS_DIR / f"{name}.safetensors")
     return artifact if artifact.exists() else None
 
 
-ENV_FINETUNE = "MERGELAB_FINETUNE"
-"""Set to ``1`` to fine-tune even where a shipped run matches."""
+def taken(artifact: Artifact) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, log)`` of a shipped artifact as a cache build returns them: its log marked ``"shipped": True``."""
+    return artifact.load(), {**artifact.meta(), "shipped": True}
+
+
+def shipped_artifact(encoder_key: str) -> Artifact | None:
+    """The shipped encoder for ``encoder_key`` (:attr:`TinyBenchmark.encoder_key`), or ``None`` when there
+    is none or ``MERGELAB_PRETRAIN=1``."""
+    return _shipped(f"encoder-{encoder_key}", ENV_PRETRAIN)
 
 RUN_KINDS = ("expert", "multitask")
 """Kinds of fine-tuning run that can ship (:meth:`~mergelab.benchmarks.base.BenchmarkBase.run_key`)."""
@@ -70,10 +86,7 @@ def shipped_run(kind: str, run_key: str) -> Artifact | None:
     (:meth:`mergelab.benchmarks.tiny.TinyBenchmark.shipped_run` checks that)."""
     if kind not in RUN_KINDS:
         raise ValueError(f"kind={kind!r} is not valid; use one of {', '.join(RUN_KINDS)}.")
-    if "1" in (os.environ.get(ENV_FINETUNE, ""), os.environ.get(ENV_PRETRAIN, "")):
-        return None
-    artifact = Artifact.at(WEIGHTS_DIR, kind, run_key)
-    return artifact if artifact.exists() else None
+    return _shipped(f"{kind}-{run_key}", ENV_FINETUNE, ENV_PRETRAIN)
 
 
 def shipped_runs() -> list[str]:
@@ -88,10 +101,7 @@ def shipped_heads(encoder_key: str, name: str) -> Artifact | None:
     They are what the shipped encoder's heads are built as on the machine that made the shipped runs; the
     run keys hold the heads' digests, so a reader whose BLAS gave other last bits would otherwise key, and
     train, every default run again (the public task-vector release ships its heads beside its experts too)."""
-    if os.environ.get(ENV_PRETRAIN, "") == "1":
-        return None
-    artifact = Artifact(WEIGHTS_DIR / f"{name}-{encoder_key}.safetensors")
-    return artifact if artifact.exists() else None
+    return _shipped(f"{name}-{encoder_key}", ENV_PRETRAIN)
 
 
 def shipped_keys() -> list[str]:
