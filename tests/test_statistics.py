@@ -239,3 +239,11 @@ def test_paired_normalized_interval_is_undefined_without_a_right_expert_and_refu
         paired_normalized_ci({})
     with pytest.raises(ValueError, match=r"tables\['a'\]=.* counts no examples"):
         paired_normalized_ci({"a": {"both": 0, "a_only": 0, "b_only": 0, "neither": 0}})
+
+
+def test_a_percentile_interval_never_leaves_the_bootstrap_replicates_range():
+    # four timing ratios whose percentile interval of the median came out one rounding above the largest
+    ratios = [2.788939789183474, 5.232547007254272, 3.9553841445170397, 5.954781333471279]
+    ci = bootstrap_ci(np.median, ratios, vectorized=True)
+    assert min(ratios) <= ci["ci_low"] <= ci["estimate"] <= ci["ci_high"] <= max(ratios)
+    assert ci["ci_high"] == max(ratios)

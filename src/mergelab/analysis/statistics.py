@@ -60,6 +60,10 @@ def bootstrap_ci(statistic: Callable[..., float], *samples: Sequence[float], n_r
         res = stats.bootstrap(tuple(arrays), statistic, paired=True, vectorized=vectorized, n_resamples=n_resamples,
                               confidence_level=level, method="percentile", random_state=np.random.default_rng(seed))
     lo, hi = res.confidence_interval
+    replicates = np.asarray(res.bootstrap_distribution, dtype=float).ravel()
+    replicates = replicates[np.isfinite(replicates)]
+    if replicates.size and np.isfinite(lo) and np.isfinite(hi):  # percentiles interpolate: keep them in the
+        lo, hi = max(lo, replicates.min()), min(hi, replicates.max())  # replicates' range, not one rounding past it
     return _interval(estimate, lo, hi, n, level, "bootstrap (percentile)")
 
 
