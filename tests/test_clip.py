@@ -264,6 +264,24 @@ def test_evaluate_equals_a_hand_computed_accuracy_with_each_tasks_head_and_split
             assert bench.evaluate(state, split, [task]) == {task: pytest.approx(expected)}, (task, split)
 
 
+def test_responses_agree_with_evaluate_and_follow_the_data(root):
+    """Per-example responses (chapters 03 and 05) give each task the accuracy evaluate gives, and a split of
+    another size is another cache file (the clip benchmark's own key names the model alone)."""
+    from mergelab.analysis.responses import ResponseEvaluator
+
+    bench = tiny_bench(root)
+    g = torch.Generator().manual_seed(0)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+             for k, v in bench.pretrained_state().items()}
+    for split in ("val", "test"):
+        ev = ResponseEvaluator(bench, split=split)
+        assert ev.per_task_accuracy(ev.full(state)) == pytest.approx(bench.evaluate(state, split), abs=0), split
+    smaller = tiny_bench(root, max_val=3)
+    assert ResponseEvaluator(smaller, split="val")._cache_path(state) != ResponseEvaluator(
+        bench, split="val")._cache_path(state)
+    assert ResponseEvaluator(smaller, split="val").num_items == 2 * 3
+
+
 def test_image_subsets_are_decoded_once_and_equal_the_lazy_view(root, monkeypatch):
     
     bench = tiny_bench(root, eval_cache_gb=1.0, eval_batch_size=3)

@@ -16,6 +16,7 @@ class FakeBench:
     tasks = ("a", "b")
     device = torch.device("cpu")
     key = "fake"
+    data_version = 0  # stands for what evaluation keys name beside the weights (a split's size, a data copy)
 
     def __init__(self):
         g = torch.Generator().manual_seed(0)
@@ -38,6 +39,12 @@ class FakeBench:
     def head_digest(self, task):
         return task
 
+    def evaluation_key(self, task, split):
+        return f"{task}-{split}-{self.data_version}"
+
+    def eval_features(self, encoder, images):
+        return encoder(images).float()
+
 
 def test_an_evaluation_code_bump_gives_responses_a_new_cache_key(data_dir, monkeypatch):
     """Cached responses are evaluations: a bump of the evaluation code's version must not read those that
@@ -48,6 +55,33 @@ def test_an_evaluation_code_bump_gives_responses_a_new_cache_key(data_dir, monke
     before = ResponseEvaluator(FakeBench(), split="val")._cache_path(state)
     monkeypatch.setitem(codeversion.CODE_VERSIONS, "evaluation", codeversion.CODE_VERSIONS["evaluation"] + 1)
     assert ResponseEvaluator(FakeBench(), split="val")._cache_path(state) != before
+
+
+def test_responses_are_keyed_by_each_tasks_evaluation_key(data_dir):
+    """The benchmark's evaluation key names the data and arithmetic of a task's split (at the clip size its
+    own key names the model alone): responses of other data are never read from an earlier file."""
+    state = {k: v.clone() for k, v in torch.nn.Linear(3, 3).state_dict().items()}
+    bench = FakeBench()
+    before = ResponseEvaluator(bench, split="val")._cache_path(state)
+    bench.data_version = 1
+    assert ResponseEvaluator(bench, split="val")._cache_path(state) != before
+    assert ResponseEvaluator(bench, ["a"], split="val")._cache_path(state) != before
+
+
+def test_responses_use_the_benchmarks_evaluation_arithmetic(data_dir):
+    """Responses run the encoder through the benchmark's eval_features (a size's autocast, say), as evaluate
+    does, so per-example correctness and the cached accuracy come from one forward pass's arithmetic."""
+
+    class Negated(FakeBench):
+        def eval_features(self, encoder, images):
+            return -encoder(images).float()
+
+    state = {k: v.clone() for k, v in torch.nn.Linear(3, 3).state_dict().items()}
+    bench = Negated()
+    full = ResponseEvaluator(bench, split="val", cache=False).full(state)
+    truth = np.concatenate([(-(bench.data[t][0] @ state["weight"].T + state["bias"])).argmax(-1).numpy()
+                            == bench.data[t][1].numpy() for t in bench.tasks])
+    assert (full == truth).all()
 
 
 def test_subset_matches_full_and_full_is_cached(data_dir):

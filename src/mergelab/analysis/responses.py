@@ -45,8 +45,10 @@ class ResponseEvaluator:
         self.item_task = np.repeat(np.arange(len(self.tasks)), sizes)
         self.forward_passes = 0
         self._encoder: torch.nn.Module | None = None
+        # each task's evaluation key names its head, data and arithmetic (at the clip size the benchmark's own
+        # key is the model alone: a subset's size or another copy of a dataset must not read these files)
         self._key = config_hash({"benchmark": bench.key, "split": split, "tasks": self.tasks,
-                                 "heads": [bench.head_digest(t) for t in self.tasks],
+                                 "evaluation": [bench.evaluation_key(t, split) for t in self.tasks],
                                  **codeversion.key_part("evaluation")})
 
     def settings(self) -> dict[str, Any]:
@@ -72,7 +74,7 @@ class ResponseEvaluator:
             for s in range(0, local.size, self.batch_size):
                 idx = local[s:s + self.batch_size]
                 X = self.bench.images(task, self.split, idx).to(self.bench.device)
-                pred = head(enc(X).float()).argmax(-1).cpu()
+                pred = head(self.bench.eval_features(enc, X)).argmax(-1).cpu()
                 out[where[s:s + self.batch_size]] = (pred == self.labels[task][idx]).numpy()
                 self.forward_passes += idx.size
         return out

@@ -86,6 +86,12 @@ class Benchmark(Protocol):
                  ) -> dict[str, float]:
         """Top-1 accuracy (fraction 0..1) of the encoder ``state`` on each task, with the task's own head."""
 
+    def evaluation_key(self, task: str, split: str) -> str:
+        """What decides one task's result on ``split`` besides the weights (head, data, arithmetic)."""
+
+    def eval_features(self, encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Features ``(n, d)`` float32 of a batch in the arithmetic of :meth:`evaluate`."""
+
 
 class BenchmarkBase:
     """Cached fine-tuning every size shares: experts, the multi-task model, their logs and cache keys.
@@ -208,6 +214,18 @@ class BenchmarkBase:
     def _eval_key(self, task: str, split: str) -> str:  # pragma: no cover - every size implements it
         """What decides one task's result on ``split`` besides the weights (head, data, arithmetic)."""
         raise NotImplementedError
+
+    def evaluation_key(self, task: str, split: str) -> str:
+        """:meth:`_eval_key` of a checked task and split: what decides one task's result on ``split`` besides
+        the weights. Per-example responses (:class:`mergelab.analysis.responses.ResponseEvaluator`) key their
+        cache on it too, so that other data (a subset's size, another copy of a dataset) or other arithmetic
+        is never read from an earlier run's file."""
+        return self._eval_key(self.check_task(task), self.check_split(split))
+
+    def eval_features(self, encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Features ``(n, d)`` float32 of ``images`` (a batch on :attr:`device`) in the arithmetic of this
+        benchmark's evaluations (a size with mixed precision runs the encoder under its autocast)."""
+        return encoder(images).float()
 
     def _eval_encoder_for(self, state: StateDict) -> torch.nn.Module:  # pragma: no cover
         """An encoder on :attr:`device` in eval mode holding ``state``."""

@@ -518,13 +518,16 @@ class ClipBenchmark(BenchmarkBase):
             self._eval_encoder = self.new_encoder().to(self.device).eval()
         return load_encoder_state(self._eval_encoder, {k: v.to(self.device) for k, v in state.items()})
 
+    def eval_features(self, encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Features ``(n, d)`` float32 of a batch on :attr:`device`, under ``model.precision``'s autocast."""
+        with autocast(self.device, self.amp):
+            return encoder(images).float()
+
     def _evaluate_task(self, encoder: nn.Module, task: str, split: str) -> tuple[int, float, int]:
         head = self.head(task).to(self.device)
         correct, total_loss, n = 0, 0.0, 0
         for X, y in self._eval_batches(task, split):
-            with autocast(self.device, self.amp):
-                features = encoder(X)
-            logits = head(features.float())
+            logits = head(self.eval_features(encoder, X))
             correct += int((logits.argmax(-1) == y).sum())
             total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
             n += len(y)

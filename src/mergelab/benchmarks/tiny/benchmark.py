@@ -420,7 +420,7 @@ class TinyBenchmark(BenchmarkBase):
         head = self.heads[task].to(self.device)
         correct, losses, bs = 0, [], self.EVAL_BATCH_SIZE
         for i in range(0, len(y), bs):
-            logits, labels = head(encoder(X[i:i + bs].to(self.device))), y[i:i + bs].to(self.device)
+            logits, labels = head(self.eval_features(encoder, X[i:i + bs].to(self.device))), y[i:i + bs].to(self.device)
             correct += int((logits.argmax(-1) == labels).sum())
             losses.append(F.cross_entropy(logits, labels, reduction="none"))
         # summed once, in float64: the same number whatever the batch size
