@@ -265,7 +265,8 @@ def test_evaluate_equals_a_hand_computed_accuracy_with_each_tasks_head_and_split
 
 
 def test_responses_agree_with_evaluate_and_follow_the_data(root):
-    """Per-example responses (chapters 03 and 05) give each task the accuracy evaluate gives, and a split of
+    """Per-example responses (chapters 03 and 05) and losses (chapter 01) give each task the accuracy (and
+    loss) evaluate gives, and a split of
     another size is another cache file (the clip benchmark's own key names the model alone)."""
     from mergelab.analysis.responses import ResponseEvaluator
 
@@ -273,9 +274,19 @@ def test_responses_agree_with_evaluate_and_follow_the_data(root):
     g = torch.Generator().manual_seed(0)
     state = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
              for k, v in bench.pretrained_state().items()}
+    from mergelab.analysis.generalization import per_example_losses
+
     for split in ("val", "test"):
         ev = ResponseEvaluator(bench, split=split)
-        assert ev.per_task_accuracy(ev.full(state)) == pytest.approx(bench.evaluate(state, split), abs=0), split
+        accuracy = bench.evaluate(state, split)
+        assert ev.per_task_accuracy(ev.full(state)) == pytest.approx(accuracy, abs=0), split
+        for task in bench.tasks:  # chapter 01's per-example losses: the same answers and mean loss
+            X, y = bench.split(task, split)
+            losses, correct = per_example_losses(bench, state, task, bench.images(task, split, range(len(y))),
+                                                 torch.as_tensor(y))
+            assert float(correct.double().mean()) == accuracy[task], (task, split)
+            assert float(losses.double().mean()) == pytest.approx(bench.evaluate_loss(state, split, [task])[task],
+                                                                  rel=1e-5)
     smaller = tiny_bench(root, max_val=3)
     assert ResponseEvaluator(smaller, split="val")._cache_path(state) != ResponseEvaluator(
         bench, split="val")._cache_path(state)

@@ -297,6 +297,9 @@ class ProbeBench:
     def new_encoder(self) -> nn.Module:
         return nn.Linear(4, 3)
 
+    def eval_features(self, encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return encoder(images).float()
+
     def split(self, task: str, split: str = "train"):
         return self.data[split]
 

@@ -58,13 +58,14 @@ def _encoder(bench: Any, state: StateDict) -> nn.Module:
 def per_example_losses(bench: Any, state: StateDict, task: str, X: torch.Tensor, y: torch.Tensor,
                        batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy (nats) and correctness of encoder ``state`` on every example of ``(X, y)`` with
-    ``task``'s frozen head: two ``(N,)`` tensors (float, bool)."""
+    ``task``'s frozen head: two ``(N,)`` tensors (float, bool), in the arithmetic of the benchmark's
+    evaluations (``bench.eval_features``: at the clip size, ``model.precision``'s autocast)."""
     batch_size = batch_size or getattr(bench, "eval_batch_size", 256)  # the benchmark's evaluation batch
     enc = _encoder(bench, state).eval()
     head = bench.heads[task].to(bench.device)
     losses, correct = [], []
     for i in range(0, len(y), batch_size):
-        logits = head(enc(X[i:i + batch_size].to(bench.device)))
+        logits = head(bench.eval_features(enc, X[i:i + batch_size].to(bench.device)))
         yy = y[i:i + batch_size].to(bench.device)
         losses.append(F.cross_entropy(logits, yy, reduction="none").cpu())
         correct.append((logits.argmax(-1) == yy).cpu())
