@@ -293,6 +293,26 @@ def test_responses_agree_with_evaluate_and_follow_the_data(root):
     assert ResponseEvaluator(smaller, split="val").num_items == 2 * 3
 
 
+def test_trajectories_are_keyed_by_the_training_data_and_precision_as_experts_are(root):
+    """Chapter 02's trajectories at the clip size: other training data (a smaller max_train) or another precision
+    is another run, as for the experts (the clip benchmark's own key names the model alone)."""
+    from mergelab.training.trajectories import _trajectory_key
+
+    cfg = mergelab.FinetuneConfig(num_steps=2, batch_size=4, warmup_steps=0)
+    bench = tiny_bench(root)
+
+    def keys(b):
+        return (_trajectory_key(b, "epoch_trajectory", ["MNIST"], cfg, 2),
+                _trajectory_key(b, "multitask_epoch_trajectory", ["EuroSAT", "MNIST"], cfg, 2),
+                b.run_key("expert", ["MNIST"], cfg))
+
+    assert keys(tiny_bench(root)) == keys(bench)  # the same benchmark: the same runs
+    fewer = keys(tiny_bench(root, max_train=3))
+    assert all(a != b for a, b in zip(fewer, keys(bench)))
+    bench.amp = torch.bfloat16  # model.precision bf16, as a GPU resolves auto
+    assert all(a != b for a, b in zip(keys(bench), keys(tiny_bench(root))))
+
+
 def test_image_subsets_are_decoded_once_and_equal_the_lazy_view(root, monkeypatch):
     
     bench = tiny_bench(root, eval_cache_gb=1.0, eval_batch_size=3)

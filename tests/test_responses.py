@@ -113,3 +113,26 @@ def test_settings_rebuild_an_equal_evaluator(data_dir):
     assert again.settings() == ev.settings() == {"tasks": ["b"], "split": "test", "cache": False, "batch_size": 3}
     state = {k: v.clone() for k, v in torch.nn.Linear(3, 3).state_dict().items()}
     assert again.num_items == ev.num_items == 7 and (again.full(state) == ev.full(state)).all()
+
+
+def test_a_search_checkpoint_names_the_fitness_data_and_the_weights(data_dir, tmp_path):
+    """Chapter 05 resumes a GA from its checkpoint: one written for other fitness data (at the clip size, a
+    split of another size) or other experts (imported, say, with the same recipe) must not be resumed."""
+    from mergelab.experiments.ch05_merge3 import search_checkpoint, search_key
+    from mergelab.task_vectors import TaskVector
+
+    torch.manual_seed(0)
+    pre = {k: v.clone() for k, v in torch.nn.Linear(3, 3).state_dict().items()}
+    tvs = {t: TaskVector.from_states(pre, {k: v + torch.randn_like(v) for k, v in pre.items()}) for t in ("a", "b")}
+    bench = FakeBench()
+
+    def path(evaluator, vectors):
+        return search_checkpoint(tmp_path, {**search_key(evaluator, pre, vectors, 7, 1.0), "seed": 0})
+
+    first = path(ResponseEvaluator(bench, split="val"), tvs)
+    assert path(ResponseEvaluator(FakeBench(), split="val"), dict(tvs)) == first  # the same search: resumed
+    bench.data_version = 1
+    assert path(ResponseEvaluator(bench, split="val"), tvs) != first
+    bench.data_version = 0
+    other = {**tvs, "b": TaskVector.from_states(pre, {k: v - 1 for k, v in pre.items()})}
+    assert path(ResponseEvaluator(bench, split="val"), other) != first

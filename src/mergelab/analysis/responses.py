@@ -51,6 +51,12 @@ class ResponseEvaluator:
                                  "evaluation": [bench.evaluation_key(t, split) for t in self.tasks],
                                  **codeversion.key_part("evaluation")})
 
+    @property
+    def key(self) -> str:
+        """What decides these responses besides the weights (benchmark, split, tasks, each task's evaluation
+        key): part of the cache key of anything computed from them, e.g. a search's checkpoint."""
+        return self._key
+
     def settings(self) -> dict[str, Any]:
         """The constructor's arguments but the benchmark: ``ResponseEvaluator(bench, **ev.settings())``
         is an equal evaluator (how workers rebuild one next to their copy of the benchmark)."""

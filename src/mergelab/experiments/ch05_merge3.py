@@ -34,7 +34,7 @@ from ..executors import Executor, LocalExecutor, WorkerContext, benchmark_contex
 from ..merging import merge
 from ..merging.evolve import EvolutionResult, evolve, task_arithmetic_per_task
 from ..task_vectors import TaskVector
-from ..utils import StateDict, config_hash, nan_for_none
+from ..utils import StateDict, config_hash, nan_for_none, state_digest
 
 
 def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Mapping[str, StateDict],
@@ -273,6 +273,18 @@ def search(bench: Any, evaluator: ResponseEvaluator, pretrained: StateDict, task
            "evaluations": result.evaluations,
            "wall_time_s": wall, "history": result.history}
     return row, result
+
+
+def search_key(evaluator: ResponseEvaluator, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
+               pop_size: int, coefficient_max: float) -> dict[str, Any]:
+    """What makes a search besides its GA seed, subset and estimator (the ``key`` of :func:`search_checkpoint`
+    and :func:`seed_searches`): the fitness items and their evaluation (``evaluator.key``: data, heads,
+    arithmetic), the weights searched over (digests of ``theta_0`` and of each task vector, whether its expert
+    was trained here or imported), the population and the coefficients' range. A checkpoint written for other
+    data or other experts is never resumed."""
+    return {"fitness": evaluator.key, "pretrained": state_digest(pretrained),
+            "task_vectors": {t: state_digest(tv) for t, tv in task_vectors.items()},
+            "pop": int(pop_size), "cmax": float(coefficient_max)}
 
 
 def search_checkpoint(checkpoint_dir: str | Path, key: Mapping[str, Any], items: np.ndarray | None = None,

@@ -127,6 +127,10 @@ def _trajectory_key(bench: Any, kind: str, tasks: Sequence[str], cfg: FinetuneCo
         ident.update(task=tasks[0], head=bench.head_digest(tasks[0]))
     else:
         ident.update(tasks=list(tasks), heads=[bench.head_digest(t) for t in tasks])
+    # what else identifies a run of this size, as in its experts' keys: at the clip size the precision and the
+    # training data's fingerprint (its benchmark key names the model alone); none at tiny (keys unchanged)
+    parts = getattr(bench, "_run_key_parts", None)
+    ident.update(parts(list(tasks)) if parts is not None else {})
     return config_hash(ident)
 
 
