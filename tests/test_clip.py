@@ -293,6 +293,23 @@ def test_responses_agree_with_evaluate_and_follow_the_data(root):
     assert ResponseEvaluator(smaller, split="val").num_items == 2 * 3
 
 
+def test_diagnostics_read_features_in_the_precision_evaluate_uses(root):
+    """Chapter 00's diagnostics (zero-shot calibration, linear probe, margins) encode through eval_features: with
+    model.precision bf16 (here on the CPU's autocast) their features are the bf16 ones evaluate scores with."""
+    from mergelab.analysis import diagnostics
+
+    bench = tiny_bench(root)
+    X = bench.images("MNIST", "val", range(4))
+    enc = bench.new_encoder(bench.pretrained_state())
+    fp32 = diagnostics._encode(bench, enc, X)
+    with torch.no_grad():  # as every evaluation runs (open_clip's attention takes its fused path there)
+        assert torch.equal(fp32, bench.eval_features(enc.eval(), X))
+    bench.amp = torch.bfloat16  # what model.precision bf16 resolves to
+    bf16 = diagnostics._encode(bench, enc, X)
+    with torch.no_grad():
+        assert torch.equal(bf16, bench.eval_features(enc.eval(), X)) and not torch.equal(bf16, fp32)
+
+
 def test_trajectories_are_keyed_by_the_training_data_and_precision_as_experts_are(root):
     """Chapter 02's trajectories at the clip size: other training data (a smaller max_train) or another precision
     is another run, as for the experts (the clip benchmark's own key names the model alone)."""

@@ -222,3 +222,25 @@ def test_local_worker_processes_are_kept_between_batches_of_one_context():
     for pid in {p for p, _ in one + other}:  # leaving the block stopped (and reaped) every worker
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_benchmark_on_a_gpu_is_not_rebuilt_on_the_cpu_by_workers():
+    """Local worker processes and Ray jobs without GPUs rebuild the benchmark on the CPU: a clip benchmark on
+    a GPU would train there slowly and under other cache keys (precision auto), so its jobs fail naming the
+    settings to change; a benchmark on the CPU is rebuilt as before."""
+    import torch
+
+    from mergelab.executors import benchmark_context
+
+    class Bench:
+        def __init__(self, config, device="cpu", progress=True):
+            self.config, self.device = config, torch.device(device)
+
+    on_gpu = Bench({"tasks": ["a"]})
+    on_gpu.device = torch.device("cuda", 0)  # only the attribute: no GPU is needed
+    context = benchmark_context(on_gpu, "cpu")
+    assert context.get() is on_gpu  # here (workers: 1) the benchmark itself
+    with pytest.raises(ValueError, match=r"runs on cuda:0 .*workers: 1.*resources.gpus >= 1"):
+        context.build()
+    rebuilt = benchmark_context(Bench({"tasks": ["a"]}), "cpu").build()
+    assert isinstance(rebuilt, Bench) and rebuilt.device.type == "cpu" and rebuilt.config == {"tasks": ["a"]}

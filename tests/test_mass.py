@@ -140,6 +140,35 @@ def test_predict_on_a_mixed_batch_uses_the_selected_heads_and_the_oracle_on_the_
         r.predict(images, true_tasks=["a", "b"])
 
 
+def test_both_passes_run_in_the_benchmarks_arithmetic():
+    """With ``amp`` (the clip size's model.precision) routing and the second pass run under autocast, as the
+    benchmark evaluates MASS's baselines: the same features as the merged models run by hand in bf16, not fp32."""
+    r, s = router(top_k=1, amp=torch.bfloat16)
+    fp32, _ = router(top_k=1)
+    images = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    out = r.predict(images)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        point = (r.block, r.routing_matrix)
+        feats = block_features(r.first_pass_model, images, [point])[point]
+    assert torch.equal(r.features(images), feats.float())
+    assert not torch.equal(r.features(images), fp32.features(images))  # bf16 rounding shows
+    for i, sel in enumerate(out.routing.selected):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = s["heads"][sel[0]](r.model_for(sel)(images[i:i + 1]).float())
+        assert int(out.label[i]) == int(logits.argmax())
+    from mergelab.experiments import ch04_mass as ch04
+
+    class Bench:  # what make_router reads of a benchmark; amp as the clip size resolves model.precision bf16
+        heads, device, amp = s["heads"], torch.device("cpu"), torch.bfloat16
+
+        def new_encoder(self):
+            return encoder()
+
+    assert ch04.make_router(Bench(), s["pre"], s["compressed"], block=1).amp == torch.bfloat16
+    Bench.amp = None
+    assert ch04.make_router(Bench(), s["pre"], s["compressed"], block=1).amp is None
+
+
 def test_cache_keys_do_not_depend_on_selection_order_and_the_cache_is_bounded():
     assert cache_key(("c", "a", "b")) == cache_key(("b", "c", "a")) == ("a", "b", "c")
     r, _ = router(cache_size=2)

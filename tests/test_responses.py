@@ -136,3 +136,25 @@ def test_a_search_checkpoint_names_the_fitness_data_and_the_weights(data_dir, tm
     bench.data_version = 0
     other = {**tvs, "b": TaskVector.from_states(pre, {k: v - 1 for k, v in pre.items()})}
     assert path(ResponseEvaluator(bench, split="val"), other) != first
+
+
+def test_an_irt_search_checkpoint_names_its_irt_fit(tmp_path):
+    """The IRT model and the endpoints' abilities depend on the population they were fitted on (chapter 05's
+    grids, random merges, held-out models): a search scored by another fit is another checkpoint."""
+    from mergelab.analysis.irt import IRTModel
+    from mergelab.experiments.ch05_merge3 import search_checkpoint
+
+    rng = np.random.default_rng(0)
+    model = IRTModel(rng.normal(size=(12, 2)), rng.normal(size=12))
+    theta = rng.normal(size=(3, 2))
+    key, items = {"fitness": "f", "seed": 0}, np.array([1, 5, 7])
+    first = search_checkpoint(tmp_path, key, items, "gmp_irt", model, theta)
+    assert search_checkpoint(tmp_path, key, items, "gmp_irt", IRTModel(model.discrimination.copy(),
+                                                                     model.difficulty.copy()), theta.copy()) == first
+    refit = IRTModel(model.discrimination, model.difficulty + 1e-3)
+    assert search_checkpoint(tmp_path, key, items, "gmp_irt", refit, theta) != first
+    assert search_checkpoint(tmp_path, key, items, "gmp_irt", model, theta + 1e-3) != first
+    assert search_checkpoint(tmp_path, key, items, "p_irt", model, theta) != first
+    assert search_checkpoint(tmp_path, key).name.startswith("full-")
+    with pytest.raises(ValueError, match="endpoint_theta"):
+        search_checkpoint(tmp_path, key, items, "gmp_irt")

@@ -159,18 +159,26 @@ class WorkerContext:
         return value
 
 
-def _rebuild_benchmark(bench_class: type, config: Any, device: str) -> Any:
+def _rebuild_benchmark(bench_class: type, config: Any, device: str, driver: str = "cpu") -> Any:
+    if driver.startswith("cuda") and not device.startswith("cuda"):
+        raise ValueError(
+            f"the benchmark runs on {driver} but this executor's jobs run on {device}: local worker processes "
+            "(workers > 1) and Ray jobs without GPUs (resources.gpus: 0) rebuild it on the CPU, where its runs would "
+            "train slowly and in another precision (another cache key). Use workers: 1 (the jobs then run in this "
+            f"process, on {driver}) or executor: ray with resources.gpus >= 1.")
     return bench_class(config, device=device, progress=False)
 
 
 def benchmark_context(bench: Any, device: str = "cpu") -> WorkerContext:
     """A :class:`WorkerContext` of ``bench``: in a worker, the same benchmark rebuilt from its class and
-    configuration on ``device`` (without progress bars); here, ``bench`` itself."""
+    configuration on ``device`` (without progress bars); here, ``bench`` itself. A benchmark on a GPU is not
+    rebuilt on the CPU: such a worker's jobs fail with an error that names the settings to change."""
     import functools
 
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIX))
+    driver = str(getattr(bench, "device", "cpu"))
     digest = hashlib.sha256(repr((type(bench).__qualname__, bench.config, device, env)).encode()).hexdigest()[:16]
-    return WorkerContext(functools.partial(_rebuild_benchmark, type(bench), bench.config, device),
+    return WorkerContext(functools.partial(_rebuild_benchmark, type(bench), bench.config, device, driver),
                          key=f"benchmark-{digest}", local=bench)
 
 

@@ -9,6 +9,7 @@ kinds (``conv1.weight``, ``positional_embedding``, ``transformer.resblocks.{i}.a
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -120,9 +121,14 @@ def load_encoder_state(encoder: nn.Module, state: StateDict) -> nn.Module:
 
 @torch.no_grad()
 def encode(encoder: nn.Module, images: torch.Tensor, batch_size: int = 512,
-           device: torch.device | str = "cpu") -> torch.Tensor:
-    """Embeddings of ``images`` ``(N, 3, H, W)`` as ``(N, output_dim)`` float32 on the CPU."""
+           device: torch.device | str = "cpu",
+           forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Embeddings of ``images`` ``(N, 3, H, W)`` as ``(N, output_dim)`` float32 on the CPU.
+
+    ``forward(encoder, batch)``: how a batch on ``device`` is encoded (a benchmark's ``eval_features``, which
+    runs its evaluations' arithmetic); default ``encoder(batch)`` in the encoder's own dtype."""
     encoder = encoder.to(device).eval()
-    out = [encoder(images[i:i + batch_size].to(device)).float().cpu()
+    run = forward or (lambda module, batch: module(batch))
+    out = [run(encoder, images[i:i + batch_size].to(device)).float().cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out) if out else torch.empty(0)

@@ -52,10 +52,12 @@ class DiagnosableBenchmark(Protocol):
 
 def _encode(benchmark: DiagnosableBenchmark, encoder: torch.nn.Module, X: Any) -> torch.Tensor:
     """Features ``(N, d)`` float32 on the CPU of images ``X`` ``(N, 3, H, W)`` on the benchmark's device
-    (:func:`mergelab.models.encode`), on the threads the size trains with (its ``train_threads``, if it
-    fixes them), so that a diagnostic reads the same numbers in a notebook on every core count."""
+    (:func:`mergelab.models.encode`), in the arithmetic of its evaluations (its ``eval_features``: at the
+    clip size, ``model.precision``'s autocast), on the threads the size trains with (its ``train_threads``, if
+    it fixes them), so that a diagnostic reads the same numbers in a notebook on every core count."""
     with torch_threads(getattr(benchmark, "train_threads", None)):
-        return encode(encoder, X, batch_size=500, device=benchmark.device)
+        return encode(encoder, X, batch_size=500, device=benchmark.device,
+                      forward=getattr(benchmark, "eval_features", None))
 
 
 def _features(benchmark: DiagnosableBenchmark, encoder: torch.nn.Module, X: Any) -> torch.Tensor:
@@ -285,9 +287,9 @@ def margin_linearity(benchmark: DiagnosableBenchmark, pretrained: StateDict, tas
     linearized one, the network is close to linear along the vector and the curve's shape is the
     distribution of ``alpha*``: concave when gained examples cross early (the expert's margins far
     beyond the zero-shot errors), straight when they cross all along the segment. Two forward passes
-    per task (the pretrained model and the expert) besides the curve's own, in float32 without
-    autocast: where a benchmark evaluates its curve in lower precision (clip on a GPU), the gap at 0 and 1
-    includes that precision's differences.
+    per task (the pretrained model and the expert) besides the curve's own, in the arithmetic of the
+    benchmark's evaluations (``eval_features``): the margins and the curve share one precision (they may
+    differ in float32 rounding, batches of other sizes).
 
     Args:
         alphas: coefficients, which must include 0 (the pretrained model) and 1 (the expert).

@@ -46,10 +46,11 @@ class ResponseEvaluator:
         self.forward_passes = 0
         self._encoder: torch.nn.Module | None = None
         # each task's evaluation key names its head, data and arithmetic (at the clip size the benchmark's own
-        # key is the model alone: a subset's size or another copy of a dataset must not read these files)
+        # key is the model alone: a subset of another size or other labels must not read these files); the batch
+        # size is this evaluator's own (a batch's composition can move float rounding)
         self._key = config_hash({"benchmark": bench.key, "split": split, "tasks": self.tasks,
                                  "evaluation": [bench.evaluation_key(t, split) for t in self.tasks],
-                                 **codeversion.key_part("evaluation")})
+                                 "batch_size": self.batch_size, **codeversion.key_part("evaluation")})
 
     @property
     def key(self) -> str:

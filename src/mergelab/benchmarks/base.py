@@ -218,8 +218,9 @@ class BenchmarkBase:
     def evaluation_key(self, task: str, split: str) -> str:
         """:meth:`_eval_key` of a checked task and split: what decides one task's result on ``split`` besides
         the weights. Per-example responses (:class:`mergelab.analysis.responses.ResponseEvaluator`) key their
-        cache on it too, so that other data (a subset's size, another copy of a dataset) or other arithmetic
-        is never read from an earlier run's file."""
+        cache on it too, so that other data or other arithmetic is never read from an earlier run's file. What
+        it names of the data is each size's: at the clip size the split's fingerprint (task, split, size,
+        labels and example indices), not the images' bytes."""
         return self._eval_key(self.check_task(task), self.check_split(split))
 
     def eval_features(self, encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

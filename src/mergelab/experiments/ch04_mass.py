@@ -31,8 +31,10 @@ def compress_tasks(task_vectors: Mapping[str, TaskVector], svd: str = "gram") ->
 
 def make_router(bench: Any, pretrained: StateDict, compressed: Mapping[str, CompressedTaskVector],
                 **options: Any) -> MassRouter:
-    """A :class:`MassRouter` on the benchmark's encoder architecture, heads and device."""
+    """A :class:`MassRouter` on the benchmark's encoder architecture, heads, device and arithmetic (its
+    ``amp``, where it has one)."""
     heads = bench.heads
+    options.setdefault("amp", getattr(bench, "amp", None))  # the clip size's model.precision, as evaluate runs
     return MassRouter(pretrained, compressed, bench.new_encoder(), {t: heads[t] for t in compressed},
                       device=bench.device, **options)
 
@@ -320,10 +322,10 @@ def time_per_image(router: MassRouter, merged: torch.nn.Module, images: torch.Te
 
     with torch_threads(threads if router.device.type == "cpu" else None), torch.no_grad():
         router.predict(images)  # second-pass models of this batch built: MASS warm from here
-        merged(images)
+        _in(router, merged, images)
         forward, mass = [], []
         for _ in range(repeats):
-            forward.append(clock(lambda: merged(images)))
+            forward.append(clock(lambda: _in(router, merged, images)))
             mass.append(clock(lambda: router.predict(images)))
         cold_router.first_pass_model  # noqa: B018 - built once, like a loaded model
         mass_cold = [clock(cold) for _ in range(min(repeats, COLD_REPEATS))]
@@ -334,6 +336,12 @@ def time_per_image(router: MassRouter, merged: torch.nn.Module, images: torch.Te
             "ratio_interval": bootstrap_ci(np.median, ratios, level=level, vectorized=True),
             "ratio_cold": float(np.median(mass_cold) / np.median(forward)), "repeats": repeats,
             "cold_repeats": len(mass_cold), "batch": int(len(images)), "threads": used_threads}
+
+
+def _in(router: MassRouter, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``model(images)`` in the router's arithmetic (:meth:`MassRouter.autocast`)."""
+    with router.autocast():
+        return model(images)
 
 
 def timings(router: MassRouter, merged: torch.nn.Module, images: torch.Tensor, repeats: int = 3

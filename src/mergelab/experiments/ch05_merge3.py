@@ -8,6 +8,7 @@ equal split sizes it is the absolute accuracy); the test split is used only for 
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -288,13 +289,25 @@ def search_key(evaluator: ResponseEvaluator, pretrained: StateDict, task_vectors
 
 
 def search_checkpoint(checkpoint_dir: str | Path, key: Mapping[str, Any], items: np.ndarray | None = None,
-                      estimator: str | None = None, dim: int | None = None) -> Path:
-    """Where a search is saved: ``full-<hash of key>.json`` for full fitness, ``irt-<hash>.json`` of ``key``
-    with the subset ``items``, the ``estimator`` and the IRT ``dim`` for IRT fitness (``key`` holds what
-    else makes the search: benchmark, tasks, recipe, GA seed, population, coefficient range)."""
+                      estimator: str | None = None, model: IRTModel | None = None,
+                      endpoint_theta: np.ndarray | None = None) -> Path:
+    """Where a search is saved: ``full-<hash of key>.json`` for full fitness; for IRT fitness,
+    ``irt-<hash>.json`` of ``key`` with the subset ``items``, the ``estimator``, and digests of the fitted IRT
+    ``model`` (item parameters) and of the endpoints' abilities ``endpoint_theta`` ``(K, D)``, which depend on the
+    population it was fitted on (``key`` holds what else makes the search: :func:`search_key` and the GA
+    seed). A search scored by another IRT fit is never resumed."""
     if items is None:
         return Path(checkpoint_dir) / f"full-{config_hash(dict(key))}.json"
-    return Path(checkpoint_dir) / f"irt-{config_hash({**key, 'items': items, 'est': estimator, 'dim': dim})}.json"
+    if model is None or endpoint_theta is None:
+        raise ValueError("an IRT search's checkpoint needs the IRT model and endpoint_theta it is scored with "
+                         "(model=..., endpoint_theta=...); give neither items for a full-fitness search.")
+    fit = hashlib.sha256()
+    for array in (model.discrimination, model.difficulty, endpoint_theta):
+        a = np.ascontiguousarray(array, dtype=np.float64)
+        fit.update(repr(a.shape).encode())
+        fit.update(a.tobytes())
+    digest = config_hash({**key, "items": items, "est": estimator, "dim": model.dim, "irt": fit.hexdigest()[:24]})
+    return Path(checkpoint_dir) / f"irt-{digest}.json"
 
 
 def seed_row(seed: int, full: Mapping[str, Any], irt: Mapping[str, Any]) -> dict[str, Any]:
@@ -339,7 +352,7 @@ def seed_searches(bench: Any, evaluator: ResponseEvaluator, pretrained: StateDic
         k = {**(key or {}), "seed": s}
         f_ckpt, i_ckpt = ((None, None) if checkpoint_dir is None else
                           (search_checkpoint(checkpoint_dir, k),
-                           search_checkpoint(checkpoint_dir, k, items, estimator, model.dim)))
+                           search_checkpoint(checkpoint_dir, k, items, estimator, model, endpoint_theta)))
         f_row, _ = search(bench, evaluator, pretrained, task_vectors, expert_test, full, coefficient_max, pop_size,
                           n_gen, s, checkpoint=f_ckpt, progress=progress, desc=f"GA seed {s}, full fitness")
         i_row, _ = search(bench, evaluator, pretrained, task_vectors, expert_test, irt_fit, coefficient_max, pop_size,

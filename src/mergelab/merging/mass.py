@@ -286,13 +286,15 @@ class MassRouter:
         cache_size: second-pass models kept (least recently used dropped), ``>= 1``.
         device: where models run (``"auto"``: the GPU when there is one).
         polar: polar-factor method of the TSV-M merges.
+        amp: the autocast dtype of both passes (``None``: full fp32), as the benchmark evaluates its other
+            models (``bench.amp`` at the clip size), so that MASS and its baselines share one arithmetic.
     """
 
     def __init__(self, pretrained: StateDict, compressed: Mapping[str, CompressedTaskVector], encoder: nn.Module,
                  heads: Mapping[str, nn.Module], depth: float = DEFAULT_DEPTH, block: int | None = None,
                  routing_matrix: str = "mlp.c_fc", threshold: float = 0.2, top_k: int = 3,
                  first_pass: str = "tsv_merge", cache_size: int = 16, device: str | torch.device | None = "auto",
-                 polar: str = "gram") -> None:
+                 polar: str = "gram", amp: torch.dtype | None = None) -> None:
         if not compressed:
             raise ValueError("compressed is empty; pass one CompressedTaskVector per task.")
         missing = [t for t in compressed if t not in heads]
@@ -313,7 +315,7 @@ class MassRouter:
         self.block = routing_block(self.num_blocks, depth, block)
         self.routing_matrix = routing_matrix
         self.threshold, self.top_k = float(threshold), int(top_k)
-        self.first_pass, self.cache_size, self.polar = first_pass, cache_size, polar
+        self.first_pass, self.cache_size, self.polar, self.amp = first_pass, cache_size, polar, amp
         self.device = pick_device(device) if isinstance(device, str) or device is None else torch.device(device)
         self.pretrained = {k: v.detach() for k, v in pretrained.items()}
         self.compressed = dict(compressed)
@@ -398,7 +400,13 @@ class MassRouter:
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, d)`` routing features: class token at the routing matrix's input in the first pass."""
         point = (self.block, self.routing_matrix)
-        return block_features(self.first_pass_model, images.to(self.device), [point])[point]
+        with self.autocast():
+            return block_features(self.first_pass_model, images.to(self.device), [point])[point]
+
+    def autocast(self) -> torch.autocast:
+        """The context both passes run in: ``torch.autocast`` at :attr:`amp` on :attr:`device` (off when ``amp``
+        is ``None``); a baseline timed against MASS runs in it too."""
+        return torch.autocast(device_type=self.device.type, dtype=self.amp, enabled=self.amp is not None)
 
     @torch.no_grad()
     def route_features(self, x: torch.Tensor) -> Routing:
@@ -445,7 +453,9 @@ class MassRouter:
             store = memo.setdefault(("second pass", key), {})
             todo = [r for r in rows if r not in store]
             if todo:
-                fresh = self.model_for(key)(images[torch.tensor(todo, device=self.device)]).float()
+                model = self.model_for(key)
+                with self.autocast():
+                    fresh = model(images[torch.tensor(todo, device=self.device)]).float()
                 store.update(zip(todo, fresh))
             feats = fresh if len(todo) == len(rows) else torch.stack([store[r] for r in rows])  # nothing memoized: as run
             chosen, labels = choose_head({t: self.heads[t](feats) for t in key})
