@@ -69,6 +69,28 @@ def test_an_activation_mismatch_fails_loudly(tmp_path, offline_openai, monkeypat
         create_clip(cfg, load_weights=True)
 
 
+def test_a_local_weights_file_is_identified_by_its_bytes(tmp_path):
+    """Every clip cache derives from the model's identity: a local weights file replaced by another of the same
+    size and modification time (cp -p, rsync -a) is another model; the same bytes at another path are not."""
+    import os
+    import shutil
+
+    first, second = tmp_path / "a" / "weights.pt", tmp_path / "b" / "weights.pt"
+    first.parent.mkdir(), second.parent.mkdir()
+    first.write_bytes(b"\x00" * 64)
+    shutil.copy2(first, second)  # same bytes, size and mtime, another path
+    ident = ClipModelConfig(name="ViT-B-32", pretrained=str(first)).identity()
+    assert ident["file"]["size"] == 64
+    same = ClipModelConfig(name="ViT-B-32", pretrained=str(second)).identity()
+    assert {k: v for k, v in same.items() if k != "pretrained"} == {k: v for k, v in ident.items() if k != "pretrained"}
+    stat = os.stat(second)
+    second.write_bytes(b"\x01" * 64)  # other weights, same size, and the old mtime put back
+    os.utime(second, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    clip_model._file_digest.cache_clear()  # a later run (another process) reads the file again
+    other = ClipModelConfig(name="ViT-B-32", pretrained=str(second)).identity()
+    assert other["file"]["size"] == 64 and other["file"]["sha256"] != ident["file"]["sha256"]
+
+
 def test_the_activation_keys_every_cache(monkeypatch):
     openai = ClipModelConfig(name="ViT-B-32", pretrained="openai")
     laion = ClipModelConfig(name="ViT-B-32", pretrained="laion2b_s34b_b79k")
