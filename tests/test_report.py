@@ -246,6 +246,21 @@ def test_content_hash_covers_notebook_params_profile_and_sources(tmp_path: Path)
     changed = report.content_hash(nb, params, PROFILE, src)
     params.write_text("value: 5\n")
     assert report.content_hash(nb, params, PROFILE, src) != changed
+    # the data the package ships (weights, their logs) is part of it; other files and caches are not
+    (src / "weights").mkdir()
+    (src / "weights" / "expert.safetensors").write_bytes(b"\x00")
+    shipped = report.content_hash(nb, params, PROFILE, src)
+    assert report.content_hash(nb, params, PROFILE, src) == shipped
+    (src / "weights" / "expert.safetensors").write_bytes(b"\x01")
+    assert report.content_hash(nb, params, PROFILE, src) != shipped
+    reshipped = report.content_hash(nb, params, PROFILE, src)
+    (src / "weights" / "expert.json").write_text("{}")
+    assert report.content_hash(nb, params, PROFILE, src) != reshipped
+    logged = report.content_hash(nb, params, PROFILE, src)
+    (src / "notes.txt").write_text("x")
+    (src / "__pycache__").mkdir()
+    (src / "__pycache__" / "module.cpython-311.json").write_text("{}")
+    assert report.content_hash(nb, params, PROFILE, src) == logged
 
 
 def test_missing_params_file_names_the_expected_path(tmp_path: Path) -> None:
@@ -277,6 +292,31 @@ def test_failing_notebook_is_kept_and_leaves_no_stamp(tmp_path: Path) -> None:
     assert not (out / "00_alpha.ipynb").exists()
     assert not report.stamp_path(out, "00_alpha", PROFILE).exists()
     assert not list(out.glob(".*.running.ipynb"))
+
+
+def test_a_failed_run_leaves_no_earlier_run_up_to_date(tmp_path: Path) -> None:
+    """A chapter writes its results part-way through: a run that fails after that (here under another profile)
+    must not leave the earlier executed notebook counted as up to date beside the failed run's results."""
+    make_project(tmp_path)
+    write_notebook(tmp_path / "notebooks" / "00_alpha.ipynb", "Alpha chapter",
+                   WRITE_RESULT + "\nassert value != 7, 'fails after writing its results'")
+    out = tmp_path / "out"
+    assert build(tmp_path).statuses == {"00_alpha": report.EXECUTED}
+    (tmp_path / "params" / "other").mkdir()
+    (tmp_path / "params" / "other" / "00_alpha.yaml").write_text("value: 7\n")
+    with pytest.raises(report.ReportError, match="fails after writing its results"):
+        build(tmp_path, profile="other")
+    assert json.loads((out / "results" / "00_alpha.json").read_text()) == {"value": 7}  # the failed run's
+    assert build(tmp_path).statuses == {"00_alpha": report.EXECUTED}  # not "up to date": it runs again
+    assert json.loads((out / "results" / "00_alpha.json").read_text()) == {"value": 2}
+
+
+def test_a_reports_path_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    make_project(tmp_path)
+    (tmp_path / "taken").write_text("not a folder")
+    for reports in (tmp_path / "taken", tmp_path / "taken" / "inside"):
+        with pytest.raises(report.ReportError, match=r"reports=.*is not a folder that can be made: .*taken is a file"):
+            build(tmp_path, reports=reports)
 
 
 def test_unknown_notebook_and_profile_are_clear_errors(tmp_path: Path) -> None:
@@ -380,6 +420,19 @@ def test_parameters_are_checked_before_a_chapter_runs(tmp_path):
     (bad / "00_x.yaml").write_text("tasks: [digits\nseed: 1\n")
     with pytest.raises(ReportError, match=r"00_x.yaml is not valid YAML at line \d+"):
         report.load_params(bad / "00_x.yaml", "p", "00_x")
+
+
+def test_exponent_floats_in_parameter_files_are_numbers(tmp_path):
+    """``lr: 5e-4`` is what a researcher writes; YAML 1.1 (PyYAML's default) reads it as a string, which the
+    training code would then compare with numbers. Parameter files read it as YAML 1.2 does: a float."""
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "00_x.yaml").write_text("finetune: {lr: 5e-4, weight_decay: 1E-1, steps: 300}\n"
+                                      "alpha: -2e+1\nversion: v1e3\nname: 1e\nratio: 1.5\n")
+    values = report.load_params(folder / "00_x.yaml", "p", "00_x")
+    assert values["finetune"] == {"lr": 5e-4, "weight_decay": 0.1, "steps": 300}
+    assert isinstance(values["finetune"]["lr"], float) and isinstance(values["finetune"]["steps"], int)
+    assert values["alpha"] == -20.0 and values["version"] == "v1e3" and values["name"] == "1e" and values["ratio"] == 1.5
 
 
 def test_clean_report_refuses_a_folder_of_committed_notebooks():

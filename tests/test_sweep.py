@@ -73,6 +73,22 @@ def test_sweep_caches_every_checkpoint_and_resumes(bench):
     assert paths[1].with_suffix(".json").is_file()
 
 
+def test_another_probe_size_records_its_probes_again(bench):
+    """Chapter 01's bound reads the gradient-norm probes from the checkpoints' logs: a sweep that asks for
+    another probe size (its parameter changed) must record that size, not keep the old probes; the weights
+    come out the same (the run is seeded)."""
+    cfg = replace(CFG, seed=13)
+    sweep(bench, [cfg], ["colours"], steps=[2], probe_size=2, progress=False)
+    path = checkpoint_path(bench, "colours", replace(cfg, num_steps=2))
+    weights = path.read_bytes()
+    assert json.loads(path.with_suffix(".json").read_text())["probe_size"] == 2
+    wider = sweep(bench, [cfg], ["colours"], steps=[2], probe_size=3, progress=False)
+    assert wider.attrs["runs_trained"] == 1
+    assert json.loads(path.with_suffix(".json").read_text())["probe_size"] == 3 and path.read_bytes() == weights
+    none = sweep(bench, [cfg], ["colours"], steps=[2], probe_size=0, progress=False)  # asks for no probes
+    assert none.attrs["runs_trained"] == 0
+
+
 def test_a_checkpoint_is_the_shorter_run_and_bench_expert_finds_it(bench):
     cfg = replace(CFG, seed=12)
     sweep(bench, [cfg], ["colours"], steps=[2, 4], probe_size=0, progress=False)

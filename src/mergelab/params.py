@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,19 @@ BENCHMARK_PARAMS = "_benchmark.yaml"
 ``progress``). An ``extends: <profile>`` key in it starts from that profile's block."""
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading floats as YAML 1.2 does: ``lr: 5e-4`` and ``1E3`` are numbers. PyYAML
+    follows YAML 1.1, where a float needs a dot (``5.0e-4``), and would pass ``"5e-4"`` on as a string."""
+
+
+_ParamsLoader.add_implicit_resolver(  # beside YAML 1.1's float rule: the exponent forms it leaves to strings
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def _yaml_mapping(path: Path) -> dict[str, Any]:
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

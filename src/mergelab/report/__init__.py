@@ -61,6 +61,10 @@ def build_report(
     (:mod:`mergelab.report.lanes`; ``"auto"``: one per core, at most 4).
     """
     reports = (Path(reports) if reports is not None else paths.reports_dir()).resolve()
+    blocked = next((p for p in (reports, *reports.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise ReportError(f"reports={str(reports)!r} is not a folder that can be made: {blocked} is a file. "
+                          "Give --reports (REPORTS=) a folder, new or existing.")
     reports.mkdir(parents=True, exist_ok=True)
     with reports_lock(reports):
         return _build_report(profile, reports, names, force, notebooks_dir, params_dir, quarto_yml, source_dir,

@@ -147,13 +147,19 @@ def check_chapters(notebooks: Sequence[Path], chapters: Sequence[str], quarto_ym
 
 
 def package_dir() -> Path:
-    """The ``mergelab`` package's source folder, whose ``*.py`` files are part of every content hash."""
+    """The ``mergelab`` package's source folder, whose files (:data:`PACKAGE_FILES`) are part of every content hash."""
     return Path(paths.__file__).resolve().parent
+
+
+PACKAGE_FILES = frozenset({".py", ".safetensors", ".json", ".lua"})
+"""Suffixes of the package's files a chapter's result depends on: its code and the data it ships (the
+``package-data`` of pyproject.toml: shipped weights and their logs, code fingerprints, the book's filter)."""
 
 
 def content_hash(notebook: Path, params: Path, profile: str, source_dir: Path | None = None) -> str:
     """SHA-256 of the notebook, its parameter files (the chapter's and the profile's benchmark block),
-    the profile and every ``*.py`` under ``source_dir``.
+    the profile and the package's files under ``source_dir``: every ``*.py`` and the data it ships
+    (:data:`PACKAGE_FILES`: the shipped encoder, heads and default runs, code fingerprints, the book's filter).
 
     ``source_dir`` defaults to the installed package (``src/mergelab``); files are hashed in sorted
     order with their relative paths, so renaming a module changes the hash too.
@@ -167,7 +173,8 @@ def content_hash(notebook: Path, params: Path, profile: str, source_dir: Path | 
         ("profile", profile.encode()),
     ):
         digest.update(f"{label}\0{len(data)}\0".encode() + data)
-    for source in sorted(source_dir.rglob("*.py")):
+    sources = (p for p in source_dir.rglob("*") if p.suffix in PACKAGE_FILES and "__pycache__" not in p.parts)
+    for source in sorted(p for p in sources if p.is_file()):
         data = source.read_bytes()
         digest.update(f"src\0{source.relative_to(source_dir).as_posix()}\0{len(data)}\0".encode() + data)
     return digest.hexdigest()
@@ -186,13 +193,21 @@ def is_up_to_date(reports: Path, notebook: str, profile: str, digest: str) -> bo
     return stamp.read_text(encoding="utf-8").strip() == digest
 
 
+def clear_stamps(reports: Path, notebook: str) -> None:
+    """Remove the stamps of ``notebook`` under every profile. A run clears them when it starts: a chapter writes
+    its results file part-way through, so until the run succeeds no earlier run of it counts as up to date (an
+    interrupted or failed run would otherwise leave an old executed notebook beside new results)."""
+    folder = Path(reports) / STAMPS_DIR
+    for old in folder.glob(f"{notebook}.*.sha256"):
+        if "." not in old.name[len(notebook) + 1 : -len(".sha256")]:
+            old.unlink(missing_ok=True)
+
+
 def write_stamp(reports: Path, notebook: str, profile: str, digest: str) -> Path:
     """Record a successful run; stamps of other profiles go, since the executed copy is now this one."""
     stamp = stamp_path(reports, notebook, profile)
     stamp.parent.mkdir(parents=True, exist_ok=True)
-    for old in stamp.parent.glob(f"{notebook}.*.sha256"):
-        if "." not in old.name[len(notebook) + 1 : -len(".sha256")]:
-            old.unlink()
+    clear_stamps(reports, notebook)
     tmp = stamp.with_name(f".{stamp.name}.tmp")
     tmp.write_text(digest + "\n", encoding="utf-8")
     os.replace(tmp, stamp)
@@ -469,6 +484,7 @@ def execute_and_record(notebook: Path, parameters: dict[str, Any], profile: str,
     """Execute one notebook (:func:`execute_notebook`), then write its stamp and timing record; return the record."""
     from .timings import Stopwatch, write_timing
 
+    clear_stamps(reports, notebook.stem)  # up to date again only once this run succeeds
     with Stopwatch() as watch:
         execute_notebook(notebook, parameters, reports)
     write_stamp(reports, notebook.stem, profile, digest)

@@ -146,6 +146,15 @@ def is_cached(bench: Any, task: str, cfg: FinetuneConfig) -> bool:
     return checkpoint(bench, task, cfg).exists()
 
 
+def _ready(bench: Any, task: str, cfg: FinetuneConfig, probe_size: int) -> bool:
+    """Cached (:func:`is_cached`) with the gradient-norm probes a sweep of ``probe_size`` asks for: a checkpoint
+    whose log holds probes of another size (or none: e.g. trained by ``bench.expert``) is trained again, which
+    gives the same weights and records the probes asked for (``probe_size`` 0 asks for none)."""
+    if not is_cached(bench, task, cfg):
+        return False
+    return probe_size == 0 or checkpoint(bench, task, cfg).meta().get("probe_size") == probe_size
+
+
 def checkpoint_state(bench: Any, task: str, cfg: FinetuneConfig) -> StateDict:
     """The weights of the expert ``(task, cfg)``: the sweep's checkpoint when it is cached, else
     ``bench.expert(task, cfg)`` (which trains it with the benchmark's own loop).
@@ -180,7 +189,7 @@ def execute_run(bench: Any, run: Run, probe_size: int = 8) -> dict[str, Any]:
 
     Returns ``{"task", "steps_saved", "wall_time_s"}``.
     """
-    missing = [s for s in run.steps if not is_cached(bench, run.task, run.checkpoint_config(s))]
+    missing = [s for s in run.steps if not _ready(bench, run.task, run.checkpoint_config(s), probe_size)]
     if not missing:
         return {"task": run.task, "steps_saved": [], "wall_time_s": 0.0}
     last = max(missing)
@@ -285,7 +294,7 @@ def sweep(bench: Any, configs: Sequence[FinetuneConfig], tasks: Sequence[str],
         raise ValueError(f"task {unknown[0]!r} is not a task of this benchmark; valid: {', '.join(bench.heads)}.")
     start = time.perf_counter()
     runs = plan_runs(configs, tasks, steps)
-    todo = [r for r in runs if not all(is_cached(bench, r.task, r.checkpoint_config(s)) for s in r.steps)]
+    todo = [r for r in runs if not all(_ready(bench, r.task, r.checkpoint_config(s), probe_size) for s in r.steps)]
     trained: set[tuple[str, FinetuneConfig]] = set()
     if todo:
         bench.pretrained_state()  # build the shared caches once, before any worker starts
