@@ -163,6 +163,18 @@ def test_bad_benchmark_parameters_get_clear_errors(data_dir):
         TinyBenchmarkConfig.from_params(tasks=["cats"])
     with pytest.raises(ValueError, match="patch_size=5 must divide image_size=32"):
         TinyBenchmarkConfig.from_params(model={"patch_size": 5})
+    # what a parameter file can hold that the size has no place for: named, with what would be valid
+    with pytest.raises(ValueError, match=r"tasks='digits' is not valid; give a list of task names, e.g. \['digits'\]"):
+        mergelab.load_benchmark("tiny", tasks="digits")
+    with pytest.raises(ValueError, match=r"data parameter 'n_trian' is not valid for the tiny benchmark; valid: seed, n_train"):
+        TinyBenchmarkConfig.from_params(data={"n_trian": 100})
+    with pytest.raises(ValueError, match=r"benchmark parameter 'foo' is not valid for the tiny benchmark; valid: data, model"):
+        mergelab.load_benchmark("tiny", foo=1)
+    with pytest.raises(ValueError, match=r"model=\[32\] is not valid for the tiny benchmark; give a mapping"):
+        TinyBenchmarkConfig.from_params(model=[32])
+    with pytest.raises(ValueError, match="head_shots=None is not valid; use a positive integer"):
+        TinyBenchmarkConfig.from_params(head_shots=None)
+    assert TinyBenchmarkConfig.from_params(tasks=None).tasks == TinyBenchmarkConfig().tasks  # null: every task
 
 
 def test_loading_a_checkpoint_of_another_architecture_is_refused(bench):

@@ -155,6 +155,8 @@ def test_bad_parameters_name_what_is_valid(env):
         ClipBenchmarkConfig.from_params(pretrain={"num_steps": 4})
     with pytest.raises(ValueError, match="head_shots"):
         ClipBenchmarkConfig.from_params(head_shots=8)
+    with pytest.raises(ValueError, match=r"tasks='MNIST' is not valid; give a list of task names, e.g. \['MNIST'\]"):
+        ClipBenchmarkConfig.from_params(tasks="MNIST")
     with pytest.raises(ValueError, match="not an open_clip architecture"):
         mergelab.load_benchmark("clip", model={"name": "ViT-Nope"})
     with pytest.raises(ValueError, match="not a tag of 'ViT-B-32'.*openai"):

@@ -8,7 +8,8 @@ chapters) talks to it through this protocol only, so a new size is one class tha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -91,6 +92,30 @@ class Benchmark(Protocol):
 
     def eval_features(self, encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Features ``(n, d)`` float32 of a batch in the arithmetic of :meth:`evaluate`."""
+
+
+def config_from(cls: type, what: str, values: Mapping[str, Any] | None, size: str) -> Any:
+    """``cls(**values)`` for a dataclass of a benchmark's parameters (``values`` as a parameter file gives them;
+    ``None``: the defaults), with a clear error naming a key it does not have and the valid ones."""
+    if values is not None and not isinstance(values, Mapping):
+        raise ValueError(f"{what}={values!r} is not valid for the {size} benchmark; give a mapping of its keys "
+                         f"({', '.join(f.name for f in dataclasses.fields(cls))}).")
+    values = dict(values or {})
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"{what} parameter {unknown[0]!r} is not valid for the {size} benchmark; valid: "
+                         f"{', '.join(valid)}.")
+    return cls(**values)
+
+
+def task_names(tasks: Any, valid: Sequence[str]) -> tuple[str, ...] | None:
+    """The ``tasks`` parameter as a tuple of names (``None`` or empty: ``None``, every task); a single string
+    is refused, since iterating it would give its letters."""
+    if isinstance(tasks, str):
+        raise ValueError(f"tasks={tasks!r} is not valid; give a list of task names, e.g. [{tasks!r}] "
+                         f"(valid: {', '.join(valid)}).")
+    return tuple(tasks) if tasks else None
 
 
 class BenchmarkBase:

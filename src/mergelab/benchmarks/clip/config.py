@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ... import paths
 from ...training import FinetuneConfig
+from ..base import config_from, task_names
 from . import datasets as ds
 from .model import ClipModelConfig
 
@@ -106,13 +107,7 @@ class ClipDataConfig:
 
 
 def _dataclass_from(cls: type, what: str, values: dict | None):
-    values = dict(values or {})
-    valid = [f.name for f in fields(cls)]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ValueError(f"{what} parameter {unknown[0]!r} is not valid for the clip benchmark; valid: "
-                         f"{', '.join(valid)}.")
-    return cls(**values)
+    return config_from(cls, what, values, "clip")
 
 
 @dataclass(frozen=True)
@@ -156,5 +151,5 @@ class ClipBenchmarkConfig:
         if head_shots is not None:
             raise ValueError(f"head_shots={head_shots!r} does not apply to the clip benchmark (its heads are "
                              "zero-shot text heads); set head_shots: null in the clip parameter file.")
-        return cls(tasks=tuple(tasks) if tasks else ds.TASKS, data=_dataclass_from(ClipDataConfig, "data", data),
+        return cls(tasks=task_names(tasks, ds.TASKS) or ds.TASKS, data=_dataclass_from(ClipDataConfig, "data", data),
                    model=_dataclass_from(ClipModelConfig, "model", model), checkpoint_every=checkpoint_every)

@@ -25,7 +25,7 @@ from ... import paths
 from ...cache import Artifact
 from ...models import ClassificationHead, TinyViTConfig, build_tiny_encoder, encode, load_encoder_state
 from ...training import FinetuneConfig, PretrainConfig, finetune, pretrain_attributes, pretrain_contrastive, pretrain_factors
-from ..base import BenchmarkBase
+from ..base import BenchmarkBase, config_from, task_names
 from ... import codeversion
 from .data import SPLITS, TASK_CLASSES, TASKS, TinyDataConfig, canonical_images, generator_key, load_task
 from .pretext import PRETEXT_KINDS, PRETEXT_TEXTURES, load_pretext
@@ -87,17 +87,19 @@ class TinyBenchmarkConfig:
             raise ValueError(f"tasks={self.tasks!r} must be a non-empty list of distinct tasks from {TASKS}.")
         if self.heads not in HEAD_KINDS:
             raise ValueError(f"heads={self.heads!r} is not valid; use one of {', '.join(HEAD_KINDS)}.")
-        if self.head_shots < 1:
+        if isinstance(self.head_shots, bool) or not isinstance(self.head_shots, int) or self.head_shots < 1:
             raise ValueError(f"head_shots={self.head_shots!r} is not valid; use a positive integer.")
 
     @classmethod
     def from_params(cls, data: dict | None = None, model: dict | None = None,
                     pretrain: dict | None = None, **rest: Any) -> "TinyBenchmarkConfig":
-        """Build from plain dicts (as they come from a papermill parameter file)."""
-        if "tasks" in rest and rest["tasks"] is not None:
-            rest["tasks"] = tuple(rest["tasks"])
-        return cls(data=TinyDataConfig(**(data or {})), model=TinyViTConfig(**(model or {})),
-                   pretrain=PretrainConfig(**(pretrain or {})), **rest)
+        """Build from plain dicts (as they come from a papermill parameter file); ``tasks`` missing or
+        ``null``: every task. A key the size does not have is refused by name, with the valid ones."""
+        tasks = task_names(rest.pop("tasks", None), TASKS)
+        parts = {"data": config_from(TinyDataConfig, "data", data, "tiny"),
+                 "model": config_from(TinyViTConfig, "model", model, "tiny"),
+                 "pretrain": config_from(PretrainConfig, "pretrain", pretrain, "tiny")}
+        return config_from(cls, "benchmark", {**rest, **parts, **({"tasks": tasks} if tasks else {})}, "tiny")
 
 
 class TinyBenchmark(BenchmarkBase):
