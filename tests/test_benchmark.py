@@ -172,6 +172,12 @@ def test_bad_benchmark_parameters_get_clear_errors(data_dir):
         mergelab.load_benchmark("tiny", foo=1)
     with pytest.raises(ValueError, match=r"model=\[32\] is not valid for the tiny benchmark; give a mapping"):
         TinyBenchmarkConfig.from_params(model=[32])
+    with pytest.raises(ValueError, match="patch_size=0 is not valid; use a positive integer"):
+        TinyBenchmarkConfig.from_params(model={"patch_size": 0})
+    with pytest.raises(ValueError, match="heads='4' is not valid; use a positive integer"):
+        TinyBenchmarkConfig.from_params(model={"heads": "4"})
+    with pytest.raises(ValueError, match="mlp_ratio=0 is not valid; use a positive number"):
+        TinyBenchmarkConfig.from_params(model={"mlp_ratio": 0})
     with pytest.raises(ValueError, match="head_shots=None is not valid; use a positive integer"):
         TinyBenchmarkConfig.from_params(head_shots=None)
     assert TinyBenchmarkConfig.from_params(tasks=None).tasks == TinyBenchmarkConfig().tasks  # null: every task
