@@ -106,10 +106,6 @@ class ClipDataConfig:
         return Path(value).expanduser().resolve()
 
 
-def _dataclass_from(cls: type, what: str, values: dict | None):
-    return config_from(cls, what, values, "clip")
-
-
 @dataclass(frozen=True)
 class ClipBenchmarkConfig:
     """Everything that defines a ``clip`` benchmark run.
@@ -151,5 +147,6 @@ class ClipBenchmarkConfig:
         if head_shots is not None:
             raise ValueError(f"head_shots={head_shots!r} does not apply to the clip benchmark (its heads are "
                              "zero-shot text heads); set head_shots: null in the clip parameter file.")
-        return cls(tasks=task_names(tasks, ds.TASKS) or ds.TASKS, data=_dataclass_from(ClipDataConfig, "data", data),
-                   model=_dataclass_from(ClipModelConfig, "model", model), checkpoint_every=checkpoint_every)
+        return cls(tasks=task_names(tasks, ds.TASKS) or ds.TASKS,
+                   data=config_from(ClipDataConfig, "data", data, "clip"),
+                   model=config_from(ClipModelConfig, "model", model, "clip"), checkpoint_every=checkpoint_every)
