@@ -62,6 +62,7 @@ def test_notebook_runs_at_smoke_size_and_writes_results(name, run_notebook):
     prov = results["provenance"]
     assert prov["notebook"] == name and prov["parameters"]["profile"] == "smoke"
     assert {"versions", "device", "git_commit", "wall_time_s"} <= set(prov)
+    assert isinstance(prov["torch_threads"], int) and prov["torch_threads"] >= 1
     if name != "06_cycle_consistent_merging":  # every chapter on the tiny benchmark says which pretrained weights it used
         from mergelab import paths
         from mergelab.cache import file_sha256

@@ -746,6 +746,11 @@ def test_chapters_after_the_first_run_side_by_side_in_lanes(tmp_path: Path) -> N
         assert json.loads((out / "timings" / f"{name}.{PROFILE}.json").read_text())["wall_s"] >= 3
     assert not list(out.glob(".*.lane.*")) and result.book is not None
     assert build(tmp_path, jobs=2).statuses["02_gamma"] == report.UP_TO_DATE
+    (tmp_path / "params" / PROFILE / "02_gamma.yaml").write_text("value: 1\n")  # out of date alone, runs here
+    assert build(tmp_path, jobs=2).statuses == {"00_alpha": report.UP_TO_DATE, "01_beta": report.UP_TO_DATE,
+                                                 "02_gamma": report.EXECUTED}
+    alone = json.loads((out / "results" / "02_gamma.json").read_text())
+    assert alone["threads"] == gamma["threads"]  # the thread count of the full build: the same sums, the same bits
 
 
 @pytest.mark.timeout(240)

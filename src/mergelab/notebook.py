@@ -144,13 +144,14 @@ def versions() -> dict[str, str]:
 
 
 def provenance(session: Session) -> dict[str, Any]:
-    """Versions, parameters, device, git commit and wall time of this run, and the SHA-256 of the
+    """Versions, parameters, device, torch's thread count (``torch_threads``: sums reduced across threads may
+    differ in their last bits at another count), git commit and wall time of this run, and the SHA-256 of the
     pretrained weights when the run built a benchmark that pretrains its own (``tiny``)."""
     device = str(session.device)
     if session.device.type == "cuda":
         device += f" ({torch.cuda.get_device_name(session.device)})"
     out = {"notebook": session.notebook, "parameters": session.parameters, "device": device,
-           "seed": session.seed, "git_commit": git_commit(), "versions": versions(),
+           "torch_threads": torch.get_num_threads(), "seed": session.seed, "git_commit": git_commit(), "versions": versions(),
            "platform": platform.platform(), "wall_time_s": round(session.wall_time_s(), 2)}
     bench = session.__dict__.get("bench")  # only when this run built it (chapter 06 trains its own models)
     sha = getattr(bench, "pretrained_sha256", None) if bench is not None else None

@@ -9,7 +9,8 @@ CPU times (wall times for records that have none). The chapters after 00 do not 
 each trains or evaluates small models whose single run gains little from a second thread (the design
 record, docs/tiny-benchmark.md, has the step times). They run in processes
 (``python -m mergelab.report.lanes``), each with ``cores // jobs`` torch threads (the kernel inherits
-``OMP_NUM_THREADS``; cores as this process's CPU affinity allows), each
+``OMP_NUM_THREADS``; cores as this process's CPU affinity allows; ``jobs`` counted on the chapters a command
+selects, not on those out of date, so a chapter run again alone keeps the thread count of the full build), each
 writing its own executed notebook, stamp and timing record; a lane's output goes to
 ``<reports>/.<notebook>.lane.log``, shown when it fails. What two chapters share (the generated data, the
 pretrained encoder, the heads, an expert) is built through :func:`mergelab.cache.build_lock`, under a file
@@ -123,7 +124,8 @@ def expected_seconds(reports: Path, profile: str) -> dict[str, float]:
 
 
 def run_in_lanes(plan: Sequence[tuple[Path, dict[str, Any], str]], profile: str, reports: Path,
-                 jobs: int, first: Callable[[], Any] | None = None) -> dict[str, dict[str, Any]]:
+                 jobs: int, first: Callable[[], Any] | None = None, threads: int | None = None
+                 ) -> dict[str, dict[str, Any]]:
     """Execute ``plan`` (``(notebook, parameters, digest)`` each) in ``jobs`` lanes; return each notebook's
     timing record.
 
@@ -136,8 +138,9 @@ def run_in_lanes(plan: Sequence[tuple[Path, dict[str, Any], str]], profile: str,
     alone at the end with a long chapter. A failure stops nothing already running; at the end one error
     names every failed chapter and shows the first one's output (each keeps its log). If ``first`` fails,
     the chapters waiting for it do not run, and its error is raised once the running lanes are done.
+    ``threads``: torch threads of every chapter (``None``: the cores shared out among the ``jobs`` lanes).
     """
-    threads = lane_threads(jobs)
+    threads = lane_threads(jobs) if threads is None else threads
     _say(f"running {len(plan)} chapters {jobs} at a time ({threads} torch thread(s) each)"
          + (", those that need nothing from the first beside it" if first is not None else ""))
     environ = dict(os.environ)  # read once, here: the first chapter sets its kernel's variables meanwhile

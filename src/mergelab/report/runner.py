@@ -457,9 +457,12 @@ def run_notebooks(
             statuses[notebook.stem] = UP_TO_DATE
         else:
             todo.append((notebook, parameters, digest))
-    from .lanes import resolve_jobs, run_in_lanes
+    from .lanes import lane_thread_environment, lane_threads, resolve_jobs, run_in_lanes
 
     lanes = resolve_jobs(jobs, max(1, len(todo)))  # checked even when nothing runs
+    # One thread count for every chapter of this command, whatever is out of date: a chapter run again alone
+    # (after an edit) gets the threads it had in the full build, so reductions across threads give the same bits.
+    threads = lane_threads(resolve_jobs(jobs, max(1, len(plan))))
 
     def here(notebook: Path, parameters: dict[str, Any], digest: str) -> None:
         from .timings import cpu_text
@@ -471,10 +474,11 @@ def run_notebooks(
         statuses[notebook.stem] = EXECUTED
 
     if lanes == 1:
-        for item in todo:
-            here(*item)
+        with environment(lane_thread_environment(threads)):
+            for item in todo:
+                here(*item)
     elif todo:  # the first chapter here, building what the others read; beside it those that need none of it
-        run_in_lanes(todo[1:], profile, reports, lanes, first=lambda: here(*todo[0]))
+        run_in_lanes(todo[1:], profile, reports, lanes, first=lambda: here(*todo[0]), threads=threads)
         statuses.update({notebook.stem: EXECUTED for notebook, _, _ in todo[1:]})
     return statuses
 
