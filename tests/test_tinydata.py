@@ -108,6 +108,12 @@ def test_bad_input_names_the_parameter_and_valid_values():
         generate_task("digits", "holdout", SMALL)
     with pytest.raises(ValueError, match=r"n_train=0 is not valid"):
         TinyDataConfig(n_train=0)
+    with pytest.raises(ValueError, match=r"noise='0.08' is not valid; use a number in \[0, 1\)"):
+        TinyDataConfig(noise="0.08")  # a string, as YAML reads a quoted number: refused before any image is drawn
+    with pytest.raises(ValueError, match=r"seed=-1 is not valid; use an integer >= 0"):
+        TinyDataConfig(seed=-1)
+    with pytest.raises(ValueError, match=r"n_pretext=2000.0 is not valid; use a positive integer"):
+        TinyDataConfig(n_pretext=2000.0)
 
 
 def test_digit_splits_use_disjoint_source_digits(monkeypatch):

@@ -30,7 +30,14 @@ def test_lr_schedules():
     ({"optimizer": "lion"}, "optimizer='lion' is not valid; use one of sgd, adam, adamw"),
     ({"lr": 0.0}, "lr=0.0 is not valid"),
     ({"batch_size": 0}, "batch_size=0 is not valid"),
-    ({"data_fraction": 1.5}, r"data_fraction=1.5 is not valid; use a value in \(0, 1\]"),
+    ({"data_fraction": 1.5}, r"data_fraction=1.5 is not valid; use a number in \(0, 1\]"),
+    ({"lr": "5e-4"}, r"lr='5e-4' is not valid; use a positive number"),  # a string, as YAML reads '5e-4' quoted
+    ({"weight_decay": "0.1"}, r"weight_decay='0.1' is not valid; use a number >= 0"),
+    ({"grad_clip": -1.0}, r"grad_clip=-1.0 is not valid; use a number >= 0"),
+    ({"momentum": "0.9"}, r"momentum='0.9' is not valid; use a number"),
+    ({"seed": "0"}, r"seed='0' is not valid; use an integer >= 0"),
+    ({"warmup_steps": 2.5}, r"warmup_steps=2.5 is not valid; use an integer >= 0"),
+    ({"num_steps": True}, r"num_steps=True is not valid; use a positive integer"),
     ({"schedule": "step"}, "schedule='step' is not valid"),
     ({"warmup_steps": 500, "num_steps": 10}, "warmup_steps=500 is not valid"),
 ])
@@ -301,6 +308,40 @@ def test_pretrain_factors_adds_the_contrastive_term_on_unlabelled_images_reprodu
         run(0.5, images=None)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"lr": "1e-3"}, r"pretrain lr='1e-3' is not valid; use a positive number"),
+    ({"lr": 0}, r"pretrain lr=0 is not valid; use a positive number"),
+    ({"weight_decay": "0.05"}, r"pretrain weight_decay='0.05' is not valid; use a number >= 0"),
+    ({"temperature": "0.2"}, r"pretrain temperature='0.2' is not valid; use a positive number"),
+    ({"warmup_steps": "200"}, r"pretrain warmup_steps='200' is not valid; use an integer >= 0"),
+    ({"num_steps": 3000.0}, r"pretrain num_steps=3000.0 is not valid; use a positive integer"),
+    ({"seed": -1}, r"pretrain seed=-1 is not valid; use an integer >= 0"),
+    ({"view_noise": "0.05"}, r"pretrain view_noise='0.05' is not valid; use a number >= 0"),
+])
+def test_pretrain_config_refuses_values_of_the_wrong_type_before_any_data_is_made(kwargs, match):
+    """A number written as a string (``lr: "1e-3"``) fails here, naming the setting, not later inside AdamW."""
+    with pytest.raises(ValueError, match=match):
+        PretrainConfig(**kwargs)
+
+
+def test_check_number_and_check_integer_accept_numpy_scalars_and_name_the_valid_range():
+    import numpy as np
+
+    from mergelab.utils import check_integer, check_number
+
+    check_integer("seed", np.int64(3), minimum=0)  # what a sweep may pass
+    check_number("lr", np.float32(1e-3), low=0, low_open=True)
+    check_number("noise", 0, low=0, high=1, high_open=True)
+    with pytest.raises(ValueError, match=r"noise=1 is not valid; use a number in \[0, 1\)"):
+        check_number("noise", 1, low=0, high=1, high_open=True)
+    with pytest.raises(ValueError, match=r"x=-inf is not valid; use a number <= 2"):
+        check_number("x", float("-inf"), high=2)  # inside the bound, but not finite
+    with pytest.raises(ValueError, match=r"lr=nan is not valid; use a positive number"):
+        check_number("lr", float("nan"), low=0, low_open=True)
+    with pytest.raises(ValueError, match=r"k=1 is not valid; use an integer >= 2"):
+        check_integer("k", 1, minimum=2)
+
+
 def test_pretrain_config_refuses_bad_contrastive_settings_naming_them():
     with pytest.raises(ValueError, match="unlabelled_weight=-1 is not valid; use a number >= 0"):
         PretrainConfig(unlabelled_weight=-1)
@@ -381,3 +422,19 @@ def test_finetuning_line_counts_shipped_trained_and_cached_runs():
     assert finetuning_line(shipped + made * 2, 1) == (
         "fine-tuning runs: 4: 2 shipped with mergelab (made by this code: 20 s of training, one thread per run; "
         "MERGELAB_FINETUNE=1 with an empty data folder trains them here), 1 trained here, 1 from the cache or imported")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"lr": "1e-3"}, r"lr='1e-3' is not valid; use a positive number"),
+    ({"momentum": 1.0}, r"momentum=1.0 is not valid; use a number in \[0, 1\)"),
+    ({"widths": "128"}, r"widths='128' is not valid; use a list of positive integers"),
+    ({"widths": [64, 0]}, r"widths=0 is not valid; use a positive integer"),
+    ({"warmup_epochs": -1}, r"warmup_epochs=-1 is not valid; use an integer >= 0"),
+])
+def test_scratch_config_refuses_bad_values_naming_them(kwargs, match):
+    """Chapter 06's recipe: a quoted number is refused by name, not converted or failing inside the optimizer."""
+    from mergelab.training.scratch import ScratchConfig
+
+    with pytest.raises(ValueError, match=match):
+        ScratchConfig(**kwargs)
+    assert ScratchConfig(lr=1, weight_decay=0).lr == 1.0  # integers still read as the floats they hash as

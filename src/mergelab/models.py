@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .utils import StateDict
+from .utils import StateDict, check_integer, check_number
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,8 @@ class TinyViTConfig:
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "width", "layers", "heads", "output_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is not valid; use a positive integer.")
-        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio={self.mlp_ratio!r} is not valid; use a positive number.")
+            check_integer(name, getattr(self, name))
+        check_number("mlp_ratio", self.mlp_ratio, low=0, low_open=True)
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"patch_size={self.patch_size} must divide image_size={self.image_size}; "

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 import os
 import random
 import sys
@@ -34,6 +35,38 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+
+
+def check_integer(name: str, value: Any, minimum: int = 1) -> None:
+    """Raise a ``ValueError`` naming ``name`` and ``value`` unless ``value`` is an integer (not a bool, not a
+    string such as ``"300"``) of at least ``minimum``. ``name`` is written as the user wrote the setting
+    (e.g. ``"pretrain num_steps"``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        valid = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name}={value!r} is not valid; use {valid}.")
+
+
+def check_number(name: str, value: Any, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Raise a ``ValueError`` naming ``name`` and ``value`` unless ``value`` is a real number (not a bool, not a
+    string such as ``"1e-3"``, finite) in the interval from ``low`` to ``high`` (``None``: unbounded), each end
+    closed unless ``low_open`` / ``high_open``."""
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+          and (low is None or (value > low if low_open else value >= low))
+          and (high is None or (value < high if high_open else value <= high)))
+    if ok:
+        return
+    if high is None and low == 0 and low_open:
+        valid = "a positive number"
+    elif high is None and low is not None:
+        valid = f"a number {'>' if low_open else '>='} {low:g}"
+    elif low is None and high is not None:
+        valid = f"a number {'<' if high_open else '<='} {high:g}"
+    elif low is None:
+        valid = "a number"
+    else:
+        valid = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ValueError(f"{name}={value!r} is not valid; use {valid}.")
 
 
 def pick_device(device: str | None = "auto") -> torch.device:

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..utils import check_integer, check_number
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -55,17 +57,17 @@ class FinetuneConfig:
             raise ValueError(f"optimizer={self.optimizer!r} is not valid; use one of {', '.join(OPTIMIZERS)}.")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not valid; use one of {', '.join(SCHEDULES)}.")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r} is not valid; use a positive learning rate.")
+        check_number("lr", self.lr, low=0, low_open=True)
         for name in ("batch_size", "num_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; use a positive integer.")
-        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.num_steps:
+            check_integer(name, getattr(self, name))
+        check_integer("warmup_steps", self.warmup_steps, minimum=0)
+        if self.warmup_steps > self.num_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps!r} is not valid; use 0..num_steps={self.num_steps}.")
-        if not 0 < self.data_fraction <= 1:
-            raise ValueError(f"data_fraction={self.data_fraction!r} is not valid; use a value in (0, 1].")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("weight_decay and grad_clip must be >= 0.")
+        check_integer("seed", self.seed, minimum=0)
+        check_number("data_fraction", self.data_fraction, low=0, high=1, low_open=True)
+        for name in ("weight_decay", "grad_clip"):
+            check_number(name, getattr(self, name), low=0)
+        check_number("momentum", self.momentum)  # a number; its range is torch's SGD's to check (Adam ignores it)
 
 
 def lr_at(step: int, cfg: FinetuneConfig) -> float:

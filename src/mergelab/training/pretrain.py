@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..utils import check_integer, check_number
 from .finetune import FinetuneConfig, batch_stream, lr_at
 
 PRETEXT_OBJECTIVES = ("contrastive", "attributes", "factors")
@@ -64,25 +65,23 @@ class PretrainConfig:
             raise ValueError(f"pretrain objective={self.objective!r} is not valid; "
                              f"use one of {', '.join(PRETEXT_OBJECTIVES)}.")
         for name in ("num_steps", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"pretrain {name}={getattr(self, name)!r} is not valid; use a positive integer.")
-        if not 0 <= self.warmup_steps <= self.num_steps:
+            check_integer(f"pretrain {name}", getattr(self, name))
+        check_integer("pretrain warmup_steps", self.warmup_steps, minimum=0)
+        if self.warmup_steps > self.num_steps:
             raise ValueError(f"pretrain warmup_steps={self.warmup_steps!r} is not valid; "
                              f"use 0..num_steps={self.num_steps}.")
-        if not self.temperature > 0:
-            raise ValueError(f"pretrain temperature={self.temperature!r} is not valid; use a positive value.")
-        for name in ("unlabelled_weight", "view_brightness", "view_noise"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"pretrain {name}={value!r} is not valid; use a number >= 0.")
+        check_integer("pretrain seed", self.seed, minimum=0)
+        check_number("pretrain lr", self.lr, low=0, low_open=True)
+        check_number("pretrain temperature", self.temperature, low=0, low_open=True)
+        for name in ("weight_decay", "unlabelled_weight", "view_brightness", "view_noise"):
+            check_number(f"pretrain {name}", getattr(self, name), low=0)
         if not self.view_brightness < 1:
             raise ValueError(f"pretrain view_brightness={self.view_brightness!r} is not valid; use 0 <= value < 1 "
                              "(the brightness factor is drawn from 1 +- view_brightness and must stay positive).")
         if isinstance(self.unlabelled_batch, bool) or not isinstance(self.unlabelled_batch, int) or self.unlabelled_batch < 2:
             raise ValueError(f"pretrain unlabelled_batch={self.unlabelled_batch!r} is not valid; use an integer "
                              ">= 2 (InfoNCE needs negatives).")
-        if isinstance(self.view_shift, bool) or not isinstance(self.view_shift, int) or self.view_shift < 0:
-            raise ValueError(f"pretrain view_shift={self.view_shift!r} is not valid; use an integer >= 0 (pixels).")
+        check_integer("pretrain view_shift", self.view_shift, minimum=0)
         if self.unlabelled_weight > 0 and self.objective != "factors":
             raise ValueError(f"pretrain unlabelled_weight={self.unlabelled_weight!r} is only used by objective "
                              f"'factors', not {self.objective!r}; set it to 0 or use objective 'factors'.")

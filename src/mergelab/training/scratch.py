@@ -24,7 +24,7 @@ from .. import codeversion, paths
 from ..alignment.architectures import build_model, no_onednn
 from ..alignment.specs import PermutationSpec
 from ..cache import Artifact
-from ..utils import config_hash
+from ..utils import check_integer, check_number, config_hash
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -82,16 +82,22 @@ class ScratchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.widths, (str, bytes)) or not hasattr(self.widths, "__iter__"):
+            raise ValueError(f"widths={self.widths!r} is not valid; use a list of positive integers.")
+        for width in self.widths:
+            check_integer("widths", width)
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_number("momentum", self.momentum, low=0, high=1, high_open=True)
         for name in ("lr", "weight_decay", "momentum"):  # 0 and 0.0 from a YAML file hash alike
             object.__setattr__(self, name, float(getattr(self, name)))
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={self.optimizer!r} is not valid; use one of {', '.join(OPTIMIZERS)}.")
         for name in ("epochs", "batch_size", "blocks"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; use a positive integer.")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r} is not valid; use a positive learning rate.")
+            check_integer(name, getattr(self, name))
+        check_integer("warmup_epochs", self.warmup_epochs, minimum=0)
+        check_integer("seed", self.seed, minimum=0)
 
 
 def new_model(cfg: ScratchConfig, data: DigitsSplit) -> tuple[nn.Module, PermutationSpec]:

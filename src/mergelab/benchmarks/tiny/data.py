@@ -22,7 +22,7 @@ import numpy as np
 
 from ... import paths
 from ...cache import build_lock
-from ...utils import atomic_save_npz, config_hash
+from ...utils import atomic_save_npz, check_integer, check_number, config_hash
 
 IMAGE_SIZE = 32
 GENERATOR_VERSION = 6  # bump when any generator below changes, so caches are rebuilt (6: digits aligned with the patch grid)
@@ -60,12 +60,10 @@ class TinyDataConfig:
     noise: float = 0.08
 
     def __post_init__(self) -> None:
+        check_integer("seed", self.seed, minimum=0)
         for name in ("n_train", "n_val", "n_test", "n_pretext"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is not valid; use a positive integer.")
-        if not 0.0 <= self.noise < 1.0:
-            raise ValueError(f"noise={self.noise!r} is not valid; use a value in [0, 1).")
+            check_integer(name, getattr(self, name))
+        check_number("noise", self.noise, low=0, high=1, high_open=True)
 
 
 def check_task(task: str) -> str:
