@@ -106,6 +106,39 @@ def test_every_documented_layout_loads_with_the_split_rules(root):
     assert set(ds.load_source("GTSRB", root).train.labels.tolist()) == {0, 14, 28, 42}
 
 
+def test_an_image_written_again_in_place_makes_a_new_fingerprint_and_a_moved_data_root_keeps_it(tmp_path):
+    """Cache keys of the clip size (experts, evaluations) carry the split's fingerprint. Besides labels and
+    indices it reads each file's size and modification time: a test image replaced in place under the same name
+    and label is new data for the test split only; a data root moved elsewhere is the same data."""
+    root = write_synthetic_datasets(tmp_path / "a")
+
+    def prints(where: Path) -> dict[tuple[str, str], str]:
+        out = {}
+        for task in TASKS:
+            source = ds.load_source(task, where)
+            out.update({(task, s): ds.make_split(source, s).fingerprint() for s in ("train", "test")})
+        return out
+
+    before = prints(root)
+    assert prints(root) == before  # read again: the same
+    moved = tmp_path / "b"
+    root.rename(moved)
+    assert prints(moved) == before  # neither the paths nor the root enter it
+    for task in TASKS:
+        test = ds.make_split(ds.load_source(task, moved), "test")
+        if test.files is not None:  # one image per example: rewrite the first test image with other pixels
+            with Image.open(test.files[0]) as img:
+                pixels = np.asarray(img.convert("RGB"))
+            Image.fromarray(255 - pixels).save(test.files[0], format=img.format)
+        else:  # MNIST, SVHN: the split's images live in one or two files, written again
+            assert test.data_files, task
+            Path(test.data_files[0]).write_bytes(Path(test.data_files[0]).read_bytes())
+    after = prints(moved)
+    for task in TASKS:
+        assert after[task, "test"] != before[task, "test"], task
+        assert after[task, "train"] == before[task, "train"], task  # the other split keeps its caches
+
+
 @pytest.mark.parametrize("n", [7, 27, 1000, 60_000])
 def test_validation_split_is_the_public_rule(n):
     train, val = ds.train_val_split(n)

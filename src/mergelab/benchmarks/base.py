@@ -245,7 +245,7 @@ class BenchmarkBase:
         the weights. Per-example responses (:class:`mergelab.analysis.responses.ResponseEvaluator`) key their
         cache on it too, so that other data or other arithmetic is never read from an earlier run's file. What
         it names of the data is each size's: at the clip size the split's fingerprint (task, split, size,
-        labels and example indices), not the images' bytes."""
+        labels, example indices and its files' sizes and modification times), not the images' bytes."""
         return self._eval_key(self.check_task(task), self.check_split(split))
 
     def eval_features(self, encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

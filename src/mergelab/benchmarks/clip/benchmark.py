@@ -428,7 +428,8 @@ class ClipBenchmark(BenchmarkBase):
         return ds.check_task(task)
 
     def _splits_fingerprint(self, task: str, split: str) -> str:
-        return self.dataset(task, split).fingerprint()
+        self.dataset(task, split)  # makes the split once; its fingerprint is kept on it, not on the copies
+        return self._splits[ds.check_task(task), split].fingerprint()
 
     def _train_run(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig, artifact: Artifact
                    ) -> tuple[StateDict, dict[str, Any]]:

@@ -158,11 +158,17 @@ class ImageFiles(Dataset):
 
 @dataclass
 class Pool:
-    """One official split: a base dataset, the positions used, and their labels."""
+    """One official split: a base dataset, the positions used, and their labels.
+
+    ``files``: the file each position of ``base`` reads (``None`` when the base keeps no list, e.g. MNIST);
+    ``data_files``: files that hold the whole pool (MNIST's idx files, SVHN's ``.mat``). Their sizes and
+    modification times enter :meth:`TaskSplit.fingerprint`, so images replaced in place are new data."""
 
     base: Dataset
     indices: np.ndarray
     labels: np.ndarray  # aligned with ``indices``
+    files: Sequence[str] | None = None
+    data_files: tuple[str, ...] = ()
 
 
 @dataclass
@@ -177,10 +183,36 @@ class TaskSource:
     val: Pool | None = None
 
 
-def _pool(base: Dataset, labels: Sequence[int], indices: np.ndarray | None = None) -> Pool:
+def example_files(base: Dataset) -> list[str] | None:
+    """The file each example of ``base`` is read from, in its order: :class:`ImageFiles`' list, torchvision's
+    ``_samples`` (GTSRB, Cars), ``samples`` (``ImageFolder``: EuroSAT) or ``_image_files`` (DTD, SUN397); ``None``
+    for a dataset that keeps its images in a few files (MNIST, SVHN: see :attr:`Pool.data_files`)."""
+    if isinstance(base, ImageFiles):
+        return base.files
+    for name in ("_samples", "samples"):
+        samples = getattr(base, name, None)
+        if samples is not None:
+            return [str(sample[0]) for sample in samples]
+    files = getattr(base, "_image_files", None)
+    return None if files is None else [str(f) for f in files]
+
+
+def files_stamp(paths: Sequence[str]) -> str:
+    """SHA-256 (16 hex digits) of the size and modification time (ns) of each file of ``paths``, in order: what
+    changes when a file is written again, as ``make`` reads it. Neither the paths nor the data root enter it, so
+    a data folder moved or copied with its times (``cp -a``, ``rsync -a``) keeps its caches."""
+    h = hashlib.sha256()
+    for path in paths:
+        st = os.stat(path)
+        h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def _pool(base: Dataset, labels: Sequence[int], indices: np.ndarray | None = None,
+          data_files: Sequence[str | Path] = ()) -> Pool:
     labels = np.asarray(labels, dtype=np.int64)
     idx = np.arange(len(labels)) if indices is None else np.asarray(indices, dtype=np.int64)
-    return Pool(base, idx, labels[idx])
+    return Pool(base, idx, labels[idx], example_files(base), tuple(str(f) for f in data_files))
 
 
 def _torchvision(task: str, root: Path, looked_at: Path, build: Callable[[], Any]) -> Any:
@@ -200,7 +232,9 @@ def _load_mnist(root: Path) -> TaskSource:
                               for k in ("images-idx3-ubyte", "labels-idx1-ubyte")))
     tr = _torchvision("MNIST", root, raw, lambda: MNIST(str(root), train=True))
     te = _torchvision("MNIST", root, raw, lambda: MNIST(str(root), train=False))
-    return TaskSource("MNIST", DIGITS, _pool(tr, tr.targets.numpy()), _pool(te, te.targets.numpy()))
+    files = {s: [raw / f"{s}-{k}" for k in ("images-idx3-ubyte", "labels-idx1-ubyte")] for s in ("train", "t10k")}
+    return TaskSource("MNIST", DIGITS, _pool(tr, tr.targets.numpy(), data_files=files["train"]),
+                      _pool(te, te.targets.numpy(), data_files=files["t10k"]))
 
 
 def _svhn_class():
@@ -221,7 +255,8 @@ def _load_svhn(root: Path) -> TaskSource:
     cls = _svhn_class()
     tr = _torchvision("SVHN", root, folder, lambda: cls(str(folder), split="train"))
     te = _torchvision("SVHN", root, folder, lambda: cls(str(folder), split="test"))
-    return TaskSource("SVHN", DIGITS, _pool(tr, tr.labels), _pool(te, te.labels))
+    return TaskSource("SVHN", DIGITS, _pool(tr, tr.labels, data_files=[folder / "train_32x32.mat"]),
+                      _pool(te, te.labels, data_files=[folder / "test_32x32.mat"]))
 
 
 def _load_gtsrb(root: Path) -> TaskSource:
@@ -432,6 +467,9 @@ class TaskSplit(Dataset):
         self.indices = pool.indices[positions]
         self.labels = pool.labels[positions]
         self.transform = transform
+        self.files = None if pool.files is None else [pool.files[int(i)] for i in self.indices]
+        self.data_files = pool.data_files
+        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -452,11 +490,16 @@ class TaskSplit(Dataset):
         return image, int(self.labels[i])
 
     def fingerprint(self) -> str:
-        """Hash of the split's identity (task, split, size, labels): part of cache keys."""
-        h = hashlib.sha256(f"{self.task}|{self.split}|{len(self)}|v{SPLIT_RULE_VERSION}".encode())
-        h.update(np.ascontiguousarray(self.labels).tobytes())
-        h.update(np.ascontiguousarray(self.indices).tobytes())
-        return h.hexdigest()[:16]
+        """Hash of the split's identity (task, split, size, labels, example indices) and of its files' sizes and
+        modification times (:func:`files_stamp`: an image written again, in place under the same name and label,
+        makes a new fingerprint): part of cache keys. Computed once per split object (one ``stat`` per example)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(f"{self.task}|{self.split}|{len(self)}|v{SPLIT_RULE_VERSION}".encode())
+            h.update(np.ascontiguousarray(self.labels).tobytes())
+            h.update(np.ascontiguousarray(self.indices).tobytes())
+            h.update(files_stamp([*(self.files or ()), *self.data_files]).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
 
 def make_split(source: TaskSource, split: str, limit: int | None = None) -> TaskSplit:
