@@ -37,7 +37,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "trajectory": ("training/trajectories.py", "training/finetune.py", "models.py"),
     "scratch": ("training/scratch.py", "alignment/architectures.py"),  # chapter 06's models from different seeds
     "evaluation": ("benchmarks/base.py", "benchmarks/tiny/benchmark.py", "benchmarks/clip/benchmark.py",
-                   "benchmarks/clip/datasets.py", "benchmarks/clip/model.py", "models.py",
+                   "benchmarks/clip/datasets.py", "benchmarks/clip/splits.py", "benchmarks/clip/model.py", "models.py",
                    "analysis/generalization.py", "analysis/responses.py"),  # cached accuracies, losses and responses per weights
     "merge": ("experiments/ch06_c2m3.py", "experiments/ch06_store.py", "alignment/frank_wolfe.py",
               "alignment/matching.py", "alignment/repair.py", "alignment/specs.py", "alignment/architectures.py",
