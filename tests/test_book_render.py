@@ -42,7 +42,11 @@ def executed_notebook() -> nbformat.NotebookNode:
         new_markdown_cell("## Exercises"),
         new_markdown_cell("### Exercise 0.1: write a rule\n\n*Implement.* Write it.", metadata={"tags": ["exercise"]}),
         new_code_cell("kept_line = 1\n### BEGIN SOLUTION\nsolution_code_marker = 2\n### END SOLUTION",
-                      metadata={"tags": ["solution"]}, outputs=[new_output("stream", name="stdout", text="solved\n")]),
+                      metadata={"tags": ["solution"]}, outputs=[
+                          new_output("stream", name="stdout", text="solved\n"),
+                          new_output("display_data", data={"text/markdown": "Solution prose one marker.", "text/plain": ""}),
+                          new_output("display_data", data={"text/markdown": "Solution prose two marker.", "text/plain": ""}),
+                          new_output("execute_result", data={"text/plain": "solution_table_marker"}, execution_count=3)]),
         new_code_cell("check_marker()", metadata={"tags": ["exercise-check"]}),
         new_markdown_cell("### Exercise 0.2: read a figure\n\n*Interpret.* Read it.", metadata={"tags": ["exercise"]}),
         new_markdown_cell("Solution prose marker.", metadata={"tags": ["solution"]}),
@@ -138,6 +142,11 @@ def test_exercises_are_numbered_callouts_with_their_solutions_folded_under_them(
                        page, re.DOTALL)
     assert [n for n, _ in folds] == ["0.1", "0.2"]
     assert "solution_code_marker" in folds[0][1] and "solved" in folds[0][1] and "code-fold" not in folds[0][1]
+    # what a solution prints (its Markdown prose, a table) stays in its one fold, in order, with no empty piece
+    body = folds[0][1]
+    assert body.index("solved") < body.index("Solution prose one marker.") < body.index("Solution prose two marker.") \
+        < body.index("solution_table_marker")
+    assert not re.search(r'<div[^>]*class="cell code"[^>]*>\s*</div>', body)
     assert "Solution prose marker." in folds[1][1]
     assert "BEGIN SOLUTION" not in page and "END SOLUTION" not in page and "kept_line" in folds[0][1]
     check = page.index("check_marker")

@@ -143,7 +143,7 @@ def prepare_notebook(nb: Any) -> Any:
       ``fig-cap``), which pandoc hands to the filter as attributes;
     * Markdown outputs (``IPython.display.Markdown``) become Markdown cells, so that their citations,
       math and ``@fig-`` references are read like the rest of the text (pandoc would show their
-      ``text/plain`` form);
+      ``text/plain`` form); those of a solution keep its tag, so they stay folded with it;
     * widget outputs (progress bars) and stderr streams go;
     * exercise cells keep their tags (``book.lua`` makes callouts and folded solutions of them), solution
       code loses its ``### BEGIN/END SOLUTION`` marker lines, and a Quarto rewrite of the exercises
@@ -179,8 +179,11 @@ def prepare_notebook(nb: Any) -> Any:
             if "application/vnd.jupyter.widget-view+json" in data:
                 continue
             if "text/markdown" in data:
-                cells.append(segment)
-                cells.append(new_markdown_cell(_text(data["text/markdown"])))
+                if segment.source.strip() or segment.outputs:  # not an empty piece between two Markdown outputs
+                    cells.append(segment)
+                # a solution's printed prose stays in the solution's fold, hidden until it is unfolded
+                prose_tags = {"tags": [SOLUTION_TAG]} if SOLUTION_TAG in book_tags else {}
+                cells.append(new_markdown_cell(_text(data["text/markdown"]), metadata=prose_tags))
                 segment = new_code_cell("", metadata={"echo": False, **{k: v for k, v in meta.items() if k != "echo"}})
                 continue
             segment.outputs.append(output)
