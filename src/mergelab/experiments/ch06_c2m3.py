@@ -99,7 +99,7 @@ def interpolation(t: Trained, data: DigitsSplit, points: int, seed: int) -> pd.D
 
 def repair_layers(t: Trained) -> list[str]:
     """The layers REPAIR corrects: every conv of the ResNet (as in the official code); every hidden
-    linear layer of the MLP (the official code corrects none there; here it shows that it matters little)."""
+    linear layer of the MLP (the official code corrects none there; here its effect is measured on both)."""
     if t.arch == "mlp":
         return [f"layers.{i}" for i in range(len(t.cfg.widths))]
     return [n for n, m in t.model.named_modules() if isinstance(m, nn.Conv2d)]
