@@ -751,6 +751,9 @@ def test_chapters_after_the_first_run_side_by_side_in_lanes(tmp_path: Path) -> N
                                                  "02_gamma": report.EXECUTED}
     alone = json.loads((out / "results" / "02_gamma.json").read_text())
     assert alone["threads"] == gamma["threads"]  # the thread count of the full build: the same sums, the same bits
+    named = build(tmp_path, jobs=2, names=["02_gamma"], force=True)  # `make report NOTEBOOKS=02_gamma FORCE=1`
+    assert named.statuses == {"02_gamma": report.EXECUTED}
+    assert json.loads((out / "results" / "02_gamma.json").read_text())["threads"] == gamma["threads"]
 
 
 @pytest.mark.timeout(240)

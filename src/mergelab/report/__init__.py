@@ -1,13 +1,14 @@
 """Execute the notebooks with papermill and build the report book.
 
-``python -m mergelab.report [--profile smoke|tiny|clip] [--reports DIR] [--notebooks NAME ...]
+``python -m mergelab.report [--profile smoke|tiny|tiny_full|clip|clip_smoke] [--reports DIR] [--notebooks NAME ...]
 [--force] [--executor local|ray] [--jobs N|auto]`` runs every ``notebooks/NN_topic.ipynb`` (or the named ones) with the parameters in
 ``params/<profile>/<notebook>.yaml``, writes the executed copies to ``<reports>/``, and renders the
 book into ``<reports>/_book/``: with Quarto when it is on ``PATH``, else an HTML book made with pandoc
 (from the ``pypandoc-binary`` wheel; :mod:`mergelab.report.pandoc_book`).
 
 A notebook is executed again only when its content hash changed: the notebook, its parameter file,
-the profile and every ``src/mergelab/**/*.py``. The hash of the last successful run is kept in
+the profile's ``_benchmark.yaml`` (and those of the profiles it extends), the profile, and the package's
+code and shipped data (every ``src/mergelab/**`` file ending in ``.py``, ``.safetensors``, ``.json`` or ``.lua``). The hash of the last successful run is kept in
 ``<reports>/.stamps/<notebook>.<profile>.sha256``; ``--force`` ignores it.
 
 The book's chapters come from ``book.chapters`` in ``reports/_quarto.yml``, for both renderers.
@@ -107,9 +108,11 @@ def _build_report(profile: str, reports: Path, names: Sequence[str] | None, forc
                   executor: str | None = None, jobs: int | str | None = "auto") -> ReportResult:
     quarto_yml = Path(quarto_yml) if quarto_yml is not None else default_quarto_yml()
     chapters = book_chapters(quarto_yml)
-    check_chapters(discover_notebooks(notebooks_dir), chapters, quarto_yml)
+    every = discover_notebooks(notebooks_dir)
+    check_chapters(every, chapters, quarto_yml)
     selected = discover_notebooks(notebooks_dir, names)
-    statuses = run_notebooks(selected, profile, reports, params_dir, source_dir, force, executor, jobs)
+    statuses = run_notebooks(selected, profile, reports, params_dir, source_dir, force, executor, jobs,
+                             book_size=len(every))
     missing = [c for c in missing_chapters(reports, chapters) if c.endswith(".ipynb")]
     if names and missing:
         # A subset was asked for: its notebooks ran; the book needs every chapter, so it waits.

@@ -9,8 +9,8 @@ CPU times (wall times for records that have none). The chapters after 00 do not 
 each trains or evaluates small models whose single run gains little from a second thread (the design
 record, docs/tiny-benchmark.md, has the step times). They run in processes
 (``python -m mergelab.report.lanes``), each with ``cores // jobs`` torch threads (the kernel inherits
-``OMP_NUM_THREADS``; cores as this process's CPU affinity allows; ``jobs`` counted on the chapters a command
-selects, not on those out of date, so a chapter run again alone keeps the thread count of the full build), each
+``OMP_NUM_THREADS``; cores as this process's CPU affinity allows; ``jobs`` counted on the whole book, not on the
+chapters selected or out of date, so a chapter run again alone keeps the thread count of the full build), each
 writing its own executed notebook, stamp and timing record; a lane's output goes to
 ``<reports>/.<notebook>.lane.log``, shown when it fails. What two chapters share (the generated data, the
 pretrained encoder, the heads, an expert) is built through :func:`mergelab.cache.build_lock`, under a file

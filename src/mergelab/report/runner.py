@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import re
 import sys
@@ -25,11 +24,13 @@ from mergelab.utils import environment
 from mergelab.params import (ReportError, benchmark_param_files, check_parameters, load_params, notebook_parameters,
                              params_path)
 
+from .stamps import (  # noqa: F401  (re-exported: the report's public names)
+    STAMPS_DIR, PACKAGE_FILES, clear_stamps, content_hash, is_up_to_date, package_dir, stamp_path, write_stamp)
+
 RENDERERS = ("auto", "quarto", "pandoc")
 """``auto``: Quarto when it is on ``PATH``, else pandoc (from the ``pypandoc-binary`` wheel)."""
 
 BOOK_DIR = "_book"
-STAMPS_DIR = ".stamps"
 PROJECT_FILES = ("_quarto.yml", "index.qmd", "references.bib")
 """Files of the Quarto project copied next to the executed notebooks when ``--reports`` is elsewhere."""
 
@@ -141,77 +142,6 @@ def check_chapters(notebooks: Sequence[Path], chapters: Sequence[str], quarto_ym
             f"{quarto_yml} lists chapter(s) {', '.join(orphans)} but there is no such notebook in "
             f"{folder}: remove them from book.chapters or add the notebook."
         )
-
-
-# --- when to run -------------------------------------------------------------------------------
-
-
-def package_dir() -> Path:
-    """The ``mergelab`` package's source folder, whose files (:data:`PACKAGE_FILES`) are part of every content hash."""
-    return Path(paths.__file__).resolve().parent
-
-
-PACKAGE_FILES = frozenset({".py", ".safetensors", ".json", ".lua"})
-"""Suffixes of the package's files a chapter's result depends on: its code and the data it ships (the
-``package-data`` of pyproject.toml: shipped weights and their logs, code fingerprints, the book's filter)."""
-
-
-def content_hash(notebook: Path, params: Path, profile: str, source_dir: Path | None = None) -> str:
-    """SHA-256 of the notebook, its parameter files (the chapter's and the profile's benchmark block),
-    the profile and the package's files under ``source_dir``: every ``*.py`` and the data it ships
-    (:data:`PACKAGE_FILES`: the shipped encoder, heads and default runs, code fingerprints, the book's filter).
-
-    ``source_dir`` defaults to the installed package (``src/mergelab``); files are hashed in sorted
-    order with their relative paths, so renaming a module changes the hash too.
-    """
-    source_dir = Path(source_dir) if source_dir is not None else package_dir()
-    digest = hashlib.sha256()
-    for label, data in (
-        ("notebook", Path(notebook).read_bytes()),
-        ("params", Path(params).read_bytes()),
-        *(("benchmark params", f.read_bytes()) for f in benchmark_param_files(Path(params).parent)),
-        ("profile", profile.encode()),
-    ):
-        digest.update(f"{label}\0{len(data)}\0".encode() + data)
-    sources = (p for p in source_dir.rglob("*") if p.suffix in PACKAGE_FILES and "__pycache__" not in p.parts)
-    for source in sorted(p for p in sources if p.is_file()):
-        data = source.read_bytes()
-        digest.update(f"src\0{source.relative_to(source_dir).as_posix()}\0{len(data)}\0".encode() + data)
-    return digest.hexdigest()
-
-
-def stamp_path(reports: Path, notebook: str, profile: str) -> Path:
-    """``<reports>/.stamps/<notebook>.<profile>.sha256``."""
-    return Path(reports) / STAMPS_DIR / f"{notebook}.{profile}.sha256"
-
-
-def is_up_to_date(reports: Path, notebook: str, profile: str, digest: str) -> bool:
-    """True when the executed notebook exists and the stamp of its last run holds ``digest``."""
-    stamp = stamp_path(reports, notebook, profile)
-    if not (Path(reports) / f"{notebook}.ipynb").is_file() or not stamp.is_file():
-        return False
-    return stamp.read_text(encoding="utf-8").strip() == digest
-
-
-def clear_stamps(reports: Path, notebook: str) -> None:
-    """Remove the stamps of ``notebook`` under every profile. A run clears them when it starts: a chapter writes
-    its results file part-way through, so until the run succeeds no earlier run of it counts as up to date (an
-    interrupted or failed run would otherwise leave an old executed notebook beside new results)."""
-    folder = Path(reports) / STAMPS_DIR
-    for old in folder.glob(f"{notebook}.*.sha256"):
-        if "." not in old.name[len(notebook) + 1 : -len(".sha256")]:
-            old.unlink(missing_ok=True)
-
-
-def write_stamp(reports: Path, notebook: str, profile: str, digest: str) -> Path:
-    """Record a successful run; stamps of other profiles go, since the executed copy is now this one."""
-    stamp = stamp_path(reports, notebook, profile)
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    clear_stamps(reports, notebook)
-    tmp = stamp.with_name(f".{stamp.name}.tmp")
-    tmp.write_text(digest + "\n", encoding="utf-8")
-    os.replace(tmp, stamp)
-    return stamp
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -425,10 +355,15 @@ def run_notebooks(
     force: bool = False,
     executor: str | None = None,
     jobs: int | str | None = 1,
+    book_size: int | None = None,
 ) -> dict[str, str]:
     """Execute each notebook whose content hash changed (all of them with ``force``); with ``jobs`` above
     1 (or ``"auto"``), that many at a time: the first one here, those that need nothing from it beside it,
     the others once it is done (:mod:`mergelab.report.lanes`).
+
+    Every chapter runs at one torch thread count, the cores shared among the lanes a build of ``book_size``
+    chapters (the whole book; ``None``: the ``notebooks`` given) would use, whatever is out of date or
+    selected: a chapter run again alone gives the bits of the full build.
 
     Every parameter file is read before anything runs, so a missing one fails fast. ``executor``
     (``"local"`` or ``"ray"``) replaces the ``executor`` parameter of the notebooks that have one; it
@@ -460,9 +395,9 @@ def run_notebooks(
     from .lanes import lane_thread_environment, lane_threads, resolve_jobs, run_in_lanes
 
     lanes = resolve_jobs(jobs, max(1, len(todo)))  # checked even when nothing runs
-    # One thread count for every chapter of this command, whatever is out of date: a chapter run again alone
+    # One thread count for every chapter, whatever is out of date or selected: a chapter run again alone
     # (after an edit) gets the threads it had in the full build, so reductions across threads give the same bits.
-    threads = lane_threads(resolve_jobs(jobs, max(1, len(plan))))
+    threads = lane_threads(resolve_jobs(jobs, max(1, book_size or len(plan))))
 
     def here(notebook: Path, parameters: dict[str, Any], digest: str) -> None:
         from .timings import cpu_text
