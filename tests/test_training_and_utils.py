@@ -236,6 +236,18 @@ def test_interactive_runs_write_to_the_lab_folder_and_runner_runs_where_told(mon
     assert paths.reports_dir() == (tmp_path / "book").resolve()
 
 
+def test_times_phrase_says_fewer_or_more_by_the_ratio_of_the_larger_to_the_smaller():
+    from mergelab.notebook import times_phrase
+
+    assert times_phrase(34_400, 112_000) == "3.3x fewer"
+    assert times_phrase(140_000, 112_000) == "1.2x more"
+    assert times_phrase(5_600, 112_000) == "20x fewer"  # no decimal from 10 on
+    assert times_phrase(3, 3) == "as many"
+    assert times_phrase(1, 2, fewer="cheaper", more="dearer") == "2.0x cheaper"
+    with pytest.raises(ValueError, match="use two positive numbers"):
+        times_phrase(0, 10)
+
+
 def test_main_result_states_the_headline_and_every_claim_not_reproduced_or_undecided():
     from mergelab.notebook import main_result
 

@@ -249,6 +249,20 @@ def print_provenance(session: Session) -> None:
     print(json.dumps(provenance(session), indent=2, default=str))
 
 
+def times_phrase(value: float, reference: float, fewer: str = "fewer", more: str = "more",
+                 same: str = "as many") -> str:
+    """``value`` against ``reference`` as prose: ``"3.3x fewer"`` when smaller, ``"1.2x more"`` when larger (the
+    ratio of the larger to the smaller, one decimal under 10, none from 10 on), ``same`` when equal. Both must be
+    positive counts or costs (e.g. forward passes); the words are the caller's."""
+    if not (value > 0 and reference > 0):
+        raise ValueError(f"value={value!r}, reference={reference!r} are not valid; use two positive numbers.")
+    if value == reference:
+        return same
+    ratio = max(value, reference) / min(value, reference)
+    times = f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.1f}x"
+    return f"{times} {fewer if value < reference else more}"
+
+
 def main_result(headline: str, claims: Sequence[Mapping[str, Any]], notebook: str,
                 undecided: str = "not decided at this size") -> str:
     """Markdown of a chapter's closing "Main result of this run": ``headline`` (the run's main numbers,
