@@ -241,11 +241,19 @@ def test_content_hash_covers_notebook_params_profile_and_sources(tmp_path: Path)
     assert report.content_hash(nb, params, "tiny", src) != base
     (src / "module.py").write_text("X = 2\n")
     assert report.content_hash(nb, params, PROFILE, src) != base
+    before = report.content_hash(nb, params, PROFILE, src)
     (src / "sub").mkdir()
     (src / "sub" / "extra.py").write_text("")
     changed = report.content_hash(nb, params, PROFILE, src)
+    assert changed != before  # a module added in a subpackage
     params.write_text("value: 5\n")
     assert report.content_hash(nb, params, PROFILE, src) != changed
+    edited = report.content_hash(nb, params, PROFILE, src)
+    nb.write_text(nb.read_text().replace("Alpha", "Alpha, edited"))  # the notebook itself
+    assert report.content_hash(nb, params, PROFILE, src) != edited
+    edited = report.content_hash(nb, params, PROFILE, src)
+    (params.parent / "_benchmark.yaml").write_text("benchmark: tiny\n")  # the profile's benchmark block
+    assert report.content_hash(nb, params, PROFILE, src) != edited
     # the data the package ships (weights, their logs) is part of it; other files and caches are not
     (src / "weights").mkdir()
     (src / "weights" / "expert.safetensors").write_bytes(b"\x00")
@@ -877,6 +885,13 @@ def test_bad_jobs_are_named() -> None:
 
     assert resolve_jobs(1, 7) == 1 and resolve_jobs(8, 3) == 3 and resolve_jobs(3, 1) == 1
     assert 1 <= resolve_jobs("auto", 7) <= 4
+    from mergelab.report import lanes
+
+    for cores, auto, per_lane in ((3, 3, 1), (8, 4, 4), (1, 1, 1)):  # one lane per core, at most 4; cores shared out
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(lanes, "usable_cores", lambda cores=cores: cores)
+            assert resolve_jobs("auto", 7) == auto and resolve_jobs("auto", 2) == min(auto, 2)
+            assert lanes.lane_threads(2) == per_lane and lanes.lane_threads(1) == cores
     for bad in (0, -1, "two", 1.5):
         with pytest.raises(report.ReportError, match="jobs="):
             resolve_jobs(bad, 7)

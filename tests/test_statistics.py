@@ -40,6 +40,8 @@ def test_intervals_are_seeded_and_narrow_with_more_data():
     x = rng.normal(size=400)
     y = x + rng.normal(size=400)
     assert spearman_ci(x, y, seed=3) == spearman_ci(x, y, seed=3)
+    other = spearman_ci(x, y, seed=4)  # the seed drives the bootstrap: another seed, other bounds
+    assert (other["ci_low"], other["ci_high"]) != (spearman_ci(x, y, seed=3)["ci_low"], spearman_ci(x, y, seed=3)["ci_high"])
     small = spearman_ci(x[:30], y[:30])
     large = spearman_ci(x, y)
     assert large["ci_high"] - large["ci_low"] < small["ci_high"] - small["ci_low"]

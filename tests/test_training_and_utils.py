@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict as dataclasses_asdict, replace
 
 import pytest
 import torch
@@ -107,7 +107,12 @@ def test_data_fraction_uses_a_subset():
 
 def test_config_hash_is_stable_and_order_free():
     assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
-    assert config_hash(FinetuneConfig()) == config_hash(FinetuneConfig())
+    import hashlib
+
+    # the digest is SHA-256 of compact, key-sorted JSON: the same in every process and version (cache keys rely on it)
+    assert config_hash({"b": [1, 2], "a": 1}) == hashlib.sha256(b'{"a":1,"b":[1,2]}').hexdigest()[:16]
+    assert config_hash(FinetuneConfig(), length=64) == hashlib.sha256(
+        json.dumps(dataclasses_asdict(FinetuneConfig()), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     assert config_hash(FinetuneConfig(lr=0.1)) != config_hash(FinetuneConfig(lr=0.2))
 
 
