@@ -880,6 +880,30 @@ def test_lanes_read_which_chapters_wait_and_start_the_longest_first(tmp_path: Pa
     assert expected_seconds(tmp_path, PROFILE) == {"c": 9.0, "d": 3.0}
 
 
+def test_lanes_start_the_unmeasured_chapters_then_the_longest_first(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """One lane, so the order the chapters are taken in is the order they run: chapters with no measured time
+    first (in plan order), then by the committed record's CPU time, longest first."""
+    from mergelab.report import lanes
+
+    plan = []
+    for name in ("short", "new_a", "long", "middle", "new_b"):
+        write_notebook(tmp_path / f"{name}.ipynb", name, "pass")
+        plan.append((tmp_path / f"{name}.ipynb", {}, "digest"))
+    chapters = [{"notebook": "short", "cpu_s": 5.0}, {"notebook": "long", "cpu_s": 50.0},
+                {"notebook": "middle", "cpu_s": 20.0}]
+    (tmp_path / f"timings-{PROFILE}.json").write_text(json.dumps({"chapters": chapters}))
+    ran = []
+
+    def fake_lane(notebook, parameters, profile, reports, digest, threads, nice=0, environ=None):
+        ran.append(Path(notebook).stem)
+        return {"wall_s": 0.0, "cache": "warm"}
+
+    monkeypatch.setattr(lanes, "_run_lane", fake_lane)
+    timings = lanes.run_in_lanes(plan, PROFILE, tmp_path, jobs=1, threads=1)
+    assert ran == ["new_a", "new_b", "long", "middle", "short"] and set(timings) == set(ran)
+
+
 def test_bad_jobs_are_named() -> None:
     from mergelab.report.lanes import resolve_jobs
 
