@@ -256,3 +256,11 @@ def test_a_trained_model_and_its_permuted_copies_merge_back_to_its_accuracy():
     assert evaluate_state(model, merged, data.X_test, data.y_test)["accuracy"] == original["accuracy"]
     naive = evaluate_state(model, average_states(copies), data.X_test, data.y_test)
     assert naive["accuracy"] < original["accuracy"]
+
+
+def test_frank_wolfe_result_names_the_iterations_where_its_objective_fell():
+    from mergelab.alignment.frank_wolfe import FrankWolfeResult
+
+    assert FrankWolfeResult(perms=[], objective=[1.0, 2.0, 2.0, 3.0]).falls == []  # rising or flat: never fell
+    assert FrankWolfeResult(perms=[], objective=[1.0, 3.0, 2.5, 4.0, 3.9]).falls == [2, 4]
+    assert FrankWolfeResult(perms=[]).falls == []

@@ -41,6 +41,10 @@ def test_across_sets_summarizes_the_paired_differences_between_sets():
     assert a["separated"] is False and ch.sets_separated(a) is False  # mean .01 inside 2 x .0091
     assert ch.across_sets(sets, "mlp")["separated"] is None
     assert ch.sets_separated({**a, "mean": 0.02}) is True
+    # both signs: ahead, behind, or inside two standard errors (the chapter's text reads this)
+    assert ch.sets_direction(a) == "unresolved" and ch.sets_direction({**a, "mean": 0.02}) == "ahead"
+    assert ch.sets_direction({**a, "mean": -0.02}) == "behind" and ch.sets_separated({**a, "mean": -0.02}) is False
+    assert ch.sets_direction(ch.across_sets(sets, "mlp")) is None
     assert "objective" not in a  # sets without the alignment objectives: nothing to compare
     # the alignments compared by C2M3's own objective, and whether the better score goes with the better merge
     scored = sets.assign(objective_merge_many=[100.0, 100.0, 200.0, 50.0, 1.0],

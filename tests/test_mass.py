@@ -437,3 +437,16 @@ def test_reference_storage_reads_vit_b32_shapes_and_goes_beside_the_storage_clai
     assert storage["status"] == "not_reproduced"  # 2.8 > 2.5 whatever the reference
     assert storage["evidence"]["reference_storage_multiple"] == at8["storage_multiple"]
     assert storage["evidence"]["reference_largest_dense"] == "conv1.weight"
+
+
+def test_the_selection_study_is_read_against_the_defaults():
+    import pandas as pd
+
+    from mergelab.experiments.ch04_mass import selection_against_default
+
+    abl = pd.DataFrame({"study": ["selection"] * 4 + ["layer"], "threshold": [0.2, 0.2, 0.05, 0.05, 0.2],
+                        "top_k": [3, 1, 1, 3, 3], "normalized_accuracy": [0.72, 0.80, 0.82, float("nan"), 0.99]})
+    got = selection_against_default(abl, 0.2, 3)  # the layer study's .99 and the undefined row do not count
+    assert got == {"default": 0.72, "threshold": 0.05, "top_k": 1, "normalized_accuracy": 0.82, "is_default": False}
+    assert selection_against_default(abl[abl["top_k"] == 3], 0.2, 3)["is_default"] is True
+    assert selection_against_default(abl, 0.1, 2) is None  # the default was not in the study

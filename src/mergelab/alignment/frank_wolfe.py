@@ -59,6 +59,11 @@ class FrankWolfeResult:
     iterations: int = 0
     converged: bool = False
 
+    @property
+    def falls(self) -> list[int]:
+        """The iterations ``i`` at which :attr:`objective` fell below its value at ``i - 1`` (empty: it never fell)."""
+        return [i for i in range(1, len(self.objective)) if self.objective[i] < self.objective[i - 1]]
+
 
 def _along(w: torch.Tensor, axis: int, m: torch.Tensor) -> torch.Tensor:
     """``m^T`` applied along ``axis`` of ``w``: result index ``u`` is ``sum_i m[i, u] w[i]``."""

@@ -232,6 +232,21 @@ def check_routing_score(score: RoutingScore) -> None:
         "a zero column of V_t (no stored direction) must not change the residual.")
 
 
+def selection_against_default(abl: pd.DataFrame, threshold: float, top_k: int) -> dict[str, Any] | None:
+    """The selection study of :func:`ablation` (rows with ``study == "selection"``) read against the defaults:
+    ``{"default", "threshold", "top_k", "normalized_accuracy", "is_default"}``, the normalized accuracy at
+    ``threshold`` and ``top_k`` and the best selection with its accuracy (fractions 0..1). Rows whose normalized
+    accuracy is undefined (an expert at chance) are left out; ``None`` when the default is not among the rest."""
+    rows = abl[abl["study"] == "selection"].dropna(subset=["normalized_accuracy"])
+    at_default = rows[(rows["threshold"] == threshold) & (rows["top_k"] == top_k)]["normalized_accuracy"]
+    if at_default.empty:
+        return None
+    best = rows.loc[rows["normalized_accuracy"].idxmax()]
+    return {"default": float(at_default.iloc[0]), "threshold": float(best["threshold"]), "top_k": int(best["top_k"]),
+            "normalized_accuracy": float(best["normalized_accuracy"]),
+            "is_default": (float(best["threshold"]), int(best["top_k"])) == (threshold, top_k)}
+
+
 def ablation(router: MassRouter, bench: Any, configs: Sequence[Mapping[str, Any]], expert_accuracy: Mapping[str, float],
              split: str = "val", batch_size: int = 256, seed: int = 0, max_per_task: int | None = None,
              progress: bool = False) -> pd.DataFrame:

@@ -362,12 +362,20 @@ def across_sets(sets: pd.DataFrame, arch: str) -> dict[str, Any]:
     return {**out, "separated": sets_separated(out)}
 
 
-def sets_separated(summary: Mapping[str, Any]) -> bool | None:
-    """The chapter's rule for a difference across sets of models (:func:`across_sets`): ``True`` when
-    its mean exceeds two standard errors across sets, ``None`` when there are too few sets for one."""
-    if summary.get("standard_error") is None:
+def sets_direction(summary: Mapping[str, Any]) -> str | None:
+    """The chapter's rule for a difference across sets of models (:func:`across_sets`), both signs: ``"ahead"``
+    when its mean exceeds two standard errors across sets, ``"behind"`` when it is below minus two,
+    ``"unresolved"`` otherwise, ``None`` when there are too few sets for a standard error."""
+    se = summary.get("standard_error")
+    if se is None:
         return None
-    return bool(summary["mean"] > 2 * summary["standard_error"])
+    return "ahead" if summary["mean"] > 2 * se else "behind" if summary["mean"] < -2 * se else "unresolved"
+
+
+def sets_separated(summary: Mapping[str, Any]) -> bool | None:
+    """:func:`sets_direction` as the claims read it: ``True`` when ahead, ``None`` when there is no rule."""
+    direction = sets_direction(summary)
+    return None if direction is None else direction == "ahead"
 
 
 def claims(arch_results: Mapping[str, Mapping[str, Any]], mlp_fraction: float = 0.9) -> list[dict[str, Any]]:
