@@ -247,11 +247,19 @@ def test_routing_block_is_relative_to_depth():
 
 
 def test_storage_counts_the_model_the_factors_and_the_dense_tensors():
-    _, pre, _, compressed, *_ = orthogonal_setup()
+    """Counted by hand: a float32 model of one 6 x 4 matrix, a 6-vector and an integer buffer (not a weight),
+    two tasks at TSV-C's rank floor(4 / 2) = 2."""
+    g = torch.Generator().manual_seed(0)
+    pre = {"w": torch.randn(6, 4, generator=g), "b": torch.randn(6, generator=g), "n": torch.tensor(3)}
+    compressed = {t: tsv_compress(TaskVector({"w": torch.randn(6, 4, generator=g), "b": torch.randn(6, generator=g)}),
+                                  num_tasks=2) for t in "ab"}
     s = storage_bytes(pre, compressed)
-    assert s["total_bytes"] == s["model_bytes"] + s["factor_bytes"] + s["dense_bytes"]
+    assert s["model_bytes"] == (24 + 6) * 4  # the integer buffer is not a weight
+    assert s["factor_bytes"] == 2 * (6 * 2 + 2 + 4 * 2) * 4  # per task U (6, 2), s (2,), V (4, 2)
+    assert s["dense_bytes"] == 2 * 6 * 4  # per task the bias in full
+    assert s["total_bytes"] == 120 + 176 + 48 and s["storage_multiple"] == pytest.approx(344 / 120)
+    assert s["largest_dense"] == "b" and s["largest_dense_share"] == pytest.approx(6 / 30)
     assert s["total_bytes"] == s["model_bytes"] + sum(c.nbytes() for c in compressed.values())
-    assert s["storage_multiple"] == pytest.approx(s["total_bytes"] / s["model_bytes"])
 
 
 def test_storage_from_shapes_equals_the_bytes_of_compressed_task_vectors():
