@@ -169,6 +169,24 @@ def test_frank_wolfe_objective_never_decreases_and_steps_are_in_unit_interval():
         assert all(g < 1e-6 * max(1.0, abs(res.objective[-4])) for g in gains)
     with pytest.raises(ValueError, match="max_iter=0"):
         c2m3_frank_wolfe(spec, states, max_iter=0)
+    with pytest.raises(ValueError, match=r"noise=-1 is not valid; use a number >= 0"):
+        c2m3_frank_wolfe(spec, states, noise=-1)
+
+
+def test_matching_inputs_are_checked_by_name():
+    torch.manual_seed(3)
+    spec = build_model("mlp", (1, 8, 8), 10, widths=(10, 8))[1]
+    states = [dict(build_model("mlp", (1, 8, 8), 10, widths=(10, 8))[0].state_dict()) for _ in range(3)]
+    perms = merge_many(spec, states, max_iter=2)
+    with pytest.raises(ValueError, match="perms has 2 entries for 3 states"):
+        merge_aligned(spec, states, perms[:2])  # zip would have averaged two models silently
+    with pytest.raises(ValueError, match="max_iter=0 is not valid"):
+        merge_many(spec, states, max_iter=0)
+    with pytest.raises(SpecError, match="no permutation for group"):
+        weight_matching(spec, states[0], states[1], init={})
+    bad = {g: torch.zeros_like(p) for g, p in perms[0].items()}
+    with pytest.raises(SpecError, match="is not a permutation of range"):
+        weight_matching(spec, states[0], states[1], init=bad)
 
 
 def test_c2m3_gradient_matches_finite_differences():
@@ -227,6 +245,17 @@ def test_repair_leaves_a_model_whose_statistics_already_match_unchanged():
     assert changes and all(c["max_scale_change"] < 1e-6 and c["max_shift"] < 1e-6 for c in changes.values())
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=1e-6, atol=1e-6)
+
+
+def test_repair_names_what_it_cannot_correct():
+    mlp, _ = _model("mlp", 0)
+    with pytest.raises(ValueError, match=r"no layer of the types modules=\('Conv2d',\) to correct; pass names="):
+        repair(mlp, [_model("mlp", 1)[0]], torch.rand(8, 1, 8, 8))  # an MLP: nothing would be corrected, silently
+    resnet, _ = _model("resnet", 0)
+    with pytest.raises(ValueError, match="X is empty"):
+        repair(resnet, [_model("resnet", 1)[0]], torch.rand(0, 1, 8, 8))
+    with pytest.raises(ValueError, match="batch_size=0 is not valid"):
+        repair(resnet, [_model("resnet", 1)[0]], torch.rand(8, 1, 8, 8), batch_size=0)
 
 
 def test_repair_sets_the_merged_statistics_to_the_endpoints_mean():

@@ -114,6 +114,16 @@ def test_anchors_random_and_clustered(fitted):
     (lambda m, t: fit_irt(np.array([[0, 0.5]]), 1), "only 0"),
     (lambda m, t: fit_irt(np.ones((3, 4)), 0), "dim=0"),
     (lambda m, t: select_anchors(m, 5, "kmeans"), "scheme='kmeans'"),
+    (lambda m, t: select_anchors(m, 2.7), r"n=2.7 is not valid"),
+    (lambda m, t: fit_irt(np.ones((3, 4)), 1.5), r"dim=1.5 is not valid"),
+    (lambda m, t: fit_irt(np.ones((3, 4)), 1, max_iter=0), r"max_iter=0 is not valid"),
+    (lambda m, t: fit_irt(np.ones((3, 4)), 1, prior_sd=0), r"prior_sd=0 is not valid; use a positive number"),
+    (lambda m, t: fit_ability(m, [0, 1], [1, 0], prior_sd=-1), r"prior_sd=-1 is not valid"),
+    (lambda m, t: fit_merge_weights(m, t[:2], [0, 1], [1, 0], prior_sd=0), r"prior_sd=0 is not valid"),
+    (lambda m, t: fit_ability(m, [0.5, 1.5], [1, 0]), r"items must be item indices \(integers\); got dtype float64"),
+    (lambda m, t: fit_ability(m, np.arange(m.num_items) < 2, np.ones(2)), r"a boolean mask: pass np.flatnonzero"),
+    (lambda m, t: p_irt(m, [0, 1], [1, 0], t[:2]), r"theta must be one ability vector of shape \(D=2,\)"),
+    (lambda m, t: log_likelihood(m, t[:, :1], np.ones((t.shape[0], m.num_items))), r"theta must be \(M, D=2\)"),
 ])
 def test_bad_inputs_get_clear_errors(fitted, call, match):
     with pytest.raises(ValueError, match=match):

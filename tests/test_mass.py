@@ -138,6 +138,10 @@ def test_predict_on_a_mixed_batch_uses_the_selected_heads_and_the_oracle_on_the_
         assert int(out.oracle_label[i]) == int(s["heads"][truth[i]](feats).argmax())
     with pytest.raises(ValueError, match="true_tasks has 2 entries for 6 images"):
         r.predict(images, true_tasks=["a", "b"])
+    with pytest.raises(ValueError, match="true_tasks holds 'zz', not a task of this router; valid: a, b, c, d"):
+        r.predict(images, true_tasks=truth[:5] + ["zz"])
+    with pytest.raises(ValueError, match=r"residuals must be \(N, T=4\), one column per task"):
+        r.route_residuals(torch.rand(6, 3))
 
 
 def test_both_passes_run_in_the_benchmarks_arithmetic():
@@ -244,6 +248,8 @@ def test_routing_block_is_relative_to_depth():
     assert routing_block(12) == 9  # the official ViT-B block
     assert routing_block(4) == 3 and routing_block(2) == 1 and routing_block(24) == 18
     assert routing_block(12, depth=0.0) == 0 and routing_block(12, block=11) == 11
+    with pytest.raises(ValueError, match="num_blocks=0 is not valid"):
+        routing_block(0)
 
 
 def test_storage_counts_the_model_the_factors_and_the_dense_tensors():
@@ -290,6 +296,10 @@ def test_other_routing_options_share_the_second_pass_cache():
     assert torch.equal(other.bases, routing_bases(s["compressed"], 0, "attn.in_proj"))
     assert not torch.equal(other.bases, r.bases)
     assert (r.block, r.routing_matrix, r.first_pass) == (1, "mlp.c_fc", "tsv_merge")  # the original is unchanged
+    # a new matrix alone keeps the router's own block (not the default depth's); depth moves it
+    at0 = r.with_options(block=0)
+    assert at0.block == 0 and at0.with_options(routing_matrix="attn.in_proj").block == 0
+    assert at0.with_options(depth=0.5).block == routing_block(r.num_blocks, 0.5)
     with pytest.raises(ValueError, match="with_options has no option 'polar'"):
         r.with_options(polar="svd")
     with pytest.raises(ValueError, match="top_k=0 is not valid"):
@@ -458,3 +468,13 @@ def test_the_selection_study_is_read_against_the_defaults():
     assert got == {"default": 0.72, "threshold": 0.05, "top_k": 1, "normalized_accuracy": 0.82, "is_default": False}
     assert selection_against_default(abl[abl["top_k"] == 3], 0.2, 3)["is_default"] is True
     assert selection_against_default(abl, 0.1, 2) is None  # the default was not in the study
+
+
+def test_routing_bases_refuse_tasks_stored_at_other_ranks():
+    torch.manual_seed(0)
+    pre = build_tiny_encoder(TinyViTConfig(width=16, layers=2, heads=2, patch_size=8, output_dim=8)).state_dict()
+    compressed = {t: tsv_compress(TaskVector({k: torch.randn_like(v) for k, v in pre.items() if v.is_floating_point()}),
+                                  num_tasks=n) for t, n in (("a", 2), ("b", 4))}
+    with pytest.raises(ValueError, match=r"store 'transformer.resblocks.1.mlp.c_fc.weight' at different shapes "
+                                         r"\(a: \(16, 8\), b: \(16, 4\)\)"):
+        routing_bases(compressed, 1)

@@ -133,6 +133,31 @@ def test_states_at_other_coefficients_come_from_the_same_update(pretrained, task
                               also_at=[1.0], progress=False)
 
 
+def test_bad_merge_inputs_are_named(pretrained, task_vectors):
+    """What a user is likely to pass by mistake gets an error naming it, not a KeyError from deep inside."""
+    as_dict = dict(zip("abc", task_vectors))
+    with pytest.raises(ValueError, match=r"task_vectors must be a list of TaskVector .*got dict.*list\(task_vectors.values"):
+        merge("task_arithmetic", pretrained, as_dict)
+    with pytest.raises(ValueError, match="task_vectors must be a list of TaskVector .*got TaskVector"):
+        merge("task_arithmetic", pretrained, task_vectors[0])
+    for bad in ("0.3", None, float("nan")):
+        with pytest.raises(ValueError, match="coefficient=.* is not valid; use a number"):
+            merge("task_arithmetic", pretrained, task_vectors, coefficient=bad)
+    with pytest.raises(ValueError, match="merge method 'ties' has no option 'densty'; valid: .*density"):
+        MERGE_METHODS["ties"](pretrained, task_vectors, densty=0.1)  # the registry's entry checks, as merge() does
+    score = lambda state: 0.0  # noqa: E731
+    with pytest.raises(ValueError, match="merge method 'ties' has no option 'densty'"):
+        merge_with_validation("ties", pretrained, task_vectors, score, densty=0.1, progress=False)
+    with pytest.raises(ValueError, match="'weight_averaging' has no coefficient to choose; call it with grid=()"):
+        merge_with_validation("weight_averaging", pretrained, task_vectors, score, grid=[0.1, 0.2], progress=False)
+    with pytest.raises(ValueError, match="grid='0.5' is not valid; use a list of coefficients"):
+        merge_with_validation("task_arithmetic", pretrained, task_vectors, score, grid="0.5", progress=False)
+    with pytest.raises(ValueError, match="grid value=nan is not valid"):
+        merge_with_validation("task_arithmetic", pretrained, task_vectors, score, grid=[0.0, float("nan")], progress=False)
+    with pytest.raises(ValueError, match=r"coefficient=0.5 conflicts with the sweep.*grid=\[0.5\]"):
+        merge_with_validation("task_arithmetic", pretrained, task_vectors, score, coefficient=0.5, progress=False)
+
+
 def test_absolute_and_normalized_accuracy_follow_their_definitions():
     merged = {"a": 0.5, "b": 0.9}
     experts = {"a": 1.0, "b": 0.9}
@@ -141,6 +166,15 @@ def test_absolute_and_normalized_accuracy_follow_their_definitions():
     assert normalized_accuracy(merged, experts) == pytest.approx(0.75)
     with pytest.raises(ValueError, match="no expert accuracy for task 'c'"):
         normalized_accuracy({"c": 0.1}, experts)
+    # percentages, an expert at 0 and no tasks are refused by name instead of giving 87.5, inf or nan
+    with pytest.raises(ValueError, match=r"per_task\['a'\]=95 is not valid; accuracies are fractions in \[0, 1\]"):
+        absolute_accuracy({"a": 95, "b": 80})
+    with pytest.raises(ValueError, match=r"expert_accuracy\['a'\]=90 is not valid"):
+        normalized_accuracy(merged, {"a": 90, "b": 0.9})
+    with pytest.raises(ValueError, match=r"expert_accuracy\['a'\] is 0: normalized accuracy is undefined"):
+        normalized_accuracy(merged, {"a": 0.0, "b": 0.9})
+    with pytest.raises(ValueError, match="per_task accuracies are empty"):
+        normalized_accuracy({}, {})
 
 
 def test_ties_merged_in_chunks_equals_one_stacked_merge(monkeypatch):
@@ -203,3 +237,12 @@ def test_a_choice_at_either_end_of_its_grid_is_at_the_edge():
     assert not at_grid_edge(0.3, [0.0, 0.3, 1.0])
     assert not at_grid_edge(0.3, [0.3]) and not at_grid_edge(0.3, [0.3, 0.3])  # one value: no edge to flag
     assert not at_grid_edge(None, [0.0, 1.0])  # a method without a coefficient
+
+
+def test_sparsifying_options_of_the_wrong_type_are_named(pretrained, task_vectors):
+    with pytest.raises(ValueError, match="density='0.2' is not valid; use a fraction in \\(0, 1\\]"):
+        merge("ties", pretrained, task_vectors, density="0.2")
+    with pytest.raises(ValueError, match="drop_rate='0.5' is not valid; use a probability in \\[0, 1\\)"):
+        merge("dare", pretrained, task_vectors, drop_rate="0.5")
+    with pytest.raises(ValueError, match="seed=1.5 is not valid; use an integer >= 0"):
+        merge("dare", pretrained, task_vectors, seed=1.5)

@@ -171,6 +171,12 @@ def test_normalized_difference_ci_estimate_and_binomial_width():
         normalized_difference_ci(acc, {"a": 0.5}, experts, 100)
     with pytest.raises(ValueError, match="n_examples=0 is not valid"):
         normalized_difference_ci(acc, None, experts, 0)
+    with pytest.raises(ValueError, match="must cover the same tasks"):  # experts of other tasks altogether
+        normalized_difference_ci(acc, None, {"c": 0.8, "d": 0.5}, 100)
+    with pytest.raises(ValueError, match=r"n_examples=10.0 is not valid; give one integer"):
+        normalized_difference_ci(acc, None, experts, 10.0)
+    with pytest.raises(ValueError, match=r"n_examples=\{'a': 100\} is not valid; .*a count for each of \['a', 'b'\]"):
+        normalized_difference_ci(acc, None, experts, {"a": 100})
 
 
 def test_proportion_ci_is_wilsons_interval():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,6 +34,15 @@ def test_arithmetic_norms_and_flatten():
     torch.testing.assert_close(sum([a, b])["x"], (a + b)["x"])
     torch.testing.assert_close(a.flatten(), torch.tensor([3.0, 0.0, 4.0]))
     assert a.numel() == 3
+    # any real scalar: NumPy's (on either side, as a coefficient from np.linspace is) and one-element tensors
+    for scalar in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):
+        torch.testing.assert_close((a * scalar)["x"], torch.tensor([1.5, 0.0]))
+    torch.testing.assert_close((np.float32(0.5) * a)["x"], torch.tensor([1.5, 0.0]))
+    torch.testing.assert_close((np.int64(2) * a)["y"], torch.tensor([[8.0]]))
+    with pytest.raises(TypeError):
+        a * "2"
+    with pytest.raises(ValueError, match="coefficient=nan is not valid"):
+        a.apply_to({"x": torch.zeros(2), "y": torch.zeros(1, 1)}, float("nan"))
 
 
 def test_cosine_similarity_matrix_on_known_vectors():

@@ -615,3 +615,16 @@ def test_compressed_accuracy_names_the_tasks_whose_expert_is_missing():
     with pytest.raises(ValueError, match=r"experts lacks the tasks \['b'\]; give the expert of every task"):
         compressed_accuracy(ScoreByDistance(pretrained, task_vectors), pretrained, task_vectors, "test",
                             experts={"a": pretrained}, num_tasks=2)
+
+
+def test_tsv_merge_names_a_bad_polar_solver_and_factors_of_another_architecture():
+    g = torch.Generator().manual_seed(0)
+    pre = {"w": torch.randn(6, 4, generator=g), "b": torch.randn(6, generator=g)}
+    tvs = [TaskVector({k: torch.randn(v.shape, generator=g) for k, v in pre.items()}) for _ in range(2)]
+    with pytest.raises(ValueError, match="polar='qr' is not valid; use one of gram, svd"):
+        tsv_merge(pre, tvs, polar="qr", device=None)
+    with pytest.raises(ValueError, match="polar='qr' is not valid"):
+        tsvm.tsv_merge_compressed([tsv_compress(tv, num_tasks=2) for tv in tvs], polar="qr")
+    other = TaskVector({"w": torch.randn(6, 5, generator=g), "b": torch.randn(6, generator=g)})
+    with pytest.raises(ValueError, match=r"compressed task 1 differs from task 0 at 'w' \(shape \(6, 5\) against \(6, 4\)"):
+        tsvm.tsv_merge_compressed([tsv_compress(tvs[0], num_tasks=2), tsv_compress(other, num_tasks=2)])

@@ -6,6 +6,7 @@ Only ``tasks`` and ``evaluate(state, split, tasks) -> {task: acc}`` of a benchma
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,15 @@ def absolute_accuracy(per_task: Mapping[str, float]) -> float:
     """Unweighted mean over tasks of top-1 accuracy (fractions 0..1)."""
     if not per_task:
         raise ValueError("per_task accuracies are empty.")
+    _check_fractions("per_task", per_task)
     return float(np.mean(list(per_task.values())))
+
+
+def _check_fractions(name: str, accuracies: Mapping[str, float]) -> None:
+    """Refuse an accuracy that is not a fraction in [0, 1] (a percentage such as 95 would pass silently)."""
+    for task, a in accuracies.items():
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0 <= a <= 1:
+            raise ValueError(f"{name}[{task!r}]={a!r} is not valid; accuracies are fractions in [0, 1] (95 % is 0.95).")
 
 
 def normalized_accuracy(per_task: Mapping[str, float], expert_accuracy: Mapping[str, float]) -> float:
@@ -33,6 +42,14 @@ def normalized_accuracy(per_task: Mapping[str, float], expert_accuracy: Mapping[
     missing = [t for t in per_task if t not in expert_accuracy]
     if missing:
         raise ValueError(f"no expert accuracy for task {missing[0]!r}; have: {', '.join(expert_accuracy)}.")
+    if not per_task:
+        raise ValueError("per_task accuracies are empty.")
+    _check_fractions("per_task", per_task)
+    _check_fractions("expert_accuracy", {t: expert_accuracy[t] for t in per_task})
+    zero = [t for t in per_task if expert_accuracy[t] == 0]
+    if zero:
+        raise ValueError(f"expert_accuracy[{zero[0]!r}] is 0: normalized accuracy is undefined for that task (it divides "
+                         "by the expert's accuracy); report absolute accuracy, or leave the task out.")
     return float(np.mean([per_task[t] / expert_accuracy[t] for t in per_task]))
 
 

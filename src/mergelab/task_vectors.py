@@ -7,13 +7,14 @@ flattens per layer, and applies itself to a pretrained state dict.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .layers import layer_groups
-from .utils import StateDict
+from .utils import StateDict, check_number
 
 
 def check_compatible(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
@@ -89,9 +90,16 @@ class TaskVector:
     def __neg__(self) -> "TaskVector":
         return TaskVector({k: -v for k, v in self.items()})
 
+    __array_ufunc__ = None
+    """NumPy scalars on the left (``np.float32(0.5) * tv``) defer to :meth:`__rmul__` instead of broadcasting."""
+
     def __mul__(self, scalar: float) -> "TaskVector":
-        if not isinstance(scalar, (int, float)):
+        """``scalar * tau`` for any real scalar: a Python or NumPy number, or a one-element tensor."""
+        if isinstance(scalar, torch.Tensor) and scalar.numel() == 1 and not scalar.is_complex():
+            scalar = scalar.item()
+        if isinstance(scalar, bool) or not isinstance(scalar, numbers.Real):
             return NotImplemented
+        scalar = float(scalar)
         return TaskVector({k: scalar * v for k, v in self.items()})
 
     __rmul__ = __mul__
@@ -122,6 +130,7 @@ class TaskVector:
     # -------------------------------------------------------------- application
     def apply_to(self, pretrained: Mapping[str, torch.Tensor], coefficient: float = 1.0) -> StateDict:
         """``theta_0 + coefficient * tau``; entries without an update (integer buffers) are copied."""
+        check_number("coefficient", coefficient)
         out: StateDict = {}
         for k, v in pretrained.items():
             if k in self.vector:

@@ -32,6 +32,7 @@ import torch
 from scipy.optimize import linear_sum_assignment, minimize_scalar
 from tqdm.auto import tqdm
 
+from ..utils import check_integer, check_number
 from .matching import _check_pair, unfold
 from .specs import Permutations, PermutationSpec
 
@@ -222,10 +223,10 @@ def c2m3_frank_wolfe(spec: PermutationSpec, states: Sequence[Mapping[str, torch.
     """
     if len(states) < 2:
         raise ValueError(f"c2m3_frank_wolfe needs at least two models; got {len(states)}.")
-    for name, value, ok in (("max_iter", max_iter, max_iter >= 1), ("patience", patience, patience >= 1),
-                            ("tol", tol, tol >= 0), ("noise", noise, noise >= 0)):
-        if not ok:
-            raise ValueError(f"{name}={value!r} is not valid; use a {'positive integer' if 'i' in name else 'number >= 0'}.")
+    check_integer("max_iter", max_iter)
+    check_integer("patience", patience)
+    check_number("tol", tol, low=0)
+    check_number("noise", noise, low=0)
     sizes = _check_pair(spec, states)
     s64 = [{k: v.detach().double().cpu() for k, v in s.items()} for s in states]
     rng = torch.Generator().manual_seed(seed)

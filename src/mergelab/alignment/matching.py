@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .specs import Permutations, PermutationSpec, apply_permutation, identity_permutations, invert
+from ..utils import check_integer
+from .specs import Permutations, PermutationSpec, apply_permutation, check_permutations, identity_permutations, invert
 
 
 def unfold(w: torch.Tensor, axis: int) -> torch.Tensor:
@@ -56,9 +57,10 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
     Returns:
         ``{group: perm (n,)}``; unit ``i`` of ``a`` is matched with unit ``perm[i]`` of ``b``.
     """
-    if max_iter < 1:
-        raise ValueError(f"max_iter={max_iter!r} is not valid; use a positive integer.")
+    check_integer("max_iter", max_iter)
     sizes = _check_pair(spec, [a, b])
+    if init is not None:
+        check_permutations(spec, init, sizes)  # init: one permutation of range(size) per group
     perms = {g: p.clone() for g, p in (init or identity_permutations(sizes)).items()}
     a64 = {k: v.detach().double().cpu() for k, v in a.items()}
     b64 = {k: v.detach().double().cpu() for k, v in b.items()}
@@ -101,6 +103,8 @@ def merge_many(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor
     """
     if len(states) < 2:
         raise ValueError(f"merge_many needs at least two models; got {len(states)}.")
+    check_integer("max_iter", max_iter)
+    check_integer("inner_iter", inner_iter)
     sizes = _check_pair(spec, states)
     perms = [identity_permutations(sizes) for _ in states]
     rng = torch.Generator().manual_seed(seed)
@@ -127,4 +131,7 @@ def pairwise_from_universe(perm_x: Permutations, perm_y: Permutations) -> Permut
 def merge_aligned(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]],
                   perms: Sequence[Permutations]) -> dict[str, torch.Tensor]:
     """Every model mapped by its permutations into the shared frame, then averaged uniformly."""
+    if len(perms) != len(states):
+        raise ValueError(f"perms has {len(perms)} entries for {len(states)} states; give one set of permutations "
+                         "per model (merge_many and c2m3_frank_wolfe return one per model).")
     return average_states([apply_permutation(spec, p, s) for p, s in zip(perms, states)])

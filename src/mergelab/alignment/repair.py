@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..utils import check_integer
+
 
 class _Enough(Exception):
     """Raised by a forward hook once every requested output of a batch is captured."""
@@ -31,6 +33,9 @@ def layer_stats(model: nn.Module, module_names: Sequence[str], X: torch.Tensor, 
     The forward pass of a batch stops as soon as the last requested output is captured, so the
     statistics of an early layer cost only the layers before it.
     """
+    check_integer("batch_size", batch_size)
+    if len(X) == 0:
+        raise ValueError("X is empty; give the inputs (e.g. training images) whose activations set the statistics.")
     modules = dict(model.named_modules())
     unknown = [n for n in module_names if n not in modules]
     if unknown:
@@ -110,6 +115,9 @@ def repair(merged: nn.Module, endpoints: Sequence[nn.Module], X: torch.Tensor,
         raise ValueError("repair needs at least one endpoint model (or their goal_stats).")
     if names is None:
         names = [n for n, m in merged.named_modules() if isinstance(m, modules)]
+        if not names:
+            raise ValueError(f"the model has no layer of the types modules={tuple(t.__name__ for t in modules)} to "
+                             "correct; pass names=[...] (e.g. an MLP's hidden nn.Linear layers) or other modules.")
     modules = dict(merged.named_modules())
     unknown = [n for n in names if n not in modules]
     if unknown:

@@ -20,11 +20,14 @@ all right or all wrong; the prior keeps them finite (a documented deviation).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ..utils import check_integer, check_number
 
 ANCHOR_SCHEMES = ("random", "clustered")
 """How anchor items are chosen: uniformly at random (MERGE3) or K-means on item parameters (tinyBenchmarks)."""
@@ -77,8 +80,12 @@ def check_responses(responses: np.ndarray, name: str = "responses") -> np.ndarra
 
 
 def check_subset(items: Sequence[int] | np.ndarray, num_items: int, name: str = "items") -> np.ndarray:
-    """Indices of a subset of ``num_items`` items: non-empty, unique, in range."""
-    idx = np.asarray(items, dtype=np.int64).reshape(-1)
+    """Indices of a subset of ``num_items`` items: non-empty, unique, in range (integers, not a boolean mask)."""
+    raw = np.asarray(items)
+    if raw.size and not np.issubdtype(raw.dtype, np.integer):
+        raise ValueError(f"{name} must be item indices (integers); got dtype {raw.dtype}"
+                         + (" (a boolean mask: pass np.flatnonzero(mask))." if raw.dtype == bool else "."))
+    idx = raw.astype(np.int64).reshape(-1)
     if idx.size == 0:
         raise ValueError(f"{name} is empty; an estimate needs at least one answered item.")
     if idx.size > num_items:
@@ -118,10 +125,9 @@ def fit_irt(responses: np.ndarray, dim: int, prior_sd: float = 3.0, max_iter: in
     r = check_responses(responses)
     if r.ndim != 2:
         raise ValueError(f"responses must be a (models, items) matrix; got shape {r.shape}.")
-    if int(dim) < 1:
-        raise ValueError(f"dim={dim!r} is not valid; use a dimension >= 1.")
-    if not prior_sd > 0:
-        raise ValueError(f"prior_sd={prior_sd!r} is not valid; use a positive standard deviation.")
+    check_integer("dim", dim)
+    check_number("prior_sd", prior_sd, low=0, low_open=True)
+    check_integer("max_iter", max_iter)
     M, N = r.shape
     gen = torch.Generator().manual_seed(int(seed))
     y = torch.as_tensor(r, dtype=torch.float64)
@@ -149,6 +155,10 @@ def log_likelihood(model: IRTModel, theta: np.ndarray, responses: np.ndarray) ->
     """Mean Bernoulli log-likelihood (nats per response) of ``responses`` ``(M, N)`` under abilities
     ``theta`` ``(M, D)``: the held-out score used to choose ``D``."""
     r = check_responses(responses)
+    theta = np.asarray(theta, dtype=float)
+    if theta.ndim != 2 or theta.shape[1] != model.dim or r.shape != (theta.shape[0], model.num_items):
+        raise ValueError(f"theta must be (M, D={model.dim}) and responses (M, N={model.num_items}); got "
+                         f"{theta.shape} and {r.shape}.")
     p = np.clip(model.prob(theta), 1e-9, 1 - 1e-9)
     return float(np.mean(r * np.log(p) + (1 - r) * np.log(1 - p)))
 
@@ -159,6 +169,7 @@ def _map_logistic(X: np.ndarray, offset: np.ndarray, y: np.ndarray, prior_mean: 
     """MAP weights ``w`` of ``P(y=1) = sigmoid(X w - offset)`` with the prior ``N(prior_mean, prior_sd^2 I)``,
     by Newton's method with step halving (the objective is strictly concave, so the optimum is unique
     and finite even when every ``y`` is 1 or 0)."""
+    check_number("prior_sd", prior_sd, low=0, low_open=True)
     w = prior_mean.astype(float).copy()
     prec = 1.0 / prior_sd ** 2
 
@@ -223,6 +234,8 @@ def p_irt(model: IRTModel, items: np.ndarray, answers: np.ndarray, theta: np.nda
     """``(n/N) mean_{i in S} y_i + (1 - n/N) mean_{i not in S} P_i(theta)``: the answered items count as
     they are, the others by the model's probability at ``theta``."""
     idx, y = _check_answers(model, np.asarray(items), np.asarray(answers))
+    if np.shape(theta) != (model.dim,):
+        raise ValueError(f"theta must be one ability vector of shape (D={model.dim},); got shape {np.shape(theta)}.")
     N, n = model.num_items, idx.size
     if n == N:
         return float(y.mean())
@@ -276,7 +289,7 @@ def select_anchors(model: IRTModel, n: int, scheme: str = "random", seed: int = 
     centre, weighted by the cluster's share of the items (tinyBenchmarks).
     """
     N = model.num_items
-    if not 1 <= int(n) <= N:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= N:
         raise ValueError(f"n={n!r} is not valid; use a number of anchors in 1..{N} (the number of items).")
     if scheme not in ANCHOR_SCHEMES:
         raise ValueError(f"scheme={scheme!r} is not valid; use one of {', '.join(ANCHOR_SCHEMES)}.")

@@ -140,9 +140,13 @@ def normalized_difference_ci(accuracy_a: Mapping[str, float], accuracy_b: Mappin
     """
     _check_level(level)
     tasks = sorted(accuracy_a)
-    if not tasks or set(expert_accuracy) < set(tasks) or (accuracy_b is not None and set(accuracy_b) != set(tasks)):
+    if not tasks or not set(tasks) <= set(expert_accuracy) or (accuracy_b is not None and set(accuracy_b) != set(tasks)):
         raise ValueError(f"accuracy_a, accuracy_b and expert_accuracy must cover the same tasks; got {tasks}, "
                          f"{None if accuracy_b is None else sorted(accuracy_b)} and {sorted(expert_accuracy)}.")
+    if not isinstance(n_examples, (int, np.integer, Mapping)) or isinstance(n_examples, bool) or (
+            isinstance(n_examples, Mapping) and not set(tasks) <= set(n_examples)):
+        raise ValueError(f"n_examples={n_examples!r} is not valid; give one integer for every task, or a dict with "
+                         f"a count for each of {tasks}.")
     n = {t: int(n_examples if isinstance(n_examples, (int, np.integer)) else n_examples[t]) for t in tasks}
     if any(v < 1 for v in n.values()):
         raise ValueError(f"n_examples={n_examples!r} is not valid; every task needs at least one example.")

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 
 from ..task_vectors import TaskVector, check_compatible
-from ..utils import StateDict
+from ..utils import StateDict, check_number
 
 LayerUpdate = tuple[list[str], Callable[[str], torch.Tensor]]
 """``(keys, U_k)``: the parameters a linear merge changes, and its update ``U`` for one of them."""
@@ -23,6 +23,11 @@ def validate(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[Task
     Raises ``ValueError`` for an empty list, a key the pretrained model lacks, or a shape mismatch
     (naming the task vector and the key).
     """
+    if isinstance(task_vectors, (TaskVector, Mapping)) or not all(isinstance(tv, TaskVector) for tv in task_vectors):
+        got = type(task_vectors).__name__ if isinstance(task_vectors, (TaskVector, Mapping)) else \
+            f"a list holding {', '.join(sorted({type(tv).__name__ for tv in task_vectors}))}"
+        raise ValueError(f"task_vectors must be a list of TaskVector (one per task); got {got}. From a dict of "
+                         "task vectors (task_vectors_from), pass list(task_vectors.values()).")
     if len(task_vectors) == 0:
         raise ValueError("task_vectors is empty; pass at least one TaskVector to merge.")
     keys = list(task_vectors[0].keys())
@@ -51,5 +56,6 @@ def assemble(pretrained: Mapping[str, torch.Tensor], keys: Iterable[str],
 
 def scaled(pretrained: Mapping[str, torch.Tensor], update: LayerUpdate, coefficient: float) -> StateDict:
     """``theta_0 + coefficient * U``, one parameter at a time."""
+    check_number("coefficient", coefficient)
     keys, layer = update
     return assemble(pretrained, keys, lambda k: coefficient * layer(k))

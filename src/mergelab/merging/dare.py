@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..task_vectors import TaskVector
-from ..utils import StateDict
+from ..utils import StateDict, check_integer
 from .base import LayerUpdate, scaled, validate
 from .registry import register_merge
 from .sparsify import StreamedDrops
@@ -19,6 +19,7 @@ def dare_update(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[T
     """DARE's update: the sum of the task vectors sparsified by
     :func:`~mergelab.merging.sparsify.drop_and_rescale` (seed ``seed + t``), one parameter at a time."""
     keys = validate(pretrained, task_vectors)
+    check_integer("seed", seed, minimum=0)
     drops = [StreamedDrops(tv, drop_rate, seed + i) for i, tv in enumerate(task_vectors)]
     return keys, lambda k: sum(d[k] for d in drops)
 

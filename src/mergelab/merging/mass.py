@@ -17,10 +17,8 @@ tensor in full). An input goes through two forward passes:
    selected tasks' heads, the one with the largest maximum logit predicts; a prediction made with
    another task's head has the wrong classes.
 
-The class token is read on the axis the encoder's layout puts the batch on: open_clip's
-``Transformer`` runs batch-first ``(N, L, D)`` by default and sequence-first ``(L, N, D)`` when
-``batch_first`` is false (open_clip <= 2.0 always did); the official code's ``x[0]`` assumes the latter.
-Both the ``tiny`` and the ``clip`` encoders are open_clip ``VisionTransformer`` s, so one hook serves both.
+The routing features are read by forward hooks (:mod:`mergelab.merging.mass_features`), with the class token taken
+on the axis the encoder's layout puts the batch on.
 """
 
 from __future__ import annotations
@@ -36,17 +34,9 @@ from torch import nn
 
 from ..task_vectors import TaskVector
 from ..utils import StateDict, pick_device, torch_threads
+from .mass_features import _READ_AT, ROUTING_MATRICES, block_features, class_token
 from .mass_storage import storage_bytes, storage_of_shapes
 from .tsv import CompressedTaskVector, tsv_merge_compressed
-
-ROUTING_MATRICES = ("mlp.c_fc", "attn.in_proj", "mlp.c_proj")
-"""Task matrices a router can project onto; each is read at its own input (see :data:`_READ_AT`)."""
-
-_READ_AT = {"mlp.c_fc": ("mlp", "input"), "attn.in_proj": ("ln_1", "output"), "mlp.c_proj": ("mlp.c_proj", "input")}
-"""Where the features a routing matrix multiplies are taken in a block: ``mlp.c_fc`` reads the MLP's
-input (``ln_2``'s output), ``attn.in_proj`` reads ``ln_1``'s output, ``mlp.c_proj`` the MLP's hidden
-activations. (``attn.out_proj`` is applied inside ``nn.MultiheadAttention`` without a module call, so
-no hook sees its input.)"""
 
 FIRST_PASSES = ("tsv_merge", "pretrained")
 """Models the routing features can come from: TSV-M of all tasks (MASS) or ``theta_0`` (ablation)."""
@@ -59,6 +49,8 @@ config's block 9, taken as a 0-based index of ``transformer.resblocks``), block 
 # ----------------------------------------------------------------------------- parameters
 def routing_block(num_blocks: int, depth: float = DEFAULT_DEPTH, block: int | None = None) -> int:
     """The 0-based index of the routing block: ``block`` when given, else ``floor(depth * num_blocks)``."""
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+        raise ValueError(f"num_blocks={num_blocks!r} is not valid; use the encoder's number of blocks (>= 1).")
     if block is not None:
         if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < num_blocks:
             raise ValueError(f"block={block!r} does not exist; the encoder has {num_blocks} blocks, valid: "
@@ -151,89 +143,6 @@ def cache_key(selected: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(set(selected)))
 
 
-# ----------------------------------------------------------------------------- features from a hook
-class _Captured(Exception):
-    """Raised by a hook once every feature asked for is captured: the rest of the forward is skipped."""
-
-
-def _tokens_layout(encoder: nn.Module) -> tuple[bool | None, int | None]:
-    """``(batch_first, tokens)``: the transformer's declared layout (``None`` when it does not say) and
-    the number of tokens (rows of ``positional_embedding``)."""
-    transformer = getattr(encoder, "transformer", None)
-    batch_first = getattr(transformer, "batch_first", None)
-    pos = getattr(encoder, "positional_embedding", None)
-    return (None if batch_first is None else bool(batch_first)), (int(pos.shape[0]) if pos is not None else None)
-
-
-def class_token(x: torch.Tensor, batch_size: int, batch_first: bool | None, tokens: int | None = None) -> torch.Tensor:
-    """The class token ``(N, D)`` of a block's activations ``(N, L, D)`` (batch-first) or ``(L, N, D)``.
-
-    ``batch_first=None`` infers the layout from the shape (the batch axis has ``batch_size`` entries,
-    the token axis ``tokens``). A shape that contradicts the layout is an error, not a silent read of
-    the first image's tokens.
-    """
-    if x.ndim != 3:
-        raise ValueError(f"expected block activations (N, L, D) or (L, N, D); got shape {tuple(x.shape)}.")
-    if batch_first is None:
-        fits = [bf for bf in (True, False) if x.shape[0 if bf else 1] == batch_size
-                and (tokens is None or x.shape[1 if bf else 0] == tokens)]
-        if len(fits) != 1:
-            raise ValueError(f"cannot tell the token layout of activations {tuple(x.shape)} for a batch of "
-                             f"{batch_size} images with {tokens} tokens; set the encoder's transformer.batch_first.")
-        batch_first = fits[0]
-    axis = 0 if batch_first else 1
-    if x.shape[axis] != batch_size or (tokens is not None and x.shape[1 - axis] != tokens):
-        raise ValueError(f"activations of shape {tuple(x.shape)} do not fit the {'batch' if batch_first else 'sequence'}"
-                         f"-first layout for a batch of {batch_size} images with {tokens} tokens: the class token "
-                         "would be read on the wrong axis.")
-    return x[:, 0] if batch_first else x[0]
-
-
-@torch.no_grad()
-def block_features(encoder: nn.Module, images: torch.Tensor, points: Sequence[tuple[int, str]]
-                   ) -> dict[tuple[int, str], torch.Tensor]:
-    """Class-token features ``(N, d)`` where each ``(block, routing matrix)`` of ``points`` reads its input.
-
-    The forward stops once the deepest point is captured. ``encoder`` is an open_clip
-    ``VisionTransformer`` (``transformer.resblocks``), already on the images' device and in eval mode.
-    """
-    if not points:
-        return {}
-    for _, matrix in points:
-        if matrix not in _READ_AT:
-            raise ValueError(f"routing_matrix={matrix!r} is not valid; use one of {', '.join(ROUTING_MATRICES)}.")
-    batch_first, tokens = _tokens_layout(encoder)
-    n = images.shape[0]
-    captured: dict[tuple[int, str], torch.Tensor] = {}
-    handles = []
-
-    def hook_for(point: tuple[int, str], kind: str):
-        def take(x: torch.Tensor) -> None:
-            captured[point] = class_token(x, n, batch_first, tokens).float()
-            if len(captured) == len(set(points)):
-                raise _Captured
-
-        if kind == "input":
-            return lambda module, args: take(args[0])
-        return lambda module, args, output: take(output)
-
-    try:
-        for point in set(points):
-            block, matrix = point
-            name, kind = _READ_AT[matrix]
-            module = encoder.get_submodule(f"transformer.resblocks.{block}.{name}")
-            hook = hook_for(point, kind)
-            handles.append(module.register_forward_pre_hook(hook) if kind == "input" else module.register_forward_hook(hook))
-        try:
-            encoder(images)
-        except _Captured:
-            pass
-    finally:
-        for h in handles:
-            h.remove()
-    return captured
-
-
 def routing_bases(compressed: Mapping[str, CompressedTaskVector], block: int, matrix: str = "mlp.c_fc"
                   ) -> torch.Tensor:
     """``(T, d_in, k)``: each task's stored right singular vectors of block ``block``'s ``matrix``."""
@@ -245,6 +154,10 @@ def routing_bases(compressed: Mapping[str, CompressedTaskVector], block: int, ma
     if missing:
         raise ValueError(f"task {missing[0]!r} stores no factors for {name!r}; compress the task vectors with "
                          "tsv_compress(..., num_tasks=T) on an open_clip VisionTransformer.")
+    ranks = {t: c.factors[name][2].shape for t, c in compressed.items()}
+    if len(set(ranks.values())) > 1:
+        raise ValueError(f"the tasks store {name!r} at different shapes ({', '.join(f'{t}: {tuple(r)}' for t, r in ranks.items())}); "
+                         "compress every task with the same num_tasks (or k) on one architecture.")
     return torch.stack([c.factors[name][2].float() for c in compressed.values()])
 
 
@@ -344,7 +257,9 @@ class MassRouter:
         if first_pass != self.first_pass:
             new.first_pass, new._first = first_pass, None
         if {"depth", "block", "routing_matrix"} & set(changes):
-            new.block = routing_block(self.num_blocks, changes.get("depth", DEFAULT_DEPTH), changes.get("block"))
+            # a new depth or block moves the routing point; a new matrix alone keeps this router's block
+            new.block = (routing_block(self.num_blocks, changes.get("depth", DEFAULT_DEPTH), changes.get("block"))
+                         if {"depth", "block"} & set(changes) else self.block)
             new.routing_matrix = changes.get("routing_matrix", self.routing_matrix)
             new.bases = routing_bases(self.compressed, new.block, new.routing_matrix).to(self.device)
         return new
@@ -417,6 +332,9 @@ class MassRouter:
     def route_residuals(self, residuals: torch.Tensor, temperature: float = 1.0) -> Routing:
         """:class:`Routing` of ``(N, T)`` residuals (one column per router task, in :attr:`tasks` order):
         the weights at ``temperature`` (MASS: 1) and the router's threshold and top-k."""
+        if residuals.ndim != 2 or residuals.shape[1] != len(self.tasks):
+            raise ValueError(f"residuals must be (N, T={len(self.tasks)}), one column per task of {', '.join(self.tasks)}; "
+                             f"got shape {tuple(residuals.shape)}.")
         weights = routing_weights(residuals, temperature)
         chosen = select_tasks(weights, self.threshold, self.top_k)
         return Routing(self.tasks, residuals.cpu(), weights.cpu(), [tuple(self.tasks[i] for i in s) for s in chosen])
@@ -436,6 +354,9 @@ class MassRouter:
         image's features under each selected set, are then computed once for all of them."""
         if true_tasks is not None and len(true_tasks) != len(images):
             raise ValueError(f"true_tasks has {len(true_tasks)} entries for {len(images)} images; give one per image.")
+        unknown = sorted({t for t in true_tasks or () if t not in self.tasks})
+        if unknown:
+            raise ValueError(f"true_tasks holds {unknown[0]!r}, not a task of this router; valid: {', '.join(self.tasks)}.")
         images = images.to(self.device)
         memo = {} if memo is None else memo
         point = ("first pass", self.first_pass, self.block, self.routing_matrix)

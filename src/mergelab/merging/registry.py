@@ -56,7 +56,17 @@ class MergeMethod:
 
     def __call__(self, pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
                  **options: Any) -> StateDict:
+        self.check_options(options)
         return self.fn(pretrained, task_vectors, **{**self.defaults, **options})
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Refuse an option ``fn`` does not take, naming it and the valid ones (a typo such as ``densty``)."""
+        fn_params = inspect.signature(self.fn).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in fn_params.values())
+        unknown = [k for k in options if k not in self.defaults and not takes_any]
+        if unknown:
+            raise ValueError(f"merge method {self.name!r} has no option {unknown[0]!r}; valid: "
+                             f"{', '.join(self.options) or 'none'}.")
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -110,11 +120,4 @@ def get_merge(name: str) -> MergeMethod:
 def merge(name: str, pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
           **options: Any) -> StateDict:
     """Run the registered merge method ``name``; an unknown option is refused with the valid ones."""
-    method = get_merge(name)
-    fn_params = inspect.signature(method.fn).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in fn_params.values())
-    unknown = [k for k in options if k not in method.defaults and not takes_any]
-    if unknown:
-        raise ValueError(f"merge method {name!r} has no option {unknown[0]!r}; valid: "
-                         f"{', '.join(method.options) or 'none'}.")
-    return method(pretrained, task_vectors, **options)
+    return get_merge(name)(pretrained, task_vectors, **options)

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..task_vectors import TaskVector
-from ..utils import StateDict
+from ..utils import StateDict, check_number
 from .base import scaled
 from .registry import get_merge
 
@@ -66,7 +66,17 @@ def merge_with_validation(name: str, pretrained: Mapping[str, torch.Tensor],
     TSV-M at ``alpha = 1`` does not compute its SVDs a second time.
     """
     method = get_merge(name)
+    method.check_options(options)
+    if isinstance(grid, (str, bytes)):
+        raise ValueError(f"grid={grid!r} is not valid; use a list of coefficients, e.g. [0.0, 0.1, ..., 1.0].")
+    if grid and "coefficient" not in method.defaults:
+        raise ValueError(f"{name!r} has no coefficient to choose; call it with grid=() (or leave grid unset).")
     grid = tuple(method.coefficient_grid if grid is None else grid)
+    for c in grid:
+        check_number("grid value", c)
+    if grid and "coefficient" in options:
+        raise ValueError(f"coefficient={options['coefficient']!r} conflicts with the sweep: the coefficient is chosen "
+                         f"on validation from grid; to fix it, pass grid=[{options['coefficient']!r}].")
     if not grid:
         if also_at:
             raise ValueError(f"also_at={list(also_at)!r} needs a coefficient sweep; {name!r} got grid=().")

@@ -4,6 +4,7 @@ rescaling, and sign consensus with a disjoint mean. TIES, DARE (and their cousin
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -18,7 +19,7 @@ def ties_threshold(task_vector: TaskVector, density: float) -> float:
     ``|x|`` with ``k = round((1 - density) * n_params)``. It is found without concatenating the
     task vector (see :func:`kth_smallest_magnitude`), so memory stays at one layer.
     """
-    if not 0 < density <= 1:
+    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
         raise ValueError(f"density={density!r} is not valid; use a fraction in (0, 1] of entries to keep.")
     if density == 1:
         return -1.0
@@ -93,7 +94,7 @@ def ties_merge_chunked(tensors: Sequence[torch.Tensor], thresholds: torch.Tensor
 
 
 def _check_drop_rate(drop_rate: float) -> None:
-    if not 0 <= drop_rate < 1:
+    if isinstance(drop_rate, bool) or not isinstance(drop_rate, numbers.Real) or not 0 <= drop_rate < 1:
         raise ValueError(f"drop_rate={drop_rate!r} is not valid; use a probability in [0, 1).")
 
 

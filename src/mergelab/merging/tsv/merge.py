@@ -72,7 +72,7 @@ import numpy as np
 import torch
 
 from ...layers import is_decomposed
-from ...linalg import RTOL, default_rank, polar_factors, stack_kept, truncated_svd
+from ...linalg import POLAR_METHODS, RTOL, default_rank, polar_factors, stack_kept, truncated_svd
 from ...linalg import _kernels
 from ...linalg._kernels import _blas_controller, _check_rank
 from ...task_vectors import TaskVector
@@ -126,6 +126,7 @@ def tsv_merge_factors(task_matrices: torch.Tensor | Sequence[torch.Tensor], k: i
         raise ValueError(f"task_matrices has shape {tuple(stack.shape)}; pass (T, m, n) or a list of (m, n).")
     T = stack.shape[0]
     k = default_rank(stack.shape[1:], T) if k is None else _check_rank(k, stack.shape)
+    check_polar(polar)
     polar = polar or ("svd" if svd == "exact" else "gram")
     U, s, V = truncated_svd(stack, k, svd=svd, gram_dtype=gram_dtype, **svd_options)
     U, s, V = stack_kept(U, s, V)
@@ -181,6 +182,13 @@ SVD_OPTIONS = ("gram_dtype", "rtol", "oversample", "n_iter", "seed")
 """Solver options that TSV-M passes on to :func:`mergelab.linalg.truncated_svd`."""
 
 
+def check_polar(polar: str | None) -> None:
+    """Refuse a ``polar`` solver that :func:`mergelab.linalg.polar_factors` does not have, naming ``polar``."""
+    if polar is not None and polar not in POLAR_METHODS:
+        raise ValueError(f"polar={polar!r} is not valid; use one of {', '.join(POLAR_METHODS)} (or None: 'svd' with "
+                         "the exact SVD, else 'gram').")
+
+
 def check_svd_options(svd_options: Mapping[str, object]) -> None:
     """Refuse an option TSV-M would otherwise pass on to the solver, naming the valid ones."""
     unknown = sorted(set(svd_options) - set(SVD_OPTIONS))
@@ -203,6 +211,7 @@ def tsv_update(task_vectors: Sequence[TaskVector], rank_fraction: float | None =
     if len(task_vectors) == 0:
         raise ValueError("task_vectors is empty; pass at least one TaskVector to merge.")
     check_svd_options(svd_options)
+    check_polar(polar)
     dev = pick_device(device) if device is not None else None
     T = len(task_vectors)
     first = task_vectors[0]
@@ -265,7 +274,13 @@ def tsv_merge_compressed(compressed: Sequence[CompressedTaskVector], polar: str 
     """
     if len(compressed) == 0:
         raise ValueError("compressed is empty; pass at least one CompressedTaskVector to merge.")
+    check_polar(polar)
     first = compressed[0]
+    for i, c in enumerate(compressed[1:], 1):
+        if c.shapes != first.shapes:
+            key = next(k for k in sorted(set(first.shapes) | set(c.shapes)) if first.shapes.get(k) != c.shapes.get(k))
+            raise ValueError(f"compressed task {i} differs from task 0 at {key!r} (shape {c.shapes.get(key)} against "
+                             f"{first.shapes.get(key)}; None: missing): merge task vectors of one architecture.")
     out: dict[str, torch.Tensor] = {}
     for name in first.shapes:
         if name in first.factors:
