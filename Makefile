@@ -25,6 +25,11 @@ endif
 ifneq ($(strip $(WEIGHTS)),)
 export MERGELAB_CLIP_WEIGHTS_DIR := $(abspath $(WEIGHTS))
 endif
+# A folder given as a relative path names the same folder for every process (JupyterLab's and the report's kernels
+# run in notebooks/): the list is mergelab.paths.DIR_VARIABLES.
+DIR_VARIABLES := MERGELAB_HOME MERGELAB_DATA_DIR MERGELAB_REPORTS_DIR MERGELAB_RESULTS_DIR MERGELAB_CLIP_DATA_ROOT \
+	MERGELAB_CLIP_WEIGHTS_DIR MERGELAB_CLIP_EXPERTS_DIR
+$(foreach v,$(DIR_VARIABLES),$(if $(strip $($(v))),$(eval export $(v) := $(abspath $($(v))))))
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -45,8 +50,11 @@ env: $(STAMP) ## create the virtual environment, install the package and the "me
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	@if [ -f requirements.lock ] && [ "$$(uname -sm)" = "$(LOCK_PLATFORM)" ]; then \
-		echo "installing the exact versions of requirements.lock"; $(PY) -m pip install -r requirements.lock; \
+	@if [ -d $(VENV)/conda-meta ]; then \
+		echo "$(VENV) is a conda environment: its packages come from environment.yml (conda-forge), requirements.lock is not installed over them"; \
+	elif [ -f requirements.lock ] && [ "$$(uname -sm)" = "$(LOCK_PLATFORM)" ]; then \
+		echo "installing the exact versions of requirements.lock"; $(PY) scripts/lock.py --for-env $(VENV)/requirements.lock \
+		&& $(PY) -m pip install -r $(VENV)/requirements.lock; \
 	else echo "no lock for $$(uname -sm): installing the newest versions pyproject.toml allows"; fi
 	$(PY) -m pip install -e '.[dev,lab]'
 	$(PY) -m ipykernel install --sys-prefix --name mergelab --display-name "Python (mergelab)"
@@ -99,5 +107,9 @@ clean-report: ## remove executed notebooks, the book, results, figures and stamp
 	rm -rf $(REPORTS)/_book $(REPORTS)/results $(REPORTS)/figures $(REPORTS)/.stamps $(REPORTS)/.quarto $(REPORTS)/timings
 	rm -f $(REPORTS)/*.ipynb $(REPORTS)/.*.running.ipynb
 
-clean-cache: ## remove generated data, pretrained encoders and experts cached in data/ (keeps data/README.md)
-	find data -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+CACHE_DIR = $(or $(MERGELAB_DATA_DIR),data)
+
+clean-cache: ## remove generated data, pretrained encoders and experts cached in data/ or $MERGELAB_DATA_DIR (keeps data/README.md)
+	@if [ -e "$(CACHE_DIR)/.git" ] || [ -e "$(CACHE_DIR)/pyproject.toml" ] || [ "$$(cd "$(CACHE_DIR)" 2>/dev/null && pwd)" = "$$HOME" ]; then \
+		echo "clean-cache: $(CACHE_DIR) looks like a checkout or your home folder, not a cache; refusing to empty it."; exit 1; fi
+	find $(CACHE_DIR) -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

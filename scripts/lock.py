@@ -9,19 +9,21 @@ hand but not required are left out. Run it with ``make lock`` after changing the
 from __future__ import annotations
 
 import platform
+import re
 import sys
 from importlib import metadata
 from pathlib import Path
 
-from packaging.markers import default_environment
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 EXTRAS = ("dev", "lab")
 
 
 def closure(root: str = "mergelab", extras: tuple[str, ...] = EXTRAS) -> dict[str, str]:
     """``{canonical name: installed version}`` of every distribution ``root[extras]`` requires."""
+    from packaging.markers import default_environment  # here: `make env` runs --for-env in a bare venv, without it
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
     seen: dict[str, str] = {}
     todo: list[tuple[str, tuple[str, ...]]] = [(root, extras)]
     while todo:
@@ -45,7 +47,43 @@ def closure(root: str = "mergelab", extras: tuple[str, ...] = EXTRAS) -> dict[st
     return seen
 
 
-def main() -> int:
+GPU_PINS = re.compile(r"^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)$")
+"""Pins a CPU-only torch build replaces: torch and torchvision themselves, and the CUDA libraries and Triton that
+the regular wheel brings (about 4 GB)."""
+
+
+def cpu_torch() -> bool:
+    """Whether this environment's torch is a CPU-only build (``2.14.1+cpu``, from PyTorch's CPU index)."""
+    try:
+        return metadata.version("torch").endswith("+cpu")
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def without_gpu_pins(lock: str) -> str:
+    """``lock`` without the lines of :data:`GPU_PINS` (comments and every other pin kept)."""
+    return "".join(line for line in lock.splitlines(keepends=True)
+                   if line.startswith("#") or not GPU_PINS.match(_canonical(line.split("==")[0].strip())))
+
+
+def _canonical(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503): lower case, runs of ``-_.`` as one ``-``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lock.py``: write requirements.lock. ``lock.py --for-env OUT``: write the lock ``make env`` installs to OUT
+    (requirements.lock itself, or without :data:`GPU_PINS` when a CPU-only torch is installed: it is kept)."""
+    argv = sys.argv[1:] if argv is None else argv
+    root = Path(__file__).resolve().parents[1]
+    if argv[:1] == ["--for-env"]:
+        lock = (root / "requirements.lock").read_text(encoding="utf-8")
+        if cpu_torch():
+            print(f"torch {metadata.version('torch')} is a CPU-only build: keeping it (requirements.lock's torch, "
+                  "torchvision, CUDA and Triton pins are skipped)")
+            lock = without_gpu_pins(lock)
+        Path(argv[1]).write_text(lock, encoding="utf-8")
+        return 0
     pins = closure()
     lines = [f"{name}=={version}" for name, version in sorted(pins.items())]
     header = ("# Exact versions of mergelab's requirements (dev and lab extras) as last built and tested;\n"

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import nbformat
@@ -271,6 +272,38 @@ def test_content_hash_covers_notebook_params_profile_and_sources(tmp_path: Path)
     assert report.content_hash(nb, params, PROFILE, src) == logged
 
 
+def test_content_hash_covers_the_settings_that_change_what_a_chapter_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Imported experts (``MERGELAB_CLIP_EXPERTS_DIR``), the datasets' folder and the tiny size's train-here switches
+    rerun a chapter: without them, a clip book made with fine-tuned experts stays "up to date" once experts are
+    imported, and keeps the old numbers."""
+    from mergelab.benchmarks.tiny.ship import ENV_FINETUNE, ENV_PRETRAIN
+    from mergelab.report.stamps import INPUT_VARIABLES
+
+    assert {ENV_FINETUNE, ENV_PRETRAIN} <= set(INPUT_VARIABLES)
+    make_project(tmp_path)
+    nb, params, src = tmp_path / "notebooks" / "00_alpha.ipynb", tmp_path / "params" / PROFILE / "00_alpha.yaml", tmp_path / "src"
+    for var in INPUT_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    seen = {report.content_hash(nb, params, PROFILE, src)}
+    experts = tmp_path / "experts"
+    (experts / "MNIST").mkdir(parents=True)
+    (experts / "MNIST" / "model.safetensors").write_bytes(b"\x00")
+    for var, value in (("MERGELAB_CLIP_EXPERTS_DIR", str(experts)), ("MERGELAB_CLIP_DATA_ROOT", str(tmp_path)),
+                       (ENV_PRETRAIN, "1"), (ENV_FINETUNE, "1")):
+        monkeypatch.setenv(var, value)
+        digest = report.content_hash(nb, params, PROFILE, src)
+        assert digest not in seen, var
+        seen.add(digest)
+    (experts / "MNIST" / "model.safetensors").write_bytes(b"\x00\x01")  # a checkpoint written again
+    assert report.content_hash(nb, params, PROFILE, src) not in seen
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MERGELAB_CLIP_EXPERTS_DIR", "experts")  # the same folder, named relatively
+    relative = report.content_hash(nb, params, PROFILE, src)
+    monkeypatch.setenv("MERGELAB_CLIP_EXPERTS_DIR", str(experts))
+    assert report.content_hash(nb, params, PROFILE, src) == relative
+
+
 def test_missing_params_file_names_the_expected_path(tmp_path: Path) -> None:
     make_project(tmp_path)
     expected = tmp_path / "params" / PROFILE / "00_alpha.yaml"
@@ -451,6 +484,24 @@ def test_clean_report_refuses_a_folder_of_committed_notebooks():
     run = subprocess.run(["make", "clean-report", "REPORTS=notebooks"], cwd=root, capture_output=True, text=True)
     assert run.returncode != 0 and "refusing to delete them" in run.stdout
     assert sorted(p.name for p in (root / "notebooks").glob("*.ipynb")) == before
+
+
+def test_clean_cache_empties_the_data_folder_in_use_and_refuses_a_checkout(tmp_path: Path) -> None:
+    """``make clean-cache`` with ``MERGELAB_DATA_DIR`` set empties that folder (not the checkout's ``data/``), and
+    refuses a folder that is a checkout."""
+    root = paths.project_root()
+    cache = tmp_path / "cache"
+    (cache / "tiny").mkdir(parents=True)
+    (cache / "tiny" / "encoder.safetensors").write_bytes(b"\x00")
+    (cache / "README.md").write_text("kept")
+    env = {**os.environ, "MERGELAB_DATA_DIR": str(cache)}
+    subprocess.run(["make", "--no-print-directory", "clean-cache"], cwd=root, env=env, capture_output=True, check=True)
+    assert [p.name for p in cache.iterdir()] == ["README.md"]
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "keep.py").write_text("")
+    run = subprocess.run(["make", "--no-print-directory", "clean-cache"], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "MERGELAB_DATA_DIR": str(tmp_path)})
+    assert run.returncode != 0 and "refusing to empty it" in run.stdout and (tmp_path / "keep.py").is_file()
 
 
 WRITE_CLAIMS = (
@@ -923,3 +974,30 @@ def test_bad_jobs_are_named() -> None:
         with pytest.raises(SystemExit):
             report.parse_args(["--jobs", bad])
     assert report.parse_args(["--jobs", "3"]).jobs == 3 and report.parse_args([]).jobs == "auto"
+
+
+def test_a_relative_data_folder_names_the_same_folder_for_the_report_and_its_chapters(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``MERGELAB_DATA_DIR=cache make report``: chapters' kernels run in the notebooks' folder, so a relative
+    path must be made absolute before they start, or each chapter would cache under ``notebooks/cache``."""
+    make_project(tmp_path)
+    write_notebook(tmp_path / "notebooks" / "00_alpha.ipynb", "00_alpha",
+                   "import json\nfrom mergelab.paths import data_dir, results_dir\n"
+                   "(results_dir() / '00_alpha.json').write_text(json.dumps({'data': str(data_dir())}))")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MERGELAB_DATA_DIR", "cache")
+    build(tmp_path)
+    written = json.loads((tmp_path / "out" / "results" / "00_alpha.json").read_text())
+    assert written["data"] == str((tmp_path / "cache").resolve())
+    assert not (tmp_path / "notebooks" / "cache").exists()
+
+
+def test_make_hands_every_folder_variable_to_its_processes_as_an_absolute_path(tmp_path: Path) -> None:
+    """``make lab`` and ``make report`` started from the checkout with ``MERGELAB_DATA_DIR=cache``: JupyterLab's
+    kernels run in notebooks/, so make exports each of :data:`mergelab.paths.DIR_VARIABLES` made absolute."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, **{var: f"rel-{i}" for i, var in enumerate(paths.DIR_VARIABLES)}}
+    show = "show: ; @" + " ".join(f'echo "$${var}";' for var in paths.DIR_VARIABLES)
+    run = subprocess.run(["make", "--no-print-directory", "-f", str(root / "Makefile"), "--eval", show, "show"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.split() == [str(tmp_path / f"rel-{i}") for i in range(len(paths.DIR_VARIABLES))]

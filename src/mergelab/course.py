@@ -1,8 +1,9 @@
 """Student notebooks generated from the chapters, which are the solutions: the two never drift.
 
 Every chapter ends with a section ``## Exercises`` (after the cell that writes its results, so that
-exercises never change them). The markup follows nbgrader's conventions, so that a teacher who uses
-nbgrader can still run ``nbgrader generate_assignment`` on the chapters:
+exercises never change them). The solution delimiters are nbgrader's; nbgrader itself also needs its own cell
+metadata (``metadata.nbgrader``), which the chapters do not carry, so a teacher who grades with nbgrader marks the
+cells tagged ``solution`` with its *Create Assignment* toolbar before ``nbgrader generate_assignment``:
 
 * an exercise is a Markdown cell tagged ``exercise`` that starts ``### Exercise <chapter>.<k>: <title>``
   (``<chapter>`` is the notebook's number, ``0`` for ``00_...``; ``k`` counts from 1) and states its
@@ -16,8 +17,8 @@ nbgrader can still run ``nbgrader generate_assignment`` on the chapters:
   clear message (e.g. :func:`mergelab.merging.check_merge_rule`); students keep it.
 
 Why not nbgrader itself: it brings a Jupyter server extension, a database and a course-directory
-layout, heavy for what is needed here (about a hundred lines with ``nbformat``); following its markup
-keeps the door open.
+layout, heavy for what is needed here (about a hundred lines with ``nbformat``); its delimiters keep the door
+open.
 
 ``python -m mergelab.course [--out students] [--notebooks NAME ...]`` (``make student``) writes
 ``students/<chapter>.ipynb``; malformed markup is refused with the notebook and cell named.

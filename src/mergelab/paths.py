@@ -7,6 +7,9 @@ expensive caches or the generated report without editing code:
 * ``MERGELAB_DATA_DIR``: caches and generated data (default ``<root>/data``).
 * ``MERGELAB_REPORTS_DIR``: executed notebooks and the book (default ``<root>/reports``).
 * ``MERGELAB_RESULTS_DIR``: JSON results of executed notebooks (default ``<reports>/results``).
+
+A relative path is read from the working directory of ``make report`` (:func:`absolute_dir_variables`), not from
+the notebooks' folder where the chapters' kernels run.
 """
 
 from __future__ import annotations
@@ -42,6 +45,22 @@ def _dir_from_env(var: str, default: Path) -> Path:
     path = Path(value).expanduser() if value else default
     path.mkdir(parents=True, exist_ok=True)
     return path.resolve()
+
+
+DIR_VARIABLES = ("MERGELAB_HOME", "MERGELAB_DATA_DIR", "MERGELAB_REPORTS_DIR", "MERGELAB_RESULTS_DIR",
+                 "MERGELAB_CLIP_DATA_ROOT", "MERGELAB_CLIP_WEIGHTS_DIR", "MERGELAB_CLIP_EXPERTS_DIR")
+"""Environment variables that name folders: the project's (:func:`project_root`, :func:`data_dir`,
+:func:`reports_dir`, :func:`results_dir`) and the ``clip`` size's datasets, open_clip weights and imported experts."""
+
+
+def absolute_dir_variables() -> None:
+    """Rewrite each of :data:`DIR_VARIABLES` that holds a relative path as the absolute path it names from this
+    process's working directory. Kernels run in the notebooks' folder: without this, ``MERGELAB_DATA_DIR=cache``
+    would be ``./cache`` for the report and ``notebooks/cache`` for every chapter, two caches instead of one."""
+    for var in DIR_VARIABLES:
+        value = os.environ.get(var)
+        if value and not Path(value).expanduser().is_absolute():
+            os.environ[var] = str(Path(value).expanduser().resolve())
 
 
 def data_dir() -> Path:

@@ -61,6 +61,7 @@ def build_report(
     executed at a time, the first included, with the chapters that need nothing from it beside it
     (:mod:`mergelab.report.lanes`; ``"auto"``: one per core, at most 4).
     """
+    paths.absolute_dir_variables()  # the chapters' kernels run elsewhere: a relative cache folder must name the same one
     reports = (Path(reports) if reports is not None else paths.reports_dir()).resolve()
     blocked = next((p for p in (reports, *reports.parents) if p.exists() and not p.is_dir()), None)
     if blocked is not None:

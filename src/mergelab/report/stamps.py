@@ -19,10 +19,37 @@ def package_dir() -> Path:
     return Path(paths.__file__).resolve().parent
 
 
+INPUT_VARIABLES = ("MERGELAB_CLIP_DATA_ROOT", "MERGELAB_CLIP_EXPERTS_DIR", "MERGELAB_PRETRAIN", "MERGELAB_FINETUNE")
+"""Environment settings that change what a chapter reads (the clip datasets' folder, imported experts, and whether
+the tiny size trains instead of taking the shipped encoder and runs): part of every content hash when set."""
+
+
+def environment_inputs() -> list[tuple[str, str]]:
+    """``(variable, value)`` of each of :data:`INPUT_VARIABLES` that is set, a folder as its absolute path; the
+    imported experts' folder also by the size and modification time of every file in it (a checkpoint written
+    again reruns the chapters). Files written again inside the datasets' folder are not looked for (walking
+    hundreds of thousands of images at every ``make report`` would cost more than it saves): ``FORCE=1`` then."""
+    out = []
+    for var in INPUT_VARIABLES:
+        value = os.environ.get(var)
+        if not value:
+            continue
+        if var.endswith(("_ROOT", "_DIR")):
+            folder = Path(value).expanduser().resolve()
+            value = str(folder)
+            if var == "MERGELAB_CLIP_EXPERTS_DIR" and folder.is_dir():
+                files = sorted(p for p in folder.rglob("*") if p.is_file())
+                value += "".join(f"\0{p.relative_to(folder).as_posix()}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                 for p in files)
+        out.append((var, value))
+    return out
+
+
 def content_hash(notebook: Path, params: Path, profile: str, source_dir: Path | None = None) -> str:
     """SHA-256 of the notebook, its parameter files (the chapter's and the profile's benchmark block),
-    the profile and the package's files under ``source_dir``: every ``*.py`` and the data it ships
-    (:data:`PACKAGE_FILES`: the shipped encoder, heads and default runs, code fingerprints, the book's filter).
+    the profile, the settings of :func:`environment_inputs` and the package's files under ``source_dir``: every
+    ``*.py`` and the data it ships (:data:`PACKAGE_FILES`: the shipped encoder, heads and default runs, code
+    fingerprints, the book's filter).
 
     ``source_dir`` defaults to the installed package (``src/mergelab``); files are hashed in sorted
     order with their relative paths, so renaming a module changes the hash too.
@@ -34,6 +61,7 @@ def content_hash(notebook: Path, params: Path, profile: str, source_dir: Path | 
         ("params", Path(params).read_bytes()),
         *(("benchmark params", f.read_bytes()) for f in benchmark_param_files(Path(params).parent)),
         ("profile", profile.encode()),
+        *((f"environment {var}", value.encode()) for var, value in environment_inputs()),
     ):
         digest.update(f"{label}\0{len(data)}\0".encode() + data)
     sources = (p for p in source_dir.rglob("*") if p.suffix in PACKAGE_FILES and "__pycache__" not in p.parts)

@@ -231,12 +231,16 @@ def write_record(reports: Path | None, out: Path, profile: str = "tiny", note: s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mergelab.report.timings", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mergelab.report.timings",
+        description="Gather the timing records a run of `make report` left in <reports>/timings/ into the committed "
+                    "record of a profile's chapter times (reports/timings-tiny.json), which the teacher's page reads.")
     parser.add_argument("--reports", type=Path, default=None, help="the reports folder of a run")
     parser.add_argument("--executed", type=Path, nargs="+", default=[], metavar="NOTEBOOK",
                         help="executed notebooks whose papermill duration to use where no timing record exists")
-    parser.add_argument("--profile", default="tiny")
-    parser.add_argument("--out", type=Path, default=paths.project_root() / "reports" / RECORD)
+    parser.add_argument("--profile", default="tiny", help="the profile whose records to gather (default: tiny)")
+    parser.add_argument("--out", type=Path, default=paths.project_root() / "reports" / RECORD,
+                        help=f"the record to write (default: reports/{RECORD})")
     parser.add_argument("--note", default="", help="a sentence on the conditions of the run")
     args = parser.parse_args(argv)
     print(f"wrote {write_record(args.reports, args.out, args.profile, args.note, args.executed)}")

@@ -3,11 +3,14 @@
 Accepted files, per task (first match wins, names compared case-insensitively):
 
 * ``<folder>/<Task>.safetensors``, ``<Task>.pt``, ``<Task>.pth``, ``<Task>.bin``;
-* ``<folder>/<Task>/finetuned.{pt,safetensors}`` and ``<folder>/<Task>Val/finetuned.pt`` or
-  ``nonlinear_finetuned.pt`` (the layouts the public task-vector experts were released in);
+* ``<folder>/<Task>/finetuned.{safetensors,pt,pth,bin}``;
 * ``<folder>/<Task>/model.safetensors`` or ``pytorch_model.bin``: a Hugging Face ``CLIPVisionModel``
   saved with ``save_pretrained`` (FusionBench's ``tanganke/clip-vit-base-patch32_<task>`` experts),
-  whose parameter names are mapped to open_clip's (:func:`hf_vision_to_open_clip`).
+  whose parameter names are mapped to open_clip's (:func:`hf_vision_to_open_clip`);
+* ``<folder>/<Task>Val/finetuned.pt``, ``nonlinear_finetuned.pt`` or ``finetuned.safetensors`` (with
+  ``<Task>/finetuned.pt``, the layouts the public task-vector experts were released in).
+
+The order is :func:`checkpoint_candidates`' (docs/clip.md lists it too).
 
 A file may hold a state dict (of the image tower, of the whole CLIP model, or nested under
 ``"state_dict"``/``"model"``), or a whole pickled module. The image tower is found by its
@@ -62,7 +65,7 @@ def find_expert_checkpoint(folder: str | Path, task: str) -> Path:
     if not folder.is_dir():
         raise CheckpointError(
             f"the experts folder {folder} does not exist. It should hold one checkpoint per task, e.g. "
-            f"{folder}/{task}.safetensors or {folder}/{task}/finetuned.pt (docs/clip.md, 'Experts'); set it "
+            f"{folder}/{task}.safetensors or {folder}/{task}/finetuned.pt (docs/clip.md, 'Experts from a folder'); set it "
             "with model.experts_dir or $MERGELAB_CLIP_EXPERTS_DIR, or leave it unset to fine-tune the experts.")
     top = _children(folder)
     for candidate in checkpoint_candidates(folder, task):
@@ -76,7 +79,7 @@ def find_expert_checkpoint(folder: str | Path, task: str) -> Path:
     raise CheckpointError(
         f"no checkpoint for task {task!r} in the experts folder {folder}: looked for {looked}, ... "
         "(names case-insensitive). Save the fine-tuned image encoder there as a state dict (safetensors or "
-        ".pt) or copy the released experts in their original layout (docs/clip.md, 'Experts').")
+        ".pt) or copy the released experts in their original layout (docs/clip.md, 'Experts from a folder').")
 
 
 class _Stub(nn.Module):
