@@ -414,3 +414,32 @@ def test_a_release_head_beside_imported_experts_scores_them(tmp_path, monkeypatc
     torch.save(torch.nn.Linear(rows.shape[1], 7), folder / "head_MNIST.pt")  # another task's head
     with pytest.raises(CheckpointError, match="7 rows; the task has 10 classes"):
         imported(True).heads["MNIST"]
+
+
+def test_chapters_side_by_side_write_the_synthetic_datasets_once(tmp_path, monkeypatch):
+    """Two lanes of `make report PROFILE=clip_smoke` on a fresh data folder both ask for the synthetic datasets:
+    the second waits on the first's build lock instead of writing (or reading) the same files at the same time."""
+    import threading
+
+    from mergelab.benchmarks.clip import config as clip_config
+    from mergelab.benchmarks.clip import synthetic
+    from mergelab.cache import build_lock
+
+    monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path))
+    writes = []
+    real = synthetic.write_synthetic_datasets
+    monkeypatch.setattr(synthetic, "write_synthetic_datasets", lambda root: writes.append(root) or real(root, tasks=["MNIST"]))
+    root = tmp_path / "clip" / "synthetic"
+    root.mkdir(parents=True)
+    cfg = clip_config.ClipDataConfig(synthetic=True)
+    lock = build_lock(root / ".complete")
+    lock.acquire()  # another chapter is writing them
+    got = []
+    waiting = threading.Thread(target=lambda: got.append(cfg.resolve_root()))
+    waiting.start()
+    waiting.join(timeout=1.0)
+    assert waiting.is_alive() and not writes  # it waits, writing nothing
+    lock.release()
+    waiting.join(timeout=30)
+    assert got == [root] and writes == [root] and (root / ".complete").is_file()
+    assert cfg.resolve_root() == root and writes == [root]  # complete: read, never written again

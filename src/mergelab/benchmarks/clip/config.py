@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ... import paths
+from ...cache import build_lock
 from ...training import FinetuneConfig
+from ...utils import atomic_write_text
 from ..base import config_from, task_names
 from . import datasets as ds
 from .model import ClipModelConfig
@@ -93,9 +95,13 @@ class ClipDataConfig:
             from .synthetic import write_synthetic_datasets
 
             root = paths.data_dir() / "clip" / "synthetic"
-            if not (root / ".complete").is_file():
-                write_synthetic_datasets(root)
-                (root / ".complete").write_text("written by mergelab.benchmarks.clip.synthetic\n")
+            done = root / ".complete"
+            if not done.is_file():
+                root.mkdir(parents=True, exist_ok=True)
+                with build_lock(done):  # chapters side by side on a fresh data folder write them once
+                    if not done.is_file():
+                        write_synthetic_datasets(root)
+                        atomic_write_text(done, "written by mergelab.benchmarks.clip.synthetic\n")
             return root
         value = self.root or os.environ.get("MERGELAB_CLIP_DATA_ROOT")
         if not value:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import paths
+from ...utils import atomic_write_text
 
 TINY_MODEL = "mergelab-tiny-ViT-32"
 """A laptop-sized CLIP (2-layer, width-64 towers, 224 px, patch 32) registered with open_clip for smoke
@@ -130,7 +131,7 @@ def register_tiny_config() -> None:
     path = folder / f"{TINY_MODEL}.json"
     text = json.dumps(_TINY_CONFIG, indent=2)
     if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
+        atomic_write_text(path, text)  # another process may be reading it
     open_clip.add_model_config(path)
 
 
