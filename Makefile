@@ -25,11 +25,11 @@ endif
 ifneq ($(strip $(WEIGHTS)),)
 export MERGELAB_CLIP_WEIGHTS_DIR := $(abspath $(WEIGHTS))
 endif
-# A folder given as a relative path names the same folder for every process (JupyterLab's and the report's kernels
-# run in notebooks/): the list is mergelab.paths.DIR_VARIABLES.
+# A folder given as a relative path, in the environment or on make's command line, names the same folder for every
+# process (JupyterLab's and the report's kernels run in notebooks/): the list is mergelab.paths.DIR_VARIABLES.
 DIR_VARIABLES := MERGELAB_HOME MERGELAB_DATA_DIR MERGELAB_REPORTS_DIR MERGELAB_RESULTS_DIR MERGELAB_CLIP_DATA_ROOT \
 	MERGELAB_CLIP_WEIGHTS_DIR MERGELAB_CLIP_EXPERTS_DIR
-$(foreach v,$(DIR_VARIABLES),$(if $(strip $($(v))),$(eval export $(v) := $(abspath $($(v))))))
+$(foreach v,$(DIR_VARIABLES),$(if $(strip $($(v))),$(eval override $(v) := $(abspath $($(v))))$(eval export $(v))))
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

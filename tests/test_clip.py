@@ -361,8 +361,22 @@ def test_trajectories_are_keyed_by_the_training_data_and_precision_as_experts_ar
     assert keys(tiny_bench(root)) == keys(bench)  # the same benchmark: the same runs
     fewer = keys(tiny_bench(root, max_train=3))
     assert all(a != b for a, b in zip(fewer, keys(bench)))
+    # another DataLoader worker count draws other augmentations: another expert, but the same trajectory (its
+    # images are not augmented); another micro-batch (eval_batch_size) sums a trajectory's gradients in other
+    # chunks: another trajectory, the same expert
+    workers, micro = keys(tiny_bench(root, num_workers=2)), keys(tiny_bench(root, eval_batch_size=4))
+    base = keys(bench)
+    assert workers[:2] == base[:2] and workers[2] != base[2]
+    assert all(a != b for a, b in zip(micro[:2], base[:2])) and micro[2] == base[2]
     bench.amp = torch.bfloat16  # model.precision bf16, as a GPU resolves auto
     assert all(a != b for a, b in zip(keys(bench), keys(tiny_bench(root))))
+
+
+def test_zero_shot_heads_are_keyed_by_the_device_their_text_tower_ran_on(root, monkeypatch):
+    bench = tiny_bench(root)
+    on_cpu = bench._head_key("MNIST")
+    monkeypatch.setattr(bench, "device", torch.device("cuda"), raising=False)  # built on a GPU: other last bits
+    assert bench._head_key("MNIST") != on_cpu
 
 
 def test_image_subsets_are_decoded_once_and_equal_the_lazy_view(root, monkeypatch):

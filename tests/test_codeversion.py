@@ -8,6 +8,7 @@ import torch
 import mergelab
 from mergelab import codeversion
 from mergelab.benchmarks.tiny.benchmark import TinyBenchmark
+from mergelab.benchmarks.tiny.data import TinyDataConfig, _cache_path
 from mergelab.experiments.ch06_store import merge_artifact
 from mergelab.training.scratch import ScratchConfig, scratch_artifact
 from mergelab.training.trajectories import _trajectory_key as trajectory_key
@@ -61,7 +62,8 @@ def test_a_version_bump_changes_the_cache_keys_of_its_kind(kind, monkeypatch):
     cfg = mergelab.FinetuneConfig()
 
     def keys() -> tuple[str, ...]:
-        return (bench.key, bench.run_key("expert", ["colours"], cfg),
+        return (str(_cache_path("colours-train", TinyDataConfig())), bench.encoder_key,
+                bench.key, bench.run_key("expert", ["colours"], cfg),
                 trajectory_key(bench, "epoch_trajectory", ["colours"], cfg, 2),
                 str(scratch_artifact(ScratchConfig(), {"dataset": "sklearn-digits"}).path),
                 bench._eval_key("colours", "val"),
@@ -70,10 +72,13 @@ def test_a_version_bump_changes_the_cache_keys_of_its_kind(kind, monkeypatch):
     before = keys()
     monkeypatch.setitem(codeversion.CODE_VERSIONS, kind, codeversion.CODE_VERSIONS[kind] + 1)
     after = keys()
-    changed = {name for name, a, b in zip(("pretrain", "finetune", "trajectory", "scratch", "evaluation", "merge"), before, after) if a != b}
-    # the benchmark key is in the experts', the trajectories' and the evaluations' keys
-    # and the models' code in the merges' keys
-    expected = {"pretrain": {kind, "finetune", "trajectory", "evaluation"}, "scratch": {kind, "merge"}}.get(kind, {kind})
+    names = ("data", "encoder", "pretrain", "finetune", "trajectory", "scratch", "evaluation", "merge")
+    changed = {name for name, a, b in zip(names, before, after) if a != b}
+    # the benchmark key is in the experts', the trajectories' and the evaluations' keys, the images' version in
+    # the encoder's and the benchmark's, and the models' code in the merges' keys
+    downstream = {"pretrain", "finetune", "trajectory", "evaluation"}
+    expected = {"data": {"data", "encoder", *downstream}, "pretrain": {"encoder", *downstream},
+                "scratch": {kind, "merge"}}.get(kind, {kind})
     assert changed == expected
     with pytest.raises(ValueError, match="kind='weights'"):
         codeversion.key_part("weights")

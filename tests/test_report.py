@@ -1001,3 +1001,8 @@ def test_make_hands_every_folder_variable_to_its_processes_as_an_absolute_path(t
     run = subprocess.run(["make", "--no-print-directory", "-f", str(root / "Makefile"), "--eval", show, "show"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
     assert run.stdout.split() == [str(tmp_path / f"rel-{i}") for i in range(len(paths.DIR_VARIABLES))]
+    # the same given on make's command line (`make lab MERGELAB_DATA_DIR=cache`), which overrides the Makefile
+    settings = [f"{var}=cli-{i}" for i, var in enumerate(paths.DIR_VARIABLES)]
+    run = subprocess.run(["make", "--no-print-directory", "-f", str(root / "Makefile"), "--eval", show, "show", *settings],
+                         cwd=tmp_path, env=os.environ, capture_output=True, text=True, check=True)
+    assert run.stdout.split() == [str(tmp_path / f"cli-{i}") for i in range(len(paths.DIR_VARIABLES))]

@@ -181,3 +181,18 @@ def test_side_by_side_experts_are_refused_where_the_size_changes_the_recipe(benc
         train_experts(bench, recipe, [23], ["colours"], workers=2, progress=False)
     assert train_experts(bench, recipe, [23], ["colours"], workers=1, progress=False) == 1
     assert bench.run_artifact("expert", ["colours"], replace(recipe, num_steps=CFG.num_steps + 1)).exists()
+
+
+def test_a_level_written_as_an_integer_is_the_same_setting_and_its_rows_find_their_checkpoints(bench):
+    """`data_fraction: [0.5, 1]` in a parameter file: the run of 1 trains under the key of 1.0, so the sweep's table
+    rows (floats) find its checkpoint, and `weight_decay: 0` is the key of 0.0 (it was another key, trained again)."""
+    from mergelab.training.sweep import row_config
+
+    assert FinetuneConfig(weight_decay=0, data_fraction=1) == FinetuneConfig(weight_decay=0.0, data_fraction=1.0)
+    assert isinstance(FinetuneConfig(lr=1).lr, float)
+    cfgs = config_grid(replace(CFG, seed=12), data_fraction=[0.5, 1])
+    table = sweep(bench, cfgs, ["colours"], probe_size=2, progress=False)
+    for _, row in table.iterrows():
+        assert len(checkpoint_log(bench, "colours", row_config(row))["loss"]) == CFG.num_steps
+    assert sweep(bench, [replace(CFG, seed=12, data_fraction=1.0)], ["colours"], probe_size=2,
+                 progress=False).attrs["runs_trained"] == 0

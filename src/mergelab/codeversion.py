@@ -26,19 +26,26 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent
 FINGERPRINTS_FILE = PACKAGE / "code_fingerprints.json"
 
-CODE_VERSIONS: dict[str, int] = {"pretrain": 2, "finetune": 1, "trajectory": 1, "scratch": 1, "evaluation": 1, "merge": 2}
+CODE_VERSIONS: dict[str, int] = {"data": 1, "pretrain": 2, "finetune": 1, "trajectory": 1, "scratch": 1, "evaluation": 1,
+                                 "merge": 2}
 """Version of the code that makes each kind of cached artifact (bump to rebuild its caches)."""
 
 SOURCES: dict[str, tuple[str, ...]] = {
-    "pretrain": ("training/pretrain.py", "models.py", "benchmarks/tiny/data.py", "benchmarks/tiny/pretext.py"),
+    # the tiny size's images (task splits and the pretext pool): a bump regenerates them and rebuilds the encoder
+    # and every run on them (the version enters benchmarks.tiny.data.generator_key)
+    "data": ("benchmarks/tiny/data.py", "benchmarks/tiny/pretext.py"),
+    "pretrain": ("training/pretrain.py", "training/finetune.py", "models.py", "benchmarks/tiny/benchmark.py"),
     "finetune": ("training/finetune.py", "models.py", "benchmarks/base.py", "benchmarks/tiny/benchmark.py",
-                 "benchmarks/clip/benchmark.py", "benchmarks/clip/training.py",
+                 "benchmarks/clip/benchmark.py", "benchmarks/clip/training.py", "benchmarks/clip/model.py",
+                 "benchmarks/clip/datasets.py", "autodiff.py",  # autocast; images and augmentations; gradient probes
                  "training/sweep.py"),  # the sweep's loop writes experts under the same keys
-    "trajectory": ("training/trajectories.py", "training/finetune.py", "models.py"),
+    "trajectory": ("training/trajectories.py", "training/finetune.py", "models.py", "benchmarks/tiny/benchmark.py",
+                   "benchmarks/clip/benchmark.py", "benchmarks/clip/datasets.py"),
     "scratch": ("training/scratch.py", "alignment/architectures.py"),  # chapter 06's models from different seeds
     "evaluation": ("benchmarks/base.py", "benchmarks/tiny/benchmark.py", "benchmarks/clip/benchmark.py",
                    "benchmarks/clip/datasets.py", "benchmarks/clip/splits.py", "benchmarks/clip/model.py", "models.py",
-                   "analysis/generalization.py", "analysis/responses.py"),  # cached accuracies, losses and responses per weights
+                   "analysis/generalization.py", "analysis/responses.py",  # cached accuracies, losses and responses per weights
+                   "autodiff.py"),  # the per-example gradient norms chapter 01's store keeps
     "merge": ("experiments/ch06_c2m3.py", "experiments/ch06_store.py", "alignment/frank_wolfe.py",
               "alignment/matching.py", "alignment/repair.py", "alignment/specs.py", "alignment/architectures.py",
               "training/scratch.py"),  # chapter 06's merge jobs: alignments, merges, REPAIR, their evaluation

@@ -68,6 +68,12 @@ class FinetuneConfig:
         for name in ("weight_decay", "grad_clip"):
             check_number(name, getattr(self, name), low=0)
         check_number("momentum", self.momentum)  # a number; its range is torch's SGD's to check (Adam ignores it)
+        for name in FLOAT_FIELDS:  # 1 and 1.0 are one setting: one cache key (a sweep's levels may hold either)
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+
+FLOAT_FIELDS = ("lr", "weight_decay", "momentum", "grad_clip", "data_fraction")
+""":class:`FinetuneConfig`'s real-valued settings, stored as ``float`` whichever number type they were given as."""
 
 
 def lr_at(step: int, cfg: FinetuneConfig) -> float:

@@ -131,6 +131,9 @@ def _trajectory_key(bench: Any, kind: str, tasks: Sequence[str], cfg: FinetuneCo
     # training data's fingerprint (its benchmark key names the model alone); none at tiny (keys unchanged)
     parts = getattr(bench, "_run_key_parts", None)
     ident.update(parts(list(tasks)) if parts is not None else {})
+    ident.pop("num_workers", None)  # trajectories read images after the evaluation transform: no augmentation
+    if getattr(bench, "micro_batch_size", None) is not None:  # gradients summed over chunks of this many (clip)
+        ident["micro_batch_size"] = bench.micro_batch_size
     return config_hash(ident)
 
 

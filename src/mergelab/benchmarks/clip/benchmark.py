@@ -344,7 +344,8 @@ class ClipBenchmark(BenchmarkBase):
         if release is not None:
             return config_hash({"task": task, "release_head": hashlib.sha256(release.read_bytes()).hexdigest()})
         return config_hash({"task": task, "class_names": self.class_names(task), "templates": ds.TEMPLATES[task],
-                            "activation": self.activation})
+                            "activation": self.activation, "device": self.device.type,  # the text tower's arithmetic
+                            **codeversion.key_part("evaluation")})
 
     def _head_path(self, task: str) -> Path:
         return self.cache_dir / "heads" / f"{task}-{self._head_key(task)}.safetensors"
@@ -419,9 +420,11 @@ class ClipBenchmark(BenchmarkBase):
 
     def _run_key_parts(self, tasks: Sequence[str]) -> dict[str, Any]:
         """Besides the benchmark, tasks, heads and recipe, a clip run is keyed by the model's activation,
-        the precision it trains in and the training data's fingerprint."""
+        the precision it trains in, the training data's fingerprint and the DataLoader's worker count (each worker
+        draws its own augmentation seeds, so another count gives other crops, hence other weights)."""
         return {"activation": self.activation, "precision": self.precision,
-                "data": [self._splits_fingerprint(t, "train") for t in tasks]}
+                "data": [self._splits_fingerprint(t, "train") for t in tasks],
+                "num_workers": self.config.data.num_workers}
 
     def check_task(self, task: str) -> str:
         """``task`` if the clip size has it, else an error listing the tasks."""

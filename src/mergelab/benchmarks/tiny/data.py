@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ... import paths
+from ... import codeversion, paths
 from ...cache import build_lock
 from ...utils import atomic_save_npz, check_integer, check_number, config_hash
 
@@ -110,10 +110,13 @@ the data (:func:`generator_key`)."""
 
 
 def generator_key() -> dict[str, Any]:
-    """What the generated images depend on besides a :class:`TinyDataConfig`: the generators' version and,
-    when set, :data:`OBJECT_HUES` (part of the data caches' and the benchmark's keys)."""
+    """What the generated images depend on besides a :class:`TinyDataConfig`: the generators' version, the
+    code version of kind ``data`` (:mod:`mergelab.codeversion`, whose test flags any change to this module and
+    :mod:`.pretext`) and, when set, :data:`OBJECT_HUES` (part of the data caches', the encoder's and the
+    benchmark's keys, so that new images rebuild all three)."""
     hues = {"object_hues": sorted(OBJECT_HUES.items())} if OBJECT_HUES else {}
-    return {"generator_version": GENERATOR_VERSION, **hues}
+    code = {f"data_{k}": v for k, v in codeversion.key_part("data").items()}  # nothing at version 1
+    return {"generator_version": GENERATOR_VERSION, **hues, **code}
 
 
 def _object_hue(rng: np.random.Generator, task: str) -> float:
