@@ -1,0 +1,84 @@
+"""Session 18 of the tiny-benchmark design (session 30 of the project): experts fine-tuned with part of the encoder
+frozen (attention only, MLP only, all but the stem, all but the patch stem): a measurement, not yet the benchmark.
+
+Jin et al. (ICLR 2025, "Fine-tuning attention modules only") report that task vectors of the attention modules
+alone are more weight-disentangled, so task arithmetic keeps more of each expert. The public benchmark fine-tunes
+the whole image tower, and the tiny size follows it; this asks whether the tiny size's straight own-task curves
+(session 16) and its interference move when only ``attn.in_proj`` and ``attn.out_proj`` train. The shipped
+encoder, TINY_RECIPE, fine-tuning seed 0, chapter 00's seed study (test split, coefficients on validation) and
+the own-task diagnostics, at one thread. Run it in an empty data folder with MERGELAB_FINETUNE=1: the experts'
+cache keys are the full fine-tuning's (the freezing is patched in), so shipped or cached full experts must
+not be found.
+
+MODE (default ``attention``) says what trains: ``attention`` (``.attn.`` parameters), ``mlp`` (``.mlp.``
+parameters), ``no_stem`` (everything but the patch stem, class and positional embeddings and ``ln_pre``),
+``no_conv1`` (everything but the patch stem ``conv1``).
+
+usage: MERGELAB_FINETUNE=1 MERGELAB_DATA_DIR=<empty> python docs/tiny-benchmark-scratch/session18_frozen.py OUT.json [MODE [SEEDS, default 0]]
+"""
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+torch.set_num_threads(1)
+
+import mergelab.benchmarks.tiny.benchmark as tiny  # noqa: E402
+from mergelab.analysis.diagnostics import gain_fraction, margin_linearity, own_task_curve  # noqa: E402
+from mergelab.benchmarks.tiny.benchmark import TINY_RECIPE, TinyBenchmark, TinyBenchmarkConfig  # noqa: E402
+from mergelab.experiments import ch00_benchmark as ch00  # noqa: E402
+from mergelab.task_vectors import task_vectors_from  # noqa: E402
+
+full_finetune = tiny.finetune
+
+
+MODE = sys.argv[2] if len(sys.argv) > 2 else "attention"
+STEM = ("conv1.", "class_embedding", "positional_embedding", "ln_pre.")
+TRAINS = {"attention": lambda n: ".attn." in n, "mlp": lambda n: ".mlp." in n,
+          "no_stem": lambda n: not n.startswith(STEM), "no_conv1": lambda n: not n.startswith("conv1.")}[MODE]
+
+
+def attention_only(model, *args, **kwargs):
+    for name, p in model.named_parameters():
+        p.requires_grad_(TRAINS(name))
+    try:
+        return full_finetune(model, *args, **kwargs)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+
+tiny.finetune = attention_only
+out = sys.argv[1]
+seeds = [int(x) for x in sys.argv[3].split(",")] if len(sys.argv) > 3 else [0]
+p = yaml.safe_load(open("params/tiny/_benchmark.yaml"))
+bench = TinyBenchmark(TinyBenchmarkConfig.from_params(data=p["data"], model=p["model"], pretrain=p["pretrain"],
+                                                      head_shots=p["head_shots"]), device="cpu", progress=False)
+pre = bench.pretrained_state()
+start = time.perf_counter()
+study = ch00.seed_study(bench, pre, TINY_RECIPE, seeds, merge_methods=("weight_averaging", "task_arithmetic"),
+                        progress=False)
+experts = bench.experts(replace(TINY_RECIPE, seed=seeds[0]))
+tvs = task_vectors_from(pre, experts)
+moved = sorted({k for t in tvs.values() for k, v in t.items() if float(v.abs().max()) > 0 and not TRAINS(k)})
+curve = own_task_curve(bench, pre, tvs)
+margins = margin_linearity(bench, pre, tvs, curve=curve)
+res = {"variant": MODE, "seeds": seeds, "encoder_sha256": bench.pretrained_sha256,
+       "frozen_but_changed": moved, "wall_s": round(time.perf_counter() - start, 1), "seed_study": study,
+       "gain_at_0.3": {t: gain_fraction(c, 0.3) for t, c in curve.items()}, "margin_linearity": margins,
+       "per_task_test": {m: study["per_seed"][str(seeds[0])][m]["per_task_accuracy"]
+                         for m in ("zero_shot", "experts", "task_arithmetic")}}
+summary = study["summary"]
+short = {m: (round(summary[m]["absolute_accuracy"]["mean"], 3), round(summary[m]["normalized_accuracy"]["mean"], 3))
+         for m in ("zero_shot", "experts", "weight_averaging", "task_arithmetic", "tsv_merge_validated", "tsv_compress")}
+short["ta_coefficient"] = [study["per_seed"][str(s)]["task_arithmetic"]["coefficient"] for s in seeds]
+short["gain_0.3_mean"] = round(float(np.nanmean(list(res["gain_at_0.3"].values()))), 3)
+short["crossing_median"] = {t: round(r["crossing_median"], 2) for t, r in margins.items()}
+res["short"] = short
+print(json.dumps(short), flush=True)
+Path(out).write_text(json.dumps(res, indent=1, default=float))
