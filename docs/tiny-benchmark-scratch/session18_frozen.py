@@ -12,9 +12,11 @@ not be found.
 
 MODE (default ``attention``) says what trains: ``attention`` (``.attn.`` parameters), ``mlp`` (``.mlp.``
 parameters), ``no_stem`` (everything but the patch stem, class and positional embeddings and ``ln_pre``),
-``no_conv1`` (everything but the patch stem ``conv1``).
+``no_conv1`` (everything but the patch stem ``conv1``), ``all`` (everything: the package's fine-tuning, for a
+reference on another pretraining draw). PRETRAIN_SEED (default: the package's, whose encoder ships) pretrains
+another draw of the encoder first (about 8 minutes at one thread).
 
-usage: MERGELAB_FINETUNE=1 MERGELAB_DATA_DIR=<empty> python docs/tiny-benchmark-scratch/session18_frozen.py OUT.json [MODE [SEEDS, default 0]]
+usage: MERGELAB_FINETUNE=1 MERGELAB_DATA_DIR=<empty> python docs/tiny-benchmark-scratch/session18_frozen.py OUT.json [MODE [SEEDS, default 0 [PRETRAIN_SEED]]]
 """
 import json
 import sys
@@ -40,7 +42,8 @@ full_finetune = tiny.finetune
 MODE = sys.argv[2] if len(sys.argv) > 2 else "attention"
 STEM = ("conv1.", "class_embedding", "positional_embedding", "ln_pre.")
 TRAINS = {"attention": lambda n: ".attn." in n, "mlp": lambda n: ".mlp." in n,
-          "no_stem": lambda n: not n.startswith(STEM), "no_conv1": lambda n: not n.startswith("conv1.")}[MODE]
+          "no_stem": lambda n: not n.startswith(STEM), "no_conv1": lambda n: not n.startswith("conv1."),
+          "all": lambda n: True}[MODE]
 
 
 def attention_only(model, *args, **kwargs):
@@ -57,6 +60,8 @@ tiny.finetune = attention_only
 out = sys.argv[1]
 seeds = [int(x) for x in sys.argv[3].split(",")] if len(sys.argv) > 3 else [0]
 p = yaml.safe_load(open("params/tiny/_benchmark.yaml"))
+if len(sys.argv) > 4:
+    p["pretrain"] = {**p["pretrain"], "seed": int(sys.argv[4])}
 bench = TinyBenchmark(TinyBenchmarkConfig.from_params(data=p["data"], model=p["model"], pretrain=p["pretrain"],
                                                       head_shots=p["head_shots"]), device="cpu", progress=False)
 pre = bench.pretrained_state()
@@ -68,7 +73,7 @@ tvs = task_vectors_from(pre, experts)
 moved = sorted({k for t in tvs.values() for k, v in t.items() if float(v.abs().max()) > 0 and not TRAINS(k)})
 curve = own_task_curve(bench, pre, tvs)
 margins = margin_linearity(bench, pre, tvs, curve=curve)
-res = {"variant": MODE, "seeds": seeds, "encoder_sha256": bench.pretrained_sha256,
+res = {"variant": MODE, "pretrain": p["pretrain"], "seeds": seeds, "encoder_sha256": bench.pretrained_sha256,
        "frozen_but_changed": moved, "wall_s": round(time.perf_counter() - start, 1), "seed_study": study,
        "gain_at_0.3": {t: gain_fraction(c, 0.3) for t, c in curve.items()}, "margin_linearity": margins,
        "per_task_test": {m: study["per_seed"][str(seeds[0])][m]["per_task_accuracy"]
