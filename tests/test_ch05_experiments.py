@@ -62,6 +62,12 @@ def test_bad_draws_get_a_clear_error(study):
     model, endpoints, responses, _ = study
     with pytest.raises(ValueError, match="draws=0 is not valid; use a positive integer"):
         ch05.population_rank_study(model, endpoints, responses, [0.1], draws=0)
+    with pytest.raises(ValueError, match="draws=0 is not valid; use a positive integer"):  # an empty table before
+        ch05.estimator_study(model, endpoints, responses, [0.1], draws=0, progress=False)
+    with pytest.raises(ValueError, match=r"responses must be \(models, N=300 items\)"):
+        ch05.estimator_study(model, endpoints, responses[:, :200], [0.1], draws=1, progress=False)
+    with pytest.raises(ValueError, match=r"train and validation must be \(models, items\) responses on the same items"):
+        ch05.choose_dim(responses[:20], responses[20:, :200], [1])
 
 
 def rank_claim(per_draw: list[float]) -> dict:

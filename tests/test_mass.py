@@ -478,3 +478,10 @@ def test_routing_bases_refuse_tasks_stored_at_other_ranks():
     with pytest.raises(ValueError, match=r"store 'transformer.resblocks.1.mlp.c_fc.weight' at different shapes "
                                          r"\(a: \(16, 8\), b: \(16, 4\)\)"):
         routing_bases(compressed, 1)
+
+
+def test_compress_tasks_refuses_no_tasks():
+    from mergelab.experiments.ch04_mass import compress_tasks
+
+    with pytest.raises(ValueError, match=r"task_vectors is empty; pass \{task: TaskVector\}"):
+        compress_tasks({})

@@ -628,3 +628,10 @@ def test_tsv_merge_names_a_bad_polar_solver_and_factors_of_another_architecture(
     other = TaskVector({"w": torch.randn(6, 5, generator=g), "b": torch.randn(6, generator=g)})
     with pytest.raises(ValueError, match=r"compressed task 1 differs from task 0 at 'w' \(shape \(6, 5\) against \(6, 4\)"):
         tsvm.tsv_merge_compressed([tsv_compress(tvs[0], num_tasks=2), tsv_compress(other, num_tasks=2)])
+
+
+def test_compare_with_reference_refuses_no_task_vectors():
+    from mergelab.experiments.ch03_tsv import compare_with_reference
+
+    with pytest.raises(ValueError, match="task_vectors is empty"):
+        compare_with_reference([])

@@ -173,7 +173,8 @@ def compare_with_reference(task_vectors: Sequence[TaskVector], **options) -> dic
     decomposed layer of real task vectors; ``{"reference_s", "fast_s", "speedup",
     "relative_difference"}`` (Frobenius norm over all layers). ``perf/bench_tsv.py`` does the
     same at ViT-B-32 size."""
-
+    if len(task_vectors) == 0:
+        raise ValueError("task_vectors is empty; pass the task vectors to merge (two or more).")
     ref_s = fast_s = diff = total = 0.0
     for key, v in task_vectors[0].items():
         if not is_decomposed(key, v):

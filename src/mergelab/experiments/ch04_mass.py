@@ -26,6 +26,8 @@ from ..utils import StateDict, nan_for_none, torch_threads
 
 def compress_tasks(task_vectors: Mapping[str, TaskVector], svd: str = "gram") -> dict[str, CompressedTaskVector]:
     """What MASS stores per task: TSV-C with ``k = floor(min(m, n) / T)`` triplets per matrix."""
+    if not task_vectors:
+        raise ValueError("task_vectors is empty; pass {task: TaskVector} for the tasks MASS routes between.")
     return {t: tsv_compress(tv, num_tasks=len(task_vectors), svd=svd) for t, tv in task_vectors.items()}
 
 

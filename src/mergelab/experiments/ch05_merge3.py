@@ -35,7 +35,7 @@ from ..executors import Executor, LocalExecutor, WorkerContext, benchmark_contex
 from ..merging import merge
 from ..merging.evolve import EvolutionResult, evolve, task_arithmetic_per_task
 from ..task_vectors import TaskVector
-from ..utils import StateDict, config_hash, nan_for_none, state_digest
+from ..utils import StateDict, check_integer, config_hash, nan_for_none, state_digest
 
 
 def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Mapping[str, StateDict],
@@ -84,6 +84,9 @@ def choose_dim(train: np.ndarray, validation: np.ndarray, dims: Sequence[int], s
     """
     if len(dims) == 0:
         raise ValueError("dims is empty; give at least one IRT dimension to try.")
+    if np.ndim(train) != 2 or np.ndim(validation) != 2 or np.shape(validation)[1] != np.shape(train)[1]:
+        raise ValueError(f"train and validation must be (models, items) responses on the same items; got shapes "
+                         f"{np.shape(train)} and {np.shape(validation)}.")
     N = train.shape[1]
     rng = np.random.default_rng(seed)
     half = np.sort(rng.choice(N, N // 2, replace=False))
@@ -121,6 +124,10 @@ def estimator_study(model: IRTModel, endpoint_theta: np.ndarray, responses: np.n
         One row per (scheme, fraction, draw, estimator): ``n``, ``mae`` (mean absolute error over the
         models) and ``spearman`` (rank correlation of estimates with the full fitness).
     """
+    check_integer("draws", draws)
+    if np.ndim(responses) != 2 or np.shape(responses)[1] != model.num_items:
+        raise ValueError(f"responses must be (models, N={model.num_items} items) of the models estimated; got shape "
+                         f"{np.shape(responses)}.")
     truth = responses.mean(1)
     rows = []
     jobs = [(s, f, d) for s in schemes for f in fractions for d in range(draws)]
