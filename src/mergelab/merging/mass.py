@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..task_vectors import TaskVector
-from ..utils import StateDict, pick_device, torch_threads
+from ..utils import StateDict, check_integer, pick_device, torch_threads
 from .mass_features import _READ_AT, ROUTING_MATRICES, block_features, class_token
 from .mass_storage import storage_bytes, storage_of_shapes
 from .tsv import CompressedTaskVector, tsv_merge_compressed
@@ -49,8 +49,7 @@ config's block 9, taken as a 0-based index of ``transformer.resblocks``), block 
 # ----------------------------------------------------------------------------- parameters
 def routing_block(num_blocks: int, depth: float = DEFAULT_DEPTH, block: int | None = None) -> int:
     """The 0-based index of the routing block: ``block`` when given, else ``floor(depth * num_blocks)``."""
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-        raise ValueError(f"num_blocks={num_blocks!r} is not valid; use the encoder's number of blocks (>= 1).")
+    check_integer("num_blocks", num_blocks)  # the encoder's number of blocks
     if block is not None:
         if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < num_blocks:
             raise ValueError(f"block={block!r} does not exist; the encoder has {num_blocks} blocks, valid: "
