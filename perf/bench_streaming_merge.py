@@ -101,11 +101,18 @@ def naive_merge(method: str, pretrained, tvs, coefficient: float, density: float
 
 
 def run_worker(model: str, n_tasks: int, method: str, implementation: str) -> dict:
+    """One merge measured on every core (:func:`_measure`); the caller's torch thread count is restored."""
+    from mergelab.utils import torch_threads
+
+    with torch_threads(max(1, os.cpu_count() or 1)):  # every core, then the caller's count back (a test calls this)
+        return _measure(model, n_tasks, method, implementation)
+
+
+def _measure(model: str, n_tasks: int, method: str, implementation: str) -> dict:
     import torch
 
     import mergelab
     from memory import PeakMemory
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     pretrained, tvs = build_inputs(model, n_tasks)
     inputs_bytes = sum(v.numel() * v.element_size() for v in pretrained.values())
     inputs_bytes += sum(v.numel() * v.element_size() for tv in tvs for v in tv.vector.values())

@@ -21,6 +21,27 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[_var] = "1"
     torch.set_num_threads(1)
+    # NumPy's OpenBLAS was loaded (by torch, above) before these variables were set, with a thread per core
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Iterator[None]:
+    """Fail a test that leaves torch's global thread count changed (restoring it for the next test).
+
+    A leaked count outlives the test: every later test of its process then computes on more threads than
+    its share of the cores, and their threads spin while the other test process holds the core (a
+    leaked 2 made two later training tests of ``make test`` 7 and 10 times slower). Use
+    :func:`mergelab.utils.torch_threads`, which restores the count."""
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        pytest.fail(f"the test left torch's thread count at {after} (it was {before}); "
+                    "change it with mergelab.utils.torch_threads, which restores it")
 
 
 SMOKE_BOOK_GROUP = "smoke-book"

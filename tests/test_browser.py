@@ -24,6 +24,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from conftest import smoke_data_dir
 from mergelab import course, report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +200,9 @@ def stop_lab(server: subprocess.Popen) -> None:
 @pytest.mark.timeout(1800)  # chapter 00 at smoke: 721 s on 2 shared cores at load ~20; far less on an idle machine
 def test_jupyterlab_runs_chapter_00_at_smoke(browser, tmp_path: Path) -> None:
     notebook = smoke_copy_of_notebooks(tmp_path / "notebooks")
-    env = {**os.environ, "JUPYTER_PREFER_ENV_PATH": "1", "MERGELAB_REPORTS_DIR": str(tmp_path / "reports"),
+    # the smoke book's cache folder: its encoder and experts are built once per test session, whichever test comes first
+    env = {**os.environ, "MERGELAB_DATA_DIR": str(smoke_data_dir()),
+           "JUPYTER_PREFER_ENV_PATH": "1", "MERGELAB_REPORTS_DIR": str(tmp_path / "reports"),
            "MERGELAB_RESULTS_DIR": str(tmp_path / "reports" / "results"),
            "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings"),
            "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "lab-workspaces")}

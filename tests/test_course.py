@@ -8,7 +8,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import NOTEBOOKS
+from conftest import NOTEBOOKS, smoke_data_dir
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from mergelab import course, report
@@ -155,9 +155,10 @@ STUDENT_CHAPTER = "03_task_singular_vectors"  # among the cheapest chapters at s
 
 @pytest.mark.notebook
 @pytest.mark.timeout(900)
-def test_a_student_notebook_runs_at_smoke_up_to_its_first_stub(tmp_path):
+def test_a_student_notebook_runs_at_smoke_up_to_its_first_stub(tmp_path, monkeypatch):
     """The student version of a chapter, executed at smoke with the runner, stops at the first exercise
     left to write, with the stub's message; every cell before it ran without error."""
+    monkeypatch.setenv("MERGELAB_DATA_DIR", str(smoke_data_dir()))  # the smoke book's cache, built once per session
     solution = chapter(STUDENT_CHAPTER)
     student = course.student_notebook(solution, STUDENT_CHAPTER)
     first = next(i for i, c in enumerate(student.cells) if STUB.search(c.source))

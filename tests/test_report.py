@@ -771,20 +771,40 @@ def test_asking_for_quarto_without_it_says_how_to_get_it(
 LANE_BODY = (
     "import json, os, time\n"
     "from mergelab.paths import results_dir\n"
-    "start = time.time(); time.sleep(value)\n"
-    "(results_dir() / '{name}.json').write_text(json.dumps({{'start': start, 'end': time.time(), "
+    "start = time.time()\n"
+    "(results_dir() / '{name}.started').write_text(str(start))\n"
+    "deadline = start + 120  # side by side: each chapter in `meet` starts while this one waits for it\n"
+    "while not all((results_dir() / f'{{o}}.started').is_file() for o in meet) and time.time() < deadline:\n"
+    "    time.sleep(0.05)\n"
+    "met = all((results_dir() / f'{{o}}.started').is_file() for o in meet)\n"
+    "time.sleep(value)\n"
+    "(results_dir() / '{name}.json').write_text(json.dumps({{'start': start, 'end': time.time(), 'met': met, "
     "'threads': os.environ.get('OMP_NUM_THREADS'), 'nice': os.nice(0), 'autogroup': "
     "open('/proc/self/autogroup').read().split()[-1] if os.path.exists('/proc/self/autogroup') else None}}))"
 )
+"""A lane chapter: it says it started, waits (up to 120 s) until every chapter named in its parameter
+``meet`` has started too, sleeps ``value`` s and writes its times. Chapters that meet each other overlap by
+construction, however slowly a loaded machine starts their kernels; one that never comes is ``met: false``."""
+
+
+def write_lane_notebook(path: Path, name: str) -> None:
+    """A :data:`LANE_BODY` chapter, with ``meet = []`` beside ``value`` in its parameters cell."""
+    write_notebook(path, name, LANE_BODY.format(name=name))
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[1].source += "\nmeet = []  # chapters to wait for, side by side"
+    nbformat.write(nb, path)
 
 
 def make_three_chapters(root: Path, failing: str | None = None) -> None:
-    """The throwaway project with chapters 01_beta and 02_gamma after 00_alpha, each sleeping ``value`` s."""
+    """The throwaway project with lane chapters 01_beta and 02_gamma after 00_alpha, each sleeping ``value`` s
+    (1) after meeting the chapters of its ``meet`` (none)."""
     make_project(root)
     for name in ("01_beta", "02_gamma"):
-        body = "raise ValueError('boom in ' + str(value))" if name == failing else LANE_BODY.format(name=name)
-        write_notebook(root / "notebooks" / f"{name}.ipynb", name, body)
-        (root / "params" / PROFILE / f"{name}.yaml").write_text("value: 3\n")
+        if name == failing:
+            write_notebook(root / "notebooks" / f"{name}.ipynb", name, "raise ValueError('boom in ' + str(value))")
+        else:
+            write_lane_notebook(root / "notebooks" / f"{name}.ipynb", name)
+        (root / "params" / PROFILE / f"{name}.yaml").write_text("value: 1\n")
     (root / "book" / "_quarto.yml").write_text(QUARTO_YML.replace(
         "    - 00_alpha.ipynb\n", "    - 00_alpha.ipynb\n    - 01_beta.ipynb\n    - 02_gamma.ipynb\n"))
 
@@ -794,15 +814,18 @@ def test_chapters_after_the_first_run_side_by_side_in_lanes(tmp_path: Path) -> N
     from mergelab.report.lanes import lane_threads
 
     make_three_chapters(tmp_path)
+    for name, other in (("01_beta", "02_gamma"), ("02_gamma", "01_beta")):  # each waits until the other started
+        (tmp_path / "params" / PROFILE / f"{name}.yaml").write_text(f"value: 1\nmeet: [{other}]\n")
     result = build(tmp_path, jobs=2)
     assert result.statuses == {"00_alpha": report.EXECUTED, "01_beta": report.EXECUTED, "02_gamma": report.EXECUTED}
     out = tmp_path / "out"
     beta, gamma = (json.loads((out / "results" / f"{n}.json").read_text()) for n in ("01_beta", "02_gamma"))
-    assert beta["start"] < gamma["end"] and gamma["start"] < beta["end"]  # they overlapped: side by side
+    assert beta["met"] and gamma["met"]  # each started while the other waited for it: side by side
+    assert beta["start"] < gamma["end"] and gamma["start"] < beta["end"]
     assert beta["threads"] == gamma["threads"] == str(lane_threads(2))
     for name in ("01_beta", "02_gamma"):
         assert report.stamp_path(out, name, PROFILE).is_file() and (out / f"{name}.ipynb").is_file()
-        assert json.loads((out / "timings" / f"{name}.{PROFILE}.json").read_text())["wall_s"] >= 3
+        assert json.loads((out / "timings" / f"{name}.{PROFILE}.json").read_text())["wall_s"] >= 1  # value: 1 s asleep
     assert not list(out.glob(".*.lane.*")) and result.book is not None
     assert build(tmp_path, jobs=2).statuses["02_gamma"] == report.UP_TO_DATE
     (tmp_path / "params" / PROFILE / "02_gamma.yaml").write_text("value: 1\n")  # out of date alone, runs here
@@ -818,7 +841,7 @@ def test_chapters_after_the_first_run_side_by_side_in_lanes(tmp_path: Path) -> N
 @pytest.mark.timeout(240)
 def test_a_failing_lane_names_its_notebook_and_keeps_the_others_results(tmp_path: Path) -> None:
     make_three_chapters(tmp_path, failing="01_beta")
-    with pytest.raises(report.ReportError, match=r"01_beta\.ipynb failed in its lane(.|\n)*boom in 3"):
+    with pytest.raises(report.ReportError, match=r"01_beta\.ipynb failed in its lane(.|\n)*boom in 1"):
         build(tmp_path, jobs=2)
     out = tmp_path / "out"
     assert (out / "results" / "02_gamma.json").is_file() and report.stamp_path(out, "02_gamma", PROFILE).is_file()
@@ -851,13 +874,16 @@ def test_a_chapter_that_needs_nothing_from_the_first_starts_beside_it(tmp_path: 
     from mergelab.report.lanes import BESIDE_FIRST_NICE, lane_threads
 
     make_three_chapters(tmp_path)
-    write_notebook(tmp_path / "notebooks" / "00_alpha.ipynb", "Alpha", LANE_BODY.format(name="00_alpha"))
-    (tmp_path / "params" / PROFILE / "00_alpha.yaml").write_text("value: 6\n")
+    write_lane_notebook(tmp_path / "notebooks" / "00_alpha.ipynb", "00_alpha")
+    # chapter 00 and 02_gamma each wait until the other started: side by side, however slowly the niced lane starts
+    (tmp_path / "params" / PROFILE / "00_alpha.yaml").write_text("value: 1\nmeet: [02_gamma]\n")
+    (tmp_path / "params" / PROFILE / "02_gamma.yaml").write_text("value: 1\nmeet: [00_alpha]\n")
     mark_independent(tmp_path / "notebooks" / "02_gamma.ipynb")
     build(tmp_path, jobs=2)
     alpha, beta, gamma = (json.loads((tmp_path / "out" / "results" / f"{n}.json").read_text())
                           for n in ("00_alpha", "01_beta", "02_gamma"))
-    assert gamma["start"] < alpha["end"] and alpha["start"] < gamma["end"]  # beside chapter 00
+    assert alpha["met"] and gamma["met"]  # beside chapter 00
+    assert gamma["start"] < alpha["end"] and alpha["start"] < gamma["end"]
     assert beta["start"] >= alpha["end"]  # after it
     assert alpha["threads"] == beta["threads"] == gamma["threads"] == str(lane_threads(2))  # no oversubscription
     here = os.nice(0)
