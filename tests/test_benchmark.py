@@ -265,7 +265,8 @@ def test_heads_and_diagnostic_features_are_computed_on_the_training_threads_whoe
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {bench.train_threads} == {1}
-    assert (bench.cache_dir / "heads-canonical-threads1.safetensors").is_file()
+    assert bench.heads_path().name == f"heads-canonical-threads1-encoder{bench.pretrained_sha256[:16]}.safetensors"
+    assert bench.heads_path().is_file()
 
 
 def test_evaluate_equals_a_hand_computed_accuracy_with_each_tasks_head_and_split(bench):
@@ -312,3 +313,28 @@ def test_pretraining_with_the_tasks_unlabelled_images_never_reads_their_labels(d
     assert {t for t, _ in read} == set(mergelab.benchmarks.tiny.data.TASKS) and {s for _, s in read} == {"train"}
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_an_encoder_built_again_with_other_bits_gets_heads_and_run_keys_of_its_own(data_dir):
+    """The heads are cached under the encoder file's SHA-256, not its configuration only: an encoder whose file
+    was replaced at the same key (deleted and pretrained elsewhere, or by hand) gets new heads, and since the
+    heads' digests key every run, new run keys, so no expert made from the old encoder is read for it."""
+    from mergelab.cache import Artifact
+
+    first = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
+    cfg = mergelab.FinetuneConfig(num_steps=2, batch_size=8, warmup_steps=0)
+    digests, key = [first.head_digest(t) for t in first.tasks], first.run_key("expert", ["size"], cfg)
+    path, sha = first.heads_path(), first.pretrained_sha256
+    assert path.is_file()
+    encoder = Artifact(first.cache_dir / "pretrained.safetensors")
+    state = encoder.load()
+    encoder.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, encoder.meta())
+    again = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
+    assert again.encoder_key == first.encoder_key and again.pretrained_sha256 != sha
+    assert again.heads_path() != path
+    assert [again.head_digest(t) for t in again.tasks] != digests
+    assert again.run_key("expert", ["size"], cfg) != key
+    # the same bits again: the first heads, read from their file
+    encoder.save(state, encoder.meta())
+    third = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
+    assert third.heads_path() == path and [third.head_digest(t) for t in third.tasks] == digests

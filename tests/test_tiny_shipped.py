@@ -100,7 +100,7 @@ def test_a_fresh_cache_takes_the_shipped_heads_and_runs_instead_of_building_them
     name = f"heads-canonical-threads{bench.train_threads}"
     heads = load_safetensors(str(ship.shipped_heads(bench.encoder_key, name).path))
     bench.heads  # noqa: B018 - the heads every run key holds
-    cached = load_safetensors(str(bench.cache_dir / f"{name}.safetensors"))
+    cached = load_safetensors(str(bench.heads_path()))
     assert set(cached) == set(heads) and all(torch.equal(cached[t], heads[t]) for t in heads)
     for kind, tasks, cfg in (runs[0], runs[1], runs[-1]):
         state = bench.multitask(cfg, tasks) if kind == "multitask" else bench.expert(tasks[0], cfg)

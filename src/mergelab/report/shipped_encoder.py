@@ -133,8 +133,8 @@ def update_runs(workers: int = 2) -> list[Path]:
                          "(readers start from the shipped encoder); use a data folder whose encoder is the shipped one.")
     _train_default_runs(bench, workers)
     bench.heads  # noqa: B018 - built (or taken) in the cache
-    heads = Artifact(bench.cache_dir / f"heads-canonical-threads{bench.train_threads}.safetensors")
-    target = WEIGHTS_DIR / f"{heads.path.stem}-{bench.encoder_key}.safetensors"
+    heads = Artifact(bench.heads_path())
+    target = WEIGHTS_DIR / f"{bench.heads_name()}-{bench.encoder_key}.safetensors"
     if not heads.meta().get("shipped"):
         for old in WEIGHTS_DIR.glob("heads-*"):
             old.unlink()

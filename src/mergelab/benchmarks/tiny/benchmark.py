@@ -303,7 +303,7 @@ class TinyBenchmark(BenchmarkBase):
         if self._heads is None:
             from .ship import shipped_heads, taken
 
-            tag = "canonical" if self.config.heads == "canonical" else f"shots{self.config.head_shots}"
+            name = self.heads_name()
 
             def build() -> tuple[StateDict, dict[str, Any]]:
                 shipped = self._made_from_this_encoder(shipped_heads(self.encoder_key, name))
@@ -315,12 +315,26 @@ class TinyBenchmark(BenchmarkBase):
                 return protos, {"heads": self.config.heads, "head_shots": self.config.head_shots,
                                 "threads": self.train_threads}
 
-            # The file names the threads it was built on: a cache made before the heads were pinned to them
-            # (built on whatever the first process had: two threads give other last bits) is rebuilt once.
-            name = f"heads-{tag}-threads{self.train_threads}"
-            weights = Artifact(self.cache_dir / f"{name}.safetensors").get_or_build(build)
+            weights = Artifact(self.heads_path()).get_or_build(build)
             self._heads = {t: ClassificationHead(weights[t], self.config.logit_scale) for t in TASKS}
         return self._heads
+
+    def heads_name(self) -> str:
+        """``heads-<canonical|shotsN>-threads<T>``: the heads' kind and the threads they were built on (a cache
+        made before the heads were pinned to :attr:`train_threads` is rebuilt once), the name they ship under."""
+        tag = "canonical" if self.config.heads == "canonical" else f"shots{self.config.head_shots}"
+        return f"heads-{tag}-threads{self.train_threads}"
+
+    def heads_path(self) -> Path:
+        """The cached heads' file, ``<heads_name()>-encoder<digest>.safetensors``.
+
+        Named by the SHA-256 of the encoder file this data folder holds (its first 16 hex digits), not by the
+        encoder's configuration only: an encoder built again at the same key with other bits (its file
+        deleted and pretrained on another machine, or replaced by hand) gets heads of its own. Every run's
+        key holds the heads' digests, so its experts are then trained again too, instead of being read from
+        runs made from the old encoder. Loads (or builds) the pretrained encoder."""
+        self.pretrained_state()
+        return self.cache_dir / f"{self.heads_name()}-encoder{self.pretrained_sha256[:16]}.safetensors"
 
     def _made_from_this_encoder(self, shipped: Artifact | None) -> Artifact | None:
         """``shipped`` (heads or a run of :mod:`mergelab.benchmarks.tiny.ship`) when it was made from the encoder
