@@ -399,6 +399,21 @@ def test_image_subsets_are_decoded_once_and_equal_the_lazy_view(root, monkeypatc
     assert small._subset_cache == {} and small.images("MNIST", "train", []).shape == (0, 3, 224, 224)
 
 
+def test_clip_finetuning_leaves_the_callers_random_stream_alone(root):
+    """The clip loop seeds torch from the run's configuration (its augmentations and loader draw from the global
+    stream); the caller's stream goes on where it was."""
+    bench = tiny_bench(root, tasks=("MNIST",))
+    enc = bench.new_encoder(bench.pretrained_state())
+    bench.head("MNIST")  # built before: its own seeded tower is not what this checks
+    cfg = mergelab.FinetuneConfig(optimizer="sgd", lr=0.01, batch_size=4, num_steps=2, schedule="constant",
+                                  warmup_steps=0)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    clip_training.finetune_encoder(bench, enc, ["MNIST"], cfg, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_finetuning_resumes_where_it_stopped(root, tmp_path, monkeypatch):
     cfg = mergelab.FinetuneConfig(optimizer="adamw", lr=1e-3, batch_size=4, num_steps=4, warmup_steps=1,
                                   weight_decay=0.1, seed=3)

@@ -455,3 +455,70 @@ def test_scratch_config_refuses_bad_values_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ScratchConfig(**kwargs)
     assert ScratchConfig(lr=1, weight_decay=0).lr == 1.0  # integers still read as the floats they hash as
+
+
+def _leaves_the_stream(call):
+    """``call()``'s result, after checking that the global torch random stream goes on after it exactly as if it
+    had not run (``torch.rand(3)`` after seed 123)."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    out = call()
+    assert torch.equal(torch.rand(3), expected), "the call reseeded or drew from the caller's random stream"
+    return out
+
+
+def test_seeded_training_functions_leave_the_callers_random_stream_alone_and_do_not_read_it():
+    """finetune, the three pretraining objectives, the tiny size's pretraining and new_model seed torch from their
+    configuration: the caller's stream goes on where it was (an expert read from the cache and one trained here
+    leave a notebook's later random draws equal), and their results are the same from any caller's state."""
+    from mergelab.training.pretrain import pretrain_contrastive, pretrain_factors
+    from mergelab.training.scratch import ScratchConfig, load_digits_split, new_model
+
+    X, y, head = _toy_problem()
+    cfg = FinetuneConfig(optimizer="sgd", lr=0.1, batch_size=32, num_steps=3, warmup_steps=0, seed=3)
+    start = nn.Linear(6, 4).state_dict()
+
+    def tuned(model: nn.Module) -> torch.Tensor:
+        finetune(model, {"toy": (X, y)}, {"toy": head}, cfg, progress=False)
+        return model.weight.detach().clone()
+
+    first, second = nn.Linear(6, 4), nn.Linear(6, 4)
+    first.load_state_dict(start)
+    second.load_state_dict(start)
+    weights = _leaves_the_stream(lambda: tuned(first))
+    torch.manual_seed(999)  # another caller's state: the same run
+    assert torch.equal(tuned(second), weights)
+
+    images, targets, unlabelled = _factor_problem()
+    pre = PretrainConfig(num_steps=2, batch_size=16, lr=0.01, warmup_steps=0, unlabelled_batch=8)
+
+    def model():  # seeded here, so the layers start alike for every call
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16))
+
+    for run in (lambda m: pretrain_contrastive(m, images, pre, lambda x: x, progress=False),
+                lambda m: pretrain_attributes(m, images.flatten(1), torch.stack([targets["kind"]] * 2, 1), [2, 2], pre,
+                                              lambda x: x, progress=False),
+                lambda m: pretrain_factors(m, images, targets, {"kind": 2}, PretrainConfig(**{**pre.__dict__,
+                                           "unlabelled_weight": 0.5}), lambda x: x, progress=False, unlabelled=unlabelled)):
+        state = torch.random.get_rng_state()
+        m = model()
+        torch.random.set_rng_state(state)  # model() seeded the stream: the check starts from the caller's
+        _leaves_the_stream(lambda: run(m))
+    scratch = ScratchConfig(arch="mlp", widths=(8,), epochs=1, seed=5)
+    data = load_digits_split()
+    built = _leaves_the_stream(lambda: new_model(scratch, data)[0].state_dict())
+    torch.manual_seed(999)
+    assert all(torch.equal(v, new_model(scratch, data)[0].state_dict()[k]) for k, v in built.items())
+
+
+def test_the_tiny_size_pretrains_without_touching_the_callers_random_stream(data_dir):
+    import mergelab
+
+    bench = mergelab.load_benchmark("tiny", device="cpu", progress=False, tasks=["colours"],
+                                    data={"n_train": 16, "n_val": 8, "n_test": 8, "n_pretext": 32},
+                                    model={"width": 16, "layers": 1, "heads": 2},
+                                    pretrain={"num_steps": 1, "batch_size": 8, "warmup_steps": 0, "unlabelled_weight": 0.0},
+                                    head_shots=1)
+    _leaves_the_stream(bench.pretrained_state)

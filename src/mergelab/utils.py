@@ -91,6 +91,26 @@ def pick_device(device: str | None = "auto") -> torch.device:
     return chosen
 
 
+def keeps_global_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate ``fn`` so that torch's global random state is saved before the call and put back after it.
+
+    For functions that seed torch themselves (``torch.manual_seed(cfg.seed)``, so that their result depends on
+    their configuration only): the caller's random stream then goes on where it was, whether or not the
+    function ran (a cached expert skips it). The CPU generator always; the CUDA devices' generators when CUDA
+    is initialized. Inside ``fn`` nothing changes, so its results are the same bits as without it."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run the block with ``n`` torch intra-op threads (``None``: unchanged), then restore the number."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..utils import check_integer, check_number
+from ..utils import check_integer, check_number, keeps_global_rng
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -126,6 +126,7 @@ def batch_stream(n: int, batch_size: int, seed: int) -> Callable[[], torch.Tenso
     return next_batch
 
 
+@keeps_global_rng
 def finetune(model: nn.Module, tasks: Mapping[str, tuple[Any, torch.Tensor]],
              heads: Mapping[str, nn.Module], cfg: FinetuneConfig,
              device: torch.device | str = "cpu", desc: str = "fine-tune",

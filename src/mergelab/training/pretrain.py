@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..utils import check_integer, check_number
+from ..utils import check_integer, check_number, keeps_global_rng
 from .finetune import FinetuneConfig, batch_stream, lr_at
 
 PRETEXT_OBJECTIVES = ("contrastive", "attributes", "factors")
@@ -165,6 +165,7 @@ def _pretrain_loop(model: nn.Module, params: list[nn.Parameter], cfg: PretrainCo
     return losses
 
 
+@keeps_global_rng
 def pretrain_contrastive(model: nn.Module, images: torch.Tensor, cfg: PretrainConfig,
                          normalize: Callable[[torch.Tensor], torch.Tensor],
                          device: torch.device | str = "cpu", progress: bool = True) -> list[float]:
@@ -183,6 +184,7 @@ def pretrain_contrastive(model: nn.Module, images: torch.Tensor, cfg: PretrainCo
                           "pretrain (contrastive)", progress)
 
 
+@keeps_global_rng
 def pretrain_attributes(model: nn.Module, images: torch.Tensor, attributes: torch.Tensor,
                         n_classes: Sequence[int], cfg: PretrainConfig,
                         normalize: Callable[[torch.Tensor], torch.Tensor],
@@ -210,6 +212,7 @@ def pretrain_attributes(model: nn.Module, images: torch.Tensor, attributes: torc
                           step_loss, "pretrain (attributes)", progress)
 
 
+@keeps_global_rng
 def pretrain_factors(model: nn.Module, images: torch.Tensor, targets: Mapping[str, torch.Tensor],
                      n_classes: Mapping[str, int], cfg: PretrainConfig,
                      normalize: Callable[[torch.Tensor], torch.Tensor],

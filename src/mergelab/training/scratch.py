@@ -24,7 +24,7 @@ from .. import codeversion, paths
 from ..alignment.architectures import build_model, no_onednn
 from ..alignment.specs import PermutationSpec
 from ..cache import Artifact
-from ..utils import check_integer, check_number, config_hash
+from ..utils import check_integer, check_number, config_hash, keeps_global_rng
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -100,6 +100,7 @@ class ScratchConfig:
         check_integer("seed", self.seed, minimum=0)
 
 
+@keeps_global_rng
 def new_model(cfg: ScratchConfig, data: DigitsSplit) -> tuple[nn.Module, PermutationSpec]:
     """A freshly initialized model of ``cfg`` for ``data`` (initialized from ``cfg.seed``) and its spec."""
     torch.manual_seed(cfg.seed)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from ...training import FinetuneConfig, lr_at, make_optimizer, training_indices
+from ...utils import keeps_global_rng
 from .model import autocast
 
 
@@ -52,6 +53,7 @@ class StepBatchSampler(Sampler[list[int]]):
         return max(0, self.num_steps - self.start)
 
 
+@keeps_global_rng
 def finetune_encoder(bench: Any, encoder: nn.Module, tasks: Sequence[str], cfg: FinetuneConfig,
                      on_step: Callable[[int, nn.Module], None] | None = None, desc: str = "fine-tune",
                      progress: bool | None = None, partial: Path | None = None) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from ... import codeversion
 from .data import SPLITS, TASK_CLASSES, TASKS, TinyDataConfig, canonical_images, generator_key, load_task
 from .pretext import PRETEXT_KINDS, PRETEXT_TEXTURES, load_pretext
 from .data import check_task as check_tiny_task
-from ...utils import (StateDict, clone_state_dict, config_hash, torch_threads,
+from ...utils import (StateDict, clone_state_dict, config_hash, keeps_global_rng, torch_threads,
                     pick_device)
 
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
@@ -217,6 +217,7 @@ class TinyBenchmark(BenchmarkBase):
             self._pretrained = artifact.get_or_build(self._pretrain)
         return clone_state_dict(self._pretrained)
 
+    @keeps_global_rng
     def _pretrain(self) -> tuple[StateDict, dict[str, Any]]:
         """Pretrain a fresh encoder on the pretext pool with ``config.pretrain``; ``(weights, log)``. Where
         mergelab ships the encoder of this :attr:`encoder_key` (:mod:`mergelab.benchmarks.tiny.ship`), that
