@@ -522,3 +522,16 @@ def test_the_tiny_size_pretrains_without_touching_the_callers_random_stream(data
                                     pretrain={"num_steps": 1, "batch_size": 8, "warmup_steps": 0, "unlabelled_weight": 0.0},
                                     head_shots=1)
     _leaves_the_stream(bench.pretrained_state)
+
+
+def test_importing_the_plotting_helper_keeps_the_callers_matplotlib_backend():
+    """It once switched any backend but Jupyter's to Agg at import, so `plt.show()` of a script or a terminal
+    IPython session that imported mergelab.notebook silently stopped opening windows."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import matplotlib; import mergelab.notebook; print(matplotlib.get_backend())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MPLBACKEND": "svg"}, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[-1].lower() == "svg"

@@ -10,15 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt  # the caller's backend, whichever it is (matplotlib picks Agg without a display)
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg") if not matplotlib.get_backend().lower().startswith(("module://", "nbagg", "ipympl")) else None
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from . import paths  # noqa: E402
+from . import paths
 
 PALETTE = "colorblind"
 FIGSIZE = (6.4, 3.6)
