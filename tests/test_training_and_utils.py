@@ -535,3 +535,26 @@ def test_importing_the_plotting_helper_keeps_the_callers_matplotlib_backend():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MPLBACKEND": "svg"}, capture_output=True,
                          text=True, check=True).stdout.split()
     assert out[-1].lower() == "svg"
+
+
+def test_finetune_and_the_curvature_probes_give_the_callers_modules_back_in_their_modes():
+    """finetune's heads keep the mode they came in (the model ends in eval, as documented); the per-example
+    gradient norms and the Hessian's extreme eigenvalues give the encoder back in its mode, even after an error."""
+    from mergelab.autodiff import hessian_extreme_eigenvalues, per_example_gradient_norms
+
+    X, y, head = _toy_problem()
+    model = nn.Linear(6, 4)
+    head.train()
+    finetune(model, {"toy": (X, y)}, {"toy": head}, FinetuneConfig(num_steps=1, batch_size=8, warmup_steps=0),
+             progress=False)
+    assert head.training and not model.training
+    head.eval()
+    model.train()
+    assert per_example_gradient_norms(model, head, X[:4], y[:4]).shape == (4,) and model.training
+    assert len(hessian_extreme_eigenvalues(model, head, X[:8], y[:8], iters=1)) == 2 and model.training
+    bad = torch.full((4,), 7)  # a label outside the head's 2 classes: the loss fails inside
+    for probe in (lambda: per_example_gradient_norms(model, head, X[:4], bad),
+                  lambda: hessian_extreme_eigenvalues(model, head, X[:4], bad, iters=1)):
+        with pytest.raises((IndexError, RuntimeError)):
+            probe()
+        assert model.training

@@ -101,7 +101,7 @@ def loss_and_gradient(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: t
     Args:
         encoder: maps ``(B, 3, H, W)`` to ``(B, d)``; loaded with ``state`` when given (a copy of
             the weights is written into it; it is left in eval mode).
-        head: frozen head, ``(B, d)`` features to ``(B, C)`` logits.
+        head: frozen head, ``(B, d)`` features to ``(B, C)`` logits (left in eval mode).
         X: ``(N, 3, H, W)`` inputs; y: ``(N,)`` int64 labels.
         state: encoder weights to evaluate the gradient at (default: the encoder's own).
         batch_size: examples per forward/backward pass (memory only, not the result).
@@ -205,6 +205,16 @@ def per_example_gradient_norms(encoder: nn.Module, head: nn.Module, X: torch.Ten
         raise ValueError(f"X has {len(X)} examples and y {len(y)}; pass the same, non-zero number.")
     was_training = encoder.training
     encoder.eval()
+    try:
+        return _per_example_norms(encoder, head, X, y, chunk)
+    finally:  # the caller's mode back, also after an error or an interrupt
+        encoder.train(was_training)
+
+
+def _per_example_norms(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor,
+                       chunk: int) -> torch.Tensor:
+    from torch.func import functional_call, grad, vmap
+
     params = {k: v.detach() for k, v in encoder.named_parameters() if v.requires_grad}
     buffers = {k: v.detach() for k, v in encoder.named_buffers()}
 
@@ -221,7 +231,6 @@ def per_example_gradient_norms(encoder: nn.Module, head: nn.Module, X: torch.Ten
         for i in range(0, len(X), chunk):
             g = per_grad(params, X[i:i + chunk], y[i:i + chunk])
             norms.append(torch.sqrt(sum((v.reshape(v.shape[0], -1).float() ** 2).sum(1) for v in g.values())))
-    encoder.train(was_training)
     return torch.cat(norms).detach()
 
 
@@ -265,7 +274,9 @@ def hessian_extreme_eigenvalues(encoder: nn.Module, head: nn.Module, X: torch.Te
             v = normalize(hv)
         return lam + shift
 
-    lam_max = power(0.0)
-    lam_min = power(lam_max)
-    encoder.train(was_training)
+    try:
+        lam_max = power(0.0)
+        lam_min = power(lam_max)
+    finally:  # the caller's mode back, also after an error or an interrupt
+        encoder.train(was_training)
     return (max(lam_max, lam_min), min(lam_max, lam_min))

@@ -140,12 +140,13 @@ def finetune(model: nn.Module, tasks: Mapping[str, tuple[Any, torch.Tensor]],
     mini-batch of ``cfg.batch_size`` from each task.
 
     Args:
-        model: encoder mapping ``(B, 3, H, W)`` to ``(B, d)``.
+        model: encoder mapping ``(B, 3, H, W)`` to ``(B, d)``; left in eval mode afterwards.
         tasks: task name to ``(X, y)`` with ``X`` ``(N, 3, H, W)`` and ``y`` ``(N,)`` int64 (CPU). ``X``
             may be any indexable of images whose ``X[index tensor]`` is a stacked tensor (the clip
             benchmark's lazy :class:`~mergelab.benchmarks.clip.datasets.ImageView`); the ``data_fraction``
             subset is stacked once, before the first step.
-        heads: task name to a frozen head mapping ``(B, d)`` features to logits.
+        heads: task name to a frozen head mapping ``(B, d)`` features to logits (in eval mode while it
+            trains; each keeps the mode it came in).
         cfg: hyperparameters; ``cfg.data_fraction`` subsamples each task's ``(X, y)``.
         device: where to train.
         on_step: called as ``on_step(step, model)`` after every optimizer step (``step`` counts from
@@ -167,7 +168,20 @@ def finetune(model: nn.Module, tasks: Mapping[str, tuple[Any, torch.Tensor]],
         raise ValueError(f"micro_batch_size={micro_batch_size!r} is not valid; use a positive integer or None.")
     torch.manual_seed(cfg.seed)
     model.to(device).train()
+    head_modes = {t: h.training for t, h in heads.items()}
     heads = {t: h.to(device).eval() for t, h in heads.items()}
+    try:
+        return _finetune_loop(model, tasks, heads, cfg, device, progress, desc, on_step, micro_batch_size, active)
+    finally:  # the caller's heads as they came (the model ends in eval mode, as documented)
+        for t, h in heads.items():
+            h.train(head_modes[t])
+
+
+def _finetune_loop(model: nn.Module, tasks: Mapping[str, tuple[Any, torch.Tensor]], heads: Mapping[str, nn.Module],
+                   cfg: FinetuneConfig, device: torch.device | str, progress: bool, desc: str,
+                   on_step: Callable[[int, nn.Module], None] | None, micro_batch_size: int | None,
+                   active: Callable[[str, int], bool] | None) -> dict[str, list[float]]:
+    """:func:`finetune`'s steps, on a seeded stream, with the model in train mode and the heads in eval mode."""
     data, streams = {}, {}
     for i, (task, (X, y)) in enumerate(sorted(tasks.items())):
         keep = training_indices(len(y), cfg, i)
