@@ -1,5 +1,5 @@
-"""The record every session-18 lever script writes (imported by ``session18_noise.py`` and ``session18_frozen.py``,
-which run from this folder): chapter 00's seed study on the lever's benchmark (test split, coefficients on
+"""The record every lever script writes (imported by ``session16_train_pool.py``, ``session18_noise.py`` and
+``session18_frozen.py``, which run from this folder): chapter 00's seed study on the lever's benchmark (test split, coefficients on
 validation; weight averaging, task arithmetic, TSV-M, TSV-C), the own-task curves and margins of the first seed's
 experts, and a one-line summary printed and kept under ``short``."""
 import json

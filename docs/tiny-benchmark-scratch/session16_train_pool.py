@@ -10,22 +10,15 @@ arithmetic, TSV-M, TSV-C; test split, coefficients on validation) and the own-ta
 
 usage: MERGELAB_DATA_DIR=... python docs/tiny-benchmark-scratch/session16_train_pool.py N_TRAIN OUT.json [SEEDS, default 0]
 """
-import json
 import sys
-import time
-from dataclasses import replace
-from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
 torch.set_num_threads(1)
 
-from mergelab.analysis.diagnostics import gain_fraction, margin_linearity, own_task_curve  # noqa: E402
-from mergelab.benchmarks.tiny.benchmark import TINY_RECIPE, TinyBenchmark, TinyBenchmarkConfig  # noqa: E402
-from mergelab.experiments import ch00_benchmark as ch00  # noqa: E402
-from mergelab.task_vectors import task_vectors_from  # noqa: E402
+from lever_record import record_lever_study  # noqa: E402  (this folder: the study and record of every lever script)
+from mergelab.benchmarks.tiny.benchmark import TinyBenchmark, TinyBenchmarkConfig  # noqa: E402
 
 n_train, out = int(sys.argv[1]), sys.argv[2]
 seeds = [int(s) for s in sys.argv[3].split(",")] if len(sys.argv) > 3 else [0]
@@ -37,24 +30,4 @@ bench = TinyBenchmark(TinyBenchmarkConfig.from_params(data={**p["data"], "n_trai
                       device="cpu", progress=False)
 bench._pretrained = package.pretrained_state()  # the package's encoder, not one pretrained on the larger pool
 pre = bench.pretrained_state()
-start = time.perf_counter()
-study = ch00.seed_study(bench, pre, TINY_RECIPE, seeds, merge_methods=("weight_averaging", "task_arithmetic"),
-                        progress=False)
-experts = bench.experts(replace(TINY_RECIPE, seed=seeds[0]))
-tvs = task_vectors_from(pre, experts)
-curve = own_task_curve(bench, pre, tvs)
-margins = margin_linearity(bench, pre, tvs, curve=curve)
-res = {"n_train": n_train, "seeds": seeds, "encoder_sha256": package.pretrained_sha256,
-       "wall_s": round(time.perf_counter() - start, 1), "seed_study": study,
-       "gain_at_0.3": {t: gain_fraction(c, 0.3) for t, c in curve.items()}, "margin_linearity": margins,
-       "per_task_test": {m: study["per_seed"][str(seeds[0])][m]["per_task_accuracy"]
-                         for m in ("zero_shot", "experts", "task_arithmetic")}}
-summary = study["summary"]
-short = {m: (round(summary[m]["absolute_accuracy"]["mean"], 3), round(summary[m]["normalized_accuracy"]["mean"], 3))
-         for m in ("zero_shot", "experts", "weight_averaging", "task_arithmetic", "tsv_merge_validated", "tsv_compress")}
-short["ta_coefficient"] = [study["per_seed"][str(s)]["task_arithmetic"]["coefficient"] for s in seeds]
-short["gain_0.3_mean"] = round(float(np.nanmean(list(res["gain_at_0.3"].values()))), 3)
-short["crossing_median"] = {t: round(r["crossing_median"], 2) for t, r in margins.items()}
-res["short"] = short
-print(json.dumps(short), flush=True)
-Path(out).write_text(json.dumps(res, indent=1, default=float))
+record_lever_study(bench, pre, seeds, out, {"n_train": n_train, "encoder_sha256": package.pretrained_sha256})

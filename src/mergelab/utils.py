@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -98,7 +99,6 @@ def keeps_global_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
     their configuration only): the caller's random stream then goes on where it was, whether or not the
     function ran (a cached expert skips it). The CPU generator always; the CUDA devices' generators when CUDA
     is initialized. Inside ``fn`` nothing changes, so its results are the same bits as without it."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
