@@ -25,23 +25,26 @@ def closure(root: str = "mergelab", extras: tuple[str, ...] = EXTRAS) -> dict[st
     from packaging.utils import canonicalize_name
 
     seen: dict[str, str] = {}
+    walked: dict[str, set[str]] = {}  # name -> the extras whose requirements were walked ("" for the plain ones)
     todo: list[tuple[str, tuple[str, ...]]] = [(root, extras)]
+    env = default_environment()
     while todo:
         name, wanted = todo.pop()
-        dist = metadata.distribution(name)
-        for line in dist.requires or []:
+        key = canonicalize_name(name)
+        new = {"", *wanted} - walked.setdefault(key, set())
+        if not new:  # reached before with these extras (e.g. jsonschema, then jsonschema[format-nongpl])
+            continue
+        walked[key] |= new
+        for line in metadata.distribution(name).requires or []:
             req = Requirement(line)
-            if req.marker is not None:
-                env = default_environment()
-                if not any(req.marker.evaluate({**env, "extra": e}) for e in ("", *wanted)):
-                    continue
-            key = canonicalize_name(req.name)
-            if key in seen:
+            if req.marker is not None and not any(req.marker.evaluate({**env, "extra": e}) for e in new):
                 continue
-            try:
-                seen[key] = metadata.version(req.name)
-            except metadata.PackageNotFoundError:
-                continue  # an optional dependency this environment does not have
+            dep = canonicalize_name(req.name)
+            if dep not in seen:
+                try:
+                    seen[dep] = metadata.version(req.name)
+                except metadata.PackageNotFoundError:
+                    continue  # an optional dependency this environment does not have
             todo.append((req.name, tuple(sorted(req.extras))))
     seen.pop(canonicalize_name(root), None)
     return seen

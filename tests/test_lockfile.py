@@ -36,6 +36,22 @@ def test_the_lock_pins_exactly_what_this_environment_runs():
         f"requirements.lock is out of date (pinned vs installed: {stale}; not pinned: {missing}); run `make lock`")
 
 
+def test_the_closure_walks_an_extra_asked_for_after_its_distribution_was_reached_without_it():
+    """jsonschema is reached from nbformat plainly and from jupyter-events as jsonschema[format-nongpl]: the second
+    path's extra requirements (rfc3987-syntax and its lark) belong in the lock too, whichever path comes first."""
+    from types import SimpleNamespace
+
+    requires = {"root": ["a", "b"], "a": ["c>=1"], "b": ["c[x]; python_version >= '3'"],
+                "c": ["d; extra == 'x'", "e"], "d": [], "e": []}
+    fake = SimpleNamespace(distribution=lambda name: SimpleNamespace(requires=requires[name]),
+                           version=lambda name: "1.0", PackageNotFoundError=LookupError)
+    lock = runpy.run_path(str(ROOT / "scripts" / "lock.py"))
+    lock["closure"].__globals__["metadata"] = fake
+    assert set(lock["closure"]("root", ())) == {"a", "b", "c", "d", "e"}
+    requires["root"] = ["b", "a"]  # the other order of the two paths
+    assert set(lock["closure"]("root", ())) == {"a", "b", "c", "d", "e"}
+
+
 def test_make_env_keeps_a_cpu_only_torch_by_skipping_the_gpu_pins(tmp_path, monkeypatch):
     """README: install the CPU-only torch first and `make env` keeps it. The lock pins torch, torchvision, the
     CUDA libraries and Triton (about 4 GB); with a `+cpu` torch installed, `lock.py --for-env` leaves exactly those

@@ -485,3 +485,15 @@ def test_compress_tasks_refuses_no_tasks():
 
     with pytest.raises(ValueError, match=r"task_vectors is empty; pass \{task: TaskVector\}"):
         compress_tasks({})
+
+
+def test_the_router_uses_copies_of_the_heads_and_leaves_the_callers_in_their_mode():
+    enc, pre, tvs, compressed, heads, subspaces = orthogonal_setup()
+    for h in heads.values():
+        h.train()
+    r = MassRouter(pre, compressed, enc, heads, device="cpu", block=1)
+    assert all(h.training for h in heads.values())
+    assert all(r.heads[t] is not heads[t] and not r.heads[t].training for t in TASKS)
+    images = torch.rand(3, 3, CFG.image_size, CFG.image_size)
+    assert r.predict(images).label.shape == (3,)
+    assert all(h.training for h in heads.values())

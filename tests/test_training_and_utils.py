@@ -558,3 +558,37 @@ def test_finetune_and_the_curvature_probes_give_the_callers_modules_back_in_thei
         with pytest.raises((IndexError, RuntimeError)):
             probe()
         assert model.training
+
+
+def test_the_dataset_derivatives_give_the_callers_encoder_and_head_back_in_their_modes():
+    """loss_and_gradient and hessian_vector_product compute in eval mode and give both modules back in the modes
+    they came in, submodules included, also after an error."""
+    from mergelab.autodiff import hessian_vector_product, loss_and_gradient
+
+    X, y, head = _toy_problem()
+    model = nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5), nn.Linear(6, 4))
+    model.train()
+    model[1].eval()  # a mixed state: the parent trains, one child does not
+    head.train()
+    modes = lambda: ([m.training for m in model.modules()], head.training)  # noqa: E731
+    before = modes()
+    grad = loss_and_gradient(model, head, X[:8], y[:8]).gradient
+    assert modes() == before
+    hessian_vector_product(model, head, X[:8], y[:8], grad)
+    assert modes() == before
+    bad = torch.full((4,), 7)  # a label outside the head's 2 classes: the loss fails inside
+    for probe in (lambda: loss_and_gradient(model, head, X[:4], bad),
+                  lambda: hessian_vector_product(model, head, X[:4], bad, grad)):
+        with pytest.raises((IndexError, RuntimeError)):
+            probe()
+        assert modes() == before
+
+
+def test_eval_mode_runs_the_block_in_eval_and_restores_every_submodules_flag():
+    from mergelab.utils import eval_mode
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+    model[1].eval()
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == [True, True, False]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .task_vectors import TaskVector, TensorMap, check_compatible
+from .utils import eval_mode
 
 HVP_METHODS = ("double_backward", "forward_over_reverse")
 
@@ -100,16 +101,23 @@ def loss_and_gradient(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: t
 
     Args:
         encoder: maps ``(B, 3, H, W)`` to ``(B, d)``; loaded with ``state`` when given (a copy of
-            the weights is written into it; it is left in eval mode).
-        head: frozen head, ``(B, d)`` features to ``(B, C)`` logits (left in eval mode).
+            the weights is written into it; its mode is given back).
+        head: frozen head, ``(B, d)`` features to ``(B, C)`` logits. Both run in eval mode and are given back
+            in the modes they came in.
         X: ``(N, 3, H, W)`` inputs; y: ``(N,)`` int64 labels.
         state: encoder weights to evaluate the gradient at (default: the encoder's own).
         batch_size: examples per forward/backward pass (memory only, not the result).
         device: where to compute.
     """
     _check_data(X, y, batch_size)
-    encoder = _load(encoder, state, device).eval()
-    head = head.to(device).eval()
+    encoder = _load(encoder, state, device)
+    head = head.to(device)
+    with eval_mode(encoder, head):
+        return _loss_and_gradient(encoder, head, X, y, batch_size, device)
+
+
+def _loss_and_gradient(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int,
+                       device: torch.device | str) -> LossGradient:
     params = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
     head_grad = [p.requires_grad for p in head.parameters()]
@@ -157,8 +165,15 @@ def hessian_vector_product(encoder: nn.Module, head: nn.Module, X: torch.Tensor,
     if method not in HVP_METHODS:
         raise ValueError(f"method={method!r} is not valid; use one of {', '.join(HVP_METHODS)}.")
     _check_data(X, y, batch_size)
-    encoder = _load(encoder, state, device).eval()
-    head = head.to(device).eval()
+    encoder = _load(encoder, state, device)
+    head = head.to(device)
+    with eval_mode(encoder, head):
+        return _hessian_vector_product(encoder, head, X, y, vector, batch_size, device, method)
+
+
+def _hessian_vector_product(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor,
+                            vector: TensorMap, batch_size: int, device: torch.device | str, method: str
+                            ) -> TaskVector:
     names = [n for n, p in encoder.named_parameters() if p.requires_grad]
     missing = [k for k in names if k not in vector.keys()]
     if missing:
@@ -203,12 +218,8 @@ def per_example_gradient_norms(encoder: nn.Module, head: nn.Module, X: torch.Ten
 
     if len(X) != len(y) or len(X) == 0:
         raise ValueError(f"X has {len(X)} examples and y {len(y)}; pass the same, non-zero number.")
-    was_training = encoder.training
-    encoder.eval()
-    try:
+    with eval_mode(encoder, head):
         return _per_example_norms(encoder, head, X, y, chunk)
-    finally:  # the caller's mode back, also after an error or an interrupt
-        encoder.train(was_training)
 
 
 def _per_example_norms(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor,
@@ -255,8 +266,6 @@ def hessian_extreme_eigenvalues(encoder: nn.Module, head: nn.Module, X: torch.Te
     """
     if iters < 1:
         raise ValueError(f"iters={iters!r} is not valid; use a positive number of power iterations.")
-    was_training = encoder.training
-    encoder.eval()
     params = [p for p in encoder.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(seed)
 
@@ -274,9 +283,7 @@ def hessian_extreme_eigenvalues(encoder: nn.Module, head: nn.Module, X: torch.Te
             v = normalize(hv)
         return lam + shift
 
-    try:
+    with eval_mode(encoder, head):  # the caller's modes back, also after an error or an interrupt
         lam_max = power(0.0)
         lam_min = power(lam_max)
-    finally:  # the caller's mode back, also after an error or an interrupt
-        encoder.train(was_training)
     return (max(lam_max, lam_min), min(lam_max, lam_min))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .utils import StateDict, check_integer, check_number
+from .utils import StateDict, check_integer, check_number, eval_mode
 
 
 @dataclass(frozen=True)
@@ -129,9 +129,13 @@ def encode(encoder: nn.Module, images: torch.Tensor, batch_size: int = 512,
     """Embeddings of ``images`` ``(N, 3, H, W)`` as ``(N, output_dim)`` float32 on the CPU.
 
     ``forward(encoder, batch)``: how a batch on ``device`` is encoded (a benchmark's ``eval_features``, which
-    runs its evaluations' arithmetic); default ``encoder(batch)`` in the encoder's own dtype."""
-    encoder = encoder.to(device).eval()
+    runs its evaluations' arithmetic); default ``encoder(batch)`` in the encoder's own dtype.
+
+    The encoder runs in eval mode and is given back in its own; like ``nn.Module.to``, moving it to ``device``
+    happens in place (it stays there, so that repeated calls do not copy it back and forth)."""
+    encoder = encoder.to(device)
     run = forward or (lambda module, batch: module(batch))
-    out = [run(encoder, images[i:i + batch_size].to(device)).float().cpu()
-           for i in range(0, len(images), batch_size)]
+    with eval_mode(encoder):
+        out = [run(encoder, images[i:i + batch_size].to(device)).float().cpu()
+               for i in range(0, len(images), batch_size)]
     return torch.cat(out) if out else torch.empty(0)

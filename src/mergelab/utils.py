@@ -126,6 +126,20 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def eval_mode(*modules: "torch.nn.Module") -> Iterator[None]:
+    """Run the block with every module in eval mode, then give each (and each submodule) back the training
+    flag it came in with, also after an error or an interrupt."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+@contextlib.contextmanager
 def environment(values: Mapping[str, str | None]) -> Iterator[None]:
     """Run the block with the environment variables ``values`` set (``None``: unset), then restore each
     to what it was (unset again if it was unset)."""

@@ -231,7 +231,8 @@ class MassRouter:
         self.device = pick_device(device) if isinstance(device, str) or device is None else torch.device(device)
         self.pretrained = {k: v.detach() for k, v in pretrained.items()}
         self.compressed = dict(compressed)
-        self.heads = {t: heads[t].to(self.device).eval() for t in self.tasks}
+        # copies (a head is a few kilobytes): the caller's heads keep their device and mode
+        self.heads = {t: copy.deepcopy(heads[t]).to(self.device).eval() for t in self.tasks}
         self._template = copy.deepcopy(encoder).cpu()
         self.bases = routing_bases(self.compressed, self.block, routing_matrix).to(self.device)
         self._first: nn.Module | None = None

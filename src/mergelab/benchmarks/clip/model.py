@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import paths
-from ...utils import atomic_write_text
+from ...utils import atomic_write_text, eval_mode
 
 TINY_MODEL = "mergelab-tiny-ViT-32"
 """A laptop-sized CLIP (2-layer, width-64 towers, 224 px, patch 32) registered with open_clip for smoke
@@ -292,13 +292,17 @@ def _weights_error(cfg: ClipModelConfig, cache: Path, err: Exception) -> Weights
 def zero_shot_weights(model: nn.Module, tokenizer, class_names: list[str], templates: tuple[str, ...],
                       device: torch.device | str = "cpu", batch_size: int = 256) -> torch.Tensor:
     """Zero-shot class embeddings ``(n_classes, d)``: for each class, the normalized text embeddings of
-    ``template.format(name)`` averaged over templates, then normalized."""
-    model = model.to(device).eval()
+    ``template.format(name)`` averaged over templates, then normalized.
+
+    The model runs in eval mode and is given back in its own; like ``nn.Module.to``, moving it to ``device``
+    happens in place."""
+    model = model.to(device)
     texts = [t.format(c) for c in class_names for t in templates]
     emb = []
-    for i in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[i:i + batch_size]).to(device)
-        emb.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    with eval_mode(model):
+        for i in range(0, len(texts), batch_size):
+            tokens = tokenizer(texts[i:i + batch_size]).to(device)
+            emb.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
     per_class = torch.cat(emb).reshape(len(class_names), len(templates), -1).mean(1)
     return F.normalize(per_class, dim=-1)
 
