@@ -8,6 +8,7 @@ hand but not required are left out. Run it with ``make lock`` after changing the
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import sys
@@ -74,6 +75,18 @@ def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """``path`` written through a temporary file beside it and renamed: an interrupted ``make lock`` leaves the old
+    lock whole, never a shorter one that ``make env`` would install without an error. (Not
+    ``mergelab.utils.atomic_write_text``: ``--for-env`` runs in a bare venv, before mergelab is installed.)"""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``lock.py``: write requirements.lock. ``lock.py --for-env OUT``: write the lock ``make env`` installs to OUT
     (requirements.lock itself, or without :data:`GPU_PINS` when a CPU-only torch is installed: it is kept)."""
@@ -85,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"torch {metadata.version('torch')} is a CPU-only build: keeping it (requirements.lock's torch, "
                   "torchvision, CUDA and Triton pins are skipped)")
             lock = without_gpu_pins(lock)
-        Path(argv[1]).write_text(lock, encoding="utf-8")
+        _write_atomically(Path(argv[1]), lock)
         return 0
     pins = closure()
     lines = [f"{name}=={version}" for name, version in sorted(pins.items())]
@@ -94,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
               f"# Python {sys.version.split()[0]}, {platform.system()} {platform.machine()} (the pins of CUDA\n"
               "# libraries are this platform's; make env uses the lock on this platform only)\n")
     out = Path(__file__).resolve().parents[1] / "requirements.lock"
-    out.write_text(header + "\n".join(lines) + "\n", encoding="utf-8")
+    _write_atomically(out, header + "\n".join(lines) + "\n")
     print(f"wrote {out} ({len(lines)} packages)")
     return 0
 

@@ -131,6 +131,24 @@ def test_savefig_returns_nothing_printable(tmp_path: Path) -> None:
     fig, _ = plotting.figure()
     assert plotting.savefig(fig, "x", tmp_path) is None
     assert plotting.figure_path("x", tmp_path).is_file() and plotting.figure_path("x", tmp_path) == tmp_path / "x.png"
+    assert plotting.figure_path("x", tmp_path).read_bytes().startswith(b"\x89PNG")  # a PNG, whatever the temp name
+
+
+def test_an_interrupted_savefig_leaves_the_previous_figure_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergelab import plotting
+
+    fig, _ = plotting.figure()
+    plotting.savefig(fig, "x", tmp_path)
+    before = (tmp_path / "x.png").read_bytes()
+
+    def interrupted(path, *args, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fig, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        plotting.savefig(fig, "x", tmp_path)
+    assert (tmp_path / "x.png").read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["x.png"]
 
 
 def test_exercises_are_numbered_callouts_with_their_solutions_folded_under_them(book: Path) -> None:

@@ -139,3 +139,54 @@ def test_shipped_heads_and_runs_are_ignored_on_request_and_for_other_runs_or_enc
     # a data folder whose encoder is not the one they were made from (MERGELAB_PRETRAIN=1 made it)
     monkeypatch.setattr(type(bench), "pretrained_sha256", property(lambda self: "0" * 64))
     assert bench.shipped_run(kind, tasks, cfg) is None and bench._made_from_this_encoder(ship.shipped_heads(bench.encoder_key, name)) is None
+
+
+def test_shipping_replaces_an_artifact_atomically_and_removes_the_others_only_afterwards(tmp_path, monkeypatch):
+    """An interrupted ship leaves the old weights whole and no log beside them (readers do not see a half-shipped
+    artifact, and never a log that describes other weights); the old files of another name go only once the new
+    ones are in place."""
+    from mergelab import utils
+    from mergelab.cache import Artifact
+    from mergelab.report import shipped_encoder
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    monkeypatch.setattr(shipped_encoder, "WEIGHTS_DIR", weights)
+
+    def cached(name: str, payload: bytes) -> Artifact:
+        path = tmp_path / "cache" / f"{name}.safetensors"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(payload)
+        utils.atomic_write_json(path.with_suffix(".json"), {"sha256": name})
+        return Artifact(path)
+
+    first = shipped_encoder._ship(cached("a", b"old weights"), weights / "heads-a.safetensors")
+    assert first.read_bytes() == b"old weights" and Artifact(first).exists()
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shipped_encoder, "atomic_copy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shipped_encoder._ship(cached("b", b"new weights"), first)
+    assert first.read_bytes() == b"old weights" and not Artifact(first).exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(shipped_encoder, "WEIGHTS_DIR", weights)
+
+    second = shipped_encoder._ship(cached("c", b"newer weights"), weights / "heads-c.safetensors")
+    shipped_encoder._remove_others(second, "heads-*")
+    assert sorted(p.name for p in weights.iterdir()) == ["heads-c.json", "heads-c.safetensors"]
+    assert Artifact(second).meta() == {"sha256": "c"}
+
+
+def test_atomic_copy_leaves_the_target_whole_when_the_copy_fails(tmp_path):
+    from mergelab.utils import atomic_copy
+
+    target = tmp_path / "target.bin"
+    target.write_bytes(b"before")
+    with pytest.raises(FileNotFoundError):
+        atomic_copy(tmp_path / "missing.bin", target)
+    assert target.read_bytes() == b"before" and [p.name for p in tmp_path.iterdir()] == ["target.bin"]
+    (tmp_path / "source.bin").write_bytes(b"after")
+    atomic_copy(tmp_path / "source.bin", target)
+    assert target.read_bytes() == b"after"

@@ -16,6 +16,7 @@ import pandas as pd
 import seaborn as sns
 
 from . import paths
+from .utils import atomic_write
 
 PALETTE = "colorblind"
 FIGSIZE = (6.4, 3.6)
@@ -49,10 +50,10 @@ def savefig(fig: plt.Figure, name: str, folder: str | Path | None = None) -> Non
     """Save ``fig`` as ``<reports>/figures/<name>.png`` (folder overridable).
 
     Returns nothing, so that a notebook cell ending with this call prints no stray ``PosixPath(...)``
-    under its figure; the file is :func:`figure_path` ``(name, folder)``."""
+    under its figure; the file is :func:`figure_path` ``(name, folder)``, written atomically (an interrupted
+    save leaves the previous figure, never a truncated PNG)."""
     folder = Path(folder) if folder else paths.reports_dir() / "figures"
-    folder.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure_path(name, folder))
+    atomic_write(figure_path(name, folder), lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def figure_path(name: str, folder: str | Path | None = None) -> Path:

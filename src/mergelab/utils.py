@@ -233,7 +233,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Write through a temporary file in the same folder, then rename: never a half-written file.
 
     The file gets the mode ``open`` would give it (``0o666`` less the umask), not the ``0o600`` of a
@@ -250,6 +250,14 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> Path:
+    """Copy the file ``src`` to ``dst`` (contents and permission bits) through a temporary file beside ``dst``:
+    an interrupted copy leaves ``dst`` as it was, never half written."""
+    import shutil
+
+    return atomic_write(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
 
 
 def finite_or_none(value: Any) -> Any:
@@ -275,7 +283,7 @@ def nan_for_none(value: Any) -> Any:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) atomically."""
-    return _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_write_json(path: str | Path, payload: Any, strict: bool = False) -> Path:
@@ -287,7 +295,7 @@ def atomic_write_json(path: str | Path, payload: Any, strict: bool = False) -> P
     if strict:
         data = finite_or_none(data)
     text = json.dumps(data, indent=2, sort_keys=False, allow_nan=not strict)
-    return _atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n"))
+    return atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n"))
 
 
 def atomic_save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
@@ -296,7 +304,7 @@ def atomic_save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor
     from safetensors.torch import save_file
 
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return _atomic_write(Path(path), lambda tmp: save_file(flat, str(tmp), metadata=dict(metadata or {})))
+    return atomic_write(Path(path), lambda tmp: save_file(flat, str(tmp), metadata=dict(metadata or {})))
 
 
 def atomic_save_npz(path: str | Path, compress: bool = True, **arrays: np.ndarray) -> Path:
@@ -307,7 +315,7 @@ def atomic_save_npz(path: str | Path, compress: bool = True, **arrays: np.ndarra
         with open(tmp, "wb") as fh:
             (np.savez_compressed if compress else np.savez)(fh, **arrays)
 
-    return _atomic_write(Path(path), write)
+    return atomic_write(Path(path), write)
 
 
 def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> StateDict:

@@ -12,7 +12,6 @@ the recipe or the fine-tuning code's version.
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from ..benchmarks.tiny.ship import (ENV_FINETUNE, ENV_PRETRAIN, RUN_KINDS, WEIGH
                                    shipped_keys, shipped_run, shipped_runs)
 from ..benchmarks.tiny.ship import environment as torch_environment
 from ..cache import Artifact
-from ..utils import atomic_write_json, environment
+from ..utils import atomic_copy, atomic_write_json, environment
 
 
 def default_benchmark(progress: bool = False) -> Any:
@@ -46,16 +45,28 @@ def update() -> Path:
                          f"(it predates that record): pretrain it again with {ENV_PRETRAIN}=1 and an empty "
                          "MERGELAB_DATA_DIR, then run --update there.")
     WEIGHTS_DIR.mkdir(exist_ok=True)
-    for old in WEIGHTS_DIR.glob("encoder-*"):
-        old.unlink()
-    return _ship(cached, WEIGHTS_DIR / f"encoder-{bench.encoder_key}.safetensors")
+    target = _ship(cached, WEIGHTS_DIR / f"encoder-{bench.encoder_key}.safetensors")
+    _remove_others(target, "encoder-*")  # only once the new one is in place: an interrupt never ships none
+    return target
 
 
 def _ship(cached: Artifact, target: Path, **extra: Any) -> Path:
-    """Copy a cached artifact's weights into the package as ``target``, its log beside them with ``extra``."""
-    shutil.copyfile(cached.path, target)
+    """Copy a cached artifact's weights into the package as ``target``, its log beside them with ``extra``.
+
+    The old log goes first and the new one comes last, each write atomic: an interrupted ship leaves either the
+    old artifact whole, or weights without a log, which readers do not see (``Artifact.exists``) and the next
+    ship replaces; never a log beside weights it does not describe."""
+    target.with_suffix(".json").unlink(missing_ok=True)
+    atomic_copy(cached.path, target)
     atomic_write_json(target.with_suffix(".json"), {**cached.meta(), **extra})
     return target
+
+
+def _remove_others(kept: Path, pattern: str) -> None:
+    """Remove the shipped files of ``WEIGHTS_DIR`` matching ``pattern`` other than ``kept`` and its log."""
+    for old in WEIGHTS_DIR.glob(pattern):
+        if old not in (kept, kept.with_suffix(".json")):
+            old.unlink()
 
 
 def check() -> bool:
@@ -136,9 +147,8 @@ def update_runs(workers: int = 2) -> list[Path]:
     heads = Artifact(bench.heads_path())
     target = WEIGHTS_DIR / f"{bench.heads_name()}-{bench.encoder_key}.safetensors"
     if not heads.meta().get("shipped"):
-        for old in WEIGHTS_DIR.glob("heads-*"):
-            old.unlink()
         _ship(heads, target, pretrained_sha256=bench.pretrained_sha256)
+        _remove_others(target, "heads-*")
     targets = [target]
     for kind, tasks, cfg in default_runs():
         cached = bench.run_artifact(kind, tasks, cfg)
