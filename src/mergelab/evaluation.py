@@ -85,6 +85,15 @@ def merge_baselines(benchmark: "Benchmark", pretrained: StateDict, task_vectors:
     """
     if metric not in VALIDATION_METRICS:
         raise ValueError(f"metric={metric!r} is not valid; use one of {', '.join(VALIDATION_METRICS)}.")
+    if not isinstance(task_vectors, Mapping):
+        raise ValueError(f"task_vectors is a {type(task_vectors).__name__}; pass a {{task: TaskVector}} mapping "
+                         "(e.g. task_vectors_from(pretrained, experts)).")
+    if isinstance(methods, str):
+        raise ValueError(f"methods={methods!r} is not valid; give a list of method names, e.g. [{methods!r}].")
+    unused = sorted(set(options or {}) - set(methods))
+    if unused:  # a typo would otherwise run the method with its defaults, silently
+        raise ValueError(f"options has {unused[0]!r}, which is not in methods={list(methods)!r}; name a method "
+                         "that runs.")
     tasks = list(task_vectors)
     if metric == "normalized":
         missing = [t for t in tasks if expert_val is None or t not in expert_val]
@@ -92,6 +101,10 @@ def merge_baselines(benchmark: "Benchmark", pretrained: StateDict, task_vectors:
             raise ValueError(f"metric='normalized' needs expert_val, the experts' validation accuracy, for every "
                              f"task; missing: {', '.join(missing)}. Pass expert_accuracy(bench, experts, 'val'), "
                              "or metric='absolute'.")
+        bad = [t for t in tasks if isinstance(expert_val[t], bool) or not 0 <= float(expert_val[t]) <= 1]
+        if bad:  # NaN fails this too
+            raise ValueError(f"expert_val[{bad[0]!r}]={expert_val[bad[0]]!r} is not valid; use accuracies as "
+                             "fractions in [0, 1].")
         undefined = [t for t in tasks if not expert_val[t] > 0]
         if undefined:  # an expert at 0 on validation (tiny smoke-test splits): normalizing is undefined there
             print(f"merge_baselines: the expert of {', '.join(undefined)} scores 0 on validation, so normalized "

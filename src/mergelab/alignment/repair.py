@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..utils import check_integer
+from ..utils import check_integer, check_number
 
 
 class _Enough(Exception):
@@ -113,6 +113,7 @@ def repair(merged: nn.Module, endpoints: Sequence[nn.Module], X: torch.Tensor,
     """
     if not endpoints and not goal_stats:
         raise ValueError("repair needs at least one endpoint model (or their goal_stats).")
+    check_number("eps", eps, low=0, low_open=True)
     if names is None:
         names = [n for n, m in merged.named_modules() if isinstance(m, modules)]
         if not names:

@@ -19,7 +19,7 @@ import torch
 
 from .. import codeversion, paths
 from ..models import load_encoder_state
-from ..utils import StateDict, atomic_save_npz, config_hash, state_digest
+from ..utils import StateDict, atomic_save_npz, check_integer, config_hash, state_digest
 
 
 class ResponseEvaluator:
@@ -35,6 +35,8 @@ class ResponseEvaluator:
 
     def __init__(self, bench: Any, tasks: Sequence[str] | None = None, split: str = "val", cache: bool = True,
                  batch_size: int | None = None) -> None:
+        if batch_size is not None:
+            check_integer("batch_size", batch_size)
         batch_size = batch_size or getattr(bench, "eval_batch_size", 256)
         self.bench, self.split, self.cache, self.batch_size = bench, split, cache, int(batch_size)
         self.tasks = list(tasks or bench.tasks)

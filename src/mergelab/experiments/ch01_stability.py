@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from ..merging import merge
 from ..task_vectors import TaskVector
@@ -28,7 +29,7 @@ from ..analysis.stability import (
 from ..autodiff import hessian_extreme_eigenvalues
 from ..analysis.statistics import spearman_ci
 from ..training import FinetuneConfig
-from ..utils import StateDict
+from ..utils import StateDict, check_integer
 
 
 # ----------------------------------------------------------------------------- constants of a sweep
@@ -75,6 +76,9 @@ def estimate_curvature(bench: Any, points: Sequence[tuple[str, int, StateDict]],
         raise ValueError(f"aggregate={aggregate!r} is not valid; use one of {', '.join(CURVATURE_AGGREGATES)}.")
     if not points:
         raise ValueError("points is empty; pass (task, step, state) triples, e.g. [('colours', 0, pretrained)].")
+    check_integer("batch_size", batch_size)
+    check_integer("iters", iters)
+    check_integer("seed", seed, minimum=0)
     rows = []
     for i, (task, step, state) in enumerate(points):
         X, y = bench.split(task, "train")
@@ -260,9 +264,6 @@ def run_merges(bench: Any, specs: Sequence[MergeSpec], curvature: Curvature,
     only (the bound says nothing about sparsified merges): ``bound_<regime>`` and the averaged
     stability's ``sampling_<regime>`` and ``drift_<regime>`` (:func:`averaged_stability`).
     """
-    from tqdm.auto import tqdm
-
-
     pre = bench.pretrained_state()
     reference_cache: dict = {}
     states = _StateCache(lambda key: checkpoint_state(bench, *key), max_bytes=state_cache_gb * 2**30)
@@ -432,13 +433,14 @@ def heterogeneity_table(df: Any, predicted: str) -> Any:
 
 def expert_table(bench: Any, grid: ExpertGrid, tasks: Sequence[str], hyperparameter: str = "lr",
                  max_examples: int | None = 500, seed: int | None = None, curvature: Curvature | None = None,
-                 regime: str = "quadratic", probe_size: int = 4) -> Any:
+                 regime: str = "quadratic", probe_size: int = 4, progress: bool | None = None) -> Any:
     """Each expert measured on its own task (``K = 1``) along one hyperparameter's levels and every
     checkpoint: ``task``, ``level``, ``step``, ``train_loss``, ``test_loss``, ``generalization_gap``,
     ``gap_vs_pretrained`` with ``gap_vs_pretrained_ci_low/high`` (as in :func:`run_merges`),
     ``test_accuracy``; with a ``curvature``, also ``lipschitz`` (mean per-example gradient norm over
     ``probe_size`` seen and as many validation examples, :func:`measure_merge`) and ``bound`` (:func:`generalization_bound` of the one expert,
-    ``K = 1``, in ``regime``)."""
+    ``K = 1``, in ``regime``). A progress bar over the experts when ``progress`` (``None``: the benchmark's
+    setting)."""
 
 
     if hyperparameter not in grid.levels or hyperparameter == "num_steps":
@@ -447,19 +449,19 @@ def expert_table(bench: Any, grid: ExpertGrid, tasks: Sequence[str], hyperparame
     base = grid.base if seed is None else replace(grid.base, seed=seed)
     pre, cache = bench.pretrained_state(), {}
     rows = []
-    for task in tasks:
-        for level in grid.levels[hyperparameter]:
-            for step in grid.steps:
-                cfg = replace(base, **{hyperparameter: level, "num_steps": step})
-                probe = probe_size if curvature is not None else 0
-                m = measure_merge(bench, checkpoint_state(bench, task, cfg), {task: cfg}, max_examples=max_examples,
-                                  reference=pre, reference_cache=cache, probe_size=probe)
-                row = {"task": task, "level": level, "step": step,
-                       **{k: m[k] for k in ("train_loss", "test_loss", "generalization_gap", "test_accuracy")},
-                       "gap_vs_pretrained": m["gap_vs_reference"], **_ci_columns(m)}
-                if curvature is not None:
-                    row["lipschitz"] = m["lipschitz"][task]
-                    row["bound"] = generalization_bound([expert_terms(bench, task, cfg, curvature, regime)],
-                                                        [m["lipschitz"][task]])
-                rows.append(row)
+    jobs = [(task, level, step) for task in tasks for level in grid.levels[hyperparameter] for step in grid.steps]
+    show = getattr(bench, "progress", False) if progress is None else progress
+    for task, level, step in tqdm(jobs, desc=f"experts along {hyperparameter}", disable=not show):
+        cfg = replace(base, **{hyperparameter: level, "num_steps": step})
+        probe = probe_size if curvature is not None else 0
+        m = measure_merge(bench, checkpoint_state(bench, task, cfg), {task: cfg}, max_examples=max_examples,
+                          reference=pre, reference_cache=cache, probe_size=probe)
+        row = {"task": task, "level": level, "step": step,
+               **{k: m[k] for k in ("train_loss", "test_loss", "generalization_gap", "test_accuracy")},
+               "gap_vs_pretrained": m["gap_vs_reference"], **_ci_columns(m)}
+        if curvature is not None:
+            row["lipschitz"] = m["lipschitz"][task]
+            row["bound"] = generalization_bound([expert_terms(bench, task, cfg, curvature, regime)],
+                                                [m["lipschitz"][task]])
+        rows.append(row)
     return pd.DataFrame(rows)

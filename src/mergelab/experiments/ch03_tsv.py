@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from ..analysis.responses import ResponseEvaluator
 from ..analysis.statistics import (accuracy_difference_ci, bootstrap_ci, claim, directional_status, paired_normalized_ci,
@@ -27,7 +28,7 @@ from ..merging.tsv import (
     tsv_reconstruct,
 )
 from ..task_vectors import TaskVector
-from ..utils import StateDict, nan_for_none
+from ..utils import StateDict, check_integer, nan_for_none
 
 
 def compressed_accuracy(benchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
@@ -100,14 +101,17 @@ def compression_sweep(benchmark, pretrained: StateDict, task_vectors: Mapping[st
 
 def pairwise_merge_accuracy(benchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
                             expert_accuracy: Mapping[str, float], method: str = "task_arithmetic",
-                            split: str = "test", **options) -> pd.DataFrame:
-    """Merge every pair of tasks with ``method`` and evaluate on those two tasks.
+                            split: str = "test", progress: bool | None = None, **options) -> pd.DataFrame:
+    """Merge every pair of tasks with ``method`` and evaluate on those two tasks (a progress bar over the pairs
+    when ``progress``; ``None``: the benchmark's setting).
 
     One row per unordered pair: ``task_a, task_b, accuracy_a, accuracy_b, normalized_accuracy``
     (mean of the two accuracy / expert ratios) and ``normalized_loss = 1 - normalized_accuracy``.
     """
     rows = []
-    for a, b in itertools.combinations(list(task_vectors), 2):
+    pairs = list(itertools.combinations(list(task_vectors), 2))
+    show = getattr(benchmark, "progress", False) if progress is None else progress
+    for a, b in tqdm(pairs, desc="pairwise merges", disable=not show):
         state = merge(method, pretrained, [task_vectors[a], task_vectors[b]], **options)
         acc = benchmark.evaluate(state, split=split, tasks=[a, b])
         norm = normalized_accuracy(acc, expert_accuracy)
@@ -119,8 +123,9 @@ def pairwise_merge_accuracy(benchmark, pretrained: StateDict, task_vectors: Mapp
 def task_count_study(benchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
                      expert_accuracy: Mapping[str, float], methods: Mapping[str, Mapping[str, object]],
                      task_counts: Sequence[int], subsets: int = 1, seed: int = 0,
-                     expert_val: Mapping[str, float] | None = None) -> pd.DataFrame:
-    """Accuracy of merging ``n`` tasks, for each ``n`` in ``task_counts`` and each method variant.
+                     expert_val: Mapping[str, float] | None = None, progress: bool | None = None) -> pd.DataFrame:
+    """Accuracy of merging ``n`` tasks, for each ``n`` in ``task_counts`` and each method variant (a progress bar
+    over the merges when ``progress``; ``None``: the benchmark's setting).
 
     Args:
         methods: a label per variant to its options: ``"method"`` (the registered name; default the
@@ -141,8 +146,12 @@ def task_count_study(benchmark, pretrained: StateDict, task_vectors: Mapping[str
     bad = [n for n in task_counts if not 1 <= int(n) <= len(names)]
     if bad:
         raise ValueError(f"task_counts contains {bad[0]!r}; use numbers of tasks in 1..{len(names)}.")
+    check_integer("subsets", subsets)
     rng = np.random.default_rng(seed)
     rows = []
+    show = getattr(benchmark, "progress", False) if progress is None else progress
+    bar = tqdm(total=sum(1 if n == len(names) else subsets for n in task_counts) * len(methods),
+               desc="task-count merges", disable=not show)
     for n in task_counts:
         draws = 1 if n == len(names) else subsets
         for _ in range(draws):
@@ -160,6 +169,8 @@ def task_count_study(benchmark, pretrained: StateDict, task_vectors: Mapping[str
                              "coefficient": coefficient, "absolute_accuracy": absolute_accuracy(acc),
                              "normalized_accuracy": normalized_accuracy(acc, expert_accuracy),
                              "per_task_accuracy": dict(acc)})
+                bar.update()
+    bar.close()
     return pd.DataFrame(rows)
 
 

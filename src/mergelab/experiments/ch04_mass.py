@@ -21,7 +21,7 @@ from ..merging.mass import MassRouter, subspace_residuals
 from ..merging.mass_storage import model_shapes, storage_of_shapes
 from ..merging.tsv import CompressedTaskVector, tsv_compress
 from ..task_vectors import TaskVector
-from ..utils import StateDict, nan_for_none, torch_threads
+from ..utils import StateDict, check_integer, nan_for_none, torch_threads
 
 
 def compress_tasks(task_vectors: Mapping[str, TaskVector], svd: str = "gram") -> dict[str, CompressedTaskVector]:
@@ -48,8 +48,10 @@ def mixed_batches(bench: Any, split: str, tasks: Sequence[str], batch_size: int 
 
     ``max_per_task``: keep a seeded random subset of at most that many examples per task (``None``: all).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is not valid; use a positive number of images per batch.")
+    check_integer("batch_size", batch_size)
+    if max_per_task is not None:
+        check_integer("max_per_task", max_per_task)
+    check_integer("seed", seed, minimum=0)
     g = np.random.default_rng(seed)
     items: list[tuple[str, int]] = []
     labels: dict[str, torch.Tensor] = {}
@@ -95,6 +97,14 @@ def evaluate_mass(router: MassRouter, bench: Any, split: str = "test", batch_siz
     return evaluate_routers([router], bench, split, batch_size, seed, max_per_task, progress, examples)[0]
 
 
+def mixed_batch_count(bench: Any, split: str, tasks: Sequence[str], batch_size: int = 256,
+                      max_per_task: int | None = None) -> int:
+    """How many batches :func:`mixed_batches` yields for these settings (a progress bar's total)."""
+    sizes = [len(bench.split(t, split)[1]) for t in tasks]
+    n = sum(min(k, max_per_task) if max_per_task is not None else k for k in sizes)
+    return -(-n // batch_size)
+
+
 def evaluate_routers(routers: Sequence[MassRouter], bench: Any, split: str = "test", batch_size: int = 256,
                      seed: int = 0, max_per_task: int | None = None, progress: bool = False,
                      examples: int = 0) -> list[dict[str, Any]]:
@@ -104,8 +114,10 @@ def evaluate_routers(routers: Sequence[MassRouter], bench: Any, split: str = "te
     all routers that need them."""
     tallies = [_Tally(list(r.tasks), examples) for r in routers]
     misses = [r.misses for r in routers]
-    for images, labels, truth in tqdm(mixed_batches(bench, split, list(routers[0].tasks), batch_size, seed,
-                                                    max_per_task), desc=f"MASS on {split}", disable=not progress):
+    tasks = list(routers[0].tasks)
+    for images, labels, truth in tqdm(mixed_batches(bench, split, tasks, batch_size, seed, max_per_task),
+                                      total=mixed_batch_count(bench, split, tasks, batch_size, max_per_task),
+                                      desc=f"MASS on {split}", disable=not progress):
         memo: dict | None = {} if len(routers) > 1 else None
         for router, tally in zip(routers, tallies):
             tally.add(router.predict(images, true_tasks=truth, memo=memo), labels, truth)
@@ -188,6 +200,7 @@ def routing_study(router: MassRouter, bench: Any, split: str = "val", temperatur
     hits = {float(tau): [0, 0, 0] for tau in temperatures}
     total = 0
     for images, _, truth in tqdm(mixed_batches(bench, split, tasks, batch_size, seed, max_per_task),
+                                 total=mixed_batch_count(bench, split, tasks, batch_size, max_per_task),
                                  desc=f"routing on {split}", disable=not progress):
         residuals = score(router.features(images), router.bases).detach().cpu()
         if residuals.shape != (len(images), len(tasks)):

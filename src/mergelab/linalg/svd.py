@@ -44,7 +44,8 @@ def default_rank(shape: Sequence[int], num_tasks: int | None = None, rank_fracti
         raise ValueError(f"shape={tuple(shape)!r} is not a matrix shape; TSV decomposes 2-D tensors only.")
     full = min(int(shape[0]), int(shape[1]))
     if rank_fraction is not None:
-        if not 0 < rank_fraction <= 1:
+        if isinstance(rank_fraction, bool) or not isinstance(rank_fraction, (int, float, np.floating)) \
+                or not 0 < rank_fraction <= 1:
             raise ValueError(f"rank_fraction={rank_fraction!r} is not valid; use a fraction in (0, 1] "
                              "of min(m, n) singular triplets to keep.")
         k = math.floor(full * rank_fraction + 1e-9)
@@ -55,6 +56,17 @@ def default_rank(shape: Sequence[int], num_tasks: int | None = None, rank_fracti
     else:
         raise ValueError("give num_tasks (k = floor(min(m, n) / T)) or rank_fraction (k = floor(min(m, n) * f)).")
     return max(1, min(full, k))
+
+def _check_solver_options(rtol: float, oversample: int | None, n_iter: int, seed: int) -> None:
+    """Refuse solver options that would silently drop every triplet (``rtol`` NaN or >= 1) or fail deep in torch,
+    naming the option, its value and what is valid."""
+    from ..utils import check_integer, check_number
+
+    check_number("rtol", rtol, low=0, high=1, high_open=True)
+    if oversample is not None:
+        check_integer("oversample", oversample, minimum=0)
+    check_integer("n_iter", n_iter, minimum=0)
+    check_integer("seed", seed, minimum=0)
 
 # ----------------------------------------------------------------------------- truncated SVD
 def _drop_null(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor, rtol: float
@@ -96,6 +108,7 @@ def truncated_svd(matrices: torch.Tensor, k: int, svd: str = "gram", gram_dtype:
     f64 = _gram_dtype(gram_dtype) == torch.float64
     if rtol is None:
         rtol = RTOL_GRAM32 if (svd == "gram" and not f64) else RTOL
+    _check_solver_options(rtol, oversample, n_iter, seed)
     if matrices.ndim not in (2, 3):
         raise ValueError(f"matrices has shape {tuple(matrices.shape)}; pass (m, n) or (T, m, n).")
     single = matrices.ndim == 2

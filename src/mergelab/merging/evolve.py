@@ -23,14 +23,22 @@ import torch
 from tqdm.auto import tqdm
 
 from ..task_vectors import TaskVector
-from ..utils import StateDict, atomic_write_json
+from ..utils import StateDict, atomic_write_json, check_integer
 
 
 def task_arithmetic_per_task(pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
                              coefficients: Sequence[float] | np.ndarray) -> StateDict:
     """``theta_0 + sum_t c_t tau_t``: task arithmetic with one coefficient per task (the genome
     the chapter's search evolves with :func:`evolve`)."""
-    c = np.asarray(coefficients, dtype=float).reshape(-1)
+    if isinstance(task_vectors, Mapping):
+        raise ValueError("task_vectors is a mapping; pass a list of TaskVector in the coefficients' order "
+                         "(e.g. [tvs[t] for t in tasks]).")
+    try:
+        c = np.asarray(coefficients, dtype=float).reshape(-1)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"coefficients={coefficients!r} is not valid; use numbers, one per task.") from err
+    if not np.isfinite(c).all():
+        raise ValueError(f"coefficients={c.tolist()} is not valid; use finite numbers, one per task.")
     if len(task_vectors) == 0:
         raise ValueError("task_vectors is empty; give at least one task vector.")
     if c.size != len(task_vectors):
@@ -89,16 +97,26 @@ def evolve(fitness: Callable[[np.ndarray], np.ndarray], lower: Sequence[float], 
     from pymoo.core.problem import Problem
 
     lo, hi = np.asarray(lower, dtype=float).reshape(-1), np.asarray(upper, dtype=float).reshape(-1)
-    if lo.size == 0 or lo.shape != hi.shape or not (lo < hi).all():
-        raise ValueError(f"lower={lo.tolist()} and upper={hi.tolist()} must be non-empty, of the same length, "
+    if lo.size == 0 or lo.shape != hi.shape or not (lo < hi).all() or not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        raise ValueError(f"lower={lo.tolist()} and upper={hi.tolist()} must be non-empty, finite, of the same length, "
                          "with lower < upper for every variable.")
-    if int(pop_size) < 2 or int(n_gen) < 1:
-        raise ValueError(f"pop_size={pop_size!r}, n_gen={n_gen!r}: use pop_size >= 2 and n_gen >= 1.")
+    check_integer("pop_size", pop_size, minimum=2)
+    check_integer("n_gen", n_gen)
+    check_integer("seed", seed, minimum=0)
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        raise ValueError(f"checkpoint={str(checkpoint)!r} is a folder; give the path of a JSON file (made if missing).")
     config = {"lower": lo.tolist(), "upper": hi.tolist(), "pop_size": int(pop_size), "seed": int(seed)}
     path = Path(checkpoint) if checkpoint is not None else None
     saved: list[dict[str, Any]] = []
     if path is not None and path.is_file():
-        state = json.loads(path.read_text())
+        try:
+            state = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"checkpoint={str(path)!r} is not a search checkpoint (not JSON: {err}); delete it or "
+                             "give another path.") from err
+        if not isinstance(state, dict) or "config" not in state or "generations" not in state:
+            raise ValueError(f"checkpoint={str(path)!r} is not a search checkpoint (no 'config' and 'generations'); "
+                             "delete it or give another path.")
         if state["config"] != config:
             raise ValueError(f"checkpoint {path} is of another search ({state['config']}); delete it or give "
                              "another path.")

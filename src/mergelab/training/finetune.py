@@ -67,7 +67,9 @@ class FinetuneConfig:
         check_number("data_fraction", self.data_fraction, low=0, high=1, low_open=True)
         for name in ("weight_decay", "grad_clip"):
             check_number(name, getattr(self, name), low=0)
-        check_number("momentum", self.momentum)  # a number; its range is torch's SGD's to check (Adam ignores it)
+        # below 1 (SGD diverges at and above 1, and torch accepts it silently); torch's SGD refuses a negative one
+        # where the run trains (tests/test_executors.py's failing run relies on that); Adam ignores momentum
+        check_number("momentum", self.momentum, high=1, high_open=True)
         for name in FLOAT_FIELDS:  # 1 and 1.0 are one setting: one cache key (a sweep's levels may hold either)
             object.__setattr__(self, name, float(getattr(self, name)))
 

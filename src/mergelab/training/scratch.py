@@ -97,6 +97,8 @@ class ScratchConfig:
         for name in ("epochs", "batch_size", "blocks"):
             check_integer(name, getattr(self, name))
         check_integer("warmup_epochs", self.warmup_epochs, minimum=0)
+        if self.warmup_epochs > self.epochs:  # the learning rate would never reach its peak
+            raise ValueError(f"warmup_epochs={self.warmup_epochs!r} is not valid; use 0..epochs={self.epochs}.")
         check_integer("seed", self.seed, minimum=0)
 
 

@@ -30,7 +30,7 @@ from ... import codeversion
 from .data import SPLITS, TASK_CLASSES, TASKS, TinyDataConfig, canonical_images, generator_key, load_task
 from .pretext import PRETEXT_KINDS, PRETEXT_TEXTURES, load_pretext
 from .data import check_task as check_tiny_task
-from ...utils import (StateDict, clone_state_dict, config_hash, keeps_global_rng, torch_threads,
+from ...utils import (StateDict, check_number, clone_state_dict, config_hash, keeps_global_rng, torch_threads,
                     pick_device)
 
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
@@ -89,6 +89,7 @@ class TinyBenchmarkConfig:
             raise ValueError(f"heads={self.heads!r} is not valid; use one of {', '.join(HEAD_KINDS)}.")
         if isinstance(self.head_shots, bool) or not isinstance(self.head_shots, int) or self.head_shots < 1:
             raise ValueError(f"head_shots={self.head_shots!r} is not valid; use a positive integer.")
+        check_number("logit_scale", self.logit_scale, low=0, low_open=True)  # heads score logit_scale * cosine
 
     @classmethod
     def from_params(cls, data: dict | None = None, model: dict | None = None,

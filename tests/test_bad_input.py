@@ -1,0 +1,193 @@
+"""Bad input to the public entry points gets a clear error naming the parameter, its value and what is valid,
+instead of a silently wrong result (every merged triplet dropped, all fitness 0, NaN weights) or an error from deep
+inside torch or numpy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mergelab.task_vectors import TaskVector
+
+
+def _tvs(n: int = 2) -> list[TaskVector]:
+    g = torch.Generator().manual_seed(0)
+    return [TaskVector({"w": torch.randn(4, 4, generator=g)}) for _ in range(n)]
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"rtol": math.nan}, "rtol=nan is not valid"),
+    ({"rtol": 1.0}, r"rtol=1.0 is not valid; use a number in \[0, 1\)"),  # every triplet would count as zero
+    ({"oversample": 2.5}, "oversample=2.5 is not valid"),
+    ({"n_iter": -1}, "n_iter=-1 is not valid"),
+    ({"seed": -1}, "seed=-1 is not valid"),
+])
+def test_the_truncated_svd_refuses_solver_options_that_drop_every_triplet_or_fail_inside_torch(options, match):
+    from mergelab.linalg import truncated_svd
+
+    with pytest.raises(ValueError, match=match):
+        truncated_svd(torch.randn(2, 6, 6), 2, **options)
+
+
+@pytest.mark.parametrize("value", [True, "0.5", 0.0, 1.5, math.nan])
+def test_rank_fraction_must_be_a_fraction(value):
+    from mergelab.linalg import default_rank
+
+    with pytest.raises(ValueError, match=f"rank_fraction={value!r} is not valid"):
+        default_rank((8, 8), rank_fraction=value)
+
+
+def test_tsv_merge_passes_the_solver_checks_on():
+    from mergelab.merging import get_merge
+
+    pretrained = {"w": torch.zeros(4, 4)}
+    with pytest.raises(ValueError, match="rtol=2.0 is not valid"):
+        get_merge("tsv_merge").fn(pretrained, _tvs(), rtol=2.0)
+
+
+@pytest.mark.parametrize("value", [-1.0, 0.0, math.nan, "30"])
+def test_the_tiny_heads_logit_scale_must_be_positive(value):
+    from mergelab.benchmarks.tiny import TinyBenchmarkConfig
+
+    with pytest.raises(ValueError, match=f"logit_scale={value!r} is not valid; use a positive number"):
+        TinyBenchmarkConfig(logit_scale=value)
+
+
+@pytest.mark.parametrize("value", [-4, 0, 2.5])
+def test_the_response_evaluator_refuses_a_batch_size_that_would_score_every_model_zero(value):
+    from mergelab.analysis.responses import ResponseEvaluator
+
+    with pytest.raises(ValueError, match=f"batch_size={value!r} is not valid"):
+        ResponseEvaluator(object(), batch_size=value)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"task_vectors": _tvs()}, "task_vectors is a list; pass a {task: TaskVector} mapping"),
+    ({"methods": "ties"}, r"methods='ties' is not valid; give a list of method names, e.g. \['ties'\]"),
+    ({"options": {"tie": {"density": 0.2}}}, r"options has 'tie', which is not in methods=\['ties'\]"),
+    ({"expert_val": {"a": math.nan, "b": 0.9}}, r"expert_val\['a'\]=nan is not valid"),
+    ({"expert_val": {"a": 90.0, "b": 0.9}}, r"expert_val\['a'\]=90.0 is not valid; use accuracies as fractions"),
+])
+def test_merge_baselines_names_what_is_wrong_before_merging(kwargs, match):
+    from mergelab.evaluation import merge_baselines
+
+    args = {"task_vectors": dict(zip("ab", _tvs())), "methods": ["ties"], "options": None,
+            "expert_val": {"a": 0.9, "b": 0.9}, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        merge_baselines(None, {"w": torch.zeros(4, 4)}, args["task_vectors"], args["methods"], options=args["options"],
+                        progress=False, expert_val=args["expert_val"])
+
+
+@pytest.mark.parametrize("task_vectors, coefficients, match", [
+    (_tvs(), [math.nan, 1.0], r"coefficients=\[nan, 1.0\] is not valid; use finite numbers"),
+    (_tvs(), ["a", 1.0], "coefficients=.* is not valid; use numbers, one per task"),
+    (dict(zip("ab", _tvs())), [1.0, 1.0], "task_vectors is a mapping; pass a list of TaskVector"),
+])
+def test_per_task_task_arithmetic_refuses_coefficients_that_give_nan_weights(task_vectors, coefficients, match):
+    from mergelab.merging.evolve import task_arithmetic_per_task
+
+    with pytest.raises(ValueError, match=match):
+        task_arithmetic_per_task({"w": torch.zeros(4, 4)}, task_vectors, coefficients)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"upper": [math.inf, 1.0]}, "must be non-empty, finite"),
+    ({"pop_size": 2.7}, "pop_size=2.7 is not valid; use an integer >= 2"),
+    ({"n_gen": 0}, "n_gen=0 is not valid"),
+    ({"seed": -1}, "seed=-1 is not valid"),
+])
+def test_evolve_checks_its_box_sizes_and_seed_before_scoring_anything(kwargs, match):
+    from mergelab.merging.evolve import evolve
+
+    scored = []
+    args = {"lower": [0.0, 0.0], "upper": [1.0, 1.0], "pop_size": 4, "n_gen": 1, "seed": 0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        evolve(lambda X: scored.append(X) or X.sum(1), progress=False, **args)
+    assert not scored
+
+
+def test_evolve_refuses_a_checkpoint_that_is_a_folder_or_not_a_checkpoint(tmp_path):
+    from mergelab.merging.evolve import evolve
+
+    def run(checkpoint):
+        return evolve(lambda X: X.sum(1), [0.0], [1.0], pop_size=4, n_gen=1, checkpoint=checkpoint, progress=False)
+
+    with pytest.raises(ValueError, match="is a folder; give the path of a JSON file"):
+        run(tmp_path)
+    (tmp_path / "notes.json").write_text('{"something": "else"}')
+    with pytest.raises(ValueError, match="is not a search checkpoint"):
+        run(tmp_path / "notes.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match=r"is not a search checkpoint \(not JSON"):
+        run(tmp_path / "broken.json")
+    assert run(tmp_path / "new.json").best_x.shape == (1,)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"batch_size": -19}, "batch_size=-19 is not valid"),  # X[:-19] would quietly drop the last 19 examples
+    ({"batch_size": 0}, "batch_size=0 is not valid"),
+    ({"iters": 0}, "iters=0 is not valid"),
+])
+def test_estimate_curvature_names_a_bad_batch_size(kwargs, match):
+    from mergelab.experiments.ch01_stability import estimate_curvature
+
+    with pytest.raises(ValueError, match=match):
+        estimate_curvature(None, [("colours", 0, {})], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"batch_size": 2.5}, "batch_size=2.5 is not valid"),
+    ({"max_per_task": 0}, "max_per_task=0 is not valid"),  # no batches, then a division by zero
+    ({"max_per_task": -1}, "max_per_task=-1 is not valid"),
+    ({"seed": -1}, "seed=-1 is not valid"),
+])
+def test_mass_mixed_batches_name_a_bad_setting(kwargs, match):
+    from mergelab.experiments.ch04_mass import mixed_batches
+
+    with pytest.raises(ValueError, match=match):
+        next(mixed_batches(None, "val", ["colours"], **kwargs))
+
+
+@pytest.mark.parametrize("eps", [math.nan, -1e-8, 0.0])
+def test_repair_refuses_an_eps_that_would_write_nan_weights(eps):
+    from mergelab.alignment.repair import repair
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=f"eps={eps!r} is not valid; use a positive number"):
+        repair(model, [model], torch.randn(2, 3, 8, 8), eps=eps)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_training_recipes_refuse_a_warm_up_longer_than_training_and_a_momentum_outside_0_1():
+    from mergelab.training import FinetuneConfig
+    from mergelab.training.scratch import ScratchConfig
+
+    with pytest.raises(ValueError, match="warmup_epochs=10 is not valid; use 0..epochs=2"):
+        ScratchConfig(epochs=2, warmup_epochs=10)
+    for momentum in (5.0, 1.0, math.nan):
+        with pytest.raises(ValueError, match=rf"momentum={momentum!r} is not valid; use a number < 1"):
+            FinetuneConfig(momentum=momentum)
+    assert np.isclose(FinetuneConfig(momentum=0.0).momentum, 0.0)
+
+
+@pytest.mark.parametrize("batch_size, max_per_task", [(4, None), (5, 3), (100, None), (1, 2)])
+def test_the_mass_progress_total_is_the_number_of_mixed_batches(batch_size, max_per_task):
+    from mergelab.experiments.ch04_mass import mixed_batch_count, mixed_batches
+
+    class Bench:
+        sizes = {"a": 7, "b": 3}
+
+        def split(self, task, split):
+            return None, torch.arange(self.sizes[task])
+
+        def images(self, task, split, rows):
+            return torch.zeros(len(rows), 3, 2, 2)
+
+    bench = Bench()
+    batches = list(mixed_batches(bench, "val", ["a", "b"], batch_size, max_per_task=max_per_task))
+    assert mixed_batch_count(bench, "val", ["a", "b"], batch_size, max_per_task) == len(batches)
