@@ -191,3 +191,44 @@ def test_the_mass_progress_total_is_the_number_of_mixed_batches(batch_size, max_
     bench = Bench()
     batches = list(mixed_batches(bench, "val", ["a", "b"], batch_size, max_per_task=max_per_task))
     assert mixed_batch_count(bench, "val", ["a", "b"], batch_size, max_per_task) == len(batches)
+
+
+def test_the_irt_estimators_refuse_empty_or_non_finite_abilities_and_a_negative_anchor_seed():
+    from mergelab.analysis.irt import IRTModel, fit_merge_weights, p_irt, select_anchors
+
+    model = IRTModel(discrimination=np.ones((6, 1)), difficulty=np.zeros(6))
+    items, answers = np.array([0, 1]), np.array([1.0, 0.0])
+    with pytest.raises(ValueError, match=r"endpoint_theta must be \(K >= 1, D=1\) finite abilities; got shape \(0, 1\)"):
+        fit_merge_weights(model, np.zeros((0, 1)), items, answers)
+    with pytest.raises(ValueError, match="with non-finite values"):
+        fit_merge_weights(model, np.array([[math.nan]]), items, answers)
+    with pytest.raises(ValueError, match="theta must be one finite ability vector"):
+        p_irt(model, items, answers, np.array([math.nan]))
+    with pytest.raises(ValueError, match="seed=-1 is not valid"):
+        select_anchors(model, 2, seed=-1)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_random": -1}, "num_random=-1 is not valid"),
+    ({"num_held_out": 2.5}, "num_held_out=2.5 is not valid"),
+    ({"coefficient_max": 0.0}, "coefficient_max=0.0 is not valid; use a positive number"),
+    ({"coefficient_max": math.nan}, "coefficient_max=nan is not valid"),
+])
+def test_the_merge3_population_names_a_bad_size_or_range(kwargs, match):
+    from mergelab.experiments.ch05_merge3 import population
+
+    args = {"num_random": 2, "num_held_out": 2, "coefficient_max": 1.0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        population(None, {}, {}, {}, [], [], **args)
+
+
+def test_c2m3_study_refuses_a_misspelt_frank_wolfe_option_before_merging(monkeypatch):
+    from mergelab.experiments import ch06_c2m3
+
+    with pytest.raises(ValueError, match="frank_wolfe has 'max_iters', which is not an option of C2M3's Frank-Wolfe; "
+                                         "valid: max_iter, tol, patience, noise"):
+        ch06_c2m3.merge_study({}, 2, [2], {}, {"max_iters": 10}, seed=0)
+    from mergelab.training.scratch import ScratchConfig
+
+    with pytest.raises(ValueError, match=r"widths=\(\) is not valid; use a non-empty list"):
+        ScratchConfig(widths=())

@@ -338,3 +338,10 @@ def test_an_encoder_built_again_with_other_bits_gets_heads_and_run_keys_of_its_o
     encoder.save(state, encoder.meta())
     third = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
     assert third.heads_path() == path and [third.head_digest(t) for t in third.tasks] == digests
+
+
+def test_a_single_task_name_as_tasks_is_refused_not_read_as_its_letters(bench):
+    for call in (lambda: bench.evaluate(bench.pretrained_state(), "val", tasks="colours"),
+                 lambda: bench.experts(tasks="colours"), lambda: bench.multitask(tasks="colours")):
+        with pytest.raises(ValueError, match=r"tasks='colours' is not valid; give a list of task names, e.g. \['colours'\]"):
+            call()

@@ -122,7 +122,7 @@ def test_anchors_random_and_clustered(fitted):
     (lambda m, t: fit_merge_weights(m, t[:2], [0, 1], [1, 0], prior_sd=0), r"prior_sd=0 is not valid"),
     (lambda m, t: fit_ability(m, [0.5, 1.5], [1, 0]), r"items must be item indices \(integers\); got dtype float64"),
     (lambda m, t: fit_ability(m, np.arange(m.num_items) < 2, np.ones(2)), r"a boolean mask: pass np.flatnonzero"),
-    (lambda m, t: p_irt(m, [0, 1], [1, 0], t[:2]), r"theta must be one ability vector of shape \(D=2,\)"),
+    (lambda m, t: p_irt(m, [0, 1], [1, 0], t[:2]), r"theta must be one finite ability vector of shape \(D=2,\)"),
     (lambda m, t: log_likelihood(m, t[:, :1], np.ones((t.shape[0], m.num_items))), r"theta must be \(M, D=2\)"),
 ])
 def test_bad_inputs_get_clear_errors(fitted, call, match):

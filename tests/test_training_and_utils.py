@@ -444,7 +444,7 @@ def test_finetuning_line_counts_shipped_trained_and_cached_runs():
 @pytest.mark.parametrize("kwargs, match", [
     ({"lr": "1e-3"}, r"lr='1e-3' is not valid; use a positive number"),
     ({"momentum": 1.0}, r"momentum=1.0 is not valid; use a number in \[0, 1\)"),
-    ({"widths": "128"}, r"widths='128' is not valid; use a list of positive integers"),
+    ({"widths": "128"}, r"widths='128' is not valid; use a non-empty list of positive integers"),
     ({"widths": [64, 0]}, r"widths=0 is not valid; use a positive integer"),
     ({"warmup_epochs": -1}, r"warmup_epochs=-1 is not valid; use an integer >= 0"),
 ])

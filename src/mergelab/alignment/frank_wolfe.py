@@ -24,8 +24,10 @@ around any cycle by construction.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -203,6 +205,16 @@ def objective_at(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tens
         raise ValueError(f"perms has {len(perms)} entries for {len(states)} models; give one mapping per model.")
     s64 = [{k: v.detach().double().cpu() for k, v in s.items()} for s in states]
     return c2m3_objective(spec, s64, [{g: permutation_matrix(p) for g, p in pp.items()} for pp in perms])
+
+
+def check_frank_wolfe_options(options: Mapping[str, Any]) -> None:
+    """Refuse a key of ``options`` that :func:`c2m3_frank_wolfe` does not take as a tuning option (``max_iter``,
+    ``tol``, ``patience``, ``noise``), naming it and the valid ones."""
+    valid = [k for k in inspect.signature(c2m3_frank_wolfe).parameters if k not in ("spec", "states", "seed", "progress")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"frank_wolfe has {unknown[0]!r}, which is not an option of C2M3's Frank-Wolfe; valid: "
+                         f"{', '.join(valid)}.")
 
 
 def c2m3_frank_wolfe(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]], max_iter: int = 200,

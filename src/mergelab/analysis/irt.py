@@ -211,8 +211,9 @@ def fit_merge_weights(model: IRTModel, endpoint_theta: np.ndarray, items: Sequen
     ``prior_sd``; unconstrained, as in MERGE3)."""
     idx, y = _check_answers(model, np.asarray(items), np.asarray(answers))
     E = np.asarray(endpoint_theta, dtype=float)
-    if E.ndim != 2 or E.shape[1] != model.dim:
-        raise ValueError(f"endpoint_theta must be (K, D={model.dim}); got shape {E.shape}.")
+    if E.ndim != 2 or E.shape[1] != model.dim or E.shape[0] < 1 or not np.isfinite(E).all():
+        raise ValueError(f"endpoint_theta must be (K >= 1, D={model.dim}) finite abilities; got shape {E.shape}"
+                         f"{'' if np.isfinite(E).all() else ' with non-finite values'}.")
     X = model.discrimination[idx] @ E.T
     return _map_logistic(X, model.difficulty[idx], y, np.full(E.shape[0], 1.0 / E.shape[0]), prior_sd)
 
@@ -234,8 +235,8 @@ def p_irt(model: IRTModel, items: np.ndarray, answers: np.ndarray, theta: np.nda
     """``(n/N) mean_{i in S} y_i + (1 - n/N) mean_{i not in S} P_i(theta)``: the answered items count as
     they are, the others by the model's probability at ``theta``."""
     idx, y = _check_answers(model, np.asarray(items), np.asarray(answers))
-    if np.shape(theta) != (model.dim,):
-        raise ValueError(f"theta must be one ability vector of shape (D={model.dim},); got shape {np.shape(theta)}.")
+    if np.shape(theta) != (model.dim,) or not np.isfinite(np.asarray(theta, dtype=float)).all():
+        raise ValueError(f"theta must be one finite ability vector of shape (D={model.dim},); got {np.asarray(theta)!r}.")
     N, n = model.num_items, idx.size
     if n == N:
         return float(y.mean())
@@ -293,6 +294,7 @@ def select_anchors(model: IRTModel, n: int, scheme: str = "random", seed: int = 
         raise ValueError(f"n={n!r} is not valid; use a number of anchors in 1..{N} (the number of items).")
     if scheme not in ANCHOR_SCHEMES:
         raise ValueError(f"scheme={scheme!r} is not valid; use one of {', '.join(ANCHOR_SCHEMES)}.")
+    check_integer("seed", seed, minimum=0)
     n = int(n)
     rng = np.random.default_rng(seed)
     if scheme == "random" or n == N:

@@ -213,7 +213,7 @@ class BenchmarkBase:
     def experts(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None
                 ) -> dict[str, StateDict]:
         """One expert per task with the same recipe, with a progress bar over tasks."""
-        tasks = list(tasks or self.tasks)
+        tasks = self._task_list(tasks)
         return {t: self.expert(t, cfg) for t in tqdm(tasks, desc="experts", disable=not self.progress)}
 
     def expert_log(self, task: str, cfg: FinetuneConfig | None = None) -> dict[str, Any]:
@@ -225,9 +225,14 @@ class BenchmarkBase:
         self.expert(task, cfg)
         return self.run_artifact("expert", [task], self.expert_recipe(task, cfg)).meta()
 
+    def _task_list(self, tasks: Iterable[str] | None) -> list[str]:
+        """A ``tasks`` argument as a list of checked names (``None`` or empty: every task of the benchmark); a single
+        string is refused with a message, not read as its letters."""
+        return [self.check_task(t) for t in (task_names(tasks, list(self.tasks)) or self.tasks)]
+
     def multitask(self, cfg: FinetuneConfig | None = None, tasks: Iterable[str] | None = None) -> StateDict:
         """One encoder fine-tuned on all ``tasks`` jointly (one batch loss per task each step)."""
-        tasks = sorted(self.check_task(t) for t in (tasks or self.tasks))
+        tasks = sorted(self._task_list(tasks))
         return self._train_cached("multitask", tasks, cfg or self.default_recipe)
 
     # ------------------------------------------------------------------ evaluation, cached per weights
@@ -279,7 +284,7 @@ class BenchmarkBase:
         (the rename is atomic, so the file is never corrupt): the lost entries are evaluated again.
         """
         split = self.check_split(split)
-        tasks = [self.check_task(t) for t in (tasks or self.tasks)]
+        tasks = self._task_list(tasks)
         digest = state_digest(state)
         path = self._eval_path(digest)
         cache: dict[str, Any] = read_json(path, {})  # missing or unreadable: evaluate again and rewrite it

@@ -35,7 +35,7 @@ from ..executors import Executor, LocalExecutor, WorkerContext, benchmark_contex
 from ..merging import merge
 from ..merging.evolve import EvolutionResult, evolve, task_arithmetic_per_task
 from ..task_vectors import TaskVector
-from ..utils import StateDict, check_integer, config_hash, nan_for_none, state_digest
+from ..utils import StateDict, check_integer, check_number, config_hash, nan_for_none, state_digest
 
 
 def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Mapping[str, StateDict],
@@ -53,6 +53,10 @@ def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Map
         ``(models, responses)``: one row per model (``name, kind, role`` in calibration / dim_validation /
         held_out, ``fitness``) and the responses ``(M, N)`` bool.
     """
+    check_integer("num_random", num_random, minimum=0)
+    check_integer("num_held_out", num_held_out, minimum=0)
+    check_number("coefficient_max", coefficient_max, low=0, low_open=True)
+    check_integer("seed", seed, minimum=0)
     tvs = list(task_vectors.values())
     rng = np.random.default_rng(seed)
     specs: list[tuple[str, str, Any]] = [("zero_shot", "zero_shot", lambda: pretrained)]

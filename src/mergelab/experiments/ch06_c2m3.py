@@ -36,7 +36,7 @@ from ..alignment import (
     repair,
     weight_matching,
 )
-from ..alignment.frank_wolfe import FrankWolfeResult
+from ..alignment.frank_wolfe import FrankWolfeResult, check_frank_wolfe_options
 from ..alignment.repair import layer_stats, permute_stats
 from ..alignment.specs import Permutations
 from ..executors import Executor, LocalExecutor
@@ -296,6 +296,7 @@ def merge_study(trained: Mapping[str, Trained], merge_models: int, counts: Seque
                              f"must be in 2..num_models={len(t.states)}.")
         if t.cfg.seed != seed:
             raise ValueError(f"seed={seed!r} is not the seed the {t.arch} models were trained from ({t.cfg.seed}).")
+    check_frank_wolfe_options(frank_wolfe)  # before any model is merged: a typo would fail inside the first job
     unknown = sorted(set(merge_sets or {}) - set(trained))
     if unknown:
         raise ValueError(f"merge_sets names {unknown}, which are not architectures here; use {sorted(trained)}.")

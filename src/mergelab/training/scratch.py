@@ -82,8 +82,8 @@ class ScratchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.widths, (str, bytes)) or not hasattr(self.widths, "__iter__"):
-            raise ValueError(f"widths={self.widths!r} is not valid; use a list of positive integers.")
+        if isinstance(self.widths, (str, bytes)) or not hasattr(self.widths, "__iter__") or not len(self.widths):
+            raise ValueError(f"widths={self.widths!r} is not valid; use a non-empty list of positive integers.")
         for width in self.widths:
             check_integer("widths", width)
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
