@@ -238,3 +238,23 @@ def test_expert_table_measures_each_expert_on_its_own_task_at_every_level_and_st
     assert row["gap_vs_pretrained"] == pytest.approx(direct["gap_vs_reference"], abs=1e-6)
     with pytest.raises(ValueError, match="hyperparameter='num_steps' is not valid"):
         expert_table(bench, small_grid, ["colours"], "num_steps")
+
+
+def test_the_curvature_of_a_point_is_cached_by_weights_data_and_settings(bench, monkeypatch):
+    """A re-run reads each point's eigenvalues back instead of running the power iterations again; other weights,
+    another task, batch, iteration count or seed are computed anew. (Batch 7 and these seeds: settings no other test
+    of this module's shared benchmark caches.)"""
+    from mergelab.experiments import ch01_stability
+
+    pre = bench.pretrained_state()
+    first = ch01_stability.extreme_eigenvalues(bench, "colours", pre, 7, 2, 11)
+    before = len(list((bench.cache_dir / "curvature").glob("*.json")))
+    calls = []
+    real = ch01_stability.hessian_extreme_eigenvalues
+    monkeypatch.setattr(ch01_stability, "hessian_extreme_eigenvalues", lambda *a: calls.append(a) or real(*a))
+    assert ch01_stability.extreme_eigenvalues(bench, "colours", pre, 7, 2, 11) == first and not calls
+    moved = {k: v + 0.01 if v.is_floating_point() else v for k, v in pre.items()}
+    for args in (("colours", moved, 7, 2, 11), ("size", pre, 7, 2, 11), ("colours", pre, 5, 2, 11),
+                 ("colours", pre, 7, 4, 11), ("colours", pre, 7, 2, 12)):
+        ch01_stability.extreme_eigenvalues(bench, *args)
+    assert len(calls) == 5 and len(list((bench.cache_dir / "curvature").glob("*.json"))) == before + 5

@@ -45,7 +45,8 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "evaluation": ("benchmarks/base.py", "benchmarks/tiny/benchmark.py", "benchmarks/clip/benchmark.py",
                    "benchmarks/clip/datasets.py", "benchmarks/clip/splits.py", "benchmarks/clip/model.py", "models.py",
                    "analysis/generalization.py", "analysis/responses.py",  # cached accuracies, losses and responses per weights
-                   "autodiff.py"),  # the per-example gradient norms chapter 01's store keeps
+                   "autodiff.py",  # the per-example gradient norms chapter 01's store keeps
+                   "experiments/ch01_stability.py"),  # the Hessian's extreme eigenvalues it caches per point
     "merge": ("experiments/ch06_c2m3.py", "experiments/ch06_store.py", "alignment/frank_wolfe.py",
               "alignment/matching.py", "alignment/repair.py", "alignment/specs.py", "alignment/architectures.py",
               "training/scratch.py"),  # chapter 06's merge jobs: alignments, merges, REPAIR, their evaluation

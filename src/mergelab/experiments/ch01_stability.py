@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
+from .. import codeversion
 from ..merging import merge
 from ..task_vectors import TaskVector
 from ..training.sweep import checkpoint_log, checkpoint_state, config_grid, one_at_a_time, row_config
@@ -29,7 +32,7 @@ from ..analysis.stability import (
 from ..autodiff import hessian_extreme_eigenvalues
 from ..analysis.statistics import spearman_ci
 from ..training import FinetuneConfig
-from ..utils import StateDict, check_integer
+from ..utils import StateDict, atomic_write_json, check_integer, config_hash, read_json, state_digest
 
 
 # ----------------------------------------------------------------------------- constants of a sweep
@@ -56,6 +59,32 @@ CURVATURE_AGGREGATES = ("max", "median")
 median (robust to one task's outlier, e.g. a head that is confidently wrong at ``theta_0``)."""
 
 
+def extreme_eigenvalues(bench: Any, task: str, state: StateDict, batch_size: int, iters: int, seed: int
+                        ) -> tuple[float, float]:
+    """``(lam_max, lam_min)`` of the Hessian of ``task``'s mean cross-entropy (its head) on its first ``batch_size``
+    training examples at the encoder weights ``state``
+    (:func:`mergelab.autodiff.hessian_extreme_eigenvalues`, ``iters`` power iterations from ``seed``).
+
+    Cached as ``<cache_dir>/curvature/<key>.json``, the key naming the weights' digest, the task's data, head and
+    arithmetic (:meth:`evaluation_key`), the device, ``batch_size``, ``iters`` and ``seed``, and the evaluation
+    code's version: a re-run reads the pair back instead of running the power iterations again."""
+    key = config_hash({"state": state_digest(state), "task": bench.evaluation_key(task, "train"),
+                       "device": torch.device(bench.device).type, "batch_size": int(batch_size), "iters": int(iters),
+                       "seed": int(seed), **codeversion.key_part("evaluation")})
+    path = Path(bench.cache_dir) / "curvature" / f"{key}.json"
+    cached = read_json(path)
+    if isinstance(cached, dict) and {"lambda_max", "lambda_min"} <= set(cached):
+        return float(cached["lambda_max"]), float(cached["lambda_min"])
+    X, y = bench.split(task, "train")
+    enc = bench.new_encoder(state).to(bench.device)
+    lam_max, lam_min = hessian_extreme_eigenvalues(enc, bench.heads[task].to(bench.device),
+                                                   X[:batch_size].to(bench.device), y[:batch_size].to(bench.device),
+                                                   iters, seed)
+    atomic_write_json(path, {"lambda_max": lam_max, "lambda_min": lam_min, "task": task, "batch_size": int(batch_size),
+                             "iters": int(iters), "seed": int(seed)})
+    return lam_max, lam_min
+
+
 def estimate_curvature(bench: Any, points: Sequence[tuple[str, int, StateDict]], batch_size: int = 32,
                        iters: int = 8, seed: int = 0, aggregate: str = "max") -> tuple[Curvature, list[dict[str, Any]]]:
     """The curvature schedule of assumption A4 from Hessian power iteration at several points.
@@ -80,12 +109,8 @@ def estimate_curvature(bench: Any, points: Sequence[tuple[str, int, StateDict]],
     check_integer("iters", iters)
     check_integer("seed", seed, minimum=0)
     rows = []
-    for i, (task, step, state) in enumerate(points):
-        X, y = bench.split(task, "train")
-        enc = bench.new_encoder(state).to(bench.device)
-        lam_max, lam_min = hessian_extreme_eigenvalues(enc, bench.heads[task].to(bench.device),
-                                                       X[:batch_size].to(bench.device),
-                                                       y[:batch_size].to(bench.device), iters, seed + i)
+    for i, (task, step, state) in enumerate(tqdm(points, desc="curvature", disable=not getattr(bench, "progress", False))):
+        lam_max, lam_min = extreme_eigenvalues(bench, task, state, batch_size, iters, seed + i)
         rows.append({"task": task, "step": int(step), "lambda_max": lam_max, "lambda_min": lam_min})
     steps = sorted({r["step"] for r in rows})
     pick = (lambda v: float(np.max(v))) if aggregate == "max" else (lambda v: float(np.median(v)))
