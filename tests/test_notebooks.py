@@ -226,3 +226,33 @@ def test_jupyterlab_saves_a_run_chapter_exactly_as_committed(tmp_path, monkeypat
     # elsewhere (a student's copy) notebooks are saved as they are, outputs included
     cm.save({"type": "notebook", "format": "json", "content": nb}, "copy.ipynb")
     assert nbformat.read(tmp_path / "copy.ipynb", as_version=4).cells[1].outputs
+
+
+def test_installing_the_filter_records_the_notebooks_stat_data_so_status_needs_no_filter_run(tmp_path):
+    """`make git-filter` (run by `make env`) refreshes the index: a notebook whose index entry is stale (a fresh
+    clone's notebooks checked out in the second the index was written, or a touched file) is not passed through
+    nbstripout again by every `git status` (each chapter runs one for its provenance)."""
+    import shutil
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.org")
+    git("config", "user.name", "t")
+    name = "00_benchmark_and_baselines.ipynb"
+    shutil.copy(ROOT / "notebooks" / name, tmp_path / name)
+    git("add", name)
+    git("commit", "-qm", "chapter")
+    def indexed_mtime() -> int:  # the file's modification time (seconds) as the index records it
+        line = next(x for x in git("ls-files", "--debug", name).splitlines() if x.strip().startswith("mtime:"))
+        return int(line.split(":")[1].strip().split(":")[0])
+
+    import os
+
+    os.utime(tmp_path / name, (1_000_000_000, 1_000_000_000))  # same contents, other stat data: the entry is stale
+    assert indexed_mtime() != 1_000_000_000  # what every `git status` would re-read, through the filter
+    subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path), "git-filter",
+                    f"VENV={ROOT / '.venv'}"], check=True, capture_output=True)
+    assert indexed_mtime() == 1_000_000_000

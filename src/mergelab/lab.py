@@ -53,6 +53,10 @@ def install_git_filter() -> str:
     ``make env`` runs in the project)."""
     subprocess.run([sys.executable, "-m", "nbstripout", "--install"], check=True)
     subprocess.run(["git", "config", "filter.nbstripout.extrakeys", " ".join(EXTRA_KEYS)], check=True)
+    # Record the files' stat data in the index now. In a fresh clone, files checked out in the second the index was
+    # written are "racily clean": every `git status` would compare their contents, through the filter for notebooks
+    # (about 12 CPU s for the seven chapters), and each chapter runs one for its provenance (notebook.git_commit).
+    subprocess.run(["git", "update-index", "-q", "--refresh"], check=False, capture_output=True)
     return "git filter: notebooks are stripped of outputs and kernel metadata when staged (nbstripout)"
 
 
