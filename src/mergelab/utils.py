@@ -92,6 +92,12 @@ def pick_device(device: str | None = "auto") -> torch.device:
     return chosen
 
 
+def shows_progress(owner: Any, progress: bool | None) -> bool:
+    """Whether a step shows a progress bar: ``progress`` when given, else ``owner``'s own ``progress`` setting (a
+    benchmark's; ``False`` for an object without one)."""
+    return bool(getattr(owner, "progress", False) if progress is None else progress)
+
+
 def keeps_global_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate ``fn`` so that torch's global random state is saved before the call and put back after it.
 

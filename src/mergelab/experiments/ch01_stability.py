@@ -32,7 +32,7 @@ from ..analysis.stability import (
 from ..autodiff import hessian_extreme_eigenvalues
 from ..analysis.statistics import spearman_ci
 from ..training import FinetuneConfig
-from ..utils import StateDict, atomic_write_json, check_integer, config_hash, read_json, state_digest
+from ..utils import StateDict, atomic_write_json, check_integer, config_hash, read_json, shows_progress, state_digest
 
 
 # ----------------------------------------------------------------------------- constants of a sweep
@@ -109,7 +109,7 @@ def estimate_curvature(bench: Any, points: Sequence[tuple[str, int, StateDict]],
     check_integer("iters", iters)
     check_integer("seed", seed, minimum=0)
     rows = []
-    for i, (task, step, state) in enumerate(tqdm(points, desc="curvature", disable=not getattr(bench, "progress", False))):
+    for i, (task, step, state) in enumerate(tqdm(points, desc="curvature", disable=not shows_progress(bench, None))):
         lam_max, lam_min = extreme_eigenvalues(bench, task, state, batch_size, iters, seed + i)
         rows.append({"task": task, "step": int(step), "lambda_max": lam_max, "lambda_min": lam_min})
     steps = sorted({r["step"] for r in rows})
@@ -475,8 +475,7 @@ def expert_table(bench: Any, grid: ExpertGrid, tasks: Sequence[str], hyperparame
     pre, cache = bench.pretrained_state(), {}
     rows = []
     jobs = [(task, level, step) for task in tasks for level in grid.levels[hyperparameter] for step in grid.steps]
-    show = getattr(bench, "progress", False) if progress is None else progress
-    for task, level, step in tqdm(jobs, desc=f"experts along {hyperparameter}", disable=not show):
+    for task, level, step in tqdm(jobs, desc=f"experts along {hyperparameter}", disable=not shows_progress(bench, progress)):
         cfg = replace(base, **{hyperparameter: level, "num_steps": step})
         probe = probe_size if curvature is not None else 0
         m = measure_merge(bench, checkpoint_state(bench, task, cfg), {task: cfg}, max_examples=max_examples,

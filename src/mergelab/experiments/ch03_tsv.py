@@ -28,7 +28,7 @@ from ..merging.tsv import (
     tsv_reconstruct,
 )
 from ..task_vectors import TaskVector
-from ..utils import StateDict, check_integer, nan_for_none
+from ..utils import StateDict, check_integer, nan_for_none, shows_progress
 
 
 def compressed_accuracy(benchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
@@ -110,7 +110,7 @@ def pairwise_merge_accuracy(benchmark, pretrained: StateDict, task_vectors: Mapp
     """
     rows = []
     pairs = list(itertools.combinations(list(task_vectors), 2))
-    show = getattr(benchmark, "progress", False) if progress is None else progress
+    show = shows_progress(benchmark, progress)
     for a, b in tqdm(pairs, desc="pairwise merges", disable=not show):
         state = merge(method, pretrained, [task_vectors[a], task_vectors[b]], **options)
         acc = benchmark.evaluate(state, split=split, tasks=[a, b])
@@ -149,7 +149,7 @@ def task_count_study(benchmark, pretrained: StateDict, task_vectors: Mapping[str
     check_integer("subsets", subsets)
     rng = np.random.default_rng(seed)
     rows = []
-    show = getattr(benchmark, "progress", False) if progress is None else progress
+    show = shows_progress(benchmark, progress)
     bar = tqdm(total=sum(1 if n == len(names) else subsets for n in task_counts) * len(methods),
                desc="task-count merges", disable=not show)
     for n in task_counts:

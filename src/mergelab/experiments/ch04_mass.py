@@ -59,7 +59,7 @@ def mixed_batches(bench: Any, split: str, tasks: Sequence[str], batch_size: int 
         _, y = bench.split(t, split)
         labels[t] = torch.as_tensor(y)
         idx = np.arange(len(y))
-        if max_per_task is not None and len(idx) > max_per_task:
+        if _kept(len(idx), max_per_task) < len(idx):
             idx = np.sort(g.choice(idx, size=max_per_task, replace=False))
         items += [(t, int(i)) for i in idx]
     order = g.permutation(len(items))
@@ -100,9 +100,13 @@ def evaluate_mass(router: MassRouter, bench: Any, split: str = "test", batch_siz
 def mixed_batch_count(bench: Any, split: str, tasks: Sequence[str], batch_size: int = 256,
                       max_per_task: int | None = None) -> int:
     """How many batches :func:`mixed_batches` yields for these settings (a progress bar's total)."""
-    sizes = [len(bench.split(t, split)[1]) for t in tasks]
-    n = sum(min(k, max_per_task) if max_per_task is not None else k for k in sizes)
+    n = sum(_kept(len(bench.split(t, split)[1]), max_per_task) for t in tasks)
     return -(-n // batch_size)
+
+
+def _kept(n: int, max_per_task: int | None) -> int:
+    """How many of a task's ``n`` examples :func:`mixed_batches` keeps."""
+    return n if max_per_task is None else min(n, max_per_task)
 
 
 def evaluate_routers(routers: Sequence[MassRouter], bench: Any, split: str = "test", batch_size: int = 256,

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..utils import check_integer, check_number
 from . import _kernels
 from ._kernels import (
     _check_choice,
@@ -57,11 +58,10 @@ def default_rank(shape: Sequence[int], num_tasks: int | None = None, rank_fracti
         raise ValueError("give num_tasks (k = floor(min(m, n) / T)) or rank_fraction (k = floor(min(m, n) * f)).")
     return max(1, min(full, k))
 
+
 def _check_solver_options(rtol: float, oversample: int | None, n_iter: int, seed: int) -> None:
     """Refuse solver options that would silently drop every triplet (``rtol`` NaN or >= 1) or fail deep in torch,
     naming the option, its value and what is valid."""
-    from ..utils import check_integer, check_number
-
     check_number("rtol", rtol, low=0, high=1, high_open=True)
     if oversample is not None:
         check_integer("oversample", oversample, minimum=0)

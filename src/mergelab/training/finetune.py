@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..utils import check_integer, check_number, keeps_global_rng
+from ..utils import check_integer, check_number, eval_mode, keeps_global_rng
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -170,13 +170,9 @@ def finetune(model: nn.Module, tasks: Mapping[str, tuple[Any, torch.Tensor]],
         raise ValueError(f"micro_batch_size={micro_batch_size!r} is not valid; use a positive integer or None.")
     torch.manual_seed(cfg.seed)
     model.to(device).train()
-    head_modes = {t: h.training for t, h in heads.items()}
-    heads = {t: h.to(device).eval() for t, h in heads.items()}
-    try:
+    heads = {t: h.to(device) for t, h in heads.items()}
+    with eval_mode(*heads.values()):  # the caller's heads as they came (the model ends in eval mode, as documented)
         return _finetune_loop(model, tasks, heads, cfg, device, progress, desc, on_step, micro_batch_size, active)
-    finally:  # the caller's heads as they came (the model ends in eval mode, as documented)
-        for t, h in heads.items():
-            h.train(head_modes[t])
 
 
 def _finetune_loop(model: nn.Module, tasks: Mapping[str, tuple[Any, torch.Tensor]], heads: Mapping[str, nn.Module],

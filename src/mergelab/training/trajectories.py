@@ -21,7 +21,7 @@ from .. import codeversion, paths
 from ..cache import Artifact
 from ..executors import Executor, LocalExecutor, benchmark_context
 from ..task_vectors import TaskVector
-from ..utils import StateDict, config_hash, torch_threads
+from ..utils import StateDict, config_hash, shows_progress, torch_threads
 from .finetune import FinetuneConfig, finetune, training_indices
 
 
@@ -226,7 +226,7 @@ def _run_trajectory(bench: Any, kind: str, tasks: Sequence[str],
         with torch_threads(getattr(bench, "train_threads", None)):  # as the size's experts (None: as set)
             history = (train or finetune)(enc, dict(data()), {t: bench.heads[t] for t in tasks}, train_cfg,
                                           device=bench.device, desc=desc,
-                                          progress=bench.progress if progress is None else progress,
+                                          progress=shows_progress(bench, progress),
                                           on_step=snapshot, **options)
         wall = time.perf_counter() - start
         if sorted(snapshots) != list(range(1, epochs + 1)):
@@ -312,7 +312,7 @@ def epoch_trajectories(bench: Any, runs: Sequence[tuple[str, FinetuneConfig]], e
             others are cached, so calling again trains only the failed ones.
     """
     runs = list(runs)
-    show = bench.progress if progress is None else progress
+    show = shows_progress(bench, progress)
     todo = [(t, c, epochs) for t, c in runs if not is_trajectory_cached(bench, t, c, epochs)]
     executor = executor if executor is not None else LocalExecutor(1)
     if todo:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from ...training import FinetuneConfig, lr_at, make_optimizer, training_indices
-from ...utils import keeps_global_rng
+from ...utils import keeps_global_rng, shows_progress
 from .model import autocast
 
 
@@ -95,7 +95,7 @@ def finetune_encoder(bench: Any, encoder: nn.Module, tasks: Sequence[str], cfg: 
         streams.append((t, iter(loader)))
     if start:  # after the loaders drew their seeds: augmentations continue as if never interrupted
         torch.set_rng_state(ck["rng"])
-    show = bench.progress if progress is None else progress
+    show = shows_progress(bench, progress)
     bar = tqdm(range(start, cfg.num_steps), desc=desc, disable=not show, leave=False, mininterval=1.0)
     for step in bar:
         lr = lr_at(step, cfg)
