@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import mergelab
 from mergelab import codeversion
 from mergelab.benchmarks.tiny.benchmark import TinyBenchmark
+from mergelab.analysis.diagnostics import probe_path
 from mergelab.benchmarks.tiny.data import TinyDataConfig, _cache_path
+from mergelab.experiments.ch04_mass import result_path
 from mergelab.experiments.ch06_store import merge_artifact
 from mergelab.training.scratch import ScratchConfig, scratch_artifact
 from mergelab.training.trajectories import _trajectory_key as trajectory_key
@@ -61,24 +65,30 @@ def test_a_version_bump_changes_the_cache_keys_of_its_kind(kind, monkeypatch):
     monkeypatch.setattr(bench, "head_digest", lambda task: "h", raising=False)
     cfg = mergelab.FinetuneConfig()
 
+    # chapter 00's probes and chapter 04's MASS results, on a benchmark whose data keys stay fixed
+    stub = SimpleNamespace(cache_dir="cache", evaluation_key=lambda task, split: f"{task}/{split}")
+    router = SimpleNamespace(tasks=("colours",), fingerprint=lambda: {"router": 1})
+
     def keys() -> tuple[str, ...]:
         return (str(_cache_path("colours-train", TinyDataConfig())), bench.encoder_key,
                 bench.key, bench.run_key("expert", ["colours"], cfg),
                 trajectory_key(bench, "epoch_trajectory", ["colours"], cfg, 2),
                 str(scratch_artifact(ScratchConfig(), {"dataset": "sklearn-digits"}).path),
                 bench._eval_key("colours", "val"),
-                str(merge_artifact(ScratchConfig(), (0, 1), {"max_iter": 3}, True, {"dataset": "sklearn-digits"}).path))
+                str(merge_artifact(ScratchConfig(), (0, 1), {"max_iter": 3}, True, {"dataset": "sklearn-digits"}).path),
+                str(probe_path(stub, {"w": torch.zeros(2)}, "colours", ("train", "val", "test"), (1.0,))),
+                str(result_path(router, stub, "val", 8, 0, None, 0)))
 
     before = keys()
     monkeypatch.setitem(codeversion.CODE_VERSIONS, kind, codeversion.CODE_VERSIONS[kind] + 1)
     after = keys()
-    names = ("data", "encoder", "pretrain", "finetune", "trajectory", "scratch", "evaluation", "merge")
+    names = ("data", "encoder", "pretrain", "finetune", "trajectory", "scratch", "evaluation", "merge", "probe", "mass")
     changed = {name for name, a, b in zip(names, before, after) if a != b}
     # the benchmark key is in the experts', the trajectories' and the evaluations' keys, the images' version in
     # the encoder's and the benchmark's, and the models' code in the merges' keys
     downstream = {"pretrain", "finetune", "trajectory", "evaluation"}
     expected = {"data": {"data", "encoder", *downstream}, "pretrain": {"encoder", *downstream},
-                "scratch": {kind, "merge"}}.get(kind, {kind})
+                "scratch": {kind, "merge"}, "evaluation": {kind, "probe"}}.get(kind, {kind})
     assert changed == expected
     with pytest.raises(ValueError, match="kind='weights'"):
         codeversion.key_part("weights")

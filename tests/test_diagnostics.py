@@ -206,3 +206,51 @@ def test_margin_linearity_is_exact_on_a_linear_network_and_places_each_crossing(
             D.margin_linearity(_BiasBench(X), pre, tau, bad)
     with pytest.raises(ValueError, match="task_vectors is empty"):
         D.margin_linearity(_BiasBench(X), pre, {}, alphas)
+
+
+class _ProbeBench:
+    """Two tasks of blobs whose encoder is a linear map of the weights ``state["w"]``, with a cache folder and an
+    evaluation key per task and split (what :func:`linear_probe_fits` keys its cache on)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, cache_dir, data: str = "v1") -> None:
+        self.cache_dir, self.data, self.tasks, self.encoded = cache_dir, data, ("a", "b"), 0
+        self.splits = {(t, s): _blobs(60, 6, 0.6 + i / 2, seed=10 * i + j)
+                       for i, t in enumerate(self.tasks) for j, s in enumerate(("train", "val", "test"))}
+
+    def split(self, task, split="train"):
+        self.encoded += 1
+        return self.splits[(task, split)]
+
+    def evaluation_key(self, task, split):
+        return f"{task}/{split}/{self.data}"
+
+    def new_encoder(self, state=None):
+        w = state["w"]
+
+        class Encoder(torch.nn.Module):
+            def forward(self, x):
+                return x @ w
+        return Encoder()
+
+
+def test_linear_probes_are_cached_by_weights_data_and_grid(tmp_path):
+    """A re-run reads each task's probe back without encoding a split; other weights, data or grid fit again, as
+    does a damaged file; ``cache=False`` fits and writes nothing."""
+    state, grid = {"w": torch.eye(6)}, (0.1, 1.0, 10.0)
+    bench = _ProbeBench(tmp_path)
+    fresh = D.linear_probe_fits(bench, state, grid=grid, cache=False)
+    assert not (tmp_path / "probe").exists()
+    first = D.linear_probe_fits(bench, state, grid=grid)
+    assert first == fresh and set(first) == {"a", "b"} and bench.encoded == 12
+    assert len(list((tmp_path / "probe").glob("*.json"))) == 2
+    again = D.linear_probe_fits(bench, state, grid=grid)
+    assert again == first and bench.encoded == 12  # read back: no split encoded, no fit
+    D.linear_probe_fits(bench, {"w": 2 * torch.eye(6)}, grid=grid)
+    D.linear_probe_fits(bench, state, grid=(1.0, 10.0))
+    D.linear_probe_fits(_ProbeBench(tmp_path, data="v2"), state, grid=grid)
+    assert bench.encoded == 24 and len(list((tmp_path / "probe").glob("*.json"))) == 8
+    path = D.probe_path(bench, state, "a", ("train", "val", "test"), grid)
+    path.write_text('{"accuracy": 0.5')  # cut short
+    assert D.linear_probe_fits(bench, state, ["a"], grid=grid)["a"] == first["a"] and bench.encoded == 27

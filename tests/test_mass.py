@@ -497,3 +497,64 @@ def test_the_router_uses_copies_of_the_heads_and_leaves_the_callers_in_their_mod
     images = torch.rand(3, 3, CFG.image_size, CFG.image_size)
     assert r.predict(images).label.shape == (3,)
     assert all(h.training for h in heads.values())
+
+
+class _MixedBench:
+    """Four tasks of random 16x16 images with a cache folder and an evaluation key per task and split (what
+    :func:`mergelab.experiments.ch04_mass.evaluate_routers` keys its cache on)."""
+
+    def __init__(self, cache_dir, data: str = "v1") -> None:
+        g = torch.Generator().manual_seed(3)
+        self.cache_dir, self.data = cache_dir, data
+        self.X = {t: torch.randn(5, 3, 16, 16, generator=g) for t in TASKS}
+        self.y = {t: torch.randint(0, 3, (5,), generator=g) for t in TASKS}
+
+    def split(self, task, split):
+        return self.X[task], self.y[task]
+
+    def images(self, task, split, rows):
+        return self.X[task][rows]
+
+    def evaluation_key(self, task, split):
+        return f"{task}/{split}/{self.data}"
+
+
+def test_mass_results_are_cached_per_router_and_configuration(tmp_path, monkeypatch):
+    """A re-run reads each router's result back without a forward pass; in an ablation only the routers without a
+    result run; other options, weights, data or batches are other files; a damaged file runs again."""
+    from mergelab.experiments import ch04_mass as ch04
+
+    r, s = router()
+    bench = _MixedBench(tmp_path)
+    fresh = ch04.evaluate_mass(r, bench, "val", batch_size=6, seed=1, examples=2, cache=False)
+    assert not (tmp_path / "mass").exists()
+    first = ch04.evaluate_mass(r, bench, "val", batch_size=6, seed=1, examples=2)
+
+    def numbers(result):  # what the router predicted; second_pass_models_built counts the models this run built
+        return {k: v for k, v in result.items() if k != "second_pass_models_built"}
+
+    assert numbers(first) == numbers(fresh) and first["n"] == {t: 5 for t in TASKS}
+    runs = []
+    real = ch04._run_routers
+    monkeypatch.setattr(ch04, "_run_routers", lambda routers, *a: runs.append(len(routers)) or real(routers, *a))
+    assert ch04.evaluate_mass(r, bench, "val", batch_size=6, seed=1, examples=2) == first and runs == []
+    both = ch04.evaluate_routers([r, r.with_options(top_k=1)], bench, "val", batch_size=6, seed=1, examples=2)
+    assert both[0] == first and runs == [1]  # only the new router ran
+    assert numbers(both[1]) == numbers(ch04.evaluate_mass(r.with_options(top_k=1), bench, "val", batch_size=6,
+                                                          seed=1, examples=2, cache=False))
+    key = dict(split="val", batch_size=6, seed=1, max_per_task=None, examples=2)
+    path = ch04.result_path(r, bench, **key)
+    others = [ch04.result_path(r.with_options(threshold=0.3), bench, **key),
+              ch04.result_path(r.with_options(block=0), bench, **key),
+              ch04.result_path(r, _MixedBench(tmp_path, data="v2"), **key),
+              ch04.result_path(r, bench, **{**key, "seed": 2}), ch04.result_path(r, bench, **{**key, "examples": 0}),
+              ch04.result_path(r, bench, **{**key, "max_per_task": 3})]
+    heads = {t: ClassificationHead(h.weight.detach(), 10.0) for t, h in s["heads"].items()}  # another scale
+    others.append(ch04.result_path(MassRouter(s["pre"], s["compressed"], encoder(), heads, device="cpu", block=1),
+                                   bench, **key))
+    assert len({path, *others}) == len(others) + 1
+    assert ch04.result_path(r.with_options(), bench, **key) == path  # cache_size aside, the same router
+    path.write_text("{")
+    runs.clear()
+    assert numbers(ch04.evaluate_mass(r, bench, "val", batch_size=6, seed=1, examples=2)) == numbers(first)
+    assert runs == [1]

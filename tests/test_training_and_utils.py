@@ -116,6 +116,21 @@ def test_config_hash_is_stable_and_order_free():
     assert config_hash(FinetuneConfig(lr=0.1)) != config_hash(FinetuneConfig(lr=0.2))
 
 
+def test_state_digest_reads_the_values_whatever_the_strides():
+    """Equal tensors digest alike however they are laid out (a column sliced from a wider matrix is contiguous
+    with a stride of 5 on its size-1 dimension), and another value, name, shape or dtype digests otherwise."""
+    from mergelab.utils import state_digest
+
+    wide = torch.arange(20.0).reshape(4, 5)
+    column = wide.T[:, :1]  # (5, 1), strides (1, 5)
+    assert column.is_contiguous() and column.stride(-1) != 1
+    digest = state_digest({"w": column})
+    assert digest == state_digest({"w": column.clone(memory_format=torch.contiguous_format)})
+    assert digest == state_digest({"w": torch.arange(0.0, 5.0).reshape(5, 1)})
+    assert len({digest, state_digest({"v": column}), state_digest({"w": column.reshape(1, 5)}),
+                state_digest({"w": column.double()}), state_digest({"w": column + 1})}) == 5
+
+
 def test_atomic_write_leaves_no_partial_file(tmp_path):
     path = tmp_path / "out.json"
     atomic_write_json(path, {"x": 1})

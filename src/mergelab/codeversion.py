@@ -27,7 +27,7 @@ PACKAGE = Path(__file__).resolve().parent
 FINGERPRINTS_FILE = PACKAGE / "code_fingerprints.json"
 
 CODE_VERSIONS: dict[str, int] = {"data": 1, "pretrain": 2, "finetune": 1, "trajectory": 1, "scratch": 1, "evaluation": 1,
-                                 "merge": 2}
+                                 "merge": 2, "mass": 1}
 """Version of the code that makes each kind of cached artifact (bump to rebuild its caches)."""
 
 SOURCES: dict[str, tuple[str, ...]] = {
@@ -46,7 +46,11 @@ SOURCES: dict[str, tuple[str, ...]] = {
                    "benchmarks/clip/datasets.py", "benchmarks/clip/splits.py", "benchmarks/clip/model.py", "models.py",
                    "analysis/generalization.py", "analysis/responses.py",  # cached accuracies, losses and responses per weights
                    "autodiff.py",  # the per-example gradient norms chapter 01's store keeps
-                   "experiments/ch01_stability.py"),  # the Hessian's extreme eigenvalues it caches per point
+                   "experiments/ch01_stability.py",  # the Hessian's extreme eigenvalues it caches per point
+                   "analysis/diagnostics.py"),  # chapter 00's linear probes, cached per encoder and task
+    # chapter 04's MASS results per router and split: routing, second-pass merges, head choice, the mixed batches
+    "mass": ("merging/mass.py", "merging/mass_features.py", "merging/tsv/merge.py", "merging/tsv/compress.py",
+             "linalg/polar.py", "linalg/svd.py", "linalg/_kernels.py", "linalg/_lapack.py", "experiments/ch04_mass.py"),
     "merge": ("experiments/ch06_c2m3.py", "experiments/ch06_store.py", "alignment/frank_wolfe.py",
               "alignment/matching.py", "alignment/repair.py", "alignment/specs.py", "alignment/architectures.py",
               "training/scratch.py"),  # chapter 06's merge jobs: alignments, merges, REPAIR, their evaluation

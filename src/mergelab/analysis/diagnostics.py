@@ -5,7 +5,8 @@ Each function takes plain tensors, state dicts or a benchmark object with the co
 
 * :func:`linear_probe` - do the pretrained features already hold each task (logistic regression on
   the frozen, L2-normalized features, fitted on the train split, its L2 strength chosen on the
-  validation split as CLIP's linear probes choose it, scored on the test split)?
+  validation split as CLIP's linear probes choose it, scored on the test split; cached per encoder and
+  task)?
 * :func:`zero_shot_calibration` - are the frozen heads calibrated: cross-entropy, mean confidence,
   accuracy and the share of the most predicted class, per task?
 * :func:`relative_norms` - ``||tau_t|| / ||theta_0||`` in total and per layer kind: how far
@@ -23,18 +24,23 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from .. import codeversion
 from ..layers import layer_kind
 from ..merging import merge
 from ..merging.select import at_grid_edge
 from ..models import encode
 from ..task_vectors import TaskVector
-from ..utils import StateDict, torch_threads
+from ..utils import (StateDict, atomic_write_json, config_hash, read_json, shows_progress, state_digest,
+                     torch_threads)
 
 
 class DiagnosableBenchmark(Protocol):
@@ -156,28 +162,63 @@ def validated_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.T
             "at_grid_edge": at_grid_edge(best, grid)}
 
 
+PROBE_RESULT_KEYS = frozenset({"accuracy", "C", "val_accuracy", "at_grid_edge"})
+"""The keys of one task's :func:`validated_probe`; a cached file without all of them is fitted again."""
+
+
+def probe_path(benchmark: Any, state: StateDict, task: str, splits: Sequence[str], grid: Sequence[float]
+               ) -> Path | None:
+    """Where :func:`linear_probe_fits` keeps one task's probe: ``<benchmark.cache_dir>/probe/<key>.json``, the key
+    naming the encoder's weights (their digest), the task's three ``splits`` (the benchmark's ``evaluation_key``:
+    data and arithmetic), the ``grid`` of ``C``, scikit-learn's version and the evaluation code's version.
+    ``None`` for a benchmark without a ``cache_dir`` or ``evaluation_key``."""
+    cache_dir = getattr(benchmark, "cache_dir", None)
+    if cache_dir is None or not hasattr(benchmark, "evaluation_key"):
+        return None
+    key = config_hash({"state": state_digest(state), "task": task,
+                       "splits": [benchmark.evaluation_key(task, s) for s in splits],
+                       "grid": [float(c) for c in grid], "scikit-learn": version("scikit-learn"),
+                       **codeversion.key_part("evaluation")})
+    return Path(cache_dir) / "probe" / f"{key}.json"
+
+
 def linear_probe_fits(benchmark: DiagnosableBenchmark, state: StateDict, tasks: Sequence[str] | None = None,
                       train_split: str = "train", val_split: str = "val", test_split: str = "test",
-                      grid: Sequence[float] = PROBE_C_GRID) -> dict[str, dict[str, Any]]:
+                      grid: Sequence[float] = PROBE_C_GRID, cache: bool = True, progress: bool | None = None
+                      ) -> dict[str, dict[str, Any]]:
     """Per task, :func:`validated_probe` on the frozen, L2-normalized features of the encoder ``state``:
-    fitted on ``train_split``, its ``C`` chosen on ``val_split``, scored on ``test_split``."""
-    encoder = benchmark.new_encoder(state)
+    fitted on ``train_split``, its ``C`` chosen on ``val_split``, scored on ``test_split``.
+
+    ``cache``: keep each task's result as :func:`probe_path` names it and read it back on a re-run instead of
+    encoding the splits and fitting again (ignored for a benchmark without a ``cache_dir``). ``progress``: a
+    bar over the tasks (``None``: the benchmark's setting)."""
+    splits = (train_split, val_split, test_split)
+    encoder = None
     out = {}
-    for task in tasks or benchmark.tasks:
-        splits = []
-        for split in (train_split, val_split, test_split):
+    for task in tqdm(list(tasks or benchmark.tasks), desc="linear probes", disable=not shows_progress(benchmark, progress)):
+        path = probe_path(benchmark, state, task, splits, grid) if cache else None
+        cached = read_json(path) if path is not None else None
+        if isinstance(cached, dict) and PROBE_RESULT_KEYS <= set(cached):
+            out[task] = cached
+            continue
+        if encoder is None:
+            encoder = benchmark.new_encoder(state)
+        data = []
+        for split in splits:
             X, y = benchmark.split(task, split)
-            splits.append((_features(benchmark, encoder, X), y))
-        out[task] = validated_probe(*splits, grid=grid)
+            data.append((_features(benchmark, encoder, X), y))
+        out[task] = validated_probe(*data, grid=grid)
+        if path is not None:
+            atomic_write_json(path, out[task])
     return out
 
 
 def linear_probe(benchmark: DiagnosableBenchmark, state: StateDict, tasks: Sequence[str] | None = None,
                  train_split: str = "train", val_split: str = "val", test_split: str = "test",
-                 grid: Sequence[float] = PROBE_C_GRID) -> dict[str, float]:
+                 grid: Sequence[float] = PROBE_C_GRID, cache: bool = True) -> dict[str, float]:
     """Per task, the test accuracy (0..1) of :func:`linear_probe_fits`. A probe near the experts'
     accuracy means the pretrained features already hold the task (the situation of CLIP)."""
-    fits = linear_probe_fits(benchmark, state, tasks, train_split, val_split, test_split, grid)
+    fits = linear_probe_fits(benchmark, state, tasks, train_split, val_split, test_split, grid, cache)
     return {t: f["accuracy"] for t, f in fits.items()}
 
 

@@ -1,12 +1,13 @@
 """Chapter 04 (MASS routing): evaluation of a :class:`~mergelab.merging.mass.MassRouter` on mixed
-batches of a benchmark's tasks, its ablations, timing, and the chapter's claims.
+batches of a benchmark's tasks (cached per router and configuration), its ablations, and the chapter's claims;
+the timing is in :mod:`mergelab.experiments.ch04_timing`.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,14 +15,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis.statistics import (accuracy_difference_ci, band_status, bootstrap_ci, claim, directional_status,
+from .. import codeversion
+from ..analysis.statistics import (accuracy_difference_ci, band_status, claim, directional_status,
                                    normalized_difference_ci, proportion_ci)
 from ..evaluation import normalized_accuracy
 from ..merging.mass import MassRouter, subspace_residuals
 from ..merging.mass_storage import model_shapes, storage_of_shapes
 from ..merging.tsv import CompressedTaskVector, tsv_compress
 from ..task_vectors import TaskVector
-from ..utils import StateDict, check_integer, nan_for_none, torch_threads
+from ..utils import StateDict, atomic_write_json, check_integer, config_hash, nan_for_none, read_json
+from .ch04_timing import COLD_REPEATS, time_per_image, timings  # noqa: F401 - the notebook reads them as ch04's
 
 
 def compress_tasks(task_vectors: Mapping[str, TaskVector], svd: str = "gram") -> dict[str, CompressedTaskVector]:
@@ -76,8 +79,10 @@ def mixed_batches(bench: Any, split: str, tasks: Sequence[str], batch_size: int 
 
 
 def evaluate_mass(router: MassRouter, bench: Any, split: str = "test", batch_size: int = 256, seed: int = 0,
-                  max_per_task: int | None = None, progress: bool = False, examples: int = 0) -> dict[str, Any]:
-    """MASS on mixed batches of every router task's ``split``.
+                  max_per_task: int | None = None, progress: bool = False, examples: int = 0, cache: bool = True
+                  ) -> dict[str, Any]:
+    """MASS on mixed batches of every router task's ``split`` (cached by its configuration, ``cache``:
+    :func:`evaluate_routers`).
 
     An input counts as correct when the head MASS chose is its task's and that head's class is its
     label (another task's head has other classes). Returns (fractions 0..1)::
@@ -94,7 +99,7 @@ def evaluate_mass(router: MassRouter, bench: Any, split: str = "test", batch_siz
          "n": {task: inputs}, "examples": [...the first ``examples`` inputs' residuals...],
          "second_pass_models_built": cache misses during the run}
     """
-    return evaluate_routers([router], bench, split, batch_size, seed, max_per_task, progress, examples)[0]
+    return evaluate_routers([router], bench, split, batch_size, seed, max_per_task, progress, examples, cache)[0]
 
 
 def mixed_batch_count(bench: Any, split: str, tasks: Sequence[str], batch_size: int = 256,
@@ -111,11 +116,67 @@ def _kept(n: int, max_per_task: int | None) -> int:
 
 def evaluate_routers(routers: Sequence[MassRouter], bench: Any, split: str = "test", batch_size: int = 256,
                      seed: int = 0, max_per_task: int | None = None, progress: bool = False,
-                     examples: int = 0) -> list[dict[str, Any]]:
+                     examples: int = 0, cache: bool = True) -> list[dict[str, Any]]:
     """:func:`evaluate_mass` of each of ``routers`` (routers of one task set, e.g. :meth:`MassRouter.with_options`
     of one), on the same mixed batches read once: on each batch they share one memo (``predict(memo=)``), so
     a first pass's routing features and an image's features under a selected set are computed once for
-    all routers that need them."""
+    all routers that need them.
+
+    ``cache``: keep each router's result as ``<bench.cache_dir>/mass/<key>.json`` (:func:`result_path`) and read
+    it back on a re-run instead of running the batches again; only the routers without a result run. A result
+    read back reports the ``second_pass_models_built`` of the run that made it. Ignored for a benchmark without a
+    ``cache_dir``."""
+    if not routers:
+        raise ValueError("routers is empty; pass at least one MassRouter.")
+    check_integer("batch_size", batch_size)
+    if max_per_task is not None:
+        check_integer("max_per_task", max_per_task)
+    check_integer("seed", seed, minimum=0)
+    check_integer("examples", examples, minimum=0)
+    paths = [result_path(r, bench, split, batch_size, seed, max_per_task, examples) if cache else None
+             for r in routers]
+    results: list[dict[str, Any] | None] = [_read_result(p) for p in paths]
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo:
+        fresh = _run_routers([routers[i] for i in todo], bench, split, batch_size, seed, max_per_task, progress,
+                             examples)
+        for i, res in zip(todo, fresh):
+            results[i] = res
+            if paths[i] is not None:
+                atomic_write_json(paths[i], res)
+    return results  # type: ignore[return-value]
+
+
+MASS_RESULT_KEYS = frozenset({"per_task_accuracy", "oracle_head_accuracy", "routing", "confusion", "n", "examples",
+                              "second_pass_models_built"})
+"""The keys of one router's result (:func:`evaluate_mass`); a cached file without all of them is run again."""
+
+
+def result_path(router: MassRouter, bench: Any, split: str, batch_size: int, seed: int, max_per_task: int | None,
+                examples: int) -> Path | None:
+    """Where :func:`evaluate_routers` keeps one router's result: ``<bench.cache_dir>/mass/<key>.json``, the key
+    naming the router (:meth:`MassRouter.fingerprint`: its weights, heads and options), each task's ``split``
+    (the benchmark's :meth:`evaluation_key`: data, head and arithmetic), the mixed batches (``batch_size``,
+    ``seed``, ``max_per_task``), ``examples`` and the code version of MASS. ``None`` for a benchmark without a
+    ``cache_dir`` or ``evaluation_key``."""
+    cache_dir = getattr(bench, "cache_dir", None)
+    if cache_dir is None or not hasattr(bench, "evaluation_key"):
+        return None
+    key = config_hash({"router": router.fingerprint(), "split": split,
+                       "data": {t: bench.evaluation_key(t, split) for t in router.tasks},
+                       "batch_size": int(batch_size), "seed": int(seed), "max_per_task": max_per_task,
+                       "examples": int(examples), **codeversion.key_part("mass")})
+    return Path(cache_dir) / "mass" / f"{key}.json"
+
+
+def _read_result(path: Path | None) -> dict[str, Any] | None:
+    cached = read_json(path) if path is not None else None
+    return cached if isinstance(cached, dict) and MASS_RESULT_KEYS <= set(cached) else None
+
+
+def _run_routers(routers: Sequence[MassRouter], bench: Any, split: str, batch_size: int, seed: int,
+                 max_per_task: int | None, progress: bool, examples: int) -> list[dict[str, Any]]:
+    """The batches of :func:`evaluate_routers`, run for every router in ``routers``."""
     tallies = [_Tally(list(r.tasks), examples) for r in routers]
     misses = [r.misses for r in routers]
     tasks = list(routers[0].tasks)
@@ -304,88 +365,6 @@ def ablation_configs(num_blocks: int, matrices: Sequence[str], thresholds: Seque
     configs += [{"study": "selection", "block": block, "threshold": th, "top_k": k} for th in thresholds for k in top_ks]
     configs += [{"study": "first_pass", "block": b, "first_pass": "pretrained"} for b in range(num_blocks)]
     return configs
-
-
-COLD_REPEATS = 3
-"""Most timing rounds of MASS with an empty second-pass cache (:func:`time_per_image`)."""
-
-
-def time_per_image(router: MassRouter, merged: torch.nn.Module, images: torch.Tensor, repeats: int = 3,
-                   level: float = 0.95, threads: int | None = 1) -> dict[str, Any]:
-    """Seconds per image of MASS (routing + second pass + head choice) against one forward pass of
-    ``merged`` on the same mixed batch, in ``repeats`` paired rounds (each round times the forward pass
-    and then MASS with its second-pass models cached, so a drift of the machine's speed reaches both);
-    then MASS cold (an empty cache), at most :data:`COLD_REPEATS` times: each cold call builds every
-    second-pass model of the batch (dozens of TSV-M merges at the clip size), and no claim rests on it.
-
-    Returns ``{"forward_s", "mass_s", "mass_cold_s"}`` (medians over rounds, seconds per image),
-    ``"ratios"`` (per round, MASS over the forward pass), ``"ratio"`` (their median), ``"ratio_interval"``
-    (:func:`~mergelab.analysis.statistics.bootstrap_ci` of that median at ``level``: NaN bounds below three
-    rounds), ``"ratio_cold"`` (median cold over median forward), ``"repeats"``, ``"cold_repeats"``, ``"batch"``
-    and ``"threads"``
-    (torch's intra-op threads during the measurement; on a CPU the ratio depends on it, since a second
-    thread speeds the plain batch up more than MASS's per-set batches, so read it with the thread count).
-
-    ``threads``: torch's intra-op threads on a CPU while timing (default one: the cost in work, the same
-    whether the chapter runs alone or beside another; ``None``: the caller's setting). Ignored on a GPU.
-    """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"timing_repeats={repeats!r} is not valid; use an integer >= 1 (paired timing rounds; "
-                         "three or more give the ratio an interval).")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads={threads!r} is not valid; use an integer >= 1 (torch threads while timing on a "
-                         "CPU) or None (the caller's setting).")
-    merged = merged.to(router.device).eval()
-    images = images.to(router.device)
-
-    def clock(fn) -> float:
-        if router.device.type == "cuda":
-            torch.cuda.synchronize(router.device)
-        start = time.perf_counter()
-        fn()
-        if router.device.type == "cuda":
-            torch.cuda.synchronize(router.device)
-        return (time.perf_counter() - start) / len(images)
-
-    cold_router = router.with_options()
-    cold_router._models = type(router._models)()
-
-    def cold() -> None:
-        cold_router._models.clear()
-        cold_router.predict(images)
-
-    with torch_threads(threads if router.device.type == "cpu" else None), torch.no_grad():
-        router.predict(images)  # second-pass models of this batch built: MASS warm from here
-        _in(router, merged, images)
-        forward, mass = [], []
-        for _ in range(repeats):
-            forward.append(clock(lambda: _in(router, merged, images)))
-            mass.append(clock(lambda: router.predict(images)))
-        cold_router.first_pass_model  # noqa: B018 - built once, like a loaded model
-        mass_cold = [clock(cold) for _ in range(min(repeats, COLD_REPEATS))]
-        used_threads = torch.get_num_threads()
-    ratios = [m / f for m, f in zip(mass, forward)]
-    return {"forward_s": float(np.median(forward)), "mass_s": float(np.median(mass)),
-            "mass_cold_s": float(np.median(mass_cold)), "ratios": ratios, "ratio": float(np.median(ratios)),
-            "ratio_interval": bootstrap_ci(np.median, ratios, level=level, vectorized=True),
-            "ratio_cold": float(np.median(mass_cold) / np.median(forward)), "repeats": repeats,
-            "cold_repeats": len(mass_cold), "batch": int(len(images)), "threads": used_threads}
-
-
-def _in(router: MassRouter, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """``model(images)`` in the router's arithmetic (:meth:`MassRouter.autocast`)."""
-    with router.autocast():
-        return model(images)
-
-
-def timings(router: MassRouter, merged: torch.nn.Module, images: torch.Tensor, repeats: int = 3
-            ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """:func:`time_per_image` on one torch thread (the chapter's claim), and, on a CPU where torch has more
-    threads, the same with all of them (the ratio depends on the thread count); ``None`` otherwise."""
-    one = time_per_image(router, merged, images, repeats)
-    every = (time_per_image(router, merged, images, repeats, threads=None)
-             if router.device.type == "cpu" and torch.get_num_threads() > 1 else None)
-    return one, every
 
 
 def summary_rows(per_task: Mapping[str, float], expert_accuracy: Mapping[str, float]) -> dict[str, Any]:

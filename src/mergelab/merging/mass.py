@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..task_vectors import TaskVector
-from ..utils import StateDict, check_integer, pick_device, torch_threads
+from ..utils import StateDict, check_integer, pick_device, state_digest, torch_threads
 from .mass_features import _READ_AT, ROUTING_MATRICES, block_features, class_token
 from .mass_storage import storage_bytes, storage_of_shapes
 from .tsv import CompressedTaskVector, tsv_merge_compressed
@@ -238,6 +238,7 @@ class MassRouter:
         self._first: nn.Module | None = None
         self._models: OrderedDict[tuple[str, ...], nn.Module] = OrderedDict()
         self.hits = self.misses = 0
+        self._weights_digest: dict[str, object] | None = None  # fingerprint()'s digests, computed on first use
 
     def with_options(self, **changes) -> "MassRouter":
         """A router with other routing options (``depth``/``block``, ``routing_matrix``, ``threshold``,
@@ -263,6 +264,27 @@ class MassRouter:
             new.routing_matrix = changes.get("routing_matrix", self.routing_matrix)
             new.bases = routing_bases(self.compressed, new.block, new.routing_matrix).to(self.device)
         return new
+
+    def fingerprint(self) -> dict[str, object]:
+        """What decides this router's predictions on a given input, as JSON-able values (a cache key's part):
+        digests of ``theta_0``, of every task's stored factors and dense tensors and of its head (weights and scale), the template
+        encoder's class, and the routing options (block, routing matrix, threshold, top-k, first pass, polar
+        method, autocast dtype, device type). ``cache_size`` is left out: it changes speed, not predictions.
+        The weights' digest is computed once and shared with the routers :meth:`with_options` makes after it."""
+        if self._weights_digest is None:
+            parts = {"pretrained": state_digest(self.pretrained),
+                     "heads": {t: _head_digest(self.heads[t]) for t in self.tasks}}
+            for t in self.tasks:
+                c = self.compressed[t]
+                tensors = {f"factor.{name}.{i}": f[i] for name, f in c.factors.items() for i in range(3)}
+                tensors.update({f"dense.{name}": v for name, v in c.dense.items()})
+                parts[f"task.{t}"] = state_digest(tensors)
+            self._weights_digest = parts
+        return {"weights": self._weights_digest, "tasks": list(self.tasks),
+                "encoder": f"{type(self._template).__module__}.{type(self._template).__qualname__}",
+                "block": self.block, "num_blocks": self.num_blocks, "routing_matrix": self.routing_matrix,
+                "threshold": self.threshold, "top_k": self.top_k, "first_pass": self.first_pass, "polar": self.polar,
+                "amp": str(self.amp), "device": self.device.type}
 
     # -------------------------------------------------------------- models
     def merged_update(self, tasks: Sequence[str]) -> TaskVector:
@@ -388,6 +410,13 @@ class MassRouter:
                     sub = [j for j, r in enumerate(rows) if true_tasks[r] == t]
                     oracle[[rows[j] for j in sub]] = self.heads[t](feats[sub]).argmax(-1).cpu()  # type: ignore[index]
         return MassPrediction(routing, head_task, label, oracle)
+
+
+def _head_digest(head: nn.Module) -> str:
+    """A head's own digest where it has one (:meth:`mergelab.models.ClassificationHead.digest`: weights and logit
+    scale), else its state dict's (:func:`~mergelab.utils.state_digest`)."""
+    digest = getattr(head, "digest", None)
+    return digest() if callable(digest) else state_digest(head.state_dict())
 
 
 def choose_head(logits: Mapping[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
