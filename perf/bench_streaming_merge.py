@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{method}: streaming and naive agree to a relative {rel:.1e} in ||merged - pretrained||^2.")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        from mergelab.utils import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(rows, indent=2) + "\n")
     return rows
 
 

@@ -232,3 +232,73 @@ def test_c2m3_study_refuses_a_misspelt_frank_wolfe_option_before_merging(monkeyp
 
     with pytest.raises(ValueError, match=r"widths=\(\) is not valid; use a non-empty list"):
         ScratchConfig(widths=())
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"eval_cache_gb": math.nan}, "data eval_cache_gb=nan is not valid; use a number >= 0"),
+    ({"eval_cache_gb": -1}, "data eval_cache_gb=-1 is not valid"),
+    ({"max_train": True}, "data max_train=True is not valid; use a positive integer or null"),
+    ({"max_test": 2.5}, "data max_test=2.5 is not valid"),
+    ({"num_workers": False}, "data num_workers=False is not valid; use an integer >= 0"),
+    ({"eval_batch_size": "256"}, "data eval_batch_size='256' is not valid; use a positive integer"),
+    ({"train_epochs": {"MNIST": True}}, "data train_epochs=.* is not valid"),
+    ({"train_epochs": {}}, r"data train_epochs=\{\} is not valid"),
+    ({"train_epochs": {"mnist": 5}}, "data train_epochs names 'mnist', not a clip task; valid: .*MNIST"),
+    ({"synthetic": "yes"}, "data synthetic='yes' is not valid; use true"),
+    ({"root": 3}, "data root=3 is not valid; use a folder path or null"),
+])
+def test_the_clip_data_settings_name_a_bad_value(data, match):
+    from mergelab.benchmarks.clip.config import ClipBenchmarkConfig
+
+    with pytest.raises(ValueError, match=match):
+        ClipBenchmarkConfig.from_params(data=data)
+
+
+def test_the_clip_checkpoint_interval_is_a_positive_integer():
+    from mergelab.benchmarks.clip.config import ClipBenchmarkConfig
+
+    for value in (True, 0, 2.0):
+        with pytest.raises(ValueError, match=f"checkpoint_every={value!r} is not valid; use a positive integer"):
+            ClipBenchmarkConfig.from_params(checkpoint_every=value)
+
+
+@pytest.mark.parametrize("grid", [0.3, {"a": 0.1}, "0.1,0.2"])
+def test_a_validation_grid_is_a_list_of_coefficients(grid):
+    from mergelab.merging.select import merge_with_validation
+
+    with pytest.raises(ValueError, match="grid=.* is not valid; use a list of coefficients"):
+        merge_with_validation("task_arithmetic", {"w": torch.zeros(4, 4)}, _tvs(), lambda s: 0.0, grid=grid)
+
+
+@pytest.mark.parametrize("fractions, match", [
+    ([], r"rank_fractions=\[\] is not valid; give a non-empty list"),
+    (0.5, "rank_fractions=0.5 is not valid"),
+    ([0.0, 1.5], r"rank_fractions value=1.5 is not valid; use a number in \[0, 1\]"),
+    ([math.nan], "rank_fractions value=nan is not valid"),
+])
+def test_spectrum_curves_read_rank_fractions_in_0_1(fractions, match):
+    from mergelab.analysis.spectra import spectrum_curves
+
+    tvs = {"a": TaskVector({"transformer.resblocks.0.mlp.c_fc.weight": torch.randn(8, 4)})}
+    with pytest.raises(ValueError, match=match):
+        spectrum_curves(tvs, rank_fractions=fractions)
+
+
+def test_merging_by_epochs_needs_epochs_of_the_trajectories():
+    from types import SimpleNamespace
+
+    from mergelab.experiments.ch02_gradients import merging_by_epochs
+
+    trajectories = {("sgd", 0.1, "a"): SimpleNamespace(epochs=3)}
+    for epochs, match in (([], r"epochs=\[\] is not valid; give epochs from 1..3"),
+                          ([True], "epochs contains True; the trajectories have epochs 1..3"),
+                          ([4], "epochs contains 4")):
+        with pytest.raises(ValueError, match=match):
+            merging_by_epochs(None, {}, trajectories, {"sgd": 0.1}, ["task_arithmetic"], {}, {}, epochs=epochs)
+
+
+def test_cosine_similarity_needs_a_task_vector():
+    from mergelab.task_vectors import cosine_similarity_matrix
+
+    with pytest.raises(ValueError, match="task_vectors is empty"):
+        cosine_similarity_matrix({})

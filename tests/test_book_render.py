@@ -181,3 +181,55 @@ def test_every_reference_of_the_book_names_its_authors() -> None:
         key = re.match(r"@\w+\{([^,\s]+),", entry)
         assert key, entry[:80]
         assert re.search(r"^\s*author\s*=\s*\{\s*\S", entry, re.MULTILINE), f"{key.group(1)} has no author"
+
+
+# a 2x1 PNG: another figure than PNG's 1x1
+OTHER_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAABCAYAAAD0In+KAAAAEUlEQVR42mNk+M9QzwAEjDAGACCDAv8cI7IoAAAAAElFTkSuQmCC"
+
+
+def test_a_render_again_replaces_each_page_whole_and_drops_figures_no_page_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chapter whose figure changed renders to a page naming the new figure's file, the old one removed; a
+    render cut short (pandoc failing) leaves the last page and its figures as they were, and no partial page."""
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "_quarto.yml").write_text(QUARTO_YML)
+    (reports / "index.qmd").write_text("---\ntitle: A throwaway book\n---\n\n# Preface {.unnumbered}\n\nHi.\n")
+    (reports / "references.bib").write_text(BIB)
+    nbformat.write(executed_notebook(), reports / "00_alpha.ipynb")
+    report.render_book(reports, reports / "_quarto.yml", "pandoc")
+    book = reports / "_book"
+
+    def figures() -> list[str]:
+        page = (book / "00_alpha.html").read_text()
+        return re.findall(r'<img src="([^"]+)"', page)
+
+    first = figures()
+    assert len(first) == 1 and (book / first[0]).is_file()
+    nb = executed_notebook()
+    nb.cells[4].outputs[0]["data"]["image/png"] = OTHER_PNG
+    nbformat.write(nb, reports / "00_alpha.ipynb")
+    report.render_book(reports, reports / "_quarto.yml", "pandoc")
+    second = figures()
+    assert len(second) == 1 and second != first and (book / second[0]).is_file()
+    assert not (book / first[0]).exists()
+    assert [p.name for p in (book / "media" / "00_alpha").rglob("*") if p.is_file()] == [Path(second[0]).name]
+    page = (book / "00_alpha.html").read_text()
+
+    import subprocess
+
+    real_run = subprocess.run
+
+    def cut_short(args, **kwargs):  # pandoc writes half a page for the chapter, then fails
+        if "00_alpha" in " ".join(map(str, args)):
+            out = Path(kwargs["cwd"]) / args[args.index("--output") + 1]
+            out.write_text("<html><body>half a pa")
+            return subprocess.CompletedProcess(args, 1, "", "killed")
+        return real_run(args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", cut_short)
+    nbformat.write(executed_notebook(), reports / "00_alpha.ipynb")
+    with pytest.raises(Exception, match="pandoc could not render 00_alpha.ipynb"):
+        report.render_book(reports, reports / "_quarto.yml", "pandoc")
+    assert (book / "00_alpha.html").read_text() == page and (book / second[0]).is_file()
+    assert not [p.name for p in book.iterdir() if p.name.endswith(".part")]

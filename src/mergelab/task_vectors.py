@@ -149,6 +149,8 @@ def task_vectors_from(pretrained: Mapping[str, torch.Tensor],
 def cosine_similarity_matrix(task_vectors: Mapping[str, TaskVector]) -> tuple[list[str], torch.Tensor]:
     """Pairwise cosine similarity of flattened task vectors: names and a ``(T, T)`` matrix."""
     names = list(task_vectors)
+    if not names:
+        raise ValueError("task_vectors is empty; pass {task: TaskVector} for at least one task.")
     flat = torch.stack([task_vectors[n].flatten() for n in names])
     flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return names, flat @ flat.T

@@ -14,6 +14,7 @@ from ..layers import is_decomposed, layer_kind
 from ..linalg import default_rank
 from ..linalg._kernels import _check_rank
 from ..task_vectors import TaskVector
+from ..utils import check_number
 
 
 # ----------------------------------------------------------------------------- spectra and energy
@@ -73,7 +74,13 @@ def spectrum_curves(task_vectors: Mapping[str, TaskVector], rank_fractions: Sequ
     ``precomputed``: the :func:`spectra` of these task vectors, to avoid computing them again
     (``seed`` is then the one they were computed with).
     """
-    grid = np.asarray(rank_fractions if rank_fractions is not None else np.linspace(0, 1, 41))
+    if rank_fractions is not None:
+        if isinstance(rank_fractions, (str, bytes)) or np.ndim(rank_fractions) != 1 or len(rank_fractions) == 0:
+            raise ValueError(f"rank_fractions={rank_fractions!r} is not valid; give a non-empty list of fractions in "
+                             "[0, 1] (rank r / min(m, n)), e.g. [0.0, 0.25, 0.5, 1.0].")
+        for f in rank_fractions:
+            check_number("rank_fractions value", f, low=0, high=1)
+    grid = np.asarray(rank_fractions if rank_fractions is not None else np.linspace(0, 1, 41), dtype=float)
     spec = precomputed if precomputed is not None else spectra(task_vectors, seed)
     rows = []
 

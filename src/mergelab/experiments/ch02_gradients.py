@@ -180,7 +180,10 @@ def merging_by_epochs(bench: Any, pretrained: StateDict, trajectories: Mapping[t
             raise ValueError(f"merge_learning_rates[{opt!r}]={lr!r} has no trajectories; run one of {have}.")
         first = next(iter(runs.values()))
         chosen = list(epochs) if epochs is not None else list(range(1, first.epochs + 1))
-        bad = [e for e in chosen if not (isinstance(e, int) and 1 <= e <= first.epochs)]
+        if not chosen:
+            raise ValueError(f"epochs=[] is not valid; give epochs from 1..{first.epochs} to merge after (or leave "
+                             "it unset: every epoch).")
+        bad = [e for e in chosen if isinstance(e, bool) or not (isinstance(e, int) and 1 <= e <= first.epochs)]
         if bad:
             raise ValueError(f"epochs contains {bad[0]!r}; the trajectories have epochs 1..{first.epochs}.")
         tasks = list(runs)

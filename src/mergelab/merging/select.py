@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,7 +67,7 @@ def merge_with_validation(name: str, pretrained: Mapping[str, torch.Tensor],
     """
     method = get_merge(name)
     method.check_options(options)
-    if isinstance(grid, (str, bytes)):
+    if grid is not None and (isinstance(grid, (str, bytes, Mapping)) or not isinstance(grid, Iterable)):
         raise ValueError(f"grid={grid!r} is not valid; use a list of coefficients, e.g. [0.0, 0.1, ..., 1.0].")
     if grid and "coefficient" not in method.defaults:
         raise ValueError(f"{name!r} has no coefficient to choose; call it with grid=() (or leave grid unset).")

@@ -29,6 +29,7 @@ from mergelab import paths
 from mergelab.executors import EXECUTORS
 from mergelab.params import (BENCHMARK_PARAMS, ReportError, benchmark_param_files, load_params,  # noqa: F401
                              params_path, profile_params)
+from mergelab.utils import atomic_write_text
 
 from .book import missing_chapters, quarto_executable, render_book  # noqa: F401
 from .runner import (EXECUTED, PANDOC_NOTE, PROJECT_FILES, RENDERERS, UNIX_SOCKET_PATH_MAX,  # noqa: F401
@@ -97,7 +98,8 @@ def reports_lock(reports: Path) -> Iterator[None]:
               "(Ctrl-C to stop waiting).", flush=True)
         lock.acquire()
     try:
-        holder.write_text(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n", encoding="utf-8")
+        # whole or absent: a run waiting on the lock reads it to say who holds it
+        atomic_write_text(holder, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         yield
     finally:
         holder.unlink(missing_ok=True)

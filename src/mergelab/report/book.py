@@ -17,7 +17,7 @@ from mergelab.params import ReportError
 from .pandoc_book import build_pandoc_book
 from .runner import (_FRONT_MATTER, _HEADING, BOOK_DIR, PROJECT_FILES, RENDERERS, book_chapters,
                      default_quarto_yml)
-from ..utils import atomic_write_text
+from ..utils import atomic_copy, atomic_write_text
 from .claims import CLAIMS_PAGE, write_claims_page
 from .exercises import for_quarto
 from .teaching import TEACHING_PAGE, write_teaching_page
@@ -32,12 +32,12 @@ def sync_project_files(quarto_yml: Path, reports: Path, chapters: Sequence[str] 
     reports = Path(reports).resolve()
     if source == reports:
         return
-    shutil.copy2(quarto_yml, reports / "_quarto.yml")
+    atomic_copy(quarto_yml, reports / "_quarto.yml")  # an interrupted copy never leaves half a file
     extra = [c for c in chapters if not c.endswith(".ipynb") and c not in (CLAIMS_PAGE, TEACHING_PAGE)]
     for name in dict.fromkeys([*PROJECT_FILES[1:], *extra]):
         if (source / name).is_file():
             (reports / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / name, reports / name)
+            atomic_copy(source / name, reports / name)
 
 
 def split_front_matter(text: str) -> tuple[dict[str, Any], str]:

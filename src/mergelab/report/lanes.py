@@ -36,7 +36,7 @@ from typing import Any
 
 from mergelab.params import ReportError
 
-from mergelab.utils import environment, read_json
+from mergelab.utils import atomic_write_text, environment, read_json
 
 from .timings import TIMINGS_DIR, collect, cpu_text, read_record, run_child, usable_cores
 
@@ -79,7 +79,7 @@ def _run_lane(notebook: Path, parameters: dict[str, Any], profile: str, reports:
     reports = Path(reports)
     spec = reports / f".{notebook.stem}.lane.json"
     log = reports / f".{notebook.stem}.lane.log"
-    spec.write_text(json.dumps({"notebook": str(notebook), "parameters": parameters, "profile": profile,
+    atomic_write_text(spec, json.dumps({"notebook": str(notebook), "parameters": parameters, "profile": profile,
                                 "reports": str(reports), "digest": digest, "nice": nice}, default=str))
     env = {**(os.environ if environ is None else environ), **lane_thread_environment(threads)}
     with open(log, "w") as out:  # reaped through run_child: the first chapter's CPU time does not count it

@@ -269,7 +269,6 @@ def build_pandoc_book(reports: Path, chapters: Sequence[str], titles: Mapping[st
         for position, (chapter, page, _) in enumerate(pages):
             source = reports / chapter
             media = f"media/{Path(chapter).stem}"
-            shutil.rmtree(book / media, ignore_errors=True)
             if chapter.endswith(".ipynb"):
                 prepared = Path(tmp) / source.name
                 nbformat.write(prepare_notebook(nbformat.read(source, as_version=4)), prepared)
@@ -287,14 +286,32 @@ def build_pandoc_book(reports: Path, chapters: Sequence[str], titles: Mapping[st
                     "--metadata", f"pagetitle={titles[chapter]} – {title}", "--section-divs",
                     "--extract-media", media, "--include-in-header", str(header),
                     "--include-before-body", str(before), "--include-after-body", str(after),
-                    "--output", page]
+                    "--output", f".{page}.part"]  # beside the page, so its relative links hold once renamed
             if chapter in numbers:
                 args += ["--metadata", f"chapter-number={numbers[chapter]}"]
             completed = subprocess.run(args, cwd=book, capture_output=True, text=True,
                                        env={**os.environ, "LANG": "C.UTF-8"})
             if completed.returncode != 0:
+                (book / f".{page}.part").unlink(missing_ok=True)
                 raise ReportError(f"pandoc could not render {chapter} (exit code {completed.returncode}):\n"
                                   f"{completed.stderr.strip()}")
+            os.replace(book / f".{page}.part", book / page)  # an interrupted render leaves the last page whole
+            prune_media(book, media, (book / page).read_text(encoding="utf-8"))
             for line in completed.stderr.splitlines():
                 print(f"pandoc ({chapter}): {line}")
     return book / "index.html"
+
+
+def prune_media(book: Path, media: str, page: str) -> list[str]:
+    """Remove the files under ``book / media`` that the rendered ``page`` (its HTML) no longer names: the figures
+    of an earlier render. pandoc names extracted media by a hash of their bytes, so a figure that did not change
+    keeps its file, and the old page's figures stay in place until the new page has replaced it. Returns the
+    removed paths, relative to ``book``."""
+    folder = book / media
+    removed = []
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        name = path.relative_to(book).as_posix()
+        if path.is_file() and name not in page:
+            path.unlink()
+            removed.append(name)
+    return removed

@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
+import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ... import paths
 from ...cache import build_lock
 from ...training import FinetuneConfig
-from ...utils import atomic_write_text
+from ...utils import atomic_write_text, check_integer, check_number
 from ..base import config_from, task_names
 from . import datasets as ds
 from .model import ClipModelConfig
@@ -61,20 +62,28 @@ class ClipDataConfig:
 
     def __post_init__(self) -> None:
         epochs = self.train_epochs
-        if not (epochs is None or epochs == "public" or (
-                isinstance(epochs, dict) and all(isinstance(v, int) and v >= 1 for v in epochs.values()))):
+        if not (epochs is None or epochs == "public" or (isinstance(epochs, Mapping) and epochs and all(
+                isinstance(k, str) and not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= 1
+                for k, v in epochs.items()))):
             raise ValueError(f"data train_epochs={epochs!r} is not valid; use null (the recipe's num_steps), "
                              "'public' (the public epochs per task) or a mapping task: positive integer.")
+        if isinstance(epochs, Mapping):
+            unknown = sorted(set(epochs) - set(ds.TASKS))
+            if unknown:
+                raise ValueError(f"data train_epochs names {unknown[0]!r}, not a clip task; valid: {', '.join(ds.TASKS)}.")
+        if self.root is not None and not isinstance(self.root, (str, os.PathLike)):
+            raise ValueError(f"data root={self.root!r} is not valid; use a folder path or null "
+                             "($MERGELAB_CLIP_DATA_ROOT).")
+        if not isinstance(self.synthetic, bool):
+            raise ValueError(f"data synthetic={self.synthetic!r} is not valid; use true (tiny synthetic datasets for "
+                             "smoke runs) or false.")
         for name in ("max_train", "max_val", "max_test"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
                 raise ValueError(f"data {name}={v!r} is not valid; use a positive integer or null (all examples).")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise ValueError(f"data num_workers={self.num_workers!r} is not valid; use an integer >= 0.")
-        if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
-            raise ValueError(f"data eval_batch_size={self.eval_batch_size!r} is not valid; use a positive integer.")
-        if not isinstance(self.eval_cache_gb, (int, float)) or self.eval_cache_gb < 0:
-            raise ValueError(f"data eval_cache_gb={self.eval_cache_gb!r} is not valid; use a number of GiB >= 0.")
+        check_integer("data num_workers", self.num_workers, minimum=0)
+        check_integer("data eval_batch_size", self.eval_batch_size)
+        check_number("data eval_cache_gb", self.eval_cache_gb, low=0)
 
     def epochs(self, task: str) -> int | None:
         """Epochs an expert on ``task`` trains for, or ``None`` when the recipe's ``num_steps`` decides."""
@@ -134,8 +143,7 @@ class ClipBenchmarkConfig:
             raise ValueError(f"tasks={list(self.tasks)!r} must be a non-empty list of distinct tasks from "
                              f"{', '.join(ds.TASKS)}.")
         object.__setattr__(self, "tasks", tasks)
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every={self.checkpoint_every!r} is not valid; use a positive integer.")
+        check_integer("checkpoint_every", self.checkpoint_every)
 
     @classmethod
     def from_params(cls, tasks: Sequence[str] | None = None, data: dict | None = None, model: dict | None = None,
