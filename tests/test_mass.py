@@ -524,7 +524,9 @@ def test_mass_results_are_cached_per_router_and_configuration(tmp_path, monkeypa
     result run; other options, weights, data or batches are other files; a damaged file runs again."""
     from mergelab.experiments import ch04_mass as ch04
 
-    r, s = router()
+    _, s = router()
+    order = ("d", "b", "a", "c")  # not sorted: a result read back keeps the router's order of tasks
+    r = MassRouter(s["pre"], {t: s["compressed"][t] for t in order}, encoder(), s["heads"], device="cpu", block=1)
     bench = _MixedBench(tmp_path)
     fresh = ch04.evaluate_mass(r, bench, "val", batch_size=6, seed=1, examples=2, cache=False)
     assert not (tmp_path / "mass").exists()
@@ -537,7 +539,12 @@ def test_mass_results_are_cached_per_router_and_configuration(tmp_path, monkeypa
     runs = []
     real = ch04._run_routers
     monkeypatch.setattr(ch04, "_run_routers", lambda routers, *a: runs.append(len(routers)) or real(routers, *a))
-    assert ch04.evaluate_mass(r, bench, "val", batch_size=6, seed=1, examples=2) == first and runs == []
+    again = ch04.evaluate_mass(r, bench, "val", batch_size=6, seed=1, examples=2)
+    assert again == first and runs == []
+    # in the tasks' order, as computed: means over tasks and figures read them in that order
+    assert list(again["per_task_accuracy"]) == list(first["per_task_accuracy"]) == list(order)
+    assert [list(e["residuals"]) for e in again["examples"]] == [list(order)] * 2
+    assert list(again["routing"]["per_task_contains_true"]) == list(order) == list(again["n"])
     both = ch04.evaluate_routers([r, r.with_options(top_k=1)], bench, "val", batch_size=6, seed=1, examples=2)
     assert both[0] == first and runs == [1]  # only the new router ran
     assert numbers(both[1]) == numbers(ch04.evaluate_mass(r.with_options(top_k=1), bench, "val", batch_size=6,
@@ -550,8 +557,8 @@ def test_mass_results_are_cached_per_router_and_configuration(tmp_path, monkeypa
               ch04.result_path(r, bench, **{**key, "seed": 2}), ch04.result_path(r, bench, **{**key, "examples": 0}),
               ch04.result_path(r, bench, **{**key, "max_per_task": 3})]
     heads = {t: ClassificationHead(h.weight.detach(), 10.0) for t, h in s["heads"].items()}  # another scale
-    others.append(ch04.result_path(MassRouter(s["pre"], s["compressed"], encoder(), heads, device="cpu", block=1),
-                                   bench, **key))
+    others.append(ch04.result_path(MassRouter(s["pre"], {t: s["compressed"][t] for t in order}, encoder(), heads,
+                                              device="cpu", block=1), bench, **key))
     assert len({path, *others}) == len(others) + 1
     assert ch04.result_path(r.with_options(), bench, **key) == path  # cache_size aside, the same router
     path.write_text("{")

@@ -5,6 +5,7 @@ the timing is in :mod:`mergelab.experiments.ch04_timing`.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from ..merging.mass import MassRouter, subspace_residuals
 from ..merging.mass_storage import model_shapes, storage_of_shapes
 from ..merging.tsv import CompressedTaskVector, tsv_compress
 from ..task_vectors import TaskVector
-from ..utils import StateDict, atomic_write_json, check_integer, config_hash, nan_for_none, read_json
+from ..utils import StateDict, atomic_write_text, check_integer, config_hash, nan_for_none, read_json
 from .ch04_timing import COLD_REPEATS, time_per_image, timings  # noqa: F401 - the notebook reads them as ch04's
 
 
@@ -142,8 +143,9 @@ def evaluate_routers(routers: Sequence[MassRouter], bench: Any, split: str = "te
                              examples)
         for i, res in zip(todo, fresh):
             results[i] = res
-            if paths[i] is not None:
-                atomic_write_json(paths[i], res)
+            if paths[i] is not None:  # in the tasks' order (atomic_write_json would sort the keys): read back, the
+                # per-task dicts, the examples' residuals and the means over tasks come out as computed
+                atomic_write_text(paths[i], json.dumps(res, indent=1) + "\n")
     return results  # type: ignore[return-value]
 
 
