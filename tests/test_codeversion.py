@@ -13,9 +13,11 @@ from mergelab.benchmarks.tiny.benchmark import TinyBenchmark
 from mergelab.analysis.diagnostics import probe_path
 from mergelab.benchmarks.tiny.data import TinyDataConfig, _cache_path
 from mergelab.experiments.ch04_mass import result_path
+from mergelab.experiments.ch05_merge3 import search_key
 from mergelab.experiments.ch06_store import merge_artifact
 from mergelab.training.scratch import ScratchConfig, scratch_artifact
 from mergelab.training.trajectories import _trajectory_key as trajectory_key
+from mergelab.utils import config_hash
 
 
 def test_the_code_behind_each_cached_artifact_is_as_recorded():
@@ -67,7 +69,7 @@ def test_a_version_bump_changes_the_cache_keys_of_its_kind(kind, monkeypatch):
 
     # chapter 00's probes and chapter 04's MASS results, on a benchmark whose data keys stay fixed
     stub = SimpleNamespace(cache_dir="cache", evaluation_key=lambda task, split: f"{task}/{split}")
-    router = SimpleNamespace(tasks=("colours",), fingerprint=lambda: {"router": 1})
+    router = SimpleNamespace(tasks=("colours",), fingerprint=lambda: {"router": 1}, cache_size=16)
 
     def keys() -> tuple[str, ...]:
         return (str(_cache_path("colours-train", TinyDataConfig())), bench.encoder_key,
@@ -77,12 +79,15 @@ def test_a_version_bump_changes_the_cache_keys_of_its_kind(kind, monkeypatch):
                 bench._eval_key("colours", "val"),
                 str(merge_artifact(ScratchConfig(), (0, 1), {"max_iter": 3}, True, {"dataset": "sklearn-digits"}).path),
                 str(probe_path(stub, {"w": torch.zeros(2)}, "colours", ("train", "val", "test"), (1.0,))),
-                str(result_path(router, stub, "val", 8, 0, None, 0)))
+                str(result_path(router, stub, "val", 8, 0, None, 0)),
+                config_hash(search_key(SimpleNamespace(key="fitness"), {"w": torch.zeros(2)}, {"colours": {"w": torch.ones(2)}},
+                                       8, 1.0)))
 
     before = keys()
     monkeypatch.setitem(codeversion.CODE_VERSIONS, kind, codeversion.CODE_VERSIONS[kind] + 1)
     after = keys()
-    names = ("data", "encoder", "pretrain", "finetune", "trajectory", "scratch", "evaluation", "merge", "probe", "mass")
+    names = ("data", "encoder", "pretrain", "finetune", "trajectory", "scratch", "evaluation", "merge", "probe", "mass",
+             "ga")
     changed = {name for name, a, b in zip(names, before, after) if a != b}
     # the benchmark key is in the experts', the trajectories' and the evaluations' keys, the images' version in
     # the encoder's and the benchmark's, and the models' code in the merges' keys

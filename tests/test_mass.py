@@ -560,7 +560,10 @@ def test_mass_results_are_cached_per_router_and_configuration(tmp_path, monkeypa
     others.append(ch04.result_path(MassRouter(s["pre"], {t: s["compressed"][t] for t in order}, encoder(), heads,
                                               device="cpu", block=1), bench, **key))
     assert len({path, *others}) == len(others) + 1
-    assert ch04.result_path(r.with_options(), bench, **key) == path  # cache_size aside, the same router
+    others.append(ch04.result_path(MassRouter(s["pre"], {t: s["compressed"][t] for t in order}, encoder(), s["heads"],
+                                              device="cpu", block=1, cache_size=2), bench, **key))  # more models built
+    assert len({path, *others}) == len(others) + 1
+    assert ch04.result_path(r.with_options(), bench, **key) == path
     path.write_text("{")
     runs.clear()
     assert numbers(ch04.evaluate_mass(r, bench, "val", batch_size=6, seed=1, examples=2)) == numbers(first)

@@ -136,6 +136,8 @@ def test_a_search_checkpoint_names_the_fitness_data_and_the_weights(data_dir, tm
     bench.data_version = 0
     other = {**tvs, "b": TaskVector.from_states(pre, {k: v - 1 for k, v in pre.items()})}
     assert path(ResponseEvaluator(bench, split="val"), other) != first
+    # the genome's i-th coefficient scales the i-th task vector: the same vectors in another order are another search
+    assert path(ResponseEvaluator(bench, split="val"), {"b": tvs["b"], "a": tvs["a"]}) != first
 
 
 def test_an_irt_search_checkpoint_names_its_irt_fit(tmp_path):

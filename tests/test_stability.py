@@ -363,6 +363,33 @@ def test_a_merge_measured_again_reads_its_per_example_results_and_they_are_the_s
     assert len(calls) == 6
 
 
+def test_the_lipschitz_probe_is_measured_again_when_its_validation_rows_change(tmp_path, monkeypatch):
+    """The probe reads training and validation rows: at the clip size each split has its own data fingerprint, so
+    validation images rewritten in place (a new validation key, the training key unchanged) are probed anew, and
+    the losses, on training and test rows only, are read back."""
+    from mergelab.analysis import generalization
+    from mergelab.analysis.generalization import measure_merge
+
+    torch.manual_seed(0)
+
+    class ValChanged(StoreBench):
+        def _eval_key(self, task: str, split: str) -> str:
+            return f"{task}-{split}" + (self.key_suffix if split == "val" else "")
+
+    bench, enc = ValChanged(tmp_path), nn.Linear(4, 3)
+    cfg = {"t": FinetuneConfig(data_fraction=0.5, num_steps=1, warmup_steps=0)}
+    measure_merge(bench, enc.state_dict(), cfg, probe_size=4)
+    probes, losses = [], []
+    real_norms, real_losses = generalization.per_example_gradient_norms, generalization.per_example_losses
+    monkeypatch.setattr(generalization, "per_example_gradient_norms", lambda *a, **k: probes.append(1) or real_norms(*a, **k))
+    monkeypatch.setattr(generalization, "per_example_losses", lambda *a, **k: losses.append(1) or real_losses(*a, **k))
+    measure_merge(bench, enc.state_dict(), cfg, probe_size=4)
+    assert probes == [] and losses == []
+    bench.key_suffix = "-rewritten"
+    measure_merge(bench, enc.state_dict(), cfg, probe_size=4)
+    assert probes == [1] and losses == []
+
+
 def test_a_merge_writes_its_per_example_results_once_and_keeps_them_when_a_later_task_fails(tmp_path, monkeypatch):
     """Each merge's measurements go to disk in one write (encoding the growing file after each of them cost a
     third of chapter 01's time); what was measured before a failure is written all the same."""

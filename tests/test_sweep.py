@@ -93,6 +93,24 @@ def test_another_probe_size_records_its_probes_again(bench):
     assert none.attrs["runs_trained"] == 0
 
 
+def test_other_checkpoints_record_the_probes_a_cold_sweep_would(bench):
+    """Chapter 01 interpolates G_t between a checkpoint's probes, taken at every checkpoint of its run: a sweep
+    that adds or drops a checkpoint trains the run again, so each log holds the probes of the sweep asked for."""
+    cfg = replace(CFG, seed=14)
+
+    def probed(step):
+        return checkpoint_log(bench, "colours", replace(cfg, num_steps=step))["gradient_norm_probe"]["steps"]
+
+    sweep(bench, [cfg], ["colours"], steps=[2, 4], probe_size=2, progress=False)
+    assert probed(4) == [0, 2, 4]
+    more = sweep(bench, [cfg], ["colours"], steps=[1, 2, 4], probe_size=2, progress=False)
+    assert more.attrs["runs_trained"] == 1 and probed(4) == [0, 1, 2, 4] and probed(2) == [0, 1, 2] and probed(1) == [0, 1]
+    fewer = sweep(bench, [cfg], ["colours"], steps=[4], probe_size=2, progress=False)
+    assert fewer.attrs["runs_trained"] == 1 and probed(4) == [0, 4]
+    same = sweep(bench, [cfg], ["colours"], steps=[4], probe_size=2, progress=False)
+    assert same.attrs["runs_trained"] == 0
+
+
 def test_a_checkpoint_is_the_shorter_run_and_bench_expert_finds_it(bench):
     cfg = replace(CFG, seed=12)
     sweep(bench, [cfg], ["colours"], steps=[2, 4], probe_size=0, progress=False)

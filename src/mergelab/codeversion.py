@@ -27,7 +27,7 @@ PACKAGE = Path(__file__).resolve().parent
 FINGERPRINTS_FILE = PACKAGE / "code_fingerprints.json"
 
 CODE_VERSIONS: dict[str, int] = {"data": 1, "pretrain": 2, "finetune": 1, "trajectory": 1, "scratch": 1, "evaluation": 1,
-                                 "merge": 2, "mass": 1}
+                                 "merge": 2, "mass": 1, "ga": 1}
 """Version of the code that makes each kind of cached artifact (bump to rebuild its caches)."""
 
 SOURCES: dict[str, tuple[str, ...]] = {
@@ -40,18 +40,25 @@ SOURCES: dict[str, tuple[str, ...]] = {
                  "benchmarks/clip/datasets.py", "autodiff.py",  # autocast; images and augmentations; gradient probes
                  "training/sweep.py"),  # the sweep's loop writes experts under the same keys
     "trajectory": ("training/trajectories.py", "training/finetune.py", "models.py", "benchmarks/tiny/benchmark.py",
-                   "benchmarks/clip/benchmark.py", "benchmarks/clip/datasets.py"),
+                   "benchmarks/clip/benchmark.py", "benchmarks/clip/datasets.py",
+                   "benchmarks/clip/model.py"),  # the clip size's encoder and preprocessing the trajectories train
     "scratch": ("training/scratch.py", "alignment/architectures.py"),  # chapter 06's models from different seeds
     "evaluation": ("benchmarks/base.py", "benchmarks/tiny/benchmark.py", "benchmarks/clip/benchmark.py",
                    "benchmarks/clip/datasets.py", "benchmarks/clip/splits.py", "benchmarks/clip/model.py", "models.py",
                    "analysis/generalization.py", "analysis/responses.py",  # cached accuracies, losses and responses per weights
                    "autodiff.py",  # the per-example gradient norms chapter 01's store keeps
                    "experiments/ch01_stability.py",  # the Hessian's extreme eigenvalues it caches per point
-                   "analysis/diagnostics.py"),  # chapter 00's linear probes, cached per encoder and task
+                   "analysis/diagnostics.py",  # chapter 00's linear probes, cached per encoder and task
+                   "merging/select.py"),  # at_grid_edge, which the probes' results record
     # chapter 04's MASS results per router and split: routing, second-pass merges, head choice, the mixed batches
     "mass": ("merging/mass.py", "merging/mass_features.py", "merging/tsv/merge.py", "merging/tsv/compress.py",
-             "linalg/polar.py", "linalg/svd.py", "linalg/_kernels.py", "linalg/_lapack.py", "experiments/ch04_mass.py"),
-    "merge": ("experiments/ch06_c2m3.py", "experiments/ch06_store.py", "alignment/frank_wolfe.py",
+             "linalg/polar.py", "linalg/svd.py", "linalg/_kernels.py", "linalg/_lapack.py", "experiments/ch04_mass.py",
+             "task_vectors.py"),  # the first and second passes are theta_0 + a merged task vector
+    # chapter 05's genetic searches: the fitness values their checkpoints store and replay (IRT estimators, the
+    # merge each genome makes, the search itself)
+    "ga": ("analysis/irt.py", "merging/evolve.py", "experiments/ch05_merge3.py", "task_vectors.py"),
+    "merge": ("experiments/ch06_c2m3.py", "experiments/ch06_store.py", "experiments/ch06_models.py",
+              "alignment/frank_wolfe.py",
               "alignment/matching.py", "alignment/repair.py", "alignment/specs.py", "alignment/architectures.py",
               "training/scratch.py"),  # chapter 06's merge jobs: alignments, merges, REPAIR, their evaluation
 }

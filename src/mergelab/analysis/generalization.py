@@ -89,12 +89,15 @@ class ExampleStore:
             self.path = bench._eval_path(state_digest(state)).with_suffix(".examples.json")
             self.entries = read_json(self.path, {})  # missing or unreadable: measure again and rewrite it
 
-    def _get(self, kind: str, task: str, split: str, indices: torch.Tensor, compute: Callable[[], Any],
-             encode: Callable[[Any], Any], decode: Callable[[Any], Any]) -> Any:
+    def _get(self, kind: str, task: str, split: str | tuple[str, ...], indices: torch.Tensor,
+             compute: Callable[[], Any], encode: Callable[[Any], Any], decode: Callable[[Any], Any]) -> Any:
         if self.path is None:
             return compute()
         digest = hashlib.sha256(torch.as_tensor(indices, dtype=torch.long).numpy().tobytes()).hexdigest()[:24]
-        key = config_hash({"kind": kind, "eval": self.bench._eval_key(task, split), "indices": digest,
+        # a measurement on rows of several splits names each split's data
+        data = (self.bench._eval_key(task, split) if isinstance(split, str)
+                else [self.bench._eval_key(task, s) for s in split])
+        key = config_hash({"kind": kind, "eval": data, "indices": digest,
                            **codeversion.key_part("evaluation")})
         if key not in self.entries:
             self.entries[key] = encode(compute())
@@ -114,8 +117,10 @@ class ExampleStore:
                          lambda r: {"loss": r[0].tolist(), "correct": r[1].tolist()},
                          lambda e: (torch.tensor(e["loss"], dtype=torch.float32), torch.tensor(e["correct"], dtype=torch.bool)))
 
-    def value(self, kind: str, task: str, split: str, indices: torch.Tensor, compute: Callable[[], float]) -> float:
-        """One number measured on rows ``indices`` of ``split`` (e.g. the Lipschitz probe)."""
+    def value(self, kind: str, task: str, split: str | tuple[str, ...], indices: torch.Tensor,
+              compute: Callable[[], float]) -> float:
+        """One number measured on rows ``indices`` of ``split``, or of several splits (a tuple: each split's data
+        enters the key), e.g. the Lipschitz probe on training and validation rows."""
         return self._get(kind, task, split, indices, compute, float, float)
 
 
@@ -230,7 +235,7 @@ def measure_merge(bench: Any, state: StateDict, experts: Mapping[str, FinetuneCo
                     return float(per_example_gradient_norms(_encoder(bench, state), bench.heads[task].to(bench.device),
                                                             X_probe.to(bench.device), y_probe.to(bench.device)).mean())
 
-                lipschitz[task] = store.value("lipschitz", task, "train",
+                lipschitz[task] = store.value("lipschitz", task, ("train", "val"),
                                               torch.cat([seen[:probe_size], -1 - unseen]), probe)
     finally:
         store.flush()

@@ -159,15 +159,18 @@ def result_path(router: MassRouter, bench: Any, split: str, batch_size: int, see
     """Where :func:`evaluate_routers` keeps one router's result: ``<bench.cache_dir>/mass/<key>.json``, the key
     naming the router (:meth:`MassRouter.fingerprint`: its weights, heads and options), each task's ``split``
     (the benchmark's :meth:`evaluation_key`: data, head and arithmetic), the mixed batches (``batch_size``,
-    ``seed``, ``max_per_task``), ``examples`` and the code version of MASS. ``None`` for a benchmark without a
-    ``cache_dir`` or ``evaluation_key``."""
+    ``seed``, ``max_per_task``), ``examples``, the router's ``cache_size`` (the result counts the second-pass
+    models built) and the code version of MASS. ``None`` for a benchmark without a ``cache_dir`` or
+    ``evaluation_key``."""
     cache_dir = getattr(bench, "cache_dir", None)
     if cache_dir is None or not hasattr(bench, "evaluation_key"):
         return None
     key = config_hash({"router": router.fingerprint(), "split": split,
                        "data": {t: bench.evaluation_key(t, split) for t in router.tasks},
                        "batch_size": int(batch_size), "seed": int(seed), "max_per_task": max_per_task,
-                       "examples": int(examples), **codeversion.key_part("mass")})
+                       "examples": int(examples),
+                       "cache_size": router.cache_size,  # what second_pass_models_built counts depends on it
+                       **codeversion.key_part("mass")})
     return Path(cache_dir) / "mass" / f"{key}.json"
 
 

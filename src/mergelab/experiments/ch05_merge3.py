@@ -18,6 +18,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
+from .. import codeversion
 from ..analysis.irt import (
     ESTIMATORS,
     IRTModel,
@@ -292,11 +293,12 @@ def search_key(evaluator: ResponseEvaluator, pretrained: StateDict, task_vectors
     """What makes a search besides its GA seed, subset and estimator (the ``key`` of :func:`search_checkpoint`
     and :func:`seed_searches`): the fitness items and their evaluation (``evaluator.key``: data, heads,
     arithmetic), the weights searched over (digests of ``theta_0`` and of each task vector, whether its expert
-    was trained here or imported), the population and the coefficients' range. A checkpoint written for other
-    data or other experts is never resumed."""
+    was trained here or imported, in the genome's order of tasks), the population, the coefficients' range and
+    the code version of the searches. A checkpoint written for other data, other experts or another order of
+    them is never resumed."""
     return {"fitness": evaluator.key, "pretrained": state_digest(pretrained),
-            "task_vectors": {t: state_digest(tv) for t, tv in task_vectors.items()},
-            "pop": int(pop_size), "cmax": float(coefficient_max)}
+            "task_vectors": [[t, state_digest(tv)] for t, tv in task_vectors.items()],  # a list: config_hash sorts maps
+            "pop": int(pop_size), "cmax": float(coefficient_max), **codeversion.key_part("ga")}
 
 
 def search_checkpoint(checkpoint_dir: str | Path, key: Mapping[str, Any], items: np.ndarray | None = None,

@@ -146,13 +146,25 @@ def is_cached(bench: Any, task: str, cfg: FinetuneConfig) -> bool:
     return checkpoint(bench, task, cfg).exists()
 
 
-def _ready(bench: Any, task: str, cfg: FinetuneConfig, probe_size: int) -> bool:
-    """Cached (:func:`is_cached`) with the gradient-norm probes a sweep of ``probe_size`` asks for: a checkpoint
-    whose log holds probes of another size (or none: e.g. trained by ``bench.expert``) is trained again, which
-    gives the same weights and records the probes asked for (``probe_size`` 0 asks for none)."""
-    if not is_cached(bench, task, cfg):
+def probe_steps(run: Run, step: int) -> list[int]:
+    """The steps at which a sweep probes the gradient norms of ``run``'s checkpoint at ``step``: ``theta_0`` and
+    every checkpoint of the run up to ``step``; chapter 01 interpolates ``G_t`` between them."""
+    return [0, *sorted(s for s in run.steps if s <= step)]
+
+
+def _ready(bench: Any, run: Run, step: int, probe_size: int) -> bool:
+    """``run``'s checkpoint at ``step`` is cached (:func:`is_cached`) with the gradient-norm probes this sweep
+    asks for: ``probe_size`` examples at :func:`probe_steps`. A checkpoint whose log holds probes of another size,
+    at other steps (made by a sweep with other checkpoints) or none (e.g. trained by ``bench.expert``) is trained
+    again, which gives the same weights and records the probes asked for (``probe_size`` 0 asks for none)."""
+    cfg = run.checkpoint_config(step)
+    if not is_cached(bench, run.task, cfg):
         return False
-    return probe_size == 0 or checkpoint(bench, task, cfg).meta().get("probe_size") == probe_size
+    if probe_size == 0:
+        return True
+    log = checkpoint(bench, run.task, cfg).meta()
+    return (log.get("probe_size") == probe_size
+            and (log.get("gradient_norm_probe") or {}).get("steps") == probe_steps(run, step))
 
 
 def checkpoint_state(bench: Any, task: str, cfg: FinetuneConfig) -> StateDict:
@@ -189,7 +201,7 @@ def execute_run(bench: Any, run: Run, probe_size: int = 8) -> dict[str, Any]:
 
     Returns ``{"task", "steps_saved", "wall_time_s"}``.
     """
-    missing = [s for s in run.steps if not _ready(bench, run.task, run.checkpoint_config(s), probe_size)]
+    missing = [s for s in run.steps if not _ready(bench, run, s, probe_size)]
     if not missing:
         return {"task": run.task, "steps_saved": [], "wall_time_s": 0.0}
     last = max(missing)
@@ -294,7 +306,7 @@ def sweep(bench: Any, configs: Sequence[FinetuneConfig], tasks: Sequence[str],
         raise ValueError(f"task {unknown[0]!r} is not a task of this benchmark; valid: {', '.join(bench.heads)}.")
     start = time.perf_counter()
     runs = plan_runs(configs, tasks, steps)
-    todo = [r for r in runs if not all(_ready(bench, r.task, r.checkpoint_config(s), probe_size) for s in r.steps)]
+    todo = [r for r in runs if not all(_ready(bench, r, s, probe_size) for s in r.steps)]
     trained: set[tuple[str, FinetuneConfig]] = set()
     if todo:
         bench.pretrained_state()  # build the shared caches once, before any worker starts

@@ -265,7 +265,8 @@ def epoch_trajectory(bench: Any, task: str, cfg: FinetuneConfig, epochs: int,
         cfg: hyperparameters (``data_fraction`` picks the training subset).
         epochs: E, the number of passes.
         progress: progress bar (default: the benchmark's setting).
-        train: the training loop (default :func:`mergelab.training.finetune`; tests substitute it).
+        train: the training loop (default :func:`mergelab.training.finetune`; tests substitute a spy). Its run is
+            cached under the default loop's key: a substitute must compute what ``finetune`` computes.
     """
     X, y, run_cfg, n = _epoch_run(bench, task, cfg, epochs)
     return _run_trajectory(bench, "epoch_trajectory", [task], lambda: {task: (X, y)}, run_cfg, run_cfg, epochs,
