@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import mergelab
 from mergelab.analysis.generalization import measure_merge
@@ -258,3 +259,19 @@ def test_the_curvature_of_a_point_is_cached_by_weights_data_and_settings(bench, 
                  ("colours", pre, 7, 4, 11), ("colours", pre, 7, 2, 12)):
         ch01_stability.extreme_eigenvalues(bench, *args)
     assert len(calls) == 5 and len(list((bench.cache_dir / "curvature").glob("*.json"))) == before + 5
+
+
+def test_the_curvature_is_computed_on_the_sizes_training_threads(bench, monkeypatch):
+    """Its cache key names no thread count, so a notebook on more threads must compute what a report lane computes:
+    the power iterations run on the benchmark's ``train_threads`` (tiny: one), and the caller's count comes back."""
+    from mergelab.experiments import ch01_stability
+    from mergelab.utils import torch_threads
+
+    threads = []
+    real = ch01_stability.hessian_extreme_eigenvalues
+    monkeypatch.setattr(ch01_stability, "hessian_extreme_eigenvalues",
+                        lambda *a: threads.append(torch.get_num_threads()) or real(*a))
+    with torch_threads(2):
+        ch01_stability.extreme_eigenvalues(bench, "colours", bench.pretrained_state(), 6, 2, 13)  # a point no other test caches
+        assert torch.get_num_threads() == 2
+    assert threads == [bench.train_threads] == [1]

@@ -184,3 +184,21 @@ def test_merge_jobs_are_cached_by_configuration_and_load_bit_for_bit(data_dir, m
     # another Frank-Wolfe setting is another job: merged again
     with pytest.raises(RunsFailed, match="(?s)4 of 4 merges failed.*merged again"):
         ch.merge_study(trained, 3, [2, 3], DIGITS, {**FW, "max_iter": 5}, 0, merge_sets={"resnet": 1})
+
+
+def test_models_and_merge_jobs_run_on_one_thread_whoever_runs_them(data_dir, monkeypatch):
+    """A model trained in the chapter's process (``workers: 1``) on a caller's two threads must have the bits of one
+    trained in a worker process (one thread): their cache keys name no thread count. The same for merge jobs."""
+    from mergelab.training import scratch
+    from mergelab.utils import torch_threads
+
+    seen = []
+    real_train, real_merge = scratch._train_from_scratch, ch.merge_methods
+    monkeypatch.setattr(scratch, "_train_from_scratch",
+                        lambda *a: seen.append(("train", torch.get_num_threads())) or real_train(*a))
+    monkeypatch.setattr(ch, "merge_methods", lambda *a: seen.append(("merge", torch.get_num_threads())) or real_merge(*a))
+    with torch_threads(2):
+        trained = ch.train_all({"mlp": ARCHS["mlp"]}, 2, 0, DIGITS)
+        ch.merge_study(trained, 2, [2], DIGITS, FW, 0)
+        assert torch.get_num_threads() == 2  # the caller's setting is given back
+    assert {kind for kind, _ in seen} == {"train", "merge"} and {n for _, n in seen} == {scratch.SCRATCH_THREADS}

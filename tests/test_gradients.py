@@ -362,3 +362,22 @@ def test_cached_trajectories_do_not_read_the_training_images(data_dir, monkeypat
     assert again.n_train == first.n_train and again.steps_per_epoch == first.steps_per_epoch
     pre = bench.pretrained_state()
     assert torch.equal(again.task_vector(pre, 1).flatten(), first.task_vector(pre, 1).flatten())
+
+
+def test_task_gradients_run_on_the_sizes_training_threads(data_dir, monkeypatch):
+    """Chapter 02's rounding-level figures (one-step exactness, Taylor gaps) must read alike in a report lane (one
+    thread) and in a notebook on more: the task's gradient and Hessian products run on ``train_threads``."""
+    from mergelab.analysis import alignment
+    from mergelab.utils import torch_threads
+
+    bench = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
+    pre = bench.pretrained_state()
+    threads = []
+    for name in ("loss_and_gradient", "hessian_vector_product"):
+        real = getattr(alignment, name)
+        monkeypatch.setattr(alignment, name, lambda *a, real=real: threads.append(torch.get_num_threads()) or real(*a))
+    with torch_threads(2):
+        g = alignment.task_loss_and_gradient(bench, "size", pre).gradient
+        alignment.task_hessian_vector_product(bench, "size", pre, g)
+        assert torch.get_num_threads() == 2
+    assert threads == [bench.train_threads] * 2 == [1, 1]

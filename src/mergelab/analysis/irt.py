@@ -302,7 +302,10 @@ def select_anchors(model: IRTModel, n: int, scheme: str = "random", seed: int = 
     from sklearn.cluster import KMeans
 
     features = np.column_stack([model.discrimination, model.difficulty])
-    km = KMeans(n_clusters=n, n_init=1, random_state=int(seed)).fit(features)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="openmp"):  # Lloyd's partial sums per thread: the same centres on any core count
+        km = KMeans(n_clusters=n, n_init=1, random_state=int(seed)).fit(features)
     anchors, weights = np.empty(n, dtype=np.int64), np.empty(n)
     for c in range(n):
         members = np.flatnonzero(km.labels_ == c)

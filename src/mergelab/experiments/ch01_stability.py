@@ -32,7 +32,8 @@ from ..analysis.stability import (
 from ..autodiff import hessian_extreme_eigenvalues
 from ..analysis.statistics import spearman_ci
 from ..training import FinetuneConfig
-from ..utils import StateDict, atomic_write_json, check_integer, config_hash, read_json, shows_progress, state_digest
+from ..utils import (StateDict, atomic_write_json, check_integer, config_hash, read_json, shows_progress, state_digest,
+                     torch_threads)
 
 
 # ----------------------------------------------------------------------------- constants of a sweep
@@ -77,9 +78,11 @@ def extreme_eigenvalues(bench: Any, task: str, state: StateDict, batch_size: int
         return float(cached["lambda_max"]), float(cached["lambda_min"])
     X, y = bench.split(task, "train")
     enc = bench.new_encoder(state).to(bench.device)
-    lam_max, lam_min = hessian_extreme_eigenvalues(enc, bench.heads[task].to(bench.device),
-                                                   X[:batch_size].to(bench.device), y[:batch_size].to(bench.device),
-                                                   iters, seed)
+    # on the size's training threads whoever calls (a lane, a notebook): the key names no thread count
+    with torch_threads(getattr(bench, "train_threads", None)):
+        lam_max, lam_min = hessian_extreme_eigenvalues(enc, bench.heads[task].to(bench.device),
+                                                       X[:batch_size].to(bench.device),
+                                                       y[:batch_size].to(bench.device), iters, seed)
     atomic_write_json(path, {"lambda_max": lam_max, "lambda_min": lam_min, "task": task, "batch_size": int(batch_size),
                              "iters": int(iters), "seed": int(seed)})
     return lam_max, lam_min

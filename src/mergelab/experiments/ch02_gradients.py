@@ -26,7 +26,7 @@ from ..training.trajectories import (
     training_subset,
     trajectory_config,
 )
-from ..utils import StateDict
+from ..utils import StateDict, torch_threads
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -80,7 +80,8 @@ def one_step_identity(bench: Any, tasks: Sequence[str], lr: float, data_fraction
         return {k: v.detach().cpu() for k, v in enc.state_dict().items()}
 
     per_task, grads, taus = {}, {}, {}
-    with _full_precision():
+    # on the size's training threads whoever calls: the rounding-level figures read alike in a lane and a notebook
+    with _full_precision(), torch_threads(getattr(bench, "train_threads", None)):
         for t in tasks:
             state = one_step({t: data[t]})
             grads[t] = loss_and_gradient(bench.new_encoder().to(dt), heads[t], *data[t], state=pre,

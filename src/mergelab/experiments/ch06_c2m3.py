@@ -40,8 +40,8 @@ from ..alignment.frank_wolfe import FrankWolfeResult, check_frank_wolfe_options
 from ..alignment.repair import layer_stats, permute_stats
 from ..alignment.specs import Permutations
 from ..executors import Executor, LocalExecutor
-from ..training.scratch import DigitsSplit, evaluate_state
-from ..utils import nan_for_none
+from ..training.scratch import SCRATCH_THREADS, DigitsSplit, evaluate_state
+from ..utils import nan_for_none, torch_threads
 from .ch06_models import (  # noqa: F401 (the chapter's API)
     Trained,
     _trained,
@@ -262,8 +262,9 @@ def _merge_job(context: tuple[DigitsSplit, dict[str, Any]], item: tuple[Any, ...
     def build() -> tuple[MergeOutcome | None, dict[str, dict[str, float]], dict[str, torch.Tensor]]:
         t = _trained(cfg, num_models, data, data_key)  # cached: loaded, not trained
         states = [t.states[i] for i in members]
-        outcome = merge_methods(t, states, data, frank_wolfe, cfg.seed)
-        metrics, correct = evaluate_methods(t, outcome, states, data)
+        with torch_threads(SCRATCH_THREADS):  # as a worker process runs it: the same bits here (workers: 1)
+            outcome = merge_methods(t, states, data, frank_wolfe, cfg.seed)
+            metrics, correct = evaluate_methods(t, outcome, states, data)
         return (outcome if keep else None), metrics, correct
 
     build_job(merge_artifact(cfg, members, frank_wolfe, keep, data_key), build)

@@ -24,7 +24,7 @@ from .. import codeversion, paths
 from ..alignment.architectures import build_model, no_onednn
 from ..alignment.specs import PermutationSpec
 from ..cache import Artifact
-from ..utils import check_integer, check_number, config_hash, keeps_global_rng
+from ..utils import check_integer, check_number, config_hash, keeps_global_rng, torch_threads
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -109,10 +109,20 @@ def new_model(cfg: ScratchConfig, data: DigitsSplit) -> tuple[nn.Module, Permuta
     return build_model(cfg.arch, tuple(data.X_train.shape[1:]), data.num_classes, cfg.widths, cfg.blocks)
 
 
+SCRATCH_THREADS = 1
+"""Torch threads a model trains on, whoever trains it: a worker process of chapter 06 has one, and a model trained
+in the chapter's own process (``workers: 1``) must have the same bits (its cache key names no thread count)."""
+
+
 def train_from_scratch(cfg: ScratchConfig, data: DigitsSplit, progress: bool = False,
                        ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Train a model of ``cfg`` on ``data``'s training split; return its state dict and a log
-    (final training loss, seconds)."""
+    """Train a model of ``cfg`` on ``data``'s training split, on :data:`SCRATCH_THREADS` torch threads; return its
+    state dict and a log (final training loss, seconds)."""
+    with torch_threads(SCRATCH_THREADS):
+        return _train_from_scratch(cfg, data, progress)
+
+
+def _train_from_scratch(cfg: ScratchConfig, data: DigitsSplit, progress: bool) -> tuple[dict[str, torch.Tensor], dict]:
     model, _ = new_model(cfg, data)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     n = len(data.X_train)
