@@ -195,7 +195,8 @@ def linear_probe_fits(benchmark: DiagnosableBenchmark, state: StateDict, tasks: 
     splits = (train_split, val_split, test_split)
     encoder = None
     out = {}
-    for task in tqdm(list(tasks or benchmark.tasks), desc="linear probes", disable=not shows_progress(benchmark, progress)):
+    bar = tqdm(list(tasks or benchmark.tasks), desc="linear probes", disable=not shows_progress(benchmark, progress))
+    for task in bar:
         path = probe_path(benchmark, state, task, splits, grid) if cache else None
         cached = read_json(path) if path is not None else None
         if isinstance(cached, dict) and PROBE_RESULT_KEYS <= set(cached):

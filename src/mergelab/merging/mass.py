@@ -267,9 +267,10 @@ class MassRouter:
 
     def fingerprint(self) -> dict[str, object]:
         """What decides this router's predictions on a given input, as JSON-able values (a cache key's part):
-        digests of ``theta_0``, of every task's stored factors and dense tensors and of its head (weights and scale), the template
-        encoder's class, and the routing options (block, routing matrix, threshold, top-k, first pass, polar
-        method, autocast dtype, device type). ``cache_size`` is left out: it changes speed, not predictions.
+        digests of ``theta_0``, of every task's stored factors and dense tensors and of its head (weights and
+        scale), the template encoder's class, and the routing options (block, routing matrix, threshold, top-k,
+        first pass, polar method, autocast dtype, device type). ``cache_size`` is left out: it changes speed, not
+        predictions.
         The weights' digest is computed once and shared with the routers :meth:`with_options` makes after it."""
         if self._weights_digest is None:
             parts = {"pretrained": state_digest(self.pretrained),

@@ -70,7 +70,8 @@ class ClipDataConfig:
         if isinstance(epochs, Mapping):
             unknown = sorted(set(epochs) - set(ds.TASKS))
             if unknown:
-                raise ValueError(f"data train_epochs names {unknown[0]!r}, not a clip task; valid: {', '.join(ds.TASKS)}.")
+                raise ValueError(f"data train_epochs names {unknown[0]!r}, not a clip task; valid: "
+                                 f"{', '.join(ds.TASKS)}.")
         if self.root is not None and not isinstance(self.root, (str, os.PathLike)):
             raise ValueError(f"data root={self.root!r} is not valid; use a folder path or null "
                              "($MERGELAB_CLIP_DATA_ROOT).")
