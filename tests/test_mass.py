@@ -568,3 +568,31 @@ def test_mass_results_are_cached_per_router_and_configuration(tmp_path, monkeypa
     runs.clear()
     assert numbers(ch04.evaluate_mass(r, bench, "val", batch_size=6, seed=1, examples=2)) == numbers(first)
     assert runs == [1]
+
+
+def test_the_routing_study_is_cached_for_the_packages_score_only(tmp_path, monkeypatch):
+    """Chapter 04's temperature sweep reads its table back on a re-run; a score of one's own (the students'
+    exercise) is computed every time, since a function's code cannot key a cache."""
+    import pandas as pd
+
+    from mergelab.experiments import ch04_mass as ch04
+
+    r, _ = router()
+    bench = _MixedBench(tmp_path)
+    temperatures = [0.5, 1.0, 4.0]
+    first = ch04.routing_study(r, bench, "val", temperatures, batch_size=6, seed=1)
+    assert list(first.columns) == list(ch04.ROUTING_COLUMNS) and len(first) == 3
+    pd.testing.assert_frame_equal(first, ch04.routing_study(r, bench, "val", temperatures, batch_size=6, seed=1,
+                                                            cache=False))
+    calls = []
+    real = r.features
+    monkeypatch.setattr(r, "features", lambda images: calls.append(len(images)) or real(images))
+    pd.testing.assert_frame_equal(ch04.routing_study(r, bench, "val", temperatures, batch_size=6, seed=1), first)
+    assert calls == []
+    ch04.routing_study(r, bench, "val", temperatures, score=lambda x, b: subspace_residuals(x, b), batch_size=6, seed=1)
+    assert sum(calls) == 20  # every image of the four tasks, computed again
+    paths = {ch04.routing_study_path(r, bench, "val", t, 6, 1, None) for t in ([0.5, 1.0, 4.0], [1.0], [0.5, 1.0])}
+    paths |= {ch04.routing_study_path(r, bench, "val", temperatures, 6, 2, None),
+              ch04.routing_study_path(r.with_options(block=0), bench, "val", temperatures, 6, 1, None),
+              ch04.result_path(r, bench, "val", 6, 1, None, 0)}
+    assert len(paths) == 6

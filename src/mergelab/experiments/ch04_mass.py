@@ -1,12 +1,11 @@
 """Chapter 04 (MASS routing): evaluation of a :class:`~mergelab.merging.mass.MassRouter` on mixed
-batches of a benchmark's tasks (cached per router and configuration), its ablations, and the chapter's claims;
-the timing is in :mod:`mergelab.experiments.ch04_timing`.
+batches of a benchmark's tasks (cached per router and configuration) and its ablations; the timing is in
+:mod:`mergelab.experiments.ch04_timing`, the claims in :mod:`mergelab.experiments.ch04_claims`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,14 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import codeversion
-from ..analysis.statistics import (accuracy_difference_ci, band_status, claim, directional_status,
-                                   normalized_difference_ci, proportion_ci)
 from ..evaluation import normalized_accuracy
 from ..merging.mass import MassRouter, subspace_residuals
-from ..merging.mass_storage import model_shapes, storage_of_shapes
 from ..merging.tsv import CompressedTaskVector, tsv_compress
 from ..task_vectors import TaskVector
-from ..utils import StateDict, atomic_write_text, check_integer, config_hash, nan_for_none, read_json
+from ..utils import StateDict, atomic_write_text, check_integer, config_hash, read_json
+from .ch04_claims import (REFERENCE_EVIDENCE, REFERENCE_MODEL, claims, claims_from_results,  # noqa: F401 - the
+                          reference_storage)  # notebook reads them as ch04's
 from .ch04_timing import COLD_REPEATS, time_per_image, timings  # noqa: F401 - the notebook reads them as ch04's
 
 
@@ -162,14 +160,26 @@ def result_path(router: MassRouter, bench: Any, split: str, batch_size: int, see
     ``seed``, ``max_per_task``), ``examples``, the router's ``cache_size`` (the result counts the second-pass
     models built) and the code version of MASS. ``None`` for a benchmark without a ``cache_dir`` or
     ``evaluation_key``."""
+    return _cache_path(router, bench, split, {"batch_size": int(batch_size), "seed": int(seed),
+                                              "max_per_task": max_per_task, "examples": int(examples),
+                                              "cache_size": router.cache_size})
+
+
+def routing_study_path(router: MassRouter, bench: Any, split: str, temperatures: Sequence[float], batch_size: int,
+                       seed: int, max_per_task: int | None) -> Path | None:
+    """Where :func:`routing_study` keeps its table for the package's routing score: as :func:`result_path`, the key
+    naming the study, its ``temperatures`` and the mixed batches instead of the second pass's settings."""
+    return _cache_path(router, bench, split, {"study": "routing", "temperatures": [float(t) for t in temperatures],
+                                              "batch_size": int(batch_size), "seed": int(seed),
+                                              "max_per_task": max_per_task})
+
+
+def _cache_path(router: MassRouter, bench: Any, split: str, settings: Mapping[str, Any]) -> Path | None:
     cache_dir = getattr(bench, "cache_dir", None)
     if cache_dir is None or not hasattr(bench, "evaluation_key"):
         return None
     key = config_hash({"router": router.fingerprint(), "split": split,
-                       "data": {t: bench.evaluation_key(t, split) for t in router.tasks},
-                       "batch_size": int(batch_size), "seed": int(seed), "max_per_task": max_per_task,
-                       "examples": int(examples),
-                       "cache_size": router.cache_size,  # what second_pass_models_built counts depends on it
+                       "data": {t: bench.evaluation_key(t, split) for t in router.tasks}, **settings,
                        **codeversion.key_part("mass")})
     return Path(cache_dir) / "mass" / f"{key}.json"
 
@@ -255,17 +265,39 @@ RoutingScore = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """A routing score: features ``x`` ``(N, d)`` and stored bases ``(T, d, k)`` to residuals ``(N, T)``."""
 
 
+ROUTING_COLUMNS = ("temperature", "contains_true", "argmax_true", "mean_selected")
+"""The columns of :func:`routing_study`'s table."""
+
+
 def routing_study(router: MassRouter, bench: Any, split: str = "val", temperatures: Sequence[float] = (1.0,),
                   score: RoutingScore = subspace_residuals, batch_size: int = 256, seed: int = 0,
-                  max_per_task: int | None = None, progress: bool = False) -> pd.DataFrame:
+                  max_per_task: int | None = None, progress: bool = False, cache: bool = True) -> pd.DataFrame:
     """Routing alone (no second pass) of every router task's ``split`` with the residuals of ``score``
     and the weights at each of ``temperatures`` (the router's threshold and top-k).
 
     The features are computed once per mixed batch (:func:`mixed_batches`, same order as
     :func:`evaluate_mass`). One row per temperature: ``temperature``, ``contains_true`` (true task in
-    the selected set), ``argmax_true``, ``mean_selected`` (fractions 0..1 but the last, in tasks)."""
+    the selected set), ``argmax_true``, ``mean_selected`` (fractions 0..1 but the last, in tasks).
+
+    ``cache``: with the package's score (:func:`~mergelab.merging.mass.subspace_residuals`), keep the table as
+    :func:`routing_study_path` names it and read it back on a re-run; a score of one's own is always computed (a
+    function's code cannot key a cache honestly)."""
     if not temperatures:
         raise ValueError("temperatures is empty; give at least one positive temperature (MASS uses 1).")
+    path = (routing_study_path(router, bench, split, temperatures, batch_size, seed, max_per_task)
+            if cache and score is subspace_residuals else None)
+    cached = read_json(path) if path is not None else None
+    if (isinstance(cached, list) and len(cached) == len({float(t) for t in temperatures})
+            and all(isinstance(r, dict) and set(ROUTING_COLUMNS) <= set(r) for r in cached)):
+        return pd.DataFrame(cached, columns=list(ROUTING_COLUMNS))
+    table = _routing_study(router, bench, split, temperatures, score, batch_size, seed, max_per_task, progress)
+    if path is not None:
+        atomic_write_text(path, json.dumps(table.to_dict(orient="records")) + "\n")
+    return table
+
+
+def _routing_study(router: MassRouter, bench: Any, split: str, temperatures: Sequence[float], score: RoutingScore,
+                   batch_size: int, seed: int, max_per_task: int | None, progress: bool) -> pd.DataFrame:
     tasks = list(router.tasks)
     hits = {float(tau): [0, 0, 0] for tau in temperatures}
     total = 0
@@ -284,7 +316,7 @@ def routing_study(router: MassRouter, bench: Any, split: str = "val", temperatur
             h[1] += int((routed.weights.argmax(1) == true).sum())
             h[2] += sum(len(s) for s in routed.selected)
     return pd.DataFrame([{"temperature": tau, "contains_true": h[0] / total, "argmax_true": h[1] / total,
-                          "mean_selected": h[2] / total} for tau, h in hits.items()])
+                          "mean_selected": h[2] / total} for tau, h in hits.items()], columns=list(ROUTING_COLUMNS))
 
 
 def check_routing_score(score: RoutingScore) -> None:
@@ -376,109 +408,3 @@ def summary_rows(per_task: Mapping[str, float], expert_accuracy: Mapping[str, fl
     """``{"absolute_accuracy", "normalized_accuracy", "per_task_accuracy"}`` of one model."""
     return {"absolute_accuracy": float(np.mean(list(per_task.values()))),
             "normalized_accuracy": normalized_accuracy(per_task, expert_accuracy), "per_task_accuracy": dict(per_task)}
-
-
-REFERENCE_MODEL = "ViT-B-32"
-"""The public benchmark's image encoder, whose storage the chapter sets beside the benchmark's own."""
-REFERENCE_EVIDENCE = ("model", "storage_multiple", "largest_dense", "largest_dense_share")
-"""What the storage claim's evidence keeps of :func:`reference_storage` (as ``reference_<key>``)."""
-
-
-def reference_storage(num_tasks: int, model: str = REFERENCE_MODEL) -> dict[str, Any]:
-    """MASS's storage (:func:`~mergelab.merging.mass.storage_of_shapes`) for open_clip's ``model`` image
-    encoder with ``num_tasks`` tasks, from its shapes alone: the model is built on PyTorch's ``meta`` device
-    (no weights, no download, milliseconds). Adds ``model``. An unknown name is an error listing open_clip's."""
-    import open_clip
-
-    cfg = open_clip.get_model_config(model)
-    if cfg is None:
-        raise ValueError(f"model={model!r} is not valid; use one of open_clip's model names, e.g. "
-                         f"{', '.join(open_clip.list_models()[:8])}, ...")
-    with torch.device("meta"):
-        visual = open_clip.CLIP(**cfg).visual
-    return {"model": model, **storage_of_shapes(model_shapes(visual.state_dict()), num_tasks)}
-
-
-def claims(methods: Mapping[str, Mapping[str, Any]], routing: Mapping[str, float], storage_multiple: float,
-           timing: Mapping[str, Any], ablations: pd.DataFrame, block: int, size: str,
-           test_sizes: Mapping[str, int], expert_validation: Mapping[str, float],
-           storage_reference: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The chapter's claims, each ``{claim, source, status, evidence}``.
-
-    Accuracy and routing claims are judged by the sampling error of the evaluated images (binomial per task,
-    :func:`~mergelab.analysis.statistics.normalized_difference_ci`, Wilson's interval for routing): a claim
-    is ``reproduced`` when its whole 95 % interval lies on the claimed side, ``not_reproduced`` when it lies
-    wholly on the other, else ``not_testable``. ``test_sizes``: test inputs per task; ``expert_validation``:
-    the experts' validation accuracy (the ablations' normalizer); ``storage_reference``: the same storage
-    accounting on the public benchmark's encoder (:func:`reference_storage`), evidence beside the storage
-    claim (its status reads this benchmark's figure only). The variation between fine-tuning seeds is
-    not included (chapter 00 measures it)."""
-    out = []
-
-    def add(text: str, source: str, status: str, evidence: dict[str, Any]) -> None:
-        out.append(claim(text, source, status, {**evidence, "size": size}))
-
-    def acc(method: str) -> dict[str, float]:
-        return dict(methods[method]["per_task_accuracy"])
-
-    experts = acc("experts")
-    mass = methods["mass"]["normalized_accuracy"]
-    ci = normalized_difference_ci(acc("mass"), None, experts, dict(test_sizes))
-    add("MASS, with no data and no training, keeps most of the experts' accuracy (paper: up to ~98 %; here at "
-        "least 90 % normalized).", "mass2026", band_status(ci, 0.90, math.inf),
-        {"mass_normalized": mass, "mass_normalized_ci": ci})
-    tsv = methods["tsv_merge_validated"]["normalized_accuracy"]
-    ci = normalized_difference_ci(acc("mass"), acc("tsv_merge_validated"), experts, dict(test_sizes))
-    add("MASS beats TSV-M (ViT-B-32, 8 tasks, secondary source: 87.0 against 83.2; here by at least 5 normalized "
-        "points against TSV-M with its coefficient chosen on validation).", "mass2026", band_status(ci, 0.05, math.inf),
-        {"mass_normalized": mass, "tsv_merge_validated_normalized": tsv, "difference": mass - tsv, "difference_ci": ci})
-    total = int(sum(test_sizes.values()))
-    ci = proportion_ci(int(round(routing["contains_true"] * total)), total)
-    add("Routing finds the task from the input alone: the true task is in the selected set for at least 90 % of "
-        "inputs.", "mass2026", band_status(ci, 0.90, 1.0),
-        {"contains_true": routing["contains_true"], "argmax_true": routing["argmax_true"], "contains_true_ci": ci})
-    add("MASS stores about two models whatever the number of tasks (here at most 2.5x one model).", "mass2026",
-        "reproduced" if storage_multiple <= 2.5 else "not_reproduced",
-        {"storage_multiple": storage_multiple,
-         **{f"reference_{k}": storage_reference[k] for k in REFERENCE_EVIDENCE if storage_reference is not None}})
-    interval = timing["ratio_interval"]
-    add("Two forward passes: MASS costs at most 3x one forward pass of a merged model per image (mixed batch, "
-        "second-pass models cached, one torch thread on a CPU; the median ratio over paired timing rounds, judged "
-        f"by its {interval['level']:.0%} bootstrap interval).", "mass2026", band_status(interval, 0.0, 3.0),
-        {**{k: v for k, v in timing.items() if k != "ratio_interval"}, "ratio_ci_low": interval["ci_low"],
-         "ratio_ci_high": interval["ci_high"]})
-    layer = ablations[ablations["study"] == "layer"]
-    first = ablations[ablations["study"] == "first_pass"]
-    if len(first) and len(layer):
-        own = layer[(layer["routing_matrix"] == "mlp.c_fc") & (layer["block"] == block)]
-        pre = first[first["block"] == block]
-        if len(own) and len(pre):
-            a, b = float(own["contains_true"].iloc[0]), float(pre["contains_true"].iloc[0])
-            n = int(sum(own["examples"].iloc[0].values()))
-            ci = accuracy_difference_ci({"all": a}, {"all": b}, n)
-            add("Routing on the TSV-M first pass beats routing on the pretrained model (secondary source: ~10 points "
-                "at 20 tasks); validation split, default block.", "mass2026", directional_status(ci),
-                {"tsv_merge_first_pass_contains_true": a, "pretrained_first_pass_contains_true": b,
-                 "difference_ci": ci})
-    sel = ablations[ablations["study"] == "selection"]
-    if len(sel) and {1, 2} <= set(sel["top_k"]) and 0.2 in set(sel["threshold"]):
-        at = sel[sel["threshold"] == 0.2].set_index("top_k")
-        others = at.drop(1)["normalized_accuracy"]
-        best = others.idxmax() if others.notna().any() else others.index[0]  # all NaN (an expert at 0): not testable
-        ci = normalized_difference_ci(at.loc[best, "per_task_accuracy"], at.loc[1, "per_task_accuracy"],
-                                      expert_validation, dict(at.loc[1, "examples"]))
-        add("Selecting up to 2 or 3 tasks beats routing to one (official sweep: .944 / .959 / .958 normalized for "
-            "top-k 1 / 2 / 3); validation split, threshold 0.2.", "mass2026", directional_status(ci),
-            {**{f"top_k_{k}": float(v) for k, v in at["normalized_accuracy"].items()}, "best_top_k": int(best),
-             "difference_ci": ci})
-    return out
-
-
-def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """:func:`claims` computed again from the chapter's results JSON (methods, routing, storage, timing,
-    ablations, routing block, size): equal to the ``claims`` stored there when they follow from its
-    numbers (:func:`mergelab.report.claims.check_claims`)."""
-    r = nan_for_none(results)  # the JSON is strict: a NaN the chapter measured (an empty split) was written as null
-    return claims(r["methods"], r["routing"], r["storage_multiple"], r["timing"], pd.DataFrame(r["ablations"]),
-                  results["routing_block"], results["benchmark"], results["test_sizes"],
-                  r["expert_validation_accuracy"], r.get("storage_reference"))

@@ -29,7 +29,7 @@ RECOMPUTED = {
     "01_stability_bound": "mergelab.experiments.ch01_claims",
     "02_task_vectors_as_gradients": "mergelab.experiments.ch02_claims",
     "03_task_singular_vectors": "mergelab.experiments.ch03_tsv",
-    "04_mass_routing": "mergelab.experiments.ch04_mass",
+    "04_mass_routing": "mergelab.experiments.ch04_claims",
     "05_merge3_irt": "mergelab.experiments.ch05_merge3",
     "06_cycle_consistent_merging": "mergelab.experiments.ch06_c2m3",
 }
