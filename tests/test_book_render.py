@@ -227,9 +227,11 @@ def test_a_render_again_replaces_each_page_whole_and_drops_figures_no_page_names
             return subprocess.CompletedProcess(args, 1, "", "killed")
         return real_run(args, **kwargs)
 
+    files = sorted(p.relative_to(book) for p in book.rglob("*"))
     monkeypatch.setattr(subprocess, "run", cut_short)
     nbformat.write(executed_notebook(), reports / "00_alpha.ipynb")
     with pytest.raises(Exception, match="pandoc could not render 00_alpha.ipynb"):
         report.render_book(reports, reports / "_quarto.yml", "pandoc")
     assert (book / "00_alpha.html").read_text() == page and (book / second[0]).is_file()
     assert not [p.name for p in book.iterdir() if p.name.endswith(".part")]
+    assert sorted(p.relative_to(book) for p in book.rglob("*")) == files  # no partial page or temporary file left

@@ -76,3 +76,29 @@ def test_two_processes_sharing_a_folder_build_an_artifact_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert [out.strip() for out, _ in outputs] == ["[0.0, 1.0, 2.0, 3.0]"] * 2
     assert log.read_text() == "built\n"  # the second process waited for the first and loaded its file
+
+
+def test_a_result_path_names_its_key_and_needs_a_cache_folder_and_data_keys(tmp_path):
+    """Results that are numbers (probes, curvature points, MASS) live under the benchmark's cache folder, named by
+    the hash of their key; without a folder or data keys nothing is cached and the key (digests of weights, which
+    cost time) is never computed. A file without the keys a result needs, or a damaged one, reads as missing."""
+    from types import SimpleNamespace
+
+    from mergelab.cache import read_result, result_path
+    from mergelab.utils import atomic_write_json, config_hash
+
+    bench = SimpleNamespace(cache_dir=tmp_path, evaluation_key=lambda task, split: f"{task}/{split}")
+    path = result_path(bench, "probe", lambda: {"a": 1})
+    assert path == tmp_path / "probe" / f"{config_hash({'a': 1})}.json"
+    assert result_path(bench, "probe", lambda: {"a": 2}) != path
+
+    def never() -> dict:
+        raise AssertionError("the key of a result that is not cached must not be computed")
+
+    assert result_path(SimpleNamespace(cache_dir=None, evaluation_key=bench.evaluation_key), "probe", never) is None
+    assert result_path(SimpleNamespace(cache_dir=tmp_path), "probe", never) is None
+    assert read_result(None, ("x",)) is None and read_result(path, ("x",)) is None
+    atomic_write_json(path, {"x": 1, "y": 2})
+    assert read_result(path, ("x", "y")) == {"x": 1, "y": 2} and read_result(path, ("x", "z")) is None
+    path.write_text('{"x": 1')
+    assert read_result(path, ("x",)) is None

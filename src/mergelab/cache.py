@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .utils import StateDict, atomic_save_safetensors, atomic_write_json, load_safetensors
+from .utils import StateDict, atomic_save_safetensors, atomic_write_json, config_hash, load_safetensors, read_json
 
 
 class CorruptArtifactError(RuntimeError):
@@ -56,6 +56,24 @@ def build_lock(path: Path) -> Any:
     locks = Path(path).parent / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
     return FileLock(str(locks / f"{Path(path).name}.lock"))
+
+
+def result_path(owner: Any, folder: str, key: Callable[[], Mapping[str, Any]]) -> Path | None:
+    """Where a result that is numbers, not weights, is kept: ``<owner.cache_dir>/<folder>/<config_hash(key())>.json``,
+    ``key()`` naming everything the result depends on (called only here: digests of weights cost time). ``None`` when
+    ``owner`` (a benchmark) has no ``cache_dir`` or no ``evaluation_key`` to name its data with: such a result is
+    computed, not cached."""
+    cache_dir = getattr(owner, "cache_dir", None)
+    if cache_dir is None or not hasattr(owner, "evaluation_key"):
+        return None
+    return Path(cache_dir) / folder / f"{config_hash(dict(key()))}.json"
+
+
+def read_result(path: Path | None, required: Collection[str]) -> dict[str, Any] | None:
+    """The JSON mapping at ``path`` when it holds every key of ``required``; ``None`` when there is no path, no file, a
+    damaged one or one without them (it is computed again and rewritten)."""
+    cached = read_json(path) if path is not None else None
+    return cached if isinstance(cached, dict) and set(required) <= set(cached) else None
 
 
 @dataclass(frozen=True)

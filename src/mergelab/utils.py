@@ -131,6 +131,13 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def size_threads(owner: Any) -> contextlib.AbstractContextManager[None]:
+    """:func:`torch_threads` at ``owner``'s ``train_threads`` (a benchmark's: the tiny size fixes one; ``None``, the
+    caller's count, for a size or an object without it). What is cached under a key that names no thread count is
+    computed in it, so that a report lane and a notebook on more cores give the same bits."""
+    return torch_threads(getattr(owner, "train_threads", None))
+
+
 @contextlib.contextmanager
 def eval_mode(*modules: "torch.nn.Module") -> Iterator[None]:
     """Run the block with every module in eval mode, then give each (and each submodule) back the training

@@ -26,7 +26,7 @@ from ..task_vectors import (
 )
 from ..training import FinetuneConfig
 from ..training.trajectories import EpochTrajectory, training_subset
-from ..utils import torch_threads
+from ..utils import size_threads
 
 
 def task_loss_and_gradient(bench: Any, task: str, state: Mapping[str, torch.Tensor],
@@ -41,7 +41,7 @@ def task_loss_and_gradient(bench: Any, task: str, state: Mapping[str, torch.Tens
     X, y = bench.split(task, split)
     if cfg is not None and split == "train":
         X, y = training_subset(X, y, cfg)
-    with torch_threads(getattr(bench, "train_threads", None)):  # the same bits in a lane and in a notebook
+    with size_threads(bench):  # the same bits in a lane and in a notebook
         return loss_and_gradient(bench.new_encoder(), bench.heads[task], X, y, state, batch_size, bench.device)
 
 
@@ -52,7 +52,7 @@ def task_hessian_vector_product(bench: Any, task: str, state: Mapping[str, torch
     X, y = bench.split(task, split)
     if cfg is not None and split == "train":
         X, y = training_subset(X, y, cfg)
-    with torch_threads(getattr(bench, "train_threads", None)):
+    with size_threads(bench):
         return hessian_vector_product(bench.new_encoder(), bench.heads[task], X, y, vector, state, batch_size,
                                       bench.device, method)
 

@@ -34,13 +34,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import codeversion
+from ..cache import read_result, result_path
 from ..layers import layer_kind
 from ..merging import merge
 from ..merging.select import at_grid_edge
 from ..models import encode
 from ..task_vectors import TaskVector
-from ..utils import (StateDict, atomic_write_json, config_hash, read_json, shows_progress, state_digest,
-                     torch_threads)
+from ..utils import StateDict, atomic_write_json, shows_progress, size_threads, state_digest
 
 
 class DiagnosableBenchmark(Protocol):
@@ -61,7 +61,7 @@ def _encode(benchmark: DiagnosableBenchmark, encoder: torch.nn.Module, X: Any) -
     (:func:`mergelab.models.encode`), in the arithmetic of its evaluations (its ``eval_features``: at the
     clip size, ``model.precision``'s autocast), on the threads the size trains with (its ``train_threads``, if
     it fixes them), so that a diagnostic reads the same numbers in a notebook on every core count."""
-    with torch_threads(getattr(benchmark, "train_threads", None)):
+    with size_threads(benchmark):
         return encode(encoder, X, batch_size=500, device=benchmark.device,
                       forward=getattr(benchmark, "eval_features", None))
 
@@ -172,14 +172,9 @@ def probe_path(benchmark: Any, state: StateDict, task: str, splits: Sequence[str
     naming the encoder's weights (their digest), the task's three ``splits`` (the benchmark's ``evaluation_key``:
     data and arithmetic), the ``grid`` of ``C``, scikit-learn's version and the evaluation code's version.
     ``None`` for a benchmark without a ``cache_dir`` or ``evaluation_key``."""
-    cache_dir = getattr(benchmark, "cache_dir", None)
-    if cache_dir is None or not hasattr(benchmark, "evaluation_key"):
-        return None
-    key = config_hash({"state": state_digest(state), "task": task,
-                       "splits": [benchmark.evaluation_key(task, s) for s in splits],
-                       "grid": [float(c) for c in grid], "scikit-learn": version("scikit-learn"),
-                       **codeversion.key_part("evaluation")})
-    return Path(cache_dir) / "probe" / f"{key}.json"
+    return result_path(benchmark, "probe", lambda: {
+        "state": state_digest(state), "task": task, "splits": [benchmark.evaluation_key(task, s) for s in splits],
+        "grid": [float(c) for c in grid], "scikit-learn": version("scikit-learn"), **codeversion.key_part("evaluation")})
 
 
 def linear_probe_fits(benchmark: DiagnosableBenchmark, state: StateDict, tasks: Sequence[str] | None = None,
@@ -198,8 +193,8 @@ def linear_probe_fits(benchmark: DiagnosableBenchmark, state: StateDict, tasks: 
     bar = tqdm(list(tasks or benchmark.tasks), desc="linear probes", disable=not shows_progress(benchmark, progress))
     for task in bar:
         path = probe_path(benchmark, state, task, splits, grid) if cache else None
-        cached = read_json(path) if path is not None else None
-        if isinstance(cached, dict) and PROBE_RESULT_KEYS <= set(cached):
+        cached = read_result(path, PROBE_RESULT_KEYS)
+        if cached is not None:
             out[task] = cached
             continue
         if encoder is None:

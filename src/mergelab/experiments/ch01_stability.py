@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import codeversion
+from ..cache import read_result, result_path
 from ..merging import merge
 from ..task_vectors import TaskVector
 from ..training.sweep import checkpoint_log, checkpoint_state, config_grid, one_at_a_time, row_config
@@ -32,8 +32,7 @@ from ..analysis.stability import (
 from ..autodiff import hessian_extreme_eigenvalues
 from ..analysis.statistics import spearman_ci
 from ..training import FinetuneConfig
-from ..utils import (StateDict, atomic_write_json, check_integer, config_hash, read_json, shows_progress, state_digest,
-                     torch_threads)
+from ..utils import StateDict, atomic_write_json, check_integer, shows_progress, size_threads, state_digest
 
 
 # ----------------------------------------------------------------------------- constants of a sweep
@@ -69,22 +68,23 @@ def extreme_eigenvalues(bench: Any, task: str, state: StateDict, batch_size: int
     Cached as ``<cache_dir>/curvature/<key>.json``, the key naming the weights' digest, the task's data, head and
     arithmetic (:meth:`evaluation_key`), the device, ``batch_size``, ``iters`` and ``seed``, and the evaluation
     code's version: a re-run reads the pair back instead of running the power iterations again."""
-    key = config_hash({"state": state_digest(state), "task": bench.evaluation_key(task, "train"),
-                       "device": torch.device(bench.device).type, "batch_size": int(batch_size), "iters": int(iters),
-                       "seed": int(seed), **codeversion.key_part("evaluation")})
-    path = Path(bench.cache_dir) / "curvature" / f"{key}.json"
-    cached = read_json(path)
-    if isinstance(cached, dict) and {"lambda_max", "lambda_min"} <= set(cached):
+    path = result_path(bench, "curvature", lambda: {
+        "state": state_digest(state), "task": bench.evaluation_key(task, "train"),
+        "device": torch.device(bench.device).type, "batch_size": int(batch_size), "iters": int(iters),
+        "seed": int(seed), **codeversion.key_part("evaluation")})
+    cached = read_result(path, ("lambda_max", "lambda_min"))
+    if cached is not None:
         return float(cached["lambda_max"]), float(cached["lambda_min"])
     X, y = bench.split(task, "train")
     enc = bench.new_encoder(state).to(bench.device)
     # on the size's training threads whoever calls (a lane, a notebook): the key names no thread count
-    with torch_threads(getattr(bench, "train_threads", None)):
+    with size_threads(bench):
         lam_max, lam_min = hessian_extreme_eigenvalues(enc, bench.heads[task].to(bench.device),
                                                        X[:batch_size].to(bench.device),
                                                        y[:batch_size].to(bench.device), iters, seed)
-    atomic_write_json(path, {"lambda_max": lam_max, "lambda_min": lam_min, "task": task, "batch_size": int(batch_size),
-                             "iters": int(iters), "seed": int(seed)})
+    if path is not None:
+        atomic_write_json(path, {"lambda_max": lam_max, "lambda_min": lam_min, "task": task,
+                                 "batch_size": int(batch_size), "iters": int(iters), "seed": int(seed)})
     return lam_max, lam_min
 
 

@@ -26,7 +26,7 @@ from ..training.trajectories import (
     training_subset,
     trajectory_config,
 )
-from ..utils import StateDict, torch_threads
+from ..utils import StateDict, size_threads
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -81,7 +81,7 @@ def one_step_identity(bench: Any, tasks: Sequence[str], lr: float, data_fraction
 
     per_task, grads, taus = {}, {}, {}
     # on the size's training threads whoever calls: the rounding-level figures read alike in a lane and a notebook
-    with _full_precision(), torch_threads(getattr(bench, "train_threads", None)):
+    with _full_precision(), size_threads(bench):
         for t in tasks:
             state = one_step({t: data[t]})
             grads[t] = loss_and_gradient(bench.new_encoder().to(dt), heads[t], *data[t], state=pre,

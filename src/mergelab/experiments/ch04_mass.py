@@ -16,11 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import codeversion
+from ..cache import read_result
+from ..cache import result_path as json_result_path  # this module's result_path names MASS's file
 from ..evaluation import normalized_accuracy
 from ..merging.mass import MassRouter, subspace_residuals
 from ..merging.tsv import CompressedTaskVector, tsv_compress
 from ..task_vectors import TaskVector
-from ..utils import StateDict, atomic_write_text, check_integer, config_hash, read_json
+from ..utils import StateDict, atomic_write_text, check_integer, read_json
 from .ch04_claims import (REFERENCE_EVIDENCE, REFERENCE_MODEL, claims, claims_from_results,  # noqa: F401 - the
                           reference_storage)  # notebook reads them as ch04's
 from .ch04_timing import COLD_REPEATS, time_per_image, timings  # noqa: F401 - the notebook reads them as ch04's
@@ -134,7 +136,7 @@ def evaluate_routers(routers: Sequence[MassRouter], bench: Any, split: str = "te
     check_integer("examples", examples, minimum=0)
     paths = [result_path(r, bench, split, batch_size, seed, max_per_task, examples) if cache else None
              for r in routers]
-    results: list[dict[str, Any] | None] = [_read_result(p) for p in paths]
+    results: list[dict[str, Any] | None] = [read_result(p, MASS_RESULT_KEYS) for p in paths]
     todo = [i for i, r in enumerate(results) if r is None]
     if todo:
         fresh = _run_routers([routers[i] for i in todo], bench, split, batch_size, seed, max_per_task, progress,
@@ -175,18 +177,9 @@ def routing_study_path(router: MassRouter, bench: Any, split: str, temperatures:
 
 
 def _cache_path(router: MassRouter, bench: Any, split: str, settings: Mapping[str, Any]) -> Path | None:
-    cache_dir = getattr(bench, "cache_dir", None)
-    if cache_dir is None or not hasattr(bench, "evaluation_key"):
-        return None
-    key = config_hash({"router": router.fingerprint(), "split": split,
-                       "data": {t: bench.evaluation_key(t, split) for t in router.tasks}, **settings,
-                       **codeversion.key_part("mass")})
-    return Path(cache_dir) / "mass" / f"{key}.json"
-
-
-def _read_result(path: Path | None) -> dict[str, Any] | None:
-    cached = read_json(path) if path is not None else None
-    return cached if isinstance(cached, dict) and MASS_RESULT_KEYS <= set(cached) else None
+    return json_result_path(bench, "mass", lambda: {
+        "router": router.fingerprint(), "split": split, "data": {t: bench.evaluation_key(t, split) for t in router.tasks},
+        **settings, **codeversion.key_part("mass")})
 
 
 def _run_routers(routers: Sequence[MassRouter], bench: Any, split: str, batch_size: int, seed: int,

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from mergelab.params import ReportError
+from mergelab.utils import atomic_write
 
 from ..course import CHECK_TAG, EXERCISE_TAG, SOLUTION_TAG, tags
 from .exercises import restore, strip_markers
@@ -285,21 +286,25 @@ def build_pandoc_book(reports: Path, chapters: Sequence[str], titles: Mapping[st
                     "--metadata", "link-citations=true", "--metadata", "reference-section-title=References",
                     "--metadata", f"pagetitle={titles[chapter]} – {title}", "--section-divs",
                     "--extract-media", media, "--include-in-header", str(header),
-                    "--include-before-body", str(before), "--include-after-body", str(after),
-                    "--output", f".{page}.part"]  # beside the page, so its relative links hold once renamed
+                    "--include-before-body", str(before), "--include-after-body", str(after)]
             if chapter in numbers:
                 args += ["--metadata", f"chapter-number={numbers[chapter]}"]
-            completed = subprocess.run(args, cwd=book, capture_output=True, text=True,
-                                       env={**os.environ, "LANG": "C.UTF-8"})
-            if completed.returncode != 0:
-                (book / f".{page}.part").unlink(missing_ok=True)
-                raise ReportError(f"pandoc could not render {chapter} (exit code {completed.returncode}):\n"
-                                  f"{completed.stderr.strip()}")
-            os.replace(book / f".{page}.part", book / page)  # an interrupted render leaves the last page whole
+            # through a file beside the page (its relative links hold), renamed once whole: an interrupted or
+            # failed render leaves the last page
+            atomic_write(book / page, lambda out: _run_pandoc(args, book, chapter, out))
             prune_media(book, media, (book / page).read_text(encoding="utf-8"))
-            for line in completed.stderr.splitlines():
-                print(f"pandoc ({chapter}): {line}")
     return book / "index.html"
+
+
+def _run_pandoc(args: Sequence[str], book: Path, chapter: str, output: Path) -> None:
+    """Run pandoc's ``args`` in ``book`` writing ``output``; its warnings are printed, a failure is a
+    :class:`ReportError` naming ``chapter`` with pandoc's message."""
+    done = subprocess.run([*args, "--output", str(output)], cwd=book, capture_output=True, text=True,
+                          env={**os.environ, "LANG": "C.UTF-8"})
+    if done.returncode != 0:
+        raise ReportError(f"pandoc could not render {chapter} (exit code {done.returncode}):\n{done.stderr.strip()}")
+    for line in done.stderr.splitlines():
+        print(f"pandoc ({chapter}): {line}")
 
 
 def prune_media(book: Path, media: str, page: str) -> list[str]:

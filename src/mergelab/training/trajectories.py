@@ -21,7 +21,7 @@ from .. import codeversion, paths
 from ..cache import Artifact
 from ..executors import Executor, LocalExecutor, benchmark_context
 from ..task_vectors import TaskVector
-from ..utils import StateDict, config_hash, shows_progress, torch_threads
+from ..utils import StateDict, config_hash, shows_progress, size_threads
 from .finetune import FinetuneConfig, finetune, training_indices
 
 
@@ -223,7 +223,7 @@ def _run_trajectory(bench: Any, kind: str, tasks: Sequence[str],
             options["micro_batch_size"] = bench.micro_batch_size
         if active is not None:
             options["active"] = active
-        with torch_threads(getattr(bench, "train_threads", None)):  # as the size's experts (None: as set)
+        with size_threads(bench):  # as the size's experts (None: as set)
             history = (train or finetune)(enc, dict(data()), {t: bench.heads[t] for t in tasks}, train_cfg,
                                           device=bench.device, desc=desc,
                                           progress=shows_progress(bench, progress),
