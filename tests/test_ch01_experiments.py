@@ -275,3 +275,18 @@ def test_the_curvature_is_computed_on_the_sizes_training_threads(bench, monkeypa
         ch01_stability.extreme_eigenvalues(bench, "colours", bench.pretrained_state(), 6, 2, 13)  # a point no other test caches
         assert torch.get_num_threads() == 2
     assert threads == [bench.train_threads] == [1]
+
+
+def test_the_bound_is_recommended_for_ranking_only_along_the_hyperparameters_it_ranks():
+    from mergelab.experiments.ch01_claims import recommendations_markdown
+
+    def corr(lo: float, hi: float) -> dict:
+        return {"spearman_within_draw": (lo + hi) / 2, "within_draw_ci_low": lo, "within_draw_ci_high": hi}
+
+    mixed = {"quadratic": {"overall": corr(0.4, 0.7), "lr": corr(0.2, 0.9), "batch_size": corr(-0.5, 0.7)}}
+    line = recommendations_markdown({}, mixed).splitlines()[-1]
+    assert "along learning rate too, but not along batch size" in line and "only where it does" in line
+    every = {"quadratic": {"overall": corr(0.4, 0.7), "lr": corr(0.2, 0.9), "batch_size": corr(0.1, 0.7)}}
+    assert "along each hyperparameter as well" in recommendations_markdown({}, every)
+    none = {"quadratic": {"overall": corr(-0.1, 0.7), "lr": corr(0.2, 0.9)}}
+    assert "do not use it to choose recipes" in recommendations_markdown({}, none)

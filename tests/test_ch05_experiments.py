@@ -126,3 +126,57 @@ def test_search_claims_are_judged_over_ga_seeds_not_the_first_one():
     assert gap["status"] == "reproduced" and beats["status"] == "reproduced"
     gap, _ = search_claims([0.001, -0.002, 0.0], [0.52, 0.53, 0.525], ratio_passes=10)
     assert gap["status"] == "not_reproduced"  # within .01, but only 10x fewer passes
+
+
+def _draw_rows(maes: dict[str, list[float]], fraction: float = 0.05, n: int = 160) -> pd.DataFrame:
+    return pd.DataFrame([{"scheme": "random", "fraction": fraction, "n": n, "draw": d, "estimator": e, "mae": v,
+                          "spearman": 0.5} for e, vs in maes.items() for d, v in enumerate(vs)])
+
+
+def test_the_estimator_is_chosen_on_other_merges_and_the_accuracy_claim_reads_it_on_the_held_out_ones():
+    validation = _draw_rows({"subset_mean": [.03, .03], "p_irt": [.025, .027], "mp_irt": [.02, .022],
+                             "gmp_irt": [.024, .024]})
+    choice = ch05.choose_estimator(validation, 0.05)
+    assert choice["estimator"] == "mp_irt" and choice["n"] == 160
+    assert choice["mae"]["mp_irt"] == pytest.approx(.021)
+    held_out = _draw_rows({"subset_mean": [.03, .031], "p_irt": [.015, .016], "mp_irt": [.025, .026],
+                           "gmp_irt": [.02, .022]})
+    errors = ch05.summarize_estimators(held_out)
+    row = {"absolute_accuracy": 0.5, "fitness_forward_passes": 100}
+    rows = {"evolved_irt": row, "evolved_full": {**row, "fitness_forward_passes": 2000}, "task_arithmetic_grid": row}
+    ranks = pd.DataFrame([{"fraction": 0.05, "n": 160, "draw": 0, "estimator": e, "spearman": 0.5,
+                           "fitness_sd": 0.03, "subset_se": 0.03} for e in ESTIMATORS])
+    first = ch05.claims(errors, ranks, rows, "tiny", chosen=choice["estimator"])[0]
+    # p-IRT is best on the held-out merges (.0155), but mp-IRT was chosen before them: its .0255 decides
+    assert first["status"] == "not_reproduced" and first["evidence"]["estimator"] == "mp_irt"
+    assert first["evidence"]["mae"] == pytest.approx(.0255) and first["evidence"]["best_on_held_out"] == "p_irt"
+    flattering = ch05.claims(errors, ranks, rows, "tiny")[0]  # chosen on the held-out merges themselves
+    assert flattering["status"] == "reproduced" and flattering["evidence"]["estimator"] == "p_irt"
+    with pytest.raises(ValueError, match="no rows with random anchors"):
+        ch05.choose_estimator(validation.assign(scheme="clustered"))
+
+
+@pytest.mark.parametrize("gmp, status", [
+    ([.020, .022, .021], "reproduced"),      # below the subset mean on every draw, by more than twice the spread
+    ([.029, .032, .030], "not_testable"),    # level with it within the draws' spread
+    ([.040, .041, .042], "not_reproduced"),  # above it on every draw
+])
+def test_merge3s_claim_against_the_subset_mean_reads_its_own_estimator_paired_over_draws(gmp, status):
+    draws = _draw_rows({"subset_mean": [.030, .031, .030], "p_irt": [.01, .01, .01], "mp_irt": [.05, .05, .05],
+                        "gmp_irt": gmp})
+    errors = ch05.summarize_estimators(draws)
+    row = {"absolute_accuracy": 0.5, "fitness_forward_passes": 100}
+    rows = {"evolved_irt": row, "evolved_full": {**row, "fitness_forward_passes": 2000}, "task_arithmetic_grid": row}
+    ranks = pd.DataFrame([{"fraction": 0.05, "n": 160, "draw": 0, "estimator": e, "spearman": 0.5,
+                           "fitness_sd": 0.03, "subset_se": 0.03} for e in ESTIMATORS])
+    c = ch05.claims(errors, ranks, rows, "tiny", draws=draws, fitness_estimator="gmp_irt")[1]
+    assert "gmp_irt" in c["claim"] and c["status"] == status  # p-IRT's lead does not count for MERGE3's estimator
+    assert c["evidence"]["difference_per_draw"] == pytest.approx(np.subtract([.030, .031, .030], gmp))
+
+
+def test_checkpointed_seed_searches_need_the_key_of_what_they_search(tmp_path):
+    """Without a key the checkpoint would be named by the GA seed alone, and a search of other experts or data
+    would replay it without scoring anything."""
+    with pytest.raises(ValueError, match=r"key=None is not valid with checkpoint_dir=.*pass key=search_key"):
+        ch05.seed_searches(None, None, {}, {}, {}, None, None, "gmp_irt", 0.05, 0.6, 2, 1, [0],
+                           checkpoint_dir=tmp_path)

@@ -73,13 +73,27 @@ def _repair_claim(arch_results: dict) -> dict:
 def test_the_repair_claim_uses_the_spread_across_sets_when_there_are_several():
     # one set: the first set's paired test (.02 > 2 x .005)
     assert _repair_claim(_resnet_results(None))["status"] == "reproduced"
-    # several sets: a mean difference inside two standard errors across sets is not reproduced, whatever the first set says
+    # several sets: a mean difference inside two standard errors across sets decides nothing (not testable),
+    # whatever the first set says; one below minus two standard errors contradicts the claim
     noisy = {"n": 10, "mean": .001, "standard_error": .003, "positive": 5, "negative": 4, "per_set": {}}
     claim = _repair_claim(_resnet_results(noisy))
-    assert claim["status"] == "not_reproduced" and "10 sets" in claim["claim"]
+    assert claim["status"] == "not_testable" and "10 sets" in claim["claim"]
     assert claim["evidence"]["mean_difference"] == .001 and claim["evidence"]["first_set"]["difference"] == .02
     clear = {**noisy, "mean": .02, "standard_error": .004}
     assert _repair_claim(_resnet_results(clear))["status"] == "reproduced"
+    behind = {**noisy, "mean": -.02, "standard_error": .004}
+    assert _repair_claim(_resnet_results(behind))["status"] == "not_reproduced"
+
+
+def test_the_repair_claim_on_one_set_reads_its_paired_difference_both_ways():
+    def one_set(difference: float) -> str:
+        results = _resnet_results(None)
+        results["resnet"]["paired"]["c2m3_repair_vs_merge_many_repair"]["difference"] = difference
+        return _repair_claim(results)["status"]
+
+    # standard error .005: over +.01 ahead, under -.01 behind, between them unresolved
+    assert (one_set(.02), one_set(.005), one_set(-.005), one_set(-.02)) == (
+        "reproduced", "not_testable", "not_testable", "not_reproduced")
 
 
 def test_train_all_and_merge_study_agree_with_merging_by_hand(data_dir):

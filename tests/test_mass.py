@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 
+import numpy as np
 import pytest
 import torch
 
@@ -326,9 +327,15 @@ def test_routers_sharing_a_memo_predict_what_each_predicts_alone():
         assert torch.allclose(a.routing.residuals, b.routing.residuals)
     points = [k for k in memo if k[0] == "first pass"]
     assert sorted(points) == sorted({("first pass", x.first_pass, x.block, x.routing_matrix) for x in routers})
-    for key, store in memo.items():
-        if key[0] == "second pass":  # every image routed to the set by some router, once
-            assert set(store) == {i for p in shared for i, k in enumerate(p.routing.keys) if k == key[1]}
+    groups = {(k, tuple(i for i, kk in enumerate(p.routing.keys) if kk == k)) for p in shared for k in p.routing.keys}
+    slots = {key[1:]: feats for key, feats in memo.items() if key[0] == "second pass"}
+    assert set(slots) == groups  # one entry per set and group of images some router sent there
+    for x in routers:  # and each router reads the very bits it computes alone (same sub-batch, same rounding)
+        own: dict = {}
+        x.predict(images, true_tasks=truth, memo=own)
+        for key, feats in own.items():
+            if key[0] == "second pass":
+                assert torch.equal(memo[key], feats)
 
 
 def test_time_per_image_pairs_rounds_and_gives_the_median_ratio_an_interval():
@@ -570,6 +577,18 @@ def test_mass_results_are_cached_per_router_and_configuration(tmp_path, monkeypa
     assert runs == [1]
 
 
+def test_routers_of_other_tasks_or_another_order_are_not_evaluated_together(tmp_path):
+    """The mixed batches are drawn from the first router's tasks: another order would change which images each
+    batch holds, and a result cached under the other router's own key would not be what it gives alone."""
+    from mergelab.experiments import ch04_mass as ch04
+
+    r, s = router()
+    order = ["d", "c", "b", "a"]
+    reordered = MassRouter(s["pre"], {t: s["compressed"][t] for t in order}, encoder(), s["heads"], device="cpu", block=1)
+    with pytest.raises(ValueError, match=r"routers must share one list of tasks in one order.*\['d', 'c', 'b', 'a'\]"):
+        ch04.evaluate_routers([r, reordered], _MixedBench(tmp_path), "val", batch_size=6, seed=1)
+
+
 def test_the_routing_study_is_cached_for_the_packages_score_only(tmp_path, monkeypatch):
     """Chapter 04's temperature sweep reads its table back on a re-run; a score of one's own (the students'
     exercise) is computed every time, since a function's code cannot key a cache."""
@@ -582,6 +601,8 @@ def test_the_routing_study_is_cached_for_the_packages_score_only(tmp_path, monke
     temperatures = [0.5, 1.0, 4.0]
     first = ch04.routing_study(r, bench, "val", temperatures, batch_size=6, seed=1)
     assert list(first.columns) == list(ch04.ROUTING_COLUMNS) and len(first) == 3
+    pd.testing.assert_frame_equal(first, ch04.routing_study(r, bench, "val", np.array(temperatures), batch_size=6,
+                                                            seed=1))  # a NumPy array of temperatures: the same table
     pd.testing.assert_frame_equal(first, ch04.routing_study(r, bench, "val", temperatures, batch_size=6, seed=1,
                                                             cache=False))
     calls = []

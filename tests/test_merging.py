@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,6 +112,11 @@ def test_merge_with_validation_picks_the_best_coefficient(pretrained, task_vecto
     assert max(result.sweep, key=result.sweep.get) == pytest.approx(0.4)
     averaged = merge_with_validation("weight_averaging", pretrained, task_vectors, score, progress=False)
     assert averaged.coefficient is None and averaged.sweep == {}
+    # a NumPy grid, as np.linspace gives it, chooses the same, with plain floats in the result
+    from_numpy = merge_with_validation("task_arithmetic", pretrained, [task_vectors[0]], score,
+                                       grid=np.array([0.1, 0.2, 0.4, 0.8]), progress=False)
+    assert from_numpy.coefficient == pytest.approx(0.4) and type(from_numpy.coefficient) is float
+    assert from_numpy.sweep == pytest.approx(result.sweep)
 
 
 def test_states_at_other_coefficients_come_from_the_same_update(pretrained, task_vectors, monkeypatch):

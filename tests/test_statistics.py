@@ -255,3 +255,18 @@ def test_a_percentile_interval_never_leaves_the_bootstrap_replicates_range():
     ci = bootstrap_ci(np.median, ratios, vectorized=True)
     assert min(ratios) <= ci["ci_low"] <= ci["estimate"] <= ci["ci_high"] <= max(ratios)
     assert ci["ci_high"] == max(ratios)
+
+
+def test_the_claims_table_shows_every_claim_in_full():
+    """Claims that differ only after their 50th character must not read alike in the book (a DataFrame's
+    display would cut them there)."""
+    from mergelab.analysis.statistics import claims_table
+
+    stem = "Merging experts after 1 epoch retains most (over half) of the converged merge's gain"
+    claims = [{"claim": f"{stem} (task_arithmetic)", "source": "s", "status": "reproduced", "evidence": {}},
+              {"claim": f"{stem} (tsv_merge)", "source": "s", "status": "not_testable", "evidence": {}}]
+    table = claims_table(claims)
+    html = table._repr_html_()  # what a notebook and the book show
+    assert f"{stem} (task_arithmetic)" in html and f"{stem} (tsv_merge)" in html
+    assert list(table.data.columns) == ["claim", "source", "status"]
+    assert table.data["status"].tolist() == ["reproduced", "not_testable"]

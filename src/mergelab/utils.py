@@ -103,14 +103,15 @@ def keeps_global_rng(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     For functions that seed torch themselves (``torch.manual_seed(cfg.seed)``, so that their result depends on
     their configuration only): the caller's random stream then goes on where it was, whether or not the
-    function ran (a cached expert skips it). The CPU generator always; the CUDA devices' generators when CUDA
-    is initialized. Inside ``fn`` nothing changes, so its results are the same bits as without it."""
+    function ran (a cached expert skips it). The CPU generator always; every CUDA device's generator wherever CUDA
+    is available, initializing it if need be (a generator that ``fn`` itself initialized would otherwise keep the
+    seed ``fn`` queued for it). Inside ``fn`` nothing changes, so its results are the same bits as without it."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         import torch
 
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             return fn(*args, **kwargs)
 

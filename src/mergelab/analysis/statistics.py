@@ -359,7 +359,12 @@ def claim(text: str, source: str, status: str, evidence: Mapping[str, Any]) -> d
 
 
 def claims_table(claims: Sequence[Mapping[str, Any]]) -> Any:
-    """The claims as a table for the notebook: claim, source, status (evidence left to the JSON)."""
+    """The claims as a table for the notebook: claim, source, status (evidence left to the JSON), one row per
+    claim, as a pandas ``Styler`` that shows every claim in full and left-aligned. (A ``DataFrame``'s display
+    cuts text at ``display.max_colwidth``, 50 characters, and claims that differ only in their ends would read
+    alike.) Its ``.data`` is the ``DataFrame``."""
     import pandas as pd
 
-    return pd.DataFrame([{"claim": c["claim"], "source": c["source"], "status": c["status"]} for c in claims])
+    table = pd.DataFrame([{"claim": c["claim"], "source": c["source"], "status": c["status"]} for c in claims])
+    return (table.style.hide(axis="index").set_properties(**{"text-align": "left", "white-space": "normal"})
+            .set_table_styles([{"selector": "th", "props": [("text-align", "left")]}]))

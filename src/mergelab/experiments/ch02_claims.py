@@ -128,7 +128,8 @@ def _per_task_mean_ci(alignment: Any, optimizer: str, lr: float, epoch: int, col
                       ) -> dict[str, Any]:
     part = alignment[(alignment["optimizer"] == optimizer) & (alignment["lr"] == float(lr))
                      & (alignment["epoch"] == epoch)]
-    return {**mean_ci(part[column].to_numpy(float) - offset), "null": offset}
+    # the interval is of (column - offset), tested against 0; ``subtracted`` records the offset (1/E, 1/sqrt(E))
+    return {**mean_ci(part[column].to_numpy(float) - offset), "subtracted": offset}
 
 
 def claims(results: Mapping[str, Any], alignment: Any, slopes: Mapping[str, Any], epochs: int, size: str,

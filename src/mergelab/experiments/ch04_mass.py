@@ -22,7 +22,7 @@ from ..evaluation import normalized_accuracy
 from ..merging.mass import MassRouter, subspace_residuals
 from ..merging.tsv import CompressedTaskVector, tsv_compress
 from ..task_vectors import TaskVector
-from ..utils import StateDict, atomic_write_text, check_integer, read_json
+from ..utils import StateDict, atomic_write_text, check_integer, read_json, size_threads
 from .ch04_claims import (REFERENCE_EVIDENCE, REFERENCE_MODEL, claims, claims_from_results,  # noqa: F401 - the
                           reference_storage)  # notebook reads them as ch04's
 from .ch04_timing import COLD_REPEATS, time_per_image, timings  # noqa: F401 - the notebook reads them as ch04's
@@ -129,6 +129,11 @@ def evaluate_routers(routers: Sequence[MassRouter], bench: Any, split: str = "te
     ``cache_dir``."""
     if not routers:
         raise ValueError("routers is empty; pass at least one MassRouter.")
+    other = next((r for r in routers if tuple(r.tasks) != tuple(routers[0].tasks)), None)
+    if other is not None:
+        raise ValueError(f"routers must share one list of tasks in one order, which the mixed batches are drawn from: "
+                         f"the first routes among {list(routers[0].tasks)}, another among {list(other.tasks)}; "
+                         "evaluate routers of other tasks in calls of their own.")
     check_integer("batch_size", batch_size)
     if max_per_task is not None:
         check_integer("max_per_task", max_per_task)
@@ -139,8 +144,9 @@ def evaluate_routers(routers: Sequence[MassRouter], bench: Any, split: str = "te
     results: list[dict[str, Any] | None] = [read_result(p, MASS_RESULT_KEYS) for p in paths]
     todo = [i for i, r in enumerate(results) if r is None]
     if todo:
-        fresh = _run_routers([routers[i] for i in todo], bench, split, batch_size, seed, max_per_task, progress,
-                             examples)
+        with size_threads(bench):  # cached under a key that names no thread count: computed on the size's count
+            fresh = _run_routers([routers[i] for i in todo], bench, split, batch_size, seed, max_per_task, progress,
+                                 examples)
         for i, res in zip(todo, fresh):
             results[i] = res
             if paths[i] is not None:  # in the tasks' order (atomic_write_json would sort the keys): read back, the
@@ -275,7 +281,7 @@ def routing_study(router: MassRouter, bench: Any, split: str = "val", temperatur
     ``cache``: with the package's score (:func:`~mergelab.merging.mass.subspace_residuals`), keep the table as
     :func:`routing_study_path` names it and read it back on a re-run; a score of one's own is always computed (a
     function's code cannot key a cache honestly)."""
-    if not temperatures:
+    if len(temperatures) == 0:  # a list or a NumPy array
         raise ValueError("temperatures is empty; give at least one positive temperature (MASS uses 1).")
     path = (routing_study_path(router, bench, split, temperatures, batch_size, seed, max_per_task)
             if cache and score is subspace_residuals else None)
@@ -283,7 +289,8 @@ def routing_study(router: MassRouter, bench: Any, split: str = "val", temperatur
     if (isinstance(cached, list) and len(cached) == len({float(t) for t in temperatures})
             and all(isinstance(r, dict) and set(ROUTING_COLUMNS) <= set(r) for r in cached)):
         return pd.DataFrame(cached, columns=list(ROUTING_COLUMNS))
-    table = _routing_study(router, bench, split, temperatures, score, batch_size, seed, max_per_task, progress)
+    with size_threads(bench):  # as evaluate_routers: the same bits whatever the caller's thread count
+        table = _routing_study(router, bench, split, temperatures, score, batch_size, seed, max_per_task, progress)
     if path is not None:
         atomic_write_text(path, json.dumps(table.to_dict(orient="records")) + "\n")
     return table

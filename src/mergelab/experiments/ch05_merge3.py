@@ -30,13 +30,14 @@ from ..analysis.irt import (
     select_anchors,
 )
 from ..analysis.responses import ResponseEvaluator
-from ..analysis.statistics import both, claim, sample_sd, seed_status
+from ..analysis.statistics import sample_sd
 from ..evaluation import merge_baselines, summarize
 from ..executors import Executor, LocalExecutor, WorkerContext, benchmark_context
 from ..merging import merge
 from ..merging.evolve import EvolutionResult, evolve, task_arithmetic_per_task
 from ..task_vectors import TaskVector
-from ..utils import StateDict, check_integer, check_number, config_hash, nan_for_none, state_digest
+from ..utils import StateDict, check_integer, check_number, config_hash, state_digest
+from .ch05_claims import best_rank_at, choose_estimator, claims, claims_from_results, summarize_ranks  # noqa: F401 (the chapter's API)
 
 
 def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Mapping[str, StateDict],
@@ -160,7 +161,9 @@ def summarize_estimators(study: pd.DataFrame) -> pd.DataFrame:
 class Fitness:
     """Fitness of per-task task-arithmetic genomes: the full validation accuracy (``items=None``), or an
     IRT estimate (``estimator``) from a fixed subset ``items`` (the same for every candidate: common
-    random numbers; ``n`` forward passes per candidate).
+    random numbers; ``n`` forward passes per candidate). A full fitness computes every candidate's answers even
+    when an earlier run cached them (``reuse=False``, the default): a search's wall time is then the time of its
+    forward passes, comparable with an IRT search's, whose subsets are never cached; ``reuse=True`` reads them.
 
     A batch of genomes (a GA population) is scored by ``executor`` (:mod:`mergelab.executors`; ``None``:
     here, one genome after the other): each worker rebuilds the benchmark and the evaluator once, gets
@@ -171,7 +174,7 @@ class Fitness:
     def __init__(self, evaluator: ResponseEvaluator, pretrained: StateDict, task_vectors: Sequence[TaskVector],
                  model: IRTModel | None = None, endpoint_theta: np.ndarray | None = None,
                  items: np.ndarray | None = None, estimator: str = "gmp_irt", executor: Executor | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, reuse: bool = False) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator={estimator!r} is not valid; use one of {', '.join(ESTIMATORS)}.")
         if items is not None and (model is None or endpoint_theta is None):
@@ -179,7 +182,7 @@ class Fitness:
         self.evaluator, self.pretrained, self.tvs = evaluator, pretrained, list(task_vectors)
         self.model, self.endpoint_theta, self.items, self.estimator = model, endpoint_theta, items, estimator
         self.executor = executor if executor is not None else LocalExecutor(1)
-        self.progress = progress
+        self.progress, self.reuse = progress, reuse
         self._context: WorkerContext | None = None
 
     @property
@@ -191,7 +194,7 @@ class Fitness:
         """The fitness of one genome ``(n_var,)``."""
         state = task_arithmetic_per_task(self.pretrained, self.tvs, x)
         if self.items is None:
-            return float(self.evaluator.full(state).mean())
+            return float(self.evaluator.full(state, reuse=self.reuse).mean())
         y = self.evaluator.subset(state, self.items)
         return float(getattr(estimate_accuracy(self.model, self.items, y, self.endpoint_theta), self.estimator))
 
@@ -202,7 +205,7 @@ class Fitness:
             ev = self.evaluator
             bench = benchmark_context(ev.bench, self.executor.device)
             build = functools.partial(_rebuild_fitness, bench, ev.settings(), self.pretrained, self.tvs, self.model,
-                                      self.endpoint_theta, self.items, self.estimator)
+                                      self.endpoint_theta, self.items, self.estimator, self.reuse)
             self._context = WorkerContext(build, local=self)
         return self._context
 
@@ -216,9 +219,9 @@ class Fitness:
 
 def _rebuild_fitness(bench: WorkerContext, evaluator: Mapping[str, Any], pretrained: StateDict,
                      tvs: Sequence[TaskVector], model: IRTModel | None, endpoint_theta: np.ndarray | None,
-                     items: np.ndarray | None, estimator: str) -> Fitness:
+                     items: np.ndarray | None, estimator: str, reuse: bool) -> Fitness:
     ev = ResponseEvaluator(bench.get(), **evaluator)  # the driver's evaluator.settings()
-    return Fitness(ev, pretrained, tvs, model, endpoint_theta, items, estimator)
+    return Fitness(ev, pretrained, tvs, model, endpoint_theta, items, estimator, reuse=reuse)
 
 
 def _score_genome(fitness: Fitness, x: np.ndarray) -> float:
@@ -245,25 +248,6 @@ def population_rank_study(model: IRTModel, endpoint_theta: np.ndarray, responses
     study["fitness_sd"] = sample_sd(truth)
     study["subset_se"] = np.sqrt(np.mean(truth * (1 - truth)) / study["n"])
     return study
-
-
-def summarize_ranks(ranks: pd.DataFrame) -> pd.DataFrame:
-    """Per (fraction, n, estimator) of :func:`population_rank_study`: the Spearman correlation's mean,
-    standard deviation (ddof 1; 0 for one draw), minimum and number of draws, with the size's
-    ``fitness_sd`` and ``subset_se``."""
-    g = ranks.groupby(["fraction", "n", "estimator"], sort=False)
-    out = g["spearman"].agg(spearman="mean", spearman_min="min", draws="count").reset_index()
-    out["spearman_sd"] = g["spearman"].agg(sample_sd).to_numpy()
-    out["fitness_sd"] = g["fitness_sd"].first().to_numpy()
-    out["subset_se"] = g["subset_se"].first().to_numpy()
-    return out
-
-
-def best_rank_at(summary: pd.DataFrame, fraction: float) -> pd.Series:
-    """The row of :func:`summarize_ranks` with the highest mean Spearman at the size nearest ``fraction``."""
-    nearest = summary["fraction"].iloc[(summary["fraction"] - fraction).abs().argmin()]
-    at = summary[summary["fraction"] == nearest]
-    return at.loc[at["spearman"].idxmax()]
 
 
 def search(bench: Any, evaluator: ResponseEvaluator, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
@@ -351,6 +335,9 @@ def seed_searches(bench: Any, evaluator: ResponseEvaluator, pretrained: StateDic
     """
     if not seeds:
         raise ValueError("seeds=[] is not valid; give at least one GA seed.")
+    if checkpoint_dir is not None and not key:
+        raise ValueError(f"key={key!r} is not valid with checkpoint_dir={str(checkpoint_dir)!r}: a checkpoint named by "
+                         "the seed alone would be resumed for other experts or data; pass key=search_key(...).")
     done = dict(done or {})
     tvs = list(task_vectors.values())
     full = Fitness(evaluator, pretrained, tvs, executor=executor)
@@ -385,61 +372,6 @@ def ta_by_grid(bench: Any, pretrained: StateDict, task_vectors: Mapping[str, Tas
             "at_grid_edge": result.at_grid_edge, "fitness_forward_passes": len(grid) * num_items}
 
 
-def claims(errors: pd.DataFrame, ranks: pd.DataFrame, rows: Mapping[str, Mapping[str, Any]], size: str,
-           seeds: pd.DataFrame | None = None) -> list[dict[str, Any]]:
-    """The chapter's claims ``{claim, source, status, evidence}`` from the estimator summary
-    (:func:`summarize_estimators`), the GA-population rank study (:func:`population_rank_study`, one row
-    per draw: the rank claim weighs the mean over draws against its spread), the search rows and, when
-    given, :func:`seed_searches` (the two search claims are then judged over GA seeds)."""
-    out = []
-    rnd = errors[errors["scheme"] == "random"]
-    irt = rnd[rnd["estimator"] != "subset_mean"]
-    at = {f: irt[irt["fraction"] == f] for f in sorted(irt["fraction"].unique())}
-    f5 = min(at, key=lambda f: abs(f - 0.05))
-    best5 = at[f5].loc[at[f5]["mae"].idxmin()]
-    mean5 = rnd[(rnd["fraction"] == f5) & (rnd["estimator"] == "subset_mean")]["mae"].iloc[0]
-    out.append(claim(f"An IRT estimator from {f5:.0%} of the fitness items is within .02 of the full fitness "
-                     "(mean absolute error over held-out merges; tinyBenchmarks: .010-.029 from 100 items).",
-                     "polo2024tinybenchmarks", "reproduced" if best5["mae"] <= 0.02 else "not_reproduced",
-                     {"best_estimator": best5["estimator"], "mae": float(best5["mae"]), "n": int(best5["n"]),
-                      "subset_mean_mae": float(mean5), "size": size}))
-    out.append(claim(f"IRT estimators beat the plain subset mean at {f5:.0%} of the items.", "mencattini2025merge3",
-                     "reproduced" if best5["mae"] < mean5 else "not_reproduced",
-                     {"best_irt_mae": float(best5["mae"]), "subset_mean_mae": float(mean5), "size": size}))
-    best_rank = best_rank_at(summarize_ranks(ranks), 0.05)
-    values = ranks[(ranks["n"] == best_rank["n"]) & (ranks["estimator"] == best_rank["estimator"])]["spearman"]
-    out.append(claim("Estimated fitness ranks a GA population as the full fitness does (Spearman >= .9 at 5 % of "
-                     "the items).", "mencattini2025merge3", seed_status(values.to_numpy(), 0.9),
-                     {"estimator": best_rank["estimator"], "spearman": float(best_rank["spearman"]),
-                      "spearman_sd": float(best_rank["spearman_sd"]), "spearman_per_draw": values.round(4).tolist(),
-                      "n": int(best_rank["n"]), "fitness_sd": float(best_rank["fitness_sd"]),
-                      "subset_se": float(best_rank["subset_se"]), "rule": "mean over subset draws against .9, "
-                      "weighed by twice their SD (seed_status)", "size": size}))
-    irt_row, full_row, ta = rows["evolved_irt"], rows["evolved_full"], rows["task_arithmetic_grid"]
-    gap = full_row["absolute_accuracy"] - irt_row["absolute_accuracy"]
-    irt_passes = irt_row["fitness_forward_passes"] + irt_row.get("endpoint_forward_passes", 0)
-    ratio = full_row["fitness_forward_passes"] / max(irt_passes, 1)
-    with_calibration = full_row["fitness_forward_passes"] / max(irt_passes + irt_row.get("calibration_forward_passes", 0), 1)
-    gaps = np.array([gap]) if seeds is None else seeds["gap"].to_numpy(dtype=float)
-    irt_abs = np.array([irt_row["absolute_accuracy"]]) if seeds is None else seeds["irt_absolute"].to_numpy(dtype=float)
-    per_seed = {"seeds": [] if seeds is None else seeds["seed"].tolist(), "rule": "per GA seed, weighed by twice "
-                "the SD over seeds (seed_status); one seed: its value alone"}
-    out.append(claim("Evolving with IRT fitness reaches the merge evolved with full fitness (within .01 test "
-                     "accuracy) for >= 20x fewer fitness forward passes (MERGE3: ~50x cheaper).",
-                     "mencattini2025merge3",
-                     both(seed_status(0.01 - gaps, 0.0), "reproduced" if ratio >= 20 else "not_reproduced"),
-                     {"gap": float(gap), "gap_per_seed": gaps.round(4).tolist(), "gap_mean": float(gaps.mean()),
-                      "gap_sd": sample_sd(gaps), **per_seed, "forward_pass_ratio": float(ratio),
-                      "forward_pass_ratio_with_calibration": float(with_calibration),
-                      "counted": "search candidates' subset images + the endpoints' full answers (the IRT fit's "
-                                 "population, a one-off cost, only in the ratio with calibration)", "size": size}))
-    out.append(claim("The evolved merge beats task arithmetic validated by grid on test accuracy.",
-                     "mencattini2025merge3", seed_status(irt_abs - ta["absolute_accuracy"], 0.0),
-                     {"evolved_irt": irt_row["absolute_accuracy"], "evolved_irt_per_seed": irt_abs.round(4).tolist(),
-                      "task_arithmetic": ta["absolute_accuracy"], **per_seed, "size": size}))
-    return out
-
-
 def check_p_irt(estimator: Callable[[IRTModel, np.ndarray, np.ndarray, np.ndarray], float]) -> None:
     """The contract of a p-IRT estimator, which :func:`~mergelab.analysis.irt.p_irt` meets:
     ``estimator(model, items (n,), answers (n,) 0/1, theta (D,))`` returns
@@ -471,11 +403,3 @@ def check_p_irt(estimator: Callable[[IRTModel, np.ndarray, np.ndarray, np.ndarra
     assert abs(one - p_irt(model, items[:1], np.ones(1), theta)) < 1e-9, (
         "with a single answered item the estimate differs from p-IRT's; check the n/N weights.")
 
-
-def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """:func:`claims` computed again from the chapter's results JSON (estimator errors, the GA-population
-    rank study, the methods' rows and the searches per GA seed): equal to the ``claims`` stored there when
-    they follow from its numbers (:func:`mergelab.report.claims.check_claims`)."""
-    r = nan_for_none(results)  # strict JSON: a measured NaN was written as null
-    return claims(pd.DataFrame(r["estimator_errors"]), pd.DataFrame(r["ga_population_rank_correlation"]), r["methods"],
-                  results["benchmark"], seeds=None if results.get("search_seeds") is None else pd.DataFrame(r["search_seeds"]))

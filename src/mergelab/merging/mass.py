@@ -373,8 +373,9 @@ class MassRouter:
         predict with the selected head of largest maximum logit. With ``true_tasks`` (one per image),
         also the prediction of the true task's head on the same features (the oracle-head ablation).
         ``memo``: a dict kept by the caller for this batch and passed to every router of an ablation
-        (:meth:`with_options`) on it: the routing features of each first pass and routing point, and each
-        image's features under each selected set, are then computed once for all of them."""
+        (:meth:`with_options`) on it: the routing features of each first pass and routing point, and the features
+        of each group of images routed to one set, are then computed once for all routers that need them (a group
+        is shared only when its rows are the same, so that every router's result is the bits it gives alone)."""
         if true_tasks is not None and len(true_tasks) != len(images):
             raise ValueError(f"true_tasks has {len(true_tasks)} entries for {len(images)} images; give one per image.")
         unknown = sorted({t for t in true_tasks or () if t not in self.tasks})
@@ -394,14 +395,14 @@ class MassRouter:
         for i, (key, sel) in enumerate(zip(routing.keys, routing.selected)):
             groups.setdefault(key, []).append(i)
         for key, rows in groups.items():
-            store = memo.setdefault(("second pass", key), {})
-            todo = [r for r in rows if r not in store]
-            if todo:
+            # shared only by routers that send exactly these rows to this set: the same sub-batch, so the same bits
+            # as a router run alone (another composition can move float rounding)
+            slot = ("second pass", key, tuple(rows))
+            if slot not in memo:
                 model = self.model_for(key)
                 with self.autocast():
-                    fresh = model(images[torch.tensor(todo, device=self.device)]).float()
-                store.update(zip(todo, fresh))
-            feats = fresh if len(todo) == len(rows) else torch.stack([store[r] for r in rows])  # nothing memoized: as run
+                    memo[slot] = model(images[torch.tensor(rows, device=self.device)]).float()
+            feats = memo[slot]
             chosen, labels = choose_head({t: self.heads[t](feats) for t in key})
             label[rows] = labels.cpu()
             for r, t in zip(rows, chosen):

@@ -69,11 +69,12 @@ def merge_with_validation(name: str, pretrained: Mapping[str, torch.Tensor],
     method.check_options(options)
     if grid is not None and (isinstance(grid, (str, bytes, Mapping)) or not isinstance(grid, Iterable)):
         raise ValueError(f"grid={grid!r} is not valid; use a list of coefficients, e.g. [0.0, 0.1, ..., 1.0].")
+    grid = tuple(method.coefficient_grid if grid is None else grid)  # any iterable: a list, a NumPy array, a range
     if grid and "coefficient" not in method.defaults:
         raise ValueError(f"{name!r} has no coefficient to choose; call it with grid=() (or leave grid unset).")
-    grid = tuple(method.coefficient_grid if grid is None else grid)
     for c in grid:
         check_number("grid value", c)
+    grid = tuple(float(c) for c in grid)
     if grid and "coefficient" in options:
         raise ValueError(f"coefficient={options['coefficient']!r} conflicts with the sweep: the coefficient is chosen "
                          f"on validation from grid; to fix it, pass grid=[{options['coefficient']!r}].")

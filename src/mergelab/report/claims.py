@@ -30,8 +30,8 @@ RECOMPUTED = {
     "02_task_vectors_as_gradients": "mergelab.experiments.ch02_claims",
     "03_task_singular_vectors": "mergelab.experiments.ch03_tsv",
     "04_mass_routing": "mergelab.experiments.ch04_claims",
-    "05_merge3_irt": "mergelab.experiments.ch05_merge3",
-    "06_cycle_consistent_merging": "mergelab.experiments.ch06_c2m3",
+    "05_merge3_irt": "mergelab.experiments.ch05_claims",
+    "06_cycle_consistent_merging": "mergelab.experiments.ch06_claims",
 }
 """Each chapter's module, whose ``claims_from_results`` gives the chapter's claims again from the numbers
 its results JSON stores (every chapter keeps there what its claims are judged on)."""

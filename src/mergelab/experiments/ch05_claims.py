@@ -1,0 +1,137 @@
+"""Chapter 05 (MERGE3): the chapter's claims, each judged by its rule on the numbers the chapter stores, and the
+summaries they read (the estimators' errors and rank correlations)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..analysis.statistics import both, claim, sample_sd, seed_status
+from ..utils import nan_for_none
+
+
+def summarize_ranks(ranks: pd.DataFrame) -> pd.DataFrame:
+    """Per (fraction, n, estimator) of :func:`population_rank_study`: the Spearman correlation's mean,
+    standard deviation (ddof 1; 0 for one draw), minimum and number of draws, with the size's
+    ``fitness_sd`` and ``subset_se``."""
+    g = ranks.groupby(["fraction", "n", "estimator"], sort=False)
+    out = g["spearman"].agg(spearman="mean", spearman_min="min", draws="count").reset_index()
+    out["spearman_sd"] = g["spearman"].agg(sample_sd).to_numpy()
+    out["fitness_sd"] = g["fitness_sd"].first().to_numpy()
+    out["subset_se"] = g["subset_se"].first().to_numpy()
+    return out
+
+
+def best_rank_at(summary: pd.DataFrame, fraction: float) -> pd.Series:
+    """The row of :func:`summarize_ranks` with the highest mean Spearman at the size nearest ``fraction``."""
+    nearest = summary["fraction"].iloc[(summary["fraction"] - fraction).abs().argmin()]
+    at = summary[summary["fraction"] == nearest]
+    return at.loc[at["spearman"].idxmax()]
+
+
+def choose_estimator(study: pd.DataFrame, fraction: float = 0.05) -> dict[str, Any]:
+    """The IRT estimator (not the subset mean) of least mean absolute error at the size nearest ``fraction``,
+    random anchors, in an estimator study (rows per draw, as :func:`~mergelab.experiments.ch05_merge3.estimator_study`
+    returns) of *other* merges than those an accuracy claim is judged on (the chapter: the merges that chose
+    the IRT dimension). Returns ``{"estimator", "fraction", "n", "mae"}`` (``mae``: per estimator, on these
+    merges)."""
+    rnd = study[study["scheme"] == "random"]
+    if rnd.empty:
+        raise ValueError("the study has no rows with random anchors; run it with 'random' among its schemes.")
+    f = min(rnd["fraction"].unique(), key=lambda x: abs(x - fraction))
+    mae = rnd[rnd["fraction"] == f].groupby("estimator")["mae"].mean()
+    irt = mae.drop(index="subset_mean", errors="ignore")
+    return {"estimator": str(irt.idxmin()), "fraction": float(f), "n": int(rnd[rnd["fraction"] == f]["n"].iloc[0]),
+            "mae": {k: float(v) for k, v in mae.items()}}
+
+
+def claims(errors: pd.DataFrame, ranks: pd.DataFrame, rows: Mapping[str, Mapping[str, Any]], size: str,
+           seeds: pd.DataFrame | None = None, draws: pd.DataFrame | None = None, chosen: str | None = None,
+           fitness_estimator: str = "gmp_irt") -> list[dict[str, Any]]:
+    """The chapter's claims ``{claim, source, status, evidence}`` from the estimator summary on the held-out merges
+    (:func:`~mergelab.experiments.ch05_merge3.summarize_estimators`), the GA-population rank study
+    (:func:`~mergelab.experiments.ch05_merge3.population_rank_study`, one row per draw: the rank claim weighs the
+    mean over draws against its spread), the search rows and, when given,
+    :func:`~mergelab.experiments.ch05_merge3.seed_searches` (the two search claims are then judged over GA seeds).
+
+    ``chosen``: the IRT estimator the accuracy claim reads, chosen on other merges than the held-out ones
+    (:func:`choose_estimator`); ``None`` takes the best on the held-out merges themselves, which flatters it.
+    ``draws``: the estimator study per subset draw (its rows before :func:`summarize_estimators`): MERGE3's claim
+    against the subset mean is then judged on the paired differences over draws; ``fitness_estimator`` is the
+    estimator MERGE3's search uses (gmp-IRT)."""
+    out = []
+    rnd = errors[errors["scheme"] == "random"]
+    f5 = min(sorted(rnd["fraction"].unique()), key=lambda f: abs(f - 0.05))
+    at5 = rnd[rnd["fraction"] == f5].set_index("estimator")
+    mean5 = float(at5.loc["subset_mean", "mae"])
+    irt5 = at5.drop(index="subset_mean")
+    if chosen is None:
+        chosen, chosen_on = str(irt5["mae"].idxmin()), "the same held-out merges (no validation merges given)"
+    else:
+        chosen_on = "the validation merges, before the held-out ones were read"
+    mae = float(at5.loc[chosen, "mae"])
+    out.append(claim(f"An IRT estimator from {f5:.0%} of the fitness items is within .02 of the full fitness "
+                     "(mean absolute error over held-out merges; tinyBenchmarks: .010-.029 from 100 items).",
+                     "polo2024tinybenchmarks", "reproduced" if mae <= 0.02 else "not_reproduced",
+                     {"estimator": chosen, "chosen_on": chosen_on, "mae": mae, "n": int(at5.loc[chosen, "n"]),
+                      "best_on_held_out": str(irt5["mae"].idxmin()), "subset_mean_mae": mean5, "size": size}))
+    if draws is not None:  # paired: each draw's subset serves both estimators
+        d = draws[(draws["scheme"] == "random") & (draws["fraction"] == f5)].pivot(
+            index="draw", columns="estimator", values="mae")
+        diffs = (d["subset_mean"] - d[fitness_estimator]).to_numpy(dtype=float)
+    else:
+        diffs = np.array([mean5 - float(at5.loc[fitness_estimator, "mae"])])
+    out.append(claim(f"MERGE3's fitness estimator ({fitness_estimator}) beats the plain subset mean at {f5:.0%} of the "
+                     "items (mean absolute error over held-out merges, paired over subset draws).",
+                     "mencattini2025merge3", seed_status(diffs, 0.0),
+                     {"estimator": fitness_estimator, "mae": float(at5.loc[fitness_estimator, "mae"]),
+                      "subset_mean_mae": mean5, "difference_per_draw": diffs.round(5).tolist(),
+                      "rule": "subset mean's error minus the estimator's, per subset draw, weighed by twice their SD "
+                              "(seed_status)", "size": size}))
+    best_rank = best_rank_at(summarize_ranks(ranks), 0.05)
+    values = ranks[(ranks["n"] == best_rank["n"]) & (ranks["estimator"] == best_rank["estimator"])]["spearman"]
+    out.append(claim("Estimated fitness ranks a GA population as the full fitness does (Spearman >= .9 at 5 % of "
+                     "the items).", "mencattini2025merge3", seed_status(values.to_numpy(), 0.9),
+                     {"estimator": best_rank["estimator"], "spearman": float(best_rank["spearman"]),
+                      "spearman_sd": float(best_rank["spearman_sd"]), "spearman_per_draw": values.round(4).tolist(),
+                      "n": int(best_rank["n"]), "fitness_sd": float(best_rank["fitness_sd"]),
+                      "subset_se": float(best_rank["subset_se"]), "rule": "mean over subset draws against .9, "
+                      "weighed by twice their SD (seed_status)", "size": size}))
+    irt_row, full_row, ta = rows["evolved_irt"], rows["evolved_full"], rows["task_arithmetic_grid"]
+    gap = full_row["absolute_accuracy"] - irt_row["absolute_accuracy"]
+    irt_passes = irt_row["fitness_forward_passes"] + irt_row.get("endpoint_forward_passes", 0)
+    ratio = full_row["fitness_forward_passes"] / max(irt_passes, 1)
+    with_calibration = full_row["fitness_forward_passes"] / max(irt_passes + irt_row.get("calibration_forward_passes", 0), 1)
+    gaps = np.array([gap]) if seeds is None else seeds["gap"].to_numpy(dtype=float)
+    irt_abs = np.array([irt_row["absolute_accuracy"]]) if seeds is None else seeds["irt_absolute"].to_numpy(dtype=float)
+    per_seed = {"seeds": [] if seeds is None else seeds["seed"].tolist(), "rule": "per GA seed, weighed by twice "
+                "the SD over seeds (seed_status); one seed: its value alone"}
+    out.append(claim("Evolving with IRT fitness reaches the merge evolved with full fitness (within .01 test "
+                     "accuracy) for >= 20x fewer fitness forward passes (MERGE3: ~50x cheaper).",
+                     "mencattini2025merge3",
+                     both(seed_status(0.01 - gaps, 0.0), "reproduced" if ratio >= 20 else "not_reproduced"),
+                     {"gap": float(gap), "gap_per_seed": gaps.round(4).tolist(), "gap_mean": float(gaps.mean()),
+                      "gap_sd": sample_sd(gaps), **per_seed, "forward_pass_ratio": float(ratio),
+                      "forward_pass_ratio_with_calibration": float(with_calibration),
+                      "counted": "search candidates' subset images + the endpoints' full answers (the IRT fit's "
+                                 "population, a one-off cost, only in the ratio with calibration)", "size": size}))
+    out.append(claim("The evolved merge beats task arithmetic validated by grid on test accuracy.",
+                     "mencattini2025merge3", seed_status(irt_abs - ta["absolute_accuracy"], 0.0),
+                     {"evolved_irt": irt_row["absolute_accuracy"], "evolved_irt_per_seed": irt_abs.round(4).tolist(),
+                      "task_arithmetic": ta["absolute_accuracy"], **per_seed, "size": size}))
+    return out
+
+
+def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """:func:`claims` computed again from the chapter's results JSON (estimator errors, the GA-population
+    rank study, the methods' rows and the searches per GA seed): equal to the ``claims`` stored there when
+    they follow from its numbers (:func:`mergelab.report.claims.check_claims`)."""
+    r = nan_for_none(results)  # strict JSON: a measured NaN was written as null
+    return claims(pd.DataFrame(r["estimator_errors"]), pd.DataFrame(r["ga_population_rank_correlation"]), r["methods"],
+                  results["benchmark"], seeds=None if results.get("search_seeds") is None else pd.DataFrame(r["search_seeds"]),
+                  draws=pd.DataFrame(r["estimator_draws"]) if r.get("estimator_draws") else None,
+                  chosen=(r.get("estimator_choice") or {}).get("estimator"),
+                  fitness_estimator=r["evolution"]["estimator"])

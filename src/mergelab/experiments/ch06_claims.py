@@ -1,0 +1,96 @@
+"""Chapter 06 (C2M3): the chapter's claims, each judged by its rule on the numbers the chapter stores, and the rule
+for a difference across sets of merged models."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..utils import nan_for_none
+
+SOURCE = "crisostomi2024c2m3"  # key of reports/references.bib (Crisostomi et al., NeurIPS 2024)
+
+HOLDS = {"ahead": True, "behind": False}
+"""A claim that a difference is positive, by its direction (:func:`sets_direction`): reproduced when ahead, not
+reproduced when behind; unresolved (within two standard errors of 0) neither supports nor contradicts it, so the
+claim is not testable, as the book's claims page defines the three statuses."""
+
+
+def sets_direction(summary: Mapping[str, Any]) -> str | None:
+    """The chapter's rule for a difference across sets of models (:func:`across_sets`), both signs: ``"ahead"``
+    when its mean exceeds two standard errors across sets, ``"behind"`` when it is below minus two,
+    ``"unresolved"`` otherwise, ``None`` when there are too few sets for a standard error."""
+    se = summary.get("standard_error")
+    if se is None:
+        return None
+    return "ahead" if summary["mean"] > 2 * se else "behind" if summary["mean"] < -2 * se else "unresolved"
+
+
+def sets_separated(summary: Mapping[str, Any]) -> bool | None:
+    """:func:`sets_direction` as the claims read it: ``True`` when ahead, ``None`` when there is no rule."""
+    direction = sets_direction(summary)
+    return None if direction is None else direction == "ahead"
+
+
+def claims(arch_results: Mapping[str, Mapping[str, Any]], mlp_fraction: float = 0.9) -> list[dict[str, Any]]:
+    """The chapter's claims, each ``{claim, source, status, evidence}``, from the per-architecture
+    results (``methods``, ``cycle_errors``, ``paired``, and ``merge_sets`` of :func:`across_sets` where
+    several sets of models were merged) that the notebook writes."""
+    out: list[dict[str, Any]] = []
+
+    def add(claim: str, holds: bool | None, evidence: dict[str, Any]) -> None:
+        status = "not_testable" if holds is None else ("reproduced" if holds else "not_reproduced")
+        out.append({"claim": claim, "source": SOURCE, "status": status, "evidence": evidence})
+
+    for arch, r in arch_results.items():
+        m = r["methods"]
+        add(f"{arch}: averaging models trained from different initializations without alignment falls far "
+            "below the endpoints (less than half their mean accuracy)",
+            m["naive"]["accuracy"] < 0.5 * m["endpoints"]["accuracy"],
+            {"naive": m["naive"]["accuracy"], "endpoints_mean": m["endpoints"]["accuracy"]})
+        cyc = r["cycle_errors"]
+        add(f"{arch}: C2M3's pairwise maps are cycle-consistent (error 0) while independent pairwise weight "
+            "matching's are not", cyc["c2m3"]["mean"] == 0 and cyc["pairwise"]["mean"] > 0,
+            {"c2m3": cyc["c2m3"]["mean"], "pairwise": cyc["pairwise"]["mean"]})
+    if "mlp" in arch_results:
+        m = arch_results["mlp"]["methods"]
+        add(f"mlp: the C2M3 merge keeps at least {mlp_fraction:g} x the endpoints' mean accuracy (EMNIST MLP in "
+            "the paper: .87 merged)", m["c2m3"]["accuracy"] >= mlp_fraction * m["endpoints"]["accuracy"],
+            {"c2m3": m["c2m3"]["accuracy"], "endpoints_mean": m["endpoints"]["accuracy"],
+             "ratio": m["c2m3"]["relative_to_endpoints"]})
+    if "resnet" in arch_results:
+        r = arch_results["resnet"]
+        m, paired = r["methods"], r["paired"]["c2m3_repair_vs_merge_many_repair"]
+        sets = r.get("merge_sets") or {}
+        if sets_direction(sets) is not None:  # several sets of models: the spread between sets counts
+            add(f"resnet: C2M3 with REPAIR is above MergeMany with REPAIR (mean paired difference over "
+                f"{sets['n']} sets of models above two standard errors across sets; CIFAR-10 ResNet-20x2 in the "
+                "paper: .69 vs .50)", HOLDS.get(sets_direction(sets)),
+                {"c2m3_repair": m["c2m3_repair"]["accuracy"], "merge_many_repair": m["merge_many_repair"]["accuracy"],
+                 "mean_difference": sets["mean"], "standard_error_across_sets": sets["standard_error"],
+                 "sets": sets["n"], "sets_positive": sets["positive"], "sets_negative": sets["negative"],
+                 "first_set": paired, **({"alignment_objective": sets["objective"]} if "objective" in sets else {})})
+        else:
+            add("resnet: C2M3 with REPAIR is above MergeMany with REPAIR (paired difference over two standard "
+                "errors; CIFAR-10 ResNet-20x2 in the paper: .69 vs .50)",
+                HOLDS.get(sets_direction({"mean": paired["difference"], "standard_error": paired["standard_error"]})),
+                {"c2m3_repair": m["c2m3_repair"]["accuracy"], "merge_many_repair": m["merge_many_repair"]["accuracy"],
+                 **paired})
+        add("resnet: C2M3 with REPAIR is above naive averaging by a wide margin (over .3)",
+            m["c2m3_repair"]["accuracy"] - m["naive"]["accuracy"] > 0.3,
+            {"c2m3_repair": m["c2m3_repair"]["accuracy"], "naive": m["naive"]["accuracy"]})
+    if {"mlp", "resnet"} <= set(arch_results):
+        gain = {a: arch_results[a]["methods"]["c2m3_repair"]["accuracy"] - arch_results[a]["methods"]["c2m3"]["accuracy"]
+                for a in ("mlp", "resnet")}
+        add("Once the models are aligned, REPAIR matters for conv nets, not for MLPs: its gain on the C2M3 merge is "
+            "larger for the ResNet",
+            gain["resnet"] > gain["mlp"], {"gain_mlp": gain["mlp"], "gain_resnet": gain["resnet"]})
+    return out
+
+
+def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """:func:`claims` computed again from the chapter's results JSON (its ``architectures``): equal to the
+    ``claims`` stored there when they follow from its numbers (:func:`mergelab.report.claims.check_claims`)."""
+    arch = {name: {k: (v if k == "merge_sets" else nan_for_none(v)) for k, v in r.items()}  # strict JSON: NaN was null
+            for name, r in results["architectures"].items()}
+    return claims(arch)
