@@ -22,6 +22,12 @@ from mergelab.training.scratch import ScratchConfig, load_digits_split
 def test_the_package_routing_score_passes_its_contract_and_typical_mistakes_do_not():
     ch04.check_routing_score(subspace_residuals)
 
+    def pythagoras(x, bases):  # also right: ||x||^2 minus the projection's squared norm, rounded in float32
+        inside = torch.einsum("nd,tdk->ntk", x, bases).pow(2).sum(-1)
+        return (x.pow(2).sum(-1, keepdim=True) - inside).abs().sqrt()
+
+    ch04.check_routing_score(pythagoras)
+
     def squared(x, bases):
         return subspace_residuals(x, bases) ** 2
 

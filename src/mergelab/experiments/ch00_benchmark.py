@@ -318,3 +318,30 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     (:func:`mergelab.report.claims.check_claims`)."""
     r = nan_for_none(results)  # strict JSON: a measured NaN was written as null
     return claims(r["seeds"], r["diagnostics"], results["benchmark"])
+
+
+def check_norm_balanced(fn: Any) -> None:
+    """The check of chapter 00's first exercise: ``fn(pretrained, task_vectors, coefficient)`` is the norm-balanced
+    merge ``theta_0 + coefficient * sum_t (mean_norm / ||tau_t||) tau_t`` (a zero task vector adds nothing), on two
+    task vectors of norms 1 and 3, each of which it must scale to the mean norm 2. (The contract of every merge rule,
+    :func:`mergelab.merging.check_merge_rule`, is checked apart: it holds for plain task arithmetic too.) Raises
+    ``AssertionError`` saying what differs."""
+    import torch
+
+    pre = {"w": torch.zeros(2, 2), "b": torch.zeros(2)}
+    small = TaskVector({"w": torch.tensor([[1.0, 0.0], [0.0, 0.0]]), "b": torch.zeros(2)})  # norm 1
+    large = TaskVector({"w": torch.zeros(2, 2), "b": torch.tensor([0.0, 3.0])})  # norm 3
+    got = fn(pre, [small, large], coefficient=0.5)
+    want = {"w": torch.tensor([[1.0, 0.0], [0.0, 0.0]]), "b": torch.tensor([0.0, 1.0])}  # 0.5 x 2 x each unit vector
+    for k, v in want.items():
+        diff = (got[k] - v).abs().max().item()
+        assert diff < 1e-5, (
+            f"task vectors of norms 1 and 3 must each be scaled to their mean norm 2 before the sum; at coefficient 0.5 "
+            f"{k!r} should be {v.tolist()}, got {got[k].tolist()}"
+            + (": that is plain task arithmetic (no rescaling)." if torch.allclose(got[k], 0.5 * (small[k] + large[k]))
+               else "."))
+    zero = TaskVector({k: torch.zeros_like(v) for k, v in pre.items()})
+    with_zero = fn(pre, [small, zero], coefficient=1.0)  # mean norm 0.5: the small one is halved, the zero adds nothing
+    assert torch.allclose(with_zero["w"], 0.5 * small["w"]) and torch.isfinite(with_zero["b"]).all(), (
+        f"with a zero task vector beside one of norm 1 the mean norm is 0.5: expected 'w' = {(0.5 * small['w']).tolist()} "
+        f"and nothing from the zero vector; got {with_zero['w'].tolist()}")

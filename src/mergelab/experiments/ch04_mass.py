@@ -341,7 +341,9 @@ def check_routing_score(score: RoutingScore) -> None:
         f"{subspace_residuals(x, bases)[0].tolist()}.")
     inside = torch.randn(N, k, generator=g) @ bases[1].T  # in task 1's subspace, orthogonal to the others
     r = score(inside, bases)
-    assert r[:, 1].abs().max() < 1e-4, f"a feature inside task 1's subspace must have residual 0 there; got {r[:, 1].tolist()}."
+    # to rounding: a correct sqrt(||x||^2 - ||V^T x||^2) turns float32 rounding of ~1e-7 ||x||^2 into ~3e-4 ||x||
+    tol = 2e-3 * max(1.0, float(inside.norm(dim=1).max()))
+    assert r[:, 1].abs().max() < tol, f"a feature inside task 1's subspace must have residual 0 there; got {r[:, 1].tolist()}."
     assert torch.allclose(r[:, [0, 2]], inside.norm(dim=1, keepdim=True).expand(N, 2), atol=1e-4), (
         "a feature orthogonal to a task's subspace must have residual ||x|| for that task.")
     padded = torch.cat([bases, torch.zeros(T, d, 1)], dim=2)  # a zero column stores no direction

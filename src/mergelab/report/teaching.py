@@ -25,14 +25,16 @@ MARKER = "<!-- session-times -->"
 
 
 def _load_sentence(loads: list[float], cores: int) -> str:
-    """What the 1-minute load averages at the start of the runs say about the machine: the chapters run
-    one after the other, each on every core, so the previous chapter alone accounts for a load up to
-    the number of cores; only more than that means other work."""
+    """What the 1-minute load averages at the start of the runs say about the machine. ``make report`` runs the
+    chapters side by side, one lane per core, and a chapter may start worker processes of its own, so the book's
+    own work accounts for a load up to about twice the number of cores; only more than that means other work."""
     said = f"The 1-minute load average at the start of the runs was {min(loads)} to {max(loads)} on {cores} cores"
-    if max(loads) > cores + 0.5:
-        return said + ": above the number of cores, so other work shared the machine and an idle machine of this kind is faster."
-    return said + (", no more than the previous chapter's run on every core accounts for: the machine did "
-                   "nothing else of note.")
+    if max(loads) > 2 * cores + 0.5:
+        return said + (": above what the book's own lanes and their workers account for, so other work shared the "
+                       "machine and an idle machine of this kind is faster.")
+    return said + (", no more than the book's own lanes (one chapter per core, some with worker processes) account "
+                   "for: the machine did nothing else of note.")
+
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
