@@ -76,3 +76,23 @@ def test_margin_paragraph_says_which_curves_are_straight_and_where_gains_cross()
     none = margin_paragraph({"a": row(0.0, float("nan"), gained=0.0)}, {"a": float("nan")})
     assert "No expert gains an example" in none and "Measured" not in none
     assert value_span([0.123, 0.1234], ".2f") == "0.12" and value_span([0.1, 0.3], ".1f") == "0.1 to 0.3"
+
+
+def test_the_margins_of_chapter_00s_claims_are_the_ones_they_state():
+    """Task arithmetic at least 10 points above zero-shot, TSV-M at least 3 above task arithmetic, and the cross-task
+    entries at least -3 points on average: a merge just above its rival by less than the margin does not pass."""
+    def statuses(zs, ta, tsvm, off_mean):
+        per_seed = {s: _rows(zs, (zs + ta) / 2, ta + d, tsvm + d, .98) for s, d in zip("012", (0.0, 0.002, -0.002))}
+        got = claims({"per_seed": per_seed, "summary": summarize_seeds(per_seed)},
+                     {"cross_task_off_diagonal": {"mean": off_mean, "min": off_mean - 0.02}}, "tiny")
+        return {c["claim"].split(" (")[0].split(":")[0].rstrip("."): c["status"] for c in got}
+
+    clear = statuses(.32, .47, .54, -0.01)
+    assert clear["Task arithmetic beats zero-shot by a wide margin"] == "reproduced"
+    assert clear["TSV-M beats task arithmetic"] == "reproduced"
+    assert clear["Fine-tuned task vectors are weight-disentangled"] == "reproduced"
+    short = statuses(.32, .38, .49, -0.05)  # +.06 over zero-shot, +.11 over task arithmetic, -.05 off the diagonal
+    assert short["Task arithmetic beats zero-shot by a wide margin"] == "not_reproduced"
+    assert short["Fine-tuned task vectors are weight-disentangled"] == "not_reproduced"
+    close = statuses(.32, .47, .48, -0.01)  # TSV-M only .01 above task arithmetic, against a margin of .03
+    assert close["TSV-M beats task arithmetic"] == "not_reproduced"

@@ -180,3 +180,33 @@ def test_checkpointed_seed_searches_need_the_key_of_what_they_search(tmp_path):
     with pytest.raises(ValueError, match=r"key=None is not valid with checkpoint_dir=.*pass key=search_key"):
         ch05.seed_searches(None, None, {}, {}, {}, None, None, "gmp_irt", 0.05, 0.6, 2, 1, [0],
                            checkpoint_dir=tmp_path)
+
+
+def test_the_irt_dimension_is_chosen_by_held_out_likelihood_not_by_the_fit():
+    """On responses drawn from a 2-dimensional model, D = 2 fits held-out models best; D = 6 fits the training
+    models better still (it always does), which is why the choice reads the held-out column."""
+    from test_irt import synthetic  # the tests' folder is on the path (rootdir-relative imports, as test_mass's)
+
+    _, _, responses = synthetic(M=240, N=200, D=2, seed=1)
+    table, dim, fits = ch05.choose_dim(responses[:200], responses[200:], [1, 2, 6], seed=0)
+    assert dim == 2 and set(fits) == {1, 2, 6}
+    by = table.set_index("dim")
+    assert by["train_log_likelihood"].idxmax() == 6 and by["held_out_log_likelihood"].idxmax() == 2
+
+
+def test_the_claims_read_the_size_nearest_five_percent_when_larger_sizes_look_better():
+    """Every estimator is exact with every item answered: a claim that read the largest size would pass anything."""
+    rows_e, rows_r = [], []
+    for fraction, n, mae, rho in ((0.05, 160, 0.03, 0.7), (1.0, 3200, 0.0, 1.0)):
+        for e in ESTIMATORS:
+            rows_e.append({"scheme": "random", "fraction": fraction, "n": n, "estimator": e, "mae": mae})
+            rows_r += [{"fraction": fraction, "n": n, "draw": d, "estimator": e, "spearman": rho + 0.001 * d,
+                        "fitness_sd": 0.03, "subset_se": 0.03} for d in range(3)]
+    errors, ranks = pd.DataFrame(rows_e), pd.DataFrame(rows_r)
+    row = {"absolute_accuracy": 0.5, "fitness_forward_passes": 100}
+    rows = {"evolved_irt": row, "evolved_full": {**row, "fitness_forward_passes": 2000}, "task_arithmetic_grid": row}
+    accuracy, _, rank = ch05.claims(errors, ranks, rows, "tiny")[:3]
+    assert accuracy["evidence"]["n"] == 160 and accuracy["status"] == "not_reproduced"  # .03 > .02 at 5 %
+    assert rank["evidence"]["n"] == 160 and rank["status"] == "not_reproduced"  # about .70 against .9
+    draws = pd.DataFrame([{**r, "draw": 0, "spearman": 0.5} for r in rows_e])
+    assert ch05.choose_estimator(draws, 0.05)["n"] == 160

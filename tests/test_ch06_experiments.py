@@ -216,3 +216,42 @@ def test_models_and_merge_jobs_run_on_one_thread_whoever_runs_them(data_dir, mon
         ch.merge_study(trained, 2, [2], DIGITS, FW, 0)
         assert torch.get_num_threads() == 2  # the caller's setting is given back
     assert {kind for kind, _ in seen} == {"train", "merge"} and {n for _, n in seen} == {scratch.SCRATCH_THREADS}
+
+
+def _both_archs(changes: dict | None = None) -> dict:
+    """MLP and ResNet results where every claim of chapter 06 holds; ``changes`` maps (arch, method) to an accuracy
+    or (arch, "cycle", which) to a cycle error."""
+    acc = {"mlp": {"endpoints": .95, "naive": .30, "naive_repair": .90, "merge_many": .91, "merge_many_repair": .92,
+                   "c2m3": .91, "c2m3_repair": .92},
+           "resnet": {"endpoints": .98, "naive": .20, "naive_repair": .40, "merge_many": .80, "merge_many_repair": .93,
+                      "c2m3": .80, "c2m3_repair": .95}}
+    cycles = {a: {"c2m3": 0.0, "pairwise": 0.9} for a in acc}
+    for key, value in (changes or {}).items():
+        if key[1] == "cycle":
+            cycles[key[0]][key[2]] = value
+        else:
+            acc[key[0]][key[1]] = value
+    out = {}
+    for arch, m in acc.items():
+        methods = {k: {"accuracy": v} for k, v in m.items()}
+        methods["c2m3"]["relative_to_endpoints"] = m["c2m3"] / m["endpoints"]
+        out[arch] = {"methods": methods, "cycle_errors": {k: {"mean": v} for k, v in cycles[arch].items()},
+                     "paired": {"c2m3_repair_vs_merge_many_repair": {"difference": .02, "standard_error": .005}},
+                     "merge_sets": None}
+    return out
+
+
+@pytest.mark.parametrize("change, claim_part", [
+    ({("mlp", "naive"): .60}, "mlp: averaging models trained from different initializations"),
+    ({("resnet", "naive"): .60}, "resnet: averaging models trained from different initializations"),
+    ({("mlp", "cycle", "c2m3"): 1e-3}, "mlp: C2M3's pairwise maps are cycle-consistent"),
+    ({("resnet", "cycle", "pairwise"): 0.0}, "resnet: C2M3's pairwise maps are cycle-consistent"),
+    ({("mlp", "c2m3"): .80}, "mlp: the C2M3 merge keeps at least 0.9 x"),
+    ({("resnet", "naive"): .70, ("resnet", "c2m3_repair"): .95}, "resnet: C2M3 with REPAIR is above naive averaging"),
+    ({("mlp", "c2m3"): .75, ("mlp", "c2m3_repair"): .98}, "REPAIR matters for conv nets, not for MLPs"),
+])
+def test_each_claim_of_chapter_06_is_reproduced_when_it_holds_and_not_when_it_fails(change, claim_part):
+    holds = {c["claim"]: c["status"] for c in ch.claims(_both_archs())}
+    assert len(holds) == 8 and set(holds.values()) == {"reproduced"}
+    fails = [c for c in ch.claims(_both_archs(change)) if claim_part in c["claim"]]
+    assert len(fails) == 1 and fails[0]["status"] == "not_reproduced", fails

@@ -128,3 +128,46 @@ def test_anchors_random_and_clustered(fitted):
 def test_bad_inputs_get_clear_errors(fitted, call, match):
     with pytest.raises(ValueError, match=match):
         call(fitted[3], fitted[4])
+
+
+def test_mp_and_gmp_irt_are_the_merged_ability_estimate_and_its_average_with_the_subset_mean(fitted):
+    """mp-IRT reads p-IRT at the merged ability lambda @ theta_endpoints fitted on the answers, gmp-IRT averages it
+    with the subset mean (MERGE3's weight 1/2); on a model whose ability is a combination of the endpoints',
+    mp-IRT from a tenth of the items is closer to its full accuracy than the subset mean, over many subsets."""
+    _, theta, responses, model, theta_hat = fitted
+    endpoints = theta_hat[:3]  # three "experts"
+    rng = np.random.default_rng(5)
+    items = np.sort(rng.choice(model.num_items, 20, replace=False))
+    y = responses[10, items]
+    est = estimate_accuracy(model, items, y, endpoints)
+    lam = fit_merge_weights(model, endpoints, items, y, 1.0)
+    assert est.mp_irt == pytest.approx(p_irt(model, items, y, lam @ endpoints))
+    assert est.gmp_irt == pytest.approx(0.5 * est.subset_mean + 0.5 * est.mp_irt)
+    assert estimate_accuracy(model, items, y, endpoints, gmp_weight=0.25).gmp_irt == pytest.approx(
+        0.25 * est.subset_mean + 0.75 * est.mp_irt)
+    # a merged model: its ability is a combination of the endpoints' (answers drawn from the fitted model)
+    merged_theta = np.array([0.5, 0.3, 0.2]) @ endpoints
+    p = model.prob(merged_theta)
+    errors = {"subset_mean": [], "mp_irt": []}
+    for draw in range(30):
+        answers = (rng.random(model.num_items) < p).astype(float)
+        sub = np.sort(rng.choice(model.num_items, 20, replace=False))
+        e = estimate_accuracy(model, sub, answers[sub], endpoints)
+        errors["subset_mean"].append(abs(e.subset_mean - answers.mean()))
+        errors["mp_irt"].append(abs(e.mp_irt - answers.mean()))
+    assert np.mean(errors["mp_irt"]) < 0.8 * np.mean(errors["subset_mean"])
+
+
+def test_clustered_anchors_are_each_clusters_nearest_item_weighted_by_its_share(fitted):
+    from sklearn.cluster import KMeans
+
+    model = fitted[3]
+    items, weights = select_anchors(model, 12, "clustered", seed=4)
+    features = np.column_stack([model.discrimination, model.difficulty])
+    km = KMeans(n_clusters=12, n_init=1, random_state=4).fit(features)
+    for c in range(12):
+        members = np.flatnonzero(km.labels_ == c)
+        nearest = members[np.argmin(np.linalg.norm(features[members] - km.cluster_centers_[c], axis=1))]
+        j = int(np.flatnonzero(items == nearest)[0])
+        assert weights[j] == pytest.approx(members.size / model.num_items)
+    assert subset_mean(np.array([1.0, 0.0]), np.array([0.75, 0.25])) == pytest.approx(0.75)  # the weights count

@@ -617,3 +617,64 @@ def test_the_routing_study_is_cached_for_the_packages_score_only(tmp_path, monke
               ch04.routing_study_path(r.with_options(block=0), bench, "val", temperatures, 6, 1, None),
               ch04.result_path(r, bench, "val", 6, 1, None, 0)}
     assert len(paths) == 6
+
+
+def test_mass_accuracy_counts_an_image_right_only_when_read_with_its_own_head_and_label(tmp_path):
+    """evaluate_mass's figures equal a count made by hand from the router's predictions: an image is right for
+    MASS only when the chosen head is its own task's and the label matches (another task's head has other
+    classes, even where its index happens to match); the oracle figure reads the true task's head."""
+    from mergelab.experiments import ch04_mass as ch04
+
+    r, _ = router(top_k=2, threshold=0.1)
+    bench = _MixedBench(tmp_path)
+    got = ch04.evaluate_mass(r, bench, "val", batch_size=6, seed=1, cache=False)
+    right, oracle, contains, argmax, n = ({t: 0 for t in TASKS} for _ in range(5))
+    other_head_same_index = 0
+    for images, labels, truth in ch04.mixed_batches(bench, "val", list(TASKS), 6, 1):
+        out = r.predict(images, true_tasks=truth)
+        for i, t in enumerate(truth):
+            n[t] += 1
+            same = int(out.label[i]) == int(labels[i])
+            right[t] += int(out.head_task[i] == t and same)
+            other_head_same_index += int(out.head_task[i] != t and same)
+            oracle[t] += int(int(out.oracle_label[i]) == int(labels[i]))
+            contains[t] += int(t in out.routing.selected[i])
+            argmax[t] += int(out.routing.argmax[i] == t)
+    assert got["n"] == n
+    assert got["per_task_accuracy"] == pytest.approx({t: right[t] / n[t] for t in TASKS})
+    assert got["oracle_head_accuracy"] == pytest.approx({t: oracle[t] / n[t] for t in TASKS})
+    total = sum(n.values())
+    assert got["routing"]["contains_true"] == pytest.approx(sum(contains.values()) / total)
+    assert got["routing"]["argmax_true"] == pytest.approx(sum(argmax.values()) / total)
+    assert other_head_same_index > 0  # the case the rule is about occurs in this data (3 classes per task)
+
+
+@pytest.mark.parametrize("contains, n, first_pass, status", [
+    (0.95, 2000, (0.95, 0.80), ("reproduced", "reproduced")),      # routing well above .90; TSV-M's first pass ahead
+    (0.80, 2000, (0.80, 0.95), ("not_reproduced", "not_reproduced")),  # well below .90; the pretrained one ahead
+    (0.91, 40, (0.90, 0.89), ("not_testable", "not_testable")),    # few images: neither interval decides
+])
+def test_the_routing_claims_are_judged_by_their_intervals(contains, n, first_pass, status):
+    """Routing accuracy >= .90 (Wilson interval over the test inputs) and the TSV-M first pass against the pretrained
+    one (validation ablation at the default block): each reproduced, not reproduced or not testable by its interval."""
+    import pandas as pd
+
+    from mergelab.experiments import ch04_mass as ch04
+
+    experts = {"a": 1.0, "b": 1.0}
+    methods = {m: {"normalized_accuracy": 0.9, "per_task_accuracy": {"a": 0.9, "b": 0.9}}
+               for m in ("mass", "tsv_merge_validated")}
+    methods["experts"] = {"normalized_accuracy": 1.0, "per_task_accuracy": experts}
+    ci = {"estimate": 2.0, "ci_low": 1.9, "ci_high": 2.1, "n": 15, "level": 0.95, "method": "bootstrap (percentile)"}
+    examples = {"a": n // 2, "b": n // 2}
+    ablations = pd.DataFrame([
+        {"study": "layer", "routing_matrix": "mlp.c_fc", "block": 1, "first_pass": "tsv_merge",
+         "contains_true": first_pass[0], "examples": examples},
+        {"study": "first_pass", "routing_matrix": "mlp.c_fc", "block": 1, "first_pass": "pretrained",
+         "contains_true": first_pass[1], "examples": examples}])
+    out = ch04.claims(methods, {"contains_true": contains, "argmax_true": 0.8}, 2.0, {"ratio": 2.0, "ratio_interval": ci},
+                      ablations, 1, "tiny", {"a": n // 2, "b": n // 2}, experts)
+    routing = next(c for c in out if "Routing finds the task" in c["claim"])
+    first = next(c for c in out if "first pass beats routing on the pretrained" in c["claim"])
+    assert (routing["status"], first["status"]) == status
+    assert first["evidence"]["tsv_merge_first_pass_contains_true"] == first_pass[0]
