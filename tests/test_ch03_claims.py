@@ -1,0 +1,45 @@
+"""Chapter 03's claims judged on hand-made tables: each rule says reproduced where its numbers clear the bar, and
+not where they do not (the notebook test only checks that the statuses are among the three)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from mergelab.experiments.ch03_tsv import claims
+
+TASKS = ("a", "b", "c")
+N_TEST = {t: 2000 for t in TASKS}
+
+
+def _inputs(energy_gap: float, count_edges: dict[int, float], relative_difference: float = 1e-7):
+    rng = np.random.default_rng(0)
+    random_energy = rng.uniform(0.2, 0.3, 40)
+    energy = pd.DataFrame({"energy": random_energy + energy_gap + rng.normal(0, 0.005, 40),
+                           "random_energy": random_energy})
+    acc = lambda v: {"per_task_accuracy": {t: v for t in TASKS}}  # noqa: E731
+    rows = {"experts": acc(0.9), "task_arithmetic": acc(0.6), "tsv_merge": acc(0.7), "tsv_merge_validated": acc(0.72)}
+    pairs = pd.DataFrame({"sti": np.arange(10.0), "normalized_loss": np.arange(10.0) + rng.normal(0, 0.5, 10)})
+    study = pd.DataFrame([{"num_tasks": n, "method": m, "per_task_accuracy": {t: 0.6 + (edge if m.startswith("tsv") else 0)
+                                                                            for t in TASKS}}
+                          for n, edge in count_edges.items() for m in ("tsv_merge_validated", "task_arithmetic_validated")])
+    return energy, rows, pairs, study, {"relative_difference": relative_difference, "speedup": 3.0}
+
+
+def _status(out: list[dict], start: str) -> str:
+    (c,) = [c for c in out if c["claim"].startswith(start)]
+    return c["status"]
+
+
+def test_low_rank_needs_ten_points_over_random_and_the_task_count_claim_needs_every_count():
+    out = claims(*_inputs(0.30, {3: 0.08, 4: 0.06}), N_TEST, "tiny")
+    assert _status(out, "Task matrices are low-rank") == "reproduced"
+    assert _status(out, "As more tasks are merged") == "reproduced"
+    assert _status(out, "Pairs of tasks with more Singular Task Interference") == "reproduced"
+    assert _status(out, "The package's fast TSV-M") == "reproduced"
+    weak = claims(*_inputs(0.05, {3: 0.08, 4: -0.06}, relative_difference=1e-3), N_TEST, "tiny")
+    assert _status(weak, "Task matrices are low-rank") != "reproduced"  # 5 points over random, against 10
+    assert _status(weak, "As more tasks are merged") == "not_reproduced"  # behind at 4 tasks
+    assert _status(weak, "The package's fast TSV-M") == "not_reproduced"
+    level = claims(*_inputs(0.30, {3: 0.08, 4: 0.0}), N_TEST, "tiny")
+    assert _status(level, "As more tasks are merged") == "not_testable"  # level at 4 tasks: not every count ahead
