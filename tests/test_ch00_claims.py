@@ -96,3 +96,17 @@ def test_the_margins_of_chapter_00s_claims_are_the_ones_they_state():
     assert short["Fine-tuned task vectors are weight-disentangled"] == "not_reproduced"
     close = statuses(.32, .47, .48, -0.01)  # TSV-M only .01 above task arithmetic, against a margin of .03
     assert close["TSV-M beats task arithmetic"] == "not_reproduced"
+
+
+def test_the_summary_names_the_larger_of_reach_and_interference():
+    from mergelab.experiments.ch00_benchmark import merge_limit
+
+    experts = {"a": 0.9, "b": 0.8}
+    reach = {"a": {"alone": 0.5, "others": -0.01}, "b": {"alone": 0.5, "others": 0.02}}  # 35 points short, +0.5 given
+    assert merge_limit(reach, experts) == (
+        "how far each task's own vector reaches: at this coefficient a vector alone stays 35.0 points below its "
+        "expert on average, while the other vectors together give 0.5 points")
+    crowded = {"a": {"alone": 0.85, "others": -0.2}, "b": {"alone": 0.75, "others": -0.1}}  # 5 short, 15 taken
+    assert merge_limit(crowded, experts) == (
+        "what the other tasks' vectors do: together they take 15.0 points from a task on average, more than the "
+        "5.0 by which a task's own vector alone stays below its expert")

@@ -43,3 +43,14 @@ def test_low_rank_needs_ten_points_over_random_and_the_task_count_claim_needs_ev
     assert _status(weak, "The package's fast TSV-M") == "not_reproduced"
     level = claims(*_inputs(0.30, {3: 0.08, 4: 0.0}), N_TEST, "tiny")
     assert _status(level, "As more tasks are merged") == "not_testable"  # level at 4 tasks: not every count ahead
+
+
+def test_the_task_count_note_says_where_a_curve_rises_and_what_one_subset_per_size_allows():
+    from mergelab.experiments.ch03_tsv import task_count_note
+
+    falling = pd.DataFrame({"ta": [0.8, 0.7, 0.6], "tsv": [0.9, 0.85, 0.8]}, index=[2, 3, 4])
+    assert task_count_note(falling, 3).startswith("Every curve falls with each task added. Each size is the mean over 3")
+    bumpy = pd.DataFrame({"ta": [0.8, 0.7, 0.75, 0.6], "tsv": [0.9, 0.85, 0.8, 0.82]}, index=[2, 3, 4, 5])
+    note = task_count_note(bumpy, 1)
+    assert note.startswith("The curves are not monotone: normalized accuracy rises again as tasks are added for "
+                           "ta (at n = 4); tsv (at n = 5). Each size is one random subset of tasks")

@@ -70,6 +70,19 @@ def test_bad_draws_get_a_clear_error(study):
         ch05.choose_dim(responses[:20], responses[20:, :200], [1])
 
 
+def _search_rows() -> dict:
+    """Search rows where the IRT search costs 20x fewer passes and every accuracy is .5 (claims that do not read
+    them)."""
+    row = {"absolute_accuracy": 0.5, "fitness_forward_passes": 100}
+    return {"evolved_irt": row, "evolved_full": {**row, "fitness_forward_passes": 2000}, "task_arithmetic_grid": row}
+
+
+def _flat_ranks() -> pd.DataFrame:
+    """A rank study of one draw at 5 % where every estimator ranks alike (Spearman .5)."""
+    return pd.DataFrame([{"fraction": 0.05, "n": 160, "draw": 0, "estimator": e, "spearman": 0.5,
+                          "fitness_sd": 0.03, "subset_se": 0.03} for e in ESTIMATORS])
+
+
 def rank_claim(per_draw: list[float]) -> dict:
     """The rank claim of :func:`ch05.claims` when the best estimator's Spearman over draws is ``per_draw``
     (every other estimator ranks worse)."""
@@ -78,8 +91,7 @@ def rank_claim(per_draw: list[float]) -> dict:
                           for d, v in enumerate(per_draw) for e in ESTIMATORS])
     errors = pd.DataFrame([{"scheme": "random", "fraction": 0.05, "n": 160, "estimator": e,
                             "mae": 0.03 if e == "subset_mean" else 0.02} for e in ESTIMATORS])
-    row = {"absolute_accuracy": 0.5, "fitness_forward_passes": 100}
-    rows = {"evolved_irt": row, "evolved_full": {**row, "fitness_forward_passes": 2000}, "task_arithmetic_grid": row}
+    rows = _search_rows()
     out = ch05.claims(errors, ranks, rows, "tiny")
     return next(c for c in out if "ranks a GA population" in c["claim"])
 
@@ -142,10 +154,8 @@ def test_the_estimator_is_chosen_on_other_merges_and_the_accuracy_claim_reads_it
     held_out = _draw_rows({"subset_mean": [.03, .031], "p_irt": [.015, .016], "mp_irt": [.025, .026],
                            "gmp_irt": [.02, .022]})
     errors = ch05.summarize_estimators(held_out)
-    row = {"absolute_accuracy": 0.5, "fitness_forward_passes": 100}
-    rows = {"evolved_irt": row, "evolved_full": {**row, "fitness_forward_passes": 2000}, "task_arithmetic_grid": row}
-    ranks = pd.DataFrame([{"fraction": 0.05, "n": 160, "draw": 0, "estimator": e, "spearman": 0.5,
-                           "fitness_sd": 0.03, "subset_se": 0.03} for e in ESTIMATORS])
+    rows = _search_rows()
+    ranks = _flat_ranks()
     first = ch05.claims(errors, ranks, rows, "tiny", chosen=choice["estimator"])[0]
     # p-IRT is best on the held-out merges (.0155), but mp-IRT was chosen before them: its .0255 decides
     assert first["status"] == "not_reproduced" and first["evidence"]["estimator"] == "mp_irt"
@@ -165,10 +175,8 @@ def test_merge3s_claim_against_the_subset_mean_reads_its_own_estimator_paired_ov
     draws = _draw_rows({"subset_mean": [.030, .031, .030], "p_irt": [.01, .01, .01], "mp_irt": [.05, .05, .05],
                         "gmp_irt": gmp})
     errors = ch05.summarize_estimators(draws)
-    row = {"absolute_accuracy": 0.5, "fitness_forward_passes": 100}
-    rows = {"evolved_irt": row, "evolved_full": {**row, "fitness_forward_passes": 2000}, "task_arithmetic_grid": row}
-    ranks = pd.DataFrame([{"fraction": 0.05, "n": 160, "draw": 0, "estimator": e, "spearman": 0.5,
-                           "fitness_sd": 0.03, "subset_se": 0.03} for e in ESTIMATORS])
+    rows = _search_rows()
+    ranks = _flat_ranks()
     c = ch05.claims(errors, ranks, rows, "tiny", draws=draws, fitness_estimator="gmp_irt")[1]
     assert "gmp_irt" in c["claim"] and c["status"] == status  # p-IRT's lead does not count for MERGE3's estimator
     assert c["evidence"]["difference_per_draw"] == pytest.approx(np.subtract([.030, .031, .030], gmp))
@@ -203,10 +211,23 @@ def test_the_claims_read_the_size_nearest_five_percent_when_larger_sizes_look_be
             rows_r += [{"fraction": fraction, "n": n, "draw": d, "estimator": e, "spearman": rho + 0.001 * d,
                         "fitness_sd": 0.03, "subset_se": 0.03} for d in range(3)]
     errors, ranks = pd.DataFrame(rows_e), pd.DataFrame(rows_r)
-    row = {"absolute_accuracy": 0.5, "fitness_forward_passes": 100}
-    rows = {"evolved_irt": row, "evolved_full": {**row, "fitness_forward_passes": 2000}, "task_arithmetic_grid": row}
+    rows = _search_rows()
     accuracy, _, rank = ch05.claims(errors, ranks, rows, "tiny")[:3]
     assert accuracy["evidence"]["n"] == 160 and accuracy["status"] == "not_reproduced"  # .03 > .02 at 5 %
     assert rank["evidence"]["n"] == 160 and rank["status"] == "not_reproduced"  # about .70 against .9
     draws = pd.DataFrame([{**r, "draw": 0, "spearman": 0.5} for r in rows_e])
     assert ch05.choose_estimator(draws, 0.05)["n"] == 160
+
+
+def test_the_one_off_cost_counts_each_model_that_answered_every_item_once():
+    """The endpoints are among the models the IRT model is fitted on: the calibration figure holds only the others,
+    so the cost with calibration counts each full answer set once."""
+    models = pd.DataFrame({"name": ["zero_shot", "expert:a", "expert:b", "random:0", "random:1", "random:2"],
+                           "role": ["calibration", "calibration", "calibration", "calibration", "held_out",
+                                    "dim_validation"]})
+    once = ch05.one_off_passes(models, ["zero_shot", "expert:a", "expert:b"], 100)
+    assert once == {"endpoint_forward_passes": 300, "calibration_forward_passes": 100}  # random:0 alone
+    rows = {"evolved_irt": {"fitness_forward_passes": 50, **once}, "evolved_full": {"fitness_forward_passes": 4500}}
+    costs = ch05.fitness_costs(rows)
+    assert (costs["full"], costs["irt"], costs["irt_with_calibration"]) == (4500, 350, 450)
+    assert costs["ratio"] == pytest.approx(4500 / 350) and costs["ratio_with_calibration"] == pytest.approx(10.0)

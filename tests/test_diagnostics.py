@@ -254,3 +254,17 @@ def test_linear_probes_are_cached_by_weights_data_and_grid(tmp_path):
     path = D.probe_path(bench, state, "a", ("train", "val", "test"), grid)
     path.write_text('{"accuracy": 0.5')  # cut short
     assert D.linear_probe_fits(bench, state, ["a"], grid=grid)["a"] == first["a"] and bench.encoded == 27
+
+
+def test_the_probes_digest_the_encoder_once_for_all_tasks(tmp_path, monkeypatch):
+    """Each task's key names the weights' digest: it is computed once per call (at the clip size a ViT-B-32 digest
+    costs a tenth of a second), and the keys equal those of probe_path on its own."""
+    state, grid = {"w": torch.eye(6)}, (0.1, 1.0)
+    bench = _ProbeBench(tmp_path)
+    calls = []
+    real = D.state_digest
+    monkeypatch.setattr(D, "state_digest", lambda s: calls.append(1) or real(s))
+    D.linear_probe_fits(bench, state, grid=grid)
+    assert len(calls) == 1
+    names = {p.name for p in (tmp_path / "probe").glob("*.json")}
+    assert names == {D.probe_path(bench, state, t, ("train", "val", "test"), grid).name for t in ("a", "b")}

@@ -185,18 +185,20 @@ _PLAIN = frozenset({int, float, bool, str, type(None)})
 """Types JSON writes as they are."""
 
 
-def to_jsonable(value: Any) -> Any:
+def to_jsonable(value: Any, ordered: bool = False) -> Any:
     """``value`` as JSON can write it, recursively: dataclasses as mappings (keys sorted, as strings), tuples
     as lists, paths as strings, NumPy scalars and arrays and torch tensors as numbers and lists; anything else
-    unchanged. What :func:`atomic_write_json` writes and :func:`config_hash` hashes."""
+    unchanged. What :func:`atomic_write_json` writes and :func:`config_hash` hashes. ``ordered``: mappings keep
+    their keys' order instead (a result whose per-task dicts are read back in the tasks' order)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(dataclasses.asdict(value))
+        return to_jsonable(dataclasses.asdict(value), ordered)
     if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        items = value.items() if ordered else sorted(value.items(), key=lambda kv: str(kv[0]))
+        return {str(k): to_jsonable(v, ordered) for k, v in items}
     if isinstance(value, (list, tuple)):
         if all(type(v) in _PLAIN for v in value):  # a list of numbers (per-example losses): nothing to convert
             return list(value)
-        return [to_jsonable(v) for v in value]
+        return [to_jsonable(v, ordered) for v in value]
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, (np.integer,)):
@@ -301,12 +303,13 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def atomic_write_json(path: str | Path, payload: Any, strict: bool = False) -> Path:
+def atomic_write_json(path: str | Path, payload: Any, strict: bool = False, ordered: bool = False) -> Path:
     """Write ``payload`` as indented JSON atomically; dataclasses, arrays and tensors are converted.
 
     ``strict``: write standard JSON, every NaN or infinity as ``null`` (Python's default writes the
-    non-standard ``NaN``, which browsers and most other languages refuse)."""
-    data = to_jsonable(payload)
+    non-standard ``NaN``, which browsers and most other languages refuse). ``ordered``: keep the mappings'
+    key order (:func:`to_jsonable`; by default keys are sorted)."""
+    data = to_jsonable(payload, ordered)
     if strict:
         data = finite_or_none(data)
     text = json.dumps(data, indent=2, sort_keys=False, allow_nan=not strict)

@@ -22,8 +22,9 @@ Each function takes plain tensors, state dicts or a benchmark object with the co
 from __future__ import annotations
 
 import copy
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Protocol
@@ -166,14 +167,15 @@ PROBE_RESULT_KEYS = frozenset({"accuracy", "C", "val_accuracy", "at_grid_edge"})
 """The keys of one task's :func:`validated_probe`; a cached file without all of them is fitted again."""
 
 
-def probe_path(benchmark: Any, state: StateDict, task: str, splits: Sequence[str], grid: Sequence[float]
-               ) -> Path | None:
+def probe_path(benchmark: Any, state: StateDict, task: str, splits: Sequence[str], grid: Sequence[float],
+               digest: Callable[[], str] | None = None) -> Path | None:
     """Where :func:`linear_probe_fits` keeps one task's probe: ``<benchmark.cache_dir>/probe/<key>.json``, the key
     naming the encoder's weights (their digest), the task's three ``splits`` (the benchmark's ``evaluation_key``:
     data and arithmetic), the ``grid`` of ``C``, scikit-learn's version and the evaluation code's version.
-    ``None`` for a benchmark without a ``cache_dir`` or ``evaluation_key``."""
+    ``None`` for a benchmark without a ``cache_dir`` or ``evaluation_key``. ``digest``: gives the weights' digest
+    (a caller keying several tasks of one encoder computes it once); default :func:`state_digest` of ``state``."""
     return result_path(benchmark, "probe", lambda: {
-        "state": state_digest(state), "task": task, "splits": [benchmark.evaluation_key(task, s) for s in splits],
+        "state": (digest or (lambda: state_digest(state)))(), "task": task, "splits": [benchmark.evaluation_key(task, s) for s in splits],
         "grid": [float(c) for c in grid], "scikit-learn": version("scikit-learn"), **codeversion.key_part("evaluation")})
 
 
@@ -190,9 +192,10 @@ def linear_probe_fits(benchmark: DiagnosableBenchmark, state: StateDict, tasks: 
     splits = (train_split, val_split, test_split)
     encoder = None
     out = {}
+    digest = functools.cache(lambda: state_digest(state))  # once for all tasks, and only where a cache is kept
     bar = tqdm(list(tasks or benchmark.tasks), desc="linear probes", disable=not shows_progress(benchmark, progress))
     for task in bar:
-        path = probe_path(benchmark, state, task, splits, grid) if cache else None
+        path = probe_path(benchmark, state, task, splits, grid, digest) if cache else None
         cached = read_result(path, PROBE_RESULT_KEYS)
         if cached is not None:
             out[task] = cached

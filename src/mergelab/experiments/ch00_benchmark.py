@@ -345,3 +345,19 @@ def check_norm_balanced(fn: Any) -> None:
     assert torch.allclose(with_zero["w"], 0.5 * small["w"]) and torch.isfinite(with_zero["b"]).all(), (
         f"with a zero task vector beside one of norm 1 the mean norm is 0.5: expected 'w' = {(0.5 * small['w']).tolist()} "
         f"and nothing from the zero vector; got {with_zero['w'].tolist()}")
+
+
+def merge_limit(decomposition: Mapping[str, Mapping[str, float]], expert_accuracy: Mapping[str, float]) -> str:
+    """Which of the two limits of task arithmetic :func:`~mergelab.analysis.diagnostics.alone_and_merged`'s
+    ``decomposition`` (per task ``alone``, ``others``, accuracies 0..1 on one split) finds, as the phrase chapter 00's
+    summary ends with: the *reach* of each task's own vector at the merge's coefficient (the mean of ``expert - alone``
+    over tasks, ``expert_accuracy`` on the same split) or the *interference* of the others (the mean of ``-others``),
+    whichever is larger, with both figures in points."""
+    reach = float(np.mean([expert_accuracy[t] - r["alone"] for t, r in decomposition.items()]))
+    interference = float(np.mean([-r["others"] for r in decomposition.values()]))
+    if reach > abs(interference):
+        return ("how far each task's own vector reaches: at this coefficient a vector alone stays "
+                f"{100 * reach:.1f} points below its expert on average, while the other vectors together "
+                f"{'take' if interference > 0 else 'give'} {100 * abs(interference):.1f} points")
+    return (f"what the other tasks' vectors do: together they take {100 * interference:.1f} points from a task on "
+            f"average, more than the {100 * reach:.1f} by which a task's own vector alone stays below its expert")

@@ -206,18 +206,17 @@ def recommendations_markdown(eff: Mapping[str, Mapping[str, Any]], correlations:
     rq = correlations[regime]["overall"]
     lo, hi = rq["within_draw_ci_low"], rq["within_draw_ci_high"]
     per = {h: c for h, c in correlations[regime].items() if h != "overall" and "within_draw_ci_low" in c}
-    ranks = [h for h, c in per.items() if np.isfinite(c["within_draw_ci_low"]) and c["within_draw_ci_low"] > 0]
-    blind = [h for h in per if h not in ranks]
-    if np.isfinite(lo) and lo > 0:
-        trust = "it orders merges like the measured gap over all recipes together"
-        if per:
-            trust += ("; along each hyperparameter as well" if not blind else
-                      (f"; along {', '.join(names.get(h, h) for h in ranks)} too, but not along "
-                       if ranks else "; but along no single hyperparameter, not along ")
-                      + f"{', '.join(names.get(h, h) for h in blind)} (the interval within draws includes 0): "
-                      "use it to rank recipes only where it does")
-    else:
+    ranks = [names.get(h, h) for h, c in per.items() if c["within_draw_ci_low"] > 0]  # NaN: not above 0
+    blind = [names.get(h, h) for h, c in per.items() if not c["within_draw_ci_low"] > 0]
+    trust = "it orders merges like the measured gap over all recipes together"
+    if not (np.isfinite(lo) and lo > 0):
         trust = "its ordering of merges is not supported here; do not use it to choose recipes"
+    elif per and not blind:
+        trust += "; along each hyperparameter as well"
+    elif blind:
+        along = f"along {', '.join(ranks)} too, but not" if ranks else "but along no single hyperparameter, not"
+        trust += (f"; {along} along {', '.join(blind)} (the interval within draws includes 0): use it to rank "
+                  "recipes only where it does")
     lines.append(f"* **The bound**: Spearman within draws {rq['spearman_within_draw']:.2f} [{lo:.2f}, {hi:.2f}]: {trust}.")
     head = ("No hyperparameter's effect separates from zero at this size: **this size supports no recommendation**; "
             "the intervals below say how large an effect it could have missed.\n\n" if supported == 0 else "")

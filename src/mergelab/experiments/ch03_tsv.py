@@ -290,3 +290,21 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     r = nan_for_none(results)  # strict JSON: a measured NaN was written as null
     return claims(pd.DataFrame(r["energy_table"]), r["methods"], pd.DataFrame(r["interference"]["pairs"]),
                   pd.DataFrame(r["task_count"]), r["speed"], results["test_sizes"], results["benchmark"])
+
+
+def task_count_note(curve: pd.DataFrame, task_subsets: int) -> str:
+    """What the task-count figure's curves (``curve``: rows the numbers of tasks merged, ascending; one column per
+    method) say about monotonicity, and how far its draws of tasks let one read a single step: whether every curve
+    falls as tasks are added, or which rise again and where."""
+    rises = {m: [int(n) for n, step in curve[m].diff().iloc[1:].items() if step > 0] for m in curve.columns}
+    rises = {m: v for m, v in rises.items() if v}
+    shape = ("Every curve falls with each task added. " if not rises else
+             "The curves are not monotone: normalized accuracy rises again as tasks are added for "
+             + "; ".join(f"{m} (at n = {', '.join(map(str, v))})" for m, v in rises.items()) + ". ")
+    if task_subsets == 1:
+        return shape + ("Each size is one random subset of tasks (`task_subsets` = 1), so its value also says which "
+                        "tasks were drawn (an easy task lifts it): read the curves' trend and the order of the methods "
+                        "at each size, not a single step; more subsets per size average the draw out, at a "
+                        "proportional cost.")
+    return shape + (f"Each size is the mean over {task_subsets} random subsets of tasks; the results JSON keeps each "
+                    "subset (`task_count`), whose spread at a size says how much of a step the tasks drawn can explain.")

@@ -5,7 +5,6 @@ batches of a benchmark's tasks (cached per router and configuration) and its abl
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from ..evaluation import normalized_accuracy
 from ..merging.mass import MassRouter, subspace_residuals
 from ..merging.tsv import CompressedTaskVector, tsv_compress
 from ..task_vectors import TaskVector
-from ..utils import StateDict, atomic_write_text, check_integer, read_json, size_threads
+from ..utils import StateDict, atomic_write_json, check_integer, read_json, size_threads
 from .ch04_claims import (REFERENCE_EVIDENCE, REFERENCE_MODEL, claims, claims_from_results,  # noqa: F401 - the
                           reference_storage)  # notebook reads them as ch04's
 from .ch04_timing import COLD_REPEATS, time_per_image, timings  # noqa: F401 - the notebook reads them as ch04's
@@ -149,9 +148,9 @@ def evaluate_routers(routers: Sequence[MassRouter], bench: Any, split: str = "te
                                  examples)
         for i, res in zip(todo, fresh):
             results[i] = res
-            if paths[i] is not None:  # in the tasks' order (atomic_write_json would sort the keys): read back, the
-                # per-task dicts, the examples' residuals and the means over tasks come out as computed
-                atomic_write_text(paths[i], json.dumps(res, indent=1) + "\n")
+            if paths[i] is not None:  # in the tasks' order: read back, the per-task dicts, the examples' residuals
+                # and the means over tasks come out as computed
+                atomic_write_json(paths[i], res, ordered=True)
     return results  # type: ignore[return-value]
 
 
@@ -292,7 +291,7 @@ def routing_study(router: MassRouter, bench: Any, split: str = "val", temperatur
     with size_threads(bench):  # as evaluate_routers: the same bits whatever the caller's thread count
         table = _routing_study(router, bench, split, temperatures, score, batch_size, seed, max_per_task, progress)
     if path is not None:
-        atomic_write_text(path, json.dumps(table.to_dict(orient="records")) + "\n")
+        atomic_write_json(path, table.to_dict(orient="records"), ordered=True)
     return table
 
 

@@ -48,6 +48,19 @@ def choose_estimator(study: pd.DataFrame, fraction: float = 0.05) -> dict[str, A
             "mae": {k: float(v) for k, v in mae.items()}}
 
 
+def fitness_costs(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """The two searches' fitness forward passes, from their rows (:func:`~mergelab.experiments.ch05_merge3.search`,
+    the IRT row with :func:`~mergelab.experiments.ch05_merge3.one_off_passes` added): ``full`` (every candidate's
+    full answers), ``irt`` (the candidates' subsets plus the endpoints' full answers, as the claim counts),
+    ``irt_with_calibration`` (plus the other models the IRT model was fitted on) and ``ratio`` /
+    ``ratio_with_calibration`` (full over each; how many times fewer)."""
+    irt_row, full = rows["evolved_irt"], rows["evolved_full"]["fitness_forward_passes"]
+    irt = irt_row["fitness_forward_passes"] + irt_row.get("endpoint_forward_passes", 0)
+    with_calibration = irt + irt_row.get("calibration_forward_passes", 0)
+    return {"full": full, "irt": irt, "irt_with_calibration": with_calibration, "ratio": full / max(irt, 1),
+            "ratio_with_calibration": full / max(with_calibration, 1)}
+
+
 def claims(errors: pd.DataFrame, ranks: pd.DataFrame, rows: Mapping[str, Mapping[str, Any]], size: str,
            seeds: pd.DataFrame | None = None, draws: pd.DataFrame | None = None, chosen: str | None = None,
            fitness_estimator: str = "gmp_irt") -> list[dict[str, Any]]:
@@ -102,9 +115,8 @@ def claims(errors: pd.DataFrame, ranks: pd.DataFrame, rows: Mapping[str, Mapping
                       "weighed by twice their SD (seed_status)", "size": size}))
     irt_row, full_row, ta = rows["evolved_irt"], rows["evolved_full"], rows["task_arithmetic_grid"]
     gap = full_row["absolute_accuracy"] - irt_row["absolute_accuracy"]
-    irt_passes = irt_row["fitness_forward_passes"] + irt_row.get("endpoint_forward_passes", 0)
-    ratio = full_row["fitness_forward_passes"] / max(irt_passes, 1)
-    with_calibration = full_row["fitness_forward_passes"] / max(irt_passes + irt_row.get("calibration_forward_passes", 0), 1)
+    costs = fitness_costs(rows)
+    ratio, with_calibration = costs["ratio"], costs["ratio_with_calibration"]
     gaps = np.array([gap]) if seeds is None else seeds["gap"].to_numpy(dtype=float)
     irt_abs = np.array([irt_row["absolute_accuracy"]]) if seeds is None else seeds["irt_absolute"].to_numpy(dtype=float)
     per_seed = {"seeds": [] if seeds is None else seeds["seed"].tolist(), "rule": "per GA seed, weighed by twice "

@@ -37,7 +37,8 @@ from ..merging import merge
 from ..merging.evolve import EvolutionResult, evolve, task_arithmetic_per_task
 from ..task_vectors import TaskVector
 from ..utils import StateDict, check_integer, check_number, config_hash, state_digest
-from .ch05_claims import best_rank_at, choose_estimator, claims, claims_from_results, summarize_ranks  # noqa: F401 (the chapter's API)
+from .ch05_claims import (best_rank_at, choose_estimator, claims, claims_from_results,  # noqa: F401 (the chapter's API)
+                          fitness_costs, summarize_ranks)
 
 
 def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Mapping[str, StateDict],
@@ -359,6 +360,16 @@ def seed_searches(bench: Any, evaluator: ResponseEvaluator, pretrained: StateDic
                           n_gen, s, checkpoint=i_ckpt, progress=progress, desc=f"GA seed {s}, IRT fitness")
         rows.append(seed_row(s, f_row, i_row))
     return pd.DataFrame(rows)
+
+
+def one_off_passes(models: pd.DataFrame, endpoints: Sequence[str], num_items: int) -> dict[str, int]:
+    """What an IRT search pays once before its first candidate, in forward passes: ``endpoint_forward_passes`` (the
+    ``endpoints`` answer all ``num_items`` items) and ``calibration_forward_passes`` (the other models of
+    :func:`population` with role ``calibration``, on which the IRT model is fitted: the endpoints among them are
+    counted once, in the first figure)."""
+    fitted_only = (models["role"] == "calibration") & ~models["name"].isin(list(endpoints))
+    return {"endpoint_forward_passes": len(endpoints) * int(num_items),
+            "calibration_forward_passes": int(fitted_only.sum()) * int(num_items)}
 
 
 def ta_by_grid(bench: Any, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],

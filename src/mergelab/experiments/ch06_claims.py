@@ -27,7 +27,9 @@ def sets_direction(summary: Mapping[str, Any]) -> str | None:
 
 
 def sets_separated(summary: Mapping[str, Any]) -> bool | None:
-    """:func:`sets_direction` as the claims read it: ``True`` when ahead, ``None`` when there is no rule."""
+    """Whether the difference is ahead of 0 by :func:`sets_direction` (the ``separated`` field of
+    :func:`~mergelab.experiments.ch06_c2m3.across_sets`): ``True`` when ahead, ``False`` when behind or unresolved,
+    ``None`` when there is no rule. The claims read the direction itself (:data:`HOLDS`)."""
     direction = sets_direction(summary)
     return None if direction is None else direction == "ahead"
 

@@ -392,7 +392,7 @@ class MassRouter:
         oracle = torch.zeros(n, dtype=torch.long) if true_tasks is not None else None
         head_task: list[str] = [""] * n
         groups: dict[tuple[str, ...], list[int]] = {}
-        for i, (key, sel) in enumerate(zip(routing.keys, routing.selected)):
+        for i, key in enumerate(routing.keys):
             groups.setdefault(key, []).append(i)
         for key, rows in groups.items():
             # shared only by routers that send exactly these rows to this set: the same sub-batch, so the same bits
