@@ -11,7 +11,7 @@ import torch
 
 from mergelab.executors import RunsFailed
 from mergelab.experiments import ch06_c2m3 as ch
-from mergelab.training.scratch import ScratchConfig, scratch_artifact
+from mergelab.training.scratch import ScratchConfig, evaluate_state, scratch_artifact
 
 DIGITS = {"test_fraction": 0.25, "split_seed": 0}
 ARCHS = {"mlp": {"widths": [8, 8], "epochs": 1, "batch_size": 128, "lr": 3e-3, "optimizer": "adam"},
@@ -255,3 +255,103 @@ def test_each_claim_of_chapter_06_is_reproduced_when_it_holds_and_not_when_it_fa
     assert len(holds) == 8 and set(holds.values()) == {"reproduced"}
     fails = [c for c in ch.claims(_both_archs(change)) if claim_part in c["claim"]]
     assert len(fails) == 1 and fails[0]["status"] == "not_reproduced", fails
+
+
+# ---------------------------------------------------------------- fast checks on models that train nothing
+
+def _untrained(arch: str, states: int = 3, **recipe) -> tuple[ch.Trained, object]:
+    """``states`` freshly initialized models of ``arch`` (seeds 0, 1, ...; the test recipe updated by ``recipe``),
+    wrapped as the chapter's Trained."""
+    from dataclasses import replace
+
+    from mergelab.training.scratch import new_model
+
+    split, _ = ch.digits_data(DIGITS)
+    cfg = ScratchConfig(arch=arch, **{**ARCHS[arch], **recipe}, seed=0)
+    inits = [{k: v.detach().clone() for k, v in new_model(replace(cfg, seed=s), split)[0].state_dict().items()}
+             for s in range(states)]
+    model, spec = new_model(cfg, split)
+    return ch.Trained(arch, model, spec, inits, cfg), split
+
+
+def _permuted_copies(t: ch.Trained, seeds: tuple[int, ...]) -> list[dict[str, torch.Tensor]]:
+    """The first state and its copies permuted at random (one generator seed per copy)."""
+    from mergelab.alignment import apply_permutation, random_permutations
+
+    a = t.states[0]
+    sizes = t.spec.group_sizes(a)
+    return [a] + [apply_permutation(t.spec, random_permutations(sizes, torch.Generator().manual_seed(s)), a)
+                  for s in seeds]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_permuting_hidden_units_changes_the_weights_and_not_the_function(arch):
+    t, split = _untrained(arch)
+    r = ch.permutation_invariance(t, split, seed=3)
+    assert r["max_weight_change"] > 1e-2  # the permutation moved units
+    assert r["max_logit_change"] < 1e-4  # ... and the network computes the same logits
+    assert r["accuracy"] == r["accuracy_permuted"]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_interpolating_a_model_and_its_permuted_copy_is_flat_once_aligned(arch):
+    t, split = _untrained(arch)
+    t.states[:2] = _permuted_copies(t, (5,))
+    df = ch.interpolation(t, split, points=5, seed=0)
+    assert sorted(df.columns) == ["accuracy", "aligned", "barrier", "lam", "loss"]
+    for aligned in (False, True):
+        part = df[df.aligned == aligned].reset_index(drop=True)
+        assert list(part.lam) == [0, .25, .5, .75, 1]
+        assert part.barrier[0] == part.barrier[4] == 0  # the straight line meets the curve at its ends
+    aligned = df[df.aligned].reset_index(drop=True)
+    # weight matching recovers the permutation: every point of the aligned line is the first model
+    assert aligned.loss.max() - aligned.loss.min() < 1e-5 and aligned.barrier.abs().max() < 1e-5
+    assert aligned.accuracy.nunique() == 1
+    # the unaligned midpoint is the plain average, its barrier its loss above the ends' mean
+    plain = df[~df.aligned].reset_index(drop=True)
+    a, b = t.states[0], t.states[1]
+    mid = evaluate_state(t.model, {k: .5 * a[k] + .5 * b[k] for k in a}, split.X_test, split.y_test)
+    assert plain.loss[2] == pytest.approx(mid["loss"])
+    assert plain.barrier[2] == pytest.approx(mid["loss"] - (plain.loss[0] + plain.loss[4]) / 2)
+    with pytest.raises(ValueError, match=r"barrier_points=1 is not valid; use at least 2"):
+        ch.interpolation(t, split, points=1, seed=0)
+
+
+def test_alignment_maps_are_the_identity_for_naive_averaging_and_the_methods_own_otherwise():
+    from mergelab.alignment import random_permutations
+
+    sizes = {"h0": 4, "h1": 3}
+    g = torch.Generator().manual_seed(0)
+    mm = [random_permutations(sizes, g) for _ in range(3)]
+    fw = [random_permutations(sizes, g) for _ in range(3)]
+    maps = ch.alignment_maps(sizes, 3, mm, fw)
+    assert sorted(maps) == ["c2m3", "merge_many", "naive"]
+    assert len(maps["naive"]) == 3
+    assert all(torch.equal(p[k], torch.arange(n)) for p in maps["naive"] for k, n in sizes.items())
+    assert maps["merge_many"] == mm and maps["c2m3"] == fw
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_cycle_maps_of_permuted_copies_close_and_a_broken_cycle_is_counted_by_group_size(arch):
+    from types import SimpleNamespace
+
+    from mergelab.alignment import random_permutations
+
+    t, _ = _untrained(arch, widths=[8, 5])  # groups of unequal sizes, so the mean's weights matter
+    t.states[:3] = _permuted_copies(t, (1, 2))
+    sizes = t.spec.group_sizes(t.states[0])
+    assert len(set(sizes.values())) > 1, sizes
+    g = torch.Generator().manual_seed(7)
+    universes = [random_permutations(sizes, g) for _ in range(3)]
+    maps = ch.cycle_maps(t, t.states, SimpleNamespace(perms=universes), universes, seed=0)
+    assert sorted(maps) == ["c2m3", "merge_many", "pairwise"] and all(len(m) == 3 for m in maps.values())
+    errors = ch.cycle_errors(t, maps)
+    for name in ("pairwise", "merge_many", "c2m3"):  # exact copies: pairwise matching closes the cycle too
+        assert errors[name]["mean"] == 0 and set(errors[name]["per_group"]) == set(sizes), name
+    # break the cycle in one group by swapping two units of one map: 2 of its units go astray
+    group = max(sizes, key=sizes.get)
+    broken = {k: v.clone() for k, v in maps["pairwise"][2].items()}
+    broken[group][[0, 1]] = broken[group][[1, 0]]
+    bad = ch.cycle_errors(t, {"pairwise": [*maps["pairwise"][:2], broken]})["pairwise"]
+    assert bad["per_group"][group] == pytest.approx(2 / sizes[group])
+    assert bad["mean"] == pytest.approx(2 / sum(sizes.values()))
