@@ -345,3 +345,30 @@ def test_a_single_task_name_as_tasks_is_refused_not_read_as_its_letters(bench):
                  lambda: bench.experts(tasks="colours"), lambda: bench.multitask(tasks="colours")):
         with pytest.raises(ValueError, match=r"tasks='colours' is not valid; give a list of task names, e.g. \['colours'\]"):
             call()
+
+
+def test_the_encoder_pretrains_on_its_fixed_threads_whoever_calls_and_another_count_is_another_key(bench, monkeypatch):
+    """A pretrained encoder's bits depend on the thread count (reductions split differently), and the shipped one
+    was made on two: pretraining runs on ``pretrain_threads`` (two) from a caller on one thread, gives the caller's
+    count back, and a benchmark that pretrains on another count caches its encoder under another key."""
+    import mergelab.benchmarks.tiny.benchmark as tiny
+
+    seen = []
+    real = tiny.pretrain_factors
+    monkeypatch.setattr(tiny, "pretrain_factors",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bench.pretrained_state()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [bench.pretrain_threads] == [tiny.SHIPPED_PRETRAIN_THREADS] == [2]
+    assert bench._pretrained_artifact.meta()["environment"]["threads"] == 2
+
+    class OneThread(TinyBenchmark):
+        pretrain_threads = 1
+
+    one = OneThread(bench.config, device="cpu", progress=False)
+    assert one.encoder_key != bench.encoder_key

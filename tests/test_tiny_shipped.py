@@ -190,3 +190,32 @@ def test_atomic_copy_leaves_the_target_whole_when_the_copy_fails(tmp_path):
     (tmp_path / "source.bin").write_bytes(b"after")
     atomic_copy(tmp_path / "source.bin", target)
     assert target.read_bytes() == b"after"
+
+
+def test_on_a_gpu_what_is_made_there_has_keys_of_its_own_and_the_shipped_bits_are_still_read(tmp_path, monkeypatch):
+    """A data folder shared by a GPU machine and a CPU one: an encoder, heads, experts or trajectories made on the
+    GPU have other last bits, so their keys name the device (the CPU's keys, and the shipped ones, stay as they
+    were); the shipped encoder, heads and default runs are read on every device, as downloaded weights are. Only
+    the keys are read here (the device is relabelled; nothing runs on it)."""
+    from mergelab.report.shipped_encoder import default_runs
+    from mergelab.training.trajectories import _trajectory_key
+
+    monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path))
+    for variable in (ship.ENV_FINETUNE, ship.ENV_PRETRAIN):
+        monkeypatch.delenv(variable, raising=False)
+    cpu, gpu = default_benchmark(), default_benchmark()
+    gpu.device = torch.device("cuda")
+    assert cpu.shipped_encoder_key == cpu.encoder_key == gpu.shipped_encoder_key != gpu.encoder_key
+    assert gpu.cache_dir != cpu.cache_dir
+    assert (cpu.heads_name(), gpu.heads_name(), gpu.heads_name(cpu=True)) == (
+        "heads-canonical-threads1", "heads-canonical-threads1-cuda", "heads-canonical-threads1")
+    # on the GPU the shipped encoder and heads are read (nothing is pretrained or built)
+    state, reference = gpu.pretrained_state(), cpu.pretrained_state()
+    assert gpu.pretraining_log()["shipped"] is True and gpu.pretrained_sha256 == cpu.pretrained_sha256
+    assert all(torch.equal(state[k], v) for k, v in reference.items())
+    assert {t: gpu.head_digest(t) for t in gpu.tasks} == {t: cpu.head_digest(t) for t in cpu.tasks}
+    kind, tasks, cfg = default_runs()[1]
+    assert gpu.run_key(kind, tasks, cfg) != cpu.run_key(kind, tasks, cfg) == gpu.run_key(kind, tasks, cfg, parts={})
+    assert gpu.shipped_run(kind, tasks, cfg) is not None  # trained on the CPU, shipped, read on the GPU too
+    assert _trajectory_key(gpu, "epoch_trajectory", tasks, cfg, 2) != _trajectory_key(cpu, "epoch_trajectory", tasks,
+                                                                                       cfg, 2)

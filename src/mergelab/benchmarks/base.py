@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .. import codeversion
 from ..cache import Artifact
 from ..training import FinetuneConfig
+from ..utils import task_names  # noqa: F401 (the sizes' API, defined beside the other checks)
 from ..utils import StateDict, atomic_write_json, config_hash, read_json, state_digest
 
 
@@ -66,7 +67,8 @@ class Benchmark(Protocol):
     def head_digest(self, task: str) -> str:
         """A digest of the task's head (part of every cache key that depends on it)."""
 
-    def run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> str:
+    def run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig, parts: Mapping[str, Any] | None = None
+                ) -> str:
         """The cache key of a fine-tuning run: ``kind`` (expert, multitask), its tasks, its config."""
 
     def finetune_encoder(self, encoder: torch.nn.Module, tasks: Sequence[str], cfg: FinetuneConfig,
@@ -107,15 +109,6 @@ def config_from(cls: type, what: str, values: Mapping[str, Any] | None, size: st
         raise ValueError(f"{what} parameter {unknown[0]!r} is not valid for the {size} benchmark; valid: "
                          f"{', '.join(valid)}.")
     return cls(**values)
-
-
-def task_names(tasks: Any, valid: Sequence[str]) -> tuple[str, ...] | None:
-    """The ``tasks`` parameter as a tuple of names (``None`` or empty: ``None``, every task); a single string
-    is refused, since iterating it would give its letters."""
-    if isinstance(tasks, str):
-        raise ValueError(f"tasks={tasks!r} is not valid; give a list of task names, e.g. [{tasks!r}] "
-                         f"(valid: {', '.join(valid)}).")
-    return tuple(tasks) if tasks else None
 
 
 class BenchmarkBase:
@@ -181,14 +174,20 @@ class BenchmarkBase:
         """The recipe an expert on ``task`` trains with (default :attr:`default_recipe`)."""
         return cfg or self.default_recipe
 
-    def run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> str:
+    def run_key(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig, parts: Mapping[str, Any] | None = None
+                ) -> str:
         """Cache key (16 hex digits) of a fine-tuning run: ``kind`` (``"expert"`` or ``"multitask"``),
         its tasks, the benchmark, the tasks' head digests, every hyperparameter of ``cfg`` and the
-        size's own parts (:meth:`_run_key_parts`)."""
+        size's own parts (:meth:`_run_key_parts`, or ``parts`` when given)."""
+        if not isinstance(cfg, FinetuneConfig):
+            raise ValueError(f"cfg={cfg!r} is not valid; pass a FinetuneConfig, e.g. FinetuneConfig(**{cfg!r}) for a "
+                             "mapping of its fields (valid fields: "
+                             f"{', '.join(f.name for f in dataclasses.fields(FinetuneConfig))}).")
         return config_hash({"benchmark": self.key, "kind": kind, "tasks": list(tasks),
                             "heads": [self.head_digest(t) for t in tasks], "finetune": asdict(cfg),
                             **({"train_threads": self.train_threads} if self.train_threads is not None else {}),
-                            **self._run_key_parts(tasks), **codeversion.key_part("finetune")})
+                            **(self._run_key_parts(tasks) if parts is None else parts),
+                            **codeversion.key_part("finetune")})
 
     def run_artifact(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> Artifact:
         """Where the run ``(kind, tasks, cfg)`` is cached."""

@@ -103,6 +103,10 @@ class TinyBenchmarkConfig:
         return config_from(cls, "benchmark", {**rest, **parts, **({"tasks": tasks} if tasks else {})}, "tiny")
 
 
+SHIPPED_PRETRAIN_THREADS = 2
+"""Torch threads the shipped encoder was pretrained with (its log's ``environment``)."""
+
+
 class TinyBenchmark(BenchmarkBase):
     """The offline, laptop-sized twin of the 8-task ViT-B-32 benchmark.
 
@@ -126,6 +130,11 @@ class TinyBenchmark(BenchmarkBase):
     number of cores (threads split the reductions differently). One thread is also about the fastest for
     one 64-image run of this encoder (docs/tiny-benchmark.md, session 9); the cores are used by training
     runs side by side (``workers``)."""
+    pretrain_threads: int = SHIPPED_PRETRAIN_THREADS
+    """Torch threads the encoder pretrains with, whatever the machine, so that a pretrained encoder's bits do not
+    depend on the number of cores. Two, the count the shipped encoder was made with; whether another machine
+    remakes its bits also depends on the torch build and the CPU's kernels (docs/tiny-benchmark.md, session 21). It
+    enters :attr:`encoder_key` only when it is another count."""
 
     def __init__(self, config: TinyBenchmarkConfig | None = None, device: str | None = "auto",
                  progress: bool = True) -> None:
@@ -147,14 +156,31 @@ class TinyBenchmark(BenchmarkBase):
         return config_hash({"benchmark": "tiny", **generator_key(), **cfg,
                             **codeversion.key_part("pretrain")})
 
+    def _device_part(self) -> dict[str, str]:
+        """What the device adds to a key of something this size pretrains, builds or trains: nothing on the CPU
+        (so the CPU's keys, and the keys mergelab ships under, stay as they were), ``{"device": "cuda"}`` on a GPU,
+        whose arithmetic gives other last bits; a data folder shared by two machines then keeps both."""
+        return {} if self.device.type == "cpu" else {"device": self.device.type}
+
     @property
     def encoder_key(self) -> str:
         """Hash of what the pretrained encoder depends on: the data, the model, the pretraining (and their
-        code's version), not the heads (``heads``, ``head_shots``, ``logit_scale``): trying other heads
-        reuses the pretrained encoder, while :attr:`key` (the experts' caches) still tells them apart."""
+        code's version), the device where it is not the CPU (:meth:`_device_part`), not the heads (``heads``,
+        ``head_shots``, ``logit_scale``): trying other heads reuses the pretrained encoder, while :attr:`key` (the
+        experts' caches) still tells them apart."""
+        return config_hash({"encoder": self.shipped_encoder_key, **self._device_part()}) if self._device_part() \
+            else self.shipped_encoder_key
+
+    @property
+    def shipped_encoder_key(self) -> str:
+        """:attr:`encoder_key` on the CPU: the key the encoder (and its heads) ship under, looked up on every device,
+        as a user of the public benchmark downloads the same CLIP weights whatever their GPU."""
         cfg = asdict(self.config)
+        threads = ({} if self.pretrain_threads == SHIPPED_PRETRAIN_THREADS
+                   else {"pretrain_threads": self.pretrain_threads})
         return config_hash({"benchmark": "tiny", **generator_key(), "data": cfg["data"],
-                            "model": cfg["model"], "pretrain": cfg["pretrain"], **codeversion.key_part("pretrain")})
+                            "model": cfg["model"], "pretrain": cfg["pretrain"], **codeversion.key_part("pretrain"),
+                            **threads})
 
     @property
     def cache_dir(self) -> Path:
@@ -220,14 +246,22 @@ class TinyBenchmark(BenchmarkBase):
 
     @keeps_global_rng
     def _pretrain(self) -> tuple[StateDict, dict[str, Any]]:
-        """Pretrain a fresh encoder on the pretext pool with ``config.pretrain``; ``(weights, log)``. Where
+        """Pretrain a fresh encoder on the pretext pool with ``config.pretrain``, on :attr:`pretrain_threads` torch
+        threads whoever calls; ``(weights, log)``. Where
         mergelab ships the encoder of this :attr:`encoder_key` (:mod:`mergelab.benchmarks.tiny.ship`), that
         encoder and its pretraining log, marked ``"shipped": True``, instead."""
-        from .ship import environment, shipped_artifact, taken
+        from .ship import shipped_artifact, taken
 
-        shipped = shipped_artifact(self.encoder_key)
+        shipped = shipped_artifact(self.shipped_encoder_key)
         if shipped is not None:
             return taken(shipped)
+        with torch_threads(self.pretrain_threads):  # the same bits on any number of cores
+            return self._pretrain_here()
+
+    def _pretrain_here(self) -> tuple[StateDict, dict[str, Any]]:
+        """:meth:`_pretrain` when nothing ships, on the threads it set."""
+        from .ship import environment
+
         torch.manual_seed(self.config.pretrain.seed)
         enc = build_tiny_encoder(self.config.model)
         X, targets = load_pretext(self.config.data)
@@ -305,10 +339,10 @@ class TinyBenchmark(BenchmarkBase):
         if self._heads is None:
             from .ship import shipped_heads, taken
 
-            name = self.heads_name()
+            name = self.heads_name(cpu=True)  # the name the heads ship under, looked up on every device
 
             def build() -> tuple[StateDict, dict[str, Any]]:
-                shipped = self._made_from_this_encoder(shipped_heads(self.encoder_key, name))
+                shipped = self._made_from_this_encoder(shipped_heads(self.shipped_encoder_key, name))
                 if shipped is not None:  # the shipped encoder's heads as the shipped runs were trained with
                     return taken(shipped)
                 enc = self.new_encoder(self.pretrained_state())
@@ -321,11 +355,13 @@ class TinyBenchmark(BenchmarkBase):
             self._heads = {t: ClassificationHead(weights[t], self.config.logit_scale) for t in TASKS}
         return self._heads
 
-    def heads_name(self) -> str:
+    def heads_name(self, cpu: bool = False) -> str:
         """``heads-<canonical|shotsN>-threads<T>``: the heads' kind and the threads they were built on (a cache
-        made before the heads were pinned to :attr:`train_threads` is rebuilt once), the name they ship under."""
+        made before the heads were pinned to :attr:`train_threads` is rebuilt once), the name they ship under;
+        ``-<device>`` after it where they are built on a GPU (unless ``cpu``: the name on the CPU)."""
         tag = "canonical" if self.config.heads == "canonical" else f"shots{self.config.head_shots}"
-        return f"heads-{tag}-threads{self.train_threads}"
+        device = "" if cpu or not self._device_part() else f"-{self.device.type}"
+        return f"heads-{tag}-threads{self.train_threads}{device}"
 
     def heads_path(self) -> Path:
         """The cached heads' file, ``<heads_name()>-encoder<digest>.safetensors``.
@@ -376,7 +412,12 @@ class TinyBenchmark(BenchmarkBase):
         SHA-256); else ``None``: the run is trained here."""
         from .ship import shipped_run
 
-        return self._made_from_this_encoder(shipped_run(kind, self.run_key(kind, tasks, cfg)))
+        return self._made_from_this_encoder(shipped_run(kind, self.run_key(kind, tasks, cfg, parts={})))
+
+    def _run_key_parts(self, tasks: Sequence[str]) -> dict[str, Any]:
+        """The device, where it is not the CPU (:meth:`_device_part`): a run trained on a GPU has other weights. The
+        shipped runs are looked up by their CPU keys on every device (:meth:`shipped_run`)."""
+        return self._device_part()
 
     def _train_cached(self, kind: str, tasks: Sequence[str], cfg: FinetuneConfig) -> StateDict:
         from .ship import ENV_FINETUNE, requested
