@@ -8,6 +8,7 @@ an epoch is one full-batch step.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -18,10 +19,10 @@ import torch
 from torch import nn
 
 from .. import codeversion, paths
-from ..cache import Artifact
+from ..cache import Artifact, build_lock, file_sha256
 from ..executors import Executor, LocalExecutor, benchmark_context
 from ..task_vectors import TaskVector
-from ..utils import StateDict, config_hash, shows_progress, size_threads
+from ..utils import StateDict, config_hash, shows_progress, size_threads, task_names
 from .finetune import FinetuneConfig, finetune, training_indices
 
 
@@ -168,6 +169,27 @@ class _EpochStates(Sequence):
             return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
 
+def _intact(entry: Artifact) -> bool:
+    """Whether a trajectory is cached whole: its file and sidecar are there and the file's SHA-256 is the one its
+    sidecar recorded (checked once per process while the file keeps its size and modification time; its epochs
+    are then read lazily, so :meth:`Artifact.load`'s check on every load is not made). A file that does not match
+    is reported and rebuilt."""
+    if not entry.exists():
+        return False
+    stat = entry.path.stat()
+    if _digest(str(entry.path), stat.st_size, stat.st_mtime_ns) == entry.meta().get("sha256"):
+        return True
+    print(f"cached file {entry.path} is corrupt: its SHA-256 differs from the one recorded when it was written. "
+          "Rebuilding it.")
+    return False
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a trajectory file (``size`` and ``mtime_ns`` only tell a rewritten file apart)."""
+    return file_sha256(path)
+
+
 def _spread_schedule(steps_per_epoch: Mapping[str, int]) -> tuple[int, Callable[[str, int], bool] | None]:
     """An epoch of a multi-task run over tasks with different numbers of steps per epoch.
 
@@ -208,36 +230,38 @@ def _run_trajectory(bench: Any, kind: str, tasks: Sequence[str],
     key = _trajectory_key(bench, kind, tasks, run_cfg, epochs, extra)
     entry = Artifact.at(trajectories_dir(), "trajectory" if kind == "epoch_trajectory" else "multitask-trajectory", key)
     path = entry.path
-    if not entry.exists():
-        enc = bench.new_encoder(bench.pretrained_state())
-        snapshots: dict[int, StateDict] = {}
+    if not _intact(entry):
+        with build_lock(path):
+            if not _intact(entry):  # built by another process while this one waited?
+                enc = bench.new_encoder(bench.pretrained_state())
+                snapshots: dict[int, StateDict] = {}
 
-        def snapshot(step: int, model: nn.Module) -> None:
-            if step % spe == 0:
-                snapshots[step // spe] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                def snapshot(step: int, model: nn.Module) -> None:
+                    if step % spe == 0:
+                        snapshots[step // spe] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
-        start = time.perf_counter()
-        desc = f"trajectory {name} ({run_cfg.optimizer}, lr {run_cfg.lr:g})"
-        options: dict[str, Any] = {}
-        if getattr(bench, "micro_batch_size", None) is not None:
-            options["micro_batch_size"] = bench.micro_batch_size
-        if active is not None:
-            options["active"] = active
-        with size_threads(bench):  # as the size's experts (None: as set)
-            history = (train or finetune)(enc, dict(data()), {t: bench.heads[t] for t in tasks}, train_cfg,
-                                          device=bench.device, desc=desc,
-                                          progress=shows_progress(bench, progress),
-                                          on_step=snapshot, **options)
-        wall = time.perf_counter() - start
-        if sorted(snapshots) != list(range(1, epochs + 1)):
-            raise RuntimeError(f"the training loop reported epochs {sorted(snapshots)}, expected 1..{epochs}: "
-                               "it must call on_step(step, model) after every optimizer step.")
-        entry.save({f"epoch{e}/{k}": v for e, s in snapshots.items() for k, v in s.items()}, {
-            "kind": kind, "task": name, "tasks": list(tasks), "benchmark_key": bench.key,
-            "finetune": asdict(run_cfg), "epochs": epochs, "steps_per_epoch": spe, "n_train": n_train,
-            "loss": history["loss"], "wall_time_s": wall, "device": str(bench.device), **(extra or {})},
-            metadata={"kind": kind, "task": name, "epochs": str(epochs)})
-        del snapshots
+                start = time.perf_counter()
+                desc = f"trajectory {name} ({run_cfg.optimizer}, lr {run_cfg.lr:g})"
+                options: dict[str, Any] = {}
+                if getattr(bench, "micro_batch_size", None) is not None:
+                    options["micro_batch_size"] = bench.micro_batch_size
+                if active is not None:
+                    options["active"] = active
+                with size_threads(bench):  # as the size's experts (None: as set)
+                    history = (train or finetune)(enc, dict(data()), {t: bench.heads[t] for t in tasks}, train_cfg,
+                                                  device=bench.device, desc=desc,
+                                                  progress=shows_progress(bench, progress),
+                                                  on_step=snapshot, **options)
+                wall = time.perf_counter() - start
+                if sorted(snapshots) != list(range(1, epochs + 1)):
+                    raise RuntimeError(f"the training loop reported epochs {sorted(snapshots)}, expected 1..{epochs}: "
+                                       "it must call on_step(step, model) after every optimizer step.")
+                entry.save({f"epoch{e}/{k}": v for e, s in snapshots.items() for k, v in s.items()}, {
+                    "kind": kind, "task": name, "tasks": list(tasks), "benchmark_key": bench.key,
+                    "finetune": asdict(run_cfg), "epochs": epochs, "steps_per_epoch": spe, "n_train": n_train,
+                    "loss": history["loss"], "wall_time_s": wall, "device": str(bench.device), **(extra or {})},
+                    metadata={"kind": kind, "task": name, "epochs": str(epochs)})
+                del snapshots
     meta = entry.meta()
     return EpochTrajectory(name, run_cfg, epochs, spe, n_train, _EpochStates(path, epochs), meta["loss"],
                            meta["wall_time_s"], tuple(tasks))
@@ -343,7 +367,7 @@ def multitask_epoch_trajectory(bench: Any, tasks: Sequence[str], cfg: FinetuneCo
     to first order in the learning rate the same summed update). ``steps_per_epoch`` is then
     ``max_t s_t`` and ``n_train`` the largest subset.
     """
-    tasks = sorted(tasks)
+    tasks = sorted(task_names(tasks, list(bench.tasks)) or ())
     if not tasks:
         raise ValueError("tasks is empty; pass the tasks of the multi-task run.")
     splits = {t: bench.split(t, "train") for t in tasks}  # lazy images at the clip size
