@@ -337,7 +337,8 @@ def test_failing_notebook_is_kept_and_leaves_no_stamp(tmp_path: Path) -> None:
 
 def test_a_failed_run_leaves_no_earlier_run_up_to_date(tmp_path: Path) -> None:
     """A chapter writes its results part-way through: a run that fails after that (here under another profile)
-    must not leave the earlier executed notebook counted as up to date beside the failed run's results."""
+    must not leave the earlier executed notebook counted as up to date, nor its results beside that notebook: the
+    results file the notebook goes with is put back."""
     make_project(tmp_path)
     write_notebook(tmp_path / "notebooks" / "00_alpha.ipynb", "Alpha chapter",
                    WRITE_RESULT + "\nassert value != 7, 'fails after writing its results'")
@@ -347,9 +348,20 @@ def test_a_failed_run_leaves_no_earlier_run_up_to_date(tmp_path: Path) -> None:
     (tmp_path / "params" / "other" / "00_alpha.yaml").write_text("value: 7\n")
     with pytest.raises(report.ReportError, match="fails after writing its results"):
         build(tmp_path, profile="other")
-    assert json.loads((out / "results" / "00_alpha.json").read_text()) == {"value": 7}  # the failed run's
+    assert json.loads((out / "results" / "00_alpha.json").read_text()) == {"value": 2}  # the executed notebook's
+    assert sorted(p.name for p in (out / "results").iterdir()) == ["00_alpha.json"]  # no copy left behind
+    assert (out / "00_alpha.failed.ipynb").is_file()
     assert build(tmp_path).statuses == {"00_alpha": report.EXECUTED}  # not "up to date": it runs again
     assert json.loads((out / "results" / "00_alpha.json").read_text()) == {"value": 2}
+
+
+def test_a_first_run_that_fails_after_writing_its_results_leaves_none(tmp_path: Path) -> None:
+    make_project(tmp_path)
+    write_notebook(tmp_path / "notebooks" / "00_alpha.ipynb", "Alpha chapter",
+                   WRITE_RESULT + "\nraise ValueError('after the results')")
+    with pytest.raises(report.ReportError, match="after the results"):
+        build(tmp_path)
+    assert list((tmp_path / "out" / "results").iterdir()) == []  # the notebook wrote there; nothing is left
 
 
 def test_a_reports_path_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import os
 import re
+import shutil
 import sys
 import time
 import uuid
@@ -20,7 +21,7 @@ import yaml
 
 from mergelab import paths
 from mergelab.executors import EXECUTORS
-from mergelab.utils import environment
+from mergelab.utils import atomic_write, environment
 from mergelab.params import (ReportError, benchmark_param_files, check_parameters, load_params, notebook_parameters,
                              params_path)
 
@@ -290,7 +291,10 @@ def execute_notebook(
 
     The run writes a hidden temporary file in ``reports`` and moves it into place only on success.
     On failure the partly executed notebook is kept as ``<reports>/<name>.failed.ipynb`` and a
-    :class:`ReportError` names the notebook.
+    :class:`ReportError` names the notebook. A chapter writes its results file (``<reports>/results/<name>.json``)
+    before its last cells run: when the run fails or is interrupted, the results file the previous executed notebook
+    goes with is put back (or, with none, the new one removed), so that the book and its claims page never read
+    numbers from another run than the chapter they render.
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -303,6 +307,7 @@ def execute_notebook(
     start = time.perf_counter()
     kernel_log = reports / f".{notebook.stem}.kernel.log"
     kernel_log.unlink(missing_ok=True)
+    results = _ResultsGuard(reports / "results" / f"{notebook.stem}.json")
     with kernel_environment(reports, {KERNEL_LOG_ENV: str(kernel_log)}):
         check_kernel(kernel_name)
         try:
@@ -318,22 +323,49 @@ def execute_notebook(
             )
         except PapermillExecutionError as err:
             _keep_failed(running, failed)
+            results.restore()
             raise ReportError(
                 f"notebook {notebook.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                 f"The partly executed notebook is kept at {failed} for inspection{_log_note(kernel_log)}."
             ) from err
         except Exception as err:
             _keep_failed(running, failed)
+            results.restore()
             raise ReportError(f"notebook {notebook.name} could not be executed: {err}{_log_note(kernel_log)}") from err
         except BaseException:  # interrupted: leave nothing half written behind, and no kernel
             running.unlink(missing_ok=True)
+            results.restore()
             _stop_kernels()
             kernel_log.unlink(missing_ok=True)
             raise
     os.replace(running, reports / notebook.name)
+    results.release()
     failed.unlink(missing_ok=True)
     kernel_log.unlink(missing_ok=True)
     return time.perf_counter() - start
+
+
+class _ResultsGuard:
+    """A copy of a chapter's results file taken before the chapter runs (``.<name>.previous.json`` beside it), to
+    put back with :meth:`restore` when the run fails, or drop with :meth:`release` when it succeeds."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.previous = path.with_name(f".{path.stem}.previous.json")
+        self.previous.unlink(missing_ok=True)
+        self.had = path.is_file()
+        if self.had:
+            atomic_write(self.previous, lambda tmp: shutil.copyfile(path, tmp))
+
+    def restore(self) -> None:
+        """The results file as it was before the run (none if there was none)."""
+        if self.had:
+            os.replace(self.previous, self.path)
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        self.previous.unlink(missing_ok=True)
 
 
 def _log_note(kernel_log: Path) -> str:
