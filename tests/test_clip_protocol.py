@@ -430,7 +430,10 @@ def test_a_release_head_beside_imported_experts_scores_them(tmp_path, monkeypatc
     torch.testing.assert_close(got.weight, rows)
     assert got.logit_scale == pytest.approx(100.0, rel=1e-5)
     assert got.digest() != plain.heads["MNIST"].digest()
-    torch.save(torch.nn.Linear(rows.shape[1], 7), folder / "head_MNIST.pt")  # another task's head
+    (folder / "head_MNIST.pt").rename(folder / "head_MNISTVal.pt")  # the TSV code's name for it
+    got = imported(True).heads["MNIST"]
+    torch.testing.assert_close(got.weight, rows)
+    torch.save(torch.nn.Linear(rows.shape[1], 7), folder / "head_MNIST.pt")  # another task's head, found first
     with pytest.raises(CheckpointError, match="7 rows; the task has 10 classes"):
         imported(True).heads["MNIST"]
 
@@ -462,3 +465,22 @@ def test_chapters_side_by_side_write_the_synthetic_datasets_once(tmp_path, monke
     waiting.join(timeout=30)
     assert got == [root] and writes == [root] and (root / ".complete").is_file()
     assert cfg.resolve_root() == root and writes == [root]  # complete: read, never written again
+
+
+def test_synthetic_datasets_of_another_writer_version_go_to_a_folder_of_their_own(tmp_path, monkeypatch):
+    """The synthetic datasets are written once per data folder and read by every clip_smoke run after: a new version
+    of their writer must not keep reading the old images (they carry no key of their own)."""
+    from mergelab import codeversion
+    from mergelab.benchmarks.clip import config as clip_config
+    from mergelab.benchmarks.clip import synthetic
+
+    monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path))
+    writes = []
+    real = synthetic.write_synthetic_datasets
+    monkeypatch.setattr(synthetic, "write_synthetic_datasets", lambda root: writes.append(root) or real(root, tasks=["MNIST"]))
+    cfg = clip_config.ClipDataConfig(synthetic=True)
+    assert codeversion.CODE_VERSIONS["synthetic"] == 1 and cfg.resolve_root() == tmp_path / "clip" / "synthetic"
+    monkeypatch.setitem(codeversion.CODE_VERSIONS, "synthetic", 2)
+    assert cfg.resolve_root() == tmp_path / "clip" / "synthetic-v2"
+    assert writes == [tmp_path / "clip" / "synthetic", tmp_path / "clip" / "synthetic-v2"]
+    assert (tmp_path / "clip" / "synthetic-v2" / ".complete").is_file()

@@ -9,6 +9,7 @@ import torch
 
 import mergelab
 from mergelab import codeversion
+from mergelab.benchmarks.clip.config import synthetic_root
 from mergelab.benchmarks.tiny.benchmark import TinyBenchmark
 from mergelab.analysis.diagnostics import probe_path
 from mergelab.benchmarks.tiny.data import TinyDataConfig, _cache_path
@@ -81,13 +82,14 @@ def test_a_version_bump_changes_the_cache_keys_of_its_kind(kind, monkeypatch):
                 str(probe_path(stub, {"w": torch.zeros(2)}, "colours", ("train", "val", "test"), (1.0,))),
                 str(result_path(router, stub, "val", 8, 0, None, 0)),
                 config_hash(search_key(SimpleNamespace(key="fitness"), {"w": torch.zeros(2)}, {"colours": {"w": torch.ones(2)}},
-                                       8, 1.0)))
+                                       8, 1.0)),
+                str(synthetic_root()))
 
     before = keys()
     monkeypatch.setitem(codeversion.CODE_VERSIONS, kind, codeversion.CODE_VERSIONS[kind] + 1)
     after = keys()
     names = ("data", "encoder", "pretrain", "finetune", "trajectory", "scratch", "evaluation", "merge", "probe", "mass",
-             "ga")
+             "ga", "synthetic")
     changed = {name for name, a, b in zip(names, before, after) if a != b}
     # the benchmark key is in the experts', the trajectories' and the evaluations' keys, the images' version in
     # the encoder's and the benchmark's, and the models' code in the merges' keys

@@ -27,7 +27,7 @@ PACKAGE = Path(__file__).resolve().parent
 FINGERPRINTS_FILE = PACKAGE / "code_fingerprints.json"
 
 CODE_VERSIONS: dict[str, int] = {"data": 1, "pretrain": 2, "finetune": 1, "trajectory": 1, "scratch": 1, "evaluation": 1,
-                                 "merge": 2, "mass": 2, "ga": 2}
+                                 "merge": 2, "mass": 2, "ga": 2, "synthetic": 1}
 """Version of the code that makes each kind of cached artifact (bump to rebuild its caches)."""
 
 SOURCES: dict[str, tuple[str, ...]] = {
@@ -61,6 +61,9 @@ SOURCES: dict[str, tuple[str, ...]] = {
               "alignment/frank_wolfe.py",
               "alignment/matching.py", "alignment/repair.py", "alignment/specs.py", "alignment/architectures.py",
               "training/scratch.py"),  # chapter 06's merge jobs: alignments, merges, REPAIR, their evaluation
+    # the clip size's synthetic datasets (``data.synthetic``), written once per data folder: a bump writes them again
+    # into a folder of their own (ClipDataConfig.resolve_root), so nothing keeps reading the old images
+    "synthetic": ("benchmarks/clip/synthetic.py",),
 }
 """The package files (relative to ``src/mergelab``) whose code makes each kind of artifact."""
 

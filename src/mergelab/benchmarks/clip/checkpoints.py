@@ -246,9 +246,13 @@ def load_expert(path: str | Path, reference: Mapping[str, torch.Tensor], allow_p
 
 
 def find_release_head(folder: str | Path, task: str) -> Path | None:
-    """A task-vector release's head of ``task`` in ``folder`` (``head_<Task>.pt``), or ``None``."""
-    path = Path(folder) / f"head_{task}.pt"
-    return path if path.is_file() else None
+    """A release's head of ``task`` in ``folder``, or ``None``: ``head_<Task>.pt`` (the task-vector release), else
+    ``head_<Task>Val.pt`` (the TSV code's name: it trains on the ``<Task>Val`` datasets)."""
+    for name in (f"head_{task}.pt", f"head_{task}Val.pt"):
+        path = Path(folder) / name
+        if path.is_file():
+            return path
+    return None
 
 
 def read_release_head(path: str | Path, n_classes: int, allow_pickle: bool = False) -> tuple[torch.Tensor, float]:

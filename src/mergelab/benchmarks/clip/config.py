@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ... import paths
+from ... import codeversion, paths
 from ...cache import build_lock
 from ...training import FinetuneConfig
 from ...utils import atomic_write_text, check_integer, check_number
@@ -30,13 +30,21 @@ release used the same): a run of ``epochs * ceil(n_train / batch_size)`` steps, 
 2,150 (MNIST) at batch 128."""
 
 
+def synthetic_root() -> Path:
+    """The folder of the synthetic datasets that the current version of their writer makes (not written here):
+    ``<data>/clip/synthetic``, and ``synthetic-v<n>`` once ``codeversion.CODE_VERSIONS["synthetic"]`` is past 1."""
+    version = codeversion.CODE_VERSIONS["synthetic"]
+    return paths.data_dir() / "clip" / ("synthetic" if version == 1 else f"synthetic-v{version}")
+
+
 @dataclass(frozen=True)
 class ClipDataConfig:
     """Where the datasets are and how they are read.
 
     Attributes:
         root: the data root (layouts in ``docs/clip.md``); ``None``: ``$MERGELAB_CLIP_DATA_ROOT``.
-        synthetic: write (once) and use tiny synthetic datasets under ``<data>/clip/synthetic``
+        synthetic: write (once) and use tiny synthetic datasets under ``<data>/clip/synthetic`` (``synthetic-v<n>``
+            once their writer's code version, ``codeversion.CODE_VERSIONS["synthetic"]``, is past 1)
             instead of real ones: for smoke runs and tests; numbers mean nothing.
         max_train, max_val, max_test: cap each split at this many examples (a seeded subset);
             ``None`` keeps them all (the benchmark as published).
@@ -104,7 +112,7 @@ class ClipDataConfig:
         if self.synthetic:
             from .synthetic import write_synthetic_datasets
 
-            root = paths.data_dir() / "clip" / "synthetic"
+            root = synthetic_root()
             done = root / ".complete"
             if not done.is_file():
                 root.mkdir(parents=True, exist_ok=True)
