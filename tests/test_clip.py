@@ -512,6 +512,34 @@ def test_import_of_saved_experts_and_refusal_of_other_architectures(root, tmp_pa
     assert set(read_checkpoint(folder / "MNIST.safetensors")) == set(pre)
 
 
+def test_an_imported_eurosat_expert_is_refused_on_mergelab_s_own_split_and_read_on_the_public_one(root, tmp_path):
+    """Experts fine-tuned elsewhere trained on the public EuroSAT_splits/train; without that folder EuroSAT is split
+    here by a rule of its own, whose test images the imported expert mostly trained on."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    pre = tiny_bench(root, tasks=("EuroSAT",)).pretrained_state()
+    folder = tmp_path / "experts"
+    folder.mkdir()
+    save_file({k: v + 1.0 for k, v in pre.items()}, str(folder / "EuroSAT.safetensors"))
+    importing = mergelab.load_benchmark("clip", device="cpu", progress=False, tasks=["EuroSAT"], model={
+        **TINY, "experts_dir": str(folder)}, data={"root": str(root), "num_workers": 0})
+    with pytest.raises(ValueError, match=r"EuroSAT_splits is missing.*about 80 % of its test and validation images"
+                                         r".*leave EuroSAT out of tasks, or unset model.experts_dir"):
+        importing.expert("EuroSAT")
+    # the public layout: three ImageFolders; the import is read
+    public = tmp_path / "public"
+    for i, split in enumerate(("train", "val", "test")):
+        for cls in sorted((root / "eurosat" / "2750").iterdir()):
+            (public / "EuroSAT_splits" / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[i::3]:
+                shutil.copy(f, public / "EuroSAT_splits" / split / cls.name / f.name)
+    reading = mergelab.load_benchmark("clip", device="cpu", progress=False, tasks=["EuroSAT"], model={
+        **TINY, "experts_dir": str(folder)}, data={"root": str(public), "num_workers": 0})
+    assert torch.equal(reading.expert("EuroSAT")["proj"], pre["proj"] + 1.0)
+
+
 @pytest.mark.timeout(600)
 def test_whole_path_on_a_random_vit_b32(root, tmp_path, capsys):
     """Random ViT-B-32: zero-shot heads from its text tower, fine-tuning, import, merge, evaluation."""

@@ -484,9 +484,25 @@ class ClipBenchmark(BenchmarkBase):
         folder = self.config.model.experts_folder()
         if folder is None:
             return None
+        self._check_importable_split(task)
         if task not in self._imported:
             self._imported[task] = self.import_experts(folder, [task])[task]
         return clone_state_dict(self._imported[task])
+
+    def _check_importable_split(self, task: str) -> None:
+        """Refuse to import an expert whose task this benchmark would test on its own split of the images (EuroSAT
+        without ``EuroSAT_splits/``): an expert trained elsewhere saw most of those test and validation images."""
+        try:
+            own = self.source(task).own_split
+        except ds.DatasetNotFoundError:
+            return  # no data yet: evaluating will say where it was looked for
+        if own:
+            raise ValueError(
+                f"model.experts_dir imports a {task} expert, but {self.data_root}/EuroSAT_splits is missing, so "
+                f"{task} would be split here by mergelab's own seeded rule, and about 80 % of its test and validation "
+                "images would be ones the imported expert (trained on the public benchmark's EuroSAT_splits/train) "
+                "saw in training. Put the EuroSAT_splits folder the experts were trained with under the data root "
+                "(docs/clip.md), leave EuroSAT out of tasks, or unset model.experts_dir to fine-tune the experts here.")
 
     def _imported_log(self, task: str) -> dict[str, Any] | None:
         folder = self.config.model.experts_folder()

@@ -124,6 +124,9 @@ class TaskSource:
     train: Pool
     test: Pool
     val: Pool | None = None
+    own_split: bool = False
+    """The pools are mergelab's own split of a dataset the public benchmark split its own way, a split no file
+    list records (EuroSAT without ``EuroSAT_splits/``): experts fine-tuned elsewhere trained on other images."""
 
 
 def example_files(base: Dataset) -> list[str] | None:
@@ -276,7 +279,8 @@ def _load_eurosat(root: Path) -> TaskSource:
     ds = _torchvision("EuroSAT", root, folder, lambda: EuroSAT(str(root)))
     labels = _named_labels("EuroSAT", root, folder, [Path(p).parent.name for p, _ in ds.samples], order)
     tr, va, te = eurosat_split(labels)
-    return TaskSource("EuroSAT", names, _pool(ds, labels, tr), _pool(ds, labels, te), _pool(ds, labels, va))
+    return TaskSource("EuroSAT", names, _pool(ds, labels, tr), _pool(ds, labels, te), _pool(ds, labels, va),
+                      own_split=True)
 
 
 def _list_images(folder: Path) -> list[Path]:
