@@ -302,3 +302,84 @@ def test_cosine_similarity_needs_a_task_vector():
 
     with pytest.raises(ValueError, match="task_vectors is empty"):
         cosine_similarity_matrix({})
+
+
+@pytest.mark.parametrize("also_at", [0.3, "1.0", [1.0, "x"], [math.nan]])
+def test_the_coefficients_kept_beside_a_sweep_are_a_list_of_numbers(also_at):
+    from mergelab.merging.select import merge_with_validation
+
+    with pytest.raises(ValueError, match=r"also_at(=| value=).* is not valid"):
+        merge_with_validation("task_arithmetic", {"w": torch.zeros(4, 4)}, _tvs(), lambda s: 0.0, grid=[0.0, 1.0],
+                              also_at=also_at)
+
+
+def test_a_single_task_name_is_refused_where_a_list_of_tasks_is_expected_not_read_as_its_letters():
+    from types import SimpleNamespace
+
+    from mergelab.analysis.responses import ResponseEvaluator
+    from mergelab.training import FinetuneConfig
+    from mergelab.training.sweep import sweep
+    from mergelab.training.trajectories import multitask_epoch_trajectory
+
+    bench = SimpleNamespace(tasks=("colours", "size"), heads={})
+    cfg = FinetuneConfig(num_steps=2, batch_size=4, warmup_steps=0)
+    match = r"tasks='colours' is not valid; give a list of task names, e\.g\. \['colours'\]"
+    with pytest.raises(ValueError, match=match):
+        sweep(bench, [cfg], "colours", progress=False)
+    with pytest.raises(ValueError, match=match):
+        ResponseEvaluator(bench, "colours")
+    with pytest.raises(ValueError, match=match):
+        multitask_epoch_trajectory(bench, "colours", cfg, 1)
+
+
+@pytest.mark.parametrize("probe_size", [2.5, "8", -1, True])
+def test_the_sweep_probe_size_is_a_non_negative_integer(probe_size):
+    from types import SimpleNamespace
+
+    from mergelab.training import FinetuneConfig
+    from mergelab.training.sweep import sweep
+
+    bench = SimpleNamespace(tasks=("colours",), heads={})
+    with pytest.raises(ValueError, match=rf"probe_size={probe_size!r} is not valid; use an integer >= 0"):
+        sweep(bench, [FinetuneConfig(num_steps=2, batch_size=4, warmup_steps=0)], ["colours"], probe_size=probe_size,
+              progress=False)
+
+
+def test_a_fine_tuning_recipe_given_as_a_mapping_is_refused_with_the_dataclass_to_use():
+    import mergelab
+
+    bench = mergelab.load_benchmark("tiny", device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"cfg=\{'lr': 0\.001\} is not valid; pass a FinetuneConfig, e\.g\. "
+                                         r"FinetuneConfig\(\*\*\{'lr': 0\.001\}\).*valid fields: .*num_steps"):
+        bench.run_key("expert", ["colours"], {"lr": 1e-3})
+
+
+@pytest.mark.parametrize("digits, match", [
+    ({"test_fraction": .25, "split_seed": 0, "test_frac": .5}, r"give exactly test_fraction, split_seed \(it names "
+                                                               r"\['split_seed', 'test_frac', 'test_fraction'\]\)"),
+    ({"test_fraction": .25}, r"give exactly test_fraction, split_seed \(it names \['test_fraction'\]\)"),
+    ({"test_fraction": .25, "split_seed": 1.9}, r"digits split_seed=1\.9 is not valid; use an integer >= 0"),
+    ({"test_fraction": .25, "split_seed": True}, r"digits split_seed=True is not valid"),
+    ({"test_fraction": .25, "split_seed": -1}, r"digits split_seed=-1 is not valid"),
+    ({"test_fraction": 1.0, "split_seed": 0}, r"digits test_fraction=1\.0 is not valid; use a number in \(0, 1\)"),
+])
+def test_chapter_06_digits_settings_name_what_is_wrong(digits, match):
+    from mergelab.experiments.ch06_models import _check_num_models, digits_data
+
+    with pytest.raises(ValueError, match=match):
+        digits_data(digits)
+    with pytest.raises(ValueError, match=r"num_models='3' is not valid; merging needs at least 2 models"):
+        _check_num_models("3")
+
+
+def test_seed_everything_takes_a_numpy_integer_and_refuses_a_float_by_name():
+    import random
+
+    from mergelab.utils import seed_everything
+
+    seed_everything(np.int64(3))
+    first = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    seed_everything(3)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first
+    with pytest.raises(ValueError, match=r"seed=3\.0 is not valid; use an integer >= 0"):
+        seed_everything(3.0)

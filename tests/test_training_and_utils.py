@@ -552,6 +552,36 @@ def test_importing_the_plotting_helper_keeps_the_callers_matplotlib_backend():
     assert out[-1].lower() == "svg"
 
 
+def test_strip_plots_jitter_the_same_whatever_ran_before_and_leave_the_global_stream_alone():
+    """seaborn draws a strip plot's jitter from NumPy's global random state: a chapter's figure must not move with
+    what a cold or a warm run drew before it."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from mergelab import plotting
+
+    data = pd.DataFrame({"group": ["a"] * 5 + ["b"] * 5, "value": np.arange(10.0)})
+
+    def dots(prior: int) -> np.ndarray:
+        np.random.seed(prior)
+        np.random.rand(prior)  # whatever ran before
+        before = np.random.get_state()[1].copy()
+        fig, ax = plt.subplots()
+        plotting.strip(data=data, x="group", y="value", ax=ax)
+        assert (np.random.get_state()[1] == before).all()  # the caller's stream is where it was
+        out = np.concatenate([c.get_offsets() for c in ax.collections])
+        plt.close(fig)
+        return out
+
+    first = dots(1)
+    assert np.array_equal(first, dots(7))
+    assert not np.allclose(first[:, 0], np.round(first[:, 0]))  # jittered, not on the category centres
+
+
 def test_finetune_and_the_curvature_probes_give_the_callers_modules_back_in_their_modes():
     """finetune's heads keep the mode they came in (the model ends in eval, as documented); the per-example
     gradient norms and the Hessian's extreme eigenvalues give the encoder back in its mode, even after an error."""

@@ -78,6 +78,18 @@ def bar_methods(df: pd.DataFrame, value: str, ax: plt.Axes | None = None, hue: s
     return ax
 
 
+def strip(seed: int = 0, **kwargs: object) -> plt.Axes:
+    """``seaborn.stripplot(**kwargs)`` with its jitter drawn from ``seed``: seaborn draws it from NumPy's global random
+    state, so the dots would move with whatever ran before (a cold or a warm run, another cell). The global state
+    is left as it was."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return sns.stripplot(**kwargs)
+    finally:
+        np.random.set_state(state)
+
+
 def image_grid(images: Mapping[str, np.ndarray], labels: Mapping[str, Sequence[str]] | None = None,
                per_row: int = 8) -> plt.Figure:
     """One row of example images per task.

@@ -13,7 +13,7 @@ import os
 import random
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +28,8 @@ StateDict = dict[str, "torch.Tensor"]
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and PyTorch (CPU and CUDA) so that the same seed gives the same numbers."""
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r} is not valid; use a non-negative integer.")
+    check_integer("seed", seed, minimum=0)
+    seed = int(seed)
     import torch
 
     random.seed(seed)
@@ -45,6 +45,15 @@ def check_integer(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         valid = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name}={value!r} is not valid; use {valid}.")
+
+
+def task_names(tasks: Any, valid: Sequence[str]) -> tuple[str, ...] | None:
+    """The ``tasks`` parameter as a tuple of names (``None`` or empty: ``None``, every task); a single string
+    is refused, since iterating it would give its letters."""
+    if isinstance(tasks, str):
+        raise ValueError(f"tasks={tasks!r} is not valid; give a list of task names, e.g. [{tasks!r}] "
+                         f"(valid: {', '.join(valid)}).")
+    return tuple(tasks) if tasks else None
 
 
 def check_number(name: str, value: Any, low: float | None = None, high: float | None = None,

@@ -19,7 +19,7 @@ import torch
 
 from .. import codeversion, paths
 from ..models import load_encoder_state
-from ..utils import StateDict, atomic_save_npz, check_integer, config_hash, state_digest
+from ..utils import StateDict, atomic_save_npz, check_integer, config_hash, state_digest, task_names
 
 
 class ResponseEvaluator:
@@ -39,7 +39,7 @@ class ResponseEvaluator:
             check_integer("batch_size", batch_size)
         batch_size = batch_size or getattr(bench, "eval_batch_size", 256)
         self.bench, self.split, self.cache, self.batch_size = bench, split, cache, int(batch_size)
-        self.tasks = list(tasks or bench.tasks)
+        self.tasks = list(task_names(tasks, list(bench.tasks)) or bench.tasks)
         self.labels = {t: bench.split(t, split)[1] for t in self.tasks}
         sizes = [len(self.labels[t]) for t in self.tasks]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)

@@ -6,6 +6,7 @@ trained as independent jobs of an executor (:mod:`mergelab.executors`).
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,12 +24,19 @@ from ..training.scratch import (
     new_model,
     scratch_artifact,
 )
-from ..utils import config_hash
+from ..utils import check_integer, check_number, config_hash
 
 
 def digits_data(digits: Mapping[str, Any]) -> tuple[DigitsSplit, dict[str, Any]]:
     """The digits split of the ``digits`` parameter (``test_fraction``, ``split_seed``) and the key
     that identifies it in the cache."""
+    valid = ("test_fraction", "split_seed")
+    if not isinstance(digits, Mapping) or set(digits) != set(valid):
+        names = sorted(map(str, digits)) if isinstance(digits, Mapping) else None
+        raise ValueError(f"digits={dict(digits) if names is not None else digits!r} is not valid; give exactly "
+                         f"{', '.join(valid)} (it names {names}), e.g. {{test_fraction: 0.25, split_seed: 0}}.")
+    check_number("digits test_fraction", digits["test_fraction"], 0, 1, low_open=True, high_open=True)
+    check_integer("digits split_seed", digits["split_seed"], minimum=0)
     key = {"dataset": "sklearn-digits", "test_fraction": float(digits["test_fraction"]),
            "split_seed": int(digits["split_seed"])}
     return _split(key["test_fraction"], key["split_seed"]), key
@@ -42,7 +50,7 @@ def _split(test_fraction: float, split_seed: int) -> DigitsSplit:
 
 
 def _check_num_models(num_models: int) -> None:
-    if num_models < 2:
+    if isinstance(num_models, bool) or not isinstance(num_models, numbers.Integral) or num_models < 2:
         raise ValueError(f"num_models={num_models!r} is not valid; merging needs at least 2 models.")
 
 

@@ -74,6 +74,10 @@ def merge_with_validation(name: str, pretrained: Mapping[str, torch.Tensor],
         raise ValueError(f"{name!r} has no coefficient to choose; call it with grid=() (or leave grid unset).")
     for c in grid:
         check_number("grid value", c)
+    if isinstance(also_at, (str, bytes, Mapping)) or not isinstance(also_at, Iterable):
+        raise ValueError(f"also_at={also_at!r} is not valid; use a list of coefficients, e.g. [1.0].")
+    for c in also_at:
+        check_number("also_at value", c)
     grid = tuple(float(c) for c in grid)
     if grid and "coefficient" in options:
         raise ValueError(f"coefficient={options['coefficient']!r} conflicts with the sweep: the coefficient is chosen "

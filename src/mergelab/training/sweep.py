@@ -39,6 +39,9 @@ from ..utils import (
     StateDict,
     atomic_save_safetensors,
     atomic_write_json,
+    check_integer,
+    size_threads,
+    task_names,
     torch_threads,
 )
 
@@ -221,7 +224,8 @@ def execute_run(bench: Any, run: Run, probe_size: int = 8) -> dict[str, Any]:
             probes["mean"].append(p["mean"])
             probes["max"].append(p["max"])
 
-    probe(0, enc.to(bench.device))
+    with size_threads(bench):  # the later probes run inside the size's fine-tuning loop, on its threads
+        probe(0, enc.to(bench.device))
     start = time.perf_counter()
     times: dict[int, float] = {}
     want = set(missing)
@@ -299,8 +303,8 @@ def sweep(bench: Any, configs: Sequence[FinetuneConfig], tasks: Sequence[str],
         raise ValueError(f"workers={workers!r} is not valid; use a positive integer (1 trains in this process).")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads={threads!r} is not valid; use a positive integer or None.")
-    if probe_size < 0:
-        raise ValueError(f"probe_size={probe_size!r} is not valid; use 0 (no probes) or more.")
+    check_integer("probe_size", probe_size, minimum=0)
+    tasks = task_names(tasks, list(bench.tasks)) or ()
     unknown = [t for t in tasks if t not in bench.heads]
     if unknown:
         raise ValueError(f"task {unknown[0]!r} is not a task of this benchmark; valid: {', '.join(bench.heads)}.")
