@@ -877,3 +877,44 @@ def test_notebook_06_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
     # the prose says the chapter does not apply to the 8-task benchmark and what a user would load
     assert "does not apply to the 8-task CLIP benchmark" in shown and "different initializations" in shown
     assert "ships with scikit-learn" not in shown
+
+
+def test_experts_whose_release_starts_from_another_pretrained_model_are_refused(root, tmp_path):
+    """A release keeps the pretrained model its experts were fine-tuned from (task vectors' zeroshot.pt, the TSV
+    release's <Task>Val/nonlinear_zeroshot.pt): when it is not the benchmark's, every task vector would carry the
+    difference, so the import stops and says by how much they differ."""
+    import warnings
+
+    from safetensors.torch import save_file
+
+    from mergelab.benchmarks.clip.checkpoints import CheckpointError, check_release_base
+
+    pre = tiny_bench(root, tasks=("MNIST",)).pretrained_state()
+    folder = tmp_path / "release"
+    (folder / "MNISTVal").mkdir(parents=True)
+    torch.save({f"model.visual.{k}": v + 0.5 for k, v in pre.items()}, folder / "MNISTVal" / "nonlinear_finetuned.pt")
+
+    def importing():
+        return mergelab.load_benchmark("clip", device="cpu", progress=False, tasks=["MNIST"], model={
+            **TINY, "experts_dir": str(folder)}, data={"root": str(root), "num_workers": 0})
+
+    assert torch.equal(importing().expert("MNIST")["proj"], pre["proj"] + 0.5)  # no pretrained model beside it
+    other = {k: v.clone() for k, v in pre.items()}
+    other["proj"][0, 0] += 0.25
+    torch.save({f"model.visual.{k}": v for k, v in other.items()}, folder / "MNISTVal" / "nonlinear_zeroshot.pt")
+    with pytest.raises(CheckpointError, match=r"not this benchmark's: its image tower differs by up to 0\.25 "
+                                              r"\(in 'proj'\).*model\.pretrained"):
+        importing().expert("MNIST")
+    torch.save({f"model.visual.{k}": v for k, v in pre.items()}, folder / "MNISTVal" / "nonlinear_zeroshot.pt")
+    assert torch.equal(importing().expert("MNIST")["proj"], pre["proj"] + 0.5)  # the same start: imported
+    # a pickled pretrained model is compared only where pickles are allowed; a warning says it was not
+    (folder / "MNISTVal" / "nonlinear_zeroshot.pt").unlink()
+    save_file(other, str(folder / "zeroshot.safetensors"))  # the folder's own, found after the task's
+    with pytest.raises(CheckpointError, match="differs by up to 0.25"):
+        check_release_base(folder, "MNIST", pre)
+    (folder / "zeroshot.safetensors").unlink()
+    torch.save(torch.nn.Linear(2, 2), folder / "zeroshot.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert check_release_base(folder, "MNIST", pre) is None
+    assert any("was not compared" in str(w.message) and "allow_pickle" in str(w.message) for w in caught)

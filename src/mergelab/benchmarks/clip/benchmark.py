@@ -43,7 +43,8 @@ from ...utils import (StateDict, atomic_save_safetensors, atomic_write_json, clo
                      load_safetensors, pick_device)
 from . import datasets as ds
 from .training import finetune_encoder
-from .checkpoints import find_expert_checkpoint, find_release_head, load_expert, read_release_head
+from .checkpoints import (check_release_base, find_expert_checkpoint, find_release_head, load_expert,
+                          read_release_head)
 from .model import (amp_dtype, autocast, check_model_name, create_clip, model_arch_options,
                     zero_shot_weights)
 
@@ -486,6 +487,7 @@ class ClipBenchmark(BenchmarkBase):
             return None
         self._check_importable_split(task)
         if task not in self._imported:
+            check_release_base(folder, task, self.pretrained_state(), self.config.model.allow_pickle)
             self._imported[task] = self.import_experts(folder, [task])[task]
         return clone_state_dict(self._imported[task])
 

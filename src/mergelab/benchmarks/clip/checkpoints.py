@@ -59,6 +59,19 @@ def checkpoint_candidates(folder: Path, task: str) -> list[Path]:
     return [folder / n for n in names]
 
 
+def _first_file(folder: Path, candidates: list[Path]) -> Path | None:
+    """The first of ``candidates`` (paths under ``folder``) that is a file, names compared case-insensitively."""
+    top = _children(folder)
+    for candidate in candidates:
+        parts = candidate.relative_to(folder).parts
+        node = top.get(parts[0].lower())
+        for part in parts[1:]:
+            node = _children(node).get(part.lower()) if node is not None else None
+        if node is not None and node.is_file():
+            return node
+    return None
+
+
 def find_expert_checkpoint(folder: str | Path, task: str) -> Path:
     """The checkpoint file of ``task`` in ``folder`` (see the module docstring for the layouts)."""
     folder = Path(folder).expanduser()
@@ -67,14 +80,9 @@ def find_expert_checkpoint(folder: str | Path, task: str) -> Path:
             f"the experts folder {folder} does not exist. It should hold one checkpoint per task, e.g. "
             f"{folder}/{task}.safetensors or {folder}/{task}/finetuned.pt (docs/clip.md, 'Experts from a folder'); set it "
             "with model.experts_dir or $MERGELAB_CLIP_EXPERTS_DIR, or leave it unset to fine-tune the experts.")
-    top = _children(folder)
-    for candidate in checkpoint_candidates(folder, task):
-        parts = candidate.relative_to(folder).parts
-        node = top.get(parts[0].lower())
-        for part in parts[1:]:
-            node = _children(node).get(part.lower()) if node is not None else None
-        if node is not None and node.is_file():
-            return node
+    found = _first_file(folder, checkpoint_candidates(folder, task))
+    if found is not None:
+        return found
     looked = ", ".join(str(p.relative_to(folder)) for p in checkpoint_candidates(folder, task)[:7])
     raise CheckpointError(
         f"no checkpoint for task {task!r} in the experts folder {folder}: looked for {looked}, ... "
@@ -243,6 +251,55 @@ def load_expert(path: str | Path, reference: Mapping[str, torch.Tensor], allow_p
         raise CheckpointError(str(err)) from None
     return {k: (visual[k].to(v.dtype) if torch.is_floating_point(v) else visual[k]).contiguous()
             for k, v in reference.items()}
+
+
+def base_candidates(folder: Path, task: str) -> list[Path]:
+    """Pretrained-model checkpoints a release keeps beside its experts (existing or not), the task's own first: the
+    task-vector release's ``zeroshot.pt`` (at the top, and per task), the TSV release's
+    ``<Task>Val/nonlinear_zeroshot.pt``."""
+    names = [f"{task}/zeroshot.safetensors", f"{task}/zeroshot.pt", f"{task}Val/nonlinear_zeroshot.pt",
+             f"{task}Val/zeroshot.pt", "zeroshot.safetensors", "zeroshot.pt", "nonlinear_zeroshot.pt"]
+    return [folder / n for n in names]
+
+
+BASE_TOLERANCE = 1e-6
+"""Largest absolute difference, per weight, between a release's pretrained image tower and this benchmark's for the
+two to count as the same model (both are the same fp16 weights in fp32, so they are equal; the slack is for
+rounding in a re-export)."""
+
+
+def check_release_base(folder: str | Path, task: str, reference: Mapping[str, torch.Tensor],
+                       allow_pickle: bool = False) -> Path | None:
+    """Refuse experts whose release holds a pretrained model other than ``reference`` (the benchmark's pretrained
+    image tower): their task vectors, ``expert - reference``, would carry the difference between the two starting
+    points. Returns the release's pretrained checkpoint that was compared, or ``None`` when the folder has none
+    (:func:`base_candidates`) or it is a pickle and ``allow_pickle`` is off (then it is not read, and a warning says
+    so)."""
+    import warnings
+
+    folder = Path(folder).expanduser()
+    path = _first_file(folder, base_candidates(folder, task)) if folder.is_dir() else None
+    if path is None:
+        return None
+    try:
+        state = image_tower_state(read_checkpoint(path, allow_pickle), path, reference)
+    except CheckpointError as err:
+        if allow_pickle or "allow_pickle" not in str(err):
+            raise
+        warnings.warn(f"the release's pretrained model {path} was not compared with this benchmark's: it is a pickle "
+                      "and model.allow_pickle is off. Set it to true for a release you trust, to check that the experts "
+                      "start from the same weights.", stacklevel=2)
+        return None
+    check_compatible(reference, state, f"the release's pretrained model {path}")
+    worst = max(((float((state[k].float() - v.float()).abs().max()), k) for k, v in reference.items()
+                 if torch.is_floating_point(v)), default=(0.0, ""))
+    if worst[0] > BASE_TOLERANCE:
+        raise CheckpointError(
+            f"the experts in {folder} were fine-tuned from the pretrained model {path}, which is not this benchmark's: "
+            f"its image tower differs by up to {worst[0]:.3g} (in {worst[1]!r}). Their task vectors would carry that "
+            "difference. Use the model and weights the release was made from (model.name, model.pretrained; the "
+            "public experts start from open_clip's 'openai' weights with QuickGELU), or fine-tune the experts here.")
+    return path
 
 
 def find_release_head(folder: str | Path, task: str) -> Path | None:
