@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mergelab.merging import merge
-from mergelab.merging.mass import (MassRouter, block_features, cache_key, choose_head, class_token, routing_bases, routing_block,
+from mergelab.merging.mass import (MassRouter, block_features, cache_key, choose_head, class_token, official_reading, routing_bases, routing_block,
                                    routing_weights, select_tasks, storage_bytes, storage_of_shapes,
                                    subspace_residuals)
 from mergelab.merging.mass_storage import model_shapes
@@ -123,6 +123,18 @@ def test_head_with_the_largest_max_logit_predicts():
         choose_head({})
 
 
+def test_the_official_reading_cuts_or_zero_pads_the_chosen_heads_logits_to_the_inputs_classes():
+    """The official MASS code's ``pad_output``: a head with more classes is cut to the input's task's count, one
+    with fewer is padded with zeros (which win where every logit is negative)."""
+    from mergelab.merging.mass import official_reading
+
+    wide = torch.tensor([0.1, 0.3, 0.2, 5.0])
+    assert official_reading(wide, 4) == 3 and official_reading(wide, 3) == 1  # the largest is cut away
+    narrow = torch.tensor([-2.0, -1.0])
+    assert official_reading(narrow, 2) == 1 and official_reading(narrow, 5) == 2  # a padded zero is the largest
+    assert official_reading(torch.tensor([3.0, 1.0]), 5) == 0
+
+
 def test_predict_on_a_mixed_batch_uses_the_selected_heads_and_the_oracle_on_the_same_features():
     r, s = router(top_k=2, threshold=0.2)
     torch.manual_seed(3)
@@ -137,6 +149,8 @@ def test_predict_on_a_mixed_batch_uses_the_selected_heads_and_the_oracle_on_the_
         best = max(sel, key=lambda t: float(s["heads"][t](feats).max()))
         assert head == best and int(out.label[i]) == int(s["heads"][head](feats).argmax())
         assert int(out.oracle_label[i]) == int(s["heads"][truth[i]](feats).argmax())
+        n_true = s["heads"][truth[i]](feats).shape[-1]
+        assert int(out.official_label[i]) == official_reading(s["heads"][head](feats)[0], n_true)
     with pytest.raises(ValueError, match="true_tasks has 2 entries for 6 images"):
         r.predict(images, true_tasks=["a", "b"])
     with pytest.raises(ValueError, match="true_tasks holds 'zz', not a task of this router; valid: a, b, c, d"):
@@ -628,7 +642,7 @@ def test_mass_accuracy_counts_an_image_right_only_when_read_with_its_own_head_an
     r, _ = router(top_k=2, threshold=0.1)
     bench = _MixedBench(tmp_path)
     got = ch04.evaluate_mass(r, bench, "val", batch_size=6, seed=1, cache=False)
-    right, oracle, contains, argmax, n = ({t: 0 for t in TASKS} for _ in range(5))
+    right, oracle, official, contains, argmax, n = ({t: 0 for t in TASKS} for _ in range(6))
     other_head_same_index = 0
     for images, labels, truth in ch04.mixed_batches(bench, "val", list(TASKS), 6, 1):
         out = r.predict(images, true_tasks=truth)
@@ -637,12 +651,15 @@ def test_mass_accuracy_counts_an_image_right_only_when_read_with_its_own_head_an
             same = int(out.label[i]) == int(labels[i])
             right[t] += int(out.head_task[i] == t and same)
             other_head_same_index += int(out.head_task[i] != t and same)
+            official[t] += int(same)  # every task has 3 classes: the official reading is the chosen head's argmax
             oracle[t] += int(int(out.oracle_label[i]) == int(labels[i]))
             contains[t] += int(t in out.routing.selected[i])
             argmax[t] += int(out.routing.argmax[i] == t)
     assert got["n"] == n
     assert got["per_task_accuracy"] == pytest.approx({t: right[t] / n[t] for t in TASKS})
     assert got["oracle_head_accuracy"] == pytest.approx({t: oracle[t] / n[t] for t in TASKS})
+    assert got["official_scoring_accuracy"] == pytest.approx({t: official[t] / n[t] for t in TASKS})
+    assert sum(official.values()) == sum(right.values()) + other_head_same_index
     total = sum(n.values())
     assert got["routing"]["contains_true"] == pytest.approx(sum(contains.values()) / total)
     assert got["routing"]["argmax_true"] == pytest.approx(sum(argmax.values()) / total)

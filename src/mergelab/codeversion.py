@@ -27,7 +27,7 @@ PACKAGE = Path(__file__).resolve().parent
 FINGERPRINTS_FILE = PACKAGE / "code_fingerprints.json"
 
 CODE_VERSIONS: dict[str, int] = {"data": 1, "pretrain": 2, "finetune": 1, "trajectory": 1, "scratch": 1, "evaluation": 1,
-                                 "merge": 2, "mass": 2, "ga": 2, "synthetic": 1}
+                                 "merge": 2, "mass": 3, "ga": 2, "synthetic": 1}
 """Version of the code that makes each kind of cached artifact (bump to rebuild its caches)."""
 
 SOURCES: dict[str, tuple[str, ...]] = {

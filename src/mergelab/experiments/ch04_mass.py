@@ -88,7 +88,8 @@ def evaluate_mass(router: MassRouter, bench: Any, split: str = "test", batch_siz
     label (another task's head has other classes). Returns (fractions 0..1)::
 
         {"per_task_accuracy", "oracle_head_accuracy" (the true task's head on the same second-pass
-         features), "routing": {"contains_true", "argmax_true", "head_is_true",
+         features), "official_scoring_accuracy" (the official MASS code's scoring: the chosen head's logits cut or
+         zero-padded to the true task's classes, argmax against the label, whichever task's head it is), "routing": {"contains_true", "argmax_true", "head_is_true",
          "head_is_true_when_selected" (among the inputs whose selected set contains their task: the share
          whose head, the largest logit's, is their task's), "other_head_share" {task: share of all inputs
          read with that task's head although they are another task's}, "mean_selected", "per_task_contains_true",
@@ -208,7 +209,7 @@ class _Tally:
     def __init__(self, tasks: list[str], examples: int) -> None:
         self.tasks, self.examples = tasks, examples
         self.pos = {t: i for i, t in enumerate(tasks)}
-        self.correct, self.oracle, self.n, self.contains = ({t: 0 for t in tasks} for _ in range(4))
+        self.correct, self.oracle, self.official, self.n, self.contains = ({t: 0 for t in tasks} for _ in range(5))
         self.argmax_hits = self.head_hits = 0
         self.sizes: dict[int, int] = {}
         self.selected = np.zeros((len(tasks), len(tasks)))
@@ -224,6 +225,7 @@ class _Tally:
             right = out.head_task[i] == t and int(out.label[i]) == int(labels[i])
             self.correct[t] += int(right)
             self.oracle[t] += int(int(out.oracle_label[i]) == int(labels[i]))
+            self.official[t] += int(int(out.official_label[i]) == int(labels[i]))
             self.contains[t] += int(t in sel)
             self.argmax_hits += int(r.argmax[i] == t)
             self.head_hits += int(out.head_task[i] == t)
@@ -244,6 +246,8 @@ class _Tally:
         return {
             "per_task_accuracy": {t: self.correct[t] / n[t] for t in tasks},
             "oracle_head_accuracy": {t: self.oracle[t] / n[t] for t in tasks},
+            # the official code's scoring: another task's head counts when its index is the label (docs/clip.md)
+            "official_scoring_accuracy": {t: self.official[t] / n[t] for t in tasks},
             "routing": {"contains_true": sum(self.contains.values()) / total, "argmax_true": self.argmax_hits / total,
                         "head_is_true": self.head_hits / total,
                         # the head is always a selected task's, so a true head implies a selected true task

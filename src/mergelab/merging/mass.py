@@ -170,12 +170,16 @@ class MassPrediction:
         head_task: per input, the task whose head predicted (largest maximum logit among the selected).
         label: ``(N,)`` the class index in that head.
         oracle_label: ``(N,)`` the class index in the true task's head (when the true tasks were given).
+        official_label: ``(N,)`` the official MASS code's reading (when the true tasks were given): the argmax of the
+            chosen head's logits cut or zero-padded to the true task's class count, so that another task's head can
+            give a right index (:func:`official_reading`).
     """
 
     routing: Routing
     head_task: list[str]
     label: torch.Tensor
     oracle_label: torch.Tensor | None = None
+    official_label: torch.Tensor | None = None
 
 
 class MassRouter:
@@ -390,6 +394,7 @@ class MassRouter:
         n = len(images)
         label = torch.zeros(n, dtype=torch.long)
         oracle = torch.zeros(n, dtype=torch.long) if true_tasks is not None else None
+        official = torch.zeros(n, dtype=torch.long) if true_tasks is not None else None
         head_task: list[str] = [""] * n
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, key in enumerate(routing.keys):
@@ -403,15 +408,19 @@ class MassRouter:
                 with self.autocast():
                     memo[slot] = model(images[torch.tensor(rows, device=self.device)]).float()
             feats = memo[slot]
-            chosen, labels = choose_head({t: self.heads[t](feats) for t in key})
+            logits = {t: self.heads[t](feats) for t in key}
+            chosen, labels = choose_head(logits)
             label[rows] = labels.cpu()
             for r, t in zip(rows, chosen):
                 head_task[r] = t
             if true_tasks is not None:
                 for t in {true_tasks[r] for r in rows}:
                     sub = [j for j, r in enumerate(rows) if true_tasks[r] == t]
-                    oracle[[rows[j] for j in sub]] = self.heads[t](feats[sub]).argmax(-1).cpu()  # type: ignore[index]
-        return MassPrediction(routing, head_task, label, oracle)
+                    own = self.heads[t](feats[sub])
+                    oracle[[rows[j] for j in sub]] = own.argmax(-1).cpu()  # type: ignore[index]
+                    for j in sub:
+                        official[rows[j]] = official_reading(logits[chosen[j]][j], own.shape[-1])  # type: ignore[index]
+        return MassPrediction(routing, head_task, label, oracle, official)
 
 
 def _head_digest(head: nn.Module) -> str:
@@ -419,6 +428,15 @@ def _head_digest(head: nn.Module) -> str:
     scale), else its state dict's (:func:`~mergelab.utils.state_digest`)."""
     digest = getattr(head, "digest", None)
     return digest() if callable(digest) else state_digest(head.state_dict())
+
+
+def official_reading(logits: torch.Tensor, num_classes: int) -> int:
+    """The class the official MASS code reads from the chosen head's ``logits`` ``(C,)`` for an input of a task with
+    ``num_classes`` classes: the argmax of the logits cut to ``num_classes``, or padded with zeros up to it (its
+    ``pad_output``). Compared with the input's label, an index from another task's head can count as right."""
+    if logits.shape[-1] >= num_classes:
+        return int(logits[:num_classes].argmax())
+    return int(torch.cat([logits, logits.new_zeros(num_classes - logits.shape[-1])]).argmax())
 
 
 def choose_head(logits: Mapping[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
@@ -440,6 +458,6 @@ def choose_head(logits: Mapping[str, torch.Tensor]) -> tuple[list[str], torch.Te
 
 
 __all__ = ["DEFAULT_DEPTH", "FIRST_PASSES", "ROUTING_MATRICES", "MassPrediction", "MassRouter", "Routing",
-           "block_features", "cache_key", "check_selection", "choose_head", "class_token",
+           "block_features", "cache_key", "check_selection", "choose_head", "official_reading", "class_token",
            "routing_bases", "routing_block", "routing_weights", "select_tasks", "storage_bytes", "storage_of_shapes",
            "subspace_residuals"]
