@@ -539,6 +539,25 @@ def test_the_tiny_size_pretrains_without_touching_the_callers_random_stream(data
     _leaves_the_stream(bench.pretrained_state)
 
 
+def test_an_encoder_loaded_with_weights_leaves_the_callers_random_stream_alone(data_dir):
+    """Training builds encoders and a cached run does not: a loaded encoder's overwritten initialization must not draw
+    from the global stream, or a cold and a warm run would leave a notebook's later draws different."""
+    import mergelab
+
+    bench = mergelab.load_benchmark("tiny", device="cpu", progress=False, tasks=["colours"],
+                                    data={"n_train": 16, "n_val": 8, "n_test": 8, "n_pretext": 32},
+                                    model={"width": 16, "layers": 1, "heads": 2},
+                                    pretrain={"num_steps": 1, "batch_size": 8, "warmup_steps": 0, "unlabelled_weight": 0.0},
+                                    head_shots=1)
+    state = bench.pretrained_state()
+    enc = _leaves_the_stream(lambda: bench.new_encoder(state))
+    assert all(torch.equal(enc.state_dict()[k], v) for k, v in state.items())
+    torch.manual_seed(0)
+    first = bench.new_encoder().state_dict()
+    second = bench.new_encoder().state_dict()  # without weights: a new random module each time
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
 def test_importing_the_plotting_helper_keeps_the_callers_matplotlib_backend():
     """It once switched any backend but Jupyter's to Agg at import, so `plt.show()` of a script or a terminal
     IPython session that imported mergelab.notebook silently stopped opening windows."""

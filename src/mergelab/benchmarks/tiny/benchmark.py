@@ -222,9 +222,15 @@ class TinyBenchmark(BenchmarkBase):
 
     # ------------------------------------------------------------------ the pretrained model
     def new_encoder(self, state: StateDict | None = None) -> torch.nn.Module:
-        """A fresh encoder module, loaded with ``state`` when given."""
-        enc = build_tiny_encoder(self.config.model)
-        return load_encoder_state(enc, state) if state is not None else enc
+        """A fresh encoder module, loaded with ``state`` when given. Its random initialization is then overwritten,
+        so it is drawn without touching torch's global stream: a run that trains (and so builds encoders) and one
+        that reads the same run from the cache leave the stream in the same state. Without ``state`` the module is
+        initialized from the global stream, as any new torch module is."""
+        if state is None:
+            return build_tiny_encoder(self.config.model)
+        with torch.random.fork_rng(devices=[]):  # the module is built on the CPU
+            enc = build_tiny_encoder(self.config.model)
+        return load_encoder_state(enc, state)
 
     @property
     def _pretrained_artifact(self) -> Artifact:
