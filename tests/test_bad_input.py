@@ -304,6 +304,15 @@ def test_cosine_similarity_needs_a_task_vector():
         cosine_similarity_matrix({})
 
 
+def test_the_coefficients_kept_beside_a_sweep_may_come_from_any_iterable():
+    from mergelab.merging.select import merge_with_validation
+
+    for also_at in ([0.7], (c for c in [0.7]), np.array([0.7])):
+        got = merge_with_validation("task_arithmetic", {"w": torch.zeros(4, 4)}, _tvs(), lambda s: 0.0,
+                                    grid=[0.0, 1.0], also_at=also_at)
+        assert list(got.also) == [0.7], also_at
+
+
 @pytest.mark.parametrize("also_at", [0.3, "1.0", [1.0, "x"], [math.nan]])
 def test_the_coefficients_kept_beside_a_sweep_are_a_list_of_numbers(also_at):
     from mergelab.merging.select import merge_with_validation

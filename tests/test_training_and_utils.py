@@ -598,6 +598,10 @@ def test_strip_plots_jitter_the_same_whatever_ran_before_and_leave_the_global_st
 
     first = dots(1)
     assert np.array_equal(first, dots(7))
+    fig, ax = plt.subplots()
+    plotting.strip(data, x="group", y="value", ax=ax)  # data first, as seaborn takes it
+    assert np.array_equal(np.concatenate([c.get_offsets() for c in ax.collections]), first)
+    plt.close(fig)
     assert not np.allclose(first[:, 0], np.round(first[:, 0]))  # jittered, not on the category centres
 
 

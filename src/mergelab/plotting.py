@@ -78,14 +78,14 @@ def bar_methods(df: pd.DataFrame, value: str, ax: plt.Axes | None = None, hue: s
     return ax
 
 
-def strip(seed: int = 0, **kwargs: object) -> plt.Axes:
-    """``seaborn.stripplot(**kwargs)`` with its jitter drawn from ``seed``: seaborn draws it from NumPy's global random
+def strip(*args: object, seed: int = 0, **kwargs: object) -> plt.Axes:
+    """``seaborn.stripplot(*args, **kwargs)`` with its jitter drawn from ``seed``: seaborn draws it from NumPy's global random
     state, so the dots would move with whatever ran before (a cold or a warm run, another cell). The global state
     is left as it was."""
     state = np.random.get_state()
     np.random.seed(seed)
     try:
-        return sns.stripplot(**kwargs)
+        return sns.stripplot(*args, **kwargs)
     finally:
         np.random.set_state(state)
 

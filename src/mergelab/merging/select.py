@@ -76,6 +76,7 @@ def merge_with_validation(name: str, pretrained: Mapping[str, torch.Tensor],
         check_number("grid value", c)
     if isinstance(also_at, (str, bytes, Mapping)) or not isinstance(also_at, Iterable):
         raise ValueError(f"also_at={also_at!r} is not valid; use a list of coefficients, e.g. [1.0].")
+    also_at = tuple(also_at)  # any iterable, read once
     for c in also_at:
         check_number("also_at value", c)
     grid = tuple(float(c) for c in grid)

@@ -307,9 +307,9 @@ def execute_notebook(
     start = time.perf_counter()
     kernel_log = reports / f".{notebook.stem}.kernel.log"
     kernel_log.unlink(missing_ok=True)
-    results = _ResultsGuard(reports / "results" / f"{notebook.stem}.json")
     with kernel_environment(reports, {KERNEL_LOG_ENV: str(kernel_log)}):
         check_kernel(kernel_name)
+        results = _ResultsGuard(reports / "results" / f"{notebook.stem}.json")
         try:
             papermill.execute_notebook(
                 str(notebook),
@@ -334,8 +334,8 @@ def execute_notebook(
             raise ReportError(f"notebook {notebook.name} could not be executed: {err}{_log_note(kernel_log)}") from err
         except BaseException:  # interrupted: leave nothing half written behind, and no kernel
             running.unlink(missing_ok=True)
+            _stop_kernels()  # before the results go back: a kernel still in a cell could write them again
             results.restore()
-            _stop_kernels()
             kernel_log.unlink(missing_ok=True)
             raise
     os.replace(running, reports / notebook.name)

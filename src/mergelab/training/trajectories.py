@@ -129,7 +129,8 @@ def _trajectory_key(bench: Any, kind: str, tasks: Sequence[str], cfg: FinetuneCo
     else:
         ident.update(tasks=list(tasks), heads=[bench.head_digest(t) for t in tasks])
     # what else identifies a run of this size, as in its experts' keys: at the clip size the precision and the
-    # training data's fingerprint (its benchmark key names the model alone); none at tiny (keys unchanged)
+    # training data's fingerprint (its benchmark key names the model alone); at tiny the device where it is not the
+    # CPU (none on the CPU: keys unchanged)
     parts = getattr(bench, "_run_key_parts", None)
     ident.update(parts(list(tasks)) if parts is not None else {})
     ident.pop("num_workers", None)  # trajectories read images after the evaluation transform: no augmentation
@@ -169,18 +170,21 @@ class _EpochStates(Sequence):
             return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
 
-def _intact(entry: Artifact) -> bool:
+def _intact(entry: Artifact, report: bool = True) -> bool:
     """Whether a trajectory is cached whole: its file and sidecar are there and the file's SHA-256 is the one its
     sidecar recorded (checked once per process while the file keeps its size and modification time; its epochs
-    are then read lazily, so :meth:`Artifact.load`'s check on every load is not made). A file that does not match
-    is reported and rebuilt."""
+    are then read lazily, so :meth:`Artifact.load`'s check on every load is not made). A sidecar that records no
+    SHA-256 (written before they were recorded) is not checked, as :meth:`Artifact.load` does. A file that does
+    not match is rebuilt, and said so when ``report``."""
     if not entry.exists():
         return False
+    expected = entry.meta().get("sha256")
     stat = entry.path.stat()
-    if _digest(str(entry.path), stat.st_size, stat.st_mtime_ns) == entry.meta().get("sha256"):
+    if expected is None or _digest(str(entry.path), stat.st_size, stat.st_mtime_ns) == expected:
         return True
-    print(f"cached file {entry.path} is corrupt: its SHA-256 differs from the one recorded when it was written. "
-          "Rebuilding it.")
+    if report:
+        print(f"cached file {entry.path} is corrupt: its SHA-256 differs from the one recorded when it was written. "
+              "Rebuilding it.")
     return False
 
 
@@ -232,7 +236,7 @@ def _run_trajectory(bench: Any, kind: str, tasks: Sequence[str],
     path = entry.path
     if not _intact(entry):
         with build_lock(path):
-            if not _intact(entry):  # built by another process while this one waited?
+            if not _intact(entry, report=False):  # built by another process while this one waited?
                 enc = bench.new_encoder(bench.pretrained_state())
                 snapshots: dict[int, StateDict] = {}
 

@@ -5,14 +5,16 @@ Pretraining the default `tiny` encoder takes about 4 minutes on a 2-core laptop,
 pretraining code made for the default configuration (``params/tiny/_benchmark.yaml``) is therefore kept
 in ``weights/encoder-<encoder key>.safetensors`` with its log (loss curve, wall time, environment) in
 the JSON beside it. :meth:`mergelab.benchmarks.tiny.TinyBenchmark.pretrained_state` takes it instead of
-pretraining when the encoder key matches, that is when the data, model, pretraining configuration and
-the pretraining code's version (:mod:`mergelab.codeversion`) are the ones it was made with; any other
+pretraining when the encoder key on the CPU matches (``shipped_encoder_key``, looked up on every device), that is
+when the data, model, pretraining configuration, pretraining threads and the pretraining code's version
+(:mod:`mergelab.codeversion`) are the ones it was made with; any other
 configuration pretrains as before. ``MERGELAB_PRETRAIN=1`` ignores the shipped encoder, in a data folder that
 does not hold its copy yet (an error says so otherwise: the experts made from the copy would not match).
 
 ``python -m mergelab.report.shipped_encoder --check`` pretrains the default encoder in a temporary cache
-and compares it with the shipped one (bit-identical in the environment of ``requirements.lock`` at the
-thread count recorded in its log); ``--update`` replaces the shipped encoder with the default one of
+and compares it with the shipped one, at the thread count recorded in its log. With the torch build of
+``requirements.lock`` it can still differ on another machine (docs/tiny-benchmark.md, session 21: the CPU's kernels
+round differently), so a mismatch there does not by itself mean the code changed; ``--update`` replaces the shipped encoder with the default one of
 this checkout's cache (pretraining it if needed), after a change to the pretraining code or data.
 ``tests/test_tiny_shipped.py`` fails while the shipped key differs from the default configuration's.
 
@@ -20,8 +22,9 @@ The default experts ship the same way, as the public benchmark's fine-tuned ViT-
 downloaded rather than trained by each reader: the experts of every fine-tuning seed of chapter 00's
 seed study and its multi-task model (``params/tiny/00_benchmark_and_baselines.yaml``), each in
 ``weights/<kind>-<run key>.safetensors`` with its training log (loss curve, wall time) beside it. A
-run is taken instead of fine-tuning when its cache key matches (the benchmark, tasks, heads, recipe,
-thread count and fine-tuning code's version, :meth:`~mergelab.benchmarks.base.BenchmarkBase.run_key`)
+run is taken instead of fine-tuning when its cache key on the CPU matches (the benchmark, tasks, heads, recipe,
+thread count and fine-tuning code's version, :meth:`~mergelab.benchmarks.base.BenchmarkBase.run_key`; looked up on
+every device)
 *and* the data folder's encoder is the shipped one they were made from (its SHA-256, recorded with
 each run). Every other run (other recipes, chapter 01's sweep, chapter 02's trajectories, the smoke
 size) is trained as before. ``MERGELAB_FINETUNE=1`` (or ``MERGELAB_PRETRAIN=1``) trains them here too.
