@@ -133,6 +133,8 @@ def test_the_official_reading_cuts_or_zero_pads_the_chosen_heads_logits_to_the_i
     narrow = torch.tensor([-2.0, -1.0])
     assert official_reading(narrow, 2) == 1 and official_reading(narrow, 5) == 2  # a padded zero is the largest
     assert official_reading(torch.tensor([3.0, 1.0]), 5) == 0
+    batch = torch.stack([narrow, torch.tensor([3.0, 1.0])])  # rows at once, as predict reads them
+    assert official_reading(batch, 5).tolist() == [2, 0] and official_reading(batch, 1).tolist() == [0, 0]
 
 
 def test_predict_on_a_mixed_batch_uses_the_selected_heads_and_the_oracle_on_the_same_features():
@@ -150,7 +152,7 @@ def test_predict_on_a_mixed_batch_uses_the_selected_heads_and_the_oracle_on_the_
         assert head == best and int(out.label[i]) == int(s["heads"][head](feats).argmax())
         assert int(out.oracle_label[i]) == int(s["heads"][truth[i]](feats).argmax())
         n_true = s["heads"][truth[i]](feats).shape[-1]
-        assert int(out.official_label[i]) == official_reading(s["heads"][head](feats)[0], n_true)
+        assert int(out.official_label[i]) == int(official_reading(s["heads"][head](feats)[0], n_true))
     with pytest.raises(ValueError, match="true_tasks has 2 entries for 6 images"):
         r.predict(images, true_tasks=["a", "b"])
     with pytest.raises(ValueError, match="true_tasks holds 'zz', not a task of this router; valid: a, b, c, d"):

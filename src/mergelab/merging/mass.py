@@ -418,8 +418,9 @@ class MassRouter:
                     sub = [j for j, r in enumerate(rows) if true_tasks[r] == t]
                     own = self.heads[t](feats[sub])
                     oracle[[rows[j] for j in sub]] = own.argmax(-1).cpu()  # type: ignore[index]
-                    for j in sub:
-                        official[rows[j]] = official_reading(logits[chosen[j]][j], own.shape[-1])  # type: ignore[index]
+                    for c in {chosen[j] for j in sub}:  # read with head c, scored against task t's classes
+                        js = [j for j in sub if chosen[j] == c]
+                        official[[rows[j] for j in js]] = official_reading(logits[c][js], own.shape[-1]).cpu()  # type: ignore[index]
         return MassPrediction(routing, head_task, label, oracle, official)
 
 
@@ -430,13 +431,14 @@ def _head_digest(head: nn.Module) -> str:
     return digest() if callable(digest) else state_digest(head.state_dict())
 
 
-def official_reading(logits: torch.Tensor, num_classes: int) -> int:
-    """The class the official MASS code reads from the chosen head's ``logits`` ``(C,)`` for an input of a task with
-    ``num_classes`` classes: the argmax of the logits cut to ``num_classes``, or padded with zeros up to it (its
-    ``pad_output``). Compared with the input's label, an index from another task's head can count as right."""
+def official_reading(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The classes the official MASS code reads from the chosen head's ``logits`` ``(..., C)`` for inputs of a task
+    with ``num_classes`` classes: the argmax of the logits cut to ``num_classes``, or padded with zeros up to it (its
+    ``pad_output``); shape ``(...)``. Compared with the inputs' labels, an index from another task's head can count
+    as right."""
     if logits.shape[-1] >= num_classes:
-        return int(logits[:num_classes].argmax())
-    return int(torch.cat([logits, logits.new_zeros(num_classes - logits.shape[-1])]).argmax())
+        return logits[..., :num_classes].argmax(-1)
+    return torch.nn.functional.pad(logits, (0, num_classes - logits.shape[-1])).argmax(-1)
 
 
 def choose_head(logits: Mapping[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
