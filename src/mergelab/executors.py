@@ -2,8 +2,9 @@
 
 Every sweep of the package (the stability grid of :func:`mergelab.training.sweep.sweep`, the epoch
 trajectories of :func:`mergelab.training.trajectories.epoch_trajectories`, the fitness evaluations of
-a GA population in :class:`mergelab.experiments.ch05_merge3.Fitness`) hands its jobs to one
-:class:`Executor`:
+a GA population in :class:`mergelab.experiments.ch05_merge3.Fitness`, chapter 06's models and merge jobs in
+:func:`mergelab.experiments.ch06_models.train_all` and :func:`mergelab.experiments.ch06_c2m3.merge_study`, and
+chapter 00's experts, locally) hands its jobs to one :class:`Executor`:
 
 * ``local`` (:class:`LocalExecutor`, the default): with ``workers == 1`` the jobs run here, one after
   the other, exactly as before executors existed; with ``workers > 1`` in a pool of ``spawn`` worker

@@ -1,14 +1,16 @@
 """Execute the notebooks with papermill and build the report book.
 
 ``python -m mergelab.report [--profile smoke|tiny|tiny_full|clip|clip_smoke] [--reports DIR] [--notebooks NAME ...]
-[--force] [--executor local|ray] [--jobs N|auto]`` runs every ``notebooks/NN_topic.ipynb`` (or the named ones) with the parameters in
+[--force] [--executor local|ray] [--jobs N|auto] [--renderer auto|quarto|pandoc]`` runs every ``notebooks/NN_topic.ipynb`` (or the named ones) with the parameters in
 ``params/<profile>/<notebook>.yaml``, writes the executed copies to ``<reports>/``, and renders the
-book into ``<reports>/_book/``: with Quarto when it is on ``PATH``, else an HTML book made with pandoc
+book into ``<reports>/_book/``: with Quarto when it is on ``PATH`` or in the venv, else an HTML book made with pandoc
 (from the ``pypandoc-binary`` wheel; :mod:`mergelab.report.pandoc_book`).
 
 A notebook is executed again only when its content hash changed: the notebook, its parameter file,
 the profile's ``_benchmark.yaml`` (and those of the profiles it extends), the profile, and the package's
-code and shipped data (every ``src/mergelab/**`` file ending in ``.py``, ``.safetensors``, ``.json`` or ``.lua``). The hash of the last successful run is kept in
+code and shipped data (every ``src/mergelab/**`` file ending in ``.py``, ``.safetensors``, ``.json`` or ``.lua``), and
+the inputs the environment names (:func:`mergelab.report.stamps.environment_inputs`: ``MERGELAB_CLIP_DATA_ROOT``,
+the files under ``MERGELAB_CLIP_EXPERTS_DIR``, ``MERGELAB_PRETRAIN``, ``MERGELAB_FINETUNE``). The hash of the last successful run is kept in
 ``<reports>/.stamps/<notebook>.<profile>.sha256``; ``--force`` ignores it.
 
 The book's chapters come from ``book.chapters`` in ``reports/_quarto.yml``, for both renderers.

@@ -1,4 +1,4 @@
-"""The report book: Quarto when it is on ``PATH``, else an HTML book of the executed notebooks made
+"""The report book: Quarto when it is on ``PATH`` or in the venv, else an HTML book of the executed notebooks made
 with pandoc (:mod:`mergelab.report.pandoc_book`)."""
 
 from __future__ import annotations

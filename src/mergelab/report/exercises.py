@@ -6,7 +6,8 @@ differently:
 * pandoc (:mod:`mergelab.report.pandoc_book`): the tags reach ``book.lua`` as cell attributes; it puts an
   ``exercise`` cell in a callout (``div.callout.callout-exercise``, titled by its ``### Exercise 0.1: ...``
   heading) and every run of ``solution`` cells in a folded ``<details class="solution">``.
-  :func:`book_cell` drops the ``### BEGIN/END SOLUTION`` marker lines from solution code, which only
+  :func:`strip_markers` (called by ``pandoc_book.prepare_notebook``) drops the ``### BEGIN/END SOLUTION`` marker
+  lines from solution code, which only
   the student-notebook generator needs.
 * Quarto cannot see cell tags, so before ``quarto render`` :func:`for_quarto` rewrites the executed
   notebooks in place into Quarto's own syntax: an exercise becomes a ``::: {.callout-note}`` callout
