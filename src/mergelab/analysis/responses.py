@@ -89,10 +89,10 @@ class ResponseEvaluator:
         return out
 
     def full(self, state: StateDict, reuse: bool = True) -> np.ndarray:
-        """Correctness ``(N,)`` bool on every item (cached). ``reuse=False`` computes it even when an earlier run
-        cached it, and stores it: what a search that is timed against another one does, so that its wall time
-        is the time of its forward passes, not of reading files."""
-        path = self._cache_path(state) if self.cache else None
+        """Correctness ``(N,)`` bool on every item (cached). ``reuse=False`` computes it and leaves the cache alone
+        (no weight digest, no file read or written): what a search that is timed against another one does, so that
+        its wall time is the time of its forward passes."""
+        path = self._cache_path(state) if self.cache and reuse else None
         if reuse and path is not None and path.is_file():
             with np.load(path) as f:
                 return np.unpackbits(f["bits"], count=self.num_items).astype(bool)

@@ -25,9 +25,15 @@ def summarize_ranks(ranks: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def nearest_fraction(fractions: Any, target: float) -> float:
+    """The subset fraction among ``fractions`` (any iterable, repeats allowed) nearest ``target`` (the first of a tie,
+    in sorted order)."""
+    return float(min(sorted(set(fractions)), key=lambda f: abs(f - target)))
+
+
 def best_rank_at(summary: pd.DataFrame, fraction: float) -> pd.Series:
     """The row of :func:`summarize_ranks` with the highest mean Spearman at the size nearest ``fraction``."""
-    nearest = summary["fraction"].iloc[(summary["fraction"] - fraction).abs().argmin()]
+    nearest = nearest_fraction(summary["fraction"], fraction)
     at = summary[summary["fraction"] == nearest]
     return at.loc[at["spearman"].idxmax()]
 
@@ -41,7 +47,7 @@ def choose_estimator(study: pd.DataFrame, fraction: float = 0.05) -> dict[str, A
     rnd = study[study["scheme"] == "random"]
     if rnd.empty:
         raise ValueError("the study has no rows with random anchors; run it with 'random' among its schemes.")
-    f = min(rnd["fraction"].unique(), key=lambda x: abs(x - fraction))
+    f = nearest_fraction(rnd["fraction"], fraction)
     mae = rnd[rnd["fraction"] == f].groupby("estimator")["mae"].mean()
     irt = mae.drop(index="subset_mean", errors="ignore")
     return {"estimator": str(irt.idxmin()), "fraction": float(f), "n": int(rnd[rnd["fraction"] == f]["n"].iloc[0]),
@@ -77,7 +83,7 @@ def claims(errors: pd.DataFrame, ranks: pd.DataFrame, rows: Mapping[str, Mapping
     estimator MERGE3's search uses (gmp-IRT)."""
     out = []
     rnd = errors[errors["scheme"] == "random"]
-    f5 = min(sorted(rnd["fraction"].unique()), key=lambda f: abs(f - 0.05))
+    f5 = nearest_fraction(rnd["fraction"], 0.05)
     at5 = rnd[rnd["fraction"] == f5].set_index("estimator")
     mean5 = float(at5.loc["subset_mean", "mae"])
     irt5 = at5.drop(index="subset_mean")

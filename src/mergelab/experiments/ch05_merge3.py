@@ -38,7 +38,7 @@ from ..merging.evolve import EvolutionResult, evolve, task_arithmetic_per_task
 from ..task_vectors import TaskVector
 from ..utils import StateDict, check_integer, check_number, config_hash, state_digest
 from .ch05_claims import (best_rank_at, choose_estimator, claims, claims_from_results,  # noqa: F401 (the chapter's API)
-                          fitness_costs, summarize_ranks)
+                          fitness_costs, nearest_fraction, summarize_ranks)
 
 
 def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Mapping[str, StateDict],
@@ -149,6 +149,16 @@ def estimator_study(model: IRTModel, endpoint_theta: np.ndarray, responses: np.n
             rows.append({"scheme": scheme, "fraction": float(fraction), "n": n, "draw": draw, "estimator": e,
                          "mae": float(np.abs(est[:, j] - truth).mean()), "spearman": float(rho)})
     return pd.DataFrame(rows)
+
+
+def choose_estimator_on(model: IRTModel, endpoint_theta: np.ndarray, responses: np.ndarray,
+                        fractions: Sequence[float], draws: int, seed: int = 0, fraction: float = 0.05) -> dict[str, Any]:
+    """:func:`choose_estimator` on an estimator study of ``responses`` (models other than those an accuracy claim is
+    judged on: the chapter's merges that chose the IRT dimension), random anchors, at the subset size among
+    ``fractions`` nearest ``fraction`` only."""
+    f = nearest_fraction(fractions, fraction)
+    study = estimator_study(model, endpoint_theta, responses, [f], draws, ["random"], seed=seed, progress=False)
+    return choose_estimator(study, f)
 
 
 def summarize_estimators(study: pd.DataFrame) -> pd.DataFrame:

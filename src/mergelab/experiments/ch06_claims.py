@@ -64,10 +64,11 @@ def claims(arch_results: Mapping[str, Mapping[str, Any]], mlp_fraction: float = 
         r = arch_results["resnet"]
         m, paired = r["methods"], r["paired"]["c2m3_repair_vs_merge_many_repair"]
         sets = r.get("merge_sets") or {}
-        if sets_direction(sets) is not None:  # several sets of models: the spread between sets counts
+        direction = sets_direction(sets)
+        if direction is not None:  # several sets of models: the spread between sets counts
             add(f"resnet: C2M3 with REPAIR is above MergeMany with REPAIR (mean paired difference over "
                 f"{sets['n']} sets of models above two standard errors across sets; CIFAR-10 ResNet-20x2 in the "
-                "paper: .69 vs .50)", HOLDS.get(sets_direction(sets)),
+                "paper: .69 vs .50)", HOLDS.get(direction),
                 {"c2m3_repair": m["c2m3_repair"]["accuracy"], "merge_many_repair": m["merge_many_repair"]["accuracy"],
                  "mean_difference": sets["mean"], "standard_error_across_sets": sets["standard_error"],
                  "sets": sets["n"], "sets_positive": sets["positive"], "sets_negative": sets["negative"],

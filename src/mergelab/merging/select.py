@@ -52,6 +52,17 @@ class MergeResult:
         return at_grid_edge(self.coefficient, list(self.sweep))
 
 
+def _coefficients(what: str, values: Any, example: str) -> tuple[float, ...]:
+    """``values`` (any iterable of numbers: a list, a NumPy array, a range, a generator, read once) as floats; a clear
+    error naming ``what`` for a single value, a string, a mapping or an entry that is not a finite number."""
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise ValueError(f"{what}={values!r} is not valid; use a list of coefficients, e.g. {example}.")
+    values = tuple(values)
+    for c in values:
+        check_number(f"{what} value", c)
+    return tuple(float(c) for c in values)
+
+
 def merge_with_validation(name: str, pretrained: Mapping[str, torch.Tensor],
                           task_vectors: Sequence[TaskVector], score: Callable[[StateDict], float],
                           grid: Sequence[float] | None = None, progress: bool = True,
@@ -67,19 +78,10 @@ def merge_with_validation(name: str, pretrained: Mapping[str, torch.Tensor],
     """
     method = get_merge(name)
     method.check_options(options)
-    if grid is not None and (isinstance(grid, (str, bytes, Mapping)) or not isinstance(grid, Iterable)):
-        raise ValueError(f"grid={grid!r} is not valid; use a list of coefficients, e.g. [0.0, 0.1, ..., 1.0].")
-    grid = tuple(method.coefficient_grid if grid is None else grid)  # any iterable: a list, a NumPy array, a range
+    grid = _coefficients("grid", method.coefficient_grid if grid is None else grid, "[0.0, 0.1, ..., 1.0]")
     if grid and "coefficient" not in method.defaults:
         raise ValueError(f"{name!r} has no coefficient to choose; call it with grid=() (or leave grid unset).")
-    for c in grid:
-        check_number("grid value", c)
-    if isinstance(also_at, (str, bytes, Mapping)) or not isinstance(also_at, Iterable):
-        raise ValueError(f"also_at={also_at!r} is not valid; use a list of coefficients, e.g. [1.0].")
-    also_at = tuple(also_at)  # any iterable, read once
-    for c in also_at:
-        check_number("also_at value", c)
-    grid = tuple(float(c) for c in grid)
+    also_at = _coefficients("also_at", also_at, "[1.0]")
     if grid and "coefficient" in options:
         raise ValueError(f"coefficient={options['coefficient']!r} conflicts with the sweep: the coefficient is chosen "
                          f"on validation from grid; to fix it, pass grid=[{options['coefficient']!r}].")
@@ -95,7 +97,7 @@ def merge_with_validation(name: str, pretrained: Mapping[str, torch.Tensor],
         build = lambda c: scaled(pretrained, (list(update), update.__getitem__), c)  # noqa: E731
     else:
         build = lambda c: method(pretrained, task_vectors, **{**options, "coefficient": c})  # noqa: E731
-    wanted = {float(c) for c in also_at}
+    wanted = set(also_at)
     sweep: dict[float, float] = {}
     also: dict[float, StateDict] = {}
     best: tuple[float, float, StateDict] | None = None

@@ -100,6 +100,7 @@ class ClipBenchmark(BenchmarkBase):
         self._heads: dict[str, ClassificationHead] = {}
         self._preprocess: tuple[Any, Any] | None = None
         self._imported: dict[str, StateDict] = {}
+        self._bases_compared: set[Path] = set()  # releases' pretrained models found equal to ours
         self._image_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._subset_cache: dict[tuple[str, str, str], torch.Tensor] = {}
         self._cache_bytes = 0
@@ -485,9 +486,12 @@ class ClipBenchmark(BenchmarkBase):
         folder = self.config.model.experts_folder()
         if folder is None:
             return None
-        self._check_importable_split(task)
         if task not in self._imported:
-            check_release_base(folder, task, self.pretrained_state(), self.config.model.allow_pickle)
+            self._check_importable_split(task)
+            base = check_release_base(folder, task, self.pretrained_state(), self.config.model.allow_pickle,
+                                      already=self._bases_compared)
+            if base is not None:
+                self._bases_compared.add(base)
             self._imported[task] = self.import_experts(folder, [task])[task]
         return clone_state_dict(self._imported[task])
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import pickle
 import types
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -269,18 +269,19 @@ rounding in a re-export)."""
 
 
 def check_release_base(folder: str | Path, task: str, reference: Mapping[str, torch.Tensor],
-                       allow_pickle: bool = False) -> Path | None:
+                       allow_pickle: bool = False, already: Collection[Path] = ()) -> Path | None:
     """Refuse experts whose release holds a pretrained model other than ``reference`` (the benchmark's pretrained
     image tower): their task vectors, ``expert - reference``, would carry the difference between the two starting
     points. Returns the release's pretrained checkpoint that was compared, or ``None`` when the folder has none
     (:func:`base_candidates`) or it is a pickle and ``allow_pickle`` is off (then it is not read, and a warning says
-    so)."""
+    so). A path in ``already`` (compared before: one ``zeroshot.pt`` serves every task of a release) is returned
+    without reading it again."""
     import warnings
 
     folder = Path(folder).expanduser()
     path = _first_file(folder, base_candidates(folder, task)) if folder.is_dir() else None
-    if path is None:
-        return None
+    if path is None or path in already:
+        return path
     try:
         state = image_tower_state(read_checkpoint(path, allow_pickle), path, reference)
     except CheckpointError as err:
@@ -304,12 +305,9 @@ def check_release_base(folder: str | Path, task: str, reference: Mapping[str, to
 
 def find_release_head(folder: str | Path, task: str) -> Path | None:
     """A release's head of ``task`` in ``folder``, or ``None``: ``head_<Task>.pt`` (the task-vector release), else
-    ``head_<Task>Val.pt`` (the TSV code's name: it trains on the ``<Task>Val`` datasets)."""
-    for name in (f"head_{task}.pt", f"head_{task}Val.pt"):
-        path = Path(folder) / name
-        if path.is_file():
-            return path
-    return None
+    ``head_<Task>Val.pt`` (the TSV code's name: it trains on the ``<Task>Val`` datasets); names compared case-insensitively, as the experts'."""
+    folder = Path(folder)
+    return _first_file(folder, [folder / f"head_{task}.pt", folder / f"head_{task}Val.pt"])
 
 
 def read_release_head(path: str | Path, n_classes: int, allow_pickle: bool = False) -> tuple[torch.Tensor, float]:

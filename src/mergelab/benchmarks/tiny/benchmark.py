@@ -168,8 +168,8 @@ class TinyBenchmark(BenchmarkBase):
         code's version), the device where it is not the CPU (:meth:`_device_part`), not the heads (``heads``,
         ``head_shots``, ``logit_scale``): trying other heads reuses the pretrained encoder, while :attr:`key` (the
         experts' caches) still tells them apart."""
-        return config_hash({"encoder": self.shipped_encoder_key, **self._device_part()}) if self._device_part() \
-            else self.shipped_encoder_key
+        device = self._device_part()
+        return config_hash({"encoder": self.shipped_encoder_key, **device}) if device else self.shipped_encoder_key
 
     @property
     def shipped_encoder_key(self) -> str:
