@@ -90,20 +90,22 @@ def test_levels_that_cannot_be_spread_evenly_get_no_heterogeneous_merge_and_bad_
 
 
 # ----------------------------------------------------------------------------- correlations and tables
-def merges_table(sign: float = 1.0) -> pd.DataFrame:
-    """Two draws of homogeneous merges along lr and batch size plus heterogeneous ones; the measured gap
-    is a strictly increasing function of the predicted bound within each draw (``sign`` -1: decreasing),
-    and draw 1 sits higher; no two merges share a value."""
+def merges_table(sign: float = 1.0, seeds: int = 2, draws: int = 4) -> pd.DataFrame:
+    """``draws`` (at most four) draws of homogeneous merges along lr and batch size plus heterogeneous ones, draw d fine-tuned with
+    seed ``d % seeds``; the measured gap is a strictly increasing function of the predicted bound within each
+    draw (``sign`` -1: decreasing), and each seed's two draws sit at different offsets."""
     rows = []
-    for draw, offset in ((0, 0.0), (1, 5.0)):
+    for draw, offset in ((0, 0.0), (1, 5.0), (2, 5.0), (3, 0.0))[:draws]:
         for varied, level, pred in (("centre", 0, 1.0), ("lr", 1, 2.0), ("lr", 2, 4.0), ("batch_size", 1, 0.5),
                                     ("batch_size", 2, 0.25)):
-            rows.append({"draw": draw, "kind": "homogeneous", "varied": varied, "method": "weight_averaging",
+            rows.append({"draw": draw, "seed": draw % seeds, "kind": "homogeneous", "varied": varied,
+                         "method": "weight_averaging",
                          "bound": pred ** (1 + draw / 2), "gap_vs_pretrained": offset + sign * np.log(pred ** (1 + draw / 2)),
                          "test_accuracy": 0.5 - 0.1 * np.log(pred), "mean_lr": level, "mean_batch_size": level,
                          "generalization_gap": 0.0, "train_loss": 1.0})
         for varied, pred in (("lr", 3.0), ("batch_size", 0.7)):
-            rows.append({"draw": draw, "kind": "heterogeneous", "varied": varied, "method": "weight_averaging",
+            rows.append({"draw": draw, "seed": draw % seeds, "kind": "heterogeneous", "varied": varied,
+                         "method": "weight_averaging",
                          "bound": pred ** (1 + draw / 2), "gap_vs_pretrained": offset + sign * np.log(pred ** (1 + draw / 2)),
                          "test_accuracy": 0.4, "mean_lr": 1, "mean_batch_size": 1,
                          "generalization_gap": 0.0, "train_loss": 1.0})
@@ -115,16 +117,19 @@ def merges_table(sign: float = 1.0) -> pd.DataFrame:
 
 def test_rank_correlations_read_simple_averaging_merges_overall_within_draws_and_per_hyperparameter():
     table = merges_table()
-    out = rank_correlations(table, "bound", n_resamples=200)
-    assert out["overall"]["n"] == 14  # the 14 simple-averaging merges, not the sparsified ones
+    out = rank_correlations(table, "bound")
+    assert out["overall"]["n"] == 28  # the 28 simple-averaging merges, not the sparsified ones
+    assert out["overall"]["seeds"] == 2  # merges of one seed share experts: the seeds are the replications
     assert out["overall"]["spearman_within_draw"] == pytest.approx(1.0)  # draws' offsets removed
-    assert out["overall"]["spearman"] < 1.0  # across draws the offset breaks the order
-    for h in ("lr", "batch_size"):  # the centre and the two other levels, in both draws
-        assert out[h]["n"] == 6 and out[h]["spearman_within_draw"] == pytest.approx(1.0)
+    assert out["overall"]["spearman"] < 1.0  # across a seed's draws the offset breaks the order
+    for h in ("lr", "batch_size"):  # the centre and the two other levels, in every draw
+        assert out[h]["n"] == 12 and out[h]["spearman_within_draw"] == pytest.approx(1.0)
         assert out[h]["spearman"] < 1.0 and out[h]["ci_low"] <= out[h]["spearman"] <= out[h]["ci_high"]
-    assert out["num_steps"]["n"] == 2 and np.isnan(out["num_steps"]["spearman"])  # too few merges: NaN
-    reversed_ = rank_correlations(merges_table(sign=-1.0), "bound", n_resamples=200)
+    assert out["num_steps"]["n"] == 4 and np.isnan(out["num_steps"]["spearman"])  # too few merges per seed: NaN
+    reversed_ = rank_correlations(merges_table(sign=-1.0), "bound")
     assert reversed_["lr"]["spearman_within_draw"] == pytest.approx(-1.0)
+    one_seed = rank_correlations(merges_table(seeds=1), "bound")["overall"]  # no replication, no interval
+    assert one_seed["seeds"] == 1 and np.isfinite(one_seed["spearman"]) and np.isnan(one_seed["ci_low"])
     with pytest.raises(ValueError, match="'nonsense'"):
         rank_correlations(table, "nonsense")
 
@@ -132,12 +137,12 @@ def test_rank_correlations_read_simple_averaging_merges_overall_within_draws_and
 def test_a_constant_measured_column_gives_no_correlation_rather_than_a_number():
     table = merges_table()
     table["gap_vs_pretrained"] = 0.25
-    out = rank_correlations(table, "bound", n_resamples=50)
-    assert np.isnan(out["overall"]["spearman"]) and np.isnan(out["overall"]["p_value"])
+    out = rank_correlations(table, "bound")
+    assert np.isnan(out["overall"]["spearman"]) and np.isnan(out["overall"]["ci_low"]) and out["overall"]["seeds"] == 0
 
 
 def test_heterogeneity_table_pairs_each_spread_merge_with_its_draws_centre():
-    table = merges_table()
+    table = merges_table(draws=2)
     het = heterogeneity_table(table, "bound")
     assert len(het) == 2 * 2 * 2  # draws x methods x spread hyperparameters
     for _, r in het.iterrows():
@@ -153,7 +158,7 @@ def test_heterogeneity_table_pairs_each_spread_merge_with_its_draws_centre():
 
 
 def test_hyperparameter_effects_are_relative_to_the_same_draws_centre():
-    table = merges_table()
+    table = merges_table(draws=2)
     effects = hyperparameter_effects(table, grid(), "bound")
     assert len(effects) == 2 * 2 * 3  # hyperparameters x draws x (centre and two levels)
     assert (effects[effects["level"] == 0]["predicted_relative"] == 1.0).all()
@@ -290,3 +295,24 @@ def test_the_bound_is_recommended_for_ranking_only_along_the_hyperparameters_it_
     assert "along each hyperparameter as well" in recommendations_markdown({}, every)
     none = {"quadratic": {"overall": corr(-0.1, 0.7), "lr": corr(0.2, 0.9)}}
     assert "do not use it to choose recipes" in recommendations_markdown({}, none)
+
+
+def test_each_hyperparameter_and_method_gets_the_recommendation_its_intervals_support():
+    from mergelab.experiments.ch01_claims import recommendations_markdown
+
+    def iv(lo: float, hi: float, low: float = 0.01, high: float = 0.03) -> dict:
+        return {"estimate": (lo + hi) / 2, "ci_low": lo, "ci_high": hi, "n": 3,
+                "per_draw": [{"low": low, "high": high}]}
+
+    corr = {"quadratic": {"overall": {"spearman_within_draw": 0.5, "within_draw_ci_low": 0.2, "within_draw_ci_high": 0.7}}}
+    eff = {"lr:test_accuracy": iv(-0.05, -0.01), "lr:gap_vs_pretrained": iv(0.01, 0.05),
+           "batch_size:test_accuracy": iv(-0.01, 0.02, 16, 48), "batch_size:gap_vs_pretrained": iv(-0.05, -0.01, 16, 48),
+           "ties:test_accuracy": iv(-0.02, 0.01), "ties:gap_vs_pretrained": iv(0.01, 0.04),
+           "dare:test_accuracy": iv(0.01, 0.03), "dare:gap_vs_pretrained": iv(-0.01, 0.01),
+           "data_fraction:test_accuracy": iv(-0.01, 0.01), "data_fraction:gap_vs_pretrained": iv(-0.01, 0.01)}
+    lines = {line.split("**")[1]: line for line in recommendations_markdown(eff, corr).splitlines() if "**" in line}
+    assert "prefer the lower setting" in lines["learning rate"]  # accuracy falls with lr: its interval decides
+    assert "smaller at the higher setting" in lines["batch size"] and "weak preference for the higher setting" in lines["batch size"]
+    assert "larger than with simple averaging" in lines["ties"] and "weak preference for simple averaging" in lines["ties"]
+    assert "prefer dare over simple averaging" in lines["dare"]
+    assert "supports no recommendation" in lines["data fraction"]

@@ -17,20 +17,22 @@ def _grid() -> ExpertGrid:
     return ExpertGrid(base, {"lr": (0.01, 0.02, 0.03), "num_steps": (20, 40, 60)}, checkpoints=(20, 40, 60))
 
 
-def _merges(lr_effect: float, draws: int = 4) -> pd.DataFrame:
+def _merges(lr_effect: float, draws: int = 4, seeds: int = 2) -> pd.DataFrame:
     """Homogeneous averaging merges along lr (at 40 steps) and steps (centre lr), plus TIES copies of the
-    centre merge whose gap is 0.1 lower; the gap grows by ``lr_effect`` per 0.01 of lr."""
+    centre merge whose gap is 0.1 lower; the gap grows by ``lr_effect`` per 0.01 of lr. Draw d is fine-tuned
+    with seed ``d % seeds``, as the chapter's plan cycles its seeds."""
     rng = np.random.default_rng(0)
     rows = []
     for d in range(draws):
         offset = rng.normal()
         for lr in (0.01, 0.02, 0.03):
             gap = offset + lr_effect * (lr - 0.01) / 0.01 + 0.01 * rng.normal()
-            rows.append({"draw": d, "kind": "homogeneous", "method": "weight_averaging",
+            rows.append({"draw": d, "seed": d % seeds, "kind": "homogeneous", "method": "weight_averaging",
                          "varied": "centre" if lr == 0.02 else "lr", "mean_lr": lr, "mean_num_steps": 40,
                          "gap_vs_pretrained": gap, "test_accuracy": 0.5 - gap / 10, "train_loss": 1.0 + lr})
         for steps in (20, 60):
-            rows.append({"draw": d, "kind": "homogeneous", "method": "weight_averaging", "varied": "num_steps",
+            rows.append({"draw": d, "seed": d % seeds, "kind": "homogeneous", "method": "weight_averaging",
+                         "varied": "num_steps",
                          "mean_lr": 0.02, "mean_num_steps": steps, "gap_vs_pretrained": offset + steps / 100,
                          "test_accuracy": 0.5, "train_loss": 1.0})
         centre = [r for r in rows if r["draw"] == d and r["varied"] == "centre"][0]
@@ -43,6 +45,7 @@ def test_slice_differences_pair_the_top_and_bottom_levels_within_each_draw():
     merges = _merges(lr_effect=0.5)
     lr = slice_differences(merges, grid, "lr", "gap_vs_pretrained")
     assert list(lr["draw"]) == [0, 1, 2, 3] and set(lr["low"]) == {0.01} and set(lr["high"]) == {0.03}
+    assert list(lr["seed"]) == [0, 1, 0, 1]
     assert np.allclose(lr["difference"], 1.0, atol=0.05)  # 2 x 0.5, the draw offsets cancel
     steps = slice_differences(merges, grid, "num_steps", "gap_vs_pretrained")  # past the centre: 60 - 40
     assert set(steps["low"]) == {40} and set(steps["high"]) == {60}
@@ -50,15 +53,23 @@ def test_slice_differences_pair_the_top_and_bottom_levels_within_each_draw():
         slice_differences(merges, grid, "batch_size", "gap_vs_pretrained")
 
 
-def test_effects_give_intervals_over_draws_and_sparsification_is_paired():
+def test_effects_give_intervals_over_seeds_and_sparsification_is_paired():
     grid = _grid()
-    eff = effects(_merges(lr_effect=0.5), grid, ["ties"])
+    eff = effects(_merges(lr_effect=0.5, draws=6, seeds=3), grid, ["ties"])
     gap = eff["lr:gap_vs_pretrained"]
-    assert gap["n"] == 4 and 0 < gap["ci_low"] <= gap["estimate"] <= gap["ci_high"]
+    # the draws of one seed share experts: the interval is over the 3 seeds, not the 6 draws
+    assert (gap["n"], gap["rows"], len(gap["per_draw"])) == (3, 6, 6)
+    assert 0 < gap["ci_low"] <= gap["estimate"] <= gap["ci_high"]
+    per_seed = pd.DataFrame(gap["per_draw"]).groupby("seed")["difference"].mean()
+    assert gap["estimate"] == pytest.approx(per_seed.mean())
+    one_seed = effects(_merges(lr_effect=0.5, draws=4, seeds=1), grid)["lr:gap_vs_pretrained"]
+    assert one_seed["n"] == 1 and np.isnan(one_seed["ci_low"]) and np.isnan(one_seed["ci_high"])  # no replication
     null = effects(_merges(lr_effect=0.0), grid)["lr:gap_vs_pretrained"]
     assert null["ci_low"] < 0 < null["ci_high"]
     ties = sparsification_differences(_merges(0.5), grid, "ties", "gap_vs_pretrained")
     assert np.allclose(ties["difference"], -0.1) and set(ties["pairs"]) == {1}
+    assert list(ties["seed"]) == [0, 1, 0, 1]
+    assert effects(_merges(0.5), grid, ["ties"])["ties:gap_vs_pretrained"]["n"] == 2
     with pytest.raises(ValueError, match="method='dare'"):
         sparsification_differences(_merges(0.5), grid, "dare", "gap_vs_pretrained")
 

@@ -66,11 +66,16 @@ def test_constants_and_rank_correlations(run_notebook, params):
         # the reported correlation is the one of the merges table (None in JSON where it is undefined)
         avg = [m for m in results["merges"] if m["method"] == "weight_averaging"
                and isinstance(m.get(f"bound_{regime}"), float) and math.isfinite(m[f"bound_{regime}"])]
-        x = [m[f"bound_{regime}"] for m in avg]
-        y = [m["gap_vs_pretrained"] for m in avg]
+        per_seed = []  # the merges of one fine-tuning seed share experts: a rho per seed, averaged on Fisher's z
+        for seed in sorted({m["seed"] for m in avg}):
+            x = [m[f"bound_{regime}"] for m in avg if m["seed"] == seed]
+            y = [m["gap_vs_pretrained"] for m in avg if m["seed"] == seed]
+            if len(x) >= 3 and len(set(x)) > 1 and len(set(y)) > 1:
+                per_seed.append(spearmanr(x, y).statistic)
         rho = corr["overall"]["spearman"]
-        if len(avg) >= 3 and len(set(x)) > 1 and len(set(y)) > 1:
-            assert rho == pytest.approx(spearmanr(x, y).statistic, abs=1e-9)
+        assert corr["overall"]["seeds"] == len(per_seed)
+        if per_seed:
+            assert rho == pytest.approx(math.tanh(sum(map(math.atanh, per_seed)) / len(per_seed)), abs=1e-9)
         else:
             assert rho is None or math.isnan(rho)
     machine = results["machine"]
@@ -93,16 +98,19 @@ def test_every_gap_and_correlation_has_an_interval_and_claims_follow_from_them(r
         assert inside(row["generalization_gap"], row["generalization_gap_ci_low"], row["generalization_gap_ci_high"])
     for row in results["experts_by_lr"]:  # the bound on single experts (K = 1)
         assert row["bound"] > 0 and row["lipschitz"] > 0
-    # rank correlations overall and within draws, each with a bootstrap interval
+    # rank correlations overall and within draws, each with an interval over seeds where there are two or more
     for regime in ("quadratic", "smooth"):
         for part in results["rank_correlation"][regime].values():
             for est, lo, hi in ((part["spearman"], part["ci_low"], part["ci_high"]),
                                 (part["spearman_within_draw"], part["within_draw_ci_low"], part["within_draw_ci_high"])):
                 if lo is not None and not math.isnan(lo):
                     assert -1 <= lo <= hi <= 1 and inside(est, lo, hi)
-    # effects: t intervals over draws, undefined with a single draw
+                else:
+                    assert part["seeds"] <= 1 or est is None or math.isnan(est)
+    # effects: t intervals over the fine-tuning seeds (draws that share a seed share experts), none with one seed
     for name, eff in results["effects"].items():
-        assert eff["n"] == len(eff["per_draw"]) <= params["num_draws"]
+        assert eff["rows"] == len(eff["per_draw"]) <= params["num_draws"]
+        assert eff["n"] == len({r["seed"] for r in eff["per_draw"]}) <= len(params["seeds"])
         if eff["n"] >= 2:
             assert inside(eff["estimate"], eff["ci_low"], eff["ci_high"]), name
         else:

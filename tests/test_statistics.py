@@ -17,6 +17,7 @@ from mergelab.analysis.statistics import (
     format_ci,
     mean_gap_ci,
     mean_ci,
+    spearman_by_group_ci,
     spearman_ci,
 )
 
@@ -54,6 +55,60 @@ def test_too_few_rows_or_constant_columns_give_undefined_bounds_and_not_testable
     assert np.isnan(constant["estimate"]) and directional_status(constant) == "not_testable"
     nan_rows = spearman_ci([1.0, np.nan, 3.0, 4.0, 5.0], [1.0, 2.0, 3.0, 4.0, 5.0])
     assert nan_rows["n"] == 4
+
+
+def test_a_grouped_mean_is_over_the_groups_not_the_rows():
+    v, g = [1.0, 1.0, 1.0, 4.0, 5.0, np.nan], ["a", "a", "a", "b", "c", "c"]
+    out = mean_ci(v, groups=g)
+    # group means 1, 4, 5: three units (the repeated "a" rows count once), t over them
+    assert out["estimate"] == pytest.approx(10 / 3) and (out["n"], out["rows"]) == (3, 5)
+    assert out["ci_low"] == pytest.approx(mean_ci([1.0, 4.0, 5.0])["ci_low"])
+    single = mean_ci([0.1, 0.2, 0.3], groups=[7, 7, 7])  # one independent unit: no interval
+    assert single["n"] == 1 and single["estimate"] == pytest.approx(0.2) and np.isnan(single["ci_low"])
+    with pytest.raises(ValueError, match="one label per value"):
+        mean_ci([1.0, 2.0], groups=["a"])
+
+
+def test_spearman_by_group_averages_each_groups_rho_on_fishers_scale():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=30)
+    groups = np.repeat([0, 1, 2], 10)
+    rising = spearman_by_group_ci(x, x + 0.5 * rng.normal(size=30) + 10 * groups, groups)
+    # the groups' offsets do not enter: each group's rho is read on its own rows
+    per = [spearman_ci(x[groups == k], (x + 0.0)[groups == k])["estimate"] for k in range(3)]
+    assert rising["groups"] == 3 and rising["n"] == 30 and set(rising["per_group"]) == {0, 1, 2}
+    z = np.arctanh(list(rising["per_group"].values()))
+    assert rising["estimate"] == pytest.approx(np.tanh(z.mean()))
+    assert -1 < rising["ci_low"] < rising["estimate"] < rising["ci_high"] < 1
+    assert directional_status(rising) == "reproduced" and per == [1.0, 1.0, 1.0]
+    # opposite signs in different groups: the interval over groups is wide, whatever the rows' number
+    mixed = spearman_by_group_ci(x, np.where(groups == 1, -x, x), groups)
+    assert directional_status(mixed) == "not_testable"
+    # one group: its rho, no interval; a group under 3 rows or constant is left out
+    one = spearman_by_group_ci(x[:10], x[:10], np.zeros(10))
+    assert one["estimate"] == pytest.approx(1.0, abs=1e-9) and one["groups"] == 1 and np.isnan(one["ci_low"])
+    short = spearman_by_group_ci([1.0, 2.0, 3.0, 1.0, 2.0], [1.0, 2.0, 3.0, 5.0, 4.0], [0, 0, 0, 1, 1])
+    assert short["groups"] == 1 and np.isnan(short["ci_high"])
+    with pytest.raises(ValueError, match="same length"):
+        spearman_by_group_ci([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [0, 0])
+
+
+def test_a_cluster_bootstrap_resamples_whole_groups():
+    rng = np.random.default_rng(2)
+    # five groups of eight rows; within a group x and y are unrelated, between groups their means move together
+    groups = np.repeat(np.arange(5), 8)
+    level = rng.normal(size=5)[groups]
+    x, y = level + 0.3 * rng.normal(size=40), level + 0.3 * rng.normal(size=40)
+    rows = spearman_ci(x, y)
+    clustered = spearman_ci(x, y, groups=groups)
+    assert clustered["estimate"] == rows["estimate"] and clustered["groups"] == 5
+    # five independent units carry less information than forty rows: a wider interval
+    assert clustered["ci_high"] - clustered["ci_low"] > rows["ci_high"] - rows["ci_low"]
+    assert clustered == spearman_ci(x, y, groups=groups)  # seeded
+    lone = spearman_ci(x, y, groups=np.zeros(40))
+    assert np.isfinite(lone["estimate"]) and np.isnan(lone["ci_low"]) and lone["groups"] == 1
+    with pytest.raises(ValueError, match="one label per row"):
+        spearman_ci(x, y, groups=groups[:-1])
 
 
 def test_mean_interval_is_students_t():
@@ -270,3 +325,36 @@ def test_the_claims_table_shows_every_claim_in_full():
     assert f"{stem} (task_arithmetic)" in html and f"{stem} (tsv_merge)" in html
     assert list(table.data.columns) == ["claim", "source", "status"]
     assert table.data["status"].tolist() == ["reproduced", "not_testable"]
+
+
+def test_a_negative_prediction_is_the_positive_one_mirrored():
+    def iv(lo: float, hi: float) -> dict:
+        return {"estimate": (lo + hi) / 2, "ci_low": lo, "ci_high": hi}
+
+    for lo, hi in [(-0.5, 0.2), (-0.5, -0.1), (0.1, 0.5), (-0.2, 0.5), (-0.05, -0.01)]:
+        for margin in (0.0, 0.03):
+            assert directional_status(iv(lo, hi), "negative", margin) == directional_status(iv(-hi, -lo), "positive", margin)
+    assert directional_status(iv(-0.5, 0.2), "negative") == "not_testable"  # straddles 0
+    assert directional_status(iv(0.1, 0.5), "negative") == "not_reproduced"
+    assert directional_status(iv(-0.5, -0.1), "negative", margin=0.2) == "not_testable"  # not below -margin
+    assert directional_status(iv(-0.5, -0.3), "negative", margin=0.2) == "reproduced"
+
+
+def test_paired_normalized_interval_is_the_delta_method_on_the_examples():
+    from mergelab.analysis.statistics import paired_normalized_ci
+
+    # per task: model right on `a`, expert right on `e`, one example per row, the model at ~0.6 of the expert
+    rng = np.random.default_rng(5)
+    tables, ratios, variances = {}, [], []
+    for task, n in (("x", 120), ("y", 300)):
+        e = rng.random(n) < 0.8
+        a = np.where(e, rng.random(n) < 0.6, rng.random(n) < 0.1)
+        tables[task] = {"both": int((a & e).sum()), "a_only": int((a & ~e).sum()), "b_only": int((~a & e).sum()),
+                        "neither": int((~a & ~e).sum())}
+        r = a.mean() / e.mean()
+        ratios.append(r)
+        variances.append(np.var(a - r * e, ddof=1) / (n * e.mean() ** 2))  # the delta method, from the rows
+    out = paired_normalized_ci(tables)
+    assert out["estimate"] == pytest.approx(np.mean(ratios), abs=1e-12)
+    half = 1.959963984540054 * np.sqrt(sum(variances)) / 2
+    assert (out["ci_low"], out["ci_high"]) == pytest.approx((np.mean(ratios) - half, np.mean(ratios) + half), abs=1e-12)

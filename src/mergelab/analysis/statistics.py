@@ -78,24 +78,103 @@ def _spearman(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def spearman_ci(x: Sequence[float], y: Sequence[float], n_resamples: int = 2000, level: float = 0.95,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, groups: Sequence[Any] | None = None) -> dict[str, Any]:
     """Spearman's rank correlation of paired values with a bootstrap interval (rows resampled jointly);
-    rows with a non-finite value are left out first. See :func:`bootstrap_ci` for the fields."""
+    rows with a non-finite value are left out first. See :func:`bootstrap_ci` for the fields.
+
+    ``groups``: one label per row, for rows that are not independent (merges that share experts): whole
+    groups are resampled with replacement, their rows together (a cluster bootstrap), and the result gains
+    ``groups``, their number. The bounds are NaN with fewer than two groups: rows of one group alone say
+    nothing about how the correlation varies between independent replications."""
     x_, y_ = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if x_.shape != y_.shape or x_.ndim != 1:
         raise ValueError(f"x and y must be 1-D of the same length; got shapes {x_.shape} and {y_.shape}.")
     ok = np.isfinite(x_) & np.isfinite(y_)
-    out = bootstrap_ci(_spearman, x_[ok], y_[ok], n_resamples=n_resamples, level=level, seed=seed, vectorized=True)
-    out["method"] = "Spearman, bootstrap (percentile)"
-    return out
+    if groups is None:
+        out = bootstrap_ci(_spearman, x_[ok], y_[ok], n_resamples=n_resamples, level=level, seed=seed,
+                           vectorized=True)
+        out["method"] = "Spearman, bootstrap (percentile)"
+        return out
+    g = np.asarray(groups, dtype=object)
+    if g.shape != x_.shape:
+        raise ValueError(f"groups must give one label per row; got {g.shape[0] if g.ndim else 0} labels for "
+                         f"{len(x_)} rows.")
+    return _cluster_spearman(x_[ok], y_[ok], g[ok], n_resamples, level, seed)
 
 
-def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+def _cluster_spearman(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_resamples: int, level: float,
+                      seed: int) -> dict[str, Any]:
+    """:func:`spearman_ci` with a cluster bootstrap over ``groups`` (rows already finite)."""
+    _check_level(level)
+    method = "Spearman, cluster bootstrap over groups (percentile)"
+    members = [np.flatnonzero(groups == label) for label in dict.fromkeys(groups.tolist())]
+    estimate = float(_spearman(x, y)) if len(x) else float("nan")
+    if len(members) < 2 or len(x) < 3 or not np.isfinite(estimate):
+        return {**_interval(estimate, float("nan"), float("nan"), len(x), level, method), "groups": len(members)}
+    rng = np.random.default_rng(seed)
+    seen: dict[tuple[int, ...], float] = {}  # a resample is the multiset of groups drawn: few when groups are few
+    replicates = np.empty(n_resamples)
+    for b in range(n_resamples):
+        drawn = tuple(sorted(rng.integers(len(members), size=len(members)).tolist()))
+        if drawn not in seen:
+            rows = np.concatenate([members[i] for i in drawn])
+            seen[drawn] = float(_spearman(x[rows], y[rows]))
+        replicates[b] = seen[drawn]
+    replicates = replicates[np.isfinite(replicates)]
+    if not replicates.size:
+        return {**_interval(estimate, float("nan"), float("nan"), len(x), level, method), "groups": len(members)}
+    lo, hi = np.percentile(replicates, [50 * (1 - level), 50 * (1 + level)])
+    return {**_interval(estimate, lo, hi, len(x), level, method), "groups": len(members)}
+
+
+def spearman_by_group_ci(x: Sequence[float], y: Sequence[float], groups: Sequence[Any],
+                         level: float = 0.95) -> dict[str, Any]:
+    """Spearman's rank correlation within each group, averaged over the groups, with Student's t interval over
+    them: for rows in a few independent groups (a chapter's fine-tuning seeds) that are not independent within a
+    group (merges sharing experts), where a bootstrap over rows is too narrow and one over so few groups is too.
+
+    Each group's rho (from 3 or more finite rows, neither column constant) goes to Fisher's z = artanh(rho); the
+    mean and its t interval over groups are taken there and mapped back with tanh, so the bounds stay in
+    (-1, 1). A rho of exactly +-1 is held just inside. Fields as :func:`bootstrap_ci`'s (``n``: the rows), plus
+    ``groups`` (the groups with a rho) and ``per_group`` (label -> rho). With one group the estimate is its rho
+    and the bounds are NaN; with none, all NaN."""
+    _check_level(level)
+    x_, y_ = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    g = np.asarray(groups, dtype=object)
+    if x_.shape != y_.shape or x_.ndim != 1 or g.shape != x_.shape:
+        raise ValueError(f"x, y and groups must be 1-D of the same length; got shapes {x_.shape}, {y_.shape} and "
+                         f"{g.shape}.")
+    ok = np.isfinite(x_) & np.isfinite(y_)
+    per_group: dict[Any, float] = {}
+    for label in dict.fromkeys(g[ok].tolist()):
+        rows = ok & (g == label)
+        if rows.sum() >= 3 and np.ptp(x_[rows]) > 0 and np.ptp(y_[rows]) > 0:
+            per_group[label] = float(_spearman(x_[rows], y_[rows]))
+    z = np.arctanh(np.clip(list(per_group.values()), -1 + 1e-12, 1 - 1e-12))
+    ci = mean_ci(z, level)
+    out = _interval(np.tanh(ci["estimate"]), np.tanh(ci["ci_low"]), np.tanh(ci["ci_high"]), int(ok.sum()), level,
+                    "Spearman per group, t over groups on Fisher's z")
+    return {**out, "groups": len(per_group), "per_group": per_group}
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95, groups: Sequence[Any] | None = None) -> dict[str, Any]:
     """Mean of a few values (e.g. paired per-seed differences) with Student's t interval.
 
-    With one value the bounds are NaN (no spread is known). See :func:`bootstrap_ci` for the fields."""
+    With one value the bounds are NaN (no spread is known). See :func:`bootstrap_ci` for the fields.
+
+    ``groups``: one label per value, for values that are not independent (differences measured on merges that
+    share experts): each group's values are averaged first, and the mean and interval are over the groups,
+    the independent units; ``n`` is then their number, and ``rows`` the number of finite values."""
     _check_level(level)
     v = np.asarray(values, dtype=float)
+    if groups is not None:
+        g = np.asarray(groups, dtype=object)
+        if g.shape != v.shape:
+            raise ValueError(f"groups must give one label per value; got {g.shape[0] if g.ndim else 0} labels for "
+                             f"{v.shape[0] if v.ndim else 0} values.")
+        ok = np.isfinite(v)
+        means = [float(v[ok & (g == label)].mean()) for label in dict.fromkeys(g[ok].tolist())]
+        return {**mean_ci(means, level), "rows": int(ok.sum())}
     v = v[np.isfinite(v)]
     n = len(v)
     if n == 0:

@@ -2,10 +2,14 @@
 hyperparameter at a time with confidence intervals, the chapter's claims list, and its
 recommendations (stated only where the intervals separate).
 
-The unit of replication is the draw (a random subset of tasks with its own fine-tuning seed): each
-effect is a per-draw difference between two merges of the same tasks, and its interval is Student's t
-over draws (:func:`mergelab.analysis.statistics.mean_ci`), which holds both the sampling noise of
-each merge's measurement and the variation between task subsets and seeds.
+Each effect is a per-draw difference between two merges of the same tasks (a draw: a random subset of
+tasks, fine-tuned with one of the grid's seeds). Draws are not independent: seeds cycle over the draws
+(draw d uses ``seeds[d % len(seeds)]``), and two draws with one seed share the experts of the tasks they
+have in common (at the `tiny` size any two subsets of 3 of its 5 pool tasks share one). The unit of
+replication is therefore the fine-tuning seed: the draws of a seed are averaged, and the interval is
+Student's t over seeds (:func:`mergelab.analysis.statistics.mean_ci` with ``groups``). It holds the sampling
+noise of each merge's measurement and the variation between task subsets and seeds; with one seed there is
+no interval, and the claims it would decide are not testable.
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ def slice_differences(merges: Any, grid: ExpertGrid, hyperparameter: str, column
     count, "past a point"), the other hyperparameters at the centre.
 
     Returns:
-        one row per draw: ``draw``, ``low``, ``high`` (the two levels), ``value_low``, ``value_high``,
-        ``difference``.
+        one row per draw: ``draw``, ``seed`` (its fine-tuning seed), ``low``, ``high`` (the two levels),
+        ``value_low``, ``value_high``, ``difference``.
     """
     if hyperparameter not in grid.levels:
         raise ValueError(f"hyperparameter={hyperparameter!r} is not valid; the grid varies {', '.join(grid.levels)}.")
@@ -58,9 +62,10 @@ def slice_differences(merges: Any, grid: ExpertGrid, hyperparameter: str, column
     for draw, d in part.groupby("draw"):
         at = d.set_index(f"mean_{hyperparameter}")[column]
         if low in at.index and high in at.index:
-            rows.append({"draw": int(draw), "low": low, "high": high, "value_low": float(at.loc[low]),
-                         "value_high": float(at.loc[high]), "difference": float(at.loc[high] - at.loc[low])})
-    return pd.DataFrame(rows, columns=["draw", "low", "high", "value_low", "value_high", "difference"])
+            rows.append({"draw": int(draw), "seed": int(d["seed"].iloc[0]), "low": low, "high": high,
+                         "value_low": float(at.loc[low]), "value_high": float(at.loc[high]),
+                         "difference": float(at.loc[high] - at.loc[low])})
+    return pd.DataFrame(rows, columns=["draw", "seed", "low", "high", "value_low", "value_high", "difference"])
 
 
 def sparsification_differences(merges: Any, grid: ExpertGrid, method: str, column: str) -> pd.DataFrame:
@@ -68,7 +73,8 @@ def sparsification_differences(merges: Any, grid: ExpertGrid, method: str, colum
     (e.g. TIES) minus the same merge by simple averaging (the same experts).
 
     Returns:
-        one row per draw: ``draw``, ``pairs`` (merges compared), ``difference``.
+        one row per draw: ``draw``, ``seed`` (its fine-tuning seed), ``pairs`` (merges compared),
+        ``difference``.
     """
     base = merges[(merges["kind"] == "heterogeneous")
                   | ((merges["varied"] == "centre") & (merges["mean_num_steps"] == grid.centre("num_steps")))]
@@ -78,16 +84,21 @@ def sparsification_differences(merges: Any, grid: ExpertGrid, method: str, colum
     if other.empty:
         raise ValueError(f"method={method!r} has no merges in the table; have: {', '.join(sorted(set(merges['method'])))}.")
     diff = (other - avg.reindex(other.index)).dropna().reset_index()
-    return diff.groupby("draw")[column].agg(["size", "mean"]).reset_index().rename(
+    out = diff.groupby("draw")[column].agg(["size", "mean"]).reset_index().rename(
         columns={"size": "pairs", "mean": "difference"})
+    out.insert(1, "seed", out["draw"].map(base.groupby("draw")["seed"].first()).astype(int))
+    return out
 
 
 def _effect(table: pd.DataFrame) -> dict[str, Any]:
-    return {**mean_ci(table["difference"]), "per_draw": table.to_dict("records")}
+    """A :func:`mean_ci` over the fine-tuning seeds of the per-draw ``difference`` (the module's docstring says
+    why), with the draws' rows in ``per_draw``."""
+    return {**mean_ci(table["difference"], groups=table["seed"]), "per_draw": table.to_dict("records")}
 
 
 def effects(merges: Any, grid: ExpertGrid, sparsify: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
-    """Every effect the claims test, each a :func:`mean_ci` over draws plus its ``per_draw`` rows.
+    """Every effect the claims test, each a :func:`mean_ci` over seeds (``n``; ``rows``: the draws) plus its
+    ``per_draw`` rows.
 
     Keys ``"<hyperparameter>:<column>"`` for the gap (``gap_vs_pretrained``), ``test_accuracy`` and
     ``train_loss`` along each hyperparameter of the grid, and ``"<method>:<column>"`` for each
@@ -161,7 +172,8 @@ def claims(merges: Any, experts: Any, correlations: Mapping[str, Any], grid: Exp
               "ci_high": rq["within_draw_ci_high"]}
     add("The bound ranks merges by their measured gap (Spearman within draws, so that task subsets do not count).",
         directional_status(within, "positive"), {"regime": regime, "within_draw": within, "overall": rq})
-    k1 = spearman_ci(experts["bound"], experts["gap_vs_pretrained"])
+    k1 = spearman_ci(experts["bound"], experts["gap_vs_pretrained"],  # a run's checkpoints are not independent
+                     groups=experts["task"].astype(str) + "@" + experts["level"].astype(str))
     add("For single experts (K = 1) the bound ranks them by their measured gap.", directional_status(k1, "positive"),
         {"regime": regime, **k1})
     avg = merges[merges["method"] == "weight_averaging"]
@@ -192,15 +204,21 @@ def recommendations_markdown(eff: Mapping[str, Mapping[str, Any]], correlations:
         text = (f"{label}: merged accuracy {format_ci(acc, 100, ' points')}, gap {format_ci(gap, 1, ' nats')}")
         if np.isfinite(acc["ci_low"]) and (acc["ci_low"] > 0 or acc["ci_high"] < 0):
             supported += 1
-            lines.append(f"* {text}: {'prefer the higher' if acc['ci_low'] > 0 else 'prefer the lower'} "
-                         f"{'setting' if what in names else 'method over simple averaging'}"
-                         f"{'' if what in names else ' (it ' + ('wins' if acc['ci_low'] > 0 else 'loses') + ')'}.")
+            wins = acc["ci_low"] > 0
+            choice = ((f"prefer the {'higher' if wins else 'lower'} setting") if what in names
+                      else f"prefer {what} over simple averaging" if wins else f"prefer simple averaging over {what}")
+            lines.append(f"* {text}: {choice}.")
         elif np.isfinite(gap["ci_low"]) and (gap["ci_low"] > 0 or gap["ci_high"] < 0):
             supported += 1
-            lines.append(f"* {text}: the gap separates ({'larger' if gap['ci_low'] > 0 else 'smaller'} at the higher "
-                         "setting) but accuracy does not; a weak preference only.")
+            larger = gap["ci_low"] > 0
+            where = "at the higher setting" if what in names else "than with simple averaging"
+            prefer = (("the lower setting" if larger else "the higher setting") if what in names
+                      else ("simple averaging" if larger else "the method"))
+            lines.append(f"* {text}: the gap separates ({'larger' if larger else 'smaller'} {where}) but accuracy "
+                         f"does not; a weak preference for {prefer} (the smaller gap) only.")
         elif not (np.isfinite(acc["ci_low"]) and np.isfinite(gap["ci_low"])):
-            lines.append(f"* {text}: no interval (fewer than two draws), so this size supports no recommendation.")
+            lines.append(f"* {text}: no interval (fewer than two fine-tuning seeds), so this size supports no "
+                         "recommendation.")
         else:
             lines.append(f"* {text}: both intervals include zero, so this size supports no recommendation.")
     rq = correlations[regime]["overall"]

@@ -30,7 +30,7 @@ from ..analysis.stability import (
     gradient_norm_schedule,
 )
 from ..autodiff import hessian_extreme_eigenvalues
-from ..analysis.statistics import spearman_ci
+from ..analysis.statistics import spearman_by_group_ci
 from ..training import FinetuneConfig
 from ..utils import StateDict, atomic_write_json, check_integer, shows_progress, size_threads, state_digest
 
@@ -345,21 +345,19 @@ def _ci_columns(m: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def rank_correlations(df: Any, predicted: str, measured: str = "gap_vs_pretrained", n_resamples: int = 2000,
-                      seed: int = 0) -> dict[str, dict[str, float]]:
+def rank_correlations(df: Any, predicted: str, measured: str = "gap_vs_pretrained") -> dict[str, dict[str, float]]:
     """Spearman rank correlation between a predicted and a measured column of :func:`run_merges`' table,
-    with 95 % bootstrap intervals (merges resampled, :func:`mergelab.analysis.statistics.spearman_ci`).
+    per fine-tuning seed (merges of one seed share experts; seeds do not), averaged over the seeds with a 95 %
+    interval over them (:func:`mergelab.analysis.statistics.spearman_by_group_ci`; NaN bounds with one seed).
 
     Computed over every simple-averaging merge (``"overall"``), and per hyperparameter over the
     homogeneous merges that differ from the centre in that hyperparameter only (the centre included).
-    Each entry: ``spearman`` with ``ci_low``, ``ci_high``, ``p_value``, ``n``, and
+    Each entry: ``spearman`` with ``ci_low``, ``ci_high``, ``n`` (merges), ``seeds``, and
     ``spearman_within_draw`` with ``within_draw_ci_low``, ``within_draw_ci_high``: the same after
     subtracting each draw's centre merge from the measured value and from the log of the predicted
     one, so that differences between task subsets do not count. NaN with fewer than 3 merges or a
     constant column.
     """
-    from scipy.stats import spearmanr
-
     if predicted not in df or measured not in df:
         raise ValueError(f"columns {predicted!r} and {measured!r} must be in the table; have: {', '.join(df.columns)}.")
     avg = df[(df["method"] == "weight_averaging") & np.isfinite(df[predicted].astype(float))].copy()
@@ -368,18 +366,12 @@ def rank_correlations(df: Any, predicted: str, measured: str = "gap_vs_pretraine
         avg["_pred_w"] = np.log(avg[predicted].astype(float)) - np.log(avg["draw"].map(centre[predicted]).astype(float))
     avg["_meas_w"] = avg[measured] - avg["draw"].map(centre[measured])
 
-    def rho(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, Any], float]:
-        ok = np.isfinite(x) & np.isfinite(y)
-        x, y = x[ok], y[ok]
-        if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-            return {"estimate": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}, float("nan")
-        return spearman_ci(x, y, n_resamples=n_resamples, seed=seed), float(spearmanr(x, y).pvalue)
-
     def corr(part: Any) -> dict[str, float]:
-        r, p = rho(part[predicted].to_numpy(float), part[measured].to_numpy(float))
-        rw, _ = rho(part["_pred_w"].to_numpy(float), part["_meas_w"].to_numpy(float))
-        return {"spearman": r["estimate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "p_value": p,
-                "n": int(len(part)), "spearman_within_draw": rw["estimate"], "within_draw_ci_low": rw["ci_low"],
+        g = part["seed"].to_numpy()
+        r = spearman_by_group_ci(part[predicted].to_numpy(float), part[measured].to_numpy(float), g)
+        rw = spearman_by_group_ci(part["_pred_w"].to_numpy(float), part["_meas_w"].to_numpy(float), g)
+        return {"spearman": r["estimate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "n": int(len(part)),
+                "seeds": r["groups"], "spearman_within_draw": rw["estimate"], "within_draw_ci_low": rw["ci_low"],
                 "within_draw_ci_high": rw["ci_high"]}
 
     out = {"overall": corr(avg)}
