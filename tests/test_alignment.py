@@ -293,3 +293,12 @@ def test_frank_wolfe_result_names_the_iterations_where_its_objective_fell():
     assert FrankWolfeResult(perms=[], objective=[1.0, 2.0, 2.0, 3.0]).falls == []  # rising or flat: never fell
     assert FrankWolfeResult(perms=[], objective=[1.0, 3.0, 2.5, 4.0, 3.9]).falls == [2, 4]
     assert FrankWolfeResult(perms=[]).falls == []
+
+
+def test_the_cycle_error_is_the_share_of_units_sent_elsewhere():
+    identity = {"h": torch.arange(4)}
+    swap = {"h": torch.tensor([1, 0, 2, 3])}  # one transposition: two of four units leave their place
+    assert cycle_error(swap, identity, identity) == {"h": 0.5}
+    assert cycle_error(swap, swap, identity) == {"h": 0.0}  # the swap undone on the way round
+    three = {"h": torch.tensor([1, 2, 0, 3])}
+    assert cycle_error(three, identity, identity) == {"h": 0.75}

@@ -171,3 +171,37 @@ def test_clustered_anchors_are_each_clusters_nearest_item_weighted_by_its_share(
         j = int(np.flatnonzero(items == nearest)[0])
         assert weights[j] == pytest.approx(members.size / model.num_items)
     assert subset_mean(np.array([1.0, 0.0]), np.array([0.75, 0.25])) == pytest.approx(0.75)  # the weights count
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+HAND = IRTModel(np.array([[1.0], [2.0], [0.5], [-1.0]]), np.array([0.0, 1.0, -1.0, 0.5]))
+"""Four items in one dimension, for estimates computed by hand."""
+
+
+def test_p_irt_counts_the_answered_items_as_given_and_the_rest_by_their_probability():
+    theta = np.array([0.7])
+    # items 0 and 2 answered (1, 0); items 1 and 3 by P = sigmoid(a . theta - b)
+    expected = 2 / 4 * 0.5 + 2 / 4 * (_sigmoid(2 * 0.7 - 1.0) + _sigmoid(-0.7 - 0.5)) / 2
+    assert p_irt(HAND, np.array([0, 2]), np.array([1.0, 0.0]), theta) == pytest.approx(expected, abs=1e-12)
+    other = p_irt(HAND, np.array([0, 2]), np.array([1.0, 1.0]), theta)  # the answers count, not only theta
+    assert other - expected == pytest.approx(2 / 4 * 0.5, abs=1e-12)
+
+
+def test_log_likelihood_is_the_mean_bernoulli_log_likelihood():
+    theta = np.array([[0.7], [-0.2]])
+    r = np.array([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]])
+    p = np.array([[_sigmoid(a * t - b) for a, b in zip([1.0, 2.0, 0.5, -1.0], [0.0, 1.0, -1.0, 0.5])]
+                  for t in (0.7, -0.2)])
+    expected = np.mean(r * np.log(p) + (1 - r) * np.log(1 - p))
+    assert log_likelihood(HAND, theta, r) == pytest.approx(expected, abs=1e-12)
+
+
+def test_with_uninformative_items_the_fits_return_their_priors_centre():
+    flat = IRTModel(np.zeros((4, 2)), np.zeros(4))  # no item says anything about ability
+    endpoints = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    # mp-IRT's weights start at MERGE3's 1/K, and the prior keeps them there; the ability at 0
+    np.testing.assert_allclose(fit_merge_weights(flat, endpoints, [0, 1], [1.0, 0.0]), np.full(3, 1 / 3), atol=1e-9)
+    np.testing.assert_allclose(fit_ability(flat, [0, 1, 2], [1.0, 1.0, 0.0]), np.zeros(2), atol=1e-9)

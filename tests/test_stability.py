@@ -148,6 +148,17 @@ def test_averaging_k_identical_experts_divides_stability_by_k():
         assert generalization_bound([t] * K, 3.0) == pytest.approx(3.0 * t.epsilon / K, rel=1e-12)
 
 
+def test_the_bound_weighs_each_experts_stability_by_its_own_lipschitz_constant():
+    from mergelab.analysis.stability import StabilityTerms
+
+    t1, t2 = StabilityTerms(sampling=0.09, drift=0.16), StabilityTerms(sampling=1.0, drift=3.0)  # eps 0.5 and 2
+    # x_avg moves by eps_k / K when task k's example is replaced, averaged over the K tasks
+    assert averaged_stability([t1, t2]).sampling == pytest.approx((0.09 + 1.0) / 8, rel=1e-12)
+    assert averaged_stability([t1, t2]).drift == pytest.approx((0.16 + 3.0) / 8, rel=1e-12)
+    assert generalization_bound([t1, t2], [1.0, 3.0]) == pytest.approx((1.0 * 0.5 + 3.0 * 2.0) / 4, rel=1e-12)
+    assert generalization_bound([t1, t2], [3.0, 1.0]) == pytest.approx((3.0 * 0.5 + 1.0 * 2.0) / 4, rel=1e-12)
+
+
 def test_heterogeneous_data_sizes_are_worse_than_homogeneous_at_equal_mean():
     """Jensen: eps is convex in 1/n's argument n, so spreading n around its mean raises the average."""
     def term(n):

@@ -500,6 +500,21 @@ def test_energy_table_and_spectrum_curves_report_low_rank_task_matrices_above_ra
     pd.testing.assert_frame_equal(spectrum_curves(tvs, rank_fractions=[0.0, 0.5, 1.0], precomputed=spec), curves)
 
 
+def test_energy_stable_rank_and_curves_on_known_singular_values():
+    U, _ = torch.linalg.qr(torch.randn(6, 4, generator=torch.Generator().manual_seed(3)))
+    V, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(4)))  # a 6 x 4 matrix: min(m, n) = 4
+    s = torch.tensor([4.0, 2.0, 1.0, 1.0])  # squared: 16, 4, 1, 1 of 22
+    tvs = {"t": TaskVector({"w": U @ torch.diag(s) @ V.T})}
+    row = energy_table(tvs, rank_fraction=0.5).iloc[0]  # k = floor(4 x 0.5) = 2
+    assert row["k"] == 2 and row["energy"] == pytest.approx(20 / 22, abs=1e-5)
+    assert row["stable_rank"] == pytest.approx(22 / 16, abs=1e-5)  # ||Delta||_F^2 / s_1^2
+    curve = spectrum_curves(tvs, rank_fractions=[0.25, 0.5, 0.625])
+    at = curve[curve["source"] == "task matrix"].set_index("rank_fraction")["energy"]
+    # x = r / min(m, n): a quarter of the rank keeps the top triplet, half the top two; linear in between
+    assert at[0.25] == pytest.approx(16 / 22, abs=1e-5) and at[0.5] == pytest.approx(20 / 22, abs=1e-5)
+    assert at[0.625] == pytest.approx((20 / 22 + 21 / 22) / 2, abs=1e-5)
+
+
 # ----------------------------------------------------------------------------- interference
 def test_sti_is_maximal_for_identical_tasks_and_in_between_otherwise():
     g = torch.Generator().manual_seed(12)
