@@ -231,3 +231,9 @@ def test_the_one_off_cost_counts_each_model_that_answered_every_item_once():
     costs = ch05.fitness_costs(rows)
     assert (costs["full"], costs["irt"], costs["irt_with_calibration"]) == (4500, 350, 450)
     assert costs["ratio"] == pytest.approx(4500 / 350) and costs["ratio_with_calibration"] == pytest.approx(10.0)
+    assert np.isnan(costs["ratio_ceiling"])  # no evaluation counts: no ceiling to state
+    # 45 candidates on all 100 items against 10 candidates on 5: 20x per candidate, the most any search length gives
+    counted = {"evolved_irt": {**rows["evolved_irt"], "evaluations": 10},
+               "evolved_full": {**rows["evolved_full"], "evaluations": 45}}
+    assert ch05.fitness_costs(counted)["ratio_ceiling"] == pytest.approx(20.0)
+    assert ch05.fitness_costs(counted)["ratio"] < ch05.fitness_costs(counted)["ratio_ceiling"]

@@ -252,3 +252,50 @@ def test_sparsifying_options_of_the_wrong_type_are_named(pretrained, task_vector
         merge("dare", pretrained, task_vectors, drop_rate="0.5")
     with pytest.raises(ValueError, match="seed=1.5 is not valid; use an integer >= 0"):
         merge("dare", pretrained, task_vectors, seed=1.5)
+
+
+def test_task_arithmetic_adds_every_tasks_vector(pretrained, task_vectors):
+    merged = merge("task_arithmetic", pretrained, task_vectors, coefficient=0.4)
+    for k in pretrained:
+        torch.testing.assert_close(merged[k], pretrained[k] + 0.4 * sum(tv[k] for tv in task_vectors))
+
+
+def test_dare_sparsifies_each_task_with_its_own_seed_then_adds(pretrained, task_vectors):
+    merged = merge("dare", pretrained, task_vectors, coefficient=0.3, drop_rate=0.5, seed=11)
+    # the documented recipe: task t sparsified by drop_and_rescale with seed 11 + t, then task arithmetic
+    drops = [dare(tv, 0.5, 11 + t) for t, tv in enumerate(task_vectors)]
+    for k in pretrained:
+        torch.testing.assert_close(merged[k], pretrained[k] + 0.3 * sum(d[k] for d in drops))
+    masks = [d["w"] != 0 for d in drops]  # every task gets its own mask
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
+def test_streamed_drops_equal_drop_and_rescale_in_any_key_order(task_vectors):
+    tv = task_vectors[0]
+    whole = dare(tv, 0.5, 4)
+    streamed = sparsify.StreamedDrops(tv, 0.5, 4)
+    for k in [*reversed(list(tv.keys())), *tv.keys()]:  # an earlier key restarts the stream
+        torch.testing.assert_close(streamed[k], whole[k], rtol=0, atol=0)
+
+
+def test_ties_trims_an_entry_exactly_at_its_threshold():
+    stacked = torch.tensor([[0.5, 0.6], [0.5, 0.6]])
+    # the docstring: entries with |x| <= thr are trimmed, so 0.5 goes and 0.6 stays
+    torch.testing.assert_close(ties_merge_tensor(stacked, torch.tensor([0.5, 0.5])), torch.tensor([0.0, 0.6]))
+
+
+def test_the_table_and_the_text_flag_a_coefficient_chosen_at_a_grid_edge():
+    from mergelab.evaluation import grid_edge_note, results_table
+
+    acc = {"absolute_accuracy": 0.5, "normalized_accuracy": 0.6, "per_task_accuracy": {"a": 0.5}}
+    rows = {"zero_shot": acc, "ta": {**acc, "coefficient": 0.3, "at_grid_edge": False},
+            "tsv": {**acc, "coefficient": 1.0, "at_grid_edge": True}, "tsv_alpha_1": {**acc, "coefficient": 1.0}}
+    table = results_table(rows)
+    assert list(table.columns[:4]) == ["absolute_accuracy", "normalized_accuracy", "coefficient", "at_grid_edge"]
+    assert table.loc["tsv", "at_grid_edge"] is True and table.loc["ta", "at_grid_edge"] is False
+    assert np.isnan(table.loc["zero_shot", "coefficient"]) and table.loc["tsv_alpha_1", "at_grid_edge"] == ""
+    note = grid_edge_note(rows, {"tsv": "TSV-M"})
+    assert "TSV-M (1)" in note and "ta" not in note.split(":")[1]
+    assert grid_edge_note({"ta": rows["ta"]}) == "Every coefficient was chosen inside its validation grid."
+    assert grid_edge_note({"zero_shot": acc}) == ""  # nothing chosen on a grid: nothing to say
+    assert "coefficient" not in results_table({"zero_shot": acc}).columns

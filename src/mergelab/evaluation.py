@@ -140,14 +140,35 @@ def merge_rows(benchmark: "Benchmark", results: Mapping[str, MergeResult], exper
 
 
 def results_table(rows: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per method: absolute and normalized accuracy, then one column per task."""
+    """One row per method: absolute and normalized accuracy; where some row has a ``coefficient`` (a merge
+    row, :func:`merge_row`), its ``coefficient`` and ``at_grid_edge`` (True when chosen at an end of its
+    validation grid; empty for a row with no grid); then one column per task."""
+    with_coefficient = any("coefficient" in r for r in rows.values())
     records = []
     for method, r in rows.items():
         rec = {"method": method, "absolute_accuracy": r["absolute_accuracy"],
                "normalized_accuracy": r["normalized_accuracy"]}
+        if with_coefficient:
+            c = r.get("coefficient")
+            rec.update({"coefficient": float("nan") if c is None else c, "at_grid_edge": r.get("at_grid_edge", "")})
         rec.update({t: a for t, a in r["per_task_accuracy"].items()})
         records.append(rec)
     return pd.DataFrame.from_records(records).set_index("method")
+
+
+def grid_edge_note(rows: Mapping[str, Mapping[str, Any]], names: Mapping[str, str] | None = None) -> str:
+    """A sentence for a chapter's text naming the rows whose coefficient was chosen at an end of its validation
+    grid (``at_grid_edge``, as :func:`merge_row` records it), with the coefficient: there the optimum may lie
+    beyond the grid, or, at 0, no merge beats the pretrained model. ``names``: how to call each row (default its
+    key). Says so when every choice is inside its grid; empty when no row has a grid."""
+    graded = {k: r for k, r in rows.items() if isinstance(r.get("at_grid_edge"), (bool, np.bool_))}
+    if not graded:
+        return ""
+    edge = [f"{(names or {}).get(k, k)} ({r['coefficient']:g})" for k, r in graded.items() if r["at_grid_edge"]]
+    if not edge:
+        return "Every coefficient was chosen inside its validation grid."
+    return (f"Chosen at an end of its validation grid: {', '.join(edge)}. There the best coefficient may lie beyond "
+            "the grid (at 0: no merge beat the pretrained model on validation), so a wider grid could do better on these rows.")
 
 
 def long_table(rows: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:

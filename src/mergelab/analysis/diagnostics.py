@@ -174,9 +174,15 @@ def probe_path(benchmark: Any, state: StateDict, task: str, splits: Sequence[str
     data and arithmetic), the ``grid`` of ``C``, scikit-learn's version and the evaluation code's version.
     ``None`` for a benchmark without a ``cache_dir`` or ``evaluation_key``. ``digest``: gives the weights' digest
     (a caller keying several tasks of one encoder computes it once); default :func:`state_digest` of ``state``."""
-    return result_path(benchmark, "probe", lambda: {
-        "state": (digest or (lambda: state_digest(state)))(), "task": task, "splits": [benchmark.evaluation_key(task, s) for s in splits],
-        "grid": [float(c) for c in grid], "scikit-learn": version("scikit-learn"), **codeversion.key_part("evaluation")})
+    weights_digest = digest if digest is not None else (lambda: state_digest(state))
+
+    def key() -> dict[str, Any]:  # computed only where the benchmark keeps a cache
+        return {"state": weights_digest(), "task": task,
+                "splits": [benchmark.evaluation_key(task, s) for s in splits],
+                "grid": [float(c) for c in grid], "scikit-learn": version("scikit-learn"),
+                **codeversion.key_part("evaluation")}
+
+    return result_path(benchmark, "probe", key)
 
 
 def linear_probe_fits(benchmark: DiagnosableBenchmark, state: StateDict, tasks: Sequence[str] | None = None,

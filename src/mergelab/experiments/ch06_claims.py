@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..analysis.statistics import claim
 from ..utils import nan_for_none
 
 SOURCE = "crisostomi2024c2m3"  # key of reports/references.bib (Crisostomi et al., NeurIPS 2024)
@@ -40,9 +41,9 @@ def claims(arch_results: Mapping[str, Mapping[str, Any]], mlp_fraction: float = 
     several sets of models were merged) that the notebook writes."""
     out: list[dict[str, Any]] = []
 
-    def add(claim: str, holds: bool | None, evidence: dict[str, Any]) -> None:
+    def add(text: str, holds: bool | None, evidence: dict[str, Any]) -> None:
         status = "not_testable" if holds is None else ("reproduced" if holds else "not_reproduced")
-        out.append({"claim": claim, "source": SOURCE, "status": status, "evidence": evidence})
+        out.append(claim(text, SOURCE, status, evidence))
 
     for arch, r in arch_results.items():
         m = r["methods"]
