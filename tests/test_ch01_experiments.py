@@ -100,13 +100,13 @@ def merges_table(sign: float = 1.0, seeds: int = 2, draws: int = 4) -> pd.DataFr
                                     ("batch_size", 2, 0.25)):
             rows.append({"draw": draw, "seed": draw % seeds, "kind": "homogeneous", "varied": varied,
                          "method": "weight_averaging",
-                         "bound": pred ** (1 + draw / 2), "gap_vs_pretrained": offset + sign * np.log(pred ** (1 + draw / 2)),
+                         "bound": pred ** (1 + draw / 3), "gap_vs_pretrained": offset + sign * np.log(pred ** (1 + draw / 3)),
                          "test_accuracy": 0.5 - 0.1 * np.log(pred), "mean_lr": level, "mean_batch_size": level,
                          "generalization_gap": 0.0, "train_loss": 1.0})
         for varied, pred in (("lr", 3.0), ("batch_size", 0.7)):
             rows.append({"draw": draw, "seed": draw % seeds, "kind": "heterogeneous", "varied": varied,
                          "method": "weight_averaging",
-                         "bound": pred ** (1 + draw / 2), "gap_vs_pretrained": offset + sign * np.log(pred ** (1 + draw / 2)),
+                         "bound": pred ** (1 + draw / 3), "gap_vs_pretrained": offset + sign * np.log(pred ** (1 + draw / 3)),
                          "test_accuracy": 0.4, "mean_lr": 1, "mean_batch_size": 1,
                          "generalization_gap": 0.0, "train_loss": 1.0})
     table = pd.DataFrame(rows)
@@ -163,7 +163,7 @@ def test_hyperparameter_effects_are_relative_to_the_same_draws_centre():
     assert len(effects) == 2 * 2 * 3  # hyperparameters x draws x (centre and two levels)
     assert (effects[effects["level"] == 0]["predicted_relative"] == 1.0).all()
     lr = effects[(effects["hyperparameter"] == "lr") & (effects["level"] == 2)]
-    assert list(lr["predicted_relative"]) == pytest.approx([4.0, 8.0])  # 4 / 1 in draw 0, 4 ** 1.5 / 1 in draw 1
+    assert list(lr["predicted_relative"]) == pytest.approx([4.0, 4.0 ** (4 / 3)])  # 4 / 1 in draw 0, 4 ** (4/3) / 1 in draw 1
 
 
 # ----------------------------------------------------------------------------- measured on a small benchmark

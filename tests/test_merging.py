@@ -288,14 +288,22 @@ def test_the_table_and_the_text_flag_a_coefficient_chosen_at_a_grid_edge():
     from mergelab.evaluation import grid_edge_note, results_table
 
     acc = {"absolute_accuracy": 0.5, "normalized_accuracy": 0.6, "per_task_accuracy": {"a": 0.5}}
-    rows = {"zero_shot": acc, "ta": {**acc, "coefficient": 0.3, "at_grid_edge": False},
-            "tsv": {**acc, "coefficient": 1.0, "at_grid_edge": True}, "tsv_alpha_1": {**acc, "coefficient": 1.0}}
+    grid = {0.0: 0.1, 0.5: 0.2, 1.0: 0.3}
+    rows = {"zero_shot": acc, "ta": {**acc, "coefficient": 0.5, "at_grid_edge": False, "validation_sweep": grid},
+            "tsv": {**acc, "coefficient": 1.0, "at_grid_edge": True, "validation_sweep": grid},
+            "ties": {**acc, "coefficient": 0.0, "at_grid_edge": np.bool_(True), "validation_sweep": grid},
+            "tsv_alpha_1": {**acc, "coefficient": 1.0}}
     table = results_table(rows)
     assert list(table.columns[:4]) == ["absolute_accuracy", "normalized_accuracy", "coefficient", "at_grid_edge"]
     assert table.loc["tsv", "at_grid_edge"] is True and table.loc["ta", "at_grid_edge"] is False
     assert np.isnan(table.loc["zero_shot", "coefficient"]) and table.loc["tsv_alpha_1", "at_grid_edge"] == ""
     note = grid_edge_note(rows, {"tsv": "TSV-M"})
-    assert "TSV-M (1)" in note and "ta" not in note.split(":")[1]
+    assert "top of its validation grid: TSV-M (1);" in note and "wider grid" in note
+    assert "bottom of its validation grid: ties (0);" in note and "no merge beat the pretrained model" in note
+    assert "ta (" not in note  # chosen inside its grid
     assert grid_edge_note({"ta": rows["ta"]}) == "Every coefficient was chosen inside its validation grid."
-    assert grid_edge_note({"zero_shot": acc}) == ""  # nothing chosen on a grid: nothing to say
+    # nothing chosen on a grid of two or more values: nothing to say
+    averaging = {**acc, "coefficient": None, "at_grid_edge": False, "validation_sweep": {}}
+    lone = {**acc, "coefficient": 0.3, "at_grid_edge": False, "validation_sweep": {0.3: 0.2}}
+    assert grid_edge_note({"zero_shot": acc, "weight_averaging": averaging, "one_value": lone}) == ""
     assert "coefficient" not in results_table({"zero_shot": acc}).columns

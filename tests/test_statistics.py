@@ -69,24 +69,30 @@ def test_a_grouped_mean_is_over_the_groups_not_the_rows():
         mean_ci([1.0, 2.0], groups=["a"])
 
 
-def test_spearman_by_group_averages_each_groups_rho_on_fishers_scale():
+def test_spearman_by_group_averages_each_groups_rho():
+    from scipy.stats import spearmanr
+
     rng = np.random.default_rng(0)
     x = rng.normal(size=30)
     groups = np.repeat([0, 1, 2], 10)
-    rising = spearman_by_group_ci(x, x + 0.5 * rng.normal(size=30) + 10 * groups, groups)
-    # the groups' offsets do not enter: each group's rho is read on its own rows
-    per = [spearman_ci(x[groups == k], (x + 0.0)[groups == k])["estimate"] for k in range(3)]
-    assert rising["groups"] == 3 and rising["n"] == 30 and set(rising["per_group"]) == {0, 1, 2}
-    z = np.arctanh(list(rising["per_group"].values()))
-    assert rising["estimate"] == pytest.approx(np.tanh(z.mean()))
-    assert -1 < rising["ci_low"] < rising["estimate"] < rising["ci_high"] < 1
-    assert directional_status(rising) == "reproduced" and per == [1.0, 1.0, 1.0]
+    y = x + rng.normal(size=30) + 10 * groups  # the groups' offsets must not enter: each rho on its own rows
+    out = spearman_by_group_ci(x, y, groups)
+    per = {k: spearmanr(x[groups == k], y[groups == k]).statistic for k in range(3)}
+    assert out["groups"] == 3 and out["n"] == 30
+    assert out["per_group"] == pytest.approx(per) and out["estimate"] == pytest.approx(np.mean(list(per.values())))
+    t = mean_ci(list(per.values()))  # Student's t over the groups, cut to [-1, 1]
+    assert (out["ci_low"], out["ci_high"]) == pytest.approx((max(t["ci_low"], -1), min(t["ci_high"], 1)))
+    assert t["ci_high"] > 1 and out["ci_high"] == 1.0
+    assert spearman_ci(x, y)["estimate"] < out["estimate"] - 0.3  # pooled, the groups' offsets hide the relation
     # opposite signs in different groups: the interval over groups is wide, whatever the rows' number
     mixed = spearman_by_group_ci(x, np.where(groups == 1, -x, x), groups)
     assert directional_status(mixed) == "not_testable"
+    # a group at rho = 1 (a few rows can be, by chance) weighs as much as any other, and the bounds stay in [-1, 1]
+    ones = spearman_by_group_ci([1.0, 2, 3, 1, 2, 3, 1, 2, 3], [1.0, 2, 3, 1, 3, 2, 3, 1, 2], [0, 0, 0, 1, 1, 1, 2, 2, 2])
+    assert ones["estimate"] == pytest.approx((1.0 + 0.5 - 0.5) / 3) and -1 <= ones["ci_low"] <= ones["ci_high"] <= 1
     # one group: its rho, no interval; a group under 3 rows or constant is left out
     one = spearman_by_group_ci(x[:10], x[:10], np.zeros(10))
-    assert one["estimate"] == pytest.approx(1.0, abs=1e-9) and one["groups"] == 1 and np.isnan(one["ci_low"])
+    assert one["estimate"] == pytest.approx(1.0) and one["groups"] == 1 and np.isnan(one["ci_low"])
     short = spearman_by_group_ci([1.0, 2.0, 3.0, 1.0, 2.0], [1.0, 2.0, 3.0, 5.0, 4.0], [0, 0, 0, 1, 1])
     assert short["groups"] == 1 and np.isnan(short["ci_high"])
     with pytest.raises(ValueError, match="same length"):
@@ -94,21 +100,32 @@ def test_spearman_by_group_averages_each_groups_rho_on_fishers_scale():
 
 
 def test_a_cluster_bootstrap_resamples_whole_groups():
+    import itertools
+
+    from scipy.stats import spearmanr
+
     rng = np.random.default_rng(2)
     # five groups of eight rows; within a group x and y are unrelated, between groups their means move together
     groups = np.repeat(np.arange(5), 8)
     level = rng.normal(size=5)[groups]
     x, y = level + 0.3 * rng.normal(size=40), level + 0.3 * rng.normal(size=40)
-    rows = spearman_ci(x, y)
-    clustered = spearman_ci(x, y, groups=groups)
-    assert clustered["estimate"] == rows["estimate"] and clustered["groups"] == 5
-    # five independent units carry less information than forty rows: a wider interval
-    assert clustered["ci_high"] - clustered["ci_low"] > rows["ci_high"] - rows["ci_low"]
-    assert clustered == spearman_ci(x, y, groups=groups)  # seeded
-    lone = spearman_ci(x, y, groups=np.zeros(40))
-    assert np.isfinite(lone["estimate"]) and np.isnan(lone["ci_low"]) and lone["groups"] == 1
+    clustered = spearman_ci(x, y, groups=groups, n_resamples=20000)
+    assert clustered["estimate"] == spearman_ci(x, y)["estimate"] and clustered["groups"] == 5
+    # the exact bootstrap distribution: every ordered draw of 5 of the 5 groups, equally likely
+    exact = []
+    for drawn in itertools.product(range(5), repeat=5):
+        rows = np.concatenate([np.flatnonzero(groups == g) for g in drawn])
+        exact.append(spearmanr(x[rows], y[rows]).statistic)
+    lo, hi = np.nanpercentile(exact, [2.5, 97.5])
+    assert (clustered["ci_low"], clustered["ci_high"]) == pytest.approx((lo, hi), abs=0.02)
+    assert clustered == spearman_ci(x, y, groups=groups, n_resamples=20000)  # seeded
+    few = spearman_ci(x[:24], y[:24], groups=groups[:24])  # three groups: too few resamples to trust
+    assert np.isfinite(few["estimate"]) and np.isnan(few["ci_low"]) and few["groups"] == 3
+    assert np.isfinite(spearman_ci(x[:24], y[:24], groups=groups[:24], min_groups=3)["ci_low"])
     with pytest.raises(ValueError, match="one label per row"):
         spearman_ci(x, y, groups=groups[:-1])
+    with pytest.raises(ValueError, match="min_groups=1 is not valid"):
+        spearman_ci(x, y, groups=groups, min_groups=1)
 
 
 def test_mean_interval_is_students_t():

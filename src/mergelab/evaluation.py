@@ -158,17 +158,39 @@ def results_table(rows: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
 
 def grid_edge_note(rows: Mapping[str, Mapping[str, Any]], names: Mapping[str, str] | None = None) -> str:
     """A sentence for a chapter's text naming the rows whose coefficient was chosen at an end of its validation
-    grid (``at_grid_edge``, as :func:`merge_row` records it), with the coefficient: there the optimum may lie
-    beyond the grid, or, at 0, no merge beats the pretrained model. ``names``: how to call each row (default its
-    key). Says so when every choice is inside its grid; empty when no row has a grid."""
-    graded = {k: r for k, r in rows.items() if isinstance(r.get("at_grid_edge"), (bool, np.bool_))}
+    grid (``at_grid_edge``, as :func:`merge_row` records it), with the coefficient: at the top the best
+    coefficient may lie beyond the grid; at the bottom (0 in the package's grids) no merge beat the pretrained
+    model on validation. ``names``: how to call each row (default its key). Only rows chosen on a grid of two or
+    more values count (a coefficient, and a ``validation_sweep`` of 2+ values where the row keeps one). Says so
+    when every choice is inside its grid; empty when no row was chosen on a grid."""
+    graded = {}
+    for key, r in rows.items():
+        sweep = r.get("validation_sweep")
+        if (isinstance(r.get("at_grid_edge"), (bool, np.bool_)) and r.get("coefficient") is not None
+                and (sweep is None or len(sweep) >= 2)):
+            graded[key] = r
     if not graded:
         return ""
-    edge = [f"{(names or {}).get(k, k)} ({r['coefficient']:g})" for k, r in graded.items() if r["at_grid_edge"]]
-    if not edge:
+    top, bottom, other = [], [], []
+    for key, r in graded.items():
+        if not r["at_grid_edge"]:
+            continue
+        label = f"{(names or {}).get(key, key)} ({r['coefficient']:g})"
+        sweep = [float(c) for c in r.get("validation_sweep") or {}]
+        (other if not sweep else bottom if r["coefficient"] <= min(sweep) else top).append(label)
+    if not (top or bottom or other):
         return "Every coefficient was chosen inside its validation grid."
-    return (f"Chosen at an end of its validation grid: {', '.join(edge)}. There the best coefficient may lie beyond "
-            "the grid (at 0: no merge beat the pretrained model on validation), so a wider grid could do better on these rows.")
+    parts = []
+    if top:
+        parts.append(f"at the top of its validation grid: {', '.join(top)}; the best coefficient may lie beyond it, so "
+                     "a wider grid could do better")
+    if bottom:
+        parts.append(f"at the bottom of its validation grid: {', '.join(bottom)}; no merge beat the pretrained model "
+                     "on validation")
+    if other:
+        parts.append(f"at an end of its validation grid: {', '.join(other)}; at the top a wider grid could do better, "
+                     "at the bottom no merge beat the pretrained model")
+    return "Chosen " + "; chosen ".join(parts) + "."
 
 
 def long_table(rows: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:

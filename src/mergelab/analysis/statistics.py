@@ -78,14 +78,16 @@ def _spearman(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def spearman_ci(x: Sequence[float], y: Sequence[float], n_resamples: int = 2000, level: float = 0.95,
-                seed: int = 0, groups: Sequence[Any] | None = None) -> dict[str, Any]:
+                seed: int = 0, groups: Sequence[Any] | None = None, min_groups: int = 5) -> dict[str, Any]:
     """Spearman's rank correlation of paired values with a bootstrap interval (rows resampled jointly);
     rows with a non-finite value are left out first. See :func:`bootstrap_ci` for the fields.
 
     ``groups``: one label per row, for rows that are not independent (merges that share experts): whole
     groups are resampled with replacement, their rows together (a cluster bootstrap), and the result gains
-    ``groups``, their number. The bounds are NaN with fewer than two groups: rows of one group alone say
-    nothing about how the correlation varies between independent replications."""
+    ``groups``, their number. The bounds are NaN with fewer than ``min_groups`` groups: so few give a handful
+    of distinct resamples (three with two groups), whose percentiles are no interval to trust (with one group,
+    nothing is known of how the correlation varies between independent replications);
+    :func:`spearman_by_group_ci` serves a few groups."""
     x_, y_ = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if x_.shape != y_.shape or x_.ndim != 1:
         raise ValueError(f"x and y must be 1-D of the same length; got shapes {x_.shape} and {y_.shape}.")
@@ -99,17 +101,20 @@ def spearman_ci(x: Sequence[float], y: Sequence[float], n_resamples: int = 2000,
     if g.shape != x_.shape:
         raise ValueError(f"groups must give one label per row; got {g.shape[0] if g.ndim else 0} labels for "
                          f"{len(x_)} rows.")
-    return _cluster_spearman(x_[ok], y_[ok], g[ok], n_resamples, level, seed)
+    check_min = min_groups if isinstance(min_groups, (int, np.integer)) and not isinstance(min_groups, bool) else None
+    if check_min is None or check_min < 2:
+        raise ValueError(f"min_groups={min_groups!r} is not valid; use an integer of at least 2.")
+    return _cluster_spearman(x_[ok], y_[ok], g[ok], n_resamples, level, seed, check_min)
 
 
 def _cluster_spearman(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_resamples: int, level: float,
-                      seed: int) -> dict[str, Any]:
+                      seed: int, min_groups: int) -> dict[str, Any]:
     """:func:`spearman_ci` with a cluster bootstrap over ``groups`` (rows already finite)."""
     _check_level(level)
     method = "Spearman, cluster bootstrap over groups (percentile)"
     members = [np.flatnonzero(groups == label) for label in dict.fromkeys(groups.tolist())]
     estimate = float(_spearman(x, y)) if len(x) else float("nan")
-    if len(members) < 2 or len(x) < 3 or not np.isfinite(estimate):
+    if len(members) < min_groups or len(x) < 3 or not np.isfinite(estimate):
         return {**_interval(estimate, float("nan"), float("nan"), len(x), level, method), "groups": len(members)}
     rng = np.random.default_rng(seed)
     seen: dict[tuple[int, ...], float] = {}  # a resample is the multiset of groups drawn: few when groups are few
@@ -133,11 +138,11 @@ def spearman_by_group_ci(x: Sequence[float], y: Sequence[float], groups: Sequenc
     them: for rows in a few independent groups (a chapter's fine-tuning seeds) that are not independent within a
     group (merges sharing experts), where a bootstrap over rows is too narrow and one over so few groups is too.
 
-    Each group's rho (from 3 or more finite rows, neither column constant) goes to Fisher's z = artanh(rho); the
-    mean and its t interval over groups are taken there and mapped back with tanh, so the bounds stay in
-    (-1, 1). A rho of exactly +-1 is held just inside. Fields as :func:`bootstrap_ci`'s (``n``: the rows), plus
-    ``groups`` (the groups with a rho) and ``per_group`` (label -> rho). With one group the estimate is its rho
-    and the bounds are NaN; with none, all NaN."""
+    Each group's rho comes from 3 or more finite rows, neither column constant. The rhos are averaged as they
+    are (not on Fisher's z, where a group of a few rows at rho = +-1, which happens by chance, would outweigh
+    every other), and the interval is :func:`mean_ci`'s over them, cut to [-1, 1]. Fields as
+    :func:`bootstrap_ci`'s (``n``: the rows), plus ``groups`` (the groups with a rho) and ``per_group``
+    (label -> rho). With one group the estimate is its rho and the bounds are NaN; with none, all NaN."""
     _check_level(level)
     x_, y_ = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     g = np.asarray(groups, dtype=object)
@@ -150,10 +155,11 @@ def spearman_by_group_ci(x: Sequence[float], y: Sequence[float], groups: Sequenc
         rows = ok & (g == label)
         if rows.sum() >= 3 and np.ptp(x_[rows]) > 0 and np.ptp(y_[rows]) > 0:
             per_group[label] = float(_spearman(x_[rows], y_[rows]))
-    z = np.arctanh(np.clip(list(per_group.values()), -1 + 1e-12, 1 - 1e-12))
-    ci = mean_ci(z, level)
-    out = _interval(np.tanh(ci["estimate"]), np.tanh(ci["ci_low"]), np.tanh(ci["ci_high"]), int(ok.sum()), level,
-                    "Spearman per group, t over groups on Fisher's z")
+    ci = mean_ci(list(per_group.values()), level)
+    out = _interval(ci["estimate"], max(ci["ci_low"], -1.0), min(ci["ci_high"], 1.0), int(ok.sum()), level,
+                    "Spearman per group, mean with t over groups")
+    if not np.isfinite(ci["ci_low"]):
+        out["ci_low"] = out["ci_high"] = float("nan")  # max/min would turn NaN into a bound
     return {**out, "groups": len(per_group), "per_group": per_group}
 
 

@@ -352,11 +352,11 @@ def rank_correlations(df: Any, predicted: str, measured: str = "gap_vs_pretraine
 
     Computed over every simple-averaging merge (``"overall"``), and per hyperparameter over the
     homogeneous merges that differ from the centre in that hyperparameter only (the centre included).
-    Each entry: ``spearman`` with ``ci_low``, ``ci_high``, ``n`` (merges), ``seeds``, and
-    ``spearman_within_draw`` with ``within_draw_ci_low``, ``within_draw_ci_high``: the same after
-    subtracting each draw's centre merge from the measured value and from the log of the predicted
-    one, so that differences between task subsets do not count. NaN with fewer than 3 merges or a
-    constant column.
+    Each entry: ``spearman`` with ``ci_low``, ``ci_high``, ``n`` (merges), ``seeds`` (those with a correlation),
+    and ``spearman_within_draw`` with ``within_draw_ci_low``, ``within_draw_ci_high``, ``within_draw_seeds``: the
+    same after subtracting each draw's centre merge from the measured value and from the log of the predicted
+    one, so that differences between task subsets do not count. A seed with fewer than 3 merges or a constant
+    column has no correlation; NaN when no seed has one.
     """
     if predicted not in df or measured not in df:
         raise ValueError(f"columns {predicted!r} and {measured!r} must be in the table; have: {', '.join(df.columns)}.")
@@ -372,7 +372,7 @@ def rank_correlations(df: Any, predicted: str, measured: str = "gap_vs_pretraine
         rw = spearman_by_group_ci(part["_pred_w"].to_numpy(float), part["_meas_w"].to_numpy(float), g)
         return {"spearman": r["estimate"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "n": int(len(part)),
                 "seeds": r["groups"], "spearman_within_draw": rw["estimate"], "within_draw_ci_low": rw["ci_low"],
-                "within_draw_ci_high": rw["ci_high"]}
+                "within_draw_ci_high": rw["ci_high"], "within_draw_seeds": rw["groups"]}
 
     out = {"overall": corr(avg)}
     homo = avg[avg["kind"] == "homogeneous"]
