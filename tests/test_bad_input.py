@@ -213,6 +213,12 @@ def test_the_irt_estimators_refuse_empty_or_non_finite_abilities_and_a_negative_
     ({"num_held_out": 2.5}, "num_held_out=2.5 is not valid"),
     ({"coefficient_max": 0.0}, "coefficient_max=0.0 is not valid; use a positive number"),
     ({"coefficient_max": math.nan}, "coefficient_max=nan is not valid"),
+    ({"other_merges": {"dares": [0.3]}}, "dares"),
+    ({"other_merges": {"dare": 0.3}}, r"other_merges\['dare'\]=0.3 is not valid; use a list of coefficients"),
+    ({"other_merges": {"dare": [None]}}, r"other_merges\['dare'\] has None; use numbers"),
+    ({"other_merges": {"weight_averaging": [0.5]}}, r"other_merges\['weight_averaging'\] has 0.5; use \[None\]"),
+    ({"other_merges": {"tsv_merge": ["1"]}}, r"other_merges\['tsv_merge'\] value"),
+    ({"other_merges": [("dare", [0.3])]}, "other_merges=.* is not valid; use a mapping"),
 ])
 def test_the_merge3_population_names_a_bad_size_or_range(kwargs, match):
     from mergelab.experiments.ch05_merge3 import population

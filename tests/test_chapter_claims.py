@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mergelab.experiments.ch01_claims import bound_validity, effects, slice_differences, sparsification_differences
+from mergelab.experiments.ch01_claims import (bound_validity, effects, heterogeneity_effects, slice_differences,
+                                              sparsification_differences)
+from mergelab.analysis.statistics import mean_ci
 from mergelab.experiments.ch01_stability import ExpertGrid
 from mergelab.experiments.ch02_claims import gain_over_zero_shot, taylor_regime, taylor_slopes
 from mergelab.training import FinetuneConfig
@@ -72,6 +74,18 @@ def test_effects_give_intervals_over_seeds_and_sparsification_is_paired():
     assert effects(_merges(0.5), grid, ["ties"])["ties:gap_vs_pretrained"]["n"] == 2
     with pytest.raises(ValueError, match="method='dare'"):
         sparsification_differences(_merges(0.5), grid, "dare", "gap_vs_pretrained")
+
+
+def test_heterogeneity_effects_are_differences_averaged_per_seed_with_t_over_seeds():
+    rows = []
+    for draw, (seed, d_gap) in enumerate([(0, 0.10), (1, 0.30), (2, 0.20), (0, 0.50), (1, 0.30), (2, 0.20)]):
+        rows.append({"draw": draw, "seed": seed, "hyperparameter": "lr", "gap_homogeneous": 1.0,
+                     "gap_heterogeneous": 1.0 + d_gap, "test_acc_homogeneous": 0.6, "test_acc_heterogeneous": 0.5})
+    out = heterogeneity_effects(pd.DataFrame(rows))["lr"]
+    # seed means .3, .3, .2: the draws of seed 0 (.1 and .5) count once
+    assert out["gap"]["estimate"] == pytest.approx(0.8 / 3) and (out["gap"]["n"], out["gap"]["rows"]) == (3, 6)
+    assert out["gap"]["ci_low"] == pytest.approx(mean_ci([0.3, 0.3, 0.2])["ci_low"])
+    assert out["test_accuracy"]["estimate"] == pytest.approx(-0.1)
 
 
 def test_bound_validity_reads_the_gap_intervals():

@@ -115,6 +115,11 @@ def test_every_gap_and_correlation_has_an_interval_and_claims_follow_from_them(r
             assert inside(eff["estimate"], eff["ci_low"], eff["ci_high"]), name
         else:
             assert eff["ci_low"] is None or math.isnan(eff["ci_low"])
+    # heterogeneous minus homogeneous merges, per spread hyperparameter, with intervals over the seeds
+    spread = {r["hyperparameter"] for r in results["heterogeneity"] if r["method"] == "weight_averaging"}
+    assert set(results["heterogeneity_effects"]) == spread
+    for e in results["heterogeneity_effects"].values():
+        assert e["gap"]["n"] <= len(params["seeds"]) and e["gap"]["rows"] >= e["gap"]["n"]
     # the claims: one per direction (gap and accuracy) per hyperparameter, the optimization term, each
     # sparsifying method, the bound's ranking (merges, K = 1) and its validity (merges, K = 1)
     claims = results["claims"]

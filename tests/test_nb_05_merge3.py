@@ -27,7 +27,11 @@ def test_population_roles_and_irt_dimension(results, params):
     roles = [m["role"] for m in results["population"]]
     assert roles.count("dim_validation") + roles.count("held_out") == params["num_held_out"]
     tasks = len(params["tasks"])
-    assert roles.count("calibration") == 1 + tasks + len(params["ta_grid"]) + len(params["ties_grid"]) + params["num_random"]
+    others = sum(len(c) for c in params["other_merges"].values())
+    assert roles.count("calibration") == (1 + tasks + len(params["ta_grid"]) + len(params["ties_grid"]) + others
+                                          + params["num_random"])
+    kinds = {m["kind"] for m in results["population"]}  # every method of the population, each with its answers
+    assert {"zero_shot", "expert", "task_arithmetic", "ties", "random_merge", *params["other_merges"]} == kinds
     assert results["irt"]["dim"] in params["irt_dims"]
     assert [r["dim"] for r in results["irt"]["dim_selection"]] == params["irt_dims"]
     best = max(results["irt"]["dim_selection"], key=lambda r: r["held_out_log_likelihood"])

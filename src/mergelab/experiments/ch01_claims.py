@@ -115,6 +115,25 @@ def effects(merges: Any, grid: ExpertGrid, sparsify: Sequence[str] = ()) -> dict
     return out
 
 
+def heterogeneity_effects(hetero: pd.DataFrame) -> dict[str, dict[str, dict[str, Any]]]:
+    """Heterogeneous minus homogeneous merge at equal mean hyperparameters, per spread hyperparameter: the
+    change in measured gap (nats) and in test accuracy, each a :func:`mean_ci` over the fine-tuning seeds of
+    the per-draw differences, as the chapter's other effects.
+
+    Args:
+        hetero: :func:`mergelab.experiments.ch01_stability.heterogeneity_table` of one method.
+
+    Returns:
+        ``{hyperparameter: {"gap": interval, "test_accuracy": interval}}``.
+    """
+    out = {}
+    for h, part in hetero.groupby("hyperparameter", sort=False):
+        out[str(h)] = {"gap": mean_ci(part["gap_heterogeneous"] - part["gap_homogeneous"], groups=part["seed"]),
+                       "test_accuracy": mean_ci(part["test_acc_heterogeneous"] - part["test_acc_homogeneous"],
+                                                groups=part["seed"])}
+    return out
+
+
 def bound_validity(table: Any, bound: str, high: str = "gap_vs_pretrained_ci_high",
                    low: str = "gap_vs_pretrained_ci_low") -> dict[str, Any]:
     """Whether a bound lies above the measured gaps: ``reproduced`` when it is above every gap's

@@ -431,7 +431,8 @@ def heterogeneity_table(df: Any, predicted: str) -> Any:
     """Heterogeneous merges against the homogeneous centre merge of the same draw and method (equal
     average hyperparameters when the levels' mean is the centre).
 
-    One row per draw, method and spread hyperparameter: ``gap_homogeneous``, ``gap_heterogeneous`` (both
+    One row per draw, method and spread hyperparameter: ``seed`` (the draw's fine-tuning seed),
+    ``gap_homogeneous``, ``gap_heterogeneous`` (both
     ``gap_vs_pretrained``),
     ``test_acc_homogeneous``, ``test_acc_heterogeneous``, ``predicted_homogeneous``,
     ``predicted_heterogeneous``.
@@ -444,7 +445,7 @@ def heterogeneity_table(df: Any, predicted: str) -> Any:
             continue
         h0 = homo.iloc[0]
         for _, r in part[part["kind"] == "heterogeneous"].iterrows():
-            rows.append({"draw": draw, "method": method, "hyperparameter": r["varied"],
+            rows.append({"draw": draw, "seed": h0["seed"], "method": method, "hyperparameter": r["varied"],
                          "gap_homogeneous": h0["gap_vs_pretrained"], "gap_heterogeneous": r["gap_vs_pretrained"],
                          "test_acc_homogeneous": h0["test_accuracy"], "test_acc_heterogeneous": r["test_accuracy"],
                          "predicted_homogeneous": h0[predicted], "predicted_heterogeneous": r[predicted]})

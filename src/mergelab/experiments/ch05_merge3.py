@@ -33,7 +33,7 @@ from ..analysis.responses import ResponseEvaluator
 from ..analysis.statistics import sample_sd
 from ..evaluation import merge_baselines, summarize
 from ..executors import Executor, LocalExecutor, WorkerContext, benchmark_context
-from ..merging import merge
+from ..merging import get_merge, merge
 from ..merging.evolve import EvolutionResult, evolve, task_arithmetic_per_task
 from ..task_vectors import TaskVector
 from ..utils import StateDict, check_integer, check_number, config_hash, state_digest
@@ -43,14 +43,16 @@ from .ch05_claims import (best_rank_at, choose_estimator, claims, claims_from_re
 
 def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Mapping[str, StateDict],
                task_vectors: Mapping[str, TaskVector], ta_grid: Sequence[float], ties_grid: Sequence[float],
-               num_random: int, num_held_out: int, coefficient_max: float, seed: int = 0, progress: bool = True
-               ) -> tuple[pd.DataFrame, np.ndarray]:
+               num_random: int, num_held_out: int, coefficient_max: float, seed: int = 0, progress: bool = True,
+               other_merges: Mapping[str, Sequence[float | None]] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """Full responses of the chapter's population on the fitness items.
 
-    Models: zero-shot, the experts, task arithmetic at ``ta_grid``, TIES at ``ties_grid``, and
-    ``num_random + num_held_out`` task-arithmetic merges with per-task coefficients drawn uniformly in
-    ``[0, coefficient_max]`` (seeded); the last ``num_held_out`` of them are held out (half to choose
-    the IRT dimension, half to measure the estimators).
+    Models: zero-shot, the experts, task arithmetic at ``ta_grid``, TIES at ``ties_grid``, each registered
+    method of ``other_merges`` at its coefficients (``None``: the method's one form, as weight averaging; e.g.
+    ``{"weight_averaging": [None], "dare": [0.3], "tsv_merge": [1.0]}``), and ``num_random + num_held_out``
+    task-arithmetic merges with per-task coefficients drawn uniformly in ``[0, coefficient_max]`` (seeded);
+    the last ``num_held_out`` of them are held out (half to choose the IRT dimension, half to measure the
+    estimators).
 
     Returns:
         ``(models, responses)``: one row per model (``name, kind, role`` in calibration / dim_validation /
@@ -67,6 +69,7 @@ def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Map
     specs += [(f"task_arithmetic:{c:g}", "task_arithmetic", (lambda c=c: merge("task_arithmetic", pretrained, tvs,
                                                                                  coefficient=c))) for c in ta_grid]
     specs += [(f"ties:{c:g}", "ties", (lambda c=c: merge("ties", pretrained, tvs, coefficient=c))) for c in ties_grid]
+    specs += _other_merges(other_merges or {}, pretrained, tvs)
     draws = rng.uniform(0, coefficient_max, (num_random + num_held_out, len(tvs)))
     specs += [(f"random:{i}", "random_merge", (lambda c=c: task_arithmetic_per_task(pretrained, tvs, c)))
               for i, c in enumerate(draws)]
@@ -79,6 +82,32 @@ def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Map
         rows.append({"name": name, "kind": kind, "role": role, "fitness": float(r.mean())})
         responses.append(r)
     return pd.DataFrame(rows), np.stack(responses)
+
+
+def _other_merges(other: Mapping[str, Sequence[float | None]], pretrained: StateDict, tvs: Sequence[TaskVector]
+                  ) -> list[tuple[str, str, Any]]:
+    """:func:`population`'s ``other_merges`` as ``(name, kind, build)`` entries, checked: a registered method and
+    a list of coefficients (``None`` only for a method without one)."""
+    if not isinstance(other, Mapping):
+        raise ValueError(f"other_merges={other!r} is not valid; use a mapping of merge method to a list of "
+                         "coefficients, e.g. {'dare': [0.3], 'weight_averaging': [None]}.")
+    out = []
+    for method, coefficients in other.items():
+        has_coefficient = "coefficient" in get_merge(method).defaults  # an unknown method names the valid ones
+        if isinstance(coefficients, (str, bytes, Mapping)) or not isinstance(coefficients, Sequence):
+            raise ValueError(f"other_merges[{method!r}]={coefficients!r} is not valid; use a list of coefficients"
+                             f"{'' if has_coefficient else ' ([None]: this method has none)'}.")
+        for c in coefficients:
+            if (c is None) == has_coefficient:
+                raise ValueError(f"other_merges[{method!r}] has {c!r}; "
+                                 + ("use numbers: this method takes a coefficient." if has_coefficient
+                                    else "use [None]: this method has no coefficient."))
+            if c is not None:
+                check_number(f"other_merges[{method!r}] value", c)
+            options = {} if c is None else {"coefficient": float(c)}
+            out.append((method if c is None else f"{method}:{c:g}", method,
+                        (lambda m=method, o=options: merge(m, pretrained, tvs, **o))))
+    return out
 
 
 def choose_dim(train: np.ndarray, validation: np.ndarray, dims: Sequence[int], seed: int = 0
