@@ -256,8 +256,8 @@ def test_the_curvature_of_a_point_is_cached_by_weights_data_and_settings(bench, 
     first = ch01_stability.extreme_eigenvalues(bench, "colours", pre, 7, 2, 11)
     before = len(list((bench.cache_dir / "curvature").glob("*.json")))
     calls = []
-    real = ch01_stability.hessian_extreme_eigenvalues
-    monkeypatch.setattr(ch01_stability, "hessian_extreme_eigenvalues", lambda *a: calls.append(a) or real(*a))
+    real = ch01_stability.hessian_extremes
+    monkeypatch.setattr(ch01_stability, "hessian_extremes", lambda *a: calls.append(a) or real(*a))
     assert ch01_stability.extreme_eigenvalues(bench, "colours", pre, 7, 2, 11) == first and not calls
     moved = {k: v + 0.01 if v.is_floating_point() else v for k, v in pre.items()}
     for args in (("colours", moved, 7, 2, 11), ("size", pre, 7, 2, 11), ("colours", pre, 5, 2, 11),
@@ -273,8 +273,8 @@ def test_the_curvature_is_computed_on_the_sizes_training_threads(bench, monkeypa
     from mergelab.utils import torch_threads
 
     threads = []
-    real = ch01_stability.hessian_extreme_eigenvalues
-    monkeypatch.setattr(ch01_stability, "hessian_extreme_eigenvalues",
+    real = ch01_stability.hessian_extremes
+    monkeypatch.setattr(ch01_stability, "hessian_extremes",
                         lambda *a: threads.append(torch.get_num_threads()) or real(*a))
     with torch_threads(2):
         ch01_stability.extreme_eigenvalues(bench, "colours", bench.pretrained_state(), 6, 2, 13)  # a point no other test caches

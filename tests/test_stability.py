@@ -11,7 +11,7 @@ from torch import nn
 
 from mergelab.analysis.generalization import _encoder, control_variate_gap
 from mergelab.analysis.stability import Curvature, ExpertHyperparameters, REGIMES, amplification, averaged_stability, expert_stability, generalization_bound, gradient_norm_schedule, smooth_generalization_bound
-from mergelab.autodiff import hessian_extreme_eigenvalues, per_example_gradient_norms
+from mergelab.autodiff import hessian_extreme_eigenvalues, hessian_extremes, per_example_gradient_norms
 from mergelab.training import FinetuneConfig
 
 
@@ -236,6 +236,19 @@ def test_hessian_power_iteration_finds_the_extreme_eigenvalues_of_a_linear_softm
     eig = torch.linalg.eigvalsh(H)
     assert lam_max == pytest.approx(float(eig.max()), rel=1e-3)
     assert lam_min == pytest.approx(float(eig.min()), abs=1e-3 * float(eig.max()))  # softmax CE: min ~ 0
+
+
+def test_the_power_iterations_report_how_far_they_had_settled():
+    torch.manual_seed(0)
+    enc = nn.Linear(4, 3, bias=False)
+    X, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    settled = hessian_extremes(enc, _Identity(), X, y, iters=200)
+    assert (settled.lambda_max, settled.lambda_min) == hessian_extreme_eigenvalues(enc, _Identity(), X, y, iters=200)
+    assert settled.change_max < 1e-6  # 200 iterations: the Rayleigh quotient no longer moves
+    early = hessian_extremes(enc, _Identity(), X, y, iters=3)
+    # after three iterations the quotient still moves, by the relative change of its last step
+    assert early.change_max > 1e3 * settled.change_max and 0 <= early.change_min
+    assert np.isnan(hessian_extremes(enc, _Identity(), X, y, iters=1).change_max)  # one quotient: no change yet
 
 
 def test_per_example_gradient_norms_match_a_loop():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -255,14 +256,29 @@ def _hvp(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor,
         return [h.detach() for h in torch.autograd.grad(grads, params, grad_outputs=vec)]
 
 
-def hessian_extreme_eigenvalues(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor,
-                                iters: int = 10, seed: int = 0) -> tuple[float, float]:
-    """``(lam_max, lam_min)`` of the Hessian of the mean cross-entropy on ``(X, y)`` w.r.t. the encoder's
-    trainable parameters, by power iteration on Hessian-vector products (double backward).
+@dataclass(frozen=True)
+class ExtremeEigenvalues:
+    """The extreme Hessian eigenvalues of :func:`hessian_extremes`, each with how far its power iteration had
+    settled: ``change_*`` is the relative change of the Rayleigh quotient over the last iteration,
+    ``|q_k - q_(k-1)| / |q_k|`` (NaN after one iteration). A change well under 1e-2 says the estimate has
+    settled to about that precision; a larger one says more iterations would move it."""
 
-    ``lam_max`` is the eigenvalue of largest magnitude (the top one for losses whose negative
-    curvature is small, as here); ``lam_min`` comes from power iteration on ``H - lam_max I``.
-    ``iters`` products each: a few iterations give the order of magnitude, which is what A4 needs.
+    lambda_max: float
+    lambda_min: float
+    change_max: float
+    change_min: float
+
+
+def hessian_extremes(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor,
+                     iters: int = 10, seed: int = 0) -> ExtremeEigenvalues:
+    """The largest and smallest eigenvalues of the Hessian of the mean cross-entropy on ``(X, y)`` w.r.t. the
+    encoder's trainable parameters, by power iteration on Hessian-vector products (double backward), with the
+    iteration's last relative change (:class:`ExtremeEigenvalues`).
+
+    The first run finds the eigenvalue of largest magnitude (the top one for losses whose negative
+    curvature is small, as here); the second runs on ``H - lam I`` from it, which finds the other end.
+    ``iters`` products each: a few iterations give the order of magnitude, which is what A4 needs; the
+    changes say how settled each end is.
     """
     if iters < 1:
         raise ValueError(f"iters={iters!r} is not valid; use a positive number of power iterations.")
@@ -273,17 +289,27 @@ def hessian_extreme_eigenvalues(encoder: nn.Module, head: nn.Module, X: torch.Te
         norm = torch.sqrt(sum((x ** 2).sum() for x in v))
         return [x / norm for x in v]
 
-    def power(shift: float) -> float:
+    def power(shift: float) -> tuple[float, float]:
         # drawn on the CPU, so the start vectors are the same on any device
         v = normalize([torch.randn(p.shape, generator=g).to(p.device, p.dtype) for p in params])
-        lam = 0.0
+        quotients = []
         for _ in range(iters):
             hv = [h - shift * x for h, x in zip(_hvp(encoder, head, X, y, params, v), v)]
-            lam = float(sum((h * x).sum() for h, x in zip(hv, v)))
+            quotients.append(float(sum((h * x).sum() for h, x in zip(hv, v))) + shift)
             v = normalize(hv)
-        return lam + shift
+        last = quotients[-1]
+        change = abs(last - quotients[-2]) / max(abs(last), 1e-300) if len(quotients) > 1 else float("nan")
+        return last, change
 
     with eval_mode(encoder, head):  # the caller's modes back, also after an error or an interrupt
-        lam_max = power(0.0)
-        lam_min = power(lam_max)
-    return (max(lam_max, lam_min), min(lam_max, lam_min))
+        first = power(0.0)
+        second = power(first[0])
+    (lam_max, change_max), (lam_min, change_min) = sorted([first, second], key=lambda r: r[0], reverse=True)
+    return ExtremeEigenvalues(lam_max, lam_min, change_max, change_min)
+
+
+def hessian_extreme_eigenvalues(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor,
+                                iters: int = 10, seed: int = 0) -> tuple[float, float]:
+    """``(lam_max, lam_min)`` of :func:`hessian_extremes` (the same power iterations, without the changes)."""
+    r = hessian_extremes(encoder, head, X, y, iters, seed)
+    return (r.lambda_max, r.lambda_min)

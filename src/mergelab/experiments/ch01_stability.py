@@ -29,7 +29,7 @@ from ..analysis.stability import (
     generalization_bound,
     gradient_norm_schedule,
 )
-from ..autodiff import hessian_extreme_eigenvalues
+from ..autodiff import hessian_extremes
 from ..analysis.statistics import spearman_by_group_ci
 from ..training import FinetuneConfig
 from ..utils import StateDict, atomic_write_json, check_integer, shows_progress, size_threads, state_digest
@@ -60,32 +60,34 @@ median (robust to one task's outlier, e.g. a head that is confidently wrong at `
 
 
 def extreme_eigenvalues(bench: Any, task: str, state: StateDict, batch_size: int, iters: int, seed: int
-                        ) -> tuple[float, float]:
-    """``(lam_max, lam_min)`` of the Hessian of ``task``'s mean cross-entropy (its head) on its first ``batch_size``
-    training examples at the encoder weights ``state``
-    (:func:`mergelab.autodiff.hessian_extreme_eigenvalues`, ``iters`` power iterations from ``seed``).
+                        ) -> dict[str, float]:
+    """``lambda_max`` and ``lambda_min`` of the Hessian of ``task``'s mean cross-entropy (its head) on its first
+    ``batch_size`` training examples at the encoder weights ``state``, with ``change_max`` and ``change_min``,
+    how far each power iteration had settled (:func:`mergelab.autodiff.hessian_extremes`, ``iters`` power
+    iterations from ``seed``).
 
     Cached as ``<cache_dir>/curvature/<key>.json``, the key naming the weights' digest, the task's data, head and
     arithmetic (:meth:`evaluation_key`), the device, ``batch_size``, ``iters`` and ``seed``, and the evaluation
-    code's version: a re-run reads the pair back instead of running the power iterations again."""
+    code's version: a re-run reads the four numbers back instead of running the power iterations again."""
     path = result_path(bench, "curvature", lambda: {
         "state": state_digest(state), "task": bench.evaluation_key(task, "train"),
         "device": torch.device(bench.device).type, "batch_size": int(batch_size), "iters": int(iters),
-        "seed": int(seed), **codeversion.key_part("evaluation")})
-    cached = read_result(path, ("lambda_max", "lambda_min"))
+        "seed": int(seed), "settled": True, **codeversion.key_part("evaluation")})  # "settled": with the changes
+    fields = ("lambda_max", "lambda_min", "change_max", "change_min")
+    cached = read_result(path, fields)
     if cached is not None:
-        return float(cached["lambda_max"]), float(cached["lambda_min"])
+        return {k: float(cached[k]) for k in fields}
     X, y = bench.split(task, "train")
     enc = bench.new_encoder(state).to(bench.device)
     # on the size's training threads whoever calls (a lane, a notebook): the key names no thread count
     with size_threads(bench):
-        lam_max, lam_min = hessian_extreme_eigenvalues(enc, bench.heads[task].to(bench.device),
-                                                       X[:batch_size].to(bench.device),
-                                                       y[:batch_size].to(bench.device), iters, seed)
+        r = hessian_extremes(enc, bench.heads[task].to(bench.device), X[:batch_size].to(bench.device),
+                             y[:batch_size].to(bench.device), iters, seed)
+    out = {k: float(getattr(r, k)) for k in fields}
     if path is not None:
-        atomic_write_json(path, {"lambda_max": lam_max, "lambda_min": lam_min, "task": task,
-                                 "batch_size": int(batch_size), "iters": int(iters), "seed": int(seed)})
-    return lam_max, lam_min
+        atomic_write_json(path, {**out, "task": task, "batch_size": int(batch_size), "iters": int(iters),
+                                 "seed": int(seed)})
+    return out
 
 
 def estimate_curvature(bench: Any, points: Sequence[tuple[str, int, StateDict]], batch_size: int = 32,
@@ -113,8 +115,8 @@ def estimate_curvature(bench: Any, points: Sequence[tuple[str, int, StateDict]],
     check_integer("seed", seed, minimum=0)
     rows = []
     for i, (task, step, state) in enumerate(tqdm(points, desc="curvature", disable=not shows_progress(bench, None))):
-        lam_max, lam_min = extreme_eigenvalues(bench, task, state, batch_size, iters, seed + i)
-        rows.append({"task": task, "step": int(step), "lambda_max": lam_max, "lambda_min": lam_min})
+        rows.append({"task": task, "step": int(step), **extreme_eigenvalues(bench, task, state, batch_size, iters,
+                                                                            seed + i)})
     steps = sorted({r["step"] for r in rows})
     pick = (lambda v: float(np.max(v))) if aggregate == "max" else (lambda v: float(np.median(v)))
     beta = tuple(pick([r["lambda_max"] for r in rows if r["step"] == s]) for s in steps)
