@@ -237,3 +237,19 @@ def test_the_one_off_cost_counts_each_model_that_answered_every_item_once():
                "evolved_full": {**rows["evolved_full"], "evaluations": 45}}
     assert ch05.fitness_costs(counted)["ratio_ceiling"] == pytest.approx(20.0)
     assert ch05.fitness_costs(counted)["ratio"] < ch05.fitness_costs(counted)["ratio_ceiling"]
+
+
+def test_endpoint_fit_reads_each_ability_as_per_task_accuracy():
+    from mergelab.analysis.irt import IRTModel
+
+    model = IRTModel(np.array([[1.0], [1.0], [-1.0], [-1.0]]), np.zeros(4))  # items 0-1 task a, 2-3 task b
+    theta = np.array([[0.0], [2.0], [-2.0]])
+    answers = np.array([[1, 0, 1, 0], [1, 1, 0, 0], [0, 0, 1, 1]])
+    fit, own = ch05.endpoint_fit(model, theta, answers, ["zero_shot", "expert:a", "expert:b"], ["a", "a", "b", "b"])
+    high = 1 / (1 + np.exp(-2.0))
+    np.testing.assert_allclose(fit[["a", "b"]].to_numpy(), [[0.5, 0.5], [high, 1 - high], [1 - high, high]])
+    np.testing.assert_allclose(fit["mean |IRT - observed|"], [0.0, 1 - high, 1 - high])
+    assert own == 2  # each expert rises most on its own task
+    _, swapped = ch05.endpoint_fit(model, theta[[0, 2, 1]], answers, ["zero_shot", "expert:a", "expert:b"],
+                                   ["a", "a", "b", "b"])
+    assert swapped == 0

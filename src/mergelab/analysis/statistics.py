@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from ..utils import check_integer
+
 STATUSES = ("reproduced", "not_reproduced", "not_testable")
 """The statuses a claim can have (``results["claims"][i]["status"]``)."""
 
@@ -77,6 +79,20 @@ def _spearman(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
         return (rx * ry).sum(axis) / np.sqrt((rx * rx).sum(axis) * (ry * ry).sum(axis))
 
 
+def _labels(groups: Sequence[Any], n: int, unit: str) -> np.ndarray:
+    """``groups`` as an object array, checked to give one label per ``unit`` (``n`` of them)."""
+    g = np.asarray(groups, dtype=object)
+    if g.shape != (n,):
+        raise ValueError(f"groups must give one label per {unit}; got {g.shape[0] if g.ndim else 0} labels for "
+                         f"{n} {unit}s.")
+    return g
+
+
+def _members(groups: np.ndarray, keep: np.ndarray) -> dict[Any, np.ndarray]:
+    """Indices of the rows ``keep`` in each group, the groups in order of first appearance."""
+    return {label: np.flatnonzero(keep & (groups == label)) for label in dict.fromkeys(groups[keep].tolist())}
+
+
 def spearman_ci(x: Sequence[float], y: Sequence[float], n_resamples: int = 2000, level: float = 0.95,
                 seed: int = 0, groups: Sequence[Any] | None = None, min_groups: int = 5) -> dict[str, Any]:
     """Spearman's rank correlation of paired values with a bootstrap interval (rows resampled jointly);
@@ -97,25 +113,21 @@ def spearman_ci(x: Sequence[float], y: Sequence[float], n_resamples: int = 2000,
                            vectorized=True)
         out["method"] = "Spearman, bootstrap (percentile)"
         return out
-    g = np.asarray(groups, dtype=object)
-    if g.shape != x_.shape:
-        raise ValueError(f"groups must give one label per row; got {g.shape[0] if g.ndim else 0} labels for "
-                         f"{len(x_)} rows.")
-    check_min = min_groups if isinstance(min_groups, (int, np.integer)) and not isinstance(min_groups, bool) else None
-    if check_min is None or check_min < 2:
-        raise ValueError(f"min_groups={min_groups!r} is not valid; use an integer of at least 2.")
-    return _cluster_spearman(x_[ok], y_[ok], g[ok], n_resamples, level, seed, check_min)
+    g = _labels(groups, len(x_), "row")
+    check_integer("min_groups", min_groups, minimum=2)
+    return _cluster_spearman(x_, y_, ok, list(_members(g, ok).values()), n_resamples, level, seed, min_groups)
 
 
-def _cluster_spearman(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_resamples: int, level: float,
-                      seed: int, min_groups: int) -> dict[str, Any]:
-    """:func:`spearman_ci` with a cluster bootstrap over ``groups`` (rows already finite)."""
+def _cluster_spearman(x: np.ndarray, y: np.ndarray, keep: np.ndarray, members: list[np.ndarray], n_resamples: int,
+                      level: float, seed: int, min_groups: int) -> dict[str, Any]:
+    """:func:`spearman_ci` with a cluster bootstrap: ``keep`` the finite rows, ``members`` each group's indices
+    among them."""
     _check_level(level)
     method = "Spearman, cluster bootstrap over groups (percentile)"
-    members = [np.flatnonzero(groups == label) for label in dict.fromkeys(groups.tolist())]
-    estimate = float(_spearman(x, y)) if len(x) else float("nan")
-    if len(members) < min_groups or len(x) < 3 or not np.isfinite(estimate):
-        return {**_interval(estimate, float("nan"), float("nan"), len(x), level, method), "groups": len(members)}
+    n = int(keep.sum())
+    estimate = float(_spearman(x[keep], y[keep])) if n else float("nan")
+    if len(members) < min_groups or n < 3 or not np.isfinite(estimate):
+        return {**_interval(estimate, float("nan"), float("nan"), n, level, method), "groups": len(members)}
     rng = np.random.default_rng(seed)
     seen: dict[tuple[int, ...], float] = {}  # a resample is the multiset of groups drawn: few when groups are few
     replicates = np.empty(n_resamples)
@@ -127,9 +139,9 @@ def _cluster_spearman(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_resamp
         replicates[b] = seen[drawn]
     replicates = replicates[np.isfinite(replicates)]
     if not replicates.size:
-        return {**_interval(estimate, float("nan"), float("nan"), len(x), level, method), "groups": len(members)}
+        return {**_interval(estimate, float("nan"), float("nan"), n, level, method), "groups": len(members)}
     lo, hi = np.percentile(replicates, [50 * (1 - level), 50 * (1 + level)])
-    return {**_interval(estimate, lo, hi, len(x), level, method), "groups": len(members)}
+    return {**_interval(estimate, lo, hi, n, level, method), "groups": len(members)}
 
 
 def spearman_by_group_ci(x: Sequence[float], y: Sequence[float], groups: Sequence[Any],
@@ -150,16 +162,11 @@ def spearman_by_group_ci(x: Sequence[float], y: Sequence[float], groups: Sequenc
         raise ValueError(f"x, y and groups must be 1-D of the same length; got shapes {x_.shape}, {y_.shape} and "
                          f"{g.shape}.")
     ok = np.isfinite(x_) & np.isfinite(y_)
-    per_group: dict[Any, float] = {}
-    for label in dict.fromkeys(g[ok].tolist()):
-        rows = ok & (g == label)
-        if rows.sum() >= 3 and np.ptp(x_[rows]) > 0 and np.ptp(y_[rows]) > 0:
-            per_group[label] = float(_spearman(x_[rows], y_[rows]))
+    per_group = {label: float(_spearman(x_[rows], y_[rows])) for label, rows in _members(g, ok).items()
+                 if len(rows) >= 3 and np.ptp(x_[rows]) > 0 and np.ptp(y_[rows]) > 0}
     ci = mean_ci(list(per_group.values()), level)
-    out = _interval(ci["estimate"], max(ci["ci_low"], -1.0), min(ci["ci_high"], 1.0), int(ok.sum()), level,
-                    "Spearman per group, mean with t over groups")
-    if not np.isfinite(ci["ci_low"]):
-        out["ci_low"] = out["ci_high"] = float("nan")  # max/min would turn NaN into a bound
+    lo, hi = np.clip([ci["ci_low"], ci["ci_high"]], -1.0, 1.0)  # NaN stays NaN
+    out = _interval(ci["estimate"], lo, hi, int(ok.sum()), level, "Spearman per group, mean with t over groups")
     return {**out, "groups": len(per_group), "per_group": per_group}
 
 
@@ -174,12 +181,8 @@ def mean_ci(values: Sequence[float], level: float = 0.95, groups: Sequence[Any] 
     _check_level(level)
     v = np.asarray(values, dtype=float)
     if groups is not None:
-        g = np.asarray(groups, dtype=object)
-        if g.shape != v.shape:
-            raise ValueError(f"groups must give one label per value; got {g.shape[0] if g.ndim else 0} labels for "
-                             f"{v.shape[0] if v.ndim else 0} values.")
         ok = np.isfinite(v)
-        means = [float(v[ok & (g == label)].mean()) for label in dict.fromkeys(g[ok].tolist())]
+        means = [float(v[rows].mean()) for rows in _members(_labels(groups, v.size, "value"), ok).values()]
         return {**mean_ci(means, level), "rows": int(ok.sum())}
     v = v[np.isfinite(v)]
     n = len(v)

@@ -126,12 +126,10 @@ def heterogeneity_effects(hetero: pd.DataFrame) -> dict[str, dict[str, dict[str,
     Returns:
         ``{hyperparameter: {"gap": interval, "test_accuracy": interval}}``.
     """
-    out = {}
-    for h, part in hetero.groupby("hyperparameter", sort=False):
-        out[str(h)] = {"gap": mean_ci(part["gap_heterogeneous"] - part["gap_homogeneous"], groups=part["seed"]),
-                       "test_accuracy": mean_ci(part["test_acc_heterogeneous"] - part["test_acc_homogeneous"],
-                                                groups=part["seed"])}
-    return out
+    columns = {"gap": ("gap_heterogeneous", "gap_homogeneous"),
+               "test_accuracy": ("test_acc_heterogeneous", "test_acc_homogeneous")}
+    return {str(h): {name: mean_ci(part[a] - part[b], groups=part["seed"]) for name, (a, b) in columns.items()}
+            for h, part in hetero.groupby("hyperparameter", sort=False)}
 
 
 def bound_validity(table: Any, bound: str, high: str = "gap_vs_pretrained_ci_high",
@@ -221,20 +219,19 @@ def recommendations_markdown(eff: Mapping[str, Mapping[str, Any]], correlations:
         label = (f"**{names[what]}** ({rows[0]['low']:g} → {rows[0]['high']:g})" if what in names and rows
                  else f"**{what}** (against simple averaging)")
         text = (f"{label}: merged accuracy {format_ci(acc, 100, ' points')}, gap {format_ci(gap, 1, ' nats')}")
+        # what the effect moves towards ("up": the higher level, or the method) and away from ("down")
+        setting = what in names
+        up, down = ("the higher setting", "the lower setting") if setting else (what, "simple averaging")
         if np.isfinite(acc["ci_low"]) and (acc["ci_low"] > 0 or acc["ci_high"] < 0):
             supported += 1
-            wins = acc["ci_low"] > 0
-            choice = ((f"prefer the {'higher' if wins else 'lower'} setting") if what in names
-                      else f"prefer {what} over simple averaging" if wins else f"prefer simple averaging over {what}")
-            lines.append(f"* {text}: {choice}.")
+            better, worse = (up, down) if acc["ci_low"] > 0 else (down, up)
+            lines.append(f"* {text}: prefer {better}{'' if setting else ' over ' + worse}.")
         elif np.isfinite(gap["ci_low"]) and (gap["ci_low"] > 0 or gap["ci_high"] < 0):
             supported += 1
             larger = gap["ci_low"] > 0
-            where = "at the higher setting" if what in names else "than with simple averaging"
-            prefer = (("the lower setting" if larger else "the higher setting") if what in names
-                      else ("simple averaging" if larger else "the method"))
+            where = "at the higher setting" if setting else "than with simple averaging"
             lines.append(f"* {text}: the gap separates ({'larger' if larger else 'smaller'} {where}) but accuracy "
-                         f"does not; a weak preference for {prefer} (the smaller gap) only.")
+                         f"does not; a weak preference for {down if larger else up} (the smaller gap) only.")
         elif not (np.isfinite(acc["ci_low"]) and np.isfinite(gap["ci_low"])):
             lines.append(f"* {text}: no interval (fewer than two fine-tuning seeds), so this size supports no "
                          "recommendation.")

@@ -67,13 +67,13 @@ def extreme_eigenvalues(bench: Any, task: str, state: StateDict, batch_size: int
     iterations from ``seed``).
 
     Cached as ``<cache_dir>/curvature/<key>.json``, the key naming the weights' digest, the task's data, head and
-    arithmetic (:meth:`evaluation_key`), the device, ``batch_size``, ``iters`` and ``seed``, and the evaluation
-    code's version: a re-run reads the four numbers back instead of running the power iterations again."""
+    arithmetic (:meth:`evaluation_key`), the device, ``batch_size``, ``iters`` and ``seed``, the fields kept and
+    the evaluation code's version: a re-run reads the four numbers back instead of running the power iterations again."""
+    fields = ("lambda_max", "lambda_min", "change_max", "change_min")
     path = result_path(bench, "curvature", lambda: {
         "state": state_digest(state), "task": bench.evaluation_key(task, "train"),
         "device": torch.device(bench.device).type, "batch_size": int(batch_size), "iters": int(iters),
-        "seed": int(seed), "settled": True, **codeversion.key_part("evaluation")})  # "settled": with the changes
-    fields = ("lambda_max", "lambda_min", "change_max", "change_min")
+        "seed": int(seed), "fields": list(fields), **codeversion.key_part("evaluation")})
     cached = read_result(path, fields)
     if cached is not None:
         return {k: float(cached[k]) for k in fields}

@@ -67,10 +67,8 @@ def fitness_costs(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     full = full_row["fitness_forward_passes"]
     irt = irt_row["fitness_forward_passes"] + irt_row.get("endpoint_forward_passes", 0)
     with_calibration = irt + irt_row.get("calibration_forward_passes", 0)
-    per_full = full / max(full_row.get("evaluations", 0), 1)
-    per_irt = irt_row["fitness_forward_passes"] / max(irt_row.get("evaluations", 0), 1)
-    ceiling = per_full / per_irt if full_row.get("evaluations") and irt_row.get("evaluations") and per_irt > 0 \
-        else float("nan")
+    evals_full, evals_irt, subsets = full_row.get("evaluations"), irt_row.get("evaluations"), irt_row["fitness_forward_passes"]
+    ceiling = (full / evals_full) / (subsets / evals_irt) if evals_full and evals_irt and subsets else float("nan")
     return {"full": full, "irt": irt, "irt_with_calibration": with_calibration, "ratio": full / max(irt, 1),
             "ratio_with_calibration": full / max(with_calibration, 1), "ratio_ceiling": ceiling}
 

@@ -66,10 +66,11 @@ def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Map
     rng = np.random.default_rng(seed)
     specs: list[tuple[str, str, Any]] = [("zero_shot", "zero_shot", lambda: pretrained)]
     specs += [(f"expert:{t}", "expert", (lambda s=s: s)) for t, s in experts.items()]
-    specs += [(f"task_arithmetic:{c:g}", "task_arithmetic", (lambda c=c: merge("task_arithmetic", pretrained, tvs,
-                                                                                 coefficient=c))) for c in ta_grid]
-    specs += [(f"ties:{c:g}", "ties", (lambda c=c: merge("ties", pretrained, tvs, coefficient=c))) for c in ties_grid]
-    specs += _other_merges(other_merges or {}, pretrained, tvs)
+    if not isinstance(other_merges, (Mapping, type(None))):
+        raise ValueError(f"other_merges={other_merges!r} is not valid; use a mapping of merge method to a list of "
+                         "coefficients, e.g. {'dare': [0.3], 'weight_averaging': [None]}.")
+    specs += _merges([("ta_grid", "task_arithmetic", ta_grid), ("ties_grid", "ties", ties_grid),
+                      *((f"other_merges[{m!r}]", m, c) for m, c in (other_merges or {}).items())], pretrained, tvs)
     draws = rng.uniform(0, coefficient_max, (num_random + num_held_out, len(tvs)))
     specs += [(f"random:{i}", "random_merge", (lambda c=c: task_arithmetic_per_task(pretrained, tvs, c)))
               for i, c in enumerate(draws)]
@@ -84,30 +85,55 @@ def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Map
     return pd.DataFrame(rows), np.stack(responses)
 
 
-def _other_merges(other: Mapping[str, Sequence[float | None]], pretrained: StateDict, tvs: Sequence[TaskVector]
-                  ) -> list[tuple[str, str, Any]]:
-    """:func:`population`'s ``other_merges`` as ``(name, kind, build)`` entries, checked: a registered method and
-    a list of coefficients (``None`` only for a method without one)."""
-    if not isinstance(other, Mapping):
-        raise ValueError(f"other_merges={other!r} is not valid; use a mapping of merge method to a list of "
-                         "coefficients, e.g. {'dare': [0.3], 'weight_averaging': [None]}.")
+def _merges(grids: Sequence[tuple[str, str, Sequence[float | None]]], pretrained: StateDict,
+            tvs: Sequence[TaskVector]) -> list[tuple[str, str, Any]]:
+    """:func:`population`'s merges, ``(parameter, method, coefficients)`` each, as ``(name, kind, build)``
+    entries, checked: a registered method and a list of coefficients (``None`` only for a method without one);
+    an error names the ``parameter`` the coefficients came from."""
     out = []
-    for method, coefficients in other.items():
+    for what, method, coefficients in grids:
         has_coefficient = "coefficient" in get_merge(method).defaults  # an unknown method names the valid ones
         if isinstance(coefficients, (str, bytes, Mapping)) or not isinstance(coefficients, Sequence):
-            raise ValueError(f"other_merges[{method!r}]={coefficients!r} is not valid; use a list of coefficients"
+            raise ValueError(f"{what}={coefficients!r} is not valid; use a list of coefficients"
                              f"{'' if has_coefficient else ' ([None]: this method has none)'}.")
         for c in coefficients:
             if (c is None) == has_coefficient:
-                raise ValueError(f"other_merges[{method!r}] has {c!r}; "
-                                 + ("use numbers: this method takes a coefficient." if has_coefficient
-                                    else "use [None]: this method has no coefficient."))
+                raise ValueError(f"{what} has {c!r}; " + ("use numbers: this method takes a coefficient."
+                                                         if has_coefficient else
+                                                         "use [None]: this method has no coefficient."))
             if c is not None:
-                check_number(f"other_merges[{method!r}] value", c)
+                check_number(f"{what} value", c)
             options = {} if c is None else {"coefficient": float(c)}
             out.append((method if c is None else f"{method}:{c:g}", method,
                         (lambda m=method, o=options: merge(m, pretrained, tvs, **o))))
     return out
+
+
+def endpoint_fit(model: IRTModel, endpoint_theta: np.ndarray, endpoint_responses: np.ndarray, names: Sequence[str],
+                 item_task: Sequence[str]) -> tuple[pd.DataFrame, int]:
+    """The endpoints' abilities read through what they predict (an ability's coordinates mean nothing alone: the
+    model is free up to a rotation): per task, the mean ``P(correct)`` at each endpoint's ability.
+
+    Args:
+        endpoint_theta: ``(K, D)`` abilities; ``endpoint_responses``: their ``(K, N)`` 0/1 answers; ``names``:
+            their names (``"zero_shot"``, ``"expert:<task>"``); ``item_task``: the task of each of the ``N`` items.
+
+    Returns:
+        the table (one row per endpoint, one column per task, then ``mean |IRT - observed|``: the mean over
+        tasks of the distance from the accuracy the endpoint really has), and how many experts have their
+        largest rise over zero-shot on their own task.
+    """
+    task_of = np.asarray(item_task)
+    tasks = list(dict.fromkeys(task_of.tolist()))
+    prob = model.prob(np.asarray(endpoint_theta, dtype=float))
+    answers = np.asarray(endpoint_responses, dtype=float)
+    fit = pd.DataFrame([[prob[k, task_of == t].mean() for t in tasks] for k in range(len(names))], index=list(names),
+                       columns=tasks)
+    observed = pd.DataFrame([[answers[k, task_of == t].mean() for t in tasks] for k in range(len(names))],
+                            index=list(names), columns=tasks)
+    rise = fit - fit.loc["zero_shot"]
+    own = sum(rise.loc[f"expert:{t}"].idxmax() == t for t in tasks if f"expert:{t}" in rise.index)
+    return fit.assign(**{"mean |IRT - observed|": (fit - observed).abs().mean(axis=1)}), int(own)
 
 
 def choose_dim(train: np.ndarray, validation: np.ndarray, dims: Sequence[int], seed: int = 0
