@@ -247,7 +247,7 @@ def test_expert_table_measures_each_expert_on_its_own_task_at_every_level_and_st
 
 
 def test_the_curvature_of_a_point_is_cached_by_weights_data_and_settings(bench, monkeypatch):
-    """A re-run reads each point's eigenvalues back instead of running the power iterations again; other weights,
+    """A re-run reads each point's eigenvalues back instead of running the Lanczos steps again; other weights,
     another task, batch, iteration count or seed are computed anew. (Batch 7 and these seeds: settings no other test
     of this module's shared benchmark caches.)"""
     from mergelab.experiments import ch01_stability
@@ -268,7 +268,7 @@ def test_the_curvature_of_a_point_is_cached_by_weights_data_and_settings(bench, 
 
 def test_the_curvature_is_computed_on_the_sizes_training_threads(bench, monkeypatch):
     """Its cache key names no thread count, so a notebook on more threads must compute what a report lane computes:
-    the power iterations run on the benchmark's ``train_threads`` (tiny: one), and the caller's count comes back."""
+    the Lanczos steps run on the benchmark's ``train_threads`` (tiny: one), and the caller's count comes back."""
     from mergelab.experiments import ch01_stability
     from mergelab.utils import torch_threads
 
@@ -316,3 +316,21 @@ def test_each_hyperparameter_and_method_gets_the_recommendation_its_intervals_su
     assert "larger than with simple averaging" in lines["ties"] and "weak preference for simple averaging" in lines["ties"]
     assert "prefer dare over simple averaging" in lines["dare"]
     assert "supports no recommendation" in lines["data fraction"]
+
+
+def test_the_curvature_paragraph_counts_the_estimates_that_had_not_settled():
+    from mergelab.experiments.ch01_claims import curvature_settled_markdown
+
+    settled = {"lambda_max": 2.0, "lambda_min": -0.5, "residual_max": 1e-4, "residual_min": 1e-3}
+    text = curvature_settled_markdown([settled, settled], 24)
+    assert "24 Lanczos steps" in text and text.count("every one within 1 %") == 2 and text.endswith(".")
+    loose = {**settled, "lambda_min": -0.01, "residual_min": 0.02}  # residual twice the estimate: sign open
+    text = curvature_settled_markdown([settled, loose], 24)
+    assert "1 of the 2 not within 1 %, 1 with a residual as large as the estimate" in text
+    assert "median over tasks keeps a few unsettled points" in text
+    text = curvature_settled_markdown([loose, {**loose, "lambda_min": 0.0}], 24)  # a zero estimate is not settled
+    assert "2 of the 2 not within 1 %" in text and "rho$ is the least certain" in text
+    with pytest.raises(ValueError, match="missing: \\['residual_max'"):
+        curvature_settled_markdown([{"lambda_max": 1.0, "lambda_min": 0.0, "residual_min": 0.1}], 24)
+    with pytest.raises(ValueError, match="nonempty"):
+        curvature_settled_markdown([], 24)

@@ -11,7 +11,7 @@ from torch import nn
 
 from mergelab.analysis.generalization import _encoder, control_variate_gap
 from mergelab.analysis.stability import Curvature, ExpertHyperparameters, REGIMES, amplification, averaged_stability, expert_stability, generalization_bound, gradient_norm_schedule, smooth_generalization_bound
-from mergelab.autodiff import hessian_extreme_eigenvalues, hessian_extremes, per_example_gradient_norms
+from mergelab.autodiff import hessian_extreme_eigenvalues, hessian_extremes, lanczos_extremes, per_example_gradient_norms
 from mergelab.training import FinetuneConfig
 
 
@@ -223,32 +223,71 @@ class _Identity(nn.Module):
         return x
 
 
-def test_hessian_power_iteration_finds_the_extreme_eigenvalues_of_a_linear_softmax_model():
+def _softmax_model_and_hessian():
     torch.manual_seed(0)
     enc = nn.Linear(4, 3, bias=False)
     X, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
-    lam_max, lam_min = hessian_extreme_eigenvalues(enc, _Identity(), X, y, iters=200)
 
     def loss(w):
         return nn.functional.cross_entropy(X @ w.reshape(3, 4).T, y)
 
-    H = torch.autograd.functional.hessian(loss, enc.weight.detach().reshape(-1))
+    return enc, X, y, torch.autograd.functional.hessian(loss, enc.weight.detach().reshape(-1))
+
+
+def test_lanczos_finds_the_extreme_eigenvalues_of_a_linear_softmax_model():
+    enc, X, y, H = _softmax_model_and_hessian()
     eig = torch.linalg.eigvalsh(H)
+    lam_max, lam_min = hessian_extreme_eigenvalues(enc, _Identity(), X, y, iters=8)  # 8 of the 12 dimensions
     assert lam_max == pytest.approx(float(eig.max()), rel=1e-3)
     assert lam_min == pytest.approx(float(eig.min()), abs=1e-3 * float(eig.max()))  # softmax CE: min ~ 0
+    # Ritz values lie inside the spectrum, also after few steps
+    few = hessian_extremes(enc, _Identity(), X, y, iters=3)
+    assert float(eig.min()) - 1e-6 <= few.lambda_min <= few.lambda_max <= float(eig.max()) + 1e-6
 
 
-def test_the_power_iterations_report_how_far_they_had_settled():
-    torch.manual_seed(0)
-    enc = nn.Linear(4, 3, bias=False)
-    X, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
-    settled = hessian_extremes(enc, _Identity(), X, y, iters=200)
-    assert (settled.lambda_max, settled.lambda_min) == hessian_extreme_eigenvalues(enc, _Identity(), X, y, iters=200)
-    assert settled.change_max < 1e-6  # 200 iterations: the Rayleigh quotient no longer moves
-    early = hessian_extremes(enc, _Identity(), X, y, iters=3)
-    # after three iterations the quotient still moves, by the relative change of its last step
-    assert early.change_max > 1e3 * settled.change_max and 0 <= early.change_min
-    assert np.isnan(hessian_extremes(enc, _Identity(), X, y, iters=1).change_max)  # one quotient: no change yet
+def test_the_ritz_residuals_say_how_far_the_estimates_had_settled():
+    enc, X, y, H = _softmax_model_and_hessian()
+    eig = torch.linalg.eigvalsh(H).double().numpy()
+    for iters in (2, 3, 5):
+        r = hessian_extremes(enc, _Identity(), X, y, iters=iters)
+        # some eigenvalue lies within the residual of each estimate, and the residuals shrink as steps are added
+        for lam, res in ((r.lambda_max, r.residual_max), (r.lambda_min, r.residual_min)):
+            assert np.abs(eig - lam).min() <= res * (1 + 1e-4) + 1e-6
+    early, later = (hessian_extremes(enc, _Identity(), X, y, iters=k) for k in (2, 5))
+    assert later.residual_max < early.residual_max / 2 and later.residual_min < early.residual_min / 2
+    # 12 steps span the 12-dimensional space: the Krylov space is invariant and the estimates exact
+    full = hessian_extremes(enc, _Identity(), X, y, iters=12)
+    floor = torch.finfo(torch.float32).eps * float(eig.max())  # no residual below the products' rounding
+    assert full.residual_max == pytest.approx(floor) and full.residual_min == pytest.approx(floor)
+    assert full.lambda_max == pytest.approx(float(eig.max()), rel=1e-5)
+    one = hessian_extremes(enc, _Identity(), X, y, iters=1)  # one step: both ends are the start's Rayleigh quotient
+    assert one.lambda_max == one.lambda_min and one.residual_max > 0
+    with pytest.raises(ValueError, match="iters=0"):
+        hessian_extremes(enc, _Identity(), X, y, iters=0)
+
+
+def test_lanczos_extremes_on_a_known_spectrum():
+    d = torch.linspace(-1.0, 10.0, 500)
+    start = torch.randn(500, generator=torch.Generator().manual_seed(0))
+    theta, residual = lanczos_extremes(lambda v: d * v, start, 40)
+    assert theta.shape == residual.shape == (40,) and np.all(np.diff(theta) >= 0)
+    assert theta[0] == pytest.approx(-1.0, abs=residual[0] + 1e-5) and theta[-1] == pytest.approx(10.0, abs=residual[-1] + 1e-5)
+    assert residual[0] < 0.1 and residual[-1] < 0.1  # 40 steps settle both ends of a 500-dimensional spectrum
+    for th, r in zip(theta, residual):  # every Ritz value has an eigenvalue within its residual
+        assert float((d.double() - th).abs().min()) <= r * (1 + 1e-4) + 1e-5
+    # a start vector inside a 3-dimensional invariant subspace: the run stops after 3 steps with exact eigenvalues
+    inside = torch.zeros(500)
+    inside[[0, 250, 499]] = 1.0
+    theta, residual = lanczos_extremes(lambda v: d * v, inside, 10)
+    np.testing.assert_allclose(theta, d[[0, 250, 499]].double().numpy(), atol=1e-5)
+    np.testing.assert_allclose(residual, torch.finfo(torch.float32).eps * 10.0, rtol=1e-5)  # the rounding floor
+    # the floor follows the dtype: in float64 it is 2**29 times lower
+    theta, residual = lanczos_extremes(lambda v: d.double() * v, inside.double(), 10)
+    np.testing.assert_allclose(residual, torch.finfo(torch.float64).eps * 10.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="steps=0"):
+        lanczos_extremes(lambda v: d * v, start, 0)
+    with pytest.raises(ValueError, match="nonzero"):
+        lanczos_extremes(lambda v: d * v, torch.zeros(500), 3)
 
 
 def test_per_example_gradient_norms_match_a_loop():

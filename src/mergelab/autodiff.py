@@ -10,13 +10,15 @@ kernel has none): :func:`differentiable_attention`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.linalg import eigh_tridiagonal
 from torch import nn
 
 from .task_vectors import TaskVector, TensorMap, check_compatible
@@ -258,58 +260,119 @@ def _hvp(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor,
 
 @dataclass(frozen=True)
 class ExtremeEigenvalues:
-    """The extreme Hessian eigenvalues of :func:`hessian_extremes`, each with how far its power iteration had
-    settled: ``change_*`` is the relative change of the Rayleigh quotient over the last iteration,
-    ``|q_k - q_(k-1)| / |q_k|`` (NaN after one iteration). A change well under 1e-2 says the estimate has
-    settled to about that precision; a larger one says more iterations would move it."""
+    """The extreme Hessian eigenvalues of :func:`hessian_extremes` (the extreme Ritz values of its Lanczos
+    run), each with its Ritz residual ``||H x - lambda x||`` for the unit Ritz vector ``x``, in the
+    eigenvalue's units. Some eigenvalue of ``H`` lies within ``residual_*`` of the estimate, so a residual
+    well under ``|lambda|`` says the estimate has settled to about ``residual / |lambda|``; a residual
+    comparable with ``|lambda|`` says more steps would move it. No residual is below the products' rounding,
+    ``eps * max |lambda|`` (``eps`` of the parameters' dtype). Ritz values lie inside the spectrum:
+    ``lambda_max`` never exceeds the true largest eigenvalue, and ``lambda_min`` is never below the true
+    smallest one. Residuals are 0 when the Krylov space became invariant (the estimates are then exact up to
+    rounding), apart from that floor."""
 
     lambda_max: float
     lambda_min: float
-    change_max: float
-    change_min: float
+    residual_max: float
+    residual_min: float
+
+
+def lanczos_extremes(matvec: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, steps: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Ritz values of a symmetric operator after ``steps`` Lanczos steps from ``start``, with their residuals.
+
+    Full reorthogonalization (Gram-Schmidt against every earlier basis vector, twice) keeps the basis
+    orthonormal in float32, so no spurious copies of converged eigenvalues appear. The run stops early when
+    the Krylov space becomes invariant (the new direction is rounding: residuals at their floor, below). The tridiagonal
+    matrix's eigenproblem is solved by :func:`scipy.linalg.eigh_tridiagonal`. (``scipy.sparse.linalg.eigsh``
+    restarts until a tolerance is met; here the number of products is fixed by the caller, and the residual
+    bounds come free from the tridiagonal matrix.)
+
+    Args:
+        matvec: ``v -> A v`` for a flat vector ``v`` of shape ``(n,)`` (A symmetric), on ``start``'s device
+            and dtype.
+        start: the start vector, shape ``(n,)``, any nonzero norm.
+        steps: matrix-vector products (at most ``n``; more are cut to ``n``).
+
+    Returns:
+        ``(theta, residual)``: the Ritz values in ascending order, shape ``(m,)`` with ``m <= steps``, and
+        each one's residual norm ``|beta_m s_m|`` (same units as ``theta``), at least the products' rounding
+        ``eps * max |theta|`` (``eps`` of ``start``'s dtype): in float32 the formula alone can report residuals
+        many orders below what the products resolve.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} is not valid; use a positive number of Lanczos steps.")
+    n = start.numel()
+    steps = min(steps, n)
+    norm = start.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError("start must be a finite, nonzero vector.")
+    basis = torch.empty((steps, n), dtype=start.dtype, device=start.device)
+    basis[0] = start / norm
+    alphas: list[float] = []
+    betas: list[float] = []
+    last = 0.0
+    tiny = 100 * torch.finfo(start.dtype).eps
+    for j in range(steps):
+        q = basis[j]
+        w = matvec(q)
+        alphas.append(float(w @ q))
+        used = basis[: j + 1]
+        for _ in range(2):  # twice is enough (Kahan: "twice is enough")
+            w = w - used.T @ (used @ w)
+        beta = float(w.norm())
+        scale = max(max(abs(a) for a in alphas), max(betas, default=0.0))
+        if beta <= tiny * scale:  # invariant subspace: the Ritz values are eigenvalues
+            last = 0.0
+            break
+        last = beta
+        if j + 1 < steps:
+            betas.append(beta)
+            basis[j + 1] = w / beta
+    theta, vectors = eigh_tridiagonal(np.array(alphas), np.array(betas[: len(alphas) - 1]))
+    # |beta s| can fall far below what products in this precision resolve: no residual is smaller than their rounding
+    floor = torch.finfo(start.dtype).eps * float(np.abs(theta).max())
+    return theta, np.maximum(np.abs(last * vectors[-1]), floor)
 
 
 def hessian_extremes(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor,
-                     iters: int = 10, seed: int = 0) -> ExtremeEigenvalues:
+                     iters: int = 20, seed: int = 0) -> ExtremeEigenvalues:
     """The largest and smallest eigenvalues of the Hessian of the mean cross-entropy on ``(X, y)`` w.r.t. the
-    encoder's trainable parameters, by power iteration on Hessian-vector products (double backward), with the
-    iteration's last relative change (:class:`ExtremeEigenvalues`).
+    encoder's trainable parameters, by the Lanczos method on Hessian-vector products
+    (:func:`lanczos_extremes`), with their Ritz residuals (:class:`ExtremeEigenvalues`).
 
-    The first run finds the eigenvalue of largest magnitude (the top one for losses whose negative
-    curvature is small, as here); the second runs on ``H - lam I`` from it, which finds the other end.
-    ``iters`` products each: a few iterations give the order of magnitude, which is what A4 needs; the
-    changes say how settled each end is.
+    One Krylov space gives both ends, so ``iters`` products estimate both. The gradient's graph is built
+    once and each product is one more backward pass through it (double backward). The start vector is drawn
+    from ``seed`` on the CPU, so it is the same on every device. Memory: ``iters`` basis vectors of the
+    parameters' size on their device.
+
+    Args:
+        iters: Hessian-vector products (Lanczos steps), at least 1; with 1 both ends are the Rayleigh quotient
+            of the start vector.
     """
-    if iters < 1:
-        raise ValueError(f"iters={iters!r} is not valid; use a positive number of power iterations.")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters={iters!r} is not valid; use a positive number of Hessian-vector products.")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     params = [p for p in encoder.parameters() if p.requires_grad]
+    sizes = [p.numel() for p in params]
     g = torch.Generator().manual_seed(seed)
+    start = torch.cat([torch.randn(p.shape, generator=g).reshape(-1) for p in params])
+    start = start.to(params[0].device, params[0].dtype)
+    # the caller's modes back, also after an error or an interrupt; the fused CPU attention has no double backward
+    with eval_mode(encoder, head), sdpa_kernel(SDPBackend.MATH):
+        grads = torch.autograd.grad(_loss_fn(encoder, head, X, y), params, create_graph=True)
 
-    def normalize(v: list[torch.Tensor]) -> list[torch.Tensor]:
-        norm = torch.sqrt(sum((x ** 2).sum() for x in v))
-        return [x / norm for x in v]
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            parts = [x.view_as(p) for x, p in zip(torch.split(v, sizes), params)]
+            hv = torch.autograd.grad(grads, params, grad_outputs=parts, retain_graph=True)
+            return torch.cat([h.reshape(-1) for h in hv]).detach()
 
-    def power(shift: float) -> tuple[float, float]:
-        # drawn on the CPU, so the start vectors are the same on any device
-        v = normalize([torch.randn(p.shape, generator=g).to(p.device, p.dtype) for p in params])
-        quotients = []
-        for _ in range(iters):
-            hv = [h - shift * x for h, x in zip(_hvp(encoder, head, X, y, params, v), v)]
-            quotients.append(float(sum((h * x).sum() for h, x in zip(hv, v))) + shift)
-            v = normalize(hv)
-        last = quotients[-1]
-        change = abs(last - quotients[-2]) / max(abs(last), 1e-300) if len(quotients) > 1 else float("nan")
-        return last, change
-
-    with eval_mode(encoder, head):  # the caller's modes back, also after an error or an interrupt
-        first = power(0.0)
-        second = power(first[0])
-    (lam_max, change_max), (lam_min, change_min) = sorted([first, second], key=lambda r: r[0], reverse=True)
-    return ExtremeEigenvalues(lam_max, lam_min, change_max, change_min)
+        theta, residual = lanczos_extremes(matvec, start, iters)
+    return ExtremeEigenvalues(float(theta[-1]), float(theta[0]), float(residual[-1]), float(residual[0]))
 
 
 def hessian_extreme_eigenvalues(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: torch.Tensor,
-                                iters: int = 10, seed: int = 0) -> tuple[float, float]:
-    """``(lam_max, lam_min)`` of :func:`hessian_extremes` (the same power iterations, without the changes)."""
+                                iters: int = 20, seed: int = 0) -> tuple[float, float]:
+    """``(lam_max, lam_min)`` of :func:`hessian_extremes` (the same Lanczos run, without the residuals)."""
     r = hessian_extremes(encoder, head, X, y, iters, seed)
     return (r.lambda_max, r.lambda_min)

@@ -83,7 +83,7 @@ A2. Per-example gradient norms at step ``t`` are at most ``G_t`` on the perturbe
 A3. Each expert depends only on ``theta_0``, its own task's data and its own randomness; ``theta_0``
     and the frozen heads are fixed (in ``tiny`` the heads use 8 training images per class: ignored).
 A4. Hessians on the path between the two runs have spectra in ``[-rho, beta]`` (estimated by
-    Hessian-vector power iteration at ``theta_0`` and along trajectories; weight decay ``lambda`` adds
+    Lanczos on Hessian-vector products at ``theta_0`` and along trajectories; weight decay ``lambda`` adds
     ``lambda`` to the spectrum).
 A5. (``"quadratic"`` only) the per-example losses share one Hessian: a model, not a bound, for a
     network.

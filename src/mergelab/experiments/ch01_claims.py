@@ -201,6 +201,45 @@ def claims(merges: Any, experts: Any, correlations: Mapping[str, Any], grid: Exp
     return out
 
 
+SETTLED = 1e-2
+"""A curvature estimate counts as settled when its Ritz residual is at most this share of its size."""
+
+
+def curvature_settled_markdown(rows: Sequence[Mapping[str, Any]], steps: int) -> str:
+    """One paragraph on how far the Hessian extremes of :func:`mergelab.experiments.ch01_stability.estimate_curvature`
+    had settled: per end, the Ritz residual relative to the estimate (median and largest), how many points exceed
+    :data:`SETTLED`, and how many have a residual as large as the estimate itself (whose sign and order of
+    magnitude the run leaves open). Ends with what that means for the bound's ``beta`` (from ``lambda_max``) and
+    ``rho`` (from ``lambda_min``).
+
+    Args:
+        rows: one mapping per point with ``lambda_max``, ``lambda_min``, ``residual_max``, ``residual_min``.
+        steps: the Lanczos steps each point ran (``curvature_iters``).
+    """
+    df = pd.DataFrame(list(rows))
+    missing = [c for c in ("lambda_max", "lambda_min", "residual_max", "residual_min") if c not in df]
+    if df.empty or missing:
+        raise ValueError(f"rows must be a nonempty list of points with lambda_max, lambda_min, residual_max and "
+                         f"residual_min; missing: {missing or 'every row'}.")
+    parts, unsettled = [], {}
+    for end, name in (("max", "\\lambda_{\\max}"), ("min", "\\lambda_{\\min}")):
+        size = df[f"lambda_{end}"].abs()
+        rel = df[f"residual_{end}"] / size
+        unsettled[end] = n = int((~(rel <= SETTLED)).sum())  # a zero estimate (rel NaN or inf) is not settled
+        open_ = int((~(df[f"residual_{end}"] < size)).sum())
+        state = ("every one within 1 % of an eigenvalue" if n == 0 else
+                 f"{n} of the {len(df)} not within 1 %"
+                 + (f", {open_} with a residual as large as the estimate: sign and order of magnitude open" if open_ else ""))
+        parts.append(f"${name}$ median {rel.median():.1e}, largest {rel.max():.1e} ({state})")
+    end = ("; with no $\\lambda_{\\min}$ settled, $\\rho$ is the least certain of its constants here."
+           if unsettled["min"] == len(df) else
+           "; the median over tasks keeps a few unsettled points from deciding either." if any(unsettled.values()) else ".")
+    return (f"Each point's extremes come from {steps} Lanczos steps (one Hessian-vector product each; both ends from "
+            "one Krylov space), with their Ritz residuals: some eigenvalue of the Hessian lies within the residual of "
+            "the estimate. Residual over the estimate's size: " + "; ".join(parts) + ". The bound's $\\beta$ comes "
+            "from $\\lambda_{\\max}$ and its $\\rho$ from $\\lambda_{\\min}$" + end)
+
+
 def recommendations_markdown(eff: Mapping[str, Mapping[str, Any]], correlations: Mapping[str, Any],
                              regime: str = "quadratic") -> str:
     """The chapter's recommendations, one Markdown bullet per hyperparameter and per sparsifying

@@ -62,14 +62,14 @@ median (robust to one task's outlier, e.g. a head that is confidently wrong at `
 def extreme_eigenvalues(bench: Any, task: str, state: StateDict, batch_size: int, iters: int, seed: int
                         ) -> dict[str, float]:
     """``lambda_max`` and ``lambda_min`` of the Hessian of ``task``'s mean cross-entropy (its head) on its first
-    ``batch_size`` training examples at the encoder weights ``state``, with ``change_max`` and ``change_min``,
-    how far each power iteration had settled (:func:`mergelab.autodiff.hessian_extremes`, ``iters`` power
-    iterations from ``seed``).
+    ``batch_size`` training examples at the encoder weights ``state``, with ``residual_max`` and ``residual_min``,
+    each estimate's Ritz residual (:func:`mergelab.autodiff.hessian_extremes`: ``iters`` Lanczos steps, one
+    Hessian-vector product each, from ``seed``).
 
     Cached as ``<cache_dir>/curvature/<key>.json``, the key naming the weights' digest, the task's data, head and
     arithmetic (:meth:`evaluation_key`), the device, ``batch_size``, ``iters`` and ``seed``, the fields kept and
-    the evaluation code's version: a re-run reads the four numbers back instead of running the power iterations again."""
-    fields = ("lambda_max", "lambda_min", "change_max", "change_min")
+    the evaluation code's version: a re-run reads the four numbers back instead of running the Lanczos steps again."""
+    fields = ("lambda_max", "lambda_min", "residual_max", "residual_min")
     path = result_path(bench, "curvature", lambda: {
         "state": state_digest(state), "task": bench.evaluation_key(task, "train"),
         "device": torch.device(bench.device).type, "batch_size": int(batch_size), "iters": int(iters),
@@ -92,7 +92,7 @@ def extreme_eigenvalues(bench: Any, task: str, state: StateDict, batch_size: int
 
 def estimate_curvature(bench: Any, points: Sequence[tuple[str, int, StateDict]], batch_size: int = 32,
                        iters: int = 8, seed: int = 0, aggregate: str = "max") -> tuple[Curvature, list[dict[str, Any]]]:
-    """The curvature schedule of assumption A4 from Hessian power iteration at several points.
+    """The curvature schedule of assumption A4 from Lanczos on Hessian-vector products at several points.
 
     Args:
         points: ``(task, step, encoder state)`` triples, e.g. ``theta_0`` at step 0 and a run's
