@@ -253,3 +253,33 @@ def test_endpoint_fit_reads_each_ability_as_per_task_accuracy():
     _, swapped = ch05.endpoint_fit(model, theta[[0, 2, 1]], answers, ["zero_shot", "expert:a", "expert:b"],
                                    ["a", "a", "b", "b"])
     assert swapped == 0
+
+
+class _SignEvaluator:
+    """Answers item i right where weight i of the model is positive: every model's responses are its own."""
+
+    def full(self, state):
+        return (state["w"] > 0).numpy()
+
+
+def test_the_population_holds_the_multi_task_model_beside_the_endpoints_and_merges():
+    import torch
+
+    from mergelab.task_vectors import task_vectors_from
+
+    pre = {"w": torch.tensor([-1.0, -1.0, -1.0, -1.0, 1.0, 1.0])}
+    experts = {"a": {"w": torch.tensor([1.0, 1.0, -1.0, -1.0, 1.0, 1.0])},
+               "b": {"w": torch.tensor([-1.0, -1.0, 1.0, 1.0, 1.0, 1.0])}}
+    joint = {"w": torch.tensor([1.0, 1.0, 1.0, -1.0, 1.0, -1.0])}
+    args = (_SignEvaluator(), pre, experts, task_vectors_from(pre, experts), [1.0], [1.0], 2, 2, 1.0)
+    models, responses = ch05.population(*args, progress=False, multitask=joint)
+    row = models.index[models["name"] == "multitask"]
+    assert len(row) == 1 and models.loc[row[0], "kind"] == "multitask" and models.loc[row[0], "role"] == "calibration"
+    np.testing.assert_array_equal(responses[row[0]], [1, 1, 1, 0, 1, 0])
+    assert models.loc[row[0], "fitness"] == pytest.approx(4 / 6)
+    without, _ = ch05.population(*args, progress=False)
+    assert "multitask" not in set(without["name"]) and len(without) == len(models) - 1
+    # the other rows are the same models in the same roles: the multi-task model only adds a calibration row
+    pd.testing.assert_frame_equal(without, models.drop(index=row).reset_index(drop=True))
+    with pytest.raises(ValueError, match="multitask=str is not valid; use a state dict"):
+        ch05.population(*args, progress=False, multitask="multitask")

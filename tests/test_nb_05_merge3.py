@@ -28,10 +28,15 @@ def test_population_roles_and_irt_dimension(results, params):
     assert roles.count("dim_validation") + roles.count("held_out") == params["num_held_out"]
     tasks = len(params["tasks"])
     others = sum(len(c) for c in params["other_merges"].values())
-    assert roles.count("calibration") == (1 + tasks + len(params["ta_grid"]) + len(params["ties_grid"]) + others
-                                          + params["num_random"])
+    joint = bool(params["population_multitask"])  # the multi-task model calibrates the IRT model only when asked
+    assert roles.count("calibration") == (1 + tasks + joint + len(params["ta_grid"]) + len(params["ties_grid"])
+                                          + others + params["num_random"])
     kinds = {m["kind"] for m in results["population"]}  # every method of the population, each with its answers
-    assert {"zero_shot", "expert", "task_arithmetic", "ties", "random_merge", *params["other_merges"]} == kinds
+    assert {"zero_shot", "expert", "task_arithmetic", "ties", "random_merge", *params["other_merges"],
+            *["multitask"] * joint} == kinds
+    # the multi-task model's ability is read beside the endpoints' whether or not it calibrated the items
+    fit = results["irt"]["endpoint_fit_by_task"]
+    assert ("multitask" in fit) == bool(params["multitask_steps"]) and "zero_shot" in fit
     assert results["irt"]["dim"] in params["irt_dims"]
     assert [r["dim"] for r in results["irt"]["dim_selection"]] == params["irt_dims"]
     best = max(results["irt"]["dim_selection"], key=lambda r: r["held_out_log_likelihood"])

@@ -44,10 +44,12 @@ from .ch05_claims import (best_rank_at, choose_estimator, claims, claims_from_re
 def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Mapping[str, StateDict],
                task_vectors: Mapping[str, TaskVector], ta_grid: Sequence[float], ties_grid: Sequence[float],
                num_random: int, num_held_out: int, coefficient_max: float, seed: int = 0, progress: bool = True,
-               other_merges: Mapping[str, Sequence[float | None]] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+               other_merges: Mapping[str, Sequence[float | None]] | None = None, multitask: StateDict | None = None
+               ) -> tuple[pd.DataFrame, np.ndarray]:
     """Full responses of the chapter's population on the fitness items.
 
-    Models: zero-shot, the experts, task arithmetic at ``ta_grid``, TIES at ``ties_grid``, each registered
+    Models: zero-shot, the experts, the multi-task model ``multitask`` (one encoder fine-tuned on every task,
+    e.g. chapter 00's; ``None``: none), task arithmetic at ``ta_grid``, TIES at ``ties_grid``, each registered
     method of ``other_merges`` at its coefficients (``None``: the method's one form, as weight averaging; e.g.
     ``{"weight_averaging": [None], "dare": [0.3], "tsv_merge": [1.0]}``), and ``num_random + num_held_out``
     task-arithmetic merges with per-task coefficients drawn uniformly in ``[0, coefficient_max]`` (seeded);
@@ -66,6 +68,11 @@ def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Map
     rng = np.random.default_rng(seed)
     specs: list[tuple[str, str, Any]] = [("zero_shot", "zero_shot", lambda: pretrained)]
     specs += [(f"expert:{t}", "expert", (lambda s=s: s)) for t, s in experts.items()]
+    if multitask is not None:
+        if not isinstance(multitask, Mapping):
+            raise ValueError(f"multitask={type(multitask).__name__} is not valid; use a state dict (the multi-task "
+                             "model's weights) or None.")
+        specs.append(("multitask", "multitask", lambda: multitask))
     if not isinstance(other_merges, (Mapping, type(None))):
         raise ValueError(f"other_merges={other_merges!r} is not valid; use a mapping of merge method to a list of "
                          "coefficients, e.g. {'dare': [0.3], 'weight_averaging': [None]}.")
