@@ -321,15 +321,30 @@ def test_each_hyperparameter_and_method_gets_the_recommendation_its_intervals_su
 def test_the_curvature_paragraph_counts_the_estimates_that_had_not_settled():
     from mergelab.experiments.ch01_claims import curvature_settled_markdown
 
-    settled = {"lambda_max": 2.0, "lambda_min": -0.5, "residual_max": 1e-4, "residual_min": 1e-3}
-    text = curvature_settled_markdown([settled, settled], 24)
-    assert "24 Lanczos steps" in text and text.count("every one within 1 %") == 2 and text.endswith(".")
-    loose = {**settled, "lambda_min": -0.01, "residual_min": 0.02}  # residual twice the estimate: sign open
-    text = curvature_settled_markdown([settled, loose], 24)
-    assert "1 of the 2 not within 1 %, 1 with a residual as large as the estimate" in text
-    assert "median over tasks keeps a few unsettled points" in text
-    text = curvature_settled_markdown([loose, {**loose, "lambda_min": 0.0}], 24)  # a zero estimate is not settled
-    assert "2 of the 2 not within 1 %" in text and "rho$ is the least certain" in text
+    rows = [  # relative residuals: max 1e-4, 1e-3, 1e-2 (the last on the 1 % line: settled); min .02, 1 (as large as
+        # the estimate: open), .01
+        {"lambda_max": 2.0, "residual_max": 2e-4, "lambda_min": -0.5, "residual_min": 0.01},
+        {"lambda_max": 4.0, "residual_max": 4e-3, "lambda_min": -1.0, "residual_min": 1.0},
+        {"lambda_max": 1.0, "residual_max": 1e-2, "lambda_min": -2.0, "residual_min": 0.02}]
+    text = curvature_settled_markdown(rows, 24)
+    assert "24 Lanczos steps" in text
+    assert "$\\lambda_{\\max}$ median 1.0e-03, largest 1.0e-02 (every one within 1% of an eigenvalue)" in text
+    assert ("$\\lambda_{\\min}$ median 2.0e-02, largest 1.0e+00 (2 of the 3 not within 1%, 1 with a residual as large "
+            "as the estimate: sign and order of magnitude open)") in text
+    assert text.endswith("the median over tasks keeps a few unsettled points from deciding either.")
+    settled = [{**r, "residual_min": 1e-4} for r in rows]
+    assert curvature_settled_markdown(settled, 24).endswith("$\\rho$ from $\\lambda_{\\min}$.")
+    no_min = [{**r, "lambda_min": 0.0} for r in rows]  # a zero estimate is not settled
+    assert "3 of the 3 not within 1%, 3 with a residual" in curvature_settled_markdown(no_min, 24)
+    assert curvature_settled_markdown(no_min, 24).endswith("with no $\\lambda_{\\min}$ settled, $\\rho$ is the least "
+                                                            "certain of its constants here.")
+    no_max = [{**r, "residual_max": 0.5, "residual_min": 1e-4} for r in rows]
+    assert "$\\lambda_{\\max}$ median 2.5e-01, largest 5.0e-01 (3 of the 3 not within 1%)" in curvature_settled_markdown(no_max, 24)
+    assert curvature_settled_markdown(no_max, 24).endswith("with no $\\lambda_{\\max}$ settled, $\\beta$ is the least "
+                                                            "certain of its constants here.")
+    neither = [{**r, "residual_max": 0.5} for r in no_min]
+    assert curvature_settled_markdown(neither, 24).endswith("with neither end settled, $\\beta$ and $\\rho$ are both "
+                                                             "uncertain here.")
     with pytest.raises(ValueError, match="missing: \\['residual_max'"):
         curvature_settled_markdown([{"lambda_max": 1.0, "lambda_min": 0.0, "residual_min": 0.1}], 24)
     with pytest.raises(ValueError, match="nonempty"):

@@ -474,3 +474,43 @@ def test_a_merge_writes_its_per_example_results_once_and_keeps_them_when_a_later
     with pytest.raises(KeyError):  # no head for the second task
         measure_merge(bench, other.state_dict(), {"t": cfg, "no such task": cfg})
     assert len(writes) == 2 and len(generalization.read_json(writes[1], {})) == 2  # task t's losses kept
+
+
+def _reference_ritz(A: np.ndarray, v: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rayleigh-Ritz on the Krylov space K_steps(A, v) from an explicit orthonormal basis (float64, Gram-Schmidt
+    twice): the Ritz values and each Ritz vector's true residual ||A x - theta x||."""
+    Q = [v / np.linalg.norm(v)]
+    for _ in range(steps - 1):
+        w = A @ Q[-1]
+        for _ in range(2):
+            w = w - np.stack(Q).T @ (np.stack(Q) @ w)
+        Q.append(w / np.linalg.norm(w))
+    Q = np.stack(Q).T
+    theta, S = np.linalg.eigh(Q.T @ A @ Q)
+    X = Q @ S
+    return theta, np.linalg.norm(A @ X - X * theta, axis=0)
+
+
+def test_lanczos_residuals_are_the_ritz_vectors_true_residuals():
+    rng = np.random.default_rng(0)
+    U, _ = np.linalg.qr(rng.standard_normal((80, 80)))
+    A = (U * np.linspace(-3.0, 7.0, 80) ** 3) @ U.T  # cubed: the extremes stand apart, the bulk is dense
+    v = rng.standard_normal(80)
+    theta, residual = lanczos_extremes(lambda x: torch.from_numpy(A) @ x, torch.from_numpy(v), 12)
+    ref_theta, ref_residual = _reference_ritz(A, v, 12)
+    np.testing.assert_allclose(theta, ref_theta, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(residual, ref_residual, rtol=1e-6)
+    assert residual[-1] < 0.1 * residual[len(residual) // 2]  # the extremes settle first
+
+
+def test_lanczos_does_not_stop_early_on_a_small_but_real_component():
+    d = torch.cat([torch.ones(10, dtype=torch.float64), torch.tensor([1000.0], dtype=torch.float64)])
+    start = torch.cat([torch.ones(10, dtype=torch.float64), torch.tensor([1e-6], dtype=torch.float64)])
+    theta, residual = lanczos_extremes(lambda v: d * v, start, 5)
+    assert theta[-1] == pytest.approx(1000.0, rel=1e-9) and theta[0] == pytest.approx(1.0, rel=1e-9)
+    assert len(theta) == 2  # the two-dimensional Krylov space is invariant: the run stops after its second step
+    # bfloat16 runs its basis in float32: in bfloat16 itself the first step's beta is under its rounding threshold
+    half = torch.linspace(-1.0, 10.0, 500)
+    start = torch.randn(500, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    theta, _ = lanczos_extremes(lambda v: half * v, start, 40)
+    assert len(theta) == 40 and theta[-1] > 9.9 and theta[0] < -0.9

@@ -222,22 +222,31 @@ def curvature_settled_markdown(rows: Sequence[Mapping[str, Any]], steps: int) ->
         raise ValueError(f"rows must be a nonempty list of points with lambda_max, lambda_min, residual_max and "
                          f"residual_min; missing: {missing or 'every row'}.")
     parts, unsettled = [], {}
-    for end, name in (("max", "\\lambda_{\\max}"), ("min", "\\lambda_{\\min}")):
+    names = {"max": ("\\lambda_{\\max}", "\\beta"), "min": ("\\lambda_{\\min}", "\\rho")}
+    for end, (name, _) in names.items():
         size = df[f"lambda_{end}"].abs()
         rel = df[f"residual_{end}"] / size
         unsettled[end] = n = int((~(rel <= SETTLED)).sum())  # a zero estimate (rel NaN or inf) is not settled
         open_ = int((~(df[f"residual_{end}"] < size)).sum())
-        state = ("every one within 1 % of an eigenvalue" if n == 0 else
-                 f"{n} of the {len(df)} not within 1 %"
+        state = (f"every one within {SETTLED:.0%} of an eigenvalue" if n == 0 else
+                 f"{n} of the {len(df)} not within {SETTLED:.0%}"
                  + (f", {open_} with a residual as large as the estimate: sign and order of magnitude open" if open_ else ""))
         parts.append(f"${name}$ median {rel.median():.1e}, largest {rel.max():.1e} ({state})")
-    end = ("; with no $\\lambda_{\\min}$ settled, $\\rho$ is the least certain of its constants here."
-           if unsettled["min"] == len(df) else
-           "; the median over tasks keeps a few unsettled points from deciding either." if any(unsettled.values()) else ".")
+    none = [end for end in names if unsettled[end] == len(df)]
+    if len(none) == 2:
+        closing = "; with neither end settled, $\\beta$ and $\\rho$ are both uncertain here."
+    elif none:
+        name, const = names[none[0]]
+        closing = f"; with no ${name}$ settled, ${const}$ is the least certain of its constants here."
+    elif any(unsettled.values()):
+        closing = "; the median over tasks keeps a few unsettled points from deciding either."
+    else:
+        closing = "."
     return (f"Each point's extremes come from {steps} Lanczos steps (one Hessian-vector product each; both ends from "
             "one Krylov space), with their Ritz residuals: some eigenvalue of the Hessian lies within the residual of "
-            "the estimate. Residual over the estimate's size: " + "; ".join(parts) + ". The bound's $\\beta$ comes "
-            "from $\\lambda_{\\max}$ and its $\\rho$ from $\\lambda_{\\min}$" + end)
+            "the estimate, and the extremes can only be underestimated (Ritz values lie inside the spectrum). "
+            "Residual over the estimate's size: " + "; ".join(parts) + ". The bound's $\\beta$ comes "
+            "from $\\lambda_{\\max}$ and its $\\rho$ from $\\lambda_{\\min}$" + closing)
 
 
 def recommendations_markdown(eff: Mapping[str, Mapping[str, Any]], correlations: Mapping[str, Any],
