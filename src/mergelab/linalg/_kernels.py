@@ -116,16 +116,23 @@ def _np_eigh_top(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return lapack.eigh_all(g, overwrite=True)
 
 
-def _np_task_svd(a: np.ndarray, k: int, f64: bool, rtol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def float32_padding(n: int, k: int) -> int:
+    """Extra eigenvectors of a float32 Gram matrix that :func:`_np_task_svd` splits again in float64 for a top-``k``
+    SVD of ``n`` columns: ``max(8, k // 4)``, at most ``n - k``."""
+    return min(n - k, max(8, k // 4))
+
+
+def _np_task_svd(a: np.ndarray, k: int, f64: bool, rtol: float, pad: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-``k`` SVD of one tall ``(m, n)`` matrix from its Gram matrix (float64 results; see
-    :func:`_gram_svd`)."""
+    :func:`_gram_svd`); ``pad``: the float32 path's extra eigenvectors (``None``: :func:`float32_padding`)."""
     n = a.shape[1]
     a64 = a.astype(np.float64, copy=False)
     if f64:
         w, v = _np_eigh_top(_np_gram(a64), k)
         b = a64 @ v
     else:
-        p = min(n - k, max(8, k // 4))
+        p = float32_padding(n, k) if pad is None else pad
         _, v32 = _np_eigh_top(_np_gram(a.astype(np.float32, copy=False)), k + p)
         v64 = v32.astype(np.float64)
         b = a64 @ v64
@@ -170,7 +177,7 @@ def _torch_eigh_top(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return w.flip(-1)[..., :k], v.flip(-1)[..., :k]
 
 
-def _torch_task_svd(A: torch.Tensor, k: int, f64: bool, rtol: float
+def _torch_task_svd(A: torch.Tensor, k: int, f64: bool, rtol: float, pad: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_np_task_svd` batched over ``(T, m, n)`` with torch (used on GPUs; float64 results)."""
     n = A.shape[-1]
@@ -180,7 +187,7 @@ def _torch_task_svd(A: torch.Tensor, k: int, f64: bool, rtol: float
         B = A64 @ V
     else:
         A32 = A.float()
-        p = min(n - k, max(8, k // 4))
+        p = float32_padding(n, k) if pad is None else pad
         _, V32 = _torch_eigh_top(A32.transpose(-2, -1) @ A32, k + p)
         V64 = V32.double()
         B = A64 @ V64
