@@ -250,34 +250,34 @@ def test_the_curvature_of_a_point_is_cached_by_weights_data_and_settings(bench, 
     """A re-run reads each point's eigenvalues back instead of running the Lanczos steps again; other weights,
     another task, batch, iteration count or seed are computed anew. (Batch 7 and these seeds: settings no other test
     of this module's shared benchmark caches.)"""
-    from mergelab.experiments import ch01_stability
+    from mergelab.experiments import ch01_curvature
 
     pre = bench.pretrained_state()
-    first = ch01_stability.extreme_eigenvalues(bench, "colours", pre, 7, 2, 11)
+    first = ch01_curvature.extreme_eigenvalues(bench, "colours", pre, 7, 2, 11)
     before = len(list((bench.cache_dir / "curvature").glob("*.json")))
     calls = []
-    real = ch01_stability.hessian_extremes
-    monkeypatch.setattr(ch01_stability, "hessian_extremes", lambda *a: calls.append(a) or real(*a))
-    assert ch01_stability.extreme_eigenvalues(bench, "colours", pre, 7, 2, 11) == first and not calls
+    real = ch01_curvature.hessian_extremes
+    monkeypatch.setattr(ch01_curvature, "hessian_extremes", lambda *a: calls.append(a) or real(*a))
+    assert ch01_curvature.extreme_eigenvalues(bench, "colours", pre, 7, 2, 11) == first and not calls
     moved = {k: v + 0.01 if v.is_floating_point() else v for k, v in pre.items()}
     for args in (("colours", moved, 7, 2, 11), ("size", pre, 7, 2, 11), ("colours", pre, 5, 2, 11),
                  ("colours", pre, 7, 4, 11), ("colours", pre, 7, 2, 12)):
-        ch01_stability.extreme_eigenvalues(bench, *args)
+        ch01_curvature.extreme_eigenvalues(bench, *args)
     assert len(calls) == 5 and len(list((bench.cache_dir / "curvature").glob("*.json"))) == before + 5
 
 
 def test_the_curvature_is_computed_on_the_sizes_training_threads(bench, monkeypatch):
     """Its cache key names no thread count, so a notebook on more threads must compute what a report lane computes:
     the Lanczos steps run on the benchmark's ``train_threads`` (tiny: one), and the caller's count comes back."""
-    from mergelab.experiments import ch01_stability
+    from mergelab.experiments import ch01_curvature
     from mergelab.utils import torch_threads
 
     threads = []
-    real = ch01_stability.hessian_extremes
-    monkeypatch.setattr(ch01_stability, "hessian_extremes",
+    real = ch01_curvature.hessian_extremes
+    monkeypatch.setattr(ch01_curvature, "hessian_extremes",
                         lambda *a: threads.append(torch.get_num_threads()) or real(*a))
     with torch_threads(2):
-        ch01_stability.extreme_eigenvalues(bench, "colours", bench.pretrained_state(), 6, 2, 13)  # a point no other test caches
+        ch01_curvature.extreme_eigenvalues(bench, "colours", bench.pretrained_state(), 6, 2, 13)  # a point no other test caches
         assert torch.get_num_threads() == 2
     assert threads == [bench.train_threads] == [1]
 
@@ -349,3 +349,59 @@ def test_the_curvature_paragraph_counts_the_estimates_that_had_not_settled():
         curvature_settled_markdown([{"lambda_max": 1.0, "lambda_min": 0.0, "residual_min": 0.1}], 24)
     with pytest.raises(ValueError, match="nonempty"):
         curvature_settled_markdown([], 24)
+
+
+def test_each_recipe_gets_the_curvature_of_its_own_runs(bench, small_grid):
+    from mergelab.experiments.ch01_curvature import RecipeCurvature, curvature_of, distinct_points, recipe_curvature, recipe_key
+
+    own, rows = recipe_curvature(bench, small_grid, ["colours", "size"], batch_size=8, iters=3)
+    recipes = small_grid.recipes()
+    assert own.per_recipe and set(own.schedules) == {recipe_key(r) for r in recipes} and own.centre == recipe_key(BASE)
+    assert {r["recipe"] for r in rows} == {"centre", "lr=0.01", "lr=0.03"}
+    assert len(rows) == len(recipes) * 2 * (1 + len(small_grid.steps))  # theta_0 and every checkpoint, per task
+    for r in recipes:  # each schedule is the median over tasks of its own runs' points
+        mine = [row for row in rows if (row["lr"], row["batch_size"], row["data_fraction"]) == recipe_key(r)]
+        late = [row["lambda_max"] for row in mine if row["step"] == max(small_grid.steps)]
+        assert own.of(r).beta[-1] == pytest.approx(float(np.median(late)))
+        assert curvature_of(own, replace(r, num_steps=2, seed=5)) is own.of(r)  # a checkpoint, another seed: same recipe
+    at0 = {row["lambda_max"] for row in rows if row["step"] == 0 and row["task"] == "colours"}
+    assert len(at0) == 1  # theta_0 is one point, read back from the cache for every recipe
+    distinct = distinct_points(rows)  # each point once: theta_0's only among the centre's rows
+    assert len(distinct) == 2 + 2 * len(small_grid.steps) * len(recipes) and {r["recipe"] for r in distinct if r["step"] == 0} == {"centre"}
+    assert own.of(recipes[0]).beta[-1] != own.of(recipes[-1]).beta[-1]  # other runs, other curvature
+    shared, shared_rows = recipe_curvature(bench, small_grid, ["colours", "size"], batch_size=8, iters=3,
+                                           per_recipe=False)
+    assert not shared.per_recipe and {r["recipe"] for r in shared_rows} == {"centre"}
+    assert all(shared.of(r) == own.of(small_grid.base) for r in recipes)
+    table = own.table()
+    assert len(table) == len(recipes) * len(own.of(BASE).steps) and {"lr", "step", "beta", "rho"} <= set(table[0])
+    assert curvature_of(own.of(BASE), recipes[0]) is own.of(BASE)  # one schedule for every expert
+    with pytest.raises(ValueError, match=r"no curvature schedule for the recipe .*=\(0.5, "):
+        own.of(replace(BASE, lr=0.5))
+    with pytest.raises(ValueError, match="per_recipe='yes' is not valid"):
+        recipe_curvature(bench, small_grid, ["colours"], per_recipe="yes")
+    assert isinstance(own, RecipeCurvature)
+
+
+def test_the_curvature_points_not_cached_go_to_the_executor_once(bench, small_grid):
+    from mergelab.executors import LocalExecutor
+    from mergelab.experiments.ch01_curvature import recipe_curvature
+
+    class Recording(LocalExecutor):
+        def __init__(self) -> None:
+            super().__init__(1)
+            self.items: list = []
+
+        def map(self, fn, items, *args, **kwargs):
+            self.items += list(items)
+            return super().map(fn, items, *args, **kwargs)
+
+    first = Recording()  # batch 6 and 2 steps: points no other test caches
+    own, rows = recipe_curvature(bench, small_grid, ["colours", "size"], batch_size=6, iters=2, executor=first)
+    recipes, steps = small_grid.recipes(), small_grid.steps
+    # theta_0 once per task (the same seed for every recipe), every checkpoint of every recipe once
+    assert len(first.items) == 2 + 2 * len(steps) * len(recipes) == len(set(first.items))
+    assert {item[0] for item in first.items} == {"colours", "size"}
+    again = Recording()
+    same, same_rows = recipe_curvature(bench, small_grid, ["colours", "size"], batch_size=6, iters=2, executor=again)
+    assert again.items == [] and same_rows == rows and same == own  # read back from the cache

@@ -10,11 +10,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from .. import codeversion
-from ..cache import read_result, result_path
 from ..merging import merge
 from ..task_vectors import TaskVector
 from ..training.sweep import checkpoint_log, checkpoint_state, config_grid, one_at_a_time, row_config
@@ -29,10 +26,11 @@ from ..analysis.stability import (
     generalization_bound,
     gradient_norm_schedule,
 )
-from ..autodiff import hessian_extremes
 from ..analysis.statistics import spearman_by_group_ci
+from .ch01_curvature import (  # noqa: F401 (the chapter's API: chapter 02 reads estimate_curvature from here)
+    CURVATURE_AGGREGATES, RecipeCurvature, curvature_of, estimate_curvature, extreme_eigenvalues)
 from ..training import FinetuneConfig
-from ..utils import StateDict, atomic_write_json, check_integer, shows_progress, size_threads, state_digest
+from ..utils import StateDict, shows_progress
 
 
 # ----------------------------------------------------------------------------- constants of a sweep
@@ -52,78 +50,6 @@ def expert_terms(bench: Any, task: str, cfg: FinetuneConfig, curvature: Curvatur
     hp = ExpertHyperparameters.from_config(cfg, len(bench.split(task, "train")[1]),
                                            batch_gradient_norms=log.get("batch_gradient_norm") or None)
     return expert_stability(hp, G, curvature, regime)
-
-
-CURVATURE_AGGREGATES = ("max", "median")
-"""How :func:`estimate_curvature` combines the tasks measured at one step: the worst case, or the
-median (robust to one task's outlier, e.g. a head that is confidently wrong at ``theta_0``)."""
-
-
-def extreme_eigenvalues(bench: Any, task: str, state: StateDict, batch_size: int, iters: int, seed: int
-                        ) -> dict[str, float]:
-    """``lambda_max`` and ``lambda_min`` of the Hessian of ``task``'s mean cross-entropy (its head) on its first
-    ``batch_size`` training examples at the encoder weights ``state``, with ``residual_max`` and ``residual_min``,
-    each estimate's Ritz residual (:func:`mergelab.autodiff.hessian_extremes`: ``iters`` Lanczos steps, one
-    Hessian-vector product each, from ``seed``).
-
-    Cached as ``<cache_dir>/curvature/<key>.json``, the key naming the weights' digest, the task's data, head and
-    arithmetic (:meth:`evaluation_key`), the device, ``batch_size``, ``iters`` and ``seed``, the fields kept and
-    the evaluation code's version: a re-run reads the four numbers back instead of running the Lanczos steps again."""
-    fields = ("lambda_max", "lambda_min", "residual_max", "residual_min")
-    path = result_path(bench, "curvature", lambda: {
-        "state": state_digest(state), "task": bench.evaluation_key(task, "train"),
-        "device": torch.device(bench.device).type, "batch_size": int(batch_size), "iters": int(iters),
-        "seed": int(seed), "fields": list(fields), **codeversion.key_part("evaluation")})
-    cached = read_result(path, fields)
-    if cached is not None:
-        return {k: float(cached[k]) for k in fields}
-    X, y = bench.split(task, "train")
-    enc = bench.new_encoder(state).to(bench.device)
-    # on the size's training threads whoever calls (a lane, a notebook): the key names no thread count
-    with size_threads(bench):
-        r = hessian_extremes(enc, bench.heads[task].to(bench.device), X[:batch_size].to(bench.device),
-                             y[:batch_size].to(bench.device), iters, seed)
-    out = {k: float(getattr(r, k)) for k in fields}
-    if path is not None:
-        atomic_write_json(path, {**out, "task": task, "batch_size": int(batch_size), "iters": int(iters),
-                                 "seed": int(seed)})
-    return out
-
-
-def estimate_curvature(bench: Any, points: Sequence[tuple[str, int, StateDict]], batch_size: int = 32,
-                       iters: int = 8, seed: int = 0, aggregate: str = "max") -> tuple[Curvature, list[dict[str, Any]]]:
-    """The curvature schedule of assumption A4 from Lanczos on Hessian-vector products at several points.
-
-    Args:
-        points: ``(task, step, encoder state)`` triples, e.g. ``theta_0`` at step 0 and a run's
-            checkpoints; each is evaluated on the first ``batch_size`` training examples of ``task``
-            with its head.
-
-        aggregate: ``"max"``: at every step ``beta = max lam_max`` and ``rho = -min lam_min`` over the
-            points of that step (the worst case); ``"median"``: their medians (robust to an outlier).
-
-    Returns:
-        ``Curvature`` with, at every measured step, ``beta`` and ``rho`` aggregated over the points
-        of that step (a constant when all points are at one step), and one row per point.
-    """
-    if aggregate not in CURVATURE_AGGREGATES:
-        raise ValueError(f"aggregate={aggregate!r} is not valid; use one of {', '.join(CURVATURE_AGGREGATES)}.")
-    if not points:
-        raise ValueError("points is empty; pass (task, step, state) triples, e.g. [('colours', 0, pretrained)].")
-    check_integer("batch_size", batch_size)
-    check_integer("iters", iters)
-    check_integer("seed", seed, minimum=0)
-    rows = []
-    for i, (task, step, state) in enumerate(tqdm(points, desc="curvature", disable=not shows_progress(bench, None))):
-        rows.append({"task": task, "step": int(step), **extreme_eigenvalues(bench, task, state, batch_size, iters,
-                                                                            seed + i)})
-    steps = sorted({r["step"] for r in rows})
-    pick = (lambda v: float(np.max(v))) if aggregate == "max" else (lambda v: float(np.median(v)))
-    beta = tuple(pick([r["lambda_max"] for r in rows if r["step"] == s]) for s in steps)
-    rho = tuple(pick([-r["lambda_min"] for r in rows if r["step"] == s]) for s in steps)
-    if len(steps) == 1:
-        return Curvature(beta=beta[0], rho=rho[0]), rows
-    return Curvature(beta=beta, rho=rho, steps=tuple(steps)), rows
 
 
 # ----------------------------------------------------------------------------- the merge experiment
@@ -275,7 +201,7 @@ class _StateCache:
         return state
 
 
-def run_merges(bench: Any, specs: Sequence[MergeSpec], curvature: Curvature,
+def run_merges(bench: Any, specs: Sequence[MergeSpec], curvature: Curvature | RecipeCurvature,
                regimes: Sequence[str] = REGIMES, max_examples: int | None = 500, probe_size: int = 4,
                progress: bool = True, state_cache_gb: float = 8.0) -> "Any":
     """Merge, measure and bound every spec; one row per merge (a pandas DataFrame).
@@ -292,7 +218,8 @@ def run_merges(bench: Any, specs: Sequence[MergeSpec], curvature: Curvature,
     ``lipschitz`` (mean ``L_k`` over ``probe_size`` seen and as many validation examples per task, see
     :func:`measure_merge`; simple averaging only). Predicted, for simple averaging
     only (the bound says nothing about sparsified merges): ``bound_<regime>`` and the averaged
-    stability's ``sampling_<regime>`` and ``drift_<regime>`` (:func:`averaged_stability`).
+    stability's ``sampling_<regime>`` and ``drift_<regime>`` (:func:`averaged_stability`), each expert with its
+    recipe's curvature schedule when ``curvature`` is a :class:`RecipeCurvature`, else the one schedule given.
     """
     pre = bench.pretrained_state()
     reference_cache: dict = {}
@@ -328,7 +255,7 @@ def run_merges(bench: Any, specs: Sequence[MergeSpec], curvature: Curvature,
             terms = []
             for task, cfg in spec.experts:
                 if (task, cfg, regime) not in terms_cache:
-                    terms_cache[task, cfg, regime] = expert_terms(bench, task, cfg, curvature, regime)
+                    terms_cache[task, cfg, regime] = expert_terms(bench, task, cfg, curvature_of(curvature, cfg), regime)
                 terms.append(terms_cache[task, cfg, regime])
             avg = averaged_stability(terms)
             row.update({f"bound_{regime}": generalization_bound(terms, [m["lipschitz"][t] for t, _ in spec.experts]),
@@ -455,7 +382,8 @@ def heterogeneity_table(df: Any, predicted: str) -> Any:
 
 
 def expert_table(bench: Any, grid: ExpertGrid, tasks: Sequence[str], hyperparameter: str = "lr",
-                 max_examples: int | None = 500, seed: int | None = None, curvature: Curvature | None = None,
+                 max_examples: int | None = 500, seed: int | None = None,
+                 curvature: Curvature | RecipeCurvature | None = None,
                  regime: str = "quadratic", probe_size: int = 4, progress: bool | None = None) -> Any:
     """Each expert measured on its own task (``K = 1``) along one hyperparameter's levels and every
     checkpoint: ``task``, ``level``, ``step``, ``train_loss``, ``test_loss``, ``generalization_gap``,
@@ -483,7 +411,7 @@ def expert_table(bench: Any, grid: ExpertGrid, tasks: Sequence[str], hyperparame
                "gap_vs_pretrained": m["gap_vs_reference"], **_ci_columns(m)}
         if curvature is not None:
             row["lipschitz"] = m["lipschitz"][task]
-            row["bound"] = generalization_bound([expert_terms(bench, task, cfg, curvature, regime)],
+            row["bound"] = generalization_bound([expert_terms(bench, task, cfg, curvature_of(curvature, cfg), regime)],
                                                 [m["lipschitz"][task]])
         rows.append(row)
     return pd.DataFrame(rows)

@@ -1,0 +1,235 @@
+"""Chapter 01's curvature: the Hessian's extreme eigenvalues at points of the fine-tuning runs (cached per point),
+aggregated over tasks into the curvature schedule of assumption A4, one per recipe or one for every recipe.
+
+A recipe is what sets a run's trajectory apart in the chapter's grid: its learning rate, batch size and data
+fraction (:func:`recipe_key`). A step count is a checkpoint of the same run, and another seed one more run of the
+same recipe, so neither gets a schedule of its own: each recipe's schedule is measured along its base-seed run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import codeversion
+from ..analysis.stability import Curvature
+from ..autodiff import hessian_extremes
+from ..cache import read_result, result_path
+from ..executors import Executor, LocalExecutor, benchmark_context
+from ..training import FinetuneConfig
+from ..training.sweep import checkpoint_state
+from ..utils import StateDict, atomic_write_json, check_integer, shows_progress, size_threads, state_digest
+
+if TYPE_CHECKING:  # pragma: no cover - the grid is only read
+    from .ch01_stability import ExpertGrid
+
+CURVATURE_AGGREGATES = ("max", "median")
+"""How :func:`estimate_curvature` combines the tasks measured at one step: the worst case, or the
+median (robust to one task's outlier, e.g. a head that is confidently wrong at ``theta_0``)."""
+
+
+_FIELDS = ("lambda_max", "lambda_min", "residual_max", "residual_min")
+
+
+def _curvature_path(bench: Any, task: str, state: StateDict, batch_size: int, iters: int, seed: int) -> Any:
+    return result_path(bench, "curvature", lambda: {
+        "state": state_digest(state), "task": bench.evaluation_key(task, "train"),
+        "device": torch.device(bench.device).type, "batch_size": int(batch_size), "iters": int(iters),
+        "seed": int(seed), "fields": list(_FIELDS), **codeversion.key_part("evaluation")})
+
+
+def extreme_eigenvalues(bench: Any, task: str, state: StateDict, batch_size: int, iters: int, seed: int
+                        ) -> dict[str, float]:
+    """``lambda_max`` and ``lambda_min`` of the Hessian of ``task``'s mean cross-entropy (its head) on its first
+    ``batch_size`` training examples at the encoder weights ``state``, with ``residual_max`` and ``residual_min``,
+    each estimate's Ritz residual (:func:`mergelab.autodiff.hessian_extremes`: ``iters`` Lanczos steps, one
+    Hessian-vector product each, from ``seed``).
+
+    Cached as ``<cache_dir>/curvature/<key>.json``, the key naming the weights' digest, the task's data, head and
+    arithmetic (:meth:`evaluation_key`), the device, ``batch_size``, ``iters`` and ``seed``, the fields kept and
+    the evaluation code's version: a re-run reads the four numbers back instead of running the Lanczos steps again."""
+    fields = _FIELDS
+    path = _curvature_path(bench, task, state, batch_size, iters, seed)
+    cached = read_result(path, fields)
+    if cached is not None:
+        return {k: float(cached[k]) for k in fields}
+    X, y = bench.split(task, "train")
+    enc = bench.new_encoder(state).to(bench.device)
+    # on the size's training threads whoever calls (a lane, a notebook): the key names no thread count
+    with size_threads(bench):
+        r = hessian_extremes(enc, bench.heads[task].to(bench.device), X[:batch_size].to(bench.device),
+                             y[:batch_size].to(bench.device), iters, seed)
+    out = {k: float(getattr(r, k)) for k in fields}
+    if path is not None:
+        atomic_write_json(path, {**out, "task": task, "batch_size": int(batch_size), "iters": int(iters),
+                                 "seed": int(seed)})
+    return out
+
+
+def estimate_curvature(bench: Any, points: Sequence[tuple[str, int, StateDict]], batch_size: int = 32,
+                       iters: int = 8, seed: int = 0, aggregate: str = "max", progress: bool | None = None
+                       ) -> tuple[Curvature, list[dict[str, Any]]]:
+    """The curvature schedule of assumption A4 from Lanczos on Hessian-vector products at several points.
+
+    Args:
+        points: ``(task, step, encoder state)`` triples, e.g. ``theta_0`` at step 0 and a run's
+            checkpoints; each is evaluated on the first ``batch_size`` training examples of ``task``
+            with its head.
+
+        aggregate: ``"max"``: at every step ``beta = max lam_max`` and ``rho = -min lam_min`` over the
+            points of that step (the worst case); ``"median"``: their medians (robust to an outlier).
+
+    Returns:
+        ``Curvature`` with, at every measured step, ``beta`` and ``rho`` aggregated over the points
+        of that step (a constant when all points are at one step), and one row per point.
+    """
+    if aggregate not in CURVATURE_AGGREGATES:
+        raise ValueError(f"aggregate={aggregate!r} is not valid; use one of {', '.join(CURVATURE_AGGREGATES)}.")
+    if not points:
+        raise ValueError("points is empty; pass (task, step, state) triples, e.g. [('colours', 0, pretrained)].")
+    check_integer("batch_size", batch_size)
+    check_integer("iters", iters)
+    check_integer("seed", seed, minimum=0)
+    rows = []
+    for i, (task, step, state) in enumerate(tqdm(points, desc="curvature", disable=not shows_progress(bench, progress))):
+        rows.append({"task": task, "step": int(step), **extreme_eigenvalues(bench, task, state, batch_size, iters,
+                                                                            seed + i)})
+    steps = sorted({r["step"] for r in rows})
+    pick = (lambda v: float(np.max(v))) if aggregate == "max" else (lambda v: float(np.median(v)))
+    beta = tuple(pick([r["lambda_max"] for r in rows if r["step"] == s]) for s in steps)
+    rho = tuple(pick([-r["lambda_min"] for r in rows if r["step"] == s]) for s in steps)
+    if len(steps) == 1:
+        return Curvature(beta=beta[0], rho=rho[0]), rows
+    return Curvature(beta=beta, rho=rho, steps=tuple(steps)), rows
+
+
+RecipeKey = tuple[float, int, float]
+"""``(lr, batch_size, data_fraction)``: what sets one recipe's trajectory apart (:func:`recipe_key`)."""
+
+
+def recipe_key(cfg: FinetuneConfig) -> RecipeKey:
+    """The recipe of a fine-tuning configuration: ``(lr, batch_size, data_fraction)``; its step count and seed
+    do not enter (a checkpoint of the same run, another run of the same recipe)."""
+    return (float(cfg.lr), int(cfg.batch_size), float(cfg.data_fraction))
+
+
+@dataclass(frozen=True)
+class RecipeCurvature:
+    """Curvature schedules per recipe (:func:`recipe_curvature`).
+
+    Attributes:
+        schedules: :func:`recipe_key` -> its :class:`Curvature` (beta and rho per measured step).
+        centre: the centre recipe's key.
+        per_recipe: whether each recipe's schedule was measured along its own runs; if not, every recipe has the
+            centre runs' schedule.
+    """
+
+    schedules: Mapping[RecipeKey, Curvature]
+    centre: RecipeKey
+    per_recipe: bool
+
+    def of(self, cfg: FinetuneConfig) -> Curvature:
+        """The schedule of ``cfg``'s recipe; a recipe that was not measured is an error naming the measured ones."""
+        key = recipe_key(cfg)
+        if key not in self.schedules:
+            raise ValueError(f"no curvature schedule for the recipe (lr, batch_size, data_fraction)={key}; measured: "
+                             f"{sorted(self.schedules)}.")
+        return self.schedules[key]
+
+    def table(self) -> list[dict[str, Any]]:
+        """One record per recipe and step: ``lr``, ``batch_size``, ``data_fraction``, ``step``, ``beta``, ``rho``."""
+        out = []
+        for (lr, batch, fraction), c in self.schedules.items():
+            steps = c.steps or (0,)
+            for j, step in enumerate(steps):
+                out.append({"lr": lr, "batch_size": batch, "data_fraction": fraction, "step": int(step),
+                            "beta": float(np.atleast_1d(c.beta)[j]), "rho": float(np.atleast_1d(c.rho)[j])})
+        return out
+
+
+def curvature_of(curvature: Curvature | RecipeCurvature, cfg: FinetuneConfig) -> Curvature:
+    """The schedule an expert trained with ``cfg`` is bounded with: its recipe's, or the one shared schedule."""
+    return curvature.of(cfg) if isinstance(curvature, RecipeCurvature) else curvature
+
+
+def recipe_curvature(bench: Any, grid: "ExpertGrid", tasks: Sequence[str], batch_size: int = 32, iters: int = 24,
+                     seed: int = 0, aggregate: str = "median", per_recipe: bool = True,
+                     executor: Executor | None = None, progress: bool | None = None
+                     ) -> tuple[RecipeCurvature, list[dict[str, Any]]]:
+    """The curvature schedules of the grid's recipes (:meth:`ExpertGrid.recipes`): :func:`estimate_curvature` over
+    ``tasks`` at ``theta_0`` (step 0) and at every checkpoint of the recipe's base-seed runs. ``per_recipe=False``
+    measures the centre recipe's runs only and gives every recipe that schedule (a fifth to a tenth of the
+    Hessian-vector products at the `tiny` size's one-at-a-time grid). The points not cached yet are computed by
+    ``executor`` (:mod:`mergelab.executors`; ``None``: here, one after the other), each in one of the size's
+    training threads as here, so a worker's eigenvalues are this process's; then every schedule is read from the
+    cache.
+
+    Returns:
+        the schedules, and one row per recipe and point (:func:`estimate_curvature`'s) with its recipe's ``lr``,
+        ``batch_size``, ``data_fraction`` and ``recipe`` (``"centre"`` or the hyperparameters it varies): every
+        recipe's rows start with the same ``theta_0`` points (:func:`distinct_points` keeps them once).
+    """
+    if not isinstance(per_recipe, bool):
+        raise ValueError(f"per_recipe={per_recipe!r} is not valid; use True (a schedule per recipe) or False (the "
+                         "centre runs' schedule for every recipe).")
+    if not tasks:
+        raise ValueError("tasks is empty; name the tasks whose curvature is measured, e.g. ['colours'].")
+    pre = bench.pretrained_state()
+    centre = recipe_key(grid.base)
+    recipes = {recipe_key(r): r for r in grid.recipes()}
+    measured = recipes if per_recipe else {centre: grid.base}
+    # theta_0 first, in the same order for every recipe: the start vector of a point is seed + its index, so theta_0's
+    # points are the same points for every recipe, computed once
+    plans = {key: [(t, 0, None) for t in tasks] + [(t, s, replace(recipe, num_steps=s, seed=grid.base.seed))
+                                                   for t in tasks for s in grid.steps]
+             for key, recipe in measured.items()}
+
+    def state_of(task: str, cfg: FinetuneConfig | None) -> StateDict:
+        return pre if cfg is None else checkpoint_state(bench, task, cfg)
+
+    jobs = {(t, cfg, batch_size, iters, seed + i) for plan in plans.values() for i, (t, _, cfg) in enumerate(plan)}
+    paths = {j: _curvature_path(bench, j[0], state_of(j[0], j[1]), *j[2:]) for j in jobs}
+    # without a cache a worker's result could not come back: the points are then computed here, below
+    todo = sorted((j for j, path in paths.items() if path is not None and read_result(path, _FIELDS) is None), key=repr)
+    cached = all(path is not None for path in paths.values())  # then every point below is read back, no bar needed
+    if todo:
+        executor = executor if executor is not None else LocalExecutor(1)
+        executor.map(_curvature_job, todo, benchmark_context(bench, executor.device), describe=_describe_job,
+                     progress=shows_progress(bench, progress),
+                     desc=f"curvature points ({len(jobs) - len(todo)} of {len(jobs)} cached)").raise_failures("curvature points")
+    schedules, rows = {}, []
+    for key, plan in plans.items():
+        points = [(t, s, state_of(t, cfg)) for t, s, cfg in plan]
+        schedules[key], found = estimate_curvature(bench, points, batch_size=batch_size, iters=iters, seed=seed,
+                                                   aggregate=aggregate, progress=False if cached else progress)
+        varied = [f"{h}={v:g}" for h, v, c in zip(("lr", "batch_size", "data_fraction"), key, centre) if v != c]
+        label = "+".join(varied) or "centre"
+        rows += [{**r, "lr": key[0], "batch_size": key[1], "data_fraction": key[2], "recipe": label} for r in found]
+    if not per_recipe:
+        schedules = {key: schedules[centre] for key in recipes}
+    return RecipeCurvature(schedules, centre, per_recipe), rows
+
+
+def _curvature_job(bench: Any, job: tuple[str, FinetuneConfig | None, int, int, int]) -> None:
+    """One point of :func:`recipe_curvature` in a worker: ``(task, checkpoint or None for theta_0, batch_size,
+    iters, seed)``, cached by :func:`extreme_eigenvalues`."""
+    task, cfg, batch_size, iters, seed = job
+    state = bench.pretrained_state() if cfg is None else checkpoint_state(bench, task, cfg)
+    extreme_eigenvalues(bench, task, state, batch_size, iters, seed)
+
+
+def _describe_job(job: tuple[str, FinetuneConfig | None, int, int, int]) -> dict[str, Any]:
+    task, cfg, batch_size, iters, seed = job
+    return {"task": task, "checkpoint": "theta_0" if cfg is None else asdict(cfg), "batch_size": batch_size,
+            "iters": iters, "seed": seed}
+
+
+def distinct_points(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """:func:`recipe_curvature`'s rows with each measured point once: the ``theta_0`` points (step 0), which every
+    recipe's rows repeat, only in the centre recipe's rows."""
+    return [r for r in rows if r["step"] != 0 or r["recipe"] == "centre"]
