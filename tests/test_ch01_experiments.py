@@ -375,6 +375,10 @@ def test_each_recipe_gets_the_curvature_of_its_own_runs(bench, small_grid):
     assert all(shared.of(r) == own.of(small_grid.base) for r in recipes)
     table = own.table()
     assert len(table) == len(recipes) * len(own.of(BASE).steps) and {"lr", "step", "beta", "rho"} <= set(table[0])
+    for rec in table:  # the records are the schedules, step by step
+        c = own.of(replace(BASE, lr=rec["lr"], batch_size=rec["batch_size"], data_fraction=rec["data_fraction"]))
+        j = c.steps.index(rec["step"])
+        assert (rec["beta"], rec["rho"]) == (c.beta[j], c.rho[j])
     assert curvature_of(own.of(BASE), recipes[0]) is own.of(BASE)  # one schedule for every expert
     with pytest.raises(ValueError, match=r"no curvature schedule for the recipe .*=\(0.5, "):
         own.of(replace(BASE, lr=0.5))
@@ -383,9 +387,14 @@ def test_each_recipe_gets_the_curvature_of_its_own_runs(bench, small_grid):
     assert isinstance(own, RecipeCurvature)
 
 
-def test_the_curvature_points_not_cached_go_to_the_executor_once(bench, small_grid):
+def test_the_curvature_points_not_cached_go_to_the_executor_once(bench, small_grid, monkeypatch):
     from mergelab.executors import LocalExecutor
+    from mergelab.experiments import ch01_curvature
     from mergelab.experiments.ch01_curvature import recipe_curvature
+
+    calls = []
+    real = ch01_curvature.hessian_extremes
+    monkeypatch.setattr(ch01_curvature, "hessian_extremes", lambda *a: calls.append(a[-1]) or real(*a))
 
     class Recording(LocalExecutor):
         def __init__(self) -> None:
@@ -396,12 +405,42 @@ def test_the_curvature_points_not_cached_go_to_the_executor_once(bench, small_gr
             self.items += list(items)
             return super().map(fn, items, *args, **kwargs)
 
-    first = Recording()  # batch 6 and 2 steps: points no other test caches
-    own, rows = recipe_curvature(bench, small_grid, ["colours", "size"], batch_size=6, iters=2, executor=first)
+    first = Recording()  # batch 6, 2 steps and seed 3: points no other test caches
+    own, rows = recipe_curvature(bench, small_grid, ["colours", "size"], batch_size=6, iters=2, seed=3, executor=first)
     recipes, steps = small_grid.recipes(), small_grid.steps
     # theta_0 once per task (the same seed for every recipe), every checkpoint of every recipe once
     assert len(first.items) == 2 + 2 * len(steps) * len(recipes) == len(set(first.items))
     assert {item[0] for item in first.items} == {"colours", "size"}
+    # each point computed once, by the executor's jobs, from seed + its index in its recipe's points
+    assert len(calls) == len(first.items) and sorted(calls) == sorted(item[-1] for item in first.items)
+    assert set(calls) == set(range(3, 3 + 2 + 2 * len(steps)))
     again = Recording()
-    same, same_rows = recipe_curvature(bench, small_grid, ["colours", "size"], batch_size=6, iters=2, executor=again)
+    same, same_rows = recipe_curvature(bench, small_grid, ["colours", "size"], batch_size=6, iters=2, seed=3,
+                                       executor=again)
     assert again.items == [] and same_rows == rows and same == own  # read back from the cache
+    assert len(calls) == len(first.items)  # nothing computed again
+    with pytest.raises(ValueError, match="no sweep checkpoint of task='colours'"):
+        recipe_curvature(bench, replace(small_grid, base=replace(small_grid.base, seed=7)), ["colours"], iters=2)
+
+
+def test_a_recipe_is_its_learning_rate_batch_and_data_fraction():
+    from mergelab.experiments.ch01_curvature import recipe_key
+
+    keys = {recipe_key(replace(BASE, **{h: v})) for h, v in
+            (("lr", 0.5), ("batch_size", 3), ("data_fraction", 0.1), ("lr", BASE.lr))}
+    assert len(keys) == 4  # each hyperparameter of a recipe makes another one
+    assert recipe_key(replace(BASE, num_steps=99, seed=5)) == recipe_key(BASE)  # a checkpoint, another seed: the same
+
+
+def test_each_expert_is_bounded_with_its_recipes_curvature(bench, small_grid, monkeypatch):
+    from mergelab.experiments import ch01_stability
+    from mergelab.experiments.ch01_curvature import recipe_curvature
+
+    own, _ = recipe_curvature(bench, small_grid, ["colours", "size"], batch_size=8, iters=3)
+    used = []
+    real = ch01_stability.expert_terms
+    monkeypatch.setattr(ch01_stability, "expert_terms",
+                        lambda bench, task, cfg, curvature, *a: used.append((cfg, curvature)) or real(bench, task, cfg, curvature, *a))
+    ch01_stability.expert_table(bench, small_grid, ["colours"], "lr", max_examples=16, curvature=own, probe_size=2)
+    assert {cfg.lr for cfg, _ in used} == {0.01, 0.02, 0.03}
+    assert all(curvature is own.of(cfg) for cfg, curvature in used)

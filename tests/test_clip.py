@@ -787,8 +787,9 @@ def test_notebook_01_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
         if m["method"] == "weight_averaging":  # the bound is computed for plain averaging only
             assert m["bound_quadratic"] > 0 and m["bound_smooth"] > 0 and m["lipschitz"] > 0
     assert set(results["rank_correlation"]["quadratic"]) == {"overall", *HYPERPARAMETERS}
-    curvature = results["constants"]["curvature"]
-    assert [r["step"] for r in curvature] == [0, 2]
+    curvature = results["constants"]["curvature"]  # each point once: theta_0, then every recipe's checkpoint
+    assert [r["step"] for r in curvature if r["recipe"] == "centre"] == [0, 2]
+    assert sorted(r["step"] for r in curvature) == [0] + [2] * 7  # a schedule per recipe: 7 recipes, 1 task
     assert all(math.isfinite(r["lambda_max"]) and r["lambda_max"] >= r["lambda_min"] for r in curvature)
     assert "SGD runs, not the public recipe's AdamW" in shown and "heads start confidently wrong" not in shown
 

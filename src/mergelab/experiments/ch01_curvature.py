@@ -22,7 +22,7 @@ from ..autodiff import hessian_extremes
 from ..cache import read_result, result_path
 from ..executors import Executor, LocalExecutor, benchmark_context
 from ..training import FinetuneConfig
-from ..training.sweep import checkpoint_state
+from ..training.sweep import checkpoint, checkpoint_state
 from ..utils import StateDict, atomic_write_json, check_integer, shows_progress, size_threads, state_digest
 
 if TYPE_CHECKING:  # pragma: no cover - the grid is only read
@@ -99,13 +99,18 @@ def estimate_curvature(bench: Any, points: Sequence[tuple[str, int, StateDict]],
     for i, (task, step, state) in enumerate(tqdm(points, desc="curvature", disable=not shows_progress(bench, progress))):
         rows.append({"task": task, "step": int(step), **extreme_eigenvalues(bench, task, state, batch_size, iters,
                                                                             seed + i)})
+    return _schedule(rows, aggregate), rows
+
+
+def _schedule(rows: Sequence[Mapping[str, Any]], aggregate: str) -> Curvature:
+    """:func:`estimate_curvature`'s schedule from its rows: beta and rho aggregated over the points of each step."""
     steps = sorted({r["step"] for r in rows})
     pick = (lambda v: float(np.max(v))) if aggregate == "max" else (lambda v: float(np.median(v)))
     beta = tuple(pick([r["lambda_max"] for r in rows if r["step"] == s]) for s in steps)
     rho = tuple(pick([-r["lambda_min"] for r in rows if r["step"] == s]) for s in steps)
     if len(steps) == 1:
-        return Curvature(beta=beta[0], rho=rho[0]), rows
-    return Curvature(beta=beta, rho=rho, steps=tuple(steps)), rows
+        return Curvature(beta=beta[0], rho=rho[0])
+    return Curvature(beta=beta, rho=rho, steps=tuple(steps))
 
 
 RecipeKey = tuple[float, int, float]
@@ -161,13 +166,14 @@ def recipe_curvature(bench: Any, grid: "ExpertGrid", tasks: Sequence[str], batch
                      seed: int = 0, aggregate: str = "median", per_recipe: bool = True,
                      executor: Executor | None = None, progress: bool | None = None
                      ) -> tuple[RecipeCurvature, list[dict[str, Any]]]:
-    """The curvature schedules of the grid's recipes (:meth:`ExpertGrid.recipes`): :func:`estimate_curvature` over
-    ``tasks`` at ``theta_0`` (step 0) and at every checkpoint of the recipe's base-seed runs. ``per_recipe=False``
-    measures the centre recipe's runs only and gives every recipe that schedule (a fifth to a tenth of the
-    Hessian-vector products at the `tiny` size's one-at-a-time grid). The points not cached yet are computed by
-    ``executor`` (:mod:`mergelab.executors`; ``None``: here, one after the other), each in one of the size's
-    training threads as here, so a worker's eigenvalues are this process's; then every schedule is read from the
-    cache.
+    """The curvature schedules of the grid's recipes (:meth:`ExpertGrid.recipes`), as :func:`estimate_curvature`
+    makes them over ``tasks`` at ``theta_0`` (step 0) and at every checkpoint of the recipe's base-seed runs (the
+    sweep's checkpoints: a missing one is an error, never trained here). ``per_recipe=False`` measures the centre
+    recipe's runs only and gives every recipe that schedule: at the `tiny` size's one-at-a-time grid 20 points
+    instead of 110. The points not cached yet are computed by ``executor`` (:mod:`mergelab.executors`; ``None``:
+    here, one after the other), each on this benchmark's device and in one of the size's training threads as here,
+    so a worker's eigenvalues are this process's and land under the keys read here; each point's weights are
+    loaded once, to name its cache entry.
 
     Returns:
         the schedules, and one row per recipe and point (:func:`estimate_curvature`'s) with its recipe's ``lr``,
@@ -179,37 +185,48 @@ def recipe_curvature(bench: Any, grid: "ExpertGrid", tasks: Sequence[str], batch
                          "centre runs' schedule for every recipe).")
     if not tasks:
         raise ValueError("tasks is empty; name the tasks whose curvature is measured, e.g. ['colours'].")
+    if aggregate not in CURVATURE_AGGREGATES:
+        raise ValueError(f"aggregate={aggregate!r} is not valid; use one of {', '.join(CURVATURE_AGGREGATES)}.")
+    check_integer("batch_size", batch_size)
+    check_integer("iters", iters)
+    check_integer("seed", seed, minimum=0)
     pre = bench.pretrained_state()
     centre = recipe_key(grid.base)
     recipes = {recipe_key(r): r for r in grid.recipes()}
     measured = recipes if per_recipe else {centre: grid.base}
-    # theta_0 first, in the same order for every recipe: the start vector of a point is seed + its index, so theta_0's
+    # theta_0 first, in the same order for every recipe: a point's start vector is seed + its index, so theta_0's
     # points are the same points for every recipe, computed once
     plans = {key: [(t, 0, None) for t in tasks] + [(t, s, replace(recipe, num_steps=s, seed=grid.base.seed))
                                                    for t in tasks for s in grid.steps]
              for key, recipe in measured.items()}
-
-    def state_of(task: str, cfg: FinetuneConfig | None) -> StateDict:
-        return pre if cfg is None else checkpoint_state(bench, task, cfg)
-
-    jobs = {(t, cfg, batch_size, iters, seed + i) for plan in plans.values() for i, (t, _, cfg) in enumerate(plan)}
-    paths = {j: _curvature_path(bench, j[0], state_of(j[0], j[1]), *j[2:]) for j in jobs}
-    # without a cache a worker's result could not come back: the points are then computed here, below
-    todo = sorted((j for j, path in paths.items() if path is not None and read_result(path, _FIELDS) is None), key=repr)
-    cached = all(path is not None for path in paths.values())  # then every point below is read back, no bar needed
+    jobs = list(dict.fromkeys((t, cfg, batch_size, iters, seed + i) for plan in plans.values()
+                              for i, (t, _, cfg) in enumerate(plan)))
+    for t, cfg, *_ in jobs:
+        if cfg is not None and not checkpoint(bench, t, cfg).path.is_file():
+            raise ValueError(f"no sweep checkpoint of task={t!r} at {cfg}; run the grid's sweep first (the curvature "
+                             "is measured along the sweep's runs, at the base recipe's seed).")
+    paths = {j: _curvature_path(bench, j[0], pre if j[1] is None else checkpoint_state(bench, j[0], j[1]), *j[2:])
+             for j in jobs}
+    values = {j: read_result(path, _FIELDS) for j, path in paths.items()}
+    todo = [j for j in jobs if values[j] is None and paths[j] is not None]
     if todo:
         executor = executor if executor is not None else LocalExecutor(1)
-        executor.map(_curvature_job, todo, benchmark_context(bench, executor.device), describe=_describe_job,
+        executor.map(_curvature_job, todo, benchmark_context(bench, str(bench.device)), describe=_describe_job,
                      progress=shows_progress(bench, progress),
                      desc=f"curvature points ({len(jobs) - len(todo)} of {len(jobs)} cached)").raise_failures("curvature points")
+        values.update({j: read_result(paths[j], _FIELDS) for j in todo})
+    for j in jobs:  # without a cache (or where a worker's entry did not come back): here
+        if values[j] is None:
+            values[j] = extreme_eigenvalues(bench, j[0], pre if j[1] is None else checkpoint_state(bench, j[0], j[1]),
+                                            *j[2:])
     schedules, rows = {}, []
     for key, plan in plans.items():
-        points = [(t, s, state_of(t, cfg)) for t, s, cfg in plan]
-        schedules[key], found = estimate_curvature(bench, points, batch_size=batch_size, iters=iters, seed=seed,
-                                                   aggregate=aggregate, progress=False if cached else progress)
+        found = [{"task": t, "step": int(s), **{k: float(values[t, cfg, batch_size, iters, seed + i][k]) for k in _FIELDS}}
+                 for i, (t, s, cfg) in enumerate(plan)]
+        schedules[key] = _schedule(found, aggregate)
         varied = [f"{h}={v:g}" for h, v, c in zip(("lr", "batch_size", "data_fraction"), key, centre) if v != c]
-        label = "+".join(varied) or "centre"
-        rows += [{**r, "lr": key[0], "batch_size": key[1], "data_fraction": key[2], "recipe": label} for r in found]
+        rows += [{**r, "lr": key[0], "batch_size": key[1], "data_fraction": key[2], "recipe": "+".join(varied) or "centre"}
+                 for r in found]
     if not per_recipe:
         schedules = {key: schedules[centre] for key in recipes}
     return RecipeCurvature(schedules, centre, per_recipe), rows
