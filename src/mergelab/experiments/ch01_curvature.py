@@ -9,7 +9,8 @@ same recipe, so neither gets a schedule of its own: each recipe's schedule is me
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -134,9 +135,12 @@ class RecipeCurvature:
             centre runs' schedule.
     """
 
-    schedules: Mapping[RecipeKey, Curvature]
+    schedules: Mapping[RecipeKey, Curvature] = field(hash=False)
     centre: RecipeKey
     per_recipe: bool
+
+    def __post_init__(self) -> None:  # read-only, so that a frozen value stays what was measured
+        object.__setattr__(self, "schedules", MappingProxyType(dict(self.schedules)))
 
     def of(self, cfg: FinetuneConfig) -> Curvature:
         """The schedule of ``cfg``'s recipe; a recipe that was not measured is an error naming the measured ones."""
