@@ -255,6 +255,35 @@ def test_endpoint_fit_reads_each_ability_as_per_task_accuracy():
     assert swapped == 0
 
 
+def test_known_models_reads_the_multi_task_model_beside_models_outside_the_calibration():
+    from mergelab.analysis.irt import IRTModel, fit_ability
+
+    model = IRTModel(np.array([[1.0], [1.0], [-1.0], [-1.0]]), np.zeros(4))  # items 0-1 task a, 2-3 task b
+    theta = np.array([[0.0], [2.0], [-2.0]])
+    answers = np.array([[1, 0, 1, 0], [1, 1, 0, 0], [0, 0, 1, 1]])
+    names, tasks = ["zero_shot", "expert:a", "expert:b"], ["a", "a", "b", "b"]
+    alone, own, text = ch05.known_models(model, theta, answers, names, tasks)
+    pd.testing.assert_frame_equal(alone, ch05.endpoint_fit(model, theta, answers, names, tasks)[0])
+    assert own == 2 and text == ""
+    joint = np.array([1, 1, 1, 1])  # right on both tasks: no one ability of this model reads it well
+    outside = np.array([[1, 1, 0, 0], [1, 0, 1, 0]])
+    table, _, text = ch05.known_models(model, theta, answers, names, tasks, multitask=joint, outside=outside)
+    assert list(table.index) == names + ["multitask"]
+    fitted = fit_ability(model, np.arange(4), joint)
+    expected = ch05.endpoint_fit(model, np.vstack([theta, fitted]), np.vstack([answers, joint]), names + ["multitask"],
+                                 tasks)[0]
+    pd.testing.assert_frame_equal(table, expected)
+    read = table.loc["multitask", "mean |IRT - observed|"]
+    assert f"not among the calibration models) is read with a mean error of {read:.3f} per task" in text
+    reads = ch05.endpoint_fit(model, np.vstack([theta[:1], *(fit_ability(model, np.arange(4), r) for r in outside)]),
+                              np.vstack([answers[:1], outside]), ["zero_shot", "m0", "m1"], tasks)[0]["mean |IRT - observed|"]
+    assert f"the 2 merges that chose D, also outside the calibration, with {reads.iloc[1:].median():.3f}" in text
+    assert read > reads.iloc[1:].max() and text.endswith("read less well than the merges are.")
+    _, _, inside = ch05.known_models(model, theta, answers, names, tasks, multitask=joint, outside=outside,
+                                     in_population=True)
+    assert "(one of the calibration models)" in inside and not inside.endswith("than the merges are.")
+
+
 class _SignEvaluator:
     """Answers item i right where weight i of the model is positive: every model's responses are its own."""
 

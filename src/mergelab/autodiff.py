@@ -22,7 +22,7 @@ from scipy.linalg import eigh_tridiagonal
 from torch import nn
 
 from .task_vectors import TaskVector, TensorMap, check_compatible
-from .utils import eval_mode
+from .utils import check_integer, eval_mode
 
 HVP_METHODS = ("double_backward", "forward_over_reverse")
 
@@ -300,8 +300,7 @@ def lanczos_extremes(matvec: Callable[[torch.Tensor], torch.Tensor], start: torc
         ``eps * max |theta|`` (``eps`` of the basis's dtype): in float32 the formula alone can report residuals
         many orders below what the products resolve.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} is not valid; use a positive number of Lanczos steps.")
+    check_integer("steps", steps)
     n = start.numel()
     steps = min(steps, n)
     start = start.to(torch.promote_types(start.dtype, torch.float32))  # half precision would stop at step 1
@@ -350,8 +349,7 @@ def hessian_extremes(encoder: nn.Module, head: nn.Module, X: torch.Tensor, y: to
         iters: Hessian-vector products (Lanczos steps), at least 1; with 1 both ends are the Rayleigh quotient
             of the start vector.
     """
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters={iters!r} is not valid; use a positive number of Hessian-vector products.")
+    check_integer("iters", iters)
     params = [p for p in encoder.parameters() if p.requires_grad]
     sizes = [p.numel() for p in params]
     g = torch.Generator().manual_seed(seed)

@@ -89,18 +89,30 @@ def estimate_curvature(bench: Any, points: Sequence[tuple[str, int, StateDict]],
         ``Curvature`` with, at every measured step, ``beta`` and ``rho`` aggregated over the points
         of that step (a constant when all points are at one step), and one row per point.
     """
-    if aggregate not in CURVATURE_AGGREGATES:
-        raise ValueError(f"aggregate={aggregate!r} is not valid; use one of {', '.join(CURVATURE_AGGREGATES)}.")
+    _check_settings(aggregate, batch_size, iters, seed)
     if not points:
         raise ValueError("points is empty; pass (task, step, state) triples, e.g. [('colours', 0, pretrained)].")
-    check_integer("batch_size", batch_size)
-    check_integer("iters", iters)
-    check_integer("seed", seed, minimum=0)
     rows = []
     for i, (task, step, state) in enumerate(tqdm(points, desc="curvature", disable=not shows_progress(bench, progress))):
         rows.append({"task": task, "step": int(step), **extreme_eigenvalues(bench, task, state, batch_size, iters,
                                                                             seed + i)})
     return _schedule(rows, aggregate), rows
+
+
+def _check_settings(aggregate: str, batch_size: int, iters: int, seed: int) -> None:
+    if aggregate not in CURVATURE_AGGREGATES:
+        raise ValueError(f"aggregate={aggregate!r} is not valid; use one of {', '.join(CURVATURE_AGGREGATES)}.")
+    check_integer("batch_size", batch_size)
+    check_integer("iters", iters)
+    check_integer("seed", seed, minimum=0)
+
+
+def _point_state(bench: Any, task: str, cfg: FinetuneConfig | None, pretrained: StateDict | None = None) -> StateDict:
+    """The weights of one curvature point: ``theta_0`` (``cfg`` None; ``pretrained`` when the caller holds it) or the
+    sweep's checkpoint of ``(task, cfg)``."""
+    if cfg is None:
+        return pretrained if pretrained is not None else bench.pretrained_state()
+    return checkpoint_state(bench, task, cfg)
 
 
 def _schedule(rows: Sequence[Mapping[str, Any]], aggregate: str) -> Curvature:
@@ -189,11 +201,7 @@ def recipe_curvature(bench: Any, grid: "ExpertGrid", tasks: Sequence[str], batch
                          "centre runs' schedule for every recipe).")
     if not tasks:
         raise ValueError("tasks is empty; name the tasks whose curvature is measured, e.g. ['colours'].")
-    if aggregate not in CURVATURE_AGGREGATES:
-        raise ValueError(f"aggregate={aggregate!r} is not valid; use one of {', '.join(CURVATURE_AGGREGATES)}.")
-    check_integer("batch_size", batch_size)
-    check_integer("iters", iters)
-    check_integer("seed", seed, minimum=0)
+    _check_settings(aggregate, batch_size, iters, seed)
     pre = bench.pretrained_state()
     centre = recipe_key(grid.base)
     recipes = {recipe_key(r): r for r in grid.recipes()}
@@ -209,8 +217,7 @@ def recipe_curvature(bench: Any, grid: "ExpertGrid", tasks: Sequence[str], batch
         if cfg is not None and not checkpoint(bench, t, cfg).path.is_file():
             raise ValueError(f"no sweep checkpoint of task={t!r} at {cfg}; run the grid's sweep first (the curvature "
                              "is measured along the sweep's runs, at the base recipe's seed).")
-    paths = {j: _curvature_path(bench, j[0], pre if j[1] is None else checkpoint_state(bench, j[0], j[1]), *j[2:])
-             for j in jobs}
+    paths = {j: _curvature_path(bench, j[0], _point_state(bench, j[0], j[1], pre), *j[2:]) for j in jobs}
     values = {j: read_result(path, _FIELDS) for j, path in paths.items()}
     todo = [j for j in jobs if values[j] is None and paths[j] is not None]
     if todo:
@@ -221,16 +228,15 @@ def recipe_curvature(bench: Any, grid: "ExpertGrid", tasks: Sequence[str], batch
         values.update({j: read_result(paths[j], _FIELDS) for j in todo})
     for j in jobs:  # without a cache (or where a worker's entry did not come back): here
         if values[j] is None:
-            values[j] = extreme_eigenvalues(bench, j[0], pre if j[1] is None else checkpoint_state(bench, j[0], j[1]),
-                                            *j[2:])
+            values[j] = extreme_eigenvalues(bench, j[0], _point_state(bench, j[0], j[1], pre), *j[2:])
     schedules, rows = {}, []
     for key, plan in plans.items():
+        recipe = measured[key]
         found = [{"task": t, "step": int(s), **{k: float(values[t, cfg, batch_size, iters, seed + i][k]) for k in _FIELDS}}
                  for i, (t, s, cfg) in enumerate(plan)]
         schedules[key] = _schedule(found, aggregate)
-        varied = [f"{h}={v:g}" for h, v, c in zip(("lr", "batch_size", "data_fraction"), key, centre) if v != c]
-        rows += [{**r, "lr": key[0], "batch_size": key[1], "data_fraction": key[2], "recipe": "+".join(varied) or "centre"}
-                 for r in found]
+        label = "+".join(f"{h}={getattr(recipe, h):g}" for h in grid.varied(recipe)) or "centre"
+        rows += [{**r, "lr": key[0], "batch_size": key[1], "data_fraction": key[2], "recipe": label} for r in found]
     if not per_recipe:
         schedules = {key: schedules[centre] for key in recipes}
     return RecipeCurvature(schedules, centre, per_recipe), rows
@@ -240,8 +246,7 @@ def _curvature_job(bench: Any, job: tuple[str, FinetuneConfig | None, int, int, 
     """One point of :func:`recipe_curvature` in a worker: ``(task, checkpoint or None for theta_0, batch_size,
     iters, seed)``, cached by :func:`extreme_eigenvalues`."""
     task, cfg, batch_size, iters, seed = job
-    state = bench.pretrained_state() if cfg is None else checkpoint_state(bench, task, cfg)
-    extreme_eigenvalues(bench, task, state, batch_size, iters, seed)
+    extreme_eigenvalues(bench, task, _point_state(bench, task, cfg), batch_size, iters, seed)
 
 
 def _describe_job(job: tuple[str, FinetuneConfig | None, int, int, int]) -> dict[str, Any]:

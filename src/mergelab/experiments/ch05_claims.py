@@ -3,14 +3,86 @@ summaries they read (the estimators' errors and rank correlations)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ..analysis.irt import IRTModel, fit_ability
 from ..analysis.statistics import both, claim, sample_sd, seed_status
 from ..utils import nan_for_none
+
+
+def endpoint_fit(model: IRTModel, endpoint_theta: np.ndarray, endpoint_responses: np.ndarray, names: Sequence[str],
+                 item_task: Sequence[str]) -> tuple[pd.DataFrame, int]:
+    """The endpoints' abilities read through what they predict (an ability's coordinates mean nothing alone: the
+    model is free up to a rotation): per task, the mean ``P(correct)`` at each endpoint's ability.
+
+    Args:
+        endpoint_theta: ``(K, D)`` abilities; ``endpoint_responses``: their ``(K, N)`` 0/1 answers; ``names``:
+            their names (``"zero_shot"``, ``"expert:<task>"``); ``item_task``: the task of each of the ``N`` items.
+
+    Returns:
+        the table (one row per endpoint, one column per task, then ``mean |IRT - observed|``: the mean over
+        tasks of the distance from the accuracy the endpoint really has), and how many experts have their
+        largest rise over zero-shot on their own task.
+    """
+    task_of = np.asarray(item_task)
+    tasks = list(dict.fromkeys(task_of.tolist()))
+    prob = model.prob(np.asarray(endpoint_theta, dtype=float))
+    answers = np.asarray(endpoint_responses, dtype=float)
+    fit = pd.DataFrame([[prob[k, task_of == t].mean() for t in tasks] for k in range(len(names))], index=list(names),
+                       columns=tasks)
+    observed = pd.DataFrame([[answers[k, task_of == t].mean() for t in tasks] for k in range(len(names))],
+                            index=list(names), columns=tasks)
+    rise = fit - fit.loc["zero_shot"]
+    own = sum(rise.loc[f"expert:{t}"].idxmax() == t for t in tasks if f"expert:{t}" in rise.index)
+    return fit.assign(**{"mean |IRT - observed|": (fit - observed).abs().mean(axis=1)}), int(own)
+
+
+def known_models(model: IRTModel, endpoint_theta: np.ndarray, endpoint_responses: np.ndarray,
+                 endpoints: Sequence[str], item_task: Sequence[str], multitask: np.ndarray | None = None,
+                 outside: np.ndarray | None = None, in_population: bool = False) -> tuple[pd.DataFrame, int, str]:
+    """The known models as the IRT model reads them: :func:`endpoint_fit` of the endpoints and, last, of the
+    multi-task model (its ability fitted on every item), with a sentence setting the multi-task model's reading
+    against models read out of sample too.
+
+    Args:
+        endpoint_theta, endpoint_responses, endpoints: as :func:`endpoint_fit` takes them (``"zero_shot"`` first).
+        multitask: the multi-task model's ``(N,)`` 0/1 answers; ``None``: no multi-task row and no sentence.
+        outside: ``(M, N)`` answers of models that did not calibrate the items (the merges that chose D), each read
+            from its ability fitted on every item.
+        in_population: whether the multi-task model calibrated the items.
+
+    Returns:
+        ``(table, own, sentence)``: the table and count of :func:`endpoint_fit`, and the sentence ("" without a
+        multi-task model).
+    """
+    everything = np.arange(model.num_items)
+    names, theta, answers = list(endpoints), np.asarray(endpoint_theta), np.asarray(endpoint_responses)
+    if multitask is not None:
+        names.append("multitask")
+        theta = np.vstack([theta, fit_ability(model, everything, multitask)])
+        answers = np.vstack([answers, multitask])
+    table, own = endpoint_fit(model, theta, answers, names, item_task)
+    if multitask is None:
+        return table, own, ""
+    error = "mean |IRT - observed|"
+    read = table.loc["multitask", error]
+    text = (f" The multi-task model ({'one of the calibration models' if in_population else 'not among the calibration models'}) "
+            f"is read with a mean error of {read:.3f} per task")
+    beyond = None
+    if outside is not None and len(outside):
+        others = np.vstack([endpoint_theta[:1], *(fit_ability(model, everything, r) for r in outside)])
+        beyond = endpoint_fit(model, others, np.vstack([answers[:1], outside]),
+                              ["zero_shot", *(f"outside:{i}" for i in range(len(outside)))], item_task)[0][error].iloc[1:]
+        text += (f"; the {len(beyond)} merges that chose D, also outside the calibration, with {beyond.median():.3f} "
+                 f"(median) to {beyond.max():.3f}")
+    text += f"; the endpoints, which calibrated the items, with at most {table.loc[list(endpoints), error].max():.3f}."
+    if beyond is not None and read > beyond.max() and not in_population:
+        text += " An ability outside what the merges span is read less well than the merges are."
+    return table, own, text
 
 
 def summarize_ranks(ranks: pd.DataFrame) -> pd.DataFrame:

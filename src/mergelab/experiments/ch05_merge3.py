@@ -38,7 +38,7 @@ from ..merging.evolve import EvolutionResult, evolve, task_arithmetic_per_task
 from ..task_vectors import TaskVector
 from ..utils import StateDict, check_integer, check_number, config_hash, state_digest
 from .ch05_claims import (best_rank_at, choose_estimator, claims, claims_from_results,  # noqa: F401 (the chapter's API)
-                          fitness_costs, nearest_fraction, summarize_ranks)
+                          endpoint_fit, fitness_costs, known_models, nearest_fraction, summarize_ranks)
 
 
 def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Mapping[str, StateDict],
@@ -114,33 +114,6 @@ def _merges(grids: Sequence[tuple[str, str, Sequence[float | None]]], pretrained
             out.append((method if c is None else f"{method}:{c:g}", method,
                         (lambda m=method, o=options: merge(m, pretrained, tvs, **o))))
     return out
-
-
-def endpoint_fit(model: IRTModel, endpoint_theta: np.ndarray, endpoint_responses: np.ndarray, names: Sequence[str],
-                 item_task: Sequence[str]) -> tuple[pd.DataFrame, int]:
-    """The endpoints' abilities read through what they predict (an ability's coordinates mean nothing alone: the
-    model is free up to a rotation): per task, the mean ``P(correct)`` at each endpoint's ability.
-
-    Args:
-        endpoint_theta: ``(K, D)`` abilities; ``endpoint_responses``: their ``(K, N)`` 0/1 answers; ``names``:
-            their names (``"zero_shot"``, ``"expert:<task>"``); ``item_task``: the task of each of the ``N`` items.
-
-    Returns:
-        the table (one row per endpoint, one column per task, then ``mean |IRT - observed|``: the mean over
-        tasks of the distance from the accuracy the endpoint really has), and how many experts have their
-        largest rise over zero-shot on their own task.
-    """
-    task_of = np.asarray(item_task)
-    tasks = list(dict.fromkeys(task_of.tolist()))
-    prob = model.prob(np.asarray(endpoint_theta, dtype=float))
-    answers = np.asarray(endpoint_responses, dtype=float)
-    fit = pd.DataFrame([[prob[k, task_of == t].mean() for t in tasks] for k in range(len(names))], index=list(names),
-                       columns=tasks)
-    observed = pd.DataFrame([[answers[k, task_of == t].mean() for t in tasks] for k in range(len(names))],
-                            index=list(names), columns=tasks)
-    rise = fit - fit.loc["zero_shot"]
-    own = sum(rise.loc[f"expert:{t}"].idxmax() == t for t in tasks if f"expert:{t}" in rise.index)
-    return fit.assign(**{"mean |IRT - observed|": (fit - observed).abs().mean(axis=1)}), int(own)
 
 
 def choose_dim(train: np.ndarray, validation: np.ndarray, dims: Sequence[int], seed: int = 0
