@@ -33,7 +33,8 @@ from mergelab.alignment.frank_wolfe import (
 )
 from mergelab.training.scratch import ScratchConfig, evaluate_state, load_digits_split, train_from_scratch
 
-ARCHS = {"mlp": dict(widths=(16, 12, 10)), "resnet": dict(widths=(6, 8), blocks=2)}
+ARCHS = {"mlp": dict(widths=(16, 12, 10)), "resnet": dict(widths=(6, 8), blocks=2),
+         "vit": dict(widths=(16,), blocks=2, heads=2, patch_size=2)}  # open_clip's VisionTransformer
 
 
 def _model(arch: str, seed: int = 0):
@@ -245,6 +246,42 @@ def test_repair_leaves_a_model_whose_statistics_already_match_unchanged():
     assert changes and all(c["max_scale_change"] < 1e-6 and c["max_shift"] < 1e-6 for c in changes.values())
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=1e-6, atol=1e-6)
+
+
+def test_the_vit_spec_names_open_clips_parameters_and_refuses_what_does_not_fit():
+    from mergelab.alignment import SpecError, vit_spec
+
+    model, spec = _model("vit")
+    assert type(model).__module__ == "open_clip.transformer"  # the tiny benchmark's encoder class itself
+    state = model.state_dict()
+    spec.validate(state)
+    sizes = spec.group_sizes(state)
+    assert sizes == {"P_res": 16, "P_mlp0": 64, "P_mlp1": 64}
+    assert spec.axes["transformer.resblocks.1.attn.in_proj_weight"] == (None, "P_res")  # heads stay in place
+    with pytest.raises(SpecError, match=r"'transformer.resblocks.1.ln_1.weight' of the permutation spec is not"):
+        vit_spec(2).validate({k: v for k, v in state.items() if "resblocks.1.ln_1.weight" not in k})
+    with pytest.raises(SpecError, match=r"'transformer.resblocks.2.ln_1.weight' of the permutation spec is not.*12 unknown"):
+        vit_spec(3).validate(state)
+    with pytest.raises(ValueError, match=r"heads=2 and patch_size=None are ViT settings; leave them out"):
+        build_model("mlp", (1, 8, 8), 10, (8,), heads=2)
+    with pytest.raises(ValueError, match=r"the ViT needs widths=\[width\] \(one entry\), heads and patch_size"):
+        build_model("vit", (1, 8, 8), 10, (8, 8), heads=2, patch_size=2)
+    with pytest.raises(ValueError, match=r"in_shape=\(1, 8, 6\) is not valid for the ViT; it needs square images"):
+        build_model("vit", (1, 8, 6), 10, (8,), heads=2, patch_size=2)
+
+
+def test_layer_statistics_of_a_linear_layer_pool_every_axis_but_the_last():
+    """A transformer's MLP writes (batch, tokens, channels): its channels are the last axis, not axis 1."""
+    from mergelab.alignment import channel_stats
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    x = torch.randn(12, 7, 6)  # 12 inputs of 7 tokens: 7 != 5, so reading axis 1 would not even have 5 channels
+    mu, sd = channel_stats(net, "0", x, batch_size=5)
+    with torch.no_grad():
+        out = net(x).double().reshape(-1, 5)
+    torch.testing.assert_close(mu, out.mean(0))
+    torch.testing.assert_close(sd, out.std(0, unbiased=False))
 
 
 def test_repair_names_what_it_cannot_correct():

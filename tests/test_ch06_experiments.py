@@ -16,6 +16,8 @@ from mergelab.training.scratch import ScratchConfig, evaluate_state, scratch_art
 DIGITS = {"test_fraction": 0.25, "split_seed": 0}
 ARCHS = {"mlp": {"widths": [8, 8], "epochs": 1, "batch_size": 128, "lr": 3e-3, "optimizer": "adam"},
          "resnet": {"widths": [4, 4], "blocks": 1, "epochs": 1, "batch_size": 128, "lr": 0.05, "optimizer": "sgd"}}
+ALL_ARCHS = {**ARCHS, "vit": {"widths": [8], "blocks": 1, "heads": 2, "patch_size": 2, "epochs": 1, "batch_size": 128,
+                              "lr": 3e-3, "optimizer": "adam"}}  # the per-architecture tests run on open_clip's ViT too
 FW = {"max_iter": 4, "tol": 1e-6, "patience": 2}
 
 
@@ -139,7 +141,7 @@ def test_merge_study_refuses_bad_parameters_by_name(data_dir):
         ch.merge_study(trained, 3, [2], DIGITS, FW, 1)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(ALL_ARCHS))
 def test_repair_from_shared_endpoint_statistics_equals_repair_against_the_permuted_endpoints(arch, data_dir):
     """merge_methods measures each endpoint once and permutes its statistics into every merge's frame;
     that must give what running REPAIR against the permuted endpoints themselves gives."""
@@ -147,7 +149,7 @@ def test_repair_from_shared_endpoint_statistics_equals_repair_against_the_permut
 
     from mergelab.alignment import apply_permutation, merge_aligned, merge_many, random_permutations, repair
 
-    t = ch.train_all({arch: ARCHS[arch]}, 3, 0, DIGITS)[arch]
+    t = ch.train_all({arch: ALL_ARCHS[arch]}, 3, 0, DIGITS)[arch]
     split, _ = ch.digits_data(DIGITS)
     g = torch.Generator().manual_seed(1)
     for perms in (merge_many(t.spec, t.states, seed=0),
@@ -267,7 +269,7 @@ def _untrained(arch: str, states: int = 3, **recipe) -> tuple[ch.Trained, object
     from mergelab.training.scratch import new_model
 
     split, _ = ch.digits_data(DIGITS)
-    cfg = ScratchConfig(arch=arch, **{**ARCHS[arch], **recipe}, seed=0)
+    cfg = ScratchConfig(arch=arch, **{**ALL_ARCHS[arch], **recipe}, seed=0)
     inits = [{k: v.detach().clone() for k, v in new_model(replace(cfg, seed=s), split)[0].state_dict().items()}
              for s in range(states)]
     model, spec = new_model(cfg, split)
@@ -284,7 +286,7 @@ def _permuted_copies(t: ch.Trained, seeds: tuple[int, ...]) -> list[dict[str, to
                   for s in seeds]
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(ALL_ARCHS))
 def test_permuting_hidden_units_changes_the_weights_and_not_the_function(arch):
     t, split = _untrained(arch)
     r = ch.permutation_invariance(t, split, seed=3)
@@ -293,7 +295,7 @@ def test_permuting_hidden_units_changes_the_weights_and_not_the_function(arch):
     assert r["accuracy"] == r["accuracy_permuted"]
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(ALL_ARCHS))
 def test_interpolating_a_model_and_its_permuted_copy_is_flat_once_aligned(arch):
     t, split = _untrained(arch)
     t.states[:2] = _permuted_copies(t, (5,))
@@ -331,13 +333,41 @@ def test_alignment_maps_are_the_identity_for_naive_averaging_and_the_methods_own
     assert maps["merge_many"] == mm and maps["c2m3"] == fw
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(ALL_ARCHS))
+def test_weight_similarity_of_a_permuted_copy_is_one_once_matched(arch):
+    t, _ = _untrained(arch)
+    t.states[:2] = _permuted_copies(t, (4,))
+    table = ch.weight_similarity(t, seed=0)
+    kinds = set(table["kind"])
+    assert all(t.states[0][k].ndim >= 2 for k in t.states[0] if k in kinds) and len(table) == len(kinds)
+    assert (table["cosine_after"] > 1 - 1e-9).all(), table  # the matching undid the permutation, kind by kind
+    assert (table.set_index("kind")["cosine_before"] < 0.9).any(), table  # and there was something to undo
+    assert table["parameters"].sum() == sum(v.numel() for v in t.states[0].values() if v.ndim >= 2)
+    if arch == "vit":  # one row per kind of tensor, its blocks together
+        assert "transformer.resblocks.*.mlp.c_fc.weight" in kinds and not any(".0." in k for k in kinds)
+
+
+def test_pair_average_keeping_takes_the_named_tensors_from_the_first_model():
+    t, split = _untrained("vit")
+    t.states[:2] = _permuted_copies(t, (5,))  # a model and its permuted copy: every merge is the model itself
+    r = ch.pair_average_keeping(t, split, [".attn."], seed=0)
+    assert r["kept"] == 4  # one block: in_proj weight and bias, out_proj weight and bias
+    assert r["model_a"] == r["aligned_average"] == r["keeping"]
+    t2, _ = _untrained("vit")  # unrelated models: keeping every tensor of the first is the first model
+    everything = ch.pair_average_keeping(t2, split, [""], seed=0)
+    assert everything["keeping"] == everything["model_a"] and everything["kept"] == len(t2.states[0])
+    with pytest.raises(ValueError, match=r"keep=\['.attention.'\] names no parameter of the vit"):
+        ch.pair_average_keeping(t2, split, [".attention."], seed=0)
+
+
+@pytest.mark.parametrize("arch", sorted(ALL_ARCHS))
 def test_cycle_maps_of_permuted_copies_close_and_a_broken_cycle_is_counted_by_group_size(arch):
     from types import SimpleNamespace
 
     from mergelab.alignment import random_permutations
 
-    t, _ = _untrained(arch, widths=[8, 5])  # groups of unequal sizes, so the mean's weights matter
+    # groups of unequal sizes, so the mean's weights matter (the ViT's: the residual stream 8, the MLP's units 32)
+    t, _ = _untrained(arch, **({} if arch == "vit" else {"widths": [8, 5]}))
     t.states[:3] = _permuted_copies(t, (1, 2))
     sizes = t.spec.group_sizes(t.states[0])
     assert len(set(sizes.values())) > 1, sizes

@@ -871,7 +871,7 @@ def test_notebook_05_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
 @pytest.mark.timeout(900)
 def test_notebook_06_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
     results, shown = run_at_clip_smoke("06_cycle_consistent_merging", tmp_path)
-    assert set(results["architectures"]) == {"mlp", "resnet"}
+    assert set(results["architectures"]) == {"mlp", "resnet", "vit"}
     for r in results["architectures"].values():
         assert all(0 <= m["accuracy"] <= 1 for m in r["methods"].values())
         assert r["cycle_errors"]["c2m3"]["mean"] == 0

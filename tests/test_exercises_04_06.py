@@ -155,13 +155,14 @@ def test_the_package_cycle_error_passes_its_contract_and_typical_mistakes_do_not
             ch06.check_cycle_error(wrong)
 
 
-@pytest.mark.parametrize("arch", ["mlp", "resnet"])
+@pytest.mark.parametrize("arch", ["mlp", "resnet", "vit"])
 def test_a_permuted_copy_averages_badly_and_weight_matching_undoes_the_permutation(arch):
     data = load_digits_split()
-    widths = (16, 16) if arch == "mlp" else (4, 8)
-    cfg = ScratchConfig(arch=arch, widths=widths, epochs=1, seed=0)
+    widths = {"mlp": (16, 16), "resnet": (4, 8), "vit": (16,)}[arch]
+    vit = {"heads": 2, "patch_size": 2} if arch == "vit" else {}
+    cfg = ScratchConfig(arch=arch, widths=widths, epochs=1, seed=0, **vit)
     torch.manual_seed(0)
-    model, spec = build_model(arch, tuple(data.X_train.shape[1:]), data.num_classes, widths, 1)
+    model, spec = build_model(arch, tuple(data.X_train.shape[1:]), data.num_classes, widths, 1, **vit)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     t = ch06.Trained(arch, model, spec, [state], cfg)
     r = ch06.permuted_copy_merge(t, data, seed=1)

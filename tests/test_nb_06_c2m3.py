@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.notebook, pytest.mark.timeout(900)]
 
 def test_every_method_and_architecture_has_accuracy_and_loss(results, params):
     archs = results["architectures"]
-    assert set(archs) == set(params["architectures"]) == {"mlp", "resnet"}
+    assert set(archs) == set(params["architectures"]) == {"mlp", "resnet", "vit"}
     for arch, r in archs.items():
         methods = r["methods"]
         assert {"endpoints", *METHODS} <= set(methods), arch
@@ -51,7 +51,14 @@ def test_model_count_study_and_claims(results, params):
     assert claims and all(c["status"] in {"reproduced", "not_reproduced", "not_testable"} for c in claims)
     assert all(c["claim"] and c["source"] and isinstance(c["evidence"], dict) for c in claims)
     cyc = [c for c in claims if "cycle-consistent" in c["claim"]]
-    assert len(cyc) == 2
+    assert len(cyc) == len(params["architectures"])  # one per architecture
+
+
+def test_the_vit_pair_average_is_measured_with_and_without_its_attention_averaged(results, params):
+    kept = results["architectures"]["vit"]["attention_kept"]
+    assert kept["kept"] == 4 * params["architectures"]["vit"]["blocks"]  # in_proj and out_proj, weight and bias
+    assert all(0 <= kept[k] <= 1 for k in ("model_a", "aligned_average", "keeping"))
+    assert "attention_kept" not in results["architectures"]["mlp"]
 
 
 def test_merge_sets_table_matches_the_main_comparison(results, params):

@@ -462,6 +462,12 @@ def test_finetuning_line_counts_shipped_trained_and_cached_runs():
     ({"widths": "128"}, r"widths='128' is not valid; use a non-empty list of positive integers"),
     ({"widths": [64, 0]}, r"widths=0 is not valid; use a positive integer"),
     ({"warmup_epochs": -1}, r"warmup_epochs=-1 is not valid; use an integer >= 0"),
+    ({"arch": "vgg"}, r"arch='vgg' is not valid; use one of mlp, resnet, vit"),
+    ({"heads": 2}, r"heads=2 is a ViT setting; leave it out for arch='mlp'"),
+    ({"arch": "vit", "widths": [32], "patch_size": 2}, r"heads is missing; the ViT needs heads"),
+    ({"arch": "vit", "widths": [32, 32], "heads": 2, "patch_size": 2}, r"widths=\[32, 32\] is not valid for the ViT"),
+    ({"arch": "vit", "widths": [32], "heads": 3, "patch_size": 2}, r"heads=3 is not valid; it must divide the width 32"),
+    ({"arch": "vit", "widths": [32], "heads": 2, "patch_size": 0}, r"patch_size=0 is not valid; use a positive integer"),
 ])
 def test_scratch_config_refuses_bad_values_naming_them(kwargs, match):
     """Chapter 06's recipe: a quoted number is refused by name, not converted or failing inside the optimizer."""
@@ -470,6 +476,19 @@ def test_scratch_config_refuses_bad_values_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ScratchConfig(**kwargs)
     assert ScratchConfig(lr=1, weight_decay=0).lr == 1.0  # integers still read as the floats they hash as
+
+
+def test_scratch_cache_keys_name_the_vit_settings_only_for_the_vit():
+    """The MLP's and ResNet's models and merges stay cached across the ViT's arrival: their keys name the fields
+    they always named, and the ViT's name its heads and patch size."""
+    from mergelab.training.scratch import ScratchConfig
+
+    before_vit = {"arch", "widths", "blocks", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+                  "optimizer", "momentum", "seed"}
+    assert set(ScratchConfig(arch="resnet", widths=(4, 8)).key()) == before_vit
+    vit = ScratchConfig(arch="vit", widths=(32,), blocks=2, heads=2, patch_size=2)
+    assert vit.key() == {**ScratchConfig(arch="vit", widths=(32,), blocks=2, heads=4, patch_size=2).key(), "heads": 2}
+    assert vit.key()["patch_size"] == 2
 
 
 def _leaves_the_stream(call):

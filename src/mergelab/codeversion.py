@@ -42,7 +42,8 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "trajectory": ("training/trajectories.py", "training/finetune.py", "models.py", "benchmarks/tiny/benchmark.py",
                    "benchmarks/clip/benchmark.py", "benchmarks/clip/datasets.py",
                    "benchmarks/clip/model.py"),  # the clip size's encoder and preprocessing the trajectories train
-    "scratch": ("training/scratch.py", "alignment/architectures.py"),  # chapter 06's models from different seeds
+    "scratch": ("training/scratch.py", "alignment/architectures.py",  # chapter 06's models from different seeds
+                "models.py"),  # the ViT is the tiny encoder's class
     "evaluation": ("benchmarks/base.py", "benchmarks/tiny/benchmark.py", "benchmarks/clip/benchmark.py",
                    "benchmarks/clip/datasets.py", "benchmarks/clip/splits.py", "benchmarks/clip/model.py", "models.py",
                    "analysis/generalization.py", "analysis/responses.py",  # cached accuracies, losses and responses per weights
@@ -60,7 +61,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "merge": ("experiments/ch06_c2m3.py", "experiments/ch06_store.py", "experiments/ch06_models.py",
               "alignment/frank_wolfe.py",
               "alignment/matching.py", "alignment/repair.py", "alignment/specs.py", "alignment/architectures.py",
-              "training/scratch.py"),  # chapter 06's merge jobs: alignments, merges, REPAIR, their evaluation
+              "training/scratch.py", "models.py"),  # chapter 06's merge jobs: alignments, merges, REPAIR, their evaluation
     # the clip size's synthetic datasets (``data.synthetic``), written once per data folder: a bump writes them again
     # into a folder of their own (ClipDataConfig.resolve_root), so nothing keeps reading the old images
     "synthetic": ("benchmarks/clip/synthetic.py",),

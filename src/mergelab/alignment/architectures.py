@@ -1,4 +1,4 @@
-"""The two small architectures the alignment chapter trains from scratch, each with its permutation spec.
+"""The small architectures the alignment chapter trains from scratch, each with its permutation spec.
 
 * :class:`MLP`: ``d_in -> widths[0] -> ... -> widths[-1] -> num_classes`` with ReLU; layer ``i``'s
   hidden units form the group ``P_i``.
@@ -11,6 +11,16 @@
   them. Groups: one residual-stream permutation per stage (``P_res<s>``: stem, every block's second
   conv and norm, the shortcut conv, the classifier's input) and one inner permutation per block
   (``P_<s>_<b>_inner``).
+* :func:`vit_classifier`: open_clip's own ``VisionTransformer`` (the ``tiny`` benchmark's encoder class,
+  :func:`mergelab.models.build_tiny_encoder`) as a classifier: its projection ``proj`` maps the CLS token
+  to the class logits, and its patch embedding ``conv1`` reads the images' channels. Groups
+  (:func:`vit_spec`): one permutation ``P_res`` of the residual stream, shared by everything that writes
+  or reads it (patch embedding, class and positional embeddings, every LayerNorm, the attention's input and
+  output projections, the MLPs' ``c_fc`` columns and ``c_proj`` rows, ``proj``'s rows), and one per block
+  for the MLP's hidden units (``P_mlp<i>``). Inside the attention nothing is permuted: its heads permute
+  only as blocks of the stacked query, key and value rows, which one index permutation of an axis cannot
+  say, and a head's query-key space has a continuous symmetry (any rotation applied to both queries and
+  keys) that no permutation of units covers.
 """
 
 from __future__ import annotations
@@ -151,17 +161,89 @@ def resnet_spec(num_stages: int, blocks: int) -> PermutationSpec:
     return PermutationSpec(axes)
 
 
-def build_model(arch: str, in_shape: Sequence[int], num_classes: int, widths: Sequence[int],
-                blocks: int = 1) -> tuple[nn.Module, PermutationSpec]:
-    """A freshly initialized model of ``arch`` (``"mlp"`` or ``"resnet"``) and its permutation spec.
+class _PatchEmbedding(nn.Conv2d):
+    """The ViT's patch embedding (``conv1``, no bias) run without oneDNN, like the ResNet's convolutions
+    (:func:`no_onednn`): its input is the same few-channel 8x8 images."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with no_onednn():
+            return super().forward(x)
+
+
+def vit_classifier(in_shape: Sequence[int], num_classes: int, width: int, layers: int, heads: int,
+                   patch_size: int) -> nn.Module:
+    """open_clip's ``VisionTransformer`` as a classifier of images ``(batch, C, S, S)``: output logits
+    ``(batch, num_classes)`` (the CLS token after ``ln_post``, times ``proj`` of shape ``(width, num_classes)``).
 
     Args:
-        arch: ``"mlp"`` or ``"resnet"``.
+        in_shape: one input's shape ``(C, S, S)`` (square images; ``patch_size`` must divide ``S``).
+        num_classes: classes (the tower's ``output_dim``).
+        width: the residual stream's width; the MLP's hidden width is ``4 * width``.
+        layers: residual attention blocks.
+        heads: attention heads per block (must divide ``width``).
+        patch_size: patch side in pixels.
+    """
+    from ..models import TinyViTConfig, build_tiny_encoder
+
+    channels, height, side = (int(s) for s in in_shape)
+    if height != side:
+        raise ValueError(f"in_shape={tuple(in_shape)} is not valid for the ViT; it needs square images (C, S, S).")
+    model = build_tiny_encoder(TinyViTConfig(image_size=side, patch_size=patch_size, width=width, layers=layers,
+                                             heads=heads, output_dim=num_classes))
+    model.conv1 = _PatchEmbedding(channels, width, patch_size, patch_size, bias=False)  # open_clip's reads 3 channels
+    return model
+
+
+def vit_spec(layers: int) -> PermutationSpec:
+    """The spec of :func:`vit_classifier`'s parameters (open_clip's names; see the module docstring)."""
+    res = "P_res"
+    axes: dict[str, tuple[str | None, ...]] = {
+        "conv1.weight": (res, None, None, None), "class_embedding": (res,), "positional_embedding": (None, res),
+        "ln_pre.weight": (res,), "ln_pre.bias": (res,), "ln_post.weight": (res,), "ln_post.bias": (res,),
+        "proj": (res, None)}
+    for i in range(layers):
+        block, hidden = f"transformer.resblocks.{i}", f"P_mlp{i}"
+        for norm in ("ln_1", "ln_2"):
+            axes[f"{block}.{norm}.weight"] = (res,)
+            axes[f"{block}.{norm}.bias"] = (res,)
+        axes[f"{block}.attn.in_proj_weight"] = (None, res)  # rows: the stacked q, k, v of every head (not permuted)
+        axes[f"{block}.attn.in_proj_bias"] = (None,)
+        axes[f"{block}.attn.out_proj.weight"] = (res, None)
+        axes[f"{block}.attn.out_proj.bias"] = (res,)
+        axes[f"{block}.mlp.c_fc.weight"] = (hidden, res)
+        axes[f"{block}.mlp.c_fc.bias"] = (hidden,)
+        axes[f"{block}.mlp.c_proj.weight"] = (res, hidden)
+        axes[f"{block}.mlp.c_proj.bias"] = (res,)
+    return PermutationSpec(axes)
+
+
+ARCHITECTURES = ("mlp", "resnet", "vit")
+"""What :func:`build_model` builds."""
+
+
+def build_model(arch: str, in_shape: Sequence[int], num_classes: int, widths: Sequence[int],
+                blocks: int = 1, heads: int | None = None, patch_size: int | None = None,
+                ) -> tuple[nn.Module, PermutationSpec]:
+    """A freshly initialized model of ``arch`` (one of :data:`ARCHITECTURES`) and its permutation spec.
+
+    Args:
+        arch: ``"mlp"``, ``"resnet"`` or ``"vit"``.
         in_shape: one input's shape, ``(C, H, W)``.
         num_classes: classes.
-        widths: hidden widths (MLP) or channels per stage (ResNet).
-        blocks: basic blocks per stage (ResNet only).
+        widths: hidden widths (MLP), channels per stage (ResNet) or ``[width]``, the residual stream's
+            width (ViT, one entry).
+        blocks: basic blocks per stage (ResNet) or residual attention blocks (ViT).
+        heads, patch_size: attention heads per block and patch side in pixels (ViT only, required there).
     """
+    if arch != "vit" and (heads is not None or patch_size is not None):
+        raise ValueError(f"heads={heads!r} and patch_size={patch_size!r} are ViT settings; leave them out "
+                         f"(None) for arch={arch!r}.")
+    if arch == "vit":
+        if heads is None or patch_size is None or len(widths) != 1:
+            raise ValueError(f"the ViT needs widths=[width] (one entry), heads and patch_size; got "
+                             f"widths={list(widths)}, heads={heads!r}, patch_size={patch_size!r}.")
+        return (vit_classifier(in_shape, num_classes, int(widths[0]), blocks, heads, patch_size),
+                vit_spec(blocks))
     if arch == "mlp":
         d_in = 1
         for s in in_shape:
@@ -169,4 +251,4 @@ def build_model(arch: str, in_shape: Sequence[int], num_classes: int, widths: Se
         return MLP(d_in, widths, num_classes), mlp_spec(len(widths))
     if arch == "resnet":
         return ResNet(int(in_shape[0]), widths, blocks, num_classes), resnet_spec(len(widths), blocks)
-    raise ValueError(f"arch={arch!r} is not a supported architecture; use 'mlp' or 'resnet'.")
+    raise ValueError(f"arch={arch!r} is not a supported architecture; use one of {', '.join(ARCHITECTURES)}.")

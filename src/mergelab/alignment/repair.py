@@ -28,7 +28,8 @@ class _Enough(Exception):
 def layer_stats(model: nn.Module, module_names: Sequence[str], X: torch.Tensor, batch_size: int = 512,
                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel mean and standard deviation ``(C,)`` of each named module's output over ``X``,
-    from one pass over ``X`` (channels: axis 1; every other axis pooled; sums in float64).
+    from one pass over ``X`` (channels: axis 1 of a convolution's output, the last axis of an ``nn.Linear``'s,
+    e.g. ``(batch, tokens, C)`` in a transformer; every other axis pooled; sums in float64).
 
     The forward pass of a batch stops as soon as the last requested output is captured, so the
     statistics of an early layer cost only the layers before it.
@@ -53,6 +54,7 @@ def layer_stats(model: nn.Module, module_names: Sequence[str], X: torch.Tensor, 
         return capture
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in wanted]
+    channel_axis = {n: -1 if isinstance(modules[n], nn.Linear) else 1 for n in wanted}
     was_training = model.training
     model.eval()
     try:
@@ -63,7 +65,8 @@ def layer_stats(model: nn.Module, module_names: Sequence[str], X: torch.Tensor, 
             except _Enough:
                 pass
             for name in wanted:
-                out = captured[name].movedim(1, -1).reshape(-1, captured[name].shape[1])
+                out = captured[name].movedim(channel_axis[name], -1)
+                out = out.reshape(-1, out.shape[-1])
                 acc = sums[name]
                 s, sq = out.sum(0), (out * out).sum(0)
                 acc[0] = s if acc[0] is None else acc[0] + s
@@ -83,7 +86,7 @@ def layer_stats(model: nn.Module, module_names: Sequence[str], X: torch.Tensor, 
 def channel_stats(model: nn.Module, module_name: str, X: torch.Tensor, batch_size: int = 512,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and standard deviation ``(C,)`` of ``module_name``'s output over ``X``
-    (channels: axis 1; every other axis pooled); see :func:`layer_stats`."""
+    (channels as in :func:`layer_stats`; every other axis pooled)."""
     return layer_stats(model, [module_name], X, batch_size)[module_name]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -97,11 +98,67 @@ def interpolation(t: Trained, data: DigitsSplit, points: int, seed: int) -> pd.D
     return df
 
 
+def weight_similarity(t: Trained, seed: int) -> pd.DataFrame:
+    """How alike the first two models' weights are, per kind of weight tensor, as they are and after weight
+    matching puts the second in the first's frame (:func:`~mergelab.alignment.weight_matching`, seeded by
+    ``seed`` as in :func:`interpolation`): where the permutations found partners for the units, and where they
+    could not.
+
+    Returns:
+        One row per kind (tensors of two or more axes: matrices, kernels and embeddings; a parameter's name
+        with its block indices replaced by ``*``): ``kind``, ``parameters`` (their count), ``cosine_before``
+        and ``cosine_after`` (cosine similarity of the two models' tensors of that kind, flattened and
+        concatenated), in the order of the state dict.
+    """
+    a, b = t.states[0], t.states[1]
+    aligned = apply_permutation(t.spec, weight_matching(t.spec, a, b, seed=seed), b)
+    kinds: dict[str, list[str]] = {}
+    for name, w in a.items():
+        if w.ndim >= 2:
+            kinds.setdefault(re.sub(r"\.\d+\.", ".*.", name), []).append(name)
+
+    def cosine(x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor], names: Sequence[str]) -> float:
+        u = torch.cat([x[n].double().flatten() for n in names])
+        v = torch.cat([y[n].double().flatten() for n in names])
+        return float(u @ v / (u.norm() * v.norm()).clamp_min(1e-300))
+
+    return pd.DataFrame([{"kind": kind, "parameters": sum(a[n].numel() for n in names),
+                          "cosine_before": cosine(a, b, names), "cosine_after": cosine(a, aligned, names)}
+                         for kind, names in kinds.items()])
+
+
+def pair_average_keeping(t: Trained, data: DigitsSplit, keep: Sequence[str], seed: int) -> dict[str, float]:
+    """Which tensors an average cannot share: the first two models averaged after weight matching puts the
+    second in the first's frame (as in :func:`interpolation`), and the same average with every tensor whose
+    name contains one of ``keep`` (e.g. ``".attn."``) taken from the first model instead of averaged.
+
+    Returns:
+        Test ``accuracy`` of ``model_a`` (the first model), ``aligned_average`` and ``keeping`` (the second
+        merge), and ``kept``: how many tensors ``keep`` names (a ``keep`` that names none is refused).
+    """
+    a, b = t.states[0], t.states[1]
+    kept = [k for k in a if any(part in k for part in keep)]
+    if not kept:
+        raise ValueError(f"keep={list(keep)} names no parameter of the {t.arch}; it has e.g. {list(a)[:6]}.")
+    aligned = apply_permutation(t.spec, weight_matching(t.spec, a, b, seed=seed), b)
+    average = average_states([a, aligned])
+
+    def accuracy(state: Mapping[str, torch.Tensor]) -> float:
+        return evaluate_state(t.model, dict(state), data.X_test, data.y_test)["accuracy"]
+
+    return {"model_a": accuracy(a), "aligned_average": accuracy(average),
+            "keeping": accuracy({k: (a[k] if k in kept else v) for k, v in average.items()}), "kept": len(kept)}
+
+
 def repair_layers(t: Trained) -> list[str]:
     """The layers REPAIR corrects: every conv of the ResNet (as in the official code); every hidden
-    linear layer of the MLP (the official code corrects none there; here its effect is measured on both)."""
+    linear layer of the MLP (the official code corrects none there; here its effect is measured on both); the
+    ViT's MLP hidden units (``c_fc`` of every block, statistics pooled over images and tokens; the official code
+    has no transformer)."""
     if t.arch == "mlp":
         return [f"layers.{i}" for i in range(len(t.cfg.widths))]
+    if t.arch == "vit":
+        return [f"transformer.resblocks.{i}.mlp.c_fc" for i in range(t.cfg.blocks)]
     return [n for n, m in t.model.named_modules() if isinstance(m, nn.Conv2d)]
 
 

@@ -106,8 +106,9 @@ def train_all(architectures: Mapping[str, Mapping[str, Any]], num_models: int, s
     _check_num_models(num_models)
     data, data_key = digits_data(digits)
     executor = executor if executor is not None else LocalExecutor(1)
+    slowest_first = {"resnet": 0, "vit": 1}  # the others after these (a worker free at the end takes a short job)
     jobs = [(arch, dict(recipe), seed + i) for arch, recipe in sorted(architectures.items(),
-                                                                     key=lambda kv: kv[0] != "resnet")
+                                                                     key=lambda kv: slowest_first.get(kv[0], 2))
             for i in range(num_models)
             if not scratch_artifact(ScratchConfig(arch=arch, **recipe, seed=seed + i), data_key).exists()]
     if jobs and not executor.inline:

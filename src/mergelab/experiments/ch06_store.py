@@ -13,7 +13,7 @@ the computed one bit for bit.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ def merge_artifact(cfg: ScratchConfig, members: Sequence[int], frank_wolfe: Mapp
                    data_key: Mapping[str, Any]) -> Artifact:
     """Where the merge job of the models ``members`` (indices: seeds ``cfg.seed + i``) of ``cfg``'s
     architecture is kept (``keep``: with its merged states and permutations, not only its numbers)."""
-    key = config_hash({"config": asdict(cfg), "members": [int(i) for i in members],
+    key = config_hash({"config": cfg.key(), "members": [int(i) for i in members],
                        "frank_wolfe": dict(frank_wolfe), "keep": bool(keep), "data": dict(data_key),
                        "models_code": codeversion.key_part("scratch"),  # the models merged are remade when it changes
                        **codeversion.key_part("merge")})

@@ -1,5 +1,5 @@
 """Models of one task trained from scratch from different initializations (the setting of model
-alignment): scikit-learn's digits, an MLP or a small ResNet, cached by configuration.
+alignment): scikit-learn's digits, an MLP, a small ResNet or open_clip's ViT, cached by configuration.
 
 The digits (1,797 images of 8x8 pixels, 16 grey levels, 10 classes) ship with scikit-learn, so this
 runs offline. The split is fixed by ``split_seed`` and stratified; models differ only in ``seed``
@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import codeversion, paths
-from ..alignment.architectures import build_model, no_onednn
+from ..alignment.architectures import ARCHITECTURES, build_model, no_onednn
 from ..alignment.specs import PermutationSpec
 from ..cache import Artifact
 from ..utils import check_integer, check_number, config_hash, keeps_global_rng, torch_threads
@@ -60,9 +60,12 @@ class ScratchConfig:
     """One model trained from scratch.
 
     Attributes:
-        arch: ``"mlp"`` or ``"resnet"``.
-        widths: hidden widths (MLP) or channels per stage (ResNet).
-        blocks: basic blocks per stage (ResNet).
+        arch: ``"mlp"``, ``"resnet"`` or ``"vit"`` (:data:`~mergelab.alignment.architectures.ARCHITECTURES`).
+        widths: hidden widths (MLP), channels per stage (ResNet) or ``[width]`` (ViT: the residual stream).
+        blocks: basic blocks per stage (ResNet) or residual attention blocks (ViT).
+        heads, patch_size: attention heads per block and patch side in pixels: required for the ViT,
+            ``None`` (left out) for the others, and then absent from the cache key, so the MLP's and
+            ResNet's keys are those of the code before the ViT.
         epochs, batch_size, lr, weight_decay: the recipe; the learning rate follows a cosine schedule
             after ``warmup_epochs`` of linear warm-up.
         optimizer: ``"adam"`` (Adam) or ``"sgd"`` (SGD with momentum ``momentum``).
@@ -80,8 +83,12 @@ class ScratchConfig:
     optimizer: str = "adam"
     momentum: float = 0.9
     seed: int = 0
+    heads: int | None = None
+    patch_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch={self.arch!r} is not valid; use one of {', '.join(ARCHITECTURES)}.")
         if isinstance(self.widths, (str, bytes)) or not hasattr(self.widths, "__iter__") or not len(self.widths):
             raise ValueError(f"widths={self.widths!r} is not valid; use a non-empty list of positive integers.")
         for width in self.widths:
@@ -100,13 +107,39 @@ class ScratchConfig:
         if self.warmup_epochs > self.epochs:  # the learning rate would never reach its peak
             raise ValueError(f"warmup_epochs={self.warmup_epochs!r} is not valid; use 0..epochs={self.epochs}.")
         check_integer("seed", self.seed, minimum=0)
+        self._check_vit()
+
+    def _check_vit(self) -> None:
+        vit = {"heads": self.heads, "patch_size": self.patch_size}
+        if self.arch != "vit":
+            given = {k: v for k, v in vit.items() if v is not None}
+            if given:
+                raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in given.items())} is a ViT setting; leave it out "
+                                 f"for arch={self.arch!r}.")
+            return
+        for name, value in vit.items():
+            if value is None:
+                raise ValueError(f"{name} is missing; the ViT needs heads (dividing the width) and patch_size "
+                                 "(dividing the images' side), e.g. heads: 2, patch_size: 2.")
+            check_integer(name, value)
+        if len(self.widths) != 1:
+            raise ValueError(f"widths={list(self.widths)} is not valid for the ViT; give one entry, the residual "
+                             "stream's width (the number of blocks is `blocks`).")
+        if self.widths[0] % self.heads:
+            raise ValueError(f"heads={self.heads} is not valid; it must divide the width {self.widths[0]} "
+                             f"(e.g. {[h for h in range(1, self.widths[0] + 1) if self.widths[0] % h == 0][:6]}).")
+
+    def key(self) -> dict[str, Any]:
+        """The configuration as the cache key names it: every field, less the ViT's settings when unset."""
+        return {k: v for k, v in asdict(self).items() if not (k in ("heads", "patch_size") and v is None)}
 
 
 @keeps_global_rng
 def new_model(cfg: ScratchConfig, data: DigitsSplit) -> tuple[nn.Module, PermutationSpec]:
     """A freshly initialized model of ``cfg`` for ``data`` (initialized from ``cfg.seed``) and its spec."""
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.arch, tuple(data.X_train.shape[1:]), data.num_classes, cfg.widths, cfg.blocks)
+    return build_model(cfg.arch, tuple(data.X_train.shape[1:]), data.num_classes, cfg.widths, cfg.blocks,
+                       cfg.heads, cfg.patch_size)
 
 
 SCRATCH_THREADS = 1
@@ -157,7 +190,7 @@ def _train_from_scratch(cfg: ScratchConfig, data: DigitsSplit, progress: bool) -
 def scratch_artifact(cfg: ScratchConfig, data_key: Mapping[str, Any]) -> Artifact:
     """Where :func:`cached_from_scratch` keeps the model of ``cfg`` trained on the data ``data_key`` names:
     ``<data>/scratch/<arch>-<hash>.safetensors``."""
-    key = config_hash({"config": asdict(cfg), "data": dict(data_key), **codeversion.key_part("scratch")})
+    key = config_hash({"config": cfg.key(), "data": dict(data_key), **codeversion.key_part("scratch")})
     return Artifact.at(paths.data_dir() / "scratch", cfg.arch, key)
 
 
@@ -165,7 +198,7 @@ def cached_from_scratch(cfg: ScratchConfig, data: DigitsSplit, data_key: dict, p
                         ) -> dict[str, torch.Tensor]:
     """:func:`train_from_scratch`, cached in ``<data>/scratch/<arch>-<hash>.safetensors`` by the
     configuration and ``data_key`` (what made ``data``)."""
-    return scratch_artifact(cfg, data_key).get_or_build(lambda: (lambda s, log: (s, {"config": asdict(cfg), "data": data_key, **log}))(
+    return scratch_artifact(cfg, data_key).get_or_build(lambda: (lambda s, log: (s, {"config": cfg.key(), "data": data_key, **log}))(
         *train_from_scratch(cfg, data, progress)))
 
 
