@@ -268,6 +268,35 @@ def test_the_vit_spec_names_open_clips_parameters_and_refuses_what_does_not_fit(
         build_model("vit", (1, 8, 8), 10, (8, 8), heads=2, patch_size=2)
     with pytest.raises(ValueError, match=r"in_shape=\(1, 8, 6\) is not valid for the ViT; it needs square images"):
         build_model("vit", (1, 8, 6), 10, (8,), heads=2, patch_size=2)
+    with pytest.raises(ValueError, match=r"in_shape=\(8, 8\) is not valid for the ViT; give one image's shape"):
+        build_model("vit", (8, 8), 10, (8,), heads=2, patch_size=2)
+    with pytest.raises(ValueError, match=r"layers=0 is not valid; use a positive integer"):
+        vit_spec(0)
+
+
+def test_repair_sets_a_vits_mlp_units_to_the_endpoints_mean_statistics_over_images_and_tokens():
+    x = torch.rand(64, 1, 8, 8)
+    endpoints = [_model("vit", s)[0] for s in (1, 2)]
+    merged = _model("vit", 3)[0]
+    names = [f"transformer.resblocks.{i}.mlp.c_fc" for i in range(2)]
+    repair(merged, endpoints, x, names=names)
+
+    def stats(model, name):  # by hand: the (batch, tokens, units) output, pooled over batch and tokens
+        seen = []
+        handle = dict(model.named_modules())[name].register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+        with torch.no_grad():
+            model.eval()(x)
+        handle.remove()
+        out = seen[0].double()
+        assert out.ndim == 3 and out.shape[-1] == 64 and out.shape[1] != 64  # units last, tokens in between
+        out = out.reshape(-1, out.shape[-1])
+        return out.mean(0), out.std(0, unbiased=False)
+
+    for name in names:
+        goal = [stats(e, name) for e in endpoints]
+        mu, sd = stats(merged, name)
+        torch.testing.assert_close(mu, (goal[0][0] + goal[1][0]) / 2, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sd, (goal[0][1] + goal[1][1]) / 2, rtol=1e-4, atol=1e-4)
 
 
 def test_layer_statistics_of_a_linear_layer_pool_every_axis_but_the_last():

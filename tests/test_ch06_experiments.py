@@ -129,6 +129,36 @@ def test_train_all_and_merge_study_agree_with_merging_by_hand(data_dir):
     assert isinstance(study.correct["resnet"]["c2m3"], torch.Tensor)
 
 
+def test_train_all_refuses_a_vit_recipe_that_does_not_fit_the_images_before_training(data_dir):
+    bad = {**ALL_ARCHS["vit"], "patch_size": 3}
+    with pytest.raises(ValueError, match=r"patch_size=3 must divide image_size=8"):
+        ch.train_all({"mlp": ARCHS["mlp"], "vit": bad}, 2, 0, DIGITS)
+    assert not (data_dir / "scratch").exists() or not any((data_dir / "scratch").iterdir())  # nothing trained
+
+
+def test_vit_reading_states_what_its_numbers_support():
+    from mergelab.experiments.ch06_claims import vit_reading
+
+    def methods(naive, aligned, ends=0.96):
+        return {"naive": {"accuracy": naive}, "endpoints": {"accuracy": ends},
+                **{m: {"accuracy": aligned} for m in ("merge_many", "merge_many_repair", "c2m3", "c2m3_repair")}}
+
+    cos = {"transformer.resblocks.*.attn.in_proj_weight": 0.08, "transformer.resblocks.*.attn.out_proj.weight": 0.09,
+           "transformer.resblocks.*.mlp.c_fc.weight": 0.38}
+    kept = {"model_a": 0.96, "aligned_average": 0.13, "keeping": 0.53, "kept": 8}
+    text = vit_reading(methods(0.10, 0.10), cos, kept, 10)
+    assert "stays near chance" in text and "stay nearly unrelated" in text and "costs 48% of what" in text
+    assert "recovers part" in vit_reading(methods(0.10, 0.70), cos, kept, 10)
+    assert "not clearly better than the naive" in vit_reading(methods(0.40, 0.42), cos, kept, 10)
+    assert "match as well as the MLPs'" in vit_reading(methods(0.1, 0.1), {**cos, "x.attn.y": 0.5}, kept, 10)
+    assert "match less well" in vit_reading(methods(0.1, 0.1), {**cos, "x.attn.y": 0.3}, kept, 10)
+    for odd, phrase in (({"aligned_average": 0.96, "keeping": 0.96}, "that loses little"),  # nothing lost: no share
+                        ({"keeping": 0.10}, "no clear gain"),  # keeping below the average: no negative share
+                        ({"keeping": 0.99}, "the averaged attention is where the loss is")):  # above the model: no >100 %
+        text = vit_reading(methods(0.1, 0.1), cos, {**kept, **odd}, 10)
+        assert phrase in text and "nan" not in text and "costs" not in text, text
+
+
 def test_merge_study_refuses_bad_parameters_by_name(data_dir):
     trained = ch.train_all(ARCHS, 3, 0, DIGITS)
     with pytest.raises(ValueError, match=r"model_counts=\[2, 4\].*\[4\].*2\.\.num_models=3"):
@@ -339,12 +369,16 @@ def test_weight_similarity_of_a_permuted_copy_is_one_once_matched(arch):
     t.states[:2] = _permuted_copies(t, (4,))
     table = ch.weight_similarity(t, seed=0)
     kinds = set(table["kind"])
-    assert all(t.states[0][k].ndim >= 2 for k in t.states[0] if k in kinds) and len(table) == len(kinds)
+    assert len(table) == len(kinds) and not any(part.isdigit() for k in kinds for part in k.split("."))
     assert (table["cosine_after"] > 1 - 1e-9).all(), table  # the matching undid the permutation, kind by kind
     assert (table.set_index("kind")["cosine_before"] < 0.9).any(), table  # and there was something to undo
     assert table["parameters"].sum() == sum(v.numel() for v in t.states[0].values() if v.ndim >= 2)
-    if arch == "vit":  # one row per kind of tensor, its blocks together
-        assert "transformer.resblocks.*.mlp.c_fc.weight" in kinds and not any(".0." in k for k in kinds)
+    if arch == "vit":  # one row per kind of tensor, its blocks together, and no 1-D tensor (norms, biases)
+        assert kinds == {"conv1.weight", "positional_embedding", "proj", "transformer.resblocks.*.attn.in_proj_weight",
+                         "transformer.resblocks.*.attn.out_proj.weight", "transformer.resblocks.*.mlp.c_fc.weight",
+                         "transformer.resblocks.*.mlp.c_proj.weight"}
+    if arch == "resnet":  # stage and block indices both pooled
+        assert "stages.*.*.conv1.weight" in kinds
 
 
 def test_pair_average_keeping_takes_the_named_tensors_from_the_first_model():
@@ -353,9 +387,13 @@ def test_pair_average_keeping_takes_the_named_tensors_from_the_first_model():
     r = ch.pair_average_keeping(t, split, [".attn."], seed=0)
     assert r["kept"] == 4  # one block: in_proj weight and bias, out_proj weight and bias
     assert r["model_a"] == r["aligned_average"] == r["keeping"]
-    t2, _ = _untrained("vit")  # unrelated models: keeping every tensor of the first is the first model
-    everything = ch.pair_average_keeping(t2, split, [""], seed=0)
-    assert everything["keeping"] == everything["model_a"] and everything["kept"] == len(t2.states[0])
+    t2, _ = _untrained("vit")  # unrelated models: the kept tensors are the first model's, the others averaged
+    average, keeping, kept = ch.pair_merges_keeping(t2, [".attn.", "conv1"], seed=0)
+    assert len(kept) == 5 and "conv1.weight" in kept
+    a = t2.states[0]
+    for k, v in keeping.items():
+        assert torch.equal(v, a[k] if k in kept else average[k]), k
+    assert not torch.equal(keeping["proj"], a["proj"])  # the others are averaged (LayerNorms start equal: not those)
     with pytest.raises(ValueError, match=r"keep=\['.attention.'\] names no parameter of the vit"):
         ch.pair_average_keeping(t2, split, [".attention."], seed=0)
 

@@ -61,6 +61,19 @@ def test_the_vit_pair_average_is_measured_with_and_without_its_attention_average
     assert "attention_kept" not in results["architectures"]["mlp"]
 
 
+def test_the_vit_paragraph_is_printed_with_numbers_that_read(results):
+    """The paragraph is chosen by the run's numbers (smoke's ViT learns little): never a NaN or a negative share."""
+    import json
+    import re
+
+    cells = json.load(open(results["_executed_notebook"]))["cells"]
+    shown = ["".join(o.get("data", {}).get("text/markdown", "")) for c in cells if c["cell_type"] == "code"
+             for o in c.get("outputs", [])]
+    paragraph = next(t for t in shown if "**The ViT.**" in t)
+    assert "nan" not in paragraph.lower() and not re.search(r"-\d+%", paragraph), paragraph
+    assert "Section 2 says why" in paragraph
+
+
 def test_merge_sets_table_matches_the_main_comparison(results, params):
     rows = results["merge_sets"]
     for arch, r in results["architectures"].items():

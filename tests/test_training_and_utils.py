@@ -464,6 +464,7 @@ def test_finetuning_line_counts_shipped_trained_and_cached_runs():
     ({"warmup_epochs": -1}, r"warmup_epochs=-1 is not valid; use an integer >= 0"),
     ({"arch": "vgg"}, r"arch='vgg' is not valid; use one of mlp, resnet, vit"),
     ({"heads": 2}, r"heads=2 is a ViT setting; leave it out for arch='mlp'"),
+    ({"heads": 2, "patch_size": 2}, r"heads=2, patch_size=2 are ViT settings; leave them out for arch='mlp'"),
     ({"arch": "vit", "widths": [32], "patch_size": 2}, r"heads is missing; the ViT needs heads"),
     ({"arch": "vit", "widths": [32, 32], "heads": 2, "patch_size": 2}, r"widths=\[32, 32\] is not valid for the ViT"),
     ({"arch": "vit", "widths": [32], "heads": 3, "patch_size": 2}, r"heads=3 is not valid; it must divide the width 32"),

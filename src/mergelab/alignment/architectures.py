@@ -17,10 +17,13 @@
   (:func:`vit_spec`): one permutation ``P_res`` of the residual stream, shared by everything that writes
   or reads it (patch embedding, class and positional embeddings, every LayerNorm, the attention's input and
   output projections, the MLPs' ``c_fc`` columns and ``c_proj`` rows, ``proj``'s rows), and one per block
-  for the MLP's hidden units (``P_mlp<i>``). Inside the attention nothing is permuted: its heads permute
-  only as blocks of the stacked query, key and value rows, which one index permutation of an axis cannot
-  say, and a head's query-key space has a continuous symmetry (any rotation applied to both queries and
-  keys) that no permutation of units covers.
+  for the MLP's hidden units (``P_mlp<i>``). Inside the attention nothing is permuted. Its own symmetries
+  (heads permuted as blocks; within a head, its query and key channels permuted together, and its value
+  channels with the matching columns of ``out_proj``) act on slices of ``in_proj_weight``'s rows, which stack
+  the queries, keys and values of every head, and a group of a :class:`~.specs.PermutationSpec` permutes a
+  whole axis. Beyond permutations, any invertible ``A`` applied to a head's queries with ``A^-T`` on its keys
+  leaves their products unchanged (and likewise for its values and ``out_proj``), a continuous symmetry that
+  no permutation of units undoes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..utils import check_integer
 from .specs import PermutationSpec
 
 
@@ -185,6 +189,8 @@ def vit_classifier(in_shape: Sequence[int], num_classes: int, width: int, layers
     """
     from ..models import TinyViTConfig, build_tiny_encoder
 
+    if len(in_shape) != 3:
+        raise ValueError(f"in_shape={tuple(in_shape)} is not valid for the ViT; give one image's shape (C, S, S).")
     channels, height, side = (int(s) for s in in_shape)
     if height != side:
         raise ValueError(f"in_shape={tuple(in_shape)} is not valid for the ViT; it needs square images (C, S, S).")
@@ -195,7 +201,11 @@ def vit_classifier(in_shape: Sequence[int], num_classes: int, width: int, layers
 
 
 def vit_spec(layers: int) -> PermutationSpec:
-    """The spec of :func:`vit_classifier`'s parameters (open_clip's names; see the module docstring)."""
+    """The spec of :func:`vit_classifier`'s ``layers`` blocks, in open_clip's parameter names: those of the default
+    ``VisionTransformer`` (e.g. ViT-B-32's ``model.visual``); variants with LayerScale, no ``ln_pre`` or an
+    attentional pooler have other parameters, which :meth:`~.specs.PermutationSpec.validate` names. See the
+    module docstring for the groups."""
+    check_integer("layers", layers)
     res = "P_res"
     axes: dict[str, tuple[str | None, ...]] = {
         "conv1.weight": (res, None, None, None), "class_embedding": (res,), "positional_embedding": (None, res),

@@ -52,7 +52,14 @@ from .ch06_models import (  # noqa: F401 (the chapter's API)
     train_models,
 )
 from .ch06_store import MergeOutcome, build_job, load_job, merge_artifact  # noqa: F401 (MergeOutcome: the chapter's API)
-from .ch06_claims import SOURCE, claims, claims_from_results, sets_direction, sets_separated  # noqa: F401 (the chapter's API)
+from .ch06_claims import (  # noqa: F401 (the chapter's API)
+    SOURCE,
+    claims,
+    claims_from_results,
+    sets_direction,
+    sets_separated,
+    vit_reading,
+)
 
 METHODS = ("naive", "naive_repair", "merge_many", "merge_many_repair", "c2m3", "c2m3_repair")
 """Merges compared: uniform average without alignment, MergeMany, C2M3; each without and with REPAIR."""
@@ -77,6 +84,13 @@ def permutation_invariance(t: Trained, data: DigitsSplit, seed: int) -> dict[str
             "accuracy_permuted": evaluate_state(t.model, permuted, data.X_test, data.y_test)["accuracy"]}
 
 
+def matched_to(t: Trained, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], seed: int,
+               ) -> dict[str, torch.Tensor]:
+    """``b`` permuted into the frame of ``a`` by pairwise weight matching (:func:`~mergelab.alignment.weight_matching`,
+    groups visited in the order ``seed`` draws), by ``t``'s spec."""
+    return apply_permutation(t.spec, weight_matching(t.spec, a, b, seed=seed), b)
+
+
 def interpolation(t: Trained, data: DigitsSplit, points: int, seed: int) -> pd.DataFrame:
     """Test loss and accuracy along ``(1 - lam) theta_A + lam theta_B`` for the first two models, as they
     are (``aligned=False``) and with B weight-matched to A (``aligned=True``). Columns: ``lam, aligned,
@@ -84,7 +98,7 @@ def interpolation(t: Trained, data: DigitsSplit, points: int, seed: int) -> pd.D
     if points < 2:
         raise ValueError(f"barrier_points={points!r} is not valid; use at least 2 (the end points).")
     a, b = t.states[0], t.states[1]
-    aligned_b = apply_permutation(t.spec, weight_matching(t.spec, a, b, seed=seed), b)
+    aligned_b = matched_to(t, a, b, seed)
     rows = []
     for aligned, bb in ((False, b), (True, aligned_b)):
         for i in range(points):
@@ -106,16 +120,16 @@ def weight_similarity(t: Trained, seed: int) -> pd.DataFrame:
 
     Returns:
         One row per kind (tensors of two or more axes: matrices, kernels and embeddings; a parameter's name
-        with its block indices replaced by ``*``): ``kind``, ``parameters`` (their count), ``cosine_before``
+        with every numeric index replaced by ``*``, so a kind pools its layers, blocks or stages): ``kind``, ``parameters`` (their count), ``cosine_before``
         and ``cosine_after`` (cosine similarity of the two models' tensors of that kind, flattened and
         concatenated), in the order of the state dict.
     """
     a, b = t.states[0], t.states[1]
-    aligned = apply_permutation(t.spec, weight_matching(t.spec, a, b, seed=seed), b)
+    aligned = matched_to(t, a, b, seed)
     kinds: dict[str, list[str]] = {}
     for name, w in a.items():
         if w.ndim >= 2:
-            kinds.setdefault(re.sub(r"\.\d+\.", ".*.", name), []).append(name)
+            kinds.setdefault(re.sub(r"(?<=\.)\d+(?=\.)", "*", name), []).append(name)
 
     def cosine(x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor], names: Sequence[str]) -> float:
         u = torch.cat([x[n].double().flatten() for n in names])
@@ -127,27 +141,31 @@ def weight_similarity(t: Trained, seed: int) -> pd.DataFrame:
                          for kind, names in kinds.items()])
 
 
-def pair_average_keeping(t: Trained, data: DigitsSplit, keep: Sequence[str], seed: int) -> dict[str, float]:
-    """Which tensors an average cannot share: the first two models averaged after weight matching puts the
-    second in the first's frame (as in :func:`interpolation`), and the same average with every tensor whose
-    name contains one of ``keep`` (e.g. ``".attn."``) taken from the first model instead of averaged.
-
-    Returns:
-        Test ``accuracy`` of ``model_a`` (the first model), ``aligned_average`` and ``keeping`` (the second
-        merge), and ``kept``: how many tensors ``keep`` names (a ``keep`` that names none is refused).
-    """
+def pair_merges_keeping(t: Trained, keep: Sequence[str], seed: int,
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+    """The first two models averaged after weight matching puts the second in the first's frame (as in
+    :func:`interpolation`), and the same average with every tensor whose name contains one of ``keep`` (e.g.
+    ``".attn."``) taken from the first model instead; returns both states and the kept tensors' names (a
+    ``keep`` that names none is refused)."""
     a, b = t.states[0], t.states[1]
     kept = [k for k in a if any(part in k for part in keep)]
     if not kept:
         raise ValueError(f"keep={list(keep)} names no parameter of the {t.arch}; it has e.g. {list(a)[:6]}.")
-    aligned = apply_permutation(t.spec, weight_matching(t.spec, a, b, seed=seed), b)
-    average = average_states([a, aligned])
+    average = average_states([a, matched_to(t, a, b, seed)])
+    return average, {k: (a[k] if k in kept else v) for k, v in average.items()}, kept
+
+
+def pair_average_keeping(t: Trained, data: DigitsSplit, keep: Sequence[str], seed: int) -> dict[str, float]:
+    """Which tensors an average cannot share: test ``accuracy`` of the first model (``model_a``), of the two
+    merges of :func:`pair_merges_keeping` (``aligned_average``, ``keeping``), and ``kept``, how many tensors
+    ``keep`` names."""
+    average, keeping, kept = pair_merges_keeping(t, keep, seed)
 
     def accuracy(state: Mapping[str, torch.Tensor]) -> float:
         return evaluate_state(t.model, dict(state), data.X_test, data.y_test)["accuracy"]
 
-    return {"model_a": accuracy(a), "aligned_average": accuracy(average),
-            "keeping": accuracy({k: (a[k] if k in kept else v) for k, v in average.items()}), "kept": len(kept)}
+    return {"model_a": accuracy(t.states[0]), "aligned_average": accuracy(average), "keeping": accuracy(keeping),
+            "kept": len(kept)}
 
 
 def repair_layers(t: Trained) -> list[str]:
@@ -429,7 +447,7 @@ def permuted_copy_merge(t: Trained, data: DigitsSplit, seed: int) -> dict[str, f
     a = t.states[0]
     g = torch.Generator().manual_seed(seed)
     b = apply_permutation(t.spec, random_permutations(t.spec.group_sizes(a), g), a)
-    matched = apply_permutation(t.spec, weight_matching(t.spec, a, b, seed=seed), b)
+    matched = matched_to(t, a, b, seed)
 
     def accuracy(state: Mapping[str, torch.Tensor]) -> float:
         return evaluate_state(t.model, dict(state), data.X_test, data.y_test)["accuracy"]

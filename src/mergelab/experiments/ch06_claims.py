@@ -98,3 +98,60 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     arch = {name: {k: (v if k == "merge_sets" else nan_for_none(v)) for k, v in r.items()}  # strict JSON: NaN was null
             for name, r in results["architectures"].items()}
     return claims(arch)
+
+
+ALIGNED = ("merge_many", "merge_many_repair", "c2m3", "c2m3_repair")
+"""The merges that map the models into one frame before averaging."""
+
+CLEAR = 0.05
+"""Accuracy difference the ViT's reading calls clear: about twice the paired standard error of a difference between
+two merges on the 450 digits test images, which the chapter prints with its results."""
+
+
+def vit_reading(methods: Mapping[str, Mapping[str, float]], cosine_after: Mapping[str, float],
+                kept: Mapping[str, float], num_classes: int) -> str:
+    """The notebook's paragraph on the ViT, every clause chosen by the numbers it states.
+
+    Args:
+        methods: the ViT's ``methods`` (accuracy per merge, ``naive`` and ``endpoints`` among them; fractions).
+        cosine_after: kind of weight to its cosine after matching (``weight_similarity``'s ``cosine_after``);
+            it must hold ``transformer.resblocks.*.mlp.c_fc.weight`` and the attention's kinds (``.attn.``).
+        kept: :func:`~mergelab.experiments.ch06_c2m3.pair_average_keeping` with ``keep=[".attn."]``.
+        num_classes: classes (chance is ``1 / num_classes``).
+    """
+    chance = 1 / num_classes
+    best = max(ALIGNED, key=lambda k: methods[k]["accuracy"])
+    acc, naive, ends = methods[best]["accuracy"], methods["naive"]["accuracy"], methods["endpoints"]["accuracy"]
+    verdict = ("stays near chance: aligning the residual stream and the MLPs' units does not rescue the average here"
+               if acc < 2 * chance else
+               f"is {acc / ends:.2f} x the endpoints: aligning the residual stream and the MLPs' units recovers part of "
+               "their accuracy" if acc - naive > CLEAR else
+               "is not clearly better than the naive average: aligning the residual stream and the MLPs' units does not "
+               "help here")
+    text = (f"**The ViT.** Its best aligned merge ({best}, {acc:.1%}) {verdict} (guessing: {chance:.0%}; naive "
+            f"average: {naive:.1%}; endpoints: {ends:.1%}). ")
+    attention = [v for k, v in cosine_after.items() if ".attn." in k]
+    mlp_in = cosine_after["transformer.resblocks.*.mlp.c_fc.weight"]
+    where = f"cosine {min(attention):.2f} to {max(attention):.2f} after matching, against {mlp_in:.2f} for the MLPs' `c_fc`"
+    text += (f"The attention's weights, whose inner units the spec leaves in place, stay nearly unrelated ({where}), so "
+             "every merge averages unrelated attention maps. " if max(attention) < min(0.2, mlp_in / 2) else
+             f"The attention's weights match less well than the MLPs' ({where}). " if max(attention) < mlp_in else
+             f"The attention's weights match as well as the MLPs' ({where}). ")
+    a, avg, keeping = kept["model_a"], kept["aligned_average"], kept["keeping"]
+    text += f"Averaging the first two models after matching gives {avg:.1%} against the first model's {a:.1%}; "
+    if a - avg <= CLEAR:
+        text += f"that loses little, and keeping the first model's attention instead gives {keeping:.1%}. "
+    elif keeping - avg <= CLEAR:
+        text += (f"keeping the first model's attention ({kept['kept']:.0f} tensors) and averaging the rest gives "
+                 f"{keeping:.1%}, no clear gain: the loss is not in the attention alone. ")
+    elif keeping >= a - CLEAR:
+        text += (f"keeping the first model's attention ({kept['kept']:.0f} tensors) and averaging the rest gives "
+                 f"{keeping:.1%}: the averaged attention is where the loss is. ")
+    else:
+        text += (f"keeping the first model's attention ({kept['kept']:.0f} tensors) and averaging the rest gives "
+                 f"{keeping:.1%}: averaging the attention costs {(keeping - avg) / (a - avg):.0%} of what the average "
+                 "loses, and the rest is lost with the averaged MLPs and residual stream. ")
+    return text + ("Section 2 says why the spec leaves the attention's units in place. Transformers from different "
+                   "seeds need alignments this spec does not express (permutations within and across heads) or more "
+                   "than permutations (soft alignments such as optimal transport); this chapter implements neither, "
+                   "and the C²M³ paper tests no transformer.")

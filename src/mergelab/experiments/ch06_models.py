@@ -106,6 +106,8 @@ def train_all(architectures: Mapping[str, Mapping[str, Any]], num_models: int, s
     _check_num_models(num_models)
     data, data_key = digits_data(digits)
     executor = executor if executor is not None else LocalExecutor(1)
+    for arch, recipe in architectures.items():  # every recipe builds its model here, before any job starts
+        new_model(ScratchConfig(arch=arch, **recipe, seed=seed), data)  # (e.g. a ViT patch not dividing the images)
     slowest_first = {"resnet": 0, "vit": 1}  # the others after these (a worker free at the end takes a short job)
     jobs = [(arch, dict(recipe), seed + i) for arch, recipe in sorted(architectures.items(),
                                                                      key=lambda kv: slowest_first.get(kv[0], 2))

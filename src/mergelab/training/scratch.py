@@ -114,8 +114,9 @@ class ScratchConfig:
         if self.arch != "vit":
             given = {k: v for k, v in vit.items() if v is not None}
             if given:
-                raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in given.items())} is a ViT setting; leave it out "
-                                 f"for arch={self.arch!r}.")
+                raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in given.items())} "
+                                 f"{'is a ViT setting; leave it' if len(given) == 1 else 'are ViT settings; leave them'} "
+                                 f"out for arch={self.arch!r}.")
             return
         for name, value in vit.items():
             if value is None:
