@@ -625,6 +625,30 @@ def test_strip_plots_jitter_the_same_whatever_ran_before_and_leave_the_global_st
     assert not np.allclose(first[:, 0], np.round(first[:, 0]))  # jittered, not on the category centres
 
 
+def test_bar_methods_puts_the_legend_of_a_split_beside_the_bars_not_over_them():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from mergelab import plotting
+
+    df = pd.DataFrame({"method": ["a", "a", "b", "b"], "architecture": ["x", "y", "x", "y"],
+                       "accuracy": [0.97, 0.98, 0.96, 0.99]})  # bars up to the top of the axes, where a legend sat
+    fig, ax = plt.subplots()
+    plotting.bar_methods(df, "accuracy", ax=ax, hue="architecture")
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    assert legend.x0 >= ax.get_window_extent().x1 - 1  # right of the axes: no bar hidden under it
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["x", "y"]
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    plotting.bar_methods(df[df.architecture == "x"], "accuracy", ax=ax)  # no split: no legend to move
+    assert ax.get_legend() is None
+    plt.close(fig)
+
+
 def test_finetune_and_the_curvature_probes_give_the_callers_modules_back_in_their_modes():
     """finetune's heads keep the mode they came in (the model ends in eval, as documented); the per-example
     gradient norms and the Hessian's extreme eigenvalues give the encoder back in its mode, even after an error."""

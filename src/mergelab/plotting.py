@@ -72,6 +72,8 @@ def bar_methods(df: pd.DataFrame, value: str, ax: plt.Axes | None = None, hue: s
     ax.set_xlabel("")
     ax.set_ylabel(ylabel or value.replace("_", " "))
     ax.set_ylim(0, max(1.0, float(df[value].max()) * 1.05))
+    if hue and ax.get_legend() is not None:  # beside the bars, not over the tallest ones (saved with a tight box)
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax.tick_params(axis="x", rotation=30)
     for label in ax.get_xticklabels():
         label.set_horizontalalignment("right")
