@@ -854,8 +854,13 @@ def test_notebook_04_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
 @pytest.mark.notebook
 @pytest.mark.timeout(900)
 def test_notebook_05_runs_unchanged_at_the_clip_smoke_profile(env, tmp_path):
-    results, _ = run_at_clip_smoke("05_merge3_irt", tmp_path)
+    results, shown = run_at_clip_smoke("05_merge3_irt", tmp_path)
     assert results["tasks"] == ["MNIST", "EuroSAT"]
+    # this profile calibrates the IRT model on the multi-task model too (tiny and clip do not): that path runs here
+    assert mergelab.report.profile_params("clip_smoke", "05_merge3_irt")["population_multitask"] is True
+    assert [m["role"] for m in results["population"] if m["kind"] == "multitask"] == ["calibration"]
+    assert "multitask" in results["irt"]["endpoint_fit_by_task"]
+    assert "The multi-task model (one of the calibration models)" in shown
     N = results["num_items"]
     assert N == 8  # max_val 4 images per task
     assert {"evolved_full", "evolved_irt", "task_arithmetic_grid"} <= set(results["methods"])
