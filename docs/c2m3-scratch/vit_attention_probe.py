@@ -1,6 +1,6 @@
 """Chapter 06's ViT (session 38 of the project): how much of the aligned pair's average is lost in the attention.
 
-Usage: ``MERGELAB_DATA_DIR=<folder> python vit_attention_probe.py`` (the chapter's tiny ViT recipe, five models from
+Usage, from the repository's root: ``MERGELAB_DATA_DIR=<folder> python docs/c2m3-scratch/vit_attention_probe.py`` (the chapter's tiny ViT recipe, five models from
 seeds 0-4, cached like the chapter's; one worker). Prints the first two models' average after weight matching, with
 the attention tensors (or the MLPs) kept from the first model instead of averaged, and along the line from the first
 model to the matched second with and without the attention held at the first model's.

@@ -64,7 +64,8 @@ def figure_path(name: str, folder: str | Path | None = None) -> Path:
 def bar_methods(df: pd.DataFrame, value: str, ax: plt.Axes | None = None, hue: str | None = None,
                 order: Sequence[str] | None = None, ylabel: str | None = None) -> plt.Axes:
     """Bars of ``value`` per ``method`` (rows of ``df``), optionally split by ``hue``, labelled 0..1. Several rows of
-    one bar give their mean with a 95 % bootstrap interval, seeded: the same figure on every run."""
+    one bar give their mean with a 95 % bootstrap interval, seeded: the same figure on every run. A split's legend
+    sits right of the axes (saved with :func:`set_style`'s tight box), so give such a chart the rightmost panel."""
     if ax is None:
         _, ax = figure()
     sns.barplot(data=df, x="method", y=value, hue=hue, order=order, ax=ax, errorbar=("ci", 95), seed=0,

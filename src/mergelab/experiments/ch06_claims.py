@@ -116,7 +116,7 @@ def vit_reading(methods: Mapping[str, Mapping[str, float]], cosine_after: Mappin
         methods: the ViT's ``methods`` (accuracy per merge, ``naive`` and ``endpoints`` among them; fractions).
         cosine_after: kind of weight to its cosine after matching (``weight_similarity``'s ``cosine_after``);
             it must hold ``transformer.resblocks.*.mlp.c_fc.weight`` and the attention's kinds (``.attn.``).
-        kept: :func:`~mergelab.experiments.ch06_c2m3.pair_average_keeping` with ``keep=[".attn."]``.
+        kept: :func:`~mergelab.experiments.ch06_pairs.pair_average_keeping` with ``keep=[".attn."]``.
         num_classes: classes (chance is ``1 / num_classes``).
     """
     chance = 1 / num_classes
