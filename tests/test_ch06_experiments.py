@@ -149,6 +149,8 @@ def test_vit_reading_states_what_its_numbers_support():
     text = vit_reading(methods(0.10, 0.10), cos, kept, 10)
     assert "stays near chance" in text and "stay nearly unrelated" in text and "costs 48% of what" in text
     assert "recovers part" in vit_reading(methods(0.10, 0.70), cos, kept, 10)
+    untrained = vit_reading(methods(0.10, 0.10, ends=0.11), cos, kept, 10)  # endpoints near chance: nothing to test
+    assert "endpoints are themselves near chance" in untrained and "stays near chance" not in untrained
     assert "not clearly better than the naive" in vit_reading(methods(0.40, 0.42), cos, kept, 10)
     assert "match as well as the MLPs'" in vit_reading(methods(0.1, 0.1), {**cos, "x.attn.y": 0.5}, kept, 10)
     assert "match less well" in vit_reading(methods(0.1, 0.1), {**cos, "x.attn.y": 0.3}, kept, 10)

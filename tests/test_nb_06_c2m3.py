@@ -71,7 +71,9 @@ def test_the_vit_paragraph_is_printed_with_numbers_that_read(results):
              for o in c.get("outputs", [])]
     paragraph = next(t for t in shown if "**The ViT.**" in t)
     assert "nan" not in paragraph.lower() and not re.search(r"-\d+%", paragraph), paragraph
-    assert "Section 2 says why" in paragraph
+    vit = results["architectures"]["vit"]["methods"]
+    near_chance = vit["endpoints"]["accuracy"] < 0.2  # smoke's one epoch: the paragraph says the merges test nothing
+    assert ("test nothing here" in paragraph) == near_chance and ("Section 2 says why" in paragraph) != near_chance
 
 
 def test_merge_sets_table_matches_the_main_comparison(results, params):

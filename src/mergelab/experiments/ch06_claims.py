@@ -110,7 +110,9 @@ two merges on the 450 digits test images, which the chapter prints with its resu
 
 def vit_reading(methods: Mapping[str, Mapping[str, float]], cosine_after: Mapping[str, float],
                 kept: Mapping[str, float], num_classes: int) -> str:
-    """The notebook's paragraph on the ViT, every clause chosen by the numbers it states.
+    """The notebook's paragraph on the ViT, every clause chosen by the numbers it states; when the endpoints
+    themselves are below twice chance (nothing learnt, e.g. at the smoke size) it says only that the merges test
+    nothing.
 
     Args:
         methods: the ViT's ``methods`` (accuracy per merge, ``naive`` and ``endpoints`` among them; fractions).
@@ -122,6 +124,9 @@ def vit_reading(methods: Mapping[str, Mapping[str, float]], cosine_after: Mappin
     chance = 1 / num_classes
     best = max(ALIGNED, key=lambda k: methods[k]["accuracy"])
     acc, naive, ends = methods[best]["accuracy"], methods["naive"]["accuracy"], methods["endpoints"]["accuracy"]
+    if ends < 2 * chance:  # e.g. the smoke size's one epoch: nothing learnt, nothing for a merge to keep
+        return (f"**The ViT.** Its endpoints are themselves near chance at this size ({ends:.1%}; guessing: "
+                f"{chance:.0%}), so its merges test nothing here.")
     verdict = ("stays near chance: aligning the residual stream and the MLPs' units does not rescue the average here"
                if acc < 2 * chance else
                f"is {acc / ends:.2f} x the endpoints: aligning the residual stream and the MLPs' units recovers part of "
