@@ -27,8 +27,8 @@ from ..analysis.stability import (
     gradient_norm_schedule,
 )
 from ..analysis.statistics import spearman_by_group_ci
-from .ch01_curvature import (  # noqa: F401 (the chapter's API: chapter 02 reads estimate_curvature from here)
-    CURVATURE_AGGREGATES, RecipeCurvature, curvature_of, estimate_curvature, extreme_eigenvalues)
+from .ch01_curvature import (  # noqa: F401 (estimate_curvature: the chapter's API, chapter 02 reads it from here)
+    RecipeCurvature, curvature_of, estimate_curvature)
 from ..training import FinetuneConfig
 from ..utils import StateDict, shows_progress
 

@@ -28,17 +28,25 @@ def endpoint_fit(model: IRTModel, endpoint_theta: np.ndarray, endpoint_responses
         tasks of the distance from the accuracy the endpoint really has), and how many experts have their
         largest rise over zero-shot on their own task.
     """
+    fit, observed = _per_task(model, endpoint_theta, endpoint_responses, names, item_task)
+    rise = fit - fit.loc["zero_shot"]
+    own = sum(rise.loc[f"expert:{t}"].idxmax() == t for t in fit.columns if f"expert:{t}" in rise.index)
+    return fit.assign(**{"mean |IRT - observed|": (fit - observed).abs().mean(axis=1)}), int(own)
+
+
+def _per_task(model: IRTModel, theta: np.ndarray, responses: np.ndarray, names: Sequence[str],
+              item_task: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per model (rows ``names``) and task (columns, in the items' order): the mean ``P(correct)`` at ``theta``
+    ``(K, D)`` and the observed accuracy of ``responses`` ``(K, N)``."""
     task_of = np.asarray(item_task)
     tasks = list(dict.fromkeys(task_of.tolist()))
-    prob = model.prob(np.asarray(endpoint_theta, dtype=float))
-    answers = np.asarray(endpoint_responses, dtype=float)
+    prob = model.prob(np.asarray(theta, dtype=float))
+    answers = np.asarray(responses, dtype=float)
     fit = pd.DataFrame([[prob[k, task_of == t].mean() for t in tasks] for k in range(len(names))], index=list(names),
                        columns=tasks)
     observed = pd.DataFrame([[answers[k, task_of == t].mean() for t in tasks] for k in range(len(names))],
                             index=list(names), columns=tasks)
-    rise = fit - fit.loc["zero_shot"]
-    own = sum(rise.loc[f"expert:{t}"].idxmax() == t for t in tasks if f"expert:{t}" in rise.index)
-    return fit.assign(**{"mean |IRT - observed|": (fit - observed).abs().mean(axis=1)}), int(own)
+    return fit, observed
 
 
 def known_models(model: IRTModel, endpoint_theta: np.ndarray, endpoint_responses: np.ndarray,
@@ -74,9 +82,9 @@ def known_models(model: IRTModel, endpoint_theta: np.ndarray, endpoint_responses
             f"is read with a mean error of {read:.3f} per task")
     beyond = None
     if outside is not None and len(outside):
-        others = np.vstack([endpoint_theta[:1], *(fit_ability(model, everything, r) for r in outside)])
-        beyond = endpoint_fit(model, others, np.vstack([answers[:1], outside]),
-                              ["zero_shot", *(f"outside:{i}" for i in range(len(outside)))], item_task)[0][error].iloc[1:]
+        fit, observed = _per_task(model, np.vstack([fit_ability(model, everything, r) for r in outside]), outside,
+                                  [f"outside:{i}" for i in range(len(outside))], item_task)
+        beyond = (fit - observed).abs().mean(axis=1)
         text += (f"; the {len(beyond)} merges that chose D, also outside the calibration, with {beyond.median():.3f} "
                  f"(median) to {beyond.max():.3f}")
     text += f"; the endpoints, which calibrated the items, with at most {table.loc[list(endpoints), error].max():.3f}."

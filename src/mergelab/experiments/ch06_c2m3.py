@@ -57,6 +57,7 @@ from .ch06_pairs import (  # noqa: F401 (the chapter's API)
     pair_average_keeping,
     pair_merges_keeping,
     permuted_copy_merge,
+    accuracy_on_test,
     weight_similarity,
 )
 from .ch06_store import MergeOutcome, build_job, load_job, merge_artifact  # noqa: F401 (MergeOutcome: the chapter's API)
@@ -88,8 +89,7 @@ def permutation_invariance(t: Trained, data: DigitsSplit, seed: int) -> dict[str
             outs.append(t.model(data.X_test))
     return {"max_logit_change": float((outs[0] - outs[1]).abs().max()),
             "max_weight_change": max(float((state[k] - permuted[k]).abs().max()) for k in state),
-            "accuracy": evaluate_state(t.model, state, data.X_test, data.y_test)["accuracy"],
-            "accuracy_permuted": evaluate_state(t.model, permuted, data.X_test, data.y_test)["accuracy"]}
+            "accuracy": accuracy_on_test(t, data, state), "accuracy_permuted": accuracy_on_test(t, data, permuted)}
 
 
 def repair_layers(t: Trained) -> list[str]:

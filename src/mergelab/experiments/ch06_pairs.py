@@ -11,8 +11,14 @@ import pandas as pd
 import torch
 
 from ..alignment import apply_permutation, average_states, random_permutations, weight_matching
+from ..task_vectors import cosine
 from ..training.scratch import DigitsSplit, evaluate_state
 from .ch06_models import Trained
+
+
+def accuracy_on_test(t: Trained, data: DigitsSplit, state: Mapping[str, torch.Tensor]) -> float:
+    """Test accuracy (fraction) of ``t``'s model with ``state`` loaded."""
+    return evaluate_state(t.model, dict(state), data.X_test, data.y_test)["accuracy"]
 
 
 def matched_to(t: Trained, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], seed: int,
@@ -62,11 +68,6 @@ def weight_similarity(t: Trained, seed: int) -> pd.DataFrame:
         if w.ndim >= 2:
             kinds.setdefault(re.sub(r"(?<=\.)\d+(?=\.)", "*", name), []).append(name)
 
-    def cosine(x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor], names: Sequence[str]) -> float:
-        u = torch.cat([x[n].double().flatten() for n in names])
-        v = torch.cat([y[n].double().flatten() for n in names])
-        return float(u @ v / (u.norm() * v.norm()).clamp_min(1e-300))
-
     return pd.DataFrame([{"kind": kind, "parameters": sum(a[n].numel() for n in names),
                           "cosine_before": cosine(a, b, names), "cosine_after": cosine(a, aligned, names)}
                          for kind, names in kinds.items()])
@@ -91,12 +92,8 @@ def pair_average_keeping(t: Trained, data: DigitsSplit, keep: Sequence[str], see
     merges of :func:`pair_merges_keeping` (``aligned_average``, ``keeping``), and ``kept``, how many tensors
     ``keep`` names."""
     average, keeping, kept = pair_merges_keeping(t, keep, seed)
-
-    def accuracy(state: Mapping[str, torch.Tensor]) -> float:
-        return evaluate_state(t.model, dict(state), data.X_test, data.y_test)["accuracy"]
-
-    return {"model_a": accuracy(t.states[0]), "aligned_average": accuracy(average), "keeping": accuracy(keeping),
-            "kept": len(kept)}
+    return {"model_a": accuracy_on_test(t, data, t.states[0]), "aligned_average": accuracy_on_test(t, data, average),
+            "keeping": accuracy_on_test(t, data, keeping), "kept": len(kept)}
 
 
 def permuted_copy_merge(t: Trained, data: DigitsSplit, seed: int) -> dict[str, float]:
@@ -108,11 +105,8 @@ def permuted_copy_merge(t: Trained, data: DigitsSplit, seed: int) -> dict[str, f
     g = torch.Generator().manual_seed(seed)
     b = apply_permutation(t.spec, random_permutations(t.spec.group_sizes(a), g), a)
     matched = matched_to(t, a, b, seed)
-
-    def accuracy(state: Mapping[str, torch.Tensor]) -> float:
-        return evaluate_state(t.model, dict(state), data.X_test, data.y_test)["accuracy"]
-
-    return {"model": accuracy(a), "permuted_copy": accuracy(b), "naive_average": accuracy(average_states([a, b])),
-            "matched_average": accuracy(average_states([a, matched])),
+    return {"model": accuracy_on_test(t, data, a), "permuted_copy": accuracy_on_test(t, data, b),
+            "naive_average": accuracy_on_test(t, data, average_states([a, b])),
+            "matched_average": accuracy_on_test(t, data, average_states([a, matched])),
             "matched_max_weight_difference": max(float((a[k] - matched[k]).abs().max()) for k in a)}
 
