@@ -250,34 +250,34 @@ def test_the_curvature_of_a_point_is_cached_by_weights_data_and_settings(bench, 
     """A re-run reads each point's eigenvalues back instead of running the Lanczos steps again; other weights,
     another task, batch, iteration count or seed are computed anew. (Batch 7 and these seeds: settings no other test
     of this module's shared benchmark caches.)"""
-    from mergelab.experiments import ch01_curvature
+    from mergelab.experiments import ch01_hessian
 
     pre = bench.pretrained_state()
-    first = ch01_curvature.extreme_eigenvalues(bench, "colours", pre, 7, 2, 11)
+    first = ch01_hessian.extreme_eigenvalues(bench, "colours", pre, 7, 2, 11)
     before = len(list((bench.cache_dir / "curvature").glob("*.json")))
     calls = []
-    real = ch01_curvature.hessian_extremes
-    monkeypatch.setattr(ch01_curvature, "hessian_extremes", lambda *a: calls.append(a) or real(*a))
-    assert ch01_curvature.extreme_eigenvalues(bench, "colours", pre, 7, 2, 11) == first and not calls
+    real = ch01_hessian.hessian_extremes
+    monkeypatch.setattr(ch01_hessian, "hessian_extremes", lambda *a: calls.append(a) or real(*a))
+    assert ch01_hessian.extreme_eigenvalues(bench, "colours", pre, 7, 2, 11) == first and not calls
     moved = {k: v + 0.01 if v.is_floating_point() else v for k, v in pre.items()}
     for args in (("colours", moved, 7, 2, 11), ("size", pre, 7, 2, 11), ("colours", pre, 5, 2, 11),
                  ("colours", pre, 7, 4, 11), ("colours", pre, 7, 2, 12)):
-        ch01_curvature.extreme_eigenvalues(bench, *args)
+        ch01_hessian.extreme_eigenvalues(bench, *args)
     assert len(calls) == 5 and len(list((bench.cache_dir / "curvature").glob("*.json"))) == before + 5
 
 
 def test_the_curvature_is_computed_on_the_sizes_training_threads(bench, monkeypatch):
     """Its cache key names no thread count, so a notebook on more threads must compute what a report lane computes:
     the Lanczos steps run on the benchmark's ``train_threads`` (tiny: one), and the caller's count comes back."""
-    from mergelab.experiments import ch01_curvature
+    from mergelab.experiments import ch01_hessian
     from mergelab.utils import torch_threads
 
     threads = []
-    real = ch01_curvature.hessian_extremes
-    monkeypatch.setattr(ch01_curvature, "hessian_extremes",
+    real = ch01_hessian.hessian_extremes
+    monkeypatch.setattr(ch01_hessian, "hessian_extremes",
                         lambda *a: threads.append(torch.get_num_threads()) or real(*a))
     with torch_threads(2):
-        ch01_curvature.extreme_eigenvalues(bench, "colours", bench.pretrained_state(), 6, 2, 13)  # a point no other test caches
+        ch01_hessian.extreme_eigenvalues(bench, "colours", bench.pretrained_state(), 6, 2, 13)  # a point no other test caches
         assert torch.get_num_threads() == 2
     assert threads == [bench.train_threads] == [1]
 
@@ -391,12 +391,13 @@ def test_each_recipe_gets_the_curvature_of_its_own_runs(bench, small_grid):
 
 def test_the_curvature_points_not_cached_go_to_the_executor_once(bench, small_grid, monkeypatch):
     from mergelab.executors import LocalExecutor
-    from mergelab.experiments import ch01_curvature
+    from mergelab.experiments import ch01_hessian
+    from mergelab.cache import Artifact
     from mergelab.experiments.ch01_curvature import recipe_curvature
 
     calls = []
-    real = ch01_curvature.hessian_extremes
-    monkeypatch.setattr(ch01_curvature, "hessian_extremes", lambda *a: calls.append(a[-1]) or real(*a))
+    real = ch01_hessian.hessian_extremes
+    monkeypatch.setattr(ch01_hessian, "hessian_extremes", lambda *a: calls.append(a[-1]) or real(*a))
 
     class Recording(LocalExecutor):
         def __init__(self) -> None:
@@ -407,9 +408,15 @@ def test_the_curvature_points_not_cached_go_to_the_executor_once(bench, small_gr
             self.items += list(items)
             return super().map(fn, items, *args, **kwargs)
 
+    loads = []  # the checkpoints whose weights are read
+    real_load = Artifact.load
+    monkeypatch.setattr(Artifact, "load", lambda self, *a, **k: loads.append(self.path.name) or real_load(self, *a, **k))
     first = Recording()  # batch 6, 2 steps and seed 3: points no other test caches
     own, rows = recipe_curvature(bench, small_grid, ["colours", "size"], batch_size=6, iters=2, seed=3, executor=first)
     recipes, steps = small_grid.recipes(), small_grid.steps
+    # each checkpoint's weights read once, where its point is computed: its key names the file's recorded SHA-256
+    expert_loads = [name for name in loads if name.startswith("expert-")]
+    assert len(expert_loads) == 2 * len(steps) * len(recipes) == len(set(expert_loads))
     # theta_0 once per task (the same seed for every recipe), every checkpoint of every recipe once
     assert len(first.items) == 2 + 2 * len(steps) * len(recipes) == len(set(first.items))
     assert {item[0] for item in first.items} == {"colours", "size"}
@@ -421,8 +428,57 @@ def test_the_curvature_points_not_cached_go_to_the_executor_once(bench, small_gr
                                        executor=again)
     assert again.items == [] and same_rows == rows and same == own  # read back from the cache
     assert len(calls) == len(first.items)  # nothing computed again
+    assert [name for name in loads if name.startswith("expert-")] == expert_loads  # and no checkpoint read again
     with pytest.raises(ValueError, match="no sweep checkpoint of task='colours'"):
         recipe_curvature(bench, replace(small_grid, base=replace(small_grid.base, seed=7)), ["colours"], iters=2)
+
+
+def test_a_curvature_checkpoint_is_named_by_its_recorded_sha256(bench, small_grid, tmp_path, monkeypatch):
+    """A curvature point's key names a checkpoint by the SHA-256 its sidecar records (no load needed), and
+    ``theta_0`` by its weights' digest; a sidecar without a SHA-256 (written before checksums were kept) names
+    nothing, and the loaded weights' digest names the point then."""
+    from mergelab.cache import Artifact, file_sha256
+    from mergelab.experiments import ch01_curvature
+    from mergelab.experiments.ch01_curvature import _point_name
+    from mergelab.experiments.ch01_hessian import checkpoint_name, weights_name
+    from mergelab.training.sweep import checkpoint, checkpoint_state
+
+    pre = bench.pretrained_state()
+    entry = Artifact.at(tmp_path, "expert", "probe")
+    entry.save(pre, {"config": "test"})
+    assert checkpoint_name(entry) == f"file-sha256:{file_sha256(entry.path)}"
+    legacy = Artifact.at(tmp_path, "expert", "legacy")
+    legacy.save(pre, {"config": "test"})
+    legacy.sidecar.write_text('{"config": "test"}')  # written before checksums were kept
+    assert checkpoint_name(legacy) is None
+    cfg = replace(small_grid.base, num_steps=small_grid.steps[-1])
+    assert _point_name(bench, "colours", None) == _point_name(bench, "colours", None, weights_name(pre)) == weights_name(pre)
+    real = checkpoint(bench, "colours", cfg)
+    assert _point_name(bench, "colours", cfg) == checkpoint_name(real) == f"file-sha256:{file_sha256(real.path)}"
+    with monkeypatch.context() as m:  # as if the shared benchmark's checkpoint recorded no checksum
+        m.setattr(ch01_curvature, "checkpoint_name", lambda entry: None)
+        assert _point_name(bench, "colours", cfg) == weights_name(checkpoint_state(bench, "colours", cfg))
+
+
+def test_the_curvature_workers_rebuild_a_gpu_benchmark_only_on_a_gpu():
+    """A point's key names the device and is read in the caller's process: a benchmark on the CPU is rebuilt on the
+    CPU whatever the executor offers; one on a GPU gets the executor's device, so local worker processes refuse it,
+    naming the settings to change, instead of each opening the GPU (no GPU is needed: only the attribute)."""
+    from types import SimpleNamespace
+
+    from mergelab.executors import LocalExecutor, benchmark_context
+    from mergelab.experiments.ch01_curvature import worker_device
+
+    class Bench:
+        def __init__(self, config, device="cpu", progress=True):
+            self.config, self.device = config, torch.device(device)
+
+    on_cpu, on_gpu, ray_gpu = Bench({"tasks": ["a"]}), Bench({"tasks": ["a"]}), SimpleNamespace(device="cuda")
+    on_gpu.device = torch.device("cuda", 0)
+    assert worker_device(on_cpu, LocalExecutor(2)) == worker_device(on_cpu, ray_gpu) == "cpu"
+    assert worker_device(on_gpu, ray_gpu) == "cuda" and worker_device(on_gpu, LocalExecutor(2)) == "cpu"
+    with pytest.raises(ValueError, match=r"runs on cuda:0 .*workers: 1"):
+        benchmark_context(on_gpu, worker_device(on_gpu, LocalExecutor(2))).build()
 
 
 def test_a_recipe_is_its_learning_rate_batch_and_data_fraction():

@@ -48,7 +48,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
                    "benchmarks/clip/datasets.py", "benchmarks/clip/splits.py", "benchmarks/clip/model.py", "models.py",
                    "analysis/generalization.py", "analysis/responses.py",  # cached accuracies, losses and responses per weights
                    "autodiff.py",  # the per-example gradient norms chapter 01's store keeps
-                   "experiments/ch01_curvature.py",  # the Hessian's extreme eigenvalues chapter 01 caches per point
+                   "experiments/ch01_hessian.py",  # the Hessian's extreme eigenvalues chapter 01 caches per point
                    "analysis/diagnostics.py",  # chapter 00's linear probes, cached per encoder and task
                    "merging/select.py"),  # at_grid_edge, which the probes' results record
     # chapter 04's MASS results per router and split: routing, second-pass merges, head choice, the mixed batches

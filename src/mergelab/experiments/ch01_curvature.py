@@ -1,5 +1,5 @@
-"""Chapter 01's curvature: the Hessian's extreme eigenvalues at points of the fine-tuning runs (cached per point),
-aggregated over tasks into the curvature schedule of assumption A4, one per recipe or one for every recipe.
+"""Chapter 01's curvature: the Hessian's extreme eigenvalues at points of the fine-tuning runs (cached per point by
+:mod:`mergelab.experiments.ch01_hessian`), aggregated over tasks into the curvature schedule of assumption A4, one per recipe or one for every recipe.
 
 A recipe is what sets a run's trajectory apart in the chapter's grid: its learning rate, batch size and data
 fraction (:func:`recipe_key`). A step count is a checkpoint of the same run, and another seed one more run of the
@@ -17,14 +17,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import codeversion
 from ..analysis.stability import Curvature
-from ..autodiff import hessian_extremes
-from ..cache import read_result, result_path
 from ..executors import Executor, LocalExecutor, benchmark_context
 from ..training import FinetuneConfig
 from ..training.sweep import checkpoint, checkpoint_state
-from ..utils import StateDict, atomic_write_json, check_integer, shows_progress, size_threads, state_digest
+from ..utils import StateDict, check_integer, shows_progress
+from .ch01_hessian import (CURVATURE_FIELDS, checkpoint_name, curvature_path, extreme_eigenvalues, read_point,
+                           weights_name)
 
 if TYPE_CHECKING:  # pragma: no cover - the grid is only read
     from .ch01_stability import ExpertGrid
@@ -32,44 +31,6 @@ if TYPE_CHECKING:  # pragma: no cover - the grid is only read
 CURVATURE_AGGREGATES = ("max", "median")
 """How :func:`estimate_curvature` combines the tasks measured at one step: the worst case, or the
 median (robust to one task's outlier, e.g. a head that is confidently wrong at ``theta_0``)."""
-
-
-_FIELDS = ("lambda_max", "lambda_min", "residual_max", "residual_min")
-
-
-def _curvature_path(bench: Any, task: str, state: StateDict, batch_size: int, iters: int, seed: int) -> Any:
-    return result_path(bench, "curvature", lambda: {
-        "state": state_digest(state), "task": bench.evaluation_key(task, "train"),
-        "device": torch.device(bench.device).type, "batch_size": int(batch_size), "iters": int(iters),
-        "seed": int(seed), "fields": list(_FIELDS), **codeversion.key_part("evaluation")})
-
-
-def extreme_eigenvalues(bench: Any, task: str, state: StateDict, batch_size: int, iters: int, seed: int
-                        ) -> dict[str, float]:
-    """``lambda_max`` and ``lambda_min`` of the Hessian of ``task``'s mean cross-entropy (its head) on its first
-    ``batch_size`` training examples at the encoder weights ``state``, with ``residual_max`` and ``residual_min``,
-    each estimate's Ritz residual (:func:`mergelab.autodiff.hessian_extremes`: ``iters`` Lanczos steps, one
-    Hessian-vector product each, from ``seed``).
-
-    Cached as ``<cache_dir>/curvature/<key>.json``, the key naming the weights' digest, the task's data, head and
-    arithmetic (:meth:`evaluation_key`), the device, ``batch_size``, ``iters`` and ``seed``, the fields kept and
-    the evaluation code's version: a re-run reads the four numbers back instead of running the Lanczos steps again."""
-    fields = _FIELDS
-    path = _curvature_path(bench, task, state, batch_size, iters, seed)
-    cached = read_result(path, fields)
-    if cached is not None:
-        return {k: float(cached[k]) for k in fields}
-    X, y = bench.split(task, "train")
-    enc = bench.new_encoder(state).to(bench.device)
-    # on the size's training threads whoever calls (a lane, a notebook): the key names no thread count
-    with size_threads(bench):
-        r = hessian_extremes(enc, bench.heads[task].to(bench.device), X[:batch_size].to(bench.device),
-                             y[:batch_size].to(bench.device), iters, seed)
-    out = {k: float(getattr(r, k)) for k in fields}
-    if path is not None:
-        atomic_write_json(path, {**out, "task": task, "batch_size": int(batch_size), "iters": int(iters),
-                                 "seed": int(seed)})
-    return out
 
 
 def estimate_curvature(bench: Any, points: Sequence[tuple[str, int, StateDict]], batch_size: int = 32,
@@ -113,6 +74,16 @@ def _point_state(bench: Any, task: str, cfg: FinetuneConfig | None, pretrained: 
     if cfg is None:
         return pretrained if pretrained is not None else bench.pretrained_state()
     return checkpoint_state(bench, task, cfg)
+
+
+def _point_name(bench: Any, task: str, cfg: FinetuneConfig | None, pretrained_name: str | None = None) -> str:
+    """What names one curvature point's weights in its cache key: ``theta_0``'s digest (``pretrained_name`` when the
+    caller holds it), or the checkpoint's SHA-256 as its sidecar records it (:func:`checkpoint_name`), which needs no
+    load; a checkpoint whose sidecar records none is loaded to be digested."""
+    if cfg is None:
+        return pretrained_name if pretrained_name is not None else weights_name(bench.pretrained_state())
+    entry = checkpoint(bench, task, cfg)
+    return checkpoint_name(entry) or weights_name(entry.load())
 
 
 def _schedule(rows: Sequence[Mapping[str, Any]], aggregate: str) -> Curvature:
@@ -187,9 +158,11 @@ def recipe_curvature(bench: Any, grid: "ExpertGrid", tasks: Sequence[str], batch
     sweep's checkpoints: a missing one is an error, never trained here). ``per_recipe=False`` measures the centre
     recipe's runs only and gives every recipe that schedule: at the `tiny` size's one-at-a-time grid 20 points
     instead of 110. The points not cached yet are computed by ``executor`` (:mod:`mergelab.executors`; ``None``:
-    here, one after the other), each on this benchmark's device and in one of the size's training threads as here,
-    so a worker's eigenvalues are this process's and land under the keys read here; each point's weights are
-    loaded once, to name its cache entry.
+    here, one after the other), each on this benchmark's device (:func:`worker_device`) and in one of the size's
+    training threads as here, so a worker's eigenvalues are this process's and land under the keys read here. A
+    checkpoint is named in its point's key by the SHA-256 its sidecar records
+    (:func:`~mergelab.experiments.ch01_hessian.checkpoint_name`), so a cached point loads no weights and a point
+    computed loads its checkpoint once, where it is computed.
 
     Returns:
         the schedules, and one row per recipe and point (:func:`estimate_curvature`'s) with its recipe's ``lr``,
@@ -217,22 +190,24 @@ def recipe_curvature(bench: Any, grid: "ExpertGrid", tasks: Sequence[str], batch
         if cfg is not None and not checkpoint(bench, t, cfg).path.is_file():
             raise ValueError(f"no sweep checkpoint of task={t!r} at {cfg}; run the grid's sweep first (the curvature "
                              "is measured along the sweep's runs, at the base recipe's seed).")
-    paths = {j: _curvature_path(bench, j[0], _point_state(bench, j[0], j[1], pre), *j[2:]) for j in jobs}
-    values = {j: read_result(path, _FIELDS) for j, path in paths.items()}
+    pre_name = weights_name(pre)
+    names = {j: _point_name(bench, j[0], j[1], pre_name) for j in jobs}  # reads no checkpoint's weights
+    paths = {j: curvature_path(bench, j[0], names[j], *j[2:]) for j in jobs}
+    values = {j: read_point(path) for j, path in paths.items()}
     todo = [j for j in jobs if values[j] is None and paths[j] is not None]
     if todo:
         executor = executor if executor is not None else LocalExecutor(1)
-        executor.map(_curvature_job, todo, benchmark_context(bench, str(bench.device)), describe=_describe_job,
+        executor.map(_curvature_job, todo, benchmark_context(bench, worker_device(bench, executor)), describe=_describe_job,
                      progress=shows_progress(bench, progress),
                      desc=f"curvature points ({len(jobs) - len(todo)} of {len(jobs)} cached)").raise_failures("curvature points")
-        values.update({j: read_result(paths[j], _FIELDS) for j in todo})
+        values.update({j: read_point(paths[j]) for j in todo})
     for j in jobs:  # without a cache (or where a worker's entry did not come back): here
         if values[j] is None:
-            values[j] = extreme_eigenvalues(bench, j[0], _point_state(bench, j[0], j[1], pre), *j[2:])
+            values[j] = extreme_eigenvalues(bench, j[0], _point_state(bench, j[0], j[1], pre), *j[2:], weights=names[j])
     schedules, rows = {}, []
     for key, plan in plans.items():
         recipe = measured[key]
-        found = [{"task": t, "step": int(s), **{k: float(values[t, cfg, batch_size, iters, seed + i][k]) for k in _FIELDS}}
+        found = [{"task": t, "step": int(s), **{k: float(values[t, cfg, batch_size, iters, seed + i][k]) for k in CURVATURE_FIELDS}}
                  for i, (t, s, cfg) in enumerate(plan)]
         schedules[key] = _schedule(found, aggregate)
         label = "+".join(f"{h}={getattr(recipe, h):g}" for h in grid.varied(recipe)) or "centre"
@@ -242,11 +217,21 @@ def recipe_curvature(bench: Any, grid: "ExpertGrid", tasks: Sequence[str], batch
     return RecipeCurvature(schedules, centre, per_recipe), rows
 
 
+def worker_device(bench: Any, executor: Executor) -> str:
+    """Where :func:`recipe_curvature`'s workers rebuild the benchmark: on the CPU for a benchmark on the CPU, whatever
+    the executor offers, since a point's key names the device and is read here; for a benchmark on a GPU, the
+    executor's device. Local worker processes (``cpu``) then refuse to rebuild it, naming the settings to change
+    (:func:`~mergelab.executors.benchmark_context`), as the sweep's and the trajectories' workers do, instead of
+    each opening the GPU."""
+    return str(executor.device) if torch.device(bench.device).type == "cuda" else "cpu"
+
+
 def _curvature_job(bench: Any, job: tuple[str, FinetuneConfig | None, int, int, int]) -> None:
     """One point of :func:`recipe_curvature` in a worker: ``(task, checkpoint or None for theta_0, batch_size,
     iters, seed)``, cached by :func:`extreme_eigenvalues`."""
     task, cfg, batch_size, iters, seed = job
-    extreme_eigenvalues(bench, task, _point_state(bench, task, cfg), batch_size, iters, seed)
+    name = None if cfg is None else checkpoint_name(checkpoint(bench, task, cfg))  # as recipe_curvature names it
+    extreme_eigenvalues(bench, task, _point_state(bench, task, cfg), batch_size, iters, seed, weights=name)
 
 
 def _describe_job(job: tuple[str, FinetuneConfig | None, int, int, int]) -> dict[str, Any]:
