@@ -262,10 +262,15 @@ def test_the_vit_spec_names_open_clips_parameters_and_refuses_what_does_not_fit(
         vit_spec(2).validate({k: v for k, v in state.items() if "resblocks.1.ln_1.weight" not in k})
     with pytest.raises(SpecError, match=r"'transformer.resblocks.2.ln_1.weight' of the permutation spec is not.*12 unknown"):
         vit_spec(3).validate(state)
-    with pytest.raises(ValueError, match=r"heads=2 and patch_size=None are ViT settings; leave them out"):
+    # the settings are checked by the function ScratchConfig checks them with (its tests read every message)
+    with pytest.raises(ValueError, match=r"heads=2 is a ViT setting; leave it out for arch='mlp'"):
         build_model("mlp", (1, 8, 8), 10, (8,), heads=2)
-    with pytest.raises(ValueError, match=r"the ViT needs widths=\[width\] \(one entry\), heads and patch_size"):
+    with pytest.raises(ValueError, match=r"widths=\[8, 8\] is not valid for the ViT; give one entry"):
         build_model("vit", (1, 8, 8), 10, (8, 8), heads=2, patch_size=2)
+    with pytest.raises(ValueError, match=r"patch_size is missing; the ViT needs"):
+        build_model("vit", (1, 8, 8), 10, (8,), heads=2)
+    with pytest.raises(ValueError, match=r"arch='vgg' is not a supported architecture"):
+        build_model("vgg", (1, 8, 8), 10, (8,), heads=2)
     with pytest.raises(ValueError, match=r"in_shape=\(1, 8, 6\) is not valid for the ViT; it needs square images"):
         build_model("vit", (1, 8, 6), 10, (8,), heads=2, patch_size=2)
     with pytest.raises(ValueError, match=r"in_shape=\(8, 8\) is not valid for the ViT; give one image's shape"):

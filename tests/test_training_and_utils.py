@@ -492,6 +492,21 @@ def test_scratch_cache_keys_name_the_vit_settings_only_for_the_vit():
     assert vit.key()["patch_size"] == 2
 
 
+def test_scratch_cache_names_are_pinned(monkeypatch, tmp_path):
+    """The names a cached model from scratch is stored under, pinned: a change to the key's structure (a field added,
+    renamed or hashed otherwise) moves every user's cached models and chapter 06's merges, so it must be a decision
+    (a version bump, :mod:`mergelab.codeversion`), not a side effect. Both names are what the code before the ViT's
+    arrival (``0778a2f^``) computes."""
+    from mergelab.training.scratch import ScratchConfig, scratch_artifact
+
+    monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path))
+    data_key = {"dataset": "digits", "seed": 0}
+    assert scratch_artifact(ScratchConfig(arch="mlp", widths=(64, 64), seed=3), data_key).path.name == \
+        "mlp-62e8431a23113c35.safetensors"
+    assert scratch_artifact(ScratchConfig(arch="resnet", widths=(4, 8), seed=1), data_key).path.name == \
+        "resnet-0bdbb21822e8384b.safetensors"
+
+
 def _leaves_the_stream(call):
     """``call()``'s result, after checking that the global torch random stream goes on after it exactly as if it
     had not run (``torch.rand(3)`` after seed 123)."""

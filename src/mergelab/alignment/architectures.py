@@ -231,6 +231,31 @@ ARCHITECTURES = ("mlp", "resnet", "vit")
 """What :func:`build_model` builds."""
 
 
+def check_vit_settings(arch: str, widths: Sequence[int], heads: int | None, patch_size: int | None) -> None:
+    """The ViT's settings, checked where a model is configured and where it is built: ``heads`` and ``patch_size``
+    are required for ``arch="vit"`` (positive integers, ``heads`` dividing the one width) and refused, by name,
+    for the other architectures. ``patch_size`` against the images' side is checked by :func:`vit_classifier`."""
+    vit = {"heads": heads, "patch_size": patch_size}
+    if arch != "vit":
+        given = {k: v for k, v in vit.items() if v is not None}
+        if given:
+            raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in given.items())} "
+                             f"{'is a ViT setting; leave it' if len(given) == 1 else 'are ViT settings; leave them'} "
+                             f"out for arch={arch!r}.")
+        return
+    for name, value in vit.items():
+        if value is None:
+            raise ValueError(f"{name} is missing; the ViT needs heads (dividing the width) and patch_size "
+                             "(dividing the images' side), e.g. heads: 2, patch_size: 2.")
+        check_integer(name, value)
+    if len(widths) != 1:
+        raise ValueError(f"widths={list(widths)} is not valid for the ViT; give one entry, the residual "
+                         "stream's width (the number of blocks is `blocks`).")
+    if int(widths[0]) % int(heads):
+        raise ValueError(f"heads={heads} is not valid; it must divide the width {widths[0]} "
+                         f"(e.g. {[h for h in range(1, int(widths[0]) + 1) if int(widths[0]) % h == 0][:6]}).")
+
+
 def build_model(arch: str, in_shape: Sequence[int], num_classes: int, widths: Sequence[int],
                 blocks: int = 1, heads: int | None = None, patch_size: int | None = None,
                 ) -> tuple[nn.Module, PermutationSpec]:
@@ -245,13 +270,10 @@ def build_model(arch: str, in_shape: Sequence[int], num_classes: int, widths: Se
         blocks: basic blocks per stage (ResNet) or residual attention blocks (ViT).
         heads, patch_size: attention heads per block and patch side in pixels (ViT only, required there).
     """
-    if arch != "vit" and (heads is not None or patch_size is not None):
-        raise ValueError(f"heads={heads!r} and patch_size={patch_size!r} are ViT settings; leave them out "
-                         f"(None) for arch={arch!r}.")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch={arch!r} is not a supported architecture; use one of {', '.join(ARCHITECTURES)}.")
+    check_vit_settings(arch, widths, heads, patch_size)
     if arch == "vit":
-        if heads is None or patch_size is None or len(widths) != 1:
-            raise ValueError(f"the ViT needs widths=[width] (one entry), heads and patch_size; got "
-                             f"widths={list(widths)}, heads={heads!r}, patch_size={patch_size!r}.")
         return (vit_classifier(in_shape, num_classes, int(widths[0]), blocks, heads, patch_size),
                 vit_spec(blocks))
     if arch == "mlp":
@@ -259,6 +281,4 @@ def build_model(arch: str, in_shape: Sequence[int], num_classes: int, widths: Se
         for s in in_shape:
             d_in *= int(s)
         return MLP(d_in, widths, num_classes), mlp_spec(len(widths))
-    if arch == "resnet":
-        return ResNet(int(in_shape[0]), widths, blocks, num_classes), resnet_spec(len(widths), blocks)
-    raise ValueError(f"arch={arch!r} is not a supported architecture; use one of {', '.join(ARCHITECTURES)}.")
+    return ResNet(int(in_shape[0]), widths, blocks, num_classes), resnet_spec(len(widths), blocks)

@@ -135,6 +135,13 @@ def vit_reading(methods: Mapping[str, Mapping[str, float]], cosine_after: Mappin
                "help here")
     text = (f"**The ViT.** Its best aligned merge ({best}, {acc:.1%}) {verdict} (guessing: {chance:.0%}; naive "
             f"average: {naive:.1%}; endpoints: {ends:.1%}). ")
+    plain, repaired = methods["c2m3"]["accuracy"], methods["c2m3_repair"]["accuracy"]
+    text += (f"REPAIR, which here resets the statistics of the MLPs' hidden units only, moves C²M³ from {plain:.1%} to "
+             f"{repaired:.1%}: "
+             + ("no clear change, so what the average lost is not the units' shrunken statistics. "
+                if abs(repaired - plain) <= CLEAR else
+                "a clear gain, so part of what the average lost is the units' shrunken statistics. "
+                if repaired > plain else "a clear loss. "))
     attention = [v for k, v in cosine_after.items() if ".attn." in k]
     mlp_in = cosine_after["transformer.resblocks.*.mlp.c_fc.weight"]
     where = f"cosine {min(attention):.2f} to {max(attention):.2f} after matching, against {mlp_in:.2f} for the MLPs' `c_fc`"

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import codeversion, paths
-from ..alignment.architectures import ARCHITECTURES, build_model, no_onednn
+from ..alignment.architectures import ARCHITECTURES, build_model, check_vit_settings, no_onednn
 from ..alignment.specs import PermutationSpec
 from ..cache import Artifact
 from ..utils import check_integer, check_number, config_hash, keeps_global_rng, torch_threads
@@ -110,25 +110,7 @@ class ScratchConfig:
         self._check_vit()
 
     def _check_vit(self) -> None:
-        vit = {"heads": self.heads, "patch_size": self.patch_size}
-        if self.arch != "vit":
-            given = {k: v for k, v in vit.items() if v is not None}
-            if given:
-                raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in given.items())} "
-                                 f"{'is a ViT setting; leave it' if len(given) == 1 else 'are ViT settings; leave them'} "
-                                 f"out for arch={self.arch!r}.")
-            return
-        for name, value in vit.items():
-            if value is None:
-                raise ValueError(f"{name} is missing; the ViT needs heads (dividing the width) and patch_size "
-                                 "(dividing the images' side), e.g. heads: 2, patch_size: 2.")
-            check_integer(name, value)
-        if len(self.widths) != 1:
-            raise ValueError(f"widths={list(self.widths)} is not valid for the ViT; give one entry, the residual "
-                             "stream's width (the number of blocks is `blocks`).")
-        if self.widths[0] % self.heads:
-            raise ValueError(f"heads={self.heads} is not valid; it must divide the width {self.widths[0]} "
-                             f"(e.g. {[h for h in range(1, self.widths[0] + 1) if self.widths[0] % h == 0][:6]}).")
+        check_vit_settings(self.arch, self.widths, self.heads, self.patch_size)
 
     def key(self) -> dict[str, Any]:
         """The configuration as the cache key names it: every field, less the ViT's settings when unset."""
