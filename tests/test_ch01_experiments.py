@@ -393,8 +393,12 @@ def test_the_curvature_points_not_cached_go_to_the_executor_once(bench, small_gr
     from mergelab.executors import LocalExecutor
     from mergelab.experiments import ch01_hessian
     from mergelab.cache import Artifact
+    from mergelab.experiments import ch01_curvature
     from mergelab.experiments.ch01_curvature import recipe_curvature
 
+    devices = []  # where the workers would rebuild the benchmark (worker_device's own test reads the rule)
+    real_device = ch01_curvature.worker_device
+    monkeypatch.setattr(ch01_curvature, "worker_device", lambda b, e: devices.append(real_device(b, e)) or devices[-1])
     calls = []
     real = ch01_hessian.hessian_extremes
     monkeypatch.setattr(ch01_hessian, "hessian_extremes", lambda *a: calls.append(a[-1]) or real(*a))
@@ -408,9 +412,10 @@ def test_the_curvature_points_not_cached_go_to_the_executor_once(bench, small_gr
             self.items += list(items)
             return super().map(fn, items, *args, **kwargs)
 
-    loads = []  # the checkpoints whose weights are read
-    real_load = Artifact.load
-    monkeypatch.setattr(Artifact, "load", lambda self, *a, **k: loads.append(self.path.name) or real_load(self, *a, **k))
+    loads = []  # the checkpoints whose weights are read, by either reader
+    for reader in ("load", "load_with_sha256"):
+        monkeypatch.setattr(Artifact, reader, lambda self, *a, _real=getattr(Artifact, reader), **k:
+                            loads.append(self.path.name) or _real(self, *a, **k))
     first = Recording()  # batch 6, 2 steps and seed 3: points no other test caches
     own, rows = recipe_curvature(bench, small_grid, ["colours", "size"], batch_size=6, iters=2, seed=3, executor=first)
     recipes, steps = small_grid.recipes(), small_grid.steps
@@ -427,42 +432,48 @@ def test_the_curvature_points_not_cached_go_to_the_executor_once(bench, small_gr
     same, same_rows = recipe_curvature(bench, small_grid, ["colours", "size"], batch_size=6, iters=2, seed=3,
                                        executor=again)
     assert again.items == [] and same_rows == rows and same == own  # read back from the cache
+    assert devices == ["cpu"]  # asked once, by the run that had points to compute
     assert len(calls) == len(first.items)  # nothing computed again
     assert [name for name in loads if name.startswith("expert-")] == expert_loads  # and no checkpoint read again
     with pytest.raises(ValueError, match="no sweep checkpoint of task='colours'"):
         recipe_curvature(bench, replace(small_grid, base=replace(small_grid.base, seed=7)), ["colours"], iters=2)
 
 
-def test_a_curvature_checkpoint_is_named_by_its_recorded_sha256(bench, small_grid, tmp_path, monkeypatch):
-    """A curvature point's key names a checkpoint by the SHA-256 its sidecar records (no load needed), and
-    ``theta_0`` by its weights' digest; a sidecar without a SHA-256 (written before checksums were kept) names
-    nothing, and the loaded weights' digest names the point then."""
-    from mergelab.cache import Artifact, file_sha256
-    from mergelab.experiments import ch01_curvature
-    from mergelab.experiments.ch01_curvature import _point_name
-    from mergelab.experiments.ch01_hessian import checkpoint_name, weights_name
-    from mergelab.training.sweep import checkpoint, checkpoint_state
+def test_a_curvature_checkpoint_is_named_by_its_recorded_sha256(bench, small_grid, tmp_path):
+    """A curvature point's key names a checkpoint by the SHA-256 its sidecar records (no load needed), or by the
+    file's bytes when it records none (written before checksums were kept), and ``theta_0`` by its weights' digest.
+    The job that computes a point names it by the bytes it loads, which are checked against the record: a file that
+    no longer matches it fails there instead of being computed under the record's name."""
+    from mergelab.cache import Artifact, CorruptArtifactError, file_sha256
+    from mergelab.experiments.ch01_curvature import _point_name, _point_weights
+    from mergelab.experiments.ch01_hessian import checkpoint_name, file_name, weights_name
+    from mergelab.training.sweep import checkpoint
 
     pre = bench.pretrained_state()
     entry = Artifact.at(tmp_path, "expert", "probe")
     entry.save(pre, {"config": "test"})
-    assert checkpoint_name(entry) == f"file-sha256:{file_sha256(entry.path)}"
-    legacy = Artifact.at(tmp_path, "expert", "legacy")
-    legacy.save(pre, {"config": "test"})
-    legacy.sidecar.write_text('{"config": "test"}')  # written before checksums were kept
-    assert checkpoint_name(legacy) is None
+    assert checkpoint_name(entry) == file_name(file_sha256(entry.path)) == f"file-sha256:{file_sha256(entry.path)}"
+    state, sha = entry.load_with_sha256()
+    assert sha == file_sha256(entry.path) and all(torch.equal(state[k], pre[k]) for k in pre)
+    entry.sidecar.write_text('{"config": "test"}')  # as written before checksums were kept
+    assert checkpoint_name(entry) == file_name(file_sha256(entry.path)) and entry.load_with_sha256()[1] == sha
+    entry.save(pre, {"config": "test"})
+    entry.path.write_bytes(entry.path.read_bytes()[:-1] + b" ")  # damaged after its record was written
+    assert checkpoint_name(entry) == file_name(sha)  # the record's name, read without the file
+    with pytest.raises(CorruptArtifactError, match="SHA-256 differs"):
+        entry.load_with_sha256()
     cfg = replace(small_grid.base, num_steps=small_grid.steps[-1])
     assert _point_name(bench, "colours", None) == _point_name(bench, "colours", None, weights_name(pre)) == weights_name(pre)
     real = checkpoint(bench, "colours", cfg)
-    assert _point_name(bench, "colours", cfg) == checkpoint_name(real) == f"file-sha256:{file_sha256(real.path)}"
-    with monkeypatch.context() as m:  # as if the shared benchmark's checkpoint recorded no checksum
-        m.setattr(ch01_curvature, "checkpoint_name", lambda entry: None)
-        assert _point_name(bench, "colours", cfg) == weights_name(checkpoint_state(bench, "colours", cfg))
+    assert _point_name(bench, "colours", cfg) == checkpoint_name(real) == file_name(file_sha256(real.path))
+    loaded, name = _point_weights(bench, "colours", cfg)
+    assert name == _point_name(bench, "colours", cfg) and weights_name(loaded) == weights_name(checkpoint_state(bench, "colours", cfg))
+    assert _point_weights(bench, "colours", None, pre) == (pre, None)
 
 
 def test_the_curvature_workers_rebuild_a_gpu_benchmark_only_on_a_gpu():
-    """A point's key names the device and is read in the caller's process: a benchmark on the CPU is rebuilt on the
-    CPU whatever the executor offers; one on a GPU gets the executor's device, so local worker processes refuse it,
+    """A point's key names the device and is read in the caller's process: a benchmark on the CPU (or mps) is rebuilt
+    there whatever the executor offers; one on a CUDA GPU gets the executor's device, so local worker processes refuse it,
     naming the settings to change, instead of each opening the GPU (no GPU is needed: only the attribute)."""
     from types import SimpleNamespace
 
@@ -477,8 +488,29 @@ def test_the_curvature_workers_rebuild_a_gpu_benchmark_only_on_a_gpu():
     on_gpu.device = torch.device("cuda", 0)
     assert worker_device(on_cpu, LocalExecutor(2)) == worker_device(on_cpu, ray_gpu) == "cpu"
     assert worker_device(on_gpu, ray_gpu) == "cuda" and worker_device(on_gpu, LocalExecutor(2)) == "cpu"
+    on_mps = Bench({"tasks": ["a"]})
+    on_mps.device = torch.device("mps")
+    assert worker_device(on_mps, LocalExecutor(2)) == worker_device(on_mps, ray_gpu) == "mps"  # its keys name mps
     with pytest.raises(ValueError, match=r"runs on cuda:0 .*workers: 1"):
         benchmark_context(on_gpu, worker_device(on_gpu, LocalExecutor(2))).build()
+
+
+def test_curvature_points_a_worker_files_elsewhere_are_computed_here_with_a_warning(bench, small_grid, monkeypatch):
+    """If the executor's entries do not land under the keys read here, the points are computed in this process, and
+    the run says so instead of silently doing the work twice."""
+    from mergelab.experiments import ch01_curvature, ch01_hessian
+    from mergelab.experiments.ch01_curvature import recipe_curvature
+
+    calls = []
+    real = ch01_hessian.hessian_extremes
+    monkeypatch.setattr(ch01_hessian, "hessian_extremes", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(ch01_curvature, "_curvature_job", lambda bench, job: None)  # files nothing
+    points = 2 + 2 * len(small_grid.steps)  # theta_0 and the centre run's checkpoints, per task
+    with pytest.warns(RuntimeWarning, match=rf"{points} of the {points} curvature points the executor computed are "
+                                            r"not under the keys read here \(first: task='colours', theta_0\)"):
+        _, rows = recipe_curvature(bench, small_grid, ["colours", "size"], batch_size=5, iters=2, seed=17,
+                                   per_recipe=False)  # batch 5, seed 17: points no other test caches
+    assert len(calls) == len(rows) == points  # each computed here, once
 
 
 def test_a_recipe_is_its_learning_rate_batch_and_data_fraction():

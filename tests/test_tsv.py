@@ -657,8 +657,8 @@ def test_float32_gram_svd_splits_a_cluster_at_the_cut_again_in_float64():
     cut; the k + p float32 eigenvectors split again in float64 (the default padding) keep the last kept vector far
     closer to the float64 path's than no padding does, in the NumPy kernel of the CPU and the batched torch one of
     GPUs alike. How far the unpadded vector strays depends on the BLAS kernels the CPU selects, so the test reads
-    four such matrices (seeds 0-3): on each the padded vector is within 1e-5 and closer than the unpadded one, and
-    on average 20x closer. Measured: 112-807x and 467-4337x per matrix on an AMD EPYC machine (three matrices); on an
+    four such matrices (seeds 0-3): on each the padded vector is within 1e-5, and no further than the unpadded one
+    (up to rounding, 1e-7), and the padded error's mean over the four is below a twentieth of the unpadded one's. Measured: 112-807x and 467-4337x per matrix on an AMD EPYC machine (three matrices); on an
     Intel Xeon machine 5.5-44x per matrix for NumPy (seed 0: 5.5x; seed 2's padded error is at rounding) and
     about 70x on average, 790x on average for the batched kernel."""
     from mergelab.linalg._kernels import _np_task_svd
@@ -680,7 +680,7 @@ def test_float32_gram_svd_splits_a_cluster_at_the_cut_again_in_float64():
                  "batched": lambda pad: _torch_task_svd(torch.from_numpy(A)[None], k, False, RTOL, pad)[2][0]}
         for name, svd in paths.items():
             padded, unpadded = last_vector_error(svd(None)), last_vector_error(svd(0))
-            assert padded < unpadded and padded < 1e-5, (name, seed, padded, unpadded)
+            assert padded <= unpadded + 1e-7 and padded < 1e-5, (name, seed, padded, unpadded)
             errors[name].append((padded, unpadded))
     for name, pairs in errors.items():
         padded, unpadded = np.mean(pairs, axis=0)

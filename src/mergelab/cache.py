@@ -107,6 +107,23 @@ class Artifact:
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
             raise CorruptArtifactError(self.path, f"it cannot be read ({type(err).__name__}: {err})") from None
 
+    def load_with_sha256(self, device: str | torch.device = "cpu") -> tuple[StateDict, str]:
+        """The cached tensors and the SHA-256 of the very bytes they were read from (one read of the file, so a
+        file rewritten meanwhile cannot pair other weights with this digest), checked like :meth:`load` against
+        the sidecar's checksum when it records one."""
+        from safetensors.torch import load as load_bytes
+
+        data = self.path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        expected = self.meta().get("sha256") if self.sidecar.is_file() else None
+        if expected is not None and sha != expected:
+            raise CorruptArtifactError(self.path, "its SHA-256 differs from the one recorded when it was written")
+        try:
+            state = load_bytes(data)
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise CorruptArtifactError(self.path, f"it cannot be read ({type(err).__name__}: {err})") from None
+        return {k: v.to(device) for k, v in state.items()}, sha
+
     def meta(self) -> dict[str, Any]:
         """The sidecar's contents; a clear error when the artifact is not cached."""
         if not self.sidecar.is_file():

@@ -8,6 +8,7 @@ same recipe, so neither gets a schedule of its own: each recipe's schedule is me
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
@@ -20,10 +21,10 @@ from tqdm.auto import tqdm
 from ..analysis.stability import Curvature
 from ..executors import Executor, LocalExecutor, benchmark_context
 from ..training import FinetuneConfig
-from ..training.sweep import checkpoint, checkpoint_state
+from ..training.sweep import checkpoint
 from ..utils import StateDict, check_integer, shows_progress
-from .ch01_hessian import (CURVATURE_FIELDS, checkpoint_name, curvature_path, extreme_eigenvalues, read_point,
-                           weights_name)
+from .ch01_hessian import (CURVATURE_FIELDS, checkpoint_name, curvature_path, extreme_eigenvalues, file_name,
+                           read_point, weights_name)
 
 if TYPE_CHECKING:  # pragma: no cover - the grid is only read
     from .ch01_stability import ExpertGrid
@@ -68,22 +69,23 @@ def _check_settings(aggregate: str, batch_size: int, iters: int, seed: int) -> N
     check_integer("seed", seed, minimum=0)
 
 
-def _point_state(bench: Any, task: str, cfg: FinetuneConfig | None, pretrained: StateDict | None = None) -> StateDict:
-    """The weights of one curvature point: ``theta_0`` (``cfg`` None; ``pretrained`` when the caller holds it) or the
-    sweep's checkpoint of ``(task, cfg)``."""
+def _point_weights(bench: Any, task: str, cfg: FinetuneConfig | None, pretrained: StateDict | None = None
+                   ) -> tuple[StateDict, str | None]:
+    """The weights of one curvature point and what names them in its key: ``theta_0`` (``cfg`` None; ``pretrained``
+    when the caller holds it) with ``None`` (its digest), or the sweep's checkpoint of ``(task, cfg)`` with the
+    :func:`file_name` of the bytes it was read from (checked against its sidecar's record)."""
     if cfg is None:
-        return pretrained if pretrained is not None else bench.pretrained_state()
-    return checkpoint_state(bench, task, cfg)
+        return (pretrained if pretrained is not None else bench.pretrained_state()), None
+    state, sha = checkpoint(bench, task, cfg).load_with_sha256()
+    return state, file_name(sha)
 
 
 def _point_name(bench: Any, task: str, cfg: FinetuneConfig | None, pretrained_name: str | None = None) -> str:
-    """What names one curvature point's weights in its cache key: ``theta_0``'s digest (``pretrained_name`` when the
-    caller holds it), or the checkpoint's SHA-256 as its sidecar records it (:func:`checkpoint_name`), which needs no
-    load; a checkpoint whose sidecar records none is loaded to be digested."""
+    """What names one curvature point's weights in its cache key, without loading a checkpoint's weights:
+    ``theta_0``'s digest (``pretrained_name`` when the caller holds it), or :func:`checkpoint_name`."""
     if cfg is None:
         return pretrained_name if pretrained_name is not None else weights_name(bench.pretrained_state())
-    entry = checkpoint(bench, task, cfg)
-    return checkpoint_name(entry) or weights_name(entry.load())
+    return checkpoint_name(checkpoint(bench, task, cfg))
 
 
 def _schedule(rows: Sequence[Mapping[str, Any]], aggregate: str) -> Curvature:
@@ -191,7 +193,7 @@ def recipe_curvature(bench: Any, grid: "ExpertGrid", tasks: Sequence[str], batch
             raise ValueError(f"no sweep checkpoint of task={t!r} at {cfg}; run the grid's sweep first (the curvature "
                              "is measured along the sweep's runs, at the base recipe's seed).")
     pre_name = weights_name(pre)
-    names = {j: _point_name(bench, j[0], j[1], pre_name) for j in jobs}  # reads no checkpoint's weights
+    names = {j: _point_name(bench, j[0], j[1], pre_name) for j in jobs}  # parses no checkpoint's weights
     paths = {j: curvature_path(bench, j[0], names[j], *j[2:]) for j in jobs}
     values = {j: read_point(path) for j, path in paths.items()}
     todo = [j for j in jobs if values[j] is None and paths[j] is not None]
@@ -201,9 +203,15 @@ def recipe_curvature(bench: Any, grid: "ExpertGrid", tasks: Sequence[str], batch
                      progress=shows_progress(bench, progress),
                      desc=f"curvature points ({len(jobs) - len(todo)} of {len(jobs)} cached)").raise_failures("curvature points")
         values.update({j: read_point(paths[j]) for j in todo})
-    for j in jobs:  # without a cache (or where a worker's entry did not come back): here
+        missing = [j for j in todo if values[j] is None]
+        if missing:  # a worker wrote under another key (another device, a checkpoint rewritten meanwhile)
+            warnings.warn(f"{len(missing)} of the {len(todo)} curvature points the executor computed are not under "
+                          f"the keys read here (first: task={missing[0][0]!r}, {_describe_job(missing[0])['checkpoint']}"
+                          "); computing them again in this process.", RuntimeWarning, stacklevel=2)
+    for j in jobs:  # without a cache (or where a worker's entry did not come back): here, named by what is loaded
         if values[j] is None:
-            values[j] = extreme_eigenvalues(bench, j[0], _point_state(bench, j[0], j[1], pre), *j[2:], weights=names[j])
+            state, name = _point_weights(bench, j[0], j[1], pre)
+            values[j] = extreme_eigenvalues(bench, j[0], state, *j[2:], weights=name if name is not None else pre_name)
     schedules, rows = {}, []
     for key, plan in plans.items():
         recipe = measured[key]
@@ -218,20 +226,20 @@ def recipe_curvature(bench: Any, grid: "ExpertGrid", tasks: Sequence[str], batch
 
 
 def worker_device(bench: Any, executor: Executor) -> str:
-    """Where :func:`recipe_curvature`'s workers rebuild the benchmark: on the CPU for a benchmark on the CPU, whatever
-    the executor offers, since a point's key names the device and is read here; for a benchmark on a GPU, the
-    executor's device. Local worker processes (``cpu``) then refuse to rebuild it, naming the settings to change
-    (:func:`~mergelab.executors.benchmark_context`), as the sweep's and the trajectories' workers do, instead of
-    each opening the GPU."""
-    return str(executor.device) if torch.device(bench.device).type == "cuda" else "cpu"
+    """Where :func:`recipe_curvature`'s workers rebuild the benchmark: on its own device (the CPU, or Apple's ``mps``)
+    whatever the executor offers, since a point's key names the device and is read here; for a benchmark on a CUDA
+    GPU, the executor's device: local worker processes (``cpu``) then refuse to rebuild it, naming the settings to
+    change (:func:`~mergelab.executors.benchmark_context`), as the sweep's and the trajectories' workers do, instead
+    of each opening the GPU."""
+    return str(executor.device) if torch.device(bench.device).type == "cuda" else str(bench.device)
 
 
 def _curvature_job(bench: Any, job: tuple[str, FinetuneConfig | None, int, int, int]) -> None:
     """One point of :func:`recipe_curvature` in a worker: ``(task, checkpoint or None for theta_0, batch_size,
     iters, seed)``, cached by :func:`extreme_eigenvalues`."""
     task, cfg, batch_size, iters, seed = job
-    name = None if cfg is None else checkpoint_name(checkpoint(bench, task, cfg))  # as recipe_curvature names it
-    extreme_eigenvalues(bench, task, _point_state(bench, task, cfg), batch_size, iters, seed, weights=name)
+    state, name = _point_weights(bench, task, cfg)  # named as recipe_curvature names it, from the bytes loaded
+    extreme_eigenvalues(bench, task, state, batch_size, iters, seed, weights=name)
 
 
 def _describe_job(job: tuple[str, FinetuneConfig | None, int, int, int]) -> dict[str, Any]:

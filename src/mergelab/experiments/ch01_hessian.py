@@ -1,6 +1,7 @@
 """Chapter 01's curvature at one point: the Hessian's extreme eigenvalues of a task's loss at given encoder weights,
-cached per point. The cache's code version (:mod:`mergelab.codeversion`, ``evaluation``) covers this module only,
-not the recipe logic of :mod:`mergelab.experiments.ch01_curvature` that aggregates the points and writes no cache.
+cached per point, and the names its cache keys give weights. The ``evaluation`` code version
+(:mod:`mergelab.codeversion`) covers this module, which computes the cached numbers, not
+:mod:`mergelab.experiments.ch01_curvature`, which plans the points and aggregates them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from .. import codeversion
 from ..autodiff import hessian_extremes
-from ..cache import Artifact, read_result, result_path
+from ..cache import Artifact, file_sha256, read_result, result_path
 from ..utils import StateDict, atomic_write_json, size_threads, state_digest
 
 CURVATURE_FIELDS = ("lambda_max", "lambda_min", "residual_max", "residual_min")
@@ -25,13 +26,19 @@ def weights_name(state: StateDict) -> str:
     return state_digest(state)
 
 
-def checkpoint_name(entry: Artifact) -> str | None:
-    """What names a cached checkpoint's weights in a curvature point's cache key without loading them: the SHA-256
-    of its file as its sidecar records it (``"file-sha256:<64 hex digits>"``; :meth:`Artifact.load` checks the file
-    against it, so the weights a point is computed on are the ones named). ``None`` when the sidecar records none
-    (an artifact written before checksums were kept): name the loaded weights by :func:`weights_name` then."""
+def file_name(sha256: str) -> str:
+    """What names weights read from a file in a curvature point's cache key: ``"file-sha256:<its SHA-256>"``."""
+    return f"file-sha256:{sha256}"
+
+
+def checkpoint_name(entry: Artifact) -> str:
+    """What names a cached checkpoint's weights in a curvature point's cache key, without parsing them: the
+    :func:`file_name` of the SHA-256 its sidecar records (:meth:`Artifact.save` writes it), or of the file's bytes
+    when the sidecar records none (an artifact written before checksums were kept). A job that computes the point
+    names it by the bytes it loads (:meth:`Artifact.load_with_sha256`, checked against the sidecar's record), so a
+    file that no longer matches its record fails there instead of being computed under the record's name."""
     sha = entry.meta().get("sha256") if entry.sidecar.is_file() else None
-    return f"file-sha256:{sha}" if isinstance(sha, str) and sha else None
+    return file_name(sha if isinstance(sha, str) and sha else file_sha256(entry.path))
 
 
 def curvature_path(bench: Any, task: str, weights: str, batch_size: int, iters: int, seed: int) -> Path | None:
@@ -60,7 +67,7 @@ def extreme_eigenvalues(bench: Any, task: str, state: StateDict, batch_size: int
 
     Cached as ``<cache_dir>/curvature/<key>.json`` (:func:`curvature_path`): a re-run reads the four numbers back
     instead of running the Lanczos steps again. ``weights`` names ``state`` in the key when the caller already holds
-    a name for it (:func:`checkpoint_name` of the file it was loaded from); ``None``: its digest."""
+    a name for it (:func:`file_name` of the bytes it was read from); ``None``: its digest."""
     path = curvature_path(bench, task, weights if weights is not None else weights_name(state), batch_size, iters,
                           seed)
     cached = read_point(path)

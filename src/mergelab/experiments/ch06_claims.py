@@ -138,9 +138,10 @@ def vit_reading(methods: Mapping[str, Mapping[str, float]], cosine_after: Mappin
     plain, repaired = methods["c2m3"]["accuracy"], methods["c2m3_repair"]["accuracy"]
     text += (f"REPAIR, which here resets the statistics of the MLPs' hidden units only, moves C²M³ from {plain:.1%} to "
              f"{repaired:.1%}: "
-             + ("no clear change, so what the average lost is not the units' shrunken statistics. "
+             + (("no clear change: resetting those statistics does not recover what the merge lost. "
+                 if ends - plain > CLEAR else "no clear change, with little lost to recover. ")
                 if abs(repaired - plain) <= CLEAR else
-                "a clear gain, so part of what the average lost is the units' shrunken statistics. "
+                "a clear gain: part of what the merge lost was those units' statistics. "
                 if repaired > plain else "a clear loss. "))
     attention = [v for k, v in cosine_after.items() if ".attn." in k]
     mlp_in = cosine_after["transformer.resblocks.*.mlp.c_fc.weight"]
