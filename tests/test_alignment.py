@@ -174,6 +174,21 @@ def test_frank_wolfe_objective_never_decreases_and_steps_are_in_unit_interval():
         c2m3_frank_wolfe(spec, states, noise=-1)
 
 
+def test_frank_wolfe_stops_after_patience_small_gains_and_not_before():
+    """The stopping rule fires: on permuted copies of one model (one step reaches the optimum) the search stops, well
+    before ``max_iter``, at the first iteration that ends ``patience`` consecutive small gains; with ``tol=0`` no gain
+    is small (gains are >= 0), so it runs to ``max_iter`` and says it did not converge."""
+    _, spec, _, copies = _permuted_copies("mlp", 3)
+    for patience in (1, 3, 6):
+        res = c2m3_frank_wolfe(spec, copies, seed=0, max_iter=50, patience=patience)
+        gains = [b - a for a, b in zip(res.objective, res.objective[1:])]
+        small = [g < 1e-6 * max(1.0, abs(a)) for g, a in zip(gains, res.objective)]
+        first = next(i + 1 for i in range(len(small)) if i + 1 >= patience and all(small[i + 1 - patience:i + 1]))
+        assert res.converged and res.iterations == first < 50, (patience, res.iterations, small)
+    never = c2m3_frank_wolfe(spec, copies, seed=0, max_iter=12, patience=1, tol=0.0)
+    assert not never.converged and never.iterations == 12
+
+
 def test_matching_inputs_are_checked_by_name():
     torch.manual_seed(3)
     spec = build_model("mlp", (1, 8, 8), 10, widths=(10, 8))[1]

@@ -495,8 +495,8 @@ def test_scratch_cache_keys_name_the_vit_settings_only_for_the_vit():
 def test_scratch_cache_names_are_pinned(monkeypatch, tmp_path):
     """The names a cached model from scratch is stored under, pinned: a change to the key's structure (a field added,
     renamed or hashed otherwise) moves every user's cached models and chapter 06's merges, so it must be a decision
-    (a version bump, :mod:`mergelab.codeversion`), not a side effect. Both names are what the code before the ViT's
-    arrival (``0778a2f^``) computes."""
+    (a version bump, :mod:`mergelab.codeversion`), not a side effect. The MLP's and the ResNet's names are what the
+    code before the ViT's arrival (``0778a2f^``) computes, the ViT's what the code of its arrival's session does."""
     from mergelab.training.scratch import ScratchConfig, scratch_artifact
 
     monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path))
@@ -505,6 +505,8 @@ def test_scratch_cache_names_are_pinned(monkeypatch, tmp_path):
         "mlp-62e8431a23113c35.safetensors"
     assert scratch_artifact(ScratchConfig(arch="resnet", widths=(4, 8), seed=1), data_key).path.name == \
         "resnet-0bdbb21822e8384b.safetensors"
+    vit = ScratchConfig(arch="vit", widths=(32,), blocks=2, heads=2, patch_size=2, seed=2)  # as the ViT arrived (b4d9ab0)
+    assert scratch_artifact(vit, data_key).path.name == "vit-8b166c4968be5da1.safetensors"
 
 
 def _leaves_the_stream(call):
