@@ -658,9 +658,10 @@ def test_float32_gram_svd_splits_a_cluster_at_the_cut_again_in_float64():
     closer to the float64 path's than no padding does, in the NumPy kernel of the CPU and the batched torch one of
     GPUs alike. How far the unpadded vector strays depends on the BLAS kernels the CPU selects, so the test reads
     four such matrices (seeds 0-3): on each the padded vector is within 1e-5, and no further than the unpadded one
-    (up to rounding, 1e-7), and the padded error's mean over the four is below a twentieth of the unpadded one's. Measured: 112-807x and 467-4337x per matrix on an AMD EPYC machine (three matrices); on an
-    Intel Xeon machine 5.5-44x per matrix for NumPy (seed 0: 5.5x; seed 2's padded error is at rounding) and
-    about 70x on average, 790x on average for the batched kernel."""
+    (up to rounding, 1e-7), and the padded error's mean over the four is below a twentieth of the unpadded one's.
+    Measured: 112-807x and 467-4337x per matrix where the test was written (three matrices); on an Intel Xeon
+    machine 5.5-44x per matrix for NumPy (seed 0: 5.5x; seed 2's padded error is at rounding) and about 70x as a
+    ratio of the means, 790x for the batched kernel."""
     from mergelab.linalg._kernels import _np_task_svd
 
     m, n, k = 400, 120, 24
