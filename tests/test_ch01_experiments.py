@@ -534,3 +534,53 @@ def test_each_expert_is_bounded_with_its_recipes_curvature(bench, small_grid, mo
     ch01_stability.expert_table(bench, small_grid, ["colours"], "lr", max_examples=16, curvature=own, probe_size=2)
     assert {cfg.lr for cfg, _ in used} == {0.01, 0.02, 0.03}
     assert all(curvature is own.of(cfg) for cfg, curvature in used)
+
+
+def test_the_claims_follow_the_seed_papers_signs_per_hyperparameter(monkeypatch):
+    """The rule behind chapter 01's directional claims, on hand-made effects (the smoke book's one seed leaves them
+    all not testable): the seed predicts a worse merged gap for a larger learning rate and more steps, a better one
+    for a larger batch and more data, and accuracy moving the other way. Every effect here rises with its
+    hyperparameter, clearly, so the larger-batch and more-data claims read not reproduced; a sign table that flipped
+    one hyperparameter fails this test."""
+    from mergelab.experiments import ch01_claims
+
+    assert ch01_claims.PREDICTIONS == {"lr": ("a larger learning rate", "positive"),
+                                       "batch_size": ("a larger batch", "negative"),
+                                       "num_steps": ("more steps past the centre", "positive"),
+                                       "data_fraction": ("more data", "negative")}
+
+    def iv(lo: float, hi: float) -> dict:
+        return {"estimate": (lo + hi) / 2, "ci_low": lo, "ci_high": hi, "n": 3, "per_draw": []}
+
+    up, down, unclear = iv(0.1, 0.3), iv(-0.3, -0.1), iv(-0.1, 0.2)
+    effects = {f"{h}:{c}": (down if c == "test_accuracy" else up) for h in ch01_claims.PREDICTIONS
+               for c in ("gap_vs_pretrained", "test_accuracy", "train_loss")}
+    effects |= {"ties:gap_vs_pretrained": down, "ties:test_accuracy": unclear,
+                "dare:gap_vs_pretrained": unclear, "dare:test_accuracy": unclear}
+    monkeypatch.setattr(ch01_claims, "effects", lambda merges, grid, sparsify: effects)
+    grid = ExpertGrid(base=BASE, levels={"lr": (0.01, 0.02, 0.03), "batch_size": (4, 8, 12), "num_steps": (2, 4, 6),
+                                         "data_fraction": (0.5, 1.0)}, checkpoints=(2,), seeds=(0,))
+    tasks = [f"t{i}" for i in range(6)]
+    experts = pd.DataFrame({"task": tasks * 3, "bound": np.tile(np.arange(1.0, 7), 3) + np.repeat([0.0, 10, 20], 6),
+                            "gap_vs_pretrained": np.tile(np.arange(6.0), 3) / 100 + np.repeat([0.0, 0.1, 0.2], 6)})
+    experts = experts.assign(gap_vs_pretrained_ci_low=experts["gap_vs_pretrained"] - 0.01,
+                             gap_vs_pretrained_ci_high=experts["gap_vs_pretrained"] + 0.01)
+    merges = experts.rename(columns={"bound": "bound_quadratic"}).assign(method="weight_averaging")
+    correlations = {"quadratic": {"overall": {"spearman": 0.5, "spearman_within_draw": 0.4, "within_draw_ci_low": -0.2,
+                                              "within_draw_ci_high": 0.8}}}
+    out = ch01_claims.claims(merges, experts, correlations, grid, "tiny", sparsify=("ties", "dare"))
+    status = {c["claim"]: c["status"] for c in out}
+
+    def of(start: str) -> str:
+        (s,) = [v for k, v in status.items() if k.startswith(start)]
+        return s
+
+    for h, (more, sign) in ch01_claims.PREDICTIONS.items():
+        expected = "reproduced" if sign == "positive" else "not_reproduced"
+        assert of(f"Merging experts trained with {more} gives a") == expected, h  # the gap
+        assert of(f"Merging experts trained with {more} gives {'lower' if sign == 'positive' else 'higher'}") == expected, h
+    assert of("The optimization term grows") == "reproduced"
+    assert of("Sparsifying before merging (ties)") == "reproduced" and of("Sparsifying before merging (dare)") == "not_testable"
+    assert of("The bound ranks merges") == "not_testable"  # its within-draw interval straddles 0
+    assert of("For single experts (K = 1)") == "reproduced"  # bound and gap rise together over six tasks
+    assert of("The bound holds for merges") == of("The bound holds for single experts") == "reproduced"

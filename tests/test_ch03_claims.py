@@ -38,7 +38,9 @@ def test_low_rank_needs_ten_points_over_random_and_the_task_count_claim_needs_ev
     assert _status(out, "Pairs of tasks with more Singular Task Interference") == "reproduced"
     assert _status(out, "The package's fast TSV-M") == "reproduced"
     weak = claims(*_inputs(0.05, {3: 0.08, 4: -0.06}, relative_difference=1e-3), N_TEST, "tiny")
-    assert _status(weak, "Task matrices are low-rank") != "reproduced"  # 5 points over random, against 10
+    assert _status(weak, "Task matrices are low-rank") == "not_reproduced"  # surely 5 points over random, against 10
+    at_bar = claims(*_inputs(0.10, {3: 0.08, 4: 0.06}), N_TEST, "tiny")
+    assert _status(at_bar, "Task matrices are low-rank") == "not_testable"  # its interval straddles the 10 points
     assert _status(weak, "As more tasks are merged") == "not_reproduced"  # behind at 4 tasks
     assert _status(weak, "The package's fast TSV-M") == "not_reproduced"
     level = claims(*_inputs(0.30, {3: 0.08, 4: 0.0}), N_TEST, "tiny")
@@ -54,3 +56,23 @@ def test_the_task_count_note_says_where_a_curve_rises_and_what_one_subset_per_si
     note = task_count_note(bumpy, 1)
     assert note.startswith("The curves are not monotone: normalized accuracy rises again as tasks are added for "
                            "ta (at n = 4); tsv (at n = 5). Each size is one random subset of tasks")
+
+
+def test_the_task_count_edge_note_counts_each_variants_merges_at_either_end_of_its_grid():
+    from mergelab.experiments.ch03_tsv import task_count_edge_note
+
+    def row(method, coefficient, edge, low=0.0, high=2.0):
+        return {"method": method, "coefficient": coefficient, "at_grid_edge": edge,
+                "grid_low": low if edge is not None else None, "grid_high": high if edge is not None else None}
+
+    study = pd.DataFrame([row("tsv_merge_validated", 2.0, True), row("tsv_merge_validated", 1.0, False),
+                          row("tsv_merge_validated", 0.0, True), row("task_arithmetic_validated", 0.3, False, high=1.0),
+                          row("tsv_merge", 1.0, None)])
+    assert task_count_edge_note(study) == (
+        "In the task-count study some coefficients chosen on validation lie at an end of their grid (at the top the "
+        "best may lie beyond it; at the bottom no merge beat the pretrained model): tsv_merge_validated in 2 of 3 "
+        "merges (1 at the top, 2; 1 at the bottom, 0).")
+    inside = study.assign(at_grid_edge=[False, False, False, False, None])
+    assert task_count_edge_note(inside) == ("In the task-count study every coefficient chosen on validation lies "
+                                            "inside its grid.")
+    assert task_count_edge_note(study[study["method"] == "tsv_merge"]) == ""  # nothing chosen on a grid

@@ -130,3 +130,40 @@ def test_taylor_slopes_use_only_the_learning_rates_inside_the_regime_and_above_r
     assert slopes["all"]["residual"]["estimate"] < 1.9  # the run outside the regime bends the slope
     with_d = taylor_slopes(regime.assign(gap_above_floor=True))  # counted, task d would pull the slope to 1/2
     assert with_d["in_regime"]["gap"]["estimate"] == pytest.approx((3 * 1.0 - 0.5) / 4)
+
+
+def test_the_merging_claim_needs_experts_that_learnt_and_a_gain_surely_over_half():
+    """Chapter 02's merging claim on hand-made accuracies: with one-epoch experts that learnt their tasks, a merge
+    that keeps about .8 of the converged merge's gain over zero-shot reads reproduced, one that keeps about .2 reads
+    not reproduced; with experts that had not learnt (their own gain ratio not surely above .5) both read not
+    testable, whatever the merge. The smoke book never reaches the first branch, so only this test reads it."""
+    from mergelab.experiments.ch02_claims import MOST, claims
+
+    tasks = ("a", "b", "c", "d", "e", "f")
+    rng = np.random.default_rng(0)
+    zs = {t: 0.2 + 0.05 * rng.random() for t in tasks}
+    conv = {t: 0.8 + 0.05 * rng.random() for t in tasks}
+
+    def keeping(share: float) -> dict:
+        return {"per_task_accuracy": {t: zs[t] + share * (conv[t] - zs[t]) + 0.01 * rng.normal() for t in tasks}}
+
+    results = {"one_step_exactness": {"float64": {"per_task": {t: {"relative_error": 1e-16} for t in tasks},
+                                                  "gradient_step": {"machine_epsilon": 2.2e-16},
+                                                  "task_arithmetic": {"relative_error": 1e-16}}},
+               "zero_shot": {"per_task_accuracy": zs},
+               "merged_converged": {"task_arithmetic": {"per_task_accuracy": conv},
+                                    "weight_averaging": {"per_task_accuracy": conv}},
+               "merged_accuracy_by_epochs": {"adamw": {"task_arithmetic": {"1": keeping(0.8)},
+                                                       "weight_averaging": {"1": keeping(0.2)}}}}
+    slopes = {"in_regime": {"learning_rates": [], "gap": {}, "residual": {}}, "limit": 0.1,
+              "all": {"gap": {}, "residual": {}}}
+
+    def statuses(expert_ratio: dict) -> dict:
+        out = claims(results, pd.DataFrame(), slopes, 4, "tiny", {"adamw": {"1": expert_ratio}}, {})
+        return {c["claim"].split("(")[-1]: c["status"] for c in out if c["claim"].startswith("Merging experts after")}
+
+    learnt = {"estimate": 0.9, "ci_low": 0.8, "ci_high": 0.95}
+    assert statuses(learnt) == {"task_arithmetic, adamw).": "reproduced", "weight_averaging, adamw).": "not_reproduced"}
+    for unready in ({"estimate": 0.6, "ci_low": MOST - 0.05, "ci_high": 0.7},
+                    {"estimate": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}):
+        assert set(statuses(unready).values()) == {"not_testable"}

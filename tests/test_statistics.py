@@ -135,7 +135,8 @@ def test_mean_interval_is_students_t():
     assert ci["estimate"] == pytest.approx(0.12)
     assert ci["ci_low"] == pytest.approx(0.12 - half) and ci["ci_high"] == pytest.approx(0.12 + half)
     assert directional_status(ci, margin=0.05) == "reproduced"
-    assert directional_status(ci, margin=0.2) == "not_testable"
+    assert directional_status(ci, margin=0.15) == "not_testable"  # the interval straddles the margin
+    assert directional_status(ci, margin=0.2) == "not_reproduced"  # positive, but surely short of the claimed margin
     assert np.isnan(mean_ci([0.3])["ci_low"])
 
 
@@ -355,6 +356,7 @@ def test_a_negative_prediction_is_the_positive_one_mirrored():
     assert directional_status(iv(0.1, 0.5), "negative") == "not_reproduced"
     assert directional_status(iv(-0.5, -0.1), "negative", margin=0.2) == "not_testable"  # not below -margin
     assert directional_status(iv(-0.5, -0.3), "negative", margin=0.2) == "reproduced"
+    assert directional_status(iv(-0.15, -0.05), "negative", margin=0.2) == "not_reproduced"  # surely short of it
 
 
 def test_paired_normalized_interval_is_the_delta_method_on_the_examples():

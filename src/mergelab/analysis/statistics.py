@@ -382,9 +382,12 @@ def directional_status(interval: Mapping[str, Any], predicted: str = "positive",
     """The status of a claim that a quantity is above ``margin`` (``predicted="positive"``) or below
     ``-margin`` (``"negative"``), from its confidence interval:
 
-    * ``reproduced``: the whole interval lies on the predicted side;
-    * ``not_reproduced``: the whole interval lies on the other side of 0 (the data contradict it);
-    * ``not_testable``: otherwise (the interval is too wide, or undefined, to decide at this size).
+    * ``reproduced``: the whole interval lies beyond the margin, on the predicted side;
+    * ``not_reproduced``: the whole interval lies short of the margin (the data contradict the claim as stated:
+      with ``margin=0``, the whole interval on the other side of 0; with a margin, an effect of the predicted sign
+      but surely smaller than claimed counts as contradicting it too);
+    * ``not_testable``: otherwise (the interval straddles the margin, or is undefined: too wide to decide at this
+      size).
     """
     if predicted not in ("positive", "negative"):
         raise ValueError(f"predicted={predicted!r} is not valid; use 'positive' or 'negative'.")
@@ -395,7 +398,7 @@ def directional_status(interval: Mapping[str, Any], predicted: str = "positive",
         lo, hi = -hi, -lo
     if lo > margin:
         return "reproduced"
-    if hi < 0:
+    if hi < margin:
         return "not_reproduced"
     return "not_testable"
 

@@ -140,7 +140,9 @@ def task_count_study(benchmark, pretrained: StateDict, task_vectors: Mapping[str
 
     Returns:
         One row per (count, subset, variant): ``num_tasks, tasks, method`` (the label),
-        ``coefficient, absolute_accuracy, normalized_accuracy, per_task_accuracy`` (test split).
+        ``coefficient, absolute_accuracy, normalized_accuracy, per_task_accuracy`` (test split), and for a
+        coefficient chosen on a grid of two or more values ``at_grid_edge`` with the grid's ends ``grid_low`` and
+        ``grid_high`` (``None`` otherwise; :func:`task_count_edge_note` reads them).
     """
     names = list(task_vectors)
     bad = [n for n in task_counts if not 1 <= int(n) <= len(names)]
@@ -165,8 +167,11 @@ def task_count_study(benchmark, pretrained: StateDict, task_vectors: Mapping[str
                                          metric="normalized" if expert_val is not None else "absolute")[method]
                 acc = benchmark.evaluate(result.state, split="test", tasks=chosen)
                 coefficient = result.coefficient if result.sweep else opts.get("coefficient")
+                grid = [float(c) for c in result.sweep] if len(result.sweep) >= 2 else None
                 rows.append({"num_tasks": int(n), "tasks": ",".join(chosen), "method": label,
-                             "coefficient": coefficient, "absolute_accuracy": absolute_accuracy(acc),
+                             "coefficient": coefficient, "at_grid_edge": bool(result.at_grid_edge) if grid else None,
+                             "grid_low": min(grid) if grid else None, "grid_high": max(grid) if grid else None,
+                             "absolute_accuracy": absolute_accuracy(acc),
                              "normalized_accuracy": normalized_accuracy(acc, expert_accuracy),
                              "per_task_accuracy": dict(acc)})
                 bar.update()
@@ -292,6 +297,33 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     r = nan_for_none(results)  # strict JSON: a measured NaN was written as null
     return claims(pd.DataFrame(r["energy_table"]), r["methods"], pd.DataFrame(r["interference"]["pairs"]),
                   pd.DataFrame(r["task_count"]), r["speed"], results["test_sizes"], results["benchmark"])
+
+
+def task_count_edge_note(study: pd.DataFrame) -> str:
+    """A sentence on the task-count study's validated coefficients (:func:`task_count_study`'s rows): per variant
+    chosen on a grid, how many of its merges took an end of the grid, at the top (the optimum may lie beyond it) or at
+    the bottom (0 in the package's grids: no merge beat the pretrained model on validation); that every one lies
+    inside its grid when none did; empty when no variant was chosen on a grid."""
+    graded = study[study["at_grid_edge"].notna()] if "at_grid_edge" in study else study.iloc[0:0]
+    if graded.empty:
+        return ""
+    parts = []
+    for method, rows in graded.groupby("method", sort=False):
+        edge = rows[rows["at_grid_edge"].astype(bool)]
+        if edge.empty:
+            continue
+        top = int((edge["coefficient"] >= edge["grid_high"]).sum())
+        bottom = len(edge) - top
+        where = []
+        if top:
+            where.append(f"{top} at the top, {float(edge['grid_high'].max()):g}")
+        if bottom:
+            where.append(f"{bottom} at the bottom, {float(edge['grid_low'].min()):g}")
+        parts.append(f"{method} in {len(edge)} of {len(rows)} merges ({'; '.join(where)})")
+    if not parts:
+        return "In the task-count study every coefficient chosen on validation lies inside its grid."
+    return ("In the task-count study some coefficients chosen on validation lie at an end of their grid (at the top "
+            "the best may lie beyond it; at the bottom no merge beat the pretrained model): " + ", ".join(parts) + ".")
 
 
 def task_count_note(curve: pd.DataFrame, task_subsets: int) -> str:
