@@ -48,6 +48,15 @@ def test_chapter_claims_on_a_seed_study_where_tsv_c_straddles_its_threshold():
     tsvc = out["TSV-C with the task known keeps at least 97 % of the experts' accuracy"]
     assert tsvc["status"] == "not_testable" and tsvc["evidence"]["threshold"] == 0.97
     assert out["Every merge stays below the experts"]["status"] == "reproduced"
+    # judged per seed, paired: a merge that reaches the experts on one seed of three leaves it undecided, on every
+    # seed contradicts it (the mean of the means alone said "below" for the first)
+    for reached, status in (({"1"}, "not_testable"), ({"0", "1", "2"}, "not_reproduced")):
+        moved = {s: {**r, "task_arithmetic": {**r["task_arithmetic"], "absolute_accuracy": 0.85 if s in reached else
+                                              r["task_arithmetic"]["absolute_accuracy"]}} for s, r in per_seed.items()}
+        got = claims({"per_seed": moved, "summary": summarize_seeds(moved)},
+                     {"cross_task_off_diagonal": {"mean": 0.0, "min": -0.05}}, "tiny")
+        below = next(c for c in got if c["claim"].startswith("Every merge stays below"))
+        assert below["status"] == status and below["evidence"]["experts_minus_merge"]["task_arithmetic"]["seeds"] == 3
     # a seed that moves TSV-C clearly below .97 makes the claim not reproduced, clearly above reproduced
     for value, status in ((0.90, "not_reproduced"), (0.995, "reproduced")):
         moved = {s: _rows(.32, .42, .47, .54, value) for s in "012"}
