@@ -63,7 +63,7 @@ def test_the_task_count_edge_note_counts_each_variants_merges_at_either_end_of_i
 
     def row(method, coefficient, edge, low=0.0, high=2.0):
         return {"method": method, "coefficient": coefficient, "at_grid_edge": edge,
-                "grid_low": low if edge is not None else None, "grid_high": high if edge is not None else None}
+                "validation_sweep": [low, (low + high) / 2, high] if edge is not None else None}
 
     study = pd.DataFrame([row("tsv_merge_validated", 2.0, True), row("tsv_merge_validated", 1.0, False),
                           row("tsv_merge_validated", 0.0, True), row("task_arithmetic_validated", 0.3, False, high=1.0),

@@ -99,13 +99,8 @@ class Artifact:
     def load(self, device: str | torch.device = "cpu") -> StateDict:
         """The cached tensors, on ``device``, after checking the file against the sidecar's checksum
         (:class:`CorruptArtifactError` when it does not match or cannot be read)."""
-        expected = self.meta().get("sha256") if self.sidecar.is_file() else None
-        if expected is not None and file_sha256(self.path) != expected:
-            raise CorruptArtifactError(self.path, "its SHA-256 differs from the one recorded when it was written")
-        try:
-            return load_safetensors(self.path, device)
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-            raise CorruptArtifactError(self.path, f"it cannot be read ({type(err).__name__}: {err})") from None
+        self._check_sha256(file_sha256(self.path))
+        return self._parse(lambda: load_safetensors(self.path, device))
 
     def load_with_sha256(self, device: str | torch.device = "cpu") -> tuple[StateDict, str]:
         """The cached tensors and the SHA-256 of the very bytes they were read from (one read of the file, so a
@@ -115,14 +110,21 @@ class Artifact:
 
         data = self.path.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
+        self._check_sha256(sha)
+        return {k: v.to(device) for k, v in self._parse(lambda: load_bytes(data)).items()}, sha
+
+    def _check_sha256(self, actual: str) -> None:
+        """:class:`CorruptArtifactError` when the sidecar records a SHA-256 other than ``actual`` (the file's)."""
         expected = self.meta().get("sha256") if self.sidecar.is_file() else None
-        if expected is not None and sha != expected:
+        if expected is not None and actual != expected:
             raise CorruptArtifactError(self.path, "its SHA-256 differs from the one recorded when it was written")
+
+    def _parse(self, read: Callable[[], StateDict]) -> StateDict:
+        """``read()``, its failure to parse the file raised as :class:`CorruptArtifactError`."""
         try:
-            state = load_bytes(data)
+            return read()
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
             raise CorruptArtifactError(self.path, f"it cannot be read ({type(err).__name__}: {err})") from None
-        return {k: v.to(device) for k, v in state.items()}, sha
 
     def meta(self) -> dict[str, Any]:
         """The sidecar's contents; a clear error when the artifact is not cached."""

@@ -156,6 +156,13 @@ def results_table(rows: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame.from_records(records).set_index("method")
 
 
+def grid_end(coefficient: float, grid: Any) -> str:
+    """Which end of its validation ``grid`` (its coefficients: a list, or a sweep's ``{coefficient: score}``) a
+    coefficient chosen at an edge lies at: ``"bottom"`` (the smallest; 0 in the package's grids: no merge beat the
+    pretrained model on validation) or ``"top"`` (the best may lie beyond the grid)."""
+    return "bottom" if coefficient <= min(float(c) for c in grid) else "top"
+
+
 def grid_edge_note(rows: Mapping[str, Mapping[str, Any]], names: Mapping[str, str] | None = None) -> str:
     """A sentence for a chapter's text naming the rows whose coefficient was chosen at an end of its validation
     grid (``at_grid_edge``, as :func:`merge_row` records it), with the coefficient: at the top the best
@@ -176,8 +183,8 @@ def grid_edge_note(rows: Mapping[str, Mapping[str, Any]], names: Mapping[str, st
         if not r["at_grid_edge"]:
             continue
         label = f"{(names or {}).get(key, key)} ({r['coefficient']:g})"
-        sweep = [float(c) for c in r.get("validation_sweep") or {}]
-        (other if not sweep else bottom if r["coefficient"] <= min(sweep) else top).append(label)
+        sweep = r.get("validation_sweep")
+        (other if not sweep else bottom if grid_end(r["coefficient"], sweep) == "bottom" else top).append(label)
     if not (top or bottom or other):
         return "Every coefficient was chosen inside its validation grid."
     parts = []

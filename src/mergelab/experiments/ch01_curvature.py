@@ -1,5 +1,6 @@
 """Chapter 01's curvature: the Hessian's extreme eigenvalues at points of the fine-tuning runs (cached per point by
-:mod:`mergelab.experiments.ch01_hessian`), aggregated over tasks into the curvature schedule of assumption A4, one per recipe or one for every recipe.
+:mod:`mergelab.experiments.ch01_hessian`), aggregated over tasks into the curvature schedule of assumption A4, one
+per recipe or one for every recipe.
 
 A recipe is what sets a run's trajectory apart in the chapter's grid: its learning rate, batch size and data
 fraction (:func:`recipe_key`). A step count is a checkpoint of the same run, and another seed one more run of the

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..analysis.responses import ResponseEvaluator
 from ..analysis.statistics import (accuracy_difference_ci, bootstrap_ci, claim, directional_status, paired_normalized_ci,
                                   paired_table, spearman_ci)
-from ..evaluation import absolute_accuracy, merge_baselines, normalized_accuracy
+from ..evaluation import absolute_accuracy, grid_end, merge_baselines, normalized_accuracy
 from ..layers import is_decomposed
 from ..merging import merge
 from ..merging.tsv import (
@@ -141,8 +141,8 @@ def task_count_study(benchmark, pretrained: StateDict, task_vectors: Mapping[str
     Returns:
         One row per (count, subset, variant): ``num_tasks, tasks, method`` (the label),
         ``coefficient, absolute_accuracy, normalized_accuracy, per_task_accuracy`` (test split), and for a
-        coefficient chosen on a grid of two or more values ``at_grid_edge`` with the grid's ends ``grid_low`` and
-        ``grid_high`` (``None`` otherwise; :func:`task_count_edge_note` reads them).
+        coefficient chosen on a grid of two or more values ``at_grid_edge`` and the grid, ``validation_sweep``
+        (``None`` otherwise; :func:`task_count_edge_note` reads them).
     """
     names = list(task_vectors)
     bad = [n for n in task_counts if not 1 <= int(n) <= len(names)]
@@ -167,10 +167,10 @@ def task_count_study(benchmark, pretrained: StateDict, task_vectors: Mapping[str
                                          metric="normalized" if expert_val is not None else "absolute")[method]
                 acc = benchmark.evaluate(result.state, split="test", tasks=chosen)
                 coefficient = result.coefficient if result.sweep else opts.get("coefficient")
-                grid = [float(c) for c in result.sweep] if len(result.sweep) >= 2 else None
+                graded = len(result.sweep) >= 2  # chosen on a grid
                 rows.append({"num_tasks": int(n), "tasks": ",".join(chosen), "method": label,
-                             "coefficient": coefficient, "at_grid_edge": bool(result.at_grid_edge) if grid else None,
-                             "grid_low": min(grid) if grid else None, "grid_high": max(grid) if grid else None,
+                             "coefficient": coefficient, "at_grid_edge": result.at_grid_edge if graded else None,
+                             "validation_sweep": [float(c) for c in result.sweep] if graded else None,
                              "absolute_accuracy": absolute_accuracy(acc),
                              "normalized_accuracy": normalized_accuracy(acc, expert_accuracy),
                              "per_task_accuracy": dict(acc)})
@@ -312,13 +312,10 @@ def task_count_edge_note(study: pd.DataFrame) -> str:
         edge = rows[rows["at_grid_edge"].astype(bool)]
         if edge.empty:
             continue
-        top = int((edge["coefficient"] >= edge["grid_high"]).sum())
-        bottom = len(edge) - top
-        where = []
-        if top:
-            where.append(f"{top} at the top, {float(edge['grid_high'].max()):g}")
-        if bottom:
-            where.append(f"{bottom} at the bottom, {float(edge['grid_low'].min()):g}")
+        by_end: dict[str, list[float]] = {}
+        for c, grid in zip(edge["coefficient"], edge["validation_sweep"]):
+            by_end.setdefault(grid_end(c, grid), []).append(float(c))
+        where = [f"{len(by_end[e])} at the {e}, {by_end[e][0]:g}" for e in ("top", "bottom") if e in by_end]
         parts.append(f"{method} in {len(edge)} of {len(rows)} merges ({'; '.join(where)})")
     if not parts:
         return "In the task-count study every coefficient chosen on validation lies inside its grid."

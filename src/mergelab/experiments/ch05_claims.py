@@ -51,7 +51,8 @@ def _per_task(model: IRTModel, theta: np.ndarray, responses: np.ndarray, names: 
 
 def known_models(model: IRTModel, endpoint_theta: np.ndarray, endpoint_responses: np.ndarray,
                  endpoints: Sequence[str], item_task: Sequence[str], multitask: np.ndarray | None = None,
-                 outside: np.ndarray | None = None, in_population: bool = False) -> tuple[pd.DataFrame, int, str]:
+                 outside: np.ndarray | None = None, in_population: bool = False,
+                 outside_theta: np.ndarray | None = None) -> tuple[pd.DataFrame, int, str]:
     """The known models as the IRT model reads them: :func:`endpoint_fit` of the endpoints and, last, of the
     multi-task model (its ability fitted on every item), with a sentence setting the multi-task model's reading
     against models read out of sample too.
@@ -62,6 +63,8 @@ def known_models(model: IRTModel, endpoint_theta: np.ndarray, endpoint_responses
         outside: ``(M, N)`` answers of models that did not calibrate the items (the merges that chose D), each read
             from its ability fitted on every item.
         in_population: whether the multi-task model calibrated the items.
+        outside_theta: ``(M, D)`` abilities of ``outside``'s models fitted on every item, when the caller holds them
+            (the notebook fits every population model's once); ``None``: fitted here.
 
     Returns:
         ``(table, own, sentence)``: the table and count of :func:`endpoint_fit`, and the sentence ("" without a
@@ -82,7 +85,9 @@ def known_models(model: IRTModel, endpoint_theta: np.ndarray, endpoint_responses
             f"is read with a mean error of {read:.3f} per task")
     beyond = None
     if outside is not None and len(outside):
-        fit, observed = _per_task(model, np.vstack([fit_ability(model, everything, r) for r in outside]), outside,
+        abilities = (np.asarray(outside_theta) if outside_theta is not None else
+                     np.vstack([fit_ability(model, everything, r) for r in outside]))
+        fit, observed = _per_task(model, abilities, outside,
                                   [f"outside:{i}" for i in range(len(outside))], item_task)
         beyond = (fit - observed).abs().mean(axis=1)
         text += (f"; the {len(beyond)} merges that chose D, also outside the calibration, with {beyond.median():.3f} "

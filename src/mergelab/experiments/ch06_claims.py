@@ -136,13 +136,16 @@ def vit_reading(methods: Mapping[str, Mapping[str, float]], cosine_after: Mappin
     text = (f"**The ViT.** Its best aligned merge ({best}, {acc:.1%}) {verdict} (guessing: {chance:.0%}; naive "
             f"average: {naive:.1%}; endpoints: {ends:.1%}). ")
     plain, repaired = methods["c2m3"]["accuracy"], methods["c2m3_repair"]["accuracy"]
+    if repaired - plain > CLEAR:
+        effect = "a clear gain: part of what the merge lost was those units' statistics. "
+    elif plain - repaired > CLEAR:
+        effect = "a clear loss. "
+    elif ends - plain > CLEAR:
+        effect = "no clear change: resetting those statistics does not recover what the merge lost. "
+    else:
+        effect = "no clear change, with little lost to recover. "
     text += (f"REPAIR, which here resets the statistics of the MLPs' hidden units only, moves C²M³ from {plain:.1%} to "
-             f"{repaired:.1%}: "
-             + (("no clear change: resetting those statistics does not recover what the merge lost. "
-                 if ends - plain > CLEAR else "no clear change, with little lost to recover. ")
-                if abs(repaired - plain) <= CLEAR else
-                "a clear gain: part of what the merge lost was those units' statistics. "
-                if repaired > plain else "a clear loss. "))
+             f"{repaired:.1%}: {effect}")
     attention = [v for k, v in cosine_after.items() if ".attn." in k]
     mlp_in = cosine_after["transformer.resblocks.*.mlp.c_fc.weight"]
     where = f"cosine {min(attention):.2f} to {max(attention):.2f} after matching, against {mlp_in:.2f} for the MLPs' `c_fc`"

@@ -107,9 +107,6 @@ class ScratchConfig:
         if self.warmup_epochs > self.epochs:  # the learning rate would never reach its peak
             raise ValueError(f"warmup_epochs={self.warmup_epochs!r} is not valid; use 0..epochs={self.epochs}.")
         check_integer("seed", self.seed, minimum=0)
-        self._check_vit()
-
-    def _check_vit(self) -> None:
         check_vit_settings(self.arch, self.widths, self.heads, self.patch_size)
 
     def key(self) -> dict[str, Any]:
