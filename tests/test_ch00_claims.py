@@ -107,6 +107,33 @@ def test_the_margins_of_chapter_00s_claims_are_the_ones_they_state():
     assert close["TSV-M beats task arithmetic"] == "not_reproduced"
 
 
+def test_weight_disentanglement_is_judged_on_each_seeds_cross_task_mean_where_the_study_measured_it():
+    """Three seeds' off-diagonal means decide against the -3 point margin with their spread (the diagnostics' one
+    run, passed beside, is not what decides); a study without them falls back on the diagnostics' value alone."""
+    per_seed = {s: _rows(.32, .40, .47, .54, .98) for s in "012"}
+    diag = {"cross_task_off_diagonal": {"mean": 0.0, "min": -0.05}}
+
+    def judged(means):
+        study = {"per_seed": per_seed, "summary": summarize_seeds(per_seed),
+                 "cross_task_off_diagonal": {s: {"mean": m, "min": m - 0.04} for s, m in zip("012", means)}}
+        return next(c for c in claims(study, diag, "tiny") if "weight-disentangled" in c["claim"])
+
+    clear = judged([0.004, -0.002, 0.001])
+    assert clear["status"] == "reproduced"
+    assert clear["evidence"]["seeds"] == 3 and clear["evidence"]["per_seed"] == {"0": 0.004, "1": -0.002, "2": 0.001}
+    assert clear["evidence"]["mean_off_diagonal_change"] == pytest.approx(0.001)
+    assert clear["evidence"]["worst"] == pytest.approx(-0.042)
+    # mean -.02, above the margin, but a seed at -.05 makes the spread straddle it: this size cannot decide
+    assert judged([0.0, -0.05, -0.01])["status"] == "not_testable"
+    assert judged([-0.05, -0.06, -0.055])["status"] == "not_reproduced"  # the diagnostics' 0.0 does not rescue it
+    alone = next(c for c in claims({"per_seed": per_seed, "summary": summarize_seeds(per_seed)}, diag, "tiny")
+                 if "weight-disentangled" in c["claim"])
+    assert alone["status"] == "reproduced" and alone["evidence"]["seeds"] == 1
+    no_pairs = {"cross_task_off_diagonal": {"mean": float("nan"), "min": float("nan")}}  # one task: no other vector
+    assert next(c for c in claims({"per_seed": per_seed, "summary": summarize_seeds(per_seed)}, no_pairs, "tiny")
+                if "weight-disentangled" in c["claim"])["status"] == "not_testable"
+
+
 def test_the_summary_names_the_larger_of_reach_and_interference():
     from mergelab.experiments.ch00_benchmark import merge_limit
 

@@ -110,6 +110,9 @@ def test_own_task_curve_and_cross_matrix_on_a_known_benchmark():
     assert M[0, 1] == pytest.approx(-0.25)  # tau_a hurts task b
     assert M[1, 0] == pytest.approx(0.0)
     assert D.off_diagonal(sources, targets, M).tolist() == pytest.approx([-0.25, 0.0])
+    assert D.off_diagonal_summary(sources, targets, M) == pytest.approx({"mean": -0.125, "min": -0.25})
+    lone = D.off_diagonal_summary(["a"], ["a"], M[:1, :1])  # one task: no pair, nothing to average
+    assert set(lone) == {"mean", "min"} and all(v != v for v in lone.values())
 
 
 def test_alone_and_merged_shows_a_collective_loss_the_pairwise_matrix_splits():

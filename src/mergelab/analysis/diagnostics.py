@@ -429,3 +429,11 @@ def off_diagonal(sources: Sequence[str], targets: Sequence[str], M: torch.Tensor
     """The entries of a :func:`cross_task_matrix` whose source and target tasks differ, flat."""
     keep = torch.tensor([[s != t for t in targets] for s in sources], dtype=torch.bool)
     return M[keep]
+
+
+def off_diagonal_summary(sources: Sequence[str], targets: Sequence[str], M: torch.Tensor) -> dict[str, float]:
+    """``{"mean", "min"}`` of a :func:`cross_task_matrix`'s :func:`off_diagonal` entries (accuracy as fractions;
+    both nan where no source differs from a target)."""
+    off = off_diagonal(sources, targets, M)
+    return {"mean": float(off.mean()) if off.numel() else float("nan"),
+            "min": float(off.min()) if off.numel() else float("nan")}
