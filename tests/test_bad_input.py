@@ -211,6 +211,7 @@ def test_the_irt_estimators_refuse_empty_or_non_finite_abilities_and_a_negative_
 @pytest.mark.parametrize("kwargs, match", [
     ({"num_random": -1}, "num_random=-1 is not valid"),
     ({"num_held_out": 2.5}, "num_held_out=2.5 is not valid"),
+    ({"num_held_out": 1}, r"num_held_out=1 is not valid; use an integer >= 4: half of the held-out merges choose"),
     ({"coefficient_max": 0.0}, "coefficient_max=0.0 is not valid; use a positive number"),
     ({"coefficient_max": math.nan}, "coefficient_max=nan is not valid"),
     ({"other_merges": {"dares": [0.3]}}, "dares"),
@@ -223,7 +224,7 @@ def test_the_irt_estimators_refuse_empty_or_non_finite_abilities_and_a_negative_
 def test_the_merge3_population_names_a_bad_size_or_range(kwargs, match):
     from mergelab.experiments.ch05_merge3 import population
 
-    args = {"num_random": 2, "num_held_out": 2, "coefficient_max": 1.0, **kwargs}
+    args = {"num_random": 2, "num_held_out": 4, "coefficient_max": 1.0, **kwargs}
     with pytest.raises(ValueError, match=match):
         population(None, {}, {}, {}, [], [], **args)
 
@@ -398,3 +399,60 @@ def test_seed_everything_takes_a_numpy_integer_and_refuses_a_float_by_name():
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first
     with pytest.raises(ValueError, match=r"seed=3\.0 is not valid; use an integer >= 0"):
         seed_everything(3.0)
+
+
+@pytest.mark.parametrize("methods, required, match", [
+    (["task_arithmetic", "tsv_marge"], (), r"merge_methods=\['task_arithmetic', 'tsv_marge'\] is not valid: 'tsv_marge' "
+                                           r"is not a registered merge method; valid: .*tsv_merge"),
+    (["weight_averaging", "ties"], ("task_arithmetic",), r"merge_methods=\['weight_averaging', 'ties'\] is not valid: it "
+                                                         r"must include 'task_arithmetic'"),
+    ("task_arithmetic", (), r"merge_methods='task_arithmetic' is not valid; give a list of method names"),
+])
+def test_a_chapters_merge_methods_are_checked_before_anything_trains(methods, required, match):
+    """A misspelt method used to be dropped silently (chapter 02) or fail with a KeyError after every merge had been
+    computed (chapters 00 and 03 read task arithmetic's sweep)."""
+    from mergelab.merging import check_methods
+
+    with pytest.raises(ValueError, match=match):
+        check_methods(methods, "merge_methods", required=required)
+    assert check_methods(("ties", "task_arithmetic"), required=["task_arithmetic"]) == ["ties", "task_arithmetic"]
+
+
+def test_chapter_02s_merge_optimizers_need_section_2s_runs_and_positive_rates():
+    from mergelab.experiments.ch02_gradients import nearest_learning_rates
+
+    grid = {"sgd": [1e-4, 3e-4, 1e-3], "adamw": [2.5e-4, 5e-4, 1e-3]}
+    assert nearest_learning_rates(grid, {"sgd": 0.01, "adamw": 0.0005}) == {"sgd": 1e-3, "adamw": 5e-4}
+    with pytest.raises(ValueError, match=r"merge_learning_rates has 'adamw', which learning_rates=\{'sgd': .*\} does not "
+                                         r"run; add 'adamw' to learning_rates or use one of 'sgd'"):
+        nearest_learning_rates({"sgd": grid["sgd"]}, {"adamw": 0.0005})
+    with pytest.raises(ValueError, match=r"merge_learning_rates\['sgd'\]=0 is not valid; use a positive learning rate"):
+        nearest_learning_rates(grid, {"sgd": 0})
+
+
+def test_chapter_05s_anchor_schemes_must_include_the_random_subsets_its_summaries_read():
+    from mergelab.experiments.ch05_merge3 import check_anchor_schemes
+
+    assert check_anchor_schemes(("random", "clustered")) == ["random", "clustered"]
+    for bad in (["clustered"], ["random", "kmeans"], "random"):
+        with pytest.raises(ValueError, match=r"anchor_schemes=.* is not valid; use a list of 'random', 'clustered' "
+                                             r"that includes 'random'"):
+            check_anchor_schemes(bad)
+
+
+def test_a_chapters_finetune_parameter_names_a_wrong_or_doubled_key_and_the_valid_fields():
+    """Every chapter builds its recipe from its ``finetune`` parameter; a misspelt key used to surface as a
+    TypeError of the dataclass naming neither the parameter nor the valid fields, and chapter 01's ``centre``
+    setting a key the recipe sets too as 'got multiple values'."""
+    from mergelab.training import FinetuneConfig
+
+    recipe = {"optimizer": "adamw", "lr": 5e-4, "num_steps": 300, "warmup_steps": 30}
+    assert FinetuneConfig.from_params(recipe, seed=2) == FinetuneConfig(**recipe, seed=2)
+    with pytest.raises(ValueError, match=r"finetune has 'steps', which is not a fine-tuning setting; valid: optimizer, "
+                                         r"lr, .*num_steps"):
+        FinetuneConfig.from_params({**recipe, "steps": 300}, seed=0)
+    with pytest.raises(ValueError, match=r"finetune sets 'lr', which the chapter sets apart \(lr=0\.01\); remove it "
+                                         r"from finetune"):
+        FinetuneConfig.from_params(recipe, seed=0, lr=0.01)
+    with pytest.raises(ValueError, match=r"finetune=\[.*\] is not valid; give a mapping of fine-tuning settings"):
+        FinetuneConfig.from_params([("lr", 1e-3)], seed=0)

@@ -584,3 +584,18 @@ def test_the_claims_follow_the_seed_papers_signs_per_hyperparameter(monkeypatch)
     assert of("The bound ranks merges") == "not_testable"  # its within-draw interval straddles 0
     assert of("For single experts (K = 1)") == "reproduced"  # bound and gap rise together over six tasks
     assert of("The bound holds for merges") == of("The bound holds for single experts") == "reproduced"
+
+
+def test_a_merge_size_that_spreads_no_hyperparameter_is_refused_before_the_sweep_trains():
+    """plan_merges makes no heterogeneous merge from it (above), and the chapter compares those with the
+    homogeneous ones: its check names the sizes that would do."""
+    from mergelab.experiments.ch01_stability import check_merge_size
+
+    tasks = ["colours", "position", "size", "shapes", "digits", "counting", "textures"]
+    with pytest.raises(ValueError, match=r"merge_size=2 is not valid: no hyperparameter's levels spread evenly over 2 "
+                                         r"tasks \(lr: 3 levels, batch_size: 3 levels\).*at most 7: 3, 6\."):
+        check_merge_size(grid(), tasks, 2)
+    with pytest.raises(ValueError, match=r"merge_size=8 is not valid; use 1..7"):
+        check_merge_size(grid(), tasks, 8)
+    check_merge_size(grid(), tasks, 6)
+    check_merge_size(grid(levels={"lr": (0.01, 0.02, 0.03), "batch_size": (4, 8)}), tasks, 2)  # two batch sizes

@@ -300,7 +300,7 @@ def test_the_population_holds_the_multi_task_model_beside_the_endpoints_and_merg
     experts = {"a": {"w": torch.tensor([1.0, 1.0, -1.0, -1.0, 1.0, 1.0])},
                "b": {"w": torch.tensor([-1.0, -1.0, 1.0, 1.0, 1.0, 1.0])}}
     joint = {"w": torch.tensor([1.0, 1.0, 1.0, -1.0, 1.0, -1.0])}
-    args = (_SignEvaluator(), pre, experts, task_vectors_from(pre, experts), [1.0], [1.0], 2, 2, 1.0)
+    args = (_SignEvaluator(), pre, experts, task_vectors_from(pre, experts), [1.0], [1.0], 2, 4, 1.0)
     models, responses = ch05.population(*args, progress=False, multitask=joint)
     row = models.index[models["name"] == "multitask"]
     assert len(row) == 1 and models.loc[row[0], "kind"] == "multitask" and models.loc[row[0], "role"] == "calibration"

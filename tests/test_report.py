@@ -468,6 +468,12 @@ def test_parameters_are_checked_before_a_chapter_runs(tmp_path):
         check_parameters(nb, {**good, "head_shot": 4}, "params/smoke")
     with pytest.raises(ReportError, match=r"parameter seed='abc' is a string; .* expects a number"):
         check_parameters(nb, {**good, "seed": "abc"}, "params/smoke")
+    # a count (an integer default) refuses a float, which would fail far from the parameter file; a float
+    # default takes a whole number
+    with pytest.raises(ReportError, match=r"parameter multitask_steps=30\.0 is not a whole number; .* expects an integer"):
+        check_parameters(nb, {**good, "multitask_steps": 30.0}, "params/smoke")
+    check_parameters(paths.notebooks_dir() / "05_merge3_irt.ipynb",
+                     {**report.profile_params("smoke", "05_merge3_irt"), "coefficient_max": 1}, "params/smoke")
     bad = tmp_path / "p"
     bad.mkdir()
     (bad / "00_x.yaml").write_text("tasks: [digits\nseed: 1\n")

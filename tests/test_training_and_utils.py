@@ -217,6 +217,7 @@ def test_torch_threads_sets_the_number_for_the_block_and_restores_it_even_on_err
 def test_setup_takes_the_chapter_s_parameters_from_the_namespace_and_builds_its_benchmark_once():
     from mergelab import report
     from mergelab.notebook import setup
+    from mergelab.params import ReportError
 
     names = report.profile_params("tiny", "00_benchmark_and_baselines")
     namespace = {**report.profile_params("smoke", "00_benchmark_and_baselines"), "unrelated": 1}
@@ -226,6 +227,10 @@ def test_setup_takes_the_chapter_s_parameters_from_the_namespace_and_builds_its_
     assert session.bench is session.bench and session.bench.tasks == tuple(namespace["tasks"])
     with pytest.raises(ValueError, match="needs the parameters .*merge_methods.*run the parameters cell"):
         setup("00_benchmark_and_baselines", {k: v for k, v in namespace.items() if k != "merge_methods"})
+    # a value set by `papermill -p` or in JupyterLab is checked as the report runner checks a parameter file's
+    with pytest.raises(ReportError, match=r"00_benchmark_and_baselines's parameters: parameter seeds=3 is a number; "
+                                          r".* expects a list"):
+        setup("00_benchmark_and_baselines", {**namespace, "seeds": 3})
 
 
 def test_atomic_writes_honour_the_umask(tmp_path):

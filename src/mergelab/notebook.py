@@ -77,7 +77,7 @@ def setup(notebook: str, namespace: Mapping[str, Any]) -> Session:
     The chapter's parameters are the names its ``tiny`` profile sets (``params/tiny``, which its
     parameters cell holds; a test keeps the two equal), so the list is written once.
     """
-    from .params import profile_params
+    from .params import check_parameters, profile_params
 
     names = list(profile_params("tiny", notebook))
     missing = [n for n in names if n not in namespace]
@@ -85,6 +85,8 @@ def setup(notebook: str, namespace: Mapping[str, Any]) -> Session:
         raise ValueError(f"setup({notebook!r}) needs the parameters {', '.join(missing)}: run the parameters cell "
                          "first (they are the keys of params/tiny for this chapter).")
     parameters = {n: namespace[n] for n in names}
+    # the report runner checks the parameter files; a value set in JupyterLab or by `papermill -p` is checked here
+    check_parameters(paths.notebooks_dir() / f"{notebook}.ipynb", parameters, f"{notebook}'s parameters")
     interactive = use_lab_folder()
     seed, device = int(parameters["seed"]), parameters["device"]
     seed_everything(seed)

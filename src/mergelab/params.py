@@ -148,8 +148,8 @@ def _kind(value: Any) -> str:
 
 def check_parameters(notebook: Path, parameters: dict[str, Any], where: str) -> None:
     """Refuse parameters the notebook does not have (naming close matches) and values whose kind
-    differs from the default in its parameters cell (a number for a number, a list for a list...;
-    a default of ``None`` accepts anything). ``where``: the files the values came from, for the message."""
+    differs from the default in its parameters cell (a number for a number, a list for a list...,
+    a whole number where the default is an integer; a default of ``None`` accepts anything). ``where``: the files the values came from, for the message."""
     import difflib
 
     declared = notebook_parameters(notebook)
@@ -168,3 +168,7 @@ def check_parameters(notebook: Path, parameters: dict[str, Any], where: str) -> 
         if _kind(value) != _kind(default):
             raise ReportError(f"{where}: parameter {key}={value!r} is a {_kind(value)}; {Path(notebook).stem} "
                               f"expects a {_kind(default)} (its default is {declared[key]}).")
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+            # every integer default is a count (steps, models, seeds, workers): 3.0 would fail later, far from here
+            raise ReportError(f"{where}: parameter {key}={value!r} is not a whole number; {Path(notebook).stem} "
+                              f"expects an integer (its default is {declared[key]}).")

@@ -142,6 +142,25 @@ class MergeSpec:
     options: tuple[tuple[str, Any], ...] = ()
 
 
+def _check_size(tasks: Sequence[str], merge_size: int) -> None:
+    if not 1 <= merge_size <= len(tasks):
+        raise ValueError(f"merge_size={merge_size!r} is not valid; use 1..{len(tasks)} (the tasks available).")
+
+
+def check_merge_size(grid: ExpertGrid, tasks: Sequence[str], merge_size: int) -> None:
+    """Refuse a ``merge_size`` for which :func:`plan_merges` makes no heterogeneous merge (no hyperparameter's
+    number of levels divides it), which the chapter compares with the homogeneous ones, before the sweep trains;
+    the error names the sizes that would do."""
+    _check_size(tasks, merge_size)
+    counts = {h: len(levels) for h, levels in grid.levels.items()}
+    if counts and not any(merge_size % n == 0 for n in counts.values()):
+        valid = sorted({k * n for n in counts.values() for k in range(1, len(tasks) // n + 1)})
+        raise ValueError(f"merge_size={merge_size!r} is not valid: no hyperparameter's levels spread evenly over "
+                         f"{merge_size} tasks ({', '.join(f'{h}: {n} levels' for h, n in counts.items())}), so there "
+                         f"would be no heterogeneous merge; use a multiple of a number of levels, at most "
+                         f"{len(tasks)}: {', '.join(map(str, valid)) or 'none with these tasks'}.")
+
+
 def plan_merges(grid: ExpertGrid, tasks: Sequence[str], merge_size: int = 3, num_draws: int = 4, seed: int = 0,
                 sparsify: Mapping[str, Mapping[str, Any]] | None = None) -> list[MergeSpec]:
     """The merges of the experiment, for ``num_draws`` random subsets of ``merge_size`` tasks.
@@ -151,8 +170,7 @@ def plan_merges(grid: ExpertGrid, tasks: Sequence[str], merge_size: int = 3, num
     number of levels), in a random order; and, for each method in ``sparsify`` (name -> options), the
     centre homogeneous and the heterogeneous merges again with that method.
     """
-    if not 1 <= merge_size <= len(tasks):
-        raise ValueError(f"merge_size={merge_size!r} is not valid; use 1..{len(tasks)} (the tasks available).")
+    _check_size(tasks, merge_size)
     if num_draws < 1:
         raise ValueError(f"num_draws={num_draws!r} is not valid; use a positive integer.")
     rng = np.random.default_rng(seed)

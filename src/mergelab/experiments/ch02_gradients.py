@@ -97,6 +97,24 @@ def one_step_identity(bench: Any, tasks: Sequence[str], lr: float, data_fraction
                                 "relative_error": diff.norm() / mt_tau.norm()},
             "gradient_step": one_step_exactness(pre, multitask, sum(grads.values()), lr)}
 
+def nearest_learning_rates(learning_rates: Mapping[str, Sequence[float]], merge_learning_rates: Mapping[str, float]
+                           ) -> dict[str, float]:
+    """Per optimizer of ``merge_learning_rates``, the learning rate of the grid ``learning_rates`` (section 2's
+    runs) nearest on a log scale to its merge learning rate: the runs whose layers the chapter compares with the
+    merged trajectories. An optimizer without a grid, or a rate that is not positive, is named."""
+    out: dict[str, float] = {}
+    for opt, lr in merge_learning_rates.items():
+        grid = learning_rates.get(opt)
+        if not grid:
+            raise ValueError(f"merge_learning_rates has {opt!r}, which learning_rates={dict(learning_rates)!r} does not "
+                             f"run; add {opt!r} to learning_rates or use one of {', '.join(map(repr, learning_rates))}.")
+        for name, value in ((f"merge_learning_rates[{opt!r}]", lr), *((f"learning_rates[{opt!r}]", v) for v in grid)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"{name}={value!r} is not valid; use a positive learning rate.")
+        out[opt] = min(grid, key=lambda v: abs(np.log(v / lr)))
+    return out
+
+
 def trajectory_grid(bench: Any, tasks: Sequence[str], learning_rates: Mapping[str, Sequence[float]],
                     epochs: int, batch_size: int, data_fraction: float = 1.0, seed: int = 0,
                     weight_decay: float = 0.0, progress: bool | None = None, executor: Executor | None = None

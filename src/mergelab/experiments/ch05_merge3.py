@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import codeversion
 from ..analysis.irt import (
+    ANCHOR_SCHEMES,
     ESTIMATORS,
     IRTModel,
     estimate_accuracy,
@@ -62,6 +63,10 @@ def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Map
     """
     check_integer("num_random", num_random, minimum=0)
     check_integer("num_held_out", num_held_out, minimum=0)
+    if num_held_out < 4:  # an empty set of models failed deep inside numpy; one model ranks nothing
+        raise ValueError(f"num_held_out={num_held_out!r} is not valid; use an integer >= 4: half of the held-out "
+                         "merges choose the IRT dimension, half measure the estimators, and a rank correlation "
+                         "needs at least two models on each side.")
     check_number("coefficient_max", coefficient_max, low=0, low_open=True)
     check_integer("seed", seed, minimum=0)
     tvs = list(task_vectors.values())
@@ -151,6 +156,16 @@ def subset_size(fraction: float, num_items: int) -> int:
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction={fraction!r} is not valid; use a share of the items in (0, 1].")
     return max(1, int(round(fraction * num_items)))
+
+
+def check_anchor_schemes(schemes: Sequence[str]) -> list[str]:
+    """The chapter's ``anchor_schemes`` as a list, once every name is a scheme of
+    :func:`mergelab.analysis.irt.select_anchors` and ``"random"`` (MERGE³'s subsets, which the chapter's
+    estimator choice and summaries read) is among them; else an error naming the parameter, before any fit."""
+    if isinstance(schemes, str) or any(s not in ANCHOR_SCHEMES for s in schemes) or "random" not in schemes:
+        raise ValueError(f"anchor_schemes={schemes!r} is not valid; use a list of {', '.join(map(repr, ANCHOR_SCHEMES))} "
+                         "that includes 'random' (MERGE³'s random subsets, which the chapter's summaries read).")
+    return list(schemes)
 
 
 def estimator_study(model: IRTModel, endpoint_theta: np.ndarray, responses: np.ndarray,

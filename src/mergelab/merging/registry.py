@@ -117,6 +117,25 @@ def get_merge(name: str) -> MergeMethod:
     return MERGE_METHODS[name]
 
 
+def check_methods(methods: Sequence[str], parameter: str = "merge_methods", required: Sequence[str] = ()) -> list[str]:
+    """``methods`` as a list, once every name is a registered method and every name of ``required`` (what the
+    caller reads afterwards) is among them; otherwise an error naming ``parameter``, its value and what is
+    valid, before any merge is computed."""
+    if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
+        raise ValueError(f"{parameter}={methods!r} is not valid; give a list of method names, e.g. "
+                         "['task_arithmetic'].")
+    names = list(methods)
+    unknown = [m for m in names if m not in MERGE_METHODS]
+    if unknown:
+        raise ValueError(f"{parameter}={names!r} is not valid: {unknown[0]!r} is not a registered merge method; "
+                         f"valid: {', '.join(sorted(MERGE_METHODS))}.")
+    missing = [m for m in required if m not in names]
+    if missing:
+        raise ValueError(f"{parameter}={names!r} is not valid: it must include {', '.join(map(repr, missing))}, "
+                         "which this chapter compares every other merge with.")
+    return names
+
+
 def merge(name: str, pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
           **options: Any) -> StateDict:
     """Run the registered merge method ``name``; an unknown option is refused with the valid ones."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -72,6 +72,25 @@ class FinetuneConfig:
         check_number("momentum", self.momentum, high=1, high_open=True)
         for name in FLOAT_FIELDS:  # 1 and 1.0 are one setting: one cache key (a sweep's levels may hold either)
             object.__setattr__(self, name, float(getattr(self, name)))
+
+    @classmethod
+    def from_params(cls, finetune: Mapping[str, Any], parameter: str = "finetune", **settings: Any) -> "FinetuneConfig":
+        """The recipe of a chapter's ``finetune`` parameter (a mapping of this class's fields) with ``settings``
+        beside it (``seed``, chapter 01's ``centre``...). A key that is not a field, or that ``settings`` sets
+        too, is refused naming ``parameter`` and the valid fields; a key left out takes this class's default."""
+        if not isinstance(finetune, Mapping):
+            raise ValueError(f"{parameter}={finetune!r} is not valid; give a mapping of fine-tuning settings "
+                             f"({', '.join(f.name for f in fields(cls))}).")
+        valid = [f.name for f in fields(cls)]
+        for key in [*finetune, *settings]:
+            if key not in valid:
+                where = parameter if key in finetune else "the chapter's settings"
+                raise ValueError(f"{where} has {key!r}, which is not a fine-tuning setting; valid: {', '.join(valid)}.")
+        twice = sorted(set(finetune) & set(settings))
+        if twice:
+            raise ValueError(f"{parameter} sets {twice[0]!r}, which the chapter sets apart ({twice[0]}="
+                             f"{settings[twice[0]]!r}); remove it from {parameter}.")
+        return cls(**finetune, **settings)
 
 
 FLOAT_FIELDS = ("lr", "weight_decay", "momentum", "grad_clip", "data_fraction")
