@@ -76,3 +76,20 @@ def test_the_task_count_edge_note_counts_each_variants_merges_at_either_end_of_i
     assert task_count_edge_note(inside) == ("In the task-count study every coefficient chosen on validation lies "
                                             "inside its grid.")
     assert task_count_edge_note(study[study["method"] == "tsv_merge"]) == ""  # nothing chosen on a grid
+
+
+def test_the_claims_intervals_are_drawn_with_the_chapters_seed_as_its_text_is():
+    """The notebook's STI interval (figure, summary) is drawn with its ``seed``; the claims read the same interval,
+    and recomputing them from a results file takes the seed from its provenance."""
+    from mergelab.analysis.statistics import spearman_ci
+    from mergelab.experiments.ch03_tsv import claims_from_results
+
+    energy, rows, pairs, study, speed = _inputs(0.30, {3: 0.08, 4: 0.06})
+    sti = lambda out: next(c for c in out if c["claim"].startswith("Pairs of tasks"))["evidence"]["spearman"]  # noqa: E731
+    at3 = sti(claims(energy, rows, pairs, study, speed, N_TEST, "tiny", seed=3))
+    assert at3 == spearman_ci(pairs["sti"], pairs["normalized_loss"], seed=3)
+    assert at3 != sti(claims(energy, rows, pairs, study, speed, N_TEST, "tiny", seed=0))  # another draw of resamples
+    results = {"energy_table": energy.to_dict("records"), "methods": rows, "interference": {"pairs": pairs.to_dict("records")},
+               "task_count": study.to_dict("records"), "speed": speed, "test_sizes": N_TEST, "benchmark": "tiny",
+               "provenance": {"seed": 3}}
+    assert sti(claims_from_results(results)) == at3

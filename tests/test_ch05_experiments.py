@@ -312,3 +312,14 @@ def test_the_population_holds_the_multi_task_model_beside_the_endpoints_and_merg
     pd.testing.assert_frame_equal(without, models.drop(index=row).reset_index(drop=True))
     with pytest.raises(ValueError, match="multitask=str is not valid; use a state dict"):
         ch05.population(*args, progress=False, multitask="multitask")
+
+
+def test_an_evolved_coefficient_at_an_end_of_the_search_range_is_flagged_as_a_grid_edge_is():
+    ends = ch05.range_ends({"a": 0.6, "b": 0.589, "c": 0.3, "d": 0.01, "e": 0.0}, 0.6)
+    assert ends == {"at_lower_bound": ["d", "e"], "at_upper_bound": ["a", "b"]}  # within 2 % of the range
+    rows = {"full": ends, "irt": {"at_lower_bound": [], "at_upper_bound": []}}
+    note = ch05.range_note(rows, 0.6, {"full": "the full search"})
+    assert note == ("Of the evolved coefficients, the full search puts a, b at the top of its range (0.6; the best "
+                    "coefficient may lie beyond it, so a wider range could do better); the full search puts d, e at the "
+                    "bottom of its range (0: that task's vector is left out).")
+    assert ch05.range_note({"irt": rows["irt"]}, 0.6) == "Every evolved coefficient lies inside the search's range (0 to 0.6)."

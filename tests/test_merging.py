@@ -307,3 +307,12 @@ def test_the_table_and_the_text_flag_a_coefficient_chosen_at_a_grid_edge():
     lone = {**acc, "coefficient": 0.3, "at_grid_edge": False, "validation_sweep": {0.3: 0.2}}
     assert grid_edge_note({"zero_shot": acc, "weight_averaging": averaging, "one_value": lone}) == ""
     assert "coefficient" not in results_table({"zero_shot": acc}).columns
+
+
+def test_a_chapters_seed_reaches_the_methods_that_draw_at_random_only():
+    """Chapter 00's seed used to leave DARE's masks at DARE's default seed whatever the chapter's; the options it
+    passes now seed DARE and leave the deterministic methods without an option they do not have."""
+    from mergelab.merging import seeded_options
+
+    assert seeded_options(["weight_averaging", "task_arithmetic", "ties", "dare"], 4) == {"dare": {"seed": 4}}
+    assert seeded_options(["task_arithmetic"], 4) == {}

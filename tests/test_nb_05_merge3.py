@@ -8,6 +8,7 @@ import numpy as np
 
 from mergelab.analysis.irt import ESTIMATORS
 from mergelab.analysis.statistics import both, seed_status
+from mergelab.experiments import ch05_merge3 as ch05
 from mergelab.experiments.ch05_merge3 import subset_size
 
 NAME = "05_merge3_irt"
@@ -70,6 +71,9 @@ def test_searches_count_their_forward_passes(results, params):
         assert [h["generation"] for h in history] == list(range(1, params["n_gen"] + 1))
         assert history[-1]["evaluations"] <= params["pop_size"] * params["n_gen"]
         assert all(0 <= c <= params["coefficient_max"] for c in results["methods"][f"evolved_{name}"]["coefficients"].values())
+        row = results["methods"][f"evolved_{name}"]  # the ends of the range are flagged, as a grid's are
+        assert {k: row[k] for k in ("at_lower_bound", "at_upper_bound")} == ch05.range_ends(row["coefficients"],
+                                                                                          params["coefficient_max"])
     assert full["validation_fitness"] == pytest.approx(full["estimated_fitness"])  # full fitness is exact
     ta = results["methods"]["task_arithmetic_grid"]
     assert ta["coefficient"] in params["ta_validation_grid"]

@@ -209,7 +209,7 @@ def compare_with_reference(task_vectors: Sequence[TaskVector], **options) -> dic
 
 
 def claims(energy: pd.DataFrame, rows: Mapping[str, Mapping[str, Any]], pairs: pd.DataFrame, study: pd.DataFrame,
-           speed: Mapping[str, float], n_test: Mapping[str, int], size: str) -> list[dict[str, Any]]:
+           speed: Mapping[str, float], n_test: Mapping[str, int], size: str, seed: int = 0) -> list[dict[str, Any]]:
     """The chapter's claims about TSV, each ``{claim, source, status, evidence}`` with its interval.
 
     Args:
@@ -221,6 +221,8 @@ def claims(energy: pd.DataFrame, rows: Mapping[str, Mapping[str, Any]], pairs: p
             ``task_arithmetic_validated``.
         speed: :func:`compare_with_reference`.
         n_test: test examples per task (:func:`test_sizes`).
+        seed: seeds the bootstrap resamples of the energy and interference intervals (the chapter's ``seed``, so
+            that its text and its claims read one interval).
         size: the benchmark size, recorded in the evidence.
 
     Accuracy comparisons use the binomial sampling error of the test sets only
@@ -235,7 +237,7 @@ def claims(energy: pd.DataFrame, rows: Mapping[str, Mapping[str, Any]], pairs: p
         out.append(claim(text, source, status, {**evidence, "size": size}))
 
     gap = (energy["energy"] - energy["random_energy"]).to_numpy(float)
-    ci = bootstrap_ci(np.mean, gap)
+    ci = bootstrap_ci(np.mean, gap, seed=seed)
     add("Task matrices are low-rank: the top 1/T singular triplets hold far more of their energy (here: at least "
         "10 points more) than those of a random matrix of the same shape and norm.", "gargiulo2025tsv",
         directional_status(ci, margin=0.10), {"mean_energy_minus_random": ci,
@@ -255,7 +257,7 @@ def claims(energy: pd.DataFrame, rows: Mapping[str, Mapping[str, Any]], pairs: p
         add("TSV-C (top 1/T triplets, task known) keeps at least 97 % of the experts' accuracy (paper: about 99 %).",
             "gargiulo2025tsv", directional_status(minus),
             {"normalized": ci, "normalized_minus_0.97": minus})
-    ci = spearman_ci(pairs["sti"], pairs["normalized_loss"])
+    ci = spearman_ci(pairs["sti"], pairs["normalized_loss"], seed=seed)
     add("Pairs of tasks with more Singular Task Interference lose more accuracy when task arithmetic adds them "
         "(positive rank correlation; the pairs share tasks, so the bootstrap over pairs is approximate).",
         "gargiulo2025tsv", directional_status(ci), {"spearman": ci})
@@ -296,7 +298,8 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     ``claims`` stored there when they follow from its numbers (:func:`mergelab.report.claims.check_claims`)."""
     r = nan_for_none(results)  # strict JSON: a measured NaN was written as null
     return claims(pd.DataFrame(r["energy_table"]), r["methods"], pd.DataFrame(r["interference"]["pairs"]),
-                  pd.DataFrame(r["task_count"]), r["speed"], results["test_sizes"], results["benchmark"])
+                  pd.DataFrame(r["task_count"]), r["speed"], results["test_sizes"], results["benchmark"],
+                  seed=int(results.get("provenance", {}).get("seed", 0)))
 
 
 def task_count_edge_note(study: pd.DataFrame) -> str:

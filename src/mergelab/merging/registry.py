@@ -136,6 +136,13 @@ def check_methods(methods: Sequence[str], parameter: str = "merge_methods", requ
     return names
 
 
+def seeded_options(methods: Sequence[str], seed: int) -> dict[str, dict[str, int]]:
+    """``{method: {"seed": seed}}`` for each of ``methods`` that draws at random (has a ``seed`` option, as DARE's
+    masks): the ``options`` of :func:`mergelab.evaluation.merge_baselines` that make a chapter's ``seed`` reach
+    them, where each method's own default would draw the same masks whatever the chapter's seed."""
+    return {m: {"seed": int(seed)} for m in methods if "seed" in get_merge(m).options}
+
+
 def merge(name: str, pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],
           **options: Any) -> StateDict:
     """Run the registered merge method ``name``; an unknown option is refused with the valid ones."""
