@@ -99,6 +99,11 @@ def test_subset_matches_full_and_full_is_cached(data_dir):
     assert (ev.subset(state, items) == full[items]).all() and ev.forward_passes == 15
     acc = ev.per_task_accuracy(full)
     assert acc["a"] == pytest.approx(full[:5].mean()) and acc["b"] == pytest.approx(full[5:].mean())
+    (cached,) = (data_dir / "responses").glob("*.npz")
+    cached.write_bytes(b"not a zip")  # damaged (a crash, a full disk): computed again, not read, not fatal
+    with pytest.warns(RuntimeWarning, match="is unreadable"):
+        assert (ev.full(state) == full).all()
+    assert ev.forward_passes == 15 + 12
     other = {k: v + 1 for k, v in state.items()}
     assert state_digest(other) != state_digest(state)
     with pytest.raises(ValueError, match="0..11"):

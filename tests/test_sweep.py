@@ -93,6 +93,28 @@ def test_another_probe_size_records_its_probes_again(bench):
     assert none.attrs["runs_trained"] == 0
 
 
+def test_a_retrained_checkpoint_interrupted_before_its_log_is_written_counts_as_missing(bench, monkeypatch):
+    """A run trained again for other probes rewrites its weights step by step and its log at the end: the old log
+    is dropped first, so an interruption between the two leaves a checkpoint the next sweep trains again, not new
+    weights vouched for by the old log's checksum."""
+    cfg = replace(CFG, seed=15)
+    sweep(bench, [cfg], ["colours"], steps=[2], probe_size=2, progress=False)
+    log = checkpoint_path(bench, "colours", replace(cfg, num_steps=2)).with_suffix(".json")
+    assert log.is_file()
+    train = bench.finetune_encoder
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "finetune_encoder", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(bench, [cfg], ["colours"], steps=[2], probe_size=3, progress=False)
+    assert not log.exists()
+    monkeypatch.setattr(bench, "finetune_encoder", train)
+    again = sweep(bench, [cfg], ["colours"], steps=[2], probe_size=3, progress=False)
+    assert again.attrs["runs_trained"] == 1 and json.loads(log.read_text())["probe_size"] == 3
+
+
 def test_other_checkpoints_record_the_probes_a_cold_sweep_would(bench):
     """Chapter 01 interpolates G_t between a checkpoint's probes, taken at every checkpoint of its run: a sweep
     that adds or drops a checkpoint trains the run again, so each log holds the probes of the sweep asked for."""

@@ -68,6 +68,19 @@ def test_the_data_cache_is_stored_uncompressed_and_still_reads_compressed_files(
     assert np.array_equal(X2, X + 1) and np.array_equal(y2, y)
 
 
+def test_a_damaged_data_file_is_made_again_with_a_warning_not_read_or_fatal(data_dir):
+    """Atomic writes rule out a half-written file from an interrupted run, not one a machine crash or a full disk
+    leaves: such a file used to stop every later run inside numpy until it was deleted by hand."""
+    X, y = load_task("size", "val", SMALL)
+    (path,) = (data_dir / "tiny").glob("size-val-*.npz")
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.warns(RuntimeWarning, match=r"size-val-.*\.npz is unreadable .*; making it again"):
+        X2, y2 = load_task("size", "val", SMALL)
+    assert np.array_equal(X2, X) and np.array_equal(y2, y)
+    with np.load(path) as f:  # and written again whole
+        assert np.array_equal(f["X"], X)
+
+
 def test_pretext_targets_are_consistent():
     P, t = pretext._draw_pretext(np.random.default_rng(0), 200, 0.08)
     assert P.shape == (200, 3, 32, 32) and 0 <= P.min() and P.max() <= 1

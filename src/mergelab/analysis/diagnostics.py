@@ -282,13 +282,14 @@ def relative_norms(pretrained: Mapping[str, torch.Tensor], task_vector: TaskVect
 
 
 def own_task_curve(benchmark: DiagnosableBenchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
-                   alphas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), split: str = "val"
-                   ) -> dict[str, dict[float, float]]:
+                   alphas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), split: str = "val",
+                   progress: bool = False) -> dict[str, dict[float, float]]:
     """``{task: {alpha: acc_task(theta_0 + alpha tau_task)}}`` on ``split`` (accuracy 0..1). A curve
     that rises steadily from alpha 0 (zero-shot) to 1 (the expert) means the task vector acts
     near-linearly, which is what lets a merge at alpha ~ 0.3 keep much of each task."""
     return {t: {float(a): benchmark.evaluate(tv.apply_to(pretrained, a), split, [t])[t] for a in alphas}
-            for t, tv in task_vectors.items()}
+            for t, tv in tqdm(task_vectors.items(), total=len(task_vectors), desc="own-task curves",
+                              disable=not progress)}
 
 
 def gain_fraction(curve: Mapping[float, float], alpha: float) -> float:
@@ -409,8 +410,8 @@ def alone_and_merged(benchmark: DiagnosableBenchmark, pretrained: StateDict, tas
 
 
 def cross_task_matrix(benchmark: DiagnosableBenchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
-                      coefficient: float = 0.3, split: str = "val", tasks: Sequence[str] | None = None
-                      ) -> tuple[list[str], list[str], torch.Tensor]:
+                      coefficient: float = 0.3, split: str = "val", tasks: Sequence[str] | None = None,
+                      progress: bool = False) -> tuple[list[str], list[str], torch.Tensor]:
     """Weight disentanglement: ``M[s, t] = acc_t(theta_0 + c tau_s) - acc_t(theta_0)`` (accuracy points
     as fractions), for every source task vector ``s`` (rows) and evaluated task ``t`` (columns). The
     diagonal is each vector's own gain; off-diagonal entries near 0 mean adding ``tau_s`` leaves task
@@ -419,7 +420,7 @@ def cross_task_matrix(benchmark: DiagnosableBenchmark, pretrained: StateDict, ta
     targets = list(tasks or benchmark.tasks)
     base = benchmark.evaluate(pretrained, split, targets)
     M = torch.zeros(len(sources), len(targets), dtype=torch.float64)
-    for i, s in enumerate(sources):
+    for i, s in enumerate(tqdm(sources, desc="cross-task matrix", disable=not progress)):
         acc = benchmark.evaluate(task_vectors[s].apply_to(pretrained, coefficient), split, targets)
         M[i] = torch.tensor([acc[t] - base[t] for t in targets], dtype=torch.float64)
     return sources, targets, M

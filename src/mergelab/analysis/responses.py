@@ -19,7 +19,7 @@ import torch
 
 from .. import codeversion, paths
 from ..models import load_encoder_state
-from ..utils import StateDict, atomic_save_npz, check_integer, config_hash, state_digest, task_names
+from ..utils import StateDict, atomic_save_npz, check_integer, config_hash, read_npz, state_digest, task_names
 
 
 class ResponseEvaluator:
@@ -93,9 +93,9 @@ class ResponseEvaluator:
         (no weight digest, no file read or written): what a search that is timed against another one does, so that
         its wall time is the time of its forward passes."""
         path = self._cache_path(state) if self.cache and reuse else None
-        if reuse and path is not None and path.is_file():
-            with np.load(path) as f:
-                return np.unpackbits(f["bits"], count=self.num_items).astype(bool)
+        cached = read_npz(path) if path is not None else None  # missing or damaged: computed again
+        if cached is not None and "bits" in cached:
+            return np.unpackbits(cached["bits"], count=self.num_items).astype(bool)
         out = self._run(state, np.arange(self.num_items))
         if path is not None:
             atomic_save_npz(path, bits=np.packbits(out))

@@ -23,7 +23,7 @@ from .ch03_tsv import compressed_accuracy
 
 def diagnostics(bench: Any, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
                 expert_test: Mapping[str, float], alphas: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
-                cross_coefficient: float = 0.3) -> dict[str, Any]:
+                cross_coefficient: float = 0.3, progress: bool = False) -> dict[str, Any]:
     """What explains merging's success or failure on this benchmark (accuracies as fractions 0..1).
 
     Returns ``{"linear_probe": {task: acc}, "linear_probe_mean", "probe_over_experts"`` (mean probe /
@@ -37,14 +37,16 @@ def diagnostics(bench: Any, pretrained: StateDict, task_vectors: Mapping[str, Ta
     :func:`mergelab.analysis.diagnostics.margin_linearity`, validation), ``"cross_task": {"sources",
     "targets", "delta"}`` (the
     change of task t's validation accuracy when ``cross_coefficient`` times task s's vector is added)
-    and ``"cross_task_off_diagonal": {mean, min}``}``.
+    and ``"cross_task_off_diagonal": {mean, min}``}``. ``progress``: bars over the tasks of the curves and of
+    the cross-task matrix (each task a few evaluations of validation splits).
     """
     fits = linear_probe_fits(bench, pretrained)
     probe = {t: f["accuracy"] for t, f in fits.items()}
     calibration = zero_shot_calibration(bench, pretrained, "val")
-    curve = own_task_curve(bench, pretrained, task_vectors, alphas)
+    curve = own_task_curve(bench, pretrained, task_vectors, alphas, progress=progress)
     margins = margin_linearity(bench, pretrained, task_vectors, alphas, curve=curve)
-    sources, targets, delta = cross_task_matrix(bench, pretrained, task_vectors, cross_coefficient, "val")
+    sources, targets, delta = cross_task_matrix(bench, pretrained, task_vectors, cross_coefficient, "val",
+                                                progress=progress)
     gains = {t: gain_fraction(c, 0.3) for t, c in curve.items()} if 0.3 in alphas else {}
     return {
         "linear_probe": probe,

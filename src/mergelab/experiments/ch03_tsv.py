@@ -33,7 +33,8 @@ from ..utils import StateDict, check_integer, nan_for_none, shows_progress
 
 def compressed_accuracy(benchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
                         split: str = "test", compressed: Mapping[str, CompressedTaskVector] | None = None,
-                        experts: Mapping[str, StateDict] | None = None, **compress_options) -> dict[str, object]:
+                        experts: Mapping[str, StateDict] | None = None, progress: bool = False,
+                        **compress_options) -> dict[str, object]:
     """TSV-C with the task known: each task's compressed task vector is added to ``theta_0`` and the
     model is evaluated on that task only.
 
@@ -47,6 +48,7 @@ def compressed_accuracy(benchmark, pretrained: StateDict, task_vectors: Mapping[
         experts: task name to the expert's weights: also compare each task's compressed model with its
             expert example by example (``paired_with_experts``, for a paired interval of the normalized
             accuracy, :func:`mergelab.analysis.statistics.paired_normalized_ci`).
+        progress: a bar over the tasks (each decomposed, rebuilt and evaluated on its test set).
         compress_options: passed to :func:`tsv_compress` (``num_tasks``, ``rank_fraction`` or ``k``).
 
     Returns:
@@ -59,7 +61,7 @@ def compressed_accuracy(benchmark, pretrained: StateDict, task_vectors: Mapping[
         raise ValueError(f"experts lacks the tasks {missing}; give the expert of every task in task_vectors "
                          f"({', '.join(task_vectors)}).")
     per_task, compressed_bytes, dense, paired = {}, 0, 0, {}
-    for task, tv in task_vectors.items():
+    for task, tv in tqdm(task_vectors.items(), total=len(task_vectors), desc="TSV-C, task known", disable=not progress):
         c = compressed[task] if compressed is not None else tsv_compress(tv, **compress_options)
         compressed_bytes += c.nbytes()
         dense += storage_bytes(tv)
@@ -74,13 +76,14 @@ def compressed_accuracy(benchmark, pretrained: StateDict, task_vectors: Mapping[
 
 def compression_sweep(benchmark, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],
                       expert_accuracy: Mapping[str, float], rank_fractions: Sequence[float],
-                      split: str = "test", svd: str = "gram") -> pd.DataFrame:
+                      split: str = "test", svd: str = "gram", progress: bool = False) -> pd.DataFrame:
     """TSV-C accuracy (task known) and storage for each kept fraction of ``min(m, n)``.
 
     Each task vector is decomposed once, at the largest fraction, and truncated for the others
     (:meth:`CompressedTaskVector.truncated`). One row per fraction: ``rank_fraction,
     storage_fraction`` (compressed / dense bytes), ``compression_ratio`` (dense / compressed),
     ``absolute_accuracy``, ``normalized_accuracy`` (mean over tasks of accuracy / expert accuracy).
+    ``progress``: a bar over the fractions (each evaluates every task's compressed model).
     """
     if len(rank_fractions) == 0:
         return pd.DataFrame(columns=["rank_fraction", "storage_fraction", "compression_ratio",
@@ -88,7 +91,7 @@ def compression_sweep(benchmark, pretrained: StateDict, task_vectors: Mapping[st
     widest = {t: tsv_compress(tv, rank_fraction=float(max(rank_fractions)), svd=svd)
               for t, tv in task_vectors.items()}
     rows = []
-    for f in rank_fractions:
+    for f in tqdm(rank_fractions, desc="TSV-C, kept fractions", disable=not progress):
         kept = {t: c.truncated(rank_fraction=float(f)) for t, c in widest.items()}
         r = compressed_accuracy(benchmark, pretrained, task_vectors, split, compressed=kept)
         acc = r["per_task_accuracy"]

@@ -245,3 +245,35 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                   draws=pd.DataFrame(r["estimator_draws"]) if r.get("estimator_draws") else None,
                   chosen=(r.get("estimator_choice") or {}).get("estimator"),
                   fitness_estimator=r["evolution"]["estimator"])
+
+
+BOUND_TOLERANCE = 0.02
+"""Share of the search's range ``[0, coefficient_max]`` within which an evolved coefficient counts as at an end."""
+
+
+def range_ends(coefficients: Mapping[str, float], coefficient_max: float) -> dict[str, list[str]]:
+    """``{"at_lower_bound": [task, ...], "at_upper_bound": [task, ...]}``: the tasks whose evolved coefficient lies
+    within :data:`BOUND_TOLERANCE` of the range at its bottom (0: the search dropped that task's vector) or its top
+    (``coefficient_max``: the best coefficient may lie beyond the range), as a validation grid's ends are flagged."""
+    tol = BOUND_TOLERANCE * coefficient_max
+    return {"at_lower_bound": [t for t, c in coefficients.items() if c <= tol],
+            "at_upper_bound": [t for t, c in coefficients.items() if c >= coefficient_max - tol]}
+
+
+def range_note(rows: Mapping[str, Mapping[str, Any]], coefficient_max: float,
+               names: Mapping[str, str] | None = None) -> str:
+    """A sentence for the chapter's text on the searches' rows (:func:`search`): which tasks' evolved coefficients
+    lie at the top of the range (the best may lie beyond ``coefficient_max``: a wider range could do better) or at
+    its bottom (the search dropped the task's vector), or that every coefficient lies inside the range."""
+    parts = []
+    for key, r in rows.items():
+        name = (names or {}).get(key, key)
+        if r["at_upper_bound"]:
+            parts.append(f"{name} puts {', '.join(r['at_upper_bound'])} at the top of its range ({coefficient_max:g}; "
+                         "the best coefficient may lie beyond it, so a wider range could do better)")
+        if r["at_lower_bound"]:
+            parts.append(f"{name} puts {', '.join(r['at_lower_bound'])} at the bottom of its range (0: that task's "
+                         "vector is left out)")
+    if not parts:
+        return f"Every evolved coefficient lies inside the search's range (0 to {coefficient_max:g})."
+    return "Of the evolved coefficients, " + "; ".join(parts) + "."

@@ -38,8 +38,9 @@ from ..merging import get_merge, merge
 from ..merging.evolve import EvolutionResult, evolve, task_arithmetic_per_task
 from ..task_vectors import TaskVector
 from ..utils import StateDict, check_integer, check_number, config_hash, state_digest
-from .ch05_claims import (best_rank_at, choose_estimator, claims, claims_from_results,  # noqa: F401 (the chapter's API)
-                          endpoint_fit, fitness_costs, known_models, nearest_fraction, summarize_ranks)
+from .ch05_claims import (BOUND_TOLERANCE, best_rank_at, choose_estimator, claims,  # noqa: F401 (the chapter's API)
+                          claims_from_results, endpoint_fit, fitness_costs, known_models, nearest_fraction, range_ends,
+                          range_note, summarize_ranks)
 
 
 def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Mapping[str, StateDict],
@@ -309,38 +310,6 @@ def population_rank_study(model: IRTModel, endpoint_theta: np.ndarray, responses
     study["fitness_sd"] = sample_sd(truth)
     study["subset_se"] = np.sqrt(np.mean(truth * (1 - truth)) / study["n"])
     return study
-
-
-BOUND_TOLERANCE = 0.02
-"""Share of the search's range ``[0, coefficient_max]`` within which an evolved coefficient counts as at an end."""
-
-
-def range_ends(coefficients: Mapping[str, float], coefficient_max: float) -> dict[str, list[str]]:
-    """``{"at_lower_bound": [task, ...], "at_upper_bound": [task, ...]}``: the tasks whose evolved coefficient lies
-    within :data:`BOUND_TOLERANCE` of the range at its bottom (0: the search dropped that task's vector) or its top
-    (``coefficient_max``: the best coefficient may lie beyond the range), as a validation grid's ends are flagged."""
-    tol = BOUND_TOLERANCE * coefficient_max
-    return {"at_lower_bound": [t for t, c in coefficients.items() if c <= tol],
-            "at_upper_bound": [t for t, c in coefficients.items() if c >= coefficient_max - tol]}
-
-
-def range_note(rows: Mapping[str, Mapping[str, Any]], coefficient_max: float,
-               names: Mapping[str, str] | None = None) -> str:
-    """A sentence for the chapter's text on the searches' rows (:func:`search`): which tasks' evolved coefficients
-    lie at the top of the range (the best may lie beyond ``coefficient_max``: a wider range could do better) or at
-    its bottom (the search dropped the task's vector), or that every coefficient lies inside the range."""
-    parts = []
-    for key, r in rows.items():
-        name = (names or {}).get(key, key)
-        if r["at_upper_bound"]:
-            parts.append(f"{name} puts {', '.join(r['at_upper_bound'])} at the top of its range ({coefficient_max:g}; "
-                         "the best coefficient may lie beyond it, so a wider range could do better)")
-        if r["at_lower_bound"]:
-            parts.append(f"{name} puts {', '.join(r['at_lower_bound'])} at the bottom of its range (0: that task's "
-                         "vector is left out)")
-    if not parts:
-        return f"Every evolved coefficient lies inside the search's range (0 to {coefficient_max:g})."
-    return "Of the evolved coefficients, " + "; ".join(parts) + "."
 
 
 def search(bench: Any, evaluator: ResponseEvaluator, pretrained: StateDict, task_vectors: Mapping[str, TaskVector],

@@ -209,6 +209,8 @@ def execute_run(bench: Any, run: Run, probe_size: int = 8) -> dict[str, Any]:
         return {"task": run.task, "steps_saved": [], "wall_time_s": 0.0}
     last = max(missing)
     cfg = run.checkpoint_config(last)
+    for s in missing:  # retrained (other probes): its old log would vouch for the new weights until the run ends
+        checkpoint(bench, run.task, run.checkpoint_config(s)).sidecar.unlink(missing_ok=True)
     X, y = bench.split(run.task, "train")
     head = bench.heads[run.task]
     enc = bench.new_encoder(bench.pretrained_state())

@@ -22,7 +22,7 @@ import numpy as np
 
 from ... import codeversion, paths
 from ...cache import build_lock
-from ...utils import atomic_save_npz, check_integer, check_number, config_hash
+from ...utils import atomic_save_npz, check_integer, check_number, config_hash, read_npz
 
 IMAGE_SIZE = 32
 GENERATOR_VERSION = 6  # bump when any generator below changes, so caches are rebuilt (6: digits aligned with the patch grid)
@@ -391,14 +391,14 @@ def _cached_arrays(path: Path, make: Callable[[], dict[str, np.ndarray]]) -> dic
     Saved uncompressed: every kernel and worker of a report reads every task (compressed, 2 CPU s each time
     for the `tiny` size's 24 files instead of .15, and 13 s to write them); a compressed file of an
     earlier version is read as well."""
-    if not path.is_file():
+    arrays = read_npz(path)  # missing or damaged: made again
+    if arrays is None:
         with build_lock(path):
-            if not path.is_file():
+            arrays = read_npz(path)  # another process may have made it meanwhile
+            if arrays is None:
                 arrays = make()
                 atomic_save_npz(path, compress=False, **arrays)
-                return arrays
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
+    return arrays
 
 
 def generate_task(task: str, split: str, cfg: TinyDataConfig) -> tuple[np.ndarray, np.ndarray]:
