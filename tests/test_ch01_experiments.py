@@ -385,8 +385,10 @@ def test_each_recipe_gets_the_curvature_of_its_own_runs(bench, small_grid):
     with pytest.raises(ValueError, match="per_recipe='yes' is not valid"):
         recipe_curvature(bench, small_grid, ["colours"], per_recipe="yes")
     assert isinstance(own, RecipeCurvature) and len({own, own, shared}) == 2  # hashable, and equal by value
-    with pytest.raises(TypeError):
+    before = own.of(BASE)
+    with pytest.raises(TypeError, match="does not support item assignment"):
         own.schedules[recipe_key(BASE)] = shared.of(BASE)  # read-only: what was measured stays
+    assert own.of(BASE) is before
 
 
 def test_the_curvature_points_not_cached_go_to_the_executor_once(bench, small_grid, monkeypatch):

@@ -42,8 +42,10 @@ def test_eigh_top_leaves_its_input_alone_unless_allowed():
 
 def test_eigh_top_converts_other_dtypes_and_non_contiguous_input():
     g = symmetric(20, np.float64)
-    w, v = eigh_top(np.asfortranarray(g)[:, :].astype(np.float16).astype(np.int64), 3)
-    assert w.dtype == np.float64
+    m = np.asfortranarray(g)[:, :].astype(np.float16).astype(np.int64)
+    w, v = eigh_top(m, 3)
+    assert w.dtype == np.float64  # converted, and the eigenvalues are the integer matrix's own
+    np.testing.assert_allclose(w, np.linalg.eigvalsh(m.astype(np.float64))[::-1][:3], rtol=1e-12, atol=1e-12)
     view = np.zeros((40, 40))
     view[::2, ::2] = g
     w2, _ = eigh_top(view[::2, ::2], 3)

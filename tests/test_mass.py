@@ -697,3 +697,29 @@ def test_the_routing_claims_are_judged_by_their_intervals(contains, n, first_pas
     first = next(c for c in out if "first pass beats routing on the pretrained" in c["claim"])
     assert (routing["status"], first["status"]) == status
     assert first["evidence"]["tsv_merge_first_pass_contains_true"] == first_pass[0]
+
+
+@pytest.mark.parametrize("acc, best, status", [
+    ({1: 0.80, 2: 0.90, 3: 0.88}, 2, "reproduced"),      # top-k 2 ahead of 1 by 10 points on 2,000 images a task
+    ({1: 0.90, 2: 0.80, 3: 0.82}, 3, "not_reproduced"),  # the best of 2 and 3 (3) still behind 1
+    ({1: 0.85, 2: 0.85, 3: 0.84}, 2, "not_testable"),    # level: the interval straddles 0
+])
+def test_the_top_k_claim_compares_the_better_of_top_k_2_and_3_with_routing_to_one(acc, best, status):
+    """The claim reads top-k 1 against whichever of 2 and 3 scores higher (normalized, validation, threshold .2),
+    and judges the difference by its binomial interval."""
+    import pandas as pd
+
+    from mergelab.experiments import ch04_mass as ch04
+
+    experts = {"a": 1.0, "b": 1.0}
+    rows = [{"study": "selection", "block": 1, "threshold": 0.2, "top_k": k, "normalized_accuracy": v,
+             "per_task_accuracy": {"a": v, "b": v}, "examples": {"a": 2000, "b": 2000}} for k, v in acc.items()]
+    rows += [{**rows[0], "threshold": 0.5, "normalized_accuracy": 0.99}]  # another threshold: not read
+    methods = {m: {"normalized_accuracy": 0.5, "per_task_accuracy": {"a": 0.5, "b": 0.5}}
+               for m in ("mass", "tsv_merge_validated", "experts")}
+    ci = {"estimate": 2.0, "ci_low": 1.9, "ci_high": 2.1, "n": 3, "level": 0.95, "method": "bootstrap (percentile)"}
+    out = ch04.claims(methods, {"contains_true": 0.5, "argmax_true": 0.5}, 2.0, {"ratio": 2.0, "ratio_interval": ci},
+                      pd.DataFrame(rows), 1, "tiny", {"a": 2000, "b": 2000}, experts)
+    top_k = next(c for c in out if c["claim"].startswith("Selecting up to 2 or 3"))
+    assert top_k["evidence"]["best_top_k"] == best and top_k["status"] == status
+    assert top_k["evidence"]["top_k_1"] == acc[1]

@@ -105,11 +105,16 @@ def test_a_validation_sweep_equals_merging_directly_at_each_coefficient(name, mo
                                    grid=grid, progress=False)
     if method.update is not None:
         assert len(calls) == 1, "a linear method computes its update once per sweep"
+    assert len(states) == len(grid) and list(result.sweep) == [float(c) for c in grid]  # every coefficient scored
     for state, c in zip(states, grid):
         direct = method(pre, tvs, coefficient=c)
         for k in pre:
             torch.testing.assert_close(state[k], direct[k], rtol=0, atol=0)
-    assert result.coefficient in grid
+    # the best score wins, and the state kept is the merge at that coefficient
+    best = max(grid, key=lambda c: float(method(pre, tvs, coefficient=c)["w"].sum()))
+    assert result.coefficient == best and result.sweep[best] == max(result.sweep.values())
+    for k in pre:
+        torch.testing.assert_close(result.state[k], method(pre, tvs, coefficient=best)[k], rtol=0, atol=0)
 
 
 _PEAK_SCRIPT = """

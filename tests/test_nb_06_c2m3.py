@@ -40,7 +40,17 @@ def test_frank_wolfe_trace_and_stopping(results, params):
         obj = fw["objective"]
         assert len(obj) == fw["iterations"] + 1 <= params["frank_wolfe"]["max_iter"] + 1
         assert all(b >= a - 1e-9 * abs(a) for a, b in zip(obj, obj[1:])), arch
-        assert all(0 <= t <= 1 for t in fw["step_sizes"])
+        assert all(0 <= t <= 1 for t in fw["step_sizes"]) and len(fw["step_sizes"]) == fw["iterations"]
+        # the stopping rule: it stops at the first run of `patience` gains below tol * max(1, |f|), else at max_iter
+        rule = params["frank_wolfe"]
+        small = [b - a < rule["tol"] * max(1.0, abs(a)) for a, b in zip(obj, obj[1:])]
+        run, first_stop = 0, None
+        for i, is_small in enumerate(small):
+            run = run + 1 if is_small else 0
+            if run >= rule["patience"] and first_stop is None:
+                first_stop = i + 1
+        assert fw["converged"] == (first_stop is not None), arch
+        assert fw["iterations"] == (first_stop if first_stop is not None else rule["max_iter"]), arch
 
 
 def test_model_count_study_and_claims(results, params):
