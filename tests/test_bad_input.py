@@ -406,7 +406,10 @@ def test_seed_everything_takes_a_numpy_integer_and_refuses_a_float_by_name():
                                            r"is not a registered merge method; valid: .*tsv_merge"),
     (["weight_averaging", "ties"], ("task_arithmetic",), r"merge_methods=\['weight_averaging', 'ties'\] is not valid: it "
                                                          r"must include 'task_arithmetic'"),
-    ("task_arithmetic", (), r"merge_methods='task_arithmetic' is not valid; give a list of method names"),
+    ("task_arithmetic", (), r"merge_methods='task_arithmetic' is not valid; give a list of method names, e\.g\. "
+                            r"\['task_arithmetic'\] \(registered: .*tsv_merge"),
+    (None, (), r"merge_methods=None is not valid; give a list of method names"),  # papermill -p merge_methods None
+    (["ties", "ties"], (), r"'ties' is named twice"),
 ])
 def test_a_chapters_merge_methods_are_checked_before_anything_trains(methods, required, match):
     """A misspelt method used to be dropped silently (chapter 02) or fail with a KeyError after every merge had been
@@ -416,6 +419,8 @@ def test_a_chapters_merge_methods_are_checked_before_anything_trains(methods, re
     with pytest.raises(ValueError, match=match):
         check_methods(methods, "merge_methods", required=required)
     assert check_methods(("ties", "task_arithmetic"), required=["task_arithmetic"]) == ["ties", "task_arithmetic"]
+    with pytest.raises(ValueError, match=r"'tsv_merge' is merged by this chapter anyway; remove it from the list"):
+        check_methods(["task_arithmetic", "tsv_merge"], excluded=["tsv_merge"])  # chapter 03 adds TSV-M itself
 
 
 def test_chapter_02s_merge_optimizers_need_section_2s_runs_and_positive_rates():
@@ -434,7 +439,7 @@ def test_chapter_05s_anchor_schemes_must_include_the_random_subsets_its_summarie
     from mergelab.experiments.ch05_merge3 import check_anchor_schemes
 
     assert check_anchor_schemes(("random", "clustered")) == ["random", "clustered"]
-    for bad in (["clustered"], ["random", "kmeans"], "random"):
+    for bad in (["clustered"], ["random", "kmeans"], "random", None):
         with pytest.raises(ValueError, match=r"anchor_schemes=.* is not valid; use a list of 'random', 'clustered' "
                                              r"that includes 'random'"):
             check_anchor_schemes(bad)
@@ -448,11 +453,13 @@ def test_a_chapters_finetune_parameter_names_a_wrong_or_doubled_key_and_the_vali
 
     recipe = {"optimizer": "adamw", "lr": 5e-4, "num_steps": 300, "warmup_steps": 30}
     assert FinetuneConfig.from_params(recipe, seed=2) == FinetuneConfig(**recipe, seed=2)
-    with pytest.raises(ValueError, match=r"finetune has 'steps', which is not a fine-tuning setting; valid: optimizer, "
-                                         r"lr, .*num_steps"):
+    with pytest.raises(ValueError, match=r"finetune=\{.*'steps': 300\} has 'steps', which is not a fine-tuning "
+                                         r"setting; valid: optimizer, lr, .*num_steps"):
         FinetuneConfig.from_params({**recipe, "steps": 300}, seed=0)
-    with pytest.raises(ValueError, match=r"finetune sets 'lr', which the chapter sets apart \(lr=0\.01\); remove it "
-                                         r"from finetune"):
-        FinetuneConfig.from_params(recipe, seed=0, lr=0.01)
+    with pytest.raises(ValueError, match=r"finetune sets 'lr'=0\.0005, which centre sets too \(lr=0\.01\); remove it "
+                                         r"from one of them"):
+        FinetuneConfig.from_params(recipe, settings_name="centre", seed=0, lr=0.01)
+    with pytest.raises(ValueError, match=r"centre=\{.*'learning_rate': 0\.01\} has 'learning_rate'"):
+        FinetuneConfig.from_params(recipe, settings_name="centre", seed=0, learning_rate=0.01)
     with pytest.raises(ValueError, match=r"finetune=\[.*\] is not valid; give a mapping of fine-tuning settings"):
         FinetuneConfig.from_params([("lr", 1e-3)], seed=0)

@@ -37,11 +37,16 @@ def _rows(zs, wa, ta, tsvm, tsvc, experts=0.8):
             "tsv_merge_validated": row(tsvm), "tsv_compress": row(experts * tsvc, tsvc), "experts": row(experts)}
 
 
+def _study(per_seed, off=(0.0, 0.0, 0.0)):
+    """A seed study of ``per_seed`` rows whose cross-task matrices' off-diagonal means are ``off`` (one per seed)."""
+    return {"per_seed": per_seed, "summary": summarize_seeds(per_seed), "cross_coefficient": 0.3,
+            "cross_task_off_diagonal": {s: {"mean": m, "min": m - 0.04} for s, m in zip(per_seed, off)}}
+
+
 def test_chapter_claims_on_a_seed_study_where_tsv_c_straddles_its_threshold():
     per_seed = {"0": _rows(.32, .42, .47, .54, .971), "1": _rows(.32, .42, .48, .53, .963),
                 "2": _rows(.32, .43, .47, .54, .971)}
-    study = {"per_seed": per_seed, "summary": summarize_seeds(per_seed)}
-    out = {c["claim"].split(" (")[0].rstrip("."): c for c in claims(study, {"cross_task_off_diagonal": {"mean": 0.0, "min": -0.05}}, "tiny")}
+    out = {c["claim"].split(" (")[0].rstrip("."): c for c in claims(_study(per_seed), "tiny")}
     assert out["Task arithmetic beats zero-shot by a wide margin"]["status"] == "reproduced"
     assert out["Weight averaging lies between zero-shot and task arithmetic"]["status"] == "reproduced"
     assert out["TSV-M beats task arithmetic"]["status"] == "reproduced"
@@ -53,15 +58,13 @@ def test_chapter_claims_on_a_seed_study_where_tsv_c_straddles_its_threshold():
     for reached, status in (({"1"}, "not_testable"), ({"0", "1", "2"}, "not_reproduced")):
         moved = {s: {**r, "task_arithmetic": {**r["task_arithmetic"], "absolute_accuracy": 0.85 if s in reached else
                                               r["task_arithmetic"]["absolute_accuracy"]}} for s, r in per_seed.items()}
-        got = claims({"per_seed": moved, "summary": summarize_seeds(moved)},
-                     {"cross_task_off_diagonal": {"mean": 0.0, "min": -0.05}}, "tiny")
+        got = claims(_study(moved), "tiny")
         below = next(c for c in got if c["claim"].startswith("Every merge stays below"))
         assert below["status"] == status and below["evidence"]["experts_minus_merge"]["task_arithmetic"]["seeds"] == 3
     # a seed that moves TSV-C clearly below .97 makes the claim not reproduced, clearly above reproduced
     for value, status in ((0.90, "not_reproduced"), (0.995, "reproduced")):
         moved = {s: _rows(.32, .42, .47, .54, value) for s in "012"}
-        got = claims({"per_seed": moved, "summary": summarize_seeds(moved)},
-                     {"cross_task_off_diagonal": {"mean": 0.0, "min": -0.05}}, "tiny")
+        got = claims(_study(moved), "tiny")
         assert next(c for c in got if c["claim"].startswith("TSV-C"))["status"] == status
 
 
@@ -92,8 +95,7 @@ def test_the_margins_of_chapter_00s_claims_are_the_ones_they_state():
     entries at least -3 points on average: a merge just above its rival by less than the margin does not pass."""
     def statuses(zs, ta, tsvm, off_mean):
         per_seed = {s: _rows(zs, (zs + ta) / 2, ta + d, tsvm + d, .98) for s, d in zip("012", (0.0, 0.002, -0.002))}
-        got = claims({"per_seed": per_seed, "summary": summarize_seeds(per_seed)},
-                     {"cross_task_off_diagonal": {"mean": off_mean, "min": off_mean - 0.02}}, "tiny")
+        got = claims(_study(per_seed, (off_mean,) * 3), "tiny")
         return {c["claim"].split(" (")[0].split(":")[0].rstrip("."): c["status"] for c in got}
 
     clear = statuses(.32, .47, .54, -0.01)
@@ -107,31 +109,25 @@ def test_the_margins_of_chapter_00s_claims_are_the_ones_they_state():
     assert close["TSV-M beats task arithmetic"] == "not_reproduced"
 
 
-def test_weight_disentanglement_is_judged_on_each_seeds_cross_task_mean_where_the_study_measured_it():
-    """Three seeds' off-diagonal means decide against the -3 point margin with their spread (the diagnostics' one
-    run, passed beside, is not what decides); a study without them falls back on the diagnostics' value alone."""
+def test_weight_disentanglement_is_judged_on_each_seeds_cross_task_mean():
+    """Three seeds' off-diagonal means decide against the -3 point margin with their spread, and the claim names
+    the coefficient the study added the other vectors at."""
     per_seed = {s: _rows(.32, .40, .47, .54, .98) for s in "012"}
-    diag = {"cross_task_off_diagonal": {"mean": 0.0, "min": -0.05}}
 
-    def judged(means):
-        study = {"per_seed": per_seed, "summary": summarize_seeds(per_seed),
-                 "cross_task_off_diagonal": {s: {"mean": m, "min": m - 0.04} for s, m in zip("012", means)}}
-        return next(c for c in claims(study, diag, "tiny") if "weight-disentangled" in c["claim"])
+    def judged(means, coefficient=0.3):
+        study = {**_study(per_seed, means), "cross_coefficient": coefficient}
+        return next(c for c in claims(study, "tiny") if "weight-disentangled" in c["claim"])
 
     clear = judged([0.004, -0.002, 0.001])
-    assert clear["status"] == "reproduced"
+    assert clear["status"] == "reproduced" and "adding 0.3 of another task's vector" in clear["claim"]
     assert clear["evidence"]["seeds"] == 3 and clear["evidence"]["per_seed"] == {"0": 0.004, "1": -0.002, "2": 0.001}
     assert clear["evidence"]["mean_off_diagonal_change"] == pytest.approx(0.001)
-    assert clear["evidence"]["worst"] == pytest.approx(-0.042)
+    assert clear["evidence"]["worst"] == pytest.approx(-0.042) and clear["evidence"]["coefficient"] == 0.3
+    assert "adding 0.5 of another" in judged([0.004, -0.002, 0.001], 0.5)["claim"]
     # mean -.02, above the margin, but a seed at -.05 makes the spread straddle it: this size cannot decide
     assert judged([0.0, -0.05, -0.01])["status"] == "not_testable"
-    assert judged([-0.05, -0.06, -0.055])["status"] == "not_reproduced"  # the diagnostics' 0.0 does not rescue it
-    alone = next(c for c in claims({"per_seed": per_seed, "summary": summarize_seeds(per_seed)}, diag, "tiny")
-                 if "weight-disentangled" in c["claim"])
-    assert alone["status"] == "reproduced" and alone["evidence"]["seeds"] == 1
-    no_pairs = {"cross_task_off_diagonal": {"mean": float("nan"), "min": float("nan")}}  # one task: no other vector
-    assert next(c for c in claims({"per_seed": per_seed, "summary": summarize_seeds(per_seed)}, no_pairs, "tiny")
-                if "weight-disentangled" in c["claim"])["status"] == "not_testable"
+    assert judged([-0.05, -0.06, -0.055])["status"] == "not_reproduced"
+    assert judged([float("nan")] * 3)["status"] == "not_testable"  # one task: no pair of tasks to average
 
 
 def test_the_summary_names_the_larger_of_reach_and_interference():

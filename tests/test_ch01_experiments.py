@@ -601,3 +601,15 @@ def test_a_merge_size_that_spreads_no_hyperparameter_is_refused_before_the_sweep
         check_merge_size(grid(), tasks, 8)
     check_merge_size(grid(), tasks, 6)
     check_merge_size(grid(levels={"lr": (0.01, 0.02, 0.03), "batch_size": (4, 8)}), tasks, 2)  # two batch sizes
+
+
+def test_the_chapters_seed_draws_the_masks_of_a_sparsifying_method_that_draws_at_random():
+    """DARE's masks used to be drawn with DARE's default seed whatever the chapter's; an explicit seed in the
+    chapter's sparsify options still wins."""
+    tasks = ["colours", "position", "size", "shapes"]
+    specs = plan_merges(grid(), tasks, 3, 1, seed=4, sparsify={"dare": {"drop_rate": 0.5}, "ties": {"density": 0.2}})
+    dare = [s for s in specs if s.method == "dare"]
+    assert dare and all(dict(s.options) == {"drop_rate": 0.5, "seed": 4} for s in dare)
+    assert all("seed" not in dict(s.options) for s in specs if s.method == "ties")  # TIES draws nothing
+    mine = plan_merges(grid(), tasks, 3, 1, seed=4, sparsify={"dare": {"drop_rate": 0.5, "seed": 9}})
+    assert all(dict(s.options)["seed"] == 9 for s in mine if s.method == "dare")

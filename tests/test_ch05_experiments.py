@@ -323,3 +323,18 @@ def test_an_evolved_coefficient_at_an_end_of_the_search_range_is_flagged_as_a_gr
                     "coefficient may lie beyond it, so a wider range could do better); the full search puts d, e at the "
                     "bottom of its range (0: that task's vector is left out).")
     assert ch05.range_note({"irt": rows["irt"]}, 0.6) == "Every evolved coefficient lies inside the search's range (0 to 0.6)."
+
+
+def test_the_populations_dare_merges_are_drawn_with_the_chapters_seed():
+    import torch
+
+    from mergelab.merging import merge
+    from mergelab.task_vectors import TaskVector
+
+    g = torch.Generator().manual_seed(0)
+    pre = {"w": torch.zeros(50)}
+    tvs = [TaskVector({"w": torch.randn(50, generator=g)}) for _ in range(2)]
+    (name, kind, build), = ch05._merges([("other_merges['dare']", "dare", [0.3])], pre, tvs, seed=3)
+    assert (name, kind) == ("dare:0.3", "dare")
+    assert torch.equal(build()["w"], merge("dare", pre, tvs, coefficient=0.3, seed=3)["w"])
+    assert not torch.equal(build()["w"], merge("dare", pre, tvs, coefficient=0.3, seed=0)["w"])

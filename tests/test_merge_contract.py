@@ -101,8 +101,11 @@ def test_a_validation_sweep_equals_merging_directly_at_each_coefficient(name, mo
     monkeypatch.setitem(MERGE_METHODS, name, counted)
     grid = (0.3, 0.7, 1.2)
     states = []
-    result = merge_with_validation(name, pre, tvs, lambda st: states.append(st) or float(st["w"].sum()),
-                                   grid=grid, progress=False)
+    # a score that peaks inside the grid (at 0.7), so that keeping an end of it would fail: these merges are
+    # linear in the coefficient, and a monotone score would make the best an end whatever the code does
+    target = float(method(pre, tvs, coefficient=0.7)["w"].sum())
+    score = lambda st: -abs(float(st["w"].sum()) - target)  # noqa: E731
+    result = merge_with_validation(name, pre, tvs, lambda st: states.append(st) or score(st), grid=grid, progress=False)
     if method.update is not None:
         assert len(calls) == 1, "a linear method computes its update once per sweep"
     assert len(states) == len(grid) and list(result.sweep) == [float(c) for c in grid]  # every coefficient scored
@@ -111,8 +114,8 @@ def test_a_validation_sweep_equals_merging_directly_at_each_coefficient(name, mo
         for k in pre:
             torch.testing.assert_close(state[k], direct[k], rtol=0, atol=0)
     # the best score wins, and the state kept is the merge at that coefficient
-    best = max(grid, key=lambda c: float(method(pre, tvs, coefficient=c)["w"].sum()))
-    assert result.coefficient == best and result.sweep[best] == max(result.sweep.values())
+    best = max(grid, key=lambda c: score(method(pre, tvs, coefficient=c)))
+    assert best == 0.7 and result.coefficient == best and result.sweep[best] == max(result.sweep.values())
     for k in pre:
         torch.testing.assert_close(result.state[k], method(pre, tvs, coefficient=best)[k], rtol=0, atol=0)
 

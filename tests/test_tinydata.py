@@ -81,6 +81,41 @@ def test_a_damaged_data_file_is_made_again_with_a_warning_not_read_or_fatal(data
         assert np.array_equal(f["X"], X)
 
 
+def test_a_damaged_compressed_file_is_read_as_missing_with_a_warning():
+    """Corrupt bytes inside a compressed member raise zlib's own error, no OSError or ValueError (the response
+    caches are written compressed, and earlier data caches were): read as missing, like a truncated file."""
+    import tempfile
+    import zlib
+    from pathlib import Path
+
+    from mergelab.utils import atomic_save_npz, read_npz
+
+    def zlib_damage(raw: bytes) -> bytes | None:  # the first byte flip inside the data that zlib refuses
+        for at in range(80, len(raw) - 200, 7):
+            damaged = bytearray(raw)
+            damaged[at] ^= 0xFF
+            path.write_bytes(bytes(damaged))
+            try:
+                with np.load(path) as f:
+                    f["x"]
+            except zlib.error:
+                return bytes(damaged)
+            except Exception:
+                continue
+        return None
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.npz"
+        atomic_save_npz(path, x=np.random.default_rng(0).normal(size=5000))
+        assert read_npz(path)["x"].shape == (5000,)
+        damaged = zlib_damage(path.read_bytes())
+        assert damaged is not None
+        path.write_bytes(damaged)
+        with pytest.warns(RuntimeWarning, match=r"c\.npz is unreadable \(error: .*\); making it again"):
+            assert read_npz(path) is None
+        assert read_npz(Path(tmp) / "missing.npz") is None
+
+
 def test_pretext_targets_are_consistent():
     P, t = pretext._draw_pretext(np.random.default_rng(0), 200, 0.08)
     assert P.shape == (200, 3, 32, 32) and 0 <= P.min() and P.max() <= 1

@@ -170,5 +170,6 @@ def check_parameters(notebook: Path, parameters: dict[str, Any], where: str) -> 
                               f"expects a {_kind(default)} (its default is {declared[key]}).")
         if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
             # every integer default is a count (steps, models, seeds, workers): 3.0 would fail later, far from here
-            raise ReportError(f"{where}: parameter {key}={value!r} is not a whole number; {Path(notebook).stem} "
-                              f"expects an integer (its default is {declared[key]}).")
+            whole = f"write {int(value)}" if value.is_integer() else "use a whole number"
+            raise ReportError(f"{where}: parameter {key}={value!r} is a float; {Path(notebook).stem} expects an "
+                              f"integer ({whole}; its default is {declared[key]}).")

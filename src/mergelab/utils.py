@@ -345,12 +345,14 @@ def atomic_save_npz(path: str | Path, compress: bool = True, **arrays: np.ndarra
     return atomic_write(Path(path), write)
 
 
-def read_npz(path: str | Path) -> dict[str, np.ndarray] | None:
+def read_npz(path: str | Path, warn: bool = True) -> dict[str, np.ndarray] | None:
     """Every array of the ``.npz`` in ``path``, read into memory, or ``None`` when the file is missing or
     unreadable (a damaged cache is made again, not trusted: an interrupted write cannot leave one, see
-    :func:`atomic_write`, but a crash of the machine or a full disk can); a damaged file is named in a warning."""
+    :func:`atomic_write`, but a crash of the machine or a full disk can); a damaged file is named in a warning
+    (``warn``), compressed or not."""
     import warnings
     import zipfile
+    import zlib
 
     path = Path(path)
     if not path.is_file():
@@ -358,9 +360,10 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
-        warnings.warn(f"{path} is unreadable ({type(err).__name__}: {err}); making it again.", RuntimeWarning,
-                      stacklevel=2)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+        if warn:
+            warnings.warn(f"{path} is unreadable ({type(err).__name__}: {err}); making it again.", RuntimeWarning,
+                          stacklevel=2)
         return None
 
 

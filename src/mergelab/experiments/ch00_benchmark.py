@@ -15,6 +15,7 @@ from ..analysis.diagnostics import (cross_task_matrix, gain_fraction, linear_pro
                                     off_diagonal_summary, own_task_curve, relative_norms, zero_shot_calibration)
 from ..executors import LocalExecutor, benchmark_context
 from ..evaluation import expert_accuracy, merge_baselines, merge_row, summarize
+from ..merging import seeded_options
 from ..task_vectors import TaskVector, task_vectors_from
 from ..training import FinetuneConfig
 from ..utils import StateDict, nan_for_none
@@ -204,7 +205,7 @@ def seed_study(bench: Any, pretrained: StateDict, recipe: FinetuneConfig, seeds:
     ``merge_methods`` validated by normalized accuracy, TSV-M validated (``tsv_grid``) and at its
     data-free ``alpha = 1``, and TSV-C with the task known. Returns ``{"seeds": [...], "per_seed":
     {seed: {method: row}}, "summary": {method: {metric: {"mean", "sd", "min", "max"}}},
-    "cross_task_off_diagonal": {seed: {"mean", "min"}}}`` where a row is
+    "cross_coefficient", "cross_task_off_diagonal": {seed: {"mean", "min"}}}`` where a row is
     :func:`mergelab.evaluation.summarize` plus ``coefficient`` and ``at_grid_edge`` for merges; the
     spread is the standard deviation over seeds (ddof 1). ``cross_task_off_diagonal`` is, per seed, the
     mean and the smallest change of a task's validation accuracy when ``cross_coefficient`` times another
@@ -223,7 +224,8 @@ def seed_study(bench: Any, pretrained: StateDict, recipe: FinetuneConfig, seeds:
         tvs = task_vectors_from(pretrained, experts)
         rows: dict[str, dict[str, Any]] = {"zero_shot": summarize(zero_shot_test, test),
                                            "experts": summarize(test, test)}
-        options = {"tsv_merge": {"also_at": [1.0], **({"grid": list(tsv_grid)} if tsv_grid is not None else {})}}
+        options = {**seeded_options(merge_methods, seed),  # DARE's masks drawn with the fine-tuning seed
+                   "tsv_merge": {"also_at": [1.0], **({"grid": list(tsv_grid)} if tsv_grid is not None else {})}}
         merged = merge_baselines(bench, pretrained, tvs, [*merge_methods, "tsv_merge"], options=options,
                                  progress=False, expert_val=val)
         for name, result in merged.items():
@@ -239,7 +241,7 @@ def seed_study(bench: Any, pretrained: StateDict, recipe: FinetuneConfig, seeds:
         interference[str(seed)] = off_diagonal_summary(*cross_task_matrix(bench, pretrained, tvs, cross_coefficient,
                                                                           "val"))
     return {"seeds": [int(s) for s in seeds], "per_seed": per_seed, "summary": summarize_seeds(per_seed),
-            "cross_task_off_diagonal": interference}
+            "cross_coefficient": float(cross_coefficient), "cross_task_off_diagonal": interference}
 
 
 def summarize_seeds(per_seed: Mapping[str, Mapping[str, Mapping[str, Any]]],
@@ -256,9 +258,9 @@ def summarize_seeds(per_seed: Mapping[str, Mapping[str, Mapping[str, Any]]],
     return out
 
 
-def claims(study: Mapping[str, Any], diag: Mapping[str, Any], size: str) -> list[dict[str, Any]]:
-    """The chapter's claims, each ``{claim, source, status, evidence}``, from a :func:`seed_study` and
-    the diagnostics.
+def claims(study: Mapping[str, Any], size: str) -> list[dict[str, Any]]:
+    """The chapter's claims, each ``{claim, source, status, evidence}``, from a :func:`seed_study` (its
+    merges and its cross-task matrices, one per seed).
 
     A comparison "A beats B by a margin" (or "A reaches a threshold") is judged on the per-seed values
     (A and B share each seed's experts, so a comparison is paired): ``reproduced`` when their mean is
@@ -309,15 +311,14 @@ def claims(study: Mapping[str, Any], diag: Mapping[str, Any], size: str) -> list
         both(*(st for st, _ in below.values())) if below else "not_testable",
         {**{k: summary[k]["absolute_accuracy"]["mean"] for k in summary},
          "experts_minus_merge": {k: d for k, (_, d) in below.items()}})
-    # per seed where the study measured it (each seed's mean over the pairs of tasks), else the diagnostics' one run
-    per = {s: study["cross_task_off_diagonal"][s] for s in per_seed} if "cross_task_off_diagonal" in study else {
-        "diagnostics": diag["cross_task_off_diagonal"]}
+    # each seed's mean over the pairs of tasks of its cross-task matrix (validation), against the margin
+    per = {s: study["cross_task_off_diagonal"][s] for s in per_seed}
     means = np.array([v["mean"] for v in per.values()], dtype=float)
-    add("Fine-tuned task vectors are weight-disentangled: adding 0.3 of another task's vector leaves a task's "
-        "accuracy within 3 points on average.", "ortizjimenez2023tangent",
+    add(f"Fine-tuned task vectors are weight-disentangled: adding {study['cross_coefficient']:g} of another task's "
+        "vector costs a task less than 3 points of accuracy on average.", "ortizjimenez2023tangent",
         seed_status(means, -0.03) if np.isfinite(means).all() else "not_testable",  # nan: no pair of tasks
         {"mean_off_diagonal_change": float(means.mean()), "sd_over_seeds": sample_sd(means), "margin": -0.03,
-         "seeds": len(means), "worst": min(v["min"] for v in per.values()),
+         "coefficient": study["cross_coefficient"], "seeds": len(means), "worst": min(v["min"] for v in per.values()),
          "per_seed": {s: v["mean"] for s, v in per.items()}})
     return out
 
@@ -330,11 +331,10 @@ def seed_table(summary: Mapping[str, Any], metric: str = "absolute_accuracy") ->
 
 
 def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """:func:`claims` computed again from the chapter's results JSON (its ``seeds``, ``diagnostics`` and
-    ``benchmark``): equal to the ``claims`` stored there when they follow from its numbers
-    (:func:`mergelab.report.claims.check_claims`)."""
+    """:func:`claims` computed again from the chapter's results JSON (its ``seeds`` and ``benchmark``): equal to
+    the ``claims`` stored there when they follow from its numbers (:func:`mergelab.report.claims.check_claims`)."""
     r = nan_for_none(results)  # strict JSON: a measured NaN was written as null
-    return claims(r["seeds"], r["diagnostics"], results["benchmark"])
+    return claims(r["seeds"], results["benchmark"])
 
 
 def check_norm_balanced(fn: Any) -> None:

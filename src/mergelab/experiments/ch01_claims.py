@@ -313,7 +313,7 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     from ..training import FinetuneConfig
 
     g = results["grid"]
-    grid = ExpertGrid(FinetuneConfig(**g["finetune"], **g["centre"], seed=g["seeds"][0]),
+    grid = ExpertGrid(FinetuneConfig.from_params(g["finetune"], settings_name="centre", seed=g["seeds"][0], **g["centre"]),
                       {k: tuple(v) for k, v in g["levels"].items()}, checkpoints=tuple(g["checkpoints"]),
                       seeds=tuple(g["seeds"]), factorial=g["factorial"])
     r = nan_for_none(results)  # strict JSON: NaN (no bound for sparsified merges) was null

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..merging import merge
+from ..merging import merge, seeded_options
 from ..task_vectors import TaskVector
 from ..training.sweep import checkpoint_log, checkpoint_state, config_grid, one_at_a_time, row_config
 from ..analysis.generalization import measure_merge
@@ -142,6 +142,11 @@ class MergeSpec:
     options: tuple[tuple[str, Any], ...] = ()
 
 
+def _spreads(merge_size: int, levels: Sequence[Any]) -> bool:
+    """Whether a hyperparameter's ``levels`` spread evenly over ``merge_size`` tasks (a heterogeneous merge)."""
+    return merge_size % len(levels) == 0
+
+
 def _check_size(tasks: Sequence[str], merge_size: int) -> None:
     if not 1 <= merge_size <= len(tasks):
         raise ValueError(f"merge_size={merge_size!r} is not valid; use 1..{len(tasks)} (the tasks available).")
@@ -153,7 +158,7 @@ def check_merge_size(grid: ExpertGrid, tasks: Sequence[str], merge_size: int) ->
     the error names the sizes that would do."""
     _check_size(tasks, merge_size)
     counts = {h: len(levels) for h, levels in grid.levels.items()}
-    if counts and not any(merge_size % n == 0 for n in counts.values()):
+    if counts and not any(_spreads(merge_size, levels) for levels in grid.levels.values()):
         valid = sorted({k * n for n in counts.values() for k in range(1, len(tasks) // n + 1)})
         raise ValueError(f"merge_size={merge_size!r} is not valid: no hyperparameter's levels spread evenly over "
                          f"{merge_size} tasks ({', '.join(f'{h}: {n} levels' for h, n in counts.items())}), so there "
@@ -186,15 +191,15 @@ def plan_merges(grid: ExpertGrid, tasks: Sequence[str], merge_size: int = 3, num
                 homo.append(MergeSpec(d, tuple((t, c) for t in chosen), "homogeneous", grid.varied(c)))
         hetero = []
         for h, levels in grid.levels.items():
-            if merge_size % len(levels):
+            if not _spreads(merge_size, levels):
                 continue
             order = np.tile(np.asarray(levels, dtype=object), merge_size // len(levels))[rng.permutation(merge_size)]
             experts = tuple((t, replace(centre, **{h: type(grid.centre(h))(v)})) for t, v in zip(chosen, order))
             hetero.append(MergeSpec(d, experts, "heterogeneous", (h,)))
         specs += homo + hetero
         base_specs = [s for s in homo if s.varied == ()] + hetero
-        for method, options in (sparsify or {}).items():
-            opts = tuple(sorted(dict(options).items()))
+        for method, options in (sparsify or {}).items():  # a method that draws at random draws with `seed`
+            opts = tuple(sorted({**seeded_options([method], seed).get(method, {}), **dict(options)}.items()))
             specs += [replace(s, method=method, options=opts) for s in base_specs]
     return specs
 

@@ -97,6 +97,7 @@ def one_step_identity(bench: Any, tasks: Sequence[str], lr: float, data_fraction
                                 "relative_error": diff.norm() / mt_tau.norm()},
             "gradient_step": one_step_exactness(pre, multitask, sum(grads.values()), lr)}
 
+
 def nearest_learning_rates(learning_rates: Mapping[str, Sequence[float]], merge_learning_rates: Mapping[str, float]
                            ) -> dict[str, float]:
     """Per optimizer of ``merge_learning_rates``, the learning rate of the grid ``learning_rates`` (section 2's

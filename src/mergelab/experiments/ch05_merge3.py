@@ -34,7 +34,7 @@ from ..analysis.responses import ResponseEvaluator
 from ..analysis.statistics import sample_sd
 from ..evaluation import merge_baselines, summarize
 from ..executors import Executor, LocalExecutor, WorkerContext, benchmark_context
-from ..merging import get_merge, merge
+from ..merging import get_merge, merge, seeded_options
 from ..merging.evolve import EvolutionResult, evolve, task_arithmetic_per_task
 from ..task_vectors import TaskVector
 from ..utils import StateDict, check_integer, check_number, config_hash, state_digest
@@ -83,7 +83,8 @@ def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Map
         raise ValueError(f"other_merges={other_merges!r} is not valid; use a mapping of merge method to a list of "
                          "coefficients, e.g. {'dare': [0.3], 'weight_averaging': [None]}.")
     specs += _merges([("ta_grid", "task_arithmetic", ta_grid), ("ties_grid", "ties", ties_grid),
-                      *((f"other_merges[{m!r}]", m, c) for m, c in (other_merges or {}).items())], pretrained, tvs)
+                      *((f"other_merges[{m!r}]", m, c) for m, c in (other_merges or {}).items())], pretrained, tvs,
+                     seed=seed)
     draws = rng.uniform(0, coefficient_max, (num_random + num_held_out, len(tvs)))
     specs += [(f"random:{i}", "random_merge", (lambda c=c: task_arithmetic_per_task(pretrained, tvs, c)))
               for i, c in enumerate(draws)]
@@ -99,10 +100,11 @@ def population(evaluator: ResponseEvaluator, pretrained: StateDict, experts: Map
 
 
 def _merges(grids: Sequence[tuple[str, str, Sequence[float | None]]], pretrained: StateDict,
-            tvs: Sequence[TaskVector]) -> list[tuple[str, str, Any]]:
+            tvs: Sequence[TaskVector], seed: int = 0) -> list[tuple[str, str, Any]]:
     """:func:`population`'s merges, ``(parameter, method, coefficients)`` each, as ``(name, kind, build)``
     entries, checked: a registered method and a list of coefficients (``None`` only for a method without one);
-    an error names the ``parameter`` the coefficients came from."""
+    an error names the ``parameter`` the coefficients came from. A method that draws at random (DARE) draws
+    with ``seed``."""
     out = []
     for what, method, coefficients in grids:
         has_coefficient = "coefficient" in get_merge(method).defaults  # an unknown method names the valid ones
@@ -116,7 +118,7 @@ def _merges(grids: Sequence[tuple[str, str, Sequence[float | None]]], pretrained
                                                          "use [None]: this method has no coefficient."))
             if c is not None:
                 check_number(f"{what} value", c)
-            options = {} if c is None else {"coefficient": float(c)}
+            options = {**seeded_options([method], seed).get(method, {}), **({} if c is None else {"coefficient": float(c)})}
             out.append((method if c is None else f"{method}:{c:g}", method,
                         (lambda m=method, o=options: merge(m, pretrained, tvs, **o))))
     return out
@@ -163,7 +165,8 @@ def check_anchor_schemes(schemes: Sequence[str]) -> list[str]:
     """The chapter's ``anchor_schemes`` as a list, once every name is a scheme of
     :func:`mergelab.analysis.irt.select_anchors` and ``"random"`` (MERGE³'s subsets, which the chapter's
     estimator choice and summaries read) is among them; else an error naming the parameter, before any fit."""
-    if isinstance(schemes, str) or any(s not in ANCHOR_SCHEMES for s in schemes) or "random" not in schemes:
+    if (not isinstance(schemes, (list, tuple)) or any(s not in ANCHOR_SCHEMES for s in schemes)
+            or "random" not in schemes):
         raise ValueError(f"anchor_schemes={schemes!r} is not valid; use a list of {', '.join(map(repr, ANCHOR_SCHEMES))} "
                          "that includes 'random' (MERGE³'s random subsets, which the chapter's summaries read).")
     return list(schemes)

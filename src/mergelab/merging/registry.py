@@ -117,14 +117,22 @@ def get_merge(name: str) -> MergeMethod:
     return MERGE_METHODS[name]
 
 
-def check_methods(methods: Sequence[str], parameter: str = "merge_methods", required: Sequence[str] = ()) -> list[str]:
-    """``methods`` as a list, once every name is a registered method and every name of ``required`` (what the
-    caller reads afterwards) is among them; otherwise an error naming ``parameter``, its value and what is
-    valid, before any merge is computed."""
-    if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
+def check_methods(methods: Sequence[str], parameter: str = "merge_methods", required: Sequence[str] = (),
+                  excluded: Sequence[str] = ()) -> list[str]:
+    """``methods`` as a list, once every name is a registered method, named once, every name of ``required``
+    (what the caller reads afterwards) is among them and none of ``excluded`` (what the caller adds itself);
+    otherwise an error naming ``parameter``, its value and what is valid, before any merge is computed."""
+    if not isinstance(methods, (list, tuple)) or not all(isinstance(m, str) for m in methods):
         raise ValueError(f"{parameter}={methods!r} is not valid; give a list of method names, e.g. "
-                         "['task_arithmetic'].")
+                         f"['task_arithmetic'] (registered: {', '.join(sorted(MERGE_METHODS))}).")
     names = list(methods)
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        raise ValueError(f"{parameter}={names!r} is not valid: {twice[0]!r} is named twice; name each method once.")
+    added = [m for m in excluded if m in names]
+    if added:
+        raise ValueError(f"{parameter}={names!r} is not valid: {added[0]!r} is merged by this chapter anyway; remove "
+                         "it from the list.")
     unknown = [m for m in names if m not in MERGE_METHODS]
     if unknown:
         raise ValueError(f"{parameter}={names!r} is not valid: {unknown[0]!r} is not a registered merge method; "

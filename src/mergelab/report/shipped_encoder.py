@@ -111,8 +111,8 @@ def default_runs() -> list[tuple[str, tuple[str, ...], Any]]:
     seeds = list(dict.fromkeys([int(p["seed"]), *map(int, p["seeds"])]))
     runs: list[tuple[str, tuple[str, ...], Any]] = [
         ("multitask", tuple(sorted(p["tasks"])),
-         FinetuneConfig(**{**p["finetune"], "num_steps": p["multitask_steps"]}, seed=int(p["seed"])))]
-    runs += [("expert", (t,), FinetuneConfig(**p["finetune"], seed=s)) for s in seeds for t in p["tasks"]]
+         FinetuneConfig.from_params({**p["finetune"], "num_steps": p["multitask_steps"]}, seed=int(p["seed"])))]
+    runs += [("expert", (t,), FinetuneConfig.from_params(p["finetune"], seed=s)) for s in seeds for t in p["tasks"]]
     return runs
 
 

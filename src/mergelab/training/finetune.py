@@ -74,22 +74,25 @@ class FinetuneConfig:
             object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod
-    def from_params(cls, finetune: Mapping[str, Any], parameter: str = "finetune", **settings: Any) -> "FinetuneConfig":
+    def from_params(cls, finetune: Mapping[str, Any], parameter: str = "finetune", settings_name: str = "seed",
+                    **settings: Any) -> "FinetuneConfig":
         """The recipe of a chapter's ``finetune`` parameter (a mapping of this class's fields) with ``settings``
-        beside it (``seed``, chapter 01's ``centre``...). A key that is not a field, or that ``settings`` sets
-        too, is refused naming ``parameter`` and the valid fields; a key left out takes this class's default."""
+        beside it (``seed``, chapter 01's ``centre``...; ``settings_name`` says where they come from, for the
+        messages). A key that is not a field, or that both set, is refused naming the parameter, the value and
+        the valid fields; a key left out takes this class's default."""
         if not isinstance(finetune, Mapping):
             raise ValueError(f"{parameter}={finetune!r} is not valid; give a mapping of fine-tuning settings "
                              f"({', '.join(f.name for f in fields(cls))}).")
         valid = [f.name for f in fields(cls)]
         for key in [*finetune, *settings]:
             if key not in valid:
-                where = parameter if key in finetune else "the chapter's settings"
-                raise ValueError(f"{where} has {key!r}, which is not a fine-tuning setting; valid: {', '.join(valid)}.")
+                where, value = (parameter, dict(finetune)) if key in finetune else (settings_name, settings)
+                raise ValueError(f"{where}={value!r} has {key!r}, which is not a fine-tuning setting; valid: "
+                                 f"{', '.join(valid)}.")
         twice = sorted(set(finetune) & set(settings))
         if twice:
-            raise ValueError(f"{parameter} sets {twice[0]!r}, which the chapter sets apart ({twice[0]}="
-                             f"{settings[twice[0]]!r}); remove it from {parameter}.")
+            raise ValueError(f"{parameter} sets {twice[0]!r}={finetune[twice[0]]!r}, which {settings_name} sets too "
+                             f"({twice[0]}={settings[twice[0]]!r}); remove it from one of them.")
         return cls(**finetune, **settings)
 
 

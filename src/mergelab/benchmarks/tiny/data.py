@@ -394,7 +394,7 @@ def _cached_arrays(path: Path, make: Callable[[], dict[str, np.ndarray]]) -> dic
     arrays = read_npz(path)  # missing or damaged: made again
     if arrays is None:
         with build_lock(path):
-            arrays = read_npz(path)  # another process may have made it meanwhile
+            arrays = read_npz(path, warn=False)  # another process may have made it meanwhile (warned once above)
             if arrays is None:
                 arrays = make()
                 atomic_save_npz(path, compress=False, **arrays)
