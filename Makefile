@@ -82,8 +82,8 @@ report: env ## execute the notebooks that changed (PROFILE, NOTEBOOKS, FORCE, EX
 		$(if $(strip $(EXECUTOR)),--executor $(EXECUTOR)) $(if $(strip $(JOBS)),--jobs $(JOBS)) \
 		$(if $(strip $(RENDERER)),--renderer $(RENDERER))
 
-student: env ## write the student notebooks students/<chapter>.ipynb from the chapters (solutions removed; NOTEBOOKS)
-	$(PY) -m mergelab.course --out students $(if $(strip $(NOTEBOOKS)),--notebooks $(NOTEBOOKS))
+student: env ## write the student notebooks students/<chapter>.ipynb from the chapters (solutions removed; NOTEBOOKS; a changed one is kept unless FORCE=1)
+	$(PY) -m mergelab.course --out students $(if $(strip $(NOTEBOOKS)),--notebooks $(NOTEBOOKS)) $(if $(strip $(FORCE)),--force)
 
 test: env ## run the tests, one process per core (TEST_WORKERS, PYTEST_ARGS passed through)
 	$(PY) -m pytest $(if $(filter-out 0,$(strip $(TEST_WORKERS))),-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
@@ -112,4 +112,10 @@ CACHE_DIR = $(or $(MERGELAB_DATA_DIR),data)
 clean-cache: ## remove generated data, pretrained encoders and experts cached in data/ or $MERGELAB_DATA_DIR (keeps data/README.md)
 	@if [ -e "$(CACHE_DIR)/.git" ] || [ -e "$(CACHE_DIR)/pyproject.toml" ] || [ "$$(cd "$(CACHE_DIR)" 2>/dev/null && pwd)" = "$$HOME" ]; then \
 		echo "clean-cache: $(CACHE_DIR) looks like a checkout or your home folder, not a cache; refusing to empty it."; exit 1; fi
+	@cache="$$(cd "$(CACHE_DIR)" 2>/dev/null && pwd -P)"; \
+	for kept in "$$MERGELAB_CLIP_DATA_ROOT" "$$MERGELAB_CLIP_EXPERTS_DIR" "$$MERGELAB_CLIP_WEIGHTS_DIR"; do \
+		[ -n "$$kept" ] && [ -n "$$cache" ] || continue; \
+		real="$$(cd "$$kept" 2>/dev/null && pwd -P)" || continue; \
+		case "$$real/" in "$$cache"/*) echo "clean-cache: $$kept (datasets, imported experts or open_clip weights) lies inside $(CACHE_DIR); refusing to delete it. Move it out of the cache, or delete by hand."; exit 1;; esac; \
+	done
 	find $(CACHE_DIR) -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -82,16 +82,38 @@ def test_a_local_weights_file_is_identified_by_its_bytes(tmp_path):
     first.parent.mkdir(), second.parent.mkdir()
     first.write_bytes(b"\x00" * 64)
     shutil.copy2(first, second)  # same bytes, size and mtime, another path
-    ident = ClipModelConfig(name="ViT-B-32", pretrained=str(first)).identity()
-    assert ident["file"]["size"] == 64
-    same = ClipModelConfig(name="ViT-B-32", pretrained=str(second)).identity()
-    assert {k: v for k, v in same.items() if k != "pretrained"} == {k: v for k, v in ident.items() if k != "pretrained"}
+    ident = ClipModelConfig(name="ViT-B-32", pretrained=str(first), quick_gelu=True).identity()
+    assert ident["file"]["size"] == 64 and ident["activation"] == "QuickGELU"
+    same = ClipModelConfig(name="ViT-B-32", pretrained=str(second), quick_gelu=True).identity()
+    assert same == ident  # the path is not part of it: a moved file keeps every cache
+    assert ClipModelConfig(name="ViT-B-32", pretrained=str(first), quick_gelu=False).identity()["activation"] == "GELU"
     stat = os.stat(second)
     second.write_bytes(b"\x01" * 64)  # other weights, same size, and the old mtime put back
     os.utime(second, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     clip_model._file_digest.cache_clear()  # a later run (another process) reads the file again
-    other = ClipModelConfig(name="ViT-B-32", pretrained=str(second)).identity()
+    other = ClipModelConfig(name="ViT-B-32", pretrained=str(second), quick_gelu=True).identity()
     assert other["file"]["size"] == 64 and other["file"]["sha256"] != ident["file"]["sha256"]
+
+
+def test_a_local_weights_file_must_say_its_activation_which_the_file_does_not_carry(tmp_path):
+    """open_clip checks the activation of a tag, not of a file: OpenAI's weights in a local file would run with
+    plain GELU under the name ViT-B-32, and every number would be wrong without a warning."""
+    weights = tmp_path / "open_clip_pytorch_model.bin"
+    weights.write_bytes(b"\x00" * 8)
+    with pytest.raises(ValueError, match=r"is a local checkpoint, which does not say its MLP activation: set model "
+                                         r"quick_gelu: true for OpenAI's weights \(or use the name ViT-B-32-quickgelu\)"):
+        ClipModelConfig(name="ViT-B-32", pretrained=str(weights)).identity()
+    assert ClipModelConfig(name="ViT-B-32-quickgelu", pretrained=str(weights)).identity()["activation"] == "QuickGELU"
+    with pytest.raises(ValueError, match=r"quick_gelu=False contradicts the architecture name 'ViT-B-32-quickgelu'"):
+        ClipModelConfig(name="ViT-B-32-quickgelu", pretrained=str(weights), quick_gelu=False).identity()
+    with pytest.raises(ValueError, match=r"quick_gelu=False contradicts the pretrained tag 'openai'"):
+        ClipModelConfig(name="ViT-B-32", pretrained="openai", quick_gelu=False).identity()
+    with pytest.raises(ValueError, match=r"model quick_gelu='yes' is not valid"):
+        ClipModelConfig(quick_gelu="yes")
+    with pytest.raises(ValueError, match=r"model experts_dir=5 is not valid; use a folder path or null"):
+        ClipModelConfig(experts_dir=5)
+    with pytest.raises(ValueError, match=r"model init_seed=-1 is not valid"):
+        ClipModelConfig(init_seed=-1)
 
 
 def test_the_activation_keys_every_cache(monkeypatch):
@@ -351,6 +373,17 @@ def test_public_split_sizes_on_folders_laid_out_like_the_real_datasets(many_file
         for c in eurosat:
             _touch(root / "EuroSAT_splits" / split / c, [f"{c}_{split}_{i}.jpg" for i in range(n)])
     assert sizes("EuroSAT") == (80, 10, 10)
+    # a prepared folder that lacks a split is named, not replaced silently by mergelab's own split
+    import shutil
+
+    shutil.rmtree(root / "EuroSAT_splits" / "val")
+    with pytest.raises(ds.DatasetNotFoundError, match=r"EuroSAT_splits/val \(EuroSAT_splits lacks val: the public "
+                                                      r"split needs its train, val and test folders"):
+        ds.load_source("EuroSAT", root)
+    # SUN397's images are indexed in sorted order whatever order the file system lists them in
+    sun = ds.load_source("SUN397", root)
+    files = [p.as_posix() for p in sun.train.base._image_files]
+    assert files == sorted(files)
 
 
 def test_missing_split_files_are_refused_with_where_to_get_them(tmp_path):

@@ -520,6 +520,17 @@ def test_clean_cache_empties_the_data_folder_in_use_and_refuses_a_checkout(tmp_p
     run = subprocess.run(["make", "--no-print-directory", "clean-cache"], cwd=root, capture_output=True, text=True,
                          env={**os.environ, "MERGELAB_DATA_DIR": str(tmp_path)})
     assert run.returncode != 0 and "refusing to empty it" in run.stdout and (tmp_path / "keep.py").is_file()
+    # datasets (or imported experts, or open_clip weights) kept inside the cache are refused, not deleted with it
+    (cache / "datasets" / "MNIST").mkdir(parents=True)
+    for variable in ("MERGELAB_CLIP_DATA_ROOT", "MERGELAB_CLIP_EXPERTS_DIR", "MERGELAB_CLIP_WEIGHTS_DIR"):
+        run = subprocess.run(["make", "--no-print-directory", "clean-cache"], cwd=root, capture_output=True, text=True,
+                             env={**os.environ, "MERGELAB_DATA_DIR": str(cache), variable: str(cache / "datasets")})
+        assert run.returncode != 0 and "lies inside" in run.stdout and (cache / "datasets" / "MNIST").is_dir(), variable
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    subprocess.run(["make", "--no-print-directory", "clean-cache"], cwd=root, capture_output=True, check=True,
+                   env={**os.environ, "MERGELAB_DATA_DIR": str(cache), "MERGELAB_CLIP_DATA_ROOT": str(outside)})
+    assert [p.name for p in cache.iterdir()] == ["README.md"] and outside.is_dir()
 
 
 WRITE_CLAIMS = (

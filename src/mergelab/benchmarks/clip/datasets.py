@@ -258,7 +258,12 @@ def _load_eurosat(root: Path) -> TaskSource:
     order = sorted(EUROSAT_CLASSES)
     names = [EUROSAT_CLASSES[c] for c in order]
     prepared = root / "EuroSAT_splits"
-    if all((prepared / s).is_dir() for s in SPLITS):
+    absent = [s for s in SPLITS if not (prepared / s).is_dir()]
+    if prepared.is_dir() and absent:  # not silently mergelab's own split where the public one was meant
+        raise _missing("EuroSAT", root, prepared / absent[0], f"EuroSAT_splits lacks {', '.join(absent)}: the public "
+                       "split needs its train, val and test folders; remove EuroSAT_splits to use mergelab's own "
+                       "split of eurosat/2750 instead")
+    if not absent:
         # the public benchmark's split, as its code reads it: three ImageFolders (train, val, test)
         pools = {}
         for split in SPLITS:
@@ -348,6 +353,11 @@ def _load_sun397(root: Path) -> TaskSource:
             raise _missing("SUN397", root, path, "the official partition files are required: without them the "
                            "split is neither the public one nor the same on two machines")
     ds = _torchvision("SUN397", root, data, lambda: SUN397(str(root)))
+    # torchvision lists the images in the file system's order (rglob): sorted, an index names one image on every
+    # copy of the data (rsync, another disk), and so do the splits' fingerprints
+    order = sorted(range(len(ds._image_files)), key=lambda i: ds._image_files[i].as_posix())
+    ds._image_files = [ds._image_files[i] for i in order]
+    ds._labels = [ds._labels[i] for i in order]
     entries = [ln.strip() for ln in (data / "ClassName.txt").read_text().splitlines() if ln.strip()]
     names, label_of_entry = sun397_public_classes(entries)
     labels = label_of_entry[np.asarray(ds._labels, dtype=np.int64)] if len(ds._labels) else np.zeros(0, np.int64)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import paths
-from ...utils import atomic_write_text, eval_mode
+from ...utils import atomic_write_text, check_integer, eval_mode
 
 TINY_MODEL = "mergelab-tiny-ViT-32"
 """A laptop-sized CLIP (2-layer, width-64 towers, 224 px, patch 32) registered with open_clip for smoke
@@ -63,6 +63,10 @@ class ClipModelConfig:
         allow_pickle: let expert and head checkpoints that are pickled modules (the task-vector release's
             ``finetuned.pt`` and ``head_<Task>.pt``) be unpickled. Unpickling runs code the file names, so
             it is off by default: such files are refused with a message naming this option.
+        quick_gelu: the MLP activation of weights read from a local checkpoint file, which the file does not
+            carry: ``True`` for OpenAI's weights (QuickGELU), ``False`` for weights trained with GELU (e.g.
+            LAION's). Required with a file unless the architecture's name says it (``*-quickgelu``); with a
+            tag it must agree with the tag or be ``None``.
     """
 
     name: str = "ViT-B-32"
@@ -72,6 +76,7 @@ class ClipModelConfig:
     experts_dir: str | None = None
     precision: str = "fp32"
     allow_pickle: bool = False
+    quick_gelu: bool | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -82,6 +87,14 @@ class ClipModelConfig:
         if self.pretrained is not None and not isinstance(self.pretrained, str):
             raise ValueError(f"model pretrained={self.pretrained!r} is not valid; use an open_clip tag such as "
                              "'openai', a checkpoint file, or null for a random initialization.")
+        if self.quick_gelu is not None and not isinstance(self.quick_gelu, bool):
+            raise ValueError(f"model quick_gelu={self.quick_gelu!r} is not valid; use true (OpenAI's weights), false "
+                             "(weights trained with GELU) or null (the tag or the architecture's name decides).")
+        check_integer("model init_seed", self.init_seed, minimum=0)
+        for name in ("cache_dir", "experts_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"model {name}={value!r} is not valid; use a folder path or null.")
 
     def weights_dir(self) -> Path:
         """The folder open_clip downloads pretrained weights into."""
@@ -105,8 +118,9 @@ class ClipModelConfig:
         elif os.path.isfile(os.path.expanduser(self.pretrained)):
             path = str(Path(self.pretrained).expanduser().resolve())
             stat = os.stat(path)
-            # the bytes define the weights: a copy that keeps size and mtime (cp -p, rsync -a) is told apart,
-            # the same file at another path is not
+            # the bytes define the weights, not where they lie: a copy that keeps size and mtime (cp -p, rsync -a)
+            # is told apart, the same file at another path (moved, or written ~/w.pt) is the same model
+            out["pretrained"] = "file"
             out["file"] = {"size": stat.st_size, "sha256": _file_digest(path, stat.st_size, stat.st_mtime_ns)}
         return out
 
@@ -155,8 +169,21 @@ def model_arch_options(cfg: ClipModelConfig) -> dict[str, Any]:
     """Architecture and preprocessing options implied by a pretrained tag, without loading its weights."""
     import open_clip
 
-    if cfg.pretrained is None or os.path.isfile(os.path.expanduser(cfg.pretrained)):
-        return {}
+    if cfg.pretrained is None:
+        return {} if cfg.quick_gelu is None else {"force_quick_gelu": cfg.quick_gelu}
+    if os.path.isfile(os.path.expanduser(cfg.pretrained)):
+        named = bool((open_clip.get_model_config(cfg.name) or {}).get("quick_gelu", False))
+        if cfg.quick_gelu is None and not named:
+            # open_clip checks the activation of a tag, not of a file: OpenAI's weights would run with plain GELU
+            raise ValueError(
+                f"model pretrained={cfg.pretrained!r} is a local checkpoint, which does not say its MLP activation: "
+                f"set model quick_gelu: true for OpenAI's weights (or use the name {cfg.name}-quickgelu), false for "
+                "weights trained with GELU (e.g. LAION's). Or keep pretrained: openai with model.cache_dir at a "
+                "copy of open_clip's weight cache, which checks it.")
+        if named and cfg.quick_gelu is False:
+            raise ValueError(f"model quick_gelu=False contradicts the architecture name {cfg.name!r}, which builds "
+                             "QuickGELU; use the name without -quickgelu, or quick_gelu: true or null.")
+        return {} if cfg.quick_gelu is None else {"force_quick_gelu": cfg.quick_gelu}
     if looks_like_path(cfg.pretrained):
         raise WeightsNotFoundError(
             f"model pretrained={cfg.pretrained!r} looks like a checkpoint file but {Path(cfg.pretrained).expanduser()} "
@@ -167,6 +194,9 @@ def model_arch_options(cfg: ClipModelConfig) -> dict[str, Any]:
         tags = open_clip.list_pretrained_tags_by_model(cfg.name)
         raise ValueError(f"model pretrained={cfg.pretrained!r} is not a tag of {cfg.name!r}; valid: "
                          f"{', '.join(tags) or '(none)'}, a local checkpoint file, or null (random init).")
+    if cfg.quick_gelu is not None and cfg.quick_gelu != bool(tag.get("quick_gelu", False)):
+        raise ValueError(f"model quick_gelu={cfg.quick_gelu!r} contradicts the pretrained tag {cfg.pretrained!r}, whose "
+                         f"weights were trained with {'QuickGELU' if tag.get('quick_gelu') else 'GELU'}; leave it null.")
     out: dict[str, Any] = {"force_quick_gelu": bool(tag.get("quick_gelu", False))}
     for key, arg in (("mean", "image_mean"), ("std", "image_std"), ("interpolation", "image_interpolation"),
                      ("resize_mode", "image_resize_mode")):
@@ -185,7 +215,8 @@ def activation_of_config(cfg: ClipModelConfig) -> str:
 
     check_model_name(cfg.name)
     model_cfg = open_clip.get_model_config(cfg.name) or {}
-    quick = bool(model_cfg.get("quick_gelu", False)) or bool(model_arch_options(cfg).get("force_quick_gelu", False))
+    arch = model_arch_options(cfg)  # first: it refuses a file without its activation, or one that contradicts the name
+    quick = bool(model_cfg.get("quick_gelu", False)) or bool(arch.get("force_quick_gelu", False))
     return "QuickGELU" if quick else "GELU"
 
 
@@ -284,8 +315,9 @@ def _weights_error(cfg: ClipModelConfig, cache: Path, err: Exception) -> Weights
         f"could not load model name={cfg.name!r} pretrained={cfg.pretrained!r}: looked in the weight "
         f"cache {cache} (model.cache_dir, $MERGELAB_CLIP_WEIGHTS_DIR or WEIGHTS=/path with make). "
         f"open_clip downloads the file there on first use from {where} (needs internet); on an "
-        "offline machine copy that cache folder from a machine that has it, or set model.pretrained "
-        f"to a local checkpoint file. Underlying error: {type(err).__name__}: {err}")
+        "offline machine copy that cache folder from a machine that has it (keeping pretrained as it is), or set "
+        "model.pretrained to a local checkpoint file together with model.quick_gelu (true for OpenAI's weights). "
+        f"Underlying error: {type(err).__name__}: {err}")
 
 
 @torch.no_grad()
