@@ -133,6 +133,15 @@ def test_make_student_writes_a_notebook_per_chapter_and_refuses_bad_markup(tmp_p
     assert course.main(["--out", str(tmp_path / "students")]) == 0
     assert sorted(p.stem for p in (tmp_path / "students").glob("*.ipynb")) == NOTEBOOKS
     assert "student notebook:" in capsys.readouterr().out
+    # run again (a fixed typo, a new chapter): copies the students did not touch are rewritten, answers are kept
+    answered = tmp_path / "students" / f"{NOTEBOOKS[0]}.ipynb"
+    nb = nbformat.read(answered, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("x = 'my answer'"))
+    nbformat.write(nb, answered)
+    assert course.main(["--out", str(tmp_path / "students")]) == 1
+    assert "my answer" in answered.read_text() and "nothing was written" in capsys.readouterr().err
+    assert course.main(["--out", str(tmp_path / "students"), "--notebooks", NOTEBOOKS[1]]) == 0  # another chapter
+    assert course.main(["--out", str(tmp_path / "students"), "--force"]) == 0 and "my answer" not in answered.read_text()
     (tmp_path / "nbs").mkdir()
     nbformat.write(_markup_notebook("x = 1"), tmp_path / "nbs" / "03_x.ipynb")
     with pytest.raises(course.MarkupError, match="03_x, cell 4"):

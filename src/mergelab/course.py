@@ -211,10 +211,17 @@ def paste_solutions(student: Any, solution: Any, name: str) -> Any:
     return out
 
 
+class StudentWorkError(FileExistsError):
+    """A student notebook to be written already exists with other content: a student's answers, kept."""
+
+
 def write_students(out_dir: Path | None = None, names: Sequence[str] | None = None,
-                   notebooks_dir: Path | None = None) -> list[Path]:
+                   notebooks_dir: Path | None = None, force: bool = False) -> list[Path]:
     """Write ``<out_dir>/<chapter>.ipynb`` (default ``<root>/students``) for every chapter (or ``names``);
-    return the paths. Every notebook's markup is checked before anything is written."""
+    return the paths. Every notebook's markup is checked before anything is written. A student notebook that
+    exists with other content than the one to be written (students work in these files) is not overwritten:
+    :class:`StudentWorkError` names them, and nothing is written, unless ``force``; one that equals it is left
+    as it is."""
     import nbformat
 
     notebooks_dir = Path(notebooks_dir) if notebooks_dir is not None else paths.notebooks_dir()
@@ -223,11 +230,18 @@ def write_students(out_dir: Path | None = None, names: Sequence[str] | None = No
     missing = [p.name for p in chosen if not p.is_file()]
     if missing:
         raise MarkupError(f"no notebook {', '.join(missing)} in {notebooks_dir}")
-    students = {p.name: student_notebook(nbformat.read(p, as_version=4), p.stem) for p in chosen}
+    students = {p.name: nbformat.writes(student_notebook(nbformat.read(p, as_version=4), p.stem))  # validated
+                for p in chosen}
+    changed = [out_dir / f for f, text in students.items()
+               if (out_dir / f).is_file() and (out_dir / f).read_text(encoding="utf-8") != text]
+    if changed and not force:
+        raise StudentWorkError(f"{', '.join(str(p) for p in changed)} exist(s) with other content than a fresh copy "
+                               "(a student's answers?); nothing was written. Move them away first, or overwrite them "
+                               "with `make student FORCE=1` (python -m mergelab.course --force).")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for file, nb in students.items():
-        atomic_write_text(out_dir / file, nbformat.writes(nb))  # writes validates the notebook
+    for file, text in students.items():
+        atomic_write_text(out_dir / file, text)
         written.append(out_dir / file)
     return written
 
@@ -236,10 +250,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mergelab.course", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="folder for the student notebooks (default: students/)")
     parser.add_argument("--notebooks", nargs="+", metavar="NAME", default=None, help="only these chapters")
+    parser.add_argument("--force", action="store_true", help="overwrite student notebooks that were changed")
     args = parser.parse_args(argv)
     try:
-        written = write_students(args.out, args.notebooks)
-    except MarkupError as err:
+        written = write_students(args.out, args.notebooks, force=args.force)
+    except (MarkupError, StudentWorkError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     for path in written:
