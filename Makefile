@@ -7,7 +7,7 @@ REPORTS ?= reports## where executed notebooks, results and the book go
 DATA ?=## clip profile: folder with the datasets (exported as MERGELAB_CLIP_DATA_ROOT; weights: WEIGHTS)
 WEIGHTS ?=## clip profile: folder for downloaded open_clip weights (exported as MERGELAB_CLIP_WEIGHTS_DIR)
 NOTEBOOKS ?=## run only these notebooks (names without .ipynb; empty = all)
-FORCE ?=## set to 1 to execute notebooks even when they are up to date
+FORCE ?=## set to 1 to execute notebooks even when they are up to date (make report), or to overwrite student notebooks that were changed (make student)
 EXECUTOR ?=## where the chapters' sweeps run: local or ray (a Ray cluster, docs/distributed.md); empty = each parameter file's executor
 RENDERER ?=## the book's renderer: auto (Quarto if found, else pandoc; empty = auto), quarto or pandoc
 JOBS ?=## chapters executed at a time, chapter 00 included (auto: one per core, at most 4; empty = auto; 1 = one after another)
@@ -83,7 +83,7 @@ report: env ## execute the notebooks that changed (PROFILE, NOTEBOOKS, FORCE, EX
 		$(if $(strip $(RENDERER)),--renderer $(RENDERER))
 
 student: env ## write the student notebooks students/<chapter>.ipynb from the chapters (solutions removed; NOTEBOOKS; a changed one is kept unless FORCE=1)
-	$(PY) -m mergelab.course --out students $(if $(strip $(NOTEBOOKS)),--notebooks $(NOTEBOOKS)) $(if $(strip $(FORCE)),--force)
+	$(PY) -m mergelab.course --out students $(if $(strip $(NOTEBOOKS)),--notebooks $(NOTEBOOKS)) $(if $(filter 1,$(strip $(FORCE))),--force)
 
 test: env ## run the tests, one process per core (TEST_WORKERS, PYTEST_ARGS passed through)
 	$(PY) -m pytest $(if $(filter-out 0,$(strip $(TEST_WORKERS))),-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)

@@ -338,3 +338,23 @@ def test_the_populations_dare_merges_are_drawn_with_the_chapters_seed():
     assert (name, kind) == ("dare:0.3", "dare")
     assert torch.equal(build()["w"], merge("dare", pre, tvs, coefficient=0.3, seed=3)["w"])
     assert not torch.equal(build()["w"], merge("dare", pre, tvs, coefficient=0.3, seed=0)["w"])
+
+
+def test_population_passes_the_chapters_seed_to_its_dare_merges():
+    import torch
+
+    from mergelab.merging import merge
+    from mergelab.task_vectors import task_vectors_from
+
+    pre = {"w": torch.zeros(40)}
+    g = torch.Generator().manual_seed(1)
+    experts = {t: {"w": torch.randn(40, generator=g)} for t in ("a", "b")}
+    tvs = task_vectors_from(pre, experts)
+    for seed in (0, 3):
+        models, responses = ch05.population(_SignEvaluator(), pre, experts, tvs, [1.0], [1.0], 2, 4, 1.0, seed=seed,
+                                            progress=False, other_merges={"dare": [1.0]})
+        row = models.index[models["name"] == "dare:1"][0]
+        expected = (merge("dare", pre, list(tvs.values()), coefficient=1.0, seed=seed)["w"] > 0).numpy()
+        np.testing.assert_array_equal(responses[row], expected)
+    seeded = merge("dare", pre, list(tvs.values()), coefficient=1.0, seed=3)["w"]
+    assert not torch.equal(seeded, merge("dare", pre, list(tvs.values()), coefficient=1.0, seed=0)["w"])

@@ -106,6 +106,8 @@ def test_a_local_weights_file_must_say_its_activation_which_the_file_does_not_ca
     assert ClipModelConfig(name="ViT-B-32-quickgelu", pretrained=str(weights)).identity()["activation"] == "QuickGELU"
     with pytest.raises(ValueError, match=r"quick_gelu=False contradicts the architecture name 'ViT-B-32-quickgelu'"):
         ClipModelConfig(name="ViT-B-32-quickgelu", pretrained=str(weights), quick_gelu=False).identity()
+    with pytest.raises(ValueError, match=r"quick_gelu=False contradicts the architecture name 'ViT-B-32-quickgelu'"):
+        ClipModelConfig(name="ViT-B-32-quickgelu", pretrained=None, quick_gelu=False).identity()  # random init too
     with pytest.raises(ValueError, match=r"quick_gelu=False contradicts the pretrained tag 'openai'"):
         ClipModelConfig(name="ViT-B-32", pretrained="openai", quick_gelu=False).identity()
     with pytest.raises(ValueError, match=r"model quick_gelu='yes' is not valid"):

@@ -133,7 +133,16 @@ def test_make_student_writes_a_notebook_per_chapter_and_refuses_bad_markup(tmp_p
     assert course.main(["--out", str(tmp_path / "students")]) == 0
     assert sorted(p.stem for p in (tmp_path / "students").glob("*.ipynb")) == NOTEBOOKS
     assert "student notebook:" in capsys.readouterr().out
-    # run again (a fixed typo, a new chapter): copies the students did not touch are rewritten, answers are kept
+    # run again after a chapter is fixed: the copy nobody touched is rewritten with the fix
+    (tmp_path / "fixed").mkdir()
+    for name in NOTEBOOKS[:2]:
+        (tmp_path / "fixed" / f"{name}.ipynb").write_bytes((ROOT / "notebooks" / f"{name}.ipynb").read_bytes())
+    fixed = nbformat.read(tmp_path / "fixed" / f"{NOTEBOOKS[1]}.ipynb", as_version=4)
+    fixed.cells[0].source += "\n\nA typo fixed."
+    nbformat.write(fixed, tmp_path / "fixed" / f"{NOTEBOOKS[1]}.ipynb")
+    course.write_students(tmp_path / "students", [NOTEBOOKS[1]], notebooks_dir=tmp_path / "fixed")
+    assert "A typo fixed." in (tmp_path / "students" / f"{NOTEBOOKS[1]}.ipynb").read_text()
+    # a copy a student answered in is kept, whatever changed in the chapter
     answered = tmp_path / "students" / f"{NOTEBOOKS[0]}.ipynb"
     nb = nbformat.read(answered, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell("x = 'my answer'"))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import re
 import sys
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paths
-from .utils import atomic_write_text
+from .utils import atomic_write_json, atomic_write_text, read_json
 
 EXERCISE_TAG, SOLUTION_TAG, CHECK_TAG = "exercise", "solution", "exercise-check"
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
@@ -211,6 +212,10 @@ def paste_solutions(student: Any, solution: Any, name: str) -> Any:
     return out
 
 
+WRITTEN = ".written.json"
+"""The student folder's record of each copy's SHA-256 as ``make student`` wrote it."""
+
+
 class StudentWorkError(FileExistsError):
     """A student notebook to be written already exists with other content: a student's answers, kept."""
 
@@ -218,10 +223,10 @@ class StudentWorkError(FileExistsError):
 def write_students(out_dir: Path | None = None, names: Sequence[str] | None = None,
                    notebooks_dir: Path | None = None, force: bool = False) -> list[Path]:
     """Write ``<out_dir>/<chapter>.ipynb`` (default ``<root>/students``) for every chapter (or ``names``);
-    return the paths. Every notebook's markup is checked before anything is written. A student notebook that
-    exists with other content than the one to be written (students work in these files) is not overwritten:
-    :class:`StudentWorkError` names them, and nothing is written, unless ``force``; one that equals it is left
-    as it is."""
+    return the paths. Every notebook's markup is checked before anything is written. Students work in these
+    files: each copy's SHA-256 as written is recorded in ``<out_dir>/.written.json``, and a copy that no longer
+    matches it (nor the copy about to be written) holds a student's work: :class:`StudentWorkError` names them,
+    and nothing is written, unless ``force``. Copies nobody changed are rewritten, a chapter's fix included."""
     import nbformat
 
     notebooks_dir = Path(notebooks_dir) if notebooks_dir is not None else paths.notebooks_dir()
@@ -232,17 +237,27 @@ def write_students(out_dir: Path | None = None, names: Sequence[str] | None = No
         raise MarkupError(f"no notebook {', '.join(missing)} in {notebooks_dir}")
     students = {p.name: nbformat.writes(student_notebook(nbformat.read(p, as_version=4), p.stem))  # validated
                 for p in chosen}
-    changed = [out_dir / f for f, text in students.items()
-               if (out_dir / f).is_file() and (out_dir / f).read_text(encoding="utf-8") != text]
+    manifest_path = out_dir / WRITTEN
+    manifest = read_json(manifest_path, {})
+    digest = lambda text: hashlib.sha256(text.encode("utf-8")).hexdigest()  # noqa: E731
+    changed = []
+    for file, text in students.items():
+        path = out_dir / file
+        if path.is_file():
+            now = digest(path.read_text(encoding="utf-8"))
+            if now not in (manifest.get(file), digest(text)):
+                changed.append(path)
     if changed and not force:
-        raise StudentWorkError(f"{', '.join(str(p) for p in changed)} exist(s) with other content than a fresh copy "
-                               "(a student's answers?); nothing was written. Move them away first, or overwrite them "
+        raise StudentWorkError(f"{', '.join(str(p) for p in changed)} changed since `make student` wrote them (a "
+                               "student's answers?); nothing was written. Move them away first, or overwrite them "
                                "with `make student FORCE=1` (python -m mergelab.course --force).")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for file, text in students.items():
         atomic_write_text(out_dir / file, text)
+        manifest[file] = digest(text)
         written.append(out_dir / file)
+    atomic_write_json(manifest_path, manifest)
     return written
 
 

@@ -125,7 +125,7 @@ class ClipBenchmark(BenchmarkBase):
     @property
     def cache_dir(self) -> Path:
         tag = self.config.model.pretrained or "random"
-        tag = Path(tag).stem if os.sep in tag else tag
+        tag = "file" if os.path.isfile(os.path.expanduser(tag)) else tag  # a file by its bytes (the key), not its name
         path = paths.data_dir() / "clip" / f"{self.config.model.name}-{tag}-{self.key}"
         path.mkdir(parents=True, exist_ok=True)
         return path

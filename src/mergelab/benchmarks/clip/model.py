@@ -169,10 +169,14 @@ def model_arch_options(cfg: ClipModelConfig) -> dict[str, Any]:
     """Architecture and preprocessing options implied by a pretrained tag, without loading its weights."""
     import open_clip
 
+    named = bool((open_clip.get_model_config(cfg.name) or {}).get("quick_gelu", False))
+    if cfg.pretrained is None or os.path.isfile(os.path.expanduser(cfg.pretrained)):
+        if named and cfg.quick_gelu is False:  # open_clip's force_quick_gelu can only switch QuickGELU on
+            raise ValueError(f"model quick_gelu=False contradicts the architecture name {cfg.name!r}, which builds "
+                             "QuickGELU; use the name without -quickgelu, or quick_gelu: true or null.")
     if cfg.pretrained is None:
         return {} if cfg.quick_gelu is None else {"force_quick_gelu": cfg.quick_gelu}
     if os.path.isfile(os.path.expanduser(cfg.pretrained)):
-        named = bool((open_clip.get_model_config(cfg.name) or {}).get("quick_gelu", False))
         if cfg.quick_gelu is None and not named:
             # open_clip checks the activation of a tag, not of a file: OpenAI's weights would run with plain GELU
             raise ValueError(
@@ -180,9 +184,6 @@ def model_arch_options(cfg: ClipModelConfig) -> dict[str, Any]:
                 f"set model quick_gelu: true for OpenAI's weights (or use the name {cfg.name}-quickgelu), false for "
                 "weights trained with GELU (e.g. LAION's). Or keep pretrained: openai with model.cache_dir at a "
                 "copy of open_clip's weight cache, which checks it.")
-        if named and cfg.quick_gelu is False:
-            raise ValueError(f"model quick_gelu=False contradicts the architecture name {cfg.name!r}, which builds "
-                             "QuickGELU; use the name without -quickgelu, or quick_gelu: true or null.")
         return {} if cfg.quick_gelu is None else {"force_quick_gelu": cfg.quick_gelu}
     if looks_like_path(cfg.pretrained):
         raise WeightsNotFoundError(
