@@ -240,13 +240,9 @@ def write_students(out_dir: Path | None = None, names: Sequence[str] | None = No
     manifest_path = out_dir / WRITTEN
     manifest = read_json(manifest_path, {})
     digest = lambda text: hashlib.sha256(text.encode("utf-8")).hexdigest()  # noqa: E731
-    changed = []
-    for file, text in students.items():
-        path = out_dir / file
-        if path.is_file():
-            now = digest(path.read_text(encoding="utf-8"))
-            if now not in (manifest.get(file), digest(text)):
-                changed.append(path)
+    fresh = {file: digest(text) for file, text in students.items()}
+    changed = [out_dir / f for f in students if (out_dir / f).is_file()
+               and digest((out_dir / f).read_text(encoding="utf-8")) not in (manifest.get(f), fresh[f])]
     if changed and not force:
         raise StudentWorkError(f"{', '.join(str(p) for p in changed)} changed since `make student` wrote them (a "
                                "student's answers?); nothing was written. Move them away first, or overwrite them "
@@ -255,7 +251,7 @@ def write_students(out_dir: Path | None = None, names: Sequence[str] | None = No
     written = []
     for file, text in students.items():
         atomic_write_text(out_dir / file, text)
-        manifest[file] = digest(text)
+        manifest[file] = fresh[file]
         written.append(out_dir / file)
     atomic_write_json(manifest_path, manifest)
     return written

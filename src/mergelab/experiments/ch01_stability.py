@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..merging import merge, seeded_options
+from ..merging import merge, seeded
 from ..task_vectors import TaskVector
 from ..training.sweep import checkpoint_log, checkpoint_state, config_grid, one_at_a_time, row_config
 from ..analysis.generalization import measure_merge
@@ -199,7 +199,7 @@ def plan_merges(grid: ExpertGrid, tasks: Sequence[str], merge_size: int = 3, num
         specs += homo + hetero
         base_specs = [s for s in homo if s.varied == ()] + hetero
         for method, options in (sparsify or {}).items():  # a method that draws at random draws with `seed`
-            opts = tuple(sorted({**seeded_options([method], seed).get(method, {}), **dict(options)}.items()))
+            opts = tuple(sorted(seeded(method, options, seed).items()))
             specs += [replace(s, method=method, options=opts) for s in base_specs]
     return specs
 

@@ -34,7 +34,7 @@ from ..analysis.responses import ResponseEvaluator
 from ..analysis.statistics import sample_sd
 from ..evaluation import merge_baselines, summarize
 from ..executors import Executor, LocalExecutor, WorkerContext, benchmark_context
-from ..merging import get_merge, merge, seeded_options
+from ..merging import get_merge, merge, seeded
 from ..merging.evolve import EvolutionResult, evolve, task_arithmetic_per_task
 from ..task_vectors import TaskVector
 from ..utils import StateDict, check_integer, check_number, config_hash, state_digest
@@ -118,7 +118,7 @@ def _merges(grids: Sequence[tuple[str, str, Sequence[float | None]]], pretrained
                                                          "use [None]: this method has no coefficient."))
             if c is not None:
                 check_number(f"{what} value", c)
-            options = {**seeded_options([method], seed).get(method, {}), **({} if c is None else {"coefficient": float(c)})}
+            options = seeded(method, {} if c is None else {"coefficient": float(c)}, seed)
             out.append((method if c is None else f"{method}:{c:g}", method,
                         (lambda m=method, o=options: merge(m, pretrained, tvs, **o))))
     return out

@@ -19,8 +19,8 @@ from . import dare  # noqa: F401  # isort: skip
 from . import tsv  # noqa: F401  # isort: skip
 from .base import LayerUpdate, assemble, scaled, validate
 from .contract import check_merge_rule
-from .registry import MERGE_METHODS, MergeMethod, check_methods, get_merge, merge, register_merge, seeded_options
+from .registry import MERGE_METHODS, MergeMethod, check_methods, get_merge, merge, register_merge, seeded, seeded_options
 from .select import MergeResult, merge_with_validation
 
 __all__ = ["LayerUpdate", "MERGE_METHODS", "MergeMethod", "MergeResult", "assemble", "check_merge_rule", "check_methods", "get_merge", "merge",
-           "merge_with_validation", "register_merge", "scaled", "seeded_options", "validate"]
+           "merge_with_validation", "register_merge", "scaled", "seeded", "seeded_options", "validate"]

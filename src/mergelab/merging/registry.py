@@ -144,11 +144,17 @@ def check_methods(methods: Sequence[str], parameter: str = "merge_methods", requ
     return names
 
 
+def seeded(method: str, options: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    """``options`` of ``method`` with a chapter's ``seed`` added when the method draws at random (has a ``seed``
+    option, as DARE's masks) and ``options`` does not set one already: each method's own default would draw the
+    same masks whatever the chapter's seed."""
+    return {"seed": int(seed), **options} if "seed" in get_merge(method).options else dict(options)
+
+
 def seeded_options(methods: Sequence[str], seed: int) -> dict[str, dict[str, int]]:
-    """``{method: {"seed": seed}}`` for each of ``methods`` that draws at random (has a ``seed`` option, as DARE's
-    masks): the ``options`` of :func:`mergelab.evaluation.merge_baselines` that make a chapter's ``seed`` reach
-    them, where each method's own default would draw the same masks whatever the chapter's seed."""
-    return {m: {"seed": int(seed)} for m in methods if "seed" in get_merge(m).options}
+    """``{method: {"seed": seed}}`` for each of ``methods`` that draws at random (:func:`seeded`): the ``options`` of
+    :func:`mergelab.evaluation.merge_baselines` that make a chapter's ``seed`` reach them."""
+    return {m: seeded(m, {}, seed) for m in methods if "seed" in get_merge(m).options}
 
 
 def merge(name: str, pretrained: Mapping[str, torch.Tensor], task_vectors: Sequence[TaskVector],

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, replace
@@ -124,8 +123,8 @@ class ClipBenchmark(BenchmarkBase):
 
     @property
     def cache_dir(self) -> Path:
-        tag = self.config.model.pretrained or "random"
-        tag = "file" if os.path.isfile(os.path.expanduser(tag)) else tag  # a file by its bytes (the key), not its name
+        model = self.config.model
+        tag = "file" if model.pretrained_file else (model.pretrained or "random")  # a file by its bytes (the key)
         path = paths.data_dir() / "clip" / f"{self.config.model.name}-{tag}-{self.key}"
         path.mkdir(parents=True, exist_ok=True)
         return path

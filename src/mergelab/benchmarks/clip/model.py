@@ -96,6 +96,11 @@ class ClipModelConfig:
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise ValueError(f"model {name}={value!r} is not valid; use a folder path or null.")
 
+    @property
+    def pretrained_file(self) -> bool:
+        """Whether ``pretrained`` names a local checkpoint file (rather than a tag, or ``None``)."""
+        return self.pretrained is not None and os.path.isfile(os.path.expanduser(self.pretrained))
+
     def weights_dir(self) -> Path:
         """The folder open_clip downloads pretrained weights into."""
         value = self.cache_dir or os.environ.get("MERGELAB_CLIP_WEIGHTS_DIR")
@@ -115,7 +120,7 @@ class ClipModelConfig:
                                "activation": activation_of_config(self)}
         if self.pretrained is None:
             out["init_seed"] = self.init_seed
-        elif os.path.isfile(os.path.expanduser(self.pretrained)):
+        elif self.pretrained_file:
             path = str(Path(self.pretrained).expanduser().resolve())
             stat = os.stat(path)
             # the bytes define the weights, not where they lie: a copy that keeps size and mtime (cp -p, rsync -a)
@@ -169,15 +174,12 @@ def model_arch_options(cfg: ClipModelConfig) -> dict[str, Any]:
     """Architecture and preprocessing options implied by a pretrained tag, without loading its weights."""
     import open_clip
 
-    named = bool((open_clip.get_model_config(cfg.name) or {}).get("quick_gelu", False))
-    if cfg.pretrained is None or os.path.isfile(os.path.expanduser(cfg.pretrained)):
+    if cfg.pretrained is None or cfg.pretrained_file:  # no tag to say the activation: the name or quick_gelu does
+        named = bool((open_clip.get_model_config(cfg.name) or {}).get("quick_gelu", False))
         if named and cfg.quick_gelu is False:  # open_clip's force_quick_gelu can only switch QuickGELU on
             raise ValueError(f"model quick_gelu=False contradicts the architecture name {cfg.name!r}, which builds "
                              "QuickGELU; use the name without -quickgelu, or quick_gelu: true or null.")
-    if cfg.pretrained is None:
-        return {} if cfg.quick_gelu is None else {"force_quick_gelu": cfg.quick_gelu}
-    if os.path.isfile(os.path.expanduser(cfg.pretrained)):
-        if cfg.quick_gelu is None and not named:
+        if cfg.pretrained_file and cfg.quick_gelu is None and not named:
             # open_clip checks the activation of a tag, not of a file: OpenAI's weights would run with plain GELU
             raise ValueError(
                 f"model pretrained={cfg.pretrained!r} is a local checkpoint, which does not say its MLP activation: "
