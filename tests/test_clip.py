@@ -414,6 +414,22 @@ def test_clip_finetuning_leaves_the_callers_random_stream_alone(root):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_the_clip_loop_keeps_a_frozen_patch_stem_and_names_what_could_be_frozen(root):
+    """``frozen`` holds at the clip size as at tiny (its own loop): ``conv1`` keeps its bits, the rest moves, and
+    every parameter trains again afterwards."""
+    bench = tiny_bench(root, tasks=("MNIST",))
+    pre = bench.pretrained_state()
+    enc = bench.new_encoder(pre)
+    cfg = mergelab.FinetuneConfig(optimizer="adamw", lr=0.01, batch_size=4, num_steps=2, schedule="constant",
+                                  warmup_steps=0, weight_decay=0.1, frozen=["conv1"])
+    clip_training.finetune_encoder(bench, enc, ["MNIST"], cfg, progress=False)
+    after = enc.state_dict()
+    assert torch.equal(after["conv1.weight"], pre["conv1.weight"]) and not torch.equal(after["proj"], pre["proj"])
+    assert all(p.requires_grad for p in enc.parameters())
+    with pytest.raises(ValueError, match=r"frozen=\['patch_embed'\] has 'patch_embed', which is no parameter.*conv1"):
+        clip_training.finetune_encoder(bench, enc, ["MNIST"], replace(cfg, frozen=("patch_embed",)), progress=False)
+
+
 def test_finetuning_resumes_where_it_stopped(root, tmp_path, monkeypatch):
     cfg = mergelab.FinetuneConfig(optimizer="adamw", lr=1e-3, batch_size=4, num_steps=4, warmup_steps=1,
                                   weight_decay=0.1, seed=3)

@@ -236,3 +236,20 @@ def test_a_level_written_as_an_integer_is_the_same_setting_and_its_rows_find_the
         assert len(checkpoint_log(bench, "colours", row_config(row))["loss"]) == CFG.num_steps
     assert sweep(bench, [replace(CFG, seed=12, data_fraction=1.0)], ["colours"], probe_size=2,
                  progress=False).attrs["runs_trained"] == 0
+
+
+def test_rows_of_runs_with_and_without_a_frozen_stem_find_their_own_checkpoints(bench):
+    """A table that mixes a run holding ``conv1`` and one that does not: each row's recipe is its own (the
+    whole-model row has no ``frozen`` of its own in the table), and only the frozen run keeps the stem's bits."""
+    from mergelab.training.sweep import checkpoint_state, row_config
+
+    cfgs = [replace(CFG, seed=14), replace(CFG, seed=14, frozen=("conv1",))]
+    table = sweep(bench, cfgs, ["colours"], probe_size=2, progress=False)
+    rows = [row_config(row) for _, row in table.iterrows()]
+    assert sorted(rows, key=lambda c: c.frozen) == cfgs
+    pre = bench.pretrained_state()
+    moved = {c.frozen: torch.equal(checkpoint_state(bench, "colours", c)["conv1.weight"], pre["conv1.weight"])
+             for c in rows}
+    assert moved == {(): False, ("conv1",): True}
+    assert checkpoint_log(bench, "colours", cfgs[1])["finetune"]["frozen"] == ["conv1"]
+    assert "frozen" not in checkpoint_log(bench, "colours", cfgs[0])["finetune"]

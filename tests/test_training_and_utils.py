@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from mergelab.models import ClassificationHead
-from mergelab.training import FinetuneConfig, PretrainConfig, finetune, lr_at, pretrain_attributes
+from mergelab.training import (FinetuneConfig, PretrainConfig, finetune, frozen_parameters, lr_at, pretrain_attributes,
+                               recipe_fields)
 from mergelab.utils import atomic_write_json, config_hash, pick_device, seed_everything
 
 
@@ -40,6 +41,9 @@ def test_lr_schedules():
     ({"num_steps": True}, r"num_steps=True is not valid; use a positive integer"),
     ({"schedule": "step"}, "schedule='step' is not valid"),
     ({"warmup_steps": 500, "num_steps": 10}, "warmup_steps=500 is not valid"),
+    ({"frozen": "conv1"}, r"frozen='conv1' is not valid; give a list of parameter or module names"),
+    ({"frozen": ["conv1."]}, r"frozen=\['conv1.'\] is not valid"),
+    ({"frozen": ["conv1", "conv1"]}, r"frozen=\['conv1', 'conv1'\] is not valid; it names 'conv1' twice"),
 ])
 def test_bad_hyperparameters_get_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -67,6 +71,50 @@ def test_finetune_lowers_the_loss_keeps_the_head_and_is_deterministic():
         weights.append(model.weight.detach().clone())
     assert sum(hist["loss"][-5:]) < sum(hist["loss"][:5])
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
+
+
+class _StemAndBody(nn.Module):
+    """A two-part model: ``stem`` (6 -> 6) then ``body`` (6 -> 4), the names ``frozen`` addresses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.body = nn.Linear(6, 6), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(torch.tanh(self.stem(x)))
+
+
+def test_frozen_parameters_keep_their_bits_while_the_rest_trains_and_every_flag_comes_back():
+    X, y, head = _toy_problem()
+    torch.manual_seed(0)
+    model = _StemAndBody()
+    model.body.bias.requires_grad_(False)  # the caller's own flag on another parameter comes back too
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = FinetuneConfig(optimizer="adamw", lr=0.05, batch_size=32, num_steps=20, warmup_steps=0, weight_decay=0.5,
+                         frozen=["stem"])
+    hist = finetune(model, {"toy": (X, y)}, {"toy": head}, cfg, progress=False)
+    after = model.state_dict()
+    assert torch.equal(after["stem.weight"], before["stem.weight"]) and torch.equal(after["stem.bias"], before["stem.bias"])
+    assert not torch.equal(after["body.weight"], before["body.weight"])  # weight decay too leaves the stem alone
+    assert torch.equal(after["body.bias"], before["body.bias"])
+    assert sum(hist["loss"][-3:]) < sum(hist["loss"][:3])
+    assert [p.requires_grad for p in model.parameters()] == [True, True, True, False]
+    assert frozen_parameters(model, ("stem",)) == ["stem.weight", "stem.bias"]
+    assert frozen_parameters(model, ("body.weight",)) == ["body.weight"]  # a parameter's own name
+    with pytest.raises(ValueError, match=r"frozen=\['conv1'\] has 'conv1', which is no parameter or module of the "
+                                         r"encoder; its top-level names are body, stem"):
+        finetune(_StemAndBody(), {"toy": (X, y)}, {"toy": head}, replace(cfg, frozen=("conv1",)), progress=False)
+    with pytest.raises(ValueError, match="'ste', which is no parameter"):  # a prefix of a name is not the module
+        frozen_parameters(model, ("ste",))
+
+
+def test_a_recipe_that_freezes_nothing_keeps_the_keys_it_had_before_the_setting_existed():
+    whole = FinetuneConfig(lr=5e-4, seed=2)
+    legacy = {k: v for k, v in dataclasses_asdict(whole).items() if k != "frozen"}
+    assert recipe_fields(whole) == legacy and config_hash(whole) == config_hash(legacy)
+    stem = replace(whole, frozen=("conv1",))
+    assert recipe_fields(stem) == {**legacy, "frozen": ["conv1"]} and config_hash(stem) != config_hash(whole)
+    assert FinetuneConfig(frozen=["b", "a"]) == FinetuneConfig(frozen=("a", "b"))  # one setting, one key
 
 
 def test_finetune_records_the_gradient_norm_before_clipping(monkeypatch):
@@ -111,8 +159,11 @@ def test_config_hash_is_stable_and_order_free():
 
     # the digest is SHA-256 of compact, key-sorted JSON: the same in every process and version (cache keys rely on it)
     assert config_hash({"b": [1, 2], "a": 1}) == hashlib.sha256(b'{"a":1,"b":[1,2]}').hexdigest()[:16]
+    # a dataclass is hashed by the fields it records (a recipe's: every field, `frozen` only where it is set)
     assert config_hash(FinetuneConfig(), length=64) == hashlib.sha256(
-        json.dumps(dataclasses_asdict(FinetuneConfig()), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        json.dumps(recipe_fields(FinetuneConfig()), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert config_hash(PretrainConfig(), length=64) == hashlib.sha256(
+        json.dumps(dataclasses_asdict(PretrainConfig()), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     assert config_hash(FinetuneConfig(lr=0.1)) != config_hash(FinetuneConfig(lr=0.2))
 
 

@@ -195,12 +195,14 @@ _PLAIN = frozenset({int, float, bool, str, type(None)})
 
 
 def to_jsonable(value: Any, ordered: bool = False) -> Any:
-    """``value`` as JSON can write it, recursively: dataclasses as mappings (keys sorted, as strings), tuples
+    """``value`` as JSON can write it, recursively: dataclasses as mappings (their ``recorded_fields()`` where they
+    have one, e.g. :class:`~mergelab.training.FinetuneConfig`; keys sorted, as strings), tuples
     as lists, paths as strings, NumPy scalars and arrays and torch tensors as numbers and lists; anything else
     unchanged. What :func:`atomic_write_json` writes and :func:`config_hash` hashes. ``ordered``: mappings keep
     their keys' order instead (a result whose per-task dicts are read back in the tasks' order)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(dataclasses.asdict(value), ordered)
+        recorded = getattr(value, "recorded_fields", None)  # a dataclass that leaves settings out of its record
+        return to_jsonable(recorded() if callable(recorded) else dataclasses.asdict(value), ordered)
     if isinstance(value, Mapping):
         items = value.items() if ordered else sorted(value.items(), key=lambda kv: str(kv[0]))
         return {str(k): to_jsonable(v, ordered) for k, v in items}

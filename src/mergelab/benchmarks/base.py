@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .. import codeversion
 from ..cache import Artifact
-from ..training import FinetuneConfig
+from ..training import FinetuneConfig, recipe_fields
 from ..utils import task_names  # noqa: F401 (the sizes' API, defined beside the other checks)
 from ..utils import StateDict, atomic_write_json, config_hash, read_json, state_digest
 
@@ -184,7 +183,7 @@ class BenchmarkBase:
                              "mapping of its fields (valid fields: "
                              f"{', '.join(f.name for f in dataclasses.fields(FinetuneConfig))}).")
         return config_hash({"benchmark": self.key, "kind": kind, "tasks": list(tasks),
-                            "heads": [self.head_digest(t) for t in tasks], "finetune": asdict(cfg),
+                            "heads": [self.head_digest(t) for t in tasks], "finetune": recipe_fields(cfg),
                             **({"train_threads": self.train_threads} if self.train_threads is not None else {}),
                             **(self._run_key_parts(tasks) if parts is None else parts),
                             **codeversion.key_part("finetune")})

@@ -4,7 +4,7 @@ seeds, and the chapter's claims with their evidence."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,7 @@ from ..executors import LocalExecutor, benchmark_context
 from ..evaluation import expert_accuracy, merge_baselines, merge_row, summarize
 from ..merging import seeded_options
 from ..task_vectors import TaskVector, task_vectors_from
-from ..training import FinetuneConfig
+from ..training import FinetuneConfig, recipe_fields
 from ..utils import StateDict, nan_for_none
 from .ch03_tsv import compressed_accuracy
 
@@ -120,7 +120,7 @@ def _train_job(bench: Any, job: tuple[str, tuple[str, ...], FinetuneConfig]) -> 
 
 def _describe_train_job(job: tuple[str, tuple[str, ...], FinetuneConfig]) -> dict[str, Any]:
     kind, tasks, cfg = job
-    return {"kind": kind, "tasks": list(tasks), **asdict(cfg)}
+    return {"kind": kind, "tasks": list(tasks), **recipe_fields(cfg)}
 
 
 def train_experts(bench: Any, recipe: FinetuneConfig, seeds: Sequence[int], tasks: Sequence[str] | None = None,

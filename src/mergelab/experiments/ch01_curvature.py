@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..analysis.stability import Curvature
 from ..executors import Executor, LocalExecutor, benchmark_context
-from ..training import FinetuneConfig
+from ..training import FinetuneConfig, recipe_fields
 from ..training.sweep import checkpoint
 from ..utils import StateDict, check_integer, shows_progress
 from .ch01_hessian import (CURVATURE_FIELDS, checkpoint_name, curvature_path, extreme_eigenvalues, file_name,
@@ -245,7 +245,7 @@ def _curvature_job(bench: Any, job: tuple[str, FinetuneConfig | None, int, int, 
 
 def _describe_job(job: tuple[str, FinetuneConfig | None, int, int, int]) -> dict[str, Any]:
     task, cfg, batch_size, iters, seed = job
-    return {"task": task, "checkpoint": "theta_0" if cfg is None else asdict(cfg), "batch_size": batch_size,
+    return {"task": task, "checkpoint": "theta_0" if cfg is None else recipe_fields(cfg), "batch_size": batch_size,
             "iters": iters, "seed": seed}
 
 

@@ -118,13 +118,13 @@ def nearest_learning_rates(learning_rates: Mapping[str, Sequence[float]], merge_
 
 def trajectory_grid(bench: Any, tasks: Sequence[str], learning_rates: Mapping[str, Sequence[float]],
                     epochs: int, batch_size: int, data_fraction: float = 1.0, seed: int = 0,
-                    weight_decay: float = 0.0, progress: bool | None = None, executor: Executor | None = None
-                    ) -> dict[tuple[str, float, str], EpochTrajectory]:
+                    weight_decay: float = 0.0, progress: bool | None = None, executor: Executor | None = None,
+                    frozen: Sequence[str] = ()) -> dict[tuple[str, float, str], EpochTrajectory]:
     """Epoch trajectories for every optimizer, learning rate and task (each cached).
 
     Args:
         learning_rates: optimizer name (``"sgd"``, ``"adam"``, ``"adamw"``) to the learning rates to run.
-        epochs, batch_size, data_fraction, seed, weight_decay: as in :func:`trajectory_config`.
+        epochs, batch_size, data_fraction, seed, weight_decay, frozen: as in :func:`trajectory_config`.
         executor: where the missing runs train (:func:`mergelab.training.trajectories.epoch_trajectories`);
             ``None``: here, one after the other.
 
@@ -132,7 +132,8 @@ def trajectory_grid(bench: Any, tasks: Sequence[str], learning_rates: Mapping[st
         ``{(optimizer, lr, task): EpochTrajectory}``.
     """
     runs = [(opt, float(lr), t) for opt, lrs in learning_rates.items() for lr in lrs for t in tasks]
-    configs = [(t, trajectory_config(opt, lr, batch_size, data_fraction, seed, weight_decay)) for opt, lr, t in runs]
+    configs = [(t, trajectory_config(opt, lr, batch_size, data_fraction, seed, weight_decay, frozen=frozen))
+               for opt, lr, t in runs]
     found = epoch_trajectories(bench, configs, epochs, executor=executor, progress=progress)
     return dict(zip(runs, found))
 

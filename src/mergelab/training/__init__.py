@@ -9,8 +9,11 @@ from .finetune import (
                        FinetuneConfig,
                        batch_stream,
                        finetune,
+                       frozen_during,
+                       frozen_parameters,
                        lr_at,
                        make_optimizer,
+                       recipe_fields,
                        subset_indices,
                        training_indices,
 )
@@ -25,5 +28,6 @@ from .pretrain import (
 )
 
 __all__ = ["OPTIMIZERS", "PRETEXT_OBJECTIVES", "SCHEDULES", "FinetuneConfig", "PretrainConfig", "augment",
-           "batch_stream", "finetune", "info_nce", "lr_at", "make_optimizer", "pretrain_attributes",
-           "pretrain_contrastive", "pretrain_factors", "subset_indices", "training_indices"]
+           "batch_stream", "finetune", "frozen_during", "frozen_parameters", "info_nce", "lr_at", "make_optimizer",
+           "pretrain_attributes", "pretrain_contrastive", "pretrain_factors", "recipe_fields", "subset_indices",
+           "training_indices"]

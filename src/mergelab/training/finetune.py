@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -38,6 +39,10 @@ class FinetuneConfig:
         seed: seeds data order and any randomness of the run.
         data_fraction: share of the task's training split used, in ``(0, 1]``; the subset is
             drawn once from ``seed``.
+        frozen: names of the encoder's parameters, or of modules holding them (``"conv1"``: the patch stem's
+            ``conv1.weight``), kept at their starting values while the run trains; stored sorted. Empty (the
+            default): every parameter trains, and the setting stays out of every cache key
+            (:func:`recipe_fields`), so the keys of runs made before it existed still hold.
     """
 
     optimizer: str = "adamw"
@@ -51,6 +56,7 @@ class FinetuneConfig:
     grad_clip: float = 1.0
     seed: int = 0
     data_fraction: float = 1.0
+    frozen: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -72,6 +78,11 @@ class FinetuneConfig:
         check_number("momentum", self.momentum, high=1, high_open=True)
         for name in FLOAT_FIELDS:  # 1 and 1.0 are one setting: one cache key (a sweep's levels may hold either)
             object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "frozen", _frozen_names(self.frozen))
+
+    def recorded_fields(self) -> dict[str, Any]:
+        """:func:`recipe_fields` of this recipe (what :func:`mergelab.utils.to_jsonable` writes and hashes)."""
+        return recipe_fields(self)
 
     @classmethod
     def from_params(cls, finetune: Mapping[str, Any], parameter: str = "finetune", settings_name: str = "seed",
@@ -94,6 +105,60 @@ class FinetuneConfig:
             raise ValueError(f"{parameter} sets {twice[0]!r}={finetune[twice[0]]!r}, which {settings_name} sets too "
                              f"({twice[0]}={settings[twice[0]]!r}); remove it from one of them.")
         return cls(**finetune, **settings)
+
+
+def _frozen_names(value: Any) -> tuple[str, ...]:
+    """``frozen`` as a sorted tuple of distinct names; anything but a list or tuple of non-empty strings is refused."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, str) and v.strip() == v and v and not v.startswith(".") and not v.endswith(".") for v in value):
+        raise ValueError(f"frozen={value!r} is not valid; give a list of parameter or module names of the encoder "
+                         "(e.g. ['conv1'] for the patch stem), or [] to train every parameter.")
+    if len(set(value)) != len(value):
+        raise ValueError(f"frozen={value!r} is not valid; it names {sorted(v for v in set(value) if value.count(v) > 1)[0]!r} "
+                         "twice: give each name once.")
+    return tuple(sorted(value))
+
+
+def recipe_fields(cfg: "FinetuneConfig") -> dict[str, Any]:
+    """``cfg``'s settings as a mapping, the way every cache key and log records them: ``frozen`` is left out while
+    it is empty (the keys of whole-model runs are the ones they had before the setting existed) and is a list
+    otherwise."""
+    out = asdict(cfg)
+    if out["frozen"]:
+        out["frozen"] = list(out["frozen"])
+    else:
+        del out["frozen"]
+    return out
+
+
+def frozen_parameters(model: nn.Module, frozen: Sequence[str]) -> list[str]:
+    """The names of ``model``'s parameters that ``frozen`` (parameter or module names) holds: a parameter is held
+    when its name is one of them or starts with one of them and a dot. A name that holds no parameter is refused,
+    naming the modules that could be given."""
+    names = [n for n, _ in model.named_parameters()]
+    held = [n for n in names if any(n == f or n.startswith(f + ".") for f in frozen)]
+    for f in frozen:
+        if not any(n == f or n.startswith(f + ".") for n in names):
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ValueError(f"frozen={list(frozen)!r} has {f!r}, which is no parameter or module of the encoder; "
+                             f"its top-level names are {', '.join(tops)}.")
+    return held
+
+
+@contextmanager
+def frozen_during(model: nn.Module, frozen: Sequence[str]):
+    """Within the block, the parameters ``frozen`` holds (:func:`frozen_parameters`) do not require gradients;
+    afterwards every parameter's ``requires_grad`` is what it was. Yields the held names."""
+    held = set(frozen_parameters(model, frozen))
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        for n, p in model.named_parameters():
+            if n in held:
+                p.requires_grad_(False)
+        yield sorted(held)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(before[n])
 
 
 FLOAT_FIELDS = ("lr", "weight_decay", "momentum", "grad_clip", "data_fraction")
@@ -171,7 +236,8 @@ def finetune(model: nn.Module, tasks: Mapping[str, tuple[Any, torch.Tensor]],
             subset is stacked once, before the first step.
         heads: task name to a frozen head mapping ``(B, d)`` features to logits (in eval mode while it
             trains; each keeps the mode it came in).
-        cfg: hyperparameters; ``cfg.data_fraction`` subsamples each task's ``(X, y)``.
+        cfg: hyperparameters; ``cfg.data_fraction`` subsamples each task's ``(X, y)``; the parameters of
+            ``cfg.frozen`` keep their values (they take no gradient and no optimizer step, weight decay included).
         device: where to train.
         on_step: called as ``on_step(step, model)`` after every optimizer step (``step`` counts from
             1), e.g. to snapshot the weights along the trajectory or record gradient norms.
@@ -193,7 +259,8 @@ def finetune(model: nn.Module, tasks: Mapping[str, tuple[Any, torch.Tensor]],
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     heads = {t: h.to(device) for t, h in heads.items()}
-    with eval_mode(*heads.values()):  # the caller's heads as they came (the model ends in eval mode, as documented)
+    # the caller's heads as they came (the model ends in eval mode, as documented); cfg.frozen held where they are
+    with eval_mode(*heads.values()), frozen_during(model, cfg.frozen):
         return _finetune_loop(model, tasks, heads, cfg, device, progress, desc, on_step, micro_batch_size, active)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from ..autodiff import per_example_gradient_norms
-from .finetune import FinetuneConfig, training_indices
+from .finetune import FinetuneConfig, recipe_fields, training_indices
 from ..cache import Artifact, file_sha256
 from ..executors import Executor, LocalExecutor, benchmark_context
 from ..utils import (
@@ -249,10 +249,10 @@ def execute_run(bench: Any, run: Run, probe_size: int = 8) -> dict[str, Any]:
         entry = checkpoint(bench, run.task, run.checkpoint_config(s))
         atomic_write_json(entry.sidecar, {"sha256": file_sha256(entry.path),
             "kind": "expert", "tasks": [run.task], "benchmark": getattr(bench, "name", "tiny"), "benchmark_key": bench.key,
-            "finetune": asdict(run.checkpoint_config(s)), "loss": history["loss"][:s], "lr": history["lr"][:s],
+            "finetune": recipe_fields(run.checkpoint_config(s)), "loss": history["loss"][:s], "lr": history["lr"][:s],
             "batch_gradient_norm": grad_norms[:s],
             "wall_time_s": times[s], "device": str(bench.device),
-            "checkpoint_of": asdict(cfg), "probe_size": probe_size,
+            "checkpoint_of": recipe_fields(cfg), "probe_size": probe_size,
             "gradient_norm_probe": {k: [v[i] for i in keep] for k, v in probes.items()}})
     return {"task": run.task, "steps_saved": sorted(missing), "wall_time_s": time.perf_counter() - start}
 
@@ -265,7 +265,7 @@ def _sweep_job(bench: Any, job: tuple[Run, int]) -> dict[str, Any]:
 
 def _describe_job(job: tuple[Run, int]) -> dict[str, Any]:
     run = job[0]
-    return {"task": run.task, **asdict(run.config), "steps": list(run.steps)}
+    return {"task": run.task, **recipe_fields(run.config), "steps": list(run.steps)}
 
 
 def sweep(bench: Any, configs: Sequence[FinetuneConfig], tasks: Sequence[str],
@@ -338,7 +338,7 @@ def sweep(bench: Any, configs: Sequence[FinetuneConfig], tasks: Sequence[str],
     for run in runs:
         for s in run.steps:
             cfg = run.checkpoint_config(s)
-            rows.append({"task": run.task, **asdict(cfg), "step": s, "path": str(checkpoint_path(bench, run.task, cfg)),
+            rows.append({"task": run.task, **recipe_fields(cfg), "step": s, "path": str(checkpoint_path(bench, run.task, cfg)),
                          "trained": (run.task, cfg) in trained})
     df = pd.DataFrame(rows)
     df.attrs["wall_time_s"] = time.perf_counter() - start
@@ -350,6 +350,8 @@ def sweep(bench: Any, configs: Sequence[FinetuneConfig], tasks: Sequence[str],
 def row_config(row: Mapping[str, Any]) -> FinetuneConfig:
     """The :class:`FinetuneConfig` of one row of :func:`sweep`'s table (``num_steps`` = its ``step``)."""
     ints = {"batch_size", "num_steps", "warmup_steps", "seed"}
-    values = {k: row["step"] if k == "num_steps" and "step" in row else row[k] for k in _CONFIG_FIELDS}
+    values = {k: row["step"] if k == "num_steps" and "step" in row else row[k] for k in _CONFIG_FIELDS if k != "frozen"}
+    frozen = row.get("frozen", ())  # left out of a row (or NaN in a table of other rows that have it) while empty
     return FinetuneConfig(**{k: int(v) if k in ints else (v if isinstance(v, str) else float(v))
-                             for k, v in values.items()})
+                             for k, v in values.items()},
+                          frozen=tuple(frozen) if isinstance(frozen, (list, tuple)) else ())

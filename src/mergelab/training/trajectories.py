@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from ..cache import Artifact, build_lock, file_sha256
 from ..executors import Executor, LocalExecutor, benchmark_context
 from ..task_vectors import TaskVector
 from ..utils import StateDict, config_hash, shows_progress, size_threads, task_names
-from .finetune import FinetuneConfig, finetune, training_indices
+from .finetune import FinetuneConfig, finetune, recipe_fields, training_indices
 
 
 # ----------------------------------------------------------------------------- data and epochs
@@ -68,15 +68,16 @@ def gradient_descent_config(lr: float, batch_size: int, seed: int = 0, data_frac
 
 
 def trajectory_config(optimizer: str, lr: float, batch_size: int, data_fraction: float = 1.0, seed: int = 0,
-                      weight_decay: float = 0.0, num_steps: int = 1) -> FinetuneConfig:
+                      weight_decay: float = 0.0, num_steps: int = 1, frozen: Sequence[str] = ()) -> FinetuneConfig:
     """A run whose task vectors can be compared with gradients: constant learning rate, no warm-up,
-    no gradient clipping, no momentum (SGD), ``weight_decay`` (decoupled for AdamW) 0 by default.
+    no gradient clipping, no momentum (SGD), ``weight_decay`` (decoupled for AdamW) 0 by default; ``frozen``:
+    the parameters it keeps at their starting values (:attr:`FinetuneConfig.frozen`; default none).
 
     :func:`epoch_trajectory` replaces ``num_steps`` by the steps of its epochs.
     """
     return FinetuneConfig(optimizer=optimizer, lr=lr, batch_size=batch_size, num_steps=num_steps, schedule="constant",
                           warmup_steps=0, weight_decay=weight_decay, momentum=0.0, grad_clip=0.0, seed=seed,
-                          data_fraction=data_fraction)
+                          data_fraction=data_fraction, frozen=tuple(frozen))
 
 # ----------------------------------------------------------------------------- epoch trajectories
 @dataclass
@@ -120,7 +121,7 @@ class EpochTrajectory:
 
 def _trajectory_key(bench: Any, kind: str, tasks: Sequence[str], cfg: FinetuneConfig, epochs: int,
                     extra: Mapping[str, Any] | None = None) -> str:
-    ident: dict[str, Any] = {"benchmark": bench.key, "kind": kind, "finetune": asdict(cfg), "epochs": epochs,
+    ident: dict[str, Any] = {"benchmark": bench.key, "kind": kind, "finetune": recipe_fields(cfg), "epochs": epochs,
                              **(extra or {}), **codeversion.key_part("trajectory")}
     if getattr(bench, "train_threads", None) is not None:  # a size that trains on fixed threads (tiny)
         ident["train_threads"] = bench.train_threads
@@ -262,7 +263,7 @@ def _run_trajectory(bench: Any, kind: str, tasks: Sequence[str],
                                        "it must call on_step(step, model) after every optimizer step.")
                 entry.save({f"epoch{e}/{k}": v for e, s in snapshots.items() for k, v in s.items()}, {
                     "kind": kind, "task": name, "tasks": list(tasks), "benchmark_key": bench.key,
-                    "finetune": asdict(run_cfg), "epochs": epochs, "steps_per_epoch": spe, "n_train": n_train,
+                    "finetune": recipe_fields(run_cfg), "epochs": epochs, "steps_per_epoch": spe, "n_train": n_train,
                     "loss": history["loss"], "wall_time_s": wall, "device": str(bench.device), **(extra or {})},
                     metadata={"kind": kind, "task": name, "epochs": str(epochs)})
                 del snapshots
@@ -323,7 +324,7 @@ def _trajectory_job(bench: Any, job: tuple[str, FinetuneConfig, int]) -> None:
 
 def _describe_trajectory(job: tuple[str, FinetuneConfig, int]) -> dict[str, Any]:
     task, cfg, epochs = job
-    return {"task": task, **asdict(cfg), "epochs": epochs}
+    return {"task": task, **recipe_fields(cfg), "epochs": epochs}
 
 
 def epoch_trajectories(bench: Any, runs: Sequence[tuple[str, FinetuneConfig]], epochs: int,

@@ -23,7 +23,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from ... import codeversion, paths
 from ...cache import Artifact
 from ..base import BenchmarkBase
 from ...models import ClassificationHead, load_encoder_state
-from ...training import FinetuneConfig, training_indices
+from ...training import FinetuneConfig, recipe_fields, training_indices
 from ...utils import (StateDict, atomic_save_safetensors, atomic_write_json, clone_state_dict, config_hash,
                      load_safetensors, pick_device)
 from . import datasets as ds
@@ -444,7 +444,7 @@ class ClipBenchmark(BenchmarkBase):
         state = {k: v.detach().float().cpu() for k, v in enc.state_dict().items()}
         return state, {
             "kind": kind, "tasks": list(tasks), "benchmark": "clip", "benchmark_key": self.key,
-            "model": self.config.model.identity(), "finetune": asdict(cfg), "loss": history["loss"],
+            "model": self.config.model.identity(), "finetune": recipe_fields(cfg), "loss": history["loss"],
             "lr": history["lr"], "wall_time_s": time.perf_counter() - start + history.get("resumed_wall_s", 0.0),
             "resumed_at_step": history.get("resumed_at_step", 0), "device": str(self.device),
             "precision": str(self.amp), "train_examples": {t: len(self.dataset(t, "train")) for t in tasks}}

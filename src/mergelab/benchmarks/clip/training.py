@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from ...training import FinetuneConfig, lr_at, make_optimizer, training_indices
+from ...training import FinetuneConfig, frozen_during, lr_at, make_optimizer, training_indices
 from ...utils import keeps_global_rng, shows_progress
 from .model import autocast
 
@@ -58,7 +58,16 @@ def finetune_encoder(bench: Any, encoder: nn.Module, tasks: Sequence[str], cfg: 
                      on_step: Callable[[int, nn.Module], None] | None = None, desc: str = "fine-tune",
                      progress: bool | None = None, partial: Path | None = None) -> dict[str, Any]:
     """Fine-tune ``encoder`` on ``tasks`` of ``bench`` (a :class:`ClipBenchmark`) with ``cfg``; see
-    :meth:`ClipBenchmark.finetune_encoder` for the behaviour and the returned history."""
+    :meth:`ClipBenchmark.finetune_encoder` for the behaviour and the returned history. The parameters of
+    ``cfg.frozen`` keep their values, as in :func:`mergelab.training.finetune`."""
+    with frozen_during(encoder, cfg.frozen):
+        return _finetune_steps(bench, encoder, tasks, cfg, on_step, desc, progress, partial)
+
+
+def _finetune_steps(bench: Any, encoder: nn.Module, tasks: Sequence[str], cfg: FinetuneConfig,
+                    on_step: Callable[[int, nn.Module], None] | None, desc: str, progress: bool | None,
+                    partial: Path | None) -> dict[str, Any]:
+    """:func:`finetune_encoder`'s steps, with ``cfg.frozen``'s parameters already out of the optimizer."""
     device = bench.device
     torch.manual_seed(cfg.seed)
     enc = encoder.to(device).train()
