@@ -71,6 +71,7 @@ def test_the_shipped_runs_and_heads_are_the_default_configurations_and_intact(sh
     assert file_sha256(heads.path) == heads.meta()["sha256"] and heads.meta()["pretrained_sha256"] == encoder_sha
     assert bench.heads["digits"].digest() and bench.pretraining_log()["shipped"] is True
     runs = default_runs()
+    pretrained = load_safetensors(str(ship.shipped_artifact(bench.encoder_key).path))
     assert [k for k, _, _ in runs].count("multitask") == 1 and len(runs) == 1 + 3 * len(bench.tasks)
     for kind, tasks, cfg in runs:
         shipped = ship.shipped_run(kind, bench.run_key(kind, tasks, cfg))
@@ -78,6 +79,11 @@ def test_the_shipped_runs_and_heads_are_the_default_configurations_and_intact(sh
         assert file_sha256(shipped.path) == meta["sha256"] and meta["pretrained_sha256"] == encoder_sha
         assert meta["kind"] == kind and meta["tasks"] == list(tasks) and meta["finetune"]["seed"] == cfg.seed
         assert len(meta["loss"]) == cfg.num_steps and not meta.get("shipped")
+        assert cfg.frozen == ("conv1",) and meta["finetune"]["frozen"] == ["conv1"]  # the tiny recipe holds the stem
+        state = load_safetensors(str(shipped.path))
+        assert torch.equal(state["conv1.weight"], pretrained["conv1.weight"]), f"{kind} {tasks} moved the frozen stem"
+        assert not torch.equal(state["transformer.resblocks.0.mlp.c_fc.weight"],
+                               pretrained["transformer.resblocks.0.mlp.c_fc.weight"])
 
 
 def test_a_fresh_cache_takes_the_shipped_heads_and_runs_instead_of_building_them(tmp_path, monkeypatch):
