@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -257,6 +258,28 @@ def test_epoch_trajectory_snapshots_equal_shorter_runs_and_are_cached(data_dir, 
         for k in pre:
             assert torch.equal(again.state(e)[k], traj.state(e)[k])
     assert again.loss == traj.loss
+
+
+def test_a_trajectory_with_a_frozen_stem_keeps_it_at_every_epoch_and_is_cached_apart(data_dir):
+    """Chapter 02 merges early-epoch experts that hold what the tiny recipe holds (``conv1``): every snapshot of an
+    expert's and of the multi-task run's trajectory keeps the stem's bits while the rest moves, and the run is not
+    the whole-model run of the same settings (its own cache entry, ``frozen`` in its log)."""
+    bench = mergelab.load_benchmark("tiny", device="cpu", progress=False, **SMALL)
+    pre = bench.pretrained_state()
+    whole = trajectory_config("adamw", 1e-3, batch_size=16, data_fraction=0.5)
+    stem = trajectory_config("adamw", 1e-3, batch_size=16, data_fraction=0.5, frozen=["conv1"])
+    assert stem.frozen == ("conv1",) and whole.frozen == ()
+    runs = [epoch_trajectory(bench, "size", stem, 2), multitask_epoch_trajectory(bench, ["colours", "size"], stem, 2)]
+    for traj in runs:
+        for e in (1, 2):
+            assert torch.equal(traj.state(e)["conv1.weight"], pre["conv1.weight"]), (traj.task, e)
+            assert not torch.equal(traj.state(e)["transformer.resblocks.0.mlp.c_fc.weight"],
+                                   pre["transformer.resblocks.0.mlp.c_fc.weight"]), (traj.task, e)
+    free = epoch_trajectory(bench, "size", whole, 2)
+    assert not torch.equal(free.state(1)["conv1.weight"], pre["conv1.weight"])
+    logs = sorted(json.loads(p.read_text())["finetune"].get("frozen", []) == ["conv1"]
+                  for p in (data_dir / "trajectories").glob("trajectory-*.json"))
+    assert logs == [False, True]  # two cache entries for "size": the whole-model run's and the frozen run's
 
 
 def test_full_batch_step_on_the_vit_subset_is_minus_lr_times_the_task_gradient(data_dir):
