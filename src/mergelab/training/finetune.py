@@ -136,13 +136,13 @@ def frozen_parameters(model: nn.Module, frozen: Sequence[str]) -> list[str]:
     when its name is one of them or starts with one of them and a dot. A name that holds no parameter is refused,
     naming the modules that could be given."""
     names = [n for n, _ in model.named_parameters()]
-    held = [n for n in names if any(n == f or n.startswith(f + ".") for f in frozen)]
-    for f in frozen:
-        if not any(n == f or n.startswith(f + ".") for n in names):
+    held_by = {f: [n for n in names if n == f or n.startswith(f + ".")] for f in frozen}
+    for f, held in held_by.items():
+        if not held:
             tops = sorted({n.split(".")[0] for n in names})
             raise ValueError(f"frozen={list(frozen)!r} has {f!r}, which is no parameter or module of the encoder; "
                              f"its top-level names are {', '.join(tops)}.")
-    return held
+    return [n for n in names if any(n in held for held in held_by.values())]
 
 
 @contextmanager
