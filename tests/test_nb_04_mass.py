@@ -72,7 +72,9 @@ def test_storage_timing_and_cache(results, params):
     assert len(t["ratios"]) == t["repeats"] == params["timing_repeats"] >= 3
     assert results["time_per_image_ratio"] == t["ratio"] == pytest.approx(statistics.median(t["ratios"]))
     assert t["ratio_interval"]["ci_low"] <= t["ratio"] <= t["ratio_interval"]["ci_high"]  # three rounds: an interval
-    assert t["mass_s"] > 0 and t["mass_cold_s"] > 0
+    assert t["mass_s"] > 0 and t["mass_cold_s"] > 0 and t["first_pass_s"] > 0
+    assert t["first_pass_ratio"] == pytest.approx(statistics.median(t["first_pass_ratios"]))
+    assert 1 <= t["second_pass_sets"] <= t["batch"]
     assert t["batch"] == params["batch_size"] and t["threads"] >= 1
     assert results["second_pass_models_built"] >= 1
     assert results["routing_block"] == 1 and results["num_blocks"] == 2  # depth 0.75 of 2 blocks

@@ -26,8 +26,13 @@ def time_per_image(router: MassRouter, merged: torch.nn.Module, images: torch.Te
     then MASS cold (an empty cache), at most :data:`COLD_REPEATS` times: each cold call builds every
     second-pass model of the batch (dozens of TSV-M merges at the clip size), and no claim rests on it.
 
-    Returns ``{"forward_s", "mass_s", "mass_cold_s"}`` (medians over rounds, seconds per image),
-    ``"ratios"`` (per round, MASS over the forward pass), ``"ratio"`` (their median), ``"ratio_interval"``
+    Each round also times the first pass alone (:meth:`MassRouter.features`: the routing model up to the routing
+    point), so that the ratio splits into what routing costs and what the second pass and the choice of head cost.
+
+    Returns ``{"forward_s", "mass_s", "mass_cold_s", "first_pass_s"}`` (medians over rounds, seconds per image),
+    ``"ratios"`` (per round, MASS over the forward pass), ``"ratio"`` (their median), ``"first_pass_ratios"`` and
+    ``"first_pass_ratio"`` (the same for the first pass alone), ``"second_pass_sets"`` (how many sub-batches the
+    second pass runs the batch as: one per distinct selected set), ``"ratio_interval"``
     (:func:`~mergelab.analysis.statistics.bootstrap_ci` of that median at ``level``: NaN bounds below three
     rounds), ``"ratio_cold"`` (median cold over median forward), ``"repeats"``, ``"cold_repeats"``, ``"batch"``
     and ``"threads"``
@@ -65,16 +70,21 @@ def time_per_image(router: MassRouter, merged: torch.nn.Module, images: torch.Te
     with torch_threads(threads if router.device.type == "cpu" else None), torch.no_grad():
         router.predict(images)  # second-pass models of this batch built: MASS warm from here
         _in(router, merged, images)
-        forward, mass = [], []
+        forward, mass, first = [], [], []
         for _ in range(repeats):
             forward.append(clock(lambda: _in(router, merged, images)))
             mass.append(clock(lambda: router.predict(images)))
+            first.append(clock(lambda: router.features(images)))
+        sets = len(set(router.route(images).keys))
         cold_router.first_pass_model  # noqa: B018 - built once, like a loaded model
         mass_cold = [clock(cold) for _ in range(min(repeats, COLD_REPEATS))]
         used_threads = torch.get_num_threads()
     ratios = [m / f for m, f in zip(mass, forward)]
+    first_ratios = [r / f for r, f in zip(first, forward)]
     return {"forward_s": float(np.median(forward)), "mass_s": float(np.median(mass)),
-            "mass_cold_s": float(np.median(mass_cold)), "ratios": ratios, "ratio": float(np.median(ratios)),
+            "mass_cold_s": float(np.median(mass_cold)), "first_pass_s": float(np.median(first)),
+            "ratios": ratios, "ratio": float(np.median(ratios)), "first_pass_ratios": first_ratios,
+            "first_pass_ratio": float(np.median(first_ratios)), "second_pass_sets": sets,
             "ratio_interval": bootstrap_ci(np.median, ratios, level=level, vectorized=True),
             "ratio_cold": float(np.median(mass_cold) / np.median(forward)), "repeats": repeats,
             "cold_repeats": len(mass_cold), "batch": int(len(images)), "threads": used_threads}
