@@ -80,7 +80,7 @@ def time_per_image(router: MassRouter, merged: torch.nn.Module, images: torch.Te
         mass_cold = [clock(cold) for _ in range(min(repeats, COLD_REPEATS))]
         used_threads = torch.get_num_threads()
     ratios = [m / f for m, f in zip(mass, forward)]
-    first_ratios = [r / f for r, f in zip(first, forward)]
+    first_ratios = [p / f for p, f in zip(first, forward)]
     return {"forward_s": float(np.median(forward)), "mass_s": float(np.median(mass)),
             "mass_cold_s": float(np.median(mass_cold)), "first_pass_s": float(np.median(first)),
             "ratios": ratios, "ratio": float(np.median(ratios)), "first_pass_ratios": first_ratios,
