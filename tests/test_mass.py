@@ -369,6 +369,7 @@ def test_time_per_image_pairs_rounds_and_gives_the_median_ratio_an_interval():
     assert min(t["ratios"]) <= ci["ci_low"] and ci["ci_high"] <= max(t["ratios"])
     assert all(v > 0 for v in (t["forward_s"], t["mass_s"], t["mass_cold_s"], t["first_pass_s"]))
     assert len(t["first_pass_ratios"]) == 4 and t["first_pass_ratio"] == pytest.approx(statistics.median(t["first_pass_ratios"]))
+    assert t["second_pass_ratio"] == pytest.approx(statistics.median([a - b for a, b in zip(t["ratios"], t["first_pass_ratios"])]))
     assert t["second_pass_sets"] == len(set(r.route(images).keys)) >= 1  # one sub-batch per distinct selected set
     assert r.cached_keys  # the warm rounds ran on the router's own cache; the cold ones on a copy
     one = ch04.time_per_image(r, merged, images, repeats=1)

@@ -74,6 +74,7 @@ def test_storage_timing_and_cache(results, params):
     assert t["ratio_interval"]["ci_low"] <= t["ratio"] <= t["ratio_interval"]["ci_high"]  # three rounds: an interval
     assert t["mass_s"] > 0 and t["mass_cold_s"] > 0 and t["first_pass_s"] > 0
     assert t["first_pass_ratio"] == pytest.approx(statistics.median(t["first_pass_ratios"]))
+    assert t["second_pass_ratio"] == pytest.approx(statistics.median([a - b for a, b in zip(t["ratios"], t["first_pass_ratios"])]))
     assert 1 <= t["second_pass_sets"] <= t["batch"]
     assert t["batch"] == params["batch_size"] and t["threads"] >= 1
     assert results["second_pass_models_built"] >= 1
