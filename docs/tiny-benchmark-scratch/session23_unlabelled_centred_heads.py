@@ -5,10 +5,12 @@ subtracts, from the normalized feature, the mean normalized feature of the task'
 the pretrained encoder (m_t, fixed before fine-tuning; no label is read): logits = s * (normalize(f) - m_t) . p_c,
 with the package's canonical prototypes p_c and scale s. While the experts train, m_t stays fixed, so it acts as a
 per-class offset -s * m_t . p_c. This uses the tasks' images, as the pretraining's contrastive term already does,
-not their labels; CLIP's text heads have no such offset. Then chapter 00's seed study at the fine-tuning seeds given
-(experts trained here against these heads: their run keys carry the heads' digest).
+not their labels; CLIP's text heads have no such offset. For comparison, the data-free offset from the canonical
+renderings alone (m = the mean of the task's normalized prototypes) is calibrated too. Then chapter 00's seed study at
+the fine-tuning seeds given, with the unlabelled offset (experts trained here against these heads: their run keys carry
+the heads' digest); SEEDS `zs` stops after the zero-shot calibration.
 
-usage: MERGELAB_DATA_DIR=... python docs/tiny-benchmark-scratch/session23_unlabelled_centred_heads.py SEEDS OUT.json
+usage: MERGELAB_DATA_DIR=... python docs/tiny-benchmark-scratch/session23_unlabelled_centred_heads.py SEEDS|zs OUT.json
 e.g.   ... session23_unlabelled_centred_heads.py 0 out_s0.json
 """
 import hashlib
@@ -42,7 +44,8 @@ class OffsetHead(ClassificationHead):
         return self.logit_scale * (F.normalize(features, dim=-1) - self.centre) @ self.weight.T
 
 
-seeds, out = [int(s) for s in sys.argv[1].split(",")], sys.argv[2]
+seeds = [] if sys.argv[1] == "zs" else [int(s) for s in sys.argv[1].split(",")]
+out = sys.argv[2]
 p = yaml.safe_load(open("params/tiny/_benchmark.yaml"))
 cfg = TinyBenchmarkConfig.from_params(data=p["data"], model=p["model"], pretrain=p["pretrain"], head_shots=p["head_shots"])
 package = TinyBenchmark(cfg, device="cpu", progress=False)
@@ -50,13 +53,18 @@ bench = TinyBenchmark(cfg, device="cpu", progress=False)
 pre = bench.pretrained_state()
 enc = bench.new_encoder(pre)
 centres = {t: F.normalize(encode(enc, bench.split(t, "train")[0]), dim=-1).mean(0) for t in bench.tasks}
+canonical = TinyBenchmark(cfg, device="cpu", progress=False)
+canonical._heads = {t: OffsetHead(h.weight.clone(), h.logit_scale, h.weight.mean(0)) for t, h in package.heads.items()}
 bench._heads = {t: OffsetHead(h.weight.clone(), h.logit_scale, centres[t]) for t, h in package.heads.items()}
 res = {"seeds": seeds}
-for name, b in (("package", package), ("offset", bench)):
+for name, b in (("package", package), ("canonical_offset", canonical), ("offset", bench)):
     cal = zero_shot_calibration(b, pre, "val")
     res[name] = {t: {k: c[k] for k in ("accuracy", "cross_entropy", "top_class_share")} for t, c in cal.items()}
     print(name, "zero-shot val %.3f" % np.mean([c["accuracy"] for c in cal.values()]),
           json.dumps({t: round(c["top_class_share"], 2) for t, c in cal.items()}), flush=True)
+if not seeds:
+    json.dump(res, open(out, "w"), indent=1, default=float)
+    sys.exit(0)
 study = ch00.seed_study(bench, pre, TINY_RECIPE, seeds, progress=False)
 res["study"] = study
 short = {m: {k: (round(v["mean"], 4), round(v["sd"], 4)) for k, v in s.items()} for m, s in study["summary"].items()}
