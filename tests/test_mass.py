@@ -726,3 +726,52 @@ def test_the_top_k_claim_compares_the_better_of_top_k_2_and_3_with_routing_to_on
     top_k = next(c for c in out if c["claim"].startswith("Selecting up to 2 or 3"))
     assert top_k["evidence"]["best_top_k"] == best and top_k["status"] == status
     assert top_k["evidence"]["top_k_1"] == acc[1]
+
+
+def test_subspace_energy_is_one_inside_a_subspace_zero_outside_and_matches_the_residual():
+    from mergelab.merging.mass import subspace_energy
+
+    _, s = router()
+    bases = torch.stack([s["subspaces"][t] for t in TASKS])  # (4, 16, 4), mutually orthogonal
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, generator=g) @ s["subspaces"]["b"].T
+    e = subspace_energy(x, bases)
+    assert torch.allclose(e[:, 1], torch.ones(3), atol=1e-5) and e[:, [0, 2, 3]].abs().max() < 1e-5
+    y = torch.randn(6, 16, generator=g)  # the four subspaces span R^16: the shares add up to 1
+    assert torch.allclose(subspace_energy(y, bases).sum(1), torch.ones(6), atol=1e-5)
+    r = subspace_residuals(y, bases)
+    assert torch.allclose(subspace_energy(y, bases), 1 - r ** 2 / (y ** 2).sum(1, keepdim=True), atol=1e-5)
+    zero_column = torch.cat([bases[:1], torch.zeros(1, 16, 4)])  # a task that stores no direction: share 0
+    assert subspace_energy(y, zero_column)[:, 1].abs().max() == 0
+    assert torch.equal(subspace_energy(torch.zeros(1, 16), bases), torch.zeros(1, 4))  # norm 0: 0, not NaN
+    with pytest.raises(ValueError, match=r"x must be \(N, d\) and bases \(T, d, k\)"):
+        subspace_energy(torch.zeros(2, 8), bases)
+
+
+def test_subspace_overlap_averages_each_tasks_inputs_over_every_subspace(tmp_path):
+    """Row t of the overlap is the mean share of task t's routing features inside each subspace, whatever the
+    batch size; rows and columns follow the router's tasks."""
+    from mergelab.experiments import ch04_mass as ch04
+    from mergelab.merging.mass import subspace_energy
+
+    r, _ = router()
+    bench = _MixedBench(tmp_path)
+    overlap = ch04.subspace_overlap(r, bench, "val", batch_size=2)
+    assert list(overlap.index) == list(TASKS) and list(overlap.columns) == list(TASKS)
+    for t in TASKS:
+        expected = subspace_energy(r.features(bench.X[t]), r.bases.float()).mean(0)
+        assert np.allclose(overlap.loc[t].to_numpy(), expected.numpy(), atol=1e-6), t
+    assert ((overlap >= 0) & (overlap <= 1 + 1e-6)).all().all()
+    assert np.allclose(ch04.subspace_overlap(r, bench, "val", batch_size=5).to_numpy(), overlap.to_numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="batch_size"):
+        ch04.subspace_overlap(r, bench, "val", batch_size=0)
+
+
+def test_the_accuracy_budget_splits_masss_loss_into_rank_routing_and_head():
+    from mergelab.experiments import ch04_mass as ch04
+
+    rows = {"experts": {"normalized_accuracy": 1.0}, "tsv_compress": {"normalized_accuracy": 0.95},
+            "mass_oracle_head": {"normalized_accuracy": 0.84}, "mass": {"normalized_accuracy": 0.73}}
+    budget = ch04.accuracy_budget(rows)
+    assert budget == pytest.approx({"compression": 0.05, "routing": 0.11, "head_choice": 0.11, "total": 0.27})
+    assert budget["compression"] + budget["routing"] + budget["head_choice"] == pytest.approx(budget["total"])

@@ -117,3 +117,18 @@ def test_routing_finds_the_task_far_more_often_than_chance(results):
     routing, T = results["routing"], len(results["tasks"])
     assert results["routing_accuracy"] >= routing["mean_selected"] / T + 0.2, routing
     assert routing["argmax_true"] >= 1 / T + 0.15, routing
+
+
+def test_the_overlap_table_and_the_accuracy_budget_follow_from_the_run(results):
+    """The overlap table has a row and a column per task, shares in [0, 1]; the budget's three parts are the
+    differences of the stored rows and add up to the experts' lead over MASS."""
+    tasks, overlap = results["tasks"], results["subspace_overlap"]
+    assert set(overlap) == set(tasks) and all(set(row) == set(tasks) for row in overlap.values())  # JSON sorts keys
+    assert all(-1e-6 <= v <= 1 + 1e-6 for row in overlap.values() for v in row.values())
+    n = {m: results["methods"][m]["normalized_accuracy"] for m in ("experts", "tsv_compress", "mass_oracle_head", "mass")}
+    budget = results["accuracy_budget"]
+    assert budget["compression"] == pytest.approx(n["experts"] - n["tsv_compress"])
+    assert budget["routing"] == pytest.approx(n["tsv_compress"] - n["mass_oracle_head"])
+    assert budget["head_choice"] == pytest.approx(n["mass_oracle_head"] - n["mass"])
+    assert budget["compression"] + budget["routing"] + budget["head_choice"] == pytest.approx(budget["total"])
+    assert budget["head_choice"] >= -1e-12  # MASS is at most MASS with the true head (test above)

@@ -18,7 +18,7 @@ from .. import codeversion
 from ..cache import read_result
 from ..cache import result_path as json_result_path  # this module's result_path names MASS's file
 from ..evaluation import normalized_accuracy
-from ..merging.mass import MassRouter, subspace_residuals
+from ..merging.mass import MassRouter, subspace_energy, subspace_residuals
 from ..merging.tsv import CompressedTaskVector, tsv_compress
 from ..task_vectors import TaskVector
 from ..utils import StateDict, atomic_write_json, check_integer, read_json, size_threads
@@ -413,3 +413,39 @@ def summary_rows(per_task: Mapping[str, float], expert_accuracy: Mapping[str, fl
     """``{"absolute_accuracy", "normalized_accuracy", "per_task_accuracy"}`` of one model."""
     return {"absolute_accuracy": float(np.mean(list(per_task.values()))),
             "normalized_accuracy": normalized_accuracy(per_task, expert_accuracy), "per_task_accuracy": dict(per_task)}
+
+
+@torch.no_grad()
+def subspace_overlap(router: MassRouter, bench: Any, split: str = "val", batch_size: int = 256) -> pd.DataFrame:
+    """How much of each task's inputs lies in each task's routing subspace: row = the inputs' task, column = a
+    router task, entry = the mean over the row's ``split`` images of :func:`~mergelab.merging.mass.subspace_energy`
+    (the share of the routing feature's squared norm inside that task's stored ``V_t``), in [0, 1]. Routing
+    separates two tasks only where a row's own entry stands above its entry for the other task; a diagnostic of the
+    routing confusion, not part of MASS.
+
+    ``bench``: a benchmark whose ``split(task, split)`` gives the labels and ``images(task, split, rows)`` the
+    normalized images; every task of ``router.tasks`` is read, in batches of ``batch_size`` images."""
+    check_integer("batch_size", batch_size)
+    bases = router.bases.float()
+    rows = {}
+    for task in router.tasks:
+        n = len(bench.split(task, split)[1])
+        if n == 0:
+            raise ValueError(f"split={split!r} of task {task!r} has no images; choose a split every task has.")
+        total = torch.zeros(len(router.tasks), dtype=torch.float64)
+        for start in range(0, n, batch_size):
+            x = router.features(bench.images(task, split, list(range(start, min(n, start + batch_size)))))
+            total += subspace_energy(x.float().to(bases.device), bases).double().sum(0).cpu()
+        rows[task] = (total / n).tolist()
+    return pd.DataFrame.from_dict(rows, orient="index", columns=list(router.tasks))
+
+
+def accuracy_budget(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Where MASS's normalized accuracy goes, in normalized points, from the chapter's rows: ``compression``
+    (experts less TSV-C with the task known: the stored rank), ``routing`` (TSV-C less MASS with the true task's
+    head: inputs whose set misses their task, or whose set's TSV-M of several tasks reads them worse than their own
+    reconstruction), ``head_choice`` (MASS with the true head less MASS: another task's head chosen) and ``total``
+    (experts less MASS, the sum of the three). Each is a difference of rows measured on the same test images."""
+    n = {m: float(rows[m]["normalized_accuracy"]) for m in ("experts", "tsv_compress", "mass_oracle_head", "mass")}
+    return {"compression": n["experts"] - n["tsv_compress"], "routing": n["tsv_compress"] - n["mass_oracle_head"],
+            "head_choice": n["mass_oracle_head"] - n["mass"], "total": n["experts"] - n["mass"]}

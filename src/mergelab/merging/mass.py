@@ -86,6 +86,26 @@ def subspace_residuals(x: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
     return (x.unsqueeze(1) - torch.einsum("ntk,tdk->ntd", coords, bases)).norm(dim=-1)
 
 
+def subspace_energy(x: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+    """``e[i, t] = ||V_t^T x_i||^2 / ||x_i||^2``: the share of each input's squared norm inside each task's
+    subspace, in [0, 1] (0 for an input of norm 0). With orthonormal ``V_t`` it is ``1 - (r_t / ||x||)^2`` for the
+    residual of :func:`subspace_residuals`; a diagnostic of how far the tasks' subspaces overlap on the inputs,
+    not part of MASS's routing.
+
+    Args:
+        x: ``(N, d)`` features.
+        bases: ``(T, d, k)``, each ``V_t`` with orthonormal (or zero) columns.
+
+    Returns:
+        ``(N, T)`` shares.
+    """
+    if x.ndim != 2 or bases.ndim != 3 or bases.shape[1] != x.shape[1]:
+        raise ValueError(f"x must be (N, d) and bases (T, d, k) with the same d; got {tuple(x.shape)} and "
+                         f"{tuple(bases.shape)}.")
+    inside = torch.einsum("nd,tdk->ntk", x, bases).square().sum(-1)
+    return inside / x.square().sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
 def routing_weights(residuals: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Softmax over tasks of the z-scored logits ``-r`` (unbiased std + 1e-6) divided by ``temperature``
     (> 0; MASS: 1), ``(N, T)``. With one task the weight is 1."""
@@ -462,4 +482,4 @@ def choose_head(logits: Mapping[str, torch.Tensor]) -> tuple[list[str], torch.Te
 __all__ = ["DEFAULT_DEPTH", "FIRST_PASSES", "ROUTING_MATRICES", "MassPrediction", "MassRouter", "Routing",
            "block_features", "cache_key", "check_selection", "choose_head", "official_reading", "class_token",
            "routing_bases", "routing_block", "routing_weights", "select_tasks", "storage_bytes", "storage_of_shapes",
-           "subspace_residuals"]
+           "subspace_energy", "subspace_residuals"]
