@@ -258,6 +258,9 @@ def write_students(out_dir: Path | None = None, names: Sequence[str] | None = No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .startup import skip_iri_grammar
+
+    skip_iri_grammar()  # nbformat's jsonschema without the IRI grammar it never uses here (mergelab.startup)
     parser = argparse.ArgumentParser(prog="python -m mergelab.course", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="folder for the student notebooks (default: students/)")
     parser.add_argument("--notebooks", nargs="+", metavar="NAME", default=None, help="only these chapters")
