@@ -11,9 +11,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
-from mergelab.task_vectors import TaskVector
+# Before torch loads its OpenMP runtime: threads that wait at a barrier sleep instead of spinning. The test processes,
+# the smoke book's lanes and kernels (they inherit the environment) share two cores; where a step runs on two threads
+# (the smoke encoder's pretraining on its pinned `pretrain_threads`) beside the other test process, spinning threads
+# took the cores from each other: the smoke encoder pretrained in 340 s in a cold `make test` (13 s alone); beside two
+# busy processes, 77 CPU s with spinning waits and 21 with passive ones, to the same bits (docs/tiny-benchmark.md,
+# session 24). A value the caller set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from mergelab.task_vectors import TaskVector  # noqa: E402
 
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     # `make test` runs one test process per core: each process, and the kernels and workers it starts
