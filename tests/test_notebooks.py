@@ -257,3 +257,33 @@ def test_installing_the_filter_records_the_notebooks_stat_data_so_status_needs_n
     subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path), "git-filter",
                     f"VENV={ROOT / '.venv'}"], check=True, capture_output=True)
     assert indexed_mtime() == 1_000_000_000
+
+
+def test_the_git_filter_runs_nbstripout_through_mergelab_nbfilter_with_the_same_output(tmp_path):
+    """`make git-filter` points git's clean filter at `python -m mergelab.nbfilter`, which gives nbstripout's output
+    to the byte (outputs, counts and the extra keys stripped) without loading rfc3987-syntax's grammar."""
+    import re
+    import subprocess
+    import sys
+
+    import nbformat
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path), "git-filter", f"VENV={ROOT / '.venv'}"],
+                   check=True, capture_output=True)
+    clean = subprocess.run(["git", "config", "filter.nbstripout.clean"], cwd=tmp_path, check=True, capture_output=True,
+                           text=True).stdout.strip()
+    assert clean.endswith(" -m mergelab.nbfilter"), clean
+    nb = nbformat.read(ROOT / "notebooks" / "00_benchmark_and_baselines.ipynb", as_version=4)
+    nb.metadata["language_info"] = {"name": "python", "version": "3.11.2"}
+    code = next(c for c in nb.cells if c.cell_type == "code")
+    code.execution_count = 3
+    code.outputs = [nbformat.v4.new_output("stream", name="stdout", text="output\n")]
+    raw = nbformat.writes(nb)
+    ours = subprocess.run([sys.executable, "-X", "importtime", "-m", "mergelab.nbfilter"], cwd=tmp_path, input=raw,
+                          capture_output=True, text=True, check=True)
+    theirs = subprocess.run([sys.executable, "-m", "nbstripout"], cwd=tmp_path, input=raw, capture_output=True,
+                            text=True, check=True)
+    assert ours.stdout == theirs.stdout and '"outputs": []' in ours.stdout and "language_info" not in ours.stdout
+    # nbformat loaded, the grammar's module not (-X importtime lists the refused attempt at `rfc3987_syntax` itself)
+    assert re.search(r"\|\s+nbformat$", ours.stderr, re.M) and "rfc3987_syntax.syntax_helpers" not in ours.stderr
