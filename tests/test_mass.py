@@ -775,3 +775,18 @@ def test_the_accuracy_budget_splits_masss_loss_into_rank_routing_and_head():
     budget = ch04.accuracy_budget(rows)
     assert budget == pytest.approx({"compression": 0.05, "routing": 0.11, "head_choice": 0.11, "total": 0.27})
     assert budget["compression"] + budget["routing"] + budget["head_choice"] == pytest.approx(budget["total"])
+
+
+def test_the_overlap_summary_names_the_closest_call_and_the_largest_share_off_the_diagonal():
+    import pandas as pd
+
+    from mergelab.experiments import ch04_mass as ch04
+
+    tasks = ["a", "b", "c"]
+    overlap = pd.DataFrame([[0.6, 0.5, 0.1], [0.2, 0.7, 0.55], [0.1, 0.3, 0.9]], index=tasks, columns=tasks)
+    s = ch04.overlap_summary(overlap)
+    # leads: a .6 - .5 = .1, b .7 - .55 = .15, c .9 - .3 = .6: a is the closest call, b's subspace its rival
+    assert (s["closest"], s["own"], s["rival"], s["rival_share"]) == ("a", 0.6, "b", 0.5)
+    assert (s["off_inputs"], s["off_subspace"], s["off_share"], s["off_own"]) == ("b", "c", 0.55, 0.7)
+    with pytest.raises(ValueError, match="overlap must be square"):
+        ch04.overlap_summary(overlap.drop(columns="c"))

@@ -449,3 +449,22 @@ def accuracy_budget(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     n = {m: float(rows[m]["normalized_accuracy"]) for m in ("experts", "tsv_compress", "mass_oracle_head", "mass")}
     return {"compression": n["experts"] - n["tsv_compress"], "routing": n["tsv_compress"] - n["mass_oracle_head"],
             "head_choice": n["mass_oracle_head"] - n["mass"], "total": n["experts"] - n["mass"]}
+
+
+def overlap_summary(overlap: pd.DataFrame) -> dict[str, Any]:
+    """What the chapter says of :func:`subspace_overlap`'s table (rows: the inputs' task; columns: the subspaces of
+    the same tasks): the ``closest`` task (whose own share leads its largest other share least), its ``own`` share,
+    the task of that largest other share (``rival``) and the share (``rival_share``); and the largest share outside
+    the diagonal anywhere (``off_inputs``: the rows' task, ``off_subspace``, ``off_share``, with ``off_own``, the
+    share the same inputs keep in their own subspace)."""
+    if list(overlap.index) != list(overlap.columns) or len(overlap) < 2:
+        raise ValueError(f"overlap must be square with the same tasks as rows and columns, at least two; got rows "
+                         f"{list(overlap.index)} and columns {list(overlap.columns)}.")
+    own = pd.Series(np.diag(overlap.to_numpy()), index=overlap.index)
+    others = overlap.where(~np.eye(len(overlap), dtype=bool))
+    closest = str((own - others.max(axis=1)).idxmin())
+    off_inputs, off_subspace = others.stack().idxmax()
+    return {"closest": closest, "own": float(own[closest]), "rival": str(others.loc[closest].idxmax()),
+            "rival_share": float(others.loc[closest].max()), "off_inputs": str(off_inputs),
+            "off_subspace": str(off_subspace), "off_share": float(others.loc[off_inputs, off_subspace]),
+            "off_own": float(own[off_inputs])}
