@@ -767,6 +767,25 @@ def test_subspace_overlap_averages_each_tasks_inputs_over_every_subspace(tmp_pat
         ch04.subspace_overlap(r, bench, "val", batch_size=0)
 
 
+
+def test_subspace_overlap_is_cached_by_router_split_and_batch_size(tmp_path, monkeypatch):
+    """A re-run reads the table back without a forward pass (rows and columns in the router's order); another batch
+    size is another file; ``cache=False`` writes nothing."""
+    from mergelab.experiments import ch04_mass as ch04
+
+    r, _ = router()
+    bench = _MixedBench(tmp_path)
+    assert not ch04.subspace_overlap(r, bench, "val", batch_size=2, cache=False).empty
+    assert not (tmp_path / "mass").exists()
+    first = ch04.subspace_overlap(r, bench, "val", batch_size=2)
+    assert ch04.subspace_overlap_path(r, bench, "val", 2).is_file()
+    monkeypatch.setattr(MassRouter, "features", lambda self, images: pytest.fail("computed again"))
+    again = ch04.subspace_overlap(r, bench, "val", batch_size=2)
+    assert list(again.index) == list(TASKS) and list(again.columns) == list(TASKS)
+    assert np.allclose(again.to_numpy(), first.to_numpy(), atol=1e-12)
+    assert ch04.subspace_overlap_path(r, bench, "val", 3) != ch04.subspace_overlap_path(r, bench, "val", 2)
+
+
 def test_the_accuracy_budget_splits_masss_loss_into_rank_routing_and_head():
     from mergelab.experiments import ch04_mass as ch04
 

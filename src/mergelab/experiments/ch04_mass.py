@@ -415,8 +415,14 @@ def summary_rows(per_task: Mapping[str, float], expert_accuracy: Mapping[str, fl
             "normalized_accuracy": normalized_accuracy(per_task, expert_accuracy), "per_task_accuracy": dict(per_task)}
 
 
-@torch.no_grad()
-def subspace_overlap(router: MassRouter, bench: Any, split: str = "val", batch_size: int = 256) -> pd.DataFrame:
+def subspace_overlap_path(router: MassRouter, bench: Any, split: str, batch_size: int) -> Path | None:
+    """Where :func:`subspace_overlap` keeps its table: as :func:`result_path`, the key naming the study and the batch
+    size instead of the second pass's settings."""
+    return _cache_path(router, bench, split, {"study": "subspace_overlap", "batch_size": int(batch_size)})
+
+
+def subspace_overlap(router: MassRouter, bench: Any, split: str = "val", batch_size: int = 256,
+                     progress: bool = False, cache: bool = True) -> pd.DataFrame:
     """How much of each task's inputs lies in each task's routing subspace: row = the inputs' task, column = a
     router task, entry = the mean over the row's ``split`` images of :func:`~mergelab.merging.mass.subspace_energy`
     (the share of the routing feature's squared norm inside that task's stored ``V_t``), in [0, 1]. Routing
@@ -424,11 +430,28 @@ def subspace_overlap(router: MassRouter, bench: Any, split: str = "val", batch_s
     routing confusion, not part of MASS.
 
     ``bench``: a benchmark whose ``split(task, split)`` gives the labels and ``images(task, split, rows)`` the
-    normalized images; every task of ``router.tasks`` is read, in batches of ``batch_size`` images."""
+    normalized images; every task of ``router.tasks`` is read, in batches of ``batch_size`` images, on the
+    benchmark's threads (:func:`~mergelab.utils.size_threads`, as :func:`evaluate_mass`). ``cache``: keep the table as
+    :func:`subspace_overlap_path` names it and read it back on a re-run (a first pass over the whole split)."""
     check_integer("batch_size", batch_size)
+    path = subspace_overlap_path(router, bench, split, batch_size) if cache else None
+    cached = read_json(path) if path is not None else None
+    tasks = list(router.tasks)
+    if isinstance(cached, dict) and set(cached) == set(tasks) and all(
+            isinstance(row, dict) and set(row) == set(tasks) for row in cached.values()):
+        return pd.DataFrame.from_dict(cached, orient="index").loc[tasks, tasks]
+    with size_threads(bench):
+        table = _subspace_overlap(router, bench, split, batch_size, progress)
+    if path is not None:
+        atomic_write_json(path, table.to_dict(orient="index"), ordered=True)
+    return table
+
+
+@torch.no_grad()
+def _subspace_overlap(router: MassRouter, bench: Any, split: str, batch_size: int, progress: bool) -> pd.DataFrame:
     bases = router.bases.float()
     rows = {}
-    for task in router.tasks:
+    for task in tqdm(router.tasks, desc=f"subspace overlap on {split}", disable=not progress):
         n = len(bench.split(task, split)[1])
         if n == 0:
             raise ValueError(f"split={split!r} of task {task!r} has no images; choose a split every task has.")
