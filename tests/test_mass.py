@@ -285,6 +285,30 @@ def test_storage_counts_the_model_the_factors_and_the_dense_tensors():
     assert s["total_bytes"] == s["model_bytes"] + sum(c.nbytes() for c in compressed.values())
 
 
+def test_storage_counts_a_tensor_no_task_changed_once_in_the_model():
+    """The experts froze the patch stem: its task vectors are zero, TSV-C stores nothing for them, and the storage
+    (counted on the factors, and from the shapes with the stem named unchanged) keeps it once, in theta_0."""
+    torch.manual_seed(0)
+    pre = build_tiny_encoder(TinyViTConfig(width=16, layers=2, heads=2, patch_size=8, output_dim=8)).state_dict()
+    weights = {k: v for k, v in pre.items() if v.is_floating_point()}
+    moved = {t: TaskVector({k: torch.randn_like(v) for k, v in weights.items()}) for t in "abc"}
+    frozen = {t: TaskVector({k: torch.zeros_like(v) if k == "conv1.weight" else v for k, v in tv.items()})
+              for t, tv in moved.items()}
+    every, stem_frozen = ({t: tsv_compress(tv, num_tasks=3) for t, tv in tvs.items()} for tvs in (moved, frozen))
+    a, b = storage_bytes(pre, every), storage_bytes(pre, stem_frozen)
+    stem = pre["conv1.weight"].numel() * 4
+    assert a["unchanged"] == [] and b["unchanged"] == ["conv1.weight"]
+    assert b["dense_bytes"] == a["dense_bytes"] - 3 * stem and b["factor_bytes"] == a["factor_bytes"]
+    assert b["storage_multiple"] == pytest.approx(a["storage_multiple"] - 3 * stem / a["model_bytes"])
+    assert a["largest_dense"] == "conv1.weight" and b["largest_dense"] != "conv1.weight"
+    shapes = model_shapes(pre)
+    computed = storage_of_shapes(shapes, 3, unchanged=["conv1.weight"])
+    for key in ("model_bytes", "factor_bytes", "dense_bytes", "total_bytes", "largest_dense", "unchanged"):
+        assert computed[key] == b[key], key
+    with pytest.raises(ValueError, match="unchanged names 'conv9.weight'.*valid"):
+        storage_of_shapes(shapes, 3, unchanged=["conv9.weight"])
+
+
 def test_storage_from_shapes_equals_the_bytes_of_compressed_task_vectors():
     # a tiny open_clip ViT (4-D conv stem, matrices, biases and norms) and three tasks compressed at TSV-C's rank
     torch.manual_seed(0)

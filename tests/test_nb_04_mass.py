@@ -68,6 +68,10 @@ def test_storage_timing_and_cache(results, params):
     assert results["storage_multiple"] == pytest.approx(s["total_bytes"] / s["model_bytes"])
     assert results["storage_multiple"] > 1
     assert s["total_bytes"] == s["model_bytes"] + s["factor_bytes"] + s["dense_bytes"]
+    # a module the experts' recipe freezes is stored once, in theta_0 (its task vectors are zero); nothing else is
+    assert s["unchanged"] == [f"{m}.weight" for m in params["finetune"].get("frozen", [])]
+    claim = next(c for c in results["claims"] if c["claim"].startswith("MASS stores"))
+    assert claim["evidence"]["unchanged_stored_once"] == s["unchanged"]
     t = results["timing"]
     assert len(t["ratios"]) == t["repeats"] == params["timing_repeats"] >= 3
     assert results["time_per_image_ratio"] == t["ratio"] == pytest.approx(statistics.median(t["ratios"]))

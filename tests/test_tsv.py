@@ -18,7 +18,7 @@ from mergelab.linalg import POLAR_METHODS, RTOL, default_rank, polar_factor, tru
 from mergelab.linalg._kernels import _torch_polar, _torch_task_svd
 from mergelab.linalg.svd import _gram_svd
 from mergelab.merging import MERGE_METHODS, merge
-from mergelab.merging.tsv import MergedFactors, storage_bytes, tsv_compress, tsv_merge, tsv_merge_factors, tsv_merge_matrices, tsv_merge_matrix_reference, tsv_reconstruct, tsv_update
+from mergelab.merging.tsv import CompressedTaskVector, MergedFactors, storage_bytes, tsv_compress, tsv_merge, tsv_merge_factors, tsv_merge_matrices, tsv_merge_matrix_reference, tsv_reconstruct, tsv_update
 from mergelab.merging.tsv.merge import _layers_side_by_side
 from mergelab.task_vectors import TaskVector
 from mergelab.models import TinyViTConfig, build_tiny_encoder
@@ -424,6 +424,33 @@ def test_tsv_c_with_full_rank_reproduces_the_task_vector_and_stores_less_with_fe
     errors = [rel(tsv_reconstruct(tsv_compress(tv, k=k)).vector["w"], tv["w"]) for k in (1, 4, 8)]
     assert errors[0] > errors[1] > errors[2]
     torch.testing.assert_close(tsv_reconstruct(small)["b"], tv["b"])
+
+
+def test_tsv_c_stores_nothing_for_a_tensor_the_task_left_unchanged_and_merges_as_if_it_were_zeros():
+    """A tensor frozen while the expert fine-tuned has a task vector of exact zeros: TSV-C keeps only its name and
+    shape, it reads back as zeros, and TSV-M of stored factors is the same as with the zeros stored in full."""
+    from mergelab.merging.tsv import tsv_merge_compressed
+
+    _, tvs = _states(3)
+    for tv in tvs[:2]:  # two of three tasks froze the stem; the third changed it
+        tv.vector["conv1.weight"] = torch.zeros_like(tv["conv1.weight"])
+    compressed = [tsv_compress(tv, num_tasks=3) for tv in tvs]
+    assert compressed[0].unchanged == ["conv1.weight"] and compressed[2].unchanged == []
+    assert "conv1.weight" not in compressed[0].dense and compressed[0].shapes["conv1.weight"] == (4, 3, 2, 2)
+    stored_zeros = CompressedTaskVector(compressed[0].factors, {**compressed[0].dense,
+                                        "conv1.weight": torch.zeros(4, 3, 2, 2)}, compressed[0].shapes)
+    assert compressed[0].nbytes() == stored_zeros.nbytes() - 4 * 4 * 3 * 2 * 2
+    rebuilt = tsv_reconstruct(compressed[0])
+    assert list(rebuilt.keys()) == list(tvs[0].keys())
+    assert torch.equal(rebuilt["conv1.weight"], torch.zeros(4, 3, 2, 2))
+    merged = tsv_merge_compressed(compressed)
+    reference = tsv_merge_compressed([stored_zeros, compressed[1], compressed[2]])
+    for k in reference.keys():
+        assert torch.equal(merged[k], reference[k]), k
+    torch.testing.assert_close(merged["conv1.weight"], tvs[2]["conv1.weight"] / 3)
+    assert compressed[0].truncated(num_tasks=6).unchanged == ["conv1.weight"]
+    with pytest.raises(KeyError, match="'w' is not a dense parameter"):
+        compressed[0].dense_tensor("w")
 
 
 def test_tsv_compress_needs_exactly_one_rank_choice():

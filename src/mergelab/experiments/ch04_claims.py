@@ -4,7 +4,7 @@ of the public benchmark's encoder they are set beside."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -40,7 +40,7 @@ def reference_storage(num_tasks: int, model: str = REFERENCE_MODEL) -> dict[str,
 def claims(methods: Mapping[str, Mapping[str, Any]], routing: Mapping[str, float], storage_multiple: float,
            timing: Mapping[str, Any], ablations: pd.DataFrame, block: int, size: str,
            test_sizes: Mapping[str, int], expert_validation: Mapping[str, float],
-           storage_reference: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+           storage_reference: Mapping[str, Any] | None = None, unchanged: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The chapter's claims, each ``{claim, source, status, evidence}``.
 
     Accuracy and routing claims are judged by the sampling error of the evaluated images (binomial per task,
@@ -49,7 +49,8 @@ def claims(methods: Mapping[str, Mapping[str, Any]], routing: Mapping[str, float
     wholly on the other, else ``not_testable``. ``test_sizes``: test inputs per task; ``expert_validation``:
     the experts' validation accuracy (the ablations' normalizer); ``storage_reference``: the same storage
     accounting on the public benchmark's encoder (:func:`reference_storage`), evidence beside the storage
-    claim (its status reads this benchmark's figure only). The variation between fine-tuning seeds is
+    claim (its status reads this benchmark's figure only); ``unchanged``: the parameters no expert changed (frozen
+    while they fine-tuned), stored once and not per task, named in that claim's evidence. The variation between fine-tuning seeds is
     not included (chapter 00 measures it)."""
     out = []
 
@@ -77,7 +78,7 @@ def claims(methods: Mapping[str, Mapping[str, Any]], routing: Mapping[str, float
         {"contains_true": routing["contains_true"], "argmax_true": routing["argmax_true"], "contains_true_ci": ci})
     add("MASS stores about two models whatever the number of tasks (here at most 2.5x one model).", "mass2026",
         "reproduced" if storage_multiple <= 2.5 else "not_reproduced",
-        {"storage_multiple": storage_multiple,
+        {"storage_multiple": storage_multiple, "unchanged_stored_once": list(unchanged),
          **{f"reference_{k}": storage_reference[k] for k in REFERENCE_EVIDENCE if storage_reference is not None}})
     interval = timing["ratio_interval"]
     add("Two forward passes: MASS costs at most 3x one forward pass of a merged model per image (mixed batch, "
@@ -119,4 +120,5 @@ def claims_from_results(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     r = nan_for_none(results)  # the JSON is strict: a NaN the chapter measured (an empty split) was written as null
     return claims(r["methods"], r["routing"], r["storage_multiple"], r["timing"], pd.DataFrame(r["ablations"]),
                   results["routing_block"], results["benchmark"], results["test_sizes"],
-                  r["expert_validation_accuracy"], r.get("storage_reference"))
+                  r["expert_validation_accuracy"], r.get("storage_reference"),
+                  (results.get("storage") or {}).get("unchanged", ()))

@@ -20,7 +20,9 @@ class CompressedTaskVector:
 
     Attributes:
         factors: parameter name to ``(U (m, k), s (k,), V (n, k))``.
-        dense: parameters stored in full (not decomposed: biases, LayerNorm, ``conv1``...).
+        dense: parameters stored in full (not decomposed: biases, LayerNorm, ``conv1``...), except those the
+            task left unchanged (every entry exactly zero, e.g. a tensor frozen while the expert fine-tuned):
+            they are not stored (:attr:`unchanged`) and read back as zeros.
         shapes: every parameter's shape, in the original key order.
     """
 
@@ -32,6 +34,23 @@ class CompressedTaskVector:
         """Bytes needed to store the compressed task vector (factors plus dense tensors)."""
         total = sum(t.numel() * t.element_size() for f in self.factors.values() for t in f)
         return total + sum(t.numel() * t.element_size() for t in self.dense.values())
+
+    @property
+    def unchanged(self) -> list[str]:
+        """Parameters stored neither as factors nor in full: the task did not change them (zero task vector)."""
+        return [k for k in self.shapes if k not in self.factors and k not in self.dense]
+
+    def dense_tensor(self, name: str) -> torch.Tensor:
+        """The task vector of a parameter kept out of the factors: as stored, or zeros of its shape when the task
+        left it unchanged (float32, on the device of the stored tensors)."""
+        if name in self.dense:
+            return self.dense[name]
+        if name not in self.shapes or name in self.factors:
+            raise KeyError(f"{name!r} is not a dense parameter of this compressed task vector.")
+        like = next(iter(self.dense.values()), None)
+        if like is None:
+            like = next((f[0] for f in self.factors.values()), torch.empty(0))
+        return torch.zeros(self.shapes[name], dtype=torch.float32, device=like.device)
 
     def ranks(self) -> dict[str, int]:
         """Triplets kept per decomposed parameter."""
@@ -63,7 +82,9 @@ def _check_rank_choice(k: int | None, num_tasks: int | None, rank_fraction: floa
 
 def tsv_compress(task_vector: TaskVector, k: int | None = None, num_tasks: int | None = None,
                  rank_fraction: float | None = None, svd: str = "gram", **svd_options) -> CompressedTaskVector:
-    """TSV-C: keep each decomposed matrix's top singular triplets, every other tensor in full.
+    """TSV-C: keep each decomposed matrix's top singular triplets, every other tensor in full, except a tensor
+    the task left exactly unchanged (all zeros, e.g. frozen during fine-tuning), which is not stored at all
+    (:attr:`CompressedTaskVector.unchanged`; it reads back as zeros, so every merge is the same).
 
     Give exactly one of ``k`` (the same number of triplets for every matrix, capped at
     ``min(m, n)``), ``num_tasks`` (``k = floor(min(m, n) / T)``, the TSV default) or
@@ -78,7 +99,7 @@ def tsv_compress(task_vector: TaskVector, k: int | None = None, num_tasks: int |
             kk = min(k, min(v.shape)) if k is not None else default_rank(v.shape, num_tasks, rank_fraction)
             U, s, V = truncated_svd(v.float(), kk, svd=svd, **svd_options)
             factors[name] = (U.contiguous(), s.contiguous(), V.contiguous())
-        else:
+        elif bool(v.any()):
             dense[name] = v.clone()
     return CompressedTaskVector(factors, dense, shapes)
 
@@ -91,7 +112,7 @@ def tsv_reconstruct(compressed: CompressedTaskVector) -> TaskVector:
             U, s, V = compressed.factors[name]
             out[name] = (U * s) @ V.T
         else:
-            out[name] = compressed.dense[name].clone()
+            out[name] = compressed.dense_tensor(name).clone()
     return TaskVector(out)
 
 

@@ -263,7 +263,8 @@ def tsv_merge_compressed(compressed: Sequence[CompressedTaskVector], polar: str 
     tasks, each keeping the ``floor(min(m, n) / T)`` triplets it was stored with, not the rank a
     merge of fewer tasks would pick). Per decomposed matrix the tasks' ``U (m, k)``, ``s (k,)`` and
     ``V (n, k)`` are stacked side by side and ``U``, ``V`` replaced by their polar factors (the same
-    steps as :func:`tsv_merge_factors` after its SVDs); every other tensor is the mean over tasks.
+    steps as :func:`tsv_merge_factors` after its SVDs); every other tensor is the mean over tasks (a task that left
+    it unchanged counts with zeros).
     With one task the result is that task's TSV-C reconstruction (its vectors are already orthonormal).
 
     Args:
@@ -296,7 +297,7 @@ def tsv_merge_compressed(compressed: Sequence[CompressedTaskVector], polar: str 
             U_perp, V_perp = polar_factors([U, V], polar)
             out[name] = ((U_perp * s) @ V_perp.T).to(home)
         else:
-            out[name] = torch.stack([c.dense[name].float() for c in compressed]).mean(0)
+            out[name] = torch.stack([c.dense_tensor(name).float() for c in compressed]).mean(0)
     return TaskVector(out)
 
 
