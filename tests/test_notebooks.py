@@ -145,6 +145,30 @@ def test_a_chapter_file_repeating_the_benchmark_block_is_refused(tmp_path):
                                                                                "tasks": ["digits"]}
 
 
+def _git_repo(path: Path, with_filter: bool = True):
+    """A new git repository at ``path`` with a committer set and, when ``with_filter``, the notebooks' filter that
+    `make git-filter` (run by `make env`) configures; returns ``git(*args) -> stdout`` run there."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.org")
+    git("config", "user.name", "t")
+    if with_filter:
+        _install_filter(path)
+    return git
+
+
+def _install_filter(path: Path) -> None:
+    """`make git-filter` in the repository at ``path``, with this checkout's Makefile and virtual environment."""
+    import subprocess
+
+    subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-C", str(path), "git-filter", f"VENV={ROOT / '.venv'}"],
+                   check=True, capture_output=True)
+
+
 @pytest.mark.timeout(120)
 def test_a_notebook_saved_by_jupyterlab_leaves_the_checkout_clean(tmp_path):
     """`make env` installs nbstripout as a git filter: outputs, execution counts and the kernel metadata
@@ -154,14 +178,7 @@ def test_a_notebook_saved_by_jupyterlab_leaves_the_checkout_clean(tmp_path):
 
     import nbformat
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
-
-    git("init", "-q")
-    git("config", "user.email", "t@example.org")
-    git("config", "user.name", "t")
-    subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path), "git-filter",
-                    f"VENV={ROOT / '.venv'}"], check=True, capture_output=True)
+    git = _git_repo(tmp_path)
     name = "00_benchmark_and_baselines.ipynb"
     shutil.copy(ROOT / "notebooks" / name, tmp_path / name)
     git("add", name)
@@ -190,21 +207,13 @@ def test_jupyterlab_saves_a_run_chapter_exactly_as_committed(tmp_path, monkeypat
     """`make lab` gives JupyterLab's contents manager mergelab.lab.strip_on_save as pre-save hook: a
     chapter run and saved there is written as committed, so `git status` shows it unchanged."""
     import shutil
-    import subprocess
 
     import nbformat
     from jupyter_server.services.contents.filemanager import FileContentsManager
 
     from mergelab import lab, paths
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
-
-    git("init", "-q")
-    git("config", "user.email", "t@example.org")
-    git("config", "user.name", "t")
-    subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path), "git-filter",
-                    f"VENV={ROOT / '.venv'}"], check=True, capture_output=True)
+    git = _git_repo(tmp_path)
     (tmp_path / "notebooks").mkdir()
     name = "notebooks/00_benchmark_and_baselines.ipynb"
     shutil.copy(ROOT / name, tmp_path / name)
@@ -233,29 +242,22 @@ def test_installing_the_filter_records_the_notebooks_stat_data_so_status_needs_n
     """`make git-filter` (run by `make env`) refreshes the index: a notebook whose index entry is stale (a fresh
     clone's notebooks checked out in the second the index was written, or a touched file) is not passed through
     nbstripout again by every `git status` (each chapter runs one for its provenance)."""
+    import os
     import shutil
-    import subprocess
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
-
-    git("init", "-q")
-    git("config", "user.email", "t@example.org")
-    git("config", "user.name", "t")
+    git = _git_repo(tmp_path, with_filter=False)
     name = "00_benchmark_and_baselines.ipynb"
     shutil.copy(ROOT / "notebooks" / name, tmp_path / name)
     git("add", name)
     git("commit", "-qm", "chapter")
+
     def indexed_mtime() -> int:  # the file's modification time (seconds) as the index records it
         line = next(x for x in git("ls-files", "--debug", name).splitlines() if x.strip().startswith("mtime:"))
         return int(line.split(":")[1].strip().split(":")[0])
 
-    import os
-
     os.utime(tmp_path / name, (1_000_000_000, 1_000_000_000))  # same contents, other stat data: the entry is stale
     assert indexed_mtime() != 1_000_000_000  # what every `git status` would re-read, through the filter
-    subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path), "git-filter",
-                    f"VENV={ROOT / '.venv'}"], check=True, capture_output=True)
+    _install_filter(tmp_path)
     assert indexed_mtime() == 1_000_000_000
 
 
@@ -268,9 +270,7 @@ def test_the_git_filter_runs_nbstripout_through_mergelab_nbfilter_with_the_same_
 
     import nbformat
 
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-C", str(tmp_path), "git-filter", f"VENV={ROOT / '.venv'}"],
-                   check=True, capture_output=True)
+    _git_repo(tmp_path)
     clean = subprocess.run(["git", "config", "filter.nbstripout.clean"], cwd=tmp_path, check=True, capture_output=True,
                            text=True).stdout.strip()
     assert clean.endswith(" -m mergelab.nbfilter"), clean
