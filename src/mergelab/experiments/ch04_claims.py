@@ -50,8 +50,8 @@ def claims(methods: Mapping[str, Mapping[str, Any]], routing: Mapping[str, float
     the experts' validation accuracy (the ablations' normalizer); ``storage_reference``: the same storage
     accounting on the public benchmark's encoder (:func:`reference_storage`), evidence beside the storage
     claim (its status reads this benchmark's figure only); ``unchanged``: the parameters no expert changed (frozen
-    while they fine-tuned), stored once and not per task, named in that claim's evidence. The variation between fine-tuning seeds is
-    not included (chapter 00 measures it)."""
+    while they fine-tuned), stored once and not per task, named in that claim's evidence. The variation between
+    fine-tuning seeds is not included (chapter 00 measures it)."""
     out = []
 
     def add(text: str, source: str, status: str, evidence: dict[str, Any]) -> None:

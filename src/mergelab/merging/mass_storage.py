@@ -44,7 +44,8 @@ def storage_bytes(pretrained: StateDict, compressed: Mapping[str, CompressedTask
     total = model + factors + dense
     one_task = next(iter(compressed.values()), None)
     sizes = {} if one_task is None else {k: t.numel() for k, t in one_task.dense.items()}
-    unchanged = [k for k in pretrained if compressed and all(k in c.unchanged for c in compressed.values())]
+    unchanged_per_task = [set(c.unchanged) for c in compressed.values()]
+    unchanged = [k for k in pretrained if unchanged_per_task and all(k in u for u in unchanged_per_task)]
     return {"model_bytes": model, "factor_bytes": factors, "dense_bytes": dense, "total_bytes": total,
             "storage_multiple": total / model, **_largest_dense(sizes, sum(v.numel() for v in weights)),
             "unchanged": unchanged}
