@@ -70,6 +70,11 @@ def test_storage_timing_and_cache(results, params):
     assert s["total_bytes"] == s["model_bytes"] + s["factor_bytes"] + s["dense_bytes"]
     # a module the experts' recipe freezes is stored once, in theta_0 (its task vectors are zero); nothing else is
     assert s["unchanged"] == [f"{m}.weight" for m in params["finetune"].get("frozen", [])]
+    # with every tensor stored per task (as if the experts had trained the frozen ones too): more, or the same
+    if s["unchanged"]:
+        assert results["storage_multiple_all_trained"] > results["storage_multiple"]
+    else:
+        assert results["storage_multiple_all_trained"] == pytest.approx(results["storage_multiple"])
     claim = next(c for c in results["claims"] if c["claim"].startswith("MASS stores"))
     assert claim["evidence"]["unchanged_stored_once"] == s["unchanged"]
     t = results["timing"]
