@@ -520,6 +520,33 @@ def test_the_selection_study_is_read_against_the_defaults():
     assert selection_against_default(abl, 0.1, 2) is None  # the default was not in the study
 
 
+def test_mass_with_the_selection_chosen_on_validation_reads_the_study_and_flags_an_edge():
+    import pandas as pd
+
+    from mergelab.experiments.ch04_mass import validated_selection
+
+    r, _ = router()  # the official defaults: threshold 0.2, top-k 3
+    study = {"study": ["selection"] * 6, "threshold": [0.05, 0.2, 0.5] * 2, "top_k": [1] * 3 + [2] * 3}
+    argmax_best = pd.DataFrame({**study, "normalized_accuracy": [0.82, 0.82, 0.82, 0.70, 0.72, 0.71]})
+    with_default = pd.concat([argmax_best, pd.DataFrame({"study": ["selection"], "threshold": [0.2], "top_k": [3],
+                                                         "normalized_accuracy": [0.73]})], ignore_index=True)
+    tuned, pick = validated_selection(r, with_default)
+    assert (tuned.threshold, tuned.top_k) == (0.05, 1) and tuned is not r and tuned._models is r._models  # one cache
+    assert pick == {"threshold": 0.05, "top_k": 1, "validation_normalized": 0.82, "chosen_on_validation": True,
+                    "threshold_acts": False, "at_grid_edge": False}  # top-k 1: the threshold does not act
+    inner = with_default.assign(normalized_accuracy=[0.7, 0.7, 0.7, 0.71, 0.9, 0.72, 0.73])
+    assert validated_selection(r, inner)[1]["at_grid_edge"] is False  # threshold 0.2, top-k 2: inside both grids
+    low = with_default.assign(normalized_accuracy=[0.7, 0.7, 0.7, 0.9, 0.72, 0.71, 0.73])
+    assert validated_selection(r, low)[1]["at_grid_edge"] is True  # top-k 2 at the smallest threshold studied
+    largest_k = with_default.assign(normalized_accuracy=[0.7] * 6 + [0.9])
+    assert validated_selection(r, largest_k)[1]["at_grid_edge"] is True  # the largest top-k studied
+    without_default = validated_selection(r, argmax_best.assign(normalized_accuracy=[0.7] * 5 + [0.75]))[1]
+    assert (without_default["threshold"], without_default["top_k"]) == (0.5, 2)  # the defaults were not studied
+    same, pick = validated_selection(r, pd.DataFrame({"study": ["layer"], "threshold": [0.2], "top_k": [3],
+                                                      "normalized_accuracy": [0.9]}))
+    assert same is r and pick["chosen_on_validation"] is False  # no selection study: the router as it is
+
+
 def test_routing_bases_refuse_tasks_stored_at_other_ranks():
     torch.manual_seed(0)
     pre = build_tiny_encoder(TinyViTConfig(width=16, layers=2, heads=2, patch_size=8, output_dim=8)).state_dict()

@@ -13,13 +13,26 @@ pytestmark = [pytest.mark.notebook, pytest.mark.timeout(900)]
 def test_every_method_has_absolute_and_normalized_accuracy(results):
     methods = results["methods"]
     assert set(methods) == {"zero_shot", "task_arithmetic", "tsv_merge", "tsv_merge_validated", "mass",
-                            "mass_official_scoring", "mass_oracle_head", "tsv_compress", "experts"}
+                            "mass_validated_selection", "mass_official_scoring", "mass_oracle_head", "tsv_compress",
+                            "experts"}
     for name, m in methods.items():
         assert set(m["per_task_accuracy"]) == set(results["tasks"]), name
         assert all(0 <= a <= 1 for a in m["per_task_accuracy"].values()), name
         assert m["absolute_accuracy"] == pytest.approx(sum(m["per_task_accuracy"].values()) / len(results["tasks"]))
     assert methods["experts"]["normalized_accuracy"] == pytest.approx(1.0)
     assert methods["tsv_merge"]["coefficient"] == 1.0
+
+
+def test_mass_with_the_selection_chosen_on_validation_is_the_studys_best(results, params):
+    """The row chosen on validation runs at the selection the ablation found best there (the first of equals), and
+    at the defaults it is MASS itself."""
+    chosen = results["methods"]["mass_validated_selection"]
+    study = [a for a in results["ablations"] if a["study"] == "selection" and a["normalized_accuracy"] is not None]
+    best = max(study, key=lambda a: a["normalized_accuracy"])
+    assert (chosen["threshold"], chosen["top_k"]) == (best["threshold"], best["top_k"])
+    assert chosen["top_k"] in params["ablation_top_k"] and chosen["threshold"] in params["ablation_thresholds"]
+    if (chosen["threshold"], chosen["top_k"]) == (params["threshold"], params["top_k"]):
+        assert chosen["per_task_accuracy"] == results["methods"]["mass"]["per_task_accuracy"]
 
 
 def test_the_official_scoring_counts_at_least_what_mass_counts(results):
