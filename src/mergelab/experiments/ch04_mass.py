@@ -24,6 +24,7 @@ from ..task_vectors import TaskVector
 from ..utils import StateDict, atomic_write_json, check_integer, read_json, size_threads
 from .ch04_claims import (REFERENCE_EVIDENCE, REFERENCE_MODEL, claims, claims_from_results,  # noqa: F401 - the
                           reference_storage)  # notebook reads them as ch04's
+from .ch04_selection import selection_against_default, validated_selection  # noqa: F401 - the notebook reads them
 from .ch04_timing import COLD_REPEATS, time_per_image, timings  # noqa: F401 - the notebook reads them as ch04's
 
 
@@ -352,53 +353,6 @@ def check_routing_score(score: RoutingScore) -> None:
     padded = torch.cat([bases, torch.zeros(T, d, 1)], dim=2)  # a zero column stores no direction
     assert torch.allclose(score(x, padded).float(), subspace_residuals(x, bases), atol=1e-4), (
         "a zero column of V_t (no stored direction) must not change the residual.")
-
-
-def selection_against_default(abl: pd.DataFrame, threshold: float, top_k: int) -> dict[str, Any] | None:
-    """The selection study of :func:`ablation` (rows with ``study == "selection"``) read against the defaults:
-    ``{"default", "threshold", "top_k", "normalized_accuracy", "is_default"}``, the normalized accuracy at
-    ``threshold`` and ``top_k`` and the best selection with its accuracy (fractions 0..1). Rows whose normalized
-    accuracy is undefined (an expert at chance) are left out; ``None`` when the default is not among the rest."""
-    rows = abl[abl["study"] == "selection"].dropna(subset=["normalized_accuracy"])
-    at_default = rows[(rows["threshold"] == threshold) & (rows["top_k"] == top_k)]["normalized_accuracy"]
-    if at_default.empty:
-        return None
-    best = _best_selection(abl)
-    return {"default": float(at_default.iloc[0]), "threshold": float(best["threshold"]), "top_k": int(best["top_k"]),
-            "normalized_accuracy": float(best["normalized_accuracy"]),
-            "is_default": (float(best["threshold"]), int(best["top_k"])) == (threshold, top_k)}
-
-
-def validated_selection(router: MassRouter, abl: pd.DataFrame) -> tuple[MassRouter, dict[str, Any]]:
-    """The router at the threshold and top-k the ablation's selection study found best on its split (validation),
-    sharing ``router``'s second-pass cache, and what was chosen:
-    ``{"threshold", "top_k", "validation_normalized", "chosen_on_validation", "threshold_acts", "at_grid_edge"}``.
-    ``threshold_acts`` is false at top-k 1, where only the argmax is selected whatever the threshold; ``at_grid_edge``
-    flags a choice at the largest top-k studied, or, where the threshold acts, at the smallest or largest threshold
-    studied. The defaults need not be among the study's selections. Without a selection study the router's own
-    options are returned (``chosen_on_validation`` false)."""
-    best = _best_selection(abl)
-    if best is None:
-        return router, {"threshold": router.threshold, "top_k": router.top_k, "validation_normalized": float("nan"),
-                        "chosen_on_validation": False, "threshold_acts": router.top_k > 1, "at_grid_edge": False}
-    threshold, top_k = float(best["threshold"]), int(best["top_k"])
-    rows = abl[abl["study"] == "selection"]
-    thresholds, ks = sorted(set(rows["threshold"])), sorted(set(rows["top_k"]))
-    acts = top_k > 1
-    edge = (top_k == ks[-1] and len(ks) > 1) or (acts and len(thresholds) > 1 and threshold in (thresholds[0],
-                                                                                                  thresholds[-1]))
-    tuned = router.with_options(threshold=threshold, top_k=top_k)
-    return tuned, {"threshold": threshold, "top_k": top_k, "validation_normalized": float(best["normalized_accuracy"]),
-                   "chosen_on_validation": True, "threshold_acts": acts, "at_grid_edge": bool(edge)}
-
-
-def _best_selection(abl: pd.DataFrame) -> pd.Series | None:
-    """The selection study's row of largest normalized accuracy (the first of equals, in the study's order; rows
-    whose accuracy is undefined left out); ``None`` without one."""
-    rows = abl[abl["study"] == "selection"].dropna(subset=["normalized_accuracy"])
-    if rows.empty:
-        return None
-    return rows.iloc[int(rows["normalized_accuracy"].to_numpy().argmax())]
 
 
 def ablation(router: MassRouter, bench: Any, configs: Sequence[Mapping[str, Any]], expert_accuracy: Mapping[str, float],
