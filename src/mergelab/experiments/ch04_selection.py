@@ -11,15 +11,16 @@ from ..merging.mass import MassRouter
 
 
 def selection_against_default(abl: pd.DataFrame, threshold: float, top_k: int) -> dict[str, Any] | None:
-    """The selection study of :func:`~mergelab.experiments.ch04_mass.ablation` (rows with ``study == "selection"``) read against the defaults:
+    """The selection study of :func:`~mergelab.experiments.ch04_mass.ablation` (rows with ``study == "selection"``)
+    read against the defaults:
     ``{"default", "threshold", "top_k", "normalized_accuracy", "is_default"}``, the normalized accuracy at
     ``threshold`` and ``top_k`` and the best selection with its accuracy (fractions 0..1). Rows whose normalized
     accuracy is undefined (an expert at chance) are left out; ``None`` when the default is not among the rest."""
-    rows = abl[abl["study"] == "selection"].dropna(subset=["normalized_accuracy"])
+    rows = _scored(abl)
     at_default = rows[(rows["threshold"] == threshold) & (rows["top_k"] == top_k)]["normalized_accuracy"]
     if at_default.empty:
         return None
-    best = _best_selection(abl)
+    best = _best(rows)
     return {"default": float(at_default.iloc[0]), "threshold": float(best["threshold"]), "top_k": int(best["top_k"]),
             "normalized_accuracy": float(best["normalized_accuracy"]),
             "is_default": (float(best["threshold"]), int(best["top_k"])) == (threshold, top_k)}
@@ -33,7 +34,7 @@ def validated_selection(router: MassRouter, abl: pd.DataFrame) -> tuple[MassRout
     flags a choice at the largest top-k studied, or, where the threshold acts, at the smallest or largest threshold
     studied. The defaults need not be among the study's selections. Without a selection study the router's own
     options are returned (``chosen_on_validation`` false)."""
-    best = _best_selection(abl)
+    best = _best(_scored(abl))
     if best is None:
         return router, {"threshold": router.threshold, "top_k": router.top_k, "validation_normalized": float("nan"),
                         "chosen_on_validation": False, "threshold_acts": router.top_k > 1, "at_grid_edge": False}
@@ -48,10 +49,13 @@ def validated_selection(router: MassRouter, abl: pd.DataFrame) -> tuple[MassRout
                    "chosen_on_validation": True, "threshold_acts": acts, "at_grid_edge": bool(edge)}
 
 
-def _best_selection(abl: pd.DataFrame) -> pd.Series | None:
-    """The selection study's row of largest normalized accuracy (the first of equals, in the study's order; rows
-    whose accuracy is undefined left out); ``None`` without one."""
-    rows = abl[abl["study"] == "selection"].dropna(subset=["normalized_accuracy"])
+def _scored(abl: pd.DataFrame) -> pd.DataFrame:
+    """The selection study's rows whose normalized accuracy is defined (an expert at chance leaves it undefined)."""
+    return abl[abl["study"] == "selection"].dropna(subset=["normalized_accuracy"])
+
+
+def _best(rows: pd.DataFrame) -> pd.Series | None:
+    """The row of largest normalized accuracy (the first of equals, in the study's order); ``None`` without rows."""
     if rows.empty:
         return None
     return rows.iloc[int(rows["normalized_accuracy"].to_numpy().argmax())]
