@@ -4,7 +4,7 @@ model at width 96 and the pretraining draw given, through the runner's execute_n
 
 usage: MERGELAB_DATA_DIR=... python docs/tiny-benchmark-scratch/session26_chapter_width96.py NOTEBOOK OUT_DIR [PRETRAIN_SEED]
 (results: session26_p0_width96_ch04.json, session26_p1_width96_ch04.json, session26_p0_width96_ch03.json,
-session26_p0_width96_ch05.json; the first two were made by this script's first version, which ran chapter 04 only)
+session26_p0_width96_ch05.json, session26_p0_width96_ch01.json; the first two were made by this script's first version, which ran chapter 04 only)
 """
 import sys
 from pathlib import Path
