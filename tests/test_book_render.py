@@ -151,6 +151,43 @@ def test_an_interrupted_savefig_leaves_the_previous_figure_whole(tmp_path: Path,
     assert (tmp_path / "x.png").read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["x.png"]
 
 
+@pytest.mark.notebook
+def test_in_a_kernel_a_saved_figure_is_drawn_once_and_shown_as_the_saved_file_where_the_cell_ends(tmp_path: Path) -> None:
+    """Jupyter's inline backend drew every figure a second time after :func:`plotting.savefig` had drawn it (a
+    quarter of a smoke chapter's CPU went to figures). Now the saved PNG is what the cell shows, byte for byte,
+    after the cell's own text and table as before, and the figure is not left open for the backend to draw again;
+    a figure that is not saved is still shown by the backend."""
+    import base64
+
+    from nbformat.v4 import new_code_cell as code
+
+    nb = new_notebook(cells=[code(
+        "import matplotlib.pyplot as plt\n"
+        "from IPython.display import Markdown, display\n"
+        "from mergelab import plotting\n"
+        "plotting.set_style()\n"
+        "fig, ax = plotting.figure()\n"
+        "ax.plot([0, 1], [1, 0])\n"
+        f"plotting.savefig(fig, 'line', {str(tmp_path / 'figures')!r})\n"
+        "display(Markdown('text after the figure call'))\n"
+        "open_figures = len(plt.get_fignums())\n"
+        "open_figures"), code("fig2, ax2 = plotting.figure()\nax2.plot([0, 1], [0, 1]);")],
+        metadata={"kernelspec": {"name": "mergelab", "display_name": "Python (mergelab)", "language": "python"}})
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    nbformat.write(nb, notebooks / "fig.ipynb")
+    (tmp_path / "out").mkdir()
+    report.execute_notebook(notebooks / "fig.ipynb", {}, tmp_path / "out")
+    executed = nbformat.read(tmp_path / "out" / "fig.ipynb", as_version=4)
+    first, second = [c.outputs for c in executed.cells if c.cell_type == "code"][-2:]
+    kinds = [("image" if "image/png" in o.get("data", {}) else o["output_type"]) for o in first]
+    assert kinds == ["display_data", "execute_result", "image"], first  # text, table, then the figure: as before
+    assert first[1]["data"]["text/plain"] == "0"  # closed once saved: the backend has nothing left to draw again
+    shown = base64.b64decode(first[2]["data"]["image/png"])
+    assert shown == (tmp_path / "figures" / "line.png").read_bytes()
+    assert [o for o in second if "image/png" in o.get("data", {})]  # an unsaved figure: the backend shows it
+
+
 def test_exercises_are_numbered_callouts_with_their_solutions_folded_under_them(book: Path) -> None:
     page = (book / "00_alpha.html").read_text()
     callouts = re.findall(r'<div id="(exercise-[\d-]+)" class="callout callout-exercise" role="note">\s*<section[^>]*>\s*'

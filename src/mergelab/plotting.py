@@ -51,9 +51,45 @@ def savefig(fig: plt.Figure, name: str, folder: str | Path | None = None) -> Non
 
     Returns nothing, so that a notebook cell ending with this call prints no stray ``PosixPath(...)``
     under its figure; the file is :func:`figure_path` ``(name, folder)``, written atomically (an interrupted
-    save leaves the previous figure, never a truncated PNG)."""
+    save leaves the previous figure, never a truncated PNG).
+
+    In a Jupyter kernel with matplotlib's inline backend the cell shows this very PNG, rendered once: the figure
+    is closed, so the backend does not draw it a second time, and the file's bytes are displayed when the cell
+    ends, where the backend would have shown it (after the cell's tables and text). The book's figure is then the
+    saved file, byte for byte. Elsewhere (a script, another backend) the figure stays open, as after
+    ``Figure.savefig``."""
     folder = Path(folder) if folder else paths.reports_dir() / "figures"
-    atomic_write(figure_path(name, folder), lambda tmp: fig.savefig(tmp, format="png"))
+    path = atomic_write(figure_path(name, folder), lambda tmp: fig.savefig(tmp, format="png"))
+    shell = _inline_kernel()
+    if shell is not None:
+        _PENDING.append(path.read_bytes())
+        if _show_pending not in shell.events.callbacks["post_execute"]:
+            shell.events.register("post_execute", _show_pending)
+        plt.close(fig)
+
+
+_PENDING: list[bytes] = []
+"""PNGs :func:`savefig` saved during the running cell, shown when it ends (:func:`_show_pending`)."""
+
+
+def _inline_kernel() -> object | None:
+    """The IPython shell of a Jupyter kernel whose matplotlib backend is the inline one, else ``None``."""
+    if "inline" not in str(plt.get_backend()):
+        return None
+    try:
+        from IPython import get_ipython
+    except ImportError:  # matplotlib's inline backend without IPython: not a kernel
+        return None
+    shell = get_ipython()
+    return shell if shell is not None and hasattr(shell, "events") else None
+
+
+def _show_pending() -> None:
+    """Display the PNGs saved during the cell that just ended, in the order they were saved."""
+    from IPython.display import Image, display
+
+    while _PENDING:
+        display(Image(data=_PENDING.pop(0), format="png"))
 
 
 def figure_path(name: str, folder: str | Path | None = None) -> Path:
