@@ -1,5 +1,5 @@
-"""The pretrained `tiny` encoder shipped with mergelab: it is the default configuration's, intact, and
-taken instead of pretraining only where its key matches."""
+"""The pretrained `tiny` encoder shipped with mergelab (and the `smoke` one beside it): each is its profile's
+default configuration's, intact, and taken instead of pretraining only where its key matches."""
 
 from __future__ import annotations
 
@@ -7,26 +7,30 @@ import pytest
 import torch
 
 from mergelab.benchmarks.tiny import ship
-from mergelab.report.shipped_encoder import default_benchmark
+from mergelab.report.shipped_encoder import SHIPPED_PROFILES, default_benchmark, default_encoder_keys
 from mergelab.cache import file_sha256
 from mergelab.utils import load_safetensors
 
 
-def test_the_shipped_encoder_is_the_default_configurations_and_intact():
-    bench = default_benchmark()
-    assert ship.shipped_keys() == [bench.encoder_key], (
-        "the shipped tiny encoder no longer matches the default configuration (its data, model, pretraining or "
-        "their code version changed): run `python -m mergelab.report.shipped_encoder --update` (pretrains it, "
-        "about 4 minutes) and commit src/mergelab/benchmarks/tiny/weights/")
-    shipped = ship.shipped_artifact(bench.encoder_key)
-    meta = shipped.meta()
-    assert file_sha256(shipped.path) == meta["sha256"]
-    assert len(meta["loss"]) == bench.config.pretrain.num_steps and meta["environment"]["torch"]
+def test_the_shipped_encoders_are_the_default_configurations_and_intact():
+    assert ship.shipped_keys() == default_encoder_keys(), (
+        "the shipped encoders no longer match the default configurations of params/tiny and params/smoke (their data, "
+        "model, pretraining or its code version changed): run `python -m mergelab.report.shipped_encoder --update` "
+        "(pretrains the tiny one, about 4 minutes) and `... --update --profile smoke` (about 20 s), and commit "
+        "src/mergelab/benchmarks/tiny/weights/")
+    for profile in SHIPPED_PROFILES:
+        bench = default_benchmark(profile=profile)
+        shipped = ship.shipped_artifact(bench.encoder_key)
+        meta = shipped.meta()
+        assert file_sha256(shipped.path) == meta["sha256"]
+        assert len(meta["loss"]) == bench.config.pretrain.num_steps and meta["environment"]["torch"]
+        assert meta["environment"]["threads"] == bench.pretrain_threads  # made on the threads every caller pretrains on
 
 
-def test_a_fresh_cache_takes_the_shipped_encoder_instead_of_pretraining(tmp_path, monkeypatch):
+@pytest.mark.parametrize("profile", SHIPPED_PROFILES)
+def test_a_fresh_cache_takes_the_shipped_encoder_instead_of_pretraining(profile, tmp_path, monkeypatch):
     monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path))
-    bench = default_benchmark()
+    bench = default_benchmark(profile=profile)
     state = bench.pretrained_state()
     shipped = ship.shipped_artifact(bench.encoder_key)
     reference = load_safetensors(str(shipped.path))
@@ -36,7 +40,7 @@ def test_a_fresh_cache_takes_the_shipped_encoder_instead_of_pretraining(tmp_path
     assert not (tmp_path / "tiny" / "pretext").exists() and not list(tmp_path.glob("tiny/pretext-*"))  # no pool made
     monkeypatch.setenv(ship.ENV_PRETRAIN, "1")  # asking to pretrain where the shipped copy is cached: told what to do
     with pytest.raises(ValueError, match=r"MERGELAB_PRETRAIN=1 .* shipped one.*clean-cache"):
-        default_benchmark().pretrained_state()
+        default_benchmark(profile=profile).pretrained_state()
 
 
 def test_the_shipped_encoder_is_ignored_on_request_and_for_other_configurations(monkeypatch):
@@ -225,3 +229,30 @@ def test_on_a_gpu_what_is_made_there_has_keys_of_its_own_and_the_shipped_bits_ar
     assert gpu.shipped_run(kind, tasks, cfg) is not None  # trained on the CPU, shipped, read on the GPU too
     assert _trajectory_key(gpu, "epoch_trajectory", tasks, cfg, 2) != _trajectory_key(cpu, "epoch_trajectory", tasks,
                                                                                        cfg, 2)
+
+
+def test_shipping_one_profiles_encoder_keeps_the_others_and_removes_stale_ones(tmp_path, monkeypatch):
+    """`--update --profile smoke` ships the smoke encoder beside the tiny one, and removes an encoder that is no
+    profile's default (what a change of the pretraining left behind)."""
+    from mergelab.report import shipped_encoder
+
+    monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path / "data"))
+    for variable in (ship.ENV_FINETUNE, ship.ENV_PRETRAIN):
+        monkeypatch.delenv(variable, raising=False)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    tiny_key, smoke_key = (default_benchmark(profile=p).encoder_key for p in ("tiny", "smoke"))
+    for key in (tiny_key, "0" * 16):
+        (weights / f"encoder-{key}.safetensors").write_bytes(b"weights")
+        (weights / f"encoder-{key}.json").write_text("{}")
+    monkeypatch.setattr(shipped_encoder, "WEIGHTS_DIR", weights)
+    target = shipped_encoder.update("smoke")  # its cache takes the shipped smoke encoder: nothing pretrains here
+    assert target == weights / f"encoder-{smoke_key}.safetensors"
+    assert sorted(p.name for p in weights.iterdir()) == sorted(
+        f"encoder-{k}.{ext}" for k in (tiny_key, smoke_key) for ext in ("json", "safetensors"))
+    assert file_sha256(target) == file_sha256(ship.shipped_artifact(smoke_key).path)
+
+
+def test_a_profile_whose_encoder_does_not_ship_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"profile='clip' is not valid; use one of tiny, smoke"):
+        default_benchmark(profile="clip")

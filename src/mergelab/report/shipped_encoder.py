@@ -1,9 +1,12 @@
 """Developer tool for the pretrained `tiny` encoder and default experts shipped with mergelab
-(:mod:`mergelab.benchmarks.tiny.ship`).
+(:mod:`mergelab.benchmarks.tiny.ship`), and for the `smoke` encoder shipped beside it.
 
 ``python -m mergelab.report.shipped_encoder --check`` pretrains the default encoder (``params/tiny``) in a
 temporary cache and compares it with the shipped one; ``--update`` ships the default encoder of this
 checkout's cache (pretraining it if needed), after a change to the pretraining code, data or configuration.
+``--profile smoke`` does either for the `smoke` size's encoder (``params/smoke``, about 20 s to pretrain): it
+ships so that a fresh clone's tests and ``make report PROFILE=smoke`` start from it, as the book starts from
+the tiny one.
 ``--check-runs`` and ``--update-runs`` do the same for the default fine-tuning runs (:func:`default_runs`:
 chapter 00's experts of every seed and its multi-task model), after a change to the encoder, the heads,
 the recipe or the fine-tuning code's version.
@@ -23,19 +26,33 @@ from ..cache import Artifact
 from ..utils import atomic_copy, atomic_write_json, environment
 
 
-def default_benchmark(progress: bool = False) -> Any:
-    """The `tiny` benchmark of ``params/tiny/_benchmark.yaml`` (what `make report` runs), on the CPU."""
+SHIPPED_PROFILES = ("tiny", "smoke")
+"""The profiles whose default encoder ships: `tiny`, the book's size, and `smoke`, the tests' size."""
+
+
+def default_benchmark(progress: bool = False, profile: str = "tiny") -> Any:
+    """The benchmark of ``params/<profile>/_benchmark.yaml`` (``tiny``: what `make report` runs; ``smoke``: what
+    the tests run), on the CPU."""
     from .. import load_benchmark
     from ..params import profile_params
 
-    p = profile_params("tiny", "00_benchmark_and_baselines")
+    if profile not in SHIPPED_PROFILES:
+        raise ValueError(f"profile={profile!r} is not valid; use one of {', '.join(SHIPPED_PROFILES)} "
+                         "(the profiles whose encoder ships).")
+    p = profile_params(profile, "00_benchmark_and_baselines")
     return load_benchmark("tiny", device="cpu", progress=progress,
                           **{k: p[k] for k in ("tasks", "data", "model", "pretrain", "head_shots")})
 
 
-def update() -> Path:
-    """Ship the default encoder of this checkout's cache (pretrained here if missing); remove others."""
-    bench = default_benchmark(progress=True)
+def default_encoder_keys() -> list[str]:
+    """The encoder keys of every profile of :data:`SHIPPED_PROFILES` (what :func:`shipped_keys` should list)."""
+    return sorted(default_benchmark(profile=p).encoder_key for p in SHIPPED_PROFILES)
+
+
+def update(profile: str = "tiny") -> Path:
+    """Ship the default encoder of ``profile`` from this checkout's cache (pretrained here if missing); remove the
+    shipped encoders that are no profile's default (an older one of this profile)."""
+    bench = default_benchmark(progress=True, profile=profile)
     cached = Artifact(bench.cache_dir / "pretrained.safetensors")
     if not cached.exists():
         with environment({ENV_PRETRAIN: "1"}):
@@ -46,7 +63,10 @@ def update() -> Path:
                          "MERGELAB_DATA_DIR, then run --update there.")
     WEIGHTS_DIR.mkdir(exist_ok=True)
     target = _ship(cached, WEIGHTS_DIR / f"encoder-{bench.encoder_key}.safetensors")
-    _remove_others(target, "encoder-*")  # only once the new one is in place: an interrupt never ships none
+    keep = set(default_encoder_keys())
+    for old in WEIGHTS_DIR.glob("encoder-*"):  # only once the new one is in place: an interrupt never ships none
+        if old.name.split(".")[0].removeprefix("encoder-") not in keep:
+            old.unlink()
     return target
 
 
@@ -69,14 +89,14 @@ def _remove_others(kept: Path, pattern: str) -> None:
             old.unlink()
 
 
-def check() -> bool:
-    """Pretrain the default encoder in a temporary cache, at the thread count the shipped one records, and
-    say whether it equals the shipped one."""
+def check(profile: str = "tiny") -> bool:
+    """Pretrain the default encoder of ``profile`` in a temporary cache, at the thread count the shipped one
+    records, and say whether it equals the shipped one."""
     import torch
 
     from ..utils import load_safetensors, torch_threads
 
-    key = default_benchmark().encoder_key
+    key = default_benchmark(profile=profile).encoder_key
     shipped = shipped_artifact(key)
     if shipped is None:
         print(f"no shipped encoder has this configuration's key {key} (shipped: {shipped_keys()}); run --update")
@@ -84,7 +104,7 @@ def check() -> bool:
     theirs = shipped.meta().get("environment", {})
     with tempfile.TemporaryDirectory() as tmp, environment({"MERGELAB_DATA_DIR": tmp, ENV_PRETRAIN: "1"}), \
             torch_threads(theirs.get("threads")):
-        bench = default_benchmark(progress=True)
+        bench = default_benchmark(progress=True, profile=profile)
         made = bench.pretrained_state()
         here = torch_environment()
     ref = load_safetensors(str(shipped.path))
@@ -92,7 +112,7 @@ def check() -> bool:
     same = set(made) == set(ref) and all(torch.equal(made[k], ref[k]) for k in ref)
     diff = max(float((made[k].float() - ref[k].float()).abs().max()) for k in ref)
     verdict = "bit-identical" if same else f"differ, largest weight difference {diff:.3g}"
-    print(f"pretrained here ({here}) vs shipped ({theirs or 'environment not recorded'}): {verdict}")
+    print(f"{profile} encoder pretrained here ({here}) vs shipped ({theirs or 'environment not recorded'}): {verdict}")
     return same
 
 
@@ -197,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--check", action="store_true", help="pretrain here and compare with the shipped encoder")
     group.add_argument("--update", action="store_true", help="ship this checkout's default encoder")
+    parser.add_argument("--profile", choices=SHIPPED_PROFILES, default="tiny",
+                        help="whose encoder --check and --update pretrain and ship (default: tiny)")
     group.add_argument("--check-runs", action="store_true",
                        help="train the default experts and multi-task model here and compare with the shipped ones")
     group.add_argument("--update-runs", action="store_true",
@@ -204,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes that train runs side by side (one thread each)")
     args = parser.parse_args(argv)
     if args.update:
-        print(f"shipped {update()}")
+        print(f"shipped {update(args.profile)}")
         return 0
     if args.update_runs:
         targets = update_runs(args.workers)
@@ -212,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.check_runs:
         return 0 if check_runs(args.workers) else 1
-    return 0 if check() else 1
+    return 0 if check(args.profile) else 1
 
 
 if __name__ == "__main__":
