@@ -184,7 +184,7 @@ def test_shipping_replaces_an_artifact_atomically_and_removes_the_others_only_af
     monkeypatch.setattr(shipped_encoder, "WEIGHTS_DIR", weights)
 
     second = shipped_encoder._ship(cached("c", b"newer weights"), weights / "heads-c.safetensors")
-    shipped_encoder._remove_others(second, "heads-*")
+    shipped_encoder._remove_others("heads-*", {second.stem})
     assert sorted(p.name for p in weights.iterdir()) == ["heads-c.json", "heads-c.safetensors"]
     assert Artifact(second).meta() == {"sha256": "c"}
 
@@ -253,6 +253,11 @@ def test_shipping_one_profiles_encoder_keeps_the_others_and_removes_stale_ones(t
     assert file_sha256(target) == file_sha256(ship.shipped_artifact(smoke_key).path)
 
 
-def test_a_profile_whose_encoder_does_not_ship_is_refused_by_name():
+def test_a_profile_whose_encoder_does_not_ship_is_refused_by_name(capsys):
+    from mergelab.report import shipped_encoder
+
     with pytest.raises(ValueError, match=r"profile='clip' is not valid; use one of tiny, smoke"):
         default_benchmark(profile="clip")
+    with pytest.raises(SystemExit):  # the runs that ship are tiny's: a profile there would be ignored
+        shipped_encoder.main(["--check-runs", "--profile", "smoke"])
+    assert "--profile smoke applies to --check and --update" in capsys.readouterr().err

@@ -63,10 +63,8 @@ def update(profile: str = "tiny") -> Path:
                          "MERGELAB_DATA_DIR, then run --update there.")
     WEIGHTS_DIR.mkdir(exist_ok=True)
     target = _ship(cached, WEIGHTS_DIR / f"encoder-{bench.encoder_key}.safetensors")
-    keep = set(default_encoder_keys())
-    for old in WEIGHTS_DIR.glob("encoder-*"):  # only once the new one is in place: an interrupt never ships none
-        if old.name.split(".")[0].removeprefix("encoder-") not in keep:
-            old.unlink()
+    # only once the new one is in place: an interrupt never ships none
+    _remove_others("encoder-*", {f"encoder-{key}" for key in default_encoder_keys()})
     return target
 
 
@@ -82,10 +80,11 @@ def _ship(cached: Artifact, target: Path, **extra: Any) -> Path:
     return target
 
 
-def _remove_others(kept: Path, pattern: str) -> None:
-    """Remove the shipped files of ``WEIGHTS_DIR`` matching ``pattern`` other than ``kept`` and its log."""
+def _remove_others(pattern: str, keep: set[str]) -> None:
+    """Remove the shipped files of ``WEIGHTS_DIR`` matching ``pattern`` (weights and logs) whose name, less its
+    suffix, is not in ``keep``."""
     for old in WEIGHTS_DIR.glob(pattern):
-        if old not in (kept, kept.with_suffix(".json")):
+        if old.stem not in keep:
             old.unlink()
 
 
@@ -168,7 +167,7 @@ def update_runs(workers: int = 2) -> list[Path]:
     target = WEIGHTS_DIR / f"{bench.heads_name()}-{bench.encoder_key}.safetensors"
     if not heads.meta().get("shipped"):
         _ship(heads, target, pretrained_sha256=bench.pretrained_sha256)
-        _remove_others(target, "heads-*")
+        _remove_others("heads-*", {target.stem})
     targets = [target]
     for kind, tasks, cfg in default_runs():
         cached = bench.run_artifact(kind, tasks, cfg)
@@ -176,11 +175,8 @@ def update_runs(workers: int = 2) -> list[Path]:
             raise SystemExit(f"{cached.path} is a copy of a shipped run, not a run trained here: use an empty "
                              "MERGELAB_DATA_DIR (the runs are trained there) and run --update-runs again.")
         targets.append(_ship(cached, WEIGHTS_DIR / cached.path.name, pretrained_sha256=bench.pretrained_sha256))
-    keep = {t.stem for t in targets[1:]}
     for kind in RUN_KINDS:
-        for old in WEIGHTS_DIR.glob(f"{kind}-*"):
-            if old.stem not in keep:
-                old.unlink()
+        _remove_others(f"{kind}-*", {t.stem for t in targets[1:]})
     return targets
 
 
@@ -225,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="ship this checkout's default experts and multi-task model (trained if missing)")
     parser.add_argument("--workers", type=int, default=2, help="processes that train runs side by side (one thread each)")
     args = parser.parse_args(argv)
+    if args.profile != "tiny" and not (args.check or args.update):
+        parser.error(f"--profile {args.profile} applies to --check and --update; the shipped runs are tiny's only")
     if args.update:
         print(f"shipped {update(args.profile)}")
         return 0
