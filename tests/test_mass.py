@@ -378,6 +378,33 @@ def test_routers_sharing_a_memo_predict_what_each_predicts_alone():
                 assert torch.equal(memo[key], feats)
 
 
+def test_one_first_pass_read_at_every_point_gives_each_routers_features_bit_for_bit(tmp_path, monkeypatch):
+    """An ablation reads every routing point its routers need from one first pass per first-pass model (the forward
+    stops at the deepest point): each point's features are the bits a router reading there computes alone, and every
+    router's evaluation is the one it gets alone."""
+    from mergelab.experiments import ch04_mass as ch04
+
+    r, _ = router()
+    torch.manual_seed(7)
+    images = torch.randn(8, 3, 16, 16)
+    options = [{}, {"block": 0}, {"routing_matrix": "attn.in_proj"}, {"block": 0, "routing_matrix": "mlp.c_proj"},
+               {"first_pass": "pretrained"}, {"first_pass": "pretrained", "block": 0}]
+    routers = [r.with_options(**o) for o in options]
+    at = r.features_at(images, [(x.block, x.routing_matrix) for x in routers[:4]])
+    assert len(at) == 4 and all(torch.equal(at[(x.block, x.routing_matrix)], x.features(images)) for x in routers[:4])
+    passes = []
+    real = MassRouter.features_at
+    monkeypatch.setattr(MassRouter, "features_at", lambda self, *a: passes.append(self.first_pass) or real(self, *a))
+    bench = _MixedBench(tmp_path)
+    together = ch04.evaluate_routers(routers, bench, "val", batch_size=6, seed=1, examples=2, cache=False)
+    batches = len(passes) // 2
+    assert batches >= 2 and sorted(passes) == ["pretrained"] * batches + ["tsv_merge"] * batches  # one pass each
+    for x, result in zip(routers, together):
+        alone = ch04.evaluate_mass(x, bench, "val", batch_size=6, seed=1, examples=2, cache=False)
+        assert {k: v for k, v in result.items() if k != "second_pass_models_built"} == {
+            k: v for k, v in alone.items() if k != "second_pass_models_built"}
+
+
 def test_time_per_image_pairs_rounds_and_gives_the_median_ratio_an_interval():
     from mergelab.experiments import ch04_mass as ch04
 

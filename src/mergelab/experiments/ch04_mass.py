@@ -199,6 +199,12 @@ def _run_routers(routers: Sequence[MassRouter], bench: Any, split: str, batch_si
                                       total=mixed_batch_count(bench, split, tasks, batch_size, max_per_task),
                                       desc=f"MASS on {split}", disable=not progress):
         memo: dict | None = {} if len(routers) > 1 else None
+        if memo is not None:  # one first pass per first-pass model, read at every routing point its routers need
+            points: dict[str, tuple[MassRouter, set]] = {}
+            for r in routers:
+                points.setdefault(r.first_pass, (r, set()))[1].add((r.block, r.routing_matrix))
+            for first, (r, at) in points.items():
+                memo.update({("first pass", first, *p): x for p, x in r.features_at(images, sorted(at)).items()})
         for router, tally in zip(routers, tallies):
             tally.add(router.predict(images, true_tasks=truth, memo=memo), labels, truth)
     return [tally.result(router.misses - m) for tally, router, m in zip(tallies, routers, misses)]

@@ -358,12 +358,17 @@ class MassRouter:
         return list(self._models)
 
     # -------------------------------------------------------------- routing and prediction
-    @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, d)`` routing features: class token at the routing matrix's input in the first pass."""
         point = (self.block, self.routing_matrix)
+        return self.features_at(images, [point])[point]
+
+    @torch.no_grad()
+    def features_at(self, images: torch.Tensor, points: Sequence[tuple[int, str]]) -> dict[tuple[int, str], torch.Tensor]:
+        """``{(block, routing matrix): (N, d)}``: :meth:`features` at each point, from one first pass that stops at
+        the deepest; each equals, bit for bit, what a router reading at that point alone computes."""
         with self.autocast():
-            return block_features(self.first_pass_model, images.to(self.device), [point])[point]
+            return block_features(self.first_pass_model, images.to(self.device), points)
 
     def autocast(self) -> torch.autocast:
         """The context both passes run in: ``torch.autocast`` at :attr:`amp` on :attr:`device` (off when ``amp``
