@@ -264,3 +264,66 @@ def test_a_profile_whose_encoder_does_not_ship_is_refused_by_name(capsys):
     with pytest.raises(SystemExit):  # the runs that ship are tiny's: a profile there would be ignored
         shipped_encoder.main(["--check-runs", "--profile", "smoke"])
     assert "--profile smoke applies to --check and --update" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- chapter 06's models trained from scratch
+def _chapter_06_defaults() -> dict:
+    from mergelab.params import profile_params
+    from mergelab.report.shipped_encoder import SCRATCH_CHAPTER
+
+    return profile_params("tiny", SCRATCH_CHAPTER)
+
+
+def test_chapter_06s_shipped_models_are_its_default_models_and_intact(shipped_env):
+    from mergelab.report.shipped_encoder import default_scratch
+
+    p = _chapter_06_defaults()
+    defaults = default_scratch()
+    assert ship.shipped_scratch_names() == sorted(a.path.stem for a in defaults), (
+        "the shipped models of chapter 06 no longer match its tiny recipes (params/tiny/06_cycle_consistent_merging."
+        "yaml, or the training code's version changed): run `python -m mergelab.report.shipped_encoder --update-runs` "
+        "in an empty MERGELAB_DATA_DIR (about 4 minutes) and commit src/mergelab/benchmarks/tiny/weights/")
+    assert len(defaults) == len(p["architectures"]) * p["num_models"]
+    seeds = {}
+    for artifact in defaults:
+        shipped = ship.shipped_scratch(artifact.path.stem)
+        meta = shipped.meta()
+        assert file_sha256(shipped.path) == meta["sha256"] and not meta.get("shipped")  # trained, not a copy
+        recipe = p["architectures"][meta["config"]["arch"]]
+        assert {k: meta["config"][k] for k in recipe} == {k: list(v) if isinstance(v, list) else v for k, v in recipe.items()}
+        assert meta["steps"] > 0 and meta["final_batch_loss"] < 0.5  # trained to fit its split
+        seeds.setdefault(meta["config"]["arch"], []).append(meta["config"]["seed"])
+    assert {a: sorted(s) for a, s in seeds.items()} == {a: list(range(p["seed"], p["seed"] + p["num_models"]))
+                                                         for a in p["architectures"]}
+
+
+def test_a_fresh_cache_takes_chapter_06s_shipped_models_instead_of_training_them(tmp_path, monkeypatch):
+    from mergelab.experiments import ch06_models as ch
+    from mergelab.executors import LocalExecutor
+    from mergelab.training import scratch
+
+    for variable in (ship.ENV_FINETUNE, ship.ENV_PRETRAIN):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("MERGELAB_DATA_DIR", str(tmp_path))
+
+    def never(*args, **kwargs):
+        raise AssertionError("a shipped model was trained here")
+
+    monkeypatch.setattr(scratch, "_train_from_scratch", never)
+    p = _chapter_06_defaults()
+    trained = ch.train_all(p["architectures"], p["num_models"], p["seed"], p["digits"], LocalExecutor(2))
+    _, data_key = ch.digits_data(p["digits"])
+    for arch, recipe in p["architectures"].items():
+        for i, state in enumerate(trained[arch].states):
+            cached = scratch.scratch_artifact(scratch.ScratchConfig(arch=arch, **recipe, seed=p["seed"] + i), data_key)
+            reference = load_safetensors(str(ship.shipped_scratch(cached.path.stem).path))
+            assert set(state) == set(reference) and all(torch.equal(state[k], reference[k]) for k in state)
+            assert cached.meta()["shipped"] is True
+    # another recipe, or a request to train, finds nothing shipped; asked where the copies are cached: told what to do
+    other = scratch.scratch_artifact(scratch.ScratchConfig(arch="mlp", **{**p["architectures"]["mlp"], "epochs": 1}),
+                                     data_key)
+    assert ship.shipped_scratch(other.path.stem) is None
+    monkeypatch.setenv(ship.ENV_FINETUNE, "1")
+    assert ship.shipped_scratch(cached.path.stem) is None and ch.shipped_model(cached.path.stem) is None
+    with pytest.raises(ValueError, match=r"MERGELAB_FINETUNE=1 asks to train chapter 06's models here.*clean-cache"):
+        ch.train_all(p["architectures"], p["num_models"], p["seed"], p["digits"], LocalExecutor(2))

@@ -1,6 +1,7 @@
 """Chapter 06's models: scikit-learn's digits split and, per architecture, models of one task trained
 from scratch from seeds ``seed, seed + 1, ...`` (cached by configuration), the ones not cached yet
-trained as independent jobs of an executor (:mod:`mergelab.executors`).
+trained as independent jobs of an executor (:mod:`mergelab.executors`). The tiny size's models ship with
+mergelab (:func:`shipped_model`), as chapter 00's experts do: a fresh cache takes them instead of training.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from ..alignment import PermutationSpec
+from ..benchmarks.tiny import ship
 from ..executors import Executor, LocalExecutor, WorkerContext
 from ..training.scratch import (
     DigitsSplit,
@@ -25,6 +27,24 @@ from ..training.scratch import (
     scratch_artifact,
 )
 from ..utils import check_integer, check_number, config_hash
+
+StateAndLog = tuple[dict[str, torch.Tensor], dict[str, Any]]
+
+
+def shipped_model(name: str) -> StateAndLog | None:
+    """``(state, log)`` of the model mergelab ships under the cache name ``name`` (``<arch>-<key>``,
+    :func:`~mergelab.benchmarks.tiny.ship.shipped_scratch`), its log marked ``"shipped": True``; ``None`` when none
+    ships or ``MERGELAB_FINETUNE=1`` asks to train here."""
+    artifact = ship.shipped_scratch(name)
+    return ship.taken(artifact) if artifact is not None else None
+
+
+def _check_training_requested_in_a_shipped_cache(artifact: Any) -> None:
+    """Refuse ``MERGELAB_FINETUNE=1`` where the cache already holds a shipped copy of ``artifact``'s model."""
+    if ship.requested(ship.ENV_FINETUNE) and artifact.exists() and artifact.meta().get("shipped"):
+        raise ValueError(f"{ship.ENV_FINETUNE}=1 asks to train chapter 06's models here, but {artifact.path} is the "
+                         "shipped copy: remove the caches (`make clean-cache`, or point MERGELAB_DATA_DIR at an "
+                         "empty folder), then run again.")
 
 
 def digits_data(digits: Mapping[str, Any]) -> tuple[DigitsSplit, dict[str, Any]]:
@@ -91,7 +111,7 @@ def train_models(arch: str, recipe: Mapping[str, Any], num_models: int, seed: in
 
 def _trained(cfg: ScratchConfig, num_models: int, data: DigitsSplit, data_key: Mapping[str, Any],
              progress: bool = False) -> Trained:
-    states = [cached_from_scratch(replace(cfg, seed=cfg.seed + i), data, dict(data_key), progress)
+    states = [cached_from_scratch(replace(cfg, seed=cfg.seed + i), data, dict(data_key), progress, shipped_model)
               for i in range(num_models)]
     model, spec = new_model(cfg, data)
     spec.validate(states[0])
@@ -109,10 +129,13 @@ def train_all(architectures: Mapping[str, Mapping[str, Any]], num_models: int, s
     for arch, recipe in architectures.items():  # every recipe builds its model here, before any job starts
         new_model(ScratchConfig(arch=arch, **recipe, seed=seed), data)  # (e.g. a ViT patch not dividing the images)
     slowest_first = {"resnet": 0, "vit": 1}  # the others after these (a worker free at the end takes a short job)
-    jobs = [(arch, dict(recipe), seed + i) for arch, recipe in sorted(architectures.items(),
-                                                                     key=lambda kv: slowest_first.get(kv[0], 2))
-            for i in range(num_models)
-            if not scratch_artifact(ScratchConfig(arch=arch, **recipe, seed=seed + i), data_key).exists()]
+    jobs = []
+    for arch, recipe in sorted(architectures.items(), key=lambda kv: slowest_first.get(kv[0], 2)):
+        for i in range(num_models):
+            artifact = scratch_artifact(ScratchConfig(arch=arch, **recipe, seed=seed + i), data_key)
+            _check_training_requested_in_a_shipped_cache(artifact)
+            if not artifact.exists() and ship.shipped_scratch(artifact.path.stem) is None:  # shipped: taken below
+                jobs.append((arch, dict(recipe), seed + i))
     if jobs and not executor.inline:
         executor.map(_train_job, jobs, digits_context(digits), progress=progress,
                      describe=lambda j: {"architecture": j[0], "seed": j[2]}, desc="training").raise_failures("training runs")

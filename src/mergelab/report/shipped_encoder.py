@@ -9,7 +9,8 @@ ships so that a fresh clone's tests and ``make report PROFILE=smoke`` start from
 the tiny one.
 ``--check-runs`` and ``--update-runs`` do the same for the default fine-tuning runs (:func:`default_runs`:
 chapter 00's experts of every seed and its multi-task model), after a change to the encoder, the heads,
-the recipe or the fine-tuning code's version.
+the recipe or the fine-tuning code's version, and for chapter 06's models trained from scratch
+(:func:`default_scratch`), after a change to their recipes or the training code's version.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..benchmarks.tiny.ship import (ENV_FINETUNE, ENV_PRETRAIN, RUN_KINDS, WEIGHTS_DIR, shipped_artifact,
-                                   shipped_keys, shipped_run, shipped_runs)
+                                   shipped_keys, shipped_run, shipped_runs, shipped_scratch)
 from ..benchmarks.tiny.ship import environment as torch_environment
 from ..cache import Artifact
 from ..utils import atomic_copy, atomic_write_json, environment
@@ -140,42 +141,79 @@ def default_run_names(bench: Any) -> list[str]:
     return sorted(f"{kind}-{bench.run_key(kind, tasks, cfg)}" for kind, tasks, cfg in default_runs())
 
 
-def _train_default_runs(bench: Any, workers: int) -> None:
-    """Make sure :func:`default_runs` are in ``bench``'s cache, training (never copying) those missing."""
+def _train_default_runs(bench: Any, workers: int, here: bool) -> None:
+    """Make sure :func:`default_runs` are in ``bench``'s cache: with ``here``, training every one missing (never
+    copying a shipped one); otherwise taking the shipped ones and training the others."""
     from ..experiments.ch00_benchmark import train_experts
 
     (_, _, multitask), *experts = default_runs()
     seeds = list(dict.fromkeys(cfg.seed for _, _, cfg in experts))
     tasks = list(dict.fromkeys(t for _, (t,), _ in experts))
-    with environment({ENV_FINETUNE: "1"}):
+    with environment({ENV_FINETUNE: "1"} if here else {}):
         train_experts(bench, experts[0][2], seeds, tasks, workers=workers, multitask=multitask)
 
 
+SCRATCH_CHAPTER = "06_cycle_consistent_merging"
+"""The chapter whose models trained from scratch ship: its parameters say which they are."""
+
+
+def default_scratch() -> list[Any]:
+    """The cache artifacts (:func:`mergelab.training.scratch.scratch_artifact`) of every model chapter 06 trains
+    at tiny (``params/tiny``: each architecture's ``num_models`` seeds from the chapter's seed), in the data
+    folder of the moment."""
+    from ..experiments.ch06_models import digits_data
+    from ..params import profile_params
+    from ..training.scratch import ScratchConfig, scratch_artifact
+
+    p = profile_params("tiny", SCRATCH_CHAPTER)
+    _, data_key = digits_data(p["digits"])
+    return [scratch_artifact(ScratchConfig(arch=arch, **recipe, seed=int(p["seed"]) + i), data_key)
+            for arch, recipe in p["architectures"].items() for i in range(int(p["num_models"]))]
+
+
+def _train_default_scratch(workers: int, here: bool) -> None:
+    """Make sure :func:`default_scratch` are in the cache: with ``here``, training every one missing (never
+    copying a shipped one); otherwise taking the shipped ones and training the others."""
+    from ..executors import LocalExecutor
+    from ..experiments.ch06_models import train_all
+    from ..params import profile_params
+
+    p = profile_params("tiny", SCRATCH_CHAPTER)
+    with environment({ENV_FINETUNE: "1"} if here else {}):
+        train_all(p["architectures"], int(p["num_models"]), int(p["seed"]), p["digits"], LocalExecutor(workers),
+                  progress=True)
+
+
+def _kept_or_shipped(cached: Artifact, target: Path, **extra: Any) -> Path:
+    """``target`` as it ships when ``cached`` is the cache's copy of it; otherwise :func:`_ship` of ``cached``."""
+    return target if cached.meta().get("shipped") else _ship(cached, target, **extra)
+
+
 def update_runs(workers: int = 2) -> list[Path]:
-    """Ship the default runs (:func:`default_runs`) of this checkout's cache, training those missing, and the
-    heads they were trained with (their digests are in the run keys); remove any other shipped run or heads.
-    Each shipped log gains the SHA-256 of the encoder the run (or the heads) was made from. Returns the
-    shipped files, the heads first."""
+    """Ship the default runs (:func:`default_runs`) of this checkout's cache, and the heads they were trained with
+    (their digests are in the run keys), and chapter 06's default models (:func:`default_scratch`); those not cached
+    are taken where one of their key already ships and trained otherwise, and a cache's copy of a shipped one is
+    kept as it ships. Remove any other shipped run, heads or model. Each shipped log of a run or the heads gains the
+    SHA-256 of the encoder it was made from. Returns the shipped files, the heads first."""
     bench = default_benchmark(progress=True)
     bench.pretrained_state()
     if not Artifact(bench.cache_dir / "pretrained.safetensors").meta().get("shipped"):
         raise SystemExit(f"the encoder in {bench.cache_dir} is not the shipped one: runs made from it cannot ship "
                          "(readers start from the shipped encoder); use a data folder whose encoder is the shipped one.")
-    _train_default_runs(bench, workers)
+    _train_default_runs(bench, workers, here=False)
     bench.heads  # noqa: B018 - built (or taken) in the cache
-    heads = Artifact(bench.heads_path())
-    target = WEIGHTS_DIR / f"{bench.heads_name()}-{bench.encoder_key}.safetensors"
-    if not heads.meta().get("shipped"):
-        _ship(heads, target, pretrained_sha256=bench.pretrained_sha256)
-        _remove_others("heads-*", {target.stem})
+    target = _kept_or_shipped(Artifact(bench.heads_path()),
+                              WEIGHTS_DIR / f"{bench.heads_name()}-{bench.encoder_key}.safetensors",
+                              pretrained_sha256=bench.pretrained_sha256)
+    _remove_others("heads-*", {target.stem})
     targets = [target]
     for kind, tasks, cfg in default_runs():
         cached = bench.run_artifact(kind, tasks, cfg)
-        if cached.meta().get("shipped"):
-            raise SystemExit(f"{cached.path} is a copy of a shipped run, not a run trained here: use an empty "
-                             "MERGELAB_DATA_DIR (the runs are trained there) and run --update-runs again.")
-        targets.append(_ship(cached, WEIGHTS_DIR / cached.path.name, pretrained_sha256=bench.pretrained_sha256))
-    for kind in RUN_KINDS:
+        targets.append(_kept_or_shipped(cached, WEIGHTS_DIR / cached.path.name,
+                                        pretrained_sha256=bench.pretrained_sha256))
+    _train_default_scratch(workers, here=False)
+    targets += [_kept_or_shipped(cached, WEIGHTS_DIR / f"scratch-{cached.path.name}") for cached in default_scratch()]
+    for kind in (*RUN_KINDS, "scratch"):
         _remove_others(f"{kind}-*", {t.stem for t in targets[1:]})
     return targets
 
@@ -183,6 +221,8 @@ def update_runs(workers: int = 2) -> list[Path]:
 def check_runs(workers: int = 2) -> bool:
     """Train the default runs in a temporary cache (from the shipped encoder, one thread per run) and say
     whether each equals the shipped one, tensor by tensor."""
+    import torch
+
     from ..utils import load_safetensors
 
     names = set(shipped_runs())
@@ -192,20 +232,36 @@ def check_runs(workers: int = 2) -> bool:
         if missing:
             print(f"no shipped run for {missing} (shipped: {len(names)} runs); run --update-runs")
             return False
-        _train_default_runs(bench, workers)
+        missing = [a.path.stem for a in default_scratch() if shipped_scratch(a.path.stem) is None]
+        if missing:
+            print(f"no shipped model trained from scratch for {missing}; run --update-runs")
+            return False
+        _train_default_runs(bench, workers, here=True)
+        _train_default_scratch(workers, here=True)
         differ = []
+        for made, name in [(a.load(), a.path.stem) for a in default_scratch()]:
+            with environment({ENV_FINETUNE: None, ENV_PRETRAIN: None}):
+                ref = load_safetensors(str(shipped_scratch(name).path))
+            if set(made) != set(ref) or not all(torch.equal(made[k], ref[k]) for k in ref):
+                differ.append(f"chapter 06's {name}: {_largest_difference(made, ref)}")
         for kind, tasks, cfg in default_runs():
             made = bench.run_artifact(kind, tasks, cfg).load()
             with environment({ENV_FINETUNE: None, ENV_PRETRAIN: None}):
                 ref = load_safetensors(str(shipped_run(kind, bench.run_key(kind, tasks, cfg)).path))
-            if set(made) != set(ref) or not all(bool((made[k] == ref[k]).all()) for k in ref):
-                diff = max((float((made[k].float() - ref[k].float()).abs().max()) for k in set(made) & set(ref)),
-                           default=float("nan"))
+            if set(made) != set(ref) or not all(torch.equal(made[k], ref[k]) for k in ref):
                 differ.append(f"{kind} {'+'.join(tasks) if len(tasks) < 3 else 'all tasks'} seed {cfg.seed}: "
-                              f"largest weight difference {diff:.3g}")
-    print(f"{len(default_runs()) - len(differ)} of {len(default_runs())} default runs trained here "
+                              f"{_largest_difference(made, ref)}")
+        total = len(default_runs()) + len(default_scratch())
+    print(f"{total - len(differ)} of {total} default runs and models trained here "
           f"(torch {torch_environment()['torch']}, one thread per run) are bit-identical to the shipped ones" + "".join(f"\n  {d}" for d in differ))
     return not differ
+
+
+def _largest_difference(made: dict[str, Any], ref: dict[str, Any]) -> str:
+    """How far two state dicts differ: the largest absolute weight difference over the tensors they share."""
+    diff = max((float((made[k].float() - ref[k].float()).abs().max()) for k in set(made) & set(ref)),
+               default=float("nan"))
+    return f"largest weight difference {diff:.3g}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,9 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=SHIPPED_PROFILES, default="tiny",
                         help="whose encoder --check and --update pretrain and ship (default: tiny)")
     group.add_argument("--check-runs", action="store_true",
-                       help="train the default experts and multi-task model here and compare with the shipped ones")
+                       help="train the default experts, multi-task model and chapter 06's models here and compare "
+                            "with the shipped ones")
     group.add_argument("--update-runs", action="store_true",
-                       help="ship this checkout's default experts and multi-task model (trained if missing)")
+                       help="ship this checkout's default experts, multi-task model and chapter 06's models "
+                            "(trained if missing)")
     parser.add_argument("--workers", type=int, default=2, help="processes that train runs side by side (one thread each)")
     args = parser.parse_args(argv)
     if args.profile != "tiny" and not (args.check or args.update):
@@ -228,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.update_runs:
         targets = update_runs(args.workers)
-        print(f"shipped the heads and {len(targets) - 1} runs in {WEIGHTS_DIR}")
+        print(f"shipped the heads and {len(targets) - 1} runs and models in {WEIGHTS_DIR}")
         return 0
     if args.check_runs:
         return 0 if check_runs(args.workers) else 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -175,11 +175,22 @@ def scratch_artifact(cfg: ScratchConfig, data_key: Mapping[str, Any]) -> Artifac
 
 
 def cached_from_scratch(cfg: ScratchConfig, data: DigitsSplit, data_key: dict, progress: bool = False,
+                        shipped: Callable[[str], tuple[dict[str, torch.Tensor], dict[str, Any]] | None] | None = None,
                         ) -> dict[str, torch.Tensor]:
     """:func:`train_from_scratch`, cached in ``<data>/scratch/<arch>-<hash>.safetensors`` by the
-    configuration and ``data_key`` (what made ``data``)."""
-    return scratch_artifact(cfg, data_key).get_or_build(lambda: (lambda s, log: (s, {"config": cfg.key(), "data": data_key, **log}))(
-        *train_from_scratch(cfg, data, progress)))
+    configuration and ``data_key`` (what made ``data``). Where ``shipped``, given the artifact's name
+    (``<arch>-<hash>``), returns ``(state, log)``, the cache takes that instead of training: the models mergelab
+    ships (:func:`mergelab.experiments.ch06_models.shipped_model`)."""
+    artifact = scratch_artifact(cfg, data_key)
+
+    def build() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        copy = shipped(artifact.path.stem) if shipped is not None else None
+        if copy is not None:
+            return copy
+        state, log = train_from_scratch(cfg, data, progress)
+        return state, {"config": cfg.key(), "data": data_key, **log}
+
+    return artifact.get_or_build(build)
 
 
 @torch.no_grad()

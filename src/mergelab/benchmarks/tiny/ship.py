@@ -30,6 +30,12 @@ each run). Every other run (other recipes, chapter 01's sweep, chapter 02's traj
 size) is trained as before. ``MERGELAB_FINETUNE=1`` (or ``MERGELAB_PRETRAIN=1``) trains them here too.
 ``python -m mergelab.report.shipped_encoder --check-runs`` trains the default runs in a temporary cache
 and compares them with the shipped ones; ``--update-runs`` ships this checkout's.
+
+Chapter 06's models trained from scratch at tiny (``params/tiny/06_cycle_consistent_merging.yaml``: every
+architecture's ``num_models`` seeds) ship the same way, as ``weights/scratch-<arch>-<key>.safetensors`` named by
+their cache key (:func:`mergelab.training.scratch.scratch_artifact`), which holds the recipe, the data split and the
+training code's version, and nothing of the encoder. Any other recipe trains as before, and so does every model
+with ``MERGELAB_FINETUNE=1``; ``--check-runs`` and ``--update-runs`` cover them too.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ ENV_PRETRAIN = "MERGELAB_PRETRAIN"
 
 
 ENV_FINETUNE = "MERGELAB_FINETUNE"
-"""Set to ``1`` to fine-tune even where a shipped run matches."""
+"""Set to ``1`` to fine-tune (and train chapter 06's models from scratch) even where a shipped run matches."""
 
 
 def requested(variable: str) -> bool:
@@ -95,6 +101,18 @@ def shipped_run(kind: str, run_key: str) -> Artifact | None:
 def shipped_runs() -> list[str]:
     """``<kind>-<run key>`` of every shipped fine-tuning run."""
     return sorted(p.stem for kind in RUN_KINDS for p in WEIGHTS_DIR.glob(f"{kind}-*.safetensors"))
+
+
+def shipped_scratch(name: str) -> Artifact | None:
+    """The shipped model trained from scratch whose cache artifact is ``<data>/scratch/<name>.safetensors``
+    (``<arch>-<key>``, :func:`mergelab.training.scratch.scratch_artifact`), or ``None`` when none ships, or
+    ``MERGELAB_FINETUNE=1`` or ``MERGELAB_PRETRAIN=1``."""
+    return _shipped(f"scratch-{name}", ENV_FINETUNE, ENV_PRETRAIN)
+
+
+def shipped_scratch_names() -> list[str]:
+    """``<arch>-<key>`` of every shipped model trained from scratch (chapter 06's)."""
+    return sorted(p.stem.removeprefix("scratch-") for p in WEIGHTS_DIR.glob("scratch-*.safetensors"))
 
 
 def shipped_heads(encoder_key: str, name: str) -> Artifact | None:
