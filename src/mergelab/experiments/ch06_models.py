@@ -17,6 +17,7 @@ from torch import nn
 
 from ..alignment import PermutationSpec
 from ..benchmarks.tiny import ship
+from ..cache import Artifact
 from ..executors import Executor, LocalExecutor, WorkerContext
 from ..training.scratch import (
     DigitsSplit,
@@ -39,7 +40,7 @@ def shipped_model(name: str) -> StateAndLog | None:
     return ship.taken(artifact) if artifact is not None else None
 
 
-def _check_training_requested_in_a_shipped_cache(artifact: Any) -> None:
+def _check_training_requested_in_a_shipped_cache(artifact: Artifact) -> None:
     """Refuse ``MERGELAB_FINETUNE=1`` where the cache already holds a shipped copy of ``artifact``'s model."""
     if ship.requested(ship.ENV_FINETUNE) and artifact.exists() and artifact.meta().get("shipped"):
         raise ValueError(f"{ship.ENV_FINETUNE}=1 asks to train chapter 06's models here, but {artifact.path} is the "

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..benchmarks.tiny.ship import (ENV_FINETUNE, ENV_PRETRAIN, RUN_KINDS, WEIGHTS_DIR, shipped_artifact,
-                                   shipped_keys, shipped_run, shipped_runs, shipped_scratch)
+                                   shipped_keys, shipped_run, shipped_runs, shipped_scratch,
+                                   shipped_scratch_names)
 from ..benchmarks.tiny.ship import environment as torch_environment
 from ..cache import Artifact
 from ..utils import atomic_copy, atomic_write_json, environment
@@ -92,8 +93,6 @@ def _remove_others(pattern: str, keep: set[str]) -> None:
 def check(profile: str = "tiny") -> bool:
     """Pretrain the default encoder of ``profile`` in a temporary cache, at the thread count the shipped one
     records, and say whether it equals the shipped one."""
-    import torch
-
     from ..utils import load_safetensors, torch_threads
 
     key = default_benchmark(profile=profile).encoder_key
@@ -107,13 +106,10 @@ def check(profile: str = "tiny") -> bool:
         bench = default_benchmark(progress=True, profile=profile)
         made = bench.pretrained_state()
         here = torch_environment()
-    ref = load_safetensors(str(shipped.path))
-    # tensor by tensor, as check_runs compares: a safetensors file's metadata may be written in another order
-    same = set(made) == set(ref) and all(torch.equal(made[k], ref[k]) for k in ref)
-    diff = max(float((made[k].float() - ref[k].float()).abs().max()) for k in ref)
-    verdict = "bit-identical" if same else f"differ, largest weight difference {diff:.3g}"
+    difference = _difference(made, load_safetensors(str(shipped.path)))
+    verdict = "bit-identical" if difference is None else f"differ, {difference}"
     print(f"{profile} encoder pretrained here ({here}) vs shipped ({theirs or 'environment not recorded'}): {verdict}")
-    return same
+    return difference is None
 
 
 CHAPTER = "00_benchmark_and_baselines"
@@ -221,8 +217,6 @@ def update_runs(workers: int = 2) -> list[Path]:
 def check_runs(workers: int = 2) -> bool:
     """Train the default runs in a temporary cache (from the shipped encoder, one thread per run) and say
     whether each equals the shipped one, tensor by tensor."""
-    import torch
-
     from ..utils import load_safetensors
 
     names = set(shipped_runs())
@@ -232,33 +226,32 @@ def check_runs(workers: int = 2) -> bool:
         if missing:
             print(f"no shipped run for {missing} (shipped: {len(names)} runs); run --update-runs")
             return False
-        missing = [a.path.stem for a in default_scratch() if shipped_scratch(a.path.stem) is None]
+        missing = sorted({a.path.stem for a in default_scratch()} - set(shipped_scratch_names()))
         if missing:
             print(f"no shipped model trained from scratch for {missing}; run --update-runs")
             return False
         _train_default_runs(bench, workers, here=True)
         _train_default_scratch(workers, here=True)
-        differ = []
-        for made, name in [(a.load(), a.path.stem) for a in default_scratch()]:
-            with environment({ENV_FINETUNE: None, ENV_PRETRAIN: None}):
-                ref = load_safetensors(str(shipped_scratch(name).path))
-            if set(made) != set(ref) or not all(torch.equal(made[k], ref[k]) for k in ref):
-                differ.append(f"chapter 06's {name}: {_largest_difference(made, ref)}")
-        for kind, tasks, cfg in default_runs():
-            made = bench.run_artifact(kind, tasks, cfg).load()
-            with environment({ENV_FINETUNE: None, ENV_PRETRAIN: None}):
-                ref = load_safetensors(str(shipped_run(kind, bench.run_key(kind, tasks, cfg)).path))
-            if set(made) != set(ref) or not all(torch.equal(made[k], ref[k]) for k in ref):
-                differ.append(f"{kind} {'+'.join(tasks) if len(tasks) < 3 else 'all tasks'} seed {cfg.seed}: "
-                              f"{_largest_difference(made, ref)}")
-        total = len(default_runs()) + len(default_scratch())
+        with environment({ENV_FINETUNE: None, ENV_PRETRAIN: None}):  # the shipped files, whatever the shell set
+            pairs = [(f"chapter 06's {a.path.stem}", a, shipped_scratch(a.path.stem)) for a in default_scratch()]
+            pairs += [(f"{kind} {'+'.join(tasks) if len(tasks) < 3 else 'all tasks'} seed {cfg.seed}",
+                       bench.run_artifact(kind, tasks, cfg), shipped_run(kind, bench.run_key(kind, tasks, cfg)))
+                      for kind, tasks, cfg in default_runs()]
+        differ = [f"{label}: {text}" for label, made, ref in pairs
+                  if (text := _difference(made.load(), load_safetensors(str(ref.path)))) is not None]
+        total = len(pairs)
     print(f"{total - len(differ)} of {total} default runs and models trained here "
           f"(torch {torch_environment()['torch']}, one thread per run) are bit-identical to the shipped ones" + "".join(f"\n  {d}" for d in differ))
     return not differ
 
 
-def _largest_difference(made: dict[str, Any], ref: dict[str, Any]) -> str:
-    """How far two state dicts differ: the largest absolute weight difference over the tensors they share."""
+def _difference(made: dict[str, Any], ref: dict[str, Any]) -> str | None:
+    """``None`` when two state dicts are equal tensor by tensor (a safetensors file's metadata may be written in
+    another order); otherwise their largest absolute weight difference over the tensors they share, in words."""
+    import torch
+
+    if set(made) == set(ref) and all(torch.equal(made[k], ref[k]) for k in ref):
+        return None
     diff = max((float((made[k].float() - ref[k].float()).abs().max()) for k in set(made) & set(ref)),
                default=float("nan"))
     return f"largest weight difference {diff:.3g}"
