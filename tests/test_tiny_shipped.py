@@ -1,5 +1,6 @@
-"""The pretrained `tiny` encoder shipped with mergelab (and the `smoke` one beside it): each is its profile's
-default configuration's, intact, and taken instead of pretraining only where its key matches."""
+"""What ships with mergelab: the pretrained `tiny` encoder (and the `smoke` one beside it), chapter 00's default
+runs with their heads, and chapter 06's default models trained from scratch. Each is its default configuration's,
+intact, and taken instead of being made here only where its key matches."""
 
 from __future__ import annotations
 
@@ -282,7 +283,8 @@ def test_chapter_06s_shipped_models_are_its_default_models_and_intact(shipped_en
     assert ship.shipped_scratch_names() == sorted(a.path.stem for a in defaults), (
         "the shipped models of chapter 06 no longer match its tiny recipes (params/tiny/06_cycle_consistent_merging."
         "yaml, or the training code's version changed): run `python -m mergelab.report.shipped_encoder --update-runs` "
-        "in an empty MERGELAB_DATA_DIR (about 4 minutes) and commit src/mergelab/benchmarks/tiny/weights/")
+        "in an empty MERGELAB_DATA_DIR (chapter 06's models: about 3 minutes) and commit "
+        "src/mergelab/benchmarks/tiny/weights/")
     assert len(defaults) == len(p["architectures"]) * p["num_models"]
     seeds = {}
     for artifact in defaults:
@@ -290,7 +292,8 @@ def test_chapter_06s_shipped_models_are_its_default_models_and_intact(shipped_en
         meta = shipped.meta()
         assert file_sha256(shipped.path) == meta["sha256"] and not meta.get("shipped")  # trained, not a copy
         recipe = p["architectures"][meta["config"]["arch"]]
-        assert {k: meta["config"][k] for k in recipe} == {k: list(v) if isinstance(v, list) else v for k, v in recipe.items()}
+        assert {k: meta["config"][k] for k in recipe} == {k: list(v) if isinstance(v, list) else v
+                                                          for k, v in recipe.items()}
         assert meta["steps"] > 0 and meta["final_batch_loss"] < 0.5  # trained to fit its split
         seeds.setdefault(meta["config"]["arch"], []).append(meta["config"]["seed"])
     assert {a: sorted(s) for a, s in seeds.items()} == {a: list(range(p["seed"], p["seed"] + p["num_models"]))
