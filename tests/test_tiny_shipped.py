@@ -326,6 +326,9 @@ def test_a_fresh_cache_takes_chapter_06s_shipped_models_instead_of_training_them
     other = scratch.scratch_artifact(scratch.ScratchConfig(arch="mlp", **{**p["architectures"]["mlp"], "epochs": 1}),
                                      data_key)
     assert ship.shipped_scratch(other.path.stem) is None
+    monkeypatch.setenv(ship.ENV_PRETRAIN, "1")  # the encoder pretrained here changes nothing of these models
+    assert ship.shipped_scratch(cached.path.stem) is not None
+    monkeypatch.delenv(ship.ENV_PRETRAIN)
     monkeypatch.setenv(ship.ENV_FINETUNE, "1")
     assert ship.shipped_scratch(cached.path.stem) is None and ch.shipped_model(cached.path.stem) is None
     with pytest.raises(ValueError, match=r"MERGELAB_FINETUNE=1 asks to train chapter 06's models here.*clean-cache"):

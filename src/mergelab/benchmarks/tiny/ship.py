@@ -105,9 +105,9 @@ def shipped_runs() -> list[str]:
 
 def shipped_scratch(name: str) -> Artifact | None:
     """The shipped model trained from scratch whose cache artifact is ``<data>/scratch/<name>.safetensors``
-    (``<arch>-<key>``, :func:`mergelab.training.scratch.scratch_artifact`), or ``None`` when none ships, or
-    ``MERGELAB_FINETUNE=1`` or ``MERGELAB_PRETRAIN=1``."""
-    return _shipped(f"scratch-{name}", ENV_FINETUNE, ENV_PRETRAIN)
+    (``<arch>-<key>``, :func:`mergelab.training.scratch.scratch_artifact`), or ``None`` when none ships or
+    ``MERGELAB_FINETUNE=1``. ``MERGELAB_PRETRAIN=1`` keeps it: these models are not made from the encoder."""
+    return _shipped(f"scratch-{name}", ENV_FINETUNE)
 
 
 def shipped_scratch_names() -> list[str]:
