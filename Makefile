@@ -13,6 +13,7 @@ RENDERER ?=## the book's renderer: auto (Quarto if found, else pandoc; empty = a
 JOBS ?=## chapters executed at a time, chapter 00 included (auto: one per core, at most 4; empty = auto; 1 = one after another)
 PYTEST_ARGS ?=## extra pytest arguments, e.g. PYTEST_ARGS='-m "not e2e" -x'
 TEST_WORKERS ?= auto## test processes (pytest-xdist; auto: one per CPU core; 0: all tests in one process)
+INSTALLER ?= uv## what make env installs packages with: uv (put into the venv by pip first; about 2.5 times faster here; it reads UV_* variables, not pip's configuration, and where it fails make env says so and uses pip) or pip
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
@@ -32,6 +33,9 @@ DIR_VARIABLES := MERGELAB_HOME MERGELAB_DATA_DIR MERGELAB_REPORTS_DIR MERGELAB_R
 $(foreach v,$(DIR_VARIABLES),$(if $(strip $($(v))),$(eval override $(v) := $(abspath $($(v))))$(eval export $(v))))
 
 PY := $(VENV)/bin/python
+ifeq ($(filter uv pip,$(strip $(INSTALLER))),)
+$(error INSTALLER=$(INSTALLER) is not valid: uv or pip)
+endif
 STAMP := $(VENV)/.installed
 
 .PHONY: help env lock git-filter quarto report student test bench lab clean-report clean-cache
@@ -47,16 +51,27 @@ help: ## show this help
 
 env: $(STAMP) ## create the virtual environment, install the package and the "mergelab" Jupyter kernel
 
+# $(call install,ARGS): `pip install ARGS` into the venv, by uv where INSTALLER=uv put it there (bytecode compiled, as pip
+# does; a conda environment always uses pip); a failed uv install is said and done again by pip, which reads pip's own
+# configuration (index, mirrors).
+install = if [ "$(strip $(INSTALLER))" = uv ] && [ ! -d $(VENV)/conda-meta ] && [ -x $(VENV)/bin/uv ]; then $(VENV)/bin/uv pip install --python $(PY) --compile-bytecode $(1) \
+	|| { echo "make env: uv could not install $(1); installing it with pip instead (INSTALLER=pip skips uv)"; \
+	$(PY) -m pip install $(1); }; else $(PY) -m pip install $(1); fi
+
+EDITABLE := '.[dev,lab]'
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
+	@if [ "$(strip $(INSTALLER))" = uv ] && [ ! -d $(VENV)/conda-meta ]; then $(PY) -m pip install -q 'uv>=0.4' \
+		|| echo "make env: could not install uv with pip; installing with pip"; \
+	else $(PY) -m pip install --upgrade pip; fi
 	@if [ -d $(VENV)/conda-meta ]; then \
 		echo "$(VENV) is a conda environment: its packages come from environment.yml (conda-forge), requirements.lock is not installed over them"; \
 	elif [ -f requirements.lock ] && [ "$$(uname -sm)" = "$(LOCK_PLATFORM)" ]; then \
 		echo "installing the exact versions of requirements.lock"; $(PY) scripts/lock.py --for-env $(VENV)/requirements.lock \
-		&& $(PY) -m pip install -r $(VENV)/requirements.lock; \
+		&& { $(call install,-r $(VENV)/requirements.lock); }; \
 	else echo "no lock for $$(uname -sm): installing the newest versions pyproject.toml allows"; fi
-	$(PY) -m pip install -e '.[dev,lab]'
+	@echo "installing mergelab (editable) with its dev and lab extras"; $(call install,-e $(EDITABLE))
 	$(PY) -m ipykernel install --sys-prefix --name mergelab --display-name "Python (mergelab)"
 	$(MAKE) --no-print-directory git-filter
 	touch $@
