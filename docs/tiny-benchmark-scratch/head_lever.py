@@ -9,7 +9,8 @@ seed, with the package's tiny parameters and TINY_RECIPE except for the override
 object of `TinyBenchmarkConfig` fields after pretraining (`logit_scale`, `heads`, `head_shots`), RECIPE
 a JSON object of `FinetuneConfig` fields. A `model` key in HEADS (a JSON object of `TinyViTConfig`
 fields) changes the encoder itself, so that run pretrains its own encoder; a `pretrain` key (a JSON object of
-`PretrainConfig` fields, e.g. `{"pretrain": {"unlabelled_weight": 0.25}}`) changes its pretraining.
+`PretrainConfig` fields, e.g. `{"pretrain": {"unlabelled_weight": 0.25}}`) changes its pretraining, and a `data`
+key (`TinyDataConfig` fields, e.g. `{"data": {"n_pretext": 60000}}`) its data.
 
 The encoder does not depend on the heads, so it is pretrained once per pretraining seed and shared by
 every heads' setting (`TinyBenchmark.encoder_key`; session 6 ran before that key existed and copied the
@@ -38,8 +39,9 @@ pre_seed, heads, recipe, out = int(sys.argv[1]), json.loads(sys.argv[2]), json.l
 seeds = [int(s) for s in sys.argv[5].split(",")] if len(sys.argv) > 5 else [0, 1, 2]
 p = yaml.safe_load(open("params/tiny/_benchmark.yaml"))
 model = {**p["model"], **heads.pop("model", {})}
+data = {**p["data"], **heads.pop("data", {})}  # a `data` key (TinyDataConfig fields, e.g. n_pretext) changes the data
 pretrain = {**p["pretrain"], **heads.pop("pretrain", {}), "seed": pre_seed}
-cfg = TinyBenchmarkConfig.from_params(data=p["data"], model=model, pretrain=pretrain,
+cfg = TinyBenchmarkConfig.from_params(data=data, model=model, pretrain=pretrain,
                                       **{"head_shots": p["head_shots"], **heads})
 bench = TinyBenchmark(cfg, device="cpu", progress=False)  # the encoder is cached apart from the heads (encoder_key)
 start = time.perf_counter()
