@@ -35,7 +35,8 @@ def _fake_venv(tmp_path: Path, uv_exit: int | None) -> tuple[Path, Path]:
 
 
 def _make_env(venv: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
+    # the recipe as a user's shell runs it: no outer make's flags, no INSTALLER of the caller's environment
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS")) and k != "INSTALLER"}
     return subprocess.run(["make", "--no-print-directory", "env", f"VENV={venv}", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
 
