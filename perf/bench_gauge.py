@@ -20,21 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
-
-
-def cpu_name() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` where there is one, else :func:`platform.processor`."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def measure(rounds: int, images: int, steps: int, seed: int = 0) -> dict:
@@ -44,6 +32,7 @@ def measure(rounds: int, images: int, steps: int, seed: int = 0) -> dict:
 
     from mergelab.benchmarks.tiny import TinyBenchmark
     from mergelab.models import TinyViTConfig, build_tiny_encoder
+    from mergelab.report.timings import cpu_model, usable_cores
     from mergelab.utils import torch_threads
 
     cfg, batch = TinyViTConfig(), TinyBenchmark.EVAL_BATCH_SIZE
@@ -78,7 +67,7 @@ def measure(rounds: int, images: int, steps: int, seed: int = 0) -> dict:
             out["eval_images_per_s"].append(evaluation())
             out["train_step_ms"].append(training())
     return {**out, "eval_batch": batch, "train_batch": 64, "torch_threads": 1, "torch": torch.__version__,
-            "cpu": cpu_name(), "cores": os.cpu_count(), "load_average": os.getloadavg()[0]}
+            "cpu": cpu_model(), "cores": usable_cores(), "load_average": os.getloadavg()[0]}
 
 
 def main(argv: list[str] | None = None) -> int:
